@@ -1,0 +1,8 @@
+"""InferLab: a small, readable LLM inference engine (paged KV cache, prefix caching, continuous batching)."""
+from inferlab.config import EngineConfig
+from inferlab.engine import LLMEngine
+from inferlab.llm import LLM
+from inferlab.outputs import CompletionOutput, RequestOutput
+from inferlab.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]

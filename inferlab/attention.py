@@ -1,0 +1,82 @@
+"""Paged attention in plain PyTorch: the reference path, device-neutral.
+
+K/V live in a pool of blocks, `[num_blocks, block_size, num_kv_heads, head_dim]` per layer.
+New tokens are written at `slot_mapping` (block_id * block_size + offset); attention reads
+each sequence's K/V back through its block table. Decodes (one query token) are batched into
+one call; each prefill chunk gets its own call, causal against everything before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    start: int  # first row of this sequence's tokens in the flat batch
+    num_tokens: int  # query tokens this step
+    context_len: int  # tokens with KV after this step (cached + new)
+    block_table: torch.Tensor  # blocks covering context_len
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about the flat batch; built by the runner once per step and
+    passed down the model explicitly (no global forward context)."""
+
+    slot_mapping: torch.Tensor  # [num_tokens]
+    prefills: list[PrefillSeq]
+    decode_rows: torch.Tensor | None  # [D] rows of the single-token (decode) queries
+    decode_block_tables: torch.Tensor | None  # [D, max_blocks], padded with block 0
+    decode_context_lens: torch.Tensor | None  # [D]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    kvh, d = k.shape[-2:]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks] block ids -> [B, kv_heads, max_blocks * block_size, head_dim]."""
+    b, nb = block_tables.shape
+    _, bs, kvh, d = cache.shape
+    return cache[block_tables].view(b, nb * bs, kvh, d).transpose(1, 2)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, heads, d]; k, v: [T, kv_heads, d] for this step's tokens. Returns [T, heads, d]."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    heads, d = q.shape[1:]
+    kvh = k.shape[1]
+    for seq in meta.prefills:
+        rows = slice(seq.start, seq.start + seq.num_tokens)
+        qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
+        if seq.context_len == seq.num_tokens:  # nothing cached before: use this step's K/V
+            ks, vs = k[rows].transpose(0, 1).unsqueeze(0), v[rows].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            table = seq.block_table.unsqueeze(0)
+            ks = gather_kv(k_cache, table)[:, :, :seq.context_len]
+            vs = gather_kv(v_cache, table)[:, :, :seq.context_len]
+            # query i sits at position context_len - n + i and sees keys up to there
+            pos_q = torch.arange(seq.context_len - seq.num_tokens, seq.context_len, device=q.device)
+            mask = pos_q[:, None] >= torch.arange(seq.context_len, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[rows] = o.squeeze(0).transpose(0, 1)
+    if meta.decode_rows is not None:
+        rows = meta.decode_rows
+        n = rows.numel()
+        # Fold each KV head's query group into the query-length axis: GQA without repeating K/V.
+        qd = q[rows].view(n, kvh, heads // kvh, d)
+        ks = gather_kv(k_cache, meta.decode_block_tables)
+        vs = gather_kv(v_cache, meta.decode_block_tables)
+        mask = torch.arange(ks.shape[2], device=q.device)[None, :] < meta.decode_context_lens[:, None]
+        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=mask[:, None, None, :], scale=scale)
+        out[rows] = o.reshape(n, heads, d)
+    return out

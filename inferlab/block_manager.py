@@ -1,0 +1,185 @@
+"""BlockManager: the paged KV pool's bookkeeping — ref-counted blocks, prefix caching, LRU eviction.
+
+The pool holds `num_blocks` blocks of `block_size` token slots each; a request's `block_table`
+lists its blocks in token order. A block that becomes full is registered under a chained hash
+(parent block's hash, its own tokens), so a later request with the same prefix reuses it.
+Freed blocks keep their hash and stay reusable until a new allocation evicts them, least
+recently freed first.
+
+Invariants (checked by `check_integrity`):
+| # | invariant                                                                      |
+|---|--------------------------------------------------------------------------------|
+| 1 | a block is in the free queue  <=>  its ref_count is 0 (never both free and used) |
+| 2 | a block's ref_count == number of live block tables that list it               |
+| 3 | hash_to_block[h] == b  <=>  blocks[b].hash == h                                |
+| 4 | a cached block's tokens match the tokens at that place in every table using it |
+| 5 | a block table has no duplicates and covers its request's computed tokens       |
+| 6 | with no live requests, every block is free                                     |
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from inferlab.request import Request
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] | None = None
+
+
+def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    # Tuples of ints hash deterministically in CPython (no per-process salt), so hashes are
+    # stable across runs; collisions are caught by comparing tokens on lookup.
+    return hash((parent, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Front = evicted first. Blocks without a hash go to the front when freed, cached ones
+        # to the back, so reuse of uncached blocks protects the cache.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found cached
+        self.evictions = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free_queue) / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def get_computed_blocks(self, req: Request) -> list[int]:
+        """Cached blocks holding a prefix of `req`'s tokens. The last token is never taken from
+        the cache, so at least one token is computed and its logits exist."""
+        if not self.enable_prefix_caching:
+            return []
+        bs, hits, parent = self.block_size, [], None
+        for i in range((req.num_tokens - 1) // bs):
+            tokens = tuple(req.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(parent, tokens)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+            parent = h
+        return hits
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
+        """Grow `req`'s table to hold `num_new_tokens` more tokens past its computed ones, first
+        taking `computed_blocks` (prefix hits, on admission). All or nothing: False if short."""
+        computed_blocks = computed_blocks or []
+        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = self.blocks_needed(num_computed + num_new_tokens)
+        num_new_blocks = max(0, total - len(req.block_table) - len(computed_blocks))
+        reviving = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
+        if num_new_blocks + reviving > len(self.free_queue):
+            return False
+        if not req.block_table:  # first allocation of this admission: count the cache lookup
+            self.prefix_queries += req.num_tokens
+            self.prefix_hits += len(computed_blocks) * self.block_size
+        for block_id in computed_blocks:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_queue[block_id]
+            block.ref_count += 1
+            req.block_table.append(block_id)
+            req.block_hashes.append(block.hash)
+        for _ in range(num_new_blocks):
+            block_id, _ = self.free_queue.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                del self.hash_to_block[block.hash]
+                block.hash, block.token_ids = None, None
+                self.evictions += 1
+            block.ref_count = 1
+            req.block_table.append(block_id)
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the blocks that `req`'s computed tokens have filled, so others can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(req.block_hashes), req.num_computed_tokens // bs):
+            tokens = tuple(req.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(req.block_hashes[-1] if req.block_hashes else None, tokens)
+            req.block_hashes.append(h)
+            block = self.blocks[req.block_table[i]]
+            if h not in self.hash_to_block:  # else an identical block is cached already
+                block.hash, block.token_ids = h, tokens
+                self.hash_to_block[h] = block.block_id
+
+    def free(self, req: Request) -> None:
+        # Tail blocks first, so the end of a prefix is evicted before its beginning.
+        for block_id in reversed(req.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                if block.hash is None:
+                    self.free_queue.move_to_end(block_id, last=False)
+        req.block_table = []
+        req.block_hashes = []
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached-but-free block (used blocks keep theirs until freed)."""
+        for block_id in self.free_queue:
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                del self.hash_to_block[block.hash]
+                block.hash, block.token_ids = None, None
+
+    def snapshot(self) -> dict:
+        cached_free = sum(1 for b in self.free_queue if self.blocks[b].hash is not None)
+        shared = sum(1 for b in self.blocks if b.ref_count > 1)
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size,
+                "free": len(self.free_queue), "cached_free": cached_free, "shared": shared,
+                "usage": self.usage, "prefix_queries": self.prefix_queries,
+                "prefix_hits": self.prefix_hits, "evictions": self.evictions}
+
+    def check_integrity(self, live: Iterable[Request]) -> None:
+        """Raise `AssertionError` naming the first broken invariant (see the table above)."""
+        refs = [0] * self.num_blocks
+        bs = self.block_size
+        for req in live:
+            table = req.block_table
+            if len(set(table)) != len(table):
+                raise AssertionError(f"[5] duplicate block in table of {req.request_id}")
+            if len(table) * bs < req.num_computed_tokens:
+                raise AssertionError(f"[5] table of {req.request_id} does not cover its computed tokens")
+            for i, block_id in enumerate(table):
+                refs[block_id] += 1
+                block = self.blocks[block_id]
+                if block.token_ids is not None and i < len(req.block_hashes) and \
+                        tuple(req.token_ids[i * bs:(i + 1) * bs]) != block.token_ids:
+                    raise AssertionError(f"[4] block {block_id} tokens differ from {req.request_id}'s")
+        for block in self.blocks:
+            if (block.ref_count == 0) != (block.block_id in self.free_queue):
+                raise AssertionError(f"[1] block {block.block_id} ref_count={block.ref_count} vs free queue")
+            if block.ref_count != refs[block.block_id]:
+                raise AssertionError(f"[2] block {block.block_id} ref_count={block.ref_count}, "
+                                     f"tables hold {refs[block.block_id]}")
+            if block.hash is not None and self.hash_to_block.get(block.hash) != block.block_id:
+                raise AssertionError(f"[3] block {block.block_id} hash not mapped to it")
+        for h, block_id in self.hash_to_block.items():
+            if self.blocks[block_id].hash != h:
+                raise AssertionError(f"[3] hash entry points at block {block_id} holding another hash")
+        if not any(refs) and len(self.free_queue) != self.num_blocks:
+            raise AssertionError("[6] no live request but blocks are still in use")

@@ -1,0 +1,51 @@
+"""EngineConfig: the one dataclass of engine settings, validated with one-line `ValueError`s."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inferlab.policy import POLICIES
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda if available, else cpu
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: a default for the device
+    max_model_len: int | None = None  # None: the model's context length
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    # Cap on one prefill's tokens per step, so a huge prompt cannot stall running decodes.
+    long_prefill_token_threshold: int | None = None  # None: max_num_batched_tokens // 4
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    sjf_aging_rate: float = 20.0  # tokens of work forgiven per second of waiting
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:
+            raise ValueError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.long_prefill_token_threshold is None:
+            self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 4)
+        if self.long_prefill_token_threshold < 1:
+            raise ValueError("long_prefill_token_threshold must be >= 1")
+        if self.scheduling_policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {sorted(POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
+        if self.sjf_aging_rate < 0:
+            raise ValueError(f"sjf_aging_rate must be >= 0, got {self.sjf_aging_rate}")

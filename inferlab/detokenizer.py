@@ -1,0 +1,61 @@
+"""IncrementalDetokenizer: text from a growing list of token ids, with stop strings, for streaming.
+
+Decoding a token alone can be wrong (a UTF-8 character split over tokens, tokenizers whose
+spaces depend on the previous token), so each new token is decoded together with the tokens
+just before it and only the difference is taken, as vLLM does. Text that might be the start
+of a stop string is held back until it is known not to be one.
+"""
+from __future__ import annotations
+
+from inferlab.model.tokenizer import Tokenizer
+
+CONTEXT_TOKENS = 6  # prompt tokens decoded along with the first output tokens
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stops: list[str],
+                 include_stop: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self.stops, self.include_stop = stops, include_stop
+        self.text = ""
+        self.sent = 0  # characters of text already handed out
+
+    def add_token(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+
+    def find_stop(self, new_chars: int) -> str | None:
+        """Search the newest text for a stop string; on a hit truncate the text and return it."""
+        for stop in self.stops:
+            begin = max(0, len(self.text) - new_chars - len(stop) + 1)
+            idx = self.text.find(stop, begin)
+            if idx != -1:
+                self.text = self.text[:idx + len(stop) if self.include_stop else idx]
+                return stop
+        return None
+
+    def flush_pending(self) -> None:
+        """At the end, decode whatever an unfinished character held back."""
+        tail = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        if len(tail) > len(prefix):
+            self.text += tail[len(prefix):]
+        self.read_offset = self.prefix_offset = len(self.ids)
+
+    def pop_delta(self, finished: bool) -> str:
+        end = len(self.text)
+        if not finished:  # keep back a tail that could still grow into a stop string
+            for stop in self.stops:
+                for k in range(min(len(stop) - 1, end - self.sent), 0, -1):
+                    if self.text.endswith(stop[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        delta = self.text[self.sent:end]
+        self.sent = end
+        return delta

@@ -1,0 +1,222 @@
+"""LLMEngine: the step-by-step API a server or dashboard drives — add_request, step, abort_request.
+
+One step = schedule, run the model on the scheduled tokens, append sampled tokens, detokenize,
+apply stop rules and free what finished. Bad requests are refused at `add_request` with a
+one-line `ValueError`, before they touch the scheduler, so they cannot harm others.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+import torch
+
+from inferlab.block_manager import BlockManager
+from inferlab.config import EngineConfig
+from inferlab.detokenizer import IncrementalDetokenizer
+from inferlab.model.loader import load_model
+from inferlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from inferlab.policy import make_queue
+from inferlab.request import Request, RequestStatus
+from inferlab.runner import ModelRunner, kv_bytes_per_block
+from inferlab.sampling_params import SamplingParams
+from inferlab.scheduler import Scheduler
+
+log = logging.getLogger("inferlab")
+
+PromptType = str | list[int] | dict
+
+
+def default_kv_cache_memory(device: torch.device, model_bytes: int) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(4 << 30, total // 5)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.tokenizer = load_model(config.model, config.dtype, self.device)
+        args = self.model.args
+        self.dtype = self.model.lm_head.weight.dtype
+        if config.max_model_len is not None and config.max_model_len > args.max_position:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
+                             f"length {args.max_position}")
+        self.max_model_len = config.max_model_len or args.max_position
+        per_block = kv_bytes_per_block(args, config.block_size, self.dtype)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            budget = config.kv_cache_memory or default_kv_cache_memory(self.device, model_bytes)
+            num_blocks = budget // per_block
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
+        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager,
+                                   make_queue(config.scheduling_policy, config.sjf_aging_rate), clock)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids)
+        self.clock = clock
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.logprobs: dict[str, list[dict[int, float]]] = {}
+        self.num_prompt_tokens = 0  # prefill tokens computed (cache hits excluded)
+        self.num_generation_tokens = 0
+        log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s)", num_blocks,
+                 config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
+                 str(self.dtype).removeprefix("torch."), self.device)
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + output) one request can hold: context and pool both bound it."""
+        return min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                        for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None) -> Request:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.args.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                             f"(room for at least one generated token is needed)")
+        if len(ids) >= self.max_request_tokens:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the KV cache holds only "
+                             f"{self.max_request_tokens - 1} + 1; raise num_kv_blocks or kv_cache_memory")
+        if not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        room = self.max_request_tokens - len(ids)
+        max_tokens = min(params.max_tokens or room, room)
+        req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
+                      max_tokens=max_tokens, priority=priority, prompt=text)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        req.generator = torch.Generator(self.device).manual_seed(seed)
+        self.requests[request_id] = req
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop_list,
+                                                               params.include_stop_str_in_output)
+        if params.logprobs is not None:
+            self.logprobs[request_id] = []
+        self.scheduler.add_request(req)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish_request(req, RequestStatus.FINISHED_ABORTED)
+        self._forget(req)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns an output for every request that produced a token."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        results = self.runner.execute(out.scheduled)
+        self.num_prompt_tokens += sum(n for r, n in out.scheduled if r.num_computed_tokens < r.num_prompt_tokens)
+        self.scheduler.update_from_output(out, {rid: res.token_id for rid, res in results.items()})
+        outputs = []
+        for req, _ in out.scheduled:
+            res = results.get(req.request_id)
+            if res is None or req.status is not RequestStatus.RUNNING:
+                continue
+            self.num_generation_tokens += 1
+            if res.top_logprobs is not None:
+                self.logprobs[req.request_id].append({**res.top_logprobs, res.token_id: res.logprob})
+            status = self._check_stop(req, res.token_id)
+            if status is not None:
+                self.scheduler.finish_request(req, status)
+            outputs.append(self._make_output(req, [res.token_id]))
+            if status is not None:
+                self._forget(req)
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        detok = self.detokenizers[req.request_id]
+        before = len(detok.text)
+        detok.add_token(token)
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if p.stop_token_ids and token in p.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if detok.stops and (stop := detok.find_stop(len(detok.text) - before)) is not None:
+                req.stop_reason = stop
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _make_output(self, req: Request, new_ids: list[int]) -> RequestOutput:
+        detok = self.detokenizers[req.request_id]
+        finished = req.status.finished
+        if finished and not isinstance(req.stop_reason, str):  # a stop string already cut the text
+            detok.flush_pending()
+        delta = detok.pop_delta(finished)
+        lps = self.logprobs.get(req.request_id)
+        completion = CompletionOutput(
+            index=0, text=detok.text[:detok.sent], token_ids=req.output_token_ids,
+            finish_reason=req.status.value if finished else None, stop_reason=req.stop_reason,
+            logprobs=lps, cumulative_logprob=None if lps is None else self._cumulative(req, lps),
+            new_token_ids=new_ids, new_text=delta)
+        metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
+                                 self.clock() if finished else None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished,
+                             req.num_cached_tokens, metrics)
+
+    @staticmethod
+    def _cumulative(req: Request, lps: list[dict[int, float]]) -> float:
+        return sum(step[t] for step, t in zip(lps, req.output_token_ids))
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self.detokenizers.pop(req.request_id, None)
+        self.logprobs.pop(req.request_id, None)
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    def snapshot(self) -> dict:
+        snap = self.scheduler.snapshot()
+        snap.update(num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens)
+        return snap
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)

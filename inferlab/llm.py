@@ -1,0 +1,83 @@
+"""LLM: the offline Python API in vLLM's shape — `LLM(...).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import itertools
+import time
+
+from tqdm.auto import tqdm
+
+from inferlab.config import EngineConfig
+from inferlab.engine import LLMEngine, PromptType
+from inferlab.outputs import RequestOutput
+from inferlab.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype: str = "auto", block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 scheduling_policy: str = "fcfs", **kwargs) -> None:
+        config = EngineConfig(model=model, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
+                              kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
+                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              enable_prefix_caching=enable_prefix_caching,
+                              scheduling_policy=scheduling_policy, **kwargs)
+        self.engine = LLMEngine(config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | list[PromptType],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 priority: list[int] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """One finished RequestOutput per prompt, in prompt order. Invalid input raises
+        ValueError before anything runs."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
+        if priority is not None and len(priority) != n:
+            raise ValueError(f"got {len(priority)} priorities for {n} prompts")
+        ids = [f"offline-{next(_ids)}" for _ in range(n)]
+        try:
+            for i in range(n):
+                self.engine.add_request(ids[i], prompts[i], params[i], priority[i] if priority else 0)
+        except ValueError as e:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise ValueError(f"prompt {i}: {e}") from None
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them and generate."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tok = self.engine.tokenizer
+        prompts = [{"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+                   for text in (tok.apply_chat_template(c, add_generation_prompt) for c in conversations)]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        final: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
+        start, prompt0, gen0 = time.perf_counter(), engine.num_prompt_tokens, engine.num_generation_tokens
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+            if bar is not None:
+                dt = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"prefill {(engine.num_prompt_tokens - prompt0) / dt:.0f} tok/s, "
+                                    f"decode {(engine.num_generation_tokens - gen0) / dt:.0f} tok/s", refresh=False)
+        if bar is not None:
+            bar.close()
+        return [final[i] for i in ids]

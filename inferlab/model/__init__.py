@@ -1,0 +1,1 @@
+"""Model code: the decoder (llama.py), its weights (loader.py) and tokenizer (tokenizer.py)."""

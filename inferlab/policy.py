@@ -1,0 +1,94 @@
+"""Scheduling policies. A policy is a waiting-queue object plus a victim rule — nothing else.
+
+Every policy orders requests by `key(req)`: the waiting request with the smallest key is
+admitted next, and when KV blocks run out the running request with the largest key is
+preempted. The scheduler loop never asks which policy it runs.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterator
+
+from inferlab.request import Request
+
+
+class RequestQueue:
+    """Base class: a min-heap of waiting requests by `key`.
+
+    Contract for subclasses: `key(req)` must not change while `req` waits (it is computed on
+    push); `preempts_running` says whether a waiting request with a smaller key than a running
+    one may evict it to get in (only the priority policy does).
+    """
+
+    preempts_running = False
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[tuple, int, Request]] = []
+        self._tie = itertools.count()
+
+    def key(self, req: Request) -> tuple:
+        raise NotImplementedError
+
+    def push(self, req: Request) -> None:
+        heapq.heappush(self._heap, (self.key(req), next(self._tie), req))
+
+    def peek(self) -> Request:
+        return self._heap[0][2]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[2]
+
+    def remove(self, req: Request) -> None:
+        self._heap = [e for e in self._heap if e[2] is not req]
+        heapq.heapify(self._heap)
+
+    def victim(self, running: list[Request]) -> Request:
+        return max(running, key=self.key)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (e[2] for e in sorted(self._heap, key=lambda e: e[:2]))
+
+
+class FCFSQueue(RequestQueue):
+    """First come, first served; a preempted request goes back to its arrival-order place."""
+
+    def key(self, req: Request) -> tuple:
+        return (req.arrival_time,)
+
+
+class PriorityQueue(RequestQueue):
+    """Lower `priority` value first, then arrival; may preempt lower-priority running requests."""
+
+    preempts_running = True
+
+    def key(self, req: Request) -> tuple:
+        return (req.priority, req.arrival_time)
+
+
+class SJFQueue(RequestQueue):
+    """Shortest remaining work first, with aging: every second of waiting counts as
+    `aging_rate` tokens less work. Since now - arrival grows alike for all, the key reduces to
+    work + aging_rate * arrival_time, which is fixed while a request waits, so a heap suffices
+    and a long job's key is eventually smaller than that of any newly arriving short job."""
+
+    def __init__(self, aging_rate: float = 20.0) -> None:
+        super().__init__()
+        self.aging_rate = aging_rate
+
+    def key(self, req: Request) -> tuple:
+        return (req.remaining_work + self.aging_rate * req.arrival_time, req.arrival_time)
+
+
+POLICIES = {"fcfs": FCFSQueue, "priority": PriorityQueue, "sjf": SJFQueue}
+
+
+def make_queue(name: str, sjf_aging_rate: float = 20.0) -> RequestQueue:
+    if name == "sjf":
+        return SJFQueue(sjf_aging_rate)
+    if name not in POLICIES:
+        raise ValueError(f"unknown scheduling_policy {name!r}; choose one of {sorted(POLICIES)}")
+    return POLICIES[name]()

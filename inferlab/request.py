@@ -1,0 +1,72 @@
+"""Request: one sequence's state as the scheduler, block manager and runner see it."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferlab.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # back in the waiting queue, its KV dropped (recompute)
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Request:
+    """`token_ids` holds prompt then output; `num_computed_tokens` is how many have KV in the
+    cache. The scheduler's only job is to make `num_computed_tokens` catch up with
+    `len(token_ids)` (vLLM v1's rule), which covers prefill, chunked prefill and decode alike."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    max_tokens: int = 1  # the engine resolves params.max_tokens=None against the context
+    priority: int = 0
+    prompt: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks cached so far
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on first admission
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    stop_reason: int | str | None = None
+    generator: Any = None  # this request's own torch.Generator for sampling
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def remaining_work(self) -> int:
+        """Tokens still to compute or generate: the job length shortest-job-first orders by."""
+        return (self.num_tokens - self.num_computed_tokens) + max(0, self.max_tokens - self.num_output_tokens)

@@ -1,0 +1,100 @@
+"""Sampler: turn a batch's logits into next tokens, one row per request, each with its own params.
+
+Order per row: penalties -> min_tokens EOS ban -> (greedy argmax | temperature, top-k, top-p,
+min-p, then a draw from the request's own generator). A per-request generator is what makes a
+seeded request produce the same text whatever else shares its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inferlab.request import Request
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None  # of the sampled token, when logprobs were asked for
+    top_logprobs: dict[int, float] | None = None
+
+
+def apply_penalties(logits: torch.Tensor, req: Request) -> None:
+    """In place on one row. Repetition penalty (HF/CTRL style) covers prompt and output;
+    presence and frequency penalties (OpenAI style) cover the output only."""
+    p = req.params
+    vocab = logits.shape[-1]
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({t for t in req.token_ids if t < vocab}), dtype=torch.long, device=logits.device)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and req.num_output_tokens:
+        out = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Mask out (to -inf) what top-k / top-p / min-p exclude, row-wise. top_k 0 = off."""
+    vocab = logits.shape[-1]
+    sorted_logits, _ = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kth = sorted_logits.gather(-1, (k - 1)[:, None])
+    probs_sorted = sorted_logits.softmax(-1)
+    # top-p: keep the smallest prefix whose mass reaches p (the token crossing p is kept)
+    mass_before = probs_sorted.cumsum(-1) - probs_sorted
+    keep_sorted = mass_before < top_p[:, None]
+    keep_sorted[:, 0] = True
+    n_keep = keep_sorted.sum(-1, keepdim=True)
+    pth = sorted_logits.gather(-1, n_keep - 1)
+    threshold = torch.maximum(kth, pth)
+    min_logit = sorted_logits[:, :1] + torch.log(min_p.clamp(min=1e-30))[:, None]
+    threshold = torch.where(min_p[:, None] > 0, torch.maximum(threshold, min_logit), threshold)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list[SampleResult]:
+    """logits: [len(reqs), vocab] float32. One SampleResult per request, in order."""
+    want_logprobs = [r.params.logprobs is not None for r in reqs]
+    raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
+    for i, r in enumerate(reqs):
+        if r.params.has_penalties:
+            apply_penalties(logits[i], r)
+        if r.num_output_tokens < r.params.min_tokens:
+            banned = [t for t in ({*eos_ids, *(r.params.stop_token_ids or [])}) if t < logits.shape[-1]]
+            logits[i, banned] = float("-inf")
+    tokens = logits.argmax(-1)
+    sampled_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        sub = logits[rows]
+        dev = logits.device
+        temps = torch.tensor([reqs[i].params.temperature for i in sampled_rows], device=dev)
+        sub = sub / temps[:, None]
+        top_k = torch.tensor([reqs[i].params.top_k for i in sampled_rows], device=dev)
+        top_p = torch.tensor([reqs[i].params.top_p for i in sampled_rows], device=dev)
+        min_p = torch.tensor([reqs[i].params.min_p for i in sampled_rows], device=dev)
+        if bool((top_k > 0).any() or (top_p < 1).any() or (min_p > 0).any()):
+            sub = filter_logits(sub, top_k, top_p, min_p)
+        probs = sub.softmax(-1)
+        for j, i in enumerate(sampled_rows):
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, using only this
+            # request's generator.
+            e = torch.empty_like(probs[j]).exponential_(generator=reqs[i].generator)
+            tokens[i] = (probs[j] / e).argmax()
+    token_list = tokens.tolist()
+    results = []
+    for i, r in enumerate(reqs):
+        res = SampleResult(token_list[i])
+        if raw_logprobs is not None and want_logprobs[i]:
+            res.logprob = float(raw_logprobs[i, token_list[i]])
+            n = r.params.logprobs
+            if n:
+                vals, ids = raw_logprobs[i].topk(n)
+                res.top_logprobs = dict(zip(ids.tolist(), vals.tolist()))
+            else:
+                res.top_logprobs = {}
+        results.append(res)
+    return results

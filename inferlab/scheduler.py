@@ -1,0 +1,150 @@
+"""Scheduler: continuous batching under one token budget (vLLM v1's rule).
+
+Each step, every request's `num_computed_tokens` tries to catch up with its `num_tokens`:
+running requests first (a decode needs 1 token, an unfinished prefill the next chunk), then
+waiting ones in policy order, all under `max_num_batched_tokens` and `max_num_seqs`. Prefill,
+chunked prefill and decode are therefore one path and share a step. When KV blocks run out
+the policy's victim is preempted (its blocks freed, recomputed later) instead of failing.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from inferlab.block_manager import BlockManager
+from inferlab.config import EngineConfig
+from inferlab.policy import RequestQueue
+from inferlab.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this step)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, waiting: RequestQueue,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting = waiting
+        self.running: list[Request] = []
+        self.clock = clock
+        self.num_preemptions = 0
+        self.step_count = 0
+
+    def add_request(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.push(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.push(req)
+        out.preempted.append(req)
+
+    def _chunk(self, req: Request, num_computed: int, budget: int) -> int:
+        return min(req.num_tokens - num_computed, budget, self.config.long_prefill_token_threshold)
+
+    def _make_room_for_waiting(self, out: SchedulerOutput) -> None:
+        """Policies that allow it (priority) evict worse running requests for a better waiting one."""
+        bm = self.block_manager
+        while self.waiting.preempts_running and len(self.waiting) and self.running:
+            head = self.waiting.peek()
+            victim = self.waiting.victim(self.running)
+            if self.waiting.key(head) >= self.waiting.key(victim):
+                return
+            need = bm.blocks_needed(self._chunk(head, 0, self.config.max_num_batched_tokens))
+            if len(self.running) < self.config.max_num_seqs and bm.num_free_blocks >= need:
+                return
+            self._preempt(victim, out)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self.step_count += 1
+        budget = self.config.max_num_batched_tokens
+        self._make_room_for_waiting(out)
+        scheduled: set[int] = set()
+        for req in sorted(self.running, key=self.waiting.key):
+            if req.status is not RequestStatus.RUNNING or budget == 0:
+                continue
+            n = self._chunk(req, req.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(req, n):
+                candidates = [r for r in self.running if id(r) not in scheduled]
+                victim = self.waiting.victim(candidates)
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                out.scheduled.append((req, n))
+                scheduled.add(id(req))
+                budget -= n
+        if out.preempted:  # the pool is tight: admitting anyone now would only thrash
+            return out
+        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.peek()
+            computed = self.block_manager.get_computed_blocks(req)
+            num_cached = len(computed) * self.block_manager.block_size
+            n = self._chunk(req, num_cached, budget)
+            if not self.block_manager.allocate_slots(req, n, computed):
+                break  # head-of-line waits for blocks; letting others pass would starve it
+            self.waiting.pop()
+            req.num_computed_tokens = num_cached
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = self.clock()
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append((req, n))
+            budget -= n
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Advance computed tokens and append sampled ones. `sampled` maps request_id to the new
+        token for each request whose scheduled chunk reached the end of its tokens."""
+        for req, n in out.scheduled:
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
+            token = sampled.get(req.request_id)
+            if token is not None:
+                req.token_ids.append(token)
+                if req.first_token_time is None:
+                    req.first_token_time = self.clock()
+
+    def finish_request(self, req: Request, status: RequestStatus) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif not req.status.finished:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        req.status = status
+
+    def live_requests(self) -> list[Request]:
+        return self.running + list(self.waiting)
+
+    def check_integrity(self) -> None:
+        self.block_manager.check_integrity(self.live_requests())
+        for req in self.waiting:
+            if req.block_table or req.num_computed_tokens:
+                raise AssertionError(f"waiting request {req.request_id} holds KV state")
+
+    def snapshot(self) -> dict:
+        """A small per-step view for metrics, dashboards and experiments."""
+        return {"step": self.step_count, "num_running": len(self.running),
+                "num_waiting": len(self.waiting), "num_preemptions": self.num_preemptions,
+                "kv": self.block_manager.snapshot()}

@@ -18,7 +18,9 @@ import torch
 from inferlab.block_manager import BlockManager
 from inferlab.config import EngineConfig
 from inferlab.detokenizer import IncrementalDetokenizer
+from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.loader import load_model
+from inferlab.model.tokenizer import Tokenizer
 from inferlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from inferlab.policy import make_queue
 from inferlab.request import Request, RequestStatus
@@ -40,10 +42,17 @@ def default_kv_cache_memory(device: torch.device, model_bytes: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic,
+                 loaded: tuple[LlamaForCausalLM, Tokenizer] | None = None) -> None:
+        """`loaded` passes an already loaded (model, tokenizer) to share read-only weights
+        between engines (tests, experiments); otherwise `config.model` is loaded."""
         self.config = config
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.tokenizer = load_model(config.model, config.dtype, self.device)
+        if loaded is not None:
+            self.model, self.tokenizer = loaded
+            self.device = self.model.lm_head.weight.device
+        else:
+            self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.model, self.tokenizer = load_model(config.model, config.dtype, self.device)
         args = self.model.args
         self.dtype = self.model.lm_head.weight.dtype
         if config.max_model_len is not None and config.max_model_len > args.max_position:

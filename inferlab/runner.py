@@ -2,6 +2,9 @@
 model and samples. It knows nothing of queues or policies."""
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from inferlab.attention import AttentionMetadata, PrefillSeq
@@ -15,6 +18,18 @@ def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> 
     return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
 
 
+def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled pool. Masked-out slots still enter attention as 0 * value, so they must
+    hold finite numbers. On CPU, anonymous mmap gives zero pages that the OS faults in only as
+    blocks are first used, so a large pool costs nothing at start (torch.zeros would touch
+    every page: seconds for a few GiB)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    buf = mmap.mmap(-1, max(1, numel * torch.empty(0, dtype=dtype).element_size()))
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, eos_ids: set[int]) -> None:
         args = model.args
@@ -23,8 +38,8 @@ class ModelRunner:
         self.eos_ids = eos_ids
         self.device = model.lm_head.weight.device
         dtype = model.lm_head.weight.dtype
-        self.kv_cache = torch.zeros(2, args.num_layers, num_blocks, block_size, args.num_kv_heads,
-                                    args.head_dim, dtype=dtype, device=self.device)
+        shape = (2, args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
+        self.kv_cache = allocate_zeroed(shape, dtype, self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
 
     def prepare(self, scheduled: list[tuple[Request, int]]):

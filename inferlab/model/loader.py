@@ -105,8 +105,17 @@ def _build(args: ModelArgs, weights: Iterator[tuple[str, torch.Tensor]], dtype: 
         expected.discard("lm_head.weight#None")
     missing = sorted(expected - loaded)
     if missing:
-        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[0].split('#')[0]}")
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {_checkpoint_name(missing[0])}")
     return model.eval()
+
+
+def _checkpoint_name(key: str) -> str:
+    """'...qkv_proj.weight#1' -> '...k_proj.weight': name the tensor the checkpoint lacks, not our fused one."""
+    name, shard = key.split("#")
+    for proj, (fused, idx) in LlamaForCausalLM.packed_modules.items():
+        if f".{fused}." in name and shard == str(idx):
+            return name.replace(f".{fused}.", f".{proj}.")
+    return name
 
 
 def _shards(name: str) -> list[int | None]:

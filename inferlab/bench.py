@@ -1,0 +1,60 @@
+"""Offline throughput benchmark on the reference workloads (random token-id prompts, per-request
+max_tokens, ignore_eos). The built-in workloads are generated exactly as the shared
+`bench/workload.py` does, so figures compare across engines."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+from inferlab.llm import LLM
+from inferlab.sampling_params import SamplingParams
+
+SHAPES = {  # name: (num_seqs, max_input_len, max_output_len)
+    "small": (16, 256, 64),
+    "cpu": (64, 512, 256),
+    "nano": (256, 1024, 1024),
+}
+
+
+def make_workload(name: str) -> dict:
+    num_seqs, max_in, max_out = SHAPES[name]
+    rng = random.Random(0)
+    requests = []
+    for _ in range(num_seqs):
+        n_in = rng.randint(100, max_in)
+        requests.append({
+            "prompt_token_ids": [rng.randint(0, 10000) for _ in range(n_in)],
+            "max_tokens": rng.randint(100, max_out) if max_out > 100 else max_out,
+        })
+    return {"name": name, "requests": requests}
+
+
+def load_workload(name_or_path: str) -> dict:
+    if name_or_path in SHAPES:
+        return make_workload(name_or_path)
+    if not os.path.exists(name_or_path):
+        raise ValueError(f"unknown workload {name_or_path!r}: use {', '.join(SHAPES)} or a JSON file")
+    with open(name_or_path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("requests"), list):
+        raise ValueError(f"{name_or_path}: expected {{'requests': [{{'prompt_token_ids': [...], 'max_tokens': N}}]}}")
+    return data
+
+
+def run_bench(llm: LLM, workload: dict, use_tqdm: bool = True) -> dict:
+    reqs = workload["requests"]
+    prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
+    params = [SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True) for r in reqs]
+    llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    llm.engine.block_manager.reset_prefix_cache()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    seconds = time.perf_counter() - start
+    prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"workload": workload.get("name", "file"), "requests": len(reqs), "prompt_tokens": prompt_tokens,
+            "output_tokens": output_tokens, "seconds": round(seconds, 3),
+            "output_tok_s": round(output_tokens / seconds, 2),
+            "total_tok_s": round((prompt_tokens + output_tokens) / seconds, 2)}

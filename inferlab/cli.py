@@ -1,0 +1,164 @@
+"""The `inferlab` command: generate, chat and bench on the embedded model or a local one."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from inferlab.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf"])
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=temperature)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=a.model, dtype=a.dtype, device=a.device, block_size=a.block_size,
+                        num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
+                        max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                        max_num_batched_tokens=a.max_num_batched_tokens,
+                        enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy)
+
+
+def sampling_params(a: argparse.Namespace):
+    from inferlab.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
+
+
+def stream(engine, request_id: str, prompt, params) -> str:
+    """Run one request to the end, printing text as it is released; returns the whole text."""
+    engine.add_request(request_id, prompt, params)
+    text = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            delta = out.outputs[0].new_text
+            text += delta
+            print(delta, end="", flush=True)
+    print()
+    return text
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from inferlab.engine import LLMEngine
+    engine = LLMEngine(engine_config(a))
+    tok = engine.tokenizer
+    if a.raw or not tok.chat_template:
+        prompt = a.prompt
+    else:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
+                   [{"role": "user", "content": a.prompt}]
+        text = tok.apply_chat_template(messages)
+        prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+    stream(engine, "generate-0", prompt, sampling_params(a))
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from inferlab.engine import LLMEngine
+    engine = LLMEngine(engine_config(a))
+    tok = engine.tokenizer
+    if not tok.chat_template:
+        raise ValueError("this model has no chat template; use `inferlab generate --raw`")
+    history = [{"role": "system", "content": a.system}] if a.system else []
+    print("Chat with the model. /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        text = tok.apply_chat_template(history)
+        prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        try:
+            reply = stream(engine, f"chat-{turn}", prompt, sampling_params(a))
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            engine.abort_request(f"chat-{turn}")
+            print()
+            reply = ""
+        turn += 1
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from inferlab.bench import load_workload, run_bench
+    from inferlab.llm import LLM
+    workload = load_workload(a.workload)
+    llm = LLM(**vars(engine_config(a)))
+    print(json.dumps(run_bench(llm, workload, use_tqdm=not a.no_progress)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferlab", description="A small, readable LLM inference engine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="answer one prompt (chat template applied for instruct models)")
+    g.add_argument("prompt")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    g.add_argument("--system", default=None, help="system message")
+    add_sampling_args(g, temperature=0.0)
+    add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
+    c.add_argument("--system", default=None, help="system message")
+    add_sampling_args(c, temperature=0.7)
+    add_engine_args(c)
+    c.set_defaults(func=cmd_chat)
+    b = sub.add_parser("bench", help="offline throughput on a reference workload; last line is JSON")
+    b.add_argument("--workload", default="cpu", help="small, cpu, nano or a JSON file")
+    b.add_argument("--no-progress", action="store_true")
+    add_engine_args(b)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        a.func(a)
+    except (ValueError, FileNotFoundError) as e:  # our one-line errors (bad options, model, prompt)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: the embedded model is loaded once per session and shared read-only by engines."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inferlab import LLM
+from inferlab.model.loader import load_model
+
+CHAT_QUESTIONS = [
+    "What is the capital of France?",
+    "hi",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Translate 'good morning' to Spanish.",
+    "What is 12 times 7?",
+    "Explain in two sentences why the sky is blue, then say which colour sunsets are and why they differ.",
+    "Tell me a short story about a robot who learns to paint. Use about five sentences, give the robot "
+    "a name, and end with a line of dialogue from the robot about what painting means to it.",
+]
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct in fp32."""
+    return load_model(None, "float32", torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def chat_prompts(smol):
+    """Token ids of CHAT_QUESTIONS with the chat template applied (lengths 34 to ~80)."""
+    tok = smol[1]
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in CHAT_QUESTIONS]
+
+
+@pytest.fixture
+def make_llm(smol):
+    def make(**kwargs) -> LLM:
+        return LLM(loaded=smol, **kwargs)
+    return make

@@ -50,9 +50,12 @@ class IncrementalDetokenizer:
 
     def pop_delta(self, finished: bool) -> str:
         end = len(self.text)
+        unsent = end - self.sent
         if not finished:  # keep back a tail that could still grow into a stop string
             for stop in self.stops:
-                for k in range(min(len(stop) - 1, end - self.sent), 0, -1):
+                # bound k by all unsent text, not by `end`: an earlier stop may already have
+                # lowered `end`, and a longer prefix of this stop must still be held back
+                for k in range(min(len(stop) - 1, unsent), 0, -1):
                     if self.text.endswith(stop[:k]):
                         end = min(end, len(self.text) - k)
                         break

@@ -57,7 +57,7 @@ class FCFSQueue(RequestQueue):
     """First come, first served; a preempted request goes back to its arrival-order place."""
 
     def key(self, req: Request) -> tuple:
-        return (req.arrival_time,)
+        return (req.arrival_time, req.seq)
 
 
 class PriorityQueue(RequestQueue):
@@ -66,7 +66,7 @@ class PriorityQueue(RequestQueue):
     preempts_running = True
 
     def key(self, req: Request) -> tuple:
-        return (req.priority, req.arrival_time)
+        return (req.priority, req.arrival_time, req.seq)
 
 
 class SJFQueue(RequestQueue):
@@ -80,7 +80,7 @@ class SJFQueue(RequestQueue):
         self.aging_rate = aging_rate
 
     def key(self, req: Request) -> tuple:
-        return (req.remaining_work + self.aging_rate * req.arrival_time, req.arrival_time)
+        return (req.remaining_work + self.aging_rate * req.arrival_time, req.arrival_time, req.seq)
 
 
 POLICIES = {"fcfs": FCFSQueue, "priority": PriorityQueue, "sjf": SJFQueue}

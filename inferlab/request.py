@@ -32,6 +32,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    seq: int = 0  # admission order, stamped by the scheduler: breaks arrival-time ties
     max_tokens: int = 1  # the engine resolves params.max_tokens=None against the context
     priority: int = 0
     prompt: str | None = None

@@ -42,10 +42,12 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     sorted_logits, _ = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     kth = sorted_logits.gather(-1, (k - 1)[:, None])
-    probs_sorted = sorted_logits.softmax(-1)
-    # top-p: keep the smallest prefix whose mass reaches p (the token crossing p is kept)
+    # top-p acts on what top-k kept, renormalized (vLLM's and HF's order), not on the full softmax
+    probs_sorted = sorted_logits.masked_fill(sorted_logits < kth, float("-inf")).softmax(-1)
+    # top-p: keep the smallest prefix whose mass reaches p (the token crossing p is kept);
+    # p = 1 keeps all, even where float rounding lets the cumulative mass hit 1 early
     mass_before = probs_sorted.cumsum(-1) - probs_sorted
-    keep_sorted = mass_before < top_p[:, None]
+    keep_sorted = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
     keep_sorted[:, 0] = True
     n_keep = keep_sorted.sum(-1, keepdim=True)
     pth = sorted_logits.gather(-1, n_keep - 1)

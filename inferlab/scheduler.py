@@ -8,6 +8,7 @@ the policy's victim is preempted (its blocks freed, recomputed later) instead of
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,8 +39,10 @@ class Scheduler:
         self.clock = clock
         self.num_preemptions = 0
         self.step_count = 0
+        self._seq = itertools.count()
 
     def add_request(self, req: Request) -> None:
+        req.seq = next(self._seq)
         req.status = RequestStatus.WAITING
         self.waiting.push(req)
 

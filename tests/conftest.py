@@ -38,3 +38,39 @@ def make_llm(smol):
     def make(**kwargs) -> LLM:
         return LLM(loaded=smol, **kwargs)
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny(smol):
+    """A tiny random Llama (1 layer, hidden 32) with the embedded tokenizer: steps take
+    milliseconds, so scheduling tests can run thousands of them. Greedy output is deterministic."""
+    from inferlab.model.llama import LlamaForCausalLM, ModelArgs
+    torch.manual_seed(0)
+    args = ModelArgs(arch="llama", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                     intermediate_size=64, vocab_size=smol[1].vocab_size, max_position=4096,
+                     tie_word_embeddings=True)
+    model = LlamaForCausalLM(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model, smol[1]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def make_tiny_engine(tiny):
+    from inferlab.config import EngineConfig
+    from inferlab.engine import LLMEngine
+
+    def make(clock=None, **kwargs) -> LLMEngine:
+        kwargs.setdefault("num_kv_blocks", 64)
+        kwargs.setdefault("block_size", 4)
+        return LLMEngine(EngineConfig(**kwargs), clock=clock or FakeClock(), loaded=tiny)
+    return make

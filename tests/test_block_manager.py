@@ -1,0 +1,128 @@
+"""Block manager: ref counts, prefix caching by hash chain, LRU eviction, integrity checks."""
+from __future__ import annotations
+
+import pytest
+
+import inferlab.block_manager as bm_mod
+from inferlab.block_manager import BlockManager
+from inferlab.request import Request
+from inferlab.sampling_params import SamplingParams
+
+
+def req(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, tokens, SamplingParams(), arrival_time=0.0)
+
+
+def admit(bm: BlockManager, r: Request) -> int:
+    """Admit like the scheduler does: take cached prefix blocks, allocate the rest, compute all."""
+    hits = bm.get_computed_blocks(r)
+    r.num_computed_tokens = 0
+    assert bm.allocate_slots(r, r.num_tokens - len(hits) * bm.block_size, hits)
+    r.num_computed_tokens = r.num_tokens
+    bm.cache_full_blocks(r)
+    return len(hits)
+
+
+def test_allocation_and_free_return_every_block():
+    bm = BlockManager(8, 4)
+    a = req("a", list(range(10)))
+    admit(bm, a)
+    assert len(a.block_table) == 3 and bm.num_free_blocks == 5
+    bm.check_integrity([a])
+    bm.free(a)
+    assert bm.num_free_blocks == 8 and a.block_table == []
+    bm.check_integrity([])
+
+
+def test_all_or_nothing_when_short_of_blocks():
+    bm = BlockManager(2, 4)
+    a = req("a", list(range(12)))
+    assert not bm.allocate_slots(a, 12)
+    assert a.block_table == [] and bm.num_free_blocks == 2
+
+
+def test_shared_prefix_is_reused_and_ref_counted():
+    bm = BlockManager(16, 4)
+    a = req("a", list(range(13)))
+    admit(bm, a)
+    b = req("b", list(range(12)) + [99, 100])
+    assert admit(bm, b) == 3  # three full blocks shared
+    assert b.block_table[:3] == a.block_table[:3]
+    assert all(bm.blocks[x].ref_count == 2 for x in a.block_table[:3])
+    assert bm.prefix_hits == 12 and bm.prefix_queries == 13 + 14
+    bm.check_integrity([a, b])
+    bm.free(a)
+    assert all(bm.blocks[x].ref_count == 1 for x in b.block_table[:3])
+    bm.free(b)
+    bm.check_integrity([])
+
+
+def test_last_token_is_never_served_from_cache():
+    bm = BlockManager(16, 4)
+    admit(bm, req("a", list(range(8))))
+    b = req("b", list(range(8)))
+    assert len(bm.get_computed_blocks(b)) == 1  # 8 tokens = 2 full blocks, but the last must be computed
+
+
+def test_hash_chain_depends_on_the_whole_prefix():
+    bm = BlockManager(16, 4)
+    admit(bm, req("a", [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    # same second block, different first block: no hit at all
+    assert bm.get_computed_blocks(req("b", [0, 2, 3, 4, 5, 6, 7, 8, 9])) == []
+
+
+def test_freed_blocks_stay_cached_until_evicted_lru(monkeypatch):
+    bm = BlockManager(6, 2)
+    a = req("a", [1, 2, 3, 4, 5])
+    admit(bm, a)
+    bm.free(a)
+    assert bm.snapshot()["cached_free"] == 2
+    b = req("b", [1, 2, 3, 4, 9])
+    assert admit(bm, b) == 2  # reused after free
+    bm.free(b)
+    # fill the pool with unrelated tokens: cached blocks are evicted, the oldest-freed first
+    c = req("c", [50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60])
+    admit(bm, c)
+    assert bm.evictions > 0
+    bm.check_integrity([c])
+    bm.free(c)
+    bm.check_integrity([])
+
+
+def test_eviction_order_prefers_uncached_then_oldest():
+    bm = BlockManager(4, 2)
+    a = req("a", [1, 2, 3])  # one full cached block + one partial
+    admit(bm, a)
+    full, partial = a.block_table
+    bm.free(a)
+    d = req("d", [7])
+    admit(bm, d)
+    assert d.block_table == [partial]  # the uncached block is reused first, the cached one kept
+    assert bm.blocks[full].hash is not None
+
+
+def test_hash_collision_is_caught_by_token_comparison(monkeypatch):
+    monkeypatch.setattr(bm_mod, "chain_hash", lambda parent, tokens: 42)  # every block collides
+    bm = BlockManager(8, 2)
+    admit(bm, req("a", [1, 2, 3]))
+    assert bm.get_computed_blocks(req("b", [5, 6, 7])) == []  # same hash, other tokens: no hit
+    assert len(bm.get_computed_blocks(req("c", [1, 2, 3]))) == 1
+
+
+def test_integrity_check_detects_corruption():
+    bm = BlockManager(4, 2)
+    a = req("a", [1, 2, 3])
+    admit(bm, a)
+    bm.blocks[a.block_table[0]].ref_count = 2
+    with pytest.raises(AssertionError, match=r"\[2\]"):
+        bm.check_integrity([a])
+    bm.blocks[a.block_table[0]].ref_count = 1
+    bm.free_queue[a.block_table[1]] = None
+    with pytest.raises(AssertionError, match=r"\[1\]"):
+        bm.check_integrity([a])
+
+
+def test_prefix_caching_disabled_registers_nothing():
+    bm = BlockManager(8, 2, enable_prefix_caching=False)
+    admit(bm, req("a", [1, 2, 3, 4, 5]))
+    assert bm.hash_to_block == {} and bm.get_computed_blocks(req("b", [1, 2, 3, 4, 5])) == []

@@ -1,0 +1,60 @@
+"""The `inferlab` command as a user runs it, and the benchmark's reference workloads."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from inferlab.bench import SHAPES, make_workload
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_WORKLOAD = os.path.join(os.path.dirname(ROOT), "shared", "bench", "workload.py")
+
+
+def inferlab(*args: str, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inferlab.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_generate_answers_with_the_embedded_model():
+    r = inferlab("generate", "What is the capital of France?", "--num-kv-blocks", "64")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "The capital of France is Paris."
+    assert "KV cache: 64 blocks x 16 tokens" in r.stderr  # the pool size is logged at start
+
+
+def test_chat_is_multi_turn_and_streams():
+    turns = "What is the capital of France?\nAnd what is 2 + 2?\n/exit\n"
+    r = inferlab("chat", "--temperature", "0", "--max-tokens", "30", "--num-kv-blocks", "128", stdin=turns)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert r.stdout.count(">>> ") == 3  # two answers, then the prompt that read /exit
+
+
+def test_bad_option_is_one_clear_line():
+    r = inferlab("generate", "hi", "--temperature", "-1", "--num-kv-blocks", "8")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "error: temperature must be in [0, 100], got -1.0"
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_builtin_workloads_equal_the_shared_reference(name):
+    if not os.path.exists(SHARED_WORKLOAD):
+        pytest.skip(f"no shared reference workload at {SHARED_WORKLOAD}")
+    out = subprocess.run([sys.executable, SHARED_WORKLOAD, name], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == make_workload(name)
+
+
+def test_bench_prints_json_last_line(tmp_path):
+    wl = {"name": "tiny", "requests": [{"prompt_token_ids": list(range(100, 140)), "max_tokens": 6},
+                                       {"prompt_token_ids": list(range(200, 230)), "max_tokens": 4}]}
+    path = tmp_path / "wl.json"
+    path.write_text(json.dumps(wl))
+    r = inferlab("bench", "--workload", str(path), "--no-progress", "--num-kv-blocks", "64")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["requests"] == 2 and result["prompt_tokens"] == 70 and result["output_tokens"] == 10
+    assert result["output_tok_s"] > 0 and result["seconds"] > 0

@@ -1,0 +1,123 @@
+"""Bad input gets a clear one-line error and harms nobody: no leak, no crash, others unaffected."""
+from __future__ import annotations
+
+import pytest
+
+from inferlab import EngineConfig, SamplingParams
+
+
+def drain(engine) -> dict[str, list[int]]:
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return done
+
+
+def test_too_long_prompts_rejected_while_others_are_served(make_tiny_engine):
+    engine = make_tiny_engine(num_kv_blocks=8, block_size=4, max_model_len=64)  # pool: 32 tokens
+    engine.add_request("ok-1", {"prompt_token_ids": [300] * 10}, SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.step()
+    with pytest.raises(ValueError, match="KV cache holds only"):
+        engine.add_request("big", {"prompt_token_ids": [300] * 40}, SamplingParams(max_tokens=5))
+    engine2 = make_tiny_engine(num_kv_blocks=64, block_size=4, max_model_len=16)
+    with pytest.raises(ValueError, match="max_model_len is 16"):
+        engine2.add_request("ctx", {"prompt_token_ids": [300] * 16}, SamplingParams(max_tokens=5))
+    engine.add_request("ok-2", {"prompt_token_ids": [301] * 6}, SamplingParams(max_tokens=5, ignore_eos=True))
+    done = drain(engine)
+    assert set(done) == {"ok-1", "ok-2"} and all(len(t) == 5 for t in done.values())
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_generation_stops_at_the_context_limit(make_tiny_engine):
+    engine = make_tiny_engine(num_kv_blocks=64, block_size=4, max_model_len=20)
+    engine.add_request("r", {"prompt_token_ids": [300] * 15}, SamplingParams(max_tokens=100, ignore_eos=True))
+    assert len(drain(engine)["r"]) == 5  # 15 + 5 = max_model_len
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "empty"),
+    ({"prompt_token_ids": []}, "empty"),
+    ({"prompt_token_ids": [1, -3]}, "outside the vocabulary"),
+    ({"prompt_token_ids": [1, 10**9]}, "outside the vocabulary"),
+    ({"prompt_token_ids": "abc"}, "list of integers"),
+    ({"foo": 1}, "prompt_token_ids"),
+    (3.5, "prompt must be"),
+])
+def test_bad_prompts_refused_without_side_effects(make_tiny_engine, prompt, message):
+    engine = make_tiny_engine()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", prompt, SamplingParams(max_tokens=3))
+    assert not engine.has_unfinished_requests() and not engine.requests
+    engine.add_request("bad", "hello", SamplingParams(max_tokens=2, ignore_eos=True))  # id is free again
+    assert len(drain(engine)["bad"]) == 2
+
+
+def test_duplicate_request_id_refused(make_tiny_engine):
+    engine = make_tiny_engine()
+    engine.add_request("x", "hello", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("x", "hello again", SamplingParams(max_tokens=2))
+
+
+def test_abort_frees_blocks_and_spares_the_others(make_tiny_engine):
+    ref = make_tiny_engine()
+    ref.add_request("keep", {"prompt_token_ids": [400] * 9}, SamplingParams(temperature=0, max_tokens=8))
+    expected = drain(ref)["keep"]
+    engine = make_tiny_engine()
+    engine.add_request("keep", {"prompt_token_ids": [400] * 9}, SamplingParams(temperature=0, max_tokens=8))
+    engine.add_request("drop", {"prompt_token_ids": [500] * 30}, SamplingParams(max_tokens=50))
+    engine.step()
+    engine.step()
+    used = engine.block_manager.num_blocks - engine.block_manager.num_free_blocks
+    assert engine.abort_request("drop")
+    assert engine.block_manager.num_blocks - engine.block_manager.num_free_blocks < used
+    assert not engine.abort_request("drop") and not engine.abort_request("never-existed")
+    assert drain(engine)["keep"] == expected
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_llm_generate_rejects_a_bad_batch_whole(make_llm):
+    llm = make_llm(num_kv_blocks=32)
+    with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
+        llm.generate(["fine", "", "also fine"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == 32
+    assert len(llm.generate("fine", SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)) == 1
+
+
+def test_chat_rejects_malformed_messages(make_llm):
+    llm = make_llm(num_kv_blocks=32)
+    with pytest.raises(ValueError, match="messages must be"):
+        llm.chat([{"content": "no role"}], use_tqdm=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"block_size": 0}, "block_size"),
+    ({"num_kv_blocks": 0}, "num_kv_blocks"),
+    ({"kv_cache_memory": -1}, "kv_cache_memory"),
+    ({"scheduling_policy": "lifo"}, "scheduling_policy"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"max_num_seqs": 0}, "max_num_seqs"),
+    ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+    ({"max_model_len": 1}, "max_model_len"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_max_model_len_beyond_the_model_is_refused(make_tiny_engine):
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        make_tiny_engine(max_model_len=10**6)
+
+
+def test_pool_sized_from_memory_budget(make_tiny_engine):
+    from inferlab.runner import kv_bytes_per_block
+    engine = make_tiny_engine(num_kv_blocks=None, kv_cache_memory=1 << 20)
+    per_block = kv_bytes_per_block(engine.model.args, 4, engine.dtype)
+    assert engine.block_manager.num_blocks == (1 << 20) // per_block
+    with pytest.raises(ValueError, match="less than one block"):
+        make_tiny_engine(num_kv_blocks=None, kv_cache_memory=10)

@@ -176,19 +176,23 @@ class LLMEngine:
         return outputs
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        """Apply the stop rules to a new token; a stopping token's own text is not output
+        (unless a stop id with include_stop_str_in_output), as in vLLM."""
         detok = self.detokenizers[req.request_id]
+        p = req.params
+        may_stop = req.num_output_tokens >= p.min_tokens
+        if may_stop and token in self.eos_token_ids and not p.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if may_stop and p.stop_token_ids and token in p.stop_token_ids:
+            if p.include_stop_str_in_output:
+                detok.add_token(token)
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
         before = len(detok.text)
         detok.add_token(token)
-        p = req.params
-        if req.num_output_tokens >= p.min_tokens:
-            if token in self.eos_token_ids and not p.ignore_eos:
-                return RequestStatus.FINISHED_STOPPED
-            if p.stop_token_ids and token in p.stop_token_ids:
-                req.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-            if detok.stops and (stop := detok.find_stop(len(detok.text) - before)) is not None:
-                req.stop_reason = stop
-                return RequestStatus.FINISHED_STOPPED
+        if may_stop and detok.stops and (stop := detok.find_stop(len(detok.text) - before)) is not None:
+            req.stop_reason = stop
+            return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

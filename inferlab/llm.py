@@ -54,7 +54,8 @@ class LLM:
             raise ValueError(f"prompt {i}: {e}") from None
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them and generate."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]

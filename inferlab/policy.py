@@ -17,11 +17,9 @@ class RequestQueue:
     """Base class: a min-heap of waiting requests by `key`.
 
     Contract for subclasses: `key(req)` must not change while `req` waits (it is computed on
-    push); `preempts_running` says whether a waiting request with a smaller key than a running
-    one may evict it to get in (only the priority policy does).
+    push); `should_preempt(waiting, running)` says whether a waiting request may evict a running
+    one to get in (by default never; the priority policy does for strictly lower priority).
     """
-
-    preempts_running = False
 
     def __init__(self) -> None:
         self._heap: list[tuple[tuple, int, Request]] = []
@@ -46,6 +44,9 @@ class RequestQueue:
     def victim(self, running: list[Request]) -> Request:
         return max(running, key=self.key)
 
+    def should_preempt(self, waiting: Request, running: Request) -> bool:
+        return False
+
     def __len__(self) -> int:
         return len(self._heap)
 
@@ -63,10 +64,11 @@ class FCFSQueue(RequestQueue):
 class PriorityQueue(RequestQueue):
     """Lower `priority` value first, then arrival; may preempt lower-priority running requests."""
 
-    preempts_running = True
-
     def key(self, req: Request) -> tuple:
         return (req.priority, req.arrival_time, req.seq)
+
+    def should_preempt(self, waiting: Request, running: Request) -> bool:
+        return waiting.priority < running.priority
 
 
 class SJFQueue(RequestQueue):

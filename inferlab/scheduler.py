@@ -65,10 +65,10 @@ class Scheduler:
     def _make_room_for_waiting(self, out: SchedulerOutput) -> None:
         """Policies that allow it (priority) evict worse running requests for a better waiting one."""
         bm = self.block_manager
-        while self.waiting.preempts_running and len(self.waiting) and self.running:
+        while len(self.waiting) and self.running:
             head = self.waiting.peek()
             victim = self.waiting.victim(self.running)
-            if self.waiting.key(head) >= self.waiting.key(victim):
+            if not self.waiting.should_preempt(head, victim):
                 return
             need = bm.blocks_needed(self._chunk(head, 0, self.config.max_num_batched_tokens))
             if len(self.running) < self.config.max_num_seqs and bm.num_free_blocks >= need:
@@ -80,6 +80,7 @@ class Scheduler:
         self.step_count += 1
         budget = self.config.max_num_batched_tokens
         self._make_room_for_waiting(out)
+        made_room = len(out.preempted)
         scheduled: set[int] = set()
         for req in sorted(self.running, key=self.waiting.key):
             if req.status is not RequestStatus.RUNNING or budget == 0:
@@ -95,7 +96,7 @@ class Scheduler:
                 out.scheduled.append((req, n))
                 scheduled.add(id(req))
                 budget -= n
-        if out.preempted:  # the pool is tight: admitting anyone now would only thrash
+        if len(out.preempted) > made_room:  # running requests ran out of blocks: admitting would thrash
             return out
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.peek()

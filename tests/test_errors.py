@@ -121,3 +121,31 @@ def test_pool_sized_from_memory_budget(make_tiny_engine):
     assert engine.block_manager.num_blocks == (1 << 20) // per_block
     with pytest.raises(ValueError, match="less than one block"):
         make_tiny_engine(num_kv_blocks=None, kv_cache_memory=10)
+
+
+def test_a_request_that_breaks_the_engine_fails_alone(make_tiny_engine, monkeypatch):
+    import inferlab.runner as runner_mod
+    ref = make_tiny_engine()
+    ref.add_request("good", {"prompt_token_ids": [600] * 7}, SamplingParams(temperature=0, max_tokens=6))
+    expected = drain(ref)["good"]
+
+    real_sample = runner_mod.sample
+
+    def sample(logits, reqs, eos):  # a fault that only this one request triggers
+        if any(r.request_id == "poison" for r in reqs):
+            raise RuntimeError("boom")
+        return real_sample(logits, reqs, eos)
+
+    monkeypatch.setattr(runner_mod, "sample", sample)
+    engine = make_tiny_engine()
+    engine.add_request("good", {"prompt_token_ids": [600] * 7}, SamplingParams(temperature=0, max_tokens=6))
+    engine.add_request("poison", {"prompt_token_ids": [700] * 5}, SamplingParams(max_tokens=6))
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        engine.check_integrity()
+    assert finals["poison"].outputs[0].finish_reason == "error" and "boom" in finals["poison"].error
+    assert finals["good"].outputs[0].token_ids == expected and finals["good"].error is None
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

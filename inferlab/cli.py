@@ -112,6 +112,11 @@ def cmd_chat(a: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    from inferlab.server.serve import serve
+    serve(engine_config(a), a.host, a.port, a.served_model_name)
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     from inferlab.bench import load_workload, run_bench
     from inferlab.llm import LLM
@@ -136,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(c, temperature=0.7)
     add_engine_args(c)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="model id clients use (default: from the file name)")
+    add_engine_args(s)
+    s.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="offline throughput on a reference workload; last line is JSON")
     b.add_argument("--workload", default="cpu", help="small, cpu, nano or a JSON file")
     b.add_argument("--no-progress", action="store_true")

@@ -79,6 +79,7 @@ class LLMEngine:
         self.logprobs: dict[str, list[dict[int, float]]] = {}
         self.num_prompt_tokens = 0  # prefill tokens computed (cache hits excluded)
         self.num_generation_tokens = 0
+        self.last_step_tokens = 0  # tokens the last step computed (prefill + decode)
         log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s)", num_blocks,
                  config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                  str(self.dtype).removeprefix("torch."), self.device)
@@ -140,13 +141,16 @@ class LLMEngine:
         self.scheduler.add_request(req)
         return req
 
-    def abort_request(self, request_id: str) -> bool:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; returns its final output (finish_reason "abort"),
+        or None if no such request is live."""
         req = self.requests.get(request_id)
         if req is None:
-            return False
+            return None
         self.scheduler.finish_request(req, RequestStatus.FINISHED_ABORTED)
+        out = self._make_output(req, [])
         self._forget(req)
-        return True
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -154,6 +158,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every request that produced a token."""
         out = self.scheduler.schedule()
+        self.last_step_tokens = out.num_tokens
         if not out.scheduled:
             return []
         results, failed = self._execute(out.scheduled)
@@ -251,7 +256,8 @@ class LLMEngine:
 
     def snapshot(self) -> dict:
         snap = self.scheduler.snapshot()
-        snap.update(num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens)
+        snap.update(num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
+                    last_step_tokens=self.last_step_tokens)
         return snap
 
     def config_dict(self) -> dict:

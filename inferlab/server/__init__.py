@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: one engine loop shared by every connection."""

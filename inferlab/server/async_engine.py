@@ -1,0 +1,146 @@
+"""AsyncEngine: one thread owns the LLMEngine and steps it; asyncio code talks to it by message.
+
+Only the engine thread touches the engine. HTTP handlers submit operations (add, abort), which
+run between two steps; outputs travel back to each request's asyncio queue. So requests from
+every connection join the same running batch (continuous batching across clients), and a
+handler never blocks the event loop while a step runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from inferlab.engine import LLMEngine
+from inferlab.outputs import RequestOutput
+from inferlab.sampling_params import SamplingParams
+from inferlab.server.metrics import EngineMetrics
+
+log = logging.getLogger("inferlab")
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.metrics = EngineMetrics()
+        self._ops: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.snapshot: dict = engine.snapshot()  # refreshed by the engine thread after every step
+        self._thread = threading.Thread(target=self._loop, name="inferlab-engine", daemon=True)
+        self._stopped = False
+        self._thread.start()
+
+    # -- the engine thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            try:  # block for work only when the engine is idle
+                item = self._ops.get(block=not busy, timeout=None)
+            except queue.Empty:
+                item = ()
+            while item != ():
+                if item is None:
+                    return
+                fn, fut = item
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except Exception as e:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(e)
+                try:
+                    item = self._ops.get_nowait()
+                except queue.Empty:
+                    item = ()
+            if self.engine.has_unfinished_requests():
+                self._step()
+            self.snapshot = self.engine.snapshot()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:  # noqa: BLE001 - the engine isolates request faults; this is a last resort
+            log.exception("engine step failed")
+            return
+        now = time.monotonic()
+        for out in outputs:
+            self.metrics.observe(out, now)
+            self._deliver(out)
+        self.metrics.observe_step(self.engine.last_step_tokens)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if out.finished:
+            self._streams.pop(out.request_id, None)
+        if stream is not None:
+            loop, q = stream
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, out)
+            except RuntimeError:  # the event loop is already closed: nobody is listening
+                pass
+
+    def _call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._ops.put((fn, fut))
+        return fut
+
+    # -- the asyncio side ---------------------------------------------------------------------
+    async def add(self, request_id: str, prompt: Any, params: SamplingParams,
+                  priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Add a request (raises ValueError at once if it is refused) and return the stream of
+        its outputs. If the consumer stops early (a client went away), the request is aborted
+        and its KV blocks are freed."""
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        try:
+            await asyncio.wrap_future(self._call(
+                lambda: self.engine.add_request(request_id, prompt, params, priority)))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return self._stream(request_id, q)
+
+    async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out: RequestOutput = await q.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """The consumer is gone: drop its stream and free the request's blocks. A no-op for a
+        request that has already finished."""
+        self._streams.pop(request_id, None)
+        self._call(lambda: self._abort_now(request_id))
+
+    def _abort_now(self, request_id: str) -> None:  # on the engine thread
+        out = self.engine.abort_request(request_id)
+        if out is not None:
+            self.metrics.observe(out, time.monotonic())
+            self._deliver(out)
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between steps (e.g. to read or reset engine state)."""
+        return await asyncio.wrap_future(self._call(fn))
+
+    def shutdown(self) -> None:
+        """Abort whatever is still running and stop the engine thread."""
+        if self._stopped:
+            return
+        self._stopped = True
+
+        def abort_all() -> None:  # each waiting consumer gets a final "abort" output
+            for rid in list(self._streams):
+                self._abort_now(rid)
+
+        self._call(abort_all)
+        self._ops.put(None)
+        self._thread.join(timeout=10)

@@ -1,0 +1,63 @@
+"""Engine outputs -> OpenAI response bodies and stream chunks (completions and chat)."""
+from __future__ import annotations
+
+import json
+
+from inferlab.model.tokenizer import Tokenizer
+from inferlab.outputs import RequestOutput
+
+
+def finish_reason(out: RequestOutput) -> str | None:
+    return out.outputs[0].finish_reason if out.finished else None
+
+
+def usage(finals: list[RequestOutput], n: int) -> dict:
+    """Prompt tokens count once per prompt (the first of its n choices), completions for all."""
+    firsts = finals[::n]
+    prompt = sum(len(o.prompt_token_ids) for o in firsts)
+    completion = sum(len(o.outputs[0].token_ids) for o in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in firsts)}}
+
+
+def _token_text(tok: Tokenizer, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def new_logprobs(out: RequestOutput, count: int) -> list[tuple[int, dict[int, float]]]:
+    """(sampled token, {token: logprob}) for the last `count` tokens of `out`."""
+    c = out.outputs[0]
+    if c.logprobs is None or count == 0:
+        return []
+    ids = c.token_ids[len(c.token_ids) - count:]
+    return list(zip(ids, c.logprobs[len(c.logprobs) - count:]))
+
+
+def completion_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float]]], top_n: int,
+                        offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for token_id, lps in entries:
+        text = _token_text(tok, token_id)
+        tokens.append(text)
+        token_lps.append(lps[token_id])
+        best = sorted(lps.items(), key=lambda kv: -kv[1])[:top_n]
+        tops.append({_token_text(tok, t): lp for t, lp in best})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float]]], top_n: int) -> dict:
+    def item(token_id: int, lp: float) -> dict:
+        text = _token_text(tok, token_id)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    content = []
+    for token_id, lps in entries:
+        best = sorted(lps.items(), key=lambda kv: -kv[1])[:top_n]
+        content.append({**item(token_id, lps[token_id]), "top_logprobs": [item(t, lp) for t, lp in best]})
+    return {"content": content}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 
+from inferlab import bench_serve
 from inferlab.config import EngineConfig
 
 
@@ -147,11 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: from the file name)")
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)
-    b = sub.add_parser("bench", help="offline throughput on a reference workload; last line is JSON")
+    b = sub.add_parser("bench", help="offline throughput on a reference workload, or `bench serve` to load a "
+                       "running server; last line is JSON",
+                       description="Offline throughput of the engine on a reference workload; `inferlab bench serve "
+                                   "--help` for the load generator against a running server.")
     b.add_argument("--workload", default="cpu", help="small, cpu, nano or a JSON file")
     b.add_argument("--no-progress", action="store_true")
     add_engine_args(b)
     b.set_defaults(func=cmd_bench)
+    modes = b.add_subparsers(dest="mode", title="modes (default: the offline benchmark)", metavar="[serve]")
+    bs = modes.add_parser("serve", help="latency and throughput of a running server under a bounded load")
+    bench_serve.add_args(bs)
+    bs.set_defaults(func=bench_serve.main)
     return parser
 
 

@@ -11,7 +11,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import torch
 
@@ -33,7 +32,8 @@ log = logging.getLogger("inferlab")
 PromptType = str | list[int] | dict
 
 
-def default_kv_cache_memory(device: torch.device, model_bytes: int) -> int:
+def default_kv_cache_memory(device: torch.device) -> int:
+    """80% of free GPU memory (the weights are loaded already), or 20% of RAM up to 4 GiB."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.8)
@@ -63,8 +63,7 @@ class LLMEngine:
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
-            model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            budget = config.kv_cache_memory or default_kv_cache_memory(self.device, model_bytes)
+            budget = config.kv_cache_memory or default_kv_cache_memory(self.device)
             num_blocks = budget // per_block
             if num_blocks < 1:
                 raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
@@ -259,6 +258,3 @@ class LLMEngine:
         snap.update(num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
                     last_step_tokens=self.last_step_tokens)
         return snap
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)

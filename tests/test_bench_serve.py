@@ -1,0 +1,114 @@
+"""`inferlab bench serve` against an in-process server on 127.0.0.1: bounded, streaming, measured."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from inferlab.bench_serve import arrival_times, percentile
+from inferlab.config import EngineConfig
+from inferlab.engine import LLMEngine
+from inferlab.server.app import build_app
+from inferlab.server.async_engine import AsyncEngine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_TOKENS = [8, 5, 8, 6, 8, 7]  # one per request of the workload file
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(smol):
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=256), loaded=smol))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, "SmolLM2-135M-Instruct"), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the test server did not start"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workload_file(tmp_path_factory) -> str:
+    rng = random.Random(1)
+    reqs = [{"prompt_token_ids": [rng.randint(100, 10000) for _ in range(30)], "max_tokens": m} for m in MAX_TOKENS]
+    path = tmp_path_factory.mktemp("bench") / "workload.json"
+    path.write_text(json.dumps({"name": "tiny", "requests": reqs}))
+    return str(path)
+
+
+def bench_serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inferlab.cli", "bench", "serve", *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def check(r: subprocess.CompletedProcess, n: int, output_tokens: int) -> dict:
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "Serving Benchmark Result" in r.stdout and "P99 TTFT (ms):" in r.stdout
+    assert (s["completed"], s["failed"]) == (n, 0), r.stdout
+    assert s["output_tokens"] == output_tokens  # ignore_eos: every request runs to its max_tokens
+    assert s["prompt_tokens"] == 30 * n
+    assert s["req_s"] > 0 and s["output_tok_s"] > 0 and s["total_tok_s"] > s["output_tok_s"]
+    for m in ("ttft", "tpot", "itl", "e2e"):
+        assert 0 < s[f"{m}_ms_p50"] <= s[f"{m}_ms_p90"] <= s[f"{m}_ms_p99"], m
+        assert s[f"{m}_ms_mean"] > 0
+    assert s["ttft_ms_p50"] <= s["e2e_ms_p50"]
+    return s
+
+
+def test_all_at_once_cycles_the_workload(base_url, workload_file):
+    r = bench_serve("--base-url", base_url, "--workload", workload_file, "--num-requests", "8",
+                    "--max-concurrency", "4")
+    s = check(r, 8, sum(MAX_TOKENS) + MAX_TOKENS[0] + MAX_TOKENS[1])  # 8 requests: the 6, then the first 2
+    assert s["model"] == "SmolLM2-135M-Instruct" and s["request_rate"] == "inf"
+
+
+def test_finite_rate_spreads_the_arrivals(base_url, workload_file):
+    n, rate = 6, 10.0
+    r = bench_serve("--base-url", base_url, "--workload", workload_file, "--num-requests", str(n),
+                    "--request-rate", str(rate))
+    s = check(r, n, sum(MAX_TOKENS))
+    last_send = arrival_times(n, rate, 0)[-1]  # the default seed
+    assert last_send > 0.5 * (n - 1) / rate  # this seed draws a typical spread, not a degenerate one
+    assert s["duration_s"] >= last_send  # the last request left no earlier than its arrival time
+
+
+def test_no_server_is_one_clear_line():
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = bench_serve("--base-url", f"http://127.0.0.1:{port}", "--workload", "chat", "--num-requests", "2")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the server at"), r.stderr
+
+
+def test_arrivals_are_a_seeded_poisson_process():
+    times = arrival_times(4001, 10.0, 0)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0 and min(gaps) >= 0
+    assert abs(sum(gaps) / len(gaps) - 0.1) < 0.01  # mean gap 1/rate
+    assert arrival_times(5, 10.0, 0) == times[:5] and arrival_times(5, 10.0, 1) != times[:5]
+    assert arrival_times(3, float("inf"), 0) == [0.0, 0.0, 0.0]
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5 and percentile([7.0], 99) == 7.0

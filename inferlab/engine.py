@@ -230,11 +230,12 @@ class LLMEngine:
         if finished and not isinstance(req.stop_reason, str):  # a stop string already cut the text
             detok.flush_pending()
         delta = detok.pop_delta(finished)
-        lps = self.logprobs.get(req.request_id)
+        lps = self.logprobs.get(req.request_id)  # copied below: outputs may be read on another thread
         completion = CompletionOutput(
             index=0, text=detok.text[:detok.sent], token_ids=req.output_token_ids,
             finish_reason=req.status.value if finished else None, stop_reason=req.stop_reason,
-            logprobs=lps, cumulative_logprob=None if lps is None else self._cumulative(req, lps),
+            logprobs=None if lps is None else list(lps),
+            cumulative_logprob=None if lps is None else self._cumulative(req, lps),
             new_token_ids=new_ids, new_text=delta)
         metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
                                  self.clock() if finished else None)

@@ -75,7 +75,8 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
         dev = logits.device
         temps = torch.tensor([reqs[i].params.temperature for i in sampled_rows], device=dev)
         sub = sub / temps[:, None]
-        top_k = torch.tensor([reqs[i].params.top_k for i in sampled_rows], device=dev)
+        vocab = logits.shape[-1]  # a top_k past the vocabulary means "all": clamp before it overflows int64
+        top_k = torch.tensor([min(reqs[i].params.top_k, vocab) for i in sampled_rows], device=dev)
         top_p = torch.tensor([reqs[i].params.top_p for i in sampled_rows], device=dev)
         min_p = torch.tensor([reqs[i].params.min_p for i in sampled_rows], device=dev)
         if bool((top_k > 0).any() or (top_p < 1).any() or (min_p > 0).any()):

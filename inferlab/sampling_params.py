@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """Per-request decoding settings; validated on construction with one-line `ValueError`s.
 
-    temperature 0 means greedy. `seed` gives the request its own random stream, so the same
+    temperature 0 (or below 1e-5) means greedy. `seed` gives the request its own random stream, so the same
     seed yields the same text whatever else shares the batch.
     """
 
@@ -67,7 +67,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing logits by the temperature overflows float32; the limit is greedy.
+        return self.temperature < 1e-5
 
     @property
     def has_penalties(self) -> bool:

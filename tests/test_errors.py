@@ -149,3 +149,10 @@ def test_a_request_that_breaks_the_engine_fails_alone(make_tiny_engine, monkeypa
     assert finals["poison"].outputs[0].finish_reason == "error" and "boom" in finals["poison"].error
     assert finals["good"].outputs[0].token_ids == expected and finals["good"].error is None
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_lone_surrogate_prompt_is_a_clear_error(make_tiny_engine):
+    engine = make_tiny_engine()
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        engine.add_request("s", "bad \ud800 text", SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished_requests()

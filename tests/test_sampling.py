@@ -398,3 +398,11 @@ def test_sampling_params_rejects_bad_values(kwargs, field):
 def test_sampling_params_accepts_edges():
     SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=1.0, max_tokens=1, logprobs=20, stop=["a"])
     assert SamplingParams(top_k=-1).top_k == 0
+
+
+def test_huge_top_k_means_all_tokens(llm):
+    """top_k past the vocabulary (even past int64) keeps everything instead of overflowing."""
+    p = {"prompt_token_ids": [504, 3575, 282, 4649, 314]}
+    big = llm.generate(p, SamplingParams(temperature=0.9, top_k=2**70, seed=5, max_tokens=6), use_tqdm=False)[0]
+    off = llm.generate(p, SamplingParams(temperature=0.9, seed=5, max_tokens=6), use_tqdm=False)[0]
+    assert big.outputs[0].token_ids == off.outputs[0].token_ids

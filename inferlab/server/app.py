@@ -138,7 +138,9 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             while not all(t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=0.5)
                 if await raw.is_disconnected():
-                    raise asyncio.CancelledError
+                    # Nobody reads this answer; an ordinary error response (nginx's 499) keeps
+                    # uvicorn from logging a disconnect as "Exception in ASGI application".
+                    raise APIError(499, "the client closed the connection")
             return [t.result() for t in tasks]
         finally:
             for t in tasks:
@@ -175,6 +177,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
         check_common(req)
+        if req.echo:  # ignoring it would silently return other text than the client asked for
+            raise APIError(400, "echo is not supported")
         try:
             prompts = [engine_prompt(p) for p in req.prompts()]
         except ValueError as e:
@@ -220,10 +224,10 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         check_common(req)
         try:
             text = tok.apply_chat_template(req.template_messages(), req.add_generation_prompt)
+            prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
             num_logprobs = req.num_logprobs()
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         base, rids, streams = await start(req, [prompt], max_tokens, num_logprobs)
         head = {"id": f"chatcmpl-{base}", "created": int(time.time()), "model": model_name}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr
 
 from inferlab.sampling_params import SamplingParams
 
 Float = Annotated[float, Strict()]
-TokenIds = list[StrictInt]
+# JSON integers are unbounded; past int64 torch overflows deep inside a step (top_k, seed)
+Int = Annotated[int, Strict(), Field(ge=-2**63, le=2**63 - 1)]
+TokenIds = list[Int]
 
 
 class StreamOptions(BaseModel):
@@ -24,24 +26,24 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = None
+    max_tokens: Int | None = None
     temperature: Float | None = None
     top_p: Float | None = None
-    top_k: StrictInt | None = None
+    top_k: Int | None = None
     min_p: Float | None = None
-    n: StrictInt = 1
-    seed: StrictInt | None = None
+    n: Int = 1
+    seed: Int | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[Int] | None = None
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
     repetition_penalty: Float | None = None
-    min_tokens: StrictInt = 0
+    min_tokens: Int = 0
     ignore_eos: StrictBool = False
     include_stop_str_in_output: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    priority: StrictInt = 0
+    priority: Int = 0
     user: StrictStr | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -49,7 +51,9 @@ class SamplingFields(BaseModel):
             max_tokens=max_tokens, min_tokens=self.min_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0, presence_penalty=self.presence_penalty or 0.0,
+            # `is None`, not `or`: a 0 sent is refused by SamplingParams, not turned into the default
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output)
@@ -61,8 +65,8 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
-    max_tokens: StrictInt | None = 16  # OpenAI's default for completions
-    logprobs: StrictInt | None = None
+    max_tokens: Int | None = 16  # OpenAI's default for completions
+    logprobs: Int | None = None
     echo: StrictBool = False
 
     def prompts(self) -> list[str | dict]:
@@ -97,9 +101,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Int | None = None
     add_generation_prompt: StrictBool = True
 
     def template_messages(self) -> list[dict]:

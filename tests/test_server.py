@@ -1,0 +1,640 @@
+"""The OpenAI-compatible server end to end: the official client, greedy parity with the offline
+API, concurrency and batching, disconnects, failures that stay with their request, bad input,
+and a clean shutdown on SIGTERM / SIGINT.
+
+An in-process server (uvicorn in a thread) shares the session's model weights, so it starts in
+well under a second; only the shutdown tests start `inferlab serve` as a real process.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from inferlab import LLM, SamplingParams
+from inferlab.config import EngineConfig
+from inferlab.engine import LLMEngine
+from inferlab.server.app import build_app
+from inferlab.server.async_engine import AsyncEngine
+
+MODEL = "SmolLM2-135M-Instruct"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNING, WAITING, KV = "inferlab:num_requests_running", "inferlab:num_requests_waiting", "inferlab:kv_cache_usage_perc"
+MAX_TOKENS = 16
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are"]
+QUESTIONS = ["What is the capital of France?", "List three prime numbers.", "hi"]
+
+
+def finished_count(m: dict[str, float], reason: str) -> float:
+    return m[f'inferlab:request_success_total{{finished_reason="{reason}",model_name="{MODEL}"}}']
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+class ErrorLog(logging.Handler):
+    """Collects what uvicorn logs at ERROR (e.g. "Exception in ASGI application")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@dataclass
+class Server:
+    url: str
+    engine: AsyncEngine
+    errors: ErrorLog
+
+    def metrics(self) -> dict[str, float]:
+        r = httpx.get(f"{self.url}/metrics", timeout=10)
+        assert r.status_code == 200
+        return parse_metrics(r.text)
+
+    def wait_for(self, check: Callable[[dict], bool], what: str, timeout: float = 5.0) -> dict[str, float]:
+        """Poll /metrics (the engine refreshes them after each step) until `check` holds."""
+        deadline = time.monotonic() + timeout
+        while not check(m := self.metrics()):
+            assert time.monotonic() < deadline, f"{what} after {timeout}s: running {m[RUNNING]}, " \
+                                                f"waiting {m[WAITING]}, kv {m[KV]}"
+            time.sleep(0.05)
+        return m
+
+    def wait_idle(self, check: Callable[[dict], bool] = lambda m: True) -> dict[str, float]:
+        """Until nothing runs, waits or holds a KV block (and `check` holds)."""
+        return self.wait_for(lambda m: m[RUNNING] == 0 and m[WAITING] == 0 and m[KV] == 0.0 and check(m),
+                             "server not idle")
+
+    def check_engine(self) -> None:
+        """The engine's own invariants, checked on its thread between steps; every block free."""
+        def check() -> tuple[int, int]:
+            self.engine.engine.check_integrity()
+            bm = self.engine.engine.block_manager
+            return bm.num_free_blocks, bm.num_blocks
+        free, total = asyncio.run(self.engine.run(check))
+        assert free == total
+
+
+@contextmanager
+def running_server(smol, **config) -> Iterator[Server]:
+    config.setdefault("num_kv_blocks", 512)
+    engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=smol))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound before the server starts: no free-port race
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    errors = ErrorLog()
+    logging.getLogger("uvicorn.error").addHandler(errors)  # after Config, which sets logging up
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+            time.sleep(0.02)
+        assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
+        yield Server(url, engine, errors)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(errors)
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(smol):
+    with running_server(smol) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(smol):
+    """Greedy reference outputs from the offline API: prompt -> RequestOutput."""
+    llm = LLM(loaded=smol, num_kv_blocks=512)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    chats = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS], params, use_tqdm=False)
+    return {"llm": llm, **dict(zip(PROMPTS, outs)), **dict(zip(QUESTIONS, chats))}
+
+
+def text_and_reason(out) -> tuple[str, str]:
+    return out.outputs[0].text, out.outputs[0].finish_reason
+
+
+def sse_data(lines: Iterator[str]) -> list[dict | str]:
+    return [json.loads(x[6:]) if x[6:] != "[DONE]" else "[DONE]" for x in lines if x.startswith("data: ")]
+
+
+# -- 1. the official client ---------------------------------------------------------------------
+def test_models_list_shows_the_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_completion_equals_offline(client, offline, prompt):
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+    ref = offline[prompt]
+    assert (r.choices[0].text, r.choices[0].finish_reason) == text_and_reason(ref)
+    u = r.usage
+    assert u.prompt_tokens == len(ref.prompt_token_ids) and u.completion_tokens == len(ref.outputs[0].token_ids)
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.prompt_tokens_details.cached_tokens >= 0
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_greedy_chat_equals_offline(client, offline, question):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                       max_tokens=MAX_TOKENS, temperature=0)
+    ref = offline[question]
+    assert r.choices[0].message.role == "assistant"
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == text_and_reason(ref)
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_streamed_completion_equals_offline_and_ends_with_usage(client, offline):
+    prompt = PROMPTS[0]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    ref = offline[prompt]
+    body, last = chunks[:-1], chunks[-1]
+    assert all(c.usage is None for c in body)
+    assert "".join(c.choices[0].text for c in body) == ref.outputs[0].text
+    assert body[-1].choices[0].finish_reason == ref.outputs[0].finish_reason
+    assert last.choices == [] and last.usage.completion_tokens == len(ref.outputs[0].token_ids)
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+
+
+def test_streamed_chat_equals_offline_and_ends_with_usage(client, offline):
+    question = QUESTIONS[0]
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    ref = offline[question]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    body, last = chunks[:-1], chunks[-1]
+    assert "".join(c.choices[0].delta.content or "" for c in body) == ref.outputs[0].text
+    assert body[-1].choices[0].finish_reason == ref.outputs[0].finish_reason
+    assert last.choices == [] and last.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(client):
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4, temperature=0,
+                                            stream=True))
+    assert chunks and all(c.usage is None and len(c.choices) == 1 for c in chunks)
+
+
+def test_second_identical_prompt_hits_the_prefix_cache(client):
+    prompt = "A unique prompt for the cache test: " + " ".join(f"w{i}" for i in range(30))
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= 16  # at least one full block
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    assert second.choices[0].text == first.choices[0].text
+
+
+def test_n_with_seed_gives_n_reproducible_choices(client):
+    kw = dict(model=MODEL, prompt=PROMPTS[2], max_tokens=8, temperature=1.0, n=2, seed=7)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens  # counted once, not per choice
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=8, n=2, seed=7)
+    assert [c.index for c in chat.choices] == [0, 1]
+
+
+def test_completion_logprobs_shape(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert n == 6 and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    for token, token_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 2 and token_lp <= 0
+        assert top[token] == pytest.approx(max(top.values()))  # greedy: the sampled token is the best
+
+
+def test_chat_logprobs_shape(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 2 and item.logprob <= 0
+        assert item.top_logprobs[0].token == item.token and item.top_logprobs[0].logprob == item.logprob
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+        assert bytes(item.bytes).decode() == item.token
+    streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+                                              stream=True)
+    tokens = [x.token for c in streamed if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.content]
+    assert tokens == [x.token for x in content]
+
+
+def test_stop_string_cuts_the_text(client, offline):
+    prompt = PROMPTS[0]
+    full = offline[prompt].outputs[0].text
+    stop = full.split()[2]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[:full.index(stop)]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full[:full.index(stop)]
+
+
+def test_tiny_temperature_acts_as_greedy(client, offline):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=1e-300)
+    assert r.choices[0].text == offline[PROMPTS[0]].outputs[0].text
+
+
+def test_priority_is_accepted_in_extra_body(client, offline):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0,
+                                  extra_body={"priority": -3})
+    assert r.choices[0].text == offline[PROMPTS[1]].outputs[0].text
+
+
+def test_token_id_prompts(client, offline):
+    tok = offline["llm"].get_tokenizer()
+    ids = [tok.encode(p) for p in PROMPTS[:2]]
+    one = client.completions.create(model=MODEL, prompt=ids[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert one.choices[0].text == offline[PROMPTS[0]].outputs[0].text
+    two = client.completions.create(model=MODEL, prompt=ids, max_tokens=MAX_TOKENS, temperature=0)
+    assert [c.text for c in two.choices] == [offline[p].outputs[0].text for p in PROMPTS[:2]]
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.usage.prompt_tokens == len(ids[0]) + len(ids[1])
+    texts = client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=MAX_TOKENS, temperature=0)
+    assert [c.text for c in texts.choices] == [c.text for c in two.choices]
+
+
+# -- 2. many concurrent clients share the running batch ---------------------------------------
+def test_64_concurrent_streaming_clients_are_batched(server, offline):
+    async def one(c: httpx.AsyncClient, prompt: str) -> tuple[str, str | None]:
+        text, reason = "", None
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    reason = choice["finish_reason"] or reason
+        return text, reason
+
+    async def main() -> tuple[list, list[float]]:
+        limits = httpx.Limits(max_connections=80, max_keepalive_connections=80)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
+            done, running = asyncio.Event(), []
+
+            async def poll() -> None:
+                for _ in range(2000):  # bounded: ~100 s at most
+                    if done.is_set():
+                        return
+                    running.append(parse_metrics((await c.get("/metrics")).text)[RUNNING])
+                    await asyncio.sleep(0.05)
+
+            poller = asyncio.create_task(poll())
+            try:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(one(c, PROMPTS[i % len(PROMPTS)]) for i in range(64))), 120)
+            finally:
+                done.set()
+                await poller
+        return results, running
+
+    steps_before = server.metrics()["inferlab:iteration_tokens_total_count"]
+    results, running = asyncio.run(main())
+    for i, got in enumerate(results):
+        assert got == text_and_reason(offline[PROMPTS[i % len(PROMPTS)]]), i
+    assert max(running) > 1, running
+    m = server.wait_idle()
+    # 64 x 16 tokens took far fewer steps than one request at a time would (1024 + prefills)
+    assert m["inferlab:iteration_tokens_total_count"] - steps_before < 64 * MAX_TOKENS / 2
+    server.check_engine()
+
+
+# -- 3. a client that goes away has its request aborted ---------------------------------------
+CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
+LONG = {"model": MODEL, "prompt": "Count forever:", "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+
+
+def next_events(lines: Iterator[str], count: int) -> list[str]:
+    """The next `count` data lines of a stream. Hold on to `lines`: an httpx line iterator that
+    is dropped half-read closes its connection."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            events.append(line)
+            if len(events) == count:
+                break
+    return events
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
+    before = server.wait_idle()
+    logged = len(server.errors.records)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert len(next_events(lines, 3)) == 3
+            m = server.metrics()
+            assert m[RUNNING] == 1 and m[KV] > 0
+    server.wait_idle(check=lambda m: finished_count(m, "abort") == finished_count(before, "abort") + 1)
+    server.check_engine()
+    assert server.errors.records[logged:] == []
+
+
+@pytest.mark.parametrize("path, body, n", [
+    (CMPL, LONG, 1),
+    (CHAT, {**LONG, "prompt": None, "messages": [{"role": "user", "content": "Count forever."}], "n": 2}, 2)],
+    ids=["completion", "chat-n2"])
+def test_non_streaming_client_timeout_aborts_and_frees_blocks(server, path, body, n):
+    before = server.wait_idle()
+    logged = len(server.errors.records)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}{path}", json=body, timeout=httpx.Timeout(30, read=1.5))
+    # the handler checks is_disconnected every 0.5 s
+    server.wait_idle(check=lambda m: finished_count(m, "abort") == finished_count(before, "abort") + n)
+    server.check_engine()
+    assert server.errors.records[logged:] == []  # a client going away is not a server error
+
+
+def test_disconnect_of_one_choice_group_aborts_all_n(server):
+    before = server.wait_idle()
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True, "n": 3, "temperature": 1}) as r:
+            lines = r.iter_lines()
+            assert len(next_events(lines, 6)) == 6
+            assert server.metrics()[RUNNING] == 3
+    server.wait_idle(check=lambda m: finished_count(m, "abort") == finished_count(before, "abort") + 3)
+
+
+def test_disconnect_while_waiting_aborts_only_that_request(smol):
+    with running_server(smol, num_kv_blocks=256, max_num_seqs=1) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as c:
+        with c.stream("POST", CMPL, json={**LONG, "stream": True}) as running:
+            lines = running.iter_lines()
+            assert next_events(lines, 1)
+            with c.stream("POST", CMPL, json={**LONG, "stream": True}) as waiting:
+                assert waiting.status_code == 200
+                server.wait_for(lambda m: (m[RUNNING], m[WAITING]) == (1, 1), "the second request is not waiting")
+            m = server.wait_for(lambda m: m[WAITING] == 0, "the waiting request was not aborted")
+            assert m[RUNNING] == 1 and finished_count(m, "abort") == 1
+            assert len(next_events(lines, 3)) == 3  # the running one still streams
+        server.wait_idle(check=lambda m: finished_count(m, "abort") == 2)
+        server.check_engine()
+
+
+# -- 5. bad input is a 4xx with an OpenAI-style error --------------------------------------------
+USER = [{"role": "user", "content": "hi"}]
+BAD = [
+    (CMPL, "{not json", 400, "not valid JSON"),
+    (CHAT, '{"messages": [', 400, "not valid JSON"),
+    (CMPL, [1, 2], 400, "dictionary"),
+    (CMPL, {"max_tokens": 4}, 400, "prompt: Field required"),
+    (CMPL, {"prompt": "hi", "max_tokens": "a"}, 400, "max_tokens"),
+    (CMPL, {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    (CHAT, {"messages": "hi"}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    (CMPL, {"prompt": "hi", "stop": 5}, 400, "stop"),
+    (CMPL, {"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    (CMPL, {"prompt": "hi", "temperature": -1}, 400, "temperature must be in [0, 100]"),
+    (CHAT, {"messages": USER, "top_p": 2}, 400, "top_p must be in (0, 1]"),
+    (CMPL, {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens must be an integer >= 1"),
+    (CMPL, {"prompt": "hi", "max_tokens": 10**9}, 400, "maximum context length"),
+    (CHAT, {"messages": USER, "max_completion_tokens": 10**9}, 400, "maximum context length"),
+    (CMPL, {"prompt": "hi", "n": 0}, 400, "n must be between 1 and"),
+    (CHAT, {"messages": USER, "n": 1000}, 400, "n must be between 1 and"),
+    (CMPL, {"prompt": "hi", "logprobs": 50}, 400, "logprobs must be in [0, 20]"),
+    (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 50}, 400, "logprobs must be in [0, 20]"),
+    (CMPL, {"prompt": "hi", "presence_penalty": 9}, 400, "presence_penalty must be in [-2, 2]"),
+    (CMPL, {"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
+    (CMPL, {"prompt": "hi", "stop": ""}, 400, "stop must be a non-empty string"),
+    (CMPL, {"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
+    (CHAT, {"messages": USER, "model": "gpt-4"}, 404, "does not exist"),
+    (CMPL, {"prompt": ""}, 400, "the prompt is empty"),
+    (CMPL, {"prompt": []}, 400, "prompt must not be empty"),
+    (CMPL, {"prompt": [[]]}, 400, "the prompt is empty"),
+    (CMPL, {"prompt": [10**6]}, 400, "outside the vocabulary"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CMPL, {"prompt": [100] * 9000}, 400, "maximum context length"),
+    (CMPL, {"prompt": "hi " * 9000, "max_tokens": 1}, 400, "9001 prompt tokens"),
+    (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    (CMPL, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (CMPL, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty must be in (0, 10]"),
+    (CMPL, {"prompt": "hi", "top_k": 2**63}, 400, "top_k: Input should be less than or equal to"),
+    (CMPL, {"prompt": "hi", "seed": 2**64}, 400, "seed: Input should be less than or equal to"),
+    (CMPL, {"prompt": "\ud800"}, 400, "not valid Unicode"),
+    (CHAT, {"messages": [{"role": "user", "content": "\udfff"}]}, 400, "not valid Unicode"),
+    (CMPL, {"prompt": "hi", "echo": True}, 400, "echo is not supported"),
+    ("/v1/nothing", {"prompt": "hi"}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, message", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_input_is_a_clear_4xx(server, path, body, status, message):
+    content = body if isinstance(body, str) else json.dumps(body)  # ASCII escapes carry the lone surrogates
+    r = httpx.post(f"{server.url}{path}", content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"], err
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_wrong_method_is_405_json(server):
+    r = httpx.get(f"{server.url}/v1/completions", timeout=10)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_bad_input_through_the_official_client(client):
+    with pytest.raises(openai.BadRequestError, match="temperature must be in"):
+        client.completions.create(model=MODEL, prompt="hi", temperature=-1)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=USER)
+
+
+def test_bad_input_leaks_nothing_and_logs_no_server_error(server):
+    server.wait_idle()
+    server.check_engine()
+    assert [r.getMessage() for r in server.errors.records] == []
+
+
+# -- 6. a request that breaks the engine fails alone -------------------------------------------
+def test_a_poisoned_request_fails_alone(server, offline, monkeypatch):
+    import inferlab.runner as runner_mod
+    real_sample = runner_mod.sample
+    batch_sizes: list[int] = []
+
+    def sample(logits, reqs, eos):  # a fault that only a request with seed 666 triggers
+        if any(r.params.seed == 666 for r in reqs):
+            batch_sizes.append(len(reqs))
+            raise RuntimeError("boom")
+        return real_sample(logits, reqs, eos)
+
+    monkeypatch.setattr(runner_mod, "sample", sample)
+    before = server.wait_idle()
+
+    async def post(c: httpx.AsyncClient, body: dict) -> tuple[int, dict | list]:
+        if not body.get("stream"):
+            r = await c.post(CMPL, json=body)
+            return r.status_code, r.json()
+        async with c.stream("POST", CMPL, json=body) as r:
+            return r.status_code, sse_data([line async for line in r.aiter_lines()])
+
+    good = [{"model": MODEL, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": i % 2 == 1}
+            for i, p in enumerate(PROMPTS)]
+    bad = [{"model": MODEL, "prompt": "Poison", "max_tokens": 8, "seed": 666, "stream": s} for s in (False, True)]
+
+    async def main() -> list:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            first = [asyncio.create_task(post(c, b)) for b in good]
+            await asyncio.sleep(0.2)  # let them start, so the poisoned ones join a running batch
+            return await asyncio.wait_for(asyncio.gather(*first, *(post(c, b) for b in bad)), 60)
+
+    results = asyncio.run(main())
+    for body, (status, got) in zip(good, results):
+        assert status == 200
+        if body["stream"]:
+            assert got[-1] == "[DONE]" and not any("error" in e for e in got[:-1])
+            text = "".join(e["choices"][0]["text"] for e in got[:-1])
+            reason = got[-2]["choices"][0]["finish_reason"]
+        else:
+            text, reason = got["choices"][0]["text"], got["choices"][0]["finish_reason"]
+        assert (text, reason) == text_and_reason(offline[body["prompt"]])
+    (status, plain), (stream_status, events) = results[len(good):]
+    assert status == 500 and plain["error"]["type"] == "server_error" and "boom" in plain["error"]["message"]
+    assert stream_status == 200  # headers were sent before the failure: it is reported in the stream
+    errors = [e for e in events if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1 and "boom" in errors[0]["error"]["message"]
+    assert max(batch_sizes) > 1  # the poisoned requests did share a batch with good ones
+    server.wait_idle(check=lambda m: finished_count(m, "error") == finished_count(before, "error") + 2)
+    server.check_engine()
+
+
+# -- 4. a signal stops `inferlab serve` cleanly --------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_serving(port: int) -> list[int]:
+    import psutil
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "inferlab.cli" in cmd and "serve" in cmd and str(port) in cmd:
+            found.append(p.pid)
+    return found
+
+
+@pytest.mark.parametrize("sig, max_tokens", [(signal.SIGTERM, 2000), (signal.SIGINT, 24)],
+                         ids=["SIGTERM-long-request", "SIGINT-short-request"])
+def test_signal_shuts_the_server_down_cleanly(tmp_path, sig, max_tokens):
+    psutil = pytest.importorskip("psutil")
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "inferlab.cli", "serve", "--port", str(port),
+                                 "--num-kv-blocks", "256"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, "the server exited during startup"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start within 90 s"
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+
+        outcome: dict = {}
+
+        def stream() -> None:  # the in-flight request
+            body = {"prompt": "Count forever:", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
+                    "stream": True}
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+                    lines = []
+                    for line in r.iter_lines():
+                        lines.append(line)
+                        if len(lines) == 2:
+                            started.set()
+                    outcome["events"] = sse_data(lines)
+            except httpx.HTTPError as e:
+                outcome["error"] = e
+
+        started = threading.Event()
+        client = threading.Thread(target=stream, daemon=True)
+        client.start()
+        assert started.wait(30), "the in-flight request did not start streaming"
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        proc.wait(timeout=15)
+        took = time.monotonic() - t0
+        client.join(timeout=10)
+        assert not client.is_alive(), "the in-flight client hangs"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log_path.read_text()
+    # uvicorn restores the default handler and re-raises the signal once it has shut down:
+    # SIGTERM then ends the process by that signal; SIGINT raises KeyboardInterrupt, which
+    # `inferlab` turns into the shell's 128 + 2.
+    expected = {signal.SIGTERM: -signal.SIGTERM, signal.SIGINT: 130}[sig]
+    assert proc.returncode in (0, expected), output
+    assert "Traceback" not in output, output
+    assert took < 15
+    events = outcome.get("events")
+    if max_tokens <= 24:  # a short request finishes within the grace period
+        assert events and events[-1] == "[DONE]", outcome
+        assert sum(len(e["choices"]) for e in events[:-1] if isinstance(e, dict)) >= 1
+    else:  # a long one is cut: the stream ends early (closed, or ended without [DONE]), never hangs
+        assert "error" in outcome or (events and events[-1] != "[DONE]") or events == [], outcome
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+    assert _pids_serving(port) == []

@@ -1,0 +1,199 @@
+"""Property-based fuzzing of the HTTP API with random bodies of three kinds:
+
+- valid: every field valid (random values, random subset) -> 200 with well-formed choices;
+- one fault: a valid body with one field made definitely invalid -> a 4xx OpenAI-style error;
+- chaos: any mix of valid and invalid fields, values and types, or no dict at all -> never a 5xx.
+
+Afterwards nothing leaks: no request runs or waits, every KV block is free, and uvicorn logged no
+error.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from test_server import CHAT, CMPL, MODEL, running_server, sse_data
+
+INT64 = (-2**63, 2**63 - 1)
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=6),
+                 st.lists(st.integers(-3, 3), max_size=3),
+                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+# -- valid bodies: max_tokens is always there and tiny (absent would mean "up to the context")
+TEXT = st.text(min_size=1, max_size=30)
+TOKEN_IDS = st.lists(st.integers(0, 49151), min_size=1, max_size=8)  # the vocabulary is 49152
+VALID = {
+    "model": st.just(MODEL),
+    "temperature": st.one_of(st.just(0), st.floats(0, 2)),
+    "top_p": st.floats(0, 1, exclude_min=True),
+    "top_k": st.integers(-1, 100),
+    "min_p": st.floats(0, 1),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "n": st.integers(1, 2),
+    "seed": st.integers(*INT64),
+    "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=3)),
+    "stop_token_ids": st.lists(st.integers(0, INT64[1]), max_size=3),
+    "min_tokens": st.integers(0, 1),
+    "ignore_eos": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "stream": st.booleans(),
+    "priority": st.integers(*INT64),
+    "user": st.text(max_size=5),
+    "some_unknown_field": JUNK,  # unknown fields are ignored, as OpenAI clients send some
+}
+VALID_CMPL = {**VALID, "logprobs": st.one_of(st.none(), st.integers(0, 20)), "echo": st.just(False)}
+PART = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)})
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "developer", "assistant", "tool"])},
+    optional={"content": st.one_of(st.none(), st.text(max_size=30), st.lists(PART, max_size=2)),
+              "name": st.text(max_size=5)})
+VALID_CHAT = {**VALID, "max_completion_tokens": st.one_of(st.none(), st.integers(1, 4)),
+              "logprobs": st.booleans(), "add_generation_prompt": st.booleans()}
+REQUIRED = {
+    CMPL: {"prompt": st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3), TOKEN_IDS,
+                               st.lists(TOKEN_IDS, min_size=1, max_size=3)), "max_tokens": st.integers(1, 4)},
+    CHAT: {"messages": st.lists(MESSAGE, min_size=1, max_size=3), "max_tokens": st.integers(1, 4)},
+}
+
+# -- faults: patches that make a valid body definitely invalid
+NO_MCT = {"max_completion_tokens": None}  # in chat it would stand in for max_tokens
+COMMON_FAULTS = [
+    {"model": "gpt-4"}, {"model": 5},
+    *({"max_tokens": v, **NO_MCT} for v in (0, -1, 10**9, 2**64, "4", 2.5, True, [])),
+    *({"temperature": v} for v in (-0.5, 101, "hot", float("nan"), float("inf"), True)),
+    *({"top_p": v} for v in (0, -0.1, 1.5, float("nan"), "1")),
+    *({"top_k": v} for v in (-2, "5", 1.5, 2**63)),
+    *({"min_p": v} for v in (-0.1, 1.1)),
+    *({k: v} for k in ("presence_penalty", "frequency_penalty") for v in (2.5, -3, "x")),
+    *({"repetition_penalty": v} for v in (0, -1, 11)),
+    *({"n": v} for v in (0, -1, 65, 1000, "2", 1.5)),
+    *({"seed": v} for v in ("s", 1.5, 2**64)),
+    *({"stop": v} for v in ("", [""], 5, [5], {"a": 1})),
+    *({"stop_token_ids": v} for v in ([-1], "x", [1.5], 3)),
+    *({"min_tokens": v} for v in (-1, 10, "1")),
+    *({k: v} for k in ("ignore_eos", "include_stop_str_in_output", "stream") for v in ("yes", 1)),
+    {"stream": False, "stream_options": {"include_usage": True}},
+    {"stream": True, "stream_options": "x"}, {"stream": True, "stream_options": {"include_usage": "x"}},
+    *({"priority": v} for v in ("high", 1.5, 2**64)),
+    {"user": 5},
+]
+FAULTS = {
+    CMPL: [*COMMON_FAULTS,
+           *({"prompt": v} for v in ("", [], [[]], [-1], [60000], [[1], [-1]], 5, None, "\ud800", ["a", "\udfff"],
+                                      [1, "a"], {"text": "hi"})),
+           *({"logprobs": v} for v in (21, -1, "2", True)), {"echo": True}],
+    CHAT: [*COMMON_FAULTS,
+           *({"messages": v} for v in ([], "hi", None, [{"role": "bot", "content": "x"}], [{"content": "x"}],
+                                       [{"role": "user", "content": 5}], [{"role": "user", "content": "\ud800"}],
+                                       [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}],
+                                       ["hi"])),
+           {"logprobs": "yes"}, {"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1},
+           {"logprobs": False, "top_logprobs": 2},
+           *({"max_completion_tokens": v} for v in (0, 10**9, "a")), {"add_generation_prompt": "yes"}],
+}
+
+# -- chaos: anything in any field
+def loose(valid: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(valid, JUNK)
+
+
+CHAOS = {
+    CMPL: st.fixed_dictionaries(
+        {"prompt": loose(REQUIRED[CMPL]["prompt"]), "max_tokens": st.sampled_from([1, 2, 0, -1, 10**9, "4"])},
+        optional={k: loose(v) for k, v in VALID_CMPL.items()}),
+    CHAT: st.fixed_dictionaries(
+        {"messages": loose(REQUIRED[CHAT]["messages"]), "max_tokens": st.sampled_from([1, 2, 0, -1, 10**9, "4"])},
+        optional={**{k: loose(v) for k, v in VALID_CHAT.items()}, "max_completion_tokens": st.sampled_from([None, 1])}),
+}
+
+
+@st.composite
+def requests(draw) -> tuple[str, object, str]:
+    """(path, body, what to expect: "ok", "4xx" or "no 5xx")."""
+    path = draw(st.sampled_from([CMPL, CHAT]))
+    kind = draw(st.sampled_from(["ok", "4xx", "no 5xx"]))
+    if kind == "no 5xx":
+        body = draw(st.one_of(CHAOS[path], CHAOS[CHAT if path == CMPL else CMPL], JUNK))
+        return path, body, kind
+    body = draw(st.fixed_dictionaries(REQUIRED[path], optional=VALID_CMPL if path == CMPL else VALID_CHAT))
+    if body.get("stream") and draw(st.booleans()):
+        body["stream_options"] = {"include_usage": draw(st.booleans())}
+    if body.get("logprobs") is True and draw(st.booleans()):
+        body["top_logprobs"] = draw(st.integers(0, 20))
+    if kind == "4xx":
+        body.update(draw(st.sampled_from(FAULTS[path])))
+    return path, body, kind
+
+
+@pytest.fixture(scope="module")
+def server(smol):
+    with running_server(smol, num_kv_blocks=256) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def num_choices(path: str, body: dict) -> int:
+    prompt = body.get("prompt")
+    prompts = 1 if path == CHAT or isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
+    return prompts * body.get("n", 1)
+
+
+def check_ok(r: httpx.Response, path: str, body: dict) -> None:
+    assert r.status_code == 200, r.text
+    n = num_choices(path, body)
+    if not body.get("stream"):
+        answer = r.json()
+        assert [c["index"] for c in answer["choices"]] == list(range(n))
+        assert all(c["finish_reason"] in ("stop", "length") for c in answer["choices"])
+        u = answer["usage"]
+        assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
+        return
+    events = sse_data(r.text.splitlines())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert not any("error" in e for e in chunks), chunks
+    if (body.get("stream_options") or {}).get("include_usage"):
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 0
+        chunks = chunks[:-1]
+    finished = [c["index"] for e in chunks for c in e["choices"] if c["finish_reason"]]
+    assert sorted(finished) == list(range(n))  # each choice finishes exactly once
+
+
+@settings(max_examples=int(os.environ.get("INFERLAB_FUZZ_EXAMPLES", 60)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(request=requests())
+def test_random_bodies_never_break_the_server(http, request):
+    path, body, expect = request
+    # json.dumps, not httpx's json=: it writes NaN and Infinity, as a sloppy client might
+    r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    event(f"{expect}: {r.status_code}")
+    assert r.status_code < 500, (r.status_code, r.text)
+    if expect == "ok":
+        check_ok(r, path, body)
+    elif r.status_code >= 400 or expect == "4xx":
+        assert 400 <= r.status_code < 500, r.text
+        err = r.json()["error"]
+        assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), err
+    elif not body.get("stream"):
+        assert r.json()["choices"]
+    else:
+        events = sse_data(r.text.splitlines())
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), events
+
+
+def test_after_fuzzing_nothing_leaked(server, http):
+    assert http.get("/health").json() == {"status": "ok"}
+    server.wait_idle()
+    server.check_engine()
+    assert [r.getMessage() for r in server.errors.records] == []

@@ -2,7 +2,10 @@
 from inferlab.config import EngineConfig
 from inferlab.engine import LLMEngine
 from inferlab.llm import LLM
+from inferlab.logger import setup_logging
 from inferlab.outputs import CompletionOutput, RequestOutput
 from inferlab.sampling_params import SamplingParams
+
+setup_logging()
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]

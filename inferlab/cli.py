@@ -8,6 +8,7 @@ import sys
 
 from inferlab import bench_serve
 from inferlab.config import EngineConfig
+from inferlab.logger import setup_logging
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -165,10 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if a.verbose:
+        setup_logging().setLevel(logging.DEBUG)
     try:
         a.func(a)
     except (ValueError, FileNotFoundError) as e:  # our one-line errors (bad options, model, prompt)

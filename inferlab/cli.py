@@ -114,6 +114,38 @@ def cmd_chat(a: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO:HI, got {text!r}") from None
+
+
+def cmd_simulate(a: argparse.Namespace) -> None:
+    from inferlab.sim.cost_model import DEFAULT, CostModel
+    from inferlab.sim.simulator import load_trace, make_trace, simulate
+    trace = load_trace(a.trace) if a.trace else make_trace(
+        a.num_requests, a.rate, a.prompt_len, a.output_len, a.seed, a.burst, a.shared_prefix, a.priorities)
+    config = EngineConfig(block_size=a.block_size, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                          max_num_batched_tokens=a.max_num_batched_tokens, scheduling_policy=a.policy,
+                          enable_prefix_caching=not a.no_prefix_caching)
+    cost = CostModel.load(a.cost_model) if a.cost_model else DEFAULT
+    result = {"policy": a.policy, "requests": len(trace), **simulate(config, a.num_kv_blocks, trace, cost)}
+    for key, value in result.items():
+        print(f"{key:>16}  {value}")
+    print(json.dumps(result))
+
+
+def cmd_calibrate(a: argparse.Namespace) -> None:
+    from inferlab.engine import LLMEngine
+    from inferlab.sim.calibrate import calibrate
+    model, steps = calibrate(LLMEngine(engine_config(a)), a.scale)
+    model.save(a.out)
+    print(f"fitted on {steps} timed steps, saved to {a.out}", file=sys.stderr)
+    print(json.dumps(vars(model)))
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     from inferlab.server.serve import serve
     serve(engine_config(a), a.host, a.port, a.served_model_name)
@@ -143,6 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(c, temperature=0.7)
     add_engine_args(c)
     c.set_defaults(func=cmd_chat)
+    m = sub.add_parser("simulate", help="replay a trace on the real scheduler with a virtual clock")
+    m.add_argument("--num-requests", type=int, default=1000)
+    m.add_argument("--rate", type=float, default=10.0, help="requests/s, Poisson (inf: all at once)")
+    m.add_argument("--policy", default="fcfs", choices=["fcfs", "priority", "sjf"])
+    m.add_argument("--trace", default=None, help="JSONL: arrival, prompt_len, output_len[, priority, prefix_id, ...]")
+    m.add_argument("--cost-model", default=None, help="file written by `inferlab calibrate` (default: built in)")
+    m.add_argument("--prompt-len", type=_range, default=(64, 512), help="LO:HI tokens")
+    m.add_argument("--output-len", type=_range, default=(16, 256), help="LO:HI tokens")
+    m.add_argument("--burst", type=int, default=1, help="requests arriving together")
+    m.add_argument("--shared-prefix", type=_range, default=None, help="COUNT:LEN shared system prompts")
+    m.add_argument("--priorities", type=int, default=1, help="priority levels drawn uniformly")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--num-kv-blocks", type=int, default=4096)
+    m.add_argument("--block-size", type=int, default=16)
+    m.add_argument("--max-model-len", type=int, default=8192)
+    m.add_argument("--max-num-seqs", type=int, default=256)
+    m.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    m.add_argument("--no-prefix-caching", action="store_true")
+    m.set_defaults(func=cmd_simulate)
+    k = sub.add_parser("calibrate", help="fit the simulator's cost model to timed steps of the real model")
+    k.add_argument("--out", default="cost_model.json")
+    k.add_argument("--scale", type=float, default=1.0, help="multiply the calibration batch sizes")
+    add_engine_args(k)
+    k.set_defaults(func=cmd_calibrate)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)

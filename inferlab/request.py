@@ -46,6 +46,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on first admission
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    finish_time: float | None = None
     stop_reason: int | str | None = None
     generator: Any = None  # this request's own torch.Generator for sampling
 

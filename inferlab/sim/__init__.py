@@ -1,0 +1,1 @@
+"""Scheduling simulator: the engine's own Scheduler and BlockManager on a virtual clock."""

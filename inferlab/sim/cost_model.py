@@ -1,0 +1,82 @@
+"""CostModel: how long one engine step takes, as a linear function of what the step does.
+
+    seconds = base + per_prefill_token * prefill tokens + per_decode_seq * decode sequences
+                   + per_context_token * context tokens read by attention
+
+`inferlab calibrate` fits it to timed steps of the real model on this machine; the simulator
+then advances its virtual clock by it instead of running the model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from inferlab.request import Request
+
+
+@dataclass
+class StepFeatures:
+    prefill_tokens: int = 0
+    decode_seqs: int = 0
+    context_tokens: int = 0
+
+    @classmethod
+    def of(cls, scheduled: list[tuple[Request, int]]) -> StepFeatures:
+        """Features of a scheduled batch, read before the step advances the requests."""
+        f = cls()
+        for req, n in scheduled:
+            if n == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
+                f.decode_seqs += 1
+            else:
+                f.prefill_tokens += n
+            f.context_tokens += req.num_computed_tokens + n
+        return f
+
+
+@dataclass
+class CostModel:
+    base: float
+    per_prefill_token: float
+    per_decode_seq: float
+    per_context_token: float
+
+    def step_time(self, f: StepFeatures) -> float:
+        return (self.base + self.per_prefill_token * f.prefill_tokens + self.per_decode_seq * f.decode_seqs
+                + self.per_context_token * f.context_tokens)
+
+    @classmethod
+    def fit(cls, samples: list[tuple[StepFeatures, float]]) -> CostModel:
+        """Least squares over (features, seconds); a coefficient that comes out negative (noise)
+        is fixed at 0 and the rest refitted, so the model never predicts time going backwards."""
+        if len(samples) < 4:
+            raise ValueError(f"need at least 4 timed steps to fit a cost model, got {len(samples)}")
+        x = np.array([[1.0, f.prefill_tokens, f.decode_seqs, f.context_tokens] for f, _ in samples])
+        y = np.array([t for _, t in samples])
+        active = [0, 1, 2, 3]
+        while True:
+            coef = np.zeros(4)
+            coef[active] = np.linalg.lstsq(x[:, active], y, rcond=None)[0]
+            negative = [i for i in active if coef[i] < 0]
+            if not negative:
+                return cls(*(float(c) for c in coef))
+            active = [i for i in active if i not in negative]
+            if not active:
+                return cls(float(y.mean()), 0.0, 0.0, 0.0)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> CostModel:
+        try:
+            with open(path) as f:
+                return cls(**json.load(f))
+        except (OSError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read cost model {path}: {e}") from None
+
+
+# Fitted by `inferlab calibrate` on the 2-core development machine (embedded model, float32).
+DEFAULT = CostModel(base=0.0450, per_prefill_token=1.107e-3, per_decode_seq=1.438e-3, per_context_token=1.386e-5)

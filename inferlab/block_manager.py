@@ -84,6 +84,8 @@ class BlockManager:
     def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
         """Grow `req`'s table to hold `num_new_tokens` more tokens past its computed ones, first
         taking `computed_blocks` (prefix hits, on admission). All or nothing: False if short."""
+        if not computed_blocks and req.num_computed_tokens + num_new_tokens <= len(req.block_table) * self.block_size:
+            return True  # the common decode step: the last block still has room
         computed_blocks = computed_blocks or []
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         total = self.blocks_needed(num_computed + num_new_tokens)

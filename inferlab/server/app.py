@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -169,6 +169,24 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def sse_events(req: SamplingFields, streams: list[AsyncIterator[RequestOutput]], head: dict,
+                         choice: Callable[[int, RequestOutput], dict | None]) -> AsyncIterator[str]:
+        """The SSE body of both endpoints: a chunk per choice update (`choice` builds it, or None
+        to skip), an error event if the engine failed a request, the usage chunk if asked, [DONE]."""
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in merged(streams):
+            if out.error:
+                yield fmt.sse({"error": {"message": out.error, "type": "server_error"}})
+                break
+            body = choice(i, out)
+            if body is not None:
+                yield fmt.sse({**head, "choices": [body], "usage": None})
+            if out.finished:
+                finals[i] = out
+        if req.include_usage and len(finals) == len(streams):
+            yield fmt.sse({**head, "choices": [], "usage": fmt.usage([finals[i] for i in sorted(finals)], req.n)})
+        yield fmt.sse("[DONE]")
+
     def failed(finals: list[RequestOutput]) -> None:
         err = next((o.error for o in finals if o.error), None)
         if err is not None:
@@ -198,26 +216,18 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                         "logprobs": logprobs(o, len(o.outputs[0].token_ids), 0)} for i, o in enumerate(finals)]
             return {**head, "choices": choices, "usage": fmt.usage(finals, req.n)}
 
-        async def events() -> AsyncIterator[str]:
-            finals: dict[int, RequestOutput] = {}
-            offsets = [0] * len(streams)
-            async for i, out in merged(streams):
-                if out.error:
-                    yield fmt.sse({"error": {"message": out.error, "type": "server_error"}})
-                    break
-                c = out.outputs[0]
-                lp = logprobs(out, len(c.new_token_ids), offsets[i])
-                offsets[i] += len(c.new_text)
-                if c.new_text or out.finished or lp:
-                    yield fmt.sse({**head, "choices": [{"index": i, "text": c.new_text, "logprobs": lp,
-                                                        "finish_reason": fmt.finish_reason(out)}], "usage": None})
-                if out.finished:
-                    finals[i] = out
-            if req.include_usage and len(finals) == len(streams):
-                yield fmt.sse({**head, "choices": [], "usage": fmt.usage([finals[i] for i in sorted(finals)], req.n)})
-            yield fmt.sse("[DONE]")
+        offsets = [0] * len(streams)  # text_offset of each choice's next token
 
-        return streaming(events(), rids)
+        def choice(i: int, out: RequestOutput) -> dict | None:
+            c = out.outputs[0]
+            lp = logprobs(out, len(c.new_token_ids), offsets[i])
+            offsets[i] += len(c.new_text)
+            if not (c.new_text or out.finished or lp):
+                return None
+            return {"index": i, "text": c.new_text, "logprobs": lp, "finish_reason": fmt.finish_reason(out)}
+
+        events = sse_events(req, streams, head, choice)
+        return streaming(events, rids)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
@@ -247,27 +257,20 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
         chunk = {**head, "object": "chat.completion.chunk"}
 
+        def choice(i: int, out: RequestOutput) -> dict | None:
+            c = out.outputs[0]
+            lp = logprobs(out, len(c.new_token_ids))
+            if not (c.new_text or out.finished or lp):
+                return None
+            return {"index": i, "delta": {"content": c.new_text} if c.new_text else {}, "logprobs": lp,
+                    "finish_reason": fmt.finish_reason(out)}
+
         async def events() -> AsyncIterator[str]:
-            for i in range(len(streams)):
+            for i in range(len(streams)):  # OpenAI opens each choice with the assistant role
                 yield fmt.sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}], "usage": None})
-            finals: dict[int, RequestOutput] = {}
-            async for i, out in merged(streams):
-                if out.error:
-                    yield fmt.sse({"error": {"message": out.error, "type": "server_error"}})
-                    break
-                c = out.outputs[0]
-                lp = logprobs(out, len(c.new_token_ids))
-                if c.new_text or out.finished or lp:
-                    delta = {"content": c.new_text} if c.new_text else {}
-                    yield fmt.sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                                         "finish_reason": fmt.finish_reason(out)}], "usage": None})
-                if out.finished:
-                    finals[i] = out
-            if req.include_usage and len(finals) == len(streams):
-                yield fmt.sse({**chunk, "choices": [], "usage": fmt.usage([finals[i] for i in sorted(finals)], req.n)})
-            yield fmt.sse("[DONE]")
-
+            async for event in sse_events(req, streams, chunk, choice):
+                yield event
         return streaming(events(), rids)
 
     return app

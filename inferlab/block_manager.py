@@ -148,13 +148,40 @@ class BlockManager:
                 del self.hash_to_block[block.hash]
                 block.hash, block.token_ids = None, None
 
-    def snapshot(self) -> dict:
+    def snapshot(self, detail: bool = False) -> dict:
+        """Pool counters; with `detail`, also the whole pool as a grid (see `grid`)."""
         cached_free = sum(1 for b in self.free_queue if self.blocks[b].hash is not None)
         shared = sum(1 for b in self.blocks if b.ref_count > 1)
-        return {"num_blocks": self.num_blocks, "block_size": self.block_size,
+        snap = {"num_blocks": self.num_blocks, "block_size": self.block_size,
                 "free": len(self.free_queue), "cached_free": cached_free, "shared": shared,
                 "usage": self.usage, "prefix_queries": self.prefix_queries,
                 "prefix_hits": self.prefix_hits, "evictions": self.evictions}
+        if detail:
+            snap.update(self.grid())
+        return snap
+
+    def grid(self) -> dict:
+        """Every block's state, run-length encoded since a pool has thousands of mostly alike blocks.
+
+        `cells`: [[state, count], ...] in block order, state = ref count (> 1: a shared prefix block),
+        0 = free, -1 = free but still cached. `hashes`: [[first_block, "hhhhhh..."], ...], six hex
+        digits of each consecutive cached block's hash, for a viewer to name a prefix block.
+        """
+        cells: list[list[int]] = []
+        hashes: list[list] = []
+        for block in self.blocks:
+            state = block.ref_count or (-1 if block.hash is not None else 0)
+            if cells and cells[-1][0] == state:
+                cells[-1][1] += 1
+            else:
+                cells.append([state, 1])
+            if block.hash is not None:
+                digits = format(block.hash & 0xFFFFFF, "06x")
+                if hashes and hashes[-1][0] + len(hashes[-1][1]) // 6 == block.block_id:
+                    hashes[-1][1] += digits
+                else:
+                    hashes.append([block.block_id, digits])
+        return {"cells": cells, "hashes": hashes}
 
     def check_integrity(self, live: Iterable[Request]) -> None:
         """Raise `AssertionError` naming the first broken invariant (see the table above)."""

@@ -79,6 +79,9 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # prefill tokens computed (cache hits excluded)
         self.num_generation_tokens = 0
         self.last_step_tokens = 0  # tokens the last step computed (prefill + decode)
+        # Called with each step's outputs after the step (a recorder, a dashboard feed); empty
+        # unless someone watches, so watching costs nothing when nobody does.
+        self.step_observers: list[Callable[[list[RequestOutput]], None]] = []
         log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s)", num_blocks,
                  config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                  str(self.dtype).removeprefix("torch."), self.device)
@@ -182,6 +185,8 @@ class LLMEngine:
             outputs.append(self._make_output(req, [res.token_id]))
             if status is not None:
                 self._forget(req)
+        for observe in self.step_observers:
+            observe(outputs)
         return outputs
 
     def _execute(self, scheduled: list[tuple[Request, int]]) -> tuple[dict, list[tuple[Request, str]]]:
@@ -254,8 +259,10 @@ class LLMEngine:
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
 
-    def snapshot(self) -> dict:
-        snap = self.scheduler.snapshot()
+    def snapshot(self, detail: bool = False) -> dict:
+        """The per-step view (see `Scheduler.snapshot`); `detail` adds the block grid, the live
+        requests and the last batch, for dashboards and recordings."""
+        snap = self.scheduler.snapshot(detail)
         snap.update(num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
                     last_step_tokens=self.last_step_tokens)
         return snap

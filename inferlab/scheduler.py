@@ -39,6 +39,7 @@ class Scheduler:
         self.clock = clock
         self.num_preemptions = 0
         self.step_count = 0
+        self.last_output = SchedulerOutput()
         self._seq = itertools.count()
 
     def add_request(self, req: Request) -> None:
@@ -76,7 +77,7 @@ class Scheduler:
             self._preempt(victim, out)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = self.last_output = SchedulerOutput()  # kept for the detailed snapshot's batch view
         self.step_count += 1
         budget = self.config.max_num_batched_tokens
         self._make_room_for_waiting(out)
@@ -147,8 +148,41 @@ class Scheduler:
             if req.block_table or req.num_computed_tokens:
                 raise AssertionError(f"waiting request {req.request_id} holds KV state")
 
-    def snapshot(self) -> dict:
-        """A small per-step view for metrics, dashboards and experiments."""
-        return {"step": self.step_count, "num_running": len(self.running),
+    def snapshot(self, detail: bool = False) -> dict:
+        """A small per-step view for metrics, dashboards and experiments. `detail` adds what a
+        dashboard draws: the block grid, every live request and the last step's batch; it costs
+        a pass over the pool, so it is computed only when someone asks."""
+        snap = {"step": self.step_count, "num_running": len(self.running),
                 "num_waiting": len(self.waiting), "num_preemptions": self.num_preemptions,
-                "kv": self.block_manager.snapshot()}
+                "kv": self.block_manager.snapshot(detail)}
+        if detail:
+            snap["batch"] = self.batch_view()
+            snap["requests"] = [request_view(r) for r in self.live_requests()]
+        return snap
+
+    def batch_view(self) -> dict:
+        """The last step's tokens split into prefill and decode, against the budget. Read after the
+        step: a one-token chunk past the prompt is a decode (its token was sampled the step before)."""
+        out = self.last_output
+        decode = sum(1 for r, n in out.scheduled if n == 1 and r.num_computed_tokens > r.num_prompt_tokens)
+        return {"prefill": out.num_tokens - decode, "decode": decode, "budget": self.config.max_num_batched_tokens,
+                "seqs": len(out.scheduled), "preempted": len(out.preempted)}
+
+
+def block_runs(table: list[int]) -> list[list[int]]:
+    """[[first_block, count], ...]: block tables are mostly runs of consecutive blocks."""
+    runs: list[list[int]] = []
+    for b in table:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1])
+    return runs
+
+
+def request_view(req: Request) -> dict:
+    """One live request as a dashboard shows it: queue, progress, priority and its blocks."""
+    return {"id": req.request_id, "state": req.status.value, "priority": req.priority,
+            "computed": req.num_computed_tokens, "prompt": req.num_prompt_tokens,
+            "output": req.num_output_tokens, "max_tokens": req.max_tokens,
+            "preemptions": req.num_preemptions, "blocks": block_runs(req.block_table)}

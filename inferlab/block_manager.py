@@ -128,6 +128,16 @@ class BlockManager:
                 block.hash, block.token_ids = h, tokens
                 self.hash_to_block[h] = block.block_id
 
+    def cache_new_full_blocks(self, reqs: list[Request]) -> None:
+        """`cache_full_blocks` for each of `reqs` that has filled a block since it was last called:
+        one call a step instead of one per request, as most steps fill no block of most requests."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for req in reqs:
+            if req.num_computed_tokens >= (len(req.block_hashes) + 1) * bs:
+                self.cache_full_blocks(req)
+
     def free(self, req: Request) -> None:
         # Tail blocks first, so the end of a prefix is evicted before its beginning.
         for block_id in reversed(req.block_table):

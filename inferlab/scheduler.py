@@ -41,6 +41,9 @@ class Scheduler:
         self.step_count = 0
         self.last_output = SchedulerOutput()
         self._seq = itertools.count()
+        # A queue that keeps the base class's should_preempt never evicts for a waiting request,
+        # so the per-step search for a victim can be skipped (it reads every running request).
+        self._may_evict_for_waiting = type(waiting).should_preempt is not RequestQueue.should_preempt
 
     def add_request(self, req: Request) -> None:
         req.seq = next(self._seq)
@@ -66,7 +69,7 @@ class Scheduler:
     def _make_room_for_waiting(self, out: SchedulerOutput) -> None:
         """Policies that allow it (priority) evict worse running requests for a better waiting one."""
         bm = self.block_manager
-        while len(self.waiting) and self.running:
+        while self._may_evict_for_waiting and len(self.waiting) and self.running:
             head = self.waiting.peek()
             victim = self.waiting.victim(self.running)
             if not self.waiting.should_preempt(head, victim):
@@ -82,20 +85,30 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         self._make_room_for_waiting(out)
         made_room = len(out.preempted)
-        scheduled: set[int] = set()
+        # This loop runs once per running request per step (millions of times in the simulator),
+        # so it reads attributes directly instead of through _chunk and Request's properties.
+        threshold = self.config.long_prefill_token_threshold
+        allocate, block_size = self.block_manager.allocate_slots, self.block_manager.block_size
+        scheduled, running = out.scheduled, RequestStatus.RUNNING
         for req in sorted(self.running, key=self.waiting.key):
-            if req.status is not RequestStatus.RUNNING or budget == 0:
+            if budget == 0:
+                break
+            if req.status is not running:
                 continue
-            n = self._chunk(req, req.num_computed_tokens, budget)
-            while not self.block_manager.allocate_slots(req, n):
-                candidates = [r for r in self.running if id(r) not in scheduled]
-                victim = self.waiting.victim(candidates)
-                self._preempt(victim, out)
-                if victim is req:
-                    break
-            if req.status is RequestStatus.RUNNING:
-                out.scheduled.append((req, n))
-                scheduled.add(id(req))
+            n = len(req.token_ids) - req.num_computed_tokens  # = self._chunk(req, ...), inlined
+            if n > budget:
+                n = budget
+            if n > threshold:
+                n = threshold
+            if req.num_computed_tokens + n > len(req.block_table) * block_size:  # else the last block has room
+                while not allocate(req, n):
+                    taken = {id(r) for r, _ in scheduled}
+                    victim = self.waiting.victim([r for r in self.running if id(r) not in taken])
+                    self._preempt(victim, out)
+                    if victim is req:
+                        break
+            if req.status is running:
+                scheduled.append((req, n))
                 budget -= n
         if len(out.preempted) > made_room:  # running requests ran out of blocks: admitting would thrash
             return out
@@ -120,16 +133,19 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
         """Advance computed tokens and append sampled ones. `sampled` maps request_id to the new
         token for each request whose scheduled chunk reached the end of its tokens."""
+        advanced, running = [], RequestStatus.RUNNING
         for req, n in out.scheduled:
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not running:
                 continue
             req.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(req)
+            advanced.append(req)
             token = sampled.get(req.request_id)
             if token is not None:
                 req.token_ids.append(token)
                 if req.first_token_time is None:
                     req.first_token_time = self.clock()
+        # after the appends: caching reads only computed tokens, which an appended one is not
+        self.block_manager.cache_new_full_blocks(advanced)
 
     def finish_request(self, req: Request, status: RequestStatus) -> None:
         if req.status is RequestStatus.RUNNING:

@@ -3,6 +3,7 @@ advances a virtual clock by the cost model instead of running the model. Every o
 dummy, so requests run to their max_tokens (like the benchmarks' ignore_eos)."""
 from __future__ import annotations
 
+import gc
 import json
 import random
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from inferlab.policy import make_queue
 from inferlab.request import Request, RequestStatus
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
-from inferlab.sim.cost_model import CostModel, StepFeatures
+from inferlab.sim.cost_model import CostModel
 
 _PARAMS = SamplingParams(max_tokens=None)
 
@@ -64,20 +65,36 @@ class VirtualClock:
 
 
 def _tokens(i: int, t: TraceRequest) -> list[int]:
-    # a shared prefix is the same tokens for the same id; the rest is unique to the request
-    head = [(t.prefix_id * 7919 + k) % 30000 + 1 for k in range(min(t.prefix_len, t.prompt_len))] \
+    # A shared prefix is the same tokens for the same id; the rest is unique to the request (ids
+    # need not be in any vocabulary: only the prefix cache's hashes read them).
+    head = list(range(-(t.prefix_id + 1) << 32, (-(t.prefix_id + 1) << 32) + min(t.prefix_len, t.prompt_len))) \
         if t.prefix_id is not None else []
-    return head + [(i * 104729 + k * 31) % 30000 + 1 for k in range(t.prompt_len - len(head))]
+    start = (i + 1) << 32
+    return head + list(range(start, start + t.prompt_len - len(head)))
 
 
 def simulate(config: EngineConfig, num_blocks: int, trace: list[TraceRequest], cost: CostModel) -> dict:
+    # Nothing here makes reference cycles, and the cycle collector's passes over a backlog of
+    # tens of thousands of waiting requests would cost a fifth of the run.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _simulate(config, num_blocks, trace, cost)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _simulate(config: EngineConfig, num_blocks: int, trace: list[TraceRequest], cost: CostModel) -> dict:
     clock = VirtualClock()
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     sched = Scheduler(config, bm, make_queue(config.scheduling_policy, config.sjf_aging_rate), clock)
     limit = min(config.max_model_len or 1 << 30, num_blocks * config.block_size)
-    done: list[Request] = []
+    done: list[tuple[float, float, float, float, int]] = []  # arrival, scheduled, first token, finish, tokens
     rejected, peak_usage, steps, next_i = 0, 0.0, 0, 0
     output_tokens = 0
+    base, per_prefill, per_decode, per_context = cost.base, cost.per_prefill_token, cost.per_decode_seq, \
+        cost.per_context_token
     while next_i < len(trace) or sched.has_unfinished():
         if not sched.has_unfinished() and clock.now < trace[next_i].arrival:
             clock.now = trace[next_i].arrival  # idle: jump to the next arrival
@@ -93,19 +110,33 @@ def simulate(config: EngineConfig, num_blocks: int, trace: list[TraceRequest], c
         out = sched.schedule()
         if not out.scheduled:
             raise RuntimeError("scheduler made no progress")  # cannot happen: a lone request always fits
-        clock.now += cost.step_time(StepFeatures.of(out.scheduled))
+        # One pass does what StepFeatures.of, the runner and the stop check would do separately.
+        prefill = decodes = context = 0
+        sampled: dict[str, int] = {}
+        finishing = []
+        for req, n in out.scheduled:
+            end = req.num_computed_tokens + n
+            context += end
+            num_prompt = len(req.prompt_token_ids)
+            if n == 1 and end > num_prompt:
+                decodes += 1
+            else:
+                prefill += n
+            if end == len(req.token_ids):  # the chunk reaches the last token: one is sampled
+                sampled[req.request_id] = 0
+                if end + 1 - num_prompt >= req.max_tokens:
+                    finishing.append(req)
+        clock.now += base + per_prefill * prefill + per_decode * decodes + per_context * context
         steps += 1
-        peak_usage = max(peak_usage, bm.usage)
-        sampled = {r.request_id: 0 for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens}
+        usage = bm.usage
+        if usage > peak_usage:
+            peak_usage = usage
         sched.update_from_output(out, sampled)
-        for req, _ in out.scheduled:
-            if req.request_id in sampled and req.status is RequestStatus.RUNNING and \
-                    req.num_output_tokens >= req.max_tokens:
-                req.finish_time = clock.now
-                output_tokens += req.num_output_tokens
-                sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
-                req.token_ids = []  # keep memory flat over 100k requests
-                done.append(req)
+        now = clock.now
+        for req in finishing:
+            output_tokens += req.num_output_tokens
+            sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
+            done.append((req.arrival_time, req.first_scheduled_time, req.first_token_time, now, req.max_tokens))
     return summarize(done, rejected, clock.now, steps, sched.num_preemptions, peak_usage, output_tokens)
 
 
@@ -116,12 +147,13 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def summarize(done: list[Request], rejected: int, makespan: float, steps: int, preemptions: int,
-              peak_usage: float, output_tokens: int) -> dict:
-    ttft = [r.first_token_time - r.arrival_time for r in done]
-    queue = [r.first_scheduled_time - r.arrival_time for r in done]
-    e2e = [r.finish_time - r.arrival_time for r in done]
-    tpot = [(r.finish_time - r.first_token_time) / (r.max_tokens - 1) for r in done if r.max_tokens > 1]
+def summarize(done: list[tuple[float, float, float, float, int]], rejected: int, makespan: float, steps: int,
+              preemptions: int, peak_usage: float, output_tokens: int) -> dict:
+    """`done` holds (arrival, first scheduled, first token, finish, output tokens) per request."""
+    ttft = [first - arrival for arrival, _, first, _, _ in done]
+    queue = [scheduled - arrival for arrival, scheduled, _, _, _ in done]
+    e2e = [finish - arrival for arrival, _, _, finish, _ in done]
+    tpot = [(finish - first) / (n - 1) for _, _, first, finish, n in done if n > 1]
     result = {"completed": len(done), "rejected": rejected, "makespan_s": round(makespan, 3), "steps": steps,
               "output_tok_s": round(output_tokens / makespan, 2) if makespan else 0.0,
               "preemptions": preemptions, "peak_kv_usage": round(peak_usage, 4),

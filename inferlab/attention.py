@@ -2,8 +2,12 @@
 
 K/V live in a pool of blocks, `[num_blocks, block_size, num_kv_heads, head_dim]` per layer.
 New tokens are written at `slot_mapping` (block_id * block_size + offset); attention reads
-each sequence's K/V back through its block table. Decodes (one query token) are batched into
-one call; each prefill chunk gets its own call, causal against everything before it.
+each sequence's K/V back through its block table. Two ways to read it:
+- the PyTorch reference (any device): decodes (one query token) are gathered and batched into one
+  SDPA call; each prefill chunk over a cached prefix gets its own call, causal against all before it;
+- the native CPU kernel (`inferlab.kernels`), used when the runner passes it: one call for every
+  row that reads the cache, K/V read in place through the block table, nothing gathered.
+A prefill chunk with nothing cached before it needs no cache read: SDPA on this step's K/V.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from inferlab.kernels import paged_attention_native
 
 
 @dataclass
@@ -31,6 +37,18 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # [D] rows of the single-token (decode) queries
     decode_block_tables: torch.Tensor | None  # [D, max_blocks], padded with block 0
     decode_context_lens: torch.Tensor | None  # [D]
+    native: NativeRows | None = None  # set when the native kernel runs this step
+
+
+@dataclass
+class NativeRows:
+    """Every query row that reads K/V from the pool (decodes, prefill chunks over a prefix)."""
+
+    lib: object  # the loaded kernel library
+    rows: torch.Tensor  # [R] int64 rows in the flat batch
+    seqs: torch.Tensor  # [R] int32 row of `block_tables` for each
+    lens: torch.Tensor  # [R] int32 keys each row sees (its position + 1)
+    block_tables: torch.Tensor  # [S, W] int32
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -54,6 +72,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty_like(q)
     heads, d = q.shape[1:]
     kvh = k.shape[1]
+    native = meta.native
     for seq in meta.prefills:
         rows = slice(seq.start, seq.start + seq.num_tokens)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
@@ -69,7 +88,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             mask = pos_q[:, None] >= torch.arange(seq.context_len, device=q.device)[None, :]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = o.squeeze(0).transpose(0, 1)
-    if meta.decode_rows is not None:
+    if native is not None:
+        if native.rows.numel():
+            paged_attention_native(native.lib, q, k_cache, v_cache, out, native.rows, native.seqs, native.lens,
+                                   native.block_tables, scale)
+    elif meta.decode_rows is not None:
         rows = meta.decode_rows
         n = rows.numel()
         # Fold each KV head's query group into the query-length axis: GQA without repeating K/V.

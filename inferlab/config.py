@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inferlab.policy import POLICIES
+from inferlab.policy import resolve_policy
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "native", "torch")
 
 
 @dataclass
@@ -24,6 +25,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     sjf_aging_rate: float = 20.0  # tokens of work forgiven per second of waiting
+    # auto: the native CPU kernel where it builds, else PyTorch; torch: always the PyTorch reference
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -44,8 +47,8 @@ class EngineConfig:
             self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 4)
         if self.long_prefill_token_threshold < 1:
             raise ValueError("long_prefill_token_threshold must be >= 1")
-        if self.scheduling_policy not in POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {sorted(POLICIES)}, "
-                             f"got {self.scheduling_policy!r}")
+        resolve_policy(self.scheduling_policy)  # a one-line ValueError for an unknown or broken policy
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.sjf_aging_rate < 0:
             raise ValueError(f"sjf_aging_rate must be >= 0, got {self.sjf_aging_rate}")

@@ -71,7 +71,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager,
                                    make_queue(config.scheduling_policy, config.sjf_aging_rate), clock)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids,
+                                  native=config.attention_backend != "torch")
+        if config.attention_backend == "native" and self.runner.native is None:
+            raise ValueError("attention_backend 'native' needs a CPU device, float32 or bfloat16, and a C "
+                             "compiler (see the log for why the kernel did not build)")
         self.clock = clock
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import mmap
 
+import numpy as np
 import torch
 
-from inferlab.attention import AttentionMetadata, PrefillSeq
+from inferlab import kernels
+from inferlab.attention import AttentionMetadata, NativeRows, PrefillSeq
 from inferlab.model.llama import LlamaForCausalLM, ModelArgs
 from inferlab.request import Request
 from inferlab.sampler import SampleResult, sample
@@ -31,7 +33,9 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, eos_ids: set[int]) -> None:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, eos_ids: set[int],
+                 native: bool = True) -> None:
+        """native=False keeps attention on the PyTorch reference path even where the kernel runs."""
         args = model.args
         self.model = model
         self.block_size = block_size
@@ -41,43 +45,53 @@ class ModelRunner:
         shape = (2, args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
         self.kv_cache = allocate_zeroed(shape, dtype, self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
+        use_native = native and kernels.supports(dtype, self.device, args.num_heads, args.num_kv_heads, args.head_dim)
+        self.native = kernels.native_library() if use_native else None
 
     def prepare(self, scheduled: list[tuple[Request, int]]):
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        prefills: list[PrefillSeq] = []
-        d_rows: list[int] = []
-        d_tables: list[list[int]] = []
-        d_lens: list[int] = []
-        sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
-        for req, n in scheduled:
-            start, end, table = req.num_computed_tokens, req.num_computed_tokens + n, req.block_table
-            row = len(ids)
-            ids.extend(req.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            used = table[:-(-end // bs)]
-            if n == 1:
-                d_rows.append(row)
-                d_tables.append(used)
-                d_lens.append(end)
-            else:
-                prefills.append(PrefillSeq(row, n, end, torch.tensor(used, device=self.device)))
-            if end == req.num_tokens:  # the chunk reaches the last token: a new token is due
-                sample_rows.append(row + n - 1)
-                sample_reqs.append(req)
-        dev = self.device
-        decode = None
-        if d_rows:
-            width = max(len(t) for t in d_tables)
-            decode = (torch.tensor(d_rows, device=dev),
-                      torch.tensor([t + [0] * (width - len(t)) for t in d_tables], device=dev),
-                      torch.tensor(d_lens, device=dev))
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), prefills, *(decode or (None, None, None)))
-        return (torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
+        """Flat model inputs and attention metadata for one step, built with numpy (no per-token
+        Python loops): token ids, positions, the slot of each new token, and block tables."""
+        bs, dev = self.block_size, self.device
+        counts = np.array([n for _, n in scheduled], dtype=np.int64)
+        starts = np.array([r.num_computed_tokens for r, _ in scheduled], dtype=np.int64)
+        row_starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        ends = starts + counts
+        num_seqs, total = len(scheduled), int(counts.sum())
+        ids = np.empty(total, dtype=np.int64)
+        num_blocks = -(-ends // bs)
+        tables = np.zeros((num_seqs, int(num_blocks.max())), dtype=np.int32)  # padded with block 0
+        for i, (req, n) in enumerate(scheduled):
+            ids[row_starts[i]:row_starts[i] + n] = req.token_ids[starts[i]:ends[i]]
+            tables[i, :num_blocks[i]] = req.block_table[:num_blocks[i]]
+        seq_of_row = np.repeat(np.arange(num_seqs), counts)
+        positions = np.arange(total) - row_starts[seq_of_row] + starts[seq_of_row]
+        slots = tables[seq_of_row, positions // bs].astype(np.int64) * bs + positions % bs
+        sample = np.flatnonzero(ends == np.array([r.num_tokens for r, _ in scheduled]))  # a new token is due
+        sample_rows = (row_starts + counts - 1)[sample].tolist()
+        sample_reqs = [scheduled[i][0] for i in sample]
+
+        def seq_table(i: int) -> torch.Tensor:
+            return torch.from_numpy(tables[i, :num_blocks[i]]).to(dev)
+
+        meta = AttentionMetadata(torch.from_numpy(slots).to(dev), [], None, None, None)
+        if self.native is not None:  # fresh prefills by SDPA, every row that reads the cache by the kernel
+            fresh = starts == 0
+            meta.prefills = [PrefillSeq(int(row_starts[i]), int(counts[i]), int(ends[i]), seq_table(i))
+                             for i in np.flatnonzero(fresh)]
+            rows = np.flatnonzero(~fresh[seq_of_row])
+            meta.native = NativeRows(self.native, torch.from_numpy(rows),
+                                     torch.from_numpy(seq_of_row[rows].astype(np.int32)),
+                                     torch.from_numpy((positions[rows] + 1).astype(np.int32)),
+                                     torch.from_numpy(tables))
+        else:
+            decode = counts == 1
+            meta.prefills = [PrefillSeq(int(row_starts[i]), int(counts[i]), int(ends[i]), seq_table(i))
+                             for i in np.flatnonzero(~decode)]
+            if decode.any():
+                meta.decode_rows = torch.from_numpy(row_starts[decode]).to(dev)
+                meta.decode_block_tables = torch.from_numpy(tables[decode]).long().to(dev)
+                meta.decode_context_lens = torch.from_numpy(ends[decode]).to(dev)
+        return (torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), meta,
                 sample_rows, sample_reqs)
 
     @torch.inference_mode()

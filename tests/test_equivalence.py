@@ -1,4 +1,6 @@
-"""Greedy outputs do not depend on how the engine schedules: caching, chunking, preemption, policy."""
+"""Greedy outputs do not depend on how the engine schedules (caching, chunking, preemption, policy)
+nor on how attention reads the cache: the reference runs the PyTorch path with nothing cached; the
+others run the default backend (the native kernel on CPU) unless they say otherwise."""
 from __future__ import annotations
 
 import pytest
@@ -18,7 +20,7 @@ def prompts(chat_prompts):
 @pytest.fixture(scope="module")
 def reference(smol, prompts):
     from inferlab import LLM
-    llm = LLM(loaded=smol, num_kv_blocks=512, enable_prefix_caching=False)
+    llm = LLM(loaded=smol, num_kv_blocks=512, enable_prefix_caching=False, attention_backend="torch")
     return [o.outputs[0].token_ids for o in _run(llm, prompts)]
 
 
@@ -53,8 +55,10 @@ def test_tiny_pool_preempts_and_recomputes(make_llm, prompts, reference):
     assert llm.engine.scheduler.num_preemptions > 0
 
 
-def test_small_token_budget_chunks_prefill(make_llm, prompts, reference):
-    llm = make_llm(num_kv_blocks=512, max_num_batched_tokens=16, long_prefill_token_threshold=7)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_small_token_budget_chunks_prefill(make_llm, prompts, reference, backend):
+    llm = make_llm(num_kv_blocks=512, max_num_batched_tokens=16, long_prefill_token_threshold=7,
+                   attention_backend=backend)
     seen = []
     sched = llm.engine.scheduler
     original = sched.schedule

@@ -1,0 +1,96 @@
+"""Native CPU kernels: compiled from C with the system compiler at first use, cached, loaded
+through ctypes. If anything fails (no compiler, an unsupported CPU) the engine logs one line and
+keeps the pure-PyTorch path, which stays the reference the kernels are tested against.
+
+The build takes about a second and is cached under `$INFERLAB_CACHE` (default
+`~/.cache/inferlab`), keyed by the source, the flags and the CPU, so later starts just load it.
+`INFERLAB_NATIVE=0` turns the kernels off; `python -m inferlab.kernels` builds them ahead of time.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("inferlab")
+SOURCE = Path(__file__).with_name("paged_attention.c")
+# Compile with -ffast-math (vectorized expf and reductions) but link without it: linking with it
+# would pull in crtfastmath, which flushes denormals to zero for the whole process on load.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-mprefer-vector-width=512", "-fPIC", "-std=c11"]
+LINK = ["-shared", "-fopenmp", "-lm", "-lmvec"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _cpu_key() -> str:
+    """The CPU's feature flags, so a cache shared across machines never runs -march=native code
+    built for another CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _build() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LINK).encode() + _cpu_key().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("INFERLAB_CACHE", Path.home() / ".cache" / "inferlab")) / "kernels"
+    lib = cache / f"paged_attention-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    cc = os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
+        obj, out = Path(tmp) / "kernel.o", Path(tmp) / lib.name
+        subprocess.run([cc, *FLAGS, "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True, text=True)
+        subprocess.run([cc, str(obj), "-o", str(out), *LINK], check=True, capture_output=True, text=True)
+        os.replace(out, lib)
+    return lib
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot be built (the reason is logged once)."""
+    if os.environ.get("INFERLAB_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("native CPU kernels unavailable, using the PyTorch path: %s", detail.strip().splitlines()[-1:])
+        return None
+    p, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.paged_attention.argtypes = [p, p, p, p, p, p, p, i32, p, i32, i32, i32, i32, i32, f32, i32, i32]
+    lib.paged_attention.restype = i32
+    return lib
+
+
+def paged_attention_native(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           out: torch.Tensor, rows: torch.Tensor, seqs: torch.Tensor, lens: torch.Tensor,
+                           block_tables: torch.Tensor, scale: float) -> None:
+    """Attention for `rows` of q ([T, heads, d], written into out) against paged K/V.
+    rows: int64 row ids; seqs: int32 index into block_tables ([S, W] int32); lens: int32 keys seen."""
+    num_heads, head_dim = q.shape[1:]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    for t in (q, k_cache, v_cache, out):
+        if not t.is_contiguous() or t.dtype != q.dtype:
+            raise ValueError("paged_attention_native needs contiguous tensors of one dtype")
+    status = lib.paged_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), rows.data_ptr(), seqs.data_ptr(),
+        lens.data_ptr(), rows.numel(), block_tables.data_ptr(), block_tables.shape[1], num_heads, num_kv_heads,
+        head_dim, block_size, scale, DTYPE_CODES[q.dtype], torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"paged_attention kernel failed (status {status})")
+
+
+def supports(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    return (device.type == "cpu" and dtype in DTYPE_CODES and head_dim <= 256
+            and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= 16)

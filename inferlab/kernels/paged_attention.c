@@ -1,0 +1,143 @@
+/* Paged attention on CPU, reading K/V in place through each sequence's block table.
+ *
+ * One task per (query row, KV head): the row's query heads that share that KV head (GQA group)
+ * score every visible key, take a softmax, and sum the values. K and V are each read once per
+ * task, straight from the pool: nothing is gathered into a new tensor. Rows of one prefill chunk
+ * see keys up to their own position (causal); a decode row sees its whole context.
+ *
+ * Plain C with loops the compiler vectorizes (-O3 -march=native -ffast-math: no inf or NaN
+ * arises here, so the finite-math assumption holds); bf16 is widened to fp32 on
+ * load and all arithmetic is fp32. OpenMP splits tasks over threads; the library links the same
+ * libgomp as PyTorch, so both share one thread pool.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1 };
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 16
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* Copy n elements of type `dtype` starting at element `offset` of `base` into fp32 `dst`. */
+static inline void load_row(float *restrict dst, const void *base, int64_t offset, int n, int dtype) {
+    if (dtype == BF16) {
+        const uint16_t *src = (const uint16_t *)base + offset;
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+    } else {
+        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
+    }
+}
+
+/* One task: query row r's heads h*group .. h*group+group-1 against KV head h. `D` is a
+ * compile-time constant at each call site below, so the inner loops vectorize without tails. */
+static inline void attend_one(const void *q, const void *k_cache, const void *v_cache, void *out, int64_t row,
+                              const int32_t *table, int n, int h, int group, int num_heads, int num_kv_heads,
+                              const int D, int block_size, float scale, int dtype, float *restrict scores) {
+    float qv[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], kv[MAX_HEAD_DIM];
+    const int64_t token_stride = (int64_t)num_kv_heads * D;
+    for (int g = 0; g < group; g++) {
+        load_row(qv[g], q, (row * num_heads + h * group + g) * D, D, dtype);
+        for (int i = 0; i < D; i++) qv[g][i] *= scale;
+    }
+    /* pass 1: scores and their maximum */
+    float mx[MAX_GROUP];
+    for (int g = 0; g < group; g++) mx[g] = -FLT_MAX;
+    for (int t0 = 0; t0 < n; t0 += block_size) {  /* block by block: a block's tokens are contiguous */
+        const int64_t base = ((int64_t)table[t0 / block_size] * block_size * num_kv_heads + h) * D;
+        const int nt = n - t0 < block_size ? n - t0 : block_size;
+        for (int t = 0; t < nt; t++) {
+            load_row(kv, k_cache, base + t * token_stride, D, dtype);
+            for (int g = 0; g < group; g++) {
+                float s = 0.f;
+                for (int i = 0; i < D; i++) s += qv[g][i] * kv[i];
+                scores[g * n + t0 + t] = s;
+                mx[g] = s > mx[g] ? s : mx[g];
+            }
+        }
+    }
+    /* pass 2: softmax weights, then the weighted sum of values */
+    float denom[MAX_GROUP];
+    for (int g = 0; g < group; g++) {
+        float *sg = scores + g * n, sum = 0.f;
+        for (int t = 0; t < n; t++) sg[t] = expf(sg[t] - mx[g]);
+        for (int t = 0; t < n; t++) sum += sg[t];
+        denom[g] = sum;
+        memset(acc[g], 0, sizeof(float) * D);
+    }
+    for (int t0 = 0; t0 < n; t0 += block_size) {
+        const int64_t base = ((int64_t)table[t0 / block_size] * block_size * num_kv_heads + h) * D;
+        const int nt = n - t0 < block_size ? n - t0 : block_size;
+        for (int t = 0; t < nt; t++) {
+            load_row(kv, v_cache, base + t * token_stride, D, dtype);
+            for (int g = 0; g < group; g++) {
+                const float p = scores[g * n + t0 + t];
+                for (int i = 0; i < D; i++) acc[g][i] += p * kv[i];
+            }
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        const int64_t o = (row * num_heads + h * group + g) * D;
+        const float inv = denom[g] > 0.f ? 1.f / denom[g] : 0.f;
+        if (dtype == BF16) {
+            for (int i = 0; i < D; i++) ((uint16_t *)out)[o + i] = f32_to_bf16(acc[g][i] * inv);
+        } else {
+            for (int i = 0; i < D; i++) ((float *)out)[o + i] = acc[g][i] * inv;
+        }
+    }
+}
+
+/* q, out: [num_tokens, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
+ * num_kv_heads, head_dim]; for each of num_rows tasks: rows[r] (its row in q/out), seqs[r] (its
+ * row in block_tables, which has table_stride ints per sequence) and lens[r] (keys it sees). */
+int paged_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
+                    const int64_t *rows, const int32_t *seqs, const int32_t *lens, int num_rows,
+                    const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads,
+                    int head_dim, int block_size, float scale, int dtype, int num_threads) {
+    const int group = num_heads / num_kv_heads;
+    if (head_dim > MAX_HEAD_DIM || group > MAX_GROUP || num_heads % num_kv_heads) return 1;
+    int max_len = 1;
+    for (int r = 0; r < num_rows; r++) max_len = lens[r] > max_len ? lens[r] : max_len;
+    int failed = 0;
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = malloc(sizeof(float) * group * (size_t)max_len);
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int r = 0; r < num_rows; r++) {
+            for (int h = 0; h < num_kv_heads; h++) {
+                if (!scores) continue;
+                const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
+#define ATTEND(D) attend_one(q, k_cache, v_cache, out, rows[r], table, lens[r], h, group, num_heads, \
+                             num_kv_heads, D, block_size, scale, dtype, scores)
+                switch (head_dim) {  /* the common head sizes get loops of known length */
+                    case 64: ATTEND(64); break;
+                    case 128: ATTEND(128); break;
+                    default: ATTEND(head_dim);
+                }
+#undef ATTEND
+            }
+        }
+        free(scores);
+    }
+    return failed ? 2 : 0;
+}

@@ -1,0 +1,87 @@
+"""The native paged-attention kernel against plain attention math, on random pools and tables."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inferlab import kernels
+
+
+def _reference(q, k_cache, v_cache, rows, seqs, lens, tables, scale):
+    """Per row: gather its visible keys through the block table, softmax in fp64."""
+    heads = q.shape[1]
+    _, bs, kvh, d = k_cache.shape
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for r, s, n in zip(rows.tolist(), seqs.tolist(), lens.tolist()):
+        slots = torch.tensor([tables[s, t // bs] * bs + t % bs for t in range(n)])
+        k = k_cache.reshape(-1, kvh, d)[slots].double().repeat_interleave(heads // kvh, dim=1)  # [n, heads, d]
+        v = v_cache.reshape(-1, kvh, d)[slots].double().repeat_interleave(heads // kvh, dim=1)
+        p = (torch.einsum("hd,nhd->hn", q[r].double(), k) * scale).softmax(-1)
+        out[r] = torch.einsum("hn,nhd->hd", p, v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.native_library()
+    if lib is None:
+        pytest.skip("the native kernel did not build here (no C compiler?): the PyTorch path is used")
+    return lib
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 128, 1), (8, 2, 80, 7)])
+def test_kernel_matches_attention_math(lib, dtype, tol, heads, kv_heads, head_dim, block_size):
+    g = torch.Generator().manual_seed(heads * head_dim + block_size)
+    num_blocks = 300 // block_size + 40
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    # three sequences: two decodes (one of a single key) and a prefill chunk of 5 rows over a prefix
+    ctx = [1, 150, 97]
+    width = max(-(-c // block_size) for c in ctx)
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in ctx]).int()
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6])
+    seqs = torch.tensor([0, 1, 2, 2, 2, 2, 2], dtype=torch.int32)
+    lens = torch.tensor([1, 150, 93, 94, 95, 96, 97], dtype=torch.int32)  # causal within the chunk
+    q = torch.randn(8, heads, head_dim, generator=g).to(dtype)  # row 7 is not asked for
+    out = torch.full_like(q, 7.0)
+    scale = head_dim ** -0.5
+    kernels.paged_attention_native(lib, q, k_cache, v_cache, out, rows, seqs, lens, tables, scale)
+    expected = _reference(q, k_cache, v_cache, rows, seqs, lens, tables, scale)
+    torch.testing.assert_close(out[:7].double(), expected[:7], atol=tol, rtol=tol)
+    assert torch.all(out[7] == 7.0), "rows not asked for must be left alone"
+
+
+def test_kernel_refuses_mixed_dtypes(lib):
+    q = torch.zeros(1, 2, 64)
+    cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.paged_attention_native(lib, q, cache, cache, q.clone(), torch.zeros(1, dtype=torch.long),
+                                       torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                                       torch.zeros(1, 1, dtype=torch.int32), 0.125)
+
+
+def test_backend_option_is_validated():
+    from inferlab import EngineConfig
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(attention_backend="flash")
+
+
+def test_disabled_kernel_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("INFERLAB_NATIVE", "0")
+    kernels.native_library.cache_clear()
+    try:
+        assert kernels.native_library() is None
+    finally:
+        kernels.native_library.cache_clear()
+
+
+def test_build_failure_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    kernels.native_library.cache_clear()
+    try:
+        assert kernels.native_library() is None
+        assert "native CPU kernels unavailable" in caplog.text
+    finally:
+        kernels.native_library.cache_clear()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -46,6 +47,19 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy)
 
 
+def add_record_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="write the engine's per-step snapshots to FILE (JSONL) for `inferlab scope --replay`")
+
+
+def recording(engine, path: str | None):
+    """A Recorder on `engine` if `path` is given, else a no-op context: recording off costs nothing."""
+    if path is None:
+        return contextlib.nullcontext()
+    from inferlab.scope.recorder import Recorder
+    return Recorder(engine, path)
+
+
 def sampling_params(a: argparse.Namespace):
     from inferlab.sampling_params import SamplingParams
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
@@ -76,7 +90,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
                    [{"role": "user", "content": a.prompt}]
         text = tok.apply_chat_template(messages)
         prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
-    stream(engine, "generate-0", prompt, sampling_params(a))
+    with recording(engine, a.record):
+        stream(engine, "generate-0", prompt, sampling_params(a))
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
@@ -148,7 +163,12 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> None:
     from inferlab.server.serve import serve
-    serve(engine_config(a), a.host, a.port, a.served_model_name)
+    serve(engine_config(a), a.host, a.port, a.served_model_name, a.record)
+
+
+def cmd_scope(a: argparse.Namespace) -> None:
+    from inferlab.scope.replay import serve_replay
+    serve_replay(a.replay, a.host, a.port)
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -156,7 +176,9 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from inferlab.llm import LLM
     workload = load_workload(a.workload)
     llm = LLM(**vars(engine_config(a)))
-    print(json.dumps(run_bench(llm, workload, use_tqdm=not a.no_progress)))
+    with recording(llm.engine, a.record):
+        result = run_bench(llm, workload, use_tqdm=not a.no_progress)
+    print(json.dumps(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     g.add_argument("--system", default=None, help="system message")
     add_sampling_args(g, temperature=0.0)
+    add_record_arg(g)
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
@@ -203,14 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: from the file name)")
+    add_record_arg(s)
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)
+    o = sub.add_parser("scope", help="the dashboard on a recorded trace (live: `inferlab serve`, then /scope)")
+    o.add_argument("--replay", required=True, metavar="FILE", help="a trace written with --record")
+    o.add_argument("--host", default="127.0.0.1")
+    o.add_argument("--port", type=int, default=8001)
+    o.set_defaults(func=cmd_scope)
     b = sub.add_parser("bench", help="offline throughput on a reference workload, or `bench serve` to load a "
                        "running server; last line is JSON",
                        description="Offline throughput of the engine on a reference workload; `inferlab bench serve "
                                    "--help` for the load generator against a running server.")
     b.add_argument("--workload", default="cpu", help="small, cpu, nano or a JSON file")
     b.add_argument("--no-progress", action="store_true")
+    add_record_arg(b)
     add_engine_args(b)
     b.set_defaults(func=cmd_bench)
     modes = b.add_subparsers(dest="mode", title="modes (default: the offline benchmark)", metavar="[serve]")

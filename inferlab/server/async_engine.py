@@ -131,6 +131,10 @@ class AsyncEngine:
         """Run `fn` on the engine thread between steps (e.g. to read or reset engine state)."""
         return await asyncio.wrap_future(self._call(fn))
 
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` on the engine thread between steps, without waiting (e.g. from a `finally`)."""
+        self._call(fn)
+
     def shutdown(self) -> None:
         """Abort whatever is still running and stop the engine thread."""
         if self._stopped:

@@ -9,6 +9,7 @@ import uvicorn
 from inferlab.config import EngineConfig
 from inferlab.engine import LLMEngine
 from inferlab.model.loader import EMBEDDED_FILE
+from inferlab.scope.recorder import Recorder
 from inferlab.server.app import build_app
 from inferlab.server.async_engine import AsyncEngine
 
@@ -22,11 +23,14 @@ def default_model_name(model: str | None) -> str:
 
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
-          served_model_name: str | None = None) -> None:
-    engine = AsyncEngine(LLMEngine(config))
+          served_model_name: str | None = None, record: str | None = None) -> None:
+    core = LLMEngine(config)
+    recorder = Recorder(core, record) if record else None  # before the engine thread steps
+    engine = AsyncEngine(core)
     name = served_model_name or default_model_name(config.model)
     app = build_app(engine, name)
-    log.info("serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics)", name, host, port)
+    log.info("serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics, dashboard at /scope)",
+             name, host, port)
     # On SIGINT/SIGTERM uvicorn stops accepting, gives in-flight requests a few seconds to
     # finish, then the app's shutdown aborts the rest and stops the engine thread.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
@@ -35,3 +39,5 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
         server.run()
     finally:
         engine.shutdown()
+        if recorder is not None:
+            recorder.close()

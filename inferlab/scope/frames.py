@@ -1,0 +1,72 @@
+"""Frames: what the dashboard draws and a recording stores, one per engine step.
+
+A frame is the engine's detailed snapshot (`LLMEngine.snapshot(detail=True)`: block grid, live
+requests, last batch, counters) plus the time, the per-step batch records since the previous
+frame (so a viewer that gets only a few frames a second still sees every step), and cumulative
+TTFT / inter-token latency histograms. A trace file is a header line, then one frame a line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from inferlab.outputs import RequestOutput
+from inferlab.server.metrics import LATENCY_BUCKETS, EngineMetrics
+
+if TYPE_CHECKING:  # replay needs no model code, so `inferlab scope` starts without torch
+    from inferlab.engine import LLMEngine
+
+TRACE_VERSION = 1
+HISTORY_STEPS = 600  # step records a (re)connecting viewer gets, enough to fill the timeline
+
+
+def header(engine: LLMEngine, mode: str) -> dict:
+    """What a viewer needs before the first frame: the engine's settings and the pool size."""
+    config = dataclasses.asdict(engine.config)
+    return {"type": "header", "version": TRACE_VERSION, "mode": mode, "config": config,
+            "num_blocks": engine.block_manager.num_blocks, "block_size": engine.config.block_size,
+            "latency_buckets": list(LATENCY_BUCKETS)}
+
+
+def encode(obj: dict) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class FrameBuilder:
+    """Collects one small record per step and builds full frames on demand. Runs on the thread
+    that steps the engine. `metrics` are read for the latency histograms; without them the builder
+    keeps its own, fed from each step's outputs."""
+
+    def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None) -> None:
+        self.engine = engine
+        self.feeds_metrics = metrics is None
+        self.metrics = metrics or EngineMetrics()
+        self.start = time.monotonic()
+        self.pending: list[list] = []  # step records since the last frame
+        self.history: deque[list] = deque(maxlen=HISTORY_STEPS)
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.start, 4)
+
+    def on_step(self, outputs: list[RequestOutput]) -> None:
+        if self.feeds_metrics:
+            now = time.monotonic()
+            for out in outputs:
+                self.metrics.observe(out, now)
+        b = self.engine.scheduler.batch_view()
+        record = [self.engine.scheduler.step_count, self.now(), b["prefill"], b["decode"], b["budget"],
+                  b["preempted"]]
+        self.pending.append(record)
+        self.history.append(record)
+
+    def frame(self, with_history: bool = False) -> dict:
+        """A full frame; `with_history` sends the recent step records instead of the new ones, so
+        a viewer that just (re)connected resumes with a filled timeline."""
+        frame = {"type": "frame", "t": self.now(), **self.engine.snapshot(detail=True),
+                 "steps": list(self.history) if with_history else self.pending,
+                 "latency": {"ttft": self.metrics.ttft.counts, "itl": self.metrics.itl.counts}}
+        self.pending = []
+        return frame

@@ -1,0 +1,124 @@
+"""The live dashboard on `inferlab serve`: frames streamed to viewers over SSE (/scope/events) and
+the lab panel's bursts (/scope/lab).
+
+Frames are built on the engine thread, as a step observer that exists only while a viewer is
+connected, at most `interval` apart (and after the step that empties the engine, so a view never
+stops on a stale state). A viewer that connects (or reconnects) first gets a full frame with the
+recent step history; with no frame for a second it gets a fresh one, which also keeps the
+connection alive.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException
+
+from inferlab.outputs import RequestOutput
+from inferlab.sampling_params import SamplingParams
+from inferlab.scope.frames import FrameBuilder, encode, header
+from inferlab.scope.lab import Burst, burst_prompts
+from inferlab.scope.web import mount_pages
+from inferlab.server.async_engine import AsyncEngine
+
+QUEUE_FRAMES = 4  # frames a slow viewer may lag behind before the oldest are dropped
+HEARTBEAT_S = 1.0
+
+
+def offer(q: asyncio.Queue, item: str) -> None:
+    if q.full():
+        q.get_nowait()
+    q.put_nowait(item)
+
+
+class ScopeFeed:
+    def __init__(self, engine: AsyncEngine, interval: float = 0.2) -> None:
+        self.engine = engine
+        self.interval = interval
+        self.builder = FrameBuilder(engine.engine, engine.metrics)
+        self.viewers: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.last_sent = 0.0
+        self._ids = itertools.count()
+
+    # -- on the engine thread -----------------------------------------------------------------
+    def on_step(self, outputs: list[RequestOutput]) -> None:
+        self.builder.on_step(outputs)
+        now = time.monotonic()
+        if now - self.last_sent >= self.interval or not self.engine.engine.has_unfinished_requests():
+            self.last_sent = now
+            frame = encode(self.builder.frame())
+            for loop, q in list(self.viewers.values()):
+                loop.call_soon_threadsafe(offer, q, frame)
+
+    def _join(self, key: int, loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> str:
+        if not self.viewers:
+            self.engine.engine.step_observers.append(self.on_step)
+        self.viewers[key] = (loop, q)
+        return encode(self.builder.frame(with_history=True))
+
+    def _leave(self, key: int) -> None:
+        self.viewers.pop(key, None)
+        if not self.viewers and self.on_step in self.engine.engine.step_observers:
+            self.engine.engine.step_observers.remove(self.on_step)
+
+    # -- on the event loop --------------------------------------------------------------------
+    async def events(self) -> AsyncIterator[str]:
+        key, q, loop = next(self._ids), asyncio.Queue(QUEUE_FRAMES), asyncio.get_running_loop()
+        first = await self.engine.run(lambda: self._join(key, loop, q))
+        try:
+            yield f"data: {first}\n\n"
+            while True:
+                try:
+                    frame = await asyncio.wait_for(q.get(), HEARTBEAT_S)
+                except asyncio.TimeoutError:
+                    frame = await self.engine.run(lambda: encode(self.builder.frame()))
+                yield f"data: {frame}\n\n"
+        finally:
+            self.engine.post(lambda: self._leave(key))
+
+
+def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
+    """Add /scope, /scope/info, /scope/events and /scope/lab to the server's app."""
+    feed = ScopeFeed(engine)
+    core = engine.engine
+    mount_pages(app, lambda: header(core, "live"))
+    drains: set[asyncio.Task] = set()
+
+    @app.get("/scope/events")
+    async def scope_events() -> StreamingResponse:
+        return StreamingResponse(feed.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def drain(stream: AsyncIterator[RequestOutput]) -> None:
+        async for _ in stream:
+            pass
+
+    @app.post("/scope/lab")
+    async def lab(burst: Burst) -> dict:
+        """Submit a burst through the same path as the OpenAI endpoints; all or none are added."""
+        if burst.prompt_len >= core.max_request_tokens:
+            raise HTTPException(400, f"prompt_len {burst.prompt_len} leaves no room to generate: this engine "
+                                     f"holds at most {core.max_request_tokens} tokens per request")
+        prompts = burst_prompts(burst, core.model.args.vocab_size, set(core.eos_token_ids))
+        params = SamplingParams(temperature=0.0, max_tokens=burst.output_len, ignore_eos=True)
+        base, added = uuid.uuid4().hex[:6], []
+        try:
+            for i, ids in enumerate(prompts):
+                rid = f"lab-{base}-{i}"
+                stream = await engine.add(rid, {"prompt_token_ids": ids}, params, burst.priority)
+                added.append(rid)
+                task = asyncio.ensure_future(drain(stream))
+                drains.add(task)
+                task.add_done_callback(drains.discard)
+        except ValueError as e:
+            for rid in added:
+                engine.abort(rid)
+            raise HTTPException(400, str(e)) from None
+        return {"request_ids": added}
+
+    return feed

@@ -1,0 +1,67 @@
+"""Recording: `--record FILE` writes a header line, then one frame after every engine step (JSONL),
+and `read_trace` reads such a file back for replay, refusing anything else with one line."""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from inferlab.outputs import RequestOutput
+from inferlab.scope.frames import TRACE_VERSION, FrameBuilder, encode, header
+
+if TYPE_CHECKING:
+    from inferlab.engine import LLMEngine
+
+
+class Recorder:
+    """Watches an engine from the moment it is made until `close()`; use it as a context manager.
+    It runs on the thread that steps the engine, as a step observer."""
+
+    def __init__(self, engine: LLMEngine, path: str) -> None:
+        self.engine = engine
+        self.builder = FrameBuilder(engine)
+        self.file = open(path, "w")  # noqa: SIM115 - closed by close()
+        self.file.write(encode(header(engine, "replay")) + "\n")
+        self.frames = 0
+        engine.step_observers.append(self.on_step)
+
+    def on_step(self, outputs: list[RequestOutput]) -> None:
+        self.builder.on_step(outputs)
+        self.file.write(encode(self.builder.frame()) + "\n")
+        self.frames += 1
+
+    def close(self) -> None:
+        if self.on_step in self.engine.step_observers:
+            self.engine.step_observers.remove(self.on_step)
+        self.file.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_trace(path: str) -> tuple[dict, list[str]]:
+    """(header, frame lines) of a trace; ValueError naming the file and line if it is not one."""
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: empty file, not an inferlab trace")
+    try:
+        head = json.loads(lines[0])
+    except json.JSONDecodeError:
+        head = None
+    if not isinstance(head, dict) or head.get("type") != "header":
+        raise ValueError(f"{path}: line 1 is not an inferlab trace header (record one with --record)")
+    if head.get("version") != TRACE_VERSION:
+        raise ValueError(f"{path}: trace version {head.get('version')} is not supported (expected {TRACE_VERSION})")
+    frames = lines[1:]
+    for i, line in enumerate(frames, start=2):
+        if not line.startswith('{"type":"frame"'):
+            raise ValueError(f"{path}: line {i} is not a frame")
+    if frames:
+        try:
+            json.loads(frames[-1])
+        except json.JSONDecodeError:  # a recording stopped mid-write: keep what is whole
+            frames.pop()
+    return head, frames

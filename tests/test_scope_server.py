@@ -1,0 +1,102 @@
+"""The live dashboard's server side on a tiny random model: the lab panel's bursts (prefix sharing,
+preemption under the priority policy, bad input refused in one line with nothing leaked) and the
+SSE feed (frames as requests run, nothing watching once the viewer leaves, resuming on reconnect)."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from test_server import running_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with running_server(tiny, num_kv_blocks=64, block_size=4, scheduling_policy="priority") as s:
+        yield s
+
+
+def lab(server, **burst) -> httpx.Response:
+    return httpx.post(f"{server.url}/scope/lab", json=burst, timeout=30)
+
+
+def frames(response: httpx.Response) -> Iterator[dict]:
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield json.loads(line[6:])
+
+
+def test_lab_bursts_share_the_system_prompt(server):
+    before = server.wait_idle()
+    r = lab(server, count=1, prompt_len=32, output_len=4)
+    assert r.status_code == 200 and len(r.json()["request_ids"]) == 1
+    server.wait_idle()
+    r = lab(server, count=3, prompt_len=32, output_len=4)
+    ids = r.json()["request_ids"]
+    assert len(ids) == 3 and all(i.startswith("lab-") for i in ids)
+    m = server.wait_idle(lambda m: m["inferlab:generation_tokens_total"] >= before["inferlab:generation_tokens_total"]
+                         + 16)
+    hits = m["inferlab:prefix_cache_hits_total"] - before["inferlab:prefix_cache_hits_total"]
+    assert hits >= 3 * 24  # the shared 3/4 of each prompt came from the first burst's cached blocks
+    server.check_engine()
+
+
+def test_lab_bursts_preempt_lower_priority(server):
+    before = server.wait_idle()
+    assert lab(server, count=6, prompt_len=16, output_len=40, priority=5, shared_prefix=False).status_code == 200
+    assert lab(server, count=2, prompt_len=16, output_len=40, priority=0, shared_prefix=False).status_code == 200
+    m = server.wait_idle(lambda m: m["inferlab:generation_tokens_total"] >= before["inferlab:generation_tokens_total"]
+                         + 8 * 40)
+    assert m["inferlab:num_preemptions_total"] > before["inferlab:num_preemptions_total"]
+    server.check_engine()
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"count": 0}, "count: Input should be greater than or equal to 1"),
+    ({"count": 100000}, "count: Input should be less than or equal to 256"),
+    ({"output_len": 0}, "output_len: Input should be greater than or equal to 1"),
+    ({"priority": "high"}, "priority: Input should be a valid integer"),
+    ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+    ({"prompt_len": 10**9}, "prompt_len 1000000000 leaves no room to generate"),
+    ("[1, 2", "the request body is not valid JSON"),
+])
+def test_lab_refuses_bad_bursts_in_one_line(server, body, message):
+    if isinstance(body, str):
+        r = httpx.post(f"{server.url}/scope/lab", content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = lab(server, **body)
+    assert r.status_code == 400
+    error = r.json()["error"]["message"]
+    assert error.startswith(message) and "\n" not in error
+    server.wait_idle()
+    server.check_engine()
+
+
+def test_viewer_sees_requests_run_and_resumes_after_reconnect(server):
+    server.wait_idle()
+    core = server.engine.engine
+    with httpx.stream("GET", f"{server.url}/scope/events", timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        stream = frames(r)
+        first = next(stream)
+        assert first["requests"] == [] and sum(n for _, n in first["kv"]["cells"]) == 64
+        assert len(core.step_observers) == 1  # the feed watches only while someone views
+        lab(server, count=3, prompt_len=20, output_len=30, shared_prefix=False)
+        steps, running = [], []
+        for frame in stream:
+            steps += [s[0] for s in frame["steps"]]
+            running += [r for r in frame["requests"] if r["state"] == "running" and r["blocks"]]
+            if frame["num_running"] == 0 and frame["num_waiting"] == 0 and running:
+                break
+        assert steps == sorted(steps) and len(steps) == len(set(steps)) >= 30  # every step, once
+        assert len({r["id"] for r in running}) == 3 and all(r["id"].startswith("lab-") for r in running)
+    deadline = time.monotonic() + 10
+    while core.step_observers:  # the viewer left: the engine goes back to doing no snapshot work
+        assert time.monotonic() < deadline, "the feed still watches after its viewer left"
+        time.sleep(0.05)
+    with httpx.stream("GET", f"{server.url}/scope/events", timeout=30) as r:
+        again = next(frames(r))
+        assert steps[-1] in [s[0] for s in again["steps"]]  # the timeline resumes where it was
+        assert again["step"] >= steps[-1]

@@ -24,7 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf"])
+    g.add_argument("--scheduling-policy", default="fcfs",
+                   help="fcfs, priority, sjf, or a policy of your own: module:Class or file.py:Class")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -144,9 +145,10 @@ def cmd_simulate(a: argparse.Namespace) -> None:
         a.num_requests, a.rate, a.prompt_len, a.output_len, a.seed, a.burst, a.shared_prefix, a.priorities)
     config = EngineConfig(block_size=a.block_size, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                           max_num_batched_tokens=a.max_num_batched_tokens, scheduling_policy=a.policy,
-                          enable_prefix_caching=not a.no_prefix_caching)
+                          enable_prefix_caching=not a.no_prefix_caching, sjf_aging_rate=a.sjf_aging_rate)
     cost = CostModel.load(a.cost_model) if a.cost_model else DEFAULT
-    result = {"policy": a.policy, "requests": len(trace), **simulate(config, a.num_kv_blocks, trace, cost)}
+    result = {"policy": a.policy, "requests": len(trace), "replicas": a.replicas, "router": a.router,
+              **simulate(config, a.num_kv_blocks, trace, cost, a.replicas, a.router)}
     for key, value in result.items():
         print(f"{key:>16}  {value}")
     print(json.dumps(result))
@@ -201,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("simulate", help="replay a trace on the real scheduler with a virtual clock")
     m.add_argument("--num-requests", type=int, default=1000)
     m.add_argument("--rate", type=float, default=10.0, help="requests/s, Poisson (inf: all at once)")
-    m.add_argument("--policy", default="fcfs", choices=["fcfs", "priority", "sjf"])
+    m.add_argument("--policy", default="fcfs", help="fcfs, priority, sjf, or module:Class / file.py:Class")
+    m.add_argument("--sjf-aging-rate", type=float, default=20.0, help="sjf: tokens of work forgiven per second waited")
+    m.add_argument("--replicas", type=int, default=1, help="engines behind a router")
+    m.add_argument("--router", default="round_robin", choices=["round_robin", "least_loaded", "prefix_aware"])
     m.add_argument("--trace", default=None, help="JSONL: arrival, prompt_len, output_len[, priority, prefix_id, ...]")
     m.add_argument("--cost-model", default=None, help="file written by `inferlab calibrate` (default: built in)")
     m.add_argument("--prompt-len", type=_range, default=(64, 512), help="LO:HI tokens")

@@ -5,13 +5,15 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from inferlab import SamplingParams
 from inferlab.config import EngineConfig
 from inferlab.sim.calibrate import calibrate
 from inferlab.sim.cost_model import DEFAULT, CostModel, StepFeatures
-from inferlab.sim.simulator import load_trace, make_trace, simulate
+from inferlab.sim.simulator import TraceRequest, load_trace, make_trace, run, simulate, summarize
 
 
 def test_fit_recovers_a_known_cost_model():
@@ -88,3 +90,60 @@ def test_simulate_command_prints_json_last():
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["completed"] == 50 and result["policy"] == "sjf"
+
+
+def test_prefix_aware_router_keeps_each_prefix_on_one_replica():
+    # 16 system prompts of 32 blocks each cannot all stay cached in a 256-block replica
+    trace = make_trace(400, 6.0, (64, 128), (8, 32), seed=5, shared_prefix=(16, 512))
+    rr = simulate(config(), 256, trace, DEFAULT, replicas=4, router="round_robin")
+    aware = simulate(config(), 256, trace, DEFAULT, replicas=4, router="prefix_aware")
+    assert rr["completed"] == aware["completed"] == 400
+    assert aware["prefix_hit_rate"] > rr["prefix_hit_rate"] + 0.05
+    assert aware["prefill_tokens"] < 0.7 * rr["prefill_tokens"]
+
+
+def test_least_loaded_router_avoids_piling_long_jobs_on_one_replica():
+    # every 4th request is long: round robin sends all of them to the same one of 4 replicas
+    trace = [TraceRequest(i * 0.25, 64, 800 if i % 4 == 0 else 16) for i in range(400)]
+    rr = simulate(config(), 1024, trace, DEFAULT, replicas=4, router="round_robin")
+    least = simulate(config(), 1024, trace, DEFAULT, replicas=4, router="least_loaded")
+    assert least["queue_s_p99"] < 0.1 * rr["queue_s_p99"] and least["makespan_s"] < rr["makespan_s"]
+
+
+def test_replicas_share_the_load_and_every_request_runs_once():
+    trace = make_trace(300, float("inf"), (16, 200), (4, 64), seed=8)
+    one = run(config(), 512, trace, DEFAULT)
+    two = run(config(), 512, trace, DEFAULT, replicas=2, router="round_robin")
+    assert sorted(r[0] for r in two.records) == list(range(300))
+    assert [len(r.done) for r in two.replicas] == [150, 150]
+    assert summarize(two)["makespan_s"] < 0.7 * summarize(one)["makespan_s"]
+    with pytest.raises(ValueError, match="router"):
+        run(config(), 512, trace, DEFAULT, replicas=2, router="random")
+
+
+USER_POLICY = f"{Path(__file__).parent.parent / 'examples' / 'srpt.py'}:ShortestPredictedOutput"
+
+
+def test_a_user_policy_from_a_file_runs_in_the_simulator_and_the_engine(make_tiny_engine):
+    r = subprocess.run([sys.executable, "-m", "inferlab.cli", "simulate", "--num-requests", "60", "--rate", "inf",
+                        "--policy", USER_POLICY, "--num-kv-blocks", "128"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["completed"] == 60
+    engine = make_tiny_engine(max_num_seqs=1, scheduling_policy=USER_POLICY)
+    # predicted outputs: 32 + prompt/2 capped by max_tokens -> the short-prompt request first
+    for rid, n in (("long", 40), ("short", 8)):
+        engine.add_request(rid, {"prompt_token_ids": list(range(300, 300 + n))},
+                           SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["short", "long"]
+
+
+@pytest.mark.parametrize("policy, message", [("lifo", "unknown scheduling_policy"),
+                                              ("nowhere.py:Q", "cannot load"),
+                                              ("inferlab.request:Request", "not a subclass")])
+def test_a_bad_policy_is_one_line_and_exit_2(policy, message):
+    r = subprocess.run([sys.executable, "-m", "inferlab.cli", "simulate", "--policy", policy],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,90 @@
+"""Replica: one simulated engine — the engine's own Scheduler, policy queue and BlockManager,
+stepped on its own virtual clock by the cost model instead of the model. Every output token is
+a dummy, so requests run to their max_tokens (like the benchmarks' ignore_eos)."""
+from __future__ import annotations
+
+from inferlab.block_manager import BlockManager
+from inferlab.config import EngineConfig
+from inferlab.policy import make_queue
+from inferlab.request import Request, RequestStatus
+from inferlab.sampling_params import SamplingParams
+from inferlab.scheduler import Scheduler
+from inferlab.sim.cost_model import CostModel
+from inferlab.sim.trace import TraceRequest, prompt_tokens
+
+_PARAMS = SamplingParams(max_tokens=None)
+
+# A finished request: (trace index, arrival, first scheduled, first token, finish, output tokens)
+Record = tuple[int, float, float, float, float, int]
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Replica:
+    def __init__(self, config: EngineConfig, num_blocks: int, cost: CostModel) -> None:
+        self.clock = VirtualClock()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager,
+                                   make_queue(config.scheduling_policy, config.sjf_aging_rate), self.clock)
+        self.cost = cost
+        self.done: list[Record] = []
+        self.steps = self.output_tokens = self.prefill_tokens = 0
+        self.peak_usage = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def load(self) -> int:
+        """Requests admitted and not yet finished: what a least-loaded router compares."""
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
+
+    def add(self, i: int, t: TraceRequest, max_tokens: int) -> None:
+        if not self.busy:
+            self.clock.now = max(self.clock.now, t.arrival)  # idle until this arrival
+        self.scheduler.add_request(Request(str(i), prompt_tokens(i, t), _PARAMS, t.arrival,
+                                           max_tokens=max_tokens, priority=t.priority))
+
+    def step(self) -> None:
+        sched, cost = self.scheduler, self.cost
+        out = sched.schedule()
+        if not out.scheduled:
+            raise RuntimeError("scheduler made no progress")  # cannot happen: a lone request always fits
+        # One pass does what StepFeatures.of, the runner and the stop rules would do separately:
+        # it runs once per running request per step, millions of times in a long replay.
+        prefill = decodes = context = 0
+        sampled: dict[str, int] = {}
+        finishing = []
+        for req, n in out.scheduled:
+            end = req.num_computed_tokens + n
+            context += end
+            num_prompt = len(req.prompt_token_ids)
+            if n == 1 and end > num_prompt:
+                decodes += 1
+            else:
+                prefill += n
+            if end == len(req.token_ids):  # the chunk reaches the last token: one is sampled
+                sampled[req.request_id] = 0
+                if end + 1 - num_prompt >= req.max_tokens:
+                    finishing.append(req)
+        self.clock.now += (cost.base + cost.per_prefill_token * prefill + cost.per_decode_seq * decodes
+                           + cost.per_context_token * context)
+        self.steps += 1
+        self.prefill_tokens += prefill
+        usage = self.block_manager.usage
+        if usage > self.peak_usage:
+            self.peak_usage = usage
+        sched.update_from_output(out, sampled)
+        now = self.clock.now
+        for req in finishing:
+            self.output_tokens += req.num_output_tokens
+            sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
+            self.done.append((int(req.request_id), req.arrival_time, req.first_scheduled_time,
+                              req.first_token_time, now, req.max_tokens))

@@ -69,7 +69,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, d]; k, v: [T, kv_heads, d] for this step's tokens. Returns [T, heads, d]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, even where q is a strided view into the qkv output
     heads, d = q.shape[1:]
     kvh = k.shape[1]
     native = meta.native

@@ -20,6 +20,14 @@ class SampleResult:
     top_logprobs: dict[int, float] | None = None
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (first index of the maximum, like torch). On CPU, numpy's is ~15x faster
+    than torch's for a [64, 49152] batch of logits, which made greedy sampling a visible cost."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.numpy().argmax(-1))
+    return x.argmax(-1)
+
+
 def apply_penalties(logits: torch.Tensor, req: Request) -> None:
     """In place on one row. Repetition penalty (HF/CTRL style) covers prompt and output;
     presence and frequency penalties (OpenAI style) cover the output only."""
@@ -67,7 +75,7 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
         if r.num_output_tokens < r.params.min_tokens:
             banned = [t for t in ({*eos_ids, *(r.params.stop_token_ids or [])}) if t < logits.shape[-1]]
             logits[i, banned] = float("-inf")
-    tokens = logits.argmax(-1)
+    tokens = argmax_rows(logits)
     sampled_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)

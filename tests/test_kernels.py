@@ -85,3 +85,33 @@ def test_build_failure_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
         assert "native CPU kernels unavailable" in caplog.text
     finally:
         kernels.native_library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_ops_match_their_reference(lib, dtype, tol):
+    from inferlab import ops
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 96, generator=g).to(dtype)
+    residual = torch.randn(37, 96, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    ref_out, ref_sum = ops.rms_norm_ref(x, weight, 1e-6, residual.clone())
+    out, new_sum = ops.rms_norm(x, weight, 1e-6, residual)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(new_sum, ref_sum)  # the sum, exactly as the reference rounds it
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-6)[0].float(), ops.rms_norm_ref(x, weight, 1e-6)[0].float(),
+                               atol=tol, rtol=tol)
+
+    gate_up = torch.randn(37, 2 * 80, generator=g).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_and_mul(gate_up).float(), (torch.nn.functional.silu(gate) * up).float(),
+                               atol=tol, rtol=tol)
+
+    # rope on a strided view, as the model does on the fused qkv output: only the view changes
+    qkv = torch.randn(37, 5 * 64, generator=g).to(dtype)
+    before = qkv.clone()
+    q = qkv[:, :3 * 64].view(37, 3, 64)
+    freqs = torch.arange(37).float()[:, None] * (10000.0 ** (-torch.arange(32).float() / 32))
+    expected = ops.rope_ref(q.clone(), freqs.cos(), freqs.sin())
+    assert ops.rope(q, freqs.cos(), freqs.sin()).data_ptr() == qkv.data_ptr()
+    torch.testing.assert_close(qkv[:, :3 * 64].view(37, 3, 64).float(), expected.float(), atol=tol, rtol=tol)
+    assert torch.equal(qkv[:, 3 * 64:], before[:, 3 * 64:])

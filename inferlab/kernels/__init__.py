@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("inferlab")
-SOURCE = Path(__file__).with_name("paged_attention.c")
+SOURCES = sorted(Path(__file__).parent.glob("*.c"))
 # Compile with -ffast-math (vectorized expf and reductions) but link without it: linking with it
 # would pull in crtfastmath, which flushes denormals to zero for the whole process on load.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-mprefer-vector-width=512", "-fPIC", "-std=c11"]
@@ -41,17 +41,22 @@ def _cpu_key() -> str:
 
 
 def _build() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LINK).encode() + _cpu_key().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(" ".join(FLAGS + LINK).encode() + _cpu_key().encode())
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    key = digest.hexdigest()[:16]
     cache = Path(os.environ.get("INFERLAB_CACHE", Path.home() / ".cache" / "inferlab")) / "kernels"
-    lib = cache / f"paged_attention-{key}.so"
+    lib = cache / f"inferlab_kernels-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
     cc = os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
-        obj, out = Path(tmp) / "kernel.o", Path(tmp) / lib.name
-        subprocess.run([cc, *FLAGS, "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True, text=True)
-        subprocess.run([cc, str(obj), "-o", str(out), *LINK], check=True, capture_output=True, text=True)
+        objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+        for src, obj in zip(SOURCES, objs):
+            subprocess.run([cc, *FLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, text=True)
+        out = Path(tmp) / lib.name
+        subprocess.run([cc, *map(str, objs), "-o", str(out), *LINK], check=True, capture_output=True, text=True)
         os.replace(out, lib)
     return lib
 
@@ -67,24 +72,33 @@ def native_library() -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("native CPU kernels unavailable, using the PyTorch path: %s", detail.strip().splitlines()[-1:])
         return None
-    p, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.paged_attention.argtypes = [p, p, p, p, p, p, p, i32, p, i32, i32, i32, i32, i32, f32, i32, i32]
+    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.paged_attention.argtypes = [p, p, p, p, i64, p, p, p, i32, p, i32, i32, i32, i32, i32, f32, i32, i32]
     lib.paged_attention.restype = i32
+    lib.rms_norm.argtypes = [p, p, p, p, i64, i32, f32, i32, i32]
+    lib.silu_and_mul.argtypes = [p, p, i64, i32, i32, i32]
+    lib.rope.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32]
+    for fn in (lib.rms_norm, lib.silu_and_mul, lib.rope):
+        fn.restype = None
     return lib
 
 
 def paged_attention_native(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            out: torch.Tensor, rows: torch.Tensor, seqs: torch.Tensor, lens: torch.Tensor,
                            block_tables: torch.Tensor, scale: float) -> None:
-    """Attention for `rows` of q ([T, heads, d], written into out) against paged K/V.
+    """Attention for `rows` of q ([T, heads, d], written into out, [T, heads, d] contiguous) against
+    paged K/V. q may be a view with a row stride (into the fused qkv output); its heads must be dense.
     rows: int64 row ids; seqs: int32 index into block_tables ([S, W] int32); lens: int32 keys seen."""
     num_heads, head_dim = q.shape[1:]
     _, block_size, num_kv_heads, _ = k_cache.shape
-    for t in (q, k_cache, v_cache, out):
+    for t in (out, k_cache, v_cache):
         if not t.is_contiguous() or t.dtype != q.dtype:
             raise ValueError("paged_attention_native needs contiguous tensors of one dtype")
+    if q.stride()[1:] != (head_dim, 1):
+        raise ValueError("paged_attention_native needs q's heads dense in memory")
     status = lib.paged_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), rows.data_ptr(), seqs.data_ptr(),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), rows.data_ptr(),
+        seqs.data_ptr(),
         lens.data_ptr(), rows.numel(), block_tables.data_ptr(), block_tables.shape[1], num_heads, num_kv_heads,
         head_dim, block_size, scale, DTYPE_CODES[q.dtype], torch.get_num_threads())
     if status:

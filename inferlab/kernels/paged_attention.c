@@ -15,10 +15,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 enum { F32 = 0, BF16 = 1 };
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
+#define PREFETCH_AHEAD 4 /* blocks */
 
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
@@ -44,15 +48,37 @@ static inline void load_row(float *restrict dst, const void *base, int64_t offse
     }
 }
 
+#if defined(__AVX512BF16__)
+/* q . k for bf16 rows of length D (a multiple of 32): one instruction per 32 pairs, fp32 sums. */
+static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < D; i += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+    return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+/* Ask for the next block's rows of this head ahead of use: blocks sit anywhere in the pool, so
+ * the hardware prefetcher cannot guess where the next one starts. */
+static inline void prefetch_block(const void *cache, const int32_t *table, int t0, int n, int block_size,
+                                  int64_t token_stride, int64_t head_off, int row_bytes, int elem) {
+    if (t0 >= n) return;
+    const char *base = (const char *)cache + (((int64_t)table[t0 / block_size] * block_size) * token_stride + head_off) * elem;
+    const int nt = n - t0 < block_size ? n - t0 : block_size;
+    for (int t = 0; t < nt; t++)
+        for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(base + t * token_stride * elem + b);
+}
+
 /* One task: query row r's heads h*group .. h*group+group-1 against KV head h. `D` is a
  * compile-time constant at each call site below, so the inner loops vectorize without tails. */
-static inline void attend_one(const void *q, const void *k_cache, const void *v_cache, void *out, int64_t row,
+static inline void attend_one(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out, int64_t row,
                               const int32_t *table, int n, int h, int group, int num_heads, int num_kv_heads,
                               const int D, int block_size, float scale, int dtype, float *restrict scores) {
     float qv[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], kv[MAX_HEAD_DIM];
     const int64_t token_stride = (int64_t)num_kv_heads * D;
+    const int elem = dtype == BF16 ? 2 : 4;
     for (int g = 0; g < group; g++) {
-        load_row(qv[g], q, (row * num_heads + h * group + g) * D, D, dtype);
+        load_row(qv[g], q, row * q_stride + (h * group + g) * D, D, dtype);
         for (int i = 0; i < D; i++) qv[g][i] *= scale;
     }
     /* pass 1: scores and their maximum */
@@ -61,6 +87,21 @@ static inline void attend_one(const void *q, const void *k_cache, const void *v_
     for (int t0 = 0; t0 < n; t0 += block_size) {  /* block by block: a block's tokens are contiguous */
         const int64_t base = ((int64_t)table[t0 / block_size] * block_size * num_kv_heads + h) * D;
         const int nt = n - t0 < block_size ? n - t0 : block_size;
+        prefetch_block(k_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, (int64_t)h * D, D * elem, elem);
+#if defined(__AVX512BF16__)
+        if (dtype == BF16 && D % 32 == 0) {  /* bf16 pairs straight from the pool, no widening */
+            const uint16_t *qb = (const uint16_t *)q + row * q_stride + h * group * D;
+            for (int t = 0; t < nt; t++) {
+                const uint16_t *k = (const uint16_t *)k_cache + base + t * token_stride;
+                for (int g = 0; g < group; g++) {
+                    const float s = dot_bf16(qb + g * D, k, D) * scale;
+                    scores[g * n + t0 + t] = s;
+                    mx[g] = s > mx[g] ? s : mx[g];
+                }
+            }
+            continue;
+        }
+#endif
         for (int t = 0; t < nt; t++) {
             load_row(kv, k_cache, base + t * token_stride, D, dtype);
             for (int g = 0; g < group; g++) {
@@ -80,9 +121,34 @@ static inline void attend_one(const void *q, const void *k_cache, const void *v_
         denom[g] = sum;
         memset(acc[g], 0, sizeof(float) * D);
     }
+#if defined(__AVX512BF16__)
+    if (dtype == BF16 && D % 16 == 0 && D <= 128) {  /* one query head at a time, its sum held in registers */
+        for (int g = 0; g < group; g++) {
+            __m512 sum[8];
+            for (int c = 0; c < D / 16; c++) sum[c] = _mm512_setzero_ps();
+            for (int t0 = 0; t0 < n; t0 += block_size) {
+                const int64_t base = ((int64_t)table[t0 / block_size] * block_size * num_kv_heads + h) * D;
+                const int nt = n - t0 < block_size ? n - t0 : block_size;
+                if (g == 0)
+                    prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride,
+                                   (int64_t)h * D, D * elem, elem);
+                for (int t = 0; t < nt; t++) {
+                    const uint16_t *v = (const uint16_t *)v_cache + base + t * token_stride;
+                    const __m512 p = _mm512_set1_ps(scores[g * n + t0 + t]);
+                    for (int c = 0; c < D / 16; c++) {
+                        __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + 16 * c)));
+                        sum[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), sum[c]);
+                    }
+                }
+            }
+            for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(acc[g] + 16 * c, sum[c]);
+        }
+    } else
+#endif
     for (int t0 = 0; t0 < n; t0 += block_size) {
         const int64_t base = ((int64_t)table[t0 / block_size] * block_size * num_kv_heads + h) * D;
         const int nt = n - t0 < block_size ? n - t0 : block_size;
+        prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, (int64_t)h * D, D * elem, elem);
         for (int t = 0; t < nt; t++) {
             load_row(kv, v_cache, base + t * token_stride, D, dtype);
             for (int g = 0; g < group; g++) {
@@ -102,10 +168,10 @@ static inline void attend_one(const void *q, const void *k_cache, const void *v_
     }
 }
 
-/* q, out: [num_tokens, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
+/* q, out: [num_tokens, num_heads, head_dim], q's rows q_stride elements apart; k_cache, v_cache: [num_blocks, block_size,
  * num_kv_heads, head_dim]; for each of num_rows tasks: rows[r] (its row in q/out), seqs[r] (its
  * row in block_tables, which has table_stride ints per sequence) and lens[r] (keys it sees). */
-int paged_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
+int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                     const int64_t *rows, const int32_t *seqs, const int32_t *lens, int num_rows,
                     const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads,
                     int head_dim, int block_size, float scale, int dtype, int num_threads) {
@@ -127,7 +193,7 @@ int paged_attention(const void *q, const void *k_cache, const void *v_cache, voi
             for (int h = 0; h < num_kv_heads; h++) {
                 if (!scores) continue;
                 const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
-#define ATTEND(D) attend_one(q, k_cache, v_cache, out, rows[r], table, lens[r], h, group, num_heads, \
+#define ATTEND(D) attend_one(q, q_stride, k_cache, v_cache, out, rows[r], table, lens[r], h, group, num_heads, \
                              num_kv_heads, D, block_size, scale, dtype, scores)
                 switch (head_dim) {  /* the common head sizes get loops of known length */
                     case 64: ATTEND(64); break;

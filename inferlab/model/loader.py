@@ -42,14 +42,27 @@ def embedded_model_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], EMBEDDED_FILE)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run natively (through oneDNN), about 2x fp32's speed and half
+    its memory traffic. Elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+    """`auto`: on GPU the checkpoint's half type (else bf16, or fp16 where bf16 is missing);
+    on CPU bf16 where the CPU has native bf16, else fp32 (fp16 matmuls are slow on most CPUs)."""
     if name != "auto":
         return getattr(torch, name)
-    if checkpoint_dtype in ("bfloat16", "float16") and device.type == "cuda":
-        return getattr(torch, checkpoint_dtype)
-    if checkpoint_dtype == "bfloat16":
-        return torch.bfloat16
-    return torch.float32  # GGUF dequantizes to fp32; fp16 matmuls are slow on most CPUs
+    if device.type == "cuda":
+        if checkpoint_dtype in ("bfloat16", "float16"):
+            return getattr(torch, checkpoint_dtype)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 
 def load_model(path: str | None, dtype: str, device: torch.device) -> tuple[LlamaForCausalLM, Tokenizer]:

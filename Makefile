@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench experiments clean
 
 setup: $(VENV)/.installed
 
@@ -22,11 +22,17 @@ run: setup
 	$(BIN)/inferlab generate "$(PROMPT)"
 
 test: setup
-	$(BIN)/ruff check inferlab tests
+	$(BIN)/ruff check inferlab tests experiments examples
 	$(BIN)/pytest -q
 
 bench: setup
 	$(BIN)/inferlab bench --workload cpu
+
+# The scheduling lab: each script writes experiments/results/<name>.md and .png (about 30 minutes
+# on 2 cores); `EXPERIMENT_ARGS=--smoke` for the quick version CI runs.
+EXPERIMENTS := kv_waste policies prefix_cache chunked_prefill memory_pressure block_size fidelity
+experiments: setup
+	@for e in $(EXPERIMENTS); do echo "== $$e"; $(BIN)/python experiments/$$e.py $(EXPERIMENT_ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

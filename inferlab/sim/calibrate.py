@@ -17,16 +17,14 @@ def calibrate(engine: LLMEngine, scale: float = 1.0, seed: int = 0) -> tuple[Cos
     """Run the shapes (their sizes multiplied by `scale`) and fit; returns (model, steps timed)."""
     samples: list[tuple[StepFeatures, float]] = []
     execute = engine.runner.execute
+    features: list[StepFeatures] = []
 
-    def timed(scheduled):
-        features = StepFeatures.of(scheduled)
-        start = time.perf_counter()
-        result = execute(scheduled)
-        samples.append((features, time.perf_counter() - start))
-        return result
+    def observed(scheduled):
+        features.append(StepFeatures.of(scheduled))
+        return execute(scheduled)
 
     rng = random.Random(seed)
-    engine.runner.execute = timed
+    engine.runner.execute = observed
     try:
         for i, (n, prompt_len, out_len) in enumerate(SHAPES):
             for j in range(max(1, round(n * scale))):
@@ -35,7 +33,11 @@ def calibrate(engine: LLMEngine, scale: float = 1.0, seed: int = 0) -> tuple[Cos
                                    SamplingParams(temperature=0, max_tokens=max(1, round(out_len * scale)),
                                                   ignore_eos=True))
             while engine.has_unfinished_requests():
+                # the whole step is timed (scheduling, sampling, detokenizing too), as a replay pays it all
+                seen, start = len(features), time.perf_counter()
                 engine.step()
+                if len(features) > seen:
+                    samples.append((features[-1], time.perf_counter() - start))
             engine.block_manager.reset_prefix_cache()
     finally:
         engine.runner.execute = execute

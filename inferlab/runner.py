@@ -32,6 +32,12 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
 
 
+# The kernel scores each query row on its own, so a long chunk over a cached prefix re-reads the
+# prefix once per row; past ~16 rows gathering the prefix once and running SDPA is faster (measured
+# on one core: 32 rows over 600 keys, 1.2 ms vs 0.5 ms; 8 rows, 0.3 ms vs 0.7 ms).
+NATIVE_MAX_CHUNK = 16
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, eos_ids: set[int],
                  native: bool = True) -> None:
@@ -74,11 +80,11 @@ class ModelRunner:
             return torch.from_numpy(tables[i, :num_blocks[i]]).to(dev)
 
         meta = AttentionMetadata(torch.from_numpy(slots).to(dev), [], None, None, None)
-        if self.native is not None:  # fresh prefills by SDPA, every row that reads the cache by the kernel
-            fresh = starts == 0
+        if self.native is not None:  # decodes and short chunks over a prefix by the kernel, the rest by SDPA
+            by_sdpa = (starts == 0) | (counts > NATIVE_MAX_CHUNK)
             meta.prefills = [PrefillSeq(int(row_starts[i]), int(counts[i]), int(ends[i]), seq_table(i))
-                             for i in np.flatnonzero(fresh)]
-            rows = np.flatnonzero(~fresh[seq_of_row])
+                             for i in np.flatnonzero(by_sdpa)]
+            rows = np.flatnonzero(~by_sdpa[seq_of_row])
             meta.native = NativeRows(self.native, torch.from_numpy(rows),
                                      torch.from_numpy(seq_of_row[rows].astype(np.int32)),
                                      torch.from_numpy((positions[rows] + 1).astype(np.int32)),

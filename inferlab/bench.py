@@ -58,3 +58,46 @@ def run_bench(llm: LLM, workload: dict, use_tqdm: bool = True) -> dict:
             "output_tokens": output_tokens, "seconds": round(seconds, 3),
             "output_tok_s": round(output_tokens / seconds, 2),
             "total_tok_s": round((prompt_tokens + output_tokens) / seconds, 2)}
+
+
+def run_hf(workload: dict, dtype: str, model_path: str | None = None, mode: str = "static",
+           batch: int = 16) -> dict:
+    """The same workload through HF transformers `generate` (the baseline every engine is compared
+    with): `static` runs fixed batches of `batch` requests in order, left-padded, each batch
+    generating its longest max_tokens; `sequential` runs one request at a time. Only each
+    request's own max_tokens count as output. Needs `transformers` and `accelerate`."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise ValueError(f"--compare hf needs transformers and accelerate installed ({e})") from None
+    from inferlab.model.loader import embedded_model_path
+
+    path = model_path or embedded_model_path()
+    folder, name = (os.path.split(path) if path.endswith(".gguf") else (path, None))
+    kwargs = {"gguf_file": name} if name else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs).eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    size = 1 if mode == "sequential" else batch
+
+    def generate(reqs: list[dict], new_tokens: int) -> None:
+        width = max(len(r["prompt_token_ids"]) for r in reqs)
+        ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(reqs):  # left padding, so every row's last token is a real one
+            ids[i, width - len(r["prompt_token_ids"]):] = torch.tensor(r["prompt_token_ids"])
+            mask[i, width - len(r["prompt_token_ids"]):] = 1
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=pad)
+
+    reqs = workload["requests"]
+    with torch.inference_mode():
+        generate(reqs[:size], 4)  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(reqs), size):
+            chunk = reqs[i:i + size]
+            generate(chunk, max(r["max_tokens"] for r in chunk))
+        seconds = time.perf_counter() - start
+    output_tokens = sum(r["max_tokens"] for r in reqs)
+    return {"engine": "hf-transformers", "mode": mode, "batch": size, "dtype": dtype, "seconds": round(seconds, 3),
+            "output_tokens": output_tokens, "output_tok_s": round(output_tokens / seconds, 2)}

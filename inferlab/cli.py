@@ -26,6 +26,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--scheduling-policy", default="fcfs",
                    help="fcfs, priority, sjf, or a policy of your own: module:Class or file.py:Class")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "native", "torch"],
+                   help="native: the C kernel reading the paged cache in place (CPU); torch: the reference")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -45,7 +48,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens,
-                        enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy)
+                        enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
+                        attention_backend=a.attention_backend, num_threads=a.threads)
 
 
 def add_record_arg(p: argparse.ArgumentParser) -> None:
@@ -180,6 +184,15 @@ def cmd_bench(a: argparse.Namespace) -> None:
     llm = LLM(**vars(engine_config(a)))
     with recording(llm.engine, a.record):
         result = run_bench(llm, workload, use_tqdm=not a.no_progress)
+    result["dtype"] = str(llm.engine.dtype).removeprefix("torch.")
+    if a.compare == "hf":
+        from inferlab.bench import run_hf
+        print(json.dumps(result))
+        hf = run_hf(workload, result["dtype"], a.model, a.hf_mode, a.hf_batch)
+        print(json.dumps(hf))
+        result = {"inferlab": result, "hf": hf, "speedup": round(result["output_tok_s"] / hf["output_tok_s"], 2)}
+        print(f"inferlab {result['inferlab']['output_tok_s']} tok/s, HF transformers ({hf['mode']}, batch "
+              f"{hf['batch']}) {hf['output_tok_s']} tok/s: {result['speedup']}x", file=sys.stderr)
     print(json.dumps(result))
 
 
@@ -245,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--help` for the load generator against a running server.")
     b.add_argument("--workload", default="cpu", help="small, cpu, nano or a JSON file")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--compare", choices=["hf"], default=None,
+                   help="also run the workload through HF transformers generate, same dtype, and print the ratio")
+    b.add_argument("--hf-mode", choices=["static", "sequential"], default="static")
+    b.add_argument("--hf-batch", type=int, default=16, help="requests per static batch for --compare hf")
     add_record_arg(b)
     add_engine_args(b)
     b.set_defaults(func=cmd_bench)

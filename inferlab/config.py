@@ -27,6 +27,7 @@ class EngineConfig:
     sjf_aging_rate: float = 20.0  # tokens of work forgiven per second of waiting
     # auto: the native CPU kernel where it builds, else PyTorch; torch: always the PyTorch reference
     attention_backend: str = "auto"
+    num_threads: int | None = None  # CPU threads for the model; None: PyTorch's default (the cores)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -50,5 +51,7 @@ class EngineConfig:
         resolve_policy(self.scheduling_policy)  # a one-line ValueError for an unknown or broken policy
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.sjf_aging_rate < 0:
             raise ValueError(f"sjf_aging_rate must be >= 0, got {self.sjf_aging_rate}")

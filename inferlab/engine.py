@@ -47,6 +47,8 @@ class LLMEngine:
         """`loaded` passes an already loaded (model, tokenizer) to share read-only weights
         between engines (tests, experiments); otherwise `config.model` is loaded."""
         self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)  # a process-wide setting: the model is its main user
         if loaded is not None:
             self.model, self.tokenizer = loaded
             self.device = self.model.lm_head.weight.device

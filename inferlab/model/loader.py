@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from inferlab.model import weight_cache
 from inferlab.model.llama import LlamaForCausalLM, ModelArgs, rope_inv_freq
 from inferlab.model.tokenizer import Tokenizer
 
@@ -81,8 +82,7 @@ def load_model(path: str | None, dtype: str, device: torch.device) -> tuple[Llam
     raise ModelLoadError(f"{path} is neither a .gguf file nor a folder with config.json")
 
 
-def _build(args: ModelArgs, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-           device: torch.device) -> LlamaForCausalLM:
+def _construct(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -91,6 +91,12 @@ def _build(args: ModelArgs, weights: Iterator[tuple[str, torch.Tensor]], dtype: 
     finally:
         torch.set_default_dtype(default_dtype)
     model.inv_freq = rope_inv_freq(args).to(device)  # RoPE frequencies stay fp32
+    return model
+
+
+def _build(args: ModelArgs, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
+           device: torch.device) -> LlamaForCausalLM:
+    model = _construct(args, dtype, device)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for name, tensor in weights:
@@ -187,6 +193,13 @@ def _rope_scaling(cfg: dict) -> dict | None:
 def _load_gguf(path: str, dtype: str, device: torch.device) -> tuple[LlamaForCausalLM, Tokenizer]:
     from gguf import GGUFReader, dequantize
 
+    torch_dtype = resolve_dtype(dtype, None, device)
+    cached = weight_cache.load(path, torch_dtype)
+    if cached is not None:
+        args, state, tokenizer_fields = cached
+        model = _construct(args, torch_dtype, device)
+        model.load_state_dict(state, strict=not args.tie_word_embeddings)  # tied: lm_head is the embedding
+        return model.eval(), Tokenizer.from_gguf_fields(tokenizer_fields)
     try:
         reader = GGUFReader(path)
     except Exception as e:  # numpy/struct errors on truncated or foreign files
@@ -219,8 +232,10 @@ def _load_gguf(path: str, dtype: str, device: torch.device) -> tuple[LlamaForCau
                 w = w.view(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
             yield name, w
 
-    model = _build(args, weights(), resolve_dtype(dtype, None, device), device)
-    return model, Tokenizer.from_gguf_fields(fields)
+    model = _build(args, weights(), torch_dtype, device)
+    tokenizer = Tokenizer.from_gguf_fields(fields)
+    weight_cache.save(path, torch_dtype, model, {k: v for k, v in fields.items() if k.startswith("tokenizer.")})
+    return model, tokenizer
 
 
 def _gguf_name(name: str) -> str:

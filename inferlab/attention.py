@@ -52,8 +52,13 @@ class NativeRows:
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, native=None) -> None:
+    """Store this step's K/V ([T, kv_heads, d], rows may be strided views) at their slots."""
     kvh, d = k.shape[-2:]
+    if native is not None and k.stride() == v.stride() and k.stride()[1:] == (d, 1):
+        native.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0),
+                        slot_mapping.data_ptr(), k.shape[0], kvh * d, k.element_size())
+        return
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
 
@@ -68,7 +73,7 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, d]; k, v: [T, kv_heads, d] for this step's tokens. Returns [T, heads, d]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping, meta.native.lib if meta.native else None)
     out = q.new_empty(q.shape)  # contiguous, even where q is a strided view into the qkv output
     heads, d = q.shape[1:]
     kvh = k.shape[1]

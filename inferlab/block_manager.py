@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from itertools import groupby
 
 from inferlab.request import Request
 
@@ -160,14 +161,14 @@ class BlockManager:
 
     def snapshot(self, detail: bool = False) -> dict:
         """Pool counters; with `detail`, also the whole pool as a grid (see `grid`)."""
-        cached_free = sum(1 for b in self.free_queue if self.blocks[b].hash is not None)
-        shared = sum(1 for b in self.blocks if b.ref_count > 1)
-        snap = {"num_blocks": self.num_blocks, "block_size": self.block_size,
-                "free": len(self.free_queue), "cached_free": cached_free, "shared": shared,
+        snap = {"num_blocks": self.num_blocks, "block_size": self.block_size, "free": len(self.free_queue),
                 "usage": self.usage, "prefix_queries": self.prefix_queries,
                 "prefix_hits": self.prefix_hits, "evictions": self.evictions}
         if detail:
-            snap.update(self.grid())
+            snap.update(self.grid())  # counts cached_free and shared on the way
+        else:
+            snap["cached_free"] = sum(1 for b in self.free_queue if self.blocks[b].hash is not None)
+            snap["shared"] = sum(1 for b in self.blocks if b.ref_count > 1)
         return snap
 
     def grid(self) -> dict:
@@ -177,21 +178,20 @@ class BlockManager:
         0 = free, -1 = free but still cached. `hashes`: [[first_block, "hhhhhh..."], ...], six hex
         digits of each consecutive cached block's hash, for a viewer to name a prefix block.
         """
-        cells: list[list[int]] = []
+        # One comprehension and groupby (both in C) rather than a Python loop: this runs for every
+        # recorded step, over thousands of blocks.
+        states = [b.ref_count or (-1 if b.hash is not None else 0) for b in self.blocks]
+        cells = [[state, len(list(run))] for state, run in groupby(states)]
         hashes: list[list] = []
-        for block in self.blocks:
-            state = block.ref_count or (-1 if block.hash is not None else 0)
-            if cells and cells[-1][0] == state:
-                cells[-1][1] += 1
+        for block_id, h in [(b.block_id, b.hash) for b in self.blocks if b.hash is not None]:
+            digits = format(h & 0xFFFFFF, "06x")
+            if hashes and hashes[-1][0] + len(hashes[-1][1]) // 6 == block_id:
+                hashes[-1][1] += digits
             else:
-                cells.append([state, 1])
-            if block.hash is not None:
-                digits = format(block.hash & 0xFFFFFF, "06x")
-                if hashes and hashes[-1][0] + len(hashes[-1][1]) // 6 == block.block_id:
-                    hashes[-1][1] += digits
-                else:
-                    hashes.append([block.block_id, digits])
-        return {"cells": cells, "hashes": hashes}
+                hashes.append([block_id, digits])
+        shared = sum(n for state, n in cells if state > 1)
+        cached_free = sum(n for state, n in cells if state < 0)
+        return {"cells": cells, "hashes": hashes, "shared": shared, "cached_free": cached_free}
 
     def check_integrity(self, live: Iterable[Request]) -> None:
         """Raise `AssertionError` naming the first broken invariant (see the table above)."""

@@ -87,6 +87,9 @@ def test_live_dashboard_follows_a_burst_and_replay_draws_the_same_grid(chromium,
             page.wait_for_timeout(100)
             samples.append(page.evaluate(SAMPLE))
             if samples[-1]["running"] and samples[-1]["batch"] >= 8 and not os.path.exists(shot):
+                page.hover("#grid", position={"x": 4, "y": 4})  # block 0: the shared system prompt's first
+                tip = page.inner_text("#tip")
+                assert tip.startswith("block 0: ref count ") and "owner" in tip and "hash " in tip, tip
                 page.screenshot(path=shot, full_page=True)
         server.wait_idle()
         recorder.close()  # idle again: no step runs

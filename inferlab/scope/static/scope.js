@@ -134,7 +134,10 @@
       + `${f.kv.shared} shared · ${f.kv.cached_free} cached-free · ${f.kv.evictions} evictions`;
   }
 
+  let pointer = null; // the last mouse position over the grid, so the tooltip follows new frames
+
   function onHover(ev) {
+    pointer = ev;
     const g = state.grid, tip = $("tip");
     if (!g || !g.cols) return;
     const canvas = $("grid"), rect = canvas.getBoundingClientRect();
@@ -197,6 +200,7 @@
   function render(f, s, upto) {
     state.frame = f;
     drawGrid(f);
+    if (pointer && !$("tip").hidden) onHover(pointer);
     drawQueues(f);
     const n = upto ?? s.t.length;
     drawTiles(f, s.tput[n - 1] ?? 0);
@@ -282,7 +286,7 @@
       + `budget ${c.max_num_batched_tokens} tokens · max ${c.max_num_seqs} seqs${c.enable_prefix_caching ? "" : " · no prefix cache"}`;
     makeCharts();
     $("grid").addEventListener("mousemove", onHover);
-    $("grid").addEventListener("mouseleave", () => { $("tip").hidden = true; });
+    $("grid").addEventListener("mouseleave", () => { $("tip").hidden = true; pointer = null; });
     if (state.header.mode === "replay") await replay();
     else live();
     window.scope.ready = true;

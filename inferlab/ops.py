@@ -1,4 +1,5 @@
-"""Fused decoder-layer ops: RMSNorm (with the residual add folded in), SiLU-and-mul, RoPE.
+"""Fused decoder-layer ops: RMSNorm (with the residual add folded in), SiLU-and-mul, RoPE, and the
+linear layer at one to four rows (a bf16 GEMV streaming the weights once).
 
 Each has a PyTorch reference (any device, the definition) and uses the native CPU kernel from
 `inferlab.kernels` where it runs, since a chain of PyTorch elementwise ops passes over memory
@@ -72,3 +73,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     lib.rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), t, heads, d, kernels.DTYPE_CODES[x.dtype],
              torch.get_num_threads())
     return x
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias). At 1-4 rows in bf16 on CPU the native GEMV reads the weights at near
+    memory speed (measured 8.4 GB/s on one core against PyTorch's 6.2 at one row, 7.5 vs 4.5 at two);
+    otherwise PyTorch (oneDNN, AMX), which wins once rows are many."""
+    lib = _native(x)
+    if lib is None or x.dtype != torch.bfloat16 or weight.dtype != x.dtype or x.dim() != 2 or \
+            not 1 <= x.shape[0] <= 4 or not (x.is_contiguous() and weight.is_contiguous()):
+        return F.linear(x, weight, bias)
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    if lib.gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], weight.shape[0],
+                     torch.get_num_threads()):
+        return F.linear(x, weight, bias)  # this build has no AVX512-BF16
+    return y if bias is None else y.add_(bias)

@@ -129,3 +129,15 @@ def test_write_kv_matches_index_copy(lib):
     write_kv(caches[2], caches[3], k, v, slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     assert torch.equal(caches[0].view(-1, 3, 64)[33], k[2])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("k", [576, 100])  # 100: a masked tail
+def test_small_batch_linear_matches_matmul(lib, rows, k):
+    from inferlab import ops
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(96, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(96, generator=g).to(torch.bfloat16)
+    expected = x.double() @ w.double().T + b.double()
+    torch.testing.assert_close(ops.linear(x, w, b).double(), expected, atol=0.3, rtol=2e-2)

@@ -79,6 +79,8 @@ def native_library() -> ctypes.CDLL | None:
     lib.silu_and_mul.argtypes = [p, p, i64, i32, i32, i32]
     lib.rope.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32]
     lib.write_kv.argtypes = [p, p, p, p, i64, p, i64, i32, i32]
+    lib.gemv_bf16.argtypes = [p, p, p, i32, i32, i32, i32]
+    lib.gemv_bf16.restype = i32
     for fn in (lib.rms_norm, lib.silu_and_mul, lib.rope, lib.write_kv):
         fn.restype = None
     return lib

@@ -124,6 +124,18 @@ def test_recorder_writes_one_frame_per_step_then_stops_watching(make_tiny_engine
     assert sum(frames[-1]["latency"]["itl"]) == 3 * 4
 
 
+def test_a_failing_recording_stops_without_harming_the_engine(make_tiny_engine, caplog):
+    engine = make_tiny_engine()
+    with Recorder(engine, "/dev/full") as rec:  # every flush fails: no space left on device
+        for i in range(4):
+            engine.add_request(f"r{i}", PREFIX + [800 + i], SamplingParams(max_tokens=40, ignore_eos=True))
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += [o for o in engine.step() if o.finished]
+    assert rec.failed and len(outputs) == 4 and all(len(o.outputs[0].token_ids) == 40 for o in outputs)
+    assert "recording to /dev/full stopped" in caplog.text and engine.step_observers == []
+
+
 @pytest.mark.parametrize("content,message", [
     ("", "empty file"),
     ('{"a": 1}\n', "line 1 is not an inferlab trace header"),

@@ -53,7 +53,10 @@ class ScopeFeed:
             self.last_sent = now
             frame = encode(self.builder.frame())
             for loop, q in list(self.viewers.values()):
-                loop.call_soon_threadsafe(offer, q, frame)
+                try:
+                    loop.call_soon_threadsafe(offer, q, frame)
+                except RuntimeError:  # that viewer's event loop has closed: nobody to tell
+                    pass
 
     def _join(self, key: int, loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> str:
         if not self.viewers:

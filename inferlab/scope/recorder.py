@@ -3,6 +3,7 @@ and `read_trace` reads such a file back for replay, refusing anything else with 
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from inferlab.outputs import RequestOutput
@@ -10,6 +11,8 @@ from inferlab.scope.frames import TRACE_VERSION, FrameBuilder, encode, header
 
 if TYPE_CHECKING:
     from inferlab.engine import LLMEngine
+
+log = logging.getLogger("inferlab")
 
 
 class Recorder:
@@ -22,17 +25,28 @@ class Recorder:
         self.file = open(path, "w")  # noqa: SIM115 - closed by close()
         self.file.write(encode(header(engine, "replay")) + "\n")
         self.frames = 0
+        self.failed = False
         engine.step_observers.append(self.on_step)
 
     def on_step(self, outputs: list[RequestOutput]) -> None:
+        if self.failed:
+            return
         self.builder.on_step(outputs)
-        self.file.write(encode(self.builder.frame()) + "\n")
+        try:
+            self.file.write(encode(self.builder.frame()) + "\n")
+        except OSError as e:  # a full disk stops the recording, never the engine
+            log.error("recording to %s stopped: %s", self.file.name, e)
+            self.failed = True
+            return
         self.frames += 1
 
     def close(self) -> None:
         if self.on_step in self.engine.step_observers:
             self.engine.step_observers.remove(self.on_step)
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as e:
+            log.error("recording to %s lost its last frames: %s", self.file.name, e)
 
     def __enter__(self) -> Recorder:
         return self

@@ -22,7 +22,9 @@ class Recorder:
     def __init__(self, engine: LLMEngine, path: str) -> None:
         self.engine = engine
         self.builder = FrameBuilder(engine)
-        self.file = open(path, "w")  # noqa: SIM115 - closed by close()
+        # Line-buffered: each frame reaches the file at once, so a server stopped by a signal
+        # (uvicorn re-raises it after its graceful shutdown) still leaves a whole trace.
+        self.file = open(path, "w", buffering=1)  # noqa: SIM115 - closed by close()
         self.file.write(encode(header(engine, "replay")) + "\n")
         self.frames = 0
         self.failed = False

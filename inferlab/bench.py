@@ -101,3 +101,29 @@ def run_hf(workload: dict, dtype: str, model_path: str | None = None, mode: str 
     output_tokens = sum(r["max_tokens"] for r in reqs)
     return {"engine": "hf-transformers", "mode": mode, "batch": size, "dtype": dtype, "seconds": round(seconds, 3),
             "output_tokens": output_tokens, "output_tok_s": round(output_tokens / seconds, 2)}
+
+
+def run_latency(llm: LLM, input_len: int = 128, output_len: int = 128, repeats: int = 3) -> dict:
+    """One request alone, like llama.cpp's `llama-bench -p 128 -n 128`: time to first token (the
+    prefill) and time per output token after it, the best of `repeats` runs."""
+    rng = random.Random(0)
+    prompt = {"prompt_token_ids": [rng.randint(0, 10000) for _ in range(input_len)]}
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    engine = llm.engine
+    llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    best_ttft = best_tpot = float("inf")
+    for i in range(repeats):
+        engine.block_manager.reset_prefix_cache()
+        engine.add_request(f"latency-{i}", prompt, params)
+        start = time.perf_counter()
+        engine.step()
+        first = time.perf_counter()
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        best_ttft = min(best_ttft, first - start)
+        best_tpot = min(best_tpot, (time.perf_counter() - first) / max(steps, 1))
+    return {"input_len": input_len, "output_len": output_len, "ttft_ms": round(best_ttft * 1000, 2),
+            "tpot_ms": round(best_tpot * 1000, 2), "decode_tok_s": round(1 / best_tpot, 1),
+            "prefill_tok_s": round(input_len / best_ttft, 1)}

@@ -180,8 +180,12 @@ def cmd_scope(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from inferlab.bench import load_workload, run_bench
     from inferlab.llm import LLM
-    workload = load_workload(a.workload)
     llm = LLM(**vars(engine_config(a)))
+    if a.latency:
+        from inferlab.bench import run_latency
+        print(json.dumps(run_latency(llm, a.input_len, a.output_len)))
+        return
+    workload = load_workload(a.workload)
     with recording(llm.engine, a.record):
         result = run_bench(llm, workload, use_tqdm=not a.no_progress)
     result["dtype"] = str(llm.engine.dtype).removeprefix("torch.")
@@ -262,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the workload through HF transformers generate, same dtype, and print the ratio")
     b.add_argument("--hf-mode", choices=["static", "sequential"], default="static")
     b.add_argument("--hf-batch", type=int, default=16, help="requests per static batch for --compare hf")
+    b.add_argument("--latency", action="store_true",
+                   help="one request alone: time to first token and per output token (like llama-bench)")
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=128)
     add_record_arg(b)
     add_engine_args(b)
     b.set_defaults(func=cmd_bench)

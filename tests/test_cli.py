@@ -58,3 +58,19 @@ def test_bench_prints_json_last_line(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["requests"] == 2 and result["prompt_tokens"] == 70 and result["output_tokens"] == 10
     assert result["output_tok_s"] > 0 and result["seconds"] > 0
+
+
+def test_bench_latency_and_compare_hf(tmp_path):
+    r = inferlab("bench", "--latency", "--input-len", "16", "--output-len", "4", "--num-kv-blocks", "64")
+    assert r.returncode == 0, r.stderr
+    lat = json.loads(r.stdout.strip().splitlines()[-1])
+    assert lat["input_len"] == 16 and lat["output_len"] == 4 and lat["ttft_ms"] > 0 and lat["tpot_ms"] > 0
+    path = tmp_path / "wl.json"
+    path.write_text(json.dumps({"requests": [{"prompt_token_ids": list(range(100, 120)), "max_tokens": 3}]}))
+    r = inferlab("bench", "--workload", str(path), "--no-progress", "--num-kv-blocks", "64", "--compare", "hf",
+                 "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    both = json.loads(r.stdout.strip().splitlines()[-1])
+    assert both["hf"]["output_tokens"] == both["inferlab"]["output_tokens"] == 3
+    assert both["hf"]["dtype"] == both["inferlab"]["dtype"] == "float32"
+    assert both["speedup"] == round(both["inferlab"]["output_tok_s"] / both["hf"]["output_tok_s"], 2)

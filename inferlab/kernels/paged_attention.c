@@ -63,7 +63,8 @@ static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int D) {
 static inline void prefetch_block(const void *cache, const int32_t *table, int t0, int n, int block_size,
                                   int64_t token_stride, int64_t head_off, int row_bytes, int elem) {
     if (t0 >= n) return;
-    const char *base = (const char *)cache + (((int64_t)table[t0 / block_size] * block_size) * token_stride + head_off) * elem;
+    const int64_t first = (int64_t)table[t0 / block_size] * block_size * token_stride + head_off;
+    const char *base = (const char *)cache + first * elem;
     const int nt = n - t0 < block_size ? n - t0 : block_size;
     for (int t = 0; t < nt; t++)
         for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(base + t * token_stride * elem + b);
@@ -71,9 +72,9 @@ static inline void prefetch_block(const void *cache, const int32_t *table, int t
 
 /* One task: query row r's heads h*group .. h*group+group-1 against KV head h. `D` is a
  * compile-time constant at each call site below, so the inner loops vectorize without tails. */
-static inline void attend_one(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out, int64_t row,
-                              const int32_t *table, int n, int h, int group, int num_heads, int num_kv_heads,
-                              const int D, int block_size, float scale, int dtype, float *restrict scores) {
+static inline void attend_one(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                              void *out, int64_t row, const int32_t *table, int n, int h, int group,
+                              int num_heads, int num_kv_heads, const int D, int block_size, float scale, int dtype, float *restrict scores) {
     float qv[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], kv[MAX_HEAD_DIM];
     const int64_t token_stride = (int64_t)num_kv_heads * D;
     const int elem = dtype == BF16 ? 2 : 4;
@@ -87,7 +88,8 @@ static inline void attend_one(const void *q, int64_t q_stride, const void *k_cac
     for (int t0 = 0; t0 < n; t0 += block_size) {  /* block by block: a block's tokens are contiguous */
         const int64_t base = ((int64_t)table[t0 / block_size] * block_size * num_kv_heads + h) * D;
         const int nt = n - t0 < block_size ? n - t0 : block_size;
-        prefetch_block(k_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, (int64_t)h * D, D * elem, elem);
+        prefetch_block(k_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride,
+                       (int64_t)h * D, D * elem, elem);
 #if defined(__AVX512BF16__)
         if (dtype == BF16 && D % 32 == 0) {  /* bf16 pairs straight from the pool, no widening */
             const uint16_t *qb = (const uint16_t *)q + row * q_stride + h * group * D;
@@ -122,7 +124,7 @@ static inline void attend_one(const void *q, int64_t q_stride, const void *k_cac
         memset(acc[g], 0, sizeof(float) * D);
     }
 #if defined(__AVX512BF16__)
-    if (dtype == BF16 && D % 16 == 0 && D <= 128) {  /* one query head at a time, its sum held in registers */
+    if (dtype == BF16 && D % 16 == 0 && D <= 128) {  /* a query head at a time, its sum in registers */
         for (int g = 0; g < group; g++) {
             __m512 sum[8];
             for (int c = 0; c < D / 16; c++) sum[c] = _mm512_setzero_ps();
@@ -148,7 +150,8 @@ static inline void attend_one(const void *q, int64_t q_stride, const void *k_cac
     for (int t0 = 0; t0 < n; t0 += block_size) {
         const int64_t base = ((int64_t)table[t0 / block_size] * block_size * num_kv_heads + h) * D;
         const int nt = n - t0 < block_size ? n - t0 : block_size;
-        prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, (int64_t)h * D, D * elem, elem);
+        prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride,
+                       (int64_t)h * D, D * elem, elem);
         for (int t = 0; t < nt; t++) {
             load_row(kv, v_cache, base + t * token_stride, D, dtype);
             for (int g = 0; g < group; g++) {
@@ -168,9 +171,10 @@ static inline void attend_one(const void *q, int64_t q_stride, const void *k_cac
     }
 }
 
-/* q, out: [num_tokens, num_heads, head_dim], q's rows q_stride elements apart; k_cache, v_cache: [num_blocks, block_size,
- * num_kv_heads, head_dim]; for each of num_rows tasks: rows[r] (its row in q/out), seqs[r] (its
- * row in block_tables, which has table_stride ints per sequence) and lens[r] (keys it sees). */
+/* q, out: [num_tokens, num_heads, head_dim], q's rows q_stride elements apart;
+ * k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; for each of num_rows tasks:
+ * rows[r] (its row in q/out), seqs[r] (its row in block_tables, which has table_stride ints per
+ * sequence) and lens[r] (keys it sees). */
 int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                     const int64_t *rows, const int32_t *seqs, const int32_t *lens, int num_rows,
                     const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads,

@@ -44,12 +44,13 @@ def test_kernel_matches_attention_math(lib, dtype, tol, heads, kv_heads, head_di
     seqs = torch.tensor([0, 1, 2, 2, 2, 2, 2], dtype=torch.int32)
     lens = torch.tensor([1, 150, 93, 94, 95, 96, 97], dtype=torch.int32)  # causal within the chunk
     q = torch.randn(8, heads, head_dim, generator=g).to(dtype)  # row 7 is not asked for
-    out = torch.full_like(q, 7.0)
     scale = head_dim ** -0.5
-    kernels.paged_attention_native(lib, q, k_cache, v_cache, out, rows, seqs, lens, tables, scale)
     expected = _reference(q, k_cache, v_cache, rows, seqs, lens, tables, scale)
-    torch.testing.assert_close(out[:7].double(), expected[:7], atol=tol, rtol=tol)
-    assert torch.all(out[7] == 7.0), "rows not asked for must be left alone"
+    for n in (7, 1):  # many rows: a task per row; one row: a task per (row, KV head)
+        out = torch.full_like(q, 7.0)
+        kernels.paged_attention_native(lib, q, k_cache, v_cache, out, rows[:n], seqs[:n], lens[:n], tables, scale)
+        torch.testing.assert_close(out[:n].double(), expected[:n], atol=tol, rtol=tol)
+        assert torch.all(out[n:] == 7.0), "rows not asked for must be left alone"
 
 
 def test_kernel_refuses_mixed_dtypes(lib):

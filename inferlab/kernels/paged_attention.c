@@ -22,6 +22,7 @@
 enum { F32 = 0, BF16 = 1 };
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
+#define MAX_HEADS 128
 #define PREFETCH_AHEAD 4 /* blocks */
 
 static inline float bf16_to_f32(uint16_t x) {
@@ -74,7 +75,8 @@ static inline void prefetch_block(const void *cache, const int32_t *table, int t
  * compile-time constant at each call site below, so the inner loops vectorize without tails. */
 static inline void attend_one(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                               void *out, int64_t row, const int32_t *table, int n, int h, int group,
-                              int num_heads, int num_kv_heads, const int D, int block_size, float scale, int dtype, float *restrict scores) {
+                              int num_heads, int num_kv_heads, const int D, int block_size, float scale,
+                              int dtype, float *restrict scores) {
     float qv[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], kv[MAX_HEAD_DIM];
     const int64_t token_stride = (int64_t)num_kv_heads * D;
     const int elem = dtype == BF16 ? 2 : 4;
@@ -171,6 +173,64 @@ static inline void attend_one(const void *q, int64_t q_stride, const void *k_cac
     }
 }
 
+#if defined(__AVX512BF16__)
+/* bf16, head_dim D a multiple of 32: one task per query row, all its heads. Each block's K (then V)
+ * rows for every head are contiguous, so a task streams whole blocks instead of one head's slice. */
+static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache,
+                                   const uint16_t *v_cache, uint16_t *out, int64_t row, const int32_t *table,
+                                   int n, int group, int num_heads, int num_kv_heads, const int D, int block_size,
+                                   float scale, float *restrict scores, float *restrict acc) {
+    const int64_t token_stride = (int64_t)num_kv_heads * D;
+    const uint16_t *qr = q + row * q_stride;
+    float mx[MAX_HEADS];
+    for (int j = 0; j < num_heads; j++) mx[j] = -FLT_MAX;
+    for (int t0 = 0; t0 < n; t0 += block_size) {
+        const uint16_t *blk = k_cache + (int64_t)table[t0 / block_size] * block_size * token_stride;
+        const int nt = n - t0 < block_size ? n - t0 : block_size;
+        prefetch_block(k_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
+                       (int)(token_stride * 2), 2);
+        for (int t = 0; t < nt; t++) {
+            for (int j = 0; j < num_heads; j++) {  /* query head j reads KV head j / group */
+                const float s = dot_bf16(qr + j * D, blk + t * token_stride + (j / group) * D, D) * scale;
+                scores[j * n + t0 + t] = s;
+                mx[j] = s > mx[j] ? s : mx[j];
+            }
+        }
+    }
+    float inv[MAX_HEADS];
+    for (int j = 0; j < num_heads; j++) {
+        float *sj = scores + j * n, sum = 0.f;
+        for (int t = 0; t < n; t++) sj[t] = expf(sj[t] - mx[j]);
+        for (int t = 0; t < n; t++) sum += sj[t];
+        inv[j] = sum > 0.f ? 1.f / sum : 0.f;
+        memset(acc + j * D, 0, sizeof(float) * D);
+    }
+    for (int t0 = 0; t0 < n; t0 += block_size) {
+        const uint16_t *blk = v_cache + (int64_t)table[t0 / block_size] * block_size * token_stride;
+        const int nt = n - t0 < block_size ? n - t0 : block_size;
+        prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
+                       (int)(token_stride * 2), 2);
+        for (int j = 0; j < num_heads; j++) {  /* the block stays in L1 across heads */
+            __m512 sum[8];
+            for (int c = 0; c < D / 16; c++) sum[c] = _mm512_loadu_ps(acc + j * D + 16 * c);
+            const float *pj = scores + j * n + t0;
+            const uint16_t *vj = blk + (j / group) * D;
+            for (int t = 0; t < nt; t++) {
+                const __m512 p = _mm512_set1_ps(pj[t]);
+                for (int c = 0; c < D / 16; c++) {
+                    const __m256i *src = (const __m256i *)(vj + t * token_stride + 16 * c);
+                    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(src));
+                    sum[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), sum[c]);
+                }
+            }
+            for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(acc + j * D + 16 * c, sum[c]);
+        }
+    }
+    for (int j = 0; j < num_heads; j++)
+        for (int i = 0; i < D; i++) out[(row * num_heads + j) * D + i] = f32_to_bf16(acc[j * D + i] * inv[j]);
+}
+#endif
+
 /* q, out: [num_tokens, num_heads, head_dim], q's rows q_stride elements apart;
  * k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; for each of num_rows tasks:
  * rows[r] (its row in q/out), seqs[r] (its row in block_tables, which has table_stride ints per
@@ -185,6 +245,36 @@ int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const 
     for (int r = 0; r < num_rows; r++) max_len = lens[r] > max_len ? lens[r] : max_len;
     int failed = 0;
 
+#if defined(__AVX512BF16__)
+    /* whole rows per task where there are enough rows to keep every thread busy (measured 20% faster
+     * at 64 decodes: blocks are read whole), else (row, KV head) tasks */
+    if (dtype == BF16 && head_dim % 32 == 0 && head_dim <= 128 && num_heads <= MAX_HEADS &&
+        num_rows >= 2 * num_threads) {
+#pragma omp parallel num_threads(num_threads)
+        {
+            float *scores = malloc(sizeof(float) * num_heads * (size_t)max_len);
+            float *acc = malloc(sizeof(float) * num_heads * head_dim);
+            if (!scores || !acc) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int r = 0; r < num_rows; r++) {
+                if (!scores || !acc) continue;
+                const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
+                if (head_dim == 64)
+                    attend_row_bf16(q, q_stride, k_cache, v_cache, out, rows[r], table, lens[r], group, num_heads,
+                                    num_kv_heads, 64, block_size, scale, scores, acc);
+                else
+                    attend_row_bf16(q, q_stride, k_cache, v_cache, out, rows[r], table, lens[r], group, num_heads,
+                                    num_kv_heads, head_dim, block_size, scale, scores, acc);
+            }
+            free(scores);
+            free(acc);
+        }
+        return failed ? 2 : 0;
+    }
+#endif
 #pragma omp parallel num_threads(num_threads)
     {
         float *scores = malloc(sizeof(float) * group * (size_t)max_len);

@@ -27,8 +27,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SMOKE = "--smoke" in sys.argv
 
 
-def parse_args(doc: str | None) -> argparse.Namespace:
+def parse_args(doc: str | None, add_options=None) -> argparse.Namespace:
+    """The options every script takes; `add_options(parser)` adds a script's own."""
     p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    if add_options is not None:
+        add_options(p)
     p.add_argument("--smoke", action="store_true", help="a small, fast version (what CI runs)")
     p.add_argument("--out", default=None, help="folder for <name>.md and <name>.png "
                    "(default: experiments/results, or a temporary folder for --smoke)")

@@ -24,12 +24,13 @@ def main() -> None:
     cost, steps = calibrate(eng, scale=0.15 if a.smoke else 1.0)
     eng.block_manager.reset_prefix_cache()
     n = 12 if a.smoke else 1
-    traces = {
-        "Poisson 2 req/s": make_trace(max(12, 300 // n), 2.0 * n, (32, 256), (8, 64), seed=1),
-        "all at once": make_trace(max(8, 96 // n), float("inf"), (32, 256), (8, 64), seed=2),
-    }
+    # All at once first: its measured request rate sets the Poisson trace's rate (60% of it), so
+    # that trace runs below saturation whatever else slows the machine; near saturation a few
+    # percent of cost-model error would turn into an unbounded queue on one side only.
     rows, ratios, names = [], {}, []
-    for name, trace in traces.items():
+
+    def compare(name: str, trace) -> float:
+        """Run `trace` on the engine and the simulator, add the rows; returns the engine's request rate."""
         records, makespan = replay(eng, trace)
         eng.block_manager.reset_prefix_cache()
         real = stats(records, makespan)
@@ -41,6 +42,10 @@ def main() -> None:
             ratios[(name, key)] = sim[key] / real[key] if real[key] else 1.0
             rows.append([f"{name} ({len(trace)} requests)", label, real[key], sim[key],
                          f"{100 * err:+.1f}%" + ("" if key not in HEADLINE or abs(err) <= 0.15 else " (over 15%)")])
+        return len(records) / makespan
+
+    rate = 0.6 * compare("all at once", make_trace(max(8, 96 // n), float("inf"), (32, 256), (8, 32), seed=2))
+    compare(f"Poisson {rate:.2f} req/s", make_trace(max(12, 200 // n), rate, (32, 256), (8, 32), seed=1))
     fig, axes = figure(1, 7.0)
     ax = axes[0][0]
     for k, name in enumerate(names):

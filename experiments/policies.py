@@ -27,6 +27,14 @@ def shorts_and_longs(num_short: int, rate: float, long_every: int, long_len: tup
     return trace, longs
 
 
+def short_job_rate(smoke: bool) -> float:
+    """Short jobs a second the engine serves with 2 running at once, measured now: the engine
+    trace's arrival rate is set from it, so the load is the same whatever else slows the machine."""
+    trace = make_trace(4 if smoke else 12, float("inf"), (24, 64), (4, 16), seed=9)
+    records, makespan = replay(engine(num_kv_blocks=512, max_num_seqs=2), trace)
+    return len(records) / makespan
+
+
 def row(where: str, label: str, records, makespan: float, longs: set[int]) -> list:
     s = stats(records, makespan)
     long_wait = max((r[2] - r[1] for r in records if r[0] in longs), default=0.0)
@@ -35,19 +43,24 @@ def row(where: str, label: str, records, makespan: float, longs: set[int]) -> li
 
 
 def main() -> None:
-    a = parse_args(__doc__)
+    a = parse_args(__doc__, lambda p: p.add_argument(
+        "--policy", action="append", default=[], metavar="SPEC",
+        help="also compare a policy of your own, module:Class or file.py:Class (repeatable)"))
+    policies = POLICIES + [(spec.rpartition(":")[2], spec, 0.0) for spec in a.policy]
     rows = []
-    # real engine: up to 2 running at once, so a queue forms; 3 long jobs among the short ones
-    size = (12, 30.0, (48, 24)) if a.smoke else (40, 6.0, (256, 64))
-    real_trace, real_longs = shorts_and_longs(size[0], size[1], 12, size[2], 1)
-    for label, policy, aging in POLICIES:
+    # real engine: up to 2 running at once, short jobs at 70% of what it serves, for 60 s
+    capacity = short_job_rate(a.smoke)
+    rate, count, long_len = (3 * capacity, 12, (48, 24)) if a.smoke else \
+        (0.7 * capacity, round(42 * capacity), (256, 64))  # 42 = 0.7 * 60 s
+    real_trace, real_longs = shorts_and_longs(count, rate, 25, long_len, 1)
+    for label, policy, aging in policies:
         eng = engine(num_kv_blocks=512, max_num_seqs=2, scheduling_policy=policy, sjf_aging_rate=aging)
         records, makespan = replay(eng, real_trace)
         rows.append(row("engine", label, records, makespan, real_longs))
     # simulator at scale: the same shape, most of the engine's capacity taken by short jobs
     n = 500 if a.smoke else 40000
     sim_trace, sim_longs = shorts_and_longs(n, 5.5, 200, (512, 512), 2)
-    for label, policy, aging in POLICIES:
+    for label, policy, aging in policies:
         config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=1024, scheduling_policy=policy,
                               sjf_aging_rate=aging)
         fleet = run(config, 4096, sim_trace, DEFAULT)
@@ -64,13 +77,18 @@ def main() -> None:
         ax.set_title(f"{where} ({mine[0][2]:,} requests)", fontsize=9)
     axes[0][0].legend(fontsize=7)
     sim = {r[1]: r for r in rows if r[0] == "simulator"}
-    text = (f"In the simulator, SJF cuts the short jobs' mean queue time from {sim['FCFS'][3]:.2f} s (FCFS) to "
+    eng = {r[1]: r for r in rows if r[0] == "engine"}
+    text = (f"On the engine ({capacity:.2f} short jobs/s measured, offered {rate:.2f}/s), SJF gives the short jobs a "
+            f"mean queue of {eng['SJF'][3]:.2f} s against {eng['FCFS'][3]:.2f} s for FCFS; a long job's longest wait "
+            f"is {eng['SJF'][6]:.1f} s under SJF, {eng['SJF+aging'][6]:.1f} s with aging and {eng['FCFS'][6]:.1f} s "
+            "under FCFS. "
+            f"In the simulator, SJF cuts the short jobs' mean queue time from {sim['FCFS'][3]:.2f} s (FCFS) to "
             f"{sim['SJF'][3]:.2f} s, while a long job waits up to {sim['SJF'][6]:.0f} s instead of "
             f"{sim['FCFS'][6]:.1f} s; with aging ({AGING:.0f} tokens/s) the long job's worst wait is "
             f"{sim['SJF+aging'][6]:.1f} s and the short jobs' mean queue {sim['SJF+aging'][3]:.2f} s. Priority "
             f"(long jobs lower) behaves like SJF without aging: worst long wait {sim['priority'][6]:.0f} s.")
     write(a.out, "policies", "Scheduling policies: waiting time and starvation",
-          ["Short jobs: prompt 24-64, output 4-16 tokens, Poisson. Long jobs (every 12th on the engine, 200th in "
+          ["Short jobs: prompt 24-64, output 4-16 tokens, Poisson. Long jobs (every 25th on the engine, 200th in "
            "the simulator): priority 1, prompt/output "
            f"{real_trace[1].prompt_len}/{real_trace[1].output_len} on the engine, 512/512 in the simulator. "
            "Engine: embedded model, max_num_seqs 2. Simulator: built-in cost model, max_num_seqs 8.",

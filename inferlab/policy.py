@@ -92,7 +92,7 @@ class SJFQueue(RequestQueue):
 POLICIES = {"fcfs": FCFSQueue, "priority": PriorityQueue, "sjf": SJFQueue}
 
 
-@functools.lru_cache(maxsize=None)  # a file is executed once, not once per engine or replica
+@functools.cache  # a file is executed once, not once per engine or replica
 def resolve_policy(name: str) -> type[RequestQueue]:
     """A built-in policy name, or `module:Class` / `path/to/file.py:Class` naming a RequestQueue
     subclass of one's own, imported here so that trying a policy needs no edit to the package."""

@@ -11,8 +11,8 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 SCRIPTS = ["kv_waste", "policies", "prefix_cache", "chunked_prefill", "memory_pressure", "block_size", "fidelity"]
 
 
-def run_smoke(name: str, out: Path) -> str:
-    r = subprocess.run([sys.executable, str(EXPERIMENTS / f"{name}.py"), "--smoke", "--out", str(out)],
+def run_smoke(name: str, out: Path, *args: str) -> str:
+    r = subprocess.run([sys.executable, str(EXPERIMENTS / f"{name}.py"), "--smoke", "--out", str(out), *args],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -24,12 +24,19 @@ def table_rows(md: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
 
 
-@pytest.mark.parametrize("name", SCRIPTS[1:])
+@pytest.mark.parametrize("name", SCRIPTS[2:])
 def test_experiment_smoke_run_writes_a_table_and_a_plot(name, tmp_path):
     md = run_smoke(name, tmp_path)
     assert md.startswith("# ") and "Smoke run" in md
     rows = table_rows(md)
     assert len(rows) >= 3 and all(len(r) == len(rows[0]) for r in rows)
+
+
+def test_policy_experiment_compares_a_policy_of_ones_own_on_engine_and_simulator(tmp_path):
+    spec = f"{EXPERIMENTS.parent / 'examples' / 'srpt.py'}:ShortestPredictedOutput"
+    rows = table_rows(run_smoke("policies", tmp_path, "--policy", spec))
+    assert [r[0] for r in rows if r[1] == "ShortestPredictedOutput"] == ["engine", "simulator"]
+    assert {r[1] for r in rows} == {"FCFS", "SJF", "SJF+aging", "priority", "ShortestPredictedOutput"}
 
 
 def test_paged_allocation_wastes_little_where_contiguous_wastes_most(tmp_path):

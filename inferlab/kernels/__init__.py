@@ -68,10 +68,16 @@ def native_library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.CalledProcessError) as e:
+        _declare(lib)
+    except (OSError, subprocess.CalledProcessError, AttributeError) as e:  # AttributeError: a missing symbol
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("native CPU kernels unavailable, using the PyTorch path: %s", detail.strip().splitlines()[-1:])
         return None
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures, so ctypes converts Python ints and floats right."""
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     lib.paged_attention.argtypes = [p, p, p, p, i64, p, p, p, i32, p, i32, i32, i32, i32, i32, f32, i32, i32]
     lib.paged_attention.restype = i32
@@ -83,7 +89,6 @@ def native_library() -> ctypes.CDLL | None:
     lib.gemv_bf16.restype = i32
     for fn in (lib.rms_norm, lib.silu_and_mul, lib.rope, lib.write_kv):
         fn.restype = None
-    return lib
 
 
 def paged_attention_native(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -26,6 +26,7 @@ from inferlab.request import Request, RequestStatus
 from inferlab.runner import ModelRunner, kv_bytes_per_block
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
+from inferlab.threads import ThreadGovernor
 
 log = logging.getLogger("inferlab")
 
@@ -55,6 +56,8 @@ class LLMEngine:
         else:
             self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.model, self.tokenizer = load_model(config.model, config.dtype, self.device)
+        # CPU threads follow the cores other processes leave free, unless fixed by num_threads
+        self.threads = ThreadGovernor() if config.num_threads is None and self.device.type == "cpu" else None
         args = self.model.args
         self.dtype = self.model.lm_head.weight.dtype
         if config.max_model_len is not None and config.max_model_len > args.max_position:
@@ -165,6 +168,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every request that produced a token."""
+        if self.threads is not None:
+            self.threads.update()
         out = self.scheduler.schedule()
         self.last_step_tokens = out.num_tokens
         if not out.scheduled:

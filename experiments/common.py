@@ -70,6 +70,9 @@ def embedded_model():
 
 
 def engine(**config) -> LLMEngine:
+    import torch
+    # a fixed thread count: an engine that adapts to the machine's load would change its step costs mid-run
+    config.setdefault("num_threads", torch.get_num_threads())
     return LLMEngine(EngineConfig(**config), loaded=embedded_model())
 
 

@@ -73,11 +73,11 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, d]; k, v: [T, kv_heads, d] for this step's tokens. Returns [T, heads, d]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping, meta.native.lib if meta.native else None)
+    native = meta.native
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping, native.lib if native else None)
     out = q.new_empty(q.shape)  # contiguous, even where q is a strided view into the qkv output
     heads, d = q.shape[1:]
     kvh = k.shape[1]
-    native = meta.native
     for seq in meta.prefills:
         rows = slice(seq.start, seq.start + seq.num_tokens)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]

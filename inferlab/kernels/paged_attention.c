@@ -59,6 +59,14 @@ static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int D) {
 }
 #endif
 
+/* Softmax numerators in place: s[t] = exp(s[t] - mx); returns their sum (the denominator). */
+static inline float exp_and_sum(float *restrict s, int n, float mx) {
+    float sum = 0.f;
+    for (int t = 0; t < n; t++) s[t] = expf(s[t] - mx);
+    for (int t = 0; t < n; t++) sum += s[t];
+    return sum;
+}
+
 /* Ask for the next block's rows of this head ahead of use: blocks sit anywhere in the pool, so
  * the hardware prefetcher cannot guess where the next one starts. */
 static inline void prefetch_block(const void *cache, const int32_t *table, int t0, int n, int block_size,
@@ -119,10 +127,7 @@ static inline void attend_one(const void *q, int64_t q_stride, const void *k_cac
     /* pass 2: softmax weights, then the weighted sum of values */
     float denom[MAX_GROUP];
     for (int g = 0; g < group; g++) {
-        float *sg = scores + g * n, sum = 0.f;
-        for (int t = 0; t < n; t++) sg[t] = expf(sg[t] - mx[g]);
-        for (int t = 0; t < n; t++) sum += sg[t];
-        denom[g] = sum;
+        denom[g] = exp_and_sum(scores + g * n, n, mx[g]);
         memset(acc[g], 0, sizeof(float) * D);
     }
 #if defined(__AVX512BF16__)
@@ -199,9 +204,7 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
     }
     float inv[MAX_HEADS];
     for (int j = 0; j < num_heads; j++) {
-        float *sj = scores + j * n, sum = 0.f;
-        for (int t = 0; t < n; t++) sj[t] = expf(sj[t] - mx[j]);
-        for (int t = 0; t < n; t++) sum += sj[t];
+        const float sum = exp_and_sum(scores + j * n, n, mx[j]);
         inv[j] = sum > 0.f ? 1.f / sum : 0.f;
         memset(acc + j * D, 0, sizeof(float) * D);
     }

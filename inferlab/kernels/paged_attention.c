@@ -179,58 +179,107 @@ static inline void attend_one(const void *q, int64_t q_stride, const void *k_cac
 }
 
 #if defined(__AVX512BF16__)
-/* bf16, head_dim D a multiple of 32: one task per query row, all its heads. Each block's K (then V)
- * rows for every head are contiguous, so a task streams whole blocks instead of one head's slice. */
+#define CHUNK 16 /* keys per step of the row kernel: one score per fp32 lane */
+
+/* Lane t of the result = the sum of v[t]'s 16 lanes: 16 dot products finished with 45 shuffles
+ * and adds, where 16 separate horizontal sums would take about 130. */
+static inline __m512 sum_lanes16(const __m512 v[CHUNK]) {
+    __m512 s2[8], s4[4];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) */
+        s2[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* per 128-bit lane: (a, b, c, d), each a quarter of its sum */
+        const __m512d x = _mm512_castps_pd(s2[2 * i]), y = _mm512_castps_pd(s2[2 * i + 1]);
+        s4[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[0], s4[1], 0x88), _mm512_shuffle_f32x4(s4[0], s4[1], 0xdd));
+    const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[2], s4[3], 0x88), _mm512_shuffle_f32x4(s4[2], s4[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xdd));
+}
+
+/* Row pointers of keys t0 .. t0+CHUNK-1 (past n: key t0 again, whose weight will be 0). */
+static inline int chunk_rows(const uint16_t **rows, const uint16_t *cache, const int32_t *table, int t0, int n,
+                             int block_size, int64_t token_stride) {
+    const int nt = n - t0 < CHUNK ? n - t0 : CHUNK;
+    for (int t = 0; t < CHUNK; t++) {
+        const int key = t0 + (t < nt ? t : 0);
+        rows[t] = cache + ((int64_t)table[key / block_size] * block_size + key % block_size) * token_stride;
+    }
+    return nt;
+}
+
+/* bf16, head_dim D a multiple of 32 (at most 128): one task per query row, all its heads, CHUNK keys
+ * at a time so K and V are streamed whole, block by block, once. Scores: bf16 pair products
+ * summed 16 keys at a time. Values: the weights rounded to bf16 (as flash attention does) so that
+ * two keys' values go into one bf16 pair instruction per 16 outputs, against one fp32 multiply-add
+ * per key when widening V. The pair instruction leaves output dims interleaved in the fp32
+ * accumulator: acc[j][c][4L + i] holds dim 32c + 8L + i (lo) and 32c + 8L + 4 + i (hi). */
 static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache,
                                    const uint16_t *v_cache, uint16_t *out, int64_t row, const int32_t *table,
                                    int n, int group, int num_heads, int num_kv_heads, const int D, int block_size,
                                    float scale, float *restrict scores, float *restrict acc) {
     const int64_t token_stride = (int64_t)num_kv_heads * D;
+    const int nc = D / 32;  /* 32-dim pieces of a head */
     const uint16_t *qr = q + row * q_stride;
-    float mx[MAX_HEADS];
-    for (int j = 0; j < num_heads; j++) mx[j] = -FLT_MAX;
-    for (int t0 = 0; t0 < n; t0 += block_size) {
-        const uint16_t *blk = k_cache + (int64_t)table[t0 / block_size] * block_size * token_stride;
-        const int nt = n - t0 < block_size ? n - t0 : block_size;
-        prefetch_block(k_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
-                       (int)(token_stride * 2), 2);
-        for (int t = 0; t < nt; t++) {
-            for (int j = 0; j < num_heads; j++) {  /* query head j reads KV head j / group */
-                const float s = dot_bf16(qr + j * D, blk + t * token_stride + (j / group) * D, D) * scale;
-                scores[j * n + t0 + t] = s;
-                mx[j] = s > mx[j] ? s : mx[j];
+    const uint16_t *rows[CHUNK];
+    __m512 mx[MAX_HEADS];
+    for (int j = 0; j < num_heads; j++) mx[j] = _mm512_set1_ps(-FLT_MAX);
+    for (int t0 = 0; t0 < n; t0 += CHUNK) {
+        const int nt = chunk_rows(rows, k_cache, table, t0, n, block_size, token_stride);
+        const __mmask16 valid = (__mmask16)((1u << nt) - 1);
+        if (t0 % block_size == 0)
+            prefetch_block(k_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
+                           (int)(token_stride * 2), 2);
+        for (int j = 0; j < num_heads; j++) {  /* query head j reads KV head j / group */
+            const int64_t off = (int64_t)(j / group) * D;
+            __m512 dots[CHUNK];
+            for (int t = 0; t < CHUNK; t++) {
+                dots[t] = _mm512_setzero_ps();
+                for (int c = 0; c < nc; c++)
+                    dots[t] = _mm512_dpbf16_ps(dots[t], (__m512bh)_mm512_loadu_si512(qr + j * D + 32 * c),
+                                               (__m512bh)_mm512_loadu_si512(rows[t] + off + 32 * c));
             }
+            const __m512 s = _mm512_mul_ps(sum_lanes16(dots), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + (int64_t)j * n + t0, valid, s);
+            mx[j] = _mm512_mask_max_ps(mx[j], valid, mx[j], s);
         }
     }
     float inv[MAX_HEADS];
     for (int j = 0; j < num_heads; j++) {
-        const float sum = exp_and_sum(scores + j * n, n, mx[j]);
+        const float sum = exp_and_sum(scores + (int64_t)j * n, n, _mm512_reduce_max_ps(mx[j]));
         inv[j] = sum > 0.f ? 1.f / sum : 0.f;
         memset(acc + j * D, 0, sizeof(float) * D);
     }
-    for (int t0 = 0; t0 < n; t0 += block_size) {
-        const uint16_t *blk = v_cache + (int64_t)table[t0 / block_size] * block_size * token_stride;
-        const int nt = n - t0 < block_size ? n - t0 : block_size;
-        prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
-                       (int)(token_stride * 2), 2);
-        for (int j = 0; j < num_heads; j++) {  /* the block stays in L1 across heads */
+    for (int t0 = 0; t0 < n; t0 += CHUNK) {
+        const int nt = chunk_rows(rows, v_cache, table, t0, n, block_size, token_stride);
+        const __mmask16 valid = (__mmask16)((1u << nt) - 1);
+        if (t0 % block_size == 0)
+            prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
+                           (int)(token_stride * 2), 2);
+        for (int j = 0; j < num_heads; j++) {
+            const int64_t off = (int64_t)(j / group) * D;
+            uint32_t pairs[CHUNK / 2];  /* weights of keys (2i, 2i+1) as one bf16 pair; 0 past n */
+            _mm256_storeu_si256((__m256i *)pairs,
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(valid, scores + (int64_t)j * n + t0)));
             __m512 sum[8];
-            for (int c = 0; c < D / 16; c++) sum[c] = _mm512_loadu_ps(acc + j * D + 16 * c);
-            const float *pj = scores + j * n + t0;
-            const uint16_t *vj = blk + (j / group) * D;
-            for (int t = 0; t < nt; t++) {
-                const __m512 p = _mm512_set1_ps(pj[t]);
-                for (int c = 0; c < D / 16; c++) {
-                    const __m256i *src = (const __m256i *)(vj + t * token_stride + 16 * c);
-                    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(src));
-                    sum[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), sum[c]);
+            for (int c = 0; c < 2 * nc; c++) sum[c] = _mm512_loadu_ps(acc + j * D + 16 * c);
+            for (int i = 0; 2 * i < nt; i++) {
+                const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pairs[i]);
+                for (int c = 0; c < nc; c++) {
+                    const __m512i a = _mm512_loadu_si512(rows[2 * i] + off + 32 * c);
+                    const __m512i b = _mm512_loadu_si512(rows[2 * i + 1] + off + 32 * c);
+                    sum[2 * c] = _mm512_dpbf16_ps(sum[2 * c], (__m512bh)_mm512_unpacklo_epi16(a, b), p);
+                    sum[2 * c + 1] = _mm512_dpbf16_ps(sum[2 * c + 1], (__m512bh)_mm512_unpackhi_epi16(a, b), p);
                 }
             }
-            for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(acc + j * D + 16 * c, sum[c]);
+            for (int c = 0; c < 2 * nc; c++) _mm512_storeu_ps(acc + j * D + 16 * c, sum[c]);
         }
     }
     for (int j = 0; j < num_heads; j++)
-        for (int i = 0; i < D; i++) out[(row * num_heads + j) * D + i] = f32_to_bf16(acc[j * D + i] * inv[j]);
+        for (int c = 0; c < nc; c++)
+            for (int l = 0; l < 4; l++)
+                for (int i = 0; i < 8; i++)  /* undo the interleave: lo half of each lane, then hi */
+                    out[(row * num_heads + j) * D + 32 * c + 8 * l + i] =
+                        f32_to_bf16(acc[j * D + 32 * c + (i < 4 ? 0 : 16) + 4 * l + (i & 3)] * inv[j]);
 }
 #endif
 

@@ -1,5 +1,5 @@
 """Fused decoder-layer ops: RMSNorm (with the residual add folded in), SiLU-and-mul, RoPE, and the
-linear layer at one to four rows (a bf16 GEMV streaming the weights once).
+linear layer at the few rows of a decode step (native AMX or bf16 GEMV, streaming the weights once).
 
 Each has a PyTorch reference (any device, the definition) and uses the native CPU kernel from
 `inferlab.kernels` where it runs, since a chain of PyTorch elementwise ops passes over memory
@@ -75,16 +75,23 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# Rows up to which the native matmul (`kernels/linear.c`) beats PyTorch's; past it oneDNN's blocking wins.
+NATIVE_LINEAR_MAX_ROWS = 64
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias). At 1-4 rows in bf16 on CPU the native GEMV reads the weights at near
-    memory speed (measured 8.4 GB/s on one core against PyTorch's 6.2 at one row, 7.5 vs 4.5 at two);
-    otherwise PyTorch (oneDNN, AMX), which wins once rows are many."""
+    """x @ weight.T (+ bias). For the 1-64 rows of a decode step in bf16 on CPU, the native kernel
+    (AMX tiles, or a bf16 GEMV at 1-4 rows without AMX) reads the weights near memory speed, where
+    PyTorch's matmul reaches about half of it; PyTorch (oneDNN) otherwise, and for prefill."""
     lib = _native(x)
     if lib is None or x.dtype != torch.bfloat16 or weight.dtype != x.dtype or x.dim() != 2 or \
-            not 1 <= x.shape[0] <= 4 or not (x.is_contiguous() and weight.is_contiguous()):
+            not 1 <= x.shape[0] <= NATIVE_LINEAR_MAX_ROWS or not (x.is_contiguous() and weight.is_contiguous()):
         return F.linear(x, weight, bias)
     y = x.new_empty(x.shape[0], weight.shape[0])
-    if lib.gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], weight.shape[0],
-                     torch.get_num_threads()):
-        return F.linear(x, weight, bias)  # this build has no AVX512-BF16
+    status = lib.linear_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], weight.shape[0],
+                             torch.get_num_threads())
+    if status == 2:
+        raise MemoryError("linear_bf16: out of memory for the repacked input")
+    if status:
+        return F.linear(x, weight, bias)  # no fast path for this shape on this CPU
     return y if bias is None else y.add_(bias)

@@ -132,13 +132,24 @@ def test_write_kv_matches_index_copy(lib):
     assert torch.equal(caches[0].view(-1, 3, 64)[33], k[2])
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("k", [576, 100])  # 100: a masked tail
-def test_small_batch_linear_matches_matmul(lib, rows, k):
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 64, 65])  # 65: past the native kernel, PyTorch
+@pytest.mark.parametrize("k,n", [(576, 96), (1536, 48), (100, 96), (576, 100)])  # 100s: tails AMX cannot tile
+def test_decode_linear_matches_matmul(lib, rows, k, n):
     from inferlab import ops
-    g = torch.Generator().manual_seed(rows)
+    g = torch.Generator().manual_seed(rows * k + n)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-    w = torch.randn(96, k, generator=g).to(torch.bfloat16)
-    b = torch.randn(96, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
     expected = x.double() @ w.double().T + b.double()
     torch.testing.assert_close(ops.linear(x, w, b).double(), expected, atol=0.3, rtol=2e-2)
+
+
+def test_amx_linear_runs_where_the_cpu_has_it(lib):
+    """On an AMX CPU the native path must really run (status 0) for tileable shapes, not fall back."""
+    from pathlib import Path
+    if "amx_bf16" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AMX")
+    x, w = torch.randn(40, 576).bfloat16(), torch.randn(64, 576).bfloat16()
+    y = torch.full((40, 64), 7.0, dtype=torch.bfloat16)
+    assert lib.linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), 40, 576, 64, 2) == 0
+    torch.testing.assert_close(y.double(), x.double() @ w.double().T, atol=0.3, rtol=2e-2)

@@ -70,8 +70,10 @@ def native_library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build()))
         _declare(lib)
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:  # AttributeError: a missing symbol
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("native CPU kernels unavailable, using the PyTorch path: %s", detail.strip().splitlines()[-1:])
+        lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+        # the compiler's first error says more than its last line
+        detail = next((line for line in lines if "error" in line), lines[-1] if lines else "")
+        log.warning("native CPU kernels unavailable, using the PyTorch path: %s", detail.strip())
         return None
     return lib
 
@@ -85,8 +87,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.silu_and_mul.argtypes = [p, p, i64, i32, i32, i32]
     lib.rope.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32]
     lib.write_kv.argtypes = [p, p, p, p, i64, p, i64, i32, i32]
-    lib.gemv_bf16.argtypes = [p, p, p, i32, i32, i32, i32]
-    lib.gemv_bf16.restype = i32
+    lib.linear_bf16.argtypes = [p, p, p, i32, i32, i32, i32]
+    lib.linear_bf16.restype = i32
     for fn in (lib.rms_norm, lib.silu_and_mul, lib.rope, lib.write_kv):
         fn.restype = None
 

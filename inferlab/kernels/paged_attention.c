@@ -76,7 +76,7 @@ static inline void prefetch_block(const void *cache, const int32_t *table, int t
     const char *base = (const char *)cache + first * elem;
     const int nt = n - t0 < block_size ? n - t0 : block_size;
     for (int t = 0; t < nt; t++)
-        for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(base + t * token_stride * elem + b);
+        for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(base + t * token_stride * elem + b, 0, 1);
 }
 
 /* One task: query row r's heads h*group .. h*group+group-1 against KV head h. `D` is a

@@ -5,8 +5,9 @@ New tokens are written at `slot_mapping` (block_id * block_size + offset); atten
 each sequence's K/V back through its block table. Two ways to read it:
 - the PyTorch reference (any device): decodes (one query token) are gathered and batched into one
   SDPA call; each prefill chunk over a cached prefix gets its own call, causal against all before it;
-- the native CPU kernel (`inferlab.kernels`), used when the runner passes it: one call for every
-  row that reads the cache, K/V read in place through the block table, nothing gathered.
+- the native CPU kernels (`inferlab.kernels`), used when the runner passes them: one call for every
+  row that reads the cache (decodes, short chunks), K/V read in place through the block table, and
+  on AMX CPUs one call for all longer prefill chunks, as tile matrix products.
 A prefill chunk with nothing cached before it needs no cache read: SDPA on this step's K/V.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from inferlab.kernels import paged_attention_native
+from inferlab.kernels import paged_attention_native, prefill_attention_native
 
 
 @dataclass
@@ -49,6 +50,9 @@ class NativeRows:
     seqs: torch.Tensor  # [R] int32 row of `block_tables` for each
     lens: torch.Tensor  # [R] int32 keys each row sees (its position + 1)
     block_tables: torch.Tensor  # [S, W] int32
+    # Prefill chunks for the AMX tile kernel, where it runs (else they are in meta.prefills, for SDPA):
+    # (first row int64, query count, keys seen, row of block_tables), each [C], int32 but the first.
+    chunks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -94,6 +98,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = o.squeeze(0).transpose(0, 1)
     if native is not None:
+        if native.chunks is not None and not prefill_attention_native(native.lib, q, k_cache, v_cache, out,
+                                                                      *native.chunks, native.block_tables, scale):
+            raise RuntimeError("the prefill tile kernel refused a batch the runner gave it")
         if native.rows.numel():
             paged_attention_native(native.lib, q, k_cache, v_cache, out, native.rows, native.seqs, native.lens,
                                    native.block_tables, scale)

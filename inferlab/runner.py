@@ -53,6 +53,10 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
         use_native = native and kernels.supports(dtype, self.device, args.num_heads, args.num_kv_heads, args.head_dim)
         self.native = kernels.native_library() if use_native else None
+        # Long prefill chunks go to the AMX tile kernel where it runs (it answers 0 to an empty batch), else SDPA.
+        self.tile_prefill = self.native is not None and dtype == torch.bfloat16 and self.native.prefill_attention(
+            None, 0, None, None, None, None, None, None, None, 0, None, 0, args.num_heads, args.num_kv_heads,
+            args.head_dim, block_size, 1.0, 1) == 0
 
     def prepare(self, scheduled: list[tuple[Request, int]]):
         """Flat model inputs and attention metadata for one step, built with numpy (no per-token
@@ -81,14 +85,18 @@ class ModelRunner:
 
         meta = AttentionMetadata(torch.from_numpy(slots).to(dev), [], None, None, None)
         if self.native is not None:  # decodes and short chunks over a prefix by the kernel, the rest by SDPA
-            by_sdpa = (starts == 0) | (counts > NATIVE_MAX_CHUNK)
-            meta.prefills = [PrefillSeq(int(row_starts[i]), int(counts[i]), int(ends[i]), seq_table(i))
-                             for i in np.flatnonzero(by_sdpa)]
-            rows = np.flatnonzero(~by_sdpa[seq_of_row])
+            chunk = (starts == 0) | (counts > NATIVE_MAX_CHUNK)
+            rows = np.flatnonzero(~chunk[seq_of_row])
             meta.native = NativeRows(self.native, torch.from_numpy(rows),
                                      torch.from_numpy(seq_of_row[rows].astype(np.int32)),
                                      torch.from_numpy((positions[rows] + 1).astype(np.int32)),
                                      torch.from_numpy(tables))
+            c = np.flatnonzero(chunk)
+            if self.tile_prefill and c.size:
+                meta.native.chunks = (torch.from_numpy(row_starts[c]), torch.from_numpy(counts[c].astype(np.int32)),
+                                      torch.from_numpy(ends[c].astype(np.int32)), torch.from_numpy(c.astype(np.int32)))
+            elif not self.tile_prefill:
+                meta.prefills = [PrefillSeq(int(row_starts[i]), int(counts[i]), int(ends[i]), seq_table(i)) for i in c]
         else:
             decode = counts == 1
             meta.prefills = [PrefillSeq(int(row_starts[i]), int(counts[i]), int(ends[i]), seq_table(i))

@@ -153,3 +153,34 @@ def test_amx_linear_runs_where_the_cpu_has_it(lib):
     y = torch.full((40, 64), 7.0, dtype=torch.bfloat16)
     assert lib.linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), 40, 576, 64, 2) == 0
     torch.testing.assert_close(y.double(), x.double() @ w.double().T, atol=0.3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 128, 32), (8, 2, 64, 16)])
+def test_prefill_tile_kernel_matches_attention_math(lib, heads, kv_heads, head_dim, block_size):
+    g = torch.Generator().manual_seed(head_dim + block_size)
+    num_blocks = 200
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    # (queries, keys): fresh prompts of 37 and 5 tokens, chunks of 40, 16 and 1 over cached prefixes
+    spec = [(37, 37), (5, 5), (40, 140), (16, 32), (1, 50)]
+    width = max(-(-keys // block_size) for _, keys in spec)
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in spec]).int()
+    q = torch.randn(sum(n for n, _ in spec) + 3, heads, head_dim, generator=g).bfloat16()  # 3 rows not asked for
+    row0, rows, seqs, lens = [], [], [], []
+    for i, (n, keys) in enumerate(spec):
+        row0.append(len(rows))
+        rows += range(len(rows), len(rows) + n)
+        seqs += [i] * n
+        lens += range(keys - n + 1, keys + 1)  # causal: query t sees keys up to its own position
+    out = torch.full_like(q, 7.0)
+    ran = kernels.prefill_attention_native(
+        lib, q, k_cache, v_cache, out, torch.tensor(row0), torch.tensor([n for n, _ in spec], dtype=torch.int32),
+        torch.tensor([k for _, k in spec], dtype=torch.int32), torch.arange(len(spec), dtype=torch.int32), tables,
+        head_dim ** -0.5)
+    if not ran:
+        pytest.skip("no AMX on this CPU: prefill chunks use SDPA")
+    expected = _reference(q, k_cache, v_cache, torch.tensor(rows), torch.tensor(seqs), torch.tensor(lens), tables,
+                          head_dim ** -0.5)
+    n = len(rows)
+    torch.testing.assert_close(out[:n].double(), expected[:n], atol=2e-2, rtol=2e-2)
+    assert torch.all(out[n:] == 7.0), "rows not asked for must be left alone"

@@ -87,6 +87,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.silu_and_mul.argtypes = [p, p, i64, i32, i32, i32]
     lib.rope.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32]
     lib.write_kv.argtypes = [p, p, p, p, i64, p, i64, i32, i32]
+    lib.prefill_attention.argtypes = [p, i64, p, p, p, p, p, p, p, i32, p, i32, i32, i32, i32, i32, f32, i32]
+    lib.prefill_attention.restype = i32
     lib.linear_bf16.argtypes = [p, p, p, i32, i32, i32, i32]
     lib.linear_bf16.restype = i32
     for fn in (lib.rms_norm, lib.silu_and_mul, lib.rope, lib.write_kv):
@@ -113,6 +115,26 @@ def paged_attention_native(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Ten
         head_dim, block_size, scale, DTYPE_CODES[q.dtype], torch.get_num_threads())
     if status:
         raise RuntimeError(f"paged_attention kernel failed (status {status})")
+
+
+def prefill_attention_native(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             out: torch.Tensor, row0: torch.Tensor, count: torch.Tensor, ctx: torch.Tensor,
+                             seq: torch.Tensor, block_tables: torch.Tensor, scale: float) -> bool:
+    """Causal attention of prefill chunks on AMX tiles (`prefill_attention.c`). Chunk c's queries
+    are rows row0[c] .. row0[c] + count[c] - 1 of q (int64 row0; int32 count, ctx, seq), the last
+    of its ctx[c] keys, already in the pool; its block table is block_tables[seq[c]]. Returns False
+    where this CPU or shape has no tile path (the caller then uses SDPA)."""
+    num_heads, head_dim = q.shape[1:]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if q.dtype != torch.bfloat16 or q.stride()[1:] != (head_dim, 1) or not out.is_contiguous():
+        return False
+    status = lib.prefill_attention(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), row0.data_ptr(),
+        count.data_ptr(), ctx.data_ptr(), seq.data_ptr(), row0.numel(), block_tables.data_ptr(),
+        block_tables.shape[1], num_heads, num_kv_heads, head_dim, block_size, scale, torch.get_num_threads())
+    if status == 2:
+        raise MemoryError("prefill_attention: out of memory for its scratch buffers")
+    return status == 0
 
 
 def supports(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:

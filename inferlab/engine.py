@@ -17,6 +17,7 @@ import torch
 from inferlab.block_manager import BlockManager
 from inferlab.config import EngineConfig
 from inferlab.detokenizer import IncrementalDetokenizer
+from inferlab.malloc import keep_freed_memory
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.loader import load_model
 from inferlab.model.tokenizer import Tokenizer
@@ -56,6 +57,8 @@ class LLMEngine:
         else:
             self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.model, self.tokenizer = load_model(config.model, config.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page-fault storm each step for activations freed by the last one
         # CPU threads follow the cores other processes leave free, unless fixed by num_threads
         self.threads = ThreadGovernor() if config.num_threads is None and self.device.type == "cpu" else None
         args = self.model.args

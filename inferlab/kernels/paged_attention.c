@@ -274,12 +274,20 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
             for (int c = 0; c < 2 * nc; c++) _mm512_storeu_ps(acc + j * D + 16 * c, sum[c]);
         }
     }
-    for (int j = 0; j < num_heads; j++)
-        for (int c = 0; c < nc; c++)
-            for (int l = 0; l < 4; l++)
-                for (int i = 0; i < 8; i++)  /* undo the interleave: lo half of each lane, then hi */
-                    out[(row * num_heads + j) * D + 32 * c + 8 * l + i] =
-                        f32_to_bf16(acc[j * D + 32 * c + (i < 4 ? 0 : 16) + 4 * l + (i & 3)] * inv[j]);
+    /* undo the interleave: dims 32c + 8L .. +7 are lane L of lo, then lane L of hi */
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int j = 0; j < num_heads; j++) {
+        const __m512 scale_j = _mm512_set1_ps(inv[j]);
+        for (int c = 0; c < nc; c++) {
+            const __m512 lo = _mm512_loadu_ps(acc + j * D + 32 * c), hi = _mm512_loadu_ps(acc + j * D + 32 * c + 16);
+            uint16_t *dst = out + (row * num_heads + j) * D + 32 * c;
+            _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(
+                                                    _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), scale_j)));
+            _mm256_storeu_si256((__m256i *)(dst + 16), (__m256i)_mm512_cvtneps_pbh(
+                                                           _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), scale_j)));
+        }
+    }
 }
 #endif
 

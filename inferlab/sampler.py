@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inferlab import kernels
 from inferlab.request import Request
 
 
@@ -21,8 +22,15 @@ class SampleResult:
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax (first index of the maximum, like torch). On CPU, numpy's is ~15x faster
-    than torch's for a [64, 49152] batch of logits, which made greedy sampling a visible cost."""
+    """Row-wise argmax (first index of the maximum, like torch). On CPU, torch's is slow for a
+    [64, 49152] batch of logits (15x numpy's), which made greedy sampling a visible cost: bf16 rows
+    go to the native kernel (0.2 ms), fp32 rows to numpy."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous() and x.dim() == 2:
+        lib = kernels.native_library()
+        if lib is not None:
+            out = torch.empty(x.shape[0], dtype=torch.int64)
+            lib.argmax_bf16(out.data_ptr(), x.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
+            return out
     if x.device.type == "cpu" and x.dtype == torch.float32:
         return torch.from_numpy(x.numpy().argmax(-1))
     return x.argmax(-1)
@@ -66,7 +74,11 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list[SampleResult]:
-    """logits: [len(reqs), vocab] float32. One SampleResult per request, in order."""
+    """logits: [len(reqs), vocab], in the model's dtype. One SampleResult per request, in order."""
+    if all(r.params.greedy and r.params.logprobs is None and not r.params.has_penalties
+           and r.num_output_tokens >= r.params.min_tokens for r in reqs):  # plain greedy: argmax in any dtype
+        return [SampleResult(t) for t in argmax_rows(logits).tolist()]
+    logits = logits.float()
     want_logprobs = [r.params.logprobs is not None for r in reqs]
     raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
     for i, r in enumerate(reqs):

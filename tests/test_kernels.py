@@ -184,3 +184,18 @@ def test_prefill_tile_kernel_matches_attention_math(lib, heads, kv_heads, head_d
     n = len(rows)
     torch.testing.assert_close(out[:n].double(), expected[:n], atol=2e-2, rtol=2e-2)
     assert torch.all(out[n:] == 7.0), "rows not asked for must be left alone"
+
+
+@pytest.mark.parametrize("cols", [49152, 37, 5])  # 37, 5: tails past the 16-wide vector loop
+def test_bf16_argmax_matches_torch(lib, cols):
+    from inferlab.sampler import argmax_rows
+    g = torch.Generator().manual_seed(cols)
+    x = torch.randn(6, cols, generator=g).bfloat16()
+    x[1] = -x[1].abs() - 1  # all negative: the order of negatives is flipped in the bit trick
+    x[2] = float("-inf")
+    x[2, cols // 2] = -3.0
+    x[3] = 1.0  # all equal: the first index wins
+    x[4, cols - 1] = 100.0  # the maximum in the tail
+    x[5, :] = -0.5
+    x[5, 2] = 0.0
+    assert torch.equal(argmax_rows(x), x.float().argmax(-1))

@@ -87,11 +87,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.silu_and_mul.argtypes = [p, p, i64, i32, i32, i32]
     lib.rope.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32]
     lib.write_kv.argtypes = [p, p, p, p, i64, p, i64, i32, i32]
+    lib.argmax_bf16.argtypes = [p, p, i64, i64, i32]
     lib.prefill_attention.argtypes = [p, i64, p, p, p, p, p, p, p, i32, p, i32, i32, i32, i32, i32, f32, i32]
     lib.prefill_attention.restype = i32
     lib.linear_bf16.argtypes = [p, p, p, i32, i32, i32, i32]
     lib.linear_bf16.restype = i32
-    for fn in (lib.rms_norm, lib.silu_and_mul, lib.rope, lib.write_kv):
+    for fn in (lib.rms_norm, lib.silu_and_mul, lib.rope, lib.write_kv, lib.argmax_bf16):
         fn.restype = None
 
 

@@ -3,8 +3,12 @@
  * Math in fp32, rounded once on store. Rows are split over OpenMP threads.
  */
 #include <math.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <string.h>
+#include <limits.h>
 
 enum { F32 = 0, BF16 = 1 };
 
@@ -92,5 +96,40 @@ void write_kv(void *k_cache, void *v_cache, const void *k, const void *v, int64_
     for (int64_t t = 0; t < rows; t++) {
         memcpy((char *)k_cache + slots[t] * bytes, (const char *)k + t * src_stride * elem_size, bytes);
         memcpy((char *)v_cache + slots[t] * bytes, (const char *)v + t * src_stride * elem_size, bytes);
+    }
+}
+
+/* out[r] = the first index of the maximum of row r of x: [rows, cols] bf16 (greedy sampling
+ * straight from the LM head's output, without widening the logits to fp32 first). bf16 bits,
+ * sign-magnitude, become order-preserving integers by flipping the magnitude of negatives. */
+static inline int32_t order_key(int32_t v) { return v ^ ((v >> 31) & 0x7fff); } /* v: sign-extended bits */
+
+void argmax_bf16(int64_t *out, const uint16_t *x, int64_t rows, int64_t cols, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *row = x + r * cols;
+        int32_t best = INT32_MIN;
+        int64_t at = 0;
+#if defined(__AVX512F__)
+        __m512i kbest = _mm512_set1_epi32(INT32_MIN), kat = _mm512_setzero_si512();
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        int64_t c = 0;
+        for (; c + 16 <= cols && c + 16 < INT32_MAX; c += 16) {  /* per lane: its first maximum */
+            const __m512i v = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(row + c)));
+            const __m512i key = _mm512_xor_si512(v, _mm512_and_si512(_mm512_srai_epi32(v, 31), _mm512_set1_epi32(0x7fff)));
+            const __mmask16 more = _mm512_cmpgt_epi32_mask(key, kbest);
+            kbest = _mm512_mask_mov_epi32(kbest, more, key);
+            kat = _mm512_mask_mov_epi32(kat, more, _mm512_add_epi32(lanes, _mm512_set1_epi32((int32_t)c)));
+        }
+        best = _mm512_reduce_max_epi32(kbest);  /* then the first index among lanes holding it */
+        at = _mm512_mask_reduce_min_epi32(_mm512_cmpeq_epi32_mask(kbest, _mm512_set1_epi32(best)), kat);
+        for (; c < cols; c++) {
+#else
+        for (int64_t c = 0; c < cols; c++) {
+#endif
+            const int32_t key = order_key((int16_t)row[c]);
+            if (key > best) best = key, at = c;
+        }
+        out[r] = at;
     }
 }

@@ -173,4 +173,5 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits in the model's dtype: greedy sampling takes its argmax as it is, the rest widens."""
+        return self.lm_head(hidden)

@@ -30,7 +30,9 @@ def lib():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 128, 1), (8, 2, 80, 7)])
+# the last three: AMX row kernel shapes (block 32, one head per KV head) and one past its 16 heads
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 128, 1), (8, 2, 80, 7),
+                                                                (16, 4, 64, 32), (12, 12, 64, 16), (32, 8, 64, 16)])
 def test_kernel_matches_attention_math(lib, dtype, tol, heads, kv_heads, head_dim, block_size):
     g = torch.Generator().manual_seed(heads * head_dim + block_size)
     num_blocks = 300 // block_size + 40

@@ -21,6 +21,7 @@ import torch
 
 log = logging.getLogger("inferlab")
 SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 # Compile with -ffast-math (vectorized expf and reductions) but link without it: linking with it
 # would pull in crtfastmath, which flushes denormals to zero for the whole process on load.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-mprefer-vector-width=512", "-fPIC", "-std=c11"]
@@ -42,7 +43,7 @@ def _cpu_key() -> str:
 
 def _build() -> Path:
     digest = hashlib.sha256(" ".join(FLAGS + LINK).encode() + _cpu_key().encode())
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         digest.update(src.read_bytes())
     key = digest.hexdigest()[:16]
     cache = Path(os.environ.get("INFERLAB_CACHE", Path.home() / ".cache" / "inferlab")) / "kernels"

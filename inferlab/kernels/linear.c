@@ -19,10 +19,7 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "amx.h"
 
 #define GEMV_MAX_ROWS 4
 #define AMX_MAX_ROWS 64
@@ -71,21 +68,7 @@ static void gemv(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int K
 }
 #endif
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define HAVE_AMX 1
-typedef struct {  /* the 64-byte tile configuration of palette 1 */
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* Linux hands out the AMX register state only on request, once per process. */
-static int amx_ready(void) {
-    static int state = 0;  /* 0: not asked yet, 1: granted, -1: refused */
-    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) ? -1 : 1;
-    return state == 1;
-}
-
+#if defined(HAVE_AMX)
 /* r[i] <- column i of the 16 x 16 matrix whose rows are r[0..15]. */
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16], u[16];
@@ -127,9 +110,7 @@ static void linear_amx(const uint32_t *x, const uint16_t *w, uint16_t *y, int M,
                                     _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, row_offsets,
                                                                 (const int *)x + (int64_t)16 * j * pairs + p, 4));
             }
-        tile_config cfg = {.palette_id = 1};
-        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-        _tile_loadconfig(&cfg);
+        amx_configure();
         float c[16 * AMX_MAX_ROWS] __attribute__((aligned(64)));  /* c[n][m]: one block's outputs */
 #pragma omp for schedule(static)
         for (int nb = 0; nb < N / 16; nb++) {

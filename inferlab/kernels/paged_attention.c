@@ -291,6 +291,11 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
 }
 #endif
 
+int paged_attention_amx(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                        const int64_t *rows, const int32_t *seqs, const int32_t *lens, int num_rows,
+                        const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads,
+                        int head_dim, int block_size, float scale, int num_threads);  /* attention_amx.c */
+
 /* q, out: [num_tokens, num_heads, head_dim], q's rows q_stride elements apart;
  * k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; for each of num_rows tasks:
  * rows[r] (its row in q/out), seqs[r] (its row in block_tables, which has table_stride ints per
@@ -305,9 +310,15 @@ int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const 
     for (int r = 0; r < num_rows; r++) max_len = lens[r] > max_len ? lens[r] : max_len;
     int failed = 0;
 
-#if defined(__AVX512BF16__)
     /* whole rows per task where there are enough rows to keep every thread busy (measured 20% faster
-     * at 64 decodes: blocks are read whole), else (row, KV head) tasks */
+     * at 64 decodes: blocks are read whole), else (row, KV head) tasks; on AMX tiles where they run */
+    if (dtype == BF16 && num_rows >= 2 * num_threads) {
+        const int status = paged_attention_amx(q, q_stride, k_cache, v_cache, out, rows, seqs, lens, num_rows,
+                                               block_tables, table_stride, num_heads, num_kv_heads, head_dim,
+                                               block_size, scale, num_threads);
+        if (status != 1) return status;
+    }
+#if defined(__AVX512BF16__)
     if (dtype == BF16 && head_dim % 32 == 0 && head_dim <= 128 && num_heads <= MAX_HEADS &&
         num_rows >= 2 * num_threads) {
 #pragma omp parallel num_threads(num_threads)

@@ -20,23 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define HAVE_AMX 1
-
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-static int amx_granted(void) {  /* Linux hands out AMX state only on request, once per process */
-    static int state = 0;
-    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) ? -1 : 1;
-    return state == 1;
-}
+#include "amx.h"
+#if defined(HAVE_AMX)
 
 static inline const uint16_t *key_row(const uint16_t *cache, const int32_t *table, int key, int block_size,
                                       int64_t token_stride) {
@@ -202,7 +187,7 @@ int prefill_attention(const void *q, int64_t q_stride, const void *k_cache, cons
                       int num_kv_heads, int head_dim, int block_size, float scale, int num_threads) {
 #if defined(HAVE_AMX)
     const int D = head_dim, group = num_heads / num_kv_heads;
-    if (D % 32 || D > 128 || block_size % 16 || num_heads % num_kv_heads || !amx_granted()) return 1;
+    if (D % 32 || D > 128 || block_size % 16 || num_heads % num_kv_heads || !amx_ready()) return 1;
     if (num_chunks == 0) return 0;
     int max_ctx = 1, failed = 0;
     for (int c = 0; c < num_chunks; c++) max_ctx = ctx[c] > max_ctx ? ctx[c] : max_ctx;
@@ -210,9 +195,7 @@ int prefill_attention(const void *q, int64_t q_stride, const void *k_cache, cons
     const int64_t token_stride = (int64_t)num_kv_heads * D;
 #pragma omp parallel num_threads(num_threads)
     {
-        tile_config cfg = {.palette_id = 1};
-        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-        _tile_loadconfig(&cfg);
+        amx_configure();
         uint32_t *kp = aligned_alloc(64, sizeof(uint32_t) * (size_t)width * D / 2);
         uint32_t *vp = aligned_alloc(64, sizeof(uint32_t) * (size_t)width * D / 2);
         float *s = aligned_alloc(64, sizeof(float) * 16 * (size_t)width);

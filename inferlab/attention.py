@@ -61,7 +61,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     kvh, d = k.shape[-2:]
     if native is not None and k.stride() == v.stride() and k.stride()[1:] == (d, 1):
         native.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0),
-                        slot_mapping.data_ptr(), k.shape[0], kvh * d, k.element_size())
+                        slot_mapping.data_ptr(), k.shape[0], kvh * d, k.element_size(), torch.get_num_threads())
         return
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)

@@ -120,14 +120,15 @@ def test_fused_ops_match_their_reference(lib, dtype, tol):
     assert torch.equal(qkv[:, 3 * 64:], before[:, 3 * 64:])
 
 
-def test_write_kv_matches_index_copy(lib):
+@pytest.mark.parametrize("rows", [5, 40])  # 40: split over threads
+def test_write_kv_matches_index_copy(lib, rows):
     from inferlab.attention import write_kv
     g = torch.Generator().manual_seed(2)
-    qkv = torch.randn(5, 9 * 64 + 2 * 3 * 64, generator=g).to(torch.bfloat16)
-    k = qkv[:, 9 * 64:12 * 64].view(5, 3, 64)  # strided views, as the model passes them
-    v = qkv[:, 12 * 64:].view(5, 3, 64)
-    slots = torch.tensor([7, 0, 33, 34, 12])
-    caches = [torch.zeros(4, 16, 3, 64, dtype=torch.bfloat16) for _ in range(4)]
+    qkv = torch.randn(rows, 9 * 64 + 2 * 3 * 64, generator=g).to(torch.bfloat16)
+    k = qkv[:, 9 * 64:12 * 64].view(rows, 3, 64)  # strided views, as the model passes them
+    v = qkv[:, 12 * 64:].view(rows, 3, 64)
+    slots = torch.cat([torch.tensor([7, 0, 33, 34, 12]), torch.randperm(64, generator=g)[:rows - 5] + 64])
+    caches = [torch.zeros(8, 16, 3, 64, dtype=torch.bfloat16) for _ in range(4)]
     write_kv(caches[0], caches[1], k, v, slots, native=lib)
     write_kv(caches[2], caches[3], k, v, slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])

@@ -87,7 +87,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rms_norm.argtypes = [p, p, p, p, i64, i32, f32, i32, i32]
     lib.silu_and_mul.argtypes = [p, p, i64, i32, i32, i32]
     lib.rope.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32]
-    lib.write_kv.argtypes = [p, p, p, p, i64, p, i64, i32, i32]
+    lib.write_kv.argtypes = [p, p, p, p, i64, p, i64, i32, i32, i32]
     lib.argmax_bf16.argtypes = [p, p, i64, i64, i32]
     lib.prefill_attention.argtypes = [p, i64, p, p, p, p, p, p, p, i32, p, i32, i32, i32, i32, i32, f32, i32]
     lib.prefill_attention.restype = i32

@@ -91,8 +91,10 @@ void rope(void *x, int64_t row_stride, const float *cos, const float *sin, int64
 /* Store this step's keys and values in the pool: row t of k and v (views into the fused qkv
  * output, `src_stride` elements apart) goes to slot slots[t] of k_cache and v_cache. */
 void write_kv(void *k_cache, void *v_cache, const void *k, const void *v, int64_t src_stride,
-              const int64_t *slots, int64_t rows, int row_elems, int elem_size) {
+              const int64_t *slots, int64_t rows, int row_elems, int elem_size, int num_threads) {
     const size_t bytes = (size_t)row_elems * elem_size;
+    /* each row's stores miss the cache (and fault in fresh pool pages): two threads overlap them */
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows >= 16)
     for (int64_t t = 0; t < rows; t++) {
         memcpy((char *)k_cache + slots[t] * bytes, (const char *)k + t * src_stride * elem_size, bytes);
         memcpy((char *)v_cache + slots[t] * bytes, (const char *)v + t * src_stride * elem_size, bytes);

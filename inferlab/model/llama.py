@@ -101,15 +101,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple,
                 meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+        t, heads, kv_heads, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(t, heads + 2 * kv_heads, d)
+        v = qkv[:, heads + kv_heads:]
+        if self.q_norm is None:  # q and k are adjacent heads: one RoPE call for both
+            qk = ops.rope(qkv[:, :heads + kv_heads], cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q, k = self.q_norm(qkv[:, :heads])[0], self.k_norm(qkv[:, heads:heads + kv_heads])[0]
+            q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(t, -1))
 

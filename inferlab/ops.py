@@ -14,7 +14,7 @@ from inferlab import kernels
 
 
 def _native(x: torch.Tensor):
-    if x.device.type != "cpu" or x.dtype not in kernels.DTYPE_CODES:
+    if not x.is_cpu or x.dtype not in kernels.DTYPE_CODES:  # is_cpu: no device object built per call
         return None
     return kernels.native_library()
 

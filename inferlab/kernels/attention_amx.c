@@ -32,6 +32,14 @@ typedef struct {                                       /* one thread's scratch *
     float o[MAX_TILE_HEADS][D] __attribute__((aligned(64)));
 } scratch;
 
+/* Ask for the 16 key slots from `key` on (all heads) ahead of use: the next 16 keys sit in another
+ * block, anywhere in the pool, where the hardware prefetcher cannot follow (measured: 30.6 -> 27.2
+ * ms for the 64-decode step's 30 layers). */
+static inline void prefetch_keys(const uint16_t *cache, const int32_t *table, int key, int block_size, int64_t ts) {
+    const char *p = (const char *)(cache + ((int64_t)table[key / block_size] * block_size + key % block_size) * ts);
+    for (int64_t b = 0; b < 16 * ts * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
                        uint16_t *out, int64_t row, const int32_t *table, int n, int group, int num_heads,
                        int num_kv_heads, int block_size, float scale, float *restrict scores, scratch *w) {
@@ -48,6 +56,7 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
     for (int t0 = 0; t0 < n; t0 += 16) {  /* keys past n in the last 16 are read but masked */
         const __mmask16 valid = (__mmask16)(n - t0 >= 16 ? 0xffff : (1u << (n - t0)) - 1);
         const uint16_t *blk = k_cache + ((int64_t)table[t0 / block_size] * block_size + t0 % block_size) * ts;
+        if (t0 + 16 < n) prefetch_keys(k_cache, table, t0 + 16, block_size, ts);
         for (int h = 0; h < num_kv_heads; h++) {
             _tile_zero(0);
             _tile_loadd(2, blk + h * D, ts * 2);
@@ -62,6 +71,7 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
             mx[j] = _mm512_mask_max_ps(mx[j], valid, mx[j], s);
         }
     }
+    for (int t = 0; t < 32 && t < n; t += 16) prefetch_keys(v_cache, table, t, block_size, ts);  /* during the exps */
     float inv[MAX_TILE_HEADS];
     for (int j = 0; j < num_heads; j++) {
         float *s = scores + (int64_t)j * n, sum = 0.f;
@@ -85,6 +95,7 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
             va[i] = v_cache + ((int64_t)table[a / block_size] * block_size + a % block_size) * ts;
             vb[i] = v_cache + ((int64_t)table[b / block_size] * block_size + b % block_size) * ts;
         }
+        for (int t = t0 + 32; t < t0 + 64 && t < n; t += 16) prefetch_keys(v_cache, table, t, block_size, ts);
         for (int h = 0; h < num_kv_heads; h++) {
             for (int j = h * group; j < (h + 1) * group; j++) {  /* this group's rows of P; the others stay 0 */
                 const float *sj = scores + (int64_t)j * n + t0;

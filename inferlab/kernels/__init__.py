@@ -2,7 +2,7 @@
 through ctypes. If anything fails (no compiler, an unsupported CPU) the engine logs one line and
 keeps the pure-PyTorch path, which stays the reference the kernels are tested against.
 
-The build takes about a second and is cached under `$INFERLAB_CACHE` (default
+The build takes about 3 s (one compiler per core) and is cached under `$INFERLAB_CACHE` (default
 `~/.cache/inferlab`), keyed by the source, the flags and the CPU, so later starts just load it.
 `INFERLAB_NATIVE=0` turns the kernels off; `python -m inferlab.kernels` builds them ahead of time.
 """
@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -54,8 +55,9 @@ def _build() -> Path:
     cc = os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
         objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
-        for src, obj in zip(SOURCES, objs):
-            subprocess.run([cc, *FLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, text=True)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one compiler per core
+            list(pool.map(lambda so: subprocess.run([cc, *FLAGS, "-c", str(so[0]), "-o", str(so[1])], check=True,
+                                                    capture_output=True, text=True), zip(SOURCES, objs)))
         out = Path(tmp) / lib.name
         subprocess.run([cc, *map(str, objs), "-o", str(out), *LINK], check=True, capture_output=True, text=True)
         os.replace(out, lib)

@@ -53,10 +53,9 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
         use_native = native and kernels.supports(dtype, self.device, args.num_heads, args.num_kv_heads, args.head_dim)
         self.native = kernels.native_library() if use_native else None
-        # Long prefill chunks go to the AMX tile kernel where it runs (it answers 0 to an empty batch), else SDPA.
-        self.tile_prefill = self.native is not None and dtype == torch.bfloat16 and self.native.prefill_attention(
-            None, 0, None, None, None, None, None, None, None, 0, None, 0, args.num_heads, args.num_kv_heads,
-            args.head_dim, block_size, 1.0, 1) == 0
+        # long prefill chunks go to the AMX tile kernel where it runs, else to SDPA
+        self.tile_prefill = self.native is not None and dtype == torch.bfloat16 and kernels.prefill_tiles_supported(
+            self.native, args.num_heads, args.num_kv_heads, args.head_dim, block_size)
 
     def prepare(self, scheduled: list[tuple[Request, int]]):
         """Flat model inputs and attention metadata for one step, built with numpy (no per-token

@@ -141,6 +141,14 @@ def prefill_attention_native(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.T
     return status == 0
 
 
+def prefill_tiles_supported(lib: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int,
+                            block_size: int) -> bool:
+    """Whether this build, CPU and shape run prefill chunks on AMX tiles (bf16): the kernel itself
+    answers, given an empty batch."""
+    return lib.prefill_attention(None, 0, None, None, None, None, None, None, None, 0, None, 0, num_heads, num_kv_heads,
+                                 head_dim, block_size, 1.0, 1) == 0
+
+
 def supports(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     return (device.type == "cpu" and dtype in DTYPE_CODES and head_dim <= 256
             and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= 16)

@@ -76,7 +76,7 @@ class Server:
         assert r.status_code == 200
         return parse_metrics(r.text)
 
-    def wait_for(self, check: Callable[[dict], bool], what: str, timeout: float = 5.0) -> dict[str, float]:
+    def wait_for(self, check: Callable[[dict], bool], what: str, timeout: float = 30.0) -> dict[str, float]:
         """Poll /metrics (the engine refreshes them after each step) until `check` holds."""
         deadline = time.monotonic() + timeout
         while not check(m := self.metrics()):

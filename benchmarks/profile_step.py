@@ -1,5 +1,7 @@
 """Where a step's time goes: one decode step (64 sequences of ~300 tokens) and one prefill step
-(4 prompts of 512 tokens), on the embedded model, split by kind of work.
+(4 prompts of 512 tokens), on the embedded model, split by kind of work. The decode step is shown
+as it runs (its layers in one native call where `FusedDecode` runs) and op by op, which splits the
+layers' time by kind.
 
     .venv/bin/python benchmarks/profile_step.py [--dtype bfloat16] [--threads N]
 
@@ -16,12 +18,13 @@ import time
 from collections import defaultdict
 
 from inferlab import LLM, SamplingParams, ops, runner
+from inferlab.fused_decode import FusedDecode
 from inferlab.model import llama
 
 KINDS = {  # wrapped function -> kind of work; the wrapped functions never nest
     "linear": "linear layers (matmul)", "paged_attention": "attention (incl. KV write)",
     "rms_norm": "norm, RoPE, SiLU", "rope": "norm, RoPE, SiLU", "silu_and_mul": "norm, RoPE, SiLU",
-    "sample": "sampling",
+    "sample": "sampling", "__call__": "decoder layers in one native call (and the embedding)",
 }
 spent: dict[str, float] = defaultdict(float)
 
@@ -64,6 +67,7 @@ def main() -> None:
         wrap(ops, name)
     wrap(llama, "paged_attention")
     wrap(runner, "sample")
+    wrap(FusedDecode, "__call__")
     engine, rng = llm.engine, random.Random(0)
 
     def add(tag: str, n: int, length: int, out: int) -> None:
@@ -82,11 +86,17 @@ def main() -> None:
         prefills.append(timed_step(llm))
         drain()
     report("Prefill step, 4 x 512 new tokens", 2048, *min(prefills, key=lambda x: x[0]))
-    add("d", 64, 300, 20 + a.repeat)  # enough tokens that the first are still decoding when the last start
+    add("d", 64, 300, 20 + 2 * a.repeat)  # enough tokens that the first still decode when the last start
     while engine.last_step_tokens != 64:
         engine.step()
-    report("Decode step, 64 sequences of ~300 tokens", 64, *min((timed_step(llm) for _ in range(a.repeat)),
-                                                                  key=lambda x: x[0]))
+    fused, ways = engine.runner.fused, ["as it runs" if engine.runner.fused else "op by op (no fused path here)"]
+    if fused is not None:
+        ways.append("op by op")
+    for way in ways:
+        engine.runner.fused = fused if way == "as it runs" else None
+        report(f"Decode step, 64 sequences of ~300 tokens, {way}", 64,
+               *min((timed_step(llm) for _ in range(a.repeat)), key=lambda x: x[0]))
+    engine.runner.fused = fused
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 
 from inferlab import kernels
 from inferlab.attention import AttentionMetadata, NativeRows, PrefillSeq
+from inferlab.fused_decode import FusedDecode
 from inferlab.model.llama import LlamaForCausalLM, ModelArgs
 from inferlab.request import Request
 from inferlab.sampler import SampleResult, sample
@@ -56,6 +57,8 @@ class ModelRunner:
         # long prefill chunks go to the AMX tile kernel where it runs, else to SDPA
         self.tile_prefill = self.native is not None and dtype == torch.bfloat16 and kernels.prefill_tiles_supported(
             self.native, args.num_heads, args.num_kv_heads, args.head_dim, block_size)
+        # decode steps' layers in one native call where it runs (same kernels, no Python between them)
+        self.fused = FusedDecode.build(model, self.kv_caches, self.native, block_size)
 
     def prepare(self, scheduled: list[tuple[Request, int]]):
         """Flat model inputs and attention metadata for one step, built with numpy (no per-token
@@ -110,7 +113,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, SampleResult]:
         input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.fused is not None and self.fused.covers(meta, input_ids.numel()):
+            hidden = self.fused(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sample_reqs:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])

@@ -95,6 +95,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.prefill_attention.restype = i32
     lib.linear_bf16.argtypes = [p, p, p, i32, i32, i32, i32]
     lib.linear_bf16.restype = i32
+    lib.decode_layers.argtypes = [p, p, p, i32, p, p, p, p, p, p, p, i32, i32, i32, i32, i32, i32, i32, i32, f32, f32,
+                                  i32]
+    lib.decode_layers.restype = i32
     for fn in (lib.rms_norm, lib.silu_and_mul, lib.rope, lib.write_kv, lib.argmax_bf16):
         fn.restype = None
 

@@ -9,6 +9,7 @@
  * Runs where every matmul of the layer has the AMX path of `linear_bf16` (1-64 rows, bf16); the
  * caller asks first with num_rows = 0, and keeps the per-op path otherwise (Qwen3's q/k norms too).
  */
+#define _GNU_SOURCE /* syscall() in amx.h under -std=c11 */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

@@ -41,7 +41,7 @@ class FusedDecode:
     def build(cls, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
               lib: ctypes.CDLL | None, block_size: int) -> FusedDecode | None:
         """The fused path where it runs for this model, CPU and pool; else None."""
-        tensors = [p for layer in model.model.layers for p in layer.parameters()] + [t for kv in kv_caches for t in kv]
+        tensors = list(model.parameters()) + [t for kv in kv_caches for t in kv]
         if lib is None or model.args.qk_norm or \
                 any(t.dtype != torch.bfloat16 or not t.is_contiguous() or not t.is_cpu for t in tensors):
             return None

@@ -42,15 +42,33 @@ def _check(llm: LLM, batches: list[list[list[int]]], max_tokens: int) -> Checked
     return checked
 
 
-def test_embedded_model_decode_steps_match_per_op_path(chat_prompts):
+@pytest.fixture(scope="module")
+def smol_bf16():
     from inferlab.model.loader import load_model
-    llm = LLM(loaded=load_model(None, "bfloat16", torch.device("cpu")))
+    return load_model(None, "bfloat16", torch.device("cpu"))
+
+
+def test_embedded_model_decode_steps_match_per_op_path(smol_bf16, chat_prompts):
+    llm = LLM(loaded=smol_bf16)
     prompts = chat_prompts[:6] + [chat_prompts[0] + [42, 43, 44]]  # the last: a short chunk over a cached prefix
     checked = _check(llm, [prompts], max_tokens=5)
     steps = checked.steps
     assert steps and all(same for _, same in steps), steps
     assert 7 in {n for n, _ in steps}, steps  # the full batch of decodes ran fused
     assert checked.others, "the prefill steps kept the per-op path"
+
+
+def test_whole_generations_match_per_op_engine(smol_bf16, chat_prompts):
+    """Separate engines, so neither path's K/V writes can cover for the other's over 24 steps."""
+    params = SamplingParams(temperature=0, max_tokens=24)
+    prompts = [{"prompt_token_ids": p} for p in chat_prompts]
+    fused_llm, per_op_llm = LLM(loaded=smol_bf16), LLM(loaded=smol_bf16)
+    if fused_llm.engine.runner.fused is None:
+        pytest.skip("this CPU has no AMX tiles: decode steps run op by op")
+    per_op_llm.engine.runner.fused = None
+    fused = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, params, use_tqdm=False)]
+    per_op = [o.outputs[0].token_ids for o in per_op_llm.generate(prompts, params, use_tqdm=False)]
+    assert fused == per_op
 
 
 def _tiny(tokenizer, qk_norm: bool = False) -> tuple[LlamaForCausalLM, object]:

@@ -59,15 +59,20 @@ def test_embedded_model_decode_steps_match_per_op_path(smol_bf16, chat_prompts):
 
 
 def test_whole_generations_match_per_op_engine(smol_bf16, chat_prompts):
-    """Separate engines, so neither path's K/V writes can cover for the other's over 24 steps."""
+    """Separate engines, so neither path's K/V writes can cover for the other's over 24 steps. The
+    thread count is fixed: with fewer threads, smaller batches take the tile attention kernel."""
     params = SamplingParams(temperature=0, max_tokens=24)
     prompts = [{"prompt_token_ids": p} for p in chat_prompts]
-    fused_llm, per_op_llm = LLM(loaded=smol_bf16), LLM(loaded=smol_bf16)
-    if fused_llm.engine.runner.fused is None:
-        pytest.skip("this CPU has no AMX tiles: decode steps run op by op")
-    per_op_llm.engine.runner.fused = None
-    fused = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, params, use_tqdm=False)]
-    per_op = [o.outputs[0].token_ids for o in per_op_llm.generate(prompts, params, use_tqdm=False)]
+    before = torch.get_num_threads()
+    try:
+        fused_llm, per_op_llm = LLM(loaded=smol_bf16, num_threads=2), LLM(loaded=smol_bf16, num_threads=2)
+        if fused_llm.engine.runner.fused is None:
+            pytest.skip("this CPU has no AMX tiles: decode steps run op by op")
+        per_op_llm.engine.runner.fused = None
+        fused = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, params, use_tqdm=False)]
+        per_op = [o.outputs[0].token_ids for o in per_op_llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        torch.set_num_threads(before)
     assert fused == per_op
 
 

@@ -29,6 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "native", "torch"],
                    help="native: the C kernel reading the paged cache in place (CPU); torch: the reference")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every step op by op through the Python model (no one-call decode step)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -49,7 +51,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens,
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
-                        attention_backend=a.attention_backend, num_threads=a.threads)
+                        attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager)
 
 
 def add_record_arg(p: argparse.ArgumentParser) -> None:

@@ -28,6 +28,10 @@ class EngineConfig:
     # auto: the native CPU kernel where it builds, else PyTorch; torch: always the PyTorch reference
     attention_backend: str = "auto"
     num_threads: int | None = None  # CPU threads for the model; None: PyTorch's default (the cores)
+    # True: every step runs the Python model op by op, where decode steps would otherwise run their
+    # layers in one native call (`fused_decode.py`): for editing the model or timing the two (vLLM's
+    # flag of the same name turns off CUDA graphs, for the same reasons)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -80,7 +80,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager,
                                    make_queue(config.scheduling_policy, config.sjf_aging_rate), clock)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids,
-                                  native=config.attention_backend != "torch")
+                                  native=config.attention_backend != "torch", fused=not config.enforce_eager)
         if config.attention_backend == "native" and self.runner.native is None:
             raise ValueError("attention_backend 'native' needs a CPU device, float32 or bfloat16, and a C "
                              "compiler (see the log for why the kernel did not build)")

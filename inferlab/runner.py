@@ -41,8 +41,9 @@ NATIVE_MAX_CHUNK = 16
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, eos_ids: set[int],
-                 native: bool = True) -> None:
-        """native=False keeps attention on the PyTorch reference path even where the kernel runs."""
+                 native: bool = True, fused: bool = True) -> None:
+        """native=False keeps attention on the PyTorch reference path even where the kernel runs;
+        fused=False runs every step through the Python model, op by op."""
         args = model.args
         self.model = model
         self.block_size = block_size
@@ -58,7 +59,7 @@ class ModelRunner:
         self.tile_prefill = self.native is not None and dtype == torch.bfloat16 and kernels.prefill_tiles_supported(
             self.native, args.num_heads, args.num_kv_heads, args.head_dim, block_size)
         # decode steps' layers in one native call where it runs (same kernels, no Python between them)
-        self.fused = FusedDecode.build(model, self.kv_caches, self.native, block_size)
+        self.fused = FusedDecode.build(model, self.kv_caches, self.native, block_size) if fused else None
 
     def prepare(self, scheduled: list[tuple[Request, int]]):
         """Flat model inputs and attention metadata for one step, built with numpy (no per-token

@@ -100,3 +100,15 @@ def test_qwen2_biases_match_per_op_path(smol):
 def test_qwen3_keeps_per_op_path(smol):
     llm = LLM(loaded=_tiny(smol[1], qk_norm=True), num_kv_blocks=64, block_size=16)
     assert llm.engine.runner.fused is None
+
+
+def test_enforce_eager_runs_the_python_model(smol):
+    model, tokenizer = _tiny(smol[1])
+    if LLM(loaded=(model, tokenizer), num_kv_blocks=64).engine.runner.fused is None:
+        pytest.skip("this CPU has no AMX tiles: decode steps run op by op")
+    llm = LLM(loaded=(model, tokenizer), num_kv_blocks=64, enforce_eager=True)
+    assert llm.engine.runner.fused is None
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))  # an edit to the Python model
+    llm.generate([{"prompt_token_ids": [5, 7, 11]}], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert len(calls) == 4  # the prefill step and three decode steps all ran it

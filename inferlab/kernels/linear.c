@@ -121,11 +121,18 @@ static void linear_amx(const uint32_t *x, const uint16_t *w, uint16_t *y, int M,
             _tile_zero(3);
             for (int k = 0; k < K / 32; k++) {
                 const uint32_t *b = xp + (int64_t)k * 16 * mp;
-                /* with 2+ tile products per A tile the hardware prefetcher falls behind on W's 16 row
-                 * streams: fetching 2 steps ahead took 64 rows from 21 to 17.5 ms */
-                if (mb > 1 && k + 2 < K / 32)
-                    for (int r = 0; r < 16; r++)
-                        _mm_prefetch((const char *)(a + (int64_t)r * K + 32 * (k + 2)), _MM_HINT_T0);
+                /* The hardware prefetcher falls behind on W's 16 row streams and cannot guess where
+                 * the next block of rows starts. Fetching 2 steps ahead took the layers' matmuls at
+                 * 64 rows from 21 to 17.5 ms; running on into the next block (only K / 32 = 18 steps
+                 * long here) from 17.5 to 16.4, and at 16 rows from 11.6 to 10.6 */
+                {
+                    int ka = k + 2;
+                    const uint16_t *an = a;
+                    if (ka >= K / 32) ka -= K / 32, an += (int64_t)16 * K;
+                    if (an < w + (int64_t)N * K)
+                        for (int r = 0; r < 16; r++)
+                            _mm_prefetch((const char *)(an + (int64_t)r * K + 32 * ka), _MM_HINT_T0);
+                }
                 _tile_loadd(4, a + 32 * k, K * 2);
                 _tile_loadd(5, b, mp * 4);
                 _tile_dpbf16ps(0, 4, 5);

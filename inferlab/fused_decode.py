@@ -21,9 +21,9 @@ MAX_ROWS = 64  # the AMX matmul's row limit (`ops.NATIVE_LINEAR_MAX_ROWS`)
 
 class FusedDecode:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 lib: ctypes.CDLL, block_size: int) -> None:
+                 lib: ctypes.CDLL) -> None:
         self.model, self.lib = model, lib
-        a = model.args
+        a, block_size = model.args, kv_caches[0][0].shape[1]  # pool: [num_blocks, block_size, kv_heads, d]
         self.dims = (a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, block_size)
         # One row of addresses per layer, in decode_step.c's order. The tensors stay put: the model
         # holds its parameters and the runner its pool for the engine's life.
@@ -39,13 +39,13 @@ class FusedDecode:
 
     @classmethod
     def build(cls, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-              lib: ctypes.CDLL | None, block_size: int) -> FusedDecode | None:
+              lib: ctypes.CDLL | None) -> FusedDecode | None:
         """The fused path where it runs for this model, CPU and pool; else None."""
         tensors = list(model.parameters()) + [t for kv in kv_caches for t in kv]
         if lib is None or model.args.qk_norm or \
                 any(t.dtype != torch.bfloat16 or not t.is_contiguous() or not t.is_cpu for t in tensors):
             return None
-        fused = cls(model, kv_caches, lib, block_size)
+        fused = cls(model, kv_caches, lib)
         # the kernel answers for this build, CPU and shape, given an empty step
         probe = lib.decode_layers(None, None, None, 0, None, None, None, None, None, None, None, 0, 0, *fused.dims,
                                   1.0, 1.0, 1)

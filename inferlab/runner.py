@@ -59,7 +59,7 @@ class ModelRunner:
         self.tile_prefill = self.native is not None and dtype == torch.bfloat16 and kernels.prefill_tiles_supported(
             self.native, args.num_heads, args.num_kv_heads, args.head_dim, block_size)
         # decode steps' layers in one native call where it runs (same kernels, no Python between them)
-        self.fused = FusedDecode.build(model, self.kv_caches, self.native, block_size) if fused else None
+        self.fused = FusedDecode.build(model, self.kv_caches, self.native) if fused else None
 
     def prepare(self, scheduled: list[tuple[Request, int]]):
         """Flat model inputs and attention metadata for one step, built with numpy (no per-token

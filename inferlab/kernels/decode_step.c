@@ -23,6 +23,7 @@ enum { NORM1, QKV, QKV_BIAS, O_PROJ, NORM2, GATE_UP, DOWN, K_CACHE, V_CACHE, LAY
 void rms_norm(void *out, const void *x, void *residual, const void *weight, int64_t rows, int dim, float eps,
               int dtype, int num_threads);
 void silu_and_mul(void *out, const void *gate_up, int64_t rows, int dim, int dtype, int num_threads);
+void add_bias(void *y, const void *bias, int64_t rows, int dim, int dtype);
 void rope(void *x, int64_t row_stride, const float *cos, const float *sin, int64_t rows, int heads,
           int head_dim, int dtype, int num_threads);
 void write_kv(void *k_cache, void *v_cache, const void *k, const void *v, int64_t src_stride,
@@ -42,16 +43,6 @@ static int supported(int hidden, int heads, int kv_heads, int head_dim, int inte
     (void)hidden, (void)heads, (void)kv_heads, (void)head_dim, (void)inter;
     return 0;
 #endif
-}
-
-/* y[r] += bias for each of the rows of y: [rows, dim], bf16 rounded once, as PyTorch's add_ does (Qwen2). */
-static void add_bias(uint16_t *y, const uint16_t *bias, int rows, int dim) {
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < dim; c++) {
-            union { uint32_t u; float f; } a = {.u = (uint32_t)y[(int64_t)r * dim + c] << 16}, b = {.u = (uint32_t)bias[c] << 16};
-            a.f += b.f;
-            y[(int64_t)r * dim + c] = (uint16_t)((a.u + 0x7fff + ((a.u >> 16) & 1)) >> 16);
-        }
 }
 
 /* x: [T, hidden] bf16, the embeddings; on return the last layer's output, and residual ([T, hidden])
@@ -76,7 +67,7 @@ int decode_layers(void *x, void *residual, const int64_t *layers, int num_layers
         const int64_t *w = layers + (int64_t)l * LAYER_PTRS;
         rms_norm(h, l ? x : residual, l ? residual : NULL, (void *)w[NORM1], T, hidden, eps, BF16, num_threads);
         status |= linear_bf16(h, (void *)w[QKV], qkv, T, hidden, qkv_dim, num_threads);
-        if (w[QKV_BIAS]) add_bias(qkv, (const uint16_t *)w[QKV_BIAS], T, qkv_dim);
+        if (w[QKV_BIAS]) add_bias(qkv, (const void *)w[QKV_BIAS], T, qkv_dim, BF16);  /* Qwen2 */
         rope(qkv, qkv_dim, cos, sin, T, heads + kv_heads, head_dim, BF16, num_threads);  /* q and k: adjacent */
         write_kv((void *)w[K_CACHE], (void *)w[V_CACHE], qkv + q, qkv + q + kv_heads * head_dim, qkv_dim, slots, T,
                  kv_heads * head_dim, sizeof(uint16_t), num_threads);

@@ -69,6 +69,12 @@ void silu_and_mul(void *out, const void *gate_up, int64_t rows, int dim, int dty
     }
 }
 
+/* y: [rows, dim] += bias: [dim], rounded once on store, as PyTorch's add_ does. */
+void add_bias(void *y, const void *bias, int64_t rows, int dim, int dtype) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int i = 0; i < dim; i++) st(y, r * dim + i, ld(y, r * dim + i, dtype) + ld(bias, i, dtype), dtype);
+}
+
 /* In place on x: [rows, heads, head_dim] with `row_stride` elements between rows (a view into
  * the fused qkv output). Rotate-half RoPE (HF's convention) with fp32 cos, sin: [rows, head_dim/2]. */
 void rope(void *x, int64_t row_stride, const float *cos, const float *sin, int64_t rows, int heads,

@@ -1,9 +1,9 @@
 """Where a step's time goes: one decode step (64 sequences of ~300 tokens) and one prefill step
 (4 prompts of 512 tokens), on the embedded model, split by kind of work. The decode step is shown
-as it runs (its layers in one native call where `FusedDecode` runs) and op by op, which splits the
-layers' time by kind.
+as it runs (replayed from a tape in one native call, where the kernels run) and op by op, which
+splits the layers' time by kind.
 
-    .venv/bin/python benchmarks/profile_step.py [--dtype bfloat16] [--threads N]
+    .venv/bin/python benchmarks/profile_step.py [--dtype bfloat16] [--quantization none] [--threads N]
 
 The model's ops are wrapped here (only in this script) with wall-clock timers, summed by kind; the
 native kernels run through ctypes, which PyTorch's profiler would not see, and the timers cost far
@@ -17,14 +17,15 @@ import random
 import time
 from collections import defaultdict
 
-from inferlab import LLM, SamplingParams, ops, runner
-from inferlab.fused_decode import FusedDecode
+from inferlab import LLM, SamplingParams, runner
 from inferlab.model import llama
+from inferlab.model.layers import linear, norm
+from inferlab.tape import DecodeTape
 
 KINDS = {  # wrapped function -> kind of work; the wrapped functions never nest
     "linear": "linear layers (matmul)", "paged_attention": "attention (incl. KV write)",
     "rms_norm": "norm, RoPE, SiLU", "rope": "norm, RoPE, SiLU", "silu_and_mul": "norm, RoPE, SiLU",
-    "sample": "sampling", "__call__": "decoder layers in one native call (and the embedding)",
+    "sample": "sampling", "__call__": "the tape: embedding, decoder layers, final norm in one native call",
 }
 spent: dict[str, float] = defaultdict(float)
 
@@ -59,15 +60,17 @@ def report(title: str, tokens: int, total: float, per_kind: dict[str, float]) ->
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=5, help="measure each step this many times, keep the fastest")
     a = ap.parse_args()
-    llm = LLM(dtype=a.dtype, num_threads=a.threads, long_prefill_token_threshold=2048)
-    for name in ("rms_norm", "rope", "silu_and_mul", "linear"):
-        wrap(ops, name)
-    wrap(llama, "paged_attention")
+    llm = LLM(dtype=a.dtype, quantization=a.quantization, num_threads=a.threads, long_prefill_token_threshold=2048)
+    wrap(norm, "rms_norm")
+    wrap(linear, "linear")
+    for name in ("rope", "silu_and_mul", "paged_attention"):
+        wrap(llama, name)
     wrap(runner, "sample")
-    wrap(FusedDecode, "__call__")
+    wrap(DecodeTape, "__call__")
     engine, rng = llm.engine, random.Random(0)
 
     def add(tag: str, n: int, length: int, out: int) -> None:
@@ -89,14 +92,14 @@ def main() -> None:
     add("d", 64, 300, 20 + 2 * a.repeat)  # enough tokens that the first still decode when the last start
     while engine.last_step_tokens != 64:
         engine.step()
-    fused, ways = engine.runner.fused, ["as it runs" if engine.runner.fused else "op by op (no fused path here)"]
-    if fused is not None:
+    tape, ways = engine.runner.tape, ["as it runs" if engine.runner.tape else "op by op (no tape here)"]
+    if tape is not None:
         ways.append("op by op")
     for way in ways:
-        engine.runner.fused = fused if way == "as it runs" else None
+        engine.runner.tape = tape if way == "as it runs" else None
         report(f"Decode step, 64 sequences of ~300 tokens, {way}", 64,
                *min((timed_step(llm) for _ in range(a.repeat)), key=lambda x: x[0]))
-    engine.runner.fused = fused
+    engine.runner.tape = tape
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ from inferlab.logger import setup_logging
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activations and KV cache (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "q8_0", "q4_0", "q4_1"],
+                   help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored; "
+                        "none converts them to --dtype; q8_0/q4_0/q4_1 quantize at load")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
@@ -46,8 +50,8 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=a.model, dtype=a.dtype, device=a.device, block_size=a.block_size,
-                        num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
+    return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device,
+                        block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens,
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,

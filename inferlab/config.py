@@ -6,13 +6,18 @@ from dataclasses import dataclass
 from inferlab.policy import resolve_policy
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
 
 
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
-    dtype: str = "auto"
+    dtype: str = "auto"  # activations and KV cache; weights follow `quantization`
+    # auto: weights kept as the checkpoint stores them (a GGUF's quantized blocks, a safetensors' float
+    # type) where the native CPU kernels run them, else converted to dtype; none: converted to dtype at
+    # load; q8_0 / q4_0 / q4_1: quantized at load (the vocabulary matrix to q8_0)
+    quantization: str = "auto"
     device: str | None = None  # None: cuda if available, else cpu
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory
@@ -28,9 +33,9 @@ class EngineConfig:
     # auto: the native CPU kernel where it builds, else PyTorch; torch: always the PyTorch reference
     attention_backend: str = "auto"
     num_threads: int | None = None  # CPU threads for the model; None: PyTorch's default (the cores)
-    # True: every step runs the Python model op by op, where decode steps would otherwise run their
-    # layers in one native call (`fused_decode.py`): for editing the model or timing the two (vLLM's
-    # flag of the same name turns off CUDA graphs, for the same reasons)
+    # True: every step runs the Python model op by op, where decode steps would otherwise replay a tape
+    # of its forward pass in one native call (`tape.py`): for timing the two, or to rule the tape out
+    # (vLLM's flag of the same name turns off CUDA graphs, for the same reasons)
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:

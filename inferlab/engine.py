@@ -18,6 +18,7 @@ from inferlab.block_manager import BlockManager
 from inferlab.config import EngineConfig
 from inferlab.detokenizer import IncrementalDetokenizer
 from inferlab.malloc import keep_freed_memory
+from inferlab.model.layers.quant import describe_weights
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.loader import load_model
 from inferlab.model.tokenizer import Tokenizer
@@ -53,16 +54,16 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)  # a process-wide setting: the model is its main user
         if loaded is not None:
             self.model, self.tokenizer = loaded
-            self.device = self.model.lm_head.weight.device
+            self.device = self.model.device
         else:
             self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            self.model, self.tokenizer = load_model(config.model, config.dtype, self.device)
+            self.model, self.tokenizer = load_model(config.model, config.dtype, self.device, config.quantization)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page-fault storm each step for activations freed by the last one
         # CPU threads follow the cores other processes leave free, unless fixed by num_threads
         self.threads = ThreadGovernor() if config.num_threads is None and self.device.type == "cpu" else None
         args = self.model.args
-        self.dtype = self.model.lm_head.weight.dtype
+        self.dtype = self.model.dtype
         if config.max_model_len is not None and config.max_model_len > args.max_position:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
                              f"length {args.max_position}")
@@ -97,6 +98,10 @@ class LLMEngine:
         log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s)", num_blocks,
                  config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                  str(self.dtype).removeprefix("torch."), self.device)
+        native = self.runner.native
+        log.info("weights: %s; kernels: %s; decode steps: %s", describe_weights(self.model),
+                 f"native {native.isa}" if native else "PyTorch",
+                 f"one native call ({len(self.runner.tape.ops)} ops)" if self.runner.tape else "op by op")
 
     @property
     def max_request_tokens(self) -> int:

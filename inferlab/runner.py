@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from inferlab import kernels
-from inferlab.attention import AttentionMetadata, NativeRows, PrefillSeq
-from inferlab.fused_decode import FusedDecode
+from inferlab.model.layers import AttentionMetadata, NativeRows, PrefillSeq
+from inferlab.model.layers.attention import prefill_kernel_runs
 from inferlab.model.llama import LlamaForCausalLM, ModelArgs
 from inferlab.request import Request
 from inferlab.sampler import SampleResult, sample
+from inferlab.tape import DecodeTape
 
 
 def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
@@ -42,24 +43,25 @@ NATIVE_MAX_CHUNK = 16
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, eos_ids: set[int],
                  native: bool = True, fused: bool = True) -> None:
-        """native=False keeps attention on the PyTorch reference path even where the kernel runs;
-        fused=False runs every step through the Python model, op by op."""
+        """native=False keeps attention on the PyTorch reference path even where the kernels run;
+        fused=False runs every step through the Python model, op by op (no tape)."""
         args = model.args
         self.model = model
         self.block_size = block_size
         self.eos_ids = eos_ids
-        self.device = model.lm_head.weight.device
-        dtype = model.lm_head.weight.dtype
+        self.device, dtype = model.device, model.dtype
         shape = (2, args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
         self.kv_cache = allocate_zeroed(shape, dtype, self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
-        use_native = native and kernels.supports(dtype, self.device, args.num_heads, args.num_kv_heads, args.head_dim)
-        self.native = kernels.native_library() if use_native else None
-        # long prefill chunks go to the AMX tile kernel where it runs, else to SDPA
-        self.tile_prefill = self.native is not None and dtype == torch.bfloat16 and kernels.prefill_tiles_supported(
-            self.native, args.num_heads, args.num_kv_heads, args.head_dim, block_size)
-        # decode steps' layers in one native call where it runs (same kernels, no Python between them)
-        self.fused = FusedDecode.build(model, self.kv_caches, self.native) if fused else None
+        use_native = native and self.device.type == "cpu" and dtype in kernels.DTYPE_CODES and \
+            kernels.attention_supported(args.num_heads, args.num_kv_heads, args.head_dim)
+        self.native = kernels.native() if use_native else None
+        # long prefill chunks go to a matrix-product kernel where this CPU has one, else to SDPA
+        self.tile_prefill = self.native is not None and prefill_kernel_runs(
+            self.native, dtype, args.num_heads, args.num_kv_heads, args.head_dim, block_size)
+        # decode steps replayed from a tape of the model's forward (same kernels, no Python between them)
+        self.tape = DecodeTape.record(model, self.kv_caches, self.native, kernels.C["IL_MAX_ROWS"]) \
+            if fused and self.native is not None else None
 
     def prepare(self, scheduled: list[tuple[Request, int]]):
         """Flat model inputs and attention metadata for one step, built with numpy (no per-token
@@ -86,11 +88,11 @@ class ModelRunner:
         def seq_table(i: int) -> torch.Tensor:
             return torch.from_numpy(tables[i, :num_blocks[i]]).to(dev)
 
-        meta = AttentionMetadata(torch.from_numpy(slots).to(dev), [], None, None, None)
+        meta = AttentionMetadata(torch.from_numpy(slots).to(dev), [])
         if self.native is not None:  # decodes and short chunks over a prefix by the kernel, the rest by SDPA
             chunk = (starts == 0) | (counts > NATIVE_MAX_CHUNK)
             rows = np.flatnonzero(~chunk[seq_of_row])
-            meta.native = NativeRows(self.native, torch.from_numpy(rows),
+            meta.native = NativeRows(torch.from_numpy(rows),
                                      torch.from_numpy(seq_of_row[rows].astype(np.int32)),
                                      torch.from_numpy((positions[rows] + 1).astype(np.int32)),
                                      torch.from_numpy(tables))
@@ -114,8 +116,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, SampleResult]:
         input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(scheduled)
-        if self.fused is not None and self.fused.covers(meta, input_ids.numel()):
-            hidden = self.fused(input_ids, positions, meta)
+        if self.tape is not None and self.tape.covers(meta, input_ids.numel()):
+            hidden = self.tape(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sample_reqs:

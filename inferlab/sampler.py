@@ -25,11 +25,11 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax (first index of the maximum, like torch). On CPU, torch's is slow for a
     [64, 49152] batch of logits (15x numpy's), which made greedy sampling a visible cost: bf16 rows
     go to the native kernel (0.2 ms), fp32 rows to numpy."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous() and x.dim() == 2:
-        lib = kernels.native_library()
-        if lib is not None:
+    if x.dtype == torch.bfloat16 and x.is_contiguous() and x.dim() == 2:
+        k = kernels.for_tensor(x)
+        if k is not None:
             out = torch.empty(x.shape[0], dtype=torch.int64)
-            lib.argmax_bf16(out.data_ptr(), x.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
+            k.argmax(out, x, x.shape[0], x.shape[1], kernels.DTYPE_CODES[x.dtype])
             return out
     if x.device.type == "cpu" and x.dtype == torch.float32:
         return torch.from_numpy(x.numpy().argmax(-1))

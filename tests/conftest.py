@@ -20,6 +20,17 @@ CHAT_QUESTIONS = [
 ]
 
 
+def pytest_generate_tests(metafunc):
+    """A test taking `isa` runs once per kernel ISA, skipped with the reason where this CPU lacks it."""
+    if "isa" in metafunc.fixturenames:
+        from inferlab import kernels
+        loaded = kernels.library()
+        runnable = loaded[1] if loaded else []
+        metafunc.parametrize("isa", [
+            pytest.param(isa, marks=[] if isa in runnable else
+                         [pytest.mark.skip(reason=f"this CPU cannot run the {isa} kernels")]) for isa in kernels.ISAS])
+
+
 @pytest.fixture(scope="session")
 def smol():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct in fp32."""

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from inferlab import LLM, EngineConfig, LLMEngine, SamplingParams
-from inferlab.attention import AttentionMetadata, PrefillSeq
+from inferlab.model.layers import AttentionMetadata, PrefillSeq
 from inferlab.model.loader import ModelLoadError, load_model
 
 BLOCK_SIZE = 4

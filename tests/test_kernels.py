@@ -1,10 +1,28 @@
-"""The native paged-attention kernel against plain attention math, on random pools and tables."""
+"""The native kernels of every ISA this CPU runs, against their PyTorch references and against the
+portable C (`generic`): attention, the elementwise ops, argmax; and the build and dispatch around
+them (every ISA's files compile on any x86 machine, INFERLAB_ISA forces one, failures fall back)."""
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
 from inferlab import kernels
+from inferlab.model.layers import activation, attention, norm, rotary
+
+
+def _runnable() -> list[str]:
+    loaded = kernels.library()
+    return loaded[1] if loaded else []
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def _reference(q, k_cache, v_cache, rows, seqs, lens, tables, scale):
@@ -21,145 +39,58 @@ def _reference(q, k_cache, v_cache, rows, seqs, lens, tables, scale):
     return out
 
 
-@pytest.fixture(scope="module")
-def lib():
-    lib = kernels.native_library()
-    if lib is None:
-        pytest.skip("the native kernel did not build here (no C compiler?): the PyTorch path is used")
-    return lib
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 # the last three: AMX row kernel shapes (block 32, one head per KV head) and one past its 16 heads
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 128, 1), (8, 2, 80, 7),
-                                                                (16, 4, 64, 32), (12, 12, 64, 16), (32, 8, 64, 16)])
-def test_kernel_matches_attention_math(lib, dtype, tol, heads, kv_heads, head_dim, block_size):
+                                                                (16, 4, 64, 32), (12, 12, 64, 16), (32, 8, 64, 16),
+                                                                (4, 2, 36, 8)])
+def test_paged_attention_matches_attention_math(isa, dtype, tol, heads, kv_heads, head_dim, block_size):
+    k = kernels.for_isa(isa)
     g = torch.Generator().manual_seed(heads * head_dim + block_size)
     num_blocks = 300 // block_size + 40
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    # three sequences: two decodes (one of a single key) and a prefill chunk of 5 rows over a prefix
-    ctx = [1, 150, 97]
+    # decodes (one of a single key) and a prefill chunk of 5 rows over a prefix; 12 rows in all, so
+    # kernels that take a task per row from 8 rows run too
+    ctx = [1, 150, 97] + [20 + 9 * i for i in range(7)]
     width = max(-(-c // block_size) for c in ctx)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in ctx]).int()
-    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6])
-    seqs = torch.tensor([0, 1, 2, 2, 2, 2, 2], dtype=torch.int32)
-    lens = torch.tensor([1, 150, 93, 94, 95, 96, 97], dtype=torch.int32)  # causal within the chunk
-    q = torch.randn(8, heads, head_dim, generator=g).to(dtype)  # row 7 is not asked for
+    seqs = torch.tensor([0, 1, 2, 2, 2, 2, 2, *range(3, 10)], dtype=torch.int32)
+    lens = torch.tensor([1, 150, 93, 94, 95, 96, 97, *ctx[3:]], dtype=torch.int32)  # causal within the chunk
+    rows = torch.arange(len(seqs))
+    q = torch.randn(len(seqs) + 1, heads, head_dim, generator=g).to(dtype)  # the last row is not asked for
     scale = head_dim ** -0.5
     expected = _reference(q, k_cache, v_cache, rows, seqs, lens, tables, scale)
-    for n in (7, 1):  # many rows: a task per row; one row: a task per (row, KV head)
+    for n in (len(seqs), 1):
         out = torch.full_like(q, 7.0)
-        kernels.paged_attention_native(lib, q, k_cache, v_cache, out, rows[:n], seqs[:n], lens[:n], tables, scale)
+        k.paged_attention(q, q.stride(0), k_cache, v_cache, out, rows[:n], seqs[:n], lens[:n], n, tables,
+                          tables.shape[1], heads, kv_heads, head_dim, block_size, scale, kernels.DTYPE_CODES[dtype])
         torch.testing.assert_close(out[:n].double(), expected[:n], atol=tol, rtol=tol)
         assert torch.all(out[n:] == 7.0), "rows not asked for must be left alone"
 
 
-def test_kernel_refuses_mixed_dtypes(lib):
-    q = torch.zeros(1, 2, 64)
-    cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="one dtype"):
-        kernels.paged_attention_native(lib, q, cache, cache, q.clone(), torch.zeros(1, dtype=torch.long),
-                                       torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
-                                       torch.zeros(1, 1, dtype=torch.int32), 0.125)
-
-
-def test_backend_option_is_validated():
-    from inferlab import EngineConfig
-    with pytest.raises(ValueError, match="attention_backend"):
-        EngineConfig(attention_backend="flash")
-
-
-def test_disabled_kernel_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setenv("INFERLAB_NATIVE", "0")
-    kernels.native_library.cache_clear()
-    try:
-        assert kernels.native_library() is None
-    finally:
-        kernels.native_library.cache_clear()
-
-
-def test_build_failure_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "/nonexistent/cc")
-    kernels.native_library.cache_clear()
-    try:
-        assert kernels.native_library() is None
-        assert "native CPU kernels unavailable" in caplog.text
-    finally:
-        kernels.native_library.cache_clear()
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_fused_ops_match_their_reference(lib, dtype, tol):
-    from inferlab import ops
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(37, 96, generator=g).to(dtype)
-    residual = torch.randn(37, 96, generator=g).to(dtype)
-    weight = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
-    ref_out, ref_sum = ops.rms_norm_ref(x, weight, 1e-6, residual.clone())
-    out, new_sum = ops.rms_norm(x, weight, 1e-6, residual)
-    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
-    torch.testing.assert_close(new_sum, ref_sum)  # the sum, exactly as the reference rounds it
-    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-6)[0].float(), ops.rms_norm_ref(x, weight, 1e-6)[0].float(),
-                               atol=tol, rtol=tol)
-
-    gate_up = torch.randn(37, 2 * 80, generator=g).to(dtype)
-    gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(ops.silu_and_mul(gate_up).float(), (torch.nn.functional.silu(gate) * up).float(),
-                               atol=tol, rtol=tol)
-
-    # rope on a strided view, as the model does on the fused qkv output: only the view changes
-    qkv = torch.randn(37, 5 * 64, generator=g).to(dtype)
-    before = qkv.clone()
-    q = qkv[:, :3 * 64].view(37, 3, 64)
-    freqs = torch.arange(37).float()[:, None] * (10000.0 ** (-torch.arange(32).float() / 32))
-    expected = ops.rope_ref(q.clone(), freqs.cos(), freqs.sin())
-    assert ops.rope(q, freqs.cos(), freqs.sin()).data_ptr() == qkv.data_ptr()
-    torch.testing.assert_close(qkv[:, :3 * 64].view(37, 3, 64).float(), expected.float(), atol=tol, rtol=tol)
-    assert torch.equal(qkv[:, 3 * 64:], before[:, 3 * 64:])
-
-
-@pytest.mark.parametrize("rows", [5, 40])  # 40: split over threads
-def test_write_kv_matches_index_copy(lib, rows):
-    from inferlab.attention import write_kv
-    g = torch.Generator().manual_seed(2)
-    qkv = torch.randn(rows, 9 * 64 + 2 * 3 * 64, generator=g).to(torch.bfloat16)
-    k = qkv[:, 9 * 64:12 * 64].view(rows, 3, 64)  # strided views, as the model passes them
-    v = qkv[:, 12 * 64:].view(rows, 3, 64)
-    slots = torch.cat([torch.tensor([7, 0, 33, 34, 12]), torch.randperm(64, generator=g)[:rows - 5] + 64])
-    caches = [torch.zeros(8, 16, 3, 64, dtype=torch.bfloat16) for _ in range(4)]
-    write_kv(caches[0], caches[1], k, v, slots, native=lib)
-    write_kv(caches[2], caches[3], k, v, slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    assert torch.equal(caches[0].view(-1, 3, 64)[33], k[2])
-
-
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 64, 65])  # 65: past the native kernel, PyTorch
-@pytest.mark.parametrize("k,n", [(576, 96), (1536, 48), (100, 96), (576, 100)])  # 100s: tails AMX cannot tile
-def test_decode_linear_matches_matmul(lib, rows, k, n):
-    from inferlab import ops
-    g = torch.Generator().manual_seed(rows * k + n)
-    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    b = torch.randn(n, generator=g).to(torch.bfloat16)
-    expected = x.double() @ w.double().T + b.double()
-    torch.testing.assert_close(ops.linear(x, w, b).double(), expected, atol=0.3, rtol=2e-2)
-
-
-def test_amx_linear_runs_where_the_cpu_has_it(lib):
-    """On an AMX CPU the native path must really run (status 0) for tileable shapes, not fall back."""
-    from pathlib import Path
-    if "amx_bf16" not in Path("/proc/cpuinfo").read_text():
-        pytest.skip("this CPU has no AMX")
-    x, w = torch.randn(40, 576).bfloat16(), torch.randn(64, 576).bfloat16()
-    y = torch.full((40, 64), 7.0, dtype=torch.bfloat16)
-    assert lib.linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), 40, 576, 64, 2) == 0
-    torch.testing.assert_close(y.double(), x.double() @ w.double().T, atol=0.3, rtol=2e-2)
+def test_attention_does_not_depend_on_the_thread_count(isa):
+    k = kernels.for_isa(isa)
+    g = torch.Generator().manual_seed(5)
+    k_cache, v_cache = (torch.randn(40, 16, 3, 64, generator=g).bfloat16() for _ in range(2))
+    tables = torch.randperm(40, generator=g)[:30].view(3, 10).int()
+    q = torch.randn(3, 9, 64, generator=g).bfloat16()
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = torch.empty_like(q)
+        k.paged_attention(q, q.stride(0), k_cache, v_cache, out, torch.arange(3), torch.arange(3, dtype=torch.int32),
+                          torch.tensor([150, 7, 160], dtype=torch.int32), 3, tables, 10, 9, 3, 64, 16, 0.125,
+                          kernels.DTYPE_CODES[torch.bfloat16])
+        outs.append(out)
+    assert torch.equal(*outs)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 128, 32), (8, 2, 64, 16)])
-def test_prefill_tile_kernel_matches_attention_math(lib, heads, kv_heads, head_dim, block_size):
+def test_prefill_kernel_matches_attention_math(isa, heads, kv_heads, head_dim, block_size):
+    k = kernels.for_isa(isa)
+    if not attention.prefill_kernel_runs(k, torch.bfloat16, heads, kv_heads, head_dim, block_size):
+        pytest.skip(f"the {isa} kernels have no matrix-product prefill attention: prefill chunks use SDPA")
     g = torch.Generator().manual_seed(head_dim + block_size)
     num_blocks = 200
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
@@ -176,12 +107,12 @@ def test_prefill_tile_kernel_matches_attention_math(lib, heads, kv_heads, head_d
         seqs += [i] * n
         lens += range(keys - n + 1, keys + 1)  # causal: query t sees keys up to its own position
     out = torch.full_like(q, 7.0)
-    ran = kernels.prefill_attention_native(
-        lib, q, k_cache, v_cache, out, torch.tensor(row0), torch.tensor([n for n, _ in spec], dtype=torch.int32),
-        torch.tensor([k for _, k in spec], dtype=torch.int32), torch.arange(len(spec), dtype=torch.int32), tables,
-        head_dim ** -0.5)
-    if not ran:
-        pytest.skip("no AMX on this CPU: prefill chunks use SDPA")
+    k.prefill_attention(q, q.stride(0), k_cache, v_cache, out, torch.tensor(row0),
+                        torch.tensor([n for n, _ in spec], dtype=torch.int32),
+                        torch.tensor([k for _, k in spec], dtype=torch.int32),
+                        torch.arange(len(spec), dtype=torch.int32),
+                        len(spec), tables, tables.shape[1], heads, kv_heads, head_dim, block_size, head_dim ** -0.5,
+                        kernels.DTYPE_CODES[torch.bfloat16])
     expected = _reference(q, k_cache, v_cache, torch.tensor(rows), torch.tensor(seqs), torch.tensor(lens), tables,
                           head_dim ** -0.5)
     n = len(rows)
@@ -189,11 +120,58 @@ def test_prefill_tile_kernel_matches_attention_math(lib, heads, kv_heads, head_d
     assert torch.all(out[n:] == 7.0), "rows not asked for must be left alone"
 
 
-@pytest.mark.parametrize("cols", [49152, 37, 5])  # 37, 5: tails past the 16-wide vector loop
-def test_bf16_argmax_matches_torch(lib, cols):
-    from inferlab.sampler import argmax_rows
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_elementwise_ops_match_their_reference(isa, dtype, tol, monkeypatch):
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 96, generator=g).to(dtype)
+    residual = torch.randn(37, 96, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    ref_out, ref_sum = norm.rms_norm_ref(x, weight, 1e-6, residual.clone())
+    out, new_sum = norm.rms_norm(x, weight, 1e-6, residual)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(new_sum, ref_sum)  # the sum, exactly as the reference rounds it
+    torch.testing.assert_close(norm.rms_norm(x, weight, 1e-6)[0].float(),
+                               norm.rms_norm_ref(x, weight, 1e-6)[0].float(), atol=tol, rtol=tol)
+    heads = torch.randn(37, 5, 96, generator=g).to(dtype)[:, 1:4]  # per-head norms on a strided view (Qwen3)
+    torch.testing.assert_close(norm.rms_norm(heads, weight, 1e-6)[0].float(),
+                               norm.rms_norm_ref(heads, weight, 1e-6)[0].float(), atol=tol, rtol=tol)
+
+    gate_up = torch.randn(37, 2 * 80, generator=g).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(activation.silu_and_mul(gate_up).float(),
+                               (torch.nn.functional.silu(gate) * up).float(), atol=tol, rtol=tol)
+
+    # rope on a strided view, as the model does on the fused qkv output: only the view changes
+    qkv = torch.randn(37, 5 * 64, generator=g).to(dtype)
+    before = qkv.clone()
+    q = qkv[:, :3 * 64].view(37, 3, 64)
+    freqs = torch.arange(37).float()[:, None] * (10000.0 ** (-torch.arange(32).float() / 32))
+    expected = rotary.rope_ref(q.clone(), freqs.cos(), freqs.sin())
+    assert rotary.rope(q, freqs.cos(), freqs.sin()).data_ptr() == qkv.data_ptr()
+    torch.testing.assert_close(qkv[:, :3 * 64].view(37, 3, 64).float(), expected.float(), atol=tol, rtol=tol)
+    assert torch.equal(qkv[:, 3 * 64:], before[:, 3 * 64:])
+
+
+@pytest.mark.parametrize("rows", [5, 40])  # 40: split over threads
+def test_write_kv_matches_index_copy(isa, rows):
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(rows, 9 * 64 + 2 * 3 * 64, generator=g).to(torch.bfloat16)
+    k = qkv[:, 9 * 64:12 * 64].view(rows, 3, 64)  # strided views, as the model passes them
+    v = qkv[:, 12 * 64:].view(rows, 3, 64)
+    slots = torch.cat([torch.tensor([7, 0, 33, 34, 12]), torch.randperm(64, generator=g)[:rows - 5] + 64])
+    caches = [torch.zeros(8, 16, 3, 64, dtype=torch.bfloat16) for _ in range(4)]
+    attention.write_kv(caches[0], caches[1], k, v, slots, kernels.for_isa(isa))
+    attention.write_kv(caches[2], caches[3], k, v, slots, None)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert torch.equal(caches[0].view(-1, 3, 64)[33], k[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cols", [49152, 37, 5])
+def test_argmax_matches_torch(isa, dtype, cols):
     g = torch.Generator().manual_seed(cols)
-    x = torch.randn(6, cols, generator=g).bfloat16()
+    x = torch.randn(6, cols, generator=g).to(dtype)
     x[1] = -x[1].abs() - 1  # all negative: the order of negatives is flipped in the bit trick
     x[2] = float("-inf")
     x[2, cols // 2] = -3.0
@@ -201,4 +179,79 @@ def test_bf16_argmax_matches_torch(lib, cols):
     x[4, cols - 1] = 100.0  # the maximum in the tail
     x[5, :] = -0.5
     x[5, 2] = 0.0
-    assert torch.equal(argmax_rows(x), x.float().argmax(-1))
+    out = torch.empty(6, dtype=torch.int64)
+    kernels.for_isa(isa).argmax(out, x, 6, cols, kernels.DTYPE_CODES[dtype])
+    assert torch.equal(out, x.float().argmax(-1))
+
+
+@pytest.mark.skipif(not kernels.X86, reason="the ISA variants are x86's")
+def test_every_isa_is_compiled_on_any_x86_machine():
+    """The library holds every ISA's own kernels whatever this CPU runs, so a kernel file that stops
+    compiling for a CPU family this machine lacks fails here, not on that family's machines."""
+    lib, _ = kernels.library()
+    for isa in kernels.ISAS:
+        defined = {name for src in kernels.sources(isa)
+                   for name in re.findall(r"^\w+ IL\((\w+)\)\(", src.read_text(), re.M)}
+        assert defined, isa
+        assert not [name for name in defined if not hasattr(lib, f"{name}_{isa}")], isa
+
+
+def test_bindings_follow_the_header():
+    """Each binding's argument count is its prototype's, so a C signature change cannot leave a
+    stale ctypes declaration behind."""
+    k = kernels.for_isa("generic")
+    for name, (_, params) in kernels.prototypes().items():
+        assert len(k.functions[name].argtypes) == len(params), name
+        assert params[-1][1] == "num_threads", name
+
+
+def test_dispatch_picks_the_best_isa_per_entry_point():
+    best = _runnable()[-1]
+    k = kernels.for_isa(best)
+    assert k.chosen["tape_run"] == "generic"  # only plain C has it
+    if best != "generic":
+        assert k.chosen["linear"] != "generic" and k.chosen["paged_attention"] != "generic"
+    assert all(c == "generic" for c in kernels.for_isa("generic").chosen.values())
+
+
+def test_isa_can_be_forced(monkeypatch):
+    def forced(isa: str) -> kernels.Kernels:
+        monkeypatch.setenv("INFERLAB_ISA", isa)
+        kernels.native.cache_clear()
+        try:
+            return kernels.native()
+        finally:
+            kernels.native.cache_clear()
+    assert forced("generic").isa == "generic"
+    missing = next((isa for isa in kernels.ISAS if isa not in _runnable()), None)
+    if missing is None:
+        pytest.skip("this CPU runs every ISA: none to refuse")
+    with pytest.raises(ValueError, match=f"this CPU cannot run the {missing} kernels"):
+        forced(missing)
+
+
+def test_disabled_kernels_fall_back_and_say_so(monkeypatch, caplog):
+    monkeypatch.setenv("INFERLAB_NATIVE", "0")
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+        assert "INFERLAB_NATIVE=0" in caplog.text
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_build_failure_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+        assert "native CPU kernels unavailable" in caplog.text
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_backend_option_is_validated():
+    from inferlab import EngineConfig
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(attention_backend="flash")

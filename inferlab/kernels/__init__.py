@@ -1,10 +1,19 @@
-"""Native CPU kernels: compiled from C with the system compiler at first use, cached, loaded
-through ctypes. If anything fails (no compiler, an unsupported CPU) the engine logs one line and
-keeps the pure-PyTorch path, which stays the reference the kernels are tested against.
+"""Native CPU kernels: C compiled with the system compiler at first use, cached, loaded through
+ctypes, and one dispatcher that picks each entry point's best implementation for this CPU.
 
-The build takes about 3 s (one compiler per core) and is cached under `$INFERLAB_CACHE` (default
-`~/.cache/inferlab`), keyed by the source, the flags and the CPU, so later starts just load it.
-`INFERLAB_NATIVE=0` turns the kernels off; `python -m inferlab.kernels` builds them ahead of time.
+Layout (see `inferlab.h`): `portable/*.c` is plain C, compiled once per ISA so the compiler
+vectorizes it for each; `<isa>/*.c` are an ISA's own kernels, which replace the portable file of
+the same name in that ISA's build. Every file is compiled with its own ISA's flags, never
+-march=native, so one library holds every ISA's entry points (`linear_generic`, `linear_avx2`, ...)
+on any x86 machine, and the CPU's features decide at run time which ones run (`Kernels`).
+`INFERLAB_ISA=generic|avx2|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns the kernels off.
+
+Bindings are read from the headers: the constants from `inferlab.h`, the prototypes from `api.h`,
+so ctypes signatures cannot drift from the C ones. If the build fails (no compiler) the engine logs
+one line and runs the PyTorch reference path, which stays the definition the kernels are tested
+against. The build (a few seconds, one compiler per core) is cached under `$INFERLAB_CACHE`
+(default `~/.cache/inferlab`), keyed by the sources and flags; `python -m inferlab.kernels` builds it
+ahead of time.
 """
 from __future__ import annotations
 
@@ -13,6 +22,8 @@ import functools
 import hashlib
 import logging
 import os
+import platform
+import re
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -21,137 +32,236 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("inferlab")
-SOURCES = sorted(Path(__file__).parent.glob("*.c"))
-HEADERS = sorted(Path(__file__).parent.glob("*.h"))
+ROOT = Path(__file__).parent
 # Compile with -ffast-math (vectorized expf and reductions) but link without it: linking with it
 # would pull in crtfastmath, which flushes denormals to zero for the whole process on load.
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-mprefer-vector-width=512", "-fPIC", "-std=c11"]
-LINK = ["-shared", "-fopenmp", "-lm", "-lmvec"]
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+CFLAGS = ["-O3", "-fopenmp", "-ffast-math", "-fPIC", "-std=c11", "-Wall", "-Wno-unused-function"]
+LINK = ["-shared", "-fopenmp", "-lm"]
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mprefer-vector-width=512"]
+# name: (compiler flags, /proc/cpuinfo flags the CPU needs), lowest first. An ISA's functions may call
+# any lower ISA's by name: its build links after theirs.
+ISAS = {
+    "generic": ([], ()),
+    "avx2": (_AVX2, ("avx2", "fma", "f16c")),
+    "avx512": (_AVX512, ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")),
+    "amx": ([*_AVX512, "-mamx-tile", "-mamx-bf16"],
+            ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile",
+             "amx_bf16")),
+}
+PORTABLE_ISAS = ("generic", "avx2", "avx512")  # the AMX build adds only its own kernels
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
 
 
-def _cpu_key() -> str:
-    """The CPU's feature flags, so a cache shared across machines never runs -march=native code
-    built for another CPU."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
+def _constants() -> dict[str, int]:
+    """`#define IL_NAME value` lines of inferlab.h, values evaluated in order (they may use earlier ones)."""
+    consts: dict[str, int] = {}
+    text = (ROOT / "inferlab.h").read_text()
+    for name, expr in re.findall(r"^#define (IL_\w+) ([^/\n]+?)\s*(?:/\*.*)?$", text, re.M):
+        if re.fullmatch(r"[\w\s()+*-]+", expr) and not name.startswith("IL_CAT") and name != "IL":
+            consts[name] = int(eval(expr, {"__builtins__": {}}, dict(consts)))  # noqa: S307 - our own header
+    return consts
 
 
-def _build() -> Path:
-    digest = hashlib.sha256(" ".join(FLAGS + LINK).encode() + _cpu_key().encode())
-    for src in SOURCES + HEADERS:
-        digest.update(src.read_bytes())
-    key = digest.hexdigest()[:16]
+C = _constants()
+DTYPE_CODES = {torch.float32: C["IL_F32"], torch.bfloat16: C["IL_BF16"]}
+_CTYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
+
+
+@functools.cache
+def prototypes() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """name -> (return type, [(C type, parameter name)]) for every entry point in api.h."""
+    text = re.sub(r"/\*.*?\*/", "", (ROOT / "api.h").read_text(), flags=re.S)
+    protos = {}
+    for ret, name, params in re.findall(r"(int|void) IL\((\w+)\)\(([^)]*)\);", text):
+        parsed = []
+        for p in " ".join(params.split()).split(", "):
+            ctype, pname = re.fullmatch(r"(.+?)\s*(\w+)", p).groups()
+            parsed.append((ctype.replace(" *", "*"), pname))
+        protos[name] = (ret, parsed)
+    return protos
+
+
+def _ctype(ctype: str):
+    return ctypes.c_void_p if ctype.endswith("*") else _CTYPES[ctype]
+
+
+def sources(isa: str) -> list[Path]:
+    own = sorted((ROOT / isa).glob("*.c"))
+    portable = [p for p in sorted((ROOT / "portable").glob("*.c")) if not (ROOT / isa / p.name).exists()]
+    return own + (portable if isa in PORTABLE_ISAS else [])
+
+
+def compiled_isas() -> list[str]:
+    return list(ISAS) if X86 else ["generic"]
+
+
+def _compile(cc: str, src: Path, obj: Path, isa: str) -> None:
+    subprocess.run([cc, *CFLAGS, *ISAS[isa][0], f"-DIL_ISA={isa}", "-c", str(src), "-o", str(obj)], check=True,
+                   capture_output=True, text=True)
+
+
+def build() -> Path:
+    """The library's path, built now if not cached. An ISA whose files this compiler cannot build
+    (too old for AMX, say) is left out with a warning; generic must build."""
+    cc = os.environ.get("CC", "cc")
+    isas = compiled_isas()
+    digest = hashlib.sha256(" ".join([cc, *CFLAGS, *LINK, *isas, repr(ISAS)]).encode())
+    for src in sorted(ROOT.rglob("*.[ch]")):
+        digest.update(str(src.relative_to(ROOT)).encode() + src.read_bytes())
     cache = Path(os.environ.get("INFERLAB_CACHE", Path.home() / ".cache" / "inferlab")) / "kernels"
-    lib = cache / f"inferlab_kernels-{key}.so"
+    lib = cache / f"inferlab_kernels-{digest.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
-    cc = os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
-        objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+        jobs = [(src, Path(tmp) / f"{isa}-{src.parent.name}-{src.stem}.o", isa) for isa in isas for src in sources(isa)]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one compiler per core
-            list(pool.map(lambda so: subprocess.run([cc, *FLAGS, "-c", str(so[0]), "-o", str(so[1])], check=True,
-                                                    capture_output=True, text=True), zip(SOURCES, objs)))
+            errors = dict(zip([j[2] for j in jobs], [None] * len(jobs)))
+            for (_, _, isa), fut in zip(jobs, [pool.submit(_compile, cc, *job) for job in jobs]):
+                try:
+                    fut.result()
+                except subprocess.CalledProcessError as e:
+                    errors[isa] = errors[isa] or e
+        if errors["generic"]:
+            raise errors["generic"]
+        built = [isa for isa in isas if not errors.get(isa)]
+        for isa in set(isas) - set(built):
+            log.warning("native kernels for %s left out: this compiler cannot build them (%s)", isa,
+                        _first_error(errors[isa]))
         out = Path(tmp) / lib.name
-        subprocess.run([cc, *map(str, objs), "-o", str(out), *LINK], check=True, capture_output=True, text=True)
+        objs = [str(obj) for _, obj, isa in jobs if isa in built]
+        subprocess.run([cc, *objs, "-o", str(out), *LINK], check=True, capture_output=True, text=True)
         os.replace(out, lib)
     return lib
 
 
+def _first_error(e: BaseException) -> str:
+    lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+    return next((line for line in lines if "error" in line), lines[-1] if lines else "").strip()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def runnable_isas(built: list[str], flags: set[str] | None = None) -> list[str]:
+    """The ISAs among `built` that this CPU runs, lowest first."""
+    flags = cpu_flags() if flags is None else flags
+    return [isa for isa in built if set(ISAS[isa][1]) <= flags]
+
+
+class Kernels:
+    """The library bound for one ISA: for every entry point in api.h, the implementation of the
+    highest ISA up to `isa` that has one (`generic` has all). Call an entry point by name with
+    tensors, ints and floats (None for a NULL pointer); `num_threads` is filled in."""
+
+    def __init__(self, lib: ctypes.CDLL, isa: str) -> None:
+        self.lib, self.isa = lib, isa
+        chain = list(ISAS)[:list(ISAS).index(isa) + 1][::-1]
+        self.functions: dict[str, ctypes._CFuncPtr] = {}
+        self.chosen: dict[str, str] = {}  # entry point -> the ISA whose implementation runs
+        for name, (ret, params) in prototypes().items():
+            for candidate in chain:
+                fn = getattr(lib, f"{name}_{candidate}", None)
+                if fn is not None:
+                    fn.argtypes = [_ctype(t) for t, _ in params]
+                    fn.restype = ctypes.c_int if ret == "int" else None
+                    self.functions[name], self.chosen[name] = fn, candidate
+                    break
+            else:
+                raise AttributeError(f"the kernel library has no {name}_generic")
+
+    def __getattr__(self, name: str):
+        fn = self.__dict__.get("functions", {}).get(name)
+        if fn is None:
+            raise AttributeError(name)
+        return functools.partial(self.call, name)
+
+    def call(self, name: str, *args):
+        """Run entry point `name`; a nonzero status is an error (2: out of memory)."""
+        status = self.functions[name](*[_arg(a) for a in args], torch.get_num_threads())
+        if status:
+            if status == 2:
+                raise MemoryError(f"{name}: out of memory for its buffers")
+            raise RuntimeError(f"{name} failed (status {status})")
+        return status
+
+    def address(self, name: str) -> int:
+        """The chosen implementation's address, for a tape to call it from C."""
+        return ctypes.cast(self.functions[name], ctypes.c_void_p).value
+
+
+def _arg(a):
+    if isinstance(a, torch.Tensor):
+        return a.data_ptr()
+    return a
+
+
 @functools.cache
-def native_library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None where it cannot be built (the reason is logged once)."""
+def library() -> tuple[ctypes.CDLL, list[str]] | None:
+    """The loaded library and the ISAs this CPU runs from it, or None where it cannot be built
+    (the reason is logged once) or INFERLAB_NATIVE=0."""
     if os.environ.get("INFERLAB_NATIVE", "1") == "0":
+        log.info("native CPU kernels turned off (INFERLAB_NATIVE=0): using the PyTorch path")
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
-        _declare(lib)
-    except (OSError, subprocess.CalledProcessError, AttributeError) as e:  # AttributeError: a missing symbol
-        lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
-        # the compiler's first error says more than its last line
-        detail = next((line for line in lines if "error" in line), lines[-1] if lines else "")
-        log.warning("native CPU kernels unavailable, using the PyTorch path: %s", detail.strip())
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        log.warning("native CPU kernels unavailable, using the PyTorch path: %s", _first_error(e))
         return None
-    return lib
+    built = [isa for isa in ISAS if any(hasattr(lib, f"{name}_{isa}") for name in prototypes())]
+    return lib, runnable_isas(built)
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    """The C signatures, so ctypes converts Python ints and floats right."""
-    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.paged_attention.argtypes = [p, p, p, p, i64, p, p, p, i32, p, i32, i32, i32, i32, i32, f32, i32, i32]
-    lib.paged_attention.restype = i32
-    lib.rms_norm.argtypes = [p, p, p, p, i64, i32, f32, i32, i32]
-    lib.silu_and_mul.argtypes = [p, p, i64, i32, i32, i32]
-    lib.rope.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32]
-    lib.write_kv.argtypes = [p, p, p, p, i64, p, i64, i32, i32, i32]
-    lib.argmax_bf16.argtypes = [p, p, i64, i64, i32]
-    lib.prefill_attention.argtypes = [p, i64, p, p, p, p, p, p, p, i32, p, i32, i32, i32, i32, i32, f32, i32]
-    lib.prefill_attention.restype = i32
-    lib.linear_bf16.argtypes = [p, p, p, i32, i32, i32, i32]
-    lib.linear_bf16.restype = i32
-    lib.decode_layers.argtypes = [p, p, p, i32, p, p, p, p, p, p, p, i32, i32, i32, i32, i32, i32, i32, i32, f32, f32,
-                                  i32]
-    lib.decode_layers.restype = i32
-    for fn in (lib.rms_norm, lib.silu_and_mul, lib.rope, lib.write_kv, lib.argmax_bf16):
-        fn.restype = None
+@functools.cache
+def for_isa(isa: str) -> Kernels:
+    """The kernels bound for `isa` (tests compare each ISA this CPU runs against generic)."""
+    loaded = library()
+    if loaded is None:
+        raise RuntimeError("the native kernels are unavailable")
+    lib, runnable = loaded
+    if isa not in ISAS:
+        raise ValueError(f"unknown ISA {isa!r}: one of {', '.join(ISAS)}")
+    if isa not in runnable:
+        missing = sorted(set(ISAS[isa][1]) - cpu_flags())
+        raise ValueError(f"this CPU cannot run the {isa} kernels" + (f" (it lacks {', '.join(missing)})" if missing
+                                                                      else " (they were not built here)"))
+    return Kernels(lib, isa)
 
 
-def paged_attention_native(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           out: torch.Tensor, rows: torch.Tensor, seqs: torch.Tensor, lens: torch.Tensor,
-                           block_tables: torch.Tensor, scale: float) -> None:
-    """Attention for `rows` of q ([T, heads, d], written into out, [T, heads, d] contiguous) against
-    paged K/V. q may be a view with a row stride (into the fused qkv output); its heads must be dense.
-    rows: int64 row ids; seqs: int32 index into block_tables ([S, W] int32); lens: int32 keys seen."""
-    num_heads, head_dim = q.shape[1:]
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    for t in (out, k_cache, v_cache):
-        if not t.is_contiguous() or t.dtype != q.dtype:
-            raise ValueError("paged_attention_native needs contiguous tensors of one dtype")
-    if q.stride()[1:] != (head_dim, 1):
-        raise ValueError("paged_attention_native needs q's heads dense in memory")
-    status = lib.paged_attention(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), rows.data_ptr(),
-        seqs.data_ptr(),
-        lens.data_ptr(), rows.numel(), block_tables.data_ptr(), block_tables.shape[1], num_heads, num_kv_heads,
-        head_dim, block_size, scale, DTYPE_CODES[q.dtype], torch.get_num_threads())
-    if status:
-        raise RuntimeError(f"paged_attention kernel failed (status {status})")
+@functools.cache
+def native() -> Kernels | None:
+    """The process's kernels: the best ISA this CPU runs, or INFERLAB_ISA's; None when unavailable."""
+    loaded = library()
+    if loaded is None:
+        return None
+    forced = os.environ.get("INFERLAB_ISA")
+    kernels = for_isa(forced or loaded[1][-1])
+    log.debug("native CPU kernels: %s", kernels.isa)
+    return kernels
 
 
-def prefill_attention_native(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                             out: torch.Tensor, row0: torch.Tensor, count: torch.Tensor, ctx: torch.Tensor,
-                             seq: torch.Tensor, block_tables: torch.Tensor, scale: float) -> bool:
-    """Causal attention of prefill chunks on AMX tiles (`prefill_attention.c`). Chunk c's queries
-    are rows row0[c] .. row0[c] + count[c] - 1 of q (int64 row0; int32 count, ctx, seq), the last
-    of its ctx[c] keys, already in the pool; its block table is block_tables[seq[c]]. Returns False
-    where this CPU or shape has no tile path (the caller then uses SDPA)."""
-    num_heads, head_dim = q.shape[1:]
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    if q.dtype != torch.bfloat16 or q.stride()[1:] != (head_dim, 1) or not out.is_contiguous():
-        return False
-    status = lib.prefill_attention(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), row0.data_ptr(),
-        count.data_ptr(), ctx.data_ptr(), seq.data_ptr(), row0.numel(), block_tables.data_ptr(),
-        block_tables.shape[1], num_heads, num_kv_heads, head_dim, block_size, scale, torch.get_num_threads())
-    if status == 2:
-        raise MemoryError("prefill_attention: out of memory for its scratch buffers")
-    return status == 0
+def for_tensor(x: torch.Tensor) -> Kernels | None:
+    """The kernels for ops on x (CPU, fp32 or bf16), else None: the caller uses its PyTorch reference.
+    While a tape records (`inferlab.tape`), its recorder stands in."""
+    if not x.is_cpu or x.dtype not in DTYPE_CODES:  # is_cpu: no device object built per call
+        return None
+    return _recorder or native()
 
 
-def prefill_tiles_supported(lib: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int,
-                            block_size: int) -> bool:
-    """Whether this build, CPU and shape run prefill chunks on AMX tiles (bf16): the kernel itself
-    answers, given an empty batch."""
-    return lib.prefill_attention(None, 0, None, None, None, None, None, None, None, 0, None, 0, num_heads, num_kv_heads,
-                                 head_dim, block_size, 1.0, 1) == 0
+_recorder = None  # set only inside `tape.recording`, for the forward pass it records
 
 
-def supports(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    return (device.type == "cpu" and dtype in DTYPE_CODES and head_dim <= 256
-            and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= 16)
+def set_recorder(recorder) -> None:
+    global _recorder
+    _recorder = recorder
+
+
+def attention_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    return (head_dim <= C["IL_MAX_HEAD_DIM"] and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads <= C["IL_MAX_GROUP"] and num_heads <= C["IL_MAX_HEADS"])

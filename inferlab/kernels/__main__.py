@@ -1,9 +1,10 @@
-"""`python -m inferlab.kernels`: build the native kernels now (set-up does this), print where they are."""
-import sys
+"""`python -m inferlab.kernels`: build the native kernels now and say which ISA runs here."""
+import logging
 
-from inferlab.kernels import native_library
+from inferlab import kernels
 
-lib = native_library()
-if lib is None:
-    sys.exit("native kernels unavailable (see the message above); the engine will use the PyTorch path")
-print(lib._name)
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+k = kernels.native()
+if k is None:
+    raise SystemExit("native kernels unavailable (see the warning above)")
+print(f"native kernels built; this CPU runs {', '.join(kernels.library()[1])}; using {k.isa}")

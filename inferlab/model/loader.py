@@ -1,5 +1,8 @@
 """Load a model and its tokenizer from a GGUF file or an HF folder (config.json + *.safetensors).
 
+Checkpoint tensors stream into the model's `weight_loader`s as they are stored (a GGUF's quantized
+blocks stay blocks); `quantization` then decides what each weight is kept as (see
+`layers.linear.target_type`): `auto` keeps them as stored where the native kernels run them.
 Every failure a user can cause (missing path, unsupported architecture, corrupt or incomplete
 file) surfaces as one `ModelLoadError` naming the problem.
 """
@@ -15,8 +18,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from inferlab import kernels
 from inferlab.model import weight_cache
-from inferlab.model.llama import LlamaForCausalLM, ModelArgs, rope_inv_freq
+from inferlab.model.layers import quant
+from inferlab.model.llama import LlamaForCausalLM, ModelArgs
 from inferlab.model.tokenizer import Tokenizer
 
 log = logging.getLogger("inferlab")
@@ -30,6 +35,8 @@ GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
               "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj"}
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1")
+Weights = Iterator[tuple[str, torch.Tensor, quant.WeightType | None]]  # (name, tensor as stored, block type)
 
 
 class ModelLoadError(ValueError):
@@ -44,13 +51,9 @@ def embedded_model_path() -> str:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run natively (through oneDNN), about 2x fp32's speed and half
-    its memory traffic. Elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    """AVX512-BF16 or AMX: bf16 dot products run natively, about 2x fp32's speed. Elsewhere bf16 is
+    only a storage format (the kernels widen it to fp32), so fp32 activations are the default."""
+    flags = kernels.cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -66,15 +69,18 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 
-def load_model(path: str | None, dtype: str, device: torch.device) -> tuple[LlamaForCausalLM, Tokenizer]:
+def load_model(path: str | None, dtype: str, device: torch.device,
+               quantization: str = "auto") -> tuple[LlamaForCausalLM, Tokenizer]:
     path = path or embedded_model_path()
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")
     try:
         if os.path.isdir(path):
-            return _load_folder(path, dtype, device)
+            return _load_folder(path, dtype, device, quantization)
         if path.endswith(".gguf"):
-            return _load_gguf(path, dtype, device)
+            return _load_gguf(path, dtype, device, quantization)
     except ModelLoadError:
         raise
     except (KeyError, ValueError, OSError, RuntimeError, json.JSONDecodeError) as e:
@@ -90,16 +96,16 @@ def _construct(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> Lla
             model = LlamaForCausalLM(args)
     finally:
         torch.set_default_dtype(default_dtype)
-    model.inv_freq = rope_inv_freq(args).to(device)  # RoPE frequencies stay fp32
+    model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.float()  # RoPE frequencies stay fp32
     return model
 
 
-def _build(args: ModelArgs, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-           device: torch.device) -> LlamaForCausalLM:
+def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.device,
+           quantization: str) -> LlamaForCausalLM:
     model = _construct(args, dtype, device)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    for name, tensor in weights:
+    for name, tensor, wtype in weights:
         if "rotary_emb" in name or (args.tie_word_embeddings and name.startswith("lm_head")):
             continue
         shard = None
@@ -110,14 +116,14 @@ def _build(args: ModelArgs, weights: Iterator[tuple[str, torch.Tensor]], dtype: 
         param = params.get(name)
         if param is None:
             raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint")
-        tensor = tensor.to(device=device, dtype=dtype)
-        if shard is None:
-            if param.shape != tensor.shape:
-                raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(param.shape)}")
-            param.data.copy_(tensor)
+        loader = getattr(param, "weight_loader", None)
+        if loader is not None:  # a linear or embedding weight, or a merged layer's bias: as stored
+            _check_row_length(name, param, tensor, wtype)
+            loader(param, tensor, shard, wtype)
+        elif param.shape != tensor.shape:
+            raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
         else:
-            param.weight_loader(param, tensor, shard)
+            param.data.copy_(quant.dequantize(tensor, wtype) if wtype is not None and wtype.dtype is None else tensor)
         loaded.add(f"{name}#{shard}")
     expected = {f"{n}#{s}" for n, _ in params.items() for s in _shards(n)}
     if args.tie_word_embeddings:
@@ -125,7 +131,20 @@ def _build(args: ModelArgs, weights: Iterator[tuple[str, torch.Tensor]], dtype: 
     missing = sorted(expected - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {_checkpoint_name(missing[0])}")
-    return model.eval()
+    native = device.type == "cpu" and kernels.native() is not None
+    model.process_weights_after_loading(quantization, native)
+    return model.to(device).eval()
+
+
+def _check_row_length(name: str, param: torch.nn.Parameter, tensor: torch.Tensor, wtype) -> None:
+    if param.dim() == 1:  # a bias: its loader checks the shard's length
+        if tensor.dim() != 1:
+            raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected one dimension")
+        return
+    k = param.shape[-1]
+    want = k if wtype is None or wtype.dtype is not None else wtype.row_bytes(k)
+    if tensor.dim() != 2 or tensor.shape[-1] != want:
+        raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected rows of {k} weights")
 
 
 def _checkpoint_name(key: str) -> str:
@@ -143,7 +162,8 @@ def _shards(name: str) -> list[int | None]:
     return [0, 1] if ".gate_up_proj." in name else [None]
 
 
-def _load_folder(path: str, dtype: str, device: torch.device) -> tuple[LlamaForCausalLM, Tokenizer]:
+def _load_folder(path: str, dtype: str, device: torch.device,
+                 quantization: str) -> tuple[LlamaForCausalLM, Tokenizer]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ModelLoadError(f"{path} has no config.json")
@@ -174,12 +194,12 @@ def _load_folder(path: str, dtype: str, device: torch.device) -> tuple[LlamaForC
             try:
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
-                        yield name, f.get_tensor(name)
+                        yield name, f.get_tensor(name), None
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise ModelLoadError(f"cannot read {os.path.basename(file)}: {e}") from None
 
     model = _build(args, weights(), resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device),
-                   device)
+                   device, quantization)
     return model, Tokenizer.from_folder(path, cfg)
 
 
@@ -190,16 +210,23 @@ def _rope_scaling(cfg: dict) -> dict | None:
     return scaling
 
 
-def _load_gguf(path: str, dtype: str, device: torch.device) -> tuple[LlamaForCausalLM, Tokenizer]:
-    from gguf import GGUFReader, dequantize
-
+def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str) -> tuple[LlamaForCausalLM, Tokenizer]:
     torch_dtype = resolve_dtype(dtype, None, device)
-    cached = weight_cache.load(path, torch_dtype)
-    if cached is not None:
-        args, state, tokenizer_fields = cached
-        model = _construct(args, torch_dtype, device)
-        model.load_state_dict(state, strict=not args.tie_word_embeddings)  # tied: lm_head is the embedding
-        return model.eval(), Tokenizer.from_gguf_fields(tokenizer_fields)
+    cached = weight_cache.load(path)
+    if cached is None:
+        args, tensors, tokenizer_fields = _parse_gguf(path)
+        weight_cache.save(path, args, tensors, tokenizer_fields)
+    else:
+        args, tensors, tokenizer_fields = cached
+    model = _build(args, iter(tensors), torch_dtype, device, quantization)
+    return model, Tokenizer.from_gguf_fields(tokenizer_fields)
+
+
+def _parse_gguf(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
+    """The model's shape, its tensors as stored (checkpoint names, llama.cpp's RoPE row order undone)
+    and the tokenizer fields."""
+    from gguf import GGUFReader
+
     try:
         reader = GGUFReader(path)
     except Exception as e:  # numpy/struct errors on truncated or foreign files
@@ -221,21 +248,22 @@ def _load_gguf(path: str, dtype: str, device: torch.device) -> tuple[LlamaForCau
         rms_norm_eps=fields[f"{arch}.attention.layer_norm_rms_epsilon"],
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names, qk_norm="blk.0.attn_q_norm.weight" in tensor_names)
-
-    def weights():
-        for t in reader.tensors:
-            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-            name = _gguf_name(t.name)
-            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-                # llama.cpp interleaves rotary pairs in Q/K rows; undo it for rotate-half RoPE
-                n = heads if "q_proj" in name else kv_heads
-                w = w.view(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-            yield name, w
-
-    model = _build(args, weights(), torch_dtype, device)
-    tokenizer = Tokenizer.from_gguf_fields(fields)
-    weight_cache.save(path, torch_dtype, model, {k: v for k, v in fields.items() if k.startswith("tokenizer.")})
-    return model, tokenizer
+    tensors = []
+    for t in reader.tensors:
+        wtype = quant.BY_CODE.get(int(t.tensor_type))
+        if wtype is None:
+            raise ModelLoadError(f"tensor {t.name!r} has type {t.tensor_type.name}, which InferLab cannot read; "
+                                 f"supported: {', '.join(w.name for w in quant.TYPES)}")
+        data = np.array(t.data)  # a copy: the reader's arrays are read-only views of the file
+        w = torch.from_numpy(data.view(np.int16) if wtype == quant.BF16 else data)
+        w = w.view(torch.bfloat16) if wtype == quant.BF16 else w
+        name = _gguf_name(t.name)
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            # llama.cpp interleaves rotary pairs in Q/K rows; undo it for rotate-half RoPE (whole rows move)
+            n = heads if "q_proj" in name else kv_heads
+            w = w.view(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+        tensors.append((name, w, wtype))
+    return args, tensors, {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
 
 
 def _gguf_name(name: str) -> str:

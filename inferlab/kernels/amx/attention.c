@@ -11,16 +11,13 @@
  * Measured on a 64-decode step (contexts ~325): 41.5 ms for the AVX-512 row kernel's 30 layers,
  * 31.1 ms here. Weights are rounded to bf16 for the value product, as in the AVX-512 kernel.
  */
-#define _GNU_SOURCE /* syscall() under -std=c11 */
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
 #include "amx.h"
 
-#if defined(HAVE_AMX)
+#include <float.h>
+#include <stdlib.h>
+
+#include "../common.h"
+
 #define D 64
 #define MAX_TILE_HEADS 16 /* query heads in one tile's columns (scores) or rows (values) */
 
@@ -140,19 +137,21 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), f)));
         }
 }
-#endif
 
-/* The arguments of `paged_attention` (bf16 only). Returns 0; 1 where this build, CPU or shape has
- * no tile path (head_dim 64, at most 16 query heads, block_size a multiple of 16); 2 if out of memory. */
-int paged_attention_amx(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
-                        const int64_t *rows, const int32_t *seqs, const int32_t *lens, int num_rows,
-                        const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads,
-                        int head_dim, int block_size, float scale, int num_threads) {
-#if defined(HAVE_AMX)
-    if (head_dim != D || num_heads > MAX_TILE_HEADS || num_heads % num_kv_heads || block_size % 16 || !amx_ready())
-        return 1;
+/* Rows per call from which a task per row keeps every thread busy (by shape, never by thread count). */
+#define ROW_TASKS_MIN 8
+
+int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                        const int64_t *row_ids, const int32_t *seqs, const int32_t *lens, int rows,
+                        const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads, int head_dim,
+                        int block_size, float scale, int dtype, int num_threads) {
+    if (dtype != IL_BF16 || head_dim != D || num_heads > MAX_TILE_HEADS || block_size % 16 || rows < ROW_TASKS_MIN ||
+        !amx_ready())
+        return paged_attention_avx512(q, q_stride, k_cache, v_cache, out, row_ids, seqs, lens, rows, block_tables,
+                                      table_stride, num_heads, num_kv_heads, head_dim, block_size, scale, dtype,
+                                      num_threads);
     int max_len = 1, failed = 0;
-    for (int r = 0; r < num_rows; r++) max_len = lens[r] > max_len ? lens[r] : max_len;
+    for (int r = 0; r < rows; r++) max_len = lens[r] > max_len ? lens[r] : max_len;
 #pragma omp parallel num_threads(num_threads)
     {
         amx_configure();
@@ -163,19 +162,13 @@ int paged_attention_amx(const void *q, int64_t q_stride, const void *k_cache, co
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int r = 0; r < num_rows; r++)
+        for (int r = 0; r < rows; r++)
             if (scores && w)
-                attend_row(q, q_stride, k_cache, v_cache, out, rows[r], block_tables + (int64_t)seqs[r] * table_stride,
+                attend_row(q, q_stride, k_cache, v_cache, out, row_ids[r], block_tables + (int64_t)seqs[r] * table_stride,
                            lens[r], num_heads / num_kv_heads, num_heads, num_kv_heads, block_size, scale, scores, w);
         free(scores);
         free(w);
         _tile_release();
     }
     return failed ? 2 : 0;
-#else
-    (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)out, (void)rows, (void)seqs, (void)lens;
-    (void)num_rows, (void)block_tables, (void)table_stride, (void)num_heads, (void)num_kv_heads, (void)head_dim;
-    (void)block_size, (void)scale, (void)num_threads;
-    return 1;
-#endif
 }

@@ -11,17 +11,14 @@
  * scores of one tile (16 x context fp32) stay in L2.
  *
  * Needs AMX-BF16, bf16 data, head_dim a multiple of 32 up to 128 and block_size a multiple of 16
- * (a 16-key tile then lies in one block). `prefill_attention` returns 1 where it cannot run, and
- * the caller uses PyTorch's SDPA.
+ * (a 16-key tile then lies in one block); other shapes go to the lower ISAs' kernels.
  */
-#define _GNU_SOURCE /* syscall() under -std=c11 */
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 #include "amx.h"
-#if defined(HAVE_AMX)
+
+#include <float.h>
+#include <stdlib.h>
+
+#include "../common.h"
 
 static inline const uint16_t *key_row(const uint16_t *cache, const int32_t *table, int key, int block_size,
                                       int64_t token_stride) {
@@ -174,20 +171,15 @@ static void attend_chunk(const uint16_t *q, int64_t q_stride, uint16_t *out, int
         }
     }
 }
-#endif
-
-/* q: [T, num_heads, D] rows q_stride elements apart; out: [T, num_heads, D] contiguous; caches:
- * [num_blocks, block_size, num_kv_heads, D]. Chunk c has its queries at rows row0[c] ..
- * row0[c] + count[c] - 1, the last `count` of its ctx[c] keys (already written to the pool), and
- * its block table at block_tables + seq[c] * table_stride. Returns 0; 1 where this build or CPU
- * cannot run it; 2 when out of memory. */
-int prefill_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
-                      const int64_t *row0, const int32_t *count, const int32_t *ctx, const int32_t *seq,
-                      int num_chunks, const int32_t *block_tables, int table_stride, int num_heads,
-                      int num_kv_heads, int head_dim, int block_size, float scale, int num_threads) {
-#if defined(HAVE_AMX)
+int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                          const int64_t *row0, const int32_t *count, const int32_t *ctx, const int32_t *seq,
+                          int num_chunks, const int32_t *block_tables, int table_stride, int num_heads,
+                          int num_kv_heads, int head_dim, int block_size, float scale, int dtype, int num_threads) {
     const int D = head_dim, group = num_heads / num_kv_heads;
-    if (D % 32 || D > 128 || block_size % 16 || num_heads % num_kv_heads || !amx_ready()) return 1;
+    if (dtype != IL_BF16 || D % 32 || D > 128 || block_size % 16 || num_heads % num_kv_heads || !amx_ready())
+        return prefill_attention_avx512(q, q_stride, k_cache, v_cache, out, row0, count, ctx, seq, num_chunks,
+                                        block_tables, table_stride, num_heads, num_kv_heads, head_dim, block_size,
+                                        scale, dtype, num_threads);
     if (num_chunks == 0) return 0;
     int max_ctx = 1, failed = 0;
     for (int c = 0; c < num_chunks; c++) max_ctx = ctx[c] > max_ctx ? ctx[c] : max_ctx;
@@ -219,10 +211,4 @@ int prefill_attention(const void *q, int64_t q_stride, const void *k_cache, cons
         _tile_release();
     }
     return failed ? 2 : 0;
-#else
-    (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)out, (void)row0, (void)count, (void)ctx, (void)seq;
-    (void)num_chunks, (void)block_tables, (void)table_stride, (void)num_heads, (void)num_kv_heads, (void)head_dim;
-    (void)block_size, (void)scale, (void)num_threads;
-    return 1;
-#endif
 }

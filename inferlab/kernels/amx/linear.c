@@ -1,74 +1,22 @@
-/* y = x W^T in bf16 for the 1 to 64 rows of a decode step, where PyTorch's matmul falls well short
- * of memory speed (measured on the embedded model's layers, 2 threads: 20 ms a step at 1 to 16
- * rows against 11 ms here, 27 ms against 20 ms at 64 rows).
+/* The linear layer on AMX tiles, for bf16 weights and activations at the 1 to 64 rows of a decode
+ * step, where PyTorch's matmul falls well short of memory speed (measured on the embedded model's
+ * layers, 2 threads: 20 ms a step at 1 to 16 rows against 11 ms here, 27 ms against 20 ms at 64).
  *
- * - AMX (where the CPU has it): W is used as it is stored, row-major, as the left operand: an A
- *   tile is 16 weight rows x 32 inputs, loaded with W's row stride. x is repacked once per call
- *   into the pair-interleaved layout AMX wants for its right operand (K pairs x 16 rows of x), so
- *   each tile product yields 16 outputs x 16 rows of x; those are transposed on the way out.
- *   No weight copy or prepacking: the weights PyTorch uses for prefill are the same bytes.
- * - AVX512-BF16 (no AMX): at 1 to 4 rows, each thread streams a band of weight rows once and takes
- *   every x row's dot product against it with bf16 pair instructions.
- * Elsewhere `linear_bf16` reports that it cannot run and PyTorch's matmul is used.
+ * W is used as it is stored, row-major, as the left operand: an A tile is 16 weight rows x 32
+ * inputs, loaded with W's row stride. x is repacked once per call into the pair-interleaved layout
+ * AMX wants for its right operand (K pairs x 16 rows of x), so each tile product yields 16 outputs
+ * x 16 rows of x; those are transposed on the way out. No weight copy or prepacking. Other types,
+ * shapes and CPUs without the tile permission go to the AVX-512 kernels.
  */
-#define _GNU_SOURCE /* syscall() under -std=c11 */
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 #include "amx.h"
 
-#define GEMV_MAX_ROWS 4
+#include <omp.h>
+#include <stdlib.h>
+
+#include "../common.h"
+
 #define AMX_MAX_ROWS 64
 
-#if defined(__AVX512BF16__)
-static inline void band(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t n0, int64_t n1, int K, int N,
-                        const int M) {
-    const __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1);
-    for (int64_t n = n0; n < n1; n++) {
-        const uint16_t *wr = w + n * K;
-        __m512 acc[GEMV_MAX_ROWS];
-        for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-        int k = 0;
-        for (; k + 32 <= K; k += 32) {
-            const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
-            for (int m = 0; m < M; m++)
-                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), wv);
-        }
-        if (k < K) {  /* masked tail: the missing pairs load as zeros */
-            const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + k);
-            for (int m = 0; m < M; m++)
-                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k), wv);
-        }
-        for (int m = 0; m < M; m++) {
-            const float f = _mm512_reduce_add_ps(acc[m]);
-            uint32_t u;
-            memcpy(&u, &f, sizeof u);
-            u += 0x7fff + ((u >> 16) & 1);  /* round to nearest even */
-            y[m * (int64_t)N + n] = (uint16_t)(u >> 16);
-        }
-    }
-}
-
-static void gemv(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int K, int N, int num_threads) {
-#pragma omp parallel num_threads(num_threads)
-    {
-        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        const int64_t per = (N + nt - 1) / nt, n0 = id * per, n1 = n0 + per < N ? n0 + per : N;
-        switch (M) {  /* a constant row count per call site, so the accumulators stay in registers */
-            case 1: band(x, w, y, n0, n1, K, N, 1); break;
-            case 2: band(x, w, y, n0, n1, K, N, 2); break;
-            case 3: band(x, w, y, n0, n1, K, N, 3); break;
-            default: band(x, w, y, n0, n1, K, N, 4);
-        }
-    }
-}
-#endif
-
-#if defined(HAVE_AMX)
 /* r[i] <- column i of the 16 x 16 matrix whose rows are r[0..15]. */
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16], u[16];
@@ -93,8 +41,8 @@ static inline void transpose16(__m512 r[16]) {
 
 /* Tiles: 0-3 accumulate 16 outputs x 16 rows of x each (up to 64 rows), 4 holds W's A tile, 5-7 take
  * turns holding x's B tiles. Every tile is 16 rows of 64 bytes; rows of x past M are zeros. */
-static void linear_amx(const uint32_t *x, const uint16_t *w, uint16_t *y, int M, int K, int N, int num_threads,
-                       uint32_t *restrict xp) {
+static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t ldy, int M,
+                         int K, int N, int num_threads, uint32_t *restrict xp) {
     const int mb = (M + 15) / 16, mp = 16 * mb, pairs = K / 2;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -157,35 +105,26 @@ static void linear_amx(const uint32_t *x, const uint16_t *w, uint16_t *y, int M,
                 __m512 r[16];
                 for (int n = 0; n < 16; n++) r[n] = _mm512_load_ps(c + n * mp + 16 * j);
                 transpose16(r);
+                const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + 16 * nb))), 16))
+                                      : _mm512_setzero_ps();
                 for (int m = 16 * j; m < M && m < 16 * j + 16; m++)
-                    _mm256_storeu_si256((__m256i *)(y + (int64_t)m * N + 16 * nb),
-                                        (__m256i)_mm512_cvtneps_pbh(r[m - 16 * j]));
+                    _mm256_storeu_si256((__m256i *)(y + (int64_t)m * ldy + 16 * nb),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(r[m - 16 * j], b)));
             }
         }
         _tile_release();
     }
 }
-#endif
 
-/* x: [M, K], w: [N, K], y: [M, N], all bf16 and contiguous. Returns 0, or 1 where no fast path
- * covers this shape on this CPU (the caller then uses PyTorch's matmul), 2 if out of memory. */
-int linear_bf16(const void *x, const void *w, void *y, int M, int K, int N, int num_threads) {
-    if (M < 1) return 1;
-#if defined(HAVE_AMX)
-    if (M <= AMX_MAX_ROWS && K % 32 == 0 && N % 16 == 0 && amx_ready()) {
-        uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * ((M + 15) / 16));
-        if (!xp) return 2;
-        linear_amx(x, w, y, M, K, N, num_threads, xp);
-        free(xp);
-        return 0;
-    }
-#endif
-#if defined(__AVX512BF16__)
-    if (M <= GEMV_MAX_ROWS && K % 2 == 0) {
-        gemv(x, w, y, M, K, N, num_threads);
-        return 0;
-    }
-#endif
-    (void)x, (void)w, (void)y, (void)K, (void)N, (void)num_threads;
-    return 1;
+int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
+               int K, int N, int dtype, int num_threads) {
+    if (wtype != IL_W_BF16 || dtype != IL_BF16 || rows < 1 || rows > AMX_MAX_ROWS || K % 32 || N % 16 || ldx != K ||
+        !amx_ready())
+        return linear_avx512(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, num_threads);
+    uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * ((rows + 15) / 16));
+    if (!xp) return 2;
+    linear_tiles(x, w, bias, y, ldy, rows, K, N, num_threads, xp);
+    free(xp);
+    return 0;
 }

@@ -1,0 +1,79 @@
+"""Speed of the linear kernel per weight type and row count, against PyTorch's matmul on the same
+(dequantized) weights: the embedded model's layer shapes, fastest of several runs.
+
+    .venv/bin/python benchmarks/kernels.py [--isa avx2] [--threads 2] [--types f32,q4_1] [--rows 1,16,64,512]
+
+Prints, per (type, rows): ms per call for the 120 layer matmuls of one step (qkv, o, gate/up, down
+of 30 layers), the GFLOP/s that makes, the weight bytes read per second, and PyTorch's fp32 time.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from inferlab import kernels
+from inferlab.model.layers import quant
+from inferlab.model.layers.linear import linear
+
+SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (K, N) of qkv, o, gate/up, down
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--isa", default=None, help="default: the best this CPU runs")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--types", default="f32,bf16,f16,q8_0,q4_0,q4_1,q5_0,q4_K,q6_K")
+    ap.add_argument("--rows", default="1,4,16,64,256")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=5)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    k = kernels.for_isa(a.isa) if a.isa else kernels.native()
+    kernels.native = lambda: k  # the layers' dispatcher uses this ISA
+    print(f"ISA {k.isa}, {torch.get_num_threads()} threads; {a.layers} layers x {len(SHAPES)} matmuls per step")
+    print("| type | rows | ms | GFLOP/s | weight GB/s | torch fp32 ms |\n|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for name in a.types.split(","):
+        wtype = quant.BY_NAME[name.lower()]
+        layers, shapes = [], [(kk, n) for kk, n in SHAPES if kk % wtype.block == 0]
+        if len(shapes) < len(SHAPES):
+            print(f"| {name} | (only the shapes whose rows split into its {wtype.block}-weight blocks) | | | | |")
+        for kk, n in shapes:
+            dense = torch.randn(n, kk, generator=g) * kk ** -0.5
+            stored = quant.quantize(dense, wtype) if wtype.dtype or wtype.quantizable else \
+                quant.random_stored(wtype, n, kk, seed=n + kk)
+            layers.append((stored, quant.dequantize(stored, wtype)))
+        weight_bytes = sum(w.numel() * w.element_size() for w, _ in layers) * a.layers
+        flops_per_row = 2 * sum(kk * n for kk, n in shapes) * a.layers
+        for rows in map(int, a.rows.split(",")):
+            xs = {kk: torch.randn(rows, kk, generator=g) for kk, _ in shapes}
+
+            calls = [(xs[kk], w, d) for (w, d), (kk, _) in zip(layers, shapes)] * a.layers
+
+            def ours(calls=calls, wtype=wtype):
+                for x, w, _ in calls:
+                    linear(x, w, wtype)
+
+            def theirs(calls=calls):
+                for x, _, d in calls:
+                    torch.nn.functional.linear(x, d)
+            ours()
+            t, tt = best_of(ours, a.repeat), best_of(theirs, a.repeat)
+            print(f"| {name} | {rows} | {1e3 * t:.1f} | {rows * flops_per_row / t / 1e9:.0f} | "
+                  f"{weight_bytes / t / 1e9:.1f} | {1e3 * tt:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+/* The kernels' entry points, included once per ISA by inferlab.h (no include guard on purpose).
+ *
+ * Conventions the Python bindings rely on: `rows` is the number of token rows of the step and
+ * `table_stride` the width of its block tables (a tape replays both with each step's values);
+ * `num_threads` is filled in by the bindings; a `const` pointer is only read, any other is written.
+ * Every entry point takes any shape within the limits in inferlab.h. Those returning int return 0,
+ * or 2 when out of memory (1 is kept for "this build cannot run it": only prefill_attention).
+ */
+
+/* y[rows, N] = x[rows, K] W^T (+ bias[N]), x and y in `dtype` with row strides ldx and ldy, W as
+ * stored: N rows of K weights of type `wtype`. Sums in fp32; the weights are dequantized in
+ * registers, never rounded: the result is the dequantized matrix's product. */
+int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
+               int K, int N, int dtype, int num_threads);
+
+/* out[rows, K] (dtype) = the rows ids[rows] of W, dequantized: an embedding lookup. */
+void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int rows, int K, int dtype,
+                  int num_threads);
+
+/* fp32 out[n, K] = W's n rows dequantized / W's n rows = the fp32 rows x, quantized (Q8_0, Q4_0,
+ * Q4_1 and the float types; returns 1 for a type it cannot write). */
+void IL(dequantize)(float *out, const void *w, int wtype, int64_t n, int K, int num_threads);
+int IL(quantize)(void *w, int wtype, const float *x, int64_t n, int K, int num_threads);
+
+/* x: [rows, groups, dim], rows x_stride elements apart, groups dense. out (dense, same shape) =
+ * norm(x) * weight per dim-vector. With a residual ([rows, dim], groups = 1): residual += x, then
+ * out = norm(residual) * weight (the sum is kept for the next layer). */
+void IL(rms_norm)(void *out, const void *x, int64_t x_stride, void *residual, const void *weight, int rows, int groups,
+                  int dim, float eps, int dtype, int num_threads);
+
+/* gate_up: [rows, 2 * dim] (gate, then up) -> out [rows, dim] = silu(gate) * up. */
+void IL(silu_and_mul)(void *out, const void *gate_up, int rows, int dim, int dtype, int num_threads);
+
+/* In place on x: [rows, heads, head_dim], rows x_stride elements apart: rotate-half RoPE (HF's
+ * convention) with fp32 cos, sin: [rows, head_dim / 2]. */
+void IL(rope)(void *x, int64_t x_stride, const float *cos, const float *sin, int rows, int heads, int head_dim,
+              int dtype, int num_threads);
+
+/* Row t of k and of v (rows k_stride and v_stride elements apart) go to slot slots[t] of k_cache
+ * and v_cache, whose slots hold row_elems elements of elem_size bytes. */
+void IL(write_kv)(void *k_cache, void *v_cache, const void *k, int64_t k_stride, const void *v, int64_t v_stride,
+                  const int64_t *slots, int rows, int row_elems, int elem_size, int num_threads);
+
+/* out[i] = the first index of the largest of the cols values of row i of x (n rows, dtype). */
+void IL(argmax)(int64_t *out, const void *x, int64_t n, int64_t cols, int dtype, int num_threads);
+
+/* Attention of `rows` query rows against the paged cache. q: [T, num_heads, head_dim], rows q_stride
+ * elements apart; out: [T, num_heads, head_dim] dense; caches: [blocks, block_size, num_kv_heads,
+ * head_dim]. Task r: query row row_ids[r] sees the first lens[r] keys of the sequence whose block
+ * table is block_tables + seqs[r] * table_stride. */
+int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                        const int64_t *row_ids, const int32_t *seqs, const int32_t *lens, int rows,
+                        const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads, int head_dim,
+                        int block_size, float scale, int dtype, int num_threads);
+
+/* Causal attention of whole prefill chunks, as matrix products. Chunk c: queries at rows row0[c] ..
+ * row0[c] + count[c] - 1 of q, the last count[c] of its ctx[c] keys (already in the pool), block
+ * table block_tables + seq[c] * table_stride. Returns 1 where this ISA has no such kernel for the
+ * shape (the caller then uses PyTorch's SDPA); with num_chunks = 0 it only answers that. */
+int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                          const int64_t *row0, const int32_t *count, const int32_t *ctx, const int32_t *seq,
+                          int num_chunks, const int32_t *block_tables, int table_stride, int num_heads,
+                          int num_kv_heads, int head_dim, int block_size, float scale, int dtype, int num_threads);
+
+/* Replays a tape (generic/tape.c): n_ops entries of IL_TAPE_WIDTH int64s each (op code, function,
+ * then a (kind, value) pair per argument), with the step's rows, table stride, input pointers and
+ * scratch arena. Returns the first nonzero status. */
+int IL(tape_run)(const int64_t *ops, int n_ops, const int64_t *inputs, char *arena, int rows, int table_stride,
+                 int num_threads);

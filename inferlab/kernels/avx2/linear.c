@@ -1,0 +1,296 @@
+/* The linear layer on AVX2 + FMA, for every weight type, at any number of rows.
+ *
+ * Each thread takes panels of PANEL weight rows. A panel is dequantized once to fp32 (fp32 weights
+ * are read in place), then a micro-kernel multiplies it with the input rows, MR rows by NR weight
+ * rows at a time: 12 accumulators of 8 lanes, each lane summing every 8th product along K, summed
+ * across lanes in one fixed order at the end. Every output is computed the same way whatever the
+ * number of rows, the thread count or where it falls in a tile, so a request's result never
+ * depends on what else is in the batch. Dequantization costs about a uop per weight, once per
+ * panel per MC input rows; the micro-kernel, MR * NR = 12 FMAs per 7 loads, runs near the FMA
+ * units' peak for many rows and at memory speed for one.
+ */
+#include <immintrin.h>
+#include <stdlib.h>
+
+#include "../common.h"
+
+#define MR 4      /* input rows per micro-kernel call */
+#define NR 3      /* weight rows per micro-kernel call: 12 accumulators + 3 weights + 1 input = 16 registers */
+#define PANEL 24  /* weight rows dequantized at a time (24 x 1536 fp32 = 147 KB: stays in L2) */
+#define MC 256    /* input rows per pass over the weights (256 x 1536 fp32 = 1.5 MB: stays in L3) */
+
+static inline __m256 widen_u8(__m128i bytes8) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)); }
+
+/* 32 unsigned values, bytes lo[0..15] then hi[0..15], as 4 x 8 floats: q * d + m. */
+static inline void scale32(__m128i lo, __m128i hi, __m256 d, __m256 m, __m256 w[4]) {
+    w[0] = _mm256_fmadd_ps(widen_u8(lo), d, m);
+    w[1] = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(lo, 8)), d, m);
+    w[2] = _mm256_fmadd_ps(widen_u8(hi), d, m);
+    w[3] = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(hi, 8)), d, m);
+}
+
+/* Byte j of the result is 0x10 where bit j of h is set (the fifth bit of Q5 weight j). */
+static inline __m256i fifth_bits(uint32_t h) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h),
+                                               _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                                  0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ull);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* Weights k .. k + 31 of a row (k a multiple of 32) as 4 x 8 floats: each format's decoding, used
+ * by both the panel and the direct paths so both see the very same values. `wtype` is a constant
+ * wherever this is inlined, so the switch folds away. */
+static inline void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    switch (wtype) {
+        case IL_W_F32:
+            for (int c = 0; c < 4; c++) w[c] = _mm256_loadu_ps((const float *)row + k + 8 * c);
+            return;
+        case IL_W_BF16:
+            for (int c = 0; c < 4; c++) w[c] = bf16x8((const uint16_t *)row + k + 8 * c);
+            return;
+        case IL_W_F16:
+            for (int c = 0; c < 4; c++) w[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k + 8 * c)));
+            return;
+        case IL_W_Q8_0: {
+            const il_q8_0 *b = (const il_q8_0 *)row + k / 32;
+            const __m256 d = _mm256_set1_ps(il_f16_to_f32(b->d));
+            for (int c = 0; c < 4; c++)
+                w[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + 8 * c)))), d);
+            return;
+        }
+        case IL_W_Q4_0: {
+            const il_q4_0 *b = (const il_q4_0 *)row + k / 32;
+            const __m128i v = _mm_loadu_si128((const __m128i *)b->qs);
+            const float d = il_f16_to_f32(b->d); /* (q - 8) d = q d - 8 d, with 8 d exact */
+            scale32(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm256_set1_ps(d),
+                    _mm256_set1_ps(-8.f * d), w);
+            return;
+        }
+        case IL_W_Q4_1: {
+            const il_q4_1 *b = (const il_q4_1 *)row + k / 32;
+            const __m128i v = _mm_loadu_si128((const __m128i *)b->qs);
+            scale32(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4),
+                    _mm256_set1_ps(il_f16_to_f32(b->d)), _mm256_set1_ps(il_f16_to_f32(b->m)), w);
+            return;
+        }
+        case IL_W_Q5_0: case IL_W_Q5_1: {
+            const int one = wtype == IL_W_Q5_1;
+            const il_q5_0 *b0 = (const il_q5_0 *)row + k / 32;
+            const il_q5_1 *b1 = (const il_q5_1 *)row + k / 32;
+            uint32_t h;
+            memcpy(&h, one ? b1->qh : b0->qh, sizeof h);
+            const __m128i v = _mm_loadu_si128((const __m128i *)(one ? b1->qs : b0->qs));
+            const __m256i high = fifth_bits(h);
+            const float d = il_f16_to_f32(one ? b1->d : b0->d);
+            scale32(_mm_or_si128(_mm_and_si128(v, low4), _mm256_castsi256_si128(high)),
+                    _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm256_extracti128_si256(high, 1)),
+                    _mm256_set1_ps(d), _mm256_set1_ps(one ? il_f16_to_f32(b1->m) : -16.f * d), w);
+            return;
+        }
+        case IL_W_Q4_K: case IL_W_Q5_K: { /* sub-block j of 8: the low (j even) or high nibbles of 32 bytes */
+            const int five = wtype == IL_W_Q5_K, j = (k % 256) / 32;
+            const il_q4_K *b4 = (const il_q4_K *)row + k / 256;
+            const il_q5_K *b5 = (const il_q5_K *)row + k / 256;
+            uint8_t sc, mn;
+            il_scale_min_k4(j, five ? b5->scales : b4->scales, &sc, &mn);
+            const __m256 d = _mm256_set1_ps(il_f16_to_f32(five ? b5->d : b4->d) * sc);
+            const __m256 m = _mm256_set1_ps(-(il_f16_to_f32(five ? b5->dmin : b4->dmin) * mn));
+            const uint8_t *q = (five ? b5->qs : b4->qs) + 32 * (j / 2);
+            __m128i lo = _mm_loadu_si128((const __m128i *)q), hi = _mm_loadu_si128((const __m128i *)(q + 16));
+            if (j % 2) lo = _mm_srli_epi16(lo, 4), hi = _mm_srli_epi16(hi, 4);
+            lo = _mm_and_si128(lo, low4), hi = _mm_and_si128(hi, low4);
+            if (five) { /* bit j of qh[l] is weight l's fifth bit */
+                const __m128i bit = _mm_set1_epi8((char)(1 << j)), sixteen = _mm_set1_epi8(16);
+                const __m128i h0 = _mm_loadu_si128((const __m128i *)b5->qh), h1 = _mm_loadu_si128((const __m128i *)(b5->qh + 16));
+                lo = _mm_or_si128(lo, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h0, bit), bit), sixteen));
+                hi = _mm_or_si128(hi, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h1, bit), bit), sixteen));
+            }
+            scale32(lo, hi, d, m, w);
+            return;
+        }
+        case IL_W_Q6_K: { /* sub-block j of 8: half j / 4, quarter g = j % 4 of it; a scale per 16 weights */
+            const il_q6_K *b = (const il_q6_K *)row + k / 256;
+            const int j = (k % 256) / 32, h = j / 4, g = j % 4;
+            const uint8_t *ql = b->ql + 64 * h + 32 * (g % 2), *qh = b->qh + 32 * h;
+            const float d = il_f16_to_f32(b->d);
+            for (int c = 0; c < 4; c++) {
+                __m128i q = _mm_loadl_epi64((const __m128i *)(ql + 8 * c));
+                if (g >= 2) q = _mm_srli_epi16(q, 4);
+                const __m128i hb = _mm_and_si128(_mm_srli_epi16(_mm_loadl_epi64((const __m128i *)(qh + 8 * c)), 2 * g),
+                                                 _mm_set1_epi8(3));
+                q = _mm_or_si128(_mm_and_si128(q, low4), _mm_slli_epi16(hb, 4));
+                const float scale = d * b->scales[8 * h + 2 * g + c / 2];
+                w[c] = _mm256_mul_ps(_mm256_sub_ps(widen_u8(q), _mm256_set1_ps(32.f)), _mm256_set1_ps(scale));
+            }
+            return;
+        }
+        default: {
+            float tmp[32];
+            il_dequant_span(wtype, row, k, 32, tmp);
+            for (int c = 0; c < 4; c++) w[c] = _mm256_loadu_ps(tmp + 8 * c);
+        }
+    }
+}
+
+/* A row of K weights as fp32: whole 32s decoded as above, a tail (float types only) one by one. */
+static void dequant_row(int wtype, const uint8_t *row, int K, float *out) {
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256 w[4];
+        decode32(wtype, row, k, w);
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + k + 8 * c, w[c]);
+    }
+    for (; k < K; k++) il_dequant_block(wtype, row + (int64_t)k * il_block_bytes(wtype), out + k);
+}
+
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    /* lane i = the sum of the i-th argument's 8 lanes, always as ((0+1)+(2+3))+((4+5)+(6+7)) */
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* out[j] lane i = sum_k x[i][k] w[j][k], for i < R (rows) and j < C (weight rows); R, C are
+ * constants at every call site, so the accumulators stay in registers. */
+static inline void micro(const float *x, int64_t lx, const float *w, int64_t lw, int K, const int R, const int C,
+                         __m128 out[NR]) {
+    __m256 acc[MR][NR];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[NR];
+        for (int j = 0; j < C; j++) wv[j] = _mm256_loadu_ps(w + j * lw + k);
+        for (int i = 0; i < R; i++) {
+            const __m256 xv = _mm256_loadu_ps(x + i * lx + k);
+            for (int j = 0; j < C; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    if (k < K) { /* masked tail: both sides load zeros past K */
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(K - k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 wv[NR];
+        for (int j = 0; j < C; j++) wv[j] = _mm256_maskload_ps(w + j * lw + k, live);
+        for (int i = 0; i < R; i++) {
+            const __m256 xv = _mm256_maskload_ps(x + i * lx + k, live);
+            for (int j = 0; j < C; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    const __m256 zero = _mm256_setzero_ps();
+    for (int j = 0; j < C; j++)
+        out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : zero, R > 2 ? acc[2][j] : zero, R > 3 ? acc[3][j] : zero);
+}
+
+/* As `micro`, reading weight rows as stored (rb bytes apart), decoded in registers 32 at a time:
+ * for a few input rows, where decoding a panel first would cost more than it saves. The products
+ * are summed in the same order as `micro`'s, so both give the very same outputs. */
+static inline void micro_direct(const float *x, int64_t lx, const uint8_t *w, int64_t rb, int wtype, int K,
+                                const int R, const int C, __m128 out[NR]) {
+    __m256 acc[MR][NR];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 32)
+        for (int j = 0; j < C; j++) {
+            __m256 wv[4];
+            decode32(wtype, w + j * rb, k, wv);
+            for (int c = 0; c < 4; c++)
+                for (int i = 0; i < R; i++)
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * lx + k + 8 * c), wv[c], acc[i][j]);
+        }
+    const __m256 zero = _mm256_setzero_ps();
+    for (int j = 0; j < C; j++)
+        out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : zero, R > 2 ? acc[2][j] : zero, R > 3 ? acc[3][j] : zero);
+}
+
+static inline void tile(const float *x, int64_t lx, const float *w, int64_t lw, int K, int R, int C, __m128 out[NR]) {
+#define CASE(r, c) case (r) * 4 + (c): micro(x, lx, w, lw, K, r, c, out); break
+    switch (R * 4 + C) {
+        CASE(1, 1); CASE(1, 2); CASE(1, 3); CASE(2, 1); CASE(2, 2); CASE(2, 3);
+        CASE(3, 1); CASE(3, 2); CASE(3, 3); CASE(4, 1); CASE(4, 2); default: micro(x, lx, w, lw, K, 4, 3, out);
+    }
+#undef CASE
+}
+
+/* The direct tile, instantiated per weight type (so each type's decoding is inlined) and shape. */
+#define DIRECT_CASES(T)                                                                                      \
+    case T: switch (R * 4 + C) {                                                                           \
+            case 5: micro_direct(x, lx, w, rb, T, K, 1, 1, out); break;                                    \
+            case 6: micro_direct(x, lx, w, rb, T, K, 1, 2, out); break;                                    \
+            case 7: micro_direct(x, lx, w, rb, T, K, 1, 3, out); break;                                    \
+            case 9: micro_direct(x, lx, w, rb, T, K, 2, 1, out); break;                                    \
+            case 10: micro_direct(x, lx, w, rb, T, K, 2, 2, out); break;                                   \
+            default: micro_direct(x, lx, w, rb, T, K, 2, 3, out);                                          \
+        } break
+static void tile_direct(const float *x, int64_t lx, const uint8_t *w, int64_t rb, int wtype, int K, int R, int C,
+                        __m128 out[NR]) {
+    switch (wtype) {
+        DIRECT_CASES(IL_W_BF16); DIRECT_CASES(IL_W_F16); DIRECT_CASES(IL_W_Q8_0); DIRECT_CASES(IL_W_Q4_0);
+        DIRECT_CASES(IL_W_Q4_1); DIRECT_CASES(IL_W_Q5_0); DIRECT_CASES(IL_W_Q5_1); DIRECT_CASES(IL_W_Q4_K);
+        DIRECT_CASES(IL_W_Q5_K); DIRECT_CASES(IL_W_Q6_K); default: DIRECT_CASES(IL_W_F32);
+    }
+}
+#undef DIRECT_CASES
+
+/* Rows up to which weights are decoded in registers for each call rather than into a panel. */
+#define DIRECT_MAX_ROWS 2
+
+int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
+               int K, int N, int dtype, int num_threads) {
+    if (rows <= 0) return 0;
+    if (il_block_elems(wtype) == 0) return linear_generic(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, num_threads);
+    const float *xf = x;
+    int64_t lx = ldx;
+    float *xbuf = NULL;
+    if (dtype != IL_F32) { /* widen the input once; the products are fp32 either way */
+        if (!(xbuf = malloc(sizeof(float) * (size_t)rows * K))) return 2;
+        for (int m = 0; m < rows; m++)
+            for (int k = 0; k < K; k++) xbuf[(int64_t)m * K + k] = il_ld(x, (int64_t)m * ldx + k, dtype);
+        xf = xbuf, lx = K;
+    }
+    const int64_t rb = il_row_bytes(wtype, K);
+    /* direct: few rows, whole 32s (the direct and panel paths sum in one order, so either may run) */
+    const int direct = rows <= DIRECT_MAX_ROWS && K % 32 == 0;
+    const int in_place = wtype == IL_W_F32, panels = (N + PANEL - 1) / PANEL;
+    int failed = 0;
+    for (int m0 = 0; m0 < rows && !failed; m0 += MC) {
+        const int m1 = m0 + MC < rows ? m0 + MC : rows;
+#pragma omp parallel num_threads(num_threads)
+        {
+            float *buf = in_place || direct ? NULL : malloc(sizeof(float) * PANEL * (size_t)K);
+            if (!in_place && !direct && !buf) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int p = 0; p < panels; p++) {
+                if (!in_place && !direct && !buf) continue;
+                const int n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
+                const float *wp = in_place ? (const float *)w + (int64_t)n0 * K : buf;
+                if (buf)
+                    for (int n = n0; n < n1; n++) dequant_row(wtype, (const uint8_t *)w + n * rb, K, buf + (int64_t)(n - n0) * K);
+                for (int m = m0; m < m1; m += MR)
+                    for (int n = n0; n < n1; n += NR) {
+                        const int R = m1 - m < MR ? m1 - m : MR, C = n1 - n < NR ? n1 - n : NR;
+                        __m128 out[NR];
+                        if (direct)
+                            tile_direct(xf + (int64_t)m * lx, lx, (const uint8_t *)w + n * rb, rb, wtype, K, R, C, out);
+                        else
+                            tile(xf + (int64_t)m * lx, lx, wp + (int64_t)(n - n0) * K, K, K, R, C, out);
+                        for (int j = 0; j < C; j++) {
+                            float v[4];
+                            _mm_storeu_ps(v, out[j]);
+                            const float b = bias ? il_ld(bias, n + j, dtype) : 0.f;
+                            for (int i = 0; i < R; i++) il_st(y, (int64_t)(m + i) * ldy + n + j, v[i] + b, dtype);
+                        }
+                    }
+            }
+            free(buf);
+        }
+    }
+    free(xbuf);
+    return failed ? 2 : 0;
+}

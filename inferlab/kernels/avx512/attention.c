@@ -1,0 +1,192 @@
+/* Paged attention on AVX512-BF16 for bf16 caches with head_dim a multiple of 32 (up to 128): one
+ * task per query row, all its heads, 16 keys at a time, so each row streams its K and V blocks
+ * whole, once. Scores are bf16 pair products summed 16 keys at a time; values take the softmax
+ * weights rounded to bf16 (as flash attention does), two keys per pair instruction. Other shapes
+ * and dtypes go to the AVX2 kernel.
+ */
+#include <float.h>
+#include <immintrin.h>
+#include <stdlib.h>
+
+#include "../common.h"
+
+#define PREFETCH_AHEAD 4 /* blocks */
+
+/* Softmax numerators in place: s[t] = exp(s[t] - mx); returns their sum (the denominator). */
+static inline float exp_and_sum(float *restrict s, int n, float mx) {
+    float sum = 0.f;
+    for (int t = 0; t < n; t++) s[t] = expf(s[t] - mx);
+    for (int t = 0; t < n; t++) sum += s[t];
+    return sum;
+}
+
+/* Ask for the next block's rows of this head ahead of use: blocks sit anywhere in the pool, so
+ * the hardware prefetcher cannot guess where the next one starts. */
+static inline void prefetch_block(const void *cache, const int32_t *table, int t0, int n, int block_size,
+                                  int64_t token_stride, int64_t head_off, int row_bytes, int elem) {
+    if (t0 >= n) return;
+    const int64_t first = (int64_t)table[t0 / block_size] * block_size * token_stride + head_off;
+    const char *base = (const char *)cache + first * elem;
+    const int nt = n - t0 < block_size ? n - t0 : block_size;
+    for (int t = 0; t < nt; t++)
+        for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(base + t * token_stride * elem + b, 0, 1);
+}
+
+#define CHUNK 16 /* keys per step of the row kernel: one score per fp32 lane */
+
+/* Lane t of the result = the sum of v[t]'s 16 lanes: 16 dot products finished with 45 shuffles
+ * and adds, where 16 separate horizontal sums would take about 130. */
+static inline __m512 sum_lanes16(const __m512 v[CHUNK]) {
+    __m512 s2[8], s4[4];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) */
+        s2[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* per 128-bit lane: (a, b, c, d), each a quarter of its sum */
+        const __m512d x = _mm512_castps_pd(s2[2 * i]), y = _mm512_castps_pd(s2[2 * i + 1]);
+        s4[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[0], s4[1], 0x88), _mm512_shuffle_f32x4(s4[0], s4[1], 0xdd));
+    const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[2], s4[3], 0x88), _mm512_shuffle_f32x4(s4[2], s4[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xdd));
+}
+
+/* Row pointers of keys t0 .. t0+CHUNK-1 (past n: key t0 again, whose weight will be 0). */
+static inline int chunk_rows(const uint16_t **rows, const uint16_t *cache, const int32_t *table, int t0, int n,
+                             int block_size, int64_t token_stride) {
+    const int nt = n - t0 < CHUNK ? n - t0 : CHUNK;
+    for (int t = 0; t < CHUNK; t++) {
+        const int key = t0 + (t < nt ? t : 0);
+        rows[t] = cache + ((int64_t)table[key / block_size] * block_size + key % block_size) * token_stride;
+    }
+    return nt;
+}
+
+/* bf16, head_dim D a multiple of 32 (at most 128): one task per query row, all its heads, CHUNK keys
+ * at a time so K and V are streamed whole, block by block, once. Scores: bf16 pair products
+ * summed 16 keys at a time. Values: the weights rounded to bf16 (as flash attention does) so that
+ * two keys' values go into one bf16 pair instruction per 16 outputs, against one fp32 multiply-add
+ * per key when widening V. The pair instruction leaves output dims interleaved in the fp32
+ * accumulator: acc[j][c][4L + i] holds dim 32c + 8L + i (lo) and 32c + 8L + 4 + i (hi). */
+static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache,
+                                   const uint16_t *v_cache, uint16_t *out, int64_t row, const int32_t *table,
+                                   int n, int group, int num_heads, int num_kv_heads, const int D, int block_size,
+                                   float scale, float *restrict scores, float *restrict acc) {
+    const int64_t token_stride = (int64_t)num_kv_heads * D;
+    const int nc = D / 32;  /* 32-dim pieces of a head */
+    const uint16_t *qr = q + row * q_stride;
+    const uint16_t *rows[CHUNK];
+    __m512 mx[IL_MAX_HEADS];
+    for (int j = 0; j < num_heads; j++) mx[j] = _mm512_set1_ps(-FLT_MAX);
+    for (int t0 = 0; t0 < n; t0 += CHUNK) {
+        const int nt = chunk_rows(rows, k_cache, table, t0, n, block_size, token_stride);
+        const __mmask16 valid = (__mmask16)((1u << nt) - 1);
+        if (t0 % block_size == 0)
+            prefetch_block(k_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
+                           (int)(token_stride * 2), 2);
+        for (int j = 0; j < num_heads; j++) {  /* query head j reads KV head j / group */
+            const int64_t off = (int64_t)(j / group) * D;
+            __m512 dots[CHUNK];
+            for (int t = 0; t < CHUNK; t++) {
+                dots[t] = _mm512_setzero_ps();
+                for (int c = 0; c < nc; c++)
+                    dots[t] = _mm512_dpbf16_ps(dots[t], (__m512bh)_mm512_loadu_si512(qr + j * D + 32 * c),
+                                               (__m512bh)_mm512_loadu_si512(rows[t] + off + 32 * c));
+            }
+            const __m512 s = _mm512_mul_ps(sum_lanes16(dots), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + (int64_t)j * n + t0, valid, s);
+            mx[j] = _mm512_mask_max_ps(mx[j], valid, mx[j], s);
+        }
+    }
+    float inv[IL_MAX_HEADS];
+    for (int j = 0; j < num_heads; j++) {
+        const float sum = exp_and_sum(scores + (int64_t)j * n, n, _mm512_reduce_max_ps(mx[j]));
+        inv[j] = sum > 0.f ? 1.f / sum : 0.f;
+        memset(acc + j * D, 0, sizeof(float) * D);
+    }
+    for (int t0 = 0; t0 < n; t0 += CHUNK) {
+        const int nt = chunk_rows(rows, v_cache, table, t0, n, block_size, token_stride);
+        const __mmask16 valid = (__mmask16)((1u << nt) - 1);
+        if (t0 % block_size == 0)
+            prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
+                           (int)(token_stride * 2), 2);
+        for (int j = 0; j < num_heads; j++) {
+            const int64_t off = (int64_t)(j / group) * D;
+            uint32_t pairs[CHUNK / 2];  /* weights of keys (2i, 2i+1) as one bf16 pair; 0 past n */
+            _mm256_storeu_si256((__m256i *)pairs,
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(valid, scores + (int64_t)j * n + t0)));
+            __m512 sum[8];
+            for (int c = 0; c < 2 * nc; c++) sum[c] = _mm512_loadu_ps(acc + j * D + 16 * c);
+            for (int i = 0; 2 * i < nt; i++) {
+                const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pairs[i]);
+                for (int c = 0; c < nc; c++) {
+                    const __m512i a = _mm512_loadu_si512(rows[2 * i] + off + 32 * c);
+                    const __m512i b = _mm512_loadu_si512(rows[2 * i + 1] + off + 32 * c);
+                    sum[2 * c] = _mm512_dpbf16_ps(sum[2 * c], (__m512bh)_mm512_unpacklo_epi16(a, b), p);
+                    sum[2 * c + 1] = _mm512_dpbf16_ps(sum[2 * c + 1], (__m512bh)_mm512_unpackhi_epi16(a, b), p);
+                }
+            }
+            for (int c = 0; c < 2 * nc; c++) _mm512_storeu_ps(acc + j * D + 16 * c, sum[c]);
+        }
+    }
+    /* undo the interleave: dims 32c + 8L .. +7 are lane L of lo, then lane L of hi */
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int j = 0; j < num_heads; j++) {
+        const __m512 scale_j = _mm512_set1_ps(inv[j]);
+        for (int c = 0; c < nc; c++) {
+            const __m512 lo = _mm512_loadu_ps(acc + j * D + 32 * c), hi = _mm512_loadu_ps(acc + j * D + 32 * c + 16);
+            uint16_t *dst = out + (row * num_heads + j) * D + 32 * c;
+            _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(
+                                                    _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), scale_j)));
+            _mm256_storeu_si256((__m256i *)(dst + 16), (__m256i)_mm512_cvtneps_pbh(
+                                                           _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), scale_j)));
+        }
+    }
+}
+
+/* Rows per call from which a task per row keeps every thread busy (by shape, never by thread count). */
+#define ROW_TASKS_MIN 8
+
+int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                        const int64_t *row_ids, const int32_t *seqs, const int32_t *lens, int rows,
+                        const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads, int head_dim,
+                        int block_size, float scale, int dtype, int num_threads) {
+    if (dtype != IL_BF16 || head_dim % 32 || head_dim > 128 || num_heads > IL_MAX_HEADS || rows < ROW_TASKS_MIN)
+        return paged_attention_avx2(q, q_stride, k_cache, v_cache, out, row_ids, seqs, lens, rows, block_tables,
+                                    table_stride, num_heads, num_kv_heads, head_dim, block_size, scale, dtype,
+                                    num_threads);
+    const int group = num_heads / num_kv_heads;
+    int max_len = 1, failed = 0;
+    for (int r = 0; r < rows; r++) max_len = lens[r] > max_len ? lens[r] : max_len;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = malloc(sizeof(float) * num_heads * (size_t)max_len);
+        float *acc = malloc(sizeof(float) * num_heads * head_dim);
+        if (!scores || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int r = 0; r < rows; r++) {
+            if (!scores || !acc) continue;
+            const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
+            if (head_dim == 64)
+                attend_row_bf16(q, q_stride, k_cache, v_cache, out, row_ids[r], table, lens[r], group, num_heads,
+                                num_kv_heads, 64, block_size, scale, scores, acc);
+            else
+                attend_row_bf16(q, q_stride, k_cache, v_cache, out, row_ids[r], table, lens[r], group, num_heads,
+                                num_kv_heads, head_dim, block_size, scale, scores, acc);
+        }
+        free(scores);
+        free(acc);
+    }
+    return failed ? 2 : 0;
+}
+
+int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                          const int64_t *row0, const int32_t *count, const int32_t *ctx, const int32_t *seq,
+                          int num_chunks, const int32_t *block_tables, int table_stride, int num_heads,
+                          int num_kv_heads, int head_dim, int block_size, float scale, int dtype, int num_threads) {
+    return prefill_attention_avx2(q, q_stride, k_cache, v_cache, out, row0, count, ctx, seq, num_chunks, block_tables,
+                                  table_stride, num_heads, num_kv_heads, head_dim, block_size, scale, dtype,
+                                  num_threads);
+}

@@ -1,0 +1,208 @@
+/* What every kernel file shares: bf16 and fp16 conversions, loads and stores by dtype, and the
+ * weight types' block layouts (ggml's, so GGUF tensors are used as they are stored) with a plain C
+ * dequantizer per block, which is each type's definition here. Everything is static inline: each
+ * file compiles it with its own ISA's flags.
+ */
+#ifndef INFERLAB_COMMON_H
+#define INFERLAB_COMMON_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "inferlab.h"
+
+static inline float il_bf16_to_f32(uint16_t x) {
+    const uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t il_f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float il_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t u;
+    if (exp == 0) { /* zero or subnormal: man * 2^-24 */
+        const float f = (float)man * 5.9604645e-8f;
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t il_f32_to_f16(float f) { /* round to nearest even, as numpy does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (a > 0x7f800000u ? 0x200 : 0)); /* inf, nan */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);                                  /* overflow */
+    if (a < 0x38800000u) { /* subnormal half: round a * 2^24 to an integer, ties to even */
+        float m;
+        memcpy(&m, &a, sizeof m);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(m * 16777216.0f));
+    }
+    const uint32_t r = a + 0xfff + ((a >> 13) & 1);
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+}
+
+static inline float il_ld(const void *p, int64_t i, int dtype) {
+    return dtype == IL_BF16 ? il_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void il_st(void *p, int64_t i, float f, int dtype) {
+    if (dtype == IL_BF16)
+        ((uint16_t *)p)[i] = il_f32_to_bf16(f);
+    else
+        ((float *)p)[i] = f;
+}
+
+static inline int il_elem_size(int dtype) { return dtype == IL_BF16 ? 2 : 4; }
+
+/* The weight types' blocks: d, m are fp16 scales and minimums; qs the low bits of each weight. */
+typedef struct { uint16_t d; int8_t qs[32]; } il_q8_0;
+typedef struct { uint16_t d; uint8_t qs[16]; } il_q4_0;
+typedef struct { uint16_t d, m; uint8_t qs[16]; } il_q4_1;
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } il_q5_0;
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } il_q5_1;
+/* K-quants: 256 weights in 8 (Q4_K, Q5_K) or 16 (Q6_K) sub-blocks with their own 6/8-bit scales */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } il_q4_K;
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } il_q5_K;
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } il_q6_K;
+
+/* Weights per block (0 for a type this library does not know). */
+static inline int il_block_elems(int wtype) {
+    switch (wtype) {
+        case IL_W_F32: case IL_W_F16: case IL_W_BF16: return 1;
+        case IL_W_Q8_0: case IL_W_Q4_0: case IL_W_Q4_1: case IL_W_Q5_0: case IL_W_Q5_1: return 32;
+        case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: return 256;
+        default: return 0;
+    }
+}
+
+static inline int il_block_bytes(int wtype) {
+    switch (wtype) {
+        case IL_W_F32: return 4;
+        case IL_W_F16: case IL_W_BF16: return 2;
+        case IL_W_Q8_0: return sizeof(il_q8_0);
+        case IL_W_Q4_0: return sizeof(il_q4_0);
+        case IL_W_Q4_1: return sizeof(il_q4_1);
+        case IL_W_Q5_0: return sizeof(il_q5_0);
+        case IL_W_Q5_1: return sizeof(il_q5_1);
+        case IL_W_Q4_K: return sizeof(il_q4_K);
+        case IL_W_Q5_K: return sizeof(il_q5_K);
+        case IL_W_Q6_K: return sizeof(il_q6_K);
+        default: return 0;
+    }
+}
+
+static inline int64_t il_row_bytes(int wtype, int K) { return (int64_t)K / il_block_elems(wtype) * il_block_bytes(wtype); }
+
+/* Q4_K / Q5_K: sub-block j's 6-bit scale and minimum, packed in 12 bytes. */
+static inline void il_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* One block of weights (il_block_elems of them) as fp32: the format's definition. */
+static inline void il_dequant_block(int wtype, const void *block, float *y) {
+    switch (wtype) {
+        case IL_W_F32: y[0] = *(const float *)block; return;
+        case IL_W_F16: y[0] = il_f16_to_f32(*(const uint16_t *)block); return;
+        case IL_W_BF16: y[0] = il_bf16_to_f32(*(const uint16_t *)block); return;
+        case IL_W_Q8_0: {
+            const il_q8_0 *b = block;
+            const float d = il_f16_to_f32(b->d);
+            for (int j = 0; j < 32; j++) y[j] = b->qs[j] * d;
+            return;
+        }
+        case IL_W_Q4_0: {
+            const il_q4_0 *b = block;
+            const float d = il_f16_to_f32(b->d);
+            for (int j = 0; j < 16; j++) y[j] = ((b->qs[j] & 0xF) - 8) * d, y[j + 16] = ((b->qs[j] >> 4) - 8) * d;
+            return;
+        }
+        case IL_W_Q4_1: {
+            const il_q4_1 *b = block;
+            const float d = il_f16_to_f32(b->d), m = il_f16_to_f32(b->m);
+            for (int j = 0; j < 16; j++) y[j] = (b->qs[j] & 0xF) * d + m, y[j + 16] = (b->qs[j] >> 4) * d + m;
+            return;
+        }
+        case IL_W_Q5_0: case IL_W_Q5_1: {
+            const int one = wtype == IL_W_Q5_1;
+            const il_q5_0 *b0 = block;
+            const il_q5_1 *b1 = block;
+            const uint8_t *qh = one ? b1->qh : b0->qh, *qs = one ? b1->qs : b0->qs;
+            const float d = il_f16_to_f32(one ? b1->d : b0->d), m = one ? il_f16_to_f32(b1->m) : 0.f;
+            const int bias = one ? 0 : 16;
+            uint32_t h;
+            memcpy(&h, qh, sizeof h);
+            for (int j = 0; j < 16; j++) {
+                const int hi0 = ((h >> j) << 4) & 0x10, hi1 = (h >> (j + 12)) & 0x10;
+                y[j] = (((qs[j] & 0xF) | hi0) - bias) * d + m;
+                y[j + 16] = (((qs[j] >> 4) | hi1) - bias) * d + m;
+            }
+            return;
+        }
+        case IL_W_Q4_K: case IL_W_Q5_K: {
+            const int five = wtype == IL_W_Q5_K;
+            const il_q4_K *b4 = block;
+            const il_q5_K *b5 = block;
+            const uint8_t *scales = five ? b5->scales : b4->scales, *q = five ? b5->qs : b4->qs, *qh = b5->qh;
+            const float d = il_f16_to_f32(five ? b5->d : b4->d), dmin = il_f16_to_f32(five ? b5->dmin : b4->dmin);
+            for (int c = 0; c < 4; c++, q += 32, y += 64) { /* 64 weights: low nibbles, then high */
+                uint8_t sc, mn;
+                il_scale_min_k4(2 * c, scales, &sc, &mn);
+                const float d1 = d * sc, m1 = dmin * mn;
+                il_scale_min_k4(2 * c + 1, scales, &sc, &mn);
+                const float d2 = d * sc, m2 = dmin * mn;
+                for (int l = 0; l < 32; l++) {
+                    const int h1 = five && (qh[l] & (1 << (2 * c))) ? 16 : 0;
+                    const int h2 = five && (qh[l] & (2 << (2 * c))) ? 16 : 0;
+                    y[l] = d1 * ((q[l] & 0xF) + h1) - m1;
+                    y[l + 32] = d2 * ((q[l] >> 4) + h2) - m2;
+                }
+            }
+            return;
+        }
+        case IL_W_Q6_K: {
+            const il_q6_K *b = block;
+            const float d = il_f16_to_f32(b->d);
+            const uint8_t *ql = b->ql, *qh = b->qh;
+            const int8_t *sc = b->scales;
+            for (int n = 0; n < 2; n++, ql += 64, qh += 32, sc += 8, y += 128)
+                for (int l = 0; l < 32; l++) {
+                    const int is = l / 16;
+                    y[l] = d * sc[is] * (((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
+                    y[l + 32] = d * sc[is + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                    y[l + 64] = d * sc[is + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                    y[l + 96] = d * sc[is + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                }
+            return;
+        }
+        default: return;
+    }
+}
+
+/* Weights k0 .. k0 + n - 1 of one row (n whole blocks, k0 a block boundary) as fp32. */
+static inline void il_dequant_span(int wtype, const uint8_t *row, int k0, int n, float *y) {
+    const int be = il_block_elems(wtype), bb = il_block_bytes(wtype);
+    for (int k = k0; k < k0 + n; k += be) il_dequant_block(wtype, row + (int64_t)k / be * bb, y + (k - k0));
+}
+#endif

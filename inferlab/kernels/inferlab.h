@@ -1,0 +1,77 @@
+/* The native kernels' constants and entry points, the one source of truth for both: Python
+ * (`inferlab/kernels/__init__.py`) reads the #defines below and the prototypes in api.h to bind
+ * the library, so the two cannot disagree.
+ *
+ * Each entry point exists once per instruction set that implements it. A source file is compiled
+ * with IL_ISA set to its ISA (generic, avx2, avx512, amx) and defines IL(name), which becomes
+ * name_<isa>: the definition is checked against the prototype in api.h. This header declares the
+ * prototypes of every ISA, so a kernel can hand a shape it does not cover to a lower ISA by name
+ * (linear_avx2, paged_attention_generic). `generic` implements every entry point; Python picks,
+ * per entry point, the best one the CPU runs, or the one INFERLAB_ISA forces.
+ */
+#ifndef INFERLAB_H
+#define INFERLAB_H
+#include <stdint.h>
+
+#define IL_MAX_ROWS 64      /* rows of the decode steps a tape replays */
+#define IL_MAX_HEAD_DIM 256
+#define IL_MAX_GROUP 16     /* query heads per KV head */
+#define IL_MAX_HEADS 128
+
+/* Activation dtypes (the model's dtype: hidden states, KV cache, norms' weights, biases). */
+#define IL_F32 0
+#define IL_BF16 1
+
+/* Weight types: ggml's numbers, so a GGUF tensor's type is its code here. A row of K weights
+ * takes K / block elements * bytes (see il_row_bytes in common.h). */
+#define IL_W_F32 0
+#define IL_W_F16 1
+#define IL_W_Q4_0 2
+#define IL_W_Q4_1 3
+#define IL_W_Q5_0 6
+#define IL_W_Q5_1 7
+#define IL_W_Q8_0 8
+#define IL_W_Q4_K 12
+#define IL_W_Q5_K 13
+#define IL_W_Q6_K 14
+#define IL_W_BF16 30
+
+/* Tape op codes (see generic/tape.c): which entry point a tape entry calls. */
+#define IL_OP_LINEAR 1
+#define IL_OP_GET_ROWS 2
+#define IL_OP_RMS_NORM 3
+#define IL_OP_SILU_AND_MUL 4
+#define IL_OP_ROPE 5
+#define IL_OP_WRITE_KV 6
+#define IL_OP_PAGED_ATTENTION 7
+#define IL_TAPE_MAX_ARGS 20
+#define IL_TAPE_WIDTH (2 + 2 * IL_TAPE_MAX_ARGS)
+/* Kinds of tape arguments */
+#define IL_ARG_CONST 0    /* the value itself (a float as its bits) */
+#define IL_ARG_PTR 1      /* an address that does not change (weights, the KV pool) */
+#define IL_ARG_ARENA 2    /* an offset into the scratch arena */
+#define IL_ARG_INPUT 3    /* input (value & 0xffff), plus (value >> 16) bytes */
+#define IL_ARG_ROWS 4
+#define IL_ARG_TABLE_STRIDE 5
+#define IL_ARG_THREADS 6
+
+#define IL_CAT_(a, b) a##_##b
+#define IL_CAT(a, b) IL_CAT_(a, b)
+
+#define IL(name) IL_CAT(name, generic)
+#include "api.h"
+#undef IL
+#define IL(name) IL_CAT(name, avx2)
+#include "api.h"
+#undef IL
+#define IL(name) IL_CAT(name, avx512)
+#include "api.h"
+#undef IL
+#define IL(name) IL_CAT(name, amx)
+#include "api.h"
+#undef IL
+
+#ifdef IL_ISA
+#define IL(name) IL_CAT(name, IL_ISA)
+#endif
+#endif

@@ -1,0 +1,181 @@
+"""Linear layers and the embedding, with their weights kept as stored (`quant.py`): a float matrix,
+or rows of quantized blocks that the kernels dequantize in registers, never rounding a weight.
+
+A merged projection (q/k/v, gate/up: `out_features` a list of shard sizes) takes one checkpoint
+tensor per shard through `weight_loader`. After loading, `process_weights_after_loading` (vLLM's
+name) converts each shard to the type the quantization mode asks for and joins shards of one type
+into one matrix; shards of different types (K-quant files mix them) stay separate parts, each one
+kernel call writing its columns of the output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferlab import kernels
+from inferlab.model.layers import quant
+from inferlab.model.layers.quant import WeightType
+
+# Rows from which a bf16 matmul goes to PyTorch (oneDNN's AMX tiles) on CPUs that run bf16 natively;
+# below it the native kernels read the weights at memory speed, which oneDNN does not.
+TORCH_BF16_MIN_ROWS = kernels.C["IL_MAX_ROWS"] + 1
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType, bias: torch.Tensor | None) -> torch.Tensor:
+    w = weight if weight.dtype == x.dtype else quant.dequantize(weight, wtype).to(x.dtype)
+    return F.linear(x, w, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = None, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ W^T (+ bias) -> [T, N], into `out` (which may be a column slice) if given."""
+    wtype = quant.weight_type(weight, wtype)
+    k = kernels.for_tensor(x)
+    if k is not None and (x.dim() != 2 or x.stride(1) != 1 or not weight.is_contiguous() or
+                          (out is not None and out.stride(1) != 1) or
+                          (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())) or
+                          (wtype.dtype == x.dtype == torch.bfloat16 and x.shape[0] >= TORCH_BF16_MIN_ROWS
+                           and k.isa in ("avx512", "amx"))):
+        k = None
+    if k is None:
+        y = linear_ref(x, weight, wtype, bias)
+        return y if out is None else out.copy_(y)
+    n = weight.shape[0]
+    y = x.new_empty(x.shape[0], n) if out is None else out
+    k.linear(x, x.stride(0), weight, wtype.code, bias, y, y.stride(0), x.shape[0], x.shape[1], n,
+             kernels.DTYPE_CODES[x.dtype])
+    return y
+
+
+def _convert(data: torch.Tensor, src: WeightType, dst: WeightType) -> torch.Tensor:
+    if src == dst:
+        return data.contiguous()
+    native = kernels.native()
+    if src.dtype is not None:
+        values = data.float()
+    elif native is not None:  # the kernels' dequantizer: gguf's numpy one takes seconds for a whole model
+        values = torch.empty(data.shape[0], data.shape[1] // src.nbytes * src.block)
+        native.dequantize(values, data.contiguous(), src.code, values.shape[0], values.shape[1])
+    else:
+        values = quant.dequantize(data, src)
+    return quant.quantize(values, dst)
+
+
+def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, native: bool,
+                vocab: bool = False) -> WeightType:
+    """The type a weight is kept in. `auto`: as stored where the native kernels run it, else the
+    model's dtype; `none`: the model's dtype; a block type: quantized to it (the vocabulary matrix
+    to q8_0, as llama.cpp keeps output tensors at higher precision), where rows split into its blocks."""
+    as_dtype = quant.BY_DTYPE[dtype]
+    if mode == "none" or (mode == "auto" and not native):
+        return as_dtype
+    if mode == "auto":
+        return stored
+    wanted = quant.Q8_0 if vocab else quant.BY_NAME[mode]
+    return wanted if k % wanted.block == 0 else as_dtype
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) with W kept as stored (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int | list[int], bias: bool = False) -> None:
+        super().__init__()
+        sizes = [out_features] if isinstance(out_features, int) else list(out_features)
+        self.in_features, self.out_features = in_features, sum(sizes)
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.wtype: WeightType | None = None  # None: the float type of weight's dtype
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        if bias:
+            self.bias.weight_loader = self.bias_loader
+        self.parts: list[tuple[str, WeightType, int, int]] = []  # extra parts: (parameter, type, first row, end)
+        self._loaded: dict[int, tuple[torch.Tensor, WeightType]] = {}
+
+    def _rows(self, shard: int | None, data: torch.Tensor) -> tuple[int, int]:
+        lo, hi = (0, self.out_features) if shard is None else (self.offsets[shard], self.offsets[shard + 1])
+        if data.shape[0] != hi - lo:
+            raise ValueError(f"shard {shard} has {data.shape[0]} rows, expected {hi - lo}")
+        return lo, hi
+
+    def weight_loader(self, param: nn.Parameter, data: torch.Tensor, shard: int | None = None,
+                      wtype: WeightType | None = None) -> None:
+        self._rows(shard, data)
+        self._loaded[0 if shard is None else shard] = (data, quant.weight_type(data, wtype))
+
+    def bias_loader(self, param: nn.Parameter, data: torch.Tensor, shard: int | None = None,
+                    wtype: WeightType | None = None) -> None:
+        lo, hi = self._rows(shard, data)
+        param.data[lo:hi].copy_(data)
+
+    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, native: bool, vocab: bool = False) -> None:
+        """Convert the loaded shards to the kept types and join neighbours of one type."""
+        if not self._loaded:
+            return
+        shards = [self._loaded[i] for i in sorted(self._loaded)]
+        self._loaded = {}
+        groups: list[tuple[WeightType, list[torch.Tensor]]] = []
+        for data, stored in shards:
+            kept = target_type(stored, self.in_features, mode, dtype, native, vocab)
+            data = _convert(data, stored, kept)
+            if groups and groups[-1][0] == kept:
+                groups[-1][1].append(data)
+            else:
+                groups.append((kept, [data]))
+        self.parts, row = [], 0
+        for i, (wtype, datas) in enumerate(groups):
+            data = datas[0] if len(datas) == 1 else torch.cat(datas)
+            name = "weight" if i == 0 else f"weight_{i}"
+            setattr(self, name, nn.Parameter(data, requires_grad=False))
+            if i == 0:
+                self.wtype = wtype
+            else:
+                self.parts.append((name, wtype, row, row + data.shape[0]))
+            row += data.shape[0]
+        self.weight.weight_loader = self.weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.parts:
+            return linear(x, self.weight, self.wtype, self.bias)
+        y = x.new_empty(x.shape[0], self.out_features)
+        first = self.parts[0][2]
+        bias = self.bias
+        linear(x, self.weight, self.wtype, None if bias is None else bias[:first], out=y[:, :first])
+        for name, wtype, lo, hi in self.parts:
+            linear(x, getattr(self, name), wtype, None if bias is None else bias[lo:hi], out=y[:, lo:hi])
+        return y
+
+
+class Embedding(nn.Module):
+    """Rows of a [vocab, dim] matrix kept as stored, dequantized on lookup into the model's dtype."""
+
+    def __init__(self, num_embeddings: int, dim: int) -> None:
+        super().__init__()
+        self.dim, self.dtype = dim, torch.get_default_dtype()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.wtype: WeightType | None = None
+        self._loaded: tuple[torch.Tensor, WeightType] | None = None
+
+    def weight_loader(self, param: nn.Parameter, data: torch.Tensor, shard: int | None = None,
+                      wtype: WeightType | None = None) -> None:
+        self._loaded = (data, quant.weight_type(data, wtype))
+
+    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, native: bool) -> None:
+        if self._loaded is None:
+            return
+        data, stored = self._loaded
+        self._loaded, self.wtype = None, target_type(stored, self.dim, mode, dtype, native, vocab=True)
+        self.weight = nn.Parameter(_convert(data, stored, self.wtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        wtype = quant.weight_type(self.weight, self.wtype)
+        out = torch.empty(ids.shape[0], self.dim, dtype=self.dtype, device=ids.device)
+        k = kernels.for_tensor(out)
+        if k is None or ids.dtype != torch.int64 or not ids.is_contiguous() or not self.weight.is_contiguous():
+            rows = self.weight[ids]
+            return out.copy_(rows if wtype.dtype is not None else quant.dequantize(rows, wtype))
+        k.get_rows(out, self.weight, wtype.code, ids, ids.shape[0], self.dim, kernels.DTYPE_CODES[self.dtype])
+        return out

@@ -1,0 +1,43 @@
+"""RMSNorm, with the residual add folded in: one pass over memory where the reference makes several."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inferlab import kernels
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype), x
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual) * weight, x + residual); without a residual, (norm(x) * weight, x). x is
+    [T, dim] or [T, groups, dim] (one norm per dim-vector: Qwen3's per-head q/k norms), its rows may be
+    strided. The native path adds into `residual` in place, as the next layer only needs the sum."""
+    k = kernels.for_tensor(x)
+    dim = x.shape[-1]
+    groups = x.shape[1] if x.dim() == 3 else 1
+    if k is None or x.dim() not in (2, 3) or x.stride()[1:] != ((dim, 1) if groups > 1 else (1,)) or \
+            weight.dtype != x.dtype or (residual is not None and (
+                groups > 1 or not residual.is_contiguous() or residual.dtype != x.dtype)):
+        return rms_norm_ref(x, weight, eps, residual)
+    out = x.new_empty(x.shape)
+    k.rms_norm(out, x, x.stride(0), residual, weight, x.shape[0], groups, dim, eps, kernels.DTYPE_CODES[x.dtype])
+    return out, (x if residual is None else residual)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return rms_norm(x, self.weight, self.eps, residual)

@@ -1,0 +1,134 @@
+"""Weight types: how a matrix's weights are stored. One table, as ggml keeps one (`type_traits`):
+each type has its ggml number (GGUF's, and the kernels' IL_W_* code), its block of weights and the
+bytes a block takes. Float types hold a torch float tensor [N, K]; block types hold a uint8 tensor
+[N, K / block * bytes], each row its blocks in order, exactly as a GGUF file stores them.
+
+The PyTorch-side definitions (`dequantize`, `quantize`) are the `gguf` package's numpy code, the
+reference implementation llama.cpp's formats ship with; the kernels' C versions are tested against
+them, and used at load time where they are faster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from inferlab import kernels
+
+
+@dataclass(frozen=True)
+class WeightType:
+    name: str
+    code: int  # ggml's type number
+    block: int  # weights per block
+    nbytes: int  # bytes per block
+    dtype: torch.dtype | None = None  # the torch dtype of a float type
+    quantizable: bool = False  # `quantize` can write it from fp32 (the rest are only read)
+
+    def row_bytes(self, k: int) -> int:
+        return k // self.block * self.nbytes
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+F32 = WeightType("f32", 0, 1, 4, torch.float32)
+F16 = WeightType("f16", 1, 1, 2, torch.float16)
+BF16 = WeightType("bf16", 30, 1, 2, torch.bfloat16)
+Q8_0 = WeightType("q8_0", 8, 32, 34, quantizable=True)
+Q4_0 = WeightType("q4_0", 2, 32, 18, quantizable=True)
+Q4_1 = WeightType("q4_1", 3, 32, 20, quantizable=True)
+Q5_0 = WeightType("q5_0", 6, 32, 22)
+Q5_1 = WeightType("q5_1", 7, 32, 24)
+Q4_K = WeightType("q4_K", 12, 256, 144)
+Q5_K = WeightType("q5_K", 13, 256, 176)
+Q6_K = WeightType("q6_K", 14, 256, 210)
+TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
+BY_CODE = {t.code: t for t in TYPES}
+BY_NAME = {t.name.lower(): t for t in TYPES}
+BY_DTYPE = {t.dtype: t for t in TYPES if t.dtype is not None}
+assert all(kernels.C[f"IL_W_{t.name.upper()}"] == t.code for t in TYPES), "inferlab.h and this table disagree"
+
+
+def weight_type(data: torch.Tensor, wtype: WeightType | None = None) -> WeightType:
+    """A tensor's type: given for block types, implied by the dtype for float ones."""
+    if wtype is not None:
+        return wtype
+    if data.dtype not in BY_DTYPE:
+        raise ValueError(f"a weight of dtype {data.dtype} needs its block type")
+    return BY_DTYPE[data.dtype]
+
+
+def dequantize(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
+    """fp32 [N, K] from stored rows (the reference: gguf's numpy dequantizer)."""
+    if wtype.dtype is not None:
+        return data.float()
+    from gguf import GGMLQuantizationType
+    from gguf import dequantize as gguf_dequantize
+    rows = gguf_dequantize(data.contiguous().numpy(), GGMLQuantizationType(wtype.code))
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+
+
+def quantize(x: torch.Tensor, wtype: WeightType) -> torch.Tensor:
+    """Stored rows of `wtype` from float [N, K] (K a multiple of the block): the native kernel where
+    it runs (byte for byte what gguf's quantizer writes, tested), else gguf's numpy code."""
+    if wtype.dtype is not None:
+        return x.to(wtype.dtype)
+    if not wtype.quantizable:
+        raise ValueError(f"cannot quantize to {wtype.name}: only {', '.join(t.name for t in TYPES if t.quantizable)}")
+    n, k = x.shape
+    if k % wtype.block:
+        raise ValueError(f"rows of {k} weights do not split into {wtype.name} blocks of {wtype.block}")
+    x = x.detach().float().contiguous().cpu()
+    native = kernels.native()
+    if native is not None:
+        out = torch.empty(n, wtype.row_bytes(k), dtype=torch.uint8)
+        native.quantize(out, wtype.code, x, n, k)
+        return out
+    from gguf import GGMLQuantizationType
+    from gguf import quantize as gguf_quantize
+    return torch.from_numpy(gguf_quantize(x.numpy(), GGMLQuantizationType(wtype.code)))
+
+
+# byte offsets of each block's fp16 scale fields
+_SCALES = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q4_K": [0, 2], "q5_K": [0, 2],
+           "q6_K": [208]}
+
+
+def random_stored(wtype: WeightType, n: int, k: int, seed: int) -> torch.Tensor:
+    """n rows of k random weights stored as `wtype`, for tests and benchmarks: Gaussians quantized
+    where `quantize` writes the type, else random block bytes with sane fp16 scales (every bit
+    pattern of the rest is a valid weight)."""
+    g = torch.Generator().manual_seed(seed)
+    if wtype.dtype is not None or wtype.quantizable:
+        return quantize(torch.randn(n, k, generator=g), wtype)
+    blocks = k // wtype.block
+    data = torch.randint(0, 256, (n, blocks, wtype.nbytes), generator=g, dtype=torch.uint8)
+    for off in _SCALES[wtype.name]:
+        scale = (torch.rand(n, blocks, 1, generator=g) * 0.05 + 0.01).half()
+        data[:, :, off:off + 2] = scale.view(torch.uint8)
+    return data.view(n, -1)
+
+
+def describe_weights(model: torch.nn.Module) -> str:
+    """What the model's weights are kept as, e.g. 'q4_1 66.4 MiB (210), q8_0 29.9 MiB (1), f32 0.1 MiB (61)'."""
+    from inferlab.model.layers.linear import Embedding, Linear
+    sizes: dict[str, list[float]] = {}
+    seen = set()
+    for module in model.modules():
+        params = [(name, p) for name, p in module.named_parameters(recurse=False)]
+        for name, p in params:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            layer = isinstance(module, (Linear, Embedding))
+            wtype = module.wtype if name == "weight" and layer else None
+            for part, ptype, _, _ in getattr(module, "parts", []):
+                if part == name:
+                    wtype = ptype
+            key = weight_type(p.data, wtype).name
+            entry = sizes.setdefault(key, [0.0, 0])
+            entry[0] += p.numel() * p.element_size() / 2**20
+            entry[1] += 1
+    return ", ".join(f"{k} {mib:.1f} MiB ({n})" for k, (mib, n) in sorted(sizes.items(), key=lambda kv: -kv[1][0]))

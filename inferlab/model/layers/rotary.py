@@ -1,0 +1,58 @@
+"""Rotary position embeddings: the frequencies (with Llama 3's and linear scaling), each step's
+cos/sin table shared by every layer, and the rotation itself (HF's rotate-half convention)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from inferlab import kernels
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "llama3":  # Llama 3.1+: stretch low frequencies, keep high ones, blend between
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor,
+                               torch.where(wavelen < old_len / hi, inv_freq, blended))
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind != "default":
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling).float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos, sin: [T, head_dim / 2] each."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, d]; cos, sin: [T, d/2] fp32 (rotated in x's dtype)."""
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x: [T, heads, d], which may be a view into the fused qkv output (rows
+    strided, heads dense). The native path rotates in place and returns x itself."""
+    k = kernels.for_tensor(x)
+    t, heads, d = x.shape
+    if k is None or x.stride()[1:] != (d, 1) or not (cos.is_contiguous() and sin.is_contiguous()):
+        return rope_ref(x, cos, sin)
+    k.rope(x, x.stride(0), cos, sin, t, heads, d, kernels.DTYPE_CODES[x.dtype])
+    return x

@@ -1,0 +1,203 @@
+"""A decode step's forward pass as one native call, recorded from the Python model ("a tape", as
+CUDA graphs or ggml's graphs are).
+
+Op by op, a decode step of the embedded model crosses from Python into C about 300 times; at a few
+rows each crossing costs about as much as the kernel it calls. So once, at start, the runner calls
+the model's own forward (`hidden_states`) with a `Recorder` standing in for the kernels: every op
+the layers would run is appended to a list (function address, arguments) instead of run. Replaying
+that list in C (`generic/tape.c`) with a step's inputs calls the same kernels in the same order:
+the result is bit-identical to the op-by-op path (tested), and the Python model stays the only
+definition of the forward pass, so every layer built from `layers` gets the fast path for free.
+
+Recording rules that keep a replay honest:
+- a torch function that computes anything (not a view, an allocation or metadata) while recording
+  raises `NotRecordable`: such a forward keeps the op-by-op path (the reason is logged);
+- arguments are classified by where their memory lives: an input of the step (token ids, RoPE
+  table, slots, attention rows, block tables: pointers supplied per replay), a weight or the KV pool
+  (fixed addresses), or a temporary the forward allocated, which gets an offset in one scratch arena
+  planned by liveness, so 30 layers' temporaries reuse one layer's worth of memory;
+- the parameters named `rows` and `table_stride` in api.h take each step's values.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import struct
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from inferlab import kernels
+from inferlab.model.layers import AttentionMetadata, NativeRows
+
+log = logging.getLogger("inferlab")
+C = kernels.C
+ALLOCATIONS = {"empty", "empty_like", "new_empty"}
+
+
+class NotRecordable(RuntimeError):
+    pass
+
+
+class _ViewsOnly(TorchFunctionMode):
+    """Lets through torch functions that compute nothing: views, allocations, metadata."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", repr(func))
+        if (name.endswith("_") and not name.startswith("__")) or name == "__setitem__":
+            raise NotRecordable(f"the forward pass calls torch's {name}, which a tape cannot replay")
+        out = func(*args, **kwargs)
+        if name not in ALLOCATIONS:
+            inputs = tree_flatten((args, kwargs))[0]
+            seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    raise NotRecordable(f"the forward pass computes with torch's {name}, which a tape cannot replay")
+        return out
+
+
+class Recorder:
+    """Stands in for `kernels.Kernels` while the forward pass records: `call` appends, runs nothing."""
+
+    def __init__(self, target: kernels.Kernels, rows: int, inputs: list[torch.Tensor], persistent: set[int]) -> None:
+        self.target, self.isa, self.rows = target, target.isa, rows
+        self.inputs = {t.untyped_storage().data_ptr(): i for i, t in enumerate(inputs)}
+        self.persistent = persistent
+        self.ops: list[tuple[int, int, list[tuple]]] = []
+        self.temps: dict[int, list] = {}  # storage address -> [bytes, first op, last op, storage]
+
+    def __getattr__(self, name: str):
+        if name not in kernels.prototypes():
+            raise AttributeError(name)
+        return functools.partial(self.call, name)
+
+    def call(self, name: str, *args) -> int:
+        code = C.get(f"IL_OP_{name.upper()}")
+        if code is None:
+            raise NotRecordable(f"the kernel {name} has no tape op")
+        params = kernels.prototypes()[name][1]
+        encoded = [self._encode(ctype, pname, a) for (ctype, pname), a in zip(params, args)]
+        self.ops.append((code, self.target.address(name), [*encoded, (C["IL_ARG_THREADS"], 0)]))
+        return 0
+
+    def _encode(self, ctype: str, pname: str, a) -> tuple:
+        if pname == "rows":
+            if a != self.rows:
+                raise NotRecordable(f"an op runs on {a} rows of a {self.rows}-row step")
+            return C["IL_ARG_ROWS"], 0
+        if pname == "table_stride":
+            return C["IL_ARG_TABLE_STRIDE"], 0
+        if a is None:
+            return C["IL_ARG_CONST"], 0
+        if isinstance(a, float):
+            return C["IL_ARG_CONST"], struct.unpack("<I", struct.pack("<f", a))[0]
+        if not isinstance(a, torch.Tensor):
+            return C["IL_ARG_CONST"], int(a)
+        storage = a.untyped_storage()
+        base = storage.data_ptr()
+        offset = a.data_ptr() - base
+        if base in self.inputs:
+            return C["IL_ARG_INPUT"], self.inputs[base] | offset << 16
+        if base in self.persistent:
+            return C["IL_ARG_PTR"], a.data_ptr()
+        op = len(self.ops)
+        if base not in self.temps:
+            if ctype.startswith("const"):
+                raise NotRecordable("an op reads memory that no recorded op wrote")
+            self.temps[base] = [storage.nbytes(), op, op, storage]
+        self.temps[base][2] = op
+        return "temp", base, offset
+
+
+def plan_arena(temps: dict[int, list]) -> tuple[dict[int, int], int]:
+    """Arena offsets for temporaries by liveness: one is placed in the smallest block whose last
+    user came before its first use, else at the end. Returns (offset by storage address, size)."""
+    blocks: list[list[int]] = []  # [offset, size, last op]
+    offsets, end = {}, 0
+    for base, (nbytes, first, last, _) in sorted(temps.items(), key=lambda kv: kv[1][1]):
+        size = -(-nbytes // 64) * 64
+        free = [b for b in blocks if b[2] < first and b[1] >= size]
+        if free:
+            block = min(free, key=lambda b: b[1])
+            block[2] = last
+        else:
+            block = [end, size, last]
+            blocks.append(block)
+            end += size
+        offsets[base] = block[0]
+    return offsets, end
+
+
+class DecodeTape:
+    """The recorded forward pass of decode-like steps of up to `max_rows` rows (every row reading
+    the cache through the row kernel); `__call__` replays it."""
+
+    def __init__(self, model, ops: np.ndarray, arena: torch.Tensor, out: tuple[int, torch.Size], max_rows: int,
+                 kernels_: kernels.Kernels) -> None:
+        self.model, self.ops, self.arena, self.max_rows, self.kernels = model, ops, arena, max_rows, kernels_
+        offset, shape = out
+        self.out = arena[offset:].view(model.dtype)[:shape.numel()].view(shape)
+
+    @classmethod
+    def record(cls, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], target: kernels.Kernels,
+               max_rows: int) -> DecodeTape | None:
+        """The tape of `model.hidden_states` for this pool and kernels, or None (logged) where the
+        forward pass does something a replay cannot reproduce."""
+        rows, half = max_rows, model.args.head_dim // 2
+        inputs = [torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, half), torch.zeros(rows, half),
+                  torch.zeros(rows, dtype=torch.int64), torch.arange(rows), torch.arange(rows, dtype=torch.int32),
+                  torch.ones(rows, dtype=torch.int32), torch.zeros(rows, 1, dtype=torch.int32)]
+        ids, cos, sin, slots, row_ids, seqs, lens, tables = inputs
+        meta = AttentionMetadata(slots, [], native=NativeRows(row_ids, seqs, lens, tables))
+        persistent = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        persistent |= {t.untyped_storage().data_ptr() for kv in kv_caches for t in kv}
+        recorder = Recorder(target, rows, inputs, persistent)
+        kernels.set_recorder(recorder)
+        try:
+            with torch.inference_mode(), _ViewsOnly():
+                hidden = model.hidden_states(ids, cos, sin, kv_caches, meta)
+        except NotRecordable as e:
+            log.info("decode steps run op by op: %s", e)
+            return None
+        finally:
+            kernels.set_recorder(None)
+        base = hidden.untyped_storage().data_ptr()
+        if base not in recorder.temps or not hidden.is_contiguous():
+            log.info("decode steps run op by op: the forward pass returns memory no op wrote")
+            return None
+        offsets, size = plan_arena(recorder.temps)
+        table = np.zeros((len(recorder.ops), C["IL_TAPE_WIDTH"]), dtype=np.int64)
+        for i, (code, fn, args) in enumerate(recorder.ops):
+            if len(args) > C["IL_TAPE_MAX_ARGS"]:
+                raise ValueError(f"a tape op takes at most {C['IL_TAPE_MAX_ARGS']} arguments")
+            table[i, :2] = code, fn
+            for j, a in enumerate(args):
+                table[i, 2 + 2 * j:4 + 2 * j] = (C["IL_ARG_ARENA"], offsets[a[1]] + a[2]) if a[0] == "temp" else a
+        arena = torch.empty(max(size, 64), dtype=torch.uint8)
+        out = (offsets[base] + hidden.data_ptr() - base, hidden.shape[1:])
+        return cls(model, table, arena, (out[0], torch.Size([rows, *out[1]])), max_rows, target)
+
+    def covers(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        """Whether a step is one the tape replays: every row through the row kernel, few enough rows."""
+        native = meta.native
+        return (native is not None and native.chunks is None and not meta.prefills and num_tokens <= self.max_rows
+                and native.rows.numel() == num_tokens)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm, as `model.hidden_states` returns them; a
+        view into the arena, valid until the next replay."""
+        cos, sin = self.model.rotary_emb(positions)
+        n = meta.native
+        step = [input_ids, cos, sin, meta.slot_mapping, n.rows, n.seqs, n.lens, n.block_tables]
+        ptrs = np.array([t.data_ptr() for t in step], dtype=np.int64)
+        rows = input_ids.shape[0]
+        status = self.kernels.functions["tape_run"](self.ops.ctypes.data, len(self.ops), ptrs.ctypes.data,
+                                                    self.arena.data_ptr(), rows, n.block_tables.shape[1],
+                                                    torch.get_num_threads())
+        if status:
+            raise MemoryError("a kernel of the decode tape ran out of memory") if status == 2 else \
+                RuntimeError(f"the decode tape failed (status {status})")
+        return self.out[:rows]

@@ -1,0 +1,103 @@
+"""Weight types: the kernels' dequantizer and quantizer against gguf's reference code, and the linear
+kernel of every ISA, for every weight type, against a dequantized fp64 matmul — within the bound of
+fp32 summation, since weight-only dequantization keeps the weights exact — and against itself: a row's
+result does not depend on the batch it is in or the thread count."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inferlab import kernels
+from inferlab.model.layers import quant
+from inferlab.model.layers.linear import linear
+
+
+def random_weights(wtype: quant.WeightType, n: int, k: int, seed: int) -> torch.Tensor:
+    return quant.random_stored(wtype, n, k, seed)
+
+
+@pytest.mark.parametrize("wtype", quant.TYPES, ids=str)
+def test_kernel_dequantizer_is_ggufs(wtype):
+    k = 512
+    w = random_weights(wtype, 7, k, seed=wtype.code)
+    out = torch.empty(7, k)
+    kernels.for_isa("generic").dequantize(out, w, wtype.code, 7, k)
+    torch.testing.assert_close(out, quant.dequantize(w, wtype), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_0, quant.Q4_1], ids=str)
+def test_kernel_quantizer_writes_ggufs_bytes(wtype):
+    from gguf import GGMLQuantizationType
+    from gguf import quantize as gguf_quantize
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(3))
+    x[0, :32] = 0  # an all-zero block: scale 0
+    x[1, :32] = 5.0  # a constant block
+    ours = quant.quantize(x, wtype)
+    assert np.array_equal(ours.numpy(), gguf_quantize(x.numpy(), GGMLQuantizationType(wtype.code)))
+
+
+def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What fp32 summation of K products may lose: K * 2^-24 * sum |x w| (plus output rounding)."""
+    k = x.shape[1]
+    return (x.abs().double() @ w.abs().double().T) * k * 2.0 ** -24 + 1e-6
+
+
+@pytest.mark.parametrize("wtype", quant.TYPES, ids=str)
+def test_linear_matches_dequantized_matmul(isa, wtype, monkeypatch):
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    k, n = (512, 37) if wtype.block < 256 else (512, 29)
+    w = random_weights(wtype, n, k, seed=wtype.code + 1)
+    dense = quant.dequantize(w, wtype).double()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(70, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    want = x.double() @ dense.T + bias.double()
+    for rows in (1, 2, 5, 13, 70):
+        got = linear(x[:rows], w, wtype, bias)
+        assert (got.double() - want[:rows]).abs().le(_bound(x[:rows], dense.float())).all(), (rows, isa)
+    # bf16 activations: widened to fp32 on the way in, the output rounded once
+    xb = x.bfloat16()
+    want = xb.double() @ dense.T + bias.bfloat16().double()
+    got = linear(xb, w, wtype, bias.bfloat16())
+    torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("wtype", [quant.F32, quant.BF16, quant.Q8_0, quant.Q4_1, quant.Q6_K], ids=str)
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(isa, wtype, monkeypatch):
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    w = random_weights(wtype, 50, 256, seed=7)
+    x = torch.randn(67, 256, generator=torch.Generator().manual_seed(8))
+    alone = torch.cat([linear(x[i:i + 1], w, wtype) for i in range(0, 67, 11)])
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        assert torch.equal(linear(x, w, wtype)[::11], alone), threads
+        assert torch.equal(linear(x[3:9], w, wtype)[0], linear(x[3:4], w, wtype)[0])
+    torch.set_num_threads(2)
+
+
+def test_linear_writes_into_a_column_slice(isa, monkeypatch):
+    """Merged layers of mixed types write each part into its columns of one output."""
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    w = random_weights(quant.Q8_0, 8, 64, seed=1)
+    x = torch.randn(3, 64)
+    y = torch.full((3, 20), 7.0)
+    linear(x, w, quant.Q8_0, out=y[:, 5:13])
+    assert torch.equal(y[:, 5:13], linear(x, w, quant.Q8_0))
+    assert (y[:, :5] == 7).all() and (y[:, 13:] == 7).all()
+
+
+@pytest.mark.parametrize("wtype", quant.TYPES, ids=str)
+def test_embedding_lookup_matches_dequantized_rows(isa, wtype):
+    w = random_weights(wtype, 40, 256, seed=3)
+    ids = torch.tensor([39, 0, 7, 7, 21])
+    out = torch.empty(5, 256)
+    kernels.for_isa(isa).get_rows(out, w, wtype.code, ids, 5, 256, kernels.DTYPE_CODES[torch.float32])
+    torch.testing.assert_close(out, quant.dequantize(w, wtype)[ids], rtol=1e-6, atol=0)
+
+
+def test_quantizing_a_type_it_cannot_write_is_refused():
+    with pytest.raises(ValueError, match="cannot quantize to q6_K"):
+        quant.quantize(torch.zeros(2, 256), quant.Q6_K)
+    with pytest.raises(ValueError, match="do not split into q8_0 blocks"):
+        quant.quantize(torch.zeros(2, 48), quant.Q8_0)

@@ -11,6 +11,10 @@
 
 #include "inferlab.h"
 
+/* For the small helpers of hot loops: their constant arguments (a weight type, a tile shape) must
+ * fold away, which the compiler's own inlining heuristics do not always see. */
+#define IL_INLINE static inline __attribute__((always_inline))
+
 static inline float il_bf16_to_f32(uint16_t x) {
     const uint32_t u = (uint32_t)x << 16;
     float f;

@@ -9,17 +9,18 @@
 #include <stdlib.h>
 
 #include "../common.h"
+#include "gemm.h"
 
 #define PREFETCH_AHEAD 4 /* blocks */
 
-static inline __m256 load8(const void *p, int64_t i, int dtype) {
+IL_INLINE __m256 load8(const void *p, int64_t i, int dtype) {
     if (dtype == IL_BF16)
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
     return _mm256_loadu_ps((const float *)p + i);
 }
 
 /* lane i = the sum of v[i]'s 8 lanes */
-static inline __m256 hsum8(const __m256 v[8]) {
+IL_INLINE __m256 hsum8(const __m256 v[8]) {
     const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
     const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
     return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
@@ -37,7 +38,7 @@ static inline void prefetch_block(const void *cache, const int32_t *table, int t
         for (int b = 0; b < row_bytes; b += 64) _mm_prefetch(base + t * token_stride * elem + b, _MM_HINT_T1);
 }
 
-static inline void attend(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+IL_INLINE void attend(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                           int64_t row, const int32_t *table, int n, int h, int group, int num_heads, int num_kv_heads,
                           const int D, int block_size, float scale, int dtype, float *restrict scores,
                           float *restrict acc) {
@@ -140,11 +141,92 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
     return failed ? 2 : 0;
 }
 
+/* Causal attention of whole prefill chunks as matrix products. One task per (chunk, KV head) packs
+ * that head's keys as rows [n][D] and its values transposed [D][n], fp32; then, for each query head
+ * of the group and each tile of MR query rows, S = Q K^T and O = P V both run on the linear layer's
+ * micro-kernel (`gemm.h`), with an exact softmax between them over the tile's visible keys. */
+static void attend_chunk(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                         int64_t row0, int count, int n, const int32_t *table, int h, int group, int num_heads,
+                         int num_kv_heads, int D, int block_size, float scale, int dtype, float *kp, float *vt,
+                         float *s, int width) {
+    const int64_t ts = (int64_t)num_kv_heads * D, head = (int64_t)h * D;
+    for (int t = 0; t < n; t++) {
+        const int64_t at = slot(table, t, block_size) * ts + head;
+        for (int d = 0; d < D; d++) kp[(int64_t)t * D + d] = il_ld(k_cache, at + d, dtype);
+        for (int d = 0; d < D; d++) vt[(int64_t)d * width + t] = il_ld(v_cache, at + d, dtype);
+    }
+    for (int d = 0; d < D; d++) memset(vt + (int64_t)d * width + n, 0, sizeof(float) * (width - n));
+    float qt[MR * IL_MAX_HEAD_DIM] __attribute__((aligned(32))), o[MR * IL_MAX_HEAD_DIM], inv[MR];
+    for (int g = 0; g < group; g++) {
+        const int j = h * group + g;
+        for (int i0 = 0; i0 < count; i0 += MR) {
+            const int R = count - i0 < MR ? count - i0 : MR;
+            const int first = n - count + i0; /* position of the tile's first query */
+            const int keys = first + R, keys8 = (keys + 7) / 8 * 8;
+            for (int i = 0; i < R; i++)
+                for (int d = 0; d < D; d++)
+                    qt[i * D + d] = il_ld(q, (row0 + i0 + i) * q_stride + (int64_t)j * D + d, dtype) * scale;
+            for (int t = 0; t < keys; t += NR) { /* S = Q K^T over the keys any row of the tile sees */
+                const int C = keys - t < NR ? keys - t : NR;
+                __m128 r[NR];
+                tile(qt, D, kp + (int64_t)t * D, D, D, R, C, r);
+                for (int c = 0; c < C; c++) {
+                    float v[4];
+                    _mm_storeu_ps(v, r[c]);
+                    for (int i = 0; i < R; i++) s[(int64_t)i * width + t + c] = v[i];
+                }
+            }
+            for (int i = 0; i < R; i++) { /* row i sees keys 0 .. first + i; the rest weigh 0 */
+                float *si = s + (int64_t)i * width, mx = -FLT_MAX, sum = 0.f;
+                const int lim = first + i + 1;
+                for (int t = 0; t < lim; t++) mx = si[t] > mx ? si[t] : mx;
+                for (int t = 0; t < lim; t++) si[t] = expf(si[t] - mx);
+                for (int t = 0; t < lim; t++) sum += si[t];
+                memset(si + lim, 0, sizeof(float) * (keys8 - lim));
+                inv[i] = 1.f / sum;
+            }
+            for (int d = 0; d < D; d += NR) { /* O = P V, V transposed so both run along the keys */
+                const int C = D - d < NR ? D - d : NR;
+                __m128 r[NR];
+                tile(s, width, vt + (int64_t)d * width, width, keys8, R, C, r);
+                for (int c = 0; c < C; c++) {
+                    float v[4];
+                    _mm_storeu_ps(v, r[c]);
+                    for (int i = 0; i < R; i++) o[i * D + d + c] = v[i] * inv[i];
+                }
+            }
+            for (int i = 0; i < R; i++)
+                for (int d = 0; d < D; d++)
+                    il_st(out, ((row0 + i0 + i) * num_heads + j) * (int64_t)D + d, o[i * D + d], dtype);
+        }
+    }
+}
+
 int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                           const int64_t *row0, const int32_t *count, const int32_t *ctx, const int32_t *seq,
                           int num_chunks, const int32_t *block_tables, int table_stride, int num_heads,
                           int num_kv_heads, int head_dim, int block_size, float scale, int dtype, int num_threads) {
-    return prefill_attention_generic(q, q_stride, k_cache, v_cache, out, row0, count, ctx, seq, num_chunks,
-                                     block_tables, table_stride, num_heads, num_kv_heads, head_dim, block_size, scale,
-                                     dtype, num_threads);
+    const int D = head_dim, group = num_heads / num_kv_heads;
+    if (D % 8 || D > IL_MAX_HEAD_DIM || num_heads % num_kv_heads || group > IL_MAX_GROUP) return 1;
+    int max_ctx = 1, failed = 0;
+    for (int c = 0; c < num_chunks; c++) max_ctx = ctx[c] > max_ctx ? ctx[c] : max_ctx;
+    const int width = (max_ctx + 7) / 8 * 8;
+#pragma omp parallel num_threads(num_threads) if (num_chunks > 0)
+    {
+        float *kp = malloc(sizeof(float) * (size_t)width * D), *vt = malloc(sizeof(float) * (size_t)width * D);
+        float *s = malloc(sizeof(float) * MR * (size_t)width);
+        if (!kp || !vt || !s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int c = 0; c < num_chunks; c++)
+            for (int h = 0; h < num_kv_heads; h++)
+                if (kp && vt && s)
+                    attend_chunk(q, q_stride, k_cache, v_cache, out, row0[c], count[c], ctx[c],
+                                 block_tables + (int64_t)seq[c] * table_stride, h, group, num_heads, num_kv_heads, D,
+                                 block_size, scale, dtype, kp, vt, s, width);
+        free(kp), free(vt), free(s);
+    }
+    return failed ? 2 : 0;
 }

@@ -13,16 +13,15 @@
 #include <stdlib.h>
 
 #include "../common.h"
+#include "gemm.h"
 
-#define MR 4      /* input rows per micro-kernel call */
-#define NR 3      /* weight rows per micro-kernel call: 12 accumulators + 3 weights + 1 input = 16 registers */
 #define PANEL 24  /* weight rows dequantized at a time (24 x 1536 fp32 = 147 KB: stays in L2) */
 #define MC 256    /* input rows per pass over the weights (256 x 1536 fp32 = 1.5 MB: stays in L3) */
 
-static inline __m256 widen_u8(__m128i bytes8) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)); }
+IL_INLINE __m256 widen_u8(__m128i bytes8) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)); }
 
 /* 32 unsigned values, bytes lo[0..15] then hi[0..15], as 4 x 8 floats: q * d + m. */
-static inline void scale32(__m128i lo, __m128i hi, __m256 d, __m256 m, __m256 w[4]) {
+IL_INLINE void scale32(__m128i lo, __m128i hi, __m256 d, __m256 m, __m256 w[4]) {
     w[0] = _mm256_fmadd_ps(widen_u8(lo), d, m);
     w[1] = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(lo, 8)), d, m);
     w[2] = _mm256_fmadd_ps(widen_u8(hi), d, m);
@@ -30,7 +29,7 @@ static inline void scale32(__m128i lo, __m128i hi, __m256 d, __m256 m, __m256 w[
 }
 
 /* Byte j of the result is 0x10 where bit j of h is set (the fifth bit of Q5 weight j). */
-static inline __m256i fifth_bits(uint32_t h) {
+IL_INLINE __m256i fifth_bits(uint32_t h) {
     const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h),
                                                _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
                                                                   0x0303030303030303));
@@ -38,14 +37,14 @@ static inline __m256i fifth_bits(uint32_t h) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
 }
 
-static inline __m256 bf16x8(const uint16_t *p) {
+IL_INLINE __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
 /* Weights k .. k + 31 of a row (k a multiple of 32) as 4 x 8 floats: each format's decoding, used
  * by both the panel and the direct paths so both see the very same values. `wtype` is a constant
  * wherever this is inlined, so the switch folds away. */
-static inline void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
+IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     switch (wtype) {
         case IL_W_F32:
@@ -149,46 +148,10 @@ static void dequant_row(int wtype, const uint8_t *row, int K, float *out) {
     for (; k < K; k++) il_dequant_block(wtype, row + (int64_t)k * il_block_bytes(wtype), out + k);
 }
 
-static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-    /* lane i = the sum of the i-th argument's 8 lanes, always as ((0+1)+(2+3))+((4+5)+(6+7)) */
-    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-
-/* out[j] lane i = sum_k x[i][k] w[j][k], for i < R (rows) and j < C (weight rows); R, C are
- * constants at every call site, so the accumulators stay in registers. */
-static inline void micro(const float *x, int64_t lx, const float *w, int64_t lw, int K, const int R, const int C,
-                         __m128 out[NR]) {
-    __m256 acc[MR][NR];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 wv[NR];
-        for (int j = 0; j < C; j++) wv[j] = _mm256_loadu_ps(w + j * lw + k);
-        for (int i = 0; i < R; i++) {
-            const __m256 xv = _mm256_loadu_ps(x + i * lx + k);
-            for (int j = 0; j < C; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-        }
-    }
-    if (k < K) { /* masked tail: both sides load zeros past K */
-        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(K - k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        __m256 wv[NR];
-        for (int j = 0; j < C; j++) wv[j] = _mm256_maskload_ps(w + j * lw + k, live);
-        for (int i = 0; i < R; i++) {
-            const __m256 xv = _mm256_maskload_ps(x + i * lx + k, live);
-            for (int j = 0; j < C; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-        }
-    }
-    const __m256 zero = _mm256_setzero_ps();
-    for (int j = 0; j < C; j++)
-        out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : zero, R > 2 ? acc[2][j] : zero, R > 3 ? acc[3][j] : zero);
-}
-
 /* As `micro`, reading weight rows as stored (rb bytes apart), decoded in registers 32 at a time:
  * for a few input rows, where decoding a panel first would cost more than it saves. The products
  * are summed in the same order as `micro`'s, so both give the very same outputs. */
-static inline void micro_direct(const float *x, int64_t lx, const uint8_t *w, int64_t rb, int wtype, int K,
+IL_INLINE void micro_direct(const float *x, int64_t lx, const uint8_t *w, int64_t rb, int wtype, int K,
                                 const int R, const int C, __m128 out[NR]) {
     __m256 acc[MR][NR];
     for (int i = 0; i < R; i++)
@@ -204,15 +167,6 @@ static inline void micro_direct(const float *x, int64_t lx, const uint8_t *w, in
     const __m256 zero = _mm256_setzero_ps();
     for (int j = 0; j < C; j++)
         out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : zero, R > 2 ? acc[2][j] : zero, R > 3 ? acc[3][j] : zero);
-}
-
-static inline void tile(const float *x, int64_t lx, const float *w, int64_t lw, int K, int R, int C, __m128 out[NR]) {
-#define CASE(r, c) case (r) * 4 + (c): micro(x, lx, w, lw, K, r, c, out); break
-    switch (R * 4 + C) {
-        CASE(1, 1); CASE(1, 2); CASE(1, 3); CASE(2, 1); CASE(2, 2); CASE(2, 3);
-        CASE(3, 1); CASE(3, 2); CASE(3, 3); CASE(4, 1); CASE(4, 2); default: micro(x, lx, w, lw, K, 4, 3, out);
-    }
-#undef CASE
 }
 
 /* The direct tile, instantiated per weight type (so each type's decoding is inlined) and shape. */

@@ -10,6 +10,7 @@ import sys
 from inferlab import bench_serve
 from inferlab.config import EngineConfig
 from inferlab.logger import setup_logging
+from inferlab.model.layers.linear import QUANTIZATIONS
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -17,7 +18,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activations and KV cache (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
-    g.add_argument("--quantization", default="auto", choices=["auto", "none", "q8_0", "q4_0", "q4_1"],
+    g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored; "
                         "none converts them to --dtype; q8_0/q4_0/q4_1 quantize at load")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -21,6 +21,7 @@ import torch
 from inferlab import kernels
 from inferlab.model import weight_cache
 from inferlab.model.layers import quant
+from inferlab.model.layers.linear import QUANTIZATIONS
 from inferlab.model.llama import LlamaForCausalLM, ModelArgs
 from inferlab.model.tokenizer import Tokenizer
 
@@ -35,7 +36,6 @@ GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
               "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj"}
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1")
 Weights = Iterator[tuple[str, torch.Tensor, quant.WeightType | None]]  # (name, tensor as stored, block type)
 
 

@@ -62,6 +62,9 @@ def _convert(data: torch.Tensor, src: WeightType, dst: WeightType) -> torch.Tens
     return quant.quantize(values, dst)
 
 
+QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1")  # see target_type
+
+
 def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, native: bool,
                 vocab: bool = False) -> WeightType:
     """The type a weight is kept in. `auto`: as stored where the native kernels run it, else the

@@ -96,18 +96,18 @@ _SCALES = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2]
            "q6_K": [208]}
 
 
-def random_stored(wtype: WeightType, n: int, k: int, seed: int) -> torch.Tensor:
+def random_stored(wtype: WeightType, n: int, k: int, seed: int, scale: float = 0.05) -> torch.Tensor:
     """n rows of k random weights stored as `wtype`, for tests and benchmarks: Gaussians quantized
-    where `quantize` writes the type, else random block bytes with sane fp16 scales (every bit
-    pattern of the rest is a valid weight)."""
+    where `quantize` writes the type, else random block bytes whose fp16 scales lie in
+    [scale / 5, scale] (every bit pattern of the rest is a valid weight)."""
     g = torch.Generator().manual_seed(seed)
     if wtype.dtype is not None or wtype.quantizable:
-        return quantize(torch.randn(n, k, generator=g), wtype)
+        return quantize(torch.randn(n, k, generator=g) * scale * 20, wtype)
     blocks = k // wtype.block
     data = torch.randint(0, 256, (n, blocks, wtype.nbytes), generator=g, dtype=torch.uint8)
     for off in _SCALES[wtype.name]:
-        scale = (torch.rand(n, blocks, 1, generator=g) * 0.05 + 0.01).half()
-        data[:, :, off:off + 2] = scale.view(torch.uint8)
+        fp16 = (torch.rand(n, blocks, 1, generator=g) * 0.8 * scale + 0.2 * scale).half()
+        data[:, :, off:off + 2] = fp16.view(torch.uint8)
     return data.view(n, -1)
 
 

@@ -1,0 +1,84 @@
+"""How far each way of running a model moves its next-token distributions, llama.cpp's
+`--kl-divergence` measure: over a few thousand tokens of real text, the mean KL divergence from the
+reference (the same model with every weight dequantized to fp32 and fp32 activations), the share of
+positions whose top token agrees with it, and each mode's perplexity on the text.
+
+    .venv/bin/python benchmarks/kl_divergence.py [--text FILE] [--tokens 4096] [--model X.gguf] \\
+        [--mode auto] [--mode q8_0] [--mode bf16:bfloat16:none] [--file other.gguf]
+
+A mode is `quantization[:dtype]` on the reference's file, or `--file PATH` runs another GGUF as it is
+stored (its own weights, e.g. llama.cpp's Q4_K_M of the same model). The default text is the GPL-3's
+(Debian ships it in /usr/share/common-licenses): plain English, the same on every machine.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from inferlab import EngineConfig, LLMEngine
+from inferlab.model.layers import AttentionMetadata, PrefillSeq
+
+WINDOW = 512
+
+
+def window_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
+    """fp32 log-probabilities at every position of one fresh sequence (nothing cached)."""
+    n, bs = len(ids), engine.config.block_size
+    table = torch.arange(-(-n // bs))
+    meta = AttentionMetadata(torch.arange(n), [PrefillSeq(0, n, n, table)])
+    with torch.inference_mode():
+        hidden = engine.model(torch.tensor(ids), torch.arange(n), engine.runner.kv_caches, meta)
+        return torch.log_softmax(engine.model.compute_logits(hidden).float(), dim=-1)
+
+
+def evaluate(engine: LLMEngine, windows: list[list[int]], reference: list[torch.Tensor] | None):
+    kl, agree, nll, count = 0.0, 0, 0.0, 0
+    outs = []
+    for i, ids in enumerate(windows):
+        logp = window_logits(engine, ids)
+        outs.append(logp)
+        nll -= logp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+        if reference is not None:
+            ref = reference[i]
+            kl += (ref.exp() * (ref - logp)).sum().item()
+            agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+        count += len(ids)
+    return outs, kl / count, agree / count, math.exp(nll / (count - len(windows)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 GGUF")
+    ap.add_argument("--mode", action="append", default=None,
+                    help="quantization[:dtype], e.g. auto, q8_0, q4_0, none:bfloat16 (repeatable)")
+    ap.add_argument("--file", action="append", default=[], help="another GGUF of the same model, run as stored")
+    a = ap.parse_args()
+    modes = a.mode or ["auto", "q8_0", "q4_1", "q4_0", "auto:bfloat16"]
+
+    def engine(model: str | None, quantization: str, dtype: str) -> LLMEngine:
+        return LLMEngine(EngineConfig(model=model, quantization=quantization, dtype=dtype,
+                                      num_kv_blocks=WINDOW // 16 + 1, max_num_batched_tokens=WINDOW))
+
+    ref_engine = engine(a.model, "none", "float32")
+    text = open(a.text, encoding="utf-8").read()
+    ids = ref_engine.tokenizer.encode(text)[:a.tokens]
+    windows = [ids[i:i + WINDOW] for i in range(0, len(ids) - 1, WINDOW)]
+    reference, _, _, ref_ppl = evaluate(ref_engine, windows, None)
+    del ref_engine
+    print(f"{len(ids)} tokens of {a.text} in windows of {WINDOW}; "
+          f"reference: dequantized fp32, perplexity {ref_ppl:.3f}")
+    print("| mode | mean KL divergence | top-1 agreement | perplexity |\n|---|---|---|---|")
+    runs = [(f"--quantization {m.split(':')[0]}" + (f" --dtype {m.split(':')[1]}" if ":" in m else ""),
+             a.model, *(m.split(":") + ["float32"])[:2]) for m in modes]
+    runs += [(f"--model {f}", f, "auto", "float32") for f in a.file]
+    for label, model, quantization, dtype in runs:
+        _, kl, agree, ppl = evaluate(engine(model, quantization, dtype), windows, reference)
+        print(f"| {label} | {kl:.5f} | {100 * agree:.2f}% | {ppl:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""GGUF files run as they are stored. A tiny random Llama written as a K-quant-style mix (Q5_0 q/k,
+Q8_0 v, so the merged q/k/v keeps two parts; Q4_K, Q5_K and Q6_K elsewhere; Q8_0 embeddings) gives
+HF transformers' greedy output and logits, HF dequantizing the very same file; and the quantization
+modes convert what is stored as they say."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from inferlab import LLM, SamplingParams
+from inferlab.model import loader, weight_cache
+from inferlab.model.layers import quant
+
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
+TYPES = {"attn_q": quant.Q5_0, "attn_k": quant.Q5_0, "attn_v": quant.Q8_0, "attn_output": quant.Q4_K,
+         "ffn_gate": quant.Q4_K, "ffn_up": quant.Q5_K, "ffn_down": quant.Q6_K}
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(smol, tmp_path_factory):
+    """The file's path; its tokenizer is the embedded model's (from the parsed-GGUF cache)."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    tok = weight_cache.load(loader.embedded_model_path())[2]
+    path = str(tmp_path_factory.mktemp("gguf") / "mixed.gguf")
+    w = GGUFWriter(path, "llama")
+    w.add_block_count(LAYERS)
+    w.add_context_length(512)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model(tok["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
+    w.add_token_list(tok["tokenizer.ggml.tokens"])
+    w.add_token_types(tok["tokenizer.ggml.token_type"])
+    w.add_token_merges(tok["tokenizer.ggml.merges"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(tok["tokenizer.chat_template"])
+    g = torch.Generator().manual_seed(0)
+    vocab = len(tok["tokenizer.ggml.tokens"])
+
+    def add(name: str, wtype: quant.WeightType, n: int, k: int, std: float) -> None:
+        """Weights of about `std`: Gaussians quantized, or random blocks with scales to match."""
+        if wtype == quant.Q5_0:  # gguf writes it, the kernels do not
+            from gguf import quantize
+            data = torch.from_numpy(quantize((torch.randn(n, k, generator=g) * std).numpy(),
+                                             GGMLQuantizationType.Q5_0))
+        else:  # a block weight is about scale times 20 (quantized Gaussians) or 256-1000 (random K-quant bytes)
+            spread = {quant.Q4_K: 256, quant.Q5_K: 512, quant.Q6_K: 1000}.get(wtype, 20)
+            data = quant.random_stored(wtype, n, k, seed=len(name) * 31 + n, scale=std / spread)
+        w.add_tensor(name, data.numpy(), raw_dtype=GGMLQuantizationType(wtype.code))
+
+    add("token_embd.weight", quant.Q8_0, vocab, HIDDEN, std=1.0)  # decisive logits: greedy has no near-ties
+    w.add_tensor("output_norm.weight", (1 + 0.3 * torch.randn(HIDDEN, generator=g)).numpy())
+    q, kv = HEADS * HIDDEN // HEADS, KV_HEADS * HIDDEN // HEADS
+    shapes = {"attn_q": (q, HIDDEN), "attn_k": (kv, HIDDEN), "attn_v": (kv, HIDDEN), "attn_output": (HIDDEN, q),
+              "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
+    for i in range(LAYERS):
+        for part in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{part}.weight", (1 + 0.3 * torch.randn(HIDDEN, generator=g)).numpy())
+        for part, (n, k) in shapes.items():
+            add(f"blk.{i}.{part}.weight", TYPES[part], n, k, std=2 / k ** 0.5)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_mixed_file_keeps_its_types_and_parts(mixed_gguf):
+    model, _ = loader.load_model(mixed_gguf, "float32", torch.device("cpu"))
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj.wtype == quant.Q5_0 and [p[1] for p in attn.qkv_proj.parts] == [quant.Q8_0]
+    assert model.model.layers[0].mlp.down_proj.wtype == quant.Q6_K
+    assert model.model.embed_tokens.wtype == quant.Q8_0 and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_mixed_file_matches_hf(mixed_gguf, chat_prompts):
+    """Next-token log-probabilities after each prompt (a prefill) and after one more token (a decode
+    step), batched, against HF's forward pass on the same tokens. (A random model's greedy text runs
+    into near-ties within a few tokens, so the distributions are compared, not the text.)"""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(mixed_gguf), gguf_file=os.path.basename(mixed_gguf), dtype=torch.float32).eval()
+    llm = LLM(model=mixed_gguf, num_kv_blocks=128)
+    prompts = chat_prompts[:4]
+    params = SamplingParams(temperature=0, max_tokens=2, logprobs=5, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for ids, out in zip(prompts, outs, strict=True):
+        seq = ids + out.outputs[0].token_ids[:1]
+        with torch.inference_mode():
+            want = torch.log_softmax(hf(torch.tensor([seq])).logits[0, -2:], -1)
+        for step in range(2):
+            got = out.outputs[0].logprobs[step]
+            assert max(abs(v - want[step, t].item()) for t, v in got.items()) < 1e-3, step
+            assert max(got, key=got.get) == want[step].argmax().item()
+
+
+@pytest.mark.parametrize("mode,kept", [("none", quant.F32), ("q8_0", quant.Q8_0), ("q4_0", quant.Q4_0)])
+def test_quantization_modes_convert_what_is_stored(mixed_gguf, mode, kept):
+    model, _ = loader.load_model(mixed_gguf, "float32", torch.device("cpu"), quantization=mode)
+    layer = model.model.layers[1]
+    assert layer.self_attn.qkv_proj.wtype == kept and not layer.self_attn.qkv_proj.parts  # one type: one part
+    assert layer.mlp.down_proj.wtype == kept
+    assert model.model.embed_tokens.wtype == (quant.F32 if mode == "none" else quant.Q8_0)  # the vocab matrix: q8_0
+    assert np.isfinite(model.lm_head.weight.float().numpy()).all() if mode == "none" else True
+
+
+def test_unknown_quantization_is_one_clear_error():
+    from inferlab import EngineConfig
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineConfig(quantization="q3_k")

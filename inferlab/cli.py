@@ -21,6 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored; "
                         "none converts them to --dtype; q8_0/q4_0/q4_1 quantize at load")
+    g.add_argument("--int8-activations", action="store_true",
+                   help="quantize linear layers' inputs to int8 for q8_0/q4_*/q5_* weights, as llama.cpp does: "
+                        "faster, slightly less exact (may change greedy answers)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
@@ -51,7 +54,8 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device,
+    return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization,
+                        int8_activations=a.int8_activations, device=a.device,
                         block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens,

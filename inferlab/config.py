@@ -18,6 +18,10 @@ class EngineConfig:
     # type) where the native CPU kernels run them, else converted to dtype; none: converted to dtype at
     # load; q8_0 / q4_0 / q4_1: quantized at load (the vocabulary matrix to q8_0)
     quantization: str = "auto"
+    # True: linear layers with 32-block integer weights (q8_0, q4_0, q4_1, q5_0, q5_1) quantize their
+    # inputs to int8 per 32 and multiply in integers, as llama.cpp does: faster, but it moves the
+    # next-token distributions a little and can flip near-ties (docs/performance.md has the KL figures)
+    int8_activations: bool = False
     device: str | None = None  # None: cuda if available, else cpu
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory

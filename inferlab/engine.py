@@ -57,7 +57,8 @@ class LLMEngine:
             self.device = self.model.device
         else:
             self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            self.model, self.tokenizer = load_model(config.model, config.dtype, self.device, config.quantization)
+            self.model, self.tokenizer = load_model(config.model, config.dtype, self.device, config.quantization,
+                                                    config.int8_activations)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page-fault storm each step for activations freed by the last one
         # CPU threads follow the cores other processes leave free, unless fixed by num_threads
@@ -99,7 +100,9 @@ class LLMEngine:
                  config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                  str(self.dtype).removeprefix("torch."), self.device)
         native = self.runner.native
-        log.info("weights: %s; kernels: %s; decode steps: %s", describe_weights(self.model),
+        int8 = any(getattr(m, "int8", False) for m in self.model.modules())
+        log.info("weights: %s; activations: %s%s; kernels: %s; decode steps: %s", describe_weights(self.model),
+                 str(self.dtype).removeprefix("torch."), " (int8 into integer-block layers)" if int8 else "",
                  f"native {native.isa}" if native else "PyTorch",
                  f"one native call ({len(self.runner.tape.ops)} ops)" if self.runner.tape else "op by op")
 

@@ -10,7 +10,7 @@ import torch
 
 from inferlab import kernels
 from inferlab.model.layers import quant
-from inferlab.model.layers.linear import linear
+from inferlab.model.layers.linear import int8_inputs, linear
 
 
 def random_weights(wtype: quant.WeightType, n: int, k: int, seed: int) -> torch.Tensor:
@@ -63,17 +63,35 @@ def test_linear_matches_dequantized_matmul(isa, wtype, monkeypatch):
     torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("wtype", [quant.F32, quant.BF16, quant.Q8_0, quant.Q4_1, quant.Q6_K], ids=str)
-def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(isa, wtype, monkeypatch):
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(isa, wtype, int8, monkeypatch):
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
     w = random_weights(wtype, 50, 256, seed=7)
     x = torch.randn(67, 256, generator=torch.Generator().manual_seed(8))
-    alone = torch.cat([linear(x[i:i + 1], w, wtype) for i in range(0, 67, 11)])
+    alone = torch.cat([linear(x[i:i + 1], w, wtype, int8=int8) for i in range(0, 67, 11)])
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        assert torch.equal(linear(x, w, wtype)[::11], alone), threads
-        assert torch.equal(linear(x[3:9], w, wtype)[0], linear(x[3:4], w, wtype)[0])
+        assert torch.equal(linear(x, w, wtype, int8=int8)[::11], alone), threads
+        assert torch.equal(linear(x[3:9], w, wtype, int8=int8)[0], linear(x[3:4], w, wtype, int8=int8)[0])
     torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1], ids=str)
+def test_int8_activations_multiply_the_quantized_inputs_exactly(isa, wtype, monkeypatch):
+    """The int8 path's result is the product of the int8-rounded inputs with the stored weights, up
+    to fp32 summation: block products are exact in integers."""
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    w = random_weights(wtype, 37, 512, seed=wtype.code)
+    dense = quant.dequantize(w, wtype).double()
+    g = torch.Generator().manual_seed(4)
+    x, bias = torch.randn(9, 512, generator=g), torch.randn(37, generator=g)
+    xq = int8_inputs(x).double()
+    want = xq @ dense.T + bias.double()
+    for rows in (1, 2, 9):
+        got = linear(x[:rows], w, wtype, bias, int8=True)
+        assert (got.double() - want[:rows]).abs().le(_bound(xq[:rows].float(), dense.float()) * 4).all(), rows
+    assert not torch.equal(linear(x, w, wtype, bias, int8=True), linear(x, w, wtype, bias))  # it did quantize
 
 
 def test_linear_writes_into_a_column_slice(isa, monkeypatch):
@@ -101,3 +119,17 @@ def test_quantizing_a_type_it_cannot_write_is_refused():
         quant.quantize(torch.zeros(2, 256), quant.Q6_K)
     with pytest.raises(ValueError, match="do not split into q8_0 blocks"):
         quant.quantize(torch.zeros(2, 48), quant.Q8_0)
+
+
+def test_what_each_quantization_mode_keeps():
+    from inferlab.model.layers.linear import target_type
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert target_type(quant.Q4_1, 576, "auto", f32, "avx2") == quant.Q4_1  # as stored
+    assert target_type(quant.BF16, 576, "auto", f32, "avx2") == quant.BF16  # a bf16 checkpoint stays bf16
+    assert target_type(quant.Q4_1, 576, "auto", f32, None) == quant.F32  # no kernels: the model's dtype
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "amx") == quant.BF16  # bf16 matrix units beat decoding
+    assert target_type(quant.Q4_1, 576, "auto", f32, "amx") == quant.Q4_1
+    assert target_type(quant.Q4_1, 576, "none", bf16, "avx2") == quant.BF16
+    assert target_type(quant.F32, 576, "q4_0", f32, "avx2") == quant.Q4_0
+    assert target_type(quant.F32, 576, "q4_0", f32, "avx2", vocab=True) == quant.Q8_0
+    assert target_type(quant.F32, 48, "q8_0", f32, "avx2") == quant.F32  # rows that do not split into blocks

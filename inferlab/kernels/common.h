@@ -204,6 +204,48 @@ static inline void il_dequant_block(int wtype, const void *block, float *y) {
     }
 }
 
+/* Whether the int8-activation path multiplies this type's blocks (32-weight integer blocks). */
+static inline int il_int8_type(int wtype) {
+    return wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
+}
+
+/* A row of K inputs (K a multiple of 32) as llama.cpp's Q8_0 blocks: per 32, d = max|x| / 127 and
+ * q = round(x / d); s = d * (sum of q), which the blocks with a minimum need. */
+static inline void il_quantize_row_q8(const void *x, int dtype, int K, int8_t *q, float *d, float *s) {
+    for (int b = 0; b < K / 32; b++) {
+        float v[32], amax = 0.f;
+        for (int j = 0; j < 32; j++) v[j] = il_ld(x, 32 * b + j, dtype), amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+        const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++) q[32 * b + j] = (int8_t)roundf(v[j] * inv), sum += q[32 * b + j];
+        d[b] = scale, s[b] = scale * sum;
+    }
+}
+
+/* Block b of a row of an int8-path type as integers: weight j = d * q[j] + c. */
+static inline void il_block_ints(int wtype, const uint8_t *row, int b, int8_t q[32], float *d, float *c) {
+    *c = 0.f;
+    if (wtype == IL_W_Q8_0) {
+        const il_q8_0 *blk = (const il_q8_0 *)row + b;
+        memcpy(q, blk->qs, 32);
+        *d = il_f16_to_f32(blk->d);
+        return;
+    }
+    const int five = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1, with_min = wtype == IL_W_Q4_1 || wtype == IL_W_Q5_1;
+    const uint8_t *blk = row + (int64_t)b * il_block_bytes(wtype);
+    const uint16_t *scales = (const uint16_t *)blk;
+    const uint8_t *qs = blk + (with_min ? 4 : 2) + (five ? 4 : 0);
+    uint32_t h = 0;
+    if (five) memcpy(&h, blk + (with_min ? 4 : 2), sizeof h);
+    *d = il_f16_to_f32(scales[0]);
+    if (with_min) *c = il_f16_to_f32(scales[1]);
+    const int offset = with_min ? 0 : (five ? 16 : 8);
+    for (int j = 0; j < 16; j++) {
+        q[j] = (int8_t)(((qs[j] & 0xF) | (five ? ((h >> j) << 4) & 0x10 : 0)) - offset);
+        q[j + 16] = (int8_t)(((qs[j] >> 4) | (five ? (h >> (j + 12)) & 0x10 : 0)) - offset);
+    }
+}
+
 /* Weights k0 .. k0 + n - 1 of one row (n whole blocks, k0 a block boundary) as fp32. */
 static inline void il_dequant_span(int wtype, const uint8_t *row, int k0, int n, float *y) {
     const int be = il_block_elems(wtype), bb = il_block_bytes(wtype);

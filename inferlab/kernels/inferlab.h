@@ -36,6 +36,10 @@
 #define IL_W_Q6_K 14
 #define IL_W_BF16 30
 
+/* Activations of a linear layer: fp32 products of dequantized weights, or int8 inputs. */
+#define IL_ACT_FLOAT 0
+#define IL_ACT_INT8 1
+
 /* Tape op codes (see generic/tape.c): which entry point a tape entry calls. */
 #define IL_OP_LINEAR 1
 #define IL_OP_GET_ROWS 2

@@ -129,13 +129,16 @@ class LlamaForCausalLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight, self.lm_head.wtype = self.model.embed_tokens.weight, self.model.embed_tokens.wtype
 
-    def process_weights_after_loading(self, quantization: str, native: bool) -> None:
-        """Keep each loaded weight in the type `quantization` asks for (see `layers.linear.target_type`)."""
+    def process_weights_after_loading(self, quantization: str, isa: str | None, int8_activations: bool = False) -> None:
+        """Keep each loaded weight in the type `quantization` asks for (see `layers.linear.target_type`;
+        `isa`: the native kernels', None without them); `int8_activations`: the linear layers quantize
+        their inputs where their weight type allows."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.process_weights_after_loading(quantization, self.dtype, native, vocab=module is self.lm_head)
+                module.process_weights_after_loading(quantization, self.dtype, isa, vocab=module is self.lm_head,
+                                                     int8=int8_activations)
             elif isinstance(module, Embedding):
-                module.process_weights_after_loading(quantization, self.dtype, native)
+                module.process_weights_after_loading(quantization, self.dtype, isa)
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple],

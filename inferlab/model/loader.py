@@ -2,7 +2,7 @@
 
 Checkpoint tensors stream into the model's `weight_loader`s as they are stored (a GGUF's quantized
 blocks stay blocks); `quantization` then decides what each weight is kept as (see
-`layers.linear.target_type`): `auto` keeps them as stored where the native kernels run them.
+`layers.linear.target_type`): `auto` keeps them as stored where the native kernels run them well.
 Every failure a user can cause (missing path, unsupported architecture, corrupt or incomplete
 file) surfaces as one `ModelLoadError` naming the problem.
 """
@@ -69,8 +69,8 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 
-def load_model(path: str | None, dtype: str, device: torch.device,
-               quantization: str = "auto") -> tuple[LlamaForCausalLM, Tokenizer]:
+def load_model(path: str | None, dtype: str, device: torch.device, quantization: str = "auto",
+               int8_activations: bool = False) -> tuple[LlamaForCausalLM, Tokenizer]:
     path = path or embedded_model_path()
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -78,9 +78,9 @@ def load_model(path: str | None, dtype: str, device: torch.device,
         raise ModelLoadError(f"model path does not exist: {path}")
     try:
         if os.path.isdir(path):
-            return _load_folder(path, dtype, device, quantization)
+            return _load_folder(path, dtype, device, quantization, int8_activations)
         if path.endswith(".gguf"):
-            return _load_gguf(path, dtype, device, quantization)
+            return _load_gguf(path, dtype, device, quantization, int8_activations)
     except ModelLoadError:
         raise
     except (KeyError, ValueError, OSError, RuntimeError, json.JSONDecodeError) as e:
@@ -100,8 +100,8 @@ def _construct(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> Lla
     return model
 
 
-def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.device,
-           quantization: str) -> LlamaForCausalLM:
+def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.device, quantization: str,
+           int8_activations: bool) -> LlamaForCausalLM:
     model = _construct(args, dtype, device)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
@@ -131,8 +131,8 @@ def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.
     missing = sorted(expected - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {_checkpoint_name(missing[0])}")
-    native = device.type == "cpu" and kernels.native() is not None
-    model.process_weights_after_loading(quantization, native)
+    native = kernels.native() if device.type == "cpu" else None
+    model.process_weights_after_loading(quantization, native.isa if native else None, int8_activations)
     return model.to(device).eval()
 
 
@@ -162,8 +162,8 @@ def _shards(name: str) -> list[int | None]:
     return [0, 1] if ".gate_up_proj." in name else [None]
 
 
-def _load_folder(path: str, dtype: str, device: torch.device,
-                 quantization: str) -> tuple[LlamaForCausalLM, Tokenizer]:
+def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
+                 int8_activations: bool) -> tuple[LlamaForCausalLM, Tokenizer]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ModelLoadError(f"{path} has no config.json")
@@ -199,7 +199,7 @@ def _load_folder(path: str, dtype: str, device: torch.device,
                 raise ModelLoadError(f"cannot read {os.path.basename(file)}: {e}") from None
 
     model = _build(args, weights(), resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device),
-                   device, quantization)
+                   device, quantization, int8_activations)
     return model, Tokenizer.from_folder(path, cfg)
 
 
@@ -210,7 +210,8 @@ def _rope_scaling(cfg: dict) -> dict | None:
     return scaling
 
 
-def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str) -> tuple[LlamaForCausalLM, Tokenizer]:
+def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
+               int8_activations: bool) -> tuple[LlamaForCausalLM, Tokenizer]:
     torch_dtype = resolve_dtype(dtype, None, device)
     cached = weight_cache.load(path)
     if cached is None:
@@ -218,7 +219,7 @@ def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str) -
         weight_cache.save(path, args, tensors, tokenizer_fields)
     else:
         args, tensors, tokenizer_fields = cached
-    model = _build(args, iter(tensors), torch_dtype, device, quantization)
+    model = _build(args, iter(tensors), torch_dtype, device, quantization, int8_activations)
     return model, Tokenizer.from_gguf_fields(tokenizer_fields)
 
 

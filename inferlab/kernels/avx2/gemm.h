@@ -7,6 +7,10 @@
 
 #include "../common.h"
 
+/* The int8-activation path (int8.c), which `linear` hands those calls to. */
+int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
+                     int rows, int K, int N, int dtype, int num_threads);
+
 #define MR 4 /* rows of x per call */
 #define NR 3 /* rows of w per call: 12 accumulators + 3 weights + 1 input = 16 registers */
 

@@ -18,6 +18,9 @@
 #define PANEL 24  /* weight rows dequantized at a time (24 x 1536 fp32 = 147 KB: stays in L2) */
 #define MC 256    /* input rows per pass over the weights (256 x 1536 fp32 = 1.5 MB: stays in L3) */
 
+/* fp16 scales through F16C: one instruction where the portable conversion takes dozens. */
+IL_INLINE float f16(uint16_t h) { return _cvtsh_ss(h); }
+
 IL_INLINE __m256 widen_u8(__m128i bytes8) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)); }
 
 /* 32 unsigned values, bytes lo[0..15] then hi[0..15], as 4 x 8 floats: q * d + m. */
@@ -58,7 +61,7 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             return;
         case IL_W_Q8_0: {
             const il_q8_0 *b = (const il_q8_0 *)row + k / 32;
-            const __m256 d = _mm256_set1_ps(il_f16_to_f32(b->d));
+            const __m256 d = _mm256_set1_ps(f16(b->d));
             for (int c = 0; c < 4; c++)
                 w[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + 8 * c)))), d);
             return;
@@ -66,7 +69,7 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
         case IL_W_Q4_0: {
             const il_q4_0 *b = (const il_q4_0 *)row + k / 32;
             const __m128i v = _mm_loadu_si128((const __m128i *)b->qs);
-            const float d = il_f16_to_f32(b->d); /* (q - 8) d = q d - 8 d, with 8 d exact */
+            const float d = f16(b->d); /* (q - 8) d = q d - 8 d, with 8 d exact */
             scale32(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm256_set1_ps(d),
                     _mm256_set1_ps(-8.f * d), w);
             return;
@@ -75,7 +78,7 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             const il_q4_1 *b = (const il_q4_1 *)row + k / 32;
             const __m128i v = _mm_loadu_si128((const __m128i *)b->qs);
             scale32(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4),
-                    _mm256_set1_ps(il_f16_to_f32(b->d)), _mm256_set1_ps(il_f16_to_f32(b->m)), w);
+                    _mm256_set1_ps(f16(b->d)), _mm256_set1_ps(f16(b->m)), w);
             return;
         }
         case IL_W_Q5_0: case IL_W_Q5_1: {
@@ -86,10 +89,10 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             memcpy(&h, one ? b1->qh : b0->qh, sizeof h);
             const __m128i v = _mm_loadu_si128((const __m128i *)(one ? b1->qs : b0->qs));
             const __m256i high = fifth_bits(h);
-            const float d = il_f16_to_f32(one ? b1->d : b0->d);
+            const float d = f16(one ? b1->d : b0->d);
             scale32(_mm_or_si128(_mm_and_si128(v, low4), _mm256_castsi256_si128(high)),
                     _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm256_extracti128_si256(high, 1)),
-                    _mm256_set1_ps(d), _mm256_set1_ps(one ? il_f16_to_f32(b1->m) : -16.f * d), w);
+                    _mm256_set1_ps(d), _mm256_set1_ps(one ? f16(b1->m) : -16.f * d), w);
             return;
         }
         case IL_W_Q4_K: case IL_W_Q5_K: { /* sub-block j of 8: the low (j even) or high nibbles of 32 bytes */
@@ -98,8 +101,8 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             const il_q5_K *b5 = (const il_q5_K *)row + k / 256;
             uint8_t sc, mn;
             il_scale_min_k4(j, five ? b5->scales : b4->scales, &sc, &mn);
-            const __m256 d = _mm256_set1_ps(il_f16_to_f32(five ? b5->d : b4->d) * sc);
-            const __m256 m = _mm256_set1_ps(-(il_f16_to_f32(five ? b5->dmin : b4->dmin) * mn));
+            const __m256 d = _mm256_set1_ps(f16(five ? b5->d : b4->d) * sc);
+            const __m256 m = _mm256_set1_ps(-(f16(five ? b5->dmin : b4->dmin) * mn));
             const uint8_t *q = (five ? b5->qs : b4->qs) + 32 * (j / 2);
             __m128i lo = _mm_loadu_si128((const __m128i *)q), hi = _mm_loadu_si128((const __m128i *)(q + 16));
             if (j % 2) lo = _mm_srli_epi16(lo, 4), hi = _mm_srli_epi16(hi, 4);
@@ -117,7 +120,7 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             const il_q6_K *b = (const il_q6_K *)row + k / 256;
             const int j = (k % 256) / 32, h = j / 4, g = j % 4;
             const uint8_t *ql = b->ql + 64 * h + 32 * (g % 2), *qh = b->qh + 32 * h;
-            const float d = il_f16_to_f32(b->d);
+            const float d = f16(b->d);
             for (int c = 0; c < 4; c++) {
                 __m128i q = _mm_loadl_epi64((const __m128i *)(ql + 8 * c));
                 if (g >= 2) q = _mm_srli_epi16(q, 4);
@@ -148,54 +151,65 @@ static void dequant_row(int wtype, const uint8_t *row, int K, float *out) {
     for (; k < K; k++) il_dequant_block(wtype, row + (int64_t)k * il_block_bytes(wtype), out + k);
 }
 
-/* As `micro`, reading weight rows as stored (rb bytes apart), decoded in registers 32 at a time:
- * for a few input rows, where decoding a panel first would cost more than it saves. The products
- * are summed in the same order as `micro`'s, so both give the very same outputs. */
-IL_INLINE void micro_direct(const float *x, int64_t lx, const uint8_t *w, int64_t rb, int wtype, int K,
-                                const int R, const int C, __m128 out[NR]) {
-    __m256 acc[MR][NR];
+/* As `micro`, reading weight rows as stored, decoded in registers 32 at a time: for one or two
+ * input rows, where decoding a panel first would cost more than it saves. More weight rows per call
+ * than `micro` takes (four for one input row) keep enough independent FMA chains in flight. The
+ * products are summed in the same order as `micro`'s, so both give the very same outputs. */
+#define DC 4 /* weight rows per direct call, at most */
+IL_INLINE void micro_direct(const float *x, int64_t lx, const uint8_t *const w[DC], int wtype, int K, const int R,
+                            const int C, __m128 out[DC]) {
+    __m256 acc[2][DC];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
     for (int k = 0; k < K; k += 32)
         for (int j = 0; j < C; j++) {
             __m256 wv[4];
-            decode32(wtype, w + j * rb, k, wv);
+            decode32(wtype, w[j], k, wv);
             for (int c = 0; c < 4; c++)
                 for (int i = 0; i < R; i++)
                     acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * lx + k + 8 * c), wv[c], acc[i][j]);
         }
     const __m256 zero = _mm256_setzero_ps();
-    for (int j = 0; j < C; j++)
-        out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : zero, R > 2 ? acc[2][j] : zero, R > 3 ? acc[3][j] : zero);
+    for (int j = 0; j < C; j++) out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : zero, zero, zero);
 }
 
-/* The direct tile, instantiated per weight type (so each type's decoding is inlined) and shape. */
-#define DIRECT_CASES(T)                                                                                      \
-    case T: switch (R * 4 + C) {                                                                           \
-            case 5: micro_direct(x, lx, w, rb, T, K, 1, 1, out); break;                                    \
-            case 6: micro_direct(x, lx, w, rb, T, K, 1, 2, out); break;                                    \
-            case 7: micro_direct(x, lx, w, rb, T, K, 1, 3, out); break;                                    \
-            case 9: micro_direct(x, lx, w, rb, T, K, 2, 1, out); break;                                    \
-            case 10: micro_direct(x, lx, w, rb, T, K, 2, 2, out); break;                                   \
-            default: micro_direct(x, lx, w, rb, T, K, 2, 3, out);                                          \
-        } break
-static void tile_direct(const float *x, int64_t lx, const uint8_t *w, int64_t rb, int wtype, int K, int R, int C,
-                        __m128 out[NR]) {
+/* The direct tile, instantiated per weight type (so each type's decoding is inlined): one input row
+ * against six weight rows, or two against three. A tile past the last weight row repeats it (the
+ * extra outputs are not stored), so no other shapes are needed. */
+#define DIRECT_CASE(T)                                                                                       \
+    case T:                                                                                                \
+        if (R == 1) micro_direct(x, lx, w, T, K, 1, DC, out);                                              \
+        else micro_direct(x, lx, w, T, K, 2, DC / 2, out);                                                 \
+        break
+static void tile_direct(const float *x, int64_t lx, const uint8_t *const w[DC], int wtype, int K, int R, __m128 out[DC]) {
     switch (wtype) {
-        DIRECT_CASES(IL_W_BF16); DIRECT_CASES(IL_W_F16); DIRECT_CASES(IL_W_Q8_0); DIRECT_CASES(IL_W_Q4_0);
-        DIRECT_CASES(IL_W_Q4_1); DIRECT_CASES(IL_W_Q5_0); DIRECT_CASES(IL_W_Q5_1); DIRECT_CASES(IL_W_Q4_K);
-        DIRECT_CASES(IL_W_Q5_K); DIRECT_CASES(IL_W_Q6_K); default: DIRECT_CASES(IL_W_F32);
+        DIRECT_CASE(IL_W_BF16); DIRECT_CASE(IL_W_F16); DIRECT_CASE(IL_W_Q8_0); DIRECT_CASE(IL_W_Q4_0);
+        DIRECT_CASE(IL_W_Q4_1); DIRECT_CASE(IL_W_Q5_0); DIRECT_CASE(IL_W_Q5_1); DIRECT_CASE(IL_W_Q4_K);
+        DIRECT_CASE(IL_W_Q5_K); DIRECT_CASE(IL_W_Q6_K); default: DIRECT_CASE(IL_W_F32);
     }
 }
-#undef DIRECT_CASES
+#undef DIRECT_CASE
 
 /* Rows up to which weights are decoded in registers for each call rather than into a panel. */
 #define DIRECT_MAX_ROWS 2
 
+static inline void store_tile(void *y, int64_t ldy, const void *bias, int dtype, int m, int n, int R, int C,
+                              const __m128 *out) {
+    for (int j = 0; j < C; j++) {
+        float v[4];
+        _mm_storeu_ps(v, out[j]);
+        const float b = bias ? il_ld(bias, n + j, dtype) : 0.f;
+        for (int i = 0; i < R; i++) il_st(y, (int64_t)(m + i) * ldy + n + j, v[i] + b, dtype);
+    }
+}
+
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
-               int K, int N, int dtype, int num_threads) {
+               int K, int N, int dtype, int act, int num_threads) {
     if (rows <= 0) return 0;
-    if (il_block_elems(wtype) == 0) return linear_generic(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, num_threads);
+    if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
+        return linear_int8_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, num_threads);
+    if (il_block_elems(wtype) == 0)
+        return linear_generic(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, act, num_threads);
     const float *xf = x;
     int64_t lx = ldx;
     float *xbuf = NULL;
@@ -226,20 +240,23 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
                 const float *wp = in_place ? (const float *)w + (int64_t)n0 * K : buf;
                 if (buf)
                     for (int n = n0; n < n1; n++) dequant_row(wtype, (const uint8_t *)w + n * rb, K, buf + (int64_t)(n - n0) * K);
+                if (direct) {
+                    const int R = m1 - m0, cols = R == 1 ? DC : DC / 2;
+                    for (int n = n0; n < n1; n += cols) {
+                        const uint8_t *rows_w[DC];
+                        for (int j = 0; j < cols; j++) rows_w[j] = (const uint8_t *)w + (n + j < n1 ? n + j : n1 - 1) * rb;
+                        __m128 out[DC];
+                        tile_direct(xf + (int64_t)m0 * lx, lx, rows_w, wtype, K, R, out);
+                        store_tile(y, ldy, bias, dtype, m0, n, R, n1 - n < cols ? n1 - n : cols, out);
+                    }
+                    continue;
+                }
                 for (int m = m0; m < m1; m += MR)
                     for (int n = n0; n < n1; n += NR) {
                         const int R = m1 - m < MR ? m1 - m : MR, C = n1 - n < NR ? n1 - n : NR;
                         __m128 out[NR];
-                        if (direct)
-                            tile_direct(xf + (int64_t)m * lx, lx, (const uint8_t *)w + n * rb, rb, wtype, K, R, C, out);
-                        else
-                            tile(xf + (int64_t)m * lx, lx, wp + (int64_t)(n - n0) * K, K, K, R, C, out);
-                        for (int j = 0; j < C; j++) {
-                            float v[4];
-                            _mm_storeu_ps(v, out[j]);
-                            const float b = bias ? il_ld(bias, n + j, dtype) : 0.f;
-                            for (int i = 0; i < R; i++) il_st(y, (int64_t)(m + i) * ldy + n + j, v[i] + b, dtype);
-                        }
+                        tile(xf + (int64_t)m * lx, lx, wp + (int64_t)(n - n0) * K, K, K, R, C, out);
+                        store_tile(y, ldy, bias, dtype, m, n, R, C, out);
                     }
             }
             free(buf);

@@ -34,9 +34,9 @@ static inline void band(const uint16_t *x, int64_t ldx, const uint16_t *w, const
 }
 
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
-               int K, int N, int dtype, int num_threads) {
+               int K, int N, int dtype, int act, int num_threads) {
     if (wtype != IL_W_BF16 || dtype != IL_BF16 || rows > GEMV_MAX_ROWS || rows < 1 || K % 2)
-        return linear_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, num_threads);
+        return linear_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, act, num_threads);
 #pragma omp parallel num_threads(num_threads)
     {
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();

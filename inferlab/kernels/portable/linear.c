@@ -1,15 +1,52 @@
 /* The linear layer in plain C, for every weight type: each thread takes a band of weight rows,
  * dequantizes one row at a time to fp32 (each weight exactly as its format defines it) and takes
- * its dot product with every input row. The definition the ISA kernels are tested against, and
- * the path on CPUs without them.
+ * its dot product with every input row. With int8 activations, inputs are quantized per 32 and
+ * each block's products summed in integers, as llama.cpp does. The definition the ISA kernels are
+ * tested against, and the path on CPUs without them.
  */
 #include <stdlib.h>
 
 #include "../common.h"
 
+static int linear_int8(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
+                       int rows, int K, int N, int dtype, int num_threads) {
+    const int nb = K / 32;
+    const int64_t rb = il_row_bytes(wtype, K);
+    int8_t *xq = malloc((size_t)rows * K);
+    float *xd = malloc(sizeof(float) * (size_t)rows * nb), *xs = malloc(sizeof(float) * (size_t)rows * nb);
+    if (!xq || !xd || !xs) {
+        free(xq), free(xd), free(xs);
+        return 2;
+    }
+    for (int m = 0; m < rows; m++)
+        il_quantize_row_q8((const char *)x + (int64_t)m * ldx * il_elem_size(dtype), dtype, K, xq + (int64_t)m * K,
+                           xd + (int64_t)m * nb, xs + (int64_t)m * nb);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float b = bias ? il_ld(bias, n, dtype) : 0.f;
+        for (int m = 0; m < rows; m++) {
+            float acc = 0.f;
+            for (int blk = 0; blk < nb; blk++) {
+                int8_t q[32];
+                float d, c;
+                il_block_ints(wtype, (const uint8_t *)w + n * rb, blk, q, &d, &c);
+                const int8_t *a = xq + (int64_t)m * K + 32 * blk;
+                int isum = 0;
+                for (int j = 0; j < 32; j++) isum += q[j] * a[j];
+                acc += d * xd[(int64_t)m * nb + blk] * isum + c * xs[(int64_t)m * nb + blk];
+            }
+            il_st(y, (int64_t)m * ldy + n, acc + b, dtype);
+        }
+    }
+    free(xq), free(xd), free(xs);
+    return 0;
+}
+
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
-               int K, int N, int dtype, int num_threads) {
+               int K, int N, int dtype, int act, int num_threads) {
     if (rows <= 0) return 0;
+    if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
+        return linear_int8(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, num_threads);
     const int64_t rb = il_row_bytes(wtype, K);
     float *xf = malloc(sizeof(float) * (size_t)rows * K);
     if (!xf) return 2;

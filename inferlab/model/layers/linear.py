@@ -17,34 +17,52 @@ from inferlab import kernels
 from inferlab.model.layers import quant
 from inferlab.model.layers.quant import WeightType
 
-# Rows from which a bf16 matmul goes to PyTorch (oneDNN's AMX tiles) on CPUs that run bf16 natively;
-# below it the native kernels read the weights at memory speed, which oneDNN does not.
-TORCH_BF16_MIN_ROWS = kernels.C["IL_MAX_ROWS"] + 1
+# Rows past which a bf16 x bf16 matmul goes to PyTorch (oneDNN on the CPU's bf16 units), by ISA: the
+# AMX tile kernel reads the weights at memory speed up to 64 rows, the AVX512-BF16 one up to 4; past
+# that oneDNN's blocking wins.
+TORCH_BF16_PAST_ROWS = {"amx": kernels.C["IL_MAX_ROWS"], "avx512": 4}
 
 
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType, bias: torch.Tensor | None) -> torch.Tensor:
+# Weight types the int8-activation path multiplies in integers (the kernels' il_int8_type)
+INT8_TYPES = (quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1)
+
+
+def int8_inputs(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as the int8-activation path sees them: per 32 values, scale = max|x| / 127 and
+    q = round(x / scale), half away from zero (C's roundf); returns q * scale in fp32."""
+    blocks = x.float().reshape(-1, 32)
+    scale = blocks.abs().amax(1, keepdim=True) / 127
+    v = blocks * torch.where(scale == 0, 0, 1 / scale)
+    return (torch.sign(v) * torch.floor(v.abs() + 0.5) * scale).view(x.shape)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType, bias: torch.Tensor | None,
+               int8: bool = False) -> torch.Tensor:
     w = weight if weight.dtype == x.dtype else quant.dequantize(weight, wtype).to(x.dtype)
+    if int8 and wtype in INT8_TYPES:
+        x = int8_inputs(x).to(x.dtype)
     return F.linear(x, w, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = None, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ W^T (+ bias) -> [T, N], into `out` (which may be a column slice) if given."""
+           out: torch.Tensor | None = None, int8: bool = False) -> torch.Tensor:
+    """x [T, K] @ W^T (+ bias) -> [T, N], into `out` (which may be a column slice) if given. With
+    `int8`, a 32-block integer weight type multiplies x's rows quantized to int8 per 32 (see api.h)."""
     wtype = quant.weight_type(weight, wtype)
     k = kernels.for_tensor(x)
     if k is not None and (x.dim() != 2 or x.stride(1) != 1 or not weight.is_contiguous() or
                           (out is not None and out.stride(1) != 1) or
                           (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())) or
-                          (wtype.dtype == x.dtype == torch.bfloat16 and x.shape[0] >= TORCH_BF16_MIN_ROWS
-                           and k.isa in ("avx512", "amx"))):
+                          (wtype.dtype == x.dtype == torch.bfloat16 and
+                           x.shape[0] > TORCH_BF16_PAST_ROWS.get(k.isa, 1 << 30))):
         k = None
     if k is None:
-        y = linear_ref(x, weight, wtype, bias)
+        y = linear_ref(x, weight, wtype, bias, int8)
         return y if out is None else out.copy_(y)
     n = weight.shape[0]
     y = x.new_empty(x.shape[0], n) if out is None else out
     k.linear(x, x.stride(0), weight, wtype.code, bias, y, y.stride(0), x.shape[0], x.shape[1], n,
-             kernels.DTYPE_CODES[x.dtype])
+             kernels.DTYPE_CODES[x.dtype], kernels.C["IL_ACT_INT8" if int8 else "IL_ACT_FLOAT"])
     return y
 
 
@@ -63,18 +81,23 @@ def _convert(data: torch.Tensor, src: WeightType, dst: WeightType) -> torch.Tens
 
 
 QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1")  # see target_type
+# ISAs with bf16 matrix units (AVX512-BF16 dot products, AMX tiles): a bf16 model's dense weights run
+# there faster than any in-register dequantization of blocks, so `auto` gives them bf16 weights
+BF16_MATRIX_ISAS = ("avx512", "amx")
 
 
-def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, native: bool,
+def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
                 vocab: bool = False) -> WeightType:
-    """The type a weight is kept in. `auto`: as stored where the native kernels run it, else the
-    model's dtype; `none`: the model's dtype; a block type: quantized to it (the vocabulary matrix
-    to q8_0, as llama.cpp keeps output tensors at higher precision), where rows split into its blocks."""
+    """The type a weight is kept in. `isa`: the native kernels' ISA, None where they do not run.
+    `auto`: as stored (GGUF blocks, a checkpoint's float type), except block types in a bf16 model on
+    CPUs with bf16 matrix units, which get bf16; without native kernels, the model's dtype. `none`:
+    the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as llama.cpp keeps
+    output tensors at higher precision), where rows split into its blocks."""
     as_dtype = quant.BY_DTYPE[dtype]
-    if mode == "none" or (mode == "auto" and not native):
+    if mode == "none" or (mode == "auto" and isa is None):
         return as_dtype
     if mode == "auto":
-        return stored
+        return quant.BF16 if stored.dtype is None and dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS else stored
     wanted = quant.Q8_0 if vocab else quant.BY_NAME[mode]
     return wanted if k % wanted.block == 0 else as_dtype
 
@@ -94,6 +117,7 @@ class Linear(nn.Module):
         if bias:
             self.bias.weight_loader = self.bias_loader
         self.parts: list[tuple[str, WeightType, int, int]] = []  # extra parts: (parameter, type, first row, end)
+        self.int8 = False  # int8 activations for the weight types that have them (INT8_TYPES)
         self._loaded: dict[int, tuple[torch.Tensor, WeightType]] = {}
 
     def _rows(self, shard: int | None, data: torch.Tensor) -> tuple[int, int]:
@@ -112,15 +136,17 @@ class Linear(nn.Module):
         lo, hi = self._rows(shard, data)
         param.data[lo:hi].copy_(data)
 
-    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, native: bool, vocab: bool = False) -> None:
+    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, isa: str | None, vocab: bool = False,
+                                      int8: bool = False) -> None:
         """Convert the loaded shards to the kept types and join neighbours of one type."""
+        self.int8 = int8
         if not self._loaded:
             return
         shards = [self._loaded[i] for i in sorted(self._loaded)]
         self._loaded = {}
         groups: list[tuple[WeightType, list[torch.Tensor]]] = []
         for data, stored in shards:
-            kept = target_type(stored, self.in_features, mode, dtype, native, vocab)
+            kept = target_type(stored, self.in_features, mode, dtype, isa, vocab)
             data = _convert(data, stored, kept)
             if groups and groups[-1][0] == kept:
                 groups[-1][1].append(data)
@@ -140,13 +166,14 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
-            return linear(x, self.weight, self.wtype, self.bias)
+            return linear(x, self.weight, self.wtype, self.bias, int8=self.int8)
         y = x.new_empty(x.shape[0], self.out_features)
         first = self.parts[0][2]
         bias = self.bias
-        linear(x, self.weight, self.wtype, None if bias is None else bias[:first], out=y[:, :first])
+        linear(x, self.weight, self.wtype, None if bias is None else bias[:first], out=y[:, :first], int8=self.int8)
         for name, wtype, lo, hi in self.parts:
-            linear(x, getattr(self, name), wtype, None if bias is None else bias[lo:hi], out=y[:, lo:hi])
+            linear(x, getattr(self, name), wtype, None if bias is None else bias[lo:hi], out=y[:, lo:hi],
+                   int8=self.int8)
         return y
 
 
@@ -165,11 +192,11 @@ class Embedding(nn.Module):
                       wtype: WeightType | None = None) -> None:
         self._loaded = (data, quant.weight_type(data, wtype))
 
-    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, native: bool) -> None:
+    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, isa: str | None) -> None:
         if self._loaded is None:
             return
         data, stored = self._loaded
-        self._loaded, self.wtype = None, target_type(stored, self.dim, mode, dtype, native, vocab=True)
+        self._loaded, self.wtype = None, target_type(stored, self.dim, mode, dtype, isa, vocab=True)
         self.weight = nn.Parameter(_convert(data, stored, self.wtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 

@@ -73,9 +73,11 @@ IL_INLINE void tile8(const int8_t *xq, const float *xd, const float *xs, int K, 
     for (int i = 0; i < R; i++)
         for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
     const int nb = K / 32;
+    const int bb = il_block_bytes(wtype);
     for (int b = 0; b < nb; b++)
         for (int j = 0; j < C; j++) {
             float d, c;
+            _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
             const __m256i wq = block_bytes(wtype, w[j], b, &d, &c);
             for (int i = 0; i < R; i++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)i * K + 32 * b));

@@ -156,14 +156,17 @@ static void dequant_row(int wtype, const uint8_t *row, int K, float *out) {
  * than `micro` takes (four for one input row) keep enough independent FMA chains in flight. The
  * products are summed in the same order as `micro`'s, so both give the very same outputs. */
 #define DC 4 /* weight rows per direct call, at most */
+
 IL_INLINE void micro_direct(const float *x, int64_t lx, const uint8_t *const w[DC], int wtype, int K, const int R,
                             const int C, __m128 out[DC]) {
     __m256 acc[2][DC];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
+    const int be = il_block_elems(wtype), bb = il_block_bytes(wtype);
     for (int k = 0; k < K; k += 32)
         for (int j = 0; j < C; j++) {
             __m256 wv[4];
+            _mm_prefetch((const char *)w[j] + (int64_t)k / be * bb + PREFETCH_BYTES, _MM_HINT_T0);
             decode32(wtype, w[j], k, wv);
             for (int c = 0; c < 4; c++)
                 for (int i = 0; i < R; i++)

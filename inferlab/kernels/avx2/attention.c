@@ -1,8 +1,8 @@
 /* Paged attention on AVX2 + FMA, fp32 or bf16 caches (widened to fp32 on load), head_dim a
- * multiple of 8. One task per (query row, KV head), as in the portable kernel, so one request's
- * decode still spreads over the threads: the group's query heads score 8 keys at a time (8
- * accumulators summed across lanes together), take a softmax, and sum the values 16 keys at a
- * time. K and V are read straight from the pool through the block table, once per task.
+ * multiple of 8, K and V read straight from the pool through the block table, block by block.
+ * Scores: 3 query heads of a group against 4 keys at a time, 8 dims per FMA, in 12 accumulators
+ * summed across lanes at the end, as the linear layer's micro-kernel does; values: 3 query heads x
+ * 32 dims in 12 accumulators, one broadcast weight per key and head.
  */
 #include <float.h>
 #include <immintrin.h>
@@ -11,19 +11,12 @@
 #include "../common.h"
 #include "gemm.h"
 
-#define PREFETCH_AHEAD 4 /* blocks */
+#define PREFETCH_AHEAD 1 /* blocks */
 
 IL_INLINE __m256 load8(const void *p, int64_t i, int dtype) {
     if (dtype == IL_BF16)
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
     return _mm256_loadu_ps((const float *)p + i);
-}
-
-/* lane i = the sum of v[i]'s 8 lanes */
-IL_INLINE __m256 hsum8(const __m256 v[8]) {
-    const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-    const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
 static inline int64_t slot(const int32_t *table, int key, int block_size) {
@@ -38,69 +31,138 @@ static inline void prefetch_block(const void *cache, const int32_t *table, int t
         for (int b = 0; b < row_bytes; b += 64) _mm_prefetch(base + t * token_stride * elem + b, _MM_HINT_T1);
 }
 
-IL_INLINE void attend(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
-                          int64_t row, const int32_t *table, int n, int h, int group, int num_heads, int num_kv_heads,
-                          const int D, int block_size, float scale, int dtype, float *restrict scores,
-                          float *restrict acc) {
-    const int64_t ts = (int64_t)num_kv_heads * D, head = (int64_t)h * D; /* pool elements per slot; this head's offset */
-    const int elem = il_elem_size(dtype);
-    float qf[IL_MAX_GROUP * IL_MAX_HEAD_DIM] __attribute__((aligned(32))), mx[IL_MAX_GROUP];
-    for (int g = 0; g < group; g++) {
-        for (int i = 0; i < D; i++) qf[g * D + i] = il_ld(q, row * q_stride + (int64_t)(h * group + g) * D + i, dtype) * scale;
-        mx[g] = -FLT_MAX;
-    }
-    for (int t0 = 0; t0 < n; t0 += 8) { /* scores, 8 keys at a time (past n: the last key again, not stored) */
-        int64_t at[8];
-        for (int t = 0; t < 8; t++) at[t] = slot(table, t0 + t < n ? t0 + t : n - 1, block_size) * ts + head;
-        if (t0 % block_size < 8)
-            prefetch_block(k_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, ts, head, D * elem, elem);
-        const int nt = n - t0 < 8 ? n - t0 : 8;
-        for (int g = 0; g < group; g++) {
-            __m256 dot[8];
-            for (int t = 0; t < 8; t++) {
-                dot[t] = _mm256_setzero_ps();
-                for (int c = 0; c < D; c += 8)
-                    dot[t] = _mm256_fmadd_ps(_mm256_load_ps(qf + g * D + c), load8(k_cache, at[t] + c, dtype), dot[t]);
-            }
-            float s[8];
-            _mm256_storeu_ps(s, hsum8(dot));
-            for (int t = 0; t < nt; t++) {
-                scores[g * n + t0 + t] = s[t];
-                mx[g] = s[t] > mx[g] ? s[t] : mx[g];
-            }
+/* out[j] lane i = q row i (of R, D apart) . key j (of C, pool rows at k[j]) */
+IL_INLINE void score_tile(const float *qf, const void *const k[4], int dtype, const int D, const int R, const int C,
+                          __m128 out[4]) {
+    __m256 acc[3][4];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        __m256 kv[4];
+        for (int j = 0; j < C; j++) kv[j] = load8(k[j], d, dtype);
+        for (int i = 0; i < R; i++) {
+            const __m256 qv = _mm256_load_ps(qf + i * D + d);
+            for (int j = 0; j < C; j++) acc[i][j] = _mm256_fmadd_ps(qv, kv[j], acc[i][j]);
         }
     }
-    float inv[IL_MAX_GROUP];
-    for (int g = 0; g < group; g++) {
-        float *sg = scores + g * n, sum = 0.f;
-        for (int t = 0; t < n; t++) sg[t] = expf(sg[t] - mx[g]);
-        for (int t = 0; t < n; t++) sum += sg[t];
-        inv[g] = 1.f / sum; /* >= 1: the maximum's own weight */
-        memset(acc + g * D, 0, sizeof(float) * D);
+    const __m256 z = _mm256_setzero_ps();
+    for (int j = 0; j < C; j++) out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : z, R > 2 ? acc[2][j] : z, z);
+}
+
+/* o[g][d0 .. d0 + 8W) += sum over nt keys of p[g][t] v[t][d0 ..], for G heads (p rows n apart; key t's
+ * values at v + t * ts). */
+IL_INLINE void value_tile(const float *p, int n, const void *v, int64_t ts, int nt, int dtype, int d0, const int G,
+                          const int W, float *o, const int D) {
+    __m256 acc[3][4];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < W; c++) acc[g][c] = _mm256_loadu_ps(o + g * D + d0 + 8 * c);
+    for (int t = 0; t < nt; t++) {
+        __m256 vv[4];
+        for (int c = 0; c < W; c++) vv[c] = load8(v, t * ts + d0 + 8 * c, dtype);
+        for (int g = 0; g < G; g++) {
+            const __m256 w = _mm256_set1_ps(p[(int64_t)g * n + t]);
+            for (int c = 0; c < W; c++) acc[g][c] = _mm256_fmadd_ps(w, vv[c], acc[g][c]);
+        }
     }
-    for (int t0 = 0; t0 < n; t0 += 16) { /* values, 16 keys at a time, every query head of the group */
-        const int nt = n - t0 < 16 ? n - t0 : 16;
-        int64_t at[16];
-        for (int t = 0; t < nt; t++) at[t] = slot(table, t0 + t, block_size) * ts + head;
-        if (t0 % block_size < 16)
-            prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, ts, head, D * elem, elem);
-        for (int g = 0; g < group; g++)
-            for (int c = 0; c < D; c += 32) { /* 4 accumulators in registers per pass over the 16 keys */
-                const int w = D - c < 32 ? (D - c) / 8 : 4;
-                __m256 a[4];
-                for (int i = 0; i < w; i++) a[i] = _mm256_loadu_ps(acc + g * D + c + 8 * i);
-                for (int t = 0; t < nt; t++) {
-                    const __m256 p = _mm256_set1_ps(scores[g * n + t0 + t]);
-                    for (int i = 0; i < w; i++) a[i] = _mm256_fmadd_ps(p, load8(v_cache, at[t] + c + 8 * i, dtype), a[i]);
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < W; c++) _mm256_storeu_ps(o + g * D + d0 + 8 * c, acc[g][c]);
+}
+
+/* Query row `row`, KV heads h0 .. h1 - 1 with their query heads, one block of keys at a time, with a
+ * running softmax (flash-decoding): a block's scores, then its values while its K and V are still in
+ * cache; each query head's sum is rescaled when its maximum grows. A block's slots hold every head
+ * side by side, so taking all of a row's heads in one task reads each block as one stretch.
+ * Scratch: scores [heads][block_size], qf and o [heads][D]. */
+IL_INLINE void attend_heads(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                            int64_t row, const int32_t *table, int n, int h0, int h1, int group, int num_heads,
+                            int num_kv_heads, const int D, int block_size, float scale, int dtype,
+                            float *restrict scores, float *restrict qf, float *restrict o) {
+    const int64_t ts = (int64_t)num_kv_heads * D; /* pool elements per slot */
+    const int elem = il_elem_size(dtype), nh = (h1 - h0) * group, span = (h1 - h0) * D * elem, bs = block_size;
+    float mx[IL_MAX_HEADS], sum[IL_MAX_HEADS];
+    for (int j = 0; j < nh; j++) {
+        for (int i = 0; i < D; i++)
+            qf[j * D + i] = il_ld(q, row * q_stride + (int64_t)(h0 * group + j) * D + i, dtype) * scale;
+        mx[j] = -FLT_MAX, sum[j] = 0.f;
+    }
+    memset(o, 0, sizeof(float) * nh * D);
+    for (int t = 0; t < n && t < PREFETCH_AHEAD * bs; t += bs) {
+        prefetch_block(k_cache, table, t, n, bs, ts, (int64_t)h0 * D, span, elem);
+        prefetch_block(v_cache, table, t, n, bs, ts, (int64_t)h0 * D, span, elem);
+    }
+    for (int t0 = 0; t0 < n; t0 += bs) {
+        const int nt = n - t0 < bs ? n - t0 : bs;
+        const int64_t first_slot = (int64_t)table[t0 / bs] * bs * ts;
+        const char *kb = (const char *)k_cache + first_slot * elem, *vb = (const char *)v_cache + first_slot * elem;
+        /* the block AHEAD blocks on: asked for a few slots at a time, spread over the work (a burst of
+         * hundreds of prefetches stalls on the CPU's few outstanding-miss buffers) */
+        const int64_t ahead = t0 + PREFETCH_AHEAD * bs < n ? (int64_t)table[t0 / bs + PREFETCH_AHEAD] * bs * ts : -1;
+        for (int t = 0; t < nt; t += 4) { /* scores of this block's keys, 4 slots (all heads) at a time */
+            if (ahead >= 0)
+                for (int b = 0; b < 4 * ts * elem && t * ts * elem + b < bs * ts * elem; b += 64) {
+                    _mm_prefetch((const char *)k_cache + (ahead + t * ts) * elem + b, _MM_HINT_T0);
+                    _mm_prefetch((const char *)v_cache + (ahead + t * ts) * elem + b, _MM_HINT_T1);
                 }
-                for (int i = 0; i < w; i++) _mm256_storeu_ps(acc + g * D + c + 8 * i, a[i]);
+            for (int h = h0; h < h1; h++) {
+                const void *k[4]; /* past the block's keys: the last again, not stored */
+                for (int j = 0; j < 4; j++) k[j] = kb + ((t + j < nt ? t + j : nt - 1) * ts + (int64_t)h * D) * elem;
+                for (int g0 = 0; g0 < group; g0 += 3) {
+                    const int R = group - g0 < 3 ? group - g0 : 3, first = (h - h0) * group + g0;
+                    __m128 r[4];
+                    switch (R) {
+                        case 1: score_tile(qf + first * D, k, dtype, D, 1, 4, r); break;
+                        case 2: score_tile(qf + first * D, k, dtype, D, 2, 4, r); break;
+                        default: score_tile(qf + first * D, k, dtype, D, 3, 4, r);
+                    }
+                    for (int j = 0; j < 4 && t + j < nt; j++) {
+                        float v[4];
+                        _mm_storeu_ps(v, r[j]);
+                        for (int g = 0; g < R; g++) scores[(first + g) * bs + t + j] = v[g];
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < nh; j++) { /* running softmax: weights of this block, the sum so far rescaled */
+            float *sj = scores + j * bs, m = mx[j], part = 0.f;
+            for (int t = 0; t < nt; t++) m = sj[t] > m ? sj[t] : m;
+            for (int t = 0; t < nt; t++) sj[t] = expf(sj[t] - m);
+            for (int t = 0; t < nt; t++) part += sj[t];
+            if (m > mx[j]) {
+                const float shrink = expf(mx[j] - m);
+                for (int i = 0; i < D; i++) o[j * D + i] *= shrink;
+                sum[j] *= shrink, mx[j] = m;
+            }
+            sum[j] += part;
+        }
+        for (int h = h0; h < h1; h++) /* values: 3 heads x 32 dims per pass over the block's keys */
+            for (int g0 = 0; g0 < group; g0 += 3) {
+                const int G = group - g0 < 3 ? group - g0 : 3, first = (h - h0) * group + g0;
+                const float *p = scores + first * bs;
+                const void *v = vb + (int64_t)h * D * elem;
+                for (int d0 = 0; d0 < D; d0 += 32) {
+                    const int W = D - d0 < 32 ? (D - d0) / 8 : 4;
+#define VALUES(g, w) value_tile(p, bs, v, ts, nt, dtype, d0, g, w, o + first * D, D)
+                    switch (G * 4 + W) {
+                        case 5: VALUES(1, 1); break; case 6: VALUES(1, 2); break; case 7: VALUES(1, 3); break;
+                        case 8: VALUES(1, 4); break; case 9: VALUES(2, 1); break; case 10: VALUES(2, 2); break;
+                        case 11: VALUES(2, 3); break; case 12: VALUES(2, 4); break; case 13: VALUES(3, 1); break;
+                        case 14: VALUES(3, 2); break; case 15: VALUES(3, 3); break; default: VALUES(3, 4);
+                    }
+#undef VALUES
+                }
             }
     }
-    for (int g = 0; g < group; g++) {
-        const int64_t o = (row * num_heads + h * group + g) * D;
-        for (int i = 0; i < D; i++) il_st(out, o + i, acc[g * D + i] * inv[g], dtype);
+    for (int j = 0; j < nh; j++) {
+        const int64_t dst = (row * num_heads + h0 * group + j) * D;
+        const float inv = 1.f / sum[j]; /* >= 1 at the end: the maximum's own weight */
+        for (int i = 0; i < D; i++) il_st(out, dst + i, o[j * D + i] * inv, dtype);
     }
 }
+
+/* Calls of at least this many rows take a task per row (all heads: each block read as one stretch);
+ * fewer take a task per (row, KV head), so one request's decode still spreads over the threads.
+ * Every head is computed the same way either way. */
+#define ROW_TASKS_MIN 4
 
 int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                         const int64_t *row_ids, const int32_t *seqs, const int32_t *lens, int rows,
@@ -111,32 +173,34 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
         return paged_attention_generic(q, q_stride, k_cache, v_cache, out, row_ids, seqs, lens, rows, block_tables,
                                        table_stride, num_heads, num_kv_heads, head_dim, block_size, scale, dtype,
                                        num_threads);
-    int max_len = 1, failed = 0;
-    for (int r = 0; r < rows; r++) max_len = lens[r] > max_len ? lens[r] : max_len;
+    const int per_row = rows >= ROW_TASKS_MIN, heads_per_task = per_row ? num_kv_heads : 1;
+    const int tasks = per_row ? rows : rows * num_kv_heads;
+    int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        float *scores = malloc(sizeof(float) * group * (size_t)max_len);
-        float *acc = malloc(sizeof(float) * group * head_dim);
-        if (!scores || !acc) {
+        const size_t nh = (size_t)heads_per_task * group;
+        float *scores = malloc(sizeof(float) * nh * (size_t)block_size);
+        float *qf = aligned_alloc(32, sizeof(float) * nh * head_dim), *o = malloc(sizeof(float) * nh * head_dim);
+        if (!scores || !qf || !o) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int r = 0; r < rows; r++)
-            for (int h = 0; h < num_kv_heads; h++) {
-                if (!scores || !acc) continue;
-                const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
-#define ATTEND(D) attend(q, q_stride, k_cache, v_cache, out, row_ids[r], table, lens[r], h, group, num_heads, \
-                         num_kv_heads, D, block_size, scale, dtype, scores, acc)
-                switch (head_dim) { /* the common head sizes get loops of known length */
-                    case 64: ATTEND(64); break;
-                    case 128: ATTEND(128); break;
-                    default: ATTEND(head_dim);
-                }
-#undef ATTEND
+#pragma omp for schedule(dynamic, 1)
+        for (int task = 0; task < tasks; task++) {
+            if (!scores || !qf || !o) continue;
+            const int r = per_row ? task : task / num_kv_heads, h0 = per_row ? 0 : task % num_kv_heads;
+            const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
+#define ATTEND(D) attend_heads(q, q_stride, k_cache, v_cache, out, row_ids[r], table, lens[r], h0,                \
+                               h0 + heads_per_task, group, num_heads, num_kv_heads, D, block_size, scale, dtype, \
+                               scores, qf, o)
+            switch (head_dim) { /* the common head sizes get loops of known length */
+                case 64: ATTEND(64); break;
+                case 128: ATTEND(128); break;
+                default: ATTEND(head_dim);
             }
-        free(scores);
-        free(acc);
+#undef ATTEND
+        }
+        free(scores), free(qf), free(o);
     }
     return failed ? 2 : 0;
 }

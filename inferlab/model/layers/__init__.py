@@ -4,9 +4,9 @@ PyTorch reference (any device: the definition) and calls the native CPU kernels 
 dispatcher (`inferlab.kernels`), which picks the implementation by op, weight type and ISA."""
 from inferlab.model.layers.activation import silu_and_mul
 from inferlab.model.layers.attention import AttentionMetadata, NativeRows, PrefillSeq, paged_attention
-from inferlab.model.layers.linear import Embedding, Linear, linear
+from inferlab.model.layers.linear import Embedding, Linear
 from inferlab.model.layers.norm import RMSNorm, rms_norm
 from inferlab.model.layers.rotary import RotaryEmbedding, rope
 
 __all__ = ["AttentionMetadata", "Embedding", "Linear", "NativeRows", "PrefillSeq", "RMSNorm", "RotaryEmbedding",
-           "linear", "paged_attention", "rms_norm", "rope", "silu_and_mul"]
+           "paged_attention", "rms_norm", "rope", "silu_and_mul"]

@@ -206,62 +206,79 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
 }
 
 /* Causal attention of whole prefill chunks as matrix products. One task per (chunk, KV head) packs
- * that head's keys as rows [n][D] and its values transposed [D][n], fp32; then, for each query head
- * of the group and each tile of MR query rows, S = Q K^T and O = P V both run on the linear layer's
- * micro-kernel (`gemm.h`), with an exact softmax between them over the tile's visible keys. */
+ * that head's keys transposed [D][n] and its values as rows [n][D16] (D16: head_dim rounded up to
+ * 16, zero-padded), fp32; then, for each query head of the group and each tile of up to 6 query
+ * rows, S = Q K^T and O = P V both run on a broadcast micro-kernel (6 rows x 16 columns, 12
+ * accumulators, no sums across lanes), with an exact causal softmax between them over the tile's
+ * visible keys. */
+#define PR 6 /* query rows per tile */
+
+/* c[i][0 .. 16) = sum over k of a[i][k] * b[k][0 .. 16), for i < R (a constant at each call). */
+IL_INLINE void bcast_tile(const float *a, int64_t lda, const float *b, int64_t ldb, int K, const int R,
+                          float *c, int64_t ldc, float scale) {
+    __m256 acc[PR][2];
+    for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(b + (int64_t)k * ldb), b1 = _mm256_loadu_ps(b + (int64_t)k * ldb + 8);
+        for (int i = 0; i < R; i++) {
+            const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+            acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+        }
+    }
+    const __m256 f = _mm256_set1_ps(scale);
+    for (int i = 0; i < R; i++) {
+        _mm256_storeu_ps(c + i * ldc, _mm256_mul_ps(acc[i][0], f));
+        _mm256_storeu_ps(c + i * ldc + 8, _mm256_mul_ps(acc[i][1], f));
+    }
+}
+
+static void bcast_tiles(const float *a, int64_t lda, const float *b, int64_t ldb, int K, int R, float *c,
+                        int64_t ldc, float scale) {
+    switch (R) {
+        case 1: bcast_tile(a, lda, b, ldb, K, 1, c, ldc, scale); break;
+        case 2: bcast_tile(a, lda, b, ldb, K, 2, c, ldc, scale); break;
+        case 3: bcast_tile(a, lda, b, ldb, K, 3, c, ldc, scale); break;
+        case 4: bcast_tile(a, lda, b, ldb, K, 4, c, ldc, scale); break;
+        case 5: bcast_tile(a, lda, b, ldb, K, 5, c, ldc, scale); break;
+        default: bcast_tile(a, lda, b, ldb, K, 6, c, ldc, scale);
+    }
+}
+
 static void attend_chunk(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                          int64_t row0, int count, int n, const int32_t *table, int h, int group, int num_heads,
-                         int num_kv_heads, int D, int block_size, float scale, int dtype, float *kp, float *vt,
+                         int num_kv_heads, int D, int block_size, float scale, int dtype, float *kt, float *vp,
                          float *s, int width) {
     const int64_t ts = (int64_t)num_kv_heads * D, head = (int64_t)h * D;
-    for (int t = 0; t < n; t++) {
-        const int64_t at = slot(table, t, block_size) * ts + head;
-        for (int d = 0; d < D; d++) kp[(int64_t)t * D + d] = il_ld(k_cache, at + d, dtype);
-        for (int d = 0; d < D; d++) vt[(int64_t)d * width + t] = il_ld(v_cache, at + d, dtype);
+    const int D16 = (D + 15) / 16 * 16;
+    for (int t = 0; t < width; t++) { /* past n: zeros, whose scores are masked and weights 0 */
+        const int64_t at = t < n ? slot(table, t, block_size) * ts + head : -1;
+        for (int d = 0; d < D; d++) kt[(int64_t)d * width + t] = at >= 0 ? il_ld(k_cache, at + d, dtype) : 0.f;
+        for (int d = 0; d < D16; d++) vp[(int64_t)t * D16 + d] = at >= 0 && d < D ? il_ld(v_cache, at + d, dtype) : 0.f;
     }
-    for (int d = 0; d < D; d++) memset(vt + (int64_t)d * width + n, 0, sizeof(float) * (width - n));
-    float qt[MR * IL_MAX_HEAD_DIM] __attribute__((aligned(32))), o[MR * IL_MAX_HEAD_DIM], inv[MR];
+    float qt[PR * IL_MAX_HEAD_DIM], o[PR * (IL_MAX_HEAD_DIM + 16)], inv[PR];
     for (int g = 0; g < group; g++) {
         const int j = h * group + g;
-        for (int i0 = 0; i0 < count; i0 += MR) {
-            const int R = count - i0 < MR ? count - i0 : MR;
+        for (int i0 = 0; i0 < count; i0 += PR) {
+            const int R = count - i0 < PR ? count - i0 : PR;
             const int first = n - count + i0; /* position of the tile's first query */
-            const int keys = first + R, keys8 = (keys + 7) / 8 * 8;
+            const int keys16 = (first + R + 15) / 16 * 16; /* keys any row of the tile sees, in 16s */
             for (int i = 0; i < R; i++)
-                for (int d = 0; d < D; d++)
-                    qt[i * D + d] = il_ld(q, (row0 + i0 + i) * q_stride + (int64_t)j * D + d, dtype) * scale;
-            for (int t = 0; t < keys; t += NR) { /* S = Q K^T over the keys any row of the tile sees */
-                const int C = keys - t < NR ? keys - t : NR;
-                __m128 r[NR];
-                tile(qt, D, kp + (int64_t)t * D, D, D, R, C, r);
-                for (int c = 0; c < C; c++) {
-                    float v[4];
-                    _mm_storeu_ps(v, r[c]);
-                    for (int i = 0; i < R; i++) s[(int64_t)i * width + t + c] = v[i];
-                }
-            }
+                for (int d = 0; d < D; d++) qt[i * D + d] = il_ld(q, (row0 + i0 + i) * q_stride + (int64_t)j * D + d, dtype);
+            for (int t = 0; t < keys16; t += 16) bcast_tiles(qt, D, kt + t, width, D, R, s + t, width, scale);
             for (int i = 0; i < R; i++) { /* row i sees keys 0 .. first + i; the rest weigh 0 */
                 float *si = s + (int64_t)i * width, mx = -FLT_MAX, sum = 0.f;
                 const int lim = first + i + 1;
                 for (int t = 0; t < lim; t++) mx = si[t] > mx ? si[t] : mx;
                 for (int t = 0; t < lim; t++) si[t] = expf(si[t] - mx);
                 for (int t = 0; t < lim; t++) sum += si[t];
-                memset(si + lim, 0, sizeof(float) * (keys8 - lim));
+                memset(si + lim, 0, sizeof(float) * (keys16 - lim));
                 inv[i] = 1.f / sum;
             }
-            for (int d = 0; d < D; d += NR) { /* O = P V, V transposed so both run along the keys */
-                const int C = D - d < NR ? D - d : NR;
-                __m128 r[NR];
-                tile(s, width, vt + (int64_t)d * width, width, keys8, R, C, r);
-                for (int c = 0; c < C; c++) {
-                    float v[4];
-                    _mm_storeu_ps(v, r[c]);
-                    for (int i = 0; i < R; i++) o[i * D + d + c] = v[i] * inv[i];
-                }
-            }
+            for (int d = 0; d < D16; d += 16) bcast_tiles(s, width, vp + d, D16, keys16, R, o + d, D16, 1.f);
             for (int i = 0; i < R; i++)
                 for (int d = 0; d < D; d++)
-                    il_st(out, ((row0 + i0 + i) * num_heads + j) * (int64_t)D + d, o[i * D + d], dtype);
+                    il_st(out, ((row0 + i0 + i) * num_heads + j) * (int64_t)D + d, o[i * D16 + d] * inv[i], dtype);
         }
     }
 }
@@ -270,27 +287,27 @@ int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, 
                           const int64_t *row0, const int32_t *count, const int32_t *ctx, const int32_t *seq,
                           int num_chunks, const int32_t *block_tables, int table_stride, int num_heads,
                           int num_kv_heads, int head_dim, int block_size, float scale, int dtype, int num_threads) {
-    const int D = head_dim, group = num_heads / num_kv_heads;
+    const int D = head_dim, group = num_heads / num_kv_heads, D16 = (D + 15) / 16 * 16;
     if (D % 8 || D > IL_MAX_HEAD_DIM || num_heads % num_kv_heads || group > IL_MAX_GROUP) return 1;
     int max_ctx = 1, failed = 0;
     for (int c = 0; c < num_chunks; c++) max_ctx = ctx[c] > max_ctx ? ctx[c] : max_ctx;
-    const int width = (max_ctx + 7) / 8 * 8;
+    const int width = (max_ctx + 15) / 16 * 16;
 #pragma omp parallel num_threads(num_threads) if (num_chunks > 0)
     {
-        float *kp = malloc(sizeof(float) * (size_t)width * D), *vt = malloc(sizeof(float) * (size_t)width * D);
-        float *s = malloc(sizeof(float) * MR * (size_t)width);
-        if (!kp || !vt || !s) {
+        float *kt = malloc(sizeof(float) * (size_t)width * D), *vp = malloc(sizeof(float) * (size_t)width * D16);
+        float *s = malloc(sizeof(float) * PR * (size_t)width);
+        if (!kt || !vp || !s) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int c = 0; c < num_chunks; c++)
             for (int h = 0; h < num_kv_heads; h++)
-                if (kp && vt && s)
+                if (kt && vp && s)
                     attend_chunk(q, q_stride, k_cache, v_cache, out, row0[c], count[c], ctx[c],
                                  block_tables + (int64_t)seq[c] * table_stride, h, group, num_heads, num_kv_heads, D,
-                                 block_size, scale, dtype, kp, vt, s, width);
-        free(kp), free(vt), free(s);
+                                 block_size, scale, dtype, kt, vp, s, width);
+        free(kt), free(vp), free(s);
     }
     return failed ? 2 : 0;
 }

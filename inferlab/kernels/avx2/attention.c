@@ -11,7 +11,7 @@
 #include "../common.h"
 #include "gemm.h"
 
-#define PREFETCH_AHEAD 1 /* blocks */
+#define PREFETCH_AHEAD 2 /* blocks */
 
 IL_INLINE __m256 load8(const void *p, int64_t i, int dtype) {
     if (dtype == IL_BF16)
@@ -98,12 +98,13 @@ IL_INLINE void attend_heads(const void *q, int64_t q_stride, const void *k_cache
          * hundreds of prefetches stalls on the CPU's few outstanding-miss buffers) */
         const int64_t ahead = t0 + PREFETCH_AHEAD * bs < n ? (int64_t)table[t0 / bs + PREFETCH_AHEAD] * bs * ts : -1;
         for (int t = 0; t < nt; t += 4) { /* scores of this block's keys, 4 slots (all heads) at a time */
-            if (ahead >= 0)
-                for (int b = 0; b < 4 * ts * elem && t * ts * elem + b < bs * ts * elem; b += 64) {
-                    _mm_prefetch((const char *)k_cache + (ahead + t * ts) * elem + b, _MM_HINT_T0);
-                    _mm_prefetch((const char *)v_cache + (ahead + t * ts) * elem + b, _MM_HINT_T1);
-                }
             for (int h = h0; h < h1; h++) {
+                if (ahead >= 0) /* slots t .. t + 3 of the block ahead, this head's part */
+                    for (int j = t; j < t + 4 && j < bs; j++)
+                        for (int b = 0; b < D * elem; b += 64) {
+                            _mm_prefetch((const char *)k_cache + (ahead + j * ts + (int64_t)h * D) * elem + b, _MM_HINT_T0);
+                            _mm_prefetch((const char *)v_cache + (ahead + j * ts + (int64_t)h * D) * elem + b, _MM_HINT_T0);
+                        }
                 const void *k[4]; /* past the block's keys: the last again, not stored */
                 for (int j = 0; j < 4; j++) k[j] = kb + ((t + j < nt ? t + j : nt - 1) * ts + (int64_t)h * D) * elem;
                 for (int g0 = 0; g0 < group; g0 += 3) {

@@ -6,8 +6,9 @@ positions whose top token agrees with it, and each mode's perplexity on the text
     .venv/bin/python benchmarks/kl_divergence.py [--text FILE] [--tokens 4096] [--model X.gguf] \\
         [--mode auto] [--mode q8_0] [--mode bf16:bfloat16:none] [--file other.gguf]
 
-A mode is `quantization[:dtype]` on the reference's file, or `--file PATH` runs another GGUF as it is
-stored (its own weights, e.g. llama.cpp's Q4_K_M of the same model). The default text is the GPL-3's
+A mode is `quantization[:dtype][+int8]` on the reference's file (`+int8`: int8 activations), or
+`--file PATH` runs another GGUF as it is stored (its own weights, e.g. llama.cpp's Q4_K_M of the same
+model). The default text is the GPL-3's
 (Debian ships it in /usr/share/common-licenses): plain English, the same on every machine.
 """
 from __future__ import annotations
@@ -57,10 +58,10 @@ def main() -> None:
                     help="quantization[:dtype], e.g. auto, q8_0, q4_0, none:bfloat16 (repeatable)")
     ap.add_argument("--file", action="append", default=[], help="another GGUF of the same model, run as stored")
     a = ap.parse_args()
-    modes = a.mode or ["auto", "q8_0", "q4_1", "q4_0", "auto:bfloat16"]
+    modes = a.mode or ["auto", "auto+int8", "q8_0", "q8_0+int8", "q4_0", "q4_0+int8", "auto:bfloat16"]
 
-    def engine(model: str | None, quantization: str, dtype: str) -> LLMEngine:
-        return LLMEngine(EngineConfig(model=model, quantization=quantization, dtype=dtype,
+    def engine(model: str | None, quantization: str, dtype: str, int8: bool = False) -> LLMEngine:
+        return LLMEngine(EngineConfig(model=model, quantization=quantization, dtype=dtype, int8_activations=int8,
                                       num_kv_blocks=WINDOW // 16 + 1, max_num_batched_tokens=WINDOW))
 
     ref_engine = engine(a.model, "none", "float32")
@@ -72,11 +73,16 @@ def main() -> None:
     print(f"{len(ids)} tokens of {a.text} in windows of {WINDOW}; "
           f"reference: dequantized fp32, perplexity {ref_ppl:.3f}")
     print("| mode | mean KL divergence | top-1 agreement | perplexity |\n|---|---|---|---|")
-    runs = [(f"--quantization {m.split(':')[0]}" + (f" --dtype {m.split(':')[1]}" if ":" in m else ""),
-             a.model, *(m.split(":") + ["float32"])[:2]) for m in modes]
-    runs += [(f"--model {f}", f, "auto", "float32") for f in a.file]
-    for label, model, quantization, dtype in runs:
-        _, kl, agree, ppl = evaluate(engine(model, quantization, dtype), windows, reference)
+    runs = []
+    for m in modes:
+        base, int8 = m.removesuffix("+int8"), m.endswith("+int8")
+        quantization, dtype = (base.split(":") + ["float32"])[:2]
+        label = f"--quantization {quantization}" + (f" --dtype {dtype}" if ":" in base else "") + \
+            (" --int8-activations" if int8 else "")
+        runs.append((label, a.model, quantization, dtype, int8))
+    runs += [(f"--model {f}", f, "auto", "float32", False) for f in a.file]
+    for label, model, quantization, dtype, int8 in runs:
+        _, kl, agree, ppl = evaluate(engine(model, quantization, dtype, int8), windows, reference)
         print(f"| {label} | {kl:.5f} | {100 * agree:.2f}% | {ppl:.3f} |")
 
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 from inferlab import LLM, SamplingParams, runner
 from inferlab.model import llama
-from inferlab.model.layers import linear, norm  # the modules (the package does not export their functions by these names)
+from inferlab.model.layers import linear, norm  # the modules, not the functions of those names
 from inferlab.tape import DecodeTape
 
 KINDS = {  # wrapped function -> kind of work; the wrapped functions never nest

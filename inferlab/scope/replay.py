@@ -48,6 +48,7 @@ def build_replay_app(*paths: str) -> FastAPI:
         frames = "".join(f'<iframe src="/scope?trace={k}" title="{html.escape(path)}"></iframe>'
                          for k, (path, _, _) in enumerate(traces))
         return HTMLResponse('<!doctype html><meta charset="utf-8"><title>InferLab scope: side by side</title>'
+                            '<link rel="icon" href="data:,">'
                             '<style>body{margin:0;display:flex;height:100vh;background:#0f1216}'
                             'iframe{flex:1;border:0;border-right:2px solid #2a3038}</style>' + frames)
 

@@ -112,7 +112,8 @@ def main() -> None:
         ax.axvline(measured_r, color="tab:green", linestyle=":", label=f"this CPU (r = {measured_r:.2g})")
         ax.set_xscale("log")
         ax.set_xlabel("r = swap seconds / recompute seconds, per token")
-        ax.set_ylabel(f"{label}: recompute / swap (> 1: swap wins)")
+        ax.set_ylabel(f"{label}: recompute / swap")
+        ax.set_title("above 1: swap wins", fontsize=9)
         ax.legend(fontsize=7)
     even = {c: crossover(ratios, gains[("makespan_s", c)]) for c in (True, False)}
     best = {c: gains[("makespan_s", c)][0] for c in (True, False)}

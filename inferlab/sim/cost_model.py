@@ -46,7 +46,9 @@ class CostModel:
     per_prefill_token: float
     per_decode_seq: float
     per_context_token: float
-    per_swap_byte: float = 2.0e-10  # measured by calibrate: K/V copied between the pool and the host
+    # K/V copied between the pool and a host pool: measured by calibrate; this default on the 2-core
+    # development machine under load (0.53 GB/s out and back, float32)
+    per_swap_byte: float = 1.9e-9
     kv_bytes_per_token: int = 46080  # the embedded model in float32: 2 (K, V) x 30 layers x 3 heads x 64 x 4 B
 
     def swap_seconds(self, num_blocks: int, block_size: int) -> float:

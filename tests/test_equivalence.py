@@ -43,17 +43,15 @@ def test_prefix_caching_on_gives_same_output_and_hits(make_llm, prompts, referen
     assert all(o.num_cached_tokens >= len(p) - 4 for o, p in zip(again, prompts, strict=True))
 
 
-def test_radix_prefix_cache_gives_same_output_and_hits_as_the_hash_chain(make_llm, prompts, reference):
-    hits = {}
-    for structure in ("hash", "radix"):
-        llm = make_llm(num_kv_blocks=512, block_size=4, prefix_cache=structure)
-        first = _run(llm, prompts[:1])  # caches the system prompt the others share, then the rest in one batch
-        assert [o.outputs[0].token_ids for o in first + _run(llm, prompts[1:])] == reference
-        again = _run(llm, prompts)
-        assert [o.outputs[0].token_ids for o in again] == reference
-        hits[structure] = [o.num_cached_tokens for o in again], llm.engine.block_manager.prefix_hits
-    assert hits["radix"] == hits["hash"]
-    assert all(n >= len(p) - 4 for n, p in zip(hits["radix"][0], prompts, strict=True))
+def test_radix_prefix_cache_gives_same_output_and_hits(make_llm, prompts, reference):
+    # (that the tree finds exactly the blocks the hash chain finds is property-tested in test_radix_cache)
+    llm = make_llm(num_kv_blocks=512, block_size=4, prefix_cache="radix")
+    first = _run(llm, prompts[:1])  # caches the system prompt the others share, then the rest in one batch
+    assert [o.outputs[0].token_ids for o in first + _run(llm, prompts[1:])] == reference
+    assert llm.engine.block_manager.prefix_hits >= (len(prompts) - 1) * 24
+    again = _run(llm, prompts)
+    assert [o.outputs[0].token_ids for o in again] == reference
+    assert all(o.num_cached_tokens >= len(p) - 4 for o, p in zip(again, prompts, strict=True))
 
 
 def test_prefix_caching_off_never_hits(make_llm, prompts, reference):

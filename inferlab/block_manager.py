@@ -94,7 +94,7 @@ class BlockManager:
         reviving = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
         if num_new_blocks + reviving > len(self.free_queue):
             return False
-        if not req.block_table:  # first allocation of this admission: count the cache lookup
+        if not req.block_table and not req.num_computed_tokens:  # admitted after a cache lookup: count it
             self.prefix_queries += req.num_tokens
             self.prefix_hits += len(computed_blocks) * self.block_size
         for block_id in computed_blocks:
@@ -108,9 +108,7 @@ class BlockManager:
             block_id, _ = self.free_queue.popitem(last=False)
             block = self.blocks[block_id]
             if block.hash is not None:
-                del self.hash_to_block[block.hash]
-                block.hash, block.token_ids = None, None
-                self.evictions += 1
+                self.evict(block)
             block.ref_count = 1
             req.block_table.append(block_id)
         return True
@@ -150,6 +148,12 @@ class BlockManager:
                     self.free_queue.move_to_end(block_id, last=False)
         req.block_table = []
         req.block_hashes = []
+
+    def evict(self, block: Block) -> None:
+        """Drop a free block from the prefix cache, as its slots are about to be reused."""
+        del self.hash_to_block[block.hash]
+        block.hash, block.token_ids = None, None
+        self.evictions += 1
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached-but-free block (used blocks keep theirs until freed)."""

@@ -8,7 +8,7 @@ import logging
 import sys
 
 from inferlab import bench_serve
-from inferlab.config import EngineConfig
+from inferlab.config import KV_ALLOCATIONS, PREEMPTION_MODES, PREFIX_CACHES, EngineConfig
 from inferlab.logger import setup_logging
 from inferlab.model.layers.linear import QUANTIZATIONS
 
@@ -34,11 +34,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--scheduling-policy", default="fcfs",
                    help="fcfs, priority, sjf, or a policy of your own: module:Class or file.py:Class")
+    add_kv_mode_args(g)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "native", "torch"],
                    help="native: the C kernel reading the paged cache in place (CPU); torch: the reference")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step op by op through the Python model (no one-call decode step)")
+
+
+def add_kv_mode_args(g) -> None:
+    """The learning path's switches (docs/learn), for the engine and the simulator alike."""
+    g.add_argument("--prefix-cache", default="hash", choices=PREFIX_CACHES, help="the prefix cache: a hash chain "
+                   "(vLLM) or a radix tree (SGLang)")
+    g.add_argument("--kv-allocation", default="paged", choices=KV_ALLOCATIONS,
+                   help="reserve: each request's whole length up front, refused when the pool is full (pre-vLLM)")
+    g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES,
+                   help="swap: a preempted request's KV goes to a host pool and back")
+    g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for --preemption-mode swap")
+
+
+def kv_mode_config(a: argparse.Namespace) -> dict:
+    return {"prefix_cache": a.prefix_cache, "kv_allocation": a.kv_allocation, "preemption_mode": a.preemption_mode,
+            "swap_space": a.swap_space}
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -60,7 +77,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens,
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
-                        attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager)
+                        attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager,
+                        **kv_mode_config(a))
 
 
 def add_record_arg(p: argparse.ArgumentParser) -> None:
@@ -160,7 +178,8 @@ def cmd_simulate(a: argparse.Namespace) -> None:
         a.num_requests, a.rate, a.prompt_len, a.output_len, a.seed, a.burst, a.shared_prefix, a.priorities)
     config = EngineConfig(block_size=a.block_size, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                           max_num_batched_tokens=a.max_num_batched_tokens, scheduling_policy=a.policy,
-                          enable_prefix_caching=not a.no_prefix_caching, sjf_aging_rate=a.sjf_aging_rate)
+                          enable_prefix_caching=not a.no_prefix_caching, sjf_aging_rate=a.sjf_aging_rate,
+                          **kv_mode_config(a))
     cost = CostModel.load(a.cost_model) if a.cost_model else DEFAULT
     result = {"policy": a.policy, "requests": len(trace), "replicas": a.replicas, "router": a.router,
               **simulate(config, a.num_kv_blocks, trace, cost, a.replicas, a.router)}
@@ -249,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-num-seqs", type=int, default=256)
     m.add_argument("--max-num-batched-tokens", type=int, default=2048)
     m.add_argument("--no-prefix-caching", action="store_true")
+    add_kv_mode_args(m)
     m.set_defaults(func=cmd_simulate)
     k = sub.add_parser("calibrate", help="fit the simulator's cost model to timed steps of the real model")
     k.add_argument("--out", default="cost_model.json")
@@ -263,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)
     o = sub.add_parser("scope", help="the dashboard on a recorded trace (live: `inferlab serve`, then /scope)")
-    o.add_argument("--replay", required=True, metavar="FILE", help="a trace written with --record")
+    o.add_argument("--replay", required=True, action="append", metavar="FILE",
+                   help="a trace written with --record; repeat it to see several side by side")
     o.add_argument("--host", default="127.0.0.1")
     o.add_argument("--port", type=int, default=8001)
     o.set_defaults(func=cmd_scope)

@@ -8,6 +8,9 @@ from inferlab.policy import resolve_policy
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
+KV_ALLOCATIONS = ("paged", "reserve")
+PREEMPTION_MODES = ("recompute", "swap")
+PREFIX_CACHES = ("hash", "radix")
 
 
 @dataclass
@@ -32,6 +35,14 @@ class EngineConfig:
     # Cap on one prefill's tokens per step, so a huge prompt cannot stall running decodes.
     long_prefill_token_threshold: int | None = None  # None: max_num_batched_tokens // 4
     enable_prefix_caching: bool = True
+    prefix_cache: str = "hash"  # the cache's structure: a hash chain (vLLM) or a radix tree (SGLang)
+    # paged: blocks as tokens arrive (vLLM); reserve: a request's whole length up front, as engines
+    # before vLLM did, and an out-of-KV-memory error for a request that does not fit (see allocation.py)
+    kv_allocation: str = "paged"
+    # what preemption does with the victim's KV: drop it and recompute later, or copy it to a host
+    # pool of swap_space GiB and back (vLLM's names; see preemption.py)
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0
     scheduling_policy: str = "fcfs"
     sjf_aging_rate: float = 20.0  # tokens of work forgiven per second of waiting
     # auto: the native CPU kernel where it builds, else PyTorch; torch: always the PyTorch reference
@@ -68,5 +79,13 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.prefix_cache not in PREFIX_CACHES:
+            raise ValueError(f"prefix_cache must be one of {PREFIX_CACHES}, got {self.prefix_cache!r}")
+        if self.kv_allocation not in KV_ALLOCATIONS:
+            raise ValueError(f"kv_allocation must be one of {KV_ALLOCATIONS}, got {self.kv_allocation!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if not self.swap_space >= 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if self.sjf_aging_rate < 0:
             raise ValueError(f"sjf_aging_rate must be >= 0, got {self.sjf_aging_rate}")

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from inferlab.block_manager import BlockManager
 from inferlab.config import EngineConfig
 from inferlab.detokenizer import IncrementalDetokenizer
+from inferlab.kv_swap import HostKVPool
 from inferlab.malloc import keep_freed_memory
 from inferlab.model.layers.quant import describe_weights
 from inferlab.model.llama import LlamaForCausalLM
@@ -24,6 +24,7 @@ from inferlab.model.loader import load_model
 from inferlab.model.tokenizer import Tokenizer
 from inferlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from inferlab.policy import make_queue
+from inferlab.radix_cache import PREFIX_CACHES
 from inferlab.request import Request, RequestStatus
 from inferlab.runner import ModelRunner, kv_bytes_per_block
 from inferlab.sampling_params import SamplingParams
@@ -78,11 +79,14 @@ class LLMEngine:
             if num_blocks < 1:
                 raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
         self.eos_token_ids = self.tokenizer.eos_token_ids
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager,
-                                   make_queue(config.scheduling_policy, config.sjf_aging_rate), clock)
+        self.block_manager = PREFIX_CACHES[config.prefix_cache](num_blocks, config.block_size,
+                                                                config.enable_prefix_caching)
+        num_host_blocks = int(config.swap_space * 2**30) // per_block
+        self.scheduler = Scheduler(config, self.block_manager, make_queue(config.scheduling_policy,
+                                   config.sjf_aging_rate), clock, num_host_blocks)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids,
                                   native=config.attention_backend != "torch", fused=not config.enforce_eager)
+        self.host_pool = HostKVPool(self.runner, num_host_blocks)  # allocated by the first swap, if any
         if config.attention_backend == "native" and self.runner.native is None:
             raise ValueError("attention_backend 'native' needs a CPU device, float32 or bfloat16, and a C "
                              "compiler (see the log for why the kernel did not build)")
@@ -155,12 +159,12 @@ class LLMEngine:
                       max_tokens=max_tokens, priority=priority, prompt=text)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         req.generator = torch.Generator(self.device).manual_seed(seed)
+        self.scheduler.add_request(req)  # first: if it refuses the request (out of KV memory), nothing is kept
         self.requests[request_id] = req
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop_list,
                                                                params.include_stop_str_in_output)
         if params.logprobs is not None:
             self.logprobs[request_id] = []
-        self.scheduler.add_request(req)
         return req
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -182,6 +186,7 @@ class LLMEngine:
         if self.threads is not None:
             self.threads.update()
         out = self.scheduler.schedule()
+        self.host_pool.copy(out.swap_out, out.swap_in)  # before the model reads or overwrites those blocks
         self.last_step_tokens = out.num_tokens
         if not out.scheduled:
             return []

@@ -68,6 +68,14 @@ class ModelRunner:
         self.tape = DecodeTape.record(model, self.kv_caches, self.native, kernels.C["IL_MAX_ROWS"]) \
             if fused and self.native is not None else None
 
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """The K/V of these pool blocks on the host, block k at index k of dim 0 (preemption by swap)."""
+        return self.kv_cache[:, :, block_ids].movedim(2, 0).cpu()
+
+    def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """Put blocks read by `read_blocks` back, into these pool blocks."""
+        self.kv_cache[:, :, block_ids] = blocks.to(self.device).movedim(0, 2)
+
     def prepare(self, scheduled: list[tuple[Request, int]]):
         """Flat model inputs and attention metadata for one step, built with numpy (no per-token
         Python loops): token ids, positions, the slot of each new token, and block tables."""

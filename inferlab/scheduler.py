@@ -4,7 +4,9 @@ Each step, every request's `num_computed_tokens` tries to catch up with its `num
 running requests first (a decode needs 1 token, an unfinished prefill the next chunk), then
 waiting ones in policy order, all under `max_num_batched_tokens` and `max_num_seqs`. Prefill,
 chunked prefill and decode are therefore one path and share a step. When KV blocks run out
-the policy's victim is preempted (its blocks freed, recomputed later) instead of failing.
+the policy's victim is preempted instead of failing: its blocks are freed and recomputed later,
+or swapped to a host pool and back (`preemption.py`). How much a request takes on admission,
+what it needs or its whole length, is `allocation.py`'s to say.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from inferlab.allocation import ALLOCATIONS
 from inferlab.block_manager import BlockManager
 from inferlab.config import EngineConfig
 from inferlab.policy import RequestQueue
+from inferlab.preemption import make_preemption
 from inferlab.request import Request, RequestStatus
 
 
@@ -23,6 +27,9 @@ from inferlab.request import Request, RequestStatus
 class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this step)
     preempted: list[Request] = field(default_factory=list)
+    # K/V copies to do before this step runs, as (device block, host block): preemption by swap
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -31,10 +38,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, waiting: RequestQueue,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, num_host_blocks: int = 0) -> None:
+        """`num_host_blocks`: the host pool for preemption by swap (unused by recompute)."""
         self.config = config
         self.block_manager = block_manager
         self.waiting = waiting
+        self.allocation = ALLOCATIONS[config.kv_allocation](block_manager)
+        self.preemption = make_preemption(config.preemption_mode, block_manager, num_host_blocks)
         self.running: list[Request] = []
         self.clock = clock
         self.num_preemptions = 0
@@ -46,6 +56,8 @@ class Scheduler:
         self._may_evict_for_waiting = type(waiting).should_preempt is not RequestQueue.should_preempt
 
     def add_request(self, req: Request) -> None:
+        """Queue `req`; raises (changing nothing) if the allocation refuses it."""
+        self.allocation.add(req)
         req.seq = next(self._seq)
         req.status = RequestStatus.WAITING
         self.waiting.push(req)
@@ -55,8 +67,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
-        self.block_manager.free(req)
-        req.num_computed_tokens = 0
+        self.preemption.preempt(req, out)
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -74,7 +85,8 @@ class Scheduler:
             victim = self.waiting.victim(self.running)
             if not self.waiting.should_preempt(head, victim):
                 return
-            need = bm.blocks_needed(self._chunk(head, 0, self.config.max_num_batched_tokens))
+            done = head.num_computed_tokens  # 0, or what a swapped request brings back
+            need = bm.blocks_needed(done + self._chunk(head, done, self.config.max_num_batched_tokens))
             if len(self.running) < self.config.max_num_seqs and bm.num_free_blocks >= need:
                 return
             self._preempt(victim, out)
@@ -114,16 +126,16 @@ class Scheduler:
             return out
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.peek()
-            computed = self.block_manager.get_computed_blocks(req)
-            num_cached = len(computed) * self.block_manager.block_size
-            n = self._chunk(req, num_cached, budget)
-            if not self.block_manager.allocate_slots(req, n, computed):
+            computed, num_computed = self.preemption.resume(req)  # prefix-cache hits, or its swapped KV
+            n = self._chunk(req, num_computed, budget)
+            if not self.block_manager.allocate_slots(req, self.allocation.admit_tokens(req, num_computed, n), computed):
                 break  # head-of-line waits for blocks; letting others pass would starve it
             self.waiting.pop()
-            req.num_computed_tokens = num_cached
+            req.num_computed_tokens = num_computed
+            self.preemption.resumed(req, out)
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = self.clock()
-                req.num_cached_tokens = num_cached
+                req.num_cached_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append((req, n))
@@ -148,21 +160,26 @@ class Scheduler:
         self.block_manager.cache_new_full_blocks(advanced)
 
     def finish_request(self, req: Request, status: RequestStatus) -> None:
+        if req.status.finished:
+            return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-        elif not req.status.finished:
+        else:
             self.waiting.remove(req)
         self.block_manager.free(req)
+        self.preemption.release(req)
+        self.allocation.release(req)
         req.status = status
 
     def live_requests(self) -> list[Request]:
         return self.running + list(self.waiting)
 
     def check_integrity(self) -> None:
-        self.block_manager.check_integrity(self.live_requests())
-        for req in self.waiting:
-            if req.block_table or req.num_computed_tokens:
-                raise AssertionError(f"waiting request {req.request_id} holds KV state")
+        waiting = list(self.waiting)
+        # a waiting request with tokens computed keeps them in the host pool (swap): checked there
+        self.block_manager.check_integrity(self.running + [r for r in waiting if not r.num_computed_tokens])
+        self.preemption.check_integrity(waiting)
+        self.allocation.check_integrity(self.running + waiting)
 
     def snapshot(self, detail: bool = False) -> dict:
         """A small per-step view for metrics, dashboards and experiments. `detail` adds what a
@@ -170,7 +187,8 @@ class Scheduler:
         a pass over the pool, so it is computed only when someone asks."""
         snap = {"step": self.step_count, "num_running": len(self.running),
                 "num_waiting": len(self.waiting), "num_preemptions": self.num_preemptions,
-                "kv": self.block_manager.snapshot(detail)}
+                "kv": self.block_manager.snapshot(detail), **self.preemption.snapshot(),
+                **self.allocation.snapshot()}
         if detail:
             snap["batch"] = self.batch_view()
             snap["requests"] = [request_view(r) for r in self.live_requests()]

@@ -43,16 +43,29 @@ def test_prefix_caching_on_gives_same_output_and_hits(make_llm, prompts, referen
     assert all(o.num_cached_tokens >= len(p) - 4 for o, p in zip(again, prompts, strict=True))
 
 
+def test_radix_prefix_cache_gives_same_output_and_hits(make_llm, prompts, reference):
+    # (that the tree finds exactly the blocks the hash chain finds is property-tested in test_radix_cache)
+    llm = make_llm(num_kv_blocks=512, block_size=4, prefix_cache="radix")
+    first = _run(llm, prompts[:1])  # caches the system prompt the others share, then the rest in one batch
+    assert [o.outputs[0].token_ids for o in first + _run(llm, prompts[1:])] == reference
+    assert llm.engine.block_manager.prefix_hits >= (len(prompts) - 1) * 24
+    again = _run(llm, prompts)
+    assert [o.outputs[0].token_ids for o in again] == reference
+    assert all(o.num_cached_tokens >= len(p) - 4 for o, p in zip(again, prompts, strict=True))
+
+
 def test_prefix_caching_off_never_hits(make_llm, prompts, reference):
     llm = make_llm(num_kv_blocks=512, enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in _run(llm, prompts)] == reference
     assert llm.engine.block_manager.prefix_hits == 0
 
 
-def test_tiny_pool_preempts_and_recomputes(make_llm, prompts, reference):
-    llm = make_llm(num_kv_blocks=14, block_size=16)
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_tiny_pool_preempts_and_recomputes_or_swaps(make_llm, prompts, reference, mode):
+    llm = make_llm(num_kv_blocks=14, block_size=16, preemption_mode=mode)
     assert [o.outputs[0].token_ids for o in _run(llm, prompts)] == reference
     assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.snapshot().get("swapped_in", 0) > 0 or mode == "recompute"
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

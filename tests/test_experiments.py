@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-SCRIPTS = ["kv_waste", "policies", "prefix_cache", "chunked_prefill", "memory_pressure", "block_size", "fidelity"]
+# the first three have tests of their own below
+SCRIPTS = ["kv_waste", "policies", "preemption", "prefix_cache", "chunked_prefill", "memory_pressure", "block_size",
+           "fidelity"]
 
 
 def run_smoke(name: str, out: Path, *args: str) -> str:
@@ -24,7 +26,7 @@ def table_rows(md: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
 
 
-@pytest.mark.parametrize("name", SCRIPTS[2:])
+@pytest.mark.parametrize("name", SCRIPTS[3:])
 def test_experiment_smoke_run_writes_a_table_and_a_plot(name, tmp_path):
     md = run_smoke(name, tmp_path)
     assert md.startswith("# ") and "Smoke run" in md
@@ -46,3 +48,14 @@ def test_paged_allocation_wastes_little_where_contiguous_wastes_most(tmp_path):
     assert waste["paged, block 16"] < 4 < 60 < waste["contiguous, reserve 2048"]
     concurrent = {r[1]: int(r[3].replace(",", "")) for r in rows}
     assert concurrent["paged, block 16"] > concurrent["contiguous, exact final length (oracle)"]
+
+
+def test_preemption_experiment_swap_brings_back_what_recompute_computes_again(tmp_path):
+    rows = table_rows(run_smoke("preemption", tmp_path))
+    engine = {(r[2], r[3]): r for r in rows if r[0] == "engine"}
+    assert int(engine[("off", "recompute")][5]) > 0 and int(engine[("off", "swap")][7]) > 0
+    computed = {mode: int(engine[("off", mode)][6].replace(",", "")) for mode in ("recompute", "swap")}
+    assert computed["swap"] < computed["recompute"]  # without the prefix cache every preemption recomputes
+    sim = {(r[2], r[3], float(r[4])): float(r[9].replace(",", "")) for r in rows if r[0] == "simulator"}
+    assert sim[("off", "swap", 0.01)] < sim[("off", "recompute", 0.01)]  # nearly free swaps win
+    assert sim[("off", "swap", 10.0)] > sim[("off", "recompute", 10.0)]  # swaps dearer than prefill lose

@@ -4,6 +4,8 @@ and Qwen3 (q/k norms) models; steps it does not cover keep the op-by-op path; a 
 computes outside the kernels is never taped."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -99,7 +101,8 @@ def test_a_forward_that_computes_outside_the_kernels_is_not_taped(smol, caplog):
     layer = model.model.layers[1]
     original = layer.mlp.forward
     layer.mlp.forward = lambda x: original(x) * 1.0  # an edit a tape could not replay
-    llm = LLM(loaded=(model, tokenizer), num_kv_blocks=64)
+    with caplog.at_level(logging.INFO, logger="inferlab"):
+        llm = LLM(loaded=(model, tokenizer), num_kv_blocks=64)
     if kernels.native() is None:
         pytest.skip("the native kernels are unavailable")
     assert llm.engine.runner.tape is None

@@ -1,12 +1,15 @@
 """`inferlab scope --replay trace.jsonl`: the dashboard page fed from a recorded trace; the page
-loads the frames and plays them (play / pause / step / time slider) by itself."""
+loads the frames and plays them (play / pause / step / time slider) by itself. Given several
+traces (`--replay a.jsonl --replay b.jsonl`, e.g. vLLM's timeline and InferLab's from the surgery
+room), /scope?trace=K shows the K-th and /scope/beside shows them all side by side."""
 from __future__ import annotations
 
+import html
 import logging
 
 import uvicorn
-from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse, RedirectResponse
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 
 from inferlab.scope.recorder import read_trace
 from inferlab.scope.web import mount_pages
@@ -14,25 +17,46 @@ from inferlab.scope.web import mount_pages
 log = logging.getLogger("inferlab")
 
 
-def build_replay_app(path: str) -> FastAPI:
-    """Read (and check) the trace once; ValueError if it is not one."""
-    head, frames = read_trace(path)
-    body = "\n".join(frames) + "\n"
+def build_replay_app(*paths: str) -> FastAPI:
+    """Read (and check) the traces once; ValueError if one is not a trace."""
+    traces = [(path, *read_trace(path)) for path in paths]
+    bodies = ["\n".join(frames) + "\n" for _, _, frames in traces]
     app = FastAPI(title="InferLab scope replay")
-    mount_pages(app, lambda: {**head, "mode": "replay", "frames": len(frames), "file": path})
+
+    def chosen(trace: int) -> int:
+        if not 0 <= trace < len(traces):
+            raise HTTPException(404, f"no trace {trace}: {len(traces)} loaded")
+        return trace
+
+    @app.get("/scope/info")  # before mount_pages' own /scope/info, which it shadows: it takes ?trace=K
+    async def info(trace: int = 0) -> dict:
+        path, head, frames = traces[chosen(trace)]
+        return {**head, "mode": "replay", "frames": len(frames), "file": path}
+
+    mount_pages(app, lambda: {})
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
-        return RedirectResponse("/scope")
+        return RedirectResponse("/scope/beside" if len(traces) > 1 else "/scope")
 
     @app.get("/scope/trace")
-    async def trace() -> PlainTextResponse:
-        return PlainTextResponse(body, media_type="application/x-ndjson")
+    async def trace(trace: int = 0) -> PlainTextResponse:
+        return PlainTextResponse(bodies[chosen(trace)], media_type="application/x-ndjson")
+
+    @app.get("/scope/beside", include_in_schema=False)
+    async def beside() -> HTMLResponse:
+        frames = "".join(f'<iframe src="/scope?trace={k}" title="{html.escape(path)}"></iframe>'
+                         for k, (path, _, _) in enumerate(traces))
+        return HTMLResponse('<!doctype html><meta charset="utf-8"><title>InferLab scope: side by side</title>'
+                            '<link rel="icon" href="data:,">'
+                            '<style>body{margin:0;display:flex;height:100vh;background:#0f1216}'
+                            'iframe{flex:1;border:0;border-right:2px solid #2a3038}</style>' + frames)
 
     return app
 
 
-def serve_replay(path: str, host: str = "127.0.0.1", port: int = 8001) -> None:
-    app = build_replay_app(path)
-    log.info("replaying %s at http://%s:%d/scope", path, host, port)
+def serve_replay(paths: list[str], host: str = "127.0.0.1", port: int = 8001) -> None:
+    app = build_replay_app(*paths)
+    page = "scope/beside" if len(paths) > 1 else "scope"
+    log.info("replaying %s at http://%s:%d/%s", ", ".join(paths), host, port, page)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()

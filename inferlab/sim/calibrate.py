@@ -1,10 +1,14 @@
-"""`inferlab calibrate`: time real engine steps over a spread of batch shapes and fit a CostModel."""
+"""`inferlab calibrate`: time real engine steps over a spread of batch shapes and fit a CostModel;
+time K/V copies to a host pool and back for the cost of preemption by swap."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
 from inferlab.engine import LLMEngine
+from inferlab.kv_swap import HostKVPool
+from inferlab.runner import kv_bytes_per_block
 from inferlab.sampling_params import SamplingParams
 from inferlab.sim.cost_model import CostModel, StepFeatures
 
@@ -42,4 +46,21 @@ def calibrate(engine: LLMEngine, scale: float = 1.0, seed: int = 0) -> tuple[Cos
     finally:
         engine.runner.execute = execute
     warm = samples[2:]  # the first steps pay one-off allocation costs
-    return CostModel.fit(warm), len(warm)
+    return dataclasses.replace(CostModel.fit(warm), **swap_cost(engine)), len(warm)
+
+
+def swap_cost(engine: LLMEngine, num_blocks: int = 64, rounds: int = 3) -> dict:
+    """Seconds per byte of K/V copied out to a host pool and back (best of `rounds`), and the
+    model's K/V bytes per token. Copies the pool's first blocks onto themselves: call it idle."""
+    ids = list(range(min(num_blocks, engine.block_manager.num_blocks)))
+    host, pairs = HostKVPool(engine.runner, len(ids)), list(zip(ids, ids))
+    host.copy(pairs, [])  # allocates the host pool
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        host.copy(pairs, [])
+        host.copy([], pairs)
+        best = min(best, time.perf_counter() - start)
+    per_token = kv_bytes_per_block(engine.model.args, 1, engine.dtype)
+    return {"per_swap_byte": best / (2 * len(ids) * engine.config.block_size * per_token),
+            "kv_bytes_per_token": per_token}

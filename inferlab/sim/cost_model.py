@@ -5,6 +5,11 @@
 
 `inferlab calibrate` fits it to timed steps of the real model on this machine; the simulator
 then advances its virtual clock by it instead of running the model.
+
+Preemption costs follow from it. A request recomputed after preemption pays for its prefill
+tokens again, at the per-token cost above: compute, proportional to FLOPs. A swapped one pays
+`per_swap_byte` for every byte of K/V copied out to the host pool and back: proportional to
+bytes (`kv_bytes_per_token` is the model's K/V size, all layers, in the pool's dtype).
 """
 from __future__ import annotations
 
@@ -41,6 +46,13 @@ class CostModel:
     per_prefill_token: float
     per_decode_seq: float
     per_context_token: float
+    # K/V copied between the pool and a host pool: measured by calibrate; this default on the 2-core
+    # development machine under load (0.53 GB/s out and back, float32)
+    per_swap_byte: float = 1.9e-9
+    kv_bytes_per_token: int = 46080  # the embedded model in float32: 2 (K, V) x 30 layers x 3 heads x 64 x 4 B
+
+    def swap_seconds(self, num_blocks: int, block_size: int) -> float:
+        return self.per_swap_byte * self.kv_bytes_per_token * block_size * num_blocks
 
     def step_time(self, f: StepFeatures) -> float:
         return (self.base + self.per_prefill_token * f.prefill_tokens + self.per_decode_seq * f.decode_seqs

@@ -3,9 +3,10 @@ stepped on its own virtual clock by the cost model instead of the model. Every o
 a dummy, so requests run to their max_tokens (like the benchmarks' ignore_eos)."""
 from __future__ import annotations
 
-from inferlab.block_manager import BlockManager
+from inferlab.allocation import OutOfKVMemoryError
 from inferlab.config import EngineConfig
 from inferlab.policy import make_queue
+from inferlab.radix_cache import PREFIX_CACHES
 from inferlab.request import Request, RequestStatus
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
@@ -29,12 +30,15 @@ class VirtualClock:
 class Replica:
     def __init__(self, config: EngineConfig, num_blocks: int, cost: CostModel) -> None:
         self.clock = VirtualClock()
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager,
-                                   make_queue(config.scheduling_policy, config.sjf_aging_rate), self.clock)
+        self.block_manager = PREFIX_CACHES[config.prefix_cache](num_blocks, config.block_size,
+                                                                config.enable_prefix_caching)
+        num_host_blocks = int(config.swap_space * 2**30 // (cost.kv_bytes_per_token * config.block_size))
+        self.scheduler = Scheduler(config, self.block_manager, make_queue(config.scheduling_policy,
+                                   config.sjf_aging_rate), self.clock, num_host_blocks)
         self.cost = cost
+        self.swap_block_seconds = cost.swap_seconds(1, config.block_size)
         self.done: list[Record] = []
-        self.steps = self.output_tokens = self.prefill_tokens = 0
+        self.steps = self.output_tokens = self.prefill_tokens = self.swapped_blocks = 0
         self.peak_usage = 0.0
 
     @property
@@ -46,11 +50,16 @@ class Replica:
         """Requests admitted and not yet finished: what a least-loaded router compares."""
         return len(self.scheduler.running) + len(self.scheduler.waiting)
 
-    def add(self, i: int, t: TraceRequest, max_tokens: int) -> None:
+    def add(self, i: int, t: TraceRequest, max_tokens: int) -> bool:
+        """Queue trace request `i`; False if refused (kv_allocation="reserve": out of KV memory)."""
         if not self.busy:
             self.clock.now = max(self.clock.now, t.arrival)  # idle until this arrival
-        self.scheduler.add_request(Request(str(i), prompt_tokens(i, t), _PARAMS, t.arrival,
-                                           max_tokens=max_tokens, priority=t.priority))
+        try:
+            self.scheduler.add_request(Request(str(i), prompt_tokens(i, t), _PARAMS, t.arrival,
+                                               max_tokens=max_tokens, priority=t.priority))
+        except OutOfKVMemoryError:
+            return False
+        return True
 
     def step(self) -> None:
         sched, cost = self.scheduler, self.cost
@@ -74,8 +83,10 @@ class Replica:
                 sampled[req.request_id] = 0
                 if end + 1 - num_prompt >= req.max_tokens:
                     finishing.append(req)
+        swapped = len(out.swap_out) + len(out.swap_in)  # preemption by swap: bytes copied, not FLOPs
+        self.swapped_blocks += swapped
         self.clock.now += (cost.base + cost.per_prefill_token * prefill + cost.per_decode_seq * decodes
-                           + cost.per_context_token * context)
+                           + cost.per_context_token * context + self.swap_block_seconds * swapped)
         self.steps += 1
         self.prefill_tokens += prefill
         usage = self.block_manager.usage

@@ -26,7 +26,8 @@ def run(config: EngineConfig, num_blocks: int, trace: list[TraceRequest], cost: 
         replicas: int = 1, router: str = "round_robin") -> Fleet:
     """Replay `trace` (sorted by arrival). Events are taken in time order: an arrival is routed
     before any step that starts at or after it; otherwise the replica whose next step starts
-    first runs that step. A request longer than the context or a replica's pool is rejected."""
+    first runs that step. A request longer than the context or a replica's pool is rejected, and
+    so is one the replica refuses (kv_allocation="reserve": out of KV memory)."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     route = make_router(router)
@@ -46,10 +47,9 @@ def run(config: EngineConfig, num_blocks: int, trace: list[TraceRequest], cost: 
                 nxt = min((r for r in fleet.replicas if r.busy), key=lambda r: r.clock.now, default=None)
             if i < len(trace) and (nxt is None or trace[i].arrival <= nxt.clock.now):
                 t = trace[i]
-                if t.prompt_len >= limit:
+                if t.prompt_len >= limit or not fleet.replicas[route.choose(t, fleet.replicas)].add(
+                        i, t, min(t.output_len, limit - t.prompt_len)):
                     fleet.rejected += 1
-                else:
-                    fleet.replicas[route.choose(t, fleet.replicas)].add(i, t, min(t.output_len, limit - t.prompt_len))
                 i += 1
             elif nxt is not None:
                 nxt.step()
@@ -89,6 +89,7 @@ def summarize(fleet: Fleet) -> dict:
               "preemptions": sum(r.scheduler.num_preemptions for r in reps),
               "peak_kv_usage": round(max(r.peak_usage for r in reps), 4),
               "prefill_tokens": sum(r.prefill_tokens for r in reps),
+              "swapped_blocks": sum(r.swapped_blocks for r in reps),
               "prefix_hit_rate": round(sum(r.block_manager.prefix_hits for r in reps) / queries, 4) if queries else 0.0,
               "longest_wait_s": round(max(queue, default=0.0), 3)}
     for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e), ("queue", queue)):

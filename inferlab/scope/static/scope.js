@@ -7,6 +7,8 @@
   const MAX_POINTS = 600; // points kept on the time charts
   const MAX_LISTED = 100; // requests listed per queue
   const state = { header: null, frame: null, series: newSeries(), charts: {}, grid: null };
+  // a replay of several traces shows the one named in ?trace=K (see /scope/beside)
+  const TRACE = encodeURIComponent(new URLSearchParams(location.search).get("trace") ?? "0");
 
   // A request's colour comes from its id alone, so live and replay paint a block alike.
   function hue(id) {
@@ -244,7 +246,7 @@
     document.body.classList.add("replay");
     $("replay").hidden = false;
     $("conn").textContent = state.header.file ?? "trace";
-    const text = await (await fetch("/scope/trace")).text();
+    const text = await (await fetch(`/scope/trace?trace=${TRACE}`)).text();
     const frames = text.split("\n").filter((l) => l).map((l) => JSON.parse(l));
     const s = newSeries();
     for (const f of frames) ingest(s, f);
@@ -279,9 +281,9 @@
 
   // ---- start -------------------------------------------------------------------------------
   async function main() {
-    state.header = await (await fetch("/scope/info")).json();
+    state.header = await (await fetch(`/scope/info?trace=${TRACE}`)).json();
     const c = state.header.config;
-    $("mode").textContent = state.header.mode;
+    $("mode").textContent = state.header.engine ? `${state.header.mode} · ${state.header.engine}` : state.header.mode;
     $("config").textContent = `${c.scheduling_policy} · ${state.header.num_blocks} blocks × ${state.header.block_size} · `
       + `budget ${c.max_num_batched_tokens} tokens · max ${c.max_num_seqs} seqs${c.enable_prefix_caching ? "" : " · no prefix cache"}`;
     makeCharts();

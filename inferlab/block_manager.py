@@ -1,10 +1,10 @@
 """BlockManager: the paged KV pool's bookkeeping — ref-counted blocks, prefix caching, LRU eviction.
 
 The pool holds `num_blocks` blocks of `block_size` token slots each; a request's `block_table`
-lists its blocks in token order. A block that becomes full is registered under a chained hash
-(parent block's hash, its own tokens), so a later request with the same prefix reuses it.
-Freed blocks keep their hash and stay reusable until a new allocation evicts them, least
-recently freed first.
+lists its blocks in token order. A block that becomes full is registered under its SHA-256 key
+(`block_hash`: parent block's key, its own tokens, and for a first block the model and the
+request's cache salt), so a later request with the same prefix reuses it. Freed blocks keep their
+key and stay reusable until a new allocation evicts them, least recently freed first.
 
 Invariants (checked by `check_integrity`):
 | # | invariant                                                                      |
@@ -22,35 +22,42 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from itertools import groupby
 
+from inferlab.block_hash import block_hash, extra_keys
 from inferlab.request import Request
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "parent", "extra")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
+        # What `hash` was computed from, all compared on a hit: a key that collided (SHA-256 does
+        # not, but a test forces it to) would still never serve a block of another prefix.
         self.token_ids: tuple[int, ...] | None = None
+        self.parent: bytes | None = None
+        self.extra = b""
 
-
-def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    # Tuples of ints hash deterministically in CPython (no per-process salt), so hashes are
-    # stable across runs; collisions are caught by comparing tokens on lookup.
-    return hash((parent, tokens))
+    def uncache(self) -> None:
+        self.hash, self.token_ids, self.parent, self.extra = None, None, None, b""
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 model: str = "") -> None:
+        """`model` names what computes the K/V (name and dtype): part of every block's key, so
+        engines sharing keys across machines never mix two models' blocks."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.model = model
+        self.model_extra = extra_keys(model)
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Front = evicted first. Blocks without a hash go to the front when freed, cached ones
         # to the back, so reuse of uncached blocks protects the cache.
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found cached
         self.evictions = 0
@@ -66,20 +73,27 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def first_block_extra(self, req: Request) -> bytes:
+        """The extra keys of `req`'s first block: the model, and the request's cache salt if any."""
+        return self.model_extra if req.cache_salt is None else extra_keys(self.model, None, req.cache_salt)
+
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Cached blocks holding a prefix of `req`'s tokens. The last token is never taken from
         the cache, so at least one token is computed and its logits exist."""
         if not self.enable_prefix_caching:
             return []
-        bs, hits, parent = self.block_size, [], None
+        bs, hits, parent, extra = self.block_size, [], None, self.first_block_extra(req)
         for i in range((req.num_tokens - 1) // bs):
             tokens = tuple(req.token_ids[i * bs:(i + 1) * bs])
-            h = chain_hash(parent, tokens)
+            h = block_hash(parent, tokens, extra)
             block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.token_ids != tokens or block.parent != parent or block.extra != extra:
                 break
             hits.append(block_id)
-            parent = h
+            parent, extra = h, b""
         return hits
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
@@ -120,11 +134,13 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(req.block_hashes), req.num_computed_tokens // bs):
             tokens = tuple(req.token_ids[i * bs:(i + 1) * bs])
-            h = chain_hash(req.block_hashes[-1] if req.block_hashes else None, tokens)
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            extra = b"" if parent is not None else self.first_block_extra(req)
+            h = block_hash(parent, tokens, extra)
             req.block_hashes.append(h)
             block = self.blocks[req.block_table[i]]
             if h not in self.hash_to_block:  # else an identical block is cached already
-                block.hash, block.token_ids = h, tokens
+                block.hash, block.token_ids, block.parent, block.extra = h, tokens, parent, extra
                 self.hash_to_block[h] = block.block_id
 
     def cache_new_full_blocks(self, reqs: list[Request]) -> None:
@@ -152,7 +168,7 @@ class BlockManager:
     def evict(self, block: Block) -> None:
         """Drop a free block from the prefix cache, as its slots are about to be reused."""
         del self.hash_to_block[block.hash]
-        block.hash, block.token_ids = None, None
+        block.uncache()
         self.evictions += 1
 
     def reset_prefix_cache(self) -> None:
@@ -161,7 +177,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.hash is not None:
                 del self.hash_to_block[block.hash]
-                block.hash, block.token_ids = None, None
+                block.uncache()
 
     def snapshot(self, detail: bool = False) -> dict:
         """Pool counters; with `detail`, also the whole pool as a grid (see `grid`)."""
@@ -180,7 +196,7 @@ class BlockManager:
 
         `cells`: [[state, count], ...] in block order, state = ref count (> 1: a shared prefix block),
         0 = free, -1 = free but still cached. `hashes`: [[first_block, "hhhhhh..."], ...], six hex
-        digits of each consecutive cached block's hash, for a viewer to name a prefix block.
+        digits of each consecutive cached block's key, for a viewer to name a prefix block.
         """
         # One comprehension and groupby (both in C) rather than a Python loop: this runs for every
         # recorded step, over thousands of blocks.
@@ -188,7 +204,7 @@ class BlockManager:
         cells = [[state, len(list(run))] for state, run in groupby(states)]
         hashes: list[list] = []
         for block_id, h in [(b.block_id, b.hash) for b in self.blocks if b.hash is not None]:
-            digits = format(h & 0xFFFFFF, "06x")
+            digits = h[:3].hex()
             if hashes and hashes[-1][0] + len(hashes[-1][1]) // 6 == block_id:
                 hashes[-1][1] += digits
             else:

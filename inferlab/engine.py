@@ -16,11 +16,12 @@ import torch
 
 from inferlab.config import EngineConfig
 from inferlab.detokenizer import IncrementalDetokenizer
+from inferlab.inputs import PromptType, parse_prompt
 from inferlab.kv_swap import HostKVPool
 from inferlab.malloc import keep_freed_memory
 from inferlab.model.layers.quant import describe_weights
 from inferlab.model.llama import LlamaForCausalLM
-from inferlab.model.loader import load_model
+from inferlab.model.loader import EMBEDDED_FILE, load_model
 from inferlab.model.tokenizer import Tokenizer
 from inferlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from inferlab.policy import make_queue
@@ -33,7 +34,12 @@ from inferlab.threads import ThreadGovernor
 
 log = logging.getLogger("inferlab")
 
-PromptType = str | list[int] | dict
+
+def model_name(model: str | None) -> str:
+    """What a model is called (by the server, and in prefix-cache keys): its file or folder name."""
+    if model is None:
+        return EMBEDDED_FILE.split(".")[0]  # SmolLM2-135M-Instruct
+    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
 
 
 def default_kv_cache_memory(device: torch.device) -> int:
@@ -79,8 +85,9 @@ class LLMEngine:
             if num_blocks < 1:
                 raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
         self.eos_token_ids = self.tokenizer.eos_token_ids
-        self.block_manager = PREFIX_CACHES[config.prefix_cache](num_blocks, config.block_size,
-                                                                config.enable_prefix_caching)
+        self.block_manager = PREFIX_CACHES[config.prefix_cache](
+            num_blocks, config.block_size, config.enable_prefix_caching,
+            model=f"{model_name(config.model)}:{str(self.dtype).removeprefix('torch.')}")
         num_host_blocks = int(config.swap_space * 2**30) // per_block
         self.scheduler = Scheduler(config, self.block_manager, make_queue(config.scheduling_policy,
                                    config.sjf_aging_rate), clock, num_host_blocks)
@@ -115,36 +122,13 @@ class LLMEngine:
         """The most tokens (prompt + output) one request can hold: context and pool both bound it."""
         return min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
 
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                        for t in ids):
-                    raise ValueError("prompt_token_ids must be a list of integers")
-                return prompt.get("prompt"), list(ids)
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}")
-
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> Request:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self.tokenize_prompt(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.args.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        inputs = parse_prompt(prompt, self.tokenizer, self.model.args.vocab_size)
+        ids = inputs.token_ids
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
                              f"(room for at least one generated token is needed)")
@@ -156,7 +140,7 @@ class LLMEngine:
         room = self.max_request_tokens - len(ids)
         max_tokens = min(params.max_tokens or room, room)
         req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
-                      max_tokens=max_tokens, priority=priority, prompt=text)
+                      max_tokens=max_tokens, priority=priority, prompt=inputs.text, cache_salt=inputs.cache_salt)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         req.generator = torch.Generator(self.device).manual_seed(seed)
         self.scheduler.add_request(req)  # first: if it refuses the request (out of KV memory), nothing is kept

@@ -41,7 +41,8 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks cached so far
+    block_hashes: list[bytes] = field(default_factory=list)  # keys of the full blocks cached so far
+    cache_salt: str | None = None  # part of its first block's key: only requests with the same salt share blocks
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on first admission
     first_scheduled_time: float | None = None

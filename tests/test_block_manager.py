@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 import inferlab.block_manager as bm_mod
+from inferlab.block_hash import block_hash, extra_keys
 from inferlab.block_manager import BlockManager
 from inferlab.request import Request
 from inferlab.sampling_params import SamplingParams
@@ -102,11 +103,80 @@ def test_eviction_order_prefers_uncached_then_oldest():
 
 
 def test_hash_collision_is_caught_by_token_comparison(monkeypatch):
-    monkeypatch.setattr(bm_mod, "chain_hash", lambda parent, tokens: 42)  # every block collides
+    monkeypatch.setattr(bm_mod, "block_hash", lambda parent, tokens, extra=b"": b"42")  # every block collides
     bm = BlockManager(8, 2)
     admit(bm, req("a", [1, 2, 3]))
-    assert bm.get_computed_blocks(req("b", [5, 6, 7])) == []  # same hash, other tokens: no hit
+    assert bm.get_computed_blocks(req("b", [5, 6, 7])) == []  # same key, other tokens: no hit
     assert len(bm.get_computed_blocks(req("c", [1, 2, 3]))) == 1
+
+
+def colliding_64_bits(monkeypatch) -> None:
+    """Keys cut to 64 bits that ignore the parent and the extra keys: any two blocks of equal
+    tokens collide whatever precedes them, the worst a forged prompt could achieve."""
+    real = bm_mod.block_hash
+    monkeypatch.setattr(bm_mod, "block_hash", lambda parent, tokens, extra=b"": real(None, tokens)[:8])
+
+
+def test_equal_tokens_under_another_prefix_are_never_served_even_when_keys_collide(monkeypatch):
+    colliding_64_bits(monkeypatch)
+    bm = BlockManager(16, 2)
+    victim = req("victim", [7, 7, 1, 2, 3])  # a private first block, then [1, 2]
+    admit(bm, victim)
+    own = req("own", [9, 9, 5])  # the attacker's own first block, cached
+    admit(bm, own)
+    forged = req("forged", [9, 9, 1, 2, 3])  # [1, 2] again, under the attacker's first block
+    hits = bm.get_computed_blocks(forged)
+    assert hits == [own.block_table[0]]  # the attacker's block, never the victim's [1, 2]
+    assert victim.block_table[1] not in hits
+    assert admit(bm, forged) == 1
+    bm.check_integrity([victim, own, forged])
+
+
+def salted(rid: str, tokens: list[int], salt: str | None) -> Request:
+    r = req(rid, tokens)
+    r.cache_salt = salt
+    return r
+
+
+def test_cache_salt_shares_only_within_a_salt():
+    bm = BlockManager(16, 2, model="m")
+    admit(bm, salted("a", [1, 2, 3, 4, 5], None))
+    b = salted("b", [1, 2, 3, 4, 5], "tenant-b")
+    assert bm.get_computed_blocks(b) == []
+    admit(bm, b)
+    assert bm.get_computed_blocks(salted("c", [1, 2, 3, 4, 5], "tenant-b")) == b.block_table[:2]
+    assert bm.get_computed_blocks(salted("d", [1, 2, 3, 4, 5], "tenant-d")) == []
+
+
+def test_cache_salt_separates_equal_prompts_even_when_keys_collide(monkeypatch):
+    colliding_64_bits(monkeypatch)
+    bm = BlockManager(16, 2, model="m")
+    admit(bm, salted("a", [1, 2, 3, 4, 5], None))
+    assert bm.get_computed_blocks(salted("b", [1, 2, 3, 4, 5], "tenant-b")) == []
+
+
+def test_block_key_is_sha256_of_the_documented_bytes():
+    """Other engines (a KV connector) recompute this key: its bytes must not drift."""
+    import hashlib
+    import struct
+    parent = hashlib.sha256(b"parent").digest()
+    extra = extra_keys("SmolLM2-135M-Instruct:bfloat16", None, "salt")
+    assert extra == b'["SmolLM2-135M-Instruct:bfloat16",null,"salt"]'
+    expected = hashlib.sha256(parent + struct.pack("<I3q", 3, 1, 70000, 2) + extra).digest()
+    assert block_hash(parent, [1, 70000, 2], extra) == expected
+    first = hashlib.sha256(bytes(32) + struct.pack("<I2q", 2, 5, 6)).digest()
+    assert block_hash(None, (5, 6)) == first and len(first) == 32
+    assert block_hash(first, (5, 6)) != block_hash(parent, (5, 6))  # the parent is part of the key
+
+
+def test_keys_name_the_model_and_chain_through_every_block():
+    a, b = BlockManager(8, 2, model="x:float32"), BlockManager(8, 2, model="y:float32")
+    ra, rb = req("a", [1, 2, 3, 4, 5]), req("b", [1, 2, 3, 4, 5])
+    admit(a, ra)
+    admit(b, rb)
+    assert ra.block_hashes[0] == block_hash(None, (1, 2), extra_keys("x:float32"))
+    assert ra.block_hashes[1] == block_hash(ra.block_hashes[0], (3, 4))
+    assert not set(ra.block_hashes) & set(rb.block_hashes)  # another model: other keys, every block
 
 
 def test_integrity_check_detects_corruption():
@@ -126,3 +196,21 @@ def test_prefix_caching_disabled_registers_nothing():
     bm = BlockManager(8, 2, enable_prefix_caching=False)
     admit(bm, req("a", [1, 2, 3, 4, 5]))
     assert bm.hash_to_block == {} and bm.get_computed_blocks(req("b", [1, 2, 3, 4, 5])) == []
+
+
+def test_engine_takes_a_cache_salt_in_the_prompt(make_tiny_engine):
+    engine = make_tiny_engine()
+    ids = list(range(300, 320))
+
+    def run(rid: str, prompt: dict) -> int:
+        engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=1))
+        while engine.has_unfinished_requests():
+            engine.step()
+        return engine.block_manager.prefix_hits
+
+    assert run("plain", {"prompt_token_ids": ids}) == 0
+    assert run("salted", {"prompt_token_ids": ids, "cache_salt": "tenant"}) == 0  # not the plain one's blocks
+    assert run("same-salt", {"prompt_token_ids": ids, "cache_salt": "tenant"}) == 16
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        engine.add_request("bad", {"prompt_token_ids": ids, "cache_salt": ""})
+    engine.check_integrity()

@@ -9,21 +9,26 @@ from test_block_manager import admit, req
 
 import inferlab.radix_cache as radix_mod
 from inferlab.block_manager import BlockManager
-from inferlab.radix_cache import RadixBlockManager
+from inferlab.radix_cache import Node, RadixBlockManager
+
+
+def root(bm: RadixBlockManager) -> Node:
+    """The tree of requests without a cache salt."""
+    return bm.roots[bm.model_extra]
 
 
 def test_shared_prefix_is_found_by_walking_the_tree():
     bm = RadixBlockManager(16, 4)
     a = req("a", list(range(13)))
     assert admit(bm, a) == 0
-    assert [n.block_id for n in (bm.root.children[(0, 1, 2, 3)],)] == [a.block_table[0]]
+    assert [n.block_id for n in (root(bm).children[(0, 1, 2, 3)],)] == [a.block_table[0]]
     b = req("b", list(range(12)) + [99, 100])
     assert admit(bm, b) == 3
     assert b.block_table[:3] == a.block_table[:3]
     assert bm.prefix_hits == 12 and bm.prefix_queries == 13 + 14
     c = req("c", [0, 1, 2, 3, 9, 9, 9, 9, 7])  # branches after the first block
     assert admit(bm, c) == 1
-    assert len(bm.root.children[(0, 1, 2, 3)].children) == 2
+    assert len(root(bm).children[(0, 1, 2, 3)].children) == 2
     bm.check_integrity([a, b, c])
     for r in (a, b, c):
         bm.free(r)
@@ -38,14 +43,14 @@ def test_a_block_is_only_reached_through_its_whole_prefix():
 
 def test_colliding_names_never_give_a_wrong_block(monkeypatch):
     # every node gets the same name: the tree stops caching at the collision, but never confuses blocks
-    monkeypatch.setattr(radix_mod, "chain_hash", lambda parent, tokens: 42)
+    monkeypatch.setattr(radix_mod, "block_hash", lambda parent, tokens, extra=b"": b"42")
     bm = RadixBlockManager(8, 2)
     admit(bm, req("a", [1, 2, 3, 4, 5]))
     assert bm.get_computed_blocks(req("b", [5, 6, 7])) == []
     assert len(bm.get_computed_blocks(req("c", [1, 2, 3]))) == 1
 
 
-def test_node_names_are_the_chain_hashes():
+def test_node_names_are_the_hash_chains_keys():
     radix, chain = RadixBlockManager(16, 4), BlockManager(16, 4)
     a, b = req("a", list(range(10))), req("b", list(range(10)))
     admit(radix, a)
@@ -65,7 +70,7 @@ def test_evicting_a_node_cuts_its_subtree():
     d = req("d", [9])
     admit(bm, d)
     assert d.block_table == [head]
-    assert bm.nodes == {} and bm.root.children == {} and bm.hash_to_block == {}
+    assert bm.nodes == {} and bm.roots == {} and bm.hash_to_block == {}
     assert bm.evictions == 3
     bm.check_integrity([d])
 
@@ -85,7 +90,7 @@ def test_a_request_whose_path_was_evicted_caches_its_own_blocks_again():
         bm.free_queue.move_to_end(block, last=False)
     e = req("e", [8, 8, 8, 8, 8])
     admit(bm, e)
-    assert (1, 2) not in bm.root.children and bm.evictions == 2
+    assert (1, 2) not in root(bm).children and bm.evictions == 2
     assert bm.allocate_slots(b, 3)
     b.num_computed_tokens = 7
     bm.cache_full_blocks(b)
@@ -93,10 +98,22 @@ def test_a_request_whose_path_was_evicted_caches_its_own_blocks_again():
     bm.check_integrity([b, e])
 
 
+def test_a_cache_salt_walks_its_own_tree():
+    bm = RadixBlockManager(16, 2, model="m")
+    admit(bm, req("a", [1, 2, 3, 4, 5]))
+    salted = req("b", [1, 2, 3, 4, 5])
+    salted.cache_salt = "tenant-b"
+    assert admit(bm, salted) == 0
+    again = req("c", [1, 2, 3, 4, 5])
+    again.cache_salt = "tenant-b"
+    assert bm.get_computed_blocks(again) == salted.block_table[:2]
+    assert len(bm.roots) == 2
+
+
 @pytest.mark.parametrize("corrupt, rule", [
-    (lambda bm: setattr(bm.root.children[(1, 2)], "block_id", bm.root.children[(1, 2)].children[(3, 4)].block_id),
+    (lambda bm: setattr(root(bm).children[(1, 2)], "block_id", root(bm).children[(1, 2)].children[(3, 4)].block_id),
      "T1"),
-    (lambda bm: setattr(bm.root.children[(1, 2)], "parent", None), "T2"),
+    (lambda bm: setattr(root(bm).children[(1, 2)], "parent", None), "T2"),
     (lambda bm: bm.nodes.clear(), "T3"),
 ])
 def test_tree_invariants_detect_corruption(corrupt, rule):

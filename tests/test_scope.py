@@ -33,7 +33,7 @@ def check_snapshot(engine) -> dict:
     for block, state in zip(bm.blocks, states):
         free = block.ref_count == 0
         assert state == (block.ref_count if not free else -1 if block.hash is not None else 0)
-        assert hashes.get(block.block_id) == (None if block.hash is None else format(block.hash & 0xFFFFFF, "06x"))
+        assert hashes.get(block.block_id) == (None if block.hash is None else block.hash[:3].hex())
     live = {r.request_id: r for r in engine.scheduler.live_requests()}
     assert {r["id"] for r in snap["requests"]} == set(live)
     for view in snap["requests"]:

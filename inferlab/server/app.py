@@ -89,9 +89,9 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true")
 
-    def engine_prompt(p: str | dict) -> dict:
+    def engine_prompt(p: str | dict, salt: str | None) -> dict:
         ids = p["prompt_token_ids"] if isinstance(p, dict) else tok.encode(p)
-        return {"prompt": None if isinstance(p, dict) else p, "prompt_token_ids": ids}
+        return {"prompt": None if isinstance(p, dict) else p, "prompt_token_ids": ids, "cache_salt": salt}
 
     async def start(req: SamplingFields, prompts: list[dict], max_tokens: int | None,
                     num_logprobs: int | None) -> tuple[str, list[str], list[AsyncIterator[RequestOutput]]]:
@@ -201,7 +201,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if req.echo:  # ignoring it would silently return other text than the client asked for
             raise APIError(400, "echo is not supported")
         try:
-            prompts = [engine_prompt(p) for p in req.prompts()]
+            prompts = [engine_prompt(p, req.cache_salt) for p in req.prompts()]
         except ValueError as e:
             raise APIError(400, str(e)) from None
         base, rids, streams = await start(req, prompts, req.max_tokens, req.logprobs)
@@ -237,7 +237,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         check_common(req)
         try:
             text = tok.apply_chat_template(req.template_messages(), req.add_generation_prompt)
-            prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+            prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False),
+                      "cache_salt": req.cache_salt}
             num_logprobs = req.num_logprobs()
         except ValueError as e:
             raise APIError(400, str(e)) from None

@@ -45,6 +45,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     priority: Int = 0
     user: StrictStr | None = None
+    cache_salt: StrictStr | None = None  # vLLM's: only requests with the same salt share cached blocks
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(

@@ -1,0 +1,55 @@
+"""A request's prompt as the engine takes it: text, token ids, or a dict of either (vLLM's shape,
+optionally with a `cache_salt`), resolved to token ids with one-line `ValueError`s."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inferlab.model.tokenizer import Tokenizer
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class PromptInputs:
+    text: str | None
+    token_ids: list[int]
+    cache_salt: str | None = None
+
+
+def _token_ids(ids: object) -> list[int] | None:
+    if isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return list(ids)
+    return None
+
+
+def parse_prompt(prompt: PromptType, tokenizer: Tokenizer, vocab_size: int) -> PromptInputs:
+    """Token ids for `prompt`, all inside the vocabulary, and its cache salt. A dict takes
+    `prompt_token_ids` (with an optional `prompt` text kept for outputs) or `prompt`, and
+    `cache_salt`: a request only shares cached blocks with requests of the same salt."""
+    salt = None
+    if isinstance(prompt, dict):
+        salt = prompt.get("cache_salt")
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise ValueError("cache_salt must be a non-empty string")
+        if "prompt_token_ids" in prompt:
+            ids = _token_ids(prompt["prompt_token_ids"])
+            if ids is None:
+                raise ValueError("prompt_token_ids must be a list of integers")
+            inputs = PromptInputs(prompt.get("prompt"), ids, salt)
+        elif "prompt" in prompt:
+            inputs = parse_prompt(prompt["prompt"], tokenizer, vocab_size)
+        else:
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    elif isinstance(prompt, str):
+        inputs = PromptInputs(prompt, tokenizer.encode(prompt))
+    elif (ids := _token_ids(prompt)) is not None:
+        inputs = PromptInputs(None, ids)
+    else:
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}")
+    inputs.cache_salt = salt
+    if not inputs.token_ids:
+        raise ValueError("the prompt is empty")
+    bad = next((t for t in inputs.token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return inputs

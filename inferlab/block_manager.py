@@ -180,15 +180,13 @@ class BlockManager:
                 block.uncache()
 
     def snapshot(self, detail: bool = False) -> dict:
-        """Pool counters; with `detail`, also the whole pool as a grid (see `grid`)."""
+        """Pool counters, O(1): the server refreshes them after every step for /metrics. `detail`
+        adds the whole pool as a grid and the counts that need a pass over it (see `grid`)."""
         snap = {"num_blocks": self.num_blocks, "block_size": self.block_size, "free": len(self.free_queue),
                 "usage": self.usage, "prefix_queries": self.prefix_queries,
                 "prefix_hits": self.prefix_hits, "evictions": self.evictions}
         if detail:
             snap.update(self.grid())  # counts cached_free and shared on the way
-        else:
-            snap["cached_free"] = sum(1 for b in self.free_queue if self.blocks[b].hash is not None)
-            snap["shared"] = sum(1 for b in self.blocks if b.ref_count > 1)
         return snap
 
     def grid(self) -> dict:

@@ -13,11 +13,11 @@ import time
 import pytest
 import uvicorn
 
+from inferlab.async_engine import AsyncEngine
 from inferlab.bench_serve import arrival_times, percentile
 from inferlab.config import EngineConfig
 from inferlab.engine import LLMEngine
 from inferlab.server.app import build_app
-from inferlab.server.async_engine import AsyncEngine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_TOKENS = [8, 5, 8, 6, 8, 7]  # one per request of the workload file

@@ -77,7 +77,7 @@ def test_freed_blocks_stay_cached_until_evicted_lru(monkeypatch):
     a = req("a", [1, 2, 3, 4, 5])
     admit(bm, a)
     bm.free(a)
-    assert bm.snapshot()["cached_free"] == 2
+    assert bm.snapshot(detail=True)["cached_free"] == 2
     b = req("b", [1, 2, 3, 4, 9])
     assert admit(bm, b) == 2  # reused after free
     bm.free(b)

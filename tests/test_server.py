@@ -27,10 +27,10 @@ import pytest
 import uvicorn
 
 from inferlab import LLM, SamplingParams
+from inferlab.async_engine import AsyncEngine
 from inferlab.config import EngineConfig
 from inferlab.engine import LLMEngine
-from inferlab.server.app import build_app
-from inferlab.server.async_engine import AsyncEngine
+from inferlab.server.serve import build_server_app
 
 MODEL = "SmolLM2-135M-Instruct"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +107,7 @@ def running_server(smol, **config) -> Iterator[Server]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the server starts: no free-port race
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(build_server_app(engine, MODEL), host="127.0.0.1", port=port,
                                            log_level="warning"))
     errors = ErrorLog()
     logging.getLogger("uvicorn.error").addHandler(errors)  # after Config, which sets logging up

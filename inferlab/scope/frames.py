@@ -13,8 +13,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from inferlab.metrics import LATENCY_BUCKETS, EngineMetrics
 from inferlab.outputs import RequestOutput
-from inferlab.server.metrics import LATENCY_BUCKETS, EngineMetrics
 
 if TYPE_CHECKING:  # replay needs no model code, so `inferlab scope` starts without torch
     from inferlab.engine import LLMEngine

@@ -19,12 +19,12 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
+from inferlab.async_engine import AsyncEngine
 from inferlab.outputs import RequestOutput
 from inferlab.sampling_params import SamplingParams
 from inferlab.scope.frames import FrameBuilder, encode, header
 from inferlab.scope.lab import Burst, burst_prompts
 from inferlab.scope.web import mount_pages
-from inferlab.server.async_engine import AsyncEngine
 
 QUEUE_FRAMES = 4  # frames a slow viewer may lag behind before the oldest are dropped
 HEARTBEAT_S = 1.0

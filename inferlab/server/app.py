@@ -1,4 +1,4 @@
-"""The HTTP routes: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics (and /scope).
+"""The HTTP routes: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
 
 Every client mistake is a 4xx with an OpenAI-style JSON error; a 500 means the server failed.
 """
@@ -16,10 +16,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from inferlab.async_engine import AsyncEngine
 from inferlab.outputs import RequestOutput
-from inferlab.scope.live import mount_scope
 from inferlab.server import openai_format as fmt
-from inferlab.server.async_engine import AsyncEngine
 from inferlab.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 MAX_N = 64
@@ -63,8 +62,6 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404
                               else "invalid_request_error")
-
-    mount_scope(app, engine)  # the dashboard at /scope
 
     @app.get("/health")
     async def health() -> dict:

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from inferlab.engine import LLMEngine
+from inferlab.metrics import EngineMetrics
 from inferlab.outputs import RequestOutput
 from inferlab.sampling_params import SamplingParams
-from inferlab.server.metrics import EngineMetrics
 
 log = logging.getLogger("inferlab")
 

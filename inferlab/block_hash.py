@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from array import array
+import struct
 from collections.abc import Sequence
 
 NO_PARENT = bytes(32)
+_packers: dict[int, struct.Struct] = {}  # per token count: the count and the ids in one pack call
 
 
 def block_hash(parent: bytes | None, tokens: Sequence[int], extra: bytes = b"") -> bytes:
     """The 32-byte SHA-256 key of a full block (see the module docstring for the exact bytes)."""
-    ids = array("q", tokens)
-    if sys.byteorder == "big":
-        ids.byteswap()
-    return hashlib.sha256(b"".join((parent or NO_PARENT, len(ids).to_bytes(4, "little"), ids.tobytes(),
-                                    extra))).digest()
+    n = len(tokens)
+    packer = _packers.get(n) or _packers.setdefault(n, struct.Struct(f"<I{n}q"))
+    return hashlib.sha256((parent or NO_PARENT) + packer.pack(n, *tokens) + extra).digest()
 
 
 def extra_keys(model: str = "", lora: str | None = None, cache_salt: str | None = None) -> bytes:

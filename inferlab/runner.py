@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -67,6 +68,8 @@ class ModelRunner:
         # decode steps replayed from a tape of the model's forward (same kernels, no Python between them)
         self.tape = DecodeTape.record(model, self.kv_caches, self.native, kernels.C["IL_MAX_ROWS"]) \
             if fused and self.native is not None else None
+        # called with each batch before it runs, when set: calibration records the shapes it times
+        self.on_execute: Callable[[list[tuple[Request, int]]], None] | None = None
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """The K/V of these pool blocks on the host, block k at index k of dim 0 (preemption by swap)."""
@@ -128,6 +131,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, SampleResult]:
+        if self.on_execute is not None:
+            self.on_execute(scheduled)
         input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(scheduled)
         if self.tape is not None and self.tape.covers(meta, input_ids.numel()):
             hidden = self.tape(input_ids, positions, meta)

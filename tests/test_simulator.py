@@ -80,8 +80,12 @@ def test_trace_file_round_trip(tmp_path):
 
 
 def test_calibrate_fits_timed_steps_of_a_real_engine(make_tiny_engine):
-    model, steps = calibrate(make_tiny_engine(num_kv_blocks=256, block_size=16), scale=0.25)
+    engine = make_tiny_engine(num_kv_blocks=256, block_size=16)
+    swapped: list[bool] = []  # calibration watches through the runner's hook, never by replacing execute
+    engine.step_observers.append(lambda outputs: swapped.append("execute" in vars(engine.runner)))
+    model, steps = calibrate(engine, scale=0.25)
     assert steps > 20 and min(vars(model).values()) >= 0 and model.step_time(StepFeatures(64, 8, 2000)) > 0
+    assert swapped and not any(swapped) and engine.runner.on_execute is None
 
 
 def test_simulate_command_prints_json_last():

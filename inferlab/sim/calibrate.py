@@ -20,15 +20,9 @@ SHAPES = [(1, 32, 16), (2, 480, 8), (4, 256, 24), (8, 128, 32), (16, 64, 32), (3
 def calibrate(engine: LLMEngine, scale: float = 1.0, seed: int = 0) -> tuple[CostModel, int]:
     """Run the shapes (their sizes multiplied by `scale`) and fit; returns (model, steps timed)."""
     samples: list[tuple[StepFeatures, float]] = []
-    execute = engine.runner.execute
     features: list[StepFeatures] = []
-
-    def observed(scheduled):
-        features.append(StepFeatures.of(scheduled))
-        return execute(scheduled)
-
     rng = random.Random(seed)
-    engine.runner.execute = observed
+    engine.runner.on_execute = lambda scheduled: features.append(StepFeatures.of(scheduled))
     try:
         for i, (n, prompt_len, out_len) in enumerate(SHAPES):
             for j in range(max(1, round(n * scale))):
@@ -44,7 +38,7 @@ def calibrate(engine: LLMEngine, scale: float = 1.0, seed: int = 0) -> tuple[Cos
                     samples.append((features[-1], time.perf_counter() - start))
             engine.block_manager.reset_prefix_cache()
     finally:
-        engine.runner.execute = execute
+        engine.runner.on_execute = None
     warm = samples[2:]  # the first steps pay one-off allocation costs
     return dataclasses.replace(CostModel.fit(warm), **swap_cost(engine)), len(warm)
 

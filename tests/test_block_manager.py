@@ -72,7 +72,7 @@ def test_hash_chain_depends_on_the_whole_prefix():
     assert bm.get_computed_blocks(req("b", [0, 2, 3, 4, 5, 6, 7, 8, 9])) == []
 
 
-def test_freed_blocks_stay_cached_until_evicted_lru(monkeypatch):
+def test_freed_blocks_stay_cached_until_evicted_lru():
     bm = BlockManager(6, 2)
     a = req("a", [1, 2, 3, 4, 5])
     admit(bm, a)
@@ -81,12 +81,37 @@ def test_freed_blocks_stay_cached_until_evicted_lru(monkeypatch):
     b = req("b", [1, 2, 3, 4, 9])
     assert admit(bm, b) == 2  # reused after free
     bm.free(b)
-    # fill the pool with unrelated tokens: cached blocks are evicted, the oldest-freed first
-    c = req("c", [50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60])
-    admit(bm, c)
-    assert bm.evictions > 0
-    bm.check_integrity([c])
-    bm.free(c)
+    bm.check_integrity([])
+
+
+@pytest.mark.parametrize("reuse_first", [False, True])
+def test_eviction_takes_the_least_recently_freed_cached_blocks(reuse_first):
+    """Two cached prefixes, freed one after the other; new work needing room evicts the older one's
+    blocks (its tail first) and keeps the newer. Using the older prefix again makes it the newer."""
+    bm = BlockManager(8, 2)
+    first, second = req("first", [1, 2, 3, 4, 5]), req("second", [11, 12, 13, 14, 15])
+    admit(bm, first)
+    admit(bm, second)
+    bm.free(first)
+    bm.free(second)
+    if reuse_first:
+        again = req("again", [1, 2, 3, 4, 6])
+        assert admit(bm, again) == 2
+        bm.free(again)
+    older, newer = ([11, 12, 13, 14, 15], [1, 2, 3, 4, 5]) if reuse_first else ([1, 2, 3, 4, 5], [11, 12, 13, 14, 15])
+    older_blocks = bm.get_computed_blocks(req("probe", older))
+    newer_blocks = bm.get_computed_blocks(req("probe", newer))
+    assert len(older_blocks) == len(newer_blocks) == 2
+    evicted: list[int] = []
+    for n in range(1, 3):  # the 4 uncached free blocks go first, then one cached block at a time
+        c = req(f"c{n}", list(range(100, 100 + 2 * (4 + n))))
+        assert bm.allocate_slots(c, c.num_tokens)
+        evicted.append(c.block_table[-1])
+        assert bm.evictions == n
+        bm.free(c)
+    assert evicted == older_blocks[::-1]  # the older prefix's tail, then its head
+    assert bm.get_computed_blocks(req("probe", older)) == []
+    assert bm.get_computed_blocks(req("probe", newer)) == newer_blocks
     bm.check_integrity([])
 
 

@@ -28,6 +28,7 @@ from inferlab.policy import make_queue
 from inferlab.radix_cache import PREFIX_CACHES
 from inferlab.request import Request, RequestStatus
 from inferlab.runner import ModelRunner, kv_bytes_per_block
+from inferlab.sampler import request_generator
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
 from inferlab.threads import ThreadGovernor
@@ -142,7 +143,7 @@ class LLMEngine:
         req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
                       max_tokens=max_tokens, priority=priority, prompt=inputs.text, cache_salt=inputs.cache_salt)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        req.generator = torch.Generator(self.device).manual_seed(seed)
+        req.generator = request_generator(seed, self.device)
         self.scheduler.add_request(req)  # first: if it refuses the request (out of KV memory), nothing is kept
         self.requests[request_id] = req
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop_list,

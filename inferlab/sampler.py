@@ -6,6 +6,7 @@ seeded request produce the same text whatever else shares its batch.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,14 @@ class SampleResult:
     token_id: int
     logprob: float | None = None  # of the sampled token, when logprobs were asked for
     top_logprobs: dict[int, float] | None = None
+
+
+def request_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A request's own random stream. Every bit of the seed is mixed in: PyTorch's CPU generator
+    keeps only the low 32 bits of the number it is seeded with, so seeds 1 and 2**32 + 1 would
+    otherwise give the same text."""
+    mixed = int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:8], "little")
+    return torch.Generator(device).manual_seed(mixed)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

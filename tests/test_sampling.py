@@ -106,6 +106,16 @@ def test_different_seeds_differ_and_unseeded_varies(llm, seeded_alone):
     assert len(set(first)) == 3, "unseeded requests repeated each other"
 
 
+def test_every_bit_of_the_seed_counts(llm):
+    """PyTorch's CPU generator keeps only a seed's low 32 bits; seeds differing above them must differ."""
+    def tokens(seed: int) -> list[int]:
+        return gen(llm, ids(llm, STORY), SamplingParams(temperature=1.0, seed=seed, max_tokens=10))[0].token_ids
+    low = tokens(1)
+    assert tokens(1) == low
+    assert tokens(2**32 + 1) != low
+    assert tokens(2**63 - 2**32 + 1) != low
+
+
 # --------------------------------------------------------------------------- top-k / top-p / min-p
 
 def test_degenerate_filters_equal_greedy(llm):

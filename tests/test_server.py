@@ -525,11 +525,25 @@ def test_a_poisoned_request_fails_alone(server, offline, monkeypatch):
             for i, p in enumerate(PROMPTS)]
     bad = [{"model": MODEL, "prompt": "Poison", "max_tokens": 8, "seed": 666, "stream": s} for s in (False, True)]
 
+    async def carrier(c: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        """A long request that runs until told to stop, so every other one shares a running batch
+        with it however fast the engine is (a client going away aborts it)."""
+        async with c.stream("POST", CMPL, json={**LONG, "stream": True}) as r:
+            async for _ in r.aiter_lines():
+                if stop.is_set():
+                    return
+
     async def main() -> list:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            first = [asyncio.create_task(post(c, b)) for b in good]
-            await asyncio.sleep(0.2)  # let them start, so the poisoned ones join a running batch
-            return await asyncio.wait_for(asyncio.gather(*first, *(post(c, b) for b in bad)), 60)
+            stop = asyncio.Event()
+            running = asyncio.create_task(carrier(c, stop))
+            while parse_metrics((await c.get("/metrics")).text)[RUNNING] < 1:
+                await asyncio.sleep(0.02)
+            try:
+                return await asyncio.wait_for(asyncio.gather(*(post(c, b) for b in good + bad)), 60)
+            finally:
+                stop.set()
+                await running
 
     results = asyncio.run(main())
     for body, (status, got) in zip(good, results):
@@ -547,7 +561,8 @@ def test_a_poisoned_request_fails_alone(server, offline, monkeypatch):
     errors = [e for e in events if isinstance(e, dict) and "error" in e]
     assert len(errors) == 1 and "boom" in errors[0]["error"]["message"]
     assert max(batch_sizes) > 1  # the poisoned requests did share a batch with good ones
-    server.wait_idle(check=lambda m: finished_count(m, "error") == finished_count(before, "error") + 2)
+    server.wait_idle(check=lambda m: finished_count(m, "error") == finished_count(before, "error") + 2
+                     and finished_count(m, "abort") == finished_count(before, "abort") + 1)
     server.check_engine()
 
 

@@ -18,9 +18,10 @@ REFERENCE_WORKLOAD = os.path.join(ROOT, "tests", "reference", "workload.py")
 SHARED_WORKLOAD = os.path.join(os.path.dirname(ROOT), "shared", "bench", "workload.py")
 
 
-def inferlab(*args: str, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+def inferlab(*args: str, stdin: str | None = None, timeout: int = 180,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "inferlab.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def test_generate_answers_with_the_embedded_model():
@@ -28,6 +29,13 @@ def test_generate_answers_with_the_embedded_model():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "The capital of France is Paris."
     assert "KV cache: 64 blocks x 16 tokens" in r.stderr  # the pool size is logged at start
+
+
+def test_generate_with_the_native_kernels_off():
+    r = inferlab("generate", "What is the capital of France?", "--num-kv-blocks", "64", env={"INFERLAB_NATIVE": "0"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "The capital of France is Paris."
+    assert "kernels: PyTorch; decode steps: op by op" in r.stderr  # the whole generation on the PyTorch path
 
 
 def test_chat_is_multi_turn_and_streams():

@@ -95,3 +95,4 @@ def test_each_policy_same_output_under_pressure(make_llm, prompts, reference, po
     prio = list(range(len(prompts)))[::-1]
     outs = _run(llm, prompts, priority=prio if policy == "priority" else None)
     assert [o.outputs[0].token_ids for o in outs] == reference
+

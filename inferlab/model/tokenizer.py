@@ -35,7 +35,9 @@ class Tokenizer:
             text.encode()  # JSON can carry a lone surrogate ("\ud800"), which the backend cannot take
         except UnicodeEncodeError as e:
             raise ValueError(f"the prompt is not valid Unicode text: {e}") from None
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        # encode_batch lets other threads run while it works (encode holds the GIL: a 20 MB prompt
+        # tokenized in a server's worker thread would still stall its event loop for seconds)
+        ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids

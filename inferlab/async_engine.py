@@ -24,6 +24,10 @@ from inferlab.sampling_params import SamplingParams
 log = logging.getLogger("inferlab")
 
 
+class EngineStopping(RuntimeError):
+    """Raised by `add` once the server is shutting down."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -33,6 +37,7 @@ class AsyncEngine:
         self.snapshot: dict = engine.snapshot()  # refreshed by the engine thread after every step
         self._thread = threading.Thread(target=self._loop, name="inferlab-engine", daemon=True)
         self._stopped = False
+        self.stopping = False  # set by drain(): a shutdown has begun, new requests are refused
         self._thread.start()
 
     # -- the engine thread --------------------------------------------------------------------
@@ -94,6 +99,8 @@ class AsyncEngine:
         """Add a request (raises ValueError at once if it is refused) and return the stream of
         its outputs. If the consumer stops early (a client went away), the request is aborted
         and its KV blocks are freed."""
+        if self.stopping:
+            raise EngineStopping("the server is shutting down")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         try:
@@ -135,16 +142,27 @@ class AsyncEngine:
         """Run `fn` on the engine thread between steps, without waiting (e.g. from a `finally`)."""
         self._call(fn)
 
+    def _abort_all(self) -> None:  # on the engine thread: each waiting consumer gets a final "abort" output
+        for rid in list(self._streams):
+            self._abort_now(rid)
+
+    def drain(self, grace: float) -> None:
+        """Begin a shutdown: refuse new requests, give running ones `grace` seconds to finish, then
+        abort the rest, so every client still gets an answer (a stream ends with its finish reason
+        and [DONE]) before the HTTP server stops waiting for them. Safe to call from a signal handler."""
+        if self.stopping:
+            return
+        self.stopping = True
+        timer = threading.Timer(grace, lambda: self._call(self._abort_all))
+        timer.daemon = True
+        timer.start()
+
     def shutdown(self) -> None:
         """Abort whatever is still running and stop the engine thread."""
         if self._stopped:
             return
         self._stopped = True
-
-        def abort_all() -> None:  # each waiting consumer gets a final "abort" output
-            for rid in list(self._streams):
-                self._abort_now(rid)
-
-        self._call(abort_all)
+        self.stopping = True
+        self._call(self._abort_all)
         self._ops.put(None)
         self._thread.join(timeout=10)

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 
 from inferlab import bench_serve
@@ -199,7 +200,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> None:
     from inferlab.server.serve import serve
-    serve(engine_config(a), a.host, a.port, a.served_model_name, a.record)
+    serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key)
 
 
 def cmd_scope(a: argparse.Namespace) -> None:
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: from the file name)")
+    s.add_argument("--api-key", default=os.environ.get("INFERLAB_API_KEY"),
+                   help="clients of /v1 and the dashboard's lab must send 'Authorization: Bearer KEY' "
+                        "(default: $INFERLAB_API_KEY; none: open)")
     add_record_arg(s)
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)

@@ -101,13 +101,13 @@ class Server:
 
 
 @contextmanager
-def running_server(smol, **config) -> Iterator[Server]:
+def running_server(smol, api_key: str | None = None, **config) -> Iterator[Server]:
     config.setdefault("num_kv_blocks", 512)
     engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=smol))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the server starts: no free-port race
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_server_app(engine, MODEL), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(build_server_app(engine, MODEL, api_key), host="127.0.0.1", port=port,
                                            log_level="warning"))
     errors = ErrorLog()
     logging.getLogger("uvicorn.error").addHandler(errors)  # after Config, which sets logging up
@@ -204,7 +204,9 @@ def test_streamed_chat_equals_offline_and_ends_with_usage(client, offline):
         model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS, temperature=0,
         stream=True, stream_options={"include_usage": True}))
     ref = offline[question]
-    assert chunks[0].choices[0].delta.role == "assistant"
+    # the role comes with the first token, not in a chunk of its own sent before any work is done
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content
+    assert all(c.choices[0].delta.role is None for c in chunks[1:-1])
     body, last = chunks[:-1], chunks[-1]
     assert "".join(c.choices[0].delta.content or "" for c in body) == ref.outputs[0].text
     assert body[-1].choices[0].finish_reason == ref.outputs[0].finish_reason
@@ -499,6 +501,78 @@ def test_bad_input_leaks_nothing_and_logs_no_server_error(server):
     assert [r.getMessage() for r in server.errors.records] == []
 
 
+# -- 5b. one large request must not freeze every client -----------------------------------------
+def test_oversized_body_is_refused_with_413(server):
+    big = json.dumps({"prompt": "x" * (9 << 20)})
+    r = httpx.post(f"{server.url}{CMPL}", content=big, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+
+    def chunked():  # no Content-Length: counted as it arrives
+        for i in range(0, len(big), 1 << 20):
+            yield big[i:i + (1 << 20)].encode()
+    r = httpx.post(f"{server.url}{CMPL}", content=chunked(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("path", [CMPL, CHAT])
+def test_text_that_cannot_fit_is_refused_before_tokenizing(server, monkeypatch, path):
+    tok = server.engine.engine.tokenizer
+    encoded: list[int] = []
+    real = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, *a: encoded.append(len(text)) or real(text, *a))
+    text = "hello world " * 60_000  # 720,000 characters: more than 8,192 tokens could spell
+    body = {"prompt": text} if path == CMPL else {"messages": [{"role": "user", "content": text}]}
+    r = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+    assert r.status_code == 400 and "more than this model's maximum context length" in r.json()["error"]["message"]
+    assert encoded == []
+
+
+def test_tokenizing_runs_off_the_event_loop(server, monkeypatch):
+    """While one prompt is being tokenized, the server still answers others."""
+    tok = server.engine.engine.tokenizer
+    entered, release = threading.Event(), threading.Event()
+    real = tok.encode
+
+    def slow_encode(text, *args):
+        if text.startswith("Slow"):
+            entered.set()
+            release.wait(30)
+        return real(text, *args)
+
+    monkeypatch.setattr(tok, "encode", slow_encode)
+    result: dict = {}
+    post = threading.Thread(target=lambda: result.update(r=httpx.post(
+        f"{server.url}{CMPL}", json={"prompt": "Slow to tokenize", "max_tokens": 2}, timeout=60)))
+    post.start()
+    try:
+        assert entered.wait(30)
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        assert httpx.get(f"{server.url}/metrics", timeout=5).status_code == 200
+    finally:
+        release.set()
+        post.join(60)
+    assert result["r"].status_code == 200
+
+
+def test_api_key_guards_the_api_and_the_lab(smol):
+    with running_server(smol, api_key="s3cret", num_kv_blocks=64) as server:
+        url = server.url
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+        assert httpx.post(f"{url}/scope/lab", json={"count": 1}, timeout=10).status_code == 401
+        assert httpx.post(f"{url}{CMPL}", json={"prompt": "hi"}, timeout=10).status_code == 401
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # probes and metrics stay open
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+        server.wait_idle()
+        server.check_engine()
+
+
 # -- 6. a request that breaks the engine fails alone -------------------------------------------
 def test_a_poisoned_request_fails_alone(server, offline, monkeypatch):
     import inferlab.runner as runner_mod
@@ -573,25 +647,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pids_serving(port: int) -> list[int]:
-    import psutil
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "inferlab.cli" in cmd and "serve" in cmd and str(port) in cmd:
-            found.append(p.pid)
-    return found
-
-
-@pytest.mark.parametrize("sig, max_tokens", [(signal.SIGTERM, 2000), (signal.SIGINT, 24)],
-                         ids=["SIGTERM-long-request", "SIGINT-short-request"])
-def test_signal_shuts_the_server_down_cleanly(tmp_path, sig, max_tokens):
-    psutil = pytest.importorskip("psutil")
+@contextmanager
+def serve_process(tmp_path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`inferlab serve` as a real process on a free port, until it has started; killed if left running."""
     port = _free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
+    with open(tmp_path / "serve.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "inferlab.cli", "serve", "--port", str(port),
-                                 "--num-kv-blocks", "256"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                 "--num-kv-blocks", "256", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -604,52 +666,79 @@ def test_signal_shuts_the_server_down_cleanly(tmp_path, sig, max_tokens):
                 pass
             assert time.monotonic() < deadline, "the server did not start within 90 s"
             time.sleep(0.2)
-        children = psutil.Process(proc.pid).children(recursive=True)
-
-        outcome: dict = {}
-
-        def stream() -> None:  # the in-flight request
-            body = {"prompt": "Count forever:", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
-                    "stream": True}
-            try:
-                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
-                    lines = []
-                    for line in r.iter_lines():
-                        lines.append(line)
-                        if len(lines) == 2:
-                            started.set()
-                    outcome["events"] = sse_data(lines)
-            except httpx.HTTPError as e:
-                outcome["error"] = e
-
-        started = threading.Event()
-        client = threading.Thread(target=stream, daemon=True)
-        client.start()
-        assert started.wait(30), "the in-flight request did not start streaming"
-        t0 = time.monotonic()
-        proc.send_signal(sig)
-        proc.wait(timeout=15)
-        took = time.monotonic() - t0
-        client.join(timeout=10)
-        assert not client.is_alive(), "the in-flight client hangs"
+        yield proc, url
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    output = log_path.read_text()
+
+
+def _client(url: str, body: dict, outcome: dict, started: threading.Event) -> None:
+    """One client of the shutdown test: a stream's events, or a plain answer's status and JSON."""
+    try:
+        if not body.get("stream"):
+            started.set()
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+            outcome.update(status=r.status_code, json=r.json())
+            return
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 2:
+                    started.set()
+            outcome["events"] = sse_data(lines)
+    except httpx.HTTPError as e:
+        outcome["error"] = e
+
+
+@pytest.mark.parametrize("sig, max_tokens", [(signal.SIGTERM, 2000), (signal.SIGINT, 8)],
+                         ids=["SIGTERM-long-requests", "SIGINT-short-request"])
+def test_signal_shuts_the_server_down_cleanly(tmp_path, sig, max_tokens):
+    """Under load, a signal lets short requests finish and aborts long ones within the drain time:
+    every stream still ends with a finish reason and [DONE], every plain request gets a JSON answer
+    (a 503 if it was cut), and the process exits soon after."""
+    from inferlab.server.serve import DRAIN_S
+    psutil = pytest.importorskip("psutil")
+    with serve_process(tmp_path) as (proc, url):
+        children = psutil.Process(proc.pid).children(recursive=True)
+        body = {"prompt": "Count forever:", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+        bodies = [{**body, "stream": True}] * 4 + [body] * 2 if sig == signal.SIGTERM else [{**body, "stream": True}]
+        outcomes: list[dict] = [{} for _ in bodies]
+        starts = [threading.Event() for _ in bodies]
+        clients = [threading.Thread(target=_client, args=(url, b, o, e), daemon=True)
+                   for b, o, e in zip(bodies, outcomes, starts)]
+        for c in clients:
+            c.start()
+        assert all(e.wait(60) for e in starts), "the in-flight requests did not start"
+        if sig == signal.SIGTERM:  # the plain requests are running too, not still on their way in
+            deadline = time.monotonic() + 30
+            while parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)[RUNNING] < len(bodies):
+                assert time.monotonic() < deadline, "not every request is running"
+                time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        proc.wait(timeout=DRAIN_S + 15)
+        took = time.monotonic() - t0
+        for c in clients:
+            c.join(timeout=10)
+            assert not c.is_alive(), "a client hangs"
+    output = (tmp_path / "serve.log").read_text()
     # uvicorn restores the default handler and re-raises the signal once it has shut down:
     # SIGTERM then ends the process by that signal; SIGINT raises KeyboardInterrupt, which
     # `inferlab` turns into the shell's 128 + 2.
     expected = {signal.SIGTERM: -signal.SIGTERM, signal.SIGINT: 130}[sig]
     assert proc.returncode in (0, expected), output
-    assert "Traceback" not in output, output
-    assert took < 15
-    events = outcome.get("events")
-    if max_tokens <= 24:  # a short request finishes within the grace period
-        assert events and events[-1] == "[DONE]", outcome
-        assert sum(len(e["choices"]) for e in events[:-1] if isinstance(e, dict)) >= 1
-    else:  # a long one is cut: the stream ends early (closed, or ended without [DONE]), never hangs
-        assert "error" in outcome or (events and events[-1] != "[DONE]") or events == [], outcome
+    assert "Traceback" not in output and "ERROR" not in output, output
+    assert took < DRAIN_S + 5, took
+    finish = "abort" if max_tokens > 8 else "length"  # a long request is cut, a short one finishes
+    for b, outcome in zip(bodies, outcomes):
+        if b.get("stream"):
+            events = outcome.get("events")
+            assert events and events[-1] == "[DONE]", outcome
+            assert events[-2]["choices"][0]["finish_reason"] == finish, events[-2]
+        else:
+            assert outcome.get("status") == 503, outcome
+            assert outcome["json"]["error"]["code"] == "server_shutting_down"
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
-    assert _pids_serving(port) == []

@@ -1,10 +1,17 @@
-"""Engine outputs -> OpenAI response bodies and stream chunks (completions and chat)."""
+"""Engine outputs -> OpenAI response bodies and stream chunks (completions and chat), and error bodies."""
 from __future__ import annotations
 
 import json
 
+from fastapi.responses import JSONResponse
+
 from inferlab.model.tokenizer import Tokenizer
 from inferlab.outputs import RequestOutput
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error",
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
 
 
 def finish_reason(out: RequestOutput) -> str | None:

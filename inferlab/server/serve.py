@@ -4,6 +4,7 @@ until a signal. The one place that puts the OpenAI routes (`server.app`) and the
 from __future__ import annotations
 
 import logging
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -14,30 +15,48 @@ from inferlab.engine import LLMEngine, model_name
 from inferlab.scope.live import mount_scope
 from inferlab.scope.recorder import Recorder
 from inferlab.server.app import build_app
+from inferlab.server.guard import Guard
 
 log = logging.getLogger("inferlab")
 
+DRAIN_S = 5.0  # on SIGINT / SIGTERM: how long running requests may still finish before they are aborted
+GRACEFUL_S = DRAIN_S + 3  # uvicorn's wait for the aborted ones to send their last bytes
 
-def build_server_app(engine: AsyncEngine, name: str) -> FastAPI:
-    """The OpenAI API under /v1, /health, /metrics, and the dashboard at /scope."""
+
+def build_server_app(engine: AsyncEngine, name: str, api_key: str | None = None) -> FastAPI:
+    """The OpenAI API under /v1, /health, /metrics, and the dashboard at /scope, behind the guard
+    (the API key for /v1 and the lab, a cap on body size)."""
     app = build_app(engine, name)
     mount_scope(app, engine)
+    app.add_middleware(Guard, api_key=api_key)
     return app
 
 
-def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
-          served_model_name: str | None = None, record: str | None = None) -> None:
+class Server(uvicorn.Server):
+    """uvicorn, whose shutdown on a signal first drains the engine: uvicorn stops taking connections
+    and waits for open ones, and the engine gives running requests DRAIN_S seconds, then aborts the
+    rest, so each client gets a whole answer (uvicorn alone cancels handlers mid-stream)."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self.engine.drain(DRAIN_S)
+
+
+def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+          record: str | None = None, api_key: str | None = None) -> None:
     core = LLMEngine(config)
     recorder = Recorder(core, record) if record else None  # before the engine thread steps
     engine = AsyncEngine(core)
     name = served_model_name or model_name(config.model)
-    app = build_server_app(engine, name)
-    log.info("serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics, dashboard at /scope)",
-             name, host, port)
-    # On SIGINT/SIGTERM uvicorn stops accepting, gives in-flight requests a few seconds to
-    # finish, then the app's shutdown aborts the rest and stops the engine thread.
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    app = build_server_app(engine, name, api_key)
+    log.info("serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics, dashboard at /scope%s)",
+             name, host, port, "; an API key guards /v1 and the lab" if api_key else "")
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=GRACEFUL_S), engine)
     try:
         server.run()
     finally:

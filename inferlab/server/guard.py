@@ -1,0 +1,77 @@
+"""What every HTTP request passes before a route runs: the API key, when the server has one, for the
+API and the dashboard's lab (vLLM's `--api-key`: `Authorization: Bearer KEY`), and a cap on the
+body's size, answered with 413 before the body is read whole (unbounded, a 20 MB prompt cost
+seconds of parsing and tokenizing before it could be refused)."""
+from __future__ import annotations
+
+import secrets
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inferlab.server.openai_format import error_response
+
+MAX_BODY_BYTES = 8 << 20  # a 128k-token context of text fits several times over
+DRAIN_BYTES = 64 << 20  # an over-long body is read this far and dropped, so its client gets the 413
+PROTECTED = ("/v1/", "/scope/lab")  # what the key guards; /health, /metrics and the dashboard's view stay open
+
+
+class Guard:
+    """ASGI middleware: `api_key` (None: no key needed) and `max_body_bytes` as above."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key is not None and scope["path"].startswith(PROTECTED) and not self._authorized(scope):
+            return await error_response(401, "invalid or missing API key: send the header "
+                                        "'Authorization: Bearer <key>'", code="invalid_api_key")(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body = await self._read_body(scope, receive)
+        if body is None:
+            too_large = error_response(413, f"the request body is larger than {self.max_body_bytes >> 20} MiB",
+                                       code="request_too_large")
+            await too_large(scope, receive, send)
+            return await self._drain(receive)
+        replayed = False
+
+        async def replay() -> Message:  # the body once, then the client's own messages (a disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = header.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(key.strip().encode(), self.api_key.encode())
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None if it is (or says it is) over the cap."""
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: nothing to answer
+                return b"".join(chunks)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _drain(self, receive: Receive) -> None:
+        read = 0
+        while read < DRAIN_BYTES:
+            message = await receive()
+            read += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return

@@ -1,0 +1,138 @@
+"""One OpenAI request's choices on the engine: added all or none, then collected into one body or
+streamed as server-sent events. A client that goes away has its choices aborted; a shutdown ends
+them with an answer all the same (a 503, or a stream that closes with its finish reason and [DONE])."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from inferlab.async_engine import AsyncEngine, EngineStopping
+from inferlab.outputs import RequestOutput
+from inferlab.server import openai_format as fmt
+from inferlab.server.protocol import SamplingFields
+
+Streams = list[AsyncIterator[RequestOutput]]
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+SHUTTING_DOWN = (503, "the server is shutting down; the request was not finished", "server_error",
+                 "server_shutting_down")
+
+
+async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], max_tokens: int | None,
+                num_logprobs: int | None) -> tuple[str, list[str], Streams]:
+    """Validate and add n requests per prompt; all or none are added."""
+    base, max_model_len = uuid.uuid4().hex, engine.engine.max_model_len
+    added: list[str] = []
+    streams = []
+    try:
+        for i, prompt in enumerate(prompts):
+            n_prompt = len(prompt["prompt_token_ids"])
+            if max_tokens is not None and n_prompt + max_tokens > max_model_len:
+                raise ValueError(f"this model's maximum context length is {max_model_len} tokens, but "
+                                 f"{n_prompt} prompt tokens + max_tokens {max_tokens} exceed it")
+            for j in range(req.n):
+                params = req.sampling_params(max_tokens, num_logprobs)
+                if req.seed is not None:
+                    params.seed = req.seed + j  # n choices with one seed: distinct yet reproducible
+                rid = f"{base}-{i}-{j}"
+                streams.append(await engine.add(rid, prompt, params, req.priority))
+                added.append(rid)
+    except (ValueError, EngineStopping) as e:
+        abort_all(engine, added)
+        raise APIError(*SHUTTING_DOWN) if isinstance(e, EngineStopping) else APIError(400, str(e)) from None
+    return base, added, streams
+
+
+def abort_all(engine: AsyncEngine, rids: list[str]) -> None:
+    """Abort whatever is still live among `rids` (finished ones are already gone: a no-op)."""
+    for rid in rids:
+        engine.abort(rid)
+
+
+def streaming(engine: AsyncEngine, events: AsyncIterator[str], rids: list[str]) -> StreamingResponse:
+    # The background task also covers a client that vanished before the stream even started.
+    return StreamingResponse(events, media_type="text/event-stream",
+                             background=BackgroundTask(abort_all, engine, rids))
+
+
+async def collect(engine: AsyncEngine, raw: Request, rids: list[str], streams: Streams) -> list[RequestOutput]:
+    """Run every stream to its end; if the client disconnects first, abort them all. An engine
+    failure is a 500, an abort by a shutdown a 503."""
+    async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+        final = None
+        async for out in stream:
+            final = out
+        return final
+
+    tasks = [asyncio.ensure_future(last(s)) for s in streams]
+    try:
+        while not all(t.done() for t in tasks):
+            await asyncio.wait(tasks, timeout=0.5)
+            if await raw.is_disconnected():
+                # Nobody reads this answer; an ordinary error response (nginx's 499) keeps
+                # uvicorn from logging a disconnect as "Exception in ASGI application".
+                raise APIError(499, "the client closed the connection")
+        finals = [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        abort_all(engine, rids)
+    err = next((o.error for o in finals if o.error), None)
+    if err is not None:
+        raise APIError(500, f"the engine failed on this request: {err}", "server_error")
+    if engine.stopping and any(fmt.finish_reason(o) == "abort" for o in finals):
+        raise APIError(*SHUTTING_DOWN)
+    return finals
+
+
+async def merged(streams: Streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several streams as their outputs arrive, tagged with the choice index."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        async for out in stream:
+            await q.put((i, out))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in range(len(streams)):
+            while True:
+                i, out = await q.get()
+                yield i, out
+                if out.finished:
+                    break
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def sse_events(req: SamplingFields, streams: Streams, head: dict,
+                     choice: Callable[[int, RequestOutput], dict | None]) -> AsyncIterator[str]:
+    """The SSE body of both endpoints: a chunk per choice update (`choice` builds it, or None
+    to skip), an error event if the engine failed a request, the usage chunk if asked, [DONE]."""
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in merged(streams):
+        if out.error:
+            yield fmt.sse({"error": {"message": out.error, "type": "server_error"}})
+            break
+        body = choice(i, out)
+        if body is not None:
+            yield fmt.sse({**head, "choices": [body], "usage": None})
+        if out.finished:
+            finals[i] = out
+    if req.include_usage and len(finals) == len(streams):
+        yield fmt.sse({**head, "choices": [], "usage": fmt.usage([finals[i] for i in sorted(finals)], req.n)})
+    yield fmt.sse("[DONE]")

@@ -51,14 +51,19 @@ class IncrementalDetokenizer:
     def pop_delta(self, finished: bool) -> str:
         end = len(self.text)
         unsent = end - self.sent
-        if not finished:  # keep back a tail that could still grow into a stop string
+        if not finished and unsent:  # keep back a tail that could still grow into a stop string
+            last = self.text[-1]
             for stop in self.stops:
                 # bound k by all unsent text, not by `end`: an earlier stop may already have
-                # lowered `end`, and a longer prefix of this stop must still be held back
-                for k in range(min(len(stop) - 1, unsent), 0, -1):
-                    if self.text.endswith(stop[:k]):
+                # lowered `end`, and a longer prefix of this stop must still be held back.
+                # Only prefixes ending in the text's last character can match: rfind jumps to them
+                # (and its first character is checked before a slice is compared).
+                k = min(len(stop) - 1, unsent)
+                while k > 0 and (k := stop.rfind(last, 0, k) + 1) > 0:
+                    if self.text[-k] == stop[0] and self.text.endswith(stop[:k]):
                         end = min(end, len(self.text) - k)
                         break
+                    k -= 1
         delta = self.text[self.sent:end]
         self.sent = end
         return delta

@@ -138,6 +138,8 @@ class LLMEngine:
                              f"{self.max_request_tokens - 1} + 1; raise num_kv_blocks or kv_cache_memory")
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        if any(t >= self.model.args.vocab_size for t in params.logit_bias or {}):
+            raise ValueError(f"logit_bias has a token id outside the vocabulary [0, {self.model.args.vocab_size})")
         room = self.max_request_tokens - len(ids)
         max_tokens = min(params.max_tokens or room, room)
         req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,

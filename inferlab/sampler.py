@@ -1,6 +1,6 @@
 """Sampler: turn a batch's logits into next tokens, one row per request, each with its own params.
 
-Order per row: penalties -> min_tokens EOS ban -> (greedy argmax | temperature, top-k, top-p,
+Order per row: logit bias -> penalties -> min_tokens EOS ban -> (greedy argmax | temperature, top-k, top-p,
 min-p, then a draw from the request's own generator). A per-request generator is what makes a
 seeded request produce the same text whatever else shares its batch.
 """
@@ -60,6 +60,12 @@ def apply_penalties(logits: torch.Tensor, req: Request) -> None:
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:
+    """In place on one row: OpenAI's logit_bias, added to the logits before anything else chooses."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    logits[ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
     """Mask out (to -inf) what top-k / top-p / min-p exclude, row-wise. top_k 0 = off."""
@@ -84,13 +90,15 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list[SampleResult]:
     """logits: [len(reqs), vocab], in the model's dtype. One SampleResult per request, in order."""
-    if all(r.params.greedy and r.params.logprobs is None and not r.params.has_penalties
+    if all(r.params.greedy and r.params.logprobs is None and not r.params.has_penalties and not r.params.logit_bias
            and r.num_output_tokens >= r.params.min_tokens for r in reqs):  # plain greedy: argmax in any dtype
         return [SampleResult(t) for t in argmax_rows(logits).tolist()]
     logits = logits.float()
     want_logprobs = [r.params.logprobs is not None for r in reqs]
     raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
     for i, r in enumerate(reqs):
+        if r.params.logit_bias:
+            apply_logit_bias(logits[i], r.params.logit_bias)
         if r.params.has_penalties:
             apply_penalties(logits[i], r)
         if r.num_output_tokens < r.params.min_tokens:

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Caps on what a request may ask every step to check: 50,000 stop strings slowed every other
+# request's steps by half. Generous for real use (OpenAI takes 4 stop strings and 300 biases).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_TOKEN_LIST = 1024  # stop_token_ids, logit_bias entries
+
 
 @dataclass
 class SamplingParams:
@@ -26,6 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
     include_stop_str_in_output: bool = False
     n: int = 1
     stop_list: list[str] = field(init=False, repr=False)
@@ -61,9 +68,18 @@ class SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
         self.stop_list = stops
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             raise ValueError("stop_token_ids must be non-negative integers")
+        if len(self.stop_token_ids or []) > MAX_TOKEN_LIST:
+            raise ValueError(f"stop_token_ids takes at most {MAX_TOKEN_LIST} token ids")
+        bias = self.logit_bias or {}
+        if len(bias) > MAX_TOKEN_LIST or any(not isinstance(t, int) or t < 0 for t in bias):
+            raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} token ids (non-negative integers)")
+        if any(not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0 for b in bias.values()):
+            raise ValueError("logit_bias values must be numbers in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

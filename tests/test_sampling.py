@@ -404,6 +404,12 @@ def test_logprobs_consistent_between_3_and_20(llm):
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(frequency_penalty=3.0), "frequency_penalty"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop=["x"] * 17), "stop"),
+    (dict(stop="x" * 257), "stop"),
+    (dict(stop_token_ids=list(range(1025))), "stop_token_ids"),
+    (dict(logit_bias={5: 100.5}), "logit_bias"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={i: 1.0 for i in range(1025)}), "logit_bias"),
 ])
 def test_sampling_params_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
@@ -412,6 +418,7 @@ def test_sampling_params_rejects_bad_values(kwargs, field):
 
 def test_sampling_params_accepts_edges():
     SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=1.0, max_tokens=1, logprobs=20, stop=["a"])
+    SamplingParams(stop=["s" * 256] * 16, stop_token_ids=list(range(1024)), logit_bias={5: -100, 6: 100})
     assert SamplingParams(top_k=-1).top_k == 0
 
 
@@ -421,3 +428,13 @@ def test_huge_top_k_means_all_tokens(llm):
     big = llm.generate(p, SamplingParams(temperature=0.9, top_k=2**70, seed=5, max_tokens=6), use_tqdm=False)[0]
     off = llm.generate(p, SamplingParams(temperature=0.9, seed=5, max_tokens=6), use_tqdm=False)[0]
     assert big.outputs[0].token_ids == off.outputs[0].token_ids
+
+
+def test_logit_bias_bans_and_forces_tokens(llm):
+    greedy = gen(llm, ids(llm, STORY), SamplingParams(temperature=0, max_tokens=4))[0].token_ids
+    banned = gen(llm, ids(llm, STORY), SamplingParams(temperature=0, max_tokens=4, logit_bias={greedy[0]: -100}))[0]
+    assert banned.token_ids[0] != greedy[0]
+    forced = gen(llm, ids(llm, STORY), SamplingParams(temperature=0.7, seed=3, max_tokens=4, logit_bias={42: 100}))[0]
+    assert forced.token_ids == [42] * 4
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate(ids(llm, STORY), SamplingParams(logit_bias={10**6: 1.0}), use_tqdm=False)

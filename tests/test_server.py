@@ -447,7 +447,7 @@ BAD = [
     (CMPL, {"prompt": "hi", "n": 0}, 400, "n must be between 1 and"),
     (CHAT, {"messages": USER, "n": 1000}, 400, "n must be between 1 and"),
     (CMPL, {"prompt": "hi", "logprobs": 50}, 400, "logprobs must be in [0, 20]"),
-    (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 50}, 400, "logprobs must be in [0, 20]"),
+    (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 1000}, 400, "top_logprobs must be in [0, 20]"),
     (CMPL, {"prompt": "hi", "presence_penalty": 9}, 400, "presence_penalty must be in [-2, 2]"),
     (CMPL, {"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
     (CMPL, {"prompt": "hi", "stop": ""}, 400, "stop must be a non-empty string"),
@@ -468,6 +468,23 @@ BAD = [
     (CMPL, {"prompt": "\ud800"}, 400, "not valid Unicode"),
     (CHAT, {"messages": [{"role": "user", "content": "\udfff"}]}, 400, "not valid Unicode"),
     (CMPL, {"prompt": "hi", "echo": True}, 400, "echo is not supported"),
+    (CMPL, {"prompt": "hi", "suffix": "the end"}, 400, "suffix is not supported"),
+    (CMPL, {"prompt": "hi", "best_of": 3}, 400, "best_of is not supported"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400,
+     "response_format {'type': 'json_object'} is not supported"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "no constrained decoding"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+     400, "tools are not supported"),
+    (CHAT, {"messages": USER, "guided_json": {"type": "object"}}, 400, "guided_json is not supported"),
+    (CMPL, {"prompt": "hi", "logit_bias": {"the": 1}}, 400, "logit_bias keys must be token ids"),
+    (CMPL, {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias values must be numbers in [-100, 100]"),
+    (CMPL, {"prompt": "hi", "logit_bias": {"999999": 5}}, 400, "logit_bias has a token id outside the vocabulary"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]},
+     400, "messages.0.content.0: image_url content parts are not supported"),
+    (CMPL, {"prompt": "hi", "stop": ["s"] * 17}, 400, "stop takes at most 16 strings of at most 256 characters"),
+    (CMPL, {"prompt": "hi", "stop": "s" * 257}, 400, "stop takes at most 16 strings"),
+    (CMPL, {"prompt": "hi", "stop_token_ids": list(range(1025))}, 400, "stop_token_ids takes at most 1024"),
     ("/v1/nothing", {"prompt": "hi"}, 404, "Not Found"),
 ]
 
@@ -481,6 +498,32 @@ def test_bad_input_is_a_clear_4xx(server, path, body, status, message):
     assert message in err["message"], err
     assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
     assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_do_nothing_values_of_unsupported_fields_are_accepted(client, offline):
+    """What clients send by default (best_of 1, a text response_format, tools with tool_choice
+    'none', text content parts) asks for plain generation: answered, not refused."""
+    question = QUESTIONS[0]
+    r = client.chat.completions.create(
+        model=MODEL, max_tokens=MAX_TOKENS, temperature=0, response_format={"type": "text"},
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], tool_choice="none",
+        messages=[{"role": "user", "content": [{"type": "text", "text": question}]}])
+    assert r.choices[0].message.content == offline[question].outputs[0].text
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, best_of=1,
+                                  suffix=None)
+    assert r.choices[0].text == offline[PROMPTS[0]].outputs[0].text
+
+
+def test_logit_bias_bans_and_forces_tokens(client, offline):
+    tok = offline["llm"].get_tokenizer()
+    greedy = offline[PROMPTS[0]].outputs[0].token_ids
+    banned = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=1, temperature=0,
+                                       logit_bias={str(greedy[0]): -100})
+    assert banned.choices[0].text != tok.decode(greedy[:1])
+    forced_id = tok.encode(" banana")[-1]
+    forced = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0,
+                                       logit_bias={str(forced_id): 100})
+    assert forced.choices[0].text == tok.decode([forced_id] * 3)
 
 
 def test_wrong_method_is_405_json(server):

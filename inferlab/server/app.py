@@ -74,6 +74,10 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             raise APIError(400, f"n must be between 1 and {min(MAX_N, engine.engine.config.max_num_seqs)}")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true")
+        try:
+            req.refuse_unsupported()
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

@@ -1,7 +1,9 @@
 """OpenAI request bodies (pydantic) and their translation to SamplingParams.
 
-Types are strict (a string where a number belongs is an error, not coerced); unknown fields
-are ignored, as OpenAI clients send some this server has no use for. Range checks live in
+Types are strict (a string where a number belongs is an error, not coerced). Unknown fields are
+ignored, as OpenAI clients send some this server has no use for, except those that would change
+the output (`UNSUPPORTED`): ignoring them would answer another question than the one asked, so
+they are refused with a 400 unless they hold their do-nothing value. Range checks live in
 SamplingParams, so the server and the Python API refuse the same values with the same words.
 """
 from __future__ import annotations
@@ -18,12 +20,42 @@ Int = Annotated[int, Strict(), Field(ge=-2**63, le=2**63 - 1)]
 TokenIds = list[Int]
 
 
+# Output-changing fields of OpenAI's and vLLM's APIs that this server does not implement: the reason
+# each is refused. A field is let through only with its do-nothing value (see `harmless`).
+UNSUPPORTED = {
+    "suffix": "suffix is not supported (no fill-in-the-middle)",
+    "best_of": "best_of is not supported; ask for n choices instead",
+    "response_format": "response_format {value} is not supported (no constrained decoding): only {{'type': 'text'}}",
+    "tools": "tools are not supported (no tool calling); send tool_choice 'none' to have them ignored",
+    "functions": "functions are not supported (no tool calling)",
+    "function_call": "function_call is not supported (no tool calling)",
+    "use_beam_search": "use_beam_search is not supported",
+    "prompt_logprobs": "prompt_logprobs is not supported",
+    "allowed_token_ids": "allowed_token_ids is not supported; logit_bias can ban or favour tokens",
+    "bad_words": "bad_words is not supported; logit_bias can ban tokens",
+    **{name: f"{name} is not supported (no constrained decoding)" for name in
+       ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+        "structured_outputs")},
+}
+
+
+def harmless(name: str, value: object, fields: dict) -> bool:
+    """Whether an UNSUPPORTED field holds a value that asks for nothing beyond plain generation."""
+    if value in (None, False, "", [], {}):
+        return True
+    if name == "best_of":
+        return value == 1
+    if name == "response_format":
+        return value == {"type": "text"}
+    return name in ("tools", "functions") and fields.get("tool_choice") == "none"
+
+
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSUPPORTED ones; the rest are ignored
 
     model: StrictStr | None = None
     max_tokens: Int | None = None
@@ -46,6 +78,20 @@ class SamplingFields(BaseModel):
     priority: Int = 0
     user: StrictStr | None = None
     cache_salt: StrictStr | None = None  # vLLM's: only requests with the same salt share cached blocks
+    logit_bias: dict[StrictStr, Float] | None = None  # token id (as a string, OpenAI's) -> bias
+
+    def refuse_unsupported(self) -> None:
+        extra = self.model_extra or {}
+        for name, value in extra.items():
+            if name in UNSUPPORTED and not harmless(name, value, extra):
+                raise ValueError(UNSUPPORTED[name].format(value=value))
+
+    def token_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        if not all(k.isdigit() for k in self.logit_bias):
+            raise ValueError("logit_bias keys must be token ids (non-negative integers as strings)")
+        return {int(k): v for k, v in self.logit_bias.items()}
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -57,7 +103,7 @@ class SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=self.token_bias())
 
     @property
     def include_usage(self) -> bool:
@@ -82,22 +128,32 @@ class CompletionRequest(SamplingFields):
         return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in p]
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: StrictStr
+class ContentPart(BaseModel):
+    """A part of a message's content. Only text parts are read; the others (image_url,
+    input_audio, file) are parsed so that they can be refused by name, not as "not a string"."""
+    model_config = ConfigDict(extra="allow")
+
+    type: StrictStr
+    text: StrictStr | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+    content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+    def text(self, where: str) -> str:
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for i, part in enumerate(self.content):
+            if part.type != "text":
+                raise ValueError(f"{where}.content.{i}: {part.type} content parts are not supported "
+                                 "(this model reads text only)")
+            if part.text is None:
+                raise ValueError(f"{where}.content.{i}: a text part needs its text")
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -109,12 +165,14 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_messages(self) -> list[dict]:
         # "developer" is OpenAI's newer name for the system role
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(f"messages.{i}")}
+                for i, m in enumerate(self.messages)]
 
     def num_logprobs(self) -> int | None:
         if not self.logprobs:
             if self.top_logprobs:
                 raise ValueError("top_logprobs needs logprobs: true")
             return None
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         return self.top_logprobs or 0

@@ -526,6 +526,18 @@ def test_logit_bias_bans_and_forces_tokens(client, offline):
     assert forced.choices[0].text == tok.decode([forced_id] * 3)
 
 
+def test_openapi_declares_the_errors_the_server_answers(server):
+    doc = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    assert '"422"' not in json.dumps(doc) and "HTTPValidationError" not in doc["components"]["schemas"]
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert {"400", "401", "404", "413", "500", "503"} <= set(responses), path
+        assert responses["400"]["content"] == error
+    assert {"400", "401", "413"} <= set(doc["paths"]["/scope/lab"]["post"]["responses"])
+    assert doc["components"]["schemas"]["ErrorResponse"]["properties"]["error"]["$ref"].endswith("ErrorDetail")
+
+
 def test_wrong_method_is_405_json(server):
     r = httpx.get(f"{server.url}/v1/completions", timeout=10)
     assert r.status_code == 405 and "error" in r.json()

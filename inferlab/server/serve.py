@@ -14,6 +14,7 @@ from inferlab.config import EngineConfig
 from inferlab.engine import LLMEngine, model_name
 from inferlab.scope.live import mount_scope
 from inferlab.scope.recorder import Recorder
+from inferlab.server import openapi
 from inferlab.server.app import build_app
 from inferlab.server.guard import Guard
 
@@ -29,6 +30,7 @@ def build_server_app(engine: AsyncEngine, name: str, api_key: str | None = None)
     app = build_app(engine, name)
     mount_scope(app, engine)
     app.add_middleware(Guard, api_key=api_key)
+    openapi.install(app)
     return app
 
 

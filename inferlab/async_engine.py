@@ -128,6 +128,10 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
         self._call(lambda: self._abort_now(request_id))
 
+    def cancel(self, request_id: str) -> None:
+        """Abort a request whose consumer still listens: it gets the final "abort" output."""
+        self._call(lambda: self._abort_now(request_id))
+
     def _abort_now(self, request_id: str) -> None:  # on the engine thread
         out = self.engine.abort_request(request_id)
         if out is not None:

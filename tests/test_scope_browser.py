@@ -78,7 +78,7 @@ def test_live_dashboard_follows_a_burst_and_replay_draws_the_same_grid(chromium,
         page.fill("input[name=count]", "6")
         page.fill("input[name=prompt_len]", "160")
         page.fill("input[name=output_len]", "40")
-        page.click("#lab-form button")
+        page.click("#lab-form button[type=submit]")
         page.wait_for_function("document.getElementById('lab-result').textContent.startsWith('submitted 6')")
         samples, shot = [], os.environ.get("SCOPE_SCREENSHOT") or str(tmp_path / "scope.png")
         deadline = time.monotonic() + 120
@@ -93,6 +93,14 @@ def test_live_dashboard_follows_a_burst_and_replay_draws_the_same_grid(chromium,
                 page.screenshot(path=shot, full_page=True)
         server.wait_idle()
         recorder.close()  # idle again: no step runs
+        page.fill("input[name=output_len]", "200")
+        page.evaluate("document.getElementById('lab-result').textContent = ''")
+        page.click("#lab-form button[type=submit]")
+        page.wait_for_function("document.getElementById('lab-result').textContent.startsWith('submitted 6')")
+        page.click("#lab-cancel")  # the lab's requests are aborted at once
+        page.wait_for_function("document.getElementById('lab-result').textContent.startsWith('cancelled ')")
+        assert int(page.inner_text("#lab-result").split()[1]) > 0
+        server.wait_idle()
         page.close()
     busy = [s for s in samples if s["running"]]
     assert busy and all(s["listed"] == s["running"] for s in busy)  # the queue lists what runs

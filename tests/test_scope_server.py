@@ -59,7 +59,8 @@ def test_lab_bursts_preempt_lower_priority(server):
     ({"output_len": 0}, "output_len: Input should be greater than or equal to 1"),
     ({"priority": "high"}, "priority: Input should be a valid integer"),
     ({"colour": "red"}, "colour: Extra inputs are not permitted"),
-    ({"prompt_len": 10**9}, "prompt_len 1000000000 leaves no room to generate"),
+    ({"prompt_len": 10**9}, "prompt_len + output_len = 1000000064 tokens: this engine holds at most 256"),
+    ({"output_len": 10**22}, "prompt_len + output_len = 10000000000000000000128 tokens"),
     ("[1, 2", "the request body is not valid JSON"),
 ])
 def test_lab_refuses_bad_bursts_in_one_line(server, body, message):
@@ -72,6 +73,23 @@ def test_lab_refuses_bad_bursts_in_one_line(server, body, message):
     assert error.startswith(message) and "\n" not in error
     server.wait_idle()
     server.check_engine()
+
+
+def test_lab_requests_are_bounded_and_cancelled_at_once(server):
+    before = server.wait_idle()
+    first = lab(server, count=200, prompt_len=4, output_len=200, shared_prefix=False)
+    assert first.status_code == 200 and len(first.json()["request_ids"]) == 200
+    more = lab(server, count=100, prompt_len=4, output_len=8)
+    assert more.status_code == 400 and "lab requests are still running" in more.json()["error"]["message"]
+    r = httpx.delete(f"{server.url}/scope/lab", timeout=30)
+    cancelled = r.json()["cancelled"]
+    assert r.status_code == 200 and 0 < cancelled <= 200
+    aborted = 'inferlab:request_success_total{finished_reason="abort",model_name="SmolLM2-135M-Instruct"}'
+    m = server.wait_idle(lambda m: m[aborted] - before[aborted] == cancelled)
+    assert m["inferlab:generation_tokens_total"] - before["inferlab:generation_tokens_total"] < 200 * 200
+    server.check_engine()
+    assert lab(server, count=100, prompt_len=4, output_len=8).status_code == 200  # room again
+    server.wait_idle()
 
 
 def test_viewer_sees_requests_run_and_resumes_after_reconnect(server):

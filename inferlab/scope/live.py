@@ -19,11 +19,11 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
-from inferlab.async_engine import AsyncEngine
+from inferlab.async_engine import AsyncEngine, EngineStopping
 from inferlab.outputs import RequestOutput
 from inferlab.sampling_params import SamplingParams
 from inferlab.scope.frames import FrameBuilder, encode, header
-from inferlab.scope.lab import Burst, burst_prompts
+from inferlab.scope.lab import MAX_BURST, Burst, burst_prompts
 from inferlab.scope.web import mount_pages
 
 QUEUE_FRAMES = 4  # frames a slow viewer may lag behind before the oldest are dropped
@@ -97,16 +97,26 @@ def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
         return StreamingResponse(feed.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def drain(stream: AsyncIterator[RequestOutput]) -> None:
-        async for _ in stream:
-            pass
+    lab_requests: set[str] = set()  # the lab's requests still live: bounded, and cancellable at once
+
+    async def drain(rid: str, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            lab_requests.discard(rid)
 
     @app.post("/scope/lab")
     async def lab(burst: Burst) -> dict:
-        """Submit a burst through the same path as the OpenAI endpoints; all or none are added."""
-        if burst.prompt_len >= core.max_request_tokens:
-            raise HTTPException(400, f"prompt_len {burst.prompt_len} leaves no room to generate: this engine "
-                                     f"holds at most {core.max_request_tokens} tokens per request")
+        """Submit a burst through the same path as the OpenAI endpoints; all or none are added.
+        Nobody waits on these requests, so they are bounded: each must fit the engine, and at
+        most MAX_BURST run at once (DELETE /scope/lab cancels them)."""
+        if burst.prompt_len + burst.output_len > core.max_request_tokens:
+            raise HTTPException(400, f"prompt_len + output_len = {burst.prompt_len + burst.output_len} tokens: this "
+                                     f"engine holds at most {core.max_request_tokens} tokens per request")
+        if len(lab_requests) + burst.count > MAX_BURST:
+            raise HTTPException(400, f"{len(lab_requests)} lab requests are still running and at most {MAX_BURST} "
+                                     f"may be at once: cancel them (DELETE /scope/lab) or wait")
         prompts = burst_prompts(burst, core.model.args.vocab_size, set(core.eos_token_ids))
         params = SamplingParams(temperature=0.0, max_tokens=burst.output_len, ignore_eos=True)
         base, added = uuid.uuid4().hex[:6], []
@@ -115,13 +125,22 @@ def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
                 rid = f"lab-{base}-{i}"
                 stream = await engine.add(rid, {"prompt_token_ids": ids}, params, burst.priority)
                 added.append(rid)
-                task = asyncio.ensure_future(drain(stream))
+                lab_requests.add(rid)
+                task = asyncio.ensure_future(drain(rid, stream))
                 drains.add(task)
                 task.add_done_callback(drains.discard)
-        except ValueError as e:
+        except (ValueError, EngineStopping) as e:
             for rid in added:
                 engine.abort(rid)
             raise HTTPException(400, str(e)) from None
         return {"request_ids": added}
+
+    @app.delete("/scope/lab")
+    async def cancel_lab() -> dict:
+        """Abort every lab request still running; their KV blocks are freed at once."""
+        cancelled = sorted(lab_requests)
+        for rid in cancelled:
+            engine.cancel(rid)  # its drain task gets the final output and ends
+        return {"cancelled": len(cancelled)}
 
     return feed

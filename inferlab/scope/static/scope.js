@@ -227,18 +227,43 @@
       render(f, s);
     };
     $("lab-form").addEventListener("submit", submitBurst);
+    $("lab-cancel").addEventListener("click", cancelBursts);
+  }
+
+  // The lab is guarded by the server's API key when it has one (`serve --api-key`): asked once,
+  // kept for this tab.
+  async function labFetch(method, body) {
+    for (;;) {
+      const key = sessionStorage.getItem("inferlab-api-key");
+      const headers = { "Content-Type": "application/json", ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+      const resp = await fetch("/scope/lab", { method, headers, body: body && JSON.stringify(body) });
+      if (resp.status !== 401) return resp;
+      const entered = prompt("This server needs its API key for the lab:");
+      if (!entered) return resp;
+      sessionStorage.setItem("inferlab-api-key", entered);
+    }
+  }
+
+  function showLab(resp, data, text) {
+    const out = $("lab-result");
+    out.className = resp.ok ? "muted" : "error";
+    out.textContent = resp.ok ? text : `refused: ${data.error?.message ?? resp.statusText}`;
   }
 
   async function submitBurst(ev) {
     ev.preventDefault();
-    const form = ev.target, out = $("lab-result");
+    const form = ev.target;
     const body = { shared_prefix: form.shared_prefix.checked };
     for (const k of ["count", "prompt_len", "output_len", "priority"]) body[k] = Number(form[k].value);
-    const resp = await fetch("/scope/lab", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    const resp = await labFetch("POST", body);
     const data = await resp.json();
-    out.className = resp.ok ? "muted" : "error";
-    out.textContent = resp.ok ? `submitted ${data.request_ids.length} requests (${data.request_ids[0]} …)`
-      : `refused: ${data.error?.message ?? resp.statusText}`;
+    showLab(resp, data, resp.ok && `submitted ${data.request_ids.length} requests (${data.request_ids[0]} …)`);
+  }
+
+  async function cancelBursts() {
+    const resp = await labFetch("DELETE");
+    const data = await resp.json();
+    showLab(resp, data, resp.ok && `cancelled ${data.cancelled} lab requests`);
   }
 
   // ---- replay: the whole trace is loaded, then stepped through locally ----------------------

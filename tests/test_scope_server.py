@@ -4,6 +4,7 @@ SSE feed (frames as requests run, nothing watching once the viewer leaves, resum
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -121,3 +122,39 @@ def test_viewer_sees_requests_run_and_resumes_after_reconnect(server):
         again = next(frames(r))
         assert steps[-1] in [s[0] for s in again["steps"]]  # the timeline resumes where it was
         assert again["step"] >= steps[-1]
+
+
+def test_idle_viewers_share_frames_and_get_keep_alives(server, monkeypatch):
+    """However many watch an idle engine, no frame is built per viewer: each gets the one it joined
+    with, then keep-alive comments once a second (a frame only if something changed)."""
+    from inferlab.scope.frames import FrameBuilder
+    server.wait_idle()
+    built = []
+    real = FrameBuilder.frame
+    monkeypatch.setattr(FrameBuilder, "frame", lambda self, *a, **kw: built.append(1) or real(self, *a, **kw))
+    viewers, stop = 12, threading.Event()
+    lines: list[list[str]] = [[] for _ in range(viewers)]
+
+    def watch(seen: list[str]) -> None:
+        with httpx.stream("GET", f"{server.url}/scope/events", timeout=30) as r:
+            for line in r.iter_lines():
+                if line:
+                    seen.append(line[:5])
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=watch, args=(seen,), daemon=True) for seen in lines]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while not all(seen for seen in lines):
+        assert time.monotonic() < deadline, "not every viewer got its first frame"
+        time.sleep(0.05)
+    joined = len(built)
+    time.sleep(3.5)  # three ticks with nothing happening
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert joined == viewers and len(built) == viewers  # one frame each to join; none since
+    for seen in lines:
+        assert seen[0] == "data:" and seen[1:].count(": kee") >= 2 and "data:" not in seen[1:], seen

@@ -64,9 +64,11 @@ class FrameBuilder:
 
     def frame(self, with_history: bool = False) -> dict:
         """A full frame; `with_history` sends the recent step records instead of the new ones, so
-        a viewer that just (re)connected resumes with a filled timeline."""
+        a viewer that just (re)connected resumes with a filled timeline (the new ones stay pending
+        for the next frame of everyone else: a viewer skips records it has seen)."""
         frame = {"type": "frame", "t": self.now(), **self.engine.snapshot(detail=True),
                  "steps": list(self.history) if with_history else self.pending,
                  "latency": {"ttft": self.metrics.ttft.counts, "itl": self.metrics.itl.counts}}
-        self.pending = []
+        if not with_history:
+            self.pending = []
         return frame

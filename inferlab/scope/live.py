@@ -3,9 +3,10 @@ the lab panel's bursts (/scope/lab).
 
 Frames are built on the engine thread, as a step observer that exists only while a viewer is
 connected, at most `interval` apart (and after the step that empties the engine, so a view never
-stops on a stale state). A viewer that connects (or reconnects) first gets a full frame with the
-recent step history; with no frame for a second it gets a fresh one, which also keeps the
-connection alive.
+stops on a stale state). Each frame is built once and sent to every viewer, however many watch. A
+viewer that connects (or reconnects) first gets a full frame with the recent step history. While
+no step runs, one tick a second sends every viewer a fresh frame if something changed (a request
+added or aborted between steps), else an SSE comment that keeps the connection alive.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from inferlab.scope.web import mount_pages
 
 QUEUE_FRAMES = 4  # frames a slow viewer may lag behind before the oldest are dropped
 HEARTBEAT_S = 1.0
+KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment: viewers ignore it, proxies see the stream is alive
 
 
 def offer(q: asyncio.Queue, item: str) -> None:
@@ -41,8 +43,12 @@ class ScopeFeed:
         self.engine = engine
         self.interval = interval
         self.builder = FrameBuilder(engine.engine, engine.metrics)
-        self.viewers: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.viewers: dict[int, asyncio.Queue] = {}  # changed on the engine thread only
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, where the viewers' queues live
         self.last_sent = 0.0
+        self.sent_state: tuple | None = None  # what the engine looked like in the last frame sent
+        self.ticker: asyncio.Task | None = None
+        self.frames_built = 0
         self._ids = itertools.count()
 
     # -- on the engine thread -----------------------------------------------------------------
@@ -50,19 +56,36 @@ class ScopeFeed:
         self.builder.on_step(outputs)
         now = time.monotonic()
         if now - self.last_sent >= self.interval or not self.engine.engine.has_unfinished_requests():
-            self.last_sent = now
-            frame = encode(self.builder.frame())
-            for loop, q in list(self.viewers.values()):
-                try:
-                    loop.call_soon_threadsafe(offer, q, frame)
-                except RuntimeError:  # that viewer's event loop has closed: nobody to tell
-                    pass
+            self._broadcast(self._frame())
 
-    def _join(self, key: int, loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> str:
-        if not self.viewers:
+    def _state(self) -> tuple:
+        core = self.engine.engine
+        return core.scheduler.step_count, len(core.requests), core.block_manager.num_free_blocks
+
+    def _frame(self, with_history: bool = False) -> str:
+        self.frames_built += 1
+        if not with_history:  # the frame every viewer gets
+            self.last_sent, self.sent_state = time.monotonic(), self._state()
+        return f"data: {encode(self.builder.frame(with_history))}\n\n"
+
+    def _tick(self) -> str | None:
+        """Once a second: nothing if frames are flowing, else a frame if the engine changed, else a keep-alive."""
+        if time.monotonic() - self.last_sent < HEARTBEAT_S:
+            return None
+        return self._frame() if self._state() != self.sent_state else KEEP_ALIVE
+
+    def _broadcast(self, item: str) -> None:
+        try:  # one wake-up of the event loop per frame, not one per viewer
+            self.loop.call_soon_threadsafe(self._fan_out, item)
+        except RuntimeError:  # the event loop has closed: nobody to tell
+            pass
+
+    def _join(self, key: int, q: asyncio.Queue) -> str:
+        if not self.viewers:  # the first viewer: its own frame is the state the others are compared to
             self.engine.engine.step_observers.append(self.on_step)
-        self.viewers[key] = (loop, q)
-        return encode(self.builder.frame(with_history=True))
+            self.sent_state = self._state()
+        self.viewers[key] = q
+        return self._frame(with_history=True)
 
     def _leave(self, key: int) -> None:
         self.viewers.pop(key, None)
@@ -70,17 +93,26 @@ class ScopeFeed:
             self.engine.engine.step_observers.remove(self.on_step)
 
     # -- on the event loop --------------------------------------------------------------------
+    def _fan_out(self, item: str) -> None:
+        for q in list(self.viewers.values()):
+            offer(q, item)
+
+    async def _ticking(self) -> None:
+        while self.viewers:
+            await asyncio.sleep(HEARTBEAT_S)
+            item = await self.engine.run(self._tick)
+            if item is not None:
+                self._fan_out(item)
+
     async def events(self) -> AsyncIterator[str]:
-        key, q, loop = next(self._ids), asyncio.Queue(QUEUE_FRAMES), asyncio.get_running_loop()
-        first = await self.engine.run(lambda: self._join(key, loop, q))
+        key, q, self.loop = next(self._ids), asyncio.Queue(QUEUE_FRAMES), asyncio.get_running_loop()
+        first = await self.engine.run(lambda: self._join(key, q))
+        if self.ticker is None or self.ticker.done():
+            self.ticker = asyncio.create_task(self._ticking())
         try:
-            yield f"data: {first}\n\n"
+            yield first
             while True:
-                try:
-                    frame = await asyncio.wait_for(q.get(), HEARTBEAT_S)
-                except asyncio.TimeoutError:
-                    frame = await self.engine.run(lambda: encode(self.builder.frame()))
-                yield f"data: {frame}\n\n"
+                yield await q.get()
         finally:
             self.engine.post(lambda: self._leave(key))
 

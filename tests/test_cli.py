@@ -46,6 +46,21 @@ def test_chat_is_multi_turn_and_streams():
     assert r.stdout.count(">>> ") == 3  # two answers, then the prompt that read /exit
 
 
+def test_chat_that_outgrows_the_context_forgets_its_oldest_turns():
+    turns = "Why is the sky blue?\nAnd why are sunsets red?\n" + "word " * 100 + "\n/exit\n"
+    r = inferlab("chat", "--max-model-len", "80", "--max-tokens", "16", "--num-kv-blocks", "64", stdin=turns)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(">>> ") == 4  # two answers, the refused message, then /exit
+    assert "exchange forgotten; /reset starts over" in r.stderr  # the second question made room
+    assert "this message does not fit the context of 80 tokens" in r.stderr
+
+
+def test_chat_answers_the_readme_question_by_default():
+    r = inferlab("chat", "--num-kv-blocks", "64", "--max-tokens", "24", stdin="What is the capital of France?\n")
+    assert r.returncode == 0, r.stderr
+    assert "The capital of France is Paris." in r.stdout
+
+
 def test_bad_option_is_one_clear_line():
     r = inferlab("generate", "hi", "--temperature", "-1", "--num-kv-blocks", "8")
     assert r.returncode == 2

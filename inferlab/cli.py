@@ -14,6 +14,15 @@ from inferlab.logger import setup_logging
 from inferlab.model.layers.linear import QUANTIZATIONS
 
 
+def budget_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
@@ -31,7 +40,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-batched-tokens", type=budget_arg, default=2048,
+                   help="tokens a step may compute, or auto: as many as keep a step near --step-time-target "
+                        "(default: 2048; auto for serve)")
+    g.add_argument("--step-time-target", type=float, default=0.25, help="seconds, for --max-num-batched-tokens auto")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--scheduling-policy", default="fcfs",
                    help="fcfs, priority, sjf, or a policy of your own: module:Class or file.py:Class")
@@ -76,7 +88,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         int8_activations=a.int8_activations, device=a.device,
                         block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                        max_num_batched_tokens=a.max_num_batched_tokens,
+                        max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
                         attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager,
                         **kv_mode_config(a))
@@ -203,9 +215,9 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     trace = load_trace(a.trace) if a.trace else make_trace(
         a.num_requests, a.rate, a.prompt_len, a.output_len, a.seed, a.burst, a.shared_prefix, a.priorities)
     config = EngineConfig(block_size=a.block_size, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                          max_num_batched_tokens=a.max_num_batched_tokens, scheduling_policy=a.policy,
-                          enable_prefix_caching=not a.no_prefix_caching, sjf_aging_rate=a.sjf_aging_rate,
-                          **kv_mode_config(a))
+                          max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
+                          scheduling_policy=a.policy, enable_prefix_caching=not a.no_prefix_caching,
+                          sjf_aging_rate=a.sjf_aging_rate, **kv_mode_config(a))
     cost = CostModel.load(a.cost_model) if a.cost_model else DEFAULT
     result = {"policy": a.policy, "requests": len(trace), "replicas": a.replicas, "router": a.router,
               **simulate(config, a.num_kv_blocks, trace, cost, a.replicas, a.router)}
@@ -294,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--block-size", type=int, default=16)
     m.add_argument("--max-model-len", type=int, default=8192)
     m.add_argument("--max-num-seqs", type=int, default=256)
-    m.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    m.add_argument("--max-num-batched-tokens", type=budget_arg, default=2048, help="an integer or auto")
+    m.add_argument("--step-time-target", type=float, default=0.25, help="seconds, for --max-num-batched-tokens auto")
     m.add_argument("--no-prefix-caching", action="store_true")
     add_kv_mode_args(m)
     m.set_defaults(func=cmd_simulate)
@@ -312,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $INFERLAB_API_KEY; none: open)")
     add_record_arg(s)
     add_engine_args(s)
-    s.set_defaults(func=cmd_serve)
+    # a server keeps its streams flowing while prompts arrive: steps sized to a time, not 2,048 tokens
+    s.set_defaults(func=cmd_serve, max_num_batched_tokens="auto")
     o = sub.add_parser("scope", help="the dashboard on a recorded trace (live: `inferlab serve`, then /scope)")
     o.add_argument("--replay", required=True, action="append", metavar="FILE",
                    help="a trace written with --record; repeat it to see several side by side")

@@ -31,9 +31,11 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: a default for the device
     max_model_len: int | None = None  # None: the model's context length
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    # Tokens a step may compute, or "auto": as many as keep a step near step_time_target (`budget.py`)
+    max_num_batched_tokens: int | str = 2048
+    step_time_target: float = 0.25  # seconds, for max_num_batched_tokens="auto"
     # Cap on one prefill's tokens per step, so a huge prompt cannot stall running decodes.
-    long_prefill_token_threshold: int | None = None  # None: max_num_batched_tokens // 4
+    long_prefill_token_threshold: int | None = None  # None: max_num_batched_tokens // 4 (auto: the budget)
     enable_prefix_caching: bool = True
     prefix_cache: str = "hash"  # the cache's structure: a hash chain (vLLM) or a radix tree (SGLang)
     # paged: blocks as tokens arrive (vLLM); reserve: a request's whole length up front, as engines
@@ -68,11 +70,15 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.long_prefill_token_threshold is None:
+        auto = self.max_num_batched_tokens == "auto"
+        if not auto and (not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1):
+            raise ValueError(f"max_num_batched_tokens must be 'auto' or an integer >= 1, "
+                             f"got {self.max_num_batched_tokens!r}")
+        if not self.step_time_target > 0:
+            raise ValueError(f"step_time_target must be > 0 seconds, got {self.step_time_target}")
+        if self.long_prefill_token_threshold is None and not auto:
             self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 4)
-        if self.long_prefill_token_threshold < 1:
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
             raise ValueError("long_prefill_token_threshold must be >= 1")
         resolve_policy(self.scheduling_policy)  # a one-line ValueError for an unknown or broken policy
         if self.attention_backend not in ATTENTION_BACKENDS:

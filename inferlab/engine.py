@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from inferlab.budget import StepBudget
 from inferlab.config import EngineConfig
 from inferlab.detokenizer import IncrementalDetokenizer
 from inferlab.inputs import PromptType, parse_prompt
@@ -92,6 +93,8 @@ class LLMEngine:
         num_host_blocks = int(config.swap_space * 2**30) // per_block
         self.scheduler = Scheduler(config, self.block_manager, make_queue(config.scheduling_policy,
                                    config.sjf_aging_rate), clock, num_host_blocks)
+        # max_num_batched_tokens="auto": the budget follows the measured step time
+        self.budget = StepBudget(config.step_time_target) if config.max_num_batched_tokens == "auto" else None
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids,
                                   native=config.attention_backend != "torch", fused=not config.enforce_eager)
         self.host_pool = HostKVPool(self.runner, num_host_blocks)  # allocated by the first swap, if any
@@ -172,6 +175,9 @@ class LLMEngine:
         """Run one engine step; returns an output for every request that produced a token."""
         if self.threads is not None:
             self.threads.update()
+        if self.budget is not None:
+            self.scheduler.max_num_batched_tokens = self.budget.for_step(len(self.scheduler.running))
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         self.host_pool.copy(out.swap_out, out.swap_in)  # before the model reads or overwrites those blocks
         self.last_step_tokens = out.num_tokens
@@ -199,6 +205,8 @@ class LLMEngine:
             outputs.append(self._make_output(req, [res.token_id]))
             if status is not None:
                 self._forget(req)
+        if self.budget is not None:
+            self.budget.observe(out.num_tokens, time.perf_counter() - start)
         for observe in self.step_observers:
             observe(outputs)
         return outputs

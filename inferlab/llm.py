@@ -18,7 +18,7 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 max_num_batched_tokens: int | str = 2048, enable_prefix_caching: bool = True,
                  scheduling_policy: str = "fcfs", loaded=None, **kwargs) -> None:
         config = EngineConfig(model=model, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,

@@ -2,7 +2,7 @@
 
 Each step, every request's `num_computed_tokens` tries to catch up with its `num_tokens`:
 running requests first (a decode needs 1 token, an unfinished prefill the next chunk), then
-waiting ones in policy order, all under `max_num_batched_tokens` and `max_num_seqs`. Prefill,
+waiting ones in policy order, all under the token budget and `max_num_seqs`. Prefill,
 chunked prefill and decode are therefore one path and share a step. When KV blocks run out
 the policy's victim is preempted instead of failing: its blocks are freed and recomputed later,
 or swapped to a host pool and back (`preemption.py`). How much a request takes on admission,
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from inferlab.allocation import ALLOCATIONS
 from inferlab.block_manager import BlockManager
+from inferlab.budget import START
 from inferlab.config import EngineConfig
 from inferlab.policy import RequestQueue
 from inferlab.preemption import make_preemption
@@ -49,6 +50,9 @@ class Scheduler:
         self.clock = clock
         self.num_preemptions = 0
         self.step_count = 0
+        # The token budget of the next step: fixed, or set before each step by the engine's StepBudget
+        auto = config.max_num_batched_tokens == "auto"
+        self.max_num_batched_tokens: int = START if auto else config.max_num_batched_tokens
         self.last_output = SchedulerOutput()
         self._seq = itertools.count()
         # A queue that keeps the base class's should_preempt never evicts for a waiting request,
@@ -74,8 +78,12 @@ class Scheduler:
         self.waiting.push(req)
         out.preempted.append(req)
 
+    @property
+    def long_prefill_token_threshold(self) -> int:
+        return self.config.long_prefill_token_threshold or self.max_num_batched_tokens
+
     def _chunk(self, req: Request, num_computed: int, budget: int) -> int:
-        return min(req.num_tokens - num_computed, budget, self.config.long_prefill_token_threshold)
+        return min(req.num_tokens - num_computed, budget, self.long_prefill_token_threshold)
 
     def _make_room_for_waiting(self, out: SchedulerOutput) -> None:
         """Policies that allow it (priority) evict worse running requests for a better waiting one."""
@@ -86,7 +94,7 @@ class Scheduler:
             if not self.waiting.should_preempt(head, victim):
                 return
             done = head.num_computed_tokens  # 0, or what a swapped request brings back
-            need = bm.blocks_needed(done + self._chunk(head, done, self.config.max_num_batched_tokens))
+            need = bm.blocks_needed(done + self._chunk(head, done, self.max_num_batched_tokens))
             if len(self.running) < self.config.max_num_seqs and bm.num_free_blocks >= need:
                 return
             self._preempt(victim, out)
@@ -94,12 +102,12 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = self.last_output = SchedulerOutput()  # kept for the detailed snapshot's batch view
         self.step_count += 1
-        budget = self.config.max_num_batched_tokens
+        budget = self.max_num_batched_tokens
         self._make_room_for_waiting(out)
         made_room = len(out.preempted)
         # This loop runs once per running request per step (millions of times in the simulator),
         # so it reads attributes directly instead of through _chunk and Request's properties.
-        threshold = self.config.long_prefill_token_threshold
+        threshold = self.long_prefill_token_threshold
         allocate, block_size = self.block_manager.allocate_slots, self.block_manager.block_size
         scheduled, running = out.scheduled, RequestStatus.RUNNING
         for req in sorted(self.running, key=self.waiting.key):
@@ -199,7 +207,7 @@ class Scheduler:
         step: a one-token chunk past the prompt is a decode (its token was sampled the step before)."""
         out = self.last_output
         decode = sum(1 for r, n in out.scheduled if n == 1 and r.num_computed_tokens > r.num_prompt_tokens)
-        return {"prefill": out.num_tokens - decode, "decode": decode, "budget": self.config.max_num_batched_tokens,
+        return {"prefill": out.num_tokens - decode, "decode": decode, "budget": self.max_num_batched_tokens,
                 "seqs": len(out.scheduled), "preempted": len(out.preempted)}
 
 

@@ -4,6 +4,7 @@ a dummy, so requests run to their max_tokens (like the benchmarks' ignore_eos)."
 from __future__ import annotations
 
 from inferlab.allocation import OutOfKVMemoryError
+from inferlab.budget import StepBudget
 from inferlab.config import EngineConfig
 from inferlab.policy import make_queue
 from inferlab.radix_cache import PREFIX_CACHES
@@ -37,6 +38,7 @@ class Replica:
                                    config.sjf_aging_rate), self.clock, num_host_blocks)
         self.cost = cost
         self.swap_block_seconds = cost.swap_seconds(1, config.block_size)
+        self.budget = StepBudget(config.step_time_target) if config.max_num_batched_tokens == "auto" else None
         self.done: list[Record] = []
         self.steps = self.output_tokens = self.prefill_tokens = self.swapped_blocks = 0
         self.peak_usage = 0.0
@@ -63,6 +65,8 @@ class Replica:
 
     def step(self) -> None:
         sched, cost = self.scheduler, self.cost
+        if self.budget is not None:  # "auto": the budget follows the cost model's step times
+            sched.max_num_batched_tokens = self.budget.for_step(len(sched.running))
         out = sched.schedule()
         if not out.scheduled:
             raise RuntimeError("scheduler made no progress")  # cannot happen: a lone request always fits
@@ -85,8 +89,11 @@ class Replica:
                     finishing.append(req)
         swapped = len(out.swap_out) + len(out.swap_in)  # preemption by swap: bytes copied, not FLOPs
         self.swapped_blocks += swapped
-        self.clock.now += (cost.base + cost.per_prefill_token * prefill + cost.per_decode_seq * decodes
-                           + cost.per_context_token * context + self.swap_block_seconds * swapped)
+        seconds = (cost.base + cost.per_prefill_token * prefill + cost.per_decode_seq * decodes
+                   + cost.per_context_token * context + self.swap_block_seconds * swapped)
+        self.clock.now += seconds
+        if self.budget is not None:
+            self.budget.observe(prefill + decodes, seconds)
         self.steps += 1
         self.prefill_tokens += prefill
         usage = self.block_manager.usage

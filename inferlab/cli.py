@@ -50,7 +50,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_kv_mode_args(g)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "native", "torch"],
                    help="native: the C kernel reading the paged cache in place (CPU); torch: the reference")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: the cores other processes leave free, rechecked "
+                        "every 2 s)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step op by op through the Python model (no one-call decode step)")
 

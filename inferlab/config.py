@@ -49,7 +49,7 @@ class EngineConfig:
     sjf_aging_rate: float = 20.0  # tokens of work forgiven per second of waiting
     # auto: the native CPU kernel where it builds, else PyTorch; torch: always the PyTorch reference
     attention_backend: str = "auto"
-    num_threads: int | None = None  # CPU threads for the model; None: PyTorch's default (the cores)
+    num_threads: int | None = None  # CPU threads for the model; None: the cores others leave free (threads.py)
     # True: every step runs the Python model op by op, where decode steps would otherwise replay a tape
     # of its forward pass in one native call (`tape.py`): for timing the two, or to rule the tape out
     # (vLLM's flag of the same name turns off CUDA graphs, for the same reasons)

@@ -61,6 +61,11 @@ def test_chat_answers_the_readme_question_by_default():
     assert "The capital of France is Paris." in r.stdout
 
 
+def test_threads_help_says_what_the_default_does():
+    r = inferlab("generate", "--help")
+    assert "CPU threads for the model (default: the cores other processes leave free" in " ".join(r.stdout.split())
+
+
 def test_bad_option_is_one_clear_line():
     r = inferlab("generate", "hi", "--temperature", "-1", "--num-kv-blocks", "8")
     assert r.returncode == 2

@@ -1,6 +1,7 @@
 """The thread governor: the model uses the cores other processes leave free."""
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -17,27 +18,83 @@ def four_threads():
     torch.set_num_threads(before)
 
 
-def test_threads_follow_the_free_cores(four_threads):
-    now, busy = [0.0], [0.0]
+class Machine:
+    """A fake clock and /proc/stat: each `load(cores)` lets 2 s pass with `cores` busy elsewhere."""
 
-    def other_load(cores: float) -> None:  # 2 s pass with `cores` kept busy by other processes
+    def __init__(self) -> None:
+        self.now, self.busy = 0.0, 0.0
+
+    def load(self, cores: float) -> None:
         own = time.process_time()
-        now[0] += 2.0
-        busy[0] += 2.0 * cores + (time.process_time() - own)
+        self.now += 2.0
+        self.busy += 2.0 * cores + (time.process_time() - own)
 
-    gov = ThreadGovernor(interval=2.0, clock=lambda: now[0], busy_cpu_seconds=lambda: busy[0])
+    def governor(self) -> ThreadGovernor:
+        return ThreadGovernor(interval=2.0, clock=lambda: self.now, busy_cpu_seconds=lambda: self.busy)
+
+
+def test_threads_follow_the_free_cores(four_threads):
+    m = Machine()
+    gov = m.governor()
     assert gov.max_threads == 4
     gov.update()  # before an interval has passed: nothing measured, nothing changed
     assert torch.get_num_threads() == 4
-    other_load(1.0)
+    m.load(1.0)
     gov.update()
-    assert torch.get_num_threads() == 3
-    other_load(3.5)
+    assert torch.get_num_threads() == 4  # one reading could be a spike
+    m.load(1.0)
+    gov.update()
+    assert torch.get_num_threads() == 3  # a second one confirms: a core is taken
+    m.load(3.5)
+    gov.update()
+    m.load(3.5)
     gov.update()
     assert torch.get_num_threads() == 1  # never fewer than one
-    other_load(0.1)
+    m.load(0.1)
     gov.update()
-    assert torch.get_num_threads() == 4  # never more than it started with
+    assert torch.get_num_threads() == 4  # never more than it started with; freed cores are used at once
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_client_under_a_core_keeps_both_threads(two_threads):
+    """A benchmark client works in bursts, 0.4 to 0.8 of a core: yielding to it cost throughput,
+    and flipping around a threshold logged a line every few seconds."""
+    m = Machine()
+    gov = m.governor()
+    for cores in [0.4, 0.8, 0.7, 0.5, 0.8, 0.8, 0.6, 0.4, 0.85] * 3:
+        m.load(cores)
+        gov.update()
+        assert torch.get_num_threads() == 2, cores
+    assert gov.changes == 0
+
+
+def test_a_busy_process_takes_a_core_until_it_leaves_half_of_it(two_threads):
+    m = Machine()
+    gov = m.governor()
+    for cores, threads in [(1.0, 2), (1.0, 1), (0.7, 1), (0.6, 1), (0.4, 2)]:
+        m.load(cores)
+        gov.update()
+        assert torch.get_num_threads() == threads, cores
+
+
+def test_changes_are_logged_once_then_quietly(two_threads, caplog):
+    m = Machine()
+    gov = m.governor()
+    with caplog.at_level(logging.DEBUG, logger="inferlab"):
+        for _ in range(10):  # a process that comes and goes every few seconds
+            for cores in (1.0, 1.0, 0.0):
+                m.load(cores)
+                gov.update()
+    changes = [r for r in caplog.records if "threads (" in r.getMessage()]
+    assert gov.changes == 20 and len(changes) == 20
+    assert [r.levelno for r in changes].count(logging.INFO) == 1  # within LOG_EVERY_S of the first
 
 
 def test_no_proc_stat_changes_nothing(four_threads):

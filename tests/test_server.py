@@ -229,6 +229,19 @@ def test_second_identical_prompt_hits_the_prefix_cache(client):
     assert second.choices[0].text == first.choices[0].text
 
 
+def test_cache_salt_shares_cached_blocks_only_within_a_salt(client):
+    prompt = "A prompt for the cache salt test: " + " ".join(f"s{i}" for i in range(30))
+
+    def cached(salt: str | None) -> int:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                      extra_body={"cache_salt": salt} if salt else None)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-b") == 0 and cached(None) == 0  # another tenant's blocks are not served
+    assert cached("tenant-a") >= 16
+
+
 def test_n_with_seed_gives_n_reproducible_choices(client):
     kw = dict(model=MODEL, prompt=PROMPTS[2], max_tokens=8, temperature=1.0, n=2, seed=7)
     a, b = client.completions.create(**kw), client.completions.create(**kw)

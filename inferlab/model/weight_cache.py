@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from inferlab.model.base import ModelArgs
 from inferlab.model.layers import quant
-from inferlab.model.llama import ModelArgs
 
 log = logging.getLogger("inferlab")
 FORMAT = 2  # bump when the saved layout changes

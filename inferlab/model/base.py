@@ -4,6 +4,7 @@ decoder layers out of `layers`; the loader's table maps a checkpoint's `architec
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,14 @@ class ModelArgs:
     attention_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's share of the KV pool: (tensors, blocks, block_size, heads, head_dim). Here a K
+        and a V tensor of the KV heads; MLA keeps one latent "head" (`deepseek.DeepseekArgs`)."""
+        return 2, num_blocks, block_size, self.num_kv_heads, self.head_dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Pool bytes one token takes in one layer."""
+        return math.prod(self.kv_cache_shape(1, 1)) * torch.empty(0, dtype=dtype).element_size()
 
 
 def unsupported(field: str, value, supported: str) -> ModelLoadError:

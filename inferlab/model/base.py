@@ -68,10 +68,14 @@ def hf_shape(cfg: dict) -> dict:
 
 
 def rope_scaling(cfg: dict) -> dict | None:
-    """`rope_scaling` (older configs) or `rope_parameters`, None for plain RoPE."""
+    """`rope_scaling` (older configs) or `rope_parameters`, None for plain RoPE. YaRN's pre-training
+    length defaults to the context length, as transformers does."""
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
     if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
         return None
+    scaling = dict(scaling)
+    if scaling.get("rope_type", scaling.get("type")) == "yarn":
+        scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     return scaling
 
 
@@ -85,9 +89,28 @@ def gguf_shape(arch: str, fields: dict, tensor_names: set[str]) -> dict:
         intermediate_size=fields.get(f"{arch}.feed_forward_length", 0),
         vocab_size=fields.get(f"{arch}.vocab_size", len(fields["tokenizer.ggml.tokens"])),
         max_position=fields.get(f"{arch}.context_length", 2048),
-        rope_theta=fields.get(f"{arch}.rope.freq_base", 10000.0),
+        rope_theta=fields.get(f"{arch}.rope.freq_base", 10000.0), rope_scaling=gguf_rope_scaling(arch, fields),
         rms_norm_eps=fields[f"{arch}.attention.layer_norm_rms_epsilon"],
         tie_word_embeddings="output.weight" not in tensor_names)
+
+
+def gguf_rope_scaling(arch: str, fields: dict) -> dict | None:
+    """llama.cpp's rope.scaling.* keys as an HF rope_scaling dict."""
+    kind = fields.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    key = f"{arch}.rope.scaling."
+    scaling = {"rope_type": kind, "factor": fields.get(key + "factor", 1.0)}
+    if kind == "yarn":
+        scaling["original_max_position_embeddings"] = fields.get(key + "original_context_length",
+                                                                 fields.get(f"{arch}.context_length"))
+        for ours, theirs in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
+                             ("attention_factor", "yarn_attn_factor")):
+            if key + theirs in fields:
+                scaling[ours] = fields[key + theirs]
+        if key + "yarn_log_multiplier" in fields:  # DeepSeek's mscale_all_dim, stored times 0.1
+            scaling["mscale"] = scaling["mscale_all_dim"] = fields[key + "yarn_log_multiplier"] / 0.1
+    return scaling
 
 
 class Decoder(nn.Module):

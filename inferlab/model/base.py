@@ -45,6 +45,19 @@ class ModelArgs:
         return math.prod(self.kv_cache_shape(1, 1)) * torch.empty(0, dtype=dtype).element_size()
 
 
+@dataclass
+class MoEArgs(ModelArgs):
+    """A decoder whose MLP is, in the layers `moe_layers` lists, routed experts: `num_experts` MLPs of
+    `moe_intermediate_size`, `num_experts_per_tok` of them per token (renormalised to sum to 1 if
+    `norm_topk_prob`); the other layers keep a dense MLP of `intermediate_size`."""
+
+    num_experts: int = 0
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
+
+
 def unsupported(field: str, value, supported: str) -> ModelLoadError:
     return ModelLoadError(f"unsupported config: {field}={value!r} ({supported})")
 

@@ -24,22 +24,32 @@ from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError
 from inferlab.model.layers import quant
 from inferlab.model.layers.linear import QUANTIZATIONS
 from inferlab.model.llama import LlamaForCausalLM
+from inferlab.model.qwen_moe import QwenMoeForCausalLM
 from inferlab.model.tokenizer import Tokenizer
 
 log = logging.getLogger("inferlab")
 
 # config.json's `architectures` -> our name for it; our name -> the class that builds it
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
-            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-MODELS: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM}
+            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+            "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe"}
+MODELS: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
+    "qwen2_moe": QwenMoeForCausalLM, "qwen3_moe": QwenMoeForCausalLM}
 # a GGUF file's general.architecture -> the class that reads its fields
-GGUF_ARCHS: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
-                                         "qwen3": LlamaForCausalLM}
+GGUF_ARCHS: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
+    "qwen2moe": QwenMoeForCausalLM, "qwen3moe": QwenMoeForCausalLM}
 GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
               "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
+              "ffn_down": "mlp.down_proj",
+              # mixture of experts: the router, the experts (3-D: one matrix per expert), the shared ones
+              "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+              "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj",
+              "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+              "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Weights = Iterator[tuple[str, torch.Tensor, quant.WeightType | None]]  # (name, tensor as stored, block type)
 
@@ -122,7 +132,7 @@ def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.
         if loader is not None:  # a linear or embedding weight, or a merged layer's bias: as stored
             _check_row_length(name, param, tensor, wtype)
             loader(param, tensor, shard, wtype)
-        else:  # kept in the model's dtype (norms): block types dequantized
+        else:  # kept in the model's dtype (norms, routers): block types dequantized
             value = quant.dequantize(tensor, wtype) if wtype is not None and wtype.dtype is None else tensor
             if param.shape != value.shape:
                 raise ModelLoadError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
@@ -240,7 +250,11 @@ def _parse_gguf(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
             # llama.cpp interleaves rotary pairs in Q/K rows; undo it for rotate-half RoPE (whole rows move)
             n = args.num_heads if "q_proj" in name else args.num_kv_heads
             w = w.view(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-        tensors.append((name, w, wtype))
+        if ".experts." in name:  # [experts, rows, row] -> one matrix per expert, as HF checkpoints store them
+            layer, proj = name.split(".mlp.experts.")
+            tensors += [(f"{layer}.mlp.experts.{e}.{proj}", w[e].clone(), wtype) for e in range(w.shape[0])]
+            continue
+        tensors.append((name, w.view(1, -1) if name.endswith("shared_expert_gate.weight") else w, wtype))
     return args, tensors, {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
 
 

@@ -23,12 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inferlab.model.base import ModelArgs
+from inferlab.model.deepseek import DeepseekArgs
 from inferlab.model.layers import quant
 from inferlab.model.qwen_moe import QwenMoeArgs
 
 log = logging.getLogger("inferlab")
 FORMAT = 3  # bump when the saved layout changes
-ARGS = {cls.__name__: cls for cls in (ModelArgs, QwenMoeArgs)}
+ARGS = {cls.__name__: cls for cls in (ModelArgs, QwenMoeArgs, DeepseekArgs)}
 Tensors = list[tuple[str, torch.Tensor, quant.WeightType]]
 
 

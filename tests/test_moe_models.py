@@ -397,3 +397,18 @@ def test_unsupported_config_is_one_line_naming_the_field(name, field, value, che
         json.dump(cfg, f)
     message = load_error(path)
     assert field in message and "unsupported" in message, message
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(name, checkpoints):
+    """bf16 (the default on CPUs with bf16 units): routers in fp32, MLA's absorbed products in bf16;
+    no further from the fp32 model than transformers' own bf16 forward."""
+    ckpt = checkpoints(name)
+    ids = ckpt.prompts[2] + ckpt.prompts[0]
+    reference = hf_logits(ckpt, ids)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        theirs_error = (theirs(torch.tensor([ids])).logits[0].float() - reference).abs().mean()
+    engine = LLMEngine(EngineConfig(model=ckpt.path, dtype="bfloat16", num_kv_blocks=64, block_size=BLOCK_SIZE))
+    ours = paged_logits(engine, ids, [16, 1, 1, 1], list(range(8))).float()
+    assert (ours - reference).abs().mean() < 1.5 * theirs_error

@@ -73,9 +73,11 @@ class MLAAttention(nn.Module):
         if rope_interleaved:
             q_order = deinterleave(num_heads, qk_head, qk_rope_head_dim)
             kv_order = deinterleave(1, kv_lora_rank + qk_rope_head_dim, qk_rope_head_dim)
-            a, b = self.qkv_a_proj.weight, self.q_b_proj.weight if q_lora_rank else None
-            a.weight_loader = permuting_loader(a.weight_loader, {0: None if b is not None else q_order, 1: kv_order})
-            if b is not None:
+            a = self.qkv_a_proj.weight  # shard 0: q itself without a q LoRA; shard 1: the latent and k_r
+            a.weight_loader = permuting_loader(a.weight_loader, {1: kv_order} if q_lora_rank else {0: q_order,
+                                                                                                   1: kv_order})
+            if q_lora_rank:
+                b = self.q_b_proj.weight
                 b.weight_loader = permuting_loader(b.weight_loader, {None: q_order})
 
     def w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -140,7 +140,7 @@ def test_logits_parity(ckpt, chunks):
 def test_greedy_generation_parity(ckpt):
     """Greedy output equals transformers' generate token for token: alone, batched (the third prompt
     hitting the second's cached prefix), in tiny steps mixing prefill chunks with decodes, and in a
-    pool so small that requests are preempted and recomputed."""
+    pool so small that requests are preempted, recomputed or swapped out and back."""
     expected = ckpt.greedy()
     assert len({tuple(e) for e in expected}) == 3
     llm = LLM(model=ckpt.path, dtype="float32", num_kv_blocks=64, block_size=BLOCK_SIZE)
@@ -152,11 +152,13 @@ def test_greedy_generation_parity(ckpt):
     chunky = LLM(loaded=(engine.model, engine.tokenizer), num_kv_blocks=64, block_size=BLOCK_SIZE,
                  max_num_batched_tokens=6, enable_prefix_caching=False)
     assert generate(chunky, ckpt.prompts) == expected
-    tight = LLM(loaded=(engine.model, engine.tokenizer), num_kv_blocks=9, block_size=BLOCK_SIZE)
-    assert generate(tight, ckpt.prompts) == expected
-    assert tight.engine.scheduler.num_preemptions > 0
-    tight.engine.check_integrity()
-    assert tight.engine.block_manager.snapshot()["usage"] == 0
+    for mode in ("recompute", "swap"):  # swap: the victim's latent (or K/V) blocks go to host memory and back
+        tight = LLM(loaded=(engine.model, engine.tokenizer), num_kv_blocks=9, block_size=BLOCK_SIZE,
+                    preemption_mode=mode, prefix_cache="radix" if mode == "swap" else "hash")
+        assert generate(tight, ckpt.prompts) == expected, mode
+        assert tight.engine.scheduler.num_preemptions > 0
+        tight.engine.check_integrity()
+        assert tight.engine.block_manager.snapshot()["usage"] == 0
 
 
 def test_torch_attention_backend(checkpoints):

@@ -10,17 +10,16 @@ import numpy as np
 import torch
 
 from inferlab import kernels
+from inferlab.model.base import CausalLM, ModelArgs
 from inferlab.model.layers import AttentionMetadata, NativeRows, PrefillSeq
 from inferlab.model.layers.attention import prefill_kernel_runs
-from inferlab.model.llama import LlamaForCausalLM, ModelArgs
 from inferlab.request import Request
 from inferlab.sampler import SampleResult, sample
 from inferlab.tape import DecodeTape
 
 
 def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
+    return args.num_layers * block_size * args.kv_bytes_per_token(dtype)
 
 
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -47,7 +46,7 @@ NATIVE_MAX_CHUNK = 16
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, eos_ids: set[int],
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, eos_ids: set[int],
                  native: bool = True, fused: bool = True) -> None:
         """native=False keeps attention on the PyTorch reference path even where the kernels run;
         fused=False runs every step through the Python model, op by op (no tape)."""
@@ -56,9 +55,10 @@ class ModelRunner:
         self.block_size = block_size
         self.eos_ids = eos_ids
         self.device, dtype = model.device, model.dtype
-        shape = (2, args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
-        self.kv_cache = allocate_zeroed(shape, dtype, self.device)
-        self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
+        # (tensors, layers, blocks, block_size, heads, head_dim): K and V, or MLA's one latent
+        parts, *layer_shape = args.kv_cache_shape(num_blocks, block_size)
+        self.kv_cache = allocate_zeroed((parts, args.num_layers, *layer_shape), dtype, self.device)
+        self.kv_caches = [tuple(self.kv_cache[:, i]) for i in range(args.num_layers)]
         use_native = native and self.device.type == "cpu" and dtype in kernels.DTYPE_CODES and \
             kernels.attention_supported(args.num_heads, args.num_kv_heads, args.head_dim)
         self.native = kernels.native() if use_native else None

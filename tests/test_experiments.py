@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-# the first three have tests of their own below
+# the first three and the last have tests of their own below
 SCRIPTS = ["kv_waste", "policies", "preemption", "prefix_cache", "chunked_prefill", "memory_pressure", "block_size",
-           "fidelity"]
+           "fidelity", "moe_mla"]
 
 
 def run_smoke(name: str, out: Path, *args: str) -> str:
@@ -26,7 +26,7 @@ def table_rows(md: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
 
 
-@pytest.mark.parametrize("name", SCRIPTS[3:])
+@pytest.mark.parametrize("name", SCRIPTS[3:-1])
 def test_experiment_smoke_run_writes_a_table_and_a_plot(name, tmp_path):
     md = run_smoke(name, tmp_path)
     assert md.startswith("# ") and "Smoke run" in md
@@ -59,3 +59,20 @@ def test_preemption_experiment_swap_brings_back_what_recompute_computes_again(tm
     sim = {(r[2], r[3], float(r[4])): float(r[9].replace(",", "")) for r in rows if r[0] == "simulator"}
     assert sim[("off", "swap", 0.01)] < sim[("off", "recompute", 0.01)]  # nearly free swaps win
     assert sim[("off", "swap", 10.0)] > sim[("off", "recompute", 10.0)]  # swaps dearer than prefill lose
+
+
+def test_mla_cache_is_the_latent_and_moe_counts_match_the_published_ones(tmp_path):
+    # exact in the smoke run too: the KV figures and parameter counts need no trained weights
+    md = run_smoke("moe_mla", tmp_path)
+    rows = table_rows(md)
+    kv = {r[0]: r for r in rows if r[1] in ("MHA", "GQA", "MLA")}
+    assert all(r[2] == r[3] for r in kv.values())  # the engine's pool holds what the formula says
+    assert kv["DeepSeek-V3"][1] == "MLA" and kv["DeepSeek-V3"][2] == "1152"  # (512 + 64) x 2 bytes
+    assert kv["DeepSeek-V2-Lite"][5] == "7.1x" and kv["DeepSeek-V2"][5] == "56.9x"  # the claim's 7x and 57x
+    assert int(kv["SmolLM2-135M"][2]) < int(kv["DeepSeek-V3"][2])
+    moe = [r for r in rows if "/" in r[1] and r[2][0].isdigit()]  # the MoE table, header left out
+    assert moe
+    for r in moe:
+        total, active = float(r[2]), float(r[3])
+        published_total, published_active = (float(v) for v in r[4].split(", "))
+        assert abs(total / published_total - 1) < 0.03 and abs(active / published_active - 1) < 0.1, r

@@ -72,9 +72,12 @@ def train_tokenizer() -> HFTokenizer:
 @torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """HF's init leaves norms at 1 and biases at 0, which would hide them being ignored; it also
-    makes logits nearly flat. Draw everything at a scale that gives decisive greedy choices."""
+    makes logits nearly flat. Draw everything at a scale that gives decisive greedy choices, saved
+    buffers too (DeepSeek-V3's expert correction bias)."""
     g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():  # a tied lm_head is deduplicated away
+    saved = model.state_dict()
+    buffers = [(name, b) for name, b in model.named_buffers() if name in saved]
+    for name, p in [*model.named_parameters(), *buffers]:  # a tied lm_head is deduplicated away
         r = torch.randn(p.shape, generator=g)
         if name.endswith("norm.weight"):
             p.copy_(1 + 0.3 * r)
@@ -86,11 +89,13 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(2 * r / p.shape[1] ** 0.5)
 
 
-def build_checkpoint(name: str, path: str, tok: HFTokenizer) -> Checkpoint:
-    cfg_cls, model_cls, overrides = SPECS[name]
+def build_checkpoint(name: str, path: str, tok: HFTokenizer, spec: tuple[str, str, dict] | None = None,
+                     shape: dict | None = None) -> Checkpoint:
+    """`spec` (config class, model class, overrides) defaults to SPECS[name], `shape` to SMALL."""
+    cfg_cls, model_cls, overrides = spec or SPECS[name]
     eos_id = tok.token_to_id("<|endoftext|>")
     config = getattr(transformers, cfg_cls)(vocab_size=tok.get_vocab_size(), bos_token_id=None, eos_token_id=eos_id,
-                                            pad_token_id=eos_id, **SMALL, **overrides)
+                                            pad_token_id=eos_id, **(shape or SMALL), **overrides)
     torch.manual_seed(0)
     hf = getattr(transformers, model_cls)(config).float().eval()
     randomize(hf, seed=sum(map(ord, name)))
@@ -112,18 +117,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def lazily(build, tmp_path_factory) -> callable:
+    """get(name): build(name, a fresh tmp dir) on first use, the same checkpoint after."""
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build(name, str(tmp_path_factory.mktemp(name)))
+        return built[name]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Builds each checkpoint on first use, once per module."""
     tok = train_tokenizer()
-    built: dict[str, Checkpoint] = {}
-
-    def get(name: str) -> Checkpoint:
-        if name not in built:
-            built[name] = build_checkpoint(name, str(tmp_path_factory.mktemp(name)), tok)
-        return built[name]
-
-    return get
+    return lazily(lambda name, path: build_checkpoint(name, path, tok), tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=PARITY)

@@ -7,40 +7,11 @@ written once, here, out of `layers`: the op-by-op path runs it as it is, and a t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from inferlab.model.layers import (
-    AttentionMetadata,
-    Embedding,
-    Linear,
-    RMSNorm,
-    RotaryEmbedding,
-    paged_attention,
-    rope,
-    silu_and_mul,
-)
-
-
-@dataclass
-class ModelArgs:
-    arch: str  # "llama", "qwen2" or "qwen3"
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    max_position: int
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2
-    qk_norm: bool = False  # Qwen3
+from inferlab.model.base import CausalLM, Decoder, ModelArgs, gguf_shape, hf_shape
+from inferlab.model.layers import MLP, AttentionMetadata, Linear, RMSNorm, paged_attention, rope
 
 
 class Attention(nn.Module):
@@ -69,21 +40,14 @@ class Attention(nn.Module):
         return self.o_proj(o.view(t, heads * d))
 
 
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(args.hidden_size, [args.intermediate_size] * 2)
-        self.down_proj = Linear(args.intermediate_size, args.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    """Pre-norm attention then MLP, each added to the residual stream. Other families pass their own
+    attention (MLA) or MLP (experts)."""
+
+    def __init__(self, args: ModelArgs, self_attn: nn.Module | None = None, mlp: nn.Module | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        self.self_attn = self_attn if self_attn is not None else Attention(args)
+        self.mlp = mlp if mlp is not None else MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -95,66 +59,21 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class Decoder(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # checkpoint projection name -> (merged layer, shard index)
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model = Decoder(args)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size)
-        self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
-        self.tie_weights()
+        super().__init__(args, Decoder(args, [DecoderLayer(args) for _ in range(args.num_layers)]))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The activations' (and KV cache's) dtype."""
-        return self.model.embed_tokens.dtype
+    @staticmethod
+    def args_from_hf(arch: str, cfg: dict) -> ModelArgs:
+        return ModelArgs(arch=arch, **hf_shape(cfg), attention_bias=arch == "qwen2" or cfg.get("attention_bias", False),
+                         qk_norm=arch == "qwen3")
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.norm.weight.device
-
-    def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings:
-            self.lm_head.weight, self.lm_head.wtype = self.model.embed_tokens.weight, self.model.embed_tokens.wtype
-
-    def process_weights_after_loading(self, quantization: str, isa: str | None, int8_activations: bool = False) -> None:
-        """Keep each loaded weight in the type `quantization` asks for (see `layers.linear.target_type`;
-        `isa`: the native kernels', None without them); `int8_activations`: the linear layers quantize
-        their inputs where their weight type allows."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.process_weights_after_loading(quantization, self.dtype, isa, vocab=module is self.lm_head,
-                                                     int8=int8_activations)
-            elif isinstance(module, Embedding):
-                module.process_weights_after_loading(quantization, self.dtype, isa)
-        self.tie_weights()
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [T, hidden] for a flat batch of tokens from many sequences."""
-        cos, sin = self.rotary_emb(positions)
-        return self.hidden_states(input_ids, cos, sin, kv_caches, meta)
-
-    def hidden_states(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[tuple],
-                      meta: AttentionMetadata) -> torch.Tensor:
-        """The forward pass from token ids and the step's RoPE table: what a tape records."""
-        x, residual = self.model.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
-        return self.model.norm(x, residual)[0]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in the model's dtype: greedy sampling takes its argmax as it is, the rest widens."""
-        return self.lm_head(hidden)
+    @staticmethod
+    def args_from_gguf(arch: str, fields: dict, tensor_names: set[str]) -> ModelArgs:
+        return ModelArgs(arch=arch, **gguf_shape(arch, fields, tensor_names),
+                         attention_bias="blk.0.attn_q.bias" in tensor_names,
+                         qk_norm="blk.0.attn_q_norm.weight" in tensor_names)

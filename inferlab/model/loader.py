@@ -20,27 +20,46 @@ import torch
 
 from inferlab import kernels
 from inferlab.model import weight_cache
+from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError
+from inferlab.model.deepseek import DeepseekForCausalLM
 from inferlab.model.layers import quant
 from inferlab.model.layers.linear import QUANTIZATIONS
-from inferlab.model.llama import LlamaForCausalLM, ModelArgs
+from inferlab.model.llama import LlamaForCausalLM
+from inferlab.model.qwen_moe import QwenMoeForCausalLM
 from inferlab.model.tokenizer import Tokenizer
 
 log = logging.getLogger("inferlab")
 
+# config.json's `architectures` -> our name for it; our name -> the class that builds it
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
-            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+            "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe",
+            "DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
+MODELS: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
+    "qwen2_moe": QwenMoeForCausalLM, "qwen3_moe": QwenMoeForCausalLM,
+    "deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM}
+# a GGUF file's general.architecture -> the class that reads its fields
+GGUF_ARCHS: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
+    "qwen2moe": QwenMoeForCausalLM, "qwen3moe": QwenMoeForCausalLM, "deepseek2": DeepseekForCausalLM}
 GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
               "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
+              "ffn_down": "mlp.down_proj",
+              # mixture of experts: the router, the experts (3-D: one matrix per expert), the shared ones
+              "ffn_gate_inp": "mlp.gate", "exp_probs_b": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+              "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj",
+              "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+              "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+              # multi-head latent attention (attn_k_b / attn_v_b: kv_b split per head, joined back on load)
+              "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+              "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+              "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+              "attn_k_b": "self_attn.k_b_proj", "attn_v_b": "self_attn.v_b_proj"}
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Weights = Iterator[tuple[str, torch.Tensor, quant.WeightType | None]]  # (name, tensor as stored, block type)
-
-
-class ModelLoadError(ValueError):
-    pass
 
 
 def embedded_model_path() -> str:
@@ -70,7 +89,7 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
 
 
 def load_model(path: str | None, dtype: str, device: torch.device, quantization: str = "auto",
-               int8_activations: bool = False) -> tuple[LlamaForCausalLM, Tokenizer]:
+               int8_activations: bool = False) -> tuple[CausalLM, Tokenizer]:
     path = path or embedded_model_path()
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -88,12 +107,12 @@ def load_model(path: str | None, dtype: str, device: torch.device, quantization:
     raise ModelLoadError(f"{path} is neither a .gguf file nor a folder with config.json")
 
 
-def _construct(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def _construct(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> CausalLM:
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(args)
+            model = MODELS[args.arch](args)
     finally:
         torch.set_default_dtype(default_dtype)
     model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.float()  # RoPE frequencies stay fp32
@@ -101,15 +120,16 @@ def _construct(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> Lla
 
 
 def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.device, quantization: str,
-           int8_activations: bool) -> LlamaForCausalLM:
+           int8_activations: bool) -> CausalLM:
     model = _construct(args, dtype, device)
+    packed = type(model).packed_modules
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for name, tensor, wtype in weights:
-        if "rotary_emb" in name or (args.tie_word_embeddings and name.startswith("lm_head")):
+        if model.skip_checkpoint_tensor(name):
             continue
         shard = None
-        for proj, (fused, idx) in LlamaForCausalLM.packed_modules.items():
+        for proj, (fused, idx) in packed.items():
             if f".{proj}." in name:
                 name, shard = name.replace(f".{proj}.", f".{fused}."), idx
                 break
@@ -120,17 +140,19 @@ def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.
         if loader is not None:  # a linear or embedding weight, or a merged layer's bias: as stored
             _check_row_length(name, param, tensor, wtype)
             loader(param, tensor, shard, wtype)
-        elif param.shape != tensor.shape:
-            raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-        else:
-            param.data.copy_(quant.dequantize(tensor, wtype) if wtype is not None and wtype.dtype is None else tensor)
+        else:  # kept in the model's dtype (norms, routers, MLA's up-projection): block types dequantized
+            value = quant.dequantize(tensor, wtype) if wtype is not None and wtype.dtype is None else tensor
+            if param.shape != value.shape:
+                raise ModelLoadError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+            param.data.copy_(value)
         loaded.add(f"{name}#{shard}")
-    expected = {f"{n}#{s}" for n, _ in params.items() for s in _shards(n)}
+    expected = {f"{n}#{s}" for n, _ in params.items() for s in _shards(n, packed)}
     if args.tie_word_embeddings:
         expected.discard("lm_head.weight#None")
     missing = sorted(expected - loaded)
     if missing:
-        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {_checkpoint_name(missing[0])}")
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. "
+                             f"{_checkpoint_name(missing[0], packed)}")
     native = kernels.native() if device.type == "cpu" else None
     model.process_weights_after_loading(quantization, native.isa if native else None, int8_activations)
     return model.to(device).eval()
@@ -147,23 +169,23 @@ def _check_row_length(name: str, param: torch.nn.Parameter, tensor: torch.Tensor
         raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected rows of {k} weights")
 
 
-def _checkpoint_name(key: str) -> str:
+def _checkpoint_name(key: str, packed: dict[str, tuple[str, int]]) -> str:
     """'...qkv_proj.weight#1' -> '...k_proj.weight': name the tensor the checkpoint lacks, not our fused one."""
     name, shard = key.split("#")
-    for proj, (fused, idx) in LlamaForCausalLM.packed_modules.items():
+    for proj, (fused, idx) in packed.items():
         if f".{fused}." in name and shard == str(idx):
             return name.replace(f".{fused}.", f".{proj}.")
     return name
 
 
-def _shards(name: str) -> list[int | None]:
-    if ".qkv_proj." in name:
-        return [0, 1, 2]
-    return [0, 1] if ".gate_up_proj." in name else [None]
+def _shards(name: str, packed: dict[str, tuple[str, int]]) -> list[int | None]:
+    """The checkpoint shards a parameter takes: those its merged layer has, else the one whole tensor."""
+    shards = sorted({idx for fused, idx in packed.values() if f".{fused}." in name})
+    return shards or [None]
 
 
 def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
-                 int8_activations: bool) -> tuple[LlamaForCausalLM, Tokenizer]:
+                 int8_activations: bool) -> tuple[CausalLM, Tokenizer]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ModelLoadError(f"{path} has no config.json")
@@ -176,17 +198,7 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors files")
-    heads = cfg["num_attention_heads"]
-    args = ModelArgs(
-        arch=arch, hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-        max_position=cfg.get("max_position_embeddings", 2048),
-        rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
-        rope_scaling=_rope_scaling(cfg), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        attention_bias=arch == "qwen2" or cfg.get("attention_bias", False), qk_norm=arch == "qwen3")
+    args = MODELS[arch].args_from_hf(arch, cfg)
     from safetensors import safe_open
 
     def weights():
@@ -203,15 +215,8 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
     return model, Tokenizer.from_folder(path, cfg)
 
 
-def _rope_scaling(cfg: dict) -> dict | None:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        return None
-    return scaling
-
-
 def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
-               int8_activations: bool) -> tuple[LlamaForCausalLM, Tokenizer]:
+               int8_activations: bool) -> tuple[CausalLM, Tokenizer]:
     torch_dtype = resolve_dtype(dtype, None, device)
     cached = weight_cache.load(path)
     if cached is None:
@@ -236,38 +241,49 @@ def _parse_gguf(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
     arch = fields.get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHS)}")
-    tensor_names = {t.name for t in reader.tensors}
-    hidden, heads = fields[f"{arch}.embedding_length"], fields[f"{arch}.attention.head_count"]
-    kv_heads = fields.get(f"{arch}.attention.head_count_kv", heads)
-    args = ModelArgs(
-        arch=arch, hidden_size=hidden, num_layers=fields[f"{arch}.block_count"], num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=fields.get(f"{arch}.attention.key_length", hidden // heads),
-        intermediate_size=fields[f"{arch}.feed_forward_length"],
-        vocab_size=fields.get(f"{arch}.vocab_size", len(fields["tokenizer.ggml.tokens"])),
-        max_position=fields.get(f"{arch}.context_length", 2048),
-        rope_theta=fields.get(f"{arch}.rope.freq_base", 10000.0),
-        rms_norm_eps=fields[f"{arch}.attention.layer_norm_rms_epsilon"],
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names, qk_norm="blk.0.attn_q_norm.weight" in tensor_names)
+    model_class = GGUF_ARCHS[arch]
+    args = model_class.args_from_gguf(arch, fields, {t.name for t in reader.tensors})
+    names = {**GGUF_NAMES, **model_class.gguf_names}
     tensors = []
     for t in reader.tensors:
         wtype = quant.BY_CODE.get(int(t.tensor_type))
         if wtype is None:
             raise ModelLoadError(f"tensor {t.name!r} has type {t.tensor_type.name}, which InferLab cannot read; "
                                  f"supported: {', '.join(w.name for w in quant.TYPES)}")
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= args.num_layers:
+            continue  # a multi-token-prediction block after the decoder's layers
         data = np.array(t.data)  # a copy: the reader's arrays are read-only views of the file
         w = torch.from_numpy(data.view(np.int16) if wtype == quant.BF16 else data)
         w = w.view(torch.bfloat16) if wtype == quant.BF16 else w
-        name = _gguf_name(t.name)
+        name = _gguf_name(t.name, names)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             # llama.cpp interleaves rotary pairs in Q/K rows; undo it for rotate-half RoPE (whole rows move)
-            n = heads if "q_proj" in name else kv_heads
+            n = args.num_heads if "q_proj" in name else args.num_kv_heads
             w = w.view(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-        tensors.append((name, w, wtype))
-    return args, tensors, {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+        if ".experts." in name:  # [experts, rows, row] -> one matrix per expert, as HF checkpoints store them
+            layer, proj = name.split(".mlp.experts.")
+            tensors += [(f"{layer}.mlp.experts.{e}.{proj}", w[e].clone(), wtype) for e in range(w.shape[0])]
+            continue
+        tensors.append((name, w.view(1, -1) if name.endswith("shared_expert_gate.weight") else w, wtype))
+    return args, _join_kv_b(tensors), {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
 
 
-def _gguf_name(name: str) -> str:
+def _join_kv_b(tensors: weight_cache.Tensors) -> weight_cache.Tensors:
+    """llama.cpp's MLA files split kv_b_proj per head into k_b ([heads, rank, nope], transposed for its
+    absorbed matmul) and v_b ([heads, v, rank]); join them back into HF's kv_b_proj, in fp32."""
+    parts = {name: (w, wtype) for name, w, wtype in tensors if name.endswith(("k_b_proj.weight", "v_b_proj.weight"))}
+    out = [entry for entry in tensors if entry[0] not in parts]
+    for name in [n for n in parts if n.endswith("k_b_proj.weight")]:
+        (k_b, k_type), (v_b, v_type) = parts[name], parts[name.replace("k_b_proj", "v_b_proj")]
+        heads = k_b.shape[0]
+        k = quant.dequantize(k_b.reshape(-1, k_b.shape[-1]), k_type).view(heads, k_b.shape[1], -1)
+        v = quant.dequantize(v_b.reshape(-1, v_b.shape[-1]), v_type).view(heads, v_b.shape[1], -1)
+        kv_b = torch.cat([k.transpose(1, 2), v], dim=1).reshape(-1, k.shape[1])
+        out.append((name.replace("k_b_proj", "kv_b_proj"), kv_b.contiguous(), quant.F32))
+    return out
+
+
+def _gguf_name(name: str, names: dict[str, str]) -> str:
     if name == "token_embd.weight":
         return "model.embed_tokens.weight"
     if name == "output_norm.weight":
@@ -275,6 +291,8 @@ def _gguf_name(name: str) -> str:
     if name == "output.weight":
         return "lm_head.weight"
     parts = name.split(".")  # blk.N.<kind>.<weight|bias>
-    if parts[0] != "blk" or parts[2] not in GGUF_NAMES:
+    if parts[0] != "blk" or parts[2] not in names:
         raise ModelLoadError(f"unexpected GGUF tensor {name!r}")
-    return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+    if parts[2] == "exp_probs_b":  # DeepSeek-V3's e_score_correction_bias, stored as the router's bias
+        return f"model.layers.{parts[1]}.mlp.gate.e_score_correction_bias"
+    return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"

@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from inferlab.model.base import ModelArgs
+from inferlab.model.deepseek import DeepseekArgs
 from inferlab.model.layers import quant
-from inferlab.model.llama import ModelArgs
+from inferlab.model.qwen_moe import QwenMoeArgs
 
 log = logging.getLogger("inferlab")
-FORMAT = 2  # bump when the saved layout changes
+FORMAT = 3  # bump when the saved layout changes
+ARGS = {cls.__name__: cls for cls in (ModelArgs, QwenMoeArgs, DeepseekArgs)}
 Tensors = list[tuple[str, torch.Tensor, quant.WeightType]]
 
 
@@ -48,7 +51,8 @@ def load(path: str) -> tuple[ModelArgs, Tensors, dict] | None:
         meta = json.loads((entry / "meta.json").read_text())
         state = load_file(entry / "weights.safetensors")
         tensors = [(name, state[name], quant.BY_NAME[wtype]) for name, wtype in meta["types"]]
-        return ModelArgs(**meta["args"]), tensors, meta["tokenizer"]
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()}  # JSON has no tuples
+        return ARGS[meta["args_class"]](**fields), tensors, meta["tokenizer"]
     except Exception as e:  # noqa: BLE001 - any damage (truncated file, bad JSON): drop it, parse again
         log.warning("ignoring damaged model cache %s: %s", entry, e)
         shutil.rmtree(entry, ignore_errors=True)
@@ -59,7 +63,7 @@ def save(path: str, args: ModelArgs, tensors: Tensors, tokenizer_fields: dict) -
     entry = _entry(path)
     if entry is None:
         return
-    meta = {"args": dataclasses.asdict(args), "tokenizer": tokenizer_fields,
+    meta = {"args": dataclasses.asdict(args), "args_class": type(args).__name__, "tokenizer": tokenizer_fields,
             "types": [(name, wtype.name.lower()) for name, _, wtype in tensors]}
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Rotary position embeddings: the frequencies (with Llama 3's and linear scaling), each step's
+"""Rotary position embeddings: the frequencies (with Llama 3's, linear and YaRN scaling), each step's
 cos/sin table shared by every layer, and the rotation itself (HF's rotate-half convention)."""
 from __future__ import annotations
 
@@ -24,19 +24,63 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
                                torch.where(wavelen < old_len / hi, inv_freq, blended))
     elif kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif kind == "yarn":
+        inv_freq = yarn_inv_freq(head_dim, theta, scaling)
     elif kind != "default":
         raise ValueError(f"unsupported rope scaling {kind!r}")
     return inv_freq
+
+
+def yarn_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN (Peng et al. 2023): frequencies that turn more than beta_fast times over the pre-training
+    length keep their value, those turning fewer than beta_slow times are divided by `factor`, and a
+    linear ramp over the dimensions between blends the two."""
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def dim_turning(turns: float) -> float:  # the dimension whose frequency turns `turns` times over old_len
+        return head_dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_turning(scaling.get("beta_fast") or 32), dim_turning(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original frequency, 0: interpolated
+    wavelength = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    return 1.0 / (factor * wavelength) * (1 - keep) + 1.0 / wavelength * keep
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """YaRN scales cos and sin (so both q and k, so the logits by its square): by `attention_factor`,
+    or 0.1 ln(factor) + 1, or DeepSeek's ratio of that at `mscale` and `mscale_all_dim`."""
+    scaling = scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling).float(), persistent=False)
+        self.attention_factor = rope_attention_factor(scaling)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos, sin: [T, head_dim / 2] each."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        if self.attention_factor != 1.0:
+            return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
         return freqs.cos(), freqs.sin()
 
 

@@ -1,0 +1,211 @@
+"""What every architecture presents to the loader, the runner and the tape: its shape (`ModelArgs`)
+and a causal LM over a paged cache (`CausalLM`). An architecture family is one file that builds its
+decoder layers out of `layers`; the loader's table maps a checkpoint's `architectures` to its class.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from inferlab.model.layers import AttentionMetadata, Embedding, Linear, RMSNorm, RotaryEmbedding
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint the loader cannot turn into a model: one line naming the problem."""
+
+
+@dataclass
+class ModelArgs:
+    arch: str  # "llama", "qwen2", "qwen3", or a family's own ("qwen2_moe", "deepseek_v3", ...)
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # the width RoPE rotates (DeepSeek's MLA: qk_rope_head_dim, as its HF config says)
+    intermediate_size: int
+    vocab_size: int
+    max_position: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's share of the KV pool: (tensors, blocks, block_size, heads, head_dim). Here a K
+        and a V tensor of the KV heads; MLA keeps one latent "head" (`deepseek.DeepseekArgs`)."""
+        return 2, num_blocks, block_size, self.num_kv_heads, self.head_dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Pool bytes one token takes in one layer."""
+        return math.prod(self.kv_cache_shape(1, 1)) * torch.empty(0, dtype=dtype).element_size()
+
+
+@dataclass
+class MoEArgs(ModelArgs):
+    """A decoder whose MLP is, in the layers `moe_layers` lists, routed experts: `num_experts` MLPs of
+    `moe_intermediate_size`, `num_experts_per_tok` of them per token (renormalised to sum to 1 if
+    `norm_topk_prob`); the other layers keep a dense MLP of `intermediate_size`."""
+
+    num_experts: int = 0
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
+
+
+def unsupported(field: str, value, supported: str) -> ModelLoadError:
+    return ModelLoadError(f"unsupported config: {field}={value!r} ({supported})")
+
+
+def hf_shape(cfg: dict) -> dict:
+    """The ModelArgs fields every HF config.json gives, in our names; refuses what no family runs."""
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise unsupported("quantization_config", method, "quantized safetensors are not read; use a GGUF file")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise unsupported("hidden_act", cfg["hidden_act"], "only silu")
+    heads = cfg["num_attention_heads"]
+    rope = cfg.get("rope_parameters") or {}
+    return dict(hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+                num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                max_position=cfg.get("max_position_embeddings", 2048),
+                rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=rope_scaling(cfg),
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_word_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+def rope_scaling(cfg: dict) -> dict | None:
+    """`rope_scaling` (older configs) or `rope_parameters`, None for plain RoPE. YaRN's pre-training
+    length defaults to the context length, as transformers does."""
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return None
+    scaling = dict(scaling)
+    if scaling.get("rope_type", scaling.get("type")) == "yarn":
+        scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    return scaling
+
+
+def gguf_shape(arch: str, fields: dict, tensor_names: set[str]) -> dict:
+    """The ModelArgs fields every GGUF file gives (keys prefixed by its architecture)."""
+    hidden, heads = fields[f"{arch}.embedding_length"], fields[f"{arch}.attention.head_count"]
+    return dict(
+        hidden_size=hidden, num_layers=fields[f"{arch}.block_count"], num_heads=heads,
+        num_kv_heads=fields.get(f"{arch}.attention.head_count_kv", heads),
+        head_dim=fields.get(f"{arch}.attention.key_length", hidden // heads),
+        intermediate_size=fields.get(f"{arch}.feed_forward_length", 0),
+        vocab_size=fields.get(f"{arch}.vocab_size", len(fields["tokenizer.ggml.tokens"])),
+        max_position=fields.get(f"{arch}.context_length", 2048),
+        rope_theta=fields.get(f"{arch}.rope.freq_base", 10000.0), rope_scaling=gguf_rope_scaling(arch, fields),
+        rms_norm_eps=fields[f"{arch}.attention.layer_norm_rms_epsilon"],
+        tie_word_embeddings="output.weight" not in tensor_names)
+
+
+def gguf_rope_scaling(arch: str, fields: dict) -> dict | None:
+    """llama.cpp's rope.scaling.* keys as an HF rope_scaling dict."""
+    kind = fields.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    key = f"{arch}.rope.scaling."
+    scaling = {"rope_type": kind, "factor": fields.get(key + "factor", 1.0)}
+    if kind == "yarn":
+        scaling["original_max_position_embeddings"] = fields.get(key + "original_context_length",
+                                                                 fields.get(f"{arch}.context_length"))
+        for ours, theirs in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
+                             ("attention_factor", "yarn_attn_factor")):
+            if key + theirs in fields:
+                scaling[ours] = fields[key + theirs]
+        if key + "yarn_log_multiplier" in fields:  # DeepSeek's mscale_all_dim, stored times 0.1
+            scaling["mscale"] = scaling["mscale_all_dim"] = fields[key + "yarn_log_multiplier"] / 0.1
+    return scaling
+
+
+class Decoder(nn.Module):
+    """Embedding, decoder layers, final norm (HF's `model.*`)."""
+
+    def __init__(self, args: ModelArgs, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM over a paged KV cache. The contract:
+
+    - `args` (ModelArgs): the shape; `args.kv_cache_shape` sizes the pool the runner allocates, and
+      each layer gets that layer's tensors (`kv_caches[i]`, a tuple) in every forward call;
+    - `model.layers[i](x, residual, cos, sin, kv_cache, meta)` returns (output, residual): the
+      residual add happens inside the next norm, fused;
+    - `hidden_states` is the whole forward from token ids and the step's RoPE table, the one
+      definition that both the op-by-op path and a decode tape (`inferlab.tape`) run;
+    - `packed_modules` maps a checkpoint projection to (our merged layer, shard), `gguf_names`
+      overrides the loader's GGUF-to-HF tensor names, and `skip_checkpoint_tensor` names the
+      checkpoint tensors the model has no use for;
+    - `args_from_hf(arch, config)` and `args_from_gguf(arch, fields, tensor_names)` read the shape from
+      a config.json or a GGUF file's fields, refusing what the class does not implement;
+    - `process_weights_after_loading` converts the loaded weights to what they are kept as.
+    """
+
+    packed_modules: dict[str, tuple[str, int]] = {}
+    gguf_names: dict[str, str] = {}
+
+    def __init__(self, args: ModelArgs, decoder: Decoder) -> None:
+        super().__init__()
+        self.args = args
+        self.model = decoder
+        self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
+        self.tie_weights()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' (and KV cache's) dtype."""
+        return self.model.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight, self.lm_head.wtype = self.model.embed_tokens.weight, self.model.embed_tokens.wtype
+
+    def skip_checkpoint_tensor(self, name: str) -> bool:
+        return "rotary_emb" in name or (self.args.tie_word_embeddings and name.startswith("lm_head"))
+
+    def process_weights_after_loading(self, quantization: str, isa: str | None, int8_activations: bool = False) -> None:
+        """Keep each loaded weight in the type `quantization` asks for (see `layers.linear.target_type`;
+        `isa`: the native kernels', None without them); `int8_activations`: the linear layers quantize
+        their inputs where their weight type allows."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_weights_after_loading(quantization, self.dtype, isa, vocab=module is self.lm_head,
+                                                     int8=int8_activations)
+            elif isinstance(module, Embedding):
+                module.process_weights_after_loading(quantization, self.dtype, isa)
+        self.tie_weights()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] for a flat batch of tokens from many sequences."""
+        cos, sin = self.rotary_emb(positions)
+        return self.hidden_states(input_ids, cos, sin, kv_caches, meta)
+
+    def hidden_states(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[tuple],
+                      meta: AttentionMetadata) -> torch.Tensor:
+        """The forward pass from token ids and the step's RoPE table: what a tape records."""
+        x, residual = self.model.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        return self.model.norm(x, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in the model's dtype: greedy sampling takes its argmax as it is, the rest widens."""
+        return self.lm_head(hidden)

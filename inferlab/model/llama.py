@@ -3,7 +3,10 @@
 Parameter names follow HF checkpoints, except that q/k/v and gate/up are merged into one matmul
 each; a merged layer's `weight_loader` takes each checkpoint shard into place. The forward pass is
 written once, here, out of `layers`: the op-by-op path runs it as it is, and a tape recorded from it
-(`inferlab.tape`) replays the same kernel calls for decode steps.
+(`inferlab.tape`) replays the same kernel calls for decode steps. The projections, the embedding and
+the LM head are tensor-parallel layers (`inferlab.distributed.layers`): built inside a group of
+several ranks, each rank's copy of this model holds its share of the heads and features, and with
+one rank they are the plain layers.
 """
 from __future__ import annotations
 
@@ -12,6 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from inferlab.distributed.group import current_group
+from inferlab.distributed.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from inferlab.model.layers import (
     AttentionMetadata,
     Embedding,
@@ -46,10 +56,13 @@ class ModelArgs:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        tp = current_group()  # under tensor parallelism this rank computes its share of the heads
+        self.num_heads, self.num_kv_heads = tp.split(args.num_heads, "attention heads"), \
+            tp.split(args.num_kv_heads, "KV heads")
+        self.head_dim = args.head_dim
         q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.qkv_proj = Linear(args.hidden_size, [q, kv, kv], bias=args.attention_bias)
-        self.o_proj = Linear(q, args.hidden_size)
+        self.qkv_proj = ColumnParallelLinear(args.hidden_size, [q, kv, kv], bias=args.attention_bias)
+        self.o_proj = RowParallelLinear(q, args.hidden_size)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.scale = args.head_dim ** -0.5
@@ -72,8 +85,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(args.hidden_size, [args.intermediate_size] * 2)
-        self.down_proj = Linear(args.intermediate_size, args.hidden_size)
+        current_group().split(args.intermediate_size, "intermediate size")
+        self.gate_up_proj = ColumnParallelLinear(args.hidden_size, [args.intermediate_size] * 2)
+        self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -98,7 +112,7 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -112,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        self.lm_head = ParallelLMHead(args.hidden_size, args.vocab_size)
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
         self.tie_weights()
 
@@ -156,5 +170,6 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in the model's dtype: greedy sampling takes its argmax as it is, the rest widens."""
+        """Logits in the model's dtype: greedy sampling takes its argmax as it is, the rest widens.
+        Under tensor parallelism, on rank 0 only (None on the others)."""
         return self.lm_head(hidden)

@@ -35,9 +35,13 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
     # finish, then the app's shutdown aborts the rest and stops the engine thread.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
+    engine.on_dead = lambda: setattr(server, "should_exit", True)
     try:
         server.run()
     finally:
         engine.shutdown()
+        core.shutdown()  # tensor-parallel workers
         if recorder is not None:
             recorder.close()
+    if engine.dead is not None:
+        raise engine.dead

@@ -40,6 +40,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def keep_thread_count():
+    """A driver takes its rank's share of the cores (process-wide): give the other modules theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- the layers, rank by rank in this process ---------------------------------------------------
 
 def ranks(size: int, make):
@@ -81,6 +89,8 @@ def test_split_layers_rebuild_the_whole_one(wtype):
     assert all(r.weight.dtype == w.dtype and r.in_features == k // 4 for r in rows)
     partial = sum(Linear.forward(r, x[:, i * 256:(i + 1) * 256]) for i, r in enumerate(rows))  # the all-reduce
     torch.testing.assert_close(partial, loaded(Linear(k, 48), w, wtype)(x), rtol=1e-4, atol=1e-4)
+    unreduced = ranks(4, lambda: RowParallelLinear(k, 48, reduce_results=False))[2]  # its caller sums (MoE)
+    torch.testing.assert_close(loaded(unreduced, w, wtype)(x[:, 512:768]), Linear.forward(rows[2], x[:, 512:768]))
 
 
 def test_row_split_must_fall_on_block_boundaries():

@@ -89,7 +89,7 @@ class TensorParallelExecutor:
         if rdzv.rank != 0:
             raise ValueError(f"this process is tensor-parallel rank {rdzv.rank}, not the driver: run it with "
                              f"inferlab.distributed.worker.run_node(config) (the `inferlab` command does)")
-        self.config, self.size = config, rdzv.size
+        self.size = rdzv.size
         self.group = TensorParallelGroup(0, rdzv.size)
         self.store = rdzv.store()
         self.procs = rdzv.start_workers(self.store.port)

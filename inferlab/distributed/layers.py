@@ -55,12 +55,14 @@ class ColumnParallelLinear(Linear):
 
 class RowParallelLinear(Linear):
     """Input columns split: rank r multiplies its slice of x (the previous column layer's output
-    on this rank) by its columns of W; one all-reduce sums the partial outputs."""
+    on this rank) by its columns of W; one all-reduce sums the partial outputs. `reduce_results=False`
+    (vLLM's name) leaves the partial sum to the caller, e.g. a mixture-of-experts block that adds its
+    experts' partial outputs and all-reduces once."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True) -> None:
         tp = current_group()
         super().__init__(tp.split(in_features, "input features of a layer"), out_features, bias)
-        self.tp = tp
+        self.tp, self.reduce_results = tp, reduce_results
         self.weight.full_in_features = in_features  # what the loader checks a checkpoint row against
 
     def weight_loader(self, param: nn.Parameter, data: torch.Tensor, shard: int | None = None,
@@ -78,7 +80,8 @@ class RowParallelLinear(Linear):
             self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(super().forward(x))
+        y = super().forward(x)
+        return self.tp.all_reduce(y) if self.reduce_results else y
 
 
 def vocab_rows(data: torch.Tensor, start: int, rows: int, vocab: int) -> torch.Tensor:

@@ -306,7 +306,11 @@ def wait_for_server(proc: subprocess.Popen, url: str, timeout: float = 120) -> N
         time.sleep(0.2)
 
 
-def test_server_with_two_ranks_answers_the_openai_client_and_stops_cleanly(checkpoints, no_orphans):
+@pytest.mark.parametrize("ending", ["sigterm", "killed-worker"])
+def test_server_with_two_ranks(checkpoints, no_orphans, ending):
+    """The official openai client gets the single process's greedy answers; under load, SIGTERM
+    stops the server and its worker in order, and a killed worker fails the streaming request with
+    an error naming the rank and takes the server down (exit 1) on its own."""
     ckpt, port = checkpoints["qwen3"], _free_port()
     proc = inferlab("serve", "--model", ckpt.path, "--dtype", "float32", "--port", str(port), "--block-size", "4",
                     "--num-kv-blocks", "64", "--tensor-parallel-size", "2", "--served-model-name", "tiny")
@@ -316,31 +320,34 @@ def test_server_with_two_ranks_answers_the_openai_client_and_stops_cleanly(check
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert len(workers) == 1
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
-        offline = LLM(model=ckpt.path, dtype="float32", num_kv_blocks=64, block_size=4)
-        for p in ckpt.prompts:
-            r = client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0)
-            ref = offline.generate({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=10),
-                                   use_tqdm=False)[0].outputs[0]
-            assert (r.choices[0].text, r.choices[0].finish_reason) == (ref.text, ref.finish_reason)
-        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "fox"}],
-                                                max_tokens=5, temperature=0)
-        assert answer.choices[0].message.content is not None and answer.usage.completion_tokens >= 1
+        if ending == "sigterm":
+            offline = LLM(model=ckpt.path, dtype="float32", num_kv_blocks=64, block_size=4)
+            for p in ckpt.prompts:
+                r = client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0)
+                ref = offline.generate({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=10),
+                                       use_tqdm=False)[0].outputs[0]
+                assert (r.choices[0].text, r.choices[0].finish_reason) == (ref.text, ref.finish_reason)
+            answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "fox"}],
+                                                    max_tokens=5, temperature=0)
+            assert answer.choices[0].message.content is not None and answer.usage.completion_tokens >= 1
+        started, outcome = threading.Event(), {}
 
-        started = threading.Event()
-
-        def stream() -> None:  # under load when the signal comes
+        def stream() -> None:  # under load when the signal or the failure comes
             try:
                 for _ in client.completions.create(model="tiny", prompt=ckpt.prompts[0], max_tokens=100,
                                                    temperature=0, stream=True, extra_body={"ignore_eos": True}):
                     started.set()
-            except openai.OpenAIError:
-                pass
+            except openai.OpenAIError as e:
+                outcome["error"] = e
 
         load = threading.Thread(target=stream, daemon=True)
         load.start()
         assert started.wait(60)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        if ending == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            workers[0].kill()
         proc.wait(timeout=20)
         assert time.monotonic() - t0 < 20
         load.join(timeout=10)
@@ -349,8 +356,13 @@ def test_server_with_two_ranks_answers_the_openai_client_and_stops_cleanly(check
         if proc.poll() is None:
             proc.kill()
         output = proc.stderr.read()
-    assert proc.returncode in (0, -signal.SIGTERM), output
     assert "Traceback" not in output, output
+    if ending == "sigterm":
+        assert proc.returncode in (0, -signal.SIGTERM), output
+    else:
+        reason = f"tensor-parallel rank 1 (pid {workers[0].pid}) was killed by SIGKILL"
+        assert proc.returncode == 1 and f"error: {reason}" in output, output
+        assert reason in str(outcome.get("error")), outcome
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 

@@ -245,8 +245,14 @@ def test_ctrl_c_waits_for_the_step_and_a_killed_worker_is_named(checkpoints, mak
     llm = make_llm(model=ckpt.path, block_size=4, num_kv_blocks=64, tensor_parallel_size=2)
     engine, prompts = llm.engine, [{"prompt_token_ids": p} for p in ckpt.prompts]
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-    engine.step_observers.append(lambda outputs: timer.is_alive() or timer.start())
+    timer, steps = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)), []
+
+    def interrupt_soon(outputs) -> None:  # a few steps in, with ~100 to go: it lands during a step
+        steps.append(1)
+        if len(steps) == 3:
+            timer.start()
+
+    engine.step_observers.append(interrupt_soon)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompts, SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
     engine.step_observers.clear()

@@ -74,8 +74,9 @@ class RowParallelLinear(Linear):
         width = k if wtype.dtype is not None else wtype.row_bytes(k)  # elements, or bytes of whole blocks
         super().weight_loader(param, data[:, self.tp.rank * width:(self.tp.rank + 1) * width], shard, wtype)
 
-    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, native: bool, vocab: bool = False) -> None:
-        super().process_weights_after_loading(mode, dtype, native, vocab)
+    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, isa: str | None, vocab: bool = False,
+                                      int8: bool = False) -> None:
+        super().process_weights_after_loading(mode, dtype, isa, vocab, int8)
         if self.tp.rank != 0:  # every rank's partial sum would otherwise carry it
             self.bias = None
 

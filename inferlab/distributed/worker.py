@@ -57,7 +57,8 @@ def run_rank(rank: int, size: int, store: dist.Store, local_index: int, local_si
         if device.type == "cpu":
             keep_freed_memory()
         with building(group):
-            model, _ = load_model(settings["model"], settings["dtype"], device, settings["quantization"])
+            model, _ = load_model(settings["model"], settings["dtype"], device, settings["quantization"],
+                                  settings["int8_activations"])
         report(store, phase, rank)
         phase = "ready"
         pool = json.loads(wait_for(store, ["pool"], check_driver)[0])

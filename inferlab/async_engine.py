@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from inferlab.distributed import EngineDeadError
 from inferlab.engine import LLMEngine
 from inferlab.metrics import EngineMetrics
 from inferlab.outputs import RequestOutput
@@ -38,12 +39,14 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="inferlab-engine", daemon=True)
         self._stopped = False
         self.stopping = False  # set by drain(): a shutdown has begun, new requests are refused
+        self.dead: EngineDeadError | None = None  # set when the engine can run no more steps
+        self.on_dead: Callable[[], None] | None = None  # e.g. stop the server
         self._thread.start()
 
     # -- the engine thread --------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            busy = self.engine.has_unfinished_requests()
+            busy = self.engine.has_unfinished_requests() and self.dead is None
             try:  # block for work only when the engine is idle
                 item = self._ops.get(block=not busy, timeout=None)
             except queue.Empty:
@@ -61,13 +64,21 @@ class AsyncEngine:
                     item = self._ops.get_nowait()
                 except queue.Empty:
                     item = ()
-            if self.engine.has_unfinished_requests():
+            if self.engine.has_unfinished_requests() and self.dead is None:
                 self._step()
             self.snapshot = self.engine.snapshot()
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineDeadError as e:  # a tensor-parallel rank failed: fail every request, stop serving
+            log.error("the engine cannot continue: %s", e)
+            self.dead = e
+            for rid in list(self._streams):
+                self._abort_now(rid, str(e))
+            if self.on_dead is not None:
+                self.on_dead()
+            return
         except Exception:  # noqa: BLE001 - the engine isolates request faults; this is a last resort
             log.exception("engine step failed")
             return
@@ -132,9 +143,10 @@ class AsyncEngine:
         """Abort a request whose consumer still listens: it gets the final "abort" output."""
         self._call(lambda: self._abort_now(request_id))
 
-    def _abort_now(self, request_id: str) -> None:  # on the engine thread
+    def _abort_now(self, request_id: str, error: str | None = None) -> None:  # on the engine thread
         out = self.engine.abort_request(request_id)
         if out is not None:
+            out.error = error
             self.metrics.observe(out, time.monotonic())
             self._deliver(out)
 

@@ -10,6 +10,8 @@ import sys
 
 from inferlab import bench_serve
 from inferlab.config import KV_ALLOCATIONS, PREEMPTION_MODES, PREFIX_CACHES, EngineConfig
+from inferlab.distributed import EngineDeadError
+from inferlab.distributed.worker import is_worker_node, run_node
 from inferlab.logger import setup_logging
 from inferlab.model.layers.linear import QUANTIZATIONS
 
@@ -55,6 +57,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "every 2 s)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step op by op through the Python model (no one-call decode step)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split every layer and the KV pool across N processes (ranks): one per GPU, or sharing "
+                        "the cores; with --nnodes, across hosts")
+    g.add_argument("--nnodes", type=int, default=1,
+                   help="hosts the ranks span: run the same command on each, with its --node-rank")
+    g.add_argument("--node-rank", type=int, default=0,
+                   help="this host: 0 runs the engine, the others run their ranks for it until it stops")
+    g.add_argument("--master-addr", default=None,
+                   help="address of node 0, where the ranks meet (default: MASTER_ADDR, else 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=None,
+                   help="port there (default: MASTER_PORT, else a free port on one host)")
+    p.set_defaults(runs_engine=True)
 
 
 def add_kv_mode_args(g) -> None:
@@ -93,7 +107,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
                         attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager,
-                        **kv_mode_config(a))
+                        tensor_parallel_size=a.tensor_parallel_size, nnodes=a.nnodes, node_rank=a.node_rank,
+                        master_addr=a.master_addr, master_port=a.master_port, **kv_mode_config(a))
 
 
 def add_record_arg(p: argparse.ArgumentParser) -> None:
@@ -247,18 +262,24 @@ def cmd_scope(a: argparse.Namespace) -> None:
     serve_replay(a.replay, a.host, a.port)
 
 
+def tensor_parallel_stats(llm) -> dict:
+    """Rank 0's time in collectives over the run (warm-up included), for a tensor-parallel engine."""
+    return {"tensor_parallel": llm.engine.runner.comm_stats()} if llm.engine.config.tensor_parallel_size > 1 else {}
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     from inferlab.bench import load_workload, run_bench
     from inferlab.llm import LLM
     llm = LLM(**vars(engine_config(a)))
     if a.latency:
         from inferlab.bench import run_latency
-        print(json.dumps(run_latency(llm, a.input_len, a.output_len)))
+        print(json.dumps({**run_latency(llm, a.input_len, a.output_len), **tensor_parallel_stats(llm)}))
         return
     workload = load_workload(a.workload)
     with recording(llm.engine, a.record):
         result = run_bench(llm, workload, use_tqdm=not a.no_progress)
     result["dtype"] = str(llm.engine.dtype).removeprefix("torch.")
+    result.update(tensor_parallel_stats(llm))
     if a.compare == "hf":
         from inferlab.bench import run_hf
         print(json.dumps(result))
@@ -364,10 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.verbose:
         setup_logging().setLevel(logging.DEBUG)
     try:
+        if getattr(a, "runs_engine", False) and is_worker_node(config := engine_config(a)):
+            return run_node(config)  # this host's tensor-parallel ranks, for the engine on node 0
         a.func(a)
     except (ValueError, FileNotFoundError) as e:  # our one-line errors (bad options, model, prompt)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except EngineDeadError as e:  # a tensor-parallel rank failed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

@@ -54,6 +54,15 @@ class EngineConfig:
     # of its forward pass in one native call (`tape.py`): for timing the two, or to rule the tape out
     # (vLLM's flag of the same name turns off CUDA graphs, for the same reasons)
     enforce_eager: bool = False
+    # Tensor parallelism (`inferlab.distributed`): every layer and the KV pool split across this many
+    # ranks (processes: one per GPU, or sharing a host's cores), on one host or `nnodes` hosts, which
+    # meet at master_addr:master_port (default MASTER_ADDR / MASTER_PORT; a free port on one host).
+    # The engine runs on node 0; the same command with node_rank 1.. runs the other hosts' ranks.
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -95,3 +104,16 @@ class EngineConfig:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if self.sjf_aging_rate < 0:
             raise ValueError(f"sjf_aging_rate must be >= 0, got {self.sjf_aging_rate}")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        if not isinstance(self.nnodes, int) or not 1 <= self.nnodes <= tp or tp % self.nnodes:
+            raise ValueError(f"nnodes must divide tensor_parallel_size {tp} (the same number of ranks on each "
+                             f"node), got {self.nnodes!r}")
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes {self.nnodes}), got {self.node_rank!r}")
+        if tp > 1 and self.preemption_mode == "swap":
+            raise ValueError("preemption_mode 'swap' needs tensor_parallel_size 1: each rank holds its own share "
+                             "of the KV pool")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"master_port must be in [1, 65535], got {self.master_port}")

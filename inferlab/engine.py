@@ -17,6 +17,8 @@ import torch
 from inferlab.budget import StepBudget
 from inferlab.config import EngineConfig
 from inferlab.detokenizer import IncrementalDetokenizer
+from inferlab.distributed import EngineDeadError
+from inferlab.distributed.executor import TensorParallelExecutor
 from inferlab.inputs import PromptType, parse_prompt
 from inferlab.kv_swap import HostKVPool
 from inferlab.malloc import keep_freed_memory
@@ -61,24 +63,42 @@ class LLMEngine:
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)  # a process-wide setting: the model is its main user
+        tp, executor = config.tensor_parallel_size, None
         if loaded is not None:
+            if tp > 1:
+                raise ValueError("tensor_parallel_size > 1 loads each rank's shard: it cannot share a loaded model")
             self.model, self.tokenizer = loaded
             self.device = self.model.device
         else:
             self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            self.model, self.tokenizer = load_model(config.model, config.dtype, self.device, config.quantization,
-                                                    config.int8_activations)
+            if tp > 1:  # starts the other ranks, which load their shards while this process loads shard 0
+                executor = TensorParallelExecutor(config, self.device)
+                self.model, self.tokenizer = executor.model, executor.tokenizer
+            else:
+                self.model, self.tokenizer = load_model(config.model, config.dtype, self.device, config.quantization,
+                                                        config.int8_activations)
+        try:
+            self._start(config, executor, clock)
+        except BaseException:
+            if executor is not None:
+                executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig, executor: TensorParallelExecutor | None,
+               clock: Callable[[], float]) -> None:
         if self.device.type == "cpu":
             keep_freed_memory()  # no page-fault storm each step for activations freed by the last one
-        # CPU threads follow the cores other processes leave free, unless fixed by num_threads
-        self.threads = ThreadGovernor() if config.num_threads is None and self.device.type == "cpu" else None
+        # CPU threads follow the cores other processes leave free, unless fixed by num_threads (or
+        # split between tensor-parallel ranks, which meet at every all-reduce and so must not lag)
+        self.threads = ThreadGovernor() if config.num_threads is None and self.device.type == "cpu" \
+            and executor is None else None
         args = self.model.args
         self.dtype = self.model.dtype
         if config.max_model_len is not None and config.max_model_len > args.max_position:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
                              f"length {args.max_position}")
         self.max_model_len = config.max_model_len or args.max_position
-        per_block = kv_bytes_per_block(args, config.block_size, self.dtype)
+        per_block = kv_bytes_per_block(args, config.block_size, self.dtype, config.tensor_parallel_size)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
@@ -95,8 +115,10 @@ class LLMEngine:
                                    config.sjf_aging_rate), clock, num_host_blocks)
         # max_num_batched_tokens="auto": the budget follows the measured step time
         self.budget = StepBudget(config.step_time_target) if config.max_num_batched_tokens == "auto" else None
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids,
-                                  native=config.attention_backend != "torch", fused=not config.enforce_eager)
+        native = config.attention_backend != "torch"
+        self.runner = executor.start(num_blocks, config.block_size, self.eos_token_ids, native) if executor else \
+            ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids, native,
+                        fused=not config.enforce_eager)
         self.host_pool = HostKVPool(self.runner, num_host_blocks)  # allocated by the first swap, if any
         if config.attention_backend == "native" and self.runner.native is None:
             raise ValueError("attention_backend 'native' needs a CPU device, float32 or bfloat16, and a C "
@@ -217,6 +239,8 @@ class LLMEngine:
         written again)."""
         try:
             return self.runner.execute(scheduled), []
+        except EngineDeadError:  # a tensor-parallel rank failed: no step can run any more
+            raise
         except Exception as e:  # noqa: BLE001 - any failure is isolated, then reported per request
             log.warning("a step of %d requests failed (%s: %s); retrying them one by one",
                         len(scheduled), type(e).__name__, e)
@@ -224,6 +248,8 @@ class LLMEngine:
         for item in scheduled:
             try:
                 results.update(self.runner.execute([item]))
+            except EngineDeadError:
+                raise
             except Exception as e:  # noqa: BLE001
                 log.error("request %s failed: %s: %s", item[0].request_id, type(e).__name__, e)
                 failed.append((item[0], f"{type(e).__name__}: {e}"))
@@ -277,6 +303,11 @@ class LLMEngine:
         self.requests.pop(req.request_id, None)
         self.detokenizers.pop(req.request_id, None)
         self.logprobs.pop(req.request_id, None)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers now (else they stop when the engine is collected or the
+        process exits); a no-op for a single-process engine."""
+        self.runner.shutdown()
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

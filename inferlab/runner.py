@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,8 +19,9 @@ from inferlab.sampler import SampleResult, sample
 from inferlab.tape import DecodeTape
 
 
-def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
-    return args.num_layers * block_size * args.kv_bytes_per_token(dtype)
+def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """One block's bytes in one rank's pool (tensor parallelism splits the pool by KV heads)."""
+    return args.num_layers * block_size * args.kv_bytes_per_token(dtype) // tp_size
 
 
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -45,26 +47,57 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
 NATIVE_MAX_CHUNK = 16
 
 
+@dataclass
+class StepBatch:
+    """A step's scheduled tokens as flat arrays: everything a model rank needs to run the step,
+    built once by the process that holds the requests (and sent as is to tensor-parallel ranks)."""
+
+    counts: np.ndarray  # [S] int64 tokens each sequence computes this step
+    starts: np.ndarray  # [S] int64 tokens it had computed before (its first new position)
+    sample: np.ndarray  # [S] bool: this step reaches its last token, so a new token is due
+    ids: np.ndarray  # [T] int64 the new tokens, sequence after sequence
+    tables: np.ndarray  # [S, W] int32 block tables covering each sequence's tokens, padded with block 0
+
+    @classmethod
+    def of(cls, scheduled: list[tuple[Request, int]], block_size: int) -> StepBatch:
+        counts = np.array([n for _, n in scheduled], dtype=np.int64)
+        starts = np.array([r.num_computed_tokens for r, _ in scheduled], dtype=np.int64)
+        ends = starts + counts
+        ids = np.empty(int(counts.sum()), dtype=np.int64)
+        num_blocks = -(-ends // block_size)
+        tables = np.zeros((len(scheduled), int(num_blocks.max())), dtype=np.int32)
+        row = 0
+        for i, (req, n) in enumerate(scheduled):
+            ids[row:row + n] = req.token_ids[starts[i]:ends[i]]
+            tables[i, :num_blocks[i]] = req.block_table[:num_blocks[i]]
+            row += n
+        return cls(counts, starts, ends == np.array([r.num_tokens for r, _ in scheduled]), ids, tables)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, eos_ids: set[int],
-                 native: bool = True, fused: bool = True) -> None:
+                 native: bool = True, fused: bool = True, tp_size: int = 1) -> None:
         """native=False keeps attention on the PyTorch reference path even where the kernels run;
-        fused=False runs every step through the Python model, op by op (no tape)."""
+        fused=False runs every step through the Python model, op by op (no tape); tp_size: the
+        model is one rank's shard of that many, and so is the pool (its share of the KV heads)."""
         args = model.args
         self.model = model
         self.block_size = block_size
         self.eos_ids = eos_ids
         self.device, dtype = model.device, model.dtype
-        # (tensors, layers, blocks, block_size, heads, head_dim): K and V, or MLA's one latent
-        parts, *layer_shape = args.kv_cache_shape(num_blocks, block_size)
-        self.kv_cache = allocate_zeroed((parts, args.num_layers, *layer_shape), dtype, self.device)
+        # (tensors, layers, blocks, block_size, heads, head_dim): K and V, or MLA's one latent;
+        # a tensor-parallel rank holds its share of the KV heads
+        parts, blocks, _, pool_heads, width = args.kv_cache_shape(num_blocks, block_size)
+        self.kv_cache = allocate_zeroed((parts, args.num_layers, blocks, block_size, pool_heads // tp_size, width),
+                                        dtype, self.device)
+        heads, kv_heads = args.num_heads // tp_size, args.num_kv_heads // tp_size
         self.kv_caches = [tuple(self.kv_cache[:, i]) for i in range(args.num_layers)]
         use_native = native and self.device.type == "cpu" and dtype in kernels.DTYPE_CODES and \
-            kernels.attention_supported(args.num_heads, args.num_kv_heads, args.head_dim)
+            kernels.attention_supported(heads, kv_heads, args.head_dim)
         self.native = kernels.native() if use_native else None
         # long prefill chunks go to a matrix-product kernel where this CPU has one, else to SDPA
         self.tile_prefill = self.native is not None and prefill_kernel_runs(
-            self.native, dtype, args.num_heads, args.num_kv_heads, args.head_dim, block_size)
+            self.native, dtype, heads, kv_heads, args.head_dim, block_size)
         # decode steps replayed from a tape of the model's forward (same kernels, no Python between them)
         self.tape = DecodeTape.record(model, self.kv_caches, self.native, kernels.C["IL_MAX_ROWS"]) \
             if fused and self.native is not None else None
@@ -79,27 +112,19 @@ class ModelRunner:
         """Put blocks read by `read_blocks` back, into these pool blocks."""
         self.kv_cache[:, :, block_ids] = blocks.to(self.device).movedim(0, 2)
 
-    def prepare(self, scheduled: list[tuple[Request, int]]):
+    def prepare(self, batch: StepBatch):
         """Flat model inputs and attention metadata for one step, built with numpy (no per-token
         Python loops): token ids, positions, the slot of each new token, and block tables."""
         bs, dev = self.block_size, self.device
-        counts = np.array([n for _, n in scheduled], dtype=np.int64)
-        starts = np.array([r.num_computed_tokens for r, _ in scheduled], dtype=np.int64)
+        counts, starts, ids, tables = batch.counts, batch.starts, batch.ids, batch.tables
         row_starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
         ends = starts + counts
-        num_seqs, total = len(scheduled), int(counts.sum())
-        ids = np.empty(total, dtype=np.int64)
+        num_seqs, total = len(counts), len(ids)
         num_blocks = -(-ends // bs)
-        tables = np.zeros((num_seqs, int(num_blocks.max())), dtype=np.int32)  # padded with block 0
-        for i, (req, n) in enumerate(scheduled):
-            ids[row_starts[i]:row_starts[i] + n] = req.token_ids[starts[i]:ends[i]]
-            tables[i, :num_blocks[i]] = req.block_table[:num_blocks[i]]
         seq_of_row = np.repeat(np.arange(num_seqs), counts)
         positions = np.arange(total) - row_starts[seq_of_row] + starts[seq_of_row]
         slots = tables[seq_of_row, positions // bs].astype(np.int64) * bs + positions % bs
-        sample = np.flatnonzero(ends == np.array([r.num_tokens for r, _ in scheduled]))  # a new token is due
-        sample_rows = (row_starts + counts - 1)[sample].tolist()
-        sample_reqs = [scheduled[i][0] for i in sample]
+        sample_rows = (row_starts + counts - 1)[batch.sample].tolist()
 
         def seq_table(i: int) -> torch.Tensor:
             return torch.from_numpy(tables[i, :num_blocks[i]]).to(dev)
@@ -126,20 +151,35 @@ class ModelRunner:
                 meta.decode_rows = torch.from_numpy(row_starts[decode]).to(dev)
                 meta.decode_block_tables = torch.from_numpy(tables[decode]).long().to(dev)
                 meta.decode_context_lens = torch.from_numpy(ends[decode]).to(dev)
-        return (torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), meta,
-                sample_rows, sample_reqs)
+        return torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), meta, sample_rows
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, SampleResult]:
         if self.on_execute is not None:
             self.on_execute(scheduled)
-        input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(scheduled)
+        batch = StepBatch.of(scheduled, self.block_size)
+        return self.sample(scheduled, batch, self.run(batch))
+
+    @torch.inference_mode()
+    def run(self, batch: StepBatch) -> torch.Tensor | None:
+        """The model on one step: logits of the rows where a token is due (None if there are none,
+        or on a tensor-parallel rank other than 0)."""
+        input_ids, positions, meta, sample_rows = self.prepare(batch)
         if self.tape is not None and self.tape.covers(meta, input_ids.numel()):
             hidden = self.tape(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sample_reqs:
+        if not sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+
+    @torch.inference_mode()
+    def sample(self, scheduled: list[tuple[Request, int]], batch: StepBatch,
+               logits: torch.Tensor | None) -> dict[str, SampleResult]:
+        if logits is None:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        results = sample(logits, sample_reqs, self.eos_ids)
-        return {r.request_id: res for r, res in zip(sample_reqs, results)}
+        reqs = [scheduled[i][0] for i in np.flatnonzero(batch.sample)]
+        return {r.request_id: res for r, res in zip(reqs, sample(logits, reqs, self.eos_ids))}
+
+    def shutdown(self) -> None:
+        """Nothing to stop in this process (the interface a tensor-parallel executor shares)."""

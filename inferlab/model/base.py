@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from inferlab.distributed.layers import ParallelLMHead, VocabParallelEmbedding
 from inferlab.model.layers import AttentionMetadata, Embedding, Linear, RMSNorm, RotaryEmbedding
 
 
@@ -131,7 +132,7 @@ class Decoder(nn.Module):
 
     def __init__(self, args: ModelArgs, layers: list[nn.Module]) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -151,6 +152,9 @@ class CausalLM(nn.Module):
     - `args_from_hf(arch, config)` and `args_from_gguf(arch, fields, tensor_names)` read the shape from
       a config.json or a GGUF file's fields, refusing what the class does not implement;
     - `process_weights_after_loading` converts the loaded weights to what they are kept as.
+
+    The embedding and LM head are split by vocabulary across tensor-parallel ranks
+    (`inferlab.distributed.layers`; with one rank they are the plain layers).
     """
 
     packed_modules: dict[str, tuple[str, int]] = {}
@@ -160,7 +164,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = decoder
-        self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        self.lm_head = ParallelLMHead(args.hidden_size, args.vocab_size)
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
         self.tie_weights()
 
@@ -207,5 +211,6 @@ class CausalLM(nn.Module):
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in the model's dtype: greedy sampling takes its argmax as it is, the rest widens."""
+        """Logits in the model's dtype: greedy sampling takes its argmax as it is, the rest widens.
+        Under tensor parallelism, on rank 0 only (None on the others)."""
         return self.lm_head(hidden)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from inferlab.distributed.group import current_group
 from inferlab.model.base import CausalLM, Decoder, ModelLoadError, MoEArgs, gguf_shape, hf_shape, unsupported
 from inferlab.model.layers import MLP
 from inferlab.model.layers.mla import MLAAttention
@@ -94,6 +95,10 @@ class DeepseekForCausalLM(CausalLM):
                   "ffn_down_shexp": "mlp.shared_experts.down_proj"}
 
     def __init__(self, args: DeepseekArgs) -> None:
+        if current_group().size > 1:
+            raise ValueError("tensor parallelism does not split MLA's latent KV cache (one head per token): "
+                             "run DeepSeek models with tensor_parallel_size 1")
+
         def attention() -> MLAAttention:
             return MLAAttention(args.hidden_size, args.num_heads, args.q_lora_rank, args.kv_lora_rank,
                                 args.qk_nope_head_dim, args.head_dim, args.v_head_dim, args.rms_norm_eps,

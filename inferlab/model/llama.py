@@ -3,24 +3,31 @@
 Parameter names follow HF checkpoints, except that q/k/v and gate/up are merged into one matmul
 each; a merged layer's `weight_loader` takes each checkpoint shard into place. The forward pass is
 written once, here, out of `layers`: the op-by-op path runs it as it is, and a tape recorded from it
-(`inferlab.tape`) replays the same kernel calls for decode steps.
+(`inferlab.tape`) replays the same kernel calls for decode steps. The projections are tensor-parallel
+layers (`inferlab.distributed.layers`): built inside a group of several ranks, each rank's copy of
+this model holds its share of the heads and features, and with one rank they are the plain layers.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from inferlab.distributed.group import current_group
+from inferlab.distributed.layers import ColumnParallelLinear, RowParallelLinear
 from inferlab.model.base import CausalLM, Decoder, ModelArgs, gguf_shape, hf_shape
-from inferlab.model.layers import MLP, AttentionMetadata, Linear, RMSNorm, paged_attention, rope
+from inferlab.model.layers import MLP, AttentionMetadata, RMSNorm, paged_attention, rope
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        tp = current_group()  # under tensor parallelism this rank computes its share of the heads
+        self.num_heads, self.num_kv_heads = tp.split(args.num_heads, "attention heads"), \
+            tp.split(args.num_kv_heads, "KV heads")
+        self.head_dim = args.head_dim
         q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.qkv_proj = Linear(args.hidden_size, [q, kv, kv], bias=args.attention_bias)
-        self.o_proj = Linear(q, args.hidden_size)
+        self.qkv_proj = ColumnParallelLinear(args.hidden_size, [q, kv, kv], bias=args.attention_bias)
+        self.o_proj = RowParallelLinear(q, args.hidden_size)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.scale = args.head_dim ** -0.5
@@ -47,7 +54,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, self_attn: nn.Module | None = None, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = self_attn if self_attn is not None else Attention(args)
-        self.mlp = mlp if mlp is not None else MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = mlp if mlp is not None else MLP(args.hidden_size, args.intermediate_size,
+                                                   ColumnParallelLinear, RowParallelLinear)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 

@@ -163,7 +163,7 @@ def _check_row_length(name: str, param: torch.nn.Parameter, tensor: torch.Tensor
         if tensor.dim() != 1:
             raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected one dimension")
         return
-    k = param.shape[-1]
+    k = getattr(param, "full_in_features", param.shape[-1])  # a row-parallel shard is cut from whole rows
     want = k if wtype is None or wtype.dtype is not None else wtype.row_bytes(k)
     if tensor.dim() != 2 or tensor.shape[-1] != want:
         raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected rows of {k} weights")

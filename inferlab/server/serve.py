@@ -59,9 +59,13 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
              name, host, port, "; an API key guards /v1 and the lab" if api_key else "")
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                    timeout_graceful_shutdown=GRACEFUL_S), engine)
+    engine.on_dead = lambda: setattr(server, "should_exit", True)  # a tensor-parallel rank failed
     try:
         server.run()
     finally:
         engine.shutdown()
+        core.shutdown()  # tensor-parallel workers
         if recorder is not None:
             recorder.close()
+    if engine.dead is not None:
+        raise engine.dead

@@ -23,6 +23,7 @@ import psutil
 import pytest
 import torch
 from test_hf_models import build_checkpoint, train_tokenizer
+from test_moe_models import build as build_moe
 from test_server import _free_port
 
 from inferlab import LLM, EngineConfig, SamplingParams
@@ -224,6 +225,18 @@ def test_two_ranks_generate_what_one_does(checkpoints, make_llm, name):
     stats = engine.runner.comm_stats()
     # two all-reduces a layer (2 layers) and one for the embedding, every step
     assert stats["all_reduces"] == 5 * stats["steps"] and stats["all_reduce_s"] > 0
+
+
+def test_moe_two_ranks_generate_what_one_does(tmp_path, make_llm):
+    """Qwen2-MoE (a dense layer, a gated shared expert): attention and the dense MLP are split, the
+    router and experts run whole on every rank (same input, same choice), and the output is one rank's."""
+    ckpt = build_moe("qwen2_moe", str(tmp_path), train_tokenizer())
+    prompts = [{"prompt_token_ids": p} for p in ckpt.prompts]
+    config = dict(model=ckpt.path, block_size=4, num_kv_blocks=32, max_num_batched_tokens=8)
+    one, two = make_llm(**config), make_llm(**config, tensor_parallel_size=2)
+    want = [o.outputs[0].token_ids for o in one.generate(prompts, GREEDY, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in two.generate(prompts, GREEDY, use_tqdm=False)] == want
+    two.engine.check_integrity()
 
 
 def chat(tok, question: str) -> dict:

@@ -68,6 +68,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="address of node 0, where the ranks meet (default: MASTER_ADDR, else 127.0.0.1)")
     g.add_argument("--master-port", type=int, default=None,
                    help="port there (default: MASTER_PORT, else a free port on one host)")
+    g.add_argument("--kv-transfer-config", default=None, metavar="JSON",
+                   help='a KV connector, as vLLM\'s: {"kv_connector": "RedisConnector" or "SharedStorageConnector", '
+                        '"kv_role": "kv_producer"|"kv_consumer"|"kv_both", "kv_connector_extra_config": '
+                        '{"url": "redis://127.0.0.1:6379"} or {"shared_storage_path": DIR}}')
     p.set_defaults(runs_engine=True)
 
 
@@ -108,7 +112,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
                         attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager,
                         tensor_parallel_size=a.tensor_parallel_size, nnodes=a.nnodes, node_rank=a.node_rank,
-                        master_addr=a.master_addr, master_port=a.master_port, **kv_mode_config(a))
+                        master_addr=a.master_addr, master_port=a.master_port,
+                        kv_transfer_config=a.kv_transfer_config, **kv_mode_config(a))
 
 
 def add_record_arg(p: argparse.ArgumentParser) -> None:

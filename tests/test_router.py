@@ -175,8 +175,9 @@ def test_pd_through_the_router_equals_a_single_instance(tiny):
             assert check_empty(pe).num_prompt_tokens > 0
 
 
-def test_decode_killed_mid_stream_is_an_error_not_a_hang(tiny, tmp_path):
-    """A real `inferlab serve` process (the embedded model) killed while it streams."""
+def test_decode_killed_mid_stream_is_an_error_not_a_hang(tiny):
+    """P/D mode, the decode instance a real `inferlab serve` process (the embedded model) killed
+    while it streams (the prefill instance has no store here: it only computes the prompt)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "inferlab.cli", "serve", "--port", str(port), "--dtype",
                              "float32", "--num-kv-blocks", "128", "--max-model-len", "1024"],
@@ -193,7 +194,7 @@ def test_decode_killed_mid_stream_is_an_error_not_a_hang(tiny, tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "inferlab serve did not start"
             time.sleep(0.2)
-        with router([url], health_interval=0.5) as r:
+        with instance(tiny) as (prefill, _), router([url], prefill=[prefill], health_interval=0.5) as r:
             body = {"prompt": "Count from one to a thousand: one, two,", "max_tokens": 400, "temperature": 0,
                     "ignore_eos": True, "stream": True}
             t, chunks, error = time.monotonic(), 0, None

@@ -236,10 +236,11 @@ class Scheduler:
         dashboard draws: the block grid, every live request and the last step's batch; it costs
         a pass over the pool, so it is computed only when someone asks."""
         snap = {"step": self.step_count, "num_running": len(self.running),
-                "num_waiting": len(self.waiting), "num_loading": len(self.loading),
-                "num_preemptions": self.num_preemptions,
+                "num_waiting": len(self.waiting), "num_preemptions": self.num_preemptions,
                 "kv": self.block_manager.snapshot(detail), **self.preemption.snapshot(),
                 **self.allocation.snapshot()}
+        if self.connector is not None:
+            snap["num_loading"] = len(self.loading)  # waiting for KV from the connector's store
         if detail:
             snap["batch"] = self.batch_view()
             snap["requests"] = [request_view(r) for r in self.live_requests()]

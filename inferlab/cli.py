@@ -68,6 +68,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="address of node 0, where the ranks meet (default: MASTER_ADDR, else 127.0.0.1)")
     g.add_argument("--master-port", type=int, default=None,
                    help="port there (default: MASTER_PORT, else a free port on one host)")
+    g.add_argument("--kv-transfer-config", default=None, metavar="JSON",
+                   help='a KV connector, as vLLM\'s: {"kv_connector": "RedisConnector" or "SharedStorageConnector", '
+                        '"kv_role": "kv_producer"|"kv_consumer"|"kv_both", "kv_connector_extra_config": '
+                        '{"url": "redis://127.0.0.1:6379"} or {"shared_storage_path": DIR}}')
     p.set_defaults(runs_engine=True)
 
 
@@ -108,7 +112,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
                         attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager,
                         tensor_parallel_size=a.tensor_parallel_size, nnodes=a.nnodes, node_rank=a.node_rank,
-                        master_addr=a.master_addr, master_port=a.master_port, **kv_mode_config(a))
+                        master_addr=a.master_addr, master_port=a.master_port,
+                        kv_transfer_config=a.kv_transfer_config, **kv_mode_config(a))
 
 
 def add_record_arg(p: argparse.ArgumentParser) -> None:
@@ -257,6 +262,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
     serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key)
 
 
+def cmd_router(a: argparse.Namespace) -> None:
+    from inferlab.router.app import serve_router
+    serve_router(a.backend, a.prefill, a.decode, a.policy, a.host, a.port, a.timeout, a.health_interval)
+
+
 def cmd_scope(a: argparse.Namespace) -> None:
     from inferlab.scope.replay import serve_replay
     serve_replay(a.replay, a.host, a.port)
@@ -316,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--policy", default="fcfs", help="fcfs, priority, sjf, or module:Class / file.py:Class")
     m.add_argument("--sjf-aging-rate", type=float, default=20.0, help="sjf: tokens of work forgiven per second waited")
     m.add_argument("--replicas", type=int, default=1, help="engines behind a router")
-    m.add_argument("--router", default="round_robin", choices=["round_robin", "least_loaded", "prefix_aware"])
+    m.add_argument("--router", default="round_robin", choices=["round_robin", "least_loaded", "prefix", "prefix_aware"])
     m.add_argument("--trace", default=None, help="JSONL: arrival, prompt_len, output_len[, priority, prefix_id, ...]")
     m.add_argument("--cost-model", default=None, help="file written by `inferlab calibrate` (default: built in)")
     m.add_argument("--prompt-len", type=_range, default=(64, 512), help="LO:HI tokens")
@@ -350,6 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(s)
     # a server keeps its streams flowing while prompts arrive: steps sized to a time, not 2,048 tokens
     s.set_defaults(func=cmd_serve, max_num_batched_tokens="auto")
+    r = sub.add_parser("router", help="OpenAI-compatible proxy in front of several `inferlab serve` instances")
+    r.add_argument("--backend", action="append", default=[], metavar="URL", help="an instance (repeatable)")
+    r.add_argument("--policy", default="round_robin", choices=["round_robin", "least_loaded", "prefix"],
+                   help="which backend a request goes to (the simulator's routers)")
+    r.add_argument("--prefill", action="append", default=[], metavar="URL",
+                   help="P/D mode: an instance that computes prompts (kv_producer; repeatable)")
+    r.add_argument("--decode", action="append", default=[], metavar="URL",
+                   help="P/D mode: an instance that loads them and generates (kv_consumer; repeatable)")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8080)
+    r.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a backend may stay silent before its request fails")
+    r.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
+    r.set_defaults(func=cmd_router)
     o = sub.add_parser("scope", help="the dashboard on a recorded trace (live: `inferlab serve`, then /scope)")
     o.add_argument("--replay", required=True, action="append", metavar="FILE",
                    help="a trace written with --record; repeat it to see several side by side")

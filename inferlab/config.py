@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from inferlab.kv_transfer.config import KVTransferConfig
 from inferlab.model.layers.linear import QUANTIZATIONS
 from inferlab.policy import resolve_policy
 
@@ -63,6 +64,9 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
+    # vLLM's --kv-transfer-config (a dict, its JSON text, or a KVTransferConfig): a KV connector that
+    # loads prefixes from, and saves them to, a store shared by instances (`inferlab.kv_transfer`)
+    kv_transfer_config: KVTransferConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -115,5 +119,10 @@ class EngineConfig:
         if tp > 1 and self.preemption_mode == "swap":
             raise ValueError("preemption_mode 'swap' needs tensor_parallel_size 1: each rank holds its own share "
                              "of the KV pool")
+        if self.kv_transfer_config is not None:
+            self.kv_transfer_config = KVTransferConfig.parse(self.kv_transfer_config)
+            if tp > 1:
+                raise ValueError("kv_transfer_config needs tensor_parallel_size 1: each rank holds its own share "
+                                 "of the KV pool")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"master_port must be in [1, 65535], got {self.master_port}")

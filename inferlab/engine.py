@@ -21,6 +21,7 @@ from inferlab.distributed import EngineDeadError
 from inferlab.distributed.executor import TensorParallelExecutor
 from inferlab.inputs import PromptType, parse_prompt
 from inferlab.kv_swap import HostKVPool
+from inferlab.kv_transfer import make_connector
 from inferlab.malloc import keep_freed_memory
 from inferlab.model.layers.quant import describe_weights
 from inferlab.model.llama import LlamaForCausalLM
@@ -120,6 +121,11 @@ class LLMEngine:
             ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids, native,
                         fused=not config.enforce_eager)
         self.host_pool = HostKVPool(self.runner, num_host_blocks)  # allocated by the first swap, if any
+        args, kv = self.model.args, config.kv_transfer_config
+        # blocks in a shared store are named by model, dtype and block shape: other models' never mix in
+        self.kv_connector = None if kv is None else make_connector(kv, self.runner, self.block_manager, (
+            f"{self.block_manager.model}:{args.num_layers}x{args.num_kv_heads}x{args.head_dim}x{config.block_size}"))
+        self.scheduler.connector = self.kv_connector
         if config.attention_backend == "native" and self.runner.native is None:
             raise ValueError("attention_backend 'native' needs a CPU device, float32 or bfloat16, and a C "
                              "compiler (see the log for why the kernel did not build)")
@@ -200,12 +206,22 @@ class LLMEngine:
         if self.budget is not None:
             self.scheduler.max_num_batched_tokens = self.budget.for_step(len(self.scheduler.running))
         start = time.perf_counter()
+        kv = self.kv_connector
+        if kv is not None:  # KV loaded since the last step: those requests join this one
+            self.scheduler.finish_loads(kv.get_finished().recving)
         out = self.scheduler.schedule()
         self.host_pool.copy(out.swap_out, out.swap_in)  # before the model reads or overwrites those blocks
         self.last_step_tokens = out.num_tokens
+        meta = kv.build_connector_meta(out.scheduled) if kv is not None else None
+        if kv is not None:
+            kv.start_load_kv(meta)
         if not out.scheduled:
+            if kv is not None:
+                kv.wait_for_load(0.01)  # only loads pending: wait on them rather than spin
             return []
         results, failed = self._execute(out.scheduled)
+        if kv is not None:
+            kv.save_kv(meta, {req.request_id for req, _ in failed})
         outputs = []
         for req, error in failed:
             out.scheduled.remove(next(item for item in out.scheduled if item[0] is req))
@@ -227,6 +243,8 @@ class LLMEngine:
             outputs.append(self._make_output(req, [res.token_id]))
             if status is not None:
                 self._forget(req)
+        if kv is not None and any(o.finished for o in outputs):
+            kv.wait_for_save()  # a request reported done has its blocks in the store (P/D relies on it)
         if self.budget is not None:
             self.budget.observe(out.num_tokens, time.perf_counter() - start)
         for observe in self.step_observers:
@@ -308,6 +326,8 @@ class LLMEngine:
         """Stop the tensor-parallel workers now (else they stop when the engine is collected or the
         process exits); a no-op for a single-process engine."""
         self.runner.shutdown()
+        if self.kv_connector is not None:
+            self.kv_connector.close()
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
@@ -316,6 +336,8 @@ class LLMEngine:
         """The per-step view (see `Scheduler.snapshot`); `detail` adds the block grid, the live
         requests and the last batch, for dashboards and recordings."""
         snap = self.scheduler.snapshot(detail)
+        if self.kv_connector is not None:
+            snap.update(self.kv_connector.snapshot())
         snap.update(num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
                     last_step_tokens=self.last_step_tokens)
         return snap

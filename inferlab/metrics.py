@@ -86,6 +86,16 @@ class EngineMetrics:
                kv["prefix_queries"])
         metric("counter", "inferlab:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
                kv["prefix_hits"])
+        transfer = snapshot.get("kv_transfer")
+        if transfer is not None:  # a KV connector: what came from and went to the shared store
+            metric("gauge", "inferlab:num_requests_loading_kv", "Requests waiting for KV from the store.",
+                   snapshot["num_loading"])
+            metric("counter", "inferlab:kv_transfer_hit_tokens_total", "Prompt tokens loaded from the KV store.",
+                   transfer["hit_tokens"])
+            metric("counter", "inferlab:kv_transfer_saved_blocks_total", "KV blocks saved to the store.",
+                   transfer["saved_blocks"])
+            metric("counter", "inferlab:kv_transfer_errors_total", "Failed KV store calls (each a miss, "
+                   "computed locally).", transfer["store_errors"])
         metric("counter", "inferlab:num_preemptions_total", "Preemptions (recompute).", snapshot["num_preemptions"])
         metric("counter", "inferlab:prompt_tokens_total", "Prefill tokens computed.", snapshot["num_prompt_tokens"])
         metric("counter", "inferlab:generation_tokens_total", "Tokens generated.", snapshot["num_generation_tokens"])

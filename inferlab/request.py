@@ -12,6 +12,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # back in the waiting queue, its KV dropped (recompute)
+    WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"  # admitted, its blocks loading from a KV connector
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"

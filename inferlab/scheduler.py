@@ -6,7 +6,9 @@ waiting ones in policy order, all under the token budget and `max_num_seqs`. Pre
 chunked prefill and decode are therefore one path and share a step. When KV blocks run out
 the policy's victim is preempted instead of failing: its blocks are freed and recomputed later,
 or swapped to a host pool and back (`preemption.py`). How much a request takes on admission,
-what it needs or its whole length, is `allocation.py`'s to say.
+what it needs or its whole length, is `allocation.py`'s to say. With a KV connector
+(`kv_transfer`), a request whose prefix a store holds is admitted to wait for its blocks to load
+(WAITING_FOR_REMOTE_KVS) beside the running batch, and joins it when they are in.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from inferlab.allocation import ALLOCATIONS
 from inferlab.block_manager import BlockManager
 from inferlab.budget import START
 from inferlab.config import EngineConfig
+from inferlab.kv_transfer import KVConnectorBase
 from inferlab.policy import RequestQueue
 from inferlab.preemption import make_preemption
 from inferlab.request import Request, RequestStatus
@@ -47,6 +50,8 @@ class Scheduler:
         self.allocation = ALLOCATIONS[config.kv_allocation](block_manager)
         self.preemption = make_preemption(config.preemption_mode, block_manager, num_host_blocks)
         self.running: list[Request] = []
+        self.connector: KVConnectorBase | None = None  # set by an engine with a KV connector
+        self.loading: list[Request] = []  # admitted, waiting for the connector to load their KV
         self.clock = clock
         self.num_preemptions = 0
         self.step_count = 0
@@ -67,7 +72,7 @@ class Scheduler:
         self.waiting.push(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.running) or len(self.waiting) > 0
+        return bool(self.running) or bool(self.loading) or len(self.waiting) > 0
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
@@ -132,9 +137,11 @@ class Scheduler:
                 budget -= n
         if len(out.preempted) > made_room:  # running requests ran out of blocks: admitting would thrash
             return out
-        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while len(self.waiting) and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             req = self.waiting.peek()
             computed, num_computed = self.preemption.resume(req)  # prefix-cache hits, or its swapped KV
+            if self.connector is not None and self._admit_to_load(req, computed, num_computed):
+                continue
             n = self._chunk(req, num_computed, budget)
             if not self.block_manager.allocate_slots(req, self.allocation.admit_tokens(req, num_computed, n), computed):
                 break  # head-of-line waits for blocks; letting others pass would starve it
@@ -149,6 +156,36 @@ class Scheduler:
             out.scheduled.append((req, n))
             budget -= n
         return out
+
+    def _admit_to_load(self, req: Request, computed: list[int], num_computed: int) -> bool:
+        """Admit `req` to wait for the tokens the connector can load past its `num_computed` cached
+        ones, its blocks allocated now; False (nothing changed) if there are none, or no room."""
+        if req.num_computed_tokens:  # swapped back in: its own KV returns from the host pool
+            return False
+        num_external = self.connector.get_num_new_matched_tokens(req, num_computed)
+        if not num_external or not self.block_manager.allocate_slots(
+                req, self.allocation.admit_tokens(req, num_computed, num_external), computed):
+            return False
+        self.waiting.pop()
+        req.num_computed_tokens = num_computed
+        self.connector.update_state_after_alloc(req, req.block_table[len(computed):], num_external)
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = self.clock()
+        self.loading.append(req)
+        return True
+
+    def finish_loads(self, loaded: dict[str, int]) -> None:
+        """Loading requests whose KV is in (`loaded`: request id -> tokens loaded, 0 if the load
+        failed and they compute them) join the running batch; their full blocks join the prefix cache."""
+        for req in [r for r in self.loading if r.request_id in loaded]:
+            self.loading.remove(req)
+            req.num_computed_tokens += loaded[req.request_id]
+            if req.first_token_time is None:
+                req.num_cached_tokens = req.num_computed_tokens
+            self.block_manager.cache_full_blocks(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
         """Advance computed tokens and append sampled ones. `sampled` maps request_id to the new
@@ -172,22 +209,27 @@ class Scheduler:
             return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req.status is RequestStatus.WAITING_FOR_REMOTE_KVS:
+            self.loading.remove(req)
         else:
             self.waiting.remove(req)
+        if self.connector is not None:
+            self.connector.request_finished(req)  # first: a load in flight must not write into freed blocks
         self.block_manager.free(req)
         self.preemption.release(req)
         self.allocation.release(req)
         req.status = status
 
     def live_requests(self) -> list[Request]:
-        return self.running + list(self.waiting)
+        return self.running + self.loading + list(self.waiting)
 
     def check_integrity(self) -> None:
         waiting = list(self.waiting)
         # a waiting request with tokens computed keeps them in the host pool (swap): checked there
-        self.block_manager.check_integrity(self.running + [r for r in waiting if not r.num_computed_tokens])
+        holding = self.running + self.loading  # requests holding pool blocks
+        self.block_manager.check_integrity(holding + [r for r in waiting if not r.num_computed_tokens])
         self.preemption.check_integrity(waiting)
-        self.allocation.check_integrity(self.running + waiting)
+        self.allocation.check_integrity(holding + waiting)
 
     def snapshot(self, detail: bool = False) -> dict:
         """A small per-step view for metrics, dashboards and experiments. `detail` adds what a
@@ -197,6 +239,8 @@ class Scheduler:
                 "num_waiting": len(self.waiting), "num_preemptions": self.num_preemptions,
                 "kv": self.block_manager.snapshot(detail), **self.preemption.snapshot(),
                 **self.allocation.snapshot()}
+        if self.connector is not None:
+            snap["num_loading"] = len(self.loading)  # waiting for KV from the connector's store
         if detail:
             snap["batch"] = self.batch_view()
             snap["requests"] = [request_view(r) for r in self.live_requests()]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from inferlab.config import EngineConfig
 from inferlab.sim.cost_model import CostModel
 from inferlab.sim.replica import Record, Replica
-from inferlab.sim.router import make_router
+from inferlab.sim.router import make_router, prefix_of
 from inferlab.sim.trace import TraceRequest, load_trace, make_trace
 
 __all__ = ["Fleet", "TraceRequest", "load_trace", "make_trace", "run", "simulate", "summarize"]
@@ -47,7 +47,7 @@ def run(config: EngineConfig, num_blocks: int, trace: list[TraceRequest], cost: 
                 nxt = min((r for r in fleet.replicas if r.busy), key=lambda r: r.clock.now, default=None)
             if i < len(trace) and (nxt is None or trace[i].arrival <= nxt.clock.now):
                 t = trace[i]
-                if t.prompt_len >= limit or not fleet.replicas[route.choose(t, fleet.replicas)].add(
+                if t.prompt_len >= limit or not fleet.replicas[route.choose(prefix_of(t), fleet.replicas)].add(
                         i, t, min(t.output_len, limit - t.prompt_len)):
                     fleet.rejected += 1
                 i += 1

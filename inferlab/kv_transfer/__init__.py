@@ -1,0 +1,17 @@
+"""KV transfer: connectors that move KV blocks between an engine's pool and a store shared by
+instances (vLLM v1's KV-connector interface, `base.py`), configured by `KVTransferConfig`."""
+from __future__ import annotations
+
+from inferlab.kv_transfer.base import Finished, KVConnectorBase, KVConnectorMetadata
+from inferlab.kv_transfer.config import KVTransferConfig
+
+__all__ = ["Finished", "KVConnectorBase", "KVConnectorMetadata", "KVTransferConfig", "make_connector"]
+
+
+def make_connector(config: KVTransferConfig, runner, block_manager, namespace: str) -> KVConnectorBase:
+    """The connector `config.kv_connector` names, its store checked (a one-line ValueError if unusable)."""
+    if config.kv_connector == "RedisConnector":
+        from inferlab.kv_transfer.redis import RedisConnector
+        return RedisConnector(config, runner, block_manager, namespace)
+    from inferlab.kv_transfer.shared_storage import SharedStorageConnector
+    return SharedStorageConnector(config, runner, block_manager, namespace)

@@ -1,0 +1,231 @@
+"""The router's HTTP app: /v1/completions and /v1/chat/completions proxied to a backend (streams
+passed through as they come), /v1/models, /health and /metrics with per-backend counts.
+
+Each request goes to a healthy backend the routing policy chooses; one that cannot be reached is
+taken out of rotation and the request tried on another. In P/D mode (`prefill` and `decode`
+backends) the prompt first goes to a prefill instance with max_tokens=1, which computes it and
+saves its KV to the shared store; then the whole request goes to a decode instance, which loads
+that KV instead of computing it. A prefill that fails only costs time: the decode instance then
+computes the prompt itself. A backend that dies mid-stream ends the client's stream with an error
+event; one that is up but silent ends it after `timeout` seconds. Nothing waits forever.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from inferlab.router.backends import Backend, health_loop, prefix_keys
+from inferlab.router.policy import RoutingPolicy
+
+log = logging.getLogger("inferlab")
+
+
+class NoBackend(Exception):
+    """No healthy backend could take the request."""
+
+
+class BackendFailed(Exception):
+    """The backend took the request, then failed or fell silent before answering."""
+
+
+def error(status: int, message: str, kind: str = "server_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def sse_error(message: str) -> bytes:
+    return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 502}})}\n\n" \
+           "data: [DONE]\n\n".encode()
+
+
+def prefill_body(body: dict) -> dict:
+    """The request as the prefill instance gets it: one token, not streamed, one choice."""
+    out = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens", "max_completion_tokens")}
+    return {**out, "max_tokens": 1, "stream": False, "n": 1}
+
+
+def build_router_app(backends: list[Backend], policy: RoutingPolicy, prefill: list[Backend] | None = None,
+                     timeout: float = 300.0, health_interval: float = 2.0) -> FastAPI:
+    """`backends` serve whole requests (in P/D mode: the decode instances); `prefill`, if given,
+    computes each prompt first."""
+    prefill = prefill or []
+    everyone = prefill + backends
+    state: dict = {"requests": 0, "failed": 0, "prefill_failed": 0}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        state["client"] = client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=2.0), limits=limits)
+        await asyncio.gather(*(b.check(client, 2.0) for b in everyone))  # a backend down at start: out at once
+        task = asyncio.create_task(health_loop(everyone, client, health_interval))
+        yield
+        task.cancel()
+        await client.aclose()
+
+    app = FastAPI(title="InferLab router", lifespan=lifespan)
+
+    def pick(pool: list[Backend], body: dict, tried: set[int]) -> Backend:
+        live = [b for b in pool if b.healthy and id(b) not in tried]
+        if not live:
+            raise NoBackend
+        return live[policy.choose(prefix_keys(body), live)]
+
+    async def send(pool: list[Backend], body: dict, path: str, headers: dict) -> tuple[Backend, httpx.Response]:
+        """Open the request on a backend the policy picks, another if that one cannot be reached."""
+        client: httpx.AsyncClient = state["client"]
+        tried: set[int] = set()
+        while True:
+            backend = pick(pool, body, tried)
+            tried.add(id(backend))
+            backend.requests += 1
+            backend.in_flight += 1
+            try:
+                req = client.build_request("POST", backend.url + path, json=body, headers=headers)
+                return backend, await client.send(req, stream=True)
+            except httpx.HTTPError as e:
+                backend.in_flight -= 1
+                backend.errors += 1
+                if not isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    raise BackendFailed(f"backend {backend.url} failed: {type(e).__name__}") from None
+                backend.mark(False, f"{type(e).__name__}: {e}")  # nothing reached it: safe to try another
+
+    async def run_prefill(body: dict, path: str, headers: dict) -> Response | None:
+        """The P/D prefill; a client error (4xx) is returned as is, anything else lets decode go on."""
+        try:
+            backend, resp = await send(prefill, prefill_body(body), path, headers)
+        except (NoBackend, BackendFailed) as e:
+            state["prefill_failed"] += 1
+            log.warning("no prefill (%s); the decode instance computes the prompt", e or "no backend is up")
+            return None
+        try:
+            content = await resp.aread()
+        except httpx.HTTPError as e:
+            backend.errors += 1
+            state["prefill_failed"] += 1
+            log.warning("prefill on %s failed (%s); the decode instance computes the prompt", backend.url, e)
+            return None
+        finally:
+            backend.in_flight -= 1
+            await resp.aclose()
+        if 400 <= resp.status_code < 500:
+            return Response(content, resp.status_code, media_type="application/json")
+        if resp.status_code != 200:
+            backend.errors += 1
+            state["prefill_failed"] += 1
+        return None
+
+    async def proxy(raw: Request, path: str) -> Response:
+        state["requests"] += 1
+        try:
+            body = await raw.json()
+        except ValueError:
+            return error(400, "the request body is not valid JSON", "invalid_request_error")
+        if not isinstance(body, dict):
+            return error(400, "the request body must be a JSON object", "invalid_request_error")
+        headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
+        if prefill:
+            refused = await run_prefill(body, path, headers)
+            if refused is not None:
+                return refused
+        try:
+            backend, resp = await send(backends, body, path, headers)
+        except NoBackend:
+            state["failed"] += 1
+            return error(503, "no backend is available (all are down or unreachable)")
+        except BackendFailed as e:
+            state["failed"] += 1
+            return error(502, str(e))
+        if not body.get("stream") or resp.status_code != 200:
+            try:
+                content = await resp.aread()
+            except httpx.HTTPError as e:
+                backend.errors += 1
+                state["failed"] += 1
+                return error(502, f"backend {backend.url} failed mid-request: {type(e).__name__}")
+            finally:
+                backend.in_flight -= 1
+                await resp.aclose()
+            return Response(content, resp.status_code, media_type=resp.headers.get("content-type"))
+        return StreamingResponse(relay(backend, resp), media_type="text/event-stream")
+
+    async def relay(backend: Backend, resp: httpx.Response):
+        """Pass the stream through event by event; if the backend dies, end it with an error event."""
+        buf = b""
+        try:
+            async for chunk in resp.aiter_raw():
+                buf += chunk
+                cut = buf.rfind(b"\n\n") + 2
+                if cut > 1:
+                    yield buf[:cut]
+                    buf = buf[cut:]
+        except httpx.HTTPError as e:  # died or fell silent mid-stream: a half event is dropped
+            backend.errors += 1
+            state["failed"] += 1
+            backend.mark(False, f"stream broke: {type(e).__name__}")
+            yield sse_error(f"backend {backend.url} failed mid-stream: {type(e).__name__}")
+        finally:
+            backend.in_flight -= 1
+            await resp.aclose()
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request) -> Response:
+        return await proxy(raw, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request) -> Response:
+        return await proxy(raw, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models(raw: Request) -> Response:
+        headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
+        for b in [b for b in backends if b.healthy]:
+            try:
+                resp = await state["client"].get(f"{b.url}/v1/models", headers=headers, timeout=5.0)
+                return Response(resp.content, resp.status_code, media_type="application/json")
+            except httpx.HTTPError:
+                b.mark(False, "/v1/models failed")
+        return error(503, "no backend is available (all are down or unreachable)")
+
+    @app.get("/health")
+    async def health() -> Response:
+        up = any(b.healthy for b in backends)
+        return JSONResponse({"status": "ok" if up else "no backend", "backends": {b.url: b.healthy for b in everyone}},
+                            status_code=200 if up else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        lines = [f"inferlab_router_requests_total {state['requests']}",
+                 f"inferlab_router_failed_total {state['failed']}",
+                 f"inferlab_router_prefill_failed_total {state['prefill_failed']}"]
+        for name, value in (("up", lambda b: int(b.healthy)), ("in_flight", lambda b: b.in_flight),
+                            ("requests_total", lambda b: b.requests), ("errors_total", lambda b: b.errors)):
+            lines.append(f"# TYPE inferlab_router_backend_{name} {'counter' if 'total' in name else 'gauge'}")
+            lines += [f'inferlab_router_backend_{name}{{backend="{b.url}",role="{b.role}"}} {value(b)}'
+                      for b in everyone]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def serve_router(backends: list[str], prefill: list[str], decode: list[str], policy: str = "round_robin",
+                 host: str = "127.0.0.1", port: int = 8080, timeout: float = 300.0,
+                 health_interval: float = 2.0) -> None:
+    """`inferlab router`: --backend URLs, or P/D mode's --prefill and --decode URLs."""
+    import uvicorn
+
+    from inferlab.router.policy import make_policy
+    if backends and (prefill or decode):
+        raise ValueError("give either --backend URLs, or --prefill and --decode URLs (P/D mode), not both")
+    if not backends and not (prefill and decode):
+        raise ValueError("give --backend URL (repeatable), or both --prefill URL and --decode URL")
+    route = make_policy(policy)
+    serving = [Backend(u) for u in backends] or [Backend(u, "decode") for u in decode]
+    app = build_router_app(serving, route, [Backend(u, "prefill") for u in prefill], timeout, health_interval)
+    log.info("routing on http://%s:%d to %s (%s)", host, port, ", ".join(backends) if backends else
+             f"prefill {', '.join(prefill)} then decode {', '.join(decode)}", policy)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

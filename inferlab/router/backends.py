@@ -1,0 +1,68 @@
+"""Backend: one `inferlab serve` instance behind the router — its URL, whether it answers its
+health check, and the router's own counts of what it sent there. `load` (requests in flight) is
+what the least-loaded and prefix-aware policies compare."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import httpx
+
+from inferlab.block_hash import block_hash
+
+log = logging.getLogger("inferlab")
+
+PREFIX_CHUNK = 128  # bytes of prompt text per prefix key
+PREFIX_BLOCKS = 16  # keys for the first this many chunks: prompts that share 2 KiB share a home
+
+
+class Backend:
+    def __init__(self, url: str, role: str = "serve") -> None:
+        self.url = url.rstrip("/")
+        self.role = role  # serve, prefill or decode
+        self.healthy = True
+        self.in_flight = 0
+        self.requests = self.errors = 0
+
+    @property
+    def load(self) -> int:
+        return self.in_flight
+
+    def mark(self, healthy: bool, why: str = "") -> None:
+        if healthy != self.healthy:
+            if healthy:
+                log.info("backend %s is back", self.url)
+            else:
+                log.warning("backend %s is out of rotation: %s", self.url, why)
+        self.healthy = healthy
+
+    async def check(self, client: httpx.AsyncClient, timeout: float) -> None:
+        try:
+            ok = (await client.get(f"{self.url}/health", timeout=timeout)).status_code == 200
+            self.mark(ok, "its health check failed")
+        except httpx.HTTPError as e:
+            self.mark(False, f"{type(e).__name__}: {e}")
+
+
+async def health_loop(backends: Sequence[Backend], client: httpx.AsyncClient, interval: float) -> None:
+    """Check every backend each `interval` seconds: a dead one leaves the rotation, a live one returns."""
+    while True:
+        await asyncio.gather(*(b.check(client, min(interval, 2.0)) for b in backends))
+        await asyncio.sleep(interval)
+
+
+def prefix_keys(body: dict) -> list[bytes]:
+    """The chain hashes of the prompt's first blocks: its text (a completion's prompt, or a chat's
+    messages in order) in chunks of PREFIX_CHUNK bytes, each key naming the chunk and all before it.
+    The router does not tokenize, so these are blocks of text, not the engine's token blocks."""
+    if "messages" in body:
+        text = "".join(f"{m.get('role')}\n{m.get('content')}\n" for m in body["messages"] if isinstance(m, dict))
+    else:
+        prompt = body.get("prompt")
+        text = prompt if isinstance(prompt, str) else str(prompt[0] if isinstance(prompt, list) and prompt else "")
+    data = text.encode()[:PREFIX_CHUNK * PREFIX_BLOCKS]
+    keys: list[bytes] = []
+    for i in range(0, len(data), PREFIX_CHUNK):
+        keys.append(block_hash(keys[-1] if keys else None, data[i:i + PREFIX_CHUNK]))
+    return keys

@@ -1,0 +1,242 @@
+"""The router on real servers: policies spread requests and /metrics counts them, a backend down at
+start is skipped and joins when it comes up, P/D through the router gives a single instance's
+output (streamed and not) with the decode instance computing only each prompt's last token, and a
+decode instance killed mid-stream ends the client's stream with an error, not a hang."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import uvicorn
+from kv_store import free_port, redis_server
+
+from inferlab.async_engine import AsyncEngine
+from inferlab.config import EngineConfig
+from inferlab.engine import LLMEngine
+from inferlab.router.app import build_router_app
+from inferlab.router.backends import Backend
+from inferlab.router.policy import make_policy
+from inferlab.server.serve import build_server_app
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village, there lived",
+           "List three prime numbers:", "The quick brown fox jumps over the lazy dog, and then"]
+
+
+def bound_socket(port: int = 0) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))  # bound before the server starts: no free-port race
+    return sock
+
+
+@contextmanager
+def serving(app, sock: socket.socket) -> Iterator[str]:
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@contextmanager
+def instance(tiny, sock: socket.socket | None = None, **config) -> Iterator[tuple[str, AsyncEngine]]:
+    config.setdefault("num_kv_blocks", 256)
+    engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=tiny))
+    try:
+        with serving(build_server_app(engine, "tiny"), sock or bound_socket()) as url:
+            yield url, engine
+    finally:
+        engine.shutdown()
+        engine.engine.shutdown()
+
+
+@contextmanager
+def router(backends: list[str], policy: str = "round_robin", prefill: list[str] = (), **kw) -> Iterator[str]:
+    app = build_router_app([Backend(u, "decode" if prefill else "serve") for u in backends], make_policy(policy),
+                           [Backend(u, "prefill") for u in prefill], **kw)
+    with serving(app, bound_socket()) as url:
+        yield url
+
+
+def complete(url: str, prompt: str, stream: bool = False, max_tokens: int = 12, timeout: float = 60) -> dict:
+    """One greedy completion: the JSON answer, or for a stream {"text", "error", "chunks"}."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    if not stream:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
+        return {"status": r.status_code, **r.json()}
+    text, error, chunks = "", None, 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]
+            else:
+                text += event["choices"][0]["text"]
+                chunks += 1
+    return {"text": text, "error": error, "chunks": chunks}
+
+
+def metrics(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def check_empty(engine: AsyncEngine) -> LLMEngine:
+    def check() -> LLMEngine:
+        engine.engine.check_integrity()
+        assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
+        return engine.engine
+    return asyncio.run(engine.run(check))
+
+
+def test_policies_spread_requests_and_metrics_count_them(tiny):
+    with instance(tiny) as (a, _), instance(tiny) as (b, _):
+        direct = [complete(a, p)["choices"][0]["text"] for p in PROMPTS[:4]]
+        with router([a, b], "round_robin") as r:
+            assert [complete(r, p)["choices"][0]["text"] for p in PROMPTS[:4]] == direct
+            m = metrics(r)
+            assert m[f'inferlab_router_backend_requests_total{{backend="{a}",role="serve"}}'] == 2
+            assert m[f'inferlab_router_backend_requests_total{{backend="{b}",role="serve"}}'] == 2
+            assert m[f'inferlab_router_backend_in_flight{{backend="{a}",role="serve"}}'] == 0
+        with router([a, b], "prefix") as r:  # one prefix, one home
+            for p in PROMPTS[:3]:
+                assert complete(r, "You are a helpful assistant. " * 12 + p)["status"] == 200
+            counts = [metrics(r)[f'inferlab_router_backend_requests_total{{backend="{u}",role="serve"}}']
+                      for u in (a, b)]
+            assert sorted(counts) == [0, 3]
+
+
+def test_backend_down_at_start_is_skipped_then_rejoins(tiny):
+    sock = bound_socket()  # reserved, not listening yet: connections are refused
+    down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with instance(tiny) as (a, _), router([down, a], "round_robin", health_interval=0.3) as r:
+        t = time.monotonic()
+        assert all(complete(r, p)["status"] == 200 for p in PROMPTS)
+        assert complete(r, PROMPTS[0], stream=True)["error"] is None
+        assert time.monotonic() - t < 30
+        m = metrics(r)
+        assert m[f'inferlab_router_backend_up{{backend="{down}",role="serve"}}'] == 0
+        assert m[f'inferlab_router_backend_requests_total{{backend="{a}",role="serve"}}'] == len(PROMPTS) + 1
+        with instance(tiny, sock) as (back, _):
+            deadline = time.monotonic() + 10
+            while metrics(r)[f'inferlab_router_backend_up{{backend="{back}",role="serve"}}'] == 0:
+                assert time.monotonic() < deadline, "the backend did not rejoin"
+                time.sleep(0.1)
+            for p in PROMPTS[:4]:
+                assert complete(r, p)["status"] == 200
+            assert metrics(r)[f'inferlab_router_backend_requests_total{{backend="{back}",role="serve"}}'] >= 1
+
+
+def test_pd_through_the_router_equals_a_single_instance(tiny):
+    with redis_server() as (url, _):
+        kv = {"kv_connector": "RedisConnector", "kv_connector_extra_config": {"url": url}}
+        with instance(tiny) as (single, _), \
+                instance(tiny, kv_transfer_config={**kv, "kv_role": "kv_producer"}) as (p, pe), \
+                instance(tiny, kv_transfer_config={**kv, "kv_role": "kv_consumer"}) as (d, de), \
+                router([d], prefill=[p]) as r:
+            for stream in (False, True):
+                want = [complete(single, q, stream) for q in PROMPTS]
+                got = [complete(r, q, stream) for q in PROMPTS]
+                if stream:
+                    assert [g["text"] for g in got] == [w["text"] for w in want]
+                    assert all(g["error"] is None and g["chunks"] > 1 for g in got)
+                else:
+                    assert [g["choices"][0]["text"] for g in got] == [w["choices"][0]["text"] for w in want]
+                    assert [g["usage"]["prompt_tokens_details"]["cached_tokens"] for g in got] == \
+                           [g["usage"]["prompt_tokens"] - 1 for g in got]
+            decode = check_empty(de)
+            assert decode.num_prompt_tokens == 2 * len(PROMPTS)  # only each prompt's last token
+            assert check_empty(pe).num_prompt_tokens > 0
+
+
+def test_decode_killed_mid_stream_is_an_error_not_a_hang(tiny):
+    """P/D mode, the decode instance a real `inferlab serve` process (the embedded model) killed
+    while it streams (the prefill instance has no store here: it only computes the prompt)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "inferlab.cli", "serve", "--port", str(port), "--dtype",
+                             "float32", "--num-kv-blocks", "128", "--max-model-len", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "inferlab serve did not start"
+            time.sleep(0.2)
+        with instance(tiny) as (prefill, _), router([url], prefill=[prefill], health_interval=0.5) as r:
+            body = {"prompt": "Count from one to a thousand: one, two,", "max_tokens": 400, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            t, chunks, error = time.monotonic(), 0, None
+            with httpx.stream("POST", f"{r}/v1/completions", json=body, timeout=30) as resp:
+                for line in resp.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"]["message"]
+                        continue
+                    chunks += 1
+                    if chunks == 3:
+                        proc.send_signal(signal.SIGKILL)
+            assert chunks >= 3 and error is not None and "failed mid-stream" in error
+            assert time.monotonic() - t < 30
+            # the dead backend is out of rotation: the next request fails at once, clearly
+            answer = httpx.post(f"{r}/v1/completions", json={**body, "stream": False}, timeout=30)
+            assert answer.status_code == 503 and "no backend" in answer.json()["error"]["message"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --backend URL"),
+    (["--prefill", "http://127.0.0.1:1"], "give --backend URL (repeatable), or both"),
+    (["--backend", "http://a", "--decode", "http://b"], "not both"),
+])
+def test_router_command_line_errors_are_one_line(args, message, capsys):
+    from inferlab.cli import main
+    assert main(["router", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_simulator_and_router_share_one_policy_definition():
+    from inferlab.sim.router import ROUTERS
+    assert ROUTERS["prefix_aware"] is make_policy("prefix").__class__
+    targets = [Backend("http://a"), Backend("http://b")]
+    policy = make_policy("prefix")
+    targets[0].in_flight = 1
+    home = policy.choose(["k1", "k2"], targets)
+    assert home == 1  # a new prefix: the least loaded
+    assert policy.choose(["k1", "k2", "k3"], targets) == 1  # the longest known prefix keeps its home
+    assert policy.choose(["k1", "k2"], targets[:1]) == 0  # its home gone from the targets: another

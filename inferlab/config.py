@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from inferlab.model.layers.linear import QUANTIZATIONS
 from inferlab.policy import resolve_policy
+from inferlab.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
@@ -63,6 +64,10 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
+    # Speculative decoding (`inferlab.spec_decode`): vLLM's dict, its JSON, or a SpeculativeConfig;
+    # None: off. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4} or
+    # {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}
+    speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -115,5 +120,8 @@ class EngineConfig:
         if tp > 1 and self.preemption_mode == "swap":
             raise ValueError("preemption_mode 'swap' needs tensor_parallel_size 1: each rank holds its own share "
                              "of the KV pool")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if tp > 1 and self.speculative_config is not None:
+            raise ValueError("speculative_config needs tensor_parallel_size 1")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"master_port must be in [1, 65535], got {self.master_port}")

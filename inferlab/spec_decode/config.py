@@ -26,7 +26,8 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int | None = None  # ngram: the shortest suffix worth matching
     prompt_lookup_max: int | None = None  # ngram: the longest suffix tried first
-    model: str | None = None  # draft_model: a GGUF file or HF folder sharing the target's tokenizer
+    # draft_model: a GGUF file or HF folder sharing the target's tokenizer ("embedded": the embedded GGUF)
+    model: str | None = None
     quantization: str = "auto"  # draft_model: its weights, as EngineConfig.quantization
     int8_activations: bool = False  # draft_model: as EngineConfig.int8_activations
     # Speculation stops while more requests than this decode in one step: a batch that large already

@@ -26,7 +26,8 @@ class DraftModelProposer(Proposer):
     def __init__(self, config: SpeculativeConfig, vocab_size: int, dtype: torch.dtype, device: torch.device,
                  num_blocks: int, block_size: int, native: bool = True, fused: bool = True, loaded=None) -> None:
         """`loaded`: an already loaded (model, tokenizer) to draft with, instead of `config.model`."""
-        self.model, _ = loaded or load_model(config.model, str(dtype).removeprefix("torch."), device,
+        path = None if config.model == "embedded" else config.model  # the embedded GGUF, as EngineConfig(model=None)
+        self.model, _ = loaded or load_model(path, str(dtype).removeprefix("torch."), device,
                                              config.quantization, config.int8_activations)
         if self.model.args.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary ({self.model.args.vocab_size} tokens) differs from "

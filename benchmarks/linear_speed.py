@@ -1,7 +1,7 @@
 """Speed of the linear kernel per weight type and row count, against PyTorch's matmul on the same
 (dequantized) weights: the embedded model's layer shapes, fastest of several runs.
 
-    .venv/bin/python benchmarks/linear_speed.py [--isa avx2] [--threads 2] [--types f32,q4_1] [--rows 1,16,64,512]
+    .venv/bin/python benchmarks/linear_speed.py [--isa avx2] [--threads 2] [--types f32,q4_1] [--rows 1,16,64,512] [--int8]
 
 Prints, per (type, rows): ms per call for the 120 layer matmuls of one step (qkv, o, gate/up, down
 of 30 layers), the GFLOP/s that makes, the weight bytes read per second, and PyTorch's fp32 time.
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16,64,256")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--int8", action="store_true", help="int8 activations where the weight type has them")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the process's CPU seconds (with --threads 1: what a kernel costs on a busy machine)")
     a = ap.parse_args()
@@ -66,7 +67,7 @@ def main() -> None:
 
             def ours(calls=calls, wtype=wtype):
                 for x, w, _ in calls:
-                    linear(x, w, wtype)
+                    linear(x, w, wtype, int8=a.int8)
 
             def theirs(calls=calls):
                 for x, _, d in calls:

@@ -137,11 +137,21 @@ def test_a_size_that_does_not_divide_is_one_clear_error(heads, kv_heads, inter, 
         ranks(2, lambda: LlamaForCausalLM(args))
 
 
+def test_mla_is_refused_under_tensor_parallelism():
+    """MLA's pool holds one latent "head" a token: nothing to split by heads, so DeepSeek says so at build."""
+    from inferlab.model.deepseek import DeepseekForCausalLM
+    args = ModelArgs(arch="deepseek_v2", hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=8,
+                     intermediate_size=64, vocab_size=16, max_position=32)
+    with pytest.raises(ValueError, match="tensor parallelism does not split MLA's latent KV cache"):
+        ranks(2, lambda: DeepseekForCausalLM(args))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"tensor_parallel_size": 0}, "tensor_parallel_size must be an integer >= 1"),
     ({"tensor_parallel_size": 2, "nnodes": 3}, "nnodes must divide tensor_parallel_size 2"),
     ({"tensor_parallel_size": 2, "nnodes": 2, "node_rank": 2}, r"node_rank must be in \[0, nnodes 2\)"),
     ({"tensor_parallel_size": 2, "master_port": 70000}, "master_port must be in"),
+    ({"tensor_parallel_size": 2, "preemption_mode": "swap"}, "preemption_mode 'swap' needs tensor_parallel_size 1"),
 ])
 def test_bad_parallel_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -27,7 +27,7 @@ def main() -> None:
             if events or step == 1:
                 print(f"step {step:2}: {pool(eng)}  {', '.join(events)}")
         results[mode] = texts(run(eng, show, a.record if mode == "recompute" else None))
-        snap = eng.snapshot()
+        snap = eng.snapshot(detail=True)  # the cached-block count needs a pass over the pool
         print(f"finished {len(results[mode])} requests, {eng.scheduler.num_preemptions} preemptions, "
               f"{eng.num_prompt_tokens} prompt tokens computed, {snap.get('swapped_out', 0)} blocks swapped out; "
               f"pool at the end: {pool(eng)} ({snap['kv']['cached_free']} blocks still cached)\n")

@@ -29,7 +29,8 @@ def show_tree(eng, depth_limit: int = 6) -> None:
             print(f"  {'  ' * depth}block {child.block_id:2} {text[:40]!r}{more}")
             if depth + 1 < depth_limit:
                 walk(child, depth + 1)
-    walk(eng.block_manager.root, 0)
+    for root in eng.block_manager.roots.values():  # one root per model and cache salt
+        walk(root, 0)
 
 
 def main() -> None:

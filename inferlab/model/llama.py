@@ -54,8 +54,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, self_attn: nn.Module | None = None, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = self_attn if self_attn is not None else Attention(args)
-        self.mlp = mlp if mlp is not None else MLP(args.hidden_size, args.intermediate_size,
-                                                   ColumnParallelLinear, RowParallelLinear)
+        if mlp is None:
+            current_group().split(args.intermediate_size, "intermediate size")  # the error names the model's size
+            mlp = MLP(args.hidden_size, args.intermediate_size, ColumnParallelLinear, RowParallelLinear)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 

@@ -329,3 +329,24 @@ def test_experiment_smoke_run(tmp_path):
     rows = table_rows(run_smoke("spec_decode", tmp_path))
     assert {r[1] for r in rows} == {"off", "ngram", "draft Q4_1"}
     assert all(r[-1] in ("yes", "-") for r in rows)  # greedy output unchanged in every configuration
+
+
+def test_server_streams_several_tokens_a_step(tiny):
+    """Through the OpenAI server: a streamed completion with speculation equals the offline greedy text,
+    chunks carry several tokens (with their logprobs), and /metrics counts drafts."""
+    import httpx
+    from test_server import running_server, sse_data
+    prompt = PROMPTS[0]
+    want = run(engine(tiny), [prompt], GREEDY)[0]
+    with running_server(tiny, speculative_config=NGRAM) as server:
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 40, "temperature": 0,
+                "ignore_eos": True, "stream": True, "logprobs": 1}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            chunks = [c for c in sse_data(r.iter_lines()) if c != "[DONE]"]
+        tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == tiny[1].decode(want)
+        assert len(tokens) == len(want) and max(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks) > 1
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "inferlab:spec_decode_num_accepted_tokens " in metrics
+        assert "inferlab:spec_decode_num_accepted_tokens 0\n" not in metrics
+        server.check_engine()

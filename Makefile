@@ -32,7 +32,7 @@ bench: setup
 # The scheduling lab: each script writes experiments/results/<name>.md and .png (about 30 minutes
 # on 2 cores); `EXPERIMENT_ARGS=--smoke` for the quick version CI runs.
 EXPERIMENTS := kv_waste policies prefix_cache chunked_prefill memory_pressure block_size fidelity preemption \
-	moe_mla
+	moe_mla spec_decode
 experiments: setup
 	@for e in $(EXPERIMENTS); do echo "== $$e"; $(BIN)/python experiments/$$e.py $(EXPERIMENT_ARGS) || exit 1; done
 

@@ -36,6 +36,10 @@ class Paged:
         the cache and `num_new` scheduled this step."""
         return num_new
 
+    def trim(self, req: Request) -> None:
+        """Called after `req`'s drafts were verified: give back the blocks only rejected ones used."""
+        self.block_manager.trim(req)
+
     def check_integrity(self, live: list[Request]) -> None:
         pass
 
@@ -71,6 +75,9 @@ class Reserve(Paged):
 
     def admit_tokens(self, req: Request, num_computed: int, num_new: int) -> int:
         return req.num_prompt_tokens + req.max_tokens - num_computed
+
+    def trim(self, req: Request) -> None:
+        """Nothing: the blocks past a request's tokens are its reservation, kept to the end."""
 
     def check_integrity(self, live: list[Request]) -> None:
         if self.reserved != sum(self.reservation(r) for r in live) or self.holders != len(live):

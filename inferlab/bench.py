@@ -31,11 +31,16 @@ def make_workload(name: str) -> dict:
     return {"name": name, "requests": requests}
 
 
-def load_workload(name_or_path: str) -> dict:
+def load_workload(name_or_path: str, tokenizer=None) -> dict:
+    """A built-in workload by name (the random-token SHAPES, or `edit`: real text, which needs the
+    tokenizer), or a JSON file."""
     if name_or_path in SHAPES:
         return make_workload(name_or_path)
+    if name_or_path == "edit":
+        from inferlab.bench_text import edit_workload
+        return edit_workload(tokenizer)
     if not os.path.exists(name_or_path):
-        raise ValueError(f"unknown workload {name_or_path!r}: use {', '.join(SHAPES)} or a JSON file")
+        raise ValueError(f"unknown workload {name_or_path!r}: use {', '.join(SHAPES)}, edit or a JSON file")
     with open(name_or_path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("requests"), list):
@@ -46,7 +51,8 @@ def load_workload(name_or_path: str) -> dict:
 def run_bench(llm: LLM, workload: dict, use_tqdm: bool = True) -> dict:
     reqs = workload["requests"]
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
-    params = [SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True) for r in reqs]
+    params = [SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=r.get("ignore_eos", True))
+              for r in reqs]
     llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     llm.engine.block_manager.reset_prefix_cache()
     start = time.perf_counter()
@@ -57,7 +63,16 @@ def run_bench(llm: LLM, workload: dict, use_tqdm: bool = True) -> dict:
     return {"workload": workload.get("name", "file"), "requests": len(reqs), "prompt_tokens": prompt_tokens,
             "output_tokens": output_tokens, "seconds": round(seconds, 3),
             "output_tok_s": round(output_tokens / seconds, 2),
-            "total_tok_s": round((prompt_tokens + output_tokens) / seconds, 2)}
+            "total_tok_s": round((prompt_tokens + output_tokens) / seconds, 2), **spec_stats(llm)}
+
+
+def spec_stats(llm: LLM) -> dict:
+    """Speculative decoding's acceptance over the run, when it is on."""
+    spec = llm.engine.snapshot().get("spec_decode")
+    if spec is None:
+        return {}
+    return {"spec_decode": {k: spec[k] for k in ("method", "k", "num_drafts", "num_draft_tokens",
+                                                 "num_accepted_tokens", "acceptance_rate", "mean_accepted_length")}}
 
 
 def run_hf(workload: dict, dtype: str, model_path: str | None = None, mode: str = "static",
@@ -117,13 +132,13 @@ def run_latency(llm: LLM, input_len: int = 128, output_len: int = 128, repeats: 
         engine.add_request(f"latency-{i}", prompt, params)
         start = time.perf_counter()
         engine.step()
-        first = time.perf_counter()
-        steps = 0
+        first, generated = time.perf_counter(), engine.num_generation_tokens
         while engine.has_unfinished_requests():
             engine.step()
-            steps += 1
         best_ttft = min(best_ttft, first - start)
-        best_tpot = min(best_tpot, (time.perf_counter() - first) / max(steps, 1))
+        # per token, not per step: a speculative step can emit several
+        tokens = engine.num_generation_tokens - generated
+        best_tpot = min(best_tpot, (time.perf_counter() - first) / max(tokens, 1))
     return {"input_len": input_len, "output_len": output_len, "ttft_ms": round(best_ttft * 1000, 2),
             "tpot_ms": round(best_tpot * 1000, 2), "decode_tok_s": round(1 / best_tpot, 1),
-            "prefill_tok_s": round(input_len / best_ttft, 1)}
+            "prefill_tok_s": round(input_len / best_ttft, 1), **spec_stats(llm)}

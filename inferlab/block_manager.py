@@ -153,6 +153,19 @@ class BlockManager:
             if req.num_computed_tokens >= (len(req.block_hashes) + 1) * bs:
                 self.cache_full_blocks(req)
 
+    def trim(self, req: Request) -> None:
+        """Free the blocks at the end of `req`'s table that its tokens do not reach: after drafts were
+        rejected, they held only those drafts' K/V. Such blocks were never registered (a block is
+        cached once all its tokens are computed and kept), so no cache entry goes with them."""
+        keep = self.blocks_needed(req.num_tokens)
+        for block_id in reversed(req.block_table[keep:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                self.free_queue.move_to_end(block_id, last=False)
+        del req.block_table[keep:]
+
     def free(self, req: Request) -> None:
         # Tail blocks first, so the end of a prefix is evicted before its beginning.
         for block_id in reversed(req.block_table):

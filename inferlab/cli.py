@@ -57,6 +57,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "every 2 s)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step op by op through the Python model (no one-call decode step)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4}\' or \'{"method": "draft_model", "model": PATH, '
+                        '"num_speculative_tokens": 4}\'')
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split every layer and the KV pool across N processes (ranks): one per GPU, or sharing "
                         "the cores; with --nnodes, across hosts")
@@ -113,7 +117,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager,
                         tensor_parallel_size=a.tensor_parallel_size, nnodes=a.nnodes, node_rank=a.node_rank,
                         master_addr=a.master_addr, master_port=a.master_port,
-                        kv_transfer_config=a.kv_transfer_config, **kv_mode_config(a))
+                        kv_transfer_config=a.kv_transfer_config, speculative_config=a.speculative_config,
+                        **kv_mode_config(a))
 
 
 def add_record_arg(p: argparse.ArgumentParser) -> None:
@@ -285,7 +290,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
         from inferlab.bench import run_latency
         print(json.dumps({**run_latency(llm, a.input_len, a.output_len), **tensor_parallel_stats(llm)}))
         return
-    workload = load_workload(a.workload)
+    workload = load_workload(a.workload, llm.get_tokenizer())
     with recording(llm.engine, a.record):
         result = run_bench(llm, workload, use_tqdm=not a.no_progress)
     result["dtype"] = str(llm.engine.dtype).removeprefix("torch.")
@@ -384,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "running server; last line is JSON",
                        description="Offline throughput of the engine on a reference workload; `inferlab bench serve "
                                    "--help` for the load generator against a running server.")
-    b.add_argument("--workload", default="cpu", help="small, cpu, nano or a JSON file")
+    b.add_argument("--workload", default="cpu", help="small, cpu, nano (random token ids), edit (real text: edit a "
+                   "passage given in the prompt) or a JSON file")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--compare", choices=["hf"], default=None,
                    help="also run the workload through HF transformers generate, same dtype, and print the ratio")

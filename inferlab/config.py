@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from inferlab.kv_transfer.config import KVTransferConfig
 from inferlab.model.layers.linear import QUANTIZATIONS
 from inferlab.policy import resolve_policy
+from inferlab.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
@@ -67,6 +68,10 @@ class EngineConfig:
     # vLLM's --kv-transfer-config (a dict, its JSON text, or a KVTransferConfig): a KV connector that
     # loads prefixes from, and saves them to, a store shared by instances (`inferlab.kv_transfer`)
     kv_transfer_config: KVTransferConfig | dict | str | None = None
+    # Speculative decoding (`inferlab.spec_decode`): vLLM's dict, its JSON, or a SpeculativeConfig;
+    # None: off. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4} or
+    # {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}
+    speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -124,5 +129,11 @@ class EngineConfig:
             if tp > 1:
                 raise ValueError("kv_transfer_config needs tensor_parallel_size 1: each rank holds its own share "
                                  "of the KV pool")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if tp > 1 and self.speculative_config is not None:
+            raise ValueError("speculative_config needs tensor_parallel_size 1")
+        if self.speculative_config is not None and self.kv_transfer_config is not None:
+            raise ValueError("speculative_config and kv_transfer_config do not run together yet: a step's blocks "
+                             "are saved before its drafts are verified")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"master_port must be in [1, 65535], got {self.master_port}")

@@ -32,9 +32,10 @@ from inferlab.policy import make_queue
 from inferlab.radix_cache import PREFIX_CACHES
 from inferlab.request import Request, RequestStatus
 from inferlab.runner import ModelRunner, kv_bytes_per_block
-from inferlab.sampler import request_generator
+from inferlab.sampler import SampleResult, request_generator
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
+from inferlab.spec_decode.speculator import Speculator
 from inferlab.threads import ThreadGovernor
 
 log = logging.getLogger("inferlab")
@@ -58,10 +59,13 @@ def default_kv_cache_memory(device: torch.device) -> int:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic,
-                 loaded: tuple[LlamaForCausalLM, Tokenizer] | None = None) -> None:
+                 loaded: tuple[LlamaForCausalLM, Tokenizer] | None = None,
+                 draft_loaded: tuple[LlamaForCausalLM, Tokenizer] | None = None) -> None:
         """`loaded` passes an already loaded (model, tokenizer) to share read-only weights
-        between engines (tests, experiments); otherwise `config.model` is loaded."""
+        between engines (tests, experiments); otherwise `config.model` is loaded. `draft_loaded`
+        does the same for a speculative draft model."""
         self.config = config
+        self.draft_loaded = draft_loaded
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)  # a process-wide setting: the model is its main user
         tp, executor = config.tensor_parallel_size, None
@@ -126,6 +130,8 @@ class LLMEngine:
         self.kv_connector = None if kv is None else make_connector(kv, self.runner, self.block_manager, (
             f"{self.block_manager.model}:{args.num_layers}x{args.num_kv_heads}x{args.head_dim}x{config.block_size}"))
         self.scheduler.connector = self.kv_connector
+        spec = config.speculative_config
+        self.speculator = Speculator.build(spec, self, self.draft_loaded) if spec is not None else None
         if config.attention_backend == "native" and self.runner.native is None:
             raise ValueError("attention_backend 'native' needs a CPU device, float32 or bfloat16, and a C "
                              "compiler (see the log for why the kernel did not build)")
@@ -209,6 +215,8 @@ class LLMEngine:
         kv = self.kv_connector
         if kv is not None:  # KV loaded since the last step: those requests join this one
             self.scheduler.finish_loads(kv.get_finished().recving)
+        if self.speculator is not None:  # drafts for some decodes, verified by this step
+            self.speculator.propose(self.scheduler.running)
         out = self.scheduler.schedule()
         self.host_pool.copy(out.swap_out, out.swap_in)  # before the model reads or overwrites those blocks
         self.last_step_tokens = out.num_tokens
@@ -229,18 +237,19 @@ class LLMEngine:
             outputs.append(self._make_output(req, [], error))
             self._forget(req)
         self.num_prompt_tokens += sum(n for r, n in out.scheduled if r.num_computed_tokens < r.num_prompt_tokens)
-        self.scheduler.update_from_output(out, {rid: res.token_id for rid, res in results.items()})
+        if self.speculator is not None:
+            for req, _ in out.scheduled:
+                if req.spec_token_ids and req.request_id in results:
+                    self.speculator.observe(req, len(results[req.request_id]))
+        self.scheduler.update_from_output(out, {rid: [r.token_id for r in res] for rid, res in results.items()})
         for req, _ in out.scheduled:
             res = results.get(req.request_id)
             if res is None or req.status is not RequestStatus.RUNNING:
                 continue
-            self.num_generation_tokens += 1
-            if res.top_logprobs is not None:
-                self.logprobs[req.request_id].append({**res.top_logprobs, res.token_id: res.logprob})
-            status = self._check_stop(req, res.token_id)
+            new_ids, status = self._emit(req, res)
             if status is not None:
                 self.scheduler.finish_request(req, status)
-            outputs.append(self._make_output(req, [res.token_id]))
+            outputs.append(self._make_output(req, new_ids))
             if status is not None:
                 self._forget(req)
         if kv is not None and any(o.finished for o in outputs):
@@ -273,12 +282,29 @@ class LLMEngine:
                 failed.append((item[0], f"{type(e).__name__}: {e}"))
         return results, failed
 
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
-        """Apply the stop rules to a new token; a stopping token's own text is not output
-        (unless a stop id with include_stop_str_in_output), as in vLLM."""
+    def _emit(self, req: Request, results: list[SampleResult]) -> tuple[list[int], RequestStatus | None]:
+        """Take this step's new tokens (already appended) through logprobs and the stop rules, one
+        by one: several arrive at once after verified drafts, and those after a stop are dropped."""
+        first = req.num_output_tokens - len(results)  # output tokens before this step
+        status = None
+        for j, res in enumerate(results):
+            self.num_generation_tokens += 1
+            if res.top_logprobs is not None:
+                self.logprobs[req.request_id].append({**res.top_logprobs, res.token_id: res.logprob})
+            status = self._check_stop(req, res.token_id, first + j + 1)
+            if status is not None:
+                if j + 1 < len(results):
+                    del req.token_ids[len(req.token_ids) - len(results) + j + 1:]
+                    req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens)
+                return [r.token_id for r in results[:j + 1]], status
+        return [r.token_id for r in results], status
+
+    def _check_stop(self, req: Request, token: int, num_output: int) -> RequestStatus | None:
+        """Apply the stop rules to a new token, the `num_output`-th of the request; a stopping
+        token's own text is not output (unless a stop id with include_stop_str_in_output), as in vLLM."""
         detok = self.detokenizers[req.request_id]
         p = req.params
-        may_stop = req.num_output_tokens >= p.min_tokens
+        may_stop = num_output >= p.min_tokens
         if may_stop and token in self.eos_token_ids and not p.ignore_eos:
             return RequestStatus.FINISHED_STOPPED
         if may_stop and p.stop_token_ids and token in p.stop_token_ids:
@@ -291,7 +317,7 @@ class LLMEngine:
         if may_stop and detok.stops and (stop := detok.find_stop(len(detok.text) - before)) is not None:
             req.stop_reason = stop
             return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens:
+        if num_output >= req.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -318,6 +344,8 @@ class LLMEngine:
         return sum(step[t] for step, t in zip(lps, req.output_token_ids))
 
     def _forget(self, req: Request) -> None:
+        if self.speculator is not None:
+            self.speculator.release(req)
         self.requests.pop(req.request_id, None)
         self.detokenizers.pop(req.request_id, None)
         self.logprobs.pop(req.request_id, None)
@@ -331,6 +359,8 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+        if self.speculator is not None:
+            self.speculator.check_integrity()
 
     def snapshot(self, detail: bool = False) -> dict:
         """The per-step view (see `Scheduler.snapshot`); `detail` adds the block grid, the live
@@ -340,4 +370,6 @@ class LLMEngine:
             snap.update(self.kv_connector.snapshot())
         snap.update(num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
                     last_step_tokens=self.last_step_tokens)
+        if self.speculator is not None:
+            snap["spec_decode"] = self.speculator.snapshot()
         return snap

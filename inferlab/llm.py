@@ -19,13 +19,13 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | str = 2048, enable_prefix_caching: bool = True,
-                 scheduling_policy: str = "fcfs", loaded=None, **kwargs) -> None:
+                 scheduling_policy: str = "fcfs", loaded=None, draft_loaded=None, **kwargs) -> None:
         config = EngineConfig(model=model, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               enable_prefix_caching=enable_prefix_caching,
                               scheduling_policy=scheduling_policy, **kwargs)
-        self.engine = LLMEngine(config, loaded=loaded)
+        self.engine = LLMEngine(config, loaded=loaded, draft_loaded=draft_loaded)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -51,6 +51,10 @@ class Request:
     finish_time: float | None = None
     stop_reason: int | str | None = None
     generator: Any = None  # this request's own torch.Generator for sampling
+    # Speculative decoding: tokens proposed after the last one, verified by the next step (vLLM v1's
+    # name), and the distributions they were drawn from (None: each picked for sure)
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -16,6 +16,7 @@ from inferlab.model.layers import AttentionMetadata, NativeRows, PrefillSeq
 from inferlab.model.layers.attention import prefill_kernel_runs
 from inferlab.request import Request
 from inferlab.sampler import SampleResult, sample
+from inferlab.spec_decode.rejection import sample_rows
 from inferlab.tape import DecodeTape
 
 
@@ -57,6 +58,9 @@ class StepBatch:
     sample: np.ndarray  # [S] bool: this step reaches its last token, so a new token is due
     ids: np.ndarray  # [T] int64 the new tokens, sequence after sequence
     tables: np.ndarray  # [S, W] int32 block tables covering each sequence's tokens, padded with block 0
+    # [S] int64 draft tokens ending each sequence's chunk (speculative decoding): a sequence with
+    # sample set gets logits at its last 1 + spec rows; None when no sequence has any
+    spec: np.ndarray | None = None
 
     @classmethod
     def of(cls, scheduled: list[tuple[Request, int]], block_size: int) -> StepBatch:
@@ -66,12 +70,22 @@ class StepBatch:
         ids = np.empty(int(counts.sum()), dtype=np.int64)
         num_blocks = -(-ends // block_size)
         tables = np.zeros((len(scheduled), int(num_blocks.max())), dtype=np.int32)
+        spec = np.array([len(r.spec_token_ids) for r, _ in scheduled], dtype=np.int64)
         row = 0
         for i, (req, n) in enumerate(scheduled):
-            ids[row:row + n] = req.token_ids[starts[i]:ends[i]]
+            if req.spec_token_ids:  # its chunk ends with drafts, which are not in token_ids yet
+                ids[row:row + n - spec[i]] = req.token_ids[starts[i]:ends[i] - spec[i]]
+                ids[row + n - spec[i]:row + n] = req.spec_token_ids
+            else:
+                ids[row:row + n] = req.token_ids[starts[i]:ends[i]]
             tables[i, :num_blocks[i]] = req.block_table[:num_blocks[i]]
             row += n
-        return cls(counts, starts, ends == np.array([r.num_tokens for r, _ in scheduled]), ids, tables)
+        return cls(counts, starts, ends - spec == np.array([r.num_tokens for r, _ in scheduled]), ids, tables,
+                   spec if spec.any() else None)
+
+    def logit_widths(self) -> np.ndarray:
+        """Rows of logits each sequence with `sample` set gets: 1, or 1 + its drafts."""
+        return 1 + self.spec[self.sample] if self.spec is not None else np.ones(int(self.sample.sum()), np.int64)
 
 
 class ModelRunner:
@@ -124,7 +138,12 @@ class ModelRunner:
         seq_of_row = np.repeat(np.arange(num_seqs), counts)
         positions = np.arange(total) - row_starts[seq_of_row] + starts[seq_of_row]
         slots = tables[seq_of_row, positions // bs].astype(np.int64) * bs + positions % bs
-        sample_rows = (row_starts + counts - 1)[batch.sample].tolist()
+        last = (row_starts + counts - 1)[batch.sample]
+        if batch.spec is None:
+            sample_rows = last.tolist()
+        else:  # a verified sequence: the rows of its last real token and of each draft
+            widths = batch.logit_widths()
+            sample_rows = np.concatenate([np.arange(e - w + 1, e + 1) for e, w in zip(last, widths)]).tolist()
 
         def seq_table(i: int) -> torch.Tensor:
             return torch.from_numpy(tables[i, :num_blocks[i]]).to(dev)
@@ -154,7 +173,7 @@ class ModelRunner:
         return torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), meta, sample_rows
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, SampleResult]:
+    def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, list[SampleResult]]:
         if self.on_execute is not None:
             self.on_execute(scheduled)
         batch = StepBatch.of(scheduled, self.block_size)
@@ -175,11 +194,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, scheduled: list[tuple[Request, int]], batch: StepBatch,
-               logits: torch.Tensor | None) -> dict[str, SampleResult]:
+               logits: torch.Tensor | None) -> dict[str, list[SampleResult]]:
+        """The tokens each request emits: one, or with drafts those accepted plus one."""
         if logits is None:
             return {}
         reqs = [scheduled[i][0] for i in np.flatnonzero(batch.sample)]
-        return {r.request_id: res for r, res in zip(reqs, sample(logits, reqs, self.eos_ids))}
+        if batch.spec is None:
+            return {r.request_id: [res] for r, res in zip(reqs, sample(logits, reqs, self.eos_ids))}
+        results = sample_rows(logits, reqs, batch.logit_widths(), self.eos_ids)
+        return {r.request_id: res for r, res in zip(reqs, results)}
 
     def shutdown(self) -> None:
         """Nothing to stop in this process (the interface a tensor-parallel executor shares)."""

@@ -13,6 +13,7 @@ import torch
 
 from inferlab import kernels
 from inferlab.request import Request
+from inferlab.sampling_params import SamplingParams
 
 
 @dataclass
@@ -88,6 +89,27 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's sampling distribution (float32 logits, one row per params, none greedy): divided
+    by the temperature, then top-k, top-p and min-p, softmaxed."""
+    dev, vocab = logits.device, logits.shape[-1]
+    sub = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    # a top_k past the vocabulary means "all": clamp before it overflows int64
+    top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    if bool((top_k > 0).any() or (top_p < 1).any() or (min_p > 0).any()):
+        sub = filter_logits(sub, top_k, top_p, min_p)
+    return sub.softmax(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from the distribution `probs` [vocab], using only this request's generator.
+    Exponential race: argmax(p / E) with E ~ Exp(1) draws from p."""
+    e = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / e).argmax())
+
+
 def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list[SampleResult]:
     """logits: [len(reqs), vocab], in the model's dtype. One SampleResult per request, in order."""
     if all(r.params.greedy and r.params.logprobs is None and not r.params.has_penalties and not r.params.logit_bias
@@ -107,23 +129,10 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
     tokens = argmax_rows(logits)
     sampled_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=logits.device)
-        sub = logits[rows]
-        dev = logits.device
-        temps = torch.tensor([reqs[i].params.temperature for i in sampled_rows], device=dev)
-        sub = sub / temps[:, None]
-        vocab = logits.shape[-1]  # a top_k past the vocabulary means "all": clamp before it overflows int64
-        top_k = torch.tensor([min(reqs[i].params.top_k, vocab) for i in sampled_rows], device=dev)
-        top_p = torch.tensor([reqs[i].params.top_p for i in sampled_rows], device=dev)
-        min_p = torch.tensor([reqs[i].params.min_p for i in sampled_rows], device=dev)
-        if bool((top_k > 0).any() or (top_p < 1).any() or (min_p > 0).any()):
-            sub = filter_logits(sub, top_k, top_p, min_p)
-        probs = sub.softmax(-1)
+        probs = probabilities(logits[torch.tensor(sampled_rows, device=logits.device)],
+                              [reqs[i].params for i in sampled_rows])
         for j, i in enumerate(sampled_rows):
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, using only this
-            # request's generator.
-            e = torch.empty_like(probs[j]).exponential_(generator=reqs[i].generator)
-            tokens[i] = (probs[j] / e).argmax()
+            tokens[i] = draw(probs[j], reqs[i].generator)
     token_list = tokens.tolist()
     results = []
     for i, r in enumerate(reqs):

@@ -76,6 +76,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
+        req.spec_token_ids = []
         self.preemption.preempt(req, out)
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -120,13 +121,20 @@ class Scheduler:
                 break
             if req.status is not running:
                 continue
-            n = len(req.token_ids) - req.num_computed_tokens  # = self._chunk(req, ...), inlined
+            # = self._chunk(req, ...), inlined, counting the drafts a decode may carry (speculative decoding)
+            n = len(req.token_ids) + len(req.spec_token_ids) - req.num_computed_tokens
             if n > budget:
                 n = budget
             if n > threshold:
                 n = threshold
+            if req.spec_token_ids:  # drafts follow a decode's one token: verify those the budget lets in
+                del req.spec_token_ids[n - 1:]
             if req.num_computed_tokens + n > len(req.block_table) * block_size:  # else the last block has room
                 while not allocate(req, n):
+                    if req.spec_token_ids:  # drafts are never worth a preemption: decode without them
+                        n -= len(req.spec_token_ids)
+                        req.spec_token_ids = []
+                        continue
                     taken = {id(r) for r, _ in scheduled}
                     victim = self.waiting.victim([r for r in self.running if id(r) not in taken])
                     self._preempt(victim, out)
@@ -187,18 +195,28 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
         """Advance computed tokens and append sampled ones. `sampled` maps request_id to the new
-        token for each request whose scheduled chunk reached the end of its tokens."""
+        tokens for each request whose scheduled chunk reached the end of its tokens: one, or after
+        drafts were verified, the accepted drafts and one more."""
         advanced, running = [], RequestStatus.RUNNING
         for req, n in out.scheduled:
             if req.status is not running:
                 continue
             req.num_computed_tokens += n
             advanced.append(req)
-            token = sampled.get(req.request_id)
-            if token is not None:
-                req.token_ids.append(token)
+            tokens = sampled.get(req.request_id)
+            if tokens is not None:
+                if req.spec_token_ids:
+                    # Only the accepted drafts' K/V is kept: computed tokens roll back past the rejected
+                    # ones, and blocks that held nothing else go back to the pool. None of them was
+                    # registered in the prefix cache, which the call below does for computed tokens only.
+                    req.num_computed_tokens -= len(req.spec_token_ids) + 1 - len(tokens)
+                    req.spec_token_ids = []
+                    req.token_ids.extend(tokens)
+                    self.allocation.trim(req)
+                else:
+                    req.token_ids.extend(tokens)
                 if req.first_token_time is None:
                     req.first_token_time = self.clock()
         # after the appends: caching reads only computed tokens, which an appended one is not

@@ -143,7 +143,7 @@ class TensorParallelExecutor:
         self.native, self.tape = self.runner.native, None
         return self
 
-    def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, SampleResult]:
+    def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, list[SampleResult]]:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         batch = StepBatch.of(scheduled, self.runner.block_size)

@@ -15,6 +15,7 @@ from inferlab.sim.cost_model import CostModel
 from inferlab.sim.trace import TraceRequest, prompt_tokens
 
 _PARAMS = SamplingParams(max_tokens=None)
+ONE_TOKEN = [0]  # what every simulated step samples (read, never changed)
 
 # A finished request: (trace index, arrival, first scheduled, first token, finish, output tokens)
 Record = tuple[int, float, float, float, float, int]
@@ -73,7 +74,7 @@ class Replica:
         # One pass does what StepFeatures.of, the runner and the stop rules would do separately:
         # it runs once per running request per step, millions of times in a long replay.
         prefill = decodes = context = 0
-        sampled: dict[str, int] = {}
+        sampled: dict[str, list[int]] = {}
         finishing = []
         for req, n in out.scheduled:
             end = req.num_computed_tokens + n
@@ -84,7 +85,7 @@ class Replica:
             else:
                 prefill += n
             if end == len(req.token_ids):  # the chunk reaches the last token: one is sampled
-                sampled[req.request_id] = 0
+                sampled[req.request_id] = ONE_TOKEN
                 if end + 1 - num_prompt >= req.max_tokens:
                     finishing.append(req)
         swapped = len(out.swap_out) + len(out.swap_in)  # preemption by swap: bytes copied, not FLOPs

@@ -196,6 +196,14 @@
     $("t-preempt").textContent = f.num_preemptions;
     $("t-running").textContent = f.num_running;
     $("t-waiting").textContent = f.num_waiting;
+    const sd = f.spec_decode;  // speculative decoding: acceptance since start, and the last step's drafts
+    $("tile-spec").hidden = !sd;
+    if (sd) {
+      $("t-spec").textContent = sd.acceptance_rate === null ? "–" : pct(sd.acceptance_rate);
+      const last = sd.last_step.drafts ? `, last step ${sd.last_step.accepted}/${sd.last_step.draft_tokens}` : "";
+      $("t-spec-label").textContent = `draft tokens accepted (${sd.method}, k=${sd.k}`
+        + `${sd.mean_accepted_length === null ? "" : `, ${sd.mean_accepted_length.toFixed(2)} tokens a draft`}${last})`;
+    }
     $("step").textContent = `step ${f.step} · t ${f.t.toFixed(1)} s`;
   }
 

@@ -115,6 +115,15 @@ def test_bad_kv_transfer_config_is_one_line(text, message):
         KVTransferConfig.parse(text)
 
 
+def test_speculation_with_a_connector_is_refused(tmp_path):
+    """A step's blocks are saved before its drafts are verified: the two refuse to run together."""
+    from inferlab import EngineConfig
+    with pytest.raises(ValueError, match="speculative_config and kv_transfer_config do not run together"):
+        EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+                     kv_transfer_config={"kv_connector": "SharedStorageConnector",
+                                         "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)}})
+
+
 def test_redis_killed_mid_run_falls_back_to_computing(make_tiny_engine):
     batch = prompts(6, 24, (4, 12), seed=2)
     single = run(make_tiny_engine(), batch, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))

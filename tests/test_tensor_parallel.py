@@ -268,17 +268,19 @@ def test_ctrl_c_waits_for_the_step_and_a_killed_worker_is_named(checkpoints, mak
     llm = make_llm(model=ckpt.path, block_size=4, num_kv_blocks=64, tensor_parallel_size=2)
     engine, prompts = llm.engine, [{"prompt_token_ids": p} for p in ckpt.prompts]
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    timer, steps = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)), []
+    execute, steps = engine.runner.execute, []
 
-    def interrupt_soon(outputs) -> None:  # a few steps in, with ~100 to go: it lands during a step
+    def interrupted_step(scheduled):  # the third step is interrupted while it runs, however fast steps are
         steps.append(1)
         if len(steps) == 3:
-            timer.start()
+            os.kill(os.getpid(), signal.SIGINT)
+        return execute(scheduled)
 
-    engine.step_observers.append(interrupt_soon)
+    engine.runner.execute = interrupted_step
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompts, SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
-    engine.step_observers.clear()
+    engine.runner.execute = execute
+    assert len(steps) == 3  # the interrupt ended the generation after the step it landed in
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want
 
     for i, p in enumerate(ckpt.prompts):

@@ -3,7 +3,9 @@ until a signal. The one place that puts the OpenAI routes (`server.app`) and the
 (`scope.live`) on one app: neither package imports the other."""
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import uvicorn
@@ -39,13 +41,24 @@ class Server(uvicorn.Server):
     and waits for open ones, and the engine gives running requests DRAIN_S seconds, then aborts the
     rest, so each client gets a whole answer (uvicorn alone cancels handlers mid-stream)."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, on_stop: Callable[[], None]) -> None:
         super().__init__(config)
-        self.engine = engine
+        self.engine, self.on_stop = engine, on_stop
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         self.engine.drain(DRAIN_S)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Once stopped, uvicorn raises the signal that stopped it again, and SIGTERM's default action
+        ends the process right there: `on_stop` (the engine thread, tensor-parallel workers, the
+        recording) runs before that."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.on_stop()
 
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
@@ -57,15 +70,18 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
     app = build_server_app(engine, name, api_key)
     log.info("serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics, dashboard at /scope%s)",
              name, host, port, "; an API key guards /v1 and the lab" if api_key else "")
+
+    def stop() -> None:  # each part may be stopped twice: the second time does nothing
+        engine.shutdown()
+        core.shutdown()  # tensor-parallel workers, a KV connector
+        if recorder is not None:
+            recorder.close()
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                   timeout_graceful_shutdown=GRACEFUL_S), engine)
+                                   timeout_graceful_shutdown=GRACEFUL_S), engine, stop)
     engine.on_dead = lambda: setattr(server, "should_exit", True)  # a tensor-parallel rank failed
     try:
         server.run()
     finally:
-        engine.shutdown()
-        core.shutdown()  # tensor-parallel workers
-        if recorder is not None:
-            recorder.close()
+        stop()
     if engine.dead is not None:
         raise engine.dead

@@ -9,8 +9,9 @@ instance), `kv_both` does both (instances sharing one KV pool).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+
+from inferlab.json_config import json_object
 
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 KV_CONNECTORS = ("SharedStorageConnector", "RedisConnector")
@@ -46,13 +47,7 @@ class KVTransferConfig:
         """From a config object, a dict, or the JSON text the command line takes."""
         if isinstance(value, KVTransferConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"kv_transfer_config is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError("kv_transfer_config must be a JSON object")
+        value = json_object(value, "kv_transfer_config")
         unknown = set(value) - {"kv_connector", "kv_role", "kv_connector_extra_config"}
         if unknown:
             raise ValueError(f"kv_transfer_config has unknown fields: {sorted(unknown)}")

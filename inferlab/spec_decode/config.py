@@ -9,9 +9,9 @@ refused when the draft is loaded (`draft.py`), the first moment both vocabularie
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 
+from inferlab.json_config import json_object
 from inferlab.model.layers.linear import QUANTIZATIONS
 
 METHODS = ("ngram", "draft_model")
@@ -64,13 +64,7 @@ class SpeculativeConfig:
         """From a dict, its JSON text, or an instance (returned as is); None stays None."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a dict or its JSON, got {type(value).__name__}")
+        value = json_object(value, "speculative_config")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:

@@ -280,11 +280,15 @@ def test_ctrl_c_waits_for_the_step_and_a_killed_worker_is_named(checkpoints, mak
     engine.runner.execute = interrupted_step
     gc.collect()  # a KeyboardInterrupt raised inside a finalizer would be swallowed: none run meanwhile
     gc.disable()
+    # Python's own handler, installed again at the OS level (a library loaded by an earlier test may
+    # have put its own there, which Python's signal.getsignal would not show)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompts, SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
     finally:
         gc.enable()
+        signal.signal(signal.SIGINT, previous)
         engine.runner.execute = execute
     assert len(steps) == 3  # the interrupt ended the generation after the step it landed in
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want

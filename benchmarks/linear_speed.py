@@ -1,7 +1,8 @@
 """Speed of the linear kernel per weight type and row count, against PyTorch's matmul on the same
 (dequantized) weights: the embedded model's layer shapes, fastest of several runs.
 
-    .venv/bin/python benchmarks/linear_speed.py [--isa avx2] [--threads 2] [--types f32,q4_1] [--rows 1,16,64,512] [--int8]
+    .venv/bin/python benchmarks/linear_speed.py [--isa avx2] [--threads 2] [--types f32,q4_1]
+        [--rows 1,16,64,512] [--int8]
 
 Prints, per (type, rows): ms per call for the 120 layer matmuls of one step (qkv, o, gate/up, down
 of 30 layers), the GFLOP/s that makes, the weight bytes read per second, and PyTorch's fp32 time.

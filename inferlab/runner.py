@@ -88,22 +88,31 @@ class StepBatch:
         return 1 + self.spec[self.sample] if self.spec is not None else np.ones(int(self.sample.sum()), np.int64)
 
 
+def pool_shape(args, num_blocks: int, block_size: int, tp_size: int = 1) -> tuple[int, ...]:
+    """(tensors, layers, blocks, block_size, heads, head_dim): K and V, or MLA's one latent; a
+    tensor-parallel rank holds its share of the KV heads."""
+    parts, blocks, _, pool_heads, width = args.kv_cache_shape(num_blocks, block_size)
+    return parts, args.num_layers, blocks, block_size, pool_heads // tp_size, width
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, eos_ids: set[int],
-                 native: bool = True, fused: bool = True, tp_size: int = 1) -> None:
+                 native: bool = True, fused: bool = True, tp_size: int = 1,
+                 kv_cache: torch.Tensor | None = None) -> None:
         """native=False keeps attention on the PyTorch reference path even where the kernels run;
         fused=False runs every step through the Python model, op by op (no tape); tp_size: the
-        model is one rank's shard of that many, and so is the pool (its share of the KV heads)."""
+        model is one rank's shard of that many, and so is the pool (its share of the KV heads);
+        kv_cache: another runner's pool to read and write instead of a new one (a draft model that
+        shares its target's K/V), of the shape this model's pool would have."""
         args = model.args
         self.model = model
         self.block_size = block_size
         self.eos_ids = eos_ids
         self.device, dtype = model.device, model.dtype
-        # (tensors, layers, blocks, block_size, heads, head_dim): K and V, or MLA's one latent;
-        # a tensor-parallel rank holds its share of the KV heads
-        parts, blocks, _, pool_heads, width = args.kv_cache_shape(num_blocks, block_size)
-        self.kv_cache = allocate_zeroed((parts, args.num_layers, blocks, block_size, pool_heads // tp_size, width),
-                                        dtype, self.device)
+        shape = pool_shape(args, num_blocks, block_size, tp_size)
+        if kv_cache is not None and (tuple(kv_cache.shape) != shape or kv_cache.dtype != dtype):
+            raise ValueError(f"a shared KV pool must be {shape} {dtype}, got {tuple(kv_cache.shape)} {kv_cache.dtype}")
+        self.kv_cache = kv_cache if kv_cache is not None else allocate_zeroed(shape, dtype, self.device)
         heads, kv_heads = args.num_heads // tp_size, args.num_kv_heads // tp_size
         self.kv_caches = [tuple(self.kv_cache[:, i]) for i in range(args.num_layers)]
         use_native = native and self.device.type == "cpu" and dtype in kernels.DTYPE_CODES and \

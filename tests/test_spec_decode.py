@@ -81,6 +81,7 @@ def test_config_errors_are_one_line(tiny):
                        "prompt_lookup_max": 2}, "prompt_lookup_min <= prompt_lookup_max"),
                      ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown speculative_config"),
                      ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a 'model'"),
+                     ({**DRAFT, "share_kv": "yes"}, "share_kv must be true, false or null"),
                      ('{"method": "ngram"', "not valid JSON")]:
         with pytest.raises(ValueError, match=msg) as e:
             EngineConfig(speculative_config=bad)
@@ -88,8 +89,14 @@ def test_config_errors_are_one_line(tiny):
     assert SpeculativeConfig.parse('{"model": "x", "num_speculative_tokens": 2}').method == "draft_model"
     ngram = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3})
     assert (ngram.prompt_lookup_min, ngram.prompt_lookup_max, ngram.disable_by_batch_size) == (3, 3, 12)
+    assert SpeculativeConfig.parse({"model": "x", "num_speculative_tokens": 4}).disable_by_batch_size == 2
     with pytest.raises(ValueError, match=r"draft model's vocabulary \(1000 tokens\) differs"):
         engine(tiny, DRAFT, draft=(random_llama(1000, 0), tiny[1]))
+    narrow = (random_llama(tiny[0].args.vocab_size, 0, hidden=16), tiny[1])  # K/V of another shape
+    with pytest.raises(ValueError, match="share_kv needs a draft whose K/V has the target's shape") as e:
+        engine(tiny, SHARED, draft=narrow)
+    assert "\n" not in str(e.value)
+    assert "draft_kv" in engine(tiny, DRAFT, draft=narrow).snapshot()["spec_decode"]  # auto: its own pool
 
 
 def test_ngram_lookup_follows_vllm():
@@ -102,10 +109,16 @@ def test_ngram_lookup_follows_vllm():
     assert propose_ngram([7], 3, 1, 2) == []
 
 
-@pytest.mark.parametrize("spec, draft", [(NGRAM, None), (DRAFT, "self"), (DRAFT, "other")])
+SHARED = {**DRAFT, "share_kv": True}  # the noisy draft reads the target's K/V, as a quantized copy does
+OWN_POOL = {**DRAFT, "share_kv": False}
+
+
+@pytest.mark.parametrize("spec, draft", [(NGRAM, None), (DRAFT, "self"), (OWN_POOL, "self"), (DRAFT, "other"),
+                                         (SHARED, "other")])
 def test_greedy_identical_with_speculation(tiny, other_draft, spec, draft):
     """Batch, prefix caching (a second wave whose prompts are the first wave's whole texts), chunked
-    prompts, and a pool small enough to preempt: the same tokens as without speculation."""
+    prompts, and a pool small enough to preempt: the same tokens as without speculation. The draft
+    reads the target's K/V (the target itself by default; the noisy one when told) or keeps its own."""
     draft = {None: None, "self": tiny, "other": other_draft}[draft]
     want = run(engine(tiny), PROMPTS, GREEDY)
     second = [p + o for p, o in zip(PROMPTS, want)]
@@ -117,6 +130,8 @@ def test_greedy_identical_with_speculation(tiny, other_draft, spec, draft):
     assert spec_stats["num_accepted_tokens"] > 10, spec_stats  # drafts were accepted, several tokens a step
     if draft is other_draft:
         assert spec_stats["num_accepted_tokens"] < spec_stats["num_draft_tokens"]  # and rejected
+    if draft is not None:  # its own pool shows in the snapshot; a shared one is the target's
+        assert ("draft_kv" in spec_stats) == (spec is OWN_POOL or (spec is DRAFT and draft is other_draft))
     assert eng.block_manager.prefix_hits > 0
     small = engine(tiny, spec, draft, num_kv_blocks=24, max_num_batched_tokens=16, long_prefill_token_threshold=8)
     assert run(small, PROMPTS, GREEDY, check=True) == want
@@ -168,10 +183,12 @@ def cached_prefixes(eng: LLMEngine) -> list[tuple[int, ...]]:
     return out
 
 
-def test_rejected_drafts_never_enter_the_prefix_cache(tiny, other_draft):
+@pytest.mark.parametrize("config", [DRAFT, SHARED])
+def test_rejected_drafts_never_enter_the_prefix_cache(tiny, other_draft, config):
     """With a draft that is often wrong and 2-token blocks, every cached block's prefix is a prefix of
-    what some request really holds (prompt + output): none was registered with rejected drafts."""
-    eng = engine(tiny, DRAFT, other_draft, block_size=2)
+    what some request really holds (prompt + output): none was registered with rejected drafts, also
+    when the draft wrote its K/V into the target's blocks."""
+    eng = engine(tiny, config, other_draft, block_size=2)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outs = run(eng, PROMPTS, params, check=True)
     texts = [tuple(p + o) for p, o in zip(PROMPTS, outs)]
@@ -187,7 +204,7 @@ def tv(a: Counter, b: Counter) -> float:
     return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
 
 
-@pytest.mark.parametrize("spec", ["ngram", "draft"])
+@pytest.mark.parametrize("spec", ["ngram", "draft", "shared"])
 def test_rejection_sampling_keeps_the_target_distribution(tiny, spec):
     """Temperature 1 over a 16-token vocabulary: the 2nd and 3rd tokens (the 1st is the prefill's, the
     next two come from one verify step when the draft is accepted) are distributed as without
@@ -195,7 +212,8 @@ def test_rejection_sampling_keeps_the_target_distribution(tiny, spec):
     taking the draft's distribution instead of the target's (or accepting every draft) gives > 0.2."""
     target = (random_llama(16, seed=2, hidden=16, scale=0.6), tiny[1])
     draft = (random_llama(16, seed=3, hidden=16, scale=0.6), tiny[1])
-    config = {**(NGRAM if spec == "ngram" else DRAFT), "num_speculative_tokens": 2, "disable_by_batch_size": 4096}
+    config = {**{"ngram": NGRAM, "draft": DRAFT, "shared": SHARED}[spec], "num_speculative_tokens": 2,
+              "disable_by_batch_size": 4096}
     prompt = list(range(16)) * 2  # every token occurred before: lookup always proposes
     counts: dict[bool, list[Counter]] = {}
     for on in (False, True):
@@ -254,15 +272,18 @@ action = st.one_of(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(actions=st.lists(action, min_size=6, max_size=30), spec=st.sampled_from(["ngram", "self", "other"]),
+@given(actions=st.lists(action, min_size=6, max_size=30),
+       spec=st.sampled_from(["ngram", "self", "self-own", "other", "other-shared"]),
        num_blocks=st.integers(10, 24), block_size=st.sampled_from([2, 4]), budget=st.sampled_from([8, 32, 256]),
        caching=st.booleans(), prefix_cache=st.sampled_from(["hash", "radix"]),
        preemption=st.sampled_from(["recompute", "swap"]), allocation=st.sampled_from(["paged", "paged", "reserve"]),
        k=st.integers(1, 5))
 def test_random_traffic_with_speculation_keeps_invariants(tiny, other_draft, actions, spec, num_blocks, block_size,
                                                           budget, caching, prefix_cache, preemption, allocation, k):
-    config = {**(NGRAM if spec == "ngram" else DRAFT), "num_speculative_tokens": k}
-    eng = engine(tiny, config, {"ngram": None, "self": tiny, "other": other_draft}[spec], num_kv_blocks=num_blocks,
+    config = {**{"ngram": NGRAM, "self-own": OWN_POOL, "other-shared": SHARED}.get(spec, DRAFT),
+              "num_speculative_tokens": k}
+    draft = {"ngram": None, "self": tiny, "self-own": tiny}.get(spec, other_draft)
+    eng = engine(tiny, config, draft, num_kv_blocks=num_blocks,
                  block_size=block_size, max_num_batched_tokens=budget, long_prefill_token_threshold=max(2, budget // 2),
                  enable_prefix_caching=caching, max_num_seqs=6, prefix_cache=prefix_cache, preemption_mode=preemption,
                  kv_allocation=allocation, swap_space=8 * 128 * block_size / 2**30)

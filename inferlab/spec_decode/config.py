@@ -2,7 +2,7 @@
 
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
     {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4,
-     "quantization": "auto", "int8_activations": true}
+     "quantization": "auto", "int8_activations": true, "share_kv": null}
 
 Bad values raise one-line `ValueError`s here; a draft whose vocabulary differs from the target's is
 refused when the draft is loaded (`draft.py`), the first moment both vocabularies are known.
@@ -30,9 +30,14 @@ class SpeculativeConfig:
     model: str | None = None
     quantization: str = "auto"  # draft_model: its weights, as EngineConfig.quantization
     int8_activations: bool = False  # draft_model: as EngineConfig.int8_activations
-    # Speculation stops while more requests than this decode in one step: a batch that large already
-    # keeps the CPU busy, and its verify rows would fall off the one-call decode step (64 rows).
-    # None: 64 // (1 + k) (12 decodes at k = 4).
+    # draft_model: read the K/V the target computed instead of computing its own (draft.py); None:
+    # when the draft is the target's own checkpoint (a quantized copy), whose K/V has its shape
+    share_kv: bool | None = None
+    # Speculation stops while more requests than this decode in one step. None: for ngram 64 // (1 + k)
+    # (12 at k = 4): a batch that large already keeps the CPU busy, and its verify rows would fall off
+    # the one-call decode step (64 rows). For a draft model 10 // (1 + k) (2 at k = 4): its steps cost
+    # rows too (int8 rows scale linearly on AVX2), and a Q4_1 self-draft measured 1.44x alone but
+    # 0.94x at 4 decodes (experiment 11).
     disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -54,8 +59,10 @@ class SpeculativeConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"speculative_config quantization must be one of {QUANTIZATIONS}, "
                              f"got {self.quantization!r}")
+        if self.share_kv is not None and not isinstance(self.share_kv, bool):
+            raise ValueError(f"speculative_config share_kv must be true, false or null, got {self.share_kv!r}")
         if self.disable_by_batch_size is None:
-            self.disable_by_batch_size = max(1, 64 // (1 + k))
+            self.disable_by_batch_size = max(1, (64 if self.method == "ngram" else 10) // (1 + k))
         elif not isinstance(self.disable_by_batch_size, int) or self.disable_by_batch_size < 1:
             raise ValueError(f"disable_by_batch_size must be an integer >= 1, got {self.disable_by_batch_size!r}")
 

@@ -21,7 +21,8 @@ class Draft:
 class Proposer:
     """Base-class contract: `propose` is called once a step, before scheduling, with the decoding
     requests allowed to speculate and how many tokens each may propose (k_i >= 1). It returns one
-    Draft (1..k_i tokens) or None per request, and must not change the requests. `release` is
+    Draft (1..k_i tokens) or None per request, and must not change the requests, except that it may
+    give one room for its verify step (blocks for 1 + k_i more tokens, from the block manager). `release` is
     called when a request finishes or is aborted, to drop whatever the proposer keeps for it."""
 
     def propose(self, reqs: list[Request], ks: list[int]) -> list[Draft | None]:

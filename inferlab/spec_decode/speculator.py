@@ -6,14 +6,17 @@ When not to speculate (a request that does not simply decodes one token, as with
 | rule                                                | why                                              |
 |-----------------------------------------------------|--------------------------------------------------|
 | more than `disable_by_batch_size` requests decode   | a large batch already fills the cores with useful |
-| (default 64 // (1 + k): 12 at k = 4)                | rows; its verify rows would leave the one-call   |
-|                                                     | decode step (64 rows) and cost more than they win |
+| (default 64 // (1 + k): 12 at k = 4; a draft model: | rows; its verify rows would leave the one-call   |
+| 10 // (1 + k): 2 at k = 4)                          | decode step (64 rows) and cost more than they win;|
+|                                                     | a draft model's own steps grow with the batch too |
 | the request uses penalties or waits for min_tokens  | they depend on the tokens before each position   |
 | its recent drafts were mostly rejected: acceptance  | a wasted verify costs k rows; it pauses          |
 | (an exponential average) below MIN_ACCEPTANCE       | PAUSE_STEPS steps, then tries again              |
 | it may emit only one more token                     | k shrinks to max_tokens - emitted - 1            |
 """
 from __future__ import annotations
+
+import os
 
 from inferlab.request import Request, RequestStatus
 from inferlab.spec_decode.config import SpeculativeConfig
@@ -30,11 +33,22 @@ def ngram(config: SpeculativeConfig, engine, draft_loaded) -> Proposer:
     return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
 
 
+def same_checkpoint(config: SpeculativeConfig, engine, draft_loaded) -> bool:
+    """Whether the draft is the target's own checkpoint (perhaps quantized otherwise): then it shares
+    the target's K/V unless `share_kv` says otherwise."""
+    if draft_loaded is not None:
+        return draft_loaded[0] is engine.model
+    paths = [None if m in (None, "embedded") else os.path.realpath(m) for m in (config.model, engine.config.model)]
+    return paths[0] == paths[1]
+
+
 def draft_model(config: SpeculativeConfig, engine, draft_loaded) -> Proposer:
     runner = engine.runner
+    share = config.share_kv if config.share_kv is not None else same_checkpoint(config, engine, draft_loaded)
     return DraftModelProposer(config, engine.model.args.vocab_size, engine.dtype, engine.device,
                               engine.block_manager.num_blocks, engine.config.block_size,
-                              native=runner.native is not None, fused=runner.tape is not None, loaded=draft_loaded)
+                              native=runner.native is not None, fused=runner.tape is not None,
+                              loaded=draft_loaded, target=(engine.block_manager, runner) if share else None)
 
 
 PROPOSERS = {"ngram": ngram, "draft_model": draft_model}

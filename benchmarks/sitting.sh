@@ -27,7 +27,7 @@ $IL bench --latency --threads 2 --quantization none 2>/dev/null | tail -1 > "$OU
 $IL bench --workload cpu 2>/dev/null | tail -1 > "$OUT/il_cpu_1.json"
 if [ -n "$V" ]; then
   VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 "$V" benchmarks/vllm_cpu.py \
-    --workload ../shared/bench/workload.py:cpu --dtype float32 \
+    --workload ../shared/bench/workload.py:cpu --dtype float32 --gguf "$Q41" \
     2>/dev/null | grep '"engine"' > "$OUT/vllm_cpu_1.json"
 fi
 $IL bench --workload cpu 2>/dev/null | tail -1 > "$OUT/il_cpu_2.json"

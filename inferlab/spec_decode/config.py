@@ -36,8 +36,8 @@ class SpeculativeConfig:
     # Speculation stops while more requests than this decode in one step. None: for ngram 64 // (1 + k)
     # (12 at k = 4): a batch that large already keeps the CPU busy, and its verify rows would fall off
     # the one-call decode step (64 rows). For a draft model 10 // (1 + k) (2 at k = 4): its steps cost
-    # rows too (int8 rows scale linearly on AVX2), and a Q4_1 self-draft measured 1.44x alone but
-    # 0.94x at 4 decodes (experiment 11).
+    # rows too (int8 rows scale almost linearly on AVX2), and a Q4_1 self-draft measured 1.60x alone
+    # but 0.96x at 4 decodes (experiment 11).
     disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:

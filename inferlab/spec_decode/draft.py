@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from inferlab.block_manager import BlockManager
+from inferlab.model.layers.quant import describe_weights
 from inferlab.model.loader import load_model
 from inferlab.request import Request
 from inferlab.runner import ModelRunner, StepBatch, pool_shape
@@ -51,6 +52,7 @@ class DraftModelProposer(Proposer):
                                  f"is {own[0]} {own[1]}, the target's {tuple(target[1].kv_cache.shape)} "
                                  f"{target[1].kv_cache.dtype}")
             target = None  # not the target's shape after all: its own pool
+        self.int8 = config.int8_activations
         self.block_size = block_size
         self.target_blocks = target[0] if target is not None else None
         self.block_manager = None if target is not None else BlockManager(num_blocks, block_size,
@@ -157,3 +159,9 @@ class DraftModelProposer(Proposer):
 
     def snapshot(self) -> dict:
         return {"draft_kv": self.block_manager.snapshot()} if self.block_manager is not None else {}
+
+    def describe(self) -> str:
+        bm = self.block_manager
+        kv = "the target's K/V" if bm is None else f"its own pool of {bm.num_blocks} blocks"
+        return f"a draft model, weights {describe_weights(self.model)}, int8 activations " \
+               f"{'on' if self.int8 else 'off'}, {kv}"

@@ -48,3 +48,6 @@ class NgramProposer(Proposer):
             tokens = propose_ngram(req.token_ids, k, self.lo, self.hi)
             drafts.append(Draft(tokens) if tokens else None)
         return drafts
+
+    def describe(self) -> str:
+        return f"prompt lookup of {self.hi} down to {self.lo} tokens"

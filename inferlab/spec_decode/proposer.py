@@ -39,3 +39,7 @@ class Proposer:
 
     def snapshot(self) -> dict:
         return {}
+
+    def describe(self) -> str:
+        """What proposes, for the start-up log."""
+        return type(self).__name__

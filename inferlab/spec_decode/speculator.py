@@ -16,6 +16,7 @@ When not to speculate (a request that does not simply decodes one token, as with
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from inferlab.request import Request, RequestStatus
@@ -24,6 +25,7 @@ from inferlab.spec_decode.draft import DraftModelProposer
 from inferlab.spec_decode.ngram import NgramProposer
 from inferlab.spec_decode.proposer import Proposer
 
+log = logging.getLogger("inferlab")
 MIN_ACCEPTANCE = 0.2  # of drafted tokens accepted, averaged over a request's recent drafts
 AVERAGING = 0.3  # weight of the latest draft in that average
 PAUSE_STEPS = 8
@@ -63,6 +65,8 @@ class Speculator:
         self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
         self.accepted_per_pos = [0] * self.k
         self.last = {"drafts": 0, "draft_tokens": 0, "accepted": 0}  # the last step's figures
+        log.info("speculative decoding: %s, k = %d, up to %d decodes at once", proposer.describe(), self.k,
+                 config.disable_by_batch_size)
 
     @classmethod
     def build(cls, config: SpeculativeConfig, engine, draft_loaded=None) -> Speculator:

@@ -101,9 +101,9 @@ class Server:
 
 
 @contextmanager
-def running_server(smol, api_key: str | None = None, **config) -> Iterator[Server]:
+def running_server(smol, api_key: str | None = None, draft=None, **config) -> Iterator[Server]:
     config.setdefault("num_kv_blocks", 512)
-    engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=smol))
+    engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=smol, draft_loaded=draft))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the server starts: no free-port race
     port = sock.getsockname()[1]

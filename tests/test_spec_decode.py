@@ -371,3 +371,20 @@ def test_server_streams_several_tokens_a_step(tiny):
         assert "inferlab:spec_decode_num_accepted_tokens " in metrics
         assert "inferlab:spec_decode_num_accepted_tokens 0\n" not in metrics
         server.check_engine()
+
+
+def test_server_choices_with_a_draft_writing_into_the_target_blocks(tiny, other_draft):
+    """n greedy choices of one prompt share its cached blocks: each equals the offline greedy text
+    while a noisy draft writes its K/V into the target's blocks, and the pool is whole afterwards."""
+    import httpx
+    from test_server import running_server
+    prompt = PROMPTS[1]
+    want = tiny[1].decode(run(engine(tiny), [prompt], GREEDY)[0])
+    with running_server(tiny, speculative_config=SHARED, draft=other_draft, block_size=4) as server:
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 40, "temperature": 0,
+                "ignore_eos": True, "n": 3}
+        choices = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"]
+        assert [c["text"] for c in choices] == [want] * 3
+        spec = server.engine.engine.snapshot()["spec_decode"]
+        assert 0 < spec["num_accepted_tokens"] < spec["num_draft_tokens"] and "draft_kv" not in spec
+        server.check_engine()

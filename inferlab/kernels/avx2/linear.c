@@ -166,7 +166,8 @@ IL_INLINE void micro_direct(const float *x, int64_t lx, const uint8_t *const w[D
     for (int k = 0; k < K; k += 32)
         for (int j = 0; j < C; j++) {
             __m256 wv[4];
-            _mm_prefetch((const char *)w[j] + (int64_t)k / be * bb + PREFETCH_BYTES, _MM_HINT_T0);
+            for (int o = 0; o < 32 / be * bb; o += 64) /* every line: 32 fp32 weights span two */
+                _mm_prefetch((const char *)w[j] + (int64_t)k / be * bb + PREFETCH_BYTES + o, _MM_HINT_T0);
             decode32(wtype, w[j], k, wv);
             for (int c = 0; c < 4; c++)
                 for (int i = 0; i < R; i++)

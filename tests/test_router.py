@@ -11,15 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from kv_store import free_port, redis_server
+from loopback import bound_socket, serving
 
 from inferlab.async_engine import AsyncEngine
 from inferlab.config import EngineConfig
@@ -31,30 +30,6 @@ from inferlab.server.serve import build_server_app
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village, there lived",
            "List three prime numbers:", "The quick brown fox jumps over the lazy dog, and then"]
-
-
-def bound_socket(port: int = 0) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))  # bound before the server starts: no free-port race
-    return sock
-
-
-@contextmanager
-def serving(app, sock: socket.socket) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @contextmanager

@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
-import uvicorn
+from loopback import serving
 from test_server import running_server
 
 from inferlab.scope.recorder import Recorder
@@ -37,24 +33,6 @@ def chromium():
         browser = p.chromium.launch(executable_path=CHROMIUM)
         yield browser
         browser.close()
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "the replay server did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def open_page(browser, url: str):

@@ -88,7 +88,7 @@ def test_mixed_file_matches_hf(mixed_gguf, chat_prompts):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(mixed_gguf), gguf_file=os.path.basename(mixed_gguf), dtype=torch.float32).eval()
-    llm = LLM(model=mixed_gguf, num_kv_blocks=128)
+    llm = LLM(model=mixed_gguf, num_kv_blocks=128, dtype="float32")  # auto is bf16 on CPUs with bf16 instructions
     prompts = chat_prompts[:4]
     params = SamplingParams(temperature=0, max_tokens=2, logprobs=5, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

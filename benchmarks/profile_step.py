@@ -19,7 +19,7 @@ from collections import defaultdict
 
 from inferlab import LLM, SamplingParams, runner
 from inferlab.model import llama
-from inferlab.model.layers import linear, norm  # the modules, not the functions of those names
+from inferlab.model.layers import linear, mlp, norm  # the modules, not the functions of those names
 from inferlab.tape import DecodeTape
 
 KINDS = {  # wrapped function -> kind of work; the wrapped functions never nest
@@ -67,8 +67,9 @@ def main() -> None:
     llm = LLM(dtype=a.dtype, quantization=a.quantization, num_threads=a.threads, long_prefill_token_threshold=2048)
     wrap(norm, "rms_norm")
     wrap(linear, "linear")
-    for name in ("rope", "silu_and_mul", "paged_attention"):
+    for name in ("rope", "paged_attention"):
         wrap(llama, name)
+    wrap(mlp, "silu_and_mul")
     wrap(runner, "sample")
     wrap(DecodeTape, "__call__")
     engine, rng = llm.engine, random.Random(0)

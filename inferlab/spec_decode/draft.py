@@ -53,7 +53,6 @@ class DraftModelProposer(Proposer):
                                  f"{target[1].kv_cache.dtype}")
             target = None  # not the target's shape after all: its own pool
         self.int8 = config.int8_activations
-        self.block_size = block_size
         self.target_blocks = target[0] if target is not None else None
         self.block_manager = None if target is not None else BlockManager(num_blocks, block_size,
                                                                          enable_prefix_caching=False)
@@ -91,7 +90,7 @@ class DraftModelProposer(Proposer):
 
     def _propose_shared(self, reqs: list[Request], ks: list[int], tokens: list[list[int]],
                         probs: list[list[torch.Tensor]]) -> None:
-        bm, bs = self.target_blocks, self.block_size
+        bm, bs = self.target_blocks, self.runner.block_size
         active = [i for i, req in enumerate(reqs) if bm.allocate_slots(req, 1 + ks[i]) and
                   all(bm.blocks[b].ref_count == 1 for b in req.block_table[req.num_computed_tokens // bs:])]
         step = 0

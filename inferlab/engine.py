@@ -1,8 +1,9 @@
 """LLMEngine: the step-by-step API a server or dashboard drives — add_request, step, abort_request.
 
-One step = schedule, run the model on the scheduled tokens, append sampled tokens, detokenize,
-apply stop rules and free what finished. Bad requests are refused at `add_request` with a
-one-line `ValueError`, before they touch the scheduler, so they cannot harm others.
+One step = schedule, run the model on the scheduled tokens, append sampled tokens, turn them into
+outputs (`OutputProcessor`: logprobs, stop rules, text) and free what finished. Bad requests are
+refused at `add_request` with a one-line `ValueError`, before they touch the scheduler, so they
+cannot harm others.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import torch
 
 from inferlab.budget import StepBudget
 from inferlab.config import EngineConfig
-from inferlab.detokenizer import IncrementalDetokenizer
 from inferlab.distributed import EngineDeadError
 from inferlab.distributed.executor import TensorParallelExecutor
 from inferlab.inputs import PromptType, parse_prompt
@@ -27,12 +27,13 @@ from inferlab.model.layers.quant import describe_weights
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.loader import EMBEDDED_FILE, load_model
 from inferlab.model.tokenizer import Tokenizer
-from inferlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from inferlab.output_processor import OutputProcessor
+from inferlab.outputs import RequestOutput
 from inferlab.policy import make_queue
 from inferlab.radix_cache import PREFIX_CACHES
 from inferlab.request import Request, RequestStatus
 from inferlab.runner import ModelRunner, kv_bytes_per_block
-from inferlab.sampler import SampleResult, request_generator
+from inferlab.sampler import request_generator
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
 from inferlab.spec_decode.speculator import Speculator
@@ -137,8 +138,7 @@ class LLMEngine:
                              "compiler (see the log for why the kernel did not build)")
         self.clock = clock
         self.requests: dict[str, Request] = {}
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self.logprobs: dict[str, list[dict[int, float]]] = {}
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, clock)
         self.num_prompt_tokens = 0  # prefill tokens computed (cache hits excluded)
         self.num_generation_tokens = 0
         self.last_step_tokens = 0  # tokens the last step computed (prefill + decode)
@@ -185,10 +185,7 @@ class LLMEngine:
         req.generator = request_generator(seed, self.device)
         self.scheduler.add_request(req)  # first: if it refuses the request (out of KV memory), nothing is kept
         self.requests[request_id] = req
-        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop_list,
-                                                               params.include_stop_str_in_output)
-        if params.logprobs is not None:
-            self.logprobs[request_id] = []
+        self.output_processor.add(req)
         return req
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -198,7 +195,7 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish_request(req, RequestStatus.FINISHED_ABORTED)
-        out = self._make_output(req, [])
+        out = self.output_processor.make_output(req, [])
         self._forget(req)
         return out
 
@@ -234,7 +231,7 @@ class LLMEngine:
         for req, error in failed:
             out.scheduled.remove(next(item for item in out.scheduled if item[0] is req))
             self.scheduler.finish_request(req, RequestStatus.FINISHED_ERROR)
-            outputs.append(self._make_output(req, [], error))
+            outputs.append(self.output_processor.make_output(req, [], error))
             self._forget(req)
         self.num_prompt_tokens += sum(n for r, n in out.scheduled if r.num_computed_tokens < r.num_prompt_tokens)
         if self.speculator is not None:
@@ -246,10 +243,11 @@ class LLMEngine:
             res = results.get(req.request_id)
             if res is None or req.status is not RequestStatus.RUNNING:
                 continue
-            new_ids, status = self._emit(req, res)
+            new_ids, status = self.output_processor.emit(req, res)
+            self.num_generation_tokens += len(new_ids)
             if status is not None:
                 self.scheduler.finish_request(req, status)
-            outputs.append(self._make_output(req, new_ids))
+            outputs.append(self.output_processor.make_output(req, new_ids))
             if status is not None:
                 self._forget(req)
         if kv is not None and any(o.finished for o in outputs):
@@ -282,73 +280,11 @@ class LLMEngine:
                 failed.append((item[0], f"{type(e).__name__}: {e}"))
         return results, failed
 
-    def _emit(self, req: Request, results: list[SampleResult]) -> tuple[list[int], RequestStatus | None]:
-        """Take this step's new tokens (already appended) through logprobs and the stop rules, one
-        by one: several arrive at once after verified drafts, and those after a stop are dropped."""
-        first = req.num_output_tokens - len(results)  # output tokens before this step
-        status = None
-        for j, res in enumerate(results):
-            self.num_generation_tokens += 1
-            if res.top_logprobs is not None:
-                self.logprobs[req.request_id].append({**res.top_logprobs, res.token_id: res.logprob})
-            status = self._check_stop(req, res.token_id, first + j + 1)
-            if status is not None:
-                if j + 1 < len(results):
-                    del req.token_ids[len(req.token_ids) - len(results) + j + 1:]
-                    req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens)
-                return [r.token_id for r in results[:j + 1]], status
-        return [r.token_id for r in results], status
-
-    def _check_stop(self, req: Request, token: int, num_output: int) -> RequestStatus | None:
-        """Apply the stop rules to a new token, the `num_output`-th of the request; a stopping
-        token's own text is not output (unless a stop id with include_stop_str_in_output), as in vLLM."""
-        detok = self.detokenizers[req.request_id]
-        p = req.params
-        may_stop = num_output >= p.min_tokens
-        if may_stop and token in self.eos_token_ids and not p.ignore_eos:
-            return RequestStatus.FINISHED_STOPPED
-        if may_stop and p.stop_token_ids and token in p.stop_token_ids:
-            if p.include_stop_str_in_output:
-                detok.add_token(token)
-            req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        before = len(detok.text)
-        detok.add_token(token)
-        if may_stop and detok.stops and (stop := detok.find_stop(len(detok.text) - before)) is not None:
-            req.stop_reason = stop
-            return RequestStatus.FINISHED_STOPPED
-        if num_output >= req.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
-    def _make_output(self, req: Request, new_ids: list[int], error: str | None = None) -> RequestOutput:
-        detok = self.detokenizers[req.request_id]
-        finished = req.status.finished
-        if finished and not isinstance(req.stop_reason, str):  # a stop string already cut the text
-            detok.flush_pending()
-        delta = detok.pop_delta(finished)
-        lps = self.logprobs.get(req.request_id)  # copied below: outputs may be read on another thread
-        completion = CompletionOutput(
-            index=0, text=detok.text[:detok.sent], token_ids=req.output_token_ids,
-            finish_reason=req.status.value if finished else None, stop_reason=req.stop_reason,
-            logprobs=None if lps is None else list(lps),
-            cumulative_logprob=None if lps is None else self._cumulative(req, lps),
-            new_token_ids=new_ids, new_text=delta)
-        metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
-                                 self.clock() if finished else None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished,
-                             req.num_cached_tokens, metrics, error)
-
-    @staticmethod
-    def _cumulative(req: Request, lps: list[dict[int, float]]) -> float:
-        return sum(step[t] for step, t in zip(lps, req.output_token_ids))
-
     def _forget(self, req: Request) -> None:
         if self.speculator is not None:
             self.speculator.release(req)
         self.requests.pop(req.request_id, None)
-        self.detokenizers.pop(req.request_id, None)
-        self.logprobs.pop(req.request_id, None)
+        self.output_processor.forget(req.request_id)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers now (else they stop when the engine is collected or the

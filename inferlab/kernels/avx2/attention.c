@@ -37,12 +37,12 @@ IL_INLINE void score_tile(const float *qf, const void *const k[4], int dtype, co
     __m256 acc[3][4];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
-    for (int d = 0; d < D; d += 8) {
-        __m256 kv[4];
-        for (int j = 0; j < C; j++) kv[j] = load8(k[j], d, dtype);
-        for (int i = 0; i < R; i++) {
-            const __m256 qv = _mm256_load_ps(qf + i * D + d);
-            for (int j = 0; j < C; j++) acc[i][j] = _mm256_fmadd_ps(qv, kv[j], acc[i][j]);
+    for (int d = 0; d < D; d += 8) { /* 12 accumulators + 3 queries + 1 key: all 16 registers, no spill */
+        __m256 qv[3];
+        for (int i = 0; i < R; i++) qv[i] = _mm256_load_ps(qf + i * D + d);
+        for (int j = 0; j < C; j++) {
+            const __m256 kv = load8(k[j], d, dtype);
+            for (int i = 0; i < R; i++) acc[i][j] = _mm256_fmadd_ps(qv[i], kv, acc[i][j]);
         }
     }
     const __m256 z = _mm256_setzero_ps();
@@ -50,18 +50,22 @@ IL_INLINE void score_tile(const float *qf, const void *const k[4], int dtype, co
 }
 
 /* o[g][d0 .. d0 + 8W) += sum over nt keys of p[g][t] v[t][d0 ..], for G heads (p rows n apart; key t's
- * values at v + t * ts). */
+ * values at v + t * ts). `ahead`, unless NULL, is the same head's values in a block to come: each key
+ * asks for the lines this pass will read there, so the reads ahead are spread evenly over the work. */
 IL_INLINE void value_tile(const float *p, int n, const void *v, int64_t ts, int nt, int dtype, int d0, const int G,
-                          const int W, float *o, const int D) {
+                          const int W, float *o, const int D, const char *ahead) {
+    const int elem = il_elem_size(dtype);
     __m256 acc[3][4];
     for (int g = 0; g < G; g++)
         for (int c = 0; c < W; c++) acc[g][c] = _mm256_loadu_ps(o + g * D + d0 + 8 * c);
     for (int t = 0; t < nt; t++) {
-        __m256 vv[4];
-        for (int c = 0; c < W; c++) vv[c] = load8(v, t * ts + d0 + 8 * c, dtype);
-        for (int g = 0; g < G; g++) {
-            const __m256 w = _mm256_set1_ps(p[(int64_t)g * n + t]);
-            for (int c = 0; c < W; c++) acc[g][c] = _mm256_fmadd_ps(w, vv[c], acc[g][c]);
+        if (ahead)
+            for (int b = 0; b < W * 8 * elem; b += 64) _mm_prefetch(ahead + (t * ts + d0) * elem + b, _MM_HINT_T0);
+        __m256 w[3]; /* 12 accumulators + 3 weights + 1 value: all 16 registers, no spill */
+        for (int g = 0; g < G; g++) w[g] = _mm256_set1_ps(p[(int64_t)g * n + t]);
+        for (int c = 0; c < W; c++) {
+            const __m256 vv = load8(v, t * ts + d0 + 8 * c, dtype);
+            for (int g = 0; g < G; g++) acc[g][c] = _mm256_fmadd_ps(w[g], vv, acc[g][c]);
         }
     }
     for (int g = 0; g < G; g++)
@@ -99,12 +103,10 @@ IL_INLINE void attend_heads(const void *q, int64_t q_stride, const void *k_cache
         const int64_t ahead = t0 + PREFETCH_AHEAD * bs < n ? (int64_t)table[t0 / bs + PREFETCH_AHEAD] * bs * ts : -1;
         for (int t = 0; t < nt; t += 4) { /* scores of this block's keys, 4 slots (all heads) at a time */
             for (int h = h0; h < h1; h++) {
-                if (ahead >= 0) /* slots t .. t + 3 of the block ahead, this head's part */
+                if (ahead >= 0) /* keys t .. t + 3 of the block ahead, this head's part (its values: below) */
                     for (int j = t; j < t + 4 && j < bs; j++)
-                        for (int b = 0; b < D * elem; b += 64) {
+                        for (int b = 0; b < D * elem; b += 64)
                             _mm_prefetch((const char *)k_cache + (ahead + j * ts + (int64_t)h * D) * elem + b, _MM_HINT_T0);
-                            _mm_prefetch((const char *)v_cache + (ahead + j * ts + (int64_t)h * D) * elem + b, _MM_HINT_T0);
-                        }
                 const void *k[4]; /* past the block's keys: the last again, not stored */
                 for (int j = 0; j < 4; j++) k[j] = kb + ((t + j < nt ? t + j : nt - 1) * ts + (int64_t)h * D) * elem;
                 for (int g0 = 0; g0 < group; g0 += 3) {
@@ -140,9 +142,10 @@ IL_INLINE void attend_heads(const void *q, int64_t q_stride, const void *k_cache
                 const int G = group - g0 < 3 ? group - g0 : 3, first = (h - h0) * group + g0;
                 const float *p = scores + first * bs;
                 const void *v = vb + (int64_t)h * D * elem;
+                const char *v_ahead = ahead >= 0 ? (const char *)v_cache + (ahead + (int64_t)h * D) * elem : NULL;
                 for (int d0 = 0; d0 < D; d0 += 32) {
                     const int W = D - d0 < 32 ? (D - d0) / 8 : 4;
-#define VALUES(g, w) value_tile(p, bs, v, ts, nt, dtype, d0, g, w, o + first * D, D)
+#define VALUES(g, w) value_tile(p, bs, v, ts, nt, dtype, d0, g, w, o + first * D, D, v_ahead)
                     switch (G * 4 + W) {
                         case 5: VALUES(1, 1); break; case 6: VALUES(1, 2); break; case 7: VALUES(1, 3); break;
                         case 8: VALUES(1, 4); break; case 9: VALUES(2, 1); break; case 10: VALUES(2, 2); break;

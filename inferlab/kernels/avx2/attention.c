@@ -31,9 +31,11 @@ static inline void prefetch_block(const void *cache, const int32_t *table, int t
         for (int b = 0; b < row_bytes; b += 64) _mm_prefetch(base + t * token_stride * elem + b, _MM_HINT_T1);
 }
 
-/* out[j] lane i = q row i (of R, D apart) . key j (of C, pool rows at k[j]) */
-IL_INLINE void score_tile(const float *qf, const void *const k[4], int dtype, const int D, const int R, const int C,
-                          __m128 out[4]) {
+/* out[i] lane j = q row i (of R, D apart) . key j (of 4, pool rows at k[j]): a head's scores of 4 keys,
+ * stored as one vector. */
+IL_INLINE void score_tile(const float *qf, const void *const k[4], int dtype, const int D, const int R,
+                          __m128 out[3]) {
+    const int C = 4;
     __m256 acc[3][4];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
@@ -45,8 +47,7 @@ IL_INLINE void score_tile(const float *qf, const void *const k[4], int dtype, co
             for (int i = 0; i < R; i++) acc[i][j] = _mm256_fmadd_ps(qv[i], kv, acc[i][j]);
         }
     }
-    const __m256 z = _mm256_setzero_ps();
-    for (int j = 0; j < C; j++) out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : z, R > 2 ? acc[2][j] : z, z);
+    for (int i = 0; i < R; i++) out[i] = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
 }
 
 /* o[g][d0 .. d0 + 8W) += sum over nt keys of p[g][t] v[t][d0 ..], for G heads (p rows n apart; key t's
@@ -111,16 +112,20 @@ IL_INLINE void attend_heads(const void *q, int64_t q_stride, const void *k_cache
                 for (int j = 0; j < 4; j++) k[j] = kb + ((t + j < nt ? t + j : nt - 1) * ts + (int64_t)h * D) * elem;
                 for (int g0 = 0; g0 < group; g0 += 3) {
                     const int R = group - g0 < 3 ? group - g0 : 3, first = (h - h0) * group + g0;
-                    __m128 r[4];
+                    __m128 r[3];
                     switch (R) {
-                        case 1: score_tile(qf + first * D, k, dtype, D, 1, 4, r); break;
-                        case 2: score_tile(qf + first * D, k, dtype, D, 2, 4, r); break;
-                        default: score_tile(qf + first * D, k, dtype, D, 3, 4, r);
+                        case 1: score_tile(qf + first * D, k, dtype, D, 1, r); break;
+                        case 2: score_tile(qf + first * D, k, dtype, D, 2, r); break;
+                        default: score_tile(qf + first * D, k, dtype, D, 3, r);
                     }
-                    for (int j = 0; j < 4 && t + j < nt; j++) {
-                        float v[4];
-                        _mm_storeu_ps(v, r[j]);
-                        for (int g = 0; g < R; g++) scores[(first + g) * bs + t + j] = v[g];
+                    for (int g = 0; g < R; g++) { /* lanes past nt are never read */
+                        float *dst = scores + (first + g) * bs + t;
+                        if (t + 4 <= bs) _mm_storeu_ps(dst, r[g]);
+                        else {
+                            float v[4];
+                            _mm_storeu_ps(v, r[g]);
+                            for (int j = 0; j < 4 && t + j < nt; j++) dst[j] = v[j];
+                        }
                     }
                 }
             }

@@ -31,6 +31,19 @@ IL_INLINE void scale32(__m128i lo, __m128i hi, __m256 d, __m256 m, __m256 w[4]) 
     w[3] = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(hi, 8)), d, m);
 }
 
+/* The 32 weights of a Q4 block (low nibbles of bytes 0..15, then their high nibbles) as 4 x 8 floats:
+ * q * d + m. Bytes are widened to 32-bit lanes first, so one AND or shift takes out 8 nibbles and no
+ * byte shuffle is needed (fewer instructions than `scale32`, same values). */
+IL_INLINE void nibbles32(const uint8_t *qs, __m256 d, __m256 m, __m256 w[4]) {
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a, low4)), d, m);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), d, m);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), d, m);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), d, m);
+}
+
 /* Byte j of the result is 0x10 where bit j of h is set (the fifth bit of Q5 weight j). */
 IL_INLINE __m256i fifth_bits(uint32_t h) {
     const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h),
@@ -68,17 +81,16 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
         }
         case IL_W_Q4_0: {
             const il_q4_0 *b = (const il_q4_0 *)row + k / 32;
-            const __m128i v = _mm_loadu_si128((const __m128i *)b->qs);
             const float d = f16(b->d); /* (q - 8) d = q d - 8 d, with 8 d exact */
-            scale32(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm256_set1_ps(d),
-                    _mm256_set1_ps(-8.f * d), w);
+            nibbles32(b->qs, _mm256_set1_ps(d), _mm256_set1_ps(-8.f * d), w);
             return;
         }
-        case IL_W_Q4_1: {
+        case IL_W_Q4_1: { /* d and m side by side: both widened by one instruction */
             const il_q4_1 *b = (const il_q4_1 *)row + k / 32;
-            const __m128i v = _mm_loadu_si128((const __m128i *)b->qs);
-            scale32(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4),
-                    _mm256_set1_ps(f16(b->d)), _mm256_set1_ps(f16(b->m)), w);
+            int32_t dm;
+            memcpy(&dm, b, sizeof dm);
+            const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
+            nibbles32(b->qs, _mm256_broadcastss_ps(f), _mm256_broadcastss_ps(_mm_movehdup_ps(f)), w);
             return;
         }
         case IL_W_Q5_0: case IL_W_Q5_1: {

@@ -1,0 +1,73 @@
+"""Speed of the decode attention kernel: a 64-sequence decode step's attention over a paged KV pool
+laid out as the engine lays it (blocks scattered over a pool with transparent huge pages), the
+embedded model's heads (9 query, 3 KV, head_dim 64), against the time merely to read those blocks.
+
+    .venv/bin/python benchmarks/attention_speed.py [--isa avx2] [--threads 2] [--seqs 64]
+        [--context 300] [--dtype float32] [--in-cache]
+
+Prints ms per layer, the KV bytes read per second, and the same for 30 layers. `--in-cache` draws
+every sequence's blocks from 40 blocks, so the pool stays in cache: the arithmetic alone.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from inferlab import kernels
+from inferlab.runner import allocate_zeroed
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--isa", default=None, help="default: the best this CPU runs")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seqs", type=int, default=64)
+    ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--layers", type=int, default=8, help="pools cycled through, so each layer's come from memory")
+    ap.add_argument("--in-cache", action="store_true")
+    ap.add_argument("--repeat", type=int, default=5)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    k = kernels.for_isa(a.isa) if a.isa else kernels.native()
+    dtype = getattr(torch, a.dtype)
+    blocks_per_seq = -(-a.context // BLOCK)
+    pool_blocks = 40 if a.in_cache else 5825  # 5825: the engine's default pool for this model
+
+    def pool() -> torch.Tensor:
+        t = allocate_zeroed((pool_blocks, BLOCK, KV_HEADS, HEAD_DIM), dtype, torch.device("cpu"))
+        return t.normal_()
+    caches = [(pool(), pool()) for _ in range(a.layers)]
+    g = torch.Generator().manual_seed(0)
+    tables = torch.randint(0, pool_blocks, (a.seqs, blocks_per_seq), generator=g, dtype=torch.int32)
+    q = torch.randn(a.seqs, HEADS, HEAD_DIM, generator=g).to(dtype)
+    out = torch.empty_like(q)
+    rows = torch.arange(a.seqs, dtype=torch.int64)
+    seqs = torch.arange(a.seqs, dtype=torch.int32)
+    lens = torch.full((a.seqs,), a.context, dtype=torch.int32)
+
+    def step() -> None:
+        for kc, vc in caches:
+            k.paged_attention(q, q.stride(0), kc, vc, out, rows, seqs, lens, a.seqs, tables, tables.shape[1], HEADS,
+                              KV_HEADS, HEAD_DIM, BLOCK, HEAD_DIM ** -0.5, kernels.DTYPE_CODES[dtype])
+    step()
+    times = []
+    for _ in range(a.repeat):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    per_layer = min(times) / a.layers
+    kv_bytes = 2 * a.seqs * a.context * KV_HEADS * HEAD_DIM * q.element_size()
+    where = "in cache" if a.in_cache else "from memory"
+    print(f"ISA {k.isa}, {torch.get_num_threads()} threads, {a.seqs} sequences x {a.context} keys, {a.dtype}, "
+          f"{where}: {1e3 * per_layer:.2f} ms a layer, {kv_bytes / per_layer / 1e9:.1f} GB/s of K and V, "
+          f"{30e3 * per_layer:.0f} ms for 30 layers")
+
+
+if __name__ == "__main__":
+    main()

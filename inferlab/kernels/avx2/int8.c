@@ -73,15 +73,20 @@ IL_INLINE __m128i dot32(__m128i wl, __m128i wh, __m128i xl, __m128i xh, int sign
 }
 
 /* out[j] lane i = row i of x against weight row j, for i < R and j < C (constants at each call);
- * xds holds each input block's (d_x, s_x). */
-IL_INLINE void tile8(const int8_t *xq, const float *xds, int K, const uint8_t *const w[4], int wtype, const int R,
-                     const int C, __m128 out[4]) {
-    __m128 acc[4][4], corr[4][4];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < C; j++) acc[i][j] = corr[i][j] = _mm_setzero_ps();
+ * xds holds each input block's (d_x, s_x), sx4 each block's s_x of the 4 rows side by side. A weight
+ * row's c * s_x terms of all rows sum in one vector (lane i: row i), so 4 x 2 tiles keep their 8
+ * accumulators and 2 sums in registers. */
+IL_INLINE void tile8(const int8_t *xq, const float *xds, const float *sx4, int K, const uint8_t *const w[4], int wtype,
+                     const int R, const int C, __m128 out[4]) {
+    __m128 acc[4][4], corr[4];
+    for (int j = 0; j < C; j++) {
+        corr[j] = _mm_setzero_ps();
+        for (int i = 0; i < R; i++) acc[i][j] = _mm_setzero_ps();
+    }
     const int nb = K / 32;
     const int bb = il_block_bytes(wtype);
-    for (int b = 0; b < nb; b++)
+    for (int b = 0; b < nb; b++) {
+        const __m128 sx = _mm_loadu_ps(sx4 + 4 * b);
         for (int j = 0; j < C; j++) {
             _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
             __m128i wl, wh;
@@ -92,18 +97,18 @@ IL_INLINE void tile8(const int8_t *xq, const float *xds, int K, const uint8_t *c
                 const __m128 sc = _mm_mul_ps(dm, _mm_castpd_ps(_mm_load_sd((const double *)(xds + 2 * (i * nb + b)))));
                 acc[i][j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot32(wl, wh, xl, xh, wtype == IL_W_Q8_0)),
                                          _mm_shuffle_ps(sc, sc, 0), acc[i][j]);
-                if (wtype != IL_W_Q8_0) corr[i][j] = _mm_add_ps(corr[i][j], sc); /* lane 1: c * s_x summed */
             }
+            if (wtype != IL_W_Q8_0) /* c * s_x of each row (dm's lane 1 is c, or d for Q4_0/Q5_0) */
+                corr[j] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, _MM_SHUFFLE(1, 1, 1, 1)), sx, corr[j]);
         }
-    /* c / (what lane 1 summed): 1 for (d, m) pairs, Q4_0's -8 and Q5_0's -16 (exact scalings) */
+    }
+    /* c / (what corr summed): 1 for (d, m) pairs, Q4_0's -8 and Q5_0's -16 (exact scalings) */
     const float cf = wtype == IL_W_Q4_0 ? -8.f : wtype == IL_W_Q5_0 ? -16.f : 1.f;
     const __m128 zero = _mm_setzero_ps();
     for (int j = 0; j < C; j++) {
         const __m128 sums = _mm_hadd_ps(_mm_hadd_ps(acc[0][j], R > 1 ? acc[1][j] : zero),
                                         _mm_hadd_ps(R > 2 ? acc[2][j] : zero, R > 3 ? acc[3][j] : zero));
-        const __m128 c01 = _mm_shuffle_ps(corr[0][j], R > 1 ? corr[1][j] : zero, _MM_SHUFFLE(1, 1, 1, 1));
-        const __m128 c23 = _mm_shuffle_ps(R > 2 ? corr[2][j] : zero, R > 3 ? corr[3][j] : zero, _MM_SHUFFLE(1, 1, 1, 1));
-        out[j] = _mm_add_ps(sums, _mm_mul_ps(_mm_shuffle_ps(c01, c23, _MM_SHUFFLE(2, 0, 2, 0)), _mm_set1_ps(cf)));
+        out[j] = _mm_add_ps(sums, _mm_mul_ps(corr[j], _mm_set1_ps(cf)));
     }
 }
 
@@ -112,13 +117,13 @@ IL_INLINE void tile8(const int8_t *xq, const float *xds, int K, const uint8_t *c
 #define I8_CASE(T)                                                                                           \
     case T:                                                                                                \
         switch (R) {                                                                                       \
-            case 1: tile8(xq, xds, K, w, T, 1, 4, out); break;                                     \
-            case 2: tile8(xq, xds, K, w, T, 2, 2, out); break;                                     \
-            case 3: tile8(xq, xds, K, w, T, 3, 2, out); break;                                     \
-            default: tile8(xq, xds, K, w, T, 4, 2, out);                                           \
+            case 1: tile8(xq, xds, sx4, K, w, T, 1, 4, out); break;                                     \
+            case 2: tile8(xq, xds, sx4, K, w, T, 2, 2, out); break;                                     \
+            case 3: tile8(xq, xds, sx4, K, w, T, 3, 2, out); break;                                     \
+            default: tile8(xq, xds, sx4, K, w, T, 4, 2, out);                                           \
         }                                                                                                  \
         break
-static void tile_int8(const int8_t *xq, const float *xds, int K, const uint8_t *const w[4], int wtype, int R,
+static void tile_int8(const int8_t *xq, const float *xds, const float *sx4, int K, const uint8_t *const w[4], int wtype, int R,
                       __m128 out[4]) {
     switch (wtype) { I8_CASE(IL_W_Q8_0); I8_CASE(IL_W_Q4_0); I8_CASE(IL_W_Q4_1); I8_CASE(IL_W_Q5_0); default: I8_CASE(IL_W_Q5_1); }
 }
@@ -131,8 +136,9 @@ int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const
     int8_t *xq = malloc((size_t)rows * K);
     /* (d_x, s_x) of each block side by side, then d_x and s_x apart as the quantizer writes them */
     float *xds = malloc(4 * sizeof(float) * (size_t)rows * nb);
-    if (!xq || !xds) {
-        free(xq), free(xds);
+    float *sx4 = calloc((size_t)(rows + 3) / 4 * nb * 4, sizeof(float)); /* [row / 4][block][row % 4]: s_x */
+    if (!xq || !xds || !sx4) {
+        free(xq), free(xds), free(sx4);
         return 2;
     }
 #pragma omp parallel num_threads(num_threads)
@@ -142,7 +148,10 @@ int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const
             float *d = xds + 2 * (int64_t)rows * nb + 2 * (int64_t)m * nb, *s = d + nb;
             il_quantize_row_q8((const char *)x + (int64_t)m * ldx * il_elem_size(dtype), dtype, K, xq + (int64_t)m * K,
                                d, s);
-            for (int b = 0; b < nb; b++) xds[2 * ((int64_t)m * nb + b)] = d[b], xds[2 * ((int64_t)m * nb + b) + 1] = s[b];
+            for (int b = 0; b < nb; b++) {
+                xds[2 * ((int64_t)m * nb + b)] = d[b], xds[2 * ((int64_t)m * nb + b) + 1] = s[b];
+                sx4[((int64_t)(m / 4) * nb + b) * 4 + m % 4] = s[b];
+            }
         }
         const int panels = (N + I8_PANEL - 1) / I8_PANEL;
 #pragma omp for schedule(static)
@@ -154,7 +163,7 @@ int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const
                     const uint8_t *wr[4];
                     for (int j = 0; j < 4; j++) wr[j] = (const uint8_t *)w + (n + j < n1 ? n + j : n1 - 1) * rb;
                     __m128 out[4];
-                    tile_int8(xq + (int64_t)m * K, xds + 2 * (int64_t)m * nb, K, wr, wtype, R, out);
+                    tile_int8(xq + (int64_t)m * K, xds + 2 * (int64_t)m * nb, sx4 + (int64_t)m * nb, K, wr, wtype, R, out);
                     const int C = n1 - n < cols ? n1 - n : cols;
                     for (int j = 0; j < C; j++) {
                         float v[4];
@@ -166,6 +175,6 @@ int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const
             }
         }
     }
-    free(xq), free(xds);
+    free(xq), free(xds), free(sx4);
     return 0;
 }

@@ -73,11 +73,11 @@ IL_INLINE __m128i dot32(__m128i wl, __m128i wh, __m128i xl, __m128i xh, int sign
 }
 
 /* out[j] lane i = row i of x against weight row j, for i < R and j < C (constants at each call);
- * xds holds each input block's (d_x, s_x), sx4 each block's s_x of the 4 rows side by side. A weight
- * row's c * s_x terms of all rows sum in one vector (lane i: row i), so 4 x 2 tiles keep their 8
- * accumulators and 2 sums in registers. */
-IL_INLINE void tile8(const int8_t *xq, const float *xds, const float *sx4, int K, const uint8_t *const w[4], int wtype,
-                     const int R, const int C, __m128 out[4]) {
+ * x4 holds, per input block, the 4 rows' d_x then their s_x (lane i: row i). A weight row's scales
+ * d * d_x and its c * s_x terms are then one vector product for all rows, and the c * s_x terms sum
+ * in one vector, so 4 x 2 tiles keep their 8 accumulators and 2 sums in registers. */
+IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], int wtype, const int R,
+                     const int C, __m128 out[4]) {
     __m128 acc[4][4], corr[4];
     for (int j = 0; j < C; j++) {
         corr[j] = _mm_setzero_ps();
@@ -86,17 +86,17 @@ IL_INLINE void tile8(const int8_t *xq, const float *xds, const float *sx4, int K
     const int nb = K / 32;
     const int bb = il_block_bytes(wtype);
     for (int b = 0; b < nb; b++) {
-        const __m128 sx = _mm_loadu_ps(sx4 + 4 * b);
+        const __m128 dx = _mm_loadu_ps(x4 + 8 * b), sx = _mm_loadu_ps(x4 + 8 * b + 4);
         for (int j = 0; j < C; j++) {
             _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
             __m128i wl, wh;
             const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh);
+            const __m128 scale = _mm_mul_ps(_mm_shuffle_ps(dm, dm, 0), dx); /* lane i: d * d_x of row i */
             for (int i = 0; i < R; i++) {
                 const int8_t *xb = xq + (int64_t)i * K + 32 * b;
                 const __m128i xl = _mm_loadu_si128((const __m128i *)xb), xh = _mm_loadu_si128((const __m128i *)(xb + 16));
-                const __m128 sc = _mm_mul_ps(dm, _mm_castpd_ps(_mm_load_sd((const double *)(xds + 2 * (i * nb + b)))));
                 acc[i][j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot32(wl, wh, xl, xh, wtype == IL_W_Q8_0)),
-                                         _mm_shuffle_ps(sc, sc, 0), acc[i][j]);
+                                         _mm_permutevar_ps(scale, _mm_set1_epi32(i)), acc[i][j]);
             }
             if (wtype != IL_W_Q8_0) /* c * s_x of each row (dm's lane 1 is c, or d for Q4_0/Q5_0) */
                 corr[j] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, _MM_SHUFFLE(1, 1, 1, 1)), sx, corr[j]);
@@ -117,13 +117,13 @@ IL_INLINE void tile8(const int8_t *xq, const float *xds, const float *sx4, int K
 #define I8_CASE(T)                                                                                           \
     case T:                                                                                                \
         switch (R) {                                                                                       \
-            case 1: tile8(xq, xds, sx4, K, w, T, 1, 4, out); break;                                     \
-            case 2: tile8(xq, xds, sx4, K, w, T, 2, 2, out); break;                                     \
-            case 3: tile8(xq, xds, sx4, K, w, T, 3, 2, out); break;                                     \
-            default: tile8(xq, xds, sx4, K, w, T, 4, 2, out);                                           \
+            case 1: tile8(xq, x4, K, w, T, 1, 4, out); break;                                     \
+            case 2: tile8(xq, x4, K, w, T, 2, 2, out); break;                                     \
+            case 3: tile8(xq, x4, K, w, T, 3, 2, out); break;                                     \
+            default: tile8(xq, x4, K, w, T, 4, 2, out);                                           \
         }                                                                                                  \
         break
-static void tile_int8(const int8_t *xq, const float *xds, const float *sx4, int K, const uint8_t *const w[4], int wtype, int R,
+static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], int wtype, int R,
                       __m128 out[4]) {
     switch (wtype) { I8_CASE(IL_W_Q8_0); I8_CASE(IL_W_Q4_0); I8_CASE(IL_W_Q4_1); I8_CASE(IL_W_Q5_0); default: I8_CASE(IL_W_Q5_1); }
 }
@@ -134,23 +134,22 @@ int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const
     const int nb = K / 32;
     const int64_t rb = il_row_bytes(wtype, K);
     int8_t *xq = malloc((size_t)rows * K);
-    /* (d_x, s_x) of each block side by side, then d_x and s_x apart as the quantizer writes them */
-    float *xds = malloc(4 * sizeof(float) * (size_t)rows * nb);
-    float *sx4 = calloc((size_t)(rows + 3) / 4 * nb * 4, sizeof(float)); /* [row / 4][block][row % 4]: s_x */
-    if (!xq || !xds || !sx4) {
-        free(xq), free(xds), free(sx4);
+    float *ds = malloc(2 * sizeof(float) * (size_t)rows * nb); /* per row: d_x then s_x, as the quantizer writes */
+    float *x4 = calloc((size_t)(rows + 3) / 4 * nb * 8, sizeof(float)); /* [row / 4][block]: 4 d_x, 4 s_x */
+    if (!xq || !ds || !x4) {
+        free(xq), free(ds), free(x4);
         return 2;
     }
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(static)
         for (int m = 0; m < rows; m++) {
-            float *d = xds + 2 * (int64_t)rows * nb + 2 * (int64_t)m * nb, *s = d + nb;
+            float *d = ds + 2 * (int64_t)m * nb, *s = d + nb;
             il_quantize_row_q8((const char *)x + (int64_t)m * ldx * il_elem_size(dtype), dtype, K, xq + (int64_t)m * K,
                                d, s);
             for (int b = 0; b < nb; b++) {
-                xds[2 * ((int64_t)m * nb + b)] = d[b], xds[2 * ((int64_t)m * nb + b) + 1] = s[b];
-                sx4[((int64_t)(m / 4) * nb + b) * 4 + m % 4] = s[b];
+                float *blk = x4 + ((int64_t)(m / 4) * nb + b) * 8 + m % 4;
+                blk[0] = d[b], blk[4] = s[b];
             }
         }
         const int panels = (N + I8_PANEL - 1) / I8_PANEL;
@@ -163,7 +162,7 @@ int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const
                     const uint8_t *wr[4];
                     for (int j = 0; j < 4; j++) wr[j] = (const uint8_t *)w + (n + j < n1 ? n + j : n1 - 1) * rb;
                     __m128 out[4];
-                    tile_int8(xq + (int64_t)m * K, xds + 2 * (int64_t)m * nb, sx4 + (int64_t)m * nb, K, wr, wtype, R, out);
+                    tile_int8(xq + (int64_t)m * K, x4 + (int64_t)m * nb * 2, K, wr, wtype, R, out);
                     const int C = n1 - n < cols ? n1 - n : cols;
                     for (int j = 0; j < C; j++) {
                         float v[4];
@@ -175,6 +174,6 @@ int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const
             }
         }
     }
-    free(xq), free(xds), free(sx4);
+    free(xq), free(ds), free(x4);
     return 0;
 }

@@ -193,13 +193,12 @@ class ModelRunner:
         """The model on one step: logits of the rows where a token is due (None if there are none,
         or on a tensor-parallel rank other than 0)."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
+        keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         if self.tape is not None and self.tape.covers(meta, input_ids.numel()):
-            hidden = self.tape(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sample_rows:
-            return None
-        return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            hidden = self.tape(input_ids, positions, meta)[keep]
+        else:  # only the sampled rows go on past the last layer's attention (with none: all, unused)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, keep if sample_rows else None)
+        return self.model.compute_logits(hidden) if sample_rows else None
 
     @torch.inference_mode()
     def sample(self, scheduled: list[tuple[Request, int]], batch: StepBatch,

@@ -61,11 +61,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, kv_cache, meta):
+    def forward(self, x, residual, cos, sin, kv_cache, meta, keep: torch.Tensor | None = None):
         """Takes and returns (this layer's input, the residual stream before it); the residual
-        add happens inside the next norm, fused."""
+        add happens inside the next norm, fused. `keep`: the rows to go on with after attention (the
+        last layer's, where only the rows that get logits matter; every row's K and V are written)."""
         h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, kv_cache, meta), residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        if keep is not None:
+            h, residual = h[keep], residual[keep]
+        h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
 

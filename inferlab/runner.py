@@ -32,11 +32,14 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     every page: seconds for a few GiB). Blocks lie anywhere in it, so attention would miss the TLB
     at almost every block with 4 KiB pages: the pool asks for transparent huge pages (2 MiB) where
     Linux offers them (measured, 64 decodes x 300 keys, one core: attention 210 -> 192 ms a step,
-    the whole step 744 -> 689 ms)."""
+    the whole step 744 -> 689 ms). The mapping is private: a shared one is shmem, which Linux backs
+    with huge pages only where shmem_enabled says so, by default never (so on the AVX2 VM the pool had
+    none: attention_speed.py 2.57 -> 2.44 ms a layer once private)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
-    buf = mmap.mmap(-1, max(1, numel * torch.empty(0, dtype=dtype).element_size()))
+    buf = mmap.mmap(-1, max(1, numel * torch.empty(0, dtype=dtype).element_size()),
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)

@@ -57,8 +57,7 @@ IL_INLINE void micro(const float *x, int64_t lx, const float *w, int64_t lw, int
     }
     const __m256 zero = _mm256_setzero_ps();
     for (int j = 0; j < C; j++)
-        out[j] = R == MR ? hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j])
-                         : hsum4(acc[0][j], R > 1 ? acc[1][j] : zero, R > 2 ? acc[2][j] : zero, zero);
+        out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : zero, R > 2 ? acc[2][j] : zero, R > 3 ? acc[3][j] : zero);
 }
 
 /* The whole tile on whole 8s, the one nearly every call is, compiled on its own: with the loop sure

@@ -211,16 +211,6 @@ static void tile_direct(const float *x, int64_t lx, const uint8_t *const w[DC], 
 
 static inline void store_tile(void *y, int64_t ldy, const void *bias, int dtype, int m, int n, int R, int C,
                               const __m128 *out) {
-    if (dtype == IL_F32 && !bias && R == MR) { /* the common case: lanes straight from the registers */
-        float *yf = (float *)y + (int64_t)m * ldy + n;
-        for (int j = 0; j < C; j++) {
-            _mm_store_ss(yf + j, out[j]);
-            *(int *)(yf + ldy + j) = _mm_extract_ps(out[j], 1);
-            *(int *)(yf + 2 * ldy + j) = _mm_extract_ps(out[j], 2);
-            *(int *)(yf + 3 * ldy + j) = _mm_extract_ps(out[j], 3);
-        }
-        return;
-    }
     for (int j = 0; j < C; j++) {
         float v[4];
         _mm_storeu_ps(v, out[j]);

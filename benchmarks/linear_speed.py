@@ -2,10 +2,11 @@
 (dequantized) weights: the embedded model's layer shapes, fastest of several runs.
 
     .venv/bin/python benchmarks/linear_speed.py [--isa avx2] [--threads 2] [--types f32,q4_1]
-        [--rows 1,16,64,512] [--int8]
+        [--rows 1,16,64,512] [--int8] [--dtype bfloat16]
 
 Prints, per (type, rows): ms per call for the 120 layer matmuls of one step (qkv, o, gate/up, down
-of 30 layers), the GFLOP/s that makes, the weight bytes read per second, and PyTorch's fp32 time.
+of 30 layers), the GFLOP/s that makes, the weight bytes read per second, and PyTorch's time on the
+dequantized weights in the activations' dtype (`--dtype`, fp32 by default).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--int8", action="store_true", help="int8 activations where the weight type has them")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activations")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the process's CPU seconds (with --threads 1: what a kernel costs on a busy machine)")
     a = ap.parse_args()
@@ -47,7 +49,8 @@ def main() -> None:
     k = kernels.for_isa(a.isa) if a.isa else kernels.native()
     kernels.native = lambda: k  # the layers' dispatcher uses this ISA
     print(f"ISA {k.isa}, {torch.get_num_threads()} threads; {a.layers} layers x {len(SHAPES)} matmuls per step")
-    print("| type | rows | ms | GFLOP/s | weight GB/s | torch fp32 ms |\n|---|---|---|---|---|---|")
+    dtype = getattr(torch, a.dtype)
+    print(f"| type | rows | ms | GFLOP/s | weight GB/s | torch {a.dtype} ms |\n|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for name in a.types.split(","):
         wtype = quant.BY_NAME[name.lower()]
@@ -58,11 +61,11 @@ def main() -> None:
             dense = torch.randn(n, kk, generator=g) * kk ** -0.5
             stored = quant.quantize(dense, wtype) if wtype.dtype or wtype.quantizable else \
                 quant.random_stored(wtype, n, kk, seed=n + kk)
-            layers.append((stored, quant.dequantize(stored, wtype)))
+            layers.append((stored, quant.dequantize(stored, wtype).to(dtype)))
         weight_bytes = sum(w.numel() * w.element_size() for w, _ in layers) * a.layers
         flops_per_row = 2 * sum(kk * n for kk, n in shapes) * a.layers
         for rows in map(int, a.rows.split(",")):
-            xs = {kk: torch.randn(rows, kk, generator=g) for kk, _ in shapes}
+            xs = {kk: torch.randn(rows, kk, generator=g).to(dtype) for kk, _ in shapes}
 
             calls = [(xs[kk], w, d) for (w, d), (kk, _) in zip(layers, shapes)] * a.layers
 

@@ -77,6 +77,23 @@ def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(isa, wtype, i
     torch.set_num_threads(2)
 
 
+@pytest.mark.parametrize("wtype", [quant.BF16, quant.Q8_0, quant.Q4_1], ids=str)
+def test_a_bf16_rows_result_does_not_depend_on_its_batch(isa, wtype, monkeypatch):
+    """Up to a decode step's rows (the tape's limit), bf16 activations too: a few-row and a many-row
+    call (AVX512-BF16: tiles of 1 x 16 up to 4 x 4) sum each output in one order."""
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    w = random_weights(wtype, 50, 288, seed=9)  # 288: a masked tail past the last 32 pairs
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(kernels.C["IL_MAX_ROWS"], 288, generator=g).bfloat16()
+    bias = torch.randn(50, generator=g).bfloat16()
+    batch = linear(x, w, wtype, bias)
+    for rows in (1, 2, 3, 4, 7):
+        assert torch.equal(linear(x[:rows], w, wtype, bias), batch[:rows]), rows
+    assert torch.equal(linear(x[5:6], w, wtype, bias)[0], batch[5])
+    want = x.double() @ quant.dequantize(w, wtype).double().T + bias.double()
+    torch.testing.assert_close(batch.double(), want, rtol=8e-3, atol=1e-2)
+
+
 @pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1], ids=str)
 def test_int8_activations_multiply_the_quantized_inputs_exactly(isa, wtype, monkeypatch):
     """The int8 path's result is the product of the int8-rounded inputs with the stored weights, up

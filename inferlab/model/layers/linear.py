@@ -17,10 +17,11 @@ from inferlab import kernels
 from inferlab.model.layers import quant
 from inferlab.model.layers.quant import WeightType
 
-# Rows past which a bf16 x bf16 matmul goes to PyTorch (oneDNN on the CPU's bf16 units), by ISA: the
-# AMX tile kernel reads the weights at memory speed up to 64 rows, the AVX512-BF16 one up to 4; past
-# that oneDNN's blocking wins.
-TORCH_BF16_PAST_ROWS = {"amx": kernels.C["IL_MAX_ROWS"], "avx512": 4}
+# Rows past which a bf16 x bf16 matmul goes to PyTorch (oneDNN on the CPU's bf16 units), by ISA: up
+# to a decode step's 64 rows the kernels read the weights as stored (AMX tiles; AVX512-BF16 tiles,
+# where oneDNN repacking each layer's weights from memory took twice its in-cache time), so a tape
+# can replay the step; past that (prefill) oneDNN's blocking wins.
+TORCH_BF16_PAST_ROWS = {"amx": kernels.C["IL_MAX_ROWS"], "avx512": kernels.C["IL_MAX_ROWS"]}
 
 
 # Weight types the int8-activation path multiplies in integers (the kernels' il_int8_type)

@@ -135,6 +135,16 @@ def test_elementwise_ops_match_their_reference(isa, dtype, tol, monkeypatch):
     torch.testing.assert_close(new_sum, ref_sum)  # the sum, exactly as the reference rounds it
     torch.testing.assert_close(norm.rms_norm(x, weight, 1e-6)[0].float(),
                                norm.rms_norm_ref(x, weight, 1e-6)[0].float(), atol=tol, rtol=tol)
+    # the residual stream in fp32 under a bf16 model: added and kept in fp32, the output in weight's dtype
+    stream = torch.randn(37, 96, generator=g)
+    ref_out, ref_sum = norm.rms_norm_ref(x, weight, 1e-6, stream.clone())
+    out, new_sum = norm.rms_norm(x, weight, 1e-6, stream)
+    assert out.dtype == dtype and new_sum.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(new_sum, ref_sum)
+    first, _ = norm.rms_norm(stream, weight, 1e-6)  # the first layer's norm of the fp32 embedding
+    assert first.dtype == dtype
+    torch.testing.assert_close(first.float(), norm.rms_norm_ref(stream, weight, 1e-6)[0].float(), atol=tol, rtol=tol)
     heads = torch.randn(37, 5, 96, generator=g).to(dtype)[:, 1:4]  # per-head norms on a strided view (Qwen3)
     torch.testing.assert_close(norm.rms_norm(heads, weight, 1e-6)[0].float(),
                                norm.rms_norm_ref(heads, weight, 1e-6)[0].float(), atol=tol, rtol=tol)

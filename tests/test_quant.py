@@ -94,6 +94,21 @@ def test_a_bf16_rows_result_does_not_depend_on_its_batch(isa, wtype, monkeypatch
     torch.testing.assert_close(batch.double(), want, rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("wtype", [quant.BF16, quant.Q8_0, quant.Q4_1], ids=str)
+def test_fp32_output_of_bf16_inputs_is_not_rounded(isa, wtype, monkeypatch):
+    """A bf16 model's logits: fp32 out keeps the sums as they are, within fp32 summation of the
+    exact products of the bf16 inputs (a bf16 out would round them to 8 bits)."""
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    w = random_weights(wtype, 37, 512, seed=wtype.code + 3)
+    dense = quant.dequantize(w, wtype).double()
+    x = torch.randn(kernels.C["IL_MAX_ROWS"], 512, generator=torch.Generator().manual_seed(12)).bfloat16()
+    for rows in (1, 5, 64):
+        got = linear(x[:rows], w, wtype, out_dtype=torch.float32)
+        assert got.dtype == torch.float32
+        want = x[:rows].double() @ dense.T
+        assert (got.double() - want).abs().le(_bound(x[:rows].float(), dense.float())).all(), rows
+
+
 @pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1], ids=str)
 def test_int8_activations_multiply_the_quantized_inputs_exactly(isa, wtype, monkeypatch):
     """The int8 path's result is the product of the int8-rounded inputs with the stored weights, up

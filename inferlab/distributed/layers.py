@@ -129,6 +129,10 @@ class ParallelLMHead(Linear):
         per = -(-vocab_size // tp.size)
         super().__init__(dim, per)
         self.tp, self.vocab_size, self.start = tp, vocab_size, tp.rank * per
+        # fp32 logits whatever the model's dtype: rounded to bf16 they move in steps of 0.125 at the
+        # usual magnitudes, more than a real near-tie (the France question's first token: "The"
+        # leads "L" by 0.08 in fp32; bf16 logits made them equal), so rounding would pick the answer
+        self.out_dtype = torch.float32
 
     def weight_loader(self, param: nn.Parameter, data: torch.Tensor, shard: int | None = None,
                       wtype: WeightType | None = None) -> None:

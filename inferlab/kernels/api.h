@@ -7,15 +7,15 @@
  * or 2 when out of memory (1 is kept for "this build cannot run it": only prefill_attention).
  */
 
-/* y[rows, N] = x[rows, K] W^T (+ bias[N]), x and y in `dtype` with row strides ldx and ldy, W as
- * stored: N rows of K weights of type `wtype`. With act = IL_ACT_FLOAT the weights are dequantized
+/* y[rows, N] = x[rows, K] W^T (+ bias[N]), x and bias in `dtype`, y in `ydtype` (`dtype`, or fp32:
+ * a bf16 model's logits, unrounded), row strides ldx and ldy, W as stored: N rows of K weights of type `wtype`. With act = IL_ACT_FLOAT the weights are dequantized
  * in registers, never rounded, and the products summed in fp32: the result is the dequantized
  * matrix's product. With act = IL_ACT_INT8 and a 32-weight integer block type (Q8_0, Q4_0, Q4_1,
  * Q5_0, Q5_1), each 32 inputs of a row are quantized to int8 first (as llama.cpp's Q8_0 does) and
  * blocks are multiplied in integers: faster, and the inputs' rounding moves the result a little;
  * other types ignore it. */
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
-               int K, int N, int dtype, int act, int num_threads);
+               int K, int N, int dtype, int ydtype, int act, int num_threads);
 
 /* out[rows, K] (dtype) = the rows ids[rows] of W, dequantized: an embedding lookup. */
 void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int rows, int K, int dtype,
@@ -28,9 +28,10 @@ int IL(quantize)(void *w, int wtype, const float *x, int64_t n, int K, int num_t
 
 /* x: [rows, groups, dim], rows x_stride elements apart, groups dense. out (dense, same shape) =
  * norm(x) * weight per dim-vector. With a residual ([rows, dim], groups = 1): residual += x, then
- * out = norm(residual) * weight (the sum is kept for the next layer). */
+ * out = norm(residual) * weight (the sum is kept for the next layer). out and weight in `dtype`, x
+ * in `xdtype`, residual in `rdtype`: the residual stream stays fp32 in a bf16 model. */
 void IL(rms_norm)(void *out, const void *x, int64_t x_stride, void *residual, const void *weight, int rows, int groups,
-                  int dim, float eps, int dtype, int num_threads);
+                  int dim, float eps, int dtype, int xdtype, int rdtype, int num_threads);
 
 /* gate_up: [rows, 2 * dim] (gate, then up) -> out [rows, dim] = silu(gate) * up. */
 void IL(silu_and_mul)(void *out, const void *gate_up, int rows, int dim, int dtype, int num_threads);

@@ -216,6 +216,6 @@ class CausalLM(nn.Module):
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in the model's dtype: greedy sampling takes its argmax as it is, the rest widens.
-        Under tensor parallelism, on rank 0 only (None on the others)."""
+        """Logits in fp32 (see `ParallelLMHead`). Under tensor parallelism, on rank 0 only (None on
+        the others)."""
         return self.lm_head(hidden)

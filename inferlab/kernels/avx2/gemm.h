@@ -9,7 +9,7 @@
 
 /* The int8-activation path (int8.c), which `linear` hands those calls to. */
 int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
-                     int rows, int K, int N, int dtype, int num_threads);
+                     int rows, int K, int N, int dtype, int ydtype, int num_threads);
 
 /* Bytes ahead of a row's current block the few-row paths ask for: a few weight rows stream at once,
  * too slowly for the hardware prefetcher to run far enough ahead (measured, one core, weights in

@@ -130,7 +130,7 @@ static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *c
 #undef I8_CASE
 
 int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
-                     int rows, int K, int N, int dtype, int num_threads) {
+                     int rows, int K, int N, int dtype, int ydtype, int num_threads) {
     const int nb = K / 32;
     const int64_t rb = il_row_bytes(wtype, K);
     int8_t *xq = malloc((size_t)rows * K);
@@ -168,7 +168,7 @@ int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const
                         float v[4];
                         _mm_storeu_ps(v, out[j]);
                         const float bj = bias ? il_ld(bias, n + j, dtype) : 0.f;
-                        for (int i = 0; i < R; i++) il_st(y, (int64_t)(m + i) * ldy + n + j, v[i] + bj, dtype);
+                        for (int i = 0; i < R; i++) il_st(y, (int64_t)(m + i) * ldy + n + j, v[i] + bj, ydtype);
                     }
                 }
             }

@@ -209,23 +209,23 @@ static void tile_direct(const float *x, int64_t lx, const uint8_t *const w[DC], 
 /* Rows up to which weights are decoded in registers for each call rather than into a panel. */
 #define DIRECT_MAX_ROWS 2
 
-static inline void store_tile(void *y, int64_t ldy, const void *bias, int dtype, int m, int n, int R, int C,
-                              const __m128 *out) {
+static inline void store_tile(void *y, int64_t ldy, const void *bias, int dtype, int ydtype, int m, int n, int R,
+                              int C, const __m128 *out) {
     for (int j = 0; j < C; j++) {
         float v[4];
         _mm_storeu_ps(v, out[j]);
         const float b = bias ? il_ld(bias, n + j, dtype) : 0.f;
-        for (int i = 0; i < R; i++) il_st(y, (int64_t)(m + i) * ldy + n + j, v[i] + b, dtype);
+        for (int i = 0; i < R; i++) il_st(y, (int64_t)(m + i) * ldy + n + j, v[i] + b, ydtype);
     }
 }
 
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
-               int K, int N, int dtype, int act, int num_threads) {
+               int K, int N, int dtype, int ydtype, int act, int num_threads) {
     if (rows <= 0) return 0;
     if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
-        return linear_int8_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, num_threads);
+        return linear_int8_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     if (il_block_elems(wtype) == 0)
-        return linear_generic(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, act, num_threads);
+        return linear_generic(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
     const float *xf = x;
     int64_t lx = ldx;
     float *xbuf = NULL;
@@ -263,7 +263,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
                         for (int j = 0; j < cols; j++) rows_w[j] = (const uint8_t *)w + (n + j < n1 ? n + j : n1 - 1) * rb;
                         __m128 out[DC];
                         tile_direct(xf + (int64_t)m0 * lx, lx, rows_w, wtype, K, R, out);
-                        store_tile(y, ldy, bias, dtype, m0, n, R, n1 - n < cols ? n1 - n : cols, out);
+                        store_tile(y, ldy, bias, dtype, ydtype, m0, n, R, n1 - n < cols ? n1 - n : cols, out);
                     }
                     continue;
                 }
@@ -282,7 +282,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
                             _mm_prefetch(next + 64 * line, _MM_HINT_T1);
                         __m128 out[NR];
                         tile(xf + (int64_t)m * lx, lx, wp + (int64_t)(n - n0) * K, K, K, R, C, out);
-                        store_tile(y, ldy, bias, dtype, m, n, R, C, out);
+                        store_tile(y, ldy, bias, dtype, ydtype, m, n, R, C, out);
                     }
             }
             free(buf);

@@ -21,7 +21,7 @@
  * 4 x 4, the few-row shapes streaming more weight rows at once. Weight rows past C repeat the last
  * one (their sums are computed and dropped). Every output is one accumulator's lanes summed in one
  * fixed order, whatever the tile shape. */
-IL_INLINE void tile(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+IL_INLINE void tile(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, void *y, int f32,
                     int64_t ldy, int64_t m, int64_t n, const int R, const int T, int C, int K) {
     const uint16_t *wr[16];
     for (int j = 0; j < T; j++) wr[j] = w + (n + (j < C ? j : C - 1)) * (int64_t)K;
@@ -52,27 +52,33 @@ IL_INLINE void tile(const uint16_t *x, int64_t ldx, const uint16_t *w, const uin
             for (int j = 0; j < C; j++) b[i * T + j] = il_bf16_to_f32(bias[n + j]);
         sum = _mm512_add_ps(sum, _mm512_loadu_ps(b));
     }
+    if (f32) { /* fp32 out: the sums as they are */
+        float out[16];
+        _mm512_storeu_ps(out, sum);
+        for (int i = 0; i < R; i++) memcpy((float *)y + (m + i) * ldy + n, out + i * T, sizeof(float) * C);
+        return;
+    }
     uint16_t out[16];
     _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(sum)); /* nearest even, as PyTorch */
-    for (int i = 0; i < R; i++) memcpy(y + (m + i) * ldy + n, out + i * T, sizeof(uint16_t) * C);
+    for (int i = 0; i < R; i++) memcpy((uint16_t *)y + (m + i) * ldy + n, out + i * T, sizeof(uint16_t) * C);
 }
 
 /* The tiles of input rows m .. m+R (R <= TM) against weight rows [p, p1), with a share of the next
  * panel's lines prefetched per tile (from `line`, `per_tile` a tile) so that they are in cache when
  * it starts instead of its first input rows waiting on memory. */
-IL_INLINE int64_t row_group(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, uint16_t *y,
-                            int64_t ldy, int64_t m, int64_t p, int64_t p1, const int R, const int T, int K,
+IL_INLINE int64_t row_group(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, void *y,
+                            int f32, int64_t ldy, int64_t m, int64_t p, int64_t p1, const int R, const int T, int K,
                             const char *next, int64_t line, int64_t per_tile, int64_t next_lines) {
     for (int64_t n = p; n < p1; n += T) {
         for (const int64_t end = line + per_tile < next_lines ? line + per_tile : next_lines; line < end; line++)
             _mm_prefetch(next + 64 * line, _MM_HINT_T1);
-        tile(x, ldx, w, bias, y, ldy, m, n, R, T, p1 - n < T ? (int)(p1 - n) : T, K);
+        tile(x, ldx, w, bias, y, f32, ldy, m, n, R, T, p1 - n < T ? (int)(p1 - n) : T, K);
     }
     return line;
 }
 
-static void gemm(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t ldy,
-                 int rows, int K, int N, int num_threads) {
+static void gemm(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, void *y, int f32,
+                 int64_t ldy, int rows, int K, int N, int num_threads) {
     const int groups = (N + 15) / 16; /* a thread's weight rows: one contiguous range, whole 16s */
 #pragma omp parallel num_threads(num_threads)
     {
@@ -87,7 +93,7 @@ static void gemm(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16
             int64_t line = 0;
             for (int64_t m = 0; m < rows; m += TM)
                 switch (rows - m < TM ? rows - m : TM) {
-#define GROUP(R, T) line = row_group(x, ldx, w, bias, y, ldy, m, p, p1, R, T, K, next, line, per_tile, next_lines)
+#define GROUP(R, T) line = row_group(x, ldx, w, bias, y, f32, ldy, m, p, p1, R, T, K, next, line, per_tile, next_lines)
                     case 1: GROUP(1, 16); break;
                     case 2: GROUP(2, 8); break;
                     case 3: GROUP(3, 5); break;
@@ -99,9 +105,9 @@ static void gemm(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16
 }
 
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
-               int K, int N, int dtype, int act, int num_threads) {
-    if (wtype != IL_W_BF16 || dtype != IL_BF16 || rows < 1 || K % 2)
-        return linear_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, act, num_threads);
-    gemm(x, ldx, w, bias, y, ldy, rows, K, N, num_threads);
+               int K, int N, int dtype, int ydtype, int act, int num_threads) {
+    if (wtype != IL_W_BF16 || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) || rows < 1 || K % 2)
+        return linear_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
+    gemm(x, ldx, w, bias, y, ydtype == IL_F32, ldy, rows, K, N, num_threads);
     return 0;
 }

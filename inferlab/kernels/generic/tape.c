@@ -55,11 +55,11 @@ int IL(tape_run)(const int64_t *ops, int n_ops, const int64_t *inputs, char *are
         switch (e[0]) {
             case IL_OP_LINEAR:
                 status = ((linear_fn *)fn)(P(0), L(1), P(2), I(3), P(4), P(5), L(6), I(7), I(8), I(9), I(10), I(11),
-                                           I(12));
+                                           I(12), I(13));
                 break;
             case IL_OP_GET_ROWS: ((get_rows_fn *)fn)(P(0), P(1), I(2), P(3), I(4), I(5), I(6), I(7)); break;
             case IL_OP_RMS_NORM:
-                ((rms_norm_fn *)fn)(P(0), P(1), L(2), P(3), P(4), I(5), I(6), I(7), F(8), I(9), I(10));
+                ((rms_norm_fn *)fn)(P(0), P(1), L(2), P(3), P(4), I(5), I(6), I(7), F(8), I(9), I(10), I(11), I(12));
                 break;
             case IL_OP_SILU_AND_MUL: ((silu_and_mul_fn *)fn)(P(0), P(1), I(2), I(3), I(4), I(5)); break;
             case IL_OP_ROPE: ((rope_fn *)fn)(P(0), L(1), P(2), P(3), I(4), I(5), I(6), I(7), I(8)); break;

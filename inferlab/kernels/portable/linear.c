@@ -9,7 +9,7 @@
 #include "../common.h"
 
 static int linear_int8(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
-                       int rows, int K, int N, int dtype, int num_threads) {
+                       int rows, int K, int N, int dtype, int ydtype, int num_threads) {
     const int nb = K / 32;
     const int64_t rb = il_row_bytes(wtype, K);
     int8_t *xq = malloc((size_t)rows * K);
@@ -35,7 +35,7 @@ static int linear_int8(const void *x, int64_t ldx, const void *w, int wtype, con
                 for (int j = 0; j < 32; j++) isum += q[j] * a[j];
                 acc += d * xd[(int64_t)m * nb + blk] * isum + c * xs[(int64_t)m * nb + blk];
             }
-            il_st(y, (int64_t)m * ldy + n, acc + b, dtype);
+            il_st(y, (int64_t)m * ldy + n, acc + b, ydtype);
         }
     }
     free(xq), free(xd), free(xs);
@@ -43,10 +43,10 @@ static int linear_int8(const void *x, int64_t ldx, const void *w, int wtype, con
 }
 
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
-               int K, int N, int dtype, int act, int num_threads) {
+               int K, int N, int dtype, int ydtype, int act, int num_threads) {
     if (rows <= 0) return 0;
     if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
-        return linear_int8(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, num_threads);
+        return linear_int8(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     const int64_t rb = il_row_bytes(wtype, K);
     float *xf = malloc(sizeof(float) * (size_t)rows * K);
     if (!xf) return 2;
@@ -69,7 +69,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
                 const float *xm = xf + (int64_t)m * K;
                 float acc = 0.f;
                 for (int k = 0; k < K; k++) acc += wr[k] * xm[k];
-                il_st(y, (int64_t)m * ldy + n, acc + b, dtype);
+                il_st(y, (int64_t)m * ldy + n, acc + b, ydtype);
             }
         }
         free(wr);

@@ -9,26 +9,27 @@
 #include "../common.h"
 
 void IL(rms_norm)(void *out, const void *x, int64_t x_stride, void *residual, const void *weight, int rows, int groups,
-                  int dim, float eps, int dtype, int num_threads) {
+                  int dim, float eps, int dtype, int xdtype, int rdtype, int num_threads) {
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int r = 0; r < rows; r++)
         for (int g = 0; g < groups; g++) {
             const int64_t xi = (int64_t)r * x_stride + (int64_t)g * dim, o = ((int64_t)r * groups + g) * dim;
             const void *src = x;
             int64_t si = xi;
+            int sdtype = xdtype;
             if (residual) { /* residual += x, rounded as stored: the next layer adds to what is normalized */
                 for (int i = 0; i < dim; i++)
-                    il_st(residual, o + i, il_ld(x, xi + i, dtype) + il_ld(residual, o + i, dtype), dtype);
-                src = residual, si = o;
+                    il_st(residual, o + i, il_ld(x, xi + i, xdtype) + il_ld(residual, o + i, rdtype), rdtype);
+                src = residual, si = o, sdtype = rdtype;
             }
             float ss = 0.f;
             for (int i = 0; i < dim; i++) {
-                const float a = il_ld(src, si + i, dtype);
+                const float a = il_ld(src, si + i, sdtype);
                 ss += a * a;
             }
             const float inv = 1.f / sqrtf(ss / dim + eps);
             for (int i = 0; i < dim; i++)
-                il_st(out, o + i, il_ld(src, si + i, dtype) * inv * il_ld(weight, i, dtype), dtype);
+                il_st(out, o + i, il_ld(src, si + i, sdtype) * inv * il_ld(weight, i, dtype), dtype);
         }
 }
 

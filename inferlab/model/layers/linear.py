@@ -38,32 +38,37 @@ def int8_inputs(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType, bias: torch.Tensor | None,
-               int8: bool = False) -> torch.Tensor:
-    w = weight if weight.dtype == x.dtype else quant.dequantize(weight, wtype).to(x.dtype)
+               int8: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     if int8 and wtype in INT8_TYPES:
         x = int8_inputs(x).to(x.dtype)
+    if out_dtype not in (None, x.dtype):  # wider out: the same products, summed and kept in out_dtype
+        x, bias = x.to(out_dtype), None if bias is None else bias.to(out_dtype)
+    w = weight if weight.dtype == x.dtype else quant.dequantize(weight, wtype).to(x.dtype)
     return F.linear(x, w, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = None, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, int8: bool = False) -> torch.Tensor:
-    """x [T, K] @ W^T (+ bias) -> [T, N], into `out` (which may be a column slice) if given. With
-    `int8`, a 32-block integer weight type multiplies x's rows quantized to int8 per 32 (see api.h)."""
+           out: torch.Tensor | None = None, int8: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [T, K] @ W^T (+ bias) -> [T, N], into `out` (which may be a column slice) if given, in
+    `out_dtype` (default x's; fp32 keeps a bf16 model's logits unrounded). With `int8`, a 32-block
+    integer weight type multiplies x's rows quantized to int8 per 32 (see api.h)."""
     wtype = quant.weight_type(weight, wtype)
+    out_dtype = out.dtype if out is not None else out_dtype or x.dtype
     k = kernels.for_tensor(x)
     if k is not None and (x.dim() != 2 or x.stride(1) != 1 or not weight.is_contiguous() or
-                          (out is not None and out.stride(1) != 1) or
+                          (out is not None and out.stride(1) != 1) or out_dtype not in kernels.DTYPE_CODES or
                           (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())) or
                           (wtype.dtype == x.dtype == torch.bfloat16 and
                            x.shape[0] > TORCH_BF16_PAST_ROWS.get(k.isa, 1 << 30))):
         k = None
     if k is None:
-        y = linear_ref(x, weight, wtype, bias, int8)
+        y = linear_ref(x, weight, wtype, bias, int8, out_dtype)
         return y if out is None else out.copy_(y)
     n = weight.shape[0]
-    y = x.new_empty(x.shape[0], n) if out is None else out
+    y = x.new_empty(x.shape[0], n, dtype=out_dtype) if out is None else out
     k.linear(x, x.stride(0), weight, wtype.code, bias, y, y.stride(0), x.shape[0], x.shape[1], n,
-             kernels.DTYPE_CODES[x.dtype], kernels.C["IL_ACT_INT8" if int8 else "IL_ACT_FLOAT"])
+             kernels.DTYPE_CODES[x.dtype], kernels.DTYPE_CODES[out_dtype],
+             kernels.C["IL_ACT_INT8" if int8 else "IL_ACT_FLOAT"])
     return y
 
 
@@ -119,6 +124,7 @@ class Linear(nn.Module):
             self.bias.weight_loader = self.bias_loader
         self.parts: list[tuple[str, WeightType, int, int]] = []  # extra parts: (parameter, type, first row, end)
         self.int8 = False  # int8 activations for the weight types that have them (INT8_TYPES)
+        self.out_dtype: torch.dtype | None = None  # None: the input's
         self._loaded: dict[int, tuple[torch.Tensor, WeightType]] = {}
 
     def _rows(self, shard: int | None, data: torch.Tensor) -> tuple[int, int]:
@@ -167,8 +173,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
-            return linear(x, self.weight, self.wtype, self.bias, int8=self.int8)
-        y = x.new_empty(x.shape[0], self.out_features)
+            return linear(x, self.weight, self.wtype, self.bias, int8=self.int8, out_dtype=self.out_dtype)
+        y = x.new_empty(x.shape[0], self.out_features, dtype=self.out_dtype or x.dtype)
         first = self.parts[0][2]
         bias = self.bias
         linear(x, self.weight, self.wtype, None if bias is None else bias[:first], out=y[:, :first], int8=self.int8)
@@ -179,7 +185,8 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Rows of a [vocab, dim] matrix kept as stored, dequantized on lookup into the model's dtype."""
+    """Rows of a [vocab, dim] matrix kept as stored, dequantized on lookup into fp32: the start of the
+    residual stream, which stays fp32 whatever the model's dtype (see `norm`). `dtype` is the model's."""
 
     def __init__(self, num_embeddings: int, dim: int) -> None:
         super().__init__()
@@ -203,10 +210,10 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         wtype = quant.weight_type(self.weight, self.wtype)
-        out = torch.empty(ids.shape[0], self.dim, dtype=self.dtype, device=ids.device)
+        out = torch.empty(ids.shape[0], self.dim, dtype=torch.float32, device=ids.device)
         k = kernels.for_tensor(out)
         if k is None or ids.dtype != torch.int64 or not ids.is_contiguous() or not self.weight.is_contiguous():
             rows = self.weight[ids]
             return out.copy_(rows if wtype.dtype is not None else quant.dequantize(rows, wtype))
-        k.get_rows(out, self.weight, wtype.code, ids, ids.shape[0], self.dim, kernels.DTYPE_CODES[self.dtype])
+        k.get_rows(out, self.weight, wtype.code, ids, ids.shape[0], self.dim, kernels.DTYPE_CODES[out.dtype])
         return out

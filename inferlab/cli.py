@@ -29,7 +29,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="activations and KV cache (auto: bfloat16 on CPUs with AMX, else float32)")
+                   help="activations and KV cache (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored; "
                         "none converts them to --dtype; q8_0/q4_0/q4_1 quantize at load")

@@ -21,8 +21,19 @@ static inline float exp_and_sum(float *restrict s, int n, float mx) {
     return sum;
 }
 
-/* Ask for the next block's rows of this head ahead of use: blocks sit anywhere in the pool, so
- * the hardware prefetcher cannot guess where the next one starts. */
+/* Where the block holding token t0 starts, and how many cache lines its tokens take (0 past n):
+ * blocks sit anywhere in the pool, so the hardware prefetcher cannot guess where the next one
+ * starts; the caller asks for them ahead of use, a share of the lines per head it scores, as a
+ * block's 96 requests at once would wait on the core's few miss buffers instead of overlapping
+ * with the arithmetic. */
+static inline int block_lines(const void *cache, const int32_t *table, int t0, int n, int block_size,
+                              int64_t token_stride, const char **base) {
+    if (t0 >= n) return 0;
+    *base = (const char *)cache + (int64_t)table[t0 / block_size] * block_size * token_stride * 2;
+    return (int)(((n - t0 < block_size ? n - t0 : block_size) * token_stride * 2 + 63) / 64);
+}
+
+/* Ask for the next block's rows of this head ahead of use (see block_lines). */
 static inline void prefetch_block(const void *cache, const int32_t *table, int t0, int n, int block_size,
                                   int64_t token_stride, int64_t head_off, int row_bytes, int elem) {
     if (t0 >= n) return;
@@ -62,14 +73,25 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
     const uint16_t *rows[CHUNK];
     __m512 mx[IL_MAX_HEADS];
     for (int j = 0; j < num_heads; j++) mx[j] = _mm512_set1_ps(-FLT_MAX);
+    /* K's blocks then V's are one stream to prefetch: the first few of K now, then while a block
+     * is scored the stream's PREFETCH_AHEAD-th next, so V's first blocks arrive while K's last are */
+    const int span = PREFETCH_AHEAD * block_size, row_bytes = (int)(token_stride * 2);
+    for (int t = 0; t < span && t < n; t += block_size)
+        prefetch_block(k_cache, table, t, n, block_size, token_stride, 0, row_bytes, 2);
+    const char *pf = NULL;
     for (int t0 = 0; t0 < n; t0 += CHUNK) {
         const int nt = chunk_rows(rows, k_cache, table, t0, n, block_size, token_stride);
         const __mmask16 valid = (__mmask16)((1u << nt) - 1);
-        if (t0 % block_size == 0)
-            prefetch_block(k_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
-                           (int)(token_stride * 2), 2);
+        int pf_lines = 0;
+        if (t0 % block_size == 0) {
+            const int ahead = t0 + span, v_at = ahead - (n + block_size - 1) / block_size * block_size;
+            pf_lines = v_at < 0 ? block_lines(k_cache, table, ahead, n, block_size, token_stride, &pf)
+                                : block_lines(v_cache, table, v_at, n, block_size, token_stride, &pf);
+        }
         for (int j = 0; j < num_heads; j++) {  /* query head j reads KV head j / group */
             const int64_t off = (int64_t)(j / group) * D;
+            for (int l = j * pf_lines / num_heads; l < (j + 1) * pf_lines / num_heads; l++)
+                __builtin_prefetch(pf + 64 * l, 0, 1);
             __m512 dots[CHUNK];
             for (int t = 0; t < CHUNK; t++) {
                 dots[t] = _mm512_setzero_ps();
@@ -91,11 +113,11 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
     for (int t0 = 0; t0 < n; t0 += CHUNK) {
         const int nt = chunk_rows(rows, v_cache, table, t0, n, block_size, token_stride);
         const __mmask16 valid = (__mmask16)((1u << nt) - 1);
-        if (t0 % block_size == 0)
-            prefetch_block(v_cache, table, t0 + PREFETCH_AHEAD * block_size, n, block_size, token_stride, 0,
-                           (int)(token_stride * 2), 2);
+        const int pf_lines = t0 % block_size ? 0 : block_lines(v_cache, table, t0 + span, n, block_size, token_stride, &pf);
         for (int j = 0; j < num_heads; j++) {
             const int64_t off = (int64_t)(j / group) * D;
+            for (int l = j * pf_lines / num_heads; l < (j + 1) * pf_lines / num_heads; l++)
+                __builtin_prefetch(pf + 64 * l, 0, 1);
             uint32_t pairs[CHUNK / 2];  /* weights of keys (2i, 2i+1) as one bf16 pair; 0 past n */
             _mm256_storeu_si256((__m256i *)pairs,
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(valid, scores + (int64_t)j * n + t0)));

@@ -2,7 +2,8 @@
  * task per query row, all its heads, 16 keys at a time, so each row streams its K and V blocks
  * whole, once. Scores are bf16 pair products summed 16 keys at a time; values take the softmax
  * weights rounded to bf16 (as flash attention does), two keys per pair instruction. Other shapes
- * and dtypes go to the AVX2 kernel.
+ * and dtypes go to the AVX2 kernel. Prefill chunks: the AVX2 build's matrix-product kernel
+ * (avx2/prefill.h), compiled here on 16-lane vectors.
  */
 #include <float.h>
 #include <immintrin.h>
@@ -190,11 +191,4 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
     return failed ? 2 : 0;
 }
 
-int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
-                          const int64_t *row0, const int32_t *count, const int32_t *ctx, const int32_t *seq,
-                          int num_chunks, const int32_t *block_tables, int table_stride, int num_heads,
-                          int num_kv_heads, int head_dim, int block_size, float scale, int dtype, int num_threads) {
-    return prefill_attention_avx2(q, q_stride, k_cache, v_cache, out, row0, count, ctx, seq, num_chunks, block_tables,
-                                  table_stride, num_heads, num_kv_heads, head_dim, block_size, scale, dtype,
-                                  num_threads);
-}
+#include "../avx2/prefill.h" /* prefill_attention, on 16-lane vectors here */

@@ -2,13 +2,14 @@
 # One sitting of side-by-side figures (docs/performance.md): run it on a quiet machine, nothing else
 # running. Each run writes one JSON file to OUT.
 #   LLAMA_BIN=.../llama.cpp/build/bin GGUF_DIR=dir-with-smollm2-{f32,bf16,q8_0}.gguf \
-#   VLLM_PYTHON=/path/to/vllm-venv/bin/python benchmarks/sitting.sh OUT
+#   VLLM_PYTHON=/path/to/vllm-venv/bin/python [VLLM_DTYPE=bfloat16] benchmarks/sitting.sh OUT
 # GGUF_DIR's files come from llama.cpp's convert_hf_to_gguf.py (f32, bf16) and llama-quantize (q8_0);
 # the Q4_1 file is the embedded one. A peer left unset is skipped.
 set -u
 OUT=${1:?usage: sitting.sh OUTDIR}; mkdir -p "$OUT"
 IL=${IL:-.venv/bin/inferlab}
 M=${GGUF_DIR:-}; B=${LLAMA_BIN:-}; V=${VLLM_PYTHON:-}
+VD=${VLLM_DTYPE:-float32}  # vLLM's best dtype on the CPU: fp32 on AVX2, bf16 where AVX512-BF16 runs it
 Q41=$(.venv/bin/python -c "from inferlab.model.loader import embedded_model_path; print(embedded_model_path())")
 date > "$OUT/start"
 if [ -n "$M" ]; then
@@ -23,14 +24,15 @@ $IL bench --latency --threads 2 --int8-activations 2>/dev/null | tail -1 > "$OUT
 $IL bench --latency --threads 2 --dtype bfloat16 2>/dev/null | tail -1 > "$OUT/il_lat_q4_1_bf16act.json"
 $IL bench --latency --threads 2 --quantization none 2>/dev/null | tail -1 > "$OUT/il_lat_none.json"
 [ -n "$B" ] && "$B/llama-bench" -m "$Q41" -t 2 -p 128 -n 128 -r 3 -o json > "$OUT/lc_q4_1.json" 2>/dev/null
-# cpu workload: ours, vLLM (fp32), ours again, then the other modes
+# cpu workload: ours, vLLM, ours again, then the other modes
 $IL bench --workload cpu 2>/dev/null | tail -1 > "$OUT/il_cpu_1.json"
 if [ -n "$V" ]; then
   VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 "$V" benchmarks/vllm_cpu.py \
-    --workload ../shared/bench/workload.py:cpu --dtype float32 --gguf "$Q41" \
+    --workload ../shared/bench/workload.py:cpu --dtype "$VD" --gguf "$Q41" \
     2>/dev/null | grep '"engine"' > "$OUT/vllm_cpu_1.json"
 fi
 $IL bench --workload cpu 2>/dev/null | tail -1 > "$OUT/il_cpu_2.json"
 $IL bench --workload cpu --dtype bfloat16 2>/dev/null | tail -1 > "$OUT/il_cpu_bf16.json"
+$IL bench --workload cpu --dtype float32 2>/dev/null | tail -1 > "$OUT/il_cpu_f32.json"
 $IL bench --workload cpu --quantization none 2>/dev/null | tail -1 > "$OUT/il_cpu_none.json"
 date > "$OUT/end"

@@ -10,6 +10,7 @@
 
 #include "../common.h"
 #include "gemm.h"
+#include "prefill.h" /* slot; and prefill_attention, on 8-lane vectors here */
 
 #define PREFETCH_AHEAD 2 /* blocks */
 
@@ -17,10 +18,6 @@ IL_INLINE __m256 load8(const void *p, int64_t i, int dtype) {
     if (dtype == IL_BF16)
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
     return _mm256_loadu_ps((const float *)p + i);
-}
-
-static inline int64_t slot(const int32_t *table, int key, int block_size) {
-    return (int64_t)table[key / block_size] * block_size + key % block_size;
 }
 
 static inline void prefetch_block(const void *cache, const int32_t *table, int t0, int n, int block_size,
@@ -213,5 +210,3 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
     }
     return failed ? 2 : 0;
 }
-
-#include "prefill.h" /* prefill_attention, on 8-lane vectors here */

@@ -35,7 +35,8 @@ typedef __m256 pvec;
 #define PR 6                /* query rows per tile */
 #define TW (2 * PV_LANES)   /* columns per tile: two vectors */
 
-static inline int64_t prefill_slot(const int32_t *table, int key, int block_size) {
+/* The pool slot of a sequence's key, through its block table. */
+static inline int64_t slot(const int32_t *table, int key, int block_size) {
     return (int64_t)table[key / block_size] * block_size + key % block_size;
 }
 
@@ -78,7 +79,7 @@ static void attend_chunk(const void *q, int64_t q_stride, const void *k_cache, c
     const int64_t ts = (int64_t)num_kv_heads * D, head = (int64_t)h * D;
     const int DT = (D + TW - 1) / TW * TW;
     for (int t = 0; t < width; t++) { /* past n: zeros, whose scores are masked and weights 0 */
-        const int64_t at = t < n ? prefill_slot(table, t, block_size) * ts + head : -1;
+        const int64_t at = t < n ? slot(table, t, block_size) * ts + head : -1;
         for (int d = 0; d < D; d++) kt[(int64_t)d * width + t] = at >= 0 ? il_ld(k_cache, at + d, dtype) : 0.f;
         for (int d = 0; d < DT; d++) vp[(int64_t)t * DT + d] = at >= 0 && d < D ? il_ld(v_cache, at + d, dtype) : 0.f;
     }

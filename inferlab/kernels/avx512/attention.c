@@ -34,17 +34,6 @@ static inline int block_lines(const void *cache, const int32_t *table, int t0, i
     return (int)(((n - t0 < block_size ? n - t0 : block_size) * token_stride * 2 + 63) / 64);
 }
 
-/* Ask for the next block's rows of this head ahead of use (see block_lines). */
-static inline void prefetch_block(const void *cache, const int32_t *table, int t0, int n, int block_size,
-                                  int64_t token_stride, int64_t head_off, int row_bytes, int elem) {
-    if (t0 >= n) return;
-    const int64_t first = (int64_t)table[t0 / block_size] * block_size * token_stride + head_off;
-    const char *base = (const char *)cache + first * elem;
-    const int nt = n - t0 < block_size ? n - t0 : block_size;
-    for (int t = 0; t < nt; t++)
-        for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(base + t * token_stride * elem + b, 0, 1);
-}
-
 #define CHUNK 16 /* keys per step of the row kernel: one score per fp32 lane */
 
 /* Row pointers of keys t0 .. t0+CHUNK-1 (past n: key t0 again, whose weight will be 0). */
@@ -76,10 +65,11 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
     for (int j = 0; j < num_heads; j++) mx[j] = _mm512_set1_ps(-FLT_MAX);
     /* K's blocks then V's are one stream to prefetch: the first few of K now, then while a block
      * is scored the stream's PREFETCH_AHEAD-th next, so V's first blocks arrive while K's last are */
-    const int span = PREFETCH_AHEAD * block_size, row_bytes = (int)(token_stride * 2);
-    for (int t = 0; t < span && t < n; t += block_size)
-        prefetch_block(k_cache, table, t, n, block_size, token_stride, 0, row_bytes, 2);
+    const int span = PREFETCH_AHEAD * block_size;
     const char *pf = NULL;
+    for (int t = 0; t < span && t < n; t += block_size)
+        for (int l = 0, lines = block_lines(k_cache, table, t, n, block_size, token_stride, &pf); l < lines; l++)
+            __builtin_prefetch(pf + 64 * l, 0, 1);
     for (int t0 = 0; t0 < n; t0 += CHUNK) {
         const int nt = chunk_rows(rows, k_cache, table, t0, n, block_size, token_stride);
         const __mmask16 valid = (__mmask16)((1u << nt) - 1);

@@ -18,7 +18,7 @@ from inferlab import kernels
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if residual is not None:
-        x = (x.to(residual.dtype) + residual).to(residual.dtype)
+        x = x.to(residual.dtype) + residual
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(weight.dtype), x

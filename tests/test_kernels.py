@@ -242,6 +242,18 @@ def test_isa_can_be_forced(monkeypatch):
         forced(missing)
 
 
+def test_forced_isa_without_bf16_dot_products_defaults_to_fp32(monkeypatch):
+    """INFERLAB_ISA=avx2 on an AVX-512 CPU behaves as an AVX2 CPU: bf16 would only be storage there."""
+    from inferlab.model.loader import resolve_dtype
+    monkeypatch.setenv("INFERLAB_ISA", "generic")
+    kernels.native.cache_clear()
+    try:
+        assert resolve_dtype("auto", None, torch.device("cpu")) == torch.float32
+        assert resolve_dtype("bfloat16", None, torch.device("cpu")) == torch.bfloat16
+    finally:
+        kernels.native.cache_clear()
+
+
 def test_disabled_kernels_fall_back_and_say_so(monkeypatch, caplog):
     monkeypatch.setenv("INFERLAB_NATIVE", "0")
     kernels.library.cache_clear()

@@ -23,7 +23,7 @@ from inferlab.model import weight_cache
 from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError
 from inferlab.model.deepseek import DeepseekForCausalLM
 from inferlab.model.layers import quant
-from inferlab.model.layers.linear import QUANTIZATIONS
+from inferlab.model.layers.linear import BF16_MATRIX_ISAS, QUANTIZATIONS
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
 from inferlab.model.tokenizer import Tokenizer
@@ -71,7 +71,11 @@ def embedded_model_path() -> str:
 
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 dot products run natively, about 2x fp32's speed. Elsewhere bf16 is
-    only a storage format (the kernels widen it to fp32), so fp32 activations are the default."""
+    only a storage format (the kernels widen it to fp32), so fp32 activations are the default. The
+    kernels in use decide where they run (INFERLAB_ISA=avx2 makes an AVX-512 CPU an AVX2 one)."""
+    native = kernels.native()
+    if native is not None:
+        return native.isa in BF16_MATRIX_ISAS
     flags = kernels.cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 

@@ -97,16 +97,18 @@ def test_a_bf16_rows_result_does_not_depend_on_its_batch(isa, wtype, monkeypatch
 @pytest.mark.parametrize("wtype", [quant.BF16, quant.Q8_0, quant.Q4_1], ids=str)
 def test_fp32_output_of_bf16_inputs_is_not_rounded(isa, wtype, monkeypatch):
     """A bf16 model's logits: fp32 out keeps the sums as they are, within fp32 summation of the
-    exact products of the bf16 inputs (a bf16 out would round them to 8 bits)."""
+    exact products of the bf16 inputs (a bf16 out would round them to 8 bits). 48 outputs: whole
+    16-column blocks, the shape AMX tiles take."""
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
-    w = random_weights(wtype, 37, 512, seed=wtype.code + 3)
-    dense = quant.dequantize(w, wtype).double()
     x = torch.randn(kernels.C["IL_MAX_ROWS"], 512, generator=torch.Generator().manual_seed(12)).bfloat16()
-    for rows in (1, 5, 64):
-        got = linear(x[:rows], w, wtype, out_dtype=torch.float32)
-        assert got.dtype == torch.float32
-        want = x[:rows].double() @ dense.T
-        assert (got.double() - want).abs().le(_bound(x[:rows].float(), dense.float())).all(), rows
+    for n in (37, 48):
+        w = random_weights(wtype, n, 512, seed=wtype.code + n)
+        dense = quant.dequantize(w, wtype).double()
+        for rows in (1, 5, 64):
+            got = linear(x[:rows], w, wtype, out_dtype=torch.float32)
+            assert got.dtype == torch.float32
+            want = x[:rows].double() @ dense.T
+            assert (got.double() - want).abs().le(_bound(x[:rows].float(), dense.float())).all(), (n, rows)
 
 
 @pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1], ids=str)

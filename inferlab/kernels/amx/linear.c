@@ -5,7 +5,8 @@
  * W is used as it is stored, row-major, as the left operand: an A tile is 16 weight rows x 32
  * inputs, loaded with W's row stride. x is repacked once per call into the pair-interleaved layout
  * AMX wants for its right operand (K pairs x 16 rows of x), so each tile product yields 16 outputs
- * x 16 rows of x; those are transposed on the way out. No weight copy or prepacking. Other types,
+ * x 16 rows of x; those are transposed on the way out and stored as bf16, or as fp32 where the
+ * caller asks (a bf16 model's logits). No weight copy or prepacking. Other types,
  * shapes and CPUs without the tile permission go to the AVX-512 kernels.
  */
 #include "amx.h"
@@ -41,8 +42,8 @@ static inline void transpose16(__m512 r[16]) {
 
 /* Tiles: 0-3 accumulate 16 outputs x 16 rows of x each (up to 64 rows), 4 holds W's A tile, 5-7 take
  * turns holding x's B tiles. Every tile is 16 rows of 64 bytes; rows of x past M are zeros. */
-static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t ldy, int M,
-                         int K, int N, int num_threads, uint32_t *restrict xp) {
+static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *bias, void *y, int64_t ldy, int ydtype,
+                         int M, int K, int N, int num_threads, uint32_t *restrict xp) {
     const int mb = (M + 15) / 16, mp = 16 * mb, pairs = K / 2;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -108,9 +109,14 @@ static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *b
                 const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
                                             _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + 16 * nb))), 16))
                                       : _mm512_setzero_ps();
-                for (int m = 16 * j; m < M && m < 16 * j + 16; m++)
-                    _mm256_storeu_si256((__m256i *)(y + (int64_t)m * ldy + 16 * nb),
-                                        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(r[m - 16 * j], b)));
+                for (int m = 16 * j; m < M && m < 16 * j + 16; m++) {
+                    const __m512 out = _mm512_add_ps(r[m - 16 * j], b);
+                    const int64_t at = (int64_t)m * ldy + 16 * nb;
+                    if (ydtype == IL_F32) /* a bf16 model's logits: kept in fp32 */
+                        _mm512_storeu_ps((float *)y + at, out);
+                    else
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(out));
+                }
             }
         }
         _tile_release();
@@ -119,12 +125,12 @@ static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *b
 
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
-    if (wtype != IL_W_BF16 || dtype != IL_BF16 || ydtype != IL_BF16 || rows < 1 || rows > AMX_MAX_ROWS || K % 32 ||
+    if (wtype != IL_W_BF16 || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) || rows < 1 || rows > AMX_MAX_ROWS || K % 32 ||
         N % 16 || ldx != K || !amx_ready())
         return linear_avx512(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
     uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * ((rows + 15) / 16));
     if (!xp) return 2;
-    linear_tiles(x, w, bias, y, ldy, rows, K, N, num_threads, xp);
+    linear_tiles(x, w, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
     free(xp);
     return 0;
 }

@@ -4,8 +4,14 @@
 #   LLAMA_BIN=.../llama.cpp/build/bin GGUF_DIR=dir-with-smollm2-{f32,bf16,q8_0}.gguf \
 #   VLLM_PYTHON=/path/to/vllm-venv/bin/python [VLLM_DTYPE=bfloat16] benchmarks/sitting.sh OUT
 # GGUF_DIR's files come from llama.cpp's convert_hf_to_gguf.py (f32, bf16) and llama-quantize (q8_0);
-# the Q4_1 file is the embedded one. A peer left unset is skipped.
+# the Q4_1 file is the embedded one. A peer left unset is skipped. AVX2_ONLY=1 holds every engine to
+# AVX2 on an AVX-512 CPU (InferLab's kernels, PyTorch, oneDNN, vLLM's AVX2 build; LLAMA_BIN then
+# names a llama.cpp built with -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON).
 set -u
+if [ "${AVX2_ONLY:-0}" = 1 ]; then
+  export INFERLAB_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+  export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)/avx2_only${PYTHONPATH:+:$PYTHONPATH}"
+fi
 OUT=${1:?usage: sitting.sh OUTDIR}; mkdir -p "$OUT"
 IL=${IL:-.venv/bin/inferlab}
 M=${GGUF_DIR:-}; B=${LLAMA_BIN:-}; V=${VLLM_PYTHON:-}

@@ -125,10 +125,12 @@ class ModelRunner:
         self.tile_prefill = self.native is not None and prefill_kernel_runs(
             self.native, dtype, heads, kv_heads, args.head_dim, block_size)
         # decode steps replayed from a tape of the model's forward (same kernels, no Python between them)
-        self.tape = DecodeTape.record(model, self.kv_caches, self.native, kernels.C["IL_MAX_ROWS"]) \
-            if fused and self.native is not None else None
+        self.tape = self.record_tape() if fused and self.native is not None else None
         # called with each batch before it runs, when set: calibration records the shapes it times
         self.on_execute: Callable[[list[tuple[Request, int]]], None] | None = None
+
+    def record_tape(self) -> DecodeTape | None:
+        return DecodeTape.record(self.model, self.kv_caches, self.native, kernels.C["IL_MAX_ROWS"])
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """The K/V of these pool blocks on the host, block k at index k of dim 0 (preemption by swap)."""
@@ -197,6 +199,8 @@ class ModelRunner:
         or on a tensor-parallel rank other than 0)."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        if self.tape is not None and not self.tape.current():  # a parameter's data was replaced
+            self.tape = self.record_tape()
         if self.tape is not None and self.tape.covers(meta, input_ids.numel()):
             hidden = self.tape(input_ids, positions, meta)[keep]
         else:  # only the sampled rows go on past the last layer's attention (with none: all, unused)

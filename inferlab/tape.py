@@ -140,6 +140,16 @@ class DecodeTape:
         self.model, self.ops, self.arena, self.max_rows, self.kernels = model, ops, arena, max_rows, kernels_
         offset, shape = out
         self.out = arena[offset:].view(model.dtype)[:shape.numel()].view(shape)
+        # The ops hold the weights' addresses. A parameter whose data is replaced (`p.data = ...`)
+        # would leave them pointing at freed memory: the tape keeps the recorded tensors alive, and
+        # `current()` tells the runner to record again.
+        self.weights = [*model.parameters(), *model.buffers()]
+        self.recorded = [t.detach() for t in self.weights]
+        self.ptrs = [t.data_ptr() for t in self.weights]
+
+    def current(self) -> bool:
+        """Whether every parameter still has the memory the tape recorded (~10 us for 183 tensors)."""
+        return [t.data_ptr() for t in self.weights] == self.ptrs
 
     @classmethod
     def record(cls, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], target: kernels.Kernels,

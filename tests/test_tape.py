@@ -21,6 +21,9 @@ class Checked:
     def __init__(self, runner) -> None:
         self.runner, self.tape, self.steps, self.others = runner, runner.tape, [], []
 
+    def current(self) -> bool:
+        return self.tape.current()
+
     def covers(self, meta, num_tokens: int) -> bool:
         if self.tape.covers(meta, num_tokens):
             return True
@@ -107,6 +110,27 @@ def test_a_forward_that_computes_outside_the_kernels_is_not_taped(smol, caplog):
         pytest.skip("the native kernels are unavailable")
     assert llm.engine.runner.tape is None
     assert "decode steps run op by op" in caplog.text and "mul" in caplog.text
+
+
+def test_a_replaced_parameter_is_recorded_again(smol):
+    """`p.data = ...` after start: the tape's recorded addresses would point at freed memory; the
+    runner records again and the decode steps use the new weights, as op by op does."""
+    params = SamplingParams(temperature=0, max_tokens=6)
+    prompt = [{"prompt_token_ids": [5, 7, 11, 13]}]
+    outputs = []
+    for eager in (False, True):
+        model, tokenizer = _tiny(smol[1], False, torch.float32)
+        llm = LLM(loaded=(model, tokenizer), num_kv_blocks=64, enforce_eager=eager)
+        if not eager and llm.engine.runner.tape is None:
+            pytest.skip("the native kernels are unavailable: decode steps run op by op")
+        before = llm.engine.runner.tape
+        llm.generate(prompt, params, use_tqdm=False)
+        for layer in model.model.layers:  # new memory, new values; the old memory is freed
+            layer.mlp.down_proj.weight.data = layer.mlp.down_proj.weight.data * -2.0
+        outputs.append(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
+        if not eager:
+            assert llm.engine.runner.tape is not before and llm.engine.runner.tape.current()
+    assert outputs[0] == outputs[1]
 
 
 def test_enforce_eager_runs_the_python_model(smol):

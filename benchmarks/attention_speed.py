@@ -1,12 +1,14 @@
-"""Speed of the decode attention kernel: a 64-sequence decode step's attention over a paged KV pool
+"""Speed of the attention kernels: a 64-sequence decode step's attention over a paged KV pool
 laid out as the engine lays it (blocks scattered over a pool with transparent huge pages), the
 embedded model's heads (9 query, 3 KV, head_dim 64), against the time merely to read those blocks.
 
     .venv/bin/python benchmarks/attention_speed.py [--isa avx2] [--threads 2] [--seqs 64]
-        [--context 300] [--dtype float32] [--in-cache]
+        [--context 300] [--dtype float32] [--in-cache] [--prefill]
 
 Prints ms per layer, the KV bytes read per second, and the same for 30 layers. `--in-cache` draws
 every sequence's blocks from 40 blocks, so the pool stays in cache: the arithmetic alone.
+`--prefill`: each sequence is instead a whole prompt of `--context` tokens through the prefill
+kernel (causal; e.g. `--seqs 4 --context 512`, the profile's prefill step), with its GFLOP/s.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="pools cycled through, so each layer's come from memory")
     ap.add_argument("--in-cache", action="store_true")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--prefill", action="store_true", help="whole prompts through the prefill kernel")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -45,16 +48,21 @@ def main() -> None:
     caches = [(pool(), pool()) for _ in range(a.layers)]
     g = torch.Generator().manual_seed(0)
     tables = torch.randint(0, pool_blocks, (a.seqs, blocks_per_seq), generator=g, dtype=torch.int32)
-    q = torch.randn(a.seqs, HEADS, HEAD_DIM, generator=g).to(dtype)
+    q = torch.randn(a.seqs * (a.context if a.prefill else 1), HEADS, HEAD_DIM, generator=g).to(dtype)
     out = torch.empty_like(q)
-    rows = torch.arange(a.seqs, dtype=torch.int64)
+    rows = torch.arange(a.seqs, dtype=torch.int64) * (a.context if a.prefill else 1)
     seqs = torch.arange(a.seqs, dtype=torch.int32)
     lens = torch.full((a.seqs,), a.context, dtype=torch.int32)
+    shape = (HEADS, KV_HEADS, HEAD_DIM, BLOCK, HEAD_DIM ** -0.5, kernels.DTYPE_CODES[dtype])
 
     def step() -> None:
         for kc, vc in caches:
-            k.paged_attention(q, q.stride(0), kc, vc, out, rows, seqs, lens, a.seqs, tables, tables.shape[1], HEADS,
-                              KV_HEADS, HEAD_DIM, BLOCK, HEAD_DIM ** -0.5, kernels.DTYPE_CODES[dtype])
+            if a.prefill:
+                k.prefill_attention(q, q.stride(0), kc, vc, out, rows, lens, lens, seqs, a.seqs, tables,
+                                    tables.shape[1], *shape)
+            else:
+                k.paged_attention(q, q.stride(0), kc, vc, out, rows, seqs, lens, a.seqs, tables, tables.shape[1],
+                                  *shape)
     step()
     times = []
     for _ in range(a.repeat):
@@ -64,6 +72,12 @@ def main() -> None:
     per_layer = min(times) / a.layers
     kv_bytes = 2 * a.seqs * a.context * KV_HEADS * HEAD_DIM * q.element_size()
     where = "in cache" if a.in_cache else "from memory"
+    if a.prefill:  # causal: query t scores and weighs t + 1 keys, 2 x 2 x head_dim flops each
+        flops = a.seqs * HEADS * a.context * (a.context + 1) / 2 * 4 * HEAD_DIM
+        print(f"ISA {k.isa}, {torch.get_num_threads()} threads, prefill of {a.seqs} x {a.context} tokens, "
+              f"{a.dtype}: {1e3 * per_layer:.2f} ms a layer, {flops / per_layer / 1e9:.0f} GFLOP/s, "
+              f"{30e3 * per_layer:.0f} ms for 30 layers")
+        return
     print(f"ISA {k.isa}, {torch.get_num_threads()} threads, {a.seqs} sequences x {a.context} keys, {a.dtype}, "
           f"{where}: {1e3 * per_layer:.2f} ms a layer, {kv_bytes / per_layer / 1e9:.1f} GB/s of K and V, "
           f"{30e3 * per_layer:.0f} ms for 30 layers")

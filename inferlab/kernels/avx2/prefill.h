@@ -72,17 +72,32 @@ static void bcast_tiles(const float *a, int64_t lda, const float *b, int64_t ldb
     }
 }
 
+/* K transposed [D][width] and V as rows [width][DT], fp32, for keys 0 .. width (zeros past n, whose
+ * scores are masked and weights 0). Keys go 16 at a time so that each store to kt fills a line: key
+ * by key, each key's D stores went down a column of kt, lines `width` floats apart (2 KB at 512
+ * keys), all in the same few sets of L1. */
+static void pack_kv(const void *k_cache, const void *v_cache, const int32_t *table, int n, int width, int64_t ts,
+                    int64_t head, int D, int DT, int block_size, int dtype, float *restrict kt, float *restrict vp) {
+    for (int t0 = 0; t0 < width; t0 += 16) {
+        int64_t at[16];
+        for (int i = 0; i < 16; i++) at[i] = t0 + i < n ? slot(table, t0 + i, block_size) * ts + head : -1;
+        for (int d = 0; d < D; d++)
+            for (int i = 0; i < 16; i++) kt[(int64_t)d * width + t0 + i] = at[i] >= 0 ? il_ld(k_cache, at[i] + d, dtype) : 0.f;
+        for (int i = 0; i < 16; i++) {
+            float *row = vp + (int64_t)(t0 + i) * DT;
+            for (int d = 0; d < D; d++) row[d] = at[i] >= 0 ? il_ld(v_cache, at[i] + d, dtype) : 0.f;
+            for (int d = D; d < DT; d++) row[d] = 0.f;
+        }
+    }
+}
+
 static void attend_chunk(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                          int64_t row0, int count, int n, const int32_t *table, int h, int group, int num_heads,
                          int num_kv_heads, int D, int block_size, float scale, int dtype, float *kt, float *vp,
                          float *s, int width) {
     const int64_t ts = (int64_t)num_kv_heads * D, head = (int64_t)h * D;
     const int DT = (D + TW - 1) / TW * TW;
-    for (int t = 0; t < width; t++) { /* past n: zeros, whose scores are masked and weights 0 */
-        const int64_t at = t < n ? slot(table, t, block_size) * ts + head : -1;
-        for (int d = 0; d < D; d++) kt[(int64_t)d * width + t] = at >= 0 ? il_ld(k_cache, at + d, dtype) : 0.f;
-        for (int d = 0; d < DT; d++) vp[(int64_t)t * DT + d] = at >= 0 && d < D ? il_ld(v_cache, at + d, dtype) : 0.f;
-    }
+    pack_kv(k_cache, v_cache, table, n, width, ts, head, D, DT, block_size, dtype, kt, vp);
     float qt[PR * IL_MAX_HEAD_DIM], o[PR * (IL_MAX_HEAD_DIM + TW)], inv[PR];
     for (int g = 0; g < group; g++) {
         const int j = h * group + g;

@@ -316,6 +316,22 @@ def test_error_unsupported_architecture(checkpoints, tmp_path):
     assert "GPT2LMHeadModel" in message and "unsupported" in message
 
 
+def test_a_config_without_architectures_loads_by_its_model_type(checkpoints, tmp_path):
+    """As transformers' Auto classes do; with neither, the error names what it found."""
+    path = copy_checkpoint(checkpoints("qwen2").path, tmp_path / "bare")
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    del cfg["architectures"]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    model, _ = load_model(path, "float32", torch.device("cpu"))
+    assert model.args.arch == "qwen2" and model.args.attention_bias
+    cfg["model_type"] = "gpt2"
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    assert "unsupported architecture gpt2" in load_error(path)
+
+
 def test_error_no_safetensors(checkpoints, tmp_path):
     path = copy_checkpoint(checkpoints("llama").path, tmp_path / "empty", skip=("model.safetensors",))
     assert "safetensors" in load_error(path)

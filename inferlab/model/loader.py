@@ -195,9 +195,12 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
         raise ModelLoadError(f"{path} has no config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    arch = next((HF_ARCHS[a] for a in cfg.get("architectures") or [] if a in HF_ARCHS), None)
+    listed = cfg.get("architectures") or []
+    arch = next((HF_ARCHS[a] for a in listed if a in HF_ARCHS), None)
+    if not listed and cfg.get("model_type") in MODELS:  # as transformers' Auto classes: model_type decides
+        arch = cfg["model_type"]
     if arch is None:
-        raise ModelLoadError(f"unsupported architecture {cfg.get('architectures')}; "
+        raise ModelLoadError(f"unsupported architecture {listed or cfg.get('model_type')}; "
                              f"supported: {', '.join(HF_ARCHS)}")
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:

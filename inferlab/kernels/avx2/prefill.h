@@ -3,7 +3,7 @@
  * where AVX-512 is on). One task per (chunk, KV head) packs that head's keys transposed [D][n] and
  * its values as rows [n][DT] (DT: head_dim rounded up to a tile's TW columns, zero-padded), fp32;
  * then, for each query head of the group and each tile of up to PR query rows, S = Q K^T and
- * O = P V both run on a broadcast micro-kernel (PR rows x TW columns, 12 accumulators, no sums
+ * O = P V both run on a broadcast micro-kernel (PR rows x TW columns, 12 or 16 accumulators, no sums
  * across lanes), with an exact causal softmax between them over the tile's visible keys. */
 #ifndef INFERLAB_PREFILL_H
 #define INFERLAB_PREFILL_H
@@ -32,7 +32,11 @@ typedef __m256 pvec;
 #define pv_fmadd _mm256_fmadd_ps
 #define pv_mul _mm256_mul_ps
 #endif
-#define PR 6                /* query rows per tile */
+#ifdef __AVX512F__
+#define PR 8                /* query rows per tile: 16 accumulators of AVX-512's 32 registers */
+#else
+#define PR 6                /* query rows per tile: 12 accumulators of AVX2's 16 registers */
+#endif
 #define TW (2 * PV_LANES)   /* columns per tile: two vectors */
 
 /* The pool slot of a sequence's key, through its block table. */
@@ -68,7 +72,11 @@ static void bcast_tiles(const float *a, int64_t lda, const float *b, int64_t ldb
         case 3: bcast_tile(a, lda, b, ldb, K, 3, c, ldc, scale); break;
         case 4: bcast_tile(a, lda, b, ldb, K, 4, c, ldc, scale); break;
         case 5: bcast_tile(a, lda, b, ldb, K, 5, c, ldc, scale); break;
-        default: bcast_tile(a, lda, b, ldb, K, 6, c, ldc, scale);
+#if PR > 6
+        case 6: bcast_tile(a, lda, b, ldb, K, 6, c, ldc, scale); break;
+        case 7: bcast_tile(a, lda, b, ldb, K, 7, c, ldc, scale); break;
+#endif
+        default: bcast_tile(a, lda, b, ldb, K, PR, c, ldc, scale);
     }
 }
 

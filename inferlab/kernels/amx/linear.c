@@ -125,8 +125,8 @@ static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *b
 
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
-    if (wtype != IL_W_BF16 || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) || rows < 1 || rows > AMX_MAX_ROWS || K % 32 ||
-        N % 16 || ldx != K || !amx_ready())
+    if (wtype != IL_W_BF16 || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) || rows < 1 ||
+        rows > AMX_MAX_ROWS || K % 32 || N % 16 || ldx != K || !amx_ready())
         return linear_avx512(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
     uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * ((rows + 15) / 16));
     if (!xp) return 2;

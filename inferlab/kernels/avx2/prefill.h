@@ -90,7 +90,8 @@ static void pack_kv(const void *k_cache, const void *v_cache, const int32_t *tab
         int64_t at[16];
         for (int i = 0; i < 16; i++) at[i] = t0 + i < n ? slot(table, t0 + i, block_size) * ts + head : -1;
         for (int d = 0; d < D; d++)
-            for (int i = 0; i < 16; i++) kt[(int64_t)d * width + t0 + i] = at[i] >= 0 ? il_ld(k_cache, at[i] + d, dtype) : 0.f;
+            for (int i = 0; i < 16; i++)
+                kt[(int64_t)d * width + t0 + i] = at[i] >= 0 ? il_ld(k_cache, at[i] + d, dtype) : 0.f;
         for (int i = 0; i < 16; i++) {
             float *row = vp + (int64_t)(t0 + i) * DT;
             for (int d = 0; d < D; d++) row[d] = at[i] >= 0 ? il_ld(v_cache, at[i] + d, dtype) : 0.f;

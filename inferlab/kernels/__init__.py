@@ -38,16 +38,18 @@ ROOT = Path(__file__).parent
 CFLAGS = ["-O3", "-fopenmp", "-ffast-math", "-fPIC", "-std=c11", "-Wall", "-Wno-unused-function"]
 LINK = ["-shared", "-fopenmp", "-lm"]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
-_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mprefer-vector-width=512"]
+_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni",
+           "-mprefer-vector-width=512"]
 # name: (compiler flags, /proc/cpuinfo flags the CPU needs), lowest first. An ISA's functions may call
 # any lower ISA's by name: its build links after theirs.
 ISAS = {
     "generic": ([], ()),
     "avx2": (_AVX2, ("avx2", "fma", "f16c")),
-    "avx512": (_AVX512, ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")),
+    "avx512": (_AVX512, ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+                        "avx512_vnni")),
     "amx": ([*_AVX512, "-mamx-tile", "-mamx-bf16"],
-            ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile",
-             "amx_bf16")),
+            ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
+             "amx_tile", "amx_bf16")),
 }
 PORTABLE_ISAS = ("generic", "avx2", "avx512")  # the AMX build adds only its own kernels
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")

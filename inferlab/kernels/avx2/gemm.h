@@ -7,8 +7,9 @@
 
 #include "../common.h"
 
-/* The int8-activation path (int8.c), which `linear` hands those calls to. */
-int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
+/* The int8-activation path (int8.c; the AVX-512 build's avx512/int8.c), which `linear` hands those
+ * calls to. */
+int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                      int rows, int K, int N, int dtype, int ydtype, int num_threads);
 
 /* Bytes ahead of a row's current block the few-row paths ask for: a few weight rows stream at once,

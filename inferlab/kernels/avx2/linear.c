@@ -223,7 +223,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
     if (rows <= 0) return 0;
     if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
-        return linear_int8_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
+        return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     if (il_block_elems(wtype) == 0)
         return linear_generic(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
     const float *xf = x;

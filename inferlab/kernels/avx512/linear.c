@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "../avx2/gemm.h" /* IL(linear_int8), from avx512/int8.c */
 #include "../common.h"
 #include "lanes.h"
 
@@ -169,6 +170,8 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
         gemm(x, ldx, w, bias, y, yf32, ldy, rows, K, N, num_threads, F32_X16);
     else if (out_ok && rows > 0 && wtype == IL_W_F32 && dtype == IL_F32)
         gemm(x, ldx, w, bias, y, yf32, ldy, rows, K, N, num_threads, F32_X32);
+    else if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
+        return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     else
         return linear_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
     return 0;

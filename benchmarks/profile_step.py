@@ -1,9 +1,9 @@
-"""Where a step's time goes: one decode step (64 sequences of ~300 tokens) and one prefill step
+"""Where a step's time goes: one decode step (64 sequences of ~300 tokens, or `--seqs`) and one prefill step
 (4 prompts of 512 tokens), on the embedded model, split by kind of work. The decode step is shown
 as it runs (replayed from a tape in one native call, where the kernels run) and op by op, which
 splits the layers' time by kind.
 
-    .venv/bin/python benchmarks/profile_step.py [--dtype bfloat16] [--quantization none] [--threads N]
+    .venv/bin/python benchmarks/profile_step.py [--dtype bfloat16] [--quantization none] [--threads N] [--seqs 1]
 
 The model's ops are wrapped here (only in this script) with wall-clock timers, summed by kind; the
 native kernels run through ctypes, which PyTorch's profiler would not see, and the timers cost far
@@ -62,9 +62,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seqs", type=int, default=64, help="sequences of the decode step (1: one request's step)")
+    ap.add_argument("--int8-activations", action="store_true")
     ap.add_argument("--repeat", type=int, default=5, help="measure each step this many times, keep the fastest")
     a = ap.parse_args()
-    llm = LLM(dtype=a.dtype, quantization=a.quantization, num_threads=a.threads, long_prefill_token_threshold=2048)
+    llm = LLM(dtype=a.dtype, quantization=a.quantization, num_threads=a.threads, long_prefill_token_threshold=2048,
+              int8_activations=a.int8_activations)
     wrap(norm, "rms_norm")
     wrap(linear, "linear")
     for name in ("rope", "paged_attention"):
@@ -90,15 +93,15 @@ def main() -> None:
         prefills.append(timed_step(llm))
         drain()
     report("Prefill step, 4 x 512 new tokens", 2048, *min(prefills, key=lambda x: x[0]))
-    add("d", 64, 300, 20 + 2 * a.repeat)  # enough tokens that the first still decode when the last start
-    while engine.last_step_tokens != 64:
+    add("d", a.seqs, 300, 20 + 2 * a.repeat)  # enough tokens that the first still decode when the last start
+    while engine.last_step_tokens != a.seqs:
         engine.step()
     tape, ways = engine.runner.tape, ["as it runs" if engine.runner.tape else "op by op (no tape here)"]
     if tape is not None:
         ways.append("op by op")
     for way in ways:
         engine.runner.tape = tape if way == "as it runs" else None
-        report(f"Decode step, 64 sequences of ~300 tokens, {way}", 64,
+        report(f"Decode step, {a.seqs} sequences of ~300 tokens, {way}", a.seqs,
                *min((timed_step(llm) for _ in range(a.repeat)), key=lambda x: x[0]))
     engine.runner.tape = tape
 

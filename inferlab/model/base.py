@@ -193,7 +193,8 @@ class CausalLM(nn.Module):
                 module.process_weights_after_loading(quantization, self.dtype, isa, vocab=module is self.lm_head,
                                                      int8=int8_activations)
             elif isinstance(module, Embedding):
-                module.process_weights_after_loading(quantization, self.dtype, isa)
+                module.process_weights_after_loading(quantization, self.dtype, isa,
+                                                     int8=int8_activations and self.args.tie_word_embeddings)
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple],

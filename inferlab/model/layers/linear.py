@@ -93,17 +93,19 @@ BF16_MATRIX_ISAS = ("avx512", "amx")
 
 
 def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
-                vocab: bool = False) -> WeightType:
+                vocab: bool = False, int8: bool = False) -> WeightType:
     """The type a weight is kept in. `isa`: the native kernels' ISA, None where they do not run.
     `auto`: as stored (GGUF blocks, a checkpoint's float type), except block types in a bf16 model on
-    CPUs with bf16 matrix units, which get bf16; without native kernels, the model's dtype. `none`:
+    CPUs with bf16 matrix units, which get bf16 unless `int8` activations are asked for and the type
+    has them (they multiply blocks); without native kernels, the model's dtype. `none`:
     the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as llama.cpp keeps
     output tensors at higher precision), where rows split into its blocks."""
     as_dtype = quant.BY_DTYPE[dtype]
     if mode == "none" or (mode == "auto" and isa is None):
         return as_dtype
     if mode == "auto":
-        return quant.BF16 if stored.dtype is None and dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS else stored
+        bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS and not (int8 and stored in INT8_TYPES)
+        return quant.BF16 if stored.dtype is None and bf16_units else stored
     wanted = quant.Q8_0 if vocab else quant.BY_NAME[mode]
     return wanted if k % wanted.block == 0 else as_dtype
 
@@ -153,7 +155,7 @@ class Linear(nn.Module):
         self._loaded = {}
         groups: list[tuple[WeightType, list[torch.Tensor]]] = []
         for data, stored in shards:
-            kept = target_type(stored, self.in_features, mode, dtype, isa, vocab)
+            kept = target_type(stored, self.in_features, mode, dtype, isa, vocab, int8)
             data = _convert(data, stored, kept)
             if groups and groups[-1][0] == kept:
                 groups[-1][1].append(data)
@@ -200,11 +202,12 @@ class Embedding(nn.Module):
                       wtype: WeightType | None = None) -> None:
         self._loaded = (data, quant.weight_type(data, wtype))
 
-    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, isa: str | None) -> None:
+    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, isa: str | None, int8: bool = False) -> None:
+        """`int8`: the matrix is also the LM head (tied), whose inputs are quantized to int8."""
         if self._loaded is None:
             return
         data, stored = self._loaded
-        self._loaded, self.wtype = None, target_type(stored, self.dim, mode, dtype, isa, vocab=True)
+        self._loaded, self.wtype = None, target_type(stored, self.dim, mode, dtype, isa, vocab=True, int8=int8)
         self.weight = nn.Parameter(_convert(data, stored, self.wtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 

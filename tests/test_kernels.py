@@ -254,6 +254,14 @@ def test_forced_isa_without_bf16_dot_products_defaults_to_fp32(monkeypatch):
         kernels.native.cache_clear()
 
 
+def test_without_native_kernels_auto_is_fp32(monkeypatch):
+    """PyTorch's ops alone: fp32 (HF's model exactly, and faster there) whatever the CPU has."""
+    from inferlab.model.loader import resolve_dtype
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    assert resolve_dtype("auto", None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", None, torch.device("cpu")) == torch.bfloat16
+
+
 def test_disabled_kernels_fall_back_and_say_so(monkeypatch, caplog):
     monkeypatch.setenv("INFERLAB_NATIVE", "0")
     kernels.library.cache_clear()

@@ -154,7 +154,15 @@ IL_INLINE void tile1x4_vnni(const int8_t *xq, const float *x4, int K, const uint
         const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
         __m512i dot;
         if (wtype == IL_W_Q8_0) { /* |w| * (x with w's sign), as dot32 (_mm_sign_epi8 has no 512-bit form) */
-            const __m512i wl = lanes4(w, at + 2), wh = lanes4(w, at + 18);
+            /* each row's 32 weights in one load; then low halves to wl, high halves to wh */
+            const __m512i r01 = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w[0] + at + 2))),
+                _mm256_loadu_si256((const __m256i *)(w[1] + at + 2)), 1);
+            const __m512i r23 = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w[2] + at + 2))),
+                _mm256_loadu_si256((const __m256i *)(w[3] + at + 2)), 1);
+            const __m512i wl = _mm512_shuffle_i64x2(r01, r23, _MM_SHUFFLE(2, 0, 2, 0));
+            const __m512i wh = _mm512_shuffle_i64x2(r01, r23, _MM_SHUFFLE(3, 1, 3, 1));
             const __m512i sl = _mm512_mask_sub_epi8(xl, _mm512_movepi8_mask(wl), zero, xl);
             const __m512i sh = _mm512_mask_sub_epi8(xh, _mm512_movepi8_mask(wh), zero, xh);
             dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wl), sl), _mm512_abs_epi8(wh), sh);

@@ -1,7 +1,9 @@
 /* The decoder layer's elementwise ops, the embedding lookup, (de)quantization and argmax, in plain
  * C: each is one pass over memory where the PyTorch reference makes several. Compiled once per ISA
  * (the compiler vectorizes the loops for each); math in fp32, rounded once on store; rows split
- * over OpenMP threads, so results never depend on the thread count.
+ * over OpenMP threads, so results never depend on the thread count (a single row stays on the
+ * calling thread: one request's decode step has 120 such calls, each a fork and a barrier for work
+ * that only one thread can do).
  */
 #include <limits.h>
 #include <stdlib.h>
@@ -10,7 +12,7 @@
 
 void IL(rms_norm)(void *out, const void *x, int64_t x_stride, void *residual, const void *weight, int rows, int groups,
                   int dim, float eps, int dtype, int xdtype, int rdtype, int num_threads) {
-#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static) if (rows * groups > 1)
     for (int r = 0; r < rows; r++)
         for (int g = 0; g < groups; g++) {
             const int64_t xi = (int64_t)r * x_stride + (int64_t)g * dim, o = ((int64_t)r * groups + g) * dim;
@@ -34,7 +36,7 @@ void IL(rms_norm)(void *out, const void *x, int64_t x_stride, void *residual, co
 }
 
 void IL(silu_and_mul)(void *out, const void *gate_up, int rows, int dim, int dtype, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
     for (int r = 0; r < rows; r++) {
         const int64_t g = (int64_t)r * 2 * dim, o = (int64_t)r * dim;
         for (int i = 0; i < dim; i++) {
@@ -47,7 +49,7 @@ void IL(silu_and_mul)(void *out, const void *gate_up, int rows, int dim, int dty
 void IL(rope)(void *x, int64_t x_stride, const float *cos, const float *sin, int rows, int heads, int head_dim,
               int dtype, int num_threads) {
     const int half = head_dim / 2;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *c = cos + (int64_t)r * half, *s = sin + (int64_t)r * half;
         for (int h = 0; h < heads; h++) {

@@ -188,22 +188,80 @@ IL_INLINE void tile1x4_vnni(const int8_t *xq, const float *x4, int K, const uint
     accs[0][3] = _mm512_extractf32x4_ps(acc, 3), corr[3] = _mm_shuffle_ps(corrv, corrv, 0xff);
     finish8(accs, corr, wtype, 1, 4, out);
 }
+/* 16 bytes at off of each of the first R rows of x (K apart), row i in 128-bit lane i (row 0 again
+ * in the lanes past R, whose sums are dropped). */
+IL_INLINE __m512i rows4(const int8_t *xq, int K, int off, const int R) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(xq + off)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xq + (R > 1 ? (int64_t)K : 0) + off)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xq + (R > 2 ? 2 * (int64_t)K : 0) + off)), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xq + (R > 3 ? 3 * (int64_t)K : 0) + off)), 3);
+}
+
+/* R x 4 tiles (R = 3, 4: a few streams, and every tile of a larger batch): the R input rows side by
+ * side in one 512-bit register, row i in 128-bit lane i, against each of four weight rows' blocks
+ * broadcast; lane for lane tile8's integer sums and fp32 operations, as tile1x4_vnni. (Two rows
+ * stay on tile8: assembling the register cost more than it saved.) */
+IL_INLINE void tile4x4_vnni(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
+                            const int R, __m128 out[4]) {
+    __m512 acc[4]; /* lane group i of acc[j]: tile8's acc[i][j] */
+    __m128 corr[4];
+    for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps(), corr[j] = _mm_setzero_ps();
+    const int nb = K / 32, bb = il_block_bytes(wtype);
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i by_row = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (int b = 0; b < nb; b++) {
+        const __m512i xl = rows4(xq, K, 32 * b, R), xh = rows4(xq, K, 32 * b + 16, R);
+        const __m128 dx = _mm_loadu_ps(x4 + 8 * b), sx = _mm_loadu_ps(x4 + 8 * b + 4);
+        const __m512 dxz = _mm512_permutexvar_ps(by_row, _mm512_castps128_ps512(dx));
+        for (int j = 0; j < 4; j++) {
+            _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
+            __m128i wl, wh;
+            const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh);
+            const __m512i WL = _mm512_broadcast_i32x4(wl), WH = _mm512_broadcast_i32x4(wh);
+            __m512i dot;
+            if (wtype == IL_W_Q8_0) { /* |w| * (x with w's sign), as dot32 */
+                const __m512i sl = _mm512_mask_sub_epi8(xl, _mm512_movepi8_mask(WL), zero, xl);
+                const __m512i sh = _mm512_mask_sub_epi8(xh, _mm512_movepi8_mask(WH), zero, xh);
+                dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(WL), sl), _mm512_abs_epi8(WH), sh);
+            } else {
+                dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, WL, xl), WH, xh);
+            }
+            const __m512 scale = _mm512_mul_ps(_mm512_broadcastss_ps(dm), dxz); /* lane group i: d * d_x of row i */
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[j]);
+            if (wtype != IL_W_Q8_0)
+                corr[j] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, _MM_SHUFFLE(1, 1, 1, 1)), sx, corr[j]);
+        }
+    }
+    __m128 accs[4][4];
+    for (int j = 0; j < 4; j++) {
+        accs[0][j] = _mm512_extractf32x4_ps(acc[j], 0);
+        accs[1][j] = _mm512_extractf32x4_ps(acc[j], 1);
+        accs[2][j] = _mm512_extractf32x4_ps(acc[j], 2);
+        accs[3][j] = _mm512_extractf32x4_ps(acc[j], 3);
+    }
+    finish8(accs, corr, wtype, R, 4, out);
+}
+#define I8_FEW(T, R) tile4x4_vnni(xq, x4, K, w, T, R, out)
+#define I8_COLS(R) ((R) == 2 ? 2 : 4) /* weight rows per tile */
 #define I8_ONE(T) \
     ((T) == IL_W_Q8_0 || (T) == IL_W_Q4_0 || (T) == IL_W_Q4_1 ? tile1x4_vnni(xq, x4, K, w, T, out) \
                                                                  : tile8(xq, x4, K, w, T, 1, 4, out))
 #else
 #define I8_ONE(T) tile8(xq, x4, K, w, T, 1, 4, out)
+#define I8_FEW(T, R) tile8(xq, x4, K, w, T, R, 2, out)
+#define I8_COLS(R) ((R) == 1 ? 4 : 2)
 #endif
 
-/* One input row against four weight rows, or up to four rows against two; a tile past the last
- * weight row repeats it (the extra outputs are not stored). */
+/* One input row against four weight rows, or up to four rows against two (with VNNI, three or four
+ * rows against four: I8_COLS); a tile past the last weight row repeats it (the extra outputs are not
+ * stored). */
 #define I8_CASE(T)                                                                                           \
     case T:                                                                                                \
         switch (R) {                                                                                       \
             case 1: I8_ONE(T); break;                                                            \
             case 2: tile8(xq, x4, K, w, T, 2, 2, out); break;                                     \
-            case 3: tile8(xq, x4, K, w, T, 3, 2, out); break;                                     \
-            default: tile8(xq, x4, K, w, T, 4, 2, out);                                           \
+            case 3: I8_FEW(T, 3); break;                                                         \
+            default: I8_FEW(T, 4);                                                               \
         }                                                                                                  \
         break
 static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], int wtype, int R,
@@ -212,6 +270,7 @@ static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *c
 }
 #undef I8_CASE
 #undef I8_ONE
+#undef I8_FEW
 
 int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                      int rows, int K, int N, int dtype, int ydtype, int num_threads) {
@@ -241,7 +300,7 @@ int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const 
         for (int p = 0; p < panels; p++) {
             const int n0 = p * I8_PANEL, n1 = n0 + I8_PANEL < N ? n0 + I8_PANEL : N;
             for (int m = 0; m < rows; m += 4) {
-                const int R = rows - m < 4 ? rows - m : 4, cols = R == 1 ? 4 : 2;
+                const int R = rows - m < 4 ? rows - m : 4, cols = I8_COLS(R);
                 for (int n = n0; n < n1; n += cols) {
                     const uint8_t *wr[4];
                     for (int j = 0; j < 4; j++) wr[j] = (const uint8_t *)w + (n + j < n1 ? n + j : n1 - 1) * rb;

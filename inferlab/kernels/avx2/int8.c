@@ -11,8 +11,9 @@
  * vector units are 128 bits wide inside, and as much on the others: the same block costs 9
  * instructions either way, where the 256-bit form needed a lane insert and a madd per half more.
  * Each output is computed the same way whatever the tile it falls in, as in the fp32 path. Compiled
- * for AVX-512 (avx512/int8.c), one row against four weight rows puts the four side by side in one
- * 512-bit register (tile1x4_vnni): the same lanes and operations, about half the instructions.
+ * for AVX-512 (avx512/int8.c), the tiles of one, three or four input rows put four 128-bit lanes
+ * side by side in one 512-bit register (tile1x4_vnni: four weight rows; tile4x4_vnni: the input
+ * rows): the same lanes and operations, about half the instructions.
  */
 #include <stdlib.h>
 
@@ -134,6 +135,18 @@ IL_INLINE __m512i lanes4(const uint8_t *const w[4], int64_t off) {
     return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(w[3] + off)), 3);
 }
 
+/* dot32 on four 128-bit lanes at once: lane group g of the result is dot32 of lane g of each input
+ * (_mm_sign_epi8 has no 512-bit form: x takes w's sign by a masked negation). */
+IL_INLINE __m512i dot32x4(__m512i wl, __m512i wh, __m512i xl, __m512i xh, int signed_w) {
+    const __m512i zero = _mm512_setzero_si512();
+    if (signed_w) {
+        xl = _mm512_mask_sub_epi8(xl, _mm512_movepi8_mask(wl), zero, xl);
+        xh = _mm512_mask_sub_epi8(xh, _mm512_movepi8_mask(wh), zero, xh);
+        wl = _mm512_abs_epi8(wl), wh = _mm512_abs_epi8(wh);
+    }
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, wl, xl), wh, xh);
+}
+
 /* tile8's 1 x 4 case (one request's decode) for Q8_0, Q4_0 and Q4_1, the four weight rows side by
  * side in one 512-bit register, row j in 128-bit lane j: lane for lane the same integer sums and the
  * same fp32 operations as tile8, so a row's result stays the same whatever its batch, in about half
@@ -143,7 +156,7 @@ IL_INLINE void tile1x4_vnni(const int8_t *xq, const float *x4, int K, const uint
     __m512 acc = _mm512_setzero_ps();
     __m128 corrv = _mm_setzero_ps(); /* lane j: weight row j's c * s_x sum */
     const int nb = K / 32, bb = il_block_bytes(wtype);
-    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m512i d_of = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
     const __m256i c_of = wtype == IL_W_Q4_1 ? _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7) /* m */
                                             : _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6); /* d */
@@ -153,8 +166,7 @@ IL_INLINE void tile1x4_vnni(const int8_t *xq, const float *x4, int K, const uint
         const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + 32 * b)));
         const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
         __m512i dot;
-        if (wtype == IL_W_Q8_0) { /* |w| * (x with w's sign), as dot32 (_mm_sign_epi8 has no 512-bit form) */
-            /* each row's 32 weights in one load; then low halves to wl, high halves to wh */
+        if (wtype == IL_W_Q8_0) { /* each row's 32 weights in one load; low halves to wl, high ones to wh */
             const __m512i r01 = _mm512_inserti64x4(
                 _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w[0] + at + 2))),
                 _mm256_loadu_si256((const __m256i *)(w[1] + at + 2)), 1);
@@ -163,13 +175,10 @@ IL_INLINE void tile1x4_vnni(const int8_t *xq, const float *x4, int K, const uint
                 _mm256_loadu_si256((const __m256i *)(w[3] + at + 2)), 1);
             const __m512i wl = _mm512_shuffle_i64x2(r01, r23, _MM_SHUFFLE(2, 0, 2, 0));
             const __m512i wh = _mm512_shuffle_i64x2(r01, r23, _MM_SHUFFLE(3, 1, 3, 1));
-            const __m512i sl = _mm512_mask_sub_epi8(xl, _mm512_movepi8_mask(wl), zero, xl);
-            const __m512i sh = _mm512_mask_sub_epi8(xh, _mm512_movepi8_mask(wh), zero, xh);
-            dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wl), sl), _mm512_abs_epi8(wh), sh);
+            dot = dot32x4(wl, wh, xl, xh, 1);
         } else {
             const __m512i v = lanes4(w, at + (wtype == IL_W_Q4_1 ? 4 : 2));
-            dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_and_si512(v, low4), xl),
-                                      _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xh);
+            dot = dot32x4(_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xl, xh, 0);
         }
         uint32_t h[4]; /* each block's first 4 bytes: d, then m (Q4_1) or a byte of weights */
         for (int j = 0; j < 4; j++) memcpy(h + j, w[j] + at, sizeof h[j]);
@@ -207,7 +216,6 @@ IL_INLINE void tile4x4_vnni(const int8_t *xq, const float *x4, int K, const uint
     __m128 corr[4];
     for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps(), corr[j] = _mm_setzero_ps();
     const int nb = K / 32, bb = il_block_bytes(wtype);
-    const __m512i zero = _mm512_setzero_si512();
     const __m512i by_row = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     for (int b = 0; b < nb; b++) {
         const __m512i xl = rows4(xq, K, 32 * b, R), xh = rows4(xq, K, 32 * b + 16, R);
@@ -217,15 +225,8 @@ IL_INLINE void tile4x4_vnni(const int8_t *xq, const float *x4, int K, const uint
             _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
             __m128i wl, wh;
             const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh);
-            const __m512i WL = _mm512_broadcast_i32x4(wl), WH = _mm512_broadcast_i32x4(wh);
-            __m512i dot;
-            if (wtype == IL_W_Q8_0) { /* |w| * (x with w's sign), as dot32 */
-                const __m512i sl = _mm512_mask_sub_epi8(xl, _mm512_movepi8_mask(WL), zero, xl);
-                const __m512i sh = _mm512_mask_sub_epi8(xh, _mm512_movepi8_mask(WH), zero, xh);
-                dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(WL), sl), _mm512_abs_epi8(WH), sh);
-            } else {
-                dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, WL, xl), WH, xh);
-            }
+            const __m512i dot = dot32x4(_mm512_broadcast_i32x4(wl), _mm512_broadcast_i32x4(wh), xl, xh,
+                                        wtype == IL_W_Q8_0);
             const __m512 scale = _mm512_mul_ps(_mm512_broadcastss_ps(dm), dxz); /* lane group i: d * d_x of row i */
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[j]);
             if (wtype != IL_W_Q8_0)

@@ -112,6 +112,25 @@ def test_quantization_modes_convert_what_is_stored(mixed_gguf, mode, kept):
     assert np.isfinite(model.lm_head.weight.float().numpy()).all() if mode == "none" else True
 
 
+def test_bf16_matrix_units_regroup_q4_layers(mixed_gguf):
+    """A bf16 model's Q4_0 layers on an AVX512-BF16 CPU are regrouped for its kernel: merged q/k/v
+    and gate/up shards included, they hold the very blocks an fp32 model keeps as stored, and the
+    layer's output is the blocks' exact product, rounded once."""
+    from inferlab import kernels
+    from inferlab.model.layers.linear import BF16_MATRIX_ISAS, linear_ref
+    native = kernels.native()
+    if native is None or native.isa not in BF16_MATRIX_ISAS:
+        pytest.skip(f"the regrouped kernel needs AVX512-BF16 (kernels here: {native and native.isa})")
+    stored, _ = loader.load_model(mixed_gguf, "float32", torch.device("cpu"), quantization="q4_0")
+    regrouped, _ = loader.load_model(mixed_gguf, "bfloat16", torch.device("cpu"), quantization="q4_0")
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(2)).bfloat16()
+    for name in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+        a, b = stored.get_submodule(f"model.layers.1.{name}"), regrouped.get_submodule(f"model.layers.1.{name}")
+        assert a.wtype == quant.Q4_0 and b.wtype == quant.Q4_0X16
+        assert torch.equal(quant.unrepack(b.weight, quant.Q4_0X16), a.weight)
+        torch.testing.assert_close(b(x), linear_ref(x, a.weight, quant.Q4_0, None), rtol=8e-3, atol=1e-2)
+
+
 def test_unknown_quantization_is_one_clear_error():
     from inferlab import EngineConfig
     with pytest.raises(ValueError, match="quantization must be one of"):

@@ -148,6 +148,56 @@ def test_embedding_lookup_matches_dequantized_rows(isa, wtype):
     torch.testing.assert_close(out, quant.dequantize(w, wtype)[ids], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
+def test_regrouping_moves_the_blocks_and_nothing_else(wtype):
+    w = random_weights(wtype, 48, 320, seed=5)
+    regrouped = quant.repack(w, wtype)
+    assert regrouped.shape == w.shape and not torch.equal(regrouped, w)
+    assert torch.equal(quant.unrepack(regrouped, quant.REGROUPED[wtype]), w)
+    assert torch.equal(quant.dequantize(regrouped, quant.REGROUPED[wtype]), quant.dequantize(w, wtype))
+    with pytest.raises(ValueError, match="do not split into groups of 16"):
+        quant.repack(w[:40], wtype)
+
+
+@pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
+def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, monkeypatch):
+    """bf16 inputs against the regrouped blocks: the exact products of the dequantized weights within
+    fp32 summation (AVX512-BF16 kernel; PyTorch on ISAs without it), each row's result the same
+    alone, in any batch (few-row groups and many-row tiles alike) and with any thread count."""
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    w = random_weights(wtype, 128, 320, seed=wtype.code + 7)
+    rt, dense = quant.REGROUPED[wtype], quant.dequantize(w, wtype).double()
+    w = quant.repack(w, wtype)
+    g = torch.Generator().manual_seed(13)
+    x, bias = torch.randn(70, 320, generator=g).bfloat16(), torch.randn(128, generator=g).bfloat16()
+    want = x.double() @ dense.T
+    got = linear(x, w, rt, out_dtype=torch.float32)
+    assert (got.double() - want).abs().le(_bound(x.float(), dense.float())).all(), isa
+    batch = linear(x, w, rt, bias)
+    torch.testing.assert_close(batch.double(), want + bias.double(), rtol=8e-3, atol=1e-2)
+    for rows in (1, 2, 3, 5, 33, 64):
+        assert torch.equal(linear(x[:rows], w, rt, bias), batch[:rows]), rows
+    assert torch.equal(linear(x, w[:48], rt, bias[:48]), batch[:, :48])  # 3 groups: the few-row path at any rows
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(linear(x[5:6], w, rt, bias)[0], batch[5])
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_regrouped_types_run_only_where_their_kernel_is(isa):
+    """Other builds refuse the regrouped types rather than misread them (`linear` keeps them away)."""
+    w = quant.repack(random_weights(quant.Q4_1, 16, 64, seed=2), quant.Q4_1)
+    x, y = torch.randn(2, 64).bfloat16(), torch.empty(2, 16, dtype=torch.bfloat16)
+    args = (x, 64, w, quant.Q4_1X16.code, None, y, 16, 2, 64, 16, 1, 1, 0)
+    if isa in ("generic", "avx2"):
+        with pytest.raises(RuntimeError, match="status 1"):
+            kernels.for_isa(isa).linear(*args)
+    else:
+        kernels.for_isa(isa).linear(*args)
+        torch.testing.assert_close(y.float(), x.float() @ quant.dequantize(w, quant.Q4_1X16).T, rtol=8e-3, atol=1e-2)
+
+
 def test_quantizing_a_type_it_cannot_write_is_refused():
     with pytest.raises(ValueError, match="cannot quantize to q6_K"):
         quant.quantize(torch.zeros(2, 256), quant.Q6_K)
@@ -170,3 +220,13 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.F32, 576, "q4_0", f32, "avx2") == quant.Q4_0
     assert target_type(quant.F32, 576, "q4_0", f32, "avx2", vocab=True) == quant.Q8_0
     assert target_type(quant.F32, 48, "q8_0", f32, "avx2") == quant.F32  # rows that do not split into blocks
+    # Q4 blocks for bf16 inputs on AVX512-BF16: regrouped for its kernel, in linear layers of whole 16s
+    # of rows; without AMX that kernel beats bf16 weights, so `auto` keeps the blocks there
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", rows=576) == quant.Q4_1X16
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", rows=40) == quant.BF16
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512") == quant.BF16  # an embedding
+    assert target_type(quant.Q8_0, 576, "auto", bf16, "avx512", rows=576) == quant.BF16
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576) == quant.BF16
+    assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1
+    assert target_type(quant.Q4_1, 576, "auto", f32, "avx512", rows=576) == quant.Q4_1

@@ -84,6 +84,9 @@ typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } il_q5_1;
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } il_q4_K;
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } il_q5_K;
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } il_q6_K;
+/* 16 rows' blocks regrouped (inferlab.h; the layout is described in avx512/x16.c) */
+typedef struct { uint16_t d[16], m[16]; uint16_t q[128]; } il_q4_1x16;
+typedef struct { uint16_t d[16]; uint16_t q[128]; } il_q4_0x16;
 
 /* Weights per block (0 for a type this library does not know). */
 static inline int il_block_elems(int wtype) {
@@ -203,6 +206,9 @@ static inline void il_dequant_block(int wtype, const void *block, float *y) {
         default: return;
     }
 }
+
+/* Whether a type is a regrouped one (inferlab.h), which only the AVX-512 kernel reads. */
+static inline int il_x16_type(int wtype) { return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16; }
 
 /* Whether the int8-activation path multiplies this type's blocks (32-weight integer blocks). */
 static inline int il_int8_type(int wtype) {

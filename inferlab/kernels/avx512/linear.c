@@ -5,8 +5,8 @@
  * streams the weights once; at a batch of decodes it reuses each panel. The weights are read as
  * stored, never repacked per call as a library GEMM does (oneDNN's repacking of each layer's
  * weights, from memory, made a 64-row decode step's matmuls twice their in-cache time). One order
- * of sums for every row count, so a row's result never depends on its batch. Block weight types
- * go to the AVX2 kernels, which this CPU also runs.
+ * of sums for every row count, so a row's result never depends on its batch. The regrouped Q4
+ * types go to x16.c; other block types to the AVX2 kernels, which this CPU also runs.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -14,6 +14,7 @@
 #include "../avx2/gemm.h" /* IL(linear_int8), from avx512/int8.c */
 #include "../common.h"
 #include "lanes.h"
+#include "x16.h"
 
 #define TM 4      /* input rows per tile, at most */
 #define PANEL 32  /* weight rows a thread keeps in cache while every input row passes (96 KB at K = 1536 bf16) */
@@ -164,6 +165,11 @@ IL_INLINE void gemm(const void *x, int64_t ldx, const void *w, const void *bias,
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
     const int out_ok = ydtype == dtype || ydtype == IL_F32, yf32 = ydtype == IL_F32;
+    if (il_x16_type(wtype)) {
+        if (rows <= 0) return 0;
+        if (!out_ok || dtype != IL_BF16 || K % 32 || N % 16) return 1;
+        return IL(linear_x16)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, ydtype, num_threads);
+    }
     if (out_ok && rows > 0 && wtype == IL_W_BF16 && dtype == IL_BF16 && K % 2 == 0)
         gemm(x, ldx, w, bias, y, yf32, ldy, rows, K, N, num_threads, BF16_PAIRS);
     else if (out_ok && rows > 0 && wtype == IL_W_F32 && dtype == IL_BF16)

@@ -43,6 +43,8 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType, bias: t
         x = int8_inputs(x).to(x.dtype)
     if out_dtype not in (None, x.dtype):  # wider out: the same products, summed and kept in out_dtype
         x, bias = x.to(out_dtype), None if bias is None else bias.to(out_dtype)
+    if wtype.dtype is None and x.dtype != torch.float32:  # blocks: never a rounded weight, the sum rounded once
+        return F.linear(x.float(), quant.dequantize(weight, wtype), None if bias is None else bias.float()).to(x.dtype)
     w = weight if weight.dtype == x.dtype else quant.dequantize(weight, wtype).to(x.dtype)
     return F.linear(x, w, bias)
 
@@ -59,7 +61,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = Non
                           (out is not None and out.stride(1) != 1) or out_dtype not in kernels.DTYPE_CODES or
                           (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())) or
                           (wtype.dtype == x.dtype == torch.bfloat16 and
-                           x.shape[0] > TORCH_BF16_PAST_ROWS.get(k.isa, 1 << 30))):
+                           x.shape[0] > TORCH_BF16_PAST_ROWS.get(k.isa, 1 << 30)) or
+                          (wtype.base is not None and (x.dtype != torch.bfloat16 or k.isa not in BF16_MATRIX_ISAS))):
         k = None
     if k is None:
         y = linear_ref(x, weight, wtype, bias, int8, out_dtype)
@@ -75,6 +78,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = Non
 def _convert(data: torch.Tensor, src: WeightType, dst: WeightType) -> torch.Tensor:
     if src == dst:
         return data.contiguous()
+    if dst.base is not None:  # regrouped: the same blocks, moved (quantizing first where src is not dst.base)
+        return quant.repack(data if src == dst.base else _convert(data, src, dst.base), dst.base)
     native = kernels.native()
     if src.dtype is not None:
         values = data.float()
@@ -93,21 +98,28 @@ BF16_MATRIX_ISAS = ("avx512", "amx")
 
 
 def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
-                vocab: bool = False, int8: bool = False) -> WeightType:
+                vocab: bool = False, int8: bool = False, rows: int | None = None) -> WeightType:
     """The type a weight is kept in. `isa`: the native kernels' ISA, None where they do not run.
     `auto`: as stored (GGUF blocks, a checkpoint's float type), except block types in a bf16 model on
     CPUs with bf16 matrix units, which get bf16 unless `int8` activations are asked for and the type
-    has them (they multiply blocks); without native kernels, the model's dtype. `none`:
-    the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as llama.cpp keeps
-    output tensors at higher precision), where rows split into its blocks."""
+    has them (they multiply blocks) or the CPU has no AMX and they are Q4_0 / Q4_1 (the AVX512-BF16
+    kernel of the regrouped blocks is the faster there); without native kernels, the model's dtype.
+    `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as
+    llama.cpp keeps output tensors at higher precision), where rows split into its blocks. Q4_0 /
+    Q4_1 kept for bf16 activations on those CPUs are regrouped (`quant.REGROUPED`), for a linear
+    layer (`rows`, its output rows, a multiple of 16; an embedding, None, looks up GGUF rows)."""
     as_dtype = quant.BY_DTYPE[dtype]
     if mode == "none" or (mode == "auto" and isa is None):
         return as_dtype
+    bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS
+    regroup = bf16_units and not int8 and rows is not None and rows % quant.GROUP_ROWS == 0
     if mode == "auto":
-        bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS and not (int8 and stored in INT8_TYPES)
-        return quant.BF16 if stored.dtype is None and bf16_units else stored
-    wanted = quant.Q8_0 if vocab else quant.BY_NAME[mode]
-    return wanted if k % wanted.block == 0 else as_dtype
+        blocks_win = (int8 and stored in INT8_TYPES) or (regroup and isa != "amx" and stored in quant.REGROUPED)
+        kept = quant.BF16 if stored.dtype is None and bf16_units and not blocks_win else stored
+    else:
+        wanted = quant.Q8_0 if vocab else quant.BY_NAME[mode]
+        kept = wanted if k % wanted.block == 0 else as_dtype
+    return quant.REGROUPED[kept] if regroup and kept in quant.REGROUPED else kept
 
 
 class Linear(nn.Module):
@@ -155,7 +167,7 @@ class Linear(nn.Module):
         self._loaded = {}
         groups: list[tuple[WeightType, list[torch.Tensor]]] = []
         for data, stored in shards:
-            kept = target_type(stored, self.in_features, mode, dtype, isa, vocab, int8)
+            kept = target_type(stored, self.in_features, mode, dtype, isa, vocab, int8, rows=data.shape[0])
             data = _convert(data, stored, kept)
             if groups and groups[-1][0] == kept:
                 groups[-1][1].append(data)

@@ -112,10 +112,10 @@ def test_quantization_modes_convert_what_is_stored(mixed_gguf, mode, kept):
     assert np.isfinite(model.lm_head.weight.float().numpy()).all() if mode == "none" else True
 
 
-def test_bf16_matrix_units_regroup_q4_layers(mixed_gguf):
+def test_bf16_matrix_units_regroup_block_layers(mixed_gguf):
     """A bf16 model's Q4_0 layers on an AVX512-BF16 CPU are regrouped for its kernel: merged q/k/v
     and gate/up shards included, they hold the very blocks an fp32 model keeps as stored, and the
-    layer's output is the blocks' exact product, rounded once."""
+    layer's output is the blocks' exact product, rounded once. So is the tied q8_0 vocabulary."""
     from inferlab import kernels
     from inferlab.model.layers.linear import BF16_MATRIX_ISAS, linear_ref
     native = kernels.native()
@@ -129,6 +129,11 @@ def test_bf16_matrix_units_regroup_q4_layers(mixed_gguf):
         assert a.wtype == quant.Q4_0 and b.wtype == quant.Q4_0X16
         assert torch.equal(quant.unrepack(b.weight, quant.Q4_0X16), a.weight)
         torch.testing.assert_close(b(x), linear_ref(x, a.weight, quant.Q4_0, None), rtol=8e-3, atol=1e-2)
+    # the tied vocabulary matrix too (q8_0): the LM head multiplies it, the embedding looks rows up in it
+    embed = regrouped.model.embed_tokens
+    assert embed.wtype == quant.Q8_0X16 and regrouped.lm_head.weight is embed.weight
+    ids = torch.tensor([5, 0, 1234, 5])
+    assert torch.equal(embed(ids), stored.model.embed_tokens(ids))
 
 
 def test_unknown_quantization_is_one_clear_error():

@@ -139,9 +139,11 @@ def test_linear_writes_into_a_column_slice(isa, monkeypatch):
     assert (y[:, :5] == 7).all() and (y[:, 13:] == 7).all()
 
 
-@pytest.mark.parametrize("wtype", quant.TYPES, ids=str)
+@pytest.mark.parametrize("wtype", [*quant.TYPES, *quant.REGROUPED.values()], ids=str)
 def test_embedding_lookup_matches_dequantized_rows(isa, wtype):
-    w = random_weights(wtype, 40, 256, seed=3)
+    """Every build looks rows up in every type, the regrouped ones (a tied LM head's) included."""
+    w = random_weights(wtype.base or wtype, 48, 256, seed=3)
+    w = quant.repack(w, wtype.base) if wtype.base else w
     ids = torch.tensor([39, 0, 7, 7, 21])
     out = torch.empty(5, 256)
     kernels.for_isa(isa).get_rows(out, w, wtype.code, ids, 5, 256, kernels.DTYPE_CODES[torch.float32])
@@ -225,7 +227,8 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", rows=576) == quant.Q4_1X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", rows=40) == quant.BF16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512") == quant.BF16  # an embedding
-    assert target_type(quant.Q8_0, 576, "auto", bf16, "avx512", rows=576) == quant.BF16
+    assert target_type(quant.Q8_0, 576, "auto", bf16, "avx512", rows=576) == quant.Q8_0X16
+    assert target_type(quant.Q6_K, 576, "auto", bf16, "avx512", rows=576) == quant.BF16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576) == quant.BF16
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1

@@ -87,12 +87,14 @@ typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d;
 /* 16 rows' blocks regrouped (inferlab.h; the layout is described in avx512/x16.c) */
 typedef struct { uint16_t d[16], m[16]; uint16_t q[128]; } il_q4_1x16;
 typedef struct { uint16_t d[16]; uint16_t q[128]; } il_q4_0x16;
+typedef struct { uint16_t d[16]; int8_t q[512]; } il_q8_0x16;
 
 /* Weights per block (0 for a type this library does not know). */
 static inline int il_block_elems(int wtype) {
     switch (wtype) {
         case IL_W_F32: case IL_W_F16: case IL_W_BF16: return 1;
         case IL_W_Q8_0: case IL_W_Q4_0: case IL_W_Q4_1: case IL_W_Q5_0: case IL_W_Q5_1: return 32;
+        case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: return 32; /* per row, as their GGUF type */
         case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: return 256;
         default: return 0;
     }
@@ -102,9 +104,9 @@ static inline int il_block_bytes(int wtype) {
     switch (wtype) {
         case IL_W_F32: return 4;
         case IL_W_F16: case IL_W_BF16: return 2;
-        case IL_W_Q8_0: return sizeof(il_q8_0);
-        case IL_W_Q4_0: return sizeof(il_q4_0);
-        case IL_W_Q4_1: return sizeof(il_q4_1);
+        case IL_W_Q8_0: case IL_W_Q8_0X16: return sizeof(il_q8_0);
+        case IL_W_Q4_0: case IL_W_Q4_0X16: return sizeof(il_q4_0);
+        case IL_W_Q4_1: case IL_W_Q4_1X16: return sizeof(il_q4_1);
         case IL_W_Q5_0: return sizeof(il_q5_0);
         case IL_W_Q5_1: return sizeof(il_q5_1);
         case IL_W_Q4_K: return sizeof(il_q4_K);
@@ -207,8 +209,24 @@ static inline void il_dequant_block(int wtype, const void *block, float *y) {
     }
 }
 
-/* Whether a type is a regrouped one (inferlab.h), which only the AVX-512 kernel reads. */
-static inline int il_x16_type(int wtype) { return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16; }
+/* Whether a type is a regrouped one (inferlab.h), which only the AVX-512 linear kernel multiplies. */
+static inline int il_x16_type(int wtype) {
+    return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16;
+}
+
+/* Weight k of row n of a regrouped K-column matrix (its layout: avx512/x16.c), the definition the
+ * embedding lookup and the dequantizer read it by. */
+static inline float il_x16_weight(int wtype, const void *w, int64_t n, int K, int k) {
+    const int64_t bytes = wtype == IL_W_Q8_0X16 ? sizeof(il_q8_0x16) : wtype == IL_W_Q4_1X16 ? sizeof(il_q4_1x16)
+                                                                                              : sizeof(il_q4_0x16);
+    const uint8_t *blk = (const uint8_t *)w + (n / 16 * (K / 32) + k / 32) * bytes;
+    const uint16_t *h = (const uint16_t *)blk;
+    const int i = (int)(n % 16), p = k % 32 / 2, e = k % 2;
+    const float d = il_f16_to_f32(h[i]);
+    if (wtype == IL_W_Q8_0X16) return d * ((const il_q8_0x16 *)blk)->q[32 * p + 2 * i + e];
+    const int q = (h[(wtype == IL_W_Q4_1X16 ? 32 : 16) + 32 * (p / 4) + 2 * i + e] >> 4 * (p % 4)) & 15;
+    return wtype == IL_W_Q4_1X16 ? d * q + il_f16_to_f32(h[16 + i]) : d * (q - 8);
+}
 
 /* Whether the int8-activation path multiplies this type's blocks (32-weight integer blocks). */
 static inline int il_int8_type(int wtype) {

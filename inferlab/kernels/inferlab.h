@@ -35,10 +35,12 @@
 #define IL_W_Q5_K 13
 #define IL_W_Q6_K 14
 #define IL_W_BF16 30
-/* Q4_0 / Q4_1 blocks regrouped 16 weight rows at a time for the AVX512-BF16 kernel (avx512/x16.c),
- * made at load: not GGUF types, the same bytes per row. Other builds' linear returns 1 for them. */
+/* Q4_0 / Q4_1 / Q8_0 blocks regrouped 16 weight rows at a time for the AVX512-BF16 kernel
+ * (avx512/x16.c), made at load: not GGUF types, the same bytes per row. Other builds' linear returns
+ * 1 for them; get_rows and dequantize read them everywhere. */
 #define IL_W_Q4_0X16 66
 #define IL_W_Q4_1X16 67
+#define IL_W_Q8_0X16 72
 
 /* Activations of a linear layer: fp32 products of dequantized weights, or int8 inputs. */
 #define IL_ACT_FLOAT 0

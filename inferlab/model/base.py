@@ -193,8 +193,9 @@ class CausalLM(nn.Module):
                 module.process_weights_after_loading(quantization, self.dtype, isa, vocab=module is self.lm_head,
                                                      int8=int8_activations)
             elif isinstance(module, Embedding):
-                module.process_weights_after_loading(quantization, self.dtype, isa,
-                                                     int8=int8_activations and self.args.tie_word_embeddings)
+                tied = self.args.tie_word_embeddings
+                module.process_weights_after_loading(quantization, self.dtype, isa, int8=int8_activations and tied,
+                                                     tied=tied)
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple],

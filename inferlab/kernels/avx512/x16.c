@@ -1,5 +1,6 @@
-/* The linear layer for Q4_0 / Q4_1 weights regrouped 16 rows at a time (IL_W_Q4_0X16, IL_W_Q4_1X16),
- * with bf16 inputs, on AVX512-BF16: exact weights at the speed the blocks' bytes allow.
+/* The linear layer for Q4_0 / Q4_1 / Q8_0 weights regrouped 16 rows at a time (IL_W_Q4_0X16,
+ * IL_W_Q4_1X16, IL_W_Q8_0X16), with bf16 inputs, on AVX512-BF16: exact weights at the speed the
+ * blocks' bytes allow.
  *
  * Layout, made at load from the GGUF blocks (quant.py's `repack`), the same bytes per row: groups of
  * 16 weight rows in row order, each one block of 32 inputs after another along K. A group's block
@@ -12,6 +13,8 @@
  * d, and Q4_1 adds m times the block's sum of inputs. A weight costs 1/8 of a permute at one row
  * (the int-to-bf16 table replaces the shifts, masks and conversions of widening to fp32), so a
  * few rows stream the 4.5-bit weights at memory speed, and every input row reuses the decoded block.
+ * Q8_0's group block is d[16] and 16 rows of 32 bytes, byte 2 i + e of row p being weight row i's
+ * input 2 p + e: the same pair lanes, its bytes widened to fp32 and narrowed to bf16 (exact).
  *
  * Every output is one chain of 16 pair products per block and the same scaling, whatever the number
  * of rows, the tile it falls in or the thread count.
@@ -23,6 +26,7 @@
 #include "../common.h"
 #include "x16.h"
 
+enum { Q4_0, Q4_1, Q8_0 }; /* the kind of a call's blocks (a constant in every tile) */
 #define ROWS_PASS 64   /* input rows whose 16 sums stay in L1 while a group's blocks pass */
 #define WIDE_ROWS 32   /* rows from which the 4 x 4-group tiles run */
 #define WIDE_CHUNK 128 /* rows a wide tile pass keeps in cache (x: 384 KB at K = 1536; sums: 32 KB) */
@@ -55,13 +59,25 @@ IL_INLINE void decode16(const uint16_t *q, __m512i table, __m512bh wv[16]) {
         }                                                                           \
     } while (0)
 
-/* A block group's 16 pair rows decoded, its scales (and Q4_1's minimums) as fp32. */
-IL_INLINE void decode_block(const uint8_t *blk, const int has_min, __m512i table, __m512bh wv[16], __m512 *dv,
+IL_INLINE int64_t group_block_bytes(const int kind) {
+    return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : sizeof(il_q4_0x16);
+}
+
+/* A block group's 16 pair rows decoded, its scales (and Q4_1's minimums) as fp32. Q8_0's bytes
+ * widen to fp32 and narrow to bf16, exactly (16 values at a time, in order). */
+IL_INLINE void decode_block(const uint8_t *blk, const int kind, __m512i table, __m512bh wv[16], __m512 *dv,
                             __m512 *mv) {
     const uint16_t *d = (const uint16_t *)blk;
-    decode16(d + (has_min ? 32 : 16), table, wv);
+    if (kind == Q8_0)
+        for (int j = 0; j < 16; j++) {
+            const __m128i *q = (const __m128i *)(blk + 32 + 32 * j);
+            wv[j] = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))),
+                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
+        }
+    else
+        decode16(d + (kind == Q4_1 ? 32 : 16), table, wv);
     *dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
-    *mv = has_min ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + 16))) : *dv;
+    *mv = kind == Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + 16))) : *dv;
 }
 
 /* R (a constant, <= 6) rows of x, ldx apart, against one decoded block: acc[i] (16 outputs) +=
@@ -96,8 +112,8 @@ IL_INLINE void store16(const float *acc, const uint16_t *bias, void *y, int64_t 
 }
 
 static void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
-                       int yf32, const float *sx, int rows, int nb, int g, const int has_min, __m512i table) {
-    const int64_t block_bytes = has_min ? sizeof(il_q4_1x16) : sizeof(il_q4_0x16);
+                       int yf32, const float *sx, int rows, int nb, int g, const int kind, __m512i table) {
+    const int64_t block_bytes = group_block_bytes(kind);
     const uint8_t *w0 = w + (int64_t)g * nb * block_bytes;
     float acc[ROWS_PASS * 16] __attribute__((aligned(64)));
     for (int m0 = 0; m0 < rows; m0 += ROWS_PASS) {
@@ -105,16 +121,13 @@ static void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const u
         memset(acc, 0, sizeof(float) * 16 * R);
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = w0 + b * block_bytes;
-            _mm_prefetch((const char *)blk + 4 * block_bytes, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + 4 * block_bytes + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + 4 * block_bytes + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + 4 * block_bytes + 192, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + 4 * block_bytes + 256, _MM_HINT_T0);
+            for (int64_t line = 0; line < block_bytes; line += 64) /* the group's stream, 4 blocks ahead */
+                _mm_prefetch((const char *)blk + 4 * block_bytes + line, _MM_HINT_T0);
             __m512bh wv[16];
             __m512 dv, mv;
-            decode_block(blk, has_min, table, wv, &dv, &mv);
+            decode_block(blk, kind, table, wv, &dv, &mv);
 #define ROWS(n) rows_block(x + (m0 + i) * ldx + 32 * b, ldx, wv, dv, mv, sx ? sx + (m0 + i) * nb + b : NULL, nb, \
-                           acc + 16 * i, n, has_min)
+                           acc + 16 * i, n, kind == Q4_1)
             BY_TILES(6, ROWS);
 #undef ROWS
         }
@@ -153,20 +166,20 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
 
 /* Rows [m0, m0 + R) (R <= WIDE_CHUNK) against groups 4 s .. 4 s + 3. */
 static void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
-                      int yf32, const float *sx, int m0, int R, int nb, int s, const int has_min, __m512i table,
+                      int yf32, const float *sx, int m0, int R, int nb, int s, const int kind, __m512i table,
                       float *acc) {
-    const int64_t block_bytes = has_min ? sizeof(il_q4_1x16) : sizeof(il_q4_0x16);
+    const int64_t block_bytes = group_block_bytes(kind);
     __m512i wbuf[64] __attribute__((aligned(64)));
     memset(acc, 0, sizeof(float) * 64 * R);
     for (int b = 0; b < nb; b++) {
         __m512 dv[4], mv[4];
         for (int g = 0; g < 4; g++) {
             __m512bh wv[16];
-            decode_block(w + ((int64_t)(4 * s + g) * nb + b) * block_bytes, has_min, table, wv, dv + g, mv + g);
+            decode_block(w + ((int64_t)(4 * s + g) * nb + b) * block_bytes, kind, table, wv, dv + g, mv + g);
             for (int j = 0; j < 16; j++) _mm512_store_si512(wbuf + 16 * g + j, (__m512i)wv[j]);
         }
 #define TILE(n) tile_wide(x + (m0 + i) * ldx + 32 * b, ldx, wbuf, dv, mv, sx ? sx + (m0 + i) * nb + b : NULL, nb, \
-                          acc + 64 * i, n, has_min)
+                          acc + 64 * i, n, kind == Q4_1)
         BY_TILES(4, TILE);
 #undef TILE
     }
@@ -175,22 +188,30 @@ static void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const ui
             store16(acc + 64 * i + 16 * g, bias ? bias + 64 * s + 16 * g : NULL, y, (int64_t)(m0 + i) * ldy + 64 * s + 16 * g, yf32);
 }
 
+/* Every call site with its kind a constant, so each kind gets its own compiled tiles. */
+#define BY_KIND(CALL) (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : CALL(Q4_0))
+
 int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                    int rows, int K, int N, int ydtype, int num_threads) {
-    const int nb = K / 32, has_min = wtype == IL_W_Q4_1X16, yf32 = ydtype == IL_F32;
-    float *sx = NULL; /* Q4_1: each row's sum per block of 32 inputs, for the minimums */
-    if (has_min && !(sx = malloc(sizeof(float) * (size_t)rows * nb))) return 2;
+    const int nb = K / 32, yf32 = ydtype == IL_F32;
+    const int kind = wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : Q4_0;
     uint16_t t[32];
-    for (int i = 0; i < 32; i++) t[i] = il_f32_to_bf16((float)((i & 15) - (has_min ? 0 : 8)));
+    for (int i = 0; i < 32; i++) t[i] = il_f32_to_bf16((float)((i & 15) - (kind == Q4_0 ? 8 : 0)));
     const __m512i table = _mm512_loadu_si512(t);
     /* many rows: chunks of rows (each thread's share, whole 4s, at most WIDE_CHUNK) x groups of 64 outputs */
     const int wide = rows >= WIDE_ROWS && N % 64 == 0;
     int chunk = ((rows + num_threads - 1) / num_threads + 3) / 4 * 4;
     chunk = chunk > WIDE_CHUNK ? WIDE_CHUNK : chunk;
     const int chunks = (rows + chunk - 1) / chunk;
+    float *sx = kind == Q4_1 ? malloc(sizeof(float) * (size_t)rows * nb) : NULL; /* each row's sum per block */
+    float *sums = wide ? aligned_alloc(64, sizeof(float) * 64 * WIDE_CHUNK * num_threads) : NULL;
+    if ((kind == Q4_1 && !sx) || (wide && !sums)) {
+        free(sx), free(sums);
+        return 2;
+    }
 #pragma omp parallel num_threads(num_threads)
     {
-        if (has_min) {
+        if (kind == Q4_1) {
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < nb; b++) {
@@ -201,26 +222,24 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
                 }
         }
         if (wide) {
-            float *acc = aligned_alloc(64, sizeof(float) * 64 * WIDE_CHUNK);
+            float *acc = sums + (int64_t)64 * WIDE_CHUNK * omp_get_thread_num();
 #pragma omp for schedule(static) collapse(2)
             for (int c = 0; c < chunks; c++)
                 for (int s = 0; s < N / 64; s++) {
                     const int m0 = c * chunk, R = rows - m0 < chunk ? rows - m0 : chunk;
-                    if (has_min)
-                        wide_rows(x, ldx, w, bias, y, ldy, yf32, sx, m0, R, nb, s, 1, table, acc);
-                    else
-                        wide_rows(x, ldx, w, bias, y, ldy, yf32, NULL, m0, R, nb, s, 0, table, acc);
+#define WIDE(k) wide_rows(x, ldx, w, bias, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc)
+                    BY_KIND(WIDE);
+#undef WIDE
                 }
-            free(acc);
         } else {
 #pragma omp for schedule(static)
-            for (int g = 0; g < N / 16; g++)
-                if (has_min)
-                    group_rows(x, ldx, w, bias, y, ldy, yf32, sx, rows, nb, g, 1, table);
-                else
-                    group_rows(x, ldx, w, bias, y, ldy, yf32, NULL, rows, nb, g, 0, table);
+            for (int g = 0; g < N / 16; g++) {
+#define GROUP(k) group_rows(x, ldx, w, bias, y, ldy, yf32, sx, rows, nb, g, k, table)
+                BY_KIND(GROUP);
+#undef GROUP
+            }
         }
     }
-    free(sx);
+    free(sx), free(sums);
     return 0;
 }

@@ -79,6 +79,10 @@ void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int r
     const int64_t rb = il_row_bytes(wtype, K);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows >= 16)
     for (int r = 0; r < rows; r++) {
+        if (il_x16_type(wtype)) {
+            for (int k = 0; k < K; k++) il_st(out, (int64_t)r * K + k, il_x16_weight(wtype, w, ids[r], K, k), dtype);
+            continue;
+        }
         float tmp[256];
         const uint8_t *row = (const uint8_t *)w + ids[r] * rb;
         const int span = il_block_elems(wtype) == 256 ? 256 : 32;
@@ -93,7 +97,11 @@ void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int r
 void IL(dequantize)(float *out, const void *w, int wtype, int64_t n, int K, int num_threads) {
     const int64_t rb = il_row_bytes(wtype, K);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t r = 0; r < n; r++) il_dequant_span(wtype, (const uint8_t *)w + r * rb, 0, K, out + r * K);
+    for (int64_t r = 0; r < n; r++)
+        if (il_x16_type(wtype))
+            for (int k = 0; k < K; k++) out[r * K + k] = il_x16_weight(wtype, w, r, K, k);
+        else
+            il_dequant_span(wtype, (const uint8_t *)w + r * rb, 0, K, out + r * K);
 }
 
 /* ggml's reference quantizers (round half away from zero for Q8_0; truncation after an offset for

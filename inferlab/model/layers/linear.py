@@ -102,12 +102,13 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     """The type a weight is kept in. `isa`: the native kernels' ISA, None where they do not run.
     `auto`: as stored (GGUF blocks, a checkpoint's float type), except block types in a bf16 model on
     CPUs with bf16 matrix units, which get bf16 unless `int8` activations are asked for and the type
-    has them (they multiply blocks) or the CPU has no AMX and they are Q4_0 / Q4_1 (the AVX512-BF16
-    kernel of the regrouped blocks is the faster there); without native kernels, the model's dtype.
-    `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as
-    llama.cpp keeps output tensors at higher precision), where rows split into its blocks. Q4_0 /
-    Q4_1 kept for bf16 activations on those CPUs are regrouped (`quant.REGROUPED`), for a linear
-    layer (`rows`, its output rows, a multiple of 16; an embedding, None, looks up GGUF rows)."""
+    has them (they multiply blocks) or the CPU has no AMX and they are Q4_0 / Q4_1 / Q8_0 (the
+    AVX512-BF16 kernel of the regrouped blocks is the faster there); without native kernels, the
+    model's dtype. `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to
+    q8_0, as llama.cpp keeps output tensors at higher precision), where rows split into its blocks.
+    Those three kept for bf16 activations on those CPUs are regrouped (`quant.REGROUPED`) where
+    `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as the LM head; None
+    for an embedding alone) is a multiple of 16."""
     as_dtype = quant.BY_DTYPE[dtype]
     if mode == "none" or (mode == "auto" and isa is None):
         return as_dtype
@@ -214,12 +215,16 @@ class Embedding(nn.Module):
                       wtype: WeightType | None = None) -> None:
         self._loaded = (data, quant.weight_type(data, wtype))
 
-    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, isa: str | None, int8: bool = False) -> None:
-        """`int8`: the matrix is also the LM head (tied), whose inputs are quantized to int8."""
+    def process_weights_after_loading(self, mode: str, dtype: torch.dtype, isa: str | None, int8: bool = False,
+                                      tied: bool = False) -> None:
+        """`tied`: the matrix is also the LM head, kept as that linear layer would be (`int8`: whose
+        inputs are quantized to int8); lookups read any type."""
         if self._loaded is None:
             return
         data, stored = self._loaded
-        self._loaded, self.wtype = None, target_type(stored, self.dim, mode, dtype, isa, vocab=True, int8=int8)
+        rows = data.shape[0] if tied else None
+        self._loaded, self.wtype = None, target_type(stored, self.dim, mode, dtype, isa, vocab=True, int8=int8,
+                                                     rows=rows)
         self.weight = nn.Parameter(_convert(data, stored, self.wtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
@@ -228,6 +233,8 @@ class Embedding(nn.Module):
         out = torch.empty(ids.shape[0], self.dim, dtype=torch.float32, device=ids.device)
         k = kernels.for_tensor(out)
         if k is None or ids.dtype != torch.int64 or not ids.is_contiguous() or not self.weight.is_contiguous():
+            if wtype.base is not None:  # regrouped: a row's weights are spread over its group
+                return out.copy_(quant.dequantize(self.weight, wtype)[ids])
             rows = self.weight[ids]
             return out.copy_(rows if wtype.dtype is not None else quant.dequantize(rows, wtype))
         k.get_rows(out, self.weight, wtype.code, ids, ids.shape[0], self.dim, kernels.DTYPE_CODES[out.dtype])

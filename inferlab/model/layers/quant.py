@@ -46,11 +46,12 @@ Q4_K = WeightType("q4_K", 12, 256, 144)
 Q5_K = WeightType("q5_K", 13, 256, 176)
 Q6_K = WeightType("q6_K", 14, 256, 210)
 TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
-# Q4 blocks regrouped 16 rows at a time for the AVX512-BF16 kernel (layout: kernels/avx512/x16.c):
+# Q4_0/Q4_1/Q8_0 blocks regrouped 16 rows at a time for the AVX512-BF16 kernel (kernels/avx512/x16.c):
 # made at load, never in a file; the same bytes per row, so a tensor keeps its [N, row bytes] shape
 Q4_0X16 = WeightType("q4_0x16", 66, 32, 18, base=Q4_0)
 Q4_1X16 = WeightType("q4_1x16", 67, 32, 20, base=Q4_1)
-REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16}
+Q8_0X16 = WeightType("q8_0x16", 72, 32, 34, base=Q8_0)
+REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16, Q8_0: Q8_0X16}
 GROUP_ROWS = 16
 BY_CODE = {t.code: t for t in (*TYPES, *REGROUPED.values())}
 BY_NAME = {t.name.lower(): t for t in TYPES}
@@ -101,41 +102,48 @@ def quantize(x: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     return torch.from_numpy(gguf_quantize(x.numpy(), GGMLQuantizationType(wtype.code)))
 
 
-def _fields(blocks: torch.Tensor, wtype: WeightType) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Q4 block array [..., nbytes] split into its fp16 scale bytes and its 16 bytes of nibbles."""
-    return blocks[..., :wtype.nbytes - 16], blocks[..., wtype.nbytes - 16:]
+def _value_bytes(wtype: WeightType) -> int:
+    return 32 if wtype == Q8_0 else 16  # a block's int8 values, or its 32 nibbles
 
 
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """Q4_0 / Q4_1 rows [N, row bytes] (N a multiple of 16) regrouped as REGROUPED[wtype]: per group
-    of 16 rows and block, the rows' scale fields side by side, then nibble j of 16-bit word 32 c + i
-    = row i // 2's weight 2 (4 c + j) + i % 2."""
+    """Q4_0 / Q4_1 / Q8_0 rows [N, row bytes] (N a multiple of 16) regrouped as REGROUPED[wtype]:
+    per group of 16 rows and block, the rows' scale fields side by side, then the values as pairs of
+    inputs of the 16 rows (layout: kernels/avx512/x16.c)."""
     n, nb = data.shape[0], data.shape[1] // wtype.nbytes
     if n % GROUP_ROWS:
         raise ValueError(f"{n} rows do not split into groups of {GROUP_ROWS}")
-    g = n // GROUP_ROWS
-    scales, qs = _fields(data.reshape(g, GROUP_ROWS, nb, wtype.nbytes), wtype)
-    q = torch.cat([qs & 15, qs >> 4], dim=3).to(torch.int32)  # [g, row, block, weight]
-    q = q.reshape(g, GROUP_ROWS, nb, 4, 4, 2).permute(0, 2, 3, 4, 1, 5)  # [g, block, c, j, row, pair half]
-    words = q.reshape(g, nb, 4, 4, 32)
-    words = words[:, :, :, 0] | words[:, :, :, 1] << 4 | words[:, :, :, 2] << 8 | words[:, :, :, 3] << 12
-    word_bytes = torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(g, nb, 256)
+    g, vb = n // GROUP_ROWS, _value_bytes(wtype)
+    blocks = data.reshape(g, GROUP_ROWS, nb, wtype.nbytes)
+    scales, qs = blocks[..., :-vb], blocks[..., -vb:]
     fields = scales.reshape(g, GROUP_ROWS, nb, -1, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)
-    return torch.cat([fields, word_bytes], dim=2).reshape(n, -1).contiguous()
+    if wtype == Q8_0:  # byte 2 i + e of pair row p: row i's input 2 p + e
+        values = qs.reshape(g, GROUP_ROWS, nb, 16, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)
+    else:  # nibble j of word 32 c + 2 i + e: row i's input 2 (4 c + j) + e
+        q = torch.cat([qs & 15, qs >> 4], dim=3).to(torch.int32)  # [g, row, block, input]
+        q = q.reshape(g, GROUP_ROWS, nb, 4, 4, 2).permute(0, 2, 3, 4, 1, 5).reshape(g, nb, 4, 4, 32)
+        words = q[:, :, :, 0] | q[:, :, :, 1] << 4 | q[:, :, :, 2] << 8 | q[:, :, :, 3] << 12
+        values = torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(g, nb, -1)
+    return torch.cat([fields, values], dim=2).reshape(n, -1).contiguous()
 
 
 def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     """The GGUF rows a regrouped tensor was made from (`repack`'s inverse)."""
     base = wtype.base
     n, nb = data.shape[0], data.shape[1] // base.nbytes
-    g, nfields = n // GROUP_ROWS, (base.nbytes - 16) // 2
+    g, vb = n // GROUP_ROWS, _value_bytes(base)
     groups = data.reshape(g, nb, GROUP_ROWS * base.nbytes)
+    nfields = (base.nbytes - vb) // 2
     fields = groups[:, :, :GROUP_ROWS * 2 * nfields].reshape(g, nb, nfields, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4)
-    wb = groups[:, :, GROUP_ROWS * 2 * nfields:].reshape(g, nb, 4, 32, 2).to(torch.int32)
-    words = wb[..., 0] | wb[..., 1] << 8  # [g, block, c, i]
-    q = torch.stack([(words >> 4 * j) & 15 for j in range(4)], dim=3)  # [g, block, c, j, i]
-    q = q.reshape(g, nb, 4, 4, GROUP_ROWS, 2).permute(0, 4, 1, 2, 3, 5).reshape(g, GROUP_ROWS, nb, 32)
-    qs = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8)
+    values = groups[:, :, GROUP_ROWS * 2 * nfields:]
+    if base == Q8_0:
+        qs = values.reshape(g, nb, 16, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 32)
+    else:
+        wb = values.reshape(g, nb, 4, 32, 2).to(torch.int32)
+        words = wb[..., 0] | wb[..., 1] << 8  # [g, block, c, 2 i + e]
+        q = torch.stack([(words >> 4 * j) & 15 for j in range(4)], dim=3)  # [g, block, c, j, 2 i + e]
+        q = q.reshape(g, nb, 4, 4, GROUP_ROWS, 2).permute(0, 4, 1, 2, 3, 5).reshape(g, GROUP_ROWS, nb, 32)
+        qs = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8)
     rows = torch.cat([fields.reshape(g, GROUP_ROWS, nb, 2 * nfields), qs], dim=3)
     return rows.reshape(n, -1).contiguous()
 

@@ -73,8 +73,9 @@ def dequantize(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     """fp32 [N, K] from stored rows (the reference: gguf's numpy dequantizer)."""
     if wtype.dtype is not None:
         return data.float()
-    if wtype.base is not None:
-        return dequantize(unrepack(data, wtype), wtype.base)
+    if wtype.base is not None:  # its GGUF rows, unrepacked here: not by calling this function again, whose
+        # wrappers (a test caches results by the tensor's address) would see a temporary tensor
+        data, wtype = unrepack(data, wtype), wtype.base
     from gguf import GGMLQuantizationType
     from gguf import dequantize as gguf_dequantize
     rows = gguf_dequantize(data.contiguous().numpy(), GGMLQuantizationType(wtype.code))

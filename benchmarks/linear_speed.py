@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/linear_speed.py [--isa avx2] [--threads 2] [--types f32,q4_1]
         [--rows 1,16,64,512] [--int8] [--dtype bfloat16]
 
+(`--types q4_1x16,bf16 --isa avx512 --dtype bfloat16`: the regrouped blocks against bf16 weights.)
+
 Prints, per (type, rows): ms per call for the 120 layer matmuls of one step (qkv, o, gate/up, down
 of 30 layers), the GFLOP/s that makes, the weight bytes read per second, and PyTorch's time on the
 dequantized weights in the activations' dtype (`--dtype`, fp32 by default). The four matrices are
@@ -55,14 +57,19 @@ def main() -> None:
     print(f"| type | rows | ms | GFLOP/s | weight GB/s | torch {a.dtype} ms |\n|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for name in a.types.split(","):
-        wtype = quant.BY_NAME[name.lower()]
+        regrouped = {t.name: t for t in quant.REGROUPED.values()}
+        wtype = regrouped.get(name.lower()) or quant.BY_NAME[name.lower()]
         layers, shapes = [], [(kk, n) for kk, n in SHAPES if kk % wtype.block == 0]
         if len(shapes) < len(SHAPES):
             print(f"| {name} | (only the shapes whose rows split into its {wtype.block}-weight blocks) | | | | |")
         for kk, n in shapes:
             dense = torch.randn(n, kk, generator=g) * kk ** -0.5
-            stored = quant.quantize(dense, wtype) if wtype.dtype or wtype.quantizable else \
-                quant.random_stored(wtype, n, kk, seed=n + kk)
+            if wtype.base:  # a regrouped type (q4_1x16...): the GGUF type's blocks, moved
+                stored = quant.repack(quant.quantize(dense, wtype.base), wtype.base)
+            elif wtype.dtype or wtype.quantizable:
+                stored = quant.quantize(dense, wtype)
+            else:
+                stored = quant.random_stored(wtype, n, kk, seed=n + kk)
             layers.append((stored, quant.dequantize(stored, wtype).to(dtype)))
         weight_bytes = sum(w.numel() * w.element_size() for w, _ in layers) * a.layers
         flops_per_row = 2 * sum(kk * n for kk, n in shapes) * a.layers

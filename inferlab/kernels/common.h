@@ -214,18 +214,24 @@ static inline int il_x16_type(int wtype) {
     return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16;
 }
 
-/* Weight k of row n of a regrouped K-column matrix (its layout: avx512/x16.c), the definition the
- * embedding lookup and the dequantizer read it by. */
-static inline float il_x16_weight(int wtype, const void *w, int64_t n, int K, int k) {
+/* Block b (inputs 32 b ..) of row n of a regrouped K-column matrix as fp32 (its layout:
+ * avx512/x16.c), the definition the embedding lookup and the dequantizer read it by. */
+static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
     const int64_t bytes = wtype == IL_W_Q8_0X16 ? sizeof(il_q8_0x16) : wtype == IL_W_Q4_1X16 ? sizeof(il_q4_1x16)
                                                                                               : sizeof(il_q4_0x16);
-    const uint8_t *blk = (const uint8_t *)w + (n / 16 * (K / 32) + k / 32) * bytes;
+    const uint8_t *blk = (const uint8_t *)w + (n / 16 * (K / 32) + b) * bytes;
     const uint16_t *h = (const uint16_t *)blk;
-    const int i = (int)(n % 16), p = k % 32 / 2, e = k % 2;
-    const float d = il_f16_to_f32(h[i]);
-    if (wtype == IL_W_Q8_0X16) return d * ((const il_q8_0x16 *)blk)->q[32 * p + 2 * i + e];
-    const int q = (h[(wtype == IL_W_Q4_1X16 ? 32 : 16) + 32 * (p / 4) + 2 * i + e] >> 4 * (p % 4)) & 15;
-    return wtype == IL_W_Q4_1X16 ? d * q + il_f16_to_f32(h[16 + i]) : d * (q - 8);
+    const int i = (int)(n % 16);
+    const float d = il_f16_to_f32(h[i]), m = wtype == IL_W_Q4_1X16 ? il_f16_to_f32(h[16 + i]) : 0.f;
+    for (int k = 0; k < 32; k++) { /* input k is in pair row k / 2, lane 2 i + k % 2 */
+        const int p = k / 2, lane = 2 * i + k % 2;
+        if (wtype == IL_W_Q8_0X16) {
+            y[k] = d * ((const il_q8_0x16 *)blk)->q[32 * p + lane];
+            continue;
+        }
+        const int q = (h[(wtype == IL_W_Q4_1X16 ? 32 : 16) + 32 * (p / 4) + lane] >> 4 * (p % 4)) & 15;
+        y[k] = wtype == IL_W_Q4_1X16 ? d * q + m : d * (q - 8);
+    }
 }
 
 /* Whether the int8-activation path multiplies this type's blocks (32-weight integer blocks). */

@@ -1,7 +1,13 @@
-/* What the AVX-512 kernels share: finishing 16 dot products at once. */
+/* What the AVX-512 kernels share: widening bf16, finishing 16 dot products at once. */
 #ifndef INFERLAB_AVX512_LANES_H
 #define INFERLAB_AVX512_LANES_H
 #include <immintrin.h>
+#include <stdint.h>
+
+/* 16 bf16 values from p, widened to fp32 (exact: the bits move to the high half). */
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
 
 /* Lane t of the result = the sum of v[t]'s 16 lanes: 16 dot products finished with 45 shuffles
  * and adds, where 16 separate horizontal sums would take about 130. */

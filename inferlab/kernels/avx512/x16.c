@@ -24,6 +24,7 @@
 #include <stdlib.h>
 
 #include "../common.h"
+#include "lanes.h"
 #include "x16.h"
 
 enum { Q4_0, Q4_1, Q8_0 }; /* the kind of a call's blocks (a constant in every tile) */
@@ -102,9 +103,7 @@ IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16],
 /* The 16 outputs of row r (+ bias), stored as bf16 (nearest even) or fp32. */
 IL_INLINE void store16(const float *acc, const uint16_t *bias, void *y, int64_t at, int yf32) {
     __m512 out = _mm512_load_ps(acc);
-    if (bias)
-        out = _mm512_add_ps(out, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bias)), 16)));
+    if (bias) out = _mm512_add_ps(out, bf16x16(bias));
     if (yf32)
         _mm512_storeu_ps((float *)y + at, out);
     else
@@ -216,9 +215,7 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < nb; b++) {
                     const uint16_t *p = (const uint16_t *)x + (int64_t)r * ldx + 32 * b;
-                    const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-                    const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16))), 16));
-                    sx[(int64_t)r * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+                    sx[(int64_t)r * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(bf16x16(p), bf16x16(p + 16)));
                 }
         }
         if (wide) {

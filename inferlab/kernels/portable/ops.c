@@ -79,16 +79,15 @@ void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int r
     const int64_t rb = il_row_bytes(wtype, K);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows >= 16)
     for (int r = 0; r < rows; r++) {
-        if (il_x16_type(wtype)) {
-            for (int k = 0; k < K; k++) il_st(out, (int64_t)r * K + k, il_x16_weight(wtype, w, ids[r], K, k), dtype);
-            continue;
-        }
         float tmp[256];
         const uint8_t *row = (const uint8_t *)w + ids[r] * rb;
         const int span = il_block_elems(wtype) == 256 ? 256 : 32;
         for (int k0 = 0; k0 < K; k0 += span) {
             const int n = K - k0 < span ? K - k0 : span;
-            il_dequant_span(wtype, row, k0, n, tmp);
+            if (il_x16_type(wtype))
+                il_x16_block(wtype, w, ids[r], K, k0 / 32, tmp);
+            else
+                il_dequant_span(wtype, row, k0, n, tmp);
             for (int i = 0; i < n; i++) il_st(out, (int64_t)r * K + k0 + i, tmp[i], dtype);
         }
     }
@@ -99,7 +98,7 @@ void IL(dequantize)(float *out, const void *w, int wtype, int64_t n, int K, int 
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < n; r++)
         if (il_x16_type(wtype))
-            for (int k = 0; k < K; k++) out[r * K + k] = il_x16_weight(wtype, w, r, K, k);
+            for (int b = 0; b < K / 32; b++) il_x16_block(wtype, w, r, K, b, out + r * K + 32 * b);
         else
             il_dequant_span(wtype, (const uint8_t *)w + r * rb, 0, K, out + r * K);
 }

@@ -10,7 +10,7 @@ import torch
 
 from inferlab import kernels
 from inferlab.model.layers import quant
-from inferlab.model.layers.linear import int8_inputs, linear
+from inferlab.model.layers.linear import BF16_MATRIX_ISAS, int8_inputs, linear
 
 
 def random_weights(wtype: quant.WeightType, n: int, k: int, seed: int) -> torch.Tensor:
@@ -167,22 +167,27 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, monkeypatch):
     fp32 summation (AVX512-BF16 kernel; PyTorch on ISAs without it), each row's result the same
     alone, in any batch (few-row groups and many-row tiles alike) and with any thread count."""
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
-    w = random_weights(wtype, 128, 320, seed=wtype.code + 7)
+    w = random_weights(wtype, 128, 352, seed=wtype.code + 7)  # 11 blocks a row: one row takes two at a time, then one
     rt, dense = quant.REGROUPED[wtype], quant.dequantize(w, wtype).double()
     w = quant.repack(w, wtype)
     g = torch.Generator().manual_seed(13)
-    x, bias = torch.randn(70, 320, generator=g).bfloat16(), torch.randn(128, generator=g).bfloat16()
+    x, bias = torch.randn(70, 352, generator=g).bfloat16(), torch.randn(128, generator=g).bfloat16()
     want = x.double() @ dense.T
     got = linear(x, w, rt, out_dtype=torch.float32)
     assert (got.double() - want).abs().le(_bound(x.float(), dense.float())).all(), isa
     batch = linear(x, w, rt, bias)
     torch.testing.assert_close(batch.double(), want + bias.double(), rtol=8e-3, atol=1e-2)
+    # the kernel's fp32 outputs too, where rounding to bf16 would hide a changed order of sums
+    out, want_rows = (torch.float32, got) if isa in BF16_MATRIX_ISAS else (torch.bfloat16, batch)
+    bias_or_none = None if out == torch.float32 else bias
     for rows in (1, 2, 3, 5, 33, 64):
+        assert torch.equal(linear(x[:rows], w, rt, bias_or_none, out_dtype=out), want_rows[:rows]), rows
         assert torch.equal(linear(x[:rows], w, rt, bias), batch[:rows]), rows
-    assert torch.equal(linear(x, w[:48], rt, bias[:48]), batch[:, :48])  # 3 groups: the few-row path at any rows
+    part = linear(x, w[:48], rt, None if bias_or_none is None else bias[:48], out_dtype=out)
+    assert torch.equal(part, want_rows[:, :48])  # 3 groups: the few-row path at any rows
     torch.set_num_threads(1)
     try:
-        assert torch.equal(linear(x[5:6], w, rt, bias)[0], batch[5])
+        assert torch.equal(linear(x[5:6], w, rt, bias_or_none, out_dtype=out)[0], want_rows[5])
     finally:
         torch.set_num_threads(2)
 

@@ -10,9 +10,11 @@
  * 16 rows' next two inputs side by side in the 32 bf16 lanes, where `vdpbf16ps` against the
  * input pair broadcast yields each row's dot product in its own fp32 lane: no horizontal sums,
  * no weight ever rounded. Per block and row of x, the integer dot q . x is scaled by the rows'
- * d, and Q4_1 adds m times the block's sum of inputs. A weight costs 1/8 of a permute at one row
- * (the int-to-bf16 table replaces the shifts, masks and conversions of widening to fp32), so a
- * few rows stream the 4.5-bit weights at memory speed, and every input row reuses the decoded block.
+ * d, and Q4_1 adds m times the block's sum of inputs. 32 weights cost one permute and one shift
+ * (the int-to-bf16 table replaces the masks and conversions of widening to fp32), and every input
+ * row reuses the decoded block. At one row the products bound it: on Golden Cove a vdpbf16ps issues
+ * every 2 cycles, shares a port with vpermw and takes 8 cycles, so one row runs two blocks' chains
+ * side by side (docs/performance.md has the timings).
  * Q8_0's group block is d[16] and 16 rows of 32 bytes, byte 2 i + e of row p being weight row i's
  * input 2 p + e: the same pair lanes, its bytes widened to fp32 and narrowed to bf16 (exact).
  *
@@ -32,16 +34,18 @@ enum { Q4_0, Q4_1, Q8_0 }; /* the kind of a call's blocks (a constant in every t
 #define WIDE_ROWS 32   /* rows from which the 4 x 4-group tiles run */
 #define WIDE_CHUNK 128 /* rows a wide tile pass keeps in cache (x: 384 KB at K = 1536; sums: 32 KB) */
 
-/* A block's 16 pair rows as exact bf16 values: the table maps each nibble to bf16(q) (Q4_1) or
- * bf16(q - 8) (Q4_0); vpermw reads 5 index bits, so the table repeats and the bit above is free. */
-IL_INLINE void decode16(const uint16_t *q, __m512i table, __m512bh wv[16]) {
-    for (int c = 0; c < 4; c++) {
-        const __m512i v = _mm512_loadu_si512(q + 32 * c);
-        wv[4 * c] = (__m512bh)_mm512_permutexvar_epi16(v, table);
-        wv[4 * c + 1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
-        wv[4 * c + 2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table);
-        wv[4 * c + 3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table);
+/* Pair row j (inputs 2 j, 2 j + 1 of the 16 weight rows) of a group's block, as exact bf16 values.
+ * Q4: nibble j % 4 of the 64 bytes at word 32 (j / 4), through a table mapping each nibble to bf16(q)
+ * (Q4_1) or bf16(q - 8) (Q4_0); vpermw reads 5 index bits, so the table repeats and the bit above
+ * is free. Q8_0: its 32 bytes widened to fp32 and narrowed to bf16 (16 values at a time, in order). */
+IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, __m512i table, const int j) {
+    if (kind == Q8_0) {
+        const __m128i *q = (const __m128i *)(blk + 32 + 32 * j);
+        return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))),
+                                   _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
     }
+    const __m512i v = _mm512_loadu_si512((const uint16_t *)blk + (kind == Q4_1 ? 32 : 16) + 32 * (j / 4));
+    return (__m512bh)_mm512_permutexvar_epi16(j % 4 ? _mm512_srli_epi16(v, 4 * (j % 4)) : v, table);
 }
 
 /* Rows 0 .. R as tiles of `most` rows (a constant, <= 6), then one of the rest: CALL(n), n a constant,
@@ -64,21 +68,16 @@ IL_INLINE int64_t group_block_bytes(const int kind) {
     return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : sizeof(il_q4_0x16);
 }
 
-/* A block group's 16 pair rows decoded, its scales (and Q4_1's minimums) as fp32. Q8_0's bytes
- * widen to fp32 and narrow to bf16, exactly (16 values at a time, in order). */
+IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (half 0) or Q4_1's m (1) */
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk + half));
+}
+
+/* A block group's 16 pair rows decoded, its scales (and Q4_1's minimums) as fp32. */
 IL_INLINE void decode_block(const uint8_t *blk, const int kind, __m512i table, __m512bh wv[16], __m512 *dv,
                             __m512 *mv) {
-    const uint16_t *d = (const uint16_t *)blk;
-    if (kind == Q8_0)
-        for (int j = 0; j < 16; j++) {
-            const __m128i *q = (const __m128i *)(blk + 32 + 32 * j);
-            wv[j] = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))),
-                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
-        }
-    else
-        decode16(d + (kind == Q4_1 ? 32 : 16), table, wv);
-    *dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
-    *mv = kind == Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + 16))) : *dv;
+    for (int j = 0; j < 16; j++) wv[j] = pair_row(blk, kind, table, j);
+    *dv = scales(blk, 0);
+    *mv = kind == Q4_1 ? scales(blk, 1) : *dv;
 }
 
 /* R (a constant, <= 6) rows of x, ldx apart, against one decoded block: acc[i] (16 outputs) +=
@@ -98,6 +97,27 @@ IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16],
         if (has_min) a = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[i * sx_stride]), a);
         _mm512_store_ps(acc + 16 * i, a);
     }
+}
+
+/* One row of x against a group's blocks b and b + 1 (blk, blk + bytes): their two chains side by side,
+ * so the core overlaps them (a vdpbf16ps takes 8 cycles on Golden Cove, and one row has no other
+ * independent chain); the same products, scaling and order as two rows_block calls of one row. */
+IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t bytes, __m512i table, const float *sx,
+                              float *acc, const int kind) {
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+#pragma GCC unroll 16 /* whole: each pair row's shift is then a constant, and its 64 bytes are loaded once */
+    for (int j = 0; j < 16; j++) {
+        int32_t x0, x1;
+        memcpy(&x0, x + 2 * j, sizeof x0);
+        memcpy(&x1, x + 32 + 2 * j, sizeof x1);
+        p0 = _mm512_dpbf16_ps(p0, pair_row(blk, kind, table, j), (__m512bh)_mm512_set1_epi32(x0));
+        p1 = _mm512_dpbf16_ps(p1, pair_row(blk + bytes, kind, table, j), (__m512bh)_mm512_set1_epi32(x1));
+    }
+    __m512 a = _mm512_fmadd_ps(p0, scales(blk, 0), _mm512_load_ps(acc));
+    if (kind == Q4_1) a = _mm512_fmadd_ps(scales(blk, 1), _mm512_set1_ps(sx[0]), a);
+    a = _mm512_fmadd_ps(p1, scales(blk + bytes, 0), a);
+    if (kind == Q4_1) a = _mm512_fmadd_ps(scales(blk + bytes, 1), _mm512_set1_ps(sx[1]), a);
+    _mm512_store_ps(acc, a);
 }
 
 /* The 16 outputs of row r (+ bias), stored as bf16 (nearest even) or fp32. */
@@ -122,6 +142,13 @@ static void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const u
             const uint8_t *blk = w0 + b * block_bytes;
             for (int64_t line = 0; line < block_bytes; line += 64) /* the group's stream, 4 blocks ahead */
                 _mm_prefetch((const char *)blk + 4 * block_bytes + line, _MM_HINT_T0);
+            if (R == 1 && b + 1 < nb) {
+                for (int64_t line = 0; line < block_bytes; line += 64)
+                    _mm_prefetch((const char *)blk + 5 * block_bytes + line, _MM_HINT_T0);
+                row_two_blocks(x + m0 * ldx + 32 * b, blk, block_bytes, table, sx ? sx + m0 * nb + b : NULL, acc, kind);
+                b++;
+                continue;
+            }
             __m512bh wv[16];
             __m512 dv, mv;
             decode_block(blk, kind, table, wv, &dv, &mv);

@@ -82,6 +82,10 @@ def run_rank(rank: int, size: int, store: dist.Store, local_index: int, local_si
             return 0
         log.error("rank %d failed: %s: %s", rank, type(e).__name__, e)
         return 1
+    finally:
+        # release the gloo group now, while the interpreter runs: one still alive at exit is torn
+        # down among the C++ static destructors, where it sometimes aborts the process
+        group.close()
 
 
 def is_worker_node(config: EngineConfig) -> bool:

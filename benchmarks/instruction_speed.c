@@ -30,7 +30,7 @@ static double seconds(void) {
             EACH(STEP)                                                          \
             __VA_ARGS__;                                                        \
         }                                                                       \
-        printf("%-34s %.3f ns\n", label, (seconds() - t0) / OPS * 1e9);         \
+        printf("%-38s %.3f ns\n", label, (seconds() - t0) / OPS * 1e9);         \
     } while (0)
 
 int main(void) {
@@ -46,6 +46,11 @@ int main(void) {
 #define PERMPS(k) v##k = (__m512i)_mm512_permutexvar_ps(v##k, table);
 #define SHIFT(k) v##k = _mm512_srli_epi32(v##k, 1);
 #define PERMW_DOT(k) v##k = _mm512_permutexvar_epi16(v##k, (__m512i)table); a##k = _mm512_dpbf16_ps(a##k, (__m512bh)v##k, xb);
+#define SHIFT_PERMW_DOT(k) v##k = _mm512_permutexvar_epi16(_mm512_srli_epi16(v##k, 4), (__m512i)table); \
+                           a##k = _mm512_dpbf16_ps(a##k, (__m512bh)v##k, xb);
+#define SHIFT_TERNLOG_DOT(k) v##k = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v##k, 4), (__m512i)table, \
+                                                             (__m512i)w, 0xEA); /* (v & table) | w */ \
+                             a##k = _mm512_dpbf16_ps(a##k, (__m512bh)v##k, xb);
 #define FP32_WAY(k) v##k = (__m512i)_mm512_permutexvar_ps(_mm512_srli_epi32(v##k, 4), table); \
                     a##k = _mm512_fmadd_ps(a##k, (__m512)v##k, w);
     TIME("vfmadd231ps, each", FMA, LIVE(a));
@@ -54,6 +59,8 @@ int main(void) {
     TIME("vpermps, each", PERMPS, LIVE(v));
     TIME("vpsrld, each", SHIFT, LIVE(v));
     TIME("vpermw + vdpbf16ps, a pair", PERMW_DOT, LIVE(a); LIVE(v));
+    TIME("vpsrlw + vpermw + vdpbf16ps", SHIFT_PERMW_DOT, LIVE(a); LIVE(v));
+    TIME("vpsrlw + vpternlogd + vdpbf16ps", SHIFT_TERNLOG_DOT, LIVE(a); LIVE(v));
     TIME("vpsrld + vpermps + vfmadd, a triple", FP32_WAY, LIVE(a); LIVE(v));
 
     const double t0 = seconds(); /* latencies: one chain */

@@ -217,8 +217,7 @@ static inline int il_x16_type(int wtype) {
 /* Block b (inputs 32 b ..) of row n of a regrouped K-column matrix as fp32 (its layout:
  * avx512/x16.c), the definition the embedding lookup and the dequantizer read it by. */
 static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
-    const int64_t bytes = wtype == IL_W_Q8_0X16 ? sizeof(il_q8_0x16) : wtype == IL_W_Q4_1X16 ? sizeof(il_q4_1x16)
-                                                                                              : sizeof(il_q4_0x16);
+    const int64_t bytes = 16 * il_block_bytes(wtype); /* a group's block: the same bytes per row */
     const uint8_t *blk = (const uint8_t *)w + (n / 16 * (K / 32) + b) * bytes;
     const uint16_t *h = (const uint16_t *)blk;
     const int i = (int)(n % 16);

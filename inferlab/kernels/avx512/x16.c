@@ -72,6 +72,13 @@ IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk + half));
 }
 
+/* A block's products p of one input row added to that row's sums a: a + d p (+ m sum x, Q4_1), the
+ * one scaling every path uses, in this order, so a row's result never depends on its tile. */
+IL_INLINE __m512 add_block(__m512 a, __m512 p, __m512 dv, __m512 mv, float sx, const int has_min) {
+    a = _mm512_fmadd_ps(p, dv, a);
+    return has_min ? _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), a) : a;
+}
+
 /* A block group's 16 pair rows decoded, its scales (and Q4_1's minimums) as fp32. */
 IL_INLINE void decode_block(const uint8_t *blk, const int kind, __m512i table, __m512bh wv[16], __m512 *dv,
                             __m512 *mv) {
@@ -93,9 +100,8 @@ IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16],
             p[i] = _mm512_dpbf16_ps(p[i], wv[j], (__m512bh)_mm512_set1_epi32(pair));
         }
     for (int i = 0; i < R; i++) {
-        __m512 a = _mm512_fmadd_ps(p[i], dv, _mm512_load_ps(acc + 16 * i));
-        if (has_min) a = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[i * sx_stride]), a);
-        _mm512_store_ps(acc + 16 * i, a);
+        const float s = has_min ? sx[i * sx_stride] : 0.f;
+        _mm512_store_ps(acc + 16 * i, add_block(_mm512_load_ps(acc + 16 * i), p[i], dv, mv, s, has_min));
     }
 }
 
@@ -113,10 +119,9 @@ IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t byt
         p0 = _mm512_dpbf16_ps(p0, pair_row(blk, kind, table, j), (__m512bh)_mm512_set1_epi32(x0));
         p1 = _mm512_dpbf16_ps(p1, pair_row(blk + bytes, kind, table, j), (__m512bh)_mm512_set1_epi32(x1));
     }
-    __m512 a = _mm512_fmadd_ps(p0, scales(blk, 0), _mm512_load_ps(acc));
-    if (kind == Q4_1) a = _mm512_fmadd_ps(scales(blk, 1), _mm512_set1_ps(sx[0]), a);
-    a = _mm512_fmadd_ps(p1, scales(blk + bytes, 0), a);
-    if (kind == Q4_1) a = _mm512_fmadd_ps(scales(blk + bytes, 1), _mm512_set1_ps(sx[1]), a);
+    const int has_min = kind == Q4_1;
+    __m512 a = add_block(_mm512_load_ps(acc), p0, scales(blk, 0), scales(blk, has_min), has_min ? sx[0] : 0.f, has_min);
+    a = add_block(a, p1, scales(blk + bytes, 0), scales(blk + bytes, has_min), has_min ? sx[1] : 0.f, has_min);
     _mm512_store_ps(acc, a);
 }
 
@@ -184,9 +189,9 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
     }
     for (int i = 0; i < R; i++)
         for (int g = 0; g < 4; g++) {
-            __m512 a = _mm512_fmadd_ps(p[i][g], dv[g], _mm512_load_ps(acc + 64 * i + 16 * g));
-            if (has_min) a = _mm512_fmadd_ps(mv[g], _mm512_set1_ps(sx[i * sx_stride]), a);
-            _mm512_store_ps(acc + 64 * i + 16 * g, a);
+            float *at = acc + 64 * i + 16 * g;
+            _mm512_store_ps(at, add_block(_mm512_load_ps(at), p[i][g], dv[g], mv[g], has_min ? sx[i * sx_stride] : 0.f,
+                                          has_min));
         }
 }
 

@@ -348,11 +348,11 @@ def test_quantized_gguf_keeps_its_blocks(name, checkpoints, gguf_file, monkeypat
     for (n, a), (_, b) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         assert torch.equal(a, b), n
 
-    from inferlab.model import loader
+    from inferlab.model import gguf_file
     monkeypatch.setenv("INFERLAB_MODEL_CACHE", "1")
     monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path))  # the kernels are loaded already: only models go there
     load_model(path, "float32", torch.device("cpu"))
-    monkeypatch.setattr(loader, "_parse_gguf", lambda *a: pytest.fail("a cached file must not be parsed again"))
+    monkeypatch.setattr(gguf_file, "parse", lambda *a: pytest.fail("a cached file must not be parsed again"))
     cached, _ = load_model(path, "float32", torch.device("cpu"))
     assert cached.args == model.args
     for (n, a), (_, b) in zip(model.named_parameters(), cached.named_parameters(), strict=True):

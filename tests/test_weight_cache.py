@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from inferlab.model import loader, weight_cache
+from inferlab.model import gguf_file, loader, weight_cache
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def gguf_copy(tmp_path, monkeypatch):
 def _no_parsing(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a cached model must not be parsed again")
-    monkeypatch.setattr(loader, "_parse_gguf", refuse)
+    monkeypatch.setattr(gguf_file, "parse", refuse)
 
 
 def test_second_load_comes_from_the_cache(gguf_copy, monkeypatch):

@@ -1,0 +1,109 @@
+"""Read a GGUF file: the model's shape, its tensors as stored under checkpoint (HF) names, and the
+tokenizer's fields.
+
+A quantized tensor stays its raw blocks (uint8 rows) tagged with its `quant.WeightType`; the
+loader streams them into the model's `weight_loader`s. Two of llama.cpp's layouts are undone here
+so that every model class sees HF's: the interleaved rotary rows of Llama's Q and K, and MLA's
+per-head split of kv_b_proj.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from inferlab.model import weight_cache
+from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError
+from inferlab.model.deepseek import DeepseekForCausalLM
+from inferlab.model.layers import quant
+from inferlab.model.llama import LlamaForCausalLM
+from inferlab.model.qwen_moe import QwenMoeForCausalLM
+
+# a GGUF file's general.architecture -> the class that reads its fields
+GGUF_ARCHS: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
+    "qwen2moe": QwenMoeForCausalLM, "qwen3moe": QwenMoeForCausalLM, "deepseek2": DeepseekForCausalLM}
+GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+              "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj",
+              # mixture of experts: the router, the experts (3-D: one matrix per expert), the shared ones
+              "ffn_gate_inp": "mlp.gate", "exp_probs_b": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+              "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj",
+              "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+              "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+              # multi-head latent attention (attn_k_b / attn_v_b: kv_b split per head, joined back on load)
+              "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+              "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+              "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+              "attn_k_b": "self_attn.k_b_proj", "attn_v_b": "self_attn.v_b_proj"}
+
+
+def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
+    """The model's shape, its tensors as stored (checkpoint names, llama.cpp's RoPE row order undone)
+    and the tokenizer fields."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # numpy/struct errors on truncated or foreign files
+        raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from None
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    arch = fields.get("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHS)}")
+    model_class = GGUF_ARCHS[arch]
+    args = model_class.args_from_gguf(arch, fields, {t.name for t in reader.tensors})
+    names = {**GGUF_NAMES, **model_class.gguf_names}
+    tensors = []
+    for t in reader.tensors:
+        wtype = quant.BY_CODE.get(int(t.tensor_type))
+        if wtype is None:
+            raise ModelLoadError(f"tensor {t.name!r} has type {t.tensor_type.name}, which InferLab cannot read; "
+                                 f"supported: {', '.join(w.name for w in quant.TYPES)}")
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= args.num_layers:
+            continue  # a multi-token-prediction block after the decoder's layers
+        data = np.array(t.data)  # a copy: the reader's arrays are read-only views of the file
+        w = torch.from_numpy(data.view(np.int16) if wtype == quant.BF16 else data)
+        w = w.view(torch.bfloat16) if wtype == quant.BF16 else w
+        name = _checkpoint_name(t.name, names)
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            # llama.cpp interleaves rotary pairs in Q/K rows; undo it for rotate-half RoPE (whole rows move)
+            n = args.num_heads if "q_proj" in name else args.num_kv_heads
+            w = w.view(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+        if ".experts." in name:  # [experts, rows, row] -> one matrix per expert, as HF checkpoints store them
+            layer, proj = name.split(".mlp.experts.")
+            tensors += [(f"{layer}.mlp.experts.{e}.{proj}", w[e].clone(), wtype) for e in range(w.shape[0])]
+            continue
+        tensors.append((name, w.view(1, -1) if name.endswith("shared_expert_gate.weight") else w, wtype))
+    return args, _join_kv_b(tensors), {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+
+
+def _join_kv_b(tensors: weight_cache.Tensors) -> weight_cache.Tensors:
+    """llama.cpp's MLA files split kv_b_proj per head into k_b ([heads, rank, nope], transposed for its
+    absorbed matmul) and v_b ([heads, v, rank]); join them back into HF's kv_b_proj, in fp32."""
+    parts = {name: (w, wtype) for name, w, wtype in tensors if name.endswith(("k_b_proj.weight", "v_b_proj.weight"))}
+    out = [entry for entry in tensors if entry[0] not in parts]
+    for name in [n for n in parts if n.endswith("k_b_proj.weight")]:
+        (k_b, k_type), (v_b, v_type) = parts[name], parts[name.replace("k_b_proj", "v_b_proj")]
+        heads = k_b.shape[0]
+        k = quant.dequantize(k_b.reshape(-1, k_b.shape[-1]), k_type).view(heads, k_b.shape[1], -1)
+        v = quant.dequantize(v_b.reshape(-1, v_b.shape[-1]), v_type).view(heads, v_b.shape[1], -1)
+        kv_b = torch.cat([k.transpose(1, 2), v], dim=1).reshape(-1, k.shape[1])
+        out.append((name.replace("k_b_proj", "kv_b_proj"), kv_b.contiguous(), quant.F32))
+    return out
+
+
+def _checkpoint_name(name: str, names: dict[str, str]) -> str:
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    parts = name.split(".")  # blk.N.<kind>.<weight|bias>
+    if parts[0] != "blk" or parts[2] not in names:
+        raise ModelLoadError(f"unexpected GGUF tensor {name!r}")
+    if parts[2] == "exp_probs_b":  # DeepSeek-V3's e_score_correction_bias, stored as the router's bias
+        return f"model.layers.{parts[1]}.mlp.gate.e_score_correction_bias"
+    return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"

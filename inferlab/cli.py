@@ -1,231 +1,31 @@
-"""The `inferlab` command: generate, chat and bench on the embedded model or a local one."""
+"""The `inferlab` command: its subcommands (generate, chat, serve, bench, simulate, ...) and their parser.
+
+The options they share are `cli_args.py`'s; generate and chat, which talk to a terminal, are `chat.py`'s.
+"""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
 
 from inferlab import bench_serve
-from inferlab.config import KV_ALLOCATIONS, PREEMPTION_MODES, PREFIX_CACHES, EngineConfig
+from inferlab.chat import cmd_chat, cmd_generate
+from inferlab.cli_args import (
+    add_engine_args,
+    add_kv_mode_args,
+    add_record_arg,
+    add_sampling_args,
+    budget_arg,
+    engine_config,
+    kv_mode_config,
+    recording,
+)
+from inferlab.config import EngineConfig
 from inferlab.distributed import EngineDeadError
 from inferlab.distributed.worker import is_worker_node, run_node
 from inferlab.logger import setup_logging
-from inferlab.model.layers.linear import QUANTIZATIONS
-
-
-def budget_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="activations and KV cache (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
-    g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
-                   help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored; "
-                        "none converts them to --dtype; q8_0/q4_0/q4_1 quantize at load")
-    g.add_argument("--int8-activations", action="store_true",
-                   help="quantize linear layers' inputs to int8 for q8_0/q4_*/q5_* weights, as llama.cpp does: "
-                        "faster, slightly less exact (may change greedy answers)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=budget_arg, default=2048,
-                   help="tokens a step may compute, or auto: as many as keep a step near --step-time-target "
-                        "(default: 2048; auto for serve)")
-    g.add_argument("--step-time-target", type=float, default=0.25, help="seconds, for --max-num-batched-tokens auto")
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--scheduling-policy", default="fcfs",
-                   help="fcfs, priority, sjf, or a policy of your own: module:Class or file.py:Class")
-    add_kv_mode_args(g)
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "native", "torch"],
-                   help="native: the C kernel reading the paged cache in place (CPU); torch: the reference")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model (default: the cores other processes leave free, rechecked "
-                        "every 2 s)")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="run every step op by op through the Python model (no one-call decode step)")
-    g.add_argument("--speculative-config", default=None, metavar="JSON",
-                   help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
-                        '"prompt_lookup_max": 4}\' or \'{"method": "draft_model", "model": PATH, '
-                        '"num_speculative_tokens": 4}\'')
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split every layer and the KV pool across N processes (ranks): one per GPU, or sharing "
-                        "the cores; with --nnodes, across hosts")
-    g.add_argument("--nnodes", type=int, default=1,
-                   help="hosts the ranks span: run the same command on each, with its --node-rank")
-    g.add_argument("--node-rank", type=int, default=0,
-                   help="this host: 0 runs the engine, the others run their ranks for it until it stops")
-    g.add_argument("--master-addr", default=None,
-                   help="address of node 0, where the ranks meet (default: MASTER_ADDR, else 127.0.0.1)")
-    g.add_argument("--master-port", type=int, default=None,
-                   help="port there (default: MASTER_PORT, else a free port on one host)")
-    g.add_argument("--kv-transfer-config", default=None, metavar="JSON",
-                   help='a KV connector, as vLLM\'s: {"kv_connector": "RedisConnector" or "SharedStorageConnector", '
-                        '"kv_role": "kv_producer"|"kv_consumer"|"kv_both", "kv_connector_extra_config": '
-                        '{"url": "redis://127.0.0.1:6379"} or {"shared_storage_path": DIR}}')
-    p.set_defaults(runs_engine=True)
-
-
-def add_kv_mode_args(g) -> None:
-    """The learning path's switches (docs/learn), for the engine and the simulator alike."""
-    g.add_argument("--prefix-cache", default="hash", choices=PREFIX_CACHES, help="the prefix cache: a hash chain "
-                   "(vLLM) or a radix tree (SGLang)")
-    g.add_argument("--kv-allocation", default="paged", choices=KV_ALLOCATIONS,
-                   help="reserve: each request's whole length up front, refused when the pool is full (pre-vLLM)")
-    g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES,
-                   help="swap: a preempted request's KV goes to a host pool and back")
-    g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for --preemption-mode swap")
-
-
-def kv_mode_config(a: argparse.Namespace) -> dict:
-    return {"prefix_cache": a.prefix_cache, "kv_allocation": a.kv_allocation, "preemption_mode": a.preemption_mode,
-            "swap_space": a.swap_space}
-
-
-def add_sampling_args(p: argparse.ArgumentParser, repetition_penalty: float = 1.0) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=repetition_penalty)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-
-
-def engine_config(a: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization,
-                        int8_activations=a.int8_activations, device=a.device,
-                        block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
-                        max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                        max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
-                        enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
-                        attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager,
-                        tensor_parallel_size=a.tensor_parallel_size, nnodes=a.nnodes, node_rank=a.node_rank,
-                        master_addr=a.master_addr, master_port=a.master_port,
-                        kv_transfer_config=a.kv_transfer_config, speculative_config=a.speculative_config,
-                        **kv_mode_config(a))
-
-
-def add_record_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--record", default=None, metavar="FILE",
-                   help="write the engine's per-step snapshots to FILE (JSONL) for `inferlab scope --replay`")
-
-
-def recording(engine, path: str | None):
-    """A Recorder on `engine` if `path` is given, else a no-op context: recording off costs nothing."""
-    if path is None:
-        return contextlib.nullcontext()
-    from inferlab.scope.recorder import Recorder
-    return Recorder(engine, path)
-
-
-def sampling_params(a: argparse.Namespace):
-    from inferlab.sampling_params import SamplingParams
-    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
-
-
-def stream(engine, request_id: str, prompt, params) -> str:
-    """Run one request to the end, printing text as it is released; returns the whole text."""
-    engine.add_request(request_id, prompt, params)
-    text = ""
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            delta = out.outputs[0].new_text
-            text += delta
-            print(delta, end="", flush=True)
-    print()
-    return text
-
-
-def cmd_generate(a: argparse.Namespace) -> None:
-    from inferlab.engine import LLMEngine
-    engine = LLMEngine(engine_config(a))
-    tok = engine.tokenizer
-    if a.raw or not tok.chat_template:
-        prompt = a.prompt
-    else:
-        messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
-                   [{"role": "user", "content": a.prompt}]
-        text = tok.apply_chat_template(messages)
-        prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
-    with recording(engine, a.record):
-        stream(engine, "generate-0", prompt, sampling_params(a))
-
-
-def chat_prompt(tok, messages: list[dict], first: int, limit: int, answer: int) -> tuple[dict | None, int]:
-    """The prompt for a conversation and how many of its oldest messages it leaves out: exchanges
-    after the first `first` messages (a system message) are dropped, oldest first, until the prompt
-    leaves `answer` tokens of the `limit`, or only the newest message is left. None if even that
-    leaves no room to answer."""
-    dropped = 0
-    while True:
-        kept = messages[:first] + messages[first + dropped:]
-        text = tok.apply_chat_template(kept)
-        ids = tok.encode(text, add_special_tokens=False)
-        if len(ids) + answer <= limit or len(kept) == first + 1:
-            break
-        dropped += 2  # a question and its answer
-    return ({"prompt": text, "prompt_token_ids": ids} if len(ids) < limit else None), dropped
-
-
-def cmd_chat(a: argparse.Namespace) -> None:
-    from inferlab.engine import LLMEngine
-    engine = LLMEngine(engine_config(a))
-    tok = engine.tokenizer
-    if not tok.chat_template:
-        raise ValueError("this model has no chat template; use `inferlab generate --raw`")
-    first = 1 if a.system else 0
-    history = [{"role": "system", "content": a.system}] if a.system else []
-    print("Chat with the model. /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
-    turn, limit = 0, engine.max_request_tokens
-    while True:
-        try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
-            history = history[:first]
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        prompt, dropped = chat_prompt(tok, history, first, limit, a.max_tokens)
-        if prompt is None:
-            history.pop()
-            print(f"error: this message does not fit the context of {limit} tokens; say it in fewer words "
-                  "(the conversation is kept)", file=sys.stderr)
-            continue
-        if dropped:
-            del history[first:first + dropped]
-            print(f"(the conversation outgrew the context of {limit} tokens: the oldest {dropped // 2} "
-                  f"exchange{'s' if dropped > 2 else ''} forgotten; /reset starts over)", file=sys.stderr)
-        try:
-            reply = stream(engine, f"chat-{turn}", prompt, sampling_params(a))
-        except KeyboardInterrupt:  # stop this answer, keep the session
-            engine.abort_request(f"chat-{turn}")
-            print()
-            reply = ""
-        turn += 1
-        history.append({"role": "assistant", "content": reply})
 
 
 def _range(text: str) -> tuple[int, int]:

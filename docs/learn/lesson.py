@@ -71,7 +71,7 @@ def pool(eng: LLMEngine) -> str:
 def run(eng: LLMEngine, show=None, record: str | None = None) -> dict[str, RequestOutput]:
     """Step until every request finishes; `show(step, scheduler_output)` prints what it likes.
     Returns each request's final output."""
-    from inferlab.cli import recording
+    from inferlab.cli_args import recording
     done: dict[str, RequestOutput] = {}
     with recording(eng, record):
         while eng.has_unfinished_requests():

@@ -1,0 +1,96 @@
+"""`inferlab generate` and `inferlab chat`: requests streamed to the terminal as their text is
+released, a conversation kept within the model's context."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from inferlab.cli_args import engine_config, recording, sampling_params
+
+
+def stream(engine, request_id: str, prompt, params) -> str:
+    """Run one request to the end, printing text as it is released; returns the whole text."""
+    engine.add_request(request_id, prompt, params)
+    text = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            delta = out.outputs[0].new_text
+            text += delta
+            print(delta, end="", flush=True)
+    print()
+    return text
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from inferlab.engine import LLMEngine
+    engine = LLMEngine(engine_config(a))
+    tok = engine.tokenizer
+    if a.raw or not tok.chat_template:
+        prompt = a.prompt
+    else:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
+                   [{"role": "user", "content": a.prompt}]
+        text = tok.apply_chat_template(messages)
+        prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+    with recording(engine, a.record):
+        stream(engine, "generate-0", prompt, sampling_params(a))
+
+
+def chat_prompt(tok, messages: list[dict], first: int, limit: int, answer: int) -> tuple[dict | None, int]:
+    """The prompt for a conversation and how many of its oldest messages it leaves out: exchanges
+    after the first `first` messages (a system message) are dropped, oldest first, until the prompt
+    leaves `answer` tokens of the `limit`, or only the newest message is left. None if even that
+    leaves no room to answer."""
+    dropped = 0
+    while True:
+        kept = messages[:first] + messages[first + dropped:]
+        text = tok.apply_chat_template(kept)
+        ids = tok.encode(text, add_special_tokens=False)
+        if len(ids) + answer <= limit or len(kept) == first + 1:
+            break
+        dropped += 2  # a question and its answer
+    return ({"prompt": text, "prompt_token_ids": ids} if len(ids) < limit else None), dropped
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from inferlab.engine import LLMEngine
+    engine = LLMEngine(engine_config(a))
+    tok = engine.tokenizer
+    if not tok.chat_template:
+        raise ValueError("this model has no chat template; use `inferlab generate --raw`")
+    first = 1 if a.system else 0
+    history = [{"role": "system", "content": a.system}] if a.system else []
+    print("Chat with the model. /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    turn, limit = 0, engine.max_request_tokens
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:first]
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt, dropped = chat_prompt(tok, history, first, limit, a.max_tokens)
+        if prompt is None:
+            history.pop()
+            print(f"error: this message does not fit the context of {limit} tokens; say it in fewer words "
+                  "(the conversation is kept)", file=sys.stderr)
+            continue
+        if dropped:
+            del history[first:first + dropped]
+            print(f"(the conversation outgrew the context of {limit} tokens: the oldest {dropped // 2} "
+                  f"exchange{'s' if dropped > 2 else ''} forgotten; /reset starts over)", file=sys.stderr)
+        try:
+            reply = stream(engine, f"chat-{turn}", prompt, sampling_params(a))
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            engine.abort_request(f"chat-{turn}")
+            print()
+            reply = ""
+        turn += 1
+        history.append({"role": "assistant", "content": reply})

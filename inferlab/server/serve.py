@@ -13,7 +13,8 @@ from fastapi import FastAPI
 
 from inferlab.async_engine import AsyncEngine
 from inferlab.config import EngineConfig
-from inferlab.engine import LLMEngine, model_name
+from inferlab.engine import LLMEngine
+from inferlab.model.loader import model_name
 from inferlab.scope.live import mount_scope
 from inferlab.scope.recorder import Recorder
 from inferlab.server import openapi

@@ -1,4 +1,5 @@
-"""Request: one sequence's state as the scheduler, block manager and runner see it."""
+"""Request: one sequence's state as the scheduler, block manager and runner see it, and as a
+dashboard shows it (`request_view`)."""
 from __future__ import annotations
 
 import enum
@@ -79,3 +80,22 @@ class Request:
     def remaining_work(self) -> int:
         """Tokens still to compute or generate: the job length shortest-job-first orders by."""
         return (self.num_tokens - self.num_computed_tokens) + max(0, self.max_tokens - self.num_output_tokens)
+
+
+def block_runs(table: list[int]) -> list[list[int]]:
+    """[[first_block, count], ...]: block tables are mostly runs of consecutive blocks."""
+    runs: list[list[int]] = []
+    for b in table:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1])
+    return runs
+
+
+def request_view(req: Request) -> dict:
+    """One live request as a dashboard shows it: queue, progress, priority and its blocks."""
+    return {"id": req.request_id, "state": req.status.value, "priority": req.priority,
+            "computed": req.num_computed_tokens, "prompt": req.num_prompt_tokens,
+            "output": req.num_output_tokens, "max_tokens": req.max_tokens,
+            "preemptions": req.num_preemptions, "blocks": block_runs(req.block_table)}

@@ -24,7 +24,7 @@ from inferlab.config import EngineConfig
 from inferlab.kv_transfer import KVConnectorBase
 from inferlab.policy import RequestQueue
 from inferlab.preemption import make_preemption
-from inferlab.request import Request, RequestStatus
+from inferlab.request import Request, RequestStatus, request_view
 
 
 @dataclass
@@ -272,21 +272,3 @@ class Scheduler:
         return {"prefill": out.num_tokens - decode, "decode": decode, "budget": self.max_num_batched_tokens,
                 "seqs": len(out.scheduled), "preempted": len(out.preempted)}
 
-
-def block_runs(table: list[int]) -> list[list[int]]:
-    """[[first_block, count], ...]: block tables are mostly runs of consecutive blocks."""
-    runs: list[list[int]] = []
-    for b in table:
-        if runs and runs[-1][0] + runs[-1][1] == b:
-            runs[-1][1] += 1
-        else:
-            runs.append([b, 1])
-    return runs
-
-
-def request_view(req: Request) -> dict:
-    """One live request as a dashboard shows it: queue, progress, priority and its blocks."""
-    return {"id": req.request_id, "state": req.status.value, "priority": req.priority,
-            "computed": req.num_computed_tokens, "prompt": req.num_prompt_tokens,
-            "output": req.num_output_tokens, "max_tokens": req.max_tokens,
-            "preemptions": req.num_preemptions, "blocks": block_runs(req.block_table)}

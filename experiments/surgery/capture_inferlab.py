@@ -19,8 +19,8 @@ from scenarios import OOM, SCENARIOS, oom_prompt, requests  # noqa: E402
 
 from inferlab.config import EngineConfig  # noqa: E402
 from inferlab.engine import LLMEngine  # noqa: E402
+from inferlab.request import block_runs  # noqa: E402
 from inferlab.sampling_params import SamplingParams  # noqa: E402
-from inferlab.scheduler import block_runs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,7 +1,8 @@
 """GGUF files run as they are stored. A tiny random Llama written as a K-quant-style mix (Q5_0 q/k,
 Q8_0 v, so the merged q/k/v keeps two parts; Q4_K, Q5_K and Q6_K elsewhere; Q8_0 embeddings) gives
-HF transformers' greedy output and logits, HF dequantizing the very same file; and the quantization
-modes convert what is stored as they say."""
+HF transformers' greedy output and logits, HF dequantizing the very same file, and so does one of
+the low-bit types (Q2_K, Q3_K, IQ4_NL, IQ4_XS); the quantization modes convert what is stored as
+they say."""
 from __future__ import annotations
 
 import os
@@ -17,14 +18,27 @@ from inferlab.model.layers import quant
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
 TYPES = {"attn_q": quant.Q5_0, "attn_k": quant.Q5_0, "attn_v": quant.Q8_0, "attn_output": quant.Q4_K,
          "ffn_gate": quant.Q4_K, "ffn_up": quant.Q5_K, "ffn_down": quant.Q6_K}
+LOW_BIT_TYPES = {"attn_q": quant.IQ4_NL, "attn_k": quant.IQ4_NL, "attn_v": quant.Q3_K, "attn_output": quant.Q2_K,
+                 "ffn_gate": quant.IQ4_XS, "ffn_up": quant.Q3_K, "ffn_down": quant.Q2_K}
+# a random block's typical weight, in units of its fp16 scale (quantized Gaussians: about 20)
+SPREAD = {quant.Q4_K: 256, quant.Q5_K: 512, quant.Q6_K: 1000, quant.Q2_K: 20, quant.Q3_K: 64, quant.IQ4_NL: 64,
+          quant.IQ4_XS: 1000}
 
 
 @pytest.fixture(scope="module")
 def mixed_gguf(smol, tmp_path_factory):
     """The file's path; its tokenizer is the embedded model's (from the parsed-GGUF cache)."""
+    return write_gguf(str(tmp_path_factory.mktemp("gguf") / "mixed.gguf"), TYPES)
+
+
+@pytest.fixture(scope="module")
+def low_bit_gguf(smol, tmp_path_factory):
+    return write_gguf(str(tmp_path_factory.mktemp("gguf") / "low_bit.gguf"), LOW_BIT_TYPES)
+
+
+def write_gguf(path: str, types: dict[str, quant.WeightType]) -> str:
     from gguf import GGMLQuantizationType, GGUFWriter
     tok = weight_cache.load(loader.embedded_model_path())[2]
-    path = str(tmp_path_factory.mktemp("gguf") / "mixed.gguf")
     w = GGUFWriter(path, "llama")
     w.add_block_count(LAYERS)
     w.add_context_length(512)
@@ -51,9 +65,8 @@ def mixed_gguf(smol, tmp_path_factory):
             from gguf import quantize
             data = torch.from_numpy(quantize((torch.randn(n, k, generator=g) * std).numpy(),
                                              GGMLQuantizationType.Q5_0))
-        else:  # a block weight is about scale times 20 (quantized Gaussians) or 256-1000 (random K-quant bytes)
-            spread = {quant.Q4_K: 256, quant.Q5_K: 512, quant.Q6_K: 1000}.get(wtype, 20)
-            data = quant.random_stored(wtype, n, k, seed=len(name) * 31 + n, scale=std / spread)
+        else:
+            data = quant.random_stored(wtype, n, k, seed=len(name) * 31 + n, scale=std / SPREAD.get(wtype, 20))
         w.add_tensor(name, data.numpy(), raw_dtype=GGMLQuantizationType(wtype.code))
 
     add("token_embd.weight", quant.Q8_0, vocab, HIDDEN, std=1.0)  # decisive logits: greedy has no near-ties
@@ -65,7 +78,7 @@ def mixed_gguf(smol, tmp_path_factory):
         for part in ("attn_norm", "ffn_norm"):
             w.add_tensor(f"blk.{i}.{part}.weight", (1 + 0.3 * torch.randn(HIDDEN, generator=g)).numpy())
         for part, (n, k) in shapes.items():
-            add(f"blk.{i}.{part}.weight", TYPES[part], n, k, std=2 / k ** 0.5)
+            add(f"blk.{i}.{part}.weight", types[part], n, k, std=2 / k ** 0.5)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -81,14 +94,19 @@ def test_mixed_file_keeps_its_types_and_parts(mixed_gguf):
     assert model.model.embed_tokens.wtype == quant.Q8_0 and model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_mixed_file_matches_hf(mixed_gguf, chat_prompts):
+@pytest.mark.parametrize("file", ["mixed_gguf", "low_bit_gguf"])
+def test_file_matches_hf(file, chat_prompts, request):
     """Next-token log-probabilities after each prompt (a prefill) and after one more token (a decode
     step), batched, against HF's forward pass on the same tokens. (A random model's greedy text runs
     into near-ties within a few tokens, so the distributions are compared, not the text.)"""
     transformers = pytest.importorskip("transformers")
+    path = request.getfixturevalue(file)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(mixed_gguf), gguf_file=os.path.basename(mixed_gguf), dtype=torch.float32).eval()
-    llm = LLM(model=mixed_gguf, num_kv_blocks=128, dtype="float32")  # auto is bf16 on CPUs with bf16 instructions
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    llm = LLM(model=path, num_kv_blocks=128, dtype="float32")  # auto is bf16 on CPUs with bf16 instructions
+    layers = [m for m in llm.engine.model.modules() if getattr(m, "wtype", None) is not None]
+    kept = {m.wtype for m in layers} | {part[1] for m in layers for part in getattr(m, "parts", [])}
+    assert set((TYPES if file == "mixed_gguf" else LOW_BIT_TYPES).values()) <= kept  # as stored
     prompts = chat_prompts[:4]
     params = SamplingParams(temperature=0, max_tokens=2, logprobs=5, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -84,6 +84,14 @@ typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } il_q5_1;
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } il_q4_K;
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } il_q5_K;
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } il_q6_K;
+/* Q2_K / Q3_K: 16 sub-blocks of 16, 2-bit values (Q3_K: a third bit in hmask) */
+typedef struct { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; } il_q2_K;
+typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; } il_q3_K;
+/* IQ4_NL / IQ4_XS: nibbles index a fixed non-linear table (il_iq4_values); IQ4_XS has 8 sub-blocks of
+ * 32 with 6-bit scales */
+typedef struct { uint16_t d; uint8_t qs[16]; } il_iq4_nl;
+typedef struct { uint16_t d, scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } il_iq4_xs;
+static const int8_t il_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 /* 16 rows' blocks regrouped (inferlab.h; the layout is described in avx512/x16.c) */
 typedef struct { uint16_t d[16], m[16]; uint16_t q[128]; } il_q4_1x16;
 typedef struct { uint16_t d[16]; uint16_t q[128]; } il_q4_0x16;
@@ -93,9 +101,9 @@ typedef struct { uint16_t d[16]; int8_t q[512]; } il_q8_0x16;
 static inline int il_block_elems(int wtype) {
     switch (wtype) {
         case IL_W_F32: case IL_W_F16: case IL_W_BF16: return 1;
-        case IL_W_Q8_0: case IL_W_Q4_0: case IL_W_Q4_1: case IL_W_Q5_0: case IL_W_Q5_1: return 32;
+        case IL_W_Q8_0: case IL_W_Q4_0: case IL_W_Q4_1: case IL_W_Q5_0: case IL_W_Q5_1: case IL_W_IQ4_NL: return 32;
         case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: return 32; /* per row, as their GGUF type */
-        case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: return 256;
+        case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS: return 256;
         default: return 0;
     }
 }
@@ -112,6 +120,10 @@ static inline int il_block_bytes(int wtype) {
         case IL_W_Q4_K: return sizeof(il_q4_K);
         case IL_W_Q5_K: return sizeof(il_q5_K);
         case IL_W_Q6_K: return sizeof(il_q6_K);
+        case IL_W_Q2_K: return sizeof(il_q2_K);
+        case IL_W_Q3_K: return sizeof(il_q3_K);
+        case IL_W_IQ4_NL: return sizeof(il_iq4_nl);
+        case IL_W_IQ4_XS: return sizeof(il_iq4_xs);
         default: return 0;
     }
 }
@@ -129,9 +141,62 @@ static inline void il_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t
     }
 }
 
+/* Weights 32 j .. 32 j + 31 of a Q2_K / Q3_K / IQ4_XS block as fp32: the definition of those formats,
+ * a sub-block at a time so that a kernel decoding 32 weights at once needs no whole-block buffer.
+ * Q2_K / Q3_K: sub-block j is bit pair j % 4 of the 32 bytes of half j / 4, under two 16-weight scales
+ * (Q3_K: 6-bit ones, packed in 12 bytes; the third bit is bit j of hmask, 4 subtracted where clear). */
+static inline void il_dequant_sub32(int wtype, const void *block, int j, float *y) {
+    const int half = j / 4, shift = 2 * (j % 4);
+    switch (wtype) {
+        case IL_W_Q2_K: {
+            const il_q2_K *b = block;
+            const float d = il_f16_to_f32(b->d), dmin = il_f16_to_f32(b->dmin);
+            const uint8_t *q = b->qs + 32 * half;
+            for (int s = 0; s < 2; s++) {
+                const uint8_t sc = b->scales[2 * j + s];
+                const float dl = d * (sc & 0xF), ml = dmin * (sc >> 4);
+                for (int l = 0; l < 16; l++) y[16 * s + l] = dl * ((q[16 * s + l] >> shift) & 3) - ml;
+            }
+            return;
+        }
+        case IL_W_Q3_K: {
+            const il_q3_K *b = block;
+            const float d = il_f16_to_f32(b->d);
+            const uint8_t *q = b->qs + 32 * half, m = (uint8_t)(1 << j);
+            for (int s = 0; s < 2; s++) {
+                const int i = 2 * j + s; /* 16 6-bit scales: low 4 bits in bytes 0-7, high 2 in bytes 8-11 */
+                const int lo = i < 8 ? b->scales[i] & 0xF : b->scales[i - 8] >> 4;
+                const int hi = (b->scales[8 + i % 4] >> (2 * (i / 4))) & 3;
+                const float dl = d * ((lo | hi << 4) - 32);
+                for (int l = 0; l < 16; l++)
+                    y[16 * s + l] = dl * (((q[16 * s + l] >> shift) & 3) - (b->hmask[16 * s + l] & m ? 0 : 4));
+            }
+            return;
+        }
+        case IL_W_IQ4_XS: {
+            const il_iq4_xs *b = block;
+            const int ls = ((b->scales_l[j / 2] >> 4 * (j % 2)) & 0xF) | (((b->scales_h >> 2 * j) & 3) << 4);
+            const float dl = il_f16_to_f32(b->d) * (ls - 32);
+            const uint8_t *q = b->qs + 16 * j;
+            for (int l = 0; l < 16; l++) y[l] = dl * il_iq4_values[q[l] & 0xF], y[l + 16] = dl * il_iq4_values[q[l] >> 4];
+            return;
+        }
+        default: return;
+    }
+}
+
 /* One block of weights (il_block_elems of them) as fp32: the format's definition. */
 static inline void il_dequant_block(int wtype, const void *block, float *y) {
     switch (wtype) {
+        case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS:
+            for (int j = 0; j < 8; j++) il_dequant_sub32(wtype, block, j, y + 32 * j);
+            return;
+        case IL_W_IQ4_NL: {
+            const il_iq4_nl *b = block;
+            const float d = il_f16_to_f32(b->d);
+            for (int j = 0; j < 16; j++) y[j] = d * il_iq4_values[b->qs[j] & 0xF], y[j + 16] = d * il_iq4_values[b->qs[j] >> 4];
+            return;
+        }
         case IL_W_F32: y[0] = *(const float *)block; return;
         case IL_W_F16: y[0] = il_f16_to_f32(*(const uint16_t *)block); return;
         case IL_W_BF16: y[0] = il_bf16_to_f32(*(const uint16_t *)block); return;
@@ -275,9 +340,26 @@ static inline void il_block_ints(int wtype, const uint8_t *row, int b, int8_t q[
     }
 }
 
-/* Weights k0 .. k0 + n - 1 of one row (n whole blocks, k0 a block boundary) as fp32. */
+/* Weights k0 .. k0 + n - 1 of one row as fp32: whole blocks, or a part of one (a 32-weight sub-block
+ * of the K-quants that have their own decoder, else the block decoded whole and the part copied). */
 static inline void il_dequant_span(int wtype, const uint8_t *row, int k0, int n, float *y) {
     const int be = il_block_elems(wtype), bb = il_block_bytes(wtype);
-    for (int k = k0; k < k0 + n; k += be) il_dequant_block(wtype, row + (int64_t)k / be * bb, y + (k - k0));
+    for (int k = k0; k < k0 + n;) {
+        const uint8_t *block = row + (int64_t)k / be * bb;
+        const int off = k % be, left = k0 + n - k;
+        if (off == 0 && left >= be) {
+            il_dequant_block(wtype, block, y + (k - k0));
+            k += be;
+        } else if (left >= 32 && off % 32 == 0 && (wtype == IL_W_Q2_K || wtype == IL_W_Q3_K || wtype == IL_W_IQ4_XS)) {
+            il_dequant_sub32(wtype, block, off / 32, y + (k - k0));
+            k += 32;
+        } else { /* part of a block: the whole block, then the part */
+            float t[256];
+            il_dequant_block(wtype, block, t);
+            const int m = be - off < left ? be - off : left;
+            memcpy(y + (k - k0), t + off, sizeof(float) * m);
+            k += m;
+        }
+    }
 }
 #endif

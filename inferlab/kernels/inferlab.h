@@ -31,9 +31,13 @@
 #define IL_W_Q5_0 6
 #define IL_W_Q5_1 7
 #define IL_W_Q8_0 8
+#define IL_W_Q2_K 10
+#define IL_W_Q3_K 11
 #define IL_W_Q4_K 12
 #define IL_W_Q5_K 13
 #define IL_W_Q6_K 14
+#define IL_W_IQ4_NL 20
+#define IL_W_IQ4_XS 23
 #define IL_W_BF16 30
 /* Q4_0 / Q4_1 / Q8_0 blocks regrouped 16 weight rows at a time for the AVX512-BF16 kernel
  * (avx512/x16.c), made at load: not GGUF types, the same bytes per row. Other builds' linear returns

@@ -144,6 +144,56 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             }
             return;
         }
+        case IL_W_Q2_K: case IL_W_Q3_K: { /* sub-block j: bit pair j % 4 of half j / 4's 32 bytes, two scales */
+            const int j = (k % 256) / 32, shift = 2 * (j % 4);
+            const il_q2_K *b2 = (const il_q2_K *)row + k / 256;
+            const il_q3_K *b3 = (const il_q3_K *)row + k / 256;
+            const int three = wtype == IL_W_Q3_K;
+            const uint8_t *q = (three ? b3->qs : b2->qs) + 32 * (j / 4);
+            for (int s = 0; s < 2; s++) {
+                __m128i v = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), shift),
+                                          _mm_set1_epi8(3));
+                float dl, ml = 0.f;
+                if (three) { /* 4 subtracted where the third bit (bit j of hmask) is clear */
+                    const __m128i bit = _mm_set1_epi8((char)(1 << j));
+                    const __m128i hm = _mm_and_si128(_mm_loadu_si128((const __m128i *)(b3->hmask + 16 * s)), bit);
+                    v = _mm_sub_epi8(v, _mm_andnot_si128(_mm_cmpeq_epi8(hm, bit), _mm_set1_epi8(4)));
+                    const int i = 2 * j + s;
+                    const int lo = i < 8 ? b3->scales[i] & 0xF : b3->scales[i - 8] >> 4;
+                    dl = f16(b3->d) * ((lo | ((b3->scales[8 + i % 4] >> (2 * (i / 4))) & 3) << 4) - 32);
+                } else {
+                    const uint8_t sc = b2->scales[2 * j + s];
+                    dl = f16(b2->d) * (sc & 0xF), ml = f16(b2->dmin) * (sc >> 4);
+                }
+                const __m256 d = _mm256_set1_ps(dl), m = _mm256_set1_ps(-ml);
+                w[2 * s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d, m);
+                w[2 * s + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), d, m);
+            }
+            return;
+        }
+        case IL_W_IQ4_NL: case IL_W_IQ4_XS: { /* nibbles looked up in the 16-value table by one shuffle */
+            const uint8_t *q;
+            float d;
+            if (wtype == IL_W_IQ4_NL) {
+                const il_iq4_nl *b = (const il_iq4_nl *)row + k / 32;
+                q = b->qs, d = f16(b->d);
+            } else {
+                const il_iq4_xs *b = (const il_iq4_xs *)row + k / 256;
+                const int j = (k % 256) / 32;
+                const int ls = ((b->scales_l[j / 2] >> 4 * (j % 2)) & 0xF) | (((b->scales_h >> 2 * j) & 3) << 4);
+                q = b->qs + 16 * j, d = f16(b->d) * (ls - 32);
+            }
+            const __m128i table = _mm_loadu_si128((const __m128i *)il_iq4_values);
+            const __m128i v = _mm_loadu_si128((const __m128i *)q);
+            const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
+            const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+            const __m256 dv = _mm256_set1_ps(d);
+            w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), dv);
+            w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), dv);
+            w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), dv);
+            w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), dv);
+            return;
+        }
         default: {
             float tmp[32];
             il_dequant_span(wtype, row, k, 32, tmp);
@@ -201,7 +251,8 @@ static void tile_direct(const float *x, int64_t lx, const uint8_t *const w[DC], 
     switch (wtype) {
         DIRECT_CASE(IL_W_BF16); DIRECT_CASE(IL_W_F16); DIRECT_CASE(IL_W_Q8_0); DIRECT_CASE(IL_W_Q4_0);
         DIRECT_CASE(IL_W_Q4_1); DIRECT_CASE(IL_W_Q5_0); DIRECT_CASE(IL_W_Q5_1); DIRECT_CASE(IL_W_Q4_K);
-        DIRECT_CASE(IL_W_Q5_K); DIRECT_CASE(IL_W_Q6_K); default: DIRECT_CASE(IL_W_F32);
+        DIRECT_CASE(IL_W_Q5_K); DIRECT_CASE(IL_W_Q6_K); DIRECT_CASE(IL_W_Q2_K); DIRECT_CASE(IL_W_Q3_K);
+        DIRECT_CASE(IL_W_IQ4_NL); DIRECT_CASE(IL_W_IQ4_XS); default: DIRECT_CASE(IL_W_F32);
     }
 }
 #undef DIRECT_CASE

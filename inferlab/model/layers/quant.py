@@ -45,7 +45,11 @@ Q5_1 = WeightType("q5_1", 7, 32, 24)
 Q4_K = WeightType("q4_K", 12, 256, 144)
 Q5_K = WeightType("q5_K", 13, 256, 176)
 Q6_K = WeightType("q6_K", 14, 256, 210)
-TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
+Q2_K = WeightType("q2_K", 10, 256, 84)
+Q3_K = WeightType("q3_K", 11, 256, 110)
+IQ4_NL = WeightType("iq4_nl", 20, 32, 18)
+IQ4_XS = WeightType("iq4_xs", 23, 256, 136)
+TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS)
 # Q4_0/Q4_1/Q8_0 blocks regrouped 16 rows at a time for the AVX512-BF16 kernel (kernels/avx512/x16.c):
 # made at load, never in a file; the same bytes per row, so a tensor keeps its [N, row bytes] shape
 Q4_0X16 = WeightType("q4_0x16", 66, 32, 18, base=Q4_0)
@@ -151,7 +155,7 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
 
 # byte offsets of each block's fp16 scale fields
 _SCALES = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q4_K": [0, 2], "q5_K": [0, 2],
-           "q6_K": [208]}
+           "q6_K": [208], "q2_K": [80, 82], "q3_K": [108], "iq4_nl": [0], "iq4_xs": [0]}
 
 
 def random_stored(wtype: WeightType, n: int, k: int, seed: int, scale: float = 0.05) -> torch.Tensor:

@@ -42,25 +42,48 @@ static void pack_keys(uint32_t *kp, const uint16_t *k_head, const int32_t *table
     }
 }
 
-/* vp[c32][s][r][16] (dwords): for 32 keys c32 and value-dim slot tile s, row r holds keys
- * (32 c32 + 2r, +1) interleaved, as AMX's B operand of P V. A slot tile is the lo (s even) or hi
- * (s odd) half of _mm512_unpack*_epi16 over a 32-dim piece: slot 4L + i of tile 2c + h is dim
- * 32c + 8L + 4h + i. */
+/* vp[c32][s][r][16] (dwords): for 32 keys c32 and value-dim tile s (dims 16s .. 16s + 15), row r holds
+ * keys (32 c32 + 2r, +1) interleaved, as AMX's B operand of P V. `_mm512_unpack*_epi16` pair two keys'
+ * words within 128-bit lanes, so each 32-dim piece is first permuted so that the lo (unpacklo) and hi
+ * (unpackhi) halves come out as dims 0-15 and 16-31 in order: P V then stores O in natural order. */
 static void pack_values(uint32_t *vp, const uint16_t *v_head, const int32_t *table, int n, int block_size,
                         int64_t token_stride, int D) {
     const int tiles = D / 16;
+    /* word 8L + i of the permuted piece: dim 4L + i (i < 4), else dim 16 + 4L + i - 4 */
+    const __m512i order = _mm512_set_epi16(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8,
+                                           23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
     for (int c32 = 0; c32 < (n + 31) / 32; c32++)
         for (int r = 0; r < 16; r++) {
             const int k0 = 32 * c32 + 2 * r, a = k0 < n ? k0 : n - 1, b = k0 + 1 < n ? k0 + 1 : n - 1;
             const uint16_t *va = key_row(v_head, table, a, block_size, token_stride);
             const uint16_t *vb = key_row(v_head, table, b, block_size, token_stride);
             for (int c = 0; c < D / 32; c++) {
-                const __m512i x = _mm512_loadu_si512(va + 32 * c), y = _mm512_loadu_si512(vb + 32 * c);
+                const __m512i x = _mm512_permutexvar_epi16(order, _mm512_loadu_si512(va + 32 * c));
+                const __m512i y = _mm512_permutexvar_epi16(order, _mm512_loadu_si512(vb + 32 * c));
                 uint32_t *dst = vp + (((int64_t)c32 * tiles + 2 * c) * 16 + r) * 16;
                 _mm512_storeu_si512(dst, _mm512_unpacklo_epi16(x, y));
                 _mm512_storeu_si512(dst + 256, _mm512_unpackhi_epi16(x, y));
             }
         }
+}
+
+/* e^x for x <= 0: 2^n p(f), n = round(x / ln 2), f = x - n ln 2 (ln 2 in two parts), p of degree 6;
+ * within 4 ulp of expf, far below the bf16 rounding of the weights it makes. Inline, so a softmax row
+ * never leaves the registers (a call to libmvec's expf stored and reloaded every 16 scores). */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
 }
 
 /* Row i of s (fp32 scores, `width` of them) -> bf16 weights in p (zero past key `limit`), returns
@@ -76,10 +99,7 @@ static inline float softmax_row(const float *s, uint16_t *p, int limit, int widt
     for (int k = 0; k < width; k += 16) {
         const int left = limit - k;
         const __mmask16 live = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        float e[16];
-        _mm512_storeu_ps(e, _mm512_fmsub_ps(_mm512_loadu_ps(s + k), sc, m));
-        for (int i = 0; i < 16; i++) e[i] = expf(e[i]);  /* vectorized by the compiler (libmvec) */
-        const __m512 w = _mm512_maskz_loadu_ps(live, e);
+        const __m512 w = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + k), sc, m)));
         sum = _mm512_add_ps(sum, w);
         _mm256_storeu_si256((__m256i *)(p + k), (__m256i)_mm512_cvtneps_pbh(w));
     }
@@ -159,14 +179,10 @@ static void attend_chunk(const uint16_t *q, int64_t q_stride, uint16_t *out, int
             }
             for (int i = 0; i < rows; i++) {
                 uint16_t *dst = out + ((row0 + i0 + i) * num_heads + j) * D;
-                const float inv = 1.f / rsum[i];  /* > 0: every query sees at least itself */
-                for (int d = 0; d < D; d++) {  /* undo the slot interleave */
-                    const int c = d / 32, l = (d % 32) / 8, h = (d % 8) / 4;
-                    const float v = o[i * D + (2 * c + h) * 16 + 4 * l + d % 4] * inv;
-                    uint32_t u;
-                    memcpy(&u, &v, sizeof u);
-                    dst[d] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-                }
+                const __m512 inv = _mm512_set1_ps(1.f / rsum[i]);  /* > 0: every query sees at least itself */
+                for (int d = 0; d < D; d += 16)
+                    _mm256_storeu_si256((__m256i *)(dst + d),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o + i * D + d), inv)));
             }
         }
     }

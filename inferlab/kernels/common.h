@@ -300,7 +300,8 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
 
 /* Whether the int8-activation path multiplies this type's blocks (32-weight integer blocks). */
 static inline int il_int8_type(int wtype) {
-    return wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
+    return wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1 ||
+           wtype == IL_W_IQ4_NL;
 }
 
 /* A row of K inputs (K a multiple of 32) as llama.cpp's Q8_0 blocks: per 32, d = max|x| / 127 and
@@ -322,6 +323,12 @@ static inline void il_block_ints(int wtype, const uint8_t *row, int b, int8_t q[
     if (wtype == IL_W_Q8_0) {
         const il_q8_0 *blk = (const il_q8_0 *)row + b;
         memcpy(q, blk->qs, 32);
+        *d = il_f16_to_f32(blk->d);
+        return;
+    }
+    if (wtype == IL_W_IQ4_NL) { /* its table's values are the integers */
+        const il_iq4_nl *blk = (const il_iq4_nl *)row + b;
+        for (int j = 0; j < 16; j++) q[j] = il_iq4_values[blk->qs[j] & 0xF], q[j + 16] = il_iq4_values[blk->qs[j] >> 4];
         *d = il_f16_to_f32(blk->d);
         return;
     }

@@ -28,6 +28,10 @@ IL_INLINE __m128i fifth_bits16(uint32_t h) {
     return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bit), bit), _mm_set1_epi8(0x10));
 }
 
+/* Whether a type's block bytes are signed weights with no offset (Q8_0's, IQ4_NL's looked up), so
+ * no c * s_x term. */
+IL_INLINE int signed_weights(int wtype) { return wtype == IL_W_Q8_0 || wtype == IL_W_IQ4_NL; }
+
 /* Block b of a row: weights 0-15 and 16-31 as bytes (lo, hi), and (d, m) or (d, d) widened: the
  * scale and what multiplies s_x (m for Q4_1 and Q5_1; d, scaled at the end, for Q4_0 and Q5_0). */
 IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi) {
@@ -36,6 +40,14 @@ IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo,
         case IL_W_Q8_0: {
             const il_q8_0 *blk = (const il_q8_0 *)row + b;
             *lo = _mm_loadu_si128((const __m128i *)blk->qs), *hi = _mm_loadu_si128((const __m128i *)(blk->qs + 16));
+            return _mm_cvtph_ps(_mm_cvtsi32_si128(blk->d));
+        }
+        case IL_W_IQ4_NL: { /* the nibbles looked up in the table: signed bytes, as Q8_0's */
+            const il_iq4_nl *blk = (const il_iq4_nl *)row + b;
+            const __m128i table = _mm_loadu_si128((const __m128i *)il_iq4_values);
+            const __m128i v = _mm_loadu_si128((const __m128i *)blk->qs);
+            *lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
+            *hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
             return _mm_cvtph_ps(_mm_cvtsi32_si128(blk->d));
         }
         case IL_W_Q4_0: case IL_W_Q4_1: {
@@ -116,10 +128,10 @@ IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *co
             for (int i = 0; i < R; i++) {
                 const int8_t *xb = xq + (int64_t)i * K + 32 * b;
                 const __m128i xl = _mm_loadu_si128((const __m128i *)xb), xh = _mm_loadu_si128((const __m128i *)(xb + 16));
-                acc[i][j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot32(wl, wh, xl, xh, wtype == IL_W_Q8_0)),
+                acc[i][j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot32(wl, wh, xl, xh, signed_weights(wtype))),
                                          _mm_permutevar_ps(scale, _mm_set1_epi32(i)), acc[i][j]);
             }
-            if (wtype != IL_W_Q8_0) /* c * s_x of each row (dm's lane 1 is c, or d for Q4_0/Q5_0) */
+            if (!signed_weights(wtype)) /* c * s_x of each row (dm's lane 1 is c, or d for Q4_0/Q5_0) */
                 corr[j] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, _MM_SHUFFLE(1, 1, 1, 1)), sx, corr[j]);
         }
     }
@@ -226,10 +238,10 @@ IL_INLINE void tile4x4_vnni(const int8_t *xq, const float *x4, int K, const uint
             __m128i wl, wh;
             const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh);
             const __m512i dot = dot32x4(_mm512_broadcast_i32x4(wl), _mm512_broadcast_i32x4(wh), xl, xh,
-                                        wtype == IL_W_Q8_0);
+                                        signed_weights(wtype));
             const __m512 scale = _mm512_mul_ps(_mm512_broadcastss_ps(dm), dxz); /* lane group i: d * d_x of row i */
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[j]);
-            if (wtype != IL_W_Q8_0)
+            if (!signed_weights(wtype))
                 corr[j] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, _MM_SHUFFLE(1, 1, 1, 1)), sx, corr[j]);
         }
     }
@@ -267,7 +279,10 @@ IL_INLINE void tile4x4_vnni(const int8_t *xq, const float *x4, int K, const uint
         break
 static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], int wtype, int R,
                       __m128 out[4]) {
-    switch (wtype) { I8_CASE(IL_W_Q8_0); I8_CASE(IL_W_Q4_0); I8_CASE(IL_W_Q4_1); I8_CASE(IL_W_Q5_0); default: I8_CASE(IL_W_Q5_1); }
+    switch (wtype) {
+        I8_CASE(IL_W_Q8_0); I8_CASE(IL_W_Q4_0); I8_CASE(IL_W_Q4_1); I8_CASE(IL_W_Q5_0); I8_CASE(IL_W_IQ4_NL);
+        default: I8_CASE(IL_W_Q5_1);
+    }
 }
 #undef I8_CASE
 #undef I8_ONE

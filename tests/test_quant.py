@@ -65,7 +65,7 @@ def test_linear_matches_dequantized_matmul(isa, wtype, monkeypatch):
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("wtype", [quant.F32, quant.BF16, quant.Q8_0, quant.Q4_1, quant.Q6_K, quant.Q3_K, quant.IQ4_XS,
-                                   quant.IQ4_NL], ids=str)
+                                   quant.IQ4_NL, quant.Q5_K], ids=str)
 def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(isa, wtype, int8, monkeypatch):
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
     w = random_weights(wtype, 50, 256, seed=7)
@@ -112,7 +112,8 @@ def test_fp32_output_of_bf16_inputs_is_not_rounded(isa, wtype, monkeypatch):
             assert (got.double() - want).abs().le(_bound(x[:rows].float(), dense.float())).all(), (n, rows)
 
 
-@pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1, quant.IQ4_NL], ids=str)
+@pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1, quant.IQ4_NL, quant.Q4_K,
+                                   quant.Q5_K], ids=str)
 def test_int8_activations_multiply_the_quantized_inputs_exactly(isa, wtype, monkeypatch):
     """The int8 path's result is the product of the int8-rounded inputs with the stored weights, up
     to fp32 summation: block products are exact in integers."""

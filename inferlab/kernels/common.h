@@ -301,7 +301,7 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
 /* Whether the int8-activation path multiplies this type's blocks (32-weight integer blocks). */
 static inline int il_int8_type(int wtype) {
     return wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1 ||
-           wtype == IL_W_IQ4_NL;
+           wtype == IL_W_IQ4_NL || wtype == IL_W_Q4_K || wtype == IL_W_Q5_K;
 }
 
 /* A row of K inputs (K a multiple of 32) as llama.cpp's Q8_0 blocks: per 32, d = max|x| / 127 and
@@ -317,9 +317,22 @@ static inline void il_quantize_row_q8(const void *x, int dtype, int K, int8_t *q
     }
 }
 
-/* Block b of a row of an int8-path type as integers: weight j = d * q[j] + c. */
+/* Block b (weights 32 b ..) of a row of an int8-path type as integers: weight j = d * q[j] + c. A
+ * Q4_K / Q5_K 32-weight sub-block is such a block: its own scale and minimum, unsigned values. */
 static inline void il_block_ints(int wtype, const uint8_t *row, int b, int8_t q[32], float *d, float *c) {
     *c = 0.f;
+    if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) {
+        const int five = wtype == IL_W_Q5_K, j = b % 8;
+        const il_q4_K *b4 = (const il_q4_K *)row + b / 8;
+        const il_q5_K *b5 = (const il_q5_K *)row + b / 8;
+        const uint8_t *qs = (five ? b5->qs : b4->qs) + 32 * (j / 2);
+        uint8_t sc, mn;
+        il_scale_min_k4(j, five ? b5->scales : b4->scales, &sc, &mn);
+        for (int l = 0; l < 32; l++) q[l] = (int8_t)(((qs[l] >> 4 * (j % 2)) & 0xF) | (five && (b5->qh[l] >> j) & 1 ? 16 : 0));
+        *d = il_f16_to_f32(five ? b5->d : b4->d) * sc;
+        *c = -(il_f16_to_f32(five ? b5->dmin : b4->dmin) * mn);
+        return;
+    }
     if (wtype == IL_W_Q8_0) {
         const il_q8_0 *blk = (const il_q8_0 *)row + b;
         memcpy(q, blk->qs, 32);

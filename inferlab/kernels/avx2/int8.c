@@ -50,6 +50,24 @@ IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo,
             *hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
             return _mm_cvtph_ps(_mm_cvtsi32_si128(blk->d));
         }
+        case IL_W_Q4_K: case IL_W_Q5_K: { /* sub-block b % 8 of 8: as Q4_1 / Q5_1, its own (d, m) */
+            const int five = wtype == IL_W_Q5_K, j = b % 8;
+            const il_q4_K *b4 = (const il_q4_K *)row + b / 8;
+            const il_q5_K *b5 = (const il_q5_K *)row + b / 8;
+            const uint8_t *q = (five ? b5->qs : b4->qs) + 32 * (j / 2);
+            __m128i l = _mm_loadu_si128((const __m128i *)q), h = _mm_loadu_si128((const __m128i *)(q + 16));
+            if (j % 2) l = _mm_srli_epi16(l, 4), h = _mm_srli_epi16(h, 4);
+            *lo = _mm_and_si128(l, low4), *hi = _mm_and_si128(h, low4);
+            if (five) { /* bit j of qh[l] is weight l's fifth bit */
+                const __m128i bit = _mm_set1_epi8((char)(1 << j)), sixteen = _mm_set1_epi8(16);
+                const __m128i h0 = _mm_loadu_si128((const __m128i *)b5->qh), h1 = _mm_loadu_si128((const __m128i *)(b5->qh + 16));
+                *lo = _mm_or_si128(*lo, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h0, bit), bit), sixteen));
+                *hi = _mm_or_si128(*hi, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h1, bit), bit), sixteen));
+            }
+            uint8_t sc, mn;
+            il_scale_min_k4(j, five ? b5->scales : b4->scales, &sc, &mn);
+            return _mm_setr_ps(_cvtsh_ss(five ? b5->d : b4->d) * sc, -(_cvtsh_ss(five ? b5->dmin : b4->dmin) * mn), 0.f, 0.f);
+        }
         case IL_W_Q4_0: case IL_W_Q4_1: {
             const int one = wtype == IL_W_Q4_1;
             const il_q4_1 *b1 = (const il_q4_1 *)row + b;
@@ -281,7 +299,7 @@ static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *c
                       __m128 out[4]) {
     switch (wtype) {
         I8_CASE(IL_W_Q8_0); I8_CASE(IL_W_Q4_0); I8_CASE(IL_W_Q4_1); I8_CASE(IL_W_Q5_0); I8_CASE(IL_W_IQ4_NL);
-        default: I8_CASE(IL_W_Q5_1);
+        I8_CASE(IL_W_Q4_K); I8_CASE(IL_W_Q5_K); default: I8_CASE(IL_W_Q5_1);
     }
 }
 #undef I8_CASE

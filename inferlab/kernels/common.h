@@ -298,7 +298,7 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
     }
 }
 
-/* Whether the int8-activation path multiplies this type's blocks (32-weight integer blocks). */
+/* Whether the int8-activation path multiplies this type's blocks (integers under a scale per 32 weights). */
 static inline int il_int8_type(int wtype) {
     return wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1 ||
            wtype == IL_W_IQ4_NL || wtype == IL_W_Q4_K || wtype == IL_W_Q5_K;

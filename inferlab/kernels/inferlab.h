@@ -23,7 +23,7 @@
 #define IL_BF16 1
 
 /* Weight types: ggml's numbers, so a GGUF tensor's type is its code here. A row of K weights
- * takes K / block elements * bytes (see il_row_bytes in common.h). */
+ * takes K / block elements * bytes (see il_row_bytes in blocks.h). */
 #define IL_W_F32 0
 #define IL_W_F16 1
 #define IL_W_Q4_0 2

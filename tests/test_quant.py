@@ -10,7 +10,7 @@ import torch
 
 from inferlab import kernels
 from inferlab.model.layers import quant
-from inferlab.model.layers.linear import BF16_MATRIX_ISAS, int8_inputs, linear
+from inferlab.model.layers.linear import BF16_MATRIX_ISAS, INT8_TYPES, int8_inputs, linear
 
 
 def random_weights(wtype: quant.WeightType, n: int, k: int, seed: int) -> torch.Tensor:
@@ -112,8 +112,7 @@ def test_fp32_output_of_bf16_inputs_is_not_rounded(isa, wtype, monkeypatch):
             assert (got.double() - want).abs().le(_bound(x[:rows].float(), dense.float())).all(), (n, rows)
 
 
-@pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1, quant.IQ4_NL, quant.Q4_K,
-                                   quant.Q5_K], ids=str)
+@pytest.mark.parametrize("wtype", INT8_TYPES, ids=str)
 def test_int8_activations_multiply_the_quantized_inputs_exactly(isa, wtype, monkeypatch):
     """The int8 path's result is the product of the int8-rounded inputs with the stored weights, up
     to fp32 summation: block products are exact in integers."""

@@ -24,6 +24,11 @@ typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t
 typedef struct { uint16_t d; uint8_t qs[16]; } il_iq4_nl;
 typedef struct { uint16_t d, scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } il_iq4_xs;
 static const int8_t il_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* IQ4_XS sub-block j's scale: 6 bits (4 in scales_l, 2 in scales_h), offset by 32. */
+static inline int il_iq4_xs_scale(const il_iq4_xs *b, int j) {
+    return (((b->scales_l[j / 2] >> 4 * (j % 2)) & 0xF) | (((b->scales_h >> 2 * j) & 3) << 4)) - 32;
+}
 /* 16 rows' blocks regrouped (inferlab.h; the layout is described in avx512/x16.c) */
 typedef struct { uint16_t d[16], m[16]; uint16_t q[128]; } il_q4_1x16;
 typedef struct { uint16_t d[16]; uint16_t q[128]; } il_q4_0x16;
@@ -107,8 +112,7 @@ static inline void il_dequant_sub32(int wtype, const void *block, int j, float *
         }
         case IL_W_IQ4_XS: {
             const il_iq4_xs *b = block;
-            const int ls = ((b->scales_l[j / 2] >> 4 * (j % 2)) & 0xF) | (((b->scales_h >> 2 * j) & 3) << 4);
-            const float dl = il_f16_to_f32(b->d) * (ls - 32);
+            const float dl = il_f16_to_f32(b->d) * il_iq4_xs_scale(b, j);
             const uint8_t *q = b->qs + 16 * j;
             for (int l = 0; l < 16; l++) y[l] = dl * il_iq4_values[q[l] & 0xF], y[l + 16] = dl * il_iq4_values[q[l] >> 4];
             return;
@@ -233,7 +237,7 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
 /* Whether the int8-activation path multiplies this type's blocks (integers under a scale per 32 weights). */
 static inline int il_int8_type(int wtype) {
     return wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1 ||
-           wtype == IL_W_IQ4_NL || wtype == IL_W_Q4_K || wtype == IL_W_Q5_K;
+           wtype == IL_W_IQ4_NL || wtype == IL_W_IQ4_XS || wtype == IL_W_Q4_K || wtype == IL_W_Q5_K;
 }
 
 /* A row of K inputs (K a multiple of 32) as llama.cpp's Q8_0 blocks: per 32, d = max|x| / 127 and
@@ -271,10 +275,13 @@ static inline void il_block_ints(int wtype, const uint8_t *row, int b, int8_t q[
         *d = il_f16_to_f32(blk->d);
         return;
     }
-    if (wtype == IL_W_IQ4_NL) { /* its table's values are the integers */
-        const il_iq4_nl *blk = (const il_iq4_nl *)row + b;
-        for (int j = 0; j < 16; j++) q[j] = il_iq4_values[blk->qs[j] & 0xF], q[j + 16] = il_iq4_values[blk->qs[j] >> 4];
-        *d = il_f16_to_f32(blk->d);
+    if (wtype == IL_W_IQ4_NL || wtype == IL_W_IQ4_XS) { /* the table's values are the integers */
+        const il_iq4_nl *nl = (const il_iq4_nl *)row + b;
+        const il_iq4_xs *xs = (const il_iq4_xs *)row + b / 8;
+        const int j = b % 8;
+        const uint8_t *qs = wtype == IL_W_IQ4_NL ? nl->qs : xs->qs + 16 * j;
+        for (int l = 0; l < 16; l++) q[l] = il_iq4_values[qs[l] & 0xF], q[l + 16] = il_iq4_values[qs[l] >> 4];
+        *d = wtype == IL_W_IQ4_NL ? il_f16_to_f32(nl->d) : il_f16_to_f32(xs->d) * il_iq4_xs_scale(xs, j);
         return;
     }
     const int five = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1, with_min = wtype == IL_W_Q4_1 || wtype == IL_W_Q5_1;

@@ -30,7 +30,7 @@ IL_INLINE __m128i fifth_bits16(uint32_t h) {
 
 /* Whether a type's block bytes are signed weights with no offset (Q8_0's, IQ4_NL's looked up), so
  * no c * s_x term. */
-IL_INLINE int signed_weights(int wtype) { return wtype == IL_W_Q8_0 || wtype == IL_W_IQ4_NL; }
+IL_INLINE int signed_weights(int wtype) { return wtype == IL_W_Q8_0 || wtype == IL_W_IQ4_NL || wtype == IL_W_IQ4_XS; }
 
 /* Block b of a row: weights 0-15 and 16-31 as bytes (lo, hi), and (d, m) or (d, d) widened: the
  * scale and what multiplies s_x (m for Q4_1 and Q5_1; d, scaled at the end, for Q4_0 and Q5_0). */
@@ -42,13 +42,15 @@ IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo,
             *lo = _mm_loadu_si128((const __m128i *)blk->qs), *hi = _mm_loadu_si128((const __m128i *)(blk->qs + 16));
             return _mm_cvtph_ps(_mm_cvtsi32_si128(blk->d));
         }
-        case IL_W_IQ4_NL: { /* the nibbles looked up in the table: signed bytes, as Q8_0's */
-            const il_iq4_nl *blk = (const il_iq4_nl *)row + b;
+        case IL_W_IQ4_NL: case IL_W_IQ4_XS: { /* the nibbles looked up in the table: signed bytes, as Q8_0's */
+            const il_iq4_nl *nl = (const il_iq4_nl *)row + b;
+            const il_iq4_xs *xs = (const il_iq4_xs *)row + b / 8; /* sub-block b % 8 */
             const __m128i table = _mm_loadu_si128((const __m128i *)il_iq4_values);
-            const __m128i v = _mm_loadu_si128((const __m128i *)blk->qs);
+            const __m128i v = _mm_loadu_si128((const __m128i *)(wtype == IL_W_IQ4_NL ? nl->qs : xs->qs + 16 * (b % 8)));
             *lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
             *hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
-            return _mm_cvtph_ps(_mm_cvtsi32_si128(blk->d));
+            if (wtype == IL_W_IQ4_NL) return _mm_cvtph_ps(_mm_cvtsi32_si128(nl->d));
+            return _mm_set_ss(_cvtsh_ss(xs->d) * il_iq4_xs_scale(xs, b % 8));
         }
         case IL_W_Q4_K: case IL_W_Q5_K: { /* sub-block b % 8 of 8: as Q4_1 / Q5_1, its own (d, m) */
             const int five = wtype == IL_W_Q5_K, j = b % 8;
@@ -299,7 +301,7 @@ static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *c
                       __m128 out[4]) {
     switch (wtype) {
         I8_CASE(IL_W_Q8_0); I8_CASE(IL_W_Q4_0); I8_CASE(IL_W_Q4_1); I8_CASE(IL_W_Q5_0); I8_CASE(IL_W_IQ4_NL);
-        I8_CASE(IL_W_Q4_K); I8_CASE(IL_W_Q5_K); default: I8_CASE(IL_W_Q5_1);
+        I8_CASE(IL_W_IQ4_XS); I8_CASE(IL_W_Q4_K); I8_CASE(IL_W_Q5_K); default: I8_CASE(IL_W_Q5_1);
     }
 }
 #undef I8_CASE

@@ -180,8 +180,7 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             } else {
                 const il_iq4_xs *b = (const il_iq4_xs *)row + k / 256;
                 const int j = (k % 256) / 32;
-                const int ls = ((b->scales_l[j / 2] >> 4 * (j % 2)) & 0xF) | (((b->scales_h >> 2 * j) & 3) << 4);
-                q = b->qs + 16 * j, d = f16(b->d) * (ls - 32);
+                q = b->qs + 16 * j, d = f16(b->d) * il_iq4_xs_scale(b, j);
             }
             const __m128i table = _mm_loadu_si128((const __m128i *)il_iq4_values);
             const __m128i v = _mm_loadu_si128((const __m128i *)q);

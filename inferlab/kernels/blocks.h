@@ -39,7 +39,8 @@ static inline int il_block_elems(int wtype) {
     switch (wtype) {
         case IL_W_F32: case IL_W_F16: case IL_W_BF16: return 1;
         case IL_W_Q8_0: case IL_W_Q4_0: case IL_W_Q4_1: case IL_W_Q5_0: case IL_W_Q5_1: case IL_W_IQ4_NL: return 32;
-        case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: return 32; /* per row, as their GGUF type */
+        case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: case IL_W_IQ4_NLX16:
+            return 32; /* per row, as their GGUF type */
         case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS: return 256;
         default: return 0;
     }
@@ -59,7 +60,7 @@ static inline int il_block_bytes(int wtype) {
         case IL_W_Q6_K: return sizeof(il_q6_K);
         case IL_W_Q2_K: return sizeof(il_q2_K);
         case IL_W_Q3_K: return sizeof(il_q3_K);
-        case IL_W_IQ4_NL: return sizeof(il_iq4_nl);
+        case IL_W_IQ4_NL: case IL_W_IQ4_NLX16: return sizeof(il_iq4_nl);
         case IL_W_IQ4_XS: return sizeof(il_iq4_xs);
         default: return 0;
     }
@@ -212,7 +213,7 @@ static inline void il_dequant_block(int wtype, const void *block, float *y) {
 
 /* Whether a type is a regrouped one (inferlab.h), which only the AVX-512 linear kernel multiplies. */
 static inline int il_x16_type(int wtype) {
-    return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16;
+    return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16;
 }
 
 /* Block b (inputs 32 b ..) of row n of a regrouped K-column matrix as fp32 (its layout:
@@ -230,7 +231,7 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
             continue;
         }
         const int q = (h[(wtype == IL_W_Q4_1X16 ? 32 : 16) + 32 * (p / 4) + lane] >> 4 * (p % 4)) & 15;
-        y[k] = wtype == IL_W_Q4_1X16 ? d * q + m : d * (q - 8);
+        y[k] = wtype == IL_W_Q4_1X16 ? d * q + m : wtype == IL_W_IQ4_NLX16 ? d * il_iq4_values[q] : d * (q - 8);
     }
 }
 

@@ -1,6 +1,7 @@
-/* The linear layer for Q4_0 / Q4_1 / Q8_0 weights regrouped 16 rows at a time (IL_W_Q4_0X16,
- * IL_W_Q4_1X16, IL_W_Q8_0X16), with bf16 inputs, on AVX512-BF16: exact weights at the speed the
- * blocks' bytes allow.
+/* The linear layer for Q4_0 / Q4_1 / Q8_0 / IQ4_NL weights regrouped 16 rows at a time (IL_W_Q4_0X16,
+ * IL_W_Q4_1X16, IL_W_Q8_0X16, IL_W_IQ4_NLX16), with bf16 inputs, on AVX512-BF16: exact weights at the
+ * speed the blocks' bytes allow. IQ4_NL's blocks are Q4_0's but for the values a nibble stands for,
+ * which are the table's.
  *
  * Layout, made at load from the GGUF blocks (quant.py's `repack`), the same bytes per row: groups of
  * 16 weight rows in row order, each one block of 32 inputs after another along K. A group's block
@@ -227,7 +228,10 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
     const int nb = K / 32, yf32 = ydtype == IL_F32;
     const int kind = wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : Q4_0;
     uint16_t t[32];
-    for (int i = 0; i < 32; i++) t[i] = il_f32_to_bf16((float)((i & 15) - (kind == Q4_0 ? 8 : 0)));
+    for (int i = 0; i < 32; i++) { /* IQ4_NL: Q4_0's layout, the values its table's (integers: exact in bf16) */
+        const int q = i & 15;
+        t[i] = il_f32_to_bf16((float)(wtype == IL_W_IQ4_NLX16 ? il_iq4_values[q] : q - (kind == Q4_0 ? 8 : 0)));
+    }
     const __m512i table = _mm512_loadu_si512(t);
     /* many rows: chunks of rows (each thread's share, whole 4s, at most WIDE_CHUNK) x groups of 64 outputs */
     const int wide = rows >= WIDE_ROWS && N % 64 == 0;

@@ -50,12 +50,13 @@ Q3_K = WeightType("q3_K", 11, 256, 110)
 IQ4_NL = WeightType("iq4_nl", 20, 32, 18)
 IQ4_XS = WeightType("iq4_xs", 23, 256, 136)
 TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS)
-# Q4_0/Q4_1/Q8_0 blocks regrouped 16 rows at a time for the AVX512-BF16 kernel (kernels/avx512/x16.c):
+# Q4_0/Q4_1/Q8_0/IQ4_NL blocks regrouped 16 rows at a time for the AVX512-BF16 kernel (kernels/avx512/x16.c):
 # made at load, never in a file; the same bytes per row, so a tensor keeps its [N, row bytes] shape
 Q4_0X16 = WeightType("q4_0x16", 66, 32, 18, base=Q4_0)
 Q4_1X16 = WeightType("q4_1x16", 67, 32, 20, base=Q4_1)
 Q8_0X16 = WeightType("q8_0x16", 72, 32, 34, base=Q8_0)
-REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16, Q8_0: Q8_0X16}
+IQ4_NLX16 = WeightType("iq4_nlx16", 84, 32, 18, base=IQ4_NL)  # Q4_0X16's layout: a 2-byte scale, 16 bytes of nibbles
+REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16, Q8_0: Q8_0X16, IQ4_NL: IQ4_NLX16}
 GROUP_ROWS = 16
 BY_CODE = {t.code: t for t in (*TYPES, *REGROUPED.values())}
 BY_NAME = {t.name.lower(): t for t in TYPES}
@@ -112,7 +113,7 @@ def _value_bytes(wtype: WeightType) -> int:
 
 
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """Q4_0 / Q4_1 / Q8_0 rows [N, row bytes] (N a multiple of 16) regrouped as REGROUPED[wtype]:
+    """Q4_0 / Q4_1 / Q8_0 / IQ4_NL rows [N, row bytes] (N a multiple of 16) regrouped as REGROUPED[wtype]:
     per group of 16 rows and block, the rows' scale fields side by side, then the values as pairs of
     inputs of the 16 rows (layout: kernels/avx512/x16.c)."""
     n, nb = data.shape[0], data.shape[1] // wtype.nbytes

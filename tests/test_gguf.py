@@ -37,7 +37,7 @@ def low_bit_gguf(smol, tmp_path_factory):
 
 
 def write_gguf(path: str, types: dict[str, quant.WeightType]) -> str:
-    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
     tok = weight_cache.load(loader.embedded_model_path())[2]
     w = GGUFWriter(path, "llama")
     w.add_block_count(LAYERS)
@@ -59,8 +59,14 @@ def write_gguf(path: str, types: dict[str, quant.WeightType]) -> str:
     g = torch.Generator().manual_seed(0)
     vocab = len(tok["tokenizer.ggml.tokens"])
 
-    def add(name: str, wtype: quant.WeightType, n: int, k: int, std: float) -> None:
-        """Weights of about `std`: Gaussians quantized, or random blocks with scales to match."""
+    def add(name: str, wtype: quant.WeightType | GGMLQuantizationType, n: int, k: int, std: float) -> None:
+        """Weights of about `std`: Gaussians quantized, or random blocks with scales to match (a ggml
+        type of ours), or random bytes (one we do not read)."""
+        if isinstance(wtype, GGMLQuantizationType):
+            block, size = GGML_QUANT_SIZES[wtype]
+            w.add_tensor(name, np.random.default_rng(0).integers(0, 256, (n, k // block * size), dtype=np.uint8),
+                         raw_dtype=wtype)
+            return
         if wtype == quant.Q5_0:  # gguf writes it, the kernels do not
             from gguf import quantize
             data = torch.from_numpy(quantize((torch.randn(n, k, generator=g) * std).numpy(),
@@ -152,6 +158,15 @@ def test_bf16_matrix_units_regroup_block_layers(mixed_gguf):
     assert embed.wtype == quant.Q8_0X16 and regrouped.lm_head.weight is embed.weight
     ids = torch.tensor([5, 0, 1234, 5])
     assert torch.equal(embed(ids), stored.model.embed_tokens(ids))
+
+
+def test_a_type_it_cannot_read_is_named_at_load(tmp_path, smol):
+    from gguf import GGMLQuantizationType
+
+    from inferlab.model.base import ModelLoadError
+    path = write_gguf(str(tmp_path / "iq2.gguf"), {**TYPES, "ffn_up": GGMLQuantizationType.IQ2_XXS})
+    with pytest.raises(ModelLoadError, match="'blk.0.ffn_up.weight' has type IQ2_XXS, which InferLab cannot read"):
+        loader.load_model(path, "float32", torch.device("cpu"))
 
 
 def test_unknown_quantization_is_one_clear_error():

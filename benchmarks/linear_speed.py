@@ -57,7 +57,7 @@ def main() -> None:
     print(f"| type | rows | ms | GFLOP/s | weight GB/s | torch {a.dtype} ms |\n|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for name in a.types.split(","):
-        regrouped = {t.name: t for t in quant.REGROUPED.values()}
+        regrouped = {t.name.lower(): t for t in quant.REGROUPED.values()}
         wtype = regrouped.get(name.lower()) or quant.BY_NAME[name.lower()]
         layers, shapes = [], [(kk, n) for kk, n in SHAPES if kk % wtype.block == 0]
         if len(shapes) < len(SHAPES):
@@ -65,7 +65,9 @@ def main() -> None:
         for kk, n in shapes:
             dense = torch.randn(n, kk, generator=g) * kk ** -0.5
             if wtype.base:  # a regrouped type (q4_1x16...): the GGUF type's blocks, moved
-                stored = quant.repack(quant.quantize(dense, wtype.base), wtype.base)
+                base = wtype.base
+                blocks = quant.quantize(dense, base) if base.quantizable else quant.random_stored(base, n, kk, n + kk)
+                stored = quant.repack(blocks, base)
             elif wtype.dtype or wtype.quantizable:
                 stored = quant.quantize(dense, wtype)
             else:

@@ -168,11 +168,12 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, monkeypatch):
     fp32 summation (AVX512-BF16 kernel; PyTorch on ISAs without it), each row's result the same
     alone, in any batch (few-row groups and many-row tiles alike) and with any thread count."""
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
-    w = random_weights(wtype, 128, 352, seed=wtype.code + 7)  # 11 blocks a row: one row takes two at a time, then one
+    k = 352 if wtype.block == 32 else 512  # 11 blocks a row: one row takes two at a time, then one (K-quants: 2 x 8)
+    w = random_weights(wtype, 128, k, seed=wtype.code + 7)
     rt, dense = quant.REGROUPED[wtype], quant.dequantize(w, wtype).double()
     w = quant.repack(w, wtype)
     g = torch.Generator().manual_seed(13)
-    x, bias = torch.randn(70, 352, generator=g).bfloat16(), torch.randn(128, generator=g).bfloat16()
+    x, bias = torch.randn(70, k, generator=g).bfloat16(), torch.randn(128, generator=g).bfloat16()
     want = x.double() @ dense.T
     got = linear(x, w, rt, out_dtype=torch.float32)
     assert (got.double() - want).abs().le(_bound(x.float(), dense.float())).all(), isa
@@ -236,6 +237,7 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q8_0, 576, "auto", bf16, "avx512", rows=576) == quant.Q8_0X16
     assert target_type(quant.IQ4_NL, 576, "auto", bf16, "avx512", rows=576) == quant.IQ4_NLX16
     assert target_type(quant.IQ4_NL, 576, "auto", bf16, "amx", rows=576) == quant.BF16
+    assert target_type(quant.Q4_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q4_KX16
     assert target_type(quant.Q6_K, 576, "auto", bf16, "avx512", rows=576) == quant.BF16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576) == quant.BF16
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16

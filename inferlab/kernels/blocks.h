@@ -41,7 +41,8 @@ static inline int il_block_elems(int wtype) {
         case IL_W_Q8_0: case IL_W_Q4_0: case IL_W_Q4_1: case IL_W_Q5_0: case IL_W_Q5_1: case IL_W_IQ4_NL: return 32;
         case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: case IL_W_IQ4_NLX16:
             return 32; /* per row, as their GGUF type */
-        case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS: return 256;
+        case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS:
+        case IL_W_Q4_KX16: return 256;
         default: return 0;
     }
 }
@@ -55,7 +56,7 @@ static inline int il_block_bytes(int wtype) {
         case IL_W_Q4_1: case IL_W_Q4_1X16: return sizeof(il_q4_1);
         case IL_W_Q5_0: return sizeof(il_q5_0);
         case IL_W_Q5_1: return sizeof(il_q5_1);
-        case IL_W_Q4_K: return sizeof(il_q4_K);
+        case IL_W_Q4_K: case IL_W_Q4_KX16: return sizeof(il_q4_K);
         case IL_W_Q5_K: return sizeof(il_q5_K);
         case IL_W_Q6_K: return sizeof(il_q6_K);
         case IL_W_Q2_K: return sizeof(il_q2_K);
@@ -213,16 +214,27 @@ static inline void il_dequant_block(int wtype, const void *block, float *y) {
 
 /* Whether a type is a regrouped one (inferlab.h), which only the AVX-512 linear kernel multiplies. */
 static inline int il_x16_type(int wtype) {
-    return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16;
+    return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16 ||
+           wtype == IL_W_Q4_KX16;
 }
 
 /* Block b (inputs 32 b ..) of row n of a regrouped K-column matrix as fp32 (its layout:
  * avx512/x16.c), the definition the embedding lookup and the dequantizer read it by. */
 static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
+    const int i = (int)(n % 16);
+    if (wtype == IL_W_Q4_KX16) { /* the group's 256-input block: d[16], dmin[16], scales[12][16], 8 sub-blocks */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_q4_K));
+        const uint16_t *h = (const uint16_t *)sb, *words = (const uint16_t *)(sb + 256 + 256 * (b % 8));
+        uint8_t scales[12], sc, mn;
+        for (int k = 0; k < 12; k++) scales[k] = sb[64 + 16 * k + i];
+        il_scale_min_k4(b % 8, scales, &sc, &mn);
+        const float d = il_f16_to_f32(h[i]) * sc, m = il_f16_to_f32(h[16 + i]) * mn;
+        for (int k = 0; k < 32; k++) y[k] = d * ((words[32 * (k / 8) + 2 * i + k % 2] >> 4 * (k / 2 % 4)) & 15) - m;
+        return;
+    }
     const int64_t bytes = 16 * il_block_bytes(wtype); /* a group's block: the same bytes per row */
     const uint8_t *blk = (const uint8_t *)w + (n / 16 * (K / 32) + b) * bytes;
     const uint16_t *h = (const uint16_t *)blk;
-    const int i = (int)(n % 16);
     const float d = il_f16_to_f32(h[i]), m = wtype == IL_W_Q4_1X16 ? il_f16_to_f32(h[16 + i]) : 0.f;
     for (int k = 0; k < 32; k++) { /* input k is in pair row k / 2, lane 2 i + k % 2 */
         const int p = k / 2, lane = 2 * i + k % 2;

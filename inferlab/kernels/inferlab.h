@@ -46,6 +46,7 @@
 #define IL_W_Q4_1X16 67
 #define IL_W_Q8_0X16 72
 #define IL_W_IQ4_NLX16 84 /* Q4_0X16's layout, its nibbles through IQ4_NL's table */
+#define IL_W_Q4_KX16 76   /* per 256 inputs: the 16 rows' d, dmin, scales, then 8 sub-blocks as Q4_1X16's */
 
 /* Activations of a linear layer: fp32 products of dequantized weights, or int8 inputs. */
 #define IL_ACT_FLOAT 0

@@ -1,7 +1,9 @@
-/* The linear layer for Q4_0 / Q4_1 / Q8_0 / IQ4_NL weights regrouped 16 rows at a time (IL_W_Q4_0X16,
- * IL_W_Q4_1X16, IL_W_Q8_0X16, IL_W_IQ4_NLX16), with bf16 inputs, on AVX512-BF16: exact weights at the
- * speed the blocks' bytes allow. IQ4_NL's blocks are Q4_0's but for the values a nibble stands for,
- * which are the table's.
+/* The linear layer for Q4_0 / Q4_1 / Q8_0 / IQ4_NL / Q4_K weights regrouped 16 rows at a time
+ * (IL_W_*X16), with bf16 inputs, on AVX512-BF16: exact weights at the speed the blocks' bytes allow.
+ * IQ4_NL's blocks are Q4_0's but for the values a nibble stands for, which are the table's. Q4_K's
+ * 256-input blocks hold the 16 rows' d, dmin and 12 scale bytes side by side (256 bytes), then their
+ * 8 sub-blocks of 32 inputs, each laid out as a Q4_1 group block's values: a sub-block is a Q4_1
+ * block whose d and m are d * scale and -dmin * min, unpacked for 16 rows at once.
  *
  * Layout, made at load from the GGUF blocks (quant.py's `repack`), the same bytes per row: groups of
  * 16 weight rows in row order, each one block of 32 inputs after another along K. A group's block
@@ -30,7 +32,7 @@
 #include "lanes.h"
 #include "x16.h"
 
-enum { Q4_0, Q4_1, Q8_0 }; /* the kind of a call's blocks (a constant in every tile) */
+enum { Q4_0, Q4_1, Q8_0, Q4_K }; /* the kind of a call's blocks (a constant in every tile) */
 #define ROWS_PASS 64   /* input rows whose 16 sums stay in L1 while a group's blocks pass */
 #define WIDE_ROWS 32   /* rows from which the 4 x 4-group tiles run */
 #define WIDE_CHUNK 128 /* rows a wide tile pass keeps in cache (x: 384 KB at K = 1536; sums: 32 KB) */
@@ -45,7 +47,8 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, __m512i table, c
         return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))),
                                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
     }
-    const __m512i v = _mm512_loadu_si512((const uint16_t *)blk + (kind == Q4_1 ? 32 : 16) + 32 * (j / 4));
+    const int at = kind == Q4_1 ? 32 : kind == Q4_K ? 0 : 16; /* words of scale fields before the values */
+    const __m512i v = _mm512_loadu_si512((const uint16_t *)blk + at + 32 * (j / 4));
     return (__m512bh)_mm512_permutexvar_epi16(j % 4 ? _mm512_srli_epi16(v, 4 * (j % 4)) : v, table);
 }
 
@@ -65,12 +68,47 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, __m512i table, c
         }                                                                           \
     } while (0)
 
+/* A group's bytes per 32 inputs (Q4_K: on average; its 256-input blocks hold a header and 8 sub-blocks). */
 IL_INLINE int64_t group_block_bytes(const int kind) {
-    return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : sizeof(il_q4_0x16);
+    return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16)
+         : kind == Q4_K ? 16 * sizeof(il_q4_K) / 8 : sizeof(il_q4_0x16);
+}
+
+/* Where block b (inputs 32 b ..) of a group starting at w0 is: for Q4_K its sub-block's values. */
+IL_INLINE const uint8_t *block_at(const uint8_t *w0, int b, const int kind) {
+    if (kind == Q4_K) return w0 + (int64_t)(b / 8) * 16 * sizeof(il_q4_K) + 256 * (1 + b % 8);
+    return w0 + b * group_block_bytes(kind);
 }
 
 IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (half 0) or Q4_1's m (1) */
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk + half));
+}
+
+/* Block b's scale d and what multiplies its inputs' sum m, as fp32 for the 16 rows: its own fp16 fields,
+ * or for a Q4_K sub-block d * scale and -dmin * min, the 6-bit scale and min unpacked from the 12 bytes
+ * of each row (byte k of the 16 rows side by side), as il_scale_min_k4 does for one. */
+IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *dv, __m512 *mv) {
+    if (kind != Q4_K) {
+        *dv = scales(blk, 0);
+        *mv = kind == Q4_1 ? scales(blk, 1) : *dv;
+        return;
+    }
+    const int j = b % 8;
+    const uint8_t *head = blk - 256 * (1 + j);
+#define SCALE_BYTE(k) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(head + 64 + 16 * (k))))
+    const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15);
+    __m512i sc, mn;
+    if (j < 4) {
+        sc = _mm512_and_si512(SCALE_BYTE(j), six);
+        mn = _mm512_and_si512(SCALE_BYTE(j + 4), six);
+    } else {
+        const __m512i hi = SCALE_BYTE(j + 4);
+        sc = _mm512_or_si512(_mm512_and_si512(hi, four), _mm512_slli_epi32(_mm512_srli_epi32(SCALE_BYTE(j - 4), 6), 4));
+        mn = _mm512_or_si512(_mm512_srli_epi32(hi, 4), _mm512_slli_epi32(_mm512_srli_epi32(SCALE_BYTE(j), 6), 4));
+    }
+#undef SCALE_BYTE
+    *dv = _mm512_mul_ps(scales(head, 0), _mm512_cvtepi32_ps(sc));
+    *mv = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(scales(head, 1), _mm512_cvtepi32_ps(mn)));
 }
 
 /* A block's products p of one input row added to that row's sums a: a + d p (+ m sum x, Q4_1), the
@@ -80,12 +118,11 @@ IL_INLINE __m512 add_block(__m512 a, __m512 p, __m512 dv, __m512 mv, float sx, c
     return has_min ? _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), a) : a;
 }
 
-/* A block group's 16 pair rows decoded, its scales (and Q4_1's minimums) as fp32. */
-IL_INLINE void decode_block(const uint8_t *blk, const int kind, __m512i table, __m512bh wv[16], __m512 *dv,
+/* A block group's 16 pair rows decoded, its scales (and minimums) as fp32. */
+IL_INLINE void decode_block(const uint8_t *blk, int b, const int kind, __m512i table, __m512bh wv[16], __m512 *dv,
                             __m512 *mv) {
     for (int j = 0; j < 16; j++) wv[j] = pair_row(blk, kind, table, j);
-    *dv = scales(blk, 0);
-    *mv = kind == Q4_1 ? scales(blk, 1) : *dv;
+    block_scales(blk, b, kind, dv, mv);
 }
 
 /* R (a constant, <= 6) rows of x, ldx apart, against one decoded block: acc[i] (16 outputs) +=
@@ -109,8 +146,8 @@ IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16],
 /* One row of x against a group's blocks b and b + 1 (blk, blk + bytes): their two chains side by side,
  * so the core overlaps them (a vdpbf16ps takes 8 cycles on Golden Cove, and one row has no other
  * independent chain); the same products, scaling and order as two rows_block calls of one row. */
-IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t bytes, __m512i table, const float *sx,
-                              float *acc, const int kind) {
+IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t bytes, int b, __m512i table,
+                              const float *sx, float *acc, const int kind) {
     __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
 #pragma GCC unroll 16 /* whole: each pair row's shift is then a constant, and its 64 bytes are loaded once */
     for (int j = 0; j < 16; j++) {
@@ -120,9 +157,12 @@ IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t byt
         p0 = _mm512_dpbf16_ps(p0, pair_row(blk, kind, table, j), (__m512bh)_mm512_set1_epi32(x0));
         p1 = _mm512_dpbf16_ps(p1, pair_row(blk + bytes, kind, table, j), (__m512bh)_mm512_set1_epi32(x1));
     }
-    const int has_min = kind == Q4_1;
-    __m512 a = add_block(_mm512_load_ps(acc), p0, scales(blk, 0), scales(blk, has_min), has_min ? sx[0] : 0.f, has_min);
-    a = add_block(a, p1, scales(blk + bytes, 0), scales(blk + bytes, has_min), has_min ? sx[1] : 0.f, has_min);
+    const int has_min = kind == Q4_1 || kind == Q4_K;
+    __m512 d0, m0, d1, m1;
+    block_scales(blk, b, kind, &d0, &m0);
+    block_scales(blk + bytes, b + 1, kind, &d1, &m1);
+    __m512 a = add_block(_mm512_load_ps(acc), p0, d0, m0, has_min ? sx[0] : 0.f, has_min);
+    a = add_block(a, p1, d1, m1, has_min ? sx[1] : 0.f, has_min);
     _mm512_store_ps(acc, a);
 }
 
@@ -145,21 +185,22 @@ static void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const u
         const int R = rows - m0 < ROWS_PASS ? rows - m0 : ROWS_PASS;
         memset(acc, 0, sizeof(float) * 16 * R);
         for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = w0 + b * block_bytes;
+            const uint8_t *blk = block_at(w0, b, kind);
             for (int64_t line = 0; line < block_bytes; line += 64) /* the group's stream, 4 blocks ahead */
                 _mm_prefetch((const char *)blk + 4 * block_bytes + line, _MM_HINT_T0);
             if (R == 1 && b + 1 < nb) {
                 for (int64_t line = 0; line < block_bytes; line += 64)
                     _mm_prefetch((const char *)blk + 5 * block_bytes + line, _MM_HINT_T0);
-                row_two_blocks(x + m0 * ldx + 32 * b, blk, block_bytes, table, sx ? sx + m0 * nb + b : NULL, acc, kind);
+                row_two_blocks(x + m0 * ldx + 32 * b, blk, block_at(w0, b + 1, kind) - blk, b, table,
+                               sx ? sx + m0 * nb + b : NULL, acc, kind);
                 b++;
                 continue;
             }
             __m512bh wv[16];
             __m512 dv, mv;
-            decode_block(blk, kind, table, wv, &dv, &mv);
+            decode_block(blk, b, kind, table, wv, &dv, &mv);
 #define ROWS(n) rows_block(x + (m0 + i) * ldx + 32 * b, ldx, wv, dv, mv, sx ? sx + (m0 + i) * nb + b : NULL, nb, \
-                           acc + 16 * i, n, kind == Q4_1)
+                           acc + 16 * i, n, kind == Q4_1 || kind == Q4_K)
             BY_TILES(6, ROWS);
 #undef ROWS
         }
@@ -207,11 +248,12 @@ static void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const ui
         __m512 dv[4], mv[4];
         for (int g = 0; g < 4; g++) {
             __m512bh wv[16];
-            decode_block(w + ((int64_t)(4 * s + g) * nb + b) * block_bytes, kind, table, wv, dv + g, mv + g);
+            const uint8_t *w0 = w + (int64_t)(4 * s + g) * nb * block_bytes;
+            decode_block(block_at(w0, b, kind), b, kind, table, wv, dv + g, mv + g);
             for (int j = 0; j < 16; j++) _mm512_store_si512(wbuf + 16 * g + j, (__m512i)wv[j]);
         }
 #define TILE(n) tile_wide(x + (m0 + i) * ldx + 32 * b, ldx, wbuf, dv, mv, sx ? sx + (m0 + i) * nb + b : NULL, nb, \
-                          acc + 64 * i, n, kind == Q4_1)
+                          acc + 64 * i, n, kind == Q4_1 || kind == Q4_K)
         BY_TILES(4, TILE);
 #undef TILE
     }
@@ -221,12 +263,14 @@ static void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const ui
 }
 
 /* Every call site with its kind a constant, so each kind gets its own compiled tiles. */
-#define BY_KIND(CALL) (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : CALL(Q4_0))
+#define BY_KIND(CALL) \
+    (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : kind == Q4_K ? CALL(Q4_K) : CALL(Q4_0))
 
 int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                    int rows, int K, int N, int ydtype, int num_threads) {
     const int nb = K / 32, yf32 = ydtype == IL_F32;
-    const int kind = wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : Q4_0;
+    const int kind = wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : wtype == IL_W_Q4_KX16 ? Q4_K : Q4_0;
+    const int has_min = kind == Q4_1 || kind == Q4_K;
     uint16_t t[32];
     for (int i = 0; i < 32; i++) { /* IQ4_NL: Q4_0's layout, the values its table's (integers: exact in bf16) */
         const int q = i & 15;
@@ -238,15 +282,15 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
     int chunk = ((rows + num_threads - 1) / num_threads + 3) / 4 * 4;
     chunk = chunk > WIDE_CHUNK ? WIDE_CHUNK : chunk;
     const int chunks = (rows + chunk - 1) / chunk;
-    float *sx = kind == Q4_1 ? malloc(sizeof(float) * (size_t)rows * nb) : NULL; /* each row's sum per block */
+    float *sx = has_min ? malloc(sizeof(float) * (size_t)rows * nb) : NULL; /* each row's sum per block */
     float *sums = wide ? aligned_alloc(64, sizeof(float) * 64 * WIDE_CHUNK * num_threads) : NULL;
-    if ((kind == Q4_1 && !sx) || (wide && !sums)) {
+    if ((has_min && !sx) || (wide && !sums)) {
         free(sx), free(sums);
         return 2;
     }
 #pragma omp parallel num_threads(num_threads)
     {
-        if (kind == Q4_1) {
+        if (has_min) {
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < nb; b++) {

@@ -81,7 +81,7 @@ void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int r
     for (int r = 0; r < rows; r++) {
         float tmp[256];
         const uint8_t *row = (const uint8_t *)w + ids[r] * rb;
-        const int span = il_block_elems(wtype) == 256 ? 256 : 32;
+        const int span = il_block_elems(wtype) == 256 && !il_x16_type(wtype) ? 256 : 32;
         for (int k0 = 0; k0 < K; k0 += span) {
             const int n = K - k0 < span ? K - k0 : span;
             if (il_x16_type(wtype))

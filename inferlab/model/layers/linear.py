@@ -103,11 +103,11 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     """The type a weight is kept in. `isa`: the native kernels' ISA, None where they do not run.
     `auto`: as stored (GGUF blocks, a checkpoint's float type), except block types in a bf16 model on
     CPUs with bf16 matrix units, which get bf16 unless `int8` activations are asked for and the type
-    has them (they multiply blocks) or the CPU has no AMX and they are Q4_0 / Q4_1 / Q8_0 (the
+    has them (they multiply blocks) or the CPU has no AMX and they are in `quant.REGROUPED` (the
     AVX512-BF16 kernel of the regrouped blocks is the faster there); without native kernels, the
     model's dtype. `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to
     q8_0, as llama.cpp keeps output tensors at higher precision), where rows split into its blocks.
-    Those three kept for bf16 activations on those CPUs are regrouped (`quant.REGROUPED`) where
+    Those types kept for bf16 activations on those CPUs are regrouped (`quant.REGROUPED`) where
     `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as the LM head; None
     for an embedding alone) is a multiple of 16."""
     as_dtype = quant.BY_DTYPE[dtype]

@@ -50,13 +50,14 @@ Q3_K = WeightType("q3_K", 11, 256, 110)
 IQ4_NL = WeightType("iq4_nl", 20, 32, 18)
 IQ4_XS = WeightType("iq4_xs", 23, 256, 136)
 TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS)
-# Q4_0/Q4_1/Q8_0/IQ4_NL blocks regrouped 16 rows at a time for the AVX512-BF16 kernel (kernels/avx512/x16.c):
+# Q4_0/Q4_1/Q8_0/IQ4_NL/Q4_K blocks regrouped 16 rows at a time for the AVX512-BF16 kernel (kernels/avx512/x16.c):
 # made at load, never in a file; the same bytes per row, so a tensor keeps its [N, row bytes] shape
 Q4_0X16 = WeightType("q4_0x16", 66, 32, 18, base=Q4_0)
 Q4_1X16 = WeightType("q4_1x16", 67, 32, 20, base=Q4_1)
 Q8_0X16 = WeightType("q8_0x16", 72, 32, 34, base=Q8_0)
 IQ4_NLX16 = WeightType("iq4_nlx16", 84, 32, 18, base=IQ4_NL)  # Q4_0X16's layout: a 2-byte scale, 16 bytes of nibbles
-REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16, Q8_0: Q8_0X16, IQ4_NL: IQ4_NLX16}
+Q4_KX16 = WeightType("q4_Kx16", 76, 256, 144, base=Q4_K)
+REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16, Q8_0: Q8_0X16, IQ4_NL: IQ4_NLX16, Q4_K: Q4_KX16}
 GROUP_ROWS = 16
 BY_CODE = {t.code: t for t in (*TYPES, *REGROUPED.values())}
 BY_NAME = {t.name.lower(): t for t in TYPES}
@@ -112,24 +113,48 @@ def _value_bytes(wtype: WeightType) -> int:
     return 32 if wtype == Q8_0 else 16  # a block's int8 values, or its 32 nibbles
 
 
+def _pair_words(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values q [g, 16 rows, blocks, 32 inputs] as the regrouped blocks' 256 bytes each
+    [g, blocks, 256]: nibble j of word 32 c + 2 i + e is row i's input 2 (4 c + j) + e."""
+    g, _, nb, _ = q.shape
+    q = q.to(torch.int32).reshape(g, GROUP_ROWS, nb, 4, 4, 2).permute(0, 2, 3, 4, 1, 5).reshape(g, nb, 4, 4, 32)
+    words = q[:, :, :, 0] | q[:, :, :, 1] << 4 | q[:, :, :, 2] << 8 | q[:, :, :, 3] << 12
+    return torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(g, nb, -1)
+
+
+def _pair_values(values: torch.Tensor) -> torch.Tensor:
+    """`_pair_words`' inverse: [g, blocks, 256] -> 4-bit values [g, 16 rows, blocks, 32 inputs]."""
+    g, nb, _ = values.shape
+    wb = values.reshape(g, nb, 4, 32, 2).to(torch.int32)
+    words = wb[..., 0] | wb[..., 1] << 8  # [g, block, c, 2 i + e]
+    q = torch.stack([(words >> 4 * j) & 15 for j in range(4)], dim=3)  # [g, block, c, j, 2 i + e]
+    return q.reshape(g, nb, 4, 4, GROUP_ROWS, 2).permute(0, 4, 1, 2, 3, 5).reshape(g, GROUP_ROWS, nb, 32)
+
+
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """Q4_0 / Q4_1 / Q8_0 / IQ4_NL rows [N, row bytes] (N a multiple of 16) regrouped as REGROUPED[wtype]:
-    per group of 16 rows and block, the rows' scale fields side by side, then the values as pairs of
-    inputs of the 16 rows (layout: kernels/avx512/x16.c)."""
-    n, nb = data.shape[0], data.shape[1] // wtype.nbytes
+    """Q4_0 / Q4_1 / Q8_0 / IQ4_NL / Q4_K rows [N, row bytes] (N a multiple of 16) regrouped as
+    REGROUPED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields
+    side by side, then the values as pairs of inputs of the 16 rows (layout: kernels/avx512/x16.c).
+    Q4_K: per group and 256-input block, the rows' d, dmin and 12 scale bytes side by side, then its
+    8 sub-blocks' values so."""
+    n = data.shape[0]
     if n % GROUP_ROWS:
         raise ValueError(f"{n} rows do not split into groups of {GROUP_ROWS}")
-    g, vb = n // GROUP_ROWS, _value_bytes(wtype)
+    g, nb = n // GROUP_ROWS, data.shape[1] // wtype.nbytes
     blocks = data.reshape(g, GROUP_ROWS, nb, wtype.nbytes)
+    if wtype == Q4_K:  # sub-block j: the low (j even) or high nibbles of bytes 32 (j / 2) ..
+        dm = blocks[..., :4].reshape(g, GROUP_ROWS, nb, 2, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 64)
+        sc = blocks[..., 4:16].permute(0, 2, 3, 1).reshape(g, nb, 192)  # byte k of row i at 16 k + i
+        qs = blocks[..., 16:].reshape(g, GROUP_ROWS, nb, 4, 1, 32)
+        q = torch.cat([qs & 15, qs >> 4], dim=4).reshape(g, GROUP_ROWS, nb * 8, 32)
+        return torch.cat([dm, sc, _pair_words(q).reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
+    vb = _value_bytes(wtype)
     scales, qs = blocks[..., :-vb], blocks[..., -vb:]
     fields = scales.reshape(g, GROUP_ROWS, nb, -1, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)
     if wtype == Q8_0:  # byte 2 i + e of pair row p: row i's input 2 p + e
         values = qs.reshape(g, GROUP_ROWS, nb, 16, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)
-    else:  # nibble j of word 32 c + 2 i + e: row i's input 2 (4 c + j) + e
-        q = torch.cat([qs & 15, qs >> 4], dim=3).to(torch.int32)  # [g, row, block, input]
-        q = q.reshape(g, GROUP_ROWS, nb, 4, 4, 2).permute(0, 2, 3, 4, 1, 5).reshape(g, nb, 4, 4, 32)
-        words = q[:, :, :, 0] | q[:, :, :, 1] << 4 | q[:, :, :, 2] << 8 | q[:, :, :, 3] << 12
-        values = torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(g, nb, -1)
+    else:
+        values = _pair_words(torch.cat([qs & 15, qs >> 4], dim=3))
     return torch.cat([fields, values], dim=2).reshape(n, -1).contiguous()
 
 
@@ -137,18 +162,22 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     """The GGUF rows a regrouped tensor was made from (`repack`'s inverse)."""
     base = wtype.base
     n, nb = data.shape[0], data.shape[1] // base.nbytes
-    g, vb = n // GROUP_ROWS, _value_bytes(base)
+    g = n // GROUP_ROWS
     groups = data.reshape(g, nb, GROUP_ROWS * base.nbytes)
+    if base == Q4_K:
+        dm = groups[:, :, :64].reshape(g, nb, 2, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 4)
+        sc = groups[:, :, 64:256].reshape(g, nb, 12, GROUP_ROWS).permute(0, 3, 1, 2)
+        q = _pair_values(groups[:, :, 256:].reshape(g, nb * 8, 256)).reshape(g, GROUP_ROWS, nb, 4, 2, 32)
+        qs = (q[:, :, :, :, 0] | q[:, :, :, :, 1] << 4).to(torch.uint8).reshape(g, GROUP_ROWS, nb, 128)
+        return torch.cat([dm, sc, qs], dim=3).reshape(n, -1).contiguous()
+    vb = _value_bytes(base)
     nfields = (base.nbytes - vb) // 2
     fields = groups[:, :, :GROUP_ROWS * 2 * nfields].reshape(g, nb, nfields, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4)
     values = groups[:, :, GROUP_ROWS * 2 * nfields:]
     if base == Q8_0:
         qs = values.reshape(g, nb, 16, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 32)
     else:
-        wb = values.reshape(g, nb, 4, 32, 2).to(torch.int32)
-        words = wb[..., 0] | wb[..., 1] << 8  # [g, block, c, 2 i + e]
-        q = torch.stack([(words >> 4 * j) & 15 for j in range(4)], dim=3)  # [g, block, c, j, 2 i + e]
-        q = q.reshape(g, nb, 4, 4, GROUP_ROWS, 2).permute(0, 4, 1, 2, 3, 5).reshape(g, GROUP_ROWS, nb, 32)
+        q = _pair_values(values)
         qs = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8)
     rows = torch.cat([fields.reshape(g, GROUP_ROWS, nb, 2 * nfields), qs], dim=3)
     return rows.reshape(n, -1).contiguous()

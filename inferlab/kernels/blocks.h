@@ -25,6 +25,12 @@ typedef struct { uint16_t d; uint8_t qs[16]; } il_iq4_nl;
 typedef struct { uint16_t d, scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } il_iq4_xs;
 static const int8_t il_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
+/* Q3_K's scale of 16 weights i (of 16): 6 bits, the low 4 in bytes 0-7, the high 2 in bytes 8-11, offset by 32. */
+static inline int il_q3_K_scale(const il_q3_K *b, int i) {
+    const int lo = i < 8 ? b->scales[i] & 0xF : b->scales[i - 8] >> 4;
+    return (lo | ((b->scales[8 + i % 4] >> (2 * (i / 4))) & 3) << 4) - 32;
+}
+
 /* IQ4_XS sub-block j's scale: 6 bits (4 in scales_l, 2 in scales_h), offset by 32. */
 static inline int il_iq4_xs_scale(const il_iq4_xs *b, int j) {
     return (((b->scales_l[j / 2] >> 4 * (j % 2)) & 0xF) | (((b->scales_h >> 2 * j) & 3) << 4)) - 32;
@@ -81,10 +87,11 @@ static inline void il_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t
 }
 
 /* Weights 32 j .. 32 j + 31 of a Q2_K / Q3_K / IQ4_XS block as fp32: the definition of those formats,
- * a sub-block at a time so that a kernel decoding 32 weights at once needs no whole-block buffer.
+ * a sub-block at a time so that a kernel decoding 32 weights at once needs no whole-block buffer;
+ * returns 0 (writing nothing) for the other types.
  * Q2_K / Q3_K: sub-block j is bit pair j % 4 of the 32 bytes of half j / 4, under two 16-weight scales
  * (Q3_K: 6-bit ones, packed in 12 bytes; the third bit is bit j of hmask, 4 subtracted where clear). */
-static inline void il_dequant_sub32(int wtype, const void *block, int j, float *y) {
+static inline int il_dequant_sub32(int wtype, const void *block, int j, float *y) {
     const int half = j / 4, shift = 2 * (j % 4);
     switch (wtype) {
         case IL_W_Q2_K: {
@@ -96,30 +103,27 @@ static inline void il_dequant_sub32(int wtype, const void *block, int j, float *
                 const float dl = d * (sc & 0xF), ml = dmin * (sc >> 4);
                 for (int l = 0; l < 16; l++) y[16 * s + l] = dl * ((q[16 * s + l] >> shift) & 3) - ml;
             }
-            return;
+            return 1;
         }
         case IL_W_Q3_K: {
             const il_q3_K *b = block;
             const float d = il_f16_to_f32(b->d);
             const uint8_t *q = b->qs + 32 * half, m = (uint8_t)(1 << j);
             for (int s = 0; s < 2; s++) {
-                const int i = 2 * j + s; /* 16 6-bit scales: low 4 bits in bytes 0-7, high 2 in bytes 8-11 */
-                const int lo = i < 8 ? b->scales[i] & 0xF : b->scales[i - 8] >> 4;
-                const int hi = (b->scales[8 + i % 4] >> (2 * (i / 4))) & 3;
-                const float dl = d * ((lo | hi << 4) - 32);
+                const float dl = d * il_q3_K_scale(b, 2 * j + s);
                 for (int l = 0; l < 16; l++)
                     y[16 * s + l] = dl * (((q[16 * s + l] >> shift) & 3) - (b->hmask[16 * s + l] & m ? 0 : 4));
             }
-            return;
+            return 1;
         }
         case IL_W_IQ4_XS: {
             const il_iq4_xs *b = block;
             const float dl = il_f16_to_f32(b->d) * il_iq4_xs_scale(b, j);
             const uint8_t *q = b->qs + 16 * j;
             for (int l = 0; l < 16; l++) y[l] = dl * il_iq4_values[q[l] & 0xF], y[l + 16] = dl * il_iq4_values[q[l] >> 4];
-            return;
+            return 1;
         }
-        default: return;
+        default: return 0;
     }
 }
 
@@ -322,8 +326,7 @@ static inline void il_dequant_span(int wtype, const uint8_t *row, int k0, int n,
         if (off == 0 && left >= be) {
             il_dequant_block(wtype, block, y + (k - k0));
             k += be;
-        } else if (left >= 32 && off % 32 == 0 && (wtype == IL_W_Q2_K || wtype == IL_W_Q3_K || wtype == IL_W_IQ4_XS)) {
-            il_dequant_sub32(wtype, block, off / 32, y + (k - k0));
+        } else if (left >= 32 && off % 32 == 0 && il_dequant_sub32(wtype, block, off / 32, y + (k - k0))) {
             k += 32;
         } else { /* part of a block: the whole block, then the part */
             float t[256];

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 
 #include "gemm.h"
+#include "halves.h"
 
 #define I8_PANEL 24
 
@@ -42,33 +43,12 @@ IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo,
             *lo = _mm_loadu_si128((const __m128i *)blk->qs), *hi = _mm_loadu_si128((const __m128i *)(blk->qs + 16));
             return _mm_cvtph_ps(_mm_cvtsi32_si128(blk->d));
         }
-        case IL_W_IQ4_NL: case IL_W_IQ4_XS: { /* the nibbles looked up in the table: signed bytes, as Q8_0's */
-            const il_iq4_nl *nl = (const il_iq4_nl *)row + b;
-            const il_iq4_xs *xs = (const il_iq4_xs *)row + b / 8; /* sub-block b % 8 */
-            const __m128i table = _mm_loadu_si128((const __m128i *)il_iq4_values);
-            const __m128i v = _mm_loadu_si128((const __m128i *)(wtype == IL_W_IQ4_NL ? nl->qs : xs->qs + 16 * (b % 8)));
-            *lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
-            *hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
-            if (wtype == IL_W_IQ4_NL) return _mm_cvtph_ps(_mm_cvtsi32_si128(nl->d));
-            return _mm_set_ss(_cvtsh_ss(xs->d) * il_iq4_xs_scale(xs, b % 8));
-        }
-        case IL_W_Q4_K: case IL_W_Q5_K: { /* sub-block b % 8 of 8: as Q4_1 / Q5_1, its own (d, m) */
-            const int five = wtype == IL_W_Q5_K, j = b % 8;
-            const il_q4_K *b4 = (const il_q4_K *)row + b / 8;
-            const il_q5_K *b5 = (const il_q5_K *)row + b / 8;
-            const uint8_t *q = (five ? b5->qs : b4->qs) + 32 * (j / 2);
-            __m128i l = _mm_loadu_si128((const __m128i *)q), h = _mm_loadu_si128((const __m128i *)(q + 16));
-            if (j % 2) l = _mm_srli_epi16(l, 4), h = _mm_srli_epi16(h, 4);
-            *lo = _mm_and_si128(l, low4), *hi = _mm_and_si128(h, low4);
-            if (five) { /* bit j of qh[l] is weight l's fifth bit */
-                const __m128i bit = _mm_set1_epi8((char)(1 << j)), sixteen = _mm_set1_epi8(16);
-                const __m128i h0 = _mm_loadu_si128((const __m128i *)b5->qh), h1 = _mm_loadu_si128((const __m128i *)(b5->qh + 16));
-                *lo = _mm_or_si128(*lo, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h0, bit), bit), sixteen));
-                *hi = _mm_or_si128(*hi, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h1, bit), bit), sixteen));
-            }
-            uint8_t sc, mn;
-            il_scale_min_k4(j, five ? b5->scales : b4->scales, &sc, &mn);
-            return _mm_setr_ps(_cvtsh_ss(five ? b5->d : b4->d) * sc, -(_cvtsh_ss(five ? b5->dmin : b4->dmin) * mn), 0.f, 0.f);
+        case IL_W_IQ4_NL: case IL_W_IQ4_XS: /* the table's values: signed bytes, as Q8_0's */
+            return _mm_set_ss(iq4_halves(wtype, row, b, lo, hi));
+        case IL_W_Q4_K: case IL_W_Q5_K: { /* a sub-block: as Q4_1 / Q5_1, its own (d, m) */
+            float c;
+            const float d = k4_halves(wtype, row, b, lo, hi, &c);
+            return _mm_setr_ps(d, c, 0.f, 0.f);
         }
         case IL_W_Q4_0: case IL_W_Q4_1: {
             const int one = wtype == IL_W_Q4_1;

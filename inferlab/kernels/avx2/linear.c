@@ -14,6 +14,7 @@
 
 #include "../common.h"
 #include "gemm.h"
+#include "halves.h"
 
 #define PANEL 24  /* weight rows dequantized at a time (24 x 1536 fp32 = 147 KB: stays in L2) */
 #define MC 256    /* input rows per pass over the weights (256 x 1536 fp32 = 1.5 MB: stays in L3) */
@@ -107,25 +108,11 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
                     _mm256_set1_ps(d), _mm256_set1_ps(one ? f16(b1->m) : -16.f * d), w);
             return;
         }
-        case IL_W_Q4_K: case IL_W_Q5_K: { /* sub-block j of 8: the low (j even) or high nibbles of 32 bytes */
-            const int five = wtype == IL_W_Q5_K, j = (k % 256) / 32;
-            const il_q4_K *b4 = (const il_q4_K *)row + k / 256;
-            const il_q5_K *b5 = (const il_q5_K *)row + k / 256;
-            uint8_t sc, mn;
-            il_scale_min_k4(j, five ? b5->scales : b4->scales, &sc, &mn);
-            const __m256 d = _mm256_set1_ps(f16(five ? b5->d : b4->d) * sc);
-            const __m256 m = _mm256_set1_ps(-(f16(five ? b5->dmin : b4->dmin) * mn));
-            const uint8_t *q = (five ? b5->qs : b4->qs) + 32 * (j / 2);
-            __m128i lo = _mm_loadu_si128((const __m128i *)q), hi = _mm_loadu_si128((const __m128i *)(q + 16));
-            if (j % 2) lo = _mm_srli_epi16(lo, 4), hi = _mm_srli_epi16(hi, 4);
-            lo = _mm_and_si128(lo, low4), hi = _mm_and_si128(hi, low4);
-            if (five) { /* bit j of qh[l] is weight l's fifth bit */
-                const __m128i bit = _mm_set1_epi8((char)(1 << j)), sixteen = _mm_set1_epi8(16);
-                const __m128i h0 = _mm_loadu_si128((const __m128i *)b5->qh), h1 = _mm_loadu_si128((const __m128i *)(b5->qh + 16));
-                lo = _mm_or_si128(lo, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h0, bit), bit), sixteen));
-                hi = _mm_or_si128(hi, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h1, bit), bit), sixteen));
-            }
-            scale32(lo, hi, d, m, w);
+        case IL_W_Q4_K: case IL_W_Q5_K: {
+            __m128i lo, hi;
+            float c;
+            const float d = k4_halves(wtype, row, k / 32, &lo, &hi, &c);
+            scale32(lo, hi, _mm256_set1_ps(d), _mm256_set1_ps(c), w);
             return;
         }
         case IL_W_Q6_K: { /* sub-block j of 8: half j / 4, quarter g = j % 4 of it; a scale per 16 weights */
@@ -158,9 +145,7 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
                     const __m128i bit = _mm_set1_epi8((char)(1 << j));
                     const __m128i hm = _mm_and_si128(_mm_loadu_si128((const __m128i *)(b3->hmask + 16 * s)), bit);
                     v = _mm_sub_epi8(v, _mm_andnot_si128(_mm_cmpeq_epi8(hm, bit), _mm_set1_epi8(4)));
-                    const int i = 2 * j + s;
-                    const int lo = i < 8 ? b3->scales[i] & 0xF : b3->scales[i - 8] >> 4;
-                    dl = f16(b3->d) * ((lo | ((b3->scales[8 + i % 4] >> (2 * (i / 4))) & 3) << 4) - 32);
+                    dl = f16(b3->d) * il_q3_K_scale(b3, 2 * j + s);
                 } else {
                     const uint8_t sc = b2->scales[2 * j + s];
                     dl = f16(b2->d) * (sc & 0xF), ml = f16(b2->dmin) * (sc >> 4);
@@ -171,22 +156,9 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             }
             return;
         }
-        case IL_W_IQ4_NL: case IL_W_IQ4_XS: { /* nibbles looked up in the 16-value table by one shuffle */
-            const uint8_t *q;
-            float d;
-            if (wtype == IL_W_IQ4_NL) {
-                const il_iq4_nl *b = (const il_iq4_nl *)row + k / 32;
-                q = b->qs, d = f16(b->d);
-            } else {
-                const il_iq4_xs *b = (const il_iq4_xs *)row + k / 256;
-                const int j = (k % 256) / 32;
-                q = b->qs + 16 * j, d = f16(b->d) * il_iq4_xs_scale(b, j);
-            }
-            const __m128i table = _mm_loadu_si128((const __m128i *)il_iq4_values);
-            const __m128i v = _mm_loadu_si128((const __m128i *)q);
-            const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
-            const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
-            const __m256 dv = _mm256_set1_ps(d);
+        case IL_W_IQ4_NL: case IL_W_IQ4_XS: {
+            __m128i lo, hi;
+            const __m256 dv = _mm256_set1_ps(iq4_halves(wtype, row, k / 32, &lo, &hi));
             w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), dv);
             w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), dv);
             w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), dv);

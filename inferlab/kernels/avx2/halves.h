@@ -1,0 +1,44 @@
+/* A 32-weight block's values as bytes in two 128-bit halves (weights 0-15, 16-31), for the block
+ * types whose decoding the fp32 path (linear.c, then widened and scaled) and the int8 path (int8.c,
+ * multiplied as bytes) share, so both read the very same values. Block b holds weights 32 b .. of a row. */
+#ifndef INFERLAB_AVX2_HALVES_H
+#define INFERLAB_AVX2_HALVES_H
+#include <immintrin.h>
+
+#include "../common.h"
+
+/* Q4_K / Q5_K sub-block b % 8 as unsigned 4/5-bit values, returning its scale d * sc; *c is what
+ * each weight adds, -dmin * min (weight = d q + c, as Q4_1 / Q5_1). */
+IL_INLINE float k4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, float *c) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const int five = wtype == IL_W_Q5_K, j = b % 8;
+    const il_q4_K *b4 = (const il_q4_K *)row + b / 8;
+    const il_q5_K *b5 = (const il_q5_K *)row + b / 8;
+    const uint8_t *q = (five ? b5->qs : b4->qs) + 32 * (j / 2); /* the low (j even) or high nibbles */
+    __m128i l = _mm_loadu_si128((const __m128i *)q), h = _mm_loadu_si128((const __m128i *)(q + 16));
+    if (j % 2) l = _mm_srli_epi16(l, 4), h = _mm_srli_epi16(h, 4);
+    *lo = _mm_and_si128(l, low4), *hi = _mm_and_si128(h, low4);
+    if (five) { /* bit j of qh[l] is weight l's fifth bit */
+        const __m128i bit = _mm_set1_epi8((char)(1 << j)), sixteen = _mm_set1_epi8(16);
+        const __m128i h0 = _mm_loadu_si128((const __m128i *)b5->qh), h1 = _mm_loadu_si128((const __m128i *)(b5->qh + 16));
+        *lo = _mm_or_si128(*lo, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h0, bit), bit), sixteen));
+        *hi = _mm_or_si128(*hi, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h1, bit), bit), sixteen));
+    }
+    uint8_t sc, mn;
+    il_scale_min_k4(j, five ? b5->scales : b4->scales, &sc, &mn);
+    *c = -(_cvtsh_ss(five ? b5->dmin : b4->dmin) * mn);
+    return _cvtsh_ss(five ? b5->d : b4->d) * sc;
+}
+
+/* IQ4_NL block b, or IQ4_XS sub-block b % 8, as the signed values of its table (one byte shuffle a
+ * half), returning its scale. */
+IL_INLINE float iq4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi) {
+    const __m128i low4 = _mm_set1_epi8(0x0F), table = _mm_loadu_si128((const __m128i *)il_iq4_values);
+    const il_iq4_nl *nl = (const il_iq4_nl *)row + b;
+    const il_iq4_xs *xs = (const il_iq4_xs *)row + b / 8;
+    const __m128i v = _mm_loadu_si128((const __m128i *)(wtype == IL_W_IQ4_NL ? nl->qs : xs->qs + 16 * (b % 8)));
+    *lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
+    *hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+    return wtype == IL_W_IQ4_NL ? _cvtsh_ss(nl->d) : _cvtsh_ss(xs->d) * il_iq4_xs_scale(xs, b % 8);
+}
+#endif

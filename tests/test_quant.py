@@ -224,7 +224,8 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q4_1, 576, "auto", f32, "amx") == quant.Q4_1
     # int8 activations multiply blocks: asking for them keeps the blocks that have them
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", int8=True) == quant.Q4_1
-    assert target_type(quant.Q6_K, 576, "auto", bf16, "amx", int8=True) == quant.BF16
+    assert target_type(quant.Q6_K, 512, "auto", bf16, "amx", int8=True) == quant.Q6_K
+    assert target_type(quant.Q2_K, 512, "auto", bf16, "amx", int8=True) == quant.BF16  # no int8 product
     assert target_type(quant.Q4_1, 576, "none", bf16, "avx2") == quant.BF16
     assert target_type(quant.F32, 576, "q4_0", f32, "avx2") == quant.Q4_0
     assert target_type(quant.F32, 576, "q4_0", f32, "avx2", vocab=True) == quant.Q8_0

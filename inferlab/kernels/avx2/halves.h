@@ -30,6 +30,39 @@ IL_INLINE float k4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m
     return _cvtsh_ss(five ? b5->d : b4->d) * sc;
 }
 
+/* Q6_K / Q3_K sub-block b % 8 as signed values (il_block_ints), returning the block's d; sc gets
+ * the integer scales of weights 0-15 and 16-31. */
+IL_INLINE float k16_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, int sc[2]) {
+    const int j = b % 8;
+    const __m128i three = _mm_set1_epi8(3);
+    if (wtype == IL_W_Q6_K) { /* half j / 4 of the block, quarter g of it: a nibble of ql, 2 bits of qh */
+        const il_q6_K *k6 = (const il_q6_K *)row + b / 8;
+        const int h = j / 4, g = j % 4;
+        const uint8_t *ql = k6->ql + 64 * h + 32 * (g % 2), *qh = k6->qh + 32 * h;
+        __m128i *out[2] = {lo, hi};
+        for (int s = 0; s < 2; s++) {
+            __m128i l = _mm_loadu_si128((const __m128i *)(ql + 16 * s));
+            if (g >= 2) l = _mm_srli_epi16(l, 4);
+            const __m128i top = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * s)), 2 * g), three);
+            *out[s] = _mm_sub_epi8(_mm_or_si128(_mm_and_si128(l, _mm_set1_epi8(0x0F)), _mm_slli_epi16(top, 4)),
+                                   _mm_set1_epi8(32));
+        }
+        sc[0] = k6->scales[8 * h + 2 * g], sc[1] = k6->scales[8 * h + 2 * g + 1];
+        return _cvtsh_ss(k6->d);
+    }
+    const il_q3_K *k3 = (const il_q3_K *)row + b / 8; /* bit pair j % 4 of half j / 4; 4 less where bit j of hmask is clear */
+    const uint8_t *q = k3->qs + 32 * (j / 4);
+    const __m128i bit = _mm_set1_epi8((char)(1 << j));
+    __m128i *out[2] = {lo, hi};
+    for (int s = 0; s < 2; s++) {
+        const __m128i v = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), 2 * (j % 4)), three);
+        const __m128i hm = _mm_and_si128(_mm_loadu_si128((const __m128i *)(k3->hmask + 16 * s)), bit);
+        *out[s] = _mm_sub_epi8(v, _mm_andnot_si128(_mm_cmpeq_epi8(hm, bit), _mm_set1_epi8(4)));
+    }
+    sc[0] = il_q3_K_scale(k3, 2 * j), sc[1] = il_q3_K_scale(k3, 2 * j + 1);
+    return _cvtsh_ss(k3->d);
+}
+
 /* IQ4_NL block b, or IQ4_XS sub-block b % 8, as the signed values of its table (one byte shuffle a
  * half), returning its scale. */
 IL_INLINE float iq4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi) {

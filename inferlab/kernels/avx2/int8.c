@@ -29,15 +29,24 @@ IL_INLINE __m128i fifth_bits16(uint32_t h) {
     return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bit), bit), _mm_set1_epi8(0x10));
 }
 
-/* Whether a type's block bytes are signed weights with no offset (Q8_0's, IQ4_NL's looked up), so
- * no c * s_x term. */
-IL_INLINE int signed_weights(int wtype) { return wtype == IL_W_Q8_0 || wtype == IL_W_IQ4_NL || wtype == IL_W_IQ4_XS; }
+/* Whether a type's block bytes are signed weights with no offset (Q8_0's, IQ4_NL's looked up, Q6_K's
+ * and Q3_K's less their offsets), so no c * s_x term. */
+IL_INLINE int signed_weights(int wtype) {
+    return wtype == IL_W_Q8_0 || wtype == IL_W_IQ4_NL || wtype == IL_W_IQ4_XS || il_k16_type(wtype);
+}
 
 /* Block b of a row: weights 0-15 and 16-31 as bytes (lo, hi), and (d, m) or (d, d) widened: the
- * scale and what multiplies s_x (m for Q4_1 and Q5_1; d, scaled at the end, for Q4_0 and Q5_0). */
-IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi) {
+ * scale and what multiplies s_x (m for Q4_1 and Q5_1; d, scaled at the end, for Q4_0 and Q5_0);
+ * sc: each half's integer scale as 16-bit lanes (il_k16_type only). */
+IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, __m128i sc[2]) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     switch (wtype) {
+        case IL_W_Q6_K: case IL_W_Q3_K: {
+            int s[2];
+            const float d = k16_halves(wtype, row, b, lo, hi, s);
+            sc[0] = _mm_set1_epi16((int16_t)s[0]), sc[1] = _mm_set1_epi16((int16_t)s[1]);
+            return _mm_set_ss(d);
+        }
         case IL_W_Q8_0: {
             const il_q8_0 *blk = (const il_q8_0 *)row + b;
             *lo = _mm_loadu_si128((const __m128i *)blk->qs), *hi = _mm_loadu_si128((const __m128i *)(blk->qs + 16));
@@ -78,8 +87,13 @@ IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo,
     }
 }
 
-/* 4 int32 lanes whose sum is the integer dot product of a block's 32 weight bytes with 32 inputs. */
-IL_INLINE __m128i dot32(__m128i wl, __m128i wh, __m128i xl, __m128i xh, int signed_w) {
+/* 4 int32 lanes whose sum is the integer dot product of a block's 32 weight bytes with 32 inputs
+ * (il_k16_type: each half's products times its scale sc, |w| <= 32 keeping a pair's sum in 16 bits). */
+IL_INLINE __m128i dot32(__m128i wl, __m128i wh, __m128i xl, __m128i xh, int wtype, const __m128i sc[2]) {
+    const int signed_w = signed_weights(wtype);
+    if (il_k16_type(wtype))
+        return _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(_mm_sign_epi8(wl, wl), _mm_sign_epi8(xl, wl)), sc[0]),
+                             _mm_madd_epi16(_mm_maddubs_epi16(_mm_sign_epi8(wh, wh), _mm_sign_epi8(xh, wh)), sc[1]));
 #ifdef __AVX512VNNI__ /* the AVX-512 build: one instruction a half sums 4 byte products per lane in 32 bits */
     if (signed_w)
         return _mm_dpbusd_epi32(_mm_dpbusd_epi32(_mm_setzero_si128(), _mm_sign_epi8(wl, wl), _mm_sign_epi8(xl, wl)),
@@ -122,13 +136,13 @@ IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *co
         const __m128 dx = _mm_loadu_ps(x4 + 8 * b), sx = _mm_loadu_ps(x4 + 8 * b + 4);
         for (int j = 0; j < C; j++) {
             _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
-            __m128i wl, wh;
-            const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh);
+            __m128i wl, wh, sc[2];
+            const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh, sc);
             const __m128 scale = _mm_mul_ps(_mm_shuffle_ps(dm, dm, 0), dx); /* lane i: d * d_x of row i */
             for (int i = 0; i < R; i++) {
                 const int8_t *xb = xq + (int64_t)i * K + 32 * b;
                 const __m128i xl = _mm_loadu_si128((const __m128i *)xb), xh = _mm_loadu_si128((const __m128i *)(xb + 16));
-                acc[i][j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot32(wl, wh, xl, xh, signed_weights(wtype))),
+                acc[i][j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot32(wl, wh, xl, xh, wtype, sc)),
                                          _mm_permutevar_ps(scale, _mm_set1_epi32(i)), acc[i][j]);
             }
             if (!signed_weights(wtype)) /* c * s_x of each row (dm's lane 1 is c, or d for Q4_0/Q5_0) */
@@ -235,8 +249,8 @@ IL_INLINE void tile4x4_vnni(const int8_t *xq, const float *x4, int K, const uint
         const __m512 dxz = _mm512_permutexvar_ps(by_row, _mm512_castps128_ps512(dx));
         for (int j = 0; j < 4; j++) {
             _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
-            __m128i wl, wh;
-            const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh);
+            __m128i wl, wh, sc[2];
+            const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh, sc);
             const __m512i dot = dot32x4(_mm512_broadcast_i32x4(wl), _mm512_broadcast_i32x4(wh), xl, xh,
                                         signed_weights(wtype));
             const __m512 scale = _mm512_mul_ps(_mm512_broadcastss_ps(dm), dxz); /* lane group i: d * d_x of row i */
@@ -254,7 +268,7 @@ IL_INLINE void tile4x4_vnni(const int8_t *xq, const float *x4, int K, const uint
     }
     finish8(accs, corr, wtype, R, 4, out);
 }
-#define I8_FEW(T, R) tile4x4_vnni(xq, x4, K, w, T, R, out)
+#define I8_FEW(T, R) (il_k16_type(T) ? tile8(xq, x4, K, w, T, R, 4, out) : tile4x4_vnni(xq, x4, K, w, T, R, out))
 #define I8_COLS(R) ((R) == 2 ? 2 : 4) /* weight rows per tile */
 #define I8_ONE(T) \
     ((T) == IL_W_Q8_0 || (T) == IL_W_Q4_0 || (T) == IL_W_Q4_1 ? tile1x4_vnni(xq, x4, K, w, T, out) \
@@ -281,7 +295,8 @@ static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *c
                       __m128 out[4]) {
     switch (wtype) {
         I8_CASE(IL_W_Q8_0); I8_CASE(IL_W_Q4_0); I8_CASE(IL_W_Q4_1); I8_CASE(IL_W_Q5_0); I8_CASE(IL_W_IQ4_NL);
-        I8_CASE(IL_W_IQ4_XS); I8_CASE(IL_W_Q4_K); I8_CASE(IL_W_Q5_K); default: I8_CASE(IL_W_Q5_1);
+        I8_CASE(IL_W_IQ4_XS); I8_CASE(IL_W_Q4_K); I8_CASE(IL_W_Q5_K); I8_CASE(IL_W_Q6_K); I8_CASE(IL_W_Q3_K);
+        default: I8_CASE(IL_W_Q5_1);
     }
 }
 #undef I8_CASE

@@ -115,42 +115,26 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             scale32(lo, hi, _mm256_set1_ps(d), _mm256_set1_ps(c), w);
             return;
         }
-        case IL_W_Q6_K: { /* sub-block j of 8: half j / 4, quarter g = j % 4 of it; a scale per 16 weights */
-            const il_q6_K *b = (const il_q6_K *)row + k / 256;
-            const int j = (k % 256) / 32, h = j / 4, g = j % 4;
-            const uint8_t *ql = b->ql + 64 * h + 32 * (g % 2), *qh = b->qh + 32 * h;
-            const float d = f16(b->d);
-            for (int c = 0; c < 4; c++) {
-                __m128i q = _mm_loadl_epi64((const __m128i *)(ql + 8 * c));
-                if (g >= 2) q = _mm_srli_epi16(q, 4);
-                const __m128i hb = _mm_and_si128(_mm_srli_epi16(_mm_loadl_epi64((const __m128i *)(qh + 8 * c)), 2 * g),
-                                                 _mm_set1_epi8(3));
-                q = _mm_or_si128(_mm_and_si128(q, low4), _mm_slli_epi16(hb, 4));
-                const float scale = d * b->scales[8 * h + 2 * g + c / 2];
-                w[c] = _mm256_mul_ps(_mm256_sub_ps(widen_u8(q), _mm256_set1_ps(32.f)), _mm256_set1_ps(scale));
-            }
+        case IL_W_Q6_K: case IL_W_Q3_K: { /* signed values under a scale per 16 weights */
+            __m128i lo, hi;
+            int sc[2];
+            const float d = k16_halves(wtype, row, k / 32, &lo, &hi, sc);
+            const __m256 d0 = _mm256_set1_ps(d * sc[0]), d1 = _mm256_set1_ps(d * sc[1]);
+            w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d0);
+            w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), d0);
+            w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d1);
+            w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), d1);
             return;
         }
-        case IL_W_Q2_K: case IL_W_Q3_K: { /* sub-block j: bit pair j % 4 of half j / 4's 32 bytes, two scales */
+        case IL_W_Q2_K: { /* sub-block j: bit pair j % 4 of half j / 4's 32 bytes; a scale and a minimum per 16 */
             const int j = (k % 256) / 32, shift = 2 * (j % 4);
-            const il_q2_K *b2 = (const il_q2_K *)row + k / 256;
-            const il_q3_K *b3 = (const il_q3_K *)row + k / 256;
-            const int three = wtype == IL_W_Q3_K;
-            const uint8_t *q = (three ? b3->qs : b2->qs) + 32 * (j / 4);
+            const il_q2_K *b = (const il_q2_K *)row + k / 256;
+            const uint8_t *q = b->qs + 32 * (j / 4);
             for (int s = 0; s < 2; s++) {
-                __m128i v = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), shift),
-                                          _mm_set1_epi8(3));
-                float dl, ml = 0.f;
-                if (three) { /* 4 subtracted where the third bit (bit j of hmask) is clear */
-                    const __m128i bit = _mm_set1_epi8((char)(1 << j));
-                    const __m128i hm = _mm_and_si128(_mm_loadu_si128((const __m128i *)(b3->hmask + 16 * s)), bit);
-                    v = _mm_sub_epi8(v, _mm_andnot_si128(_mm_cmpeq_epi8(hm, bit), _mm_set1_epi8(4)));
-                    dl = f16(b3->d) * il_q3_K_scale(b3, 2 * j + s);
-                } else {
-                    const uint8_t sc = b2->scales[2 * j + s];
-                    dl = f16(b2->d) * (sc & 0xF), ml = f16(b2->dmin) * (sc >> 4);
-                }
-                const __m256 d = _mm256_set1_ps(dl), m = _mm256_set1_ps(-ml);
+                const __m128i v = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), shift),
+                                                _mm_set1_epi8(3));
+                const uint8_t sc = b->scales[2 * j + s];
+                const __m256 d = _mm256_set1_ps(f16(b->d) * (sc & 0xF)), m = _mm256_set1_ps(-(f16(b->dmin) * (sc >> 4)));
                 w[2 * s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d, m);
                 w[2 * s + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), d, m);
             }

@@ -39,14 +39,16 @@ static inline int il_iq4_xs_scale(const il_iq4_xs *b, int j) {
 typedef struct { uint16_t d[16], m[16]; uint16_t q[128]; } il_q4_1x16;
 typedef struct { uint16_t d[16]; uint16_t q[128]; } il_q4_0x16;
 typedef struct { uint16_t d[16]; int8_t q[512]; } il_q8_0x16;
+typedef struct { uint16_t d[16]; uint32_t h[16]; uint16_t q[128]; } il_q5_0x16;
+typedef struct { uint16_t d[16], m[16]; uint32_t h[16]; uint16_t q[128]; } il_q5_1x16;
 
 /* Weights per block (0 for a type this library does not know). */
 static inline int il_block_elems(int wtype) {
     switch (wtype) {
         case IL_W_F32: case IL_W_F16: case IL_W_BF16: return 1;
         case IL_W_Q8_0: case IL_W_Q4_0: case IL_W_Q4_1: case IL_W_Q5_0: case IL_W_Q5_1: case IL_W_IQ4_NL: return 32;
-        case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: case IL_W_IQ4_NLX16:
-            return 32; /* per row, as their GGUF type */
+        case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: case IL_W_IQ4_NLX16: case IL_W_Q5_0X16:
+        case IL_W_Q5_1X16: return 32; /* per row, as their GGUF type */
         case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS:
         case IL_W_Q4_KX16: return 256;
         default: return 0;
@@ -60,8 +62,8 @@ static inline int il_block_bytes(int wtype) {
         case IL_W_Q8_0: case IL_W_Q8_0X16: return sizeof(il_q8_0);
         case IL_W_Q4_0: case IL_W_Q4_0X16: return sizeof(il_q4_0);
         case IL_W_Q4_1: case IL_W_Q4_1X16: return sizeof(il_q4_1);
-        case IL_W_Q5_0: return sizeof(il_q5_0);
-        case IL_W_Q5_1: return sizeof(il_q5_1);
+        case IL_W_Q5_0: case IL_W_Q5_0X16: return sizeof(il_q5_0);
+        case IL_W_Q5_1: case IL_W_Q5_1X16: return sizeof(il_q5_1);
         case IL_W_Q4_K: case IL_W_Q4_KX16: return sizeof(il_q4_K);
         case IL_W_Q5_K: return sizeof(il_q5_K);
         case IL_W_Q6_K: return sizeof(il_q6_K);
@@ -219,7 +221,7 @@ static inline void il_dequant_block(int wtype, const void *block, float *y) {
 /* Whether a type is a regrouped one (inferlab.h), which only the AVX-512 linear kernel multiplies. */
 static inline int il_x16_type(int wtype) {
     return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16 ||
-           wtype == IL_W_Q4_KX16;
+           wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16;
 }
 
 /* Block b (inputs 32 b ..) of row n of a regrouped K-column matrix as fp32 (its layout:
@@ -239,15 +241,24 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
     const int64_t bytes = 16 * il_block_bytes(wtype); /* a group's block: the same bytes per row */
     const uint8_t *blk = (const uint8_t *)w + (n / 16 * (K / 32) + b) * bytes;
     const uint16_t *h = (const uint16_t *)blk;
-    const float d = il_f16_to_f32(h[i]), m = wtype == IL_W_Q4_1X16 ? il_f16_to_f32(h[16 + i]) : 0.f;
+    const int with_min = wtype == IL_W_Q4_1X16 || wtype == IL_W_Q5_1X16, five = wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16;
+    const float d = il_f16_to_f32(h[i]), m = with_min ? il_f16_to_f32(h[16 + i]) : 0.f;
+    const uint16_t *fifth = h + (with_min ? 32 : 16), *words = fifth + (five ? 32 : 0); /* fifth: 16 32-bit masks */
     for (int k = 0; k < 32; k++) { /* input k is in pair row k / 2, lane 2 i + k % 2 */
         const int p = k / 2, lane = 2 * i + k % 2;
         if (wtype == IL_W_Q8_0X16) {
             y[k] = d * ((const il_q8_0x16 *)blk)->q[32 * p + lane];
             continue;
         }
-        const int q = (h[(wtype == IL_W_Q4_1X16 ? 32 : 16) + 32 * (p / 4) + lane] >> 4 * (p % 4)) & 15;
-        y[k] = wtype == IL_W_Q4_1X16 ? d * q + m : wtype == IL_W_IQ4_NLX16 ? d * il_iq4_values[q] : d * (q - 8);
+        const unsigned word = words[32 * (p / 4) + lane];
+        int q = (word >> 4 * (p % 4)) & 15;
+        if (five) { /* mask bit = the fifth bit XOR the bit above the nibble in its word (x16.c says why) */
+            const uint32_t mask = fifth[2 * p] | (uint32_t)fifth[2 * p + 1] << 16;
+            q |= (((mask >> lane) ^ (word >> (4 * (p % 4) + 4))) & 1) << 4;
+            y[k] = with_min ? d * q + m : d * (q - 16);
+            continue;
+        }
+        y[k] = with_min ? d * q + m : wtype == IL_W_IQ4_NLX16 ? d * il_iq4_values[q] : d * (q - 8);
     }
 }
 

@@ -39,7 +39,7 @@
 #define IL_W_IQ4_NL 20
 #define IL_W_IQ4_XS 23
 #define IL_W_BF16 30
-/* Q4_0 / Q4_1 / Q8_0 blocks regrouped 16 weight rows at a time for the AVX512-BF16 kernel
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q4_K blocks regrouped 16 weight rows at a time for the AVX512-BF16 kernel
  * (avx512/x16.c), made at load: not GGUF types, the same bytes per row. Other builds' linear returns
  * 1 for them; get_rows and dequantize read them everywhere. */
 #define IL_W_Q4_0X16 66
@@ -47,6 +47,8 @@
 #define IL_W_Q8_0X16 72
 #define IL_W_IQ4_NLX16 84 /* Q4_0X16's layout, its nibbles through IQ4_NL's table */
 #define IL_W_Q4_KX16 76   /* per 256 inputs: the 16 rows' d, dmin, scales, then 8 sub-blocks as Q4_1X16's */
+#define IL_W_Q5_0X16 70   /* Q4_0X16's with the fifth bits' plane between the scales and the nibbles */
+#define IL_W_Q5_1X16 71   /* Q4_1X16's so */
 
 /* Activations of a linear layer: fp32 products of dequantized weights, or int8 inputs. */
 #define IL_ACT_FLOAT 0

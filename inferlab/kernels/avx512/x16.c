@@ -1,6 +1,11 @@
-/* The linear layer for Q4_0 / Q4_1 / Q8_0 / IQ4_NL / Q4_K weights regrouped 16 rows at a time
- * (IL_W_*X16), with bf16 inputs, on AVX512-BF16: exact weights at the speed the blocks' bytes allow.
- * IQ4_NL's blocks are Q4_0's but for the values a nibble stands for, which are the table's. Q4_K's
+/* The linear layer for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q4_K weights regrouped 16 rows at
+ * a time (IL_W_*X16), with bf16 inputs, on AVX512-BF16: exact weights at the speed the blocks' bytes
+ * allow. IQ4_NL's blocks are Q4_0's but for the values a nibble stands for, which are the table's.
+ * Q5_0 / Q5_1 are Q4_0 / Q4_1 with a plane of the 16 rows' fifth bits between the scales and the
+ * nibbles: per pair row, a 32-bit mask of its 32 lanes, which a masked add of 16 puts in bit 4 of
+ * the table index (vpermw reads 5 bits: a 32-entry table of the values). That bit already holds the
+ * low bit of the word's next nibble (0 past the last), so the mask stores the fifth bit XOR it, and
+ * the add (bit 4 flips, carries go where vpermw does not look) leaves the fifth bit there. Q4_K's
  * 256-input blocks hold the 16 rows' d, dmin and 12 scale bytes side by side (256 bytes), then their
  * 8 sub-blocks of 32 inputs, each laid out as a Q4_1 group block's values: a sub-block is a Q4_1
  * block whose d and m are d * scale and -dmin * min, unpacked for 16 rows at once.
@@ -32,7 +37,10 @@
 #include "lanes.h"
 #include "x16.h"
 
-enum { Q4_0, Q4_1, Q8_0, Q4_K }; /* the kind of a call's blocks (a constant in every tile) */
+enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1 }; /* the kind of a call's blocks (a constant in every tile) */
+
+IL_INLINE int has_min(const int kind) { return kind == Q4_1 || kind == Q4_K || kind == Q5_1; }
+IL_INLINE int is_q5(const int kind) { return kind == Q5_0 || kind == Q5_1; }
 #define ROWS_PASS 64   /* input rows whose 16 sums stay in L1 while a group's blocks pass */
 #define WIDE_ROWS 32   /* rows from which the 4 x 4-group tiles run */
 #define WIDE_CHUNK 128 /* rows a wide tile pass keeps in cache (x: 384 KB at K = 1536; sums: 32 KB) */
@@ -47,9 +55,16 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, __m512i table, c
         return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))),
                                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
     }
-    const int at = kind == Q4_1 ? 32 : kind == Q4_K ? 0 : 16; /* words of scale fields before the values */
+    const int fields = kind == Q4_K ? 0 : has_min(kind) ? 32 : 16; /* words of scales before the values */
+    const int at = fields + (is_q5(kind) ? 32 : 0);                 /* (and of Q5's fifth bits) */
     const __m512i v = _mm512_loadu_si512((const uint16_t *)blk + at + 32 * (j / 4));
-    return (__m512bh)_mm512_permutexvar_epi16(j % 4 ? _mm512_srli_epi16(v, 4 * (j % 4)) : v, table);
+    __m512i idx = j % 4 ? _mm512_srli_epi16(v, 4 * (j % 4)) : v;
+    if (is_q5(kind)) {
+        uint32_t mask;
+        memcpy(&mask, (const uint16_t *)blk + fields + 2 * j, sizeof mask);
+        idx = _mm512_mask_add_epi16(idx, (__mmask32)mask, idx, _mm512_set1_epi16(16));
+    }
+    return (__m512bh)_mm512_permutexvar_epi16(idx, table);
 }
 
 /* Rows 0 .. R as tiles of `most` rows (a constant, <= 6), then one of the rest: CALL(n), n a constant,
@@ -70,8 +85,8 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, __m512i table, c
 
 /* A group's bytes per 32 inputs (Q4_K: on average; its 256-input blocks hold a header and 8 sub-blocks). */
 IL_INLINE int64_t group_block_bytes(const int kind) {
-    return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16)
-         : kind == Q4_K ? 16 * sizeof(il_q4_K) / 8 : sizeof(il_q4_0x16);
+    return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : kind == Q5_0 ? sizeof(il_q5_0x16)
+         : kind == Q5_1 ? sizeof(il_q5_1x16) : kind == Q4_K ? 16 * sizeof(il_q4_K) / 8 : sizeof(il_q4_0x16);
 }
 
 /* Where block b (inputs 32 b ..) of a group starting at w0 is: for Q4_K its sub-block's values. */
@@ -80,7 +95,7 @@ IL_INLINE const uint8_t *block_at(const uint8_t *w0, int b, const int kind) {
     return w0 + b * group_block_bytes(kind);
 }
 
-IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (half 0) or Q4_1's m (1) */
+IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (half 0) or Q4_1's / Q5_1's m (1) */
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk + half));
 }
 
@@ -90,7 +105,7 @@ IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (
 IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *dv, __m512 *mv) {
     if (kind != Q4_K) {
         *dv = scales(blk, 0);
-        *mv = kind == Q4_1 ? scales(blk, 1) : *dv;
+        *mv = has_min(kind) ? scales(blk, 1) : *dv;
         return;
     }
     const int j = b % 8;
@@ -113,9 +128,9 @@ IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *d
 
 /* A block's products p of one input row added to that row's sums a: a + d p (+ m sum x, Q4_1), the
  * one scaling every path uses, in this order, so a row's result never depends on its tile. */
-IL_INLINE __m512 add_block(__m512 a, __m512 p, __m512 dv, __m512 mv, float sx, const int has_min) {
+IL_INLINE __m512 add_block(__m512 a, __m512 p, __m512 dv, __m512 mv, float sx, const int with_min) {
     a = _mm512_fmadd_ps(p, dv, a);
-    return has_min ? _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), a) : a;
+    return with_min ? _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), a) : a;
 }
 
 /* A block group's 16 pair rows decoded, its scales (and minimums) as fp32. */
@@ -128,7 +143,7 @@ IL_INLINE void decode_block(const uint8_t *blk, int b, const int kind, __m512i t
 /* R (a constant, <= 6) rows of x, ldx apart, against one decoded block: acc[i] (16 outputs) +=
  * d * (q . x) (+ m * sum x). Rows side by side only for the independent chains. */
 IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16], __m512 dv, __m512 mv,
-                          const float *sx, int64_t sx_stride, float *acc, const int R, const int has_min) {
+                          const float *sx, int64_t sx_stride, float *acc, const int R, const int with_min) {
     __m512 p[6];
     for (int i = 0; i < R; i++) p[i] = _mm512_setzero_ps();
     for (int j = 0; j < 16; j++)
@@ -138,8 +153,8 @@ IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16],
             p[i] = _mm512_dpbf16_ps(p[i], wv[j], (__m512bh)_mm512_set1_epi32(pair));
         }
     for (int i = 0; i < R; i++) {
-        const float s = has_min ? sx[i * sx_stride] : 0.f;
-        _mm512_store_ps(acc + 16 * i, add_block(_mm512_load_ps(acc + 16 * i), p[i], dv, mv, s, has_min));
+        const float s = with_min ? sx[i * sx_stride] : 0.f;
+        _mm512_store_ps(acc + 16 * i, add_block(_mm512_load_ps(acc + 16 * i), p[i], dv, mv, s, with_min));
     }
 }
 
@@ -157,12 +172,12 @@ IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t byt
         p0 = _mm512_dpbf16_ps(p0, pair_row(blk, kind, table, j), (__m512bh)_mm512_set1_epi32(x0));
         p1 = _mm512_dpbf16_ps(p1, pair_row(blk + bytes, kind, table, j), (__m512bh)_mm512_set1_epi32(x1));
     }
-    const int has_min = kind == Q4_1 || kind == Q4_K;
+    const int with_min = has_min(kind);
     __m512 d0, m0, d1, m1;
     block_scales(blk, b, kind, &d0, &m0);
     block_scales(blk + bytes, b + 1, kind, &d1, &m1);
-    __m512 a = add_block(_mm512_load_ps(acc), p0, d0, m0, has_min ? sx[0] : 0.f, has_min);
-    a = add_block(a, p1, d1, m1, has_min ? sx[1] : 0.f, has_min);
+    __m512 a = add_block(_mm512_load_ps(acc), p0, d0, m0, with_min ? sx[0] : 0.f, with_min);
+    a = add_block(a, p1, d1, m1, with_min ? sx[1] : 0.f, with_min);
     _mm512_store_ps(acc, a);
 }
 
@@ -200,7 +215,7 @@ static void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const u
             __m512 dv, mv;
             decode_block(blk, b, kind, table, wv, &dv, &mv);
 #define ROWS(n) rows_block(x + (m0 + i) * ldx + 32 * b, ldx, wv, dv, mv, sx ? sx + (m0 + i) * nb + b : NULL, nb, \
-                           acc + 16 * i, n, kind == Q4_1 || kind == Q4_K)
+                           acc + 16 * i, n, has_min(kind))
             BY_TILES(6, ROWS);
 #undef ROWS
         }
@@ -213,7 +228,7 @@ static void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const u
  * the products' memory operands: a third of a load per product, where the group path above
  * broadcasts one input pair per product. Each output's sums are the group path's, in its order. */
 IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, const __m512 dv[4], const __m512 mv[4],
-                         const float *sx, int64_t sx_stride, float *acc, const int R, const int has_min) {
+                         const float *sx, int64_t sx_stride, float *acc, const int R, const int with_min) {
     __m512 p[6][4]; /* R <= 4 where it runs; 6 for the tile dispatch's unreached cases */
     for (int i = 0; i < R; i++)
         for (int g = 0; g < 4; g++) p[i][g] = _mm512_setzero_ps();
@@ -232,8 +247,8 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
     for (int i = 0; i < R; i++)
         for (int g = 0; g < 4; g++) {
             float *at = acc + 64 * i + 16 * g;
-            _mm512_store_ps(at, add_block(_mm512_load_ps(at), p[i][g], dv[g], mv[g], has_min ? sx[i * sx_stride] : 0.f,
-                                          has_min));
+            _mm512_store_ps(at, add_block(_mm512_load_ps(at), p[i][g], dv[g], mv[g], with_min ? sx[i * sx_stride] : 0.f,
+                                          with_min));
         }
 }
 
@@ -253,7 +268,7 @@ static void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const ui
             for (int j = 0; j < 16; j++) _mm512_store_si512(wbuf + 16 * g + j, (__m512i)wv[j]);
         }
 #define TILE(n) tile_wide(x + (m0 + i) * ldx + 32 * b, ldx, wbuf, dv, mv, sx ? sx + (m0 + i) * nb + b : NULL, nb, \
-                          acc + 64 * i, n, kind == Q4_1 || kind == Q4_K)
+                          acc + 64 * i, n, has_min(kind))
         BY_TILES(4, TILE);
 #undef TILE
     }
@@ -263,18 +278,21 @@ static void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const ui
 }
 
 /* Every call site with its kind a constant, so each kind gets its own compiled tiles. */
-#define BY_KIND(CALL) \
-    (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : kind == Q4_K ? CALL(Q4_K) : CALL(Q4_0))
+#define BY_KIND(CALL)                                                                                \
+    (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : kind == Q4_K ? CALL(Q4_K) : kind == Q5_0 ? CALL(Q5_0) \
+     : kind == Q5_1 ? CALL(Q5_1) : CALL(Q4_0))
 
 int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                    int rows, int K, int N, int ydtype, int num_threads) {
     const int nb = K / 32, yf32 = ydtype == IL_F32;
-    const int kind = wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : wtype == IL_W_Q4_KX16 ? Q4_K : Q4_0;
-    const int has_min = kind == Q4_1 || kind == Q4_K;
+    const int kind = wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : wtype == IL_W_Q4_KX16 ? Q4_K
+                   : wtype == IL_W_Q5_0X16 ? Q5_0 : wtype == IL_W_Q5_1X16 ? Q5_1 : Q4_0;
+    const int with_min = has_min(kind);
     uint16_t t[32];
     for (int i = 0; i < 32; i++) { /* IQ4_NL: Q4_0's layout, the values its table's (integers: exact in bf16) */
-        const int q = i & 15;
-        t[i] = il_f32_to_bf16((float)(wtype == IL_W_IQ4_NLX16 ? il_iq4_values[q] : q - (kind == Q4_0 ? 8 : 0)));
+        const int q = is_q5(kind) ? i : i & 15;
+        const int offset = kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : 0;
+        t[i] = il_f32_to_bf16((float)(wtype == IL_W_IQ4_NLX16 ? il_iq4_values[i & 15] : q - offset));
     }
     const __m512i table = _mm512_loadu_si512(t);
     /* many rows: chunks of rows (each thread's share, whole 4s, at most WIDE_CHUNK) x groups of 64 outputs */
@@ -282,15 +300,15 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
     int chunk = ((rows + num_threads - 1) / num_threads + 3) / 4 * 4;
     chunk = chunk > WIDE_CHUNK ? WIDE_CHUNK : chunk;
     const int chunks = (rows + chunk - 1) / chunk;
-    float *sx = has_min ? malloc(sizeof(float) * (size_t)rows * nb) : NULL; /* each row's sum per block */
+    float *sx = with_min ? malloc(sizeof(float) * (size_t)rows * nb) : NULL; /* each row's sum per block */
     float *sums = wide ? aligned_alloc(64, sizeof(float) * 64 * WIDE_CHUNK * num_threads) : NULL;
-    if ((has_min && !sx) || (wide && !sums)) {
+    if ((with_min && !sx) || (wide && !sums)) {
         free(sx), free(sums);
         return 2;
     }
 #pragma omp parallel num_threads(num_threads)
     {
-        if (has_min) {
+        if (with_min) {
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < nb; b++) {

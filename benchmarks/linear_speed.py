@@ -20,7 +20,7 @@ import time
 import torch
 
 from inferlab import kernels
-from inferlab.model.layers import quant
+from inferlab.model.layers import quant, regroup
 from inferlab.model.layers.linear import linear
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (K, N) of qkv, o, gate/up, down
@@ -67,7 +67,7 @@ def main() -> None:
             if wtype.base:  # a regrouped type (q4_1x16...): the GGUF type's blocks, moved
                 base = wtype.base
                 blocks = quant.quantize(dense, base) if base.quantizable else quant.random_stored(base, n, kk, n + kk)
-                stored = quant.repack(blocks, base)
+                stored = regroup.repack(blocks, base)
             elif wtype.dtype or wtype.quantizable:
                 stored = quant.quantize(dense, wtype)
             else:

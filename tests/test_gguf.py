@@ -13,7 +13,7 @@ import torch
 
 from inferlab import LLM, SamplingParams
 from inferlab.model import loader, weight_cache
-from inferlab.model.layers import quant
+from inferlab.model.layers import quant, regroup
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
 TYPES = {"attn_q": quant.Q5_0, "attn_k": quant.Q5_0, "attn_v": quant.Q8_0, "attn_output": quant.Q4_K,
@@ -151,7 +151,7 @@ def test_bf16_matrix_units_regroup_block_layers(mixed_gguf):
     for name in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
         a, b = stored.get_submodule(f"model.layers.1.{name}"), regrouped.get_submodule(f"model.layers.1.{name}")
         assert a.wtype == quant.Q4_0 and b.wtype == quant.Q4_0X16
-        assert torch.equal(quant.unrepack(b.weight, quant.Q4_0X16), a.weight)
+        assert torch.equal(regroup.unrepack(b.weight, quant.Q4_0X16), a.weight)
         torch.testing.assert_close(b(x), linear_ref(x, a.weight, quant.Q4_0, None), rtol=8e-3, atol=1e-2)
     # the tied vocabulary matrix too (q8_0): the LM head multiplies it, the embedding looks rows up in it
     embed = regrouped.model.embed_tokens

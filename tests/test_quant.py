@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inferlab import kernels
-from inferlab.model.layers import quant
+from inferlab.model.layers import quant, regroup
 from inferlab.model.layers.linear import BF16_MATRIX_ISAS, INT8_TYPES, int8_inputs, linear
 
 
@@ -144,7 +144,7 @@ def test_linear_writes_into_a_column_slice(isa, monkeypatch):
 def test_embedding_lookup_matches_dequantized_rows(isa, wtype):
     """Every build looks rows up in every type, the regrouped ones (a tied LM head's) included."""
     w = random_weights(wtype.base or wtype, 48, 256, seed=3)
-    w = quant.repack(w, wtype.base) if wtype.base else w
+    w = regroup.repack(w, wtype.base) if wtype.base else w
     ids = torch.tensor([39, 0, 7, 7, 21])
     out = torch.empty(5, 256)
     kernels.for_isa(isa).get_rows(out, w, wtype.code, ids, 5, 256, kernels.DTYPE_CODES[torch.float32])
@@ -154,12 +154,12 @@ def test_embedding_lookup_matches_dequantized_rows(isa, wtype):
 @pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
 def test_regrouping_moves_the_blocks_and_nothing_else(wtype):
     w = random_weights(wtype, 48, 320, seed=5)
-    regrouped = quant.repack(w, wtype)
+    regrouped = regroup.repack(w, wtype)
     assert regrouped.shape == w.shape and not torch.equal(regrouped, w)
-    assert torch.equal(quant.unrepack(regrouped, quant.REGROUPED[wtype]), w)
+    assert torch.equal(regroup.unrepack(regrouped, quant.REGROUPED[wtype]), w)
     assert torch.equal(quant.dequantize(regrouped, quant.REGROUPED[wtype]), quant.dequantize(w, wtype))
     with pytest.raises(ValueError, match="do not split into groups of 16"):
-        quant.repack(w[:40], wtype)
+        regroup.repack(w[:40], wtype)
 
 
 @pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
@@ -171,7 +171,7 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, monkeypatch):
     k = 352 if wtype.block == 32 else 512  # 11 blocks a row: one row takes two at a time, then one (K-quants: 2 x 8)
     w = random_weights(wtype, 128, k, seed=wtype.code + 7)
     rt, dense = quant.REGROUPED[wtype], quant.dequantize(w, wtype).double()
-    w = quant.repack(w, wtype)
+    w = regroup.repack(w, wtype)
     g = torch.Generator().manual_seed(13)
     x, bias = torch.randn(70, k, generator=g).bfloat16(), torch.randn(128, generator=g).bfloat16()
     want = x.double() @ dense.T
@@ -196,7 +196,7 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, monkeypatch):
 
 def test_regrouped_types_run_only_where_their_kernel_is(isa):
     """Other builds refuse the regrouped types rather than misread them (`linear` keeps them away)."""
-    w = quant.repack(random_weights(quant.Q4_1, 16, 64, seed=2), quant.Q4_1)
+    w = regroup.repack(random_weights(quant.Q4_1, 16, 64, seed=2), quant.Q4_1)
     x, y = torch.randn(2, 64).bfloat16(), torch.empty(2, 16, dtype=torch.bfloat16)
     args = (x, 64, w, quant.Q4_1X16.code, None, y, 16, 2, 64, 16, 1, 1, 0)
     if isa in ("generic", "avx2"):
@@ -240,6 +240,7 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.IQ4_NL, 576, "auto", bf16, "amx", rows=576) == quant.BF16
     assert target_type(quant.Q4_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q4_KX16
     assert target_type(quant.Q5_0, 576, "auto", bf16, "avx512", rows=576) == quant.Q5_0X16
+    assert target_type(quant.Q5_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q5_KX16
     assert target_type(quant.Q6_K, 576, "auto", bf16, "avx512", rows=576) == quant.BF16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576) == quant.BF16
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16

@@ -50,7 +50,7 @@ static inline int il_block_elems(int wtype) {
         case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: case IL_W_IQ4_NLX16: case IL_W_Q5_0X16:
         case IL_W_Q5_1X16: return 32; /* per row, as their GGUF type */
         case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS:
-        case IL_W_Q4_KX16: return 256;
+        case IL_W_Q4_KX16: case IL_W_Q5_KX16: return 256;
         default: return 0;
     }
 }
@@ -65,7 +65,7 @@ static inline int il_block_bytes(int wtype) {
         case IL_W_Q5_0: case IL_W_Q5_0X16: return sizeof(il_q5_0);
         case IL_W_Q5_1: case IL_W_Q5_1X16: return sizeof(il_q5_1);
         case IL_W_Q4_K: case IL_W_Q4_KX16: return sizeof(il_q4_K);
-        case IL_W_Q5_K: return sizeof(il_q5_K);
+        case IL_W_Q5_K: case IL_W_Q5_KX16: return sizeof(il_q5_K);
         case IL_W_Q6_K: return sizeof(il_q6_K);
         case IL_W_Q2_K: return sizeof(il_q2_K);
         case IL_W_Q3_K: return sizeof(il_q3_K);
@@ -221,21 +221,37 @@ static inline void il_dequant_block(int wtype, const void *block, float *y) {
 /* Whether a type is a regrouped one (inferlab.h), which only the AVX-512 linear kernel multiplies. */
 static inline int il_x16_type(int wtype) {
     return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16 ||
-           wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16;
+           wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16 || wtype == IL_W_Q5_KX16;
+}
+
+/* The value at pair row p, lane l of a regrouped Q4/Q5 block: nibble p % 4 of word 32 (p / 4) + l,
+ * and where `fifth` (16 32-bit masks, or NULL) is given, bit l of mask p XOR the bit above that
+ * nibble in its word as the fifth bit (avx512/x16.c says why). */
+static inline int il_x16_value(const uint16_t *words, const uint16_t *fifth, int p, int l) {
+    const unsigned word = words[32 * (p / 4) + l];
+    const int q = (word >> 4 * (p % 4)) & 15;
+    if (!fifth) return q;
+    const uint32_t mask = fifth[2 * p] | (uint32_t)fifth[2 * p + 1] << 16;
+    return q | (((mask >> l) ^ (word >> (4 * (p % 4) + 4))) & 1) << 4;
 }
 
 /* Block b (inputs 32 b ..) of row n of a regrouped K-column matrix as fp32 (its layout:
- * avx512/x16.c), the definition the embedding lookup and the dequantizer read it by. */
+ * avx512/x16.c), the definition the embedding lookup and the dequantizer read it by. Input k of
+ * row i is in pair row k / 2, lane 2 i + k % 2. */
 static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
     const int i = (int)(n % 16);
-    if (wtype == IL_W_Q4_KX16) { /* the group's 256-input block: d[16], dmin[16], scales[12][16], 8 sub-blocks */
-        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_q4_K));
-        const uint16_t *h = (const uint16_t *)sb, *words = (const uint16_t *)(sb + 256 + 256 * (b % 8));
+    if (wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_KX16) {
+        /* the group's 256-input block: d[16], dmin[16], scales[12][16], then 8 sub-blocks (Q5_K: each
+         * its 16 fifth-bit masks, then the words) */
+        const int five = wtype == IL_W_Q5_KX16, sub = five ? 320 : 256;
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)il_block_bytes(wtype));
+        const uint16_t *h = (const uint16_t *)sb, *at = (const uint16_t *)(sb + 256 + sub * (b % 8));
         uint8_t scales[12], sc, mn;
         for (int k = 0; k < 12; k++) scales[k] = sb[64 + 16 * k + i];
         il_scale_min_k4(b % 8, scales, &sc, &mn);
         const float d = il_f16_to_f32(h[i]) * sc, m = il_f16_to_f32(h[16 + i]) * mn;
-        for (int k = 0; k < 32; k++) y[k] = d * ((words[32 * (k / 8) + 2 * i + k % 2] >> 4 * (k / 2 % 4)) & 15) - m;
+        for (int k = 0; k < 32; k++)
+            y[k] = d * il_x16_value(at + (five ? 32 : 0), five ? at : NULL, k / 2, 2 * i + k % 2) - m;
         return;
     }
     const int64_t bytes = 16 * il_block_bytes(wtype); /* a group's block: the same bytes per row */
@@ -243,22 +259,15 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
     const uint16_t *h = (const uint16_t *)blk;
     const int with_min = wtype == IL_W_Q4_1X16 || wtype == IL_W_Q5_1X16, five = wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16;
     const float d = il_f16_to_f32(h[i]), m = with_min ? il_f16_to_f32(h[16 + i]) : 0.f;
-    const uint16_t *fifth = h + (with_min ? 32 : 16), *words = fifth + (five ? 32 : 0); /* fifth: 16 32-bit masks */
-    for (int k = 0; k < 32; k++) { /* input k is in pair row k / 2, lane 2 i + k % 2 */
+    const uint16_t *fifth = h + (with_min ? 32 : 16), *words = fifth + (five ? 32 : 0);
+    for (int k = 0; k < 32; k++) {
         const int p = k / 2, lane = 2 * i + k % 2;
         if (wtype == IL_W_Q8_0X16) {
             y[k] = d * ((const il_q8_0x16 *)blk)->q[32 * p + lane];
             continue;
         }
-        const unsigned word = words[32 * (p / 4) + lane];
-        int q = (word >> 4 * (p % 4)) & 15;
-        if (five) { /* mask bit = the fifth bit XOR the bit above the nibble in its word (x16.c says why) */
-            const uint32_t mask = fifth[2 * p] | (uint32_t)fifth[2 * p + 1] << 16;
-            q |= (((mask >> lane) ^ (word >> (4 * (p % 4) + 4))) & 1) << 4;
-            y[k] = with_min ? d * q + m : d * (q - 16);
-            continue;
-        }
-        y[k] = with_min ? d * q + m : wtype == IL_W_IQ4_NLX16 ? d * il_iq4_values[q] : d * (q - 8);
+        const int q = il_x16_value(words, five ? fifth : NULL, p, lane);
+        y[k] = with_min ? d * q + m : five ? d * (q - 16) : wtype == IL_W_IQ4_NLX16 ? d * il_iq4_values[q] : d * (q - 8);
     }
 }
 

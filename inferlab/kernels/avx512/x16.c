@@ -1,4 +1,4 @@
-/* The linear layer for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q4_K weights regrouped 16 rows at
+/* The linear layer for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q4_K / Q5_K weights regrouped 16 rows at
  * a time (IL_W_*X16), with bf16 inputs, on AVX512-BF16: exact weights at the speed the blocks' bytes
  * allow. IQ4_NL's blocks are Q4_0's but for the values a nibble stands for, which are the table's.
  * Q5_0 / Q5_1 are Q4_0 / Q4_1 with a plane of the 16 rows' fifth bits between the scales and the
@@ -8,9 +8,10 @@
  * the add (bit 4 flips, carries go where vpermw does not look) leaves the fifth bit there. Q4_K's
  * 256-input blocks hold the 16 rows' d, dmin and 12 scale bytes side by side (256 bytes), then their
  * 8 sub-blocks of 32 inputs, each laid out as a Q4_1 group block's values: a sub-block is a Q4_1
- * block whose d and m are d * scale and -dmin * min, unpacked for 16 rows at once.
+ * block whose d and m are d * scale and -dmin * min, unpacked for 16 rows at once. Q5_K's are Q4_K's
+ * with each sub-block's values after its 16 fifth-bit masks, as a Q5_1 group block's.
  *
- * Layout, made at load from the GGUF blocks (quant.py's `repack`), the same bytes per row: groups of
+ * Layout, made at load from the GGUF blocks (regroup.py's `repack`), the same bytes per row: groups of
  * 16 weight rows in row order, each one block of 32 inputs after another along K. A group's block
  * holds the 16 rows' fp16 scales d[16], Q4_1's minimums m[16], then 128 16-bit words: nibble j of
  * word 32 c + i is the 4-bit value of row i / 2 at input 2 (4 c + j) + i % 2 of the block. So one
@@ -37,10 +38,11 @@
 #include "lanes.h"
 #include "x16.h"
 
-enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1 }; /* the kind of a call's blocks (a constant in every tile) */
+enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K }; /* the kind of a call's blocks (a constant in every tile) */
 
-IL_INLINE int has_min(const int kind) { return kind == Q4_1 || kind == Q4_K || kind == Q5_1; }
-IL_INLINE int is_q5(const int kind) { return kind == Q5_0 || kind == Q5_1; }
+IL_INLINE int is_k(const int kind) { return kind == Q4_K || kind == Q5_K; } /* 256-input blocks */
+IL_INLINE int has_min(const int kind) { return kind == Q4_1 || kind == Q5_1 || is_k(kind); }
+IL_INLINE int is_q5(const int kind) { return kind == Q5_0 || kind == Q5_1 || kind == Q5_K; }
 #define ROWS_PASS 64   /* input rows whose 16 sums stay in L1 while a group's blocks pass */
 #define WIDE_ROWS 32   /* rows from which the 4 x 4-group tiles run */
 #define WIDE_CHUNK 128 /* rows a wide tile pass keeps in cache (x: 384 KB at K = 1536; sums: 32 KB) */
@@ -55,7 +57,7 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, __m512i table, c
         return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))),
                                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
     }
-    const int fields = kind == Q4_K ? 0 : has_min(kind) ? 32 : 16; /* words of scales before the values */
+    const int fields = is_k(kind) ? 0 : has_min(kind) ? 32 : 16; /* words of scales before the values */
     const int at = fields + (is_q5(kind) ? 32 : 0);                 /* (and of Q5's fifth bits) */
     const __m512i v = _mm512_loadu_si512((const uint16_t *)blk + at + 32 * (j / 4));
     __m512i idx = j % 4 ? _mm512_srli_epi16(v, 4 * (j % 4)) : v;
@@ -83,15 +85,20 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, __m512i table, c
         }                                                                           \
     } while (0)
 
-/* A group's bytes per 32 inputs (Q4_K: on average; its 256-input blocks hold a header and 8 sub-blocks). */
+/* A group's bytes per 32 inputs (Q4_K, Q5_K: on average; their 256-input blocks hold a header and 8
+ * sub-blocks). */
 IL_INLINE int64_t group_block_bytes(const int kind) {
     return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : kind == Q5_0 ? sizeof(il_q5_0x16)
-         : kind == Q5_1 ? sizeof(il_q5_1x16) : kind == Q4_K ? 16 * sizeof(il_q4_K) / 8 : sizeof(il_q4_0x16);
+         : kind == Q5_1 ? sizeof(il_q5_1x16) : kind == Q4_K ? 16 * sizeof(il_q4_K) / 8
+         : kind == Q5_K ? 16 * sizeof(il_q5_K) / 8 : sizeof(il_q4_0x16);
 }
 
-/* Where block b (inputs 32 b ..) of a group starting at w0 is: for Q4_K its sub-block's values. */
+IL_INLINE int sub_block_bytes(const int kind) { return kind == Q5_K ? 320 : 256; } /* Q4_K / Q5_K: masks, words */
+
+/* Where block b (inputs 32 b ..) of a group starting at w0 is: for Q4_K / Q5_K its sub-block, after
+ * the 256-byte header of scales. */
 IL_INLINE const uint8_t *block_at(const uint8_t *w0, int b, const int kind) {
-    if (kind == Q4_K) return w0 + (int64_t)(b / 8) * 16 * sizeof(il_q4_K) + 256 * (1 + b % 8);
+    if (is_k(kind)) return w0 + (int64_t)(b / 8) * 8 * group_block_bytes(kind) + 256 + sub_block_bytes(kind) * (b % 8);
     return w0 + b * group_block_bytes(kind);
 }
 
@@ -103,13 +110,13 @@ IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (
  * or for a Q4_K sub-block d * scale and -dmin * min, the 6-bit scale and min unpacked from the 12 bytes
  * of each row (byte k of the 16 rows side by side), as il_scale_min_k4 does for one. */
 IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *dv, __m512 *mv) {
-    if (kind != Q4_K) {
+    if (!is_k(kind)) {
         *dv = scales(blk, 0);
         *mv = has_min(kind) ? scales(blk, 1) : *dv;
         return;
     }
     const int j = b % 8;
-    const uint8_t *head = blk - 256 * (1 + j);
+    const uint8_t *head = blk - 256 - sub_block_bytes(kind) * j;
 #define SCALE_BYTE(k) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(head + 64 + 16 * (k))))
     const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15);
     __m512i sc, mn;
@@ -280,13 +287,13 @@ static void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const ui
 /* Every call site with its kind a constant, so each kind gets its own compiled tiles. */
 #define BY_KIND(CALL)                                                                                \
     (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : kind == Q4_K ? CALL(Q4_K) : kind == Q5_0 ? CALL(Q5_0) \
-     : kind == Q5_1 ? CALL(Q5_1) : CALL(Q4_0))
+     : kind == Q5_1 ? CALL(Q5_1) : kind == Q5_K ? CALL(Q5_K) : CALL(Q4_0))
 
 int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                    int rows, int K, int N, int ydtype, int num_threads) {
     const int nb = K / 32, yf32 = ydtype == IL_F32;
     const int kind = wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : wtype == IL_W_Q4_KX16 ? Q4_K
-                   : wtype == IL_W_Q5_0X16 ? Q5_0 : wtype == IL_W_Q5_1X16 ? Q5_1 : Q4_0;
+                   : wtype == IL_W_Q5_0X16 ? Q5_0 : wtype == IL_W_Q5_1X16 ? Q5_1 : wtype == IL_W_Q5_KX16 ? Q5_K : Q4_0;
     const int with_min = has_min(kind);
     uint16_t t[32];
     for (int i = 0; i < 32; i++) { /* IQ4_NL: Q4_0's layout, the values its table's (integers: exact in bf16) */

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferlab import kernels
-from inferlab.model.layers import quant
+from inferlab.model.layers import quant, regroup
 from inferlab.model.layers.quant import WeightType
 
 # Rows past which a bf16 x bf16 matmul goes to PyTorch (oneDNN on the CPU's bf16 units), by ISA: up
@@ -80,7 +80,7 @@ def _convert(data: torch.Tensor, src: WeightType, dst: WeightType) -> torch.Tens
     if src == dst:
         return data.contiguous()
     if dst.base is not None:  # regrouped: the same blocks, moved (quantizing first where src is not dst.base)
-        return quant.repack(data if src == dst.base else _convert(data, src, dst.base), dst.base)
+        return regroup.repack(data if src == dst.base else _convert(data, src, dst.base), dst.base)
     native = kernels.native()
     if src.dtype is not None:
         values = data.float()

@@ -1,0 +1,139 @@
+"""Blocks regrouped 16 weight rows at a time for the AVX512-BF16 kernel (`kernels/avx512/x16.c`, where
+the layout is described): `repack` makes a regrouped type (quant.REGROUPED) from a GGUF type's rows at
+load, the same bytes per row, and `unrepack` gives the rows back (the reference reads them so).
+"""
+from __future__ import annotations
+
+import torch
+
+from inferlab.model.layers.quant import GROUP_ROWS, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, WeightType
+
+
+def _value_bytes(wtype: WeightType) -> int:
+    return 32 if wtype == Q8_0 else 16  # a block's int8 values, or its 32 nibbles
+
+
+def _pair_words(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values q [g, 16 rows, blocks, 32 inputs] as the regrouped blocks' 256 bytes each
+    [g, blocks, 256]: nibble j of word 32 c + 2 i + e is row i's input 2 (4 c + j) + e."""
+    g, _, nb, _ = q.shape
+    q = q.to(torch.int32).reshape(g, GROUP_ROWS, nb, 4, 4, 2).permute(0, 2, 3, 4, 1, 5).reshape(g, nb, 4, 4, 32)
+    words = q[:, :, :, 0] | q[:, :, :, 1] << 4 | q[:, :, :, 2] << 8 | q[:, :, :, 3] << 12
+    return torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(g, nb, -1)
+
+
+def _pair_values(values: torch.Tensor) -> torch.Tensor:
+    """`_pair_words`' inverse: [g, blocks, 256] -> 4-bit values [g, 16 rows, blocks, 32 inputs]."""
+    g, nb, _ = values.shape
+    wb = values.reshape(g, nb, 4, 32, 2).to(torch.int32)
+    words = wb[..., 0] | wb[..., 1] << 8  # [g, block, c, 2 i + e]
+    q = torch.stack([(words >> 4 * j) & 15 for j in range(4)], dim=3)  # [g, block, c, j, 2 i + e]
+    return q.reshape(g, nb, 4, 4, GROUP_ROWS, 2).permute(0, 4, 1, 2, 3, 5).reshape(g, GROUP_ROWS, nb, 32)
+
+
+def _by_pair(t: torch.Tensor) -> torch.Tensor:
+    """[g, 16 rows, blocks, 32 inputs] -> [g, blocks, pair row p, lane 2 i + e] (row i's input 2 p + e)."""
+    g, _, nb, _ = t.shape
+    return t.to(torch.int64).reshape(g, GROUP_ROWS, nb, 16, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 16, 32)
+
+
+def _bits_above(values: torch.Tensor) -> torch.Tensor:
+    """Per pair row and lane, the bit the kernel finds above a nibble in its word: the next nibble's
+    low bit (pair row p + 1), 0 past a word's last nibble. `values`: the nibbles, as `_by_pair` takes."""
+    q = _by_pair(values)
+    above = torch.zeros_like(q)
+    for p in range(16):
+        if p % 4 != 3:
+            above[:, :, p] = q[:, :, p + 1] & 1
+    return above
+
+
+def _fifth_masks(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Q5's fifth bits [g, 16 rows, blocks, 32 inputs] as the regrouped blocks' 16 32-bit masks
+    [g, blocks, 64 bytes]: bit 2 i + e of mask p is row i's input 2 p + e's fifth bit XOR the bit
+    above its nibble (x16.c says why)."""
+    g, _, nb, _ = values.shape
+    word = ((_by_pair(bits) ^ _bits_above(values)) << torch.arange(32)).sum(-1)
+    return torch.stack([(word >> 8 * k) & 255 for k in range(4)], dim=-1).to(torch.uint8).reshape(g, nb, 64)
+
+
+def _mask_bits(masks: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`_fifth_masks`' inverse: the masks [g, blocks, 64] and the nibbles -> the fifth bits
+    [g, 16 rows, blocks, 32 inputs]."""
+    g, nb, _ = masks.shape
+    m = masks.reshape(g, nb, 16, 4).to(torch.int64)
+    word = m[..., 0] | m[..., 1] << 8 | m[..., 2] << 16 | m[..., 3] << 24
+    bits = ((word.unsqueeze(-1) >> torch.arange(32)) & 1) ^ _bits_above(values)  # [g, block, p, 2 i + e]
+    return bits.reshape(g, nb, 16, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 32)
+
+
+def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q4_K rows [N, row bytes] (N a multiple of 16) regrouped as
+    REGROUPED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields
+    side by side, then the values as pairs of inputs of the 16 rows (layout: kernels/avx512/x16.c).
+    Q4_K: per group and 256-input block, the rows' d, dmin and 12 scale bytes side by side, then its
+    8 sub-blocks' values so (Q5_K: each sub-block's fifth-bit masks, then its values, as Q5_1's)."""
+    n = data.shape[0]
+    if n % GROUP_ROWS:
+        raise ValueError(f"{n} rows do not split into groups of {GROUP_ROWS}")
+    g, nb = n // GROUP_ROWS, data.shape[1] // wtype.nbytes
+    blocks = data.reshape(g, GROUP_ROWS, nb, wtype.nbytes)
+    if wtype in (Q4_K, Q5_K):  # sub-block j: the low (j even) or high nibbles of bytes 32 (j / 2) ..
+        dm = blocks[..., :4].reshape(g, GROUP_ROWS, nb, 2, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 64)
+        sc = blocks[..., 4:16].permute(0, 2, 3, 1).reshape(g, nb, 192)  # byte k of row i at 16 k + i
+        qs = blocks[..., -128:].reshape(g, GROUP_ROWS, nb, 4, 1, 32)
+        q = torch.cat([qs & 15, qs >> 4], dim=4).reshape(g, GROUP_ROWS, nb * 8, 32)
+        subs = _pair_words(q)
+        if wtype == Q5_K:  # bit j of qh[l]: sub-block j's weight l's fifth bit
+            bits = (blocks[..., 16:48].unsqueeze(3) >> torch.arange(8).view(8, 1)) & 1
+            subs = torch.cat([_fifth_masks(q, bits.reshape(g, GROUP_ROWS, nb * 8, 32)), subs], dim=2)
+        return torch.cat([dm, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
+    vb, five = _value_bytes(wtype), wtype in (Q5_0, Q5_1)
+    scales, qs = blocks[..., :-vb - 4 * five], blocks[..., -vb:]
+    fields = scales.reshape(g, GROUP_ROWS, nb, -1, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)
+    if wtype == Q8_0:  # byte 2 i + e of pair row p: row i's input 2 p + e
+        values = qs.reshape(g, GROUP_ROWS, nb, 16, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)
+    else:
+        q = torch.cat([qs & 15, qs >> 4], dim=3)
+        values = _pair_words(q)
+        if five:  # qh: bit l of its 4 bytes (little-endian) is weight l's fifth bit
+            qh = blocks[..., -vb - 4:-vb].to(torch.int64)
+            word = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
+            values = torch.cat([_fifth_masks(q, (word.unsqueeze(-1) >> torch.arange(32)) & 1), values], dim=2)
+    return torch.cat([fields, values], dim=2).reshape(n, -1).contiguous()
+
+
+def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
+    """The GGUF rows a regrouped tensor was made from (`repack`'s inverse)."""
+    base = wtype.base
+    n, nb = data.shape[0], data.shape[1] // base.nbytes
+    g = n // GROUP_ROWS
+    groups = data.reshape(g, nb, GROUP_ROWS * base.nbytes)
+    if base in (Q4_K, Q5_K):
+        dm = groups[:, :, :64].reshape(g, nb, 2, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 4)
+        sc = groups[:, :, 64:256].reshape(g, nb, 12, GROUP_ROWS).permute(0, 3, 1, 2)
+        five = base == Q5_K
+        subs = groups[:, :, 256:].reshape(g, nb * 8, -1)
+        values = _pair_values(subs[:, :, 64 * five:])  # [g, 16 rows, sub-block, 32]
+        q = values.reshape(g, GROUP_ROWS, nb, 4, 2, 32)
+        qs = (q[:, :, :, :, 0] | q[:, :, :, :, 1] << 4).to(torch.uint8).reshape(g, GROUP_ROWS, nb, 128)
+        qh = qs[..., :0]
+        if five:
+            bits = _mask_bits(subs[:, :, :64], values).reshape(g, GROUP_ROWS, nb, 8, 32)
+            qh = (bits << torch.arange(8).view(8, 1)).sum(3).to(torch.uint8)
+        return torch.cat([dm, sc, qh, qs], dim=3).reshape(n, -1).contiguous()
+    vb, five = _value_bytes(base), base in (Q5_0, Q5_1)
+    nfields = (base.nbytes - vb - 4 * five) // 2
+    fields = groups[:, :, :GROUP_ROWS * 2 * nfields].reshape(g, nb, nfields, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4)
+    values = groups[:, :, GROUP_ROWS * 2 * nfields:]
+    qh = fields.new_empty(g, GROUP_ROWS, nb, 0)
+    if base == Q8_0:
+        qs = values.reshape(g, nb, 16, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 32)
+    else:
+        q = _pair_values(values[:, :, 64 * five:])
+        qs = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8)
+        if five:
+            word = (_mask_bits(values[:, :, :64], q) << torch.arange(32)).sum(-1)
+            qh = torch.stack([(word >> 8 * k) & 255 for k in range(4)], dim=-1).to(torch.uint8)
+    rows = torch.cat([fields.reshape(g, GROUP_ROWS, nb, 2 * nfields), qh, qs], dim=3)
+    return rows.reshape(n, -1).contiguous()

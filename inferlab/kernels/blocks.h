@@ -50,7 +50,7 @@ static inline int il_block_elems(int wtype) {
         case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: case IL_W_IQ4_NLX16: case IL_W_Q5_0X16:
         case IL_W_Q5_1X16: return 32; /* per row, as their GGUF type */
         case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS:
-        case IL_W_Q4_KX16: case IL_W_Q5_KX16: return 256;
+        case IL_W_Q4_KX16: case IL_W_Q5_KX16: case IL_W_Q6_KX16: return 256;
         default: return 0;
     }
 }
@@ -66,7 +66,7 @@ static inline int il_block_bytes(int wtype) {
         case IL_W_Q5_1: case IL_W_Q5_1X16: return sizeof(il_q5_1);
         case IL_W_Q4_K: case IL_W_Q4_KX16: return sizeof(il_q4_K);
         case IL_W_Q5_K: case IL_W_Q5_KX16: return sizeof(il_q5_K);
-        case IL_W_Q6_K: return sizeof(il_q6_K);
+        case IL_W_Q6_K: case IL_W_Q6_KX16: return sizeof(il_q6_K);
         case IL_W_Q2_K: return sizeof(il_q2_K);
         case IL_W_Q3_K: return sizeof(il_q3_K);
         case IL_W_IQ4_NL: case IL_W_IQ4_NLX16: return sizeof(il_iq4_nl);
@@ -221,7 +221,8 @@ static inline void il_dequant_block(int wtype, const void *block, float *y) {
 /* Whether a type is a regrouped one (inferlab.h), which only the AVX-512 linear kernel multiplies. */
 static inline int il_x16_type(int wtype) {
     return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16 ||
-           wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16 || wtype == IL_W_Q5_KX16;
+           wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16 || wtype == IL_W_Q5_KX16 ||
+           wtype == IL_W_Q6_KX16;
 }
 
 /* The value at pair row p, lane l of a regrouped Q4/Q5 block: nibble p % 4 of word 32 (p / 4) + l,
@@ -240,6 +241,18 @@ static inline int il_x16_value(const uint16_t *words, const uint16_t *fifth, int
  * row i is in pair row k / 2, lane 2 i + k % 2. */
 static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
     const int i = (int)(n % 16);
+    if (wtype == IL_W_Q6_KX16) { /* d[16], scales[16][16], then per sub-block 2 x 16 masks and the words */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_q6_K));
+        const uint16_t *at = (const uint16_t *)(sb + 288 + 384 * (b % 8));
+        const float d = il_f16_to_f32(((const uint16_t *)sb)[i]);
+        for (int k = 0; k < 32; k++) {
+            const int p = k / 2, lane = 2 * i + k % 2, sc = (int8_t)sb[32 + 16 * (2 * (b % 8) + k / 16) + i];
+            const uint32_t sixth = at[32 + 2 * p] | (uint32_t)at[33 + 2 * p] << 16;
+            const int q = il_x16_value(at + 64, at, p, lane) | ((sixth >> lane) & 1) << 5;
+            y[k] = d * sc * (q - 32);
+        }
+        return;
+    }
     if (wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_KX16) {
         /* the group's 256-input block: d[16], dmin[16], scales[12][16], then 8 sub-blocks (Q5_K: each
          * its 16 fifth-bit masks, then the words) */

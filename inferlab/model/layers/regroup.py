@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from inferlab.model.layers.quant import GROUP_ROWS, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, WeightType
+from inferlab.model.layers.quant import GROUP_ROWS, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
 
 
 def _value_bytes(wtype: WeightType) -> int:
@@ -48,23 +48,54 @@ def _bits_above(values: torch.Tensor) -> torch.Tensor:
     return above
 
 
-def _fifth_masks(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Q5's fifth bits [g, 16 rows, blocks, 32 inputs] as the regrouped blocks' 16 32-bit masks
-    [g, blocks, 64 bytes]: bit 2 i + e of mask p is row i's input 2 p + e's fifth bit XOR the bit
-    above its nibble (x16.c says why)."""
-    g, _, nb, _ = values.shape
-    word = ((_by_pair(bits) ^ _bits_above(values)) << torch.arange(32)).sum(-1)
+def _from_pair(t: torch.Tensor) -> torch.Tensor:
+    """`_by_pair`'s inverse."""
+    g, nb, _, _ = t.shape
+    return t.reshape(g, nb, 16, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 32)
+
+
+def _lane_masks(bits: torch.Tensor) -> torch.Tensor:
+    """Bits [g, blocks, pair row p, lane] as 16 32-bit masks a block [g, blocks, 64 bytes] (bit l of mask p)."""
+    g, nb, _, _ = bits.shape
+    word = (bits << torch.arange(32)).sum(-1)
     return torch.stack([(word >> 8 * k) & 255 for k in range(4)], dim=-1).to(torch.uint8).reshape(g, nb, 64)
 
 
-def _mask_bits(masks: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`_fifth_masks`' inverse: the masks [g, blocks, 64] and the nibbles -> the fifth bits
-    [g, 16 rows, blocks, 32 inputs]."""
+def _mask_lanes(masks: torch.Tensor) -> torch.Tensor:
+    """`_lane_masks`' inverse."""
     g, nb, _ = masks.shape
     m = masks.reshape(g, nb, 16, 4).to(torch.int64)
     word = m[..., 0] | m[..., 1] << 8 | m[..., 2] << 16 | m[..., 3] << 24
-    bits = ((word.unsqueeze(-1) >> torch.arange(32)) & 1) ^ _bits_above(values)  # [g, block, p, 2 i + e]
-    return bits.reshape(g, nb, 16, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 32)
+    return (word.unsqueeze(-1) >> torch.arange(32)) & 1
+
+
+def _fifth_masks(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Q5's fifth bits [g, 16 rows, blocks, 32 inputs] as the regrouped blocks' 16 32-bit masks: bit
+    2 i + e of mask p is row i's input 2 p + e's fifth bit XOR the bit above its nibble (x16.c says
+    why). `values`: the nibbles."""
+    return _lane_masks(_by_pair(bits) ^ _bits_above(values))
+
+
+def _mask_bits(masks: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`_fifth_masks`' inverse: the masks [g, blocks, 64] and the nibbles -> the fifth bits."""
+    return _from_pair(_mask_lanes(masks) ^ _bits_above(values))
+
+
+def _q6_values(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks [..., 210] -> their 6-bit values [..., 256]: weight 128 n + 32 g + l has the low
+    (g < 2) or high nibble of ql[64 n + 32 (g % 2) + l] and bits 2 g, 2 g + 1 of qh[32 n + l]."""
+    ql = blocks[..., :128].reshape(*blocks.shape[:-1], 2, 2, 32).to(torch.int64)
+    qh = blocks[..., 128:192].reshape(*blocks.shape[:-1], 2, 1, 32).to(torch.int64)
+    low = torch.cat([ql & 15, ql >> 4], dim=-2)  # [..., n, g, l]
+    return (low | ((qh >> 2 * torch.arange(4).view(4, 1)) & 3) << 4).flatten(-3)
+
+
+def _q6_bytes(q: torch.Tensor) -> torch.Tensor:
+    """`_q6_values`' inverse: [..., 256] values -> ql [..., 128] and qh [..., 64] side by side."""
+    q = q.reshape(*q.shape[:-1], 2, 4, 32)
+    ql = (q[..., :2, :] & 15) | (q[..., 2:, :] & 15) << 4
+    qh = ((q >> 4) << 2 * torch.arange(4).view(4, 1)).sum(-2)
+    return torch.cat([ql.flatten(-3), qh.flatten(-2)], dim=-1).to(torch.uint8)
 
 
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
@@ -72,12 +103,21 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     REGROUPED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields
     side by side, then the values as pairs of inputs of the 16 rows (layout: kernels/avx512/x16.c).
     Q4_K: per group and 256-input block, the rows' d, dmin and 12 scale bytes side by side, then its
-    8 sub-blocks' values so (Q5_K: each sub-block's fifth-bit masks, then its values, as Q5_1's)."""
+    8 sub-blocks' values so (Q5_K: each sub-block's fifth-bit masks, then its values, as Q5_1's).
+    Q6_K: per group and 256-input block, the rows' d and 16 scales side by side, then its 8 sub-blocks'
+    fifth-bit masks, sixth-bit masks and low nibbles."""
     n = data.shape[0]
     if n % GROUP_ROWS:
         raise ValueError(f"{n} rows do not split into groups of {GROUP_ROWS}")
     g, nb = n // GROUP_ROWS, data.shape[1] // wtype.nbytes
     blocks = data.reshape(g, GROUP_ROWS, nb, wtype.nbytes)
+    if wtype == Q6_K:
+        d = blocks[..., 208:].permute(0, 2, 1, 3).reshape(g, nb, 32)
+        sc = blocks[..., 192:208].permute(0, 2, 3, 1).reshape(g, nb, 256)  # scale s of row i at 16 s + i
+        q = _q6_values(blocks).reshape(g, GROUP_ROWS, nb * 8, 32)
+        low = q & 15
+        subs = torch.cat([_fifth_masks(low, (q >> 4) & 1), _lane_masks(_by_pair(q >> 5)), _pair_words(low)], dim=2)
+        return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype in (Q4_K, Q5_K):  # sub-block j: the low (j even) or high nibbles of bytes 32 (j / 2) ..
         dm = blocks[..., :4].reshape(g, GROUP_ROWS, nb, 2, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 64)
         sc = blocks[..., 4:16].permute(0, 2, 3, 1).reshape(g, nb, 192)  # byte k of row i at 16 k + i
@@ -109,6 +149,14 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     n, nb = data.shape[0], data.shape[1] // base.nbytes
     g = n // GROUP_ROWS
     groups = data.reshape(g, nb, GROUP_ROWS * base.nbytes)
+    if base == Q6_K:
+        d = groups[:, :, :32].reshape(g, nb, GROUP_ROWS, 2).permute(0, 2, 1, 3)
+        sc = groups[:, :, 32:288].reshape(g, nb, 16, GROUP_ROWS).permute(0, 3, 1, 2)
+        subs = groups[:, :, 288:].reshape(g, nb * 8, 384)
+        low = _pair_values(subs[:, :, 128:])
+        q = low | _mask_bits(subs[:, :, :64], low) << 4 | _from_pair(_mask_lanes(subs[:, :, 64:128])) << 5
+        values = _q6_bytes(q.reshape(g, GROUP_ROWS, nb, 256))
+        return torch.cat([values, sc, d], dim=3).reshape(n, -1).contiguous()
     if base in (Q4_K, Q5_K):
         dm = groups[:, :, :64].reshape(g, nb, 2, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 4)
         sc = groups[:, :, 64:256].reshape(g, nb, 12, GROUP_ROWS).permute(0, 3, 1, 2)

@@ -50,7 +50,7 @@ static inline int il_block_elems(int wtype) {
         case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: case IL_W_IQ4_NLX16: case IL_W_Q5_0X16:
         case IL_W_Q5_1X16: return 32; /* per row, as their GGUF type */
         case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS:
-        case IL_W_Q4_KX16: case IL_W_Q5_KX16: case IL_W_Q6_KX16: return 256;
+        case IL_W_Q4_KX16: case IL_W_Q5_KX16: case IL_W_Q6_KX16: case IL_W_IQ4_XSX16: return 256;
         default: return 0;
     }
 }
@@ -70,7 +70,7 @@ static inline int il_block_bytes(int wtype) {
         case IL_W_Q2_K: return sizeof(il_q2_K);
         case IL_W_Q3_K: return sizeof(il_q3_K);
         case IL_W_IQ4_NL: case IL_W_IQ4_NLX16: return sizeof(il_iq4_nl);
-        case IL_W_IQ4_XS: return sizeof(il_iq4_xs);
+        case IL_W_IQ4_XS: case IL_W_IQ4_XSX16: return sizeof(il_iq4_xs);
         default: return 0;
     }
 }
@@ -222,7 +222,7 @@ static inline void il_dequant_block(int wtype, const void *block, float *y) {
 static inline int il_x16_type(int wtype) {
     return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16 ||
            wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16 || wtype == IL_W_Q5_KX16 ||
-           wtype == IL_W_Q6_KX16;
+           wtype == IL_W_Q6_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
 /* The value at pair row p, lane l of a regrouped Q4/Q5 block: nibble p % 4 of word 32 (p / 4) + l,
@@ -251,6 +251,15 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
             const int q = il_x16_value(at + 64, at, p, lane) | ((sixth >> lane) & 1) << 5;
             y[k] = d * sc * (q - 32);
         }
+        return;
+    }
+    if (wtype == IL_W_IQ4_XSX16) { /* d[16], scales_h[16], scales_l[4][16], then 8 sub-blocks of words */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_iq4_xs));
+        il_iq4_xs one = {((const uint16_t *)sb)[i], ((const uint16_t *)sb)[16 + i], {0}, {0}};
+        for (int k = 0; k < 4; k++) one.scales_l[k] = sb[64 + 16 * k + i];
+        const float dl = il_f16_to_f32(one.d) * il_iq4_xs_scale(&one, b % 8);
+        const uint16_t *words = (const uint16_t *)(sb + 128 + 256 * (b % 8));
+        for (int k = 0; k < 32; k++) y[k] = dl * il_iq4_values[il_x16_value(words, NULL, k / 2, 2 * i + k % 2)];
         return;
     }
     if (wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_KX16) {

@@ -1,5 +1,5 @@
-/* The linear layer for the regrouped types (IL_W_*X16: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K
- * and Q6_K blocks, 16 weight rows at a time; their layout and decoding: x16_blocks.h), with bf16
+/* The linear layer for the regrouped types (IL_W_*X16: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K,
+ * Q6_K and IQ4_XS blocks, 16 weight rows at a time; their layout and decoding: x16_blocks.h), with bf16
  * inputs, on AVX512-BF16: exact weights at the speed the blocks' bytes allow, no weight ever rounded
  * and no horizontal sums. Per block and row of x, the integer dot q . x of each of the 16 weight
  * rows sits in its own fp32 lane; it is scaled by the rows' d, and Q4_1-like types add m times the
@@ -195,7 +195,8 @@ static void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const ui
 /* Every call site with its kind a constant, so each kind gets its own compiled tiles. */
 #define BY_KIND(CALL)                                                                                \
     (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : kind == Q4_K ? CALL(Q4_K) : kind == Q5_0 ? CALL(Q5_0) \
-     : kind == Q5_1 ? CALL(Q5_1) : kind == Q5_K ? CALL(Q5_K) : kind == Q6_K ? CALL(Q6_K) : CALL(Q4_0))
+     : kind == Q5_1 ? CALL(Q5_1) : kind == Q5_K ? CALL(Q5_K) : kind == Q6_K ? CALL(Q6_K) : kind == IQ4_XS ? CALL(IQ4_XS) \
+     : CALL(Q4_0))
 
 int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                    int rows, int K, int N, int ydtype, int num_threads) {

@@ -25,7 +25,8 @@
  * 256-input group blocks start with the 16 rows' d and their 16 scales (one per 16 inputs, byte
  * s * 16 + row), then 8 sub-blocks of 16 masks of the fifth bit (as Q5's), 16 masks of the sixth and
  * the low nibbles' words; a sub-block's products come in two parts, inputs 0-15 and 16-31, each
- * scaled by d times its scale.
+ * scaled by d times its scale. IQ4_XS's hold the 16 rows' d, then their scales' high bits (16-bit
+ * words) and low nibbles (4 bytes) side by side (128 bytes), then 8 sub-blocks as IQ4_NL's values.
  */
 #ifndef INFERLAB_AVX512_X16_BLOCKS_H
 #define INFERLAB_AVX512_X16_BLOCKS_H
@@ -33,9 +34,10 @@
 
 #include "../common.h"
 
-enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K }; /* the kind of a call's blocks (a constant in every tile) */
+enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, IQ4_XS }; /* a call's blocks (a constant in every tile) */
 
-IL_INLINE int is_k(const int kind) { return kind == Q4_K || kind == Q5_K || kind == Q6_K; } /* 256-input blocks */
+/* 256-input blocks */
+IL_INLINE int is_k(const int kind) { return kind == Q4_K || kind == Q5_K || kind == Q6_K || kind == IQ4_XS; }
 IL_INLINE int has_min(const int kind) { return kind == Q4_1 || kind == Q5_1 || kind == Q4_K || kind == Q5_K; }
 IL_INLINE int is_q5(const int kind) { return kind == Q5_0 || kind == Q5_1 || kind == Q5_K; }
 /* A block's products come in parts, each under its own scale: Q6_K's two halves of 16 inputs. */
@@ -48,7 +50,7 @@ typedef struct { __m512i lo, hi; } tables;
 IL_INLINE int kind_of(int wtype) {
     return wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : wtype == IL_W_Q4_KX16 ? Q4_K
          : wtype == IL_W_Q5_0X16 ? Q5_0 : wtype == IL_W_Q5_1X16 ? Q5_1 : wtype == IL_W_Q5_KX16 ? Q5_K
-         : wtype == IL_W_Q6_KX16 ? Q6_K : Q4_0;
+         : wtype == IL_W_Q6_KX16 ? Q6_K : wtype == IL_W_IQ4_XSX16 ? IQ4_XS : Q4_0;
 }
 
 static inline tables tables_of(int wtype) {
@@ -57,7 +59,8 @@ static inline tables tables_of(int wtype) {
     for (int i = 0; i < 64; i++) {
         const int q = is_q5(kind) || kind == Q6_K ? i : i & 15;
         const int offset = kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : kind == Q6_K ? 32 : 0;
-        v[i] = il_f32_to_bf16((float)(wtype == IL_W_IQ4_NLX16 ? il_iq4_values[i & 15] : q - offset));
+        const int iq4 = wtype == IL_W_IQ4_NLX16 || wtype == IL_W_IQ4_XSX16;
+        v[i] = il_f32_to_bf16((float)(iq4 ? il_iq4_values[i & 15] : q - offset));
     }
     return (tables){_mm512_loadu_si512(v), _mm512_loadu_si512(v + 32)};
 }
@@ -95,12 +98,13 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, tables t, const 
 IL_INLINE int64_t group_block_bytes(const int kind) {
     return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : kind == Q5_0 ? sizeof(il_q5_0x16)
          : kind == Q5_1 ? sizeof(il_q5_1x16) : kind == Q4_K ? 16 * sizeof(il_q4_K) / 8
-         : kind == Q5_K ? 16 * sizeof(il_q5_K) / 8 : kind == Q6_K ? 16 * sizeof(il_q6_K) / 8 : sizeof(il_q4_0x16);
+         : kind == Q5_K ? 16 * sizeof(il_q5_K) / 8 : kind == Q6_K ? 16 * sizeof(il_q6_K) / 8
+         : kind == IQ4_XS ? 16 * sizeof(il_iq4_xs) / 8 : sizeof(il_q4_0x16);
 }
 
 /* The K types' group blocks: a header of the 16 rows' scales (Q6_K: d[16], then its 16 scales of the
  * 16 rows side by side), then 8 sub-blocks of masks (Q5_K: 16, Q6_K: 32) and 128 words. */
-IL_INLINE int header_bytes(const int kind) { return kind == Q6_K ? 288 : 256; }
+IL_INLINE int header_bytes(const int kind) { return kind == Q6_K ? 288 : kind == IQ4_XS ? 128 : 256; }
 IL_INLINE int sub_block_bytes(const int kind) { return kind == Q6_K ? 384 : kind == Q5_K ? 320 : 256; }
 
 /* Where block b (inputs 32 b ..) of a group starting at w0 is: for Q4_K / Q5_K its sub-block, after
@@ -125,6 +129,18 @@ IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *d
         const __m128i *sc = (const __m128i *)(head + 32) + 2 * (b % 8);
         *dv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc))));
         *mv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc + 1))));
+        return;
+    }
+    if (kind == IQ4_XS) { /* d times the 6-bit scale less 32, as il_iq4_xs_scale reads it for one row */
+        const int j = b % 8;
+        const uint8_t *head = blk - 128 - 256 * j;
+        const __m512i high = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(head + 32)));
+        const __m512i low = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(head + 64) + j / 2));
+        const __m512i ls = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(low, 4 * (j % 2)), _mm512_set1_epi32(15)),
+                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(high, 2 * j),
+                                                                              _mm512_set1_epi32(3)), 4));
+        *dv = _mm512_mul_ps(scales(head, 0), _mm512_cvtepi32_ps(_mm512_sub_epi32(ls, _mm512_set1_epi32(32))));
+        *mv = *dv;
         return;
     }
     if (!is_k(kind)) {

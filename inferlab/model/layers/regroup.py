@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from inferlab.model.layers.quant import GROUP_ROWS, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
+from inferlab.model.layers.quant import GROUP_ROWS, IQ4_XS, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
 
 
 def _value_bytes(wtype: WeightType) -> int:
@@ -105,7 +105,8 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     Q4_K: per group and 256-input block, the rows' d, dmin and 12 scale bytes side by side, then its
     8 sub-blocks' values so (Q5_K: each sub-block's fifth-bit masks, then its values, as Q5_1's).
     Q6_K: per group and 256-input block, the rows' d and 16 scales side by side, then its 8 sub-blocks'
-    fifth-bit masks, sixth-bit masks and low nibbles."""
+    fifth-bit masks, sixth-bit masks and low nibbles. IQ4_XS: the rows' d, scales_h and 4 scales_l
+    bytes side by side, then its 8 sub-blocks' values."""
     n = data.shape[0]
     if n % GROUP_ROWS:
         raise ValueError(f"{n} rows do not split into groups of {GROUP_ROWS}")
@@ -118,6 +119,12 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         low = q & 15
         subs = torch.cat([_fifth_masks(low, (q >> 4) & 1), _lane_masks(_by_pair(q >> 5)), _pair_words(low)], dim=2)
         return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
+    if wtype == IQ4_XS:  # sub-block j: the low then the high nibbles of bytes 8 + 16 j ..
+        fields = blocks[..., :4].reshape(g, GROUP_ROWS, nb, 2, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 64)
+        low = blocks[..., 4:8].permute(0, 2, 3, 1).reshape(g, nb, 64)  # byte k of row i at 16 k + i
+        qs = blocks[..., 8:].reshape(g, GROUP_ROWS, nb * 8, 16)
+        subs = _pair_words(torch.cat([qs & 15, qs >> 4], dim=3))
+        return torch.cat([fields, low, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype in (Q4_K, Q5_K):  # sub-block j: the low (j even) or high nibbles of bytes 32 (j / 2) ..
         dm = blocks[..., :4].reshape(g, GROUP_ROWS, nb, 2, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 64)
         sc = blocks[..., 4:16].permute(0, 2, 3, 1).reshape(g, nb, 192)  # byte k of row i at 16 k + i
@@ -157,6 +164,12 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         q = low | _mask_bits(subs[:, :, :64], low) << 4 | _from_pair(_mask_lanes(subs[:, :, 64:128])) << 5
         values = _q6_bytes(q.reshape(g, GROUP_ROWS, nb, 256))
         return torch.cat([values, sc, d], dim=3).reshape(n, -1).contiguous()
+    if base == IQ4_XS:
+        fields = groups[:, :, :64].reshape(g, nb, 2, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 4)
+        low = groups[:, :, 64:128].reshape(g, nb, 4, GROUP_ROWS).permute(0, 3, 1, 2)
+        q = _pair_values(groups[:, :, 128:].reshape(g, nb * 8, 256))
+        qs = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8).reshape(g, GROUP_ROWS, nb, 128)
+        return torch.cat([fields, low, qs], dim=3).reshape(n, -1).contiguous()
     if base in (Q4_K, Q5_K):
         dm = groups[:, :, :64].reshape(g, nb, 2, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 4)
         sc = groups[:, :, 64:256].reshape(g, nb, 12, GROUP_ROWS).permute(0, 3, 1, 2)

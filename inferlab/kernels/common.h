@@ -1,5 +1,6 @@
-/* What every kernel file shares: bf16 and fp16 conversions, loads and stores by dtype, and (blocks.h)
- * the weight types. Everything is static inline: each file compiles it with its own ISA's flags.
+/* What every kernel file shares: bf16 and fp16 conversions, loads and stores by dtype, and (blocks.h,
+ * regrouped.h, int8_blocks.h) the weight types. Everything is static inline: each file compiles it with
+ * its own ISA's flags.
  */
 #ifndef INFERLAB_COMMON_H
 #define INFERLAB_COMMON_H
@@ -73,4 +74,6 @@ static inline void il_st(void *p, int64_t i, float f, int dtype) {
 static inline int il_elem_size(int dtype) { return dtype == IL_BF16 ? 2 : 4; }
 
 #include "blocks.h" /* the weight types, which use the conversions above */
+#include "regrouped.h"
+#include "int8_blocks.h"
 #endif

@@ -39,9 +39,9 @@
 #define IL_W_IQ4_NL 20
 #define IL_W_IQ4_XS 23
 #define IL_W_BF16 30
-/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q4_K blocks regrouped 16 weight rows at a time for the AVX512-BF16 kernel
- * (avx512/x16.c), made at load: not GGUF types, the same bytes per row. Other builds' linear returns
- * 1 for them; get_rows and dequantize read them everywhere. */
+/* Blocks regrouped 16 weight rows at a time for the AVX512-BF16 kernel (avx512/x16.c; their layout:
+ * x16_blocks.h), made at load: not GGUF types, the same bytes per row. Other builds' linear returns 1
+ * for them; get_rows and dequantize read them everywhere (regrouped.h). */
 #define IL_W_Q4_0X16 66
 #define IL_W_Q4_1X16 67
 #define IL_W_Q8_0X16 72

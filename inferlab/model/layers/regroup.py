@@ -71,8 +71,8 @@ def _mask_lanes(masks: torch.Tensor) -> torch.Tensor:
 
 def _fifth_masks(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Q5's fifth bits [g, 16 rows, blocks, 32 inputs] as the regrouped blocks' 16 32-bit masks: bit
-    2 i + e of mask p is row i's input 2 p + e's fifth bit XOR the bit above its nibble (x16.c says
-    why). `values`: the nibbles."""
+    2 i + e of mask p is row i's input 2 p + e's fifth bit XOR the bit above its nibble
+    (x16_blocks.h says why). `values`: the nibbles."""
     return _lane_masks(_by_pair(bits) ^ _bits_above(values))
 
 
@@ -101,7 +101,7 @@ def _q6_bytes(q: torch.Tensor) -> torch.Tensor:
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q4_K rows [N, row bytes] (N a multiple of 16) regrouped as
     REGROUPED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields
-    side by side, then the values as pairs of inputs of the 16 rows (layout: kernels/avx512/x16.c).
+    side by side, then the values as pairs of inputs of the 16 rows (layout: kernels/avx512/x16_blocks.h).
     Q4_K: per group and 256-input block, the rows' d, dmin and 12 scale bytes side by side, then its
     8 sub-blocks' values so (Q5_K: each sub-block's fifth-bit masks, then its values, as Q5_1's).
     Q6_K: per group and 256-input block, the rows' d and 16 scales side by side, then its 8 sub-blocks'

@@ -1,0 +1,89 @@
+/* The regrouped types (IL_W_*X16: a GGUF type's blocks moved 16 weight rows at a time for the AVX-512
+ * kernel; layout: avx512/x16_blocks.h) in plain C: their structs and the definition of their values,
+ * which the embedding lookup and the dequantizer read on every build. Included by common.h.
+ */
+#ifndef INFERLAB_REGROUPED_H
+#define INFERLAB_REGROUPED_H
+
+/* The group blocks of the 32-input types */
+typedef struct { uint16_t d[16], m[16]; uint16_t q[128]; } il_q4_1x16;
+typedef struct { uint16_t d[16]; uint16_t q[128]; } il_q4_0x16;
+typedef struct { uint16_t d[16]; int8_t q[512]; } il_q8_0x16;
+typedef struct { uint16_t d[16]; uint32_t h[16]; uint16_t q[128]; } il_q5_0x16;
+typedef struct { uint16_t d[16], m[16]; uint32_t h[16]; uint16_t q[128]; } il_q5_1x16;
+
+/* Whether a type is a regrouped one (inferlab.h), which only the AVX-512 linear kernel multiplies. */
+static inline int il_x16_type(int wtype) {
+    return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16 ||
+           wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16 || wtype == IL_W_Q5_KX16 ||
+           wtype == IL_W_Q6_KX16 || wtype == IL_W_IQ4_XSX16;
+}
+
+/* The value at pair row p, lane l of a regrouped Q4/Q5 block: nibble p % 4 of word 32 (p / 4) + l,
+ * and where `fifth` (16 32-bit masks, or NULL) is given, bit l of mask p XOR the bit above that
+ * nibble in its word as the fifth bit (avx512/x16_blocks.h says why). */
+static inline int il_x16_value(const uint16_t *words, const uint16_t *fifth, int p, int l) {
+    const unsigned word = words[32 * (p / 4) + l];
+    const int q = (word >> 4 * (p % 4)) & 15;
+    if (!fifth) return q;
+    const uint32_t mask = fifth[2 * p] | (uint32_t)fifth[2 * p + 1] << 16;
+    return q | (((mask >> l) ^ (word >> (4 * (p % 4) + 4))) & 1) << 4;
+}
+
+/* Block b (inputs 32 b ..) of row n of a regrouped K-column matrix as fp32 (its layout:
+ * avx512/x16_blocks.h), the definition the embedding lookup and the dequantizer read it by. Input k of
+ * row i is in pair row k / 2, lane 2 i + k % 2. */
+static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
+    const int i = (int)(n % 16);
+    if (wtype == IL_W_Q6_KX16) { /* d[16], scales[16][16], then per sub-block 2 x 16 masks and the words */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_q6_K));
+        const uint16_t *at = (const uint16_t *)(sb + 288 + 384 * (b % 8));
+        const float d = il_f16_to_f32(((const uint16_t *)sb)[i]);
+        for (int k = 0; k < 32; k++) {
+            const int p = k / 2, lane = 2 * i + k % 2, sc = (int8_t)sb[32 + 16 * (2 * (b % 8) + k / 16) + i];
+            const uint32_t sixth = at[32 + 2 * p] | (uint32_t)at[33 + 2 * p] << 16;
+            const int q = il_x16_value(at + 64, at, p, lane) | ((sixth >> lane) & 1) << 5;
+            y[k] = d * sc * (q - 32);
+        }
+        return;
+    }
+    if (wtype == IL_W_IQ4_XSX16) { /* d[16], scales_h[16], scales_l[4][16], then 8 sub-blocks of words */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_iq4_xs));
+        il_iq4_xs one = {((const uint16_t *)sb)[i], ((const uint16_t *)sb)[16 + i], {0}, {0}};
+        for (int k = 0; k < 4; k++) one.scales_l[k] = sb[64 + 16 * k + i];
+        const float dl = il_f16_to_f32(one.d) * il_iq4_xs_scale(&one, b % 8);
+        const uint16_t *words = (const uint16_t *)(sb + 128 + 256 * (b % 8));
+        for (int k = 0; k < 32; k++) y[k] = dl * il_iq4_values[il_x16_value(words, NULL, k / 2, 2 * i + k % 2)];
+        return;
+    }
+    if (wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_KX16) {
+        /* the group's 256-input block: d[16], dmin[16], scales[12][16], then 8 sub-blocks (Q5_K: each
+         * its 16 fifth-bit masks, then the words) */
+        const int five = wtype == IL_W_Q5_KX16, sub = five ? 320 : 256;
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)il_block_bytes(wtype));
+        const uint16_t *h = (const uint16_t *)sb, *at = (const uint16_t *)(sb + 256 + sub * (b % 8));
+        uint8_t scales[12], sc, mn;
+        for (int k = 0; k < 12; k++) scales[k] = sb[64 + 16 * k + i];
+        il_scale_min_k4(b % 8, scales, &sc, &mn);
+        const float d = il_f16_to_f32(h[i]) * sc, m = il_f16_to_f32(h[16 + i]) * mn;
+        for (int k = 0; k < 32; k++)
+            y[k] = d * il_x16_value(at + (five ? 32 : 0), five ? at : NULL, k / 2, 2 * i + k % 2) - m;
+        return;
+    }
+    const int64_t bytes = 16 * il_block_bytes(wtype); /* a group's block: the same bytes per row */
+    const uint8_t *blk = (const uint8_t *)w + (n / 16 * (K / 32) + b) * bytes;
+    const uint16_t *h = (const uint16_t *)blk;
+    const int with_min = wtype == IL_W_Q4_1X16 || wtype == IL_W_Q5_1X16, five = wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16;
+    const float d = il_f16_to_f32(h[i]), m = with_min ? il_f16_to_f32(h[16 + i]) : 0.f;
+    const uint16_t *fifth = h + (with_min ? 32 : 16), *words = fifth + (five ? 32 : 0);
+    for (int k = 0; k < 32; k++) {
+        const int p = k / 2, lane = 2 * i + k % 2;
+        if (wtype == IL_W_Q8_0X16) {
+            y[k] = d * ((const il_q8_0x16 *)blk)->q[32 * p + lane];
+            continue;
+        }
+        const int q = il_x16_value(words, five ? fifth : NULL, p, lane);
+        y[k] = with_min ? d * q + m : five ? d * (q - 16) : wtype == IL_W_IQ4_NLX16 ? d * il_iq4_values[q] : d * (q - 8);
+    }
+}
+#endif

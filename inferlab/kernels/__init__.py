@@ -6,7 +6,7 @@ vectorizes it for each; `<isa>/*.c` are an ISA's own kernels, which replace the 
 the same name in that ISA's build. Every file is compiled with its own ISA's flags, never
 -march=native, so one library holds every ISA's entry points (`linear_generic`, `linear_avx2`, ...)
 on any x86 machine, and the CPU's features decide at run time which ones run (`Kernels`).
-`INFERLAB_ISA=generic|avx2|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns the kernels off.
+`INFERLAB_ISA=generic|avx2|avxvnni|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns the kernels off.
 
 Bindings are read from the headers: the constants from `inferlab.h`, the prototypes from `api.h`,
 so ctypes signatures cannot drift from the C ones. If the build fails (no compiler) the engine logs
@@ -45,6 +45,8 @@ _AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx
 ISAS = {
     "generic": ([], ()),
     "avx2": (_AVX2, ("avx2", "fma", "f16c")),
+    # AVX2 with AVX-VNNI (Intel client cores since Alder Lake): only the int8 block products change
+    "avxvnni": ([*_AVX2, "-mavxvnni"], ("avx2", "fma", "f16c", "avx_vnni")),
     "avx512": (_AVX512, ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
                         "avx512_vnni")),
     "amx": ([*_AVX512, "-mamx-tile", "-mamx-bf16"],

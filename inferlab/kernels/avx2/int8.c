@@ -13,7 +13,8 @@
  * Each output is computed the same way whatever the tile it falls in, as in the fp32 path. Compiled
  * for AVX-512 (avx512/int8.c), the tiles of one, three or four input rows put four 128-bit lanes
  * side by side in one 512-bit register (tile1x4_vnni: four weight rows; tile4x4_vnni: the input
- * rows): the same lanes and operations, about half the instructions.
+ * rows): the same lanes and operations, about half the instructions. With VNNI (that build, and
+ * avxvnni/int8.c's AVX-VNNI one) a half's byte products are one dpbusd (dot32): the same lanes.
  */
 #include <stdlib.h>
 
@@ -94,11 +95,17 @@ IL_INLINE __m128i dot32(__m128i wl, __m128i wh, __m128i xl, __m128i xh, int wtyp
     if (il_k16_type(wtype))
         return _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(_mm_sign_epi8(wl, wl), _mm_sign_epi8(xl, wl)), sc[0]),
                              _mm_madd_epi16(_mm_maddubs_epi16(_mm_sign_epi8(wh, wh), _mm_sign_epi8(xh, wh)), sc[1]));
-#ifdef __AVX512VNNI__ /* the AVX-512 build: one instruction a half sums 4 byte products per lane in 32 bits */
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__) /* one instruction a half sums 4 byte products per lane */
+#ifdef __AVX512VNNI__
+#define DPBUSD _mm_dpbusd_epi32
+#else
+#define DPBUSD _mm_dpbusd_avx_epi32
+#endif
     if (signed_w)
-        return _mm_dpbusd_epi32(_mm_dpbusd_epi32(_mm_setzero_si128(), _mm_sign_epi8(wl, wl), _mm_sign_epi8(xl, wl)),
-                                _mm_sign_epi8(wh, wh), _mm_sign_epi8(xh, wh));
-    return _mm_dpbusd_epi32(_mm_dpbusd_epi32(_mm_setzero_si128(), wl, xl), wh, xh);
+        return DPBUSD(DPBUSD(_mm_setzero_si128(), _mm_sign_epi8(wl, wl), _mm_sign_epi8(xl, wl)), _mm_sign_epi8(wh, wh),
+                      _mm_sign_epi8(xh, wh));
+    return DPBUSD(DPBUSD(_mm_setzero_si128(), wl, xl), wh, xh);
+#undef DPBUSD
 #endif
     const __m128i ones = _mm_set1_epi16(1);
     if (signed_w) /* |w| * (x with w's sign): 2 * 127 * 127 a pair, so each half is widened alone */

@@ -1,0 +1,74 @@
+/* tile8's 1 x 4 case (one request's decode) for Q8_0, Q4_0 and Q4_1 on 256-bit AVX2: two weight rows
+ * side by side in each register, row j in 128-bit lane j % 2, so one instruction does what tile8
+ * does for one row. Lane for lane the same integer sums (dot32's lanes) and the same fp32
+ * operations as tile8, so a row's result stays the same whatever its batch. Included by int8.c in
+ * the builds without AVX-512 (avx2, avxvnni); AVX-512's four-lane version is tile1x4_vnni. */
+#ifndef INFERLAB_AVX2_INT8_PAIRS_H
+#define INFERLAB_AVX2_INT8_PAIRS_H
+
+/* Bytes off..off+15 of weight rows a (low lane) and b (high lane). */
+IL_INLINE __m256i lanes2(const uint8_t *a, const uint8_t *b, int64_t off) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(a + off))),
+                                   _mm_loadu_si128((const __m128i *)(b + off)), 1);
+}
+
+/* dot32 on two 128-bit lanes at once: lane group g of the result is dot32 of lane g of each input. */
+IL_INLINE __m256i dot32x2(__m256i wl, __m256i wh, __m256i xl, __m256i xh, int signed_w) {
+    if (signed_w)
+        xl = _mm256_sign_epi8(xl, wl), xh = _mm256_sign_epi8(xh, wh), wl = _mm256_abs_epi8(wl), wh = _mm256_abs_epi8(wh);
+#ifdef __AVXVNNI__
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wl, xl), wh, xh);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (signed_w)
+        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wl, xl), ones),
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(wh, xh), ones));
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(wl, xl), _mm256_maddubs_epi16(wh, xh)), ones);
+#endif
+}
+
+/* Weight rows a, b's block at byte `at` as bytes: weights 0-15 (*wl) and 16-31 (*wh), each row in its lane. */
+IL_INLINE void block_pair(const uint8_t *a, const uint8_t *b, int64_t at, const int wtype, __m256i *wl, __m256i *wh) {
+    if (wtype == IL_W_Q8_0) {
+        *wl = lanes2(a, b, at + 2), *wh = lanes2(a, b, at + 18);
+        return;
+    }
+    const __m256i v = lanes2(a, b, at + (wtype == IL_W_Q4_1 ? 4 : 2)), low4 = _mm256_set1_epi8(0x0F);
+    *wl = _mm256_and_si256(v, low4), *wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+}
+
+IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
+                             __m128 out[4]) {
+    __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();
+    __m128 corrv = _mm_setzero_ps(); /* lane j: weight row j's c * s_x sum */
+    const int nb = K / 32, bb = il_block_bytes(wtype), signed_w = wtype == IL_W_Q8_0;
+    const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), d23 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
+    const __m256i c_of = wtype == IL_W_Q4_1 ? _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7) /* m */
+                                            : _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6); /* d */
+    for (int b = 0; b < nb; b++) {
+        const int64_t at = (int64_t)b * bb;
+        for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + PREFETCH_BYTES, _MM_HINT_T0);
+        const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b)));
+        const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
+        __m256i wl, wh;
+        block_pair(w[0], w[1], at, wtype, &wl, &wh);
+        const __m256i dot01 = dot32x2(wl, wh, xl, xh, signed_w);
+        block_pair(w[2], w[3], at, wtype, &wl, &wh);
+        const __m256i dot23 = dot32x2(wl, wh, xl, xh, signed_w);
+        uint32_t h[4]; /* each block's first 4 bytes: d, then m (Q4_1) or a byte of weights */
+        for (int j = 0; j < 4; j++) memcpy(h + j, w[j] + at, sizeof h[j]);
+        const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)), dx = _mm256_set1_ps(x4[8 * b]);
+        acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
+        acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d23), dx), acc23);
+        if (!signed_w)
+            corrv = _mm_fmadd_ps(_mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, c_of)), _mm_set1_ps(x4[8 * b + 4]),
+                                 corrv);
+    }
+    __m128 accs[4][4], corr[4];
+    accs[0][0] = _mm256_castps256_ps128(acc01), corr[0] = _mm_shuffle_ps(corrv, corrv, 0x00);
+    accs[0][1] = _mm256_extractf128_ps(acc01, 1), corr[1] = _mm_shuffle_ps(corrv, corrv, 0x55);
+    accs[0][2] = _mm256_castps256_ps128(acc23), corr[2] = _mm_shuffle_ps(corrv, corrv, 0xaa);
+    accs[0][3] = _mm256_extractf128_ps(acc23, 1), corr[3] = _mm_shuffle_ps(corrv, corrv, 0xff);
+    finish8(accs, corr, wtype, 1, 4, out);
+}
+#endif

@@ -164,17 +164,17 @@ IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *co
 #ifdef __AVX512VNNI__
 #include "../avx512/int8_quads.h"
 #define TILE1X4 tile1x4_vnni
+#define TILE1X4_TYPE(T) ((T) == IL_W_Q8_0 || (T) == IL_W_Q4_0 || (T) == IL_W_Q4_1)
 #define I8_FEW(T, R) (il_k16_type(T) ? tile8(xq, x4, K, w, T, R, 4, out) : tile4x4_vnni(xq, x4, K, w, T, R, out))
 #define I8_COLS(R) ((R) == 2 ? 2 : 4) /* weight rows per tile */
 #else
 #include "int8_pairs.h"
 #define TILE1X4 tile1x4_pairs
+#define TILE1X4_TYPE(T) (!il_k16_type(T))
 #define I8_FEW(T, R) tile8(xq, x4, K, w, T, R, 2, out)
 #define I8_COLS(R) ((R) == 1 ? 4 : 2)
 #endif
-#define I8_ONE(T) \
-    ((T) == IL_W_Q8_0 || (T) == IL_W_Q4_0 || (T) == IL_W_Q4_1 ? TILE1X4(xq, x4, K, w, T, out) \
-                                                                 : tile8(xq, x4, K, w, T, 1, 4, out))
+#define I8_ONE(T) (TILE1X4_TYPE(T) ? TILE1X4(xq, x4, K, w, T, out) : tile8(xq, x4, K, w, T, 1, 4, out))
 
 /* One input row against four weight rows, or up to four rows against two (with VNNI, three or four
  * rows against four: I8_COLS); a tile past the last weight row repeats it (the extra outputs are not
@@ -200,6 +200,7 @@ static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *c
 #undef I8_ONE
 #undef I8_FEW
 #undef TILE1X4
+#undef TILE1X4_TYPE
 
 int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                      int rows, int K, int N, int dtype, int ydtype, int num_threads) {

@@ -1,6 +1,7 @@
-/* tile8's 1 x 4 case (one request's decode) for Q8_0, Q4_0 and Q4_1 on 256-bit AVX2: two weight rows
- * side by side in each register, row j in 128-bit lane j % 2, so one instruction does what tile8
- * does for one row. Lane for lane the same integer sums (dot32's lanes) and the same fp32
+/* tile8's 1 x 4 case (one request's decode) on 256-bit AVX2, for every int8 type but Q6_K and Q3_K
+ * (whose scales per 16 weights multiply in tile8's dot32): two weight rows side by side in each
+ * register, row j in 128-bit lane j % 2, so one instruction does what tile8 does for one row (Q8_0,
+ * Q4_0 and Q4_1 also load and unpack two rows at once). Lane for lane the same integer sums (dot32's lanes) and the same fp32
  * operations as tile8, so a row's result stays the same whatever its batch. Included by int8.c in
  * the builds without AVX-512 (avx2, avxvnni); AVX-512's four-lane version is tile1x4_vnni. */
 #ifndef INFERLAB_AVX2_INT8_PAIRS_H
@@ -37,27 +38,45 @@ IL_INLINE void block_pair(const uint8_t *a, const uint8_t *b, int64_t at, const 
     *wl = _mm256_and_si256(v, low4), *wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
 }
 
+/* Rows 2 p, 2 p + 1's block b as bytes (*wl, *wh, each row in its lane) and, in dm's lanes 0-3, their
+ * (d, c) as block_halves gives them; Q8_0, Q4_0 and Q4_1 read two rows with each instruction. */
+IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wtype, __m256i *wl, __m256i *wh,
+                           __m128 *dm) {
+    if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1) {
+        const int64_t at = (int64_t)b * il_block_bytes(wtype);
+        block_pair(w[2 * p], w[2 * p + 1], at, wtype, wl, wh);
+        uint32_t h[2]; /* each block's first 4 bytes: d, then m (Q4_1) or a byte of weights */
+        memcpy(h, w[2 * p] + at, sizeof h[0]), memcpy(h + 1, w[2 * p + 1] + at, sizeof h[1]);
+        uint64_t both;
+        memcpy(&both, h, sizeof both);
+        const __m128 f = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)both)); /* d0, m0, d1, m1 */
+        *dm = wtype == IL_W_Q4_1 ? f : _mm_shuffle_ps(f, f, _MM_SHUFFLE(2, 2, 0, 0)); /* Q4_0, Q8_0: (d, d) */
+        return;
+    }
+    __m128i l0, h0, l1, h1, sc[2];
+    const __m128 a = block_halves(wtype, w[2 * p], b, &l0, &h0, sc), c = block_halves(wtype, w[2 * p + 1], b, &l1, &h1, sc);
+    *wl = _mm256_set_m128i(l1, l0), *wh = _mm256_set_m128i(h1, h0), *dm = _mm_movelh_ps(a, c);
+}
+
 IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
                              __m128 out[4]) {
     __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();
     __m128 corrv = _mm_setzero_ps(); /* lane j: weight row j's c * s_x sum */
-    const int nb = K / 32, bb = il_block_bytes(wtype), signed_w = wtype == IL_W_Q8_0;
+    const int nb = K / 32, signed_w = signed_weights(wtype);
     const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), d23 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
-    const __m256i c_of = wtype == IL_W_Q4_1 ? _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7) /* m */
-                                            : _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6); /* d */
+    const __m256i c_of = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     for (int b = 0; b < nb; b++) {
-        const int64_t at = (int64_t)b * bb;
+        const int64_t at = il_row_bytes(wtype, 32 * b); /* the block (K-quants: its 256-weight block) */
         for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + PREFETCH_BYTES, _MM_HINT_T0);
         const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b)));
         const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
         __m256i wl, wh;
-        block_pair(w[0], w[1], at, wtype, &wl, &wh);
+        __m128 dm01, dm23;
+        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm01);
         const __m256i dot01 = dot32x2(wl, wh, xl, xh, signed_w);
-        block_pair(w[2], w[3], at, wtype, &wl, &wh);
+        blocks_pair(w, 1, b, wtype, &wl, &wh, &dm23);
         const __m256i dot23 = dot32x2(wl, wh, xl, xh, signed_w);
-        uint32_t h[4]; /* each block's first 4 bytes: d, then m (Q4_1) or a byte of weights */
-        for (int j = 0; j < 4; j++) memcpy(h + j, w[j] + at, sizeof h[j]);
-        const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)), dx = _mm256_set1_ps(x4[8 * b]);
+        const __m256 dm = _mm256_set_m128(dm23, dm01), dx = _mm256_set1_ps(x4[8 * b]); /* d0, c0, ..., d3, c3 */
         acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
         acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d23), dx), acc23);
         if (!signed_w)

@@ -93,7 +93,7 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, tables t, const 
     return (__m512bh)_mm512_mask_permutexvar_epi16(values, (__mmask32)sixth, idx, t.hi);
 }
 
-/* A group's bytes per 32 inputs (Q4_K, Q5_K: on average; their 256-input blocks hold a header and 8
+/* A group's bytes per 32 inputs (the K types: on average; their 256-input blocks hold a header and 8
  * sub-blocks). */
 IL_INLINE int64_t group_block_bytes(const int kind) {
     return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : kind == Q5_0 ? sizeof(il_q5_0x16)
@@ -107,8 +107,8 @@ IL_INLINE int64_t group_block_bytes(const int kind) {
 IL_INLINE int header_bytes(const int kind) { return kind == Q6_K ? 288 : kind == IQ4_XS ? 128 : 256; }
 IL_INLINE int sub_block_bytes(const int kind) { return kind == Q6_K ? 384 : kind == Q5_K ? 320 : 256; }
 
-/* Where block b (inputs 32 b ..) of a group starting at w0 is: for Q4_K / Q5_K its sub-block, after
- * the 256-byte header of scales. */
+/* Where block b (inputs 32 b ..) of a group starting at w0 is: for the K types its sub-block, after
+ * the header of scales. */
 IL_INLINE const uint8_t *block_at(const uint8_t *w0, int b, const int kind) {
     if (is_k(kind))
         return w0 + (int64_t)(b / 8) * 8 * group_block_bytes(kind) + header_bytes(kind) + sub_block_bytes(kind) * (b % 8);
@@ -123,17 +123,21 @@ IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (
  * or for a Q4_K sub-block d * scale and -dmin * min, the 6-bit scale and min unpacked from the 12 bytes
  * of each row (byte k of the 16 rows side by side), as il_scale_min_k4 does for one. */
 IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *dv, __m512 *mv) {
+    if (!is_k(kind)) {
+        *dv = scales(blk, 0);
+        *mv = has_min(kind) ? scales(blk, 1) : *dv;
+        return;
+    }
+    const int j = b % 8;
+    const uint8_t *head = blk - header_bytes(kind) - sub_block_bytes(kind) * j; /* the 256-input block's */
     if (kind == Q6_K) { /* d times the scales of inputs 0-15 (dv) and 16-31 (mv, in a minimum's place) */
-        const uint8_t *head = blk - 288 - 384 * (b % 8);
         const __m512 d = scales(head, 0);
-        const __m128i *sc = (const __m128i *)(head + 32) + 2 * (b % 8);
+        const __m128i *sc = (const __m128i *)(head + 32) + 2 * j;
         *dv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc))));
         *mv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc + 1))));
         return;
     }
     if (kind == IQ4_XS) { /* d times the 6-bit scale less 32, as il_iq4_xs_scale reads it for one row */
-        const int j = b % 8;
-        const uint8_t *head = blk - 128 - 256 * j;
         const __m512i high = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(head + 32)));
         const __m512i low = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(head + 64) + j / 2));
         const __m512i ls = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(low, 4 * (j % 2)), _mm512_set1_epi32(15)),
@@ -143,13 +147,6 @@ IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *d
         *mv = *dv;
         return;
     }
-    if (!is_k(kind)) {
-        *dv = scales(blk, 0);
-        *mv = has_min(kind) ? scales(blk, 1) : *dv;
-        return;
-    }
-    const int j = b % 8;
-    const uint8_t *head = blk - 256 - sub_block_bytes(kind) * j;
 #define SCALE_BYTE(k) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(head + 64 + 16 * (k))))
     const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15);
     __m512i sc, mn;

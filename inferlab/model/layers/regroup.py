@@ -9,6 +9,31 @@ import torch
 from inferlab.model.layers.quant import GROUP_ROWS, IQ4_XS, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
 
 
+def _side_by_side(fields: torch.Tensor, width: int) -> torch.Tensor:
+    """Fields of `width` bytes [g, 16 rows, blocks, n * width] -> [g, blocks, 16 n * width]: field k of
+    row i at 16 k + i (the 16 rows' same field side by side, as one vector load takes them)."""
+    g, _, nb, nbytes = fields.shape
+    return fields.reshape(g, GROUP_ROWS, nb, nbytes // width, width).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)
+
+
+def _by_row(groups: torch.Tensor, width: int) -> torch.Tensor:
+    """`_side_by_side`'s inverse: [g, blocks, bytes] -> [g, 16 rows, blocks, bytes / 16]."""
+    g, nb, nbytes = groups.shape
+    fields = groups.reshape(g, nb, nbytes // (GROUP_ROWS * width), GROUP_ROWS, width).permute(0, 3, 1, 2, 4)
+    return fields.reshape(g, GROUP_ROWS, nb, -1)
+
+
+def _words(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian 32-bit words of bytes [..., 4 k] -> [..., k] (int64)."""
+    b = b.reshape(*b.shape[:-1], -1, 4).to(torch.int64)
+    return b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
+
+
+def _word_bytes(word: torch.Tensor) -> torch.Tensor:
+    """`_words`' inverse: [..., k] -> bytes [..., 4 k]."""
+    return torch.stack([(word >> 8 * k) & 255 for k in range(4)], dim=-1).to(torch.uint8).flatten(-2)
+
+
 def _value_bytes(wtype: WeightType) -> int:
     return 32 if wtype == Q8_0 else 16  # a block's int8 values, or its 32 nibbles
 
@@ -56,17 +81,12 @@ def _from_pair(t: torch.Tensor) -> torch.Tensor:
 
 def _lane_masks(bits: torch.Tensor) -> torch.Tensor:
     """Bits [g, blocks, pair row p, lane] as 16 32-bit masks a block [g, blocks, 64 bytes] (bit l of mask p)."""
-    g, nb, _, _ = bits.shape
-    word = (bits << torch.arange(32)).sum(-1)
-    return torch.stack([(word >> 8 * k) & 255 for k in range(4)], dim=-1).to(torch.uint8).reshape(g, nb, 64)
+    return _word_bytes((bits << torch.arange(32)).sum(-1))
 
 
 def _mask_lanes(masks: torch.Tensor) -> torch.Tensor:
     """`_lane_masks`' inverse."""
-    g, nb, _ = masks.shape
-    m = masks.reshape(g, nb, 16, 4).to(torch.int64)
-    word = m[..., 0] | m[..., 1] << 8 | m[..., 2] << 16 | m[..., 3] << 24
-    return (word.unsqueeze(-1) >> torch.arange(32)) & 1
+    return (_words(masks).unsqueeze(-1) >> torch.arange(32)) & 1
 
 
 def _fifth_masks(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -99,7 +119,8 @@ def _q6_bytes(q: torch.Tensor) -> torch.Tensor:
 
 
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q4_K rows [N, row bytes] (N a multiple of 16) regrouped as
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / IQ4_XS / Q4_K / Q5_K / Q6_K rows [N, row bytes] (N a
+    multiple of 16) regrouped as
     REGROUPED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields
     side by side, then the values as pairs of inputs of the 16 rows (layout: kernels/avx512/x16_blocks.h).
     Q4_K: per group and 256-input block, the rows' d, dmin and 12 scale bytes side by side, then its
@@ -113,21 +134,18 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     g, nb = n // GROUP_ROWS, data.shape[1] // wtype.nbytes
     blocks = data.reshape(g, GROUP_ROWS, nb, wtype.nbytes)
     if wtype == Q6_K:
-        d = blocks[..., 208:].permute(0, 2, 1, 3).reshape(g, nb, 32)
-        sc = blocks[..., 192:208].permute(0, 2, 3, 1).reshape(g, nb, 256)  # scale s of row i at 16 s + i
+        d, sc = _side_by_side(blocks[..., 208:], 2), _side_by_side(blocks[..., 192:208], 1)
         q = _q6_values(blocks).reshape(g, GROUP_ROWS, nb * 8, 32)
         low = q & 15
         subs = torch.cat([_fifth_masks(low, (q >> 4) & 1), _lane_masks(_by_pair(q >> 5)), _pair_words(low)], dim=2)
         return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype == IQ4_XS:  # sub-block j: the low then the high nibbles of bytes 8 + 16 j ..
-        fields = blocks[..., :4].reshape(g, GROUP_ROWS, nb, 2, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 64)
-        low = blocks[..., 4:8].permute(0, 2, 3, 1).reshape(g, nb, 64)  # byte k of row i at 16 k + i
+        fields, low = _side_by_side(blocks[..., :4], 2), _side_by_side(blocks[..., 4:8], 1)
         qs = blocks[..., 8:].reshape(g, GROUP_ROWS, nb * 8, 16)
         subs = _pair_words(torch.cat([qs & 15, qs >> 4], dim=3))
         return torch.cat([fields, low, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype in (Q4_K, Q5_K):  # sub-block j: the low (j even) or high nibbles of bytes 32 (j / 2) ..
-        dm = blocks[..., :4].reshape(g, GROUP_ROWS, nb, 2, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 64)
-        sc = blocks[..., 4:16].permute(0, 2, 3, 1).reshape(g, nb, 192)  # byte k of row i at 16 k + i
+        dm, sc = _side_by_side(blocks[..., :4], 2), _side_by_side(blocks[..., 4:16], 1)
         qs = blocks[..., -128:].reshape(g, GROUP_ROWS, nb, 4, 1, 32)
         q = torch.cat([qs & 15, qs >> 4], dim=4).reshape(g, GROUP_ROWS, nb * 8, 32)
         subs = _pair_words(q)
@@ -137,16 +155,15 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         return torch.cat([dm, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     vb, five = _value_bytes(wtype), wtype in (Q5_0, Q5_1)
     scales, qs = blocks[..., :-vb - 4 * five], blocks[..., -vb:]
-    fields = scales.reshape(g, GROUP_ROWS, nb, -1, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)
+    fields = _side_by_side(scales, 2)
     if wtype == Q8_0:  # byte 2 i + e of pair row p: row i's input 2 p + e
-        values = qs.reshape(g, GROUP_ROWS, nb, 16, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)
+        values = _side_by_side(qs, 2)
     else:
         q = torch.cat([qs & 15, qs >> 4], dim=3)
         values = _pair_words(q)
         if five:  # qh: bit l of its 4 bytes (little-endian) is weight l's fifth bit
-            qh = blocks[..., -vb - 4:-vb].to(torch.int64)
-            word = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
-            values = torch.cat([_fifth_masks(q, (word.unsqueeze(-1) >> torch.arange(32)) & 1), values], dim=2)
+            word = _words(blocks[..., -vb - 4:-vb])
+            values = torch.cat([_fifth_masks(q, (word >> torch.arange(32)) & 1), values], dim=2)
     return torch.cat([fields, values], dim=2).reshape(n, -1).contiguous()
 
 
@@ -157,22 +174,19 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     g = n // GROUP_ROWS
     groups = data.reshape(g, nb, GROUP_ROWS * base.nbytes)
     if base == Q6_K:
-        d = groups[:, :, :32].reshape(g, nb, GROUP_ROWS, 2).permute(0, 2, 1, 3)
-        sc = groups[:, :, 32:288].reshape(g, nb, 16, GROUP_ROWS).permute(0, 3, 1, 2)
+        d, sc = _by_row(groups[:, :, :32], 2), _by_row(groups[:, :, 32:288], 1)
         subs = groups[:, :, 288:].reshape(g, nb * 8, 384)
         low = _pair_values(subs[:, :, 128:])
         q = low | _mask_bits(subs[:, :, :64], low) << 4 | _from_pair(_mask_lanes(subs[:, :, 64:128])) << 5
         values = _q6_bytes(q.reshape(g, GROUP_ROWS, nb, 256))
         return torch.cat([values, sc, d], dim=3).reshape(n, -1).contiguous()
     if base == IQ4_XS:
-        fields = groups[:, :, :64].reshape(g, nb, 2, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 4)
-        low = groups[:, :, 64:128].reshape(g, nb, 4, GROUP_ROWS).permute(0, 3, 1, 2)
+        fields, low = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:128], 1)
         q = _pair_values(groups[:, :, 128:].reshape(g, nb * 8, 256))
         qs = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8).reshape(g, GROUP_ROWS, nb, 128)
         return torch.cat([fields, low, qs], dim=3).reshape(n, -1).contiguous()
     if base in (Q4_K, Q5_K):
-        dm = groups[:, :, :64].reshape(g, nb, 2, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 4)
-        sc = groups[:, :, 64:256].reshape(g, nb, 12, GROUP_ROWS).permute(0, 3, 1, 2)
+        dm, sc = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:256], 1)
         five = base == Q5_K
         subs = groups[:, :, 256:].reshape(g, nb * 8, -1)
         values = _pair_values(subs[:, :, 64 * five:])  # [g, 16 rows, sub-block, 32]
@@ -185,16 +199,15 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         return torch.cat([dm, sc, qh, qs], dim=3).reshape(n, -1).contiguous()
     vb, five = _value_bytes(base), base in (Q5_0, Q5_1)
     nfields = (base.nbytes - vb - 4 * five) // 2
-    fields = groups[:, :, :GROUP_ROWS * 2 * nfields].reshape(g, nb, nfields, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4)
+    fields = _by_row(groups[:, :, :GROUP_ROWS * 2 * nfields], 2)
     values = groups[:, :, GROUP_ROWS * 2 * nfields:]
-    qh = fields.new_empty(g, GROUP_ROWS, nb, 0)
+    qh = fields[..., :0]
     if base == Q8_0:
-        qs = values.reshape(g, nb, 16, GROUP_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 32)
+        qs = _by_row(values, 2)
     else:
         q = _pair_values(values[:, :, 64 * five:])
         qs = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8)
         if five:
-            word = (_mask_bits(values[:, :, :64], q) << torch.arange(32)).sum(-1)
-            qh = torch.stack([(word >> 8 * k) & 255 for k in range(4)], dim=-1).to(torch.uint8)
-    rows = torch.cat([fields.reshape(g, GROUP_ROWS, nb, 2 * nfields), qh, qs], dim=3)
+            qh = _word_bytes((_mask_bits(values[:, :, :64], q) << torch.arange(32)).sum(-1, keepdim=True))
+    rows = torch.cat([fields, qh, qs], dim=3)
     return rows.reshape(n, -1).contiguous()

@@ -125,9 +125,11 @@ class LLMEngine:
                  config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                  str(self.dtype).removeprefix("torch."), self.device)
         native = self.runner.native
-        int8 = any(getattr(m, "int8", False) for m in self.model.modules())
+        int8 = "" if not config.int8_activations else (
+            " (int8 into integer-block layers)" if any(getattr(m, "int8_active", False) for m in self.model.modules())
+            else " (int8 asked for, but no layer keeps an integer block type)")
         log.info("weights: %s; activations: %s%s; kernels: %s; decode steps: %s", describe_weights(self.model),
-                 str(self.dtype).removeprefix("torch."), " (int8 into integer-block layers)" if int8 else "",
+                 str(self.dtype).removeprefix("torch."), int8,
                  f"native {native.isa}" if native else "PyTorch",
                  f"one native call ({len(self.runner.tape.ops)} ops)" if self.runner.tape else "op by op")
 

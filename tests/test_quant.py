@@ -248,3 +248,17 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1
     assert target_type(quant.Q4_1, 576, "auto", f32, "avx512", rows=576) == quant.Q4_1
+
+
+def test_int8_activations_are_reported_only_where_a_layer_has_them():
+    from inferlab.model.layers.linear import Linear
+    stored = random_weights(quant.Q4_1, 64, 64, seed=0)
+
+    def layer(mode: str, int8: bool) -> Linear:
+        lin = Linear(64, 64)
+        lin.weight_loader(lin.weight, stored, wtype=quant.Q4_1)
+        lin.process_weights_after_loading(mode, torch.float32, "avx2", int8=int8)
+        return lin
+    assert layer("auto", int8=True).int8_active  # q4_1 kept: its rows multiply int8 inputs
+    assert not layer("none", int8=True).int8_active  # dequantized to fp32: nothing to take int8
+    assert not layer("auto", int8=False).int8_active

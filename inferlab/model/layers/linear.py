@@ -187,6 +187,11 @@ class Linear(nn.Module):
             row += data.shape[0]
         self.weight.weight_loader = self.weight_loader
 
+    @property
+    def int8_active(self) -> bool:
+        """Whether int8 activations reach any of this layer's weights: asked for, and a type that has them."""
+        return self.int8 and any(t in INT8_TYPES for t in (self.wtype, *(part[1] for part in self.parts)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
             return linear(x, self.weight, self.wtype, self.bias, int8=self.int8, out_dtype=self.out_dtype)

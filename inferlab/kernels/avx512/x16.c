@@ -104,7 +104,7 @@ IL_INLINE void store16(const float *acc, const uint16_t *bias, void *y, int64_t 
         _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(out));
 }
 
-static void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
+IL_INLINE void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
                        int yf32, const float *sx, int rows, int nb, int g, const int kind, tables t) {
     const int64_t block_bytes = group_block_bytes(kind);
     const uint8_t *w0 = w + (int64_t)g * nb * block_bytes;
@@ -168,7 +168,7 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
 }
 
 /* Rows [m0, m0 + R) (R <= WIDE_CHUNK) against groups 4 s .. 4 s + 3. */
-static void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
+IL_INLINE void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
                       int yf32, const float *sx, int m0, int R, int nb, int s, const int kind, tables t,
                       float *acc) {
     const int64_t block_bytes = group_block_bytes(kind);

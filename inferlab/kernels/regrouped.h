@@ -16,18 +16,20 @@ typedef struct { uint16_t d[16], m[16]; uint32_t h[16]; uint16_t q[128]; } il_q5
 static inline int il_x16_type(int wtype) {
     return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16 ||
            wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16 || wtype == IL_W_Q5_KX16 ||
-           wtype == IL_W_Q6_KX16 || wtype == IL_W_IQ4_XSX16;
+           wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
-/* The value at pair row p, lane l of a regrouped Q4/Q5 block: nibble p % 4 of word 32 (p / 4) + l,
- * and where `fifth` (16 32-bit masks, or NULL) is given, bit l of mask p XOR the bit above that
- * nibble in its word as the fifth bit (avx512/x16_blocks.h says why). */
-static inline int il_x16_value(const uint16_t *words, const uint16_t *fifth, int p, int l) {
-    const unsigned word = words[32 * (p / 4) + l];
-    const int q = (word >> 4 * (p % 4)) & 15;
-    if (!fifth) return q;
-    const uint32_t mask = fifth[2 * p] | (uint32_t)fifth[2 * p + 1] << 16;
-    return q | (((mask >> l) ^ (word >> (4 * (p % 4) + 4))) & 1) << 4;
+/* The value at pair row p, lane l of a regrouped block of `bits`-bit fields (4: Q4/Q5's nibbles, 2:
+ * Q3_K's): field p % f of word 32 (p / f) + l, f = 16 / bits fields a word, and where `high` (16
+ * 32-bit masks, or NULL) is given, bit l of mask p XOR the bit above that field in its word as the
+ * next bit (Q5's fifth, Q3_K's third; avx512/x16_blocks.h says why). */
+static inline int il_x16_value(const uint16_t *words, const uint16_t *high, int p, int l, int bits) {
+    const int f = 16 / bits, shift = bits * (p % f);
+    const unsigned word = words[32 * (p / f) + l];
+    const int q = (word >> shift) & ((1 << bits) - 1);
+    if (!high) return q;
+    const uint32_t mask = high[2 * p] | (uint32_t)high[2 * p + 1] << 16;
+    return q | (((mask >> l) ^ (word >> (shift + bits))) & 1) << bits;
 }
 
 /* Block b (inputs 32 b ..) of row n of a regrouped K-column matrix as fp32 (its layout:
@@ -42,9 +44,20 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
         for (int k = 0; k < 32; k++) {
             const int p = k / 2, lane = 2 * i + k % 2, sc = (int8_t)sb[32 + 16 * (2 * (b % 8) + k / 16) + i];
             const uint32_t sixth = at[32 + 2 * p] | (uint32_t)at[33 + 2 * p] << 16;
-            const int q = il_x16_value(at + 64, at, p, lane) | ((sixth >> lane) & 1) << 5;
+            const int q = il_x16_value(at + 64, at, p, lane, 4) | ((sixth >> lane) & 1) << 5;
             y[k] = d * sc * (q - 32);
         }
+        return;
+    }
+    if (wtype == IL_W_Q3_KX16) { /* d[16], scales[12][16], then per sub-block 16 third-bit masks and the words */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_q3_K));
+        const uint16_t *at = (const uint16_t *)(sb + 224 + 192 * (b % 8));
+        il_q3_K one = {{0}, {0}, {0}, ((const uint16_t *)sb)[i]};
+        for (int k = 0; k < 12; k++) one.scales[k] = sb[32 + 16 * k + i];
+        const float d = il_f16_to_f32(one.d);
+        for (int k = 0; k < 32; k++)
+            y[k] = d * il_q3_K_scale(&one, 2 * (b % 8) + k / 16) *
+                   (il_x16_value(at + 32, at, k / 2, 2 * i + k % 2, 2) - 4);
         return;
     }
     if (wtype == IL_W_IQ4_XSX16) { /* d[16], scales_h[16], scales_l[4][16], then 8 sub-blocks of words */
@@ -53,7 +66,7 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
         for (int k = 0; k < 4; k++) one.scales_l[k] = sb[64 + 16 * k + i];
         const float dl = il_f16_to_f32(one.d) * il_iq4_xs_scale(&one, b % 8);
         const uint16_t *words = (const uint16_t *)(sb + 128 + 256 * (b % 8));
-        for (int k = 0; k < 32; k++) y[k] = dl * il_iq4_values[il_x16_value(words, NULL, k / 2, 2 * i + k % 2)];
+        for (int k = 0; k < 32; k++) y[k] = dl * il_iq4_values[il_x16_value(words, NULL, k / 2, 2 * i + k % 2, 4)];
         return;
     }
     if (wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_KX16) {
@@ -67,7 +80,7 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
         il_scale_min_k4(b % 8, scales, &sc, &mn);
         const float d = il_f16_to_f32(h[i]) * sc, m = il_f16_to_f32(h[16 + i]) * mn;
         for (int k = 0; k < 32; k++)
-            y[k] = d * il_x16_value(at + (five ? 32 : 0), five ? at : NULL, k / 2, 2 * i + k % 2) - m;
+            y[k] = d * il_x16_value(at + (five ? 32 : 0), five ? at : NULL, k / 2, 2 * i + k % 2, 4) - m;
         return;
     }
     const int64_t bytes = 16 * il_block_bytes(wtype); /* a group's block: the same bytes per row */
@@ -82,7 +95,7 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
             y[k] = d * ((const il_q8_0x16 *)blk)->q[32 * p + lane];
             continue;
         }
-        const int q = il_x16_value(words, five ? fifth : NULL, p, lane);
+        const int q = il_x16_value(words, five ? fifth : NULL, p, lane, 4);
         y[k] = with_min ? d * q + m : five ? d * (q - 16) : wtype == IL_W_IQ4_NLX16 ? d * il_iq4_values[q] : d * (q - 8);
     }
 }

@@ -1,9 +1,9 @@
 /* The linear layer for the regrouped types (IL_W_*X16: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K,
- * Q6_K and IQ4_XS blocks, 16 weight rows at a time; their layout and decoding: x16_blocks.h), with bf16
+ * Q6_K, Q3_K and IQ4_XS blocks, 16 weight rows at a time; their layout and decoding: x16_blocks.h), with bf16
  * inputs, on AVX512-BF16: exact weights at the speed the blocks' bytes allow, no weight ever rounded
  * and no horizontal sums. Per block and row of x, the integer dot q . x of each of the 16 weight
  * rows sits in its own fp32 lane; it is scaled by the rows' d, and Q4_1-like types add m times the
- * block's sum of inputs (Q6_K: two parts, each times its scale). Every input row reuses the decoded
+ * block's sum of inputs (Q6_K, Q3_K: two parts, each times its scale). Every input row reuses the decoded
  * block. At one row the products bound it: on Golden Cove a vdpbf16ps issues every 2 cycles, shares
  * a port with vpermw and takes 8 cycles, so one row runs two blocks' chains side by side
  * (docs/performance.md has the timings).
@@ -40,11 +40,11 @@
         }                                                                           \
     } while (0)
 
-/* A block's products p of one input row (part h of them: pairs 8 h .. for Q6_K) added to that row's
- * sums a: a + d p (+ m sum x, Q4_1), or Q6_K's part h times its scale, the one scaling every path
+/* A block's products p of one input row (part h of them: pairs 8 h .. for Q6_K, Q3_K) added to that
+ * row's sums a: a + d p (+ m sum x, Q4_1), or Q6_K's / Q3_K's part h times its scale, the one scaling every path
  * uses, part after part, so a row's result never depends on its tile. */
 IL_INLINE __m512 add_part(__m512 a, __m512 p, __m512 dv, __m512 mv, float sx, const int kind, const int h) {
-    if (kind == Q6_K) return _mm512_fmadd_ps(p, h ? mv : dv, a);
+    if (parts(kind) == 2) return _mm512_fmadd_ps(p, h ? mv : dv, a);
     a = _mm512_fmadd_ps(p, dv, a);
     return has_min(kind) ? _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), a) : a;
 }
@@ -192,10 +192,13 @@ IL_INLINE void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const
             store16(acc + 64 * i + 16 * g, bias ? bias + 64 * s + 16 * g : NULL, y, (int64_t)(m0 + i) * ldy + 64 * s + 16 * g, yf32);
 }
 
-/* Every call site with its kind a constant, so each kind gets its own compiled tiles. */
+/* Every call site with its kind a constant, so each kind gets its own compiled tiles (group_rows and
+ * wide_rows are always inlined for that: left to GCC's cloning, some kinds ran with the kind a
+ * variable, up to 1.6x slower). */
 #define BY_KIND(CALL)                                                                                \
     (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : kind == Q4_K ? CALL(Q4_K) : kind == Q5_0 ? CALL(Q5_0) \
-     : kind == Q5_1 ? CALL(Q5_1) : kind == Q5_K ? CALL(Q5_K) : kind == Q6_K ? CALL(Q6_K) : kind == IQ4_XS ? CALL(IQ4_XS) \
+     : kind == Q5_1 ? CALL(Q5_1) : kind == Q5_K ? CALL(Q5_K) : kind == Q6_K ? CALL(Q6_K) : kind == Q3_K ? CALL(Q3_K) \
+     : kind == IQ4_XS ? CALL(IQ4_XS) \
      : CALL(Q4_0))
 
 int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,

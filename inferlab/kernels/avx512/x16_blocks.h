@@ -27,6 +27,10 @@
  * the low nibbles' words; a sub-block's products come in two parts, inputs 0-15 and 16-31, each
  * scaled by d times its scale. IQ4_XS's hold the 16 rows' d, then their scales' high bits (16-bit
  * words) and low nibbles (4 bytes) side by side (128 bytes), then 8 sub-blocks as IQ4_NL's values.
+ * Q3_K's hold the 16 rows' d and 12 scale bytes side by side (224 bytes), then 8 sub-blocks of 16
+ * masks of the third bit and 64 words of 2-bit fields (field j of word 32 c + i: pair row 8 c + j),
+ * Q6_K's two parts: 3 bits a weight fit its bytes only so. The masked add of 4 puts the third bit
+ * in bit 2 of the index, stored XOR the next field's low bit, as Q5's fifth.
  */
 #ifndef INFERLAB_AVX512_X16_BLOCKS_H
 #define INFERLAB_AVX512_X16_BLOCKS_H
@@ -34,14 +38,20 @@
 
 #include "../common.h"
 
-enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, IQ4_XS }; /* a call's blocks (a constant in every tile) */
+enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, IQ4_XS }; /* a call's blocks (a constant in every tile) */
 
 /* 256-input blocks */
-IL_INLINE int is_k(const int kind) { return kind == Q4_K || kind == Q5_K || kind == Q6_K || kind == IQ4_XS; }
+IL_INLINE int is_k(const int kind) {
+    return kind == Q4_K || kind == Q5_K || kind == Q6_K || kind == Q3_K || kind == IQ4_XS;
+}
 IL_INLINE int has_min(const int kind) { return kind == Q4_1 || kind == Q5_1 || kind == Q4_K || kind == Q5_K; }
 IL_INLINE int is_q5(const int kind) { return kind == Q5_0 || kind == Q5_1 || kind == Q5_K; }
-/* A block's products come in parts, each under its own scale: Q6_K's two halves of 16 inputs. */
-IL_INLINE int parts(const int kind) { return kind == Q6_K ? 2 : 1; }
+/* A block's products come in parts, each under its own scale: Q6_K's and Q3_K's two halves of 16 inputs. */
+IL_INLINE int parts(const int kind) { return kind == Q6_K || kind == Q3_K ? 2 : 1; }
+/* Bits of a value in the words (the rest in masks): Q3_K's 2, else 4. */
+IL_INLINE int field_bits(const int kind) { return kind == Q3_K ? 2 : 4; }
+/* Kinds whose pair rows take one more bit from a mask (see the top). */
+IL_INLINE int has_high(const int kind) { return is_q5(kind) || kind == Q6_K || kind == Q3_K; }
 
 /* vpermw's tables of the exact bf16 values: lo for indices 0-31, hi for Q6_K's q >= 32. */
 typedef struct { __m512i lo, hi; } tables;
@@ -50,15 +60,15 @@ typedef struct { __m512i lo, hi; } tables;
 IL_INLINE int kind_of(int wtype) {
     return wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : wtype == IL_W_Q4_KX16 ? Q4_K
          : wtype == IL_W_Q5_0X16 ? Q5_0 : wtype == IL_W_Q5_1X16 ? Q5_1 : wtype == IL_W_Q5_KX16 ? Q5_K
-         : wtype == IL_W_Q6_KX16 ? Q6_K : wtype == IL_W_IQ4_XSX16 ? IQ4_XS : Q4_0;
+         : wtype == IL_W_Q6_KX16 ? Q6_K : wtype == IL_W_Q3_KX16 ? Q3_K : wtype == IL_W_IQ4_XSX16 ? IQ4_XS : Q4_0;
 }
 
 static inline tables tables_of(int wtype) {
     const int kind = kind_of(wtype);
     uint16_t v[64];
     for (int i = 0; i < 64; i++) {
-        const int q = is_q5(kind) || kind == Q6_K ? i : i & 15;
-        const int offset = kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : kind == Q6_K ? 32 : 0;
+        const int q = kind == Q3_K ? i & 7 : is_q5(kind) || kind == Q6_K ? i : i & 15;
+        const int offset = kind == Q4_0 ? 8 : kind == Q3_K ? 4 : kind == Q5_0 ? 16 : kind == Q6_K ? 32 : 0;
         const int iq4 = wtype == IL_W_IQ4_NLX16 || wtype == IL_W_IQ4_XSX16;
         v[i] = il_f32_to_bf16((float)(iq4 ? il_iq4_values[i & 15] : q - offset));
     }
@@ -78,13 +88,14 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, tables t, const 
                                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
     }
     const int fields = is_k(kind) ? 0 : has_min(kind) ? 32 : 16; /* words of scales before the values */
-    const int at = fields + (is_q5(kind) ? 32 : kind == Q6_K ? 64 : 0); /* and of masks (Q5: 16, Q6_K: 32) */
-    const __m512i v = _mm512_loadu_si512((const uint16_t *)blk + at + 32 * (j / 4));
-    __m512i idx = j % 4 ? _mm512_srli_epi16(v, 4 * (j % 4)) : v;
-    if (is_q5(kind) || kind == Q6_K) {
+    const int at = fields + (has_high(kind) ? 32 : 0) + (kind == Q6_K ? 32 : 0); /* and of masks (16, Q6_K: 32) */
+    const int bits = field_bits(kind), f = 16 / bits; /* f fields a word */
+    const __m512i v = _mm512_loadu_si512((const uint16_t *)blk + at + 32 * (j / f));
+    __m512i idx = j % f ? _mm512_srli_epi16(v, bits * (j % f)) : v;
+    if (has_high(kind)) {
         uint32_t mask;
         memcpy(&mask, (const uint16_t *)blk + fields + 2 * j, sizeof mask);
-        idx = _mm512_mask_add_epi16(idx, (__mmask32)mask, idx, _mm512_set1_epi16(16));
+        idx = _mm512_mask_add_epi16(idx, (__mmask32)mask, idx, _mm512_set1_epi16(1 << bits));
     }
     const __m512i values = _mm512_permutexvar_epi16(idx, t.lo);
     if (kind != Q6_K) return (__m512bh)values;
@@ -99,13 +110,18 @@ IL_INLINE int64_t group_block_bytes(const int kind) {
     return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : kind == Q5_0 ? sizeof(il_q5_0x16)
          : kind == Q5_1 ? sizeof(il_q5_1x16) : kind == Q4_K ? 16 * sizeof(il_q4_K) / 8
          : kind == Q5_K ? 16 * sizeof(il_q5_K) / 8 : kind == Q6_K ? 16 * sizeof(il_q6_K) / 8
+         : kind == Q3_K ? 16 * sizeof(il_q3_K) / 8
          : kind == IQ4_XS ? 16 * sizeof(il_iq4_xs) / 8 : sizeof(il_q4_0x16);
 }
 
 /* The K types' group blocks: a header of the 16 rows' scales (Q6_K: d[16], then its 16 scales of the
- * 16 rows side by side), then 8 sub-blocks of masks (Q5_K: 16, Q6_K: 32) and 128 words. */
-IL_INLINE int header_bytes(const int kind) { return kind == Q6_K ? 288 : kind == IQ4_XS ? 128 : 256; }
-IL_INLINE int sub_block_bytes(const int kind) { return kind == Q6_K ? 384 : kind == Q5_K ? 320 : 256; }
+ * 16 rows side by side), then 8 sub-blocks of masks (Q5_K, Q3_K: 16, Q6_K: 32) and 128 words (Q3_K: 64). */
+IL_INLINE int header_bytes(const int kind) {
+    return kind == Q6_K ? 288 : kind == Q3_K ? 224 : kind == IQ4_XS ? 128 : 256;
+}
+IL_INLINE int sub_block_bytes(const int kind) {
+    return kind == Q6_K ? 384 : kind == Q5_K ? 320 : kind == Q3_K ? 192 : 256;
+}
 
 /* Where block b (inputs 32 b ..) of a group starting at w0 is: for the K types its sub-block, after
  * the header of scales. */
@@ -135,6 +151,21 @@ IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *d
         const __m128i *sc = (const __m128i *)(head + 32) + 2 * j;
         *dv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc))));
         *mv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc + 1))));
+        return;
+    }
+    if (kind == Q3_K) { /* d times the scales of inputs 0-15 (dv) and 16-31 (mv), as il_q3_K_scale reads them */
+        const __m512 d = scales(head, 0);
+        for (int h = 0; h < 2; h++) {
+            const int s = 2 * j + h;
+#define SCALE_BYTE(k) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(head + 32 + 16 * (k))))
+            const __m512i lo = s < 8 ? SCALE_BYTE(s) : _mm512_srli_epi32(SCALE_BYTE(s - 8), 4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(SCALE_BYTE(8 + s % 4), 2 * (s / 4)),
+                                                _mm512_set1_epi32(3));
+#undef SCALE_BYTE
+            const __m512i sc = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)), _mm512_slli_epi32(hi, 4));
+            const __m512 v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(sc, _mm512_set1_epi32(32))));
+            *(h ? mv : dv) = v;
+        }
         return;
     }
     if (kind == IQ4_XS) { /* d times the 6-bit scale less 32, as il_iq4_xs_scale reads it for one row */

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from inferlab.model.layers.quant import GROUP_ROWS, IQ4_XS, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
+from inferlab.model.layers.quant import GROUP_ROWS, IQ4_XS, Q3_K, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
 
 
 def _side_by_side(fields: torch.Tensor, width: int) -> torch.Tensor:
@@ -38,22 +38,26 @@ def _value_bytes(wtype: WeightType) -> int:
     return 32 if wtype == Q8_0 else 16  # a block's int8 values, or its 32 nibbles
 
 
-def _pair_words(q: torch.Tensor) -> torch.Tensor:
-    """4-bit values q [g, 16 rows, blocks, 32 inputs] as the regrouped blocks' 256 bytes each
-    [g, blocks, 256]: nibble j of word 32 c + 2 i + e is row i's input 2 (4 c + j) + e."""
+def _pair_words(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """`bits`-bit values q [g, 16 rows, blocks, 32 inputs] as the regrouped blocks' words [g, blocks,
+    64 bits bytes]: with f = 16 / bits fields a word, field j of word 32 c + 2 i + e is row i's input
+    2 (f c + j) + e (4 bits: 256 bytes of nibbles; Q3_K's 2: 128 bytes)."""
     g, _, nb, _ = q.shape
-    q = q.to(torch.int32).reshape(g, GROUP_ROWS, nb, 4, 4, 2).permute(0, 2, 3, 4, 1, 5).reshape(g, nb, 4, 4, 32)
-    words = q[:, :, :, 0] | q[:, :, :, 1] << 4 | q[:, :, :, 2] << 8 | q[:, :, :, 3] << 12
+    f = 16 // bits
+    q = q.to(torch.int32).reshape(g, GROUP_ROWS, nb, 16 // f, f, 2).permute(0, 2, 3, 4, 1, 5)
+    q = q.reshape(g, nb, 16 // f, f, 32)
+    words = sum(q[:, :, :, j] << bits * j for j in range(f))
     return torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(g, nb, -1)
 
 
-def _pair_values(values: torch.Tensor) -> torch.Tensor:
-    """`_pair_words`' inverse: [g, blocks, 256] -> 4-bit values [g, 16 rows, blocks, 32 inputs]."""
+def _pair_values(values: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """`_pair_words`' inverse: [g, blocks, bytes] -> `bits`-bit values [g, 16 rows, blocks, 32 inputs]."""
     g, nb, _ = values.shape
-    wb = values.reshape(g, nb, 4, 32, 2).to(torch.int32)
+    f = 16 // bits
+    wb = values.reshape(g, nb, 16 // f, 32, 2).to(torch.int32)
     words = wb[..., 0] | wb[..., 1] << 8  # [g, block, c, 2 i + e]
-    q = torch.stack([(words >> 4 * j) & 15 for j in range(4)], dim=3)  # [g, block, c, j, 2 i + e]
-    return q.reshape(g, nb, 4, 4, GROUP_ROWS, 2).permute(0, 4, 1, 2, 3, 5).reshape(g, GROUP_ROWS, nb, 32)
+    q = torch.stack([(words >> bits * j) & ((1 << bits) - 1) for j in range(f)], dim=3)  # [g, block, c, j, 2 i + e]
+    return q.reshape(g, nb, 16 // f, f, GROUP_ROWS, 2).permute(0, 4, 1, 2, 3, 5).reshape(g, GROUP_ROWS, nb, 32)
 
 
 def _by_pair(t: torch.Tensor) -> torch.Tensor:
@@ -62,13 +66,13 @@ def _by_pair(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64).reshape(g, GROUP_ROWS, nb, 16, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, 16, 32)
 
 
-def _bits_above(values: torch.Tensor) -> torch.Tensor:
-    """Per pair row and lane, the bit the kernel finds above a nibble in its word: the next nibble's
-    low bit (pair row p + 1), 0 past a word's last nibble. `values`: the nibbles, as `_by_pair` takes."""
-    q = _by_pair(values)
+def _bits_above(values: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Per pair row and lane, the bit the kernel finds above a field in its word: the next field's
+    low bit (pair row p + 1), 0 past a word's last field. `values`: the fields, as `_by_pair` takes."""
+    q, f = _by_pair(values), 16 // bits
     above = torch.zeros_like(q)
     for p in range(16):
-        if p % 4 != 3:
+        if p % f != f - 1:
             above[:, :, p] = q[:, :, p + 1] & 1
     return above
 
@@ -89,16 +93,16 @@ def _mask_lanes(masks: torch.Tensor) -> torch.Tensor:
     return (_words(masks).unsqueeze(-1) >> torch.arange(32)) & 1
 
 
-def _fifth_masks(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Q5's fifth bits [g, 16 rows, blocks, 32 inputs] as the regrouped blocks' 16 32-bit masks: bit
-    2 i + e of mask p is row i's input 2 p + e's fifth bit XOR the bit above its nibble
-    (x16_blocks.h says why). `values`: the nibbles."""
-    return _lane_masks(_by_pair(bits) ^ _bits_above(values))
+def _fifth_masks(values: torch.Tensor, high: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """The bit above `bits`-bit fields (Q5's fifth, Q3_K's third) [g, 16 rows, blocks, 32 inputs] as
+    the regrouped blocks' 16 32-bit masks: bit 2 i + e of mask p is row i's input 2 p + e's high bit
+    XOR the bit above its field (x16_blocks.h says why). `values`: the fields."""
+    return _lane_masks(_by_pair(high) ^ _bits_above(values, bits))
 
 
-def _mask_bits(masks: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`_fifth_masks`' inverse: the masks [g, blocks, 64] and the nibbles -> the fifth bits."""
-    return _from_pair(_mask_lanes(masks) ^ _bits_above(values))
+def _mask_bits(masks: torch.Tensor, values: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """`_fifth_masks`' inverse: the masks [g, blocks, 64] and the fields -> the high bits."""
+    return _from_pair(_mask_lanes(masks) ^ _bits_above(values, bits))
 
 
 def _q6_values(blocks: torch.Tensor) -> torch.Tensor:
@@ -119,14 +123,15 @@ def _q6_bytes(q: torch.Tensor) -> torch.Tensor:
 
 
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / IQ4_XS / Q4_K / Q5_K / Q6_K rows [N, row bytes] (N a
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / IQ4_XS / Q4_K / Q5_K / Q6_K / Q3_K rows [N, row bytes] (N a
     multiple of 16) regrouped as
     REGROUPED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields
     side by side, then the values as pairs of inputs of the 16 rows (layout: kernels/avx512/x16_blocks.h).
     Q4_K: per group and 256-input block, the rows' d, dmin and 12 scale bytes side by side, then its
     8 sub-blocks' values so (Q5_K: each sub-block's fifth-bit masks, then its values, as Q5_1's).
     Q6_K: per group and 256-input block, the rows' d and 16 scales side by side, then its 8 sub-blocks'
-    fifth-bit masks, sixth-bit masks and low nibbles. IQ4_XS: the rows' d, scales_h and 4 scales_l
+    fifth-bit masks, sixth-bit masks and low nibbles. Q3_K: the rows' d and 12 scale bytes side by side,
+    then its 8 sub-blocks' third-bit masks and 2-bit words. IQ4_XS: the rows' d, scales_h and 4 scales_l
     bytes side by side, then its 8 sub-blocks' values."""
     n = data.shape[0]
     if n % GROUP_ROWS:
@@ -138,6 +143,13 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         q = _q6_values(blocks).reshape(g, GROUP_ROWS, nb * 8, 32)
         low = q & 15
         subs = torch.cat([_fifth_masks(low, (q >> 4) & 1), _lane_masks(_by_pair(q >> 5)), _pair_words(low)], dim=2)
+        return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
+    if wtype == Q3_K:  # sub-block j: bit pair j % 4 of qs[32 (j / 4) ..], bit j of hmask[..] the third bit
+        d, sc = _side_by_side(blocks[..., 108:], 2), _side_by_side(blocks[..., 96:108], 1)
+        qs = blocks[..., 32:96].reshape(g, GROUP_ROWS, nb, 2, 1, 32).to(torch.int64)
+        low = ((qs >> 2 * torch.arange(4).view(4, 1)) & 3).reshape(g, GROUP_ROWS, nb * 8, 32)
+        high = ((blocks[..., :32].unsqueeze(3).to(torch.int64) >> torch.arange(8).view(8, 1)) & 1)
+        subs = torch.cat([_fifth_masks(low, high.reshape(g, GROUP_ROWS, nb * 8, 32), 2), _pair_words(low, 2)], dim=2)
         return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype == IQ4_XS:  # sub-block j: the low then the high nibbles of bytes 8 + 16 j ..
         fields, low = _side_by_side(blocks[..., :4], 2), _side_by_side(blocks[..., 4:8], 1)
@@ -180,6 +192,15 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         q = low | _mask_bits(subs[:, :, :64], low) << 4 | _from_pair(_mask_lanes(subs[:, :, 64:128])) << 5
         values = _q6_bytes(q.reshape(g, GROUP_ROWS, nb, 256))
         return torch.cat([values, sc, d], dim=3).reshape(n, -1).contiguous()
+    if base == Q3_K:
+        d, sc = _by_row(groups[:, :, :32], 2), _by_row(groups[:, :, 32:224], 1)
+        subs = groups[:, :, 224:].reshape(g, nb * 8, 192)
+        low = _pair_values(subs[:, :, 64:], 2)  # [g, 16 rows, sub-block, 32]
+        high = _mask_bits(subs[:, :, :64], low, 2).reshape(g, GROUP_ROWS, nb, 8, 32)
+        qs = (low.reshape(g, GROUP_ROWS, nb, 2, 4, 32) << 2 * torch.arange(4).view(4, 1)).sum(4)
+        hmask = (high << torch.arange(8).view(8, 1)).sum(3)
+        rows = torch.cat([hmask.to(torch.uint8), qs.to(torch.uint8).flatten(-2), sc, d], dim=3)
+        return rows.reshape(n, -1).contiguous()
     if base == IQ4_XS:
         fields, low = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:128], 1)
         q = _pair_values(groups[:, :, 128:].reshape(g, nb * 8, 256))

@@ -244,7 +244,7 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q6_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q6_KX16
     assert target_type(quant.IQ4_XS, 512, "auto", bf16, "avx512", rows=576) == quant.IQ4_XSX16
     assert target_type(quant.Q3_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q3_KX16
-    assert target_type(quant.Q2_K, 512, "auto", bf16, "avx512", rows=576) == quant.BF16  # not regrouped
+    assert target_type(quant.Q2_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q2_KX16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576) == quant.BF16
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1

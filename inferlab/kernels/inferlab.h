@@ -51,6 +51,7 @@
 #define IL_W_Q5_1X16 71   /* Q4_1X16's so */
 #define IL_W_Q5_KX16 77   /* Q4_KX16's, each sub-block's fifth-bit masks before its words */
 #define IL_W_Q6_KX16 78   /* per 256 inputs: the 16 rows' d and scales, then 8 sub-blocks of masks and words */
+#define IL_W_Q2_KX16 74   /* per 256 inputs: the 16 rows' d, dmin and scales, then 8 sub-blocks of 2-bit words */
 #define IL_W_Q3_KX16 75   /* per 256 inputs: the 16 rows' d and scales, then 8 sub-blocks of masks and 2-bit words */
 #define IL_W_IQ4_XSX16 87 /* per 256 inputs: the 16 rows' d and scales, then 8 sub-blocks as IQ4_NLX16's values */
 

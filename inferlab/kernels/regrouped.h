@@ -16,7 +16,7 @@ typedef struct { uint16_t d[16], m[16]; uint32_t h[16]; uint16_t q[128]; } il_q5
 static inline int il_x16_type(int wtype) {
     return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16 ||
            wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16 || wtype == IL_W_Q5_KX16 ||
-           wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_IQ4_XSX16;
+           wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
 /* The value at pair row p, lane l of a regrouped block of `bits`-bit fields (4: Q4/Q5's nibbles, 2:
@@ -58,6 +58,16 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
         for (int k = 0; k < 32; k++)
             y[k] = d * il_q3_K_scale(&one, 2 * (b % 8) + k / 16) *
                    (il_x16_value(at + 32, at, k / 2, 2 * i + k % 2, 2) - 4);
+        return;
+    }
+    if (wtype == IL_W_Q2_KX16) { /* d[16], dmin[16], scales[16][16], then per sub-block the words */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_q2_K));
+        const uint16_t *h = (const uint16_t *)sb, *words = (const uint16_t *)(sb + 320 + 128 * (b % 8));
+        const float d = il_f16_to_f32(h[i]), dmin = il_f16_to_f32(h[16 + i]);
+        for (int k = 0; k < 32; k++) {
+            const uint8_t sc = sb[64 + 16 * (2 * (b % 8) + k / 16) + i];
+            y[k] = d * (sc & 0xF) * il_x16_value(words, NULL, k / 2, 2 * i + k % 2, 2) - dmin * (sc >> 4);
+        }
         return;
     }
     if (wtype == IL_W_IQ4_XSX16) { /* d[16], scales_h[16], scales_l[4][16], then 8 sub-blocks of words */

@@ -1,9 +1,10 @@
 /* The linear layer for the regrouped types (IL_W_*X16: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K,
- * Q6_K, Q3_K and IQ4_XS blocks, 16 weight rows at a time; their layout and decoding: x16_blocks.h), with bf16
+ * Q6_K, Q3_K, Q2_K and IQ4_XS blocks, 16 weight rows at a time; their layout and decoding: x16_blocks.h), with bf16
  * inputs, on AVX512-BF16: exact weights at the speed the blocks' bytes allow, no weight ever rounded
  * and no horizontal sums. Per block and row of x, the integer dot q . x of each of the 16 weight
  * rows sits in its own fp32 lane; it is scaled by the rows' d, and Q4_1-like types add m times the
- * block's sum of inputs (Q6_K, Q3_K: two parts, each times its scale). Every input row reuses the decoded
+ * block's sum of inputs (Q6_K, Q3_K, Q2_K: two parts, each times its scale; Q2_K's each adds its
+ * minimum times its own 16 inputs' sum). Every input row reuses the decoded
  * block. At one row the products bound it: on Golden Cove a vdpbf16ps issues every 2 cycles, shares
  * a port with vpermw and takes 8 cycles, so one row runs two blocks' chains side by side
  * (docs/performance.md has the timings).
@@ -40,18 +41,20 @@
         }                                                                           \
     } while (0)
 
-/* A block's products p of one input row (part h of them: pairs 8 h .. for Q6_K, Q3_K) added to that
- * row's sums a: a + d p (+ m sum x, Q4_1), or Q6_K's / Q3_K's part h times its scale, the one scaling every path
- * uses, part after part, so a row's result never depends on its tile. */
-IL_INLINE __m512 add_part(__m512 a, __m512 p, __m512 dv, __m512 mv, float sx, const int kind, const int h) {
-    if (parts(kind) == 2) return _mm512_fmadd_ps(p, h ? mv : dv, a);
-    a = _mm512_fmadd_ps(p, dv, a);
-    return has_min(kind) ? _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), a) : a;
+/* A block's products p of one input row (part h of them: pairs 8 h .. for the two-part kinds) added to
+ * that row's sums a: a + d[h] p (+ m[h] sum x), the one scaling every path uses, part after part, so
+ * a row's result never depends on its tile. */
+IL_INLINE __m512 add_part(__m512 a, __m512 p, const factors *f, float sx, const int kind, const int h) {
+    a = _mm512_fmadd_ps(p, f->d[h], a);
+    return has_min(kind) ? _mm512_fmadd_ps(f->m[h], _mm512_set1_ps(sx), a) : a;
 }
+
+/* Where part h's input sum is among a block's (sums_per_block). */
+IL_INLINE int sum_at(const int kind, const int h) { return sums_per_block(kind) == 2 ? h : 0; }
 
 /* R (a constant, <= 6) rows of x, ldx apart, against one decoded block: acc[i] (16 outputs) +=
  * d * (q . x) (+ m * sum x). Rows side by side only for the independent chains. */
-IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16], __m512 dv, __m512 mv,
+IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16], const factors *f,
                           const float *sx, int64_t sx_stride, float *acc, const int R, const int kind) {
     for (int h = 0; h < parts(kind); h++) {
         __m512 p[6];
@@ -63,8 +66,8 @@ IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16],
                 p[i] = _mm512_dpbf16_ps(p[i], wv[j], (__m512bh)_mm512_set1_epi32(pair));
             }
         for (int i = 0; i < R; i++) {
-            const float s = has_min(kind) ? sx[i * sx_stride] : 0.f;
-            _mm512_store_ps(acc + 16 * i, add_part(_mm512_load_ps(acc + 16 * i), p[i], dv, mv, s, kind, h));
+            const float s = has_min(kind) ? sx[i * sx_stride + sum_at(kind, h)] : 0.f;
+            _mm512_store_ps(acc + 16 * i, add_part(_mm512_load_ps(acc + 16 * i), p[i], f, s, kind, h));
         }
     }
 }
@@ -84,13 +87,14 @@ IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t byt
         p0[h] = _mm512_dpbf16_ps(p0[h], pair_row(blk, kind, t, j), (__m512bh)_mm512_set1_epi32(x0));
         p1[h] = _mm512_dpbf16_ps(p1[h], pair_row(blk + bytes, kind, t, j), (__m512bh)_mm512_set1_epi32(x1));
     }
-    const int with_min = has_min(kind);
-    __m512 d0, m0, d1, m1;
-    block_scales(blk, b, kind, &d0, &m0);
-    block_scales(blk + bytes, b + 1, kind, &d1, &m1);
+    const int with_min = has_min(kind), spb = sums_per_block(kind);
+    factors f0, f1;
+    block_scales(blk, b, kind, &f0);
+    block_scales(blk + bytes, b + 1, kind, &f1);
     __m512 a = _mm512_load_ps(acc);
-    for (int h = 0; h < parts(kind); h++) a = add_part(a, p0[h], d0, m0, with_min ? sx[0] : 0.f, kind, h);
-    for (int h = 0; h < parts(kind); h++) a = add_part(a, p1[h], d1, m1, with_min ? sx[1] : 0.f, kind, h);
+    for (int h = 0; h < parts(kind); h++) a = add_part(a, p0[h], &f0, with_min ? sx[sum_at(kind, h)] : 0.f, kind, h);
+    for (int h = 0; h < parts(kind); h++)
+        a = add_part(a, p1[h], &f1, with_min ? sx[spb + sum_at(kind, h)] : 0.f, kind, h);
     _mm512_store_ps(acc, a);
 }
 
@@ -106,7 +110,7 @@ IL_INLINE void store16(const float *acc, const uint16_t *bias, void *y, int64_t 
 
 IL_INLINE void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
                        int yf32, const float *sx, int rows, int nb, int g, const int kind, tables t) {
-    const int64_t block_bytes = group_block_bytes(kind);
+    const int64_t block_bytes = group_block_bytes(kind), spb = sums_per_block(kind);
     const uint8_t *w0 = w + (int64_t)g * nb * block_bytes;
     float acc[ROWS_PASS * 16] __attribute__((aligned(64)));
     for (int m0 = 0; m0 < rows; m0 += ROWS_PASS) {
@@ -120,15 +124,16 @@ IL_INLINE void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, cons
                 for (int64_t line = 0; line < block_bytes; line += 64)
                     _mm_prefetch((const char *)blk + 5 * block_bytes + line, _MM_HINT_T0);
                 row_two_blocks(x + m0 * ldx + 32 * b, blk, block_at(w0, b + 1, kind) - blk, b, t,
-                               sx ? sx + m0 * nb + b : NULL, acc, kind);
+                               sx ? sx + ((int64_t)m0 * nb + b) * spb : NULL, acc, kind);
                 b++;
                 continue;
             }
             __m512bh wv[16];
-            __m512 dv, mv;
-            decode_block(blk, b, kind, t, wv, &dv, &mv);
-#define ROWS(n) rows_block(x + (m0 + i) * ldx + 32 * b, ldx, wv, dv, mv, sx ? sx + (m0 + i) * nb + b : NULL, nb, \
-                           acc + 16 * i, n, kind)
+            factors f;
+            decode_block(blk, b, kind, t, wv, &f);
+#define ROWS(n)                                                                                          \
+    rows_block(x + (m0 + i) * ldx + 32 * b, ldx, wv, &f, sx ? sx + ((int64_t)(m0 + i) * nb + b) * spb : NULL, nb * spb, \
+               acc + 16 * i, n, kind)
             BY_TILES(6, ROWS);
 #undef ROWS
         }
@@ -140,8 +145,8 @@ IL_INLINE void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, cons
 /* Many rows: 4 rows x 4 groups (64 outputs) a tile, 16 chains, the decoded blocks read from L1 as
  * the products' memory operands: a third of a load per product, where the group path above
  * broadcasts one input pair per product. Each output's sums are the group path's, in its order. */
-IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, const __m512 dv[4], const __m512 mv[4],
-                         const float *sx, int64_t sx_stride, float *acc, const int R, const int kind) {
+IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, const factors f[4], const float *sx,
+                         int64_t sx_stride, float *acc, const int R, const int kind) {
     for (int h = 0; h < parts(kind); h++) {
         __m512 p[6][4]; /* R <= 4 where it runs; 6 for the tile dispatch's unreached cases */
         for (int i = 0; i < R; i++)
@@ -161,8 +166,8 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
         for (int i = 0; i < R; i++)
             for (int g = 0; g < 4; g++) {
                 float *at = acc + 64 * i + 16 * g;
-                const float s = has_min(kind) ? sx[i * sx_stride] : 0.f;
-                _mm512_store_ps(at, add_part(_mm512_load_ps(at), p[i][g], dv[g], mv[g], s, kind, h));
+                const float s = has_min(kind) ? sx[i * sx_stride + sum_at(kind, h)] : 0.f;
+                _mm512_store_ps(at, add_part(_mm512_load_ps(at), p[i][g], f + g, s, kind, h));
             }
     }
 }
@@ -171,19 +176,20 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
 IL_INLINE void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
                       int yf32, const float *sx, int m0, int R, int nb, int s, const int kind, tables t,
                       float *acc) {
-    const int64_t block_bytes = group_block_bytes(kind);
+    const int64_t block_bytes = group_block_bytes(kind), spb = sums_per_block(kind);
     __m512i wbuf[64] __attribute__((aligned(64)));
     memset(acc, 0, sizeof(float) * 64 * R);
     for (int b = 0; b < nb; b++) {
-        __m512 dv[4], mv[4];
+        factors f[4];
         for (int g = 0; g < 4; g++) {
             __m512bh wv[16];
             const uint8_t *w0 = w + (int64_t)(4 * s + g) * nb * block_bytes;
-            decode_block(block_at(w0, b, kind), b, kind, t, wv, dv + g, mv + g);
+            decode_block(block_at(w0, b, kind), b, kind, t, wv, f + g);
             for (int j = 0; j < 16; j++) _mm512_store_si512(wbuf + 16 * g + j, (__m512i)wv[j]);
         }
-#define TILE(n) tile_wide(x + (m0 + i) * ldx + 32 * b, ldx, wbuf, dv, mv, sx ? sx + (m0 + i) * nb + b : NULL, nb, \
-                          acc + 64 * i, n, kind)
+#define TILE(n)                                                                                          \
+    tile_wide(x + (m0 + i) * ldx + 32 * b, ldx, wbuf, f, sx ? sx + ((int64_t)(m0 + i) * nb + b) * spb : NULL, nb * spb, \
+              acc + 64 * i, n, kind)
         BY_TILES(4, TILE);
 #undef TILE
     }
@@ -198,7 +204,7 @@ IL_INLINE void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const
 #define BY_KIND(CALL)                                                                                \
     (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : kind == Q4_K ? CALL(Q4_K) : kind == Q5_0 ? CALL(Q5_0) \
      : kind == Q5_1 ? CALL(Q5_1) : kind == Q5_K ? CALL(Q5_K) : kind == Q6_K ? CALL(Q6_K) : kind == Q3_K ? CALL(Q3_K) \
-     : kind == IQ4_XS ? CALL(IQ4_XS) \
+     : kind == Q2_K ? CALL(Q2_K) : kind == IQ4_XS ? CALL(IQ4_XS) \
      : CALL(Q4_0))
 
 int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
@@ -212,7 +218,8 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
     int chunk = ((rows + num_threads - 1) / num_threads + 3) / 4 * 4;
     chunk = chunk > WIDE_CHUNK ? WIDE_CHUNK : chunk;
     const int chunks = (rows + chunk - 1) / chunk;
-    float *sx = with_min ? malloc(sizeof(float) * (size_t)rows * nb) : NULL; /* each row's sum per block */
+    const int spb = sums_per_block(kind);
+    float *sx = with_min ? malloc(sizeof(float) * (size_t)rows * nb * spb) : NULL; /* each row's sums per block */
     float *sums = wide ? aligned_alloc(64, sizeof(float) * 64 * WIDE_CHUNK * num_threads) : NULL;
     if ((with_min && !sx) || (wide && !sums)) {
         free(sx), free(sums);
@@ -225,7 +232,12 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < nb; b++) {
                     const uint16_t *p = (const uint16_t *)x + (int64_t)r * ldx + 32 * b;
-                    sx[(int64_t)r * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(bf16x16(p), bf16x16(p + 16)));
+                    if (spb == 2) { /* Q2_K: per 16 inputs */
+                        sx[((int64_t)r * nb + b) * 2] = _mm512_reduce_add_ps(bf16x16(p));
+                        sx[((int64_t)r * nb + b) * 2 + 1] = _mm512_reduce_add_ps(bf16x16(p + 16));
+                    } else {
+                        sx[(int64_t)r * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(bf16x16(p), bf16x16(p + 16)));
+                    }
                 }
         }
         if (wide) {

@@ -30,7 +30,9 @@
  * Q3_K's hold the 16 rows' d and 12 scale bytes side by side (224 bytes), then 8 sub-blocks of 16
  * masks of the third bit and 64 words of 2-bit fields (field j of word 32 c + i: pair row 8 c + j),
  * Q6_K's two parts: 3 bits a weight fit its bytes only so. The masked add of 4 puts the third bit
- * in bit 2 of the index, stored XOR the next field's low bit, as Q5's fifth.
+ * in bit 2 of the index, stored XOR the next field's low bit, as Q5's fifth. Q2_K's hold the 16
+ * rows' d, dmin and 16 scale bytes side by side (320 bytes), then 8 sub-blocks of 64 such words (no
+ * masks); its two parts each add their minimum times the sum of their 16 inputs.
  */
 #ifndef INFERLAB_AVX512_X16_BLOCKS_H
 #define INFERLAB_AVX512_X16_BLOCKS_H
@@ -38,36 +40,47 @@
 
 #include "../common.h"
 
-enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, IQ4_XS }; /* a call's blocks (a constant in every tile) */
+/* a call's blocks (a constant in every tile) */
+enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS };
 
 /* 256-input blocks */
 IL_INLINE int is_k(const int kind) {
-    return kind == Q4_K || kind == Q5_K || kind == Q6_K || kind == Q3_K || kind == IQ4_XS;
+    return kind == Q4_K || kind == Q5_K || kind == Q6_K || kind == Q3_K || kind == Q2_K || kind == IQ4_XS;
 }
-IL_INLINE int has_min(const int kind) { return kind == Q4_1 || kind == Q5_1 || kind == Q4_K || kind == Q5_K; }
+IL_INLINE int has_min(const int kind) {
+    return kind == Q4_1 || kind == Q5_1 || kind == Q4_K || kind == Q5_K || kind == Q2_K;
+}
 IL_INLINE int is_q5(const int kind) { return kind == Q5_0 || kind == Q5_1 || kind == Q5_K; }
-/* A block's products come in parts, each under its own scale: Q6_K's and Q3_K's two halves of 16 inputs. */
-IL_INLINE int parts(const int kind) { return kind == Q6_K || kind == Q3_K ? 2 : 1; }
-/* Bits of a value in the words (the rest in masks): Q3_K's 2, else 4. */
-IL_INLINE int field_bits(const int kind) { return kind == Q3_K ? 2 : 4; }
+/* A block's products come in parts, each under its own scale: Q6_K's, Q3_K's and Q2_K's two halves of
+ * 16 inputs. */
+IL_INLINE int parts(const int kind) { return kind == Q6_K || kind == Q3_K || kind == Q2_K ? 2 : 1; }
+/* Sums of a row's inputs a block's minimums multiply: Q2_K's one a part, else the block's. */
+IL_INLINE int sums_per_block(const int kind) { return kind == Q2_K ? 2 : 1; }
+/* Bits of a value in the words (the rest in masks): Q3_K's and Q2_K's 2, else 4. */
+IL_INLINE int field_bits(const int kind) { return kind == Q3_K || kind == Q2_K ? 2 : 4; }
 /* Kinds whose pair rows take one more bit from a mask (see the top). */
 IL_INLINE int has_high(const int kind) { return is_q5(kind) || kind == Q6_K || kind == Q3_K; }
 
 /* vpermw's tables of the exact bf16 values: lo for indices 0-31, hi for Q6_K's q >= 32. */
 typedef struct { __m512i lo, hi; } tables;
 
+/* A block's fp32 factors for its 16 rows: d[h] multiplies part h's products, m[h] the sum of inputs
+ * that goes with it (the block's, Q2_K: the part's); one-part kinds use [0]. */
+typedef struct { __m512 d[2], m[2]; } factors;
+
 /* A regrouped type's kind, and vpermw's tables of its values (IQ4_NL: its table's, integers exact in bf16). */
 IL_INLINE int kind_of(int wtype) {
     return wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : wtype == IL_W_Q4_KX16 ? Q4_K
          : wtype == IL_W_Q5_0X16 ? Q5_0 : wtype == IL_W_Q5_1X16 ? Q5_1 : wtype == IL_W_Q5_KX16 ? Q5_K
-         : wtype == IL_W_Q6_KX16 ? Q6_K : wtype == IL_W_Q3_KX16 ? Q3_K : wtype == IL_W_IQ4_XSX16 ? IQ4_XS : Q4_0;
+         : wtype == IL_W_Q6_KX16 ? Q6_K : wtype == IL_W_Q3_KX16 ? Q3_K : wtype == IL_W_Q2_KX16 ? Q2_K
+         : wtype == IL_W_IQ4_XSX16 ? IQ4_XS : Q4_0;
 }
 
 static inline tables tables_of(int wtype) {
     const int kind = kind_of(wtype);
     uint16_t v[64];
     for (int i = 0; i < 64; i++) {
-        const int q = kind == Q3_K ? i & 7 : is_q5(kind) || kind == Q6_K ? i : i & 15;
+        const int q = kind == Q3_K ? i & 7 : kind == Q2_K ? i & 3 : is_q5(kind) || kind == Q6_K ? i : i & 15;
         const int offset = kind == Q4_0 ? 8 : kind == Q3_K ? 4 : kind == Q5_0 ? 16 : kind == Q6_K ? 32 : 0;
         const int iq4 = wtype == IL_W_IQ4_NLX16 || wtype == IL_W_IQ4_XSX16;
         v[i] = il_f32_to_bf16((float)(iq4 ? il_iq4_values[i & 15] : q - offset));
@@ -110,17 +123,17 @@ IL_INLINE int64_t group_block_bytes(const int kind) {
     return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : kind == Q5_0 ? sizeof(il_q5_0x16)
          : kind == Q5_1 ? sizeof(il_q5_1x16) : kind == Q4_K ? 16 * sizeof(il_q4_K) / 8
          : kind == Q5_K ? 16 * sizeof(il_q5_K) / 8 : kind == Q6_K ? 16 * sizeof(il_q6_K) / 8
-         : kind == Q3_K ? 16 * sizeof(il_q3_K) / 8
+         : kind == Q3_K ? 16 * sizeof(il_q3_K) / 8 : kind == Q2_K ? 16 * sizeof(il_q2_K) / 8
          : kind == IQ4_XS ? 16 * sizeof(il_iq4_xs) / 8 : sizeof(il_q4_0x16);
 }
 
 /* The K types' group blocks: a header of the 16 rows' scales (Q6_K: d[16], then its 16 scales of the
  * 16 rows side by side), then 8 sub-blocks of masks (Q5_K, Q3_K: 16, Q6_K: 32) and 128 words (Q3_K: 64). */
 IL_INLINE int header_bytes(const int kind) {
-    return kind == Q6_K ? 288 : kind == Q3_K ? 224 : kind == IQ4_XS ? 128 : 256;
+    return kind == Q6_K ? 288 : kind == Q3_K ? 224 : kind == Q2_K ? 320 : kind == IQ4_XS ? 128 : 256;
 }
 IL_INLINE int sub_block_bytes(const int kind) {
-    return kind == Q6_K ? 384 : kind == Q5_K ? 320 : kind == Q3_K ? 192 : 256;
+    return kind == Q6_K ? 384 : kind == Q5_K ? 320 : kind == Q3_K ? 192 : kind == Q2_K ? 128 : 256;
 }
 
 /* Where block b (inputs 32 b ..) of a group starting at w0 is: for the K types its sub-block, after
@@ -135,25 +148,35 @@ IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk + half));
 }
 
-/* Block b's scale d and what multiplies its inputs' sum m, as fp32 for the 16 rows: its own fp16 fields,
+/* Block b's factors (see `factors`), as fp32 for the 16 rows: its own fp16 fields (d, Q4_1's m),
  * or for a Q4_K sub-block d * scale and -dmin * min, the 6-bit scale and min unpacked from the 12 bytes
  * of each row (byte k of the 16 rows side by side), as il_scale_min_k4 does for one. */
-IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *dv, __m512 *mv) {
+IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, factors *f) {
     if (!is_k(kind)) {
-        *dv = scales(blk, 0);
-        *mv = has_min(kind) ? scales(blk, 1) : *dv;
+        f->d[0] = scales(blk, 0);
+        f->m[0] = has_min(kind) ? scales(blk, 1) : f->d[0];
         return;
     }
     const int j = b % 8;
     const uint8_t *head = blk - header_bytes(kind) - sub_block_bytes(kind) * j; /* the 256-input block's */
-    if (kind == Q6_K) { /* d times the scales of inputs 0-15 (dv) and 16-31 (mv, in a minimum's place) */
+    if (kind == Q6_K) { /* d times the scales of inputs 0-15 and 16-31 */
         const __m512 d = scales(head, 0);
         const __m128i *sc = (const __m128i *)(head + 32) + 2 * j;
-        *dv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc))));
-        *mv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc + 1))));
+        for (int h = 0; h < 2; h++)
+            f->d[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc + h))));
         return;
     }
-    if (kind == Q3_K) { /* d times the scales of inputs 0-15 (dv) and 16-31 (mv), as il_q3_K_scale reads them */
+    if (kind == Q2_K) { /* d times the low nibble of each part's scale byte; -dmin times the high one */
+        const __m512 d = scales(head, 0), dmin = scales(head, 1);
+        for (int h = 0; h < 2; h++) {
+            const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(head + 64) + 2 * j + h));
+            f->d[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(sc, _mm512_set1_epi32(15))));
+            const __m512 mn = _mm512_cvtepi32_ps(_mm512_srli_epi32(sc, 4));
+            f->m[h] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, mn));
+        }
+        return;
+    }
+    if (kind == Q3_K) { /* d times the scales of inputs 0-15 and 16-31, as il_q3_K_scale reads them */
         const __m512 d = scales(head, 0);
         for (int h = 0; h < 2; h++) {
             const int s = 2 * j + h;
@@ -163,8 +186,7 @@ IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *d
                                                 _mm512_set1_epi32(3));
 #undef SCALE_BYTE
             const __m512i sc = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)), _mm512_slli_epi32(hi, 4));
-            const __m512 v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(sc, _mm512_set1_epi32(32))));
-            *(h ? mv : dv) = v;
+            f->d[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(sc, _mm512_set1_epi32(32))));
         }
         return;
     }
@@ -174,8 +196,7 @@ IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *d
         const __m512i ls = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(low, 4 * (j % 2)), _mm512_set1_epi32(15)),
                                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(high, 2 * j),
                                                                               _mm512_set1_epi32(3)), 4));
-        *dv = _mm512_mul_ps(scales(head, 0), _mm512_cvtepi32_ps(_mm512_sub_epi32(ls, _mm512_set1_epi32(32))));
-        *mv = *dv;
+        f->d[0] = _mm512_mul_ps(scales(head, 0), _mm512_cvtepi32_ps(_mm512_sub_epi32(ls, _mm512_set1_epi32(32))));
         return;
     }
 #define SCALE_BYTE(k) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(head + 64 + 16 * (k))))
@@ -190,14 +211,13 @@ IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, __m512 *d
         mn = _mm512_or_si512(_mm512_srli_epi32(hi, 4), _mm512_slli_epi32(_mm512_srli_epi32(SCALE_BYTE(j), 6), 4));
     }
 #undef SCALE_BYTE
-    *dv = _mm512_mul_ps(scales(head, 0), _mm512_cvtepi32_ps(sc));
-    *mv = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(scales(head, 1), _mm512_cvtepi32_ps(mn)));
+    f->d[0] = _mm512_mul_ps(scales(head, 0), _mm512_cvtepi32_ps(sc));
+    f->m[0] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(scales(head, 1), _mm512_cvtepi32_ps(mn)));
 }
 
 /* A block group's 16 pair rows decoded, its scales (and minimums) as fp32. */
-IL_INLINE void decode_block(const uint8_t *blk, int b, const int kind, tables t, __m512bh wv[16], __m512 *dv,
-                            __m512 *mv) {
+IL_INLINE void decode_block(const uint8_t *blk, int b, const int kind, tables t, __m512bh wv[16], factors *f) {
     for (int j = 0; j < 16; j++) wv[j] = pair_row(blk, kind, t, j);
-    block_scales(blk, b, kind, dv, mv);
+    block_scales(blk, b, kind, f);
 }
 #endif

@@ -50,7 +50,7 @@ Q3_K = WeightType("q3_K", 11, 256, 110)
 IQ4_NL = WeightType("iq4_nl", 20, 32, 18)
 IQ4_XS = WeightType("iq4_xs", 23, 256, 136)
 TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS)
-# Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL and K-quant (but Q2_K) blocks regrouped 16 rows at a time for the AVX512-BF16 kernel
+# Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL and K-quant blocks regrouped 16 rows at a time for the AVX512-BF16 kernel
 # (kernels/avx512/x16.c): made at load, never in a file; the same bytes per row, so a tensor keeps its
 # [N, row bytes] shape
 Q4_0X16 = WeightType("q4_0x16", 66, 32, 18, base=Q4_0)
@@ -63,9 +63,11 @@ Q5_1X16 = WeightType("q5_1x16", 71, 32, 24, base=Q5_1)
 Q5_KX16 = WeightType("q5_Kx16", 77, 256, 176, base=Q5_K)  # Q4_KX16's, each sub-block's fifth bits first
 Q6_KX16 = WeightType("q6_Kx16", 78, 256, 210, base=Q6_K)
 Q3_KX16 = WeightType("q3_Kx16", 75, 256, 110, base=Q3_K)  # 2-bit words and third-bit masks
+Q2_KX16 = WeightType("q2_Kx16", 74, 256, 84, base=Q2_K)  # 2-bit words
 IQ4_XSX16 = WeightType("iq4_xsx16", 87, 256, 136, base=IQ4_XS)
 REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16, Q5_0: Q5_0X16, Q5_1: Q5_1X16, Q8_0: Q8_0X16, IQ4_NL: IQ4_NLX16,
-             Q4_K: Q4_KX16, Q5_K: Q5_KX16, Q6_K: Q6_KX16, Q3_K: Q3_KX16, IQ4_XS: IQ4_XSX16}
+             Q4_K: Q4_KX16, Q5_K: Q5_KX16, Q6_K: Q6_KX16, Q3_K: Q3_KX16, Q2_K: Q2_KX16,
+             IQ4_XS: IQ4_XSX16}
 GROUP_ROWS = 16
 BY_CODE = {t.code: t for t in (*TYPES, *REGROUPED.values())}
 BY_NAME = {t.name.lower(): t for t in TYPES}

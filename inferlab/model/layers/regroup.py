@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from inferlab.model.layers.quant import GROUP_ROWS, IQ4_XS, Q3_K, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
+from inferlab.model.layers.quant import GROUP_ROWS, IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
 
 
 def _side_by_side(fields: torch.Tensor, width: int) -> torch.Tensor:
@@ -123,7 +123,7 @@ def _q6_bytes(q: torch.Tensor) -> torch.Tensor:
 
 
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / IQ4_XS / Q4_K / Q5_K / Q6_K / Q3_K rows [N, row bytes] (N a
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / IQ4_XS / Q4_K / Q5_K / Q6_K / Q3_K / Q2_K rows [N, row bytes] (N a
     multiple of 16) regrouped as
     REGROUPED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields
     side by side, then the values as pairs of inputs of the 16 rows (layout: kernels/avx512/x16_blocks.h).
@@ -131,7 +131,8 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     8 sub-blocks' values so (Q5_K: each sub-block's fifth-bit masks, then its values, as Q5_1's).
     Q6_K: per group and 256-input block, the rows' d and 16 scales side by side, then its 8 sub-blocks'
     fifth-bit masks, sixth-bit masks and low nibbles. Q3_K: the rows' d and 12 scale bytes side by side,
-    then its 8 sub-blocks' third-bit masks and 2-bit words. IQ4_XS: the rows' d, scales_h and 4 scales_l
+    then its 8 sub-blocks' third-bit masks and 2-bit words; Q2_K: the rows' d, dmin and 16 scale bytes,
+    then its 8 sub-blocks' 2-bit words. IQ4_XS: the rows' d, scales_h and 4 scales_l
     bytes side by side, then its 8 sub-blocks' values."""
     n = data.shape[0]
     if n % GROUP_ROWS:
@@ -151,6 +152,11 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         high = ((blocks[..., :32].unsqueeze(3).to(torch.int64) >> torch.arange(8).view(8, 1)) & 1)
         subs = torch.cat([_fifth_masks(low, high.reshape(g, GROUP_ROWS, nb * 8, 32), 2), _pair_words(low, 2)], dim=2)
         return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
+    if wtype == Q2_K:  # sub-block j: bit pair j % 4 of qs[32 (j / 4) ..]
+        dm, sc = _side_by_side(blocks[..., 80:], 2), _side_by_side(blocks[..., :16], 1)
+        qs = blocks[..., 16:80].reshape(g, GROUP_ROWS, nb, 2, 1, 32).to(torch.int64)
+        low = ((qs >> 2 * torch.arange(4).view(4, 1)) & 3).reshape(g, GROUP_ROWS, nb * 8, 32)
+        return torch.cat([dm, sc, _pair_words(low, 2).reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype == IQ4_XS:  # sub-block j: the low then the high nibbles of bytes 8 + 16 j ..
         fields, low = _side_by_side(blocks[..., :4], 2), _side_by_side(blocks[..., 4:8], 1)
         qs = blocks[..., 8:].reshape(g, GROUP_ROWS, nb * 8, 16)
@@ -201,6 +207,11 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         hmask = (high << torch.arange(8).view(8, 1)).sum(3)
         rows = torch.cat([hmask.to(torch.uint8), qs.to(torch.uint8).flatten(-2), sc, d], dim=3)
         return rows.reshape(n, -1).contiguous()
+    if base == Q2_K:
+        dm, sc = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:320], 1)
+        low = _pair_values(groups[:, :, 320:].reshape(g, nb * 8, 128), 2)
+        qs = (low.reshape(g, GROUP_ROWS, nb, 2, 4, 32) << 2 * torch.arange(4).view(4, 1)).sum(4)
+        return torch.cat([sc, qs.to(torch.uint8).flatten(-2), dm], dim=3).reshape(n, -1).contiguous()
     if base == IQ4_XS:
         fields, low = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:128], 1)
         q = _pair_values(groups[:, :, 128:].reshape(g, nb * 8, 256))

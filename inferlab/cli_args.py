@@ -30,7 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored; "
                         "none converts them to --dtype; q8_0/q4_0/q4_1 quantize at load")
     g.add_argument("--int8-activations", action="store_true",
-                   help="quantize linear layers' inputs to int8 for block weights (all types but q2_K), as "
+                   help="quantize linear layers' inputs to int8 for block weights (every block type), as "
                         "llama.cpp does: faster, slightly less exact (may change greedy answers)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--block-size", type=int, default=16)

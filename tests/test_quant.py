@@ -65,7 +65,7 @@ def test_linear_matches_dequantized_matmul(isa, wtype, monkeypatch):
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("wtype", [quant.F32, quant.BF16, quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q6_K, quant.Q3_K,
-                                   quant.IQ4_XS, quant.IQ4_NL, quant.Q5_0, quant.Q5_K], ids=str)
+                                   quant.Q2_K, quant.IQ4_XS, quant.IQ4_NL, quant.Q5_0, quant.Q5_K], ids=str)
 def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(isa, wtype, int8, monkeypatch):
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
     w = random_weights(wtype, 50, 256, seed=7)
@@ -225,7 +225,7 @@ def test_what_each_quantization_mode_keeps():
     # int8 activations multiply blocks: asking for them keeps the blocks that have them
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", int8=True) == quant.Q4_1
     assert target_type(quant.Q6_K, 512, "auto", bf16, "amx", int8=True) == quant.Q6_K
-    assert target_type(quant.Q2_K, 512, "auto", bf16, "amx", int8=True) == quant.BF16  # no int8 product
+    assert target_type(quant.Q2_K, 512, "auto", bf16, "amx", int8=True) == quant.Q2_K
     assert target_type(quant.Q4_1, 576, "none", bf16, "avx2") == quant.BF16
     assert target_type(quant.F32, 576, "q4_0", f32, "avx2") == quant.Q4_0
     assert target_type(quant.F32, 576, "q4_0", f32, "avx2", vocab=True) == quant.Q8_0

@@ -11,8 +11,8 @@
  * a bf16 model's logits, unrounded), row strides ldx and ldy, W as stored: N rows of K weights of
  * type `wtype`. With act = IL_ACT_FLOAT the weights are dequantized in registers, never rounded,
  * and the products summed in fp32: the result is the dequantized matrix's product. With act =
- * IL_ACT_INT8 and an integer block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, Q4_K,
- * Q5_K, Q6_K, Q3_K: all but Q2_K, whose minimum per 16 weights would need sums of 16 inputs), each
+ * IL_ACT_INT8 and an integer block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS and the
+ * K-quants: every block type; Q2_K's minimum per 16 weights times the sum of its 16 int8 inputs), each
  * 32 inputs of a row are quantized to int8 first (as llama.cpp's Q8_0 does) and blocks are
  * multiplied in integers: faster, and the inputs' rounding moves the result a little; other types ignore it. */
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,

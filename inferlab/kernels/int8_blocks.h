@@ -5,9 +5,13 @@
 #ifndef INFERLAB_INT8_BLOCKS_H
 #define INFERLAB_INT8_BLOCKS_H
 
-/* Whether a type's 32-weight blocks are signed integers under two integer scales, one per 16
- * weights, and a float one (Q6_K, Q3_K): the int8 path folds the integer scales into its sums. */
-static inline int il_k16_type(int wtype) { return wtype == IL_W_Q6_K || wtype == IL_W_Q3_K; }
+/* Whether a type's 32-weight blocks are integers under two integer scales, one per 16 weights, and
+ * a float one (Q6_K, Q3_K, Q2_K): the int8 path folds the integer scales into its sums. */
+static inline int il_k16_type(int wtype) { return wtype == IL_W_Q6_K || wtype == IL_W_Q3_K || wtype == IL_W_Q2_K; }
+
+/* Whether each 16 weights also subtract an integer minimum under a second float scale (Q2_K): the
+ * int8 path then sums each 16 inputs times their minimum too. */
+static inline int il_k16_min_type(int wtype) { return wtype == IL_W_Q2_K; }
 
 /* Whether the int8-activation path multiplies this type's blocks (integers under a float scale per
  * 32 weights, times an integer one per 16 for il_k16_type). */
@@ -31,12 +35,21 @@ static inline void il_quantize_row_q8(const void *x, int dtype, int K, int8_t *q
 }
 
 /* Block b (weights 32 b ..) of a row of an int8-path type as integers: weight j = d * sc[j / 16] *
- * q[j] + c (sc = 1, 1 but for il_k16_type). A Q4_K / Q5_K 32-weight sub-block is such a block: its
+ * q[j] + c (sc = 1, 1 but for il_k16_type), or for Q2_K d * sc[j / 16] * q[j] + c * mn[j / 16]
+ * (its unsigned 2-bit values, 4-bit scales and minimums, c = -dmin; mn = 0, 0 for the others). A Q4_K / Q5_K 32-weight sub-block is such a block: its
  * own scale and minimum, unsigned values; a Q6_K / Q3_K one has signed values (Q6_K's 6 bits less
  * 32, Q3_K's 3 bits less 4 where the high one is clear) under two of the block's integer scales. */
-static inline void il_block_ints(int wtype, const uint8_t *row, int b, int8_t q[32], float *d, float *c, int sc[2]) {
-    *c = 0.f, sc[0] = sc[1] = 1;
+static inline void il_block_ints(int wtype, const uint8_t *row, int b, int8_t q[32], float *d, float *c, int sc[2],
+                                 int mn[2]) {
+    *c = 0.f, sc[0] = sc[1] = 1, mn[0] = mn[1] = 0;
     const int j = b % 8; /* a K-quant's sub-block */
+    if (wtype == IL_W_Q2_K) { /* bit pair j % 4 of half j / 4's 32 bytes */
+        const il_q2_K *k2 = (const il_q2_K *)row + b / 8;
+        for (int l = 0; l < 32; l++) q[l] = (int8_t)((k2->qs[32 * (j / 4) + l] >> 2 * (j % 4)) & 3);
+        for (int h = 0; h < 2; h++) sc[h] = k2->scales[2 * j + h] & 0xF, mn[h] = k2->scales[2 * j + h] >> 4;
+        *d = il_f16_to_f32(k2->d), *c = -il_f16_to_f32(k2->dmin);
+        return;
+    }
     if (wtype == IL_W_Q6_K) {
         const il_q6_K *k6 = (const il_q6_K *)row + b / 8;
         const int h = j / 4, g = j % 4;

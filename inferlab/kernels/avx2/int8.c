@@ -40,10 +40,23 @@ IL_INLINE int signed_weights(int wtype) {
 
 /* Block b of a row: weights 0-15 and 16-31 as bytes (lo, hi), and (d, m) or (d, d) widened: the
  * scale and what multiplies s_x (m for Q4_1 and Q5_1; d, scaled at the end, for Q4_0 and Q5_0);
- * sc: each half's integer scale as 16-bit lanes (il_k16_type only). */
-IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, __m128i sc[2]) {
+ * sc: each half's integer scale as 16-bit lanes (il_k16_type only), then Q2_K's minimums, whose
+ * float scale -dmin is lane 1. */
+IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, __m128i sc[4]) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     switch (wtype) {
+        case IL_W_Q2_K: { /* bit pair j % 4 of half j / 4's 32 bytes (il_block_ints) */
+            const int j = b % 8;
+            const il_q2_K *k2 = (const il_q2_K *)row + b / 8;
+            const uint8_t *q = k2->qs + 32 * (j / 4);
+            __m128i *out[2] = {lo, hi};
+            for (int s = 0; s < 2; s++) {
+                const __m128i v = _mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), 2 * (j % 4));
+                *out[s] = _mm_and_si128(v, _mm_set1_epi8(3));
+                sc[s] = _mm_set1_epi16(k2->scales[2 * j + s] & 0xF), sc[2 + s] = _mm_set1_epi16(k2->scales[2 * j + s] >> 4);
+            }
+            return _mm_setr_ps(_cvtsh_ss(k2->d), -_cvtsh_ss(k2->dmin), 0.f, 0.f);
+        }
         case IL_W_Q6_K: case IL_W_Q3_K: {
             int s[2];
             const float d = k16_halves(wtype, row, b, lo, hi, s);
@@ -145,14 +158,20 @@ IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *co
         const __m128 dx = _mm_loadu_ps(x4 + 8 * b), sx = _mm_loadu_ps(x4 + 8 * b + 4);
         for (int j = 0; j < C; j++) {
             _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
-            __m128i wl, wh, sc[2];
+            __m128i wl, wh, sc[4];
             const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh, sc);
             const __m128 scale = _mm_mul_ps(_mm_shuffle_ps(dm, dm, 0), dx); /* lane i: d * d_x of row i */
+            const __m128 mscale = _mm_mul_ps(_mm_shuffle_ps(dm, dm, _MM_SHUFFLE(1, 1, 1, 1)), dx); /* Q2_K's -dmin * d_x */
             for (int i = 0; i < R; i++) {
                 const int8_t *xb = xq + (int64_t)i * K + 32 * b;
                 const __m128i xl = _mm_loadu_si128((const __m128i *)xb), xh = _mm_loadu_si128((const __m128i *)(xb + 16));
                 acc[i][j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot32(wl, wh, xl, xh, wtype, sc)),
                                          _mm_permutevar_ps(scale, _mm_set1_epi32(i)), acc[i][j]);
+                if (il_k16_min_type(wtype)) { /* each 16 inputs' sum times its minimum: dot32 with weights of 1 */
+                    const __m128i one = _mm_set1_epi8(1);
+                    acc[i][j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot32(one, one, xl, xh, wtype, sc + 2)),
+                                             _mm_permutevar_ps(mscale, _mm_set1_epi32(i)), acc[i][j]);
+                }
             }
             if (!signed_weights(wtype)) /* c * s_x of each row (dm's lane 1 is c, or d for Q4_0/Q5_0) */
                 corr[j] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, _MM_SHUFFLE(1, 1, 1, 1)), sx, corr[j]);
@@ -193,6 +212,7 @@ static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *c
     switch (wtype) {
         I8_CASE(IL_W_Q8_0); I8_CASE(IL_W_Q4_0); I8_CASE(IL_W_Q4_1); I8_CASE(IL_W_Q5_0); I8_CASE(IL_W_IQ4_NL);
         I8_CASE(IL_W_IQ4_XS); I8_CASE(IL_W_Q4_K); I8_CASE(IL_W_Q5_K); I8_CASE(IL_W_Q6_K); I8_CASE(IL_W_Q3_K);
+        I8_CASE(IL_W_Q2_K);
         default: I8_CASE(IL_W_Q5_1);
     }
 }

@@ -53,7 +53,7 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
         *dm = wtype == IL_W_Q4_1 ? f : _mm_shuffle_ps(f, f, _MM_SHUFFLE(2, 2, 0, 0)); /* Q4_0, Q8_0: (d, d) */
         return;
     }
-    __m128i l0, h0, l1, h1, sc[2];
+    __m128i l0, h0, l1, h1, sc[4];
     const __m128 a = block_halves(wtype, w[2 * p], b, &l0, &h0, sc), c = block_halves(wtype, w[2 * p + 1], b, &l1, &h1, sc);
     *wl = _mm256_set_m128i(l1, l0), *wh = _mm256_set_m128i(h1, h0), *dm = _mm_movelh_ps(a, c);
 }

@@ -100,7 +100,7 @@ IL_INLINE void tile4x4_vnni(const int8_t *xq, const float *x4, int K, const uint
         const __m512 dxz = _mm512_permutexvar_ps(by_row, _mm512_castps128_ps512(dx));
         for (int j = 0; j < 4; j++) {
             _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
-            __m128i wl, wh, sc[2];
+            __m128i wl, wh, sc[4];
             const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh, sc);
             const __m512i dot = dot32x4(_mm512_broadcast_i32x4(wl), _mm512_broadcast_i32x4(wh), xl, xh,
                                         signed_weights(wtype));

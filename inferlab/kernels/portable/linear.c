@@ -29,12 +29,13 @@ static int linear_int8(const void *x, int64_t ldx, const void *w, int wtype, con
             for (int blk = 0; blk < nb; blk++) {
                 int8_t q[32];
                 float d, c;
-                int sc[2];
-                il_block_ints(wtype, (const uint8_t *)w + n * rb, blk, q, &d, &c, sc);
+                int sc[2], mn[2];
+                il_block_ints(wtype, (const uint8_t *)w + n * rb, blk, q, &d, &c, sc, mn);
                 const int8_t *a = xq + (int64_t)m * K + 32 * blk;
-                int isum = 0;
-                for (int j = 0; j < 32; j++) isum += sc[j / 16] * q[j] * a[j];
-                acc += d * xd[(int64_t)m * nb + blk] * isum + c * xs[(int64_t)m * nb + blk];
+                int isum = 0, msum = 0;
+                for (int j = 0; j < 32; j++) isum += sc[j / 16] * q[j] * a[j], msum += mn[j / 16] * a[j];
+                const float dx = xd[(int64_t)m * nb + blk];
+                acc += d * dx * isum + (il_k16_min_type(wtype) ? c * dx * msum : c * xs[(int64_t)m * nb + blk]);
             }
             il_st(y, (int64_t)m * ldy + n, acc + b, ydtype);
         }

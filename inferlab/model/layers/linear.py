@@ -26,7 +26,7 @@ TORCH_BF16_PAST_ROWS = {"amx": kernels.C["IL_MAX_ROWS"], "avx512": kernels.C["IL
 
 # Weight types the int8-activation path multiplies in integers (the kernels' il_int8_type)
 INT8_TYPES = (quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1, quant.IQ4_NL, quant.IQ4_XS, quant.Q4_K,
-              quant.Q5_K, quant.Q6_K, quant.Q3_K)
+              quant.Q5_K, quant.Q6_K, quant.Q3_K, quant.Q2_K)
 
 
 def int8_inputs(x: torch.Tensor) -> torch.Tensor:

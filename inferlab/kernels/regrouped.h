@@ -36,9 +36,11 @@ static inline int il_x16_value(const uint16_t *words, const uint16_t *high, int 
  * avx512/x16_blocks.h), the definition the embedding lookup and the dequantizer read it by. Input k of
  * row i is in pair row k / 2, lane 2 i + k % 2. */
 static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
-    const int i = (int)(n % 16);
+    const int i = (int)(n % 16), per = il_block_elems(wtype);
+    /* the group's block holding these inputs (a K type's 256-input one): the same bytes per row */
+    const int64_t group_bytes = 16 * (int64_t)il_block_bytes(wtype);
+    const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / per) + b * 32 / per) * group_bytes;
     if (wtype == IL_W_Q6_KX16) { /* d[16], scales[16][16], then per sub-block 2 x 16 masks and the words */
-        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_q6_K));
         const uint16_t *at = (const uint16_t *)(sb + 288 + 384 * (b % 8));
         const float d = il_f16_to_f32(((const uint16_t *)sb)[i]);
         for (int k = 0; k < 32; k++) {
@@ -50,7 +52,6 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
         return;
     }
     if (wtype == IL_W_Q3_KX16) { /* d[16], scales[12][16], then per sub-block 16 third-bit masks and the words */
-        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_q3_K));
         const uint16_t *at = (const uint16_t *)(sb + 224 + 192 * (b % 8));
         il_q3_K one = {{0}, {0}, {0}, ((const uint16_t *)sb)[i]};
         for (int k = 0; k < 12; k++) one.scales[k] = sb[32 + 16 * k + i];
@@ -61,7 +62,6 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
         return;
     }
     if (wtype == IL_W_Q2_KX16) { /* d[16], dmin[16], scales[16][16], then per sub-block the words */
-        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_q2_K));
         const uint16_t *h = (const uint16_t *)sb, *words = (const uint16_t *)(sb + 320 + 128 * (b % 8));
         const float d = il_f16_to_f32(h[i]), dmin = il_f16_to_f32(h[16 + i]);
         for (int k = 0; k < 32; k++) {
@@ -71,7 +71,6 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
         return;
     }
     if (wtype == IL_W_IQ4_XSX16) { /* d[16], scales_h[16], scales_l[4][16], then 8 sub-blocks of words */
-        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)sizeof(il_iq4_xs));
         il_iq4_xs one = {((const uint16_t *)sb)[i], ((const uint16_t *)sb)[16 + i], {0}, {0}};
         for (int k = 0; k < 4; k++) one.scales_l[k] = sb[64 + 16 * k + i];
         const float dl = il_f16_to_f32(one.d) * il_iq4_xs_scale(&one, b % 8);
@@ -83,7 +82,6 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
         /* the group's 256-input block: d[16], dmin[16], scales[12][16], then 8 sub-blocks (Q5_K: each
          * its 16 fifth-bit masks, then the words) */
         const int five = wtype == IL_W_Q5_KX16, sub = five ? 320 : 256;
-        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * (16 * (int64_t)il_block_bytes(wtype));
         const uint16_t *h = (const uint16_t *)sb, *at = (const uint16_t *)(sb + 256 + sub * (b % 8));
         uint8_t scales[12], sc, mn;
         for (int k = 0; k < 12; k++) scales[k] = sb[64 + 16 * k + i];
@@ -93,16 +91,14 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
             y[k] = d * il_x16_value(at + (five ? 32 : 0), five ? at : NULL, k / 2, 2 * i + k % 2, 4) - m;
         return;
     }
-    const int64_t bytes = 16 * il_block_bytes(wtype); /* a group's block: the same bytes per row */
-    const uint8_t *blk = (const uint8_t *)w + (n / 16 * (K / 32) + b) * bytes;
-    const uint16_t *h = (const uint16_t *)blk;
+    const uint16_t *h = (const uint16_t *)sb;
     const int with_min = wtype == IL_W_Q4_1X16 || wtype == IL_W_Q5_1X16, five = wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16;
     const float d = il_f16_to_f32(h[i]), m = with_min ? il_f16_to_f32(h[16 + i]) : 0.f;
     const uint16_t *fifth = h + (with_min ? 32 : 16), *words = fifth + (five ? 32 : 0);
     for (int k = 0; k < 32; k++) {
         const int p = k / 2, lane = 2 * i + k % 2;
         if (wtype == IL_W_Q8_0X16) {
-            y[k] = d * ((const il_q8_0x16 *)blk)->q[32 * p + lane];
+            y[k] = d * ((const il_q8_0x16 *)sb)->q[32 * p + lane];
             continue;
         }
         const int q = il_x16_value(words, five ? fifth : NULL, p, lane, 4);

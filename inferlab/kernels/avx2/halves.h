@@ -63,6 +63,23 @@ IL_INLINE float k16_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __
     return _cvtsh_ss(k3->d);
 }
 
+/* Q2_K sub-block b % 8 as unsigned 2-bit values (bit pair j % 4 of half j / 4's 32 bytes), returning
+ * the block's d; sc and mn get the 4-bit scales and minimums of weights 0-15 and 16-31, dmin the
+ * minimums' scale: weight l = d sc[l / 16] q[l] - dmin mn[l / 16]. */
+IL_INLINE float q2_K_halves(const uint8_t *row, int b, __m128i *lo, __m128i *hi, int sc[2], int mn[2], float *dmin) {
+    const int j = b % 8;
+    const il_q2_K *k2 = (const il_q2_K *)row + b / 8;
+    const uint8_t *q = k2->qs + 32 * (j / 4);
+    __m128i *out[2] = {lo, hi};
+    for (int s = 0; s < 2; s++) {
+        *out[s] = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), 2 * (j % 4)),
+                                _mm_set1_epi8(3));
+        sc[s] = k2->scales[2 * j + s] & 0xF, mn[s] = k2->scales[2 * j + s] >> 4;
+    }
+    *dmin = _cvtsh_ss(k2->dmin);
+    return _cvtsh_ss(k2->d);
+}
+
 /* IQ4_NL block b, or IQ4_XS sub-block b % 8, as the signed values of its table (one byte shuffle a
  * half), returning its scale. */
 IL_INLINE float iq4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi) {

@@ -45,17 +45,12 @@ IL_INLINE int signed_weights(int wtype) {
 IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, __m128i sc[4]) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     switch (wtype) {
-        case IL_W_Q2_K: { /* bit pair j % 4 of half j / 4's 32 bytes (il_block_ints) */
-            const int j = b % 8;
-            const il_q2_K *k2 = (const il_q2_K *)row + b / 8;
-            const uint8_t *q = k2->qs + 32 * (j / 4);
-            __m128i *out[2] = {lo, hi};
-            for (int s = 0; s < 2; s++) {
-                const __m128i v = _mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), 2 * (j % 4));
-                *out[s] = _mm_and_si128(v, _mm_set1_epi8(3));
-                sc[s] = _mm_set1_epi16(k2->scales[2 * j + s] & 0xF), sc[2 + s] = _mm_set1_epi16(k2->scales[2 * j + s] >> 4);
-            }
-            return _mm_setr_ps(_cvtsh_ss(k2->d), -_cvtsh_ss(k2->dmin), 0.f, 0.f);
+        case IL_W_Q2_K: {
+            int s[2], mn[2];
+            float dmin;
+            const float d = q2_K_halves(row, b, lo, hi, s, mn, &dmin);
+            for (int h = 0; h < 2; h++) sc[h] = _mm_set1_epi16((int16_t)s[h]), sc[2 + h] = _mm_set1_epi16((int16_t)mn[h]);
+            return _mm_setr_ps(d, -dmin, 0.f, 0.f);
         }
         case IL_W_Q6_K: case IL_W_Q3_K: {
             int s[2];

@@ -126,15 +126,14 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), d1);
             return;
         }
-        case IL_W_Q2_K: { /* sub-block j: bit pair j % 4 of half j / 4's 32 bytes; a scale and a minimum per 16 */
-            const int j = (k % 256) / 32, shift = 2 * (j % 4);
-            const il_q2_K *b = (const il_q2_K *)row + k / 256;
-            const uint8_t *q = b->qs + 32 * (j / 4);
+        case IL_W_Q2_K: { /* a scale and a minimum per 16 weights */
+            __m128i half[2];
+            int sc[2], mn[2];
+            float dmin;
+            const float dq = q2_K_halves(row, k / 32, half, half + 1, sc, mn, &dmin);
             for (int s = 0; s < 2; s++) {
-                const __m128i v = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), shift),
-                                                _mm_set1_epi8(3));
-                const uint8_t sc = b->scales[2 * j + s];
-                const __m256 d = _mm256_set1_ps(f16(b->d) * (sc & 0xF)), m = _mm256_set1_ps(-(f16(b->dmin) * (sc >> 4)));
+                const __m128i v = half[s];
+                const __m256 d = _mm256_set1_ps(dq * sc[s]), m = _mm256_set1_ps(-(dmin * mn[s]));
                 w[2 * s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d, m);
                 w[2 * s + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), d, m);
             }

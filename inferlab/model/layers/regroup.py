@@ -122,6 +122,34 @@ def _q6_bytes(q: torch.Tensor) -> torch.Tensor:
     return torch.cat([ql.flatten(-3), qh.flatten(-2)], dim=-1).to(torch.uint8)
 
 
+def _bit_pairs(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K / Q3_K value bytes [g, 16 rows, blocks, 64] -> their 2-bit values [g, 16 rows, 8 blocks, 32]:
+    sub-block j is bit pair j % 4 of bytes 32 (j / 4) .."""
+    g, _, nb, _ = qs.shape
+    qs = qs.reshape(g, GROUP_ROWS, nb, 2, 1, 32).to(torch.int64)
+    return ((qs >> 2 * torch.arange(4).view(4, 1)) & 3).reshape(g, GROUP_ROWS, nb * 8, 32)
+
+
+def _bit_pair_bytes(q: torch.Tensor) -> torch.Tensor:
+    """`_bit_pairs`' inverse."""
+    g, _, n, _ = q.shape
+    q = q.reshape(g, GROUP_ROWS, n // 8, 2, 4, 32) << 2 * torch.arange(4).view(4, 1)
+    return q.sum(4).to(torch.uint8).flatten(-2)
+
+
+def _sub_block_bits(b: torch.Tensor) -> torch.Tensor:
+    """32 bytes a block [g, 16 rows, blocks, 32] whose bit j of byte l is sub-block j's weight l's (Q5_K's
+    fifth bits, Q3_K's third) -> [g, 16 rows, 8 blocks, 32]."""
+    g, _, nb, _ = b.shape
+    return ((b.unsqueeze(3).to(torch.int64) >> torch.arange(8).view(8, 1)) & 1).reshape(g, GROUP_ROWS, nb * 8, 32)
+
+
+def _sub_block_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """`_sub_block_bits`' inverse."""
+    g, _, n, _ = bits.shape
+    return (bits.reshape(g, GROUP_ROWS, n // 8, 8, 32) << torch.arange(8).view(8, 1)).sum(3).to(torch.uint8)
+
+
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / IQ4_XS / Q4_K / Q5_K / Q6_K / Q3_K / Q2_K rows [N, row bytes] (N a
     multiple of 16) regrouped as
@@ -147,16 +175,13 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype == Q3_K:  # sub-block j: bit pair j % 4 of qs[32 (j / 4) ..], bit j of hmask[..] the third bit
         d, sc = _side_by_side(blocks[..., 108:], 2), _side_by_side(blocks[..., 96:108], 1)
-        qs = blocks[..., 32:96].reshape(g, GROUP_ROWS, nb, 2, 1, 32).to(torch.int64)
-        low = ((qs >> 2 * torch.arange(4).view(4, 1)) & 3).reshape(g, GROUP_ROWS, nb * 8, 32)
-        high = ((blocks[..., :32].unsqueeze(3).to(torch.int64) >> torch.arange(8).view(8, 1)) & 1)
-        subs = torch.cat([_fifth_masks(low, high.reshape(g, GROUP_ROWS, nb * 8, 32), 2), _pair_words(low, 2)], dim=2)
+        low = _bit_pairs(blocks[..., 32:96])
+        subs = torch.cat([_fifth_masks(low, _sub_block_bits(blocks[..., :32]), 2), _pair_words(low, 2)], dim=2)
         return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype == Q2_K:  # sub-block j: bit pair j % 4 of qs[32 (j / 4) ..]
         dm, sc = _side_by_side(blocks[..., 80:], 2), _side_by_side(blocks[..., :16], 1)
-        qs = blocks[..., 16:80].reshape(g, GROUP_ROWS, nb, 2, 1, 32).to(torch.int64)
-        low = ((qs >> 2 * torch.arange(4).view(4, 1)) & 3).reshape(g, GROUP_ROWS, nb * 8, 32)
-        return torch.cat([dm, sc, _pair_words(low, 2).reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
+        words = _pair_words(_bit_pairs(blocks[..., 16:80]), 2)
+        return torch.cat([dm, sc, words.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype == IQ4_XS:  # sub-block j: the low then the high nibbles of bytes 8 + 16 j ..
         fields, low = _side_by_side(blocks[..., :4], 2), _side_by_side(blocks[..., 4:8], 1)
         qs = blocks[..., 8:].reshape(g, GROUP_ROWS, nb * 8, 16)
@@ -168,8 +193,7 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         q = torch.cat([qs & 15, qs >> 4], dim=4).reshape(g, GROUP_ROWS, nb * 8, 32)
         subs = _pair_words(q)
         if wtype == Q5_K:  # bit j of qh[l]: sub-block j's weight l's fifth bit
-            bits = (blocks[..., 16:48].unsqueeze(3) >> torch.arange(8).view(8, 1)) & 1
-            subs = torch.cat([_fifth_masks(q, bits.reshape(g, GROUP_ROWS, nb * 8, 32)), subs], dim=2)
+            subs = torch.cat([_fifth_masks(q, _sub_block_bits(blocks[..., 16:48])), subs], dim=2)
         return torch.cat([dm, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     vb, five = _value_bytes(wtype), wtype in (Q5_0, Q5_1)
     scales, qs = blocks[..., :-vb - 4 * five], blocks[..., -vb:]
@@ -202,16 +226,12 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         d, sc = _by_row(groups[:, :, :32], 2), _by_row(groups[:, :, 32:224], 1)
         subs = groups[:, :, 224:].reshape(g, nb * 8, 192)
         low = _pair_values(subs[:, :, 64:], 2)  # [g, 16 rows, sub-block, 32]
-        high = _mask_bits(subs[:, :, :64], low, 2).reshape(g, GROUP_ROWS, nb, 8, 32)
-        qs = (low.reshape(g, GROUP_ROWS, nb, 2, 4, 32) << 2 * torch.arange(4).view(4, 1)).sum(4)
-        hmask = (high << torch.arange(8).view(8, 1)).sum(3)
-        rows = torch.cat([hmask.to(torch.uint8), qs.to(torch.uint8).flatten(-2), sc, d], dim=3)
-        return rows.reshape(n, -1).contiguous()
+        hmask = _sub_block_bytes(_mask_bits(subs[:, :, :64], low, 2))
+        return torch.cat([hmask, _bit_pair_bytes(low), sc, d], dim=3).reshape(n, -1).contiguous()
     if base == Q2_K:
         dm, sc = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:320], 1)
-        low = _pair_values(groups[:, :, 320:].reshape(g, nb * 8, 128), 2)
-        qs = (low.reshape(g, GROUP_ROWS, nb, 2, 4, 32) << 2 * torch.arange(4).view(4, 1)).sum(4)
-        return torch.cat([sc, qs.to(torch.uint8).flatten(-2), dm], dim=3).reshape(n, -1).contiguous()
+        qs = _bit_pair_bytes(_pair_values(groups[:, :, 320:].reshape(g, nb * 8, 128), 2))
+        return torch.cat([sc, qs, dm], dim=3).reshape(n, -1).contiguous()
     if base == IQ4_XS:
         fields, low = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:128], 1)
         q = _pair_values(groups[:, :, 128:].reshape(g, nb * 8, 256))
@@ -226,8 +246,7 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         qs = (q[:, :, :, :, 0] | q[:, :, :, :, 1] << 4).to(torch.uint8).reshape(g, GROUP_ROWS, nb, 128)
         qh = qs[..., :0]
         if five:
-            bits = _mask_bits(subs[:, :, :64], values).reshape(g, GROUP_ROWS, nb, 8, 32)
-            qh = (bits << torch.arange(8).view(8, 1)).sum(3).to(torch.uint8)
+            qh = _sub_block_bytes(_mask_bits(subs[:, :, :64], values))
         return torch.cat([dm, sc, qh, qs], dim=3).reshape(n, -1).contiguous()
     vb, five = _value_bytes(base), base in (Q5_0, Q5_1)
     nfields = (base.nbytes - vb - 4 * five) // 2

@@ -239,11 +239,24 @@ def test_isa_can_be_forced(monkeypatch):
         finally:
             kernels.native.cache_clear()
     assert forced("generic").isa == "generic"
+    with pytest.raises(ValueError, match="^INFERLAB_ISA=avx9: unknown ISA 'avx9'"):
+        forced("avx9")
     missing = next((isa for isa in kernels.ISAS if isa not in _runnable()), None)
     if missing is None:
         pytest.skip("this CPU runs every ISA: none to refuse")
     with pytest.raises(ValueError, match=f"this CPU cannot run the {missing} kernels"):
         forced(missing)
+
+
+def test_a_bad_forced_isa_is_the_settings_error_not_the_model_files(monkeypatch):
+    from inferlab.model.loader import load_model
+    monkeypatch.setenv("INFERLAB_ISA", "avx9")
+    kernels.native.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="^INFERLAB_ISA=avx9: unknown ISA"):
+            load_model(None, "auto", torch.device("cpu"))
+    finally:
+        kernels.native.cache_clear()
 
 
 def test_forced_isa_without_bf16_dot_products_defaults_to_fp32(monkeypatch):

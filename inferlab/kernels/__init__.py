@@ -245,7 +245,10 @@ def native() -> Kernels | None:
     if loaded is None:
         return None
     forced = os.environ.get("INFERLAB_ISA")
-    kernels = for_isa(forced or loaded[1][-1])
+    try:
+        kernels = for_isa(forced or loaded[1][-1])
+    except ValueError as e:  # name the setting, or the error reads as the model file's
+        raise ValueError(f"INFERLAB_ISA={forced}: {e}") from None
     log.debug("native CPU kernels: %s", kernels.isa)
     return kernels
 

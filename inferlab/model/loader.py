@@ -84,6 +84,7 @@ def load_model(path: str | None, dtype: str, device: torch.device, quantization:
     path = path or embedded_model_path()
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    kernels.native()  # a bad INFERLAB_ISA is the setting's error, not the model file's
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")
     try:

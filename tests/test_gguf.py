@@ -20,6 +20,8 @@ TYPES = {"attn_q": quant.Q5_0, "attn_k": quant.Q5_0, "attn_v": quant.Q8_0, "attn
          "ffn_gate": quant.Q4_K, "ffn_up": quant.Q5_K, "ffn_down": quant.Q6_K}
 LOW_BIT_TYPES = {"attn_q": quant.IQ4_NL, "attn_k": quant.IQ4_NL, "attn_v": quant.Q3_K, "attn_output": quant.Q2_K,
                  "ffn_gate": quant.IQ4_XS, "ffn_up": quant.Q3_K, "ffn_down": quant.Q2_K}
+Q4_TYPES = {"attn_q": quant.Q4_1, "attn_k": quant.Q4_1, "attn_v": quant.Q4_0, "attn_output": quant.Q4_0,
+            "ffn_gate": quant.Q4_1, "ffn_up": quant.Q4_1, "ffn_down": quant.Q4_0}
 # a random block's typical weight, in units of its fp16 scale (quantized Gaussians: about 20)
 SPREAD = {quant.Q4_K: 256, quant.Q5_K: 512, quant.Q6_K: 1000, quant.Q2_K: 20, quant.Q3_K: 64, quant.IQ4_NL: 64,
           quant.IQ4_XS: 1000}
@@ -34,6 +36,12 @@ def mixed_gguf(smol, tmp_path_factory):
 @pytest.fixture(scope="module")
 def low_bit_gguf(smol, tmp_path_factory):
     return write_gguf(str(tmp_path_factory.mktemp("gguf") / "low_bit.gguf"), LOW_BIT_TYPES)
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(smol, tmp_path_factory):
+    """Q4_1 and Q4_0 layers (merged q/k/v of both), as the embedded model's and llama.cpp's Q4 files."""
+    return write_gguf(str(tmp_path_factory.mktemp("gguf") / "q4.gguf"), Q4_TYPES)
 
 
 def write_gguf(path: str, types: dict[str, quant.WeightType]) -> str:
@@ -98,6 +106,34 @@ def test_mixed_file_keeps_its_types_and_parts(mixed_gguf):
     assert attn.qkv_proj.wtype == quant.Q5_0 and [p[1] for p in attn.qkv_proj.parts] == [quant.Q8_0]
     assert model.model.layers[0].mlp.down_proj.wtype == quant.Q6_K
     assert model.model.embed_tokens.wtype == quant.Q8_0 and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_amx_keeps_q4_layers_as_blocks_that_give_the_bf16_weights_bits(q4_gguf):
+    """On AMX a bf16 model's Q4_0 / Q4_1 layers stay blocks (regrouped for the tiles, merged q/k/v
+    parts of both types included), in a quarter of bf16's bytes, and the model's greedy tokens and
+    log-probabilities are bit for bit those of the same model with bf16 weights (`quantization="none"`):
+    batched, through prefills past a decode step's 64 rows and decode steps under it."""
+    from inferlab import kernels
+    native = kernels.native()
+    if native is None or native.isa != "amx":
+        pytest.skip(f"the t16 blocks are AMX's (kernels here: {native and native.isa})")
+    tiled, tok = loader.load_model(q4_gguf, "bfloat16", torch.device("cpu"))
+    dense, _ = loader.load_model(q4_gguf, "bfloat16", torch.device("cpu"), quantization="none")
+    qkv = tiled.model.layers[0].self_attn.qkv_proj
+    assert [qkv.wtype] + [p[1] for p in qkv.parts] == [quant.Q4_1T16, quant.Q4_0T16]
+    assert tiled.model.layers[0].mlp.down_proj.wtype == quant.Q4_0T16
+    assert tiled.model.embed_tokens.wtype == dense.model.embed_tokens.wtype  # the vocabulary: as before
+
+    def layer_bytes(model) -> int:
+        return sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    assert layer_bytes(tiled) < 0.4 * layer_bytes(dense)
+    prompts = [{"prompt_token_ids": list(range(5 + i, 5 + i + n))} for i, n in enumerate((3, 70, 17, 130))]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+    outs = [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in
+             LLM(loaded=(model, tok), num_kv_blocks=64, max_num_batched_tokens=96).generate(prompts, params,
+                                                                                         use_tqdm=False)]
+            for model in (tiled, dense)]
+    assert outs[0] == outs[1]
 
 
 @pytest.mark.parametrize("file", ["mixed_gguf", "low_bit_gguf"])

@@ -140,15 +140,25 @@ def test_linear_writes_into_a_column_slice(isa, monkeypatch):
     assert (y[:, :5] == 7).all() and (y[:, 13:] == 7).all()
 
 
-@pytest.mark.parametrize("wtype", [*quant.TYPES, *quant.REGROUPED.values()], ids=str)
+def regrouped(w: torch.Tensor, wtype: quant.WeightType) -> torch.Tensor:
+    """GGUF rows w as the regrouped type wtype (x16 or t16)."""
+    return (regroup.repack_tiles if wtype in quant.TILED.values() else regroup.repack)(w, wtype.base)
+
+
+@pytest.mark.parametrize("wtype", [*quant.TYPES, *quant.REGROUPED.values(), *quant.TILED.values()], ids=str)
 def test_embedding_lookup_matches_dequantized_rows(isa, wtype):
-    """Every build looks rows up in every type, the regrouped ones (a tied LM head's) included."""
+    """Every build looks rows up in every type, the regrouped ones (a tied LM head's) included, and
+    into bf16 rounds each value once (the AMX build's t16 decoding too: whole groups and single rows)."""
     w = random_weights(wtype.base or wtype, 48, 256, seed=3)
-    w = regroup.repack(w, wtype.base) if wtype.base else w
+    w = regrouped(w, wtype) if wtype.base else w
     ids = torch.tensor([39, 0, 7, 7, 21])
     out = torch.empty(5, 256)
     kernels.for_isa(isa).get_rows(out, w, wtype.code, ids, 5, 256, kernels.DTYPE_CODES[torch.float32])
     torch.testing.assert_close(out, quant.dequantize(w, wtype)[ids], rtol=1e-6, atol=0)
+    for rows in (ids, torch.arange(48), torch.cat([torch.arange(16, 32), torch.arange(5)])):
+        out = torch.empty(len(rows), 256, dtype=torch.bfloat16)
+        kernels.for_isa(isa).get_rows(out, w, wtype.code, rows, len(rows), 256, kernels.DTYPE_CODES[torch.bfloat16])
+        assert torch.equal(out, quant.dequantize(w, wtype)[rows].bfloat16())
 
 
 @pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
@@ -160,6 +170,47 @@ def test_regrouping_moves_the_blocks_and_nothing_else(wtype):
     assert torch.equal(quant.dequantize(regrouped, quant.REGROUPED[wtype]), quant.dequantize(w, wtype))
     with pytest.raises(ValueError, match="do not split into groups of 16"):
         regroup.repack(w[:40], wtype)
+
+
+@pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
+def test_tiled_regrouping_moves_the_blocks_and_nothing_else(wtype):
+    w = random_weights(wtype, 48, 320, seed=6)
+    tiled = regroup.repack_tiles(w, wtype)
+    assert tiled.shape == w.shape and not torch.equal(tiled, w) and not torch.equal(tiled, regroup.repack(w, wtype))
+    assert torch.equal(regroup.unrepack(tiled, quant.TILED[wtype]), w)
+    assert torch.equal(quant.dequantize(tiled, quant.TILED[wtype]), quant.dequantize(w, wtype))
+    with pytest.raises(ValueError, match="do not split into groups of 16"):
+        regroup.repack_tiles(w[:40], wtype)
+    with pytest.raises(ValueError, match="only q4_0 and q4_1"):
+        regroup.repack_tiles(random_weights(quant.Q8_0, 16, 64, seed=1), quant.Q8_0)
+
+
+@pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
+def test_tiled_blocks_give_the_bf16_weights_products(isa, wtype, monkeypatch):
+    """A t16 matrix is the bf16 weights its blocks round to, kept in a quarter of the bytes: on AMX the
+    tiles decode it and give the very bits of those bf16 weights' product at every decode row count,
+    thread count and output dtype; past a decode step's rows, and on other ISAs, PyTorch multiplies
+    the bf16 weights the kernels decode it to."""
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    from inferlab.model.layers.linear import linear_ref, tiles_to_bf16
+    w = random_weights(wtype, 64, 320, seed=wtype.code + 9)
+    t16, dense = quant.TILED[wtype], quant.dequantize(w, wtype)
+    tiled = regroup.repack_tiles(w, wtype)
+    weights = tiles_to_bf16(tiled, t16)
+    assert torch.equal(weights, dense.bfloat16())
+    g = torch.Generator().manual_seed(17)
+    x, bias = torch.randn(80, 320, generator=g).bfloat16(), torch.randn(64, generator=g).bfloat16()
+    for rows in (1, 2, 5, 16, 33, 64, 80):
+        for b, out in ((bias, None), (None, torch.float32)):
+            got = linear(x[:rows], tiled, t16, b, out_dtype=out)
+            want = (linear(x[:rows], weights, quant.BF16, b, out_dtype=out) if isa == "amx"
+                    else linear_ref(x[:rows], weights, quant.BF16, b, out_dtype=out))
+            assert torch.equal(got, want), (rows, out)
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(linear(x[:3], tiled, t16, bias), linear(x, tiled, t16, bias)[:3]) if isa == "amx" else True
+    finally:
+        torch.set_num_threads(2)
 
 
 @pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
@@ -205,6 +256,15 @@ def test_regrouped_types_run_only_where_their_kernel_is(isa):
     else:
         kernels.for_isa(isa).linear(*args)
         torch.testing.assert_close(y.float(), x.float() @ quant.dequantize(w, quant.Q4_1X16).T, rtol=8e-3, atol=1e-2)
+    w = regroup.repack_tiles(random_weights(quant.Q4_1, 16, 64, seed=2), quant.Q4_1)
+    args = (x, 64, w, quant.Q4_1T16.code, None, y, 16, 2, 64, 16, 1, 1, 0)
+    if isa != "amx":
+        with pytest.raises(RuntimeError, match="status 1"):
+            kernels.for_isa(isa).linear(*args)
+    else:
+        kernels.for_isa(isa).linear(*args)
+        weights = quant.dequantize(w, quant.Q4_1T16).bfloat16().float()  # the bf16 weights it stands for
+        torch.testing.assert_close(y.float(), x.float() @ weights.T, rtol=8e-3, atol=1e-2)
 
 
 def test_quantizing_a_type_it_cannot_write_is_refused():
@@ -245,7 +305,12 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.IQ4_XS, 512, "auto", bf16, "avx512", rows=576) == quant.IQ4_XSX16
     assert target_type(quant.Q3_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q3_KX16
     assert target_type(quant.Q2_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q2_KX16
-    assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576) == quant.BF16
+    # on AMX, Q4 layers keep those bf16 weights as blocks regrouped for the tiles, which decode them
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576) == quant.Q4_1T16
+    assert target_type(quant.Q4_0, 576, "auto", bf16, "amx", rows=576) == quant.Q4_0T16
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576, vocab=True) == quant.BF16
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=40) == quant.BF16
+    assert target_type(quant.Q8_0, 576, "auto", bf16, "amx", rows=576) == quant.BF16
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1
     assert target_type(quant.Q4_1, 576, "auto", f32, "avx512", rows=576) == quant.Q4_1

@@ -19,6 +19,14 @@ static inline int il_x16_type(int wtype) {
            wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
+/* Q4_0 / Q4_1 regrouped for the AMX tiles (IL_W_Q4_0T16, IL_W_Q4_1T16), where a tile row is one weight
+ * row's block: per group of 16 rows and block, the x16 structs' scale fields, then 4 x 32 words, word
+ * j of quad g holding input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3. */
+static inline int il_t16_type(int wtype) { return wtype == IL_W_Q4_0T16 || wtype == IL_W_Q4_1T16; }
+
+/* Whether a type is regrouped for one kernel (x16 or t16), which the other builds' linear refuses. */
+static inline int il_regrouped_type(int wtype) { return il_x16_type(wtype) || il_t16_type(wtype); }
+
 /* The value at pair row p, lane l of a regrouped block of `bits`-bit fields (4: Q4/Q5's nibbles, 2:
  * Q3_K's): field p % f of word 32 (p / f) + l, f = 16 / bits fields a word, and where `high` (16
  * 32-bit masks, or NULL) is given, bit l of mask p XOR the bit above that field in its word as the
@@ -104,5 +112,26 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
         const int q = il_x16_value(words, five ? fifth : NULL, p, lane, 4);
         y[k] = with_min ? d * q + m : five ? d * (q - 16) : wtype == IL_W_IQ4_NLX16 ? d * il_iq4_values[q] : d * (q - 8);
     }
+}
+
+/* Block b of row n of a t16 matrix as fp32: as its GGUF type defines it (blocks.h) */
+static inline void il_t16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
+    const int i = (int)(n % 16), one = wtype == IL_W_Q4_1T16;
+    const int64_t at = n / 16 * (K / 32) + b;
+    const uint16_t *h = one ? ((const il_q4_1x16 *)w + at)->d : ((const il_q4_0x16 *)w + at)->d;
+    const float d = il_f16_to_f32(h[i]), m = one ? il_f16_to_f32(h[16 + i]) : 0.f;
+    const uint16_t *words = h + (one ? 32 : 16) + 32 * (i / 4);
+    for (int k = 0; k < 32; k++) {
+        const int q = (words[k] >> (4 * (i % 4))) & 0xF;
+        y[k] = one ? q * d + m : (q - 8) * d;
+    }
+}
+
+/* Block b of row n of any regrouped matrix as fp32 */
+static inline void il_regrouped_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
+    if (il_t16_type(wtype))
+        il_t16_block(wtype, w, n, K, b, y);
+    else
+        il_x16_block(wtype, w, n, K, b, y);
 }
 #endif

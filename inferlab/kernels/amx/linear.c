@@ -6,7 +6,9 @@
  * inputs, loaded with W's row stride. x is repacked once per call into the pair-interleaved layout
  * AMX wants for its right operand (K pairs x 16 rows of x), so each tile product yields 16 outputs
  * x 16 rows of x; those are transposed on the way out and stored as bf16, or as fp32 where the
- * caller asks (a bf16 model's logits). No weight copy or prepacking. Other types,
+ * caller asks (a bf16 model's logits). No weight copy or prepacking. Q4_0 and Q4_1 blocks regrouped for
+ * the tiles (t16, regrouped.h) are decoded one A tile at a time into exactly the bf16 weights a load-time
+ * dequantization would have made, so they give the same bits from a quarter of the bytes. Other types,
  * shapes and CPUs without the tile permission go to the AVX-512 kernels.
  */
 #include "amx.h"
@@ -55,10 +57,43 @@ IL_INLINE void prefetch_a(const uint16_t *w, const uint16_t *a, int k, int ahead
     }
 }
 
+/* A group's block of a t16 matrix (IL_W_Q4_0T16 / IL_W_Q4_1T16) as the 16 x 32 bf16 A tile of the
+ * weights bf16(q d + m) (Q4_0: bf16((q - 8) d)): q d is exact in fp32, so this is one rounding to
+ * fp32 and one to bf16 (nearest even), as the load-time dequantizer and PyTorch's conversion do. A
+ * row's block has one (d, m), so its 16 possible values are a table that one vpermw reads by the
+ * row's nibbles; two rows share a table register (words 0-15 and 16-31), bit 4 of an index picks
+ * the row. About 4 cycles a tile row: reading the bf16 weights instead costs more from memory. */
+IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, uint16_t *tile) {
+    const int one = wtype == IL_W_Q4_1T16;
+    float d[16] __attribute__((aligned(64))), m[16] __attribute__((aligned(64)));
+    _mm512_store_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk)));
+    if (one) _mm512_store_ps(m, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32))));
+    __asm__ volatile("" ::: "memory"); /* each scale broadcast by a load: GCC's permutes instead took 2x */
+    const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 qc = one ? q : _mm512_sub_ps(q, _mm512_set1_ps(8.f));
+    const __m512i low4 = _mm512_set1_epi16(0xF), second = _mm512_set1_epi16(0x10);
+    const uint8_t *words = blk + (one ? 64 : 32);
+    for (int g = 0; g < 4; g++) {
+        const __m512i wg = _mm512_loadu_si512(words + 64 * g);
+        for (int s = 0; s < 4; s += 2) {
+            const int r = 4 * g + s;
+            const __m512 t0 = one ? _mm512_fmadd_ps(qc, _mm512_set1_ps(d[r]), _mm512_set1_ps(m[r]))
+                                  : _mm512_mul_ps(qc, _mm512_set1_ps(d[r]));
+            const __m512 t1 = one ? _mm512_fmadd_ps(qc, _mm512_set1_ps(d[r + 1]), _mm512_set1_ps(m[r + 1]))
+                                  : _mm512_mul_ps(qc, _mm512_set1_ps(d[r + 1]));
+            const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(t1, t0); /* words 0-15: row r's, 16-31: r + 1's */
+            const __m512i i0 = _mm512_and_si512(s ? _mm512_srli_epi16(wg, 4 * s) : wg, low4);
+            const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wg, 4 * s + 4), low4, second, 0xEA);
+            _mm512_store_si512(tile + 32 * r, _mm512_permutexvar_epi16(i0, table));
+            _mm512_store_si512(tile + 32 * (r + 1), _mm512_permutexvar_epi16(i1, table));
+        }
+    }
+}
+
 /* Tiles: 0-3 accumulate 16 outputs x 16 rows of x each (up to 64 rows), 4 holds W's A tile, 5-7 take
  * turns holding x's B tiles. Every tile is 16 rows of 64 bytes; rows of x past M are zeros. */
-static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *bias, void *y, int64_t ldy, int ydtype,
-                         int M, int K, int N, int num_threads, uint32_t *restrict xp) {
+IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, const uint16_t *bias, void *y,
+                            int64_t ldy, int ydtype, int M, int K, int N, int num_threads, uint32_t *restrict xp) {
     const int mb = (M + 15) / 16, mp = 16 * mb, pairs = K / 2;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -78,9 +113,12 @@ static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *b
             }
         amx_configure();
         float c[16 * AMX_MAX_ROWS] __attribute__((aligned(64)));  /* c[n][m]: one block's outputs */
+        uint16_t decoded[2][512] __attribute__((aligned(64)));    /* t16: A tiles, in turn */
+        const int64_t group_bytes = 16 * (int64_t)il_block_bytes(wtype); /* t16: a group's block */
 #pragma omp for schedule(static)
         for (int nb = 0; nb < N / 16; nb++) {
-            const uint16_t *a = w + (int64_t)nb * 16 * K;
+            const uint16_t *a = (const uint16_t *)w + (int64_t)nb * 16 * K;
+            const uint8_t *blocks = (const uint8_t *)w + (int64_t)nb * (K / 32) * group_bytes; /* t16 */
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
@@ -92,9 +130,18 @@ static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *b
                  * 64 rows from 21 to 17.5 ms; running on into the next block (only K / 32 = 18 steps
                  * long here) from 17.5 to 16.4, and at 16 rows from 11.6 to 10.6. Also fetching 8 steps
                  * ahead into L2: 7-8% off at 1 and 16 rows, 1-7% at 64 (the AMX Xeon VM, 2 threads) */
-                prefetch_a(w, a, k, 2, N, K, 1);
-                prefetch_a(w, a, k, 8, N, K, 0);
-                _tile_loadd(4, a + 32 * k, K * 2);
+                if (il_t16_type(wtype)) { /* one stream: 8 blocks ahead into L1, 32 into L2 */
+                    for (int o = 0; o < group_bytes; o += 64) {
+                        _mm_prefetch((const char *)blocks + (k + 8) * group_bytes + o, _MM_HINT_T0);
+                        _mm_prefetch((const char *)blocks + (k + 32) * group_bytes + o, _MM_HINT_T1);
+                    }
+                    decode_t16(wtype, blocks + k * group_bytes, decoded[k & 1]);
+                    _tile_loadd(4, decoded[k & 1], 64);
+                } else {
+                    prefetch_a(w, a, k, 2, N, K, 1);
+                    prefetch_a(w, a, k, 8, N, K, 0);
+                    _tile_loadd(4, a + 32 * k, K * 2);
+                }
                 _tile_loadd(5, b, 64);
                 _tile_dpbf16ps(0, 4, 5);
                 if (mb > 1) {
@@ -137,12 +184,46 @@ static void linear_tiles(const uint32_t *x, const uint16_t *w, const uint16_t *b
 
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
-    if (wtype != IL_W_BF16 || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) || rows < 1 ||
-        rows > AMX_MAX_ROWS || K % 32 || N % 16 || ldx != K || !amx_ready())
-        return linear_avx512(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
+    if ((wtype != IL_W_BF16 && !il_t16_type(wtype)) || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) ||
+        rows < 1 || rows > AMX_MAX_ROWS || K % 32 || N % 16 || ldx != K || !amx_ready())
+        return il_t16_type(wtype) ? (rows < 1 ? 0 : 1) /* no other kernel reads them */
+                                  : linear_avx512(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
     uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * ((rows + 15) / 16));
     if (!xp) return 2;
-    linear_tiles(x, w, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
+    if (wtype == IL_W_Q4_0T16) /* each type its own compiled loop */
+        linear_tiles(x, w, IL_W_Q4_0T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
+    else if (wtype == IL_W_Q4_1T16)
+        linear_tiles(x, w, IL_W_Q4_1T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
+    else
+        linear_tiles(x, w, IL_W_BF16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
     free(xp);
     return 0;
+}
+
+/* t16 rows to bf16 with the tiles' decoding (the weights a prefill's oneDNN matmul takes: the same
+ * values as the tiles'), a whole group's block decoded once where 16 ids are its rows in order; any
+ * other type or dtype as the AVX-512 build does it. */
+void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int rows, int K, int dtype,
+                  int num_threads) {
+    if (!il_t16_type(wtype) || dtype != IL_BF16 || K % 32) {
+        get_rows_avx512(out, w, wtype, ids, rows, K, dtype, num_threads);
+        return;
+    }
+    const int64_t group_bytes = 16 * (int64_t)il_block_bytes(wtype);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows >= 16)
+    for (int r0 = 0; r0 < rows; r0 += 16) {
+        uint16_t tile[512] __attribute__((aligned(64)));
+        int whole = r0 + 16 <= rows && ids[r0] % 16 == 0;
+        for (int i = 1; whole && i < 16; i++) whole = ids[r0 + i] == ids[r0] + i;
+        for (int r = r0; r < (whole ? r0 + 1 : rows < r0 + 16 ? rows : r0 + 16); r++)
+            for (int b = 0; b < K / 32; b++) {
+                const uint8_t *blk = (const uint8_t *)w + (ids[r] / 16 * (K / 32) + b) * group_bytes;
+                if (wtype == IL_W_Q4_0T16)
+                    decode_t16(IL_W_Q4_0T16, blk, tile);
+                else
+                    decode_t16(IL_W_Q4_1T16, blk, tile);
+                for (int i = 0; i < (whole ? 16 : 1); i++)
+                    memcpy((uint16_t *)out + (int64_t)(r + i) * K + 32 * b, tile + 32 * (whole ? i : ids[r] % 16), 64);
+            }
+    }
 }

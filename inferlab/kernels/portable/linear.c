@@ -47,7 +47,7 @@ static int linear_int8(const void *x, int64_t ldx, const void *w, int wtype, con
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
     if (rows <= 0) return 0;
-    if (il_x16_type(wtype)) return 1; /* only the AVX-512 build reads the regrouped types */
+    if (il_regrouped_type(wtype)) return 1; /* only the AVX-512 (x16) and AMX (t16) builds multiply these */
     if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
         return linear_int8(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     const int64_t rb = il_row_bytes(wtype, K);

@@ -81,11 +81,11 @@ void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int r
     for (int r = 0; r < rows; r++) {
         float tmp[256];
         const uint8_t *row = (const uint8_t *)w + ids[r] * rb;
-        const int span = il_block_elems(wtype) == 256 && !il_x16_type(wtype) ? 256 : 32;
+        const int span = il_block_elems(wtype) == 256 && !il_regrouped_type(wtype) ? 256 : 32;
         for (int k0 = 0; k0 < K; k0 += span) {
             const int n = K - k0 < span ? K - k0 : span;
-            if (il_x16_type(wtype))
-                il_x16_block(wtype, w, ids[r], K, k0 / 32, tmp);
+            if (il_regrouped_type(wtype))
+                il_regrouped_block(wtype, w, ids[r], K, k0 / 32, tmp);
             else
                 il_dequant_span(wtype, row, k0, n, tmp);
             for (int i = 0; i < n; i++) il_st(out, (int64_t)r * K + k0 + i, tmp[i], dtype);
@@ -97,8 +97,8 @@ void IL(dequantize)(float *out, const void *w, int wtype, int64_t n, int K, int 
     const int64_t rb = il_row_bytes(wtype, K);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < n; r++)
-        if (il_x16_type(wtype))
-            for (int b = 0; b < K / 32; b++) il_x16_block(wtype, w, r, K, b, out + r * K + 32 * b);
+        if (il_regrouped_type(wtype))
+            for (int b = 0; b < K / 32; b++) il_regrouped_block(wtype, w, r, K, b, out + r * K + 32 * b);
         else
             il_dequant_span(wtype, (const uint8_t *)w + r * rb, 0, K, out + r * K);
 }

@@ -38,8 +38,31 @@ def int8_inputs(x: torch.Tensor) -> torch.Tensor:
     return (torch.sign(v) * torch.floor(v.abs() + 0.5) * scale).view(x.shape)
 
 
+def _regrouped_runs(wtype: WeightType, x: torch.Tensor, isa: str) -> bool:
+    """Whether the kernels multiply a regrouped type here: x16 on CPUs with bf16 matrix units, t16 on AMX
+    up to a decode step's rows (past them PyTorch's oneDNN takes the bf16 weights they decode to)."""
+    if x.dtype != torch.bfloat16:
+        return False
+    if wtype in quant.TILED.values():
+        return isa == "amx" and x.shape[0] <= TORCH_BF16_PAST_ROWS["amx"]
+    return isa in BF16_MATRIX_ISAS
+
+
+def tiles_to_bf16(weight: torch.Tensor, wtype: WeightType) -> torch.Tensor:
+    """The bf16 weights a t16 matrix (quant.TILED) stands for: its values rounded once to bf16."""
+    native = kernels.native()
+    if native is None:
+        return quant.dequantize(weight, wtype).bfloat16()
+    n, k = weight.shape[0], weight.shape[1] // wtype.nbytes * wtype.block
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    native.get_rows(out, weight, wtype.code, torch.arange(n), n, k, kernels.DTYPE_CODES[torch.bfloat16])
+    return out
+
+
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType, bias: torch.Tensor | None,
                int8: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    if wtype in quant.TILED.values():
+        weight, wtype = tiles_to_bf16(weight, wtype), quant.BF16
     if int8 and wtype in INT8_TYPES:
         x = int8_inputs(x).to(x.dtype)
     if out_dtype not in (None, x.dtype):  # wider out: the same products, summed and kept in out_dtype
@@ -63,7 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = Non
                           (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())) or
                           (wtype.dtype == x.dtype == torch.bfloat16 and
                            x.shape[0] > TORCH_BF16_PAST_ROWS.get(k.isa, 1 << 30)) or
-                          (wtype.base is not None and (x.dtype != torch.bfloat16 or k.isa not in BF16_MATRIX_ISAS))):
+                          (wtype.base is not None and not _regrouped_runs(wtype, x, k.isa))):
         k = None
     if k is None:
         y = linear_ref(x, weight, wtype, bias, int8, out_dtype)
@@ -80,7 +103,8 @@ def _convert(data: torch.Tensor, src: WeightType, dst: WeightType) -> torch.Tens
     if src == dst:
         return data.contiguous()
     if dst.base is not None:  # regrouped: the same blocks, moved (quantizing first where src is not dst.base)
-        return regroup.repack(data if src == dst.base else _convert(data, src, dst.base), dst.base)
+        pack = regroup.repack_tiles if dst in quant.TILED.values() else regroup.repack
+        return pack(data if src == dst.base else _convert(data, src, dst.base), dst.base)
     native = kernels.native()
     if src.dtype is not None:
         values = data.float()
@@ -104,9 +128,11 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     `auto`: as stored (GGUF blocks, a checkpoint's float type), except block types in a bf16 model on
     CPUs with bf16 matrix units, which get bf16 unless `int8` activations are asked for and the type
     has them (they multiply blocks) or the CPU has no AMX and they are in `quant.REGROUPED` (the
-    AVX512-BF16 kernel of the regrouped blocks is the faster there); without native kernels, the
-    model's dtype. `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to
-    q8_0, as llama.cpp keeps output tensors at higher precision), where rows split into its blocks.
+    AVX512-BF16 kernel of the regrouped blocks is the faster there); on AMX, Q4_0 and Q4_1 layers
+    (not the vocabulary) keep those bf16 weights as `quant.TILED` blocks, which the tiles decode;
+    without native kernels, the model's dtype. `none`: the model's dtype. A block type: quantized to
+    it (the vocabulary matrix to q8_0, as llama.cpp keeps output tensors at higher precision), where
+    rows split into its blocks.
     Those types kept for bf16 activations on those CPUs are regrouped (`quant.REGROUPED`) where
     `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as the LM head; None
     for an embedding alone) is a multiple of 16."""
@@ -118,6 +144,8 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     if mode == "auto":
         blocks_win = (int8 and stored in INT8_TYPES) or (regroup and isa != "amx" and stored in quant.REGROUPED)
         kept = quant.BF16 if stored.dtype is None and bf16_units and not blocks_win else stored
+        if kept == quant.BF16 and isa == "amx" and regroup and not vocab and stored in quant.TILED:
+            return quant.TILED[stored]  # the same bf16 weights, from a quarter of the bytes
     else:
         wanted = quant.Q8_0 if vocab else quant.BY_NAME[mode]
         kept = wanted if k % wanted.block == 0 else as_dtype

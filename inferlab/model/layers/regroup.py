@@ -1,11 +1,13 @@
 """Blocks regrouped 16 weight rows at a time for the AVX512-BF16 kernel (`kernels/avx512/x16.c`, where
 the layout is described): `repack` makes a regrouped type (quant.REGROUPED) from a GGUF type's rows at
 load, the same bytes per row, and `unrepack` gives the rows back (the reference reads them so).
+`repack_tiles` regroups Q4_0/Q4_1 for the AMX tiles instead (quant.TILED; layout: kernels/regrouped.h).
 """
 from __future__ import annotations
 
 import torch
 
+from inferlab.model.layers import quant
 from inferlab.model.layers.quant import GROUP_ROWS, IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
 
 
@@ -209,12 +211,42 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     return torch.cat([fields, values], dim=2).reshape(n, -1).contiguous()
 
 
+def repack_tiles(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
+    """Q4_0 / Q4_1 rows [N, row bytes] (N a multiple of 16) regrouped as TILED[wtype], the same bytes per
+    row: per group of 16 rows and block, the rows' scale fields side by side (as `repack`'s), then 4 x 32
+    little-endian 16-bit words, word j of quad c holding input j of rows 4c .. 4c + 3, a nibble each."""
+    if wtype not in quant.TILED:
+        raise ValueError(f"only q4_0 and q4_1 regroup for the tiles, not {wtype.name}")
+    n = data.shape[0]
+    if n % GROUP_ROWS:
+        raise ValueError(f"{n} rows do not split into groups of {GROUP_ROWS}")
+    g, nb = n // GROUP_ROWS, data.shape[1] // wtype.nbytes
+    blocks = data.reshape(g, GROUP_ROWS, nb, wtype.nbytes)
+    qs = blocks[..., -16:].to(torch.int32)
+    q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(g, 4, 4, nb, 32)  # [g, quad, row in quad, block, input]
+    words = sum(q[:, :, s] << 4 * s for s in range(4)).permute(0, 2, 1, 3)  # [g, block, quad, input]
+    values = torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(g, nb, -1)
+    return torch.cat([_side_by_side(blocks[..., :-16], 2), values], dim=2).reshape(n, -1).contiguous()
+
+
+def _unrepack_tiles(groups: torch.Tensor, base: WeightType) -> torch.Tensor:
+    g, nb, _ = groups.shape
+    fields = _by_row(groups[:, :, :-256], 2)
+    wb = groups[:, :, -256:].reshape(g, nb, 4, 32, 2).to(torch.int32)
+    words = wb[..., 0] | wb[..., 1] << 8  # [g, block, quad, input]
+    q = torch.stack([(words >> 4 * s) & 15 for s in range(4)], dim=3)  # [g, block, quad, row in quad, input]
+    q = q.permute(0, 2, 3, 1, 4).reshape(g, GROUP_ROWS, nb, 32)
+    return torch.cat([fields, (q[..., :16] | q[..., 16:] << 4).to(torch.uint8)], dim=3).reshape(g * GROUP_ROWS, -1)
+
+
 def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """The GGUF rows a regrouped tensor was made from (`repack`'s inverse)."""
+    """The GGUF rows a regrouped tensor was made from (`repack`'s and `repack_tiles`' inverse)."""
     base = wtype.base
     n, nb = data.shape[0], data.shape[1] // base.nbytes
     g = n // GROUP_ROWS
     groups = data.reshape(g, nb, GROUP_ROWS * base.nbytes)
+    if wtype in quant.TILED.values():
+        return _unrepack_tiles(groups, base).contiguous()
     if base == Q6_K:
         d, sc = _by_row(groups[:, :, :32], 2), _by_row(groups[:, :, 32:288], 1)
         subs = groups[:, :, 288:].reshape(g, nb * 8, 384)

@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/linear_speed.py [--isa avx2] [--threads 2] [--types f32,q4_1]
         [--rows 1,16,64,512] [--int8] [--dtype bfloat16]
 
-(`--types q4_1x16,bf16 --isa avx512 --dtype bfloat16`: the regrouped blocks against bf16 weights.)
+(`--types q4_1x16,bf16 --isa avx512 --dtype bfloat16`: the regrouped blocks against bf16 weights;
+`--types q4_1t16,bf16 --isa amx --dtype bfloat16`: the blocks the AMX tiles decode, against the same.)
 
 Prints, per (type, rows): ms per call for the 120 layer matmuls of one step (qkv, o, gate/up, down
 of 30 layers), the GFLOP/s that makes, the weight bytes read per second, and PyTorch's time on the
@@ -57,17 +58,17 @@ def main() -> None:
     print(f"| type | rows | ms | GFLOP/s | weight GB/s | torch {a.dtype} ms |\n|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for name in a.types.split(","):
-        regrouped = {t.name.lower(): t for t in quant.REGROUPED.values()}
+        regrouped = {t.name.lower(): t for t in (*quant.REGROUPED.values(), *quant.TILED.values())}
         wtype = regrouped.get(name.lower()) or quant.BY_NAME[name.lower()]
         layers, shapes = [], [(kk, n) for kk, n in SHAPES if kk % wtype.block == 0]
         if len(shapes) < len(SHAPES):
             print(f"| {name} | (only the shapes whose rows split into its {wtype.block}-weight blocks) | | | | |")
         for kk, n in shapes:
             dense = torch.randn(n, kk, generator=g) * kk ** -0.5
-            if wtype.base:  # a regrouped type (q4_1x16...): the GGUF type's blocks, moved
+            if wtype.base:  # a regrouped type (q4_1x16, q4_1t16...): the GGUF type's blocks, moved
                 base = wtype.base
                 blocks = quant.quantize(dense, base) if base.quantizable else quant.random_stored(base, n, kk, n + kk)
-                stored = regroup.repack(blocks, base)
+                stored = (regroup.repack_tiles if wtype in quant.TILED.values() else regroup.repack)(blocks, base)
             elif wtype.dtype or wtype.quantizable:
                 stored = quant.quantize(dense, wtype)
             else:

@@ -108,9 +108,10 @@ def test_mixed_file_keeps_its_types_and_parts(mixed_gguf):
     assert model.model.embed_tokens.wtype == quant.Q8_0 and model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_amx_keeps_q4_layers_as_blocks_that_give_the_bf16_weights_bits(q4_gguf):
-    """On AMX a bf16 model's Q4_0 / Q4_1 layers stay blocks (regrouped for the tiles, merged q/k/v
-    parts of both types included), in a quarter of bf16's bytes, and the model's greedy tokens and
+def test_amx_keeps_q4_and_q8_0_as_blocks_that_give_the_bf16_weights_bits(q4_gguf):
+    """On AMX a bf16 model's Q4_0 / Q4_1 layers and tied Q8_0 vocabulary stay blocks (regrouped for the
+    tiles, merged q/k/v parts of both Q4 types included), in a quarter of bf16's bytes (the vocabulary
+    a half), and the model's greedy tokens and
     log-probabilities are bit for bit those of the same model with bf16 weights (`quantization="none"`):
     batched, through prefills past a decode step's 64 rows and decode steps under it."""
     from inferlab import kernels
@@ -122,7 +123,10 @@ def test_amx_keeps_q4_layers_as_blocks_that_give_the_bf16_weights_bits(q4_gguf):
     qkv = tiled.model.layers[0].self_attn.qkv_proj
     assert [qkv.wtype] + [p[1] for p in qkv.parts] == [quant.Q4_1T16, quant.Q4_0T16]
     assert tiled.model.layers[0].mlp.down_proj.wtype == quant.Q4_0T16
-    assert tiled.model.embed_tokens.wtype == dense.model.embed_tokens.wtype  # the vocabulary: as before
+    embed = tiled.model.embed_tokens  # the tied Q8_0 vocabulary too: the LM head's tiles, and lookups
+    assert embed.wtype == quant.Q8_0T16 and tiled.lm_head.weight is embed.weight
+    ids = torch.tensor([5, 0, 1234, 5])
+    assert torch.equal(embed(ids), dense.model.embed_tokens(ids))
 
     def layer_bytes(model) -> int:
         return sum(p.numel() * p.element_size() for p in model.model.layers.parameters())

@@ -178,11 +178,11 @@ def test_tiled_regrouping_moves_the_blocks_and_nothing_else(wtype):
     tiled = regroup.repack_tiles(w, wtype)
     assert tiled.shape == w.shape and not torch.equal(tiled, w) and not torch.equal(tiled, regroup.repack(w, wtype))
     assert torch.equal(regroup.unrepack(tiled, quant.TILED[wtype]), w)
-    assert torch.equal(quant.dequantize(tiled, quant.TILED[wtype]), quant.dequantize(w, wtype))
+    assert torch.equal(quant.dequantize(tiled, quant.TILED[wtype]), quant.dequantize(w, wtype).bfloat16().float())
     with pytest.raises(ValueError, match="do not split into groups of 16"):
         regroup.repack_tiles(w[:40], wtype)
-    with pytest.raises(ValueError, match="only q4_0 and q4_1"):
-        regroup.repack_tiles(random_weights(quant.Q8_0, 16, 64, seed=1), quant.Q8_0)
+    with pytest.raises(ValueError, match="only q4_0, q4_1, q8_0 regroup for the tiles, not q6_K"):
+        regroup.repack_tiles(random_weights(quant.Q6_K, 16, 256, seed=1), quant.Q6_K)
 
 
 @pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
@@ -263,7 +263,7 @@ def test_regrouped_types_run_only_where_their_kernel_is(isa):
             kernels.for_isa(isa).linear(*args)
     else:
         kernels.for_isa(isa).linear(*args)
-        weights = quant.dequantize(w, quant.Q4_1T16).bfloat16().float()  # the bf16 weights it stands for
+        weights = quant.dequantize(w, quant.Q4_1T16)  # the bf16 weights it stands for
         torch.testing.assert_close(y.float(), x.float() @ weights.T, rtol=8e-3, atol=1e-2)
 
 
@@ -308,9 +308,10 @@ def test_what_each_quantization_mode_keeps():
     # on AMX, Q4 layers keep those bf16 weights as blocks regrouped for the tiles, which decode them
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576) == quant.Q4_1T16
     assert target_type(quant.Q4_0, 576, "auto", bf16, "amx", rows=576) == quant.Q4_0T16
-    assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576, vocab=True) == quant.BF16
+    assert target_type(quant.Q8_0, 576, "auto", bf16, "amx", rows=49152, vocab=True) == quant.Q8_0T16  # tied
+    assert target_type(quant.Q8_0, 576, "auto", bf16, "amx", vocab=True) == quant.BF16  # an embedding alone
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=40) == quant.BF16
-    assert target_type(quant.Q8_0, 576, "auto", bf16, "amx", rows=576) == quant.BF16
+    assert target_type(quant.Q4_K, 512, "auto", bf16, "amx", rows=576) == quant.BF16
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1
     assert target_type(quant.Q4_1, 576, "auto", f32, "avx512", rows=576) == quant.Q4_1

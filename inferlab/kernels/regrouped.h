@@ -19,10 +19,13 @@ static inline int il_x16_type(int wtype) {
            wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
-/* Q4_0 / Q4_1 regrouped for the AMX tiles (IL_W_Q4_0T16, IL_W_Q4_1T16), where a tile row is one weight
- * row's block: per group of 16 rows and block, the x16 structs' scale fields, then 4 x 32 words, word
- * j of quad g holding input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3. */
-static inline int il_t16_type(int wtype) { return wtype == IL_W_Q4_0T16 || wtype == IL_W_Q4_1T16; }
+/* Q4_0 / Q4_1 / Q8_0 regrouped for the AMX tiles (IL_W_*T16), where a tile row is one weight row's
+ * block: per group of 16 rows and block, the x16 structs' scale fields, then Q4's 4 x 32 words, word
+ * j of quad g holding input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3, or Q8_0's 16
+ * rows' 32 bytes one row after another. */
+static inline int il_t16_type(int wtype) {
+    return wtype == IL_W_Q4_0T16 || wtype == IL_W_Q4_1T16 || wtype == IL_W_Q8_0T16;
+}
 
 /* Whether a type is regrouped for one kernel (x16 or t16), which the other builds' linear refuses. */
 static inline int il_regrouped_type(int wtype) { return il_x16_type(wtype) || il_t16_type(wtype); }
@@ -114,16 +117,23 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
     }
 }
 
-/* Block b of row n of a t16 matrix as fp32: as its GGUF type defines it (blocks.h) */
+/* Block b of row n of a t16 matrix as fp32: the bf16 weights it stands for, each its GGUF type's
+ * value (blocks.h) rounded to bf16, which is what the AMX tiles multiply */
 static inline void il_t16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
     const int i = (int)(n % 16), one = wtype == IL_W_Q4_1T16;
     const int64_t at = n / 16 * (K / 32) + b;
+    if (wtype == IL_W_Q8_0T16) {
+        const il_q8_0x16 *blk = (const il_q8_0x16 *)w + at;
+        const float d = il_f16_to_f32(blk->d[i]);
+        for (int k = 0; k < 32; k++) y[k] = il_bf16_to_f32(il_f32_to_bf16(blk->q[32 * i + k] * d));
+        return;
+    }
     const uint16_t *h = one ? ((const il_q4_1x16 *)w + at)->d : ((const il_q4_0x16 *)w + at)->d;
     const float d = il_f16_to_f32(h[i]), m = one ? il_f16_to_f32(h[16 + i]) : 0.f;
     const uint16_t *words = h + (one ? 32 : 16) + 32 * (i / 4);
     for (int k = 0; k < 32; k++) {
         const int q = (words[k] >> (4 * (i % 4))) & 0xF;
-        y[k] = one ? q * d + m : (q - 8) * d;
+        y[k] = il_bf16_to_f32(il_f32_to_bf16(one ? q * d + m : (q - 8) * d));
     }
 }
 

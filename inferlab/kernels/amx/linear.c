@@ -6,8 +6,8 @@
  * inputs, loaded with W's row stride. x is repacked once per call into the pair-interleaved layout
  * AMX wants for its right operand (K pairs x 16 rows of x), so each tile product yields 16 outputs
  * x 16 rows of x; those are transposed on the way out and stored as bf16, or as fp32 where the
- * caller asks (a bf16 model's logits). No weight copy or prepacking. Q4_0 and Q4_1 blocks regrouped for
- * the tiles (t16, regrouped.h) are decoded one A tile at a time into exactly the bf16 weights a load-time
+ * caller asks (a bf16 model's logits). No weight copy or prepacking. Q4_0, Q4_1 and Q8_0 blocks regrouped
+ * for the tiles (t16, regrouped.h) are decoded one A tile at a time into exactly the bf16 weights a load-time
  * dequantization would have made, so they give the same bits from a quarter of the bytes. Other types,
  * shapes and CPUs without the tile permission go to the AVX-512 kernels.
  */
@@ -57,16 +57,27 @@ IL_INLINE void prefetch_a(const uint16_t *w, const uint16_t *a, int k, int ahead
     }
 }
 
-/* A group's block of a t16 matrix (IL_W_Q4_0T16 / IL_W_Q4_1T16) as the 16 x 32 bf16 A tile of the
- * weights bf16(q d + m) (Q4_0: bf16((q - 8) d)): q d is exact in fp32, so this is one rounding to
+/* A group's block of a t16 matrix (IL_W_Q4_0T16 / IL_W_Q4_1T16 / IL_W_Q8_0T16) as the 16 x 32 bf16 A
+ * tile of the weights bf16(q d + m) (Q4_0: bf16((q - 8) d); Q8_0: bf16(q d)): q d is exact in fp32, so this is one rounding to
  * fp32 and one to bf16 (nearest even), as the load-time dequantizer and PyTorch's conversion do. A
  * row's block has one (d, m), so its 16 possible values are a table that one vpermw reads by the
  * row's nibbles; two rows share a table register (words 0-15 and 16-31), bit 4 of an index picks
  * the row. About 4 cycles a tile row: reading the bf16 weights instead costs more from memory. */
-IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, uint16_t *tile) {
+IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, uint16_t *tile, const int64_t stride) {
     const int one = wtype == IL_W_Q4_1T16;
     float d[16] __attribute__((aligned(64))), m[16] __attribute__((aligned(64)));
     _mm512_store_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk)));
+    if (wtype == IL_W_Q8_0T16) { /* 256 values a row: widened and scaled (d q is exact too), no table */
+        const int8_t *q = ((const il_q8_0x16 *)blk)->q;
+        __asm__ volatile("" ::: "memory");
+        for (int r = 0; r < 16; r++) {
+            const __m512 dr = _mm512_set1_ps(d[r]);
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * r))));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * r + 16))));
+            _mm512_storeu_si512(tile + stride * r, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, dr), _mm512_mul_ps(lo, dr)));
+        }
+        return;
+    }
     if (one) _mm512_store_ps(m, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32))));
     __asm__ volatile("" ::: "memory"); /* each scale broadcast by a load: GCC's permutes instead took 2x */
     const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -84,8 +95,8 @@ IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, uint16_t *tile) {
             const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(t1, t0); /* words 0-15: row r's, 16-31: r + 1's */
             const __m512i i0 = _mm512_and_si512(s ? _mm512_srli_epi16(wg, 4 * s) : wg, low4);
             const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wg, 4 * s + 4), low4, second, 0xEA);
-            _mm512_store_si512(tile + 32 * r, _mm512_permutexvar_epi16(i0, table));
-            _mm512_store_si512(tile + 32 * (r + 1), _mm512_permutexvar_epi16(i1, table));
+            _mm512_storeu_si512(tile + stride * r, _mm512_permutexvar_epi16(i0, table));
+            _mm512_storeu_si512(tile + stride * (r + 1), _mm512_permutexvar_epi16(i1, table));
         }
     }
 }
@@ -135,7 +146,7 @@ IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, c
                         _mm_prefetch((const char *)blocks + (k + 8) * group_bytes + o, _MM_HINT_T0);
                         _mm_prefetch((const char *)blocks + (k + 32) * group_bytes + o, _MM_HINT_T1);
                     }
-                    decode_t16(wtype, blocks + k * group_bytes, decoded[k & 1]);
+                    decode_t16(wtype, blocks + k * group_bytes, decoded[k & 1], 32);
                     _tile_loadd(4, decoded[k & 1], 64);
                 } else {
                     prefetch_a(w, a, k, 2, N, K, 1);
@@ -192,6 +203,8 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
     if (!xp) return 2;
     if (wtype == IL_W_Q4_0T16) /* each type its own compiled loop */
         linear_tiles(x, w, IL_W_Q4_0T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
+    else if (wtype == IL_W_Q8_0T16)
+        linear_tiles(x, w, IL_W_Q8_0T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
     else if (wtype == IL_W_Q4_1T16)
         linear_tiles(x, w, IL_W_Q4_1T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
     else
@@ -201,14 +214,10 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
 }
 
 /* t16 rows to bf16 with the tiles' decoding (the weights a prefill's oneDNN matmul takes: the same
- * values as the tiles'), a whole group's block decoded once where 16 ids are its rows in order; any
- * other type or dtype as the AVX-512 build does it. */
-void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int rows, int K, int dtype,
-                  int num_threads) {
-    if (!il_t16_type(wtype) || dtype != IL_BF16 || K % 32) {
-        get_rows_avx512(out, w, wtype, ids, rows, K, dtype, num_threads);
-        return;
-    }
+ * values as the tiles'), a group's blocks decoded straight into the output where 16 ids are its rows
+ * in order; any other type or dtype as the AVX-512 build does it. */
+IL_INLINE void t16_rows(const int wtype, uint16_t *out, const uint8_t *w, const int64_t *ids, int rows, int K,
+                        int num_threads) {
     const int64_t group_bytes = 16 * (int64_t)il_block_bytes(wtype);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows >= 16)
     for (int r0 = 0; r0 < rows; r0 += 16) {
@@ -217,13 +226,25 @@ void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int r
         for (int i = 1; whole && i < 16; i++) whole = ids[r0 + i] == ids[r0] + i;
         for (int r = r0; r < (whole ? r0 + 1 : rows < r0 + 16 ? rows : r0 + 16); r++)
             for (int b = 0; b < K / 32; b++) {
-                const uint8_t *blk = (const uint8_t *)w + (ids[r] / 16 * (K / 32) + b) * group_bytes;
-                if (wtype == IL_W_Q4_0T16)
-                    decode_t16(IL_W_Q4_0T16, blk, tile);
-                else
-                    decode_t16(IL_W_Q4_1T16, blk, tile);
-                for (int i = 0; i < (whole ? 16 : 1); i++)
-                    memcpy((uint16_t *)out + (int64_t)(r + i) * K + 32 * b, tile + 32 * (whole ? i : ids[r] % 16), 64);
+                const uint8_t *blk = w + (ids[r] / 16 * (K / 32) + b) * group_bytes;
+                if (whole) {
+                    decode_t16(wtype, blk, out + (int64_t)r * K + 32 * b, K);
+                } else {
+                    decode_t16(wtype, blk, tile, 32);
+                    memcpy(out + (int64_t)r * K + 32 * b, tile + 32 * (ids[r] % 16), 64);
+                }
             }
     }
+}
+
+void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int rows, int K, int dtype,
+                  int num_threads) {
+    if (!il_t16_type(wtype) || dtype != IL_BF16 || K % 32)
+        get_rows_avx512(out, w, wtype, ids, rows, K, dtype, num_threads);
+    else if (wtype == IL_W_Q4_0T16) /* each type its own compiled loop */
+        t16_rows(IL_W_Q4_0T16, out, w, ids, rows, K, num_threads);
+    else if (wtype == IL_W_Q8_0T16)
+        t16_rows(IL_W_Q8_0T16, out, w, ids, rows, K, num_threads);
+    else
+        t16_rows(IL_W_Q4_1T16, out, w, ids, rows, K, num_threads);
 }

@@ -1,5 +1,6 @@
 """Linear layers and the embedding, with their weights kept as stored (`quant.py`): a float matrix,
-or rows of quantized blocks that the kernels dequantize in registers, never rounding a weight.
+or rows of quantized blocks that the kernels dequantize in registers, never rounding a weight (but
+the AMX tiles' t16 blocks, which stand for the bf16 weights they round to: `target_type`).
 
 A merged projection (q/k/v, gate/up: `out_features` a list of shard sizes) takes one checkpoint
 tensor per shard through `weight_loader`. After loading, `process_weights_after_loading` (vLLM's
@@ -128,8 +129,8 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     `auto`: as stored (GGUF blocks, a checkpoint's float type), except block types in a bf16 model on
     CPUs with bf16 matrix units, which get bf16 unless `int8` activations are asked for and the type
     has them (they multiply blocks) or the CPU has no AMX and they are in `quant.REGROUPED` (the
-    AVX512-BF16 kernel of the regrouped blocks is the faster there); on AMX, Q4_0 and Q4_1 layers
-    (not the vocabulary) keep those bf16 weights as `quant.TILED` blocks, which the tiles decode;
+    AVX512-BF16 kernel of the regrouped blocks is the faster there); on AMX, Q4_0, Q4_1 and Q8_0
+    matrices keep those bf16 weights as `quant.TILED` blocks, which the tiles decode;
     without native kernels, the model's dtype. `none`: the model's dtype. A block type: quantized to
     it (the vocabulary matrix to q8_0, as llama.cpp keeps output tensors at higher precision), where
     rows split into its blocks.
@@ -144,7 +145,7 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     if mode == "auto":
         blocks_win = (int8 and stored in INT8_TYPES) or (regroup and isa != "amx" and stored in quant.REGROUPED)
         kept = quant.BF16 if stored.dtype is None and bf16_units and not blocks_win else stored
-        if kept == quant.BF16 and isa == "amx" and regroup and not vocab and stored in quant.TILED:
+        if kept == quant.BF16 and isa == "amx" and regroup and stored in quant.TILED:
             return quant.TILED[stored]  # the same bf16 weights, from a quarter of the bytes
     else:
         wanted = quant.Q8_0 if vocab else quant.BY_NAME[mode]

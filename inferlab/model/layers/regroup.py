@@ -212,16 +212,20 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
 
 
 def repack_tiles(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """Q4_0 / Q4_1 rows [N, row bytes] (N a multiple of 16) regrouped as TILED[wtype], the same bytes per
-    row: per group of 16 rows and block, the rows' scale fields side by side (as `repack`'s), then 4 x 32
-    little-endian 16-bit words, word j of quad c holding input j of rows 4c .. 4c + 3, a nibble each."""
+    """Q4_0 / Q4_1 / Q8_0 rows [N, row bytes] (N a multiple of 16) regrouped as TILED[wtype], the same
+    bytes per row: per group of 16 rows and block, the rows' scale fields side by side (as `repack`'s),
+    then Q4's 4 x 32 little-endian 16-bit words, word j of quad c holding input j of rows 4c .. 4c + 3,
+    a nibble each, or Q8_0's 16 rows of 32 bytes."""
     if wtype not in quant.TILED:
-        raise ValueError(f"only q4_0 and q4_1 regroup for the tiles, not {wtype.name}")
+        raise ValueError(f"only {', '.join(t.name for t in quant.TILED)} regroup for the tiles, not {wtype.name}")
     n = data.shape[0]
     if n % GROUP_ROWS:
         raise ValueError(f"{n} rows do not split into groups of {GROUP_ROWS}")
     g, nb = n // GROUP_ROWS, data.shape[1] // wtype.nbytes
     blocks = data.reshape(g, GROUP_ROWS, nb, wtype.nbytes)
+    if wtype == Q8_0:
+        values = blocks[..., 2:].permute(0, 2, 1, 3).reshape(g, nb, -1)
+        return torch.cat([_side_by_side(blocks[..., :2], 2), values], dim=2).reshape(n, -1).contiguous()
     qs = blocks[..., -16:].to(torch.int32)
     q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(g, 4, 4, nb, 32)  # [g, quad, row in quad, block, input]
     words = sum(q[:, :, s] << 4 * s for s in range(4)).permute(0, 2, 1, 3)  # [g, block, quad, input]
@@ -231,6 +235,9 @@ def repack_tiles(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
 
 def _unrepack_tiles(groups: torch.Tensor, base: WeightType) -> torch.Tensor:
     g, nb, _ = groups.shape
+    if base == Q8_0:
+        d, values = _by_row(groups[:, :, :32], 2), groups[:, :, 32:].reshape(g, nb, GROUP_ROWS, 32)
+        return torch.cat([d, values.permute(0, 2, 1, 3)], dim=3).reshape(g * GROUP_ROWS, -1)
     fields = _by_row(groups[:, :, :-256], 2)
     wb = groups[:, :, -256:].reshape(g, nb, 4, 32, 2).to(torch.int32)
     words = wb[..., 0] | wb[..., 1] << 8  # [g, block, quad, input]

@@ -9,8 +9,9 @@
 
 /* y[rows, N] = x[rows, K] W^T (+ bias[N]), x and bias in `dtype`, y in `ydtype` (`dtype`, or fp32:
  * a bf16 model's logits, unrounded), row strides ldx and ldy, W as stored: N rows of K weights of
- * type `wtype`. With act = IL_ACT_FLOAT the weights are dequantized in registers, never rounded,
- * and the products summed in fp32: the result is the dequantized matrix's product. With act =
+ * type `wtype`. With act = IL_ACT_FLOAT the weights are dequantized in registers, never rounded (but
+ * the t16 types, which stand for the bf16 weights they round to: regrouped.h), and the products
+ * summed in fp32: the result is the dequantized matrix's product. With act =
  * IL_ACT_INT8 and an integer block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS and the
  * K-quants: every block type; Q2_K's minimum per 16 weights times the sum of its 16 int8 inputs), each
  * 32 inputs of a row are quantized to int8 first (as llama.cpp's Q8_0 does) and blocks are

@@ -211,6 +211,14 @@ def test_tiled_blocks_give_the_bf16_weights_products(isa, wtype, monkeypatch):
         assert torch.equal(linear(x[:3], tiled, t16, bias), linear(x, tiled, t16, bias)[:3]) if isa == "amx" else True
     finally:
         torch.set_num_threads(2)
+    if isa == "amx":  # where the tiles do not run (a strided x, past 64 rows): the bf16 weights, by AVX-512
+        wide = torch.randn(80, 400, generator=g).bfloat16()
+        for rows in (1, 5, 80):
+            y, want = (torch.empty(rows, 64, dtype=torch.bfloat16) for _ in range(2))
+            x_cols, shape = wide[:rows, 40:360], (rows, 320, 64, 1, 1, 0)
+            kernels.for_isa("amx").linear(x_cols, 400, tiled, t16.code, None, y, 64, *shape)
+            kernels.for_isa("avx512").linear(x_cols, 400, weights, quant.BF16.code, None, want, 64, *shape)
+            assert torch.equal(y, want), rows
 
 
 @pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)

@@ -57,12 +57,13 @@ IL_INLINE void prefetch_a(const uint16_t *w, const uint16_t *a, int k, int ahead
     }
 }
 
-/* A group's block of a t16 matrix (IL_W_Q4_0T16 / IL_W_Q4_1T16 / IL_W_Q8_0T16) as the 16 x 32 bf16 A
- * tile of the weights bf16(q d + m) (Q4_0: bf16((q - 8) d); Q8_0: bf16(q d)): q d is exact in fp32, so this is one rounding to
- * fp32 and one to bf16 (nearest even), as the load-time dequantizer and PyTorch's conversion do. A
- * row's block has one (d, m), so its 16 possible values are a table that one vpermw reads by the
- * row's nibbles; two rows share a table register (words 0-15 and 16-31), bit 4 of an index picks
- * the row. About 4 cycles a tile row: reading the bf16 weights instead costs more from memory. */
+/* A group's block of a t16 matrix (IL_W_Q4_0T16 / IL_W_Q4_1T16 / IL_W_Q8_0T16) as the 16 x 32 bf16
+ * tile (rows `stride` elements apart) of the weights bf16(q d + m) (Q4_0: bf16((q - 8) d); Q8_0:
+ * bf16(q d)): q d is exact in fp32, so this is one rounding to fp32 and one to bf16 (nearest even),
+ * as the load-time dequantizer and PyTorch's conversion do. A Q4 row's block has one (d, m), so its
+ * 16 possible values are a table that one vpermw reads by the row's nibbles; two rows share a table
+ * register (words 0-15 and 16-31), bit 4 of an index picks the row. About 4 cycles a tile row, less
+ * than reading bf16 weights from memory takes. */
 IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, uint16_t *tile, const int64_t stride) {
     const int one = wtype == IL_W_Q4_1T16;
     float d[16] __attribute__((aligned(64))), m[16] __attribute__((aligned(64)));
@@ -193,26 +194,6 @@ IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, c
     }
 }
 
-int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
-               int K, int N, int dtype, int ydtype, int act, int num_threads) {
-    if ((wtype != IL_W_BF16 && !il_t16_type(wtype)) || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) ||
-        rows < 1 || rows > AMX_MAX_ROWS || K % 32 || N % 16 || ldx != K || !amx_ready())
-        return il_t16_type(wtype) ? (rows < 1 ? 0 : 1) /* no other kernel reads them */
-                                  : linear_avx512(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
-    uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * ((rows + 15) / 16));
-    if (!xp) return 2;
-    if (wtype == IL_W_Q4_0T16) /* each type its own compiled loop */
-        linear_tiles(x, w, IL_W_Q4_0T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
-    else if (wtype == IL_W_Q8_0T16)
-        linear_tiles(x, w, IL_W_Q8_0T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
-    else if (wtype == IL_W_Q4_1T16)
-        linear_tiles(x, w, IL_W_Q4_1T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
-    else
-        linear_tiles(x, w, IL_W_BF16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
-    free(xp);
-    return 0;
-}
-
 /* t16 rows to bf16 with the tiles' decoding (the weights a prefill's oneDNN matmul takes: the same
  * values as the tiles'), a group's blocks decoded straight into the output where 16 ids are its rows
  * in order; any other type or dtype as the AVX-512 build does it. */
@@ -235,6 +216,39 @@ IL_INLINE void t16_rows(const int wtype, uint16_t *out, const uint8_t *w, const 
                 }
             }
     }
+}
+
+int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
+               int K, int N, int dtype, int ydtype, int act, int num_threads) {
+    if ((wtype != IL_W_BF16 && !il_t16_type(wtype)) || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) ||
+        rows < 1 || rows > AMX_MAX_ROWS || K % 32 || N % 16 || ldx != K || !amx_ready()) {
+        if (!il_t16_type(wtype) || rows < 1)
+            return linear_avx512(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
+        /* t16 where the tiles do not run (no tile permission, a strided x): its bf16 weights, whole */
+        uint16_t *dense = aligned_alloc(64, sizeof(uint16_t) * (size_t)N * K);
+        int64_t *ids = malloc(sizeof(int64_t) * (size_t)N);
+        int status = dense && ids ? 0 : 2;
+        if (!status) {
+            for (int n = 0; n < N; n++) ids[n] = n;
+            IL(get_rows)(dense, w, wtype, ids, N, K, IL_BF16, num_threads);
+            status = linear_avx512(x, ldx, dense, IL_W_BF16, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
+        }
+        free(dense);
+        free(ids);
+        return status;
+    }
+    uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * ((rows + 15) / 16));
+    if (!xp) return 2;
+    if (wtype == IL_W_Q4_0T16) /* each type its own compiled loop */
+        linear_tiles(x, w, IL_W_Q4_0T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
+    else if (wtype == IL_W_Q8_0T16)
+        linear_tiles(x, w, IL_W_Q8_0T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
+    else if (wtype == IL_W_Q4_1T16)
+        linear_tiles(x, w, IL_W_Q4_1T16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
+    else
+        linear_tiles(x, w, IL_W_BF16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
+    free(xp);
+    return 0;
 }
 
 void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int rows, int K, int dtype,

@@ -174,14 +174,14 @@ def test_regrouping_moves_the_blocks_and_nothing_else(wtype):
 
 @pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
 def test_tiled_regrouping_moves_the_blocks_and_nothing_else(wtype):
-    w = random_weights(wtype, 48, 320, seed=6)
+    w = random_weights(wtype, 48, 512 if wtype.block == 256 else 320, seed=6)
     tiled = regroup.repack_tiles(w, wtype)
     assert tiled.shape == w.shape and not torch.equal(tiled, w) and not torch.equal(tiled, regroup.repack(w, wtype))
     assert torch.equal(regroup.unrepack(tiled, quant.TILED[wtype]), w)
     assert torch.equal(quant.dequantize(tiled, quant.TILED[wtype]), quant.dequantize(w, wtype).bfloat16().float())
     with pytest.raises(ValueError, match="do not split into groups of 16"):
         regroup.repack_tiles(w[:40], wtype)
-    with pytest.raises(ValueError, match="only q4_0, q4_1, q8_0 regroup for the tiles, not q6_K"):
+    with pytest.raises(ValueError, match="only q4_0, q4_1, q5_0, q5_1, q8_0, q4_K regroup for the tiles, not q6_K"):
         regroup.repack_tiles(random_weights(quant.Q6_K, 16, 256, seed=1), quant.Q6_K)
 
 
@@ -193,13 +193,14 @@ def test_tiled_blocks_give_the_bf16_weights_products(isa, wtype, monkeypatch):
     the bf16 weights the kernels decode it to."""
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
     from inferlab.model.layers.linear import linear_ref, tiles_to_bf16
-    w = random_weights(wtype, 64, 320, seed=wtype.code + 9)
+    k = 512 if wtype.block == 256 else 320
+    w = random_weights(wtype, 64, k, seed=wtype.code + 9)
     t16, dense = quant.TILED[wtype], quant.dequantize(w, wtype)
     tiled = regroup.repack_tiles(w, wtype)
     weights = tiles_to_bf16(tiled, t16)
     assert torch.equal(weights, dense.bfloat16())
     g = torch.Generator().manual_seed(17)
-    x, bias = torch.randn(80, 320, generator=g).bfloat16(), torch.randn(64, generator=g).bfloat16()
+    x, bias = torch.randn(80, k, generator=g).bfloat16(), torch.randn(64, generator=g).bfloat16()
     for rows in (1, 2, 5, 16, 33, 64, 80):
         for b, out in ((bias, None), (None, torch.float32)):
             got = linear(x[:rows], tiled, t16, b, out_dtype=out)
@@ -212,13 +213,38 @@ def test_tiled_blocks_give_the_bf16_weights_products(isa, wtype, monkeypatch):
     finally:
         torch.set_num_threads(2)
     if isa == "amx":  # where the tiles do not run (a strided x, past 64 rows): the bf16 weights, by AVX-512
-        wide = torch.randn(80, 400, generator=g).bfloat16()
+        wide = torch.randn(80, k + 80, generator=g).bfloat16()
         for rows in (1, 5, 80):
             y, want = (torch.empty(rows, 64, dtype=torch.bfloat16) for _ in range(2))
-            x_cols, shape = wide[:rows, 40:360], (rows, 320, 64, 1, 1, 0)
-            kernels.for_isa("amx").linear(x_cols, 400, tiled, t16.code, None, y, 64, *shape)
-            kernels.for_isa("avx512").linear(x_cols, 400, weights, quant.BF16.code, None, want, 64, *shape)
+            x_cols, shape = wide[:rows, 40:40 + k], (rows, k, 64, 1, 1, 0)
+            kernels.for_isa("amx").linear(x_cols, k + 80, tiled, t16.code, None, y, 64, *shape)
+            kernels.for_isa("avx512").linear(x_cols, k + 80, weights, quant.BF16.code, None, want, 64, *shape)
             assert torch.equal(y, want), rows
+
+
+def test_a_merged_layer_of_tiled_parts_multiplies_as_its_joined_bf16_matrix():
+    """A merged q/k/v of Q5_0 and Q8_0 shards keeps one t16 part per type on AMX; past a decode step's
+    rows the parts' bf16 weights go through one product, as `quantization="none"`'s joined bf16 matrix
+    does (oneDNN's sums can change with a matrix's width), so the bits are the same at every row count."""
+    native = kernels.native()
+    if native is None or native.isa != "amx":
+        pytest.skip(f"the t16 blocks are AMX's (kernels here: {native and native.isa})")
+    from inferlab.model.layers.linear import Linear
+    shards = [(random_weights(quant.Q5_0, 768, 576, seed=1), quant.Q5_0), (random_weights(quant.Q8_0, 192, 576, seed=2),
+                                                                           quant.Q8_0)]
+
+    def layer(mode: str) -> Linear:
+        lin = Linear(576, [768, 192])
+        for i, (w, t) in enumerate(shards):
+            lin.weight_loader(lin.weight, w, shard=i, wtype=t)
+        lin.process_weights_after_loading(mode, torch.bfloat16, "amx")
+        return lin
+    tiled, dense = layer("auto"), layer("none")
+    assert [tiled.wtype, tiled.parts[0][1]] == [quant.Q5_0T16, quant.Q8_0T16] and not dense.parts
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 64, 65, 210, 300):
+        x = torch.randn(rows, 576, generator=g).bfloat16()
+        assert torch.equal(tiled(x), dense(x)), rows
 
 
 @pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
@@ -319,7 +345,9 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q8_0, 576, "auto", bf16, "amx", rows=49152, vocab=True) == quant.Q8_0T16  # tied
     assert target_type(quant.Q8_0, 576, "auto", bf16, "amx", vocab=True) == quant.BF16  # an embedding alone
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=40) == quant.BF16
-    assert target_type(quant.Q4_K, 512, "auto", bf16, "amx", rows=576) == quant.BF16
+    assert target_type(quant.Q4_K, 512, "auto", bf16, "amx", rows=576) == quant.Q4_KT16
+    assert target_type(quant.Q6_K, 512, "auto", bf16, "amx", rows=576) == quant.BF16
+    assert target_type(quant.Q5_0, 576, "auto", bf16, "amx", rows=576) == quant.Q5_0T16
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1
     assert target_type(quant.Q4_1, 576, "auto", f32, "avx512", rows=576) == quant.Q4_1

@@ -41,10 +41,11 @@ static inline int il_block_elems(int wtype) {
         case IL_W_F32: case IL_W_F16: case IL_W_BF16: return 1;
         case IL_W_Q8_0: case IL_W_Q4_0: case IL_W_Q4_1: case IL_W_Q5_0: case IL_W_Q5_1: case IL_W_IQ4_NL: return 32;
         case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: case IL_W_IQ4_NLX16: case IL_W_Q5_0X16:
-        case IL_W_Q5_1X16: case IL_W_Q4_0T16: case IL_W_Q4_1T16: case IL_W_Q8_0T16: return 32; /* per row, as their GGUF type */
+        case IL_W_Q5_1X16: case IL_W_Q4_0T16: case IL_W_Q4_1T16: case IL_W_Q8_0T16: case IL_W_Q5_0T16:
+        case IL_W_Q5_1T16: return 32; /* per row, as their GGUF type */
         case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS:
         case IL_W_Q4_KX16: case IL_W_Q5_KX16: case IL_W_Q6_KX16: case IL_W_Q3_KX16: case IL_W_Q2_KX16:
-        case IL_W_IQ4_XSX16: return 256;
+        case IL_W_IQ4_XSX16: case IL_W_Q4_KT16: return 256;
         default: return 0;
     }
 }
@@ -56,9 +57,9 @@ static inline int il_block_bytes(int wtype) {
         case IL_W_Q8_0: case IL_W_Q8_0X16: case IL_W_Q8_0T16: return sizeof(il_q8_0);
         case IL_W_Q4_0: case IL_W_Q4_0X16: case IL_W_Q4_0T16: return sizeof(il_q4_0);
         case IL_W_Q4_1: case IL_W_Q4_1X16: case IL_W_Q4_1T16: return sizeof(il_q4_1);
-        case IL_W_Q5_0: case IL_W_Q5_0X16: return sizeof(il_q5_0);
-        case IL_W_Q5_1: case IL_W_Q5_1X16: return sizeof(il_q5_1);
-        case IL_W_Q4_K: case IL_W_Q4_KX16: return sizeof(il_q4_K);
+        case IL_W_Q5_0: case IL_W_Q5_0X16: case IL_W_Q5_0T16: return sizeof(il_q5_0);
+        case IL_W_Q5_1: case IL_W_Q5_1X16: case IL_W_Q5_1T16: return sizeof(il_q5_1);
+        case IL_W_Q4_K: case IL_W_Q4_KX16: case IL_W_Q4_KT16: return sizeof(il_q4_K);
         case IL_W_Q5_K: case IL_W_Q5_KX16: return sizeof(il_q5_K);
         case IL_W_Q6_K: case IL_W_Q6_KX16: return sizeof(il_q6_K);
         case IL_W_Q2_K: case IL_W_Q2_KX16: return sizeof(il_q2_K);

@@ -19,12 +19,15 @@ static inline int il_x16_type(int wtype) {
            wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
-/* Q4_0 / Q4_1 / Q8_0 regrouped for the AMX tiles (IL_W_*T16), where a tile row is one weight row's
- * block: per group of 16 rows and block, the x16 structs' scale fields, then Q4's 4 x 32 words, word
- * j of quad g holding input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3, or Q8_0's 16
- * rows' 32 bytes one row after another. */
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K regrouped for the AMX tiles (IL_W_*T16), where a tile row is
+ * 32 inputs of one weight row, all under one scale: per group of 16 rows and block, the x16 structs'
+ * scale fields (Q5: then the 16 rows' 32-bit fifth-bit words, row i's at 4 i; Q4_K: d[16], dmin[16],
+ * then its 12 scale bytes, byte k of row i at 16 k + i), then the low nibbles as 4 x 32 words, word j
+ * of quad g holding input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K: 8 sub-blocks
+ * of those), or Q8_0's 16 rows' 32 bytes one row after another. */
 static inline int il_t16_type(int wtype) {
-    return wtype == IL_W_Q4_0T16 || wtype == IL_W_Q4_1T16 || wtype == IL_W_Q8_0T16;
+    return wtype == IL_W_Q4_0T16 || wtype == IL_W_Q4_1T16 || wtype == IL_W_Q8_0T16 || wtype == IL_W_Q4_KT16 ||
+           wtype == IL_W_Q5_0T16 || wtype == IL_W_Q5_1T16;
 }
 
 /* Whether a type is regrouped for one kernel (x16 or t16), which the other builds' linear refuses. */
@@ -122,6 +125,30 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
 static inline void il_t16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
     const int i = (int)(n % 16), one = wtype == IL_W_Q4_1T16;
     const int64_t at = n / 16 * (K / 32) + b;
+    if (wtype == IL_W_Q4_KT16) { /* sub-block b % 8 of its group's 256-input block */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * 16 * (int64_t)sizeof(il_q4_K);
+        const uint16_t *h = (const uint16_t *)sb, *words = (const uint16_t *)(sb + 256 + 256 * (b % 8)) + 32 * (i / 4);
+        uint8_t scales[12], sc, mn;
+        for (int k = 0; k < 12; k++) scales[k] = sb[64 + 16 * k + i];
+        il_scale_min_k4(b % 8, scales, &sc, &mn);
+        const float d1 = il_f16_to_f32(h[i]) * sc, m1 = il_f16_to_f32(h[16 + i]) * mn;
+        for (int k = 0; k < 32; k++) y[k] = il_bf16_to_f32(il_f32_to_bf16(d1 * ((words[k] >> (4 * (i % 4))) & 0xF) - m1));
+        return;
+    }
+    if (wtype == IL_W_Q5_0T16 || wtype == IL_W_Q5_1T16) { /* d[16] (m[16]), fifth bits[16], words */
+        const int five1 = wtype == IL_W_Q5_1T16;
+        const uint8_t *sb = (const uint8_t *)w + at * 16 * (int64_t)il_block_bytes(wtype);
+        const uint16_t *h = (const uint16_t *)sb;
+        const float d = il_f16_to_f32(h[i]), m = five1 ? il_f16_to_f32(h[16 + i]) : 0.f;
+        uint32_t fifth;
+        memcpy(&fifth, sb + (five1 ? 64 : 32) + 4 * i, sizeof fifth);
+        const uint16_t *words = (const uint16_t *)(sb + (five1 ? 128 : 96)) + 32 * (i / 4);
+        for (int k = 0; k < 32; k++) {
+            const int q = ((words[k] >> (4 * (i % 4))) & 0xF) | ((fifth >> k) & 1) << 4;
+            y[k] = il_bf16_to_f32(il_f32_to_bf16((q - (five1 ? 0 : 16)) * d + m));
+        }
+        return;
+    }
     if (wtype == IL_W_Q8_0T16) {
         const il_q8_0x16 *blk = (const il_q8_0x16 *)w + at;
         const float d = il_f16_to_f32(blk->d[i]);

@@ -39,12 +39,15 @@ def int8_inputs(x: torch.Tensor) -> torch.Tensor:
     return (torch.sign(v) * torch.floor(v.abs() + 0.5) * scale).view(x.shape)
 
 
+TILES = tuple(quant.TILED.values())
+
+
 def _regrouped_runs(wtype: WeightType, x: torch.Tensor, isa: str) -> bool:
     """Whether the kernels multiply a regrouped type here: x16 on CPUs with bf16 matrix units, t16 on AMX
     up to a decode step's rows (past them PyTorch's oneDNN takes the bf16 weights they decode to)."""
     if x.dtype != torch.bfloat16:
         return False
-    if wtype in quant.TILED.values():
+    if wtype in TILES:
         return isa == "amx" and x.shape[0] <= TORCH_BF16_PAST_ROWS["amx"]
     return isa in BF16_MATRIX_ISAS
 
@@ -62,7 +65,7 @@ def tiles_to_bf16(weight: torch.Tensor, wtype: WeightType) -> torch.Tensor:
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType, bias: torch.Tensor | None,
                int8: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    if wtype in quant.TILED.values():
+    if wtype in TILES:
         weight, wtype = tiles_to_bf16(weight, wtype), quant.BF16
     if int8 and wtype in INT8_TYPES:
         x = int8_inputs(x).to(x.dtype)
@@ -129,8 +132,8 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     `auto`: as stored (GGUF blocks, a checkpoint's float type), except block types in a bf16 model on
     CPUs with bf16 matrix units, which get bf16 unless `int8` activations are asked for and the type
     has them (they multiply blocks) or the CPU has no AMX and they are in `quant.REGROUPED` (the
-    AVX512-BF16 kernel of the regrouped blocks is the faster there); on AMX, Q4_0, Q4_1 and Q8_0
-    matrices keep those bf16 weights as `quant.TILED` blocks, which the tiles decode;
+    AVX512-BF16 kernel of the regrouped blocks is the faster there); on AMX, the `quant.TILED` types'
+    matrices keep those bf16 weights as blocks regrouped for the tiles, which decode them;
     without native kernels, the model's dtype. `none`: the model's dtype. A block type: quantized to
     it (the vocabulary matrix to q8_0, as llama.cpp keeps output tensors at higher precision), where
     rows split into its blocks.
@@ -224,6 +227,14 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
             return linear(x, self.weight, self.wtype, self.bias, int8=self.int8, out_dtype=self.out_dtype)
+        parts = [("weight", self.wtype), *((part[0], part[1]) for part in self.parts)]
+        if x.dtype == torch.bfloat16 and x.shape[0] > TORCH_BF16_PAST_ROWS["amx"] and \
+                any(t in TILES for _, t in parts) and all(t in TILES or t == quant.BF16 for _, t in parts):
+            # a prefill through blocks that stand for bf16 weights: the joined bf16 matrix in one
+            # product, as with bf16 weights (oneDNN's sums can change with a matrix's width)
+            weights = [getattr(self, name) if t == quant.BF16 else tiles_to_bf16(getattr(self, name), t)
+                       for name, t in parts]
+            return linear_ref(x, torch.cat(weights), quant.BF16, self.bias, out_dtype=self.out_dtype)
         y = x.new_empty(x.shape[0], self.out_features, dtype=self.out_dtype or x.dtype)
         first = self.parts[0][2]
         bias = self.bias

@@ -21,7 +21,7 @@ import time
 import torch
 
 from inferlab import kernels
-from inferlab.model.layers import quant, regroup
+from inferlab.model.layers import quant, regroup, tiles
 from inferlab.model.layers.linear import linear
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (K, N) of qkv, o, gate/up, down
@@ -68,7 +68,7 @@ def main() -> None:
             if wtype.base:  # a regrouped type (q4_1x16, q4_1t16...): the GGUF type's blocks, moved
                 base = wtype.base
                 blocks = quant.quantize(dense, base) if base.quantizable else quant.random_stored(base, n, kk, n + kk)
-                stored = (regroup.repack_tiles if wtype in quant.TILED.values() else regroup.repack)(blocks, base)
+                stored = (tiles.repack if wtype in quant.TILED.values() else regroup.repack)(blocks, base)
             elif wtype.dtype or wtype.quantizable:
                 stored = quant.quantize(dense, wtype)
             else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inferlab import kernels
-from inferlab.model.layers import quant, regroup
+from inferlab.model.layers import quant, regroup, tiles
 from inferlab.model.layers.linear import BF16_MATRIX_ISAS, INT8_TYPES, int8_inputs, linear
 
 
@@ -142,7 +142,7 @@ def test_linear_writes_into_a_column_slice(isa, monkeypatch):
 
 def regrouped(w: torch.Tensor, wtype: quant.WeightType) -> torch.Tensor:
     """GGUF rows w as the regrouped type wtype (x16 or t16)."""
-    return (regroup.repack_tiles if wtype in quant.TILED.values() else regroup.repack)(w, wtype.base)
+    return (tiles.repack if wtype in quant.TILED.values() else regroup.repack)(w, wtype.base)
 
 
 @pytest.mark.parametrize("wtype", [*quant.TYPES, *quant.REGROUPED.values(), *quant.TILED.values()], ids=str)
@@ -175,14 +175,14 @@ def test_regrouping_moves_the_blocks_and_nothing_else(wtype):
 @pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
 def test_tiled_regrouping_moves_the_blocks_and_nothing_else(wtype):
     w = random_weights(wtype, 48, 512 if wtype.block == 256 else 320, seed=6)
-    tiled = regroup.repack_tiles(w, wtype)
+    tiled = tiles.repack(w, wtype)
     assert tiled.shape == w.shape and not torch.equal(tiled, w) and not torch.equal(tiled, regroup.repack(w, wtype))
-    assert torch.equal(regroup.unrepack(tiled, quant.TILED[wtype]), w)
+    assert torch.equal(tiles.unrepack(tiled, quant.TILED[wtype]), w)
     assert torch.equal(quant.dequantize(tiled, quant.TILED[wtype]), quant.dequantize(w, wtype).bfloat16().float())
     with pytest.raises(ValueError, match="do not split into groups of 16"):
-        regroup.repack_tiles(w[:40], wtype)
+        tiles.repack(w[:40], wtype)
     with pytest.raises(ValueError, match="only q4_0, q4_1, q5_0, q5_1, q8_0, q4_K regroup for the tiles, not q6_K"):
-        regroup.repack_tiles(random_weights(quant.Q6_K, 16, 256, seed=1), quant.Q6_K)
+        tiles.repack(random_weights(quant.Q6_K, 16, 256, seed=1), quant.Q6_K)
 
 
 @pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
@@ -196,7 +196,7 @@ def test_tiled_blocks_give_the_bf16_weights_products(isa, wtype, monkeypatch):
     k = 512 if wtype.block == 256 else 320
     w = random_weights(wtype, 64, k, seed=wtype.code + 9)
     t16, dense = quant.TILED[wtype], quant.dequantize(w, wtype)
-    tiled = regroup.repack_tiles(w, wtype)
+    tiled = tiles.repack(w, wtype)
     weights = tiles_to_bf16(tiled, t16)
     assert torch.equal(weights, dense.bfloat16())
     g = torch.Generator().manual_seed(17)
@@ -290,7 +290,7 @@ def test_regrouped_types_run_only_where_their_kernel_is(isa):
     else:
         kernels.for_isa(isa).linear(*args)
         torch.testing.assert_close(y.float(), x.float() @ quant.dequantize(w, quant.Q4_1X16).T, rtol=8e-3, atol=1e-2)
-    w = regroup.repack_tiles(random_weights(quant.Q4_1, 16, 64, seed=2), quant.Q4_1)
+    w = tiles.repack(random_weights(quant.Q4_1, 16, 64, seed=2), quant.Q4_1)
     args = (x, 64, w, quant.Q4_1T16.code, None, y, 16, 2, 64, 16, 1, 1, 0)
     if isa != "amx":
         with pytest.raises(RuntimeError, match="status 1"):

@@ -25,9 +25,11 @@ static inline int il_x16_type(int wtype) {
  * then its 12 scale bytes, byte k of row i at 16 k + i), then the low nibbles as 4 x 32 words, word j
  * of quad g holding input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K: 8 sub-blocks
  * of those), or Q8_0's 16 rows' 32 bytes one row after another. */
+#define IL_T16_TYPES(X) X(IL_W_Q4_0T16) X(IL_W_Q4_1T16) X(IL_W_Q5_0T16) X(IL_W_Q5_1T16) X(IL_W_Q8_0T16) X(IL_W_Q4_KT16)
 static inline int il_t16_type(int wtype) {
-    return wtype == IL_W_Q4_0T16 || wtype == IL_W_Q4_1T16 || wtype == IL_W_Q8_0T16 || wtype == IL_W_Q4_KT16 ||
-           wtype == IL_W_Q5_0T16 || wtype == IL_W_Q5_1T16;
+#define IL_IS(T) wtype == (T) ||
+    return IL_T16_TYPES(IL_IS) 0;
+#undef IL_IS
 }
 
 /* Whether a type is regrouped for one kernel (x16 or t16), which the other builds' linear refuses. */

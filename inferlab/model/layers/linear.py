@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferlab import kernels
-from inferlab.model.layers import quant, regroup
+from inferlab.model.layers import quant, regroup, tiles
 from inferlab.model.layers.quant import WeightType
 
 # Rows past which a bf16 x bf16 matmul goes to PyTorch (oneDNN on the CPU's bf16 units), by ISA: up
@@ -107,7 +107,7 @@ def _convert(data: torch.Tensor, src: WeightType, dst: WeightType) -> torch.Tens
     if src == dst:
         return data.contiguous()
     if dst.base is not None:  # regrouped: the same blocks, moved (quantizing first where src is not dst.base)
-        pack = regroup.repack_tiles if dst in quant.TILED.values() else regroup.repack
+        pack = tiles.repack if dst in TILES else regroup.repack
         return pack(data if src == dst.base else _convert(data, src, dst.base), dst.base)
     native = kernels.native()
     if src.dtype is not None:

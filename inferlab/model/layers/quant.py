@@ -70,7 +70,7 @@ REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16, Q5_0: Q5_0X16, Q5_1: Q5_1X16, Q8_0: Q
              IQ4_XS: IQ4_XSX16}
 # Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K blocks regrouped 16 rows at a time for the AMX tiles (kernels/amx/linear.c), where they
 # are decoded to the bf16 weights a load-time dequantization makes: the same products from a quarter
-# (Q8_0: a half) of the bytes. Made at load on AMX CPUs (regroup.repack_tiles); the same bytes per row
+# (Q8_0: a half) of the bytes. Made at load on AMX CPUs (tiles.repack); the same bytes per row
 Q4_0T16 = WeightType("q4_0t16", 94, 32, 18, base=Q4_0)
 Q4_1T16 = WeightType("q4_1t16", 95, 32, 20, base=Q4_1)
 Q8_0T16 = WeightType("q8_0t16", 93, 32, 34, base=Q8_0)
@@ -101,8 +101,8 @@ def dequantize(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     if wtype.dtype is not None:
         return data.float()
     if wtype in TILED.values():
-        from inferlab.model.layers.regroup import unrepack
-        return dequantize(unrepack(data, wtype), wtype.base).bfloat16().float()
+        from inferlab.model.layers import tiles
+        return dequantize(tiles.unrepack(data, wtype), wtype.base).bfloat16().float()
     if wtype.base is not None:  # its GGUF rows, unrepacked here: not by calling this function again, whose
         # wrappers (a test caches results by the tensor's address) would see a temporary tensor
         from inferlab.model.layers.regroup import unrepack

@@ -1,0 +1,77 @@
+"""Blocks regrouped 16 weight rows at a time for the AMX tiles (`kernels/amx/linear.c`; the layout is
+described in `kernels/regrouped.h`): `repack` makes a t16 type (quant.TILED) from a GGUF type's rows at
+load, the same bytes per row, and `unrepack` gives the rows back. A tile row is 32 inputs of one weight
+row under one scale, so the kernel decodes it with one table permute.
+"""
+from __future__ import annotations
+
+import torch
+
+from inferlab.model.layers import quant
+from inferlab.model.layers.quant import GROUP_ROWS, Q4_K, Q5_0, Q5_1, Q8_0, WeightType
+from inferlab.model.layers.regroup import _by_row, _side_by_side, block_groups
+
+
+def _quad_words(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values q [g, 16 rows, sub-blocks, 32 inputs] as the tiles' words [g, sub-blocks, 256 bytes]:
+    little-endian 16-bit word j of quad c holds input j of rows 4c .. 4c + 3, row 4c + s at bits 4s."""
+    g, _, nb, _ = q.shape
+    q = q.to(torch.int32).reshape(g, 4, 4, nb, 32)  # [g, quad, row in quad, sub-block, input]
+    words = sum(q[:, :, s] << 4 * s for s in range(4)).permute(0, 2, 1, 3)  # [g, sub-block, quad, input]
+    return torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(g, nb, -1)
+
+
+def _quad_values(values: torch.Tensor) -> torch.Tensor:
+    """`_quad_words`' inverse: [g, sub-blocks, 256 bytes] -> [g, 16 rows, sub-blocks, 32 inputs]."""
+    g, nb, _ = values.shape
+    wb = values.reshape(g, nb, 4, 32, 2).to(torch.int32)
+    words = wb[..., 0] | wb[..., 1] << 8
+    q = torch.stack([(words >> 4 * s) & 15 for s in range(4)], dim=3)  # [g, sub-block, quad, row in quad, input]
+    return q.permute(0, 2, 3, 1, 4).reshape(g, GROUP_ROWS, nb, 32)
+
+
+def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K rows [N, row bytes] (N a multiple of 16) regrouped as
+    TILED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields side by
+    side (as `repack`'s; Q5: then each row's 4 bytes of fifth bits; Q4_K: d, dmin, then the 12 scale
+    bytes), then each 32 inputs' low nibbles as `_quad_words` (Q4_K: its 8 sub-blocks), or Q8_0's 16
+    rows of 32 bytes (layout: kernels/regrouped.h)."""
+    if wtype not in quant.TILED:
+        raise ValueError(f"only {', '.join(t.name for t in quant.TILED)} regroup for the tiles, not {wtype.name}")
+    n, g, nb, blocks = block_groups(data, wtype)
+    if wtype == Q8_0:
+        values = blocks[..., 2:].permute(0, 2, 1, 3).reshape(g, nb, -1)
+        return torch.cat([_side_by_side(blocks[..., :2], 2), values], dim=2).reshape(n, -1).contiguous()
+    if wtype == Q4_K:  # sub-block j: the low (j even) or high nibbles of bytes 32 (j / 2) ..
+        dm, sc = _side_by_side(blocks[..., :4], 2), _side_by_side(blocks[..., 4:16], 1)
+        qs = blocks[..., 16:].reshape(g, GROUP_ROWS, nb, 4, 1, 32)
+        q = torch.cat([qs & 15, qs >> 4], dim=4).reshape(g, GROUP_ROWS, nb * 8, 32)
+        return torch.cat([dm, sc, _quad_words(q).reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
+    qs = blocks[..., -16:]
+    q = torch.cat([qs & 15, qs >> 4], dim=3)
+    fields = [_side_by_side(blocks[..., :-16], 2)]
+    if wtype in (Q5_0, Q5_1):  # qh: 4 bytes after the scales, weight l's fifth bit at bit l
+        fields = [_side_by_side(blocks[..., :-20], 2), _side_by_side(blocks[..., -20:-16], 4)]
+    return torch.cat([*fields, _quad_words(q)], dim=2).reshape(n, -1).contiguous()
+
+
+def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
+    """The GGUF rows a t16 tensor was made from (`repack`'s inverse)."""
+    base = wtype.base
+    g, nb = data.shape[0] // GROUP_ROWS, data.shape[1] // base.nbytes
+    groups = data.reshape(g, nb, GROUP_ROWS * base.nbytes)
+    g, nb, _ = groups.shape
+    if base == Q8_0:
+        d, values = _by_row(groups[:, :, :32], 2), groups[:, :, 32:].reshape(g, nb, GROUP_ROWS, 32)
+        return torch.cat([d, values.permute(0, 2, 1, 3)], dim=3).reshape(g * GROUP_ROWS, -1).contiguous()
+    if base == Q4_K:
+        dm, sc = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:256], 1)
+        q = _quad_values(groups[:, :, 256:].reshape(g, nb * 8, 256)).reshape(g, GROUP_ROWS, nb, 4, 2, 32)
+        qs = (q[:, :, :, :, 0] | q[:, :, :, :, 1] << 4).to(torch.uint8).reshape(g, GROUP_ROWS, nb, 128)
+        return torch.cat([dm, sc, qs], dim=3).reshape(g * GROUP_ROWS, -1).contiguous()
+    q = _quad_values(groups[:, :, -256:])
+    fields = [_by_row(groups[:, :, :-256], 2)]
+    if base in (Q5_0, Q5_1):
+        fields = [_by_row(groups[:, :, :-320], 2), _by_row(groups[:, :, -320:-256], 4)]
+    qs = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8)
+    return torch.cat([*fields, qs], dim=3).reshape(g * GROUP_ROWS, -1).contiguous()

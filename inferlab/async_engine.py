@@ -139,16 +139,18 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
         self._call(lambda: self._abort_now(request_id))
 
-    def cancel(self, request_id: str) -> None:
-        """Abort a request whose consumer still listens: it gets the final "abort" output."""
-        self._call(lambda: self._abort_now(request_id))
+    def cancel(self, request_id: str) -> concurrent.futures.Future:
+        """Abort a request whose consumer still listens: it gets the final "abort" output. The future
+        says whether it was aborted (False: it had already finished)."""
+        return self._call(lambda: self._abort_now(request_id))
 
-    def _abort_now(self, request_id: str, error: str | None = None) -> None:  # on the engine thread
+    def _abort_now(self, request_id: str, error: str | None = None) -> bool:  # on the engine thread
         out = self.engine.abort_request(request_id)
         if out is not None:
             out.error = error
             self.metrics.observe(out, time.monotonic())
             self._deliver(out)
+        return out is not None
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread between steps (e.g. to read or reset engine state)."""

@@ -169,10 +169,9 @@ def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
 
     @app.delete("/scope/lab")
     async def cancel_lab() -> dict:
-        """Abort every lab request still running; their KV blocks are freed at once."""
-        cancelled = sorted(lab_requests)
-        for rid in cancelled:
-            engine.cancel(rid)  # its drain task gets the final output and ends
-        return {"cancelled": len(cancelled)}
+        """Abort every lab request still running; their KV blocks are freed at once. Counts those
+        aborted: one that finished just before (its drain not yet done) is not."""
+        aborted = [engine.cancel(rid) for rid in sorted(lab_requests)]  # each drain gets the final output
+        return {"cancelled": sum([await asyncio.wrap_future(f) for f in aborted])}
 
     return feed

@@ -52,13 +52,14 @@ def _regrouped_runs(wtype: WeightType, x: torch.Tensor, isa: str) -> bool:
     return isa in BF16_MATRIX_ISAS
 
 
-def tiles_to_bf16(weight: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """The bf16 weights a t16 matrix (quant.TILED) stands for: its values rounded once to bf16."""
+def tiles_to_bf16(weight: torch.Tensor, wtype: WeightType, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The bf16 weights a t16 matrix (quant.TILED) stands for: its values rounded once to bf16, into
+    `out` (rows of one contiguous matrix) if given."""
+    n, k = weight.shape[0], weight.shape[1] // wtype.nbytes * wtype.block
+    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
     native = kernels.native()
     if native is None:
-        return quant.dequantize(weight, wtype).bfloat16()
-    n, k = weight.shape[0], weight.shape[1] // wtype.nbytes * wtype.block
-    out = torch.empty(n, k, dtype=torch.bfloat16)
+        return out.copy_(quant.dequantize(weight, wtype))
     native.get_rows(out, weight, wtype.code, torch.arange(n), n, k, kernels.DTYPE_CODES[torch.bfloat16])
     return out
 
@@ -232,9 +233,13 @@ class Linear(nn.Module):
                 any(t in TILES for _, t in parts) and all(t in TILES or t == quant.BF16 for _, t in parts):
             # a prefill through blocks that stand for bf16 weights: the joined bf16 matrix in one
             # product, as with bf16 weights (oneDNN's sums can change with a matrix's width)
-            weights = [getattr(self, name) if t == quant.BF16 else tiles_to_bf16(getattr(self, name), t)
-                       for name, t in parts]
-            return linear_ref(x, torch.cat(weights), quant.BF16, self.bias, out_dtype=self.out_dtype)
+            weights, row = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16), 0
+            for name, t in parts:  # each part decoded straight into its rows
+                w = getattr(self, name)
+                rows = weights[row:row + w.shape[0]]
+                rows.copy_(w) if t == quant.BF16 else tiles_to_bf16(w, t, out=rows)
+                row += w.shape[0]
+            return linear_ref(x, weights, quant.BF16, self.bias, out_dtype=self.out_dtype)
         y = x.new_empty(x.shape[0], self.out_features, dtype=self.out_dtype or x.dtype)
         first = self.parts[0][2]
         bias = self.bias

@@ -165,6 +165,21 @@ def test_elementwise_ops_match_their_reference(isa, dtype, tol, monkeypatch):
     assert torch.equal(qkv[:, 3 * 64:], before[:, 3 * 64:])
 
 
+def test_rope_tables_are_exact_and_the_same_wherever_a_position_sits():
+    """A step's cos/sin rows are its positions' rows of one table: the correctly rounded cos and sin of
+    each fp32 frequency, the same for a position at any row of any step (a long prefill's rows are split
+    between threads, and torch's fp32 cos gave some processes other last bits in the second's rows)."""
+    import math
+    emb = rotary.RotaryEmbedding(64, 100000.0, None)
+    positions = torch.cat([torch.arange(n) for n in (5, 90, 20, 1500)])
+    cos, sin = emb(positions)
+    freqs = positions.float()[:, None] * emb.inv_freq[None, :]
+    exact = torch.tensor([[(math.cos(f), math.sin(f)) for f in row] for row in freqs[-1500:].tolist()])
+    assert torch.equal(cos[-1500:], exact[..., 0].float()) and torch.equal(sin[-1500:], exact[..., 1].float())
+    alone, _ = emb(torch.tensor([1499, 7, 3000]))  # past the table: it grows
+    assert torch.equal(alone[:2], cos[[-1, 5 + 7]]) and emb._table[1].shape[0] >= 3001
+
+
 @pytest.mark.parametrize("rows", [5, 40])  # 40: split over threads
 def test_write_kv_matches_index_copy(isa, rows):
     g = torch.Generator().manual_seed(2)

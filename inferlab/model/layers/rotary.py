@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,13 +76,25 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling).float(), persistent=False)
         self.attention_factor = rope_attention_factor(scaling)
+        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (inv_freq, cos, sin)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos, sin: [T, head_dim / 2] each."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        if self.attention_factor != 1.0:
-            return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
-        return freqs.cos(), freqs.sin()
+        """fp32 cos, sin: [T, head_dim / 2] each, rows of a table of every position up to the largest
+        seen so far, so a position's values never depend on the rows beside it."""
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        if self._table is None or self._table[0] is not self.inv_freq or top > self._table[1].shape[0]:
+            held = self._table[1].shape[0] if self._table is not None else 0
+            self._table = self.inv_freq, *self._cos_sin(max(top, 1024, 2 * held))
+        return self._table[1][positions], self._table[2][positions]
+
+    def _cos_sin(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0 .. n - 1: each frequency an fp32 product as HF's, its cos and sin by numpy in fp64,
+        rounded to fp32. (torch's fp32 cos, MKL's, gave some processes other last bits in the rows a
+        second thread computed, so a long prompt's logits changed from one run to the next.)"""
+        freqs = (torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]).cpu()
+        freqs = freqs.numpy().astype(np.float64)
+        return tuple(torch.from_numpy(f(freqs) * self.attention_factor).float().to(self.inv_freq.device)
+                     for f in (np.cos, np.sin))
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -19,13 +19,16 @@ static inline int il_x16_type(int wtype) {
            wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
-/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K regrouped for the AMX tiles (IL_W_*T16), where a tile row is
- * 32 inputs of one weight row, all under one scale: per group of 16 rows and block, the x16 structs'
- * scale fields (Q5: then the 16 rows' 32-bit fifth-bit words, row i's at 4 i; Q4_K: d[16], dmin[16],
- * then its 12 scale bytes, byte k of row i at 16 k + i), then the low nibbles as 4 x 32 words, word j
- * of quad g holding input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K: 8 sub-blocks
- * of those), or Q8_0's 16 rows' 32 bytes one row after another. */
-#define IL_T16_TYPES(X) X(IL_W_Q4_0T16) X(IL_W_Q4_1T16) X(IL_W_Q5_0T16) X(IL_W_Q5_1T16) X(IL_W_Q8_0T16) X(IL_W_Q4_KT16)
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K regrouped for the AMX tiles (IL_W_*T16), where a tile
+ * row is 32 inputs of one weight row (under one scale; Q6_K: two, one a 16 inputs): per group of 16 rows
+ * and block, the x16 structs' scale fields (Q5: then the 16 rows' 32-bit fifth-bit words, row i's at
+ * 4 i; Q4_K: d[16], dmin[16], then its 12 scale bytes, byte k of row i at 16 k + i; Q6_K: d[16], then
+ * its 16 scale bytes so), then the low nibbles as 4 x 32 words, word j of quad g holding input j of rows
+ * 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K: 8 sub-blocks of those; Q6_K: 8 sub-blocks of the
+ * rows' fifth-bit words, their sixth-bit words, then those), or Q8_0's 16 rows' 32 bytes one row after
+ * another. */
+#define IL_T16_TYPES(X) \
+    X(IL_W_Q4_0T16) X(IL_W_Q4_1T16) X(IL_W_Q5_0T16) X(IL_W_Q5_1T16) X(IL_W_Q8_0T16) X(IL_W_Q4_KT16) X(IL_W_Q6_KT16)
 static inline int il_t16_type(int wtype) {
 #define IL_IS(T) wtype == (T) ||
     return IL_T16_TYPES(IL_IS) 0;
@@ -135,6 +138,21 @@ static inline void il_t16_block(int wtype, const void *w, int64_t n, int K, int 
         il_scale_min_k4(b % 8, scales, &sc, &mn);
         const float d1 = il_f16_to_f32(h[i]) * sc, m1 = il_f16_to_f32(h[16 + i]) * mn;
         for (int k = 0; k < 32; k++) y[k] = il_bf16_to_f32(il_f32_to_bf16(d1 * ((words[k] >> (4 * (i % 4))) & 0xF) - m1));
+        return;
+    }
+    if (wtype == IL_W_Q6_KT16) { /* sub-block b % 8 of its group's 256-input block: its scales 2 (b % 8) and + 1 */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * 16 * (int64_t)sizeof(il_q6_K);
+        const uint8_t *at = sb + 288 + 384 * (b % 8);
+        const uint16_t *words = (const uint16_t *)(at + 128) + 32 * (i / 4);
+        const float d = il_f16_to_f32(((const uint16_t *)sb)[i]);
+        uint32_t fifth, sixth;
+        memcpy(&fifth, at + 4 * i, sizeof fifth);
+        memcpy(&sixth, at + 64 + 4 * i, sizeof sixth);
+        for (int k = 0; k < 32; k++) {
+            const int sc = (int8_t)sb[32 + 16 * (2 * (b % 8) + k / 16) + i];
+            const int q = ((words[k] >> (4 * (i % 4))) & 0xF) | ((fifth >> k) & 1) << 4 | ((sixth >> k) & 1) << 5;
+            y[k] = il_bf16_to_f32(il_f32_to_bf16(d * sc * (q - 32)));
+        }
         return;
     }
     if (wtype == IL_W_Q5_0T16 || wtype == IL_W_Q5_1T16) { /* d[16] (m[16]), fifth bits[16], words */

@@ -8,9 +8,10 @@
 
 #include "../common.h"
 
-/* 32 inputs (sub-block `sub` of a Q4_K block; the block itself otherwise) of a group of a t16 matrix
- * (IL_W_*T16) as the 16 x 32 bf16 tile, rows `stride` elements apart, of the weights bf16(q d + m)
- * (Q4_0: bf16((q - 8) d); Q5_0: bf16((q - 16) d); Q8_0: bf16(q d); Q4_K: bf16(q d sc - dmin m)): q d is
+/* 32 inputs (the 32 `sub` of a Q4_K or Q6_K block; the block itself otherwise) of a group of a t16
+ * matrix (IL_W_*T16) as the 16 x 32 bf16 tile, rows `stride` elements apart, of the weights
+ * bf16(q d + m) (Q4_0: bf16((q - 8) d); Q5_0: bf16((q - 16) d); Q8_0: bf16(q d); Q4_K:
+ * bf16(q d sc - dmin m); Q6_K: bf16(d sc (q - 32)), sc the scale of each 16 inputs): q d is
  * exact in fp32, so this is one rounding to fp32 and one to bf16 (nearest even), as the load-time
  * dequantizer and PyTorch's conversion do. A Q4 row's 32 inputs have one scale and offset, so their 16
  * possible values are a table that one vpermw reads by the row's nibbles; two rows share a table
@@ -29,6 +30,34 @@ IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, const int sub, ui
             const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * r))));
             const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * r + 16))));
             _mm512_storeu_si512(tile + stride * r, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, dr), _mm512_mul_ps(lo, dr)));
+        }
+        return;
+    }
+    if (wtype == IL_W_Q6_KT16) { /* 64 values under each 16 inputs' scale: widened and scaled, as Q8_0 */
+        float s0[16] __attribute__((aligned(64))), s1[16] __attribute__((aligned(64)));
+        const int8_t *sc = (const int8_t *)blk + 32 + 32 * sub; /* scales 2 sub and 2 sub + 1 of the 16 rows */
+#define SCALES(p) _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))))
+        _mm512_store_ps(s0, SCALES(sc));
+        _mm512_store_ps(s1, SCALES(sc + 16)); /* d sc: exact (11 x 7 bits), and so is d sc (q - 32) */
+#undef SCALES
+        const uint8_t *at = blk + 288 + 384 * sub;
+        const uint32_t *fifth = (const uint32_t *)at, *sixth = fifth + 16;
+        const __m512i low4 = _mm512_set1_epi16(0xF), bit4 = _mm512_set1_epi16(16), bit5 = _mm512_set1_epi16(32);
+        __asm__ volatile("" ::: "memory");
+        for (int g = 0; g < 4; g++) {
+            const __m512i wg = _mm512_loadu_si512(at + 128 + 64 * g);
+            for (int s = 0; s < 4; s++) {
+                const int r = 4 * g + s;
+                const __m512i i4 = _mm512_and_si512(s ? _mm512_srli_epi16(wg, 4 * s) : wg, low4);
+                __m512i q = _mm512_mask_add_epi16(i4, _cvtu32_mask32(fifth[r]), i4, bit4);
+                q = _mm512_sub_epi16(_mm512_mask_add_epi16(q, _cvtu32_mask32(sixth[r]), q, bit5), bit5); /* q - 32 */
+                /* times the scale, as the dequantizer: a zero takes the scale's sign */
+                const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(q))),
+                                                _mm512_set1_ps(s0[r]));
+                const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(q, 1))),
+                                                _mm512_set1_ps(s1[r]));
+                _mm512_storeu_si512(tile + stride * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
         }
         return;
     }

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from inferlab.model.layers import quant
-from inferlab.model.layers.quant import GROUP_ROWS, Q4_K, Q5_0, Q5_1, Q8_0, WeightType
-from inferlab.model.layers.regroup import _by_row, _side_by_side, block_groups
+from inferlab.model.layers.quant import GROUP_ROWS, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0, WeightType
+from inferlab.model.layers.regroup import _by_row, _q6_bytes, _q6_values, _side_by_side, block_groups
 
 
 def _quad_words(q: torch.Tensor) -> torch.Tensor:
@@ -30,18 +30,40 @@ def _quad_values(values: torch.Tensor) -> torch.Tensor:
     return q.permute(0, 2, 3, 1, 4).reshape(g, GROUP_ROWS, nb, 32)
 
 
+def _row_words(bits: torch.Tensor) -> torch.Tensor:
+    """One bit per input [g, 16 rows, sub-blocks, 32 inputs] as the rows' 32-bit words side by side
+    [g, sub-blocks, 64 bytes]: row i's little-endian word at 4 i, input k at bit k."""
+    word = (bits.to(torch.int64) << torch.arange(32)).sum(-1)  # [g, row, sub-block]
+    b = torch.stack([(word >> 8 * e) & 255 for e in range(4)], dim=-1).to(torch.uint8)
+    return b.permute(0, 2, 1, 3).reshape(b.shape[0], b.shape[2], -1)
+
+
+def _word_bits(words: torch.Tensor) -> torch.Tensor:
+    """`_row_words`' inverse."""
+    g, nb, _ = words.shape
+    b = words.reshape(g, nb, GROUP_ROWS, 4).to(torch.int64)
+    word = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
+    return ((word.unsqueeze(-1) >> torch.arange(32)) & 1).permute(0, 2, 1, 3)
+
+
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K rows [N, row bytes] (N a multiple of 16) regrouped as
-    TILED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields side by
-    side (as `repack`'s; Q5: then each row's 4 bytes of fifth bits; Q4_K: d, dmin, then the 12 scale
-    bytes), then each 32 inputs' low nibbles as `_quad_words` (Q4_K: its 8 sub-blocks), or Q8_0's 16
-    rows of 32 bytes (layout: kernels/regrouped.h)."""
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K rows [N, row bytes] (N a multiple of 16) regrouped
+    as TILED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale fields side
+    by side (as `repack`'s; Q5: then each row's 4 bytes of fifth bits; Q4_K: d, dmin, then the 12 scale
+    bytes; Q6_K: d, then the 16 scales), then each 32 inputs' low nibbles as `_quad_words` (Q4_K: its 8
+    sub-blocks; Q6_K: 8 of the rows' fifth-bit and sixth-bit words as `_row_words`, then those), or
+    Q8_0's 16 rows of 32 bytes (layout: kernels/regrouped.h)."""
     if wtype not in quant.TILED:
         raise ValueError(f"only {', '.join(t.name for t in quant.TILED)} regroup for the tiles, not {wtype.name}")
     n, g, nb, blocks = block_groups(data, wtype)
     if wtype == Q8_0:
         values = blocks[..., 2:].permute(0, 2, 1, 3).reshape(g, nb, -1)
         return torch.cat([_side_by_side(blocks[..., :2], 2), values], dim=2).reshape(n, -1).contiguous()
+    if wtype == Q6_K:  # 8 x 32 inputs: the rows' fifth-bit and sixth-bit words, then their low nibbles
+        d, sc = _side_by_side(blocks[..., 208:], 2), _side_by_side(blocks[..., 192:208], 1)
+        q = _q6_values(blocks).reshape(g, GROUP_ROWS, nb * 8, 32)
+        subs = torch.cat([_row_words((q >> 4) & 1), _row_words(q >> 5), _quad_words(q & 15)], dim=2)
+        return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype == Q4_K:  # sub-block j: the low (j even) or high nibbles of bytes 32 (j / 2) ..
         dm, sc = _side_by_side(blocks[..., :4], 2), _side_by_side(blocks[..., 4:16], 1)
         qs = blocks[..., 16:].reshape(g, GROUP_ROWS, nb, 4, 1, 32)
@@ -64,6 +86,12 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     if base == Q8_0:
         d, values = _by_row(groups[:, :, :32], 2), groups[:, :, 32:].reshape(g, nb, GROUP_ROWS, 32)
         return torch.cat([d, values.permute(0, 2, 1, 3)], dim=3).reshape(g * GROUP_ROWS, -1).contiguous()
+    if base == Q6_K:
+        d, sc = _by_row(groups[:, :, :32], 2), _by_row(groups[:, :, 32:288], 1)
+        subs = groups[:, :, 288:].reshape(g, nb * 8, 384)
+        q = _quad_values(subs[:, :, 128:]) | _word_bits(subs[:, :, :64]) << 4 | _word_bits(subs[:, :, 64:128]) << 5
+        values = _q6_bytes(q.reshape(g, GROUP_ROWS, nb, 256))
+        return torch.cat([values, sc, d], dim=3).reshape(g * GROUP_ROWS, -1).contiguous()
     if base == Q4_K:
         dm, sc = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:256], 1)
         q = _quad_values(groups[:, :, 256:].reshape(g, nb * 8, 256)).reshape(g, GROUP_ROWS, nb, 4, 2, 32)

@@ -21,7 +21,7 @@ TYPES = {"attn_q": quant.Q5_0, "attn_k": quant.Q5_0, "attn_v": quant.Q8_0, "attn
 LOW_BIT_TYPES = {"attn_q": quant.IQ4_NL, "attn_k": quant.IQ4_NL, "attn_v": quant.Q3_K, "attn_output": quant.Q2_K,
                  "ffn_gate": quant.IQ4_XS, "ffn_up": quant.Q3_K, "ffn_down": quant.Q2_K}
 Q4_TYPES = {"attn_q": quant.Q4_1, "attn_k": quant.Q4_1, "attn_v": quant.Q4_0, "attn_output": quant.Q5_0,
-            "ffn_gate": quant.Q4_K, "ffn_up": quant.Q4_1, "ffn_down": quant.Q6_K}
+            "ffn_gate": quant.Q4_K, "ffn_up": quant.Q5_K, "ffn_down": quant.Q6_K}
 # a random block's typical weight, in units of its fp16 scale (quantized Gaussians: about 20)
 SPREAD = {quant.Q4_K: 256, quant.Q5_K: 512, quant.Q6_K: 1000, quant.Q2_K: 20, quant.Q3_K: 64, quant.IQ4_NL: 64,
           quant.IQ4_XS: 1000}
@@ -40,8 +40,8 @@ def low_bit_gguf(smol, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def q4_gguf(smol, tmp_path_factory):
-    """Q4_1, Q4_0, Q5_0, Q4_K and Q6_K layers (merged q/k/v and gate/up of two types), as in the
-    embedded model's and llama.cpp's Q4_K_M files."""
+    """Q4_1, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K layers (merged q/k/v and gate/up of two types), as in the
+    embedded model's and llama.cpp's Q4_K_M and Q5_K_M files."""
     return write_gguf(str(tmp_path_factory.mktemp("gguf") / "q4.gguf"), Q4_TYPES)
 
 
@@ -110,11 +110,11 @@ def test_mixed_file_keeps_its_types_and_parts(mixed_gguf):
 
 
 def test_amx_keeps_q4_k_quants_and_q8_0_as_blocks_that_give_the_bf16_weights_bits(q4_gguf):
-    """On AMX a bf16 model's Q4_0 / Q4_1 / Q5_0 / Q4_K / Q6_K layers and tied Q8_0 vocabulary stay blocks (regrouped for
-    the tiles, merged layers' parts of two types included), in about a quarter of bf16's bytes (the
-    vocabulary a half), and the model's greedy tokens and log-probabilities are bit for bit those of the
-    same model with bf16 weights (`quantization="none"`): batched, through prefills past a decode step's
-    64 rows and decode steps under it."""
+    """On AMX a bf16 model's Q4_0 / Q4_1 / Q5_0 / Q4_K / Q5_K / Q6_K layers and tied Q8_0 vocabulary stay
+    blocks (regrouped for the tiles, merged layers' parts of two types included), in about a quarter of
+    bf16's bytes (the vocabulary a half), and the model's greedy tokens and log-probabilities are bit for
+    bit those of the same model with bf16 weights (`quantization="none"`): batched, through prefills past
+    a decode step's 64 rows and decode steps under it."""
     from inferlab import kernels
     native = kernels.native()
     if native is None or native.isa != "amx":
@@ -126,7 +126,7 @@ def test_amx_keeps_q4_k_quants_and_q8_0_as_blocks_that_give_the_bf16_weights_bit
     assert tiled.model.layers[0].mlp.down_proj.wtype == quant.Q6_KT16
     assert tiled.model.layers[0].self_attn.o_proj.wtype == quant.Q5_0T16
     gate_up = tiled.model.layers[0].mlp.gate_up_proj
-    assert [gate_up.wtype] + [p[1] for p in gate_up.parts] == [quant.Q4_KT16, quant.Q4_1T16]
+    assert [gate_up.wtype] + [p[1] for p in gate_up.parts] == [quant.Q4_KT16, quant.Q5_KT16]
     embed = tiled.model.embed_tokens  # the tied Q8_0 vocabulary too: the LM head's tiles, and lookups
     assert embed.wtype == quant.Q8_0T16 and tiled.lm_head.weight is embed.weight
     ids = torch.tensor([5, 0, 1234, 5])

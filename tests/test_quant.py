@@ -182,8 +182,8 @@ def test_tiled_regrouping_moves_the_blocks_and_nothing_else(wtype):
     with pytest.raises(ValueError, match="do not split into groups of 16"):
         tiles.repack(w[:40], wtype)
     with pytest.raises(ValueError,
-                       match="only q4_0, q4_1, q5_0, q5_1, q8_0, q4_K, q6_K regroup for the tiles, not q5_K"):
-        tiles.repack(random_weights(quant.Q5_K, 16, 256, seed=1), quant.Q5_K)
+                       match="only q4_0, q4_1, q5_0, q5_1, q8_0, q4_K, q5_K, q6_K regroup for the tiles, not q3_K"):
+        tiles.repack(random_weights(quant.Q3_K, 16, 256, seed=1), quant.Q3_K)
 
 
 @pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
@@ -348,7 +348,8 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=40) == quant.BF16
     assert target_type(quant.Q4_K, 512, "auto", bf16, "amx", rows=576) == quant.Q4_KT16
     assert target_type(quant.Q6_K, 512, "auto", bf16, "amx", rows=576) == quant.Q6_KT16
-    assert target_type(quant.Q5_K, 512, "auto", bf16, "amx", rows=576) == quant.BF16
+    assert target_type(quant.Q5_K, 512, "auto", bf16, "amx", rows=576) == quant.Q5_KT16
+    assert target_type(quant.Q3_K, 512, "auto", bf16, "amx", rows=576) == quant.BF16
     assert target_type(quant.Q5_0, 576, "auto", bf16, "amx", rows=576) == quant.Q5_0T16
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1

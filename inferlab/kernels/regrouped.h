@@ -19,16 +19,17 @@ static inline int il_x16_type(int wtype) {
            wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
-/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K regrouped for the AMX tiles (IL_W_*T16), where a tile
- * row is 32 inputs of one weight row (under one scale; Q6_K: two, one a 16 inputs): per group of 16 rows
- * and block, the x16 structs' scale fields (Q5: then the 16 rows' 32-bit fifth-bit words, row i's at
- * 4 i; Q4_K: d[16], dmin[16], then its 12 scale bytes, byte k of row i at 16 k + i; Q6_K: d[16], then
- * its 16 scale bytes so), then the low nibbles as 4 x 32 words, word j of quad g holding input j of rows
- * 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K: 8 sub-blocks of those; Q6_K: 8 sub-blocks of the
- * rows' fifth-bit words, their sixth-bit words, then those), or Q8_0's 16 rows' 32 bytes one row after
- * another. */
-#define IL_T16_TYPES(X) \
-    X(IL_W_Q4_0T16) X(IL_W_Q4_1T16) X(IL_W_Q5_0T16) X(IL_W_Q5_1T16) X(IL_W_Q8_0T16) X(IL_W_Q4_KT16) X(IL_W_Q6_KT16)
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K regrouped for the AMX tiles (IL_W_*T16), where a
+ * tile row is 32 inputs of one weight row (under one scale; Q6_K: two, one a 16 inputs): per group of 16
+ * rows and block, the x16 structs' scale fields (Q5: then the 16 rows' 32-bit fifth-bit words, row i's
+ * at 4 i; Q4_K and Q5_K: d[16], dmin[16], then their 12 scale bytes, byte k of row i at 16 k + i; Q6_K:
+ * d[16], then its 16 scale bytes so), then the low nibbles as 4 x 32 words, word j of quad g holding
+ * input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K: 8 sub-blocks of those; Q5_K: 8 of
+ * the rows' fifth-bit words, then those; Q6_K: 8 of the rows' fifth-bit words, their sixth-bit words,
+ * then those), or Q8_0's 16 rows' 32 bytes one row after another. */
+#define IL_T16_TYPES(X)                                                                                        \
+    X(IL_W_Q4_0T16) X(IL_W_Q4_1T16) X(IL_W_Q5_0T16) X(IL_W_Q5_1T16) X(IL_W_Q8_0T16) X(IL_W_Q4_KT16) X(IL_W_Q5_KT16) \
+    X(IL_W_Q6_KT16)
 static inline int il_t16_type(int wtype) {
 #define IL_IS(T) wtype == (T) ||
     return IL_T16_TYPES(IL_IS) 0;
@@ -130,14 +131,21 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
 static inline void il_t16_block(int wtype, const void *w, int64_t n, int K, int b, float y[32]) {
     const int i = (int)(n % 16), one = wtype == IL_W_Q4_1T16;
     const int64_t at = n / 16 * (K / 32) + b;
-    if (wtype == IL_W_Q4_KT16) { /* sub-block b % 8 of its group's 256-input block */
-        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * 16 * (int64_t)sizeof(il_q4_K);
-        const uint16_t *h = (const uint16_t *)sb, *words = (const uint16_t *)(sb + 256 + 256 * (b % 8)) + 32 * (i / 4);
+    if (wtype == IL_W_Q4_KT16 || wtype == IL_W_Q5_KT16) { /* sub-block b % 8 of its group's 256-input block */
+        const int five = wtype == IL_W_Q5_KT16, sub = five ? 320 : 256;
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * 16 * (int64_t)il_block_bytes(wtype);
+        const uint8_t *at = sb + 256 + sub * (b % 8);
+        const uint16_t *h = (const uint16_t *)sb, *words = (const uint16_t *)(at + (five ? 64 : 0)) + 32 * (i / 4);
         uint8_t scales[12], sc, mn;
+        uint32_t fifth = 0;
         for (int k = 0; k < 12; k++) scales[k] = sb[64 + 16 * k + i];
         il_scale_min_k4(b % 8, scales, &sc, &mn);
+        if (five) memcpy(&fifth, at + 4 * i, sizeof fifth);
         const float d1 = il_f16_to_f32(h[i]) * sc, m1 = il_f16_to_f32(h[16 + i]) * mn;
-        for (int k = 0; k < 32; k++) y[k] = il_bf16_to_f32(il_f32_to_bf16(d1 * ((words[k] >> (4 * (i % 4))) & 0xF) - m1));
+        for (int k = 0; k < 32; k++) {
+            const int q = ((words[k] >> (4 * (i % 4))) & 0xF) | ((fifth >> k) & 1) << 4;
+            y[k] = il_bf16_to_f32(il_f32_to_bf16(d1 * q - m1));
+        }
         return;
     }
     if (wtype == IL_W_Q6_KT16) { /* sub-block b % 8 of its group's 256-input block: its scales 2 (b % 8) and + 1 */

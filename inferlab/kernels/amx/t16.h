@@ -8,10 +8,31 @@
 
 #include "../common.h"
 
-/* 32 inputs (the 32 `sub` of a Q4_K or Q6_K block; the block itself otherwise) of a group of a t16
+/* d[i] = d sc and m[i] = -dmin mn of the 16 rows of a Q4_K / Q5_K group block for its 32 inputs `sub`:
+ * the 6-bit scale and minimum as il_scale_min_k4 unpacks them, for the 16 rows at once. */
+IL_INLINE void k_scales(const uint8_t *blk, const int sub, float d[16], float m[16]) {
+    const uint8_t *sc = blk + 64;
+#define SCALE_BYTES(k) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16 * (k))))
+    const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15);
+    __m512i s, mn;
+    if (sub < 4) {
+        s = _mm512_and_si512(SCALE_BYTES(sub), six), mn = _mm512_and_si512(SCALE_BYTES(sub + 4), six);
+    } else {
+        const __m512i a = SCALE_BYTES(sub + 4);
+        s = _mm512_or_si512(_mm512_and_si512(a, four), _mm512_slli_epi32(_mm512_srli_epi32(SCALE_BYTES(sub - 4), 6), 4));
+        mn = _mm512_or_si512(_mm512_srli_epi32(a, 4), _mm512_slli_epi32(_mm512_srli_epi32(SCALE_BYTES(sub), 6), 4));
+    }
+#undef SCALE_BYTES
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+    _mm512_store_ps(d, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(s)));
+    _mm512_store_ps(m, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
+}
+
+/* 32 inputs (the 32 `sub` of a Q4_K, Q5_K or Q6_K block; the block itself otherwise) of a group of a t16
  * matrix (IL_W_*T16) as the 16 x 32 bf16 tile, rows `stride` elements apart, of the weights
  * bf16(q d + m) (Q4_0: bf16((q - 8) d); Q5_0: bf16((q - 16) d); Q8_0: bf16(q d); Q4_K:
- * bf16(q d sc - dmin m); Q6_K: bf16(d sc (q - 32)), sc the scale of each 16 inputs): q d is
+ * bf16(q d sc - dmin m), Q5_K too; Q6_K: bf16(d sc (q - 32)), sc the scale of each 16 inputs): q d is
  * exact in fp32, so this is one rounding to fp32 and one to bf16 (nearest even), as the load-time
  * dequantizer and PyTorch's conversion do. A Q4 row's 32 inputs have one scale and offset, so their 16
  * possible values are a table that one vpermw reads by the row's nibbles; two rows share a table
@@ -61,16 +82,21 @@ IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, const int sub, ui
         }
         return;
     }
-    if (wtype == IL_W_Q5_0T16 || wtype == IL_W_Q5_1T16) { /* 32 values a row: a whole table register */
-        const int five1 = wtype == IL_W_Q5_1T16;
-        const uint32_t *fifth = (const uint32_t *)(blk + (five1 ? 64 : 32));
-        _mm512_store_ps(d, dv);
-        _mm512_store_ps(m, five1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32))) : _mm512_setzero_ps());
+    if (wtype == IL_W_Q5_0T16 || wtype == IL_W_Q5_1T16 || wtype == IL_W_Q5_KT16) { /* 32 values a row: a whole table */
+        const int five1 = wtype != IL_W_Q5_0T16; /* Q5_K: Q5_1's with its sub-block's d and m */
+        const uint8_t *at = wtype == IL_W_Q5_KT16 ? blk + 256 + 320 * sub : blk + (five1 ? 64 : 32);
+        const uint32_t *fifth = (const uint32_t *)at;
+        if (wtype == IL_W_Q5_KT16) {
+            k_scales(blk, sub, d, m);
+        } else {
+            _mm512_store_ps(d, dv);
+            _mm512_store_ps(m, five1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32))) : _mm512_setzero_ps());
+        }
         __asm__ volatile("" ::: "memory");
         const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         const __m512 lo = five1 ? q : _mm512_sub_ps(q, _mm512_set1_ps(16.f)), hi = _mm512_add_ps(lo, _mm512_set1_ps(16.f));
         const __m512i low4 = _mm512_set1_epi16(0xF), bit4 = _mm512_set1_epi16(0x10);
-        const uint8_t *nibbles = blk + (five1 ? 128 : 96);
+        const uint8_t *nibbles = at + 64;
         for (int g = 0; g < 4; g++) {
             const __m512i wg = _mm512_loadu_si512(nibbles + 64 * g);
             for (int s = 0; s < 4; s++) {
@@ -84,22 +110,8 @@ IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, const int sub, ui
         }
         return;
     }
-    if (wtype == IL_W_Q4_KT16) { /* the 16 rows' 6-bit scale and minimum of this sub-block (il_scale_min_k4) */
-        const uint8_t *sc = blk + 64;
-#define SCALE_BYTES(k) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16 * (k))))
-        const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15);
-        __m512i s, mn;
-        if (sub < 4) {
-            s = _mm512_and_si512(SCALE_BYTES(sub), six), mn = _mm512_and_si512(SCALE_BYTES(sub + 4), six);
-        } else {
-            const __m512i a = SCALE_BYTES(sub + 4);
-            s = _mm512_or_si512(_mm512_and_si512(a, four), _mm512_slli_epi32(_mm512_srli_epi32(SCALE_BYTES(sub - 4), 6), 4));
-            mn = _mm512_or_si512(_mm512_srli_epi32(a, 4), _mm512_slli_epi32(_mm512_srli_epi32(SCALE_BYTES(sub), 6), 4));
-        }
-#undef SCALE_BYTES
-        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
-        _mm512_store_ps(d, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(s)));
-        _mm512_store_ps(m, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
+    if (wtype == IL_W_Q4_KT16) {
+        k_scales(blk, sub, d, m);
         words = blk + 256 + 256 * sub;
     } else {
         _mm512_store_ps(d, dv);

@@ -181,8 +181,8 @@ def test_tiled_regrouping_moves_the_blocks_and_nothing_else(wtype):
     assert torch.equal(quant.dequantize(tiled, quant.TILED[wtype]), quant.dequantize(w, wtype).bfloat16().float())
     with pytest.raises(ValueError, match="do not split into groups of 16"):
         tiles.repack(w[:40], wtype)
-    with pytest.raises(ValueError,
-                       match="only q4_0, q4_1, q5_0, q5_1, q8_0, q4_K, q5_K, q6_K regroup for the tiles, not q3_K"):
+    tiled_names = "q4_0, q4_1, q5_0, q5_1, q8_0, q4_K, q5_K, q6_K, iq4_nl, iq4_xs"
+    with pytest.raises(ValueError, match=f"only {tiled_names} regroup for the tiles, not q3_K"):
         tiles.repack(random_weights(quant.Q3_K, 16, 256, seed=1), quant.Q3_K)
 
 
@@ -332,7 +332,6 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512") == quant.BF16  # an embedding
     assert target_type(quant.Q8_0, 576, "auto", bf16, "avx512", rows=576) == quant.Q8_0X16
     assert target_type(quant.IQ4_NL, 576, "auto", bf16, "avx512", rows=576) == quant.IQ4_NLX16
-    assert target_type(quant.IQ4_NL, 576, "auto", bf16, "amx", rows=576) == quant.BF16
     assert target_type(quant.Q4_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q4_KX16
     assert target_type(quant.Q5_0, 576, "auto", bf16, "avx512", rows=576) == quant.Q5_0X16
     assert target_type(quant.Q5_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q5_KX16
@@ -350,6 +349,8 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q6_K, 512, "auto", bf16, "amx", rows=576) == quant.Q6_KT16
     assert target_type(quant.Q5_K, 512, "auto", bf16, "amx", rows=576) == quant.Q5_KT16
     assert target_type(quant.Q3_K, 512, "auto", bf16, "amx", rows=576) == quant.BF16
+    assert target_type(quant.IQ4_NL, 576, "auto", bf16, "amx", rows=576) == quant.IQ4_NLT16
+    assert target_type(quant.IQ4_XS, 512, "auto", bf16, "amx", rows=576) == quant.IQ4_XST16
     assert target_type(quant.Q5_0, 576, "auto", bf16, "amx", rows=576) == quant.Q5_0T16
     assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1

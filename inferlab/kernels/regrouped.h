@@ -19,17 +19,18 @@ static inline int il_x16_type(int wtype) {
            wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
-/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K regrouped for the AMX tiles (IL_W_*T16), where a
- * tile row is 32 inputs of one weight row (under one scale; Q6_K: two, one a 16 inputs): per group of 16
- * rows and block, the x16 structs' scale fields (Q5: then the 16 rows' 32-bit fifth-bit words, row i's
- * at 4 i; Q4_K and Q5_K: d[16], dmin[16], then their 12 scale bytes, byte k of row i at 16 k + i; Q6_K:
- * d[16], then its 16 scale bytes so), then the low nibbles as 4 x 32 words, word j of quad g holding
- * input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K: 8 sub-blocks of those; Q5_K: 8 of
- * the rows' fifth-bit words, then those; Q6_K: 8 of the rows' fifth-bit words, their sixth-bit words,
- * then those), or Q8_0's 16 rows' 32 bytes one row after another. */
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS regrouped for the AMX tiles
+ * (IL_W_*T16), where a tile row is 32 inputs of one weight row (under one scale; Q6_K: two, one a 16
+ * inputs): per group of 16 rows and block, the x16 structs' scale fields (Q5: then the 16 rows' 32-bit
+ * fifth-bit words, row i's at 4 i; Q4_K and Q5_K: d[16], dmin[16], then their 12 scale bytes, byte k of
+ * row i at 16 k + i; Q6_K: d[16], then its 16 scale bytes so; IQ4_XS: d[16], scales_h[16], then its 4
+ * scales_l bytes so), then the low nibbles as 4 x 32 words, word j of quad g holding input j of rows
+ * 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K, IQ4_XS: 8 sub-blocks of those; Q5_K: 8 of the
+ * rows' fifth-bit words, then those; Q6_K: 8 of the rows' fifth-bit words, their sixth-bit words, then
+ * those), or Q8_0's 16 rows' 32 bytes one row after another. IQ4_NL's is Q4_0's. */
 #define IL_T16_TYPES(X)                                                                                        \
     X(IL_W_Q4_0T16) X(IL_W_Q4_1T16) X(IL_W_Q5_0T16) X(IL_W_Q5_1T16) X(IL_W_Q8_0T16) X(IL_W_Q4_KT16) X(IL_W_Q5_KT16) \
-    X(IL_W_Q6_KT16)
+    X(IL_W_Q6_KT16) X(IL_W_IQ4_NLT16) X(IL_W_IQ4_XST16)
 static inline int il_t16_type(int wtype) {
 #define IL_IS(T) wtype == (T) ||
     return IL_T16_TYPES(IL_IS) 0;
@@ -183,12 +184,21 @@ static inline void il_t16_block(int wtype, const void *w, int64_t n, int K, int 
         for (int k = 0; k < 32; k++) y[k] = il_bf16_to_f32(il_f32_to_bf16(blk->q[32 * i + k] * d));
         return;
     }
+    if (wtype == IL_W_IQ4_XST16) { /* sub-block b % 8 of its group's 256-input block */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * 16 * (int64_t)sizeof(il_iq4_xs);
+        il_iq4_xs one = {((const uint16_t *)sb)[i], ((const uint16_t *)sb)[16 + i], {0}, {0}};
+        for (int k = 0; k < 4; k++) one.scales_l[k] = sb[64 + 16 * k + i];
+        const float dl = il_f16_to_f32(one.d) * il_iq4_xs_scale(&one, b % 8);
+        const uint16_t *words = (const uint16_t *)(sb + 128 + 256 * (b % 8)) + 32 * (i / 4);
+        for (int k = 0; k < 32; k++) y[k] = il_bf16_to_f32(il_f32_to_bf16(dl * il_iq4_values[(words[k] >> (4 * (i % 4))) & 0xF]));
+        return;
+    }
     const uint16_t *h = one ? ((const il_q4_1x16 *)w + at)->d : ((const il_q4_0x16 *)w + at)->d;
     const float d = il_f16_to_f32(h[i]), m = one ? il_f16_to_f32(h[16 + i]) : 0.f;
     const uint16_t *words = h + (one ? 32 : 16) + 32 * (i / 4);
     for (int k = 0; k < 32; k++) {
         const int q = (words[k] >> (4 * (i % 4))) & 0xF;
-        y[k] = il_bf16_to_f32(il_f32_to_bf16(one ? q * d + m : (q - 8) * d));
+        y[k] = il_bf16_to_f32(il_f32_to_bf16(one ? q * d + m : wtype == IL_W_IQ4_NLT16 ? d * il_iq4_values[q] : (q - 8) * d));
     }
 }
 

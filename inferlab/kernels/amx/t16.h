@@ -29,10 +29,11 @@ IL_INLINE void k_scales(const uint8_t *blk, const int sub, float d[16], float m[
     _mm512_store_ps(m, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
 }
 
-/* 32 inputs (the 32 `sub` of a Q4_K, Q5_K or Q6_K block; the block itself otherwise) of a group of a t16
+/* 32 inputs (the 32 `sub` of a 256-input block; the block itself otherwise) of a group of a t16
  * matrix (IL_W_*T16) as the 16 x 32 bf16 tile, rows `stride` elements apart, of the weights
  * bf16(q d + m) (Q4_0: bf16((q - 8) d); Q5_0: bf16((q - 16) d); Q8_0: bf16(q d); Q4_K:
- * bf16(q d sc - dmin m), Q5_K too; Q6_K: bf16(d sc (q - 32)), sc the scale of each 16 inputs): q d is
+ * bf16(q d sc - dmin m), Q5_K too; Q6_K: bf16(d sc (q - 32)), sc the scale of each 16 inputs; IQ4_NL:
+ * bf16(d v[q]), v its table; IQ4_XS: bf16(d (ls - 32) v[q])): q d is
  * exact in fp32, so this is one rounding to fp32 and one to bf16 (nearest even), as the load-time
  * dequantizer and PyTorch's conversion do. A Q4 row's 32 inputs have one scale and offset, so their 16
  * possible values are a table that one vpermw reads by the row's nibbles; two rows share a table
@@ -41,7 +42,7 @@ IL_INLINE void k_scales(const uint8_t *blk, const int sub, float d[16], float m[
 IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, const int sub, uint16_t *tile, const int64_t stride) {
     float d[16] __attribute__((aligned(64))), m[16] __attribute__((aligned(64)));
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-    const uint8_t *words = blk + (wtype == IL_W_Q4_0T16 ? 32 : 64);
+    const uint8_t *words = blk + (wtype == IL_W_Q4_0T16 || wtype == IL_W_IQ4_NLT16 ? 32 : 64);
     if (wtype == IL_W_Q8_0T16) { /* 256 values a row: widened and scaled (d q is exact too), no table */
         const int8_t *q = ((const il_q8_0x16 *)blk)->q;
         _mm512_store_ps(d, dv);
@@ -113,14 +114,23 @@ IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, const int sub, ui
     if (wtype == IL_W_Q4_KT16) {
         k_scales(blk, sub, d, m);
         words = blk + 256 + 256 * sub;
+    } else if (wtype == IL_W_IQ4_XST16) { /* d (ls - 32), ls this sub-block's 6-bit scale (il_iq4_xs_scale) */
+        const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+        const __m512i l = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 + 16 * (sub / 2))));
+        const __m512i ls = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(l, 4 * (sub % 2)), _mm512_set1_epi32(15)),
+                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 2 * sub), _mm512_set1_epi32(3)), 4));
+        _mm512_store_ps(d, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_sub_epi32(ls, _mm512_set1_epi32(32)))));
+        words = blk + 128 + 256 * sub;
     } else {
         _mm512_store_ps(d, dv);
         if (wtype == IL_W_Q4_1T16) _mm512_store_ps(m, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32))));
     }
     __asm__ volatile("" ::: "memory"); /* each scale broadcast by a load: GCC's permutes instead took 2x */
-    const int offset = wtype != IL_W_Q4_0T16;
+    const int iq4 = wtype == IL_W_IQ4_NLT16 || wtype == IL_W_IQ4_XST16, offset = wtype != IL_W_Q4_0T16 && !iq4;
     const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 qc = offset ? q : _mm512_sub_ps(q, _mm512_set1_ps(8.f));
+    const __m512 qc = iq4      ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)il_iq4_values)))
+                      : offset ? q
+                               : _mm512_sub_ps(q, _mm512_set1_ps(8.f));
     const __m512i low4 = _mm512_set1_epi16(0xF), second = _mm512_set1_epi16(0x10);
     for (int g = 0; g < 4; g++) {
         const __m512i wg = _mm512_loadu_si512(words + 64 * g);

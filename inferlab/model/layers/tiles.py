@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from inferlab.model.layers import quant
-from inferlab.model.layers.quant import GROUP_ROWS, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
+from inferlab.model.layers.quant import GROUP_ROWS, IQ4_XS, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, WeightType
 from inferlab.model.layers.regroup import (
     _by_row,
     _q6_bytes,
@@ -55,13 +55,14 @@ def _word_bits(words: torch.Tensor) -> torch.Tensor:
 
 
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
-    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K rows [N, row bytes] (N a multiple of 16)
-    regrouped as TILED[wtype], the same bytes per row: per group of 16 rows and block, the rows' scale
-    fields side by side (as `repack`'s; Q5: then each row's 4 bytes of fifth bits; Q4_K and Q5_K: d,
-    dmin, then the 12 scale bytes; Q6_K: d, then the 16 scales), then each 32 inputs' low nibbles as
-    `_quad_words` (Q4_K: its 8 sub-blocks; Q5_K: 8 of the rows' fifth-bit words as `_row_words`, then
-    those; Q6_K: 8 of the fifth-bit and sixth-bit words, then those), or Q8_0's 16 rows of 32 bytes
-    (layout: kernels/regrouped.h)."""
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS rows [N, row bytes] (N a
+    multiple of 16) regrouped as TILED[wtype], the same bytes per row: per group of 16 rows and block,
+    the rows' scale fields side by side (as `repack`'s; Q5: then each row's 4 bytes of fifth bits; Q4_K
+    and Q5_K: d, dmin, then the 12 scale bytes; Q6_K: d, then the 16 scales; IQ4_XS: d, scales_h, then
+    the 4 scales_l bytes), then each 32 inputs' low nibbles as `_quad_words` (Q4_K, IQ4_XS: their 8
+    sub-blocks; Q5_K: 8 of the rows' fifth-bit words as `_row_words`, then those; Q6_K: 8 of the
+    fifth-bit and sixth-bit words, then those), or Q8_0's 16 rows of 32 bytes (layout:
+    kernels/regrouped.h). IQ4_NL's blocks are Q4_0's."""
     if wtype not in quant.TILED:
         raise ValueError(f"only {', '.join(t.name for t in quant.TILED)} regroup for the tiles, not {wtype.name}")
     n, g, nb, blocks = block_groups(data, wtype)
@@ -73,6 +74,11 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         q = _q6_values(blocks).reshape(g, GROUP_ROWS, nb * 8, 32)
         subs = torch.cat([_row_words((q >> 4) & 1), _row_words(q >> 5), _quad_words(q & 15)], dim=2)
         return torch.cat([d, sc, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
+    if wtype == IQ4_XS:  # sub-block j: the low then the high nibbles of bytes 8 + 16 j ..
+        fields, low = _side_by_side(blocks[..., :4], 2), _side_by_side(blocks[..., 4:8], 1)
+        qs = blocks[..., 8:].reshape(g, GROUP_ROWS, nb * 8, 16)
+        subs = _quad_words(torch.cat([qs & 15, qs >> 4], dim=3))
+        return torch.cat([fields, low, subs.reshape(g, nb, -1)], dim=2).reshape(n, -1).contiguous()
     if wtype in (Q4_K, Q5_K):  # sub-block j: the low (j even) or high nibbles of bytes 32 (j / 2) ..
         dm, sc = _side_by_side(blocks[..., :4], 2), _side_by_side(blocks[..., 4:16], 1)
         qs = blocks[..., -128:].reshape(g, GROUP_ROWS, nb, 4, 1, 32)
@@ -104,6 +110,11 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         q = _quad_values(subs[:, :, 128:]) | _word_bits(subs[:, :, :64]) << 4 | _word_bits(subs[:, :, 64:128]) << 5
         values = _q6_bytes(q.reshape(g, GROUP_ROWS, nb, 256))
         return torch.cat([values, sc, d], dim=3).reshape(g * GROUP_ROWS, -1).contiguous()
+    if base == IQ4_XS:
+        fields, low = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:128], 1)
+        q = _quad_values(groups[:, :, 128:].reshape(g, nb * 8, 256))
+        qs = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8).reshape(g, GROUP_ROWS, nb, 128)
+        return torch.cat([fields, low, qs], dim=3).reshape(g * GROUP_ROWS, -1).contiguous()
     if base in (Q4_K, Q5_K):
         dm, sc = _by_row(groups[:, :, :64], 2), _by_row(groups[:, :, 64:256], 1)
         subs = groups[:, :, 256:].reshape(g, nb * 8, -1)

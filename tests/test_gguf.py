@@ -132,9 +132,32 @@ def test_amx_keeps_q4_k_quants_and_q8_0_as_blocks_that_give_the_bf16_weights_bit
     ids = torch.tensor([5, 0, 1234, 5])
     assert torch.equal(embed(ids), dense.model.embed_tokens(ids))
 
-    def layer_bytes(model) -> int:
-        return sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
-    assert layer_bytes(tiled) < 0.4 * layer_bytes(dense)
+    assert _layer_bytes(tiled) < 0.4 * _layer_bytes(dense)
+    _assert_same_outputs(tiled, dense, tok)
+
+
+def test_amx_keeps_the_low_bit_types_as_blocks_too(low_bit_gguf):
+    """IQ4_NL, Q3_K, Q2_K and IQ4_XS layers on AMX: blocks the tiles decode, at a fifth of bf16's bytes,
+    with the bf16 weights' tokens and log-probabilities."""
+    from inferlab import kernels
+    native = kernels.native()
+    if native is None or native.isa != "amx":
+        pytest.skip(f"the t16 blocks are AMX's (kernels here: {native and native.isa})")
+    tiled, tok = loader.load_model(low_bit_gguf, "bfloat16", torch.device("cpu"))
+    dense, _ = loader.load_model(low_bit_gguf, "bfloat16", torch.device("cpu"), quantization="none")
+    layers = [m for m in tiled.model.layers.modules() if getattr(m, "wtype", None) is not None and hasattr(m, "parts")]
+    kept = {m.wtype for m in layers} | {part[1] for m in layers for part in m.parts}
+    assert kept == {quant.TILED[t] for t in LOW_BIT_TYPES.values()}
+    assert _layer_bytes(tiled) < 0.25 * _layer_bytes(dense)
+    _assert_same_outputs(tiled, dense, tok)
+
+
+def _layer_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+
+
+def _assert_same_outputs(tiled, dense, tok) -> None:
+    """Greedy tokens and log-probabilities, batched, through prefills past a decode step's 64 rows."""
     prompts = [{"prompt_token_ids": list(range(5 + i, 5 + i + n))} for i, n in enumerate((3, 70, 17, 130))]
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
     outs = [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in

@@ -181,9 +181,9 @@ def test_tiled_regrouping_moves_the_blocks_and_nothing_else(wtype):
     assert torch.equal(quant.dequantize(tiled, quant.TILED[wtype]), quant.dequantize(w, wtype).bfloat16().float())
     with pytest.raises(ValueError, match="do not split into groups of 16"):
         tiles.repack(w[:40], wtype)
-    tiled_names = "q4_0, q4_1, q5_0, q5_1, q8_0, q4_K, q5_K, q6_K, iq4_nl, iq4_xs"
-    with pytest.raises(ValueError, match=f"only {tiled_names} regroup for the tiles, not q3_K"):
-        tiles.repack(random_weights(quant.Q3_K, 16, 256, seed=1), quant.Q3_K)
+    tiled_names = "q4_0, q4_1, q5_0, q5_1, q8_0, q2_K, q3_K, q4_K, q5_K, q6_K, iq4_nl, iq4_xs"
+    with pytest.raises(ValueError, match=f"only {tiled_names} regroup for the tiles, not bf16"):
+        tiles.repack(torch.zeros(16, 64, dtype=torch.bfloat16), quant.BF16)
 
 
 @pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
@@ -348,7 +348,9 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q4_K, 512, "auto", bf16, "amx", rows=576) == quant.Q4_KT16
     assert target_type(quant.Q6_K, 512, "auto", bf16, "amx", rows=576) == quant.Q6_KT16
     assert target_type(quant.Q5_K, 512, "auto", bf16, "amx", rows=576) == quant.Q5_KT16
-    assert target_type(quant.Q3_K, 512, "auto", bf16, "amx", rows=576) == quant.BF16
+    assert target_type(quant.Q3_K, 512, "auto", bf16, "amx", rows=576) == quant.Q3_KT16
+    assert target_type(quant.Q2_K, 512, "auto", bf16, "amx", rows=576) == quant.Q2_KT16
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=40) == quant.BF16  # rows not in groups of 16
     assert target_type(quant.IQ4_NL, 576, "auto", bf16, "amx", rows=576) == quant.IQ4_NLT16
     assert target_type(quant.IQ4_XS, 512, "auto", bf16, "amx", rows=576) == quant.IQ4_XST16
     assert target_type(quant.Q5_0, 576, "auto", bf16, "amx", rows=576) == quant.Q5_0T16

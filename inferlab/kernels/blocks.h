@@ -45,7 +45,8 @@ static inline int il_block_elems(int wtype) {
         case IL_W_Q5_1T16: case IL_W_IQ4_NLT16: return 32; /* per row, as their GGUF type */
         case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS:
         case IL_W_Q4_KX16: case IL_W_Q5_KX16: case IL_W_Q6_KX16: case IL_W_Q3_KX16: case IL_W_Q2_KX16:
-        case IL_W_IQ4_XSX16: case IL_W_Q4_KT16: case IL_W_Q6_KT16: case IL_W_Q5_KT16: case IL_W_IQ4_XST16: return 256;
+        case IL_W_IQ4_XSX16: case IL_W_Q4_KT16: case IL_W_Q6_KT16: case IL_W_Q5_KT16: case IL_W_IQ4_XST16:
+        case IL_W_Q3_KT16: case IL_W_Q2_KT16: return 256;
         default: return 0;
     }
 }
@@ -62,8 +63,8 @@ static inline int il_block_bytes(int wtype) {
         case IL_W_Q4_K: case IL_W_Q4_KX16: case IL_W_Q4_KT16: return sizeof(il_q4_K);
         case IL_W_Q5_K: case IL_W_Q5_KX16: case IL_W_Q5_KT16: return sizeof(il_q5_K);
         case IL_W_Q6_K: case IL_W_Q6_KX16: case IL_W_Q6_KT16: return sizeof(il_q6_K);
-        case IL_W_Q2_K: case IL_W_Q2_KX16: return sizeof(il_q2_K);
-        case IL_W_Q3_K: case IL_W_Q3_KX16: return sizeof(il_q3_K);
+        case IL_W_Q2_K: case IL_W_Q2_KX16: case IL_W_Q2_KT16: return sizeof(il_q2_K);
+        case IL_W_Q3_K: case IL_W_Q3_KX16: case IL_W_Q3_KT16: return sizeof(il_q3_K);
         case IL_W_IQ4_NL: case IL_W_IQ4_NLX16: case IL_W_IQ4_NLT16: return sizeof(il_iq4_nl);
         case IL_W_IQ4_XS: case IL_W_IQ4_XSX16: case IL_W_IQ4_XST16: return sizeof(il_iq4_xs);
         default: return 0;

@@ -54,7 +54,7 @@
 #define IL_W_Q2_KX16 74   /* per 256 inputs: the 16 rows' d, dmin and scales, then 8 sub-blocks of 2-bit words */
 #define IL_W_Q3_KX16 75   /* per 256 inputs: the 16 rows' d and scales, then 8 sub-blocks of masks and 2-bit words */
 #define IL_W_IQ4_XSX16 87 /* per 256 inputs: the 16 rows' d and scales, then 8 sub-blocks as IQ4_NLX16's values */
-/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS blocks regrouped 16 rows at a
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0, the K-quants and IQ4_NL / IQ4_XS blocks regrouped 16 rows at a
  * time for the AMX tiles' left operand (amx/linear.c; layout: regrouped.h), made at load on AMX CPUs;
  * other builds' linear returns 1 for them. */
 #define IL_W_Q5_0T16 90
@@ -67,6 +67,8 @@
 #define IL_W_Q5_KT16 97
 #define IL_W_IQ4_NLT16 98 /* Q4_0T16's layout, its nibbles through IQ4_NL's table */
 #define IL_W_IQ4_XST16 99
+#define IL_W_Q3_KT16 100
+#define IL_W_Q2_KT16 101
 
 /* Activations of a linear layer: fp32 products of dequantized weights, or int8 inputs. */
 #define IL_ACT_FLOAT 0

@@ -19,18 +19,22 @@ static inline int il_x16_type(int wtype) {
            wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16;
 }
 
-/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS regrouped for the AMX tiles
- * (IL_W_*T16), where a tile row is 32 inputs of one weight row (under one scale; Q6_K: two, one a 16
- * inputs): per group of 16 rows and block, the x16 structs' scale fields (Q5: then the 16 rows' 32-bit
- * fifth-bit words, row i's at 4 i; Q4_K and Q5_K: d[16], dmin[16], then their 12 scale bytes, byte k of
- * row i at 16 k + i; Q6_K: d[16], then its 16 scale bytes so; IQ4_XS: d[16], scales_h[16], then its 4
- * scales_l bytes so), then the low nibbles as 4 x 32 words, word j of quad g holding input j of rows
- * 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K, IQ4_XS: 8 sub-blocks of those; Q5_K: 8 of the
- * rows' fifth-bit words, then those; Q6_K: 8 of the rows' fifth-bit words, their sixth-bit words, then
- * those), or Q8_0's 16 rows' 32 bytes one row after another. IQ4_NL's is Q4_0's. */
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0, the K-quants and IQ4_NL / IQ4_XS regrouped for the AMX tiles
+ * (IL_W_*T16), where a tile row is 32 inputs of one weight row (under one scale; Q2_K, Q3_K, Q6_K: two,
+ * one a 16 inputs): per group of 16 rows and block, the x16 structs' scale fields (Q5: then the 16 rows'
+ * 32-bit fifth-bit words, row i's at 4 i; Q4_K and Q5_K: d[16], dmin[16], then their 12 scale bytes,
+ * byte k of row i at 16 k + i; Q2_K: d[16], dmin[16], then its 16 scale bytes so; Q3_K: d[16], then its
+ * 12 scale bytes so; Q6_K: d[16], then its 16 scale
+ * bytes so; IQ4_XS: d[16], scales_h[16], then its 4 scales_l bytes so), then the low nibbles as 4 x 32
+ * words, word j of quad g holding input j of rows 4g .. 4g + 3, row 4g + s in bits 4s .. 4s + 3 (Q4_K,
+ * IQ4_XS: 8 sub-blocks of those; Q5_K: 8 of the rows' fifth-bit words, then those; Q6_K: 8 of the rows'
+ * fifth-bit words, their sixth-bit words, then those; Q3_K: 8 of the rows' third-bit words, then the
+ * low 2 bits as 2 x 32 words, word j of octet g holding input j of rows 8g .. 8g + 7, 2 bits each; Q2_K:
+ * 8 of those 2-bit words), or
+ * Q8_0's 16 rows' 32 bytes one row after another. IQ4_NL's is Q4_0's. */
 #define IL_T16_TYPES(X)                                                                                        \
     X(IL_W_Q4_0T16) X(IL_W_Q4_1T16) X(IL_W_Q5_0T16) X(IL_W_Q5_1T16) X(IL_W_Q8_0T16) X(IL_W_Q4_KT16) X(IL_W_Q5_KT16) \
-    X(IL_W_Q6_KT16) X(IL_W_IQ4_NLT16) X(IL_W_IQ4_XST16)
+    X(IL_W_Q6_KT16) X(IL_W_IQ4_NLT16) X(IL_W_IQ4_XST16) X(IL_W_Q3_KT16) X(IL_W_Q2_KT16)
 static inline int il_t16_type(int wtype) {
 #define IL_IS(T) wtype == (T) ||
     return IL_T16_TYPES(IL_IS) 0;
@@ -146,6 +150,32 @@ static inline void il_t16_block(int wtype, const void *w, int64_t n, int K, int 
         for (int k = 0; k < 32; k++) {
             const int q = ((words[k] >> (4 * (i % 4))) & 0xF) | ((fifth >> k) & 1) << 4;
             y[k] = il_bf16_to_f32(il_f32_to_bf16(d1 * q - m1));
+        }
+        return;
+    }
+    if (wtype == IL_W_Q2_KT16) { /* sub-block b % 8 of its group's 256-input block: its scales 2 (b % 8) and + 1 */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * 16 * (int64_t)sizeof(il_q2_K);
+        const uint16_t *h = (const uint16_t *)sb, *words = (const uint16_t *)(sb + 320 + 128 * (b % 8)) + 32 * (i / 8);
+        const float d = il_f16_to_f32(h[i]), dmin = il_f16_to_f32(h[16 + i]);
+        for (int k = 0; k < 32; k++) {
+            const uint8_t sc = sb[64 + 16 * (2 * (b % 8) + k / 16) + i];
+            const float dl = d * (sc & 0xF), ml = dmin * (sc >> 4);
+            y[k] = il_bf16_to_f32(il_f32_to_bf16(dl * ((words[k] >> (2 * (i % 8))) & 3) - ml));
+        }
+        return;
+    }
+    if (wtype == IL_W_Q3_KT16) { /* sub-block b % 8 of its group's 256-input block: its scales 2 (b % 8) and + 1 */
+        const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / 256) + b / 8) * 16 * (int64_t)sizeof(il_q3_K);
+        const uint8_t *at = sb + 224 + 192 * (b % 8);
+        const uint16_t *words = (const uint16_t *)(at + 64) + 32 * (i / 8);
+        il_q3_K one = {{0}, {0}, {0}, ((const uint16_t *)sb)[i]};
+        for (int k = 0; k < 12; k++) one.scales[k] = sb[32 + 16 * k + i];
+        const float d = il_f16_to_f32(one.d);
+        uint32_t third;
+        memcpy(&third, at + 4 * i, sizeof third);
+        for (int k = 0; k < 32; k++) {
+            const int q = ((words[k] >> (2 * (i % 8))) & 3) | ((third >> k) & 1) << 2;
+            y[k] = il_bf16_to_f32(il_f32_to_bf16(d * il_q3_K_scale(&one, 2 * (b % 8) + k / 16) * (q - 4)));
         }
         return;
     }

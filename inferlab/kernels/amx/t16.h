@@ -32,7 +32,8 @@ IL_INLINE void k_scales(const uint8_t *blk, const int sub, float d[16], float m[
 /* 32 inputs (the 32 `sub` of a 256-input block; the block itself otherwise) of a group of a t16
  * matrix (IL_W_*T16) as the 16 x 32 bf16 tile, rows `stride` elements apart, of the weights
  * bf16(q d + m) (Q4_0: bf16((q - 8) d); Q5_0: bf16((q - 16) d); Q8_0: bf16(q d); Q4_K:
- * bf16(q d sc - dmin m), Q5_K too; Q6_K: bf16(d sc (q - 32)), sc the scale of each 16 inputs; IQ4_NL:
+ * bf16(q d sc - dmin m), Q5_K too; Q6_K: bf16(d sc (q - 32)), Q3_K: bf16(d sc (q - 4)), Q2_K:
+ * bf16(d sc q - dmin m), sc (and m) those of each 16 inputs; IQ4_NL:
  * bf16(d v[q]), v its table; IQ4_XS: bf16(d (ls - 32) v[q])): q d is
  * exact in fp32, so this is one rounding to fp32 and one to bf16 (nearest even), as the load-time
  * dequantizer and PyTorch's conversion do. A Q4 row's 32 inputs have one scale and offset, so their 16
@@ -79,6 +80,64 @@ IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, const int sub, ui
                 const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(q, 1))),
                                                 _mm512_set1_ps(s1[r]));
                 _mm512_storeu_si512(tile + stride * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+        }
+        return;
+    }
+    if (wtype == IL_W_Q3_KT16 || wtype == IL_W_Q2_KT16) { /* 8 (Q2_K: 4) values a 16 inputs' scale: half a table a row */
+        float s0[16] __attribute__((aligned(64))), s1[16] __attribute__((aligned(64)));
+        float m0[16] __attribute__((aligned(64))), m1[16] __attribute__((aligned(64)));
+        const int two = wtype == IL_W_Q2_KT16;
+        const uint8_t *sc = blk + (two ? 64 : 32);
+#define SB(k) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16 * (k))))
+#define SCALE(j)                                                                                                    \
+    _mm512_sub_epi32(_mm512_or_si512((j) < 8 ? _mm512_and_si512(SB(j), _mm512_set1_epi32(15)) : _mm512_srli_epi32(SB((j) - 8), 4), \
+                                     _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(SB(8 + (j) % 4), 2 * ((j) / 4)),      \
+                                                                        _mm512_set1_epi32(3)), 4)),                              \
+                     _mm512_set1_epi32(32)) /* il_q3_K_scale of the 16 rows */
+        if (two) { /* d (sc & 15) q - dmin (sc >> 4) */
+            const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+            for (int h = 0; h < 2; h++) {
+                const __m512i b = SB(2 * sub + h);
+                _mm512_store_ps(h ? s1 : s0, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)))));
+                _mm512_store_ps(h ? m1 : m0, _mm512_sub_ps(_mm512_setzero_ps(),
+                                                           _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)))));
+            }
+        } else {
+            _mm512_store_ps(s0, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(SCALE(2 * sub))));
+            _mm512_store_ps(s1, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(SCALE(2 * sub + 1))));
+        }
+#undef SCALE
+#undef SB
+        const uint8_t *at = two ? blk + 320 + 128 * sub : blk + 224 + 192 * sub;
+        const uint32_t *third = (const uint32_t *)at;
+        /* words 0-15 of a table: row r's d sc (q - 4) for q = 0..7 (Q2_K: d sc q - m for q = 0..3), inputs
+         * 0-15 then 16-31; 16-31: row r + 1's */
+        const __m512 qv = two ? _mm512_setr_ps(0, 1, 2, 3, 0, 0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0)
+                              : _mm512_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, -2, -1, 0, 1, 2, 3);
+        const __m512i three = _mm512_set1_epi16(3), bit2 = _mm512_set1_epi16(4);
+        const __m512i half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(8), 1); /* inputs 16-31 */
+        const __m512i half1 = _mm512_add_epi16(half, _mm512_set1_epi16(16));
+        __asm__ volatile("" ::: "memory");
+        for (int o = 0; o < 2; o++) {
+            const __m512i wo = _mm512_loadu_si512(at + (two ? 0 : 64) + 64 * o);
+            for (int s = 0; s < 8; s += 2) {
+                const int r = 8 * o + s;
+#define SCALES(r) _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0[r]), _mm512_set1_ps(s1[r]))
+#define ROW_TABLE(r)                                                                                                  \
+    (two ? _mm512_fmadd_ps(qv, SCALES(r), _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(m0[r]), _mm512_set1_ps(m1[r]))) \
+         : _mm512_mul_ps(qv, SCALES(r))) /* Q3_K: a zero takes the scale's sign, as the dequantizer's */
+                const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(ROW_TABLE(r + 1), ROW_TABLE(r));
+#undef ROW_TABLE
+#undef SCALES
+                __m512i i0 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wo, 2 * s), three, half, 0xEA);
+                __m512i i1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wo, 2 * s + 2), three, half1, 0xEA);
+                if (!two) { /* the third bit */
+                    i0 = _mm512_mask_add_epi16(i0, _cvtu32_mask32(third[r]), i0, bit2);
+                    i1 = _mm512_mask_add_epi16(i1, _cvtu32_mask32(third[r + 1]), i1, bit2);
+                }
+                _mm512_storeu_si512(tile + stride * r, _mm512_permutexvar_epi16(i0, table));
+                _mm512_storeu_si512(tile + stride * (r + 1), _mm512_permutexvar_epi16(i1, table));
             }
         }
         return;

@@ -68,10 +68,10 @@ IQ4_XSX16 = WeightType("iq4_xsx16", 87, 256, 136, base=IQ4_XS)
 REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16, Q5_0: Q5_0X16, Q5_1: Q5_1X16, Q8_0: Q8_0X16, IQ4_NL: IQ4_NLX16,
              Q4_K: Q4_KX16, Q5_K: Q5_KX16, Q6_K: Q6_KX16, Q3_K: Q3_KX16, Q2_K: Q2_KX16,
              IQ4_XS: IQ4_XSX16}
-# Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS blocks regrouped 16 rows at a time for the AMX tiles
-# (kernels/amx/linear.c), where they are decoded to the bf16 weights a load-time dequantization makes:
-# the same products from a quarter (Q5_K: 0.34, Q6_K: 0.41, Q8_0: a half) of the bytes. Made at load on AMX CPUs
-# (tiles.repack); the same bytes per row
+# Every GGUF block type here (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, the K-quants, IQ4) regrouped 16 rows at a time
+# for the AMX tiles (kernels/amx/linear.c), where they are decoded to the bf16 weights a load-time
+# dequantization makes: the same products from 0.16-0.53 of the bytes (Q4: a quarter, Q8_0: a half).
+# Made at load on AMX CPUs (tiles.repack); the same bytes per row
 Q4_0T16 = WeightType("q4_0t16", 94, 32, 18, base=Q4_0)
 Q4_1T16 = WeightType("q4_1t16", 95, 32, 20, base=Q4_1)
 Q8_0T16 = WeightType("q8_0t16", 93, 32, 34, base=Q8_0)
@@ -82,8 +82,10 @@ Q5_KT16 = WeightType("q5_Kt16", 97, 256, 176, base=Q5_K)  # Q4_KT16's, each sub-
 Q6_KT16 = WeightType("q6_Kt16", 96, 256, 210, base=Q6_K)  # per 256 inputs: d, scales, 8 sub-blocks of bits
 IQ4_NLT16 = WeightType("iq4_nlt16", 98, 32, 18, base=IQ4_NL)  # Q4_0T16's layout through IQ4_NL's table
 IQ4_XST16 = WeightType("iq4_xst16", 99, 256, 136, base=IQ4_XS)  # d, scales_h, scales_l, 8 sub-blocks of words
-TILED = {Q4_0: Q4_0T16, Q4_1: Q4_1T16, Q5_0: Q5_0T16, Q5_1: Q5_1T16, Q8_0: Q8_0T16, Q4_K: Q4_KT16, Q5_K: Q5_KT16,
-         Q6_K: Q6_KT16, IQ4_NL: IQ4_NLT16, IQ4_XS: IQ4_XST16}
+Q3_KT16 = WeightType("q3_Kt16", 100, 256, 110, base=Q3_K)  # d, scales, 8 sub-blocks of third bits and 2-bit words
+Q2_KT16 = WeightType("q2_Kt16", 101, 256, 84, base=Q2_K)  # d, dmin, scales, 8 sub-blocks of 2-bit words
+TILED = {Q4_0: Q4_0T16, Q4_1: Q4_1T16, Q5_0: Q5_0T16, Q5_1: Q5_1T16, Q8_0: Q8_0T16, Q2_K: Q2_KT16, Q3_K: Q3_KT16,
+         Q4_K: Q4_KT16, Q5_K: Q5_KT16, Q6_K: Q6_KT16, IQ4_NL: IQ4_NLT16, IQ4_XS: IQ4_XST16}
 GROUP_ROWS = 16
 BY_CODE = {t.code: t for t in (*TYPES, *REGROUPED.values(), *TILED.values())}
 BY_NAME = {t.name.lower(): t for t in TYPES}

@@ -30,16 +30,17 @@ IL_INLINE void k_scales(const uint8_t *blk, const int sub, float d[16], float m[
 }
 
 /* 32 inputs (the 32 `sub` of a 256-input block; the block itself otherwise) of a group of a t16
- * matrix (IL_W_*T16) as the 16 x 32 bf16 tile, rows `stride` elements apart, of the weights
- * bf16(q d + m) (Q4_0: bf16((q - 8) d); Q5_0: bf16((q - 16) d); Q8_0: bf16(q d); Q4_K:
- * bf16(q d sc - dmin m), Q5_K too; Q6_K: bf16(d sc (q - 32)), Q3_K: bf16(d sc (q - 4)), Q2_K:
- * bf16(d sc q - dmin m), sc (and m) those of each 16 inputs; IQ4_NL:
- * bf16(d v[q]), v its table; IQ4_XS: bf16(d (ls - 32) v[q])): q d is
- * exact in fp32, so this is one rounding to fp32 and one to bf16 (nearest even), as the load-time
- * dequantizer and PyTorch's conversion do. A Q4 row's 32 inputs have one scale and offset, so their 16
- * possible values are a table that one vpermw reads by the row's nibbles; two rows share a table
- * register (words 0-15 and 16-31), bit 4 of an index picks the row (Q5's 32 values fill one, bit 4
- * its fifth bit). About 4 cycles a tile row, less than reading bf16 weights from memory takes. */
+ * matrix (IL_W_*T16) as the 16 x 32 bf16 tile, rows `stride` elements apart, of the weights the
+ * dequantizer makes, each rounded once to bf16 (nearest even), as PyTorch's conversion does: bf16(q d + m)
+ * (Q4_0: bf16((q - 8) d); Q5_0: bf16((q - 16) d); Q8_0: bf16(q d); Q4_K, Q5_K: bf16(q d sc - dmin m);
+ * Q6_K: bf16(d sc (q - 32)); Q3_K: bf16(d sc (q - 4)); Q2_K: bf16(q d sc - dmin m); IQ4_NL: bf16(d v[q]),
+ * v its table; IQ4_XS: bf16(d (ls - 32) v[q])). The products are exact in fp32, so the only roundings
+ * are the dequantizer's. A Q4 row's 32 inputs have one scale and offset, so their 16 possible values are
+ * a table that one vpermw reads by the row's nibbles; two rows share a table register (words 0-15 and
+ * 16-31), bit 4 of an index picks the row (Q5's 32 values fill one, bit 4 its fifth bit; Q3_K's and
+ * Q2_K's two scales a row, of 8 and 4 values, take half a register as Q4's 16 do). About 4 cycles a tile
+ * row, less than reading bf16 weights from memory takes; Q8_0 and Q6_K, too many values for a table,
+ * are widened and scaled at about twice that. */
 IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, const int sub, uint16_t *tile, const int64_t stride) {
     float d[16] __attribute__((aligned(64))), m[16] __attribute__((aligned(64)));
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));

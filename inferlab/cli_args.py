@@ -27,7 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activations and KV cache (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
-                   help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored; "
+                   help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored "
+                        "(bf16 models on CPUs with bf16 matrix units: what those multiply fastest); "
                         "none converts them to --dtype; q8_0/q4_0/q4_1 quantize at load")
     g.add_argument("--int8-activations", action="store_true",
                    help="quantize linear layers' inputs to int8 for block weights (every block type), as "

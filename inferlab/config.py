@@ -20,7 +20,8 @@ class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
     dtype: str = "auto"  # activations and KV cache; weights follow `quantization`
     # auto: weights kept as the checkpoint stores them (a GGUF's quantized blocks, a safetensors' float
-    # type) where the native CPU kernels run them, else converted to dtype; none: converted to dtype at
+    # type) where the native CPU kernels run them, else converted to dtype (bf16 models on bf16 matrix
+    # units: what those multiply fastest, `layers/linear.py: target_type`); none: converted to dtype at
     # load; q8_0 / q4_0 / q4_1: quantized at load (the vocabulary matrix to q8_0)
     quantization: str = "auto"
     # True: linear layers with 32-block integer weights (q8_0, q4_0, q4_1, q5_0, q5_1) quantize their

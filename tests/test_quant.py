@@ -317,6 +317,11 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q4_1, 576, "auto", f32, None) == quant.F32  # no kernels: the model's dtype
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx") == quant.BF16  # bf16 matrix units beat decoding
     assert target_type(quant.Q4_1, 576, "auto", f32, "amx") == quant.Q4_1
+    # wider float weights in a bf16 model on bf16 matrix units: bf16, as a prefill multiplies them
+    assert target_type(quant.F32, 576, "auto", bf16, "amx", rows=576) == quant.BF16
+    assert target_type(quant.F16, 576, "auto", bf16, "avx512") == quant.BF16
+    assert target_type(quant.F32, 576, "auto", f32, "amx") == quant.F32  # an fp32 model keeps them
+    assert target_type(quant.F16, 576, "auto", bf16, "avx2") == quant.F16  # bf16 only stored there: as is
     # int8 activations multiply blocks: asking for them keeps the blocks that have them
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", int8=True) == quant.Q4_1
     assert target_type(quant.Q6_K, 512, "auto", bf16, "amx", int8=True) == quant.Q6_K

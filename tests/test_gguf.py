@@ -203,6 +203,22 @@ def test_quantization_modes_convert_what_is_stored(mixed_gguf, mode, kept):
     assert np.isfinite(model.lm_head.weight.float().numpy()).all() if mode == "none" else True
 
 
+def test_float16_on_cpu_gets_float16_weights_not_blocks_each_op_would_dequantize(mixed_gguf, caplog):
+    """No native kernel takes fp16 activations, so PyTorch's ops run them: `auto` then keeps the
+    weights in fp16 as it does without kernels (blocks cost a dequantization per op: a token of the
+    embedded model took 898 ms that way, 58 as fp16 weights), and the load says fp16 is the slow choice."""
+    with caplog.at_level("WARNING", logger="inferlab"):
+        model, _ = loader.load_model(mixed_gguf, "float16", torch.device("cpu"))
+    assert "float16 on CPU runs PyTorch's ops" in caplog.text
+    layer = model.model.layers[1]
+    assert layer.self_attn.qkv_proj.wtype == quant.F16 and not layer.self_attn.qkv_proj.parts
+    assert layer.mlp.down_proj.wtype == quant.F16 and model.model.embed_tokens.wtype == quant.F16
+    fp32, _ = loader.load_model(mixed_gguf, "float32", torch.device("cpu"))
+    x = torch.randn(3, INTER, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer.mlp.down_proj(x.half()).float(), fp32.model.layers[1].mlp.down_proj(x),
+                               rtol=2e-2, atol=2e-2)  # the stored Q6_K weights, rounded to fp16 once
+
+
 def test_bf16_matrix_units_regroup_block_layers(mixed_gguf):
     """A bf16 model's Q4_0 layers on an AVX512-BF16 CPU are regrouped for its kernel: merged q/k/v
     and gate/up shards included, they hold the very blocks an fp32 model keeps as stored, and the

@@ -71,6 +71,9 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
     """`auto`: on GPU the checkpoint's half type (else bf16, or fp16 where bf16 is missing);
     on CPU bf16 where the CPU has native bf16, else fp32 (fp16 matmuls are slow on most CPUs)."""
     if name != "auto":
+        if name == "float16" and device.type == "cpu":
+            log.warning("float16 on CPU runs PyTorch's ops, which no native kernel takes over: bfloat16 or "
+                        "float32 run several times faster")
         return getattr(torch, name)
     if device.type == "cuda":
         if checkpoint_dtype in ("bfloat16", "float16"):
@@ -146,7 +149,10 @@ def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.
         raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. "
                              f"{_checkpoint_name(missing[0], packed)}")
     native = kernels.native() if device.type == "cpu" else None
-    model.process_weights_after_loading(quantization, native.isa if native else None, int8_activations)
+    # a dtype no kernel takes (float16) runs PyTorch's ops: weights in its dtype, not blocks that
+    # each op would dequantize anew
+    isa = native.isa if native and model.dtype in kernels.DTYPE_CODES else None
+    model.process_weights_after_loading(quantization, isa, int8_activations)
     return model.to(device).eval()
 
 

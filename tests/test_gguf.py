@@ -219,28 +219,38 @@ def test_float16_on_cpu_gets_float16_weights_not_blocks_each_op_would_dequantize
                                rtol=2e-2, atol=2e-2)  # the stored Q6_K weights, rounded to fp16 once
 
 
-def test_bf16_matrix_units_regroup_block_layers(mixed_gguf):
-    """A bf16 model's Q4_0 layers on an AVX512-BF16 CPU are regrouped for its kernel: merged q/k/v
-    and gate/up shards included, they hold the very blocks an fp32 model keeps as stored, and the
-    layer's output is the blocks' exact product, rounded once. So is the tied q8_0 vocabulary."""
+@pytest.mark.parametrize("units", ["avx512", "amx"])
+def test_bf16_matrix_units_regroup_block_layers(mixed_gguf, units, monkeypatch):
+    """`--quantization q4_0` in a bf16 model on bf16 matrix units: the Q4_0 layers are regrouped for
+    the CPU's kernel (AVX512-BF16: x16; AMX: t16, as `auto` keeps a file's blocks there, the tiles
+    batching them 3.5x faster). Merged q/k/v and gate/up shards included, they hold the very blocks
+    an fp32 model keeps as stored, and the layer's output is the blocks' product (x16: exact, rounded
+    once; t16: of their bf16 weights). So is the tied q8_0 vocabulary."""
     from inferlab import kernels
-    from inferlab.model.layers.linear import BF16_MATRIX_ISAS, linear_ref
-    native = kernels.native()
-    if native is None or native.isa not in BF16_MATRIX_ISAS:
-        pytest.skip(f"the regrouped kernel needs AVX512-BF16 (kernels here: {native and native.isa})")
+    from inferlab.model.layers import tiles
+    from inferlab.model.layers.linear import linear_ref
+    try:
+        native = kernels.for_isa(units)
+    except (RuntimeError, ValueError) as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(kernels, "native", lambda: native)
+    layout, table = (regroup, quant.REGROUPED) if units == "avx512" else (tiles, quant.TILED)
+    q4, q8 = table[quant.Q4_0], table[quant.Q8_0]
     stored, _ = loader.load_model(mixed_gguf, "float32", torch.device("cpu"), quantization="q4_0")
     regrouped, _ = loader.load_model(mixed_gguf, "bfloat16", torch.device("cpu"), quantization="q4_0")
     x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(2)).bfloat16()
     for name in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
         a, b = stored.get_submodule(f"model.layers.1.{name}"), regrouped.get_submodule(f"model.layers.1.{name}")
-        assert a.wtype == quant.Q4_0 and b.wtype == quant.Q4_0X16
-        assert torch.equal(regroup.unrepack(b.weight, quant.Q4_0X16), a.weight)
-        torch.testing.assert_close(b(x), linear_ref(x, a.weight, quant.Q4_0, None), rtol=8e-3, atol=1e-2)
+        assert a.wtype == quant.Q4_0 and b.wtype == q4
+        assert torch.equal(layout.unrepack(b.weight, q4), a.weight)
+        want = linear_ref(x, a.weight, quant.Q4_0, None) if units == "avx512" else linear_ref(x, b.weight, q4, None)
+        torch.testing.assert_close(b(x), want, rtol=8e-3, atol=1e-2)
     # the tied vocabulary matrix too (q8_0): the LM head multiplies it, the embedding looks rows up in it
     embed = regrouped.model.embed_tokens
-    assert embed.wtype == quant.Q8_0X16 and regrouped.lm_head.weight is embed.weight
+    assert embed.wtype == q8 and regrouped.lm_head.weight is embed.weight
     ids = torch.tensor([5, 0, 1234, 5])
-    assert torch.equal(embed(ids), stored.model.embed_tokens(ids))
+    want = stored.model.embed_tokens(ids)
+    assert torch.equal(embed(ids), want if units == "avx512" else want.bfloat16())
 
 
 @pytest.mark.parametrize("file", ["mixed_gguf", "low_bit_gguf"])

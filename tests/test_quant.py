@@ -330,6 +330,10 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.F32, 576, "q4_0", f32, "avx2") == quant.Q4_0
     assert target_type(quant.F32, 576, "q4_0", f32, "avx2", vocab=True) == quant.Q8_0
     assert target_type(quant.F32, 48, "q8_0", f32, "avx2") == quant.F32  # rows that do not split into blocks
+    # quantized at load for bf16 activations: regrouped for the CPU's bf16 kernel, as `auto` keeps a file's blocks
+    assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0T16
+    assert target_type(quant.F32, 576, "q4_1", bf16, "avx512", rows=576) == quant.Q4_1X16
+    assert target_type(quant.F32, 576, "q4_0", bf16, "amx", int8=True, rows=576) == quant.Q4_0
     # Q4 blocks for bf16 inputs on AVX512-BF16: regrouped for its kernel, in linear layers of whole 16s
     # of rows; without AMX that kernel beats bf16 weights, so `auto` keeps the blocks there
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", rows=576) == quant.Q4_1X16
@@ -359,7 +363,6 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.IQ4_NL, 576, "auto", bf16, "amx", rows=576) == quant.IQ4_NLT16
     assert target_type(quant.IQ4_XS, 512, "auto", bf16, "amx", rows=576) == quant.IQ4_XST16
     assert target_type(quant.Q5_0, 576, "auto", bf16, "amx", rows=576) == quant.Q5_0T16
-    assert target_type(quant.F32, 576, "q4_0", bf16, "amx", rows=576) == quant.Q4_0X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1
     assert target_type(quant.Q4_1, 576, "auto", f32, "avx512", rows=576) == quant.Q4_1
 

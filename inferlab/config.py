@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from inferlab.kv_transfer.config import KVTransferConfig
 from inferlab.model.layers.linear import QUANTIZATIONS
 from inferlab.policy import resolve_policy
@@ -74,6 +76,17 @@ class EngineConfig:
     # {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}
     speculative_config: SpeculativeConfig | dict | str | None = None
 
+    def _check_device(self) -> None:
+        try:
+            kind = torch.device(self.device).type
+        except (RuntimeError, TypeError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda (cuda:N for one GPU), got {self.device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: PyTorch sees no GPU here (a CPU-only build, or none "
+                             "visible); use --device cpu")
+
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -102,6 +115,8 @@ class EngineConfig:
         resolve_policy(self.scheduling_policy)  # a one-line ValueError for an unknown or broken policy
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.device is not None:
+            self._check_device()
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.prefix_cache not in PREFIX_CACHES:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from inferlab import EngineConfig, SamplingParams
 
@@ -103,6 +104,8 @@ def test_chat_rejects_malformed_messages(make_llm):
     ({"max_num_seqs": 0}, "max_num_seqs"),
     ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
     ({"max_model_len": 1}, "max_model_len"),
+    ({"device": "tpu"}, "device must be cpu or cuda"),
+    *([({"device": "cuda"}, "PyTorch sees no GPU here")] if not torch.cuda.is_available() else []),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -4,9 +4,10 @@ reference (the same model with every weight dequantized to fp32 and fp32 activat
 positions whose top token agrees with it, and each mode's perplexity on the text.
 
     .venv/bin/python benchmarks/kl_divergence.py [--text FILE] [--tokens 4096] [--model X.gguf] \\
-        [--mode auto] [--mode q8_0] [--mode bf16:bfloat16:none] [--file other.gguf]
+        [--mode auto] [--mode q8_0:float32+int8] [--mode none:bfloat16] [--file other.gguf]
 
-A mode is `quantization[:dtype][+int8]` on the reference's file (`+int8`: int8 activations), or
+A mode is `quantization[:dtype][+int8]` on the reference's file (dtype: default `auto`, this CPU's
+default, which the table names; `+int8`: int8 activations), or
 `--file PATH` runs another GGUF as it is stored (its own weights, e.g. llama.cpp's Q4_K_M of the same
 model). The default text is the GPL-3's
 (Debian ships it in /usr/share/common-licenses): plain English, the same on every machine.
@@ -55,10 +56,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 GGUF")
     ap.add_argument("--mode", action="append", default=None,
-                    help="quantization[:dtype], e.g. auto, q8_0, q4_0, none:bfloat16 (repeatable)")
+                    help="quantization[:dtype][+int8], e.g. auto, q8_0+int8, auto:float32, none:bfloat16 (repeatable)")
     ap.add_argument("--file", action="append", default=[], help="another GGUF of the same model, run as stored")
     a = ap.parse_args()
-    modes = a.mode or ["auto", "auto+int8", "q8_0", "q8_0+int8", "q4_0", "q4_0+int8", "auto:bfloat16"]
+    modes = a.mode or ["auto:float32", "auto:float32+int8", "q8_0:float32", "q8_0:float32+int8", "q4_0:float32",
+                       "q4_0:float32+int8", "auto:bfloat16"]
 
     def engine(model: str | None, quantization: str, dtype: str, int8: bool = False) -> LLMEngine:
         return LLMEngine(EngineConfig(model=model, quantization=quantization, dtype=dtype, int8_activations=int8,
@@ -76,14 +78,16 @@ def main() -> None:
     runs = []
     for m in modes:
         base, int8 = m.removesuffix("+int8"), m.endswith("+int8")
-        quantization, dtype = (base.split(":") + ["float32"])[:2]
-        label = f"--quantization {quantization}" + (f" --dtype {dtype}" if ":" in base else "") + \
-            (" --int8-activations" if int8 else "")
-        runs.append((label, a.model, quantization, dtype, int8))
-    runs += [(f"--model {f}", f, "auto", "float32", False) for f in a.file]
+        quantization, dtype = (base.split(":") + ["auto"])[:2]
+        runs.append((f"--quantization {quantization}", a.model, quantization, dtype, int8))
+    runs += [(f"--model {f}", f, "auto", "auto", False) for f in a.file]
     for label, model, quantization, dtype, int8 in runs:
-        _, kl, agree, ppl = evaluate(engine(model, quantization, dtype, int8), windows, reference)
+        run = engine(model, quantization, dtype, int8)
+        # the dtype as it ran: `auto` is this CPU's default (bf16 where it has bf16 units)
+        label += f" --dtype {str(run.dtype).removeprefix('torch.')}" + (" --int8-activations" if int8 else "")
+        _, kl, agree, ppl = evaluate(run, windows, reference)
         print(f"| {label} | {kl:.5f} | {100 * agree:.2f}% | {ppl:.3f} |")
+        del run
 
 
 if __name__ == "__main__":

@@ -130,19 +130,19 @@ BF16_MATRIX_ISAS = ("avx512", "amx")
 def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
                 vocab: bool = False, int8: bool = False, rows: int | None = None) -> WeightType:
     """The type a weight is kept in. `isa`: the native kernels' ISA, None where they do not run.
-    `auto`: as stored (GGUF blocks, a checkpoint's float type), except in a bf16 model on CPUs with bf16
-    matrix units, where f32 and f16 weights get bf16, as vLLM's dtype makes them (a prefill multiplied
-    them as bf16 anyway; kept, an fp32 checkpoint decoded in 2.2x bf16's time, TTFT 2.6x), and so do
-    block types, unless `int8` activations are asked for and the type
-    has them (they multiply blocks) or the CPU has no AMX and they are in `quant.REGROUPED` (the
-    AVX512-BF16 kernel of the regrouped blocks is the faster there); on AMX, the `quant.TILED` types'
-    matrices keep those bf16 weights as blocks regrouped for the tiles, which decode them;
-    without native kernels, the model's dtype. `none`: the model's dtype. A block type: quantized to
-    it (the vocabulary matrix to q8_0, as llama.cpp keeps output tensors at higher precision), where
-    rows split into its blocks, and for bf16 activations on AMX regrouped for the tiles as `auto`'s.
-    Those types kept for bf16 activations on those CPUs are regrouped (`quant.REGROUPED`) where
-    `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as the LM head; None
-    for an embedding alone) is a multiple of 16."""
+    `auto`: as stored (GGUF blocks, a checkpoint's float type); without native kernels, the model's
+    dtype. In a bf16 model on CPUs with bf16 matrix units, what those units multiply fastest:
+      - f32 and f16 weights: bf16, as vLLM's dtype makes them (a prefill multiplied them as bf16
+        anyway; kept, an fp32 checkpoint decoded in 2.2x bf16's time, with 2.6x its TTFT);
+      - block types: bf16 too, unless `int8` activations are asked for and the type has them (they
+        multiply blocks), or the CPU has no AMX and the type is in `quant.REGROUPED` (the AVX512-BF16
+        kernel of the regrouped blocks is the faster there); on AMX the `quant.TILED` types keep those
+        bf16 weights as blocks regrouped for the tiles, which decode them.
+    `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as
+    llama.cpp keeps output tensors at higher precision) where rows split into its blocks, and for
+    bf16 activations regrouped as `auto` keeps a file's blocks (AMX: t16; AVX512-BF16: x16).
+    Regrouping needs `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as
+    the LM head; None for an embedding alone) to be a multiple of 16."""
     as_dtype = quant.BY_DTYPE[dtype]
     if mode == "none" or (mode == "auto" and isa is None):
         return as_dtype

@@ -267,6 +267,28 @@ def test_tied_embeddings(checkpoints):
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("units", ["avx512", "amx"])
+def test_fp32_weights_run_as_bf16_in_a_bf16_model_on_bf16_matrix_units(checkpoints, units, monkeypatch):
+    """Those units multiply bf16, so a bf16 model there keeps an fp32 checkpoint's matrices, the tied
+    vocabulary included, as the checkpoint's values rounded once to bf16 (as vLLM's dtype does); an
+    fp32 model keeps them as stored."""
+    from inferlab import kernels
+    from inferlab.model.layers import quant
+    try:
+        native = kernels.for_isa(units)
+    except (RuntimeError, ValueError) as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(kernels, "native", lambda: native)
+    tied = checkpoints("llama_tied")
+    bf16, _ = load_model(tied.path, "bfloat16", torch.device("cpu"))
+    fp32, _ = load_model(tied.path, "float32", torch.device("cpu"))
+    qkv = bf16.model.layers[0].self_attn.qkv_proj
+    assert qkv.wtype == quant.BF16 and fp32.model.layers[0].self_attn.qkv_proj.wtype == quant.F32
+    assert torch.equal(qkv.weight, fp32.model.layers[0].self_attn.qkv_proj.weight.bfloat16())
+    assert bf16.model.embed_tokens.wtype == quant.BF16 and bf16.lm_head.weight is bf16.model.embed_tokens.weight
+    assert torch.equal(bf16.lm_head.weight, tied.hf.get_input_embeddings().weight.bfloat16())
+
+
 def test_tokenizer_matches_transformers(checkpoints):
     ckpt = checkpoints("qwen2")
     _, tok = load_model(ckpt.path, "float32", torch.device("cpu"))

@@ -148,16 +148,17 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
         return as_dtype
     bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS
     regroup = bf16_units and not int8 and rows is not None and rows % quant.GROUP_ROWS == 0
+    tiles = regroup and isa == "amx"
     if mode == "auto":
-        blocks_win = (int8 and stored in INT8_TYPES) or (regroup and isa != "amx" and stored in quant.REGROUPED)
+        blocks_win = (int8 and stored in INT8_TYPES) or (regroup and not tiles and stored in quant.REGROUPED)
         kept = quant.BF16 if bf16_units and not blocks_win else stored
-        if kept == quant.BF16 and isa == "amx" and regroup and stored in quant.TILED:
-            return quant.TILED[stored]  # the same bf16 weights, from a quarter of the bytes
+        if kept == quant.BF16 and tiles and stored in quant.TILED:
+            kept = stored  # the tiles decode its blocks to those bf16 weights, from a quarter of the bytes
     else:
         wanted = quant.Q8_0 if vocab else quant.BY_NAME[mode]
         kept = wanted if k % wanted.block == 0 else as_dtype
-        if isa == "amx" and regroup and kept in quant.TILED:
-            return quant.TILED[kept]  # as `auto` keeps a file's blocks there (x16: 3.5x slower batched)
+    if tiles and kept in quant.TILED:  # explicit modes too (x16 there ran batches 3.5x slower)
+        return quant.TILED[kept]
     return quant.REGROUPED[kept] if regroup and kept in quant.REGROUPED else kept
 
 

@@ -22,6 +22,10 @@ LOW_BIT_TYPES = {"attn_q": quant.IQ4_NL, "attn_k": quant.IQ4_NL, "attn_v": quant
                  "ffn_gate": quant.IQ4_XS, "ffn_up": quant.Q3_K, "ffn_down": quant.Q2_K}
 Q4_TYPES = {"attn_q": quant.Q4_1, "attn_k": quant.Q4_1, "attn_v": quant.Q4_0, "attn_output": quant.Q5_0,
             "ffn_gate": quant.Q4_K, "ffn_up": quant.Q5_K, "ffn_down": quant.Q6_K}
+# types no kernel reads (gguf's numpy code dequantizes them at load), with a Q8_0 one: merged q/k/v of two parts
+UNREAD_TYPES = {"attn_q": quant.BY_NAME["mxfp4"], "attn_k": quant.BY_NAME["tq2_0"], "attn_v": quant.Q8_0,
+                "attn_output": quant.BY_NAME["iq2_xxs"], "ffn_gate": quant.BY_NAME["iq3_s"],
+                "ffn_up": quant.BY_NAME["tq1_0"], "ffn_down": quant.BY_NAME["iq2_s"]}
 # a random block's typical weight, in units of its fp16 scale (quantized Gaussians: about 20)
 SPREAD = {quant.Q4_K: 256, quant.Q5_K: 512, quant.Q6_K: 1000, quant.Q2_K: 20, quant.Q3_K: 64, quant.IQ4_NL: 64,
           quant.IQ4_XS: 1000}
@@ -36,6 +40,11 @@ def mixed_gguf(smol, tmp_path_factory):
 @pytest.fixture(scope="module")
 def low_bit_gguf(smol, tmp_path_factory):
     return write_gguf(str(tmp_path_factory.mktemp("gguf") / "low_bit.gguf"), LOW_BIT_TYPES)
+
+
+@pytest.fixture(scope="module")
+def unread_gguf(smol, tmp_path_factory):
+    return write_gguf(str(tmp_path_factory.mktemp("gguf") / "unread.gguf"), UNREAD_TYPES)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +85,9 @@ def write_gguf(path: str, types: dict[str, quant.WeightType]) -> str:
             w.add_tensor(name, np.random.default_rng(0).integers(0, 256, (n, k // block * size), dtype=np.uint8),
                          raw_dtype=wtype)
             return
-        if wtype == quant.Q5_0:  # gguf writes it, the kernels do not
+        if not wtype.native:
+            data = _unread_blocks(wtype, n, k, std)
+        elif wtype == quant.Q5_0:  # gguf writes it, the kernels do not
             from gguf import quantize
             data = torch.from_numpy(quantize((torch.randn(n, k, generator=g) * std).numpy(),
                                              GGMLQuantizationType.Q5_0))
@@ -99,6 +110,23 @@ def write_gguf(path: str, types: dict[str, quant.WeightType]) -> str:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _unread_blocks(wtype: quant.WeightType, n: int, k: int, std: float) -> torch.Tensor:
+    """Gaussians of about `std` quantized by gguf where it writes the type; else (the i-quants) random
+    blocks whose fp16 scale d, their first two bytes, is set to give weights of about `std`."""
+    from gguf import GGMLQuantizationType, quantize
+    gen = torch.Generator().manual_seed(n + k + wtype.code)
+    try:
+        return torch.from_numpy(quantize((torch.randn(n, k, generator=gen) * std).numpy(),
+                                         GGMLQuantizationType(wtype.code)))
+    except NotImplementedError:
+        pass
+    blocks = torch.randint(0, 256, (n * k // wtype.block, wtype.nbytes), generator=gen, dtype=torch.uint8)
+    blocks[:, :2] = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
+    d = std / quant.dequantize(blocks.view(n, -1), wtype).std().item()
+    blocks[:, :2] = torch.tensor([d], dtype=torch.float16).view(torch.uint8)
+    return blocks.view(n, -1)
 
 
 def test_mixed_file_keeps_its_types_and_parts(mixed_gguf):
@@ -167,7 +195,7 @@ def _assert_same_outputs(tiled, dense, tok) -> None:
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("file", ["mixed_gguf", "low_bit_gguf"])
+@pytest.mark.parametrize("file", ["mixed_gguf", "low_bit_gguf", "unread_gguf"])
 def test_file_matches_hf(file, chat_prompts, request):
     """Next-token log-probabilities after each prompt (a prefill) and after one more token (a decode
     step), batched, against HF's forward pass on the same tokens. (A random model's greedy text runs
@@ -179,7 +207,8 @@ def test_file_matches_hf(file, chat_prompts, request):
     llm = LLM(model=path, num_kv_blocks=128, dtype="float32")  # auto is bf16 on CPUs with bf16 instructions
     layers = [m for m in llm.engine.model.modules() if getattr(m, "wtype", None) is not None]
     kept = {m.wtype for m in layers} | {part[1] for m in layers for part in getattr(m, "parts", [])}
-    assert set((TYPES if file == "mixed_gguf" else LOW_BIT_TYPES).values()) <= kept  # as stored
+    stored = {"mixed_gguf": TYPES, "low_bit_gguf": LOW_BIT_TYPES, "unread_gguf": UNREAD_TYPES}[file].values()
+    assert {t if t.native else quant.F32 for t in stored} <= kept  # as stored, or dequantized at load
     prompts = chat_prompts[:4]
     params = SamplingParams(temperature=0, max_tokens=2, logprobs=5, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -295,9 +324,36 @@ def test_a_type_it_cannot_read_is_named_at_load(tmp_path, smol):
     from gguf import GGMLQuantizationType
 
     from inferlab.model.base import ModelLoadError
-    path = write_gguf(str(tmp_path / "iq2.gguf"), {**TYPES, "ffn_up": GGMLQuantizationType.IQ2_XXS})
-    with pytest.raises(ModelLoadError, match="'blk.0.ffn_up.weight' has type IQ2_XXS, which InferLab cannot read"):
+    path = write_gguf(str(tmp_path / "q8_1.gguf"), {**TYPES, "ffn_up": GGMLQuantizationType.Q8_1})
+    with pytest.raises(ModelLoadError, match="'blk.0.ffn_up.weight' has type Q8_1, which InferLab cannot read"):
         loader.load_model(path, "float32", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_types_no_kernel_reads_are_dequantized_at_load_and_said_so(unread_gguf, dtype, caplog):
+    """MXFP4, TQ1_0/TQ2_0 and i-quant layers (llama.cpp's types no kernel here reads) load as gguf's
+    dequantization of their blocks in the model's dtype, with a warning that names them; the Q8_0 part
+    of the same merged q/k/v stays blocks (or the bf16 weights they give, as anywhere), and
+    `--quantization q8_0` quantizes the dequantized values."""
+    from gguf import GGUFReader
+    with caplog.at_level("WARNING", logger="inferlab"):
+        model, _ = loader.load_model(unread_gguf, dtype, torch.device("cpu"))
+    assert ("12 tensors are of types no kernel here reads (2 mxfp4, 2 tq2_0, 2 iq2_xxs, 2 iq3_s, 2 tq1_0, 2 iq2_s): "
+            f"dequantized at load, to {dtype}") in caplog.text
+    stored = {t.name: t for t in GGUFReader(unread_gguf).tensors}
+    layer = model.model.layers[1]
+    for name, part in (("mlp.down_proj", "ffn_down"), ("self_attn.o_proj", "attn_output")):
+        module = layer.get_submodule(name)
+        assert module.wtype == quant.BY_DTYPE[getattr(torch, dtype)]
+        raw = torch.from_numpy(np.array(stored[f"blk.1.{part}.weight"].data))
+        assert torch.equal(module.weight, quant.dequantize(raw, UNREAD_TYPES[part]).to(getattr(torch, dtype)))
+    qkv = layer.self_attn.qkv_proj
+    assert qkv.parts and qkv.parts[0][1] in (quant.Q8_0, quant.Q8_0T16, quant.Q8_0X16, quant.BF16)
+    requantized, _ = loader.load_model(unread_gguf, "float32", torch.device("cpu"), quantization="q8_0")
+    down = requantized.model.layers[1].mlp.down_proj
+    assert down.wtype == quant.Q8_0
+    raw = torch.from_numpy(np.array(stored["blk.1.ffn_down.weight"].data))
+    assert torch.equal(down.weight, quant.quantize(quant.dequantize(raw, quant.BY_NAME["iq2_s"]), quant.Q8_0))
 
 
 def test_unknown_quantization_is_one_clear_error():

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -225,5 +226,12 @@ def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
         weight_cache.save(path, args, tensors, tokenizer_fields)
     else:
         args, tensors, tokenizer_fields = cached
+    unread = Counter(wtype.name for _, _, wtype in tensors if not wtype.native)
+    if unread:
+        dtype_name = str(torch_dtype).removeprefix("torch.")
+        to = (f"then quantized to {quantization}" if quantization in ("q8_0", "q4_0", "q4_1") else
+              f"to {dtype_name}, larger than stored (--quantization q8_0 keeps them smaller)")
+        log.warning("%d tensors are of types no kernel here reads (%s): dequantized at load, %s",
+                    unread.total(), ", ".join(f"{n} {t}" for t, n in unread.items()), to)
     model = _build(args, iter(tensors), torch_dtype, device, quantization, int8_activations)
     return model, Tokenizer.from_gguf_fields(tokenizer_fields)

@@ -113,7 +113,7 @@ def _convert(data: torch.Tensor, src: WeightType, dst: WeightType) -> torch.Tens
     native = kernels.native()
     if src.dtype is not None:
         values = data.float()
-    elif native is not None:  # the kernels' dequantizer: gguf's numpy one takes seconds for a whole model
+    elif native is not None and src.native:  # the kernels': gguf's numpy one takes seconds for a whole model
         values = torch.empty(data.shape[0], data.shape[1] // src.nbytes * src.block)
         native.dequantize(values, data.contiguous(), src.code, values.shape[0], values.shape[1])
     else:
@@ -130,8 +130,9 @@ BF16_MATRIX_ISAS = ("avx512", "amx")
 def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
                 vocab: bool = False, int8: bool = False, rows: int | None = None) -> WeightType:
     """The type a weight is kept in. `isa`: the native kernels' ISA, None where they do not run.
-    `auto`: as stored (GGUF blocks, a checkpoint's float type); without native kernels, the model's
-    dtype. In a bf16 model on CPUs with bf16 matrix units, what those units multiply fastest:
+    `auto`: as stored (GGUF blocks, a checkpoint's float type); without native kernels, or for a type
+    they do not read (`quant.DEQUANTIZED_AT_LOAD`), the model's dtype. In a bf16 model on CPUs with
+    bf16 matrix units, what those units multiply fastest:
       - f32 and f16 weights: bf16, as vLLM's dtype makes them (a prefill multiplied them as bf16
         anyway; kept, an fp32 checkpoint decoded in 2.2x bf16's time, with 2.6x its TTFT);
       - block types: bf16 too, unless `int8` activations are asked for and the type has them (they
@@ -144,7 +145,7 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     Regrouping needs `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as
     the LM head; None for an embedding alone) to be a multiple of 16."""
     as_dtype = quant.BY_DTYPE[dtype]
-    if mode == "none" or (mode == "auto" and isa is None):
+    if mode == "none" or (mode == "auto" and (isa is None or not stored.native)):
         return as_dtype
     bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS
     regroup = bf16_units and not int8 and rows is not None and rows % quant.GROUP_ROWS == 0

@@ -26,6 +26,7 @@ class WeightType:
     dtype: torch.dtype | None = None  # the torch dtype of a float type
     quantizable: bool = False  # `quantize` can write it from fp32 (the rest are only read)
     base: WeightType | None = None  # a regrouped type: the GGUF type whose blocks it holds (regroup.py)
+    native: bool = True  # the kernels know it (inferlab.h's IL_W_*); False: only gguf's numpy code reads it
 
     def row_bytes(self, k: int) -> int:
         return k // self.block * self.nbytes
@@ -50,6 +51,13 @@ Q3_K = WeightType("q3_K", 11, 256, 110)
 IQ4_NL = WeightType("iq4_nl", 20, 32, 18)
 IQ4_XS = WeightType("iq4_xs", 23, 256, 136)
 TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS)
+# GGUF types no kernel here reads (llama.cpp's 1-3 bit i-quants, the ternary and FP4 ones): the gguf
+# package dequantizes them, so a file that has some still loads, those tensors converted to the
+# model's dtype at load (`linear.target_type`), as `quantization="none"` converts every type
+DEQUANTIZED_AT_LOAD = tuple(WeightType(name, code, block, nbytes, native=False) for name, code, block, nbytes in (
+    ("iq2_xxs", 16, 256, 66), ("iq2_xs", 17, 256, 74), ("iq3_xxs", 18, 256, 98), ("iq1_s", 19, 256, 50),
+    ("iq3_s", 21, 256, 110), ("iq2_s", 22, 256, 82), ("iq1_m", 29, 256, 56), ("tq1_0", 34, 256, 54),
+    ("tq2_0", 35, 256, 66), ("mxfp4", 39, 32, 17), ("nvfp4", 40, 64, 36)))
 # Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL and K-quant blocks regrouped 16 rows at a time for the AVX512-BF16 kernel
 # (kernels/avx512/x16.c): made at load, never in a file; the same bytes per row, so a tensor keeps its
 # [N, row bytes] shape
@@ -87,10 +95,10 @@ Q2_KT16 = WeightType("q2_Kt16", 101, 256, 84, base=Q2_K)  # d, dmin, scales, 8 s
 TILED = {Q4_0: Q4_0T16, Q4_1: Q4_1T16, Q5_0: Q5_0T16, Q5_1: Q5_1T16, Q8_0: Q8_0T16, Q2_K: Q2_KT16, Q3_K: Q3_KT16,
          Q4_K: Q4_KT16, Q5_K: Q5_KT16, Q6_K: Q6_KT16, IQ4_NL: IQ4_NLT16, IQ4_XS: IQ4_XST16}
 GROUP_ROWS = 16
-BY_CODE = {t.code: t for t in (*TYPES, *REGROUPED.values(), *TILED.values())}
-BY_NAME = {t.name.lower(): t for t in TYPES}
+BY_CODE = {t.code: t for t in (*TYPES, *DEQUANTIZED_AT_LOAD, *REGROUPED.values(), *TILED.values())}
+BY_NAME = {t.name.lower(): t for t in (*TYPES, *DEQUANTIZED_AT_LOAD)}
 BY_DTYPE = {t.dtype: t for t in TYPES if t.dtype is not None}
-assert all(kernels.C[f"IL_W_{t.name.upper()}"] == t.code for t in BY_CODE.values()), \
+assert all(kernels.C[f"IL_W_{t.name.upper()}"] == t.code for t in BY_CODE.values() if t.native), \
     "inferlab.h and this table disagree"
 
 
@@ -117,7 +125,12 @@ def dequantize(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         data, wtype = unrepack(data, wtype), wtype.base
     from gguf import GGMLQuantizationType
     from gguf import dequantize as gguf_dequantize
-    rows = gguf_dequantize(data.contiguous().numpy(), GGMLQuantizationType(wtype.code))
+    try:
+        rows = gguf_dequantize(data.contiguous().numpy(), GGMLQuantizationType(wtype.code))
+    except NotImplementedError:  # a type newer than the installed gguf package
+        from importlib.metadata import version
+        raise ValueError(f"the installed gguf package ({version('gguf')}) cannot dequantize {wtype.name}; "
+                         "a newer one may: pip install -U gguf") from None
     return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
 
 

@@ -14,8 +14,8 @@
  * for AVX-512 (avx512/int8.c), the tiles of one, three or four input rows put four 128-bit lanes
  * side by side in one 512-bit register (tile1x4_vnni: four weight rows; tile4x4_vnni: the input
  * rows; avx512/int8_quads.h): the same lanes and operations, about half the instructions. Without
- * AVX-512, one row's tile puts two weight rows in the lanes of a 256-bit register the same way
- * (tile1x4_pairs, int8_pairs.h). With VNNI (that build, and avxvnni/int8.c's AVX-VNNI one) a half's
+ * AVX-512, the tiles put two weight rows in the lanes of a 256-bit register the same way (int8_pairs.h:
+ * tile1x4_pairs for one input row, tilerx2_pairs for two to four). With VNNI (that build, and avxvnni/int8.c's AVX-VNNI one) a half's
  * byte products are one dpbusd (dot32): the same lanes.
  */
 #include <stdlib.h>
@@ -180,12 +180,14 @@ IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *co
 #define TILE1X4 tile1x4_vnni
 #define TILE1X4_TYPE(T) ((T) == IL_W_Q8_0 || (T) == IL_W_Q4_0 || (T) == IL_W_Q4_1)
 #define I8_FEW(T, R) (il_k16_type(T) ? tile8(xq, x4, K, w, T, R, 4, out) : tile4x4_vnni(xq, x4, K, w, T, R, out))
+#define I8_TWO(T) tile8(xq, x4, K, w, T, 2, 2, out)
 #define I8_COLS(R) ((R) == 2 ? 2 : 4) /* weight rows per tile */
 #else
 #include "int8_pairs.h"
 #define TILE1X4 tile1x4_pairs
 #define TILE1X4_TYPE(T) (!il_k16_type(T))
-#define I8_FEW(T, R) tile8(xq, x4, K, w, T, R, 2, out)
+#define I8_FEW(T, R) (TILE1X4_TYPE(T) ? tilerx2_pairs(xq, x4, K, w, T, R, out) : tile8(xq, x4, K, w, T, R, 2, out))
+#define I8_TWO(T) I8_FEW(T, 2)
 #define I8_COLS(R) ((R) == 1 ? 4 : 2)
 #endif
 #define I8_ONE(T) (TILE1X4_TYPE(T) ? TILE1X4(xq, x4, K, w, T, out) : tile8(xq, x4, K, w, T, 1, 4, out))
@@ -197,7 +199,7 @@ IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *co
     case T:                                                                                                \
         switch (R) {                                                                                       \
             case 1: I8_ONE(T); break;                                                            \
-            case 2: tile8(xq, x4, K, w, T, 2, 2, out); break;                                     \
+            case 2: I8_TWO(T); break;                                                            \
             case 3: I8_FEW(T, 3); break;                                                         \
             default: I8_FEW(T, 4);                                                               \
         }                                                                                                  \
@@ -214,6 +216,7 @@ static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *c
 #undef I8_CASE
 #undef I8_ONE
 #undef I8_FEW
+#undef I8_TWO
 #undef TILE1X4
 #undef TILE1X4_TYPE
 

@@ -1,5 +1,6 @@
-/* tile8's 1 x 4 case (one request's decode) on 256-bit AVX2, for every int8 type but Q6_K and Q3_K
- * (whose scales per 16 weights multiply in tile8's dot32): two weight rows side by side in each
+/* tile8's 1 x 4 case (one request's decode), and its 2-4 x 2 cases (tilerx2_pairs), on 256-bit AVX2,
+ * for every int8 type but Q6_K, Q3_K and Q2_K (whose scales per 16 weights multiply in tile8's
+ * dot32): two weight rows side by side in each
  * register, row j in 128-bit lane j % 2, so one instruction does what tile8 does for one row (Q8_0,
  * Q4_0 and Q4_1 also load and unpack two rows at once). Lane for lane the same integer sums (dot32's lanes) and the same fp32
  * operations as tile8, so a row's result stays the same whatever its batch. Included by int8.c in
@@ -89,5 +90,40 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
     accs[0][2] = _mm256_castps256_ps128(acc23), corr[2] = _mm_shuffle_ps(corrv, corrv, 0xaa);
     accs[0][3] = _mm256_extractf128_ps(acc23, 1), corr[3] = _mm_shuffle_ps(corrv, corrv, 0xff);
     finish8(accs, corr, wtype, 1, 4, out);
+}
+/* tile8's R x 2 case (2 to 4 input rows against weight rows 0 and 1: a few requests' decode, and
+ * every tile of a prefill) with the weight rows in the lanes as tile1x4_pairs has them: the pair's
+ * block is loaded and unpacked once for the R rows, and each row's two block products are one dot32x2
+ * (tile8: a dot32 per row and weight row). Output for output the same lanes and fp32 operations. */
+IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
+                             const int R, __m128 out[4]) {
+    __m256 acc[4];
+    for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+    __m128 corr[4] = {_mm_setzero_ps(), _mm_setzero_ps()}; /* weight row j's c * s_x, lane i: input row i */
+    const int nb = K / 32, signed_w = signed_weights(wtype);
+    const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    for (int b = 0; b < nb; b++) {
+        _mm_prefetch((const char *)w[0] + il_row_bytes(wtype, 32 * b) + PREFETCH_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)w[1] + il_row_bytes(wtype, 32 * b) + PREFETCH_BYTES, _MM_HINT_T0);
+        __m256i wl, wh;
+        __m128 dm; /* d0, c0, d1, c1 */
+        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm);
+        const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d01); /* d0 x 4, d1 x 4 */
+        for (int i = 0; i < R; i++) {
+            const int8_t *xb = xq + (int64_t)i * K + 32 * b;
+            const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
+            const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb + 16)));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x2(wl, wh, xl, xh, signed_w)),
+                                     _mm256_mul_ps(d, _mm256_set1_ps(x4[8 * b + i])), acc[i]);
+        }
+        if (!signed_w) {
+            const __m128 sx = _mm_loadu_ps(x4 + 8 * b + 4);
+            corr[0] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, 0x55), sx, corr[0]);
+            corr[1] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, 0xff), sx, corr[1]);
+        }
+    }
+    __m128 accs[4][4];
+    for (int i = 0; i < R; i++) accs[i][0] = _mm256_castps256_ps128(acc[i]), accs[i][1] = _mm256_extractf128_ps(acc[i], 1);
+    finish8(accs, corr, wtype, R, 2, out);
 }
 #endif

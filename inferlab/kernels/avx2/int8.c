@@ -11,12 +11,13 @@
  * vector units are 128 bits wide inside, and as much on the others: the same block costs 9
  * instructions either way, where the 256-bit form needed a lane insert and a madd per half more.
  * Each output is computed the same way whatever the tile it falls in, as in the fp32 path. Compiled
- * for AVX-512 (avx512/int8.c), the tiles of one, three or four input rows put four 128-bit lanes
- * side by side in one 512-bit register (tile1x4_vnni: four weight rows; tile4x4_vnni: the input
- * rows; avx512/int8_quads.h): the same lanes and operations, about half the instructions. Without
- * AVX-512, the tiles put two weight rows in the lanes of a 256-bit register the same way (int8_pairs.h:
- * tile1x4_pairs for one input row, tilerx2_pairs for two to four). With VNNI (that build, and avxvnni/int8.c's AVX-VNNI one) a half's
- * byte products are one dpbusd (dot32): the same lanes.
+ * for AVX-512 (avx512/int8.c), a tile puts four weight rows' 128-bit lanes side by side in one
+ * 512-bit register, unpacked once for its one to four input rows (tilerx4_vnni,
+ * avx512/int8_quads.h): the same lanes and operations, about half the instructions. Without
+ * AVX-512, the tiles put two weight rows in the lanes of a 256-bit register the same way
+ * (int8_pairs.h: tile1x4_pairs for one input row, tilerx2_pairs for two to four). The types with a
+ * scale per 16 weights (Q6_K, Q3_K, Q2_K) keep tile8. With VNNI (that build, and avxvnni/int8.c's
+ * AVX-VNNI one) a half's byte products are one dpbusd (dot32): the same lanes.
  */
 #include <stdlib.h>
 
@@ -177,20 +178,20 @@ IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *co
 
 #ifdef __AVX512VNNI__
 #include "../avx512/int8_quads.h"
-#define TILE1X4 tile1x4_vnni
-#define TILE1X4_TYPE(T) ((T) == IL_W_Q8_0 || (T) == IL_W_Q4_0 || (T) == IL_W_Q4_1)
-#define I8_FEW(T, R) (il_k16_type(T) ? tile8(xq, x4, K, w, T, R, 4, out) : tile4x4_vnni(xq, x4, K, w, T, R, out))
-#define I8_TWO(T) tile8(xq, x4, K, w, T, 2, 2, out)
-#define I8_COLS(R) ((R) == 2 ? 2 : 4) /* weight rows per tile */
+#define TILE1X4(T) tilerx4_vnni(xq, x4, K, w, T, 1, out)
+#define TILE1X4_TYPE(T) (!il_k16_type(T))
+#define I8_FEW(T, R) (TILE1X4_TYPE(T) ? tilerx4_vnni(xq, x4, K, w, T, R, out) : tile8(xq, x4, K, w, T, R, 4, out))
+#define I8_TWO(T) (TILE1X4_TYPE(T) ? tilerx4_vnni(xq, x4, K, w, T, 2, out) : tile8(xq, x4, K, w, T, 2, 2, out))
+#define I8_COLS(T, R) ((R) == 2 && !TILE1X4_TYPE(T) ? 2 : 4) /* weight rows per tile */
 #else
 #include "int8_pairs.h"
-#define TILE1X4 tile1x4_pairs
+#define TILE1X4(T) tile1x4_pairs(xq, x4, K, w, T, out)
 #define TILE1X4_TYPE(T) (!il_k16_type(T))
 #define I8_FEW(T, R) (TILE1X4_TYPE(T) ? tilerx2_pairs(xq, x4, K, w, T, R, out) : tile8(xq, x4, K, w, T, R, 2, out))
 #define I8_TWO(T) I8_FEW(T, 2)
-#define I8_COLS(R) ((R) == 1 ? 4 : 2)
+#define I8_COLS(T, R) ((R) == 1 ? 4 : 2)
 #endif
-#define I8_ONE(T) (TILE1X4_TYPE(T) ? TILE1X4(xq, x4, K, w, T, out) : tile8(xq, x4, K, w, T, 1, 4, out))
+#define I8_ONE(T) (TILE1X4_TYPE(T) ? TILE1X4(T) : tile8(xq, x4, K, w, T, 1, 4, out))
 
 /* One input row against four weight rows, or up to four rows against two (with VNNI, three or four
  * rows against four: I8_COLS); a tile past the last weight row repeats it (the extra outputs are not
@@ -218,7 +219,6 @@ static void tile_int8(const int8_t *xq, const float *x4, int K, const uint8_t *c
 #undef I8_FEW
 #undef I8_TWO
 #undef TILE1X4
-#undef TILE1X4_TYPE
 
 int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                      int rows, int K, int N, int dtype, int ydtype, int num_threads) {
@@ -248,7 +248,7 @@ int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const 
         for (int p = 0; p < panels; p++) {
             const int n0 = p * I8_PANEL, n1 = n0 + I8_PANEL < N ? n0 + I8_PANEL : N;
             for (int m = 0; m < rows; m += 4) {
-                const int R = rows - m < 4 ? rows - m : 4, cols = I8_COLS(R);
+                const int R = rows - m < 4 ? rows - m : 4, cols = I8_COLS(wtype, R);
                 for (int n = n0; n < n1; n += cols) {
                     const uint8_t *wr[4];
                     for (int j = 0; j < 4; j++) wr[j] = (const uint8_t *)w + (n + j < n1 ? n + j : n1 - 1) * rb;
@@ -268,3 +268,5 @@ int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const 
     free(xq), free(ds), free(x4);
     return 0;
 }
+#undef TILE1X4_TYPE
+#undef I8_COLS

@@ -4,7 +4,7 @@
  * register, row j in 128-bit lane j % 2, so one instruction does what tile8 does for one row (Q8_0,
  * Q4_0 and Q4_1 also load and unpack two rows at once). Lane for lane the same integer sums (dot32's lanes) and the same fp32
  * operations as tile8, so a row's result stays the same whatever its batch. Included by int8.c in
- * the builds without AVX-512 (avx2, avxvnni); AVX-512's four-lane version is tile1x4_vnni. */
+ * the builds without AVX-512 (avx2, avxvnni); AVX-512's four-lane version is tilerx4_vnni. */
 #ifndef INFERLAB_AVX2_INT8_PAIRS_H
 #define INFERLAB_AVX2_INT8_PAIRS_H
 

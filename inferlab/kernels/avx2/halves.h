@@ -7,9 +7,53 @@
 
 #include "../common.h"
 
+/* Whether a type's 256-weight blocks have float scales per sub-block that k_scales computes. */
+IL_INLINE int k_scaled(int wtype) {
+    return wtype == IL_W_Q4_K || wtype == IL_W_Q5_K || wtype == IL_W_Q6_K || wtype == IL_W_IQ4_XS;
+}
+
+/* Block B's float scales for all of its sub-blocks at once, with the same operations the decoders
+ * below use for one (unpacking them a sub-block at a time cost about as much as its 32 weights):
+ * Q4_K / Q5_K: ks[j] = d * sc_j and ks[8 + j] = -(dmin * min_j), sub-block j; Q6_K: ks[i] = d *
+ * scale_i, weights 16 i ..; IQ4_XS: ks[j] = d * scale_j. */
+IL_INLINE void k_scales(int wtype, const uint8_t *row, int B, float ks[16]) {
+    if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) { /* 12 bytes: 6-bit scales and minimums (il_scale_min_k4) */
+        const il_q4_K *b4 = (const il_q4_K *)row + B;
+        const il_q5_K *b5 = (const il_q5_K *)row + B;
+        const int five = wtype == IL_W_Q5_K;
+        uint32_t q[3];
+        memcpy(q, five ? b5->scales : b4->scales, sizeof q);
+        const uint32_t six = 0x3F3F3F3F, two = 0x03030303, four = 0x0F0F0F0F; /* per byte */
+        const uint32_t sc03 = q[0] & six, mn03 = q[1] & six; /* sub-blocks 0-3: bytes 0-3 and 4-7 */
+        const uint32_t sc47 = (q[2] & four) | ((q[0] >> 6 & two) << 4); /* 4-7: nibbles of bytes 8-11, */
+        const uint32_t mn47 = (q[2] >> 4 & four) | ((q[1] >> 6 & two) << 4); /* top bits of 0-3 and 4-7 */
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)sc03, (int)sc47, 0, 0)));
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)mn03, (int)mn47, 0, 0)));
+        _mm256_storeu_ps(ks, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(five ? b5->d : b4->d)), sc));
+        _mm256_storeu_ps(ks + 8, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(five ? b5->dmin : b4->dmin)), mn),
+                                               _mm256_set1_ps(-0.f)));
+    } else if (wtype == IL_W_Q6_K) {
+        const il_q6_K *k6 = (const il_q6_K *)row + B;
+        const __m128i sc = _mm_loadu_si128((const __m128i *)k6->scales);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(k6->d));
+        _mm256_storeu_ps(ks, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+        _mm256_storeu_ps(ks + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+    } else if (wtype == IL_W_IQ4_XS) {
+        const il_iq4_xs *xs = (const il_iq4_xs *)row + B;
+        for (int j = 0; j < 8; j++) ks[j] = _cvtsh_ss(xs->d) * il_iq4_xs_scale(xs, j);
+    }
+}
+
+/* Rows w[0..n)'s k_scales as sub-block b starts a 256-weight block (a no-op for other types). */
+IL_INLINE void k_scales_rows(int wtype, const uint8_t *const w[], int n, int b, float ks[][16]) {
+    if (k_scaled(wtype) && b % 8 == 0)
+        for (int j = 0; j < n; j++) k_scales(wtype, w[j], b / 8, ks[j]);
+}
+
 /* Q4_K / Q5_K sub-block b % 8 as unsigned 4/5-bit values, returning its scale d * sc; *c is what
- * each weight adds, -dmin * min (weight = d q + c, as Q4_1 / Q5_1). */
-IL_INLINE float k4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, float *c) {
+ * each weight adds, -dmin * min (weight = d q + c, as Q4_1 / Q5_1). With ks (k_scales of the block),
+ * both are read from there. */
+IL_INLINE float k4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, float *c, const float *ks) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const int five = wtype == IL_W_Q5_K, j = b % 8;
     const il_q4_K *b4 = (const il_q4_K *)row + b / 8;
@@ -23,6 +67,10 @@ IL_INLINE float k4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m
         const __m128i h0 = _mm_loadu_si128((const __m128i *)b5->qh), h1 = _mm_loadu_si128((const __m128i *)(b5->qh + 16));
         *lo = _mm_or_si128(*lo, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h0, bit), bit), sixteen));
         *hi = _mm_or_si128(*hi, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h1, bit), bit), sixteen));
+    }
+    if (ks) {
+        *c = ks[8 + j];
+        return ks[j];
     }
     uint8_t sc, mn;
     il_scale_min_k4(j, five ? b5->scales : b4->scales, &sc, &mn);
@@ -81,14 +129,15 @@ IL_INLINE float q2_K_halves(const uint8_t *row, int b, __m128i *lo, __m128i *hi,
 }
 
 /* IQ4_NL block b, or IQ4_XS sub-block b % 8, as the signed values of its table (one byte shuffle a
- * half), returning its scale. */
-IL_INLINE float iq4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi) {
+ * half), returning its scale (IQ4_XS: from ks, k_scales of the block, where given). */
+IL_INLINE float iq4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, const float *ks) {
     const __m128i low4 = _mm_set1_epi8(0x0F), table = _mm_loadu_si128((const __m128i *)il_iq4_values);
     const il_iq4_nl *nl = (const il_iq4_nl *)row + b;
     const il_iq4_xs *xs = (const il_iq4_xs *)row + b / 8;
     const __m128i v = _mm_loadu_si128((const __m128i *)(wtype == IL_W_IQ4_NL ? nl->qs : xs->qs + 16 * (b % 8)));
     *lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
     *hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
-    return wtype == IL_W_IQ4_NL ? _cvtsh_ss(nl->d) : _cvtsh_ss(xs->d) * il_iq4_xs_scale(xs, b % 8);
+    if (wtype == IL_W_IQ4_NL) return _cvtsh_ss(nl->d);
+    return ks ? ks[b % 8] : _cvtsh_ss(xs->d) * il_iq4_xs_scale(xs, b % 8);
 }
 #endif

@@ -40,10 +40,12 @@ IL_INLINE int signed_weights(int wtype) {
 }
 
 /* Block b of a row: weights 0-15 and 16-31 as bytes (lo, hi), and (d, m) or (d, d) widened: the
- * scale and what multiplies s_x (m for Q4_1 and Q5_1; d, scaled at the end, for Q4_0 and Q5_0);
+ * scale and what multiplies s_x (m for Q4_1 and Q5_1; d, scaled at the end, for Q4_0 and Q5_0),
+ * from ks (the row's k_scales) where given;
  * sc: each half's integer scale as 16-bit lanes (il_k16_type only), then Q2_K's minimums, whose
  * float scale -dmin is lane 1. */
-IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, __m128i sc[4]) {
+IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, __m128i sc[4],
+                              const float *ks) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     switch (wtype) {
         case IL_W_Q2_K: {
@@ -65,10 +67,10 @@ IL_INLINE __m128 block_halves(int wtype, const uint8_t *row, int b, __m128i *lo,
             return _mm_cvtph_ps(_mm_cvtsi32_si128(blk->d));
         }
         case IL_W_IQ4_NL: case IL_W_IQ4_XS: /* the table's values: signed bytes, as Q8_0's */
-            return _mm_set_ss(iq4_halves(wtype, row, b, lo, hi));
+            return _mm_set_ss(iq4_halves(wtype, row, b, lo, hi, ks));
         case IL_W_Q4_K: case IL_W_Q5_K: { /* a sub-block: as Q4_1 / Q5_1, its own (d, m) */
             float c;
-            const float d = k4_halves(wtype, row, b, lo, hi, &c);
+            const float d = k4_halves(wtype, row, b, lo, hi, &c, ks);
             return _mm_setr_ps(d, c, 0.f, 0.f);
         }
         case IL_W_Q4_0: case IL_W_Q4_1: {
@@ -155,7 +157,7 @@ IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *co
         for (int j = 0; j < C; j++) {
             _mm_prefetch((const char *)w[j] + (int64_t)b * bb + PREFETCH_BYTES, _MM_HINT_T0);
             __m128i wl, wh, sc[4];
-            const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh, sc);
+            const __m128 dm = block_halves(wtype, w[j], b, &wl, &wh, sc, NULL);
             const __m128 scale = _mm_mul_ps(_mm_shuffle_ps(dm, dm, 0), dx); /* lane i: d * d_x of row i */
             const __m128 mscale = _mm_mul_ps(_mm_shuffle_ps(dm, dm, _MM_SHUFFLE(1, 1, 1, 1)), dx); /* Q2_K's -dmin * d_x */
             for (int i = 0; i < R; i++) {

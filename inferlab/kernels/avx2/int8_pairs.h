@@ -42,7 +42,7 @@ IL_INLINE void block_pair(const uint8_t *a, const uint8_t *b, int64_t at, const 
 /* Rows 2 p, 2 p + 1's block b as bytes (*wl, *wh, each row in its lane) and, in dm's lanes 0-3, their
  * (d, c) as block_halves gives them; Q8_0, Q4_0 and Q4_1 read two rows with each instruction. */
 IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wtype, __m256i *wl, __m256i *wh,
-                           __m128 *dm) {
+                           __m128 *dm, float ks[][16]) {
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
         block_pair(w[2 * p], w[2 * p + 1], at, wtype, wl, wh);
@@ -55,7 +55,8 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
         return;
     }
     __m128i l0, h0, l1, h1, sc[4];
-    const __m128 a = block_halves(wtype, w[2 * p], b, &l0, &h0, sc), c = block_halves(wtype, w[2 * p + 1], b, &l1, &h1, sc);
+    const __m128 a = block_halves(wtype, w[2 * p], b, &l0, &h0, sc, ks[2 * p]);
+    const __m128 c = block_halves(wtype, w[2 * p + 1], b, &l1, &h1, sc, ks[2 * p + 1]);
     *wl = _mm256_set_m128i(l1, l0), *wh = _mm256_set_m128i(h1, h0), *dm = _mm_movelh_ps(a, c);
 }
 
@@ -66,16 +67,18 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
     const int nb = K / 32, signed_w = signed_weights(wtype);
     const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), d23 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
     const __m256i c_of = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+    float ks[4][16];
     for (int b = 0; b < nb; b++) {
+        k_scales_rows(wtype, w, 4, b, ks);
         const int64_t at = il_row_bytes(wtype, 32 * b); /* the block (K-quants: its 256-weight block) */
         for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + PREFETCH_BYTES, _MM_HINT_T0);
         const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b)));
         const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
         __m256i wl, wh;
         __m128 dm01, dm23;
-        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm01);
+        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm01, ks);
         const __m256i dot01 = dot32x2(wl, wh, xl, xh, signed_w);
-        blocks_pair(w, 1, b, wtype, &wl, &wh, &dm23);
+        blocks_pair(w, 1, b, wtype, &wl, &wh, &dm23, ks);
         const __m256i dot23 = dot32x2(wl, wh, xl, xh, signed_w);
         const __m256 dm = _mm256_set_m128(dm23, dm01), dx = _mm256_set1_ps(x4[8 * b]); /* d0, c0, ..., d3, c3 */
         acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
@@ -102,12 +105,14 @@ IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uin
     __m128 corr[4] = {_mm_setzero_ps(), _mm_setzero_ps()}; /* weight row j's c * s_x, lane i: input row i */
     const int nb = K / 32, signed_w = signed_weights(wtype);
     const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    float ks[2][16];
     for (int b = 0; b < nb; b++) {
+        k_scales_rows(wtype, w, 2, b, ks);
         _mm_prefetch((const char *)w[0] + il_row_bytes(wtype, 32 * b) + PREFETCH_BYTES, _MM_HINT_T0);
         _mm_prefetch((const char *)w[1] + il_row_bytes(wtype, 32 * b) + PREFETCH_BYTES, _MM_HINT_T0);
         __m256i wl, wh;
         __m128 dm; /* d0, c0, d1, c1 */
-        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm);
+        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm, ks);
         const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d01); /* d0 x 4, d1 x 4 */
         for (int i = 0; i < R; i++) {
             const int8_t *xb = xq + (int64_t)i * K + 32 * b;

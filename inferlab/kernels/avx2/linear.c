@@ -60,8 +60,8 @@ IL_INLINE __m256 bf16x8(const uint16_t *p) {
 
 /* Weights k .. k + 31 of a row (k a multiple of 32) as 4 x 8 floats: each format's decoding, used
  * by both the panel and the direct paths so both see the very same values. `wtype` is a constant
- * wherever this is inlined, so the switch folds away. */
-IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
+ * wherever this is inlined, so the switch folds away. ks: the block's k_scales where k_scaled. */
+IL_INLINE void decode32(int wtype, const uint8_t *row, int k, const float *ks, __m256 w[4]) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     switch (wtype) {
         case IL_W_F32:
@@ -111,7 +111,7 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
         case IL_W_Q4_K: case IL_W_Q5_K: {
             __m128i lo, hi;
             float c;
-            const float d = k4_halves(wtype, row, k / 32, &lo, &hi, &c);
+            const float d = k4_halves(wtype, row, k / 32, &lo, &hi, &c, ks);
             scale32(lo, hi, _mm256_set1_ps(d), _mm256_set1_ps(c), w);
             return;
         }
@@ -119,7 +119,9 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
             __m128i lo, hi;
             int sc[2];
             const float d = k16_halves(wtype, row, k / 32, &lo, &hi, sc);
-            const __m256 d0 = _mm256_set1_ps(d * sc[0]), d1 = _mm256_set1_ps(d * sc[1]);
+            const int i = k / 16 % 16; /* Q6_K's scales from ks: the same products */
+            const __m256 d0 = _mm256_set1_ps(wtype == IL_W_Q6_K ? ks[i] : d * sc[0]);
+            const __m256 d1 = _mm256_set1_ps(wtype == IL_W_Q6_K ? ks[i + 1] : d * sc[1]);
             w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d0);
             w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), d0);
             w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d1);
@@ -141,7 +143,7 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
         }
         case IL_W_IQ4_NL: case IL_W_IQ4_XS: {
             __m128i lo, hi;
-            const __m256 dv = _mm256_set1_ps(iq4_halves(wtype, row, k / 32, &lo, &hi));
+            const __m256 dv = _mm256_set1_ps(iq4_halves(wtype, row, k / 32, &lo, &hi, ks));
             w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), dv);
             w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), dv);
             w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), dv);
@@ -157,14 +159,28 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, __m256 w[4]) {
 }
 
 /* A row of K weights as fp32: whole 32s decoded as above, a tail (float types only) one by one. */
-static void dequant_row(int wtype, const uint8_t *row, int K, float *out) {
+IL_INLINE void dequant_row_as(const int wtype, const uint8_t *row, int K, float *out) {
     int k = 0;
+    float ks[16];
     for (; k + 32 <= K; k += 32) {
         __m256 w[4];
-        decode32(wtype, row, k, w);
+        if (k_scaled(wtype) && k % 256 == 0) k_scales(wtype, row, k / 256, ks);
+        decode32(wtype, row, k, ks, w);
         for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + k + 8 * c, w[c]);
     }
     for (; k < K; k++) il_dequant_block(wtype, row + (int64_t)k * il_block_bytes(wtype), out + k);
+}
+
+/* dequant_row_as instantiated per weight type, so each type's decoding is inlined with its constants. */
+static void dequant_row(int wtype, const uint8_t *row, int K, float *out) {
+#define ROW_CASE(T) case T: dequant_row_as(T, row, K, out); break
+    switch (wtype) {
+        ROW_CASE(IL_W_BF16); ROW_CASE(IL_W_F16); ROW_CASE(IL_W_Q8_0); ROW_CASE(IL_W_Q4_0); ROW_CASE(IL_W_Q4_1);
+        ROW_CASE(IL_W_Q5_0); ROW_CASE(IL_W_Q5_1); ROW_CASE(IL_W_Q4_K); ROW_CASE(IL_W_Q5_K); ROW_CASE(IL_W_Q6_K);
+        ROW_CASE(IL_W_Q2_K); ROW_CASE(IL_W_Q3_K); ROW_CASE(IL_W_IQ4_NL); ROW_CASE(IL_W_IQ4_XS);
+        default: dequant_row_as(wtype, row, K, out);
+    }
+#undef ROW_CASE
 }
 
 /* As `micro`, reading weight rows as stored, decoded in registers 32 at a time: for one or two
@@ -179,12 +195,14 @@ IL_INLINE void micro_direct(const float *x, int64_t lx, const uint8_t *const w[D
     for (int i = 0; i < R; i++)
         for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
     const int be = il_block_elems(wtype), bb = il_block_bytes(wtype);
+    float ks[DC][16]; /* each weight row's k_scales of its current block */
     for (int k = 0; k < K; k += 32)
         for (int j = 0; j < C; j++) {
             __m256 wv[4];
             for (int o = 0; o < 32 / be * bb; o += 64) /* every line: 32 fp32 weights span two */
                 _mm_prefetch((const char *)w[j] + (int64_t)k / be * bb + PREFETCH_BYTES + o, _MM_HINT_T0);
-            decode32(wtype, w[j], k, wv);
+            k_scales_rows(wtype, w + j, 1, k / 32, ks + j);
+            decode32(wtype, w[j], k, ks[j], wv);
             for (int c = 0; c < 4; c++)
                 for (int i = 0; i < R; i++)
                     acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * lx + k + 8 * c), wv[c], acc[i][j]);

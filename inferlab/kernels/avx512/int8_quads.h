@@ -27,7 +27,8 @@ IL_INLINE __m512i dot32x4(__m512i wl, __m512i wh, __m512i xl, __m512i xh, int si
 /* Weight rows 0-3's block b as bytes (*wl, *wh: weights 0-15 and 16-31, row j in 128-bit lane j) and
  * their (d, c) in lanes 2 j, 2 j + 1 of *dm, as block_halves gives them (Q4_0's lane 2 j + 1 is not its
  * c: c_lanes); Q8_0, Q4_0 and Q4_1 read the four rows with each instruction. */
-IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __m512i *wl, __m512i *wh, __m256 *dm) {
+IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __m512i *wl, __m512i *wh, __m256 *dm,
+                           float ks[4][16]) {
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
         if (wtype == IL_W_Q8_0) { /* each row's 32 weights in one load; low halves to wl, high ones to wh */
@@ -50,7 +51,7 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
     }
     __m128i lo[4], hi[4], sc[4];
     __m128 f[4];
-    for (int j = 0; j < 4; j++) f[j] = block_halves(wtype, w[j], b, lo + j, hi + j, sc);
+    for (int j = 0; j < 4; j++) f[j] = block_halves(wtype, w[j], b, lo + j, hi + j, sc, ks[j]);
     *wl = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(lo[1], lo[0])), _mm256_set_m128i(lo[3], lo[2]), 1);
     *wh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(hi[1], hi[0])), _mm256_set_m128i(hi[3], hi[2]), 1);
     *dm = _mm256_set_m128(_mm_movelh_ps(f[2], f[3]), _mm_movelh_ps(f[0], f[1]));
@@ -72,12 +73,14 @@ IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint
     const __m512i d_of = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
     const __m256i c_of = wtype == IL_W_Q4_0 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6) /* its d, scaled in finish8 */
                                             : _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+    float ks[4][16];
     for (int b = 0; b < nb; b++) {
+        k_scales_rows(wtype, w, 4, b, ks);
         const int64_t at = il_row_bytes(wtype, 32 * b); /* the block (K-quants: its 256-weight block) */
         for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + PREFETCH_BYTES, _MM_HINT_T0);
         __m512i wl, wh;
         __m256 dm; /* d0, c0, ..., d3, c3 */
-        blocks_quad(w, b, wtype, &wl, &wh, &dm);
+        blocks_quad(w, b, wtype, &wl, &wh, &dm, ks);
         const __m512 d = _mm512_permutexvar_ps(d_of, _mm512_castps256_ps512(dm));
         for (int i = 0; i < R; i++) {
             const int8_t *xb = xq + (int64_t)i * K + 32 * b;

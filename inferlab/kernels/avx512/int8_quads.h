@@ -25,8 +25,9 @@ IL_INLINE __m512i dot32x4(__m512i wl, __m512i wh, __m512i xl, __m512i xh, int si
 }
 
 /* Weight rows 0-3's block b as bytes (*wl, *wh: weights 0-15 and 16-31, row j in 128-bit lane j) and
- * their (d, c) in lanes 2 j, 2 j + 1 of *dm, as block_halves gives them (Q4_0's lane 2 j + 1 is not its
- * c: c_lanes); Q8_0, Q4_0 and Q4_1 read the four rows with each instruction. */
+ * their (d, c) in lanes 2 j, 2 j + 1 of *dm, as block_halves gives them (Q4_0's lane 2 j + 1 holds
+ * weight bytes: tilerx4_vnni takes its d as c); Q8_0, Q4_0 and Q4_1 read the four rows with each
+ * instruction. ks: the rows' k_scales. */
 IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __m512i *wl, __m512i *wh, __m256 *dm,
                            float ks[4][16]) {
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1) {

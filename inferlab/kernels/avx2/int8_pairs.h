@@ -1,6 +1,6 @@
 /* tile8's 1 x 4 case (one request's decode), and its 2-4 x 2 cases (tilerx2_pairs), on 256-bit AVX2,
- * for every int8 type but Q6_K, Q3_K and Q2_K (whose scales per 16 weights multiply in tile8's
- * dot32): two weight rows side by side in each
+ * for every int8 type but Q2_K (whose minimums per 16 weights take tile8's second product): two
+ * weight rows side by side in each
  * register, row j in 128-bit lane j % 2, so one instruction does what tile8 does for one row (Q8_0,
  * Q4_0 and Q4_1 also load and unpack two rows at once). Lane for lane the same integer sums (dot32's lanes) and the same fp32
  * operations as tile8, so a row's result stays the same whatever its batch. Included by int8.c in
@@ -14,10 +14,15 @@ IL_INLINE __m256i lanes2(const uint8_t *a, const uint8_t *b, int64_t off) {
                                    _mm_loadu_si128((const __m128i *)(b + off)), 1);
 }
 
-/* dot32 on two 128-bit lanes at once: lane group g of the result is dot32 of lane g of each input. */
-IL_INLINE __m256i dot32x2(__m256i wl, __m256i wh, __m256i xl, __m256i xh, int signed_w) {
+/* dot32 on two 128-bit lanes at once: lane group g of the result is dot32 of lane g of each input
+ * (sc, il_k16_type only: each lane's integer scales of its weights 0-15 and 16-31). */
+IL_INLINE __m256i dot32x2(__m256i wl, __m256i wh, __m256i xl, __m256i xh, int wtype, const __m256i sc[2]) {
+    const int signed_w = signed_weights(wtype);
     if (signed_w)
         xl = _mm256_sign_epi8(xl, wl), xh = _mm256_sign_epi8(xh, wh), wl = _mm256_abs_epi8(wl), wh = _mm256_abs_epi8(wh);
+    if (il_k16_type(wtype))
+        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wl, xl), sc[0]),
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(wh, xh), sc[1]));
 #ifdef __AVXVNNI__
     return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wl, xl), wh, xh);
 #else
@@ -40,9 +45,10 @@ IL_INLINE void block_pair(const uint8_t *a, const uint8_t *b, int64_t at, const 
 }
 
 /* Rows 2 p, 2 p + 1's block b as bytes (*wl, *wh, each row in its lane) and, in dm's lanes 0-3, their
- * (d, c) as block_halves gives them; Q8_0, Q4_0 and Q4_1 read two rows with each instruction. */
+ * (d, c) as block_halves gives them, and for il_k16_type their integer scales (sc); Q8_0, Q4_0 and
+ * Q4_1 read two rows with each instruction. ks: the rows' k_scales. */
 IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wtype, __m256i *wl, __m256i *wh,
-                           __m128 *dm, float ks[][16]) {
+                           __m128 *dm, float ks[][16], __m256i sc[2]) {
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
         block_pair(w[2 * p], w[2 * p + 1], at, wtype, wl, wh);
@@ -54,10 +60,11 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
         *dm = wtype == IL_W_Q4_1 ? f : _mm_shuffle_ps(f, f, _MM_SHUFFLE(2, 2, 0, 0)); /* Q4_0, Q8_0: (d, d) */
         return;
     }
-    __m128i l0, h0, l1, h1, sc[4];
-    const __m128 a = block_halves(wtype, w[2 * p], b, &l0, &h0, sc, ks[2 * p]);
-    const __m128 c = block_halves(wtype, w[2 * p + 1], b, &l1, &h1, sc, ks[2 * p + 1]);
+    __m128i l0, h0, l1, h1, s0[4], s1[4];
+    const __m128 a = block_halves(wtype, w[2 * p], b, &l0, &h0, s0, ks[2 * p]);
+    const __m128 c = block_halves(wtype, w[2 * p + 1], b, &l1, &h1, s1, ks[2 * p + 1]);
     *wl = _mm256_set_m128i(l1, l0), *wh = _mm256_set_m128i(h1, h0), *dm = _mm_movelh_ps(a, c);
+    if (il_k16_type(wtype)) sc[0] = _mm256_set_m128i(s1[0], s0[0]), sc[1] = _mm256_set_m128i(s1[1], s0[1]);
 }
 
 IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
@@ -76,10 +83,11 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
         const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
         __m256i wl, wh;
         __m128 dm01, dm23;
-        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm01, ks);
-        const __m256i dot01 = dot32x2(wl, wh, xl, xh, signed_w);
-        blocks_pair(w, 1, b, wtype, &wl, &wh, &dm23, ks);
-        const __m256i dot23 = dot32x2(wl, wh, xl, xh, signed_w);
+        __m256i sc[2];
+        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm01, ks, sc);
+        const __m256i dot01 = dot32x2(wl, wh, xl, xh, wtype, sc);
+        blocks_pair(w, 1, b, wtype, &wl, &wh, &dm23, ks, sc);
+        const __m256i dot23 = dot32x2(wl, wh, xl, xh, wtype, sc);
         const __m256 dm = _mm256_set_m128(dm23, dm01), dx = _mm256_set1_ps(x4[8 * b]); /* d0, c0, ..., d3, c3 */
         acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
         acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d23), dx), acc23);
@@ -112,13 +120,14 @@ IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uin
         _mm_prefetch((const char *)w[1] + il_row_bytes(wtype, 32 * b) + PREFETCH_BYTES, _MM_HINT_T0);
         __m256i wl, wh;
         __m128 dm; /* d0, c0, d1, c1 */
-        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm, ks);
+        __m256i sc[2];
+        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm, ks, sc);
         const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d01); /* d0 x 4, d1 x 4 */
         for (int i = 0; i < R; i++) {
             const int8_t *xb = xq + (int64_t)i * K + 32 * b;
             const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
             const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb + 16)));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x2(wl, wh, xl, xh, signed_w)),
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x2(wl, wh, xl, xh, wtype, sc)),
                                      _mm256_mul_ps(d, _mm256_set1_ps(x4[8 * b + i])), acc[i]);
         }
         if (!signed_w) {

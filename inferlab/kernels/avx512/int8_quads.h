@@ -13,15 +13,24 @@ IL_INLINE __m512i lanes4(const uint8_t *const w[4], int64_t off) {
 }
 
 /* dot32 on four 128-bit lanes at once: lane group g of the result is dot32 of lane g of each input
- * (_mm_sign_epi8 has no 512-bit form: x takes w's sign by a masked negation). */
-IL_INLINE __m512i dot32x4(__m512i wl, __m512i wh, __m512i xl, __m512i xh, int signed_w) {
+ * (_mm_sign_epi8 has no 512-bit form: x takes w's sign by a masked negation; sc, il_k16_type only:
+ * each lane's integer scales of its weights 0-15 and 16-31, which multiply in madd as in dot32). */
+IL_INLINE __m512i dot32x4(__m512i wl, __m512i wh, __m512i xl, __m512i xh, int wtype, const __m512i sc[2]) {
     const __m512i zero = _mm512_setzero_si512();
-    if (signed_w) {
+    if (signed_weights(wtype)) {
         xl = _mm512_mask_sub_epi8(xl, _mm512_movepi8_mask(wl), zero, xl);
         xh = _mm512_mask_sub_epi8(xh, _mm512_movepi8_mask(wh), zero, xh);
         wl = _mm512_abs_epi8(wl), wh = _mm512_abs_epi8(wh);
     }
+    if (il_k16_type(wtype))
+        return _mm512_add_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(wl, xl), sc[0]),
+                                _mm512_madd_epi16(_mm512_maddubs_epi16(wh, xh), sc[1]));
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, wl, xl), wh, xh);
+}
+
+/* Four 128-bit values as the lanes of one register, v[j] in lane j. */
+IL_INLINE __m512i join4(const __m128i v[4]) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(v[1], v[0])), _mm256_set_m128i(v[3], v[2]), 1);
 }
 
 /* Weight rows 0-3's block b as bytes (*wl, *wh: weights 0-15 and 16-31, row j in 128-bit lane j) and
@@ -29,7 +38,7 @@ IL_INLINE __m512i dot32x4(__m512i wl, __m512i wh, __m512i xl, __m512i xh, int si
  * weight bytes: tilerx4_vnni takes its d as c); Q8_0, Q4_0 and Q4_1 read the four rows with each
  * instruction. ks: the rows' k_scales. */
 IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __m512i *wl, __m512i *wh, __m256 *dm,
-                           float ks[4][16]) {
+                           float ks[4][16], __m512i sc[2]) {
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
         if (wtype == IL_W_Q8_0) { /* each row's 32 weights in one load; low halves to wl, high ones to wh */
@@ -50,15 +59,18 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
         *dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
         return;
     }
-    __m128i lo[4], hi[4], sc[4];
+    __m128i lo[4], hi[4], s[4][4], s0[4], s1[4];
     __m128 f[4];
-    for (int j = 0; j < 4; j++) f[j] = block_halves(wtype, w[j], b, lo + j, hi + j, sc, ks[j]);
-    *wl = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(lo[1], lo[0])), _mm256_set_m128i(lo[3], lo[2]), 1);
-    *wh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(hi[1], hi[0])), _mm256_set_m128i(hi[3], hi[2]), 1);
+    for (int j = 0; j < 4; j++) f[j] = block_halves(wtype, w[j], b, lo + j, hi + j, s[j], ks[j]);
+    *wl = join4(lo), *wh = join4(hi);
     *dm = _mm256_set_m128(_mm_movelh_ps(f[2], f[3]), _mm_movelh_ps(f[0], f[1]));
+    if (il_k16_type(wtype)) {
+        for (int j = 0; j < 4; j++) s0[j] = s[j][0], s1[j] = s[j][1];
+        sc[0] = join4(s0), sc[1] = join4(s1);
+    }
 }
 
-/* tile8's R x 4 cases for every int8 type but Q6_K, Q3_K and Q2_K (R = 1: one request's decode; 2-4: a
+/* tile8's R x 4 cases for every int8 type but Q2_K (R = 1: one request's decode; 2-4: a
  * few streams, and every tile of a larger batch), the four weight rows side by side in one 512-bit
  * register, row j in 128-bit lane j: the blocks are loaded and unpacked once for the R input rows,
  * and each row's four block products are one dot32x4. Lane for lane the same integer sums and the
@@ -79,15 +91,15 @@ IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint
         k_scales_rows(wtype, w, 4, b, ks);
         const int64_t at = il_row_bytes(wtype, 32 * b); /* the block (K-quants: its 256-weight block) */
         for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + PREFETCH_BYTES, _MM_HINT_T0);
-        __m512i wl, wh;
+        __m512i wl, wh, sc[2];
         __m256 dm; /* d0, c0, ..., d3, c3 */
-        blocks_quad(w, b, wtype, &wl, &wh, &dm, ks);
+        blocks_quad(w, b, wtype, &wl, &wh, &dm, ks, sc);
         const __m512 d = _mm512_permutexvar_ps(d_of, _mm512_castps256_ps512(dm));
         for (int i = 0; i < R; i++) {
             const int8_t *xb = xq + (int64_t)i * K + 32 * b;
             const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb));
             const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16)));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot32x4(wl, wh, xl, xh, signed_w)),
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot32x4(wl, wh, xl, xh, wtype, sc)),
                                      _mm512_mul_ps(d, _mm512_set1_ps(x4[8 * b + i])), acc[i]);
         }
         if (!signed_w) {

@@ -329,6 +329,23 @@ def test_a_type_it_cannot_read_is_named_at_load(tmp_path, smol):
         loader.load_model(path, "float32", torch.device("cpu"))
 
 
+def test_a_type_the_installed_gguf_cannot_dequantize_is_named_at_load(unread_gguf, monkeypatch):
+    import gguf
+
+    from inferlab.model.base import ModelLoadError
+    real = gguf.dequantize
+
+    def older_gguf(data, qtype):
+        if qtype == gguf.GGMLQuantizationType.MXFP4:
+            raise NotImplementedError("Dequantization for MXFP4 is not yet implemented")
+        return real(data, qtype)
+    monkeypatch.setattr(gguf, "dequantize", older_gguf)
+    monkeypatch.setenv("INFERLAB_MODEL_CACHE", "0")  # parse the file again, where the check runs
+    with pytest.raises(ModelLoadError, match=r"'blk.0.attn_q.weight': the installed gguf package \(.*\) cannot "
+                                             r"dequantize mxfp4; a newer one may: pip install -U gguf"):
+        loader.load_model(unread_gguf, "float32", torch.device("cpu"))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_types_no_kernel_reads_are_dequantized_at_load_and_said_so(unread_gguf, dtype, caplog):
     """MXFP4, TQ1_0/TQ2_0 and i-quant layers (llama.cpp's types no kernel here reads) load as gguf's

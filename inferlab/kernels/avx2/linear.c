@@ -119,9 +119,9 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, const float *ks, _
             __m128i lo, hi;
             int sc[2];
             const float d = k16_halves(wtype, row, k / 32, &lo, &hi, sc);
-            const int i = k / 16 % 16; /* Q6_K's scales from ks: the same products */
-            const __m256 d0 = _mm256_set1_ps(wtype == IL_W_Q6_K ? ks[i] : d * sc[0]);
-            const __m256 d1 = _mm256_set1_ps(wtype == IL_W_Q6_K ? ks[i + 1] : d * sc[1]);
+            const int i = k / 16 % 16, given = wtype == IL_W_Q6_K && ks; /* Q6_K's from ks: the same products */
+            const __m256 d0 = _mm256_set1_ps(given ? ks[i] : d * sc[0]);
+            const __m256 d1 = _mm256_set1_ps(given ? ks[i + 1] : d * sc[1]);
             w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d0);
             w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), d0);
             w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d1);

@@ -7,6 +7,15 @@
 
 #include "../common.h"
 
+/* Byte j of the result is 0x10 where bit j of h is set (the fifth bit of Q5 weight j). */
+IL_INLINE __m256i fifth_bits(uint32_t h) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h),
+                                               _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                                  0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ull);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+}
+
 /* Whether a type's 256-weight blocks have float scales per sub-block that k_scales computes. */
 IL_INLINE int k_scaled(int wtype) {
     return wtype == IL_W_Q4_K || wtype == IL_W_Q5_K || wtype == IL_W_Q6_K || wtype == IL_W_IQ4_XS;

@@ -45,19 +45,30 @@ IL_INLINE void block_pair(const uint8_t *a, const uint8_t *b, int64_t at, const 
 }
 
 /* Rows 2 p, 2 p + 1's block b as bytes (*wl, *wh, each row in its lane) and, in dm's lanes 0-3, their
- * (d, c) as block_halves gives them, and for il_k16_type their integer scales (sc); Q8_0, Q4_0 and
- * Q4_1 read two rows with each instruction. ks: the rows' k_scales. */
+ * (d, c) as block_halves gives them, and for il_k16_type their integer scales (sc); Q8_0 and the
+ * Q4 and Q5 types read two rows with each instruction. ks: the rows' k_scales. */
 IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wtype, __m256i *wl, __m256i *wh,
                            __m128 *dm, float ks[][16], __m256i sc[2]) {
-    if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1) {
+    const int q5 = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
+    if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || q5) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
-        block_pair(w[2 * p], w[2 * p + 1], at, wtype, wl, wh);
-        uint32_t h[2]; /* each block's first 4 bytes: d, then m (Q4_1) or a byte of weights */
+        if (q5) { /* the nibbles as Q4's, and each row's fifth bits (qh: bit l for weight l) in its lane */
+            const int qh = wtype == IL_W_Q5_1 ? 4 : 2;
+            uint32_t ha, hb;
+            memcpy(&ha, w[2 * p] + at + qh, sizeof ha), memcpy(&hb, w[2 * p + 1] + at + qh, sizeof hb);
+            const __m256i v = lanes2(w[2 * p], w[2 * p + 1], at + qh + 4), low4 = _mm256_set1_epi8(0x0F);
+            *wl = _mm256_or_si256(_mm256_and_si256(v, low4), fifth_bits((ha & 0xFFFF) | hb << 16));
+            *wh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), fifth_bits(ha >> 16 | (hb & 0xFFFF0000)));
+        } else {
+            block_pair(w[2 * p], w[2 * p + 1], at, wtype, wl, wh);
+        }
+        uint32_t h[2]; /* each block's first 4 bytes: d, then m (Q4_1, Q5_1) or bytes of weights */
         memcpy(h, w[2 * p] + at, sizeof h[0]), memcpy(h + 1, w[2 * p + 1] + at, sizeof h[1]);
         uint64_t both;
         memcpy(&both, h, sizeof both);
         const __m128 f = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)both)); /* d0, m0, d1, m1 */
-        *dm = wtype == IL_W_Q4_1 ? f : _mm_shuffle_ps(f, f, _MM_SHUFFLE(2, 2, 0, 0)); /* Q4_0, Q8_0: (d, d) */
+        const int dm_pair = wtype == IL_W_Q4_1 || wtype == IL_W_Q5_1;
+        *dm = dm_pair ? f : _mm_shuffle_ps(f, f, _MM_SHUFFLE(2, 2, 0, 0)); /* Q4_0, Q5_0, Q8_0: (d, d) */
         return;
     }
     __m128i l0, h0, l1, h1, s0[4], s1[4];

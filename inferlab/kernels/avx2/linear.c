@@ -45,15 +45,6 @@ IL_INLINE void nibbles32(const uint8_t *qs, __m256 d, __m256 m, __m256 w[4]) {
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), d, m);
 }
 
-/* Byte j of the result is 0x10 where bit j of h is set (the fifth bit of Q5 weight j). */
-IL_INLINE __m256i fifth_bits(uint32_t h) {
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h),
-                                               _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
-                                                                  0x0303030303030303));
-    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ull);
-    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
-}
-
 IL_INLINE __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }

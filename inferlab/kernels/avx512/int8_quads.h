@@ -34,14 +34,26 @@ IL_INLINE __m512i join4(const __m128i v[4]) {
 }
 
 /* Weight rows 0-3's block b as bytes (*wl, *wh: weights 0-15 and 16-31, row j in 128-bit lane j) and
- * their (d, c) in lanes 2 j, 2 j + 1 of *dm, as block_halves gives them (Q4_0's lane 2 j + 1 holds
- * weight bytes: tilerx4_vnni takes its d as c); Q8_0, Q4_0 and Q4_1 read the four rows with each
- * instruction. ks: the rows' k_scales. */
+ * their (d, c) in lanes 2 j, 2 j + 1 of *dm, as block_halves gives them (Q4_0's and Q5_0's lane 2 j + 1
+ * holds weight bytes: tilerx4_vnni takes their d as c); Q8_0 and the Q4 and Q5 types read the four
+ * rows with each instruction. ks: the rows' k_scales. */
 IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __m512i *wl, __m512i *wh, __m256 *dm,
                            float ks[4][16], __m512i sc[2]) {
-    if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1) {
+    const int q5 = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
+    if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || q5) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
-        if (wtype == IL_W_Q8_0) { /* each row's 32 weights in one load; low halves to wl, high ones to wh */
+        if (q5) { /* the nibbles as Q4's; the fifth bits (qh: bit l for weight l) as byte masks, 16 a lane */
+            const int qh = wtype == IL_W_Q5_1 ? 4 : 2;
+            uint64_t lo = 0, hi = 0;
+            for (int j = 0; j < 4; j++) {
+                uint32_t h;
+                memcpy(&h, w[j] + at + qh, sizeof h);
+                lo |= (uint64_t)(h & 0xFFFF) << 16 * j, hi |= (uint64_t)(h >> 16) << 16 * j;
+            }
+            const __m512i v = lanes4(w, at + qh + 4), low4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+            *wl = _mm512_or_si512(_mm512_and_si512(v, low4), _mm512_maskz_mov_epi8(lo, sixteen));
+            *wh = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), _mm512_maskz_mov_epi8(hi, sixteen));
+        } else if (wtype == IL_W_Q8_0) { /* each row's 32 weights in one load; low halves to wl, high ones to wh */
             const __m512i r01 = _mm512_inserti64x4(
                 _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w[0] + at + 2))),
                 _mm256_loadu_si256((const __m256i *)(w[1] + at + 2)), 1);
@@ -54,7 +66,7 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
             const __m512i v = lanes4(w, at + (wtype == IL_W_Q4_1 ? 4 : 2)), low4 = _mm512_set1_epi8(0x0F);
             *wl = _mm512_and_si512(v, low4), *wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         }
-        uint32_t h[4]; /* each block's first 4 bytes: d, then m (Q4_1) or a byte of weights */
+        uint32_t h[4]; /* each block's first 4 bytes: d, then m (Q4_1, Q5_1) or bytes of weights */
         for (int j = 0; j < 4; j++) memcpy(h + j, w[j] + at, sizeof h[j]);
         *dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
         return;
@@ -84,8 +96,8 @@ IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint
     for (int i = 0; i < 4; i++) corrv[i] = _mm_setzero_ps();
     const int nb = K / 32, signed_w = signed_weights(wtype);
     const __m512i d_of = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
-    const __m256i c_of = wtype == IL_W_Q4_0 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6) /* its d, scaled in finish8 */
-                                            : _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+    const __m256i c_of = wtype == IL_W_Q4_0 || wtype == IL_W_Q5_0 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6) /* d */
+                                                                : _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     float ks[4][16];
     for (int b = 0; b < nb; b++) {
         k_scales_rows(wtype, w, 4, b, ks);

@@ -18,13 +18,13 @@ IL_INLINE __m256i fifth_bits(uint32_t h) {
 
 /* Whether a type's 256-weight blocks have float scales per sub-block that k_scales computes. */
 IL_INLINE int k_scaled(int wtype) {
-    return wtype == IL_W_Q4_K || wtype == IL_W_Q5_K || wtype == IL_W_Q6_K || wtype == IL_W_IQ4_XS;
+    return wtype == IL_W_Q4_K || wtype == IL_W_Q5_K || wtype == IL_W_Q6_K || wtype == IL_W_Q3_K || wtype == IL_W_IQ4_XS;
 }
 
 /* Block B's float scales for all of its sub-blocks at once, with the same operations the decoders
  * below use for one (unpacking them a sub-block at a time cost about as much as its 32 weights):
- * Q4_K / Q5_K: ks[j] = d * sc_j and ks[8 + j] = -(dmin * min_j), sub-block j; Q6_K: ks[i] = d *
- * scale_i, weights 16 i ..; IQ4_XS: ks[j] = d * scale_j. */
+ * Q4_K / Q5_K: ks[j] = d * sc_j and ks[8 + j] = -(dmin * min_j), sub-block j; Q6_K, Q3_K: ks[i] =
+ * d * scale_i, weights 16 i ..; IQ4_XS: ks[j] = d * scale_j. */
 IL_INLINE void k_scales(int wtype, const uint8_t *row, int B, float ks[16]) {
     if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) { /* 12 bytes: 6-bit scales and minimums (il_scale_min_k4) */
         const il_q4_K *b4 = (const il_q4_K *)row + B;
@@ -47,15 +47,19 @@ IL_INLINE void k_scales(int wtype, const uint8_t *row, int B, float ks[16]) {
         const __m256 d = _mm256_set1_ps(_cvtsh_ss(k6->d));
         _mm256_storeu_ps(ks, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
         _mm256_storeu_ps(ks + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+    } else if (wtype == IL_W_Q3_K) {
+        const il_q3_K *k3 = (const il_q3_K *)row + B;
+        for (int i = 0; i < 16; i++) ks[i] = _cvtsh_ss(k3->d) * il_q3_K_scale(k3, i);
     } else if (wtype == IL_W_IQ4_XS) {
         const il_iq4_xs *xs = (const il_iq4_xs *)row + B;
         for (int j = 0; j < 8; j++) ks[j] = _cvtsh_ss(xs->d) * il_iq4_xs_scale(xs, j);
     }
 }
 
-/* Rows w[0..n)'s k_scales as sub-block b starts a 256-weight block (a no-op for other types). */
+/* Rows w[0..n)'s k_scales as sub-block b starts a 256-weight block, for the int8 tiles (a no-op for
+ * other types, and for Q6_K and Q3_K, whose integer scales those multiply instead). */
 IL_INLINE void k_scales_rows(int wtype, const uint8_t *const w[], int n, int b, float ks[][16]) {
-    if (k_scaled(wtype) && b % 8 == 0)
+    if (k_scaled(wtype) && !il_k16_type(wtype) && b % 8 == 0)
         for (int j = 0; j < n; j++) k_scales(wtype, w[j], b / 8, ks[j]);
 }
 

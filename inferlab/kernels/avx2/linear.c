@@ -110,7 +110,7 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, const float *ks, _
             __m128i lo, hi;
             int sc[2];
             const float d = k16_halves(wtype, row, k / 32, &lo, &hi, sc);
-            const int i = k / 16 % 16, given = wtype == IL_W_Q6_K && ks; /* Q6_K's from ks: the same products */
+            const int i = k / 16 % 16, given = ks != NULL; /* from ks: the same products */
             const __m256 d0 = _mm256_set1_ps(given ? ks[i] : d * sc[0]);
             const __m256 d1 = _mm256_set1_ps(given ? ks[i + 1] : d * sc[1]);
             w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d0);
@@ -192,7 +192,7 @@ IL_INLINE void micro_direct(const float *x, int64_t lx, const uint8_t *const w[D
             __m256 wv[4];
             for (int o = 0; o < 32 / be * bb; o += 64) /* every line: 32 fp32 weights span two */
                 _mm_prefetch((const char *)w[j] + (int64_t)k / be * bb + PREFETCH_BYTES + o, _MM_HINT_T0);
-            k_scales_rows(wtype, w + j, 1, k / 32, ks + j);
+            if (k_scaled(wtype) && k % 256 == 0) k_scales(wtype, w[j], k / 256, ks[j]);
             decode32(wtype, w[j], k, ks[j], wv);
             for (int c = 0; c < 4; c++)
                 for (int i = 0; i < R; i++)

@@ -55,17 +55,18 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
     model_class = GGUF_ARCHS[arch]
     args = model_class.args_from_gguf(arch, fields, {t.name for t in reader.tensors})
     names = {**GGUF_NAMES, **model_class.gguf_names}
-    tensors = []
+    tensors, readable = [], set()  # readable: the types gguf's numpy code was seen to dequantize
     for t in reader.tensors:
         wtype = quant.BY_CODE.get(int(t.tensor_type))
         if wtype is None:
             raise ModelLoadError(f"tensor {t.name!r} has type {t.tensor_type.name}, which InferLab cannot read; "
                                  f"supported: {', '.join(w.name for w in (*quant.TYPES, *quant.DEQUANTIZED_AT_LOAD))}")
-        if not wtype.native:  # read by gguf's numpy code at load: fail here, naming the tensor, if it cannot
-            try:
-                quant.dequantize(torch.from_numpy(np.array(t.data).reshape(-1)[:wtype.nbytes].reshape(1, -1)), wtype)
+        if not wtype.native and wtype not in readable:  # fail here, naming the tensor, if gguf cannot read it
+            try:  # one block is enough to tell
+                quant.dequantize(torch.from_numpy(np.array(t.data.reshape(-1)[:wtype.nbytes]).reshape(1, -1)), wtype)
             except ValueError as e:
                 raise ModelLoadError(f"tensor {t.name!r}: {e}") from None
+            readable.add(wtype)
         if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= args.num_layers:
             continue  # a multi-token-prediction block after the decoder's layers
         data = np.array(t.data)  # a copy: the reader's arrays are read-only views of the file

@@ -229,7 +229,7 @@ def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
     unread = Counter(wtype.name for _, _, wtype in tensors if not wtype.native)
     if unread:
         dtype_name = str(torch_dtype).removeprefix("torch.")
-        to = (f"then quantized to {quantization}" if quantization in ("q8_0", "q4_0", "q4_1") else
+        to = (f"then quantized to {quantization}" if quantization not in ("auto", "none") else
               f"to {dtype_name}, larger than stored (--quantization q8_0 keeps them smaller)")
         log.warning("%d tensors are of types no kernel here reads (%s): dequantized at load, %s",
                     unread.total(), ", ".join(f"{n} {t}" for t, n in unread.items()), to)

@@ -4,8 +4,9 @@
  *
  * W is used as it is stored, row-major, as the left operand: an A tile is 16 weight rows x 32
  * inputs, loaded with W's row stride. x is repacked once per call into the pair-interleaved layout
- * AMX wants for its right operand (K pairs x 16 rows of x), so each tile product yields 16 outputs
- * x 16 rows of x; those are transposed on the way out and stored as bf16, or as fp32 where the
+ * AMX wants for its right operand (K pairs x 16 rows of x; up to 16 rows, by each thread for itself),
+ * so each tile product yields 16 outputs x 16 rows of x; those are transposed (up to 4 rows: gathered)
+ * on the way out and stored as bf16, or as fp32 where the
  * caller asks (a bf16 model's logits). No weight copy or prepacking. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and
  * Q4_K blocks regrouped for the tiles (t16, regrouped.h) are decoded one A tile at a time into exactly the bf16 weights a load-time
  * dequantization would have made, so they give the same bits from a quarter of the bytes. Other types,
@@ -43,6 +44,22 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
+/* The B tile of pairs 16 c .. 16 c + 15 of x's rows 0 .. live - 1 (x's rows `pairs` dwords apart; rows
+ * from live to 16 are zeros) at dst: dst[16 p + i] = pair 16 c + p of row i. A 16 x 16 transpose, or
+ * for one row a permute a tile row (masked gathers did it before, 16 loads a tile row). */
+IL_INLINE void pack_b_tile(const uint32_t *x, int64_t pairs, int live, int c, uint32_t *dst) {
+    if (live == 1) {
+        const __m512i v = _mm512_loadu_si512(x + 16 * c);
+        for (int p = 0; p < 16; p++)
+            _mm512_store_si512(dst + 16 * p, _mm512_maskz_permutexvar_epi32(1, _mm512_set1_epi32(p), v));
+        return;
+    }
+    __m512 r[16];
+    for (int i = 0; i < 16; i++) r[i] = i < live ? _mm512_loadu_ps(x + i * pairs + 16 * c) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int p = 0; p < 16; p++) _mm512_store_ps(dst + 16 * p, r[p]);
+}
+
 /* Fetch the rows of W's A tile `ahead` steps past step k (running on into the next blocks of rows)
  * into L1 (l1) or L2. */
 IL_INLINE void prefetch_a(const uint16_t *w, const uint16_t *a, int k, int ahead, int N, int K, const int l1) {
@@ -67,20 +84,30 @@ IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, c
     {
         /* xp[j][p][i] = pair p of x row 16 j + i: a B tile (16 pairs of 16 rows) is 1 KB in one piece.
          * From L1, tile products with such B tiles ran at 8 ns against 14 with rows 256 bytes apart
-         * (the layout xp[p][m] had); the layers' matmuls at 64 rows, weights from memory: 14.6 -> 14.1 ms */
-        const __m512i row_offsets = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(pairs));
+         * (the layout xp[p][m] had); the layers' matmuls at 64 rows, weights from memory: 14.6 -> 14.1 ms.
+         * Up to 16 rows each thread packs all of x for itself (xp holds a copy a thread): a shared copy
+         * costs a barrier and the other core's cache lines, which took longer than the packing. */
+        const int own = mb == 1, tiles_k = pairs / 16;
+        uint32_t *xt = own ? xp + (int64_t)omp_get_thread_num() * pairs * 16 : xp;
+        if (own) {
+            for (int c = 0; c < tiles_k; c++) pack_b_tile(x, pairs, M, c, xt + (int64_t)c * 256);
+        } else {
+            const __m512i row_offsets = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(pairs));
 #pragma omp for schedule(static)
-        for (int p = 0; p < pairs; p++)
-            for (int j = 0; j < mb; j++) {
-                const int left = M - 16 * j;
-                const __mmask16 live = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-                _mm512_storeu_si512(xp + ((int64_t)j * pairs + p) * 16,
-                                    _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, row_offsets,
-                                                                (const int *)x + (int64_t)16 * j * pairs + p, 4));
-            }
+            for (int p = 0; p < pairs; p++)
+                for (int j = 0; j < mb; j++) {
+                    const int left = M - 16 * j;
+                    const __mmask16 live = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+                    _mm512_storeu_si512(xp + ((int64_t)j * pairs + p) * 16,
+                                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, row_offsets,
+                                                                    (const int *)x + (int64_t)16 * j * pairs + p, 4));
+                }
+        }
         amx_configure();
         float c[16 * AMX_MAX_ROWS] __attribute__((aligned(64)));  /* c[n][m]: one block's outputs */
+        const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                  _mm512_set1_epi32(mp)); /* c's column m: c + m + n mp */
         uint16_t decoded[2][512] __attribute__((aligned(64)));    /* t16: A tiles, in turn */
         /* t16: a group's block, its 32-input steps, and the bytes a step takes on average */
         const int64_t group_bytes = 16 * (int64_t)il_block_bytes(wtype);
@@ -95,7 +122,7 @@ IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, c
             _tile_zero(2);
             _tile_zero(3);
             for (int k = 0; k < K / 32; k++) {
-                const uint32_t *b = xp + (int64_t)k * 256;  /* block j's tile at b + j * 16 * pairs */
+                const uint32_t *b = xt + (int64_t)k * 256;  /* block j's tile at b + j * 16 * pairs */
                 /* The hardware prefetcher falls behind on W's 16 row streams and cannot guess where
                  * the next block of rows starts. Fetching 2 steps ahead took the layers' matmuls at
                  * 64 rows from 21 to 17.5 ms; running on into the next block (only K / 32 = 18 steps
@@ -132,13 +159,20 @@ IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, c
             if (mb > 1) _tile_stored(1, c + 16, mp * 4);
             if (mb > 2) _tile_stored(2, c + 32, mp * 4);
             if (mb > 3) _tile_stored(3, c + 48, mp * 4);
-            for (int j = 0; j < mb; j++) {  /* column m of c is row m's 16 outputs */
+            const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + 16 * nb))), 16))
+                                  : _mm512_setzero_ps();
+            for (int m = 0; M <= 4 && m < M; m++) { /* a few columns: gathered (the transpose takes 64 shuffles) */
+                const __m512 out = _mm512_add_ps(_mm512_i32gather_ps(column, c + m, 4), b);
+                if (ydtype == IL_F32)
+                    _mm512_storeu_ps((float *)y + (int64_t)m * ldy + 16 * nb, out);
+                else
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)y + (int64_t)m * ldy + 16 * nb), (__m256i)_mm512_cvtneps_pbh(out));
+            }
+            for (int j = 0; M > 4 && j < mb; j++) {  /* column m of c is row m's 16 outputs */
                 __m512 r[16];
                 for (int n = 0; n < 16; n++) r[n] = _mm512_load_ps(c + n * mp + 16 * j);
                 transpose16(r);
-                const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + 16 * nb))), 16))
-                                      : _mm512_setzero_ps();
                 for (int m = 16 * j; m < M && m < 16 * j + 16; m++) {
                     const __m512 out = _mm512_add_ps(r[m - 16 * j], b);
                     const int64_t at = (int64_t)m * ldy + 16 * nb;
@@ -172,7 +206,8 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
         free(ids);
         return status;
     }
-    uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * ((rows + 15) / 16));
+    const int copies = rows <= 16 ? num_threads : (rows + 15) / 16;
+    uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * copies); /* linear_tiles says why */
     if (!xp) return 2;
     switch (wtype) { /* each type its own compiled loop */
 #define TILES(T) case T: linear_tiles(x, w, T, bias, y, ldy, ydtype, rows, K, N, num_threads, xp); break;

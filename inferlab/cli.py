@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_record_arg(s)
     add_engine_args(s)
     # a server keeps its streams flowing while prompts arrive: steps sized to a time, not 2,048 tokens
-    s.set_defaults(func=cmd_serve, max_num_batched_tokens="auto")
+    # and a long-running server takes its KV memory at start, as vLLM does (--no-kv-cache-prefault: lazily)
+    s.set_defaults(func=cmd_serve, max_num_batched_tokens="auto", kv_cache_prefault=True)
     r = sub.add_parser("router", help="OpenAI-compatible proxy in front of several `inferlab serve` instances")
     r.add_argument("--backend", action="append", default=[], metavar="URL", help="an instance (repeatable)")
     r.add_argument("--policy", default="round_robin", choices=["round_robin", "least_loaded", "prefix"],

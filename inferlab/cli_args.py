@@ -37,6 +37,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
+    g.add_argument("--kv-cache-prefault", action=argparse.BooleanOptionalAction, default=False,
+                   help="touch every page of the KV pool at start, as vLLM and llama.cpp do: the memory is held "
+                        "from then on and no request pays a page's first use, for a longer start (default: off; "
+                        "on for serve)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=budget_arg, default=2048,
@@ -108,6 +112,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization,
                         int8_activations=a.int8_activations, device=a.device,
                         block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
+                        kv_cache_prefault=a.kv_cache_prefault,
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,

@@ -98,9 +98,10 @@ class LLMEngine:
         # max_num_batched_tokens="auto": the budget follows the measured step time
         self.budget = StepBudget(config.step_time_target) if config.max_num_batched_tokens == "auto" else None
         native = config.attention_backend != "torch"
-        self.runner = executor.start(num_blocks, config.block_size, self.eos_token_ids, native) if executor else \
+        self.runner = executor.start(num_blocks, config.block_size, self.eos_token_ids, native,
+                                     config.kv_cache_prefault) if executor else \
             ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids, native,
-                        fused=not config.enforce_eager)
+                        fused=not config.enforce_eager, prefault=config.kv_cache_prefault)
         self.host_pool = HostKVPool(self.runner, num_host_blocks)  # allocated by the first swap, if any
         args, kv = self.model.args, config.kv_transfer_config
         # blocks in a shared store are named by model, dtype and block shape: other models' never mix in
@@ -121,9 +122,10 @@ class LLMEngine:
         # Called with each step's outputs after the step (a recorder, a dashboard feed); empty
         # unless someone watches, so watching costs nothing when nobody does.
         self.step_observers: list[Callable[[list[RequestOutput]], None]] = []
-        log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s)", num_blocks,
+        log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s%s)", num_blocks,
                  config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
-                 str(self.dtype).removeprefix("torch."), self.device)
+                 str(self.dtype).removeprefix("torch."), self.device,
+                 ", pages touched at start" if config.kv_cache_prefault and self.device.type == "cpu" else "")
         native = self.runner.native
         int8 = "" if not config.int8_activations else (
             " (int8 into integer-block layers)" if any(getattr(m, "int8_active", False) for m in self.model.modules())

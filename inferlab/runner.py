@@ -48,7 +48,8 @@ def kv_pool_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, de
     return budget // per_block, per_block
 
 
-def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                    prefault: bool = False) -> torch.Tensor:
     """A zero-filled pool. Masked-out slots still enter attention as 0 * value, so they must
     hold finite numbers. On CPU, anonymous mmap gives zero pages that the OS faults in only as
     blocks are first used, so a large pool costs nothing at start (torch.zeros would touch
@@ -57,7 +58,10 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     Linux offers them (measured, 64 decodes x 300 keys, one core: attention 210 -> 192 ms a step,
     the whole step 744 -> 689 ms). The mapping is private: a shared one is shmem, which Linux backs
     with huge pages only where shmem_enabled says so, by default never (so on the AVX2 VM the pool had
-    none: attention_speed.py 2.57 -> 2.44 ms a layer once private)."""
+    none: attention_speed.py 2.57 -> 2.44 ms a layer once private). `prefault` writes the zeros now
+    (both threads faulting pages in), so first uses cost nothing: on a KVM guest a fresh 2 MiB page
+    took 2.6 ms (0.74 GiB/s), and the `cpu` workload ran 3-10% faster with it (955-988 -> 982-1,060 tok/s,
+    alternating)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
@@ -65,7 +69,10 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
                     flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
+    pool = torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
+    if prefault:
+        torch.frombuffer(buf, dtype=torch.uint8).zero_()
+    return pool
 
 
 # The kernel scores each query row on its own, so a long chunk over a cached prefix re-reads the
@@ -124,12 +131,13 @@ def pool_shape(args, num_blocks: int, block_size: int, tp_size: int = 1) -> tupl
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, eos_ids: set[int],
                  native: bool = True, fused: bool = True, tp_size: int = 1,
-                 kv_cache: torch.Tensor | None = None) -> None:
+                 kv_cache: torch.Tensor | None = None, prefault: bool = False) -> None:
         """native=False keeps attention on the PyTorch reference path even where the kernels run;
         fused=False runs every step through the Python model, op by op (no tape); tp_size: the
         model is one rank's shard of that many, and so is the pool (its share of the KV heads);
         kv_cache: another runner's pool to read and write instead of a new one (a draft model that
-        shares its target's K/V), of the shape this model's pool would have."""
+        shares its target's K/V), of the shape this model's pool would have; prefault: touch the new
+        pool's pages now (`allocate_zeroed`)."""
         args = model.args
         self.model = model
         self.block_size = block_size
@@ -138,7 +146,7 @@ class ModelRunner:
         shape = pool_shape(args, num_blocks, block_size, tp_size)
         if kv_cache is not None and (tuple(kv_cache.shape) != shape or kv_cache.dtype != dtype):
             raise ValueError(f"a shared KV pool must be {shape} {dtype}, got {tuple(kv_cache.shape)} {kv_cache.dtype}")
-        self.kv_cache = kv_cache if kv_cache is not None else allocate_zeroed(shape, dtype, self.device)
+        self.kv_cache = kv_cache if kv_cache is not None else allocate_zeroed(shape, dtype, self.device, prefault)
         heads, kv_heads = args.num_heads // tp_size, args.num_kv_heads // tp_size
         self.kv_caches = [tuple(self.kv_cache[:, i]) for i in range(args.num_layers)]
         use_native = native and self.device.type == "cpu" and dtype in kernels.DTYPE_CODES and \

@@ -1,6 +1,9 @@
 """The learning path's KV switches on the engine: reservation up front and its out-of-KV-memory
-error, preemption by swap (a host pool) beside recompute, and the config checks."""
+error, preemption by swap (a host pool) beside recompute, the pool's pages taken at start or on
+first use, and the config checks."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 from inferlab import LLM, EngineConfig, SamplingParams
 from inferlab.allocation import OutOfKVMemoryError
 from inferlab.request import RequestStatus
+from inferlab.runner import allocate_zeroed
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -149,3 +153,29 @@ def test_bad_mode_is_one_line_value_error(field, value, message):
     with pytest.raises(ValueError) as e:
         EngineConfig(**{field: value})
     assert str(e.value) == message
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident memory from Linux's /proc")
+def test_a_prefaulted_pool_is_resident_from_the_start_and_a_lazy_one_is_not():
+    """kv_cache_prefault: every page of the pool is taken at start (as vLLM's and llama.cpp's are);
+    by default pages are taken only as blocks are first used. Either way the pool reads as zeros."""
+    shape, size = (64, 16, 16384), 64 << 20  # 64 MiB of fp32
+    before = _resident_bytes()
+    lazy = allocate_zeroed(shape, torch.float32, torch.device("cpu"))
+    lazy_grew = _resident_bytes() - before
+    before = _resident_bytes()
+    eager = allocate_zeroed(shape, torch.float32, torch.device("cpu"), prefault=True)
+    eager_grew = _resident_bytes() - before
+    assert eager_grew >= size * 0.9, eager_grew
+    assert lazy_grew < size * 0.1, lazy_grew
+    assert not eager.any() and not lazy.any()
+
+
+def test_prefaulted_engine_gives_the_same_tokens(make_tiny_engine):
+    reqs = {"a": (40, 12), "b": (9, 20)}
+    assert run(make_tiny_engine(kv_cache_prefault=True), reqs) == run(make_tiny_engine(), reqs)

@@ -127,13 +127,15 @@ class TensorParallelExecutor:
             pass
         self._stop()
 
-    def start(self, num_blocks: int, block_size: int, eos_ids: set[int], native: bool = True) -> TensorParallelExecutor:
+    def start(self, num_blocks: int, block_size: int, eos_ids: set[int], native: bool = True,
+              prefault: bool = False) -> TensorParallelExecutor:
         """Every rank's runner over its share of a pool of `num_blocks` blocks; returns self. Decode
         steps run op by op: a tape of the forward pass cannot hold its collectives."""
         try:
-            self.store.set("pool", json.dumps({"num_blocks": num_blocks, "block_size": block_size, "native": native}))
+            self.store.set("pool", json.dumps({"num_blocks": num_blocks, "block_size": block_size, "native": native,
+                                               "prefault": prefault}))
             self.runner = ModelRunner(self.model, num_blocks, block_size, eos_ids, native, fused=False,
-                                      tp_size=self.size)
+                                      tp_size=self.size, prefault=prefault)
             wait_phase(self.store, "ready", self.others, self.check_workers)
             self.group.connect(self.store, self.device)
         except BaseException as e:

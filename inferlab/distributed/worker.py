@@ -63,7 +63,7 @@ def run_rank(rank: int, size: int, store: dist.Store, local_index: int, local_si
         phase = "ready"
         pool = json.loads(wait_for(store, ["pool"], check_driver)[0])
         runner = ModelRunner(model, pool["num_blocks"], pool["block_size"], set(), native=pool["native"], fused=False,
-                             tp_size=size)
+                             tp_size=size, prefault=pool["prefault"])
         report(store, phase, rank)
         phase = "step"
         group.connect(store, device)

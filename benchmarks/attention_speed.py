@@ -18,7 +18,7 @@ import time
 import torch
 
 from inferlab import kernels
-from inferlab.runner import allocate_zeroed
+from inferlab.kv_pool import allocate_zeroed
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 

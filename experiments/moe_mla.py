@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from common import figure, parse_args, table, write
 
 from inferlab import LLM, SamplingParams
+from inferlab.kv_pool import kv_bytes_per_block
 from inferlab.model.layers.moe import Experts, Routing, select_experts
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.loader import HF_ARCHS, MODELS, embedded_model_path
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
-from inferlab.runner import kv_bytes_per_block
 
 BF16 = 2
 # config.json fields as published on the Hugging Face hub (only those the shapes depend on)

@@ -19,6 +19,7 @@ from inferlab.config import EngineConfig
 from inferlab.distributed import EngineDeadError
 from inferlab.distributed.executor import TensorParallelExecutor
 from inferlab.inputs import PromptType, check_request, parse_prompt
+from inferlab.kv_pool import kv_pool_blocks
 from inferlab.kv_swap import HostKVPool
 from inferlab.kv_transfer import make_connector
 from inferlab.malloc import keep_freed_memory
@@ -31,7 +32,7 @@ from inferlab.outputs import RequestOutput
 from inferlab.policy import make_queue
 from inferlab.radix_cache import PREFIX_CACHES
 from inferlab.request import Request, RequestStatus
-from inferlab.runner import ModelRunner, kv_pool_blocks
+from inferlab.runner import ModelRunner
 from inferlab.sampler import request_generator
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler

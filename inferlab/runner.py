@@ -1,10 +1,7 @@
-"""ModelRunner: owns the KV pool tensor, turns a scheduled batch into model inputs, runs the
-model and samples. It knows nothing of queues or policies."""
+"""ModelRunner: owns the KV pool tensor (sized and allocated by `kv_pool`), turns a scheduled batch
+into model inputs, runs the model and samples. It knows nothing of queues or policies."""
 from __future__ import annotations
 
-import math
-import mmap
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,68 +9,14 @@ import numpy as np
 import torch
 
 from inferlab import kernels
-from inferlab.config import EngineConfig
-from inferlab.model.base import CausalLM, ModelArgs
+from inferlab.kv_pool import allocate_zeroed, pool_shape
+from inferlab.model.base import CausalLM
 from inferlab.model.layers import AttentionMetadata, NativeRows, PrefillSeq
 from inferlab.model.layers.attention import prefill_kernel_runs
 from inferlab.request import Request
 from inferlab.sampler import SampleResult, sample
 from inferlab.spec_decode.rejection import sample_rows
 from inferlab.tape import DecodeTape
-
-
-def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """One block's bytes in one rank's pool (tensor parallelism splits the pool by KV heads)."""
-    return args.num_layers * block_size * args.kv_bytes_per_token(dtype) // tp_size
-
-
-def default_kv_cache_memory(device: torch.device) -> int:
-    """80% of free GPU memory (the weights are loaded already), or 20% of RAM up to 4 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(4 << 30, total // 5)
-
-
-def kv_pool_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """(blocks, bytes a block) of one rank's pool: `num_kv_blocks`, else `kv_cache_memory` bytes or
-    the device's default share."""
-    per_block = kv_bytes_per_block(args, config.block_size, dtype, config.tensor_parallel_size)
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks, per_block
-    budget = config.kv_cache_memory or default_kv_cache_memory(device)
-    if budget < per_block:
-        raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
-    return budget // per_block, per_block
-
-
-def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                    prefault: bool = False) -> torch.Tensor:
-    """A zero-filled pool. Masked-out slots still enter attention as 0 * value, so they must
-    hold finite numbers. On CPU, anonymous mmap gives zero pages that the OS faults in only as
-    blocks are first used, so a large pool costs nothing at start (torch.zeros would touch
-    every page: seconds for a few GiB). Blocks lie anywhere in it, so attention would miss the TLB
-    at almost every block with 4 KiB pages: the pool asks for transparent huge pages (2 MiB) where
-    Linux offers them (measured, 64 decodes x 300 keys, one core: attention 210 -> 192 ms a step,
-    the whole step 744 -> 689 ms). The mapping is private: a shared one is shmem, which Linux backs
-    with huge pages only where shmem_enabled says so, by default never (so on the AVX2 VM the pool had
-    none: attention_speed.py 2.57 -> 2.44 ms a layer once private). `prefault` writes the zeros now
-    (both threads faulting pages in), so first uses cost nothing: on a KVM guest a fresh 2 MiB page
-    took 2.6 ms (0.74 GiB/s), and the `cpu` workload ran 3-10% faster with it (955-988 -> 982-1,060 tok/s,
-    alternating)."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    numel = math.prod(shape)
-    buf = mmap.mmap(-1, max(1, numel * torch.empty(0, dtype=dtype).element_size()),
-                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    pool = torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
-    if prefault:
-        torch.frombuffer(buf, dtype=torch.uint8).zero_()
-    return pool
-
 
 # The kernel scores each query row on its own, so a long chunk over a cached prefix re-reads the
 # prefix once per row; past ~16 rows gathering the prefix once and running SDPA is faster (measured
@@ -119,13 +62,6 @@ class StepBatch:
     def logit_widths(self) -> np.ndarray:
         """Rows of logits each sequence with `sample` set gets: 1, or 1 + its drafts."""
         return 1 + self.spec[self.sample] if self.spec is not None else np.ones(int(self.sample.sum()), np.int64)
-
-
-def pool_shape(args, num_blocks: int, block_size: int, tp_size: int = 1) -> tuple[int, ...]:
-    """(tensors, layers, blocks, block_size, heads, head_dim): K and V, or MLA's one latent; a
-    tensor-parallel rank holds its share of the KV heads."""
-    parts, blocks, _, pool_heads, width = args.kv_cache_shape(num_blocks, block_size)
-    return parts, args.num_layers, blocks, block_size, pool_heads // tp_size, width
 
 
 class ModelRunner:

@@ -76,6 +76,15 @@ def test_serve_takes_its_kv_memory_at_start_and_the_other_commands_on_first_use(
         assert engine_config(parser.parse_args(argv)).kv_cache_prefault is want, argv
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads the free memory from Linux's /proc")
+def test_a_kv_pool_larger_than_the_free_memory_is_refused_at_start_in_one_line():
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    r = inferlab("generate", "hi", "--kv-cache-prefault", "--kv-cache-memory", str(2 * available))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the KV pool of "), r.stderr
+
+
 def test_bad_option_is_one_clear_line():
     r = inferlab("generate", "hi", "--temperature", "-1", "--num-kv-blocks", "8")
     assert r.returncode == 2

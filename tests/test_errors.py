@@ -118,7 +118,7 @@ def test_max_model_len_beyond_the_model_is_refused(make_tiny_engine):
 
 
 def test_pool_sized_from_memory_budget(make_tiny_engine):
-    from inferlab.runner import kv_bytes_per_block
+    from inferlab.kv_pool import kv_bytes_per_block
     engine = make_tiny_engine(num_kv_blocks=None, kv_cache_memory=1 << 20)
     per_block = kv_bytes_per_block(engine.model.args, 4, engine.dtype)
     assert engine.block_manager.num_blocks == (1 << 20) // per_block

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from inferlab import LLM, EngineConfig, SamplingParams
+from inferlab import LLM, EngineConfig, SamplingParams, kv_pool
 from inferlab.allocation import OutOfKVMemoryError
+from inferlab.kv_pool import allocate_zeroed
 from inferlab.request import RequestStatus
-from inferlab.runner import allocate_zeroed
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -179,3 +179,10 @@ def test_a_prefaulted_pool_is_resident_from_the_start_and_a_lazy_one_is_not():
 def test_prefaulted_engine_gives_the_same_tokens(make_tiny_engine):
     reqs = {"a": (40, 12), "b": (9, 20)}
     assert run(make_tiny_engine(kv_cache_prefault=True), reqs) == run(make_tiny_engine(), reqs)
+
+
+def test_a_pool_too_large_to_take_at_start_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(kv_pool, "available_memory", lambda: 1 << 20)
+    with pytest.raises(ValueError, match=r"^the KV pool of 0.0 GiB cannot be taken at start: 0.0 GiB is available"):
+        allocate_zeroed((4, 1 << 20), torch.float32, torch.device("cpu"), prefault=True)
+    assert allocate_zeroed((4, 1 << 20), torch.float32, torch.device("cpu")).shape == (4, 1 << 20)  # lazily: as before

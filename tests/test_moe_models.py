@@ -35,8 +35,8 @@ from test_hf_models import (  # noqa: F401 - one_thread: the autouse fixture, fo
 )
 
 from inferlab import LLM, EngineConfig, LLMEngine, SamplingParams
+from inferlab.kv_pool import kv_bytes_per_block
 from inferlab.model.loader import load_model
-from inferlab.runner import kv_bytes_per_block
 
 NEW_TOKENS = 12
 TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,

@@ -7,8 +7,8 @@ import random
 import time
 
 from inferlab.engine import LLMEngine
+from inferlab.kv_pool import kv_bytes_per_block
 from inferlab.kv_swap import HostKVPool
-from inferlab.runner import kv_bytes_per_block
 from inferlab.sampling_params import SamplingParams
 from inferlab.sim.cost_model import CostModel, StepFeatures
 

@@ -40,7 +40,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-prefault", action=argparse.BooleanOptionalAction, default=False,
                    help="touch every page of the KV pool at start, as vLLM and llama.cpp do: the memory is held "
                         "from then on and no request pays a page's first use, for a longer start (default: off; "
-                        "on for serve)")
+                        "on for serve and bench)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=budget_arg, default=2048,

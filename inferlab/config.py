@@ -36,7 +36,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: a default for the device
     # True: touch every page of the KV pool at start, as vLLM and llama.cpp do: the memory is held from
     # then on and no request pays the first use of a page (about 1.3 ms a MB on some VMs), for a
-    # longer start. False (the default on CPU): pages are taken as blocks are first used
+    # longer start (the default of `inferlab serve` and `bench`). False: pages are taken as blocks are first used
     kv_cache_prefault: bool = False
     max_model_len: int | None = None  # None: the model's context length
     max_num_seqs: int = 256

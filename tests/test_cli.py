@@ -67,12 +67,13 @@ def test_threads_help_says_what_the_default_does():
     assert "CPU threads for the model (default: the cores other processes leave free" in " ".join(r.stdout.split())
 
 
-def test_serve_takes_its_kv_memory_at_start_and_the_other_commands_on_first_use():
+def test_serve_and_bench_take_their_kv_memory_at_start_and_the_other_commands_on_first_use():
     from inferlab.cli import build_parser
     from inferlab.cli_args import engine_config
     parser = build_parser()
     for argv, want in ((["serve"], True), (["serve", "--no-kv-cache-prefault"], False), (["generate", "hi"], False),
-                       (["generate", "hi", "--kv-cache-prefault"], True), (["bench"], False)):
+                       (["generate", "hi", "--kv-cache-prefault"], True), (["bench"], True),
+                       (["bench", "--latency", "--no-kv-cache-prefault"], False)):
         assert engine_config(parser.parse_args(argv)).kv_cache_prefault is want, argv
 
 

@@ -16,7 +16,7 @@
  * avx512/int8_quads.h): the same lanes and operations, about half the instructions. Without
  * AVX-512, the tiles put two weight rows in the lanes of a 256-bit register the same way
  * (int8_pairs.h: tile1x4_pairs for one input row, tilerx2_pairs for two to four). Q2_K, whose
- * minimums per 16 weights take a second product, keeps tile8. With VNNI (that build, and avxvnni/int8.c's
+ * minimums per 16 weights take a second product, keeps tile8 at one row. With VNNI (that build, and avxvnni/int8.c's
  * AVX-VNNI one) a half's byte products are one dpbusd (dot32): the same lanes.
  */
 #include <stdlib.h>
@@ -181,18 +181,19 @@ IL_INLINE void tile8(const int8_t *xq, const float *x4, int K, const uint8_t *co
 #ifdef __AVX512VNNI__
 #include "../avx512/int8_quads.h"
 #define TILE1X4(T) tilerx4_vnni(xq, x4, K, w, T, 1, out)
-#define TILE1X4_TYPE(T) (!il_k16_min_type(T))
-#define I8_FEW(T, R) (TILE1X4_TYPE(T) ? tilerx4_vnni(xq, x4, K, w, T, R, out) : tile8(xq, x4, K, w, T, R, 4, out))
-#define I8_TWO(T) (TILE1X4_TYPE(T) ? tilerx4_vnni(xq, x4, K, w, T, 2, out) : tile8(xq, x4, K, w, T, 2, 2, out))
-#define I8_COLS(T, R) ((R) == 2 && !TILE1X4_TYPE(T) ? 2 : 4) /* weight rows per tile */
+#define I8_FEW(T, R) tilerx4_vnni(xq, x4, K, w, T, R, out)
+#define I8_TWO(T) I8_FEW(T, 2)
+#define I8_COLS(T, R) 4 /* weight rows per tile */
 #else
 #include "int8_pairs.h"
 #define TILE1X4(T) tile1x4_pairs(xq, x4, K, w, T, out)
-#define TILE1X4_TYPE(T) (!il_k16_min_type(T))
-#define I8_FEW(T, R) (TILE1X4_TYPE(T) ? tilerx2_pairs(xq, x4, K, w, T, R, out) : tile8(xq, x4, K, w, T, R, 2, out))
+#define I8_FEW(T, R) tilerx2_pairs(xq, x4, K, w, T, R, out)
 #define I8_TWO(T) I8_FEW(T, 2)
 #define I8_COLS(T, R) ((R) == 1 ? 4 : 2)
 #endif
+/* Q2_K at one row keeps tile8: its blocks' unpacking, row by row, bounds it there, and the lanes'
+ * shuffles cost more than they save (the layers' matmuls 1.01x on AVX2, 1.15x on AVX-512) */
+#define TILE1X4_TYPE(T) (!il_k16_min_type(T))
 #define I8_ONE(T) (TILE1X4_TYPE(T) ? TILE1X4(T) : tile8(xq, x4, K, w, T, 1, 4, out))
 
 /* One input row against four weight rows, or up to four rows against two (with VNNI, three or four

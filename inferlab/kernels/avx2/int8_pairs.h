@@ -1,6 +1,6 @@
-/* tile8's 1 x 4 case (one request's decode), and its 2-4 x 2 cases (tilerx2_pairs), on 256-bit AVX2,
- * for every int8 type but Q2_K (whose minimums per 16 weights take tile8's second product): two
- * weight rows side by side in each
+/* tile8's 1 x 4 case (one request's decode; every int8 type but Q2_K, which keeps tile8 there), and
+ * its 2-4 x 2 cases (tilerx2_pairs, every int8 type; Q2_K's minimums per 16 weights take tile8's
+ * second product in the lanes too), on 256-bit AVX2: two weight rows side by side in each
  * register, row j in 128-bit lane j % 2, so one instruction does what tile8 does for one row (Q8_0,
  * Q4_0 and Q4_1 also load and unpack two rows at once). Lane for lane the same integer sums (dot32's lanes) and the same fp32
  * operations as tile8, so a row's result stays the same whatever its batch. Included by int8.c in
@@ -48,7 +48,7 @@ IL_INLINE void block_pair(const uint8_t *a, const uint8_t *b, int64_t at, const 
  * (d, c) as block_halves gives them, and for il_k16_type their integer scales (sc); Q8_0 and the
  * Q4 and Q5 types read two rows with each instruction. ks: the rows' k_scales. */
 IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wtype, __m256i *wl, __m256i *wh,
-                           __m128 *dm, float ks[][16], __m256i sc[2]) {
+                           __m128 *dm, float ks[][16], __m256i sc[4]) {
     const int q5 = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || q5) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
@@ -76,13 +76,21 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
     const __m128 c = block_halves(wtype, w[2 * p + 1], b, &l1, &h1, s1, ks[2 * p + 1]);
     *wl = _mm256_set_m128i(l1, l0), *wh = _mm256_set_m128i(h1, h0), *dm = _mm_movelh_ps(a, c);
     if (il_k16_type(wtype)) sc[0] = _mm256_set_m128i(s1[0], s0[0]), sc[1] = _mm256_set_m128i(s1[1], s0[1]);
+    if (il_k16_min_type(wtype)) sc[2] = _mm256_set_m128i(s1[2], s0[2]), sc[3] = _mm256_set_m128i(s1[3], s0[3]);
+}
+
+/* Q2_K's second product, as tile8's: each 16 inputs' sum times the lane's integer minimum (sc: the
+ * minimums), a dot32x2 with weights of 1. */
+IL_INLINE __m256i mins_dot32x2(__m256i xl, __m256i xh, const int wtype, const __m256i sc[2]) {
+    const __m256i one = _mm256_set1_epi8(1);
+    return dot32x2(one, one, xl, xh, wtype, sc);
 }
 
 IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
                              __m128 out[4]) {
     __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();
     __m128 corrv = _mm_setzero_ps(); /* lane j: weight row j's c * s_x sum */
-    const int nb = K / 32, signed_w = signed_weights(wtype);
+    const int nb = K / 32, signed_w = signed_weights(wtype), mins = il_k16_min_type(wtype);
     const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), d23 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
     const __m256i c_of = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     float ks[4][16];
@@ -94,14 +102,21 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
         const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
         __m256i wl, wh;
         __m128 dm01, dm23;
-        __m256i sc[2];
+        __m256i sc[4], min01 = _mm256_setzero_si256(), min23 = min01;
         blocks_pair(w, 0, b, wtype, &wl, &wh, &dm01, ks, sc);
         const __m256i dot01 = dot32x2(wl, wh, xl, xh, wtype, sc);
+        if (mins) min01 = mins_dot32x2(xl, xh, wtype, sc + 2);
         blocks_pair(w, 1, b, wtype, &wl, &wh, &dm23, ks, sc);
         const __m256i dot23 = dot32x2(wl, wh, xl, xh, wtype, sc);
+        if (mins) min23 = mins_dot32x2(xl, xh, wtype, sc + 2);
         const __m256 dm = _mm256_set_m128(dm23, dm01), dx = _mm256_set1_ps(x4[8 * b]); /* d0, c0, ..., d3, c3 */
         acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
         acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d23), dx), acc23);
+        if (mins) { /* times -dmin, c's lane */
+            const __m256i m01 = _mm256_add_epi32(d01, _mm256_set1_epi32(1)), m23 = _mm256_add_epi32(d23, _mm256_set1_epi32(1));
+            acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, m01), dx), acc01);
+            acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, m23), dx), acc23);
+        }
         if (!signed_w)
             corrv = _mm_fmadd_ps(_mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, c_of)), _mm_set1_ps(x4[8 * b + 4]),
                                  corrv);
@@ -122,8 +137,8 @@ IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uin
     __m256 acc[4];
     for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
     __m128 corr[4] = {_mm_setzero_ps(), _mm_setzero_ps()}; /* weight row j's c * s_x, lane i: input row i */
-    const int nb = K / 32, signed_w = signed_weights(wtype);
-    const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    const int nb = K / 32, signed_w = signed_weights(wtype), mins = il_k16_min_type(wtype);
+    const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), m01 = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
     float ks[2][16];
     for (int b = 0; b < nb; b++) {
         k_scales_rows(wtype, w, 2, b, ks);
@@ -131,15 +146,19 @@ IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uin
         _mm_prefetch((const char *)w[1] + il_row_bytes(wtype, 32 * b) + PREFETCH_BYTES, _MM_HINT_T0);
         __m256i wl, wh;
         __m128 dm; /* d0, c0, d1, c1 */
-        __m256i sc[2];
+        __m256i sc[4];
         blocks_pair(w, 0, b, wtype, &wl, &wh, &dm, ks, sc);
         const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d01); /* d0 x 4, d1 x 4 */
+        const __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), m01); /* Q2_K's -dmin0 x 4, -dmin1 x 4 */
         for (int i = 0; i < R; i++) {
             const int8_t *xb = xq + (int64_t)i * K + 32 * b;
             const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
             const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb + 16)));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x2(wl, wh, xl, xh, wtype, sc)),
                                      _mm256_mul_ps(d, _mm256_set1_ps(x4[8 * b + i])), acc[i]);
+            if (mins)
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins_dot32x2(xl, xh, wtype, sc + 2)),
+                                         _mm256_mul_ps(c, _mm256_set1_ps(x4[8 * b + i])), acc[i]);
         }
         if (!signed_w) {
             const __m128 sx = _mm_loadu_ps(x4 + 8 * b + 4);

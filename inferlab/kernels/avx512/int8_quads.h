@@ -38,7 +38,7 @@ IL_INLINE __m512i join4(const __m128i v[4]) {
  * holds weight bytes: tilerx4_vnni takes their d as c); Q8_0 and the Q4 and Q5 types read the four
  * rows with each instruction. ks: the rows' k_scales. */
 IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __m512i *wl, __m512i *wh, __m256 *dm,
-                           float ks[4][16], __m512i sc[2]) {
+                           float ks[4][16], __m512i sc[4]) {
     const int q5 = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || q5) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
@@ -76,13 +76,14 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
     for (int j = 0; j < 4; j++) f[j] = block_halves(wtype, w[j], b, lo + j, hi + j, s[j], ks[j]);
     *wl = join4(lo), *wh = join4(hi);
     *dm = _mm256_set_m128(_mm_movelh_ps(f[2], f[3]), _mm_movelh_ps(f[0], f[1]));
-    if (il_k16_type(wtype)) {
-        for (int j = 0; j < 4; j++) s0[j] = s[j][0], s1[j] = s[j][1];
-        sc[0] = join4(s0), sc[1] = join4(s1);
+    for (int h = 0; h < (il_k16_min_type(wtype) ? 2 : il_k16_type(wtype) ? 1 : 0); h++) { /* scales, then minimums */
+        for (int j = 0; j < 4; j++) s0[j] = s[j][2 * h], s1[j] = s[j][2 * h + 1];
+        sc[2 * h] = join4(s0), sc[2 * h + 1] = join4(s1);
     }
 }
 
-/* tile8's R x 4 cases for every int8 type but Q2_K (R = 1: one request's decode; 2-4: a
+/* tile8's R x 4 cases for every int8 type (Q2_K with its minimums' second product; it keeps tile8 at
+ * R = 1, where it runs faster) (R = 1: one request's decode; 2-4: a
  * few streams, and every tile of a larger batch), the four weight rows side by side in one 512-bit
  * register, row j in 128-bit lane j: the blocks are loaded and unpacked once for the R input rows,
  * and each row's four block products are one dot32x4. Lane for lane the same integer sums and the
@@ -94,8 +95,9 @@ IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint
     for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
     __m128 corrv[4]; /* lane j of corrv[i]: weight row j's c * s_x sum for input row i */
     for (int i = 0; i < 4; i++) corrv[i] = _mm_setzero_ps();
-    const int nb = K / 32, signed_w = signed_weights(wtype);
+    const int nb = K / 32, signed_w = signed_weights(wtype), mins = il_k16_min_type(wtype);
     const __m512i d_of = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+    const __m512i one = _mm512_set1_epi8(1), m_of = _mm512_add_epi32(d_of, _mm512_set1_epi32(1));
     const __m256i c_of = wtype == IL_W_Q4_0 || wtype == IL_W_Q5_0 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6) /* d */
                                                                 : _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     float ks[4][16];
@@ -103,16 +105,20 @@ IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint
         k_scales_rows(wtype, w, 4, b, ks);
         const int64_t at = il_row_bytes(wtype, 32 * b); /* the block (K-quants: its 256-weight block) */
         for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + PREFETCH_BYTES, _MM_HINT_T0);
-        __m512i wl, wh, sc[2];
+        __m512i wl, wh, sc[4];
         __m256 dm; /* d0, c0, ..., d3, c3 */
         blocks_quad(w, b, wtype, &wl, &wh, &dm, ks, sc);
         const __m512 d = _mm512_permutexvar_ps(d_of, _mm512_castps256_ps512(dm));
+        const __m512 c = _mm512_permutexvar_ps(m_of, _mm512_castps256_ps512(dm)); /* Q2_K's -dmin */
         for (int i = 0; i < R; i++) {
             const int8_t *xb = xq + (int64_t)i * K + 32 * b;
             const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb));
             const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16)));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot32x4(wl, wh, xl, xh, wtype, sc)),
                                      _mm512_mul_ps(d, _mm512_set1_ps(x4[8 * b + i])), acc[i]);
+            if (mins) /* Q2_K's second product, as tile8's: each 16 inputs' sum times its minimum */
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot32x4(one, one, xl, xh, wtype, sc + 2)),
+                                         _mm512_mul_ps(c, _mm512_set1_ps(x4[8 * b + i])), acc[i]);
         }
         if (!signed_w) {
             const __m128 c = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, c_of));

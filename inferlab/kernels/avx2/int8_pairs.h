@@ -7,6 +7,7 @@
  * the builds without AVX-512 (avx2, avxvnni); AVX-512's four-lane version is tilerx4_vnni. */
 #ifndef INFERLAB_AVX2_INT8_PAIRS_H
 #define INFERLAB_AVX2_INT8_PAIRS_H
+#include <stddef.h>
 
 /* Bytes off..off+15 of weight rows a (low lane) and b (high lane). */
 IL_INLINE __m256i lanes2(const uint8_t *a, const uint8_t *b, int64_t off) {
@@ -69,6 +70,24 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
         const __m128 f = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)both)); /* d0, m0, d1, m1 */
         const int dm_pair = wtype == IL_W_Q4_1 || wtype == IL_W_Q5_1;
         *dm = dm_pair ? f : _mm_shuffle_ps(f, f, _MM_SHUFFLE(2, 2, 0, 0)); /* Q4_0, Q5_0, Q8_0: (d, d) */
+        return;
+    }
+    if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) { /* k4_halves on the two rows at once, scales from ks */
+        const int five = wtype == IL_W_Q5_K, j = b % 8;
+        const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
+        const int64_t qs = at + (five ? offsetof(il_q5_K, qs) : offsetof(il_q4_K, qs)) + 32 * (j / 2);
+        __m256i l = lanes2(w[2 * p], w[2 * p + 1], qs), h = lanes2(w[2 * p], w[2 * p + 1], qs + 16);
+        if (j % 2) l = _mm256_srli_epi16(l, 4), h = _mm256_srli_epi16(h, 4);
+        const __m256i low4 = _mm256_set1_epi8(0x0F);
+        *wl = _mm256_and_si256(l, low4), *wh = _mm256_and_si256(h, low4);
+        if (five) { /* bit j of qh[l] is weight l's fifth bit */
+            const int64_t qh = at + offsetof(il_q5_K, qh);
+            const __m256i bit = _mm256_set1_epi8((char)(1 << j)), sixteen = _mm256_set1_epi8(16);
+            const __m256i h0 = lanes2(w[2 * p], w[2 * p + 1], qh), h1 = lanes2(w[2 * p], w[2 * p + 1], qh + 16);
+            *wl = _mm256_or_si256(*wl, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h0, bit), bit), sixteen));
+            *wh = _mm256_or_si256(*wh, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h1, bit), bit), sixteen));
+        }
+        *dm = _mm_setr_ps(ks[2 * p][j], ks[2 * p][8 + j], ks[2 * p + 1][j], ks[2 * p + 1][8 + j]);
         return;
     }
     __m128i l0, h0, l1, h1, s0[4], s1[4];

@@ -3,6 +3,7 @@
  * tile8's, so a row's result stays the same whatever its batch. */
 #ifndef INFERLAB_AVX512_INT8_QUADS_H
 #define INFERLAB_AVX512_INT8_QUADS_H
+#include <stddef.h>
 
 /* Bytes off..off+15 of each of the four weight rows, row j in 128-bit lane j. */
 IL_INLINE __m512i lanes4(const uint8_t *const w[4], int64_t off) {
@@ -69,6 +70,22 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
         uint32_t h[4]; /* each block's first 4 bytes: d, then m (Q4_1, Q5_1) or bytes of weights */
         for (int j = 0; j < 4; j++) memcpy(h + j, w[j] + at, sizeof h[j]);
         *dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+        return;
+    }
+    if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) { /* k4_halves on the four rows at once, scales from ks */
+        const int five = wtype == IL_W_Q5_K, j = b % 8;
+        const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
+        const int64_t qs = at + (five ? offsetof(il_q5_K, qs) : offsetof(il_q4_K, qs)) + 32 * (j / 2);
+        __m512i l = lanes4(w, qs), h = lanes4(w, qs + 16);
+        if (j % 2) l = _mm512_srli_epi16(l, 4), h = _mm512_srli_epi16(h, 4);
+        const __m512i low4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16), bit = _mm512_set1_epi8((char)(1 << j));
+        *wl = _mm512_and_si512(l, low4), *wh = _mm512_and_si512(h, low4);
+        if (five) { /* bit j of qh[l] is weight l's fifth bit */
+            const int64_t qh = at + offsetof(il_q5_K, qh);
+            *wl = _mm512_or_si512(*wl, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(lanes4(w, qh), bit), sixteen));
+            *wh = _mm512_or_si512(*wh, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(lanes4(w, qh + 16), bit), sixteen));
+        }
+        *dm = _mm256_setr_ps(ks[0][j], ks[0][8 + j], ks[1][j], ks[1][8 + j], ks[2][j], ks[2][8 + j], ks[3][j], ks[3][8 + j]);
         return;
     }
     __m128i lo[4], hi[4], s[4][4], s0[4], s1[4];

@@ -90,6 +90,24 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
         *dm = _mm_setr_ps(ks[2 * p][j], ks[2 * p][8 + j], ks[2 * p + 1][j], ks[2 * p + 1][8 + j]);
         return;
     }
+    if (wtype == IL_W_Q6_K) { /* k16_halves on the two rows at once: quarter g of half h, less 32 */
+        const int j = b % 8, h = j / 4, g = j % 4;
+        const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
+        const int64_t ql = at + offsetof(il_q6_K, ql) + 64 * h + 32 * (g % 2), qh = at + offsetof(il_q6_K, qh) + 32 * h;
+        const __m256i three = _mm256_set1_epi8(3), low4 = _mm256_set1_epi8(0x0F), offset = _mm256_set1_epi8(32);
+        __m256i *out[2] = {wl, wh};
+        for (int k = 0; k < 2; k++) {
+            __m256i l = lanes2(w[2 * p], w[2 * p + 1], ql + 16 * k);
+            if (g >= 2) l = _mm256_srli_epi16(l, 4);
+            const __m256i top = _mm256_and_si256(_mm256_srli_epi16(lanes2(w[2 * p], w[2 * p + 1], qh + 16 * k), 2 * g), three);
+            *out[k] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l, low4), _mm256_slli_epi16(top, 4)), offset);
+        }
+        const il_q6_K *a = (const il_q6_K *)(w[2 * p] + at), *c = (const il_q6_K *)(w[2 * p + 1] + at);
+        sc[0] = _mm256_set_m128i(_mm_set1_epi16(c->scales[8 * h + 2 * g]), _mm_set1_epi16(a->scales[8 * h + 2 * g]));
+        sc[1] = _mm256_set_m128i(_mm_set1_epi16(c->scales[8 * h + 2 * g + 1]), _mm_set1_epi16(a->scales[8 * h + 2 * g + 1]));
+        *dm = _mm_setr_ps(_cvtsh_ss(a->d), 0.f, _cvtsh_ss(c->d), 0.f);
+        return;
+    }
     __m128i l0, h0, l1, h1, s0[4], s1[4];
     const __m128 a = block_halves(wtype, w[2 * p], b, &l0, &h0, s0, ks[2 * p]);
     const __m128 c = block_halves(wtype, w[2 * p + 1], b, &l1, &h1, s1, ks[2 * p + 1]);

@@ -89,6 +89,28 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
         return;
     }
     __m128i lo[4], hi[4], s[4][4], s0[4], s1[4];
+    if (wtype == IL_W_Q6_K) { /* k16_halves on the four rows at once: quarter g of half h, less 32 */
+        const int j = b % 8, h = j / 4, g = j % 4;
+        const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
+        const int64_t ql = at + offsetof(il_q6_K, ql) + 64 * h + 32 * (g % 2), qh = at + offsetof(il_q6_K, qh) + 32 * h;
+        const __m512i three = _mm512_set1_epi8(3), low4 = _mm512_set1_epi8(0x0F), offset = _mm512_set1_epi8(32);
+        __m512i *out[2] = {wl, wh};
+        for (int k = 0; k < 2; k++) {
+            __m512i l = lanes4(w, ql + 16 * k);
+            if (g >= 2) l = _mm512_srli_epi16(l, 4);
+            const __m512i top = _mm512_and_si512(_mm512_srli_epi16(lanes4(w, qh + 16 * k), 2 * g), three);
+            *out[k] = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, low4), _mm512_slli_epi16(top, 4)), offset);
+        }
+        float d[4];
+        for (int r = 0; r < 4; r++) {
+            const il_q6_K *k6 = (const il_q6_K *)(w[r] + at);
+            s0[r] = _mm_set1_epi16(k6->scales[8 * h + 2 * g]), s1[r] = _mm_set1_epi16(k6->scales[8 * h + 2 * g + 1]);
+            d[r] = _cvtsh_ss(k6->d);
+        }
+        sc[0] = join4(s0), sc[1] = join4(s1);
+        *dm = _mm256_setr_ps(d[0], 0.f, d[1], 0.f, d[2], 0.f, d[3], 0.f);
+        return;
+    }
     __m128 f[4];
     for (int j = 0; j < 4; j++) f[j] = block_halves(wtype, w[j], b, lo + j, hi + j, s[j], ks[j]);
     *wl = join4(lo), *wh = join4(hi);

@@ -111,6 +111,26 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
         *dm = _mm256_setr_ps(d[0], 0.f, d[1], 0.f, d[2], 0.f, d[3], 0.f);
         return;
     }
+    if (wtype == IL_W_Q3_K) { /* k16_halves on the four rows at once: bit pair j % 4, less 4 where hmask's bit j is clear */
+        const int j = b % 8;
+        const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
+        const int64_t qs = at + offsetof(il_q3_K, qs) + 32 * (j / 4), hm = at + offsetof(il_q3_K, hmask);
+        const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4), bit = _mm512_set1_epi8((char)(1 << j));
+        __m512i *out[2] = {wl, wh};
+        for (int k = 0; k < 2; k++) {
+            const __m512i v = _mm512_and_si512(_mm512_srli_epi16(lanes4(w, qs + 16 * k), 2 * (j % 4)), three);
+            *out[k] = _mm512_mask_sub_epi8(v, _mm512_testn_epi8_mask(lanes4(w, hm + 16 * k), bit), v, four);
+        }
+        float d[4];
+        for (int r = 0; r < 4; r++) {
+            const il_q3_K *k3 = (const il_q3_K *)(w[r] + at);
+            s0[r] = _mm_set1_epi16((int16_t)il_q3_K_scale(k3, 2 * j)), s1[r] = _mm_set1_epi16((int16_t)il_q3_K_scale(k3, 2 * j + 1));
+            d[r] = _cvtsh_ss(k3->d);
+        }
+        sc[0] = join4(s0), sc[1] = join4(s1);
+        *dm = _mm256_setr_ps(d[0], 0.f, d[1], 0.f, d[2], 0.f, d[3], 0.f);
+        return;
+    }
     __m128 f[4];
     for (int j = 0; j < 4; j++) f[j] = block_halves(wtype, w[j], b, lo + j, hi + j, s[j], ks[j]);
     *wl = join4(lo), *wh = join4(hi);

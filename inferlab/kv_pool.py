@@ -17,13 +17,16 @@ def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, tp_
     return args.num_layers * block_size * args.kv_bytes_per_token(dtype) // tp_size
 
 
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def default_kv_cache_memory(device: torch.device) -> int:
     """80% of free GPU memory (the weights are loaded already), or 20% of RAM up to 4 GiB."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.8)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(4 << 30, total // 5)
+    return min(4 << 30, physical_memory() // 5)
 
 
 def kv_pool_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -44,7 +47,7 @@ def available_memory() -> int:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return physical_memory()
 
 
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

@@ -103,8 +103,8 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
             *out[k] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l, low4), _mm256_slli_epi16(top, 4)), offset);
         }
         const il_q6_K *a = (const il_q6_K *)(w[2 * p] + at), *c = (const il_q6_K *)(w[2 * p + 1] + at);
-        sc[0] = _mm256_set_m128i(_mm_set1_epi16(c->scales[8 * h + 2 * g]), _mm_set1_epi16(a->scales[8 * h + 2 * g]));
-        sc[1] = _mm256_set_m128i(_mm_set1_epi16(c->scales[8 * h + 2 * g + 1]), _mm_set1_epi16(a->scales[8 * h + 2 * g + 1]));
+        sc[0] = _mm256_set_m128i(_mm_set1_epi16(c->scales[2 * j]), _mm_set1_epi16(a->scales[2 * j]));
+        sc[1] = _mm256_set_m128i(_mm_set1_epi16(c->scales[2 * j + 1]), _mm_set1_epi16(a->scales[2 * j + 1]));
         *dm = _mm_setr_ps(_cvtsh_ss(a->d), 0.f, _cvtsh_ss(c->d), 0.f);
         return;
     }
@@ -129,6 +129,7 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
     __m128 corrv = _mm_setzero_ps(); /* lane j: weight row j's c * s_x sum */
     const int nb = K / 32, signed_w = signed_weights(wtype), mins = il_k16_min_type(wtype);
     const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), d23 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
+    const __m256i m01 = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3), m23 = _mm256_setr_epi32(5, 5, 5, 5, 7, 7, 7, 7);
     const __m256i c_of = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     float ks[4][16];
     for (int b = 0; b < nb; b++) {
@@ -150,7 +151,6 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
         acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
         acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d23), dx), acc23);
         if (mins) { /* times -dmin, c's lane */
-            const __m256i m01 = _mm256_add_epi32(d01, _mm256_set1_epi32(1)), m23 = _mm256_add_epi32(d23, _mm256_set1_epi32(1));
             acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, m01), dx), acc01);
             acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, m23), dx), acc23);
         }

@@ -89,43 +89,36 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
         return;
     }
     __m128i lo[4], hi[4], s[4][4], s0[4], s1[4];
-    if (wtype == IL_W_Q6_K) { /* k16_halves on the four rows at once: quarter g of half h, less 32 */
+    if (wtype == IL_W_Q6_K || wtype == IL_W_Q3_K) { /* k16_halves on the four rows at once */
         const int j = b % 8, h = j / 4, g = j % 4;
         const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
-        const int64_t ql = at + offsetof(il_q6_K, ql) + 64 * h + 32 * (g % 2), qh = at + offsetof(il_q6_K, qh) + 32 * h;
-        const __m512i three = _mm512_set1_epi8(3), low4 = _mm512_set1_epi8(0x0F), offset = _mm512_set1_epi8(32);
+        const __m512i three = _mm512_set1_epi8(3);
         __m512i *out[2] = {wl, wh};
-        for (int k = 0; k < 2; k++) {
-            __m512i l = lanes4(w, ql + 16 * k);
-            if (g >= 2) l = _mm512_srli_epi16(l, 4);
-            const __m512i top = _mm512_and_si512(_mm512_srli_epi16(lanes4(w, qh + 16 * k), 2 * g), three);
-            *out[k] = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, low4), _mm512_slli_epi16(top, 4)), offset);
+        if (wtype == IL_W_Q6_K) { /* quarter g of half h: a nibble of ql, 2 bits of qh, less 32 */
+            const int64_t ql = at + offsetof(il_q6_K, ql) + 64 * h + 32 * (g % 2), qh = at + offsetof(il_q6_K, qh) + 32 * h;
+            const __m512i low4 = _mm512_set1_epi8(0x0F), offset = _mm512_set1_epi8(32);
+            for (int k = 0; k < 2; k++) {
+                __m512i l = lanes4(w, ql + 16 * k);
+                if (g >= 2) l = _mm512_srli_epi16(l, 4);
+                const __m512i top = _mm512_and_si512(_mm512_srli_epi16(lanes4(w, qh + 16 * k), 2 * g), three);
+                *out[k] = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, low4), _mm512_slli_epi16(top, 4)), offset);
+            }
+        } else { /* bit pair j % 4 of half h, less 4 where hmask's bit j is clear */
+            const int64_t qs = at + offsetof(il_q3_K, qs) + 32 * h, hm = at + offsetof(il_q3_K, hmask);
+            const __m512i four = _mm512_set1_epi8(4), bit = _mm512_set1_epi8((char)(1 << j));
+            for (int k = 0; k < 2; k++) {
+                const __m512i v = _mm512_and_si512(_mm512_srli_epi16(lanes4(w, qs + 16 * k), 2 * g), three);
+                *out[k] = _mm512_mask_sub_epi8(v, _mm512_testn_epi8_mask(lanes4(w, hm + 16 * k), bit), v, four);
+            }
         }
         float d[4];
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < 4; r++) { /* each row's integer scales of weights 0-15 and 16-31, and its d */
             const il_q6_K *k6 = (const il_q6_K *)(w[r] + at);
-            s0[r] = _mm_set1_epi16(k6->scales[8 * h + 2 * g]), s1[r] = _mm_set1_epi16(k6->scales[8 * h + 2 * g + 1]);
-            d[r] = _cvtsh_ss(k6->d);
-        }
-        sc[0] = join4(s0), sc[1] = join4(s1);
-        *dm = _mm256_setr_ps(d[0], 0.f, d[1], 0.f, d[2], 0.f, d[3], 0.f);
-        return;
-    }
-    if (wtype == IL_W_Q3_K) { /* k16_halves on the four rows at once: bit pair j % 4, less 4 where hmask's bit j is clear */
-        const int j = b % 8;
-        const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
-        const int64_t qs = at + offsetof(il_q3_K, qs) + 32 * (j / 4), hm = at + offsetof(il_q3_K, hmask);
-        const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4), bit = _mm512_set1_epi8((char)(1 << j));
-        __m512i *out[2] = {wl, wh};
-        for (int k = 0; k < 2; k++) {
-            const __m512i v = _mm512_and_si512(_mm512_srli_epi16(lanes4(w, qs + 16 * k), 2 * (j % 4)), three);
-            *out[k] = _mm512_mask_sub_epi8(v, _mm512_testn_epi8_mask(lanes4(w, hm + 16 * k), bit), v, four);
-        }
-        float d[4];
-        for (int r = 0; r < 4; r++) {
             const il_q3_K *k3 = (const il_q3_K *)(w[r] + at);
-            s0[r] = _mm_set1_epi16((int16_t)il_q3_K_scale(k3, 2 * j)), s1[r] = _mm_set1_epi16((int16_t)il_q3_K_scale(k3, 2 * j + 1));
-            d[r] = _cvtsh_ss(k3->d);
+            const int six = wtype == IL_W_Q6_K;
+            s0[r] = _mm_set1_epi16((int16_t)(six ? k6->scales[2 * j] : il_q3_K_scale(k3, 2 * j)));
+            s1[r] = _mm_set1_epi16((int16_t)(six ? k6->scales[2 * j + 1] : il_q3_K_scale(k3, 2 * j + 1)));
+            d[r] = _cvtsh_ss(six ? k6->d : k3->d);
         }
         sc[0] = join4(s0), sc[1] = join4(s1);
         *dm = _mm256_setr_ps(d[0], 0.f, d[1], 0.f, d[2], 0.f, d[3], 0.f);

@@ -248,13 +248,28 @@ def test_a_merged_layer_of_tiled_parts_multiplies_as_its_joined_bf16_matrix():
         assert torch.equal(tiled(x), dense(x)), rows
 
 
+@pytest.fixture(params=list(kernels.X16_PRODUCTS))
+def x16_products(request):
+    """Each of the regrouped kernel's products in turn (bf16 pairs, fp32 FMAs), the start-up choice restored."""
+    native = kernels.native()
+    before = native and native.products()
+    if before is None and request.param != "bf16":
+        pytest.skip(f"no regrouped kernel here to choose products for (kernels: {native and native.isa})")
+    if before is not None:
+        native.products(request.param)
+    yield request.param
+    if before is not None:
+        native.products(before)
+
+
 @pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
-def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, monkeypatch):
+def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, x16_products, monkeypatch):
     """bf16 inputs against the regrouped blocks: the exact products of the dequantized weights within
-    fp32 summation (AVX512-BF16 kernel; PyTorch on ISAs without it), each row's result the same
-    alone, in any batch (few-row groups and many-row tiles alike) and with any thread count."""
+    fp32 summation (AVX512-BF16 kernel, with either products; PyTorch on ISAs without it), each row's
+    result the same alone, in any batch (few-row groups, the one-row path's 2 or 4 blocks side by side,
+    many-row tiles) and with any thread count."""
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
-    k = 352 if wtype.block == 32 else 512  # 11 blocks a row: one row takes two at a time, then one (K-quants: 2 x 8)
+    k = 352 if wtype.block == 32 else 512  # 11 blocks a row: one row runs 2 or 4 at a time, then the rest
     w = random_weights(wtype, 128, k, seed=wtype.code + 7)
     rt, dense = quant.REGROUPED[wtype], quant.dequantize(w, wtype).double()
     w = regroup.repack(w, wtype)
@@ -278,6 +293,21 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, monkeypatch):
         assert torch.equal(linear(x[5:6], w, rt, bias_or_none, out_dtype=out)[0], want_rows[5])
     finally:
         torch.set_num_threads(2)
+
+
+def test_x16_products_are_chosen_by_the_cpu_or_the_environment(monkeypatch):
+    """FMAs where a bf16 pair product issues at a quarter of their rate (Intel), pairs elsewhere; the
+    variable overrides, and a wrong value is a one-line error naming it."""
+    monkeypatch.delenv("INFERLAB_X16_PRODUCTS", raising=False)
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")
+    assert kernels.x16_products() == "fp32"
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
+    assert kernels.x16_products() == "bf16"
+    monkeypatch.setenv("INFERLAB_X16_PRODUCTS", "fp32")
+    assert kernels.x16_products() == "fp32"
+    monkeypatch.setenv("INFERLAB_X16_PRODUCTS", "int4")
+    with pytest.raises(ValueError, match="INFERLAB_X16_PRODUCTS=int4: one of bf16, fp32"):
+        kernels.x16_products()
 
 
 def test_regrouped_types_run_only_where_their_kernel_is(isa):

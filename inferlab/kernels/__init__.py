@@ -153,6 +153,30 @@ def cpu_flags() -> set[str]:
         return set()
 
 
+def cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+# The regrouped blocks' AVX-512 kernel multiplies with bf16 pairs (vdpbf16ps) or fp32 FMAs of the same
+# exact weights (api.h, x16_products). Intel's AVX-512 cores issue a vdpbf16ps every 2 cycles and two
+# FMAs a cycle, so FMAs do twice the products there; AMD's Zen 4/5 issue both at one rate, so pairs.
+X16_PRODUCTS = {"bf16": 0, "fp32": 1}
+
+
+def x16_products() -> str:
+    """The products this process's regrouped kernel takes: INFERLAB_X16_PRODUCTS, else by the CPU."""
+    forced = os.environ.get("INFERLAB_X16_PRODUCTS")
+    if forced:
+        if forced not in X16_PRODUCTS:
+            raise ValueError(f"INFERLAB_X16_PRODUCTS={forced}: one of {', '.join(X16_PRODUCTS)}")
+        return forced
+    return "fp32" if cpu_vendor() == "GenuineIntel" else "bf16"
+
+
 def runnable_isas(built: list[str], flags: set[str] | None = None) -> list[str]:
     """The ISAs among `built` that this CPU runs, lowest first."""
     flags = cpu_flags() if flags is None else flags
@@ -195,6 +219,12 @@ class Kernels:
             raise RuntimeError(f"{name} failed (status {status})")
         return status
 
+    def products(self, mode: str | None = None) -> str | None:
+        """The regrouped kernel's products ("bf16" or "fp32"; None where this build has no such kernel),
+        after setting them to `mode` where given: process-wide, as the start-up choice (`x16_products`)."""
+        now = self.functions["x16_products"](-1 if mode is None else X16_PRODUCTS[mode], 1)
+        return {v: k for k, v in X16_PRODUCTS.items()}.get(now)
+
     def address(self, name: str) -> int:
         """The chosen implementation's address, for a tape to call it from C."""
         return ctypes.cast(self.functions[name], ctypes.c_void_p).value
@@ -219,7 +249,10 @@ def library() -> tuple[ctypes.CDLL, list[str]] | None:
         log.warning("native CPU kernels unavailable, using the PyTorch path: %s", _first_error(e))
         return None
     built = [isa for isa in ISAS if any(hasattr(lib, f"{name}_{isa}") for name in prototypes())]
-    return lib, runnable_isas(built)
+    runnable = runnable_isas(built)
+    if "avx512" in runnable:  # chosen once, before any call
+        lib.x16_products_avx512(X16_PRODUCTS[x16_products()], 1)
+    return lib, runnable
 
 
 @functools.cache

@@ -19,6 +19,12 @@
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads);
 
+/* Which products the regrouped (x16) types' AVX-512 kernel multiplies with: 0 bf16 pairs (vdpbf16ps),
+ * 1 fp32 FMAs of the same exact weights (faster where a vdpbf16ps issues at a quarter of the FMA rate:
+ * Intel's cores); mode -1 only asks. Returns the mode now; builds without that kernel return -1. Set
+ * once at start (kernels/__init__.py) and by tests; each mode gives every row count the same sums. */
+int IL(x16_products)(int mode, int num_threads);
+
 /* out[rows, K] (dtype) = the rows ids[rows] of W, dequantized: an embedding lookup. */
 void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int rows, int K, int dtype,
                   int num_threads);

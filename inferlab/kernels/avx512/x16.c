@@ -10,47 +10,25 @@
  * (docs/performance.md has the timings).
  *
  * Every output is one chain of pair products per block (part) and the same scaling, whatever the
- * number of rows, the tile it falls in or the thread count.
+ * number of rows, the tile it falls in or the thread count. Where `x16_products` chose fp32 products
+ * (x16_fma.h: Intel's cores, whose vdpbf16ps runs at a quarter of the FMA rate), the same paths run
+ * one chain of fp32 FMAs per block instead, on x widened once.
  */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdlib.h>
 
-#include "../common.h"
-#include "lanes.h"
 #include "x16.h"
-#include "x16_blocks.h"
+#include "x16_fma.h"
+#include "x16_tiles.h"
 
-#define ROWS_PASS 64   /* input rows whose 16 sums stay in L1 while a group's blocks pass */
-#define WIDE_ROWS 32   /* rows from which the 4 x 4-group tiles run */
-#define WIDE_CHUNK 128 /* rows a wide tile pass keeps in cache (x: 384 KB at K = 1536; sums: 32 KB) */
+static int fp32_products; /* x16_products: 0 (the pairs) until set at start */
 
-/* Rows 0 .. R as tiles of `most` rows (a constant, <= 6), then one of the rest: CALL(n), n a constant,
- * for the tile at row i. */
-#define BY_TILES(most, CALL)                                                        \
-    do {                                                                            \
-        int i = 0;                                                                  \
-        for (; i + (most) <= R; i += (most)) CALL(most);                            \
-        switch (R - i) {                                                            \
-            case 5: CALL(5); break;                                                 \
-            case 4: CALL(4); break;                                                 \
-            case 3: CALL(3); break;                                                 \
-            case 2: CALL(2); break;                                                 \
-            case 1: CALL(1); break;                                                 \
-            default: break;                                                         \
-        }                                                                           \
-    } while (0)
-
-/* A block's products p of one input row (part h of them: pairs 8 h .. for the two-part kinds) added to
- * that row's sums a: a + d[h] p (+ m[h] sum x), the one scaling every path uses, part after part, so
- * a row's result never depends on its tile. */
-IL_INLINE __m512 add_part(__m512 a, __m512 p, const factors *f, float sx, const int kind, const int h) {
-    a = _mm512_fmadd_ps(p, f->d[h], a);
-    return has_min(kind) ? _mm512_fmadd_ps(f->m[h], _mm512_set1_ps(sx), a) : a;
+int IL(x16_products)(int mode, int num_threads) {
+    (void)num_threads;
+    if (mode >= 0) fp32_products = mode != 0;
+    return fp32_products;
 }
-
-/* Where part h's input sum is among a block's (sums_per_block). */
-IL_INLINE int sum_at(const int kind, const int h) { return sums_per_block(kind) == 2 ? h : 0; }
 
 /* R (a constant, <= 6) rows of x, ldx apart, against one decoded block: acc[i] (16 outputs) +=
  * d * (q . x) (+ m * sum x). Rows side by side only for the independent chains. */
@@ -98,18 +76,9 @@ IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t byt
     _mm512_store_ps(acc, a);
 }
 
-/* The 16 outputs of row r (+ bias), stored as bf16 (nearest even) or fp32. */
-IL_INLINE void store16(const float *acc, const uint16_t *bias, void *y, int64_t at, int yf32) {
-    __m512 out = _mm512_load_ps(acc);
-    if (bias) out = _mm512_add_ps(out, bf16x16(bias));
-    if (yf32)
-        _mm512_storeu_ps((float *)y + at, out);
-    else
-        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(out));
-}
-
-IL_INLINE void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
-                       int yf32, const float *sx, int rows, int nb, int g, const int kind, tables t) {
+/* x: bf16, or (fma) widened to fp32 */
+IL_INLINE void group_rows(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
+                       int yf32, const float *sx, int rows, int nb, int g, const int kind, tables t, const int fma) {
     const int64_t block_bytes = group_block_bytes(kind), spb = sums_per_block(kind);
     const uint8_t *w0 = w + (int64_t)g * nb * block_bytes;
     float acc[ROWS_PASS * 16] __attribute__((aligned(64)));
@@ -120,10 +89,18 @@ IL_INLINE void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, cons
             const uint8_t *blk = block_at(w0, b, kind);
             for (int64_t line = 0; line < block_bytes; line += 64) /* the group's stream, 4 blocks ahead */
                 _mm_prefetch((const char *)blk + 4 * block_bytes + line, _MM_HINT_T0);
-            if (R == 1 && b + 1 < nb) {
+            if (fma && R == 1 && b + 4 <= nb) {
+                for (int64_t line = 0; line < 3 * block_bytes; line += 64)
+                    _mm_prefetch((const char *)blk + 5 * block_bytes + line, _MM_HINT_T0);
+                row_four_blocks((const float *)x + m0 * ldx + 32 * b, blk, block_at(w0, b + 1, kind) - blk, b, t,
+                                sx ? sx + ((int64_t)m0 * nb + b) * spb : NULL, acc, kind);
+                b += 3;
+                continue;
+            }
+            if (!fma && R == 1 && b + 1 < nb) {
                 for (int64_t line = 0; line < block_bytes; line += 64)
                     _mm_prefetch((const char *)blk + 5 * block_bytes + line, _MM_HINT_T0);
-                row_two_blocks(x + m0 * ldx + 32 * b, blk, block_at(w0, b + 1, kind) - blk, b, t,
+                row_two_blocks((const uint16_t *)x + m0 * ldx + 32 * b, blk, block_at(w0, b + 1, kind) - blk, b, t,
                                sx ? sx + ((int64_t)m0 * nb + b) * spb : NULL, acc, kind);
                 b++;
                 continue;
@@ -131,9 +108,12 @@ IL_INLINE void group_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, cons
             __m512bh wv[16];
             factors f;
             decode_block(blk, b, kind, t, wv, &f);
-#define ROWS(n)                                                                                          \
-    rows_block(x + (m0 + i) * ldx + 32 * b, ldx, wv, &f, sx ? sx + ((int64_t)(m0 + i) * nb + b) * spb : NULL, nb * spb, \
-               acc + 16 * i, n, kind)
+            const float *sxb = sx ? sx + ((int64_t)m0 * nb + b) * spb : NULL;
+#define ROWS(n)                                                                                               \
+    (fma ? rows_block_fma((const float *)x + (m0 + i) * ldx + 32 * b, ldx, wv, &f, sxb ? sxb + i * nb * spb : NULL, \
+                          nb * spb, acc + 16 * i, n, kind)                                                     \
+         : rows_block((const uint16_t *)x + (m0 + i) * ldx + 32 * b, ldx, wv, &f, sxb ? sxb + i * nb * spb : NULL,  \
+                      nb * spb, acc + 16 * i, n, kind))
             BY_TILES(6, ROWS);
 #undef ROWS
         }
@@ -173,11 +153,11 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
 }
 
 /* Rows [m0, m0 + R) (R <= WIDE_CHUNK) against groups 4 s .. 4 s + 3. */
-IL_INLINE void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
+IL_INLINE void wide_rows(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
                       int yf32, const float *sx, int m0, int R, int nb, int s, const int kind, tables t,
-                      float *acc) {
+                      float *acc, const int fma) {
     const int64_t block_bytes = group_block_bytes(kind), spb = sums_per_block(kind);
-    __m512i wbuf[64] __attribute__((aligned(64)));
+    __m512i wbuf[128] __attribute__((aligned(64))); /* 16 pair rows a group, or (fma) 32 fp32 rows */
     memset(acc, 0, sizeof(float) * 64 * R);
     for (int b = 0; b < nb; b++) {
         factors f[4];
@@ -185,11 +165,17 @@ IL_INLINE void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const
             __m512bh wv[16];
             const uint8_t *w0 = w + (int64_t)(4 * s + g) * nb * block_bytes;
             decode_block(block_at(w0, b, kind), b, kind, t, wv, f + g);
-            for (int j = 0; j < 16; j++) _mm512_store_si512(wbuf + 16 * g + j, (__m512i)wv[j]);
+            if (fma)
+                spread_block(wv, (float *)wbuf, g);
+            else
+                for (int j = 0; j < 16; j++) _mm512_store_si512(wbuf + 16 * g + j, (__m512i)wv[j]);
         }
-#define TILE(n)                                                                                          \
-    tile_wide(x + (m0 + i) * ldx + 32 * b, ldx, wbuf, f, sx ? sx + ((int64_t)(m0 + i) * nb + b) * spb : NULL, nb * spb, \
-              acc + 64 * i, n, kind)
+        const float *sxb = sx ? sx + ((int64_t)m0 * nb + b) * spb : NULL;
+#define TILE(n)                                                                                                   \
+    (fma ? tile_wide_fma((const float *)x + (m0 + i) * ldx + 32 * b, ldx, (const float *)wbuf, f,                  \
+                         sxb ? sxb + i * nb * spb : NULL, nb * spb, acc + 64 * i, n, kind)                         \
+         : tile_wide((const uint16_t *)x + (m0 + i) * ldx + 32 * b, ldx, wbuf, f, sxb ? sxb + i * nb * spb : NULL, \
+                     nb * spb, acc + 64 * i, n, kind))
         BY_TILES(4, TILE);
 #undef TILE
     }
@@ -198,18 +184,9 @@ IL_INLINE void wide_rows(const uint16_t *x, int64_t ldx, const uint8_t *w, const
             store16(acc + 64 * i + 16 * g, bias ? bias + 64 * s + 16 * g : NULL, y, (int64_t)(m0 + i) * ldy + 64 * s + 16 * g, yf32);
 }
 
-/* Every call site with its kind a constant, so each kind gets its own compiled tiles (group_rows and
- * wide_rows are always inlined for that: left to GCC's cloning, some kinds ran with the kind a
- * variable, up to 1.6x slower). */
-#define BY_KIND(CALL)                                                                                \
-    (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : kind == Q4_K ? CALL(Q4_K) : kind == Q5_0 ? CALL(Q5_0) \
-     : kind == Q5_1 ? CALL(Q5_1) : kind == Q5_K ? CALL(Q5_K) : kind == Q6_K ? CALL(Q6_K) : kind == Q3_K ? CALL(Q3_K) \
-     : kind == Q2_K ? CALL(Q2_K) : kind == IQ4_XS ? CALL(IQ4_XS) \
-     : CALL(Q4_0))
-
 int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                    int rows, int K, int N, int ydtype, int num_threads) {
-    const int nb = K / 32, yf32 = ydtype == IL_F32;
+    const int nb = K / 32, yf32 = ydtype == IL_F32, fma = fp32_products;
     const int kind = kind_of(wtype);
     const int with_min = has_min(kind);
     const tables table = tables_of(wtype);
@@ -221,22 +198,24 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
     const int spb = sums_per_block(kind);
     float *sx = with_min ? malloc(sizeof(float) * (size_t)rows * nb * spb) : NULL; /* each row's sums per block */
     float *sums = wide ? aligned_alloc(64, sizeof(float) * 64 * WIDE_CHUNK * num_threads) : NULL;
-    if ((with_min && !sx) || (wide && !sums)) {
-        free(sx), free(sums);
+    float *xf = fma ? malloc(sizeof(float) * (size_t)rows * K) : NULL; /* x widened once: a product's input is a load */
+    if ((with_min && !sx) || (wide && !sums) || (fma && !xf)) {
+        free(sx), free(sums), free(xf);
         return 2;
     }
+    const void *xs = fma ? (const void *)xf : x;
+    const int64_t ldxs = fma ? K : ldx;
 #pragma omp parallel num_threads(num_threads)
     {
-        if (with_min) {
+        if (with_min || fma) {
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < nb; b++) {
                     const uint16_t *p = (const uint16_t *)x + (int64_t)r * ldx + 32 * b;
-                    if (spb == 2) { /* Q2_K: per 16 inputs */
-                        sx[((int64_t)r * nb + b) * 2] = _mm512_reduce_add_ps(bf16x16(p));
-                        sx[((int64_t)r * nb + b) * 2 + 1] = _mm512_reduce_add_ps(bf16x16(p + 16));
-                    } else {
-                        sx[(int64_t)r * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(bf16x16(p), bf16x16(p + 16)));
+                    if (with_min) block_input_sums(p, sx + ((int64_t)r * nb + b) * spb, spb);
+                    if (fma) {
+                        _mm512_storeu_ps(xf + (int64_t)r * K + 32 * b, bf16x16(p));
+                        _mm512_storeu_ps(xf + (int64_t)r * K + 32 * b + 16, bf16x16(p + 16));
                     }
                 }
         }
@@ -246,19 +225,23 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
             for (int c = 0; c < chunks; c++)
                 for (int s = 0; s < N / 64; s++) {
                     const int m0 = c * chunk, R = rows - m0 < chunk ? rows - m0 : chunk;
-#define WIDE(k) wide_rows(x, ldx, w, bias, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc)
-                    BY_KIND(WIDE);
+#define WIDE(k) wide_rows(xs, ldxs, w, bias, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc, 0)
+#define WIDE_FMA(k) wide_rows(xs, ldxs, w, bias, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc, 1)
+                    fma ? BY_KIND(WIDE_FMA) : BY_KIND(WIDE);
 #undef WIDE
+#undef WIDE_FMA
                 }
         } else {
 #pragma omp for schedule(static)
             for (int g = 0; g < N / 16; g++) {
-#define GROUP(k) group_rows(x, ldx, w, bias, y, ldy, yf32, sx, rows, nb, g, k, table)
-                BY_KIND(GROUP);
+#define GROUP(k) group_rows(xs, ldxs, w, bias, y, ldy, yf32, sx, rows, nb, g, k, table, 0)
+#define GROUP_FMA(k) group_rows(xs, ldxs, w, bias, y, ldy, yf32, sx, rows, nb, g, k, table, 1)
+                fma ? BY_KIND(GROUP_FMA) : BY_KIND(GROUP);
 #undef GROUP
+#undef GROUP_FMA
             }
         }
     }
-    free(sx), free(sums);
+    free(sx), free(sums), free(xf);
     return 0;
 }

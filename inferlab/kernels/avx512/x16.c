@@ -193,7 +193,8 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
     /* many rows: chunks of rows (each thread's share, whole 4s, at most WIDE_CHUNK) x groups of 64 outputs */
     const int wide = rows >= WIDE_ROWS && N % 64 == 0;
     int chunk = ((rows + num_threads - 1) / num_threads + 3) / 4 * 4;
-    chunk = chunk > WIDE_CHUNK ? WIDE_CHUNK : chunk;
+    const int most = fma ? WIDE_CHUNK / 2 : WIDE_CHUNK; /* fp32 x: 64 rows keep x, the sums and the weights in L1 */
+    chunk = chunk > most ? most : chunk;
     const int chunks = (rows + chunk - 1) / chunk;
     const int spb = sums_per_block(kind);
     float *sx = with_min ? malloc(sizeof(float) * (size_t)rows * nb * spb) : NULL; /* each row's sums per block */

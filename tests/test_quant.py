@@ -295,6 +295,30 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, x16_products,
         torch.set_num_threads(2)
 
 
+def test_bf16_weights_past_a_decode_step_take_the_fp32_tiles_where_chosen(x16_products, monkeypatch):
+    """Past 64 rows a bf16 x bf16 matmul goes to PyTorch (oneDNN), but where the AVX-512 kernels take fp32
+    products (Intel's cores without AMX) to their widened tiles: exact products summed in fp32, a row's
+    result the same in any batch past 64 rows, the bias added; shapes the tiles do not take go on as before."""
+    from inferlab.model.layers import linear as linear_module
+    native = kernels.native()
+    tiles = native is not None and native.isa == "avx512" and x16_products == "fp32"
+    if tiles:  # no fallback to PyTorch may hide the kernel
+        monkeypatch.setattr(linear_module, "linear_ref", lambda *a, **k: pytest.fail("ran PyTorch's matmul"))
+    g = torch.Generator().manual_seed(21)
+    w, x = (torch.randn(192, 352, generator=g) * 0.05).bfloat16(), torch.randn(150, 352, generator=g).bfloat16()
+    bias = torch.randn(192, generator=g).bfloat16()
+    want = x.double() @ w.double().T
+    got = linear(x, w, quant.BF16, out_dtype=torch.float32)
+    assert (got.double() - want).abs().le(_bound(x.float(), w.float())).all()
+    torch.testing.assert_close(linear(x, w, quant.BF16, bias).double(), want + bias.double(), rtol=8e-3, atol=1e-2)
+    if tiles:
+        for rows in (65, 70, 131):
+            assert torch.equal(linear(x[:rows], w, quant.BF16, out_dtype=torch.float32), got[:rows]), rows
+        odd = w[:80]  # 80 outputs: not whole 64s, so the pair tiles run it
+        odd_got = linear(x, odd, quant.BF16, out_dtype=torch.float32).double()
+        assert (odd_got - want[:, :80]).abs().le(_bound(x.float(), odd.float())).all()
+
+
 def test_x16_products_are_chosen_by_the_cpu_or_the_environment(monkeypatch):
     """FMAs where a bf16 pair product issues at a quarter of their rate (Intel), pairs elsewhere; the
     variable overrides, and a wrong value is a one-line error naming it."""

@@ -170,6 +170,10 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
         if (!out_ok || dtype != IL_BF16 || K % 32 || N % 16) return 1;
         return IL(linear_x16)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, ydtype, num_threads);
     }
+    /* a prefill where FMAs out-run the pair products (x16_products: fp32, Intel's cores): bf16_wide.c */
+    if (out_ok && rows > IL_MAX_ROWS && wtype == IL_W_BF16 && dtype == IL_BF16 && K % 32 == 0 && N % 64 == 0 &&
+        IL(x16_products)(-1, 1) == 1)
+        return IL(linear_bf16_wide)(x, ldx, w, bias, y, ldy, rows, K, N, ydtype, num_threads);
     if (out_ok && rows > 0 && wtype == IL_W_BF16 && dtype == IL_BF16 && K % 2 == 0)
         gemm(x, ldx, w, bias, y, yf32, ldy, rows, K, N, num_threads, BF16_PAIRS);
     else if (out_ok && rows > 0 && wtype == IL_W_F32 && dtype == IL_BF16)

@@ -6,4 +6,8 @@
 
 int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                    int rows, int K, int N, int ydtype, int num_threads);
+/* bf16 weights, past a decode step's rows, by the same fp32-product tiles (bf16_wide.c): K a multiple of
+ * 32, N of 64, bias bf16 or NULL. */
+int IL(linear_bf16_wide)(const void *x, int64_t ldx, const void *w, const void *bias, void *y, int64_t ldy, int rows,
+                         int K, int N, int ydtype, int num_threads);
 #endif

@@ -25,6 +25,13 @@ from inferlab.model.layers.quant import WeightType
 TORCH_BF16_PAST_ROWS = {"amx": kernels.C["IL_MAX_ROWS"], "avx512": kernels.C["IL_MAX_ROWS"]}
 
 
+def _bf16_to_torch(k: kernels.Kernels, rows: int) -> bool:
+    """Whether a bf16 x bf16 matmul of `rows` goes to PyTorch: past TORCH_BF16_PAST_ROWS, but not where
+    the AVX-512 kernels take fp32 products (Intel's cores without AMX, whose bf16 pair products, and so
+    oneDNN's matmuls, run at half the FMAs' rate): their fp32 tiles run it (avx512/bf16_wide.c)."""
+    return rows > TORCH_BF16_PAST_ROWS.get(k.isa, 1 << 30) and not (k.isa == "avx512" and k.products() == "fp32")
+
+
 # Weight types the int8-activation path multiplies in integers (the kernels' il_int8_type)
 INT8_TYPES = (quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1, quant.IQ4_NL, quant.IQ4_XS, quant.Q4_K,
               quant.Q5_K, quant.Q6_K, quant.Q3_K, quant.Q2_K)
@@ -89,8 +96,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = Non
     if k is not None and (x.dim() != 2 or x.stride(1) != 1 or not weight.is_contiguous() or
                           (out is not None and out.stride(1) != 1) or out_dtype not in kernels.DTYPE_CODES or
                           (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())) or
-                          (wtype.dtype == x.dtype == torch.bfloat16 and
-                           x.shape[0] > TORCH_BF16_PAST_ROWS.get(k.isa, 1 << 30)) or
+                          (wtype.dtype == x.dtype == torch.bfloat16 and _bf16_to_torch(k, x.shape[0])) or
                           (wtype.base is not None and not _regrouped_runs(wtype, x, k.isa))):
         k = None
     if k is None:

@@ -245,6 +245,22 @@ def test_dispatch_picks_the_best_isa_per_entry_point():
     assert all(c == "generic" for c in kernels.for_isa("generic").chosen.values())
 
 
+def test_an_isa_this_cpu_lacks_is_never_chosen(monkeypatch):
+    """The table is ordered, but not every CPU has every lower ISA: AVX-512 CPUs without bf16
+    instructions (avx512f) lack AVX-VNNI, which sits below them. An entry point only a lower ISA the
+    CPU lacks implements comes from the next one it runs."""
+    class Lib:  # generic has every entry point, avxvnni one of them
+        pass
+    lib = Lib()
+    for name in kernels.prototypes():
+        setattr(lib, f"{name}_generic", lambda *a: 0)
+    lib.linear_avxvnni = lambda *a: 0
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: set(kernels.ISAS["avx512f"][1]))
+    assert kernels.Kernels(lib, "avx512f").chosen["linear"] == "generic"
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {*kernels.ISAS["avx512f"][1], "avx_vnni"})
+    assert kernels.Kernels(lib, "avx512f").chosen["linear"] == "avxvnni"
+
+
 def test_isa_can_be_forced(monkeypatch):
     def forced(isa: str) -> kernels.Kernels:
         monkeypatch.setenv("INFERLAB_ISA", isa)

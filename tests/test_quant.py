@@ -10,7 +10,7 @@ import torch
 
 from inferlab import kernels
 from inferlab.model.layers import quant, regroup, tiles
-from inferlab.model.layers.linear import BF16_MATRIX_ISAS, INT8_TYPES, int8_inputs, linear
+from inferlab.model.layers.linear import INT8_TYPES, X16_DTYPES, int8_inputs, linear
 
 
 def random_weights(wtype: quant.WeightType, n: int, k: int, seed: int) -> torch.Tensor:
@@ -268,6 +268,8 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, x16_products,
     fp32 summation (AVX512-BF16 kernel, with either products; PyTorch on ISAs without it), each row's
     result the same alone, in any batch (few-row groups, the one-row path's 2 or 4 blocks side by side,
     many-row tiles) and with any thread count."""
+    if kernels.for_isa(isa).products() not in (None, x16_products):
+        pytest.skip(f"the {isa} build has only {kernels.for_isa(isa).products()} products")
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
     k = 352 if wtype.block == 32 else 512  # 11 blocks a row: one row runs 2 or 4 at a time, then the rest
     w = random_weights(wtype, 128, k, seed=wtype.code + 7)
@@ -281,7 +283,7 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, x16_products,
     batch = linear(x, w, rt, bias)
     torch.testing.assert_close(batch.double(), want + bias.double(), rtol=8e-3, atol=1e-2)
     # the kernel's fp32 outputs too, where rounding to bf16 would hide a changed order of sums
-    out, want_rows = (torch.float32, got) if isa in BF16_MATRIX_ISAS else (torch.bfloat16, batch)
+    out, want_rows = (torch.float32, got) if isa in X16_DTYPES else (torch.bfloat16, batch)
     bias_or_none = None if out == torch.float32 else bias
     for rows in (1, 2, 3, 5, 33, 64):
         assert torch.equal(linear(x[:rows], w, rt, bias_or_none, out_dtype=out), want_rows[:rows]), rows
@@ -291,6 +293,36 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, x16_products,
     torch.set_num_threads(1)
     try:
         assert torch.equal(linear(x[5:6], w, rt, bias_or_none, out_dtype=out)[0], want_rows[5])
+    finally:
+        torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
+def test_regrouped_blocks_take_fp32_inputs_on_avx512_without_bf16(wtype, monkeypatch):
+    """The avx512f build (AVX-512 CPUs without bf16 instructions, whose activations are fp32) multiplies
+    the regrouped blocks by fp32 FMAs of fp32 inputs: the dequantized matmul within fp32 summation, an
+    fp32 bias added, and each row's result the same alone, in any batch and with any thread count."""
+    from inferlab.model.layers import linear as linear_module
+    loaded = kernels.library()
+    if loaded is None or "avx512f" not in loaded[1]:
+        pytest.skip("this CPU cannot run the avx512f kernels")
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa("avx512f"))
+    monkeypatch.setattr(linear_module, "linear_ref", lambda *a, **k: pytest.fail("ran PyTorch's matmul"))
+    k = 352 if wtype.block == 32 else 512
+    w = random_weights(wtype, 128, k, seed=wtype.code + 11)
+    rt, dense = quant.REGROUPED[wtype], quant.dequantize(w, wtype).double()
+    w = regroup.repack(w, wtype)
+    g = torch.Generator().manual_seed(17)
+    x, bias = torch.randn(70, k, generator=g), torch.randn(128, generator=g)
+    got = linear(x, w, rt, bias)
+    assert got.dtype == torch.float32
+    assert (got.double() - (x.double() @ dense.T + bias.double())).abs().le(_bound(x, dense.float())).all()
+    for rows in (1, 2, 3, 5, 33, 64):
+        assert torch.equal(linear(x[:rows], w, rt, bias), got[:rows]), rows
+    assert torch.equal(linear(x, w[:48], rt, bias[:48]), got[:, :48])  # 3 groups: the few-row path at any rows
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(linear(x[5:6], w, rt, bias)[0], got[5])
     finally:
         torch.set_num_threads(2)
 
@@ -339,7 +371,7 @@ def test_regrouped_types_run_only_where_their_kernel_is(isa):
     w = regroup.repack(random_weights(quant.Q4_1, 16, 64, seed=2), quant.Q4_1)
     x, y = torch.randn(2, 64).bfloat16(), torch.empty(2, 16, dtype=torch.bfloat16)
     args = (x, 64, w, quant.Q4_1X16.code, None, y, 16, 2, 64, 16, 1, 1, 0)
-    if isa not in BF16_MATRIX_ISAS:
+    if isa not in X16_DTYPES:
         with pytest.raises(RuntimeError, match="status 1"):
             kernels.for_isa(isa).linear(*args)
     else:
@@ -419,6 +451,15 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q5_0, 576, "auto", bf16, "amx", rows=576) == quant.Q5_0T16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1
     assert target_type(quant.Q4_1, 576, "auto", f32, "avx512", rows=576) == quant.Q4_1
+    # AVX-512 without bf16 instructions: fp32 activations against the regrouped blocks
+    assert target_type(quant.Q4_1, 576, "auto", f32, "avx512f", rows=576) == quant.Q4_1X16
+    assert target_type(quant.Q6_K, 512, "auto", f32, "avx512f", rows=576) == quant.Q6_KX16
+    assert target_type(quant.F32, 576, "q8_0", f32, "avx512f", rows=576) == quant.Q8_0X16
+    assert target_type(quant.Q4_1, 576, "auto", f32, "avx512f") == quant.Q4_1  # an embedding alone
+    assert target_type(quant.Q4_1, 576, "auto", f32, "avx512f", int8=True, rows=576) == quant.Q4_1
+    assert target_type(quant.Q4_1, 576, "none", f32, "avx512f", rows=576) == quant.F32
+    assert target_type(quant.BF16, 576, "auto", f32, "avx512f", rows=576) == quant.BF16
+    assert target_type(quant.Q4_1, 576, "auto", f32, "avx2", rows=576) == quant.Q4_1
 
 
 def test_int8_activations_are_reported_only_where_a_layer_has_them():

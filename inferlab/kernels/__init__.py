@@ -6,7 +6,7 @@ vectorizes it for each; `<isa>/*.c` are an ISA's own kernels, which replace the 
 the same name in that ISA's build. Every file is compiled with its own ISA's flags, never
 -march=native, so one library holds every ISA's entry points (`linear_generic`, `linear_avx2`, ...)
 on any x86 machine, and the CPU's features decide at run time which ones run (`Kernels`).
-`INFERLAB_ISA=generic|avx2|avxvnni|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns the kernels off;
+`INFERLAB_ISA=generic|avx2|avxvnni|avx512f|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns the kernels off;
 `INFERLAB_X16_PRODUCTS=bf16|fp32` picks the AVX-512 regrouped kernel's products (`x16_products`).
 
 Bindings are read from the headers: the constants from `inferlab.h`, the prototypes from `api.h`,
@@ -39,8 +39,9 @@ ROOT = Path(__file__).parent
 CFLAGS = ["-O3", "-fopenmp", "-ffast-math", "-fPIC", "-std=c11", "-Wall", "-Wno-unused-function"]
 LINK = ["-shared", "-fopenmp", "-lm"]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
-_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni",
-           "-mprefer-vector-width=512"]
+_AVX512F = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
+_AVX512 = [*_AVX512F, "-mavx512bf16", "-mavx512vnni"]
+_AVX512F_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq")
 # name: (compiler flags, /proc/cpuinfo flags the CPU needs), lowest first. An ISA's functions may call
 # any lower ISA's by name: its build links after theirs.
 ISAS = {
@@ -48,11 +49,11 @@ ISAS = {
     "avx2": (_AVX2, ("avx2", "fma", "f16c")),
     # AVX2 with AVX-VNNI (Intel client cores since Alder Lake): only the int8 block products change
     "avxvnni": ([*_AVX2, "-mavxvnni"], ("avx2", "fma", "f16c", "avx_vnni")),
-    "avx512": (_AVX512, ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
-                        "avx512_vnni")),
+    # AVX-512 without AVX512-BF16 (Skylake-SP to Ice Lake-SP): only the regrouped blocks' fp32 products
+    "avx512f": (_AVX512F, _AVX512F_FLAGS),
+    "avx512": (_AVX512, (*_AVX512F_FLAGS, "avx512_bf16", "avx512_vnni")),
     "amx": ([*_AVX512, "-mamx-tile", "-mamx-bf16"],
-            ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
-             "amx_tile", "amx_bf16")),
+            (*_AVX512F_FLAGS, "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")),
 }
 PORTABLE_ISAS = ("generic", "avx2", "avx512")  # the AMX build adds only its own kernels
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
@@ -191,7 +192,8 @@ class Kernels:
 
     def __init__(self, lib: ctypes.CDLL, isa: str) -> None:
         self.lib, self.isa = lib, isa
-        chain = list(ISAS)[:list(ISAS).index(isa) + 1][::-1]
+        flags = cpu_flags()  # a lower ISA this CPU lacks (AVX-VNNI below avx512f) is skipped, never called
+        chain = [c for c in list(ISAS)[:list(ISAS).index(isa) + 1][::-1] if c == isa or set(ISAS[c][1]) <= flags]
         self.functions: dict[str, ctypes._CFuncPtr] = {}
         self.chosen: dict[str, str] = {}  # entry point -> the ISA whose implementation runs
         for name, (ret, params) in prototypes().items():

@@ -81,8 +81,8 @@ int IL(linear_bf16_wide)(const void *x, int64_t ldx, const void *w, const void *
                 }
                 for (int i = 0; i < R; i++)
                     for (int g = 0; g < 4; g++)
-                        store16(acc + 64 * i + 16 * g, bias ? (const uint16_t *)bias + 64 * s + 16 * g : NULL, y,
-                                (int64_t)(m0 + i) * ldy + 64 * s + 16 * g, yf32);
+                        store16(acc + 64 * i + 16 * g, bias, 64 * s + 16 * g, 0, y, (int64_t)(m0 + i) * ldy + 64 * s + 16 * g,
+                                yf32);
             }
         }
     }

@@ -168,7 +168,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
     if (il_x16_type(wtype)) {
         if (rows <= 0) return 0;
         if (!out_ok || dtype != IL_BF16 || K % 32 || N % 16) return 1;
-        return IL(linear_x16)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, ydtype, num_threads);
+        return IL(linear_x16)(x, ldx, dtype, w, wtype, bias, y, ldy, rows, K, N, ydtype, num_threads);
     }
     /* a prefill where FMAs out-run the pair products (x16_products: fp32, Intel's cores): bf16_wide.c */
     if (out_ok && rows > IL_MAX_ROWS && wtype == IL_W_BF16 && dtype == IL_BF16 && K % 32 == 0 && N % 64 == 0 &&

@@ -22,11 +22,19 @@
 #include "x16_fma.h"
 #include "x16_tiles.h"
 
+#ifdef __AVX512BF16__
 static int fp32_products; /* x16_products: 0 (the pairs) until set at start */
+#else
+static const int fp32_products = 1; /* avx512f/: no pair instruction, so FMAs whatever is asked */
+#endif
 
 int IL(x16_products)(int mode, int num_threads) {
     (void)num_threads;
+#ifdef __AVX512BF16__
     if (mode >= 0) fp32_products = mode != 0;
+#else
+    (void)mode;
+#endif
     return fp32_products;
 }
 
@@ -41,7 +49,7 @@ IL_INLINE void rows_block(const uint16_t *x, int64_t ldx, const __m512bh wv[16],
             for (int i = 0; i < R; i++) {
                 int32_t pair;
                 memcpy(&pair, x + i * ldx + 2 * j, sizeof pair);
-                p[i] = _mm512_dpbf16_ps(p[i], wv[j], (__m512bh)_mm512_set1_epi32(pair));
+                p[i] = bf16_dot(p[i], wv[j], (__m512bh)_mm512_set1_epi32(pair));
             }
         for (int i = 0; i < R; i++) {
             const float s = has_min(kind) ? sx[i * sx_stride + sum_at(kind, h)] : 0.f;
@@ -62,8 +70,8 @@ IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t byt
         memcpy(&x0, x + 2 * j, sizeof x0);
         memcpy(&x1, x + 32 + 2 * j, sizeof x1);
         const int h = j / (16 / parts(kind));
-        p0[h] = _mm512_dpbf16_ps(p0[h], pair_row(blk, kind, t, j), (__m512bh)_mm512_set1_epi32(x0));
-        p1[h] = _mm512_dpbf16_ps(p1[h], pair_row(blk + bytes, kind, t, j), (__m512bh)_mm512_set1_epi32(x1));
+        p0[h] = bf16_dot(p0[h], pair_row(blk, kind, t, j), (__m512bh)_mm512_set1_epi32(x0));
+        p1[h] = bf16_dot(p1[h], pair_row(blk + bytes, kind, t, j), (__m512bh)_mm512_set1_epi32(x1));
     }
     const int with_min = has_min(kind), spb = sums_per_block(kind);
     factors f0, f1;
@@ -77,8 +85,8 @@ IL_INLINE void row_two_blocks(const uint16_t *x, const uint8_t *blk, int64_t byt
 }
 
 /* x: bf16, or (fma) widened to fp32 */
-IL_INLINE void group_rows(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
-                       int yf32, const float *sx, int rows, int nb, int g, const int kind, tables t, const int fma) {
+IL_INLINE void group_rows(const void *x, int64_t ldx, const uint8_t *w, const void *bias, int xf32, void *y,
+                       int64_t ldy, int yf32, const float *sx, int rows, int nb, int g, const int kind, tables t, const int fma) {
     const int64_t block_bytes = group_block_bytes(kind), spb = sums_per_block(kind);
     const uint8_t *w0 = w + (int64_t)g * nb * block_bytes;
     float acc[ROWS_PASS * 16] __attribute__((aligned(64)));
@@ -118,7 +126,7 @@ IL_INLINE void group_rows(const void *x, int64_t ldx, const uint8_t *w, const ui
 #undef ROWS
         }
         for (int i = 0; i < R; i++)
-            store16(acc + 16 * i, bias ? bias + 16 * g : NULL, y, (int64_t)(m0 + i) * ldy + 16 * g, yf32);
+            store16(acc + 16 * i, bias, 16 * g, xf32, y, (int64_t)(m0 + i) * ldy + 16 * g, yf32);
     }
 }
 
@@ -140,7 +148,7 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
             }
             for (int g = 0; g < 4; g++) {
                 const __m512bh wv = (__m512bh)_mm512_load_si512(wbuf + 16 * g + j);
-                for (int i = 0; i < R; i++) p[i][g] = _mm512_dpbf16_ps(p[i][g], wv, xb[i]);
+                for (int i = 0; i < R; i++) p[i][g] = bf16_dot(p[i][g], wv, xb[i]);
             }
         }
         for (int i = 0; i < R; i++)
@@ -153,7 +161,7 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
 }
 
 /* Rows [m0, m0 + R) (R <= WIDE_CHUNK) against groups 4 s .. 4 s + 3. */
-IL_INLINE void wide_rows(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *bias, void *y, int64_t ldy,
+IL_INLINE void wide_rows(const void *x, int64_t ldx, const uint8_t *w, const void *bias, int xf32, void *y, int64_t ldy,
                       int yf32, const float *sx, int m0, int R, int nb, int s, const int kind, tables t,
                       float *acc, const int fma) {
     const int64_t block_bytes = group_block_bytes(kind), spb = sums_per_block(kind);
@@ -181,12 +189,14 @@ IL_INLINE void wide_rows(const void *x, int64_t ldx, const uint8_t *w, const uin
     }
     for (int i = 0; i < R; i++)
         for (int g = 0; g < 4; g++)
-            store16(acc + 64 * i + 16 * g, bias ? bias + 64 * s + 16 * g : NULL, y, (int64_t)(m0 + i) * ldy + 64 * s + 16 * g, yf32);
+            store16(acc + 64 * i + 16 * g, bias, 64 * s + 16 * g, xf32, y, (int64_t)(m0 + i) * ldy + 64 * s + 16 * g,
+                    yf32);
 }
 
-int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
-                   int rows, int K, int N, int ydtype, int num_threads) {
-    const int nb = K / 32, yf32 = ydtype == IL_F32, fma = fp32_products;
+int IL(linear_x16)(const void *x, int64_t ldx, int dtype, const void *w, int wtype, const void *bias, void *y,
+                   int64_t ldy, int rows, int K, int N, int ydtype, int num_threads) {
+    const int nb = K / 32, yf32 = ydtype == IL_F32, fma = fp32_products, xf32 = dtype == IL_F32;
+    if (xf32 && !fma) return 1; /* the pairs take bf16 inputs */
     const int kind = kind_of(wtype);
     const int with_min = has_min(kind);
     const tables table = tables_of(wtype);
@@ -199,24 +209,28 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
     const int spb = sums_per_block(kind);
     float *sx = with_min ? malloc(sizeof(float) * (size_t)rows * nb * spb) : NULL; /* each row's sums per block */
     float *sums = wide ? aligned_alloc(64, sizeof(float) * 64 * WIDE_CHUNK * num_threads) : NULL;
-    float *xf = fma ? malloc(sizeof(float) * (size_t)rows * K) : NULL; /* x widened once: a product's input is a load */
-    if ((with_min && !sx) || (wide && !sums) || (fma && !xf)) {
+    /* bf16 x widened once for the FMAs: a product's input is a load (fp32 x is read in place) */
+    float *xf = fma && !xf32 ? malloc(sizeof(float) * (size_t)rows * K) : NULL;
+    if ((with_min && !sx) || (wide && !sums) || (fma && !xf32 && !xf)) {
         free(sx), free(sums), free(xf);
         return 2;
     }
-    const void *xs = fma ? (const void *)xf : x;
-    const int64_t ldxs = fma ? K : ldx;
+    const void *xs = xf ? (const void *)xf : x;
+    const int64_t ldxs = xf ? K : ldx;
 #pragma omp parallel num_threads(num_threads)
     {
-        if (with_min || fma) {
+        if (with_min || xf) {
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < nb; b++) {
-                    const uint16_t *p = (const uint16_t *)x + (int64_t)r * ldx + 32 * b;
-                    if (with_min) block_input_sums(p, sx + ((int64_t)r * nb + b) * spb, spb);
-                    if (fma) {
-                        _mm512_storeu_ps(xf + (int64_t)r * K + 32 * b, bf16x16(p));
-                        _mm512_storeu_ps(xf + (int64_t)r * K + 32 * b + 16, bf16x16(p + 16));
+                    const int64_t at = (int64_t)r * ldx + 32 * b;
+                    const __m512 lo = xf32 ? _mm512_loadu_ps((const float *)x + at) : bf16x16((const uint16_t *)x + at);
+                    const __m512 hi = xf32 ? _mm512_loadu_ps((const float *)x + at + 16)
+                                           : bf16x16((const uint16_t *)x + at + 16);
+                    if (with_min) block_input_sums(lo, hi, sx + ((int64_t)r * nb + b) * spb, spb);
+                    if (xf) {
+                        _mm512_storeu_ps(xf + (int64_t)r * K + 32 * b, lo);
+                        _mm512_storeu_ps(xf + (int64_t)r * K + 32 * b + 16, hi);
                     }
                 }
         }
@@ -226,8 +240,8 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
             for (int c = 0; c < chunks; c++)
                 for (int s = 0; s < N / 64; s++) {
                     const int m0 = c * chunk, R = rows - m0 < chunk ? rows - m0 : chunk;
-#define WIDE(k) wide_rows(xs, ldxs, w, bias, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc, 0)
-#define WIDE_FMA(k) wide_rows(xs, ldxs, w, bias, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc, 1)
+#define WIDE(k) wide_rows(xs, ldxs, w, bias, xf32, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc, 0)
+#define WIDE_FMA(k) wide_rows(xs, ldxs, w, bias, xf32, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc, 1)
                     fma ? BY_KIND(WIDE_FMA) : BY_KIND(WIDE);
 #undef WIDE
 #undef WIDE_FMA
@@ -235,8 +249,8 @@ int IL(linear_x16)(const void *x, int64_t ldx, const void *w, int wtype, const v
         } else {
 #pragma omp for schedule(static)
             for (int g = 0; g < N / 16; g++) {
-#define GROUP(k) group_rows(xs, ldxs, w, bias, y, ldy, yf32, sx, rows, nb, g, k, table, 0)
-#define GROUP_FMA(k) group_rows(xs, ldxs, w, bias, y, ldy, yf32, sx, rows, nb, g, k, table, 1)
+#define GROUP(k) group_rows(xs, ldxs, w, bias, xf32, y, ldy, yf32, sx, rows, nb, g, k, table, 0)
+#define GROUP_FMA(k) group_rows(xs, ldxs, w, bias, xf32, y, ldy, yf32, sx, rows, nb, g, k, table, 1)
                 fma ? BY_KIND(GROUP_FMA) : BY_KIND(GROUP);
 #undef GROUP
 #undef GROUP_FMA

@@ -12,7 +12,7 @@
  * conversions of widening to fp32). IQ4_NL's blocks are Q4_0's but for the values a nibble stands
  * for, which are the table's. Q8_0's group block is d[16] and 16 rows of 32 bytes, byte 2 i + e of
  * row p being weight row i's input 2 p + e: the same pair lanes, its bytes widened to fp32 and
- * narrowed to bf16 (exact).
+ * narrowed to bf16 (exact: the high halves).
  * Q5_0 / Q5_1 are Q4_0 / Q4_1 with a plane of the 16 rows' fifth bits between the scales and the
  * nibbles: per pair row, a 32-bit mask of its 32 lanes, which a masked add of 16 puts in bit 4 of
  * the table index (vpermw reads 5 bits: a 32-entry table of the values). That bit already holds the
@@ -95,10 +95,14 @@ static inline tables tables_of(int wtype) {
  * (a plain mask) picks the second table's values. Q8_0: its 32 bytes widened to fp32 and narrowed
  * to bf16 (16 values at a time, in order). */
 IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, tables t, const int j) {
-    if (kind == Q8_0) {
+    if (kind == Q8_0) { /* each value's bf16 is its fp32's high half (exact: |q| <= 128); no bf16 instruction */
+        static const uint16_t high_halves[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                                 33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
         const __m128i *q = (const __m128i *)(blk + 32 + 32 * j);
-        return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))),
-                                   _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
+        return (__m512bh)_mm512_permutex2var_epi16(_mm512_castps_si512(lo), _mm512_loadu_si512(high_halves),
+                                                   _mm512_castps_si512(hi));
     }
     const int fields = is_k(kind) ? 0 : has_min(kind) ? 32 : 16; /* words of scales before the values */
     const int at = fields + (has_high(kind) ? 32 : 0) + (kind == Q6_K ? 32 : 0); /* and of masks (16, Q6_K: 32) */

@@ -40,14 +40,17 @@ IL_INLINE __m512 add_part(__m512 a, __m512 p, const factors *f, float sx, const 
 /* Where part h's input sum is among a block's (sums_per_block). */
 IL_INLINE int sum_at(const int kind, const int h) { return sums_per_block(kind) == 2 ? h : 0; }
 
-/* The 16 outputs of row r (+ bias), stored as bf16 (nearest even) or fp32. */
-IL_INLINE void store16(const float *acc, const uint16_t *bias, void *y, int64_t at, int yf32) {
+/* The 16 outputs of row r (+ bias, in the inputs' dtype: bf16, or fp32 where xf32), stored as bf16
+ * (nearest even) or fp32. */
+IL_INLINE void store16(const float *acc, const void *bias, int64_t bias_at, int xf32, void *y, int64_t at, int yf32) {
     __m512 out = _mm512_load_ps(acc);
-    if (bias) out = _mm512_add_ps(out, bf16x16(bias));
+    if (bias)
+        out = _mm512_add_ps(out, xf32 ? _mm512_loadu_ps((const float *)bias + bias_at)
+                                      : bf16x16((const uint16_t *)bias + bias_at));
     if (yf32)
         _mm512_storeu_ps((float *)y + at, out);
     else
-        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(out));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), bf16_round16(out));
 }
 
 /* Every call site with its kind a constant, so each kind gets its own compiled tiles (group_rows and
@@ -59,13 +62,14 @@ IL_INLINE void store16(const float *acc, const uint16_t *bias, void *y, int64_t 
      : kind == Q2_K ? CALL(Q2_K) : kind == IQ4_XS ? CALL(IQ4_XS) \
      : CALL(Q4_0))
 
-/* The sums of row p's 32 inputs of a block (Q2_K: of each 16) that its minimums multiply. */
-IL_INLINE void block_input_sums(const uint16_t *p, float *out, const int spb) {
+/* The sums of a row's 32 inputs of a block (lo: the first 16, hi: the rest; Q2_K: of each 16) that its
+ * minimums multiply. */
+IL_INLINE void block_input_sums(__m512 lo, __m512 hi, float *out, const int spb) {
     if (spb == 2) {
-        out[0] = _mm512_reduce_add_ps(bf16x16(p));
-        out[1] = _mm512_reduce_add_ps(bf16x16(p + 16));
+        out[0] = _mm512_reduce_add_ps(lo);
+        out[1] = _mm512_reduce_add_ps(hi);
     } else {
-        out[0] = _mm512_reduce_add_ps(_mm512_add_ps(bf16x16(p), bf16x16(p + 16)));
+        out[0] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
     }
 }
 #endif

@@ -50,13 +50,11 @@ TILES = tuple(quant.TILED.values())
 
 
 def _regrouped_runs(wtype: WeightType, x: torch.Tensor, isa: str) -> bool:
-    """Whether the kernels multiply a regrouped type here: x16 on CPUs with bf16 matrix units, t16 on AMX
-    up to a decode step's rows (past them PyTorch's oneDNN takes the bf16 weights they decode to)."""
-    if x.dtype != torch.bfloat16:
-        return False
+    """Whether the kernels multiply a regrouped type here: x16 where X16_DTYPES says, t16 on AMX up to a
+    decode step's rows (past them PyTorch's oneDNN takes the bf16 weights they decode to)."""
     if wtype in TILES:
-        return isa == "amx" and x.shape[0] <= TORCH_BF16_PAST_ROWS["amx"]
-    return isa in BF16_MATRIX_ISAS
+        return isa == "amx" and x.dtype == torch.bfloat16 and x.shape[0] <= TORCH_BF16_PAST_ROWS["amx"]
+    return x.dtype in X16_DTYPES.get(isa, ())
 
 
 def tiles_to_bf16(weight: torch.Tensor, wtype: WeightType, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,6 +129,10 @@ QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1")  # see target_type
 # ISAs with bf16 matrix units (AVX512-BF16 dot products, AMX tiles): a bf16 model's dense weights run
 # there faster than any in-register dequantization of blocks, so `auto` gives them bf16 weights
 BF16_MATRIX_ISAS = ("avx512", "amx")
+# ISAs whose kernels multiply the regrouped (x16) blocks, and the activations they take there: bf16 on
+# AVX512-BF16 (its pair products need it); on AVX-512 CPUs without bf16 instructions (avx512f) fp32 FMAs
+# of fp32 inputs, those CPUs' activations, or bf16 ones widened
+X16_DTYPES = {"avx512": (torch.bfloat16,), "amx": (torch.bfloat16,), "avx512f": (torch.float32, torch.bfloat16)}
 
 
 def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
@@ -145,16 +147,18 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
         multiply blocks), or the CPU has no AMX and the type is in `quant.REGROUPED` (the AVX512-BF16
         kernel of the regrouped blocks is the faster there); on AMX the `quant.TILED` types keep those
         bf16 weights as blocks regrouped for the tiles, which decode them.
+    On AVX-512 CPUs without bf16 instructions (avx512f), fp32 activations: the `quant.REGROUPED` types
+    regrouped (x16, multiplied by fp32 FMAs), other types as stored.
     `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as
-    llama.cpp keeps output tensors at higher precision) where rows split into its blocks, and for
-    bf16 activations regrouped as `auto` keeps a file's blocks (AMX: t16; AVX512-BF16: x16).
+    llama.cpp keeps output tensors at higher precision) where rows split into its blocks, and
+    regrouped as `auto` keeps a file's blocks (AMX: t16; AVX512-BF16, avx512f: x16).
     Regrouping needs `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as
     the LM head; None for an embedding alone) to be a multiple of 16."""
     as_dtype = quant.BY_DTYPE[dtype]
     if mode == "none" or (mode == "auto" and (isa is None or not stored.native)):
         return as_dtype
     bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS
-    regroup = bf16_units and not int8 and rows is not None and rows % quant.GROUP_ROWS == 0
+    regroup = dtype in X16_DTYPES.get(isa, ()) and not int8 and rows is not None and rows % quant.GROUP_ROWS == 0
     tiles = regroup and isa == "amx"
     if mode == "auto":
         blocks_win = (int8 and stored in INT8_TYPES) or (regroup and not tiles and stored in quant.REGROUPED)

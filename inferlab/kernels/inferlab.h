@@ -3,7 +3,7 @@
  * the library, so the two cannot disagree.
  *
  * Each entry point exists once per instruction set that implements it. A source file is compiled
- * with IL_ISA set to its ISA (generic, avx2, avx512, amx) and defines IL(name), which becomes
+ * with IL_ISA set to its ISA (generic, avx2, avxvnni, avx512f, avx512, amx) and defines IL(name), which becomes
  * name_<isa>: the definition is checked against the prototype in api.h. This header declares the
  * prototypes of every ISA, so a kernel can hand a shape it does not cover to a lower ISA by name
  * (linear_avx2, paged_attention_generic). `generic` implements every entry point; Python picks,
@@ -100,6 +100,12 @@
 #include "api.h"
 #undef IL
 #define IL(name) IL_CAT(name, avx2)
+#include "api.h"
+#undef IL
+#define IL(name) IL_CAT(name, avxvnni)
+#include "api.h"
+#undef IL
+#define IL(name) IL_CAT(name, avx512f)
 #include "api.h"
 #undef IL
 #define IL(name) IL_CAT(name, avx512)

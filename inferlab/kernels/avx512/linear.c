@@ -16,6 +16,14 @@
 #include "lanes.h"
 #include "x16.h"
 
+#ifdef __AVX512VNNI__
+#define LINEAR_INT8 IL(linear_int8)
+#else /* avx512f/, which compiles this file again for AVX-512 CPUs without bf16: their int8 path is AVX2's */
+int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
+                     int rows, int K, int N, int dtype, int ydtype, int num_threads);
+#define LINEAR_INT8 linear_int8_avx2
+#endif
+
 #define TM 4      /* input rows per tile, at most */
 #define PANEL 32  /* weight rows a thread keeps in cache while every input row passes (96 KB at K = 1536 bf16) */
 
@@ -53,7 +61,7 @@ IL_INLINE void finish(__m512 acc[16], const void *bias, int bias_f32, void *y, i
         return;
     }
     uint16_t out[16];
-    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(sum)); /* nearest even, as PyTorch */
+    _mm256_storeu_si256((__m256i *)out, bf16_round16(sum)); /* nearest even, as PyTorch */
     for (int i = 0; i < R; i++) memcpy((uint16_t *)y + (m + i) * ldy + n, out + i * T, sizeof(uint16_t) * C);
 }
 
@@ -74,7 +82,7 @@ IL_INLINE void tile_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, cons
         for (int j = 0; j < T; j++) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
         for (int i = 0; i < R; i++) {
             const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m + i) * ldx + k);
-            for (int j = 0; j < T; j++) acc[i * T + j] = _mm512_dpbf16_ps(acc[i * T + j], xv, wv[j]);
+            for (int j = 0; j < T; j++) acc[i * T + j] = bf16_dot(acc[i * T + j], xv, wv[j]);
         }
     }
     if (k < K) { /* masked tail: the missing pairs load as zeros */
@@ -83,7 +91,7 @@ IL_INLINE void tile_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, cons
         for (int j = 0; j < T; j++) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(tail, wr[j] + k);
         for (int i = 0; i < R; i++) {
             const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + (m + i) * ldx + k);
-            for (int j = 0; j < T; j++) acc[i * T + j] = _mm512_dpbf16_ps(acc[i * T + j], xv, wv[j]);
+            for (int j = 0; j < T; j++) acc[i * T + j] = bf16_dot(acc[i * T + j], xv, wv[j]);
         }
     }
     finish(acc, bias, 0, y, yf32, ldy, m, n, R, T, C);
@@ -167,7 +175,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
     const int out_ok = ydtype == dtype || ydtype == IL_F32, yf32 = ydtype == IL_F32;
     if (il_x16_type(wtype)) {
         if (rows <= 0) return 0;
-        if (!out_ok || dtype != IL_BF16 || K % 32 || N % 16) return 1;
+        if (!out_ok || K % 32 || N % 16) return 1; /* fp32 x: only with fp32 products (x16.c) */
         return IL(linear_x16)(x, ldx, dtype, w, wtype, bias, y, ldy, rows, K, N, ydtype, num_threads);
     }
     /* a prefill where FMAs out-run the pair products (x16_products: fp32, Intel's cores): bf16_wide.c */
@@ -181,7 +189,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
     else if (out_ok && rows > 0 && wtype == IL_W_F32 && dtype == IL_F32)
         gemm(x, ldx, w, bias, y, yf32, ldy, rows, K, N, num_threads, F32_X32);
     else if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
-        return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
+        return LINEAR_INT8(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     else
         return linear_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
     return 0;

@@ -7,7 +7,8 @@ the same name in that ISA's build. Every file is compiled with its own ISA's fla
 -march=native, so one library holds every ISA's entry points (`linear_generic`, `linear_avx2`, ...)
 on any x86 machine, and the CPU's features decide at run time which ones run (`Kernels`).
 `INFERLAB_ISA=generic|avx2|avxvnni|avx512f|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns the kernels off;
-`INFERLAB_X16_PRODUCTS=bf16|fp32` picks the AVX-512 regrouped kernel's products (`x16_products`).
+`INFERLAB_X16_PRODUCTS=bf16|fp32` picks the AVX-512 regrouped kernel's products (`x16_products`;
+`avx512f`, for AVX-512 CPUs without bf16 instructions, has only fp32).
 
 Bindings are read from the headers: the constants from `inferlab.h`, the prototypes from `api.h`,
 so ctypes signatures cannot drift from the C ones. If the build fails (no compiler) the engine logs

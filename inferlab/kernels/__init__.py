@@ -193,8 +193,8 @@ class Kernels:
 
     def __init__(self, lib: ctypes.CDLL, isa: str) -> None:
         self.lib, self.isa = lib, isa
-        flags = cpu_flags()  # a lower ISA this CPU lacks (AVX-VNNI below avx512f) is skipped, never called
-        chain = [c for c in list(ISAS)[:list(ISAS).index(isa) + 1][::-1] if c == isa or set(ISAS[c][1]) <= flags]
+        runs = runnable_isas(list(ISAS))  # a lower ISA this CPU lacks (AVX-VNNI below avx512f) is never called
+        chain = [c for c in list(ISAS)[:list(ISAS).index(isa) + 1][::-1] if c == isa or c in runs]
         self.functions: dict[str, ctypes._CFuncPtr] = {}
         self.chosen: dict[str, str] = {}  # entry point -> the ISA whose implementation runs
         for name, (ret, params) in prototypes().items():

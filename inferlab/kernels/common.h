@@ -45,6 +45,9 @@ static inline float il_f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* il_f16_to_f32 of every fp16 value (generic/f16_table.c), for scales read in hot loops. */
+extern float il_f16_table[65536];
+
 static inline uint16_t il_f32_to_f16(float f) { /* round to nearest even, as numpy does */
     uint32_t u;
     memcpy(&u, &f, sizeof u);

@@ -63,6 +63,32 @@ def test_linear_matches_dequantized_matmul(isa, wtype, monkeypatch):
     torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_1, quant.Q5_0], ids=str)
+def test_every_fp16_scale_reaches_the_products_exactly(isa, wtype, monkeypatch):
+    """Scales are read through a table of every fp16 value on some ISAs: each finite one, subnormals
+    and signed zeros included, must multiply as its exact fp32 value. One block a row, scale h_n, a
+    single weight of one (Q4_1: also rows of scale 0 whose minimum is h_n), one input of one."""
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    halves = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    halves = halves[halves.isfinite()]
+    bits = halves.view(torch.int16).view(torch.uint8).view(-1, 2)
+    n = len(halves)
+    blocks = torch.zeros(n, wtype.nbytes, dtype=torch.uint8)
+    blocks[:, :2] = bits  # d, the first two bytes of each of these formats
+    blocks[:, {quant.Q8_0: 2, quant.Q4_1: 4, quant.Q5_0: 6}[wtype]] = 1  # weight 0's byte (low nibble)
+    if wtype is quant.Q5_0:
+        blocks[:, 2] = 1  # and its fifth bit: (17 - 16) d
+    want = halves.float()
+    if wtype is quant.Q4_1:
+        mins = torch.zeros(n, wtype.nbytes, dtype=torch.uint8)
+        mins[:, 2:4] = bits  # m = h_n, d = 0: every weight is h_n
+        blocks, want = torch.cat([blocks, mins]), torch.cat([want, want])
+    x = torch.zeros(1, 32)
+    x[0, 0] = 1
+    got = linear(x, blocks, wtype)[0]
+    assert torch.equal(got, want), (got - want).abs().argmax()
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("wtype", [quant.F32, quant.BF16, quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q6_K, quant.Q3_K,
                                    quant.Q2_K, quant.IQ4_XS, quant.IQ4_NL, quant.Q5_0, quant.Q5_K], ids=str)

@@ -91,7 +91,7 @@ def test_every_fp16_scale_reaches_the_products_exactly(isa, wtype, monkeypatch):
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("wtype", [quant.F32, quant.BF16, quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q6_K, quant.Q3_K,
-                                   quant.Q2_K, quant.IQ4_XS, quant.IQ4_NL, quant.Q5_0, quant.Q5_K], ids=str)
+                                   quant.Q2_K, quant.IQ4_XS, quant.IQ4_NL, quant.Q5_0, quant.Q5_K, quant.Q4_K], ids=str)
 def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(isa, wtype, int8, monkeypatch):
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
     w = random_weights(wtype, 50, 256, seed=7)

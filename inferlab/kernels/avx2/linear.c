@@ -171,6 +171,21 @@ IL_INLINE void decode32(int wtype, const uint8_t *row, int k, const float *ks, _
     }
 }
 
+/* Q4_K sub-blocks j and j + 1 (j even) at k, 64 weights: one run of 32 bytes holds j's in its low
+ * nibbles and j + 1's in its high ones, so it is widened once for both, where decode32 widens it for
+ * each. The same values as two decode32 calls (ks: the block's k_scales). */
+IL_INLINE void q4_K_pair(const uint8_t *row, int k, const float *ks, __m256 w[8]) {
+    const int j = k / 32 % 8;
+    const uint8_t *q = ((const il_q4_K *)row + k / 256)->qs + 32 * (j / 2);
+    const __m256 d0 = _mm256_set1_ps(ks[j]), c0 = _mm256_set1_ps(ks[8 + j]);
+    const __m256 d1 = _mm256_set1_ps(ks[j + 1]), c1 = _mm256_set1_ps(ks[9 + j]);
+    for (int c = 0; c < 4; c++) {
+        const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * c)));
+        w[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a, _mm256_set1_epi32(0x0F))), d0, c0);
+        w[4 + c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), d1, c1);
+    }
+}
+
 /* A row of K weights as fp32: whole 32s decoded as above, a tail (float types only) one by one. */
 IL_INLINE void dequant_row_as(const int wtype, const uint8_t *row, int K, float *out) {
     int k = 0;
@@ -209,14 +224,16 @@ IL_INLINE void micro_direct(const float *x, int64_t lx, const uint8_t *const w[D
         for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
     const int be = il_block_elems(wtype), bb = il_block_bytes(wtype);
     float ks[DC][16]; /* each weight row's k_scales of its current block */
-    for (int k = 0; k < K; k += 32)
+    const int step = wtype == IL_W_Q4_K ? 64 : 32; /* weights decoded at a time (q4_K_pair) */
+    for (int k = 0; k < K; k += step)
         for (int j = 0; j < C; j++) {
-            __m256 wv[4];
-            for (int o = 0; o < 32 / be * bb; o += 64) /* every line: 32 fp32 weights span two */
+            __m256 wv[8];
+            for (int o = 0; o < step * bb / be; o += 64) /* every line: 32 fp32 weights span two */
                 _mm_prefetch((const char *)w[j] + (int64_t)k / be * bb + PREFETCH_BYTES + o, _MM_HINT_T0);
             if (k_scaled(wtype) && k % 256 == 0) k_scales(wtype, w[j], k / 256, ks[j]);
-            decode32(wtype, w[j], k, ks[j], wv);
-            for (int c = 0; c < 4; c++)
+            if (step == 64) q4_K_pair(w[j], k, ks[j], wv);
+            else decode32(wtype, w[j], k, ks[j], wv);
+            for (int c = 0; c < step / 8; c++)
                 for (int i = 0; i < R; i++)
                     acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * lx + k + 8 * c), wv[c], acc[i][j]);
         }

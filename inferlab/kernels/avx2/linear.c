@@ -225,18 +225,25 @@ IL_INLINE void micro_direct(const float *x, int64_t lx, const uint8_t *const w[D
     const int be = il_block_elems(wtype), bb = il_block_bytes(wtype);
     float ks[DC][16]; /* each weight row's k_scales of its current block */
     const int step = wtype == IL_W_Q4_K ? 64 : 32; /* weights decoded at a time (q4_K_pair) */
-    for (int k = 0; k < K; k += step)
-        for (int j = 0; j < C; j++) {
-            __m256 wv[8];
-            for (int o = 0; o < step * bb / be; o += 64) /* every line: 32 fp32 weights span two */
-                _mm_prefetch((const char *)w[j] + (int64_t)k / be * bb + PREFETCH_BYTES + o, _MM_HINT_T0);
-            if (k_scaled(wtype) && k % 256 == 0) k_scales(wtype, w[j], k / 256, ks[j]);
-            if (step == 64) q4_K_pair(w[j], k, ks[j], wv);
-            else decode32(wtype, w[j], k, ks[j], wv);
-            for (int c = 0; c < step / 8; c++)
-                for (int i = 0; i < R; i++)
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * lx + k + 8 * c), wv[c], acc[i][j]);
-        }
+    /* A 256-weight block's sub-blocks unrolled, so that where each one's bits and scales lie is a
+     * constant rather than a dozen scalar instructions per 32 weights. */
+    const int span = be == 256 ? 256 : step;
+    for (int kb = 0; kb < K; kb += span) {
+        const int64_t at = (int64_t)kb / be * bb; /* the block's first byte in each weight row */
+#pragma GCC unroll 8
+        for (int s = 0; s < span; s += step)
+            for (int j = 0; j < C; j++) {
+                __m256 wv[8];
+                for (int o = 0; o < step * bb / be; o += 64) /* every line: 32 fp32 weights span two */
+                    _mm_prefetch((const char *)w[j] + at + (int64_t)s / be * bb + PREFETCH_BYTES + o, _MM_HINT_T0);
+                if (k_scaled(wtype) && s == 0) k_scales(wtype, w[j] + at, 0, ks[j]);
+                if (step == 64) q4_K_pair(w[j] + at, s, ks[j], wv);
+                else decode32(wtype, w[j] + at, s, ks[j], wv);
+                for (int c = 0; c < step / 8; c++)
+                    for (int i = 0; i < R; i++)
+                        acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * lx + kb + s + 8 * c), wv[c], acc[i][j]);
+            }
+    }
     const __m256 zero = _mm256_setzero_ps();
     for (int j = 0; j < C; j++) out[j] = hsum4(acc[0][j], R > 1 ? acc[1][j] : zero, zero, zero);
 }

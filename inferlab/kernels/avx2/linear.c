@@ -190,6 +190,19 @@ IL_INLINE void q4_K_pair(const uint8_t *row, int k, const float *ks, __m256 w[8]
 IL_INLINE void dequant_row_as(const int wtype, const uint8_t *row, int K, float *out) {
     int k = 0;
     float ks[16];
+    if (il_block_elems(wtype) == 256) { /* K-quants: a block's sub-blocks unrolled, as in micro_direct */
+        for (; k < K; k += 256) {
+            const uint8_t *blk = row + (int64_t)k / 256 * il_block_bytes(wtype);
+            if (k_scaled(wtype)) k_scales(wtype, blk, 0, ks);
+#pragma GCC unroll 8
+            for (int s = 0; s < 256; s += 32) {
+                __m256 w[4];
+                decode32(wtype, blk, s, ks, w);
+                for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + k + s + 8 * c, w[c]);
+            }
+        }
+        return;
+    }
     for (; k + 32 <= K; k += 32) {
         __m256 w[4];
         if (k_scaled(wtype) && k % 256 == 0) k_scales(wtype, row, k / 256, ks);

@@ -1,5 +1,5 @@
 /* A 32-weight block's values as bytes in two 128-bit halves (weights 0-15, 16-31), for the block
- * types whose decoding the fp32 path (linear.c, then widened and scaled) and the int8 path (int8.c,
+ * types whose decoding the fp32 path (decode.h, then widened and scaled) and the int8 path (int8.c,
  * multiplied as bytes) share, so both read the very same values. Block b holds weights 32 b .. of a row. */
 #ifndef INFERLAB_AVX2_HALVES_H
 #define INFERLAB_AVX2_HALVES_H

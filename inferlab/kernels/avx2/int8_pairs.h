@@ -1,10 +1,10 @@
-/* tile8's 1 x 4 case (one request's decode; every int8 type but Q2_K, which keeps tile8 there), and
- * its 2-4 x 2 cases (tilerx2_pairs, every int8 type; Q2_K's minimums per 16 weights take tile8's
- * second product in the lanes too), on 256-bit AVX2: two weight rows side by side in each
- * register, row j in 128-bit lane j % 2, so one instruction does what tile8 does for one row (Q8_0,
- * Q4_0 and Q4_1 also load and unpack two rows at once). Lane for lane the same integer sums (dot32's lanes) and the same fp32
- * operations as tile8, so a row's result stays the same whatever its batch. Included by int8.c in
- * the builds without AVX-512 (avx2, avxvnni); AVX-512's four-lane version is tilerx4_vnni. */
+/* The int8 path's tiles on AVX2 (included by int8.c in the builds without AVX-512: avx2, avxvnni):
+ * two weight rows side by side in each 256-bit register, row j in 128-bit lane j % 2, so one
+ * instruction does two rows' block products (Q8_0, the Q4 and Q5 types and the K-quants also load
+ * and unpack two rows at once): one input row against four weight rows (tile1x4_pairs: one
+ * request's decode), or two to four against two (tilerx2_pairs). Each lane's integer sums and fp32
+ * operations are the same in both, so a row's result stays the same whatever its batch.
+ * AVX-512's four-lane version is avx512/int8_quads.h. */
 #ifndef INFERLAB_AVX2_INT8_PAIRS_H
 #define INFERLAB_AVX2_INT8_PAIRS_H
 #include <stddef.h>
@@ -15,8 +15,9 @@ IL_INLINE __m256i lanes2(const uint8_t *a, const uint8_t *b, int64_t off) {
                                    _mm_loadu_si128((const __m128i *)(b + off)), 1);
 }
 
-/* dot32 on two 128-bit lanes at once: lane group g of the result is dot32 of lane g of each input
- * (sc, il_k16_type only: each lane's integer scales of its weights 0-15 and 16-31). */
+/* Per 128-bit lane, 4 int32 sums whose total is the integer dot product of the lane's block (32 weight
+ * bytes, wl then wh) with its 32 inputs (il_k16_type: each half's products times the lane's integer
+ * scale for it, sc[0] and sc[1], |w| <= 32 keeping a pair's sum in 16 bits). */
 IL_INLINE __m256i dot32x2(__m256i wl, __m256i wh, __m256i xl, __m256i xh, int wtype, const __m256i sc[2]) {
     const int signed_w = signed_weights(wtype);
     if (signed_w)
@@ -45,11 +46,12 @@ IL_INLINE void block_pair(const uint8_t *a, const uint8_t *b, int64_t at, const 
     *wl = _mm256_and_si256(v, low4), *wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
 }
 
-/* Rows 2 p, 2 p + 1's block b as bytes (*wl, *wh, each row in its lane) and, in dm's lanes 0-3, their
- * (d, c) as block_halves gives them, and for il_k16_type their integer scales (sc); Q8_0 and the
- * Q4 and Q5 types read two rows with each instruction. ks: the rows' k_scales. */
+/* Rows 2 p, 2 p + 1's block b as bytes (*wl, *wh, each row in its lane) and, in dm's lanes 0-3, each
+ * row's d and what multiplies its s_x (c: m for Q4_1, Q5_1 and a Q4_K / Q5_K sub-block; d for Q4_0,
+ * Q5_0 and Q8_0; 0 for the IQ4 types); Q8_0 and the Q4 and Q5 types read two rows with each
+ * instruction. ks: the rows' k_scales. Q6_K, Q3_K and Q2_K: k16_pair_sub. */
 IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wtype, __m256i *wl, __m256i *wh,
-                           __m128 *dm, float ks[][16], __m256i sc[4]) {
+                           __m128 *dm, float ks[][16]) {
     const int q5 = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || q5) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
@@ -90,39 +92,89 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
         *dm = _mm_setr_ps(ks[2 * p][j], ks[2 * p][8 + j], ks[2 * p + 1][j], ks[2 * p + 1][8 + j]);
         return;
     }
-    if (wtype == IL_W_Q6_K) { /* k16_halves on the two rows at once: quarter g of half h, less 32 */
-        const int j = b % 8, h = j / 4, g = j % 4;
-        const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
-        const int64_t ql = at + offsetof(il_q6_K, ql) + 64 * h + 32 * (g % 2), qh = at + offsetof(il_q6_K, qh) + 32 * h;
-        const __m256i three = _mm256_set1_epi8(3), low4 = _mm256_set1_epi8(0x0F), offset = _mm256_set1_epi8(32);
-        __m256i *out[2] = {wl, wh};
-        for (int k = 0; k < 2; k++) {
-            __m256i l = lanes2(w[2 * p], w[2 * p + 1], ql + 16 * k);
-            if (g >= 2) l = _mm256_srli_epi16(l, 4);
-            const __m256i top = _mm256_and_si256(_mm256_srli_epi16(lanes2(w[2 * p], w[2 * p + 1], qh + 16 * k), 2 * g), three);
-            *out[k] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l, low4), _mm256_slli_epi16(top, 4)), offset);
-        }
-        const il_q6_K *a = (const il_q6_K *)(w[2 * p] + at), *c = (const il_q6_K *)(w[2 * p + 1] + at);
-        sc[0] = _mm256_set_m128i(_mm_set1_epi16(c->scales[2 * j]), _mm_set1_epi16(a->scales[2 * j]));
-        sc[1] = _mm256_set_m128i(_mm_set1_epi16(c->scales[2 * j + 1]), _mm_set1_epi16(a->scales[2 * j + 1]));
-        *dm = _mm_setr_ps(_cvtsh_ss(a->d), 0.f, _cvtsh_ss(c->d), 0.f);
-        return;
-    }
-    __m128i l0, h0, l1, h1, s0[4], s1[4];
-    const __m128 a = block_halves(wtype, w[2 * p], b, &l0, &h0, s0, ks[2 * p]);
-    const __m128 c = block_halves(wtype, w[2 * p + 1], b, &l1, &h1, s1, ks[2 * p + 1]);
+    __m128i l0, h0, l1, h1; /* IQ4_NL, IQ4_XS: each row's block looked up alone */
+    const __m128 a = _mm_set_ss(iq4_halves(wtype, w[2 * p], b, &l0, &h0, ks[2 * p]));
+    const __m128 c = _mm_set_ss(iq4_halves(wtype, w[2 * p + 1], b, &l1, &h1, ks[2 * p + 1]));
     *wl = _mm256_set_m128i(l1, l0), *wh = _mm256_set_m128i(h1, h0), *dm = _mm_movelh_ps(a, c);
-    if (il_k16_type(wtype)) sc[0] = _mm256_set_m128i(s1[0], s0[0]), sc[1] = _mm256_set_m128i(s1[1], s0[1]);
-    if (il_k16_min_type(wtype)) sc[2] = _mm256_set_m128i(s1[2], s0[2]), sc[3] = _mm256_set_m128i(s1[3], s0[3]);
 }
 
-/* Q2_K's second product, as tile8's: each 16 inputs' sum times the lane's integer minimum (sc: the
- * minimums), a dot32x2 with weights of 1. */
+/* What the 8 sub-blocks of rows 2 p, 2 p + 1's Q6_K, Q3_K or Q2_K block at byte `at` share, read once a
+ * block: returns each row's 16 integer scales as bytes, row 2 p + r in lane r (Q6_K's and Q3_K's
+ * signed, Q3_K's unpacked from its 12 bytes of 6 bits as il_q3_K_scale; Q2_K's scale | minimum << 4),
+ * and sets dm to the rows' (d, c) as blocks_pair does (c: Q2_K's -dmin, else 0). */
+IL_INLINE __m256i k16_pair_scales(const uint8_t *const w[4], int p, int64_t at, const int wtype, __m128 *dm) {
+    const uint8_t *a = w[2 * p], *b = w[2 * p + 1];
+    uint32_t h[2] = {0, 0}; /* fp16 d, then dmin (Q2_K) or 0 */
+    const size_t d_at = wtype == IL_W_Q6_K ? offsetof(il_q6_K, d)
+                        : wtype == IL_W_Q3_K ? offsetof(il_q3_K, d) : offsetof(il_q2_K, d);
+    const size_t n = wtype == IL_W_Q2_K ? 4 : 2;
+    memcpy(h, a + at + d_at, n), memcpy(h + 1, b + at + d_at, n);
+    uint64_t both;
+    memcpy(&both, h, sizeof both);
+    *dm = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)both));
+    if (wtype == IL_W_Q2_K) {
+        *dm = _mm_xor_ps(*dm, _mm_setr_ps(0.f, -0.f, 0.f, -0.f));
+        return lanes2(a, b, at + offsetof(il_q2_K, scales));
+    }
+    if (wtype == IL_W_Q6_K) return lanes2(a, b, at + offsetof(il_q6_K, scales));
+    /* Q3_K's 12 bytes s as lane bytes 4-15 (read from 4 before them, inside the block): scale i's low
+     * 4 bits are s[i % 8]'s low (i < 8) or high nibble, its top 2 are bits 2 (i / 4) of s[8 + i % 4] */
+    const __m256i v = lanes2(a, b, at + offsetof(il_q3_K, scales) - 4);
+    const __m256i t = _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(_mm_setr_epi8(4, 5, 6, 7, 8, 9, 10, 11, 4, 5, 6, 7,
+                                                                                       8, 9, 10, 11)));
+    const __m256i lo4 = _mm256_and_si256(_mm256_blend_epi32(t, _mm256_srli_epi16(t, 4), 0xCC), _mm256_set1_epi8(0x0F));
+    const __m256i u = _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 12, 13, 14, 15, 12,
+                                                                                       13, 14, 15, 12, 13, 14, 15)));
+    const __m256i hi2 = _mm256_and_si256(_mm256_srlv_epi32(u, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)),
+                                         _mm256_set1_epi8(3));
+    return _mm256_sub_epi8(_mm256_or_si256(lo4, _mm256_slli_epi16(hi2, 4)), _mm256_set1_epi8(32));
+}
+
+/* Sub-block j (a constant: the tiles unroll a block's 8) of rows 2 p, 2 p + 1's Q6_K, Q3_K or Q2_K block
+ * at byte `at`, as k16_halves and q2_K_halves give it, row 2 p + r in lane r: its weights as bytes,
+ * and in every 16-bit lane of sc[s] the integer scale of its weights 16 s .. (scale 2 j + s of
+ * `scales`, from k16_pair_scales), and Q2_K's minimums in sc[2 + s]. */
+IL_INLINE void k16_pair_sub(const uint8_t *const w[4], int p, int64_t at, const int j, const int wtype, __m256i scales,
+                            __m256i *wl, __m256i *wh, __m256i sc[4]) {
+    const uint8_t *a = w[2 * p], *b = w[2 * p + 1];
+    const int h = j / 4, g = j % 4;
+    const __m256i three = _mm256_set1_epi8(3);
+    /* the 2-bit values' bytes (Q6_K: its top 2 bits), 32 a half */
+    const int64_t q2 = at + 32 * h + (wtype == IL_W_Q6_K ? offsetof(il_q6_K, qh) : wtype == IL_W_Q3_K ? offsetof(il_q3_K, qs)
+                                                                                                       : offsetof(il_q2_K, qs));
+    __m256i *out[2] = {wl, wh};
+    for (int k = 0; k < 2; k++) {
+        const __m256i two = _mm256_and_si256(_mm256_srli_epi16(lanes2(a, b, q2 + 16 * k), 2 * g), three); /* bit pair g */
+        if (wtype == IL_W_Q6_K) { /* quarter g of half h: a nibble of ql under those 2 bits, less 32 */
+            __m256i l = lanes2(a, b, at + offsetof(il_q6_K, ql) + 64 * h + 32 * (g % 2) + 16 * k);
+            if (g >= 2) l = _mm256_srli_epi16(l, 4);
+            l = _mm256_or_si256(_mm256_and_si256(l, _mm256_set1_epi8(0x0F)), _mm256_slli_epi16(two, 4));
+            *out[k] = _mm256_sub_epi8(l, _mm256_set1_epi8(32));
+        } else if (wtype == IL_W_Q3_K) { /* less 4 where hmask's bit j is clear */
+            const __m256i bit = _mm256_set1_epi8((char)(1 << j));
+            const __m256i hm = _mm256_and_si256(lanes2(a, b, at + offsetof(il_q3_K, hmask) + 16 * k), bit);
+            *out[k] = _mm256_sub_epi8(two, _mm256_andnot_si256(_mm256_cmpeq_epi8(hm, bit), _mm256_set1_epi8(4)));
+        } else {
+            *out[k] = two;
+        }
+        const int i = 2 * j + k;
+        if (wtype == IL_W_Q2_K) { /* byte i zero-extended: scale in its low nibble, minimum in its high one */
+            const __m256i t = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)(0x8000 | i)));
+            sc[k] = _mm256_and_si256(t, _mm256_set1_epi16(0x0F)), sc[2 + k] = _mm256_srli_epi16(t, 4);
+        } else { /* byte i into each 16-bit lane's high byte, then sign-extended down */
+            sc[k] = _mm256_srai_epi16(_mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)(i << 8 | 0x80))), 8);
+        }
+    }
+}
+
+/* Q2_K's second product: each 16 inputs' sum times the lane's integer minimum (sc: the minimums), a
+ * dot32x2 with weights of 1. */
 IL_INLINE __m256i mins_dot32x2(__m256i xl, __m256i xh, const int wtype, const __m256i sc[2]) {
     const __m256i one = _mm256_set1_epi8(1);
     return dot32x2(one, one, xl, xh, wtype, sc);
 }
 
+/* One input row against weight rows 0-3, two pairs of lanes. */
 IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
                              __m128 out[4]) {
     __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();
@@ -132,76 +184,95 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
     const __m256i m01 = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3), m23 = _mm256_setr_epi32(5, 5, 5, 5, 7, 7, 7, 7);
     const __m256i c_of = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     float ks[4][16];
-    for (int b = 0; b < nb; b++) {
-        k_scales_rows(wtype, w, 4, b, ks);
-        const int64_t at = il_row_bytes(wtype, 32 * b); /* the block (K-quants: its 256-weight block) */
-        for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + PREFETCH_BYTES, _MM_HINT_T0);
-        const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b)));
-        const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
-        __m256i wl, wh;
-        __m128 dm01, dm23;
-        __m256i sc[4], min01 = _mm256_setzero_si256(), min23 = min01;
-        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm01, ks, sc);
-        const __m256i dot01 = dot32x2(wl, wh, xl, xh, wtype, sc);
-        if (mins) min01 = mins_dot32x2(xl, xh, wtype, sc + 2);
-        blocks_pair(w, 1, b, wtype, &wl, &wh, &dm23, ks, sc);
-        const __m256i dot23 = dot32x2(wl, wh, xl, xh, wtype, sc);
-        if (mins) min23 = mins_dot32x2(xl, xh, wtype, sc + 2);
-        const __m256 dm = _mm256_set_m128(dm23, dm01), dx = _mm256_set1_ps(x4[8 * b]); /* d0, c0, ..., d3, c3 */
-        acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
-        acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d23), dx), acc23);
-        if (mins) { /* times -dmin, c's lane */
-            acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, m01), dx), acc01);
-            acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, m23), dx), acc23);
+    const int span = il_k16_type(wtype) ? 8 : 1; /* a block's sub-blocks unrolled: where their bits lie is constant */
+    for (int b0 = 0; b0 < nb; b0 += span) {
+        const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
+        __m128 k16_dm01 = _mm_setzero_ps(), k16_dm23 = k16_dm01;
+        const __m256i k16_01 = span > 1 ? k16_pair_scales(w, 0, at, wtype, &k16_dm01) : _mm256_setzero_si256();
+        const __m256i k16_23 = span > 1 ? k16_pair_scales(w, 1, at, wtype, &k16_dm23) : _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int s = 0; s < span; s++) {
+            const int b = b0 + s;
+            k_scales_rows(wtype, w, 4, b, ks);
+            if (64 * s < il_block_bytes(wtype))
+                for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + 64 * s + PREFETCH_BYTES, _MM_HINT_T0);
+            const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b)));
+            const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
+            __m256i wl, wh;
+            __m128 dm01 = k16_dm01, dm23 = k16_dm23;
+            __m256i sc[4], min01 = _mm256_setzero_si256(), min23 = min01;
+            if (span > 1) k16_pair_sub(w, 0, at, s, wtype, k16_01, &wl, &wh, sc);
+            else blocks_pair(w, 0, b, wtype, &wl, &wh, &dm01, ks);
+            const __m256i dot01 = dot32x2(wl, wh, xl, xh, wtype, sc);
+            if (mins) min01 = mins_dot32x2(xl, xh, wtype, sc + 2);
+            if (span > 1) k16_pair_sub(w, 1, at, s, wtype, k16_23, &wl, &wh, sc);
+            else blocks_pair(w, 1, b, wtype, &wl, &wh, &dm23, ks);
+            const __m256i dot23 = dot32x2(wl, wh, xl, xh, wtype, sc);
+            if (mins) min23 = mins_dot32x2(xl, xh, wtype, sc + 2);
+            const __m256 dm = _mm256_set_m128(dm23, dm01), dx = _mm256_set1_ps(x4[8 * b]); /* d0, c0, ..., d3, c3 */
+            acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
+            acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d23), dx), acc23);
+            if (mins) { /* times -dmin, c's lane */
+                acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, m01), dx), acc01);
+                acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, m23), dx), acc23);
+            }
+            if (!signed_w)
+                corrv = _mm_fmadd_ps(_mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, c_of)), _mm_set1_ps(x4[8 * b + 4]),
+                                     corrv);    }
         }
-        if (!signed_w)
-            corrv = _mm_fmadd_ps(_mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, c_of)), _mm_set1_ps(x4[8 * b + 4]),
-                                 corrv);
+        __m128 accs[4][4], corr[4];
+        accs[0][0] = _mm256_castps256_ps128(acc01), corr[0] = _mm_shuffle_ps(corrv, corrv, 0x00);
+        accs[0][1] = _mm256_extractf128_ps(acc01, 1), corr[1] = _mm_shuffle_ps(corrv, corrv, 0x55);
+        accs[0][2] = _mm256_castps256_ps128(acc23), corr[2] = _mm_shuffle_ps(corrv, corrv, 0xaa);
+        accs[0][3] = _mm256_extractf128_ps(acc23, 1), corr[3] = _mm_shuffle_ps(corrv, corrv, 0xff);
+        finish8(accs, corr, wtype, 1, 4, out);
     }
-    __m128 accs[4][4], corr[4];
-    accs[0][0] = _mm256_castps256_ps128(acc01), corr[0] = _mm_shuffle_ps(corrv, corrv, 0x00);
-    accs[0][1] = _mm256_extractf128_ps(acc01, 1), corr[1] = _mm_shuffle_ps(corrv, corrv, 0x55);
-    accs[0][2] = _mm256_castps256_ps128(acc23), corr[2] = _mm_shuffle_ps(corrv, corrv, 0xaa);
-    accs[0][3] = _mm256_extractf128_ps(acc23, 1), corr[3] = _mm_shuffle_ps(corrv, corrv, 0xff);
-    finish8(accs, corr, wtype, 1, 4, out);
-}
-/* tile8's R x 2 case (2 to 4 input rows against weight rows 0 and 1: a few requests' decode, and
- * every tile of a prefill) with the weight rows in the lanes as tile1x4_pairs has them: the pair's
- * block is loaded and unpacked once for the R rows, and each row's two block products are one dot32x2
- * (tile8: a dot32 per row and weight row). Output for output the same lanes and fp32 operations. */
-IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
-                             const int R, __m128 out[4]) {
-    __m256 acc[4];
-    for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
-    __m128 corr[4] = {_mm_setzero_ps(), _mm_setzero_ps()}; /* weight row j's c * s_x, lane i: input row i */
-    const int nb = K / 32, signed_w = signed_weights(wtype), mins = il_k16_min_type(wtype);
-    const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), m01 = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
-    float ks[2][16];
-    for (int b = 0; b < nb; b++) {
-        k_scales_rows(wtype, w, 2, b, ks);
-        _mm_prefetch((const char *)w[0] + il_row_bytes(wtype, 32 * b) + PREFETCH_BYTES, _MM_HINT_T0);
-        _mm_prefetch((const char *)w[1] + il_row_bytes(wtype, 32 * b) + PREFETCH_BYTES, _MM_HINT_T0);
-        __m256i wl, wh;
-        __m128 dm; /* d0, c0, d1, c1 */
-        __m256i sc[4];
-        blocks_pair(w, 0, b, wtype, &wl, &wh, &dm, ks, sc);
-        const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d01); /* d0 x 4, d1 x 4 */
-        const __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), m01); /* Q2_K's -dmin0 x 4, -dmin1 x 4 */
-        for (int i = 0; i < R; i++) {
-            const int8_t *xb = xq + (int64_t)i * K + 32 * b;
-            const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
-            const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb + 16)));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x2(wl, wh, xl, xh, wtype, sc)),
-                                     _mm256_mul_ps(d, _mm256_set1_ps(x4[8 * b + i])), acc[i]);
-            if (mins)
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins_dot32x2(xl, xh, wtype, sc + 2)),
-                                         _mm256_mul_ps(c, _mm256_set1_ps(x4[8 * b + i])), acc[i]);
+    /* 2 to 4 input rows against weight rows 0 and 1 (a few requests' decode, and every tile of a prefill)
+     * with the weight rows in the lanes as tile1x4_pairs has them: the pair's block is loaded and
+     * unpacked once for the R rows, and each row's two block products are one dot32x2. Output for
+     * output the same lanes and fp32 operations as tile1x4_pairs. */
+    IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
+                                 const int R, __m128 out[4]) {
+        __m256 acc[4];
+        for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+        __m128 corr[4] = {_mm_setzero_ps(), _mm_setzero_ps()}; /* weight row j's c * s_x, lane i: input row i */
+        const int nb = K / 32, signed_w = signed_weights(wtype), mins = il_k16_min_type(wtype);
+        const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), m01 = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+        float ks[2][16];
+        const int span = il_k16_type(wtype) ? 8 : 1; /* as tile1x4_pairs */
+        for (int b0 = 0; b0 < nb; b0 += span) {
+            const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
+            __m128 k16_dm = _mm_setzero_ps();
+            const __m256i k16 = span > 1 ? k16_pair_scales(w, 0, at, wtype, &k16_dm) : _mm256_setzero_si256();
+    #pragma GCC unroll 8
+            for (int s = 0; s < span; s++) {
+            const int b = b0 + s;
+            k_scales_rows(wtype, w, 2, b, ks);
+            if (64 * s < il_block_bytes(wtype))
+                for (int j = 0; j < 2; j++) _mm_prefetch((const char *)w[j] + at + 64 * s + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256i wl, wh;
+            __m128 dm = k16_dm; /* d0, c0, d1, c1 */
+            __m256i sc[4];
+            if (span > 1) k16_pair_sub(w, 0, at, s, wtype, k16, &wl, &wh, sc);
+            else blocks_pair(w, 0, b, wtype, &wl, &wh, &dm, ks);
+            const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d01); /* d0 x 4, d1 x 4 */
+            const __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), m01); /* Q2_K's -dmin0 x 4, -dmin1 x 4 */
+            for (int i = 0; i < R; i++) {
+                const int8_t *xb = xq + (int64_t)i * K + 32 * b;
+                const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
+                const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb + 16)));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x2(wl, wh, xl, xh, wtype, sc)),
+                                         _mm256_mul_ps(d, _mm256_set1_ps(x4[8 * b + i])), acc[i]);
+                if (mins)
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins_dot32x2(xl, xh, wtype, sc + 2)),
+                                             _mm256_mul_ps(c, _mm256_set1_ps(x4[8 * b + i])), acc[i]);
+            }
+            if (!signed_w) {
+                const __m128 sx = _mm_loadu_ps(x4 + 8 * b + 4);
+                corr[0] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, 0x55), sx, corr[0]);
+                corr[1] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, 0xff), sx, corr[1]);
         }
-        if (!signed_w) {
-            const __m128 sx = _mm_loadu_ps(x4 + 8 * b + 4);
-            corr[0] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, 0x55), sx, corr[0]);
-            corr[1] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, 0xff), sx, corr[1]);
-        }
+    }
     }
     __m128 accs[4][4];
     for (int i = 0; i < R; i++) accs[i][0] = _mm256_castps256_ps128(acc[i]), accs[i][1] = _mm256_extractf128_ps(acc[i], 1);

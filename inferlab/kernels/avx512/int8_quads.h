@@ -1,6 +1,7 @@
-/* The int8 path's tiles on AVX-512 VNNI (included by avx2/int8.c in that build): four 128-bit lanes
- * side by side in one 512-bit register, each lane the same integer sums and fp32 operations as
- * tile8's, so a row's result stays the same whatever its batch. */
+/* The int8 path's tiles on AVX-512 VNNI (included by avx2/int8.c in that build): four weight rows'
+ * blocks side by side in one 512-bit register, row j in 128-bit lane j, each lane the same integer
+ * sums and fp32 operations as int8_pairs.h's, whatever the tile's input rows, so a row's result
+ * stays the same whatever its batch. */
 #ifndef INFERLAB_AVX512_INT8_QUADS_H
 #define INFERLAB_AVX512_INT8_QUADS_H
 #include <stddef.h>
@@ -13,9 +14,8 @@ IL_INLINE __m512i lanes4(const uint8_t *const w[4], int64_t off) {
     return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(w[3] + off)), 3);
 }
 
-/* dot32 on four 128-bit lanes at once: lane group g of the result is dot32 of lane g of each input
- * (_mm_sign_epi8 has no 512-bit form: x takes w's sign by a masked negation; sc, il_k16_type only:
- * each lane's integer scales of its weights 0-15 and 16-31, which multiply in madd as in dot32). */
+/* dot32x2 (int8_pairs.h) on four 128-bit lanes (_mm_sign_epi8 has no 512-bit form: x takes w's sign
+ * by a masked negation). */
 IL_INLINE __m512i dot32x4(__m512i wl, __m512i wh, __m512i xl, __m512i xh, int wtype, const __m512i sc[2]) {
     const __m512i zero = _mm512_setzero_si512();
     if (signed_weights(wtype)) {
@@ -35,11 +35,11 @@ IL_INLINE __m512i join4(const __m128i v[4]) {
 }
 
 /* Weight rows 0-3's block b as bytes (*wl, *wh: weights 0-15 and 16-31, row j in 128-bit lane j) and
- * their (d, c) in lanes 2 j, 2 j + 1 of *dm, as block_halves gives them (Q4_0's and Q5_0's lane 2 j + 1
+ * their (d, c) in lanes 2 j, 2 j + 1 of *dm, as blocks_pair gives them (Q4_0's and Q5_0's lane 2 j + 1
  * holds weight bytes: tilerx4_vnni takes their d as c); Q8_0 and the Q4 and Q5 types read the four
- * rows with each instruction. ks: the rows' k_scales. */
+ * rows with each instruction. ks: the rows' k_scales. Q6_K, Q3_K and Q2_K: k16_quad_sub. */
 IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __m512i *wl, __m512i *wh, __m256 *dm,
-                           float ks[4][16], __m512i sc[4]) {
+                           float ks[4][16]) {
     const int q5 = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || q5) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
@@ -88,62 +88,87 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
         *dm = _mm256_setr_ps(ks[0][j], ks[0][8 + j], ks[1][j], ks[1][8 + j], ks[2][j], ks[2][8 + j], ks[3][j], ks[3][8 + j]);
         return;
     }
-    __m128i lo[4], hi[4], s[4][4], s0[4], s1[4];
-    if (wtype == IL_W_Q6_K || wtype == IL_W_Q3_K) { /* k16_halves on the four rows at once */
-        const int j = b % 8, h = j / 4, g = j % 4;
-        const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
-        const __m512i three = _mm512_set1_epi8(3);
-        __m512i *out[2] = {wl, wh};
-        if (wtype == IL_W_Q6_K) { /* quarter g of half h: a nibble of ql, 2 bits of qh, less 32 */
-            const int64_t ql = at + offsetof(il_q6_K, ql) + 64 * h + 32 * (g % 2), qh = at + offsetof(il_q6_K, qh) + 32 * h;
-            const __m512i low4 = _mm512_set1_epi8(0x0F), offset = _mm512_set1_epi8(32);
-            for (int k = 0; k < 2; k++) {
-                __m512i l = lanes4(w, ql + 16 * k);
-                if (g >= 2) l = _mm512_srli_epi16(l, 4);
-                const __m512i top = _mm512_and_si512(_mm512_srli_epi16(lanes4(w, qh + 16 * k), 2 * g), three);
-                *out[k] = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, low4), _mm512_slli_epi16(top, 4)), offset);
-            }
-        } else { /* bit pair j % 4 of half h, less 4 where hmask's bit j is clear */
-            const int64_t qs = at + offsetof(il_q3_K, qs) + 32 * h, hm = at + offsetof(il_q3_K, hmask);
-            const __m512i four = _mm512_set1_epi8(4), bit = _mm512_set1_epi8((char)(1 << j));
-            for (int k = 0; k < 2; k++) {
-                const __m512i v = _mm512_and_si512(_mm512_srli_epi16(lanes4(w, qs + 16 * k), 2 * g), three);
-                *out[k] = _mm512_mask_sub_epi8(v, _mm512_testn_epi8_mask(lanes4(w, hm + 16 * k), bit), v, four);
-            }
-        }
-        float d[4];
-        for (int r = 0; r < 4; r++) { /* each row's integer scales of weights 0-15 and 16-31, and its d */
-            const il_q6_K *k6 = (const il_q6_K *)(w[r] + at);
-            const il_q3_K *k3 = (const il_q3_K *)(w[r] + at);
-            const int six = wtype == IL_W_Q6_K;
-            s0[r] = _mm_set1_epi16((int16_t)(six ? k6->scales[2 * j] : il_q3_K_scale(k3, 2 * j)));
-            s1[r] = _mm_set1_epi16((int16_t)(six ? k6->scales[2 * j + 1] : il_q3_K_scale(k3, 2 * j + 1)));
-            d[r] = _cvtsh_ss(six ? k6->d : k3->d);
-        }
-        sc[0] = join4(s0), sc[1] = join4(s1);
-        *dm = _mm256_setr_ps(d[0], 0.f, d[1], 0.f, d[2], 0.f, d[3], 0.f);
-        return;
-    }
+    __m128i lo[4], hi[4]; /* IQ4_NL, IQ4_XS: each row's block looked up alone */
     __m128 f[4];
-    for (int j = 0; j < 4; j++) f[j] = block_halves(wtype, w[j], b, lo + j, hi + j, s[j], ks[j]);
+    for (int j = 0; j < 4; j++) f[j] = _mm_set_ss(iq4_halves(wtype, w[j], b, lo + j, hi + j, ks[j]));
     *wl = join4(lo), *wh = join4(hi);
     *dm = _mm256_set_m128(_mm_movelh_ps(f[2], f[3]), _mm_movelh_ps(f[0], f[1]));
-    for (int h = 0; h < (il_k16_min_type(wtype) ? 2 : il_k16_type(wtype) ? 1 : 0); h++) { /* scales, then minimums */
-        for (int j = 0; j < 4; j++) s0[j] = s[j][2 * h], s1[j] = s[j][2 * h + 1];
-        sc[2 * h] = join4(s0), sc[2 * h + 1] = join4(s1);
+}
+
+/* What the 8 sub-blocks of the four rows' Q6_K, Q3_K or Q2_K block at byte `at` share, read once a
+ * block: returns each row's 16 integer scales as bytes, row r in lane r (Q6_K's and Q3_K's signed,
+ * Q3_K's unpacked from its 12 bytes of 6 bits as il_q3_K_scale; Q2_K's scale | minimum << 4), and
+ * sets dm to the rows' (d, c) as blocks_quad does (c: Q2_K's -dmin, else 0). */
+IL_INLINE __m512i k16_quad_scales(const uint8_t *const w[4], int64_t at, const int wtype, __m256 *dm) {
+    uint32_t h[4]; /* fp16 d, then dmin (Q2_K) or 0 */
+    for (int r = 0; r < 4; r++) {
+        uint16_t d = 0;
+        if (wtype == IL_W_Q2_K) memcpy(h + r, w[r] + at + offsetof(il_q2_K, d), sizeof h[r]);
+        else memcpy(&d, w[r] + at + (wtype == IL_W_Q6_K ? offsetof(il_q6_K, d) : offsetof(il_q3_K, d)), 2), h[r] = d;
+    }
+    *dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+    if (wtype == IL_W_Q2_K) {
+        *dm = _mm256_xor_ps(*dm, _mm256_setr_ps(0.f, -0.f, 0.f, -0.f, 0.f, -0.f, 0.f, -0.f));
+        return lanes4(w, at + offsetof(il_q2_K, scales));
+    }
+    if (wtype == IL_W_Q6_K) return lanes4(w, at + offsetof(il_q6_K, scales));
+    /* Q3_K's 12 bytes s as lane bytes 4-15 (read from 4 before them, inside the block): scale i's low
+     * 4 bits are s[i % 8]'s low (i < 8) or high nibble, its top 2 are bits 2 (i / 4) of s[8 + i % 4] */
+    const __m512i v = lanes4(w, at + offsetof(il_q3_K, scales) - 4);
+    const __m512i a = _mm512_shuffle_epi8(v, _mm512_broadcast_i32x4(_mm_setr_epi8(4, 5, 6, 7, 8, 9, 10, 11, 4, 5, 6, 7,
+                                                                                  8, 9, 10, 11)));
+    const __m512i lo4 = _mm512_and_si512(_mm512_mask_blend_epi64(0xAA, a, _mm512_srli_epi16(a, 4)),
+                                         _mm512_set1_epi8(0x0F));
+    const __m512i t = _mm512_shuffle_epi8(v, _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 12, 13, 14, 15, 12, 13,
+                                                                                  14, 15, 12, 13, 14, 15)));
+    const __m512i hi2 = _mm512_and_si512(_mm512_srlv_epi32(t, _mm512_broadcast_i32x4(_mm_setr_epi32(0, 2, 4, 6))),
+                                         _mm512_set1_epi8(3));
+    return _mm512_sub_epi8(_mm512_or_si512(lo4, _mm512_slli_epi16(hi2, 4)), _mm512_set1_epi8(32));
+}
+
+/* Sub-block j (a constant: the tile unrolls a block's 8) of the four rows' Q6_K, Q3_K or Q2_K block
+ * at byte `at`, as k16_halves and q2_K_halves give it, row r in lane r: its weights as bytes, and in
+ * every 16-bit lane of sc[s] the integer scale of its weights 16 s .. (scale 2 j + s of `scales`, from
+ * k16_quad_scales), and Q2_K's minimums in sc[2 + s]. */
+IL_INLINE void k16_quad_sub(const uint8_t *const w[4], int64_t at, const int j, const int wtype, __m512i scales,
+                            __m512i *wl, __m512i *wh, __m512i sc[4]) {
+    const int h = j / 4, g = j % 4;
+    const __m512i three = _mm512_set1_epi8(3);
+    /* the 2-bit values' bytes (Q6_K: its top 2 bits), 32 a half */
+    const int64_t q2 = at + 32 * h + (wtype == IL_W_Q6_K ? offsetof(il_q6_K, qh) : wtype == IL_W_Q3_K ? offsetof(il_q3_K, qs)
+                                                                                                       : offsetof(il_q2_K, qs));
+    __m512i *out[2] = {wl, wh};
+    for (int k = 0; k < 2; k++) {
+        const __m512i two = _mm512_and_si512(_mm512_srli_epi16(lanes4(w, q2 + 16 * k), 2 * g), three); /* bit pair g */
+        if (wtype == IL_W_Q6_K) { /* quarter g of half h: a nibble of ql under those 2 bits, less 32 */
+            __m512i l = lanes4(w, at + offsetof(il_q6_K, ql) + 64 * h + 32 * (g % 2) + 16 * k);
+            if (g >= 2) l = _mm512_srli_epi16(l, 4);
+            l = _mm512_or_si512(_mm512_and_si512(l, _mm512_set1_epi8(0x0F)), _mm512_slli_epi16(two, 4));
+            *out[k] = _mm512_sub_epi8(l, _mm512_set1_epi8(32));
+        } else if (wtype == IL_W_Q3_K) { /* less 4 where hmask's bit j is clear */
+            const __m512i hm = lanes4(w, at + offsetof(il_q3_K, hmask) + 16 * k);
+            *out[k] = _mm512_mask_sub_epi8(two, _mm512_testn_epi8_mask(hm, _mm512_set1_epi8((char)(1 << j))), two,
+                                           _mm512_set1_epi8(4));
+        } else {
+            *out[k] = two;
+        }
+        const int i = 2 * j + k;
+        if (wtype == IL_W_Q2_K) { /* byte i zero-extended: scale in its low nibble, minimum in its high one */
+            const __m512i t = _mm512_shuffle_epi8(scales, _mm512_set1_epi16((short)(0x8000 | i)));
+            sc[k] = _mm512_and_si512(t, _mm512_set1_epi16(0x0F)), sc[2 + k] = _mm512_srli_epi16(t, 4);
+        } else { /* byte i into each 16-bit lane's high byte, then sign-extended down */
+            sc[k] = _mm512_srai_epi16(_mm512_shuffle_epi8(scales, _mm512_set1_epi16((short)(i << 8 | 0x80))), 8);
+        }
     }
 }
 
-/* tile8's R x 4 cases for every int8 type (Q2_K with its minimums' second product; it keeps tile8 at
- * R = 1, where it runs faster) (R = 1: one request's decode; 2-4: a
- * few streams, and every tile of a larger batch), the four weight rows side by side in one 512-bit
- * register, row j in 128-bit lane j: the blocks are loaded and unpacked once for the R input rows,
- * and each row's four block products are one dot32x4. Lane for lane the same integer sums and the
- * same fp32 operations as tile8, so a row's result stays the same whatever its batch, in about half
- * the instructions. */
+/* R input rows (R = 1: one request's decode; 2-4: a few streams, and every tile of a larger batch)
+ * against four weight rows, for every int8 type (Q2_K with its minimums' second product), the
+ * weight rows side by side in one 512-bit register, row j in 128-bit lane j: the blocks are loaded
+ * and unpacked once for the R input rows, and each row's four block products are one dot32x4. */
 IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
                             const int R, __m128 out[4]) {
-    __m512 acc[4]; /* lane group j of acc[i]: tile8's acc[i][j] */
+    __m512 acc[4]; /* lane group j of acc[i]: input row i against weight row j */
     for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
     __m128 corrv[4]; /* lane j of corrv[i]: weight row j's c * s_x sum for input row i */
     for (int i = 0; i < 4; i++) corrv[i] = _mm_setzero_ps();
@@ -153,34 +178,43 @@ IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint
     const __m256i c_of = wtype == IL_W_Q4_0 || wtype == IL_W_Q5_0 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6) /* d */
                                                                 : _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     float ks[4][16];
-    for (int b = 0; b < nb; b++) {
-        k_scales_rows(wtype, w, 4, b, ks);
-        const int64_t at = il_row_bytes(wtype, 32 * b); /* the block (K-quants: its 256-weight block) */
-        for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + PREFETCH_BYTES, _MM_HINT_T0);
-        __m512i wl, wh, sc[4];
-        __m256 dm; /* d0, c0, ..., d3, c3 */
-        blocks_quad(w, b, wtype, &wl, &wh, &dm, ks, sc);
-        const __m512 d = _mm512_permutexvar_ps(d_of, _mm512_castps256_ps512(dm));
-        const __m512 c = _mm512_permutexvar_ps(m_of, _mm512_castps256_ps512(dm)); /* Q2_K's -dmin */
-        for (int i = 0; i < R; i++) {
-            const int8_t *xb = xq + (int64_t)i * K + 32 * b;
-            const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb));
-            const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16)));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot32x4(wl, wh, xl, xh, wtype, sc)),
-                                     _mm512_mul_ps(d, _mm512_set1_ps(x4[8 * b + i])), acc[i]);
-            if (mins) /* Q2_K's second product, as tile8's: each 16 inputs' sum times its minimum */
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot32x4(one, one, xl, xh, wtype, sc + 2)),
-                                         _mm512_mul_ps(c, _mm512_set1_ps(x4[8 * b + i])), acc[i]);
-        }
-        if (!signed_w) {
-            const __m128 c = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, c_of));
-            for (int i = 0; i < R; i++) corrv[i] = _mm_fmadd_ps(c, _mm_set1_ps(x4[8 * b + 4 + i]), corrv[i]);
+    const int span = il_k16_type(wtype) ? 8 : 1; /* a block's sub-blocks unrolled: where their bits lie is constant */
+    for (int b0 = 0; b0 < nb; b0 += span) {
+        const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
+        __m256 k16_dm = _mm256_setzero_ps();
+        const __m512i k16 = span > 1 ? k16_quad_scales(w, at, wtype, &k16_dm) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int j = 0; j < span; j++) {
+            const int b = b0 + j;
+            k_scales_rows(wtype, w, 4, b, ks);
+            if (64 * j < il_block_bytes(wtype))
+                for (int r = 0; r < 4; r++) _mm_prefetch((const char *)w[r] + at + 64 * j + PREFETCH_BYTES, _MM_HINT_T0);
+            __m512i wl, wh, sc[4];
+            __m256 dm = k16_dm; /* d0, c0, ..., d3, c3 */
+            if (span > 1) k16_quad_sub(w, at, j, wtype, k16, &wl, &wh, sc);
+            else blocks_quad(w, b, wtype, &wl, &wh, &dm, ks);
+            const __m512 d = _mm512_permutexvar_ps(d_of, _mm512_castps256_ps512(dm));
+            const __m512 c = _mm512_permutexvar_ps(m_of, _mm512_castps256_ps512(dm)); /* Q2_K's -dmin */
+            for (int i = 0; i < R; i++) {
+                const int8_t *xb = xq + (int64_t)i * K + 32 * b;
+                const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb));
+                const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16)));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot32x4(wl, wh, xl, xh, wtype, sc)),
+                                         _mm512_mul_ps(d, _mm512_set1_ps(x4[8 * b + i])), acc[i]);
+                if (mins) /* Q2_K's second product: each 16 inputs' sum times its minimum */
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot32x4(one, one, xl, xh, wtype, sc + 2)),
+                                             _mm512_mul_ps(c, _mm512_set1_ps(x4[8 * b + i])), acc[i]);
+            }
+            if (!signed_w) {
+                const __m128 c = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, c_of));
+                for (int i = 0; i < R; i++) corrv[i] = _mm_fmadd_ps(c, _mm_set1_ps(x4[8 * b + 4 + i]), corrv[i]);
+            }
         }
     }
     __m128 accs[4][4];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < 4; j++) accs[i][j] = _mm512_extractf32x4_ps(acc[i], j);
-    _MM_TRANSPOSE4_PS(corrv[0], corrv[1], corrv[2], corrv[3]); /* now lane i of corrv[j]: tile8's corr[j] */
+    _MM_TRANSPOSE4_PS(corrv[0], corrv[1], corrv[2], corrv[3]); /* lane i of corrv[j]: input row i, weight row j */
     finish8(accs, corrv, wtype, R, 4, out);
 }
 #endif

@@ -56,11 +56,11 @@ IL_INLINE void k_scales(int wtype, const uint8_t *row, int B, float ks[16]) {
     }
 }
 
-/* Rows w[0..n)'s k_scales as sub-block b starts a 256-weight block, for the int8 tiles (a no-op for
- * other types, and for Q6_K and Q3_K, whose integer scales those multiply instead). */
-IL_INLINE void k_scales_rows(int wtype, const uint8_t *const w[], int n, int b, float ks[][16]) {
-    if (k_scaled(wtype) && !il_k16_type(wtype) && b % 8 == 0)
-        for (int j = 0; j < n; j++) k_scales(wtype, w[j], b / 8, ks[j]);
+/* Rows w[0..n)'s k_scales of 256-weight block B, for the int8 tiles (a no-op for other types, and
+ * for Q6_K and Q3_K, whose integer scales those multiply instead). */
+IL_INLINE void k_scales_rows(int wtype, const uint8_t *const w[], int n, int B, float ks[][16]) {
+    if (k_scaled(wtype) && !il_k16_type(wtype))
+        for (int j = 0; j < n; j++) k_scales(wtype, w[j], B, ks[j]);
 }
 
 /* Q4_K / Q5_K sub-block b % 8 as unsigned 4/5-bit values, returning its scale d * sc; *c is what

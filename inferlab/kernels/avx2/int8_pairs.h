@@ -46,12 +46,13 @@ IL_INLINE void block_pair(const uint8_t *a, const uint8_t *b, int64_t at, const 
     *wl = _mm256_and_si256(v, low4), *wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
 }
 
-/* Rows 2 p, 2 p + 1's block b as bytes (*wl, *wh, each row in its lane) and, in dm's lanes 0-3, each
- * row's d and what multiplies its s_x (c: m for Q4_1, Q5_1 and a Q4_K / Q5_K sub-block; d for Q4_0,
- * Q5_0 and Q8_0; 0 for the IQ4 types); Q8_0 and the Q4 and Q5 types read two rows with each
- * instruction. ks: the rows' k_scales. Q6_K, Q3_K and Q2_K: k16_pair_sub. */
-IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wtype, __m256i *wl, __m256i *wh,
-                           __m128 *dm, float ks[][16]) {
+/* Rows 2 p, 2 p + 1's block b as bytes (*wl, *wh, each row in its lane), both rows read with each
+ * instruction, and, in dm's lanes 0-3, each row's d and what multiplies its s_x (c: m for Q4_1, Q5_1
+ * and a Q4_K / Q5_K sub-block; d for Q4_0, Q5_0 and Q8_0; 0 for the IQ4 types). j: b % 8 for the
+ * K-quants (a constant where the tiles unroll their blocks); ks: the rows' k_scales. Q6_K, Q3_K and
+ * Q2_K: k16_pair_sub. */
+IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int j, const int wtype, __m256i *wl,
+                           __m256i *wh, __m128 *dm, float ks[][16]) {
     const int q5 = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || q5) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
@@ -75,7 +76,7 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
         return;
     }
     if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) { /* k4_halves on the two rows at once, scales from ks */
-        const int five = wtype == IL_W_Q5_K, j = b % 8;
+        const int five = wtype == IL_W_Q5_K;
         const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
         const int64_t qs = at + (five ? offsetof(il_q5_K, qs) : offsetof(il_q4_K, qs)) + 32 * (j / 2);
         __m256i l = lanes2(w[2 * p], w[2 * p + 1], qs), h = lanes2(w[2 * p], w[2 * p + 1], qs + 16);
@@ -92,10 +93,22 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int wt
         *dm = _mm_setr_ps(ks[2 * p][j], ks[2 * p][8 + j], ks[2 * p + 1][j], ks[2 * p + 1][8 + j]);
         return;
     }
-    __m128i l0, h0, l1, h1; /* IQ4_NL, IQ4_XS: each row's block looked up alone */
-    const __m128 a = _mm_set_ss(iq4_halves(wtype, w[2 * p], b, &l0, &h0, ks[2 * p]));
-    const __m128 c = _mm_set_ss(iq4_halves(wtype, w[2 * p + 1], b, &l1, &h1, ks[2 * p + 1]));
-    *wl = _mm256_set_m128i(l1, l0), *wh = _mm256_set_m128i(h1, h0), *dm = _mm_movelh_ps(a, c);
+    /* IQ4_NL, IQ4_XS: the two rows' nibbles at once, looked up in the table (one byte shuffle a half) */
+    const int64_t bb = il_block_bytes(wtype);
+    const int64_t at = wtype == IL_W_IQ4_NL ? b * bb : (b / 8) * bb + offsetof(il_iq4_xs, qs) + 16 * j;
+    const __m256i v = lanes2(w[2 * p], w[2 * p + 1], wtype == IL_W_IQ4_NL ? at + 2 : at), low4 = _mm256_set1_epi8(0x0F);
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)il_iq4_values));
+    *wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low4));
+    *wh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+    if (wtype == IL_W_IQ4_XS) {
+        *dm = _mm_setr_ps(ks[2 * p][j], 0.f, ks[2 * p + 1][j], 0.f);
+        return;
+    }
+    uint32_t d[2]; /* each block's d, then 2 bytes of weights, cleared to 0 */
+    memcpy(d, w[2 * p] + at, sizeof d[0]), memcpy(d + 1, w[2 * p + 1] + at, sizeof d[1]);
+    uint64_t both;
+    memcpy(&both, d, sizeof both);
+    *dm = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)(both & 0x0000FFFF0000FFFFull)));
 }
 
 /* What the 8 sub-blocks of rows 2 p, 2 p + 1's Q6_K, Q3_K or Q2_K block at byte `at` share, read once a
@@ -184,16 +197,17 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
     const __m256i m01 = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3), m23 = _mm256_setr_epi32(5, 5, 5, 5, 7, 7, 7, 7);
     const __m256i c_of = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     float ks[4][16];
-    const int span = il_k16_type(wtype) ? 8 : 1; /* a block's sub-blocks unrolled: where their bits lie is constant */
+    const int span = il_block_elems(wtype) / 32; /* a K-quant block's sub-blocks unrolled: their bits' places constant */
     for (int b0 = 0; b0 < nb; b0 += span) {
         const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
+        const int k16_type = il_k16_type(wtype);
         __m128 k16_dm01 = _mm_setzero_ps(), k16_dm23 = k16_dm01;
-        const __m256i k16_01 = span > 1 ? k16_pair_scales(w, 0, at, wtype, &k16_dm01) : _mm256_setzero_si256();
-        const __m256i k16_23 = span > 1 ? k16_pair_scales(w, 1, at, wtype, &k16_dm23) : _mm256_setzero_si256();
+        const __m256i k16_01 = k16_type ? k16_pair_scales(w, 0, at, wtype, &k16_dm01) : _mm256_setzero_si256();
+        const __m256i k16_23 = k16_type ? k16_pair_scales(w, 1, at, wtype, &k16_dm23) : _mm256_setzero_si256();
+        k_scales_rows(wtype, w, 4, b0 / 8, ks);
 #pragma GCC unroll 8
         for (int s = 0; s < span; s++) {
             const int b = b0 + s;
-            k_scales_rows(wtype, w, 4, b, ks);
             if (64 * s < il_block_bytes(wtype))
                 for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + 64 * s + PREFETCH_BYTES, _MM_HINT_T0);
             const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b)));
@@ -201,12 +215,12 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
             __m256i wl, wh;
             __m128 dm01 = k16_dm01, dm23 = k16_dm23;
             __m256i sc[4], min01 = _mm256_setzero_si256(), min23 = min01;
-            if (span > 1) k16_pair_sub(w, 0, at, s, wtype, k16_01, &wl, &wh, sc);
-            else blocks_pair(w, 0, b, wtype, &wl, &wh, &dm01, ks);
+            if (k16_type) k16_pair_sub(w, 0, at, s, wtype, k16_01, &wl, &wh, sc);
+            else blocks_pair(w, 0, b, s, wtype, &wl, &wh, &dm01, ks);
             const __m256i dot01 = dot32x2(wl, wh, xl, xh, wtype, sc);
             if (mins) min01 = mins_dot32x2(xl, xh, wtype, sc + 2);
-            if (span > 1) k16_pair_sub(w, 1, at, s, wtype, k16_23, &wl, &wh, sc);
-            else blocks_pair(w, 1, b, wtype, &wl, &wh, &dm23, ks);
+            if (k16_type) k16_pair_sub(w, 1, at, s, wtype, k16_23, &wl, &wh, sc);
+            else blocks_pair(w, 1, b, s, wtype, &wl, &wh, &dm23, ks);
             const __m256i dot23 = dot32x2(wl, wh, xl, xh, wtype, sc);
             if (mins) min23 = mins_dot32x2(xl, xh, wtype, sc + 2);
             const __m256 dm = _mm256_set_m128(dm23, dm01), dx = _mm256_set1_ps(x4[8 * b]); /* d0, c0, ..., d3, c3 */
@@ -218,45 +232,47 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
             }
             if (!signed_w)
                 corrv = _mm_fmadd_ps(_mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, c_of)), _mm_set1_ps(x4[8 * b + 4]),
-                                     corrv);    }
+                                     corrv);
         }
-        __m128 accs[4][4], corr[4];
-        accs[0][0] = _mm256_castps256_ps128(acc01), corr[0] = _mm_shuffle_ps(corrv, corrv, 0x00);
-        accs[0][1] = _mm256_extractf128_ps(acc01, 1), corr[1] = _mm_shuffle_ps(corrv, corrv, 0x55);
-        accs[0][2] = _mm256_castps256_ps128(acc23), corr[2] = _mm_shuffle_ps(corrv, corrv, 0xaa);
-        accs[0][3] = _mm256_extractf128_ps(acc23, 1), corr[3] = _mm_shuffle_ps(corrv, corrv, 0xff);
-        finish8(accs, corr, wtype, 1, 4, out);
     }
-    /* 2 to 4 input rows against weight rows 0 and 1 (a few requests' decode, and every tile of a prefill)
-     * with the weight rows in the lanes as tile1x4_pairs has them: the pair's block is loaded and
-     * unpacked once for the R rows, and each row's two block products are one dot32x2. Output for
-     * output the same lanes and fp32 operations as tile1x4_pairs. */
-    IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
-                                 const int R, __m128 out[4]) {
-        __m256 acc[4];
-        for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
-        __m128 corr[4] = {_mm_setzero_ps(), _mm_setzero_ps()}; /* weight row j's c * s_x, lane i: input row i */
-        const int nb = K / 32, signed_w = signed_weights(wtype), mins = il_k16_min_type(wtype);
-        const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), m01 = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
-        float ks[2][16];
-        const int span = il_k16_type(wtype) ? 8 : 1; /* as tile1x4_pairs */
-        for (int b0 = 0; b0 < nb; b0 += span) {
-            const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
-            __m128 k16_dm = _mm_setzero_ps();
-            const __m256i k16 = span > 1 ? k16_pair_scales(w, 0, at, wtype, &k16_dm) : _mm256_setzero_si256();
-    #pragma GCC unroll 8
-            for (int s = 0; s < span; s++) {
+    __m128 accs[4][4], corr[4];
+    accs[0][0] = _mm256_castps256_ps128(acc01), corr[0] = _mm_shuffle_ps(corrv, corrv, 0x00);
+    accs[0][1] = _mm256_extractf128_ps(acc01, 1), corr[1] = _mm_shuffle_ps(corrv, corrv, 0x55);
+    accs[0][2] = _mm256_castps256_ps128(acc23), corr[2] = _mm_shuffle_ps(corrv, corrv, 0xaa);
+    accs[0][3] = _mm256_extractf128_ps(acc23, 1), corr[3] = _mm_shuffle_ps(corrv, corrv, 0xff);
+    finish8(accs, corr, wtype, 1, 4, out);
+}
+
+/* 2 to 4 input rows against weight rows 0 and 1 (a few requests' decode, and every tile of a prefill)
+ * with the weight rows in the lanes as tile1x4_pairs has them: the pair's block is loaded and
+ * unpacked once for the R rows, and each row's two block products are one dot32x2. Output for
+ * output the same lanes and fp32 operations as tile1x4_pairs. */
+IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
+                             const int R, __m128 out[4]) {
+    __m256 acc[4];
+    for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+    __m128 corr[4] = {_mm_setzero_ps(), _mm_setzero_ps()}; /* weight row j's c * s_x, lane i: input row i */
+    const int nb = K / 32, signed_w = signed_weights(wtype), mins = il_k16_min_type(wtype);
+    const __m256i d01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), m01 = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+    float ks[2][16];
+    const int span = il_block_elems(wtype) / 32; /* as tile1x4_pairs */
+    for (int b0 = 0; b0 < nb; b0 += span) {
+        const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
+        __m128 k16_dm = _mm_setzero_ps();
+        const __m256i k16 = il_k16_type(wtype) ? k16_pair_scales(w, 0, at, wtype, &k16_dm) : _mm256_setzero_si256();
+        k_scales_rows(wtype, w, 2, b0 / 8, ks);
+#pragma GCC unroll 8
+        for (int s = 0; s < span; s++) {
             const int b = b0 + s;
-            k_scales_rows(wtype, w, 2, b, ks);
             if (64 * s < il_block_bytes(wtype))
                 for (int j = 0; j < 2; j++) _mm_prefetch((const char *)w[j] + at + 64 * s + PREFETCH_BYTES, _MM_HINT_T0);
             __m256i wl, wh;
             __m128 dm = k16_dm; /* d0, c0, d1, c1 */
             __m256i sc[4];
-            if (span > 1) k16_pair_sub(w, 0, at, s, wtype, k16, &wl, &wh, sc);
-            else blocks_pair(w, 0, b, wtype, &wl, &wh, &dm, ks);
+            if (il_k16_type(wtype)) k16_pair_sub(w, 0, at, s, wtype, k16, &wl, &wh, sc);
+            else blocks_pair(w, 0, b, s, wtype, &wl, &wh, &dm, ks);
             const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d01); /* d0 x 4, d1 x 4 */
-            const __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), m01); /* Q2_K's -dmin0 x 4, -dmin1 x 4 */
+            const __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), m01); /* Q2_K's -dmin0, -dmin1 x 4 */
             for (int i = 0; i < R; i++) {
                 const int8_t *xb = xq + (int64_t)i * K + 32 * b;
                 const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
@@ -271,8 +287,8 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
                 const __m128 sx = _mm_loadu_ps(x4 + 8 * b + 4);
                 corr[0] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, 0x55), sx, corr[0]);
                 corr[1] = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, 0xff), sx, corr[1]);
+            }
         }
-    }
     }
     __m128 accs[4][4];
     for (int i = 0; i < R; i++) accs[i][0] = _mm256_castps256_ps128(acc[i]), accs[i][1] = _mm256_extractf128_ps(acc[i], 1);

@@ -34,22 +34,22 @@ IL_INLINE __m512i join4(const __m128i v[4]) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(v[1], v[0])), _mm256_set_m128i(v[3], v[2]), 1);
 }
 
-/* Weight rows 0-3's block b as bytes (*wl, *wh: weights 0-15 and 16-31, row j in 128-bit lane j) and
- * their (d, c) in lanes 2 j, 2 j + 1 of *dm, as blocks_pair gives them (Q4_0's and Q5_0's lane 2 j + 1
- * holds weight bytes: tilerx4_vnni takes their d as c); Q8_0 and the Q4 and Q5 types read the four
- * rows with each instruction. ks: the rows' k_scales. Q6_K, Q3_K and Q2_K: k16_quad_sub. */
-IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __m512i *wl, __m512i *wh, __m256 *dm,
-                           float ks[4][16]) {
+/* Weight rows 0-3's block b as bytes (*wl, *wh: weights 0-15 and 16-31, row r in 128-bit lane r), the
+ * four rows read with each instruction, and their (d, c) in lanes 2 r, 2 r + 1 of *dm, as blocks_pair
+ * gives them (Q4_0's and Q5_0's lane 2 r + 1 holds weight bytes: tilerx4_vnni takes their d as c).
+ * j: b % 8 for the K-quants; ks: the rows' k_scales. Q6_K, Q3_K and Q2_K: k16_quad_sub. */
+IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int j, const int wtype, __m512i *wl, __m512i *wh,
+                           __m256 *dm, float ks[4][16]) {
     const int q5 = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
     if (wtype == IL_W_Q8_0 || wtype == IL_W_Q4_0 || wtype == IL_W_Q4_1 || q5) {
         const int64_t at = (int64_t)b * il_block_bytes(wtype);
         if (q5) { /* the nibbles as Q4's; the fifth bits (qh: bit l for weight l) as byte masks, 16 a lane */
             const int qh = wtype == IL_W_Q5_1 ? 4 : 2;
             uint64_t lo = 0, hi = 0;
-            for (int j = 0; j < 4; j++) {
+            for (int r = 0; r < 4; r++) {
                 uint32_t h;
-                memcpy(&h, w[j] + at + qh, sizeof h);
-                lo |= (uint64_t)(h & 0xFFFF) << 16 * j, hi |= (uint64_t)(h >> 16) << 16 * j;
+                memcpy(&h, w[r] + at + qh, sizeof h);
+                lo |= (uint64_t)(h & 0xFFFF) << 16 * r, hi |= (uint64_t)(h >> 16) << 16 * r;
             }
             const __m512i v = lanes4(w, at + qh + 4), low4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
             *wl = _mm512_or_si512(_mm512_and_si512(v, low4), _mm512_maskz_mov_epi8(lo, sixteen));
@@ -68,12 +68,12 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
             *wl = _mm512_and_si512(v, low4), *wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         }
         uint32_t h[4]; /* each block's first 4 bytes: d, then m (Q4_1, Q5_1) or bytes of weights */
-        for (int j = 0; j < 4; j++) memcpy(h + j, w[j] + at, sizeof h[j]);
+        for (int r = 0; r < 4; r++) memcpy(h + r, w[r] + at, sizeof h[r]);
         *dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
         return;
     }
     if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) { /* k4_halves on the four rows at once, scales from ks */
-        const int five = wtype == IL_W_Q5_K, j = b % 8;
+        const int five = wtype == IL_W_Q5_K;
         const int64_t at = (int64_t)(b / 8) * il_block_bytes(wtype);
         const int64_t qs = at + (five ? offsetof(il_q5_K, qs) : offsetof(il_q4_K, qs)) + 32 * (j / 2);
         __m512i l = lanes4(w, qs), h = lanes4(w, qs + 16);
@@ -88,11 +88,20 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int wtype, __
         *dm = _mm256_setr_ps(ks[0][j], ks[0][8 + j], ks[1][j], ks[1][8 + j], ks[2][j], ks[2][8 + j], ks[3][j], ks[3][8 + j]);
         return;
     }
-    __m128i lo[4], hi[4]; /* IQ4_NL, IQ4_XS: each row's block looked up alone */
-    __m128 f[4];
-    for (int j = 0; j < 4; j++) f[j] = _mm_set_ss(iq4_halves(wtype, w[j], b, lo + j, hi + j, ks[j]));
-    *wl = join4(lo), *wh = join4(hi);
-    *dm = _mm256_set_m128(_mm_movelh_ps(f[2], f[3]), _mm_movelh_ps(f[0], f[1]));
+    /* IQ4_NL, IQ4_XS: the four rows' nibbles at once, looked up in the table (one byte shuffle a half) */
+    const int64_t bb = il_block_bytes(wtype);
+    const int64_t at = wtype == IL_W_IQ4_NL ? b * bb : (b / 8) * bb + offsetof(il_iq4_xs, qs) + 16 * j;
+    const __m512i v = lanes4(w, wtype == IL_W_IQ4_NL ? at + 2 : at), low4 = _mm512_set1_epi8(0x0F);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)il_iq4_values));
+    *wl = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4));
+    *wh = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+    if (wtype == IL_W_IQ4_XS) {
+        *dm = _mm256_setr_ps(ks[0][j], 0.f, ks[1][j], 0.f, ks[2][j], 0.f, ks[3][j], 0.f);
+        return;
+    }
+    uint32_t h[4]; /* each block's d, then 2 bytes of weights, cleared to 0 */
+    for (int r = 0; r < 4; r++) memcpy(h + r, w[r] + at, sizeof h[r]);
+    *dm = _mm256_cvtph_ps(_mm_and_si128(_mm_loadu_si128((const __m128i *)h), _mm_set1_epi32(0xFFFF)));
 }
 
 /* What the 8 sub-blocks of the four rows' Q6_K, Q3_K or Q2_K block at byte `at` share, read once a
@@ -178,21 +187,21 @@ IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint
     const __m256i c_of = wtype == IL_W_Q4_0 || wtype == IL_W_Q5_0 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6) /* d */
                                                                 : _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     float ks[4][16];
-    const int span = il_k16_type(wtype) ? 8 : 1; /* a block's sub-blocks unrolled: where their bits lie is constant */
+    const int span = il_block_elems(wtype) / 32; /* a K-quant block's sub-blocks unrolled: their bits' places constant */
     for (int b0 = 0; b0 < nb; b0 += span) {
         const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
         __m256 k16_dm = _mm256_setzero_ps();
-        const __m512i k16 = span > 1 ? k16_quad_scales(w, at, wtype, &k16_dm) : _mm512_setzero_si512();
+        const __m512i k16 = il_k16_type(wtype) ? k16_quad_scales(w, at, wtype, &k16_dm) : _mm512_setzero_si512();
+        k_scales_rows(wtype, w, 4, b0 / 8, ks);
 #pragma GCC unroll 8
         for (int j = 0; j < span; j++) {
             const int b = b0 + j;
-            k_scales_rows(wtype, w, 4, b, ks);
             if (64 * j < il_block_bytes(wtype))
                 for (int r = 0; r < 4; r++) _mm_prefetch((const char *)w[r] + at + 64 * j + PREFETCH_BYTES, _MM_HINT_T0);
             __m512i wl, wh, sc[4];
             __m256 dm = k16_dm; /* d0, c0, ..., d3, c3 */
-            if (span > 1) k16_quad_sub(w, at, j, wtype, k16, &wl, &wh, sc);
-            else blocks_quad(w, b, wtype, &wl, &wh, &dm, ks);
+            if (il_k16_type(wtype)) k16_quad_sub(w, at, j, wtype, k16, &wl, &wh, sc);
+            else blocks_quad(w, b, j, wtype, &wl, &wh, &dm, ks);
             const __m512 d = _mm512_permutexvar_ps(d_of, _mm512_castps256_ps512(dm));
             const __m512 c = _mm512_permutexvar_ps(m_of, _mm512_castps256_ps512(dm)); /* Q2_K's -dmin */
             for (int i = 0; i < R; i++) {

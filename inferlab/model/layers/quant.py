@@ -163,14 +163,17 @@ _SCALES = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2]
 def random_stored(wtype: WeightType, n: int, k: int, seed: int, scale: float = 0.05) -> torch.Tensor:
     """n rows of k random weights stored as `wtype`, for tests and benchmarks: Gaussians quantized
     where `quantize` writes the type, else random block bytes whose fp16 scales lie in
-    [scale / 5, scale] (every bit pattern of the rest is a valid weight)."""
+    [scale / 5, scale] in size, either sign (as llama.cpp writes them: a block's scale takes the sign
+    of its largest weight in IQ4_NL and Q6_K, for one), where every bit pattern of the rest is a valid
+    weight."""
     g = torch.Generator().manual_seed(seed)
     if wtype.dtype is not None or wtype.quantizable:
         return quantize(torch.randn(n, k, generator=g) * scale * 20, wtype)
     blocks = k // wtype.block
     data = torch.randint(0, 256, (n, blocks, wtype.nbytes), generator=g, dtype=torch.uint8)
     for off in _SCALES[wtype.name]:
-        fp16 = (torch.rand(n, blocks, 1, generator=g) * 0.8 * scale + 0.2 * scale).half()
+        sign = torch.randint(0, 2, (n, blocks, 1), generator=g) * 2 - 1
+        fp16 = ((torch.rand(n, blocks, 1, generator=g) * 0.8 * scale + 0.2 * scale) * sign).half()
         data[:, :, off:off + 2] = fp16.view(torch.uint8)
     return data.view(n, -1)
 

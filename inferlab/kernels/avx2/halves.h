@@ -21,26 +21,33 @@ IL_INLINE int k_scaled(int wtype) {
     return wtype == IL_W_Q4_K || wtype == IL_W_Q5_K || wtype == IL_W_Q6_K || wtype == IL_W_Q3_K || wtype == IL_W_IQ4_XS;
 }
 
+/* Q4_K / Q5_K block B's 8 sub-block scales d * sc_j (*sc) and what each of their weights adds,
+ * -(dmin * min_j) (*mn), from its 12 bytes of 6-bit scales and minimums (il_scale_min_k4). */
+IL_INLINE void k4_scales(int wtype, const uint8_t *row, int B, __m256 *sc, __m256 *mn) {
+    const il_q4_K *b4 = (const il_q4_K *)row + B;
+    const il_q5_K *b5 = (const il_q5_K *)row + B;
+    const int five = wtype == IL_W_Q5_K;
+    uint32_t q[3];
+    memcpy(q, five ? b5->scales : b4->scales, sizeof q);
+    const uint32_t six = 0x3F3F3F3F, two = 0x03030303, four = 0x0F0F0F0F; /* per byte */
+    const uint32_t sc03 = q[0] & six, mn03 = q[1] & six; /* sub-blocks 0-3: bytes 0-3 and 4-7 */
+    const uint32_t sc47 = (q[2] & four) | ((q[0] >> 6 & two) << 4); /* 4-7: nibbles of bytes 8-11, */
+    const uint32_t mn47 = (q[2] >> 4 & four) | ((q[1] >> 6 & two) << 4); /* top bits of 0-3 and 4-7 */
+    const __m256 s = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)sc03, (int)sc47, 0, 0)));
+    const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)mn03, (int)mn47, 0, 0)));
+    *sc = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(five ? b5->d : b4->d)), s);
+    *mn = _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(five ? b5->dmin : b4->dmin)), m), _mm256_set1_ps(-0.f));
+}
+
 /* Block B's float scales for all of its sub-blocks at once, with the same operations the decoders
  * below use for one (unpacking them a sub-block at a time cost about as much as its 32 weights):
- * Q4_K / Q5_K: ks[j] = d * sc_j and ks[8 + j] = -(dmin * min_j), sub-block j; Q6_K, Q3_K: ks[i] =
- * d * scale_i, weights 16 i ..; IQ4_XS: ks[j] = d * scale_j. */
+ * Q4_K / Q5_K: ks[j] = d * sc_j and ks[8 + j] = -(dmin * min_j), sub-block j (k4_scales); Q6_K, Q3_K:
+ * ks[i] = d * scale_i, weights 16 i ..; IQ4_XS: ks[j] = d * scale_j. */
 IL_INLINE void k_scales(int wtype, const uint8_t *row, int B, float ks[16]) {
-    if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) { /* 12 bytes: 6-bit scales and minimums (il_scale_min_k4) */
-        const il_q4_K *b4 = (const il_q4_K *)row + B;
-        const il_q5_K *b5 = (const il_q5_K *)row + B;
-        const int five = wtype == IL_W_Q5_K;
-        uint32_t q[3];
-        memcpy(q, five ? b5->scales : b4->scales, sizeof q);
-        const uint32_t six = 0x3F3F3F3F, two = 0x03030303, four = 0x0F0F0F0F; /* per byte */
-        const uint32_t sc03 = q[0] & six, mn03 = q[1] & six; /* sub-blocks 0-3: bytes 0-3 and 4-7 */
-        const uint32_t sc47 = (q[2] & four) | ((q[0] >> 6 & two) << 4); /* 4-7: nibbles of bytes 8-11, */
-        const uint32_t mn47 = (q[2] >> 4 & four) | ((q[1] >> 6 & two) << 4); /* top bits of 0-3 and 4-7 */
-        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)sc03, (int)sc47, 0, 0)));
-        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)mn03, (int)mn47, 0, 0)));
-        _mm256_storeu_ps(ks, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(five ? b5->d : b4->d)), sc));
-        _mm256_storeu_ps(ks + 8, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(five ? b5->dmin : b4->dmin)), mn),
-                                               _mm256_set1_ps(-0.f)));
+    if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) {
+        __m256 sc, mn;
+        k4_scales(wtype, row, B, &sc, &mn);
+        _mm256_storeu_ps(ks, sc), _mm256_storeu_ps(ks + 8, mn);
     } else if (wtype == IL_W_Q6_K) {
         const il_q6_K *k6 = (const il_q6_K *)row + B;
         const __m128i sc = _mm_loadu_si128((const __m128i *)k6->scales);
@@ -56,10 +63,10 @@ IL_INLINE void k_scales(int wtype, const uint8_t *row, int B, float ks[16]) {
     }
 }
 
-/* Rows w[0..n)'s k_scales of 256-weight block B, for the int8 tiles (a no-op for other types, and
- * for Q6_K and Q3_K, whose integer scales those multiply instead). */
+/* Rows w[0..n)'s k_scales of IQ4_XS block B, for the int8 tiles (a no-op for other types: the
+ * tiles take Q4_K's and Q5_K's from k4_scales, and multiply the integer ones of Q6_K, Q3_K, Q2_K). */
 IL_INLINE void k_scales_rows(int wtype, const uint8_t *const w[], int n, int B, float ks[][16]) {
-    if (k_scaled(wtype) && !il_k16_type(wtype))
+    if (wtype == IL_W_IQ4_XS)
         for (int j = 0; j < n; j++) k_scales(wtype, w[j], B, ks[j]);
 }
 

@@ -47,8 +47,8 @@ IL_INLINE void block_pair(const uint8_t *a, const uint8_t *b, int64_t at, const 
 }
 
 /* Rows 2 p, 2 p + 1's block b as bytes (*wl, *wh, each row in its lane), both rows read with each
- * instruction, and, in dm's lanes 0-3, each row's d and what multiplies its s_x (c: m for Q4_1, Q5_1
- * and a Q4_K / Q5_K sub-block; d for Q4_0, Q5_0 and Q8_0; 0 for the IQ4 types). j: b % 8 for the
+ * instruction, and, in dm's lanes 0-3, each row's d and what multiplies its s_x (c: m for Q4_1 and
+ * Q5_1; d for Q4_0, Q5_0 and Q8_0; 0 for the IQ4 types; Q4_K and Q5_K: k4_pair_dm). j: b % 8 for the
  * K-quants (a constant where the tiles unroll their blocks); ks: the rows' k_scales. Q6_K, Q3_K and
  * Q2_K: k16_pair_sub. */
 IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int j, const int wtype, __m256i *wl,
@@ -90,8 +90,7 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int j,
             *wl = _mm256_or_si256(*wl, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h0, bit), bit), sixteen));
             *wh = _mm256_or_si256(*wh, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h1, bit), bit), sixteen));
         }
-        *dm = _mm_setr_ps(ks[2 * p][j], ks[2 * p][8 + j], ks[2 * p + 1][j], ks[2 * p + 1][8 + j]);
-        return;
+        return; /* dm: k4_pair_dm's, set by the tile */
     }
     /* IQ4_NL, IQ4_XS: the two rows' nibbles at once, looked up in the table (one byte shuffle a half) */
     const int64_t bb = il_block_bytes(wtype);
@@ -109,6 +108,24 @@ IL_INLINE void blocks_pair(const uint8_t *const w[4], int p, int b, const int j,
     uint64_t both;
     memcpy(&both, d, sizeof both);
     *dm = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)(both & 0x0000FFFF0000FFFFull)));
+}
+
+/* Rows 2 p, 2 p + 1's (d sc_j, -dmin min_j) of Q4_K / Q5_K block B, as blocks_pair's dm of sub-block j:
+ * in the low half of out[j % 4] for j < 4, the high half for j >= 4 (a block's 8 in four shuffles a
+ * row pair, where one sub-block's took three inserts). */
+IL_INLINE void k4_pair_dm(const uint8_t *const w[4], int p, int B, const int wtype, __m256 out[4]) {
+    __m256 sa, ma, sb, mb;
+    k4_scales(wtype, w[2 * p], B, &sa, &ma), k4_scales(wtype, w[2 * p + 1], B, &sb, &mb);
+    /* a row's (sc_j, mn_j) pairs as doubles: j = 0, 1 | 4, 5 (lo) and 2, 3 | 6, 7 (hi) */
+    const __m256d la = _mm256_castps_pd(_mm256_unpacklo_ps(sa, ma)), ha = _mm256_castps_pd(_mm256_unpackhi_ps(sa, ma));
+    const __m256d lb = _mm256_castps_pd(_mm256_unpacklo_ps(sb, mb)), hb = _mm256_castps_pd(_mm256_unpackhi_ps(sb, mb));
+    out[0] = _mm256_castpd_ps(_mm256_unpacklo_pd(la, lb)), out[1] = _mm256_castpd_ps(_mm256_unpackhi_pd(la, lb));
+    out[2] = _mm256_castpd_ps(_mm256_unpacklo_pd(ha, hb)), out[3] = _mm256_castpd_ps(_mm256_unpackhi_pd(ha, hb));
+}
+
+/* Sub-block j's dm from k4_pair_dm's out. */
+IL_INLINE __m128 k4_dm(const __m256 k4[4], const int j) {
+    return j < 4 ? _mm256_castps256_ps128(k4[j % 4]) : _mm256_extractf128_ps(k4[j % 4], 1);
 }
 
 /* What the 8 sub-blocks of rows 2 p, 2 p + 1's Q6_K, Q3_K or Q2_K block at byte `at` share, read once a
@@ -204,6 +221,9 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
         __m128 k16_dm01 = _mm_setzero_ps(), k16_dm23 = k16_dm01;
         const __m256i k16_01 = k16_type ? k16_pair_scales(w, 0, at, wtype, &k16_dm01) : _mm256_setzero_si256();
         const __m256i k16_23 = k16_type ? k16_pair_scales(w, 1, at, wtype, &k16_dm23) : _mm256_setzero_si256();
+        const int k4 = wtype == IL_W_Q4_K || wtype == IL_W_Q5_K;
+        __m256 k4_01[4], k4_23[4];
+        if (k4) k4_pair_dm(w, 0, b0 / 8, wtype, k4_01), k4_pair_dm(w, 1, b0 / 8, wtype, k4_23);
         k_scales_rows(wtype, w, 4, b0 / 8, ks);
 #pragma GCC unroll 8
         for (int s = 0; s < span; s++) {
@@ -223,7 +243,11 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
             else blocks_pair(w, 1, b, s, wtype, &wl, &wh, &dm23, ks);
             const __m256i dot23 = dot32x2(wl, wh, xl, xh, wtype, sc);
             if (mins) min23 = mins_dot32x2(xl, xh, wtype, sc + 2);
-            const __m256 dm = _mm256_set_m128(dm23, dm01), dx = _mm256_set1_ps(x4[8 * b]); /* d0, c0, ..., d3, c3 */
+            __m256 dm = _mm256_set_m128(dm23, dm01); /* d0, c0, ..., d3, c3 */
+            if (k4) /* the two pairs' halves for sub-block s, in one shuffle */
+                dm = s < 4 ? _mm256_permute2f128_ps(k4_01[s % 4], k4_23[s % 4], 0x20)
+                           : _mm256_permute2f128_ps(k4_01[s % 4], k4_23[s % 4], 0x31);
+            const __m256 dx = _mm256_set1_ps(x4[8 * b]);
             acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
             acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d23), dx), acc23);
             if (mins) { /* times -dmin, c's lane */
@@ -260,6 +284,9 @@ IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uin
         const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
         __m128 k16_dm = _mm_setzero_ps();
         const __m256i k16 = il_k16_type(wtype) ? k16_pair_scales(w, 0, at, wtype, &k16_dm) : _mm256_setzero_si256();
+        const int k4 = wtype == IL_W_Q4_K || wtype == IL_W_Q5_K;
+        __m256 k4_01[4];
+        if (k4) k4_pair_dm(w, 0, b0 / 8, wtype, k4_01);
         k_scales_rows(wtype, w, 2, b0 / 8, ks);
 #pragma GCC unroll 8
         for (int s = 0; s < span; s++) {
@@ -271,6 +298,7 @@ IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uin
             __m256i sc[4];
             if (il_k16_type(wtype)) k16_pair_sub(w, 0, at, s, wtype, k16, &wl, &wh, sc);
             else blocks_pair(w, 0, b, s, wtype, &wl, &wh, &dm, ks);
+            if (k4) dm = k4_dm(k4_01, s);
             const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d01); /* d0 x 4, d1 x 4 */
             const __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), m01); /* Q2_K's -dmin0, -dmin1 x 4 */
             for (int i = 0; i < R; i++) {

@@ -37,7 +37,8 @@ IL_INLINE __m512i join4(const __m128i v[4]) {
 /* Weight rows 0-3's block b as bytes (*wl, *wh: weights 0-15 and 16-31, row r in 128-bit lane r), the
  * four rows read with each instruction, and their (d, c) in lanes 2 r, 2 r + 1 of *dm, as blocks_pair
  * gives them (Q4_0's and Q5_0's lane 2 r + 1 holds weight bytes: tilerx4_vnni takes their d as c).
- * j: b % 8 for the K-quants; ks: the rows' k_scales. Q6_K, Q3_K and Q2_K: k16_quad_sub. */
+ * j: b % 8 for the K-quants; ks: the rows' k_scales. Q4_K, Q5_K: dm from k4_quad_dm; Q6_K, Q3_K
+ * and Q2_K: k16_quad_sub. */
 IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int j, const int wtype, __m512i *wl, __m512i *wh,
                            __m256 *dm, float ks[4][16]) {
     const int q5 = wtype == IL_W_Q5_0 || wtype == IL_W_Q5_1;
@@ -85,8 +86,7 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int j, const 
             *wl = _mm512_or_si512(*wl, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(lanes4(w, qh), bit), sixteen));
             *wh = _mm512_or_si512(*wh, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(lanes4(w, qh + 16), bit), sixteen));
         }
-        *dm = _mm256_setr_ps(ks[0][j], ks[0][8 + j], ks[1][j], ks[1][8 + j], ks[2][j], ks[2][8 + j], ks[3][j], ks[3][8 + j]);
-        return;
+        return; /* dm: k4_quad_dm's, set by the tile */
     }
     /* IQ4_NL, IQ4_XS: the four rows' nibbles at once, looked up in the table (one byte shuffle a half) */
     const int64_t bb = il_block_bytes(wtype);
@@ -102,6 +102,28 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int j, const 
     uint32_t h[4]; /* each block's d, then 2 bytes of weights, cleared to 0 */
     for (int r = 0; r < 4; r++) memcpy(h + r, w[r] + at, sizeof h[r]);
     *dm = _mm256_cvtph_ps(_mm_and_si128(_mm_loadu_si128((const __m128i *)h), _mm_set1_epi32(0xFFFF)));
+}
+
+/* The four rows' (d sc_j, -dmin min_j) of Q4_K / Q5_K block B, as blocks_quad's dm of sub-block j: in
+ * the low half of out[j / 2] for even j, the high half for odd (a block's 8 in twelve shuffles, where
+ * one sub-block's took seven inserts). */
+IL_INLINE void k4_quad_dm(const uint8_t *const w[4], int B, const int wtype, __m512 out[4]) {
+    __m512d p[4]; /* row r's (sc_j, mn_j) pairs as doubles, j = 0-7 */
+    for (int r = 0; r < 4; r++) {
+        __m256 sc, mn;
+        k4_scales(wtype, w[r], B, &sc, &mn);
+        const __m512i pairs = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        p[r] = _mm512_castps_pd(_mm512_permutex2var_ps(_mm512_castps256_ps512(sc), pairs, _mm512_castps256_ps512(mn)));
+    }
+    const __m512i lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+    const __m512d t01 = _mm512_permutex2var_pd(p[0], lo, p[1]), t01h = _mm512_permutex2var_pd(p[0], hi, p[1]);
+    const __m512d t23 = _mm512_permutex2var_pd(p[2], lo, p[3]), t23h = _mm512_permutex2var_pd(p[2], hi, p[3]);
+    const __m512i even = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11); /* rows 0-3's j, then j + 1 */
+    const __m512i odd = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    out[0] = _mm512_castpd_ps(_mm512_permutex2var_pd(t01, even, t23));
+    out[1] = _mm512_castpd_ps(_mm512_permutex2var_pd(t01, odd, t23));
+    out[2] = _mm512_castpd_ps(_mm512_permutex2var_pd(t01h, even, t23h));
+    out[3] = _mm512_castpd_ps(_mm512_permutex2var_pd(t01h, odd, t23h));
 }
 
 /* What the 8 sub-blocks of the four rows' Q6_K, Q3_K or Q2_K block at byte `at` share, read once a
@@ -192,6 +214,9 @@ IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint
         const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
         __m256 k16_dm = _mm256_setzero_ps();
         const __m512i k16 = il_k16_type(wtype) ? k16_quad_scales(w, at, wtype, &k16_dm) : _mm512_setzero_si512();
+        const int k4 = wtype == IL_W_Q4_K || wtype == IL_W_Q5_K;
+        __m512 k4_dm[4];
+        if (k4) k4_quad_dm(w, b0 / 8, wtype, k4_dm);
         k_scales_rows(wtype, w, 4, b0 / 8, ks);
 #pragma GCC unroll 8
         for (int j = 0; j < span; j++) {
@@ -202,6 +227,7 @@ IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint
             __m256 dm = k16_dm; /* d0, c0, ..., d3, c3 */
             if (il_k16_type(wtype)) k16_quad_sub(w, at, j, wtype, k16, &wl, &wh, sc);
             else blocks_quad(w, b, j, wtype, &wl, &wh, &dm, ks);
+            if (k4) dm = j % 2 ? _mm512_extractf32x8_ps(k4_dm[j / 2], 1) : _mm512_castps512_ps256(k4_dm[j / 2]);
             const __m512 d = _mm512_permutexvar_ps(d_of, _mm512_castps256_ps512(dm));
             const __m512 c = _mm512_permutexvar_ps(m_of, _mm512_castps256_ps512(dm)); /* Q2_K's -dmin */
             for (int i = 0; i < R; i++) {

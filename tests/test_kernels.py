@@ -1,9 +1,13 @@
 """The native kernels of every ISA this CPU runs, against their PyTorch references and against the
 portable C (`generic`): attention, the elementwise ops, argmax; and the build and dispatch around
-them (every ISA's files compile on any x86 machine, INFERLAB_ISA forces one, failures fall back)."""
+them (every ISA's files compile on any x86 machine and ship in the package, INFERLAB_ISA forces one,
+failures fall back)."""
 from __future__ import annotations
 
+import ast
+import fnmatch
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +229,18 @@ def test_every_isa_is_compiled_on_any_x86_machine():
         defined = {name for src in kernels.sources(isa) for name in re.findall(r"^\w+ IL\((\w+)\)\(", text(src), re.M)}
         assert defined, isa
         assert not [name for name in defined if not hasattr(lib, f"{name}_{isa}")], isa
+
+
+def test_an_installed_package_carries_every_kernel_source():
+    """A wheel holds what the package data names, and the kernels compile at first use from there:
+    every C file and header (each ISA's folder too) must be named, or a `pip install` without `-e`
+    builds no kernels and runs the PyTorch path."""
+    config = (Path(kernels.__file__).parents[2] / "pyproject.toml").read_text()  # (no tomllib on Python 3.10)
+    patterns = ast.literal_eval(re.search(r'^"inferlab\.kernels" = (\[.*?\])', config, re.M).group(1))
+    files = [src.relative_to(kernels.ROOT).as_posix() for src in kernels.ROOT.rglob("*.[ch]")]
+    assert len(files) > 20
+    assert [f for f in files if not any(fnmatch.fnmatchcase(f, p) and f.count("/") == p.count("/")
+                                        for p in patterns)] == []
 
 
 def test_bindings_follow_the_header():

@@ -98,35 +98,34 @@ IL_INLINE float k4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m
     return _cvtsh_ss(five ? b5->d : b4->d) * sc;
 }
 
+/* A 32-byte vector's halves: bytes 0-15 and 16-31 (the K-quants' 32 weights are unpacked 256 bits
+ * at a time, then widened from the halves). */
+IL_INLINE void halves_of(__m256i v, __m128i *lo, __m128i *hi) {
+    *lo = _mm256_castsi256_si128(v), *hi = _mm256_extracti128_si256(v, 1);
+}
+
 /* Q6_K / Q3_K sub-block b % 8 as signed values (il_block_ints), returning the block's d; sc gets
  * the integer scales of weights 0-15 and 16-31. */
 IL_INLINE float k16_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, int sc[2]) {
     const int j = b % 8;
-    const __m128i three = _mm_set1_epi8(3);
     if (wtype == IL_W_Q6_K) { /* half j / 4 of the block, quarter g of it: a nibble of ql, 2 bits of qh */
         const il_q6_K *k6 = (const il_q6_K *)row + b / 8;
         const int h = j / 4, g = j % 4;
-        const uint8_t *ql = k6->ql + 64 * h + 32 * (g % 2), *qh = k6->qh + 32 * h;
-        __m128i *out[2] = {lo, hi};
-        for (int s = 0; s < 2; s++) {
-            __m128i l = _mm_loadu_si128((const __m128i *)(ql + 16 * s));
-            if (g >= 2) l = _mm_srli_epi16(l, 4);
-            const __m128i top = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * s)), 2 * g), three);
-            *out[s] = _mm_sub_epi8(_mm_or_si128(_mm_and_si128(l, _mm_set1_epi8(0x0F)), _mm_slli_epi16(top, 4)),
-                                   _mm_set1_epi8(32));
-        }
+        __m256i l = _mm256_loadu_si256((const __m256i *)(k6->ql + 64 * h + 32 * (g % 2)));
+        if (g >= 2) l = _mm256_srli_epi16(l, 4);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(k6->qh + 32 * h));
+        const __m256i top = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), _mm256_set1_epi8(3));
+        l = _mm256_or_si256(_mm256_and_si256(l, _mm256_set1_epi8(0x0F)), _mm256_slli_epi16(top, 4));
+        halves_of(_mm256_sub_epi8(l, _mm256_set1_epi8(32)), lo, hi);
         sc[0] = k6->scales[8 * h + 2 * g], sc[1] = k6->scales[8 * h + 2 * g + 1];
         return _cvtsh_ss(k6->d);
     }
     const il_q3_K *k3 = (const il_q3_K *)row + b / 8; /* bit pair j % 4 of half j / 4; 4 less where bit j of hmask is clear */
-    const uint8_t *q = k3->qs + 32 * (j / 4);
-    const __m128i bit = _mm_set1_epi8((char)(1 << j));
-    __m128i *out[2] = {lo, hi};
-    for (int s = 0; s < 2; s++) {
-        const __m128i v = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), 2 * (j % 4)), three);
-        const __m128i hm = _mm_and_si128(_mm_loadu_si128((const __m128i *)(k3->hmask + 16 * s)), bit);
-        *out[s] = _mm_sub_epi8(v, _mm_andnot_si128(_mm_cmpeq_epi8(hm, bit), _mm_set1_epi8(4)));
-    }
+    const __m256i v = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(k3->qs + 32 * (j / 4))),
+                                                         2 * (j % 4)), _mm256_set1_epi8(3));
+    const __m256i bit = _mm256_set1_epi8((char)(1 << j));
+    const __m256i hm = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)k3->hmask), bit);
+    halves_of(_mm256_sub_epi8(v, _mm256_andnot_si256(_mm256_cmpeq_epi8(hm, bit), _mm256_set1_epi8(4))), lo, hi);
     sc[0] = il_q3_K_scale(k3, 2 * j), sc[1] = il_q3_K_scale(k3, 2 * j + 1);
     return _cvtsh_ss(k3->d);
 }
@@ -137,13 +136,9 @@ IL_INLINE float k16_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __
 IL_INLINE float q2_K_halves(const uint8_t *row, int b, __m128i *lo, __m128i *hi, int sc[2], int mn[2], float *dmin) {
     const int j = b % 8;
     const il_q2_K *k2 = (const il_q2_K *)row + b / 8;
-    const uint8_t *q = k2->qs + 32 * (j / 4);
-    __m128i *out[2] = {lo, hi};
-    for (int s = 0; s < 2; s++) {
-        *out[s] = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * s)), 2 * (j % 4)),
-                                _mm_set1_epi8(3));
-        sc[s] = k2->scales[2 * j + s] & 0xF, mn[s] = k2->scales[2 * j + s] >> 4;
-    }
+    const __m256i q = _mm256_loadu_si256((const __m256i *)(k2->qs + 32 * (j / 4)));
+    halves_of(_mm256_and_si256(_mm256_srli_epi16(q, 2 * (j % 4)), _mm256_set1_epi8(3)), lo, hi);
+    for (int s = 0; s < 2; s++) sc[s] = k2->scales[2 * j + s] & 0xF, mn[s] = k2->scales[2 * j + s] >> 4;
     *dmin = _cvtsh_ss(k2->dmin);
     return _cvtsh_ss(k2->d);
 }

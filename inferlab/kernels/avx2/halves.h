@@ -70,24 +70,29 @@ IL_INLINE void k_scales_rows(int wtype, const uint8_t *const w[], int n, int B, 
         for (int j = 0; j < n; j++) k_scales(wtype, w[j], B, ks[j]);
 }
 
+/* A 32-byte vector's halves: bytes 0-15 and 16-31 (the K-quants' 32 weights are unpacked 256 bits
+ * at a time, then widened from the halves). */
+IL_INLINE void halves_of(__m256i v, __m128i *lo, __m128i *hi) {
+    *lo = _mm256_castsi256_si128(v), *hi = _mm256_extracti128_si256(v, 1);
+}
+
 /* Q4_K / Q5_K sub-block b % 8 as unsigned 4/5-bit values, returning its scale d * sc; *c is what
  * each weight adds, -dmin * min (weight = d q + c, as Q4_1 / Q5_1). With ks (k_scales of the block),
  * both are read from there. */
 IL_INLINE float k4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m128i *hi, float *c, const float *ks) {
-    const __m128i low4 = _mm_set1_epi8(0x0F);
     const int five = wtype == IL_W_Q5_K, j = b % 8;
     const il_q4_K *b4 = (const il_q4_K *)row + b / 8;
     const il_q5_K *b5 = (const il_q5_K *)row + b / 8;
-    const uint8_t *q = (five ? b5->qs : b4->qs) + 32 * (j / 2); /* the low (j even) or high nibbles */
-    __m128i l = _mm_loadu_si128((const __m128i *)q), h = _mm_loadu_si128((const __m128i *)(q + 16));
-    if (j % 2) l = _mm_srli_epi16(l, 4), h = _mm_srli_epi16(h, 4);
-    *lo = _mm_and_si128(l, low4), *hi = _mm_and_si128(h, low4);
+    const uint8_t *q = (five ? b5->qs : b4->qs) + 32 * (j / 2);
+    __m256i v = _mm256_loadu_si256((const __m256i *)q);
+    if (j % 2) v = _mm256_srli_epi16(v, 4); /* the low (j even) or high nibbles */
+    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
     if (five) { /* bit j of qh[l] is weight l's fifth bit */
-        const __m128i bit = _mm_set1_epi8((char)(1 << j)), sixteen = _mm_set1_epi8(16);
-        const __m128i h0 = _mm_loadu_si128((const __m128i *)b5->qh), h1 = _mm_loadu_si128((const __m128i *)(b5->qh + 16));
-        *lo = _mm_or_si128(*lo, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h0, bit), bit), sixteen));
-        *hi = _mm_or_si128(*hi, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(h1, bit), bit), sixteen));
+        const __m256i bit = _mm256_set1_epi8((char)(1 << j));
+        const __m256i fifth = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)b5->qh), bit), bit);
+        v = _mm256_or_si256(v, _mm256_and_si256(fifth, _mm256_set1_epi8(16)));
     }
+    halves_of(v, lo, hi);
     if (ks) {
         *c = ks[8 + j];
         return ks[j];
@@ -96,12 +101,6 @@ IL_INLINE float k4_halves(int wtype, const uint8_t *row, int b, __m128i *lo, __m
     il_scale_min_k4(j, five ? b5->scales : b4->scales, &sc, &mn);
     *c = -(_cvtsh_ss(five ? b5->dmin : b4->dmin) * mn);
     return _cvtsh_ss(five ? b5->d : b4->d) * sc;
-}
-
-/* A 32-byte vector's halves: bytes 0-15 and 16-31 (the K-quants' 32 weights are unpacked 256 bits
- * at a time, then widened from the halves). */
-IL_INLINE void halves_of(__m256i v, __m128i *lo, __m128i *hi) {
-    *lo = _mm256_castsi256_si128(v), *hi = _mm256_extracti128_si256(v, 1);
 }
 
 /* Q6_K / Q3_K sub-block b % 8 as signed values (il_block_ints), returning the block's d; sc gets

@@ -132,14 +132,8 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
     const int span = il_block_elems(wtype) / 32; /* a K-quant block's sub-blocks unrolled: their bits' places constant */
     for (int b0 = 0; b0 < nb; b0 += span) {
         const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
-        const int k16_type = il_k16_type(wtype);
-        __m128 k16_dm01 = _mm_setzero_ps(), k16_dm23 = k16_dm01;
-        const __m256i k16_01 = k16_type ? k16_pair_scales(w, 0, at, wtype, &k16_dm01) : _mm256_setzero_si256();
-        const __m256i k16_23 = k16_type ? k16_pair_scales(w, 1, at, wtype, &k16_dm23) : _mm256_setzero_si256();
-        const int k4 = wtype == IL_W_Q4_K || wtype == IL_W_Q5_K;
-        __m256 k4_01[4], k4_23[4];
-        if (k4) k4_pair_dm(w, 0, b0 / 8, wtype, k4_01), k4_pair_dm(w, 1, b0 / 8, wtype, k4_23);
-        k_scales_rows(wtype, w, 4, b0 / 8, ks);
+        pair_block pb01, pb23;
+        pair_block_start(w, 0, b0, wtype, &pb01, ks), pair_block_start(w, 1, b0, wtype, &pb23, ks);
 #pragma GCC unroll 8
         for (int s = 0; s < span; s++) {
             const int b = b0 + s;
@@ -147,21 +141,15 @@ IL_INLINE void tile1x4_pairs(const int8_t *xq, const float *x4, int K, const uin
                 for (int j = 0; j < 4; j++) _mm_prefetch((const char *)w[j] + at + 64 * s + PREFETCH_BYTES, _MM_HINT_T0);
             const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b)));
             const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32 * b + 16)));
-            __m256i wl, wh;
-            __m128 dm01 = k16_dm01, dm23 = k16_dm23;
-            __m256i sc[4], min01 = _mm256_setzero_si256(), min23 = min01;
-            if (k16_type) k16_pair_sub(w, 0, at, s, wtype, k16_01, &wl, &wh, sc);
-            else blocks_pair(w, 0, b, s, wtype, &wl, &wh, &dm01, ks);
+            __m256i wl, wh, sc[4], min01 = _mm256_setzero_si256(), min23 = min01;
+            __m128 dm01, dm23;
+            pair_sub(w, 0, b0, s, wtype, &pb01, ks, &wl, &wh, &dm01, sc);
             const __m256i dot01 = dot32x2(wl, wh, xl, xh, wtype, sc);
             if (mins) min01 = mins_dot32x2(xl, xh, wtype, sc + 2);
-            if (k16_type) k16_pair_sub(w, 1, at, s, wtype, k16_23, &wl, &wh, sc);
-            else blocks_pair(w, 1, b, s, wtype, &wl, &wh, &dm23, ks);
+            pair_sub(w, 1, b0, s, wtype, &pb23, ks, &wl, &wh, &dm23, sc);
             const __m256i dot23 = dot32x2(wl, wh, xl, xh, wtype, sc);
             if (mins) min23 = mins_dot32x2(xl, xh, wtype, sc + 2);
-            __m256 dm = _mm256_set_m128(dm23, dm01); /* d0, c0, ..., d3, c3 */
-            if (k4) /* the two pairs' halves for sub-block s, in one shuffle */
-                dm = s < 4 ? _mm256_permute2f128_ps(k4_01[s % 4], k4_23[s % 4], 0x20)
-                           : _mm256_permute2f128_ps(k4_01[s % 4], k4_23[s % 4], 0x31);
+            const __m256 dm = _mm256_set_m128(dm23, dm01); /* d0, c0, ..., d3, c3 */
             const __m256 dx = _mm256_set1_ps(x4[8 * b]);
             acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d01), dx), acc01);
             acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, d23), dx), acc23);
@@ -197,23 +185,16 @@ IL_INLINE void tilerx2_pairs(const int8_t *xq, const float *x4, int K, const uin
     const int span = il_block_elems(wtype) / 32; /* as tile1x4_pairs */
     for (int b0 = 0; b0 < nb; b0 += span) {
         const int64_t at = il_row_bytes(wtype, 32 * b0); /* the block (K-quants: its 256-weight block) */
-        __m128 k16_dm = _mm_setzero_ps();
-        const __m256i k16 = il_k16_type(wtype) ? k16_pair_scales(w, 0, at, wtype, &k16_dm) : _mm256_setzero_si256();
-        const int k4 = wtype == IL_W_Q4_K || wtype == IL_W_Q5_K;
-        __m256 k4_01[4];
-        if (k4) k4_pair_dm(w, 0, b0 / 8, wtype, k4_01);
-        k_scales_rows(wtype, w, 2, b0 / 8, ks);
+        pair_block pb;
+        pair_block_start(w, 0, b0, wtype, &pb, ks);
 #pragma GCC unroll 8
         for (int s = 0; s < span; s++) {
             const int b = b0 + s;
             if (64 * s < il_block_bytes(wtype))
                 for (int j = 0; j < 2; j++) _mm_prefetch((const char *)w[j] + at + 64 * s + PREFETCH_BYTES, _MM_HINT_T0);
-            __m256i wl, wh;
-            __m128 dm = k16_dm; /* d0, c0, d1, c1 */
-            __m256i sc[4];
-            if (il_k16_type(wtype)) k16_pair_sub(w, 0, at, s, wtype, k16, &wl, &wh, sc);
-            else blocks_pair(w, 0, b, s, wtype, &wl, &wh, &dm, ks);
-            if (k4) dm = k4_dm(k4_01, s);
+            __m256i wl, wh, sc[4];
+            __m128 dm; /* d0, c0, d1, c1 */
+            pair_sub(w, 0, b0, s, wtype, &pb, ks, &wl, &wh, &dm, sc);
             const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d01); /* d0 x 4, d1 x 4 */
             const __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), m01); /* Q2_K's -dmin0, -dmin1 x 4 */
             for (int i = 0; i < R; i++) {

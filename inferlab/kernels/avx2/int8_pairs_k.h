@@ -90,4 +90,33 @@ IL_INLINE void k16_pair_sub(const uint8_t *const w[4], int p, int64_t at, const 
         }
     }
 }
+/* What rows 2 p, 2 p + 1 share across a 256-weight block's sub-blocks, read once a block by
+ * pair_block_start (for 32-weight types, nothing). */
+typedef struct {
+    __m256i k16; /* Q6_K, Q3_K, Q2_K: the rows' integer scales (k16_pair_scales) */
+    __m128 dm;   /* and their (d, c) */
+    __m256 k4[4]; /* Q4_K, Q5_K: the sub-blocks' (d sc, -dmin min) (k4_pair_dm) */
+} pair_block;
+
+/* Reads what rows 2 p, 2 p + 1's block starting at sub-block b0 shares (ks: IQ4_XS's k_scales). */
+IL_INLINE void pair_block_start(const uint8_t *const w[4], int p, int b0, const int wtype, pair_block *pb,
+                                float ks[][16]) {
+    pb->dm = _mm_setzero_ps();
+    if (il_k16_type(wtype)) pb->k16 = k16_pair_scales(w, p, il_row_bytes(wtype, 32 * b0), wtype, &pb->dm);
+    if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) k4_pair_dm(w, p, b0 / 8, wtype, pb->k4);
+    k_scales_rows(wtype, w + 2 * p, 2, b0 / 8, ks + 2 * p);
+}
+
+/* Rows 2 p, 2 p + 1's sub-block s (a constant; 0 for 32-weight types) of the block starting at b0:
+ * weights, dm and sc as blocks_pair and k16_pair_sub give them. */
+IL_INLINE void pair_sub(const uint8_t *const w[4], int p, int b0, const int s, const int wtype, const pair_block *pb,
+                        float ks[][16], __m256i *wl, __m256i *wh, __m128 *dm, __m256i sc[4]) {
+    if (il_k16_type(wtype)) {
+        k16_pair_sub(w, p, il_row_bytes(wtype, 32 * b0), s, wtype, pb->k16, wl, wh, sc);
+        *dm = pb->dm;
+        return;
+    }
+    blocks_pair(w, p, b0 + s, s, wtype, wl, wh, dm, ks);
+    if (wtype == IL_W_Q4_K || wtype == IL_W_Q5_K) *dm = k4_dm(pb->k4, s);
+}
 #endif

@@ -3,9 +3,10 @@ ctypes, and one dispatcher that picks each entry point's best implementation for
 
 Layout (see `inferlab.h`): `portable/*.c` is plain C, compiled once per ISA so the compiler
 vectorizes it for each; `<isa>/*.c` are an ISA's own kernels, which replace the portable file of
-the same name in that ISA's build. Every file is compiled with its own ISA's flags, never
+the same name in that ISA's build. `builder.py` compiles every file with its own ISA's flags, never
 -march=native, so one library holds every ISA's entry points (`linear_generic`, `linear_avx2`, ...)
-on any x86 machine, and the CPU's features decide at run time which ones run (`Kernels`).
+on any x86 machine, and this module lets the CPU's features decide at run time which ones run
+(`Kernels`).
 `INFERLAB_ISA=generic|avx2|avxvnni|avx512f|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns the kernels off;
 `INFERLAB_X16_PRODUCTS=bf16|fp32` picks the AVX-512 regrouped kernel's products (`x16_products`;
 `avx512f`, for AVX-512 CPUs without bf16 instructions, has only fp32).
@@ -21,43 +22,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
 import re
 import subprocess
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
+from inferlab.kernels.builder import ISAS, ROOT, build, first_error
+
 log = logging.getLogger("inferlab")
-ROOT = Path(__file__).parent
-# Compile with -ffast-math (vectorized expf and reductions) but link without it: linking with it
-# would pull in crtfastmath, which flushes denormals to zero for the whole process on load.
-CFLAGS = ["-O3", "-fopenmp", "-ffast-math", "-fPIC", "-std=c11", "-Wall", "-Wno-unused-function"]
-LINK = ["-shared", "-fopenmp", "-lm"]
-_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
-_AVX512F = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
-_AVX512 = [*_AVX512F, "-mavx512bf16", "-mavx512vnni"]
-_AVX512F_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq")
-# name: (compiler flags, /proc/cpuinfo flags the CPU needs), lowest first. An ISA's functions may call
-# any lower ISA's by name: its build links after theirs.
-ISAS = {
-    "generic": ([], ()),
-    "avx2": (_AVX2, ("avx2", "fma", "f16c")),
-    # AVX2 with AVX-VNNI (Intel client cores since Alder Lake): only the int8 block products change
-    "avxvnni": ([*_AVX2, "-mavxvnni"], ("avx2", "fma", "f16c", "avx_vnni")),
-    # AVX-512 without AVX512-BF16 (Skylake-SP to Ice Lake-SP): only the regrouped blocks' fp32 products
-    "avx512f": (_AVX512F, _AVX512F_FLAGS),
-    "avx512": (_AVX512, (*_AVX512F_FLAGS, "avx512_bf16", "avx512_vnni")),
-    "amx": ([*_AVX512, "-mamx-tile", "-mamx-bf16"],
-            (*_AVX512F_FLAGS, "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")),
-}
-PORTABLE_ISAS = ("generic", "avx2", "avx512")  # the AMX build adds only its own kernels
-X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
 
 
 def _constants() -> dict[str, int]:
@@ -91,61 +65,6 @@ def prototypes() -> dict[str, tuple[str, list[tuple[str, str]]]]:
 
 def _ctype(ctype: str):
     return ctypes.c_void_p if ctype.endswith("*") else _CTYPES[ctype]
-
-
-def sources(isa: str) -> list[Path]:
-    own = sorted((ROOT / isa).glob("*.c"))
-    portable = [p for p in sorted((ROOT / "portable").glob("*.c")) if not (ROOT / isa / p.name).exists()]
-    return own + (portable if isa in PORTABLE_ISAS else [])
-
-
-def compiled_isas() -> list[str]:
-    return list(ISAS) if X86 else ["generic"]
-
-
-def _compile(cc: str, src: Path, obj: Path, isa: str) -> None:
-    subprocess.run([cc, *CFLAGS, *ISAS[isa][0], f"-DIL_ISA={isa}", "-c", str(src), "-o", str(obj)], check=True,
-                   capture_output=True, text=True)
-
-
-def build() -> Path:
-    """The library's path, built now if not cached. An ISA whose files this compiler cannot build
-    (too old for AMX, say) is left out with a warning; generic must build."""
-    cc = os.environ.get("CC", "cc")
-    isas = compiled_isas()
-    digest = hashlib.sha256(" ".join([cc, *CFLAGS, *LINK, *isas, repr(ISAS)]).encode())
-    for src in sorted(ROOT.rglob("*.[ch]")):
-        digest.update(str(src.relative_to(ROOT)).encode() + src.read_bytes())
-    cache = Path(os.environ.get("INFERLAB_CACHE", Path.home() / ".cache" / "inferlab")) / "kernels"
-    lib = cache / f"inferlab_kernels-{digest.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
-        jobs = [(src, Path(tmp) / f"{isa}-{src.parent.name}-{src.stem}.o", isa) for isa in isas for src in sources(isa)]
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one compiler per core
-            errors = dict(zip([j[2] for j in jobs], [None] * len(jobs)))
-            for (_, _, isa), fut in zip(jobs, [pool.submit(_compile, cc, *job) for job in jobs]):
-                try:
-                    fut.result()
-                except subprocess.CalledProcessError as e:
-                    errors[isa] = errors[isa] or e
-        if errors["generic"]:
-            raise errors["generic"]
-        built = [isa for isa in isas if not errors.get(isa)]
-        for isa in set(isas) - set(built):
-            log.warning("native kernels for %s left out: this compiler cannot build them (%s)", isa,
-                        _first_error(errors[isa]))
-        out = Path(tmp) / lib.name
-        objs = [str(obj) for _, obj, isa in jobs if isa in built]
-        subprocess.run([cc, *objs, "-o", str(out), *LINK], check=True, capture_output=True, text=True)
-        os.replace(out, lib)
-    return lib
-
-
-def _first_error(e: BaseException) -> str:
-    lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
-    return next((line for line in lines if "error" in line), lines[-1] if lines else "").strip()
 
 
 def cpu_flags() -> set[str]:
@@ -250,7 +169,7 @@ def library() -> tuple[ctypes.CDLL, list[str]] | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (OSError, subprocess.CalledProcessError) as e:
-        log.warning("native CPU kernels unavailable, using the PyTorch path: %s", _first_error(e))
+        log.warning("native CPU kernels unavailable, using the PyTorch path: %s", first_error(e))
         return None
     built = [isa for isa in ISAS if any(hasattr(lib, f"{name}_{isa}") for name in prototypes())]
     runnable = runnable_isas(built)

@@ -9,7 +9,7 @@ import argparse
 import contextlib
 
 from inferlab.config import KV_ALLOCATIONS, PREEMPTION_MODES, PREFIX_CACHES, EngineConfig
-from inferlab.model.layers.linear import QUANTIZATIONS
+from inferlab.model.layers.keep import QUANTIZATIONS
 
 
 def budget_arg(text: str) -> int | str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from inferlab.kv_transfer.config import KVTransferConfig
-from inferlab.model.layers.linear import QUANTIZATIONS
+from inferlab.model.layers.keep import QUANTIZATIONS
 from inferlab.policy import resolve_policy
 from inferlab.spec_decode.config import SpeculativeConfig
 
@@ -23,12 +23,13 @@ class EngineConfig:
     dtype: str = "auto"  # activations and KV cache; weights follow `quantization`
     # auto: weights kept as the checkpoint stores them (a GGUF's quantized blocks, a safetensors' float
     # type) where the native CPU kernels run them, else converted to dtype (bf16 models on bf16 matrix
-    # units: what those multiply fastest, `layers/linear.py: target_type`); none: converted to dtype at
+    # units: what those multiply fastest, `layers/keep.py: target_type`); none: converted to dtype at
     # load; q8_0 / q4_0 / q4_1: quantized at load (the vocabulary matrix to q8_0)
     quantization: str = "auto"
-    # True: linear layers with 32-block integer weights (q8_0, q4_0, q4_1, q5_0, q5_1) quantize their
-    # inputs to int8 per 32 and multiply in integers, as llama.cpp does: faster, but it moves the
-    # next-token distributions a little and can flip near-ties (docs/performance.md has the KL figures)
+    # True: linear layers with integer block weights (q8_0, q4_0/1, q5_0/1, the K-quants, iq4_nl/xs:
+    # `quant.INT8_TYPES`) quantize their inputs to int8 per 32 and multiply in integers, as llama.cpp
+    # does: faster, but it moves the next-token distributions a little and can flip near-ties
+    # (docs/performance.md has the KL figures)
     int8_activations: bool = False
     device: str | None = None  # None: cuda if available, else cpu
     block_size: int = 16

@@ -10,7 +10,9 @@ import torch
 
 from inferlab import kernels
 from inferlab.model.layers import quant, regroup, tiles
-from inferlab.model.layers.linear import INT8_TYPES, X16_DTYPES, int8_inputs, linear
+from inferlab.model.layers.keep import X16_DTYPES
+from inferlab.model.layers.linear import int8_inputs, linear
+from inferlab.model.layers.quant import INT8_TYPES
 
 
 def random_weights(wtype: quant.WeightType, n: int, k: int, seed: int) -> torch.Tensor:
@@ -422,7 +424,7 @@ def test_quantizing_a_type_it_cannot_write_is_refused():
 
 
 def test_what_each_quantization_mode_keeps():
-    from inferlab.model.layers.linear import target_type
+    from inferlab.model.layers.keep import target_type
     f32, bf16 = torch.float32, torch.bfloat16
     assert target_type(quant.Q4_1, 576, "auto", f32, "avx2") == quant.Q4_1  # as stored
     assert target_type(quant.BF16, 576, "auto", f32, "avx2") == quant.BF16  # a bf16 checkpoint stays bf16

@@ -185,7 +185,7 @@ class CausalLM(nn.Module):
         return "rotary_emb" in name or (self.args.tie_word_embeddings and name.startswith("lm_head"))
 
     def process_weights_after_loading(self, quantization: str, isa: str | None, int8_activations: bool = False) -> None:
-        """Keep each loaded weight in the type `quantization` asks for (see `layers.linear.target_type`;
+        """Keep each loaded weight in the type `quantization` asks for (see `layers.keep.target_type`;
         `isa`: the native kernels', None without them); `int8_activations`: the linear layers quantize
         their inputs where their weight type allows."""
         for module in self.modules():

@@ -2,7 +2,7 @@
 
 Checkpoint tensors stream into the model's `weight_loader`s as they are stored (a GGUF's quantized
 blocks stay blocks); `quantization` then decides what each weight is kept as (see
-`layers.linear.target_type`): `auto` keeps them as stored where the native kernels run them well.
+`layers.keep.target_type`): `auto` keeps them as stored where the native kernels run them well.
 Every failure a user can cause (missing path, unsupported architecture, corrupt or incomplete
 file) surfaces as one `ModelLoadError` naming the problem.
 """
@@ -23,7 +23,7 @@ from inferlab.model import gguf_file, weight_cache
 from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError
 from inferlab.model.deepseek import DeepseekForCausalLM
 from inferlab.model.layers import quant
-from inferlab.model.layers.linear import BF16_MATRIX_ISAS, QUANTIZATIONS
+from inferlab.model.layers.keep import BF16_MATRIX_ISAS, QUANTIZATIONS
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
 from inferlab.model.tokenizer import Tokenizer

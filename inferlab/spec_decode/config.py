@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from inferlab.json_config import json_object
-from inferlab.model.layers.linear import QUANTIZATIONS
+from inferlab.model.layers.keep import QUANTIZATIONS
 
 METHODS = ("ngram", "draft_model")
 # A verify step computes 1 + k rows per sequence; the native row kernel (and so the decode tape)

@@ -1,6 +1,6 @@
 """Linear layers and the embedding, with their weights kept as stored (`quant.py`): a float matrix,
 or rows of quantized blocks that the kernels dequantize in registers, never rounding a weight (but
-the AMX tiles' t16 blocks, which stand for the bf16 weights they round to: `target_type`).
+the AMX tiles' t16 blocks, which stand for the bf16 weights they round to: `keep.target_type`).
 
 A merged projection (q/k/v, gate/up: `out_features` a list of shard sizes) takes one checkpoint
 tensor per shard through `weight_loader`. After loading, `process_weights_after_loading` (vLLM's
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferlab import kernels
-from inferlab.model.layers import quant, regroup, tiles
+from inferlab.model.layers import keep, quant
 from inferlab.model.layers.quant import WeightType
 
 # Rows past which a bf16 x bf16 matmul goes to PyTorch (oneDNN on the CPU's bf16 units), by ISA: up
@@ -30,11 +30,6 @@ def _bf16_to_torch(k: kernels.Kernels, rows: int) -> bool:
     the AVX-512 kernels take fp32 products (Intel's cores without AMX, whose bf16 pair products, and so
     oneDNN's matmuls, run at half the FMAs' rate): their fp32 tiles run it (avx512/bf16_wide.c)."""
     return rows > TORCH_BF16_PAST_ROWS.get(k.isa, 1 << 30) and not (k.isa == "avx512" and k.products() == "fp32")
-
-
-# Weight types the int8-activation path multiplies in integers (the kernels' il_int8_type)
-INT8_TYPES = (quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1, quant.IQ4_NL, quant.IQ4_XS, quant.Q4_K,
-              quant.Q5_K, quant.Q6_K, quant.Q3_K, quant.Q2_K)
 
 
 def int8_inputs(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +49,7 @@ def _regrouped_runs(wtype: WeightType, x: torch.Tensor, isa: str) -> bool:
     decode step's rows (past them PyTorch's oneDNN takes the bf16 weights they decode to)."""
     if wtype in TILES:
         return isa == "amx" and x.dtype == torch.bfloat16 and x.shape[0] <= TORCH_BF16_PAST_ROWS["amx"]
-    return x.dtype in X16_DTYPES.get(isa, ())
+    return x.dtype in keep.X16_DTYPES.get(isa, ())
 
 
 def tiles_to_bf16(weight: torch.Tensor, wtype: WeightType, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +68,7 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType, bias: t
                int8: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     if wtype in TILES:
         weight, wtype = tiles_to_bf16(weight, wtype), quant.BF16
-    if int8 and wtype in INT8_TYPES:
+    if int8 and wtype in quant.INT8_TYPES:
         x = int8_inputs(x).to(x.dtype)
     if out_dtype not in (None, x.dtype):  # wider out: the same products, summed and kept in out_dtype
         x, bias = x.to(out_dtype), None if bias is None else bias.to(out_dtype)
@@ -108,71 +103,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = Non
     return y
 
 
-def _convert(data: torch.Tensor, src: WeightType, dst: WeightType) -> torch.Tensor:
-    if src == dst:
-        return data.contiguous()
-    if dst.base is not None:  # regrouped: the same blocks, moved (quantizing first where src is not dst.base)
-        pack = tiles.repack if dst in TILES else regroup.repack
-        return pack(data if src == dst.base else _convert(data, src, dst.base), dst.base)
-    native = kernels.native()
-    if src.dtype is not None:
-        values = data.float()
-    elif native is not None and src.native:  # the kernels': gguf's numpy one takes seconds for a whole model
-        values = torch.empty(data.shape[0], data.shape[1] // src.nbytes * src.block)
-        native.dequantize(values, data.contiguous(), src.code, values.shape[0], values.shape[1])
-    else:
-        values = quant.dequantize(data, src)
-    return quant.quantize(values, dst)
-
-
-QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1")  # see target_type
-# ISAs with bf16 matrix units (AVX512-BF16 dot products, AMX tiles): a bf16 model's dense weights run
-# there faster than any in-register dequantization of blocks, so `auto` gives them bf16 weights
-BF16_MATRIX_ISAS = ("avx512", "amx")
-# ISAs whose kernels multiply the regrouped (x16) blocks, and the activations they take there: bf16 on
-# AVX512-BF16 (its pair products need it); on AVX-512 CPUs without bf16 instructions (avx512f) fp32 FMAs
-# of fp32 inputs, those CPUs' activations, or bf16 ones widened
-X16_DTYPES = {"avx512": (torch.bfloat16,), "amx": (torch.bfloat16,), "avx512f": (torch.float32, torch.bfloat16)}
-
-
-def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
-                vocab: bool = False, int8: bool = False, rows: int | None = None) -> WeightType:
-    """The type a weight is kept in. `isa`: the native kernels' ISA, None where they do not run.
-    `auto`: as stored (GGUF blocks, a checkpoint's float type); without native kernels, or for a type
-    they do not read (`quant.DEQUANTIZED_AT_LOAD`), the model's dtype. In a bf16 model on CPUs with
-    bf16 matrix units, what those units multiply fastest:
-      - f32 and f16 weights: bf16, as vLLM's dtype makes them (a prefill multiplied them as bf16
-        anyway; kept, an fp32 checkpoint decoded in 2.2x bf16's time, with 2.6x its TTFT);
-      - block types: bf16 too, unless `int8` activations are asked for and the type has them (they
-        multiply blocks), or the CPU has no AMX and the type is in `quant.REGROUPED` (the AVX512-BF16
-        kernel of the regrouped blocks is the faster there); on AMX the `quant.TILED` types keep those
-        bf16 weights as blocks regrouped for the tiles, which decode them.
-    On AVX-512 CPUs without bf16 instructions (avx512f), fp32 activations: the `quant.REGROUPED` types
-    regrouped (x16, multiplied by fp32 FMAs), other types as stored.
-    `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as
-    llama.cpp keeps output tensors at higher precision) where rows split into its blocks, and
-    regrouped as `auto` keeps a file's blocks (AMX: t16; AVX512-BF16, avx512f: x16).
-    Regrouping needs `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as
-    the LM head; None for an embedding alone) to be a multiple of 16."""
-    as_dtype = quant.BY_DTYPE[dtype]
-    if mode == "none" or (mode == "auto" and (isa is None or not stored.native)):
-        return as_dtype
-    bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS
-    regroup = dtype in X16_DTYPES.get(isa, ()) and not int8 and rows is not None and rows % quant.GROUP_ROWS == 0
-    tiles = regroup and isa == "amx"
-    if mode == "auto":
-        blocks_win = (int8 and stored in INT8_TYPES) or (regroup and not tiles and stored in quant.REGROUPED)
-        kept = quant.BF16 if bf16_units and not blocks_win else stored
-        if kept == quant.BF16 and tiles and stored in quant.TILED:
-            kept = stored  # the tiles decode its blocks to those bf16 weights, from a quarter of the bytes
-    else:
-        wanted = quant.Q8_0 if vocab else quant.BY_NAME[mode]
-        kept = wanted if k % wanted.block == 0 else as_dtype
-    if tiles and kept in quant.TILED:  # explicit modes too (x16 there ran batches 3.5x slower)
-        return quant.TILED[kept]
-    return quant.REGROUPED[kept] if regroup and kept in quant.REGROUPED else kept
-
-
 class Linear(nn.Module):
     """y = x W^T (+ b) with W kept as stored (see the module docstring)."""
 
@@ -188,7 +118,7 @@ class Linear(nn.Module):
         if bias:
             self.bias.weight_loader = self.bias_loader
         self.parts: list[tuple[str, WeightType, int, int]] = []  # extra parts: (parameter, type, first row, end)
-        self.int8 = False  # int8 activations for the weight types that have them (INT8_TYPES)
+        self.int8 = False  # int8 activations for the weight types that have them (quant.INT8_TYPES)
         self.out_dtype: torch.dtype | None = None  # None: the input's
         self._loaded: dict[int, tuple[torch.Tensor, WeightType]] = {}
 
@@ -218,8 +148,8 @@ class Linear(nn.Module):
         self._loaded = {}
         groups: list[tuple[WeightType, list[torch.Tensor]]] = []
         for data, stored in shards:
-            kept = target_type(stored, self.in_features, mode, dtype, isa, vocab, int8, rows=data.shape[0])
-            data = _convert(data, stored, kept)
+            kept = keep.target_type(stored, self.in_features, mode, dtype, isa, vocab, int8, rows=data.shape[0])
+            data = keep.convert(data, stored, kept)
             if groups and groups[-1][0] == kept:
                 groups[-1][1].append(data)
             else:
@@ -239,7 +169,7 @@ class Linear(nn.Module):
     @property
     def int8_active(self) -> bool:
         """Whether int8 activations reach any of this layer's weights: asked for, and a type that has them."""
-        return self.int8 and any(t in INT8_TYPES for t in (self.wtype, *(part[1] for part in self.parts)))
+        return self.int8 and any(t in quant.INT8_TYPES for t in (self.wtype, *(part[1] for part in self.parts)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
@@ -290,9 +220,9 @@ class Embedding(nn.Module):
             return
         data, stored = self._loaded
         rows = data.shape[0] if tied else None
-        self._loaded, self.wtype = None, target_type(stored, self.dim, mode, dtype, isa, vocab=True, int8=int8,
-                                                     rows=rows)
-        self.weight = nn.Parameter(_convert(data, stored, self.wtype), requires_grad=False)
+        self._loaded, self.wtype = None, keep.target_type(stored, self.dim, mode, dtype, isa, vocab=True,
+                                                          int8=int8, rows=rows)
+        self.weight = nn.Parameter(keep.convert(data, stored, self.wtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

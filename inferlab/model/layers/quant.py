@@ -51,9 +51,11 @@ Q3_K = WeightType("q3_K", 11, 256, 110)
 IQ4_NL = WeightType("iq4_nl", 20, 32, 18)
 IQ4_XS = WeightType("iq4_xs", 23, 256, 136)
 TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS)
+# Types the int8-activation path multiplies in integers (the kernels' il_int8_type)
+INT8_TYPES = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K)
 # GGUF types no kernel here reads (llama.cpp's 1-3 bit i-quants, the ternary and FP4 ones): the gguf
 # package dequantizes them, so a file that has some still loads, those tensors converted to the
-# model's dtype at load (`linear.target_type`), as `quantization="none"` converts every type
+# model's dtype at load (`keep.target_type`), as `quantization="none"` converts every type
 DEQUANTIZED_AT_LOAD = tuple(WeightType(name, code, block, nbytes, native=False) for name, code, block, nbytes in (
     ("iq2_xxs", 16, 256, 66), ("iq2_xs", 17, 256, 74), ("iq3_xxs", 18, 256, 98), ("iq1_s", 19, 256, 50),
     ("iq3_s", 21, 256, 110), ("iq2_s", 22, 256, 82), ("iq1_m", 29, 256, 56), ("tq1_0", 34, 256, 54),

@@ -132,8 +132,8 @@ class LLMEngine:
             " (int8 into integer-block layers)" if any(getattr(m, "int8_active", False) for m in self.model.modules())
             else " (int8 asked for, but no layer keeps an integer block type)")
         weights, used = describe_weights(self.model), f"native {native.isa}" if native else "PyTorch"
-        if native and "x16" in weights:  # which of the regrouped kernel's products this CPU was given
-            used += f" (x16 blocks by {native.products()} products)"
+        if native and "x16" in weights:  # which of the regrouped kernel's products run (fp32 inputs: FMAs)
+            used += f" (x16 blocks by {'fp32' if self.dtype == torch.float32 else native.products()} products)"
         log.info("weights: %s; activations: %s%s; kernels: %s; decode steps: %s", weights,
                  str(self.dtype).removeprefix("torch."), int8, used,
                  f"one native call ({len(self.runner.tape.ops)} ops)" if self.runner.tape else "op by op")

@@ -130,11 +130,18 @@ def _unread_blocks(wtype: quant.WeightType, n: int, k: int, std: float) -> torch
 
 
 def test_mixed_file_keeps_its_types_and_parts(mixed_gguf):
+    """Each tensor keeps its type, regrouped (x16) where this CPU's kernels multiply fp32 inputs so."""
+    from inferlab import kernels
+    from inferlab.model.layers.keep import X16_DTYPES
+    native = kernels.native()
+    x16 = native is not None and torch.float32 in X16_DTYPES.get(native.isa, ())
+    kept = {t: quant.REGROUPED[t] if x16 else t for t in (quant.Q5_0, quant.Q8_0, quant.Q6_K)}
     model, _ = loader.load_model(mixed_gguf, "float32", torch.device("cpu"))
     attn = model.model.layers[0].self_attn
-    assert attn.qkv_proj.wtype == quant.Q5_0 and [p[1] for p in attn.qkv_proj.parts] == [quant.Q8_0]
-    assert model.model.layers[0].mlp.down_proj.wtype == quant.Q6_K
-    assert model.model.embed_tokens.wtype == quant.Q8_0 and model.lm_head.weight is model.model.embed_tokens.weight
+    assert attn.qkv_proj.wtype == kept[quant.Q5_0] and [p[1] for p in attn.qkv_proj.parts] == [kept[quant.Q8_0]]
+    assert model.model.layers[0].mlp.down_proj.wtype == kept[quant.Q6_K]
+    embed = model.model.embed_tokens
+    assert embed.wtype == kept[quant.Q8_0] and model.lm_head.weight is embed.weight
 
 
 def test_amx_keeps_q4_k_quants_and_q8_0_as_blocks_that_give_the_bf16_weights_bits(q4_gguf):
@@ -207,6 +214,7 @@ def test_file_matches_hf(file, chat_prompts, request):
     llm = LLM(model=path, num_kv_blocks=128, dtype="float32")  # auto is bf16 on CPUs with bf16 instructions
     layers = [m for m in llm.engine.model.modules() if getattr(m, "wtype", None) is not None]
     kept = {m.wtype for m in layers} | {part[1] for m in layers for part in getattr(m, "parts", [])}
+    kept = {t.base or t for t in kept}  # regrouped (x16) blocks are the stored ones, moved
     stored = {"mixed_gguf": TYPES, "low_bit_gguf": LOW_BIT_TYPES, "unread_gguf": UNREAD_TYPES}[file].values()
     assert {t if t.native else quant.F32 for t in stored} <= kept  # as stored, or dequantized at load
     prompts = chat_prompts[:4]
@@ -226,9 +234,13 @@ def test_file_matches_hf(file, chat_prompts, request):
 def test_quantization_modes_convert_what_is_stored(mixed_gguf, mode, kept):
     model, _ = loader.load_model(mixed_gguf, "float32", torch.device("cpu"), quantization=mode)
     layer = model.model.layers[1]
-    assert layer.self_attn.qkv_proj.wtype == kept and not layer.self_attn.qkv_proj.parts  # one type: one part
-    assert layer.mlp.down_proj.wtype == kept
-    assert model.model.embed_tokens.wtype == (quant.F32 if mode == "none" else quant.Q8_0)  # the vocab matrix: q8_0
+
+    def base(t: quant.WeightType) -> quant.WeightType:  # regrouped (x16) where the CPU's kernels take them so
+        return t.base or t
+    assert base(layer.self_attn.qkv_proj.wtype) == kept and not layer.self_attn.qkv_proj.parts  # one type: one part
+    assert base(layer.mlp.down_proj.wtype) == kept
+    vocab = base(model.model.embed_tokens.wtype)
+    assert vocab == (quant.F32 if mode == "none" else quant.Q8_0)  # the vocabulary matrix: q8_0
     assert np.isfinite(model.lm_head.weight.float().numpy()).all() if mode == "none" else True
 
 
@@ -270,9 +282,10 @@ def test_bf16_matrix_units_regroup_block_layers(mixed_gguf, units, monkeypatch):
     x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(2)).bfloat16()
     for name in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
         a, b = stored.get_submodule(f"model.layers.1.{name}"), regrouped.get_submodule(f"model.layers.1.{name}")
-        assert a.wtype == quant.Q4_0 and b.wtype == q4
-        assert torch.equal(layout.unrepack(b.weight, q4), a.weight)
-        want = linear_ref(x, a.weight, quant.Q4_0, None) if units == "avx512" else linear_ref(x, b.weight, q4, None)
+        a_weight = a.weight if a.wtype == quant.Q4_0 else regroup.unrepack(a.weight, a.wtype)  # fp32 inputs: x16 too
+        assert (a.wtype.base or a.wtype) == quant.Q4_0 and b.wtype == q4
+        assert torch.equal(layout.unrepack(b.weight, q4), a_weight)
+        want = linear_ref(x, a_weight, quant.Q4_0, None) if units == "avx512" else linear_ref(x, b.weight, q4, None)
         torch.testing.assert_close(b(x), want, rtol=8e-3, atol=1e-2)
     # the tied vocabulary matrix too (q8_0): the LM head multiplies it, the embedding looks rows up in it
     embed = regrouped.model.embed_tokens
@@ -305,8 +318,8 @@ def test_a_bf16_model_without_amx_keeps_every_block_type_regrouped(file, monkeyp
             continue
         stored = fp32.get_submodule(name)
         types = [module.wtype] + [part[1] for part in getattr(module, "parts", [])]
-        assert types == [quant.REGROUPED[t] for t in [stored.wtype] + [p[1] for p in getattr(stored, "parts", [])]]
-        assert torch.equal(regroup.unrepack(module.weight, module.wtype), stored.weight), name
+        assert types == [stored.wtype] + [p[1] for p in getattr(stored, "parts", [])], name
+        assert all(t in quant.REGROUPED.values() for t in types) and torch.equal(module.weight, stored.weight), name
         kept.update(types)
     assert {quant.REGROUPED[t] for t in (TYPES if file == "mixed_gguf" else LOW_BIT_TYPES).values()} <= kept
     prompt = [{"prompt_token_ids": [1, 415, 5788, 282, 4649, 314]}]
@@ -368,9 +381,10 @@ def test_types_no_kernel_reads_are_dequantized_at_load_and_said_so(unread_gguf, 
     assert qkv.parts and qkv.parts[0][1] in (quant.Q8_0, quant.Q8_0T16, quant.Q8_0X16, quant.BF16)
     requantized, _ = loader.load_model(unread_gguf, "float32", torch.device("cpu"), quantization="q8_0")
     down = requantized.model.layers[1].mlp.down_proj
-    assert down.wtype == quant.Q8_0
+    assert down.wtype in (quant.Q8_0, quant.Q8_0X16)  # regrouped where fp32 inputs take them so
+    weight = down.weight if down.wtype == quant.Q8_0 else regroup.unrepack(down.weight, down.wtype)
     raw = torch.from_numpy(np.array(stored["blk.1.ffn_down.weight"].data))
-    assert torch.equal(down.weight, quant.quantize(quant.dequantize(raw, quant.BY_NAME["iq2_s"]), quant.Q8_0))
+    assert torch.equal(weight, quant.quantize(quant.dequantize(raw, quant.BY_NAME["iq2_s"]), quant.Q8_0))
 
 
 def test_unknown_quantization_is_one_clear_error():

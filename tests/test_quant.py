@@ -326,15 +326,19 @@ def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, x16_products,
 
 
 @pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
-def test_regrouped_blocks_take_fp32_inputs_on_avx512_without_bf16(wtype, monkeypatch):
-    """The avx512f build (AVX-512 CPUs without bf16 instructions, whose activations are fp32) multiplies
-    the regrouped blocks by fp32 FMAs of fp32 inputs: the dequantized matmul within fp32 summation, an
-    fp32 bias added, and each row's result the same alone, in any batch and with any thread count."""
+def test_regrouped_blocks_take_fp32_inputs(isa, wtype, x16_products, monkeypatch):
+    """The AVX-512 builds multiply the regrouped blocks by fp32 FMAs of fp32 inputs (avx512f: those
+    CPUs' only activations; avx512 and amx: a model run in fp32), whichever products bf16 inputs get:
+    the dequantized matmul within fp32 summation, an fp32 bias added, and each row's result the same
+    alone, in any batch and with any thread count."""
     from inferlab.model.layers import linear as linear_module
-    loaded = kernels.library()
-    if loaded is None or "avx512f" not in loaded[1]:
-        pytest.skip("this CPU cannot run the avx512f kernels")
-    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa("avx512f"))
+    if torch.float32 not in X16_DTYPES.get(isa, ()):
+        with pytest.raises(RuntimeError, match="status 1"):  # the kernels refuse them: `linear` keeps them away
+            w = regroup.repack(random_weights(wtype, 16, 512, seed=1), wtype)
+            kernels.for_isa(isa).linear(torch.randn(1, 512), 512, w, quant.REGROUPED[wtype].code, None,
+                                        torch.empty(1, 16), 16, 1, 512, 16, 0, 0, 0)
+        return
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
     monkeypatch.setattr(linear_module, "linear_ref", lambda *a, **k: pytest.fail("ran PyTorch's matmul"))
     k = 352 if wtype.block == 32 else 512
     w = random_weights(wtype, 128, k, seed=wtype.code + 11)
@@ -478,8 +482,13 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.IQ4_XS, 512, "auto", bf16, "amx", rows=576) == quant.IQ4_XST16
     assert target_type(quant.Q5_0, 576, "auto", bf16, "amx", rows=576) == quant.Q5_0T16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", int8=True, rows=576) == quant.Q4_1
-    assert target_type(quant.Q4_1, 576, "auto", f32, "avx512", rows=576) == quant.Q4_1
-    # AVX-512 without bf16 instructions: fp32 activations against the regrouped blocks
+    # fp32 activations on AVX-512, with or without bf16 instructions or AMX: the regrouped blocks by FMAs
+    for isa in ("avx512", "amx"):
+        assert target_type(quant.Q4_1, 576, "auto", f32, isa, rows=576) == quant.Q4_1X16
+        assert target_type(quant.Q4_K, 512, "auto", f32, isa, rows=576) == quant.Q4_KX16
+        assert target_type(quant.F32, 576, "q4_0", f32, isa, rows=576) == quant.Q4_0X16
+        assert target_type(quant.Q8_0, 576, "auto", f32, isa, rows=49152, vocab=True) == quant.Q8_0X16  # tied
+        assert target_type(quant.F32, 576, "auto", f32, isa, rows=576) == quant.F32
     assert target_type(quant.Q4_1, 576, "auto", f32, "avx512f", rows=576) == quant.Q4_1X16
     assert target_type(quant.Q6_K, 512, "auto", f32, "avx512f", rows=576) == quant.Q6_KX16
     assert target_type(quant.F32, 576, "q8_0", f32, "avx512f", rows=576) == quant.Q8_0X16

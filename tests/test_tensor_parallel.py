@@ -255,7 +255,8 @@ def test_embedded_model_three_ranks_and_two_refused(smol, make_llm):
     three = make_llm(num_kv_blocks=64, tensor_parallel_size=3)
     assert [o.outputs[0].token_ids for o in three.generate(prompts, params, use_tqdm=False)] == want
     down = three.engine.model.model.layers[0].mlp.down_proj
-    assert (down.wtype, down.in_features) == (quant.Q4_1, 1536 // 3)  # kept as stored, 16 blocks of 32 a row
+    # kept as stored (on AVX-512 regrouped, x16: the same blocks), 16 blocks of 32 a row
+    assert (down.wtype.base or down.wtype, down.in_features) == (quant.Q4_1, 1536 // 3)
     three.engine.shutdown()
     with pytest.raises(ValueError, match="tensor_parallel_size 2 does not divide the model's 9 attention heads"):
         make_llm(num_kv_blocks=64, tensor_parallel_size=2)

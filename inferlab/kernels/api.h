@@ -22,8 +22,8 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
 /* Which products the regrouped (x16) types' AVX-512 kernel multiplies with: 0 bf16 pairs (vdpbf16ps),
  * 1 fp32 FMAs of the same exact weights (faster where a vdpbf16ps issues at a quarter of the FMA rate:
  * Intel's cores); mode -1 only asks. Returns the mode now; builds without that kernel return -1, and
- * avx512f (no bf16 instructions) always 1. Set once at start (kernels/__init__.py) and by tests; each
- * mode gives every row count the same sums. */
+ * avx512f (no bf16 instructions) always 1. fp32 inputs take FMAs in either mode. Set once at start
+ * (kernels/__init__.py) and by tests; each mode gives every row count the same sums. */
 int IL(x16_products)(int mode, int num_threads);
 
 /* out[rows, K] (dtype) = the rows ids[rows] of W, dequantized: an embedding lookup. */

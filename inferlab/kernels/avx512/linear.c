@@ -175,7 +175,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
     const int out_ok = ydtype == dtype || ydtype == IL_F32, yf32 = ydtype == IL_F32;
     if (il_x16_type(wtype)) {
         if (rows <= 0) return 0;
-        if (!out_ok || K % 32 || N % 16) return 1; /* fp32 x: only with fp32 products (x16.c) */
+        if (!out_ok || K % 32 || N % 16) return 1;
         return IL(linear_x16)(x, ldx, dtype, w, wtype, bias, y, ldy, rows, K, N, ydtype, num_threads);
     }
     /* a prefill where FMAs out-run the pair products (x16_products: fp32, Intel's cores): bf16_wide.c */

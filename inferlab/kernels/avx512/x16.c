@@ -12,7 +12,8 @@
  * Every output is one chain of pair products per block (part) and the same scaling, whatever the
  * number of rows, the tile it falls in or the thread count. Where `x16_products` chose fp32 products
  * (x16_fma.h: Intel's cores, whose vdpbf16ps runs at a quarter of the FMA rate), the same paths run
- * one chain of fp32 FMAs per block instead, on x widened once.
+ * one chain of fp32 FMAs per block instead, on x widened once; so do fp32 inputs on every CPU (a model
+ * run in fp32), which pairs would round to bf16.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -195,8 +196,8 @@ IL_INLINE void wide_rows(const void *x, int64_t ldx, const uint8_t *w, const voi
 
 int IL(linear_x16)(const void *x, int64_t ldx, int dtype, const void *w, int wtype, const void *bias, void *y,
                    int64_t ldy, int rows, int K, int N, int ydtype, int num_threads) {
-    const int nb = K / 32, yf32 = ydtype == IL_F32, fma = fp32_products, xf32 = dtype == IL_F32;
-    if (xf32 && !fma) return 1; /* the pairs take bf16 inputs */
+    /* fp32 inputs always by FMAs: the pairs would round them to bf16 */
+    const int nb = K / 32, yf32 = ydtype == IL_F32, xf32 = dtype == IL_F32, fma = fp32_products || xf32;
     const int kind = kind_of(wtype);
     const int with_min = has_min(kind);
     const tables table = tables_of(wtype);

@@ -13,10 +13,11 @@ QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1")  # see target_type
 # ISAs with bf16 matrix units (AVX512-BF16 dot products, AMX tiles): a bf16 model's dense weights run
 # there faster than any in-register dequantization of blocks, so `auto` gives them bf16 weights
 BF16_MATRIX_ISAS = ("avx512", "amx")
-# ISAs whose kernels multiply the regrouped (x16) blocks, and the activations they take there: bf16 on
-# AVX512-BF16 (its pair products need it); on AVX-512 CPUs without bf16 instructions (avx512f) fp32 FMAs
-# of fp32 inputs, those CPUs' activations, or bf16 ones widened
-X16_DTYPES = {"avx512": (torch.bfloat16,), "amx": (torch.bfloat16,), "avx512f": (torch.float32, torch.bfloat16)}
+# ISAs whose kernels multiply the regrouped (x16) blocks (avx512/x16.c; on AMX CPUs too, the tiles
+# taking bf16 models' blocks as t16), and the activations they take there: bf16 (pair products, or fp32
+# FMAs of them widened: `kernels.x16_products`) and fp32, always by fp32 FMAs: AVX-512 CPUs without
+# bf16 instructions (avx512f) have only those activations, the others when a model runs in fp32
+X16_DTYPES = {isa: (torch.float32, torch.bfloat16) for isa in ("avx512f", "avx512", "amx")}
 
 
 def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
@@ -31,11 +32,12 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
         multiply blocks), or the CPU has no AMX and the type is in `quant.REGROUPED` (the AVX512-BF16
         kernel of the regrouped blocks is the faster there); on AMX the `quant.TILED` types keep those
         bf16 weights as blocks regrouped for the tiles, which decode them.
-    On AVX-512 CPUs without bf16 instructions (avx512f), fp32 activations: the `quant.REGROUPED` types
-    regrouped (x16, multiplied by fp32 FMAs), other types as stored.
+    fp32 activations on AVX-512 CPUs (those without bf16 instructions, avx512f, have no other; on the
+    others a model run in fp32): the `quant.REGROUPED` types regrouped (x16, multiplied by fp32 FMAs),
+    other types as stored.
     `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as
     llama.cpp keeps output tensors at higher precision) where rows split into its blocks, and
-    regrouped as `auto` keeps a file's blocks (AMX: t16; AVX512-BF16, avx512f: x16).
+    regrouped as `auto` keeps a file's blocks (AMX with bf16 activations: t16; else on AVX-512: x16).
     Regrouping needs `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as
     the LM head; None for an embedding alone) to be a multiple of 16."""
     as_dtype = quant.BY_DTYPE[dtype]
@@ -43,7 +45,7 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
         return as_dtype
     bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS
     regroup = dtype in X16_DTYPES.get(isa, ()) and not int8 and rows is not None and rows % quant.GROUP_ROWS == 0
-    tiles = regroup and isa == "amx"
+    tiles = regroup and isa == "amx" and dtype == torch.bfloat16  # the tiles take bf16 inputs
     if mode == "auto":
         blocks_win = (int8 and stored in quant.INT8_TYPES) or (regroup and not tiles and stored in quant.REGROUPED)
         kept = quant.BF16 if bf16_units and not blocks_win else stored

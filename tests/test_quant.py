@@ -106,6 +106,33 @@ def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(isa, wtype, i
     torch.set_num_threads(2)
 
 
+@pytest.mark.parametrize("wtype", [quant.BF16, quant.F16, quant.Q4_1, quant.Q6_K], ids=str)
+def test_avx512_builds_multiply_what_they_hand_to_avx2s_paths_as_avx2_does(isa, wtype):
+    """The AVX-512 builds run AVX2's paths for what their own tiles do not take (bf16 or f16 weights
+    against fp32 inputs, block types outside the regrouped kernel's shapes), their panels twice as
+    wide (avx512/pairs.h): every output is the AVX2 build's, bit for bit, at every row count, a
+    K with a tail past the last 8 included."""
+    if not isa.startswith("avx512"):
+        pytest.skip("the AVX-512 builds' float paths")
+    if "avx2" not in (kernels.library() or (None, []))[1]:
+        pytest.skip("this CPU cannot run the avx2 kernels")
+    for k, n in ((512, 50), (100, 37)) if wtype.dtype is not None else ((512, 50),):
+        w = random_weights(wtype, n, k, seed=wtype.code + 5)
+        x, bias = torch.randn(70, k, generator=torch.Generator().manual_seed(6)), torch.randn(n)
+        want = _kernel_linear("avx2", x, w, wtype, bias)
+        for rows in (1, 2, 3, 5, 8, 9, 33, 70):
+            assert torch.equal(_kernel_linear(isa, x[:rows], w, wtype, bias), want[:rows]), (k, rows)
+
+
+def _kernel_linear(isa: str, x: torch.Tensor, w: torch.Tensor, wtype: quant.WeightType, bias: torch.Tensor):
+    """fp32 x @ W^T + bias by the `isa` build's linear layer itself."""
+    (rows, k), n = x.shape, bias.shape[0]
+    y = torch.empty(rows, n)
+    f32 = kernels.DTYPE_CODES[torch.float32]
+    kernels.for_isa(isa).linear(x, k, w, wtype.code, bias, y, n, rows, k, n, f32, f32, kernels.C["IL_ACT_FLOAT"])
+    return y
+
+
 @pytest.mark.parametrize("wtype", [quant.BF16, quant.Q8_0, quant.Q4_1], ids=str)
 def test_a_bf16_rows_result_does_not_depend_on_its_batch(isa, wtype, monkeypatch):
     """Up to a decode step's rows (the tape's limit), bf16 activations too: a few-row and a many-row

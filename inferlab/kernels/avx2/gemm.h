@@ -12,6 +12,11 @@
 int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
                      int rows, int K, int N, int dtype, int ydtype, int num_threads);
 
+/* The fp32 products of every weight type avx2/linear.c decodes (its `linear` hands them these calls;
+ * the AVX-512 builds compile that file again as avx512/floats.c, for theirs). */
+int IL(linear_floats)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
+                      int rows, int K, int N, int dtype, int ydtype, int num_threads);
+
 /* Bytes ahead of a row's current block the few-row paths ask for: a few weight rows stream at once,
  * too slowly for the hardware prefetcher to run far enough ahead (measured, one core, weights in
  * DRAM: bf16 2.6 -> 4.4, Q8_0 int8 4.5 -> 6.4, Q4_1 int8 5.5 -> 6.7 Gweights/s): 8 KB reaches into

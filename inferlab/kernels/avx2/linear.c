@@ -78,6 +78,22 @@ static void tile_direct(const float *x, int64_t lx, const uint8_t *const w[DC], 
 /* Rows up to which weights are decoded in registers for each call rather than into a panel. */
 #define DIRECT_MAX_ROWS 2
 
+/* A panel's tile of input rows m .. m + R against its weight rows wp (C of them): `tile` here; in the
+ * AVX-512 builds pairs.h's, twice as wide, on the pass's input rows in pairs (xp, from row m0). */
+#ifdef __AVX512F__
+#include "../avx512/pairs.h"
+#define PAIRED 1
+#define TILE_ROWS PR
+#define TILE_COLS PW
+#define PANEL_TILE(m, R, C, wp, out) tile_pairs(xp + ((m) - m0) / 2 * lxp, lxp, wp, K, K, R, C, out)
+#else
+#define PAIRED 0
+#define TILE_ROWS MR
+#define TILE_COLS NR
+#define PANEL_TILE(m, R, C, wp, out) tile(xf + (int64_t)(m) * lx, lx, wp, K, K, R, C, out)
+static int64_t pair_rows(const float *x, int64_t lx, int m0, int m1, int K, float *xp) { return 0; }
+#endif
+
 static inline void store_tile(void *y, int64_t ldy, const void *bias, int dtype, int ydtype, int m, int n, int R,
                               int C, const __m128 *out) {
     for (int j = 0; j < C; j++) {
@@ -88,14 +104,14 @@ static inline void store_tile(void *y, int64_t ldy, const void *bias, int dtype,
     }
 }
 
-int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
-               int K, int N, int dtype, int ydtype, int act, int num_threads) {
+/* The fp32 products of every weight type this file decodes (il_block_elems), with fp32 inputs or
+ * others widened: the direct path at one or two rows, else panels. The AVX-512 builds compile this
+ * file again for their linear layer (avx512/floats.c), whose panels run pairs.h's 512-bit tiles: the
+ * same sums, so the same outputs as here. */
+int IL(linear_floats)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
+                      int rows, int K, int N, int dtype, int ydtype, int num_threads) {
     if (rows <= 0) return 0;
     if (il_regrouped_type(wtype)) return 1; /* only the AVX-512 (x16) and AMX (t16) builds multiply these */
-    if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
-        return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
-    if (il_block_elems(wtype) == 0)
-        return linear_generic(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
     const float *xf = x;
     int64_t lx = ldx;
     float *xbuf = NULL;
@@ -110,8 +126,17 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
     const int direct = rows <= DIRECT_MAX_ROWS && K % 32 == 0;
     const int in_place = wtype == IL_W_F32, panels = (N + PANEL - 1) / PANEL;
     int failed = 0;
+    /* AVX-512: each pass's input rows in pairs for pairs.h's tiles */
+    const size_t pass_rows = (size_t)(rows < MC ? rows : MC) + 1;
+    float *xp = PAIRED && !direct ? malloc(sizeof(float) * pass_rows * ((K + 7) / 8 * 8)) : NULL;
+    if (PAIRED && !direct && !xp) {
+        free(xbuf);
+        return 2;
+    }
     for (int m0 = 0; m0 < rows && !failed; m0 += MC) {
         const int m1 = m0 + MC < rows ? m0 + MC : rows;
+        const int64_t lxp = xp ? pair_rows(xf + (int64_t)m0 * lx, lx, 0, m1 - m0, K, xp) : 0;
+        (void)lxp; /* read by the AVX-512 builds' PANEL_TILE only */
 #pragma omp parallel num_threads(num_threads)
         {
             float *buf = in_place || direct ? NULL : malloc(sizeof(float) * PANEL * (size_t)K);
@@ -142,22 +167,39 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
                  * otherwise wait on memory: 64 rows +5%, 16 rows +20%) */
                 const char *next = (const char *)w + (int64_t)n1 * rb;
                 const int64_t next_lines = n1 < N ? ((int64_t)((N - n1 < PANEL ? N - n1 : PANEL)) * rb + 63) / 64 : 0;
-                const int64_t tiles = (int64_t)((m1 - m0 + MR - 1) / MR) * ((n1 - n0 + NR - 1) / NR);
+                const int64_t tiles = (int64_t)((m1 - m0 + TILE_ROWS - 1) / TILE_ROWS) * ((n1 - n0 + TILE_COLS - 1) / TILE_COLS);
                 const int64_t per_tile = (next_lines + tiles - 1) / tiles;
                 int64_t line = 0;
-                for (int m = m0; m < m1; m += MR)
-                    for (int n = n0; n < n1; n += NR) {
-                        const int R = m1 - m < MR ? m1 - m : MR, C = n1 - n < NR ? n1 - n : NR;
+                for (int m = m0; m < m1; m += TILE_ROWS)
+                    for (int n = n0; n < n1; n += TILE_COLS) {
+                        const int R = m1 - m < TILE_ROWS ? m1 - m : TILE_ROWS, C = n1 - n < TILE_COLS ? n1 - n : TILE_COLS;
                         for (const int64_t end = line + per_tile < next_lines ? line + per_tile : next_lines; line < end; line++)
                             _mm_prefetch(next + 64 * line, _MM_HINT_T1);
-                        __m128 out[NR];
-                        tile(xf + (int64_t)m * lx, lx, wp + (int64_t)(n - n0) * K, K, K, R, C, out);
-                        store_tile(y, ldy, bias, dtype, ydtype, m, n, R, C, out);
+                        __m128 out[TILE_ROWS / 4 * TILE_COLS]; /* rows 4 i .. 4 i + 3: out + i * TILE_COLS */
+                        PANEL_TILE(m, R, C, wp + (int64_t)(n - n0) * K, out);
+                        for (int i = 0; i < R; i += 4) {
+                            const int rows4 = R - i < 4 ? R - i : 4;
+                            store_tile(y, ldy, bias, dtype, ydtype, m + i, n, rows4, C, out + i / 4 * TILE_COLS);
+                        }
                     }
             }
             free(buf);
         }
     }
+    free(xp);
     free(xbuf);
     return failed ? 2 : 0;
 }
+
+#ifndef IL_FLOATS_ONLY /* avx512/floats.c takes the float paths alone */
+int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
+               int K, int N, int dtype, int ydtype, int act, int num_threads) {
+    if (rows <= 0) return 0;
+    if (il_regrouped_type(wtype)) return 1; /* see linear_floats */
+    if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
+        return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
+    if (il_block_elems(wtype) == 0)
+        return linear_generic(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
+    return IL(linear_floats)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
+}
+#endif

@@ -6,7 +6,8 @@
  * stored, never repacked per call as a library GEMM does (oneDNN's repacking of each layer's
  * weights, from memory, made a 64-row decode step's matmuls twice their in-cache time). One order
  * of sums for every row count, so a row's result never depends on its batch. The regrouped Q4
- * types go to x16.c; other block types to the AVX2 kernels, which this CPU also runs.
+ * types go to x16.c; other block types, and bf16 or f16 weights against fp32 inputs, to AVX2's paths
+ * compiled for AVX-512 (floats.c: the same outputs, its panels at twice the width).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -190,6 +191,8 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
         gemm(x, ldx, w, bias, y, yf32, ldy, rows, K, N, num_threads, F32_X32);
     else if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
         return LINEAR_INT8(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
+    else if (il_block_elems(wtype)) /* AVX2's paths, its panels at 512 bits (floats.c) */
+        return IL(linear_floats)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     else
         return linear_avx2(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
     return 0;

@@ -91,7 +91,7 @@ static void tile_direct(const float *x, int64_t lx, const uint8_t *const w[DC], 
 #define TILE_ROWS MR
 #define TILE_COLS NR
 #define PANEL_TILE(m, R, C, wp, out) tile(xf + (int64_t)(m) * lx, lx, wp, K, K, R, C, out)
-static int64_t pair_rows(const float *x, int64_t lx, int m0, int m1, int K, float *xp) { return 0; }
+static int64_t pair_rows(const float *x, int64_t lx, int rows, int K, float *xp) { return 0; }
 #endif
 
 static inline void store_tile(void *y, int64_t ldy, const void *bias, int dtype, int ydtype, int m, int n, int R,
@@ -135,7 +135,7 @@ int IL(linear_floats)(const void *x, int64_t ldx, const void *w, int wtype, cons
     }
     for (int m0 = 0; m0 < rows && !failed; m0 += MC) {
         const int m1 = m0 + MC < rows ? m0 + MC : rows;
-        const int64_t lxp = xp ? pair_rows(xf + (int64_t)m0 * lx, lx, 0, m1 - m0, K, xp) : 0;
+        const int64_t lxp = xp ? pair_rows(xf + (int64_t)m0 * lx, lx, m1 - m0, K, xp) : 0;
         (void)lxp; /* read by the AVX-512 builds' PANEL_TILE only */
 #pragma omp parallel num_threads(num_threads)
         {
@@ -195,7 +195,6 @@ int IL(linear_floats)(const void *x, int64_t ldx, const void *w, int wtype, cons
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
     if (rows <= 0) return 0;
-    if (il_regrouped_type(wtype)) return 1; /* see linear_floats */
     if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
         return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     if (il_block_elems(wtype) == 0)

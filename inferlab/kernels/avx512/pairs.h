@@ -16,17 +16,17 @@
 #define PR 8 /* input rows per tile: four pairs */
 #define PW 6 /* weight rows per tile: 24 accumulators, with 4 inputs and a weight 29 of 32 registers */
 
-/* Rows m0 .. m1 of x (fp32, lx apart) as pairs: 8 values of row 2p, then the same 8 of row 2p + 1,
+/* The `rows` rows of x (fp32, lx apart) as pairs: 8 values of row 2p, then the same 8 of row 2p + 1,
  * along K rounded up to 8 (zeros past K, and a missing last row zeros). Returns the pairs' stride. */
-static int64_t pair_rows(const float *x, int64_t lx, int m0, int m1, int K, float *xp) {
+static int64_t pair_rows(const float *x, int64_t lx, int rows, int K, float *xp) {
     const int64_t K8 = (K + 7) / 8 * 8;
-    for (int m = m0; m < m1; m += 2)
+    for (int m = 0; m < rows; m += 2)
         for (int64_t c = 0; c < K8; c += 8)
             for (int h = 0; h < 2; h++) {
-                float *to = xp + (int64_t)(m - m0) * K8 + 2 * c + 8 * h;
-                const int live = m + h >= m1 ? 0 : K - c < 8 ? (int)(K - c) : 8;
-                memset(to, 0, sizeof(float) * 8);
-                if (live > 0) memcpy(to, x + (int64_t)(m + h) * lx + c, sizeof(float) * live);
+                float *to = xp + (int64_t)m * K8 + 2 * c + 8 * h;
+                const int live = m + h >= rows ? 0 : K - c < 8 ? (int)(K - c) : 8;
+                if (live) memcpy(to, x + (int64_t)(m + h) * lx + c, sizeof(float) * live);
+                memset(to + live, 0, sizeof(float) * (8 - live));
             }
     return 2 * K8;
 }

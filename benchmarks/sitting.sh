@@ -7,14 +7,16 @@
 # the Q4_1 file is the embedded one. A peer left unset is skipped. AVX2_ONLY=1 holds every engine to
 # AVX2 on an AVX-512 CPU (InferLab's kernels, PyTorch, oneDNN, vLLM's AVX2 build; LLAMA_BIN then
 # names a llama.cpp built with -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON).
-# AVX512F_ONLY=1 holds them to AVX-512 without bf16 instructions or AMX, as the Skylake-SP to Ice
-# Lake-SP Xeons have (vLLM's AVX512 build, oneDNN's AVX512_CORE_VNNI; LLAMA_BIN: -DGGML_NATIVE=OFF
-# -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON and the AVX2 flags above).
+# AVX512F_ONLY=1 holds them to AVX-512 with VNNI and without bf16 instructions or AMX, as the Cascade
+# Lake and Ice Lake-SP Xeons have (InferLab's avx512vnni build, vLLM's AVX512 build, oneDNN's
+# AVX512_CORE_VNNI; LLAMA_BIN: -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON and the AVX2
+# flags above). Skylake-SP, without VNNI: INFERLAB_ISA=avx512f (its int8 path is AVX2's).
 set -u
 if [ "${AVX2_ONLY:-0}" = 1 ]; then
   export INFERLAB_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 HELD_ISA=avx2
 elif [ "${AVX512F_ONLY:-0}" = 1 ]; then
-  export INFERLAB_ISA=avx512f ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI HELD_ISA=avx512f
+  export INFERLAB_ISA=${INFERLAB_ISA:-avx512vnni} ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI \
+    HELD_ISA=avx512f
 fi
 if [ -n "${HELD_ISA:-}" ]; then
   export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)/held_isa${PYTHONPATH:+:$PYTHONPATH}"

@@ -278,6 +278,23 @@ def test_an_isa_this_cpu_lacks_is_never_chosen(monkeypatch):
     assert kernels.Kernels(lib, "avx512f").chosen["linear"] == "avxvnni"
 
 
+@pytest.mark.skipif(not builder.X86, reason="the ISA variants are x86's")
+def test_each_avx512_family_gets_its_own_build(monkeypatch):
+    """Skylake-SP (AVX-512, no VNNI) runs avx512f; Cascade Lake and Ice Lake-SP (AVX512-VNNI, no bf16)
+    avx512vnni, whose linear layer is its own (the VNNI int8 path) and whose other entry points are
+    avx512f's or lower; Zen 4 and Sapphire Rapids without AMX avx512. Judged from the CPU's flags alone."""
+    lib, _ = kernels.library()
+    skylake = set(kernels.ISAS["avx512f"][1])
+    cascade_lake = {*skylake, "avx512_vnni"}
+    for flags, best in ((skylake, "avx512f"), (cascade_lake, "avx512vnni"),
+                        ({*cascade_lake, "avx512_bf16", "avx_vnni"}, "avx512")):
+        assert kernels.runnable_isas(list(kernels.ISAS), flags)[-1] == best
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: cascade_lake)
+    chosen = kernels.Kernels(lib, "avx512vnni").chosen
+    assert chosen["linear"] == "avx512vnni" and chosen["x16_products"] == "avx512f"
+    assert not {"avx512", "amx", "avxvnni"} & set(chosen.values())
+
+
 def test_isa_can_be_forced(monkeypatch):
     def forced(isa: str) -> kernels.Kernels:
         monkeypatch.setenv("INFERLAB_ISA", isa)

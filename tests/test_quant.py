@@ -124,13 +124,36 @@ def test_avx512_builds_multiply_what_they_hand_to_avx2s_paths_as_avx2_does(isa, 
             assert torch.equal(_kernel_linear(isa, x[:rows], w, wtype, bias), want[:rows]), (k, rows)
 
 
-def _kernel_linear(isa: str, x: torch.Tensor, w: torch.Tensor, wtype: quant.WeightType, bias: torch.Tensor):
-    """fp32 x @ W^T + bias by the `isa` build's linear layer itself."""
+def _kernel_linear(isa: str, x: torch.Tensor, w: torch.Tensor, wtype: quant.WeightType, bias: torch.Tensor,
+                   act: str = "IL_ACT_FLOAT"):
+    """fp32 x @ W^T + bias by the `isa` build's linear layer itself (`act`: its activations' constant)."""
     (rows, k), n = x.shape, bias.shape[0]
     y = torch.empty(rows, n)
     f32 = kernels.DTYPE_CODES[torch.float32]
-    kernels.for_isa(isa).linear(x, k, w, wtype.code, bias, y, n, rows, k, n, f32, f32, kernels.C["IL_ACT_FLOAT"])
+    kernels.for_isa(isa).linear(x, k, w, wtype.code, bias, y, n, rows, k, n, f32, f32, kernels.C[act])
     return y
+
+
+@pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_1, quant.Q6_K, quant.Q4_1X16, quant.BF16], ids=str)
+def test_avx512vnni_is_avx512fs_layer_with_avx512s_int8_products(wtype):
+    """The avx512vnni build (Cascade Lake, Ice Lake-SP: AVX512-VNNI without AVX512-BF16) runs the
+    avx512 build's int8 path, which needs no bf16 instruction, and hands every other call to avx512f's
+    layer: each bit for bit, at every row count. The AVX-512 int8 tiles sum each block in the lanes
+    AVX2's do, so its int8 results are AVX2's too (also where avx512 itself cannot run)."""
+    runnable = (kernels.library() or (None, []))[1]
+    if "avx512vnni" not in runnable:
+        pytest.skip("this CPU cannot run the avx512vnni kernels")
+    base = wtype.base or wtype
+    w = random_weights(base, 48, 512, seed=base.code + 9)
+    w = regroup.repack(w, base) if wtype.base is not None else w
+    x, bias = torch.randn(70, 512, generator=torch.Generator().manual_seed(7)), torch.randn(48)
+    twins = [("IL_ACT_FLOAT", "avx512f")]
+    if wtype in INT8_TYPES:
+        twins += [("IL_ACT_INT8", isa) for isa in ("avx2", "avx512") if isa in runnable]
+    for act, twin in twins:
+        for rows in (1, 2, 3, 5, 33, 70):
+            got = _kernel_linear("avx512vnni", x[:rows], w, wtype, bias, act)
+            assert torch.equal(got, _kernel_linear(twin, x[:rows], w, wtype, bias, act)), (act, twin, rows)
 
 
 @pytest.mark.parametrize("wtype", [quant.BF16, quant.Q8_0, quant.Q4_1], ids=str)
@@ -516,7 +539,9 @@ def test_what_each_quantization_mode_keeps():
         assert target_type(quant.F32, 576, "q4_0", f32, isa, rows=576) == quant.Q4_0X16
         assert target_type(quant.Q8_0, 576, "auto", f32, isa, rows=49152, vocab=True) == quant.Q8_0X16  # tied
         assert target_type(quant.F32, 576, "auto", f32, isa, rows=576) == quant.F32
-    assert target_type(quant.Q4_1, 576, "auto", f32, "avx512f", rows=576) == quant.Q4_1X16
+    for isa in ("avx512f", "avx512vnni"):  # AVX-512 without bf16 instructions: fp32 their only activations
+        assert target_type(quant.Q4_1, 576, "auto", f32, isa, rows=576) == quant.Q4_1X16
+        assert target_type(quant.Q4_1, 576, "auto", f32, isa, int8=True, rows=576) == quant.Q4_1
     assert target_type(quant.Q6_K, 512, "auto", f32, "avx512f", rows=576) == quant.Q6_KX16
     assert target_type(quant.F32, 576, "q8_0", f32, "avx512f", rows=576) == quant.Q8_0X16
     assert target_type(quant.Q4_1, 576, "auto", f32, "avx512f") == quant.Q4_1  # an embedding alone

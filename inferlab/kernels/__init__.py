@@ -7,9 +7,9 @@ the same name in that ISA's build. `builder.py` compiles every file with its own
 -march=native, so one library holds every ISA's entry points (`linear_generic`, `linear_avx2`, ...)
 on any x86 machine, and this module lets the CPU's features decide at run time which ones run
 (`Kernels`).
-`INFERLAB_ISA=generic|avx2|avxvnni|avx512f|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns the kernels off;
-`INFERLAB_X16_PRODUCTS=bf16|fp32` picks the AVX-512 regrouped kernel's products (`x16_products`;
-`avx512f`, for AVX-512 CPUs without bf16 instructions, has only fp32).
+`INFERLAB_ISA=generic|avx2|avxvnni|avx512f|avx512vnni|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns
+the kernels off; `INFERLAB_X16_PRODUCTS=bf16|fp32` picks the AVX-512 regrouped kernel's products
+(`x16_products`; `avx512f` and `avx512vnni`, for AVX-512 CPUs without bf16 instructions, have only fp32).
 
 Bindings are read from the headers: the constants from `inferlab.h`, the prototypes from `api.h`,
 so ctypes signatures cannot drift from the C ones. If the build fails (no compiler) the engine logs

@@ -32,6 +32,8 @@ ISAS = {
     "avxvnni": ([*_AVX2, "-mavxvnni"], ("avx2", "fma", "f16c", "avx_vnni")),
     # AVX-512 without AVX512-BF16 (Skylake-SP to Ice Lake-SP): only the regrouped blocks' fp32 products
     "avx512f": (_AVX512F, _AVX512F_FLAGS),
+    # and with AVX512-VNNI (Cascade Lake, Ice Lake-SP): only the int8 path's block products change
+    "avx512vnni": ([*_AVX512F, "-mavx512vnni"], (*_AVX512F_FLAGS, "avx512_vnni")),
     "avx512": (_AVX512, (*_AVX512F_FLAGS, "avx512_bf16", "avx512_vnni")),
     "amx": ([*_AVX512, "-mamx-tile", "-mamx-bf16"],
             (*_AVX512F_FLAGS, "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")),

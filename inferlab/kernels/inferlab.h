@@ -3,10 +3,10 @@
  * the library, so the two cannot disagree.
  *
  * Each entry point exists once per instruction set that implements it. A source file is compiled
- * with IL_ISA set to its ISA (generic, avx2, avxvnni, avx512f, avx512, amx) and defines IL(name), which becomes
- * name_<isa>: the definition is checked against the prototype in api.h. This header declares the
- * prototypes of every ISA, so a kernel can hand a shape it does not cover to a lower ISA by name
- * (linear_avx2, paged_attention_generic). `generic` implements every entry point; Python picks,
+ * with IL_ISA set to its ISA (generic, avx2, avxvnni, avx512f, avx512vnni, avx512, amx) and defines
+ * IL(name), which becomes name_<isa>: the definition is checked against the prototype in api.h. This
+ * header declares the prototypes of every ISA, so a kernel can hand a shape it does not cover to a
+ * lower ISA by name (linear_avx2, paged_attention_generic). `generic` implements every entry point; Python picks,
  * per entry point, the best one the CPU runs, or the one INFERLAB_ISA forces.
  */
 #ifndef INFERLAB_H
@@ -106,6 +106,9 @@
 #include "api.h"
 #undef IL
 #define IL(name) IL_CAT(name, avx512f)
+#include "api.h"
+#undef IL
+#define IL(name) IL_CAT(name, avx512vnni)
 #include "api.h"
 #undef IL
 #define IL(name) IL_CAT(name, avx512)

@@ -16,8 +16,8 @@ BF16_MATRIX_ISAS = ("avx512", "amx")
 # ISAs whose kernels multiply the regrouped (x16) blocks (avx512/x16.c; on AMX CPUs too, the tiles
 # taking bf16 models' blocks as t16), and the activations they take there: bf16 (pair products, or fp32
 # FMAs of them widened: `kernels.x16_products`) and fp32, always by fp32 FMAs: AVX-512 CPUs without
-# bf16 instructions (avx512f) have only those activations, the others when a model runs in fp32
-X16_DTYPES = {isa: (torch.float32, torch.bfloat16) for isa in ("avx512f", "avx512", "amx")}
+# bf16 instructions (avx512f, avx512vnni) have only those activations, the others when a model runs in fp32
+X16_DTYPES = {isa: (torch.float32, torch.bfloat16) for isa in ("avx512f", "avx512vnni", "avx512", "amx")}
 
 
 def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
@@ -32,9 +32,9 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
         multiply blocks), or the CPU has no AMX and the type is in `quant.REGROUPED` (the AVX512-BF16
         kernel of the regrouped blocks is the faster there); on AMX the `quant.TILED` types keep those
         bf16 weights as blocks regrouped for the tiles, which decode them.
-    fp32 activations on AVX-512 CPUs (those without bf16 instructions, avx512f, have no other; on the
-    others a model run in fp32): the `quant.REGROUPED` types regrouped (x16, multiplied by fp32 FMAs),
-    other types as stored.
+    fp32 activations on AVX-512 CPUs (those without bf16 instructions, avx512f and avx512vnni, have no
+    other; on the others a model run in fp32): the `quant.REGROUPED` types regrouped (x16, multiplied
+    by fp32 FMAs), other types as stored.
     `none`: the model's dtype. A block type: quantized to it (the vocabulary matrix to q8_0, as
     llama.cpp keeps output tensors at higher precision) where rows split into its blocks, and
     regrouped as `auto` keeps a file's blocks (AMX with bf16 activations: t16; else on AVX-512: x16).

@@ -41,10 +41,10 @@ IL_INLINE void finish8(__m128 acc[4][4], const __m128 corr[4], int wtype, const 
     }
 }
 
-#ifdef __AVX512VNNI__
+#ifdef __AVX512BW__ /* the AVX-512 builds (avx512/int8.c and the builds that include it) */
 #include "../avx512/int8_quads.h"
-#define I8_ONE(T) tilerx4_vnni(xq, x4, K, w, T, 1, out)
-#define I8_FEW(T, R) tilerx4_vnni(xq, x4, K, w, T, R, out)
+#define I8_ONE(T) tilerx4_quads(xq, x4, K, w, T, 1, out)
+#define I8_FEW(T, R) tilerx4_quads(xq, x4, K, w, T, R, out)
 #define I8_TWO(T) I8_FEW(T, 2)
 #define I8_COLS(T, R) 4 /* weight rows per tile */
 #else

@@ -1,7 +1,8 @@
-/* The int8 path's tiles on AVX-512 VNNI (included by avx2/int8.c in that build): four weight rows'
+/* The int8 path's tiles on AVX-512 (included by avx2/int8.c in those builds): four weight rows'
  * blocks side by side in one 512-bit register, row j in 128-bit lane j, each lane the same integer
  * sums and fp32 operations as int8_pairs.h's, whatever the tile's input rows, so a row's result
- * stays the same whatever its batch. */
+ * stays the same whatever its batch (and is AVX2's). A block half's byte products are one VNNI
+ * dpbusd where the CPU has it, else AVX2's multiply-adds at twice the width (avx512f: Skylake-SP). */
 #ifndef INFERLAB_AVX512_INT8_QUADS_H
 #define INFERLAB_AVX512_INT8_QUADS_H
 #include <stddef.h>
@@ -26,7 +27,15 @@ IL_INLINE __m512i dot32x4(__m512i wl, __m512i wh, __m512i xl, __m512i xh, int wt
     if (il_k16_type(wtype))
         return _mm512_add_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(wl, xl), sc[0]),
                                 _mm512_madd_epi16(_mm512_maddubs_epi16(wh, xh), sc[1]));
+#ifdef __AVX512VNNI__
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, wl, xl), wh, xh);
+#else /* Skylake-SP: dot32x2's multiply-adds, 512 bits wide */
+    const __m512i ones = _mm512_set1_epi16(1);
+    if (signed_weights(wtype))
+        return _mm512_add_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(wl, xl), ones),
+                                _mm512_madd_epi16(_mm512_maddubs_epi16(wh, xh), ones));
+    return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(wl, xl), _mm512_maddubs_epi16(wh, xh)), ones);
+#endif
 }
 
 /* Four 128-bit values as the lanes of one register, v[j] in lane j. */
@@ -36,7 +45,7 @@ IL_INLINE __m512i join4(const __m128i v[4]) {
 
 /* Weight rows 0-3's block b as bytes (*wl, *wh: weights 0-15 and 16-31, row r in 128-bit lane r), the
  * four rows read with each instruction, and their (d, c) in lanes 2 r, 2 r + 1 of *dm, as blocks_pair
- * gives them (Q4_0's and Q5_0's lane 2 r + 1 holds weight bytes: tilerx4_vnni takes their d as c).
+ * gives them (Q4_0's and Q5_0's lane 2 r + 1 holds weight bytes: tilerx4_quads takes their d as c).
  * j: b % 8 for the K-quants; ks: the rows' k_scales. Q4_K, Q5_K: dm from k4_quad_dm; Q6_K, Q3_K
  * and Q2_K: k16_quad_sub. */
 IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int j, const int wtype, __m512i *wl, __m512i *wh,
@@ -110,7 +119,7 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int j, const 
  * against four weight rows, for every int8 type (Q2_K with its minimums' second product), the
  * weight rows side by side in one 512-bit register, row j in 128-bit lane j: the blocks are loaded
  * and unpacked once for the R input rows, and each row's four block products are one dot32x4. */
-IL_INLINE void tilerx4_vnni(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
+IL_INLINE void tilerx4_quads(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
                             const int R, __m128 out[4]) {
     __m512 acc[4]; /* lane group j of acc[i]: input row i against weight row j */
     for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();

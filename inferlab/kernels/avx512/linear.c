@@ -17,14 +17,6 @@
 #include "lanes.h"
 #include "x16.h"
 
-#ifdef __AVX512VNNI__
-#define LINEAR_INT8 IL(linear_int8)
-#else /* avx512f/, which compiles this file again for AVX-512 CPUs without bf16: their int8 path is AVX2's */
-int linear_int8_avx2(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
-                     int rows, int K, int N, int dtype, int ydtype, int num_threads);
-#define LINEAR_INT8 linear_int8_avx2
-#endif
-
 #define TM 4      /* input rows per tile, at most */
 #define PANEL 32  /* weight rows a thread keeps in cache while every input row passes (96 KB at K = 1536 bf16) */
 
@@ -190,7 +182,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
     else if (out_ok && rows > 0 && wtype == IL_W_F32 && dtype == IL_F32)
         gemm(x, ldx, w, bias, y, yf32, ldy, rows, K, N, num_threads, F32_X32);
     else if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
-        return LINEAR_INT8(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
+        return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     else if (il_block_elems(wtype)) /* AVX2's paths, its panels at 512 bits (floats.c) */
         return IL(linear_floats)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     else

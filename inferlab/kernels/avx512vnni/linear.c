@@ -1,8 +1,8 @@
 /* The linear layer on AVX-512 CPUs with VNNI and without AVX512-BF16: Cascade Lake and Ice Lake-SP,
  * the bulk of cloud Xeons, and their workstation kin. It is avx512f's, except the int8-activation
- * path: avx512f's runs AVX2's 256-bit byte products, these CPUs' VNNI runs four weight rows' blocks a
- * 512-bit register (int8.c here). The int8 path takes the same calls as in avx512/linear.c (never a
- * regrouped or float type: il_int8_type), so everything else is avx512f's, to the bit. */
+ * path, whose block products are VNNI's byte dot products here (int8.c) and multiply-adds there. It
+ * takes the same calls as in avx512/linear.c (never a regrouped or float type: il_int8_type), so
+ * everything else is avx512f's, to the bit. */
 #include "../avx2/gemm.h" /* IL(linear_int8), from int8.c here */
 #include "../common.h"
 

@@ -10,7 +10,7 @@
 # AVX512F_ONLY=1 holds them to AVX-512 with VNNI and without bf16 instructions or AMX, as the Cascade
 # Lake and Ice Lake-SP Xeons have (InferLab's avx512vnni build, vLLM's AVX512 build, oneDNN's
 # AVX512_CORE_VNNI; LLAMA_BIN: -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON and the AVX2
-# flags above). Skylake-SP, without VNNI: INFERLAB_ISA=avx512f (its int8 path is AVX2's).
+# flags above). Skylake-SP, without VNNI: INFERLAB_ISA=avx512f (its int8 path by multiply-adds).
 set -u
 if [ "${AVX2_ONLY:-0}" = 1 ]; then
   export INFERLAB_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 HELD_ISA=avx2

@@ -6,8 +6,8 @@
  * with IL_ISA set to its ISA (generic, avx2, avxvnni, avx512f, avx512vnni, avx512, amx) and defines
  * IL(name), which becomes name_<isa>: the definition is checked against the prototype in api.h. This
  * header declares the prototypes of every ISA, so a kernel can hand a shape it does not cover to a
- * lower ISA by name (linear_avx2, paged_attention_generic). `generic` implements every entry point; Python picks,
- * per entry point, the best one the CPU runs, or the one INFERLAB_ISA forces.
+ * lower ISA by name (linear_avx2, paged_attention_generic). `generic` implements every entry point;
+ * Python picks, per entry point, the best one the CPU runs, or the one INFERLAB_ISA forces.
  */
 #ifndef INFERLAB_H
 #define INFERLAB_H

@@ -21,6 +21,12 @@ static inline int il_int8_type(int wtype) {
            il_k16_type(wtype);
 }
 
+/* Whether a linear call takes the int8-activation path: asked for (act), a type it multiplies, and
+ * rows in whole 32-input blocks (else the float paths run it). */
+static inline int il_int8_call(int act, int wtype, int K) {
+    return act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0;
+}
+
 /* A row of K inputs (K a multiple of 32) as llama.cpp's Q8_0 blocks: per 32, d = max|x| / 127 and
  * q = round(x / d); s = d * (sum of q), which the blocks with a minimum need. */
 static inline void il_quantize_row_q8(const void *x, int dtype, int K, int8_t *q, float *d, float *s) {

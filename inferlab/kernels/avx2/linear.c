@@ -195,7 +195,7 @@ int IL(linear_floats)(const void *x, int64_t ldx, const void *w, int wtype, cons
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
     if (rows <= 0) return 0;
-    if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
+    if (il_int8_call(act, wtype, K))
         return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     if (il_block_elems(wtype) == 0)
         return linear_generic(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);

@@ -120,7 +120,7 @@ IL_INLINE void blocks_quad(const uint8_t *const w[4], int b, const int j, const 
  * weight rows side by side in one 512-bit register, row j in 128-bit lane j: the blocks are loaded
  * and unpacked once for the R input rows, and each row's four block products are one dot32x4. */
 IL_INLINE void tilerx4_quads(const int8_t *xq, const float *x4, int K, const uint8_t *const w[4], const int wtype,
-                            const int R, __m128 out[4]) {
+                             const int R, __m128 out[4]) {
     __m512 acc[4]; /* lane group j of acc[i]: input row i against weight row j */
     for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
     __m128 corrv[4]; /* lane j of corrv[i]: weight row j's c * s_x sum for input row i */

@@ -181,7 +181,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
         gemm(x, ldx, w, bias, y, yf32, ldy, rows, K, N, num_threads, F32_X16);
     else if (out_ok && rows > 0 && wtype == IL_W_F32 && dtype == IL_F32)
         gemm(x, ldx, w, bias, y, yf32, ldy, rows, K, N, num_threads, F32_X32);
-    else if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
+    else if (il_int8_call(act, wtype, K))
         return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     else if (il_block_elems(wtype)) /* AVX2's paths, its panels at 512 bits (floats.c) */
         return IL(linear_floats)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);

@@ -48,7 +48,7 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
     if (rows <= 0) return 0;
     if (il_regrouped_type(wtype)) return 1; /* only the AVX-512 (x16) and AMX (t16) builds multiply these */
-    if (act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0)
+    if (il_int8_call(act, wtype, K))
         return linear_int8(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     const int64_t rb = il_row_bytes(wtype, K);
     float *xf = malloc(sizeof(float) * (size_t)rows * K);

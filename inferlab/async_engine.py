@@ -30,21 +30,34 @@ class EngineStopping(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
+        """`engine`, or a function that builds it, called on the engine thread (its errors are
+        raised here). Build it there where you can, as `inferlab serve` does: OpenMP keeps a pool of
+        workers for each thread that starts parallel work, and once a process holds more of them
+        than it has cores, libgomp stops spinning between parallel regions, so each of a decode
+        step's few hundred kernels waits for a sleeping worker to wake. A model loaded on the main
+        thread and stepped here made each token 3-5x slower on a 2-core machine."""
         self.metrics = EngineMetrics()
         self._ops: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.snapshot: dict = engine.snapshot()  # refreshed by the engine thread after every step
-        self._thread = threading.Thread(target=self._loop, name="inferlab-engine", daemon=True)
+        built: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._loop, args=(engine, built), name="inferlab-engine", daemon=True)
         self._stopped = False
         self.stopping = False  # set by drain(): a shutdown has begun, new requests are refused
         self.dead: EngineDeadError | None = None  # set when the engine can run no more steps
         self.on_dead: Callable[[], None] | None = None  # e.g. stop the server
         self._thread.start()
+        self.engine: LLMEngine = built.result()
+        self.snapshot: dict = self.engine.snapshot()  # refreshed by the engine thread after every step
 
     # -- the engine thread --------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, engine: LLMEngine | Callable[[], LLMEngine], built: concurrent.futures.Future) -> None:
+        try:
+            self.engine = engine if isinstance(engine, LLMEngine) else engine()
+        except BaseException as e:  # noqa: BLE001 - raised in the thread that asked for the engine
+            built.set_exception(e)
+            return
+        built.set_result(self.engine)
         while True:
             busy = self.engine.has_unfinished_requests() and self.dead is None
             try:  # block for work only when the engine is idle

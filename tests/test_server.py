@@ -623,6 +623,49 @@ def test_tokenizing_runs_off_the_event_loop(server, monkeypatch):
     assert result["r"].status_code == 200
 
 
+def test_an_engine_built_by_a_function_is_built_on_the_thread_that_steps_it(smol):
+    """OpenMP keeps a worker pool per thread that starts parallel work, and with more pooled threads
+    than cores libgomp's workers sleep between kernels: an engine loaded on one thread and stepped on
+    another ran a token 3-5x slower. So AsyncEngine builds the engine on its own thread when given a
+    function, and raises that function's error to its caller."""
+    built_on = []
+
+    def build() -> LLMEngine:
+        built_on.append(threading.current_thread())
+        return LLMEngine(EngineConfig(num_kv_blocks=64), loaded=smol)
+
+    engine = AsyncEngine(build)
+    try:
+        assert built_on[0] is not threading.main_thread()
+        assert asyncio.run(engine.run(threading.current_thread)) is built_on[0]  # steps run there too
+
+        async def answer() -> list[int]:
+            stream = await engine.add("r", "The capital of France is", SamplingParams(max_tokens=4, temperature=0))
+            return [t async for out in stream for t in out.outputs[0].new_token_ids]
+        assert len(asyncio.run(answer())) == 4
+    finally:
+        engine.shutdown()
+
+    def broken() -> LLMEngine:
+        raise ValueError("no model at /nowhere")
+    with pytest.raises(ValueError, match="no model at /nowhere"):
+        AsyncEngine(broken)
+
+
+def test_serve_builds_its_engine_on_the_engine_thread(monkeypatch):
+    """`inferlab serve` hands AsyncEngine a builder, so the model's kernels run on one thread only."""
+    from inferlab.server import serve as serve_module
+    built_on = []
+
+    def engine(config):
+        built_on.append(threading.current_thread())
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(serve_module, "LLMEngine", engine)
+    with pytest.raises(RuntimeError, match="stop here"):
+        serve_module.serve(EngineConfig())
+    assert built_on[0].name == "inferlab-engine"
+
+
 def test_api_key_guards_the_api_and_the_lab(smol):
     with running_server(smol, api_key="s3cret", num_kv_blocks=64) as server:
         url = server.url

@@ -64,9 +64,15 @@ class Server(uvicorn.Server):
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           record: str | None = None, api_key: str | None = None) -> None:
-    core = LLMEngine(config)
-    recorder = Recorder(core, record) if record else None  # before the engine thread steps
-    engine = AsyncEngine(core)
+    recorders: list[Recorder] = []
+
+    def build() -> LLMEngine:  # on the engine thread (see AsyncEngine), before it steps
+        core = LLMEngine(config)
+        if record:
+            recorders.append(Recorder(core, record))
+        return core
+    engine = AsyncEngine(build)
+    core, recorder = engine.engine, (recorders or [None])[0]
     name = served_model_name or model_name(config.model)
     app = build_server_app(engine, name, api_key)
     log.info("serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics, dashboard at /scope%s)",

@@ -8,7 +8,7 @@ import sys
 # given, OMP_WAIT_POLICY=ACTIVE changes one thing only: how long they spin once the process holds
 # more OpenMP threads than cores, 1,000 iterations instead of 100. Each thread that starts parallel
 # work keeps its own pool, so a model loaded on one thread and run on another is such a case: a
-# token took 43-52 ms there, 9.5-16 ms with it (8-9 on one thread; `AsyncEngine` avoids the case).
+# token took 34-52 ms there, 9.5-25 ms with it (8-11 on one thread; `AsyncEngine` avoids the case).
 # OpenMP reads both once, when PyTorch loads, hence here; a user's setting of either is kept, as
 # the count would override their policy. See inferlab/threads.py for the busy-machine case.
 if "torch" not in sys.modules and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):

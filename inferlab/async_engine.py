@@ -53,7 +53,7 @@ class AsyncEngine:
     # -- the engine thread --------------------------------------------------------------------
     def _loop(self, engine: LLMEngine | Callable[[], LLMEngine], built: concurrent.futures.Future) -> None:
         try:
-            self.engine = engine if isinstance(engine, LLMEngine) else engine()
+            self.engine = engine() if callable(engine) else engine  # an engine itself is not callable
         except BaseException as e:  # noqa: BLE001 - raised in the thread that asked for the engine
             built.set_exception(e)
             return

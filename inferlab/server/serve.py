@@ -64,15 +64,15 @@ class Server(uvicorn.Server):
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           record: str | None = None, api_key: str | None = None) -> None:
-    recorders: list[Recorder] = []
+    recorder: Recorder | None = None
 
     def build() -> LLMEngine:  # on the engine thread (see AsyncEngine), before it steps
+        nonlocal recorder
         core = LLMEngine(config)
-        if record:
-            recorders.append(Recorder(core, record))
+        recorder = Recorder(core, record) if record else None
         return core
     engine = AsyncEngine(build)
-    core, recorder = engine.engine, (recorders or [None])[0]
+    core = engine.engine
     name = served_model_name or model_name(config.model)
     app = build_server_app(engine, name, api_key)
     log.info("serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics, dashboard at /scope%s)",

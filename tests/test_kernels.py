@@ -361,8 +361,26 @@ def test_build_failure_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
     try:
         assert kernels.library() is None
         assert "native CPU kernels unavailable" in caplog.text
+        assert "no C compiler: '/nonexistent/cc'" in caplog.text  # says what to install, not a bare errno
     finally:
         kernels.library.cache_clear()
+
+
+def test_an_unwritable_home_caches_in_the_temporary_directory(monkeypatch, tmp_path, caplog):
+    """A container whose home is read-only or missing still gets its kernels built and cached."""
+    from inferlab import cache_dir
+    monkeypatch.delenv("INFERLAB_CACHE", raising=False)
+    monkeypatch.setenv("HOME", "/proc/no-such-home")
+    monkeypatch.setattr(cache_dir.tempfile, "gettempdir", lambda: str(tmp_path))
+    cache_dir._default_root.cache_clear()
+    try:
+        where = cache_dir.cache_dir("kernels")
+        assert where.parent.parent == tmp_path and where.name == "kernels"
+        assert "cannot use /proc/no-such-home/.cache/inferlab" in caplog.text
+        monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path / "chosen"))  # the user's folder wins
+        assert cache_dir.cache_dir("models") == tmp_path / "chosen" / "models"
+    finally:
+        cache_dir._default_root.cache_clear()
 
 
 def test_backend_option_is_validated():

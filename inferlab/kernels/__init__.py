@@ -15,8 +15,8 @@ Bindings are read from the headers: the constants from `inferlab.h`, the prototy
 so ctypes signatures cannot drift from the C ones. If the build fails (no compiler) the engine logs
 one line and runs the PyTorch reference path, which stays the definition the kernels are tested
 against. The build (a few seconds, one compiler per core) is cached under `$INFERLAB_CACHE`
-(default `~/.cache/inferlab`), keyed by the sources and flags; `python -m inferlab.kernels` builds it
-ahead of time.
+(default `~/.cache/inferlab`; see `inferlab.cache_dir`), keyed by the sources and flags;
+`python -m inferlab.kernels` builds it ahead of time.
 """
 from __future__ import annotations
 

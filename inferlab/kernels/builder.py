@@ -8,10 +8,13 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from inferlab.cache_dir import cache_dir
 
 log = logging.getLogger("inferlab")
 ROOT = Path(__file__).parent
@@ -65,10 +68,12 @@ def build() -> Path:
     digest = hashlib.sha256(" ".join([cc, *CFLAGS, *LINK, *isas, repr(ISAS)]).encode())
     for src in sorted(ROOT.rglob("*.[ch]")):
         digest.update(str(src.relative_to(ROOT)).encode() + src.read_bytes())
-    cache = Path(os.environ.get("INFERLAB_CACHE", Path.home() / ".cache" / "inferlab")) / "kernels"
+    cache = cache_dir("kernels")
     lib = cache / f"inferlab_kernels-{digest.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
+    if shutil.which(cc) is None:
+        raise OSError(f"no C compiler: {cc!r} is not on PATH (install gcc or clang, or set CC to one)")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
         jobs = [(src, Path(tmp) / f"{isa}-{src.parent.name}-{src.stem}.o", isa) for isa in isas for src in sources(isa)]

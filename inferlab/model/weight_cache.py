@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from inferlab.cache_dir import cache_dir
 from inferlab.model.base import ModelArgs
 from inferlab.model.deepseek import DeepseekArgs
 from inferlab.model.layers import quant
@@ -38,8 +39,7 @@ def _entry(path: str) -> Path | None:
         return None
     st = os.stat(path)
     key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{FORMAT}"
-    root = Path(os.environ.get("INFERLAB_CACHE", Path.home() / ".cache" / "inferlab")) / "models"
-    return root / hashlib.sha256(key.encode()).hexdigest()[:20]
+    return cache_dir("models") / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def load(path: str) -> tuple[ModelArgs, Tensors, dict] | None:

@@ -15,6 +15,7 @@ from inferlab.chat import cmd_chat, cmd_generate
 from inferlab.cli_args import (
     add_engine_args,
     add_kv_mode_args,
+    add_origins_arg,
     add_record_arg,
     add_sampling_args,
     budget_arg,
@@ -64,12 +65,13 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> None:
     from inferlab.server.serve import serve
-    serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key)
+    serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key, a.allowed_origins)
 
 
 def cmd_router(a: argparse.Namespace) -> None:
     from inferlab.router.app import serve_router
-    serve_router(a.backend, a.prefill, a.decode, a.policy, a.host, a.port, a.timeout, a.health_interval)
+    serve_router(a.backend, a.prefill, a.decode, a.policy, a.host, a.port, a.timeout, a.health_interval,
+                 a.allowed_origins)
 
 
 def cmd_scope(a: argparse.Namespace) -> None:
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("INFERLAB_API_KEY"),
                    help="clients of /v1 and the dashboard's lab must send 'Authorization: Bearer KEY' "
                         "(default: $INFERLAB_API_KEY; none: open)")
+    add_origins_arg(s)
     add_record_arg(s)
     add_engine_args(s)
     # a server keeps its streams flowing while prompts arrive: steps sized to a time, not 2,048 tokens
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a backend may stay silent before its request fails")
     r.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
+    add_origins_arg(r)
     r.set_defaults(func=cmd_router)
     o = sub.add_parser("scope", help="the dashboard on a recorded trace (live: `inferlab serve`, then /scope)")
     o.add_argument("--replay", required=True, action="append", metavar="FILE",

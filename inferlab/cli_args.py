@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 
 from inferlab.config import KV_ALLOCATIONS, PREEMPTION_MODES, PREFIX_CACHES, EngineConfig
 from inferlab.model.layers.keep import QUANTIZATIONS
@@ -19,6 +20,25 @@ def budget_arg(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
+def origins_arg(text: str) -> list[str]:
+    """`--allowed-origins`: comma-separated origins, `*` for any, or vLLM's JSON list."""
+    if text.strip().startswith("["):
+        try:
+            origins = json.loads(text)
+        except json.JSONDecodeError:
+            origins = None
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise argparse.ArgumentTypeError(f"expected origins separated by commas or a JSON list, got {text!r}")
+        return origins
+    return [o.strip().rstrip("/") for o in text.split(",") if o.strip()]
+
+
+def add_origins_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allowed-origins", type=origins_arg, default=None, metavar="ORIGINS",
+                   help="web pages that may call the API from a browser, besides this machine's own: "
+                        "comma-separated origins (http://host:port), '*' for any, or a JSON list")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

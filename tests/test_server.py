@@ -101,14 +101,15 @@ class Server:
 
 
 @contextmanager
-def running_server(smol, api_key: str | None = None, draft=None, **config) -> Iterator[Server]:
+def running_server(smol, api_key: str | None = None, draft=None, allowed_origins: list[str] | None = None,
+                   **config) -> Iterator[Server]:
     config.setdefault("num_kv_blocks", 512)
     engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=smol, draft_loaded=draft))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the server starts: no free-port race
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_server_app(engine, MODEL, api_key), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_server_app(engine, MODEL, api_key, allowed_origins), host="127.0.0.1",
+                                           port=port, log_level="warning"))
     errors = ErrorLog()
     logging.getLogger("uvicorn.error").addHandler(errors)  # after Config, which sets logging up
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -161,6 +162,9 @@ def sse_data(lines: Iterator[str]) -> list[dict | str]:
 # -- 1. the official client ---------------------------------------------------------------------
 def test_models_list_shows_the_model(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -266,7 +270,7 @@ def test_completion_logprobs_shape(client):
         assert top[token] == pytest.approx(max(top.values()))  # greedy: the sampled token is the best
 
 
-def test_chat_logprobs_shape(client):
+def test_chat_logprobs_shape(client, offline):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                        temperature=0, logprobs=True, top_logprobs=2)
     content = r.choices[0].logprobs.content
@@ -276,6 +280,11 @@ def test_chat_logprobs_shape(client):
         assert item.top_logprobs[0].token == item.token and item.top_logprobs[0].logprob == item.logprob
         assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
         assert bytes(item.bytes).decode() == item.token
+    # a token that is part of a character: its bytes are its piece, not those of the "\ufffd" it decodes to
+    piece = offline["llm"].get_tokenizer().encode(" \U0001f600")[0]
+    forced = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                            temperature=0, logprobs=True, logit_bias={str(piece): 100})
+    assert [bytes(x.bytes) for x in forced.choices[0].logprobs.content] == [b" \xf0\x9f\x98"] * 2
     streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
                                               stream=True)
@@ -499,6 +508,16 @@ BAD = [
     (CMPL, {"prompt": "hi", "stop": "s" * 257}, 400, "stop takes at most 16 strings"),
     (CMPL, {"prompt": "hi", "stop_token_ids": list(range(1025))}, 400, "stop_token_ids takes at most 1024"),
     ("/v1/nothing", {"prompt": "hi"}, 404, "Not Found"),
+    (CHAT, {"messages": USER, "echo": True}, 400, "echo is not supported"),
+    (CHAT, {"messages": USER, "chat_template": "{{ messages }}"}, 400, "chat_template is not supported"),
+    (CMPL, {"prompt": "hi", "skip_special_tokens": False}, 400, "skip_special_tokens false is not supported"),
+    (CMPL, {"prompt": "hi", "grammar": "root ::= \"a\""}, 400, "grammar is not supported"),
+    (CMPL, {"prompt": "hi", "repeat_penalty": 1.3}, 400, "send repetition_penalty"),
+    (CMPL, {"prompt": "hi", "n_predict": 8}, 400, "send max_tokens"),
+    (CHAT, {"messages": USER, "continue_final_message": True}, 400, "needs add_generation_prompt false"),
+    (CHAT, {"messages": USER, "continue_final_message": True, "add_generation_prompt": False}, 400,
+     "needs a last message from the assistant"),
+    (CHAT, {"messages": USER, "chat_template_kwargs": {"messages": []}}, 400, "may not set messages"),
 ]
 
 
@@ -523,8 +542,42 @@ def test_do_nothing_values_of_unsupported_fields_are_accepted(client, offline):
         messages=[{"role": "user", "content": [{"type": "text", "text": question}]}])
     assert r.choices[0].message.content == offline[question].outputs[0].text
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, best_of=1,
-                                  suffix=None)
+                                  suffix=None, extra_body={"skip_special_tokens": True, "repeat_penalty": 1.0})
     assert r.choices[0].text == offline[PROMPTS[0]].outputs[0].text
+
+
+def test_null_is_the_default_of_a_nullable_field(client, offline):
+    """OpenAI's spec lets any optional field be null, and clients that send every argument do
+    (the openai package sends null for an argument given as None)."""
+    question = QUESTIONS[0]
+    r = client.chat.completions.create(model=MODEL, max_tokens=MAX_TOKENS, temperature=0, n=None, stream=None,
+                                       logprobs=None, messages=[{"role": "user", "content": question}])
+    assert r.choices[0].message.content == offline[question].outputs[0].text
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, n=None,
+                                  echo=None, stream=None, extra_body={"ignore_eos": None, "min_tokens": None})
+    assert r.choices[0].text == offline[PROMPTS[0]].outputs[0].text
+
+
+def test_continue_final_message_continues_the_assistant(client, offline):
+    """vLLM's prefill-the-reply: the last assistant message is left open and continued, as offline."""
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour I pick is"}]
+    ref = offline["llm"].chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False,
+                              add_generation_prompt=False, continue_final_message=True)[0].outputs[0]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                       extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert r.choices[0].message.content == ref.text and ref.text.strip()  # closed, the turn would end at once
+    closed = offline["llm"].chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False,
+                                 add_generation_prompt=False)[0]
+    assert r.usage.prompt_tokens < len(closed.prompt_token_ids)  # the end-of-turn tokens are cut
+
+
+def test_chat_template_kwargs_reach_the_template(server, monkeypatch):
+    tok = server.engine.engine.tokenizer
+    monkeypatch.setattr(tok, "chat_template", "{{ greeting }} {{ messages[0].content }}")
+    r = httpx.post(f"{server.url}{CHAT}", timeout=60, json={
+        "messages": USER, "max_tokens": 1, "chat_template_kwargs": {"greeting": "Bonjour"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(tok.encode("Bonjour hi", add_special_tokens=False))
 
 
 def test_logit_bias_bans_and_forces_tokens(client, offline):
@@ -682,6 +735,51 @@ def test_api_key_guards_the_api_and_the_lab(smol):
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
         server.wait_idle()
         server.check_engine()
+
+
+def preflight(url: str, origin: str) -> httpx.Response:
+    return httpx.options(f"{url}{CHAT}", timeout=10, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+
+
+def test_browsers_may_call_from_this_machine_by_default(server):
+    """A web UI served from this machine on another port (Ollama's default); a page elsewhere may not."""
+    for origin in ("http://localhost:3000", "http://127.0.0.1:5173", "https://[::1]"):
+        r = preflight(server.url, origin)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, origin
+        got = httpx.get(f"{server.url}/v1/models", headers={"Origin": origin}, timeout=10)
+        assert got.headers["access-control-allow-origin"] == origin
+    for origin in ("https://elsewhere.example", "http://localhost.example.com"):
+        assert preflight(server.url, origin).status_code == 400
+        assert "access-control-allow-origin" not in httpx.get(f"{server.url}/v1/models", headers={"Origin": origin},
+                                                              timeout=10).headers
+
+
+def test_allowed_origins_pass_before_the_api_key(smol):
+    """A preflight carries no key, so it is answered first; a 401 still has the header a page needs
+    to read it."""
+    with running_server(smol, api_key="s3cret", allowed_origins=["https://ui.example"], num_kv_blocks=64) as server:
+        ui = "https://ui.example"
+        r = preflight(server.url, ui)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ui
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        refused = httpx.post(f"{server.url}{CHAT}", json={"messages": USER}, headers={"Origin": ui}, timeout=10)
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ui
+        ok = httpx.post(f"{server.url}{CHAT}", json={"messages": USER, "max_tokens": 2}, timeout=60,
+                        headers={"Origin": ui, "Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ui
+        assert preflight(server.url, "https://other.example").status_code == 400
+    with running_server(smol, allowed_origins=["*"], num_kv_blocks=64) as server:
+        assert preflight(server.url, "https://anywhere.example").headers["access-control-allow-origin"] == "*"
+
+
+def test_allowed_origins_option():
+    from inferlab.cli_args import origins_arg
+    assert origins_arg("http://a:1, https://b/") == ["http://a:1", "https://b"]
+    assert origins_arg('["*"]') == ["*"]  # vLLM's form
+    with pytest.raises(Exception, match="JSON list"):
+        origins_arg("[1, 2]")
 
 
 # -- 6. a request that breaks the engine fails alone -------------------------------------------

@@ -1,8 +1,10 @@
 """Tokenizer: text <-> token ids, the chat template and EOS ids, all read from the model's own files."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from datetime import datetime
 
 import jinja2
@@ -48,19 +50,58 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, even part of a character (a 4-byte emoji is often split over
+        several tokens, each of which decodes to "\ufffd" alone): OpenAI's logprobs `bytes`."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id not in self._added_ids:
+            if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+                return bytes(_BYTE_OF_CHAR[c] for c in piece)
+            if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece's byte fallback
+                return bytes.fromhex(m.group(1))
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
+    @functools.cached_property
+    def _added_ids(self) -> set[int]:
+        return set(self.backend.get_added_tokens_decoder())
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return '"ByteLevel"' in (self.backend.decoder.__getstate__().decode() if self.backend.decoder else "")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
+        """The conversation as the model's template writes it. `continue_final_message` (vLLM's and
+        transformers') leaves the last message, an assistant's, open, so the model continues it
+        instead of answering after it: the "prefill the reply" pattern. `template_kwargs` are more
+        variables for the template (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)."""
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ChatTemplateError("continue_final_message needs add_generation_prompt false")
+            final = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+            if final.get("role") != "assistant" or not isinstance(final.get("content"), str) \
+                    or not final["content"].strip():
+                raise ChatTemplateError("continue_final_message needs a last message from the assistant, with text")
+            return _cut_after(self.apply_chat_template(messages, False, template_kwargs=template_kwargs),
+                              final["content"])
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; pass raw prompts instead")
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
             raise ChatTemplateError("messages must be a list of {'role': str, 'content': str} dicts")
+        reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(template_kwargs or {})
+        if reserved:
+            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             template = env.from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            return template.render(**(template_kwargs or {}), messages=messages,
+                                   add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from None
@@ -122,6 +163,17 @@ class Tokenizer:
                    add_bos_token=add_bos, bos_token_id=bos_id)
 
 
+def _bytes_to_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each byte is written as one printable character, the
+    printable bytes as themselves and the rest as the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _bytes_to_chars()
+
+
 def _post_processor_adds_bos(backend: HFTokenizer, bos_id: int | None) -> bool:
     if bos_id is None or backend.post_processor is None:
         return False
@@ -133,3 +185,13 @@ def _read_json(path: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def _cut_after(text: str, content: str) -> str:
+    """`text` up to the end of its last occurrence of `content` (templates may strip it: then of its
+    stripped form), dropping what closes the turn."""
+    for piece in (content, content.strip()):
+        at = text.rfind(piece)
+        if at >= 0:
+            return text[:at + len(piece)]
+    raise ChatTemplateError("continue_final_message: the chat template does not write the last message as given")

@@ -214,11 +214,12 @@ def build_router_app(backends: list[Backend], policy: RoutingPolicy, prefill: li
 
 def serve_router(backends: list[str], prefill: list[str], decode: list[str], policy: str = "round_robin",
                  host: str = "127.0.0.1", port: int = 8080, timeout: float = 300.0,
-                 health_interval: float = 2.0) -> None:
+                 health_interval: float = 2.0, allowed_origins: list[str] | None = None) -> None:
     """`inferlab router`: --backend URLs, or P/D mode's --prefill and --decode URLs."""
     import uvicorn
 
     from inferlab.router.policy import make_policy
+    from inferlab.server.guard import add_cors
     if backends and (prefill or decode):
         raise ValueError("give either --backend URLs, or --prefill and --decode URLs (P/D mode), not both")
     if not backends and not (prefill and decode):
@@ -226,6 +227,7 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
     route = make_policy(policy)
     serving = [Backend(u) for u in backends] or [Backend(u, "decode") for u in decode]
     app = build_router_app(serving, route, [Backend(u, "prefill") for u in prefill], timeout, health_interval)
+    add_cors(app, allowed_origins)  # the instances' own answers are not seen by the browser: the router's are
     log.info("routing on http://%s:%d to %s (%s)", host, port, ", ".join(backends) if backends else
              f"prefill {', '.join(prefill)} then decode {', '.join(decode)}", policy)
     uvicorn.run(app, host=host, port=port, log_level="warning")

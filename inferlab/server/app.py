@@ -61,6 +61,13 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "inferlab", "max_model_len": max_model_len}]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {model_name!r}",
+                           "not_found_error", "model_not_found")
+        return (await models())["data"][0]
+
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(engine.metrics.render(engine.snapshot, model_name),
@@ -119,7 +126,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         check_common(req)
         try:
             num_logprobs = req.num_logprobs()
-            prompt = await prompts.chat(req.template_messages(), req.add_generation_prompt, req.cache_salt)
+            prompt = await prompts.chat(req.template_messages(), req.add_generation_prompt,
+                                        req.continue_final_message, req.chat_template_kwargs, req.cache_salt)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -1,11 +1,12 @@
 """What every HTTP request passes before a route runs: the API key, when the server has one, for the
-API and the dashboard's lab (vLLM's `--api-key`: `Authorization: Bearer KEY`), and a cap on the
+API and the dashboard's lab (vLLM's `--api-key`: `Authorization: Bearer KEY`), a cap on the
 body's size, answered with 413 before the body is read whole (unbounded, a 20 MB prompt cost
-seconds of parsing and tokenizing before it could be refused)."""
+seconds of parsing and tokenizing before it could be refused), and browsers' cross-origin checks."""
 from __future__ import annotations
 
 import secrets
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferlab.server.openai_format import error_response
@@ -13,6 +14,16 @@ from inferlab.server.openai_format import error_response
 MAX_BODY_BYTES = 8 << 20  # a 128k-token context of text fits several times over
 DRAIN_BYTES = 64 << 20  # an over-long body is read this far and dropped, so its client gets the 413
 PROTECTED = ("/v1/", "/scope/lab")  # what the key guards; /health, /metrics and the dashboard's view stay open
+# Pages served from this machine, on any port (Ollama's default): a web UI run beside the server
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+def add_cors(app, allowed_origins: list[str] | None = None) -> None:
+    """Answer browsers' cross-origin checks (preflights included, before the key is asked for) for
+    pages from this machine and `allowed_origins` ("*": any page). Added last, so it wraps the rest:
+    a 401 or 413 still carries the headers a page needs to read it."""
+    app.add_middleware(CORSMiddleware, allow_origins=allowed_origins or [], allow_origin_regex=LOCAL_ORIGINS,
+                       allow_methods=["*"], allow_headers=["*"])
 
 
 class Guard:

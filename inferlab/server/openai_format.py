@@ -56,8 +56,8 @@ def completion_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float
 
 def chat_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float]]], top_n: int) -> dict:
     def item(token_id: int, lp: float) -> dict:
-        text = _token_text(tok, token_id)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        # bytes as the token stands for them: a piece of a character has no text of its own
+        return {"token": _token_text(tok, token_id), "logprob": lp, "bytes": list(tok.token_bytes(token_id))}
 
     content = []
     for token_id, lps in entries:

@@ -32,9 +32,11 @@ class PromptBuilder:
             return {"prompt": None, "prompt_token_ids": prompt["prompt_token_ids"], "cache_salt": cache_salt}
         return {"prompt": prompt, "prompt_token_ids": await self.encode(prompt), "cache_salt": cache_salt}
 
-    async def chat(self, messages: list[dict], add_generation_prompt: bool, cache_salt: str | None) -> dict:
+    async def chat(self, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
+                   template_kwargs: dict | None, cache_salt: str | None) -> dict:
         """An engine prompt dict for a conversation, with the model's chat template applied."""
         self.check_length(sum(len(m["content"]) for m in messages))
-        text = await asyncio.to_thread(self.tok.apply_chat_template, messages, add_generation_prompt)
+        text = await asyncio.to_thread(self.tok.apply_chat_template, messages, add_generation_prompt,
+                                       continue_final_message, template_kwargs)
         return {"prompt": text, "prompt_token_ids": await self.encode(text, add_special_tokens=False),
                 "cache_salt": cache_salt}

@@ -8,9 +8,10 @@ SamplingParams, so the server and the Python API refuse the same values with the
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr, model_validator
 
 from inferlab.sampling_params import SamplingParams
 
@@ -33,20 +34,30 @@ UNSUPPORTED = {
     "prompt_logprobs": "prompt_logprobs is not supported",
     "allowed_token_ids": "allowed_token_ids is not supported; logit_bias can ban or favour tokens",
     "bad_words": "bad_words is not supported; logit_bias can ban tokens",
+    "echo": "echo is not supported",
+    "chat_template": "chat_template is not supported: the model's own template is applied",
+    "truncate_prompt_tokens": "truncate_prompt_tokens is not supported; send the prompt already cut",
+    "skip_special_tokens": "skip_special_tokens false is not supported: special tokens are left out of the text",
     **{name: f"{name} is not supported (no constrained decoding)" for name in
        ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-        "structured_outputs")},
+        "structured_outputs", "grammar", "json_schema")},
+    # llama.cpp server's own names, which its users' clients send
+    "n_predict": "n_predict is llama.cpp's name: send max_tokens",
+    "repeat_penalty": "repeat_penalty is llama.cpp's name: send repetition_penalty",
+    "typical_p": "typical_p is not supported",
+    "mirostat": "mirostat is not supported",
 }
+# the one value of a field above that asks for nothing beyond plain generation, where that is not a falsy one
+NEUTRAL = {"best_of": 1, "response_format": {"type": "text"}, "skip_special_tokens": True, "repeat_penalty": 1.0,
+           "typical_p": 1.0}
 
 
 def harmless(name: str, value: object, fields: dict) -> bool:
     """Whether an UNSUPPORTED field holds a value that asks for nothing beyond plain generation."""
+    if name in NEUTRAL:
+        return value is None or value == NEUTRAL[name]
     if value in (None, False, "", [], {}):
         return True
-    if name == "best_of":
-        return value == 1
-    if name == "response_format":
-        return value == {"type": "text"}
     return name in ("tools", "functions") and fields.get("tool_choice") == "none"
 
 
@@ -79,6 +90,17 @@ class SamplingFields(BaseModel):
     user: StrictStr | None = None
     cache_salt: StrictStr | None = None  # vLLM's: only requests with the same salt share cached blocks
     logit_bias: dict[StrictStr, Float] | None = None  # token id (as a string, OpenAI's) -> bias
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_means_default(cls, data: Any) -> Any:
+        """OpenAI's spec lets a client send null for `n`, `stream`, `logprobs`, `echo`...: the
+        default (the openai package sends it for an argument given as None)."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                or type(None) in typing.get_args(cls.model_fields[k].annotation)
+                or cls.model_fields[k].is_required()}
 
     def refuse_unsupported(self) -> None:
         extra = self.model_extra or {}
@@ -162,6 +184,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: Int | None = None
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False  # vLLM's: continue the last (assistant) message
+    chat_template_kwargs: dict[StrictStr, Any] | None = None  # vLLM's: more variables for the template
 
     def template_messages(self) -> list[dict]:
         # "developer" is OpenAI's newer name for the system role

@@ -19,7 +19,7 @@ from inferlab.scope.live import mount_scope
 from inferlab.scope.recorder import Recorder
 from inferlab.server import openapi
 from inferlab.server.app import build_app
-from inferlab.server.guard import Guard
+from inferlab.server.guard import Guard, add_cors
 
 log = logging.getLogger("inferlab")
 
@@ -27,12 +27,14 @@ DRAIN_S = 5.0  # on SIGINT / SIGTERM: how long running requests may still finish
 GRACEFUL_S = DRAIN_S + 3  # uvicorn's wait for the aborted ones to send their last bytes
 
 
-def build_server_app(engine: AsyncEngine, name: str, api_key: str | None = None) -> FastAPI:
+def build_server_app(engine: AsyncEngine, name: str, api_key: str | None = None,
+                     allowed_origins: list[str] | None = None) -> FastAPI:
     """The OpenAI API under /v1, /health, /metrics, and the dashboard at /scope, behind the guard
-    (the API key for /v1 and the lab, a cap on body size)."""
+    (the API key for /v1 and the lab, a cap on body size, cross-origin checks)."""
     app = build_app(engine, name)
     mount_scope(app, engine)
     app.add_middleware(Guard, api_key=api_key)
+    add_cors(app, allowed_origins)
     openapi.install(app)
     return app
 
@@ -63,7 +65,7 @@ class Server(uvicorn.Server):
 
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-          record: str | None = None, api_key: str | None = None) -> None:
+          record: str | None = None, api_key: str | None = None, allowed_origins: list[str] | None = None) -> None:
     recorder: Recorder | None = None
 
     def build() -> LLMEngine:  # on the engine thread (see AsyncEngine), before it steps
@@ -74,7 +76,7 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
     engine = AsyncEngine(build)
     core = engine.engine
     name = served_model_name or model_name(config.model)
-    app = build_server_app(engine, name, api_key)
+    app = build_server_app(engine, name, api_key, allowed_origins)
     log.info("serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics, dashboard at /scope%s)",
              name, host, port, "; an API key guards /v1 and the lab" if api_key else "")
 

@@ -252,6 +252,38 @@ def test_greedy_generation_parity(ckpt):
     assert [o.outputs[0].token_ids for o in chunky.generate(prompts, params, use_tqdm=False)] == expected
 
 
+@pytest.mark.parametrize("cls, window_fields", [
+    ("Mistral", {"sliding_window": 16}),
+    ("Qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
+])
+def test_a_sliding_window_limits_the_context_to_the_window(cls, window_fields, tmp_path, caplog):
+    """No sliding-window attention here: the context stops at the window, where full attention is the
+    same computation, so the output is still transformers' (unlimited, it went wrong past the window)."""
+    tok = train_tokenizer()
+    ckpt = build_checkpoint(cls, str(tmp_path / cls), tok, (f"{cls}Config", f"{cls}ForCausalLM", window_fields))
+    llm = make_llm(ckpt.path)
+    assert llm.engine.max_model_len == 16 and "sliding window of 16 tokens" in caplog.text
+    ids = ckpt.prompts[1]  # 9 tokens, then 7 more: the whole window
+    with torch.no_grad():
+        want = ckpt.hf.generate(torch.tensor([ids]), max_new_tokens=7, do_sample=False)[0, len(ids):].tolist()
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
+    with pytest.raises(ValueError, match="max_model_len is 16"):
+        llm.generate({"prompt_token_ids": ckpt.prompts[2] * 2}, use_tqdm=False)
+
+
+def test_a_window_that_is_switched_off_does_not_limit_the_context(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints("qwen2").path, tmp_path / "edited")
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(use_sliding_window=False, sliding_window=16, max_window_layers=0)  # Qwen2.5's shipped configs
+    cfg.pop("layer_types", None)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    assert make_llm(path).engine.max_model_len == SMALL["max_position_embeddings"]
+
+
 def test_tied_embeddings(checkpoints):
     tied, untied = checkpoints("llama_tied"), checkpoints("llama")
     model, _ = load_model(tied.path, "float32", torch.device("cpu"))

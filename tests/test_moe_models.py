@@ -386,7 +386,6 @@ def test_gguf_writer_agrees_with_transformers_reader(name, checkpoints, gguf_fil
     ("deepseek_v3", "n_group", 3),
     ("deepseek_v3", "attention_bias", True),
     ("deepseek_v3", "quantization_config", {"quant_method": "fp8", "weight_block_size": [128, 128]}),
-    ("qwen2_moe", "use_sliding_window", True),
     ("qwen3_moe", "hidden_act", "gelu"),
     ("qwen3_moe", "attention_bias", True),
 ])

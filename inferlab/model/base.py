@@ -4,6 +4,7 @@ decoder layers out of `layers`; the loader's table maps a checkpoint's `architec
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from torch import nn
 
 from inferlab.distributed.layers import ParallelLMHead, VocabParallelEmbedding
 from inferlab.model.layers import AttentionMetadata, Embedding, Linear, RMSNorm, RotaryEmbedding
+
+log = logging.getLogger("inferlab")
 
 
 class ModelLoadError(ValueError):
@@ -72,13 +75,35 @@ def hf_shape(cfg: dict) -> dict:
         raise unsupported("hidden_act", cfg["hidden_act"], "only silu")
     heads = cfg["num_attention_heads"]
     rope = cfg.get("rope_parameters") or {}
+    max_position = cfg.get("max_position_embeddings", 2048)
+    window = sliding_window(cfg)
+    if window is not None and window < max_position:
+        # Within the window full attention is the same computation; past it, it would not be.
+        log.warning("this model attends through a sliding window of %d tokens on some layers, which InferLab "
+                    "does not implement: its context is limited to %d tokens (of %d)", window, window, max_position)
+        max_position = window
     return dict(hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
                 num_kv_heads=cfg.get("num_key_value_heads") or heads,
                 head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
                 intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-                max_position=cfg.get("max_position_embeddings", 2048),
+                max_position=max_position,
                 rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=rope_scaling(cfg),
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_word_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+def sliding_window(cfg: dict) -> int | None:
+    """The window of a config whose layers, or some of them, attend only to their last `sliding_window`
+    tokens (Mistral; Qwen2 and Qwen3 with `use_sliding_window`, from layer `max_window_layers` on;
+    newer configs list `layer_types`); None where every layer attends to the whole context."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return None
+    if "layer_types" in cfg:
+        return window if "sliding_attention" in (cfg["layer_types"] or ()) else None
+    if "use_sliding_window" in cfg:
+        if not cfg["use_sliding_window"] or cfg.get("max_window_layers", 0) >= cfg["num_hidden_layers"]:
+            return None
+    return window
 
 
 def rope_scaling(cfg: dict) -> dict | None:

@@ -52,8 +52,6 @@ class QwenMoeForCausalLM(CausalLM):
 
     @staticmethod
     def args_from_hf(arch: str, cfg: dict) -> QwenMoeArgs:
-        if cfg.get("use_sliding_window"):
-            raise unsupported("use_sliding_window", True, "only full attention")
         if arch == "qwen3_moe" and cfg.get("attention_bias"):
             raise unsupported("attention_bias", True, "Qwen3-MoE without projection biases")
         num_experts = cfg.get("num_experts", cfg.get("num_local_experts", 60 if arch == "qwen2_moe" else 128))

@@ -91,6 +91,30 @@ def test_attention_does_not_depend_on_the_thread_count(isa):
     assert torch.equal(*outs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 128), (8, 8, 64), (4, 1, 32)])
+def test_a_decode_row_does_not_depend_on_the_rows_beside_it(isa, dtype, heads, kv_heads, head_dim):
+    """A request's tokens must not change with how many others decode beside it: every row count a
+    kernel splits differently (a task per row and KV head below some count, per row above) gives
+    each row the same bits."""
+    k = kernels.for_isa(isa)
+    g = torch.Generator().manual_seed(heads + head_dim)
+    k_cache, v_cache = (torch.randn(20 * 6, 16, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    tables = torch.randperm(120, generator=g).view(20, 6).int()
+    q = torch.randn(20, heads, head_dim, generator=g).to(dtype)
+    lens = torch.randint(1, 96, (20,), generator=g, dtype=torch.int32)
+    outs = {}
+    for rows in (1, 2, 3, 4, 7, 8, 9, 16, 20):
+        out = torch.empty_like(q)
+        k.paged_attention(q, q.stride(0), k_cache, v_cache, out, torch.arange(rows),
+                          torch.arange(rows, dtype=torch.int32), lens, rows, tables, 6, heads, kv_heads, head_dim, 16,
+                          head_dim ** -0.5, kernels.DTYPE_CODES[dtype])
+        outs[rows] = out[:rows]
+    for rows, out in outs.items():
+        assert torch.equal(out[0], outs[1][0]), f"row 0 alone and among {rows} rows differ"
+        assert torch.equal(out, outs[20][:rows]), f"the first {rows} rows differ from the same rows among 20"
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 128, 32), (8, 2, 64, 16),
                                                                 (6, 2, 40, 5)])

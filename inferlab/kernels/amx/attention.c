@@ -138,15 +138,13 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
         }
 }
 
-/* Rows per call from which a task per row keeps every thread busy (by shape, never by thread count). */
-#define ROW_TASKS_MIN 8
-
 int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                         const int64_t *row_ids, const int32_t *seqs, const int32_t *lens, int rows,
                         const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads, int head_dim,
                         int block_size, float scale, int dtype, int num_threads) {
-    if (dtype != IL_BF16 || head_dim != D || num_heads > MAX_TILE_HEADS || block_size % 16 || rows < ROW_TASKS_MIN ||
-        !amx_ready())
+    /* every row count, even one row (one task): a row's result must not depend on how many rows
+     * share the call, and the AVX-512 kernel sums in another order */
+    if (dtype != IL_BF16 || head_dim != D || num_heads > MAX_TILE_HEADS || block_size % 16 || !amx_ready())
         return paged_attention_avx512(q, q_stride, k_cache, v_cache, out, row_ids, seqs, lens, rows, block_tables,
                                       table_stride, num_heads, num_kv_heads, head_dim, block_size, scale, dtype,
                                       num_threads);

@@ -51,37 +51,37 @@ static inline int chunk_rows(const uint16_t **rows, const uint16_t *cache, const
  * at a time so K and V are streamed whole, block by block, once. Scores: bf16 pair products
  * summed 16 keys at a time. Values: the weights rounded to bf16 (as flash attention does) so that
  * two keys' values go into one bf16 pair instruction per 16 outputs, against one fp32 multiply-add
- * per key when widening V. The pair instruction leaves output dims interleaved in the fp32
+ * per key when widening V. Heads h0 .. h1-1 only: the caller may split a row's heads over tasks. The pair instruction leaves output dims interleaved in the fp32
  * accumulator: acc[j][c][4L + i] holds dim 32c + 8L + i (lo) and 32c + 8L + 4 + i (hi). */
 static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache,
                                    const uint16_t *v_cache, uint16_t *out, int64_t row, const int32_t *table,
                                    int n, int group, int num_heads, int num_kv_heads, const int D, int block_size,
-                                   float scale, float *restrict scores, float *restrict acc) {
+                                   float scale, int h0, int h1, float *restrict scores, float *restrict acc) {
     const int64_t token_stride = (int64_t)num_kv_heads * D;
     const int nc = D / 32;  /* 32-dim pieces of a head */
     const uint16_t *qr = q + row * q_stride;
     const uint16_t *rows[CHUNK];
     __m512 mx[IL_MAX_HEADS];
-    for (int j = 0; j < num_heads; j++) mx[j] = _mm512_set1_ps(-FLT_MAX);
+    for (int j = h0; j < h1; j++) mx[j] = _mm512_set1_ps(-FLT_MAX);
     /* K's blocks then V's are one stream to prefetch: the first few of K now, then while a block
      * is scored the stream's PREFETCH_AHEAD-th next, so V's first blocks arrive while K's last are */
-    const int span = PREFETCH_AHEAD * block_size;
+    const int span = PREFETCH_AHEAD * block_size, whole = h1 - h0 == num_heads;
     const char *pf = NULL;
-    for (int t = 0; t < span && t < n; t += block_size)
+    for (int t = 0; whole && t < span && t < n; t += block_size)
         for (int l = 0, lines = block_lines(k_cache, table, t, n, block_size, token_stride, &pf); l < lines; l++)
             __builtin_prefetch(pf + 64 * l, 0, 1);
     for (int t0 = 0; t0 < n; t0 += CHUNK) {
         const int nt = chunk_rows(rows, k_cache, table, t0, n, block_size, token_stride);
         const __mmask16 valid = (__mmask16)((1u << nt) - 1);
         int pf_lines = 0;
-        if (t0 % block_size == 0) {
+        if (whole && t0 % block_size == 0) {
             const int ahead = t0 + span, v_at = ahead - (n + block_size - 1) / block_size * block_size;
             pf_lines = v_at < 0 ? block_lines(k_cache, table, ahead, n, block_size, token_stride, &pf)
                                 : block_lines(v_cache, table, v_at, n, block_size, token_stride, &pf);
         }
-        for (int j = 0; j < num_heads; j++) {  /* query head j reads KV head j / group */
+        for (int j = h0; j < h1; j++) {  /* query head j reads KV head j / group */
             const int64_t off = (int64_t)(j / group) * D;
-            for (int l = j * pf_lines / num_heads; l < (j + 1) * pf_lines / num_heads; l++)
+            for (int l = (j - h0) * pf_lines / (h1 - h0); l < (j - h0 + 1) * pf_lines / (h1 - h0); l++)
                 __builtin_prefetch(pf + 64 * l, 0, 1);
             __m512 dots[CHUNK];
             for (int t = 0; t < CHUNK; t++) {
@@ -96,7 +96,7 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
         }
     }
     float inv[IL_MAX_HEADS];
-    for (int j = 0; j < num_heads; j++) {
+    for (int j = h0; j < h1; j++) {
         const float sum = exp_and_sum(scores + (int64_t)j * n, n, _mm512_reduce_max_ps(mx[j]));
         inv[j] = sum > 0.f ? 1.f / sum : 0.f;
         memset(acc + j * D, 0, sizeof(float) * D);
@@ -104,10 +104,10 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
     for (int t0 = 0; t0 < n; t0 += CHUNK) {
         const int nt = chunk_rows(rows, v_cache, table, t0, n, block_size, token_stride);
         const __mmask16 valid = (__mmask16)((1u << nt) - 1);
-        const int pf_lines = t0 % block_size ? 0 : block_lines(v_cache, table, t0 + span, n, block_size, token_stride, &pf);
-        for (int j = 0; j < num_heads; j++) {
+        const int pf_lines = !whole || t0 % block_size ? 0 : block_lines(v_cache, table, t0 + span, n, block_size, token_stride, &pf);
+        for (int j = h0; j < h1; j++) {
             const int64_t off = (int64_t)(j / group) * D;
-            for (int l = j * pf_lines / num_heads; l < (j + 1) * pf_lines / num_heads; l++)
+            for (int l = (j - h0) * pf_lines / (h1 - h0); l < (j - h0 + 1) * pf_lines / (h1 - h0); l++)
                 __builtin_prefetch(pf + 64 * l, 0, 1);
             uint32_t pairs[CHUNK / 2];  /* weights of keys (2i, 2i+1) as one bf16 pair; 0 past n */
             _mm256_storeu_si256((__m256i *)pairs,
@@ -129,7 +129,7 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
     /* undo the interleave: dims 32c + 8L .. +7 are lane L of lo, then lane L of hi */
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int j = 0; j < num_heads; j++) {
+    for (int j = h0; j < h1; j++) {
         const __m512 scale_j = _mm512_set1_ps(inv[j]);
         for (int c = 0; c < nc; c++) {
             const __m512 lo = _mm512_loadu_ps(acc + j * D + 32 * c), hi = _mm512_loadu_ps(acc + j * D + 32 * c + 16);
@@ -142,14 +142,16 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
     }
 }
 
-/* Rows per call from which a task per row keeps every thread busy (by shape, never by thread count). */
+/* Rows per call from which a task per row keeps every thread busy; fewer rows are split further, a
+ * task per row and KV head. Each head's arithmetic is the same either way, so a row's result never
+ * depends on how many rows share the call (by shape, never by thread count). */
 #define ROW_TASKS_MIN 8
 
 int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                         const int64_t *row_ids, const int32_t *seqs, const int32_t *lens, int rows,
                         const int32_t *block_tables, int table_stride, int num_heads, int num_kv_heads, int head_dim,
                         int block_size, float scale, int dtype, int num_threads) {
-    if (dtype != IL_BF16 || head_dim % 32 || head_dim > 128 || num_heads > IL_MAX_HEADS || rows < ROW_TASKS_MIN)
+    if (dtype != IL_BF16 || head_dim % 32 || head_dim > 128 || num_heads > IL_MAX_HEADS)
         return paged_attention_avx2(q, q_stride, k_cache, v_cache, out, row_ids, seqs, lens, rows, block_tables,
                                     table_stride, num_heads, num_kv_heads, head_dim, block_size, scale, dtype,
                                     num_threads);
@@ -164,16 +166,19 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
 #pragma omp atomic write
             failed = 1;
         }
+        const int splits = rows < ROW_TASKS_MIN ? num_kv_heads : 1;
 #pragma omp for schedule(dynamic, 1)
-        for (int r = 0; r < rows; r++) {
+        for (int task = 0; task < rows * splits; task++) {
             if (!scores || !acc) continue;
+            const int r = task / splits, h0 = task % splits * num_heads / splits;
+            const int h1 = (task % splits + 1) * num_heads / splits;
             const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
             if (head_dim == 64)
                 attend_row_bf16(q, q_stride, k_cache, v_cache, out, row_ids[r], table, lens[r], group, num_heads,
-                                num_kv_heads, 64, block_size, scale, scores, acc);
+                                num_kv_heads, 64, block_size, scale, h0, h1, scores, acc);
             else
                 attend_row_bf16(q, q_stride, k_cache, v_cache, out, row_ids[r], table, lens[r], group, num_heads,
-                                num_kv_heads, head_dim, block_size, scale, scores, acc);
+                                num_kv_heads, head_dim, block_size, scale, h0, h1, scores, acc);
         }
         free(scores);
         free(acc);

@@ -32,7 +32,9 @@ def test_kernel_dequantizer_is_ggufs(wtype):
 def test_kernel_quantizer_writes_ggufs_bytes(wtype):
     from gguf import GGMLQuantizationType
     from gguf import quantize as gguf_quantize
-    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(3))
+    # a large matrix: a scale's last bit or a value on a rounding boundary goes wrong in only a few
+    # blocks of a million values (as with -ffast-math's reciprocals)
+    x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(3)) * 0.1
     x[0, :32] = 0  # an all-zero block: scale 0
     x[1, :32] = 5.0  # a constant block
     ours = quant.quantize(x, wtype)

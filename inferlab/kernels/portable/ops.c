@@ -104,7 +104,15 @@ void IL(dequantize)(float *out, const void *w, int wtype, int64_t n, int K, int 
 }
 
 /* ggml's reference quantizers (round half away from zero for Q8_0; truncation after an offset for
- * the 4-bit types), so a row quantized here is byte for byte what llama.cpp's would be. */
+ * the 4-bit types), so a row quantized here is byte for byte what llama.cpp's would be: without
+ * -ffast-math's reciprocals (amax / 127 as amax * (1 / 127) moved a scale's last bit, and x * id
+ * a value across a rounding boundary, in a few blocks of every large matrix). */
+#if defined(__clang__)
+#pragma float_control(precise, on, push)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("no-fast-math")
+#endif
 static void quantize_block(int wtype, const float *x, void *block) {
     if (wtype == IL_W_Q8_0) {
         il_q8_0 *b = block;
@@ -136,6 +144,11 @@ static void quantize_block(int wtype, const float *x, void *block) {
         }
     }
 }
+#if defined(__clang__)
+#pragma float_control(pop)
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
 
 int IL(quantize)(void *w, int wtype, const float *x, int64_t n, int K, int num_threads) {
     if (wtype != IL_W_Q8_0 && wtype != IL_W_Q4_0 && wtype != IL_W_Q4_1 && wtype != IL_W_F32 && wtype != IL_W_F16 &&

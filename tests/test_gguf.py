@@ -13,7 +13,9 @@ import torch
 
 from inferlab import LLM, SamplingParams
 from inferlab.model import loader, weight_cache
+from inferlab.model.base import ModelLoadError
 from inferlab.model.layers import quant, regroup
+from inferlab.model.layers.rotary import RotaryEmbedding
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
 TYPES = {"attn_q": quant.Q5_0, "attn_k": quant.Q5_0, "attn_v": quant.Q8_0, "attn_output": quant.Q4_K,
@@ -54,7 +56,8 @@ def q4_gguf(smol, tmp_path_factory):
     return write_gguf(str(tmp_path_factory.mktemp("gguf") / "q4.gguf"), Q4_TYPES)
 
 
-def write_gguf(path: str, types: dict[str, quant.WeightType]) -> str:
+def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None = None) -> str:
+    """`rope`: {"freqs": a rope_freqs.weight tensor} or {"linear": a scaling factor}."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
     tok = weight_cache.load(loader.embedded_model_path())[2]
     w = GGUFWriter(path, "llama")
@@ -66,6 +69,12 @@ def write_gguf(path: str, types: dict[str, quant.WeightType]) -> str:
     w.add_head_count_kv(KV_HEADS)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
+    if rope and "linear" in rope:
+        from gguf import RopeScalingType
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["linear"])
+    if rope and "freqs" in rope:
+        w.add_tensor("rope_freqs.weight", rope["freqs"].numpy())
     w.add_tokenizer_model(tok["tokenizer.ggml.model"])
     w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
     w.add_token_list(tok["tokenizer.ggml.tokens"])
@@ -331,6 +340,32 @@ def test_a_bf16_model_without_amx_keeps_every_block_type_regrouped(file, monkeyp
     top = sorted(want, key=want.get, reverse=True)[:2]  # in every top 5 here
     if file == "mixed_gguf":
         assert max(abs(got[t] - want[t]) for t in top) < max(abs(rounded[t] - want[t]) for t in top)
+
+
+def test_rope_freqs_divide_each_frequency_as_llama_cpp_does(smol, tmp_path, monkeypatch):
+    """Llama 3.1+ GGUFs carry their RoPE scaling as `rope_freqs.weight`, a divisor per frequency. All
+    divisors 4 must be the same model as linear scaling by 4 (rope.scaling keys); uneven ones, the
+    frequencies divided one by one."""
+    half = HIDDEN // HEADS // 2
+    by_freqs = write_gguf(str(tmp_path / "freqs.gguf"), TYPES, rope={"freqs": torch.full((half,), 4.0)})
+    by_linear = write_gguf(str(tmp_path / "linear.gguf"), TYPES, rope={"linear": 4.0})
+    plain = write_gguf(str(tmp_path / "plain.gguf"), TYPES)
+    uneven = torch.linspace(1.0, 8.0, half)
+    uneven_file = write_gguf(str(tmp_path / "uneven.gguf"), TYPES, rope={"freqs": uneven})
+    bad = write_gguf(str(tmp_path / "bad.gguf"), TYPES, rope={"freqs": torch.ones(3)})
+    monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path / "cache"))  # files parsed here, and read back
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    ids = {"prompt_token_ids": list(range(100, 160))}
+    lps = [LLM(model=p, dtype="float32", num_kv_blocks=32).generate(ids, params, use_tqdm=False)[0].outputs[0].logprobs
+           for p in (by_freqs, by_linear, plain)]
+    assert lps[0] == lps[1] and lps[0] != lps[2]
+    for _ in range(2):  # parsed, then from the cache
+        model, _ = loader.load_model(uneven_file, "float32", torch.device("cpu"))
+    base = 1.0 / 10000.0 ** (torch.arange(0, 2 * half, 2).float() / (2 * half))
+    rotary = next(m for m in model.modules() if isinstance(m, RotaryEmbedding))
+    torch.testing.assert_close(rotary.inv_freq, base / uneven)
+    with pytest.raises(ModelLoadError, match="rope_freqs.weight has 3 factors"):
+        loader.load_model(bad, "float32", torch.device("cpu"))
 
 
 def test_a_type_it_cannot_read_is_named_at_load(tmp_path, smol):

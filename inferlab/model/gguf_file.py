@@ -69,6 +69,9 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
             readable.add(wtype)
         if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= args.num_layers:
             continue  # a multi-token-prediction block after the decoder's layers
+        if t.name == "rope_freqs.weight":  # Llama 3.1+'s RoPE scaling, as llama.cpp's converter writes it
+            args.rope_scaling = _freq_factors(args, np.array(t.data, dtype=np.float32).reshape(-1))
+            continue
         data = np.array(t.data)  # a copy: the reader's arrays are read-only views of the file
         w = torch.from_numpy(data.view(np.int16) if wtype == quant.BF16 else data)
         w = w.view(torch.bfloat16) if wtype == quant.BF16 else w
@@ -83,6 +86,17 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
             continue
         tensors.append((name, w.view(1, -1) if name.endswith("shared_expert_gate.weight") else w, wtype))
     return args, _join_kv_b(tensors), {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+
+
+def _freq_factors(args: ModelArgs, factors: np.ndarray) -> dict:
+    """`rope_freqs.weight`: a divisor per rotary frequency (llama.cpp's freq_factors), which is how its
+    converter stores Llama 3.1's scaling; the file then has no rope.scaling keys of its own."""
+    if args.rope_scaling is not None:
+        raise ModelLoadError(f"the file has both rope_freqs.weight and RoPE scaling {args.rope_scaling}")
+    if factors.size != args.head_dim // 2:
+        raise ModelLoadError(f"rope_freqs.weight has {factors.size} factors; RoPE of head_dim {args.head_dim} "
+                             f"rotates {args.head_dim // 2} frequencies")
+    return {"rope_type": "freq_factors", "factors": factors.tolist()}
 
 
 def _join_kv_b(tensors: weight_cache.Tensors) -> weight_cache.Tensors:

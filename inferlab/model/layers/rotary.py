@@ -1,5 +1,6 @@
-"""Rotary position embeddings: the frequencies (with Llama 3's, linear and YaRN scaling), each step's
-cos/sin table shared by every layer, and the rotation itself (HF's rotate-half convention)."""
+"""Rotary position embeddings: the frequencies (with Llama 3's, linear and YaRN scaling, or a GGUF's
+per-frequency divisors), each step's cos/sin table shared by every layer, and the rotation itself
+(HF's rotate-half convention)."""
 from __future__ import annotations
 
 import math
@@ -25,6 +26,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
                                torch.where(wavelen < old_len / hi, inv_freq, blended))
     elif kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif kind == "freq_factors":  # a GGUF's rope_freqs.weight: one divisor per frequency (Llama 3.1+'s)
+        inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     elif kind == "yarn":
         inv_freq = yarn_inv_freq(head_dim, theta, scaling)
     elif kind != "default":

@@ -46,18 +46,23 @@ void IL(silu_and_mul)(void *out, const void *gate_up, int rows, int dim, int dty
     }
 }
 
+/* Each head's halves are read into locals first: with x read and written in place, the compiler
+ * checked at run time whether x overlapped cos and sin, and the vector and the scalar loop it chose
+ * between fused the products differently, so a row's result hung on where its buffers lay (a row
+ * alone and in a batch differed in the last bit). */
 void IL(rope)(void *x, int64_t x_stride, const float *cos, const float *sin, int rows, int heads, int head_dim,
               int dtype, int num_threads) {
     const int half = head_dim / 2;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
     for (int r = 0; r < rows; r++) {
-        const float *c = cos + (int64_t)r * half, *s = sin + (int64_t)r * half;
+        const float *restrict c = cos + (int64_t)r * half, *restrict s = sin + (int64_t)r * half;
+        float a[IL_MAX_HEAD_DIM / 2], b[IL_MAX_HEAD_DIM / 2];
         for (int h = 0; h < heads; h++) {
             const int64_t o = (int64_t)r * x_stride + (int64_t)h * head_dim;
+            for (int i = 0; i < half; i++) a[i] = il_ld(x, o + i, dtype), b[i] = il_ld(x, o + half + i, dtype);
             for (int i = 0; i < half; i++) {
-                const float x1 = il_ld(x, o + i, dtype), x2 = il_ld(x, o + half + i, dtype);
-                il_st(x, o + i, x1 * c[i] - x2 * s[i], dtype);
-                il_st(x, o + half + i, x2 * c[i] + x1 * s[i], dtype);
+                il_st(x, o + i, a[i] * c[i] - b[i] * s[i], dtype);
+                il_st(x, o + half + i, b[i] * c[i] + a[i] * s[i], dtype);
             }
         }
     }

@@ -112,7 +112,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     strided, heads dense). The native path rotates in place and returns x itself."""
     k = kernels.for_tensor(x)
     t, heads, d = x.shape
-    if k is None or x.stride()[1:] != (d, 1) or not (cos.is_contiguous() and sin.is_contiguous()):
+    if k is None or x.stride()[1:] != (d, 1) or not (cos.is_contiguous() and sin.is_contiguous()) \
+            or d > kernels.C["IL_MAX_HEAD_DIM"]:
         return rope_ref(x, cos, sin)
     k.rope(x, x.stride(0), cos, sin, t, heads, d, kernels.DTYPE_CODES[x.dtype])
     return x

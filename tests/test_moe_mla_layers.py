@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from inferlab import kernels
 from inferlab.model.layers.mla import MLAAttention, deinterleave
-from inferlab.model.layers.moe import Experts, Routing, select_experts
+from inferlab.model.layers.moe import Experts, Router, Routing, select_experts
 from inferlab.model.layers.rotary import RotaryEmbedding, rope_attention_factor, rope_inv_freq
 
 
@@ -59,6 +60,21 @@ def test_routing_matches_reference(name, ties):
         torch.testing.assert_close(weights[t], torch.tensor(ref_weights), rtol=1e-6, atol=1e-7)
     if routing.correction_bias:  # the bias steers the choice but never enters the weights
         assert not torch.allclose(weights, select_experts(logits, routing)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tokens_experts_do_not_depend_on_the_tokens_beside_it(dtype):
+    """The router's scores of a token alone and among a step's others are the same bits: near-equal
+    experts must not swap because a batch changed how a library summed (PyTorch's F.linear did)."""
+    if kernels.native() is None:
+        pytest.skip("the native kernels are unavailable: the PyTorch path makes no such promise")
+    router = Router(96, 40, Routing(top_k=4))
+    torch.nn.init.normal_(router.weight, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(70, 96, generator=torch.Generator().manual_seed(2)).to(dtype)
+    weights, ids = router(x)
+    for t in (0, 1, 33, 69):
+        alone = router(x[t:t + 1])
+        assert torch.equal(alone[0][0], weights[t]) and torch.equal(alone[1][0], ids[t]), f"token {t}"
 
 
 def test_experts_grouped_equal_one_token_at_a_time():

@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from inferlab.model.layers import quant
+from inferlab.model.layers.linear import linear
 from inferlab.model.layers.mlp import MLP
 
 
@@ -80,7 +81,10 @@ class Router(nn.Module):
                                                     requires_grad=False) if routing.correction_bias else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_experts(F.linear(x.float(), self.weight), self.routing, self.e_score_correction_bias)
+        # the kernels' product, whose rows do not depend on the batch (PyTorch's F.linear changed a
+        # token's scores, and so its experts, with how many tokens shared the step)
+        scores = linear(x.float().contiguous(), self.weight, quant.F32)
+        return select_experts(scores, self.routing, self.e_score_correction_bias)
 
 
 class Experts(nn.ModuleList):

@@ -464,6 +464,7 @@ BAD = [
     (CMPL, {"prompt": "hi", "temperature": -1}, 400, "temperature must be in [0, 100]"),
     (CHAT, {"messages": USER, "top_p": 2}, 400, "top_p must be in (0, 1]"),
     (CMPL, {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens must be an integer >= 1"),
+    (CHAT, {"messages": USER, "max_completion_tokens": 0}, 400, "max_completion_tokens must be an integer >= 1"),
     (CMPL, {"prompt": "hi", "max_tokens": 10**9}, 400, "maximum context length"),
     (CHAT, {"messages": USER, "max_completion_tokens": 10**9}, 400, "maximum context length"),
     (CMPL, {"prompt": "hi", "n": 0}, 400, "n must be between 1 and"),

@@ -131,6 +131,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         except ValueError as e:
             raise APIError(400, str(e)) from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.max_completion_tokens is not None and req.max_completion_tokens < 1:  # name the field sent
+            raise APIError(400, f"max_completion_tokens must be an integer >= 1, got {req.max_completion_tokens}")
         base, rids, streams = await start(engine, req, [prompt], max_tokens, num_logprobs)
         head = {"id": f"chatcmpl-{base}", "created": int(time.time()), "model": model_name}
 

@@ -270,6 +270,16 @@ def test_completion_logprobs_shape(client):
         assert top[token] == pytest.approx(max(top.values()))  # greedy: the sampled token is the best
 
 
+def test_completion_top_logprobs_keep_the_likelier_of_tokens_that_decode_alike(client):
+    """Pieces of characters all decode to U+FFFD alone: the sampled (greedy, so best) token's entry
+    must be its own logprob, not a less likely piece's that came later."""
+    r = client.completions.create(model=MODEL, prompt="Emoji: \U0001f600\U0001f603\U0001f604", max_tokens=4,
+                                  temperature=0, logprobs=5, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    for token, token_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == pytest.approx(token_lp) and top[token] == max(top.values())
+
+
 def test_chat_logprobs_shape(client, offline):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                        temperature=0, logprobs=True, top_logprobs=2)

@@ -48,7 +48,10 @@ def completion_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float
         tokens.append(text)
         token_lps.append(lps[token_id])
         best = sorted(lps.items(), key=lambda kv: -kv[1])[:top_n]
-        tops.append({_token_text(tok, t): lp for t, lp in best})
+        top: dict[str, float] = {}
+        for t, lp in best:  # tokens that decode alike (pieces of characters) share a key: the likelier keeps it
+            top.setdefault(_token_text(tok, t), lp)
+        tops.append(top)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

@@ -51,8 +51,10 @@ static inline int chunk_rows(const uint16_t **rows, const uint16_t *cache, const
  * at a time so K and V are streamed whole, block by block, once. Scores: bf16 pair products
  * summed 16 keys at a time. Values: the weights rounded to bf16 (as flash attention does) so that
  * two keys' values go into one bf16 pair instruction per 16 outputs, against one fp32 multiply-add
- * per key when widening V. Heads h0 .. h1-1 only: the caller may split a row's heads over tasks. The pair instruction leaves output dims interleaved in the fp32
- * accumulator: acc[j][c][4L + i] holds dim 32c + 8L + i (lo) and 32c + 8L + 4 + i (hi). */
+ * per key when widening V. The pair instruction leaves output dims interleaved in the fp32
+ * accumulator: acc[j][c][4L + i] holds dim 32c + 8L + i (lo) and 32c + 8L + 4 + i (hi). Heads
+ * h0 .. h1-1 only: the caller may split a row's heads over tasks, which then prefetch nothing (a
+ * task of all heads, h0 = 0, asks for the blocks ahead). */
 static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache,
                                    const uint16_t *v_cache, uint16_t *out, int64_t row, const int32_t *table,
                                    int n, int group, int num_heads, int num_kv_heads, const int D, int block_size,
@@ -81,7 +83,7 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
         }
         for (int j = h0; j < h1; j++) {  /* query head j reads KV head j / group */
             const int64_t off = (int64_t)(j / group) * D;
-            for (int l = (j - h0) * pf_lines / (h1 - h0); l < (j - h0 + 1) * pf_lines / (h1 - h0); l++)
+            for (int l = j * pf_lines / num_heads; l < (j + 1) * pf_lines / num_heads; l++)
                 __builtin_prefetch(pf + 64 * l, 0, 1);
             __m512 dots[CHUNK];
             for (int t = 0; t < CHUNK; t++) {
@@ -107,7 +109,7 @@ static inline void attend_row_bf16(const uint16_t *q, int64_t q_stride, const ui
         const int pf_lines = !whole || t0 % block_size ? 0 : block_lines(v_cache, table, t0 + span, n, block_size, token_stride, &pf);
         for (int j = h0; j < h1; j++) {
             const int64_t off = (int64_t)(j / group) * D;
-            for (int l = (j - h0) * pf_lines / (h1 - h0); l < (j - h0 + 1) * pf_lines / (h1 - h0); l++)
+            for (int l = j * pf_lines / num_heads; l < (j + 1) * pf_lines / num_heads; l++)
                 __builtin_prefetch(pf + 64 * l, 0, 1);
             uint32_t pairs[CHUNK / 2];  /* weights of keys (2i, 2i+1) as one bf16 pair; 0 past n */
             _mm256_storeu_si256((__m256i *)pairs,

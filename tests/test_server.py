@@ -280,6 +280,22 @@ def test_completion_top_logprobs_keep_the_likelier_of_tokens_that_decode_alike(c
         assert top[token] == pytest.approx(token_lp) and top[token] == max(top.values())
 
 
+def test_completion_text_offsets_stay_in_the_text(client):
+    """A piece of a character decodes to U+FFFD alone; counted so, offsets ran past the text. Each
+    piece starts where its character does, and streamed chunks give the same offsets."""
+    kw = dict(model=MODEL, prompt="Emoji: \U0001f600\U0001f603\U0001f604", max_tokens=12, temperature=0,
+              logprobs=1, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0]
+    text, lp = whole.text, whole.logprobs
+    assert "\ufffd" in lp.tokens  # the case is exercised
+    assert len(lp.text_offset) == 12 and lp.text_offset == sorted(lp.text_offset)
+    assert lp.text_offset[0] == 0 and lp.text_offset[-1] < len(text)
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        assert "\ufffd" in token or text.startswith(token, offset)
+    streamed = [o for c in client.completions.create(**kw, stream=True) for o in c.choices[0].logprobs.text_offset]
+    assert streamed == lp.text_offset
+
+
 def test_chat_logprobs_shape(client, offline):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                        temperature=0, logprobs=True, top_logprobs=2)

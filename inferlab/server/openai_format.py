@@ -5,6 +5,7 @@ import json
 
 from fastapi.responses import JSONResponse
 
+from inferlab.detokenizer import IncrementalDetokenizer
 from inferlab.model.tokenizer import Tokenizer
 from inferlab.outputs import RequestOutput
 
@@ -40,20 +41,36 @@ def new_logprobs(out: RequestOutput, count: int) -> list[tuple[int, dict[int, fl
     return list(zip(ids, c.logprobs[len(c.logprobs) - count:]))
 
 
+class TextOffsets:
+    """Where each output token's text begins in a choice's text (completions' `text_offset`).
+
+    Counted on the text as detokenized together, not token by token: a piece of a character
+    decodes to U+FFFD alone, so summing pieces would run past the text. A piece starts where its
+    character does. Offsets are capped at the text released so far: text held back (a possible
+    stop string) or cut by a stop has no place of its own yet."""
+
+    def __init__(self, tok: Tokenizer, prompt_ids: list[int]) -> None:
+        self.detok = IncrementalDetokenizer(tok, prompt_ids, [])
+
+    def take(self, token_ids: list[int], text_len: int) -> list[int]:
+        offsets = []
+        for token_id in token_ids:
+            offsets.append(min(len(self.detok.text), text_len))
+            self.detok.add_token(token_id)
+        return offsets
+
+
 def completion_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float]]], top_n: int,
-                        offset: int) -> dict:
-    tokens, token_lps, tops, offsets = [], [], [], []
+                        offsets: list[int]) -> dict:
+    tokens, token_lps, tops = [], [], []
     for token_id, lps in entries:
-        text = _token_text(tok, token_id)
-        tokens.append(text)
+        tokens.append(_token_text(tok, token_id))
         token_lps.append(lps[token_id])
         best = sorted(lps.items(), key=lambda kv: -kv[1])[:top_n]
         top: dict[str, float] = {}
         for t, lp in best:  # tokens that decode alike (pieces of characters) share a key: the likelier keeps it
             top.setdefault(_token_text(tok, t), lp)
         tops.append(top)
-        offsets.append(offset)
-        offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 

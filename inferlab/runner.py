@@ -18,9 +18,9 @@ from inferlab.sampler import SampleResult, sample
 from inferlab.spec_decode.rejection import sample_rows
 from inferlab.tape import DecodeTape
 
-# The kernel scores each query row on its own, so a long chunk over a cached prefix re-reads the
-# prefix once per row; past ~16 rows gathering the prefix once and running SDPA is faster (measured
-# on one core: 32 rows over 600 keys, 1.2 ms vs 0.5 ms; 8 rows, 0.3 ms vs 0.7 ms).
+# The row kernel scores each query row on its own, so a long chunk over a cached prefix re-reads the
+# prefix once per row; past ~16 rows gathering the prefix once (the prefill kernel, or SDPA) is
+# faster (measured on one core: 32 rows over 600 keys, 1.2 ms vs 0.5 ms; 8 rows, 0.3 ms vs 0.7 ms).
 NATIVE_MAX_CHUNK = 16
 
 
@@ -37,6 +37,9 @@ class StepBatch:
     # [S] int64 draft tokens ending each sequence's chunk (speculative decoding): a sequence with
     # sample set gets logits at its last 1 + spec rows; None when no sequence has any
     spec: np.ndarray | None = None
+    # [S] int64 prompt tokens of each sequence (rows before that position read attention as prompt
+    # rows); None: every row is a generated token's
+    prompt_lens: np.ndarray | None = None
 
     @classmethod
     def of(cls, scheduled: list[tuple[Request, int]], block_size: int) -> StepBatch:
@@ -57,7 +60,7 @@ class StepBatch:
             tables[i, :num_blocks[i]] = req.block_table[:num_blocks[i]]
             row += n
         return cls(counts, starts, ends - spec == np.array([r.num_tokens for r, _ in scheduled]), ids, tables,
-                   spec if spec.any() else None)
+                   spec if spec.any() else None, np.array([r.num_prompt_tokens for r, _ in scheduled], dtype=np.int64))
 
     def logit_widths(self) -> np.ndarray:
         """Rows of logits each sequence with `sample` set gets: 1, or 1 + its drafts."""
@@ -88,8 +91,9 @@ class ModelRunner:
         use_native = native and self.device.type == "cpu" and dtype in kernels.DTYPE_CODES and \
             kernels.attention_supported(heads, kv_heads, args.head_dim)
         self.native = kernels.native() if use_native else None
-        # long prefill chunks go to a matrix-product kernel where this CPU has one, else to SDPA
-        self.tile_prefill = self.native is not None and prefill_kernel_runs(
+        # prompt rows go to a matrix-product kernel where this CPU has one for a K/V pool (MLA's latent
+        # pool is attended by its own layer, which takes long chunks up-projected and rows absorbed)
+        self.tile_prefill = self.native is not None and shape[0] == 2 and prefill_kernel_runs(
             self.native, dtype, heads, kv_heads, args.head_dim, block_size)
         # decode steps replayed from a tape of the model's forward (same kernels, no Python between them)
         self.tape = self.record_tape() if fused and self.native is not None else None
@@ -130,19 +134,15 @@ class ModelRunner:
             return torch.from_numpy(tables[i, :num_blocks[i]]).to(dev)
 
         meta = AttentionMetadata(torch.from_numpy(slots).to(dev), [])
-        if self.native is not None:  # decodes and short chunks over a prefix by the kernel, the rest by SDPA
+        if self.tile_prefill:
+            meta.native = self.native_rows(batch, row_starts, seq_of_row, positions)
+        elif self.native is not None:  # decodes and short chunks over a prefix by the kernel, the rest by SDPA
             chunk = (starts == 0) | (counts > NATIVE_MAX_CHUNK)
             rows = np.flatnonzero(~chunk[seq_of_row])
-            meta.native = NativeRows(torch.from_numpy(rows),
-                                     torch.from_numpy(seq_of_row[rows].astype(np.int32)),
-                                     torch.from_numpy((positions[rows] + 1).astype(np.int32)),
-                                     torch.from_numpy(tables))
-            c = np.flatnonzero(chunk)
-            if self.tile_prefill and c.size:
-                meta.native.chunks = (torch.from_numpy(row_starts[c]), torch.from_numpy(counts[c].astype(np.int32)),
-                                      torch.from_numpy(ends[c].astype(np.int32)), torch.from_numpy(c.astype(np.int32)))
-            elif not self.tile_prefill:
-                meta.prefills = [PrefillSeq(int(row_starts[i]), int(counts[i]), int(ends[i]), seq_table(i)) for i in c]
+            meta.native = NativeRows(torch.from_numpy(rows), torch.from_numpy(seq_of_row[rows].astype(np.int32)),
+                                     torch.from_numpy((positions[rows] + 1).astype(np.int32)), torch.from_numpy(tables))
+            meta.prefills = [PrefillSeq(int(row_starts[i]), int(counts[i]), int(ends[i]), seq_table(i))
+                             for i in np.flatnonzero(chunk)]
         else:
             decode = counts == 1
             meta.prefills = [PrefillSeq(int(row_starts[i]), int(counts[i]), int(ends[i]), seq_table(i))
@@ -152,6 +152,36 @@ class ModelRunner:
                 meta.decode_block_tables = torch.from_numpy(tables[decode]).long().to(dev)
                 meta.decode_context_lens = torch.from_numpy(ends[decode]).to(dev)
         return torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), meta, sample_rows
+
+    @staticmethod
+    def native_rows(batch: StepBatch, row_starts: np.ndarray, seq_of_row: np.ndarray,
+                    positions: np.ndarray) -> NativeRows:
+        """Attention's plan where this CPU has a prefill kernel: a sequence's prompt rows go to it as
+        one chunk, whether the prompt before them was cached or computed and however it was chunked,
+        and its generated rows (decodes, drafts) to the row kernel, as in any decode step. Each kernel
+        computes a row alone, in one order, so a token's bits then follow from its position only: a
+        prompt read from the prefix cache answers as when first computed. Many generated rows at once
+        (recomputed after preemption) go to the prefill kernel too: the row kernel would re-read the
+        prefix once per row."""
+        counts, starts = batch.counts, batch.starts
+        plen = batch.prompt_lens if batch.prompt_lens is not None else np.zeros_like(starts)
+        prompt = np.clip(plen - starts, 0, counts)  # prompt rows of each sequence, which come first
+        gen = counts - prompt
+        many = gen > NATIVE_MAX_CHUNK
+        in_chunk = prompt + np.where(many, gen, 0)  # rows of each sequence the prefill kernel takes
+        rows = np.flatnonzero(positions - starts[seq_of_row] >= in_chunk[seq_of_row])
+        # a sequence's prompt chunk, then (when many) its generated rows as a second chunk
+        c = np.concatenate([np.flatnonzero(prompt), np.flatnonzero(many)])
+        first = np.concatenate([row_starts[prompt > 0], (row_starts + prompt)[many]])
+        num = np.concatenate([prompt[prompt > 0], gen[many]])
+        keys = np.concatenate([(starts + prompt)[prompt > 0], (starts + counts)[many]])
+        chunks = None
+        if c.size:
+            chunks = (torch.from_numpy(first), torch.from_numpy(num.astype(np.int32)),
+                      torch.from_numpy(keys.astype(np.int32)), torch.from_numpy(c.astype(np.int32)))
+        return NativeRows(torch.from_numpy(rows), torch.from_numpy(seq_of_row[rows].astype(np.int32)),
+                          torch.from_numpy((positions[rows] + 1).astype(np.int32)), torch.from_numpy(batch.tables),
+                          chunks)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, list[SampleResult]]:

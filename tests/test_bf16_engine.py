@@ -1,12 +1,14 @@
 """The engine's promises in bfloat16, the CPU default where the native kernels matter: a seed gives
-the same tokens whatever shares the batch, and scheduling (prefix caching, chunked prefill,
-preemption, policies) changes greedy output only where bf16 rounding decides a near-tie.
+the same tokens whatever shares the batch; a prompt read from the prefix cache or chunked gives the
+same bits as computed whole; and any schedule (preemption, policies, batches past 64 rows) changes
+greedy output only where bf16 rounding decides a near-tie.
 
-In float32 a schedule changes nothing (test_equivalence.py). In bf16 it can: a chunk over a cached
-prefix and a whole prefill round differently, and logits rounded to bf16 tie often (8 bits of
-mantissa: at a logit of 16, neighbours are 0.125 apart). So each schedule's greedy run is compared
-with a reference run token by token: the logprobs agree within rounding while the tokens agree,
-and where they part, the reference ranked both tokens within three bf16 steps of each other.
+In float32 a schedule changes nothing (test_equivalence.py). In bf16 it can: bf16 weights' matmuls
+past 64 rows take other tiles, a preempted request's outputs are recomputed as a prefill, and
+logits rounded to bf16 tie often (8 bits of mantissa: at a logit of 16, neighbours are 0.125 apart).
+So each schedule's greedy run is compared with a reference run token by token: the logprobs agree
+within rounding while the tokens agree, and where they part, the reference ranked both tokens within
+three bf16 steps of each other.
 """
 from __future__ import annotations
 
@@ -109,3 +111,27 @@ def test_bf16_seed_gives_the_same_tokens_alone_and_in_a_mixed_batch(smol_bf16):
     outs = llm.generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False)
     assert outs[2].outputs[0].token_ids == alone
     llm.engine.check_integrity()
+
+
+def test_a_prompt_gives_the_same_bits_whole_cached_and_chunked(smol_bf16, chat_prompts):
+    """Prompt rows all read attention through the prefill kernel, whatever came before them, so a
+    repeated prompt (all but its last token cached) and one chunked by a small budget answer bit for
+    bit as the first, whole run: a greedy reply does not change the second time it is asked. (Each
+    step stays within 64 rows, where bf16 weights' matmuls give a row the same bits at any count.)"""
+    llm = LLM(loaded=smol_bf16, num_kv_blocks=64, block_size=4)
+    if not llm.engine.runner.tile_prefill:
+        pytest.skip("no matrix-product prefill kernel on this ISA: SDPA runs whole prompts")
+    prompt = [{"prompt_token_ids": chat_prompts[0]}]
+
+    def logprobs(engine_llm: LLM) -> tuple[list[float], int]:
+        out = engine_llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+        engine_llm.engine.check_integrity()
+        return [step[t] for step, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)], out.num_cached_tokens
+
+    whole, cached = logprobs(llm)
+    assert cached == 0
+    again, cached = logprobs(llm)
+    assert cached >= len(chat_prompts[0]) - 4 and again == whole
+    chunked = LLM(loaded=smol_bf16, num_kv_blocks=64, max_num_batched_tokens=16, long_prefill_token_threshold=5,
+                  enable_prefix_caching=False)
+    assert logprobs(chunked) == (whole, 0)

@@ -151,6 +151,40 @@ def test_prefill_kernel_matches_attention_math(isa, dtype, tol, heads, kv_heads,
     assert torch.all(out[n:] == 7.0), "rows not asked for must be left alone"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (6, 2, 40)])
+def test_prefill_kernel_rows_do_not_depend_on_the_chunking(isa, dtype, heads, kv_heads, head_dim):
+    """The runner sends every prompt row here, so that a prompt read from the prefix cache, or
+    chunked, answers as when computed whole: a row's bits must follow from its position alone, not
+    from the chunk it sits in nor the other chunks of the call (whose contexts set the buffers' width)."""
+    k = kernels.for_isa(isa)
+    if not attention.prefill_kernel_runs(k, dtype, heads, kv_heads, head_dim, 16):
+        pytest.skip(f"the {isa} kernels have no matrix-product prefill attention for this shape: SDPA runs it")
+    g = torch.Generator().manual_seed(head_dim)
+    k_cache, v_cache = (torch.randn(40, 16, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    tables = torch.randperm(40, generator=g).view(2, 20).int()  # sequence 0's prompt, a longer sequence 1
+    n = 61
+    q = torch.randn(n + 300, heads, head_dim, generator=g).to(dtype)
+
+    def run(pieces: list[int], other: int = 0) -> torch.Tensor:
+        """Sequence 0's n rows as chunks of these sizes, in one call with `other` rows of sequence 1."""
+        row0, count, ctx, seq, at = [], [], [], [], 0
+        for size in pieces:
+            row0.append(at), count.append(size), ctx.append(at + size), seq.append(0)
+            at += size
+        if other:
+            row0.append(n), count.append(other), ctx.append(300 + other), seq.append(1)
+        out = torch.zeros_like(q)
+        k.prefill_attention(q, q.stride(0), k_cache, v_cache, out, torch.tensor(row0), torch.tensor(count).int(),
+                            torch.tensor(ctx).int(), torch.tensor(seq).int(), len(row0), tables, 20, heads, kv_heads,
+                            head_dim, 16, head_dim ** -0.5, kernels.DTYPE_CODES[dtype])
+        return out[:n]
+
+    whole = run([n])
+    for pieces, other in [([1] * n, 0), ([7, 1, 16, 30, 5, 2], 0), ([60, 1], 0), ([n], 20), ([3, 58], 1)]:
+        assert torch.equal(run(pieces, other), whole), f"chunks {pieces} with {other} rows of another sequence"
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_elementwise_ops_match_their_reference(isa, dtype, tol, monkeypatch):
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))

@@ -1,6 +1,6 @@
 """The per-step message from the driver to the other ranks: a `StepBatch` (token ids, each
-sequence's token count and first position, which rows sample, block tables: positions and slots
-follow from these) as two broadcasts of host int64 tensors, a fixed header of sizes then the
+sequence's token count, first position and prompt length, which rows sample, block tables:
+positions and slots follow from these) as two broadcasts of host int64 tensors, a fixed header of sizes then the
 arrays. That is all a step sends besides the model's own collectives: one round trip, not one
 per layer. An empty header (no sequences) tells the workers to stop.
 """
@@ -22,7 +22,8 @@ def send(group: TensorParallelGroup, batch: StepBatch | None) -> None:
         return
     (s, w), t = batch.tables.shape, len(batch.ids)
     group.broadcast(torch.tensor([s, t, w], dtype=torch.int64))
-    payload = np.concatenate([batch.counts, batch.starts, batch.sample, batch.ids, batch.tables.ravel()])
+    plen = batch.prompt_lens if batch.prompt_lens is not None else np.zeros_like(batch.starts)
+    payload = np.concatenate([batch.counts, batch.starts, batch.sample, plen, batch.ids, batch.tables.ravel()])
     group.broadcast(torch.from_numpy(payload.astype(np.int64)))
 
 
@@ -31,7 +32,7 @@ def receive(group: TensorParallelGroup) -> StepBatch | None:
     s, t, w = group.broadcast(torch.empty(HEADER, dtype=torch.int64), idle=True).tolist()
     if s == 0:
         return None
-    payload = group.broadcast(torch.empty(3 * s + t + s * w, dtype=torch.int64)).numpy()
-    counts, starts, sample, ids, tables = np.split(payload, np.cumsum([s, s, s, t]))
+    payload = group.broadcast(torch.empty(4 * s + t + s * w, dtype=torch.int64)).numpy()
+    counts, starts, sample, plen, ids, tables = np.split(payload, np.cumsum([s, s, s, s, t]))
     return StepBatch(counts.copy(), starts.copy(), sample.astype(bool), ids.copy(),
-                     tables.reshape(s, w).astype(np.int32))
+                     tables.reshape(s, w).astype(np.int32), prompt_lens=plen.copy())

@@ -5,10 +5,11 @@ K/V live in a pool of blocks, `[num_blocks, block_size, num_kv_heads, head_dim]`
 tokens are written at `slot_mapping` (block_id * block_size + offset). Two ways to read the pool:
 - the PyTorch reference (any device): decodes (one query token) gathered and batched into one SDPA
   call; each prefill chunk over a cached prefix gets its own call, causal against all before it;
-- the native CPU kernels, where the runner planned for them (`meta.native`): one call for every row
-  that reads the cache (decodes, short chunks), K/V read in place through the block table, and, on
-  CPUs with a matrix-product kernel for it, one call for all longer prefill chunks.
-A prefill chunk with nothing cached before it needs no cache read: SDPA on this step's K/V.
+- the native CPU kernels, where the runner planned for them (`meta.native`): one call of the row
+  kernel for every generated token's row (decodes, drafts), K/V read in place through the block
+  table, and, on CPUs with a matrix-product kernel for it, one call for every prompt chunk, cached
+  prefix or not, so that a prompt row's bits do not depend on what was cached or how it was chunked.
+Elsewhere a prefill chunk with nothing cached before it needs no cache read: SDPA on this step's K/V.
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
 from kv_store import free_port, redis_server
 from loopback import bound_socket, serving
 
@@ -46,7 +47,7 @@ def instance(tiny, sock: socket.socket | None = None, **config) -> Iterator[tupl
 
 @contextmanager
 def router(backends: list[str], policy: str = "round_robin", prefill: list[str] = (), **kw) -> Iterator[str]:
-    app = build_router_app([Backend(u, "decode" if prefill else "serve") for u in backends], make_policy(policy),
+    app = build_router_app([Backend(u, "decode" if prefill else "serve") for u in backends], policy,
                            [Backend(u, "prefill") for u in prefill], **kw)
     with serving(app, bound_socket()) as url:
         yield url
@@ -194,8 +195,96 @@ def test_decode_killed_mid_stream_is_an_error_not_a_hang(tiny):
         proc.wait()
 
 
+@contextmanager
+def fakes(count: int, delay: float = 0.0) -> Iterator[list[str]]:
+    """Stand-in backends (no model): each answers a completion with its own URL after `delay` s."""
+    def fake() -> FastAPI:
+        app = FastAPI()
+        app.get("/health")(lambda: {"status": "ok"})
+
+        @app.post("/v1/completions")
+        @app.post("/v1/chat/completions")
+        async def answer(raw: Request) -> dict:
+            await asyncio.sleep(delay)
+            return {"choices": [{"text": str(raw.base_url)}]}
+        return app
+
+    with serving(fake()) as a, serving(fake()) as b, serving(fake()) as c, serving(fake()) as d:
+        yield [a, b, c, d][:count]
+
+
+def sent(url: str, backends: list[str], role: str) -> list[float]:
+    m = metrics(url)
+    return [m[f'inferlab_router_backend_requests_total{{backend="{u}",role="{role}"}}'] for u in backends]
+
+
+def test_pd_pools_take_turns_each_on_their_own():
+    """One policy shared by both pools moved its turn twice a request: with two of each, every
+    prefill went to one instance and every decode to one."""
+    with fakes(4) as (p1, p2, d1, d2), router([d1, d2], "round_robin", prefill=[p1, p2]) as r:
+        for i in range(6):
+            assert complete(r, f"request {i}")["status"] == 200
+        assert sent(r, [p1, p2], "prefill") == [3, 3] and sent(r, [d1, d2], "decode") == [3, 3]
+
+
+def test_prefix_policy_spills_a_busy_home_with_two_backends():
+    """Against the mean load of all targets, two could never trip the bound: eight requests in
+    flight with one system prompt all piled on one backend."""
+    with fakes(2, delay=1.0) as (a, b), router([a, b], "prefix") as r:
+        async def burst() -> None:
+            async with httpx.AsyncClient(timeout=30) as c:
+                body = {"prompt": "You are a helpful assistant. " * 12 + "Hi", "max_tokens": 4}
+                await asyncio.gather(*(c.post(f"{r}/v1/completions", json=body) for _ in range(8)))
+        asyncio.run(burst())
+        assert min(sent(r, [a, b], "serve")) >= 2
+
+
+def test_prefix_keys_of_every_prompt_shape():
+    from inferlab.router.backends import prefix_keys
+    ids = list(range(100, 200))
+    assert prefix_keys({"prompt": ids}) != prefix_keys({"prompt": [100, *range(300, 399)]})  # not the first id
+    assert prefix_keys({"prompt": ids})[0] == prefix_keys({"prompt": ids[:32] + [7] * 68})[0]  # 32 ids a block
+    assert prefix_keys({"prompt": ["same text " * 20, "b"]}) == prefix_keys({"prompt": "same text " * 20})
+    assert prefix_keys({"prompt": [ids, [1]]}) == prefix_keys({"prompt": ids})  # a batch: its first prompt
+    for malformed in ({"messages": None, "prompt": "hi"}, {"messages": 5}, {"prompt": [1.5]}, {"prompt": None}, {}):
+        prefix_keys(malformed)  # no error: the backend answers a bad request itself
+    assert prefix_keys({"messages": None, "prompt": "x" * 200}) == prefix_keys({"prompt": "x" * 200})
+
+
+def test_router_passes_bad_bodies_to_the_backend_and_serves_model_lookups(tiny):
+    with instance(tiny) as (a, _), router([a]) as r:
+        for body in ({"messages": None}, {"messages": 5}):
+            got = httpx.post(f"{r}/v1/chat/completions", json=body, timeout=30)
+            want = httpx.post(f"{a}/v1/chat/completions", json=body, timeout=30)
+            assert got.status_code == want.status_code == 400 and got.json() == want.json()
+        ok = httpx.post(f"{r}/v1/completions", json={"prompt": "hi", "messages": None, "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+        model = httpx.get(f"{r}/v1/models/tiny", timeout=30)
+        assert model.status_code == 200 and model.json()["id"] == "tiny"
+        assert httpx.get(f"{r}/v1/models/other", timeout=30).status_code == 404
+        for missing in (httpx.get(f"{r}/v1/nothing"), httpx.get(f"{r}/v1/completions")):
+            assert missing.status_code in (404, 405) and "message" in missing.json()["error"]
+
+
+def test_a_client_leaving_a_plain_request_aborts_it_on_the_backend(tiny):
+    with instance(tiny, max_model_len=4096) as (a, engine), router([a]) as r:
+        body = {"prompt": "Count:", "max_tokens": 4000, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{r}/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+        aborted = 'inferlab:request_success_total{finished_reason="abort",model_name="tiny"}'
+        deadline = time.monotonic() + 10
+        while metrics(a).get(aborted, 0) < 1:  # not "length": it was stopped, not run to its end
+            assert time.monotonic() < deadline, "the backend went on generating for a client that left"
+            time.sleep(0.1)
+        assert metrics(r)[f'inferlab_router_backend_in_flight{{backend="{a}",role="serve"}}'] == 0
+        check_empty(engine)
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "give --backend URL"),
+    (["--backend", "127.0.0.1:8001"], "must start with http://"),
+    (["--backend", "http://a", "--timeout", "0"], "above 0 seconds"),
+    (["--backend", "http://a", "--health-interval", "-1"], "above 0 seconds"),
     (["--prefill", "http://127.0.0.1:1"], "give --backend URL (repeatable), or both"),
     (["--backend", "http://a", "--decode", "http://b"], "not both"),
 ])

@@ -14,16 +14,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
+from typing import TypeVar
+from urllib.parse import quote
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from inferlab.router.backends import Backend, health_loop, prefix_keys
-from inferlab.router.policy import RoutingPolicy
+from inferlab.router.policy import make_policy
 
 log = logging.getLogger("inferlab")
+T = TypeVar("T")
 
 
 class NoBackend(Exception):
@@ -49,12 +54,31 @@ def prefill_body(body: dict) -> dict:
     return {**out, "max_tokens": 1, "stream": False, "n": 1}
 
 
-def build_router_app(backends: list[Backend], policy: RoutingPolicy, prefill: list[Backend] | None = None,
+async def unless_gone(raw: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None if the client disconnects first (`work` is then cancelled, which
+    closes its backend connection: the backend aborts the request). A plain endpoint is not
+    cancelled when its client leaves, and a non-streaming backend sends nothing before its answer
+    is whole, so without this the backend would generate to the end for nobody."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=0.5)
+            if not task.done() and await raw.is_disconnected():
+                return None
+        return task.result()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def build_router_app(backends: list[Backend], policy: str = "round_robin", prefill: list[Backend] | None = None,
                      timeout: float = 300.0, health_interval: float = 2.0) -> FastAPI:
     """`backends` serve whole requests (in P/D mode: the decode instances); `prefill`, if given,
-    computes each prompt first."""
+    computes each prompt first. Each pool has its own instance of the routing `policy`: a shared
+    one would mix the pools' turns and prefix homes."""
     prefill = prefill or []
     everyone = prefill + backends
+    policies = {id(backends): make_policy(policy), id(prefill): make_policy(policy)}
     state: dict = {"requests": 0, "failed": 0, "prefill_failed": 0}
 
     @asynccontextmanager
@@ -69,11 +93,16 @@ def build_router_app(backends: list[Backend], policy: RoutingPolicy, prefill: li
 
     app = FastAPI(title="InferLab router", lifespan=lifespan)
 
+    @app.exception_handler(HTTPException)  # the router's own 404s and 405s, in OpenAI's shape
+    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(exc.status_code, str(exc.detail), kind)
+
     def pick(pool: list[Backend], body: dict, tried: set[int]) -> Backend:
         live = [b for b in pool if b.healthy and id(b) not in tried]
         if not live:
             raise NoBackend
-        return live[policy.choose(prefix_keys(body), live)]
+        return live[policies[id(pool)].choose(prefix_keys(body), live)]
 
     async def send(pool: list[Backend], body: dict, path: str, headers: dict) -> tuple[Backend, httpx.Response]:
         """Open the request on a backend the policy picks, another if that one cannot be reached."""
@@ -87,6 +116,9 @@ def build_router_app(backends: list[Backend], policy: RoutingPolicy, prefill: li
             try:
                 req = client.build_request("POST", backend.url + path, json=body, headers=headers)
                 return backend, await client.send(req, stream=True)
+            except asyncio.CancelledError:  # the client left while the backend worked
+                backend.in_flight -= 1
+                raise
             except httpx.HTTPError as e:
                 backend.in_flight -= 1
                 backend.errors += 1
@@ -133,25 +165,35 @@ def build_router_app(backends: list[Backend], policy: RoutingPolicy, prefill: li
             if refused is not None:
                 return refused
         try:
-            backend, resp = await send(backends, body, path, headers)
+            if body.get("stream"):
+                backend, resp = await send(backends, body, path, headers)
+                if resp.status_code == 200:
+                    return StreamingResponse(relay(backend, resp), media_type="text/event-stream")
+                return await whole(backend, resp)
+            answer = await unless_gone(raw, ask(body, path, headers))
         except NoBackend:
             state["failed"] += 1
             return error(503, "no backend is available (all are down or unreachable)")
         except BackendFailed as e:
             state["failed"] += 1
             return error(502, str(e))
-        if not body.get("stream") or resp.status_code != 200:
-            try:
-                content = await resp.aread()
-            except httpx.HTTPError as e:
-                backend.errors += 1
-                state["failed"] += 1
-                return error(502, f"backend {backend.url} failed mid-request: {type(e).__name__}")
-            finally:
-                backend.in_flight -= 1
-                await resp.aclose()
-            return Response(content, resp.status_code, media_type=resp.headers.get("content-type"))
-        return StreamingResponse(relay(backend, resp), media_type="text/event-stream")
+        # nobody reads this answer (nginx's 499 for a client that left)
+        return error(499, "the client closed the connection", "invalid_request_error") if answer is None else answer
+
+    async def ask(body: dict, path: str, headers: dict) -> Response:
+        return await whole(*await send(backends, body, path, headers))
+
+    async def whole(backend: Backend, resp: httpx.Response) -> Response:
+        """The backend's answer read whole, as the router's."""
+        try:
+            content = await resp.aread()
+        except httpx.HTTPError as e:
+            backend.errors += 1
+            raise BackendFailed(f"backend {backend.url} failed mid-request: {type(e).__name__}") from None
+        finally:
+            backend.in_flight -= 1
+            await resp.aclose()
+        return Response(content, resp.status_code, media_type=resp.headers.get("content-type"))
 
     async def relay(backend: Backend, resp: httpx.Response):
         """Pass the stream through event by event; if the backend dies, end it with an error event."""
@@ -182,13 +224,21 @@ def build_router_app(backends: list[Backend], policy: RoutingPolicy, prefill: li
 
     @app.get("/v1/models")
     async def models(raw: Request) -> Response:
+        return await ask_any(raw, "/v1/models")
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(raw: Request, model_id: str) -> Response:
+        return await ask_any(raw, f"/v1/models/{quote(model_id, safe='')}")
+
+    async def ask_any(raw: Request, path: str) -> Response:
+        """A GET that any healthy backend answers alike (they serve one model)."""
         headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
         for b in [b for b in backends if b.healthy]:
             try:
-                resp = await state["client"].get(f"{b.url}/v1/models", headers=headers, timeout=5.0)
+                resp = await state["client"].get(f"{b.url}{path}", headers=headers, timeout=5.0)
                 return Response(resp.content, resp.status_code, media_type="application/json")
             except httpx.HTTPError:
-                b.mark(False, "/v1/models failed")
+                b.mark(False, f"{path} failed")
         return error(503, "no backend is available (all are down or unreachable)")
 
     @app.get("/health")
@@ -218,15 +268,20 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
     """`inferlab router`: --backend URLs, or P/D mode's --prefill and --decode URLs."""
     import uvicorn
 
-    from inferlab.router.policy import make_policy
     from inferlab.server.guard import add_cors
     if backends and (prefill or decode):
         raise ValueError("give either --backend URLs, or --prefill and --decode URLs (P/D mode), not both")
     if not backends and not (prefill and decode):
         raise ValueError("give --backend URL (repeatable), or both --prefill URL and --decode URL")
-    route = make_policy(policy)
+    make_policy(policy)  # an unknown name fails here, before the server starts
+    for url in [*backends, *prefill, *decode]:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"a backend URL must start with http:// or https://, got {url!r}")
+    if not timeout > 0 or not health_interval > 0:
+        raise ValueError(f"--timeout and --health-interval must be above 0 seconds, got {timeout} and "
+                         f"{health_interval}")
     serving = [Backend(u) for u in backends] or [Backend(u, "decode") for u in decode]
-    app = build_router_app(serving, route, [Backend(u, "prefill") for u in prefill], timeout, health_interval)
+    app = build_router_app(serving, policy, [Backend(u, "prefill") for u in prefill], timeout, health_interval)
     add_cors(app, allowed_origins)  # the instances' own answers are not seen by the browser: the router's are
     log.info("routing on http://%s:%d to %s (%s)", host, port, ", ".join(backends) if backends else
              f"prefill {', '.join(prefill)} then decode {', '.join(decode)}", policy)

@@ -52,16 +52,27 @@ async def health_loop(backends: Sequence[Backend], client: httpx.AsyncClient, in
         await asyncio.sleep(interval)
 
 
+def prompt_bytes(body: dict) -> bytes:
+    """A request's prompt as bytes: a chat's messages in order, a completion's text, or its token ids
+    (4 bytes each); the first prompt of a batch. Anything malformed gives nothing (the backend
+    answers it with its own error)."""
+    messages, prompt = body.get("messages"), body.get("prompt")
+    if isinstance(messages, list):
+        return "".join(f"{m.get('role')}\n{m.get('content')}\n" for m in messages if isinstance(m, dict)).encode()
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch: its first prompt
+    if isinstance(prompt, str):
+        return prompt.encode()
+    if isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t < 2**32 for t in prompt):
+        return b"".join(t.to_bytes(4, "little") for t in prompt[:PREFIX_CHUNK * PREFIX_BLOCKS // 4])
+    return b""
+
+
 def prefix_keys(body: dict) -> list[bytes]:
-    """The chain hashes of the prompt's first blocks: its text (a completion's prompt, or a chat's
-    messages in order) in chunks of PREFIX_CHUNK bytes, each key naming the chunk and all before it.
-    The router does not tokenize, so these are blocks of text, not the engine's token blocks."""
-    if "messages" in body:
-        text = "".join(f"{m.get('role')}\n{m.get('content')}\n" for m in body["messages"] if isinstance(m, dict))
-    else:
-        prompt = body.get("prompt")
-        text = prompt if isinstance(prompt, str) else str(prompt[0] if isinstance(prompt, list) and prompt else "")
-    data = text.encode()[:PREFIX_CHUNK * PREFIX_BLOCKS]
+    """The chain hashes of the prompt's first blocks: its bytes (`prompt_bytes`) in chunks of
+    PREFIX_CHUNK, each key naming the chunk and all before it. The router does not tokenize, so
+    these are blocks of text (or of token ids), not the engine's token blocks."""
+    data = prompt_bytes(body)[:PREFIX_CHUNK * PREFIX_BLOCKS]
     keys: list[bytes] = []
     for i in range(0, len(data), PREFIX_CHUNK):
         keys.append(block_hash(keys[-1] if keys else None, data[i:i + PREFIX_CHUNK]))

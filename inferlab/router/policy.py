@@ -45,8 +45,9 @@ class PrefixAware(LeastLoaded):
     """Requests sharing a prefix go where the first of them went, so the prefix stays cached on
     one target instead of being prefilled on all; a new prefix, or none, goes to the least loaded
     target. The longest known prefix wins (a conversation's later turns follow its first).
-    Stickiness is bounded: a target with over `slack` times the mean load gives the prefix up to
-    the least loaded one, and so does a target no longer among `targets`."""
+    Stickiness is bounded: a target with over `slack` times the mean load of the others (plus one)
+    gives the prefix up to the least loaded one, and so does a target no longer among `targets`.
+    (Against the mean of all, two targets could never trip it: one holds at most twice it.)"""
 
     def __init__(self, slack: float = 2.0, max_keys: int = 100_000) -> None:
         self.home: OrderedDict[Hashable, Target] = OrderedDict()  # least recently routed first
@@ -58,8 +59,7 @@ class PrefixAware(LeastLoaded):
             return super().choose(prefix, targets)
         home = next((self.home[k] for k in reversed(prefix) if k in self.home), None)
         index = next((i for i, t in enumerate(targets) if t is home), None)
-        mean = sum(t.load for t in targets) / len(targets)
-        if index is None or targets[index].load > self.slack * (mean + 1):
+        if index is None or len(targets) > 1 and targets[index].load > self.slack * (self._others(targets, index) + 1):
             index = super().choose(prefix, targets)
         for k in prefix:
             self.home[k] = targets[index]
@@ -67,6 +67,11 @@ class PrefixAware(LeastLoaded):
         while len(self.home) > self.max_keys:
             self.home.popitem(last=False)
         return index
+
+    @staticmethod
+    def _others(targets: Sequence[Target], index: int) -> float:
+        """The mean load of every target but `index`."""
+        return (sum(t.load for t in targets) - targets[index].load) / (len(targets) - 1)
 
 
 POLICIES = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "prefix": PrefixAware,

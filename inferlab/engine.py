@@ -105,9 +105,13 @@ class LLMEngine:
                         fused=not config.enforce_eager, prefault=config.kv_cache_prefault)
         self.host_pool = HostKVPool(self.runner, num_host_blocks)  # allocated by the first swap, if any
         args, kv = self.model.args, config.kv_transfer_config
-        # blocks in a shared store are named by model, dtype and block shape: other models' never mix in
+        # blocks in a shared store are named by model, dtype, weights (re-quantized, int8 activations)
+        # and block shape: other models' never mix in, nor KV that other arithmetic computed
+        weights = (config.quantization if config.quantization.startswith("q") else "stored") + \
+            ("+int8" if config.int8_activations else "")
         self.kv_connector = None if kv is None else make_connector(kv, self.runner, self.block_manager, (
-            f"{self.block_manager.model}:{args.num_layers}x{args.num_kv_heads}x{args.head_dim}x{config.block_size}"))
+            f"{self.block_manager.model}:{weights}:{args.num_layers}x{args.num_kv_heads}x{args.head_dim}x"
+            f"{config.block_size}"))
         self.scheduler.connector = self.kv_connector
         spec = config.speculative_config
         self.speculator = Speculator.build(spec, self, self.draft_loaded) if spec is not None else None

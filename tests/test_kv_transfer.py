@@ -77,6 +77,20 @@ def test_instance_b_loads_the_prefix_instance_a_computed(make_tiny_engine, store
     assert_empty(b)
 
 
+def test_instances_with_other_weights_share_nothing(make_tiny_engine, tmp_path):
+    """The store's namespace names the weights as run: a re-quantized model, or int8 activations,
+    computes other KV, which another instance must not load as its own."""
+    kv = connector(("SharedStorageConnector", {"shared_storage_path": str(tmp_path / "kv")}))
+    batch = prompts(2, 20, (3, 6))
+    run(make_tiny_engine(kv_transfer_config=kv, int8_activations=True), batch)
+    b = make_tiny_engine(kv_transfer_config=kv)
+    run(b, batch)
+    assert b.snapshot()["kv_transfer"]["hit_tokens"] == 0
+    c = make_tiny_engine(kv_transfer_config=kv)  # the same weights as b: b's blocks serve
+    run(c, batch)
+    assert c.snapshot()["kv_transfer"]["hit_tokens"] > 0
+
+
 def test_pd_consumer_computes_only_the_last_prompt_token(make_tiny_engine, store):
     batch = prompts(5, 0, (5, 30), seed=1)
     single = run(make_tiny_engine(), batch)

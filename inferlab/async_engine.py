@@ -19,7 +19,7 @@ from typing import Any
 from inferlab.distributed import EngineDeadError
 from inferlab.engine import LLMEngine
 from inferlab.metrics import EngineMetrics
-from inferlab.outputs import RequestOutput
+from inferlab.outputs import CompletionOutput, RequestOutput
 from inferlab.sampling_params import SamplingParams
 
 log = logging.getLogger("inferlab")
@@ -85,21 +85,37 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except EngineDeadError as e:  # a tensor-parallel rank failed: fail every request, stop serving
-            log.error("the engine cannot continue: %s", e)
-            self.dead = e
-            for rid in list(self._streams):
-                self._abort_now(rid, str(e))
-            if self.on_dead is not None:
-                self.on_dead()
+            self._die(e)
             return
-        except Exception:  # noqa: BLE001 - the engine isolates request faults; this is a last resort
-            log.exception("engine step failed")
+        except Exception as e:  # noqa: BLE001 - the engine isolates the model's faults per request; this
+            # is anything else (a scheduling policy, a connector): the step cannot be trusted with the
+            # requests it holds, so they fail, once, instead of the same step failing again at once forever
+            log.exception("engine step failed: every request it held fails")
+            why = f"the engine step failed: {type(e).__name__}: {e}"
+            try:
+                for rid in list(self.engine.requests):
+                    self._abort_now(rid, why)
+            except Exception:  # noqa: BLE001 - it cannot even let go of them
+                log.exception("aborting the failed step's requests failed too")
+                self._die(EngineDeadError(why))
             return
         now = time.monotonic()
         for out in outputs:
             self.metrics.observe(out, now)
             self._deliver(out)
         self.metrics.observe_step(self.engine.last_step_tokens)
+
+    def _die(self, e: EngineDeadError) -> None:
+        """Fail every request and stop serving."""
+        log.error("the engine cannot continue: %s", e)
+        self.dead = e
+        for rid in list(self._streams):
+            try:
+                self._abort_now(rid, str(e))
+            except Exception:  # noqa: BLE001 - its stream still gets an error, below
+                self._deliver(RequestOutput(rid, None, [], [CompletionOutput(0, "", [], "error")], True, error=str(e)))
+        if self.on_dead is not None:
+            self.on_dead()
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)

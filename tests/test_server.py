@@ -810,6 +810,33 @@ def test_allowed_origins_option():
 
 
 # -- 6. a request that breaks the engine fails alone -------------------------------------------
+def test_a_step_failing_outside_the_model_fails_its_requests_once(server, offline, monkeypatch, caplog):
+    """A fault in scheduling (a policy of one's own, say) is not one request's: the requests the
+    step held fail with a 500, once. The step used to be retried at once, forever: thousands of
+    tracebacks a second, and the client never answered."""
+    scheduler = server.engine.engine.scheduler
+    real, calls = scheduler.schedule, []
+
+    def schedule():
+        calls.append(1)
+        if len(calls) == 3:  # the request has run a step: the fault comes mid-request
+            raise RuntimeError("policy broke")
+        return real()
+
+    server.wait_idle()
+    monkeypatch.setattr(scheduler, "schedule", schedule)
+    with caplog.at_level(logging.ERROR, logger="inferlab"):
+        r = httpx.post(f"{server.url}{CMPL}", json={**LONG, "max_tokens": 50}, timeout=60)
+    assert r.status_code == 500 and "policy broke" in r.json()["error"]["message"]
+    assert sum("engine step failed" in rec.getMessage() for rec in caplog.records) == 1
+    server.wait_idle()
+    server.check_engine()
+    prompt = PROMPTS[0]  # and the engine serves on
+    again = httpx.post(f"{server.url}{CMPL}", json={"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                                   "temperature": 0}, timeout=60)
+    assert again.status_code == 200 and again.json()["choices"][0]["text"] == offline[prompt].outputs[0].text
+
+
 def test_a_poisoned_request_fails_alone(server, offline, monkeypatch):
     import inferlab.runner as runner_mod
     real_sample = runner_mod.sample

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 
 from inferlab.request import Request
+from inferlab.sampling_params import SamplingParams
 
 
 class RequestQueue:
@@ -112,13 +113,27 @@ def resolve_policy(name: str) -> type[RequestQueue]:
         else:
             module = importlib.import_module(where)
         cls = getattr(module, attr)
-    except (ImportError, OSError, AttributeError, SyntaxError) as e:
-        raise ValueError(f"cannot load scheduling policy {name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the file is the user's: whatever it raises, one line
+        raise ValueError(f"cannot load scheduling policy {name!r}: {type(e).__name__}: {e}") from None
     if not (isinstance(cls, type) and issubclass(cls, RequestQueue)):
         raise ValueError(f"scheduling policy {name!r} is not a subclass of inferlab.policy.RequestQueue")
+    if cls.key is RequestQueue.key:
+        raise ValueError(f"scheduling policy {name!r} defines no key(req), which orders its queue")
+    # built and asked once here, so that a policy that cannot work fails at start, not mid-run
+    try:
+        queue = _build(cls)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"scheduling policy {name!r} cannot be built: {type(e).__name__}: {e}") from None
+    try:
+        queue.key(Request("policy-check", [1, 2, 3], SamplingParams(), 0.0))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"scheduling policy {name!r} fails on a new request: {type(e).__name__}: {e}") from None
     return cls
 
 
-def make_queue(name: str, sjf_aging_rate: float = 20.0) -> RequestQueue:
-    cls = resolve_policy(name)
+def _build(cls: type[RequestQueue], sjf_aging_rate: float = 20.0) -> RequestQueue:
     return cls(sjf_aging_rate) if issubclass(cls, SJFQueue) else cls()
+
+
+def make_queue(name: str, sjf_aging_rate: float = 20.0) -> RequestQueue:
+    return _build(resolve_policy(name), sjf_aging_rate)

@@ -151,3 +151,20 @@ def test_a_bad_policy_is_one_line_and_exit_2(policy, message):
     r = subprocess.run([sys.executable, "-m", "inferlab.cli", "simulate", "--policy", policy],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("body, message", [
+    ("undefined_name\n", "cannot load scheduling policy .*NameError"),
+    ("class P(RequestQueue):\n    pass\n", "defines no key"),
+    ("class P(RequestQueue):\n    def __init__(self, weight):\n        super().__init__()\n"
+     "    def key(self, req):\n        return (0,)\n", "cannot be built: TypeError"),
+    ("class P(RequestQueue):\n    def key(self, req):\n        return (req.expected_len,)\n",
+     "fails on a new request: AttributeError"),
+])
+def test_a_policy_that_cannot_work_is_refused_at_start(tmp_path, body, message):
+    """Not mid-run: a policy that failed in the step loop took a served request down with it."""
+    from inferlab.config import EngineConfig
+    path = tmp_path / "mine.py"
+    path.write_text("from inferlab.policy import RequestQueue\n" + body)
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(scheduling_policy=f"{path}:P")

@@ -125,7 +125,7 @@ class Scheduler:
             n = len(req.token_ids) + len(req.spec_token_ids) - req.num_computed_tokens
             if n > budget:
                 n = budget
-            if n > threshold:
+            if n > threshold and not req.spec_token_ids:  # a long prefill's share, not a decode's drafts
                 n = threshold
             if req.spec_token_ids:  # drafts follow a decode's one token: verify those the budget lets in
                 del req.spec_token_ids[n - 1:]

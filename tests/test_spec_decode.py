@@ -345,6 +345,30 @@ def test_large_batches_do_not_speculate(tiny):
     assert eng.snapshot()["spec_decode"]["num_drafts"] == 0 < few.snapshot()["spec_decode"]["num_drafts"]
 
 
+def test_a_small_token_budget_still_verifies_whole_drafts(tiny):
+    """The long-prefill threshold (budget // 4 by default) cut a decode's drafts too: at a budget of
+    16, 3 of 4 drafts were verified, at 7 none."""
+    for budget in (16, 7):
+        eng = engine(tiny, NGRAM, max_num_batched_tokens=budget)
+        assert eng.config.long_prefill_token_threshold < 1 + NGRAM["num_speculative_tokens"]
+        run(eng, PROMPTS[:1], GREEDY)
+        s = eng.snapshot()["spec_decode"]
+        assert s["num_drafts"] > 0 and s["num_draft_tokens"] > 3 * s["num_drafts"], budget
+
+
+def test_a_draft_model_proposes_under_the_requests_logit_bias(tiny):
+    """Verification applies logit_bias; a draft model that ignored it proposed tokens the target
+    then rejected. A draft that is the target itself must be accepted whole, bias or not."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = run(engine(tiny), PROMPTS[:2], params)
+    banned = {t: -100.0 for t in {out[3] for out in plain}}  # tokens the plain run chose
+    biased = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logit_bias=banned)
+    eng = engine(tiny, DRAFT, tiny)
+    assert run(eng, PROMPTS[:2], biased) == run(engine(tiny), PROMPTS[:2], biased)
+    s = eng.snapshot()["spec_decode"]
+    assert s["num_drafts"] > 0 and s["num_accepted_tokens"] == s["num_draft_tokens"]
+
+
 def test_experiment_smoke_run(tmp_path):
     from test_experiments import run_smoke, table_rows
     rows = table_rows(run_smoke("spec_decode", tmp_path))

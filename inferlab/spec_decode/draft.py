@@ -29,7 +29,7 @@ from inferlab.model.layers.quant import describe_weights
 from inferlab.model.loader import load_model
 from inferlab.request import Request
 from inferlab.runner import ModelRunner, StepBatch
-from inferlab.sampler import argmax_rows, draw, probabilities
+from inferlab.sampler import apply_logit_bias, argmax_rows, draw, probabilities
 from inferlab.spec_decode.config import SpeculativeConfig
 from inferlab.spec_decode.proposer import Draft, Proposer
 
@@ -132,7 +132,13 @@ class DraftModelProposer(Proposer):
     def _pick(logits: torch.Tensor, reqs: list[Request], active: list[int], tokens: list[list[int]],
               probs: list[list[torch.Tensor]]) -> None:
         """Each active request's next draft token from its row of `logits`: the argmax when greedy,
-        else drawn from q (kept: verification needs it)."""
+        else drawn from q (kept: verification needs it). A request's logit_bias applies first, as
+        verification applies it: a draft it bans would only be rejected."""
+        biased = [j for j, i in enumerate(active) if reqs[i].params.logit_bias]
+        if biased:
+            logits = logits.float().clone()
+            for j in biased:
+                apply_logit_bias(logits[j], reqs[active[j]].params.logit_bias)
         greedy = [j for j, i in enumerate(active) if reqs[i].params.greedy]
         if greedy:
             for j, t in zip(greedy, argmax_rows(logits[torch.tensor(greedy)]).tolist()):

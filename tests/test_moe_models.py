@@ -388,6 +388,11 @@ def test_gguf_writer_agrees_with_transformers_reader(name, checkpoints, gguf_fil
     ("deepseek_v3", "quantization_config", {"quant_method": "fp8", "weight_block_size": [128, 128]}),
     ("qwen3_moe", "hidden_act", "gelu"),
     ("qwen3_moe", "attention_bias", True),
+    ("qwen3_moe", "decoder_sparse_step", 0),  # was a ZeroDivisionError
+    ("qwen2_moe", "num_experts_per_tok", 0),  # these ran with no experts, or fewer or more than asked
+    ("qwen3_moe", "num_experts_per_tok", -1),
+    ("qwen2_moe", "num_experts_per_tok", 99),
+    ("deepseek_v3", "num_experts_per_tok", 99),  # named topk_group
 ])
 def test_unsupported_config_is_one_line_naming_the_field(name, field, value, checkpoints, tmp_path):
     path = copy_checkpoint(checkpoints(name).path, tmp_path / "edited")

@@ -61,6 +61,11 @@ class MoEArgs(ModelArgs):
     norm_topk_prob: bool = False
     moe_layers: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.moe_layers and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise unsupported("num_experts_per_tok", self.num_experts_per_tok,
+                              f"each token takes 1 to num_experts={self.num_experts} experts")
+
 
 def unsupported(field: str, value, supported: str) -> ModelLoadError:
     return ModelLoadError(f"unsupported config: {field}={value!r} ({supported})")

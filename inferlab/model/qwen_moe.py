@@ -56,6 +56,8 @@ class QwenMoeForCausalLM(CausalLM):
             raise unsupported("attention_bias", True, "Qwen3-MoE without projection biases")
         num_experts = cfg.get("num_experts", cfg.get("num_local_experts", 60 if arch == "qwen2_moe" else 128))
         step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
+        if not isinstance(step, int) or step < 1:
+            raise unsupported("decoder_sparse_step", step, "every step-th layer is sparse: an integer >= 1")
         moe_layers = tuple(i for i in range(cfg["num_hidden_layers"])
                            if num_experts > 0 and i not in dense and (i + 1) % step == 0)
         return QwenMoeArgs(

@@ -69,7 +69,11 @@ class Scheduler:
         self.allocation.add(req)
         req.seq = next(self._seq)
         req.status = RequestStatus.WAITING
-        self.waiting.push(req)
+        try:
+            self.waiting.push(req)
+        except BaseException:  # a policy's key() failed on it: nothing stays held
+            self.allocation.release(req)
+            raise
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or bool(self.loading) or len(self.waiting) > 0

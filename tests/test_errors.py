@@ -159,3 +159,23 @@ def test_lone_surrogate_prompt_is_a_clear_error(make_tiny_engine):
     with pytest.raises(ValueError, match="not valid Unicode"):
         engine.add_request("s", "bad \ud800 text", SamplingParams(max_tokens=2))
     assert not engine.has_unfinished_requests()
+
+
+def test_a_policy_that_refuses_a_request_holds_nothing_for_it(make_tiny_engine, tmp_path):
+    """Its key() raising at admission (after the start-up check passed) must not keep the request's
+    KV reservation: the pool would shrink by one request each time."""
+    path = tmp_path / "picky.py"
+    path.write_text("from inferlab.policy import RequestQueue\n"
+                    "class Picky(RequestQueue):\n"
+                    "    def key(self, req):\n"
+                    "        if req.priority == 13:\n"
+                    "            raise ValueError('unlucky')\n"
+                    "        return (req.arrival_time, req.seq)\n")
+    engine = make_tiny_engine(scheduling_policy=f"{path}:Picky", kv_allocation="reserve")
+    with pytest.raises(ValueError, match="unlucky"):
+        engine.add_request("r", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=8), priority=13)
+    assert engine.scheduler.allocation.reserved == 0
+    engine.add_request("ok", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_integrity()

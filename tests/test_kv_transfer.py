@@ -91,6 +91,26 @@ def test_instances_with_other_weights_share_nothing(make_tiny_engine, tmp_path):
     assert c.snapshot()["kv_transfer"]["hit_tokens"] > 0
 
 
+def test_a_producer_saves_its_cached_prefix_again_when_the_store_lost_it(make_tiny_engine, tmp_path):
+    """After a store restart (or eviction), blocks the producer still has cached locally are saved
+    again when a request hits them: else the consumer computed the whole prompt from then on."""
+    import shutil
+    folder = tmp_path / "kv"
+    kv = connector(("SharedStorageConnector", {"shared_storage_path": str(folder)}))
+    batch = prompts(2, 0, (20, 30), seed=3)
+    prefill = make_tiny_engine(kv_transfer_config={**kv, "kv_role": "kv_producer"})
+    one_token = SamplingParams(max_tokens=1, temperature=0.0)
+    run(prefill, batch, one_token)
+    shutil.rmtree(folder)
+    folder.mkdir()  # the store comes back empty
+    run(prefill, batch, one_token)
+    assert all(run.cached[f"r{i}"] >= 16 for i in range(2))  # the producer hit its own cache
+    decode = make_tiny_engine(kv_transfer_config={**kv, "kv_role": "kv_consumer"})
+    run(decode, batch)
+    assert decode.num_prompt_tokens == len(batch)  # one token a prompt: its last
+    assert_empty(prefill)
+
+
 def test_pd_consumer_computes_only_the_last_prompt_token(make_tiny_engine, store):
     batch = prompts(5, 0, (5, 30), seed=1)
     single = run(make_tiny_engine(), batch)

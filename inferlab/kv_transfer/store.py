@@ -147,7 +147,9 @@ class StoreConnector(KVConnectorBase):
         bs = self.block_size
         for req, n in scheduled:
             end = req.num_computed_tokens + n
-            done = self._saved.setdefault(req.request_id, req.num_computed_tokens // bs)
+            done = self._saved.get(req.request_id)
+            if done is None:
+                done = self._stored_run(req, req.num_computed_tokens // bs)
             full = end // bs
             hashes = self._chain(req, full)
             meta.saves += [(req.request_id, req.block_table[i], self._key(hashes[i])) for i in range(done, full)]
@@ -157,6 +159,19 @@ class StoreConnector(KVConnectorBase):
             if num_prompt % bs and req.num_computed_tokens < num_prompt == end == req.num_tokens:
                 meta.saves.append((req.request_id, req.block_table[num_prompt // bs], self._prompt_keys(req)[0][-1]))
         return meta
+
+    def _stored_run(self, req: Request, cached: int) -> int:
+        """How many of `req`'s first `cached` blocks, local prefix-cache hits, the store holds in a
+        row: the rest are saved again. A store that was restarted or evicted them would otherwise
+        never get a hot prefix back from the instance that keeps it cached."""
+        if not cached:
+            return 0
+        try:
+            present = self.store.contains([self._key(h) for h in self._chain(req, cached)])
+        except Exception as e:  # noqa: BLE001 - a store failure: save nothing more than before
+            self._failed("lookup", e)
+            return cached
+        return next((i for i, p in enumerate(present) if not p), cached)
 
     def request_finished(self, req: Request) -> None:
         rid = req.request_id

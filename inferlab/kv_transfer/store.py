@@ -2,9 +2,9 @@
 `SharedStorageConnector` (files) and `RedisConnector` (a Redis server) fill in.
 
 A block is stored under the engine's hash-chain key of its prefix, behind a namespace naming the
-model, its dtype and the pool's block shape, as the raw bytes of one pool block. A producer saves
-every full block its requests compute, and a prompt's last, partial block under the key of those
-tokens, so that a consumer handed the same prompt loads all of it and computes only its last
+model, its dtype, its weights and the pool's block shape, as the raw bytes of one pool block. A
+producer saves every full block its requests compute (and local prefix-cache hits the store lacks),
+and a prompt's last, partial block under the key of those tokens, so that a consumer handed the same prompt loads all of it and computes only its last
 token. A consumer loads the longest run of stored blocks past its local prefix-cache hits.
 
 The store is a cache, never a dependency. Every store call runs with short timeouts; a failed one
@@ -63,7 +63,7 @@ class StoreConnector(KVConnectorBase):
     def __init__(self, config: KVTransferConfig, store: BlockStore, runner, block_manager: BlockManager,
                  namespace: str) -> None:
         """`runner`: has `read_blocks` / `write_blocks` (the ModelRunner); `namespace`: the model,
-        dtype and block shape, so that stores shared by other models never mix their blocks."""
+        dtype, weights and block shape, so that stores shared by other models never mix their blocks."""
         self.config, self.store, self.runner, self.block_manager = config, store, runner, block_manager
         self.namespace = namespace
         self.block_size = block_manager.block_size

@@ -4,8 +4,9 @@
 A block is stored under the engine's hash-chain key of its prefix, behind a namespace naming the
 model, its dtype, its weights and the pool's block shape, as the raw bytes of one pool block. A
 producer saves every full block its requests compute (and local prefix-cache hits the store lacks),
-and a prompt's last, partial block under the key of those tokens, so that a consumer handed the same prompt loads all of it and computes only its last
-token. A consumer loads the longest run of stored blocks past its local prefix-cache hits.
+and a prompt's last, partial block under the key of those tokens, so that a consumer handed the
+same prompt loads all of it and computes only its last token. A consumer loads the longest run of
+stored blocks past its local prefix-cache hits.
 
 The store is a cache, never a dependency. Every store call runs with short timeouts; a failed one
 marks the store down for RETRY_S seconds, during which lookups find nothing and saves are

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,39 @@ def test_trace_file_round_trip(tmp_path):
     path.write_text('{"arrival": 0.5}\n')
     with pytest.raises(ValueError, match="cannot read trace"):
         load_trace(str(path))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"arrival": 0, "prompt_len": "x", "output_len": 5}', "prompt_len must be an integer, got 'x'"),
+    ('{"arrival": 0, "prompt_len": 10.7, "output_len": 5}', "prompt_len must be an integer, got 10.7"),
+    ('{"arrival": 0, "prompt_len": 10, "output_len": true}', "output_len must be an integer"),
+    ('{"arrival": "nan", "prompt_len": 10, "output_len": 5}', "arrival must be a number of seconds >= 0"),
+    ('{"arrival": NaN, "prompt_len": 10, "output_len": 5}', "arrival must be a number of seconds >= 0"),
+    ('{"arrival": -5, "prompt_len": 10, "output_len": 5}', "arrival must be a number of seconds >= 0"),
+    ('{"arrival": 0, "prompt_len": 0, "output_len": 5}', "prompt_len and output_len must be at least 1"),
+    ('{"arrival": 0, "prompt_len": 10, "output_len": 0}', "prompt_len and output_len must be at least 1"),
+    ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "prefix_id": 1, "prefix_len": 20}',
+     r"prefix_len must be between 0 and prompt_len \(10\)"),
+    ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "priority": "high"}', "priority must be an integer"),
+    ('[0, 10, 5]', "expected a JSON object, got list"),
+])
+def test_a_trace_line_that_is_no_request_is_refused_naming_file_and_line(tmp_path, line, message):
+    path = tmp_path / "trace.jsonl"
+    path.write_text('{"arrival": 0, "prompt_len": 10, "output_len": 5}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"cannot read trace {re.escape(str(path))}: line 3: {message}"):
+        load_trace(str(path))
+
+
+def test_a_binary_trace_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "trace.bin"
+    path.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ValueError, match=f"cannot read trace {re.escape(str(path))}: 'utf-8' codec"):
+        load_trace(str(path))
+
+
+def test_a_generated_shared_prefix_longer_than_the_prompt_is_the_whole_prompt():
+    trace = make_trace(20, 5.0, (8, 16), (1, 4), shared_prefix=(2, 12))
+    assert all(t.prefix_len == min(12, t.prompt_len) for t in trace) and min(t.prompt_len for t in trace) < 12
 
 
 def test_calibrate_fits_timed_steps_of_a_real_engine(make_tiny_engine):

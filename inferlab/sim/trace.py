@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 
@@ -15,6 +16,27 @@ class TraceRequest:
     prefix_id: int | None = None  # requests with the same id share a prefix of `prefix_len` tokens
     prefix_len: int = 0
 
+    def __post_init__(self) -> None:
+        # a trace file is typed by hand: a string or a float where a count belongs, or an empty
+        # prompt, would fail deep in the simulator or be replayed as a request no engine accepts
+        for name in ("prompt_len", "output_len", "priority", "prefix_len"):
+            if not is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.prefix_id is not None and not is_int(self.prefix_id):
+            raise ValueError(f"prefix_id must be an integer or null, got {self.prefix_id!r}")
+        number = isinstance(self.arrival, (int, float)) and not isinstance(self.arrival, bool)
+        if not (number and math.isfinite(self.arrival) and self.arrival >= 0):
+            raise ValueError(f"arrival must be a number of seconds >= 0, got {self.arrival!r}")
+        if self.prompt_len < 1 or self.output_len < 1:
+            raise ValueError(f"prompt_len and output_len must be at least 1, got {self.prompt_len} and "
+                             f"{self.output_len}")
+        if not 0 <= self.prefix_len <= self.prompt_len:
+            raise ValueError(f"prefix_len must be between 0 and prompt_len ({self.prompt_len}), got {self.prefix_len}")
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no count
+
 
 def make_trace(num_requests: int, rate: float, prompt_len: tuple[int, int], output_len: tuple[int, int],
                seed: int = 0, burst: int = 1, shared_prefix: tuple[int, int] | None = None,
@@ -26,20 +48,34 @@ def make_trace(num_requests: int, rate: float, prompt_len: tuple[int, int], outp
     for i in range(num_requests):
         if i % burst == 0 and rate != float("inf"):
             t += rng.expovariate(rate / burst)
-        prefix = (rng.randrange(shared_prefix[0]), shared_prefix[1]) if shared_prefix else (None, 0)
-        trace.append(TraceRequest(t, rng.randint(*prompt_len), rng.randint(*output_len),
-                                  rng.randrange(priorities), *prefix))
+        prefix_id = rng.randrange(shared_prefix[0]) if shared_prefix else None
+        n_prompt = rng.randint(*prompt_len)
+        # a shared prefix longer than the prompt is the whole prompt
+        prefix_len = min(shared_prefix[1], n_prompt) if shared_prefix else 0
+        trace.append(TraceRequest(t, n_prompt, rng.randint(*output_len), rng.randrange(priorities), prefix_id,
+                                  prefix_len))
     return trace
 
 
 def load_trace(path: str) -> list[TraceRequest]:
     """JSONL: one object a line with arrival, prompt_len, output_len, and optionally priority,
-    prefix_id, prefix_len."""
+    prefix_id, prefix_len; ValueError naming the file and line of anything else."""
     try:
         with open(path) as f:
-            trace = [TraceRequest(**json.loads(line)) for line in f if line.strip()]
-    except (OSError, TypeError, json.JSONDecodeError) as e:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read trace {path}: {e}") from None
+    trace = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+            if not isinstance(fields, dict):
+                raise TypeError(f"expected a JSON object, got {type(fields).__name__}")
+            trace.append(TraceRequest(**fields))
+        except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"cannot read trace {path}: line {i}: {e}") from None
     return sorted(trace, key=lambda r: r.arrival)
 
 

@@ -37,9 +37,28 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or LO:HI, got {text!r}") from None
 
 
+def check_trace_options(a: argparse.Namespace) -> None:
+    """One line naming the option, where make_trace would divide by zero, draw from an empty range,
+    or generate arrivals at negative times or requests with nothing to compute."""
+    if not a.rate > 0:  # nan too
+        raise ValueError(f"--rate must be positive (inf: all at once), got {a.rate}")
+    for name in ("burst", "priorities"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(a, name)}")
+    for name in ("prompt_len", "output_len"):
+        lo, hi = getattr(a, name)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"--{name.replace('_', '-')} must be N or LO:HI with 1 <= LO <= HI, got {lo}:{hi}")
+    if a.shared_prefix and min(a.shared_prefix) < 1:
+        raise ValueError(f"--shared-prefix must be COUNT:LEN, both at least 1, got {a.shared_prefix[0]}:"
+                         f"{a.shared_prefix[1]}")
+
+
 def cmd_simulate(a: argparse.Namespace) -> None:
     from inferlab.sim.cost_model import DEFAULT, CostModel
     from inferlab.sim.simulator import load_trace, make_trace, simulate
+    if not a.trace:
+        check_trace_options(a)
     trace = load_trace(a.trace) if a.trace else make_trace(
         a.num_requests, a.rate, a.prompt_len, a.output_len, a.seed, a.burst, a.shared_prefix, a.priorities)
     config = EngineConfig(block_size=a.block_size, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,

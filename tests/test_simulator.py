@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from inferlab import SamplingParams
+from inferlab.cli import main
 from inferlab.config import EngineConfig
 from inferlab.sim.calibrate import calibrate
 from inferlab.sim.cost_model import DEFAULT, CostModel, StepFeatures
@@ -128,6 +129,22 @@ def test_simulate_command_prints_json_last():
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["completed"] == 50 and result["policy"] == "sjf"
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--rate", "0"], "--rate must be positive (inf: all at once), got 0.0"),
+    (["--rate", "-1"], "--rate must be positive (inf: all at once), got -1.0"),
+    (["--rate", "nan"], "--rate must be positive (inf: all at once), got nan"),
+    (["--burst", "0"], "--burst must be at least 1, got 0"),
+    (["--priorities", "0"], "--priorities must be at least 1, got 0"),
+    (["--prompt-len", "0"], "--prompt-len must be N or LO:HI with 1 <= LO <= HI, got 0:0"),
+    (["--prompt-len", "10:5"], "--prompt-len must be N or LO:HI with 1 <= LO <= HI, got 10:5"),
+    (["--output-len", "0:4"], "--output-len must be N or LO:HI with 1 <= LO <= HI, got 0:4"),
+    (["--shared-prefix", "0:10"], "--shared-prefix must be COUNT:LEN, both at least 1, got 0:10"),
+])
+def test_a_bad_trace_option_is_one_line_naming_it(capsys, option, message):
+    assert main(["simulate", "--num-requests", "20", *option]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_prefix_aware_router_keeps_each_prefix_on_one_replica():

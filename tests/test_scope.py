@@ -158,12 +158,23 @@ def test_a_recording_that_cannot_write_is_refused_or_stops_without_harming_the_e
     ('{"a": 1}\n', "line 1 is not an inferlab trace header"),
     ('{"type": "header", "version": 99}\n', "trace version 99 is not supported"),
     ('{"type": "header", "version": 1}\nhello\n', "line 2 is not a frame"),
+    ('{"type": "header", "version": "1"}\n', r"trace version '1' is not supported \(expected 1\)"),
+    # a frame corrupted in the middle: the page would stop there
+    ('{"type":"header","version":1}\n{"type":"frame", broken\n{"type":"frame","step":2}\n', "line 2 is not a frame"),
+    ('{"type":"header","version":1}\n{"type":"frame","step":1}\n["frame"]\n', "line 3 is not a frame"),
 ])
 def test_read_trace_refuses_what_is_not_a_trace(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_trace(str(path))
+
+
+def test_read_trace_names_a_file_it_cannot_read(tmp_path):
+    (tmp_path / "bin.jsonl").write_bytes(bytes(range(128, 256)))
+    for path, message in ((tmp_path, "Is a directory"), (tmp_path / "bin.jsonl", "'utf-8' codec can't decode")):
+        with pytest.raises(ValueError, match=f"^{path}: cannot read an inferlab trace from it: .*{message}"):
+            read_trace(str(path))
 
 
 def test_a_recording_cut_mid_line_keeps_its_whole_frames(tmp_path):

@@ -61,9 +61,13 @@ class Recorder:
 
 
 def read_trace(path: str) -> tuple[dict, list[str]]:
-    """(header, frame lines) of a trace; ValueError naming the file and line if it is not one."""
-    with open(path) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
+    """(header, frame lines) of a trace; ValueError naming the file and line if it is not one.
+    Only a last line cut mid-write (a recording stopped) is dropped rather than refused."""
+    try:
+        with open(path) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read an inferlab trace from it: {e}") from None
     if not lines:
         raise ValueError(f"{path}: empty file, not an inferlab trace")
     try:
@@ -73,14 +77,17 @@ def read_trace(path: str) -> tuple[dict, list[str]]:
     if not isinstance(head, dict) or head.get("type") != "header":
         raise ValueError(f"{path}: line 1 is not an inferlab trace header (record one with --record)")
     if head.get("version") != TRACE_VERSION:
-        raise ValueError(f"{path}: trace version {head.get('version')} is not supported (expected {TRACE_VERSION})")
+        raise ValueError(f"{path}: trace version {head.get('version')!r} is not supported (expected {TRACE_VERSION!r})")
     frames = lines[1:]
+    # every frame is parsed: the page parses them all, and one bad line in the middle stops its replay
     for i, line in enumerate(frames, start=2):
-        if not line.startswith('{"type":"frame"'):
-            raise ValueError(f"{path}: line {i} is not a frame")
-    if frames:
         try:
-            json.loads(frames[-1])
-        except json.JSONDecodeError:  # a recording stopped mid-write: keep what is whole
-            frames.pop()
+            frame = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) and line.startswith('{"type":"frame"'):  # a recording stopped mid-write
+                frames.pop()
+                break
+            frame = None
+        if not isinstance(frame, dict) or frame.get("type") != "frame":
+            raise ValueError(f"{path}: line {i} is not a frame")
     return head, frames

@@ -41,11 +41,31 @@ def load_workload(name_or_path: str, tokenizer=None) -> dict:
         return edit_workload(tokenizer)
     if not os.path.exists(name_or_path):
         raise ValueError(f"unknown workload {name_or_path!r}: use {', '.join(SHAPES)}, edit or a JSON file")
-    with open(name_or_path) as f:
-        data = json.load(f)
+    try:
+        with open(name_or_path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read workload {name_or_path}: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("requests"), list):
         raise ValueError(f"{name_or_path}: expected {{'requests': [{{'prompt_token_ids': [...], 'max_tokens': N}}]}}")
+    for i, request in enumerate(data["requests"]):
+        if problem := request_problem(request):
+            raise ValueError(f"{name_or_path}: request {i}: {problem}")
     return data
+
+
+def request_problem(r: object) -> str | None:
+    """What keeps a workload file's entry from running, or None (checked before the model loads)."""
+    if not isinstance(r, dict):
+        return f"expected an object, got {type(r).__name__}"
+    ids = r.get("prompt_token_ids")
+    if not (isinstance(ids, list) and ids and all(type(t) is int and t >= 0 for t in ids)):
+        return "prompt_token_ids must be a non-empty list of token ids (integers >= 0)"
+    if not (type(r.get("max_tokens")) is int and r["max_tokens"] >= 1):
+        return f"max_tokens must be an integer >= 1, got {r.get('max_tokens')!r}"
+    if not isinstance(r.get("ignore_eos", True), bool):
+        return f"ignore_eos must be true or false, got {r['ignore_eos']!r}"
+    return None
 
 
 def run_bench(llm: LLM, workload: dict, use_tqdm: bool = True) -> dict:

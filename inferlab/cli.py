@@ -106,12 +106,15 @@ def tensor_parallel_stats(llm) -> dict:
 def cmd_bench(a: argparse.Namespace) -> None:
     from inferlab.bench import load_workload, run_bench
     from inferlab.llm import LLM
+    # a bad workload file is refused before the model loads and the KV memory is taken
+    # (only `edit` needs the model's tokenizer)
+    workload = None if a.latency or a.workload == "edit" else load_workload(a.workload)
     llm = LLM(**vars(engine_config(a)))
     if a.latency:
         from inferlab.bench import run_latency
         print(json.dumps({**run_latency(llm, a.input_len, a.output_len), **tensor_parallel_stats(llm)}))
         return
-    workload = load_workload(a.workload, llm.get_tokenizer())
+    workload = workload or load_workload(a.workload, llm.get_tokenizer())
     with recording(llm.engine, a.record):
         result = run_bench(llm, workload, use_tqdm=not a.no_progress)
     result["dtype"] = str(llm.engine.dtype).removeprefix("torch.")

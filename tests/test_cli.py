@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from test_hf_models import build_checkpoint, train_tokenizer
 
 from inferlab.bench import SHAPES, make_workload
+from inferlab.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A verbatim copy of the reference workload generator that every engine is measured with, so the
@@ -115,6 +117,30 @@ def test_bench_prints_json_last_line(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["requests"] == 2 and result["prompt_tokens"] == 70 and result["output_tokens"] == 10
     assert result["output_tok_s"] > 0 and result["seconds"] > 0
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"requests": [{"prompt_token_ids": [1, 2, 3]}]},
+     "{path}: request 0: max_tokens must be an integer >= 1, got None"),
+    ({"requests": [{"prompt_token_ids": [1], "max_tokens": 2}, {"max_tokens": 3}]},
+     "{path}: request 1: prompt_token_ids must be a non-empty list of token ids"),
+    ({"requests": [{"prompt_token_ids": [1, "a"], "max_tokens": 3}]}, "{path}: request 0: prompt_token_ids must be"),
+    ({"requests": [{"prompt_token_ids": [1], "max_tokens": 3, "ignore_eos": "no"}]},
+     "{path}: request 0: ignore_eos must be true or false, got 'no'"),
+    ({"requests": [5]}, "{path}: request 0: expected an object, got int"),
+    ("not json", "cannot read workload {path}: Expecting value"),
+    (None, "cannot read workload {path}: .*Is a directory"),
+])
+def test_a_bad_workload_file_is_one_line_naming_it_before_the_model_loads(tmp_path, capsys, content, message):
+    path = tmp_path / "wl.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    # a model that does not exist: the workload's error, not the model's, shows it is read first
+    assert main(["bench", "--workload", str(path), "--model", str(tmp_path / "none.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match("error: " + message.format(path=re.escape(str(path))), err), err
 
 
 def test_bench_latency_and_compare_hf(tmp_path):

@@ -76,6 +76,9 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from inferlab.engine import LLMEngine
     from inferlab.sim.calibrate import calibrate
+    # at 0 or below every shape is one 2-token request: a fit of collinear features, saved as if sound
+    if not 0 < a.scale < float("inf"):
+        raise ValueError(f"--scale must be a positive number, got {a.scale}")
     model, steps = calibrate(LLMEngine(engine_config(a)), a.scale)
     model.save(a.out)
     print(f"fitted on {steps} timed steps, saved to {a.out}", file=sys.stderr)

@@ -123,6 +123,14 @@ def test_calibrate_fits_timed_steps_of_a_real_engine(make_tiny_engine):
     assert swapped and not any(swapped) and engine.runner.on_execute is None
 
 
+@pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf"])
+def test_calibrate_refuses_a_scale_that_is_not_positive(tmp_path, capsys, scale):
+    out = tmp_path / "cm.json"
+    assert main(["calibrate", "--scale", scale, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: --scale must be a positive number, got {float(scale)}\n"
+    assert not out.exists()
+
+
 def test_simulate_command_prints_json_last():
     r = subprocess.run([sys.executable, "-m", "inferlab.cli", "simulate", "--num-requests", "50", "--rate", "inf",
                         "--policy", "sjf", "--num-kv-blocks", "256"], capture_output=True, text=True, timeout=120)

@@ -6,6 +6,8 @@ lowest-priority running request at once and its first token comes steps earlier.
 """
 from lesson import QUESTIONS, chat, engine, greedy, options, pool, run
 
+from inferlab.cli_args import recording
+
 POOL = dict(num_kv_blocks=12, block_size=16, max_num_seqs=4)  # room for four requests at a time
 URGENT_AT = 4  # the step the urgent request arrives at
 
@@ -16,13 +18,6 @@ def main() -> None:
     for policy in ("fcfs", "priority"):
         print(f"== scheduling_policy={policy!r}: a, b, c, d at priority 1, then u at priority 0 at step {URGENT_AT}")
         eng = engine(scheduling_policy=policy, **POOL)
-        for letter, question in zip("abcd", QUESTIONS):
-            eng.add_request(letter, chat(question), greedy(16), priority=1)
-        for _ in range(URGENT_AT):
-            eng.step()
-        eng.add_request("u", chat(QUESTIONS[4]), greedy(16), priority=0)
-        heap = [(eng.scheduler.waiting.key(r), r.request_id) for r in eng.scheduler.waiting]
-        print(f"step {URGENT_AT}: {pool(eng)}  waiting heap (key, request): {heap}")
 
         def show(step, out, eng=eng):
             events = [f"preempt {r.request_id}" for r in out.preempted]
@@ -32,7 +27,16 @@ def main() -> None:
             if events:
                 print(f"step {step:2}: {pool(eng)}  {', '.join(events)}")
         first_token.clear()
-        run(eng, show, a.record if policy == "priority" else None)
+        # recorded from step 1: the background requests filling the pool before u arrives
+        with recording(eng, a.record if policy == "priority" else None):
+            for letter, question in zip("abcd", QUESTIONS):
+                eng.add_request(letter, chat(question), greedy(16), priority=1)
+            for _ in range(URGENT_AT):
+                eng.step()
+            eng.add_request("u", chat(QUESTIONS[4]), greedy(16), priority=0)
+            heap = [(eng.scheduler.waiting.key(r), r.request_id) for r in eng.scheduler.waiting]
+            print(f"step {URGENT_AT}: {pool(eng)}  waiting heap (key, request): {heap}")
+            run(eng, show)
         print(f"u's first token at step {first_token['u']}, {first_token['u'] - URGENT_AT} steps after it arrived\n")
 
 

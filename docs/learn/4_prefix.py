@@ -7,6 +7,8 @@ the same hits and the same outputs.
 """
 from lesson import QUESTIONS, engine, greedy, model, options, run, texts
 
+from inferlab.cli_args import recording
+
 SYSTEM = ("You are a patient teacher for curious children. Answer in one short sentence, with simple "
           "words, and never use lists or numbers written as digits. If a question is ambiguous, answer the "
           "most likely reading of it, and never ask a question back.")
@@ -38,11 +40,13 @@ def main() -> None:
     results = {}
     for structure in ("radix", "hash"):
         eng = engine(prefix_cache=structure, num_kv_blocks=64, block_size=16)
-        eng.add_request("a", chat_with_system(QUESTIONS[0]), greedy(16))
-        done = run(eng, record=a.record if structure == "radix" else None)
-        for letter, question in zip("bcd", QUESTIONS[1:4]):  # after a: they find its blocks cached
-            eng.add_request(letter, chat_with_system(question), greedy(16))
-        done.update(run(eng))
+        # one recording of both runs: b, c and d finding a's blocks is what there is to watch
+        with recording(eng, a.record if structure == "radix" else None):
+            eng.add_request("a", chat_with_system(QUESTIONS[0]), greedy(16))
+            done = run(eng)
+            for letter, question in zip("bcd", QUESTIONS[1:4]):  # after a: they find its blocks cached
+                eng.add_request(letter, chat_with_system(question), greedy(16))
+            done.update(run(eng))
         bm = eng.block_manager
         print(f"== prefix_cache={structure!r}: {bm.prefix_hits} of {bm.prefix_queries} prompt tokens from the cache")
         print("   " + ", ".join(f"{rid}: {o.num_cached_tokens} of {len(o.prompt_token_ids)} cached"

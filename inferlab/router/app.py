@@ -39,6 +39,10 @@ class BackendFailed(Exception):
     """The backend took the request, then failed or fell silent before answering."""
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
 def error(status: int, message: str, kind: str = "server_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
@@ -54,8 +58,8 @@ def prefill_body(body: dict) -> dict:
     return {**out, "max_tokens": 1, "stream": False, "n": 1}
 
 
-async def unless_gone(raw: Request, work: Awaitable[T]) -> T | None:
-    """`work`'s result, or None if the client disconnects first (`work` is then cancelled, which
+async def unless_gone(raw: Request, work: Awaitable[T]) -> T:
+    """`work`'s result; ClientGone if the client disconnects first (`work` is then cancelled, which
     closes its backend connection: the backend aborts the request). A plain endpoint is not
     cancelled when its client leaves, and a non-streaming backend sends nothing before its answer
     is whole, so without this the backend would generate to the end for nobody."""
@@ -64,7 +68,7 @@ async def unless_gone(raw: Request, work: Awaitable[T]) -> T | None:
         while not task.done():
             await asyncio.wait([task], timeout=0.5)
             if not task.done() and await raw.is_disconnected():
-                return None
+                raise ClientGone
         return task.result()
     finally:
         task.cancel()
@@ -78,7 +82,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
     one would mix the pools' turns and prefix homes."""
     prefill = prefill or []
     everyone = prefill + backends
-    policies = {id(backends): make_policy(policy), id(prefill): make_policy(policy)}
+    policies = {"serve": make_policy(policy), "prefill": make_policy(policy)}  # by pool
     state: dict = {"requests": 0, "failed": 0, "prefill_failed": 0}
 
     @asynccontextmanager
@@ -98,29 +102,29 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error(exc.status_code, str(exc.detail), kind)
 
-    def pick(pool: list[Backend], body: dict, tried: set[int]) -> Backend:
-        live = [b for b in pool if b.healthy and id(b) not in tried]
+    def pick(role: str, body: dict, tried: set[int]) -> Backend:
+        live = [b for b in (prefill if role == "prefill" else backends) if b.healthy and id(b) not in tried]
         if not live:
             raise NoBackend
-        return live[policies[id(pool)].choose(prefix_keys(body), live)]
+        return live[policies[role].choose(prefix_keys(body), live)]
 
-    async def send(pool: list[Backend], body: dict, path: str, headers: dict) -> tuple[Backend, httpx.Response]:
-        """Open the request on a backend the policy picks, another if that one cannot be reached."""
+    async def send(role: str, body: dict, path: str, headers: dict) -> tuple[Backend, httpx.Response]:
+        """Open the request on a backend of the pool (`serve` or `prefill`) that its policy picks,
+        another if that one cannot be reached."""
         client: httpx.AsyncClient = state["client"]
         tried: set[int] = set()
         while True:
-            backend = pick(pool, body, tried)
+            backend = pick(role, body, tried)
             tried.add(id(backend))
             backend.requests += 1
             backend.in_flight += 1
             try:
                 req = client.build_request("POST", backend.url + path, json=body, headers=headers)
                 return backend, await client.send(req, stream=True)
-            except asyncio.CancelledError:  # the client left while the backend worked
+            except BaseException as e:  # no answer to count it by: cancelled (the client left) or failed
                 backend.in_flight -= 1
-                raise
-            except httpx.HTTPError as e:
-                backend.in_flight -= 1
+                if not isinstance(e, httpx.HTTPError):
+                    raise
                 backend.errors += 1
                 if not isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
                     raise BackendFailed(f"backend {backend.url} failed: {type(e).__name__}") from None
@@ -129,7 +133,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
     async def run_prefill(body: dict, path: str, headers: dict) -> Response | None:
         """The P/D prefill; a client error (4xx) is returned as is, anything else lets decode go on."""
         try:
-            backend, resp = await send(prefill, prefill_body(body), path, headers)
+            backend, resp = await send("prefill", prefill_body(body), path, headers)
         except (NoBackend, BackendFailed) as e:
             state["prefill_failed"] += 1
             log.warning("no prefill (%s); the decode instance computes the prompt", e or "no backend is up")
@@ -161,27 +165,33 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
             return error(400, "the request body must be a JSON object", "invalid_request_error")
         headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
         if prefill:
-            refused = await run_prefill(body, path, headers)
+            try:
+                refused = await unless_gone(raw, run_prefill(body, path, headers))
+            except ClientGone:
+                return gone()
             if refused is not None:
                 return refused
         try:
             if body.get("stream"):
-                backend, resp = await send(backends, body, path, headers)
+                backend, resp = await send("serve", body, path, headers)
                 if resp.status_code == 200:
                     return StreamingResponse(relay(backend, resp), media_type="text/event-stream")
                 return await whole(backend, resp)
-            answer = await unless_gone(raw, ask(body, path, headers))
+            return await unless_gone(raw, ask(body, path, headers))
+        except ClientGone:
+            return gone()
         except NoBackend:
             state["failed"] += 1
             return error(503, "no backend is available (all are down or unreachable)")
         except BackendFailed as e:
             state["failed"] += 1
             return error(502, str(e))
-        # nobody reads this answer (nginx's 499 for a client that left)
-        return error(499, "the client closed the connection", "invalid_request_error") if answer is None else answer
+
+    def gone() -> Response:  # nobody reads this answer (nginx's 499 for a client that left)
+        return error(499, "the client closed the connection", "invalid_request_error")
 
     async def ask(body: dict, path: str, headers: dict) -> Response:
-        return await whole(*await send(backends, body, path, headers))
+        return await whole(*await send("serve", body, path, headers))
 
     async def whole(backend: Backend, resp: httpx.Response) -> Response:
         """The backend's answer read whole, as the router's."""

@@ -296,6 +296,22 @@ def test_completion_text_offsets_stay_in_the_text(client):
     assert streamed == lp.text_offset
 
 
+def test_completion_text_offsets_agree_streamed_while_a_stop_string_is_held_back(client):
+    """Text that may begin a stop string is held back from the stream; its tokens' offsets are
+    still where their text lands, as in the whole answer."""
+    kw = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=1,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0]
+    # tokens 4 and 5 begin the stop, so from token 4 on the text is held back; it never ends it
+    stop = "".join(plain.logprobs.tokens[4:6]) + "\x01"
+    assert plain.logprobs.tokens[4] and stop[:-1] in plain.text
+    whole = client.completions.create(**kw, stop=[stop]).choices[0]
+    assert whole.text == plain.text and whole.logprobs.text_offset == plain.logprobs.text_offset
+    chunks = client.completions.create(**kw, stop=[stop], stream=True)
+    streamed = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert streamed == plain.logprobs.text_offset
+
+
 def test_chat_logprobs_shape(client, offline):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                        temperature=0, logprobs=True, top_logprobs=2)

@@ -98,25 +98,25 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         base, rids, streams = await start(engine, req, engine_prompts, req.max_tokens, req.logprobs)
         head = {"id": f"cmpl-{base}", "object": "text_completion", "created": int(time.time()), "model": model_name}
 
-        def logprobs(out: RequestOutput, count: int, where: fmt.TextOffsets) -> dict | None:
+        def logprobs(out: RequestOutput, count: int, where: fmt.TextOffsets, whole: bool) -> dict | None:
             if req.logprobs is None:
                 return None
             entries = fmt.new_logprobs(out, count)
-            offsets = where.take([t for t, _ in entries], len(out.outputs[0].text))
+            offsets = where.take([t for t, _ in entries], len(out.outputs[0].text) if whole else None)
             return fmt.completion_logprobs(tok, entries, req.logprobs, offsets)
 
         if not req.stream:
             finals = await collect(engine, raw, rids, streams)
             choices = [{"index": i, "text": o.outputs[0].text, "finish_reason": fmt.finish_reason(o),
-                        "logprobs": logprobs(o, len(o.outputs[0].token_ids), fmt.TextOffsets(tok, o.prompt_token_ids))}
-                       for i, o in enumerate(finals)]
+                        "logprobs": logprobs(o, len(o.outputs[0].token_ids), fmt.TextOffsets(tok, o.prompt_token_ids),
+                                             True)} for i, o in enumerate(finals)]
             return {**head, "choices": choices, "usage": fmt.usage(finals, req.n)}
 
         offsets = [fmt.TextOffsets(tok, p["prompt_token_ids"]) for p in engine_prompts for _ in range(req.n)]
 
         def choice(i: int, out: RequestOutput) -> dict | None:
             c = out.outputs[0]
-            lp = logprobs(out, len(c.new_token_ids), offsets[i])
+            lp = logprobs(out, len(c.new_token_ids), offsets[i], False)
             if not (c.new_text or out.finished or lp):
                 return None
             return {"index": i, "text": c.new_text, "logprobs": lp, "finish_reason": fmt.finish_reason(out)}

@@ -46,16 +46,17 @@ class TextOffsets:
 
     Counted on the text as detokenized together, not token by token: a piece of a character
     decodes to U+FFFD alone, so summing pieces would run past the text. A piece starts where its
-    character does. Offsets are capped at the text released so far: text held back (a possible
-    stop string) or cut by a stop has no place of its own yet."""
+    character does. A whole answer caps them at its text's length (a stop string's tokens have no
+    text of their own); a stream cannot know that length yet, so there tokens that a stop then
+    cut keep offsets past the text, and only they differ from the whole answer's."""
 
     def __init__(self, tok: Tokenizer, prompt_ids: list[int]) -> None:
         self.detok = IncrementalDetokenizer(tok, prompt_ids, [])
 
-    def take(self, token_ids: list[int], text_len: int) -> list[int]:
+    def take(self, token_ids: list[int], text_len: int | None = None) -> list[int]:
         offsets = []
         for token_id in token_ids:
-            offsets.append(min(len(self.detok.text), text_len))
+            offsets.append(len(self.detok.text) if text_len is None else min(len(self.detok.text), text_len))
             self.detok.add_token(token_id)
         return offsets
 

@@ -139,7 +139,7 @@ class AsyncEngine:
         """Add a request (raises ValueError at once if it is refused) and return the stream of
         its outputs. If the consumer stops early (a client went away), the request is aborted
         and its KV blocks are freed."""
-        if self.stopping:
+        if self.stopping or self.dead is not None:
             raise EngineStopping("the server is shutting down")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)

@@ -71,9 +71,10 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         try:
             self.waiting.push(req)
-        except BaseException:  # a policy's key() failed on it: nothing stays held
+        except Exception as e:  # a policy's key() failed on it: refused like any request, nothing held
             self.allocation.release(req)
-            raise
+            raise ValueError(f"the scheduling policy refused request {req.request_id!r}: "
+                             f"{type(e).__name__}: {e}") from None
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or bool(self.loading) or len(self.waiting) > 0

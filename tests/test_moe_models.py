@@ -393,6 +393,7 @@ def test_gguf_writer_agrees_with_transformers_reader(name, checkpoints, gguf_fil
     ("qwen3_moe", "num_experts_per_tok", -1),
     ("qwen2_moe", "num_experts_per_tok", 99),
     ("deepseek_v3", "num_experts_per_tok", 99),  # named topk_group
+    ("qwen3_moe", "num_experts_per_tok", "2"),
 ])
 def test_unsupported_config_is_one_line_naming_the_field(name, field, value, checkpoints, tmp_path):
     path = copy_checkpoint(checkpoints(name).path, tmp_path / "edited")

@@ -62,7 +62,8 @@ class MoEArgs(ModelArgs):
     moe_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.moe_layers and not 1 <= self.num_experts_per_tok <= self.num_experts:
+        k = self.num_experts_per_tok
+        if self.moe_layers and not (isinstance(k, int) and 1 <= k <= self.num_experts):
             raise unsupported("num_experts_per_tok", self.num_experts_per_tok,
                               f"each token takes 1 to num_experts={self.num_experts} experts")
 

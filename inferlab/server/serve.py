@@ -87,7 +87,8 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
             recorder.close()
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                    timeout_graceful_shutdown=GRACEFUL_S), engine, stop)
-    engine.on_dead = lambda: setattr(server, "should_exit", True)  # a tensor-parallel rank failed
+    # a tensor-parallel rank failed, or a failed step's requests could not even be aborted
+    engine.on_dead = lambda: setattr(server, "should_exit", True)
     try:
         server.run()
     finally:

@@ -159,8 +159,10 @@ class ModelRunner:
         """Attention's plan where this CPU has a prefill kernel: a sequence's prompt rows go to it as
         one chunk, whether the prompt before them was cached or computed and however it was chunked,
         and its generated rows (decodes, drafts) to the row kernel, as in any decode step. Each kernel
-        computes a row alone, in one order, so a token's bits then follow from its position only: a
-        prompt read from the prefix cache answers as when first computed. Many generated rows at once
+        computes a row alone, in one order, so a prompt row's bits do not depend on the chunking or
+        on cached blocks computed as prompt rows: a prompt read from the prefix cache answers as when
+        first computed (cached blocks of generated tokens hold the row kernel's K/V, which a fresh
+        prefill of the same tokens would compute otherwise). Many generated rows at once
         (recomputed after preemption) go to the prefill kernel too: the row kernel would re-read the
         prefix once per row."""
         counts, starts = batch.counts, batch.starts

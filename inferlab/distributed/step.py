@@ -1,8 +1,8 @@
 """The per-step message from the driver to the other ranks: a `StepBatch` (token ids, each
 sequence's token count, first position and prompt length, which rows sample, block tables:
-positions and slots follow from these) as two broadcasts of host int64 tensors, a fixed header of sizes then the
-arrays. That is all a step sends besides the model's own collectives: one round trip, not one
-per layer. An empty header (no sequences) tells the workers to stop.
+positions and slots follow from these) as two broadcasts of host int64 tensors, a fixed header
+of sizes then the arrays. That is all a step sends besides the model's own collectives: one
+round trip, not one per layer. An empty header (no sequences) tells the workers to stop.
 """
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ class StoreConnector(KVConnectorBase):
     def _stored_run(self, req: Request, cached: int) -> int:
         """How many of `req`'s first `cached` blocks, local prefix-cache hits, the store holds in a
         row: the rest are saved again. A store that was restarted or evicted them would otherwise
-        never get a hot prefix back from the instance that keeps it cached."""
+        never get a hot prefix back from the instance that keeps it cached. One store lookup for each
+        request that hits the local cache, on the engine thread."""
         if not cached:
             return 0
         try:

@@ -31,7 +31,8 @@ class PrefillSeq:
 
 @dataclass
 class NativeRows:
-    """Every query row that reads K/V from the pool (decodes, prefill chunks over a prefix)."""
+    """The native kernels' plan: `rows` for the row kernel (generated tokens' rows where a prefill
+    kernel runs; else also short chunks over a cached prefix), `chunks` for the prefill kernel."""
 
     rows: torch.Tensor  # [R] int64 rows in the flat batch
     seqs: torch.Tensor  # [R] int32 row of `block_tables` for each

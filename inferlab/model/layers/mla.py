@@ -97,7 +97,7 @@ class MLAAttention(nn.Module):
         cache = kv_cache[0]
         cache.view(-1, latent.shape[1]).index_copy_(0, meta.slot_mapping, latent)
         out = x.new_empty(t, self.num_heads, self.v_dim)
-        for start, n, ctx, table in prefill_chunks(meta, cache.shape[1]):
+        for start, n, ctx, table in prefill_chunks(meta):
             rows = slice(start, start + n)
             context = latent[rows] if ctx == n else cache[table.long()].view(-1, latent.shape[1])[:ctx]
             out[rows] = self.attend_up_projected(q_nope[rows], q_pe[rows], context)
@@ -131,15 +131,10 @@ class MLAAttention(nn.Module):
         return torch.einsum("rhc,hvc->rhv", o[:, 0], w_uv)
 
 
-def prefill_chunks(meta: AttentionMetadata, block_size: int) -> list[tuple[int, int, int, torch.Tensor]]:
+def prefill_chunks(meta: AttentionMetadata) -> list[tuple[int, int, int, torch.Tensor]]:
     """(first row, query rows, context length, block table) of each chunk the up-projected form runs:
-    the runner's prefill chunks, whichever of its two plans they came in."""
-    chunks = [(p.start, p.num_tokens, p.context_len, p.block_table) for p in meta.prefills]
-    native = meta.native
-    if native is not None and native.chunks is not None:
-        for row0, count, ctx, seq in zip(*(c.tolist() for c in native.chunks)):
-            chunks.append((row0, count, ctx, native.block_tables[seq, :-(-ctx // block_size)]))
-    return chunks
+    the runner's prefill chunks (a latent pool never gets the native prefill kernel's plan)."""
+    return [(p.start, p.num_tokens, p.context_len, p.block_table) for p in meta.prefills]
 
 
 def latent_rows(meta: AttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:

@@ -47,6 +47,11 @@ def error(status: int, message: str, kind: str = "server_error") -> JSONResponse
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+def client_gone() -> JSONResponse:
+    """What nobody reads: nginx's 499 for a client that left."""
+    return error(499, "the client closed the connection", "invalid_request_error")
+
+
 def sse_error(message: str) -> bytes:
     return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 502}})}\n\n" \
            "data: [DONE]\n\n".encode()
@@ -82,7 +87,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
     one would mix the pools' turns and prefix homes."""
     prefill = prefill or []
     everyone = prefill + backends
-    policies = {"serve": make_policy(policy), "prefill": make_policy(policy)}  # by pool
+    pools = {"serve": (backends, make_policy(policy)), "prefill": (prefill, make_policy(policy))}
     state: dict = {"requests": 0, "failed": 0, "prefill_failed": 0}
 
     @asynccontextmanager
@@ -103,10 +108,11 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
         return error(exc.status_code, str(exc.detail), kind)
 
     def pick(role: str, body: dict, tried: set[int]) -> Backend:
-        live = [b for b in (prefill if role == "prefill" else backends) if b.healthy and id(b) not in tried]
+        pool, route = pools[role]
+        live = [b for b in pool if b.healthy and id(b) not in tried]
         if not live:
             raise NoBackend
-        return live[policies[role].choose(prefix_keys(body), live)]
+        return live[route.choose(prefix_keys(body), live)]
 
     async def send(role: str, body: dict, path: str, headers: dict) -> tuple[Backend, httpx.Response]:
         """Open the request on a backend of the pool (`serve` or `prefill`) that its policy picks,
@@ -168,7 +174,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
             try:
                 refused = await unless_gone(raw, run_prefill(body, path, headers))
             except ClientGone:
-                return gone()
+                return client_gone()
             if refused is not None:
                 return refused
         try:
@@ -179,16 +185,13 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
                 return await whole(backend, resp)
             return await unless_gone(raw, ask(body, path, headers))
         except ClientGone:
-            return gone()
+            return client_gone()
         except NoBackend:
             state["failed"] += 1
             return error(503, "no backend is available (all are down or unreachable)")
         except BackendFailed as e:
             state["failed"] += 1
             return error(502, str(e))
-
-    def gone() -> Response:  # nobody reads this answer (nginx's 499 for a client that left)
-        return error(499, "the client closed the connection", "invalid_request_error")
 
     async def ask(body: dict, path: str, headers: dict) -> Response:
         return await whole(*await send("serve", body, path, headers))

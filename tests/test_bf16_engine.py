@@ -113,12 +113,14 @@ def test_bf16_seed_gives_the_same_tokens_alone_and_in_a_mixed_batch(smol_bf16):
     llm.engine.check_integrity()
 
 
-def test_a_prompt_gives_the_same_bits_whole_cached_and_chunked(smol_bf16, chat_prompts):
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_a_prompt_gives_the_same_bits_whole_cached_and_chunked(smol_bf16, chat_prompts, block_size):
     """Prompt rows all read attention through the prefill kernel, whatever came before them, so a
-    repeated prompt (all but its last token cached) and one chunked by a small budget answer bit for
+    repeated prompt (all but its last block cached) and one chunked by a small budget answer bit for
     bit as the first, whole run: a greedy reply does not change the second time it is asked. (Each
-    step stays within 64 rows, where bf16 weights' matmuls give a row the same bits at any count.)"""
-    llm = LLM(loaded=smol_bf16, num_kv_blocks=64, block_size=4)
+    step stays within 64 rows, where bf16 weights' matmuls give a row the same bits at any count.)
+    One block size per comparison: the kernel may change with it (AMX's tiles need blocks of 16)."""
+    llm = LLM(loaded=smol_bf16, num_kv_blocks=64, block_size=block_size)
     if not llm.engine.runner.tile_prefill:
         pytest.skip("no matrix-product prefill kernel on this ISA: SDPA runs whole prompts")
     prompt = [{"prompt_token_ids": chat_prompts[0]}]
@@ -131,7 +133,7 @@ def test_a_prompt_gives_the_same_bits_whole_cached_and_chunked(smol_bf16, chat_p
     whole, cached = logprobs(llm)
     assert cached == 0
     again, cached = logprobs(llm)
-    assert cached >= len(chat_prompts[0]) - 4 and again == whole
-    chunked = LLM(loaded=smol_bf16, num_kv_blocks=64, max_num_batched_tokens=16, long_prefill_token_threshold=5,
-                  enable_prefix_caching=False)
+    assert cached >= len(chat_prompts[0]) - block_size and again == whole
+    chunked = LLM(loaded=smol_bf16, num_kv_blocks=64, block_size=block_size, max_num_batched_tokens=16,
+                  long_prefill_token_threshold=5, enable_prefix_caching=False)
     assert logprobs(chunked) == (whole, 0)

@@ -185,6 +185,31 @@ def test_a_bf16_rows_result_does_not_depend_on_its_batch(isa, wtype, monkeypatch
     torch.testing.assert_close(batch.double(), want, rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("wtype", [quant.BF16, quant.Q8_0, quant.Q4_1, quant.Q4_K], ids=str)
+def test_amx_gives_a_row_the_same_bits_in_prefill_chunks_too(isa, wtype, monkeypatch):
+    """On AMX the tiles run bf16 matmuls up to TORCH_BF16_PAST_ROWS rows, prefill chunks as well as
+    decode steps (past 64 rows in panels), each output one chain of tile products over K: a row's bits
+    are the same alone, in a decode step and in any chunk, so a prompt prefilled whole answers as
+    when chunked, read from the prefix cache or batched with another request's prefill."""
+    if isa != "amx":
+        pytest.skip(f"only the AMX tiles run bf16 matmuls past a decode step's rows ({isa}: PyTorch's oneDNN)")
+    monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
+    limit, k = 512, 512 if wtype.block == 256 else 320  # 512: TORCH_BF16_PAST_ROWS["amx"]
+    w = random_weights(wtype, 48, k, seed=wtype.code + 21)
+    dense = quant.dequantize(w, wtype).bfloat16().double()
+    if wtype != quant.BF16:
+        w, wtype = tiles.repack(w, wtype), quant.TILED[wtype]
+    g = torch.Generator().manual_seed(22)
+    x, bias = torch.randn(limit, k, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
+    for out in (None, torch.float32):
+        whole = linear(x, w, wtype, bias, out_dtype=out)
+        for rows in (1, 5, 64, 65, 200, 257, limit - 1):  # panels of 256 rows, blocks of 64
+            parts = torch.cat([linear(x[i:i + rows], w, wtype, bias, out_dtype=out) for i in range(0, limit, rows)])
+            assert torch.equal(parts, whole), (rows, out)
+    want = x.double() @ dense.T + bias.double()
+    torch.testing.assert_close(whole.double(), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("wtype", [quant.BF16, quant.Q8_0, quant.Q4_1], ids=str)
 def test_fp32_output_of_bf16_inputs_is_not_rounded(isa, wtype, monkeypatch):
     """A bf16 model's logits: fp32 out keeps the sums as they are, within fp32 summation of the
@@ -279,9 +304,9 @@ def test_tiled_regrouping_moves_the_blocks_and_nothing_else(wtype):
 @pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
 def test_tiled_blocks_give_the_bf16_weights_products(isa, wtype, monkeypatch):
     """A t16 matrix is the bf16 weights its blocks round to, kept in a quarter of the bytes: on AMX the
-    tiles decode it and give the very bits of those bf16 weights' product at every decode row count,
-    thread count and output dtype; past a decode step's rows, and on other ISAs, PyTorch multiplies
-    the bf16 weights the kernels decode it to."""
+    tiles decode it and give the very bits of those bf16 weights' product at every row count (decode
+    steps and prefill chunks), thread count and output dtype; on other ISAs PyTorch multiplies the
+    bf16 weights the kernels decode it to."""
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
     from inferlab.model.layers.linear import linear_ref, tiles_to_bf16
     k = 512 if wtype.block == 256 else 320

@@ -1,6 +1,7 @@
 /* The linear layer on AMX tiles, for bf16 weights and activations at the 1 to 64 rows of a decode
  * step, where PyTorch's matmul falls well short of memory speed (measured on the embedded model's
- * layers, 2 threads: 20 ms a step at 1 to 16 rows against 11 ms here, 27 ms against 20 ms at 64).
+ * layers, 2 threads: 20 ms a step at 1 to 16 rows against 11 ms here, 27 ms against 20 ms at 64), and
+ * on past them in 64-row blocks (prefill chunks; the caller sends PyTorch the rows where oneDNN is faster).
  *
  * W is used as it is stored, row-major, as the left operand: an A tile is 16 weight rows x 32
  * inputs, loaded with W's row stride. x is repacked once per call into the pair-interleaved layout
@@ -20,7 +21,7 @@
 #include "../common.h"
 #include "t16.h"
 
-#define AMX_MAX_ROWS 64
+#define BLOCK_ROWS 64
 
 /* r[i] <- column i of the 16 x 16 matrix whose rows are r[0..15]. */
 static inline void transpose16(__m512 r[16]) {
@@ -75,11 +76,17 @@ IL_INLINE void prefetch_a(const uint16_t *w, const uint16_t *a, int k, int ahead
     }
 }
 
-/* Tiles: 0-3 accumulate 16 outputs x 16 rows of x each (up to 64 rows), 4 holds W's A tile, 5-7 take
- * turns holding x's B tiles. Every tile is 16 rows of 64 bytes; rows of x past M are zeros. */
+/* Tiles: 0-3 accumulate 16 outputs x 16 rows of x each (a block of up to 64 rows), 4 holds W's A tile,
+ * 5-7 take turns holding x's B tiles. Every tile is 16 rows of 64 bytes; rows of x past M are zeros.
+ * Past 64 rows (prefill chunks) the rows go in panels of PANEL_ROWS, whose packed x stays in L2 while
+ * every strip of 16 weight rows passes over it, a block at a time; a t16 strip is decoded once a panel.
+ * Each output is the same chain of tile products, over K in order, at any row count, so a row's bits
+ * do not depend on the rows that came with it (oneDNN, which ran prefills before, sums otherwise). */
+#define PANEL_ROWS 256
 IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, const uint16_t *bias, void *y,
-                            int64_t ldy, int ydtype, int M, int K, int N, int num_threads, uint32_t *restrict xp) {
-    const int mb = (M + 15) / 16, mp = 16 * mb, pairs = K / 2;
+                            int64_t ldy, int ydtype, int M, int K, int N, int num_threads, uint32_t *restrict xp,
+                            const int panels) {
+    const int mb = (M + 15) / 16, pairs = K / 2;
 #pragma omp parallel num_threads(num_threads)
     {
         /* xp[j][p][i] = pair p of x row 16 j + i: a B tile (16 pairs of 16 rows) is 1 KB in one piece.
@@ -92,97 +99,113 @@ IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, c
         if (own) {
             for (int c = 0; c < tiles_k; c++) pack_b_tile(x, pairs, M, c, xt + (int64_t)c * 256);
         } else {
-            const __m512i row_offsets = _mm512_mullo_epi32(
-                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(pairs));
 #pragma omp for schedule(static)
-            for (int p = 0; p < pairs; p++)
-                for (int j = 0; j < mb; j++) {
-                    const int left = M - 16 * j;
-                    const __mmask16 live = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-                    _mm512_storeu_si512(xp + ((int64_t)j * pairs + p) * 16,
-                                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, row_offsets,
-                                                                    (const int *)x + (int64_t)16 * j * pairs + p, 4));
-                }
+            for (int jc = 0; jc < mb * tiles_k; jc++) { /* row tile j, pairs 16 c .. 16 c + 15 */
+                const int j = jc / tiles_k, c = jc % tiles_k, left = M - 16 * j;
+                pack_b_tile(x + (int64_t)16 * j * pairs, pairs, left < 16 ? left : 16, c,
+                            xp + ((int64_t)j * pairs + 16 * c) * 16);
+            }
         }
         amx_configure();
-        float c[16 * AMX_MAX_ROWS] __attribute__((aligned(64)));  /* c[n][m]: one block's outputs */
+        float c[16 * BLOCK_ROWS] __attribute__((aligned(64)));  /* c[n][m]: one block's outputs */
         const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                  _mm512_set1_epi32(mp)); /* c's column m: c + m + n mp */
-        uint16_t decoded[2][512] __attribute__((aligned(64)));    /* t16: A tiles, in turn */
+                                                  _mm512_set1_epi32(16 * mb)); /* c's column m (M <= 4): c + m + n mp */
+        uint16_t decoded[2][512] __attribute__((aligned(64)));    /* t16 up to 64 rows: A tiles, in turn */
+        /* t16 past 64 rows: a strip's A tiles, decoded once a panel */
+        uint16_t *strip = panels && il_t16_type(wtype) ? aligned_alloc(64, (size_t)K * 32) : NULL;
         /* t16: a group's block, its 32-input steps, and the bytes a step takes on average */
         const int64_t group_bytes = 16 * (int64_t)il_block_bytes(wtype);
         const int per = il_block_elems(wtype) / 32 > 0 ? il_block_elems(wtype) / 32 : 1;
         const int64_t step_bytes = group_bytes / per;
+        for (int p0 = 0; p0 < M; p0 += panels ? PANEL_ROWS : M) {
+            const int pend = M < p0 + PANEL_ROWS ? M : p0 + PANEL_ROWS;
 #pragma omp for schedule(static)
-        for (int nb = 0; nb < N / 16; nb++) {
-            const uint16_t *a = (const uint16_t *)w + (int64_t)nb * 16 * K;
-            const uint8_t *blocks = (const uint8_t *)w + (int64_t)nb * (K / 32) * step_bytes; /* t16 */
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int k = 0; k < K / 32; k++) {
-                const uint32_t *b = xt + (int64_t)k * 256;  /* block j's tile at b + j * 16 * pairs */
-                /* The hardware prefetcher falls behind on W's 16 row streams and cannot guess where
-                 * the next block of rows starts. Fetching 2 steps ahead took the layers' matmuls at
-                 * 64 rows from 21 to 17.5 ms; running on into the next block (only K / 32 = 18 steps
-                 * long here) from 17.5 to 16.4, and at 16 rows from 11.6 to 10.6. Also fetching 8 steps
-                 * ahead into L2: 7-8% off at 1 and 16 rows, 1-7% at 64 (the AMX Xeon VM, 2 threads) */
-                if (il_t16_type(wtype)) { /* one stream: 8 blocks ahead into L1, 32 into L2 */
-                    for (int o = 0; o < step_bytes; o += 64) {
-                        _mm_prefetch((const char *)blocks + (k + 8) * step_bytes + o, _MM_HINT_T0);
-                        _mm_prefetch((const char *)blocks + (k + 32) * step_bytes + o, _MM_HINT_T1);
+            for (int nb = 0; nb < N / 16; nb++) {
+                const uint16_t *a = (const uint16_t *)w + (int64_t)nb * 16 * K;
+                const uint8_t *blocks = (const uint8_t *)w + (int64_t)nb * (K / 32) * step_bytes; /* t16 */
+                if (panels && strip)
+                    for (int k = 0; k < K / 32; k++)
+                        decode_t16(wtype, blocks + k / per * group_bytes, k % per, strip + 512 * k, 32);
+                for (int r0 = p0; r0 < pend; r0 += BLOCK_ROWS) {
+                    /* up to 64 rows one block, its tile count known before the loops: without that the
+                     * decode steps' matmuls ran ~5% slower */
+                    const int tb = !panels ? mb : (pend - r0 + 15) / 16 < 4 ? (pend - r0 + 15) / 16 : 4, bp = 16 * tb;
+                    const uint32_t *xb = !panels ? xt : xt + (int64_t)(r0 / 16) * 16 * pairs; /* the block's B tiles */
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int k = 0; k < K / 32; k++) {
+                        const uint32_t *b = xb + (int64_t)k * 256;  /* block tile j's at b + j * 16 * pairs */
+                        /* The hardware prefetcher falls behind on W's 16 row streams and cannot guess where
+                         * the next block of rows starts. Fetching 2 steps ahead took the layers' matmuls at
+                         * 64 rows from 21 to 17.5 ms; running on into the next block (only K / 32 = 18 steps
+                         * long here) from 17.5 to 16.4, and at 16 rows from 11.6 to 10.6. Also fetching 8 steps
+                         * ahead into L2: 7-8% off at 1 and 16 rows, 1-7% at 64 (the AMX Xeon VM, 2 threads) */
+                        if (panels && strip) {
+                            for (int j = 0; j < tb; j++)  /* the next step but one's B tiles, into L1 */
+                                for (int l = 0; l < 16; l++)
+                                    _mm_prefetch((const char *)(b + j * 16 * pairs + 2 * 256) + 64 * l, _MM_HINT_T0);
+                            _tile_loadd(4, strip + 512 * k, 64);
+                        } else if (il_t16_type(wtype)) { /* one stream: 8 blocks ahead into L1, 32 into L2 */
+                            for (int o = 0; o < step_bytes; o += 64) {
+                                _mm_prefetch((const char *)blocks + (k + 8) * step_bytes + o, _MM_HINT_T0);
+                                _mm_prefetch((const char *)blocks + (k + 32) * step_bytes + o, _MM_HINT_T1);
+                            }
+                            decode_t16(wtype, blocks + k / per * group_bytes, k % per, decoded[k & 1], 32);
+                            _tile_loadd(4, decoded[k & 1], 64);
+                        } else {
+                            prefetch_a(w, a, k, 2, N, K, 1);
+                            prefetch_a(w, a, k, 8, N, K, 0);
+                            _tile_loadd(4, a + 32 * k, K * 2);
+                        }
+                        _tile_loadd(5, b, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        if (tb > 1) {
+                            _tile_loadd(6, b + 1 * 16 * pairs, 64);
+                            _tile_dpbf16ps(1, 4, 6);
+                        }
+                        if (tb > 2) {
+                            _tile_loadd(7, b + 2 * 16 * pairs, 64);
+                            _tile_dpbf16ps(2, 4, 7);
+                        }
+                        if (tb > 3) {
+                            _tile_loadd(5, b + 3 * 16 * pairs, 64);
+                            _tile_dpbf16ps(3, 4, 5);
+                        }
                     }
-                    decode_t16(wtype, blocks + k / per * group_bytes, k % per, decoded[k & 1], 32);
-                    _tile_loadd(4, decoded[k & 1], 64);
-                } else {
-                    prefetch_a(w, a, k, 2, N, K, 1);
-                    prefetch_a(w, a, k, 8, N, K, 0);
-                    _tile_loadd(4, a + 32 * k, K * 2);
-                }
-                _tile_loadd(5, b, 64);
-                _tile_dpbf16ps(0, 4, 5);
-                if (mb > 1) {
-                    _tile_loadd(6, b + 1 * 16 * pairs, 64);
-                    _tile_dpbf16ps(1, 4, 6);
-                }
-                if (mb > 2) {
-                    _tile_loadd(7, b + 2 * 16 * pairs, 64);
-                    _tile_dpbf16ps(2, 4, 7);
-                }
-                if (mb > 3) {
-                    _tile_loadd(5, b + 3 * 16 * pairs, 64);
-                    _tile_dpbf16ps(3, 4, 5);
-                }
-            }
-            _tile_stored(0, c, mp * 4);
-            if (mb > 1) _tile_stored(1, c + 16, mp * 4);
-            if (mb > 2) _tile_stored(2, c + 32, mp * 4);
-            if (mb > 3) _tile_stored(3, c + 48, mp * 4);
-            const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + 16 * nb))), 16))
-                                  : _mm512_setzero_ps();
-            for (int m = 0; M <= 4 && m < M; m++) { /* a few columns: gathered (the transpose takes 64 shuffles) */
-                const __m512 out = _mm512_add_ps(_mm512_i32gather_ps(column, c + m, 4), b);
-                if (ydtype == IL_F32)
-                    _mm512_storeu_ps((float *)y + (int64_t)m * ldy + 16 * nb, out);
-                else
-                    _mm256_storeu_si256((__m256i *)((uint16_t *)y + (int64_t)m * ldy + 16 * nb), (__m256i)_mm512_cvtneps_pbh(out));
-            }
-            for (int j = 0; M > 4 && j < mb; j++) {  /* column m of c is row m's 16 outputs */
-                __m512 r[16];
-                for (int n = 0; n < 16; n++) r[n] = _mm512_load_ps(c + n * mp + 16 * j);
-                transpose16(r);
-                for (int m = 16 * j; m < M && m < 16 * j + 16; m++) {
-                    const __m512 out = _mm512_add_ps(r[m - 16 * j], b);
-                    const int64_t at = (int64_t)m * ldy + 16 * nb;
-                    if (ydtype == IL_F32) /* a bf16 model's logits: kept in fp32 */
-                        _mm512_storeu_ps((float *)y + at, out);
-                    else
-                        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(out));
+                    _tile_stored(0, c, bp * 4);
+                    if (tb > 1) _tile_stored(1, c + 16, bp * 4);
+                    if (tb > 2) _tile_stored(2, c + 32, bp * 4);
+                    if (tb > 3) _tile_stored(3, c + 48, bp * 4);
+                    const __m512 bv = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                                 _mm256_loadu_si256((const __m256i *)(bias + 16 * nb))), 16))
+                                           : _mm512_setzero_ps();
+                    for (int m = 0; M <= 4 && m < M; m++) { /* a few columns: gathered (the transpose takes 64 shuffles) */
+                        const __m512 out = _mm512_add_ps(_mm512_i32gather_ps(column, c + m, 4), bv);
+                        if (ydtype == IL_F32)
+                            _mm512_storeu_ps((float *)y + (int64_t)m * ldy + 16 * nb, out);
+                        else
+                            _mm256_storeu_si256((__m256i *)((uint16_t *)y + (int64_t)m * ldy + 16 * nb),
+                                                (__m256i)_mm512_cvtneps_pbh(out));
+                    }
+                    for (int j = 0; M > 4 && j < tb; j++) {  /* column m of c is row r0 + m's 16 outputs */
+                        __m512 r[16];
+                        for (int n = 0; n < 16; n++) r[n] = _mm512_load_ps(c + n * bp + 16 * j);
+                        transpose16(r);
+                        for (int m = 16 * j; r0 + m < pend && m < 16 * j + 16; m++) {
+                            const __m512 out = _mm512_add_ps(r[m - 16 * j], bv);
+                            const int64_t at = (int64_t)(r0 + m) * ldy + 16 * nb;
+                            if (ydtype == IL_F32) /* a bf16 model's logits: kept in fp32 */
+                                _mm512_storeu_ps((float *)y + at, out);
+                            else
+                                _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(out));
+                        }
+                    }
                 }
             }
         }
+        free(strip);
         _tile_release();
     }
 }
@@ -190,7 +213,7 @@ IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, c
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
     if ((wtype != IL_W_BF16 && !il_t16_type(wtype)) || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) ||
-        rows < 1 || rows > AMX_MAX_ROWS || K % 32 || N % 16 || ldx != K || !amx_ready()) {
+        rows < 1 || K % 32 || N % 16 || ldx != K || !amx_ready()) {
         if (!il_t16_type(wtype) || rows < 1)
             return linear_avx512(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, act, num_threads);
         /* t16 where the tiles do not run (no tile permission, a strided x): its bf16 weights, whole */
@@ -210,10 +233,15 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
     uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * copies); /* linear_tiles says why */
     if (!xp) return 2;
     switch (wtype) { /* each type its own compiled loop */
-#define TILES(T) case T: linear_tiles(x, w, T, bias, y, ldy, ydtype, rows, K, N, num_threads, xp); break;
+#define TILES(T) case T: rows > BLOCK_ROWS ? linear_tiles(x, w, T, bias, y, ldy, ydtype, rows, K, N, num_threads, xp, 1) \
+                                          : linear_tiles(x, w, T, bias, y, ldy, ydtype, rows, K, N, num_threads, xp, 0); break;
         IL_T16_TYPES(TILES)
 #undef TILES
-        default: linear_tiles(x, w, IL_W_BF16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
+        default:
+            if (rows > BLOCK_ROWS)
+                linear_tiles(x, w, IL_W_BF16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp, 1);
+            else
+                linear_tiles(x, w, IL_W_BF16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp, 0);
     }
     free(xp);
     return 0;

@@ -186,7 +186,7 @@ def main() -> None:
         sys.exit("this experiment needs redis-server (apt-get install redis-server)")
     systems, turns, starts = workload(a)
     eng = engine(num_kv_blocks=1024, max_num_batched_tokens=256, max_model_len=2048, num_threads=1)
-    cost, steps = calibrate(eng)
+    cost, steps, _ = calibrate(eng)
     system_tokens = len(eng.tokenizer.encode(systems[0]))
     del eng
     results: dict[str, dict] = {}

@@ -21,7 +21,7 @@ def main() -> None:
     a = parse_args(__doc__)
     config = dict(num_kv_blocks=2048, block_size=16, max_num_seqs=64, max_num_batched_tokens=1024)
     eng = engine(**config)
-    cost, steps = calibrate(eng, scale=0.15 if a.smoke else 1.0)
+    cost, steps, _ = calibrate(eng, scale=0.15 if a.smoke else 1.0)
     eng.block_manager.reset_prefix_cache()
     n = 12 if a.smoke else 1
     # All at once first: its measured request rate sets the Poisson trace's rate (60% of it), so

@@ -73,15 +73,21 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+POOR_FIT = 0.25  # calibrate's median relative error past which it warns
+
+
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from inferlab.engine import LLMEngine
     from inferlab.sim.calibrate import calibrate
     # at 0 or below every shape is one 2-token request: a fit of collinear features, saved as if sound
     if not 0 < a.scale < float("inf"):
         raise ValueError(f"--scale must be a positive number, got {a.scale}")
-    model, steps = calibrate(LLMEngine(engine_config(a)), a.scale)
+    model, steps, error = calibrate(LLMEngine(engine_config(a)), a.scale)
     model.save(a.out)
-    print(f"fitted on {steps} timed steps, saved to {a.out}", file=sys.stderr)
+    print(f"fitted on {steps} timed steps (median error {error:.0%}), saved to {a.out}", file=sys.stderr)
+    if not error <= POOR_FIT:
+        print(f"warning: the fit explains the steps poorly (median error {error:.0%}, over {POOR_FIT:.0%}); "
+              "was another job running? calibrate again on a quiet machine", file=sys.stderr)
     print(json.dumps(vars(model)))
 
 

@@ -30,6 +30,15 @@ def test_fit_recovers_a_known_cost_model():
         assert getattr(fit, name) == pytest.approx(getattr(truth, name), rel=0.15), name
 
 
+def test_median_error_says_how_well_a_model_explains_the_steps():
+    truth = CostModel(0.02, 1e-3, 2e-3, 1e-5)
+    samples = [(StepFeatures(p, d, 100 * p), truth.step_time(StepFeatures(p, d, 100 * p)))
+               for p in range(0, 400, 40) for d in range(0, 32, 8)]
+    assert truth.median_error(samples) == pytest.approx(0, abs=1e-12)
+    noisy = [(f, t * (2.0 if i % 2 else 0.5)) for i, (f, t) in enumerate(samples)]  # a busy machine
+    assert CostModel.fit(noisy).median_error(noisy) > 0.25  # past calibrate's warning
+
+
 def test_fit_never_goes_negative():
     samples = [(StepFeatures(p, 0, 0), 0.05 - 1e-5 * p) for p in range(0, 400, 20)]  # time falling with work
     fit = CostModel.fit(samples)
@@ -118,8 +127,9 @@ def test_calibrate_fits_timed_steps_of_a_real_engine(make_tiny_engine):
     engine = make_tiny_engine(num_kv_blocks=256, block_size=16)
     swapped: list[bool] = []  # calibration watches through the runner's hook, never by replacing execute
     engine.step_observers.append(lambda outputs: swapped.append("execute" in vars(engine.runner)))
-    model, steps = calibrate(engine, scale=0.25)
+    model, steps, error = calibrate(engine, scale=0.25)
     assert steps > 20 and min(vars(model).values()) >= 0 and model.step_time(StepFeatures(64, 8, 2000)) > 0
+    assert 0 <= error < float("inf")
     assert swapped and not any(swapped) and engine.runner.on_execute is None
 
 

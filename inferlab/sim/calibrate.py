@@ -17,8 +17,9 @@ SHAPES = [(1, 32, 16), (2, 480, 8), (4, 256, 24), (8, 128, 32), (16, 64, 32), (3
           (24, 160, 40)]
 
 
-def calibrate(engine: LLMEngine, scale: float = 1.0, seed: int = 0) -> tuple[CostModel, int]:
-    """Run the shapes (their sizes multiplied by `scale`) and fit; returns (model, steps timed)."""
+def calibrate(engine: LLMEngine, scale: float = 1.0, seed: int = 0) -> tuple[CostModel, int, float]:
+    """Run the shapes (their sizes multiplied by `scale`) and fit; returns (model, steps timed, the
+    fit's median relative error over them)."""
     samples: list[tuple[StepFeatures, float]] = []
     features: list[StepFeatures] = []
     rng = random.Random(seed)
@@ -40,7 +41,8 @@ def calibrate(engine: LLMEngine, scale: float = 1.0, seed: int = 0) -> tuple[Cos
     finally:
         engine.runner.on_execute = None
     warm = samples[2:]  # the first steps pay one-off allocation costs
-    return dataclasses.replace(CostModel.fit(warm), **swap_cost(engine)), len(warm)
+    fit = CostModel.fit(warm)
+    return dataclasses.replace(fit, **swap_cost(engine)), len(warm), fit.median_error(warm)
 
 
 def swap_cost(engine: LLMEngine, num_blocks: int = 64, rounds: int = 3) -> dict:

@@ -77,6 +77,12 @@ class CostModel:
             if not active:
                 return cls(float(y.mean()), 0.0, 0.0, 0.0)
 
+    def median_error(self, samples: list[tuple[StepFeatures, float]]) -> float:
+        """The median of |predicted - timed| / timed over the samples: how well the model explains
+        them (a few percent on a quiet machine; far more when another job shared the cores)."""
+        errors = sorted(abs(self.step_time(f) - t) / t for f, t in samples if t > 0)
+        return errors[len(errors) // 2] if errors else float("nan")
+
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(asdict(self), f, indent=2)

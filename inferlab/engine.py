@@ -18,12 +18,12 @@ from inferlab.budget import StepBudget
 from inferlab.config import EngineConfig
 from inferlab.distributed import EngineDeadError
 from inferlab.distributed.executor import TensorParallelExecutor
+from inferlab.engine_log import log_start
 from inferlab.inputs import PromptType, check_request, parse_prompt
 from inferlab.kv_pool import kv_pool_blocks
 from inferlab.kv_swap import HostKVPool
-from inferlab.kv_transfer import make_connector
+from inferlab.kv_transfer import make_connector, store_namespace
 from inferlab.malloc import keep_freed_memory
-from inferlab.model.layers.quant import describe_weights
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.loader import load_model, model_name
 from inferlab.model.tokenizer import Tokenizer
@@ -104,14 +104,9 @@ class LLMEngine:
             ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids, native,
                         fused=not config.enforce_eager, prefault=config.kv_cache_prefault)
         self.host_pool = HostKVPool(self.runner, num_host_blocks)  # allocated by the first swap, if any
-        args, kv = self.model.args, config.kv_transfer_config
-        # blocks in a shared store are named by model, dtype, weights (re-quantized, int8 activations)
-        # and block shape: other models' never mix in, nor KV that other arithmetic computed
-        weights = (config.quantization if config.quantization.startswith("q") else "stored") + \
-            ("+int8" if config.int8_activations else "")
-        self.kv_connector = None if kv is None else make_connector(kv, self.runner, self.block_manager, (
-            f"{self.block_manager.model}:{weights}:{args.num_layers}x{args.num_kv_heads}x{args.head_dim}x"
-            f"{config.block_size}"))
+        kv = config.kv_transfer_config
+        self.kv_connector = None if kv is None else make_connector(
+            kv, self.runner, self.block_manager, store_namespace(config, self.block_manager.model, self.model.args))
         self.scheduler.connector = self.kv_connector
         spec = config.speculative_config
         self.speculator = Speculator.build(spec, self, self.draft_loaded) if spec is not None else None
@@ -127,20 +122,7 @@ class LLMEngine:
         # Called with each step's outputs after the step (a recorder, a dashboard feed); empty
         # unless someone watches, so watching costs nothing when nobody does.
         self.step_observers: list[Callable[[list[RequestOutput]], None]] = []
-        log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s%s)", num_blocks,
-                 config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
-                 str(self.dtype).removeprefix("torch."), self.device,
-                 ", pages touched at start" if config.kv_cache_prefault and self.device.type == "cpu" else "")
-        native = self.runner.native
-        int8 = "" if not config.int8_activations else (
-            " (int8 into integer-block layers)" if any(getattr(m, "int8_active", False) for m in self.model.modules())
-            else " (int8 asked for, but no layer keeps an integer block type)")
-        weights, used = describe_weights(self.model), f"native {native.isa}" if native else "PyTorch"
-        if native and "x16" in weights:  # which of the regrouped kernel's products run (fp32 inputs: FMAs)
-            used += f" (x16 blocks by {'fp32' if self.dtype == torch.float32 else native.products()} products)"
-        log.info("weights: %s; activations: %s%s; kernels: %s; decode steps: %s", weights,
-                 str(self.dtype).removeprefix("torch."), int8, used,
-                 f"one native call ({len(self.runner.tape.ops)} ops)" if self.runner.tape else "op by op")
+        log_start(self, num_blocks, per_block)
 
     @property
     def max_request_tokens(self) -> int:

@@ -1,0 +1,32 @@
+"""The two start-up lines that say what an engine runs: its KV pool, then its weights, activations,
+kernels and decode path (what `make run` prints, and what a bug report should quote)."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from inferlab.model.layers.quant import describe_weights
+
+if TYPE_CHECKING:
+    from inferlab.engine import LLMEngine
+
+log = logging.getLogger("inferlab")
+
+
+def log_start(engine: LLMEngine, num_blocks: int, per_block: int) -> None:
+    """Log the engine's pool (`num_blocks` of `per_block` bytes) and what computes each step."""
+    config, dtype = engine.config, str(engine.dtype).removeprefix("torch.")
+    log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s%s)", num_blocks,
+             config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20, dtype, engine.device,
+             ", pages touched at start" if config.kv_cache_prefault and engine.device.type == "cpu" else "")
+    native, runner = engine.runner.native, engine.runner
+    int8 = "" if not config.int8_activations else (
+        " (int8 into integer-block layers)" if any(getattr(m, "int8_active", False) for m in engine.model.modules())
+        else " (int8 asked for, but no layer keeps an integer block type)")
+    weights, used = describe_weights(engine.model), f"native {native.isa}" if native else "PyTorch"
+    if native and "x16" in weights:  # which of the regrouped kernel's products run (fp32 inputs: FMAs)
+        used += f" (x16 blocks by {'fp32' if engine.dtype == torch.float32 else native.products()} products)"
+    log.info("weights: %s; activations: %s%s; kernels: %s; decode steps: %s", weights, dtype, int8, used,
+             f"one native call ({len(runner.tape.ops)} ops)" if runner.tape else "op by op")

@@ -12,11 +12,8 @@ event; one that is up but silent ends it after `timeout` seconds. Nothing waits 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import Awaitable
 from contextlib import asynccontextmanager
-from typing import TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -25,59 +22,21 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 
 from inferlab.router.backends import Backend, health_loop, prefix_keys
+from inferlab.router.http import (
+    BackendFailed,
+    ClientGone,
+    NoBackend,
+    auth_headers,
+    client_gone,
+    error,
+    no_backend,
+    prefill_body,
+    sse_error,
+    unless_gone,
+)
 from inferlab.router.policy import make_policy
 
 log = logging.getLogger("inferlab")
-T = TypeVar("T")
-
-
-class NoBackend(Exception):
-    """No healthy backend could take the request."""
-
-
-class BackendFailed(Exception):
-    """The backend took the request, then failed or fell silent before answering."""
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
-
-
-def error(status: int, message: str, kind: str = "server_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-def client_gone() -> JSONResponse:
-    """What nobody reads: nginx's 499 for a client that left."""
-    return error(499, "the client closed the connection", "invalid_request_error")
-
-
-def sse_error(message: str) -> bytes:
-    return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 502}})}\n\n" \
-           "data: [DONE]\n\n".encode()
-
-
-def prefill_body(body: dict) -> dict:
-    """The request as the prefill instance gets it: one token, not streamed, one choice."""
-    out = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens", "max_completion_tokens")}
-    return {**out, "max_tokens": 1, "stream": False, "n": 1}
-
-
-async def unless_gone(raw: Request, work: Awaitable[T]) -> T:
-    """`work`'s result; ClientGone if the client disconnects first (`work` is then cancelled, which
-    closes its backend connection: the backend aborts the request). A plain endpoint is not
-    cancelled when its client leaves, and a non-streaming backend sends nothing before its answer
-    is whole, so without this the backend would generate to the end for nobody."""
-    task = asyncio.ensure_future(work)
-    try:
-        while not task.done():
-            await asyncio.wait([task], timeout=0.5)
-            if not task.done() and await raw.is_disconnected():
-                raise ClientGone
-        return task.result()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def build_router_app(backends: list[Backend], policy: str = "round_robin", prefill: list[Backend] | None = None,
@@ -169,7 +128,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
             return error(400, "the request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict):
             return error(400, "the request body must be a JSON object", "invalid_request_error")
-        headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
+        headers = auth_headers(raw)
         if prefill:
             try:
                 refused = await unless_gone(raw, run_prefill(body, path, headers))
@@ -188,7 +147,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
             return client_gone()
         except NoBackend:
             state["failed"] += 1
-            return error(503, "no backend is available (all are down or unreachable)")
+            return no_backend()
         except BackendFailed as e:
             state["failed"] += 1
             return error(502, str(e))
@@ -245,14 +204,14 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
 
     async def ask_any(raw: Request, path: str) -> Response:
         """A GET that any healthy backend answers alike (they serve one model)."""
-        headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
+        headers = auth_headers(raw)
         for b in [b for b in backends if b.healthy]:
             try:
                 resp = await state["client"].get(f"{b.url}{path}", headers=headers, timeout=5.0)
                 return Response(resp.content, resp.status_code, media_type="application/json")
             except httpx.HTTPError:
                 b.mark(False, f"{path} failed")
-        return error(503, "no backend is available (all are down or unreachable)")
+        return no_backend()
 
     @app.get("/health")
     async def health() -> Response:

@@ -58,7 +58,7 @@ def main() -> None:
     print(f"| type | rows | ms | GFLOP/s | weight GB/s | torch {a.dtype} ms |\n|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for name in a.types.split(","):
-        regrouped = {t.name.lower(): t for t in (*quant.REGROUPED.values(), *quant.TILED.values())}
+        regrouped = {t.name.lower(): t for t in (*quant.REGROUPED.values(), quant.BF16X16, *quant.TILED.values())}
         wtype = regrouped.get(name.lower()) or quant.BY_NAME[name.lower()]
         layers, shapes = [], [(kk, n) for kk, n in SHAPES if kk % wtype.block == 0]
         if len(shapes) < len(SHAPES):

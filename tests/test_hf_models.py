@@ -314,11 +314,16 @@ def test_fp32_weights_run_as_bf16_in_a_bf16_model_on_bf16_matrix_units(checkpoin
     tied = checkpoints("llama_tied")
     bf16, _ = load_model(tied.path, "bfloat16", torch.device("cpu"))
     fp32, _ = load_model(tied.path, "float32", torch.device("cpu"))
+    from inferlab.model.layers import regroup
+    kept = quant.BF16X16 if units == "avx512" else quant.BF16  # in pair rows without AMX (keep.target_type)
+
+    def weights(m):
+        return regroup.unrepack(m.weight, m.wtype) if m.wtype == quant.BF16X16 else m.weight
     qkv = bf16.model.layers[0].self_attn.qkv_proj
-    assert qkv.wtype == quant.BF16 and fp32.model.layers[0].self_attn.qkv_proj.wtype == quant.F32
-    assert torch.equal(qkv.weight, fp32.model.layers[0].self_attn.qkv_proj.weight.bfloat16())
-    assert bf16.model.embed_tokens.wtype == quant.BF16 and bf16.lm_head.weight is bf16.model.embed_tokens.weight
-    assert torch.equal(bf16.lm_head.weight, tied.hf.get_input_embeddings().weight.bfloat16())
+    assert qkv.wtype == kept and fp32.model.layers[0].self_attn.qkv_proj.wtype == quant.F32
+    assert torch.equal(weights(qkv), fp32.model.layers[0].self_attn.qkv_proj.weight.bfloat16())
+    assert bf16.model.embed_tokens.wtype == kept and bf16.lm_head.weight is bf16.model.embed_tokens.weight
+    assert torch.equal(weights(bf16.model.embed_tokens), tied.hf.get_input_embeddings().weight.bfloat16())
 
 
 def test_tokenizer_matches_transformers(checkpoints):

@@ -260,7 +260,8 @@ def regrouped(w: torch.Tensor, wtype: quant.WeightType) -> torch.Tensor:
     return (tiles.repack if wtype in quant.TILED.values() else regroup.repack)(w, wtype.base)
 
 
-@pytest.mark.parametrize("wtype", [*quant.TYPES, *quant.REGROUPED.values(), *quant.TILED.values()], ids=str)
+@pytest.mark.parametrize("wtype", [*quant.TYPES, *quant.REGROUPED.values(), quant.BF16X16, *quant.TILED.values()],
+                         ids=str)
 def test_embedding_lookup_matches_dequantized_rows(isa, wtype):
     """Every build looks rows up in every type, the regrouped ones (a tied LM head's) included, and
     into bf16 rounds each value once (the AMX build's t16 decoding too: whole groups and single rows)."""
@@ -285,6 +286,20 @@ def test_regrouping_moves_the_blocks_and_nothing_else(wtype):
     assert torch.equal(quant.dequantize(regrouped, quant.REGROUPED[wtype]), quant.dequantize(w, wtype))
     with pytest.raises(ValueError, match="do not split into groups of 16"):
         regroup.repack(w[:40], wtype)
+
+
+def test_bf16_pair_rows_move_the_weights_and_nothing_else():
+    """bf16 weights [N, K] regrouped (BF16X16) are their bytes [N, 2 K] moved: pair row p of a group's
+    32-input block holds its 16 rows' inputs 2 p, 2 p + 1 side by side."""
+    w = random_weights(quant.BF16, 48, 320, seed=5)
+    pairs = regroup.repack(w, quant.BF16)
+    assert pairs.dtype == torch.uint8 and pairs.shape == (48, 640)
+    group = pairs[16:32].reshape(-1).view(torch.bfloat16).reshape(10, 16, 32)  # [block, pair row, lane]
+    assert torch.equal(group[3, 1, 2:4], w[16 + 1, 32 * 3 + 2:32 * 3 + 4])  # block 3, pair row 1, row 1
+    assert torch.equal(regroup.unrepack(pairs, quant.BF16X16), w)
+    assert torch.equal(quant.dequantize(pairs, quant.BF16X16), w.float())
+    with pytest.raises(ValueError, match="do not split into groups of 16"):
+        regroup.repack(w[:40], quant.BF16)
 
 
 @pytest.mark.parametrize("wtype", list(quant.TILED), ids=str)
@@ -377,20 +392,21 @@ def x16_products(request):
         native.products(before)
 
 
-@pytest.mark.parametrize("wtype", list(quant.REGROUPED), ids=str)
+@pytest.mark.parametrize("wtype", [*quant.REGROUPED, quant.BF16], ids=str)
 def test_regrouped_linear_is_exact_and_batch_invariant(isa, wtype, x16_products, monkeypatch):
-    """bf16 inputs against the regrouped blocks: the exact products of the dequantized weights within
-    fp32 summation (AVX512-BF16 kernel, with either products; PyTorch on ISAs without it), and with
-    the kernel each row's result the same alone, in any batch (few-row groups, the one-row path's 2 or
-    4 blocks side by side, many-row tiles) and with any thread count. (PyTorch's fp32 matmul sums in
-    an order that depends on the row count, so its bf16 rounding may too; the engine keeps the
-    regrouped types to the ISAs with the kernel.)"""
+    """bf16 inputs against the regrouped blocks (and bf16 weights in their pair rows, BF16X16): the
+    exact products of the dequantized weights within fp32 summation (AVX512-BF16 kernel, with either
+    products; PyTorch on ISAs without it), and with the kernel each row's result the same alone, in any
+    batch (few-row groups, the one-row path's 2 or 4 blocks side by side, many-row tiles, past a decode
+    step's 64 rows too) and with any thread count. (PyTorch's fp32 matmul sums in an order that depends
+    on the row count, so its bf16 rounding may too; the engine keeps the regrouped types to the ISAs
+    with the kernel.)"""
     if kernels.for_isa(isa).products() not in (None, x16_products):
         pytest.skip(f"the {isa} build has only {kernels.for_isa(isa).products()} products")
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
     k = 352 if wtype.block == 32 else 512  # 11 blocks a row: one row runs 2 or 4 at a time, then the rest
     w = random_weights(wtype, 128, k, seed=wtype.code + 7)
-    rt, dense = quant.REGROUPED[wtype], quant.dequantize(w, wtype).double()
+    rt, dense = quant.REGROUPED.get(wtype, quant.BF16X16), quant.dequantize(w, wtype).double()
     w = regroup.repack(w, wtype)
     g = torch.Generator().manual_seed(13)
     x, bias = torch.randn(70, k, generator=g).bfloat16(), torch.randn(128, generator=g).bfloat16()
@@ -527,6 +543,14 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.F16, 576, "auto", bf16, "avx512") == quant.BF16
     assert target_type(quant.F32, 576, "auto", f32, "amx") == quant.F32  # an fp32 model keeps them
     assert target_type(quant.F16, 576, "auto", bf16, "avx2") == quant.F16  # bf16 only stored there: as is
+    # bf16 weights on AVX512-BF16 without AMX: in pair rows, which one kernel runs at every row count
+    assert target_type(quant.F32, 576, "auto", bf16, "avx512", rows=576) == quant.BF16X16
+    assert target_type(quant.BF16, 576, "auto", bf16, "avx512", rows=576) == quant.BF16X16
+    assert target_type(quant.Q4_1, 576, "none", bf16, "avx512", rows=576) == quant.BF16X16
+    assert target_type(quant.BF16, 576, "auto", bf16, "avx512", rows=40) == quant.BF16  # not whole groups
+    assert target_type(quant.BF16, 576, "auto", f32, "avx512", rows=576) == quant.BF16  # fp32 activations
+    assert target_type(quant.BF16, 576, "auto", bf16, "avx512f", rows=576) == quant.BF16X16  # FMAs there
+    assert target_type(quant.BF16, 576, "auto", bf16, "amx", rows=576) == quant.BF16  # the tiles take them
     # int8 activations multiply blocks: asking for them keeps the blocks that have them
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", int8=True) == quant.Q4_1
     assert target_type(quant.Q6_K, 512, "auto", bf16, "amx", int8=True) == quant.Q6_K

@@ -42,7 +42,7 @@ static inline int il_block_elems(int wtype) {
         case IL_W_Q8_0: case IL_W_Q4_0: case IL_W_Q4_1: case IL_W_Q5_0: case IL_W_Q5_1: case IL_W_IQ4_NL: return 32;
         case IL_W_Q8_0X16: case IL_W_Q4_0X16: case IL_W_Q4_1X16: case IL_W_IQ4_NLX16: case IL_W_Q5_0X16:
         case IL_W_Q5_1X16: case IL_W_Q4_0T16: case IL_W_Q4_1T16: case IL_W_Q8_0T16: case IL_W_Q5_0T16:
-        case IL_W_Q5_1T16: case IL_W_IQ4_NLT16: return 32; /* per row, as their GGUF type */
+        case IL_W_Q5_1T16: case IL_W_IQ4_NLT16: case IL_W_BF16X16: return 32; /* per row, as their GGUF type */
         case IL_W_Q4_K: case IL_W_Q5_K: case IL_W_Q6_K: case IL_W_Q2_K: case IL_W_Q3_K: case IL_W_IQ4_XS:
         case IL_W_Q4_KX16: case IL_W_Q5_KX16: case IL_W_Q6_KX16: case IL_W_Q3_KX16: case IL_W_Q2_KX16:
         case IL_W_IQ4_XSX16: case IL_W_Q4_KT16: case IL_W_Q6_KT16: case IL_W_Q5_KT16: case IL_W_IQ4_XST16:
@@ -55,6 +55,7 @@ static inline int il_block_bytes(int wtype) {
     switch (wtype) {
         case IL_W_F32: return 4;
         case IL_W_F16: case IL_W_BF16: return 2;
+        case IL_W_BF16X16: return 64;
         case IL_W_Q8_0: case IL_W_Q8_0X16: case IL_W_Q8_0T16: return sizeof(il_q8_0);
         case IL_W_Q4_0: case IL_W_Q4_0X16: case IL_W_Q4_0T16: return sizeof(il_q4_0);
         case IL_W_Q4_1: case IL_W_Q4_1X16: case IL_W_Q4_1T16: return sizeof(il_q4_1);

@@ -54,6 +54,7 @@
 #define IL_W_Q2_KX16 74   /* per 256 inputs: the 16 rows' d, dmin and scales, then 8 sub-blocks of 2-bit words */
 #define IL_W_Q3_KX16 75   /* per 256 inputs: the 16 rows' d and scales, then 8 sub-blocks of masks and 2-bit words */
 #define IL_W_IQ4_XSX16 87 /* per 256 inputs: the 16 rows' d and scales, then 8 sub-blocks as IQ4_NLX16's values */
+#define IL_W_BF16X16 79   /* bf16 weights, per 32 inputs the 16 rows' pair rows: no scales, 2 bytes a weight */
 /* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0, the K-quants and IQ4_NL / IQ4_XS blocks regrouped 16 rows at a
  * time for the AMX tiles' left operand (amx/linear.c; layout: regrouped.h), made at load on AMX CPUs;
  * other builds' linear returns 1 for them. */

@@ -16,7 +16,8 @@ typedef struct { uint16_t d[16], m[16]; uint32_t h[16]; uint16_t q[128]; } il_q5
 static inline int il_x16_type(int wtype) {
     return wtype == IL_W_Q4_0X16 || wtype == IL_W_Q4_1X16 || wtype == IL_W_Q8_0X16 || wtype == IL_W_IQ4_NLX16 ||
            wtype == IL_W_Q4_KX16 || wtype == IL_W_Q5_0X16 || wtype == IL_W_Q5_1X16 || wtype == IL_W_Q5_KX16 ||
-           wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16;
+           wtype == IL_W_Q6_KX16 || wtype == IL_W_Q3_KX16 || wtype == IL_W_Q2_KX16 || wtype == IL_W_IQ4_XSX16 ||
+           wtype == IL_W_BF16X16;
 }
 
 /* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0, the K-quants and IQ4_NL / IQ4_XS regrouped for the AMX tiles
@@ -65,6 +66,10 @@ static inline void il_x16_block(int wtype, const void *w, int64_t n, int K, int 
     /* the group's block holding these inputs (a K type's 256-input one): the same bytes per row */
     const int64_t group_bytes = 16 * (int64_t)il_block_bytes(wtype);
     const uint8_t *sb = (const uint8_t *)w + (n / 16 * (K / per) + b * 32 / per) * group_bytes;
+    if (wtype == IL_W_BF16X16) { /* the weights themselves, in the pair rows */
+        for (int k = 0; k < 32; k++) y[k] = il_bf16_to_f32(((const uint16_t *)sb)[32 * (k / 2) + 2 * i + k % 2]);
+        return;
+    }
     if (wtype == IL_W_Q6_KX16) { /* d[16], scales[16][16], then per sub-block 2 x 16 masks and the words */
         const uint16_t *at = (const uint16_t *)(sb + 288 + 384 * (b % 8));
         const float d = il_f16_to_f32(((const uint16_t *)sb)[i]);

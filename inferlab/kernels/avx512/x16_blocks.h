@@ -33,6 +33,9 @@
  * in bit 2 of the index, stored XOR the next field's low bit, as Q5's fifth. Q2_K's hold the 16
  * rows' d, dmin and 16 scale bytes side by side (320 bytes), then 8 sub-blocks of 64 such words (no
  * masks); its two parts each add their minimum times the sum of their 16 inputs.
+ * bf16 weights (BF16X16) are the pair rows themselves, 16 of 64 bytes a group block and no scales: a
+ * bf16 model's matrices regrouped so, where no AMX takes them, run through the same chains at every row
+ * count as the blocks do, so a row's sums never depend on the rows beside it.
  */
 #ifndef INFERLAB_AVX512_X16_BLOCKS_H
 #define INFERLAB_AVX512_X16_BLOCKS_H
@@ -41,7 +44,7 @@
 #include "../common.h"
 
 /* a call's blocks (a constant in every tile) */
-enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS };
+enum { Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS, BF16 };
 
 /* 256-input blocks */
 IL_INLINE int is_k(const int kind) {
@@ -73,7 +76,7 @@ IL_INLINE int kind_of(int wtype) {
     return wtype == IL_W_Q4_1X16 ? Q4_1 : wtype == IL_W_Q8_0X16 ? Q8_0 : wtype == IL_W_Q4_KX16 ? Q4_K
          : wtype == IL_W_Q5_0X16 ? Q5_0 : wtype == IL_W_Q5_1X16 ? Q5_1 : wtype == IL_W_Q5_KX16 ? Q5_K
          : wtype == IL_W_Q6_KX16 ? Q6_K : wtype == IL_W_Q3_KX16 ? Q3_K : wtype == IL_W_Q2_KX16 ? Q2_K
-         : wtype == IL_W_IQ4_XSX16 ? IQ4_XS : Q4_0;
+         : wtype == IL_W_IQ4_XSX16 ? IQ4_XS : wtype == IL_W_BF16X16 ? BF16 : Q4_0;
 }
 
 static inline tables tables_of(int wtype) {
@@ -95,6 +98,7 @@ static inline tables tables_of(int wtype) {
  * (a plain mask) picks the second table's values. Q8_0: its 32 bytes widened to fp32 and narrowed
  * to bf16 (16 values at a time, in order). */
 IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, tables t, const int j) {
+    if (kind == BF16) return (__m512bh)_mm512_loadu_si512(blk + 64 * j);
     if (kind == Q8_0) { /* each value's bf16 is its fp32's high half (exact: |q| <= 128); no bf16 instruction */
         static const uint16_t high_halves[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
                                                  33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
@@ -124,7 +128,7 @@ IL_INLINE __m512bh pair_row(const uint8_t *blk, const int kind, tables t, const 
 /* A group's bytes per 32 inputs (the K types: on average; their 256-input blocks hold a header and 8
  * sub-blocks). */
 IL_INLINE int64_t group_block_bytes(const int kind) {
-    return kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : kind == Q5_0 ? sizeof(il_q5_0x16)
+    return kind == BF16 ? 1024 : kind == Q8_0 ? sizeof(il_q8_0x16) : kind == Q4_1 ? sizeof(il_q4_1x16) : kind == Q5_0 ? sizeof(il_q5_0x16)
          : kind == Q5_1 ? sizeof(il_q5_1x16) : kind == Q4_K ? 16 * sizeof(il_q4_K) / 8
          : kind == Q5_K ? 16 * sizeof(il_q5_K) / 8 : kind == Q6_K ? 16 * sizeof(il_q6_K) / 8
          : kind == Q3_K ? 16 * sizeof(il_q3_K) / 8 : kind == Q2_K ? 16 * sizeof(il_q2_K) / 8
@@ -156,6 +160,10 @@ IL_INLINE __m512 scales(const uint8_t *blk, const int half) { /* the block's d (
  * or for a Q4_K sub-block d * scale and -dmin * min, the 6-bit scale and min unpacked from the 12 bytes
  * of each row (byte k of the 16 rows side by side), as il_scale_min_k4 does for one. */
 IL_INLINE void block_scales(const uint8_t *blk, int b, const int kind, factors *f) {
+    if (kind == BF16) { /* none: add_part adds the products as they are */
+        f->d[0] = f->m[0] = _mm512_set1_ps(1.f);
+        return;
+    }
     if (!is_k(kind)) {
         f->d[0] = scales(blk, 0);
         f->m[0] = has_min(kind) ? scales(blk, 1) : f->d[0];

@@ -33,6 +33,8 @@
  * that row's sums a: a + d[h] p (+ m[h] sum x), the one scaling every path uses, part after part, so
  * a row's result never depends on its tile. */
 IL_INLINE __m512 add_part(__m512 a, __m512 p, const factors *f, float sx, const int kind, const int h) {
+    if (kind == BF16) /* the builtin with its rounding spelled out: -ffast-math reassociates plain adds */
+        return _mm512_add_round_ps(a, p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     a = _mm512_fmadd_ps(p, f->d[h], a);
     return has_min(kind) ? _mm512_fmadd_ps(f->m[h], _mm512_set1_ps(sx), a) : a;
 }
@@ -59,7 +61,7 @@ IL_INLINE void store16(const float *acc, const void *bias, int64_t bias_at, int 
 #define BY_KIND(CALL)                                                                                \
     (kind == Q4_1 ? CALL(Q4_1) : kind == Q8_0 ? CALL(Q8_0) : kind == Q4_K ? CALL(Q4_K) : kind == Q5_0 ? CALL(Q5_0) \
      : kind == Q5_1 ? CALL(Q5_1) : kind == Q5_K ? CALL(Q5_K) : kind == Q6_K ? CALL(Q6_K) : kind == Q3_K ? CALL(Q3_K) \
-     : kind == Q2_K ? CALL(Q2_K) : kind == IQ4_XS ? CALL(IQ4_XS) \
+     : kind == Q2_K ? CALL(Q2_K) : kind == IQ4_XS ? CALL(IQ4_XS) : kind == BF16 ? CALL(BF16) \
      : CALL(Q4_0))
 
 /* The sums of a row's 32 inputs of a block (lo: the first 16, hi: the rest; Q2_K: of each 16) that its

@@ -18,6 +18,9 @@ BF16_MATRIX_ISAS = ("avx512", "amx")
 # FMAs of them widened: `kernels.x16_products`) and fp32, always by fp32 FMAs: AVX-512 CPUs without
 # bf16 instructions (avx512f, avx512vnni) have only those activations, the others when a model runs in fp32
 X16_DTYPES = {isa: (torch.float32, torch.bfloat16) for isa in ("avx512f", "avx512vnni", "avx512", "amx")}
+# ISAs where a bf16 model's bf16 weights are regrouped into that kernel's pair rows (quant.BF16X16), so
+# that one kernel sums them at every row count: the AVX-512 builds without AMX (whose tiles take bf16)
+PAIR_ROW_ISAS = ("avx512", "avx512f", "avx512vnni")
 
 
 def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: str | None,
@@ -39,10 +42,15 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     llama.cpp keeps output tensors at higher precision) where rows split into its blocks, and
     regrouped as `auto` keeps a file's blocks (AMX with bf16 activations: t16; else on AVX-512: x16).
     Regrouping needs `rows` (a matrix's rows: a linear layer's outputs, or a vocabulary also used as
-    the LM head; None for an embedding alone) to be a multiple of 16."""
+    the LM head; None for an embedding alone) to be a multiple of 16.
+    In every mode, bf16 weights with bf16 activations on the AVX-512 builds without AMX are kept as
+    `quant.BF16X16`: the regrouped blocks' kernel then runs them at every row count, so a row's bits do
+    not depend on its batch (a prefill's rows went to other kernels, which sum in other orders)."""
     as_dtype = quant.BY_DTYPE[dtype]
+    pairs = isa in PAIR_ROW_ISAS and dtype == torch.bfloat16 and rows is not None and rows % quant.GROUP_ROWS == 0 \
+        and k % quant.BF16X16.block == 0
     if mode == "none" or (mode == "auto" and (isa is None or not stored.native)):
-        return as_dtype
+        return quant.BF16X16 if pairs and as_dtype == quant.BF16 else as_dtype
     bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS
     regroup = dtype in X16_DTYPES.get(isa, ()) and not int8 and rows is not None and rows % quant.GROUP_ROWS == 0
     tiles = regroup and isa == "amx" and dtype == torch.bfloat16  # the tiles take bf16 inputs
@@ -56,6 +64,8 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
         kept = wanted if k % wanted.block == 0 else as_dtype
     if tiles and kept in quant.TILED:  # explicit modes too (x16 there ran batches 3.5x slower)
         return quant.TILED[kept]
+    if pairs and kept == quant.BF16:
+        return quant.BF16X16
     return quant.REGROUPED[kept] if regroup and kept in quant.REGROUPED else kept
 
 

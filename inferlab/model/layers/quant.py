@@ -75,6 +75,9 @@ Q6_KX16 = WeightType("q6_Kx16", 78, 256, 210, base=Q6_K)
 Q3_KX16 = WeightType("q3_Kx16", 75, 256, 110, base=Q3_K)  # 2-bit words and third-bit masks
 Q2_KX16 = WeightType("q2_Kx16", 74, 256, 84, base=Q2_K)  # 2-bit words
 IQ4_XSX16 = WeightType("iq4_xsx16", 87, 256, 136, base=IQ4_XS)
+# A bf16 model's matrices in the same pair rows (no scales), for the AVX512-BF16 builds without AMX: there
+# the kernel of the blocks runs them at every row count, one order of sums (`keep.target_type`)
+BF16X16 = WeightType("bf16x16", 79, 32, 64, base=BF16)
 REGROUPED = {Q4_0: Q4_0X16, Q4_1: Q4_1X16, Q5_0: Q5_0X16, Q5_1: Q5_1X16, Q8_0: Q8_0X16, IQ4_NL: IQ4_NLX16,
              Q4_K: Q4_KX16, Q5_K: Q5_KX16, Q6_K: Q6_KX16, Q3_K: Q3_KX16, Q2_K: Q2_KX16,
              IQ4_XS: IQ4_XSX16}
@@ -97,7 +100,7 @@ Q2_KT16 = WeightType("q2_Kt16", 101, 256, 84, base=Q2_K)  # d, dmin, scales, 8 s
 TILED = {Q4_0: Q4_0T16, Q4_1: Q4_1T16, Q5_0: Q5_0T16, Q5_1: Q5_1T16, Q8_0: Q8_0T16, Q2_K: Q2_KT16, Q3_K: Q3_KT16,
          Q4_K: Q4_KT16, Q5_K: Q5_KT16, Q6_K: Q6_KT16, IQ4_NL: IQ4_NLT16, IQ4_XS: IQ4_XST16}
 GROUP_ROWS = 16
-BY_CODE = {t.code: t for t in (*TYPES, *DEQUANTIZED_AT_LOAD, *REGROUPED.values(), *TILED.values())}
+BY_CODE = {t.code: t for t in (*TYPES, *DEQUANTIZED_AT_LOAD, *REGROUPED.values(), BF16X16, *TILED.values())}
 BY_NAME = {t.name.lower(): t for t in (*TYPES, *DEQUANTIZED_AT_LOAD)}
 BY_DTYPE = {t.dtype: t for t in TYPES if t.dtype is not None}
 assert all(kernels.C[f"IL_W_{t.name.upper()}"] == t.code for t in BY_CODE.values() if t.native), \
@@ -125,6 +128,8 @@ def dequantize(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
         # wrappers (a test caches results by the tensor's address) would see a temporary tensor
         from inferlab.model.layers.regroup import unrepack
         data, wtype = unrepack(data, wtype), wtype.base
+        if wtype.dtype is not None:  # BF16X16's
+            return data.float()
     from gguf import GGMLQuantizationType
     from gguf import dequantize as gguf_dequantize
     try:

@@ -19,7 +19,7 @@ from inferlab.model.layers.planes import (
     word_bytes,
     words,
 )
-from inferlab.model.layers.quant import GROUP_ROWS, Q8_0, WeightType
+from inferlab.model.layers.quant import BF16, BF16X16, GROUP_ROWS, Q8_0, WeightType
 
 
 def _pair_words(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
@@ -91,11 +91,14 @@ def _mask_bits(masks: torch.Tensor, values: torch.Tensor, bits: int = 4) -> torc
 
 def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / IQ4_XS / Q4_K / Q5_K / Q6_K / Q3_K / Q2_K rows [N, row bytes] (N a
-    multiple of 16) regrouped as REGROUPED[wtype], the same bytes per row: per group of 16 rows and
+    multiple of 16) regrouped as REGROUPED[wtype] (bf16: BF16X16), the same bytes per row: per group of 16 rows and
     block, the rows' scale fields side by side (`planes.FIELDS`), then per 32 inputs the masks of the
     values' higher bits (the first as `_fifth_masks`, a second, Q6_K's sixth, as plain lane masks) and
     the low bits as pairs of inputs of the 16 rows (`_pair_words`; layout: kernels/avx512/x16_blocks.h);
-    Q8_0's values as pairs of bytes."""
+    Q8_0's values as pairs of bytes; bf16 weights [N, K] as pairs of them, into [N, 2 K] bytes."""
+    if wtype == BF16:  # 4 bytes a row's input pair: pair row p holds the 16 rows' pair p side by side
+        _, _, _, blocks = block_groups(data.contiguous().view(torch.uint8), BF16X16)
+        return side_by_side(blocks, 4).reshape(data.shape[0], -1).contiguous()
     n, g, nb, blocks = block_groups(data, wtype)
     if wtype == Q8_0:  # byte 2 i + e of pair row p: row i's input 2 p + e
         return torch.cat([fields(blocks, wtype), side_by_side(blocks[..., 2:], 2)], dim=2).reshape(n, -1).contiguous()
@@ -109,6 +112,9 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
 def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     """The GGUF rows a regrouped tensor was made from (`repack`'s inverse)."""
     base = wtype.base
+    if base == BF16:
+        rows = by_row(data.reshape(data.shape[0] // GROUP_ROWS, data.shape[1] // 64, 1024), 4)
+        return rows.reshape(data.shape[0], -1).contiguous().view(torch.bfloat16)
     n, nb = data.shape[0], data.shape[1] // base.nbytes
     g, head = n // GROUP_ROWS, field_bytes(base)
     groups = data.reshape(g, nb, GROUP_ROWS * base.nbytes)

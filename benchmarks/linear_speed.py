@@ -5,7 +5,8 @@
         [--rows 1,16,64,512] [--int8] [--dtype bfloat16]
 
 (`--types q4_1x16,bf16 --isa avx512 --dtype bfloat16`: the regrouped blocks against bf16 weights;
-`--types q4_1t16,bf16 --isa amx --dtype bfloat16`: the blocks the AMX tiles decode, against the same.)
+`--types q4_1t16,bf16 --isa amx --dtype bfloat16`: the blocks the AMX tiles decode, against the same;
+`--types bf16x16,bf16 --isa avx512 --dtype bfloat16`: bf16 weights in the blocks' pair rows, against bf16 rows.)
 
 Prints, per (type, rows): ms per call for the 120 layer matmuls of one step (qkv, o, gate/up, down
 of 30 layers), the GFLOP/s that makes, the weight bytes read per second, and PyTorch's time on the

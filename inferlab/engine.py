@@ -7,7 +7,6 @@ cannot harm others.
 """
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -16,10 +15,10 @@ import torch
 
 from inferlab.budget import StepBudget
 from inferlab.config import EngineConfig
-from inferlab.distributed import EngineDeadError
 from inferlab.distributed.executor import TensorParallelExecutor
 from inferlab.engine_log import log_start
 from inferlab.inputs import PromptType, check_request, parse_prompt
+from inferlab.isolation import execute_isolating
 from inferlab.kv_pool import kv_pool_blocks
 from inferlab.kv_swap import HostKVPool
 from inferlab.kv_transfer import make_connector, store_namespace
@@ -38,8 +37,6 @@ from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
 from inferlab.spec_decode.speculator import Speculator
 from inferlab.threads import ThreadGovernor
-
-log = logging.getLogger("inferlab")
 
 
 class LLMEngine:
@@ -184,7 +181,7 @@ class LLMEngine:
             if kv is not None:
                 kv.wait_for_load(0.01)  # only loads pending: wait on them rather than spin
             return []
-        results, failed = self._execute(out.scheduled)
+        results, failed = execute_isolating(self.runner, out.scheduled)
         if kv is not None:
             kv.save_kv(meta, {req.request_id for req, _ in failed})
         outputs = []
@@ -217,28 +214,6 @@ class LLMEngine:
         for observe in self.step_observers:
             observe(outputs)
         return outputs
-
-    def _execute(self, scheduled: list[tuple[Request, int]]) -> tuple[dict, list[tuple[Request, str]]]:
-        """Run the batch. If it raises, rerun each request alone, so that a request that breaks
-        the model or sampler fails by itself and the others carry on (their K/V slots are simply
-        written again)."""
-        try:
-            return self.runner.execute(scheduled), []
-        except EngineDeadError:  # a tensor-parallel rank failed: no step can run any more
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure is isolated, then reported per request
-            log.warning("a step of %d requests failed (%s: %s); retrying them one by one",
-                        len(scheduled), type(e).__name__, e)
-        results, failed = {}, []
-        for item in scheduled:
-            try:
-                results.update(self.runner.execute([item]))
-            except EngineDeadError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                log.error("request %s failed: %s: %s", item[0].request_id, type(e).__name__, e)
-                failed.append((item[0], f"{type(e).__name__}: {e}"))
-        return results, failed
 
     def _forget(self, req: Request) -> None:
         if self.speculator is not None:

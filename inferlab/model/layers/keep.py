@@ -49,12 +49,12 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     as_dtype = quant.BY_DTYPE[dtype]
     pairs = isa in PAIR_ROW_ISAS and dtype == torch.bfloat16 and rows is not None and rows % quant.GROUP_ROWS == 0 \
         and k % quant.BF16X16.block == 0
-    if mode == "none" or (mode == "auto" and (isa is None or not stored.native)):
-        return quant.BF16X16 if pairs and as_dtype == quant.BF16 else as_dtype
     bf16_units = dtype == torch.bfloat16 and isa in BF16_MATRIX_ISAS
     regroup = dtype in X16_DTYPES.get(isa, ()) and not int8 and rows is not None and rows % quant.GROUP_ROWS == 0
     tiles = regroup and isa == "amx" and dtype == torch.bfloat16  # the tiles take bf16 inputs
-    if mode == "auto":
+    if mode == "none" or (mode == "auto" and (isa is None or not stored.native)):
+        kept = as_dtype  # a float type: of the layouts below, only the pair rows take it
+    elif mode == "auto":
         blocks_win = (int8 and stored in quant.INT8_TYPES) or (regroup and not tiles and stored in quant.REGROUPED)
         kept = quant.BF16 if bf16_units and not blocks_win else stored
         if kept == quant.BF16 and tiles and stored in quant.TILED:

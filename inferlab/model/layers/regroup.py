@@ -113,7 +113,8 @@ def unrepack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     """The GGUF rows a regrouped tensor was made from (`repack`'s inverse)."""
     base = wtype.base
     if base == BF16:
-        rows = by_row(data.reshape(data.shape[0] // GROUP_ROWS, data.shape[1] // 64, 1024), 4)
+        nbytes = BF16X16.nbytes
+        rows = by_row(data.reshape(data.shape[0] // GROUP_ROWS, data.shape[1] // nbytes, GROUP_ROWS * nbytes), 4)
         return rows.reshape(data.shape[0], -1).contiguous().view(torch.bfloat16)
     n, nb = data.shape[0], data.shape[1] // base.nbytes
     g, head = n // GROUP_ROWS, field_bytes(base)

@@ -49,15 +49,15 @@ static inline void prefetch_head(const uint16_t *cache, const int32_t *table, in
     }
 }
 
-/* The heads of one row: num_kv_heads KV heads from k_cache and v_cache, whose key slots are ts
- * elements apart, and their num_heads query heads from q; out's rows are out_heads heads apart.
- * A row's heads, or one KV head's group alone (its caches and q moved to that head): a head's sums
- * are the same either way, as the other groups' rows of P are zeros, which add nothing. */
 /* A whole row's task sweeps its slots (every head), a KV head's fetches its head's lines */
 #define FETCH_SLOTS(cache, key)                                                   \
     (num_kv_heads * D == ts ? prefetch_keys(cache, table, key, block_size, ts) \
                             : prefetch_head(cache, table, key, block_size, ts))
 
+/* The heads of one row: num_kv_heads KV heads from k_cache and v_cache, whose key slots are ts
+ * elements apart, and their num_heads query heads from q; out's rows are out_heads heads apart.
+ * A row's heads, or one KV head's group alone (its caches and q moved to that head): a head's sums
+ * are the same either way, as the other groups' rows of P are zeros, which add nothing. */
 static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
                        uint16_t *out, int64_t row, const int32_t *table, int n, int group, int num_heads,
                        int num_kv_heads, int64_t ts, int out_heads, int block_size, float scale,
@@ -191,13 +191,10 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
             const int r = task / splits, h = task % splits; /* h: the task's KV head when split */
             const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
             if (!scores || !w) continue;
-            if (splits == 1)
-                attend_row(q, q_stride, k_cache, v_cache, out, row_ids[r], table, lens[r], group, num_heads,
-                           num_kv_heads, ts, num_heads, block_size, scale, scores, w);
-            else
-                attend_row((const uint16_t *)q + h * group * D, q_stride, (const uint16_t *)k_cache + h * D,
-                           (const uint16_t *)v_cache + h * D, (uint16_t *)out + h * group * D, row_ids[r], table,
-                           lens[r], group, group, 1, ts, num_heads, block_size, scale, scores, w);
+            const int heads = splits == 1 ? num_kv_heads : 1; /* the task's KV heads, from KV head h */
+            attend_row((const uint16_t *)q + h * group * D, q_stride, (const uint16_t *)k_cache + h * D,
+                       (const uint16_t *)v_cache + h * D, (uint16_t *)out + h * group * D, row_ids[r], table,
+                       lens[r], group, heads * group, heads, ts, num_heads, block_size, scale, scores, w);
         }
         free(scores);
         free(w);

@@ -126,14 +126,16 @@ def test_a_prompt_gives_the_same_bits_whole_cached_and_chunked(smol_bf16, chat_p
     repeated prompt (all but its last block cached) and one chunked by a small budget answer bit for
     bit as the first, whole run: a greedy reply does not change the second time it is asked. The
     short prompt stays within a decode step's 64 rows, where bf16 weights' matmuls give a row the same
-    bits at any count; the long one (over 100 tokens) holds only where they still do past them (AMX's
-    tiles, to 512 rows; AVX2; the AVX-512 builds, whose bf16 weights are regrouped for the blocks'
-    kernel, at any count). One block size per comparison: the kernel may
+    bits at any count; the long one (over 512 tokens, prefilled in one step) holds only where they
+    still do past them (AMX's tiles, AVX2, and the AVX-512 builds, whose bf16 weights are regrouped for
+    the blocks' kernel: at any count). One block size per comparison: the kernel may
     change with it (AMX's tiles need blocks of 16)."""
-    llm = LLM(loaded=smol_bf16, num_kv_blocks=64, block_size=block_size)
+    ids = sum(chat_prompts, []) * 2 if long else chat_prompts[0]
+    blocks = (len(ids) + 32) // block_size + 1
+    llm = LLM(loaded=smol_bf16, num_kv_blocks=blocks, block_size=block_size, long_prefill_token_threshold=2048)
     if not llm.engine.runner.tile_prefill:
         pytest.skip("no matrix-product prefill kernel on this ISA: SDPA runs whole prompts")
-    ids = chat_prompts[6] + chat_prompts[7] if long else chat_prompts[0]
+    assert not long or len(ids) > 512
     isa = kernels.native().isa
     if long and _bf16_to_torch(kernels.native(), len(ids)):
         pytest.skip(f"{isa}: bf16 matmuls past 64 rows take another kernel (oneDNN, or fp32 tiles), summing otherwise")
@@ -148,6 +150,6 @@ def test_a_prompt_gives_the_same_bits_whole_cached_and_chunked(smol_bf16, chat_p
     assert cached == 0
     again, cached = logprobs(llm)
     assert cached >= len(ids) - block_size and again == whole
-    chunked = LLM(loaded=smol_bf16, num_kv_blocks=64, block_size=block_size, max_num_batched_tokens=16,
+    chunked = LLM(loaded=smol_bf16, num_kv_blocks=blocks, block_size=block_size, max_num_batched_tokens=16,
                   long_prefill_token_threshold=5, enable_prefix_caching=False)
     assert logprobs(chunked) == (whole, 0)

@@ -187,14 +187,14 @@ def test_a_bf16_rows_result_does_not_depend_on_its_batch(isa, wtype, monkeypatch
 
 @pytest.mark.parametrize("wtype", [quant.BF16, quant.Q8_0, quant.Q4_1, quant.Q4_K], ids=str)
 def test_amx_gives_a_row_the_same_bits_in_prefill_chunks_too(isa, wtype, monkeypatch):
-    """On AMX the tiles run bf16 matmuls up to TORCH_BF16_PAST_ROWS rows, prefill chunks as well as
-    decode steps (past 64 rows in panels), each output one chain of tile products over K: a row's bits
-    are the same alone, in a decode step and in any chunk, so a prompt prefilled whole answers as
-    when chunked, read from the prefix cache or batched with another request's prefill."""
+    """On AMX the tiles run bf16 matmuls at every row count, prefill chunks as well as decode steps (past
+    64 rows with x and W's roles swapped, amx/rows.c), each output one chain of tile products over K: a
+    row's bits are the same alone, in a decode step and in any chunk, so a prompt prefilled whole
+    answers as when chunked, read from the prefix cache or batched with another request's prefill."""
     if isa != "amx":
         pytest.skip(f"only the AMX tiles run bf16 matmuls past a decode step's rows ({isa}: PyTorch's oneDNN)")
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
-    limit, k = 512, 512 if wtype.block == 256 else 320  # 512: TORCH_BF16_PAST_ROWS["amx"]
+    limit, k = 700, 512 if wtype.block == 256 else 320
     w = random_weights(wtype, 48, k, seed=wtype.code + 21)
     dense = quant.dequantize(w, wtype).bfloat16().double()
     if wtype != quant.BF16:
@@ -203,7 +203,7 @@ def test_amx_gives_a_row_the_same_bits_in_prefill_chunks_too(isa, wtype, monkeyp
     x, bias = torch.randn(limit, k, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
     for out in (None, torch.float32):
         whole = linear(x, w, wtype, bias, out_dtype=out)
-        for rows in (1, 5, 64, 65, 200, 257, limit - 1):  # panels of 256 rows, blocks of 64
+        for rows in (1, 5, 64, 65, 200, 257, 600):  # rows.c: tiles of 16, blocks of 32, tasks of 256 rows
             parts = torch.cat([linear(x[i:i + rows], w, wtype, bias, out_dtype=out) for i in range(0, limit, rows)])
             assert torch.equal(parts, whole), (rows, out)
     want = x.double() @ dense.T + bias.double()

@@ -1,7 +1,7 @@
 /* The linear layer on AMX tiles, for bf16 weights and activations at the 1 to 64 rows of a decode
  * step, where PyTorch's matmul falls well short of memory speed (measured on the embedded model's
- * layers, 2 threads: 20 ms a step at 1 to 16 rows against 11 ms here, 27 ms against 20 ms at 64), and
- * on past them in 64-row blocks (prefill chunks; the caller sends PyTorch the rows where oneDNN is faster).
+ * layers, 2 threads: 20 ms a step at 1 to 16 rows against 11 ms here, 27 ms against 20 ms at 64). Past
+ * 64 rows (prefill chunks) rows.c runs them, summing each output in the same order.
  *
  * W is used as it is stored, row-major, as the left operand: an A tile is 16 weight rows x 32
  * inputs, loaded with W's row stride. x is repacked once per call into the pair-interleaved layout
@@ -22,28 +22,6 @@
 #include "t16.h"
 
 #define BLOCK_ROWS 64
-
-/* r[i] <- column i of the 16 x 16 matrix whose rows are r[0..15]. */
-static inline void transpose16(__m512 r[16]) {
-    __m512 t[16], u[16];
-    for (int i = 0; i < 8; i++) {  /* lane l: rows 2i, 2i+1 at columns 4l, 4l+1 (lo) or 4l+2, 4l+3 (hi) */
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++)  /* u[4i + e], lane l: rows 4i .. 4i+3 at column 4l + e */
-        for (int h = 0; h < 2; h++) {
-            const __m512d x = _mm512_castps_pd(t[4 * i + h]), y = _mm512_castps_pd(t[4 * i + 2 + h]);
-            u[4 * i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
-            u[4 * i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
-        }
-    for (int e = 0; e < 4; e++) {  /* column 4l + e: lane l of u[e], u[4+e], u[8+e], u[12+e] */
-        const __m512 x0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44), x1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xee);
-        const __m512 y0 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44);
-        const __m512 y1 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xee);
-        r[e] = _mm512_shuffle_f32x4(x0, y0, 0x88), r[4 + e] = _mm512_shuffle_f32x4(x0, y0, 0xdd);
-        r[8 + e] = _mm512_shuffle_f32x4(x1, y1, 0x88), r[12 + e] = _mm512_shuffle_f32x4(x1, y1, 0xdd);
-    }
-}
 
 /* The B tile of pairs 16 c .. 16 c + 15 of x's rows 0 .. live - 1 (x's rows `pairs` dwords apart; rows
  * from live to 16 are zeros) at dst: dst[16 p + i] = pair 16 c + p of row i. A 16 x 16 transpose, or
@@ -76,16 +54,12 @@ IL_INLINE void prefetch_a(const uint16_t *w, const uint16_t *a, int k, int ahead
     }
 }
 
-/* Tiles: 0-3 accumulate 16 outputs x 16 rows of x each (a block of up to 64 rows), 4 holds W's A tile,
- * 5-7 take turns holding x's B tiles. Every tile is 16 rows of 64 bytes; rows of x past M are zeros.
- * Past 64 rows (prefill chunks) the rows go in panels of PANEL_ROWS, whose packed x stays in L2 while
- * every strip of 16 weight rows passes over it, a block at a time; a t16 strip is decoded once a panel.
- * Each output is the same chain of tile products, over K in order, at any row count, so a row's bits
- * do not depend on the rows that came with it (oneDNN, which ran prefills before, sums otherwise). */
-#define PANEL_ROWS 256
+/* Tiles: 0-3 accumulate 16 outputs x 16 rows of x each (up to 64 rows), 4 holds W's A tile, 5-7 take
+ * turns holding x's B tiles. Every tile is 16 rows of 64 bytes; rows of x past M are zeros. Each output
+ * is one chain of tile products over K in order, as rows.c's past 64 rows, so a row's bits do not
+ * depend on the rows that came with it. */
 IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, const uint16_t *bias, void *y,
-                            int64_t ldy, int ydtype, int M, int K, int N, int num_threads, uint32_t *restrict xp,
-                            const int panels) {
+                            int64_t ldy, int ydtype, int M, int K, int N, int num_threads, uint32_t *restrict xp) {
     const int mb = (M + 15) / 16, pairs = K / 2;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -110,102 +84,83 @@ IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, c
         float c[16 * BLOCK_ROWS] __attribute__((aligned(64)));  /* c[n][m]: one block's outputs */
         const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                   _mm512_set1_epi32(16 * mb)); /* c's column m (M <= 4): c + m + n mp */
-        uint16_t decoded[2][512] __attribute__((aligned(64)));    /* t16 up to 64 rows: A tiles, in turn */
-        /* t16 past 64 rows: a strip's A tiles, decoded once a panel */
-        uint16_t *strip = panels && il_t16_type(wtype) ? aligned_alloc(64, (size_t)K * 32) : NULL;
+        uint16_t decoded[2][512] __attribute__((aligned(64)));    /* t16: A tiles, in turn */
         /* t16: a group's block, its 32-input steps, and the bytes a step takes on average */
         const int64_t group_bytes = 16 * (int64_t)il_block_bytes(wtype);
         const int per = il_block_elems(wtype) / 32 > 0 ? il_block_elems(wtype) / 32 : 1;
         const int64_t step_bytes = group_bytes / per;
-        for (int p0 = 0; p0 < M; p0 += panels ? PANEL_ROWS : M) {
-            const int pend = M < p0 + PANEL_ROWS ? M : p0 + PANEL_ROWS;
 #pragma omp for schedule(static)
-            for (int nb = 0; nb < N / 16; nb++) {
-                const uint16_t *a = (const uint16_t *)w + (int64_t)nb * 16 * K;
-                const uint8_t *blocks = (const uint8_t *)w + (int64_t)nb * (K / 32) * step_bytes; /* t16 */
-                if (panels && strip)
-                    for (int k = 0; k < K / 32; k++)
-                        decode_t16(wtype, blocks + k / per * group_bytes, k % per, strip + 512 * k, 32);
-                for (int r0 = p0; r0 < pend; r0 += BLOCK_ROWS) {
-                    /* up to 64 rows one block, its tile count known before the loops: without that the
-                     * decode steps' matmuls ran ~5% slower */
-                    const int tb = !panels ? mb : (pend - r0 + 15) / 16 < 4 ? (pend - r0 + 15) / 16 : 4, bp = 16 * tb;
-                    const uint32_t *xb = !panels ? xt : xt + (int64_t)(r0 / 16) * 16 * pairs; /* the block's B tiles */
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int k = 0; k < K / 32; k++) {
-                        const uint32_t *b = xb + (int64_t)k * 256;  /* block tile j's at b + j * 16 * pairs */
-                        /* The hardware prefetcher falls behind on W's 16 row streams and cannot guess where
-                         * the next block of rows starts. Fetching 2 steps ahead took the layers' matmuls at
-                         * 64 rows from 21 to 17.5 ms; running on into the next block (only K / 32 = 18 steps
-                         * long here) from 17.5 to 16.4, and at 16 rows from 11.6 to 10.6. Also fetching 8 steps
-                         * ahead into L2: 7-8% off at 1 and 16 rows, 1-7% at 64 (the AMX Xeon VM, 2 threads) */
-                        if (panels && strip) {
-                            for (int j = 0; j < tb; j++)  /* the next step but one's B tiles, into L1 */
-                                for (int l = 0; l < 16; l++)
-                                    _mm_prefetch((const char *)(b + j * 16 * pairs + 2 * 256) + 64 * l, _MM_HINT_T0);
-                            _tile_loadd(4, strip + 512 * k, 64);
-                        } else if (il_t16_type(wtype)) { /* one stream: 8 blocks ahead into L1, 32 into L2 */
-                            for (int o = 0; o < step_bytes; o += 64) {
-                                _mm_prefetch((const char *)blocks + (k + 8) * step_bytes + o, _MM_HINT_T0);
-                                _mm_prefetch((const char *)blocks + (k + 32) * step_bytes + o, _MM_HINT_T1);
-                            }
-                            decode_t16(wtype, blocks + k / per * group_bytes, k % per, decoded[k & 1], 32);
-                            _tile_loadd(4, decoded[k & 1], 64);
-                        } else {
-                            prefetch_a(w, a, k, 2, N, K, 1);
-                            prefetch_a(w, a, k, 8, N, K, 0);
-                            _tile_loadd(4, a + 32 * k, K * 2);
-                        }
-                        _tile_loadd(5, b, 64);
-                        _tile_dpbf16ps(0, 4, 5);
-                        if (tb > 1) {
-                            _tile_loadd(6, b + 1 * 16 * pairs, 64);
-                            _tile_dpbf16ps(1, 4, 6);
-                        }
-                        if (tb > 2) {
-                            _tile_loadd(7, b + 2 * 16 * pairs, 64);
-                            _tile_dpbf16ps(2, 4, 7);
-                        }
-                        if (tb > 3) {
-                            _tile_loadd(5, b + 3 * 16 * pairs, 64);
-                            _tile_dpbf16ps(3, 4, 5);
-                        }
+        for (int nb = 0; nb < N / 16; nb++) {
+            const uint16_t *a = (const uint16_t *)w + (int64_t)nb * 16 * K;
+            const uint8_t *blocks = (const uint8_t *)w + (int64_t)nb * (K / 32) * step_bytes; /* t16 */
+            const int tb = mb, bp = 16 * tb;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int k = 0; k < K / 32; k++) {
+                const uint32_t *b = xt + (int64_t)k * 256;  /* row tile j's at b + j * 16 * pairs */
+                /* The hardware prefetcher falls behind on W's 16 row streams and cannot guess where
+                 * the next block of rows starts. Fetching 2 steps ahead took the layers' matmuls at
+                 * 64 rows from 21 to 17.5 ms; running on into the next block (only K / 32 = 18 steps
+                 * long here) from 17.5 to 16.4, and at 16 rows from 11.6 to 10.6. Also fetching 8 steps
+                 * ahead into L2: 7-8% off at 1 and 16 rows, 1-7% at 64 (the AMX Xeon VM, 2 threads) */
+                if (il_t16_type(wtype)) { /* one stream: 8 blocks ahead into L1, 32 into L2 */
+                    for (int o = 0; o < step_bytes; o += 64) {
+                        _mm_prefetch((const char *)blocks + (k + 8) * step_bytes + o, _MM_HINT_T0);
+                        _mm_prefetch((const char *)blocks + (k + 32) * step_bytes + o, _MM_HINT_T1);
                     }
-                    _tile_stored(0, c, bp * 4);
-                    if (tb > 1) _tile_stored(1, c + 16, bp * 4);
-                    if (tb > 2) _tile_stored(2, c + 32, bp * 4);
-                    if (tb > 3) _tile_stored(3, c + 48, bp * 4);
-                    const __m512 bv = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                                 _mm256_loadu_si256((const __m256i *)(bias + 16 * nb))), 16))
-                                           : _mm512_setzero_ps();
-                    for (int m = 0; M <= 4 && m < M; m++) { /* a few columns: gathered (the transpose takes 64 shuffles) */
-                        const __m512 out = _mm512_add_ps(_mm512_i32gather_ps(column, c + m, 4), bv);
-                        if (ydtype == IL_F32)
-                            _mm512_storeu_ps((float *)y + (int64_t)m * ldy + 16 * nb, out);
-                        else
-                            _mm256_storeu_si256((__m256i *)((uint16_t *)y + (int64_t)m * ldy + 16 * nb),
-                                                (__m256i)_mm512_cvtneps_pbh(out));
-                    }
-                    for (int j = 0; M > 4 && j < tb; j++) {  /* column m of c is row r0 + m's 16 outputs */
-                        __m512 r[16];
-                        for (int n = 0; n < 16; n++) r[n] = _mm512_load_ps(c + n * bp + 16 * j);
-                        transpose16(r);
-                        for (int m = 16 * j; r0 + m < pend && m < 16 * j + 16; m++) {
-                            const __m512 out = _mm512_add_ps(r[m - 16 * j], bv);
-                            const int64_t at = (int64_t)(r0 + m) * ldy + 16 * nb;
-                            if (ydtype == IL_F32) /* a bf16 model's logits: kept in fp32 */
-                                _mm512_storeu_ps((float *)y + at, out);
-                            else
-                                _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(out));
-                        }
-                    }
+                    decode_t16(wtype, blocks + k / per * group_bytes, k % per, decoded[k & 1], 32);
+                    _tile_loadd(4, decoded[k & 1], 64);
+                } else {
+                    prefetch_a(w, a, k, 2, N, K, 1);
+                    prefetch_a(w, a, k, 8, N, K, 0);
+                    _tile_loadd(4, a + 32 * k, K * 2);
+                }
+                _tile_loadd(5, b, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (tb > 1) {
+                    _tile_loadd(6, b + 1 * 16 * pairs, 64);
+                    _tile_dpbf16ps(1, 4, 6);
+                }
+                if (tb > 2) {
+                    _tile_loadd(7, b + 2 * 16 * pairs, 64);
+                    _tile_dpbf16ps(2, 4, 7);
+                }
+                if (tb > 3) {
+                    _tile_loadd(5, b + 3 * 16 * pairs, 64);
+                    _tile_dpbf16ps(3, 4, 5);
+                }
+            }
+            _tile_stored(0, c, bp * 4);
+            if (tb > 1) _tile_stored(1, c + 16, bp * 4);
+            if (tb > 2) _tile_stored(2, c + 32, bp * 4);
+            if (tb > 3) _tile_stored(3, c + 48, bp * 4);
+            const __m512 bv = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                         _mm256_loadu_si256((const __m256i *)(bias + 16 * nb))), 16))
+                                   : _mm512_setzero_ps();
+            for (int m = 0; M <= 4 && m < M; m++) { /* a few columns: gathered (the transpose takes 64 shuffles) */
+                const __m512 out = _mm512_add_ps(_mm512_i32gather_ps(column, c + m, 4), bv);
+                if (ydtype == IL_F32)
+                    _mm512_storeu_ps((float *)y + (int64_t)m * ldy + 16 * nb, out);
+                else
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)y + (int64_t)m * ldy + 16 * nb),
+                                        (__m256i)_mm512_cvtneps_pbh(out));
+            }
+            for (int j = 0; M > 4 && j < tb; j++) {  /* column m of c is row m's 16 outputs */
+                __m512 r[16];
+                for (int n = 0; n < 16; n++) r[n] = _mm512_load_ps(c + n * bp + 16 * j);
+                transpose16(r);
+                for (int m = 16 * j; m < M && m < 16 * j + 16; m++) {
+                    const __m512 out = _mm512_add_ps(r[m - 16 * j], bv);
+                    const int64_t at = (int64_t)m * ldy + 16 * nb;
+                    if (ydtype == IL_F32) /* a bf16 model's logits: kept in fp32 */
+                        _mm512_storeu_ps((float *)y + at, out);
+                    else
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(out));
                 }
             }
         }
-        free(strip);
         _tile_release();
     }
 }
@@ -229,19 +184,15 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
         free(ids);
         return status;
     }
+    if (rows > BLOCK_ROWS) return IL(linear_rows)(x, w, wtype, bias, y, ldy, ydtype, rows, K, N, num_threads);
     const int copies = rows <= 16 ? num_threads : (rows + 15) / 16;
     uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(K / 2) * 16 * copies); /* linear_tiles says why */
     if (!xp) return 2;
     switch (wtype) { /* each type its own compiled loop */
-#define TILES(T) case T: rows > BLOCK_ROWS ? linear_tiles(x, w, T, bias, y, ldy, ydtype, rows, K, N, num_threads, xp, 1) \
-                                          : linear_tiles(x, w, T, bias, y, ldy, ydtype, rows, K, N, num_threads, xp, 0); break;
+#define TILES(T) case T: linear_tiles(x, w, T, bias, y, ldy, ydtype, rows, K, N, num_threads, xp); break;
         IL_T16_TYPES(TILES)
 #undef TILES
-        default:
-            if (rows > BLOCK_ROWS)
-                linear_tiles(x, w, IL_W_BF16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp, 1);
-            else
-                linear_tiles(x, w, IL_W_BF16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp, 0);
+        default: linear_tiles(x, w, IL_W_BF16, bias, y, ldy, ydtype, rows, K, N, num_threads, xp);
     }
     free(xp);
     return 0;

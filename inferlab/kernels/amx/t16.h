@@ -209,9 +209,9 @@ IL_INLINE void decode_t16(const int wtype, const uint8_t *blk, const int sub, ui
     }
 }
 
-/* The rows ids[rows] of a t16 matrix as bf16 with the tiles' decoding (the weights a prefill's oneDNN
- * matmul takes: the same values as the tiles'), a group's blocks decoded straight into the output
- * where 16 ids are its rows in order. */
+/* The rows ids[rows] of a t16 matrix as bf16 with the tiles' decoding (an embedding's rows, and the
+ * weights that PyTorch or the AVX-512 kernels take where the tiles do not run: the same values as the
+ * tiles'), a group's blocks decoded straight into the output where 16 ids are its rows in order. */
 IL_INLINE void t16_rows(const int wtype, uint16_t *out, const uint8_t *w, const int64_t *ids, int rows, int K,
                         int num_threads) {
     const int64_t group_bytes = 16 * (int64_t)il_block_bytes(wtype);

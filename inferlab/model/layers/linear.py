@@ -19,12 +19,11 @@ from inferlab.model.layers import keep, quant
 from inferlab.model.layers.quant import WeightType
 
 # Rows past which a bf16 x bf16 matmul goes to PyTorch (oneDNN on the CPU's bf16 units), by ISA: up
-# to a decode step's 64 rows the kernels read the weights as stored (AMX tiles; AVX512-BF16 tiles,
-# where oneDNN repacking each layer's weights from memory took twice its in-cache time), so a tape
-# can replay the step. The AMX tiles go on to 512 rows, where they are level with oneDNN (2x faster
-# at 96 rows), and sum each row in one order at any count, so in steps of up to 512 rows a row's bits
-# do not depend on the rows beside it; past that (long prefills) oneDNN's blocking wins.
-TORCH_BF16_PAST_ROWS = {"amx": 512, "avx512": kernels.C["IL_MAX_ROWS"]}
+# to a decode step's 64 rows the AVX512-BF16 kernels read the weights as stored (where oneDNN
+# repacking each layer's weights from memory took twice its in-cache time), so a tape can replay the
+# step. The AMX tiles take every row count (amx/rows.c past 64), summing each row in one order, so a
+# row's bits do not depend on the rows beside it.
+TORCH_BF16_PAST_ROWS = {"avx512": kernels.C["IL_MAX_ROWS"]}
 
 
 def _bf16_to_torch(k: kernels.Kernels, rows: int) -> bool:
@@ -47,10 +46,9 @@ TILES = tuple(quant.TILED.values())
 
 
 def _regrouped_runs(wtype: WeightType, x: torch.Tensor, isa: str) -> bool:
-    """Whether the kernels multiply a regrouped type here: x16 where X16_DTYPES says, t16 on AMX up to
-    TORCH_BF16_PAST_ROWS (past them PyTorch's oneDNN takes the bf16 weights they decode to)."""
+    """Whether the kernels multiply a regrouped type here: x16 where X16_DTYPES says, t16 on AMX."""
     if wtype in TILES:
-        return isa == "amx" and x.dtype == torch.bfloat16 and x.shape[0] <= TORCH_BF16_PAST_ROWS["amx"]
+        return isa == "amx" and x.dtype == torch.bfloat16
     return x.dtype in keep.X16_DTYPES.get(isa, ())
 
 
@@ -176,18 +174,6 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
             return linear(x, self.weight, self.wtype, self.bias, int8=self.int8, out_dtype=self.out_dtype)
-        parts = [("weight", self.wtype), *((part[0], part[1]) for part in self.parts)]
-        if x.dtype == torch.bfloat16 and x.shape[0] > TORCH_BF16_PAST_ROWS["amx"] and \
-                any(t in TILES for _, t in parts) and all(t in TILES or t == quant.BF16 for _, t in parts):
-            # a prefill through blocks that stand for bf16 weights: the joined bf16 matrix in one
-            # product, as with bf16 weights (oneDNN's sums can change with a matrix's width)
-            weights, row = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16), 0
-            for name, t in parts:  # each part decoded straight into its rows
-                w = getattr(self, name)
-                rows = weights[row:row + w.shape[0]]
-                rows.copy_(w) if t == quant.BF16 else tiles_to_bf16(w, t, out=rows)
-                row += w.shape[0]
-            return linear_ref(x, weights, quant.BF16, self.bias, out_dtype=self.out_dtype)
         y = x.new_empty(x.shape[0], self.out_features, dtype=self.out_dtype or x.dtype)
         first = self.parts[0][2]
         bias = self.bias

@@ -206,6 +206,9 @@ def test_amx_gives_a_row_the_same_bits_in_prefill_chunks_too(isa, wtype, monkeyp
         for rows in (1, 5, 64, 65, 200, 257, 600):  # rows.c: tiles of 16, blocks of 32, tasks of 256 rows
             parts = torch.cat([linear(x[i:i + rows], w, wtype, bias, out_dtype=out) for i in range(0, limit, rows)])
             assert torch.equal(parts, whole), (rows, out)
+    wide = torch.zeros(limit, 80, dtype=torch.bfloat16)  # into a column slice: y's rows 80 apart
+    linear(x, w, wtype, bias, out=wide[:, 16:64])
+    assert torch.equal(wide[:, 16:64], linear(x, w, wtype, bias)) and not wide[:, :16].any() and not wide[:, 64:].any()
     want = x.double() @ dense.T + bias.double()
     torch.testing.assert_close(whole.double(), want, rtol=1e-5, atol=1e-4)
 

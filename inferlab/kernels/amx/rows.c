@@ -153,7 +153,7 @@ int IL(linear_rows)(const uint16_t *x, const void *w, int wtype, const uint16_t 
             failed = 1;
         }
         amx_configure();
-        float c[1024] __attribute__((aligned(64))); /* c[row][column] of a block */
+        float c[1024] __attribute__((aligned(64))) = {0}; /* c[row][column] of a block (a lone tile's half unused) */
 #pragma omp for schedule(static)
         for (int task = 0; task < chunks * row_chunks; task++) {
             const int n0 = task / row_chunks * per_chunk, n1 = n0 + per_chunk < col_tiles ? n0 + per_chunk : col_tiles;

@@ -17,7 +17,10 @@ static inline int amx_ready(void) {
     return state == 1;
 }
 
-/* Configure all eight tiles as 16 rows x 64 bytes, on the calling thread (tile state is per thread). */
+/* Configure all eight tiles as 16 rows x 64 bytes, on the calling thread (tile state is per thread).
+ * The whole 64-byte struct is the asm's operand: GCC's _tile_loadconfig names only its first 8 bytes
+ * as read, so the compiler may drop the stores of the rest (it did, once the stack slot was reused
+ * for a local zeroed after it: tiles of 0 rows, and the kernel died on an illegal instruction). */
 static inline void amx_configure(void) {
     struct {
         uint8_t palette_id, start_row, reserved[14];
@@ -25,7 +28,7 @@ static inline void amx_configure(void) {
         uint8_t rows[16];
     } cfg = {.palette_id = 1};
     for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    _tile_loadconfig(&cfg);
+    __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
 }
 
 /* r[i] <- column i of the 16 x 16 matrix whose rows are r[0..15]. */

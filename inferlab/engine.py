@@ -104,7 +104,8 @@ class LLMEngine:
         kv = config.kv_transfer_config
         self.kv_connector = None if kv is None else make_connector(
             kv, self.runner, self.block_manager, store_namespace(config, self.block_manager.model, self.model.args))
-        self.scheduler.connector = self.kv_connector
+        if self.kv_connector is not None:
+            self.scheduler.attach_connector(self.kv_connector)
         spec = config.speculative_config
         self.speculator = Speculator.build(spec, self, self.draft_loaded) if spec is not None else None
         if config.attention_backend == "native" and self.runner.native is None:

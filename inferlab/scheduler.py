@@ -22,6 +22,7 @@ from inferlab.block_manager import BlockManager
 from inferlab.budget import START
 from inferlab.config import EngineConfig
 from inferlab.kv_transfer import KVConnectorBase
+from inferlab.kv_transfer.loads import RemoteLoads
 from inferlab.policy import RequestQueue
 from inferlab.preemption import make_preemption
 from inferlab.request import Request, RequestStatus, request_view
@@ -50,8 +51,7 @@ class Scheduler:
         self.allocation = ALLOCATIONS[config.kv_allocation](block_manager)
         self.preemption = make_preemption(config.preemption_mode, block_manager, num_host_blocks)
         self.running: list[Request] = []
-        self.connector: KVConnectorBase | None = None  # set by an engine with a KV connector
-        self.loading: list[Request] = []  # admitted, waiting for the connector to load their KV
+        self.loads: RemoteLoads | None = None  # with a KV connector: attach_connector
         self.clock = clock
         self.num_preemptions = 0
         self.step_count = 0
@@ -75,6 +75,14 @@ class Scheduler:
             self.allocation.release(req)
             raise ValueError(f"the scheduling policy refused request {req.request_id!r}: "
                              f"{type(e).__name__}: {e}") from None
+
+    def attach_connector(self, connector: KVConnectorBase) -> None:
+        self.loads = RemoteLoads(connector, self.block_manager, self.allocation, self.clock)
+
+    @property
+    def loading(self) -> list[Request]:
+        """Admitted requests waiting for the connector to load their KV."""
+        return self.loads.requests if self.loads is not None else []
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or bool(self.loading) or len(self.waiting) > 0
@@ -153,7 +161,8 @@ class Scheduler:
         while len(self.waiting) and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             req = self.waiting.peek()
             computed, num_computed = self.preemption.resume(req)  # prefix-cache hits, or its swapped KV
-            if self.connector is not None and self._admit_to_load(req, computed, num_computed):
+            if self.loads is not None and self.loads.admit(req, computed, num_computed):
+                self.waiting.pop()
                 continue
             n = self._chunk(req, num_computed, budget)
             if not self.block_manager.allocate_slots(req, self.allocation.admit_tokens(req, num_computed, n), computed):
@@ -170,35 +179,9 @@ class Scheduler:
             budget -= n
         return out
 
-    def _admit_to_load(self, req: Request, computed: list[int], num_computed: int) -> bool:
-        """Admit `req` to wait for the tokens the connector can load past its `num_computed` cached
-        ones, its blocks allocated now; False (nothing changed) if there are none, or no room."""
-        if req.num_computed_tokens:  # swapped back in: its own KV returns from the host pool
-            return False
-        num_external = self.connector.get_num_new_matched_tokens(req, num_computed)
-        if not num_external or not self.block_manager.allocate_slots(
-                req, self.allocation.admit_tokens(req, num_computed, num_external), computed):
-            return False
-        self.waiting.pop()
-        req.num_computed_tokens = num_computed
-        self.connector.update_state_after_alloc(req, req.block_table[len(computed):], num_external)
-        req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
-        if req.first_scheduled_time is None:
-            req.first_scheduled_time = self.clock()
-        self.loading.append(req)
-        return True
-
     def finish_loads(self, loaded: dict[str, int]) -> None:
-        """Loading requests whose KV is in (`loaded`: request id -> tokens loaded, 0 if the load
-        failed and they compute them) join the running batch; their full blocks join the prefix cache."""
-        for req in [r for r in self.loading if r.request_id in loaded]:
-            self.loading.remove(req)
-            req.num_computed_tokens += loaded[req.request_id]
-            if req.first_token_time is None:
-                req.num_cached_tokens = req.num_computed_tokens
-            self.block_manager.cache_full_blocks(req)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+        """Loading requests whose KV is in (`loaded`: request id -> tokens loaded) join the running batch."""
+        self.running.extend(self.loads.finish(loaded))
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
         """Advance computed tokens and append sampled ones. `sampled` maps request_id to the new
@@ -233,11 +216,11 @@ class Scheduler:
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status is RequestStatus.WAITING_FOR_REMOTE_KVS:
-            self.loading.remove(req)
+            self.loads.requests.remove(req)
         else:
             self.waiting.remove(req)
-        if self.connector is not None:
-            self.connector.request_finished(req)  # first: a load in flight must not write into freed blocks
+        if self.loads is not None:  # first: a load in flight must not write into freed blocks
+            self.loads.connector.request_finished(req)
         self.block_manager.free(req)
         self.preemption.release(req)
         self.allocation.release(req)
@@ -262,7 +245,7 @@ class Scheduler:
                 "num_waiting": len(self.waiting), "num_preemptions": self.num_preemptions,
                 "kv": self.block_manager.snapshot(detail), **self.preemption.snapshot(),
                 **self.allocation.snapshot()}
-        if self.connector is not None:
+        if self.loads is not None:
             snap["num_loading"] = len(self.loading)  # waiting for KV from the connector's store
         if detail:
             snap["batch"] = self.batch_view()

@@ -1,5 +1,6 @@
 """KV transfer: connectors that move KV blocks between an engine's pool and a store shared by
-instances (vLLM v1's KV-connector interface, `base.py`), configured by `KVTransferConfig`."""
+instances (vLLM v1's KV-connector interface, `base.py`), configured by `KVTransferConfig`; the
+scheduler's side of a load, the requests waiting for their blocks, is `loads.py`."""
 from __future__ import annotations
 
 from inferlab.kv_transfer.base import Finished, KVConnectorBase, KVConnectorMetadata

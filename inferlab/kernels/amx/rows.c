@@ -14,8 +14,9 @@
  * The sums are linear.c's: output (m, n) is one chain of tile products over K in order from zero,
  * and swapping the operands changes no bit (a product of bf16 values is exact in fp32 and each pair
  * is added as it is; tested). So a row's bits are the same at any row count, alone or in any batch.
- * The embedded model's 120 layer matmuls, against oneDNN on the same bf16 weights: 12 against 17 ms
- * at 65 rows, 43 against 55 at 512, 166 against 172 at 2,048.
+ * The embedded model's 120 layer matmuls, against oneDNN on the same bf16 weights: 12.7 against 15.8 ms
+ * at 65 rows, 44.8 against 46.6 at 512, 157 against 147 at 2,048 (with the Q4_1 blocks, whose oneDNN
+ * path also decoded them to bf16 each call, 157 against 153-161 there).
  */
 #include "amx.h"
 
@@ -28,6 +29,11 @@
  * at most) stay in L2 */
 #define CHUNK_TILES 32
 #define CHUNK_BYTES (1 << 20)
+/* Packed weights up to this size are one chunk, packed by every thread, which then split the rows
+ * (from 256 rows on): each reads only its share of x, where two column halves read all of it twice.
+ * At 2,048 rows: q/k/v 0.83 -> 0.69 ms, o 0.59 -> 0.45; the MLP's down matrix (1.7 MB at K = 1,536)
+ * measured slower so, as its rows' 96 KB of tiles no longer stay in L1 either way. */
+#define SMALL_W (5 << 18)
 
 /* wp[k] (1 KB) = the right operand of W's rows 16 nb .. 16 nb + 15 at inputs 32 k .. 32 k + 31: dword
  * 16 p + j holds inputs (32 k + 2 p, +1) of row 16 nb + j. */
@@ -124,12 +130,14 @@ int IL(linear_rows)(const uint16_t *x, const void *w, int wtype, const uint16_t 
     uint16_t *xp = kept((size_t)row_tiles * 1024 * ks, 0); /* x's tiles [row tile][k], 1 KB each */
     if (!xp) return 2;
     /* Tasks: chunks of column tiles, each over all rows, so a chunk's weights are decoded once a call, by
-     * the thread that multiplies them, into its own L2; the rows are split too only where there are
-     * fewer chunks than threads. */
+     * the thread that multiplies them, into its own L2; the rows are split too where there are fewer
+     * chunks than threads (a small W: one chunk, SMALL_W). */
     int most = CHUNK_BYTES / (1024 * ks); /* a column tile's packed weights: K / 32 KB */
     most = most < 2 ? 2 : most > CHUNK_TILES ? CHUNK_TILES : most;
     int chunks = (col_tiles + most - 1) / most;
-    while (chunks < num_threads && 2 * chunks < col_tiles) chunks++;
+    const int small = (int64_t)col_tiles * 1024 * ks <= SMALL_W && M >= 256;
+    if (small) chunks = 1;
+    while (!small && chunks < num_threads && 2 * chunks < col_tiles) chunks++;
     const int per_chunk = ((col_tiles + chunks - 1) / chunks + 1) / 2 * 2; /* column pairs whole */
     chunks = (col_tiles + per_chunk - 1) / per_chunk;
     int row_chunks = chunks >= num_threads ? 1 : (num_threads + chunks - 1) / chunks;

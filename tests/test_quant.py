@@ -185,16 +185,18 @@ def test_a_bf16_rows_result_does_not_depend_on_its_batch(isa, wtype, monkeypatch
     torch.testing.assert_close(batch.double(), want, rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("long_k", [False, True], ids=["k", "long_k"])
 @pytest.mark.parametrize("wtype", [quant.BF16, quant.Q8_0, quant.Q4_1, quant.Q4_K], ids=str)
-def test_amx_gives_a_row_the_same_bits_in_prefill_chunks_too(isa, wtype, monkeypatch):
+def test_amx_gives_a_row_the_same_bits_in_prefill_chunks_too(isa, wtype, long_k, monkeypatch):
     """On AMX the tiles run bf16 matmuls at every row count, prefill chunks as well as decode steps (past
     64 rows with x and W's roles swapped, amx/rows.c), each output one chain of tile products over K: a
     row's bits are the same alone, in a decode step and in any chunk, so a prompt prefilled whole
-    answers as when chunked, read from the prefix cache or batched with another request's prefill."""
+    answers as when chunked, read from the prefix cache or batched with another request's prefill.
+    Past 768 inputs (`long_k`) rows.c sums K in pieces, its accumulators stored between them."""
     if isa != "amx":
         pytest.skip(f"only the AMX tiles run bf16 matmuls past a decode step's rows ({isa}: PyTorch's oneDNN)")
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))
-    limit, k = 700, 512 if wtype.block == 256 else 320
+    limit, k = 700, 1536 if long_k else 512 if wtype.block == 256 else 320
     w = random_weights(wtype, 48, k, seed=wtype.code + 21)
     dense = quant.dequantize(w, wtype).bfloat16().double()
     if wtype != quant.BF16:
@@ -203,7 +205,7 @@ def test_amx_gives_a_row_the_same_bits_in_prefill_chunks_too(isa, wtype, monkeyp
     x, bias = torch.randn(limit, k, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
     for out in (None, torch.float32):
         whole = linear(x, w, wtype, bias, out_dtype=out)
-        for rows in (1, 5, 64, 65, 200, 257, 600):  # rows.c: tiles of 16, blocks of 32, tasks of 256 rows
+        for rows in (1, 5, 64, 65, 200, 257, 600):  # rows.c: tiles of 16, blocks of 32, rows split from 256
             parts = torch.cat([linear(x[i:i + rows], w, wtype, bias, out_dtype=out) for i in range(0, limit, rows)])
             assert torch.equal(parts, whole), (rows, out)
     wide = torch.zeros(limit, 80, dtype=torch.bfloat16)  # into a column slice: y's rows 80 apart

@@ -9,14 +9,17 @@
  * 16 pairs transposed a tile), which then stay in its L2 while it walks x's rows 32 at a time, four
  * accumulating tiles a block (2 x 2: one tile load a product, the most eight tiles allow; tile loads,
  * not products, bound this loop). Packing all of W first, then multiplying, took a 128-row prompt's
- * first token from 36 to 44 ms: the packed matrix had left the cache by the time it was read.
+ * first token from 36 to 44 ms: the packed matrix had left the cache by the time it was read. Past
+ * 768 inputs the 32 rows' tiles would not fit L1, so K is summed in pieces of up to 512, each block's
+ * accumulators stored between them (the MLP's down matrix at 2,048 rows: 1.67 -> 1.45-1.58 ms).
  *
- * The sums are linear.c's: output (m, n) is one chain of tile products over K in order from zero,
- * and swapping the operands changes no bit (a product of bf16 values is exact in fp32 and each pair
- * is added as it is; tested). So a row's bits are the same at any row count, alone or in any batch.
- * The embedded model's 120 layer matmuls, against oneDNN on the same bf16 weights: 12.7 against 15.8 ms
- * at 65 rows, 44.8 against 46.6 at 512, 157 against 147 at 2,048 (with the Q4_1 blocks, whose oneDNN
- * path also decoded them to bf16 each call, 157 against 153-161 there).
+ * The sums are linear.c's: output (m, n) is one chain of tile products over K in order from zero
+ * (stored and reloaded as fp32 between pieces, which changes nothing), and swapping the operands
+ * changes no bit (a product of bf16 values is exact in fp32 and each pair is added as it is; tested).
+ * So a row's bits are the same at any row count, alone or in any batch. The embedded model's 120
+ * layer matmuls, against oneDNN on the same bf16 weights: 12.7 against 15.8 ms at 65 rows, 44.8
+ * against 46.6 at 512, 7% behind at 2,048 (with the Q4_1 blocks, whose oneDNN path also decoded them
+ * to bf16 each call, level there).
  */
 #include "amx.h"
 
@@ -57,16 +60,23 @@ IL_INLINE void pack_w(const void *w, const int wtype, int64_t nb, int K, uint32_
 }
 
 /* c[32][32] = x's row tiles at a (two: 32 rows, else 16) times W's column tiles at b (two: 32, else 16),
- * each tile `ks` steps of 1 KB. */
-IL_INLINE void block(const uint16_t *a, const uint32_t *b, const int ks, const int two_rows, const int two_cols,
-                     float *c) {
+ * each tile `ks` steps of 1 KB, over steps k0 .. k1 - 1 (from k0 > 0: added to c). */
+IL_INLINE void block(const uint16_t *a, const uint32_t *b, const int ks, const int k0, const int k1,
+                     const int two_rows, const int two_cols, float *c) {
     const uint16_t *a1 = a + 512 * ks;
     const uint32_t *b1 = b + 256 * ks;
-    _tile_zero(0);
-    if (two_cols) _tile_zero(1);
-    if (two_rows) _tile_zero(2);
-    if (two_rows && two_cols) _tile_zero(3);
-    for (int k = 0; k < ks; k++) { /* W's tiles loaded with the hint that they are not read again soon
+    if (k0) { /* on from the sums of steps 0 .. k0 - 1, stored in c as they were (fp32: the same bits) */
+        _tile_loadd(0, c, 128);
+        if (two_cols) _tile_loadd(1, c + 16, 128);
+        if (two_rows) _tile_loadd(2, c + 512, 128);
+        if (two_rows && two_cols) _tile_loadd(3, c + 528, 128);
+    } else {
+        _tile_zero(0);
+        if (two_cols) _tile_zero(1);
+        if (two_rows) _tile_zero(2);
+        if (two_rows && two_cols) _tile_zero(3);
+    }
+    for (int k = k0; k < k1; k++) { /* W's tiles loaded with the hint that they are not read again soon
                                     * (they are, from L2), so that x's stay in L1: 16% off at 2,048 rows */
         _tile_loadd(4, a + 512 * k, 64);
         _tile_stream_loadd(6, b + 256 * k, 64);
@@ -114,8 +124,8 @@ IL_INLINE void emit(const float *c, const int m, const int n, const int two_cols
 /* A buffer of at least `bytes` that the calling thread keeps between calls (fresh pages each call cost a
  * page fault per 4 KB); NULL if out of memory. */
 static void *kept(size_t bytes, const int which) {
-    static __thread void *held[2] = {NULL, NULL};
-    static __thread size_t held_bytes[2] = {0, 0};
+    static __thread void *held[3] = {NULL, NULL, NULL};
+    static __thread size_t held_bytes[3] = {0, 0, 0};
     if (bytes > held_bytes[which]) {
         free(held[which]);
         held[which] = aligned_alloc(64, (bytes + 63) / 64 * 64);
@@ -143,6 +153,8 @@ int IL(linear_rows)(const uint16_t *x, const void *w, int wtype, const uint16_t 
     int row_chunks = chunks >= num_threads ? 1 : (num_threads + chunks - 1) / chunks;
     if (row_chunks > (M + 31) / 32) row_chunks = (M + 31) / 32;
     const int chunk_rows = ((M + row_chunks - 1) / row_chunks + 31) / 32 * 32;
+    /* K in pieces past 768 inputs, so that 32 rows' tiles of a piece (32 KB) stay in L1 */
+    const int pieces = ks <= 24 ? 1 : (ks + 15) / 16, piece = (ks + pieces - 1) / pieces;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -156,33 +168,40 @@ int IL(linear_rows)(const uint16_t *x, const void *w, int wtype, const uint16_t 
             }
         }
         uint32_t *wp = kept((size_t)per_chunk * 1024 * ks, 1); /* this thread's chunk: [column tile][k] */
-        if (!wp) {
+        /* c[pair][row][column]: each column pair's block over a piece of K (a lone tile's half unused) */
+        const size_t c_bytes = (size_t)(pieces > 1 ? per_chunk / 2 : 1) * 4096;
+        float *c = kept(c_bytes, 2);
+        if (c) memset(c, 0, c_bytes);
+        if (!wp || !c) {
 #pragma omp atomic write
             failed = 1;
         }
         amx_configure();
-        float c[1024] __attribute__((aligned(64))) = {0}; /* c[row][column] of a block (a lone tile's half unused) */
 #pragma omp for schedule(static)
         for (int task = 0; task < chunks * row_chunks; task++) {
             const int n0 = task / row_chunks * per_chunk, n1 = n0 + per_chunk < col_tiles ? n0 + per_chunk : col_tiles;
             const int m0 = task % row_chunks * chunk_rows, m1 = m0 + chunk_rows < M ? m0 + chunk_rows : M;
-            if (!wp) continue;
+            if (!wp || !c) continue;
             for (int n = n0; n < n1; n++) pack_w(w, wtype, n, K, wp + (int64_t)(n - n0) * 256 * ks);
             for (int m = m0; m < m1; m += 32) {
                 const uint16_t *a = xp + (int64_t)(m / 16) * 512 * ks;
                 const int two_rows = m + 16 < M;
-                for (int n = n0; n < n1; n += 2) {
-                    const uint32_t *b = wp + (int64_t)(n - n0) * 256 * ks;
-                    const int two_cols = n + 1 < n1;
-                    if (two_rows && two_cols)  /* each shape its own compiled loop */
-                        block(a, b, ks, 1, 1, c);
-                    else if (two_rows)
-                        block(a, b, ks, 1, 0, c);
-                    else if (two_cols)
-                        block(a, b, ks, 0, 1, c);
-                    else
-                        block(a, b, ks, 0, 0, c);
-                    emit(c, m, n, two_cols, bias, y, ldy, ydtype, M);
+                for (int k0 = 0; k0 < ks; k0 += piece) {
+                    const int k1 = k0 + piece < ks ? k0 + piece : ks;
+                    for (int n = n0; n < n1; n += 2) {
+                        const uint32_t *b = wp + (int64_t)(n - n0) * 256 * ks;
+                        const int two_cols = n + 1 < n1;
+                        float *cn = pieces > 1 ? c + (n - n0) / 2 * 1024 : c;
+                        if (two_rows && two_cols)  /* each shape its own compiled loop */
+                            block(a, b, ks, k0, k1, 1, 1, cn);
+                        else if (two_rows)
+                            block(a, b, ks, k0, k1, 1, 0, cn);
+                        else if (two_cols)
+                            block(a, b, ks, k0, k1, 0, 1, cn);
+                        else
+                            block(a, b, ks, k0, k1, 0, 0, cn);
+                        if (k1 == ks) emit(cn, m, n, two_cols, bias, y, ldy, ydtype, M);
+                    }
                 }
             }
         }

@@ -52,11 +52,10 @@ def _regrouped_runs(wtype: WeightType, x: torch.Tensor, isa: str) -> bool:
     return x.dtype in keep.X16_DTYPES.get(isa, ())
 
 
-def tiles_to_bf16(weight: torch.Tensor, wtype: WeightType, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The bf16 weights a t16 matrix (quant.TILED) stands for: its values rounded once to bf16, into
-    `out` (rows of one contiguous matrix) if given."""
+def tiles_to_bf16(weight: torch.Tensor, wtype: WeightType) -> torch.Tensor:
+    """The bf16 weights a t16 matrix (quant.TILED) stands for: its values rounded once to bf16."""
     n, k = weight.shape[0], weight.shape[1] // wtype.nbytes * wtype.block
-    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
+    out = torch.empty(n, k, dtype=torch.bfloat16)
     native = kernels.native()
     if native is None:
         return out.copy_(quant.dequantize(weight, wtype))

@@ -1,7 +1,7 @@
 """Where a step's time goes: one decode step (64 sequences of ~300 tokens, or `--seqs`) and one prefill step
 (4 prompts of 512 tokens), on the embedded model, split by kind of work. The decode step is shown
-as it runs (replayed from a tape in one native call, where the kernels run) and op by op, which
-splits the layers' time by kind.
+as it runs (replayed from a tape in one native call, whose ops the replay times itself) and op by op
+(through the Python model, as where no tape runs).
 
     .venv/bin/python benchmarks/profile_step.py [--dtype bfloat16] [--quantization none] [--threads N] [--seqs 1]
 
@@ -17,7 +17,9 @@ import random
 import time
 from collections import defaultdict
 
-from inferlab import LLM, SamplingParams, runner
+import numpy as np
+
+from inferlab import LLM, SamplingParams, kernels, runner
 from inferlab.model import llama
 from inferlab.model.layers import linear, mlp, norm  # the modules, not the functions of those names
 from inferlab.tape import DecodeTape
@@ -25,8 +27,9 @@ from inferlab.tape import DecodeTape
 KINDS = {  # wrapped function -> kind of work; the wrapped functions never nest
     "linear": "linear layers (matmul)", "paged_attention": "attention (incl. KV write)",
     "rms_norm": "norm, RoPE, SiLU", "rope": "norm, RoPE, SiLU", "silu_and_mul": "norm, RoPE, SiLU",
-    "sample": "sampling", "__call__": "the tape: embedding, decoder layers, final norm in one native call",
+    "sample": "sampling", "__call__": "the tape's replay itself (Python and C between its ops)",
 }
+CODES = {v: k for k, v in kernels.C.items() if k.startswith("IL_OP_")}
 spent: dict[str, float] = defaultdict(float)
 
 
@@ -42,11 +45,27 @@ def wrap(module, name: str) -> None:
     setattr(module, name, timed)
 
 
+# The tape's ops by code, to the same kinds: its replay is one native call, split by its own timers
+TAPE_KINDS = {"IL_OP_LINEAR": "linear", "IL_OP_RMS_NORM": "rms_norm", "IL_OP_ROPE": "rope",
+              "IL_OP_SILU_AND_MUL": "silu_and_mul", "IL_OP_WRITE_KV": "paged_attention",
+              "IL_OP_PAGED_ATTENTION": "paged_attention"}
+TAPE = KINDS["__call__"]
+
+
 def timed_step(llm: LLM) -> tuple[float, dict[str, float]]:
     spent.clear()
+    tape = llm.engine.runner.tape
+    if tape is not None:
+        tape.op_seconds = np.zeros(len(tape.ops))
     t = time.perf_counter()
     llm.engine.step()
-    return time.perf_counter() - t, dict(spent)
+    total = time.perf_counter() - t
+    if tape is not None and TAPE in spent:  # the replay's ops by kind; what is left is the call's own cost
+        for code, s in zip(tape.ops[:, 0], tape.op_seconds):
+            kind = KINDS[TAPE_KINDS[CODES[code]]] if CODES[code] in TAPE_KINDS else "the tape's embedding lookup"
+            spent[kind] += s
+            spent[TAPE] -= s
+    return total, dict(spent)
 
 
 def report(title: str, tokens: int, total: float, per_kind: dict[str, float]) -> None:

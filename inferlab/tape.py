@@ -146,6 +146,9 @@ class DecodeTape:
         self.weights = [*model.parameters(), *model.buffers()]
         self.recorded = [t.detach() for t in self.weights]
         self.ptrs = [t.data_ptr() for t in self.weights]
+        # A profile, off unless someone sets it: a zeroed float64 array of len(ops), to which each replay
+        # adds every op's wall time (benchmarks/profile_step.py splits a step's time by kind of work).
+        self.op_seconds: np.ndarray | None = None
 
     def current(self) -> bool:
         """Whether every parameter still has the memory the tape recorded (~10 us for 183 tensors)."""
@@ -206,6 +209,7 @@ class DecodeTape:
         rows = input_ids.shape[0]
         status = self.kernels.functions["tape_run"](self.ops.ctypes.data, len(self.ops), ptrs.ctypes.data,
                                                     self.arena.data_ptr(), rows, n.block_tables.shape[1],
+                                                    None if self.op_seconds is None else self.op_seconds.ctypes.data,
                                                     torch.get_num_threads())
         if status:
             raise MemoryError("a kernel of the decode tape ran out of memory") if status == 2 else \

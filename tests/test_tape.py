@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,26 @@ def test_whole_generations_match_an_op_by_op_engine(smol, chat_prompts):
     assert eager.engine.runner.tape is None
     assert [o.outputs[0].token_ids for o in taped.generate(prompts, params, use_tqdm=False)] == \
         [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+
+
+def test_a_profiled_replay_times_every_op_and_changes_nothing(smol, chat_prompts):
+    """`op_seconds` (benchmarks/profile_step.py): each op's wall time lands in its entry, over replays."""
+    params = SamplingParams(temperature=0, max_tokens=8)
+    prompts = [{"prompt_token_ids": p} for p in chat_prompts[:3]]
+    llm = LLM(loaded=smol)
+    tape = llm.engine.runner.tape
+    if tape is None:
+        pytest.skip("the native kernels are unavailable: decode steps run op by op")
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    tape.op_seconds = np.zeros(len(tape.ops))
+    timed = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert timed == plain
+    assert (tape.op_seconds > 0).all(), "an op was not timed"
+    linear = tape.ops[:, 0] == kernels.C["IL_OP_LINEAR"]
+    assert linear.sum() == 4 * smol[0].args.num_layers  # q/k/v, o, gate/up, down: the lm_head is not taped
+    once = tape.op_seconds.copy()
+    llm.generate(prompts, params, use_tqdm=False)
+    assert (tape.op_seconds > once).all()  # added to, not overwritten
 
 
 def _tiny(tokenizer, qk_norm: bool, dtype: torch.dtype) -> tuple[LlamaForCausalLM, object]:

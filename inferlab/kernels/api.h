@@ -78,6 +78,7 @@ int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, 
 
 /* Replays a tape (generic/tape.c): n_ops entries of IL_TAPE_WIDTH int64s each (op code, function,
  * then a (kind, value) pair per argument), with the step's rows, table stride, input pointers and
- * scratch arena. Returns the first nonzero status. */
+ * scratch arena. Where seconds is not NULL, each op's wall time is added to seconds[i] (a profile).
+ * Returns the first nonzero status. */
 int IL(tape_run)(const int64_t *ops, int n_ops, const int64_t *inputs, char *arena, int rows, int table_stride,
-                 int num_threads);
+                 double *seconds, int num_threads);

@@ -6,6 +6,8 @@
  * An entry is IL_TAPE_WIDTH int64s: the op code, the function, then a (kind, value) pair per
  * argument in the order of its prototype in api.h.
  */
+#include <omp.h>
+
 #include "../common.h"
 
 typedef __typeof__(linear_generic) linear_fn;
@@ -42,7 +44,7 @@ static inline float farg(const int64_t *e, int i, const step *s) {
 }
 
 int IL(tape_run)(const int64_t *ops, int n_ops, const int64_t *inputs, char *arena, int rows, int table_stride,
-                 int num_threads) {
+                 double *seconds, int num_threads) {
     const step s = {inputs, arena, rows, table_stride, num_threads};
     for (int i = 0; i < n_ops; i++) {
         const int64_t *e = ops + (int64_t)i * IL_TAPE_WIDTH;
@@ -52,6 +54,7 @@ int IL(tape_run)(const int64_t *ops, int n_ops, const int64_t *inputs, char *are
 #define L(j) arg(e, j, &s)
 #define F(j) farg(e, j, &s)
         int status = 0;
+        const double start = seconds ? omp_get_wtime() : 0;
         switch (e[0]) {
             case IL_OP_LINEAR:
                 status = ((linear_fn *)fn)(P(0), L(1), P(2), I(3), P(4), P(5), L(6), I(7), I(8), I(9), I(10), I(11),
@@ -76,6 +79,7 @@ int IL(tape_run)(const int64_t *ops, int n_ops, const int64_t *inputs, char *are
 #undef I
 #undef L
 #undef F
+        if (seconds) seconds[i] += omp_get_wtime() - start;
         if (status) return status;
     }
     return 0;

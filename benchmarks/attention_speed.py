@@ -3,12 +3,16 @@ laid out as the engine lays it (blocks scattered over a pool with transparent hu
 embedded model's heads (9 query, 3 KV, head_dim 64), against the time merely to read those blocks.
 
     .venv/bin/python benchmarks/attention_speed.py [--isa avx2] [--threads 2] [--seqs 64]
-        [--context 300] [--dtype float32] [--in-cache] [--prefill]
+        [--context 300] [--dtype float32] [--layers 8] [--in-cache] [--contiguous] [--prefill]
 
 Prints ms per layer, the KV bytes read per second, and the same for 30 layers. `--in-cache` draws
 every sequence's blocks from 40 blocks, so the pool stays in cache: the arithmetic alone.
-`--prefill`: each sequence is instead a whole prompt of `--context` tokens through the prefill
-kernel (causal; e.g. `--seqs 4 --context 512`, the profile's prefill step), with its GFLOP/s.
+`--contiguous` gives each sequence consecutive blocks, as a fresh engine's pool does (what
+`profile_step.py` measures); by default they lie anywhere in the pool. `--layers 30` cycles through
+as many pools as the model has, so that nothing of one step is left in a large L3 for the next (at
+8, a 64-sequence step is ~120 MB). `--prefill`: each sequence is instead a whole prompt of
+`--context` tokens through the prefill kernel (causal; e.g. `--seqs 4 --context 512`, the profile's
+prefill step), with its GFLOP/s.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ def main() -> None:
     ap.add_argument("--in-cache", action="store_true")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--prefill", action="store_true", help="whole prompts through the prefill kernel")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="each sequence's blocks one after another, as a fresh pool hands them out (default: "
+                         "anywhere in the pool, as after requests come and go)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -48,6 +55,8 @@ def main() -> None:
     caches = [(pool(), pool()) for _ in range(a.layers)]
     g = torch.Generator().manual_seed(0)
     tables = torch.randint(0, pool_blocks, (a.seqs, blocks_per_seq), generator=g, dtype=torch.int32)
+    if a.contiguous:
+        tables = torch.arange(a.seqs * blocks_per_seq, dtype=torch.int32).view(a.seqs, blocks_per_seq) % pool_blocks
     q = torch.randn(a.seqs * (a.context if a.prefill else 1), HEADS, HEAD_DIM, generator=g).to(dtype)
     out = torch.empty_like(q)
     rows = torch.arange(a.seqs, dtype=torch.int64) * (a.context if a.prefill else 1)

@@ -29,7 +29,6 @@ KINDS = {  # wrapped function -> kind of work; the wrapped functions never nest
     "rms_norm": "norm, RoPE, SiLU", "rope": "norm, RoPE, SiLU", "silu_and_mul": "norm, RoPE, SiLU",
     "sample": "sampling", "__call__": "the tape's replay itself (Python and C between its ops)",
 }
-CODES = {v: k for k, v in kernels.C.items() if k.startswith("IL_OP_")}
 spent: dict[str, float] = defaultdict(float)
 
 
@@ -45,10 +44,10 @@ def wrap(module, name: str) -> None:
     setattr(module, name, timed)
 
 
-# The tape's ops by code, to the same kinds: its replay is one native call, split by its own timers
-TAPE_KINDS = {"IL_OP_LINEAR": "linear", "IL_OP_RMS_NORM": "rms_norm", "IL_OP_ROPE": "rope",
-              "IL_OP_SILU_AND_MUL": "silu_and_mul", "IL_OP_WRITE_KV": "paged_attention",
-              "IL_OP_PAGED_ATTENTION": "paged_attention"}
+# The tape's op codes, to the same kinds: its replay is one native call, split by its own timers
+TAPE_KINDS = {kernels.C[f"IL_OP_{op}"]: KINDS[fn] for op, fn in [
+    ("LINEAR", "linear"), ("RMS_NORM", "rms_norm"), ("ROPE", "rope"), ("SILU_AND_MUL", "silu_and_mul"),
+    ("WRITE_KV", "paged_attention"), ("PAGED_ATTENTION", "paged_attention")]}
 TAPE = KINDS["__call__"]
 
 
@@ -62,8 +61,7 @@ def timed_step(llm: LLM) -> tuple[float, dict[str, float]]:
     total = time.perf_counter() - t
     if tape is not None and TAPE in spent:  # the replay's ops by kind; what is left is the call's own cost
         for code, s in zip(tape.ops[:, 0], tape.op_seconds):
-            kind = KINDS[TAPE_KINDS[CODES[code]]] if CODES[code] in TAPE_KINDS else "the tape's embedding lookup"
-            spent[kind] += s
+            spent[TAPE_KINDS.get(int(code), "the tape's embedding lookup")] += s
             spent[TAPE] -= s
     return total, dict(spent)
 

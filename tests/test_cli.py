@@ -143,6 +143,25 @@ def test_a_bad_workload_file_is_one_line_naming_it_before_the_model_loads(tmp_pa
     assert err.count("\n") == 1 and re.match("error: " + message.format(path=re.escape(str(path))), err), err
 
 
+def test_bench_latency_times_every_prefill_step_of_a_long_prompt(tiny, monkeypatch):
+    """A prompt longer than a step's token budget is prefilled in several steps, and its first token
+    comes with the last: the time to first token covers them all (it once timed the first step only)."""
+    from types import SimpleNamespace
+
+    from inferlab import LLM, bench
+    llm = LLM(loaded=tiny, max_num_batched_tokens=32, long_prefill_token_threshold=32, num_kv_blocks=64, block_size=4)
+    clock, step = [0.0], llm.engine.step
+
+    def one_second_step():
+        clock[0] += 1.0
+        return step()
+    monkeypatch.setattr(llm.engine, "step", one_second_step)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    out = bench.run_latency(llm, input_len=100, output_len=3, repeats=1)
+    assert out["ttft_ms"] == 4000  # 32 + 32 + 32 + 4 prompt tokens
+    assert out["tpot_ms"] == 1000  # then one token a step
+
+
 def test_bench_latency_and_compare_hf(tmp_path):
     r = inferlab("bench", "--latency", "--input-len", "16", "--output-len", "4", "--num-kv-blocks", "64")
     assert r.returncode == 0, r.stderr

@@ -185,6 +185,36 @@ def test_prefill_kernel_rows_do_not_depend_on_the_chunking(isa, dtype, heads, kv
         assert torch.equal(run(pieces, other), whole), f"chunks {pieces} with {other} rows of another sequence"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_kernel_rows_do_not_depend_on_the_thread_count(isa, dtype):
+    """One long prompt has fewer (chunk, KV head) tasks than threads can take, so the AMX kernel splits
+    its queries in parts, as many as the threads call for: the thread count must change no bit."""
+    k = kernels.for_isa(isa)
+    if not attention.prefill_kernel_runs(k, dtype, 9, 3, 64, 16):
+        pytest.skip(f"the {isa} kernels have no matrix-product prefill attention for this shape: SDPA runs it")
+    g = torch.Generator().manual_seed(5)
+    k_cache, v_cache = (torch.randn(60, 16, 3, 64, generator=g).to(dtype) for _ in range(2))
+    tables = torch.randperm(60, generator=g).view(2, 30).int()
+    q = torch.randn(300, 9, 64, generator=g).to(dtype)
+    # a fresh prompt of 200 rows, and a chunk of 100 over a cached prefix of 300 keys
+    row0, count, ctx = torch.tensor([0, 200]), torch.tensor([200, 100]).int(), torch.tensor([200, 400]).int()
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            for chunks in (1, 2):  # the long prompt alone (more parts), then with the other chunk
+                out = torch.zeros_like(q)
+                k.prefill_attention(q, q.stride(0), k_cache, v_cache, out, row0[:chunks], count[:chunks], ctx[:chunks],
+                                    torch.arange(chunks).int(), chunks, tables, 30, 9, 3, 64, 16, 0.125,
+                                    kernels.DTYPE_CODES[dtype])
+                outs.append(out[:200])
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_elementwise_ops_match_their_reference(isa, dtype, tol, monkeypatch):
     monkeypatch.setattr(kernels, "native", lambda: kernels.for_isa(isa))

@@ -2,8 +2,9 @@
  *
  * A prefill chunk of many query rows is a matrix product, not a scan: PyTorch's CPU SDPA reached
  * about 60 GFLOP/s on it here, while AMX multiplies bf16 tiles at well over a TFLOP/s. One task per
- * (sequence, KV head): it packs that head's keys and values once into the pair-interleaved layouts
- * AMX takes as its right operand, then for every 16-query tile and every query head of the group:
+ * (sequence, KV head, part of its queries; one part unless that leaves threads idle): it packs that
+ * head's keys and values once into the pair-interleaved layouts AMX takes as its right operand, then
+ * for every 16-query tile and every query head of the group:
  *   S = Q K^T   (16 queries x 16 keys per tile product), stored as fp32;
  *   P = softmax(S * scale) row by row, causal, in fp32, rounded to bf16 (as flash attention does);
  *   O = P V     (16 queries x 16 value dims per tile product), divided by the row sums.
@@ -67,39 +68,46 @@ static void pack_values(uint32_t *vp, const uint16_t *v_head, const int32_t *tab
         }
 }
 
-/* e^x for x <= 0: 2^n p(f), n = round(x / ln 2), f = x - n ln 2 (ln 2 in two parts), p of degree 6;
- * within 4 ulp of expf, far below the bf16 rounding of the weights it makes. Inline, so a softmax row
- * never leaves the registers (a call to libmvec's expf stored and reloaded every 16 scores). */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
+/* 2^x for x <= 0: 2^n p(f), n = round(x), f = x - n in [-1/2, 1/2], p a degree-5 fit of 2^f evaluated
+ * in Estrin's order (three multiply-adds deep, not six: the row's loop waits on the chain; 7% off the
+ * kernel against e^x's degree 6 in Horner's order); within 2.6e-7 of 2^x (3 ulp), far below the bf16
+ * rounding of the weights it makes. The scores come in times log2(e), folded into the scale, so no
+ * multiply by 1 / ln 2 either. Inline, so a softmax row never leaves the registers (a call to libmvec's
+ * expf stored and reloaded every 16 scores). */
+static inline __m512 exp2_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n), f2 = _mm512_mul_ps(f, f);
+    const __m512 a = _mm512_fmadd_ps(f, _mm512_set1_ps(0.6931469440460205f), _mm512_set1_ps(1.0000001192092896f));
+    const __m512 b = _mm512_fmadd_ps(f, _mm512_set1_ps(0.055507127195596695f), _mm512_set1_ps(0.24022120237350464f));
+    const __m512 c = _mm512_fmadd_ps(f, _mm512_set1_ps(0.0013276641257107258f), _mm512_set1_ps(0.009675543755292892f));
+    return _mm512_scalef_ps(_mm512_fmadd_ps(f2, _mm512_fmadd_ps(f2, c, b), a), n);
 }
 
 /* Row i of s (fp32 scores, `width` of them) -> bf16 weights in p (zero past key `limit`), returns
  * their fp32 sum. */
 static inline float softmax_row(const float *s, uint16_t *p, int limit, int width, float scale) {
-    __m512 mx = _mm512_set1_ps(-FLT_MAX);
-    for (int k = 0; k < limit; k += 16) {
+    /* four running maxima: one would wait out max's latency every 16 scores (4 of ~13 cycles) */
+    __m512 mx = _mm512_set1_ps(-FLT_MAX), m1 = mx, m2 = mx, m3 = mx;
+    int k = 0;
+    for (; k + 64 <= limit; k += 64) {
+        mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + k));
+        m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + k + 16));
+        m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + k + 32));
+        m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + k + 48));
+    }
+    for (; k < limit; k += 16) {
         const __mmask16 live = limit - k >= 16 ? 0xffff : (__mmask16)((1u << (limit - k)) - 1);
         mx = _mm512_mask_max_ps(mx, live, mx, _mm512_maskz_loadu_ps(live, s + k));
     }
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale), sc = _mm512_set1_ps(scale);
+    mx = _mm512_max_ps(_mm512_max_ps(mx, m1), _mm512_max_ps(m2, m3));
+    const float scale2 = scale * 1.44269504089f; /* e^(x scale) = 2^(x scale log2 e) */
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale2), sc = _mm512_set1_ps(scale2);
     __m512 sum = _mm512_setzero_ps();
     for (int k = 0; k < width; k += 16) {
         const int left = limit - k;
         const __mmask16 live = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        const __m512 w = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + k), sc, m)));
+        const __m512 w = _mm512_maskz_mov_ps(live, exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + k), sc, m)));
         sum = _mm512_add_ps(sum, w);
         _mm256_storeu_si256((__m256i *)(p + k), (__m256i)_mm512_cvtneps_pbh(w));
     }
@@ -108,7 +116,7 @@ static inline float softmax_row(const float *s, uint16_t *p, int limit, int widt
 
 static void attend_chunk(const uint16_t *q, int64_t q_stride, uint16_t *out, int64_t row0, int nq, int n,
                          int kv_head, int group, int num_heads, int D, float scale, const uint32_t *kp,
-                         const uint32_t *vp, float *s, uint16_t *p, int width) {
+                         const uint32_t *vp, float *s, uint16_t *p, int stride) {
     const int nc = D / 32, tiles = D / 16;
     uint16_t qt[16 * 128] __attribute__((aligned(64)));
     float o[16 * 128] __attribute__((aligned(64))), rsum[16];
@@ -142,12 +150,12 @@ static void attend_chunk(const uint16_t *q, int64_t q_stride, uint16_t *out, int
                     _tile_loadd(1, b + 768, 64);
                     _tile_dpbf16ps(0, 7, 1);
                 }
-                _tile_stored(0, s + 16 * t, width * 4);
+                _tile_stored(0, s + 16 * t, stride * 4);
             }
             for (int i = 0; i < 16; i++)  /* rows past the chunk get zero weights (never stored) */
-                rsum[i] = i < rows ? softmax_row(s + (int64_t)i * width, p + (int64_t)i * width, n - nq + i0 + i + 1,
+                rsum[i] = i < rows ? softmax_row(s + (int64_t)i * stride, p + (int64_t)i * stride, n - nq + i0 + i + 1,
                                                  32 * key_chunks, scale)
-                                   : (memset(p + (int64_t)i * width, 0, sizeof(uint16_t) * 32 * key_chunks), 0.f);
+                                   : (memset(p + (int64_t)i * stride, 0, sizeof(uint16_t) * 32 * key_chunks), 0.f);
             for (int s0 = 0; s0 < tiles; s0 += 4) {  /* O = P V, four 16-slot tiles at a time */
                 const int nt = tiles - s0 < 4 ? tiles - s0 : 4;
                 _tile_zero(0);
@@ -156,7 +164,7 @@ static void attend_chunk(const uint16_t *q, int64_t q_stride, uint16_t *out, int
                 _tile_zero(3);
                 for (int c32 = 0; c32 < key_chunks; c32++) {
                     const uint32_t *b = vp + ((int64_t)c32 * tiles + s0) * 256;
-                    _tile_loadd(4, p + 32 * c32, width * 2);
+                    _tile_loadd(4, p + 32 * c32, stride * 2);
                     _tile_loadd(5, b, 64);
                     _tile_dpbf16ps(0, 4, 5);
                     if (nt > 1) {
@@ -187,6 +195,16 @@ static void attend_chunk(const uint16_t *q, int64_t q_stride, uint16_t *out, int
         }
     }
 }
+/* The first query row of part `part` of `parts` of a chunk of `count` rows over `ctx` keys (part = parts:
+ * count): a multiple of 16, where the keys the rows before it see add up to about part / parts of all. */
+static int part_row(const int count, const int ctx, const int part, const int parts) {
+    if (part >= parts) return count;
+    const double base = ctx - count, total = count * (base + (count + 1) / 2.0);
+    int r = 0;
+    while (r < count && r * (base + (r + 1) / 2.0) < total * part / parts) r += 16;
+    return r < count ? r : count;
+}
+
 int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                           const int64_t *row0, const int32_t *count, const int32_t *ctx, const int32_t *seq,
                           int num_chunks, const int32_t *block_tables, int table_stride, int num_heads,
@@ -200,29 +218,38 @@ int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, 
     int max_ctx = 1, failed = 0;
     for (int c = 0; c < num_chunks; c++) max_ctx = ctx[c] > max_ctx ? ctx[c] : max_ctx;
     const int width = (max_ctx + 31) / 32 * 32;
+    /* s's and p's rows one or two lines past a multiple of 4 KB apart: at 4 KB multiples (1,024 keys
+     * and up) a tile's 16 rows all fell in one L1 set, and each tile store and load missed */
+    const int stride = width + 32;
     const int64_t token_stride = (int64_t)num_kv_heads * D;
+    /* Tasks are (chunk, KV head, part of the chunk's queries): with fewer chunks and heads than twice
+     * the threads (one long prompt: 3 KV heads on 2 threads left one idle a third of the time), each
+     * chunk's queries are split in parts of equal causal work, each packing the keys it sees. */
+    int parts = (2 * num_threads + num_chunks * num_kv_heads - 1) / (num_chunks * num_kv_heads);
+    parts = parts < 1 ? 1 : parts > 16 ? 16 : parts;
 #pragma omp parallel num_threads(num_threads)
     {
         amx_configure();
         uint32_t *kp = aligned_alloc(64, sizeof(uint32_t) * (size_t)width * D / 2);
         uint32_t *vp = aligned_alloc(64, sizeof(uint32_t) * (size_t)width * D / 2);
-        float *s = aligned_alloc(64, sizeof(float) * 16 * (size_t)width);
-        uint16_t *p = aligned_alloc(64, sizeof(uint16_t) * 16 * (size_t)width);
+        float *s = aligned_alloc(64, sizeof(float) * 16 * (size_t)stride);
+        uint16_t *p = aligned_alloc(64, sizeof(uint16_t) * 16 * (size_t)stride);
         if (!kp || !vp || !s || !p) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int c = 0; c < num_chunks; c++)
-            for (int h = 0; h < num_kv_heads; h++) {
-                if (!kp || !vp || !s || !p) continue;
-                const int32_t *table = block_tables + (int64_t)seq[c] * table_stride;
-                pack_keys(kp, (const uint16_t *)k_cache + (int64_t)h * D, table, ctx[c], block_size, token_stride, D);
-                pack_values(vp, (const uint16_t *)v_cache + (int64_t)h * D, table, ctx[c], block_size, token_stride,
-                            D);
-                attend_chunk(q, q_stride, out, row0[c], count[c], ctx[c], h, group, num_heads, D, scale, kp, vp, s,
-                             p, width);
-            }
+#pragma omp for schedule(dynamic, 1)
+        for (int task = 0; task < num_chunks * num_kv_heads * parts; task++) {
+            const int c = task / (num_kv_heads * parts), h = task / parts % num_kv_heads, part = task % parts;
+            const int first = part_row(count[c], ctx[c], part, parts), last = part_row(count[c], ctx[c], part + 1, parts);
+            if (!kp || !vp || !s || !p || first == last) continue;
+            const int32_t *table = block_tables + (int64_t)seq[c] * table_stride;
+            const int keys = ctx[c] - count[c] + last; /* what the part's last query sees */
+            pack_keys(kp, (const uint16_t *)k_cache + (int64_t)h * D, table, keys, block_size, token_stride, D);
+            pack_values(vp, (const uint16_t *)v_cache + (int64_t)h * D, table, keys, block_size, token_stride, D);
+            attend_chunk(q, q_stride, out, row0[c] + first, last - first, keys, h, group, num_heads, D, scale, kp, vp,
+                         s, p, stride);
+        }
         free(kp), free(vp), free(s), free(p);
         _tile_release();
     }

@@ -74,6 +74,28 @@ static inline void il_st(void *p, int64_t i, float f, int dtype) {
         ((float *)p)[i] = f;
 }
 
+/* Prefill attention's tasks are (chunk, KV head, part of the chunk's queries): with fewer chunks and
+ * heads than two a thread (one long prompt: 3 KV heads on 2 threads left one idle a third of the time),
+ * each chunk's queries are split in parts of about equal causal work, each part over the keys its last
+ * query sees. The parts follow the thread count; a row's result must not. */
+static inline int il_prefill_parts(const int num_chunks, const int num_kv_heads, const int num_threads) {
+    const int tasks = num_chunks * num_kv_heads;
+    const int parts = tasks > 0 ? (2 * num_threads + tasks - 1) / tasks : 1;
+    return parts < 1 ? 1 : parts > 16 ? 16 : parts;
+}
+
+/* The first query row of part `part` of `parts` of a chunk of `count` rows over `ctx` keys (count for
+ * part = parts): a multiple of `align` (the kernel's query tile) where the keys the rows before it see
+ * add up to about part / parts of all the chunk's. */
+static inline int il_prefill_part_row(const int count, const int ctx, const int part, const int parts,
+                                      const int align) {
+    if (part >= parts) return count;
+    const double base = ctx - count, total = count * (base + (count + 1) / 2.0);
+    int r = 0;
+    while (r < count && r * (base + (r + 1) / 2.0) < total * part / parts) r += align;
+    return r < count ? r : count;
+}
+
 static inline int il_elem_size(int dtype) { return dtype == IL_BF16 ? 2 : 4; }
 
 #include "blocks.h" /* the weight types, which use the conversions above */

@@ -195,16 +195,6 @@ static void attend_chunk(const uint16_t *q, int64_t q_stride, uint16_t *out, int
         }
     }
 }
-/* The first query row of part `part` of `parts` of a chunk of `count` rows over `ctx` keys (part = parts:
- * count): a multiple of 16, where the keys the rows before it see add up to about part / parts of all. */
-static int part_row(const int count, const int ctx, const int part, const int parts) {
-    if (part >= parts) return count;
-    const double base = ctx - count, total = count * (base + (count + 1) / 2.0);
-    int r = 0;
-    while (r < count && r * (base + (r + 1) / 2.0) < total * part / parts) r += 16;
-    return r < count ? r : count;
-}
-
 int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                           const int64_t *row0, const int32_t *count, const int32_t *ctx, const int32_t *seq,
                           int num_chunks, const int32_t *block_tables, int table_stride, int num_heads,
@@ -222,11 +212,7 @@ int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, 
      * and up) a tile's 16 rows all fell in one L1 set, and each tile store and load missed */
     const int stride = width + 32;
     const int64_t token_stride = (int64_t)num_kv_heads * D;
-    /* Tasks are (chunk, KV head, part of the chunk's queries): with fewer chunks and heads than twice
-     * the threads (one long prompt: 3 KV heads on 2 threads left one idle a third of the time), each
-     * chunk's queries are split in parts of equal causal work, each packing the keys it sees. */
-    int parts = (2 * num_threads + num_chunks * num_kv_heads - 1) / (num_chunks * num_kv_heads);
-    parts = parts < 1 ? 1 : parts > 16 ? 16 : parts;
+    const int parts = il_prefill_parts(num_chunks, num_kv_heads, num_threads); /* common.h says why */
 #pragma omp parallel num_threads(num_threads)
     {
         amx_configure();
@@ -241,7 +227,8 @@ int IL(prefill_attention)(const void *q, int64_t q_stride, const void *k_cache, 
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < num_chunks * num_kv_heads * parts; task++) {
             const int c = task / (num_kv_heads * parts), h = task / parts % num_kv_heads, part = task % parts;
-            const int first = part_row(count[c], ctx[c], part, parts), last = part_row(count[c], ctx[c], part + 1, parts);
+            const int first = il_prefill_part_row(count[c], ctx[c], part, parts, 16);
+            const int last = il_prefill_part_row(count[c], ctx[c], part + 1, parts, 16);
             if (!kp || !vp || !s || !p || first == last) continue;
             const int32_t *table = block_tables + (int64_t)seq[c] * table_stride;
             const int keys = ctx[c] - count[c] + last; /* what the part's last query sees */

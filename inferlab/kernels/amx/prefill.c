@@ -103,8 +103,17 @@ static inline float softmax_row(const float *s, uint16_t *p, int limit, int widt
     mx = _mm512_max_ps(_mm512_max_ps(mx, m1), _mm512_max_ps(m2, m3));
     const float scale2 = scale * 1.44269504089f; /* e^(x scale) = 2^(x scale log2 e) */
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale2), sc = _mm512_set1_ps(scale2);
-    __m512 sum = _mm512_setzero_ps();
-    for (int k = 0; k < width; k += 16) {
+    __m512 sum = _mm512_setzero_ps(), sum1 = sum;
+    k = 0;
+    for (; k + 32 <= limit; k += 32) { /* whole: no masks, and one conversion rounds 32 weights */
+        const __m512 w0 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + k), sc, m));
+        const __m512 w1 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + k + 16), sc, m));
+        sum = _mm512_add_ps(sum, w0);
+        sum1 = _mm512_add_ps(sum1, w1);
+        _mm512_storeu_si512(p + k, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+    }
+    sum = _mm512_add_ps(sum, sum1);
+    for (; k < width; k += 16) {
         const int left = limit - k;
         const __mmask16 live = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
         const __m512 w = _mm512_maskz_mov_ps(live, exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + k), sc, m)));

@@ -91,6 +91,35 @@ def test_attention_does_not_depend_on_the_thread_count(isa):
     assert torch.equal(*outs)
 
 
+def test_a_long_decode_row_keeps_its_bits_alone_in_a_batch_and_on_any_thread_count(isa):
+    """Past 512 keys the AMX kernel sums a row in pieces (over every thread where the call has one row,
+    one after another within the row's task otherwise): the result must still follow from the row
+    alone, and match the attention math."""
+    k = kernels.for_isa(isa)
+    g = torch.Generator().manual_seed(11)
+    k_cache, v_cache = (torch.randn(400, 16, 3, 64, generator=g).bfloat16() for _ in range(2))
+    tables = torch.randperm(400, generator=g)[:390].view(3, 130).int()
+    q = torch.randn(3, 9, 64, generator=g).bfloat16()
+    lens = torch.tensor([2000, 513, 1100], dtype=torch.int32)
+    rows, seqs = torch.arange(3), torch.arange(3, dtype=torch.int32)
+    expected = _reference(q, k_cache, v_cache, rows, seqs, lens, tables, 0.125)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            for n in (1, 3):
+                out = torch.zeros_like(q)
+                k.paged_attention(q, q.stride(0), k_cache, v_cache, out, rows[:n], seqs[:n], lens[:n], n, tables, 130,
+                                  9, 3, 64, 16, 0.125, kernels.DTYPE_CODES[torch.bfloat16])
+                outs.append(out[:1])
+                torch.testing.assert_close(out[:n].double(), expected[:n], atol=2e-2, rtol=2e-2)
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 128), (8, 8, 64), (4, 1, 32)])
 def test_a_decode_row_does_not_depend_on_the_rows_beside_it(isa, dtype, heads, kv_heads, head_dim):

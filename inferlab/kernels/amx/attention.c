@@ -2,7 +2,11 @@
  *
  * One task per query row, all its heads; a call of one row, one task per KV head and its group of
  * query heads (the same sums, so the same bits: one request's step then keeps both threads busy, its
- * attention 16-23% faster from 1,024 keys on). Where the AVX-512 row kernel spends most of its time in
+ * attention 16-23% faster from 1,024 keys on). A row past PIECE keys is summed in pieces, each from its
+ * own maximum, then combined; in a call of one row each piece of each KV head is a task, so that a long
+ * context's 3 KV heads do not leave one of 2 threads idle a third of the time (1 x 4,096 keys: 0.128 ->
+ * 0.103 ms a layer). A row's pieces are fixed by its length, so its bits are the same alone, in a batch
+ * and on any thread count. Where the AVX-512 row kernel spends most of its time in
  * horizontal sums (scores) and per-key multiply-adds (values), here both are tile products:
  *   scores: for each KV head h, S_h = K_h Q^T over 16 keys at a time. K_h's 16 x 32 tile is loaded
  *     straight from the pool (16 consecutive slots of one block, the pool's row stride); Q, as the
@@ -22,6 +26,10 @@
 
 #define D 64
 #define MAX_TILE_HEADS 16 /* query heads in one tile's columns (scores) or rows (values) */
+/* Keys a piece of a row at most: a longer row is summed in pieces, each from its own maximum, and the
+ * pieces combined (so that one long row's pieces can go to every thread); at most PIECE keys, one. */
+#define PIECE 512
+#define PART (D + 16) /* floats a piece keeps a head: its D sums, maximum and weights' sum (padded) */
 
 typedef struct {                                       /* one thread's scratch */
     float st[MAX_TILE_HEADS][16][MAX_TILE_HEADS];      /* [KV head][key][query head] scores of 16 keys */
@@ -54,14 +62,30 @@ static inline void prefetch_head(const uint16_t *cache, const int32_t *table, in
     (num_kv_heads * D == ts ? prefetch_keys(cache, table, key, block_size, ts) \
                             : prefetch_head(cache, table, key, block_size, ts))
 
+/* A head's output, D bf16 values, from its dims in the value tiles' order (dims 32c + 8L .. +7 are lane
+ * L of slot tile 2c, then lane L of slot tile 2c+1) times inv. */
+static inline void write_head(const float *o, const float inv, uint16_t *dst) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    const __m512 f = _mm512_set1_ps(inv);
+    for (int c = 0; c < 2; c++) {
+        const __m512 lo = _mm512_load_ps(o + 32 * c), hi = _mm512_load_ps(o + 32 * c + 16);
+        _mm256_storeu_si256((__m256i *)(dst + 32 * c),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), f)));
+        _mm256_storeu_si256((__m256i *)(dst + 32 * c + 16),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), f)));
+    }
+}
+
 /* The heads of one row: num_kv_heads KV heads from k_cache and v_cache, whose key slots are ts
  * elements apart, and their num_heads query heads from q; out's rows are out_heads heads apart.
  * A row's heads, or one KV head's group alone (its caches and q moved to that head): a head's sums
  * are the same either way, as the other groups' rows of P are zeros, which add nothing. */
 static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
-                       uint16_t *out, int64_t row, const int32_t *table, int n, int group, int num_heads,
+                       uint16_t *out, int64_t row, const int32_t *table, int k0, int n, int group, int num_heads,
                        int num_kv_heads, int64_t ts, int out_heads, int block_size, float scale,
-                       float *restrict scores, scratch *w) {
+                       float *restrict scores, scratch *w, float *part) {
+    const int len = n - k0; /* keys k0 .. n - 1: the row's, or a piece of them */
     memset(w->qb, 0, sizeof w->qb);
     for (int j = 0; j < num_heads; j++)
         for (int p = 0; p < D / 2; p++) w->qb[p / 16][p % 16][j] = ((const uint32_t *)(q + row * q_stride + j * D))[p];
@@ -71,7 +95,7 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
                                               _mm512_set1_epi32(MAX_TILE_HEADS));
     __m512 mx[MAX_TILE_HEADS];
     for (int j = 0; j < num_heads; j++) mx[j] = _mm512_set1_ps(-FLT_MAX);
-    for (int t0 = 0; t0 < n; t0 += 16) {  /* keys past n in the last 16 are read but masked */
+    for (int t0 = k0; t0 < n; t0 += 16) {  /* keys past n in the last 16 are read but masked */
         const __mmask16 valid = (__mmask16)(n - t0 >= 16 ? 0xffff : (1u << (n - t0)) - 1);
         const uint16_t *blk = k_cache + ((int64_t)table[t0 / block_size] * block_size + t0 % block_size) * ts;
         if (t0 + 16 < n) FETCH_SLOTS(k_cache, t0 + 16);
@@ -85,25 +109,26 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
         }
         for (int j = 0; j < num_heads; j++) {
             const __m512 s = _mm512_mul_ps(_mm512_i32gather_ps(column, &w->st[j / group][0][j], 4), _mm512_set1_ps(scale));
-            _mm512_mask_storeu_ps(scores + (int64_t)j * n + t0, valid, s);
+            _mm512_mask_storeu_ps(scores + (int64_t)j * len + (t0 - k0), valid, s);
             mx[j] = _mm512_mask_max_ps(mx[j], valid, mx[j], s);
         }
     }
-    for (int t = 0; t < 32 && t < n; t += 16) FETCH_SLOTS(v_cache, t); /* during the exps */
+    for (int t = k0; t < k0 + 32 && t < n; t += 16) FETCH_SLOTS(v_cache, t); /* during the exps */
     float inv[MAX_TILE_HEADS];
     for (int j = 0; j < num_heads; j++) {
-        float *s = scores + (int64_t)j * n, sum = 0.f;
+        float *s = scores + (int64_t)j * len, sum = 0.f;
         const float m = _mm512_reduce_max_ps(mx[j]);
-        for (int t = 0; t < n; t++) s[t] = expf(s[t] - m);
-        for (int t = 0; t < n; t++) sum += s[t];
+        for (int t = 0; t < len; t++) s[t] = expf(s[t] - m);
+        for (int t = 0; t < len; t++) sum += s[t];
         inv[j] = 1.f / sum;  /* >= 1: the maximum's own weight */
+        if (part) part[(int64_t)j * PART + D] = m, part[(int64_t)j * PART + D + 1] = sum;
     }
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     memset(w->pb, 0, sizeof w->pb);
-    for (int t0 = 0; t0 < n; t0 += 32) {
+    for (int t0 = k0; t0 < n; t0 += 32) {
         const int left = n - t0;
         const __mmask16 lo = (__mmask16)(left >= 16 ? 0xffff : (1u << left) - 1);
         const __mmask16 hi = (__mmask16)(left >= 32 ? 0xffff : left <= 16 ? 0 : (1u << (left - 16)) - 1);
@@ -116,7 +141,7 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
         for (int t = t0 + 32; t < t0 + 64 && t < n; t += 16) FETCH_SLOTS(v_cache, t);
         for (int h = 0; h < num_kv_heads; h++) {
             for (int j = h * group; j < (h + 1) * group; j++) {  /* this group's rows of P; the others stay 0 */
-                const float *sj = scores + (int64_t)j * n + t0;
+                const float *sj = scores + (int64_t)j * len + (t0 - k0);
                 _mm256_store_si256((__m256i *)w->pb[j], (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lo, sj)));
                 _mm256_store_si256((__m256i *)(w->pb[j] + 16),
                                    (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(hi, sj + 16)));
@@ -144,20 +169,29 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
     _tile_stored(1, &w->o[0][16], D * 4);
     _tile_stored(2, &w->o[0][32], D * 4);
     _tile_stored(3, &w->o[0][48], D * 4);
-    /* dims 32c + 8L .. +7 are lane L of slot tile 2c, then lane L of slot tile 2c+1 */
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int j = 0; j < num_heads; j++)
-        for (int c = 0; c < 2; c++) {
-            const __m512 lo = _mm512_load_ps(&w->o[j][32 * c]), hi = _mm512_load_ps(&w->o[j][32 * c + 16]);
-            const __m512 f = _mm512_set1_ps(inv[j]);
-            uint16_t *dst = out + (row * out_heads + j) * D + 32 * c;
-            _mm256_storeu_si256((__m256i *)dst,
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), f)));
-            _mm256_storeu_si256((__m256i *)(dst + 16),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), f)));
-        }
+    if (part) { /* a piece of a long row: its sums, for combine() */
+        for (int j = 0; j < num_heads; j++) memcpy(part + (int64_t)j * PART, w->o[j], sizeof(float) * D);
+        return;
+    }
+    for (int j = 0; j < num_heads; j++) write_head(w->o[j], inv[j], out + (row * out_heads + j) * D);
 }
+
+/* Head j of a row from its pieces' sums (part: pieces x num_heads x PART): each piece's weights and
+ * values scaled from its own maximum to the row's, added in order. */
+static void combine(const float *part, int pieces, int num_heads, int j, uint16_t *dst) {
+    float m = -FLT_MAX, sum = 0.f, o[D] __attribute__((aligned(64)));
+    for (int p = 0; p < pieces; p++) m = fmaxf(m, part[((int64_t)p * num_heads + j) * PART + D]);
+    memset(o, 0, sizeof o);
+    for (int p = 0; p < pieces; p++) {
+        const float *at = part + ((int64_t)p * num_heads + j) * PART, f = expf(at[D] - m);
+        sum += f * at[D + 1];
+        for (int d = 0; d < D; d++) o[d] += f * at[d];
+    }
+    write_head(o, 1.f / sum, dst);
+}
+
+/* The end of piece p of a row of n keys. */
+static inline int piece_end(const int n, const int p) { return n < (p + 1) * PIECE ? n : (p + 1) * PIECE; }
 
 /* Rows from which a call takes a task per row (fewer: per row and KV head); by shape, never by thread count. */
 #define ROW_TASKS_MIN 2
@@ -174,31 +208,60 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
                                       num_threads);
     int max_len = 1, failed = 0;
     for (int r = 0; r < rows; r++) max_len = lens[r] > max_len ? lens[r] : max_len;
+    const int most = (max_len + PIECE - 1) / PIECE, group = num_heads / num_kv_heads;
+    /* below ROW_TASKS_MIN rows, a task per row, KV head and piece (one request's step keeps both threads
+     * busy), their pieces combined after; from it, a task per row, its pieces one after another */
+    const int splits = rows < ROW_TASKS_MIN ? num_kv_heads : 1, pieces = splits > 1 ? most : 1;
+    float *shared = pieces > 1 ? malloc(sizeof(float) * PART * num_heads * (size_t)most) : NULL;
+    if (pieces > 1 && !shared) return 2;
 #pragma omp parallel num_threads(num_threads)
     {
         amx_configure();
-        float *scores = malloc(sizeof(float) * num_heads * (size_t)max_len);
+        float *scores = malloc(sizeof(float) * num_heads * (size_t)(max_len < PIECE ? max_len : PIECE));
+        float *own = splits == 1 && most > 1 ? malloc(sizeof(float) * PART * num_heads * (size_t)most) : NULL;
         scratch *w = aligned_alloc(64, sizeof(scratch));
-        if (!scores || !w) {
+        if (!scores || !w || (splits == 1 && most > 1 && !own)) {
 #pragma omp atomic write
             failed = 1;
         }
-        /* below ROW_TASKS_MIN rows, a task per row and KV head: one request's step keeps both threads busy */
-        const int splits = rows < ROW_TASKS_MIN ? num_kv_heads : 1, group = num_heads / num_kv_heads;
         const int64_t ts = (int64_t)num_kv_heads * D; /* pool elements per key slot */
 #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < rows * splits; task++) {
-            const int r = task / splits, h = task % splits; /* h: the task's KV head when split */
+        for (int task = 0; task < rows * splits * pieces; task++) {
+            const int r = task / (splits * pieces), h = task / pieces % splits, p = task % pieces;
             const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
-            if (!scores || !w) continue;
+            if (!scores || !w || (splits == 1 && most > 1 && !own)) continue;
             const int heads = splits == 1 ? num_kv_heads : 1; /* the task's KV heads, from KV head h */
-            attend_row((const uint16_t *)q + h * group * D, q_stride, (const uint16_t *)k_cache + h * D,
-                       (const uint16_t *)v_cache + h * D, (uint16_t *)out + h * group * D, row_ids[r], table,
-                       lens[r], group, heads * group, heads, ts, num_heads, block_size, scale, scores, w);
+            const int n = lens[r], cut = (n + PIECE - 1) / PIECE; /* the row's pieces */
+            const uint16_t *qh = (const uint16_t *)q + h * group * D, *kh = (const uint16_t *)k_cache + h * D;
+            const uint16_t *vh = (const uint16_t *)v_cache + h * D;
+            uint16_t *oh = (uint16_t *)out + h * group * D;
+            if (cut == 1) {
+                attend_row(qh, q_stride, kh, vh, oh, row_ids[r], table, 0, n, group, heads * group, heads, ts,
+                           num_heads, block_size, scale, scores, w, NULL);
+            } else if (splits > 1) { /* one piece of one KV head; combined below */
+                if (p < cut)
+                    attend_row(qh, q_stride, kh, vh, oh, row_ids[r], table, p * PIECE, piece_end(n, p), group, group,
+                               1, ts, num_heads, block_size, scale, scores, w,
+                               shared + ((int64_t)p * num_heads + h * group) * PART);
+            } else { /* the whole row, piece by piece */
+                for (int i = 0; i < cut; i++)
+                    attend_row(qh, q_stride, kh, vh, oh, row_ids[r], table, i * PIECE, piece_end(n, i), group,
+                               num_heads, num_kv_heads, ts, num_heads, block_size, scale, scores, w,
+                               own + (int64_t)i * num_heads * PART);
+                for (int j = 0; j < num_heads; j++)
+                    combine(own, cut, num_heads, j, (uint16_t *)out + (row_ids[r] * num_heads + j) * D);
+            }
+        }
+        if (pieces > 1 && most > 1) { /* one row's pieces, from every thread: the loop's end waited for them */
+#pragma omp for schedule(static)
+            for (int j = 0; j < num_heads; j++)
+                if (!failed) combine(shared, most, num_heads, j, (uint16_t *)out + row_ids[0] * num_heads * D + j * D);
         }
         free(scores);
+        free(own);
         free(w);
         _tile_release();
     }
+    free(shared);
     return failed ? 2 : 0;
 }

@@ -91,15 +91,17 @@ def test_attention_does_not_depend_on_the_thread_count(isa):
     assert torch.equal(*outs)
 
 
-def test_a_long_decode_row_keeps_its_bits_alone_in_a_batch_and_on_any_thread_count(isa):
+@pytest.mark.parametrize("heads,kv_heads,block_size", [(9, 3, 16), (16, 4, 32), (12, 12, 16)])
+def test_a_long_decode_row_keeps_its_bits_alone_in_a_batch_and_on_any_thread_count(isa, heads, kv_heads, block_size):
     """Past 512 keys the AMX kernel sums a row in pieces (over every thread where the call has one row,
     one after another within the row's task otherwise), and the other kernels split a call's rows by
     their count: a row's result must still follow from the row alone, and match the attention math."""
     k = kernels.for_isa(isa)
     g = torch.Generator().manual_seed(11)
-    k_cache, v_cache = (torch.randn(1200, 16, 3, 64, generator=g).bfloat16() for _ in range(2))
-    tables = torch.randperm(1200, generator=g)[:1170].view(9, 130).int()
-    q = torch.randn(9, 9, 64, generator=g).bfloat16()
+    width = 2000 // block_size + 1
+    k_cache, v_cache = (torch.randn(9 * width + 30, block_size, kv_heads, 64, generator=g).bfloat16() for _ in range(2))
+    tables = torch.randperm(9 * width + 30, generator=g)[:9 * width].view(9, width).int()
+    q = torch.randn(9, heads, 64, generator=g).bfloat16()
     lens = torch.tensor([2000, 513, 1100, 40, 512, 700, 1, 90, 1500], dtype=torch.int32)
     rows, seqs = torch.arange(9), torch.arange(9, dtype=torch.int32)
     expected = _reference(q, k_cache, v_cache, rows, seqs, lens, tables, 0.125)
@@ -110,8 +112,8 @@ def test_a_long_decode_row_keeps_its_bits_alone_in_a_batch_and_on_any_thread_cou
             torch.set_num_threads(n_threads)
             for n in (1, 3, 9):  # 9: past the AVX-512 kernel's 8 rows split by KV head
                 out = torch.zeros_like(q)
-                k.paged_attention(q, q.stride(0), k_cache, v_cache, out, rows[:n], seqs[:n], lens[:n], n, tables, 130,
-                                  9, 3, 64, 16, 0.125, kernels.DTYPE_CODES[torch.bfloat16])
+                k.paged_attention(q, q.stride(0), k_cache, v_cache, out, rows[:n], seqs[:n], lens[:n], n, tables,
+                                  width, heads, kv_heads, 64, block_size, 0.125, kernels.DTYPE_CODES[torch.bfloat16])
                 outs.append(out[:1])
                 torch.testing.assert_close(out[:n].double(), expected[:n], atol=2e-2, rtol=2e-2)
     finally:

@@ -252,7 +252,7 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
                     combine(own, cut, num_heads, j, (uint16_t *)out + (row_ids[r] * num_heads + j) * D);
             }
         }
-        if (pieces > 1 && most > 1) { /* one row's pieces, from every thread: the loop's end waited for them */
+        if (pieces > 1) { /* one row's pieces, from every thread: the loop's end waited for them */
 #pragma omp for schedule(static)
             for (int j = 0; j < num_heads; j++)
                 if (!failed) combine(shared, most, num_heads, j, (uint16_t *)out + row_ids[0] * num_heads * D + j * D);

@@ -218,9 +218,10 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
     {
         amx_configure();
         float *scores = malloc(sizeof(float) * num_heads * (size_t)(max_len < PIECE ? max_len : PIECE));
-        float *own = splits == 1 && most > 1 ? malloc(sizeof(float) * PART * num_heads * (size_t)most) : NULL;
+        const int owned = splits == 1 && most > 1; /* a thread's own pieces, for rows of a batch */
+        float *own = owned ? malloc(sizeof(float) * PART * num_heads * (size_t)most) : NULL;
         scratch *w = aligned_alloc(64, sizeof(scratch));
-        if (!scores || !w || (splits == 1 && most > 1 && !own)) {
+        if (!scores || !w || (owned && !own)) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -229,7 +230,7 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
         for (int task = 0; task < rows * splits * pieces; task++) {
             const int r = task / (splits * pieces), h = task / pieces % splits, p = task % pieces;
             const int32_t *table = block_tables + (int64_t)seqs[r] * table_stride;
-            if (!scores || !w || (splits == 1 && most > 1 && !own)) continue;
+            if (!scores || !w || (owned && !own)) continue;
             const int heads = splits == 1 ? num_kv_heads : 1; /* the task's KV heads, from KV head h */
             const int n = lens[r], cut = (n + PIECE - 1) / PIECE; /* the row's pieces */
             const uint16_t *qh = (const uint16_t *)q + h * group * D, *kh = (const uint16_t *)k_cache + h * D;
@@ -238,19 +239,17 @@ int IL(paged_attention)(const void *q, int64_t q_stride, const void *k_cache, co
             if (cut == 1) {
                 attend_row(qh, q_stride, kh, vh, oh, row_ids[r], table, 0, n, group, heads * group, heads, ts,
                            num_heads, block_size, scale, scores, w, NULL);
-            } else if (splits > 1) { /* one piece of one KV head; combined below */
-                if (p < cut)
-                    attend_row(qh, q_stride, kh, vh, oh, row_ids[r], table, p * PIECE, piece_end(n, p), group, group,
-                               1, ts, num_heads, block_size, scale, scores, w,
-                               shared + ((int64_t)p * num_heads + h * group) * PART);
-            } else { /* the whole row, piece by piece */
-                for (int i = 0; i < cut; i++)
-                    attend_row(qh, q_stride, kh, vh, oh, row_ids[r], table, i * PIECE, piece_end(n, i), group,
-                               num_heads, num_kv_heads, ts, num_heads, block_size, scale, scores, w,
-                               own + (int64_t)i * num_heads * PART);
-                for (int j = 0; j < num_heads; j++)
-                    combine(own, cut, num_heads, j, (uint16_t *)out + (row_ids[r] * num_heads + j) * D);
+                continue;
             }
+            /* past PIECE keys: a one-row call's task sums its piece p into `shared` (combined below, as
+             * then pieces == cut); any other, the row's pieces in turn, combined here */
+            float *part = splits > 1 ? shared + (int64_t)h * group * PART : own;
+            for (int i = splits > 1 ? p : 0; i < (splits > 1 ? p + 1 : cut); i++)
+                attend_row(qh, q_stride, kh, vh, oh, row_ids[r], table, i * PIECE, piece_end(n, i), group,
+                           heads * group, heads, ts, num_heads, block_size, scale, scores, w,
+                           part + (int64_t)i * num_heads * PART);
+            for (int j = 0; splits == 1 && j < num_heads; j++)
+                combine(own, cut, num_heads, j, (uint16_t *)out + (row_ids[r] * num_heads + j) * D);
         }
         if (pieces > 1) { /* one row's pieces, from every thread: the loop's end waited for them */
 #pragma omp for schedule(static)

@@ -23,6 +23,7 @@ from inferlab.outputs import CompletionOutput, RequestOutput
 from inferlab.sampling_params import SamplingParams
 
 log = logging.getLogger("inferlab")
+HEALTH_S = 1.0  # how often an idle engine checks it can still step
 
 
 class EngineStopping(RuntimeError):
@@ -60,10 +61,12 @@ class AsyncEngine:
         built.set_result(self.engine)
         while True:
             busy = self.engine.has_unfinished_requests() and self.dead is None
-            try:  # block for work only when the engine is idle
-                item = self._ops.get(block=not busy, timeout=None)
+            try:  # block for work only when the engine is idle, looking up now and then
+                item = self._ops.get(block=not busy, timeout=HEALTH_S)
             except queue.Empty:
                 item = ()
+                if not busy and self.dead is None:
+                    self._check_health()
             while item != ():
                 if item is None:
                     return
@@ -104,6 +107,14 @@ class AsyncEngine:
             self.metrics.observe(out, now)
             self._deliver(out)
         self.metrics.observe_step(self.engine.last_step_tokens)
+
+    def _check_health(self) -> None:
+        """An idle engine can still die (a tensor-parallel worker killed): fail now, so the server
+        stops on its own instead of at the next request."""
+        try:
+            self.engine.check_health()
+        except EngineDeadError as e:
+            self._die(e)
 
     def _die(self, e: EngineDeadError) -> None:
         """Fail every request and stop serving."""

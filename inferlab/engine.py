@@ -229,6 +229,11 @@ class LLMEngine:
         if self.kv_connector is not None:
             self.kv_connector.close()
 
+    def check_health(self) -> None:
+        """Raise EngineDeadError if the engine can run no more steps (a tensor-parallel worker
+        has died); cheap enough to call whenever the engine is idle."""
+        self.runner.check_health()
+
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
         if self.speculator is not None:

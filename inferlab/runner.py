@@ -218,5 +218,9 @@ class ModelRunner:
         results = sample_rows(logits, reqs, batch.logit_widths(), self.eos_ids)
         return {r.request_id: res for r, res in zip(reqs, results)}
 
+    def check_health(self) -> None:
+        """Nothing can fail between steps in this process (the interface a tensor-parallel executor
+        shares, whose workers can)."""
+
     def shutdown(self) -> None:
         """Nothing to stop in this process (the interface a tensor-parallel executor shares)."""

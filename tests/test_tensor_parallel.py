@@ -23,11 +23,13 @@ import openai
 import psutil
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from test_hf_models import build_checkpoint, train_tokenizer
 from test_moe_models import build as build_moe
 from test_server import _free_port
 
 from inferlab import LLM, EngineConfig, SamplingParams
+from inferlab.async_engine import AsyncEngine
 from inferlab.distributed import EngineDeadError, TensorParallelGroup, building
 from inferlab.distributed.layers import (
     ColumnParallelLinear,
@@ -37,6 +39,7 @@ from inferlab.distributed.layers import (
 )
 from inferlab.model.layers import Embedding, Linear, quant
 from inferlab.model.llama import LlamaForCausalLM, ModelArgs
+from inferlab.server.app import build_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -308,6 +311,24 @@ def test_ctrl_c_waits_for_the_step_and_a_killed_worker_is_named(checkpoints, mak
         engine.step()
 
 
+def test_an_idle_engine_notices_a_killed_worker(checkpoints, make_llm):
+    """With no request running, no step shows the failure: the serving loop looks in on its own,
+    so /health answers 503 naming the rank and the server is told to stop."""
+    llm = make_llm(model=checkpoints["qwen2"].path, block_size=4, num_kv_blocks=64, tensor_parallel_size=2)
+    engine, told_to_stop = AsyncEngine(llm.engine), threading.Event()
+    engine.on_dead = told_to_stop.set
+    try:
+        http = TestClient(build_app(engine, "tiny"))
+        assert http.get("/health").json() == {"status": "ok"}
+        worker = llm.engine.runner.procs[1]
+        os.kill(worker.pid, signal.SIGKILL)
+        assert told_to_stop.wait(10)
+        r = http.get("/health")
+        assert r.status_code == 503 and f"rank 1 (pid {worker.pid}) was killed by SIGKILL" in r.json()["error"]
+    finally:
+        engine.shutdown()
+
+
 def inferlab(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "inferlab.cli", *args], cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
@@ -348,14 +369,15 @@ def wait_for_server(proc: subprocess.Popen, url: str, timeout: float = 120) -> N
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("ending", ["sigterm", "killed-worker"])
+@pytest.mark.parametrize("ending", ["sigterm", "killed-worker", "killed-idle-worker"])
 def test_server_with_two_ranks(checkpoints, no_orphans, ending):
     """The official openai client gets the single process's greedy answers; under load, SIGTERM
     stops the server and its worker in order, and a killed worker fails the streaming request with
-    an error naming the rank and takes the server down (exit 1) on its own."""
+    an error naming the rank and takes the server down (exit 1) on its own, as it does when it
+    dies while the server is idle."""
     ckpt, port = checkpoints["qwen3"], _free_port()
     proc = inferlab("serve", "--model", ckpt.path, "--dtype", "float32", "--port", str(port), "--block-size", "4",
-                    "--num-kv-blocks", "64", "--tensor-parallel-size", "2", "--served-model-name", "tiny")
+                    "--num-kv-blocks", "512", "--tensor-parallel-size", "2", "--served-model-name", "tiny")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(proc, url)
@@ -375,25 +397,30 @@ def test_server_with_two_ranks(checkpoints, no_orphans, ending):
         started, outcome = threading.Event(), {}
 
         def stream() -> None:  # under load when the signal or the failure comes
-            try:
+            try:  # (the kill comes from here, at the first token, so it surely lands mid-stream)
                 for _ in client.completions.create(model="tiny", prompt=ckpt.prompts[0], max_tokens=100,
                                                    temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                    if not started.is_set() and ending == "killed-worker":
+                        workers[0].kill()
                     started.set()
             except openai.OpenAIError as e:
                 outcome["error"] = e
 
         load = threading.Thread(target=stream, daemon=True)
-        load.start()
-        assert started.wait(60)
         t0 = time.monotonic()
-        if ending == "sigterm":
-            proc.send_signal(signal.SIGTERM)
-        else:
+        if ending == "killed-idle-worker":
             workers[0].kill()
+        else:
+            load.start()
+            assert started.wait(60)
+            t0 = time.monotonic()
+            if ending == "sigterm":
+                proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
         assert time.monotonic() - t0 < 20
-        load.join(timeout=10)
-        assert not load.is_alive()
+        if load.ident is not None:
+            load.join(timeout=10)
+            assert not load.is_alive()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -404,7 +431,8 @@ def test_server_with_two_ranks(checkpoints, no_orphans, ending):
     else:
         reason = f"tensor-parallel rank 1 (pid {workers[0].pid}) was killed by SIGKILL"
         assert proc.returncode == 1 and f"error: {reason}" in output, output
-        assert reason in str(outcome.get("error")), outcome
+        if ending == "killed-worker":
+            assert reason in str(outcome.get("error")), outcome
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 

@@ -164,6 +164,21 @@ class TensorParallelExecutor:
         self.steps += 1
         return self.runner.sample(scheduled, batch, logits)
 
+    def check_health(self) -> None:
+        """Between steps (an idle server): raise EngineDeadError if a worker of this host has exited,
+        so the engine fails now, not at the next request. (A rank on another host shows at the
+        next step, whose collective fails.)"""
+        if self.dead is None:
+            try:
+                check_workers(self.procs)
+            except RankFailed as e:
+                self.dead = str(e)
+                log.error("%s; stopping the workers", self.dead)
+                self.state["in_step"] = False
+                self._stop()
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+
     def culprit(self, error: BaseException) -> str:
         """Which rank broke the step: one that reported its error, or a worker of this host that
         exited (given a moment to show), else this rank's own error."""

@@ -52,8 +52,10 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return fmt.error_response(exc.status_code, str(exc.detail), kind)
 
-    @app.get("/health")
-    async def health() -> dict:
+    @app.get("/health", response_model=None)
+    async def health() -> dict | JSONResponse:  # a dead engine answers 503, so a router or probe moves on
+        if engine.dead is not None:
+            return JSONResponse({"status": "dead", "error": str(engine.dead)}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")

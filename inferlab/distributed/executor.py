@@ -154,10 +154,7 @@ class TensorParallelExecutor:
                 step.send(self.group, batch)
                 logits = self.runner.run(batch)
             except BaseException as e:
-                self.dead = self.culprit(e)
-                log.error("%s; stopping the workers", self.dead)
-                self.state["in_step"] = False
-                self._stop()
+                self._fail(self.culprit(e))
                 if not isinstance(e, Exception):
                     raise
                 raise EngineDeadError(self.dead) from e
@@ -170,14 +167,18 @@ class TensorParallelExecutor:
         next step, whose collective fails.)"""
         if self.dead is None:
             try:
-                check_workers(self.procs)
+                self.check_workers()
             except RankFailed as e:
-                self.dead = str(e)
-                log.error("%s; stopping the workers", self.dead)
-                self.state["in_step"] = False
-                self._stop()
+                self._fail(str(e))
         if self.dead is not None:
             raise EngineDeadError(self.dead)
+
+    def _fail(self, why: str) -> None:
+        """The engine is dead: remember why (every later step raises it) and stop the workers."""
+        self.dead = why
+        log.error("%s; stopping the workers", why)
+        self.state["in_step"] = False
+        self._stop()
 
     def culprit(self, error: BaseException) -> str:
         """Which rank broke the step: one that reported its error, or a worker of this host that

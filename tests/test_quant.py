@@ -153,6 +153,29 @@ def test_avx512_builds_int8_products_are_avx2s(isa, wtype):
         assert torch.equal(_kernel_linear(isa, x[:rows], w, wtype, bias, "IL_ACT_INT8"), want[:rows]), rows
 
 
+@pytest.mark.parametrize("wtype", INT8_TYPES, ids=str)
+def test_amx_int8_tiles_give_avx2s_int8_products(wtype):
+    """From 16 rows the AMX build multiplies Q8_0, Q4_0 and Q4_1 blocks with int8 activations on its
+    integer tiles (amx/int8.c), each block's four lane sums the AVX2 kernel keeps finished with its
+    fp32 operations: AVX2's results bit for bit at every row count, bf16 inputs and outputs too.
+    Other types, and an N that is not a multiple of 16, go to the AVX-512 kernel."""
+    if "amx" not in (kernels.library() or (None, []))[1]:
+        pytest.skip("this CPU cannot run the amx kernels")
+    for k, n in ((512, 48), (max(64, wtype.block), 16), (512, 37)):  # 64: two 32-weight blocks
+        w = random_weights(wtype, n, k, seed=wtype.code + n)
+        x, bias = torch.randn(70, k, generator=torch.Generator().manual_seed(k)) * 3, torch.randn(n)
+        want = _kernel_linear("avx2", x, w, wtype, bias, "IL_ACT_INT8")
+        for rows in (1, 15, 16, 17, 33, 70):
+            got = _kernel_linear("amx", x[:rows], w, wtype, bias, "IL_ACT_INT8")
+            assert torch.equal(got, want[:rows]), (k, n, rows)
+    bf16 = kernels.DTYPE_CODES[torch.bfloat16]
+    xb, bb = x.bfloat16(), bias.bfloat16()
+    ys = {isa: torch.empty(70, n, dtype=torch.bfloat16) for isa in ("avx2", "amx")}
+    for isa, y in ys.items():
+        kernels.for_isa(isa).linear(xb, k, w, wtype.code, bb, y, n, 70, k, n, bf16, bf16, kernels.C["IL_ACT_INT8"])
+    assert torch.equal(ys["amx"], ys["avx2"])
+
+
 @pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q6_K, quant.Q4_1X16, quant.BF16, quant.F32], ids=str)
 def test_avx512vnni_hands_all_but_the_int8_path_to_avx512f(wtype):
     """The avx512vnni build (Cascade Lake, Ice Lake-SP: AVX512-VNNI without AVX512-BF16) has its own

@@ -38,8 +38,8 @@ ISAS = {
     # and with AVX512-VNNI (Cascade Lake, Ice Lake-SP): only the int8 path's block products change
     "avx512vnni": ([*_AVX512F, "-mavx512vnni"], (*_AVX512F_FLAGS, "avx512_vnni")),
     "avx512": (_AVX512, (*_AVX512F_FLAGS, "avx512_bf16", "avx512_vnni")),
-    "amx": ([*_AVX512, "-mamx-tile", "-mamx-bf16"],
-            (*_AVX512F_FLAGS, "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")),
+    "amx": ([*_AVX512, "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
+            (*_AVX512F_FLAGS, "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")),
 }
 PORTABLE_ISAS = ("generic", "avx2", "avx512")  # the AMX build adds only its own kernels
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")

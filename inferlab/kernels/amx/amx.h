@@ -17,18 +17,26 @@ static inline int amx_ready(void) {
     return state == 1;
 }
 
-/* Configure all eight tiles as 16 rows x 64 bytes, on the calling thread (tile state is per thread).
- * The whole 64-byte struct is the asm's operand: GCC's _tile_loadconfig names only its first 8 bytes
- * as read, so the compiler may drop the stores of the rest (it did, once the stack slot was reused
- * for a local zeroed after it: tiles of 0 rows, and the kernel died on an illegal instruction). */
-static inline void amx_configure(void) {
+/* Configure tile t as rows[t] rows of colsb[t] bytes (t < 8), on the calling thread (tile state is
+ * per thread). The whole 64-byte struct is the asm's operand: GCC's _tile_loadconfig names only its
+ * first 8 bytes as read, so the compiler may drop the stores of the rest (it did, once the stack slot
+ * was reused for a local zeroed after it: tiles of 0 rows, and the kernel died on an illegal
+ * instruction). */
+static inline void amx_configure_tiles(const uint8_t rows[8], const uint16_t colsb[8]) {
     struct {
         uint8_t palette_id, start_row, reserved[14];
         uint16_t colsb[16];
         uint8_t rows[16];
     } cfg = {.palette_id = 1};
-    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    for (int t = 0; t < 8; t++) cfg.rows[t] = rows[t], cfg.colsb[t] = colsb[t];
     __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
+}
+
+/* All eight tiles as 16 rows x 64 bytes: the bf16 kernels' one shape. */
+static inline void amx_configure(void) {
+    static const uint8_t rows[8] = {16, 16, 16, 16, 16, 16, 16, 16};
+    static const uint16_t colsb[8] = {64, 64, 64, 64, 64, 64, 64, 64};
+    amx_configure_tiles(rows, colsb);
 }
 
 /* r[i] <- column i of the 16 x 16 matrix whose rows are r[0..15]. */
@@ -57,4 +65,7 @@ static inline void transpose16(__m512 r[16]) {
  * W bf16 rows or a t16 matrix, bias bf16 or NULL, y bf16 or fp32 (ydtype). Returns 2 if out of memory. */
 int IL(linear_rows)(const uint16_t *x, const void *w, int wtype, const uint16_t *bias, void *y, int64_t ldy,
                     int ydtype, int M, int K, int N, int num_threads);
+/* The int8-activation path from INT8_TILE_ROWS rows (int8.c); fewer, and other types: the AVX-512 build's. */
+int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy,
+                    int rows, int K, int N, int dtype, int ydtype, int num_threads);
 #endif

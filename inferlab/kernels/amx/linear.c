@@ -10,8 +10,9 @@
  * on the way out and stored as bf16, or as fp32 where the
  * caller asks (a bf16 model's logits). No weight copy or prepacking. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and
  * Q4_K blocks regrouped for the tiles (t16, regrouped.h) are decoded one A tile at a time into exactly the bf16 weights a load-time
- * dequantization would have made, so they give the same bits from a quarter of the bytes. Other types,
- * shapes and CPUs without the tile permission go to the AVX-512 kernels.
+ * dequantization would have made, so they give the same bits from a quarter of the bytes. The int8
+ * path from INT8_TILE_ROWS rows runs on the integer tiles (int8.c). Other types, shapes and CPUs
+ * without the tile permission go to the AVX-512 kernels.
  */
 #include "amx.h"
 
@@ -22,6 +23,8 @@
 #include "t16.h"
 
 #define BLOCK_ROWS 64
+/* Rows from which the int8 path's integer tiles (int8.c) run: fewer take the AVX-512 kernel */
+#define INT8_TILE_ROWS 16
 
 /* The B tile of pairs 16 c .. 16 c + 15 of x's rows 0 .. live - 1 (x's rows `pairs` dwords apart; rows
  * from live to 16 are zeros) at dst: dst[16 p + i] = pair 16 c + p of row i. A 16 x 16 transpose, or
@@ -167,6 +170,8 @@ IL_INLINE void linear_tiles(const uint32_t *x, const void *w, const int wtype, c
 
 int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void *bias, void *y, int64_t ldy, int rows,
                int K, int N, int dtype, int ydtype, int act, int num_threads) {
+    if (il_int8_call(act, wtype, K) && rows >= INT8_TILE_ROWS) /* the same bits as the AVX-512 path's */
+        return IL(linear_int8)(x, ldx, w, wtype, bias, y, ldy, rows, K, N, dtype, ydtype, num_threads);
     if ((wtype != IL_W_BF16 && !il_t16_type(wtype)) || dtype != IL_BF16 || (ydtype != IL_BF16 && ydtype != IL_F32) ||
         rows < 1 || K % 32 || N % 16 || ldx != K || !amx_ready()) {
         if (!il_t16_type(wtype) || rows < 1)

@@ -168,12 +168,14 @@ def test_amx_int8_tiles_give_avx2s_int8_products(wtype):
         for rows in (1, 15, 16, 17, 33, 70):
             got = _kernel_linear("amx", x[:rows], w, wtype, bias, "IL_ACT_INT8")
             assert torch.equal(got, want[:rows]), (k, n, rows)
-    bf16 = kernels.DTYPE_CODES[torch.bfloat16]
-    xb, bb = x.bfloat16(), bias.bfloat16()
-    ys = {isa: torch.empty(70, n, dtype=torch.bfloat16) for isa in ("avx2", "amx")}
-    for isa, y in ys.items():
-        kernels.for_isa(isa).linear(xb, k, w, wtype.code, bb, y, n, 70, k, n, bf16, bf16, kernels.C["IL_ACT_INT8"])
-    assert torch.equal(ys["amx"], ys["avx2"])
+        if n % 16:
+            continue  # the bf16 call below on the shapes the tiles take
+        bf16 = kernels.DTYPE_CODES[torch.bfloat16]
+        xb, bb = x.bfloat16(), bias.bfloat16()
+        ys = {isa: torch.empty(70, n, dtype=torch.bfloat16) for isa in ("avx2", "amx")}
+        for isa, y in ys.items():
+            kernels.for_isa(isa).linear(xb, k, w, wtype.code, bb, y, n, 70, k, n, bf16, bf16, kernels.C["IL_ACT_INT8"])
+        assert torch.equal(ys["amx"], ys["avx2"])
 
 
 @pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q6_K, quant.Q4_1X16, quant.BF16, quant.F32], ids=str)

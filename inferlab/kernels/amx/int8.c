@@ -95,7 +95,7 @@ int IL(linear_int8)(const void *x, int64_t ldx, const void *w, int wtype, const 
             il_quantize_row_q8((const char *)x + (int64_t)m * ldx * il_elem_size(dtype), dtype, K, xq + (int64_t)m * K,
                                ds + 2 * (int64_t)m * nb, ds + 2 * (int64_t)m * nb + nb);
         uint8_t *bt = aligned_alloc(64, (size_t)nb * 4 * 512);
-        float *dv = aligned_alloc(64, sizeof(float) * (size_t)nb * 64), *cv = aligned_alloc(64, sizeof(float) * (size_t)nb * 16);
+        float *dv = aligned_alloc(64, sizeof(float) * (size_t)nb * 16), *cv = aligned_alloc(64, sizeof(float) * (size_t)nb * 16);
         if (!bt || !dv || !cv) {
 #pragma omp atomic write
             status = 2;

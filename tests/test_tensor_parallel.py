@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 
 import httpx
 import openai
@@ -327,6 +328,50 @@ def test_an_idle_engine_notices_a_killed_worker(checkpoints, make_llm):
         assert r.status_code == 503 and f"rank 1 (pid {worker.pid}) was killed by SIGKILL" in r.json()["error"]
     finally:
         engine.shutdown()
+
+
+RANK_ONE = """
+import sys, time, torch, torch.distributed as dist
+from inferlab.distributed import TensorParallelGroup
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, is_master=False)
+group = TensorParallelGroup(1, 2)
+group.connect(store, torch.device("cpu"))
+work = group.cpu_pg.broadcast([torch.empty(16 << 20)], dist.BroadcastOptions())  # its receive, posted
+store.set("posted", "1")
+time.sleep(120)
+"""
+
+
+def test_a_worker_that_dies_under_a_send_fails_the_wait_at_once(monkeypatch, no_orphans):
+    """Gloo never fails a send still in flight when its peer dies: the driver's wait would run out
+    its whole timeout, and dropping the group would wait as long (its destructor joins the stuck
+    thread). The group's watch gives up on the wait within a second, and close() returns at once.
+    (The worker is stopped first, so the 64 MB send is surely still being written when it dies.)"""
+    monkeypatch.setattr("inferlab.distributed.group.STEP_TIMEOUT", timedelta(seconds=30))
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    worker = subprocess.Popen([sys.executable, "-c", RANK_ONE, str(store.port)], cwd=ROOT)
+    try:
+        group = TensorParallelGroup(0, 2)
+        group.connect(store, torch.device("cpu"))
+        store.wait(["posted"])
+
+        def watch() -> None:
+            if worker.poll() is not None:
+                raise EngineDeadError("rank 1 died")
+        group.watch = watch
+        os.kill(worker.pid, signal.SIGSTOP)
+        killer = threading.Timer(0.5, worker.kill)
+        killer.start()
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match="rank 1 died"):
+            group.broadcast(torch.ones(16 << 20))
+        assert time.monotonic() - start < 5 and group.abandoned
+        start = time.monotonic()
+        group.close()
+        assert time.monotonic() - start < 1
+    finally:
+        worker.kill()
+        worker.wait()
 
 
 def inferlab(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:

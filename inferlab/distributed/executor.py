@@ -7,7 +7,8 @@ from the logits gathered here; `shutdown()` stops the workers (also run when the
 garbage-collected or the process exits, so no worker outlives it).
 
 A step that fails on any rank (a worker died, a kernel raised) leaves the ranks out of step with
-one another, so it is fatal: an `EngineDeadError` naming the rank, the workers stopped. A Ctrl-C
+one another, so it is fatal: an `EngineDeadError` naming the rank, the workers stopped. A worker
+of this host that dies is noticed within a second even where gloo misses it (`group.watch`). A Ctrl-C
 on the main thread waits for the running step to end, so an interrupted answer (`inferlab chat`)
 leaves the group in step; a second Ctrl-C stops at once.
 """
@@ -138,6 +139,7 @@ class TensorParallelExecutor:
                                       tp_size=self.size, prefault=prefault)
             wait_phase(self.store, "ready", self.others, self.check_workers)
             self.group.connect(self.store, self.device)
+            self.group.watch = self.check_workers  # a worker that dies mid-collective ends the wait
         except BaseException as e:
             self.abort(e)
             raise

@@ -13,8 +13,9 @@ driver's rank 0 next to single-process engines, as in the tests).
 """
 from __future__ import annotations
 
+import ctypes
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 STEP_TIMEOUT = timedelta(minutes=10)  # a collective inside a step: the slowest rank's step, at worst
 IDLE_TIMEOUT = timedelta(days=365)  # a worker waiting for the next step (an idle server): no limit
+WATCH_EVERY = timedelta(seconds=1)  # how often a collective that waits runs the group's `watch`
 
 
 class EngineDeadError(RuntimeError):
@@ -52,6 +54,11 @@ class TensorParallelGroup:
         self.pg = None  # the model's collectives, on its device
         self.cpu_pg = None  # the step messages, in host memory
         self.stats = CommStats()
+        # called every WATCH_EVERY while a collective waits; raises to give up on it (the driver:
+        # when a worker of its host has died). Gloo alone can miss a death: a send in flight when
+        # its peer dies is never failed, so the wait would run out its whole timeout.
+        self.watch: Callable[[], None] | None = None
+        self.abandoned = False  # a collective was given up on: it may still hold a gloo thread
 
     def split(self, count: int, what: str) -> int:
         """This rank's share of `count` (heads, features...), which must divide evenly."""
@@ -74,7 +81,7 @@ class TensorParallelGroup:
         if self.size == 1:
             return x
         t0 = time.perf_counter()
-        self.pg.allreduce([x]).wait()
+        self._wait(self.pg.allreduce([x]))
         self.stats.all_reduce_s += time.perf_counter() - t0
         self.stats.all_reduces += 1
         self.stats.all_reduce_bytes += x.numel() * x.element_size()
@@ -89,7 +96,7 @@ class TensorParallelGroup:
         opts.rootRank = 0
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
-        self.pg.gather([parts] if parts else [], [x], opts).wait()
+        self._wait(self.pg.gather([parts] if parts else [], [x], opts))
         self.stats.gather_s += time.perf_counter() - t0
         return torch.cat(parts, dim=-1) if parts else None
 
@@ -100,13 +107,36 @@ class TensorParallelGroup:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         opts.timeout = IDLE_TIMEOUT if idle else STEP_TIMEOUT
-        self.cpu_pg.broadcast([x], opts).wait()
+        self._wait(self.cpu_pg.broadcast([x], opts))
         if not idle:
             self.stats.broadcast_s += time.perf_counter() - t0
         return x
 
+    def _wait(self, work: dist.Work) -> None:
+        if self.watch is None:
+            work.wait()
+            return
+        while True:
+            try:
+                work.wait(WATCH_EVERY)
+                return
+            except RuntimeError:
+                if work.is_completed():  # it failed (else: it is still waiting)
+                    raise
+            try:
+                self.watch()
+            except BaseException:
+                self.abandoned = True
+                raise
+
     def close(self) -> None:
-        self.pg = self.cpu_pg = None  # the backends close their connections when released
+        """Release the connections. A group with an abandoned collective is kept alive instead, to
+        the end of the process: its destructor joins the thread still stuck in gloo, which would
+        hold up whoever drops it (an exiting server included) until that collective times out."""
+        if self.abandoned:
+            for pg in {id(p): p for p in (self.pg, self.cpu_pg) if p is not None}.values():
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(pg))
+        self.pg = self.cpu_pg = None
 
 
 SINGLE = TensorParallelGroup()

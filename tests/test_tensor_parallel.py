@@ -336,16 +336,19 @@ from inferlab.distributed import TensorParallelGroup
 store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, is_master=False)
 group = TensorParallelGroup(1, 2)
 group.connect(store, torch.device("cpu"))
+time.sleep(2.5)  # a slow rank: the driver's all-reduce waits through its watch
+group.all_reduce(torch.full((4,), 2.0))
 work = group.cpu_pg.broadcast([torch.empty(16 << 20)], dist.BroadcastOptions())  # its receive, posted
 store.set("posted", "1")
 time.sleep(120)
 """
 
 
-def test_a_worker_that_dies_under_a_send_fails_the_wait_at_once(monkeypatch, no_orphans):
-    """Gloo never fails a send still in flight when its peer dies: the driver's wait would run out
-    its whole timeout, and dropping the group would wait as long (its destructor joins the stuck
-    thread). The group's watch gives up on the wait within a second, and close() returns at once.
+def test_the_watch_waits_out_a_slow_rank_and_ends_a_wait_on_a_dead_one(monkeypatch, no_orphans):
+    """A collective that waits on a slow rank runs the group's watch every second and still ends
+    with the sum. Gloo never fails a send still in flight when its peer dies: the driver's wait would
+    run out its whole timeout, and dropping the group would wait as long (its destructor joins the
+    stuck thread). The watch gives up on the wait within a second, and close() returns at once.
     (The worker is stopped first, so the 64 MB send is surely still being written when it dies.)"""
     monkeypatch.setattr("inferlab.distributed.group.STEP_TIMEOUT", timedelta(seconds=30))
     store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
@@ -353,12 +356,15 @@ def test_a_worker_that_dies_under_a_send_fails_the_wait_at_once(monkeypatch, no_
     try:
         group = TensorParallelGroup(0, 2)
         group.connect(store, torch.device("cpu"))
-        store.wait(["posted"])
+        looks: list[float] = []
 
         def watch() -> None:
+            looks.append(time.monotonic())
             if worker.poll() is not None:
                 raise EngineDeadError("rank 1 died")
         group.watch = watch
+        assert group.all_reduce(torch.full((4,), 1.0)).tolist() == [3.0] * 4 and looks and not group.abandoned
+        store.wait(["posted"])
         os.kill(worker.pid, signal.SIGSTOP)
         killer = threading.Timer(0.5, worker.kill)
         killer.start()

@@ -133,8 +133,8 @@ class TensorParallelGroup:
         """Release the connections. A group with an abandoned collective is kept alive instead, to
         the end of the process: its destructor joins the thread still stuck in gloo, which would
         hold up whoever drops it (an exiting server included) until that collective times out."""
-        if self.abandoned:
-            for pg in {id(p): p for p in (self.pg, self.cpu_pg) if p is not None}.values():
+        for pg in (self.pg, self.cpu_pg) if self.abandoned else ():
+            if pg is not None:  # (on CPU both are one group: a second reference leaks nothing more)
                 ctypes.pythonapi.Py_IncRef(ctypes.py_object(pg))
         self.pg = self.cpu_pg = None
 

@@ -407,6 +407,70 @@ def test_two_nodes_on_loopback(checkpoints, no_orphans):
     assert f"ranks [1] of 2: joining the driver at 127.0.0.1:{port}" in err1
 
 
+def rank_one_node(ckpt, port: str, *, grace: float | None = None) -> subprocess.Popen:
+    """Another host's command for rank 1 of two, as a launcher starts it; `grace`: its BEAT_GRACE."""
+    patch = f"import inferlab.distributed.launch as launch; launch.BEAT_GRACE = {grace}; " if grace else ""
+    code = patch + "import sys; from inferlab.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, "generate", "--raw", "x", "--model", ckpt.path,
+                             "--tensor-parallel-size", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                            "MASTER_PORT": port})
+
+
+@pytest.mark.parametrize("how", ["stopped-mid-step", "stopped-idle", "killed-mid-step"])
+def test_a_lost_rank_on_another_host_is_named(checkpoints, make_llm, monkeypatch, how):
+    """A rank on another host can go with no connection closing (its machine lost, its process
+    stopped): gloo would wait out the step's 10 minutes, and an idle engine would never know. Its
+    heartbeats stop, and the driver names it after BEAT_GRACE (here 3 s), in a step or idle. A
+    killed one is named too, where gloo's error gives only its address."""
+    monkeypatch.setattr("inferlab.distributed.launch.BEAT_GRACE", 3.0)
+    ckpt, port = checkpoints["qwen2"], str(_free_port())
+    node1 = rank_one_node(ckpt, port)
+    try:
+        llm = make_llm(model=ckpt.path, block_size=4, num_kv_blocks=64, tensor_parallel_size=2, nnodes=2,
+                       master_addr="127.0.0.1", master_port=int(port))
+        engine = llm.engine
+        for i, p in enumerate(ckpt.prompts):
+            engine.add_request(f"r{i}", {"prompt_token_ids": p}, SamplingParams(max_tokens=200, ignore_eos=True))
+        if how != "stopped-idle":
+            engine.step()
+        os.kill(node1.pid, signal.SIGKILL if how == "killed-mid-step" else signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match=r"rank 1 has sent no heartbeat for \d+\.\d s"):
+            while True:
+                if how == "stopped-idle":
+                    engine.runner.check_health()
+                    time.sleep(0.2)
+                else:
+                    engine.step()
+        assert time.monotonic() - start < (6 if how == "killed-mid-step" else 9)
+    finally:
+        node1.kill()
+        node1.communicate()
+
+
+def test_a_rank_on_another_host_ends_when_its_driver_goes_silent(checkpoints, no_orphans):
+    """The other way round: the driver's host lost (here: its process stopped). The remote rank,
+    idle in a collective that would wait a year, ends on its own once the driver's store has not
+    answered its heartbeats for BEAT_GRACE (3 s in that process)."""
+    ckpt, port, http = checkpoints["qwen2"], str(_free_port()), _free_port()
+    node1 = rank_one_node(ckpt, port, grace=3)
+    driver = inferlab("serve", "--model", ckpt.path, "--dtype", "float32", "--port", str(http), "--num-kv-blocks",
+                      "64", "--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
+                      "--master-port", port)
+    try:
+        wait_for_server(driver, f"http://127.0.0.1:{http}")
+        os.kill(driver.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        _, err = node1.communicate(timeout=30)
+        assert time.monotonic() - start < 10
+        assert node1.returncode == 0 and "the driver stopped (its store stopped answering)" in err, err
+    finally:
+        for p in (node1, driver):
+            p.kill()
+            p.communicate()
+
+
 def wait_for_server(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while True:

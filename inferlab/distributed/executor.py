@@ -8,7 +8,8 @@ garbage-collected or the process exits, so no worker outlives it).
 
 A step that fails on any rank (a worker died, a kernel raised) leaves the ranks out of step with
 one another, so it is fatal: an `EngineDeadError` naming the rank, the workers stopped. A worker
-of this host that dies is noticed within a second even where gloo misses it (`group.watch`). A Ctrl-C
+of this host that dies is noticed within a second even where gloo misses it (`group.watch`), a rank
+on another host once its heartbeats stop for BEAT_GRACE (a lost machine, a stopped process). A Ctrl-C
 on the main thread waits for the running step to end, so an interrupted answer (`inferlab chat`)
 leaves the group in step; a second Ctrl-C stops at once.
 """
@@ -29,7 +30,15 @@ import torch
 from inferlab.config import EngineConfig
 from inferlab.distributed import step
 from inferlab.distributed.group import EngineDeadError, TensorParallelGroup, building
-from inferlab.distributed.launch import RankFailed, Rendezvous, check_reports, check_workers, wait_phase
+from inferlab.distributed.launch import (
+    BEAT_EVERY,
+    Pulses,
+    RankFailed,
+    Rendezvous,
+    check_reports,
+    check_workers,
+    wait_phase,
+)
 from inferlab.distributed.worker import rank_device, rank_threads
 from inferlab.model.loader import load_model
 from inferlab.request import Request
@@ -99,6 +108,7 @@ class TensorParallelExecutor:
         self.dead: str | None = None
         self.steps = 0
         self.others = list(range(1, rdzv.size))
+        self.pulses = Pulses(self.store, self.others)
         try:
             self.device = rank_device(str(device), 0)
             rank_threads(config.num_threads, self.device, len(rdzv.ranks))
@@ -118,7 +128,9 @@ class TensorParallelExecutor:
             raise
 
     def check_workers(self) -> None:
+        """Raise RankFailed for a worker of this host that exited, or any rank gone silent."""
         check_workers(self.procs)
+        self.pulses.check()
 
     def abort(self, error: BaseException) -> None:
         """Start-up failed: tell workers elsewhere, stop this host's."""
@@ -164,9 +176,8 @@ class TensorParallelExecutor:
         return self.runner.sample(scheduled, batch, logits)
 
     def check_health(self) -> None:
-        """Between steps (an idle server): raise EngineDeadError if a worker of this host has exited,
-        so the engine fails now, not at the next request. (A rank on another host shows at the
-        next step, whose collective fails.)"""
+        """Between steps (an idle server): raise EngineDeadError if a worker of this host has exited
+        or a rank's heartbeats have stopped, so the engine fails now, not at the next request."""
         if self.dead is None:
             try:
                 self.check_workers()
@@ -184,18 +195,29 @@ class TensorParallelExecutor:
 
     def culprit(self, error: BaseException) -> str:
         """Which rank broke the step: one that reported its error, or a worker of this host that
-        exited (given a moment to show), else this rank's own error."""
-        deadline = time.monotonic() + 2
-        while isinstance(error, Exception) and time.monotonic() < deadline:
+        exited (given a moment to show), or one whose heartbeats stopped over that moment (a rank
+        on another host killed: gloo's error names only its address), else this rank's own error."""
+        if isinstance(error, RankFailed):  # the watch's finding
+            return str(error)
+        failed = f"a tensor-parallel step failed on rank 0: {type(error).__name__}: {error}"
+        start = time.monotonic()
+        while isinstance(error, Exception) and time.monotonic() < start + 2:
             try:
                 check_reports(self.store, "step", self.others)
                 check_workers(self.procs)
+                self.pulses.silent()
             except (RankFailed, ValueError) as e:
                 return str(e)
             except Exception:  # noqa: BLE001 - the store is unreachable: nothing more to learn
                 break
             time.sleep(0.05)
-        return f"a tensor-parallel step failed on rank 0: {type(error).__name__}: {error}"
+        else:  # looked for the whole moment, in which a live rank beats 4 times
+            try:
+                if isinstance(error, Exception):
+                    self.pulses.check(grace=3 * BEAT_EVERY)
+            except RankFailed as e:
+                return f"{e}; {failed}"
+        return failed
 
     def comm_stats(self) -> dict:
         """Rank 0's time in collectives so far, and per step."""

@@ -12,7 +12,9 @@ torch.distributed's usual ways to launch:
 The ranks meet on a TCPStore that the driver serves at the master address. It also carries the
 handshake: the driver's engine config, then each rank's "loaded" and "ready" (or the error that
 stopped it). Waits poll the store and the local workers' exit status, so a rank that fails or
-dies while starting is an error that names it, never a hang.
+dies while starting is an error that names it, never a hang. Every worker also beats a counter in
+the store (`Heartbeat`), which is how the driver tells that a rank on another host is gone when
+no connection says so (a lost machine, a stopped process), and how a worker tells its driver is.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +36,8 @@ from inferlab.config import EngineConfig
 from inferlab.distributed.group import EngineDeadError
 
 JOIN_TIMEOUT = 600.0  # seconds for every rank to join and load its shard (another host may start later)
+BEAT_EVERY = 0.5  # seconds between a worker's heartbeats
+BEAT_GRACE = 30.0  # seconds without a heartbeat (or an answer from the store) after which a peer is lost
 
 
 class RankFailed(EngineDeadError):
@@ -86,9 +91,66 @@ class Rendezvous:
         for index, rank in enumerate(self.ranks[1:], 1):
             cmd = [sys.executable, "-m", "inferlab.distributed", "--rank", str(rank), "--size", str(self.size),
                    "--master-addr", self.addr, "--master-port", str(port), "--local-index", str(index),
-                   "--local-size", str(len(self.ranks)), "--parent", str(os.getpid())]
+                   "--local-size", str(len(self.ranks)), "--parent", str(os.getpid())] + ["--remote"] * (self.rank != 0)
             procs[rank] = subprocess.Popen(cmd, start_new_session=True)
         return procs
+
+
+class Heartbeat:
+    """A worker's heartbeat: a thread that adds 1 to `beat/<rank>` in the driver's store every
+    BEAT_EVERY, on a connection of its own (the main thread may sit in a collective for minutes),
+    until `stop()`. A store that has not answered for BEAT_GRACE (the driver's host lost, its
+    process stopped) or has closed is the worker's sign that its driver is gone (`alive`). (The
+    store's own timeout does not cover a request whose answer never comes: the thread would wait
+    on it for ever, so the time is kept here.)"""
+
+    def __init__(self, store: dist.TCPStore, rank: int) -> None:
+        self.key, self.answered, self.stopped = f"beat/{rank}", time.monotonic(), threading.Event()
+        self.client = dist.TCPStore(store.host, store.port, is_master=False, timeout=timedelta(seconds=BEAT_GRACE))
+        self.thread = threading.Thread(target=self._run, name=f"heartbeat-{rank}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                self.client.add(self.key, 1)
+                self.answered = time.monotonic()
+                self.stopped.wait(BEAT_EVERY)
+        except Exception:  # noqa: BLE001 - the store has closed: the driver is gone
+            return
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and time.monotonic() - self.answered < BEAT_GRACE
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class Pulses:
+    """The driver's view of the workers' heartbeats. A rank counts from its first beat on (a host
+    may join late: the join timeout covers that), and its silence is timed from the last look that
+    saw its count move, so looking seldom never makes a live rank look lost."""
+
+    def __init__(self, store: dist.Store, ranks: list[int]) -> None:
+        self.store, self.seen = store, {r: (0, time.monotonic()) for r in ranks}
+
+    def silent(self) -> dict[int, float]:
+        """Seconds since each beating rank's count last moved, as far as the looks can tell."""
+        now = time.monotonic()
+        for rank, (count, _) in self.seen.items():
+            latest = self.store.add(f"beat/{rank}", 0)
+            if latest != count:
+                self.seen[rank] = (latest, now)
+        return {rank: now - since for rank, (count, since) in self.seen.items() if count}
+
+    def check(self, grace: float | None = None) -> None:
+        """Raise RankFailed for a rank silent for over `grace` seconds (default BEAT_GRACE)."""
+        grace = BEAT_GRACE if grace is None else grace
+        for rank, quiet in self.silent().items():
+            if quiet > grace:
+                raise RankFailed(rank, f"has sent no heartbeat for {quiet:.1f} s (its process died or "
+                                       f"stopped, or its host is down or unreachable)")
 
 
 def describe_exit(code: int) -> str:

@@ -4,7 +4,11 @@ driver's settings say, then run every step the driver broadcasts until it says s
 Started by the driver for the other ranks on its host (`python -m inferlab.distributed`),
 by `run_node` for the ranks of another host (the engine command with --node-rank > 0, or rank > 0
 of a launcher such as torchrun). A worker that fails reports its error through the store, where
-the driver reads it and names the rank; one whose driver has gone exits quietly.
+the driver reads it and names the rank; one whose driver has gone exits quietly. Every worker
+beats a heartbeat in the driver's store (`Heartbeat`); a rank on another host than the driver's
+also takes the store's silence for BEAT_GRACE as the driver gone (its host lost), since no
+connection may ever close to say so. (The driver's own workers die with it, and are left waiting
+while it is stopped: a debugger, Ctrl-Z.)
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch.distributed as dist
 from inferlab.config import EngineConfig
 from inferlab.distributed import step
 from inferlab.distributed.group import TensorParallelGroup, building
-from inferlab.distributed.launch import DriverGone, Rendezvous, die_with_parent, report, wait_for
+from inferlab.distributed.launch import DriverGone, Heartbeat, Rendezvous, die_with_parent, report, wait_for
 from inferlab.logger import setup_logging
 from inferlab.malloc import keep_freed_memory
 from inferlab.model.loader import load_model
@@ -42,15 +46,23 @@ def rank_threads(num_threads: int | None, device: torch.device, local_size: int)
         torch.set_num_threads(num_threads or max(1, len(os.sched_getaffinity(0)) // local_size))
 
 
-def run_rank(rank: int, size: int, store: dist.Store, local_index: int, local_size: int) -> int:
-    """This process as rank `rank` (> 0) until the driver stops it; the exit code."""
-    group, phase = TensorParallelGroup(rank, size), "loaded"
+def run_rank(rank: int, size: int, store: dist.TCPStore, local_index: int, local_size: int, remote: bool) -> int:
+    """This process as rank `rank` (> 0) until the driver stops it; the exit code. `remote`: on
+    another host than the driver's, so its silence ends this rank."""
+    group, phase, beat = TensorParallelGroup(rank, size), "loaded", None
 
     def check_driver() -> None:
         if store.check(["abort"]):
             raise DriverGone(store.get("abort").decode())
 
     try:
+        beat = Heartbeat(store, rank)
+
+        def driver_answers() -> None:
+            if not beat.alive:
+                raise DriverGone("its store stopped answering")
+        if remote:
+            group.watch = driver_answers
         settings = json.loads(wait_for(store, ["settings"], check_driver)[0])
         device = rank_device(settings["device"], local_index)
         rank_threads(settings["num_threads"], device, local_size)
@@ -83,6 +95,8 @@ def run_rank(rank: int, size: int, store: dist.Store, local_index: int, local_si
         log.error("rank %d failed: %s: %s", rank, type(e).__name__, e)
         return 1
     finally:
+        if beat is not None:
+            beat.stop()
         # release the gloo group now, while the interpreter runs: one still alive at exit is torn
         # down among the C++ static destructors, where it sometimes aborts the process
         group.close()
@@ -105,7 +119,7 @@ def run_node(config: EngineConfig) -> int:
     procs = rdzv.start_workers(rdzv.port)
     try:
         local, local_size = os.environ.get("LOCAL_RANK", 0), os.environ.get("LOCAL_WORLD_SIZE", len(rdzv.ranks))
-        return run_rank(rdzv.rank, rdzv.size, store, int(local), int(local_size))
+        return run_rank(rdzv.rank, rdzv.size, store, int(local), int(local_size), remote=True)
     finally:
         for p in procs.values():
             try:
@@ -129,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-index", type=int, default=0, help="this rank's place among its host's ranks")
     p.add_argument("--local-size", type=int, default=1, help="ranks on this host")
     p.add_argument("--parent", type=int, default=None, help="the starting process, whose end ends this one")
+    p.add_argument("--remote", action="store_true", help="on another host than the driver's")
     a = p.parse_args(argv)
     if a.parent is not None:
         die_with_parent(a.parent)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # the driver stops us; a stray Ctrl-C needs no traceback
     name_rank(a.rank)
     store = Rendezvous(a.master_addr, a.master_port, a.size, [a.rank]).store()
-    return run_rank(a.rank, a.size, store, a.local_index, a.local_size)
+    return run_rank(a.rank, a.size, store, a.local_index, a.local_size, a.remote)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from inferlab import kernels
+from inferlab.distributions import distributions, draw
 from inferlab.request import Request
-from inferlab.sampling_params import SamplingParams
 
 
 @dataclass
@@ -67,49 +67,6 @@ def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:
     logits[ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  min_p: torch.Tensor) -> torch.Tensor:
-    """Mask out (to -inf) what top-k / top-p / min-p exclude, row-wise. top_k 0 = off."""
-    vocab = logits.shape[-1]
-    sorted_logits, _ = logits.sort(dim=-1, descending=True)
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    kth = sorted_logits.gather(-1, (k - 1)[:, None])
-    # top-p acts on what top-k kept, renormalized (vLLM's and HF's order), not on the full softmax
-    probs_sorted = sorted_logits.masked_fill(sorted_logits < kth, float("-inf")).softmax(-1)
-    # top-p: keep the smallest prefix whose mass reaches p (the token crossing p is kept);
-    # p = 1 keeps all, even where float rounding lets the cumulative mass hit 1 early
-    mass_before = probs_sorted.cumsum(-1) - probs_sorted
-    keep_sorted = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    keep_sorted[:, 0] = True
-    n_keep = keep_sorted.sum(-1, keepdim=True)
-    pth = sorted_logits.gather(-1, n_keep - 1)
-    threshold = torch.maximum(kth, pth)
-    min_logit = sorted_logits[:, :1] + torch.log(min_p.clamp(min=1e-30))[:, None]
-    threshold = torch.where(min_p[:, None] > 0, torch.maximum(threshold, min_logit), threshold)
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Each row's sampling distribution (float32 logits, one row per params, none greedy): divided
-    by the temperature, then top-k, top-p and min-p, softmaxed."""
-    dev, vocab = logits.device, logits.shape[-1]
-    sub = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]
-    # a top_k past the vocabulary means "all": clamp before it overflows int64
-    top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-    min_p = torch.tensor([p.min_p for p in params], device=dev)
-    if bool((top_k > 0).any() or (top_p < 1).any() or (min_p > 0).any()):
-        sub = filter_logits(sub, top_k, top_p, min_p)
-    return sub.softmax(-1)
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One token from the distribution `probs` [vocab], using only this request's generator.
-    Exponential race: argmax(p / E) with E ~ Exp(1) draws from p."""
-    e = torch.empty_like(probs).exponential_(generator=generator)
-    return int((probs / e).argmax())
-
-
 def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list[SampleResult]:
     """logits: [len(reqs), vocab], in the model's dtype. One SampleResult per request, in order."""
     if all(r.params.greedy and r.params.logprobs is None and not r.params.has_penalties and not r.params.logit_bias
@@ -129,10 +86,11 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
     tokens = argmax_rows(logits)
     sampled_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if sampled_rows:
-        probs = probabilities(logits[torch.tensor(sampled_rows, device=logits.device)],
+        dists = distributions(logits[torch.tensor(sampled_rows, device=logits.device)],
                               [reqs[i].params for i in sampled_rows])
-        for j, i in enumerate(sampled_rows):
-            tokens[i] = draw(probs[j], reqs[i].generator)
+        for (probs, ids), i in zip(dists, sampled_rows):
+            t = draw(probs, reqs[i].generator)
+            tokens[i] = t if ids is None else ids[t]
     token_list = tokens.tolist()
     results = []
     for i, r in enumerate(reqs):

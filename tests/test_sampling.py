@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import pytest
 import torch
 
 from inferlab import SamplingParams
 from inferlab.detokenizer import IncrementalDetokenizer
+from inferlab.distributions import PREFIX, distributions, draw, filter_logits
 from inferlab.request import Request
-from inferlab.sampler import apply_penalties, filter_logits
+from inferlab.sampler import apply_penalties, request_generator
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 REPEAT = [{"role": "user", "content": "Count: one one one one one one one"}]
@@ -160,6 +162,69 @@ def test_filter_logits_unit():
     # top-p acts on the top-k survivors renormalized (vLLM/HF order): top-2 of row 0 is
     # [0.731, 0.269], so p=0.7 keeps only the first token
     assert kept([2, 0, 0, 0], [0.7, 1.0, 1.0, 1.0], [0.0] * 4)[0] == [0]
+
+
+def sorted_whole(logits, top_k, top_p, min_p):
+    """The definition filter_logits keeps: every row sorted whole, then the same rules."""
+    vocab = logits.shape[-1]
+    sorted_logits, _ = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kth = sorted_logits.gather(-1, (k - 1)[:, None])
+    probs_sorted = sorted_logits.masked_fill(sorted_logits < kth, float("-inf")).softmax(-1)
+    keep = ((probs_sorted.cumsum(-1) - probs_sorted) < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    keep[:, 0] = True
+    threshold = torch.maximum(kth, sorted_logits.gather(-1, keep.sum(-1, keepdim=True) - 1))
+    min_logit = sorted_logits[:, :1] + torch.log(min_p.clamp(min=1e-30))[:, None]
+    threshold = torch.where(min_p[:, None] > 0, torch.maximum(threshold, min_logit), threshold)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def test_filter_logits_keeps_what_sorting_each_row_whole_keeps():
+    """The cut-offs read from a row's largest few values (a full sort only where top-p reaches past
+    them) keep exactly the tokens the whole sort keeps: peaked and flat rows, ties at the cut-off,
+    banned (-inf) tokens, top_k below, at and past the prefix, with top-p and min-p."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, rows = 3000, 400
+    scale = torch.tensor([0.3, 1.0, 3.0, 8.0]).repeat(rows // 4)[:, None]
+    logits = torch.randn(rows, vocab, generator=gen) * scale
+    logits[::3] = (logits[::3] * 2).round() / 2  # ties
+    logits[::5, ::7] = float("-inf")
+    pick = lambda options: torch.tensor(options)[torch.randint(len(options), (rows,), generator=gen)]  # noqa: E731
+    top_k = pick([0, 0, 1, 5, 255, 256, 257, 2000, 2999, 5000])
+    top_p = pick([1.0, 1.0, 0.5, 0.9, 0.95, 0.999, 1e-6])
+    min_p = pick([0.0, 0.0, 0.0, 0.05])
+    got = filter_logits(logits.clone(), top_k, top_p, min_p).isfinite()
+    want = sorted_whole(logits.clone(), top_k, top_p, min_p).isfinite()
+    assert torch.equal(got, want), torch.nonzero((got != want).any(-1)).flatten().tolist()
+    kept, by_p = got.sum(-1), (top_p < 1) & (top_k == 0)
+    assert bool((kept[by_p] < PREFIX).any() and (kept[by_p] > PREFIX).any())  # both ways were taken
+
+
+@pytest.mark.parametrize("shape", ["peaked", "flat"])
+def test_draws_follow_the_filtered_softmax(shape):
+    """20,000 draws from one row's distribution under each filter (peaked: the kept tokens among the
+    row's largest few, drawn over those; flat: past them, drawn over the whole vocabulary) follow
+    softmax(filter_logits(logits / T)) within a total-variation distance of 0.03 (over 20 bins of
+    the tokens by probability), and never pick a token the filters dropped."""
+    gen, sparse = torch.Generator().manual_seed(1), []
+    logits = torch.randn(1, 4000, generator=gen) * (4.0 if shape == "peaked" else 0.3)
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=50),
+                   SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=1.0, min_p=0.2),
+                   SamplingParams(temperature=1.3, top_k=300, top_p=0.8, min_p=0.01)):
+        want = filter_logits(logits / params.temperature, torch.tensor([params.top_k]),
+                             torch.tensor([params.top_p]), torch.tensor([params.min_p])).softmax(-1)[0]
+        (probs, ids), = distributions(logits.clone(), [params])
+        sparse.append(ids is not None)
+        rng = request_generator(0, torch.device("cpu"))
+        counts = Counter(draw(probs, rng) for _ in range(20000))
+        tokens = Counter({(int(ids[t]) if ids is not None else t): c for t, c in counts.items()})
+        assert all(want[t] > 0 for t in tokens), params
+        # the tokens by probability in 20 bins of equal mass (a flat row's 4,000 would each be noise)
+        order = want.argsort(descending=True)
+        bins = (want[order].cumsum(0) * 20).clamp(max=19.999).long()
+        got = torch.zeros(20).index_add_(0, bins, torch.tensor([tokens[int(t)] / 20000 for t in order]))
+        assert 0.5 * float((got - torch.zeros(20).index_add_(0, bins, want[order])).abs().sum()) < 0.03, params
+    assert (shape == "peaked") in sparse  # the prefix's draw taken for a peaked row, the whole row's for a flat one
 
 
 # --------------------------------------------------------------------------- penalties

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from inferlab.block_manager import BlockManager
+from inferlab.distributions import draw, probabilities
 from inferlab.kv_pool import pool_shape
 from inferlab.model.layers.quant import describe_weights
 from inferlab.model.loader import load_model
 from inferlab.request import Request
 from inferlab.runner import ModelRunner, StepBatch
-from inferlab.sampler import apply_logit_bias, argmax_rows, draw, probabilities
+from inferlab.sampler import apply_logit_bias, argmax_rows
 from inferlab.spec_decode.config import SpeculativeConfig
 from inferlab.spec_decode.proposer import Draft, Proposer
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from inferlab.distributions import draw, probabilities
 from inferlab.request import Request
-from inferlab.sampler import SampleResult, apply_logit_bias, argmax_rows, draw, probabilities, sample
+from inferlab.sampler import SampleResult, apply_logit_bias, argmax_rows, sample
 
 
 def accepted_tokens(logits: torch.Tensor, req: Request) -> list[int]:

@@ -52,6 +52,7 @@ class Request:
     finish_time: float | None = None
     stop_reason: int | str | None = None
     generator: Any = None  # this request's own torch.Generator for sampling
+    penalty_counts: Any = None  # its tokens as the sampler's penalties read them (sampler.TokenCounts)
     # Speculative decoding: tokens proposed after the last one, verified by the next step (vLLM v1's
     # name), and the distributions they were drawn from (None: each picked for sure)
     spec_token_ids: list[int] = field(default_factory=list)

@@ -46,19 +46,59 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(-1)
 
 
+class TokenCounts:
+    """A request's distinct tokens so far (prompt and output) and how often each came in its output,
+    in tensors that grow with it: a step reads only the tokens appended since the last (rebuilding
+    them from the whole history every step took 0.4 ms a row at 200 tokens and 1.4 at 8,000)."""
+
+    def __init__(self) -> None:
+        self.read = 0  # tokens of the request taken in so far
+        self.slot: dict[int, int] = {}  # token -> its place in ids / counts
+        self.ids = torch.empty(64, dtype=torch.long)
+        self.counts = torch.zeros(64)  # times in the output (0: in the prompt only)
+        self.largest = -1  # the largest token id
+
+    def update(self, req: Request) -> int:
+        """Take in the tokens appended since the last call; returns how many distinct tokens there are."""
+        new, first_output, before = req.token_ids[self.read:], req.num_prompt_tokens - self.read, len(self.slot)
+        self.read = len(req.token_ids)
+        fresh, bumps = [], {}
+        for j, t in enumerate(new):
+            at = self.slot.get(t)
+            if at is None:
+                at = self.slot[t] = len(self.slot)
+                fresh.append(t)
+            if j >= first_output:
+                bumps[at] = bumps.get(at, 0) + 1
+        while len(self.slot) > len(self.ids):  # twice the room
+            self.ids = torch.cat([self.ids, torch.empty_like(self.ids)])
+            self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
+        if fresh:
+            self.ids[before:len(self.slot)] = torch.tensor(fresh)
+            self.largest = max(self.largest, max(fresh))
+        if bumps:
+            self.counts[list(bumps)] += torch.tensor(list(bumps.values()), dtype=self.counts.dtype)
+        return len(self.slot)
+
+
 def apply_penalties(logits: torch.Tensor, req: Request) -> None:
     """In place on one row. Repetition penalty (HF/CTRL style) covers prompt and output;
     presence and frequency penalties (OpenAI style) cover the output only."""
     p = req.params
-    vocab = logits.shape[-1]
+    if req.penalty_counts is None:
+        req.penalty_counts = TokenCounts()
+    seen = req.penalty_counts
+    n = seen.update(req)
+    ids, counts = seen.ids[:n].to(logits.device), seen.counts[:n].to(device=logits.device, dtype=logits.dtype)
+    if seen.largest >= logits.shape[-1]:  # a token past the logits (an added one): nothing to penalise
+        inside = ids < logits.shape[-1]
+        ids, counts = ids[inside], counts[inside]
+    vals = logits[ids]
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted({t for t in req.token_ids if t < vocab}), dtype=torch.long, device=logits.device)
-        vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and req.num_output_tokens:
-        out = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
-        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        vals = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        vals -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    logits[ids] = vals
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:

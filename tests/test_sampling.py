@@ -250,6 +250,32 @@ def test_apply_penalties_unit():
     assert torch.equal(got, row)
 
 
+def penalised(row: torch.Tensor, req: Request) -> torch.Tensor:
+    """The definition: the whole history counted afresh, the penalties applied over the whole row."""
+    p, out, vocab = req.params, row.clone(), row.shape[-1]
+    seen = torch.tensor(sorted({t for t in req.token_ids if t < vocab}), dtype=torch.long)
+    vals = out[seen]
+    out[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    counts = torch.bincount(torch.tensor(req.output_token_ids), minlength=vocab)[:vocab].to(out.dtype)
+    return out - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype))
+
+
+def test_penalties_kept_between_steps_equal_a_fresh_count():
+    """The counts a request keeps between steps (a step reads only its new tokens) penalise exactly
+    as counting its whole history afresh does, as tokens come one or several at a time, repeated
+    and new, past the first 64 distinct ones, and some past the logits' width (an added token)."""
+    rng = random.Random(0)
+    params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2)
+    row = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    req = Request("r", [rng.randrange(310) for _ in range(40)], params, 0.0)
+    for _ in range(60):
+        req.token_ids.extend(rng.randrange(310) for _ in range(rng.choice([1, 1, 3])))
+        got = row.clone()
+        apply_penalties(got, req)
+        assert torch.equal(got, penalised(row, req))
+    assert len(req.penalty_counts.slot) > 64 and req.penalty_counts.largest >= 300
+
+
 def test_penalties_reduce_repetition_end_to_end(llm):
     base = dict(temperature=0, max_tokens=16)
     params = [SamplingParams(**base), SamplingParams(**base, repetition_penalty=1.5),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 
 import httpx
 import pytest
@@ -24,7 +25,9 @@ JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats
                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 # -- valid bodies: max_tokens is always there and tiny (absent would mean "up to the context")
-TEXT = st.text(min_size=1, max_size=30)
+# at least one character that is not a control or format one: a prompt of only those (U+0004...)
+# can come out of the tokenizer as no tokens at all, which is a 400 ("the prompt is empty")
+TEXT = st.text(min_size=1, max_size=30).filter(lambda s: any(unicodedata.category(c)[0] != "C" for c in s))
 TOKEN_IDS = st.lists(st.integers(0, 49151), min_size=1, max_size=8)  # the vocabulary is 49152
 VALID = {
     "model": st.just(MODEL),

@@ -56,12 +56,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     p.add_argument("--max-tokens", type=int, default=None,
                    help=f"output cap: chat default {DEFAULT_CHAT_MAX_TOKENS}; overrides the workload's per-request one")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature sent with every request (default: %(default)s, greedy; the "
+                        "OpenAI API's own default, when a client sends none, is 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="top_p sent with every request (default: none sent)")
+    p.add_argument("--top-k", type=int, default=None, help="top_k sent with every request (default: none sent)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per request (default: %(default)s)")
 
 
-def build_requests(workload: str, n: int, max_tokens: int | None) -> list[tuple[str, dict[str, Any]]]:
-    """(path, body) of each of the n requests, cycling through the workload's requests."""
+def build_requests(workload: str, n: int, max_tokens: int | None,
+                   sampling: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(path, body) of each of the n requests, cycling through the workload's requests; `sampling`:
+    the sampling fields every body carries (default: greedy)."""
     if workload == "chat":
         base = [("/v1/chat/completions", {"messages": [{"role": "user", "content": q}],
                                           "max_tokens": max_tokens or DEFAULT_CHAT_MAX_TOKENS})
@@ -73,7 +80,7 @@ def build_requests(workload: str, n: int, max_tokens: int | None) -> list[tuple[
             raise ValueError(f"workload {workload!r} has no requests")
         base = [("/v1/completions", {"prompt": r["prompt_token_ids"], "max_tokens": max_tokens or r["max_tokens"],
                                      "ignore_eos": True}) for r in reqs]
-    stream = {"temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    stream = {"temperature": 0.0, **(sampling or {}), "stream": True, "stream_options": {"include_usage": True}}
     return [(path, {**body, **stream}) for path, body in (base[i % len(base)] for i in range(n))]
 
 
@@ -157,7 +164,9 @@ async def run(a: argparse.Namespace) -> tuple[list[Result], float, str]:
         import httpx
     except ImportError:
         raise ValueError("`inferlab bench serve` needs httpx: pip install httpx") from None
-    requests = build_requests(a.workload, a.num_requests, a.max_tokens)
+    sampling = {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k}
+    requests = build_requests(a.workload, a.num_requests, a.max_tokens,
+                              {k: v for k, v in sampling.items() if v is not None})
     times = arrival_times(a.num_requests, a.request_rate, a.seed)
     limits = httpx.Limits(max_connections=a.max_concurrency or a.num_requests, max_keepalive_connections=None)
     # trust_env=False: never route through a proxy from the environment, only ever reach base_url
@@ -200,7 +209,8 @@ def summarize(a: argparse.Namespace, results: list[Result], duration: float, mod
     out: dict[str, Any] = {
         "workload": a.workload, "model": model, "num_requests": a.num_requests,
         "request_rate": "inf" if math.isinf(a.request_rate) else a.request_rate,
-        "max_concurrency": a.max_concurrency, "completed": len(ok), "failed": len(results) - len(ok),
+        "max_concurrency": a.max_concurrency, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
+        "completed": len(ok), "failed": len(results) - len(ok),
         "duration_s": round(duration, 3), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
         "req_s": round(len(ok) / duration, 3), "output_tok_s": round(output_tokens / duration, 2),
         "total_tok_s": round((prompt_tokens + output_tokens) / duration, 2)}

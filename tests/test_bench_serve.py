@@ -83,6 +83,15 @@ def test_all_at_once_cycles_the_workload(base_url, workload_file):
     assert s["model"] == "SmolLM2-135M-Instruct" and s["request_rate"] == "inf"
 
 
+def test_sampling_settings_reach_the_server(base_url, workload_file):
+    """--temperature / --top-p / --top-k go with every request (a bad one is refused: all failed)."""
+    s = check(bench_serve("--base-url", base_url, "--workload", workload_file, "--num-requests", "6",
+                          "--temperature", "1.0", "--top-p", "0.9", "--top-k", "20"), 6, sum(MAX_TOKENS))
+    assert (s["temperature"], s["top_p"], s["top_k"]) == (1.0, 0.9, 20)
+    r = bench_serve("--base-url", base_url, "--workload", workload_file, "--num-requests", "2", "--top-p", "1.5")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["failed"] == 2 and "top_p" in r.stdout, r.stdout
+
+
 def test_finite_rate_spreads_the_arrivals(base_url, workload_file):
     n, rate = 6, 10.0
     r = bench_serve("--base-url", base_url, "--workload", workload_file, "--num-requests", str(n),

@@ -94,9 +94,9 @@ def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> list[tu
     threshold, largest = thresholds(sub, top_k, top_p, min_p)
     out: list = [None] * len(params)
     inside = torch.zeros(len(params), dtype=torch.bool, device=dev)
-    if largest is not None:  # the kept tokens all in view: no tie of the cut-off past it
-        values, ids = largest
-        inside = (values[:, -1] < threshold[:, 0]) | (values.shape[-1] == vocab)
+    if largest is not None:  # the kept tokens all in view (no tie of the cut-off past it), in a row
+        values, ids = largest  # whose own top-k or top-p asked for the view: a row's way is its own
+        inside = ((values[:, -1] < threshold[:, 0]) | (values.shape[-1] == vocab)) & ((top_k > 0) | (top_p < 1))
         rows = torch.nonzero(inside).flatten()
         kept = values[rows].masked_fill(values[rows] < threshold[rows], float("-inf")).softmax(-1)
         for j, i in enumerate(rows.tolist()):

@@ -227,6 +227,21 @@ def test_draws_follow_the_filtered_softmax(shape):
     assert (shape == "peaked") in sparse  # the prefix's draw taken for a peaked row, the whole row's for a flat one
 
 
+@pytest.mark.parametrize("vocab", [100, 4000])  # below and past the largest values looked at first
+def test_a_rows_distribution_is_the_same_alone_and_in_a_batch(vocab):
+    """Whatever the other rows ask for (a filter of their own makes the sampler take their largest
+    values first), each row's weights and token order are those it gets alone: a seeded request's
+    draw depends on its own row only."""
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(2)) * 3
+    params = [SamplingParams(temperature=0.9), SamplingParams(temperature=0.9, min_p=0.1),
+              SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(temperature=0.9, top_k=5)]
+    together = distributions(logits.clone(), params)
+    for i, (probs, ids) in enumerate(together):
+        alone, alone_ids = distributions(logits[i:i + 1].clone(), params[i:i + 1])[0]
+        assert torch.equal(probs, alone) and (ids is None) == (alone_ids is None), params[i]
+        assert ids is None or torch.equal(ids, alone_ids)
+
+
 # --------------------------------------------------------------------------- penalties
 
 def test_apply_penalties_unit():

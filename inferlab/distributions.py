@@ -31,9 +31,11 @@ def thresholds(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
             else gathered from the whole row's softmax."""
             probs = values.masked_fill(values < kth, float("-inf")).softmax(-1)
             rows = torch.nonzero(values[:, -1] >= kth[:, 0]).flatten()
-            if rows.numel():
-                whole = logits[rows]
-                probs[rows] = whole.masked_fill(whole < kth[rows], float("-inf")).softmax(-1).gather(-1, ids[rows])
+            if rows.numel():  # (copied and masked only where it changes anything: rows of 49,152)
+                whole = logits if rows.numel() == len(logits) else logits[rows]
+                if bool(kth[rows].isfinite().any()):
+                    whole = whole.masked_fill(whole < kth[rows], float("-inf"))
+                probs[rows] = whole.softmax(-1).gather(-1, ids[rows])
             return probs
         threshold, done = cutoffs(values, gathered, k, top_p, vocab)
         if not bool(done.all()):  # a cut-off past the prefix: those rows sorted whole

@@ -126,8 +126,8 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
     tokens = argmax_rows(logits)
     sampled_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if sampled_rows:
-        dists = distributions(logits[torch.tensor(sampled_rows, device=logits.device)],
-                              [reqs[i].params for i in sampled_rows])
+        rows = logits if len(sampled_rows) == len(reqs) else logits[torch.tensor(sampled_rows, device=logits.device)]
+        dists = distributions(rows, [reqs[i].params for i in sampled_rows])
         for (probs, ids), i in zip(dists, sampled_rows):
             t = draw(probs, reqs[i].generator)
             tokens[i] = t if ids is None else ids[t]

@@ -200,8 +200,10 @@ class TensorParallelExecutor:
         if isinstance(error, RankFailed):  # the watch's finding
             return str(error)
         failed = f"a tensor-parallel step failed on rank 0: {type(error).__name__}: {error}"
+        if not isinstance(error, Exception):  # a Ctrl-C or exit: nothing to look for
+            return failed
         start = time.monotonic()
-        while isinstance(error, Exception) and time.monotonic() < start + 2:
+        while time.monotonic() < start + 2:
             try:
                 check_reports(self.store, "step", self.others)
                 check_workers(self.procs)
@@ -209,14 +211,12 @@ class TensorParallelExecutor:
             except (RankFailed, ValueError) as e:
                 return str(e)
             except Exception:  # noqa: BLE001 - the store is unreachable: nothing more to learn
-                break
+                return failed
             time.sleep(0.05)
-        else:  # looked for the whole moment, in which a live rank beats 4 times
-            try:
-                if isinstance(error, Exception):
-                    self.pulses.check(grace=3 * BEAT_EVERY)
-            except RankFailed as e:
-                return f"{e}; {failed}"
+        try:  # looked for the whole moment, in which a live rank beats 4 times
+            self.pulses.check(grace=3 * BEAT_EVERY)
+        except RankFailed as e:
+            return f"{e}; {failed}"
         return failed
 
     def comm_stats(self) -> dict:

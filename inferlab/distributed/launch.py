@@ -100,7 +100,7 @@ class Heartbeat:
     """A worker's heartbeat: a thread that adds 1 to `beat/<rank>` in the driver's store every
     BEAT_EVERY, on a connection of its own (the main thread may sit in a collective for minutes),
     until `stop()`. A store that has not answered for BEAT_GRACE (the driver's host lost, its
-    process stopped) or has closed is the worker's sign that its driver is gone (`alive`). (The
+    process stopped) or has closed is the worker's sign that its driver is gone (`watch`). (The
     store's own timeout does not cover a request whose answer never comes: the thread would wait
     on it for ever, so the time is kept here.)"""
 
@@ -119,9 +119,10 @@ class Heartbeat:
         except Exception:  # noqa: BLE001 - the store has closed: the driver is gone
             return
 
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive() and time.monotonic() - self.answered < BEAT_GRACE
+    def watch(self) -> None:
+        """Raise DriverGone where the store has closed or not answered for BEAT_GRACE (a group's watch)."""
+        if not self.thread.is_alive() or time.monotonic() - self.answered >= BEAT_GRACE:
+            raise DriverGone("its store stopped answering")
 
     def stop(self) -> None:
         self.stopped.set()

@@ -57,12 +57,8 @@ def run_rank(rank: int, size: int, store: dist.TCPStore, local_index: int, local
 
     try:
         beat = Heartbeat(store, rank)
-
-        def driver_answers() -> None:
-            if not beat.alive:
-                raise DriverGone("its store stopped answering")
         if remote:
-            group.watch = driver_answers
+            group.watch = beat.watch
         settings = json.loads(wait_for(store, ["settings"], check_driver)[0])
         device = rank_device(settings["device"], local_index)
         rank_threads(settings["num_threads"], device, local_size)

@@ -26,7 +26,7 @@ from inferlab.block_manager import BlockManager
 from inferlab.request import Request
 
 if TYPE_CHECKING:
-    from inferlab.scheduler import SchedulerOutput
+    from inferlab.scheduler_output import SchedulerOutput
 
 
 class Recompute:

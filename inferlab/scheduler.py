@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from inferlab.allocation import ALLOCATIONS
 from inferlab.block_manager import BlockManager
@@ -26,19 +25,7 @@ from inferlab.kv_transfer.loads import RemoteLoads
 from inferlab.policy import RequestQueue
 from inferlab.preemption import make_preemption
 from inferlab.request import Request, RequestStatus, request_view
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this step)
-    preempted: list[Request] = field(default_factory=list)
-    # K/V copies to do before this step runs, as (device block, host block): preemption by swap
-    swap_out: list[tuple[int, int]] = field(default_factory=list)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+from inferlab.scheduler_output import SchedulerOutput
 
 
 class Scheduler:

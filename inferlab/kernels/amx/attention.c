@@ -23,6 +23,7 @@
 #include <stdlib.h>
 
 #include "../common.h"
+#include "paged.h"
 
 #define D 64
 #define MAX_TILE_HEADS 16 /* query heads in one tile's columns (scores) or rows (values) */
@@ -38,24 +39,6 @@ typedef struct {                                       /* one thread's scratch *
     uint32_t qb[2][16][16] __attribute__((aligned(64)));          /* [32-dim piece][dim pair][query head] */
     float o[MAX_TILE_HEADS][D] __attribute__((aligned(64)));
 } scratch;
-
-/* Ask for the 16 key slots from `key` on (all heads) ahead of use: the next 16 keys sit in another
- * block, anywhere in the pool, where the hardware prefetcher cannot follow (measured: 30.6 -> 27.2
- * ms for the 64-decode step's 30 layers). */
-static inline void prefetch_keys(const uint16_t *cache, const int32_t *table, int key, int block_size, int64_t ts) {
-    const char *p = (const char *)(cache + ((int64_t)table[key / block_size] * block_size + key % block_size) * ts);
-    for (int64_t b = 0; b < 16 * ts * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-}
-
-/* The same for one KV head's task: only its head's lines of the 16 slots (sweeping every head's
- * measured slower than not splitting the row). */
-static inline void prefetch_head(const uint16_t *cache, const int32_t *table, int key, int block_size, int64_t ts) {
-    const char *p = (const char *)(cache + ((int64_t)table[key / block_size] * block_size + key % block_size) * ts);
-    for (int i = 0; i < 16; i++) {
-        _mm_prefetch(p + i * ts * 2, _MM_HINT_T0);
-        _mm_prefetch(p + i * ts * 2 + 64, _MM_HINT_T0);
-    }
-}
 
 /* A whole row's task sweeps its slots (every head), a KV head's fetches its head's lines */
 #define FETCH_SLOTS(cache, key)                                                   \
@@ -97,7 +80,7 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
     for (int j = 0; j < num_heads; j++) mx[j] = _mm512_set1_ps(-FLT_MAX);
     for (int t0 = k0; t0 < n; t0 += 16) {  /* keys past n in the last 16 are read but masked */
         const __mmask16 valid = (__mmask16)(n - t0 >= 16 ? 0xffff : (1u << (n - t0)) - 1);
-        const uint16_t *blk = k_cache + ((int64_t)table[t0 / block_size] * block_size + t0 % block_size) * ts;
+        const uint16_t *blk = key_row(k_cache, table, t0, block_size, ts);
         if (t0 + 16 < n) FETCH_SLOTS(k_cache, t0 + 16);
         for (int h = 0; h < num_kv_heads; h++) {
             _tile_zero(0);
@@ -135,8 +118,8 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
         const uint16_t *va[16], *vb[16];  /* keys 2i and 2i+1 (past n: key n-1, with weight 0) */
         for (int i = 0; i < 16; i++) {
             const int a = t0 + 2 * i < n ? t0 + 2 * i : n - 1, b = t0 + 2 * i + 1 < n ? t0 + 2 * i + 1 : n - 1;
-            va[i] = v_cache + ((int64_t)table[a / block_size] * block_size + a % block_size) * ts;
-            vb[i] = v_cache + ((int64_t)table[b / block_size] * block_size + b % block_size) * ts;
+            va[i] = key_row(v_cache, table, a, block_size, ts);
+            vb[i] = key_row(v_cache, table, b, block_size, ts);
         }
         for (int t = t0 + 32; t < t0 + 64 && t < n; t += 16) FETCH_SLOTS(v_cache, t);
         for (int h = 0; h < num_kv_heads; h++) {

@@ -20,11 +20,7 @@
 #include <stdlib.h>
 
 #include "../common.h"
-
-static inline const uint16_t *key_row(const uint16_t *cache, const int32_t *table, int key, int block_size,
-                                      int64_t token_stride) {
-    return cache + ((int64_t)table[key / block_size] * block_size + key % block_size) * token_stride;
-}
+#include "paged.h"
 
 /* kp[t][c][r][k] (dwords) = dims (32c + 2r, +1) of key 16t + k: the B operand of Q K^T.
  * Keys past n repeat key n - 1 (their scores are masked). */

@@ -62,6 +62,9 @@ def check_request(inputs: PromptInputs, params: SamplingParams, priority: object
     """Refuse a request the engine could not finish: a prompt that leaves no room for one generated
     token in the context or in the whole KV pool, a priority that is not an integer, a logit bias
     outside the vocabulary."""
+    if params.n != 1:
+        raise ValueError(f"n = {params.n}: a request is one sequence; LLM.generate and the server submit the "
+                         "prompt n times")
     n = len(inputs.token_ids)
     if n >= max_model_len:
         raise ValueError(f"the prompt has {n} tokens but max_model_len is {max_model_len} "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
@@ -12,6 +13,16 @@ from inferlab.outputs import RequestOutput
 from inferlab.sampling_params import SamplingParams
 
 _ids = itertools.count()
+
+
+def merge(copies: list[RequestOutput]) -> RequestOutput:
+    """The outputs of a prompt's n copies as one RequestOutput, completion j at index j (vLLM's shape)."""
+    first = copies[0]
+    if len(copies) == 1:
+        return first
+    outputs = [replace(c.outputs[0], index=j) for j, c in enumerate(copies)]
+    error = next((c.error for c in copies if c.error), None)
+    return replace(first, outputs=outputs, error=error)
 
 
 class LLM:
@@ -33,26 +44,30 @@ class LLM:
     def generate(self, prompts: PromptType | list[PromptType],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  priority: list[int] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """One finished RequestOutput per prompt, in prompt order. Invalid input raises
-        ValueError before anything runs."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                 and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """One finished RequestOutput per prompt, in prompt order, holding `n` completions (each
+        prompt is submitted n times, as vLLM's engine forks it: the copies share its cached blocks; a
+        seed gives copy j the seed + j). Invalid input raises ValueError before anything runs."""
+        if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt (anything else is refused by name below)
         n = len(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
         if len(params) != n:
             raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
         if priority is not None and len(priority) != n:
             raise ValueError(f"got {len(priority)} priorities for {n} prompts")
-        ids = [f"offline-{next(_ids)}" for _ in range(n)]
+        ids = [[f"offline-{next(_ids)}" for _ in range(p.n if isinstance(p, SamplingParams) else 1)] for p in params]
         try:
             for i in range(n):
-                self.engine.add_request(ids[i], prompts[i], params[i], priority[i] if priority else 0)
+                for j, rid in enumerate(ids[i]):
+                    one = params[i] if len(ids[i]) == 1 else replace(
+                        params[i], n=1, seed=None if params[i].seed is None else params[i].seed + j)
+                    self.engine.add_request(rid, prompts[i], one, priority[i] if priority else 0)
         except ValueError as e:
-            for rid in ids:
+            for rid in itertools.chain.from_iterable(ids):
                 self.engine.abort_request(rid)
             raise ValueError(f"prompt {i}: {e}") from None
-        return self._run(ids, use_tqdm)
+        final = self._run([rid for group in ids for rid in group], use_tqdm)
+        return [merge([final[rid] for rid in group]) for group in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -69,7 +84,7 @@ class LLM:
                                                          chat_template_kwargs) for c in conversations)]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, ids: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
         engine = self.engine
         final: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
@@ -86,4 +101,4 @@ class LLM:
                                     f"decode {(engine.num_generation_tokens - gen0) / dt:.0f} tok/s", refresh=False)
         if bar is not None:
             bar.close()
-        return [final[i] for i in ids]
+        return final

@@ -1,6 +1,7 @@
 """SamplingParams: how one request's tokens are chosen and when it stops (vLLM's names)."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 # Caps on what a request may ask every step to check: 50,000 stop strings slowed every other
@@ -8,6 +9,10 @@ from dataclasses import dataclass, field
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TOKEN_LIST = 1024  # stop_token_ids, logit_bias entries
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -35,13 +40,23 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
     include_stop_str_in_output: bool = False
-    n: int = 1
+    n: int = 1  # completions per prompt: LLM.generate and the server submit the prompt n times
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        # types first (the range checks' comparisons would raise TypeError), numpy's scalars taken as Python's
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "n"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, None if value is None else int(value))
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if self.min_tokens is None or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
@@ -51,7 +66,7 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == -1:
             self.top_k = 0
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k is None or self.top_k < 0:
             raise ValueError(f"top_k must be 0 or -1 (disabled) or a positive integer, got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
@@ -62,10 +77,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.n != 1:
-            raise ValueError("n > 1 is not supported by the engine; submit the prompt n times")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.n is None or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")

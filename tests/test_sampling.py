@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,6 +93,23 @@ def test_seed_same_tokens_after_preemption(make_llm, seeded_alone):
     assert engine.scheduler.num_preemptions > 0
     assert any(n > 0 for n in preempted_at), f"seeded request not preempted mid-generation: {preempted_at}"
     assert req.output_token_ids == seeded_alone
+
+
+def test_n_completions_are_the_prompt_submitted_n_times(llm, seeded_alone):
+    """`n` in LLM.generate: one RequestOutput holding n completions, index j the prompt run with seed + j
+    (as the server seeds its n choices), beside other prompts; greedy ones all alike; nothing held after."""
+    three = replace(SEEDED, n=3)
+    outs = llm.generate([ids(llm, "The weather today is"), ids(llm, STORY)],
+                        [SamplingParams(temperature=0, max_tokens=5, n=2), three], use_tqdm=False)
+    greedy, sampled = outs
+    assert [c.index for c in sampled.outputs] == [0, 1, 2] and sampled.outputs[0].token_ids == seeded_alone
+    for j in (1, 2):
+        alone = gen(llm, [ids(llm, STORY)], [replace(SEEDED, seed=SEEDED.seed + j)])[0]
+        assert sampled.outputs[j].token_ids == alone.token_ids
+    assert len({tuple(c.token_ids) for c in sampled.outputs}) == 3
+    assert len(greedy.outputs) == 2 and greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert sampled.prompt_token_ids == ids(llm, STORY)["prompt_token_ids"]
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
 def test_different_seeds_differ_and_unseeded_varies(llm, seeded_alone):
@@ -506,7 +525,16 @@ def test_logprobs_consistent_between_3_and_20(llm):
     (dict(logprobs=21), "logprobs"),
     (dict(stop=""), "stop"),
     (dict(stop=["ok", ""]), "stop"),
-    (dict(n=2), "n"),
+    (dict(n=0), "n"),
+    (dict(n=1.5), "n"),
+    (dict(temperature="0.5"), "temperature"),  # a type error inside the checks before
+    (dict(top_p=None), "top_p"),
+    (dict(logprobs=2.5), "logprobs"),  # passed, then failed inside a step (topk's k)
+    (dict(logprobs=True), "logprobs"),
+    (dict(max_tokens=True), "max_tokens"),
+    (dict(seed=1.5), "seed"),
+    (dict(top_k=2.0), "top_k"),
+    (dict(min_tokens=None), "min_tokens"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(frequency_penalty=3.0), "frequency_penalty"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"),
@@ -526,6 +554,9 @@ def test_sampling_params_accepts_edges():
     SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=1.0, max_tokens=1, logprobs=20, stop=["a"])
     SamplingParams(stop=["s" * 256] * 16, stop_token_ids=list(range(1024)), logit_bias={5: -100, 6: 100})
     assert SamplingParams(top_k=-1).top_k == 0
+    numpy = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), max_tokens=np.int32(4), n=np.int64(2))
+    assert (numpy.temperature, numpy.top_k, numpy.max_tokens, numpy.n) == (0.5, 3, 4, 2)
+    assert type(numpy.temperature) is float and type(numpy.top_k) is int  # as Python's, for JSON and torch
 
 
 def test_huge_top_k_means_all_tokens(llm):

@@ -91,8 +91,37 @@ def test_llm_generate_rejects_a_bad_batch_whole(make_llm):
 
 def test_chat_rejects_malformed_messages(make_llm):
     llm = make_llm(num_kv_blocks=32)
-    with pytest.raises(ValueError, match="messages must be"):
+    with pytest.raises(ValueError, match=r"messages\[0\] must be a \{'role'"):
         llm.chat([{"content": "no role"}], use_tqdm=False)
+    with pytest.raises(ValueError, match="messages must be a non-empty list"):
+        llm.chat([], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content\[0\]: only text parts .*'image_url'"):
+        llm.chat([{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content must be text"):
+        llm.chat([{"role": "user", "content": 5}], use_tqdm=False)
+    assert llm.engine.block_manager.num_free_blocks == 32
+
+
+def test_chat_takes_openais_text_parts_as_the_server_does(make_llm):
+    """Content parts are joined (vLLM's LLM.chat and the server take them); null content is empty."""
+    llm = make_llm(num_kv_blocks=64)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    plain = llm.chat([{"role": "user", "content": "What is 2+2?"}], greedy, use_tqdm=False)[0]
+    parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "What is "},
+                                                   {"type": "text", "text": "2+2?"}]}], greedy, use_tqdm=False)[0]
+    assert parts.prompt_token_ids == plain.prompt_token_ids and parts.outputs[0].text == plain.outputs[0].text
+    empty = llm.chat([{"role": "user", "content": None}], greedy, use_tqdm=False)[0]
+    assert empty.prompt_token_ids == llm.chat([{"role": "user", "content": ""}], greedy,
+                                              use_tqdm=False)[0].prompt_token_ids
+
+
+@pytest.mark.parametrize("prompts", [None, 5, [None], [["a"]]])
+def test_llm_generate_names_what_a_prompt_can_be(make_llm, prompts):
+    llm = make_llm(num_kv_blocks=32)
+    with pytest.raises(ValueError, match="prompt 0: prompt must be a string, a list of token ids or a dict"):
+        llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.engine.block_manager.num_free_blocks == 32 and not llm.engine.has_unfinished_requests()
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -77,6 +77,7 @@ class Tokenizer:
         transformers') leaves the last message, an assistant's, open, so the model continues it
         instead of answering after it: the "prefill the reply" pattern. `template_kwargs` are more
         variables for the template (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)."""
+        messages = text_messages(messages)
         if continue_final_message:
             if add_generation_prompt:
                 raise ChatTemplateError("continue_final_message needs add_generation_prompt false")
@@ -88,9 +89,6 @@ class Tokenizer:
                               final["content"])
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; pass raw prompts instead")
-        if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
-            raise ChatTemplateError("messages must be a list of {'role': str, 'content': str} dicts")
         reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(template_kwargs or {})
         if reserved:
             raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}")
@@ -185,6 +183,33 @@ def _read_json(path: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def text_messages(messages: object) -> list[dict]:
+    """The conversation with every message's content as text, as the server reads it: OpenAI's
+    content parts (`{"type": "text", "text": ...}`) joined, null content empty (an assistant turn that
+    only called tools); other parts (images, audio) refused, as this model reads text only."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatTemplateError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise ChatTemplateError(f"messages[{i}] must be a {{'role': str, 'content': str}} dict")
+        content = m["content"]
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ChatTemplateError(f"messages[{i}].content[{j}]: only text parts with their text are "
+                                            f"supported (this model reads text only), got {kind!r}")
+            m = {**m, "content": "".join(part["text"] for part in content)}
+        elif content is None:
+            m = {**m, "content": ""}
+        elif not isinstance(content, str):
+            raise ChatTemplateError(f"messages[{i}].content must be text or a list of text parts, "
+                                    f"not {type(content).__name__}")
+        out.append(m)
+    return out
 
 
 def _cut_after(text: str, content: str) -> str:

@@ -15,10 +15,12 @@ from inferlab.chat import cmd_chat, cmd_generate
 from inferlab.cli_args import (
     add_engine_args,
     add_kv_mode_args,
+    add_listen_args,
     add_origins_arg,
     add_record_arg,
     add_sampling_args,
     budget_arg,
+    check_listen,
     engine_config,
     kv_mode_config,
     recording,
@@ -93,17 +95,20 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> None:
     from inferlab.server.serve import serve
+    check_listen(a.host, a.port)
     serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key, a.allowed_origins)
 
 
 def cmd_router(a: argparse.Namespace) -> None:
     from inferlab.router.app import serve_router
+    check_listen(a.host, a.port)
     serve_router(a.backend, a.prefill, a.decode, a.policy, a.host, a.port, a.timeout, a.health_interval,
                  a.allowed_origins)
 
 
 def cmd_scope(a: argparse.Namespace) -> None:
     from inferlab.scope.replay import serve_replay
+    check_listen(a.host, a.port)
     serve_replay(a.replay, a.host, a.port)
 
 
@@ -188,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(k)
     k.set_defaults(func=cmd_calibrate)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    add_listen_args(s, 8000)
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: from the file name)")
     s.add_argument("--api-key", default=os.environ.get("INFERLAB_API_KEY"),
                    help="clients of /v1 and the dashboard's lab must send 'Authorization: Bearer KEY' "
@@ -208,8 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="P/D mode: an instance that computes prompts (kv_producer; repeatable)")
     r.add_argument("--decode", action="append", default=[], metavar="URL",
                    help="P/D mode: an instance that loads them and generates (kv_consumer; repeatable)")
-    r.add_argument("--host", default="127.0.0.1")
-    r.add_argument("--port", type=int, default=8080)
+    add_listen_args(r, 8080)
     r.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a backend may stay silent before its request fails")
     r.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
@@ -218,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("scope", help="the dashboard on a recorded trace (live: `inferlab serve`, then /scope)")
     o.add_argument("--replay", required=True, action="append", metavar="FILE",
                    help="a trace written with --record; repeat it to see several side by side")
-    o.add_argument("--host", default="127.0.0.1")
-    o.add_argument("--port", type=int, default=8001)
+    add_listen_args(o, 8001)
     o.set_defaults(func=cmd_scope)
     b = sub.add_parser("bench", help="offline throughput on a reference workload, or `bench serve` to load a "
                        "running server; last line is JSON",

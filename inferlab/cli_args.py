@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import socket
 
 from inferlab.config import KV_ALLOCATIONS, PREEMPTION_MODES, PREFIX_CACHES, EngineConfig
 from inferlab.model.layers.keep import QUANTIZATIONS
@@ -20,6 +21,33 @@ def budget_arg(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
+def add_listen_args(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=port_arg, default=port, help=f"TCP port (default {port}; 0: any free one)")
+
+
+def port_arg(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in [0, 65535], got {text!r}")
+    return port
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before a model loads for a minute, an address this process could not listen on: a port
+    another server holds, a host that is not this machine's. (A port taken in between still fails later.)"""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def origins_arg(text: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -92,6 +93,29 @@ def test_bad_option_is_one_clear_line():
     r = inferlab("generate", "hi", "--temperature", "-1", "--num-kv-blocks", "8")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "error: temperature must be in [0, 100], got -1.0"
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("serve", ["--model", "{tmp}/none.gguf"]), ("router", ["--backend", "http://127.0.0.1:1"]),
+    ("scope", ["--replay", "{tmp}/none.jsonl"]),
+])
+def test_a_port_another_server_holds_is_one_line_before_the_model_loads(tmp_path, capsys, command, extra):
+    """(A model that does not exist: the port's error, not the model's, shows the port is tried first.)"""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main([command, "--port", str(port), *(x.format(tmp=tmp_path) for x in extra)]) == 2
+    assert capsys.readouterr().err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+@pytest.mark.parametrize("port", ["99999", "-5", "http"])
+def test_a_port_out_of_range_is_refused_by_the_parser(capsys, port):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--port", port])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"argument --port: expected a port number in [0, 65535], got '{port}'")
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

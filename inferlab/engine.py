@@ -115,6 +115,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, clock)
         self.num_prompt_tokens = 0  # prefill tokens computed (cache hits excluded)
+        self.num_prompt_tokens_seen = 0  # whole prompts, counted at each request's first token (vLLM's metric)
         self.num_generation_tokens = 0
         self.last_step_tokens = 0  # tokens the last step computed (prefill + decode)
         # Called with each step's outputs after the step (a recorder, a dashboard feed); empty
@@ -201,6 +202,8 @@ class LLMEngine:
             res = results.get(req.request_id)
             if res is None or req.status is not RequestStatus.RUNNING:
                 continue
+            if req.num_output_tokens == len(res):  # its first tokens: the prompt is done
+                self.num_prompt_tokens_seen += req.num_prompt_tokens
             new_ids, status = self.output_processor.emit(req, res)
             self.num_generation_tokens += len(new_ids)
             if status is not None:
@@ -245,7 +248,8 @@ class LLMEngine:
         snap = self.scheduler.snapshot(detail)
         if self.kv_connector is not None:
             snap.update(self.kv_connector.snapshot())
-        snap.update(num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
+        snap.update(num_prompt_tokens=self.num_prompt_tokens, num_prompt_tokens_seen=self.num_prompt_tokens_seen,
+                    num_generation_tokens=self.num_generation_tokens,
                     last_step_tokens=self.last_step_tokens)
         if self.speculator is not None:
             snap["spec_decode"] = self.speculator.snapshot()

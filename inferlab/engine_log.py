@@ -21,6 +21,10 @@ def log_start(engine: LLMEngine, num_blocks: int, per_block: int) -> None:
     log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s%s)", num_blocks,
              config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20, dtype, engine.device,
              ", pages touched at start" if config.kv_cache_prefault and engine.device.type == "cpu" else "")
+    if engine.max_request_tokens < engine.max_model_len:  # vLLM refuses to start; here a request is capped
+        log.warning("the KV pool holds %d tokens, fewer than max_model_len %d: a request (prompt and output) "
+                    "gets at most that many, and the server reports it as the context (raise "
+                    "--kv-cache-memory or --num-kv-blocks for more)", engine.max_request_tokens, engine.max_model_len)
     native, runner = engine.runner.native, engine.runner
     int8 = "" if not config.int8_activations else (
         " (int8 into integer-block layers)" if any(getattr(m, "int8_active", False) for m in engine.model.modules())

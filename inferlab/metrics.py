@@ -96,8 +96,12 @@ class EngineMetrics:
                    transfer["saved_blocks"])
             metric("counter", "inferlab:kv_transfer_errors_total", "Failed KV store calls (each a miss, "
                    "computed locally).", transfer["store_errors"])
-        metric("counter", "inferlab:num_preemptions_total", "Preemptions (recompute).", snapshot["num_preemptions"])
-        metric("counter", "inferlab:prompt_tokens_total", "Prefill tokens computed.", snapshot["num_prompt_tokens"])
+        metric("counter", "inferlab:num_preemptions_total", "Preemptions (recompute or swap).",
+               snapshot["num_preemptions"])
+        metric("counter", "inferlab:prompt_tokens_total", "Prompt tokens of requests that reached their first "
+               "token, cached ones included (vLLM's).", snapshot["num_prompt_tokens_seen"])
+        metric("counter", "inferlab:prompt_tokens_computed_total", "Prompt tokens computed: prefix-cache hits and "
+               "loaded KV excluded, recomputation after preemption included.", snapshot["num_prompt_tokens"])
         metric("counter", "inferlab:generation_tokens_total", "Tokens generated.", snapshot["num_generation_tokens"])
         spec = snapshot.get("spec_decode")
         if spec is not None:  # vLLM's speculative decoding counters

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -215,6 +216,44 @@ def test_streamed_chat_equals_offline_and_ends_with_usage(client, offline):
     assert "".join(c.choices[0].delta.content or "" for c in body) == ref.outputs[0].text
     assert body[-1].choices[0].finish_reason == ref.outputs[0].finish_reason
     assert last.choices == [] and last.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_prompt_tokens_total_counts_whole_prompts_as_vllm_does(server, client):
+    """prompt_tokens_total: every prompt whole, cached tokens included (vLLM's counter, which dashboards
+    built for it read); prompt_tokens_computed_total: only what was computed."""
+    prompt = "Counting prompt tokens: " + " ".join(f"t{i}" for i in range(40))
+    before = server.wait_idle()
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    after = server.wait_idle()
+    n, cached = first.usage.prompt_tokens, second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 16
+    assert after["inferlab:prompt_tokens_total"] - before["inferlab:prompt_tokens_total"] == 2 * n
+    assert after["inferlab:prompt_tokens_computed_total"] - before["inferlab:prompt_tokens_computed_total"] == \
+        2 * n - cached
+
+
+@pytest.mark.parametrize("body, headers, message", [
+    ("", {"Content-Type": "application/json"}, "the request body is empty"),
+    ('{"prompt": "hi"}', {"Content-Type": "text/plain"}, "must be a JSON object .*Content-Type: application/json"),
+    ('["hi"]', {"Content-Type": "application/json"}, "must be a JSON object"),
+])
+def test_a_body_that_is_no_object_is_named_as_such(server, body, headers, message):
+    r = httpx.post(f"{server.url}/v1/completions", content=body, headers=headers, timeout=30)
+    assert r.status_code == 400 and re.search(message, r.json()["error"]["message"])
+
+
+def test_a_pool_smaller_than_the_context_is_the_context_clients_see(smol):
+    """/v1/models reports what a request can hold (the pool: 24 blocks of 16 tokens), and a request past it
+    is refused by it, not cut short by "length" (vLLM refuses to start with such a pool)."""
+    with running_server(smol, num_kv_blocks=24) as small:
+        model = httpx.get(f"{small.url}/v1/models", timeout=30).json()["data"][0]
+        assert model["max_model_len"] == 24 * 16
+        body = {"prompt": [5] * 300, "max_tokens": 200}
+        r = httpx.post(f"{small.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "maximum context length is 384 tokens" in r.json()["error"]["message"]
+        body["max_tokens"] = 84
+        assert httpx.post(f"{small.url}/v1/completions", json=body, timeout=120).status_code == 200
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client):
@@ -494,7 +533,7 @@ USER = [{"role": "user", "content": "hi"}]
 BAD = [
     (CMPL, "{not json", 400, "not valid JSON"),
     (CHAT, '{"messages": [', 400, "not valid JSON"),
-    (CMPL, [1, 2], 400, "dictionary"),
+    (CMPL, [1, 2], 400, "the request body must be a JSON object"),
     (CMPL, {"max_tokens": 4}, 400, "prompt: Field required"),
     (CMPL, {"prompt": "hi", "max_tokens": "a"}, 400, "max_tokens"),
     (CMPL, {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),

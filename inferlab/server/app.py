@@ -24,7 +24,7 @@ MAX_N = 64
 
 def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     tok = engine.engine.tokenizer
-    max_model_len = engine.engine.max_model_len
+    max_model_len = engine.engine.max_request_tokens  # the context, or the whole KV pool where it holds less
     prompts = PromptBuilder(tok, max_model_len)
 
     @asynccontextmanager
@@ -40,6 +40,10 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if first.get("type") == "json_invalid":
             reason = first.get("ctx", {}).get("error", "")
             return fmt.error_response(400, f"the request body is not valid JSON: {reason}")
+        if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: missing, or not an object
+            return fmt.error_response(400, "the request body must be a JSON object (sent with Content-Type: "
+                                      "application/json)" if first.get("type") != "missing" else
+                                      "the request body is empty: send a JSON object")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return fmt.error_response(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
 

@@ -32,7 +32,7 @@ SHUTTING_DOWN = (503, "the server is shutting down; the request was not finished
 async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], max_tokens: int | None,
                 num_logprobs: int | None) -> tuple[str, list[str], Streams]:
     """Validate and add n requests per prompt; all or none are added."""
-    base, max_model_len = uuid.uuid4().hex, engine.engine.max_model_len
+    base, max_model_len = uuid.uuid4().hex, engine.engine.max_request_tokens
     added: list[str] = []
     streams = []
     try:

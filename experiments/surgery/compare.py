@@ -122,7 +122,7 @@ def scope_trace(cap: dict) -> list[dict]:
               "num_blocks": nb, "block_size": cap["block_size"], "latency_buckets": list(LATENCY_BUCKETS)}
     live = {i: {"id": f"r{i}", "state": "waiting", "priority": 0, "computed": 0, "prompt": p, "output": 0,
                 "max_tokens": max_tokens, "preemptions": 0, "blocks": []} for i, p in enumerate(prompts)}
-    frames, prefill_total, generated, preemptions = [header], 0, 0, 0
+    frames, prefill_total, generated, preemptions, seen = [header], 0, 0, 0, 0
     zeros = [0] * (len(LATENCY_BUCKETS) + 1)
     for k, s in enumerate(expand(cap["steps"])):
         for i in s["preempted"]:
@@ -131,6 +131,7 @@ def scope_trace(cap: dict) -> list[dict]:
             r = live[i]
             r.update(state="running", computed=before + n)
             if before + n >= r["prompt"]:
+                seen += r["prompt"] if r["output"] == 0 else 0  # whole prompts at their first token, as vLLM counts
                 r["output"] = before + n - r["prompt"] + 1
                 generated += 1
         tables = dict((i, t) for i, t in s["tables"])
@@ -150,7 +151,7 @@ def scope_trace(cap: dict) -> list[dict]:
             "batch": {"prefill": prefill, "decode": decode, "budget": budget, "seqs": len(s["sched"]),
                       "preempted": len(s["preempted"])},
             "requests": [dict(r) for r in live.values()], "num_prompt_tokens": prefill_total,
-            "num_generation_tokens": generated, "last_step_tokens": prefill + decode,
+            "num_prompt_tokens_seen": seen, "num_generation_tokens": generated, "last_step_tokens": prefill + decode,
             "steps": [[k + 1, s["t"], prefill, decode, budget, len(s["preempted"])]],
             "latency": {"ttft": zeros, "itl": zeros}})
         live = {i: r for i, r in live.items() if r["output"] < max_tokens}  # finished after this step

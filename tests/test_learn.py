@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from inferlab.scope.recorder import read_trace
 
@@ -36,6 +37,18 @@ def chapter(tiny):
     yield run
     lesson.model = original
     sys.path.remove(str(LEARN))
+
+
+def test_the_chapters_load_the_model_in_fp32_as_their_transcripts_were_made(smol):
+    """bf16 (auto's choice on a CPU with bf16 instructions) answers some questions in other words, and the
+    chapters' quoted runs then preempt at other steps."""
+    sys.path.insert(0, str(LEARN))
+    try:
+        import lesson
+        model, _ = lesson.model.__wrapped__()
+    finally:
+        sys.path.remove(str(LEARN))
+    assert model.dtype == torch.float32 == smol[0].dtype
 
 
 def test_chapter_1_reserving_crashes_where_paging_finishes(chapter, capsys, monkeypatch):

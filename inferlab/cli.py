@@ -44,9 +44,9 @@ def check_trace_options(a: argparse.Namespace) -> None:
     or generate arrivals at negative times or requests with nothing to compute."""
     if not a.rate > 0:  # nan too
         raise ValueError(f"--rate must be positive (inf: all at once), got {a.rate}")
-    for name in ("burst", "priorities"):
+    for name in ("num_requests", "burst", "priorities"):
         if getattr(a, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(a, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     for name in ("prompt_len", "output_len"):
         lo, hi = getattr(a, name)
         if not 1 <= lo <= hi:
@@ -63,7 +63,8 @@ def cmd_simulate(a: argparse.Namespace) -> None:
         check_trace_options(a)
     trace = load_trace(a.trace) if a.trace else make_trace(
         a.num_requests, a.rate, a.prompt_len, a.output_len, a.seed, a.burst, a.shared_prefix, a.priorities)
-    config = EngineConfig(block_size=a.block_size, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+    config = EngineConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, max_model_len=a.max_model_len,
+                          max_num_seqs=a.max_num_seqs,
                           max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
                           scheduling_policy=a.policy, enable_prefix_caching=not a.no_prefix_caching,
                           sjf_aging_rate=a.sjf_aging_rate, **kv_mode_config(a))

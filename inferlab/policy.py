@@ -137,3 +137,15 @@ def _build(cls: type[RequestQueue], sjf_aging_rate: float = 20.0) -> RequestQueu
 
 def make_queue(name: str, sjf_aging_rate: float = 20.0) -> RequestQueue:
     return _build(resolve_policy(name), sjf_aging_rate)
+
+
+def pick_victim(queue: RequestQueue, running: list[Request]) -> Request:
+    """queue.victim(running), a policy's own failure named in one line (as a key() that fails on a new
+    request is): raising, or naming a request that is not among those it was offered."""
+    try:
+        victim = queue.victim(running)
+    except Exception as e:
+        raise ValueError(f"the scheduling policy's victim() failed: {type(e).__name__}: {e}") from None
+    if not any(r is victim for r in running):
+        raise ValueError(f"the scheduling policy's victim() returned {victim!r}, not one of the running requests")
+    return victim

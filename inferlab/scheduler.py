@@ -22,7 +22,7 @@ from inferlab.budget import START
 from inferlab.config import EngineConfig
 from inferlab.kv_transfer import KVConnectorBase
 from inferlab.kv_transfer.loads import RemoteLoads
-from inferlab.policy import RequestQueue
+from inferlab.policy import RequestQueue, pick_victim
 from inferlab.preemption import make_preemption
 from inferlab.request import Request, RequestStatus, request_view
 from inferlab.scheduler_output import SchedulerOutput
@@ -96,7 +96,7 @@ class Scheduler:
         bm = self.block_manager
         while self._may_evict_for_waiting and len(self.waiting) and self.running:
             head = self.waiting.peek()
-            victim = self.waiting.victim(self.running)
+            victim = pick_victim(self.waiting, self.running)
             if not self.waiting.should_preempt(head, victim):
                 return
             done = head.num_computed_tokens  # 0, or what a swapped request brings back
@@ -136,7 +136,7 @@ class Scheduler:
                         req.spec_token_ids = []
                         continue
                     taken = {id(r) for r, _ in scheduled}
-                    victim = self.waiting.victim([r for r in self.running if id(r) not in taken])
+                    victim = pick_victim(self.waiting, [r for r in self.running if id(r) not in taken])
                     self._preempt(victim, out)
                     if victim is req:
                         break

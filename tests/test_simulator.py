@@ -141,6 +141,36 @@ def test_calibrate_refuses_a_scale_that_is_not_positive(tmp_path, capsys, scale)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("content, message", [
+    ({"base": "x", "per_prefill_token": 0, "per_decode_seq": 0, "per_context_token": 0},
+     "{path}: cost model base must be a number >= 0, got 'x'"),  # a TypeError traceback mid-run before
+    ({"base": -1, "per_prefill_token": 0, "per_decode_seq": 0, "per_context_token": 0},
+     "{path}: cost model base must be a number >= 0, got -1"),  # a negative makespan, exit 0, before
+    ({"base": 1.0}, "cost model {path}: expected an object with base, per_prefill_token, per_decode_seq, "
+                    "per_context_token \\(and optionally per_swap_byte, kv_bytes_per_token\\)"),
+    ([1], "cost model {path}: expected an object with"),
+    ("{", "cannot read cost model {path}: Expecting"),
+])
+def test_a_bad_cost_model_file_is_one_line_naming_it(tmp_path, capsys, content, message):
+    path = tmp_path / "cm.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    assert main(["simulate", "--num-requests", "5", "--cost-model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match("error: " + message.format(path=re.escape(str(path))), err), err
+
+
+def test_a_policy_whose_victim_rule_fails_is_one_line(tmp_path, capsys):
+    """victim() is a policy's as key() is: its failure is named, not a traceback out of the step loop."""
+    path = tmp_path / "mine.py"
+    path.write_text("from inferlab.policy import RequestQueue\nclass P(RequestQueue):\n"
+                    "    def key(self, req):\n        return (req.arrival_time,)\n"
+                    "    def victim(self, running):\n        return self.pick(running)\n")
+    assert main(["simulate", "--policy", f"{path}:P", "--num-kv-blocks", "40", "--num-requests", "50",
+                 "--rate", "inf"]) == 2
+    assert capsys.readouterr().err == ("error: the scheduling policy's victim() failed: AttributeError: 'P' object "
+                                       "has no attribute 'pick'\n")
+
+
 def test_simulate_command_prints_json_last():
     r = subprocess.run([sys.executable, "-m", "inferlab.cli", "simulate", "--num-requests", "50", "--rate", "inf",
                         "--policy", "sjf", "--num-kv-blocks", "256"], capture_output=True, text=True, timeout=120)
@@ -159,6 +189,8 @@ def test_simulate_command_prints_json_last():
     (["--prompt-len", "10:5"], "--prompt-len must be N or LO:HI with 1 <= LO <= HI, got 10:5"),
     (["--output-len", "0:4"], "--output-len must be N or LO:HI with 1 <= LO <= HI, got 0:4"),
     (["--shared-prefix", "0:10"], "--shared-prefix must be COUNT:LEN, both at least 1, got 0:10"),
+    (["--num-requests", "-5"], "--num-requests must be at least 1, got -5"),  # an empty run, exit 0, before
+    (["--num-kv-blocks", "0"], "num_kv_blocks must be >= 1, got 0"),  # every request "rejected", exit 0
 ])
 def test_a_bad_trace_option_is_one_line_naming_it(capsys, option, message):
     assert main(["simulate", "--num-requests", "20", *option]) == 2

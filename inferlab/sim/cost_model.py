@@ -14,7 +14,8 @@ bytes (`kv_bytes_per_token` is the model's K/V size, all layers, in the pool's d
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy as np
 
@@ -50,6 +51,12 @@ class CostModel:
     # development machine under load (0.53 GB/s out and back, float32)
     per_swap_byte: float = 1.9e-9
     kv_bytes_per_token: int = 46080  # the embedded model in float32: 2 (K, V) x 30 layers x 3 heads x 64 x 4 B
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # a step never takes negative time: fit() keeps every coefficient >= 0 too
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"cost model {f.name} must be a number >= 0, got {value!r}")
 
     def swap_seconds(self, num_blocks: int, block_size: int) -> float:
         return self.per_swap_byte * self.kv_bytes_per_token * block_size * num_blocks
@@ -91,9 +98,18 @@ class CostModel:
     def load(cls, path: str) -> CostModel:
         try:
             with open(path) as f:
-                return cls(**json.load(f))
-        except (OSError, TypeError, json.JSONDecodeError) as e:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read cost model {path}: {e}") from None
+        names = [f.name for f in fields(cls)]
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        if not isinstance(data, dict) or set(data) - set(names) or set(required) - set(data):
+            raise ValueError(f"cost model {path}: expected an object with {', '.join(required)} (and optionally "
+                             f"{', '.join(n for n in names if n not in required)}), as `inferlab calibrate` writes")
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 # Fitted by `inferlab calibrate` on the 2-core development machine (embedded model, float32).

@@ -38,6 +38,11 @@ class LLM:
                               scheduling_policy=scheduling_policy, **kwargs)
         self.engine = LLMEngine(config, loaded=loaded, draft_loaded=draft_loaded)
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for `engine`."""
+        return self.engine
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

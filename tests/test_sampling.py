@@ -109,6 +109,7 @@ def test_n_completions_are_the_prompt_submitted_n_times(llm, seeded_alone):
     assert len({tuple(c.token_ids) for c in sampled.outputs}) == 3
     assert len(greedy.outputs) == 2 and greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
     assert sampled.prompt_token_ids == ids(llm, STORY)["prompt_token_ids"]
+    assert llm.llm_engine is llm.engine  # vLLM's name for it
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 

@@ -4,6 +4,7 @@ that picks what runs on this CPU is the package's (`inferlab.kernels`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -11,6 +12,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,8 +77,14 @@ def build() -> Path:
     if shutil.which(cc) is None:
         raise OSError(f"no C compiler: {cc!r} is not on PATH (install gcc or clang, or set CC to one)")
     cache.mkdir(parents=True, exist_ok=True)
+    for stale in cache.glob("tmp*"):  # a build killed midway (no handler ran): aside for an hour, it is no one's
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
         jobs = [(src, Path(tmp) / f"{isa}-{src.parent.name}-{src.stem}.o", isa) for isa in isas for src in sources(isa)]
+        log.info("building the native kernels (%d files for %s), once after an install or an update: "
+                 "%s", len(jobs), ", ".join(isas), "a minute or two on 2 cores")
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one compiler per core
             errors = dict(zip([j[2] for j in jobs], [None] * len(jobs)))
             for (_, _, isa), fut in zip(jobs, [pool.submit(_compile, cc, *job) for job in jobs]):

@@ -101,7 +101,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
             backend, resp = await send("prefill", prefill_body(body), path, headers)
         except (NoBackend, BackendFailed) as e:
             state["prefill_failed"] += 1
-            log.warning("no prefill (%s); the decode instance computes the prompt", e or "no backend is up")
+            log.warning("no prefill (%s); the decode instance computes the prompt", str(e) or "no backend is up")
             return None
         try:
             content = await resp.aread()

@@ -5,6 +5,7 @@ The options they share are `cli_args.py`'s; generate and chat, which talk to a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,14 @@ def _range(text: str) -> tuple[int, int]:
         return int(lo), int(hi or lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or LO:HI, got {text!r}") from None
+
+
+def _count_len(text: str) -> tuple[int, int]:
+    count, sep, length = text.partition(":")  # both: "4" read as 4:4 (N or LO:HI's rule) was no one's meaning
+    with contextlib.suppress(ValueError):
+        if sep:
+            return int(count), int(length)
+    raise argparse.ArgumentTypeError(f"expected COUNT:LEN, got {text!r}")
 
 
 def check_trace_options(a: argparse.Namespace) -> None:
@@ -176,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prompt-len", type=_range, default=(64, 512), help="LO:HI tokens")
     m.add_argument("--output-len", type=_range, default=(16, 256), help="LO:HI tokens")
     m.add_argument("--burst", type=int, default=1, help="requests arriving together")
-    m.add_argument("--shared-prefix", type=_range, default=None, help="COUNT:LEN shared system prompts")
+    m.add_argument("--shared-prefix", type=_count_len, default=None, help="COUNT:LEN shared system prompts")
     m.add_argument("--priorities", type=int, default=1, help="priority levels drawn uniformly")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--num-kv-blocks", type=int, default=4096)

@@ -197,6 +197,13 @@ def test_a_bad_trace_option_is_one_line_naming_it(capsys, option, message):
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+@pytest.mark.parametrize("value", ["4", "4:x"])
+def test_shared_prefix_takes_a_count_and_a_length(capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(["simulate", "--shared-prefix", value])
+    assert e.value.code == 2 and f"expected COUNT:LEN, got '{value}'" in capsys.readouterr().err
+
+
 def test_prefix_aware_router_keeps_each_prefix_on_one_replica():
     # 16 system prompts of 32 blocks each cannot all stay cached in a 256-block replica
     trace = make_trace(400, 6.0, (64, 128), (8, 32), seed=5, shared_prefix=(16, 512))

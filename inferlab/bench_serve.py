@@ -1,7 +1,7 @@
 """`inferlab bench serve`: load-test a running OpenAI-compatible server and report its latencies.
 
 Sends a bounded number of streaming requests (token-id prompts of a reference workload to
-/v1/completions, or chat prompts to /v1/chat/completions) with Poisson arrivals at a given rate,
+/v1/completions, or chat or edit prompts to /v1/chat/completions) with Poisson arrivals at a given rate,
 optionally capped in concurrency, and measures per request TTFT, inter-token latency (ITL), time
 per output token (TPOT) and end-to-end latency. Prints a table, then one JSON line of the figures.
 """
@@ -49,7 +49,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
     p.add_argument("--workload", default="cpu",
                    help="small, cpu, nano or a JSON file (token-id prompts to /v1/completions, ignore_eos), "
-                        "or chat (16 chat prompts to /v1/chat/completions); default: %(default)s")
+                        "or chat (16 chat prompts) or edit (18 passages to edit, as `bench --workload edit`) to "
+                        "/v1/chat/completions; default: %(default)s")
     p.add_argument("--num-requests", type=int, default=64, help="requests to send; the workload is cycled or cut")
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="mean requests/s of Poisson arrivals; inf sends all at once (default)")
@@ -69,10 +70,12 @@ def build_requests(workload: str, n: int, max_tokens: int | None,
                    sampling: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(path, body) of each of the n requests, cycling through the workload's requests; `sampling`:
     the sampling fields every body carries (default: greedy)."""
-    if workload == "chat":
+    if workload in ("chat", "edit"):  # real text: the server applies its model's chat template
+        from inferlab.bench_text import EDIT_MAX_TOKENS, edit_messages
+        chat = workload == "chat"
+        texts, cap = (CHAT_PROMPTS, DEFAULT_CHAT_MAX_TOKENS) if chat else (edit_messages(), EDIT_MAX_TOKENS)
         base = [("/v1/chat/completions", {"messages": [{"role": "user", "content": q}],
-                                          "max_tokens": max_tokens or DEFAULT_CHAT_MAX_TOKENS})
-                for q in CHAT_PROMPTS]
+                                          "max_tokens": max_tokens or cap}) for q in texts]
     else:
         from inferlab.bench import load_workload
         reqs = load_workload(workload)["requests"]

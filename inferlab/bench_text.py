@@ -40,12 +40,19 @@ TASKS = [
 ]
 
 
-def edit_workload(tokenizer, max_tokens: int = 160) -> dict:
+EDIT_MAX_TOKENS = 160
+
+
+def edit_messages() -> list[str]:
+    """Every (task, passage) pair as a user message: 18 of them."""
+    return [task.format(passage) for task in TASKS for passage in PASSAGES]
+
+
+def edit_workload(tokenizer, max_tokens: int = EDIT_MAX_TOKENS) -> dict:
     """Every (task, passage) pair as a chat prompt: 18 requests, greedy, stopping at EOS."""
     requests = []
-    for task in TASKS:
-        for passage in PASSAGES:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": task.format(passage)}])
-            requests.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),
-                             "max_tokens": max_tokens, "ignore_eos": False})
+    for message in edit_messages():
+        text = tokenizer.apply_chat_template([{"role": "user", "content": message}])
+        requests.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),
+                         "max_tokens": max_tokens, "ignore_eos": False})
     return {"name": "edit", "requests": requests}

@@ -92,6 +92,21 @@ def test_sampling_settings_reach_the_server(base_url, workload_file):
     assert json.loads(r.stdout.strip().splitlines()[-1])["failed"] == 2 and "top_p" in r.stdout, r.stdout
 
 
+def test_the_edit_workload_goes_to_chat_as_offline(base_url):
+    """`edit` (offline `bench --workload edit`) sends its passages as chat messages, stopping at EOS (it
+    crashed for want of a tokenizer); the server applies the template, so its prompts are the offline ones."""
+    from inferlab.bench_serve import build_requests
+    from inferlab.bench_text import edit_messages
+    reqs = build_requests("edit", 20, None)
+    assert [p for p, _ in reqs] == ["/v1/chat/completions"] * 20
+    assert [b["messages"][0]["content"] for _, b in reqs] == (edit_messages() * 2)[:20]
+    assert all(b["max_tokens"] == 160 and "ignore_eos" not in b for _, b in reqs)
+    r = bench_serve("--base-url", base_url, "--workload", "edit", "--num-requests", "2", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (s["completed"], s["failed"]) == (2, 0) and 0 < s["output_tokens"] <= 8
+
+
 def test_finite_rate_spreads_the_arrivals(base_url, workload_file):
     n, rate = 6, 10.0
     r = bench_serve("--base-url", base_url, "--workload", workload_file, "--num-requests", str(n),

@@ -130,13 +130,23 @@ def tensor_parallel_stats(llm) -> dict:
 def cmd_bench(a: argparse.Namespace) -> None:
     from inferlab.bench import load_workload, run_bench
     from inferlab.llm import LLM
+    if a.latency:  # one request alone: a workload's options would be silently ignored
+        for flag, value in (("--workload", a.workload), ("--compare", a.compare)):
+            if value is not None:
+                raise ValueError(f"{flag} is for a workload run, not --latency")
+        if a.input_len < 1 or a.output_len < 2:
+            raise ValueError("--latency needs --input-len >= 1 and --output-len >= 2 (the first token comes with "
+                             "the prefill; the time per token is timed after it)")
+    a.workload = a.workload or "cpu"
     # a bad workload file is refused before the model loads and the KV memory is taken
     # (only `edit` needs the model's tokenizer)
     workload = None if a.latency or a.workload == "edit" else load_workload(a.workload)
     llm = LLM(**vars(engine_config(a)))
     if a.latency:
         from inferlab.bench import run_latency
-        print(json.dumps({**run_latency(llm, a.input_len, a.output_len), **tensor_parallel_stats(llm)}))
+        with recording(llm.engine, a.record):
+            result = run_latency(llm, a.input_len, a.output_len)
+        print(json.dumps({**result, **tensor_parallel_stats(llm)}))
         return
     workload = workload or load_workload(a.workload, llm.get_tokenizer())
     with recording(llm.engine, a.record):
@@ -237,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "running server; last line is JSON",
                        description="Offline throughput of the engine on a reference workload; `inferlab bench serve "
                                    "--help` for the load generator against a running server.")
-    b.add_argument("--workload", default="cpu", help="small, cpu, nano (random token ids), edit (real text: edit a "
-                   "passage given in the prompt) or a JSON file")
+    b.add_argument("--workload", default=None, help="small, cpu (default), nano (random token ids), edit (real text: "
+                   "edit a passage given in the prompt) or a JSON file")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--compare", choices=["hf"], default=None,
                    help="also run the workload through HF transformers generate, same dtype, and print the ratio")

@@ -23,6 +23,26 @@ def budget_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
 
 
+UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "b": 1}
+
+
+def bytes_arg(text: str) -> int:
+    """A size: bytes (4294967296, 4e9) or with a unit (4GiB, 512MiB, 4GB)."""
+    number, unit = text.strip(), 1
+    for suffix, factor in UNITS.items():  # the two-letter ones before "b"
+        if number.lower().endswith(suffix):
+            number, unit = number[:-len(suffix)].strip(), factor
+            break
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes (4e9, 4GiB, 512MiB), got {text!r}")
+    return int(value)
+
+
 def add_listen_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_arg, default=port, help=f"TCP port (default {port}; 0: any free one)")
@@ -84,7 +104,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
+    g.add_argument("--kv-cache-memory", type=bytes_arg, default=None,
+                   help="KV pool size in bytes: 4294967296, 4e9, 4GiB, 512MiB or 4GB")
     g.add_argument("--kv-cache-prefault", action=argparse.BooleanOptionalAction, default=False,
                    help="touch every page of the KV pool at start, as vLLM and llama.cpp do: the memory is held "
                         "from then on and no request pays a page's first use, for a longer start (default: off; "

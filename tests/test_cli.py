@@ -12,7 +12,7 @@ import pytest
 from test_hf_models import build_checkpoint, train_tokenizer
 
 from inferlab.bench import SHAPES, make_workload
-from inferlab.cli import main
+from inferlab.cli import build_parser, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A verbatim copy of the reference workload generator that every engine is measured with, so the
@@ -89,6 +89,19 @@ def test_a_kv_pool_larger_than_the_free_memory_is_refused_at_start_in_one_line()
     assert r.stderr.strip().splitlines()[-1].startswith("error: the KV pool of "), r.stderr
 
 
+@pytest.mark.parametrize("text, size", [("4294967296", 2**32), ("4e9", 4 * 10**9), ("4GiB", 2**32),
+                                        ("512 MiB", 2**29), ("4GB", 4 * 10**9), ("0.5gib", 2**29)])
+def test_kv_cache_memory_takes_sizes_as_people_write_them(text, size):
+    assert build_parser().parse_args(["generate", "hi", "--kv-cache-memory", text]).kv_cache_memory == size
+
+
+@pytest.mark.parametrize("text", ["x", "-1", "4 parsecs", "nan"])
+def test_a_size_that_is_none_is_refused_by_the_parser(capsys, text):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--kv-cache-memory", text])
+    assert f"expected a size in bytes (4e9, 4GiB, 512MiB), got '{text}'" in capsys.readouterr().err
+
+
 def test_bad_option_is_one_clear_line():
     r = inferlab("generate", "hi", "--temperature", "-1", "--num-kv-blocks", "8")
     assert r.returncode == 2
@@ -152,6 +165,7 @@ def test_bench_prints_json_last_line(tmp_path):
     ({"requests": [{"prompt_token_ids": [1], "max_tokens": 3, "ignore_eos": "no"}]},
      "{path}: request 0: ignore_eos must be true or false, got 'no'"),
     ({"requests": [5]}, "{path}: request 0: expected an object, got int"),
+    ({"requests": []}, "{path}: expected .*, at least one"),  # an all-zero result, exit 0, before
     ("not json", "cannot read workload {path}: Expecting value"),
     (None, "cannot read workload {path}: .*Is a directory"),
 ])
@@ -186,11 +200,25 @@ def test_bench_latency_times_every_prefill_step_of_a_long_prompt(tiny, monkeypat
     assert out["tpot_ms"] == 1000  # then one token a step
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--output-len", "1"], "--latency needs --input-len >= 1 and --output-len >= 2"),  # it printed 170,532 tok/s
+    (["--input-len", "0"], "--latency needs --input-len >= 1"),
+    (["--workload", "nano"], "--workload is for a workload run, not --latency"),  # silently ignored before
+    (["--compare", "hf"], "--compare is for a workload run, not --latency"),
+])
+def test_latency_refuses_what_it_would_ignore_or_cannot_time(tmp_path, capsys, args, message):
+    assert main(["bench", "--latency", *args, "--model", str(tmp_path / "none.gguf")]) == 2  # before the model
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
 def test_bench_latency_and_compare_hf(tmp_path):
-    r = inferlab("bench", "--latency", "--input-len", "16", "--output-len", "4", "--num-kv-blocks", "64")
+    r = inferlab("bench", "--latency", "--input-len", "16", "--output-len", "4", "--num-kv-blocks", "64",
+                 "--record", str(tmp_path / "lat.jsonl"))
     assert r.returncode == 0, r.stderr
     lat = json.loads(r.stdout.strip().splitlines()[-1])
     assert lat["input_len"] == 16 and lat["output_len"] == 4 and lat["ttft_ms"] > 0 and lat["tpot_ms"] > 0
+    from inferlab.scope.recorder import read_trace
+    assert len(read_trace(str(tmp_path / "lat.jsonl"))[1]) >= 4  # --record was ignored with --latency before
     # the comparison itself on a tiny checkpoint: loading the embedded GGUF into transformers alone
     # takes a minute here, and the hf_parity tests already compare that model with transformers
     model = build_checkpoint("llama", str(tmp_path / "tiny"), train_tokenizer()).path

@@ -70,8 +70,8 @@ def check_request(inputs: PromptInputs, params: SamplingParams, priority: object
         raise ValueError(f"the prompt has {n} tokens but max_model_len is {max_model_len} "
                          f"(room for at least one generated token is needed)")
     if n >= max_request_tokens:
-        raise ValueError(f"the prompt has {n} tokens but the KV cache holds only "
-                         f"{max_request_tokens - 1} + 1; raise num_kv_blocks or kv_cache_memory")
+        raise ValueError(f"the prompt has {n} tokens but the KV cache holds only {max_request_tokens} token slots, "
+                         "and a request needs one more than its prompt; raise num_kv_blocks or kv_cache_memory")
     if not isinstance(priority, int):
         raise ValueError(f"priority must be an integer, got {priority!r}")
     if any(t >= vocab_size for t in params.logit_bias or {}):

@@ -368,6 +368,16 @@ def test_rope_freqs_divide_each_frequency_as_llama_cpp_does(smol, tmp_path, monk
         loader.load_model(bad, "float32", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("cut", [3_000, 50_000_000, -100])
+def test_a_file_cut_short_is_named_so(tmp_path, cut):
+    """(An interrupted download: numpy's reshape errors alone never said what was wrong.)"""
+    whole = open(loader.embedded_model_path(), "rb").read()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(whole[:cut])
+    with pytest.raises(ModelLoadError, match="the file ends before its tensors' data does: it is cut short"):
+        loader.load_model(str(path), "float32", torch.device("cpu"))
+
+
 def test_a_type_it_cannot_read_is_named_at_load(tmp_path, smol):
     from gguf import GGMLQuantizationType
 

@@ -47,7 +47,10 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
     try:
         reader = GGUFReader(path)
     except Exception as e:  # numpy/struct errors on truncated or foreign files
-        raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from None
+        short = isinstance(e, ValueError) and ("reshape" in str(e) or "larger dtype" in str(e))
+        raise ModelLoadError(f"cannot read GGUF file {path}: " + (
+            "the file ends before its tensors' data does: it is cut short (an interrupted download or copy?); "
+            f"numpy: {e}" if short else str(e))) from None
     fields = {k: f.contents() for k, f in reader.fields.items()}
     arch = fields.get("general.architecture")
     if arch not in GGUF_ARCHS:

@@ -71,7 +71,7 @@ class LLM:
             for rid in itertools.chain.from_iterable(ids):
                 self.engine.abort_request(rid)
             raise ValueError(f"prompt {i}: {e}") from None
-        final = self._run([rid for group in ids for rid in group], use_tqdm)
+        final = self._run(ids, use_tqdm)
         return [merge([final[rid] for rid in group]) for group in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -89,16 +89,18 @@ class LLM:
                                                          chat_template_kwargs) for c in conversations)]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+    def _run(self, ids: list[list[str]], use_tqdm: bool) -> dict[str, RequestOutput]:
+        """Step until every request is done; the bar counts prompts (each done with all its n copies)."""
         engine = self.engine
         final: dict[str, RequestOutput] = {}
+        left = {rid: group for group in ids for rid in group}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
         start, prompt0, gen0 = time.perf_counter(), engine.num_prompt_tokens, engine.num_generation_tokens
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
                     final[out.request_id] = out
-                    if bar is not None:
+                    if bar is not None and all(rid in final for rid in left[out.request_id]):
                         bar.update(1)
             if bar is not None:
                 dt = max(time.perf_counter() - start, 1e-9)

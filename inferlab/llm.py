@@ -64,8 +64,7 @@ class LLM:
         try:
             for i in range(n):
                 for j, rid in enumerate(ids[i]):
-                    one = params[i] if len(ids[i]) == 1 else replace(
-                        params[i], n=1, seed=None if params[i].seed is None else params[i].seed + j)
+                    one = params[i].fork(j) if len(ids[i]) > 1 else params[i]
                     self.engine.add_request(rid, prompts[i], one, priority[i] if priority else 0)
         except ValueError as e:
             for rid in itertools.chain.from_iterable(ids):

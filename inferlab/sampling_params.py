@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Caps on what a request may ask every step to check: 50,000 stop strings slowed every other
 # request's steps by half. Generous for real use (OpenAI takes 4 stop strings and 300 biases).
@@ -94,6 +94,11 @@ class SamplingParams:
             raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} token ids (non-negative integers)")
         if any(not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0 for b in bias.values()):
             raise ValueError("logit_bias values must be numbers in [-100, 100]")
+
+    def fork(self, j: int) -> SamplingParams:
+        """Completion j of n as a request of its own (the engine runs one sequence a request): n = 1,
+        and with a seed, seed + j, so the n are distinct yet reproducible (LLM.generate's and the server's)."""
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + j)
 
     @property
     def greedy(self) -> bool:

@@ -42,9 +42,7 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
                 raise ValueError(f"this model's maximum context length is {max_model_len} tokens, but "
                                  f"{n_prompt} prompt tokens + max_tokens {max_tokens} exceed it")
             for j in range(req.n):
-                params = req.sampling_params(max_tokens, num_logprobs)
-                if req.seed is not None:
-                    params.seed = req.seed + j  # n choices with one seed: distinct yet reproducible
+                params = req.sampling_params(max_tokens, num_logprobs).fork(j)
                 rid = f"{base}-{i}-{j}"
                 streams.append(await engine.add(rid, prompt, params, req.priority))
                 added.append(rid)

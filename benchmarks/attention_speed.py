@@ -22,6 +22,7 @@ import time
 import torch
 
 from inferlab import kernels
+from inferlab.cli_args import positive_int
 from inferlab.kv_pool import allocate_zeroed
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
@@ -30,13 +31,14 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--isa", default=None, help="default: the best this CPU runs")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--seqs", type=int, default=64)
-    ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--threads", type=positive_int, default=None)
+    ap.add_argument("--seqs", type=positive_int, default=64)
+    ap.add_argument("--context", type=positive_int, default=300)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--layers", type=int, default=8, help="pools cycled through, so each layer's come from memory")
+    ap.add_argument("--layers", type=positive_int, default=8,
+                    help="pools cycled through, so each layer's come from memory")
     ap.add_argument("--in-cache", action="store_true")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=positive_int, default=5)
     ap.add_argument("--prefill", action="store_true", help="whole prompts through the prefill kernel")
     ap.add_argument("--contiguous", action="store_true",
                     help="each sequence's blocks one after another, as a fresh pool hands them out (default: "

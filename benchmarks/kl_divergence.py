@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 
 from inferlab import EngineConfig, LLMEngine
+from inferlab.cli_args import positive_int
+from inferlab.config import DTYPES
 from inferlab.model.layers import AttentionMetadata, PrefillSeq
+from inferlab.model.layers.keep import QUANTIZATIONS
 
 WINDOW = 512
 
@@ -53,7 +57,7 @@ def evaluate(engine: LLMEngine, windows: list[list[int]], reference: list[torch.
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
-    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--tokens", type=positive_int, default=4096)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 GGUF")
     ap.add_argument("--mode", action="append", default=None,
                     help="quantization[:dtype][+int8], e.g. auto, q8_0+int8, auto:float32, none:bfloat16 (repeatable)")
@@ -61,6 +65,14 @@ def main() -> None:
     a = ap.parse_args()
     modes = a.mode or ["auto:float32", "auto:float32+int8", "q8_0:float32", "q8_0:float32+int8", "q4_0:float32",
                        "q4_0:float32+int8", "auto:bfloat16"]
+    for m in modes:
+        quantization, _, dtype = m.removesuffix("+int8").partition(":")
+        if quantization not in QUANTIZATIONS or dtype not in ("", *DTYPES):
+            ap.error(f"--mode {m!r}: expected quantization[:dtype][+int8], quantization one of {QUANTIZATIONS}, "
+                     f"dtype one of {DTYPES}")
+    for path in [a.text, *a.file] + ([a.model] if a.model else []):
+        if not os.path.exists(path):
+            ap.error(f"no such file: {path}")
 
     def engine(model: str | None, quantization: str, dtype: str, int8: bool = False) -> LLMEngine:
         return LLMEngine(EngineConfig(model=model, quantization=quantization, dtype=dtype, int8_activations=int8,

@@ -18,6 +18,7 @@ import time
 import torch
 
 from inferlab import kernels
+from inferlab.cli_args import positive_int, positive_ints
 from inferlab.model.layers import quant
 
 
@@ -26,19 +27,21 @@ def main() -> None:
     ap.add_argument("--before", required=True, help="the kernel library (.so) to compare against")
     ap.add_argument("--isa", default=None, help="default: the best this CPU runs")
     ap.add_argument("--types", default="q4_K,q6_K")
-    ap.add_argument("--rows", default="1,4,64")
-    ap.add_argument("--shape", default="1536,576", help="K,N")
-    ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--rows", type=positive_ints, default="1,4,64")
+    ap.add_argument("--shape", type=positive_ints, default="1536,576", help="K,N")
+    ap.add_argument("--layers", type=positive_int, default=30)
+    ap.add_argument("--repeat", type=positive_int, default=7)
     ap.add_argument("--int8", action="store_true", help="int8 activations")
     args = ap.parse_args()
+    if len(args.shape) != 2:
+        ap.error(f"--shape must be K,N, got {len(args.shape)} numbers")
     torch.set_num_threads(1)
     isa = args.isa or kernels.native().isa
     libs = {"before": kernels.Kernels(ctypes.CDLL(args.before), isa),
             "after": kernels.Kernels(ctypes.CDLL(str(kernels.build())), isa)}
     act = kernels.C["IL_ACT_INT8" if args.int8 else "IL_ACT_FLOAT"]
-    K, N = (int(v) for v in args.shape.split(","))
-    rows = [int(r) for r in args.rows.split(",")]
+    K, N = args.shape
+    rows = args.rows
     print(f"ISA {isa}, {args.layers} matmuls of {K} x {N}, {'int8' if args.int8 else 'fp32'} activations, ms")
     print("| type | " + " | ".join(f"{r} rows" for r in rows) + " |")
     print("|---|" + "---|" * len(rows))

@@ -22,6 +22,7 @@ import time
 import torch
 
 from inferlab import kernels
+from inferlab.cli_args import positive_int, positive_ints
 from inferlab.model.layers import quant, regroup, tiles
 from inferlab.model.layers.linear import linear
 
@@ -40,11 +41,11 @@ def best_of(fn, repeat: int, clock=time.perf_counter) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--isa", default=None, help="default: the best this CPU runs")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--types", default="f32,bf16,f16,q8_0,q4_0,q4_1,q5_0,q4_K,q6_K")
-    ap.add_argument("--rows", default="1,4,16,64,256")
-    ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--rows", type=positive_ints, default="1,4,16,64,256")
+    ap.add_argument("--layers", type=positive_int, default=30)
+    ap.add_argument("--repeat", type=positive_int, default=5)
     ap.add_argument("--int8", action="store_true", help="int8 activations where the weight type has them")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activations")
     ap.add_argument("--cpu-time", action="store_true",
@@ -77,7 +78,7 @@ def main() -> None:
             layers.append((stored, quant.dequantize(stored, wtype).to(dtype)))
         weight_bytes = sum(w.numel() * w.element_size() for w, _ in layers) * a.layers
         flops_per_row = 2 * sum(kk * n for kk, n in shapes) * a.layers
-        for rows in map(int, a.rows.split(",")):
+        for rows in a.rows:
             xs = {kk: torch.randn(rows, kk, generator=g).to(dtype) for kk, _ in shapes}
 
             calls = [(xs[kk], w, d) for (w, d), (kk, _) in zip(layers, shapes)] * a.layers

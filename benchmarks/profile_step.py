@@ -20,8 +20,11 @@ from collections import defaultdict
 import numpy as np
 
 from inferlab import LLM, SamplingParams, kernels, runner
+from inferlab.cli_args import positive_int
+from inferlab.config import DTYPES
 from inferlab.model import llama
 from inferlab.model.layers import linear, mlp, norm  # the modules, not the functions of those names
+from inferlab.model.layers.keep import QUANTIZATIONS
 from inferlab.tape import DecodeTape
 
 KINDS = {  # wrapped function -> kind of work; the wrapped functions never nest
@@ -76,12 +79,14 @@ def report(title: str, tokens: int, total: float, per_kind: dict[str, float]) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--seqs", type=int, default=64, help="sequences of the decode step (1: one request's step)")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES)
+    ap.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
+    ap.add_argument("--threads", type=positive_int, default=None)
+    ap.add_argument("--seqs", type=positive_int, default=64,
+                    help="sequences of the decode step (1: one request's step)")
     ap.add_argument("--int8-activations", action="store_true")
-    ap.add_argument("--repeat", type=int, default=5, help="measure each step this many times, keep the fastest")
+    ap.add_argument("--repeat", type=positive_int, default=5,
+                    help="measure each step this many times, keep the fastest")
     a = ap.parse_args()
     # the KV pool taken at start, as `serve` and `bench` take it: on fresh pages a 4 x 512 prefill step's K/V
     # writes cost ~100 ms of page faults, which the profile counted as attention

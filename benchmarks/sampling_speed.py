@@ -22,6 +22,7 @@ import time
 import torch
 
 from inferlab import LLM, SamplingParams
+from inferlab.cli_args import positive_int
 from inferlab.request import Request
 from inferlab.sampler import request_generator, sample
 
@@ -50,9 +51,9 @@ def sampler_ms(rows: int, settings: dict, repeat: int = 15) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=positive_int, default=64)
+    p.add_argument("--tokens", type=positive_int, default=64)
+    p.add_argument("--threads", type=positive_int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"| setting | sample(), {a.rows} rows, ms | generate, {a.rows} x {a.tokens} tokens, output tok/s |")

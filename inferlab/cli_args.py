@@ -23,6 +23,22 @@ def budget_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a count of rows, layers, repeats, threads)."""
+    with contextlib.suppress(ValueError):
+        if int(text) >= 1:
+            return int(text)
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1: 1,4,64."""
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 separated by commas, got {text!r}") from None
+
+
 UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "b": 1}
 

@@ -102,6 +102,22 @@ def test_a_size_that_is_none_is_refused_by_the_parser(capsys, text):
     assert f"expected a size in bytes (4e9, 4GiB, 512MiB), got '{text}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("linear_speed.py", ["--rows", "1,-4"], "--rows: expected integers >= 1 separated by commas, got '1,-4'"),
+    ("attention_speed.py", ["--layers", "0"], "--layers: expected an integer >= 1, got '0'"),
+    ("profile_step.py", ["--seqs", "0"], "--seqs: expected an integer >= 1, got '0'"),
+    ("sampling_speed.py", ["--rows", "x"], "--rows: expected an integer >= 1, got 'x'"),
+    ("linear_ab.py", ["--before", "x.so", "--shape", "5"], "--shape must be K,N, got 1 numbers"),
+    ("kl_divergence.py", ["--mode", "auto:fp32"], "--mode 'auto:fp32': expected quantization[:dtype][+int8]"),
+    ("kl_divergence.py", ["--text", "/no/such/text"], "no such file: /no/such/text"),
+])
+def test_a_benchmarks_bad_option_is_its_usage_line(script, args, message):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 def test_bad_option_is_one_clear_line():
     r = inferlab("generate", "hi", "--temperature", "-1", "--num-kv-blocks", "8")
     assert r.returncode == 2

@@ -30,6 +30,9 @@ class EngineStopping(RuntimeError):
     """Raised by `add` once the server is shutting down."""
 
 
+Stream = AsyncIterator[RequestOutput]
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         """`engine`, or a function that builds it, called on the engine thread (its errors are
@@ -150,17 +153,36 @@ class AsyncEngine:
         """Add a request (raises ValueError at once if it is refused) and return the stream of
         its outputs. If the consumer stops early (a client went away), the request is aborted
         and its KV blocks are freed."""
+        return (await self.add_many([(request_id, prompt, params, priority)]))[0]
+
+    async def add_many(self, requests: list[tuple[str, Any, SamplingParams, int]]) -> list[Stream]:
+        """`add` for several (request id, prompt, params, priority) in one pass between two steps, all
+        or none: one refused leaves none added. One pass, not one a step: a body of 1,000 prompts
+        would otherwise take 1,000 steps to be admitted, and its client's leaving goes unseen meanwhile."""
         if self.stopping or self.dead is not None:
             raise EngineStopping("the server is shutting down")
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        loop = asyncio.get_running_loop()
+        queues = [asyncio.Queue() for _ in requests]
+        for (rid, *_), q in zip(requests, queues, strict=True):
+            self._streams[rid] = (loop, q)
+
+        def add_all() -> None:  # on the engine thread
+            added = []
+            try:
+                for rid, prompt, params, priority in requests:
+                    self.engine.add_request(rid, prompt, params, priority)
+                    added.append(rid)
+            except BaseException:
+                for rid in added:
+                    self.engine.abort_request(rid)
+                raise
         try:
-            await asyncio.wrap_future(self._call(
-                lambda: self.engine.add_request(request_id, prompt, params, priority)))
+            await asyncio.wrap_future(self._call(add_all))
         except BaseException:
-            self._streams.pop(request_id, None)
+            for rid, *_ in requests:
+                self._streams.pop(rid, None)
             raise
-        return self._stream(request_id, q)
+        return [self._stream(rid, q) for (rid, *_), q in zip(requests, queues, strict=True)]
 
     async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False

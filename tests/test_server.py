@@ -502,6 +502,21 @@ def test_non_streaming_client_timeout_aborts_and_frees_blocks(server, path, body
     assert server.errors.records[logged:] == []  # a client going away is not a server error
 
 
+def test_a_client_gone_while_its_many_prompts_are_admitted_has_them_aborted(server):
+    """A body of many prompts is admitted in one pass, so that a client that leaves is seen (and
+    its prompts aborted) within the half second, not after thousands of them have run for nobody."""
+    before = server.wait_idle()
+    n = 2000
+    body = {"model": MODEL, "prompt": [[100 + i, *range(200, 249)] for i in range(n)], "max_tokens": 1,
+            "temperature": 0}  # each its own prompt: no prefix cache hit makes one cheap
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}{CMPL}", json=body, timeout=httpx.Timeout(30, read=1.0))
+    m = server.wait_idle(check=lambda m: finished_count(m, "abort") > finished_count(before, "abort"))
+    done = finished_count(m, "length") - finished_count(before, "length")
+    assert done < n / 2, (done, finished_count(m, "abort") - finished_count(before, "abort"))
+    server.check_engine()
+
+
 def test_disconnect_of_one_choice_group_aborts_all_n(server):
     before = server.wait_idle()
     with httpx.Client(base_url=server.url, timeout=30) as c:

@@ -31,25 +31,21 @@ SHUTTING_DOWN = (503, "the server is shutting down; the request was not finished
 
 async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], max_tokens: int | None,
                 num_logprobs: int | None) -> tuple[str, list[str], Streams]:
-    """Validate and add n requests per prompt; all or none are added."""
+    """Validate and add n requests per prompt, in one pass between engine steps; all or none are added."""
     base, max_model_len = uuid.uuid4().hex, engine.engine.max_request_tokens
-    added: list[str] = []
-    streams = []
+    choices = []
     try:
         for i, prompt in enumerate(prompts):
             n_prompt = len(prompt["prompt_token_ids"])
             if max_tokens is not None and n_prompt + max_tokens > max_model_len:
                 raise ValueError(f"this model's maximum context length is {max_model_len} tokens, but "
                                  f"{n_prompt} prompt tokens + max_tokens {max_tokens} exceed it")
-            for j in range(req.n):
-                params = req.sampling_params(max_tokens, num_logprobs).fork(j)
-                rid = f"{base}-{i}-{j}"
-                streams.append(await engine.add(rid, prompt, params, req.priority))
-                added.append(rid)
+            choices += [(f"{base}-{i}-{j}", prompt, req.sampling_params(max_tokens, num_logprobs).fork(j), req.priority)
+                        for j in range(req.n)]
+        streams = await engine.add_many(choices)
     except (ValueError, EngineStopping) as e:
-        abort_all(engine, added)
         raise APIError(*SHUTTING_DOWN) if isinstance(e, EngineStopping) else APIError(400, str(e)) from None
-    return base, added, streams
+    return base, [rid for rid, *_ in choices], streams
 
 
 def abort_all(engine: AsyncEngine, rids: list[str]) -> None:

@@ -48,7 +48,7 @@ def load_workload(name_or_path: str, tokenizer=None) -> dict:
         raise ValueError(f"cannot read workload {name_or_path}: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("requests"), list) or not data["requests"]:
         raise ValueError(f"{name_or_path}: expected {{'requests': [{{'prompt_token_ids': [...], 'max_tokens': N}}, "
-                         "...]}}, at least one")
+                         "...]}, at least one")
     for i, request in enumerate(data["requests"]):
         if problem := request_problem(request):
             raise ValueError(f"{name_or_path}: request {i}: {problem}")

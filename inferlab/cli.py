@@ -24,6 +24,7 @@ from inferlab.cli_args import (
     check_listen,
     engine_config,
     kv_mode_config,
+    positive_int,
     recording,
 )
 from inferlab.config import EngineConfig
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", choices=["hf"], default=None,
                    help="also run the workload through HF transformers generate, same dtype, and print the ratio")
     b.add_argument("--hf-mode", choices=["static", "sequential"], default="static")
-    b.add_argument("--hf-batch", type=int, default=16, help="requests per static batch for --compare hf")
+    b.add_argument("--hf-batch", type=positive_int, default=16, help="requests per static batch for --compare hf")
     b.add_argument("--latency", action="store_true",
                    help="one request alone: time to first token and per output token (like llama-bench)")
     b.add_argument("--input-len", type=int, default=128)

@@ -10,7 +10,15 @@ import contextlib
 import json
 import socket
 
-from inferlab.config import KV_ALLOCATIONS, PREEMPTION_MODES, PREFIX_CACHES, EngineConfig
+from inferlab.config import (
+    DTYPE_ALIASES,
+    DTYPES,
+    KV_ALLOCATIONS,
+    PREEMPTION_MODES,
+    PREFIX_CACHES,
+    EngineConfig,
+    parse_size,
+)
 from inferlab.model.layers.keep import QUANTIZATIONS
 
 
@@ -39,24 +47,12 @@ def positive_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers >= 1 separated by commas, got {text!r}") from None
 
 
-UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "b": 1}
-
-
 def bytes_arg(text: str) -> int:
     """A size: bytes (4294967296, 4e9) or with a unit (4GiB, 512MiB, 4GB)."""
-    number, unit = text.strip(), 1
-    for suffix, factor in UNITS.items():  # the two-letter ones before "b"
-        if number.lower().endswith(suffix):
-            number, unit = number[:-len(suffix)].strip(), factor
-            break
     try:
-        value = float(number) * unit
+        return parse_size(text)
     except ValueError:
-        value = float("nan")
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected a size in bytes (4e9, 4GiB, 512MiB), got {text!r}")
-    return int(value)
+        raise argparse.ArgumentTypeError(f"expected a size in bytes (4e9, 4GiB, 512MiB), got {text!r}") from None
 
 
 def add_listen_args(p: argparse.ArgumentParser, port: int) -> None:
@@ -108,7 +104,7 @@ def add_origins_arg(p: argparse.ArgumentParser) -> None:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    g.add_argument("--dtype", default="auto", choices=[*DTYPES, *DTYPE_ALIASES],
                    help="activations and KV cache (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored "

@@ -1,7 +1,8 @@
 """EngineConfig: the one dataclass of engine settings, validated with one-line `ValueError`s."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -11,6 +12,29 @@ from inferlab.policy import resolve_policy
 from inferlab.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names
+UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "b": 1}
+# What a field's annotation allows, for the simple ones (a bool is no number here)
+KINDS = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+         "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+         "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str), "None": lambda v: v is None}
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes from text: 4294967296, 4e9, or with a unit (4GiB, 512MiB, 4GB); ValueError if none."""
+    number, unit = text.strip(), 1
+    for suffix, factor in UNITS.items():  # the two-letter ones before "b"
+        if number.lower().endswith(suffix):
+            number, unit = number[:-len(suffix)].strip(), factor
+            break
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"expected a size in bytes (4e9, 4GiB, 512MiB), got {text!r}")
+    return int(value)
 ATTENTION_BACKENDS = ("auto", "native", "torch")
 KV_ALLOCATIONS = ("paged", "reserve")
 PREEMPTION_MODES = ("recompute", "swap")
@@ -34,7 +58,7 @@ class EngineConfig:
     device: str | None = None  # None: cuda if available, else cpu
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory
-    kv_cache_memory: int | None = None  # bytes for the KV pool; None: a default for the device
+    kv_cache_memory: int | str | None = None  # bytes for the KV pool ("4GiB" too); None: a default for the device
     # True: touch every page of the KV pool at start, as vLLM and llama.cpp do: the memory is held from
     # then on and no request pays the first use of a page (about 1.3 ms a MB on some VMs), for a
     # longer start (the default of `inferlab serve` and `bench`). False: pages are taken as blocks are first used
@@ -64,6 +88,9 @@ class EngineConfig:
     # of its forward pass in one native call (`tape.py`): for timing the two, or to rule the tape out
     # (vLLM's flag of the same name turns off CUDA graphs, for the same reasons)
     enforce_eager: bool = False
+    # The seed of the requests that set none: each then draws its own from a generator seeded so, and
+    # a run's sampled outputs repeat (vLLM's `seed`); None: fresh randomness each run
+    seed: int | None = None
     # Tensor parallelism (`inferlab.distributed`): every layer and the KV pool split across this many
     # ranks (processes: one per GPU, or sharing a host's cores), on one host or `nnodes` hosts, which
     # meet at master_addr:master_port (default MASTER_ADDR / MASTER_PORT; a free port on one host).
@@ -92,7 +119,23 @@ class EngineConfig:
             raise ValueError(f"device {self.device!r}: PyTorch sees no GPU here (a CPU-only build, or none "
                              "visible); use --device cpu")
 
+    def _check_types(self) -> None:
+        """A field whose annotation is made of int, float, bool, str and None must hold one of them:
+        "2048" or "yes" fail here by name, not as a TypeError deep inside the engine."""
+        for f in fields(self):
+            kinds = [k.strip() for k in f.type.split("|")]
+            value = getattr(self, f.name)
+            if all(k in KINDS for k in kinds) and not any(KINDS[k](value) for k in kinds):
+                raise ValueError(f"{f.name} must be {' or '.join(kinds)}, got {value!r}")
+
     def __post_init__(self) -> None:
+        self._check_types()
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if isinstance(self.kv_cache_memory, str):
+            try:
+                self.kv_cache_memory = parse_size(self.kv_cache_memory)
+            except ValueError as e:
+                raise ValueError(f"kv_cache_memory: {e}") from None
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:

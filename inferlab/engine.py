@@ -113,6 +113,7 @@ class LLMEngine:
                              "compiler (see the log for why the kernel did not build)")
         self.clock = clock
         self.requests: dict[str, Request] = {}
+        self.seeds = random.Random(config.seed)  # the seeds of requests that set none
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, clock)
         self.num_prompt_tokens = 0  # prefill tokens computed (cache hits excluded)
         self.num_prompt_tokens_seen = 0  # whole prompts, counted at each request's first token (vLLM's metric)
@@ -140,7 +141,7 @@ class LLMEngine:
         max_tokens = min(params.max_tokens or room, room)
         req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
                       max_tokens=max_tokens, priority=priority, prompt=inputs.text, cache_salt=inputs.cache_salt)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
         req.generator = request_generator(seed, self.device)
         self.scheduler.add_request(req)  # first: if it refuses the request (out of KV memory), nothing is kept
         self.requests[request_id] = req

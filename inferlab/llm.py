@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from tqdm.auto import tqdm
 
@@ -13,6 +13,13 @@ from inferlab.outputs import RequestOutput
 from inferlab.sampling_params import SamplingParams
 
 _ids = itertools.count()
+# vLLM's LLM() arguments that have no meaning here, and what to use instead
+VLLM_ONLY = {
+    "gpu_memory_utilization": "the KV pool is sized by kv_cache_memory (bytes, or '4GiB') or num_kv_blocks",
+    "trust_remote_code": "InferLab runs no code from a checkpoint, only its own model classes: drop it",
+    "tokenizer": "the tokenizer is the model's own (its GGUF's, or the tokenizer.json in its folder)",
+    "enable_chunked_prefill": "prefill is always chunked (long_prefill_token_threshold caps a prompt's share)",
+}
 
 
 def merge(copies: list[RequestOutput]) -> RequestOutput:
@@ -31,6 +38,10 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | str = 2048, enable_prefix_caching: bool = True,
                  scheduling_policy: str = "fcfs", loaded=None, draft_loaded=None, **kwargs) -> None:
+        unknown = sorted(set(kwargs) - {f.name for f in fields(EngineConfig)})
+        if unknown:
+            hint = next((VLLM_ONLY[k] for k in unknown if k in VLLM_ONLY), "see EngineConfig for what it takes")
+            raise ValueError(f"LLM() takes no argument {unknown[0]!r}: {hint}")
         config = EngineConfig(model=model, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -79,18 +79,22 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.n is None or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
         self.stop_list = stops
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
-            raise ValueError("stop_token_ids must be non-negative integers")
+        ids = self.stop_token_ids if self.stop_token_ids is not None else []
+        if not isinstance(ids, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                                     for t in ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         if len(self.stop_token_ids or []) > MAX_TOKEN_LIST:
             raise ValueError(f"stop_token_ids takes at most {MAX_TOKEN_LIST} token ids")
         bias = self.logit_bias or {}
-        if len(bias) > MAX_TOKEN_LIST or any(not isinstance(t, int) or t < 0 for t in bias):
+        if len(bias) > MAX_TOKEN_LIST or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in bias):
             raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} token ids (non-negative integers)")
         if any(not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0 for b in bias.values()):
             raise ValueError("logit_bias values must be numbers in [-100, 100]")

@@ -102,6 +102,12 @@ def test_a_size_that_is_none_is_refused_by_the_parser(capsys, text):
     assert f"expected a size in bytes (4e9, 4GiB, 512MiB), got '{text}'" in capsys.readouterr().err
 
 
+def test_hf_batch_below_one_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--compare", "hf", "--hf-batch", "-1"])
+    assert "--hf-batch: expected an integer >= 1, got '-1'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("linear_speed.py", ["--rows", "1,-4"], "--rows: expected integers >= 1 separated by commas, got '1,-4'"),
     ("attention_speed.py", ["--layers", "0"], "--layers: expected an integer >= 1, got '0'"),

@@ -135,10 +135,52 @@ def test_llm_generate_names_what_a_prompt_can_be(make_llm, prompts):
     ({"max_model_len": 1}, "max_model_len"),
     ({"device": "tpu"}, "device must be cpu or cuda"),
     *([({"device": "cuda"}, "PyTorch sees no GPU here")] if not torch.cuda.is_available() else []),
+    ({"max_model_len": "2048"}, "max_model_len must be int or None, got '2048'"),
+    ({"enable_prefix_caching": "yes"}, "enable_prefix_caching must be bool, got 'yes'"),
+    ({"block_size": True}, "block_size must be int, got True"),
+    ({"kv_cache_memory": "lots"}, "kv_cache_memory: expected a size in bytes"),
+    ({"seed": 1.5}, "seed must be int or None"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(**kwargs)
+
+
+def test_config_takes_sizes_and_vllms_dtype_names():
+    assert EngineConfig(kv_cache_memory="64MiB").kv_cache_memory == 64 << 20
+    assert (EngineConfig(dtype="half").dtype, EngineConfig(dtype="float").dtype) == ("float16", "float32")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"gpu_memory_utilization": 0.9}, "LLM\\(\\) takes no argument 'gpu_memory_utilization': the KV pool is sized by"),
+    ({"trust_remote_code": True}, "takes no argument 'trust_remote_code': InferLab runs no code from a checkpoint"),
+    ({"colour": "blue"}, "takes no argument 'colour': see EngineConfig"),
+])
+def test_llm_names_an_argument_it_does_not_take(smol, kwargs, message):
+    from inferlab import LLM
+    with pytest.raises(ValueError, match=message):
+        LLM(loaded=smol, **kwargs)
+
+
+def test_an_engine_seed_repeats_the_sampled_outputs_of_requests_without_one(make_tiny_engine):
+    def run(seed):
+        engine = make_tiny_engine(seed=seed)
+        for i in range(3):
+            engine.add_request(f"r{i}", {"prompt_token_ids": [300 + i] * 5},
+                               SamplingParams(max_tokens=8, ignore_eos=True))
+        return drain(engine)
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"stop": 5}, "stop must be a non-empty string or a list of non-empty strings, got 5"),
+    ({"stop_token_ids": 5}, "stop_token_ids must be a list of non-negative integers, got 5"),
+    ({"stop_token_ids": [True]}, "stop_token_ids must be a list of non-negative integers"),
+])
+def test_sampling_params_name_a_list_field_given_something_else(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
 
 
 def test_max_model_len_beyond_the_model_is_refused(make_tiny_engine):

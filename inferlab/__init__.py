@@ -18,9 +18,9 @@ from inferlab.config import EngineConfig  # noqa: E402
 from inferlab.engine import LLMEngine  # noqa: E402
 from inferlab.llm import LLM  # noqa: E402
 from inferlab.logger import setup_logging  # noqa: E402
-from inferlab.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from inferlab.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from inferlab.sampling_params import SamplingParams  # noqa: E402
 
 setup_logging()
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_origins_arg(s)
     add_record_arg(s)
     add_engine_args(s)
+    s.add_argument("--seed", type=int, default=None, dest="engine_seed",
+                   help="seed of the requests that send none, so that a run's sampled outputs repeat (vLLM's)")
     # a server keeps its streams flowing while prompts arrive: steps sized to a time, not 2,048 tokens
     # and a long-running server takes its KV memory at start, as vLLM does (--no-kv-cache-prefault: lazily)
     s.set_defaults(func=cmd_serve, max_num_batched_tokens="auto", kv_cache_prefault=True)

@@ -201,7 +201,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         tensor_parallel_size=a.tensor_parallel_size, nnodes=a.nnodes, node_rank=a.node_rank,
                         master_addr=a.master_addr, master_port=a.master_port,
                         kv_transfer_config=a.kv_transfer_config, speculative_config=a.speculative_config,
-                        **kv_mode_config(a))
+                        seed=getattr(a, "engine_seed", None), **kv_mode_config(a))
 
 
 def add_record_arg(p: argparse.ArgumentParser) -> None:

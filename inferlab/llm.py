@@ -87,16 +87,18 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them and generate.
-        `continue_final_message=True` (with `add_generation_prompt=False`) continues a last
-        assistant message instead of answering after it; `chat_template_kwargs` are more variables
-        for the template (e.g. Qwen3's `enable_thinking`)."""
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template (or `chat_template`, a Jinja template of one's own) to one
+        conversation or a list of them and generate. `continue_final_message=True` (with
+        `add_generation_prompt=False`) continues a last assistant message instead of answering after
+        it; `chat_template_kwargs` are more variables for the template (e.g. Qwen3's `enable_thinking`)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
         prompts = [{"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
                    for text in (tok.apply_chat_template(c, add_generation_prompt, continue_final_message,
-                                                         chat_template_kwargs) for c in conversations)]
+                                                         chat_template_kwargs, chat_template=chat_template)
+                                for c in conversations)]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, ids: list[list[str]], use_tqdm: bool) -> dict[str, RequestOutput]:

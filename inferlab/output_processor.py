@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from inferlab.detokenizer import IncrementalDetokenizer
 from inferlab.model.tokenizer import Tokenizer
-from inferlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from inferlab.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from inferlab.request import Request, RequestStatus
 from inferlab.sampler import SampleResult
 
@@ -19,7 +19,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer, eos_token_ids: set[int], clock: Callable[[], float]) -> None:
         self.tokenizer, self.eos_token_ids, self.clock = tokenizer, eos_token_ids, clock
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self.logprobs: dict[str, list[dict[int, float]]] = {}
+        self.logprobs: dict[str, list[dict[int, Logprob]]] = {}
 
     def add(self, req: Request) -> None:
         p = req.params
@@ -38,7 +38,10 @@ class OutputProcessor:
         first = req.num_output_tokens - len(results)  # output tokens before this step
         for j, res in enumerate(results):
             if res.top_logprobs is not None:
-                self.logprobs[req.request_id].append({**res.top_logprobs, res.token_id: res.logprob})
+                tok = self.tokenizer
+                step = {t: Logprob(v, k + 1, t, tok) for k, (t, v) in enumerate(res.top_logprobs.items())}
+                self.logprobs[req.request_id].append({**step, res.token_id: Logprob(res.logprob, res.rank,
+                                                                                       res.token_id, tok)})
             status = self._check_stop(req, res.token_id, first + j + 1)
             if status is not None:
                 if j + 1 < len(results):

@@ -2,6 +2,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+class Logprob(float):
+    """A token's log-probability: a float, as InferLab's `{token_id: logprob}` entries hold it, that
+    also answers vLLM's `Logprob` fields, so code written for either reads it: `.logprob`, `.rank` (1:
+    the most likely token of the step; None where unknown) and `.decoded_token` (its text, decoded
+    when first read)."""
+    __slots__ = ("rank", "_token_id", "_tokenizer")
+
+    def __new__(cls, value: float, rank: int | None = None, token_id: int | None = None, tokenizer: Any = None):
+        lp = super().__new__(cls, value)
+        lp.rank, lp._token_id, lp._tokenizer = rank, token_id, tokenizer
+        return lp
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    @property
+    def decoded_token(self) -> str | None:
+        if self._tokenizer is None or self._token_id is None:
+            return None
+        return self._tokenizer.decode([self._token_id], skip_special_tokens=False)
+
+    def __reduce__(self):  # a plain float's worth: the tokenizer stays in this process
+        return Logprob, (float(self), self.rank, self._token_id)
 
 
 @dataclass
@@ -11,7 +38,7 @@ class CompletionOutput:
     token_ids: list[int]  # all generated token ids so far
     finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
-    logprobs: list[dict[int, float]] | None = None  # per token: top-N plus the sampled token
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: top-N plus the sampled token
     cumulative_logprob: float | None = None
     new_token_ids: list[int] = field(default_factory=list)  # generated this step
     new_text: str = ""  # text released this step (streaming delta)

@@ -21,6 +21,7 @@ class SampleResult:
     token_id: int
     logprob: float | None = None  # of the sampled token, when logprobs were asked for
     top_logprobs: dict[int, float] | None = None
+    rank: int | None = None  # of the sampled token among the step's: 1 + how many were more likely
 
 
 def request_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -137,6 +138,7 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
         res = SampleResult(token_list[i])
         if raw_logprobs is not None and want_logprobs[i]:
             res.logprob = float(raw_logprobs[i, token_list[i]])
+            res.rank = int((raw_logprobs[i] > res.logprob).sum()) + 1
             n = r.params.logprobs
             if n:
                 vals, ids = raw_logprobs[i].topk(n)

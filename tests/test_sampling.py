@@ -113,18 +113,17 @@ def test_n_completions_are_the_prompt_submitted_n_times(llm, seeded_alone):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
-def test_different_seeds_differ_and_unseeded_varies(llm, seeded_alone):
+def test_different_seeds_differ_and_unseeded_varies(llm, make_llm, seeded_alone):
     seeds = [SamplingParams(temperature=0.8, seed=s, max_tokens=12) for s in (1, 2, 3)]
     outs = gen(llm, [ids(llm, STORY)] * 3, seeds)
     by_seed = [tuple(o.token_ids) for o in outs] + [tuple(seeded_alone)]
     assert len(set(by_seed)) == 4, "different seeds gave the same tokens"
-    # An unseeded request draws its seed from Python's `random`: seeded here, so the test is
-    # deterministic and fails only if unseeded requests shared one stream.
+    # An unseeded request draws its seed from the engine's generator (EngineConfig.seed): seeded
+    # here, so the test is deterministic and fails only if unseeded requests shared one stream.
     hot = SamplingParams(temperature=2.0, max_tokens=8)
-    random.seed(1234)
-    first = [tuple(o.token_ids) for o in gen(llm, [ids(llm, STORY)] * 3, [hot] * 3)]
-    random.seed(1234)
-    assert [tuple(o.token_ids) for o in gen(llm, [ids(llm, STORY)] * 3, [hot] * 3)] == first
+    first = [tuple(o.token_ids) for o in gen(make_llm(num_kv_blocks=128, seed=1234), [ids(llm, STORY)] * 3, [hot] * 3)]
+    again = gen(make_llm(num_kv_blocks=128, seed=1234), [ids(llm, STORY)] * 3, [hot] * 3)
+    assert [tuple(o.token_ids) for o in again] == first
     assert len(set(first)) == 3, "unseeded requests repeated each other"
 
 
@@ -511,6 +510,34 @@ def test_logprobs_consistent_between_3_and_20(llm):
         assert math.isclose(c[tok], a[tok], abs_tol=1e-5)
         assert sum(math.exp(v) for v in b.values()) <= 1.0 + 1e-5
     assert math.isclose(three.cumulative_logprob, zero.cumulative_logprob, abs_tol=1e-4)
+
+
+def test_logprobs_answer_vllms_fields(llm, monkeypatch):
+    """Each entry is a float (InferLab's shape) and a vLLM Logprob: .logprob, .rank (1 + how many
+    tokens were likelier that step, the sampled one's too), .decoded_token."""
+    model, captured = llm.engine.model, []
+    original = model.compute_logits
+    monkeypatch.setattr(model, "compute_logits", lambda hidden: captured.append(original(hidden)) or captured[-1])
+    tok = llm.get_tokenizer()
+    out = gen(llm, {"prompt_token_ids": tok.encode(tok.apply_chat_template(FRANCE))},
+              SamplingParams(temperature=1.5, seed=3, max_tokens=8, logprobs=2))[0]
+    for step, token, logits in zip(out.logprobs, out.token_ids, captured, strict=True):
+        ref = logits[0].log_softmax(-1)
+        for t, lp in step.items():
+            assert lp.logprob == float(lp) and lp.decoded_token == tok.decode([t], skip_special_tokens=False)
+            assert lp.rank == int((ref > ref[t]).sum()) + 1, (t, lp.rank)
+        assert sorted(lp.rank for t, lp in step.items() if t != token or len(step) == 2) == [1, 2]
+    assert any(step[token].rank > 2 for step, token in zip(out.logprobs, out.token_ids))  # one sampled off the top
+
+
+def test_chat_takes_a_template_of_ones_own_and_tokenize_as_transformers(llm):
+    tok = llm.get_tokenizer()
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    out = llm.chat(FRANCE, SamplingParams(max_tokens=1), chat_template=plain, use_tqdm=False)[0]
+    assert out.prompt == "user: What is the capital of France?\n"
+    assert tok.apply_chat_template(FRANCE, tokenize=True) == tok.encode(tok.apply_chat_template(FRANCE),
+                                                                        add_special_tokens=False)
+    assert tok.eos_token_id in tok.eos_token_ids
 
 
 # --------------------------------------------------------------------------- validation

@@ -71,12 +71,25 @@ class Tokenizer:
     def _byte_level(self) -> bool:
         return '"ByteLevel"' in (self.backend.decoder.__getstate__().decode() if self.backend.decoder else "")
 
+    @property
+    def eos_token_id(self) -> int | None:
+        """transformers' name: the end-of-sequence token (the lowest, where a model has several)."""
+        return min(self.eos_token_ids) if self.eos_token_ids else None
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
-        """The conversation as the model's template writes it. `continue_final_message` (vLLM's and
+                            continue_final_message: bool = False, template_kwargs: dict | None = None, *,
+                            chat_template: str | None = None, tokenize: bool = False) -> str | list[int]:
+        """The conversation as the model's template writes it (or another Jinja `chat_template`), as
+        text, or its token ids with `tokenize` (transformers' default; this one's is text, which
+        vLLM's callers ask for with tokenize=False). `continue_final_message` (vLLM's and
         transformers') leaves the last message, an assistant's, open, so the model continues it
         instead of answering after it: the "prefill the reply" pattern. `template_kwargs` are more
         variables for the template (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)."""
+        if tokenize:
+            text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message, template_kwargs,
+                                            chat_template=chat_template)
+            return self.encode(text, add_special_tokens=False)
+        chat_template = chat_template if chat_template is not None else self.chat_template
         messages = text_messages(messages)
         if continue_final_message:
             if add_generation_prompt:
@@ -85,9 +98,9 @@ class Tokenizer:
             if final.get("role") != "assistant" or not isinstance(final.get("content"), str) \
                     or not final["content"].strip():
                 raise ChatTemplateError("continue_final_message needs a last message from the assistant, with text")
-            return _cut_after(self.apply_chat_template(messages, False, template_kwargs=template_kwargs),
-                              final["content"])
-        if not self.chat_template:
+            return _cut_after(self.apply_chat_template(messages, False, template_kwargs=template_kwargs,
+                                                       chat_template=chat_template), final["content"])
+        if not chat_template:
             raise ChatTemplateError("this model has no chat template; pass raw prompts instead")
         reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(template_kwargs or {})
         if reserved:
@@ -97,7 +110,7 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            template = env.from_string(self.chat_template)
+            template = env.from_string(chat_template)
             return template.render(**(template_kwargs or {}), messages=messages,
                                    add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")

@@ -70,7 +70,8 @@ def verify(logits: torch.Tensor, req: Request) -> list[SampleResult]:
         if n:
             vals, ids = raw[j].topk(n)
             top = dict(zip(ids.tolist(), vals.tolist()))
-        results.append(SampleResult(t, float(raw[j, t]), top))
+        lp = float(raw[j, t])
+        results.append(SampleResult(t, lp, top, int((raw[j] > lp).sum()) + 1))
     return results
 
 

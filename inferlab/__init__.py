@@ -14,6 +14,13 @@ import sys
 if "torch" not in sys.modules and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
     os.environ.update(GOMP_SPINCOUNT="3000000", OMP_WAIT_POLICY="ACTIVE")
 
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+
+try:
+    __version__ = version("inferlab")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.0.0+source"
+
 from inferlab.config import EngineConfig  # noqa: E402
 from inferlab.engine import LLMEngine  # noqa: E402
 from inferlab.llm import LLM  # noqa: E402

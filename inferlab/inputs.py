@@ -76,3 +76,5 @@ def check_request(inputs: PromptInputs, params: SamplingParams, priority: object
         raise ValueError(f"priority must be an integer, got {priority!r}")
     if any(t >= vocab_size for t in params.logit_bias or {}):
         raise ValueError(f"logit_bias has a token id outside the vocabulary [0, {vocab_size})")
+    if any(t >= vocab_size for t in params.stop_token_ids or []):  # it could never stop the request
+        raise ValueError(f"stop_token_ids has a token id outside the vocabulary [0, {vocab_size})")

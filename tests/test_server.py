@@ -380,9 +380,27 @@ def test_stop_string_cuts_the_text(client, offline):
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].text == full[:full.index(stop)]
+    assert r.choices[0].model_extra["stop_reason"] == stop  # vLLM's field: which stop matched
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
                                             stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == full[:full.index(stop)]
+    assert [c.choices[0].model_extra["stop_reason"] for c in chunks][-1] == stop
+
+
+def test_tokenize_and_detokenize_as_vllm(server, client):
+    """vLLM's /tokenize gives the ids a prompt or a conversation becomes (the chat's usage counts
+    them), /detokenize the text back; /version answers."""
+    tok = server.engine.engine.tokenizer
+    r = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "Hello world"}, timeout=30).json()
+    assert r["tokens"] == tok.encode("Hello world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == server.engine.engine.max_request_tokens
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, timeout=30).json()
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert r["count"] == chat.usage.prompt_tokens
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": r["tokens"]}, timeout=30).json()
+    assert back["prompt"] == tok.decode(r["tokens"]) and "capital of France" in back["prompt"]
+    assert httpx.get(f"{server.url}/version", timeout=30).json()["version"]
 
 
 def test_tiny_temperature_acts_as_greedy(client, offline):
@@ -604,6 +622,11 @@ BAD = [
     (CMPL, {"prompt": "hi", "stop": ["s"] * 17}, 400, "stop takes at most 16 strings of at most 256 characters"),
     (CMPL, {"prompt": "hi", "stop": "s" * 257}, 400, "stop takes at most 16 strings"),
     (CMPL, {"prompt": "hi", "stop_token_ids": list(range(1025))}, 400, "stop_token_ids takes at most 1024"),
+    (CMPL, {"prompt": "hi", "stop_token_ids": [999999]}, 400, "stop_token_ids has a token id outside the vocabulary"),
+    ("/tokenize", {"model": MODEL}, 400, "send either prompt or messages"),
+    ("/tokenize", {"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
+    ("/detokenize", {"tokens": [5, 999999]}, 400, "token id 999999 is outside the vocabulary"),
+    ("/detokenize", {"tokens": "hi"}, 400, "tokens"),
     ("/v1/nothing", {"prompt": "hi"}, 404, "Not Found"),
     (CHAT, {"messages": USER, "echo": True}, 400, "echo is not supported"),
     (CHAT, {"messages": USER, "chat_template": "{{ messages }}"}, 400, "chat_template is not supported"),

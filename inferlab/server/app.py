@@ -1,4 +1,5 @@
-"""The HTTP routes: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
+"""The HTTP routes: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics, and vLLM's
+/tokenize, /detokenize and /version.
 
 Every client mistake is a 4xx with an OpenAI-style JSON error; a 500 means the server failed.
 """
@@ -12,11 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
+from inferlab import __version__
 from inferlab.async_engine import AsyncEngine
 from inferlab.outputs import RequestOutput
 from inferlab.server import openai_format as fmt
 from inferlab.server.prompts import PromptBuilder
-from inferlab.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from inferlab.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 from inferlab.server.streams import APIError, collect, sse_events, start, streaming
 
 MAX_N = 64
@@ -79,10 +87,41 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         return PlainTextResponse(engine.metrics.render(engine.snapshot, model_name),
                                  media_type="text/plain; version=0.0.4")
 
-    def check_common(req: SamplingFields) -> None:
-        if req.model is not None and req.model != model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
                            "not_found_error", "model_not_found")
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        """vLLM's: the token ids a completion's prompt or a chat's messages become."""
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send either prompt or messages")
+        try:
+            if req.messages is not None:
+                ids = (await prompts.chat(req.template_messages(), req.add_generation_prompt, False, None,
+                                          None))["prompt_token_ids"]
+            else:
+                ids = await prompts.encode(req.prompt, req.add_special_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        check_model(req.model)
+        bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})")
+        return {"prompt": tok.decode(req.tokens)}
+
+    def check_common(req: SamplingFields) -> None:
+        check_model(req.model)
         if not 1 <= req.n <= min(MAX_N, engine.engine.config.max_num_seqs):
             raise APIError(400, f"n must be between 1 and {min(MAX_N, engine.engine.config.max_num_seqs)}")
         if req.stream_options is not None and not req.stream:
@@ -114,6 +153,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if not req.stream:
             finals = await collect(engine, raw, rids, streams)
             choices = [{"index": i, "text": o.outputs[0].text, "finish_reason": fmt.finish_reason(o),
+                        "stop_reason": o.outputs[0].stop_reason,
                         "logprobs": logprobs(o, len(o.outputs[0].token_ids), fmt.TextOffsets(tok, o.prompt_token_ids),
                                              True)} for i, o in enumerate(finals)]
             return {**head, "choices": choices, "usage": fmt.usage(finals, req.n)}
@@ -125,7 +165,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             lp = logprobs(out, len(c.new_token_ids), offsets[i], False)
             if not (c.new_text or out.finished or lp):
                 return None
-            return {"index": i, "text": c.new_text, "logprobs": lp, "finish_reason": fmt.finish_reason(out)}
+            return {"index": i, "text": c.new_text, "logprobs": lp, "finish_reason": fmt.finish_reason(out),
+                    "stop_reason": c.stop_reason}
 
         return streaming(engine, sse_events(req, streams, head, choice), rids)
 
@@ -153,7 +194,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             finals = await collect(engine, raw, rids, streams)
             choices = [{"index": i, "message": {"role": "assistant", "content": o.outputs[0].text},
                         "logprobs": logprobs(o, len(o.outputs[0].token_ids)),
-                        "finish_reason": fmt.finish_reason(o)} for i, o in enumerate(finals)]
+                        "finish_reason": fmt.finish_reason(o), "stop_reason": o.outputs[0].stop_reason}
+                       for i, o in enumerate(finals)]
             return {**head, "object": "chat.completion", "choices": choices, "usage": fmt.usage(finals, req.n)}
 
         chunk = {**head, "object": "chat.completion.chunk"}
@@ -170,7 +212,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 return None
             if c.new_text or delta:
                 delta["content"] = c.new_text
-            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fmt.finish_reason(out)}
+            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fmt.finish_reason(out),
+                    "stop_reason": c.stop_reason}
 
         return streaming(engine, sse_events(req, streams, chunk, choice), rids)
 

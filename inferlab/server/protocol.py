@@ -178,6 +178,12 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    # "developer" is OpenAI's newer name for the system role
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(f"messages.{i}")}
+            for i, m in enumerate(messages)]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = None
@@ -188,9 +194,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[StrictStr, Any] | None = None  # vLLM's: more variables for the template
 
     def template_messages(self) -> list[dict]:
-        # "developer" is OpenAI's newer name for the system role
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(f"messages.{i}")}
-                for i, m in enumerate(self.messages)]
+        return template_messages(self.messages)
 
     def num_logprobs(self) -> int | None:
         if not self.logprobs:
@@ -200,3 +204,20 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         return self.top_logprobs or 0
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a completion's `prompt` or a chat's `messages`, as the model would see it."""
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+    def template_messages(self) -> list[dict]:
+        return template_messages(self.messages or [])
+
+
+class DetokenizeRequest(BaseModel):
+    model: StrictStr | None = None
+    tokens: list[Int]

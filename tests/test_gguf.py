@@ -5,6 +5,7 @@ the low-bit types (Q2_K, Q3_K, IQ4_NL, IQ4_XS); the quantization modes convert w
 they say."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -232,10 +233,17 @@ def test_file_matches_hf(file, chat_prompts, request):
     for ids, out in zip(prompts, outs, strict=True):
         seq = ids + out.outputs[0].token_ids[:1]
         with torch.inference_mode():
-            want = torch.log_softmax(hf(torch.tensor([seq])).logits[0, -2:], -1)
+            logits = hf(torch.tensor([seq])).logits[0, -2:]
+        want = torch.log_softmax(logits, -1)
+        # Both sides are fp32 and differ only in the order of their sums, whose error grows with
+        # the values summed: these random models' logits reach ~70, where an fp32 step is 7.6e-6.
+        # Reorderings measured (ISAs, attention backends, HF's eager and sdpa) moved a logprob by 40-55
+        # such steps, and one seen twice in whole-suite runs (not pinned down) by 147; 256 allowed.
+        tol = 256 * torch.finfo(torch.float32).eps * 2.0 ** math.floor(math.log2(logits.abs().max().item()))
         for step in range(2):
             got = out.outputs[0].logprobs[step]
-            assert max(abs(v - want[step, t].item()) for t, v in got.items()) < 1e-3, step
+            worst = max(abs(v - want[step, t].item()) for t, v in got.items())
+            assert worst < tol, (step, worst, tol)
             assert max(got, key=got.get) == want[step].argmax().item()
 
 

@@ -47,8 +47,11 @@ SPECS = {
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    # every bias the configs can ask for: q/k/v and o (attention_bias), gate/up and down (mlp_bias)
+    "llama_biased": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
+    "qwen3_biased": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32, "attention_bias": True}),
 }
-PARITY = ["llama", "llama_tied", "qwen2", "qwen3"]
+PARITY = ["llama", "llama_tied", "qwen2", "qwen3", "llama_biased", "qwen3_biased"]
 
 
 @dataclass
@@ -195,8 +198,11 @@ def test_weights_match_checkpoint(ckpt):
     for name, parts in pieces.items():
         torch.testing.assert_close(ours[name], torch.cat([parts[i] for i in sorted(parts)]), rtol=0, atol=0,
                                    msg=name)
-    if ckpt.name == "qwen2":  # the biases this test exists for are really there
+    if ckpt.name in ("qwen2", "llama_biased", "qwen3_biased"):  # the biases this test exists for are really there
         assert model.model.layers[0].self_attn.qkv_proj.bias.abs().min() > 0
+        assert (model.model.layers[0].self_attn.o_proj.bias is None) == (ckpt.name == "qwen2")
+    if ckpt.name == "llama_biased":
+        assert model.model.layers[0].mlp.down_proj.bias.abs().min() > 0
     if ckpt.name == "qwen3":
         assert model.model.layers[0].self_attn.q_norm.weight.shape == (32,)
         assert (model.model.layers[0].self_attn.q_norm.weight - 1).abs().max() > 0.1

@@ -36,7 +36,9 @@ class ModelArgs:
     rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2
+    attention_bias: bool = False  # q/k/v biases: Qwen2, and Llama / Qwen3 configs that ask for them
+    o_proj_bias: bool = False  # Llama's and Qwen3's attention_bias biases the output projection too
+    mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down
     qk_norm: bool = False  # Qwen3
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:

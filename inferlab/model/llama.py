@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama, Qwen2 with qkv bias, Qwen3 with q/k RMSNorm) over a paged KV cache.
+"""The Llama-family decoder (Llama, Qwen2 with qkv bias, Qwen3 with q/k RMSNorm; any of them with the
+biases its config asks for) over a paged KV cache.
 
 Parameter names follow HF checkpoints, except that q/k/v and gate/up are merged into one matmul
 each; a merged layer's `weight_loader` takes each checkpoint shard into place. The forward pass is
@@ -27,7 +28,7 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv_proj = ColumnParallelLinear(args.hidden_size, [q, kv, kv], bias=args.attention_bias)
-        self.o_proj = RowParallelLinear(q, args.hidden_size)
+        self.o_proj = RowParallelLinear(q, args.hidden_size, bias=args.o_proj_bias)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.scale = args.head_dim ** -0.5
@@ -56,7 +57,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = self_attn if self_attn is not None else Attention(args)
         if mlp is None:
             current_group().split(args.intermediate_size, "intermediate size")  # the error names the model's size
-            mlp = MLP(args.hidden_size, args.intermediate_size, ColumnParallelLinear, RowParallelLinear)
+            mlp = MLP(args.hidden_size, args.intermediate_size, ColumnParallelLinear, RowParallelLinear,
+                      bias=args.mlp_bias)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -83,11 +85,15 @@ class LlamaForCausalLM(CausalLM):
 
     @staticmethod
     def args_from_hf(arch: str, cfg: dict) -> ModelArgs:
-        return ModelArgs(arch=arch, **hf_shape(cfg), attention_bias=arch == "qwen2" or cfg.get("attention_bias", False),
+        biased = bool(cfg.get("attention_bias", False))  # Qwen2's q/k/v biases are its own, unconfigured
+        return ModelArgs(arch=arch, **hf_shape(cfg), attention_bias=arch == "qwen2" or biased,
+                         o_proj_bias=arch != "qwen2" and biased, mlp_bias=bool(cfg.get("mlp_bias", False)),
                          qk_norm=arch == "qwen3")
 
     @staticmethod
     def args_from_gguf(arch: str, fields: dict, tensor_names: set[str]) -> ModelArgs:
         return ModelArgs(arch=arch, **gguf_shape(arch, fields, tensor_names),
                          attention_bias="blk.0.attn_q.bias" in tensor_names,
+                         o_proj_bias="blk.0.attn_output.bias" in tensor_names,
+                         mlp_bias="blk.0.ffn_down.bias" in tensor_names,
                          qk_norm="blk.0.attn_q_norm.weight" in tensor_names)

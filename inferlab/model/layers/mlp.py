@@ -12,10 +12,10 @@ from inferlab.model.layers.linear import Linear
 
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, column: type[Linear] = Linear,
-                 row: type[Linear] = Linear) -> None:
+                 row: type[Linear] = Linear, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = column(hidden_size, [intermediate_size] * 2)
-        self.down_proj = row(intermediate_size, hidden_size)
+        self.gate_up_proj = column(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = row(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -1,11 +1,11 @@
 """EngineConfig: the one dataclass of engine settings, validated with one-line `ValueError`s."""
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
+from inferlab.json_config import check_types
 from inferlab.kv_transfer.config import KVTransferConfig
 from inferlab.model.layers.keep import QUANTIZATIONS
 from inferlab.policy import resolve_policy
@@ -15,10 +15,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names
 UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "b": 1}
-# What a field's annotation allows, for the simple ones (a bool is no number here)
-KINDS = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
-         "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
-         "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str), "None": lambda v: v is None}
 
 
 def parse_size(text: str) -> int:
@@ -119,17 +115,8 @@ class EngineConfig:
             raise ValueError(f"device {self.device!r}: PyTorch sees no GPU here (a CPU-only build, or none "
                              "visible); use --device cpu")
 
-    def _check_types(self) -> None:
-        """A field whose annotation is made of int, float, bool, str and None must hold one of them:
-        "2048" or "yes" fail here by name, not as a TypeError deep inside the engine."""
-        for f in fields(self):
-            kinds = [k.strip() for k in f.type.split("|")]
-            value = getattr(self, f.name)
-            if all(k in KINDS for k in kinds) and not any(KINDS[k](value) for k in kinds):
-                raise ValueError(f"{f.name} must be {' or '.join(kinds)}, got {value!r}")
-
     def __post_init__(self) -> None:
-        self._check_types()
+        check_types(self)
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if isinstance(self.kv_cache_memory, str):
             try:

@@ -81,7 +81,10 @@ def test_config_errors_are_one_line(tiny):
                        "prompt_lookup_max": 2}, "prompt_lookup_min <= prompt_lookup_max"),
                      ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown speculative_config"),
                      ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a 'model'"),
-                     ({**DRAFT, "share_kv": "yes"}, "share_kv must be true, false or null"),
+                     ({**DRAFT, "share_kv": "yes"}, "share_kv must be bool or None, got 'yes'"),
+                     ({**DRAFT, "model": 5}, "speculative_config model must be str or None, got 5"),
+                     ({**DRAFT, "int8_activations": "yes"}, "int8_activations must be bool, got 'yes'"),
+                     ({**DRAFT, "disable_by_batch_size": True}, "disable_by_batch_size must be int or None"),
                      ('{"method": "ngram"', "not valid JSON")]:
         with pytest.raises(ValueError, match=msg) as e:
             EngineConfig(speculative_config=bad)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from inferlab.json_config import json_object
+from inferlab.json_config import check_types, json_object
 from inferlab.model.layers.keep import QUANTIZATIONS
 
 METHODS = ("ngram", "draft_model")
@@ -41,9 +41,10 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        k = self.num_speculative_tokens
         if self.method not in METHODS:
             raise ValueError(f"speculative_config method must be one of {METHODS}, got {self.method!r}")
+        check_types(self, "speculative_config ")
+        k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
         if self.method == "ngram":
@@ -59,11 +60,9 @@ class SpeculativeConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"speculative_config quantization must be one of {QUANTIZATIONS}, "
                              f"got {self.quantization!r}")
-        if self.share_kv is not None and not isinstance(self.share_kv, bool):
-            raise ValueError(f"speculative_config share_kv must be true, false or null, got {self.share_kv!r}")
         if self.disable_by_batch_size is None:
             self.disable_by_batch_size = max(1, (64 if self.method == "ngram" else 10) // (1 + k))
-        elif not isinstance(self.disable_by_batch_size, int) or self.disable_by_batch_size < 1:
+        elif self.disable_by_batch_size < 1:
             raise ValueError(f"disable_by_batch_size must be an integer >= 1, got {self.disable_by_batch_size!r}")
 
     @classmethod

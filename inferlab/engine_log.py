@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from inferlab.model.layers import quant
+from inferlab.model.layers.linear import Linear
 from inferlab.model.layers.quant import describe_weights
 
 if TYPE_CHECKING:
@@ -29,6 +31,13 @@ def log_start(engine: LLMEngine, num_blocks: int, per_block: int) -> None:
     int8 = "" if not config.int8_activations else (
         " (int8 into integer-block layers)" if any(getattr(m, "int8_active", False) for m in engine.model.modules())
         else " (int8 asked for, but no layer keeps an integer block type)")
+    if config.quantization in quant.BY_NAME:  # an explicit mode: say which layers its blocks cannot take
+        block = quant.BY_NAME[config.quantization].block
+        left = [m for m in engine.model.modules() if isinstance(m, Linear) and m.in_features % block]
+        if left:
+            log.warning("--quantization %s: %d linear layers stay %s, their rows of %s inputs not a multiple of "
+                        "its %d-weight blocks", config.quantization, len(left), dtype,
+                        sorted({m.in_features for m in left}), block)
     weights, used = describe_weights(engine.model), f"native {native.isa}" if native else "PyTorch"
     if native and "x16" in weights:  # which of the regrouped kernel's products run (fp32 inputs: FMAs)
         used += f" (x16 blocks by {'fp32' if engine.dtype == torch.float32 else native.products()} products)"

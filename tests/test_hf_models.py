@@ -258,6 +258,17 @@ def test_greedy_generation_parity(ckpt):
     assert [o.outputs[0].token_ids for o in chunky.generate(prompts, params, use_tqdm=False)] == expected
 
 
+def test_a_quantization_mode_says_which_layers_its_blocks_cannot_take(tmp_path, caplog):
+    """Rows of 48 inputs do not split into q8_0's blocks of 32: those layers stay float, and the log
+    says so (before, only the weights line showed nothing had been quantized)."""
+    shape = {**SMALL, "hidden_size": 48, "intermediate_size": 96}
+    ckpt = build_checkpoint("llama", str(tmp_path / "narrow"), train_tokenizer(), shape=shape)
+    llm = make_llm(ckpt.path, quantization="q8_0")
+    narrow = [m for m in llm.engine.model.modules() if getattr(m, "in_features", 0) == 48]
+    assert narrow and all(m.wtype.dtype == torch.float32 for m in narrow)  # qkv, gate/up, the LM head
+    assert f"--quantization q8_0: {len(narrow)} linear layers stay float32, their rows of [48] inputs" in caplog.text
+
+
 @pytest.mark.parametrize("cls, window_fields", [
     ("Mistral", {"sliding_window": 16}),
     ("Qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),

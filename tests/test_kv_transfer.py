@@ -189,6 +189,27 @@ def test_redis_killed_mid_run_falls_back_to_computing(make_tiny_engine):
         assert_empty(b)
 
 
+def test_a_load_that_trickles_in_is_given_up_and_the_prompt_computed(make_tiny_engine, tmp_path):
+    """A store alive but slow answers within each socket timeout yet takes minutes in all: the load is
+    given up after load_timeout, and the request computes its prompt, with the same output."""
+    extra = {"shared_storage_path": str(tmp_path), "load_timeout": 0.3}
+    config = {"kv_connector": "SharedStorageConnector", "kv_connector_extra_config": extra}
+    batch = prompts(1, 0, (30, 30), seed=4)
+    single = run(make_tiny_engine(), batch)
+    run(make_tiny_engine(kv_transfer_config=config), batch)  # the prompt's blocks are in the store
+    b = make_tiny_engine(kv_transfer_config=config)
+    store, fetch = b.kv_connector.store, b.kv_connector.store.get
+    store.get = lambda keys: (time.sleep(3), fetch(keys))[1]
+    start = time.monotonic()
+    assert run(b, batch) == single
+    assert time.monotonic() - start < 2.5 and run.cached["r0"] == 0
+    stats = b.snapshot()["kv_transfer"]
+    assert stats["load_failures"] == 1 and stats["store_up"] is False  # a store that slow is left alone a while
+    assert_empty(b)
+    with pytest.raises(ValueError, match="load_timeout must be a positive number of seconds"):
+        make_tiny_engine(kv_transfer_config={**config, "kv_connector_extra_config": {**extra, "load_timeout": 0}})
+
+
 def test_abort_while_loading_frees_the_blocks(make_tiny_engine, tmp_path):
     config = {"kv_connector": "SharedStorageConnector", "kv_connector_extra_config": {"shared_storage_path":
                                                                                       str(tmp_path)}}

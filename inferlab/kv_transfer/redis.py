@@ -9,7 +9,8 @@ KV cache needs no persistence). An evicted block is simply a miss; since a consu
 leading run of blocks it finds, evicting a prefix's middle costs the blocks after it too.
 
 Every call has a short socket timeout (`kv_connector_extra_config.timeout`, default 1 s): a Redis
-that is down at start is a one-line error, one that dies mid-run is a miss (see `store.py`).
+that is down at start is a one-line error, one that dies mid-run is a miss, and a load that trickles
+in past `load_timeout` is given up (see `store.py`).
 """
 from __future__ import annotations
 

@@ -31,6 +31,9 @@ from inferlab.request import Request
 log = logging.getLogger("inferlab")
 
 RETRY_S = 5.0  # after a store error, how long the store is treated as down before it is tried again
+# A load still running after this long is given up (kv_connector_extra_config.load_timeout): its
+# request computes the prompt. A socket timeout bounds each read, not a reply that trickles in.
+LOAD_TIMEOUT_S = 5.0
 
 
 class BlockStore:
@@ -69,10 +72,15 @@ class StoreConnector(KVConnectorBase):
         self.namespace = namespace
         self.block_size = block_manager.block_size
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inferlab-kv")
+        self.load_timeout = config.kv_connector_extra_config.get("load_timeout", LOAD_TIMEOUT_S)
+        if isinstance(self.load_timeout, bool) or not isinstance(self.load_timeout, (int, float)) \
+                or not self.load_timeout > 0:
+            raise ValueError(f"kv_connector_extra_config.load_timeout must be a positive number of seconds, "
+                             f"got {self.load_timeout!r}")
         self.down_until = 0.0
         self._matched: dict[str, tuple[list[str], int]] = {}  # request id -> (keys, tokens) of its last lookup
         self._pending: list[Load] = []  # allocated, to be started by the next step's metadata
-        self._loading: dict[str, tuple[Load, Future]] = {}
+        self._loading: dict[str, tuple[Load, Future, float]] = {}  # request id -> (load, fetch, its start)
         self._saving: list[Future] = []
         self._saved: dict[str, int] = {}  # request id -> blocks stored (or known stored) so far
         self._chains: dict[str, list[bytes]] = {}  # request id -> hash chain of its full blocks
@@ -186,14 +194,20 @@ class StoreConnector(KVConnectorBase):
     # -- worker side ------------------------------------------------------------------------------
     def start_load_kv(self, meta: KVConnectorMetadata) -> None:
         for load in meta.loads:
-            self._loading[load.req.request_id] = (load, self.pool.submit(self.store.get, load.keys))
+            self._loading[load.req.request_id] = (load, self.pool.submit(self.store.get, load.keys),
+                                                  time.monotonic())
 
     def get_finished(self) -> Finished:
         finished = Finished()
-        for rid, (load, fut) in list(self._loading.items()):
+        for rid, (load, fut, start) in list(self._loading.items()):
             if fut.done():
                 del self._loading[rid]
                 finished.recving[rid] = self._write(load, fut)
+            elif time.monotonic() - start > self.load_timeout:  # given up: the fetch's late answer is dropped
+                del self._loading[rid]
+                self.stats["load_failures"] += 1
+                self._failed("load", TimeoutError(f"no whole answer in {self.load_timeout} s"))
+                finished.recving[rid] = 0
         return finished
 
     def _write(self, load: Load, fut: Future) -> int:
@@ -222,7 +236,7 @@ class StoreConnector(KVConnectorBase):
 
     def wait_for_load(self, timeout: float) -> None:
         if self._loading:
-            wait([fut for _, fut in self._loading.values()], timeout, return_when=FIRST_COMPLETED)
+            wait([fut for _, fut, _ in self._loading.values()], timeout, return_when=FIRST_COMPLETED)
 
     def save_kv(self, meta: KVConnectorMetadata, failed: set[str]) -> None:
         saves = [(block, key) for rid, block, key in meta.saves if rid not in failed]

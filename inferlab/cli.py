@@ -111,7 +111,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_router(a: argparse.Namespace) -> None:
-    from inferlab.router.app import serve_router
+    from inferlab.router.serve import serve_router
     check_listen(a.host, a.port)
     serve_router(a.backend, a.prefill, a.decode, a.policy, a.host, a.port, a.timeout, a.health_interval,
                  a.allowed_origins)

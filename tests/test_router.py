@@ -304,3 +304,53 @@ def test_simulator_and_router_share_one_policy_definition():
     assert home == 1  # a new prefix: the least loaded
     assert policy.choose(["k1", "k2", "k3"], targets) == 1  # the longest known prefix keeps its home
     assert policy.choose(["k1", "k2"], targets[:1]) == 0  # its home gone from the targets: another
+
+
+@contextmanager
+def odd_backend(answer: str) -> Iterator[str]:
+    """A backend that answers completions with a 503 as a draining server does ("draining"), or
+    that stops once it has passed its first health check: nothing it is asked then ever answers
+    ("stopped", as a SIGSTOPped process)."""
+    app = FastAPI()
+    checks = []
+
+    @app.get("/health")
+    async def health() -> dict:
+        checks.append(1)
+        if answer == "stopped" and len(checks) > 1:
+            await asyncio.sleep(3600)
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        if answer == "stopped":
+            await asyncio.sleep(3600)
+        from fastapi.responses import JSONResponse
+        return JSONResponse({"error": {"message": "the server is shutting down", "code": "server_shutting_down"}},
+                            status_code=503)
+
+    with serving(app) as url:
+        yield url
+
+
+@pytest.mark.parametrize("answer", ["draining", "stopped"])
+def test_a_request_a_backend_does_not_take_goes_to_another(answer):
+    """A draining backend's 503 (a rolling restart) and a backend stopped mid-request (its health
+    checks fail while the request waits) cost the client nothing where another backend is up."""
+    with odd_backend(answer) as odd, fakes(1) as (ok,), router([odd, ok], "round_robin", health_interval=0.3) as r:
+        t = time.monotonic()
+        for i in range(4):
+            got = complete(r, f"request {i}")
+            assert got["status"] == 200 and got["choices"][0]["text"] == f"{ok}/", got
+        assert time.monotonic() - t < 15
+        m = metrics(r)
+        assert m[f'inferlab_router_backend_up{{backend="{odd}",role="serve"}}'] == 0
+        assert m[f'inferlab_router_backend_requests_total{{backend="{odd}",role="serve"}}'] >= 1  # it was tried
+
+
+def test_a_plain_request_longer_than_the_timeout_is_not_cut_off():
+    """--timeout cuts a silent stream; a plain answer comes whole at its end, so a healthy backend
+    working longer than the timeout is waited for (it was a 502 'ReadTimeout')."""
+    with fakes(1, delay=1.5) as (slow,), router([slow], timeout=0.5) as r:
+        got = complete(r, "a long essay")
+        assert got["status"] == 200 and got["choices"][0]["text"] == f"{slow}/"

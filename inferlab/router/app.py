@@ -7,7 +7,8 @@ backends) the prompt first goes to a prefill instance with max_tokens=1, which c
 saves its KV to the shared store; then the whole request goes to a decode instance, which loads
 that KV instead of computing it. A prefill that fails only costs time: the decode instance then
 computes the prompt itself. A backend that dies mid-stream ends the client's stream with an error
-event; one that is up but silent ends it after `timeout` seconds. Nothing waits forever.
+event; one that is up but silent ends it after `timeout` seconds; a plain request waits for its
+answer while its backend passes its health checks. Nothing waits forever.
 """
 from __future__ import annotations
 
@@ -33,10 +34,13 @@ from inferlab.router.http import (
     prefill_body,
     sse_error,
     unless_gone,
+    while_healthy,
 )
 from inferlab.router.policy import make_policy
 
 log = logging.getLogger("inferlab")
+# Failures before a backend's answer began, after which the request is tried on another backend
+RETRIED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout)
 
 
 def build_router_app(backends: list[Backend], policy: str = "round_robin", prefill: list[Backend] | None = None,
@@ -74,9 +78,13 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
         return live[route.choose(prefix_keys(body), live)]
 
     async def send(role: str, body: dict, path: str, headers: dict) -> tuple[Backend, httpx.Response]:
-        """Open the request on a backend of the pool (`serve` or `prefill`) that its policy picks,
-        another if that one cannot be reached."""
+        """Open the request on a backend of the pool (`serve` or `prefill`) that its policy picks, another
+        if that one did not take it: unreachable, closed the connection before answering (killed),
+        answered 503 (draining for a restart), or failed its health checks while the request waited."""
         client: httpx.AsyncClient = state["client"]
+        # A stream is cut after `timeout` s of silence. A plain request is silent until its answer is
+        # whole, however long that takes: it waits while its backend passes its health checks.
+        limit = httpx.Timeout(timeout if body.get("stream") else None, connect=2.0)
         tried: set[int] = set()
         while True:
             backend = pick(role, body, tried)
@@ -84,16 +92,22 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
             backend.requests += 1
             backend.in_flight += 1
             try:
-                req = client.build_request("POST", backend.url + path, json=body, headers=headers)
-                return backend, await client.send(req, stream=True)
+                req = client.build_request("POST", backend.url + path, json=body, headers=headers, timeout=limit)
+                resp = await while_healthy(backend, client.send(req, stream=True))
             except BaseException as e:  # no answer to count it by: cancelled (the client left) or failed
                 backend.in_flight -= 1
                 if not isinstance(e, httpx.HTTPError):
                     raise
                 backend.errors += 1
-                if not isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
+                if not isinstance(e, RETRIED):
                     raise BackendFailed(f"backend {backend.url} failed: {type(e).__name__}") from None
-                backend.mark(False, f"{type(e).__name__}: {e}")  # nothing reached it: safe to try another
+                backend.mark(False, f"{type(e).__name__}: {e}")  # it answered nothing: another may
+                continue
+            if resp.status_code != 503:
+                return backend, resp
+            backend.in_flight -= 1
+            await resp.aclose()
+            backend.mark(False, "it answered 503 (shutting down, or its engine is dead)")
 
     async def run_prefill(body: dict, path: str, headers: dict) -> Response | None:
         """The P/D prefill; a client error (4xx) is returned as is, anything else lets decode go on."""
@@ -104,7 +118,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
             log.warning("no prefill (%s); the decode instance computes the prompt", str(e) or "no backend is up")
             return None
         try:
-            content = await resp.aread()
+            content = await while_healthy(backend, resp.aread())
         except httpx.HTTPError as e:
             backend.errors += 1
             state["prefill_failed"] += 1
@@ -158,7 +172,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
     async def whole(backend: Backend, resp: httpx.Response) -> Response:
         """The backend's answer read whole, as the router's."""
         try:
-            content = await resp.aread()
+            content = await while_healthy(backend, resp.aread())
         except httpx.HTTPError as e:
             backend.errors += 1
             raise BackendFailed(f"backend {backend.url} failed mid-request: {type(e).__name__}") from None
@@ -232,29 +246,3 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     return app
-
-
-def serve_router(backends: list[str], prefill: list[str], decode: list[str], policy: str = "round_robin",
-                 host: str = "127.0.0.1", port: int = 8080, timeout: float = 300.0,
-                 health_interval: float = 2.0, allowed_origins: list[str] | None = None) -> None:
-    """`inferlab router`: --backend URLs, or P/D mode's --prefill and --decode URLs."""
-    import uvicorn
-
-    from inferlab.server.guard import add_cors
-    if backends and (prefill or decode):
-        raise ValueError("give either --backend URLs, or --prefill and --decode URLs (P/D mode), not both")
-    if not backends and not (prefill and decode):
-        raise ValueError("give --backend URL (repeatable), or both --prefill URL and --decode URL")
-    make_policy(policy)  # an unknown name fails here, before the server starts
-    for url in [*backends, *prefill, *decode]:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"a backend URL must start with http:// or https://, got {url!r}")
-    if not timeout > 0 or not health_interval > 0:
-        raise ValueError(f"--timeout and --health-interval must be above 0 seconds, got {timeout} and "
-                         f"{health_interval}")
-    serving = [Backend(u) for u in backends] or [Backend(u, "decode") for u in decode]
-    app = build_router_app(serving, policy, [Backend(u, "prefill") for u in prefill], timeout, health_interval)
-    add_cors(app, allowed_origins)  # the instances' own answers are not seen by the browser: the router's are
-    log.info("routing on http://%s:%d to %s (%s)", host, port, ", ".join(backends) if backends else
-             f"prefill {', '.join(prefill)} then decode {', '.join(decode)}", policy)
-    uvicorn.run(app, host=host, port=port, log_level="warning")

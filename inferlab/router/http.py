@@ -7,6 +7,7 @@ import json
 from collections.abc import Awaitable
 from typing import TypeVar
 
+import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
@@ -52,6 +53,21 @@ def prefill_body(body: dict) -> dict:
     """The request as the prefill instance gets it: one token, not streamed, one choice."""
     out = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens", "max_completion_tokens")}
     return {**out, "max_tokens": 1, "stream": False, "n": 1}
+
+
+async def while_healthy(backend, work: Awaitable[T]) -> T:
+    """`work`'s result; httpx.ReadTimeout if `backend` fails its health checks first (stopped, or
+    hung), so that a request with no read timeout of its own still never waits forever."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=0.5)
+            if not task.done() and not backend.healthy:
+                raise httpx.ReadTimeout("the backend stopped passing its health checks")
+        return task.result()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def unless_gone(raw: Request, work: Awaitable[T]) -> T:

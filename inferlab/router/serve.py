@@ -1,0 +1,36 @@
+"""`inferlab router`: its options checked, then the router app (`app.py`) served."""
+from __future__ import annotations
+
+import logging
+
+from inferlab.router.app import build_router_app
+from inferlab.router.backends import Backend
+from inferlab.router.policy import make_policy
+
+log = logging.getLogger("inferlab")
+
+
+def serve_router(backends: list[str], prefill: list[str], decode: list[str], policy: str = "round_robin",
+                 host: str = "127.0.0.1", port: int = 8080, timeout: float = 300.0,
+                 health_interval: float = 2.0, allowed_origins: list[str] | None = None) -> None:
+    """`inferlab router`: --backend URLs, or P/D mode's --prefill and --decode URLs."""
+    import uvicorn
+
+    from inferlab.server.guard import add_cors
+    if backends and (prefill or decode):
+        raise ValueError("give either --backend URLs, or --prefill and --decode URLs (P/D mode), not both")
+    if not backends and not (prefill and decode):
+        raise ValueError("give --backend URL (repeatable), or both --prefill URL and --decode URL")
+    make_policy(policy)  # an unknown name fails here, before the server starts
+    for url in [*backends, *prefill, *decode]:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"a backend URL must start with http:// or https://, got {url!r}")
+    if not timeout > 0 or not health_interval > 0:
+        raise ValueError(f"--timeout and --health-interval must be above 0 seconds, got {timeout} and "
+                         f"{health_interval}")
+    serving = [Backend(u) for u in backends] or [Backend(u, "decode") for u in decode]
+    app = build_router_app(serving, policy, [Backend(u, "prefill") for u in prefill], timeout, health_interval)
+    add_cors(app, allowed_origins)  # the instances' own answers are not seen by the browser: the router's are
+    log.info("routing on http://%s:%d to %s (%s)", host, port, ", ".join(backends) if backends else
+             f"prefill {', '.join(prefill)} then decode {', '.join(decode)}", policy)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -210,6 +210,26 @@ def test_a_load_that_trickles_in_is_given_up_and_the_prompt_computed(make_tiny_e
         make_tiny_engine(kv_transfer_config={**config, "kv_connector_extra_config": {**extra, "load_timeout": 0}})
 
 
+def test_a_full_redis_refuses_saves_but_its_blocks_still_load(make_tiny_engine):
+    """Under `noeviction` a full Redis answers writes with an OOM error: saves fail, but the store is
+    not down, so what it holds is still found (it was marked down and every lookup missed)."""
+    import redis
+    a_prompt, b_prompt = prompts(1, 0, (30, 30), seed=5)[0], prompts(1, 0, (30, 30), seed=6)[0]
+    single = run(make_tiny_engine(), [a_prompt])
+    with redis_server() as (url, _):
+        config = {"kv_connector": "RedisConnector", "kv_connector_extra_config": {"url": url}}
+        run(make_tiny_engine(kv_transfer_config=config), [a_prompt])  # stored while there is room
+        r = redis.Redis.from_url(url)
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", r.info("memory")["used_memory"])  # full from now on
+        b = make_tiny_engine(kv_transfer_config=config)
+        run(b, [b_prompt])  # its saves are refused
+        stats = b.snapshot()["kv_transfer"]
+        assert stats["save_failures"] >= 1 and stats["store_up"] is True
+        assert run(b, [a_prompt]) == single and run.cached["r0"] == len(a_prompt) - 1
+        assert_empty(b)
+
+
 def test_abort_while_loading_frees_the_blocks(make_tiny_engine, tmp_path):
     config = {"kv_connector": "SharedStorageConnector", "kv_connector_extra_config": {"shared_storage_path":
                                                                                       str(tmp_path)}}

@@ -14,7 +14,7 @@ in past `load_timeout` is given up (see `store.py`).
 """
 from __future__ import annotations
 
-from inferlab.kv_transfer.store import BlockStore, StoreConnector
+from inferlab.kv_transfer.store import BlockStore, StoreConnector, StoreFull
 
 PREFIX = "inferlab:kv:"
 
@@ -48,7 +48,11 @@ class RedisStore(BlockStore):
         return self.client.mget([PREFIX + k for k in keys]) if keys else []
 
     def put(self, key: str, value: bytes) -> None:
-        self.client.set(PREFIX + key, value, nx=True)
+        import redis
+        try:
+            self.client.set(PREFIX + key, value, nx=True)
+        except redis.exceptions.OutOfMemoryError as e:  # the server answered: full (noeviction), not down
+            raise StoreFull(str(e)) from None
 
     def close(self) -> None:
         self.client.close()

@@ -36,6 +36,11 @@ RETRY_S = 5.0  # after a store error, how long the store is treated as down befo
 LOAD_TIMEOUT_S = 5.0
 
 
+class StoreFull(Exception):
+    """The store answered, but refused a write for want of room (Redis under `noeviction`): a failed
+    save, not a store that is down, so lookups go on."""
+
+
 class BlockStore:
     """Bytes by key. Methods may raise on any store failure (the connector turns that into misses)."""
 
@@ -78,6 +83,7 @@ class StoreConnector(KVConnectorBase):
             raise ValueError(f"kv_connector_extra_config.load_timeout must be a positive number of seconds, "
                              f"got {self.load_timeout!r}")
         self.down_until = 0.0
+        self.full_logged = False
         self._matched: dict[str, tuple[list[str], int]] = {}  # request id -> (keys, tokens) of its last lookup
         self._pending: list[Load] = []  # allocated, to be started by the next step's metadata
         self._loading: dict[str, tuple[Load, Future, float]] = {}  # request id -> (load, fetch, its start)
@@ -255,6 +261,11 @@ class StoreConnector(KVConnectorBase):
         try:
             self.store.put(key, value)
             self.stats["saved_blocks"] += 1
+        except StoreFull as e:
+            self.stats["save_failures"] += 1
+            if not self.full_logged:
+                log.warning("KV store full (%s): blocks not saved; what it holds is still loaded", e)
+                self.full_logged = True
         except Exception as e:  # noqa: BLE001
             self.stats["save_failures"] += 1
             self._failed("save", e)

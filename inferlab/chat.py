@@ -3,9 +3,12 @@ released, a conversation kept within the model's context."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from inferlab.cli_args import engine_config, recording, sampling_params
+
+log = logging.getLogger("inferlab")
 
 
 def stream(engine, request_id: str, prompt, params) -> str:
@@ -26,6 +29,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
     engine = LLMEngine(engine_config(a))
     tok = engine.tokenizer
     if a.raw or not tok.chat_template:
+        if not a.raw:  # said, since a --system would be dropped and the answer reads unlike a chat's
+            log.warning("this model has no chat template: the prompt goes in as raw text%s",
+                        ", without the --system message" if a.system else "")
         prompt = a.prompt
     else:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + \

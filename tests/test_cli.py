@@ -253,3 +253,15 @@ def test_bench_latency_and_compare_hf(tmp_path):
     assert both["hf"]["output_tokens"] == both["inferlab"]["output_tokens"] == 3
     assert both["hf"]["dtype"] == both["inferlab"]["dtype"] == "float32"
     assert both["speedup"] == round(both["inferlab"]["output_tok_s"] / both["hf"]["output_tok_s"], 2)
+
+
+def test_generate_says_when_a_model_has_no_chat_template(tmp_path):
+    """A folder without one sends the prompt as raw text: said, and with it a --system left out."""
+    model = build_checkpoint("llama", str(tmp_path / "plain"), train_tokenizer()).path
+    os.remove(os.path.join(model, "tokenizer_config.json"))
+    r = inferlab("generate", "hello", "--model", model, "--system", "Be brief.", "--max-tokens", "2",
+                 "--num-kv-blocks", "16")
+    assert r.returncode == 0, r.stderr
+    assert "no chat template: the prompt goes in as raw text, without the --system message" in r.stderr
+    r = inferlab("generate", "hello", "--model", model, "--raw", "--max-tokens", "2", "--num-kv-blocks", "16")
+    assert r.returncode == 0 and "chat template" not in r.stderr

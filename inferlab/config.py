@@ -13,6 +13,10 @@ from inferlab.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names
+ATTENTION_BACKENDS = ("auto", "native", "torch")
+KV_ALLOCATIONS = ("paged", "reserve")
+PREEMPTION_MODES = ("recompute", "swap")
+PREFIX_CACHES = ("hash", "radix")
 UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "b": 1}
 
@@ -31,10 +35,6 @@ def parse_size(text: str) -> int:
     if not 0 <= value < 2**63:
         raise ValueError(f"expected a size in bytes (4e9, 4GiB, 512MiB), got {text!r}")
     return int(value)
-ATTENTION_BACKENDS = ("auto", "native", "torch")
-KV_ALLOCATIONS = ("paged", "reserve")
-PREEMPTION_MODES = ("recompute", "swap")
-PREFIX_CACHES = ("hash", "radix")
 
 
 @dataclass

@@ -9,7 +9,7 @@ class Logprob(float):
     """A token's log-probability: a float, as InferLab's `{token_id: logprob}` entries hold it, that
     also answers vLLM's `Logprob` fields, so code written for either reads it: `.logprob`, `.rank` (1:
     the most likely token of the step; None where unknown) and `.decoded_token` (its text, decoded
-    when first read)."""
+    when read)."""
     __slots__ = ("rank", "_token_id", "_tokenizer")
 
     def __new__(cls, value: float, rank: int | None = None, token_id: int | None = None, tokenizer: Any = None):

@@ -116,6 +116,8 @@ class EngineConfig:
                              "visible); use --device cpu")
 
     def __post_init__(self) -> None:
+        if isinstance(self.dtype, torch.dtype):  # vLLM takes torch.float16 as well as "float16"
+            self.dtype = str(self.dtype).removeprefix("torch.")
         check_types(self)
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if isinstance(self.kv_cache_memory, str):

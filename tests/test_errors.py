@@ -149,6 +149,7 @@ def test_config_validation(kwargs, message):
 def test_config_takes_sizes_and_vllms_dtype_names():
     assert EngineConfig(kv_cache_memory="64MiB").kv_cache_memory == 64 << 20
     assert (EngineConfig(dtype="half").dtype, EngineConfig(dtype="float").dtype) == ("float16", "float32")
+    assert EngineConfig(dtype=torch.bfloat16).dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -538,6 +538,8 @@ def test_chat_takes_a_template_of_ones_own_and_tokenize_as_transformers(llm):
     assert tok.apply_chat_template(FRANCE, tokenize=True) == tok.encode(tok.apply_chat_template(FRANCE),
                                                                         add_special_tokens=False)
     assert tok.eos_token_id in tok.eos_token_ids
+    with pytest.raises(ValueError, match="the chat_template given is empty"):
+        llm.chat(FRANCE, chat_template="", use_tqdm=False)
 
 
 # --------------------------------------------------------------------------- validation

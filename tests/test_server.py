@@ -399,8 +399,15 @@ def test_tokenize_and_detokenize_as_vllm(server, client):
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
     assert r["count"] == chat.usage.prompt_tokens
     back = httpx.post(f"{server.url}/detokenize", json={"tokens": r["tokens"]}, timeout=30).json()
-    assert back["prompt"] == tok.decode(r["tokens"]) and "capital of France" in back["prompt"]
+    assert tok.encode(back["prompt"], add_special_tokens=False) == r["tokens"]  # special tokens kept: a round trip
     assert httpx.get(f"{server.url}/version", timeout=30).json()["version"]
+    # the chat's own options shape the prompt /tokenize counts
+    opened = messages + [{"role": "assistant", "content": "The capital is"}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": opened, **options, "return_token_strs": True},
+                   timeout=30).json()
+    chat = client.chat.completions.create(model=MODEL, messages=opened, max_tokens=1, extra_body=options)
+    assert r["count"] == chat.usage.prompt_tokens and len(r["token_strs"]) == r["count"]
 
 
 def test_tiny_temperature_acts_as_greedy(client, offline):
@@ -627,6 +634,8 @@ BAD = [
     ("/tokenize", {"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
     ("/detokenize", {"tokens": [5, 999999]}, 400, "token id 999999 is outside the vocabulary"),
     ("/detokenize", {"tokens": "hi"}, 400, "tokens"),
+    ("/tokenize", {"prompt": "hi", "chat_template": "{{ messages }}"}, 400, "chat_template: Extra inputs"),
+    ("/tokenize", {"messages": USER, "continue_final_message": True}, 400, "needs add_generation_prompt false"),
     ("/v1/nothing", {"prompt": "hi"}, 404, "Not Found"),
     (CHAT, {"messages": USER, "echo": True}, 400, "echo is not supported"),
     (CHAT, {"messages": USER, "chat_template": "{{ messages }}"}, 400, "chat_template is not supported"),

@@ -101,7 +101,8 @@ class Tokenizer:
             return _cut_after(self.apply_chat_template(messages, False, template_kwargs=template_kwargs,
                                                        chat_template=chat_template), final["content"])
         if not chat_template:
-            raise ChatTemplateError("this model has no chat template; pass raw prompts instead")
+            raise ChatTemplateError("this model has no chat template; pass raw prompts instead"
+                                    if chat_template is None else "the chat_template given is empty")
         reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(template_kwargs or {})
         if reserved:
             raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}")

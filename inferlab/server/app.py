@@ -103,14 +103,16 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send either prompt or messages")
         try:
-            if req.messages is not None:
-                ids = (await prompts.chat(req.template_messages(), req.add_generation_prompt, False, None,
+            if req.messages is not None:  # as a chat request with these options builds its prompt
+                ids = (await prompts.chat(req.template_messages(), req.add_generation_prompt,
+                                          req.continue_final_message, req.chat_template_kwargs,
                                           None))["prompt_token_ids"]
             else:
                 ids = await prompts.encode(req.prompt, req.add_special_tokens)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+        strs = [tok.id_to_token(t) for t in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
@@ -118,7 +120,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})")
-        return {"prompt": tok.decode(req.tokens)}
+        return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}  # /tokenize's ids, back whole
 
     def check_common(req: SamplingFields) -> None:
         check_model(req.model)

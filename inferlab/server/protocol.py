@@ -207,17 +207,25 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(BaseModel):
-    """vLLM's /tokenize: a completion's `prompt` or a chat's `messages`, as the model would see it."""
+    """vLLM's /tokenize: a completion's `prompt` or a chat's `messages`, as the model would see it
+    (with the chat's own options). A field it does not read is refused by name, not ignored."""
+    model_config = ConfigDict(extra="forbid")
+
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[StrictStr, Any] | None = None
+    return_token_strs: StrictBool = False
 
     def template_messages(self) -> list[dict]:
         return template_messages(self.messages or [])
 
 
 class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: StrictStr | None = None
     tokens: list[Int]

@@ -23,6 +23,17 @@ class SampleResult:
     top_logprobs: dict[int, float] | None = None
     rank: int | None = None  # of the sampled token among the step's: 1 + how many were more likely
 
+    @classmethod
+    def with_logprobs(cls, token_id: int, logprobs: torch.Tensor, n: int) -> SampleResult:
+        """`token_id` with its logprob and rank in `logprobs` (a row over the vocabulary) and the row's
+        `n` most likely tokens: what a request asking for logprobs gets, sampled or verified."""
+        lp = float(logprobs[token_id])
+        top = {}
+        if n:
+            vals, ids = logprobs.topk(n)
+            top = dict(zip(ids.tolist(), vals.tolist()))
+        return cls(token_id, lp, top, int((logprobs > lp).sum()) + 1)
+
 
 def request_generator(seed: int, device: torch.device) -> torch.Generator:
     """A request's own random stream. Every bit of the seed is mixed in: PyTorch's CPU generator
@@ -135,15 +146,8 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
     token_list = tokens.tolist()
     results = []
     for i, r in enumerate(reqs):
-        res = SampleResult(token_list[i])
         if raw_logprobs is not None and want_logprobs[i]:
-            res.logprob = float(raw_logprobs[i, token_list[i]])
-            res.rank = int((raw_logprobs[i] > res.logprob).sum()) + 1
-            n = r.params.logprobs
-            if n:
-                vals, ids = raw_logprobs[i].topk(n)
-                res.top_logprobs = dict(zip(ids.tolist(), vals.tolist()))
-            else:
-                res.top_logprobs = {}
-        results.append(res)
+            results.append(SampleResult.with_logprobs(token_list[i], raw_logprobs[i], r.params.logprobs))
+        else:
+            results.append(SampleResult(token_list[i]))
     return results

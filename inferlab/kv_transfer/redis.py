@@ -14,7 +14,7 @@ in past `load_timeout` is given up (see `store.py`).
 """
 from __future__ import annotations
 
-from inferlab.kv_transfer.store import BlockStore, StoreConnector, StoreFull
+from inferlab.kv_transfer.store import BlockStore, StoreConnector, StoreFull, seconds
 
 PREFIX = "inferlab:kv:"
 
@@ -61,7 +61,5 @@ class RedisStore(BlockStore):
 class RedisConnector(StoreConnector):
     def __init__(self, config, runner, block_manager, namespace: str) -> None:
         extra = config.kv_connector_extra_config
-        timeout = extra.get("timeout", 1.0)
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"kv_connector_extra_config.timeout must be a positive number of seconds, got {timeout!r}")
-        super().__init__(config, RedisStore(extra["url"], timeout), runner, block_manager, namespace)
+        super().__init__(config, RedisStore(extra["url"], seconds(extra, "timeout", 1.0)), runner, block_manager,
+                         namespace)

@@ -36,6 +36,14 @@ RETRY_S = 5.0  # after a store error, how long the store is treated as down befo
 LOAD_TIMEOUT_S = 5.0
 
 
+def seconds(extra: dict, key: str, default: float) -> float:
+    """kv_connector_extra_config[key], a positive number of seconds (`default` where not given)."""
+    value = extra.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"kv_connector_extra_config.{key} must be a positive number of seconds, got {value!r}")
+    return value
+
+
 class StoreFull(Exception):
     """The store answered, but refused a write for want of room (Redis under `noeviction`): a failed
     save, not a store that is down, so lookups go on."""
@@ -77,11 +85,7 @@ class StoreConnector(KVConnectorBase):
         self.namespace = namespace
         self.block_size = block_manager.block_size
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inferlab-kv")
-        self.load_timeout = config.kv_connector_extra_config.get("load_timeout", LOAD_TIMEOUT_S)
-        if isinstance(self.load_timeout, bool) or not isinstance(self.load_timeout, (int, float)) \
-                or not self.load_timeout > 0:
-            raise ValueError(f"kv_connector_extra_config.load_timeout must be a positive number of seconds, "
-                             f"got {self.load_timeout!r}")
+        self.load_timeout = seconds(config.kv_connector_extra_config, "load_timeout", LOAD_TIMEOUT_S)
         self.down_until = 0.0
         self.full_logged = False
         self._matched: dict[str, tuple[list[str], int]] = {}  # request id -> (keys, tokens) of its last lookup

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import httpx
@@ -55,19 +55,27 @@ def prefill_body(body: dict) -> dict:
     return {**out, "max_tokens": 1, "stream": False, "n": 1}
 
 
-async def while_healthy(backend, work: Awaitable[T]) -> T:
-    """`work`'s result; httpx.ReadTimeout if `backend` fails its health checks first (stopped, or
-    hung), so that a request with no read timeout of its own still never waits forever."""
+async def watched(work: Awaitable[T], broken: Callable[[], Awaitable[Exception | None]]) -> T:
+    """`work`'s result, unless `broken()`, asked every half second while it runs, names an error
+    first: `work` is then cancelled (which closes its backend connection) and that error raised."""
     task = asyncio.ensure_future(work)
     try:
         while not task.done():
             await asyncio.wait([task], timeout=0.5)
-            if not task.done() and not backend.healthy:
-                raise httpx.ReadTimeout("the backend stopped passing its health checks")
+            if not task.done() and (error := await broken()) is not None:
+                raise error
         return task.result()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def while_healthy(backend, work: Awaitable[T]) -> T:
+    """`work`'s result; httpx.ReadTimeout if `backend` fails its health checks first (stopped, or
+    hung), so that a request with no read timeout of its own still never waits forever."""
+    async def stopped() -> Exception | None:
+        return None if backend.healthy else httpx.ReadTimeout("the backend stopped passing its health checks")
+    return await watched(work, stopped)
 
 
 async def unless_gone(raw: Request, work: Awaitable[T]) -> T:
@@ -75,13 +83,6 @@ async def unless_gone(raw: Request, work: Awaitable[T]) -> T:
     closes its backend connection: the backend aborts the request). A plain endpoint is not
     cancelled when its client leaves, and a non-streaming backend sends nothing before its answer
     is whole, so without this the backend would generate to the end for nobody."""
-    task = asyncio.ensure_future(work)
-    try:
-        while not task.done():
-            await asyncio.wait([task], timeout=0.5)
-            if not task.done() and await raw.is_disconnected():
-                raise ClientGone
-        return task.result()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    async def gone() -> Exception | None:
+        return ClientGone() if await raw.is_disconnected() else None
+    return await watched(work, gone)

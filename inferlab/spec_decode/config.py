@@ -45,7 +45,7 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config method must be one of {METHODS}, got {self.method!r}")
         check_types(self, "speculative_config ")
         k = self.num_speculative_tokens
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        if not 1 <= k <= MAX_SPECULATIVE_TOKENS:  # an int: check_types said so
             raise ValueError(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
         if self.method == "ngram":
             # vLLM's defaults: one bound given sets the other; neither gives 5 and 5

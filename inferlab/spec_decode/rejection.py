@@ -63,16 +63,7 @@ def verify(logits: torch.Tensor, req: Request) -> list[SampleResult]:
     tokens = accepted_tokens(logits, req)
     if raw is None:
         return [SampleResult(t) for t in tokens]
-    n = req.params.logprobs
-    results = []
-    for j, t in enumerate(tokens):
-        top = {}
-        if n:
-            vals, ids = raw[j].topk(n)
-            top = dict(zip(ids.tolist(), vals.tolist()))
-        lp = float(raw[j, t])
-        results.append(SampleResult(t, lp, top, int((raw[j] > lp).sum()) + 1))
-    return results
+    return [SampleResult.with_logprobs(t, raw[j], req.params.logprobs) for j, t in enumerate(tokens)]
 
 
 def sample_rows(logits: torch.Tensor, reqs: list[Request], widths: np.ndarray,

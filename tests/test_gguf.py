@@ -57,8 +57,9 @@ def q4_gguf(smol, tmp_path_factory):
     return write_gguf(str(tmp_path_factory.mktemp("gguf") / "q4.gguf"), Q4_TYPES)
 
 
-def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None = None) -> str:
-    """`rope`: {"freqs": a rope_freqs.weight tensor} or {"linear": a scaling factor}."""
+def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None = None, pre: str | None = None) -> str:
+    """`rope`: {"freqs": a rope_freqs.weight tensor} or {"linear": a scaling factor}; `pre`: the
+    tokenizer's pre-tokenizer name (the embedded model's vocabulary and merges either way)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
     tok = weight_cache.load(loader.embedded_model_path())[2]
     w = GGUFWriter(path, "llama")
@@ -77,7 +78,7 @@ def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None 
     if rope and "freqs" in rope:
         w.add_tensor("rope_freqs.weight", rope["freqs"].numpy())
     w.add_tokenizer_model(tok["tokenizer.ggml.model"])
-    w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
+    w.add_tokenizer_pre(pre or tok["tokenizer.ggml.pre"])
     w.add_token_list(tok["tokenizer.ggml.tokens"])
     w.add_token_types(tok["tokenizer.ggml.token_type"])
     w.add_token_merges(tok["tokenizer.ggml.merges"])
@@ -255,6 +256,39 @@ def test_file_matches_hf(file, chat_prompts, request):
 def _hf_model(transformers, path: str, dtype: torch.dtype):
     return transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype).eval()
+
+
+# line breaks, spaces before code, digits, contractions, letters with marks, CRLF: where the splits differ
+SPLIT_TEXTS = ["hello   world\n\nnew", "def f(x):\n    return x * 12345\n", "a\r\n\r\nb", "I'LL see you're 2026's",
+               "naïve café — ok?!\n\n\n", "path/to/file.py:42", "  leading and trailing  ", "x\ty\u00a0z"]
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_gguf_pre_tokenizer_splits_text_as_hf_does(pre, tmp_path):
+    """A GGUF's `tokenizer.ggml.pre` chooses how text is cut before the merges (Qwen2's and Llama 3's
+    expressions, not GPT-2's): the same tokens as HF's tokenizer of the same file."""
+    transformers = pytest.importorskip("transformers")
+    path = write_gguf(str(tmp_path / "pre.gguf"), TYPES, pre=pre)
+    ours = loader.load_model(path, "float32", torch.device("cpu"))[1]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="pre.gguf")
+    for text in SPLIT_TEXTS:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == text
+    gpt2 = _with_gpt2_split(ours)
+    differ = sum(ours.encode(t, add_special_tokens=False) != gpt2.encode(t, add_special_tokens=False)
+                 for t in SPLIT_TEXTS)
+    assert differ >= 2  # the texts do tell the expressions apart
+
+
+def _with_gpt2_split(tok):
+    """The same vocabulary and merges, text cut by GPT-2's expression."""
+    from tokenizers import pre_tokenizers
+
+    from inferlab.model.tokenizer import Tokenizer
+    backend = tok.backend.__class__.from_str(tok.backend.to_str())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return Tokenizer(backend, tok.eos_token_ids)
 
 
 @pytest.mark.parametrize("mode,kept", [("none", quant.F32), ("q8_0", quant.Q8_0), ("q4_0", quant.Q4_0)])

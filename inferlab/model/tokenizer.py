@@ -9,8 +9,10 @@ from datetime import datetime
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
+
+from inferlab.model import pretokenize
 
 
 class ChatTemplateError(ValueError):
@@ -127,7 +129,7 @@ class Tokenizer:
         types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
         backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.pre_tokenizer = pretokenize.for_gguf(fields.get("tokenizer.ggml.pre"))
         backend.decoder = decoders.ByteLevel()
         # token_type 3 = control (special), 4 = user-defined: both must match whole, never split
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)

@@ -9,6 +9,7 @@ import random
 import time
 
 from inferlab.llm import LLM
+from inferlab.outputs import check_outputs
 from inferlab.sampling_params import SamplingParams
 
 SHAPES = {  # name: (num_seqs, max_input_len, max_output_len)
@@ -77,7 +78,7 @@ def run_bench(llm: LLM, workload: dict, use_tqdm: bool = True) -> dict:
     llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     llm.engine.block_manager.reset_prefix_cache()
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    outputs = check_outputs(llm.generate(prompts, params, use_tqdm=use_tqdm))  # else the figures are wrong
     seconds = time.perf_counter() - start
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -154,10 +155,10 @@ def run_latency(llm: LLM, input_len: int = 128, output_len: int = 128, repeats: 
         engine.add_request(f"latency-{i}", prompt, params)
         start, before = time.perf_counter(), engine.num_generation_tokens
         while engine.num_generation_tokens == before and engine.has_unfinished_requests():
-            engine.step()  # a long prompt is prefilled in chunks: the first token comes with the last
+            check_outputs(engine.step())  # a long prompt's chunks: the first token comes with the last
         first, generated = time.perf_counter(), engine.num_generation_tokens
         while engine.has_unfinished_requests():
-            engine.step()
+            check_outputs(engine.step())
         best_ttft = min(best_ttft, first - start)
         # per token, not per step: a speculative step can emit several
         tokens = engine.num_generation_tokens - generated

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from inferlab.outputs import RequestFailed
+
 CHAT_PROMPTS = [
     "What is the capital of France?", "hi", "Write a haiku about the sea.", "List three prime numbers.",
     "Translate 'good morning' to Spanish.", "What is 12 times 7?", "Explain in two sentences why the sky is blue.",
@@ -266,5 +268,8 @@ def main(a: argparse.Namespace) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     results, duration, model = asyncio.run(run(a))
     summary = summarize(a, results, duration, model)
-    print_table(summary, next((r.error for r in results if r.error), None))
+    first_error = next((r.error for r in results if r.error), None)
+    print_table(summary, first_error)
     print(json.dumps(summary), flush=True)
+    if not summary["completed"]:  # no figure at all: a failure, for scripts that check the status
+        raise RequestFailed(f"no request completed ({first_error})")

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from inferlab.cli_args import engine_config, recording, sampling_params
+from inferlab.outputs import RequestFailed, check_outputs
 
 log = logging.getLogger("inferlab")
 
@@ -16,7 +17,7 @@ def stream(engine, request_id: str, prompt, params) -> str:
     engine.add_request(request_id, prompt, params)
     text = ""
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in check_outputs(engine.step()):
             delta = out.outputs[0].new_text
             text += delta
             print(delta, end="", flush=True)
@@ -98,5 +99,10 @@ def cmd_chat(a: argparse.Namespace) -> None:
             engine.abort_request(f"chat-{turn}")
             print()
             reply = ""
+        except RequestFailed as e:  # said (and logged); the session goes on without this exchange
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            turn += 1
+            continue
         turn += 1
         history.append({"role": "assistant", "content": reply})

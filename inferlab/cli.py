@@ -31,6 +31,7 @@ from inferlab.config import EngineConfig
 from inferlab.distributed import EngineDeadError
 from inferlab.distributed.worker import is_worker_node, run_node
 from inferlab.logger import setup_logging
+from inferlab.outputs import RequestFailed
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # our one-line errors (bad options, model, prompt)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except EngineDeadError as e:  # a tensor-parallel rank failed
+    except (EngineDeadError, RequestFailed) as e:  # a tensor-parallel rank, or the engine on a request, failed
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -62,3 +62,17 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed this request (finish_reason "error")
+
+
+class RequestFailed(RuntimeError):
+    """What the command-line tools raise when the engine failed a request (the engine keeps running
+    and logs why; a tool whose answer or figure is then wrong exits with status 1)."""
+
+
+def check_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """`outputs`, or RequestFailed naming how many failed and the first one's error."""
+    failed = [o for o in outputs if o.error is not None]
+    if failed:
+        raise RequestFailed(f"{len(failed)} of {len(outputs)} requests failed (the first, {failed[0].request_id}: "
+                            f"{failed[0].error})")
+    return outputs

@@ -84,12 +84,14 @@ def test_all_at_once_cycles_the_workload(base_url, workload_file):
 
 
 def test_sampling_settings_reach_the_server(base_url, workload_file):
-    """--temperature / --top-p / --top-k go with every request (a bad one is refused: all failed)."""
+    """--temperature / --top-p / --top-k go with every request (a bad one is refused: all failed, which
+    is status 1)."""
     s = check(bench_serve("--base-url", base_url, "--workload", workload_file, "--num-requests", "6",
                           "--temperature", "1.0", "--top-p", "0.9", "--top-k", "20"), 6, sum(MAX_TOKENS))
     assert (s["temperature"], s["top_p"], s["top_k"]) == (1.0, 0.9, 20)
     r = bench_serve("--base-url", base_url, "--workload", workload_file, "--num-requests", "2", "--top-p", "1.5")
     assert json.loads(r.stdout.strip().splitlines()[-1])["failed"] == 2 and "top_p" in r.stdout, r.stdout
+    assert r.returncode == 1 and "\nerror: no request completed (HTTP 400" in r.stderr, r.stderr  # no figure
 
 
 def test_the_edit_workload_goes_to_chat_as_offline(base_url):

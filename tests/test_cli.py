@@ -178,6 +178,24 @@ def test_bench_prints_json_last_line(tmp_path):
     assert result["output_tok_s"] > 0 and result["seconds"] > 0
 
 
+@pytest.mark.parametrize("command", [["generate", "hi"], ["bench", "--workload", "{wl}", "--no-progress"],
+                                     ["bench", "--latency", "--input-len", "4", "--output-len", "2"]])
+def test_a_request_the_engine_fails_is_one_line_and_status_1(command, tmp_path, monkeypatch, capsys):
+    """The engine outlives a request it fails (an error output); the command whose answer or figure
+    that makes wrong says so and exits 1 (it printed nothing, or a benchmark's figures, and exited 0)."""
+    import inferlab.runner as runner_mod
+
+    def sample(logits, reqs, eos):
+        raise RuntimeError("boom")
+
+    (tmp_path / "wl.json").write_text(json.dumps({"requests": [{"prompt_token_ids": [5, 6, 7], "max_tokens": 3}]}))
+    monkeypatch.setattr(runner_mod, "sample", sample)
+    assert main([arg.format(wl=tmp_path / "wl.json") for arg in command] + ["--num-kv-blocks", "16"]) == 1
+    out, err = capsys.readouterr()
+    assert re.search(r"^error: 1 of 1 requests failed \(the first, .*: RuntimeError: boom\)$", err, re.M), err
+    assert "output_tok_s" not in out and "tpot_ms" not in out
+
+
 @pytest.mark.parametrize("content, message", [
     ({"requests": [{"prompt_token_ids": [1, 2, 3]}]},
      "{path}: request 0: max_tokens must be an integer >= 1, got None"),

@@ -57,18 +57,25 @@ def q4_gguf(smol, tmp_path_factory):
     return write_gguf(str(tmp_path_factory.mktemp("gguf") / "q4.gguf"), Q4_TYPES)
 
 
-def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None = None, pre: str | None = None) -> str:
+def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None = None, pre: str | None = None,
+               meta: dict | None = None) -> str:
     """`rope`: {"freqs": a rope_freqs.weight tensor} or {"linear": a scaling factor}; `pre`: the
-    tokenizer's pre-tokenizer name (the embedded model's vocabulary and merges either way)."""
+    tokenizer's pre-tokenizer name (the embedded model's vocabulary and merges either way); `meta`:
+    other values of block_count, head_count, head_count_kv or bos (the tensors stay those of the
+    model's own), or split (the file then says it is part 1 of that many)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
     tok = weight_cache.load(loader.embedded_model_path())[2]
+    meta = {"block_count": LAYERS, "head_count": HEADS, "head_count_kv": KV_HEADS, "bos": 1, **(meta or {})}
     w = GGUFWriter(path, "llama")
-    w.add_block_count(LAYERS)
+    if "split" in meta:
+        w.add_uint16("split.no", 0)
+        w.add_uint16("split.count", meta["split"])
+    w.add_block_count(meta["block_count"])
     w.add_context_length(512)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
+    w.add_head_count(meta["head_count"])
+    w.add_head_count_kv(meta["head_count_kv"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     if rope and "linear" in rope:
@@ -82,7 +89,7 @@ def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None 
     w.add_token_list(tok["tokenizer.ggml.tokens"])
     w.add_token_types(tok["tokenizer.ggml.token_type"])
     w.add_token_merges(tok["tokenizer.ggml.merges"])
-    w.add_bos_token_id(1)
+    w.add_bos_token_id(meta["bos"])
     w.add_eos_token_id(2)
     w.add_chat_template(tok["tokenizer.chat_template"])
     g = torch.Generator().manual_seed(0)
@@ -256,6 +263,30 @@ def test_file_matches_hf(file, chat_prompts, request):
 def _hf_model(transformers, path: str, dtype: torch.dtype):
     return transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"block_count": 10 ** 6}, "block_count is 1000000, but the file holds tensors for 2 layers"),  # it took 8 GB
+    ({"block_count": 1}, "block_count is 1, but the file holds tensors for 2 layers"),  # ran with one layer of two
+    ({"head_count_kv": 3}, r"num_kv_heads=3 \(it must divide num_heads=4\)"),  # every request failed
+    ({"head_count_kv": 0}, r"num_kv_heads=0 \(a positive integer\)"),
+    ({"head_count": 0}, "head_count 0 does not divide embedding_length 256"),
+    ({"head_count_kv": [2, 1]}, r"head_count_kv differs between layers \(\[1, 2\]\)"),
+    ({"bos": 10 ** 6}, "bos_token_id 1000000 is outside the vocabulary of 49152 tokens"),
+    ({"split": 2}, "is part 1 of 2 of a split GGUF: merge the parts"),
+])
+def test_metadata_no_model_can_have_is_one_line_before_the_model_is_built(meta, message, tmp_path):
+    """Each was a traceback (ZeroDivisionError, IndexError), a hang, or a model that loaded and ran wrong."""
+    path = write_gguf(str(tmp_path / "bad.gguf"), TYPES, meta=meta)
+    with pytest.raises(ModelLoadError, match=message):
+        loader.load_model(path, "float32", torch.device("cpu"))
+
+
+def test_a_gguf_is_known_by_its_magic_and_per_layer_head_counts_of_one_value_are_read(tmp_path):
+    """Ollama keeps its GGUFs as blobs named by their hash; GGUF may write head counts per layer."""
+    path = write_gguf(str(tmp_path / "blob"), TYPES, meta={"head_count_kv": [KV_HEADS] * LAYERS})
+    model, _ = loader.load_model(path, "float32", torch.device("cpu"))
+    assert model.args.num_kv_heads == KV_HEADS and model.model.layers[0].self_attn.qkv_proj.wtype is not None
 
 
 # line breaks, spaces before code, digits, contractions, letters with marks, CRLF: where the splits differ

@@ -41,6 +41,18 @@ class ModelArgs:
     mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down
     qk_norm: bool = False  # Qwen3
 
+    def __post_init__(self) -> None:
+        """A shape no model can have is refused here, with its field, before any layer is built."""
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+                     "max_position"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise unsupported(name, value, "a positive integer")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise unsupported("rope_theta", self.rope_theta, "a positive number")
+        if self.num_heads % self.num_kv_heads:
+            raise unsupported("num_kv_heads", self.num_kv_heads, f"it must divide num_heads={self.num_heads}")
+
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """One layer's share of the KV pool: (tensors, blocks, block_size, heads, head_dim). Here a K
         and a V tensor of the KV heads; MLA keeps one latent "head" (`deepseek.DeepseekArgs`)."""
@@ -64,6 +76,7 @@ class MoEArgs(ModelArgs):
     moe_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         k = self.num_experts_per_tok
         if self.moe_layers and not (isinstance(k, int) and 1 <= k <= self.num_experts):
             raise unsupported("num_experts_per_tok", self.num_experts_per_tok,
@@ -123,40 +136,6 @@ def rope_scaling(cfg: dict) -> dict | None:
     scaling = dict(scaling)
     if scaling.get("rope_type", scaling.get("type")) == "yarn":
         scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
-    return scaling
-
-
-def gguf_shape(arch: str, fields: dict, tensor_names: set[str]) -> dict:
-    """The ModelArgs fields every GGUF file gives (keys prefixed by its architecture)."""
-    hidden, heads = fields[f"{arch}.embedding_length"], fields[f"{arch}.attention.head_count"]
-    return dict(
-        hidden_size=hidden, num_layers=fields[f"{arch}.block_count"], num_heads=heads,
-        num_kv_heads=fields.get(f"{arch}.attention.head_count_kv", heads),
-        head_dim=fields.get(f"{arch}.attention.key_length", hidden // heads),
-        intermediate_size=fields.get(f"{arch}.feed_forward_length", 0),
-        vocab_size=fields.get(f"{arch}.vocab_size", len(fields["tokenizer.ggml.tokens"])),
-        max_position=fields.get(f"{arch}.context_length", 2048),
-        rope_theta=fields.get(f"{arch}.rope.freq_base", 10000.0), rope_scaling=gguf_rope_scaling(arch, fields),
-        rms_norm_eps=fields[f"{arch}.attention.layer_norm_rms_epsilon"],
-        tie_word_embeddings="output.weight" not in tensor_names)
-
-
-def gguf_rope_scaling(arch: str, fields: dict) -> dict | None:
-    """llama.cpp's rope.scaling.* keys as an HF rope_scaling dict."""
-    kind = fields.get(f"{arch}.rope.scaling.type", "none")
-    if kind == "none":
-        return None
-    key = f"{arch}.rope.scaling."
-    scaling = {"rope_type": kind, "factor": fields.get(key + "factor", 1.0)}
-    if kind == "yarn":
-        scaling["original_max_position_embeddings"] = fields.get(key + "original_context_length",
-                                                                 fields.get(f"{arch}.context_length"))
-        for ours, theirs in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
-                             ("attention_factor", "yarn_attn_factor")):
-            if key + theirs in fields:
-                scaling[ours] = fields[key + theirs]
-        if key + "yarn_log_multiplier" in fields:  # DeepSeek's mscale_all_dim, stored times 0.1
-            scaling["mscale"] = scaling["mscale_all_dim"] = fields[key + "yarn_log_multiplier"] / 0.1
     return scaling
 
 

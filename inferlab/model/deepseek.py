@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from inferlab.distributed.group import current_group
-from inferlab.model.base import CausalLM, Decoder, ModelLoadError, MoEArgs, gguf_shape, hf_shape, unsupported
+from inferlab.model.base import CausalLM, Decoder, ModelLoadError, MoEArgs, hf_shape, unsupported
+from inferlab.model.gguf_args import gguf_shape
 from inferlab.model.layers import MLP
 from inferlab.model.layers.mla import MLAAttention
 from inferlab.model.layers.moe import Experts, Router, Routing

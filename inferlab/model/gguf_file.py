@@ -8,6 +8,8 @@ per-head split of kv_b_proj.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -45,6 +47,8 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
     from gguf import GGUFReader
 
     try:
+        if os.path.getsize(path) < 24:  # magic, version, tensor and field counts: where numpy's error is obscure
+            raise ValueError(f"the file is {os.path.getsize(path)} bytes, shorter than a GGUF header: it is cut short")
         reader = GGUFReader(path)
     except Exception as e:  # numpy/struct errors on truncated or foreign files
         short = isinstance(e, ValueError) and ("reshape" in str(e) or "larger dtype" in str(e))
@@ -52,10 +56,16 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
             "the file ends before its tensors' data does: it is cut short (an interrupted download or copy?); "
             f"numpy: {e}" if short else str(e))) from None
     fields = {k: f.contents() for k, f in reader.fields.items()}
+    if fields.get("split.count", 1) > 1:
+        raise ModelLoadError(f"{path} is part {fields.get('split.no', 0) + 1} of {fields['split.count']} of a split "
+                             "GGUF: merge the parts into one file first (llama.cpp's `llama-gguf-split --merge`)")
+    if "tokenizer.ggml.tokens" not in fields:
+        raise ModelLoadError(f"{path} has no tokenizer (tokenizer.ggml.tokens): the vocabulary must be in the file")
     arch = fields.get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHS)}")
     model_class = GGUF_ARCHS[arch]
+    _check_layers(fields.get(f"{arch}.block_count"), reader.tensors)
     args = model_class.args_from_gguf(arch, fields, {t.name for t in reader.tensors})
     names = {**GGUF_NAMES, **model_class.gguf_names}
     tensors, readable = [], set()  # readable: the types gguf's numpy code was seen to dequantize
@@ -89,6 +99,15 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
             continue
         tensors.append((name, w.view(1, -1) if name.endswith("shared_expert_gate.weight") else w, wtype))
     return args, _join_kv_b(tensors), {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+
+
+def _check_layers(block_count, tensors) -> None:
+    """block_count against the layers whose tensors the file holds: a model built from a wrong count
+    ran without some of them, or (a count of millions) took the memory to build them all."""
+    held = {int(t.name.split(".")[1]) for t in tensors if t.name.startswith("blk.")}
+    if held != set(range(block_count if isinstance(block_count, int) else -1)):
+        raise ModelLoadError(f"block_count is {block_count!r}, but the file holds tensors for "
+                             f"{len(held)} layers (blk.{min(held, default=0)} to blk.{max(held, default=0)})")
 
 
 def _freq_factors(args: ModelArgs, factors: np.ndarray) -> dict:

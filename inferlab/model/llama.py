@@ -15,7 +15,8 @@ from torch import nn
 
 from inferlab.distributed.group import current_group
 from inferlab.distributed.layers import ColumnParallelLinear, RowParallelLinear
-from inferlab.model.base import CausalLM, Decoder, ModelArgs, gguf_shape, hf_shape
+from inferlab.model.base import CausalLM, Decoder, ModelArgs, hf_shape
+from inferlab.model.gguf_args import gguf_shape
 from inferlab.model.layers import MLP, AttentionMetadata, RMSNorm, paged_attention, rope
 
 

@@ -94,13 +94,21 @@ def load_model(path: str | None, dtype: str, device: torch.device, quantization:
     try:
         if os.path.isdir(path):
             return _load_folder(path, dtype, device, quantization, int8_activations)
-        if path.endswith(".gguf"):
+        if path.endswith(".gguf") or is_gguf(path):  # Ollama's blobs, say, have no .gguf name
             return _load_gguf(path, dtype, device, quantization, int8_activations)
     except ModelLoadError:
         raise
-    except (KeyError, ValueError, OSError, RuntimeError, json.JSONDecodeError) as e:
+    except KeyError as e:  # a field or file every model of its kind has
+        raise ModelLoadError(f"cannot load {path}: it has no {e}") from None
+    except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot load {path}: {type(e).__name__}: {e}") from None
-    raise ModelLoadError(f"{path} is neither a .gguf file nor a folder with config.json")
+    raise ModelLoadError(f"{path} is neither a GGUF file nor a folder with config.json")
+
+
+def is_gguf(path: str) -> bool:
+    """Whether the file starts with GGUF's magic bytes."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _construct(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> CausalLM:
@@ -233,5 +241,5 @@ def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
               f"to {dtype_name}, larger than stored (--quantization q8_0 keeps them smaller)")
         log.warning("%d tensors are of types no kernel here reads (%s): dequantized at load, %s",
                     unread.total(), ", ".join(f"{n} {t}" for t, n in unread.items()), to)
-    model = _build(args, iter(tensors), torch_dtype, device, quantization, int8_activations)
-    return model, Tokenizer.from_gguf_fields(tokenizer_fields)
+    tokenizer = Tokenizer.from_gguf_fields(tokenizer_fields)  # first: a vocabulary it cannot read fails at once
+    return _build(args, iter(tensors), torch_dtype, device, quantization, int8_activations), tokenizer

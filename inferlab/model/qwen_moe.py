@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from inferlab.model.base import CausalLM, Decoder, MoEArgs, gguf_shape, hf_shape, unsupported
+from inferlab.model.base import CausalLM, Decoder, MoEArgs, hf_shape, unsupported
+from inferlab.model.gguf_args import gguf_shape
 from inferlab.model.layers import MLP, Linear
 from inferlab.model.layers.moe import Experts, Router, Routing
 from inferlab.model.llama import DecoderLayer, LlamaForCausalLM

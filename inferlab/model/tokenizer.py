@@ -125,10 +125,21 @@ class Tokenizer:
         kind = fields.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(f"GGUF tokenizer type {kind!r} is not supported (only byte-level BPE 'gpt2')")
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+            if key not in fields:
+                raise ValueError(f"the GGUF file has no {key}: the vocabulary must be in the file")
         tokens = fields["tokenizer.ggml.tokens"]
         types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-        backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+        for key in ("bos", "eos", "eot"):
+            at = fields.get(f"tokenizer.ggml.{key}_token_id")
+            if at is not None and not 0 <= at < len(tokens):
+                raise ValueError(f"tokenizer.ggml.{key}_token_id {at} is outside the vocabulary "
+                                 f"of {len(tokens)} tokens")
+        try:
+            backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library's own error type
+            raise ValueError(f"the GGUF vocabulary does not hold together: {e}") from None
         backend.pre_tokenizer = pretokenize.for_gguf(fields.get("tokenizer.ggml.pre"))
         backend.decoder = decoders.ByteLevel()
         # token_type 3 = control (special), 4 = user-defined: both must match whole, never split

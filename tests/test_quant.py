@@ -654,3 +654,37 @@ def test_int8_activations_are_reported_only_where_a_layer_has_them():
     assert layer("auto", int8=True).int8_active  # q4_1 kept: its rows multiply int8 inputs
     assert not layer("none", int8=True).int8_active  # dequantized to fp32: nothing to take int8
     assert not layer("auto", int8=False).int8_active
+
+
+@pytest.mark.parametrize("stored", [quant.BF16, quant.Q4_K, quant.Q8_0])
+def test_a_rows_bits_do_not_depend_on_how_far_apart_x_keeps_its_rows(stored):
+    """x as the rows of a wider tensor gives the bits of x itself (AMX took strided rows to its
+    AVX-512 kernel, which sums in another order), in this CPU's kept layout of a bf16 model."""
+    from inferlab.model.layers import keep
+    native = kernels.native()
+    wtype = keep.target_type(stored, 512, "auto", torch.bfloat16, native and native.isa, rows=48)
+    data = quant.random_stored(stored, 48, 512, seed=3) if stored.dtype is None else torch.randn(48, 512).bfloat16()
+    w = keep.convert(data, stored, wtype)
+    for rows in (1, 4, 70):
+        x = torch.randn(rows, 512).bfloat16()
+        wide = torch.zeros(rows, 1024, dtype=torch.bfloat16)
+        wide[:, :512] = x
+        assert torch.equal(linear(x, w, wtype, out_dtype=torch.float32),
+                           linear(wide[:, :512], w, wtype, out_dtype=torch.float32)), (wtype, rows)
+
+
+def test_inputs_of_the_wrong_width_and_ids_past_the_vocabulary_are_errors_not_reads_past_the_end():
+    """The kernels trust their sizes: x of another width read past its rows (garbage, or a crash at
+    65,536), and so did an embedding lookup of id -1 or one past the vocabulary."""
+    from inferlab.model.layers.linear import Embedding
+    w = quant.random_stored(quant.Q8_0, 64, 512, seed=4)
+    for width in (256, 1024):
+        with pytest.raises(ValueError, match=f"x has {width} features per row"):
+            linear(torch.randn(2, width), w, quant.Q8_0)
+    emb = Embedding(64, 512)
+    emb.weight_loader(emb.weight, w, wtype=quant.Q8_0)
+    emb.process_weights_after_loading("auto", torch.float32, kernels.native() and kernels.native().isa)
+    assert torch.equal(emb(torch.tensor([0, 63])), quant.dequantize(w, quant.Q8_0)[[0, 63]])
+    for bad in (-1, 64):
+        with pytest.raises(IndexError, match=r"token ids must be in \[0, 64\)"):
+            emb(torch.tensor([3, bad]))

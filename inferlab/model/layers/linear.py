@@ -83,6 +83,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = Non
     `out_dtype` (default x's; fp32 keeps a bf16 model's logits unrounded). With `int8`, a 32-block
     integer weight type multiplies x's rows quantized to int8 per 32 (see api.h)."""
     wtype = quant.weight_type(weight, wtype)
+    if weight.numel() * weight.element_size() != weight.shape[0] * wtype.row_bytes(x.shape[-1]):
+        raise ValueError(f"x has {x.shape[-1]} features per row, which are not what the {wtype.name} weight's "
+                         f"rows hold")  # a kernel would read past x's rows
     out_dtype = out.dtype if out is not None else out_dtype or x.dtype
     k = kernels.for_tensor(x)
     if k is not None and (x.dim() != 2 or x.stride(1) != 1 or not weight.is_contiguous() or
@@ -95,8 +98,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = Non
         y = linear_ref(x, weight, wtype, bias, int8, out_dtype)
         return y if out is None else out.copy_(y)
     n = weight.shape[0]
+    if x.shape[0] > 1 and x.stride(0) != x.shape[1]:  # rows apart: AMX runs another kernel, summing otherwise
+        x = x.contiguous()
     y = x.new_empty(x.shape[0], n, dtype=out_dtype) if out is None else out
-    k.linear(x, x.stride(0), weight, wtype.code, bias, y, y.stride(0), x.shape[0], x.shape[1], n,
+    k.linear(x, x.shape[1], weight, wtype.code, bias, y, y.stride(0), x.shape[0], x.shape[1], n,
              kernels.DTYPE_CODES[x.dtype], kernels.DTYPE_CODES[out_dtype],
              kernels.C["IL_ACT_INT8" if int8 else "IL_ACT_FLOAT"])
     return y
@@ -213,6 +218,8 @@ class Embedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.weight.shape[0]:
+            raise IndexError(f"token ids must be in [0, {self.weight.shape[0]}), got {ids.min()} to {ids.max()}")
         wtype = quant.weight_type(self.weight, self.wtype)
         out = torch.empty(ids.shape[0], self.dim, dtype=torch.float32, device=ids.device)
         k = kernels.for_tensor(out)

@@ -56,3 +56,22 @@ def test_damaged_entry_is_parsed_again(gguf_copy, caplog):
     assert "damaged model cache" in caplog.text
     assert model.lm_head.weight.abs().sum() > 0
     assert weight_cache.load(gguf_copy) is not None, "the entry is written afresh"
+
+
+def test_saving_an_entry_drops_those_of_deleted_files_and_older_versions(tmp_path, monkeypatch):
+    """Each entry copies a whole model: one per file ever parsed (6.9 GB of test files on one machine)."""
+    from inferlab.model.base import ModelArgs
+    monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path / "cache"))
+    args = ModelArgs("llama", 32, 1, 2, 1, 16, 64, 100, 128)
+    tensors = [("w", torch.zeros(4, 32), quant.F32)]
+    gone, kept, edited = (tmp_path / name for name in ("gone.gguf", "kept.gguf", "edited.gguf"))
+    for f in (gone, kept, edited):
+        f.write_bytes(b"v1")
+        weight_cache.save(str(f), args, tensors, {})
+    old_edit = weight_cache._entry(str(edited))
+    gone.unlink()
+    edited.write_bytes(b"v2, longer")  # another size: another key
+    weight_cache.save(str(edited), args, tensors, {})
+    entries = {p.name for p in (tmp_path / "cache" / "models").iterdir()}
+    assert entries == {weight_cache._entry(str(kept)).name, weight_cache._entry(str(edited)).name}
+    assert old_edit.name not in entries and weight_cache.load(str(kept)) is not None

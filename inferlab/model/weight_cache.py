@@ -5,8 +5,9 @@ as the file stores it (quantized blocks stay blocks, with their type's name), so
 dtype and any quantization mode, and later starts just read it back.
 
 Entries live under `$INFERLAB_CACHE/models` (default `~/.cache/inferlab`), keyed by the file's path,
-size and modification time, so an edited or replaced file is parsed again. `INFERLAB_MODEL_CACHE=0`
-turns the cache off.
+size and modification time, so an edited or replaced file is parsed again; saving an entry drops
+those of files since deleted and of this file's older versions. `INFERLAB_MODEL_CACHE=0` turns the
+cache off.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def save(path: str, args: ModelArgs, tensors: Tensors, tokenizer_fields: dict) -
         with tempfile.TemporaryDirectory(dir=entry.parent, ignore_cleanup_errors=True) as tmp:
             save_file({name: t.contiguous() for name, t, _ in tensors}, os.path.join(tmp, "weights.safetensors"))
             Path(tmp, "meta.json").write_text(json.dumps(meta))
+            Path(tmp, "source").write_text(os.path.abspath(path))
             os.replace(tmp, entry)
     except OSError as e:
         if (entry / "meta.json").exists():  # another process parsed the same file meanwhile
@@ -79,3 +81,17 @@ def save(path: str, args: ModelArgs, tensors: Tensors, tokenizer_fields: dict) -
         return
     size = sum(t.numel() * t.element_size() for _, t, _ in tensors)
     log.info("cached the parsed model in %s (%.0f MiB); later starts read it from there", entry, size / 2**20)
+    _prune(entry, os.path.abspath(path))
+
+
+def _prune(saved: Path, source: str) -> None:
+    """Drop the entries of files that are gone, and this file's older versions: each entry is a copy
+    of a whole model, so a cache only added to grew by every file ever parsed (a downloaded model
+    replaced, a test's temporary file)."""
+    for entry in saved.parent.iterdir():
+        try:
+            other = (entry / "source").read_text() if entry != saved else None
+        except OSError:  # not an entry, or one from before sources were written: left as it is
+            continue
+        if other is not None and (other == source or not os.path.exists(other)):
+            shutil.rmtree(entry, ignore_errors=True)

@@ -9,7 +9,7 @@ positions whose top token agrees with it, and each mode's perplexity on the text
 A mode is `quantization[:dtype][+int8]` on the reference's file (dtype: default `auto`, this CPU's
 default, which the table names; `+int8`: int8 activations), or
 `--file PATH` runs another GGUF as it is stored (its own weights, e.g. llama.cpp's Q4_K_M of the same
-model). The default text is the GPL-3's
+model), at `--file-dtype` (default `auto`). The default text is the GPL-3's
 (Debian ships it in /usr/share/common-licenses): plain English, the same on every machine.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 import torch
 
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--mode", action="append", default=None,
                     help="quantization[:dtype][+int8], e.g. auto, q8_0+int8, auto:float32, none:bfloat16 (repeatable)")
     ap.add_argument("--file", action="append", default=[], help="another GGUF of the same model, run as stored")
+    ap.add_argument("--file-dtype", default="auto", choices=DTYPES, help="activations of the --file runs")
     a = ap.parse_args()
     modes = a.mode or ["auto:float32", "auto:float32+int8", "q8_0:float32", "q8_0:float32+int8", "q4_0:float32",
                        "q4_0:float32+int8", "auto:bfloat16"]
@@ -90,17 +92,22 @@ def main() -> None:
     runs = []
     for m in modes:
         base, int8 = m.removesuffix("+int8"), m.endswith("+int8")
-        quantization, dtype = (base.split(":") + ["auto"])[:2]
+        quantization, _, dtype = base.partition(":")
+        dtype = dtype or "auto"
         runs.append((f"--quantization {quantization}", a.model, quantization, dtype, int8))
-    runs += [(f"--model {f}", f, "auto", "auto", False) for f in a.file]
+    runs += [(f"--model {f}", f, "auto", a.file_dtype, False) for f in a.file]
     for label, model, quantization, dtype, int8 in runs:
         run = engine(model, quantization, dtype, int8)
         # the dtype as it ran: `auto` is this CPU's default (bf16 where it has bf16 units)
         label += f" --dtype {str(run.dtype).removeprefix('torch.')}" + (" --int8-activations" if int8 else "")
         _, kl, agree, ppl = evaluate(run, windows, reference)
-        print(f"| {label} | {kl:.5f} | {100 * agree:.2f}% | {ppl:.3f} |")
+        # a KL divergence is never negative; rounding gives -1e-9 where two runs are the same
+        print(f"| {label} | {max(kl, 0.0):.5f} | {100 * agree:.2f}% | {ppl:.3f} |")
         del run
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a model that does not load, a bad mode for it: one line
+        sys.exit(f"error: {e}")

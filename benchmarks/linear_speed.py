@@ -51,6 +51,10 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the process's CPU seconds (with --threads 1: what a kernel costs on a busy machine)")
     a = ap.parse_args()
+    known = {t.name.lower(): t for t in (*quant.TYPES, *quant.REGROUPED.values(), quant.BF16X16, *quant.TILED.values())}
+    for name in a.types.split(","):
+        if name.lower() not in known or not known[name.lower()].native:
+            ap.error(f"--types: {name!r} is not a type the kernels multiply; one of {', '.join(known)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     k = kernels.for_isa(a.isa) if a.isa else kernels.native()
@@ -60,8 +64,7 @@ def main() -> None:
     print(f"| type | rows | ms | GFLOP/s | weight GB/s | torch {a.dtype} ms |\n|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for name in a.types.split(","):
-        regrouped = {t.name.lower(): t for t in (*quant.REGROUPED.values(), quant.BF16X16, *quant.TILED.values())}
-        wtype = regrouped.get(name.lower()) or quant.BY_NAME[name.lower()]
+        wtype = known[name.lower()]
         layers, shapes = [], [(kk, n) for kk, n in SHAPES if kk % wtype.block == 0]
         if len(shapes) < len(SHAPES):
             print(f"| {name} | (only the shapes whose rows split into its {wtype.block}-weight blocks) | | | | |")

@@ -4,7 +4,10 @@ import logging
 from inferlab import kernels
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-k = kernels.native()
+try:
+    k = kernels.native()
+except ValueError as e:  # a bad INFERLAB_ISA: its one line
+    raise SystemExit(f"error: {e}") from None
 if k is None:
     raise SystemExit("native kernels unavailable (see the warning above)")
 print(f"native kernels built; this CPU runs {', '.join(kernels.library()[1])}; using {k.isa}")

@@ -688,3 +688,13 @@ def test_inputs_of_the_wrong_width_and_ids_past_the_vocabulary_are_errors_not_re
     for bad in (-1, 64):
         with pytest.raises(IndexError, match=r"token ids must be in \[0, 64\)"):
             emb(torch.tensor([3, bad]))
+
+
+def test_the_format_helpers_say_what_they_cannot_do_and_take_no_rows():
+    """No rows dequantize to no rows (gguf's numpy code raised on the reshape); a type regrouping or
+    random blocks do not cover is one line naming it (a torch error, a bare KeyError before)."""
+    assert quant.dequantize(torch.empty(0, quant.Q4_K.row_bytes(512), dtype=torch.uint8), quant.Q4_K).shape == (0, 512)
+    with pytest.raises(ValueError, match="f32 rows do not regroup"):
+        regroup.repack(torch.randn(32, 64), quant.F32)
+    with pytest.raises(ValueError, match="random_stored cannot write iq2_xxs"):
+        quant.random_stored(quant.BY_NAME["iq2_xxs"], 4, 256, seed=0)

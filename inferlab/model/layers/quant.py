@@ -132,6 +132,8 @@ def dequantize(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
             return data.float()
     from gguf import GGMLQuantizationType
     from gguf import dequantize as gguf_dequantize
+    if data.shape[0] == 0:  # gguf's numpy code cannot reshape no blocks
+        return torch.empty(0, data.shape[1] // wtype.nbytes * wtype.block)
     try:
         rows = gguf_dequantize(data.contiguous().numpy(), GGMLQuantizationType(wtype.code))
     except NotImplementedError:  # a type newer than the installed gguf package
@@ -174,6 +176,8 @@ def random_stored(wtype: WeightType, n: int, k: int, seed: int, scale: float = 0
     of its largest weight in IQ4_NL and Q6_K, for one), where every bit pattern of the rest is a valid
     weight."""
     g = torch.Generator().manual_seed(seed)
+    if not (wtype.dtype is not None or wtype.quantizable or wtype.name in _SCALES):
+        raise ValueError(f"random_stored cannot write {wtype.name} (types: {', '.join(_SCALES)}, and the float ones)")
     if wtype.dtype is not None or wtype.quantizable:
         return quantize(torch.randn(n, k, generator=g) * scale * 20, wtype)
     blocks = k // wtype.block

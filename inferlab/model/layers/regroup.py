@@ -19,7 +19,7 @@ from inferlab.model.layers.planes import (
     word_bytes,
     words,
 )
-from inferlab.model.layers.quant import BF16, BF16X16, GROUP_ROWS, Q8_0, WeightType
+from inferlab.model.layers.quant import BF16, BF16X16, GROUP_ROWS, Q8_0, REGROUPED, WeightType
 
 
 def _pair_words(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
@@ -96,6 +96,8 @@ def repack(data: torch.Tensor, wtype: WeightType) -> torch.Tensor:
     values' higher bits (the first as `_fifth_masks`, a second, Q6_K's sixth, as plain lane masks) and
     the low bits as pairs of inputs of the 16 rows (`_pair_words`; layout: kernels/avx512/x16_blocks.h);
     Q8_0's values as pairs of bytes; bf16 weights [N, K] as pairs of them, into [N, 2 K] bytes."""
+    if wtype not in REGROUPED and wtype != BF16:
+        raise ValueError(f"{wtype.name} rows do not regroup (only {', '.join(t.name for t in (*REGROUPED, BF16))})")
     if wtype == BF16:  # 4 bytes a row's input pair: pair row p holds the 16 rows' pair p side by side
         _, _, _, blocks = block_groups(data.contiguous().view(torch.uint8), BF16X16)
         return side_by_side(blocks, 4).reshape(data.shape[0], -1).contiguous()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from inferlab import LLM, SamplingParams, kernels
-from inferlab.model.layers.linear import Embedding, Linear, _bf16_to_torch
+from inferlab.model.layers.linear import Embedding, Linear
 from inferlab.model.llama import LlamaForCausalLM, ModelArgs
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, logprobs=5)
@@ -136,9 +136,6 @@ def test_a_prompt_gives_the_same_bits_whole_cached_and_chunked(smol_bf16, chat_p
     if not llm.engine.runner.tile_prefill:
         pytest.skip("no matrix-product prefill kernel on this ISA: SDPA runs whole prompts")
     assert not long or len(ids) > 512
-    isa = kernels.native().isa
-    if long and _bf16_to_torch(kernels.native(), len(ids)):
-        pytest.skip(f"{isa}: bf16 matmuls past 64 rows take another kernel (oneDNN, or fp32 tiles), summing otherwise")
     prompt = [{"prompt_token_ids": ids}]
 
     def logprobs(engine_llm: LLM) -> tuple[list[float], int]:

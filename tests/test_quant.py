@@ -698,3 +698,25 @@ def test_the_format_helpers_say_what_they_cannot_do_and_take_no_rows():
         regroup.repack(torch.randn(32, 64), quant.F32)
     with pytest.raises(ValueError, match="random_stored cannot write iq2_xxs"):
         quant.random_stored(quant.BY_NAME["iq2_xxs"], 4, 256, seed=0)
+
+
+def test_bf16_weights_whose_outputs_do_not_group_by_16_keep_a_rows_bits_past_64_rows(monkeypatch):
+    """Such a matrix stays bf16, not the pair rows (`bf16x16`); with bf16 pair products (AMD's Zen 4
+    and 5 by default) its calls past 64 rows went to oneDNN, so a row's bits changed with its batch."""
+    from inferlab.model.layers.linear import Linear
+    isa, loaded = "avx512", kernels.library()
+    if loaded is None or isa not in loaded[1]:
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    k = kernels.for_isa(isa)
+    monkeypatch.setattr(kernels, "native", lambda: k)
+    before = k.products()
+    try:
+        k.products("bf16")
+        lin = Linear(512, 40)
+        lin.weight.weight_loader(lin.weight, torch.randn(40, 512).bfloat16())
+        lin.process_weights_after_loading("auto", torch.bfloat16, isa)
+        lin.out_dtype = torch.float32
+        x = torch.randn(130, 512).bfloat16()
+        assert lin.wtype == quant.BF16 and torch.equal(lin(x[:64]), lin(x)[:64])
+    finally:
+        k.products(before)

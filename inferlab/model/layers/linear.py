@@ -18,20 +18,6 @@ from inferlab import kernels
 from inferlab.model.layers import keep, quant
 from inferlab.model.layers.quant import WeightType
 
-# Rows past which a bf16 x bf16 matmul goes to PyTorch (oneDNN on the CPU's bf16 units), by ISA: up
-# to a decode step's 64 rows the AVX512-BF16 kernels read the weights as stored (where oneDNN
-# repacking each layer's weights from memory took twice its in-cache time), so a tape can replay the
-# step. The AMX tiles take every row count (amx/rows.c past 64), summing each row in one order, so a
-# row's bits do not depend on the rows beside it.
-TORCH_BF16_PAST_ROWS = {"avx512": kernels.C["IL_MAX_ROWS"]}
-
-
-def _bf16_to_torch(k: kernels.Kernels, rows: int) -> bool:
-    """Whether a bf16 x bf16 matmul of `rows` goes to PyTorch: past TORCH_BF16_PAST_ROWS, but not where
-    the AVX-512 kernels take fp32 products (Intel's cores without AMX, whose bf16 pair products, and so
-    oneDNN's matmuls, run at half the FMAs' rate): their fp32 tiles run it (avx512/bf16_wide.c)."""
-    return rows > TORCH_BF16_PAST_ROWS.get(k.isa, 1 << 30) and not (k.isa == "avx512" and k.products() == "fp32")
-
 
 def int8_inputs(x: torch.Tensor) -> torch.Tensor:
     """x's rows as the int8-activation path sees them: per 32 values, scale = max|x| / 127 and
@@ -91,7 +77,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = Non
     if k is not None and (x.dim() != 2 or x.stride(1) != 1 or not weight.is_contiguous() or
                           (out is not None and out.stride(1) != 1) or out_dtype not in kernels.DTYPE_CODES or
                           (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())) or
-                          (wtype.dtype == x.dtype == torch.bfloat16 and _bf16_to_torch(k, x.shape[0])) or
                           (wtype.base is not None and not _regrouped_runs(wtype, x, k.isa))):
         k = None
     if k is None:

@@ -203,8 +203,6 @@ class Embedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.weight.shape[0]:
-            raise IndexError(f"token ids must be in [0, {self.weight.shape[0]}), got {ids.min()} to {ids.max()}")
         wtype = quant.weight_type(self.weight, self.wtype)
         out = torch.empty(ids.shape[0], self.dim, dtype=torch.float32, device=ids.device)
         k = kernels.for_tensor(out)
@@ -213,5 +211,8 @@ class Embedding(nn.Module):
                 return out.copy_(quant.dequantize(self.weight, wtype)[ids])
             rows = self.weight[ids]
             return out.copy_(rows if wtype.dtype is not None else quant.dequantize(rows, wtype))
+        seen = ids.numpy()  # (numpy's min and max: torch's would be compute a decode tape cannot replay)
+        if seen.size and not 0 <= seen.min() <= seen.max() < self.weight.shape[0]:  # the kernel would read past
+            raise IndexError(f"token ids must be in [0, {self.weight.shape[0]}), got {seen.min()} to {seen.max()}")
         k.get_rows(out, self.weight, wtype.code, ids, ids.shape[0], self.dim, kernels.DTYPE_CODES[out.dtype])
         return out

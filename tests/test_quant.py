@@ -720,3 +720,17 @@ def test_bf16_weights_whose_outputs_do_not_group_by_16_keep_a_rows_bits_past_64_
         assert lin.wtype == quant.BF16 and torch.equal(lin(x[:64]), lin(x)[:64])
     finally:
         k.products(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_input_reaches_the_int8_paths_outputs_as_the_reference_says(isa, dtype, monkeypatch):
+    """`int8_inputs` (the path's definition) gives a block holding a NaN a NaN scale; the kernels
+    skipped the NaN when taking max|x|, and gave the outputs of a 0 in its place."""
+    k = kernels.for_isa(isa)
+    monkeypatch.setattr(kernels, "native", lambda: k)
+    for wtype, width in ((quant.Q8_0, 64), (quant.Q4_1, 64), (quant.Q6_K, 256)):
+        x = torch.ones(3, width, dtype=dtype)
+        x[1, 5] = float("nan")
+        assert torch.isnan(int8_inputs(x)[1, :32]).all()
+        y = linear(x, quant.random_stored(wtype, 16, width, seed=5), wtype, int8=True, out_dtype=torch.float32)
+        assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any(), (wtype, y)

@@ -27,15 +27,28 @@ static inline int il_int8_call(int act, int wtype, int K) {
     return act == IL_ACT_INT8 && il_int8_type(wtype) && K % 32 == 0;
 }
 
+/* Whether f is a NaN, by its bits: -ffast-math lets the compiler assume `f != f` false. */
+static inline int il_is_nan(const float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (u & 0x7fffffffu) > 0x7f800000u;
+}
+
 /* A row of K inputs (K a multiple of 32) as llama.cpp's Q8_0 blocks: per 32, d = max|x| / 127 and
- * q = round(x / d); s = d * (sum of q), which the blocks with a minimum need. */
+ * q = round(x / d); s = d * (sum of q), which the blocks with a minimum need. A block holding a NaN
+ * gets d = NaN (its q 0), so the NaN reaches the outputs as in the float paths (max|x| skipped it,
+ * and the outputs were those of a 0 in its place). */
 static inline void il_quantize_row_q8(const void *x, int dtype, int K, int8_t *q, float *d, float *s) {
     for (int b = 0; b < K / 32; b++) {
         float v[32], amax = 0.f;
-        for (int j = 0; j < 32; j++) v[j] = il_ld(x, 32 * b + j, dtype), amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
-        const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
+        int nan = 0;
+        for (int j = 0; j < 32; j++) {
+            v[j] = il_ld(x, 32 * b + j, dtype), amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+            nan |= il_is_nan(v[j]);
+        }
+        const float scale = nan ? NAN : amax / 127.f, inv = scale != 0.f && !nan ? 1.f / scale : 0.f;
         int sum = 0;
-        for (int j = 0; j < 32; j++) q[32 * b + j] = (int8_t)roundf(v[j] * inv), sum += q[32 * b + j];
+        for (int j = 0; j < 32; j++) q[32 * b + j] = nan ? 0 : (int8_t)roundf(v[j] * inv), sum += q[32 * b + j];
         d[b] = scale, s[b] = scale * sum;
     }
 }

@@ -1,9 +1,10 @@
 """Where a step's time goes: one decode step (64 sequences of ~300 tokens, or `--seqs`) and one prefill step
-(4 prompts of 512 tokens), on the embedded model, split by kind of work. The decode step is shown
+(4 prompts of 512 tokens), on the embedded model or `--model`, split by kind of work. The decode step is shown
 as it runs (replayed from a tape in one native call, whose ops the replay times itself) and op by op
 (through the Python model, as where no tape runs).
 
-    .venv/bin/python benchmarks/profile_step.py [--dtype bfloat16] [--quantization none] [--threads N] [--seqs 1]
+    .venv/bin/python benchmarks/profile_step.py [--model X.gguf] [--dtype bfloat16] [--quantization none] \\
+        [--threads N] [--seqs 1]
 
 The model's ops are wrapped here (only in this script) with wall-clock timers, summed by kind; the
 native kernels run through ctypes, which PyTorch's profiler would not see, and the timers cost far
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from collections import defaultdict
 
@@ -79,6 +81,7 @@ def report(title: str, tokens: int, total: float, per_kind: dict[str, float]) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="a GGUF file or HF folder (default: the embedded model)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES)
     ap.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
     ap.add_argument("--threads", type=positive_int, default=None)
@@ -90,7 +93,8 @@ def main() -> None:
     a = ap.parse_args()
     # the KV pool taken at start, as `serve` and `bench` take it: on fresh pages a 4 x 512 prefill step's K/V
     # writes cost ~100 ms of page faults, which the profile counted as attention
-    llm = LLM(dtype=a.dtype, quantization=a.quantization, num_threads=a.threads, long_prefill_token_threshold=2048,
+    llm = LLM(model=a.model, dtype=a.dtype, quantization=a.quantization, num_threads=a.threads,
+              long_prefill_token_threshold=2048,
               int8_activations=a.int8_activations, kv_cache_prefault=True)
     wrap(norm, "rms_norm")
     wrap(linear, "linear")
@@ -100,10 +104,12 @@ def main() -> None:
     wrap(runner, "sample")
     wrap(DecodeTape, "__call__")
     engine, rng = llm.engine, random.Random(0)
+    top = min(10000, engine.model.args.vocab_size - 1)  # random prompt tokens, within any vocabulary
 
     def add(tag: str, n: int, length: int, out: int) -> None:
+        length = min(length, engine.max_model_len - out)  # a model of a shorter context: shorter prompts
         for i in range(n):
-            engine.add_request(f"{tag}{i}", {"prompt_token_ids": [rng.randint(0, 10000) for _ in range(length)]},
+            engine.add_request(f"{tag}{i}", {"prompt_token_ids": [rng.randint(0, top) for _ in range(length)]},
                                SamplingParams(temperature=0, max_tokens=out, ignore_eos=True))
 
     def drain() -> None:
@@ -131,4 +137,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a model that does not load: one line
+        sys.exit(f"error: {e}")

@@ -101,8 +101,9 @@ def cmd_chat(a: argparse.Namespace) -> None:
             reply = ""
         except RequestFailed as e:  # said (and logged); the session goes on without this exchange
             print(f"error: {e}", file=sys.stderr)
-            history.pop()
-            turn += 1
-            continue
+            reply = None
         turn += 1
-        history.append({"role": "assistant", "content": reply})
+        if reply is None:
+            history.pop()
+        else:
+            history.append({"role": "assistant", "content": reply})

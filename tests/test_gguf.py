@@ -58,13 +58,15 @@ def q4_gguf(smol, tmp_path_factory):
 
 
 def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None = None, pre: str | None = None,
-               meta: dict | None = None) -> str:
+               meta: dict | None = None, vocab: dict | None = None) -> str:
     """`rope`: {"freqs": a rope_freqs.weight tensor} or {"linear": a scaling factor}; `pre`: the
     tokenizer's pre-tokenizer name (the embedded model's vocabulary and merges either way); `meta`:
     other values of block_count, head_count, head_count_kv or bos (the tensors stay those of the
-    model's own), or split (the file then says it is part 1 of that many)."""
+    model's own), or split (the file then says it is part 1 of that many); `vocab`: tokenizer fields
+    written instead of the embedded model's (tokenizer.ggml.model, tokens, token_type, then scores
+    or merges)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
-    tok = weight_cache.load(loader.embedded_model_path())[2]
+    tok = vocab or weight_cache.load(loader.embedded_model_path())[2]
     meta = {"block_count": LAYERS, "head_count": HEADS, "head_count_kv": KV_HEADS, "bos": 1, **(meta or {})}
     w = GGUFWriter(path, "llama")
     if "split" in meta:
@@ -85,13 +87,17 @@ def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None 
     if rope and "freqs" in rope:
         w.add_tensor("rope_freqs.weight", rope["freqs"].numpy())
     w.add_tokenizer_model(tok["tokenizer.ggml.model"])
-    w.add_tokenizer_pre(pre or tok["tokenizer.ggml.pre"])
+    w.add_tokenizer_pre(pre or tok.get("tokenizer.ggml.pre", "default"))
     w.add_token_list(tok["tokenizer.ggml.tokens"])
     w.add_token_types(tok["tokenizer.ggml.token_type"])
-    w.add_token_merges(tok["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.merges" in tok:
+        w.add_token_merges(tok["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.scores" in tok:
+        w.add_token_scores(tok["tokenizer.ggml.scores"])
     w.add_bos_token_id(meta["bos"])
     w.add_eos_token_id(2)
-    w.add_chat_template(tok["tokenizer.chat_template"])
+    if "tokenizer.chat_template" in tok:
+        w.add_chat_template(tok["tokenizer.chat_template"])
     g = torch.Generator().manual_seed(0)
     vocab = len(tok["tokenizer.ggml.tokens"])
 

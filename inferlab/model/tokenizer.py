@@ -9,10 +9,9 @@ from datetime import datetime
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
-from inferlab.model import pretokenize
+from inferlab.model import gguf_vocab
 
 
 class ChatTemplateError(ValueError):
@@ -59,10 +58,12 @@ class Tokenizer:
         if piece is None:
             return b""
         if token_id not in self._added_ids:
-            if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+            if '"ByteLevel"' in self._decoder and all(c in _BYTE_OF_CHAR for c in piece):
                 return bytes(_BYTE_OF_CHAR[c] for c in piece)
             if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece's byte fallback
                 return bytes.fromhex(m.group(1))
+            if '"ByteFallback"' in self._decoder:  # decoded alone, the piece would lose the space its "▁" stands for
+                return piece.replace(gguf_vocab.SPACE, " ").encode()
         return self.decode([token_id], skip_special_tokens=False).encode()
 
     @functools.cached_property
@@ -70,8 +71,9 @@ class Tokenizer:
         return set(self.backend.get_added_tokens_decoder())
 
     @functools.cached_property
-    def _byte_level(self) -> bool:
-        return '"ByteLevel"' in (self.backend.decoder.__getstate__().decode() if self.backend.decoder else "")
+    def _decoder(self) -> str:
+        """The decoder's steps as JSON, which tell byte-level BPE from SentencePiece (its ByteFallback)."""
+        return self.backend.decoder.__getstate__().decode() if self.backend.decoder else ""
 
     @property
     def eos_token_id(self) -> int | None:
@@ -122,30 +124,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_fields(cls, fields: dict) -> Tokenizer:
-        kind = fields.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise ValueError(f"GGUF tokenizer type {kind!r} is not supported (only byte-level BPE 'gpt2')")
-        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-            if key not in fields:
-                raise ValueError(f"the GGUF file has no {key}: the vocabulary must be in the file")
+        backend, add_bos = gguf_vocab.backend(fields)
         tokens = fields["tokenizer.ggml.tokens"]
-        types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-        for key in ("bos", "eos", "eot"):
-            at = fields.get(f"tokenizer.ggml.{key}_token_id")
-            if at is not None and not 0 <= at < len(tokens):
-                raise ValueError(f"tokenizer.ggml.{key}_token_id {at} is outside the vocabulary "
-                                 f"of {len(tokens)} tokens")
-        try:
-            backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-        except Exception as e:  # noqa: BLE001 - the tokenizers library's own error type
-            raise ValueError(f"the GGUF vocabulary does not hold together: {e}") from None
-        backend.pre_tokenizer = pretokenize.for_gguf(fields.get("tokenizer.ggml.pre"))
-        backend.decoder = decoders.ByteLevel()
-        # token_type 3 = control (special), 4 = user-defined: both must match whole, never split
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t, ty in zip(tokens, types) if ty == 3])
-        backend.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
         bos_id, eos_id = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id")
         eos_ids = {eos_id} if eos_id is not None else set()
         if fields.get("tokenizer.ggml.eot_token_id") is not None:
@@ -153,7 +133,7 @@ class Tokenizer:
         return cls(backend, eos_ids, bos_token=tokens[bos_id] if bos_id is not None else None,
                    eos_token=tokens[eos_id] if eos_id is not None else None,
                    chat_template=fields.get("tokenizer.chat_template"),
-                   add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)), bos_token_id=bos_id)
+                   add_bos_token=add_bos, bos_token_id=bos_id)
 
     @classmethod
     def from_folder(cls, path: str, config: dict) -> Tokenizer:

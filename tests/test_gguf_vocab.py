@@ -1,0 +1,135 @@
+"""SentencePiece GGUF vocabularies (Llama 2, Mistral 7B, TinyLlama): the same tokens as HF's tokenizer
+of the same file, llama.cpp's rules where the two differ (the "▁" before text that starts with a
+space, and again after a special token), and a model of such a file that loads and generates."""
+from __future__ import annotations
+
+import io
+import pathlib
+
+import pytest
+import torch
+from test_gguf import TYPES, write_gguf
+
+from inferlab import LLM, SamplingParams
+from inferlab.model import loader, weight_cache
+from inferlab.model.base import ModelLoadError
+from inferlab.model.tokenizer import _BYTE_OF_CHAR, Tokenizer
+
+SPACE = "\u2581"
+TEXTS = ["Hello world", "The capital of France is Paris.", "multiple   spaces  here", "naïve café — ok?!",
+         "tabs\tand\nnew lines\n\n", "digits 1234567 and 3.14", "llamas 🦙 and emoji 🎉!", "日本語のテキスト",
+         "I'LL see you're 2026's", "path/to/file.py:42"]
+
+
+@pytest.fixture(scope="module")
+def spm_fields(smol) -> dict:
+    """A SentencePiece vocabulary as llama.cpp's converter lays it out (<unk>, <s>, </s>, the 256 byte
+    tokens, then the pieces with their scores), made from the embedded model's: each of its tokens
+    that is whole UTF-8 text, spaces written "▁", scored by its rank (earlier merges score higher)."""
+    tok = weight_cache.load(loader.embedded_model_path())[2]
+    pieces: dict[str, None] = {}
+    for token, kind in zip(tok["tokenizer.ggml.tokens"], tok["tokenizer.ggml.token_type"]):
+        try:
+            text = bytes(_BYTE_OF_CHAR[c] for c in token).decode() if kind == 1 else ""
+        except (KeyError, UnicodeDecodeError):  # part of a character: SentencePiece keeps bytes apart
+            continue
+        pieces.setdefault(text.replace(" ", SPACE), None) if text else None
+    pieces.pop("<unk>", None), pieces.pop("<s>", None), pieces.pop("</s>", None)
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [2, 3, 3, *[6] * 256, *[1] * len(pieces)],
+            "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(pieces))],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(spm_fields, tmp_path_factory) -> str:
+    return write_gguf(str(tmp_path_factory.mktemp("spm") / "spm.gguf"), TYPES, vocab=spm_fields)
+
+
+def test_sentencepiece_gguf_tokens_are_hfs(spm_gguf):
+    """HF builds its tokenizer of the file the same way (merges from the scores, byte fallback)."""
+    transformers = pytest.importorskip("transformers")
+    ours = loader.load_model(spm_gguf, "float32", torch.device("cpu"))[1]
+    folder, name = spm_gguf.rsplit("/", 1)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    for text in TEXTS:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == text == theirs.decode(ids)
+    emoji = [ours.id_to_token(i) for i in ours.encode("🦙", add_special_tokens=False)]
+    assert emoji[-4:] == [f"<0x{b:02X}>" for b in "🦙".encode()]  # not in the vocabulary: its UTF-8 bytes
+    assert ours.encode("Paris")[0] == 1 and ours.encode("Paris")[1:] == ours.encode("Paris", add_special_tokens=False)
+
+
+def test_the_tokens_are_those_sentencepiece_itself_gives():
+    """SentencePiece's own BPE, trained here on this project's docs with Llama's settings (byte
+    fallback, a dummy prefix, spaces kept), written out as llama.cpp's converter writes a vocabulary:
+    its tokens for lines of code and prose, leading spaces and characters it never saw included."""
+    spm = pytest.importorskip("sentencepiece")
+    root = pathlib.Path(__file__).parent.parent
+    docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    corpus = [line for f in docs for line in f.read_text().splitlines()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=2000, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1,
+        eos_id=2, minloglevel=2, num_threads=1)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    ids = range(sp.get_piece_size())
+    kind = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in ids]
+    tok = Tokenizer.from_gguf_fields({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in ids],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in ids], "tokenizer.ggml.token_type": kind,
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2})
+    texts = [*TEXTS, " leading space", "  two", "trailing  ", "a\tb\nc\n\nd",
+             *(root / "inferlab" / "engine.py").read_text().splitlines()[:150]]
+    for text in texts:
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
+        assert tok.decode(tok.encode(text)) == text == sp.decode(sp.encode(text))
+
+
+def test_llama_cpp_rules_where_hf_differs(spm_fields):
+    """SentencePiece writes "▁" before the text even when it starts with a space, and llama.cpp
+    again before each piece of text that follows a special token (Llama 2's chat turns, `</s><s>`,
+    were encoded that way by its authors); decoding drops the one it added."""
+    tok = Tokenizer.from_gguf_fields(spm_fields)
+
+    def pieces(text: str) -> str:
+        return "".join(tok.id_to_token(i) for i in tok.encode(text, add_special_tokens=False))
+    assert pieces("hi") == f"{SPACE}hi" and pieces(" hi") == f"{SPACE}{SPACE}hi"
+    assert tok.decode(tok.encode(" hi")) == " hi"
+    after = tok.encode("</s>hi there", add_special_tokens=False)
+    assert after == [2, *tok.encode("hi there", add_special_tokens=False)]
+    the = tok.backend.token_to_id(f"{SPACE}the")
+    assert tok.token_bytes(the) == b" the" and tok.decode([the]) == "the"  # alone, decoding drops the space
+    no_prefix = Tokenizer.from_gguf_fields({**spm_fields, "tokenizer.ggml.add_space_prefix": False,
+                                            "tokenizer.ggml.add_bos_token": False})
+    assert "".join(no_prefix.id_to_token(i) for i in no_prefix.encode("hi there")) == f"hi{SPACE}there"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tokenizer.ggml.scores": None}, "a SentencePiece GGUF needs a score per token"),
+    ({"tokenizer.ggml.model": "bert"}, "GGUF tokenizer type 'bert' is not supported"),
+    ({"tokenizer.ggml.unknown_token_id": 10 ** 6}, "unknown_token_id 1000000 is outside the vocabulary"),
+])
+def test_a_vocabulary_that_cannot_be_read_is_one_line(spm_fields, change, message):
+    fields = {k: v for k, v in {**spm_fields, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.from_gguf_fields(fields)
+
+
+def test_a_sentencepiece_gguf_model_generates_text_as_its_tokens_decode(spm_gguf, spm_fields):
+    """The streamed text keeps the space each "▁" stands for (decoding alone would strip the first)."""
+    llm = LLM(spm_gguf, max_model_len=128)
+    tok = llm.get_tokenizer()
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=12, temperature=0))[0]
+    ids = out.outputs[0].token_ids
+    prompt = out.prompt_token_ids
+    assert prompt[0] == 1 and len(ids) == 12
+    whole = tok.decode(prompt + list(ids))
+    assert out.outputs[0].text == whole[len(tok.decode(prompt)):]
+    with pytest.raises(ModelLoadError, match="needs a score per token"):
+        bad = {k: v for k, v in spm_fields.items() if k != "tokenizer.ggml.scores"}
+        loader.load_model(write_gguf(spm_gguf.replace("spm.gguf", "bad.gguf"), TYPES, vocab=bad),
+                          "float32", torch.device("cpu"))

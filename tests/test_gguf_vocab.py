@@ -1,6 +1,9 @@
-"""SentencePiece GGUF vocabularies (Llama 2, Mistral 7B, TinyLlama): the same tokens as HF's tokenizer
-of the same file, llama.cpp's rules where the two differ (the "▁" before text that starts with a
-space, and again after a special token), and a model of such a file that loads and generates."""
+"""GGUF vocabularies read as llama.cpp reads them. SentencePiece ones (Llama 2, Mistral 7B,
+TinyLlama): the tokens SentencePiece itself gives, the same as HF's tokenizer of the same file, and
+llama.cpp's rules where the two differ (the "▁" before text that starts with a space, and again
+after a special token); a model of such a file loads and generates. Byte-level ones: the rules a
+`tokenizer.ggml.pre` name brings besides its expression (SmolLM's digits one at a time, DeepSeek's
+several expressions in turn, Llama 3's words that are tokens taken whole)."""
 from __future__ import annotations
 
 import io
@@ -133,3 +136,34 @@ def test_a_sentencepiece_gguf_model_generates_text_as_its_tokens_decode(spm_gguf
         bad = {k: v for k, v in spm_fields.items() if k != "tokenizer.ggml.scores"}
         loader.load_model(write_gguf(spm_gguf.replace("spm.gguf", "bad.gguf"), TYPES, vocab=bad),
                           "float32", torch.device("cpu"))
+
+
+def _pieces(tok: Tokenizer, text: str) -> list[str]:
+    """The text as the pre-tokenizer cuts it, before any merge."""
+    cut = tok.backend.pre_tokenizer.pre_tokenize_str(text)
+    return [bytes(_BYTE_OF_CHAR[c] for c in piece).decode() for piece, _ in cut]
+
+
+@pytest.mark.parametrize("pre, text, pieces", [
+    # SmolLM's own tokenizer cuts digits apart before GPT-2's expression: the embedded model's
+    ("smollm", "in 2026,\n  42", ["in", " ", "2", "0", "2", "6", ",", "\n  ", "4", "2"]),
+    ("deepseek-v3", "x=12345 日本語 you're", ["x", "=", "123", "45", " ", "日本語", " you", "'re"]),
+    ("deepseek-llm", "x=12345 日本語 you're", ["x", "=", "12345", " ", "日本語", " you", "'", "re"]),
+])
+def test_a_pre_tokenizer_name_brings_its_expressions_in_turn(smol, pre, text, pieces):
+    fields = {**weight_cache.load(loader.embedded_model_path())[2], "tokenizer.ggml.pre": pre}
+    assert _pieces(Tokenizer.from_gguf_fields(fields), text) == pieces
+
+
+def test_llama3_takes_a_word_that_is_a_token_whole_without_its_merges(smol):
+    """llama.cpp's ignore_merges (and Llama 3's tokenizer.json): a vocabulary may hold tokens its
+    merges never build; Qwen2's rule builds what the merges build."""
+    fields = dict(weight_cache.load(loader.embedded_model_path())[2])
+    del fields["tokenizer.ggml.add_bos_token"]  # Llama 3's files add BOS where they do not say
+    fields["tokenizer.ggml.merges"] = [m for m in fields["tokenizer.ggml.merges"] if m.replace(" ", "") != "Ġhello"]
+    llama3 = Tokenizer.from_gguf_fields({**fields, "tokenizer.ggml.pre": "llama-bpe"})
+    qwen2 = Tokenizer.from_gguf_fields({**fields, "tokenizer.ggml.pre": "qwen2"})
+    hello = llama3.backend.token_to_id("Ġhello")
+    assert llama3.encode("say hello", add_special_tokens=False)[1:] == [hello]
+    assert len(qwen2.encode("say hello", add_special_tokens=False)) == 3
+    assert llama3.encode("hi")[0] == llama3.bos_token_id and qwen2.encode("hi") == qwen2.encode("hi", False)

@@ -39,14 +39,15 @@ def backend(fields: dict) -> tuple[HFTokenizer, bool]:
 
 def _byte_level(tokens: list[str], fields: dict) -> tuple[HFTokenizer, bool]:
     """GPT-2's byte-level BPE: every byte is a printable character, the merges are listed, and
-    the text is cut into words first by the `tokenizer.ggml.pre` expression."""
+    the text is cut into words first as its `tokenizer.ggml.pre` name says."""
     if "tokenizer.ggml.merges" not in fields:
         raise ValueError("the GGUF file has no tokenizer.ggml.merges: the vocabulary must be in the file")
     merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-    tokenizer = _bpe({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False)
-    tokenizer.pre_tokenizer = pretokenize.for_gguf(fields.get("tokenizer.ggml.pre"))
+    split = pretokenize.for_gguf(fields.get("tokenizer.ggml.pre"))
+    tokenizer = _bpe({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False, ignore_merges=split.ignore_merges)
+    tokenizer.pre_tokenizer = split.pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer, False
+    return tokenizer, split.add_bos
 
 
 def _sentencepiece(tokens: list[str], fields: dict) -> tuple[HFTokenizer, bool]:

@@ -106,7 +106,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=[*DTYPES, *DTYPE_ALIASES],
                    help="activations and KV cache (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
-    g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+    g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS, type=str.lower,
                    help="weights: auto keeps a GGUF's quantized blocks (and a checkpoint's float type) as stored "
                         "(bf16 models on CPUs with bf16 matrix units: what those multiply fastest); "
                         "none converts them to --dtype; q8_0/q4_0/q4_1 quantize at load")

@@ -127,6 +127,7 @@ class EngineConfig:
                 raise ValueError(f"kv_cache_memory: {e}") from None
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self.quantization = self.quantization.lower()  # llama.cpp's users write the types' names Q8_0
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:

@@ -5,6 +5,7 @@ the low-bit types (Q2_K, Q3_K, IQ4_NL, IQ4_XS); the quantization modes convert w
 they say."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 
@@ -524,7 +525,13 @@ def test_types_no_kernel_reads_are_dequantized_at_load_and_said_so(unread_gguf, 
     assert torch.equal(weight, quant.quantize(quant.dequantize(raw, quant.BY_NAME["iq2_s"]), quant.Q8_0))
 
 
-def test_unknown_quantization_is_one_clear_error():
+def test_unknown_quantization_is_one_clear_error_and_the_names_take_any_case():
+    """llama.cpp's users write the types as Q8_0; the CLI refused that, naming q8_0 among its choices."""
     from inferlab import EngineConfig
+    from inferlab.cli_args import add_engine_args
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(quantization="q3_k")
+    assert EngineConfig(quantization="Q4_0").quantization == "q4_0"
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert parser.parse_args(["--quantization", "Q8_0"]).quantization == "q8_0"

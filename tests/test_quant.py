@@ -690,6 +690,18 @@ def test_inputs_of_the_wrong_width_and_ids_past_the_vocabulary_are_errors_not_re
             emb(torch.tensor([3, bad]))
 
 
+@pytest.mark.parametrize("wtype", [quant.BF16, quant.F32, quant.Q8_0])
+def test_a_bias_of_another_dtype_than_x_is_added_in_xs(wtype):
+    """An fp32 bias beside bf16 activations (a layer built by hand, outside the loader) failed in
+    the reference path with torch's dtype error."""
+    w = quant.random_stored(wtype, 24, 64, seed=5) if wtype.dtype is None else torch.randn(24, 64).to(wtype.dtype)
+    bias = torch.randn(24, dtype=torch.float64)
+    exact = quant.dequantize(w, wtype).double() if wtype.dtype is None else w.double()
+    for dtype, tol in ((torch.bfloat16, {"rtol": 1.6e-2, "atol": 0.1}), (torch.float32, {"rtol": 1e-5, "atol": 1e-4})):
+        x = torch.randn(3, 64).to(dtype)
+        torch.testing.assert_close(linear(x, w, wtype, bias).double(), x.double() @ exact.T + bias, **tol)
+
+
 def test_the_format_helpers_say_what_they_cannot_do_and_take_no_rows():
     """No rows dequantize to no rows (gguf's numpy code raised on the reshape); a type regrouping or
     random blocks do not cover is one line naming it (a torch error, a bare KeyError before)."""

@@ -60,7 +60,7 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType, bias: t
     if wtype.dtype is None and x.dtype != torch.float32:  # blocks: never a rounded weight, the sum rounded once
         return F.linear(x.float(), quant.dequantize(weight, wtype), None if bias is None else bias.float()).to(x.dtype)
     w = weight if weight.dtype == x.dtype else quant.dequantize(weight, wtype).to(x.dtype)
-    return F.linear(x, w, bias)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))  # a bias kept in another dtype: x's
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, wtype: WeightType | None = None, bias: torch.Tensor | None = None,

@@ -41,6 +41,22 @@ def test_kernel_quantizer_writes_ggufs_bytes(wtype):
     assert np.array_equal(ours.numpy(), gguf_quantize(x.numpy(), GGMLQuantizationType(wtype.code)))
 
 
+@pytest.mark.parametrize("wtype", [quant.Q8_0, quant.Q4_0, quant.Q4_1], ids=str)
+def test_a_nan_weight_quantizes_to_a_block_that_reads_nan_as_ggufs_does(wtype):
+    """The native quantizer's largest |x| skipped a NaN, and the block read as if a 0 stood there: a
+    model quantized at load (`--quantization q8_0`) hid a NaN weight that gguf's keeps. The bytes of
+    such a block are not compared: gguf's NaN-to-integer casts are the platform's."""
+    from gguf import GGMLQuantizationType
+    from gguf import quantize as gguf_quantize
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(5))
+    x[1, 37], x[3, 0] = float("nan"), float("inf")
+    with np.errstate(invalid="ignore"):  # gguf's numpy code warns of the NaNs it carries
+        theirs = quant.dequantize(torch.from_numpy(gguf_quantize(x.numpy(), GGMLQuantizationType(wtype.code))), wtype)
+        ours = quant.dequantize(quant.quantize(x, wtype), wtype)
+    assert ours[1, 32:64].isnan().all() and theirs[1, 32:64].isnan().all()
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+
+
 def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """What fp32 summation of K products may lose: K * 2^-24 * sum |x w| (plus output rounding)."""
     k = x.shape[1]

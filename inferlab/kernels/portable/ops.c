@@ -119,6 +119,14 @@ void IL(dequantize)(float *out, const void *w, int wtype, int64_t n, int K, int 
 #pragma GCC optimize("no-fast-math")
 #endif
 static void quantize_block(int wtype, const float *x, void *block) {
+    int nan = 0;
+    for (int j = 0; j < 32; j++) nan |= il_is_nan(x[j]);
+    if (nan) { /* a NaN weight: a NaN scale, so the whole block reads NaN, as in gguf's quantizer (the
+                * largest |x| skipped the NaN, and the block read as if it held a 0 there) */
+        memset(block, 0, (size_t)il_block_bytes(wtype));
+        *(uint16_t *)block = 0x7e00; /* fp16 NaN: d, the first field of all three types */
+        return;
+    }
     if (wtype == IL_W_Q8_0) {
         il_q8_0 *b = block;
         float amax = 0.f;

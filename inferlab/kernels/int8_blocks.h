@@ -34,6 +34,13 @@ static inline int il_is_nan(const float f) {
     return (u & 0x7fffffffu) > 0x7f800000u;
 }
 
+/* Whether f is finite, by its bits, for the same reason. */
+static inline int il_is_finite(const float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (u & 0x7fffffffu) < 0x7f800000u;
+}
+
 /* A row of K inputs (K a multiple of 32) as llama.cpp's Q8_0 blocks: per 32, d = max|x| / 127 and
  * q = round(x / d); s = d * (sum of q), which the blocks with a minimum need. A block holding a NaN
  * gets d = NaN (its q 0), so the NaN reaches the outputs as in the float paths (max|x| skipped it,

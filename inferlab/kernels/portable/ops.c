@@ -29,7 +29,9 @@ void IL(rms_norm)(void *out, const void *x, int64_t x_stride, void *residual, co
                 const float a = il_ld(src, si + i, sdtype);
                 ss += a * a;
             }
-            const float inv = 1.f / sqrtf(ss / dim + eps);
+            /* a sum of squares past fp32's range: 0, as PyTorch's rsqrt(inf) (the fast reciprocal square
+             * root's refinement step made it NaN) */
+            const float ms = ss / dim + eps, inv = il_is_finite(ms) ? 1.f / sqrtf(ms) : 0.f;
             for (int i = 0; i < dim; i++)
                 il_st(out, o + i, il_ld(src, si + i, sdtype) * inv * il_ld(weight, i, dtype), dtype);
         }

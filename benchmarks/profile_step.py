@@ -83,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="a GGUF file or HF folder (default: the embedded model)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES)
-    ap.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
+    ap.add_argument("--quantization", default="auto", choices=QUANTIZATIONS, type=str.lower)
     ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--seqs", type=positive_int, default=64,
                     help="sequences of the decode step (1: one request's step)")

@@ -56,9 +56,14 @@ _DEEPSEEK_CASED = (
     r"\x{10400}-\x{1044F}\x{104B0}-\x{104D3}\x{104D8}-\x{104FB}\x{10C80}-\x{10CB2}\x{10CC0}-\x{10CF2}"
     r"\x{118A0}-\x{118DF}\x{1E900}-\x{1E943}")
 _CJK = r"\x{4E00}-\x{9FA5}"
+_CJK_HANGUL = rf"[{_CJK}\x{{800}}-\x{{4E00}}\x{{AC00}}-\x{{D7FF}}]+"
 DEEPSEEK_LLM = (r"[\r\n]", rf"\s?[{_DEEPSEEK_CASED}]+",
                 r"\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}]+", r"\s+$",
-                rf"[{_CJK}\x{{800}}-\x{{4E00}}\x{{AC00}}-\x{{D7FF}}]+", r"\p{N}+")
+                _CJK_HANGUL, r"\p{N}+")
+DEEPSEEK_CODER = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_HANGUL, r"\p{N}")
+SEED_CODER = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}\r\n]+" + _TAIL
+# Viking: runs up to a space or a sentence's punctuation (Latin, CJK, Devanagari, Arabic), then digits apart
+VIKING = (r" ?[^(\s|.,!?\x{2026}\x{3002}\x{FF0C}\x{3001}\x{0964}\x{06D4}\x{060C})]+", r"\p{N}")
 # DeepSeek V3: digits in threes, CJK and kana runs, then Llama 3's kind of expression
 DEEPSEEK_V3 = (r"\p{N}{1,3}", rf"[{_CJK}\x{{3040}}-\x{{309F}}\x{{30A0}}-\x{{30FF}}]+",
                r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
@@ -72,10 +77,14 @@ SPLITS = {
     "qwen35": Split((QWEN35,)),
     "tekken": Split((TEKKEN,), ignore_merges=True, add_bos=True),
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2"), Split((GPT4O,))),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"), Split((r"\p{N}", GPT2))),
-    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais"), Split((GPT2,))),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+                    Split((r"\p{N}", GPT2))),
+    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "trillion", "mellum"), Split((GPT2,))),
     "deepseek-llm": Split(DEEPSEEK_LLM),
+    "deepseek-coder": Split(DEEPSEEK_CODER),
     "deepseek-v3": Split(DEEPSEEK_V3),
+    "seed-coder": Split((SEED_CODER,)),
+    "viking": Split(VIKING),
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from common import figure, parse_args, table, write
+from common import SMOKE, figure, parse_args, table, write
 
 from inferlab.bench_text import edit_workload
 from inferlab.config import EngineConfig
@@ -42,7 +42,8 @@ def measure(target, draft, spec: dict | None, prompts: list[list[int]], batch: i
     eng.add_request("warm-up", {"prompt_token_ids": prompts[0][:16]}, SamplingParams(max_tokens=4))
     while eng.has_unfinished_requests():
         eng.step()
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    # a smoke run's random model may pick an end token at once (its vocabulary has two): run on
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=SMOKE)
     for i, p in enumerate(prompts):
         eng.add_request(str(i), {"prompt_token_ids": p}, params)
     first: dict[str, float] = {}

@@ -53,6 +53,6 @@ def edit_workload(tokenizer, max_tokens: int = EDIT_MAX_TOKENS) -> dict:
     requests = []
     for message in edit_messages():
         text = tokenizer.apply_chat_template([{"role": "user", "content": message}])
-        requests.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),
+        requests.append({"prompt_token_ids": tokenizer.encode_chat(text),
                          "max_tokens": max_tokens, "ignore_eos": False})
     return {"name": "edit", "requests": requests}

@@ -38,7 +38,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
                    [{"role": "user", "content": a.prompt}]
         text = tok.apply_chat_template(messages)
-        prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        prompt = {"prompt": text, "prompt_token_ids": tok.encode_chat(text)}
     with recording(engine, a.record):
         stream(engine, "generate-0", prompt, sampling_params(a))
 
@@ -52,7 +52,7 @@ def chat_prompt(tok, messages: list[dict], first: int, limit: int, answer: int) 
     while True:
         kept = messages[:first] + messages[first + dropped:]
         text = tok.apply_chat_template(kept)
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = tok.encode_chat(text)
         if len(ids) + answer <= limit or len(kept) == first + 1:
             break
         dropped += 2  # a question and its answer

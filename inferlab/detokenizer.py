@@ -17,6 +17,10 @@ class IncrementalDetokenizer:
                  include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        if self.ids and not tokenizer.decode(self.ids):
+            # only special tokens (a BOS): the output would start the decoded text, where a
+            # SentencePiece decoder strips the space of its first token; a word before it keeps that
+            self.ids = tokenizer.encode("a", add_special_tokens=False) + self.ids
         self.prefix_offset, self.read_offset = 0, len(self.ids)
         self.stops, self.include_stop = stops, include_stop
         self.text = ""

@@ -95,7 +95,7 @@ class LLM:
         it; `chat_template_kwargs` are more variables for the template (e.g. Qwen3's `enable_thinking`)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
-        prompts = [{"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        prompts = [{"prompt": text, "prompt_token_ids": tok.encode_chat(text)}
                    for text in (tok.apply_chat_template(c, add_generation_prompt, continue_final_message,
                                                          chat_template_kwargs, chat_template=chat_template)
                                 for c in conversations)]

@@ -25,7 +25,7 @@ class Logprob(float):
     def decoded_token(self) -> str | None:
         if self._tokenizer is None or self._token_id is None:
             return None
-        return self._tokenizer.decode([self._token_id], skip_special_tokens=False)
+        return self._tokenizer.token_text(self._token_id)
 
     def __reduce__(self):  # a plain float's worth: the tokenizer stays in this process
         return Logprob, (float(self), self.rank, self._token_id)

@@ -149,6 +149,7 @@ def _pieces(tok: Tokenizer, text: str) -> list[str]:
     ("smollm", "in 2026,\n  42", ["in", " ", "2", "0", "2", "6", ",", "\n  ", "4", "2"]),
     ("deepseek-v3", "x=12345 日本語 you're", ["x", "=", "123", "45", " ", "日本語", " you", "'re"]),
     ("deepseek-llm", "x=12345 日本語 you're", ["x", "=", "12345", " ", "日本語", " you", "'", "re"]),
+    ("deepseek-coder", "x = 12345\treturn", ["x", " = ", "1", "2", "3", "4", "5", "\treturn"]),
 ])
 def test_a_pre_tokenizer_name_brings_its_expressions_in_turn(smol, pre, text, pieces):
     fields = {**weight_cache.load(loader.embedded_model_path())[2], "tokenizer.ggml.pre": pre}
@@ -167,3 +168,42 @@ def test_llama3_takes_a_word_that_is_a_token_whole_without_its_merges(smol):
     assert llama3.encode("say hello", add_special_tokens=False)[1:] == [hello]
     assert len(qwen2.encode("say hello", add_special_tokens=False)) == 3
     assert llama3.encode("hi")[0] == llama3.bos_token_id and qwen2.encode("hi") == qwen2.encode("hi", False)
+
+
+def test_what_llama_cpp_takes_from_a_sentencepiece_vocabulary_beyond_its_tokens(spm_fields, caplog):
+    """Found by trying Llama 2, TinyLlama and ChatML files beside llama-server: a token's text in
+    logprobs keeps its space; a chat prompt gets its one BOS whether the template writes it or not;
+    a file naming no bos/eos gets SentencePiece's 1 and 2; a vocabulary's <|im_end|> ends
+    generation though eos is </s>; a duplicate token is refused (llama.cpp asserts); a BOS-only
+    prompt's first output token keeps its space."""
+    from inferlab.detokenizer import IncrementalDetokenizer
+    fields = {**spm_fields, "tokenizer.ggml.tokens": [*spm_fields["tokenizer.ggml.tokens"], "<|im_end|>"],
+              "tokenizer.ggml.token_type": [*spm_fields["tokenizer.ggml.token_type"], 3],
+              "tokenizer.ggml.scores": [*spm_fields["tokenizer.ggml.scores"], 0.0]}
+    tok = Tokenizer.from_gguf_fields(fields)
+    the = tok.backend.token_to_id(f"{SPACE}the")
+    assert tok.token_text(the) == " the" and tok.token_text(1) == "<s>"
+    assert tok.encode_chat("<|im_end|>hi")[:2] == [1, len(fields["tokenizer.ggml.tokens"]) - 1]
+    assert tok.encode_chat("<s>[INST] hi") == tok.encode("[INST] hi")  # the template's BOS, not a second one
+    assert tok.eos_token_ids == {2, len(fields["tokenizer.ggml.tokens"]) - 1} and tok.eos_token_id == 2
+    unnamed = Tokenizer.from_gguf_fields({k: v for k, v in fields.items() if not k.endswith(("bos_token_id",
+                                                                                             "eos_token_id"))})
+    assert unnamed.encode("hi")[0] == 1 and 2 in unnamed.eos_token_ids and unnamed.eos_token == "</s>"
+    with pytest.raises(ValueError, match=r"lists token '▁the' twice \(ids \d+ and \d+\)"):
+        Tokenizer.from_gguf_fields({**fields, "tokenizer.ggml.tokens": [*fields["tokenizer.ggml.tokens"][:-1],
+                                                                        f"{SPACE}the"]})
+    detok = IncrementalDetokenizer(tok, [1], [])
+    detok.add_token(the)
+    assert detok.text == " the"
+
+
+def test_merges_that_do_not_make_a_token_are_skipped_with_a_warning(smol, caplog):
+    """The tokenizers library refused the file over one merge, with a three-line message; llama.cpp
+    loads it (such a merge never applies)."""
+    fields = dict(weight_cache.load(loader.embedded_model_path())[2])
+    fields["tokenizer.ggml.merges"] = ["zzq", "Ġ zzq", *fields["tokenizer.ggml.merges"]]
+    with caplog.at_level("WARNING", logger="inferlab"):
+        tok = Tokenizer.from_gguf_fields(fields)
+    assert "2 of the GGUF's" in caplog.text and "'zzq'" in caplog.text
+    whole = Tokenizer.from_gguf_fields(weight_cache.load(loader.embedded_model_path())[2])
+    assert tok.encode("hello there, zzq") == whole.encode("hello there, zzq")

@@ -366,7 +366,7 @@ def test_eos_ignore_eos_max_tokens_min_tokens(llm):
               SamplingParams(temperature=0, max_tokens=5),
               SamplingParams(temperature=0, max_tokens=16, min_tokens=12)]
     plain, no_eos, short, min_t = [o.outputs[0] for o in llm.chat([FRANCE] * 4, params, use_tqdm=False)]
-    assert llm.get_tokenizer().eos_token_ids == {EOS}
+    assert llm.get_tokenizer().eos_token_ids == {EOS, 0}  # <|im_end|>, and <|endoftext|> as llama.cpp ends on it
     assert "Paris" in plain.text
     assert (plain.finish_reason, plain.stop_reason, len(plain.token_ids)) == ("stop", None, 8)
     assert plain.token_ids[-1] == EOS

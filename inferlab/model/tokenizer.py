@@ -45,6 +45,12 @@ class Tokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def encode_chat(self, text: str) -> list[int]:
+        """A chat template's text as prompt ids, with one BOS where the vocabulary adds one, whether
+        the template writes it or not (as llama.cpp and Ollama take chat prompts: a ChatML or Zephyr
+        template on a Llama 2 vocabulary writes none)."""
+        return self.encode(text, add_special_tokens=True)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -66,6 +72,11 @@ class Tokenizer:
                 return piece.replace(gguf_vocab.SPACE, " ").encode()
         return self.decode([token_id], skip_special_tokens=False).encode()
 
+    def token_text(self, token_id: int) -> str:
+        """A token's text alone, as logprobs show it: its leading space kept (decoding a SentencePiece
+        token alone drops the space its "▁" stands for), a piece of a character as "\ufffd"."""
+        return self.token_bytes(token_id).decode(errors="replace")
+
     @functools.cached_property
     def _added_ids(self) -> set[int]:
         return set(self.backend.get_added_tokens_decoder())
@@ -77,8 +88,10 @@ class Tokenizer:
 
     @property
     def eos_token_id(self) -> int | None:
-        """transformers' name: the end-of-sequence token (the lowest, where a model has several)."""
-        return min(self.eos_token_ids) if self.eos_token_ids else None
+        """transformers' name: the end-of-sequence token (the one the model names, else the lowest of
+        those ending generation)."""
+        named = self.backend.token_to_id(self.eos_token) if self.eos_token is not None else None
+        return named if named is not None else min(self.eos_token_ids) if self.eos_token_ids else None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, template_kwargs: dict | None = None, *,
@@ -92,7 +105,7 @@ class Tokenizer:
         if tokenize:
             text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message, template_kwargs,
                                             chat_template=chat_template)
-            return self.encode(text, add_special_tokens=False)
+            return self.encode_chat(text)
         chat_template = chat_template if chat_template is not None else self.chat_template
         messages = text_messages(messages)
         if continue_final_message:
@@ -124,16 +137,12 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_fields(cls, fields: dict) -> Tokenizer:
-        backend, add_bos = gguf_vocab.backend(fields)
+        vocab = gguf_vocab.read(fields)
         tokens = fields["tokenizer.ggml.tokens"]
-        bos_id, eos_id = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id")
-        eos_ids = {eos_id} if eos_id is not None else set()
-        if fields.get("tokenizer.ggml.eot_token_id") is not None:
-            eos_ids.add(fields["tokenizer.ggml.eot_token_id"])
-        return cls(backend, eos_ids, bos_token=tokens[bos_id] if bos_id is not None else None,
-                   eos_token=tokens[eos_id] if eos_id is not None else None,
-                   chat_template=fields.get("tokenizer.chat_template"),
-                   add_bos_token=add_bos, bos_token_id=bos_id)
+        bos, eos = (tokens[i] if i is not None else None for i in (vocab.bos_id, vocab.eos_id))
+        return cls(vocab.tokenizer, vocab.end_ids, bos_token=bos, eos_token=eos,
+                   chat_template=fields.get("tokenizer.chat_template"), add_bos_token=vocab.add_bos,
+                   bos_token_id=vocab.bos_id)
 
     @classmethod
     def from_folder(cls, path: str, config: dict) -> Tokenizer:

@@ -28,10 +28,6 @@ def usage(finals: list[RequestOutput], n: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in firsts)}}
 
 
-def _token_text(tok: Tokenizer, token_id: int) -> str:
-    return tok.decode([token_id], skip_special_tokens=False)
-
-
 def new_logprobs(out: RequestOutput, count: int) -> list[tuple[int, dict[int, float]]]:
     """(sampled token, {token: logprob}) for the last `count` tokens of `out`."""
     c = out.outputs[0]
@@ -65,12 +61,12 @@ def completion_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float
                         offsets: list[int]) -> dict:
     tokens, token_lps, tops = [], [], []
     for token_id, lps in entries:
-        tokens.append(_token_text(tok, token_id))
+        tokens.append(tok.token_text(token_id))
         token_lps.append(lps[token_id])
         best = sorted(lps.items(), key=lambda kv: -kv[1])[:top_n]
         top: dict[str, float] = {}
         for t, lp in best:  # tokens that decode alike (pieces of characters) share a key: the likelier keeps it
-            top.setdefault(_token_text(tok, t), lp)
+            top.setdefault(tok.token_text(t), lp)
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
@@ -78,7 +74,7 @@ def completion_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float
 def chat_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float]]], top_n: int) -> dict:
     def item(token_id: int, lp: float) -> dict:
         # bytes as the token stands for them: a piece of a character has no text of its own
-        return {"token": _token_text(tok, token_id), "logprob": lp, "bytes": list(tok.token_bytes(token_id))}
+        return {"token": tok.token_text(token_id), "logprob": lp, "bytes": list(tok.token_bytes(token_id))}
 
     content = []
     for token_id, lps in entries:

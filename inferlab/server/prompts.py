@@ -38,5 +38,5 @@ class PromptBuilder:
         self.check_length(sum(len(m["content"]) for m in messages))
         text = await asyncio.to_thread(self.tok.apply_chat_template, messages, add_generation_prompt,
                                        continue_final_message, template_kwargs)
-        return {"prompt": text, "prompt_token_ids": await self.encode(text, add_special_tokens=False),
+        return {"prompt": text, "prompt_token_ids": await asyncio.to_thread(self.tok.encode_chat, text),
                 "cache_salt": cache_salt}

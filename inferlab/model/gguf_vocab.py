@@ -46,9 +46,10 @@ def read(fields: dict) -> Vocab:
         first: dict[str, int] = {}
         twice = next((first[t], i, t) for i, t in enumerate(tokens) if first.setdefault(t, i) != i)
         raise ValueError(f"the GGUF vocabulary lists token {twice[2]!r} twice (ids {twice[0]} and {twice[1]})")
-    ids = {**DEFAULT_IDS.get(kind, {}), **{key: fields[f"tokenizer.ggml.{key}_token_id"]
-                                           for key in ("bos", "eos", "eot", "eom", "unknown")
-                                           if f"tokenizer.ggml.{key}_token_id" in fields}}
+    defaults = {key: at for key, at in DEFAULT_IDS.get(kind, {}).items() if at < len(tokens)}
+    named = ("bos", "eos", "eot", "eom", "unknown")
+    ids = {**defaults, **{key: fields[f"tokenizer.ggml.{key}_token_id"] for key in named
+                          if f"tokenizer.ggml.{key}_token_id" in fields}}
     for key, at in ids.items():
         if not isinstance(at, int) or not 0 <= at < len(tokens):
             raise ValueError(f"tokenizer.ggml.{key}_token_id {at} is outside the vocabulary of {len(tokens)} tokens")
@@ -56,7 +57,7 @@ def read(fields: dict) -> Vocab:
     ends = {ids[key] for key in ("eos", "eot", "eom") if key in ids}
     ends |= {i for i, t in enumerate(tokens) if t in END_TEXTS}
     for i in ends:  # llama.cpp makes them control tokens whatever the file says
-        types[i] = CONTROL if types[i] not in (CONTROL, UNKNOWN) else types[i]
+        types[i] = types[i] if types[i] == UNKNOWN else CONTROL
     # control (and unknown) tokens are special, user-defined ones added: both match whole, never split
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, ty in zip(tokens, types) if ty in (UNKNOWN, CONTROL)])
@@ -71,12 +72,12 @@ def _byte_level(tokens: list[str], fields: dict) -> tuple[HFTokenizer, bool]:
     if "tokenizer.ggml.merges" not in fields:
         raise ValueError("the GGUF file has no tokenizer.ggml.merges: the vocabulary must be in the file")
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-    bad = [m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab]
-    if bad:  # llama.cpp keeps such a merge, which then never applies; the tokenizers library refuses the file
+    listed = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    merges = [m for m in listed if len(m) == 2 and m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+    if len(merges) < len(listed):  # llama.cpp keeps such a merge, which never applies; tokenizers refuses the file
+        kept = set(merges)
         log.warning("%d of the GGUF's %d merges are not two tokens making a third, and are skipped (the first: "
-                    "%r)", len(bad), len(merges), " ".join(bad[0]))
-        merges = [m for m in merges if len(m) == 2 and m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+                    "%r)", len(listed) - len(merges), len(listed), " ".join(next(m for m in listed if m not in kept)))
     split = pretokenize.for_gguf(fields.get("tokenizer.ggml.pre"))
     tokenizer = _bpe(vocab, merges, fuse_unk=False, ignore_merges=split.ignore_merges)
     tokenizer.pre_tokenizer = split.pre_tokenizer()
@@ -111,7 +112,7 @@ def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], **options) -> HFT
     try:
         return HFTokenizer(models.BPE(vocab, merges, **options))
     except Exception as e:  # noqa: BLE001 - the tokenizers library's own error type
-        raise ValueError(f"the GGUF vocabulary does not hold together: {e}") from None
+        raise ValueError(f"the GGUF vocabulary does not hold together: {str(e).splitlines()[0]}") from None
 
 
 def _merges_by_score(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:

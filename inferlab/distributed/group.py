@@ -122,12 +122,23 @@ class TensorParallelGroup:
                 return
             except RuntimeError:
                 if work.is_completed():  # it failed (else: it is still waiting)
+                    self._watch_a_failure()
                     raise
             try:
                 self.watch()
             except BaseException:
                 self.abandoned = True
                 raise
+
+    def _watch_a_failure(self) -> None:
+        """A rank the watch finds dead says why a collective failed: gloo may see the dead peer's
+        connection reset before its process is gone, so the watch gets a second to see it."""
+        end = time.monotonic() + 1.0
+        while True:
+            self.watch()
+            if time.monotonic() > end:
+                return
+            time.sleep(0.05)
 
     def close(self) -> None:
         """Release the connections. A group with an abandoned collective is kept alive instead, to

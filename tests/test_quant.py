@@ -697,6 +697,10 @@ def test_inputs_of_the_wrong_width_and_ids_past_the_vocabulary_are_errors_not_re
     for width in (256, 1024):
         with pytest.raises(ValueError, match=f"x has {width} features per row"):
             linear(torch.randn(2, width), w, quant.Q8_0)
+    with pytest.raises(ValueError, match="rows of 576 weights do not split into q6_K blocks of 256"):
+        quant.random_stored(quant.Q6_K, 8, 576, seed=4)  # it returned rows of 512, which linear() then overran
+    with pytest.raises(ValueError, match="rows of 576 weights do not split into q6_K blocks of 256"):
+        linear(torch.randn(2, 576), quant.random_stored(quant.Q6_K, 8, 512, seed=4)[:, :420], quant.Q6_K)
     emb = Embedding(64, 512)
     emb.weight_loader(emb.weight, w, wtype=quant.Q8_0)
     emb.process_weights_after_loading("auto", torch.float32, kernels.native() and kernels.native().isa)

@@ -29,6 +29,8 @@ class WeightType:
     native: bool = True  # the kernels know it (inferlab.h's IL_W_*); False: only gguf's numpy code reads it
 
     def row_bytes(self, k: int) -> int:
+        if k % self.block:  # a kernel would read or write past a row's last whole block
+            raise ValueError(f"rows of {k} weights do not split into {self.name} blocks of {self.block}")
         return k // self.block * self.nbytes
 
     def __repr__(self) -> str:
@@ -176,6 +178,7 @@ def random_stored(wtype: WeightType, n: int, k: int, seed: int, scale: float = 0
     of its largest weight in IQ4_NL and Q6_K, for one), where every bit pattern of the rest is a valid
     weight."""
     g = torch.Generator().manual_seed(seed)
+    wtype.row_bytes(k)  # k in whole blocks, or a clear error (rows were cut to the last whole block)
     if not (wtype.dtype is not None or wtype.quantizable or wtype.name in _SCALES):
         raise ValueError(f"random_stored cannot write {wtype.name} (types: {', '.join(_SCALES)}, and the float ones)")
     if wtype.dtype is not None or wtype.quantizable:

@@ -123,8 +123,14 @@ def main() -> None:
         prefills.append(timed_step(llm))
         drain()
     report("Prefill step, 4 x 512 new tokens", 2048, *min(prefills, key=lambda x: x[0]))
-    add("d", a.seqs, 300, 20 + 2 * a.repeat)  # enough tokens that the first still decode when the last start
+    if a.seqs > engine.config.max_num_seqs:
+        raise ValueError(f"--seqs {a.seqs} is more than the engine runs at once (max_num_seqs "
+                         f"{engine.config.max_num_seqs})")
+    # enough tokens that the first still decode when the last start: the prompts' prefill steps, and then some
+    add("d", a.seqs, 300, 20 + 2 * a.repeat + -(-a.seqs * 300 // 2048))
     while engine.last_step_tokens != a.seqs:
+        if not engine.has_unfinished_requests():
+            raise ValueError(f"no step ran all {a.seqs} sequences' decodes at once (the KV pool too small?)")
         engine.step()
     tape, ways = engine.runner.tape, ["as it runs" if engine.runner.tape else "op by op (no tape here)"]
     if tape is not None:

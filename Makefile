@@ -29,8 +29,8 @@ test: setup
 bench: setup
 	$(BIN)/inferlab bench --workload cpu
 
-# The scheduling lab: each script writes experiments/results/<name>.md and .png (about 30 minutes
-# on 2 cores); `EXPERIMENT_ARGS=--smoke` for the quick version CI runs.
+# The scheduling lab: each script writes experiments/results/<name>.md and .png (about an hour on
+# 2 cores); `EXPERIMENT_ARGS=--smoke` for the quick version CI runs.
 EXPERIMENTS := kv_waste policies prefix_cache chunked_prefill memory_pressure block_size fidelity preemption \
 	moe_mla spec_decode
 experiments: setup

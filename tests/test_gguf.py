@@ -532,6 +532,8 @@ def test_unknown_quantization_is_one_clear_error_and_the_names_take_any_case():
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(quantization="q3_k")
     assert EngineConfig(quantization="Q4_0").quantization == "q4_0"
+    assert EngineConfig(speculative_config={"method": "draft_model", "model": "embedded", "quantization": "Q8_0",
+                                            "num_speculative_tokens": 2}).speculative_config.quantization == "q8_0"
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     assert parser.parse_args(["--quantization", "Q8_0"]).quantization == "q8_0"

@@ -86,6 +86,7 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
 def load_model(path: str | None, dtype: str, device: torch.device, quantization: str = "auto",
                int8_activations: bool = False) -> tuple[CausalLM, Tokenizer]:
     path = path or embedded_model_path()
+    quantization = quantization.lower() if isinstance(quantization, str) else quantization
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     kernels.native()  # a bad INFERLAB_ISA is the setting's error, not the model file's

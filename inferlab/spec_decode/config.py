@@ -57,6 +57,7 @@ class SpeculativeConfig:
                 raise ValueError(f"ngram needs 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} and {hi!r}")
         elif not self.model:
             raise ValueError("speculative_config method 'draft_model' needs a 'model' (a GGUF file or HF folder)")
+        self.quantization = self.quantization.lower()  # as EngineConfig's: Q8_0 too
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"speculative_config quantization must be one of {QUANTIZATIONS}, "
                              f"got {self.quantization!r}")

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from inferlab import bench_serve
 from inferlab.chat import cmd_chat, cmd_generate
@@ -166,8 +167,15 @@ def cmd_bench(a: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad option is one line on stderr, exit status 2 (argparse's own prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inferlab", description="A small, readable LLM inference engine.")
+    parser = OneLineErrors(prog="inferlab", description="A small, readable LLM inference engine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt (chat template applied for instruct models)")

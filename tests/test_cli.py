@@ -80,6 +80,15 @@ def test_serve_and_bench_take_their_kv_memory_at_start_and_the_other_commands_on
         assert engine_config(parser.parse_args(argv)).kv_cache_prefault is want, argv
 
 
+@pytest.mark.parametrize("args", [("generate", "hi", "--quantization", "bogus"), ("bogus",),
+                                  ("serve", "--port", "abc")])
+def test_a_bad_option_is_one_line_naming_the_help(args):
+    """argparse printed the whole usage (~33 lines for generate) before its error."""
+    r = inferlab(*args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "error: " in r.stderr and "--help)" in r.stderr
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads the free memory from Linux's /proc")
 def test_a_kv_pool_larger_than_the_free_memory_is_refused_at_start_in_one_line():
     with open("/proc/meminfo") as f:

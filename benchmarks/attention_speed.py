@@ -46,7 +46,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    k = kernels.for_isa(a.isa) if a.isa else kernels.native()
+    try:
+        k = kernels.for_isa(a.isa) if a.isa else kernels.native()
+    except ValueError as e:  # an ISA this CPU cannot run, or no such ISA
+        ap.error(f"--isa: {e}")
     dtype = getattr(torch, a.dtype)
     blocks_per_seq = -(-a.context // BLOCK)
     pool_blocks = 40 if a.in_cache else 5825  # 5825: the engine's default pool for this model

@@ -58,13 +58,15 @@ def evaluate(engine: LLMEngine, windows: list[list[int]], reference: list[torch.
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
-    ap.add_argument("--tokens", type=positive_int, default=4096)
+    ap.add_argument("--tokens", type=positive_int, default=4096, help="at least 2: each position predicts the next")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 GGUF")
     ap.add_argument("--mode", action="append", default=None,
                     help="quantization[:dtype][+int8], e.g. auto, q8_0+int8, auto:float32, none:bfloat16 (repeatable)")
     ap.add_argument("--file", action="append", default=[], help="another GGUF of the same model, run as stored")
     ap.add_argument("--file-dtype", default="auto", choices=DTYPES, help="activations of the --file runs")
     a = ap.parse_args()
+    if a.tokens < 2:
+        ap.error("--tokens must be at least 2: each position predicts the next")
     modes = a.mode or ["auto:float32", "auto:float32+int8", "q8_0:float32", "q8_0:float32+int8", "q4_0:float32",
                        "q4_0:float32+int8", "auto:bfloat16"]
     for m in modes:

@@ -35,6 +35,9 @@ def main() -> None:
     args = ap.parse_args()
     if len(args.shape) != 2:
         ap.error(f"--shape must be K,N, got {len(args.shape)} numbers")
+    for name in args.types.split(","):
+        if name.lower() not in quant.BY_NAME or not quant.BY_NAME[name.lower()].native:
+            ap.error(f"--types: {name!r} is not a block type the kernels multiply (regrouped ones are not timed here)")
     torch.set_num_threads(1)
     isa = args.isa or kernels.native().isa
     libs = {"before": kernels.Kernels(ctypes.CDLL(args.before), isa),

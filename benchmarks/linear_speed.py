@@ -57,7 +57,10 @@ def main() -> None:
             ap.error(f"--types: {name!r} is not a type the kernels multiply; one of {', '.join(known)}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    k = kernels.for_isa(a.isa) if a.isa else kernels.native()
+    try:
+        k = kernels.for_isa(a.isa) if a.isa else kernels.native()
+    except ValueError as e:  # an ISA this CPU cannot run, or no such ISA
+        ap.error(f"--isa: {e}")
     kernels.native = lambda: k  # the layers' dispatcher uses this ISA
     print(f"ISA {k.isa}, {torch.get_num_threads()} threads; {a.layers} layers x {len(SHAPES)} matmuls per step")
     dtype = getattr(torch, a.dtype)

@@ -24,6 +24,7 @@ import torch
 from inferlab import kernels
 from inferlab.cli_args import positive_int
 from inferlab.kv_pool import allocate_zeroed
+from inferlab.model.layers.attention import prefill_kernel_runs
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 
@@ -51,6 +52,8 @@ def main() -> None:
     except ValueError as e:  # an ISA this CPU cannot run, or no such ISA
         ap.error(f"--isa: {e}")
     dtype = getattr(torch, a.dtype)
+    if a.prefill and not prefill_kernel_runs(k, dtype, HEADS, KV_HEADS, HEAD_DIM, BLOCK):
+        ap.error(f"--prefill: {k.isa} has no prefill kernel for {a.dtype} (the engine runs PyTorch's attention there)")
     blocks_per_seq = -(-a.context // BLOCK)
     pool_blocks = 40 if a.in_cache else 5825  # 5825: the engine's default pool for this model
 

@@ -125,6 +125,11 @@ def test_hf_batch_below_one_is_refused_by_the_parser(capsys):
     ("linear_ab.py", ["--before", "x.so", "--shape", "5"], "--shape must be K,N, got 1 numbers"),
     ("kl_divergence.py", ["--mode", "auto:fp32"], "--mode 'auto:fp32': expected quantization[:dtype][+int8]"),
     ("kl_divergence.py", ["--text", "/no/such/text"], "no such file: /no/such/text"),
+    ("kl_divergence.py", ["--tokens", "1"], "--tokens must be at least 2"),  # a ZeroDivisionError
+    ("linear_speed.py", ["--isa", "nope"], "--isa: unknown ISA 'nope'"),  # tracebacks, these three
+    ("attention_speed.py", ["--isa", "nope"], "--isa: unknown ISA 'nope'"),
+    ("linear_ab.py", ["--before", "x.so", "--types", "nope"], "--types: 'nope' is not a block type"),
+    ("attention_speed.py", ["--prefill", "--isa", "generic"], "--prefill: generic has no prefill kernel"),
 ])
 def test_a_benchmarks_bad_option_is_its_usage_line(script, args, message):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,

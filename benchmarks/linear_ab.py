@@ -38,6 +38,9 @@ def main() -> None:
     for name in args.types.split(","):
         if name.lower() not in quant.BY_NAME or not quant.BY_NAME[name.lower()].native:
             ap.error(f"--types: {name!r} is not a block type the kernels multiply (regrouped ones are not timed here)")
+        if args.shape[0] % quant.BY_NAME[name.lower()].block:
+            ap.error(f"--shape: K = {args.shape[0]} does not split into {name}'s blocks of "
+                     f"{quant.BY_NAME[name.lower()].block}")
     torch.set_num_threads(1)
     isa = args.isa or kernels.native().isa
     libs = {"before": kernels.Kernels(ctypes.CDLL(args.before), isa),

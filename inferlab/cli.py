@@ -10,11 +10,11 @@ import json
 import logging
 import os
 import sys
-from typing import NoReturn
 
 from inferlab import bench_serve
 from inferlab.chat import cmd_chat, cmd_generate
 from inferlab.cli_args import (
+    OneLineErrors,
     add_engine_args,
     add_kv_mode_args,
     add_listen_args,
@@ -165,13 +165,6 @@ def cmd_bench(a: argparse.Namespace) -> None:
         print(f"inferlab {result['inferlab']['output_tok_s']} tok/s, HF transformers ({hf['mode']}, batch "
               f"{hf['batch']}) {hf['output_tok_s']} tok/s: {result['speedup']}x", file=sys.stderr)
     print(json.dumps(result))
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """A bad option is one line on stderr, exit status 2 (argparse's own prints the whole usage first)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import socket
+from typing import NoReturn
 
 from inferlab.config import (
     DTYPE_ALIASES,
@@ -20,6 +21,13 @@ from inferlab.config import (
     parse_size,
 )
 from inferlab.model.layers.keep import QUANTIZATIONS
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad option is one line on stderr, exit status 2 (argparse's own prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def budget_arg(text: str) -> int | str:

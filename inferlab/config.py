@@ -7,7 +7,7 @@ import torch
 
 from inferlab.json_config import check_types
 from inferlab.kv_transfer.config import KVTransferConfig
-from inferlab.model.layers.keep import QUANTIZATIONS
+from inferlab.model.layers.keep import quantization_mode
 from inferlab.policy import resolve_policy
 from inferlab.spec_decode.config import SpeculativeConfig
 
@@ -127,9 +127,7 @@ class EngineConfig:
                 raise ValueError(f"kv_cache_memory: {e}") from None
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        self.quantization = self.quantization.lower()  # llama.cpp's users write the types' names Q8_0
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        self.quantization = quantization_mode(self.quantization)
         if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:
             raise ValueError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

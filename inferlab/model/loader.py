@@ -23,7 +23,7 @@ from inferlab.model import gguf_file, weight_cache
 from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError
 from inferlab.model.deepseek import DeepseekForCausalLM
 from inferlab.model.layers import quant
-from inferlab.model.layers.keep import BF16_MATRIX_ISAS, QUANTIZATIONS
+from inferlab.model.layers.keep import BF16_MATRIX_ISAS, quantization_mode
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
 from inferlab.model.tokenizer import Tokenizer
@@ -86,9 +86,7 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
 def load_model(path: str | None, dtype: str, device: torch.device, quantization: str = "auto",
                int8_activations: bool = False) -> tuple[CausalLM, Tokenizer]:
     path = path or embedded_model_path()
-    quantization = quantization.lower() if isinstance(quantization, str) else quantization
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    quantization = quantization_mode(quantization)
     kernels.native()  # a bad INFERLAB_ISA is the setting's error, not the model file's
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")

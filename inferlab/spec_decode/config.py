@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from inferlab.json_config import check_types, json_object
-from inferlab.model.layers.keep import QUANTIZATIONS
+from inferlab.model.layers.keep import quantization_mode
 
 METHODS = ("ngram", "draft_model")
 # A verify step computes 1 + k rows per sequence; the native row kernel (and so the decode tape)
@@ -57,10 +57,7 @@ class SpeculativeConfig:
                 raise ValueError(f"ngram needs 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} and {hi!r}")
         elif not self.model:
             raise ValueError("speculative_config method 'draft_model' needs a 'model' (a GGUF file or HF folder)")
-        self.quantization = self.quantization.lower()  # as EngineConfig's: Q8_0 too
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"speculative_config quantization must be one of {QUANTIZATIONS}, "
-                             f"got {self.quantization!r}")
+        self.quantization = quantization_mode(self.quantization, "speculative_config quantization")
         if self.disable_by_batch_size is None:
             self.disable_by_batch_size = max(1, (64 if self.method == "ngram" else 10) // (1 + k))
         elif self.disable_by_batch_size < 1:

@@ -10,6 +10,14 @@ from inferlab.model.layers import quant, regroup, tiles
 from inferlab.model.layers.quant import WeightType
 
 QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1")  # see target_type
+
+
+def quantization_mode(name: object, what: str = "quantization") -> str:
+    """The mode `name` stands for, in any case (llama.cpp's users write the types Q8_0), or a ValueError."""
+    mode = name.lower() if isinstance(name, str) else name
+    if mode not in QUANTIZATIONS:
+        raise ValueError(f"{what} must be one of {QUANTIZATIONS}, got {name!r}")
+    return mode
 # ISAs with bf16 matrix units (AVX512-BF16 dot products, AMX tiles): a bf16 model's dense weights run
 # there faster than any in-register dequantization of blocks, so `auto` gives them bf16 weights
 BF16_MATRIX_ISAS = ("avx512", "amx")

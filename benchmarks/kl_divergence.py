@@ -67,8 +67,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.tokens < 2:
         ap.error("--tokens must be at least 2: each position predicts the next")
-    modes = a.mode or ["auto:float32", "auto:float32+int8", "q8_0:float32", "q8_0:float32+int8", "q4_0:float32",
-                       "q4_0:float32+int8", "auto:bfloat16"]
+    modes = [m.lower() for m in a.mode] if a.mode else [
+        "auto:float32", "auto:float32+int8", "q8_0:float32", "q8_0:float32+int8", "q4_0:float32",
+        "q4_0:float32+int8", "auto:bfloat16"]
     for m in modes:
         quantization, _, dtype = m.removesuffix("+int8").partition(":")
         if quantization not in QUANTIZATIONS or dtype not in ("", *DTYPES):

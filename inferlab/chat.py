@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from inferlab.cli_args import engine_config, recording, sampling_params
 from inferlab.outputs import RequestFailed, check_outputs
@@ -12,15 +14,31 @@ from inferlab.outputs import RequestFailed, check_outputs
 log = logging.getLogger("inferlab")
 
 
+@contextmanager
+def answer_uninterrupted() -> Iterator[None]:
+    """While an answer streams to a terminal, routine INFO lines (the thread count adapting to a busy
+    neighbour) would land in the middle of its text on the same screen: hold them back, and let
+    warnings through. `-v` and INFERLAB_LOG_LEVEL=DEBUG keep every line."""
+    held = sys.stdout.isatty() and log.level == logging.INFO
+    if held:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        if held:
+            log.setLevel(logging.INFO)
+
+
 def stream(engine, request_id: str, prompt, params) -> str:
     """Run one request to the end, printing text as it is released; returns the whole text."""
     engine.add_request(request_id, prompt, params)
     text = ""
-    while engine.has_unfinished_requests():
-        for out in check_outputs(engine.step()):
-            delta = out.outputs[0].new_text
-            text += delta
-            print(delta, end="", flush=True)
+    with answer_uninterrupted():
+        while engine.has_unfinished_requests():
+            for out in check_outputs(engine.step()):
+                delta = out.outputs[0].new_text
+                text += delta
+                print(delta, end="", flush=True)
     print()
     return text
 

@@ -299,3 +299,47 @@ def test_generate_says_when_a_model_has_no_chat_template(tmp_path):
     assert "no chat template: the prompt goes in as raw text, without the --system message" in r.stderr
     r = inferlab("generate", "hello", "--model", model, "--raw", "--max-tokens", "2", "--num-kv-blocks", "16")
     assert r.returncode == 0 and "chat template" not in r.stderr
+
+
+def test_an_answer_streaming_to_a_terminal_is_not_cut_by_info_lines(monkeypatch):
+    """The thread governor's INFO line used to land inside a streamed answer; warnings still show,
+    and the level is back once the answer is done."""
+    import logging
+    from types import SimpleNamespace
+
+    from inferlab.chat import stream
+    from inferlab.logger import setup_logging
+
+    log = setup_logging()
+    monkeypatch.setattr(log, "level", logging.INFO)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+
+    class Engine:
+        def add_request(self, *args):
+            pass
+
+        def has_unfinished_requests(self):
+            return not hasattr(self, "done")
+
+        def step(self):
+            log.info("other processes keep 1.0 cores busy")
+            log.warning("a real problem")
+            delta = next(words, None)
+            if delta is None:
+                self.done = True
+                return []
+            return [SimpleNamespace(error=None, outputs=[SimpleNamespace(new_text=delta)])]
+
+    try:
+        for tty in (True, False):
+            words = iter(["The capital", " is Paris."])
+            seen.clear()
+            monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty)
+            assert stream(Engine(), "r", "p", None) == "The capital is Paris."
+            assert "a real problem" in seen and ("other processes keep 1.0 cores busy" in seen) is not tty
+            assert log.level == logging.INFO
+    finally:
+        log.removeHandler(handler)

@@ -335,6 +335,29 @@ def test_completion_text_offsets_stay_in_the_text(client):
     assert streamed == lp.text_offset
 
 
+def test_completion_top_logprobs_hold_the_sampled_token(client):
+    """OpenAI's legacy completions return the sampled token's logprob beside the best N, so up to
+    N + 1 entries (one for logprobs 0); a sampled token outside the best N was missing."""
+    kw = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=16, temperature=1.5, seed=3, extra_body={"ignore_eos": True})
+    for n in (0, 1):
+        lp = client.completions.create(**kw, logprobs=n).choices[0].logprobs
+        outside = 0
+        for token, token_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+            assert top[token] == token_lp and list(top)[0] == token and 1 <= len(top) <= n + 1
+            outside += len(top) == n + 1
+        assert n == 0 or outside  # some draws fell outside the best one: the case is exercised
+
+
+def test_completion_text_offsets_count_bytes_that_begin_no_character(client, smol):
+    """A byte that cannot begin a UTF-8 character is a U+FFFD of its own: each such token moves the
+    offset by one (they all stayed at 0, the detokenizer holding the text back)."""
+    tok = smol[1]
+    stray = next(t for t in range(tok.vocab_size) if tok.token_bytes(t) == b"\x8c")
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=1,
+                                  logit_bias={str(stray): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == "\ufffd" * 4 and r.choices[0].logprobs.text_offset == [0, 1, 2, 3]
+
+
 def test_completion_text_offsets_agree_streamed_while_a_stop_string_is_held_back(client):
     """Text that may begin a stop string is held back from the stream; its tokens' offsets are
     still where their text lands, as in the whole answer."""

@@ -1,6 +1,7 @@
 """Engine outputs -> OpenAI response bodies and stream chunks (completions and chat), and error bodies."""
 from __future__ import annotations
 
+import codecs
 import json
 
 from fastapi.responses import JSONResponse
@@ -42,17 +43,31 @@ class TextOffsets:
 
     Counted on the text as detokenized together, not token by token: a piece of a character
     decodes to U+FFFD alone, so summing pieces would run past the text. A piece starts where its
-    character does. A whole answer caps them at its text's length (a stop string's tokens have no
+    character does; bytes that begin no character (each a U+FFFD of its own for good) count one
+    character each. A whole answer caps them at its text's length (a stop string's tokens have no
     text of their own); a stream cannot know that length yet, so there tokens that a stop then
     cut keep offsets past the text, and only they differ from the whole answer's."""
 
     def __init__(self, tok: Tokenizer, prompt_ids: list[int]) -> None:
+        self.tok = tok
         self.detok = IncrementalDetokenizer(tok, prompt_ids, [])
+
+    def _settled(self) -> int:
+        """Characters of the text the detokenizer holds back (for the U+FFFD it ends in) that no
+        later token can change: all but an unfinished character's first bytes."""
+        d = self.detok
+        if d.read_offset == len(d.ids):
+            return 0
+        held = self.tok.decode(d.ids[d.prefix_offset:])[len(self.tok.decode(d.ids[d.prefix_offset:d.read_offset])):]
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        utf8.decode(b"".join(self.tok.token_bytes(t) for t in d.ids[d.read_offset:]))
+        return max(0, len(held) - (1 if utf8.getstate()[0] else 0))
 
     def take(self, token_ids: list[int], text_len: int | None = None) -> list[int]:
         offsets = []
         for token_id in token_ids:
-            offsets.append(len(self.detok.text) if text_len is None else min(len(self.detok.text), text_len))
+            at = len(self.detok.text) + self._settled()
+            offsets.append(at if text_len is None else min(at, text_len))
             self.detok.add_token(token_id)
         return offsets
 
@@ -63,9 +78,11 @@ def completion_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float
     for token_id, lps in entries:
         tokens.append(tok.token_text(token_id))
         token_lps.append(lps[token_id])
-        best = sorted(lps.items(), key=lambda kv: -kv[1])[:top_n]
-        top: dict[str, float] = {}
-        for t, lp in best:  # tokens that decode alike (pieces of characters) share a key: the likelier keeps it
+        # the sampled token first, as OpenAI's legacy API returns it beside the best N (so up to N + 1
+        # entries; one for logprobs 0); tokens that decode alike (pieces of characters) share a key:
+        # the sampled one keeps it, else the likelier
+        top = {tokens[-1]: lps[token_id]}
+        for t, lp in sorted(lps.items(), key=lambda kv: -kv[1])[:top_n]:
             top.setdefault(tok.token_text(t), lp)
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

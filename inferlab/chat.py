@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,19 +15,37 @@ from inferlab.outputs import RequestFailed, check_outputs
 log = logging.getLogger("inferlab")
 
 
+def _one_screen() -> bool:
+    """Whether log lines (stderr) land where the answer does (stdout): a terminal, or `2>&1`."""
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    except (OSError, ValueError):  # no file behind one of them (a captured stream)
+        return False
+
+
 @contextmanager
 def answer_uninterrupted() -> Iterator[None]:
-    """While an answer streams to a terminal, routine INFO lines (the thread count adapting to a busy
-    neighbour) would land in the middle of its text on the same screen: hold them back, and let
-    warnings through. `-v` and INFERLAB_LOG_LEVEL=DEBUG keep every line."""
-    held = sys.stdout.isatty() and log.level == logging.INFO
-    if held:
-        log.setLevel(logging.WARNING)
+    """While an answer streams where the log lines go too (a terminal, `2>&1`), routine INFO lines
+    (the thread count adapting to a busy neighbour) would land in the middle of its text: they are
+    held back and logged after it. Warnings go through at once."""
+    if not _one_screen():
+        yield
+        return
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            held.append(record)
+            return False
+        return True
+
+    log.addFilter(hold)
     try:
         yield
     finally:
-        if held:
-            log.setLevel(logging.INFO)
+        log.removeFilter(hold)
+        for record in held:
+            log.handle(record)
 
 
 def stream(engine, request_id: str, prompt, params) -> str:
@@ -34,12 +53,14 @@ def stream(engine, request_id: str, prompt, params) -> str:
     engine.add_request(request_id, prompt, params)
     text = ""
     with answer_uninterrupted():
-        while engine.has_unfinished_requests():
-            for out in check_outputs(engine.step()):
-                delta = out.outputs[0].new_text
-                text += delta
-                print(delta, end="", flush=True)
-    print()
+        try:
+            while engine.has_unfinished_requests():
+                for out in check_outputs(engine.step()):
+                    delta = out.outputs[0].new_text
+                    text += delta
+                    print(delta, end="", flush=True)
+        finally:
+            print(flush=True)
     return text
 
 
@@ -113,9 +134,8 @@ def cmd_chat(a: argparse.Namespace) -> None:
                   f"exchange{'s' if dropped > 2 else ''} forgotten; /reset starts over)", file=sys.stderr)
         try:
             reply = stream(engine, f"chat-{turn}", prompt, sampling_params(a))
-        except KeyboardInterrupt:  # stop this answer, keep the session
+        except KeyboardInterrupt:  # stop this answer, keep the session (stream ended its line)
             engine.abort_request(f"chat-{turn}")
-            print()
             reply = ""
         except RequestFailed as e:  # said (and logged); the session goes on without this exchange
             print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from inferlab import kernels
 from inferlab.model.layers import quant
 from inferlab.model.layers.linear import Linear
 from inferlab.model.layers.quant import describe_weights
@@ -38,8 +39,12 @@ def log_start(engine: LLMEngine, num_blocks: int, per_block: int) -> None:
             log.warning("--quantization %s: %d linear layers stay %s, their rows of %s inputs not a multiple of "
                         "its %d-weight blocks", config.quantization, len(left), dtype,
                         sorted({m.in_features for m in left}), block)
-    weights, used = describe_weights(engine.model), f"native {native.isa}" if native else "PyTorch"
-    if native and "x16" in weights:  # which of the regrouped kernel's products run (fp32 inputs: FMAs)
-        used += f" (x16 blocks by {'fp32' if engine.dtype == torch.float32 else native.products()} products)"
+    # the ops' kernels (linears, norms, RoPE...) run wherever they take the tensors; attention's may not
+    ops = kernels.native() if engine.device.type == "cpu" and engine.dtype in kernels.DTYPE_CODES else None
+    weights, used = describe_weights(engine.model), f"native {ops.isa}" if ops else "PyTorch"
+    if ops and "x16" in weights:  # which of the regrouped kernel's products run (fp32 inputs: FMAs)
+        used += f" (x16 blocks by {'fp32' if engine.dtype == torch.float32 else ops.products()} products)"
+    if ops and native is None:
+        used += ", attention by PyTorch"
     log.info("weights: %s; activations: %s%s; kernels: %s; decode steps: %s", weights, dtype, int8, used,
              f"one native call ({len(runner.tape.ops)} ops)" if runner.tape else "op by op")

@@ -301,13 +301,14 @@ def test_generate_says_when_a_model_has_no_chat_template(tmp_path):
     assert r.returncode == 0 and "chat template" not in r.stderr
 
 
-def test_an_answer_streaming_to_a_terminal_is_not_cut_by_info_lines(monkeypatch):
-    """The thread governor's INFO line used to land inside a streamed answer; warnings still show,
-    and the level is back once the answer is done."""
+def test_an_answer_streaming_where_the_log_goes_is_not_cut_by_info_lines(monkeypatch, capsys):
+    """The thread governor's INFO line used to land inside a streamed answer on a terminal (or with
+    `2>&1`): it now comes after the answer's line; warnings still show at once, and where the log
+    goes elsewhere nothing is held."""
     import logging
     from types import SimpleNamespace
 
-    from inferlab.chat import stream
+    from inferlab import chat
     from inferlab.logger import setup_logging
 
     log = setup_logging()
@@ -331,15 +332,22 @@ def test_an_answer_streaming_to_a_terminal_is_not_cut_by_info_lines(monkeypatch)
             if delta is None:
                 self.done = True
                 return []
+            seen.append(delta)
             return [SimpleNamespace(error=None, outputs=[SimpleNamespace(new_text=delta)])]
 
     try:
-        for tty in (True, False):
+        for shared in (True, False):
             words = iter(["The capital", " is Paris."])
             seen.clear()
-            monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty)
-            assert stream(Engine(), "r", "p", None) == "The capital is Paris."
-            assert "a real problem" in seen and ("other processes keep 1.0 cores busy" in seen) is not tty
-            assert log.level == logging.INFO
+            monkeypatch.setattr(chat, "_one_screen", lambda shared=shared: shared)
+            assert chat.stream(Engine(), "r", "p", None) == "The capital is Paris."
+            assert capsys.readouterr().out == "The capital is Paris.\n"
+            info = "other processes keep 1.0 cores busy"
+            assert seen.count(info) == 3 and seen.count("a real problem") == 3
+            if shared:  # the answer's words first, the held lines after; warnings where they came
+                assert seen == ["a real problem", "The capital", "a real problem", " is Paris.", "a real problem"] + \
+                    [info] * 3
+            else:
+                assert seen[:3] == [info, "a real problem", "The capital"]
     finally:
         log.removeHandler(handler)

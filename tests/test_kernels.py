@@ -528,3 +528,15 @@ def test_backend_option_is_validated():
     from inferlab import EngineConfig
     with pytest.raises(ValueError, match="attention_backend"):
         EngineConfig(attention_backend="flash")
+
+
+def test_start_line_names_the_kernels_when_only_attention_is_pytorchs(smol, caplog):
+    """`--attention-backend torch` moves attention alone to PyTorch; the start line said every op was
+    PyTorch's while the native linears, norms and RoPE ran."""
+    from inferlab import LLM
+    if kernels.native() is None:
+        pytest.skip("no native kernels here (see the log for why they did not build)")
+    with caplog.at_level("INFO", logger="inferlab"):
+        LLM(loaded=smol, num_kv_blocks=8, attention_backend="torch")
+    assert re.search(rf"kernels: native {kernels.native().isa}( \(x16 blocks by \w+ products\))?, attention by "
+                     "PyTorch; decode steps: op by op", caplog.text)

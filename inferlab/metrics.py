@@ -27,15 +27,21 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def render(self) -> list[str]:
+    def render(self, labels: str) -> list[str]:
+        """Text-format lines, each series with `labels` (`name="value",...`) beside its own."""
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         cumulative = 0
         for bound, n in zip((*self.buckets, float("inf")), self.counts):
             cumulative += n
             le = "+Inf" if bound == float("inf") else repr(float(bound))
-            lines.append(f'{self.name}_bucket{{le="{le}"}} {cumulative}')
-        lines += [f"{self.name}_sum {self.sum}", f"{self.name}_count {self.count}"]
+            lines.append(f'{self.name}_bucket{{le="{le}",{labels}}} {cumulative}')
+        lines += [f"{self.name}_sum{{{labels}}} {self.sum}", f"{self.name}_count{{{labels}}} {self.count}"]
         return lines
+
+
+def label_value(text: str) -> str:
+    """`text` as a quoted label value's inside (Prometheus escapes these three)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class EngineMetrics:
@@ -72,11 +78,12 @@ class EngineMetrics:
         self.iteration_tokens.observe(num_tokens)
 
     def render(self, snapshot: dict, model_name: str) -> str:
-        kv = snapshot["kv"]
+        """Every series labelled with the served model's name, as vLLM labels its own."""
+        kv, model = snapshot["kv"], f'model_name="{label_value(model_name)}"'
         lines: list[str] = []
 
         def metric(kind: str, name: str, help_text: str, value: float) -> None:
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"])
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{{{model}}} {value}"])
 
         metric("gauge", "inferlab:num_requests_running", "Requests in the running batch.", snapshot["num_running"])
         metric("gauge", "inferlab:num_requests_waiting", "Requests waiting (incl. preempted).",
@@ -113,12 +120,12 @@ class EngineMetrics:
                    spec["num_accepted_tokens"])
             name = "inferlab:spec_decode_num_accepted_tokens_per_pos"
             lines += [f"# HELP {name} Draft tokens accepted, by position in the draft.", f"# TYPE {name} counter"]
-            lines += [f'{name}{{position="{i}"}} {n}' for i, n in enumerate(spec["accepted_per_pos"])]
+            lines += [f'{name}{{position="{i}",{model}}} {n}' for i, n in enumerate(spec["accepted_per_pos"])]
         lines += ["# HELP inferlab:request_success_total Finished requests by finish reason.",
                   "# TYPE inferlab:request_success_total counter"]
         for reason in sorted({"stop", "length", "abort", "error", *self.finished}):
-            lines.append(f'inferlab:request_success_total{{finished_reason="{reason}",model_name="{model_name}"}} '
-                         f"{self.finished[reason]}")
+            n = self.finished[reason]
+            lines.append(f'inferlab:request_success_total{{finished_reason="{reason}",{model}}} {n}')
         for h in (self.ttft, self.itl, self.e2e, self.queue, self.iteration_tokens):
-            lines += h.render()
+            lines += h.render(model)
         return "\n".join(lines) + "\n"

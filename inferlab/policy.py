@@ -10,8 +10,10 @@ import functools
 import heapq
 import importlib
 import importlib.util
+import inspect
 import itertools
 import os
+import sys
 from collections.abc import Iterator
 
 from inferlab.request import Request
@@ -22,8 +24,12 @@ class RequestQueue:
     """Base class: a min-heap of waiting requests by `key`.
 
     Contract for subclasses: `key(req)` must not change while `req` waits (it is computed on
-    push); `should_preempt(waiting, running)` says whether a waiting request may evict a running
-    one to get in (by default never; the priority policy does for strictly lower priority).
+    push). It also orders the running batch each step (the smallest key gets the token budget
+    first) and, through `victim`, picks whom to preempt, so it is called on running requests,
+    whose output grows. `should_preempt(waiting, running)` says whether a waiting request may
+    evict a running one to get in (by default never; the priority policy does for strictly lower
+    priority). A subclass's `__init__` calls `super().__init__()`; one taking `aging_rate` gets
+    the engine's `sjf_aging_rate`.
     """
 
     def __init__(self) -> None:
@@ -93,10 +99,11 @@ class SJFQueue(RequestQueue):
 POLICIES = {"fcfs": FCFSQueue, "priority": PriorityQueue, "sjf": SJFQueue}
 
 
-@functools.cache  # a file is executed once, not once per engine or replica
 def resolve_policy(name: str) -> type[RequestQueue]:
     """A built-in policy name, or `module:Class` / `path/to/file.py:Class` naming a RequestQueue
-    subclass of one's own, imported here so that trying a policy needs no edit to the package."""
+    subclass of one's own, imported here so that trying a policy needs no edit to the package. A
+    file is executed once (not once per engine or replica) until it changes: an edited policy is
+    read again."""
     if name in POLICIES:
         return POLICIES[name]
     where, sep, attr = name.rpartition(":")
@@ -104,11 +111,22 @@ def resolve_policy(name: str) -> type[RequestQueue]:
         raise ValueError(f"unknown scheduling_policy {name!r}; choose one of {sorted(POLICIES)} "
                          f"or give module:Class or file.py:Class")
     try:
+        changed = os.stat(where).st_mtime_ns if where.endswith(".py") else None
+    except OSError:
+        changed = None  # the load below names what is wrong with the path
+    return _resolve(name, where, attr, changed)
+
+
+@functools.cache
+def _resolve(name: str, where: str, attr: str, changed: int | None) -> type[RequestQueue]:
+    try:
         if where.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+            stem = os.path.basename(where)[:-3]
+            spec = importlib.util.spec_from_file_location(f"inferlab_policy_{stem}", where)
             if spec is None or spec.loader is None:
                 raise ImportError(f"not a Python file: {where}")
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # where a @dataclass in it looks its module up
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
@@ -119,24 +137,54 @@ def resolve_policy(name: str) -> type[RequestQueue]:
         raise ValueError(f"scheduling policy {name!r} is not a subclass of inferlab.policy.RequestQueue")
     if cls.key is RequestQueue.key:
         raise ValueError(f"scheduling policy {name!r} defines no key(req), which orders its queue")
-    # built and asked once here, so that a policy that cannot work fails at start, not mid-run
+    # built and used once here, so that a policy that cannot work fails at start, not mid-run
     try:
         queue = _build(cls)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"scheduling policy {name!r} cannot be built: {type(e).__name__}: {e}") from None
+    req = Request("policy-check", [1, 2, 3], SamplingParams(), 0.0)
     try:
-        queue.key(Request("policy-check", [1, 2, 3], SamplingParams(), 0.0))
+        queue.key(req)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"scheduling policy {name!r} fails on a new request: {type(e).__name__}: {e}") from None
+    try:
+        queue.push(req)
+        if len(queue) != 1 or queue.peek() is not req or queue.pop() is not req or len(queue) != 0:
+            raise ValueError("a request pushed is not the one peek() and pop() give back")
+    except Exception as e:  # noqa: BLE001 - e.g. an __init__ that skipped super().__init__()
+        raise ValueError(f"scheduling policy {name!r} cannot queue a request: {type(e).__name__}: {e}") from None
     return cls
 
 
 def _build(cls: type[RequestQueue], sjf_aging_rate: float = 20.0) -> RequestQueue:
-    return cls(sjf_aging_rate) if issubclass(cls, SJFQueue) else cls()
+    """cls(), given the engine's aging rate where its __init__ takes `aging_rate` (as sjf's does)."""
+    takes_rate = "aging_rate" in inspect.signature(cls.__init__).parameters
+    return cls(aging_rate=sjf_aging_rate) if takes_rate else cls()
 
 
 def make_queue(name: str, sjf_aging_rate: float = 20.0) -> RequestQueue:
     return _build(resolve_policy(name), sjf_aging_rate)
+
+
+def policy_failed(method: str, e: Exception) -> ValueError:
+    """A policy's own method failing mid-run, as one line (as one that fails at start is)."""
+    return ValueError(f"the scheduling policy's {method}() failed: {type(e).__name__}: {e}")
+
+
+def by_key(queue: RequestQueue, running: list[Request]) -> list[Request]:
+    """`running` in the policy's order (who gets the step's token budget first)."""
+    try:
+        return sorted(running, key=queue.key)
+    except Exception as e:
+        raise policy_failed("key", e) from None
+
+
+def requeue(queue: RequestQueue, req: Request) -> None:
+    """A preempted request back in the queue."""
+    try:
+        queue.push(req)
+    except Exception as e:
+        raise policy_failed("key", e) from None
 
 
 def pick_victim(queue: RequestQueue, running: list[Request]) -> Request:
@@ -145,7 +193,7 @@ def pick_victim(queue: RequestQueue, running: list[Request]) -> Request:
     try:
         victim = queue.victim(running)
     except Exception as e:
-        raise ValueError(f"the scheduling policy's victim() failed: {type(e).__name__}: {e}") from None
+        raise policy_failed("victim", e) from None
     if not any(r is victim for r in running):
         raise ValueError(f"the scheduling policy's victim() returned {victim!r}, not one of the running requests")
     return victim

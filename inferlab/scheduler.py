@@ -22,7 +22,7 @@ from inferlab.budget import START
 from inferlab.config import EngineConfig
 from inferlab.kv_transfer import KVConnectorBase
 from inferlab.kv_transfer.loads import RemoteLoads
-from inferlab.policy import RequestQueue, pick_victim
+from inferlab.policy import RequestQueue, by_key, pick_victim, requeue
 from inferlab.preemption import make_preemption
 from inferlab.request import Request, RequestStatus, request_view
 from inferlab.scheduler_output import SchedulerOutput
@@ -81,7 +81,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.push(req)
+        requeue(self.waiting, req)
         out.preempted.append(req)
 
     @property
@@ -116,7 +116,7 @@ class Scheduler:
         threshold = self.long_prefill_token_threshold
         allocate, block_size = self.block_manager.allocate_slots, self.block_manager.block_size
         scheduled, running = out.scheduled, RequestStatus.RUNNING
-        for req in sorted(self.running, key=self.waiting.key):
+        for req in by_key(self.waiting, self.running):
             if budget == 0:
                 break
             if req.status is not running:

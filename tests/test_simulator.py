@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -88,6 +89,12 @@ def test_trace_file_round_trip(tmp_path):
     path.write_text('{"arrival": 0.5}\n')
     with pytest.raises(ValueError, match="cannot read trace"):
         load_trace(str(path))
+    path.write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no requests"):  # it ran, reporting nothing at all
+        load_trace(str(path))
+    path.write_text('{"type": "header", "version": 1}\n')
+    with pytest.raises(ValueError, match="is a dashboard recording .*inferlab scope --replay"):
+        load_trace(str(path))
 
 
 @pytest.mark.parametrize("line, message", [
@@ -157,6 +164,50 @@ def test_a_bad_cost_model_file_is_one_line_naming_it(tmp_path, capsys, content, 
     assert main(["simulate", "--num-requests", "5", "--cost-model", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.match("error: " + message.format(path=re.escape(str(path))), err), err
+
+
+def test_a_policy_whose_key_fails_on_a_running_request_is_one_line(tmp_path, capsys):
+    """key() also orders the running batch each step and requeues the preempted: its failure there is
+    named, as victim()'s is, not a traceback."""
+    path = tmp_path / "mine.py"
+    path.write_text("from inferlab.policy import RequestQueue\nclass P(RequestQueue):\n"
+                    "    def key(self, req):\n        return (1 / (1 - min(1, req.num_output_tokens)),)\n")
+    assert main(["simulate", "--policy", f"{path}:P", "--num-kv-blocks", "64", "--num-requests", "20",
+                 "--rate", "inf"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the scheduling policy's key() failed: ZeroDivisionError: division by zero\n"
+
+
+def test_a_policy_file_is_read_again_once_edited_and_may_hold_dataclasses(tmp_path):
+    """A file's classes were cached by the policy's name, so an edit did nothing in a notebook; and
+    a @dataclass in a file (under `from __future__ import annotations`) could not be loaded."""
+    from inferlab.policy import make_queue
+    from inferlab.request import Request
+    from inferlab.sampling_params import SamplingParams
+    path = tmp_path / "mine.py"
+    req = Request("r", [1, 2, 3], SamplingParams(), 0.0)
+    for i, weight in enumerate((1, 2)):
+        path.write_text("from __future__ import annotations\nfrom dataclasses import dataclass\n"
+                        "from inferlab.policy import RequestQueue\n@dataclass\nclass Weights:\n"
+                        f"    w: int = {weight}\nclass P(RequestQueue):\n"
+                        "    def key(self, req):\n        return (Weights().w,)\n")
+        os.utime(path, ns=(i * 10**9, i * 10**9))  # two edits within one clock tick still differ
+        assert make_queue(f"{path}:P").key(req) == (weight,)
+
+
+def test_a_policy_taking_aging_rate_gets_the_engines_and_others_are_built_bare():
+    """sjf's subclasses were built with the rate as a positional argument, so one whose __init__
+    takes none could not be built."""
+    from inferlab.policy import SJFQueue, _build
+
+    class Fixed(SJFQueue):
+        def __init__(self):
+            super().__init__(aging_rate=50.0)
+
+    class Rated(SJFQueue):
+        pass
+
+    assert _build(Fixed, 7.0).aging_rate == 50.0 and _build(Rated, 7.0).aging_rate == 7.0
 
 
 def test_a_policy_whose_victim_rule_fails_is_one_line(tmp_path, capsys):
@@ -268,6 +319,8 @@ def test_a_bad_policy_is_one_line_and_exit_2(policy, message):
      "    def key(self, req):\n        return (0,)\n", "cannot be built: TypeError"),
     ("class P(RequestQueue):\n    def key(self, req):\n        return (req.expected_len,)\n",
      "fails on a new request: AttributeError"),
+    ("class P(RequestQueue):\n    def __init__(self, weight=2):\n        self.weight = weight\n"
+     "    def key(self, req):\n        return (0,)\n", "cannot queue a request: AttributeError: .*_heap"),
 ])
 def test_a_policy_that_cannot_work_is_refused_at_start(tmp_path, body, message):
     """Not mid-run: a policy that failed in the step loop took a served request down with it."""

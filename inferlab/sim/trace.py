@@ -73,9 +73,14 @@ def load_trace(path: str) -> list[TraceRequest]:
             fields = json.loads(line)
             if not isinstance(fields, dict):
                 raise TypeError(f"expected a JSON object, got {type(fields).__name__}")
+            if fields.get("type") in ("header", "frame"):
+                raise ValueError(f"{path} is a dashboard recording (--record), not a trace of requests: "
+                                 f"`inferlab scope --replay {path}` plays it")
             trace.append(TraceRequest(**fields))
         except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"cannot read trace {path}: line {i}: {e}") from None
+    if not trace:
+        raise ValueError(f"trace {path} holds no requests")
     return sorted(trace, key=lambda r: r.arrival)
 
 

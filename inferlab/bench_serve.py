@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from inferlab.outputs import RequestFailed
 
@@ -262,8 +263,9 @@ def main(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be at least 1, got {value}")
     if not a.request_rate > 0 or not a.timeout > 0:
         raise ValueError("--request-rate and --timeout must be positive")
-    if not a.base_url.startswith(("http://", "https://")):
-        raise ValueError(f"--base-url must start with http:// or https://, got {a.base_url!r}")
+    if urlsplit(a.base_url).scheme not in ("http", "https") or not urlsplit(a.base_url).hostname:
+        raise ValueError(f"--base-url is http:// or https:// and a host, e.g. http://127.0.0.1:8000; "
+                         f"got {a.base_url!r}")
     a.base_url = a.base_url.rstrip("/").removesuffix("/v1")  # the server root; paths add /v1
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     results, duration, model = asyncio.run(run(a))

@@ -142,6 +142,8 @@ def test_a_store_down_at_start_is_a_one_line_error(make_tiny_engine, tmp_path):
     ('{"kv_connector": "RedisConnector"}', "RedisConnector needs kv_connector_extra_config.url"),
     ('{"kv_connector": "SharedStorageConnector", "kv_role": "both"}', "kv_role must be one of"),
     ('{"kv_connector": "RedisConnector", "kv_rol": "kv_both"}', "unknown fields"),
+    ('{"kv_connector": "RedisConnector", "kv_connector_extra_config": {"url": "redis://h", "load_timout": 2}}',
+     r"keys RedisConnector does not take: \['load_timout'\] \(it takes \['url', 'timeout', 'load_timeout'\]\)"),
     ("{not json", "not valid JSON"),
 ])
 def test_bad_kv_transfer_config_is_one_line(text, message):
@@ -208,6 +210,27 @@ def test_a_load_that_trickles_in_is_given_up_and_the_prompt_computed(make_tiny_e
     assert_empty(b)
     with pytest.raises(ValueError, match="load_timeout must be a positive number of seconds"):
         make_tiny_engine(kv_transfer_config={**config, "kv_connector_extra_config": {**extra, "load_timeout": 0}})
+
+
+def test_saves_do_not_wait_behind_loads_given_up(make_tiny_engine, tmp_path, monkeypatch):
+    """Loads given up on still trickle in on their threads; saves queued behind them, so once the
+    store was tried again every finished request (wait_for_save) held the whole engine until those
+    fetches drained: tens of seconds on a slow store, for requests that load nothing."""
+    from inferlab.kv_transfer import store as store_module
+    monkeypatch.setattr(store_module, "RETRY_S", 0.05)  # the store is tried again at once
+    extra = {"shared_storage_path": str(tmp_path), "load_timeout": 0.3}
+    config = {"kv_connector": "SharedStorageConnector", "kv_connector_extra_config": extra}
+    stored, fresh = prompts(2, 0, (30, 30), seed=5), prompts(1, 0, (40, 40), seed=6)
+    run(make_tiny_engine(kv_transfer_config=config), stored)
+    b = make_tiny_engine(kv_transfer_config=config)
+    fetch = b.kv_connector.store.get
+    b.kv_connector.store.get = lambda keys: (time.sleep(4), fetch(keys))[1]
+    run(b, stored)  # both loads given up, their fetches still asleep on both load threads
+    time.sleep(0.1)  # past the store's down window: saves go to it again
+    start = time.monotonic()
+    run(b, fresh)
+    assert time.monotonic() - start < 2 and b.snapshot()["kv_transfer"]["saved_blocks"] >= 2
+    assert_empty(b)
 
 
 def test_a_full_redis_refuses_saves_but_its_blocks_still_load(make_tiny_engine):

@@ -278,7 +278,8 @@ def test_a_client_leaving_a_plain_request_aborts_it_on_the_backend(tiny):
 
 @pytest.mark.parametrize("args, message", [
     ([], "give --backend URL"),
-    (["--backend", "127.0.0.1:8001"], "must start with http://"),
+    (["--backend", "127.0.0.1:8001"], "a backend URL is http:// or https:// and a host"),
+    (["--backend", "http://"], "a backend URL is http:// or https:// and a host, e.g. http://127.0.0.1:8000; got 'http://'"),
     (["--backend", "http://a", "--timeout", "0"], "above 0 seconds"),
     (["--backend", "http://a", "--health-interval", "-1"], "above 0 seconds"),
     (["--prefill", "http://127.0.0.1:1"], "give --backend URL (repeatable), or both"),

@@ -83,8 +83,9 @@ class KVConnectorBase(ABC):
     @abstractmethod
     def wait_for_save(self) -> None:
         """Block until every save started is stored or has failed (bounded by the store's
-        timeouts). Called before a finished request is returned, so a client told that a prompt is
-        done (a P/D prefill) can rely on its blocks being in the store."""
+        timeouts, and by the load timeout a consumer would give up after). Called before a finished
+        request is returned, so a client told that a prompt is done (a P/D prefill) can rely on its
+        blocks being in the store."""
 
     @abstractmethod
     def get_finished(self) -> Finished:

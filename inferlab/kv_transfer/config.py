@@ -15,6 +15,9 @@ from inferlab.json_config import json_object
 
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 KV_CONNECTORS = ("SharedStorageConnector", "RedisConnector")
+# each connector's kv_connector_extra_config: the key it needs first, then those it may take
+EXTRA_KEYS = {"SharedStorageConnector": ("shared_storage_path", "load_timeout"),
+              "RedisConnector": ("url", "timeout", "load_timeout")}
 
 
 @dataclass
@@ -30,9 +33,13 @@ class KVTransferConfig:
             raise ValueError(f"kv_role must be one of {KV_ROLES}, got {self.kv_role!r}")
         if not isinstance(self.kv_connector_extra_config, dict):
             raise ValueError("kv_connector_extra_config must be a JSON object")
-        need = {"SharedStorageConnector": "shared_storage_path", "RedisConnector": "url"}[self.kv_connector]
-        if not isinstance(self.kv_connector_extra_config.get(need), str):
-            raise ValueError(f"{self.kv_connector} needs kv_connector_extra_config.{need} (a string)")
+        keys = EXTRA_KEYS[self.kv_connector]
+        if not isinstance(self.kv_connector_extra_config.get(keys[0]), str):
+            raise ValueError(f"{self.kv_connector} needs kv_connector_extra_config.{keys[0]} (a string)")
+        unknown = set(self.kv_connector_extra_config) - set(keys)  # a misspelt timeout would be dropped
+        if unknown:
+            raise ValueError(f"kv_connector_extra_config has keys {self.kv_connector} does not take: "
+                             f"{sorted(unknown)} (it takes {list(keys)})")
 
     @property
     def is_producer(self) -> bool:

@@ -84,7 +84,10 @@ class StoreConnector(KVConnectorBase):
         self.config, self.store, self.runner, self.block_manager = config, store, runner, block_manager
         self.namespace = namespace
         self.block_size = block_manager.block_size
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inferlab-kv")
+        # loads and saves on threads of their own: a save (which a finished request waits on) never
+        # queues behind fetches given up on, which may trickle on long after their load_timeout
+        self.load_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inferlab-kv-load")
+        self.save_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inferlab-kv-save")
         self.load_timeout = seconds(config.kv_connector_extra_config, "load_timeout", LOAD_TIMEOUT_S)
         self.down_until = 0.0
         self.full_logged = False
@@ -204,7 +207,7 @@ class StoreConnector(KVConnectorBase):
     # -- worker side ------------------------------------------------------------------------------
     def start_load_kv(self, meta: KVConnectorMetadata) -> None:
         for load in meta.loads:
-            self._loading[load.req.request_id] = (load, self.pool.submit(self.store.get, load.keys),
+            self._loading[load.req.request_id] = (load, self.load_pool.submit(self.store.get, load.keys),
                                                   time.monotonic())
 
     def get_finished(self) -> Finished:
@@ -256,7 +259,7 @@ class StoreConnector(KVConnectorBase):
         self._saving = [fut for fut in self._saving if not fut.done()]
         for (_, key), block in zip(saves, data):
             value = block.contiguous().view(torch.uint8).numpy().tobytes()
-            self._saving.append(self.pool.submit(self._put, key, value))
+            self._saving.append(self.save_pool.submit(self._put, key, value))
 
     def _put(self, key: str, value: bytes) -> None:
         if not self._up():  # queued before the store was found down: dropped, not waited on
@@ -275,13 +278,16 @@ class StoreConnector(KVConnectorBase):
             self._failed("save", e)
 
     def wait_for_save(self) -> None:
-        wait(self._saving)
-        self._saving = []
+        """At most load_timeout: a consumer gives up on a load that takes longer anyway, and a slow
+        store must not stop the other requests' steps (the saves left go on in the background)."""
+        _, self._saving = wait(self._saving, self.load_timeout)
+        self._saving = list(self._saving)
 
     def snapshot(self) -> dict:
         return {"kv_transfer": {**self.stats, "loading": len(self._loading) + len(self._pending),
                                 "store_up": self._up()}}
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self.load_pool, self.save_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit
 
 from inferlab.router.app import build_router_app
 from inferlab.router.backends import Backend
@@ -23,8 +24,9 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
         raise ValueError("give --backend URL (repeatable), or both --prefill URL and --decode URL")
     make_policy(policy)  # an unknown name fails here, before the server starts
     for url in [*backends, *prefill, *decode]:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"a backend URL must start with http:// or https://, got {url!r}")
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ValueError(f"a backend URL is http:// or https:// and a host, e.g. http://127.0.0.1:8000; "
+                             f"got {url!r}")
     if not timeout > 0 or not health_interval > 0:
         raise ValueError(f"--timeout and --health-interval must be above 0 seconds, got {timeout} and "
                          f"{health_interval}")

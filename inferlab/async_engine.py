@@ -170,7 +170,7 @@ class AsyncEngine:
             added = []
             try:
                 for rid, prompt, params, priority in requests:
-                    self.engine.add_request(rid, prompt, params, priority)
+                    self.engine.add_request(rid, prompt, params, priority=priority)
                     added.append(rid)
             except BaseException:
                 for rid in added:

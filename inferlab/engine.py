@@ -130,7 +130,7 @@ class LLMEngine:
         return min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> Request:
+                    arrival_time: float | None = None, priority: int = 0) -> Request:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -148,9 +148,13 @@ class LLMEngine:
         self.output_processor.add(req)
         return req
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str | list[str]) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final output (finish_reason "abort"),
-        or None if no such request is live."""
+        or None if no such request is live. A list of ids (vLLM's form) stops each; returns None."""
+        if not isinstance(request_id, str):
+            for rid in request_id:
+                self.abort_request(rid)
+            return None
         req = self.requests.get(request_id)
         if req is None:
             return None

@@ -30,6 +30,11 @@ def parse_prompt(prompt: PromptType, tokenizer: Tokenizer, vocab_size: int) -> P
     `cache_salt`: a request only shares cached blocks with requests of the same salt."""
     salt = None
     if isinstance(prompt, dict):
+        if "multi_modal_data" in prompt or "mm_processor_kwargs" in prompt:
+            raise ValueError("multi_modal_data: this model reads text only")
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"})
+        if unknown:  # dropped, they would change nothing and say nothing
+            raise ValueError(f"a prompt dict takes prompt, prompt_token_ids and cache_salt, not {unknown[0]!r}")
         salt = prompt.get("cache_salt")
         if salt is not None and (not isinstance(salt, str) or not salt):
             raise ValueError("cache_salt must be a non-empty string")

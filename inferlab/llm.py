@@ -57,12 +57,19 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """A new SamplingParams() (vLLM's method; a checkpoint's generation_config.json sampling values
+        are not read, as vLLM's `generation_config="vllm"`)."""
+        return SamplingParams()
+
     def generate(self, prompts: PromptType | list[PromptType],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  priority: list[int] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """One finished RequestOutput per prompt, in prompt order, holding `n` completions (each
         prompt is submitted n times, as vLLM's engine forks it: the copies share its cached blocks; a
         seed gives copy j the seed + j). Invalid input raises ValueError before anything runs."""
+        if isinstance(prompts, tuple):  # any sequence of prompts, as vLLM takes
+            prompts = list(prompts)
         if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt (anything else is refused by name below)
         n = len(prompts)
@@ -76,7 +83,7 @@ class LLM:
             for i in range(n):
                 for j, rid in enumerate(ids[i]):
                     one = params[i].fork(j) if len(ids[i]) > 1 else params[i]
-                    self.engine.add_request(rid, prompts[i], one, priority[i] if priority else 0)
+                    self.engine.add_request(rid, prompts[i], one, priority=priority[i] if priority else 0)
         except ValueError as e:
             for rid in itertools.chain.from_iterable(ids):
                 self.engine.abort_request(rid)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 # Caps on what a request may ask every step to check: 50,000 stop strings slowed every other
 # request's steps by half. Generous for real use (OpenAI takes 4 stop strings and 300 biases).
@@ -41,7 +41,6 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
     include_stop_str_in_output: bool = False
     n: int = 1  # completions per prompt: LLM.generate and the server submit the prompt n times
-    stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # types first (the range checks' comparisons would raise TypeError), numpy's scalars taken as Python's
@@ -86,7 +85,6 @@ class SamplingParams:
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
-        self.stop_list = stops
         ids = self.stop_token_ids if self.stop_token_ids is not None else []
         if not isinstance(ids, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
                                                      for t in ids):
@@ -94,8 +92,11 @@ class SamplingParams:
         if len(self.stop_token_ids or []) > MAX_TOKEN_LIST:
             raise ValueError(f"stop_token_ids takes at most {MAX_TOKEN_LIST} token ids")
         bias = self.logit_bias or {}
-        if len(bias) > MAX_TOKEN_LIST or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in bias):
-            raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} token ids (non-negative integers)")
+        if len(bias) > MAX_TOKEN_LIST:
+            raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} token ids")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in bias):
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got "
+                             f"{next(t for t in bias if not isinstance(t, int) or isinstance(t, bool) or t < 0)!r}")
         if any(not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0 for b in bias.values()):
             raise ValueError("logit_bias values must be numbers in [-100, 100]")
 
@@ -103,6 +104,11 @@ class SamplingParams:
         """Completion j of n as a request of its own (the engine runs one sequence a request): n = 1,
         and with a seed, seed + j, so the n are distinct yet reproducible (LLM.generate's and the server's)."""
         return replace(self, n=1, seed=None if self.seed is None else self.seed + j)
+
+    @property
+    def stop_list(self) -> list[str]:
+        """`stop` as a list, read when the request is added (so a `stop` set after construction counts)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @property
     def greedy(self) -> bool:
@@ -113,3 +119,36 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+
+# vLLM's SamplingParams fields that ported scripts pass: taken at the one value InferLab runs, else
+# refused with what to do instead (not Python's "unexpected keyword argument")
+VLLM_ONLY = {
+    "best_of": ((None, 1), "ask for n completions and choose among them"),
+    "prompt_logprobs": ((None,), "prompt positions are not scored; logprobs covers generated tokens"),
+    "skip_special_tokens": ((True,), "special tokens are always left out of the text (token_ids keeps them)"),
+    "spaces_between_special_tokens": ((True,), "special tokens are always left out of the text"),
+    "detokenize": ((True,), "the text is always made, and token_ids are there too"),
+    "allowed_token_ids": ((None,), "not supported; logit_bias of -100 bans single tokens"),
+    "bad_words": ((None,), "not supported; logit_bias of -100 bans single tokens"),
+    "output_kind": ((None,), "LLM.generate returns final outputs; LLMEngine.step() gives new_text and "
+                             "new_token_ids beside the whole text"),
+    "truncate_prompt_tokens": ((None,), "not supported: a prompt must fit the context"),
+}
+_dataclass_init = SamplingParams.__init__
+
+
+def _init(self: SamplingParams, *args, **kwargs) -> None:
+    for name in [k for k in kwargs if k in VLLM_ONLY]:
+        value = kwargs.pop(name)
+        taken, hint = VLLM_ONLY[name]
+        if not any(value is t or (type(value) is type(t) and value == t) for t in taken):
+            raise ValueError(f"SamplingParams {name}={value!r} (vLLM's) is not taken here: {hint}")
+    unknown = sorted(set(kwargs) - set(SamplingParams.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"SamplingParams takes no argument {unknown[0]!r}")
+    _dataclass_init(self, *args, **kwargs)
+
+
+_init.__doc__ = _dataclass_init.__doc__
+SamplingParams.__init__ = _init

@@ -44,6 +44,9 @@ def test_generation_stops_at_the_context_limit(make_tiny_engine):
     ({"prompt_token_ids": [1, 10**9]}, "outside the vocabulary"),
     ({"prompt_token_ids": "abc"}, "list of integers"),
     ({"foo": 1}, "prompt_token_ids"),
+    ({"prompt": "hi", "multi_modal_data": {"image": b""}}, "multi_modal_data: this model reads text only"),
+    ({"prompt_token_ids": [1, 2], "max_tokens": 3}, "a prompt dict takes prompt, prompt_token_ids and cache_salt, "
+                                                    "not 'max_tokens'"),
     (3.5, "prompt must be"),
 ])
 def test_bad_prompts_refused_without_side_effects(make_tiny_engine, prompt, message):
@@ -182,6 +185,44 @@ def test_an_engine_seed_repeats_the_sampled_outputs_of_requests_without_one(make
 def test_sampling_params_name_a_list_field_given_something_else(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompt_logprobs": 1}, r"prompt_logprobs=1 \(vLLM's\) is not taken here: prompt positions are not scored"),
+    ({"skip_special_tokens": False}, "skip_special_tokens=False .* special tokens are always left out of the text"),
+    ({"best_of": 3}, "best_of=3 .* ask for n completions"),
+    ({"temprature": 0.5}, "SamplingParams takes no argument 'temprature'"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias keys must be token ids .*, got '5'"),
+])
+def test_vllm_sampling_fields_are_taken_at_the_value_run_else_one_line(kwargs, message):
+    """Ported scripts pass vLLM's fields, often at their defaults: those are taken, the others say what
+    to do instead (it was Python's "unexpected keyword argument")."""
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+    p = SamplingParams(best_of=None, skip_special_tokens=True, spaces_between_special_tokens=True, detokenize=True,
+                       prompt_logprobs=None, max_tokens=3)
+    assert p.max_tokens == 3 and p == SamplingParams(max_tokens=3)
+
+
+def test_the_vllm_shaped_engine_calls_of_a_ported_script(make_tiny_engine, make_llm):
+    """`stop` set after construction counts (it was read once, at construction); add_request's fourth
+    argument is arrival_time and abort_request takes a list of ids, as vLLM's; prompts may come as a
+    tuple."""
+    engine = make_tiny_engine()
+    free = engine.block_manager.num_free_blocks
+    engine.add_request("a", {"prompt_token_ids": [300] * 5}, SamplingParams(max_tokens=8, ignore_eos=True), 12.5)
+    engine.add_request("b", {"prompt_token_ids": [301] * 5}, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert engine.requests["a"].arrival_time == 12.5
+    engine.step()
+    engine.abort_request(["a", "b", "gone"])
+    assert not engine.has_unfinished_requests() and engine.block_manager.num_free_blocks == free
+    llm = make_llm()
+    plain = llm.generate("The sky is", SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    stop = plain.text.split()[1]
+    params = llm.get_default_sampling_params()
+    params.temperature, params.max_tokens, params.stop = 0, 12, [stop]
+    outs = llm.generate(("The sky is", "The sky is"), params, use_tqdm=False)
+    assert [o.outputs[0].stop_reason for o in outs] == [stop] * 2 and stop not in outs[0].outputs[0].text
 
 
 def test_max_model_len_beyond_the_model_is_refused(make_tiny_engine):

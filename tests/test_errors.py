@@ -292,3 +292,13 @@ def test_a_policy_that_refuses_a_request_holds_nothing_for_it(make_tiny_engine, 
     while engine.has_unfinished_requests():
         engine.step()
     engine.check_integrity()
+
+
+@pytest.mark.parametrize("text", ['{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["zz", "q"]]}}', "{"])
+def test_a_damaged_tokenizer_json_is_one_line(tmp_path, text):
+    """The tokenizers library raises a bare Exception with its own text: it came out as a traceback."""
+    from inferlab.model.tokenizer import Tokenizer
+    (tmp_path / "tokenizer.json").write_text(text)
+    with pytest.raises(ValueError, match=r"cannot read .*tokenizer\.json: ") as e:
+        Tokenizer.from_folder(str(tmp_path), {})
+    assert "\n" not in str(e.value)

@@ -95,6 +95,15 @@ def test_config_errors_are_one_line(tiny):
     assert SpeculativeConfig.parse({"model": "x", "num_speculative_tokens": 4}).disable_by_batch_size == 2
     with pytest.raises(ValueError, match=r"draft model's vocabulary \(1000 tokens\) differs"):
         engine(tiny, DRAFT, draft=(random_llama(1000, 0), tiny[1]))
+
+    class Rotated:  # the same number of tokens, ids from 100 on moved by 1,000: it was taken
+        vocab_size = tiny[1].vocab_size
+
+        def id_to_token(self, i: int) -> str | None:
+            return tiny[1].id_to_token(i if i < 100 else 100 + (i - 100 + 1000) % (self.vocab_size - 100))
+
+    with pytest.raises(ValueError, match=r"draft model's token 100 is .*, the target's .*; a draft must share"):
+        engine(tiny, DRAFT, draft=(random_llama(tiny[0].args.vocab_size, 0), Rotated()))
     narrow = (random_llama(tiny[0].args.vocab_size, 0, hidden=16), tiny[1])  # K/V of another shape
     with pytest.raises(ValueError, match="share_kv needs a draft whose K/V has the target's shape") as e:
         engine(tiny, SHARED, draft=narrow)

@@ -149,7 +149,10 @@ class Tokenizer:
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.exists(tj):
             raise FileNotFoundError(f"{path} has no tokenizer.json")
-        backend = HFTokenizer.from_file(tj)
+        try:
+            backend = HFTokenizer.from_file(tj)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
+            raise ValueError(f"cannot read {tj}: {e}") from None
         tc = _read_json(os.path.join(path, "tokenizer_config.json"))
         template = tc.get("chat_template")
         jinja_file = os.path.join(path, "chat_template.jinja")

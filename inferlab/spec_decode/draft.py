@@ -38,15 +38,22 @@ from inferlab.spec_decode.proposer import Draft, Proposer
 class DraftModelProposer(Proposer):
     def __init__(self, config: SpeculativeConfig, vocab_size: int, dtype: torch.dtype, device: torch.device,
                  num_blocks: int, block_size: int, native: bool = True, fused: bool = True, loaded=None,
-                 target: tuple[BlockManager, ModelRunner] | None = None) -> None:
+                 target: tuple[BlockManager, ModelRunner] | None = None, tokenizer=None) -> None:
         """`loaded`: an already loaded (model, tokenizer) to draft with, instead of `config.model`;
-        `target`: the target's block manager and runner, whose pool the draft shares (see above)."""
+        `target`: the target's block manager and runner, whose pool the draft shares (see above);
+        `tokenizer`: the target's, which the draft's must equal token for token."""
         path = None if config.model == "embedded" else config.model  # the embedded GGUF, as EngineConfig(model=None)
-        self.model, _ = loaded or load_model(path, str(dtype).removeprefix("torch."), device,
-                                             config.quantization, config.int8_activations)
+        self.model, own_tokenizer = loaded or load_model(path, str(dtype).removeprefix("torch."), device,
+                                                         config.quantization, config.int8_activations)
         if self.model.args.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary ({self.model.args.vocab_size} tokens) differs from "
                              f"the target's ({vocab_size}); a draft must share the target's tokenizer")
+        if tokenizer is not None and own_tokenizer is not tokenizer:  # the same size, yet other tokens
+            ids = range(min(own_tokenizer.vocab_size, tokenizer.vocab_size))
+            i = next((i for i in ids if own_tokenizer.id_to_token(i) != tokenizer.id_to_token(i)), None)
+            if i is not None:
+                raise ValueError(f"the draft model's token {i} is {own_tokenizer.id_to_token(i)!r}, the target's "
+                                 f"{tokenizer.id_to_token(i)!r}; a draft must share the target's tokenizer")
         own = (pool_shape(self.model.args, num_blocks, block_size), self.model.dtype)
         if target is not None and own != (tuple(target[1].kv_cache.shape), target[1].kv_cache.dtype):
             if config.share_kv:

@@ -50,7 +50,8 @@ def draft_model(config: SpeculativeConfig, engine, draft_loaded) -> Proposer:
     return DraftModelProposer(config, engine.model.args.vocab_size, engine.dtype, engine.device,
                               engine.block_manager.num_blocks, engine.config.block_size,
                               native=runner.native is not None, fused=runner.tape is not None,
-                              loaded=draft_loaded, target=(engine.block_manager, runner) if share else None)
+                              loaded=draft_loaded, target=(engine.block_manager, runner) if share else None,
+                              tokenizer=engine.tokenizer)
 
 
 PROPOSERS = {"ngram": ngram, "draft_model": draft_model}

@@ -80,7 +80,7 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stops = self.stop_list
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
@@ -94,9 +94,9 @@ class SamplingParams:
         bias = self.logit_bias or {}
         if len(bias) > MAX_TOKEN_LIST:
             raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} token ids")
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in bias):
-            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got "
-                             f"{next(t for t in bias if not isinstance(t, int) or isinstance(t, bool) or t < 0)!r}")
+        bad = [t for t in bias if not isinstance(t, int) or isinstance(t, bool) or t < 0]
+        if bad:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {bad[0]!r}")
         if any(not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0 for b in bias.values()):
             raise ValueError("logit_bias values must be numbers in [-100, 100]")
 

@@ -280,8 +280,7 @@ class StoreConnector(KVConnectorBase):
     def wait_for_save(self) -> None:
         """At most load_timeout: a consumer gives up on a load that takes longer anyway, and a slow
         store must not stop the other requests' steps (the saves left go on in the background)."""
-        _, self._saving = wait(self._saving, self.load_timeout)
-        self._saving = list(self._saving)
+        self._saving = list(wait(self._saving, self.load_timeout).not_done)
 
     def snapshot(self) -> dict:
         return {"kv_transfer": {**self.stats, "loading": len(self._loading) + len(self._pending),

@@ -65,6 +65,29 @@ def test_sentencepiece_gguf_tokens_are_hfs(spm_gguf):
     assert ours.encode("Paris")[0] == 1 and ours.encode("Paris")[1:] == ours.encode("Paris", add_special_tokens=False)
 
 
+def test_the_tokenizer_answers_transformers_calls_as_hfs_does(spm_gguf):
+    """Scripts written against the HF tokenizer vLLM's get_tokenizer() returns call it, take its
+    len() and batch_decode: the same answers as transformers' on the same file."""
+    transformers = pytest.importorskip("transformers")
+    ours = loader.load_model(spm_gguf, "float32", torch.device("cpu"))[1]
+    folder, name = spm_gguf.rsplit("/", 1)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    assert len(ours) == len(theirs)
+    for text in (TEXTS[0], TEXTS[:3]):
+        assert ours(text).input_ids == theirs(text).input_ids == ours(text)["input_ids"]
+        assert ours(text).attention_mask == theirs(text).attention_mask
+    assert torch.equal(ours(TEXTS[0], return_tensors="pt").input_ids, theirs(TEXTS[0], return_tensors="pt").input_ids)
+    rows = ours(TEXTS[:3]).input_ids
+    assert ours.batch_decode(rows) == theirs.batch_decode(rows, skip_special_tokens=True)  # decode()'s default here
+    assert ours.batch_decode(rows, skip_special_tokens=False) == theirs.batch_decode(rows)
+    tokens = ours.convert_ids_to_tokens(rows[0])
+    assert tokens == theirs.convert_ids_to_tokens(rows[0]) and ours.convert_tokens_to_ids(tokens) == rows[0]
+    with pytest.raises(ValueError, match="return_tensors must be None or 'pt'"):
+        ours("a", return_tensors="np")
+    with pytest.raises(AttributeError):
+        ours("a").token_type_ids
+
+
 def test_the_tokens_are_those_sentencepiece_itself_gives():
     """SentencePiece's own BPE, trained here on this project's docs with Llama's settings (byte
     fallback, a dummy prefix, spaces kept), written out as llama.cpp's converter writes a vocabulary:

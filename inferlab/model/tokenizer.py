@@ -8,6 +8,7 @@ import re
 from datetime import datetime
 
 import jinja2
+import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -20,6 +21,16 @@ class ChatTemplateError(ValueError):
 
 def _raise(message: str) -> None:
     raise ChatTemplateError(message)
+
+
+class Encoding(dict):
+    """What `tokenizer(text)` returns, as transformers' BatchEncoding: a dict whose keys read as attributes."""
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class Tokenizer:
@@ -56,6 +67,39 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+    # transformers' names, for scripts written against the tokenizer vLLM's get_tokenizer() returns
+    # (decoding skips special tokens unless told otherwise, as the engine's own text does)
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True,
+                 return_tensors: str | None = None) -> Encoding:
+        """`tokenizer(text)`: input_ids and attention_mask of a text, or of each text of a list."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', not {return_tensors!r}")
+        rows = [self.encode(t, add_special_tokens) for t in (text if isinstance(text, list) else [text])]
+        masks = [[1] * len(row) for row in rows]
+        if return_tensors == "pt":
+            if len({len(row) for row in rows}) > 1:
+                raise ValueError("texts of different token counts cannot be one tensor (no padding here)")
+            return Encoding(input_ids=torch.tensor(rows), attention_mask=torch.tensor(masks))
+        if isinstance(text, list):
+            return Encoding(input_ids=rows, attention_mask=masks)
+        return Encoding(input_ids=rows[0], attention_mask=masks[0])
+
+    def batch_decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode([int(i) for i in ids], skip_special_tokens) for ids in sequences]
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | None | list[str | None]:
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        return [self.backend.id_to_token(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for, even part of a character (a 4-byte emoji is often split over

@@ -21,12 +21,14 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def default_kv_cache_memory(device: torch.device) -> int:
-    """80% of free GPU memory (the weights are loaded already), or 20% of RAM up to 4 GiB."""
+def default_kv_cache_memory(device: torch.device, ranks_here: int = 1) -> int:
+    """80% of free GPU memory (the weights are loaded already), or 20% of RAM up to 4 GiB shared by
+    the host's ranks: each holds its share of the KV heads, so the pool holds as many tokens as one
+    rank's would (not `ranks_here` times as many, each touched at start)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.8)
-    return min(4 << 30, physical_memory() // 5)
+    return min(4 << 30, physical_memory() // 5) // ranks_here
 
 
 def kv_pool_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -35,7 +37,7 @@ def kv_pool_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, de
     per_block = kv_bytes_per_block(args, config.block_size, dtype, config.tensor_parallel_size)
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks, per_block
-    budget = config.kv_cache_memory or default_kv_cache_memory(device)
+    budget = config.kv_cache_memory or default_kv_cache_memory(device, config.tensor_parallel_size // config.nnodes)
     if budget < per_block:
         raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
     return budget // per_block, per_block

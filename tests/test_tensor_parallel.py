@@ -29,7 +29,7 @@ from test_hf_models import build_checkpoint, train_tokenizer
 from test_moe_models import build as build_moe
 from test_server import _free_port
 
-from inferlab import LLM, EngineConfig, SamplingParams
+from inferlab import LLM, EngineConfig, SamplingParams, kv_pool
 from inferlab.async_engine import AsyncEngine
 from inferlab.distributed import EngineDeadError, TensorParallelGroup, building
 from inferlab.distributed.layers import (
@@ -578,3 +578,17 @@ def test_a_terminated_driver_leaves_no_worker(checkpoints, no_orphans, tmp_path)
     assert proc.returncode == -signal.SIGTERM, "".join(err)
     psutil.wait_procs(workers, timeout=10)
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_the_default_pool_is_shared_by_a_hosts_ranks(smol):
+    """By default a host's ranks split its pool's bytes, so the pool holds as many tokens as one
+    rank's; ranks on hosts of their own each take a host's default; a size given is each rank's."""
+    args, cpu = smol[0].args, torch.device("cpu")
+
+    def blocks(**kwargs) -> int:
+        return kv_pool.kv_pool_blocks(EngineConfig(**kwargs), args, torch.bfloat16, cpu)[0]
+
+    one = blocks()
+    assert one > 0 and abs(blocks(tensor_parallel_size=3) - one) <= 3
+    assert abs(blocks(tensor_parallel_size=3, nnodes=3) - 3 * one) <= 3
+    assert abs(blocks(tensor_parallel_size=3, kv_cache_memory="1GiB") - 3 * blocks(kv_cache_memory="1GiB")) <= 3

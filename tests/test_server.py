@@ -220,6 +220,21 @@ def test_streamed_chat_equals_offline_and_ends_with_usage(client, offline):
     assert last.choices == [] and last.usage.completion_tokens == len(ref.outputs[0].token_ids)
 
 
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(client, offline):
+    """vLLM's stream option: each chunk carries its choice's prompt and completion tokens so far."""
+    prompt = PROMPTS[0]
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    ref = offline[prompt]
+    body, last = chunks[:-1], chunks[-1]
+    counts = [c.usage.completion_tokens for c in body]
+    assert counts == sorted(counts) and counts[-1] == len(ref.outputs[0].token_ids) == last.usage.completion_tokens
+    assert all(c.usage.prompt_tokens == len(ref.prompt_token_ids) for c in body)
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in body)
+    assert "".join(c.choices[0].text for c in body) == ref.outputs[0].text
+
+
 def test_every_metric_series_names_the_model_as_vllms_do():
     """vLLM labels each series with model_name, so a dashboard filters by it; only one counter did.
     A name's quote and backslash are escaped as Prometheus reads them."""

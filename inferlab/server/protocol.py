@@ -63,6 +63,7 @@ def harmless(name: str, value: object, fields: dict) -> bool:
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
 class SamplingFields(BaseModel):
@@ -130,6 +131,10 @@ class SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingFields):

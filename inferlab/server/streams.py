@@ -116,7 +116,8 @@ async def merged(streams: Streams) -> AsyncIterator[tuple[int, RequestOutput]]:
 async def sse_events(req: SamplingFields, streams: Streams, head: dict,
                      choice: Callable[[int, RequestOutput], dict | None]) -> AsyncIterator[str]:
     """The SSE body of both endpoints: a chunk per choice update (`choice` builds it, or None
-    to skip), an error event if the engine failed a request, the usage chunk if asked, [DONE]."""
+    to skip), an error event if the engine failed a request, the usage chunk if asked (and each
+    chunk's choice's usage so far with vLLM's continuous_usage_stats), [DONE]."""
     finals: dict[int, RequestOutput] = {}
     async for i, out in merged(streams):
         if out.error:
@@ -124,7 +125,7 @@ async def sse_events(req: SamplingFields, streams: Streams, head: dict,
             break
         body = choice(i, out)
         if body is not None:
-            yield fmt.sse({**head, "choices": [body], "usage": None})
+            yield fmt.sse({**head, "choices": [body], "usage": fmt.usage([out], 1) if req.continuous_usage else None})
         if out.finished:
             finals[i] = out
     if req.include_usage and len(finals) == len(streams):

@@ -59,13 +59,13 @@ def q4_gguf(smol, tmp_path_factory):
 
 
 def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None = None, pre: str | None = None,
-               meta: dict | None = None, vocab: dict | None = None) -> str:
+               meta: dict | None = None, vocab: dict | None = None, output: quant.WeightType | None = None) -> str:
     """`rope`: {"freqs": a rope_freqs.weight tensor} or {"linear": a scaling factor}; `pre`: the
     tokenizer's pre-tokenizer name (the embedded model's vocabulary and merges either way); `meta`:
     other values of block_count, head_count, head_count_kv or bos (the tensors stay those of the
     model's own), or split (the file then says it is part 1 of that many); `vocab`: tokenizer fields
     written instead of the embedded model's (tokenizer.ggml.model, tokens, token_type, then scores
-    or merges)."""
+    or merges); `output`: an LM head of that type of its own (else the vocabulary matrix is tied)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
     tok = vocab or weight_cache.load(loader.embedded_model_path())[2]
     meta = {"block_count": LAYERS, "head_count": HEADS, "head_count_kv": KV_HEADS, "bos": 1, **(meta or {})}
@@ -121,6 +121,8 @@ def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None 
         w.add_tensor(name, data.numpy(), raw_dtype=GGMLQuantizationType(wtype.code))
 
     add("token_embd.weight", quant.Q8_0, vocab, HIDDEN, std=1.0)  # decisive logits: greedy has no near-ties
+    if output is not None:
+        add("output.weight", output, vocab, HIDDEN, std=1.0)
     w.add_tensor("output_norm.weight", (1 + 0.3 * torch.randn(HIDDEN, generator=g)).numpy())
     q, kv = HEADS * HIDDEN // HEADS, KV_HEADS * HIDDEN // HEADS
     shapes = {"attn_q": (q, HIDDEN), "attn_k": (kv, HIDDEN), "attn_v": (kv, HIDDEN), "attn_output": (HIDDEN, q),
@@ -167,6 +169,18 @@ def test_mixed_file_keeps_its_types_and_parts(mixed_gguf):
     assert model.model.layers[0].mlp.down_proj.wtype == kept[quant.Q6_K]
     embed = model.model.embed_tokens
     assert embed.wtype == kept[quant.Q8_0] and model.lm_head.weight is embed.weight
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_embedding_apart_from_the_lm_head_keeps_its_blocks(tmp_path, dtype):
+    """Nothing multiplies it, and lookups read any type: in a bf16 model on bf16 matrix units too,
+    where a multiplied matrix becomes bf16 (a Q8_0 vocabulary took 2x its bytes, a Q4_K one 3.6x)."""
+    path = write_gguf(str(tmp_path / "untied.gguf"), TYPES, output=quant.Q6_K)
+    model, _ = loader.load_model(path, dtype, torch.device("cpu"))
+    embed = model.model.embed_tokens
+    assert embed.wtype == quant.Q8_0 and model.lm_head.weight is not embed.weight
+    ids = torch.tensor([5, 0, 1234, 5])
+    torch.testing.assert_close(embed(ids), quant.dequantize(embed.weight[ids], quant.Q8_0), rtol=0, atol=0)
 
 
 def test_amx_keeps_q4_k_quants_and_q8_0_as_blocks_that_give_the_bf16_weights_bits(q4_gguf):

@@ -613,7 +613,8 @@ def test_what_each_quantization_mode_keeps():
     # of rows; without AMX that kernel beats bf16 weights, so `auto` keeps the blocks there
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", rows=576) == quant.Q4_1X16
     assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512", rows=40) == quant.BF16
-    assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512") == quant.BF16  # an embedding
+    assert target_type(quant.Q4_1, 576, "auto", bf16, "avx512") == quant.BF16  # rows not given
+    assert target_type(quant.Q4_K, 576, "auto", bf16, "avx512", vocab=True) == quant.Q4_K  # an embedding alone
     assert target_type(quant.Q8_0, 576, "auto", bf16, "avx512", rows=576) == quant.Q8_0X16
     assert target_type(quant.IQ4_NL, 576, "auto", bf16, "avx512", rows=576) == quant.IQ4_NLX16
     assert target_type(quant.Q4_K, 512, "auto", bf16, "avx512", rows=576) == quant.Q4_KX16
@@ -627,7 +628,8 @@ def test_what_each_quantization_mode_keeps():
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=576) == quant.Q4_1T16
     assert target_type(quant.Q4_0, 576, "auto", bf16, "amx", rows=576) == quant.Q4_0T16
     assert target_type(quant.Q8_0, 576, "auto", bf16, "amx", rows=49152, vocab=True) == quant.Q8_0T16  # tied
-    assert target_type(quant.Q8_0, 576, "auto", bf16, "amx", vocab=True) == quant.BF16  # an embedding alone
+    assert target_type(quant.Q8_0, 576, "auto", bf16, "amx", vocab=True) == quant.Q8_0  # an embedding alone: looked up
+    assert target_type(quant.F32, 576, "auto", bf16, "amx", vocab=True) == quant.BF16  # a float one takes the dtype
     assert target_type(quant.Q4_1, 576, "auto", bf16, "amx", rows=40) == quant.BF16
     assert target_type(quant.Q4_K, 512, "auto", bf16, "amx", rows=576) == quant.Q4_KT16
     assert target_type(quant.Q6_K, 512, "auto", bf16, "amx", rows=576) == quant.Q6_KT16

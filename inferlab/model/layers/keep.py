@@ -42,7 +42,8 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
       - block types: bf16 too, unless `int8` activations are asked for and the type has them (they
         multiply blocks), or the CPU has no AMX and the type is in `quant.REGROUPED` (the AVX512-BF16
         kernel of the regrouped blocks is the faster there); on AMX the `quant.TILED` types keep those
-        bf16 weights as blocks regrouped for the tiles, which decode them.
+        bf16 weights as blocks regrouped for the tiles, which decode them. An embedding that is not
+        also the LM head keeps its blocks: lookups read any type.
     fp32 activations on AVX-512 CPUs (those without bf16 instructions, avx512f and avx512vnni, have no
     other; on the others a model run in fp32): the `quant.REGROUPED` types regrouped (x16, multiplied
     by fp32 FMAs), other types as stored.
@@ -63,7 +64,9 @@ def target_type(stored: WeightType, k: int, mode: str, dtype: torch.dtype, isa: 
     if mode == "none" or (mode == "auto" and (isa is None or not stored.native)):
         kept = as_dtype  # a float type: of the layouts below, only the pair rows take it
     elif mode == "auto":
-        blocks_win = (int8 and stored in quant.INT8_TYPES) or (regroup and not tiles and stored in quant.REGROUPED)
+        lookups_only = vocab and rows is None and stored.dtype is None  # an embedding alone: nothing multiplies it
+        blocks_win = lookups_only or (int8 and stored in quant.INT8_TYPES) or \
+            (regroup and not tiles and stored in quant.REGROUPED)
         kept = quant.BF16 if bf16_units and not blocks_win else stored
         if kept == quant.BF16 and tiles and stored in quant.TILED:
             kept = stored  # the tiles decode its blocks to those bf16 weights, from a quarter of the bytes

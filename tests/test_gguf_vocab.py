@@ -179,6 +179,23 @@ def test_a_pre_tokenizer_name_brings_its_expressions_in_turn(smol, pre, text, pi
     assert _pieces(Tokenizer.from_gguf_fields(fields), text) == pieces
 
 
+def test_a_file_naming_no_pre_tokenizer_is_split_as_llama_cpp_splits_it(smol, caplog):
+    """llama.cpp's default rule (punctuation runs first, then GPT-2's expression, digit runs, threes)
+    with its warning; the ids are those `llama-tokenize` gives for the embedded vocabulary without
+    its `tokenizer.ggml.pre` (GPT-2's expression alone gave other ones for the first and last)."""
+    fields = dict(weight_cache.load(loader.embedded_model_path())[2])
+    del fields["tokenizer.ggml.pre"]
+    with caplog.at_level("WARNING", logger="inferlab"):
+        tok = Tokenizer.from_gguf_fields(fields)
+    assert "names no pre-tokenizer" in caplog.text
+    assert tok.encode("don't stop\ttabs   spaces\r\n\r\nx", add_special_tokens=False) == \
+        [12420, 23, 100, 2853, 197, 100, 7366, 256, 5600, 7209, 198, 104]
+    assert tok.encode("a+b<=c^d~e|f $$$ 1234567", add_special_tokens=False) == \
+        [81, 27, 82, 44, 45, 83, 78, 84, 110, 85, 108, 86, 216, 9212, 20, 216, 33, 34, 35, 36, 37, 38, 39]
+    assert _pieces(tok, "don't 1234567") == ["don", "'", "t", " ", "123", "456", "7"]
+    assert _pieces(Tokenizer.from_gguf_fields({**fields, "tokenizer.ggml.pre": "default"}), "a+b") == ["a", "+", "b"]
+
+
 def test_llama3_takes_a_word_that_is_a_token_whole_without_its_merges(smol):
     """llama.cpp's ignore_merges (and Llama 3's tokenizer.json): a vocabulary may hold tokens its
     merges never build; Qwen2's rule builds what the merges build."""

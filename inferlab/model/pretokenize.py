@@ -31,6 +31,9 @@ _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
 _TAIL = r"|\s*[\r\n]+|\s+(?!\S)|\s+"  # line breaks, then runs of spaces (the last one's kept for the next word)
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# llama.cpp's rule for a file that names none, or "default": punctuation runs cut off first (so
+# "don't" is three pieces), then GPT-2's expression, digit runs, and digits in threes
+DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
 LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*" + _TAIL
 QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*" + _TAIL
 QWEN35 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*" + _TAIL
@@ -85,15 +88,20 @@ SPLITS = {
     "deepseek-v3": Split(DEEPSEEK_V3),
     "seed-coder": Split((SEED_CODER,)),
     "viking": Split(VIKING),
+    "default": Split(DEFAULT),
 }
 
 
 def for_gguf(pre: str | None) -> Split:
-    """The rule of a `tokenizer.ggml.pre` name (None or "default": GPT-2's, what such old files
-    mostly hold; an unknown name too, with a warning)."""
+    """The rule of a `tokenizer.ggml.pre` name. A file that names none gets llama.cpp's default rule,
+    with llama.cpp's warning; a name not known here (llama.cpp refuses it) GPT-2's, the closer guess
+    for a recent vocabulary, with a warning too."""
     if pre in SPLITS:
         return SPLITS[pre]
-    if pre not in (None, "default"):
-        log.warning("GGUF pre-tokenizer %r is not known here: text is split as GPT-2 splits it, so some "
-                    "prompts may get other tokens than the model's own tokenizer gives", pre)
+    if pre is None:
+        log.warning("the GGUF names no pre-tokenizer (tokenizer.ggml.pre): text is split by llama.cpp's default "
+                    "rule, which may give some prompts other tokens than the model's own tokenizer does")
+        return SPLITS["default"]
+    log.warning("GGUF pre-tokenizer %r is not known here: text is split as GPT-2 splits it, so some "
+                "prompts may get other tokens than the model's own tokenizer gives", pre)
     return SPLITS["gpt-2"]

@@ -472,13 +472,22 @@ def test_rope_freqs_divide_each_frequency_as_llama_cpp_does(smol, tmp_path, monk
         loader.load_model(bad, "float32", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("cut", [3_000, 50_000_000, -100])
+@pytest.mark.parametrize("cut", [10, 24, 200, 3_000, 50_000_000, -100])
 def test_a_file_cut_short_is_named_so(tmp_path, cut):
-    """(An interrupted download: numpy's reshape errors alone never said what was wrong.)"""
+    """(An interrupted download: numpy's reshape and index errors alone never said what was wrong),
+    in the header's counts, its metadata or the tensors' data."""
     whole = open(loader.embedded_model_path(), "rb").read()
     path = tmp_path / "cut.gguf"
     path.write_bytes(whole[:cut])
-    with pytest.raises(ModelLoadError, match="the file ends before its tensors' data does: it is cut short"):
+    with pytest.raises(ModelLoadError, match=f"it is cut short at {len(whole[:cut]):,} bytes"):
+        loader.load_model(str(path), "float32", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("content, message", [(b"hello world\n", "does not start with GGUF's magic bytes"),
+                                              (b"", "it is empty")])
+def test_a_gguf_named_file_that_is_none_says_so(tmp_path, content, message):
+    (path := tmp_path / "x.gguf").write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
         loader.load_model(str(path), "float32", torch.device("cpu"))
 
 

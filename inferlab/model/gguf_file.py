@@ -46,15 +46,20 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
     and the tokenizer fields."""
     from gguf import GGUFReader
 
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"cannot read GGUF file {path}: " + (
+                "it is empty" if size == 0 else "it does not start with GGUF's magic bytes"))
+    cut = (f"cannot read GGUF file {path}: it is cut short at {size:,} bytes, before the end of what its header "
+           "describes (an interrupted download or copy?)")
+    if size < 24:  # magic, version, tensor and field counts
+        raise ModelLoadError(cut)
     try:
-        if os.path.getsize(path) < 24:  # magic, version, tensor and field counts: where numpy's error is obscure
-            raise ValueError(f"the file is {os.path.getsize(path)} bytes, shorter than a GGUF header: it is cut short")
         reader = GGUFReader(path)
-    except Exception as e:  # numpy/struct errors on truncated or foreign files
-        short = isinstance(e, ValueError) and ("reshape" in str(e) or "larger dtype" in str(e))
-        raise ModelLoadError(f"cannot read GGUF file {path}: " + (
-            "the file ends before its tensors' data does: it is cut short (an interrupted download or copy?); "
-            f"numpy: {e}" if short else str(e))) from None
+    except Exception as e:  # numpy's errors on a truncated file: a reshape or view, or an index past its end
+        short = isinstance(e, IndexError) or "reshape" in str(e) or "larger dtype" in str(e)
+        raise ModelLoadError(f"{cut}; numpy: {e}" if short else f"cannot read GGUF file {path}: {e}") from None
     fields = {k: f.contents() for k, f in reader.fields.items()}
     if fields.get("split.count", 1) > 1:
         raise ModelLoadError(f"{path} is part {fields.get('split.no', 0) + 1} of {fields['split.count']} of a split "

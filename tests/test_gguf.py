@@ -344,8 +344,12 @@ def _with_gpt2_split(tok):
 
 
 @pytest.mark.parametrize("mode,kept", [("none", quant.F32), ("q8_0", quant.Q8_0), ("q4_0", quant.Q4_0)])
-def test_quantization_modes_convert_what_is_stored(mixed_gguf, mode, kept):
-    model, _ = loader.load_model(mixed_gguf, "float32", torch.device("cpu"), quantization=mode)
+def test_quantization_modes_convert_what_is_stored(mixed_gguf, mode, kept, caplog):
+    """Blocks of another type are quantized again, with a warning (llama-quantize asks for
+    --allow-requantize first)."""
+    with caplog.at_level("WARNING", logger="inferlab"):
+        model, _ = loader.load_model(mixed_gguf, "float32", torch.device("cpu"), quantization=mode)
+    assert (f"are dequantized and quantized again to {mode}" in caplog.text) == (mode != "none")
     layer = model.model.layers[1]
 
     def base(t: quant.WeightType) -> quant.WeightType:  # regrouped (x16) where the CPU's kernels take them so

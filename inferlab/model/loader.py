@@ -240,5 +240,13 @@ def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
               f"to {dtype_name}, larger than stored (--quantization q8_0 keeps them smaller)")
         log.warning("%d tensors are of types no kernel here reads (%s): dequantized at load, %s",
                     unread.total(), ", ".join(f"{n} {t}" for t, n in unread.items()), to)
+    if quantization not in ("auto", "none"):  # llama-quantize asks for --allow-requantize before doing this
+        vocab = ("model.embed_tokens.weight", "lm_head.weight")  # q8_0 in every block mode
+        again = Counter(t.name for name, _, t in tensors if t.native and t.dtype is None and t.name != quantization
+                        and not (t.name == "q8_0" and name in vocab))
+        if again:
+            log.warning("%d tensors stored as blocks (%s) are dequantized and quantized again to %s, which adds "
+                        "its rounding to theirs; --quantization auto keeps them as stored", again.total(),
+                        ", ".join(f"{n} {t}" for t, n in again.items()), quantization)
     tokenizer = Tokenizer.from_gguf_fields(tokenizer_fields)  # first: a vocabulary it cannot read fails at once
     return _build(args, iter(tensors), torch_dtype, device, quantization, int8_activations), tokenizer

@@ -36,7 +36,7 @@ from inferlab.sampler import request_generator
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
 from inferlab.spec_decode.speculator import Speculator
-from inferlab.threads import ThreadGovernor
+from inferlab.threads import ThreadGovernor, fixed_threads
 
 
 class LLMEngine:
@@ -49,7 +49,7 @@ class LLMEngine:
         self.config = config
         self.draft_loaded = draft_loaded
         if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)  # a process-wide setting: the model is its main user
+            torch.set_num_threads(fixed_threads(config.num_threads))  # process-wide: the model is its main user
         tp, executor = config.tensor_parallel_size, None
         if loaded is not None:
             if tp > 1:

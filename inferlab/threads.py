@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -42,6 +43,16 @@ def _busy_cpu_seconds() -> float | None:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / 100.0  # USER_HZ is 100 on Linux
+
+
+def fixed_threads(n: int) -> int:
+    """A `num_threads` asked for, at most the CPUs this process may run on (with a warning): threads
+    beyond those wait for each other at every barrier (999 on the 2-core VM made 2,000 threads, and a
+    60-token answer was not done after 2 minutes; 2 threads answered in 4 s)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if n > cpus:
+        log.warning("num_threads %d is more than the %d CPUs this process may use: using %d", n, cpus, cpus)
+    return min(n, cpus)
 
 
 class ThreadGovernor:

@@ -113,3 +113,16 @@ def test_fixed_num_threads_turns_it_off(make_tiny_engine):
         assert make_tiny_engine().threads is not None
     finally:
         torch.set_num_threads(before)
+
+
+def test_more_threads_than_cpus_are_capped_with_a_warning(make_tiny_engine, caplog):
+    """999 on the 2-core VM made 2,000 threads wait for each other at every barrier."""
+    import os
+    before, cpus = torch.get_num_threads(), len(os.sched_getaffinity(0))
+    try:
+        with caplog.at_level(logging.WARNING, logger="inferlab"):
+            make_tiny_engine(num_threads=999)
+        assert torch.get_num_threads() == cpus
+        assert f"num_threads 999 is more than the {cpus} CPUs this process may use: using {cpus}" in caplog.text
+    finally:
+        torch.set_num_threads(before)

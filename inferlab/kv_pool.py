@@ -36,11 +36,17 @@ def kv_pool_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, de
     the device's default share."""
     per_block = kv_bytes_per_block(args, config.block_size, dtype, config.tensor_parallel_size)
     if config.num_kv_blocks is not None:
-        return config.num_kv_blocks, per_block
-    budget = config.kv_cache_memory or default_kv_cache_memory(device, config.tensor_parallel_size // config.nnodes)
-    if budget < per_block:
-        raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
-    return budget // per_block, per_block
+        blocks = config.num_kv_blocks
+    else:
+        budget = config.kv_cache_memory or default_kv_cache_memory(device, config.tensor_parallel_size // config.nnodes)
+        if budget < per_block:
+            raise ValueError(f"kv_cache_memory {budget} bytes is less than one block ({per_block} bytes)")
+        blocks = budget // per_block
+    # a pool past the RAM could never be used, and its bookkeeping alone could take it (1e15 bytes)
+    if device.type == "cpu" and blocks * per_block > (ram := physical_memory()):
+        raise ValueError(f"a KV pool of {blocks * per_block / 2**30:,.1f} GiB is more than this machine's "
+                         f"{ram / 2**30:.1f} GiB of memory; lower kv_cache_memory / num_kv_blocks")
+    return blocks, per_block
 
 
 def available_memory() -> int:
@@ -73,7 +79,11 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     if prefault and size > (available := available_memory()):  # a clear error now, not the OOM killer
         raise ValueError(f"the KV pool of {size / 2**30:.1f} GiB cannot be taken at start: {available / 2**30:.1f} "
                          "GiB is available; lower kv_cache_memory / num_kv_blocks, or leave kv_cache_prefault off")
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:  # the kernel's overcommit rules refuse it
+        raise ValueError(f"the KV pool of {size / 2**30:.1f} GiB cannot be mapped ({e.strerror}); lower "
+                         "kv_cache_memory / num_kv_blocks") from None
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
     pool = torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)

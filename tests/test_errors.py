@@ -237,6 +237,12 @@ def test_pool_sized_from_memory_budget(make_tiny_engine):
     assert engine.block_manager.num_blocks == (1 << 20) // per_block
     with pytest.raises(ValueError, match="less than one block"):
         make_tiny_engine(num_kv_blocks=None, kv_cache_memory=10)
+    # past the RAM: refused at once (1e15 bytes built the bookkeeping of 2.7e9 blocks until memory ran out)
+    from inferlab.kv_pool import physical_memory
+    with pytest.raises(ValueError, match=r"is more than this machine's [\d.]+ GiB of memory"):
+        make_tiny_engine(num_kv_blocks=None, kv_cache_memory=10**15)
+    with pytest.raises(ValueError, match=r"is more than this machine's"):
+        make_tiny_engine(num_kv_blocks=physical_memory() // per_block + 1)
 
 
 def test_a_request_that_breaks_the_engine_fails_alone(make_tiny_engine, monkeypatch):

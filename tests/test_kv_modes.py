@@ -186,3 +186,15 @@ def test_a_pool_too_large_to_take_at_start_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match=r"^the KV pool of 0.0 GiB cannot be taken at start: 0.0 GiB is available"):
         allocate_zeroed((4, 1 << 20), torch.float32, torch.device("cpu"), prefault=True)
     assert allocate_zeroed((4, 1 << 20), torch.float32, torch.device("cpu")).shape == (4, 1 << 20)  # lazily: as before
+
+
+def test_a_pool_the_kernel_will_not_map_is_a_clear_error(monkeypatch):
+    """(Past the overcommit limit mmap fails with ENOMEM: that was a traceback.)"""
+    import errno
+    import mmap
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with pytest.raises(ValueError, match=r"^the KV pool of 0.0 GiB cannot be mapped \(Cannot allocate memory\)"):
+        allocate_zeroed((4, 1 << 20), torch.float32, torch.device("cpu"))

@@ -9,9 +9,21 @@ SamplingParams, so the server and the Python API refuse the same values with the
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from inferlab.sampling_params import SamplingParams
 
@@ -143,6 +155,15 @@ class CompletionRequest(SamplingFields):
     logprobs: Int | None = None
     echo: StrictBool = False
 
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_of_its_shapes(cls, value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:  # pydantic's own answer names one shape of the union ("prompt.str: ...") whatever was sent
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("prompt_shape", "must be a string, a list of strings, a list of token "
+                                      "ids, or a list of lists of token ids") from None
+
     def prompts(self) -> list[str | dict]:
         """The prompt field as a list of engine prompts (one per choice group)."""
         p = self.prompt
@@ -172,6 +193,8 @@ class ChatMessage(BaseModel):
     name: StrictStr | None = None
 
     def text(self, where: str) -> str:
+        if self.content is None and self.role != "assistant":  # OpenAI's: only an assistant's (tool calls) may lack it
+            raise ValueError(f"{where}.content: a {self.role} message needs its content")
         if not isinstance(self.content, list):
             return self.content or ""
         for i, part in enumerate(self.content):

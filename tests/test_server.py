@@ -1151,6 +1151,7 @@ def test_signal_shuts_the_server_down_cleanly(tmp_path, sig, max_tokens):
     expected = {signal.SIGTERM: -signal.SIGTERM, signal.SIGINT: 130}[sig]
     assert proc.returncode in (0, expected), output
     assert "Traceback" not in output and "ERROR" not in output, output
+    assert f"{sig.name}: stopping; requests still running get {DRAIN_S:.0f} s to finish" in output, output
     assert took < DRAIN_S + 5, took
     finish = "abort" if max_tokens > 8 else "length"  # a long request is cut, a short one finishes
     for b, outcome in zip(bodies, outcomes):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from types import FrameType
 
@@ -49,6 +50,8 @@ class Server(uvicorn.Server):
         self.engine, self.on_stop = engine, on_stop
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            log.info("%s: stopping; requests still running get %.0f s to finish", signal.Signals(sig).name, DRAIN_S)
         super().handle_exit(sig, frame)
         self.engine.drain(DRAIN_S)
 

@@ -66,6 +66,10 @@ def stream(engine, request_id: str, prompt, params) -> str:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from inferlab.engine import LLMEngine
+    if a.raw and a.system:
+        raise ValueError("--system goes into the chat template, which --raw leaves out: use one or the other")
+    if a.prompt == "-":  # llama-cli's -f and Ollama's pipe: the prompt from stdin
+        a.prompt = sys.stdin.read().removesuffix("\n")
     engine = LLMEngine(engine_config(a))
     tok = engine.tokenizer
     if a.raw or not tok.chat_template:
@@ -98,6 +102,12 @@ def chat_prompt(tok, messages: list[dict], first: int, limit: int, answer: int) 
     return ({"prompt": text, "prompt_token_ids": ids} if len(ids) < limit else None), dropped
 
 
+HELP = """/reset   forget the conversation (the --system message stays)
+/exit    quit (also /quit, /bye, Ctrl-D, or Ctrl-C twice at the prompt)
+/help    this list
+Ctrl-C during an answer stops it; the conversation goes on."""
+
+
 def cmd_chat(a: argparse.Namespace) -> None:
     from inferlab.engine import LLMEngine
     engine = LLMEngine(engine_config(a))
@@ -106,23 +116,40 @@ def cmd_chat(a: argparse.Namespace) -> None:
         raise ValueError("this model has no chat template; use `inferlab generate --raw`")
     first = 1 if a.system else 0
     history = [{"role": "system", "content": a.system}] if a.system else []
-    print("Chat with the model. /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    print("Chat with the model. /help lists the commands.", file=sys.stderr)
     turn, limit = 0, engine.max_request_tokens
+    # the room kept for an answer when old exchanges are dropped: --max-tokens, but at most a quarter
+    # of the context (a larger one would drop the whole conversation every turn; the answer may still
+    # run on to the context's end)
+    answer_room = min(a.max_tokens, limit // 4)
+    terminal, interrupted = sys.stdin.isatty(), False
     while True:
         try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
+            line = input(">>> " if terminal else "")  # piped in: stdout holds only the answers
+        except EOFError:
+            if terminal:
+                print()
             return
-        if line.strip() in ("/exit", "/quit"):
+        except KeyboardInterrupt:  # at the prompt: a second one in a row quits, as a slip should not
+            if interrupted:
+                print()
+                return
+            interrupted = True
+            print("\n(Ctrl-C again, Ctrl-D or /exit quits)", file=sys.stderr)
+            continue
+        interrupted = False
+        if line.strip() in ("/exit", "/quit", "/bye"):
             return
+        if line.strip() in ("/help", "/?"):
+            print(HELP, file=sys.stderr)
+            continue
         if line.strip() == "/reset":
             history = history[:first]
             continue
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        prompt, dropped = chat_prompt(tok, history, first, limit, a.max_tokens)
+        prompt, dropped = chat_prompt(tok, history, first, limit, answer_room)
         if prompt is None:
             history.pop()
             print(f"error: this message does not fit the context of {limit} tokens; say it in fewer words "

@@ -27,6 +27,7 @@ from inferlab.cli_args import (
     kv_mode_config,
     positive_int,
     recording,
+    with_option_names,
 )
 from inferlab.config import EngineConfig
 from inferlab.distributed import EngineDeadError
@@ -272,11 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     bs = modes.add_parser("serve", help="latency and throughput of a running server under a bounded load")
     bench_serve.add_args(bs)
     bs.set_defaults(func=bench_serve.main)
+    for command in [*sub.choices.values(), bs]:
+        # -v after the command too; SUPPRESS: a command's default must not undo a -v given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        command.set_defaults(command_parser=command)  # the parser that names its own options in errors
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    a, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the command's parser, so that the help it points to has the options
+        a.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if a.verbose:
         setup_logging().setLevel(logging.DEBUG)
     try:
@@ -284,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_node(config)  # this host's tensor-parallel ranks, for the engine on node 0
         a.func(a)
     except (ValueError, FileNotFoundError) as e:  # our one-line errors (bad options, model, prompt)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {with_option_names(str(e), a.command_parser)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head -1`): quietly, as a tool killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
+        return 141
     except (EngineDeadError, RequestFailed) as e:  # a tensor-parallel rank, or the engine on a request, failed
         print(f"error: {e}", file=sys.stderr)
         return 1

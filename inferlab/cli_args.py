@@ -177,7 +177,8 @@ def add_kv_mode_args(g) -> None:
                    help="reserve: each request's whole length up front, refused when the pool is full (pre-vLLM)")
     g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES,
                    help="swap: a preempted request's KV goes to a host pool and back")
-    g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for --preemption-mode swap")
+    g.add_argument("--swap-space", type=float, default=4.0,
+                   help="GiB of host memory for --preemption-mode swap (default 4)")
 
 
 def kv_mode_config(a: argparse.Namespace) -> dict:
@@ -187,14 +188,30 @@ def kv_mode_config(a: argparse.Namespace) -> dict:
 
 def add_sampling_args(p: argparse.ArgumentParser, repetition_penalty: float = 1.0) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--max-tokens", type=int, default=256,
+                   help="new tokens at most (default 256; the context bounds them too)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=repetition_penalty)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=1.0, help="default 1: off")
+    g.add_argument("--top-k", type=int, default=0, help="default 0: off")
+    g.add_argument("--min-p", type=float, default=0.0, help="default 0: off")
+    whose = " (llama.cpp's and Ollama's)" if repetition_penalty != 1 else ""
+    g.add_argument("--repetition-penalty", type=float, default=repetition_penalty,
+                   help=f"default {repetition_penalty:g}{whose}; 1: off")
+    g.add_argument("--seed", type=int, default=None, help="default: none, so sampled text differs from run to run")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+# EngineConfig and SamplingParams fields set by an option of another name (the others: --field-name)
+FIELD_OPTIONS = {"num_threads": "--threads"}
+
+
+def with_option_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """An error that starts with the field an option sets ("num_threads must be >= 1"), with that
+    option's name instead, as the user typed it ("--threads must be >= 1")."""
+    field = message.split(" ", 1)[0]
+    option = FIELD_OPTIONS.get(field, "--" + field.replace("_", "-"))
+    known = {s for action in parser._actions for s in action.option_strings}
+    return option + message[len(field):] if field.isidentifier() and option in known else message
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:

@@ -52,10 +52,12 @@ VALID = {
 }
 VALID_CMPL = {**VALID, "logprobs": st.one_of(st.none(), st.integers(0, 20)), "echo": st.just(False)}
 PART = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)})
-MESSAGE = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "developer", "assistant", "tool"])},
-    optional={"content": st.one_of(st.none(), st.text(max_size=30), st.lists(PART, max_size=2)),
-              "name": st.text(max_size=5)})
+CONTENT = st.one_of(st.text(max_size=30), st.lists(PART, max_size=2))
+MESSAGE = st.one_of(  # only an assistant's message (one that called tools) may lack its content, as OpenAI's
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer", "tool"]), "content": CONTENT},
+                          optional={"name": st.text(max_size=5)}),
+    st.fixed_dictionaries({"role": st.just("assistant")},
+                          optional={"content": st.one_of(st.none(), CONTENT), "name": st.text(max_size=5)}))
 VALID_CHAT = {**VALID, "max_completion_tokens": st.one_of(st.none(), st.integers(1, 4)),
               "logprobs": st.booleans(), "add_generation_prompt": st.booleans()}
 REQUIRED = {
@@ -93,7 +95,8 @@ FAULTS = {
            *({"logprobs": v} for v in (21, -1, "2", True)), {"echo": True}],
     CHAT: [*COMMON_FAULTS,
            *({"messages": v} for v in ([], "hi", None, [{"role": "bot", "content": "x"}], [{"content": "x"}],
-                                       [{"role": "user", "content": 5}], [{"role": "user", "content": "\ud800"}],
+                                       [{"role": "user"}], [{"role": "user", "content": 5}],
+                                       [{"role": "user", "content": "\ud800"}],
                                        [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}],
                                        ["hi"])),
            {"logprobs": "yes"}, {"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1},

@@ -13,11 +13,13 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from inferlab.distributed import EngineDeadError
 from inferlab.engine import LLMEngine
+from inferlab.inputs import check_request_id
 from inferlab.metrics import EngineMetrics
 from inferlab.outputs import CompletionOutput, RequestOutput
 from inferlab.sampling_params import SamplingParams
@@ -31,6 +33,32 @@ class EngineStopping(RuntimeError):
 
 
 Stream = AsyncIterator[RequestOutput]
+
+
+class _Stream:
+    """One request's outputs, as an async iterator. Dropped before its last output (the consumer
+    stopped, failed, was cancelled, or never read it) it aborts the request and frees its blocks."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, q: asyncio.Queue) -> None:
+        self._q, self._finished = q, False
+        self._abort = weakref.finalize(self, engine.abort, request_id)
+        self._abort.atexit = False  # at exit the engine thread is gone: nothing to free
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            out: RequestOutput = await self._q.get()
+        except BaseException:  # cancelled while waiting: nobody will read the rest
+            self._abort()
+            raise
+        if out.finished:
+            self._finished = True
+            self._abort.detach()
+        return out
 
 
 class AsyncEngine:
@@ -161,6 +189,8 @@ class AsyncEngine:
         would otherwise take 1,000 steps to be admitted, and its client's leaving goes unseen meanwhile."""
         if self.stopping or self.dead is not None:
             raise EngineStopping("the server is shutting down")
+        for rid, *_ in requests:  # before a live request's stream is touched (it would lose its consumer)
+            check_request_id(rid, self._streams)
         loop = asyncio.get_running_loop()
         queues = [asyncio.Queue() for _ in requests]
         for (rid, *_), q in zip(requests, queues, strict=True):
@@ -182,18 +212,7 @@ class AsyncEngine:
             for rid, *_ in requests:
                 self._streams.pop(rid, None)
             raise
-        return [self._stream(rid, q) for (rid, *_), q in zip(requests, queues, strict=True)]
-
-    async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                out: RequestOutput = await q.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return [_Stream(self, rid, q) for (rid, *_), q in zip(requests, queues, strict=True)]
 
     def abort(self, request_id: str) -> None:
         """The consumer is gone: drop its stream and free the request's blocks. A no-op for a

@@ -16,8 +16,8 @@ import torch
 from inferlab.budget import StepBudget
 from inferlab.config import EngineConfig
 from inferlab.distributed.executor import TensorParallelExecutor
-from inferlab.engine_log import log_start
-from inferlab.inputs import PromptType, check_request, parse_prompt
+from inferlab.engine_log import log_start, notify
+from inferlab.inputs import PromptType, check_request, check_request_id, parse_prompt
 from inferlab.isolation import execute_isolating
 from inferlab.kv_pool import kv_pool_blocks
 from inferlab.kv_swap import HostKVPool
@@ -132,8 +132,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> Request:
         params = params or SamplingParams()
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        check_request_id(request_id, self.requests)
         inputs = parse_prompt(prompt, self.tokenizer, self.model.args.vocab_size)
         check_request(inputs, params, priority, self.model.args.vocab_size, self.max_model_len, self.max_request_tokens)
         ids = inputs.token_ids
@@ -220,8 +219,7 @@ class LLMEngine:
             kv.wait_for_save()  # a request reported done has its blocks in the store (P/D relies on it)
         if self.budget is not None:
             self.budget.observe(out.num_tokens, time.perf_counter() - start)
-        for observe in self.step_observers:
-            observe(outputs)
+        notify(self.step_observers, outputs)
         return outputs
 
     def _forget(self, req: Request) -> None:

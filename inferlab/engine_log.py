@@ -1,5 +1,6 @@
-"""The two start-up lines that say what an engine runs: its KV pool, then its weights, activations,
-kernels and decode path (what `make run` prints, and what a bug report should quote)."""
+"""What the engine logs: the two start-up lines that say what it runs, its KV pool, then its weights,
+activations, kernels and decode path (what `make run` prints, and what a bug report should quote);
+and a step observer that fails."""
 from __future__ import annotations
 
 import logging
@@ -48,3 +49,13 @@ def log_start(engine: LLMEngine, num_blocks: int, per_block: int) -> None:
         used += ", attention by PyTorch"
     log.info("weights: %s; activations: %s%s; kernels: %s; decode steps: %s", weights, dtype, int8, used,
              f"one native call ({len(runner.tape.ops)} ops)" if runner.tape else "op by op")
+
+
+def notify(observers: list, outputs: list) -> None:
+    """Hand a step's outputs to each observer (a recorder, a dashboard feed). One that fails is logged:
+    a watcher's fault must not lose the step's outputs, which their requests have already given up."""
+    for observe in observers:
+        try:
+            observe(outputs)
+        except Exception:
+            log.exception("a step observer (%r) failed; the step's outputs are returned all the same", observe)

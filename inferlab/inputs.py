@@ -1,6 +1,6 @@
-"""A request's prompt as the engine takes it: text, token ids, or a dict of either (vLLM's shape,
-optionally with a `cache_salt`), resolved to token ids and checked against the engine's limits,
-with one-line `ValueError`s."""
+"""A request as the engine takes it: its id (a string not in use) and its prompt (text, token ids,
+or a dict of either: vLLM's shape, optionally with a `cache_salt`), resolved to token ids and
+checked against the engine's limits, with one-line `ValueError`s."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +22,14 @@ def _token_ids(ids: object) -> list[int] | None:
     if isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         return list(ids)
     return None
+
+
+def check_request_id(request_id: object, live: dict) -> None:
+    """A string (vLLM's ids are: a number or a tuple was taken, then could not be aborted) not in use."""
+    if not isinstance(request_id, str):
+        raise ValueError(f"request_id must be a string, got {type(request_id).__name__} {request_id!r}")
+    if request_id in live:
+        raise ValueError(f"request id {request_id!r} is already in use")
 
 
 def parse_prompt(prompt: PromptType, tokenizer: Tokenizer, vocab_size: int) -> PromptInputs:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import fields, replace
 
@@ -48,6 +49,9 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching,
                               scheduling_policy=scheduling_policy, **kwargs)
         self.engine = LLMEngine(config, loaded=loaded, draft_loaded=draft_loaded)
+        # one generate() steps the engine at a time: calls from several threads take turns (each
+        # stepping the others' requests broke both)
+        self._lock = threading.Lock()
 
     @property
     def llm_engine(self) -> LLMEngine:
@@ -67,7 +71,14 @@ class LLM:
                  priority: list[int] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """One finished RequestOutput per prompt, in prompt order, holding `n` completions (each
         prompt is submitted n times, as vLLM's engine forks it: the copies share its cached blocks; a
-        seed gives copy j the seed + j). Invalid input raises ValueError before anything runs."""
+        seed gives copy j the seed + j). Invalid input raises ValueError before anything runs. Calls
+        from several threads take turns; one interrupted (Ctrl-C) aborts its requests."""
+        with self._lock:
+            return self._generate(prompts, sampling_params, priority, use_tqdm)
+
+    def _generate(self, prompts: PromptType | list[PromptType],
+                  sampling_params: SamplingParams | list[SamplingParams] | None, priority: list[int] | None,
+                  use_tqdm: bool) -> list[RequestOutput]:
         if isinstance(prompts, tuple):  # any sequence of prompts, as vLLM takes
             prompts = list(prompts)
         if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
@@ -88,7 +99,12 @@ class LLM:
             for rid in itertools.chain.from_iterable(ids):
                 self.engine.abort_request(rid)
             raise ValueError(f"prompt {i}: {e}") from None
-        final = self._run(ids, use_tqdm)
+        try:
+            final = self._run(ids, use_tqdm)
+        except BaseException:  # KeyboardInterrupt, a step observer's error: nothing of this call stays
+            for rid in itertools.chain.from_iterable(ids):
+                self.engine.abort_request(rid)
+            raise
         return [merge([final[rid] for rid in group]) for group in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -115,9 +131,9 @@ class LLM:
         left = {rid: group for group in ids for rid in group}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
         start, prompt0, gen0 = time.perf_counter(), engine.num_prompt_tokens, engine.num_generation_tokens
-        while engine.has_unfinished_requests():
+        while len(final) < len(left):  # requests added through `engine` by others are stepped, not collected
             for out in engine.step():
-                if out.finished:
+                if out.finished and out.request_id in left:
                     final[out.request_id] = out
                     if bar is not None and all(rid in final for rid in left[out.request_id]):
                         bar.update(1)

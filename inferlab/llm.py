@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import fields, replace
 
 from tqdm.auto import tqdm
@@ -68,7 +69,7 @@ class LLM:
 
     def generate(self, prompts: PromptType | list[PromptType],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 priority: list[int] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+                 priority: list[int] | None = None, use_tqdm: bool | Callable[..., tqdm] = True) -> list[RequestOutput]:
         """One finished RequestOutput per prompt, in prompt order, holding `n` completions (each
         prompt is submitted n times, as vLLM's engine forks it: the copies share its cached blocks; a
         seed gives copy j the seed + j). Invalid input raises ValueError before anything runs. Calls
@@ -78,7 +79,7 @@ class LLM:
 
     def _generate(self, prompts: PromptType | list[PromptType],
                   sampling_params: SamplingParams | list[SamplingParams] | None, priority: list[int] | None,
-                  use_tqdm: bool) -> list[RequestOutput]:
+                  use_tqdm: bool | Callable[..., tqdm]) -> list[RequestOutput]:
         if isinstance(prompts, tuple):  # any sequence of prompts, as vLLM takes
             prompts = list(prompts)
         if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
@@ -109,7 +110,7 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             use_tqdm: bool | Callable[..., tqdm] = True, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
              chat_template: str | None = None) -> list[RequestOutput]:
         """Apply the model's chat template (or `chat_template`, a Jinja template of one's own) to one
@@ -124,12 +125,13 @@ class LLM:
                                 for c in conversations)]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, ids: list[list[str]], use_tqdm: bool) -> dict[str, RequestOutput]:
+    def _run(self, ids: list[list[str]], use_tqdm: bool | Callable[..., tqdm]) -> dict[str, RequestOutput]:
         """Step until every request is done; the bar counts prompts (each done with all its n copies)."""
         engine = self.engine
         final: dict[str, RequestOutput] = {}
         left = {rid: group for group in ids for rid in group}
-        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
+        make_bar = use_tqdm if callable(use_tqdm) else tqdm  # vLLM's: a tqdm-like function of one's own
+        bar = make_bar(total=len(ids), desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
         start, prompt0, gen0 = time.perf_counter(), engine.num_prompt_tokens, engine.num_generation_tokens
         while len(final) < len(left):  # requests added through `engine` by others are stepped, not collected
             for out in engine.step():

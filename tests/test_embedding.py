@@ -116,3 +116,22 @@ def test_async_streams_duplicated_dropped_or_never_read(tiny):
         assert asyncio.run(engine.run(lambda: engine.engine.block_manager.num_free_blocks)) == 64
     finally:
         engine.shutdown()
+
+
+def test_use_tqdm_takes_a_bar_of_ones_own(llm):
+    """vLLM's use_tqdm may be a tqdm-like function; it was drawn as the default bar instead."""
+    class Bar:
+        def __init__(self, total: int, **kwargs) -> None:
+            self.total, self.n, self.closed = total, 0, False
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+        def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+    made = []
+    llm.generate(PROMPTS, GREEDY, use_tqdm=lambda **kwargs: made.append(Bar(**kwargs)) or made[-1])
+    assert [(b.total, b.n, b.closed) for b in made] == [(len(PROMPTS), len(PROMPTS), True)]

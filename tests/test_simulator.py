@@ -241,7 +241,7 @@ def test_simulate_command_prints_json_last():
     (["--output-len", "0:4"], "--output-len must be N or LO:HI with 1 <= LO <= HI, got 0:4"),
     (["--shared-prefix", "0:10"], "--shared-prefix must be COUNT:LEN, both at least 1, got 0:10"),
     (["--num-requests", "-5"], "--num-requests must be at least 1, got -5"),  # an empty run, exit 0, before
-    (["--num-kv-blocks", "0"], "num_kv_blocks must be >= 1, got 0"),  # every request "rejected", exit 0
+    (["--num-kv-blocks", "0"], "--num-kv-blocks must be >= 1, got 0"),  # every request "rejected", exit 0
 ])
 def test_a_bad_trace_option_is_one_line_naming_it(capsys, option, message):
     assert main(["simulate", "--num-requests", "20", *option]) == 2

@@ -133,9 +133,13 @@ class LLM:
         make_bar = use_tqdm if callable(use_tqdm) else tqdm  # vLLM's: a tqdm-like function of one's own
         bar = make_bar(total=len(ids), desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
         start, prompt0, gen0 = time.perf_counter(), engine.num_prompt_tokens, engine.num_generation_tokens
-        while len(final) < len(left):  # requests added through `engine` by others are stepped, not collected
+        pending = set(left)
+        # requests added through `engine` by others are stepped, not collected; one of ours aborted there
+        # ends the loop (its output is then missing) rather than stepping an idle engine forever
+        while not pending.isdisjoint(engine.requests):
             for out in engine.step():
-                if out.finished and out.request_id in left:
+                if out.finished and out.request_id in pending:
+                    pending.discard(out.request_id)
                     final[out.request_id] = out
                     if bar is not None and all(rid in final for rid in left[out.request_id]):
                         bar.update(1)

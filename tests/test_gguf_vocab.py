@@ -82,6 +82,14 @@ def test_the_tokenizer_answers_transformers_calls_as_hfs_does(spm_gguf):
     assert ours.batch_decode(rows, skip_special_tokens=False) == theirs.batch_decode(rows)
     tokens = ours.convert_ids_to_tokens(rows[0])
     assert tokens == theirs.convert_ids_to_tokens(rows[0]) and ours.convert_tokens_to_ids(tokens) == rows[0]
+    pieces = ours.tokenize(TEXTS[1])
+    assert pieces == theirs.tokenize(TEXTS[1])
+    assert ours.convert_tokens_to_string(pieces) == theirs.convert_tokens_to_string(pieces)
+    pt = ours(TEXTS[0], return_tensors="pt").input_ids  # a tensor, as transformers' decode takes
+    assert ours.decode(pt) == theirs.decode(pt[0], skip_special_tokens=True) == ours.decode(pt[0])
+    assert ours.decode(rows[0][1]) == theirs.decode(rows[0][1]) and ours.batch_decode(pt) == [ours.decode(pt)]
+    with pytest.raises(ValueError, match="not a token of this vocabulary"):
+        ours.convert_tokens_to_string(["no such token"])
     with pytest.raises(ValueError, match="return_tensors must be None or 'pt'"):
         ours("a", return_tensors="np")
     with pytest.raises(AttributeError):

@@ -62,8 +62,11 @@ class Tokenizer:
         template on a Llama 2 vocabulary writes none)."""
         return self.encode(text, add_special_tokens=True)
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: int | list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """The text of token ids: a list, one id, or a tensor of them (as transformers' decode takes)."""
+        if not isinstance(ids, list):
+            ids = torch.as_tensor(ids).reshape(-1).tolist()
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
@@ -88,8 +91,18 @@ class Tokenizer:
             return Encoding(input_ids=rows, attention_mask=masks)
         return Encoding(input_ids=rows[0], attention_mask=masks[0])
 
-    def batch_decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode([int(i) for i in ids], skip_special_tokens) for ids in sequences]
+    def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    def tokenize(self, text: str) -> list[str]:
+        """The token strings of a text, without special tokens (transformers' `tokenize`)."""
+        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=False))
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        ids = [self.backend.token_to_id(t) for t in tokens]
+        if None in ids:
+            raise ValueError(f"{tokens[ids.index(None)]!r} is not a token of this vocabulary")
+        return self.decode(ids, skip_special_tokens=False)
 
     def convert_ids_to_tokens(self, ids: int | list[int]) -> str | None | list[str | None]:
         if isinstance(ids, int):

@@ -13,6 +13,7 @@ from test_hf_models import build_checkpoint, train_tokenizer
 
 from inferlab.bench import SHAPES, make_workload
 from inferlab.cli import build_parser, main
+from inferlab.cli_args import with_option_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A verbatim copy of the reference workload generator that every engine is measured with, so the
@@ -108,8 +109,11 @@ def test_chat_at_a_terminal_prompts_and_takes_two_ctrl_cs_to_quit():
 
 
 def test_generate_reads_the_prompt_from_stdin_and_refuses_system_with_raw():
-    r = inferlab("generate", "-", "--num-kv-blocks", "64", stdin="What is the capital of France?\n")
+    r = inferlab("generate", "-", "--num-kv-blocks", "64", stdin="What is the capital of France?\r\n")
     assert r.returncode == 0 and r.stdout.strip() == "The capital of France is Paris.", r.stderr
+    for stdin in ("", " \n"):  # an empty pipe: refused, not wrapped in the chat template and answered
+        r = inferlab("generate", "-", stdin=stdin)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: the prompt is empty", r.stderr
     r = inferlab("generate", "--raw", "--system", "Be a pirate.", "hi")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
         "error: --system goes into the chat template, which --raw leaves out: use one or the other"
@@ -215,6 +219,20 @@ def test_bad_option_is_one_clear_line():
     assert r.stderr.strip().splitlines()[-1] == "error: --temperature must be in [0, 100], got -1.0"
     r = inferlab("generate", "hi", "--threads", "0")  # the option typed, not the field it sets (num_threads)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --threads must be >= 1, got 0"
+
+
+def test_fields_named_inside_an_error_become_the_options_the_command_has():
+    generate = build_parser().parse_args(["generate", "hi"]).command_parser
+    simulate = build_parser().parse_args(["simulate"]).command_parser
+    assert with_option_names("the prompt has 9 tokens but max_model_len is 2", generate) == \
+        "the prompt has 9 tokens but --max-model-len is 2"
+    assert with_option_names("no room: lower kv_cache_memory / num_kv_blocks", generate) == \
+        "no room: lower --kv-cache-memory / --num-kv-blocks"
+    assert with_option_names("scheduling_policy 'x' is unknown", simulate) == "--policy 'x' is unknown"
+    assert with_option_names("scheduling_policy 'x' is unknown", generate) == "--scheduling-policy 'x' is unknown"
+    # a path, or a field no option of this command sets, stays as it is
+    assert with_option_names("/tmp/max_model_len.gguf: no such file, nor my_field", generate) == \
+        "/tmp/max_model_len.gguf: no such file, nor my_field"
 
 
 def test_an_unknown_option_is_named_by_its_command_and_v_follows_it_too():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import socket
 from typing import NoReturn
 
@@ -202,16 +203,21 @@ def add_sampling_args(p: argparse.ArgumentParser, repetition_penalty: float = 1.
 
 
 # EngineConfig and SamplingParams fields set by an option of another name (the others: --field-name)
-FIELD_OPTIONS = {"num_threads": "--threads"}
+FIELD_OPTIONS = {"num_threads": ("--threads",), "scheduling_policy": ("--scheduling-policy", "--policy")}
 
 
 def with_option_names(message: str, parser: argparse.ArgumentParser) -> str:
-    """An error that starts with the field an option sets ("num_threads must be >= 1"), with that
-    option's name instead, as the user typed it ("--threads must be >= 1")."""
-    field = message.split(" ", 1)[0]
-    option = FIELD_OPTIONS.get(field, "--" + field.replace("_", "-"))
+    """An error that names the fields options set ("num_threads must be >= 1", "... lower
+    kv_cache_memory / num_kv_blocks"), with those options' names instead, as the user typed them
+    ("--threads must be >= 1"): the message's first word, and any word_with_underscores after it."""
     known = {s for action in parser._actions for s in action.option_strings}
-    return option + message[len(field):] if field.isidentifier() and option in known else message
+
+    def option(m: re.Match) -> str:
+        field = m.group(0)
+        names = FIELD_OPTIONS.get(field, ("--" + field.replace("_", "-"),))
+        return next((n for n in names if n in known), field)
+
+    return re.sub(r"^[a-z][a-z0-9_]*\b|(?<![\w./-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b", option, message)
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:

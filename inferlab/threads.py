@@ -51,7 +51,7 @@ def fixed_threads(n: int) -> int:
     60-token answer was not done after 2 minutes; 2 threads answered in 4 s)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if n > cpus:
-        log.warning("num_threads %d is more than the %d CPUs this process may use: using %d", n, cpus, cpus)
+        log.warning("%d threads asked for, more than the %d CPUs this process may use: using %d", n, cpus, cpus)
     return min(n, cpus)
 
 

@@ -655,6 +655,7 @@ BAD = [
     (CMPL, {"prompt": None}, 400, "prompt: must be a string, a list of strings"),
     (CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content: a user message needs its content"),
     (CHAT, {"messages": [{"role": "system", "content": None}, *USER]}, 400, "a system message needs its content"),
+    (CHAT, {"messages": [{"role": "user", "content": []}]}, 400, "messages.0.content: an empty array; a user message"),
     (CMPL, {"prompt": [[]]}, 400, "the prompt is empty"),
     (CMPL, {"prompt": [10**6]}, 400, "outside the vocabulary"),
     (CHAT, {"messages": []}, 400, "messages"),

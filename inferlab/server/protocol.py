@@ -197,6 +197,8 @@ class ChatMessage(BaseModel):
             raise ValueError(f"{where}.content: a {self.role} message needs its content")
         if not isinstance(self.content, list):
             return self.content or ""
+        if not self.content and self.role != "assistant":  # as OpenAI: an array needs one part at least
+            raise ValueError(f"{where}.content: an empty array; a {self.role} message needs one part at least")
         for i, part in enumerate(self.content):
             if part.type != "text":
                 raise ValueError(f"{where}.content.{i}: {part.type} content parts are not supported "

@@ -28,6 +28,11 @@ class OneLineErrors(argparse.ArgumentParser):
     """A bad option is one line on stderr, exit status 2 (argparse's own prints the whole usage first)."""
 
     def error(self, message: str) -> NoReturn:
+        # an optional mode ("bench [serve]") takes the value of an unknown option ("--num-prompts 4")
+        # as the mode: argparse's "invalid choice" would hide the option that is wrong
+        if m := re.fullmatch(r"argument \[(.+)\]: invalid choice: '(.*)' \(choose from .*\)", message):
+            message = f"{m.group(2)!r} is not a mode of this command ({m.group(1)} is); " \
+                      "if it is an option's value, that option is unknown"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -240,6 +240,9 @@ def test_an_unknown_option_is_named_by_its_command_and_v_follows_it_too():
     assert r.returncode == 2 and r.stderr.strip() == \
         "inferlab generate: error: unrecognized arguments: --bogus (see inferlab generate --help)"
     assert build_parser().parse_args(["generate", "hi", "-v"]).verbose
+    r = inferlab("bench", "--num-prompts", "4")  # vLLM's option: its value is not taken for bench's mode
+    assert r.returncode == 2 and r.stderr.strip() == "inferlab bench: error: '4' is not a mode of this command " \
+        "(serve is); if it is an option's value, that option is unknown (see inferlab bench --help)"
     assert build_parser().parse_args(["-v", "generate", "hi"]).verbose
     assert not build_parser().parse_args(["generate", "hi"]).verbose
 

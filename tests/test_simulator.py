@@ -303,7 +303,7 @@ def test_a_user_policy_from_a_file_runs_in_the_simulator_and_the_engine(make_tin
     assert order == ["short", "long"]
 
 
-@pytest.mark.parametrize("policy, message", [("lifo", "unknown scheduling_policy"),
+@pytest.mark.parametrize("policy, message", [("lifo", "unknown --policy 'lifo'"),
                                               ("nowhere.py:Q", "cannot load"),
                                               ("inferlab.request:Request", "not a subclass")])
 def test_a_bad_policy_is_one_line_and_exit_2(policy, message):

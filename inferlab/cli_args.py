@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import re
 import socket
@@ -209,20 +210,26 @@ def add_sampling_args(p: argparse.ArgumentParser, repetition_penalty: float = 1.
 
 # EngineConfig and SamplingParams fields set by an option of another name (the others: --field-name)
 FIELD_OPTIONS = {"num_threads": ("--threads",), "scheduling_policy": ("--scheduling-policy", "--policy")}
+ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+# the first word, or a word_with_underscores after it; neither part of a path or a file's name
+FIELD_WORD = re.compile(r"^[a-z][a-z0-9_]*\b(?![./])|(?<![\w./-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b(?![/-]|\.?\w)")
 
 
 def with_option_names(message: str, parser: argparse.ArgumentParser) -> str:
     """An error that names the fields options set ("num_threads must be >= 1", "... lower
     kv_cache_memory / num_kv_blocks"), with those options' names instead, as the user typed them
-    ("--threads must be >= 1"): the message's first word, and any word_with_underscores after it."""
+    ("--threads must be >= 1"): the message's first word, and the engine's settings after it (not
+    any word_with_underscores: a trace file's fields and a file's name are not options)."""
     known = {s for action in parser._actions for s in action.option_strings}
 
     def option(m: re.Match) -> str:
         field = m.group(0)
+        if m.start() > 0 and field not in ENGINE_FIELDS:
+            return field
         names = FIELD_OPTIONS.get(field, ("--" + field.replace("_", "-"),))
         return next((n for n in names if n in known), field)
 
-    return re.sub(r"^[a-z][a-z0-9_]*\b|(?<![\w./-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b", option, message)
+    return FIELD_WORD.sub(option, message)
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:

@@ -230,9 +230,14 @@ def test_fields_named_inside_an_error_become_the_options_the_command_has():
         "no room: lower --kv-cache-memory / --num-kv-blocks"
     assert with_option_names("scheduling_policy 'x' is unknown", simulate) == "--policy 'x' is unknown"
     assert with_option_names("scheduling_policy 'x' is unknown", generate) == "--scheduling-policy 'x' is unknown"
-    # a path, or a field no option of this command sets, stays as it is
+    # a path, a file's name, or a field of a trace file (no engine setting) stays as it is
     assert with_option_names("/tmp/max_model_len.gguf: no such file, nor my_field", generate) == \
         "/tmp/max_model_len.gguf: no such file, nor my_field"
+    assert with_option_names("cannot read trace num_requests.jsonl: line 1: prefix_len must be between 0 and "
+                             "prompt_len (10)", simulate) == \
+        "cannot read trace num_requests.jsonl: line 1: prefix_len must be between 0 and prompt_len (10)"
+    assert with_option_names("max_model_len.gguf is cut short", generate) == "max_model_len.gguf is cut short"
+    assert with_option_names("lower num_kv_blocks.", generate) == "lower --num-kv-blocks."
 
 
 def test_an_unknown_option_is_named_by_its_command_and_v_follows_it_too():

@@ -110,6 +110,8 @@ def test_trace_file_round_trip(tmp_path):
      r"prefix_len must be between 0 and prompt_len \(10\)"),
     ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "priority": "high"}', "priority must be an integer"),
     ('[0, 10, 5]', "expected a JSON object, got list"),
+    ('{"arrival": 0, "prompt_len": 10}', r"missing output_len \(a request has arrival, prompt_len, output_len"),
+    ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "prio": 1}', "unknown field prio"),
 ])
 def test_a_trace_line_that_is_no_request_is_refused_naming_file_and_line(tmp_path, line, message):
     path = tmp_path / "trace.jsonl"

@@ -76,6 +76,13 @@ def load_trace(path: str) -> list[TraceRequest]:
             if fields.get("type") in ("header", "frame"):
                 raise ValueError(f"{path} is a dashboard recording (--record), not a trace of requests: "
                                  f"`inferlab scope --replay {path}` plays it")
+            missing = [k for k in ("arrival", "prompt_len", "output_len") if k not in fields]
+            unknown = sorted(set(fields) - set(TraceRequest.__dataclass_fields__))
+            if missing or unknown:  # said by name, not as TraceRequest.__init__()'s TypeError
+                raise ValueError("; ".join([f"missing {', '.join(missing)}"] * bool(missing) +
+                                           [f"unknown field {', '.join(unknown)}"] * bool(unknown)) +
+                                 " (a request has arrival, prompt_len, output_len, and optionally priority, "
+                                 "prefix_id, prefix_len)")
             trace.append(TraceRequest(**fields))
         except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"cannot read trace {path}: line {i}: {e}") from None

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import re
-import socket
 from typing import NoReturn
 
 from inferlab.config import (
@@ -23,6 +22,7 @@ from inferlab.config import (
     parse_size,
 )
 from inferlab.model.layers.keep import QUANTIZATIONS
+from inferlab.server.listen import bind
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -86,15 +86,9 @@ def port_arg(text: str) -> int:
 
 
 def check_listen(host: str, port: int) -> None:
-    """Refuse, before a model loads for a minute, an address this process could not listen on: a port
-    another server holds, a host that is not this machine's. (A port taken in between still fails later.)"""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            s.bind(infos[0][4])
-    except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    """Refuse, before a model loads for a minute, an address this process could not listen on.
+    (A port taken in between still fails later, when the server binds it.)"""
+    bind(host, port).close()
 
 
 def origins_arg(text: str) -> list[str]:

@@ -1063,26 +1063,24 @@ def test_a_poisoned_request_fails_alone(server, offline, monkeypatch):
 
 
 # -- 4. a signal stops `inferlab serve` cleanly --------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve_process(tmp_path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`inferlab serve` as a real process on a free port, until it has started; killed if left running."""
-    port = _free_port()
+    """`inferlab serve --port 0` as a real process, until it has started (at the address its start-up
+    line gives: the port the system picked); killed if left running."""
     with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "inferlab.cli", "serve", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "inferlab.cli", "serve", "--port", "0",
                                  "--num-kv-blocks", "256", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = None
     try:
         deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, "the server exited during startup"
+            if url is None and (m := re.search(r"serving \S+ on (http://127\.0\.0\.1:(\d+)) ",
+                                               (tmp_path / "serve.log").read_text())):
+                url = m.group(1)
+                assert m.group(2) != "0"
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if url is not None and httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

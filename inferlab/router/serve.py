@@ -17,6 +17,7 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
     """`inferlab router`: --backend URLs, or P/D mode's --prefill and --decode URLs."""
     import uvicorn
 
+    from inferlab.server import listen
     from inferlab.server.guard import add_cors
     if backends and (prefill or decode):
         raise ValueError("give either --backend URLs, or --prefill and --decode URLs (P/D mode), not both")
@@ -33,6 +34,8 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
     serving = [Backend(u) for u in backends] or [Backend(u, "decode") for u in decode]
     app = build_router_app(serving, policy, [Backend(u, "prefill") for u in prefill], timeout, health_interval)
     add_cors(app, allowed_origins)  # the instances' own answers are not seen by the browser: the router's are
-    log.info("routing on http://%s:%d to %s (%s)", host, port, ", ".join(backends) if backends else
+    sock = listen.bind(host, port)
+    log.info("routing on %s to %s (%s)", listen.url(host, sock), ", ".join(backends) if backends else
              f"prefill {', '.join(prefill)} then decode {', '.join(decode)}", policy)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    with sock:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])

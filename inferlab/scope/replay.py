@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 
 from inferlab.scope.recorder import read_trace
 from inferlab.scope.web import mount_pages
+from inferlab.server import listen
 
 log = logging.getLogger("inferlab")
 
@@ -58,5 +59,7 @@ def build_replay_app(*paths: str) -> FastAPI:
 def serve_replay(paths: list[str], host: str = "127.0.0.1", port: int = 8001) -> None:
     app = build_replay_app(*paths)
     page = "scope/beside" if len(paths) > 1 else "scope"
-    log.info("replaying %s at http://%s:%d/%s", ", ".join(paths), host, port, page)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    sock = listen.bind(host, port)
+    log.info("replaying %s at %s/%s", ", ".join(paths), listen.url(host, sock), page)
+    with sock:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])

@@ -18,7 +18,7 @@ from inferlab.engine import LLMEngine
 from inferlab.model.loader import model_name
 from inferlab.scope.live import mount_scope
 from inferlab.scope.recorder import Recorder
-from inferlab.server import openapi
+from inferlab.server import listen, openapi
 from inferlab.server.app import build_app
 from inferlab.server.guard import Guard, add_cors
 
@@ -80,8 +80,9 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
     core = engine.engine
     name = served_model_name or model_name(config.model)
     app = build_server_app(engine, name, api_key, allowed_origins)
-    log.info("serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics, dashboard at /scope%s)",
-             name, host, port, "; an API key guards /v1 and the lab" if api_key else "")
+    sock = listen.bind(host, port)
+    log.info("serving %s on %s (OpenAI API under /v1, metrics at /metrics, dashboard at /scope%s)",
+             name, listen.url(host, sock), "; an API key guards /v1 and the lab" if api_key else "")
 
     def stop() -> None:  # each part may be stopped twice: the second time does nothing
         engine.shutdown()
@@ -93,8 +94,9 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
     # a tensor-parallel rank failed, or a failed step's requests could not even be aborted
     engine.on_dead = lambda: setattr(server, "should_exit", True)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         stop()
+        sock.close()
     if engine.dead is not None:
         raise engine.dead

@@ -112,13 +112,13 @@ class EngineMetrics:
         metric("counter", "inferlab:generation_tokens_total", "Tokens generated.", snapshot["num_generation_tokens"])
         spec = snapshot.get("spec_decode")
         if spec is not None:  # vLLM's speculative decoding counters
-            metric("counter", "inferlab:spec_decode_num_drafts", "Verified drafts (one per request and step).",
+            metric("counter", "inferlab:spec_decode_num_drafts_total", "Verified drafts (one per request and step).",
                    spec["num_drafts"])
-            metric("counter", "inferlab:spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+            metric("counter", "inferlab:spec_decode_num_draft_tokens_total", "Draft tokens proposed and verified.",
                    spec["num_draft_tokens"])
-            metric("counter", "inferlab:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+            metric("counter", "inferlab:spec_decode_num_accepted_tokens_total", "Draft tokens accepted.",
                    spec["num_accepted_tokens"])
-            name = "inferlab:spec_decode_num_accepted_tokens_per_pos"
+            name = "inferlab:spec_decode_num_accepted_tokens_per_pos_total"
             lines += [f"# HELP {name} Draft tokens accepted, by position in the draft.", f"# TYPE {name} counter"]
             lines += [f'{name}{{position="{i}",{model}}} {n}' for i, n in enumerate(spec["accepted_per_pos"])]
         lines += ["# HELP inferlab:request_success_total Finished requests by finish reason.",

@@ -343,9 +343,9 @@ def test_metrics_and_snapshot_show_acceptance(tiny):
     assert s["num_draft_tokens"] >= s["num_accepted_tokens"] == sum(s["accepted_per_pos"]) > 0
     assert 0 < s["acceptance_rate"] <= 1 and 1 < s["mean_accepted_length"] <= 4
     text = EngineMetrics().render(snap, "tiny")
-    assert f'inferlab:spec_decode_num_drafts{{model_name="tiny"}} {s["num_drafts"]}' in text
-    assert f'inferlab:spec_decode_num_accepted_tokens{{model_name="tiny"}} {s["num_accepted_tokens"]}' in text
-    assert f'inferlab:spec_decode_num_accepted_tokens_per_pos{{position="0",model_name="tiny"}} ' \
+    assert f'inferlab:spec_decode_num_drafts_total{{model_name="tiny"}} {s["num_drafts"]}' in text
+    assert f'inferlab:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {s["num_accepted_tokens"]}' in text
+    assert f'inferlab:spec_decode_num_accepted_tokens_per_pos_total{{position="0",model_name="tiny"}} ' \
            f'{s["accepted_per_pos"][0]}' in text
     assert "spec_decode" not in EngineMetrics().render(engine(tiny).snapshot(), "tiny")
 
@@ -405,8 +405,8 @@ def test_server_streams_several_tokens_a_step(tiny):
         assert "".join(c["choices"][0]["text"] for c in chunks) == tiny[1].decode(want)
         assert len(tokens) == len(want) and max(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks) > 1
         metrics = httpx.get(f"{server.url}/metrics").text
-        assert 'inferlab:spec_decode_num_accepted_tokens{model_name="SmolLM2-135M-Instruct"} ' in metrics
-        assert 'inferlab:spec_decode_num_accepted_tokens{model_name="SmolLM2-135M-Instruct"} 0\n' not in metrics
+        assert 'inferlab:spec_decode_num_accepted_tokens_total{model_name="SmolLM2-135M-Instruct"} ' in metrics
+        assert 'inferlab:spec_decode_num_accepted_tokens_total{model_name="SmolLM2-135M-Instruct"} 0\n' not in metrics
         server.check_engine()
 
 

@@ -153,6 +153,13 @@ def test_a_recording_that_cannot_write_is_refused_or_stops_without_harming_the_e
     assert "recording to trace.jsonl stopped: [Errno 28]" in caplog.text and engine.step_observers == []
 
 
+def frame(step: int) -> str:
+    """A frame line with what the page reads of one (a recording's own hold much more)."""
+    return json.dumps({"type": "frame", "t": 0.1 * step, "step": step, "num_running": 1, "num_waiting": 0,
+                       "num_preemptions": 0, "num_generation_tokens": step, "kv": {"usage": 0.1}, "batch": {},
+                       "requests": [], "steps": [], "latency": {}})
+
+
 @pytest.mark.parametrize("content,message", [
     ("", "empty file"),
     ('{"a": 1}\n', "line 1 is not an inferlab trace header"),
@@ -160,8 +167,12 @@ def test_a_recording_that_cannot_write_is_refused_or_stops_without_harming_the_e
     ('{"type": "header", "version": 1}\nhello\n', "line 2 is not a frame"),
     ('{"type": "header", "version": "1"}\n', r"trace version '1' is not supported \(expected 1\)"),
     # a frame corrupted in the middle: the page would stop there
-    ('{"type":"header","version":1}\n{"type":"frame", broken\n{"type":"frame","step":2}\n', "line 2 is not a frame"),
-    ('{"type":"header","version":1}\n{"type":"frame","step":1}\n["frame"]\n', "line 3 is not a frame"),
+    ('{"type":"header","version":1}\n{"type":"frame", broken\n' + frame(2) + "\n", "line 2 is not a frame"),
+    ('{"type":"header","version":1}\n' + frame(1) + '\n["frame"]\n', "line 3 is not a frame"),
+    # the right type, not the shape: the page went blank on it
+    ('{"type":"header","version":1}\n' + frame(1) + '\n{"type":"frame","t":"x"}\n',
+     "line 3 is not a frame the dashboard can show: its 't' is 'x'"),
+    ('{"type":"header","version":1}\n', "the recording holds no frames"),
 ])
 def test_read_trace_refuses_what_is_not_a_trace(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
@@ -179,9 +190,9 @@ def test_read_trace_names_a_file_it_cannot_read(tmp_path):
 
 def test_a_recording_cut_mid_line_keeps_its_whole_frames(tmp_path):
     path = tmp_path / "cut.jsonl"
-    path.write_text('{"type":"header","version":1}\n{"type":"frame","step":1}\n{"type":"frame","ste')
+    path.write_text('{"type":"header","version":1}\n' + frame(1) + '\n{"type":"frame","ste')
     head, frames = read_trace(str(path))
-    assert frames == ['{"type":"frame","step":1}']
+    assert frames == [frame(1)]
 
 
 def test_replay_app_serves_the_page_and_the_trace(make_tiny_engine, tmp_path):

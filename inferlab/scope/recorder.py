@@ -90,4 +90,21 @@ def read_trace(path: str) -> tuple[dict, list[str]]:
             frame = None
         if not isinstance(frame, dict) or frame.get("type") != "frame":
             raise ValueError(f"{path}: line {i} is not a frame")
+        if bad := next((k for k, kind in FRAME_FIELDS.items() if not _is(frame.get(k), kind)), None):
+            raise ValueError(f"{path}: line {i} is not a frame the dashboard can show: its {bad!r} is "
+                             f"{frame.get(bad)!r:.40}")
+    if not frames:
+        raise ValueError(f"{path}: the recording holds no frames (no engine step ran while it recorded)")
     return head, frames
+
+
+# what the page reads of every frame (a frame of the right "type" without them left it blank)
+FRAME_FIELDS = {"t": float, "step": int, "num_running": int, "num_waiting": int, "num_preemptions": int,
+                "num_generation_tokens": int, "kv": dict, "batch": dict, "requests": list, "steps": list,
+                "latency": dict}
+
+
+def _is(value: object, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and not isinstance(value, bool)

@@ -59,6 +59,9 @@ def test_lab_bursts_preempt_lower_priority(server):
     ({"count": 100000}, "count: Input should be less than or equal to 256"),
     ({"output_len": 0}, "output_len: Input should be greater than or equal to 1"),
     ({"priority": "high"}, "priority: Input should be a valid integer"),
+    ({"count": "2"}, "count: Input should be a valid integer"),  # strict, as the API's fields
+    ({"count": True}, "count: Input should be a valid integer"),
+    ({"shared_prefix": "no"}, "shared_prefix: Input should be a valid boolean"),
     ({"colour": "red"}, "colour: Extra inputs are not permitted"),
     ({"prompt_len": 10**9}, "prompt_len + output_len = 1000000064 tokens: this engine holds at most 256"),
     ({"output_len": 10**22}, "prompt_len + output_len = 10000000000000000000128 tokens"),

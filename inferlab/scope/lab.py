@@ -11,7 +11,7 @@ SHARED_FRACTION = 0.75  # of the prompt that the shared system prompt takes, whe
 
 
 class Burst(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # as the API: "2" or true is no count
 
     count: int = Field(8, ge=1, le=MAX_BURST)
     prompt_len: int = Field(128, ge=1)

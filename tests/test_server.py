@@ -1063,6 +1063,12 @@ def test_a_poisoned_request_fails_alone(server, offline, monkeypatch):
 
 
 # -- 4. a signal stops `inferlab serve` cleanly --------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
 def serve_process(tmp_path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """`inferlab serve --port 0` as a real process, until it has started (at the address its start-up

@@ -406,6 +406,21 @@ def test_unsupported_config_is_one_line_naming_the_field(name, field, value, che
     assert field in message and "unsupported" in message, message
 
 
+def test_only_v3_leaves_out_a_layer_past_num_hidden_layers(checkpoints, tmp_path):
+    """V3's checkpoints append their multi-token-prediction layer, which is not run; a V2 config with
+    fewer layers than its weights is a mismatch, refused as Llama's or Qwen's is (it ran without a layer)."""
+    for name in ("deepseek_v2", "deepseek_v3"):
+        path = copy_checkpoint(checkpoints(name).path, tmp_path / name)
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] - 1}, f)
+        if name == "deepseek_v2":
+            assert "unexpected tensor 'model.layers.2." in load_error(path)
+        else:
+            assert len(load_model(path, "float32", torch.device("cpu"))[0].model.layers) == 2
+
+
 @pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
 def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(name, checkpoints):
     """bf16 (the default on CPUs with bf16 units): routers in fp32, MLA's absorbed products in bf16;

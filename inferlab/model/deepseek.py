@@ -110,9 +110,11 @@ class DeepseekForCausalLM(CausalLM):
         super().__init__(args, Decoder(args, layers))
 
     def skip_checkpoint_tensor(self, name: str) -> bool:
-        """V3 checkpoints append the multi-token-prediction module as layer num_layers: not run here."""
+        """V3 checkpoints append the multi-token-prediction module as layer num_layers: not run here.
+        (V2 has none: a layer past num_layers there is a config that does not match its weights.)"""
         parts = name.split(".")
-        extra = parts[:2] == ["model", "layers"] and int(parts[2]) >= self.args.num_layers
+        extra = self.args.arch == "deepseek_v3" and parts[:2] == ["model", "layers"] and \
+            int(parts[2]) >= self.args.num_layers
         return extra or super().skip_checkpoint_tensor(name)
 
     @staticmethod

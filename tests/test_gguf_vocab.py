@@ -90,6 +90,12 @@ def test_the_tokenizer_answers_transformers_calls_as_hfs_does(spm_gguf):
     assert ours.decode(rows[0][1]) == theirs.decode(rows[0][1]) and ours.batch_decode(pt) == [ours.decode(pt)]
     with pytest.raises(ValueError, match="not a token of this vocabulary"):
         ours.convert_tokens_to_string(["no such token"])
+    # a template's variables as keywords (Qwen3's enable_thinking=False), as transformers passes them
+    template = "{{ greeting }} {{ messages[0].content }}{% if not enable_thinking %} /no_think{% endif %}"
+    hi = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(hi, chat_template=template, greeting="Bonjour", enable_thinking=False) == \
+        theirs.apply_chat_template(hi, chat_template=template, greeting="Bonjour", enable_thinking=False,
+                                   tokenize=False) == "Bonjour hi /no_think"
     with pytest.raises(ValueError, match="return_tensors must be None or 'pt'"):
         ours("a", return_tensors="np")
     with pytest.raises(AttributeError):

@@ -152,13 +152,17 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, template_kwargs: dict | None = None, *,
-                            chat_template: str | None = None, tokenize: bool = False) -> str | list[int]:
+                            chat_template: str | None = None, tokenize: bool = False,
+                            **kwargs: object) -> str | list[int]:
         """The conversation as the model's template writes it (or another Jinja `chat_template`), as
         text, or its token ids with `tokenize` (transformers' default; this one's is text, which
         vLLM's callers ask for with tokenize=False). `continue_final_message` (vLLM's and
         transformers') leaves the last message, an assistant's, open, so the model continues it
         instead of answering after it: the "prefill the reply" pattern. `template_kwargs` are more
-        variables for the template (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)."""
+        variables for the template (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`);
+        other keyword arguments are such variables too, as transformers passes them."""
+        if kwargs:
+            template_kwargs = {**(template_kwargs or {}), **kwargs}
         if tokenize:
             text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message, template_kwargs,
                                             chat_template=chat_template)

@@ -462,6 +462,58 @@ def test_error_unexpected_and_misshapen_tensor(checkpoints, tmp_path):
     assert "model.norm.weight" in message and "(65,)" in message
 
 
+def test_the_files_an_index_names_are_the_checkpoint(checkpoints, tmp_path):
+    """Sharded with an index, beside Mistral's consolidated.safetensors (the same weights under its own
+    names, as Mistral's folders ship them): the index's files load; a file it names that is not there
+    is named."""
+    src = checkpoints("llama")
+    path = copy_checkpoint(src.path, tmp_path / "sharded", skip=("model.safetensors",))
+    tensors = load_file(os.path.join(src.path, "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, os.path.join(path, file), metadata={"format": "pt"})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}, f)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(4, 4)}, os.path.join(path, "consolidated.safetensors"))
+    model, _ = load_model(path, "float32", torch.device("cpu"))
+    torch.testing.assert_close(model.model.norm.weight, tensors["model.norm.weight"], rtol=0, atol=0)
+    os.remove(os.path.join(path, "model-00002-of-00002.safetensors"))
+    assert "lacks model-00002-of-00002.safetensors, which its model.safetensors.index.json names" in load_error(path)
+
+
+def test_load_errors_name_the_checkpoints_tensor_and_file(checkpoints, tmp_path, caplog):
+    path = copy_checkpoint(checkpoints("llama").path, tmp_path / "bad")
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    k = tensors["model.layers.0.self_attn.k_proj.weight"]
+    save_file({**tensors, "model.layers.0.self_attn.k_proj.weight": k[: k.shape[0] // 2]}, file)
+    # the checkpoint's name, not the fused qkv_proj it loads into
+    assert load_error(path).startswith("tensor 'model.layers.0.self_attn.k_proj.weight': shard 1 has")
+    save_file(tensors, file)
+    cfg_file = os.path.join(path, "config.json")
+    with open(cfg_file, "w") as f:
+        f.write('{"architectures": ["LlamaForCausalLM"],\n}')
+    assert load_error(path).startswith(f"{cfg_file} is not valid JSON")
+    assert load_error(" ") == "the model path is empty (leave the option out for the embedded model)"
+
+
+def test_a_tied_config_over_a_distinct_head_says_the_head_is_left_out(checkpoints, tmp_path, caplog):
+    path = copy_checkpoint(checkpoints("llama").path, tmp_path / "flipped")  # untied weights, tied config
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**cfg, "tie_word_embeddings": True}, f)
+    with caplog.at_level("WARNING", logger="inferlab"):
+        model, _ = load_model(path, "float32", torch.device("cpu"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "the checkpoint's lm_head.weight differs from its embedding, but config.json ties them" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="inferlab"):
+        load_model(checkpoints("llama_tied").path, "float32", torch.device("cpu"))
+    assert "lm_head.weight" not in caplog.text
+
+
 def test_cli_error_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "inferlab.cli", "generate", "--model", "/nonexistent", "hi"],
                           capture_output=True, text=True, timeout=120,

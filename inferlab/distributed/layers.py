@@ -89,7 +89,7 @@ def vocab_rows(data: torch.Tensor, start: int, rows: int, vocab: int) -> torch.T
     """Rows [start, start + rows) of a [vocab, ...] checkpoint tensor, zero-padded past the vocabulary
     (zero bytes are zero weights in every stored type)."""
     if data.shape[0] != vocab:
-        raise ValueError(f"a vocabulary tensor has {data.shape[0]} rows, expected {vocab}")
+        raise ValueError(f"a vocabulary tensor has {data.shape[0]} rows, expected {vocab} (the config's vocab_size)")
     part = data[start:start + rows]
     if part.shape[0] < rows:
         part = torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])

@@ -85,6 +85,8 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
 
 def load_model(path: str | None, dtype: str, device: torch.device, quantization: str = "auto",
                int8_activations: bool = False) -> tuple[CausalLM, Tokenizer]:
+    if path is not None and not path.strip():  # an unset shell variable, say: not a wish for the default
+        raise ModelLoadError("the model path is empty (leave the option out for the embedded model)")
     path = path or embedded_model_path()
     quantization = quantization_mode(quantization)
     kernels.native()  # a bad INFERLAB_ISA is the setting's error, not the model file's
@@ -128,33 +130,41 @@ def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.
     packed = type(model).packed_modules
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    for name, tensor, wtype in weights:
-        if model.skip_checkpoint_tensor(name):
+    head = None
+    for source, tensor, wtype in weights:
+        if args.tie_word_embeddings and source == "lm_head.weight":
+            head = (tensor, wtype)  # compared with the embedding below
+        if model.skip_checkpoint_tensor(source):
             continue
-        shard = None
+        name, shard = source, None
         for proj, (fused, idx) in packed.items():
             if f".{proj}." in name:
                 name, shard = name.replace(f".{proj}.", f".{fused}."), idx
                 break
         param = params.get(name)
         if param is None:
-            raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint")
+            raise ModelLoadError(f"unexpected tensor {source!r} in checkpoint")
         loader = getattr(param, "weight_loader", None)
-        if loader is not None:  # a linear or embedding weight, or a merged layer's bias: as stored
-            _check_row_length(name, param, tensor, wtype)
-            loader(param, tensor, shard, wtype)
-        else:  # kept in the model's dtype (norms, routers, MLA's up-projection): block types dequantized
-            value = quant.dequantize(tensor, wtype) if wtype is not None and wtype.dtype is None else tensor
-            if param.shape != value.shape:
-                raise ModelLoadError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
-            param.data.copy_(value)
+        try:
+            if loader is not None:  # a linear or embedding weight, or a merged layer's bias: as stored
+                _check_row_length(source, param, tensor, wtype)
+                loader(param, tensor, shard, wtype)
+            else:  # kept in the model's dtype (norms, routers, MLA's up-projection): block types dequantized
+                value = quant.dequantize(tensor, wtype) if wtype is not None and wtype.dtype is None else tensor
+                if param.shape != value.shape:
+                    raise ModelLoadError(f"has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+                param.data.copy_(value)
+        except (ValueError, RuntimeError) as e:  # the checkpoint's name, not the fused one it loads into
+            raise ModelLoadError(f"tensor {source!r}: {e}".replace(f"tensor {source!r}: tensor {source!r} ",
+                                                                  f"tensor {source!r} ")) from None
         loaded.add(f"{name}#{shard}")
+    _warn_if_head_differs(model, head)
     expected = {f"{n}#{s}" for n, _ in params.items() for s in _shards(n, packed)}
     if args.tie_word_embeddings:
         expected.discard("lm_head.weight#None")
     missing = sorted(expected - loaded)
     if missing:
-        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. "
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor{'s' * (len(missing) > 1)}, e.g. "
                              f"{_checkpoint_name(missing[0], packed)}")
     native = kernels.native() if device.type == "cpu" else None
     # a dtype no kernel takes (float16) runs PyTorch's ops: weights in its dtype, not blocks that
@@ -162,6 +172,17 @@ def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.
     isa = native.isa if native and model.dtype in kernels.DTYPE_CODES else None
     model.process_weights_after_loading(quantization, isa, int8_activations)
     return model.to(device).eval()
+
+
+def _warn_if_head_differs(model: CausalLM, head: tuple[torch.Tensor, object] | None) -> None:
+    """A tied config whose checkpoint also holds an LM head of other values: the head is left out, as
+    vLLM leaves it out (transformers keeps it instead, so their answers differ): said, not silent."""
+    if head is None or head[1] is not None:
+        return
+    embedding = model.model.embed_tokens.weight  # a tensor-parallel rank's rows, or blocks: not compared
+    if head[0].shape == embedding.shape and not torch.equal(head[0].to(embedding.dtype), embedding.data):
+        log.warning("the checkpoint's lm_head.weight differs from its embedding, but config.json ties them "
+                    "(tie_word_embeddings): the embedding is the LM head here; set it false to use lm_head.weight")
 
 
 def _check_row_length(name: str, param: torch.nn.Parameter, tensor: torch.Tensor, wtype) -> None:
@@ -196,7 +217,10 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
     if not os.path.exists(cfg_path):
         raise ModelLoadError(f"{path} has no config.json")
     with open(cfg_path) as f:
-        cfg = json.load(f)
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
     listed = cfg.get("architectures") or []
     arch = next((HF_ARCHS[a] for a in listed if a in HF_ARCHS), None)
     if not listed and cfg.get("model_type") in MODELS:  # as transformers' Auto classes: model_type decides
@@ -204,9 +228,7 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
     if arch is None:
         raise ModelLoadError(f"unsupported architecture {listed or cfg.get('model_type')}; "
                              f"supported: {', '.join(HF_ARCHS)}")
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors files")
+    files = checkpoint_files(path)
     args = MODELS[arch].args_from_hf(arch, cfg)
     from safetensors import safe_open
 
@@ -222,6 +244,28 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
     model = _build(args, weights(), resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device),
                    device, quantization, int8_activations)
     return model, Tokenizer.from_folder(path, cfg)
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """A folder's safetensors files as transformers and vLLM choose them: those its index names
+    (model.safetensors.index.json), else model*.safetensors, else every *.safetensors. (Mistral's
+    folders also hold consolidated.safetensors: the same weights under Mistral's own names.)"""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index} is no index of safetensors files: {type(e).__name__}: {e}") from None
+        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise ModelLoadError(f"{path} lacks {', '.join(missing)}, which its model.safetensors.index.json names")
+        return [os.path.join(path, n) for n in names]
+    files = sorted(glob.glob(os.path.join(path, "model*.safetensors"))) or \
+        sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors files")
+    return files
 
 
 def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,

@@ -27,7 +27,7 @@ def log_start(engine: LLMEngine, num_blocks: int, per_block: int) -> None:
              ", pages touched at start" if config.kv_cache_prefault and engine.device.type == "cpu" else "")
     if engine.max_request_tokens < engine.max_model_len:  # vLLM refuses to start; here a request is capped
         log.warning("the KV pool holds %d tokens, fewer than max_model_len %d: a request (prompt and output) "
-                    "gets at most that many, and the server reports it as the context (raise "
+                    "gets at most that many, and a server reports it as the context (raise "
                     "--kv-cache-memory or --num-kv-blocks for more)", engine.max_request_tokens, engine.max_model_len)
     native, runner = engine.runner.native, engine.runner
     int8 = "" if not config.int8_activations else (

@@ -91,7 +91,7 @@ def summarize(fleet: Fleet) -> dict:
               "prefill_tokens": sum(r.prefill_tokens for r in reps),
               "swapped_blocks": sum(r.swapped_blocks for r in reps),
               "prefix_hit_rate": round(sum(r.block_manager.prefix_hits for r in reps) / queries, 4) if queries else 0.0,
-              "longest_wait_s": round(max(queue, default=0.0), 3)}
+              "longest_wait_s": round(max(queue, default=0.0), 4)}  # as the percentiles: p99 <= it
     for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e), ("queue", queue)):
         for q in (50, 90, 99):
             result[f"{name}_s_p{q}"] = round(_pct(values, q / 100), 4)

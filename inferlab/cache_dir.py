@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -18,21 +19,37 @@ log = logging.getLogger("inferlab")
 
 @functools.cache
 def _default_root() -> Path:
-    home = Path.home() / ".cache" / "inferlab"
+    home = Path("~/.cache/inferlab")
     try:
+        home = home.expanduser()  # no HOME and no passwd entry (a container's --user): RuntimeError
         home.mkdir(parents=True, exist_ok=True)
         if os.access(home, os.W_OK):
             return home
         reason = "not writable"
-    except OSError as e:
-        reason = e.strerror or str(e)
-    fallback = Path(tempfile.gettempdir()) / f"inferlab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+    fallback = _private_temp_dir()
     log.warning("cannot use %s (%s): caching in %s instead (set INFERLAB_CACHE to choose)", home, reason, fallback)
     return fallback
 
 
+def _private_temp_dir() -> Path:
+    """A folder in the shared temporary directory that only this user can write: the kernels cached
+    there are loaded as code, so a folder another user made (or can write to) is never taken."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = Path(tempfile.gettempdir()) / f"inferlab-{uid if uid is not None else 'user'}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = path.lstat()
+        if uid is None or (stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="inferlab-"))  # this process's alone: nothing cached between runs
+
+
 def cache_dir(kind: str) -> Path:
     """The folder for `kind` ("kernels", "models"); not created here (the writer makes it when it writes)."""
-    if "INFERLAB_CACHE" in os.environ:  # read each time: tests and users may point it elsewhere mid-process
+    if os.environ.get("INFERLAB_CACHE"):  # read each time: tests and users may point it elsewhere mid-process
         return Path(os.environ["INFERLAB_CACHE"]) / kind
-    return _default_root() / kind
+    return _default_root() / kind  # an empty INFERLAB_CACHE too (not the current folder)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import os
+import pwd
 import re
 from pathlib import Path
 
@@ -502,7 +504,23 @@ def test_build_failure_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
     try:
         assert kernels.library() is None
         assert "native CPU kernels unavailable" in caplog.text
-        assert "no C compiler: '/nonexistent/cc'" in caplog.text  # says what to install, not a bare errno
+        assert "no C compiler: '/nonexistent/cc' is not there" in caplog.text  # what to install, not an errno
+        monkeypatch.setenv("CC", "/nonexistent/ccache gcc")  # a command with its arguments, as make takes CC
+        kernels.library.cache_clear()
+        assert kernels.library() is None and "'/nonexistent/ccache' is not there" in caplog.text
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_a_cached_library_that_is_not_ours_is_not_used(monkeypatch, tmp_path, caplog):
+    import subprocess
+    (tmp_path / "other.c").write_text("int something_else(void) { return 1; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "other.c"), "-o", str(tmp_path / "other.so")], check=True)
+    monkeypatch.setattr(kernels, "build", lambda: tmp_path / "other.so")
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None  # it was an IndexError in native()
+        assert f"{tmp_path / 'other.so'} is not an InferLab kernel library (delete it" in caplog.text
     finally:
         kernels.library.cache_clear()
 
@@ -518,8 +536,35 @@ def test_an_unwritable_home_caches_in_the_temporary_directory(monkeypatch, tmp_p
         where = cache_dir.cache_dir("kernels")
         assert where.parent.parent == tmp_path and where.name == "kernels"
         assert "cannot use /proc/no-such-home/.cache/inferlab" in caplog.text
+        assert (where.parent.stat().st_mode & 0o777) == 0o700  # the kernels there are loaded as code
         monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path / "chosen"))  # the user's folder wins
         assert cache_dir.cache_dir("models") == tmp_path / "chosen" / "models"
+        monkeypatch.setenv("INFERLAB_CACHE", "")  # empty: as unset, not the current folder
+        assert cache_dir.cache_dir("models") == where.parent / "models"
+    finally:
+        cache_dir._default_root.cache_clear()
+
+
+def test_a_temporary_folder_others_can_write_is_never_the_cache(monkeypatch, tmp_path, caplog):
+    """Another user who made /tmp/inferlab-<uid> first (or left it writable) could plant a kernel
+    library there, loaded as this user's code; no home at all (a container's --user with no passwd
+    entry) falls back too, instead of Path.home()'s RuntimeError."""
+    from inferlab import cache_dir
+    monkeypatch.delenv("INFERLAB_CACHE", raising=False)
+    monkeypatch.setattr(cache_dir.tempfile, "gettempdir", lambda: str(tmp_path))
+
+    def no_entry(uid: int) -> None:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    planted = tmp_path / f"inferlab-{os.getuid()}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    cache_dir._default_root.cache_clear()
+    try:
+        where = cache_dir.cache_dir("kernels").parent
+        assert where != planted and where.parent == tmp_path and (where.stat().st_mode & 0o777) == 0o700
+        assert "cannot use ~/.cache/inferlab (Could not determine home directory.)" in caplog.text
     finally:
         cache_dir._default_root.cache_clear()
 

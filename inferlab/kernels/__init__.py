@@ -172,6 +172,10 @@ def library() -> tuple[ctypes.CDLL, list[str]] | None:
         log.warning("native CPU kernels unavailable, using the PyTorch path: %s", first_error(e))
         return None
     built = [isa for isa in ISAS if any(hasattr(lib, f"{name}_{isa}") for name in prototypes())]
+    if "generic" not in built:  # a cached file that is not this build's (damaged, or put there)
+        log.warning("native CPU kernels unavailable, using the PyTorch path: %s is not an InferLab kernel "
+                    "library (delete it to build it again)", lib._name)
+        return None
     runnable = runnable_isas(built)
     if "avx512" in runnable:  # chosen once, before any call
         lib.x16_products_avx512(X16_PRODUCTS[x16_products()], 1)

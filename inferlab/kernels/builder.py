@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -57,25 +58,26 @@ def compiled_isas() -> list[str]:
     return list(ISAS) if X86 else ["generic"]
 
 
-def _compile(cc: str, src: Path, obj: Path, isa: str) -> None:
-    subprocess.run([cc, *CFLAGS, *ISAS[isa][0], f"-DIL_ISA={isa}", "-c", str(src), "-o", str(obj)], check=True,
+def _compile(cc: list[str], src: Path, obj: Path, isa: str) -> None:
+    subprocess.run([*cc, *CFLAGS, *ISAS[isa][0], f"-DIL_ISA={isa}", "-c", str(src), "-o", str(obj)], check=True,
                    capture_output=True, text=True)
 
 
 def build() -> Path:
     """The library's path, built now if not cached. An ISA whose files this compiler cannot build
     (too old for AMX, say) is left out with a warning; generic must build."""
-    cc = os.environ.get("CC", "cc")
+    cc = shlex.split(os.environ.get("CC") or "cc") or ["cc"]  # as make reads it: "ccache gcc", "gcc -g"
     isas = compiled_isas()
-    digest = hashlib.sha256(" ".join([cc, *CFLAGS, *LINK, *isas, repr(ISAS)]).encode())
+    digest = hashlib.sha256(" ".join([*cc, *CFLAGS, *LINK, *isas, repr(ISAS)]).encode())
     for src in sorted(ROOT.rglob("*.[ch]")):
         digest.update(str(src.relative_to(ROOT)).encode() + src.read_bytes())
     cache = cache_dir("kernels")
     lib = cache / f"inferlab_kernels-{digest.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
-    if shutil.which(cc) is None:
-        raise OSError(f"no C compiler: {cc!r} is not on PATH (install gcc or clang, or set CC to one)")
+    if shutil.which(cc[0]) is None:
+        where = "is not there" if os.sep in cc[0] else "is not on PATH"
+        raise OSError(f"no C compiler: {cc[0]!r} {where} (install gcc or clang, or set CC to one)")
     cache.mkdir(parents=True, exist_ok=True)
     for stale in cache.glob("tmp*"):  # a build killed midway (no handler ran): aside for an hour, it is no one's
         with contextlib.suppress(OSError):
@@ -100,7 +102,7 @@ def build() -> Path:
                         first_error(errors[isa]))
         out = Path(tmp) / lib.name
         objs = [str(obj) for _, obj, isa in jobs if isa in built]
-        subprocess.run([cc, *objs, "-o", str(out), *LINK], check=True, capture_output=True, text=True)
+        subprocess.run([*cc, *objs, "-o", str(out), *LINK], check=True, capture_output=True, text=True)
         os.replace(out, lib)
     return lib
 

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+import inferlab
 from inferlab import bench_serve
 from inferlab.chat import cmd_chat, cmd_generate
 from inferlab.cli_args import (
@@ -171,6 +172,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="inferlab", description="A small, readable LLM inference engine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"inferlab {inferlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt (chat template applied for instruct models)")
     g.add_argument("prompt")

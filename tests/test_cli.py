@@ -249,6 +249,8 @@ def test_an_unknown_option_is_named_by_its_command_and_v_follows_it_too():
     assert r.returncode == 2 and r.stderr.strip() == "inferlab bench: error: '4' is not a mode of this command " \
         "(serve is); if it is an option's value, that option is unknown (see inferlab bench --help)"
     assert build_parser().parse_args(["-v", "generate", "hi"]).verbose
+    r = inferlab("--version")
+    assert r.returncode == 0 and re.fullmatch(r"inferlab \S+\n", r.stdout), r.stdout + r.stderr
     assert not build_parser().parse_args(["generate", "hi"]).verbose
 
 

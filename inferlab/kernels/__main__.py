@@ -10,4 +10,5 @@ except ValueError as e:  # a bad INFERLAB_ISA: its one line
     raise SystemExit(f"error: {e}") from None
 if k is None:
     raise SystemExit("native kernels unavailable (see the warning above)")
-print(f"native kernels built; this CPU runs {', '.join(kernels.library()[1])}; using {k.isa}")
+lib, runnable = kernels.library()
+print(f"native kernels built ({lib._name}); this CPU runs {', '.join(runnable)}; using {k.isa}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+import shutil
 import warnings
 
 import pytest
@@ -23,6 +24,24 @@ CHAT_QUESTIONS = [
     "Tell me a short story about a robot who learns to paint. Use about five sentences, give the robot "
     "a name, and end with a line of dialogue from the robot about what painting means to it.",
 ]
+
+
+def pytest_configure(config):
+    """Models the tests parse (dozens of GGUF files in pytest's temporary folders) are cached in a
+    folder of this run's own, not the user's ~/.cache/inferlab (it grew by hundreds of MiB a run);
+    the kernels stay the user's, built once. A cache the user named is kept as it is."""
+    import os
+    import tempfile
+
+    from inferlab.cache_dir import cache_dir
+    if os.environ.get("INFERLAB_CACHE"):
+        return
+    kernels = cache_dir("kernels")
+    kernels.mkdir(parents=True, exist_ok=True)
+    run = tempfile.mkdtemp(prefix="inferlab-test-cache-")
+    os.symlink(kernels, os.path.join(run, "kernels"))
+    os.environ["INFERLAB_CACHE"] = run
+    config.add_cleanup(lambda: shutil.rmtree(run, ignore_errors=True))
 
 
 def pytest_generate_tests(metafunc):

@@ -51,7 +51,7 @@ def answer_uninterrupted() -> Iterator[None]:
 def stream(engine, request_id: str, prompt, params) -> str:
     """Run one request to the end, printing text as it is released; returns the whole text."""
     engine.add_request(request_id, prompt, params)
-    text = ""
+    text, out = "", None
     with answer_uninterrupted():
         try:
             while engine.has_unfinished_requests():
@@ -61,6 +61,12 @@ def stream(engine, request_id: str, prompt, params) -> str:
                     print(delta, end="", flush=True)
         finally:
             print(flush=True)
+    done = out.outputs[0] if out is not None and out.finished else None
+    if done and done.finish_reason == "length" and params.max_tokens and len(done.token_ids) < params.max_tokens:
+        # as vLLM's offline API, max_tokens is capped by the room the context leaves: said, not silent
+        log.warning("the answer stopped at the end of the context (%d tokens: prompt %d, answer %d), before "
+                    "--max-tokens %d", len(out.prompt_token_ids) + len(done.token_ids), len(out.prompt_token_ids),
+                    len(done.token_ids), params.max_tokens)
     return text
 
 

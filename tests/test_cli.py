@@ -445,7 +445,7 @@ def test_an_answer_streaming_where_the_log_goes_is_not_cut_by_info_lines(monkeyp
                 self.done = True
                 return []
             seen.append(delta)
-            return [SimpleNamespace(error=None, outputs=[SimpleNamespace(new_text=delta)])]
+            return [SimpleNamespace(error=None, finished=False, outputs=[SimpleNamespace(new_text=delta)])]
 
     try:
         for shared in (True, False):

@@ -147,16 +147,15 @@ def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.
         loader = getattr(param, "weight_loader", None)
         try:
             if loader is not None:  # a linear or embedding weight, or a merged layer's bias: as stored
-                _check_row_length(source, param, tensor, wtype)
+                _check_row_length(param, tensor, wtype)
                 loader(param, tensor, shard, wtype)
             else:  # kept in the model's dtype (norms, routers, MLA's up-projection): block types dequantized
                 value = quant.dequantize(tensor, wtype) if wtype is not None and wtype.dtype is None else tensor
                 if param.shape != value.shape:
-                    raise ModelLoadError(f"has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+                    raise ValueError(f"has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
                 param.data.copy_(value)
         except (ValueError, RuntimeError) as e:  # the checkpoint's name, not the fused one it loads into
-            raise ModelLoadError(f"tensor {source!r}: {e}".replace(f"tensor {source!r}: tensor {source!r} ",
-                                                                  f"tensor {source!r} ")) from None
+            raise ModelLoadError(f"tensor {source!r}: {e}") from None
         loaded.add(f"{name}#{shard}")
     _warn_if_head_differs(model, head)
     expected = {f"{n}#{s}" for n, _ in params.items() for s in _shards(n, packed)}
@@ -185,15 +184,15 @@ def _warn_if_head_differs(model: CausalLM, head: tuple[torch.Tensor, object] | N
                     "(tie_word_embeddings): the embedding is the LM head here; set it false to use lm_head.weight")
 
 
-def _check_row_length(name: str, param: torch.nn.Parameter, tensor: torch.Tensor, wtype) -> None:
+def _check_row_length(param: torch.nn.Parameter, tensor: torch.Tensor, wtype) -> None:
     if param.dim() == 1:  # a bias: its loader checks the shard's length
         if tensor.dim() != 1:
-            raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected one dimension")
+            raise ValueError(f"has shape {tuple(tensor.shape)}, expected one dimension")
         return
     k = getattr(param, "full_in_features", param.shape[-1])  # a row-parallel shard is cut from whole rows
     want = k if wtype is None or wtype.dtype is not None else wtype.row_bytes(k)
     if tensor.dim() != 2 or tensor.shape[-1] != want:
-        raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected rows of {k} weights")
+        raise ValueError(f"has shape {tuple(tensor.shape)}, expected rows of {k} weights")
 
 
 def _checkpoint_name(key: str, packed: dict[str, tuple[str, int]]) -> str:

@@ -15,7 +15,6 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
                  host: str = "127.0.0.1", port: int = 8080, timeout: float = 300.0,
                  health_interval: float = 2.0, allowed_origins: list[str] | None = None) -> None:
     """`inferlab router`: --backend URLs, or P/D mode's --prefill and --decode URLs."""
-    import uvicorn
 
     from inferlab.server import listen
     from inferlab.server.guard import add_cors
@@ -37,5 +36,4 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
     sock = listen.bind(host, port)
     log.info("routing on %s to %s (%s)", listen.url(host, sock), ", ".join(backends) if backends else
              f"prefill {', '.join(prefill)} then decode {', '.join(decode)}", policy)
-    with sock:
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
+    listen.run(app, sock)

@@ -105,6 +105,4 @@ FRAME_FIELDS = {"t": float, "step": int, "num_running": int, "num_waiting": int,
 
 
 def _is(value: object, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, kind) and not isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)

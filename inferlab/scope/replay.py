@@ -7,7 +7,6 @@ from __future__ import annotations
 import html
 import logging
 
-import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 
@@ -61,5 +60,4 @@ def serve_replay(paths: list[str], host: str = "127.0.0.1", port: int = 8001) ->
     page = "scope/beside" if len(paths) > 1 else "scope"
     sock = listen.bind(host, port)
     log.info("replaying %s at %s/%s", ", ".join(paths), listen.url(host, sock), page)
-    with sock:
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
+    listen.run(app, sock)

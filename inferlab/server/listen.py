@@ -3,6 +3,10 @@ uvicorn: port 0's pick is then known to the start-up line, and a port is checked
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI checks its port with bind() before it imports the web stack
+    from fastapi import FastAPI
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -26,3 +30,11 @@ def bind(host: str, port: int) -> socket.socket:
 def url(host: str, sock: socket.socket) -> str:
     """The address a client uses: the host as given, the port as bound (port 0's pick)."""
     return f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+
+
+def run(app: FastAPI, sock: socket.socket) -> None:
+    """uvicorn serving `app` on the bound socket until a signal; the socket is closed after."""
+    import uvicorn
+
+    with sock:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -233,6 +233,19 @@ def test_simulate_command_prints_json_last():
     assert result["completed"] == 50 and result["policy"] == "sjf"
 
 
+def test_latencies_no_request_measured_are_null_not_zero():
+    r = subprocess.run([sys.executable, "-m", "inferlab.cli", "simulate", "--num-requests", "5", "--rate", "inf",
+                        "--num-kv-blocks", "4", "--prompt-len", "100:200"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["completed"] == 0 and result["rejected"] == 5  # 4 blocks hold no prompt
+    assert result["ttft_s_p50"] is None and result["e2e_s_p99"] is None and result["longest_wait_s"] is None
+    assert "      ttft_s_p50  -\n" in r.stdout
+    one_token = simulate(config(), 512, make_trace(3, float("inf"), (16, 32), (1, 1), seed=0), DEFAULT)
+    assert one_token["completed"] == 3 and one_token["tpot_s_p50"] is None  # no second token to time
+    assert one_token["ttft_s_p50"] > 0
+
+
 @pytest.mark.parametrize("option, message", [
     (["--rate", "0"], "--rate must be positive (inf: all at once), got 0.0"),
     (["--rate", "-1"], "--rate must be positive (inf: all at once), got -1.0"),

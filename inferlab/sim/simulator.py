@@ -67,11 +67,12 @@ def simulate(config: EngineConfig, num_blocks: int, trace: list[TraceRequest], c
     return summarize(run(config, num_blocks, trace, cost, replicas, router))
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct(values: list[float], q: float) -> float | None:
+    """The q-quantile, rounded; None when no request gave a value (not 0.0, which reads as instant)."""
     if not values:
-        return 0.0
+        return None
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    return round(values[min(len(values) - 1, int(q * len(values)))], 4)
 
 
 def summarize(fleet: Fleet) -> dict:
@@ -91,8 +92,8 @@ def summarize(fleet: Fleet) -> dict:
               "prefill_tokens": sum(r.prefill_tokens for r in reps),
               "swapped_blocks": sum(r.swapped_blocks for r in reps),
               "prefix_hit_rate": round(sum(r.block_manager.prefix_hits for r in reps) / queries, 4) if queries else 0.0,
-              "longest_wait_s": round(max(queue, default=0.0), 4)}  # as the percentiles: p99 <= it
+              "longest_wait_s": _pct(queue, 1.0)}  # rounded as the percentiles: p99 <= it
     for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e), ("queue", queue)):
         for q in (50, 90, 99):
-            result[f"{name}_s_p{q}"] = round(_pct(values, q / 100), 4)
+            result[f"{name}_s_p{q}"] = _pct(values, q / 100)
     return result

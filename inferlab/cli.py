@@ -86,7 +86,7 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     result = {"policy": a.policy, "requests": len(trace), "replicas": a.replicas, "router": a.router,
               **simulate(config, a.num_kv_blocks, trace, cost, a.replicas, a.router)}
     for key, value in result.items():
-        print(f"{key:>16}  {value}")
+        print(f"{key:>16}  {'-' if value is None else value}")  # None: no request completed to measure it
     print(json.dumps(result))
 
 
@@ -282,8 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_unknown_leading_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`inferlab --bogus generate`: argparse would hand the command an empty line and blame its prompt."""
+    for token in argv:
+        if not token.startswith("-"):
+            return
+        name = token.split("=", 1)[0] if token.startswith("--") else token[:2]  # -vh is -v -h
+        if name not in parser._option_string_actions:
+            parser.error(f"unrecognized arguments: {token} (options of a command go after it)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    a, unknown = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    _refuse_unknown_leading_options(parser, sys.argv[1:] if argv is None else argv)
+    a, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's parser, so that the help it points to has the options
         a.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if a.verbose:

@@ -253,6 +253,12 @@ def test_an_unknown_option_is_named_by_its_command_and_v_follows_it_too():
     assert r.returncode == 2 and r.stderr.strip() == "inferlab bench: error: '4' is not a mode of this command " \
         "(serve is); if it is an option's value, that option is unknown (see inferlab bench --help)"
     assert build_parser().parse_args(["-v", "generate", "hi"]).verbose
+    r = inferlab("--threads", "2", "generate", "hi")  # before the command: not the command's missing prompt
+    assert r.returncode == 2 and r.stderr.strip() == "inferlab: error: unrecognized arguments: --threads " \
+        "(options of a command go after it) (see inferlab --help)"
+    with pytest.raises(SystemExit) as help_exit:  # -vh is -v -h: help, not an unknown option
+        main(["-vh"])
+    assert help_exit.value.code == 0
     r = inferlab("--version")
     assert r.returncode == 0 and re.fullmatch(r"inferlab \S+\n", r.stdout), r.stdout + r.stderr
     assert not build_parser().parse_args(["generate", "hi"]).verbose

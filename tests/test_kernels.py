@@ -9,6 +9,8 @@ import fnmatch
 import os
 import pwd
 import re
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -510,6 +512,24 @@ def test_build_failure_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
         assert kernels.library() is None and "'/nonexistent/ccache' is not there" in caplog.text
     finally:
         kernels.library.cache_clear()
+
+
+def test_libraries_of_other_versions_unused_for_a_month_are_deleted(monkeypatch, tmp_path):
+    current = builder.build()
+    monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path))
+    cache = tmp_path / "kernels"
+    cache.mkdir()
+    shutil.copy(current, cache / current.name)  # as built: a cache hit, no compiler run
+    month, week = time.time() - 31 * 86400, time.time() - 7 * 86400
+    os.utime(cache / current.name, (month, month))
+    for name, when in (("inferlab_kernels-0000000000000000.so", month), ("inferlab_kernels-1111111111111111.so", week),
+                       ("notes.so", month)):
+        (cache / name).write_bytes(b"")
+        os.utime(cache / name, (when, when))
+    assert builder.build() == cache / current.name
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [current.name, "inferlab_kernels-1111111111111111.so", "notes.so"])  # a week: another install's
+    assert time.time() - (cache / current.name).stat().st_mtime < 60  # loaded now: kept a month more
 
 
 def test_a_cached_library_that_is_not_ours_is_not_used(monkeypatch, tmp_path, caplog):

@@ -74,6 +74,7 @@ def build() -> Path:
     cache = cache_dir("kernels")
     lib = cache / f"inferlab_kernels-{digest.hexdigest()[:16]}.so"
     if lib.exists():
+        _keep_and_prune(cache, lib)
         return lib
     if shutil.which(cc[0]) is None:
         where = "is not there" if os.sep in cc[0] else "is not on PATH"
@@ -104,7 +105,25 @@ def build() -> Path:
         objs = [str(obj) for _, obj, isa in jobs if isa in built]
         subprocess.run([*cc, *objs, "-o", str(out), *LINK], check=True, capture_output=True, text=True)
         os.replace(out, lib)
+    _keep_and_prune(cache, lib)
     return lib
+
+
+UNUSED_DAYS = 30  # a library no start has loaded for this long is another version's: each update leaves one
+
+
+def _keep_and_prune(cache: Path, lib: Path) -> None:
+    """Mark `lib` as used (its mtime, at most daily) and delete libraries unused for UNUSED_DAYS.
+    Another install sharing the cache keeps its library by loading it; one idle for a month
+    rebuilds it. A process that has one loaded keeps it: unlinking a mapped file is safe."""
+    now = time.time()
+    for path in cache.glob("inferlab_kernels-*.so"):
+        with contextlib.suppress(OSError):  # a read-only cache keeps everything; another start may prune too
+            if path == lib and now - path.stat().st_mtime > 86400:
+                os.utime(path)
+            elif path != lib and now - path.stat().st_mtime > UNUSED_DAYS * 86400:
+                path.unlink()
+                log.info("deleted %s, a kernel library no start has used for %d days", path, UNUSED_DAYS)
 
 
 def first_error(e: BaseException) -> str:

@@ -1,0 +1,113 @@
+"""The simulator's commands, `inferlab simulate` and `inferlab calibrate`: their options and what they print."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+from inferlab.cli_args import add_engine_args, add_kv_mode_args, budget_arg, engine_config, kv_mode_config
+from inferlab.config import EngineConfig
+
+
+def add_sim_commands(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("simulate", help="replay a trace on the real scheduler with a virtual clock")
+    m.add_argument("--num-requests", type=int, default=1000)
+    m.add_argument("--rate", type=float, default=10.0, help="requests/s, Poisson (inf: all at once)")
+    m.add_argument("--policy", default="fcfs", help="fcfs, priority, sjf, or module:Class / file.py:Class")
+    m.add_argument("--sjf-aging-rate", type=float, default=20.0, help="sjf: tokens of work forgiven per second waited")
+    m.add_argument("--replicas", type=int, default=1, help="engines behind a router")
+    m.add_argument("--router", default="round_robin", choices=["round_robin", "least_loaded", "prefix", "prefix_aware"])
+    m.add_argument("--trace", default=None, help="JSONL: arrival, prompt_len, output_len[, priority, prefix_id, ...]")
+    m.add_argument("--cost-model", default=None, help="file written by `inferlab calibrate` (default: built in)")
+    m.add_argument("--prompt-len", type=_range, default=(64, 512), help="LO:HI tokens")
+    m.add_argument("--output-len", type=_range, default=(16, 256), help="LO:HI tokens")
+    m.add_argument("--burst", type=int, default=1, help="requests arriving together")
+    m.add_argument("--shared-prefix", type=_count_len, default=None, help="COUNT:LEN shared system prompts")
+    m.add_argument("--priorities", type=int, default=1, help="priority levels drawn uniformly")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--num-kv-blocks", type=int, default=4096)
+    m.add_argument("--block-size", type=int, default=16)
+    m.add_argument("--max-model-len", type=int, default=8192)
+    m.add_argument("--max-num-seqs", type=int, default=256)
+    m.add_argument("--max-num-batched-tokens", type=budget_arg, default=2048, help="an integer or auto")
+    m.add_argument("--step-time-target", type=float, default=0.25, help="seconds, for --max-num-batched-tokens auto")
+    m.add_argument("--no-prefix-caching", action="store_true")
+    add_kv_mode_args(m)
+    m.set_defaults(func=cmd_simulate)
+    k = sub.add_parser("calibrate", help="fit the simulator's cost model to timed steps of the real model")
+    k.add_argument("--out", default="cost_model.json")
+    k.add_argument("--scale", type=float, default=1.0, help="multiply the calibration batch sizes")
+    add_engine_args(k)
+    k.set_defaults(func=cmd_calibrate)
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO:HI, got {text!r}") from None
+
+
+def _count_len(text: str) -> tuple[int, int]:
+    count, sep, length = text.partition(":")  # both: "4" read as 4:4 (N or LO:HI's rule) was no one's meaning
+    with contextlib.suppress(ValueError):
+        if sep:
+            return int(count), int(length)
+    raise argparse.ArgumentTypeError(f"expected COUNT:LEN, got {text!r}")
+
+
+def check_trace_options(a: argparse.Namespace) -> None:
+    """One line naming the option, where make_trace would divide by zero, draw from an empty range,
+    or generate arrivals at negative times or requests with nothing to compute."""
+    if not a.rate > 0:  # nan too
+        raise ValueError(f"--rate must be positive (inf: all at once), got {a.rate}")
+    for name in ("num_requests", "burst", "priorities"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    for name in ("prompt_len", "output_len"):
+        lo, hi = getattr(a, name)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"--{name.replace('_', '-')} must be N or LO:HI with 1 <= LO <= HI, got {lo}:{hi}")
+    if a.shared_prefix and min(a.shared_prefix) < 1:
+        raise ValueError(f"--shared-prefix must be COUNT:LEN, both at least 1, got {a.shared_prefix[0]}:"
+                         f"{a.shared_prefix[1]}")
+
+
+def cmd_simulate(a: argparse.Namespace) -> None:
+    from inferlab.sim.cost_model import DEFAULT, CostModel
+    from inferlab.sim.simulator import load_trace, make_trace, simulate
+    if not a.trace:
+        check_trace_options(a)
+    trace = load_trace(a.trace) if a.trace else make_trace(
+        a.num_requests, a.rate, a.prompt_len, a.output_len, a.seed, a.burst, a.shared_prefix, a.priorities)
+    config = EngineConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, max_model_len=a.max_model_len,
+                          max_num_seqs=a.max_num_seqs,
+                          max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
+                          scheduling_policy=a.policy, enable_prefix_caching=not a.no_prefix_caching,
+                          sjf_aging_rate=a.sjf_aging_rate, **kv_mode_config(a))
+    cost = CostModel.load(a.cost_model) if a.cost_model else DEFAULT
+    result = {"policy": a.policy, "requests": len(trace), "replicas": a.replicas, "router": a.router,
+              **simulate(config, a.num_kv_blocks, trace, cost, a.replicas, a.router)}
+    for key, value in result.items():
+        print(f"{key:>16}  {'-' if value is None else value}")  # None: no request completed to measure it
+    print(json.dumps(result))
+
+
+POOR_FIT = 0.25  # calibrate's median relative error past which it warns
+
+
+def cmd_calibrate(a: argparse.Namespace) -> None:
+    from inferlab.engine import LLMEngine
+    from inferlab.sim.calibrate import calibrate
+    # at 0 or below every shape is one 2-token request: a fit of collinear features, saved as if sound
+    if not 0 < a.scale < float("inf"):
+        raise ValueError(f"--scale must be a positive number, got {a.scale}")
+    model, steps, error = calibrate(LLMEngine(engine_config(a)), a.scale)
+    model.save(a.out)
+    print(f"fitted on {steps} timed steps (median error {error:.0%}), saved to {a.out}", file=sys.stderr)
+    if not error <= POOR_FIT:
+        print(f"warning: the fit explains the steps poorly (median error {error:.0%}, over {POOR_FIT:.0%}); "
+              "was another job running? calibrate again on a quiet machine", file=sys.stderr)
+    print(json.dumps(vars(model)))

@@ -5,22 +5,12 @@ import functools
 import json
 import os
 import re
-from datetime import datetime
 
-import jinja2
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from inferlab.model import gguf_vocab
-
-
-class ChatTemplateError(ValueError):
-    pass
-
-
-def _raise(message: str) -> None:
-    raise ChatTemplateError(message)
+from inferlab.model.chat_template import ChatTemplateError, cut_after, render, text_messages
 
 
 class Encoding(dict):
@@ -176,25 +166,10 @@ class Tokenizer:
             if final.get("role") != "assistant" or not isinstance(final.get("content"), str) \
                     or not final["content"].strip():
                 raise ChatTemplateError("continue_final_message needs a last message from the assistant, with text")
-            return _cut_after(self.apply_chat_template(messages, False, template_kwargs=template_kwargs,
+            return cut_after(self.apply_chat_template(messages, False, template_kwargs=template_kwargs,
                                                        chat_template=chat_template), final["content"])
-        if not chat_template:
-            raise ChatTemplateError("this model has no chat template; pass raw prompts instead"
-                                    if chat_template is None else "the chat_template given is empty")
-        reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(template_kwargs or {})
-        if reserved:
-            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            template = env.from_string(chat_template)
-            return template.render(**(template_kwargs or {}), messages=messages,
-                                   add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template failed: {e}") from None
+        return render(chat_template, messages, add_generation_prompt, template_kwargs, self.bos_token,
+                      self.eos_token)
 
     @classmethod
     def from_gguf_fields(cls, fields: dict) -> Tokenizer:
@@ -263,40 +238,3 @@ def _read_json(path: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
-
-
-def text_messages(messages: object) -> list[dict]:
-    """The conversation with every message's content as text, as the server reads it: OpenAI's
-    content parts (`{"type": "text", "text": ...}`) joined, null content empty (an assistant turn that
-    only called tools); other parts (images, audio) refused, as this model reads text only."""
-    if not isinstance(messages, list) or not messages:
-        raise ChatTemplateError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise ChatTemplateError(f"messages[{i}] must be a {{'role': str, 'content': str}} dict")
-        content = m["content"]
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise ChatTemplateError(f"messages[{i}].content[{j}]: only text parts with their text are "
-                                            f"supported (this model reads text only), got {kind!r}")
-            m = {**m, "content": "".join(part["text"] for part in content)}
-        elif content is None:
-            m = {**m, "content": ""}
-        elif not isinstance(content, str):
-            raise ChatTemplateError(f"messages[{i}].content must be text or a list of text parts, "
-                                    f"not {type(content).__name__}")
-        out.append(m)
-    return out
-
-
-def _cut_after(text: str, content: str) -> str:
-    """`text` up to the end of its last occurrence of `content` (templates may strip it: then of its
-    stripped form), dropping what closes the turn."""
-    for piece in (content, content.strip()):
-        at = text.rfind(piece)
-        if at >= 0:
-            return text[:at + len(piece)]
-    raise ChatTemplateError("continue_final_message: the chat template does not write the last message as given")

@@ -8,7 +8,6 @@ file) surfaces as one `ModelLoadError` naming the problem.
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 import logging
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from inferlab import kernels
-from inferlab.model import gguf_file, weight_cache
+from inferlab.model import gguf_file, hf_folder, weight_cache
 from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError
 from inferlab.model.deepseek import DeepseekForCausalLM
 from inferlab.model.layers import quant
@@ -212,14 +211,7 @@ def _shards(name: str, packed: dict[str, tuple[str, int]]) -> list[int | None]:
 
 def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
                  int8_activations: bool) -> tuple[CausalLM, Tokenizer]:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise ModelLoadError(f"{path} has no config.json")
-    with open(cfg_path) as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = hf_folder.read_config(path)
     listed = cfg.get("architectures") or []
     arch = next((HF_ARCHS[a] for a in listed if a in HF_ARCHS), None)
     if not listed and cfg.get("model_type") in MODELS:  # as transformers' Auto classes: model_type decides
@@ -227,44 +219,11 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
     if arch is None:
         raise ModelLoadError(f"unsupported architecture {listed or cfg.get('model_type')}; "
                              f"supported: {', '.join(HF_ARCHS)}")
-    files = checkpoint_files(path)
+    files = hf_folder.checkpoint_files(path)
     args = MODELS[arch].args_from_hf(arch, cfg)
-    from safetensors import safe_open
-
-    def weights():
-        for file in files:
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name), None
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise ModelLoadError(f"cannot read {os.path.basename(file)}: {e}") from None
-
-    model = _build(args, weights(), resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device),
-                   device, quantization, int8_activations)
+    torch_dtype = resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device)
+    model = _build(args, hf_folder.weights(files), torch_dtype, device, quantization, int8_activations)
     return model, Tokenizer.from_folder(path, cfg)
-
-
-def checkpoint_files(path: str) -> list[str]:
-    """A folder's safetensors files as transformers and vLLM choose them: those its index names
-    (model.safetensors.index.json), else model*.safetensors, else every *.safetensors. (Mistral's
-    folders also hold consolidated.safetensors: the same weights under Mistral's own names.)"""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"{index} is no index of safetensors files: {type(e).__name__}: {e}") from None
-        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
-        if missing:
-            raise ModelLoadError(f"{path} lacks {', '.join(missing)}, which its model.safetensors.index.json names")
-        return [os.path.join(path, n) for n in names]
-    files = sorted(glob.glob(os.path.join(path, "model*.safetensors"))) or \
-        sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors files")
-    return files
 
 
 def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,

@@ -197,3 +197,11 @@ def pick_victim(queue: RequestQueue, running: list[Request]) -> Request:
     if not any(r is victim for r in running):
         raise ValueError(f"the scheduling policy's victim() returned {victim!r}, not one of the running requests")
     return victim
+
+
+def may_preempt(queue: RequestQueue, waiting: Request, running: Request) -> bool:
+    """queue.should_preempt(waiting, running), its failure named in one line as victim()'s is."""
+    try:
+        return bool(queue.should_preempt(waiting, running))
+    except Exception as e:
+        raise policy_failed("should_preempt", e) from None

@@ -22,7 +22,7 @@ from inferlab.budget import START
 from inferlab.config import EngineConfig
 from inferlab.kv_transfer import KVConnectorBase
 from inferlab.kv_transfer.loads import RemoteLoads
-from inferlab.policy import RequestQueue, by_key, pick_victim, requeue
+from inferlab.policy import RequestQueue, by_key, may_preempt, pick_victim, requeue
 from inferlab.preemption import make_preemption
 from inferlab.request import Request, RequestStatus, request_view
 from inferlab.scheduler_output import SchedulerOutput
@@ -97,7 +97,7 @@ class Scheduler:
         while self._may_evict_for_waiting and len(self.waiting) and self.running:
             head = self.waiting.peek()
             victim = pick_victim(self.waiting, self.running)
-            if not self.waiting.should_preempt(head, victim):
+            if not may_preempt(self.waiting, head, victim):
                 return
             done = head.num_computed_tokens  # 0, or what a swapped request brings back
             need = bm.blocks_needed(done + self._chunk(head, done, self.max_num_batched_tokens))

@@ -225,6 +225,15 @@ def test_a_policy_whose_victim_rule_fails_is_one_line(tmp_path, capsys):
                                        "has no attribute 'pick'\n")
 
 
+def test_a_policy_whose_should_preempt_fails_is_one_line(tmp_path, capsys):
+    path = tmp_path / "mine.py"
+    path.write_text("from inferlab.policy import FCFSQueue\nclass P(FCFSQueue):\n"
+                    "    def should_preempt(self, waiting, running):\n        raise RuntimeError('boom')\n")
+    assert main(["simulate", "--policy", f"{path}:P", "--num-kv-blocks", "64", "--num-requests", "60",
+                 "--rate", "inf", "--max-num-seqs", "8"]) == 2
+    assert capsys.readouterr().err == "error: the scheduling policy's should_preempt() failed: RuntimeError: boom\n"
+
+
 def test_simulate_command_prints_json_last():
     r = subprocess.run([sys.executable, "-m", "inferlab.cli", "simulate", "--num-requests", "50", "--rate", "inf",
                         "--policy", "sjf", "--num-kv-blocks", "256"], capture_output=True, text=True, timeout=120)

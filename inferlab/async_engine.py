@@ -226,9 +226,8 @@ class AsyncEngine:
         return self._call(lambda: self._abort_now(request_id))
 
     def _abort_now(self, request_id: str, error: str | None = None) -> bool:  # on the engine thread
-        out = self.engine.abort_request(request_id)
+        out = self.engine.abort_request(request_id, error)
         if out is not None:
-            out.error = error
             self.metrics.observe(out, time.monotonic())
             self._deliver(out)
         return out is not None

@@ -147,18 +147,20 @@ class LLMEngine:
         self.output_processor.add(req)
         return req
 
-    def abort_request(self, request_id: str | list[str]) -> RequestOutput | None:
-        """Stop a request and free its blocks; returns its final output (finish_reason "abort"),
-        or None if no such request is live. A list of ids (vLLM's form) stops each; returns None."""
+    def abort_request(self, request_id: str | list[str], error: str | None = None) -> RequestOutput | None:
+        """Stop a request and free its blocks; returns its final output (finish_reason "abort", or
+        "error" with `error` when a failure stops it), or None if no such request is live. A list of
+        ids (vLLM's form) stops each; returns None."""
         if not isinstance(request_id, str):
             for rid in request_id:
-                self.abort_request(rid)
+                self.abort_request(rid, error)
             return None
         req = self.requests.get(request_id)
         if req is None:
             return None
-        self.scheduler.finish_request(req, RequestStatus.FINISHED_ABORTED)
-        out = self.output_processor.make_output(req, [])
+        status = RequestStatus.FINISHED_ABORTED if error is None else RequestStatus.FINISHED_ERROR
+        self.scheduler.finish_request(req, status)
+        out = self.output_processor.make_output(req, [], error)
         self._forget(req)
         return out
 

@@ -983,12 +983,16 @@ def test_a_step_failing_outside_the_model_fails_its_requests_once(server, offlin
         return real()
 
     server.wait_idle()
+    before = server.metrics()
     monkeypatch.setattr(scheduler, "schedule", schedule)
     with caplog.at_level(logging.ERROR, logger="inferlab"):
         r = httpx.post(f"{server.url}{CMPL}", json={**LONG, "max_tokens": 50}, timeout=60)
     assert r.status_code == 500 and "policy broke" in r.json()["error"]["message"]
     assert sum("engine step failed" in rec.getMessage() for rec in caplog.records) == 1
     server.wait_idle()
+    after = server.metrics()  # a failure, not a client's abort
+    assert finished_count(after, "error") == finished_count(before, "error") + 1
+    assert finished_count(after, "abort") == finished_count(before, "abort")
     server.check_engine()
     prompt = PROMPTS[0]  # and the engine serves on
     again = httpx.post(f"{server.url}{CMPL}", json={"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS,

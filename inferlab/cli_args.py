@@ -140,6 +140,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--scheduling-policy", default="fcfs",
                    help="fcfs, priority, sjf, or a policy of your own: module:Class or file.py:Class")
+    g.add_argument("--sjf-aging-rate", type=float, default=20.0,
+                   help="sjf (and a policy taking aging_rate): tokens of work forgiven per second waited")
     add_kv_mode_args(g)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "native", "torch"],
                    help="native: the C kernel reading the paged cache in place (CPU); torch: the reference")
@@ -234,7 +236,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
                         enable_prefix_caching=not a.no_prefix_caching, scheduling_policy=a.scheduling_policy,
-                        attention_backend=a.attention_backend, num_threads=a.threads, enforce_eager=a.enforce_eager,
+                        sjf_aging_rate=a.sjf_aging_rate, attention_backend=a.attention_backend,
+                        num_threads=a.threads, enforce_eager=a.enforce_eager,
                         tensor_parallel_size=a.tensor_parallel_size, nnodes=a.nnodes, node_rank=a.node_rank,
                         master_addr=a.master_addr, master_port=a.master_port,
                         kv_transfer_config=a.kv_transfer_config, speculative_config=a.speculative_config,

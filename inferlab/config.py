@@ -163,8 +163,8 @@ class EngineConfig:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         if not self.swap_space >= 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
-        if self.sjf_aging_rate < 0:
-            raise ValueError(f"sjf_aging_rate must be >= 0, got {self.sjf_aging_rate}")
+        if not 0 <= self.sjf_aging_rate < float("inf"):  # nan and inf made every key nan: an order of no policy
+            raise ValueError(f"sjf_aging_rate must be a finite number >= 0, got {self.sjf_aging_rate}")
         tp = self.tensor_parallel_size
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")

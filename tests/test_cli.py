@@ -153,6 +153,8 @@ def test_serve_and_bench_take_their_kv_memory_at_start_and_the_other_commands_on
                        (["generate", "hi", "--kv-cache-prefault"], True), (["bench"], True),
                        (["bench", "--latency", "--no-kv-cache-prefault"], False)):
         assert engine_config(parser.parse_args(argv)).kv_cache_prefault is want, argv
+    for command in (["serve"], ["generate", "hi"], ["bench"], ["chat"]):  # not simulate's alone
+        assert engine_config(parser.parse_args([*command, "--sjf-aging-rate", "5"])).sjf_aging_rate == 5.0
 
 
 @pytest.mark.parametrize("args", [("generate", "hi", "--quantization", "bogus"), ("bogus",),

@@ -143,6 +143,9 @@ def test_llm_generate_names_what_a_prompt_can_be(make_llm, prompts):
     ({"block_size": True}, "block_size must be int, got True"),
     ({"kv_cache_memory": "lots"}, "kv_cache_memory: expected a size in bytes"),
     ({"seed": 1.5}, "seed must be int or None"),
+    ({"sjf_aging_rate": float("nan")}, "sjf_aging_rate must be a finite number >= 0, got nan"),
+    ({"sjf_aging_rate": float("inf")}, "sjf_aging_rate must be a finite number >= 0, got inf"),
+    ({"sjf_aging_rate": -1.0}, "sjf_aging_rate must be a finite number >= 0, got -1.0"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -85,8 +85,12 @@ def test_trace_file_round_trip(tmp_path):
     path.write_text('{"arrival": 0.5, "prompt_len": 20, "output_len": 3, "priority": 1}\n'
                     '{"arrival": 0.1, "prompt_len": 10, "output_len": 2}\n')
     trace = load_trace(str(path))
-    assert [t.arrival for t in trace] == [0.1, 0.5] and trace[1].priority == 1
+    assert [t.arrival for t in trace] == [0.0, pytest.approx(0.4)] and trace[1].priority == 1  # from the first
     assert simulate(config(), 64, trace, DEFAULT)["completed"] == 2
+    path.write_text('{"arrival": 1764950400.25, "prompt_len": 10, "output_len": 2}\n')  # wall-clock times
+    late = simulate(config(), 64, load_trace(str(path)), DEFAULT)
+    path.write_text('{"arrival": 0, "prompt_len": 10, "output_len": 2}\n')
+    assert late == simulate(config(), 64, load_trace(str(path)), DEFAULT) and late["output_tok_s"] > 1
     path.write_text('{"arrival": 0.5}\n')
     with pytest.raises(ValueError, match="cannot read trace"):
         load_trace(str(path))
@@ -110,6 +114,8 @@ def test_trace_file_round_trip(tmp_path):
     ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "prefix_id": 1, "prefix_len": 20}',
      r"prefix_len must be between 0 and prompt_len \(10\)"),
     ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "priority": "high"}', "priority must be an integer"),
+    ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "prefix_id": -2, "prefix_len": 4}',
+     "prefix_id must be an integer >= 0 or null, got -2"),
     ('[0, 10, 5]', "expected a JSON object, got list"),
     ('{"arrival": 0, "prompt_len": 10}', r"missing output_len \(a request has arrival, prompt_len, output_len"),
     ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "prio": 1}', "unknown field prio"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -22,8 +22,9 @@ class TraceRequest:
         for name in ("prompt_len", "output_len", "priority", "prefix_len"):
             if not is_int(getattr(self, name)):
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        if self.prefix_id is not None and not is_int(self.prefix_id):
-            raise ValueError(f"prefix_id must be an integer or null, got {self.prefix_id!r}")
+        if self.prefix_id is not None and not (is_int(self.prefix_id) and self.prefix_id >= 0):
+            # (a negative id's tokens were another request's own: cache hits that no prompt shares)
+            raise ValueError(f"prefix_id must be an integer >= 0 or null, got {self.prefix_id!r}")
         number = isinstance(self.arrival, (int, float)) and not isinstance(self.arrival, bool)
         if not (number and math.isfinite(self.arrival) and self.arrival >= 0):
             raise ValueError(f"arrival must be a number of seconds >= 0, got {self.arrival!r}")
@@ -59,7 +60,8 @@ def make_trace(num_requests: int, rate: float, prompt_len: tuple[int, int], outp
 
 def load_trace(path: str) -> list[TraceRequest]:
     """JSONL: one object a line with arrival, prompt_len, output_len, and optionally priority,
-    prefix_id, prefix_len; ValueError naming the file and line of anything else."""
+    prefix_id, prefix_len; ValueError naming the file and line of anything else. Arrivals are made
+    relative to the first one."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -88,7 +90,10 @@ def load_trace(path: str) -> list[TraceRequest]:
             raise ValueError(f"cannot read trace {path}: line {i}: {e}") from None
     if not trace:
         raise ValueError(f"trace {path} holds no requests")
-    return sorted(trace, key=lambda r: r.arrival)
+    # the run starts at the first arrival: a trace of wall-clock times (1.7e9 s) would count the idle
+    # seconds before it in the makespan and divide the throughput by them
+    start = min(r.arrival for r in trace)
+    return sorted((replace(r, arrival=r.arrival - start) for r in trace), key=lambda r: r.arrival)
 
 
 def save_trace(trace: list[TraceRequest], path: str) -> None:

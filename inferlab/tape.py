@@ -21,6 +21,7 @@ Recording rules that keep a replay honest:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import struct
 
@@ -41,13 +42,24 @@ class NotRecordable(RuntimeError):
     pass
 
 
+def _writes_in_place(func, args: tuple, kwargs: dict) -> bool:
+    """`out=` or `inplace=True`: the result lands in memory an input has, unseen by the check below."""
+    if kwargs.get("out") is not None:
+        return True
+    try:  # F.relu(x, True) too
+        return inspect.signature(func).bind(*args, **kwargs).arguments.get("inplace") is True
+    except (TypeError, ValueError):  # a builtin without a signature
+        return kwargs.get("inplace") is True
+
+
 class _ViewsOnly(TorchFunctionMode):
     """Lets through torch functions that compute nothing: views, allocations, metadata."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", repr(func))
-        if (name.endswith("_") and not name.startswith("__")) or name == "__setitem__":
+        in_place = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__"
+        if in_place or _writes_in_place(func, args, kwargs):
             raise NotRecordable(f"the forward pass calls torch's {name}, which a tape cannot replay")
         out = func(*args, **kwargs)
         if name not in ALLOCATIONS:

@@ -138,6 +138,22 @@ def test_a_forward_that_computes_outside_the_kernels_is_not_taped(smol, caplog):
     assert "decode steps run op by op" in caplog.text and "mul" in caplog.text
 
 
+@pytest.mark.parametrize("edit", [
+    lambda y: torch.clamp(y, -0.05, 0.05, out=y), lambda y: torch.nn.functional.relu(y, inplace=True),
+    lambda y: torch.nn.functional.silu(y, True)], ids=["out", "inplace", "inplace-positional"])
+def test_a_forward_writing_in_place_through_torch_is_not_taped(smol, caplog, edit):
+    """Its output lands in an input's memory: computed once while recording, never replayed."""
+    model, tokenizer = _tiny(smol[1], False, torch.float32)
+    layer = model.model.layers[1]
+    original = layer.mlp.forward
+    layer.mlp.forward = lambda x: edit(original(x))
+    with caplog.at_level(logging.INFO, logger="inferlab"):
+        llm = LLM(loaded=(model, tokenizer), num_kv_blocks=64)
+    if kernels.native() is None:
+        pytest.skip("the native kernels are unavailable")
+    assert llm.engine.runner.tape is None and "decode steps run op by op" in caplog.text
+
+
 def test_a_replaced_parameter_is_recorded_again(smol):
     """`p.data = ...` after start: the tape's recorded addresses would point at freed memory; the
     runner records again and the decode steps use the new weights, as op by op does."""

@@ -109,8 +109,7 @@ class LLMEngine:
         spec = config.speculative_config
         self.speculator = Speculator.build(spec, self, self.draft_loaded) if spec is not None else None
         if config.attention_backend == "native" and self.runner.native is None:
-            raise ValueError("attention_backend 'native' needs a CPU device, float32 or bfloat16, and a C "
-                             "compiler (see the log for why the kernel did not build)")
+            raise ValueError(f"attention_backend 'native' cannot run this model: {self.runner.native_refusal}")
         self.clock = clock
         self.requests: dict[str, Request] = {}
         self.seeds = random.Random(config.seed)  # the seeds of requests that set none

@@ -88,9 +88,13 @@ class ModelRunner:
         self.kv_cache = kv_cache if kv_cache is not None else allocate_zeroed(shape, dtype, self.device, prefault)
         heads, kv_heads = args.num_heads // tp_size, args.num_kv_heads // tp_size
         self.kv_caches = [tuple(self.kv_cache[:, i]) for i in range(args.num_layers)]
-        use_native = native and self.device.type == "cpu" and dtype in kernels.DTYPE_CODES and \
-            kernels.attention_supported(heads, kv_heads, args.head_dim)
-        self.native = kernels.native() if use_native else None
+        # why the native kernels do not run this model (None: they do), for attention_backend "native"'s error
+        self.native_refusal = (f"the model is on {self.device.type}, and they are CPU code" if self.device.type != "cpu"
+                               else f"they take float32 or bfloat16, not {dtype}" if dtype not in kernels.DTYPE_CODES
+                               else kernels.attention_refusal(heads, kv_heads, args.head_dim))
+        self.native = kernels.native() if native and self.native_refusal is None else None
+        if native and self.native is None and self.native_refusal is None:
+            self.native_refusal = "they are unavailable (the log says why: no C compiler, INFERLAB_NATIVE=0, ...)"
         # prompt rows go to a matrix-product kernel where this CPU has one for a K/V pool (MLA's latent
         # pool is attended by its own layer, which takes long chunks up-projected and rows absorbed)
         self.tile_prefill = self.native is not None and shape[0] == 2 and prefill_kernel_runs(

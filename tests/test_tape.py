@@ -154,6 +154,21 @@ def test_a_forward_writing_in_place_through_torch_is_not_taped(smol, caplog, edi
     assert llm.engine.runner.tape is None and "decode steps run op by op" in caplog.text
 
 
+def test_native_attention_asked_for_heads_it_cannot_take_says_which_limit(smol):
+    if kernels.native() is None:
+        pytest.skip("the native kernels are unavailable")
+    torch.manual_seed(0)
+    args = ModelArgs(arch="llama", hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=320,
+                     intermediate_size=96, vocab_size=smol[1].vocab_size, max_position=512)
+    loaded = (LlamaForCausalLM(args).eval(), smol[1])
+    with pytest.raises(ValueError, match=r"^attention_backend 'native' cannot run this model: head_dim 320 is "
+                                         r"over the kernels' 256$"):  # not "needs a C compiler"
+        LLM(loaded=loaded, num_kv_blocks=16, attention_backend="native", dtype="float32")
+    llm = LLM(loaded=loaded, num_kv_blocks=16, dtype="float32")  # auto: PyTorch's attention
+    assert llm.engine.runner.native is None and len(llm.generate([[5, 7]], SamplingParams(max_tokens=3),
+                                                                 use_tqdm=False)[0].outputs[0].token_ids) == 3
+
+
 def test_a_replaced_parameter_is_recorded_again(smol):
     """`p.data = ...` after start: the tape's recorded addresses would point at freed memory; the
     runner records again and the decode steps use the new weights, as op by op does."""

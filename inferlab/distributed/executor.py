@@ -156,7 +156,7 @@ class TensorParallelExecutor:
             self.abort(e)
             raise
         self.state["in_step"] = True
-        self.native, self.tape = self.runner.native, None
+        self.native, self.native_refusal, self.tape = self.runner.native, self.runner.native_refusal, None
         return self
 
     def execute(self, scheduled: list[tuple[Request, int]]) -> dict[str, list[SampleResult]]:

@@ -229,6 +229,18 @@ def set_recorder(recorder) -> None:
     _recorder = recorder
 
 
+def attention_refusal(num_heads: int, num_kv_heads: int, head_dim: int) -> str | None:
+    """Why the attention kernels cannot take these heads (None: they can)."""
+    if head_dim > C["IL_MAX_HEAD_DIM"]:
+        return f"head_dim {head_dim} is over the kernels' {C['IL_MAX_HEAD_DIM']}"
+    if num_heads % num_kv_heads:
+        return f"{num_heads} query heads are no whole groups of {num_kv_heads} KV heads"
+    if num_heads // num_kv_heads > C["IL_MAX_GROUP"]:
+        return f"{num_heads // num_kv_heads} query heads a KV head are over the kernels' {C['IL_MAX_GROUP']}"
+    if num_heads > C["IL_MAX_HEADS"]:
+        return f"{num_heads} query heads are over the kernels' {C['IL_MAX_HEADS']}"
+    return None
+
+
 def attention_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    return (head_dim <= C["IL_MAX_HEAD_DIM"] and num_heads % num_kv_heads == 0
-            and num_heads // num_kv_heads <= C["IL_MAX_GROUP"] and num_heads <= C["IL_MAX_HEADS"])
+    return attention_refusal(num_heads, num_kv_heads, head_dim) is None

@@ -495,6 +495,14 @@ def test_disabled_kernels_fall_back_and_say_so(monkeypatch, caplog):
     try:
         assert kernels.library() is None
         assert "INFERLAB_NATIVE=0" in caplog.text
+        for off in ("false", "Off", "no"):  # the common spellings, which used to leave them on
+            monkeypatch.setenv("INFERLAB_NATIVE", off)
+            kernels.library.cache_clear()
+            assert kernels.library() is None, off
+        monkeypatch.setenv("INFERLAB_NATIVE", "nope")
+        kernels.library.cache_clear()
+        with pytest.raises(ValueError, match=r"^INFERLAB_NATIVE=nope: 0 \(off\) or 1 \(on\)$"):
+            kernels.library()
     finally:
         kernels.library.cache_clear()
 

@@ -7,9 +7,10 @@ the same name in that ISA's build. `builder.py` compiles every file with its own
 -march=native, so one library holds every ISA's entry points (`linear_generic`, `linear_avx2`, ...)
 on any x86 machine, and this module lets the CPU's features decide at run time which ones run
 (`Kernels`).
-`INFERLAB_ISA=generic|avx2|avxvnni|avx512f|avx512vnni|avx512|amx` forces one; `INFERLAB_NATIVE=0` turns
-the kernels off; `INFERLAB_X16_PRODUCTS=bf16|fp32` picks the AVX-512 regrouped kernel's products
-(`x16_products`; `avx512f` and `avx512vnni`, for AVX-512 CPUs without bf16 instructions, have only fp32).
+`INFERLAB_ISA=generic|avx2|avxvnni|avx512f|avx512vnni|avx512|amx` forces one; `INFERLAB_NATIVE=0`
+(or false, off, no) turns the kernels off; `INFERLAB_X16_PRODUCTS=bf16|fp32` picks the AVX-512
+regrouped kernel's products (`x16_products`; `avx512f` and `avx512vnni`, for AVX-512 CPUs without
+bf16 instructions, have only fp32).
 
 Bindings are read from the headers: the constants from `inferlab.h`, the prototypes from `api.h`,
 so ctypes signatures cannot drift from the C ones. If the build fails (no compiler) the engine logs
@@ -159,12 +160,21 @@ def _arg(a):
     return a
 
 
+def native_wanted() -> bool:
+    """INFERLAB_NATIVE: 0, false, off or no turn the kernels off (any other word was taken as on)."""
+    value = os.environ.get("INFERLAB_NATIVE", "1").strip().lower()
+    if value not in ("0", "false", "off", "no", "1", "true", "on", "yes", ""):
+        raise ValueError(f"INFERLAB_NATIVE={os.environ['INFERLAB_NATIVE']}: 0 (off) or 1 (on)")
+    return value not in ("0", "false", "off", "no")
+
+
 @functools.cache
 def library() -> tuple[ctypes.CDLL, list[str]] | None:
     """The loaded library and the ISAs this CPU runs from it, or None where it cannot be built
     (the reason is logged once) or INFERLAB_NATIVE=0."""
-    if os.environ.get("INFERLAB_NATIVE", "1") == "0":
-        log.info("native CPU kernels turned off (INFERLAB_NATIVE=0): using the PyTorch path")
+    if not native_wanted():
+        log.info("native CPU kernels turned off (INFERLAB_NATIVE=%s): using the PyTorch path",
+                 os.environ["INFERLAB_NATIVE"])
         return None
     try:
         lib = ctypes.CDLL(str(build()))
@@ -221,7 +231,7 @@ def for_tensor(x: torch.Tensor) -> Kernels | None:
     return _recorder or native()
 
 
-_recorder = None  # set only inside `tape.recording`, for the forward pass it records
+_recorder = None  # set only while `DecodeTape.record` runs the forward pass it records
 
 
 def set_recorder(recorder) -> None:

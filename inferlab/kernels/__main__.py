@@ -9,6 +9,6 @@ try:
 except ValueError as e:  # a bad INFERLAB_ISA: its one line
     raise SystemExit(f"error: {e}") from None
 if k is None:
-    raise SystemExit("native kernels unavailable (see the warning above)")
+    raise SystemExit("native kernels unavailable (the line above says why)")
 lib, runnable = kernels.library()
 print(f"native kernels built ({lib._name}); this CPU runs {', '.join(runnable)}; using {k.isa}")

@@ -408,6 +408,24 @@ def test_a_config_without_architectures_loads_by_its_model_type(checkpoints, tmp
     assert "unsupported architecture gpt2" in load_error(path)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"num_key_value_heads": 3}, "unsupported config: num_key_value_heads=3 (it must divide num_attention_heads=4)"),
+    ({"num_hidden_layers": 0}, "unsupported config: num_hidden_layers=0 (a positive integer)"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 scaling needs factor, low_freq_factor, "
+     "high_freq_factor, original_max_position_embeddings; it lacks low_freq_factor, high_freq_factor, "
+     "original_max_position_embeddings"),
+])
+def test_a_config_error_names_the_config_json_key(checkpoints, tmp_path, change, message):
+    """Not ModelArgs' own names (num_kv_heads), nor a KeyError from deep in the rotary layer."""
+    path = copy_checkpoint(checkpoints("llama").path, tmp_path / "bad")
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.pop("rope_parameters", None)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**cfg, **change}, f)
+    assert message in load_error(path)
+
+
 def test_error_no_safetensors(checkpoints, tmp_path):
     path = copy_checkpoint(checkpoints("llama").path, tmp_path / "empty", skip=("model.safetensors",))
     assert "safetensors" in load_error(path)

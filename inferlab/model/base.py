@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,15 @@ def unsupported(field: str, value, supported: str) -> ModelLoadError:
     return ModelLoadError(f"unsupported config: {field}={value!r} ({supported})")
 
 
+# ModelArgs' fields that config.json names otherwise: its errors name the key the user can find
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads", "max_position": "max_position_embeddings"}
+
+
+def in_hf_names(e: ModelLoadError) -> ModelLoadError:
+    return ModelLoadError(re.sub(rf"\b({'|'.join(HF_NAMES)})\b", lambda m: HF_NAMES[m[1]], str(e)))
+
+
 def hf_shape(cfg: dict) -> dict:
     """The ModelArgs fields every HF config.json gives, in our names; refuses what no family runs."""
     if cfg.get("quantization_config"):
@@ -134,9 +144,18 @@ def rope_scaling(cfg: dict) -> dict | None:
     if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
         return None
     scaling = dict(scaling)
-    if scaling.get("rope_type", scaling.get("type")) == "yarn":
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "yarn":
         scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    missing = [key for key in ROPE_KEYS.get(kind, ()) if scaling.get(key) is None]
+    if missing:  # (a KeyError deep in the rotary layer named no config key)
+        raise unsupported("rope_scaling", scaling, f"{kind} scaling needs {', '.join(ROPE_KEYS[kind])}; "
+                                                   f"it lacks {', '.join(missing)}")
     return scaling
+
+
+ROPE_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings")}
 
 
 class Decoder(nn.Module):

@@ -19,7 +19,7 @@ import torch
 
 from inferlab import kernels
 from inferlab.model import gguf_file, hf_folder, weight_cache
-from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError
+from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError, in_hf_names
 from inferlab.model.deepseek import DeepseekForCausalLM
 from inferlab.model.layers import quant
 from inferlab.model.layers.keep import BF16_MATRIX_ISAS, quantization_mode
@@ -220,7 +220,10 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
         raise ModelLoadError(f"unsupported architecture {listed or cfg.get('model_type')}; "
                              f"supported: {', '.join(HF_ARCHS)}")
     files = hf_folder.checkpoint_files(path)
-    args = MODELS[arch].args_from_hf(arch, cfg)
+    try:
+        args = MODELS[arch].args_from_hf(arch, cfg)
+    except ModelLoadError as e:
+        raise in_hf_names(e) from None
     torch_dtype = resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device)
     model = _build(args, hf_folder.weights(files), torch_dtype, device, quantization, int8_activations)
     return model, Tokenizer.from_folder(path, cfg)

@@ -287,7 +287,7 @@ def test_shared_prefix_takes_a_count_and_a_length(capsys, value):
 
 
 def test_prefix_aware_router_keeps_each_prefix_on_one_replica():
-    # 16 system prompts of 32 blocks each cannot all stay cached in a 256-block replica
+    # 16 shared prompts (a 512-token prefix cut to each prompt's 64-128 tokens, 4-8 blocks), 100 requests a replica
     trace = make_trace(400, 6.0, (64, 128), (8, 32), seed=5, shared_prefix=(16, 512))
     rr = simulate(config(), 256, trace, DEFAULT, replicas=4, router="round_robin")
     aware = simulate(config(), 256, trace, DEFAULT, replicas=4, router="prefix_aware")

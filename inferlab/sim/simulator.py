@@ -26,8 +26,9 @@ def run(config: EngineConfig, num_blocks: int, trace: list[TraceRequest], cost: 
         replicas: int = 1, router: str = "round_robin") -> Fleet:
     """Replay `trace` (sorted by arrival). Events are taken in time order: an arrival is routed
     before any step that starts at or after it; otherwise the replica whose next step starts
-    first runs that step. A request longer than the context or a replica's pool is rejected, and
-    so is one the replica refuses (kv_allocation="reserve": out of KV memory)."""
+    first runs that step. A prompt that fills the context or a replica's pool is rejected, and so
+    is one the replica refuses (kv_allocation="reserve": out of KV memory); an output past what is
+    left is cut to fit, as the engine's max_tokens is, and the request completes."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     route = make_router(router)

@@ -7,9 +7,12 @@ wall clock) and on the simulator at scale (same shape, many more requests).
 """
 from __future__ import annotations
 
+import sys
+
 from common import engine, figure, parse_args, replay, stats, table, write
 
 from inferlab.config import EngineConfig
+from inferlab.policy import resolve_policy
 from inferlab.sim.cost_model import DEFAULT
 from inferlab.sim.simulator import TraceRequest, make_trace, run
 
@@ -46,7 +49,14 @@ def main() -> None:
     a = parse_args(__doc__, lambda p: p.add_argument(
         "--policy", action="append", default=[], metavar="SPEC",
         help="also compare a policy of your own, module:Class or file.py:Class (repeatable)"))
-    policies = POLICIES + [(spec.rpartition(":")[2], spec, 0.0) for spec in a.policy]
+    for spec in a.policy:  # before minutes of replays, as every command that takes a policy checks it
+        try:
+            resolve_policy(spec)
+        except ValueError as e:
+            print(f"error: --policy: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    # labelled file:Class, not by the class alone: a class named FCFS must not take the built-in's row
+    policies = POLICIES + [(spec.rpartition("/")[2], spec, 0.0) for spec in a.policy]
     rows = []
     # real engine: up to 2 running at once, short jobs at 70% of what it serves, for 60 s
     capacity = short_job_rate(a.smoke)

@@ -37,8 +37,17 @@ def test_experiment_smoke_run_writes_a_table_and_a_plot(name, tmp_path):
 def test_policy_experiment_compares_a_policy_of_ones_own_on_engine_and_simulator(tmp_path):
     spec = f"{EXPERIMENTS.parent / 'examples' / 'srpt.py'}:ShortestPredictedOutput"
     rows = table_rows(run_smoke("policies", tmp_path, "--policy", spec))
-    assert [r[0] for r in rows if r[1] == "ShortestPredictedOutput"] == ["engine", "simulator"]
-    assert {r[1] for r in rows} == {"FCFS", "SJF", "SJF+aging", "priority", "ShortestPredictedOutput"}
+    mine = "srpt.py:ShortestPredictedOutput"  # file and class: a class named FCFS takes no built-in's row
+    assert [r[0] for r in rows if r[1] == mine] == ["engine", "simulator"]
+    assert {r[1] for r in rows} == {"FCFS", "SJF", "SJF+aging", "priority", mine}
+
+
+def test_policy_experiment_checks_the_policy_before_it_replays_anything(tmp_path):
+    r = subprocess.run([sys.executable, str(EXPERIMENTS / "policies.py"), "--smoke", "--out", str(tmp_path),
+                        "--policy", "nosuch"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "error: --policy: unknown scheduling_policy 'nosuch'; choose one of " \
+        "['fcfs', 'priority', 'sjf'] or give module:Class or file.py:Class\n"
+    assert not list(tmp_path.iterdir())
 
 
 def test_paged_allocation_wastes_little_where_contiguous_wastes_most(tmp_path):

@@ -83,6 +83,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
     with recording(llm.engine, a.record):
         result = run_bench(llm, workload, use_tqdm=not a.no_progress)
     result["dtype"] = str(llm.engine.dtype).removeprefix("torch.")
+    result["scheduling_policy"] = llm.engine.config.scheduling_policy  # runs compared by policy say which
     result.update(tensor_parallel_stats(llm))
     if a.compare == "hf":
         from inferlab.bench import run_hf

@@ -75,7 +75,7 @@ class EngineConfig:
     # pool of swap_space GiB and back (vLLM's names; see preemption.py)
     preemption_mode: str = "recompute"
     swap_space: float = 4.0
-    scheduling_policy: str = "fcfs"
+    scheduling_policy: str = "fcfs"  # fcfs, priority, sjf, module:Class, file.py:Class (or the class itself)
     sjf_aging_rate: float = 20.0  # tokens of work forgiven per second of waiting
     # auto: the native CPU kernel where it builds, else PyTorch; torch: always the PyTorch reference
     attention_backend: str = "auto"
@@ -118,6 +118,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.dtype, torch.dtype):  # vLLM takes torch.float16 as well as "float16"
             self.dtype = str(self.dtype).removeprefix("torch.")
+        if isinstance(self.scheduling_policy, type):  # the class itself: by its name, as a config holds it
+            self.scheduling_policy = f"{self.scheduling_policy.__module__}:{self.scheduling_policy.__qualname__}"
         check_types(self)
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if isinstance(self.kv_cache_memory, str):

@@ -88,6 +88,8 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
         if len(params) != n:
             raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
+        if priority is not None and not isinstance(priority, (list, tuple)):
+            raise ValueError(f"priority must be a list of integers, one a prompt (vLLM's), got {priority!r}")
         if priority is not None and len(priority) != n:
             raise ValueError(f"got {len(priority)} priorities for {n} prompts")
         ids = [[f"offline-{next(_ids)}" for _ in range(p.n if isinstance(p, SamplingParams) else 1)] for p in params]

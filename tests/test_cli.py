@@ -307,10 +307,12 @@ def test_bench_prints_json_last_line(tmp_path):
                                        {"prompt_token_ids": list(range(200, 230)), "max_tokens": 4}]}
     path = tmp_path / "wl.json"
     path.write_text(json.dumps(wl))
-    r = inferlab("bench", "--workload", str(path), "--no-progress", "--num-kv-blocks", "64")
+    r = inferlab("bench", "--workload", str(path), "--no-progress", "--num-kv-blocks", "64",
+                 "--scheduling-policy", "sjf")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["requests"] == 2 and result["prompt_tokens"] == 70 and result["output_tokens"] == 10
+    assert result["scheduling_policy"] == "sjf"
     assert result["output_tok_s"] > 0 and result["seconds"] > 0
 
 

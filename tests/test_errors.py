@@ -119,6 +119,15 @@ def test_chat_takes_openais_text_parts_as_the_server_does(make_llm):
                                               use_tqdm=False)[0].prompt_token_ids
 
 
+def test_llm_generate_takes_priorities_as_a_list(make_llm):
+    llm = make_llm(num_kv_blocks=32)
+    with pytest.raises(ValueError, match=r"^priority must be a list of integers, one a prompt \(vLLM's\), got 5$"):
+        llm.generate(["hi"], SamplingParams(max_tokens=2), priority=5, use_tqdm=False)
+    with pytest.raises(ValueError, match="got 2 priorities for 1 prompts"):
+        llm.generate(["hi"], SamplingParams(max_tokens=2), priority=[1, 2], use_tqdm=False)
+    assert llm.engine.block_manager.num_free_blocks == 32 and not llm.engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize("prompts", [None, 5, [None], [["a"]]])
 def test_llm_generate_names_what_a_prompt_can_be(make_llm, prompts):
     llm = make_llm(num_kv_blocks=32)

@@ -14,6 +14,7 @@ import pytest
 from inferlab import SamplingParams
 from inferlab.cli import main
 from inferlab.config import EngineConfig
+from inferlab.policy import RequestQueue, make_queue
 from inferlab.sim.calibrate import calibrate
 from inferlab.sim.cost_model import DEFAULT, CostModel, StepFeatures
 from inferlab.sim.simulator import TraceRequest, load_trace, make_trace, run, simulate, summarize
@@ -332,6 +333,17 @@ def test_a_user_policy_from_a_file_runs_in_the_simulator_and_the_engine(make_tin
     while engine.has_unfinished_requests():
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["short", "long"]
+
+
+class _LastInFirstOut(RequestQueue):  # a class defined where the engine is made, as in a notebook
+    def key(self, req):
+        return (-req.arrival_time, -req.seq)
+
+
+def test_a_policy_class_itself_is_taken_by_its_name():
+    config = EngineConfig(scheduling_policy=_LastInFirstOut)
+    assert config.scheduling_policy == f"{__name__}:_LastInFirstOut"
+    assert isinstance(make_queue(config.scheduling_policy), _LastInFirstOut)
 
 
 @pytest.mark.parametrize("policy, message", [("lifo", "unknown --policy 'lifo'"),

@@ -1,5 +1,6 @@
-"""Each request's sampling distribution from its row of logits: temperature, then top-k, top-p
-and min-p (vLLM's and HF's order), and one draw from it with the request's own generator.
+"""Each request's sampling distribution from its row of logits: temperature, then min-p, top-k and
+top-p (vLLM V1's order: top-p reads what min-p and top-k kept, renormalized), and one draw from it
+with the request's own generator.
 """
 from __future__ import annotations
 
@@ -15,14 +16,19 @@ PREFIX = 256  # a row's largest values looked at first for its cut-off (all of t
 
 def thresholds(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                min_p: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Each row's lowest kept logit under top-k, then top-p, then min-p ([rows, 1]; -inf: all kept),
+    """Each row's lowest kept logit under min-p, then top-k, then top-p ([rows, 1]; -inf: all kept),
     and the rows' PREFIX largest logits and their ids where top-k or top-p needed them (else None).
     The cut-offs come from those largest values in order, or, for a row whose cut-off lies further
     (a top_k past them, a flat distribution under top-p), from all its values, sorted by numpy
     (torch's sort took 1.5 ms a row of 49,152, numpy's 0.15)."""
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    threshold, largest = torch.full_like(logits[:, :1], float("-inf")), None
+    # min-p's cut-off (min_p times the top probability: the same before and after any renormalizing)
+    floor = torch.full_like(logits[:, :1], float("-inf"))
+    if bool((min_p > 0).any()):
+        min_logit = logits.max(-1, keepdim=True).values + torch.log(min_p.clamp(min=1e-30))[:, None]
+        floor = torch.where(min_p[:, None] > 0, min_logit, floor)
+    threshold, largest = floor, None
     if bool(((top_k > 0) | (top_p < 1)).any()):
         largest = values, ids = logits.topk(min(vocab, PREFIX), dim=-1)
 
@@ -37,16 +43,13 @@ def thresholds(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                     whole = whole.masked_fill(whole < kth[rows], float("-inf"))
                 probs[rows] = whole.softmax(-1).gather(-1, ids[rows])
             return probs
-        threshold, done = cutoffs(values, gathered, k, top_p, vocab)
+        threshold, done = cutoffs(values, gathered, k, top_p, vocab, floor)
         if not bool(done.all()):  # a cut-off past the prefix: those rows sorted whole
             rest = torch.nonzero(~done).flatten()
             ascending = np.sort(logits[rest].cpu().numpy(), axis=-1)
             whole = torch.from_numpy(np.ascontiguousarray(ascending[:, ::-1])).to(logits.device)
             threshold[rest] = cutoffs(whole, lambda kth: whole.masked_fill(whole < kth, float("-inf")).softmax(-1),
-                                      k[rest], top_p[rest], vocab)[0]
-    if bool((min_p > 0).any()):
-        min_logit = logits.max(-1, keepdim=True).values + torch.log(min_p.clamp(min=1e-30))[:, None]
-        threshold = torch.where(min_p[:, None] > 0, torch.maximum(threshold, min_logit), threshold)
+                                      k[rest], top_p[rest], vocab, floor[rest])[0]
     return threshold, largest
 
 
@@ -57,15 +60,15 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def cutoffs(values: torch.Tensor, probs_of: Callable[[torch.Tensor], torch.Tensor], k: torch.Tensor,
-            top_p: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's lowest kept logit under top-k (`k`: vocab = off) then top-p, from `values`, its
-    largest logits in descending order (all of them, or the first few), and whether those were
-    enough to tell (both cut-offs inside them). `probs_of(kth)`: the probabilities of `values`
-    over the row's logits from its k-th on."""
+            top_p: torch.Tensor, vocab: int, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's lowest kept logit under min-p's `floor`, top-k (`k`: vocab = off), then top-p, from
+    `values`, its largest logits in descending order (all of them, or the first few), and whether
+    those were enough to tell (both cut-offs inside them). `probs_of(kth)`: the probabilities of
+    `values` over the row's logits from `kth` on."""
     width = values.shape[-1]
     kth = values.gather(-1, (k.clamp(max=width) - 1)[:, None])
-    kth = torch.where((k == vocab)[:, None], torch.full_like(kth, float("-inf")), kth)
-    # top-p acts on what top-k kept, renormalized (vLLM's and HF's order), not on the full softmax
+    kth = torch.maximum(torch.where((k == vocab)[:, None], torch.full_like(kth, float("-inf")), kth), floor)
+    # top-p acts on what min-p and top-k kept, renormalized (vLLM V1's order), not on the full softmax
     probs = probs_of(kth)
     # top-p: keep the smallest prefix whose mass reaches p (the token crossing p is kept);
     # p = 1 keeps all, even where float rounding lets the cumulative mass hit 1 early

@@ -181,6 +181,11 @@ def test_filter_logits_unit():
     # top-p acts on the top-k survivors renormalized (vLLM/HF order): top-2 of row 0 is
     # [0.731, 0.269], so p=0.7 keeps only the first token
     assert kept([2, 0, 0, 0], [0.7, 1.0, 1.0, 1.0], [0.0] * 4)[0] == [0]
+    # and on min-p's survivors renormalized (vLLM V1's order; HF's, min-p last, keeps {0, 1, 2} here):
+    # min_p 0.25 keeps [.40, .30, .12] -> [.488, .366, .146], whose first two reach top_p 0.8
+    six = torch.tensor([[0.40, 0.30, 0.12, 0.08, 0.06, 0.04]]).log()
+    out = filter_logits(six, torch.tensor([0]), torch.tensor([0.8]), torch.tensor([0.25]))
+    assert torch.nonzero(out[0].isfinite()).flatten().tolist() == [0, 1]
 
 
 def sorted_whole(logits, top_k, top_p, min_p):
@@ -188,13 +193,13 @@ def sorted_whole(logits, top_k, top_p, min_p):
     vocab = logits.shape[-1]
     sorted_logits, _ = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    kth = sorted_logits.gather(-1, (k - 1)[:, None])
+    min_logit = sorted_logits[:, :1] + torch.log(min_p.clamp(min=1e-30))[:, None]
+    floor = torch.where(min_p[:, None] > 0, min_logit, torch.full_like(min_logit, float("-inf")))
+    kth = torch.maximum(sorted_logits.gather(-1, (k - 1)[:, None]), floor)  # min-p, then top-k
     probs_sorted = sorted_logits.masked_fill(sorted_logits < kth, float("-inf")).softmax(-1)
     keep = ((probs_sorted.cumsum(-1) - probs_sorted) < top_p[:, None]) | (top_p[:, None] >= 1.0)
     keep[:, 0] = True
     threshold = torch.maximum(kth, sorted_logits.gather(-1, keep.sum(-1, keepdim=True) - 1))
-    min_logit = sorted_logits[:, :1] + torch.log(min_p.clamp(min=1e-30))[:, None]
-    threshold = torch.where(min_p[:, None] > 0, torch.maximum(threshold, min_logit), threshold)
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 

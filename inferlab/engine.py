@@ -131,6 +131,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> Request:
         params = params or SamplingParams()
+        params.validate()
         check_request_id(request_id, self.requests)
         inputs = parse_prompt(prompt, self.tokenizer, self.model.args.vocab_size)
         check_request(inputs, params, priority, self.model.args.vocab_size, self.max_model_len, self.max_request_tokens)

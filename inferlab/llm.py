@@ -92,6 +92,12 @@ class LLM:
             raise ValueError(f"priority must be a list of integers, one a prompt (vLLM's), got {priority!r}")
         if priority is not None and len(priority) != n:
             raise ValueError(f"got {len(priority)} priorities for {n} prompts")
+        for i, p in enumerate(params):
+            if isinstance(p, SamplingParams):  # n first: a field set after construction counts
+                try:
+                    p.validate()
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
         ids = [[f"offline-{next(_ids)}" for _ in range(p.n if isinstance(p, SamplingParams) else 1)] for p in params]
         try:
             for i in range(n):

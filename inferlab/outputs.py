@@ -43,6 +43,9 @@ class CompletionOutput:
     new_token_ids: list[int] = field(default_factory=list)  # generated this step
     new_text: str = ""  # text released this step (streaming delta)
 
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
 
 @dataclass
 class RequestMetrics:
@@ -62,6 +65,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed this request (finish_reason "error")
+    prompt_logprobs: None = None  # vLLM's attribute, None as there when not asked (prompts are not scored)
 
 
 class RequestFailed(RuntimeError):

@@ -43,6 +43,11 @@ class SamplingParams:
     n: int = 1  # completions per prompt: LLM.generate and the server submit the prompt n times
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks of construction, again when a request is added: a field set afterwards
+        (`sp.max_tokens = 0`) is refused as it would have been at first."""
         # types first (the range checks' comparisons would raise TypeError), numpy's scalars taken as Python's
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             if not _is_number(getattr(self, name)):
@@ -130,7 +135,7 @@ VLLM_ONLY = {
     "spaces_between_special_tokens": ((True,), "special tokens are always left out of the text"),
     "detokenize": ((True,), "the text is always made, and token_ids are there too"),
     "allowed_token_ids": ((None,), "not supported; logit_bias of -100 bans single tokens"),
-    "bad_words": ((None,), "not supported; logit_bias of -100 bans single tokens"),
+    "bad_words": ((None, []), "not supported; logit_bias of -100 bans single tokens"),
     "output_kind": ((None,), "LLM.generate returns final outputs; LLMEngine.step() gives new_text and "
                              "new_token_ids beside the whole text"),
     "truncate_prompt_tokens": ((None,), "not supported: a prompt must fit the context"),

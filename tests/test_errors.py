@@ -119,6 +119,23 @@ def test_chat_takes_openais_text_parts_as_the_server_does(make_llm):
                                               use_tqdm=False)[0].prompt_token_ids
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("max_tokens", 0, "max_tokens must be an integer >= 1, got 0"),  # ran to the context's end
+    ("temperature", -1.0, r"temperature must be in \[0, 100\], got -1.0"),  # ran greedy
+    ("n", 0, "n must be an integer >= 1, got 0"),  # an IndexError
+])
+def test_sampling_params_changed_after_construction_are_checked_again(make_llm, field, value, message):
+    llm = make_llm(num_kv_blocks=32)
+    sp = SamplingParams(max_tokens=4)
+    setattr(sp, field, value)
+    with pytest.raises(ValueError, match=f"^prompt 0: {message}$"):
+        llm.generate(["hi"], sp, use_tqdm=False)
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        llm.engine.add_request("r", "hi", sp)
+    assert llm.engine.block_manager.num_free_blocks == 32 and not llm.engine.has_unfinished_requests()
+    assert SamplingParams(bad_words=[]).max_tokens == 16  # asks for nothing, as the server takes it
+
+
 def test_llm_generate_takes_priorities_as_a_list(make_llm):
     llm = make_llm(num_kv_blocks=32)
     with pytest.raises(ValueError, match=r"^priority must be a list of integers, one a prompt \(vLLM's\), got 5$"):
@@ -235,6 +252,7 @@ def test_the_vllm_shaped_engine_calls_of_a_ported_script(make_tiny_engine, make_
     params.temperature, params.max_tokens, params.stop = 0, 12, [stop]
     outs = llm.generate(("The sky is", "The sky is"), params, use_tqdm=False)
     assert [o.outputs[0].stop_reason for o in outs] == [stop] * 2 and stop not in outs[0].outputs[0].text
+    assert outs[0].prompt_logprobs is None and outs[0].outputs[0].finished()  # vLLM's attributes, read by scripts
 
 
 def test_max_model_len_beyond_the_model_is_refused(make_tiny_engine):

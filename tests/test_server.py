@@ -704,6 +704,15 @@ BAD = [
     (CHAT, {"messages": USER, "continue_final_message": True, "add_generation_prompt": False}, 400,
      "needs a last message from the assistant"),
     (CHAT, {"messages": USER, "chat_template_kwargs": {"messages": []}}, 400, "may not set messages"),
+    # vLLM's fields that change the answer: refused, not answered as if absent
+    (CMPL, {"prompt": "hi", "max_completion_tokens": 2}, 400, "max_completion_tokens is the chat API's"),
+    (CMPL, {"prompt": "hi", "return_tokens_as_token_ids": True}, 400, "return_tokens_as_token_ids is not supported"),
+    (CHAT, {"messages": USER, "return_token_ids": True}, 400, "return_token_ids is not supported"),
+    (CMPL, {"prompt": "hi", "add_special_tokens": False}, 400, "add_special_tokens False is not supported"),
+    (CHAT, {"messages": USER, "add_special_tokens": True}, 400, "add_special_tokens True is not supported"),
+    (CMPL, {"prompt": "hi", "logits_processors": ["x"]}, 400, "logits_processors are not supported"),
+    (CMPL, {"prompt": "hi", "length_penalty": 0.5}, 400, "length_penalty is beam search's"),
+    (CHAT, {"messages": USER, "documents": [{"text": "d"}]}, 400, "documents are not supported"),
 ]
 
 
@@ -725,10 +734,12 @@ def test_do_nothing_values_of_unsupported_fields_are_accepted(client, offline):
     r = client.chat.completions.create(
         model=MODEL, max_tokens=MAX_TOKENS, temperature=0, response_format={"type": "text"},
         tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], tool_choice="none",
-        messages=[{"role": "user", "content": [{"type": "text", "text": question}]}])
+        messages=[{"role": "user", "content": [{"type": "text", "text": question}]}],
+        extra_body={"add_special_tokens": False})  # vLLM's chat default
     assert r.choices[0].message.content == offline[question].outputs[0].text
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, best_of=1,
-                                  suffix=None, extra_body={"skip_special_tokens": True, "repeat_penalty": 1.0})
+                                  suffix=None, extra_body={"skip_special_tokens": True, "repeat_penalty": 1.0,
+                                                           "add_special_tokens": True, "length_penalty": 1.0})
     assert r.choices[0].text == offline[PROMPTS[0]].outputs[0].text
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -53,6 +53,14 @@ UNSUPPORTED = {
     **{name: f"{name} is not supported (no constrained decoding)" for name in
        ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
         "structured_outputs", "grammar", "json_schema")},
+    "max_completion_tokens": "max_completion_tokens is the chat API's: send max_tokens",
+    "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
+    "return_token_ids": "return_token_ids is not supported; /tokenize gives a text's token ids",
+    "add_special_tokens": "add_special_tokens {value} is not supported here: the prompt is tokenized as this "
+                          "endpoint does by default",
+    "logits_processors": "logits_processors are not supported; logit_bias can ban or favour tokens",
+    "length_penalty": "length_penalty is beam search's, which is not supported",
+    "documents": "documents are not supported: the chat template is given the messages only",
     # llama.cpp server's own names, which its users' clients send
     "n_predict": "n_predict is llama.cpp's name: send max_tokens",
     "repeat_penalty": "repeat_penalty is llama.cpp's name: send repetition_penalty",
@@ -61,13 +69,15 @@ UNSUPPORTED = {
 }
 # the one value of a field above that asks for nothing beyond plain generation, where that is not a falsy one
 NEUTRAL = {"best_of": 1, "response_format": {"type": "text"}, "skip_special_tokens": True, "repeat_penalty": 1.0,
-           "typical_p": 1.0}
+           "typical_p": 1.0, "length_penalty": 1.0}
 
 
-def harmless(name: str, value: object, fields: dict) -> bool:
-    """Whether an UNSUPPORTED field holds a value that asks for nothing beyond plain generation."""
-    if name in NEUTRAL:
-        return value is None or value == NEUTRAL[name]
+def harmless(name: str, value: object, fields: dict, neutral: dict | None = None) -> bool:
+    """Whether an UNSUPPORTED field holds a value that asks for nothing beyond plain generation
+    (`neutral`: an endpoint's own such values, over NEUTRAL's)."""
+    neutral = {**NEUTRAL, **(neutral or {})}
+    if name in neutral:
+        return value is None or value == neutral[name]
     if value in (None, False, "", [], {}):
         return True
     return name in ("tools", "functions") and fields.get("tool_choice") == "none"
@@ -80,6 +90,7 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSUPPORTED ones; the rest are ignored
+    NEUTRAL_HERE: ClassVar[dict] = {}  # this endpoint's own do-nothing values (vLLM's defaults differ by endpoint)
 
     model: StrictStr | None = None
     max_tokens: Int | None = None
@@ -118,7 +129,7 @@ class SamplingFields(BaseModel):
     def refuse_unsupported(self) -> None:
         extra = self.model_extra or {}
         for name, value in extra.items():
-            if name in UNSUPPORTED and not harmless(name, value, extra):
+            if name in UNSUPPORTED and not harmless(name, value, extra, self.NEUTRAL_HERE):
                 raise ValueError(UNSUPPORTED[name].format(value=value))
 
     def token_bias(self) -> dict[int, float] | None:
@@ -150,6 +161,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
+    NEUTRAL_HERE: ClassVar[dict] = {"add_special_tokens": True}  # a text prompt's BOS, if the model has one
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
     max_tokens: Int | None = 16  # OpenAI's default for completions
     logprobs: Int | None = None

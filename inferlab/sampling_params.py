@@ -20,8 +20,8 @@ class SamplingParams:
     """Per-request decoding settings; validated on construction with one-line `ValueError`s.
 
     temperature 0 (or below 1e-5) means greedy. `seed` gives the request its own random stream, so the same
-    seed yields the same text whatever else shares the batch (under speculative decoding, only in the
-    same batch: whether a request gets drafts depends on it).
+    seed yields the same text whatever else shares the batch, and with n-gram speculation on or off
+    (with a draft model's drafts, only in the same batch: whether a request gets drafts depends on it).
     """
 
     max_tokens: int | None = 16

@@ -151,6 +151,21 @@ def test_greedy_identical_with_speculation(tiny, other_draft, spec, draft):
     assert small.snapshot()["spec_decode"]["num_accepted_tokens"] > 0
 
 
+# near-greedy (the tiny model's greedy text loops, so lookup finds drafts), some of them rejected
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.01, max_tokens=40, ignore_eos=True, seed=11),
+                                    SamplingParams(temperature=0.05, top_k=3, top_p=0.9, max_tokens=40,
+                                                   ignore_eos=True, seed=5)], ids=["plain", "top-k-p"])
+def test_seeded_sampling_identical_with_ngram_speculation(tiny, params):
+    """Verification draws each row as one-at-a-time decoding does, with the same random numbers: a
+    seeded request's text is the same whether it was given drafts or not (rejection sampling drew
+    differently, so only the distribution was the same)."""
+    want = run(engine(tiny), PROMPTS, params)
+    eng = engine(tiny, NGRAM)
+    assert run(eng, PROMPTS, params, check=True) == want
+    stats = eng.snapshot()["spec_decode"]
+    assert 8 <= stats["num_accepted_tokens"] < stats["num_draft_tokens"], stats  # drafts kept and rejected
+
+
 def test_speculation_stops_at_stop_tokens_and_max_tokens_with_logprobs(tiny):
     """Several tokens arrive in one step: the stop rules cut them exactly where one-at-a-time decoding
     stops, logprobs match, and streamed deltas add up to the final text."""

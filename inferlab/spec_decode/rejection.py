@@ -6,7 +6,11 @@ its distribution p_j for the token after d_1..d_{j-1}. Tokens are emitted left t
   distribution d_j was drawn from (a point mass for n-gram or greedy drafts); on the first
   rejection emit a token drawn from norm(max(0, p_j - q_j)) and stop; when all k are accepted,
   emit a bonus token drawn from p_{k+1}. Each emitted token is then distributed exactly as p_j:
-  speculation changes the speed, never the distribution.
+  speculation changes the speed, never the distribution. For a point mass this is the same as
+  drawing t_j from p_j and keeping d_j while t_j = d_j (accepted with probability p_j(d_j); a
+  rejection emits t_j, which is p_j without d_j), and that is how it is done: each emitted token
+  is the draw one-at-a-time decoding makes from the same row with the same random number, so a
+  seeded request's text does not depend on whether it was given drafts.
 - greedy: the same rule with p_j a point mass on its argmax: accept while d_j is the argmax, then
   emit the argmax of the first row that disagrees (or of the last row): exactly the tokens
   one-at-a-time decoding picks.
@@ -18,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from inferlab.distributions import draw, probabilities
+from inferlab.distributions import distributions, draw, probabilities
 from inferlab.request import Request
 from inferlab.sampler import SampleResult, apply_logit_bias, argmax_rows, sample
 
@@ -33,19 +37,22 @@ def accepted_tokens(logits: torch.Tensor, req: Request) -> list[int]:
         while a < len(drafts) and drafts[a] == target[a]:
             a += 1
         return drafts[:a] + [target[a]]
-    probs = probabilities(logits, [p] * logits.shape[0])
     q, gen = req.spec_probs, req.generator
+    if q is None:  # point-mass drafts: each row drawn as sample() draws it, drafts kept while they match
+        tokens = []
+        for j, (row, ids) in enumerate(distributions(logits, [p] * logits.shape[0])):
+            t = draw(row, gen)
+            tokens.append(t if ids is None else int(ids[t]))
+            if j == len(drafts) or tokens[-1] != drafts[j]:
+                return tokens
+    probs = probabilities(logits, [p] * logits.shape[0])
     tokens = []
-    for j, d in enumerate(drafts):
-        pd, qd = float(probs[j, d]), 1.0 if q is None else float(q[j, d])
+    for j, d in enumerate(drafts):  # drafts drawn from a draft model's q
+        pd, qd = float(probs[j, d]), float(q[j, d])
         if float(torch.rand((), generator=gen, device=probs.device)) * qd < pd:  # u < p/q, without dividing by 0
             tokens.append(d)
             continue
-        if q is None:
-            residual = probs[j].clone()
-            residual[d] = 0.0
-        else:
-            residual = (probs[j] - q[j]).clamp(min=0.0)
+        residual = (probs[j] - q[j]).clamp(min=0.0)
         if not float(residual.sum()) > 0.0:  # p <= q everywhere can only be rounding: p == q
             residual = probs[j]
         tokens.append(draw(residual, gen))  # draw() needs no normalised distribution

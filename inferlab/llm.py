@@ -1,10 +1,11 @@
 """LLM: the offline Python API in vLLM's shape — `LLM(...).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, KeysView, ValuesView
 from dataclasses import fields, replace
 
 from tqdm.auto import tqdm
@@ -80,7 +81,7 @@ class LLM:
     def _generate(self, prompts: PromptType | list[PromptType],
                   sampling_params: SamplingParams | list[SamplingParams] | None, priority: list[int] | None,
                   use_tqdm: bool | Callable[..., tqdm]) -> list[RequestOutput]:
-        if isinstance(prompts, tuple):  # any sequence of prompts, as vLLM takes
+        if isinstance(prompts, (tuple, Iterator, KeysView, ValuesView)):  # a tuple (vLLM's), a generator, map...
             prompts = list(prompts)
         if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt (anything else is refused by name below)
@@ -103,15 +104,13 @@ class LLM:
             for i in range(n):
                 for j, rid in enumerate(ids[i]):
                     one = params[i].fork(j) if len(ids[i]) > 1 else params[i]
-                    self.engine.add_request(rid, prompts[i], one, priority=priority[i] if priority else 0)
-        except ValueError as e:
-            for rid in itertools.chain.from_iterable(ids):
-                self.engine.abort_request(rid)
-            raise ValueError(f"prompt {i}: {e}") from None
-        try:
+                    try:
+                        self.engine.add_request(rid, prompts[i], one, priority=priority[i] if priority else 0)
+                    except ValueError as e:
+                        raise ValueError(f"prompt {i}: {e}") from None
             final = self._run(ids, use_tqdm)
-        except BaseException:  # KeyboardInterrupt, a step observer's error: nothing of this call stays
-            for rid in itertools.chain.from_iterable(ids):
+        except BaseException:  # a bad prompt, KeyboardInterrupt (adding or stepping), a step observer's error:
+            for rid in itertools.chain.from_iterable(ids):  # nothing of this call stays
                 self.engine.abort_request(rid)
             raise
         return [merge([final[rid] for rid in group]) for group in ids]
@@ -125,7 +124,9 @@ class LLM:
         conversation or a list of them and generate. `continue_final_message=True` (with
         `add_generation_prompt=False`) continues a last assistant message instead of answering after
         it; `chat_template_kwargs` are more variables for the template (e.g. Qwen3's `enable_thinking`)."""
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        if isinstance(messages, list) and not messages:  # no conversations (vLLM's reading): no outputs
+            return []
+        conversations = messages if isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
         prompts = [{"prompt": text, "prompt_token_ids": tok.encode_chat(text)}
                    for text in (tok.apply_chat_template(c, add_generation_prompt, continue_final_message,
@@ -144,17 +145,17 @@ class LLM:
         pending = set(left)
         # requests added through `engine` by others are stepped, not collected; one of ours aborted there
         # ends the loop (its output is then missing) rather than stepping an idle engine forever
-        while not pending.isdisjoint(engine.requests):
-            for out in engine.step():
-                if out.finished and out.request_id in pending:
-                    pending.discard(out.request_id)
-                    final[out.request_id] = out
-                    if bar is not None and all(rid in final for rid in left[out.request_id]):
-                        bar.update(1)
-            if bar is not None:
-                dt = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"prefill {(engine.num_prompt_tokens - prompt0) / dt:.0f} tok/s, "
-                                    f"decode {(engine.num_generation_tokens - gen0) / dt:.0f} tok/s", refresh=False)
-        if bar is not None:
-            bar.close()
+        with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():  # interrupted too
+            while not pending.isdisjoint(engine.requests):
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        final[out.request_id] = out
+                        if bar is not None and all(rid in final for rid in left[out.request_id]):
+                            bar.update(1)
+                if bar is not None:
+                    dt = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"prefill {(engine.num_prompt_tokens - prompt0) / dt:.0f} tok/s, "
+                                        f"decode {(engine.num_generation_tokens - gen0) / dt:.0f} tok/s",
+                                        refresh=False)
         return final

@@ -63,6 +63,43 @@ def test_an_interrupted_generate_leaves_nothing_behind(llm):
     llm.engine.check_integrity()
 
 
+def test_an_interrupt_while_prompts_are_added_leaves_nothing_behind(llm, monkeypatch):
+    """Ctrl-C landing in add_request (thousands of prompts take a while to add) left the prompts added
+    so far running inside the next calls; and an interrupted call's progress bar stayed open."""
+    import tqdm as tqdm_module
+    real, added = llm.engine.add_request, []
+
+    def add_request(*args, **kwargs):
+        if len(added) == 4:
+            raise KeyboardInterrupt
+        added.append(real(*args, **kwargs))
+    monkeypatch.setattr(llm.engine, "add_request", add_request)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY)
+    assert len(added) == 4 and not llm.engine.requests and llm.engine.block_manager.num_free_blocks == 64
+    monkeypatch.undo()
+    steps = []
+
+    def interrupt(outputs) -> None:
+        steps.append(1)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+    llm.engine.step_observers.append(interrupt)
+    bars = len(tqdm_module.tqdm._instances)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY)
+    llm.engine.step_observers.remove(interrupt)
+    assert len(tqdm_module.tqdm._instances) == bars  # closed
+    llm.engine.check_integrity()
+
+
+def test_prompts_may_come_from_any_iterator_and_chat_of_nothing_is_nothing(llm):
+    want = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert tokens(llm.generate((p for p in PROMPTS), GREEDY, use_tqdm=False)) == want
+    assert tokens(llm.generate(map(dict, PROMPTS), GREEDY, use_tqdm=False)) == want
+    assert llm.chat([], GREEDY, use_tqdm=False) == [] == llm.generate([], GREEDY, use_tqdm=False)
+
+
 def test_a_failing_step_observer_loses_no_output(make_tiny_engine, caplog):
     """A dashboard's bug raised out of step(), and the request finishing in it was gone for good."""
     engine = make_tiny_engine()

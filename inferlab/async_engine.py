@@ -73,7 +73,10 @@ class AsyncEngine:
         self._ops: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         built: concurrent.futures.Future = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._loop, args=(engine, built), name="inferlab-engine", daemon=True)
+        # the thread holds the engine weakly: one dropped without shutdown() (a notebook cell run again)
+        # is freed, and its thread ends, instead of a whole model kept for each
+        self._thread = threading.Thread(target=_engine_thread, args=(weakref.ref(self), engine, built),
+                                        name="inferlab-engine", daemon=True)
         self._stopped = False
         self.stopping = False  # set by drain(): a shutdown has begun, new requests are refused
         self.dead: EngineDeadError | None = None  # set when the engine can run no more steps
@@ -83,37 +86,32 @@ class AsyncEngine:
         self.snapshot: dict = self.engine.snapshot()  # refreshed by the engine thread after every step
 
     # -- the engine thread --------------------------------------------------------------------
-    def _loop(self, engine: LLMEngine | Callable[[], LLMEngine], built: concurrent.futures.Future) -> None:
-        try:
-            self.engine = engine() if callable(engine) else engine  # an engine itself is not callable
-        except BaseException as e:  # noqa: BLE001 - raised in the thread that asked for the engine
-            built.set_exception(e)
-            return
-        built.set_result(self.engine)
-        while True:
-            busy = self.engine.has_unfinished_requests() and self.dead is None
-            try:  # block for work only when the engine is idle, looking up now and then
-                item = self._ops.get(block=not busy, timeout=HEALTH_S)
+    def _turn(self) -> bool:
+        """One turn of the engine thread: the operations waiting, then a step; False once shut down."""
+        busy = self.engine.has_unfinished_requests() and self.dead is None
+        try:  # block for work only when the engine is idle, looking up now and then
+            item = self._ops.get(block=not busy, timeout=HEALTH_S)
+        except queue.Empty:
+            item = ()
+            if not busy and self.dead is None:
+                self._check_health()
+        while item != ():
+            if item is None:
+                return False
+            fn, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
+            try:
+                item = self._ops.get_nowait()
             except queue.Empty:
                 item = ()
-                if not busy and self.dead is None:
-                    self._check_health()
-            while item != ():
-                if item is None:
-                    return
-                fn, fut = item
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except Exception as e:  # noqa: BLE001 - handed to the caller
-                        fut.set_exception(e)
-                try:
-                    item = self._ops.get_nowait()
-                except queue.Empty:
-                    item = ()
-            if self.engine.has_unfinished_requests() and self.dead is None:
-                self._step()
-            self.snapshot = self.engine.snapshot()
+        if self.engine.has_unfinished_requests() and self.dead is None:
+            self._step()
+        self.snapshot = self.engine.snapshot()
+        return True
 
     def _step(self) -> None:
         try:
@@ -208,9 +206,11 @@ class AsyncEngine:
                 raise
         try:
             await asyncio.wrap_future(self._call(add_all))
-        except BaseException:
+        except BaseException as e:
             for rid, *_ in requests:
                 self._streams.pop(rid, None)
+            if not isinstance(e, Exception):  # cancelled: the engine thread may have added them all the same
+                self._call(lambda: [self.engine.abort_request(rid) for rid, *_ in requests])
             raise
         return [_Stream(self, rid, q) for (rid, *_), q in zip(requests, queues, strict=True)]
 
@@ -264,3 +264,18 @@ class AsyncEngine:
         self._call(self._abort_all)
         self._ops.put(None)
         self._thread.join(timeout=10)
+
+
+def _engine_thread(owner: weakref.ref[AsyncEngine], engine: LLMEngine | Callable[[], LLMEngine],
+                   built: concurrent.futures.Future) -> None:
+    """The engine thread: builds the engine, then takes turns while its AsyncEngine lives."""
+    this = owner()
+    try:
+        this.engine = engine() if callable(engine) else engine  # an engine itself is not callable
+    except BaseException as e:  # noqa: BLE001 - raised in the thread that asked for the engine
+        built.set_exception(e)
+        return
+    built.set_result(this.engine)
+    del this  # held only during a turn
+    while (this := owner()) is not None and this._turn():
+        del this

@@ -155,6 +155,59 @@ def test_async_streams_duplicated_dropped_or_never_read(tiny):
         engine.shutdown()
 
 
+def test_an_async_engine_dropped_without_shutdown_is_freed_with_its_thread(tiny):
+    """(A notebook cell run again kept a whole model and a thread for each engine it had made.)"""
+    import time
+    import weakref
+
+    from inferlab.config import EngineConfig
+    from inferlab.engine import LLMEngine
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64, block_size=4), loaded=tiny))
+    outs = asyncio.run(_collect(engine, "r", PROMPTS[0]))
+    assert outs[-1].finished
+    model, thread = weakref.ref(engine.engine), engine._thread
+    del engine
+    for _ in range(100):
+        gc.collect()
+        if model() is None and not thread.is_alive():
+            break
+        time.sleep(0.05)
+    assert model() is None and not thread.is_alive()
+
+
+def test_a_request_whose_add_is_cancelled_does_not_run_for_nobody(tiny):
+    from inferlab.config import EngineConfig
+    from inferlab.engine import LLMEngine
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64, block_size=4), loaded=tiny))
+    long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    gate, adding = threading.Event(), threading.Event()
+    real = engine.engine.add_request
+
+    def add_request(*args, **kwargs):  # on the engine thread: added, then held until the caller has gone
+        real(*args, **kwargs)
+        adding.set()
+        gate.wait(10)
+    engine.engine.add_request = add_request
+
+    async def main() -> list[str]:
+        task = asyncio.ensure_future(engine.add("r", PROMPTS[0], long))
+        while not adding.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await engine.run(lambda: list(engine.engine.requests))  # after what the cancel queued
+    try:
+        assert asyncio.run(main()) == []
+    finally:
+        engine.shutdown()
+
+
+async def _collect(engine: AsyncEngine, rid: str, prompt) -> list:
+    return [out async for out in await engine.add(rid, prompt, GREEDY)]
+
+
 def test_use_tqdm_takes_a_bar_of_ones_own(llm):
     """vLLM's use_tqdm may be a tqdm-like function; it was drawn as the default bar instead."""
     class Bar:

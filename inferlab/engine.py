@@ -22,7 +22,7 @@ from inferlab.isolation import execute_isolating
 from inferlab.kv_pool import kv_pool_blocks
 from inferlab.kv_swap import HostKVPool
 from inferlab.kv_transfer import make_connector, store_namespace
-from inferlab.malloc import keep_freed_memory
+from inferlab.malloc import give_back_when_freed, keep_freed_memory
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.loader import load_model, model_name
 from inferlab.model.tokenizer import Tokenizer
@@ -75,6 +75,7 @@ class LLMEngine:
                clock: Callable[[], float]) -> None:
         if self.device.type == "cpu":
             keep_freed_memory()  # no page-fault storm each step for activations freed by the last one
+            give_back_when_freed(self)
         # CPU threads follow the cores other processes leave free, unless fixed by num_threads (or
         # split between tensor-parallel ranks, which meet at every all-reduce and so must not lag)
         self.threads = ThreadGovernor() if config.num_threads is None and self.device.type == "cpu" \

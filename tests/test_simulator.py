@@ -7,6 +7,7 @@ import random
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,7 @@ def test_trace_file_round_trip(tmp_path):
     ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "priority": "high"}', "priority must be an integer"),
     ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "prefix_id": -2, "prefix_len": 4}',
      "prefix_id must be an integer >= 0 or null, got -2"),
+    ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "max_tokens": 0}', "max_tokens must be an integer >= 1"),
     ('[0, 10, 5]', "expected a JSON object, got list"),
     ('{"arrival": 0, "prompt_len": 10}', r"missing output_len \(a request has arrival, prompt_len, output_len"),
     ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "prio": 1}', "unknown field prio"),
@@ -232,6 +234,19 @@ def test_a_policy_whose_victim_rule_fails_is_one_line(tmp_path, capsys):
                                        "has no attribute 'pick'\n")
 
 
+def test_a_cap_hides_the_answers_length_from_sjf_and_the_answer_still_ends_at_its_length():
+    """By default a trace's output_len is its max_tokens: sjf knows each answer's length. With a cap,
+    as clients send, it sees only the cap; the answer still ends after output_len tokens (its EOS)."""
+    long, short = TraceRequest(0.0, 32, 100), TraceRequest(0.0, 32, 10)
+    order = {}
+    for cap in (None, 200):
+        trace = [replace(long, max_tokens=cap), replace(short, max_tokens=cap)]
+        fleet = run(EngineConfig(block_size=16, scheduling_policy="sjf", max_num_seqs=1), 64, trace, DEFAULT)
+        order[cap] = [r[0] for r in fleet.records]  # by finish time
+        assert sorted(r[5] for r in fleet.records) == [10, 100]  # tokens each answer had
+    assert order == {None: [1, 0], 200: [0, 1]}  # the short one first only when its length is known
+
+
 def test_a_policy_whose_should_preempt_fails_is_one_line(tmp_path, capsys):
     path = tmp_path / "mine.py"
     path.write_text("from inferlab.policy import FCFSQueue\nclass P(FCFSQueue):\n"
@@ -272,7 +287,8 @@ def test_latencies_no_request_measured_are_null_not_zero():
     (["--prompt-len", "10:5"], "--prompt-len must be N or LO:HI with 1 <= LO <= HI, got 10:5"),
     (["--output-len", "0:4"], "--output-len must be N or LO:HI with 1 <= LO <= HI, got 0:4"),
     (["--shared-prefix", "0:10"], "--shared-prefix must be COUNT:LEN, both at least 1, got 0:10"),
-    (["--num-requests", "-5"], "--num-requests must be at least 1, got -5"),  # an empty run, exit 0, before
+    (["--num-requests", "-5"], "--num-requests must be at least 1, got -5"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),  # an empty run, exit 0, before
     (["--num-kv-blocks", "0"], "--num-kv-blocks must be >= 1, got 0"),  # every request "rejected", exit 0
 ])
 def test_a_bad_trace_option_is_one_line_naming_it(capsys, option, message):

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import sys
+from dataclasses import replace
 
 from inferlab.cli_args import add_engine_args, add_kv_mode_args, budget_arg, engine_config, kv_mode_config
 from inferlab.config import EngineConfig
@@ -22,6 +23,9 @@ def add_sim_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--cost-model", default=None, help="file written by `inferlab calibrate` (default: built in)")
     m.add_argument("--prompt-len", type=_range, default=(64, 512), help="LO:HI tokens")
     m.add_argument("--output-len", type=_range, default=(16, 256), help="LO:HI tokens")
+    m.add_argument("--max-tokens", type=int, default=None,
+                   help="the cap of every request that gives none, what policies see (default: its output "
+                        "length, known exactly)")
     m.add_argument("--burst", type=int, default=1, help="requests arriving together")
     m.add_argument("--shared-prefix", type=_count_len, default=None, help="COUNT:LEN shared system prompts")
     m.add_argument("--priorities", type=int, default=1, help="priority levels drawn uniformly")
@@ -78,10 +82,14 @@ def check_trace_options(a: argparse.Namespace) -> None:
 def cmd_simulate(a: argparse.Namespace) -> None:
     from inferlab.sim.cost_model import DEFAULT, CostModel
     from inferlab.sim.simulator import load_trace, make_trace, simulate
+    if a.max_tokens is not None and a.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {a.max_tokens}")
     if not a.trace:
         check_trace_options(a)
     trace = load_trace(a.trace) if a.trace else make_trace(
         a.num_requests, a.rate, a.prompt_len, a.output_len, a.seed, a.burst, a.shared_prefix, a.priorities)
+    if a.max_tokens is not None:  # the cap of every request whose trace line gives none
+        trace = [replace(t, max_tokens=t.max_tokens or a.max_tokens) for t in trace]
     config = EngineConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, max_model_len=a.max_model_len,
                           max_num_seqs=a.max_num_seqs,
                           max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,

@@ -1,6 +1,7 @@
 """Replica: one simulated engine — the engine's own Scheduler, policy queue and BlockManager,
 stepped on its own virtual clock by the cost model instead of the model. Every output token is
-a dummy, so requests run to their max_tokens (like the benchmarks' ignore_eos)."""
+a dummy; a request ends after its trace's output_len tokens (its EOS, finish "stop") or at its
+max_tokens, whichever comes first."""
 from __future__ import annotations
 
 from inferlab.allocation import OutOfKVMemoryError
@@ -41,6 +42,7 @@ class Replica:
         self.swap_block_seconds = cost.swap_seconds(1, config.block_size)
         self.budget = StepBudget(config.step_time_target) if config.max_num_batched_tokens == "auto" else None
         self.done: list[Record] = []
+        self.ends: dict[str, int] = {}  # request id -> output tokens after which it finishes
         self.steps = self.output_tokens = self.prefill_tokens = self.swapped_blocks = 0
         self.peak_usage = 0.0
 
@@ -62,6 +64,7 @@ class Replica:
                                                max_tokens=max_tokens, priority=t.priority))
         except OutOfKVMemoryError:
             return False
+        self.ends[str(i)] = min(t.output_len, max_tokens)
         return True
 
     def step(self) -> None:
@@ -75,7 +78,7 @@ class Replica:
         # it runs once per running request per step, millions of times in a long replay.
         prefill = decodes = context = 0
         sampled: dict[str, list[int]] = {}
-        finishing = []
+        finishing, ends = [], self.ends
         for req, n in out.scheduled:
             end = req.num_computed_tokens + n
             context += end
@@ -86,7 +89,7 @@ class Replica:
                 prefill += n
             if end == len(req.token_ids):  # the chunk reaches the last token: one is sampled
                 sampled[req.request_id] = ONE_TOKEN
-                if end + 1 - num_prompt >= req.max_tokens:
+                if end + 1 - num_prompt >= ends[req.request_id]:
                     finishing.append(req)
         swapped = len(out.swap_out) + len(out.swap_in)  # preemption by swap: bytes copied, not FLOPs
         self.swapped_blocks += swapped
@@ -104,6 +107,8 @@ class Replica:
         now = self.clock.now
         for req in finishing:
             self.output_tokens += req.num_output_tokens
-            sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
+            n = ends.pop(req.request_id)
+            sched.finish_request(req, RequestStatus.FINISHED_STOPPED if n < req.max_tokens else
+                                 RequestStatus.FINISHED_LENGTH)
             self.done.append((int(req.request_id), req.arrival_time, req.first_scheduled_time,
-                              req.first_token_time, now, req.max_tokens))
+                              req.first_token_time, now, n))

@@ -49,7 +49,7 @@ def run(config: EngineConfig, num_blocks: int, trace: list[TraceRequest], cost: 
             if i < len(trace) and (nxt is None or trace[i].arrival <= nxt.clock.now):
                 t = trace[i]
                 if t.prompt_len >= limit or not fleet.replicas[route.choose(prefix_of(t), fleet.replicas)].add(
-                        i, t, min(t.output_len, limit - t.prompt_len)):
+                        i, t, min(t.max_tokens or t.output_len, limit - t.prompt_len)):
                     fleet.rejected += 1
                 i += 1
             elif nxt is not None:

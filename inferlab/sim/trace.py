@@ -15,6 +15,9 @@ class TraceRequest:
     priority: int = 0
     prefix_id: int | None = None  # requests with the same id share a prefix of `prefix_len` tokens
     prefix_len: int = 0
+    # the cap the client sent, which is what a policy sees (sjf's work left); the answer still ends
+    # after output_len tokens (its EOS). None: the cap is output_len, the answer's length known exactly
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # a trace file is typed by hand: a string or a float where a count belongs, or an empty
@@ -31,6 +34,8 @@ class TraceRequest:
         if self.prompt_len < 1 or self.output_len < 1:
             raise ValueError(f"prompt_len and output_len must be at least 1, got {self.prompt_len} and "
                              f"{self.output_len}")
+        if self.max_tokens is not None and not (is_int(self.max_tokens) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 or null, got {self.max_tokens!r}")
         if not 0 <= self.prefix_len <= self.prompt_len:
             raise ValueError(f"prefix_len must be between 0 and prompt_len ({self.prompt_len}), got {self.prefix_len}")
 
@@ -41,9 +46,10 @@ def is_int(value: object) -> bool:
 
 def make_trace(num_requests: int, rate: float, prompt_len: tuple[int, int], output_len: tuple[int, int],
                seed: int = 0, burst: int = 1, shared_prefix: tuple[int, int] | None = None,
-               priorities: int = 1) -> list[TraceRequest]:
+               priorities: int = 1, max_tokens: int | None = None) -> list[TraceRequest]:
     """Poisson arrivals at `rate` req/s (all at t=0 if rate is inf), in bursts of `burst`
-    requests; lengths uniform in the given ranges; optionally a shared prefix (count, length)."""
+    requests; lengths uniform in the given ranges; optionally a shared prefix (count, length) and
+    every request's cap (`max_tokens`)."""
     rng = random.Random(seed)
     trace, t = [], 0.0
     for i in range(num_requests):
@@ -54,13 +60,13 @@ def make_trace(num_requests: int, rate: float, prompt_len: tuple[int, int], outp
         # a shared prefix longer than the prompt is the whole prompt
         prefix_len = min(shared_prefix[1], n_prompt) if shared_prefix else 0
         trace.append(TraceRequest(t, n_prompt, rng.randint(*output_len), rng.randrange(priorities), prefix_id,
-                                  prefix_len))
+                                  prefix_len, max_tokens))
     return trace
 
 
 def load_trace(path: str) -> list[TraceRequest]:
     """JSONL: one object a line with arrival, prompt_len, output_len, and optionally priority,
-    prefix_id, prefix_len; ValueError naming the file and line of anything else. Arrivals are made
+    prefix_id, prefix_len, max_tokens; ValueError naming the file and line of anything else. Arrivals are made
     relative to the first one."""
     try:
         with open(path) as f:
@@ -84,7 +90,7 @@ def load_trace(path: str) -> list[TraceRequest]:
                 raise ValueError("; ".join([f"missing {', '.join(missing)}"] * bool(missing) +
                                            [f"unknown field {', '.join(unknown)}"] * bool(unknown)) +
                                  " (a request has arrival, prompt_len, output_len, and optionally priority, "
-                                 "prefix_id, prefix_len)")
+                                 "prefix_id, prefix_len, max_tokens)")
             trace.append(TraceRequest(**fields))
         except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"cannot read trace {path}: line {i}: {e}") from None

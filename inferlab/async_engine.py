@@ -23,6 +23,7 @@ from inferlab.inputs import check_request_id
 from inferlab.metrics import EngineMetrics
 from inferlab.outputs import CompletionOutput, RequestOutput
 from inferlab.sampling_params import SamplingParams
+from inferlab.stream import RequestStream, Stream
 
 log = logging.getLogger("inferlab")
 HEALTH_S = 1.0  # how often an idle engine checks it can still step
@@ -30,35 +31,6 @@ HEALTH_S = 1.0  # how often an idle engine checks it can still step
 
 class EngineStopping(RuntimeError):
     """Raised by `add` once the server is shutting down."""
-
-
-Stream = AsyncIterator[RequestOutput]
-
-
-class _Stream:
-    """One request's outputs, as an async iterator. Dropped before its last output (the consumer
-    stopped, failed, was cancelled, or never read it) it aborts the request and frees its blocks."""
-
-    def __init__(self, engine: AsyncEngine, request_id: str, q: asyncio.Queue) -> None:
-        self._q, self._finished = q, False
-        self._abort = weakref.finalize(self, engine.abort, request_id)
-        self._abort.atexit = False  # at exit the engine thread is gone: nothing to free
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            out: RequestOutput = await self._q.get()
-        except BaseException:  # cancelled while waiting: nobody will read the rest
-            self._abort()
-            raise
-        if out.finished:
-            self._finished = True
-            self._abort.detach()
-        return out
 
 
 class AsyncEngine:
@@ -212,7 +184,7 @@ class AsyncEngine:
             if not isinstance(e, Exception):  # cancelled: the engine thread may have added them all the same
                 self._call(lambda: [self.engine.abort_request(rid) for rid, *_ in requests])
             raise
-        return [_Stream(self, rid, q) for (rid, *_), q in zip(requests, queues, strict=True)]
+        return [RequestStream(self, rid, q) for (rid, *_), q in zip(requests, queues, strict=True)]
 
     def abort(self, request_id: str) -> None:
         """The consumer is gone: drop its stream and free the request's blocks. A no-op for a

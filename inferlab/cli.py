@@ -187,7 +187,8 @@ def _refuse_unknown_leading_options(parser: argparse.ArgumentParser, argv: list[
         if not token.startswith("-"):
             return
         name = token.split("=", 1)[0] if token.startswith("--") else token[:2]  # -vh is -v -h
-        if name not in parser._option_string_actions:
+        if not any(known == name or (name.startswith("--") and known.startswith(name))  # --verb: --verbose
+                   for known in parser._option_string_actions):
             parser.error(f"unrecognized arguments: {token} (options of a command go after it)")
 
 

@@ -85,7 +85,7 @@ def cutoffs(values: torch.Tensor, probs_of: Callable[[torch.Tensor], torch.Tenso
 
 def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Each row's sampling distribution (float32 logits, one row per params, none greedy): divided
-    by the temperature, then top-k, top-p and min-p, softmaxed; as (probabilities, their token ids):
+    by the temperature, then min-p, top-k and top-p, softmaxed; as (probabilities, their token ids):
     over the row's PREFIX largest logits where every kept token is among them (masking whole rows
     of 49,152 logits cost more than the rest of the sampling), else over the vocabulary (ids None)."""
     dev, vocab = logits.device, logits.shape[-1]

@@ -144,8 +144,13 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
         req.generator = request_generator(seed, self.device)
         self.scheduler.add_request(req)  # first: if it refuses the request (out of KV memory), nothing is kept
-        self.requests[request_id] = req
-        self.output_processor.add(req)
+        try:
+            self.requests[request_id] = req
+            self.output_processor.add(req)
+        except BaseException:  # Ctrl-C between the two: no request half added, which no abort could end
+            self.scheduler.finish_request(req, RequestStatus.FINISHED_ABORTED)
+            self._forget(req)
+            raise
         return req
 
     def abort_request(self, request_id: str | list[str], error: str | None = None) -> RequestOutput | None:

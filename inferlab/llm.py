@@ -110,8 +110,9 @@ class LLM:
                         raise ValueError(f"prompt {i}: {e}") from None
             final = self._run(ids, use_tqdm)
         except BaseException:  # a bad prompt, KeyboardInterrupt (adding or stepping), a step observer's error:
-            for rid in itertools.chain.from_iterable(ids):  # nothing of this call stays
-                self.engine.abort_request(rid)
+            for rid in itertools.chain.from_iterable(ids):  # nothing of this call stays, and that error is raised
+                with contextlib.suppress(Exception):
+                    self.engine.abort_request(rid)
             raise
         return [merge([final[rid] for rid in group]) for group in ids]
 
@@ -124,7 +125,7 @@ class LLM:
         conversation or a list of them and generate. `continue_final_message=True` (with
         `add_generation_prompt=False`) continues a last assistant message instead of answering after
         it; `chat_template_kwargs` are more variables for the template (e.g. Qwen3's `enable_thinking`)."""
-        if isinstance(messages, list) and not messages:  # no conversations (vLLM's reading): no outputs
+        if isinstance(messages, (list, tuple)) and not messages:  # no conversations (vLLM's reading): no outputs
             return []
         conversations = messages if isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer

@@ -1,7 +1,7 @@
 """Sampler: turn a batch's logits into next tokens, one row per request, each with its own params.
 
-Order per row: logit bias -> penalties -> min_tokens EOS ban -> (greedy argmax | temperature, top-k, top-p,
-min-p, then a draw from the request's own generator). A per-request generator is what makes a
+Order per row: logit bias -> penalties -> min_tokens EOS ban -> (greedy argmax | temperature, min-p, top-k,
+top-p, then a draw from the request's own generator). A per-request generator is what makes a
 seeded request produce the same text whatever else shares its batch.
 """
 from __future__ import annotations

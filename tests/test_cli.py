@@ -258,6 +258,9 @@ def test_an_unknown_option_is_named_by_its_command_and_v_follows_it_too():
     r = inferlab("--threads", "2", "generate", "hi")  # before the command: not the command's missing prompt
     assert r.returncode == 2 and r.stderr.strip() == "inferlab: error: unrecognized arguments: --threads " \
         "(options of a command go after it) (see inferlab --help)"
+    with pytest.raises(SystemExit) as version_exit:  # argparse's abbreviations stand: --verb is --verbose
+        main(["--verb", "--version"])
+    assert version_exit.value.code == 0
     with pytest.raises(SystemExit) as help_exit:  # -vh is -v -h: help, not an unknown option
         main(["-vh"])
     assert help_exit.value.code == 0

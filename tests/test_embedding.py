@@ -78,6 +78,20 @@ def test_an_interrupt_while_prompts_are_added_leaves_nothing_behind(llm, monkeyp
         llm.generate(PROMPTS, GREEDY)
     assert len(added) == 4 and not llm.engine.requests and llm.engine.block_manager.num_free_blocks == 64
     monkeypatch.undo()
+    processor, calls = llm.engine.output_processor, []
+    real_add = processor.add
+
+    def add(req) -> None:  # inside add_request, after the scheduler took the request
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_add(req)
+    monkeypatch.setattr(processor, "add", add)
+    with pytest.raises(KeyboardInterrupt):  # not a KeyError from aborting a request half added
+        llm.generate(PROMPTS, GREEDY)
+    monkeypatch.undo()
+    assert not llm.engine.requests and not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == 64
     steps = []
 
     def interrupt(outputs) -> None:

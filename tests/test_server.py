@@ -705,7 +705,8 @@ BAD = [
      "needs a last message from the assistant"),
     (CHAT, {"messages": USER, "chat_template_kwargs": {"messages": []}}, 400, "may not set messages"),
     # vLLM's fields that change the answer: refused, not answered as if absent
-    (CMPL, {"prompt": "hi", "max_completion_tokens": 2}, 400, "max_completion_tokens is the chat API's"),
+    (CMPL, {"prompt": "hi", "max_completion_tokens": 2}, 400,
+     "max_completion_tokens (2) differs from max_tokens (16): the completions API reads max_tokens"),
     (CMPL, {"prompt": "hi", "return_tokens_as_token_ids": True}, 400, "return_tokens_as_token_ids is not supported"),
     (CHAT, {"messages": USER, "return_token_ids": True}, 400, "return_token_ids is not supported"),
     (CMPL, {"prompt": "hi", "add_special_tokens": False}, 400, "add_special_tokens False is not supported"),
@@ -739,7 +740,8 @@ def test_do_nothing_values_of_unsupported_fields_are_accepted(client, offline):
     assert r.choices[0].message.content == offline[question].outputs[0].text
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, best_of=1,
                                   suffix=None, extra_body={"skip_special_tokens": True, "repeat_penalty": 1.0,
-                                                           "add_special_tokens": True, "length_penalty": 1.0})
+                                                           "add_special_tokens": True, "length_penalty": 1.0,
+                                                           "max_completion_tokens": MAX_TOKENS})  # guidellm's
     assert r.choices[0].text == offline[PROMPTS[0]].outputs[0].text
 
 

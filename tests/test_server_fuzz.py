@@ -53,8 +53,10 @@ VALID = {
 VALID_CMPL = {**VALID, "logprobs": st.one_of(st.none(), st.integers(0, 20)), "echo": st.just(False)}
 PART = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)})
 CONTENT = st.one_of(st.text(max_size=30), st.lists(PART, max_size=2))
-MESSAGE = st.one_of(  # only an assistant's message (one that called tools) may lack its content, as OpenAI's
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer", "tool"]), "content": CONTENT},
+# only an assistant's message (one that called tools) may lack its content, or hold an empty array, as OpenAI's
+MESSAGE = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer", "tool"]),
+                           "content": st.one_of(st.text(max_size=30), st.lists(PART, min_size=1, max_size=2))},
                           optional={"name": st.text(max_size=5)}),
     st.fixed_dictionaries({"role": st.just("assistant")},
                           optional={"content": st.one_of(st.none(), CONTENT), "name": st.text(max_size=5)}))
@@ -98,6 +100,7 @@ FAULTS = {
                                        [{"role": "user"}], [{"role": "user", "content": 5}],
                                        [{"role": "user", "content": "\ud800"}],
                                        [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}],
+                                       [{"role": "user", "content": []}],
                                        ["hi"])),
            {"logprobs": "yes"}, {"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1},
            {"logprobs": False, "top_logprobs": 2},

@@ -117,6 +117,14 @@ class CompletionRequest(SamplingFields):
     max_tokens: Int | None = 16  # OpenAI's default for completions
     logprobs: Int | None = None
     echo: StrictBool = False
+    # the chat API's name, which clients such as guidellm send on every endpoint beside max_tokens
+    max_completion_tokens: Int | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.max_completion_tokens is not None and self.max_completion_tokens != self.max_tokens:
+            raise ValueError(f"max_completion_tokens ({self.max_completion_tokens}) differs from max_tokens "
+                             f"({self.max_tokens}): the completions API reads max_tokens")
 
     @field_validator("prompt", mode="wrap")
     @classmethod

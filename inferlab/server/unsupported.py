@@ -22,7 +22,6 @@ UNSUPPORTED = {
     **{name: f"{name} is not supported (no constrained decoding)" for name in
        ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
         "structured_outputs", "grammar", "json_schema")},
-    "max_completion_tokens": "max_completion_tokens is the chat API's: send max_tokens",
     "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
     "return_token_ids": "return_token_ids is not supported; /tokenize gives a text's token ids",
     "add_special_tokens": "add_special_tokens {value} is not supported here: the prompt is tokenized as this "

@@ -260,6 +260,9 @@ def test_router_passes_bad_bodies_to_the_backend_and_serves_model_lookups(tiny):
         assert httpx.get(f"{r}/v1/models/other", timeout=30).status_code == 404
         for missing in (httpx.get(f"{r}/v1/nothing"), httpx.get(f"{r}/v1/completions")):
             assert missing.status_code in (404, 405) and "message" in missing.json()["error"]
+            assert missing.json()["error"]["param"] is None and missing.json()["error"]["code"] is None  # the servers'
+        huge = httpx.post(f"{r}/v1/completions", content=b"x" * (9 << 20), timeout=30)  # refused before it is read
+        assert huge.status_code == 413 and huge.json()["error"]["message"] == "the request body is larger than 8 MiB"
 
 
 def test_a_client_leaving_a_plain_request_aborts_it_on_the_backend(tiny):
@@ -274,6 +277,30 @@ def test_a_client_leaving_a_plain_request_aborts_it_on_the_backend(tiny):
             time.sleep(0.1)
         assert metrics(r)[f'inferlab_router_backend_in_flight{{backend="{a}",role="serve"}}'] == 0
         check_empty(engine)
+
+
+def test_the_router_logs_the_signal_that_stops_it():
+    """(It said nothing, and waited on open requests as long as --timeout.)"""
+    proc = subprocess.Popen([sys.executable, "-m", "inferlab.cli", "router", "--port", "0", "--backend",
+                             "http://127.0.0.1:1"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "routing on" not in line:
+            line = proc.stderr.readline()
+            assert line, "the router exited before it listened"
+        url = line.split("routing on ")[1].split()[0]
+        for _ in range(100):  # serving: its signal handlers are in place
+            try:
+                httpx.get(f"{url}/health", timeout=5)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+        assert "SIGTERM: stopping; requests still open get 10 s to finish" in rest
+        assert proc.returncode == -signal.SIGTERM
+    finally:
+        proc.kill()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -307,22 +334,29 @@ def test_simulator_and_router_share_one_policy_definition():
 def odd_backend(answer: str) -> Iterator[str]:
     """A backend that answers completions with a 503 as a draining server does ("draining"), or
     that stops once it has passed its first health check: nothing it is asked then ever answers
-    ("stopped", as a SIGSTOPped process)."""
+    ("stopped", as a SIGSTOPped process), or that fails its health checks once asked a completion
+    but answers it 1.5 s later ("finishing", as a server draining what it has in flight)."""
+    from fastapi.responses import JSONResponse
     app = FastAPI()
-    checks = []
+    checks, asked = [], []
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
         checks.append(1)
         if answer == "stopped" and len(checks) > 1:
             await asyncio.sleep(3600)
+        if answer == "finishing" and asked:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         return {"status": "ok"}
 
     @app.post("/v1/completions")
     async def completions(raw: Request):
+        asked.append(1)
         if answer == "stopped":
             await asyncio.sleep(3600)
-        from fastapi.responses import JSONResponse
+        if answer == "finishing":
+            await asyncio.sleep(1.5)
+            return {"choices": [{"text": "finished here"}]}
         return JSONResponse({"error": {"message": "the server is shutting down", "code": "server_shutting_down"}},
                             status_code=503)
 
@@ -343,6 +377,17 @@ def test_a_request_a_backend_does_not_take_goes_to_another(answer):
         m = metrics(r)
         assert m[f'inferlab_router_backend_up{{backend="{odd}",role="serve"}}'] == 0
         assert m[f'inferlab_router_backend_requests_total{{backend="{odd}",role="serve"}}'] >= 1  # it was tried
+
+
+def test_a_backend_draining_finishes_what_it_has_in_flight():
+    """Its failed health checks take it out of rotation, but its plain requests in flight are its
+    to answer (a rolling restart's SIGTERM: the router gave them 503s, or ran them again elsewhere)."""
+    with odd_backend("finishing") as odd, fakes(1) as (ok,), router([odd, ok], "round_robin",
+                                                                    health_interval=0.2) as r:
+        got = complete(r, "in flight")
+        assert got["status"] == 200 and got["choices"][0]["text"] == "finished here", got
+        assert metrics(r)[f'inferlab_router_backend_up{{backend="{odd}",role="serve"}}'] == 0  # and out
+        assert complete(r, "next")["choices"][0]["text"] == f"{ok}/"
 
 
 def test_a_plain_request_longer_than_the_timeout_is_not_cut_off():

@@ -37,6 +37,7 @@ from inferlab.router.http import (
     while_healthy,
 )
 from inferlab.router.policy import make_policy
+from inferlab.server.guard import Guard
 
 log = logging.getLogger("inferlab")
 # Failures before a backend's answer began, after which the request is tried on another backend
@@ -64,6 +65,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
         await client.aclose()
 
     app = FastAPI(title="InferLab router", lifespan=lifespan)
+    app.add_middleware(Guard)  # the servers' cap on a body's size, before it is read whole (a key is theirs to check)
 
     @app.exception_handler(HTTPException)  # the router's own 404s and 405s, in OpenAI's shape
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -22,6 +22,9 @@ class Backend:
         self.url = url.rstrip("/")
         self.role = role  # serve, prefill or decode
         self.healthy = True
+        # its health check timed out: it takes connections and answers nothing (stopped, hung). One
+        # that refuses them or answers an error may be draining: what it has in flight still comes
+        self.hung = False
         self.in_flight = 0
         self.requests = self.errors = 0
 
@@ -29,18 +32,20 @@ class Backend:
     def load(self) -> int:
         return self.in_flight
 
-    def mark(self, healthy: bool, why: str = "") -> None:
+    def mark(self, healthy: bool, why: str = "", hung: bool = False) -> None:
         if healthy != self.healthy:
             if healthy:
                 log.info("backend %s is back", self.url)
             else:
                 log.warning("backend %s is out of rotation: %s", self.url, why)
-        self.healthy = healthy
+        self.healthy, self.hung = healthy, hung and not healthy
 
     async def check(self, client: httpx.AsyncClient, timeout: float) -> None:
         try:
             ok = (await client.get(f"{self.url}/health", timeout=timeout)).status_code == 200
             self.mark(ok, "its health check failed")
+        except httpx.TimeoutException as e:
+            self.mark(False, f"{type(e).__name__}: {e}", hung=True)
         except httpx.HTTPError as e:
             self.mark(False, f"{type(e).__name__}: {e}")
 

@@ -27,7 +27,8 @@ class ClientGone(Exception):
 
 
 def error(status: int, message: str, kind: str = "server_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    # the servers' shape (openai_format.error_response), without importing what it formats
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
 
 
 def client_gone() -> JSONResponse:
@@ -45,8 +46,8 @@ def auth_headers(raw: Request) -> dict:
 
 
 def sse_error(message: str) -> bytes:
-    return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 502}})}\n\n" \
-           "data: [DONE]\n\n".encode()
+    event = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    return f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
 
 
 def prefill_body(body: dict) -> dict:
@@ -71,10 +72,12 @@ async def watched(work: Awaitable[T], broken: Callable[[], Awaitable[Exception |
 
 
 async def while_healthy(backend, work: Awaitable[T]) -> T:
-    """`work`'s result; httpx.ReadTimeout if `backend` fails its health checks first (stopped, or
-    hung), so that a request with no read timeout of its own still never waits forever."""
+    """`work`'s result; httpx.ReadTimeout if `backend`'s health checks time out first (stopped, or
+    hung), so that a request with no read timeout of its own still never waits forever. A backend
+    that refuses them (a server draining on SIGTERM) still finishes what it has: a dead one's
+    connections close, which fails the request at once."""
     async def stopped() -> Exception | None:
-        return None if backend.healthy else httpx.ReadTimeout("the backend stopped passing its health checks")
+        return httpx.ReadTimeout("the backend stopped answering its health checks") if backend.hung else None
     return await watched(work, stopped)
 
 

@@ -2,11 +2,14 @@
 uvicorn: port 0's pick is then known to the start-up line, and a port is checked before a model loads."""
 from __future__ import annotations
 
+import logging
 import socket
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI checks its port with bind() before it imports the web stack
     from fastapi import FastAPI
+
+log = logging.getLogger("inferlab")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -32,9 +35,23 @@ def url(host: str, sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
 
 
+GRACEFUL_S = 10.0  # on a signal, how long open requests may still finish (a backend's own drain fits in it)
+
+
 def run(app: FastAPI, sock: socket.socket) -> None:
-    """uvicorn serving `app` on the bound socket until a signal; the socket is closed after."""
+    """uvicorn serving `app` on the bound socket until a signal, which is logged; requests still open
+    get GRACEFUL_S seconds (a router's stream from a hung backend waited its whole --timeout); the
+    socket is closed after."""
+    import signal
+
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if not self.should_exit:
+                log.info("%s: stopping; requests still open get %.0f s to finish", signal.Signals(sig).name,
+                         GRACEFUL_S)
+            super().handle_exit(sig, frame)
+
     with sock:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S)).run(sockets=[sock])

@@ -714,6 +714,7 @@ BAD = [
     (CMPL, {"prompt": "hi", "logits_processors": ["x"]}, 400, "logits_processors are not supported"),
     (CMPL, {"prompt": "hi", "length_penalty": 0.5}, 400, "length_penalty is beam search's"),
     (CHAT, {"messages": USER, "documents": [{"text": "d"}]}, 400, "documents are not supported"),
+    (CHAT, {"messages": USER * 10_001}, 400, "messages: List should have at most 10000 items"),  # before parsing them
 ]
 
 

@@ -156,6 +156,9 @@ def cmd_chat(a: argparse.Namespace) -> None:
             continue
         if not line.strip():
             continue
+        if not is_text(line):  # bytes that are no UTF-8, read as lone surrogates: this line alone is refused
+            print("error: this line is not UTF-8 text (the conversation is kept)", file=sys.stderr)
+            continue
         history.append({"role": "user", "content": line})
         prompt, dropped = chat_prompt(tok, history, first, limit, answer_room)
         if prompt is None:
@@ -180,3 +183,11 @@ def cmd_chat(a: argparse.Namespace) -> None:
             history.pop()
         else:
             history.append({"role": "assistant", "content": reply})
+
+
+def is_text(line: str) -> bool:
+    try:
+        line.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -193,6 +193,8 @@ def _refuse_unknown_leading_options(parser: argparse.ArgumentParser, argv: list[
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal or pipe that cannot show a character gets its escape,
+        sys.stdout.reconfigure(errors="backslashreplace")  # not an error that drops the answer
     parser = build_parser()
     _refuse_unknown_leading_options(parser, sys.argv[1:] if argv is None else argv)
     a, unknown = parser.parse_known_args(argv)

@@ -51,6 +51,22 @@ def test_chat_is_multi_turn_and_streams():
     assert ">>>" not in r.stdout  # piped in: stdout holds the answers alone, as `echo ... | ollama run`
 
 
+def test_a_chat_line_that_is_not_utf8_is_refused_alone():
+    """(It ended the session: the next line was never answered.)"""
+    r = subprocess.run([sys.executable, "-m", "inferlab.cli", "chat", "--temperature", "0", "--max-tokens", "8",
+                        "--num-kv-blocks", "64"], input=b"caf\xe9\nWhat is the capital of France?\n",
+                       capture_output=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert b"error: this line is not UTF-8 text (the conversation is kept)" in r.stderr
+    assert b"Paris" in r.stdout
+
+
+def test_an_answer_stdout_cannot_encode_is_escaped_not_an_error():
+    r = inferlab("generate", "--raw", "中国的首都是", "--max-tokens", "4", "--num-kv-blocks", "64",
+                 env={"PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and "\\u" in r.stdout, r.stderr  # it was "'ascii' codec can't encode", exit 2
+
+
 def test_chat_that_outgrows_the_context_forgets_its_oldest_turns():
     turns = "Why is the sky blue?\nAnd why are sunsets red?\n" + "word " * 100 + "\n/exit\n"
     r = inferlab("chat", "--max-model-len", "80", "--max-tokens", "16", "--num-kv-blocks", "64", stdin=turns)

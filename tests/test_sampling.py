@@ -555,6 +555,7 @@ def test_chat_takes_a_template_of_ones_own_and_tokenize_as_transformers(llm):
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-2), "top_k"),
     (dict(min_p=2.0), "min_p"),
+    (dict(stop=["a\ud800"]), "stop strings must be valid Unicode text"),  # taken, and never matched
     (dict(max_tokens=0), "max_tokens"),
     (dict(max_tokens=4, min_tokens=5), "min_tokens"),
     (dict(logprobs=21), "logprobs"),

@@ -37,8 +37,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
             text.encode()  # JSON can carry a lone surrogate ("\ud800"), which the backend cannot take
-        except UnicodeEncodeError as e:
-            raise ValueError(f"the prompt is not valid Unicode text: {e}") from None
+        except UnicodeEncodeError as e:  # (its position would be the rendered template's, not the message's)
+            raise ValueError(f"the prompt is not valid Unicode text: it holds {e.object[e.start]!r}, a lone "
+                             "surrogate (bytes that are no UTF-8, or \\ud800 escaped in JSON)") from None
         # encode_batch lets other threads run while it works (encode holds the GIL: a 20 MB prompt
         # tokenized in a server's worker thread would still stall its event loop for seconds)
         ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids

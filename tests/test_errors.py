@@ -96,8 +96,8 @@ def test_chat_rejects_malformed_messages(make_llm):
     llm = make_llm(num_kv_blocks=32)
     with pytest.raises(ValueError, match=r"messages\[0\] must be a \{'role'"):
         llm.chat([{"content": "no role"}], use_tqdm=False)
-    with pytest.raises(ValueError, match="messages must be a non-empty list"):
-        llm.chat([], use_tqdm=False)
+    with pytest.raises(ValueError, match="messages must be a non-empty list"):  # one conversation, empty
+        llm.chat([[]], use_tqdm=False)  # (no conversations at all, chat([]), is no outputs: [])
     with pytest.raises(ValueError, match=r"messages\[1\]\.content\[0\]: only text parts .*'image_url'"):
         llm.chat([{"role": "system", "content": "Be brief."},
                   {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}], use_tqdm=False)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 from inferlab.cli_args import engine_config, recording, sampling_params
 from inferlab.outputs import RequestFailed, check_outputs
+from inferlab.text import is_text
 
 log = logging.getLogger("inferlab")
 
@@ -183,11 +184,3 @@ def cmd_chat(a: argparse.Namespace) -> None:
             history.pop()
         else:
             history.append({"role": "assistant", "content": reply})
-
-
-def is_text(line: str) -> bool:
-    try:
-        line.encode()
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -4,19 +4,13 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, replace
 
+from inferlab.text import is_text
+
 # Caps on what a request may ask every step to check: 50,000 stop strings slowed every other
 # request's steps by half. Generous for real use (OpenAI takes 4 stop strings and 300 biases).
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TOKEN_LIST = 1024  # stop_token_ids, logit_bias entries
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_number(value: object) -> bool:
@@ -96,7 +90,7 @@ class SamplingParams:
         stops = self.stop_list
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        if any(not s.isascii() and not _is_unicode(s) for s in stops):  # a lone surrogate, no text ever holds
+        if any(not s.isascii() and not is_text(s) for s in stops):  # a lone surrogate, no text ever holds
             raise ValueError("stop strings must be valid Unicode text (a lone surrogate such as \\ud800 never matches)")
         if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")

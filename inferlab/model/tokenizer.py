@@ -11,6 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from inferlab.model import gguf_vocab
 from inferlab.model.chat_template import ChatTemplateError, cut_after, render, text_messages
+from inferlab.text import is_text
 
 
 class Encoding(dict):
@@ -35,11 +36,10 @@ class Tokenizer:
         self.vocab_size = backend.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        try:
-            text.encode()  # JSON can carry a lone surrogate ("\ud800"), which the backend cannot take
-        except UnicodeEncodeError as e:  # (its position would be the rendered template's, not the message's)
-            raise ValueError(f"the prompt is not valid Unicode text: it holds {e.object[e.start]!r}, a lone "
-                             "surrogate (bytes that are no UTF-8, or \\ud800 escaped in JSON)") from None
+        if not is_text(text):  # named by the character: a position would be the rendered template's
+            bad = next(c for c in text if not is_text(c))
+            raise ValueError(f"the prompt is not valid Unicode text: it holds {bad!r}, a lone surrogate (bytes "
+                             "that are no UTF-8, or \\ud800 escaped in JSON)")
         # encode_batch lets other threads run while it works (encode holds the GIL: a 20 MB prompt
         # tokenized in a server's worker thread would still stall its event loop for seconds)
         ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids

@@ -46,10 +46,9 @@ def is_int(value: object) -> bool:
 
 def make_trace(num_requests: int, rate: float, prompt_len: tuple[int, int], output_len: tuple[int, int],
                seed: int = 0, burst: int = 1, shared_prefix: tuple[int, int] | None = None,
-               priorities: int = 1, max_tokens: int | None = None) -> list[TraceRequest]:
+               priorities: int = 1) -> list[TraceRequest]:
     """Poisson arrivals at `rate` req/s (all at t=0 if rate is inf), in bursts of `burst`
-    requests; lengths uniform in the given ranges; optionally a shared prefix (count, length) and
-    every request's cap (`max_tokens`)."""
+    requests; lengths uniform in the given ranges; optionally a shared prefix (count, length)."""
     rng = random.Random(seed)
     trace, t = [], 0.0
     for i in range(num_requests):
@@ -60,7 +59,7 @@ def make_trace(num_requests: int, rate: float, prompt_len: tuple[int, int], outp
         # a shared prefix longer than the prompt is the whole prompt
         prefix_len = min(shared_prefix[1], n_prompt) if shared_prefix else 0
         trace.append(TraceRequest(t, n_prompt, rng.randint(*output_len), rng.randrange(priorities), prefix_id,
-                                  prefix_len, max_tokens))
+                                  prefix_len))
     return trace
 
 

@@ -11,6 +11,8 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from inferlab.server.openai_format import error_response
+
 T = TypeVar("T")
 
 
@@ -27,8 +29,7 @@ class ClientGone(Exception):
 
 
 def error(status: int, message: str, kind: str = "server_error") -> JSONResponse:
-    # the servers' shape (openai_format.error_response), without importing what it formats
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+    return error_response(status, message, kind)  # the servers' shape
 
 
 def client_gone() -> JSONResponse:

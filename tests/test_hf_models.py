@@ -316,6 +316,27 @@ def test_tied_embeddings(checkpoints):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_loading_a_bf16_model_leaves_other_threads_tensors_in_torchs_default_dtype(checkpoints, monkeypatch):
+    """torch's default dtype is the process's: a load that set it would make another thread's new
+    tensors bf16 meanwhile. The model's own are bf16 all the same."""
+    import threading
+
+    from inferlab.model import loader
+    seen: dict[str, torch.dtype] = {}
+
+    class Watched(loader.MODELS["llama"]):
+        def __init__(self, args):
+            other = threading.Thread(target=lambda: seen.update(other=torch.empty(1).dtype))
+            other.start()
+            other.join()
+            seen["default"] = torch.get_default_dtype()
+            super().__init__(args)
+    monkeypatch.setitem(loader.MODELS, "llama", Watched)
+    model, _ = load_model(checkpoints("llama").path, "bfloat16", torch.device("cpu"))
+    assert seen == {"other": torch.float32, "default": torch.float32}
+    assert model.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("units", ["avx512", "amx"])
 def test_fp32_weights_run_as_bf16_in_a_bf16_model_on_bf16_matrix_units(checkpoints, units, monkeypatch):
     """Those units multiply bf16, so a bf16 model there keeps an fp32 checkpoint's matrices, the tied

@@ -21,6 +21,7 @@ from inferlab import kernels
 from inferlab.model import gguf_file, hf_folder, weight_cache
 from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError, in_hf_names
 from inferlab.model.deepseek import DeepseekForCausalLM
+from inferlab.model.default_dtype import default_dtype
 from inferlab.model.layers import quant
 from inferlab.model.layers.keep import BF16_MATRIX_ISAS, quantization_mode
 from inferlab.model.llama import LlamaForCausalLM
@@ -112,13 +113,8 @@ def is_gguf(path: str) -> bool:
 
 
 def _construct(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = MODELS[args.arch](args)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    with default_dtype(dtype), torch.device(device):
+        model = MODELS[args.arch](args)
     model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.float()  # RoPE frequencies stay fp32
     return model
 

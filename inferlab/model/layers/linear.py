@@ -179,8 +179,8 @@ class Embedding(nn.Module):
 
     def __init__(self, num_embeddings: int, dim: int) -> None:
         super().__init__()
-        self.dim, self.dtype = dim, torch.get_default_dtype()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+        self.dim, self.dtype = dim, self.weight.dtype  # the model's (see model.default_dtype)
         self.weight.weight_loader = self.weight_loader
         self.wtype: WeightType | None = None
         self._loaded: tuple[torch.Tensor, WeightType] | None = None

@@ -57,20 +57,31 @@ class OutputProcessor:
         p = req.params
         may_stop = num_output >= p.min_tokens
         if may_stop and token in self.eos_token_ids and not p.ignore_eos:
-            return RequestStatus.FINISHED_STOPPED
+            return self._end(req, detok, RequestStatus.FINISHED_STOPPED)
         if may_stop and p.stop_token_ids and token in p.stop_token_ids:
             if p.include_stop_str_in_output:
                 detok.add_token(token)
             req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
+            return self._end(req, detok, RequestStatus.FINISHED_STOPPED)
         before = len(detok.text)
         detok.add_token(token)
         if may_stop and detok.stops and (stop := detok.find_stop(len(detok.text) - before)) is not None:
             req.stop_reason = stop
             return RequestStatus.FINISHED_STOPPED
         if num_output >= req.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
+            return self._end(req, detok, RequestStatus.FINISHED_LENGTH)
         return None
+
+    @staticmethod
+    def _end(req: Request, detok: IncrementalDetokenizer, status: RequestStatus) -> RequestStatus:
+        """The text an unfinished character held back (U+FFFD) is the answer's last: a stop string in
+        it still cuts the text, so no stop string is ever left in an answer."""
+        before = len(detok.text)
+        detok.flush_pending()
+        if detok.stops and (stop := detok.find_stop(len(detok.text) - before)) is not None:
+            req.stop_reason = stop
+            return RequestStatus.FINISHED_STOPPED
+        return status
 
     def make_output(self, req: Request, new_ids: list[int], error: str | None = None) -> RequestOutput:
         detok = self.detokenizers[req.request_id]

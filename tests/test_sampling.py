@@ -459,6 +459,30 @@ def test_incremental_detokenizer_multibyte(smol):
     assert stop == "中文 🎉" and "".join(deltas) == d.text == MULTIBYTE[:MULTIBYTE.index(stop)]
 
 
+@pytest.mark.parametrize("ends", ["length", "eos"])
+def test_a_stop_string_in_the_held_back_end_of_an_answer_still_stops_it(smol, ends):
+    """An answer whose last token is half a character ends in the U+FFFD that piece decodes to; that
+    text, flushed at the end, is searched for stop strings as the rest is."""
+    from inferlab.output_processor import OutputProcessor
+    from inferlab.request import Request, RequestStatus
+    from inferlab.sampler import SampleResult
+    tok = smol[1]
+    half = next(t for t in tok.encode("🎉", add_special_tokens=False) if tok.decode([t]) == "\ufffd")
+    eos = tok.eos_token_id
+    prompt = tok.encode("Say:")
+    params = SamplingParams(max_tokens=2 if ends == "length" else 8, stop=["\ufffd"])
+    req = Request("r", prompt, params, 0.0, max_tokens=params.max_tokens)
+    proc = OutputProcessor(tok, {eos}, lambda: 0.0)
+    proc.add(req)
+    out_ids = [tok.encode("ok", add_special_tokens=False)[0], half] + ([eos] if ends == "eos" else [])
+    req.token_ids += out_ids
+    emitted, status = proc.emit(req, [SampleResult(t) for t in out_ids])
+    assert status == RequestStatus.FINISHED_STOPPED and req.stop_reason == "\ufffd"
+    req.status = status
+    out = proc.make_output(req, emitted).outputs[0]
+    assert out.text == tok.decode(out_ids[:1]) and "\ufffd" not in out.text
+
+
 def test_incremental_detokenizer_holds_back_longer_stop_prefix(smol):
     """Two stops where the first lowers the release point: the second's longer prefix ("cd"
     of "cdbq") must still be held back, or it leaks and the stream disagrees with the text."""

@@ -17,7 +17,7 @@ class IncrementalDetokenizer:
                  include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
-        if self.ids and not tokenizer.decode(self.ids):
+        if self.ids and not tokenizer.text(self.ids):
             # only special tokens (a BOS): the output would start the decoded text, where a
             # SentencePiece decoder strips the space of its first token; a word before it keeps that
             self.ids = tokenizer.encode("a", add_special_tokens=False) + self.ids
@@ -28,8 +28,8 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int) -> None:
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self.tokenizer.text(self.ids[self.prefix_offset:self.read_offset])
+        full = self.tokenizer.text(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.text += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -46,8 +46,8 @@ class IncrementalDetokenizer:
 
     def flush_pending(self) -> None:
         """At the end, decode whatever an unfinished character held back."""
-        tail = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        tail = self.tokenizer.text(self.ids[self.prefix_offset:])
+        prefix = self.tokenizer.text(self.ids[self.prefix_offset:self.read_offset])
         if len(tail) > len(prefix):
             self.text += tail[len(prefix):]
         self.read_offset = self.prefix_offset = len(self.ids)

@@ -78,15 +78,16 @@ def test_the_tokenizer_answers_transformers_calls_as_hfs_does(spm_gguf):
         assert ours(text).attention_mask == theirs(text).attention_mask
     assert torch.equal(ours(TEXTS[0], return_tensors="pt").input_ids, theirs(TEXTS[0], return_tensors="pt").input_ids)
     rows = ours(TEXTS[:3]).input_ids
-    assert ours.batch_decode(rows) == theirs.batch_decode(rows, skip_special_tokens=True)  # decode()'s default here
-    assert ours.batch_decode(rows, skip_special_tokens=False) == theirs.batch_decode(rows)
+    assert ours.batch_decode(rows) == theirs.batch_decode(rows) != theirs.batch_decode(rows, skip_special_tokens=True)
+    assert ours.batch_decode(rows, skip_special_tokens=True) == theirs.batch_decode(rows, skip_special_tokens=True)
     tokens = ours.convert_ids_to_tokens(rows[0])
     assert tokens == theirs.convert_ids_to_tokens(rows[0]) and ours.convert_tokens_to_ids(tokens) == rows[0]
     pieces = ours.tokenize(TEXTS[1])
     assert pieces == theirs.tokenize(TEXTS[1])
     assert ours.convert_tokens_to_string(pieces) == theirs.convert_tokens_to_string(pieces)
     pt = ours(TEXTS[0], return_tensors="pt").input_ids  # a tensor, as transformers' decode takes
-    assert ours.decode(pt) == theirs.decode(pt[0], skip_special_tokens=True) == ours.decode(pt[0])
+    assert ours.decode(pt) == theirs.decode(pt[0]) == ours.decode(pt[0])  # the BOS kept, as transformers' default
+    assert ours.decode(pt, skip_special_tokens=True) == theirs.decode(pt[0], skip_special_tokens=True)
     assert ours.decode(rows[0][1]) == theirs.decode(rows[0][1]) and ours.batch_decode(pt) == [ours.decode(pt)]
     with pytest.raises(ValueError, match="not a token of this vocabulary"):
         ours.convert_tokens_to_string(["no such token"])
@@ -126,7 +127,7 @@ def test_the_tokens_are_those_sentencepiece_itself_gives():
              *(root / "inferlab" / "engine.py").read_text().splitlines()[:150]]
     for text in texts:
         assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
-        assert tok.decode(tok.encode(text)) == text == sp.decode(sp.encode(text))
+        assert tok.text(tok.encode(text)) == text == sp.decode(sp.encode(text))
 
 
 def test_llama_cpp_rules_where_hf_differs(spm_fields):
@@ -138,7 +139,7 @@ def test_llama_cpp_rules_where_hf_differs(spm_fields):
     def pieces(text: str) -> str:
         return "".join(tok.id_to_token(i) for i in tok.encode(text, add_special_tokens=False))
     assert pieces("hi") == f"{SPACE}hi" and pieces(" hi") == f"{SPACE}{SPACE}hi"
-    assert tok.decode(tok.encode(" hi")) == " hi"
+    assert tok.text(tok.encode(" hi")) == " hi"
     after = tok.encode("</s>hi there", add_special_tokens=False)
     assert after == [2, *tok.encode("hi there", add_special_tokens=False)]
     the = tok.backend.token_to_id(f"{SPACE}the")

@@ -53,11 +53,16 @@ class Tokenizer:
         template on a Llama 2 vocabulary writes none)."""
         return self.encode(text, add_special_tokens=True)
 
-    def decode(self, ids: int | list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        """The text of token ids: a list, one id, or a tensor of them (as transformers' decode takes)."""
+    def decode(self, ids: int | list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """The text of token ids: a list, one id, or a tensor of them; special tokens are kept unless
+        skipped (transformers' decode and its default). Answers' text leaves them out."""
         if not isinstance(ids, list):
             ids = torch.as_tensor(ids).reshape(-1).tolist()
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def text(self, ids: list[int]) -> str:
+        """An answer's text of token ids: special tokens left out, as vLLM's skip_special_tokens default."""
+        return self.backend.decode(ids, skip_special_tokens=True)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
@@ -82,7 +87,7 @@ class Tokenizer:
             return Encoding(input_ids=rows, attention_mask=masks)
         return Encoding(input_ids=rows[0], attention_mask=masks[0])
 
-    def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+    def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in sequences]
 
     def tokenize(self, text: str) -> list[str]:

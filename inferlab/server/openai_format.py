@@ -58,7 +58,7 @@ class TextOffsets:
         d = self.detok
         if d.read_offset == len(d.ids):
             return 0
-        held = self.tok.decode(d.ids[d.prefix_offset:])[len(self.tok.decode(d.ids[d.prefix_offset:d.read_offset])):]
+        held = self.tok.text(d.ids[d.prefix_offset:])[len(self.tok.text(d.ids[d.prefix_offset:d.read_offset])):]
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         utf8.decode(b"".join(self.tok.token_bytes(t) for t in d.ids[d.read_offset:]))
         return max(0, len(held) - (1 if utf8.getstate()[0] else 0))

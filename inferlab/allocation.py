@@ -16,7 +16,13 @@ from inferlab.request import Request
 
 
 class OutOfKVMemoryError(ValueError):
-    """A request refused because its KV reservation does not fit the pool beside the others'."""
+    """A request refused because its KV reservation does not fit the pool beside the others'.
+    `fits_alone`: it would fit an empty pool, so it is the load that refuses it, not the request
+    (a server answers 503, which clients retry, instead of 400)."""
+
+    def __init__(self, message: str, fits_alone: bool) -> None:
+        super().__init__(message)
+        self.fits_alone = fits_alone
 
 
 class Paged:
@@ -65,7 +71,8 @@ class Reserve(Paged):
                 f"out of KV memory: request {req.request_id!r} reserves {need} blocks ({req.num_prompt_tokens} "
                 f"prompt + {req.max_tokens} max tokens, {bm.block_size} a block) but only "
                 f"{bm.num_blocks - self.reserved} of {bm.num_blocks} are unreserved ({self.holders} requests hold "
-                f"{self.reserved}); lower max_tokens or max_model_len, or use kv_allocation='paged'")
+                f"{self.reserved}); lower max_tokens or max_model_len, or allocate blocks as they fill "
+                f"(kv_allocation='paged', --kv-allocation paged)", fits_alone=need <= bm.num_blocks)
         self.reserved += need
         self.holders += 1
 

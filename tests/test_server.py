@@ -285,6 +285,24 @@ def test_a_pool_smaller_than_the_context_is_the_context_clients_see(smol):
         assert httpx.post(f"{small.url}/v1/completions", json=body, timeout=120).status_code == 200
 
 
+def test_a_reservation_refused_for_the_load_is_a_503_that_clients_retry(smol):
+    """kv_allocation="reserve" refuses a request whose reservation does not fit beside the others':
+    the load's fault, not the request's, so a 503 (the OpenAI SDK retries it), where a 400 is never retried."""
+    with running_server(smol, num_kv_blocks=64, kv_allocation="reserve") as small:
+        body = {"prompt": [5] * 10, "max_tokens": 1000, "stream": True, "ignore_eos": True}  # 63 of 64 blocks
+        with httpx.stream("POST", f"{small.url}/v1/completions", json=body, timeout=120) as most:
+            lines = most.iter_lines()  # kept: a dropped iterator closes the stream, which aborts the request
+            next(lines)
+            r = httpx.post(f"{small.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 20}, timeout=60)
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert error["code"] == "out_of_kv_memory" and "--kv-allocation paged" in error["message"]
+        assert httpx.post(f"{small.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4},
+                          timeout=120).status_code == 200
+        small.wait_idle()
+        small.check_engine()
+
+
 def test_stream_without_include_usage_has_no_usage_chunk(client):
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4, temperature=0,
                                             stream=True))

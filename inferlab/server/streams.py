@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
+from inferlab.allocation import OutOfKVMemoryError
 from inferlab.async_engine import AsyncEngine, EngineStopping
 from inferlab.outputs import RequestOutput
 from inferlab.server import openai_format as fmt
@@ -43,6 +44,9 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
             choices += [(f"{base}-{i}-{j}", prompt, req.sampling_params(max_tokens, num_logprobs).fork(j), req.priority)
                         for j in range(req.n)]
         streams = await engine.add_many(choices)
+    except OutOfKVMemoryError as e:  # kv_allocation="reserve": what others reserve refuses it, for now
+        raise (APIError(503, str(e), "server_error", "out_of_kv_memory") if e.fits_alone
+               else APIError(400, str(e))) from None
     except (ValueError, EngineStopping) as e:
         raise APIError(*SHUTTING_DOWN) if isinstance(e, EngineStopping) else APIError(400, str(e)) from None
     return base, [rid for rid, *_ in choices], streams

@@ -480,6 +480,22 @@ def test_tokenize_and_detokenize_as_vllm(server, client):
     assert r["count"] == chat.usage.prompt_tokens and len(r["token_strs"]) == r["count"]
 
 
+def test_a_replayed_agent_conversation_reaches_the_template_with_its_tool_calls(smol):
+    """An assistant's tool calls (their JSON arguments as an object, as vLLM gives them), a tool answer's
+    call id and a name reach templates that render them, such as Qwen's; they used to be dropped."""
+    from inferlab.server.protocol import ChatCompletionRequest
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    req = ChatCompletionRequest(model=MODEL, messages=[
+        {"role": "user", "content": "Weather?", "name": "ana"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"}])
+    template = ("{% for m in messages %}{{ m.role }}{% if m.name %}({{ m.name }}){% endif %}:"
+                "{% for c in m.tool_calls or [] %}<call {{ c.function.name }} {{ c.function.arguments | tojson }}>"
+                "{% endfor %}{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}{{ m.content }};{% endfor %}")
+    assert smol[1].apply_chat_template(req.template_messages(), chat_template=template) == \
+        'user(ana):Weather?;assistant:<call weather {"city": "Paris"}>;tool:[c1]sunny;'
+
+
 def test_tiny_temperature_acts_as_greedy(client, offline):
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=1e-300)
     assert r.choices[0].text == offline[PROMPTS[0]].outputs[0].text
@@ -695,6 +711,7 @@ BAD = [
      "no constrained decoding"),
     (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
      400, "tools are not supported"),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice 'required' is not supported"),
     (CHAT, {"messages": USER, "guided_json": {"type": "object"}}, 400, "guided_json is not supported"),
     (CMPL, {"prompt": "hi", "logit_bias": {"the": 1}}, 400, "logit_bias keys must be token ids"),
     (CMPL, {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias values must be numbers in [-100, 100]"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from inferlab.sampling_params import SamplingParams
+from inferlab.server.messages import MAX_MESSAGES, ChatMessage, template_messages
 from inferlab.server.unsupported import UNSUPPORTED, harmless
 
 Float = Annotated[float, Strict()]
@@ -145,49 +146,6 @@ class CompletionRequest(SamplingFields):
         if isinstance(p[0], int):
             return [{"prompt_token_ids": p}]
         return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in p]
-
-
-class ContentPart(BaseModel):
-    """A part of a message's content. Only text parts are read; the others (image_url,
-    input_audio, file) are parsed so that they can be refused by name, not as "not a string"."""
-    model_config = ConfigDict(extra="allow")
-
-    type: StrictStr
-    text: StrictStr | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[ContentPart] | None = None
-    name: StrictStr | None = None
-
-    def text(self, where: str) -> str:
-        if self.content is None and self.role != "assistant":  # OpenAI's: only an assistant's (tool calls) may lack it
-            raise ValueError(f"{where}.content: a {self.role} message needs its content")
-        if not isinstance(self.content, list):
-            return self.content or ""
-        if not self.content and self.role != "assistant":  # as OpenAI: an array needs one part at least
-            raise ValueError(f"{where}.content: an empty array; a {self.role} message needs one part at least")
-        for i, part in enumerate(self.content):
-            if part.type != "text":
-                raise ValueError(f"{where}.content.{i}: {part.type} content parts are not supported "
-                                 "(this model reads text only)")
-            if part.text is None:
-                raise ValueError(f"{where}.content.{i}: a text part needs its text")
-        return "".join(part.text for part in self.content)
-
-
-def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    # "developer" is OpenAI's newer name for the system role
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(f"messages.{i}")}
-            for i, m in enumerate(messages)]
-
-
-# A conversation's messages, counted before any is parsed: 150,000 tiny ones (5 MB, under the body cap)
-# took 0.4 s of validation on the event loop, which then answered nothing else, /health included
-MAX_MESSAGES = 10_000
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -9,6 +9,7 @@ UNSUPPORTED = {
     "best_of": "best_of is not supported; ask for n choices instead",
     "response_format": "response_format {value} is not supported (no constrained decoding): only {{'type': 'text'}}",
     "tools": "tools are not supported (no tool calling); send tool_choice 'none' to have them ignored",
+    "tool_choice": "tool_choice {value!r} is not supported (no tool calling): only 'none'",
     "functions": "functions are not supported (no tool calling)",
     "function_call": "function_call is not supported (no tool calling)",
     "use_beam_search": "use_beam_search is not supported",
@@ -37,7 +38,7 @@ UNSUPPORTED = {
 }
 # the one value of a field above that asks for nothing beyond plain generation, where that is not a falsy one
 NEUTRAL = {"best_of": 1, "response_format": {"type": "text"}, "skip_special_tokens": True, "repeat_penalty": 1.0,
-           "typical_p": 1.0, "length_penalty": 1.0}
+           "typical_p": 1.0, "length_penalty": 1.0, "tool_choice": "none"}
 
 
 def harmless(name: str, value: object, fields: dict, neutral: dict | None = None) -> bool:

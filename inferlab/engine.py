@@ -17,6 +17,7 @@ from inferlab.budget import StepBudget
 from inferlab.config import EngineConfig
 from inferlab.distributed.executor import TensorParallelExecutor
 from inferlab.engine_log import log_start, notify
+from inferlab.engine_model import engine_model
 from inferlab.inputs import PromptType, check_request, check_request_id, parse_prompt
 from inferlab.isolation import execute_isolating
 from inferlab.kv_pool import kv_pool_blocks
@@ -24,7 +25,7 @@ from inferlab.kv_swap import HostKVPool
 from inferlab.kv_transfer import make_connector, store_namespace
 from inferlab.malloc import give_back_when_freed, keep_freed_memory
 from inferlab.model.llama import LlamaForCausalLM
-from inferlab.model.loader import load_model, model_name
+from inferlab.model.loader import model_name
 from inferlab.model.tokenizer import Tokenizer
 from inferlab.output_processor import OutputProcessor
 from inferlab.outputs import RequestOutput
@@ -50,20 +51,7 @@ class LLMEngine:
         self.draft_loaded = draft_loaded
         if config.num_threads is not None:
             torch.set_num_threads(fixed_threads(config.num_threads))  # process-wide: the model is its main user
-        tp, executor = config.tensor_parallel_size, None
-        if loaded is not None:
-            if tp > 1:
-                raise ValueError("tensor_parallel_size > 1 loads each rank's shard: it cannot share a loaded model")
-            self.model, self.tokenizer = loaded
-            self.device = self.model.device
-        else:
-            self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            if tp > 1:  # starts the other ranks, which load their shards while this process loads shard 0
-                executor = TensorParallelExecutor(config, self.device)
-                self.model, self.tokenizer = executor.model, executor.tokenizer
-            else:
-                self.model, self.tokenizer = load_model(config.model, config.dtype, self.device, config.quantization,
-                                                        config.int8_activations)
+        self.model, self.tokenizer, self.device, executor = engine_model(config, loaded)
         try:
             self._start(config, executor, clock)
         except BaseException:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from inferlab.cli_args import engine_config, recording, sampling_params
 from inferlab.outputs import RequestFailed, check_outputs
-from inferlab.text import is_text
+from inferlab.text import is_text, terminal_text
 
 log = logging.getLogger("inferlab")
 
@@ -157,6 +157,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
             continue
         if not line.strip():
             continue
+        line = terminal_text(line)
         if not is_text(line):  # bytes that are no UTF-8, read as lone surrogates: this line alone is refused
             print("error: this line is not UTF-8 text (the conversation is kept)", file=sys.stderr)
             continue

@@ -32,6 +32,7 @@ from inferlab.distributed.worker import is_worker_node, run_node
 from inferlab.logger import setup_logging
 from inferlab.outputs import RequestFailed
 from inferlab.sim.commands import add_sim_commands
+from inferlab.text import terminal_text
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # a terminal or pipe that cannot show a character gets its escape,
         sys.stdout.reconfigure(errors="backslashreplace")  # not an error that drops the answer
     parser = build_parser()
-    _refuse_unknown_leading_options(parser, sys.argv[1:] if argv is None else argv)
+    argv = [terminal_text(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    _refuse_unknown_leading_options(parser, argv)
     a, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's parser, so that the help it points to has the options
         a.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")

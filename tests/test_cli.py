@@ -61,6 +61,17 @@ def test_a_chat_line_that_is_not_utf8_is_refused_alone():
     assert b"Paris" in r.stdout
 
 
+def test_utf8_from_a_terminal_is_text_under_an_ascii_locale():
+    """Under LC_ALL=C with UTF-8 mode off, Python reads a terminal's UTF-8 bytes as lone surrogates:
+    "café" in an argument or a chat line was refused as no text."""
+    r = subprocess.run([sys.executable, "-m", "inferlab.cli", "chat", "--temperature", "0", "--max-tokens", "4",
+                        "--num-kv-blocks", "64", "--system", "Tu es très utile."], input="Un café ?\n".encode(),
+                       capture_output=True, timeout=180, cwd=ROOT,
+                       env={**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0"})
+    assert r.returncode == 0 and b"error" not in r.stderr, r.stderr
+    assert r.stdout.strip()
+
+
 def test_an_answer_stdout_cannot_encode_is_escaped_not_an_error():
     r = inferlab("generate", "--raw", "中国的首都是", "--max-tokens", "4", "--num-kv-blocks", "64",
                  env={"PYTHONIOENCODING": "ascii"})

@@ -134,6 +134,19 @@ class FullDisk:
         pass
 
 
+def test_the_header_shows_scheduling_settings_never_a_connectors_password(make_tiny_engine):
+    """/scope/info is open whatever --api-key says, and traces are shared: the header used to hold the
+    whole config, a Redis KV pool's URL with its password included."""
+    from inferlab.scope.frames import SHOWN_SETTINGS, encode, header
+    engine = make_tiny_engine(num_kv_blocks=16, block_size=4)
+    engine.config.kv_transfer_config = {"kv_connector": "RedisConnector",
+                                        "kv_connector_extra_config": {"url": "redis://:s3cret@10.0.0.5:6379"}}
+    engine.config.master_addr = "10.0.0.9"
+    head = header(engine, "live")
+    assert set(head["config"]) == set(SHOWN_SETTINGS) and head["config"]["max_num_seqs"] == engine.config.max_num_seqs
+    assert "s3cret" not in encode(head) and "10.0.0" not in encode(head)
+
+
 def test_a_recording_that_cannot_write_is_refused_or_stops_without_harming_the_engine(make_tiny_engine, caplog,
                                                                                        tmp_path):
     engine = make_tiny_engine()

@@ -7,7 +7,6 @@ TTFT / inter-token latency histograms. A trace file is a header line, then one f
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections import deque
@@ -23,9 +22,15 @@ TRACE_VERSION = 1
 HISTORY_STEPS = 600  # step records a (re)connecting viewer gets, enough to fill the timeline
 
 
+# The settings a viewer shows: how the engine schedules, never a path, a host, or a KV connector's URL
+# (which holds a Redis password): /scope/info is open whatever --api-key says, and traces are shared
+SHOWN_SETTINGS = ("dtype", "block_size", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
+                  "prefix_cache", "kv_allocation", "preemption_mode", "scheduling_policy", "sjf_aging_rate")
+
+
 def header(engine: LLMEngine, mode: str) -> dict:
-    """What a viewer needs before the first frame: the engine's settings and the pool size."""
-    config = dataclasses.asdict(engine.config)
+    """What a viewer needs before the first frame: the engine's scheduling settings and the pool size."""
+    config = {name: getattr(engine.config, name) for name in SHOWN_SETTINGS}
     return {"type": "header", "version": TRACE_VERSION, "mode": mode, "config": config,
             "num_blocks": engine.block_manager.num_blocks, "block_size": engine.config.block_size,
             "latency_buckets": list(LATENCY_BUCKETS)}

@@ -35,22 +35,39 @@ class RequestQueue:
     def __init__(self) -> None:
         self._heap: list[tuple[tuple, int, Request]] = []
         self._tie = itertools.count()
+        # id(request) -> the tie number of its live entry. A removed request's entry stays in the heap,
+        # dead, until it surfaces: removing one of N was an O(N) rebuild, so a client that went away
+        # from 16,000 queued choices held every step for seconds (O(N^2)).
+        self._live: dict[int, int] = {}
 
     def key(self, req: Request) -> tuple:
         raise NotImplementedError
 
     def push(self, req: Request) -> None:
-        heapq.heappush(self._heap, (self.key(req), next(self._tie), req))
+        heap, tie = self._heap, next(self._tie)
+        heapq.heappush(heap, (self.key(req), tie, req))
+        self._live[id(req)] = tie
+
+    def _surface(self) -> None:
+        """Drop the dead entries from the top of the heap."""
+        heap, live = self._heap, self._live
+        while heap and live.get(id(heap[0][2])) != heap[0][1]:
+            heapq.heappop(heap)
 
     def peek(self) -> Request:
+        self._surface()
         return self._heap[0][2]
 
     def pop(self) -> Request:
-        return heapq.heappop(self._heap)[2]
+        self._surface()
+        req = heapq.heappop(self._heap)[2]
+        del self._live[id(req)]
+        return req
 
     def remove(self, req: Request) -> None:
-        self._heap = [e for e in self._heap if e[2] is not req]
-        heapq.heapify(self._heap)
+        if self._live.pop(id(req), None) is not None and len(self._heap) > 2 * len(self._live) + 64:
+            self._heap = [e for e in self._heap if self._live.get(id(e[2])) == e[1]]  # mostly dead: compact
+            heapq.heapify(self._heap)
 
     def victim(self, running: list[Request]) -> Request:
         return max(running, key=self.key)
@@ -59,10 +76,11 @@ class RequestQueue:
         return False
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._live)
 
     def __iter__(self) -> Iterator[Request]:
-        return (e[2] for e in sorted(self._heap, key=lambda e: e[:2]))
+        live = [e for e in self._heap if self._live.get(id(e[2])) == e[1]]
+        return (e[2] for e in sorted(live, key=lambda e: e[:2]))
 
 
 class FCFSQueue(RequestQueue):

@@ -112,3 +112,38 @@ def test_sjf_aging_lets_a_long_job_finish_under_a_stream_of_short_ones(make_tiny
 def test_sjf_without_aging_starves_the_long_job(make_tiny_engine):
     # the control: pure shortest-job-first never gets to the long job
     assert not _stream_of_short_jobs(make_tiny_engine, aging_rate=0.0, steps=300)
+
+
+def test_a_queue_keeps_its_order_through_removals_and_removes_without_rebuilding_each_time(monkeypatch):
+    """Removal leaves a dead entry that pop and peek skip: the queue orders what is left as a sorted
+    list would, re-queued requests included. Rebuilding the heap at each removal made a client that went
+    away from 16,000 queued choices hold every step for seconds (O(N^2))."""
+    import heapq
+    import random
+
+    from inferlab.policy import PriorityQueue
+    from inferlab.request import Request
+    rebuilds = []
+    real_heapify = heapq.heapify
+    monkeypatch.setattr(heapq, "heapify", lambda h: (rebuilds.append(len(h)), real_heapify(h)))
+    rng = random.Random(0)
+    queue, reference = PriorityQueue(), []
+    reqs = [Request(f"r{i}", [1], SamplingParams(), arrival_time=float(i), seq=i, priority=rng.randrange(5))
+            for i in range(4000)]
+    for req in reqs:
+        queue.push(req)
+        reference.append(req)
+    for req in rng.sample(reqs, 3000):
+        queue.remove(req)
+        reference.remove(req)
+    for req in rng.sample(reqs, 50):  # some back in the queue, once removed or not
+        if req in reference:
+            queue.remove(req)
+            reference.remove(req)
+        queue.push(req)
+        reference.append(req)
+    reference.sort(key=queue.key)
+    assert len(queue) == len(reference) and list(queue) == reference
+    assert queue.peek() is reference[0]
+    assert [queue.pop() for _ in range(len(reference))] == reference and len(queue) == 0
+    assert len(rebuilds) < 10  # amortized: a compaction after half the entries died, not one per removal

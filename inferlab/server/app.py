@@ -5,6 +5,7 @@ Every client mistake is a 4xx with an OpenAI-style JSON error; a 500 means the s
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
 
@@ -25,9 +26,10 @@ from inferlab.server.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
-from inferlab.server.streams import APIError, collect, sse_events, start, streaming
+from inferlab.server.streams import APIError, collect, off_loop, sse_events, start, streaming
 
 MAX_N = 64
+MAX_CHOICES = 2048  # prompts x n in one completion request
 
 
 def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
@@ -117,10 +119,13 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
         check_model(req.model)
-        bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})")
-        return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}  # /tokenize's ids, back whole
+
+        def text() -> str:  # on a worker thread: a million ids held the event loop for half a second
+            bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
+            if bad is not None:
+                raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})")
+            return tok.decode(req.tokens, skip_special_tokens=False)  # /tokenize's ids, back whole
+        return {"prompt": await asyncio.to_thread(text)}
 
     def check_common(req: SamplingFields) -> None:
         check_model(req.model)
@@ -139,7 +144,11 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if req.echo:  # ignoring it would silently return other text than the client asked for
             raise APIError(400, "echo is not supported")
         try:
-            engine_prompts = [await prompts.completion(p, req.cache_salt) for p in req.prompts()]
+            listed = req.prompts()
+            if len(listed) * req.n > MAX_CHOICES:  # each is a request: one small body could queue 64,000
+                raise ValueError(f"{len(listed)} prompts x n {req.n} ask for {len(listed) * req.n} choices, more "
+                                 f"than the {MAX_CHOICES} one request may; send them in several requests")
+            engine_prompts = [await prompts.completion(p, req.cache_salt) for p in listed]
         except ValueError as e:
             raise APIError(400, str(e)) from None
         base, rids, streams = await start(engine, req, engine_prompts, req.max_tokens, req.logprobs)
@@ -154,11 +163,15 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
         if not req.stream:
             finals = await collect(engine, raw, rids, streams)
-            choices = [{"index": i, "text": o.outputs[0].text, "finish_reason": fmt.finish_reason(o),
-                        "stop_reason": o.outputs[0].stop_reason,
-                        "logprobs": logprobs(o, len(o.outputs[0].token_ids), fmt.TextOffsets(tok, o.prompt_token_ids),
-                                             True)} for i, o in enumerate(finals)]
-            return {**head, "choices": choices, "usage": fmt.usage(finals, req.n)}
+
+            def body() -> dict:
+                choices = [{"index": i, "text": o.outputs[0].text, "finish_reason": fmt.finish_reason(o),
+                            "stop_reason": o.outputs[0].stop_reason,
+                            "logprobs": logprobs(o, len(o.outputs[0].token_ids),
+                                                 fmt.TextOffsets(tok, o.prompt_token_ids), True)}
+                           for i, o in enumerate(finals)]
+                return {**head, "choices": choices, "usage": fmt.usage(finals, req.n)}
+            return await off_loop(body)
 
         offsets = [fmt.TextOffsets(tok, p["prompt_token_ids"]) for p in engine_prompts for _ in range(req.n)]
 
@@ -194,11 +207,14 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
         if not req.stream:
             finals = await collect(engine, raw, rids, streams)
-            choices = [{"index": i, "message": {"role": "assistant", "content": o.outputs[0].text},
-                        "logprobs": logprobs(o, len(o.outputs[0].token_ids)),
-                        "finish_reason": fmt.finish_reason(o), "stop_reason": o.outputs[0].stop_reason}
-                       for i, o in enumerate(finals)]
-            return {**head, "object": "chat.completion", "choices": choices, "usage": fmt.usage(finals, req.n)}
+
+            def body() -> dict:
+                choices = [{"index": i, "message": {"role": "assistant", "content": o.outputs[0].text},
+                            "logprobs": logprobs(o, len(o.outputs[0].token_ids)),
+                            "finish_reason": fmt.finish_reason(o), "stop_reason": o.outputs[0].stop_reason}
+                           for i, o in enumerate(finals)]
+                return {**head, "object": "chat.completion", "choices": choices, "usage": fmt.usage(finals, req.n)}
+            return await off_loop(body)
 
         chunk = {**head, "object": "chat.completion.chunk"}
 

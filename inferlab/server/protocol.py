@@ -87,7 +87,7 @@ class SamplingFields(BaseModel):
     def token_bias(self) -> dict[int, float] | None:
         if not self.logit_bias:
             return None
-        if not all(k.isdigit() for k in self.logit_bias):
+        if not all(k.isascii() and k.isdigit() for k in self.logit_bias):  # "١٢" and "²" are digits to Python
             raise ValueError("logit_bias keys must be token ids (non-negative integers as strings)")
         return {int(k): v for k, v in self.logit_bias.items()}
 

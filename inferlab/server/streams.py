@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from inferlab.allocation import OutOfKVMemoryError
@@ -50,6 +50,12 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
     except (ValueError, EngineStopping) as e:
         raise APIError(*SHUTTING_DOWN) if isinstance(e, EngineStopping) else APIError(400, str(e)) from None
     return base, [rid for rid, *_ in choices], streams
+
+
+async def off_loop(body: Callable[[], dict]) -> JSONResponse:
+    """A whole answer built and serialized on a worker thread: n choices with their logprobs (megabytes
+    of JSON) built on the event loop held every other stream and /health meanwhile."""
+    return await asyncio.to_thread(lambda: JSONResponse(body()))
 
 
 def abort_all(engine: AsyncEngine, rids: list[str]) -> None:

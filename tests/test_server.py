@@ -26,6 +26,8 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from inferlab import LLM, SamplingParams
 from inferlab.async_engine import AsyncEngine
@@ -964,6 +966,8 @@ def test_api_key_guards_the_api_and_the_lab(smol):
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
         assert httpx.post(f"{url}/scope/lab", json={"count": 1}, timeout=10).status_code == 401
         assert httpx.post(f"{url}{CMPL}", json={"prompt": "hi"}, timeout=10).status_code == 401
+        assert httpx.post(f"{url}/tokenize", json={"prompt": "hi"}, timeout=10).status_code == 401
+        assert httpx.post(f"{url}/detokenize", json={"tokens": [1]}, timeout=10).status_code == 401
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # probes and metrics stay open
         assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=60)
@@ -972,6 +976,17 @@ def test_api_key_guards_the_api_and_the_lab(smol):
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
         server.wait_idle()
         server.check_engine()
+
+
+def test_an_empty_api_key_is_no_key():
+    """(As vLLM reads it.) Guarded by "", no header got a 401 while an empty "Bearer" got in."""
+    from inferlab.server.guard import Guard
+    app = FastAPI()
+    app.get("/v1/models")(lambda: {"data": []})
+    app.add_middleware(Guard, api_key="")
+    with TestClient(app) as open_app:
+        assert open_app.get("/v1/models").status_code == 200
+        assert open_app.get("/v1/models", headers={"Authorization": "Bearer"}).status_code == 200
 
 
 def preflight(url: str, origin: str) -> httpx.Response:

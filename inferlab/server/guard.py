@@ -13,7 +13,8 @@ from inferlab.server.openai_format import error_response
 
 MAX_BODY_BYTES = 8 << 20  # a 128k-token context of text fits several times over
 DRAIN_BYTES = 64 << 20  # an over-long body is read this far and dropped, so its client gets the 413
-PROTECTED = ("/v1/", "/scope/lab")  # what the key guards; /health, /metrics and the dashboard's view stay open
+# what the key guards; /health, /metrics, /version and the dashboard's view stay open
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/scope/lab")
 # Pages served from this machine, on any port (Ollama's default): a web UI run beside the server
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
@@ -27,10 +28,13 @@ def add_cors(app, allowed_origins: list[str] | None = None) -> None:
 
 
 class Guard:
-    """ASGI middleware: `api_key` (None: no key needed) and `max_body_bytes` as above."""
+    """ASGI middleware: `api_key` (None or "": no key needed, as vLLM reads an empty one) and
+    `max_body_bytes` as above."""
 
     def __init__(self, app: ASGIApp, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        # an empty key (a compose file's unset $INFERLAB_API_KEY) is none: guarded by it, an empty
+        # "Bearer" header got in while no header did not, which looked protected and was not
+        self.app, self.api_key, self.max_body_bytes = app, api_key or None, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -35,7 +35,7 @@ from inferlab.sim.trace import TraceRequest
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls count river stones under pale "
          "autumn light and distant bells ring softly across quiet hills").split()
 SERVE = ["--dtype", "float32", "--num-kv-blocks", "1024", "--max-model-len", "2048", "--max-num-batched-tokens",
-         "256", "--threads", "1"]
+         "256", "--threads", "1", "--enable-prompt-tokens-details"]  # usage's cached tokens show where KV came from
 
 
 def options(p) -> None:

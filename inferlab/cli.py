@@ -38,7 +38,8 @@ from inferlab.text import terminal_text
 def cmd_serve(a: argparse.Namespace) -> None:
     from inferlab.server.serve import serve
     check_listen(a.host, a.port)
-    serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key, a.allowed_origins)
+    serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key, a.allowed_origins,
+          a.enable_prompt_tokens_details)
 
 
 def cmd_router(a: argparse.Namespace) -> None:
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clients of /v1 and the dashboard's lab must send 'Authorization: Bearer KEY' "
                         "(default: $INFERLAB_API_KEY; none: open)")
     add_origins_arg(s)
+    s.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="usage says how many prompt tokens the prefix cache held (vLLM's flag; off: a client "
+                        "could learn from it how much of another's prompt it guessed)")
     add_record_arg(s)
     add_engine_args(s)
     s.add_argument("--seed", type=int, default=None, dest="engine_seed",

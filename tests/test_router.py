@@ -39,7 +39,7 @@ def instance(tiny, sock: socket.socket | None = None, **config) -> Iterator[tupl
     config.setdefault("num_kv_blocks", 256)
     engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=tiny))
     try:
-        with serving(build_server_app(engine, "tiny"), sock or bound_socket()) as url:
+        with serving(build_server_app(engine, "tiny", prompt_tokens_details=True), sock or bound_socket()) as url:
             yield url, engine
     finally:
         engine.shutdown()

@@ -107,13 +107,14 @@ class Server:
 
 @contextmanager
 def running_server(smol, api_key: str | None = None, draft=None, allowed_origins: list[str] | None = None,
-                   **config) -> Iterator[Server]:
+                   prompt_tokens_details: bool = True, **config) -> Iterator[Server]:
     config.setdefault("num_kv_blocks", 512)
     engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=smol, draft_loaded=draft))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the server starts: no free-port race
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_server_app(engine, MODEL, api_key, allowed_origins), host="127.0.0.1",
+    server = uvicorn.Server(uvicorn.Config(build_server_app(engine, MODEL, api_key, allowed_origins,
+                                                            prompt_tokens_details), host="127.0.0.1",
                                            port=port, log_level="warning"))
     errors = ErrorLog()
     logging.getLogger("uvicorn.error").addHandler(errors)  # after Config, which sets logging up
@@ -319,6 +320,19 @@ def test_second_identical_prompt_hits_the_prefix_cache(client):
     assert second.usage.prompt_tokens_details.cached_tokens >= 16  # at least one full block
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
     assert second.choices[0].text == first.choices[0].text
+
+
+def test_cached_prompt_tokens_are_reported_only_when_enabled(smol):
+    """(vLLM's --enable-prompt-tokens-details, off by default.) A client that guesses another's prompt
+    read from them, block by block, how much it got right: a secret in a system prompt leaked so."""
+    with running_server(smol, prompt_tokens_details=False, num_kv_blocks=64) as plain:
+        prompt = "The admin PIN is 4711. " + " ".join(f"w{i}" for i in range(30))
+        for stream in (False, True):
+            r = httpx.post(f"{plain.url}{CMPL}", timeout=60, json={
+                "prompt": prompt, "max_tokens": 2, "stream": stream, "stream_options": {"include_usage": True}
+                if stream else None})
+            usage = json.loads(r.text.split("data: ")[-2]) if stream else r.json()
+            assert usage["usage"]["prompt_tokens"] > 16 and "prompt_tokens_details" not in usage["usage"], usage
 
 
 def test_cache_salt_shares_cached_blocks_only_within_a_salt(client):

@@ -6,6 +6,7 @@ Every client mistake is a 4xx with an OpenAI-style JSON error; a 500 means the s
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from contextlib import asynccontextmanager
 
@@ -32,8 +33,10 @@ MAX_N = 64
 MAX_CHOICES = 2048  # prompts x n in one completion request
 
 
-def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool = False) -> FastAPI:
+    """`prompt_tokens_details`: usage says how many prompt tokens were cached (see `fmt.usage`)."""
     tok = engine.engine.tokenizer
+    usage = functools.partial(fmt.usage, details=prompt_tokens_details)
     max_model_len = engine.engine.max_request_tokens  # the context, or the whole KV pool where it holds less
     prompts = PromptBuilder(tok, max_model_len)
 
@@ -170,7 +173,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                             "logprobs": logprobs(o, len(o.outputs[0].token_ids),
                                                  fmt.TextOffsets(tok, o.prompt_token_ids), True)}
                            for i, o in enumerate(finals)]
-                return {**head, "choices": choices, "usage": fmt.usage(finals, req.n)}
+                return {**head, "choices": choices, "usage": usage(finals, req.n)}
             return await off_loop(body)
 
         offsets = [fmt.TextOffsets(tok, p["prompt_token_ids"]) for p in engine_prompts for _ in range(req.n)]
@@ -183,7 +186,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             return {"index": i, "text": c.new_text, "logprobs": lp, "finish_reason": fmt.finish_reason(out),
                     "stop_reason": c.stop_reason}
 
-        return streaming(engine, sse_events(req, streams, head, choice), rids)
+        return streaming(engine, sse_events(req, streams, head, choice, usage), rids)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
@@ -213,7 +216,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                             "logprobs": logprobs(o, len(o.outputs[0].token_ids)),
                             "finish_reason": fmt.finish_reason(o), "stop_reason": o.outputs[0].stop_reason}
                            for i, o in enumerate(finals)]
-                return {**head, "object": "chat.completion", "choices": choices, "usage": fmt.usage(finals, req.n)}
+                return {**head, "object": "chat.completion", "choices": choices, "usage": usage(finals, req.n)}
             return await off_loop(body)
 
         chunk = {**head, "object": "chat.completion.chunk"}
@@ -233,6 +236,6 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fmt.finish_reason(out),
                     "stop_reason": c.stop_reason}
 
-        return streaming(engine, sse_events(req, streams, chunk, choice), rids)
+        return streaming(engine, sse_events(req, streams, chunk, choice, usage), rids)
 
     return app

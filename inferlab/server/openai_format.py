@@ -20,13 +20,18 @@ def finish_reason(out: RequestOutput) -> str | None:
     return out.outputs[0].finish_reason if out.finished else None
 
 
-def usage(finals: list[RequestOutput], n: int) -> dict:
-    """Prompt tokens count once per prompt (the first of its n choices), completions for all."""
+def usage(finals: list[RequestOutput], n: int, details: bool = False) -> dict:
+    """Prompt tokens count once per prompt (the first of its n choices), completions for all.
+    `details`: with the prompt tokens the prefix cache held (vLLM's --enable-prompt-tokens-details). Off
+    by default, as vLLM's: a client that guesses another's prompt learns from it, block by block, how
+    much it got right."""
     firsts = finals[::n]
     prompt = sum(len(o.prompt_token_ids) for o in firsts)
     completion = sum(len(o.outputs[0].token_ids) for o in finals)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in firsts)}}
+    counts = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if details:
+        counts["prompt_tokens_details"] = {"cached_tokens": sum(o.num_cached_tokens for o in firsts)}
+    return counts
 
 
 def new_logprobs(out: RequestOutput, count: int) -> list[tuple[int, dict[int, float]]]:

@@ -124,7 +124,8 @@ async def merged(streams: Streams) -> AsyncIterator[tuple[int, RequestOutput]]:
 
 
 async def sse_events(req: SamplingFields, streams: Streams, head: dict,
-                     choice: Callable[[int, RequestOutput], dict | None]) -> AsyncIterator[str]:
+                     choice: Callable[[int, RequestOutput], dict | None],
+                     usage: Callable[[list[RequestOutput], int], dict]) -> AsyncIterator[str]:
     """The SSE body of both endpoints: a chunk per choice update (`choice` builds it, or None
     to skip), an error event if the engine failed a request, the usage chunk if asked (and each
     chunk's choice's usage so far with vLLM's continuous_usage_stats), [DONE]."""
@@ -135,9 +136,9 @@ async def sse_events(req: SamplingFields, streams: Streams, head: dict,
             break
         body = choice(i, out)
         if body is not None:
-            yield fmt.sse({**head, "choices": [body], "usage": fmt.usage([out], 1) if req.continuous_usage else None})
+            yield fmt.sse({**head, "choices": [body], "usage": usage([out], 1) if req.continuous_usage else None})
         if out.finished:
             finals[i] = out
     if req.include_usage and len(finals) == len(streams):
-        yield fmt.sse({**head, "choices": [], "usage": fmt.usage([finals[i] for i in sorted(finals)], req.n)})
+        yield fmt.sse({**head, "choices": [], "usage": usage([finals[i] for i in sorted(finals)], req.n)})
     yield fmt.sse("[DONE]")

@@ -253,6 +253,17 @@ def test_router_passes_bad_bodies_to_the_backend_and_serves_model_lookups(tiny):
             got = httpx.post(f"{r}/v1/chat/completions", json=body, timeout=30)
             want = httpx.post(f"{a}/v1/chat/completions", json=body, timeout=30)
             assert got.status_code == want.status_code == 400 and got.json() == want.json()
+        # what the backend judges by its own rules, as it would sent directly (these were the router's 500s)
+        for path, text in (("/v1/completions", '{"prompt": "hi", "temperature": NaN}'),
+                           ("/v1/completions", '{"prompt": "\\ud800"}'),
+                           ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udc00"}]}'),
+                           ("/v1/completions", '{"prompt": [1, 2], "max_tokens": 1, "user": "\\ud800"}')):
+            got, want = (httpx.post(f"{u}{path}", content=text, headers={"content-type": "application/json"},
+                                    timeout=30) for u in (r, a))
+            assert got.status_code == want.status_code and got.status_code in (200, 400), (text, got.text)
+            assert got.status_code == 200 or got.json() == want.json()
+        nested = httpx.post(f"{r}/v1/completions", content=b'{"prompt":' + b"[" * 100_000, timeout=30)
+        assert nested.status_code == 400 and "not valid JSON" in nested.json()["error"]["message"]
         ok = httpx.post(f"{r}/v1/completions", json={"prompt": "hi", "messages": None, "max_tokens": 2}, timeout=30)
         assert ok.status_code == 200
         model = httpx.get(f"{r}/v1/models/tiny", timeout=30)

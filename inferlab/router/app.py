@@ -13,6 +13,7 @@ answer while its backend passes its health checks. Nothing waits forever.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from contextlib import asynccontextmanager
 from urllib.parse import quote
@@ -87,6 +88,8 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
         # A stream is cut after `timeout` s of silence. A plain request is silent until its answer is
         # whole, however long that takes: it waits while its backend passes its health checks.
         limit = httpx.Timeout(timeout if body.get("stream") else None, connect=2.0)
+        # NaN or a lone surrogate (escaped) as sent, for the backend to judge: httpx's encoder raised (a 500)
+        payload = json.dumps(body).encode()
         tried: set[int] = set()
         while True:
             backend = pick(role, body, tried)
@@ -94,7 +97,8 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
             backend.requests += 1
             backend.in_flight += 1
             try:
-                req = client.build_request("POST", backend.url + path, json=body, headers=headers, timeout=limit)
+                req = client.build_request("POST", backend.url + path, content=payload, timeout=limit,
+                                           headers={**headers, "content-type": "application/json"})
                 resp = await while_healthy(backend, client.send(req, stream=True))
             except BaseException as e:  # no answer to count it by: cancelled (the client left) or failed
                 backend.in_flight -= 1
@@ -140,7 +144,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
         state["requests"] += 1
         try:
             body = await raw.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a body nested past Python's stack
             return error(400, "the request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict):
             return error(400, "the request body must be a JSON object", "invalid_request_error")

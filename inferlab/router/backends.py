@@ -63,11 +63,12 @@ def prompt_bytes(body: dict) -> bytes:
     answers it with its own error)."""
     messages, prompt = body.get("messages"), body.get("prompt")
     if isinstance(messages, list):
-        return "".join(f"{m.get('role')}\n{m.get('content')}\n" for m in messages if isinstance(m, dict)).encode()
+        text = "".join(f"{m.get('role')}\n{m.get('content')}\n" for m in messages if isinstance(m, dict))
+        return text.encode(errors="surrogatepass")  # a lone surrogate is the backend's to refuse
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch: its first prompt
     if isinstance(prompt, str):
-        return prompt.encode()
+        return prompt.encode(errors="surrogatepass")
     if isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t < 2**32 for t in prompt):
         return b"".join(t.to_bytes(4, "little") for t in prompt[:PREFIX_CHUNK * PREFIX_BLOCKS // 4])
     return b""

@@ -221,6 +221,8 @@ class AsyncEngine:
         abort the rest, so every client still gets an answer (a stream ends with its finish reason
         and [DONE]) before the HTTP server stops waiting for them. Safe to call from a signal handler."""
         if self.stopping:
+            if grace <= 0:  # hurried along: the rest of the grace is given up
+                self._call(self._abort_all)
             return
         self.stopping = True
         timer = threading.Timer(grace, lambda: self._call(self._abort_all))

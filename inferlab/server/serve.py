@@ -48,10 +48,18 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine, on_stop: Callable[[], None]) -> None:
         super().__init__(config)
         self.engine, self.on_stop = engine, on_stop
+        self.hurried = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        name = signal.Signals(sig).name
         if not self.should_exit:
-            log.info("%s: stopping; requests still running get %.0f s to finish", signal.Signals(sig).name, DRAIN_S)
+            log.info("%s: stopping; requests still running get %.0f s to finish (again: abort them now)", name,
+                     DRAIN_S)
+        elif not self.hurried:  # a second signal: what runs is aborted now, each client still getting its end
+            self.hurried = True  # (uvicorn's own second signal cut every stream and answered plain requests 500)
+            log.info("%s again: aborting the running requests now (a third time: exit at once)", name)
+            self.engine.drain(0)
+            return
         super().handle_exit(sig, frame)
         self.engine.drain(DRAIN_S)
 

@@ -729,6 +729,7 @@ BAD = [
      400, "tools are not supported"),
     (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice 'required' is not supported"),
     (CMPL, {"prompt": "hi", "logit_bias": {"\u0661\u0662": 5}}, 400, "logit_bias keys must be token ids"),
+    (CMPL, '{"\\ud800": 1, "prompt": "hi"}', 400, "a key of the body: a lone surrogate"),
     (CMPL, {"prompt": [[1, 2]] * 33, "n": 64}, 400, "ask for 2112 choices, more than the 2048 one request may"),
     (CHAT, {"messages": USER, "guided_json": {"type": "object"}}, 400, "guided_json is not supported"),
     (CMPL, {"prompt": "hi", "logit_bias": {"the": 1}}, 400, "logit_bias keys must be token ids"),

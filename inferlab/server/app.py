@@ -53,11 +53,14 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
         if first.get("type") == "json_invalid":
             reason = first.get("ctx", {}).get("error", "")
             return fmt.error_response(400, f"the request body is not valid JSON: {reason}")
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        if first.get("type") == "string_unicode":  # pydantic cannot take a lone surrogate: a key holds one
+            return fmt.error_response(400, f"{where or 'a key of the body'}: a lone surrogate (an escaped "
+                                      "\\ud800-\\udfff alone) is not text")
         if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: missing, or not an object
             return fmt.error_response(400, "the request body must be a JSON object (sent with Content-Type: "
                                       "application/json)" if first.get("type") != "missing" else
                                       "the request body is empty: send a JSON object")
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return fmt.error_response(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
 
     @app.exception_handler(APIError)

@@ -510,6 +510,10 @@ def test_a_replayed_agent_conversation_reaches_the_template_with_its_tool_calls(
                 "{% endfor %}{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}{{ m.content }};{% endfor %}")
     assert smol[1].apply_chat_template(req.template_messages(), chat_template=template) == \
         'user(ana):Weather?;assistant:<call weather {"city": "Paris"}>;tool:[c1]sunny;'
+    # a template that takes the arguments for a string (DeepSeek-V3's concatenates them): a 400, not a 500
+    with pytest.raises(ValueError, match="chat template failed on these messages: TypeError"):
+        smol[1].apply_chat_template(req.template_messages(),
+                                    chat_template="{{ 'x' + messages[1].tool_calls[0].function.arguments }}")
 
 
 def test_tiny_temperature_acts_as_greedy(client, offline):

@@ -26,7 +26,7 @@ def show_tree(eng, depth_limit: int = 6) -> None:
 
     def walk(node, depth):
         for child in node.children.values():
-            text = tok.decode(list(child.tokens)).replace("\n", "⏎")
+            text = tok.decode(list(child.tokens), skip_special_tokens=True).replace("\n", "⏎")
             more = f"  ({len(child.children)} children)" if len(child.children) > 1 else ""
             print(f"  {'  ' * depth}block {child.block_id:2} {text[:40]!r}{more}")
             if depth + 1 < depth_limit:

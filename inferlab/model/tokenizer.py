@@ -68,7 +68,7 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     # transformers' names, for scripts written against the tokenizer vLLM's get_tokenizer() returns
-    # (decoding skips special tokens unless told otherwise, as the engine's own text does)
+    # (decoding keeps special tokens unless told to skip them, as transformers' does; answers use `text`)
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 

@@ -16,13 +16,7 @@ from inferlab.request import Request
 
 
 class OutOfKVMemoryError(ValueError):
-    """A request refused because its KV reservation does not fit the pool beside the others'.
-    `fits_alone`: it would fit an empty pool, so it is the load that refuses it, not the request
-    (a server answers 503, which clients retry, instead of 400)."""
-
-    def __init__(self, message: str, fits_alone: bool) -> None:
-        super().__init__(message)
-        self.fits_alone = fits_alone
+    """A request refused because its KV reservation does not fit the pool beside the others'."""
 
 
 class Paged:
@@ -72,7 +66,7 @@ class Reserve(Paged):
                 f"prompt + {req.max_tokens} max tokens, {bm.block_size} a block) but only "
                 f"{bm.num_blocks - self.reserved} of {bm.num_blocks} are unreserved ({self.holders} requests hold "
                 f"{self.reserved}); lower max_tokens or max_model_len, or allocate blocks as they fill "
-                f"(kv_allocation='paged', --kv-allocation paged)", fits_alone=need <= bm.num_blocks)
+                f"(kv_allocation='paged', --kv-allocation paged)")
         self.reserved += need
         self.holders += 1
 

@@ -302,6 +302,10 @@ def test_a_reservation_refused_for_the_load_is_a_503_that_clients_retry(smol):
             assert error["code"] == "out_of_kv_memory" and "--kv-allocation paged" in error["message"]
         assert httpx.post(f"{small.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4},
                           timeout=120).status_code == 200
+        # what its own choices reserve together is more than the pool: no retry helps, a 400
+        r = httpx.post(f"{small.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 400, "n": 3}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert "3 choices reserve 78 blocks together, more than the pool's 64" in r.json()["error"]["message"]
         small.wait_idle()
         small.check_engine()
 

@@ -44,9 +44,14 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
             choices += [(f"{base}-{i}-{j}", prompt, req.sampling_params(max_tokens, num_logprobs).fork(j), req.priority)
                         for j in range(req.n)]
         streams = await engine.add_many(choices)
-    except OutOfKVMemoryError as e:  # kv_allocation="reserve": what others reserve refuses it, for now
-        raise (APIError(503, str(e), "server_error", "out_of_kv_memory") if e.fits_alone
-               else APIError(400, str(e))) from None
+    except OutOfKVMemoryError as e:  # kv_allocation="reserve"
+        bm = engine.engine.block_manager  # what all its choices reserve together (prompt + max_tokens each)
+        whole = sum(bm.blocks_needed(min(len(p["prompt_token_ids"]) + (max_tokens or max_model_len), max_model_len))
+                    for _, p, *_ in choices)
+        if whole <= bm.num_blocks:  # others' reservations refuse it, for now: a 503, which clients retry
+            raise APIError(503, str(e), "server_error", "out_of_kv_memory") from None
+        raise APIError(400, f"out of KV memory: this request's {len(choices)} choices reserve {whole} blocks "
+                            f"together, more than the pool's {bm.num_blocks}; lower n or max_tokens") from None
     except (ValueError, EngineStopping) as e:
         raise APIError(*SHUTTING_DOWN) if isinstance(e, EngineStopping) else APIError(400, str(e)) from None
     return base, [rid for rid, *_ in choices], streams

@@ -76,7 +76,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if a.raw and a.system:
         raise ValueError("--system goes into the chat template, which --raw leaves out: use one or the other")
     if a.prompt == "-":  # llama-cli's -f and Ollama's pipe: the prompt from stdin
-        a.prompt = sys.stdin.read().replace("\r\n", "\n").removesuffix("\n")  # a Windows file's line ends too
+        a.prompt = terminal_text(sys.stdin.read().replace("\r\n", "\n").removesuffix("\n"))  # Windows line ends too
     if not a.prompt.strip():  # refused before the model loads (the chat template would wrap nothing)
         raise ValueError("the prompt is empty")
     engine = LLMEngine(engine_config(a))

@@ -104,15 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"inferlab {inferlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt (chat template applied for instruct models)")
-    g.add_argument("prompt")
+    g.add_argument("prompt", type=terminal_text)  # text options only: a path must stay as the OS gave it
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    g.add_argument("--system", default=None, help="system message")
+    g.add_argument("--system", type=terminal_text, default=None, help="system message")
     add_sampling_args(g)
     add_record_arg(g)
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
-    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--system", type=terminal_text, default=None, help="system message")
     # greedy, with llama.cpp's and Ollama's repeat penalty: a small model sampled at 0.7 drifts
     # off even "What is the capital of France?", and plain greedy loops in longer answers
     add_sampling_args(c, repetition_penalty=1.1)
@@ -201,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # a terminal or pipe that cannot show a character gets its escape,
         sys.stdout.reconfigure(errors="backslashreplace")  # not an error that drops the answer
     parser = build_parser()
-    argv = [terminal_text(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    _refuse_unknown_leading_options(parser, argv)
+    _refuse_unknown_leading_options(parser, sys.argv[1:] if argv is None else argv)
     a, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's parser, so that the help it points to has the options
         a.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -23,6 +23,7 @@ from inferlab.config import (
 )
 from inferlab.model.layers.keep import QUANTIZATIONS
 from inferlab.server.listen import bind
+from inferlab.text import terminal_text
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -201,7 +202,7 @@ def add_sampling_args(p: argparse.ArgumentParser, repetition_penalty: float = 1.
     g.add_argument("--repetition-penalty", type=float, default=repetition_penalty,
                    help=f"default {repetition_penalty:g}{whose}; 1: off")
     g.add_argument("--seed", type=int, default=None, help="default: none, so sampled text differs from run to run")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--stop", action="append", type=terminal_text, default=None, help="stop string (repeatable)")
 
 
 # EngineConfig and SamplingParams fields set by an option of another name (the others: --field-name)

@@ -61,15 +61,23 @@ def test_a_chat_line_that_is_not_utf8_is_refused_alone():
     assert b"Paris" in r.stdout
 
 
-def test_utf8_from_a_terminal_is_text_under_an_ascii_locale():
+def test_utf8_from_a_terminal_is_text_under_an_ascii_locale(tmp_path):
     """Under LC_ALL=C with UTF-8 mode off, Python reads a terminal's UTF-8 bytes as lone surrogates:
-    "café" in an argument or a chat line was refused as no text."""
+    "café" in a text option, a chat line or a prompt on stdin was refused as no text. A path keeps
+    the bytes the OS gave, which is how it opens."""
+    from inferlab.model.loader import embedded_model_path
+    ascii_locale = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0"}
     r = subprocess.run([sys.executable, "-m", "inferlab.cli", "chat", "--temperature", "0", "--max-tokens", "4",
                         "--num-kv-blocks", "64", "--system", "Tu es très utile."], input="Un café ?\n".encode(),
-                       capture_output=True, timeout=180, cwd=ROOT,
-                       env={**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0"})
+                       capture_output=True, timeout=180, cwd=ROOT, env=ascii_locale)
     assert r.returncode == 0 and b"error" not in r.stderr, r.stderr
     assert r.stdout.strip()
+    model = tmp_path / "modèle.gguf"
+    model.symlink_to(embedded_model_path())
+    r = subprocess.run([sys.executable, "-m", "inferlab.cli", "generate", "--model", str(model), "--max-tokens", "4",
+                        "--num-kv-blocks", "64", "--stop", "é", "-"], input="Un café ?".encode(),
+                       capture_output=True, timeout=180, cwd=ROOT, env=ascii_locale)
+    assert r.returncode == 0 and b"error" not in r.stderr, r.stderr
 
 
 def test_an_answer_stdout_cannot_encode_is_escaped_not_an_error():

@@ -47,7 +47,8 @@ def model_name(model: str | None) -> str:
     """What a model is called (by the server, and in prefix-cache keys): its file or folder name."""
     if model is None:
         return EMBEDDED_FILE.split(".")[0]  # SmolLM2-135M-Instruct
-    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+    name = os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+    return os.fsencode(name).decode("utf-8", "replace")  # text, as the OS's bytes read: a locale's escapes go
 
 
 def embedded_model_path() -> str:

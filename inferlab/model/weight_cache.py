@@ -40,7 +40,7 @@ def _entry(path: str) -> Path | None:
         return None
     st = os.stat(path)
     key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{FORMAT}"
-    return cache_dir("models") / hashlib.sha256(key.encode()).hexdigest()[:20]
+    return cache_dir("models") / hashlib.sha256(os.fsencode(key)).hexdigest()[:20]  # a path's bytes, any locale
 
 
 def load(path: str) -> tuple[ModelArgs, Tensors, dict] | None:
@@ -72,7 +72,7 @@ def save(path: str, args: ModelArgs, tensors: Tensors, tokenizer_fields: dict) -
         with tempfile.TemporaryDirectory(dir=entry.parent, ignore_cleanup_errors=True) as tmp:
             save_file({name: t.contiguous() for name, t, _ in tensors}, os.path.join(tmp, "weights.safetensors"))
             Path(tmp, "meta.json").write_text(json.dumps(meta))
-            Path(tmp, "source").write_text(os.path.abspath(path))
+            Path(tmp, "source").write_bytes(os.fsencode(os.path.abspath(path)))  # its bytes: any name, any locale
             os.replace(tmp, entry)
     except OSError as e:
         if (entry / "meta.json").exists():  # another process parsed the same file meanwhile
@@ -90,7 +90,7 @@ def _prune(saved: Path, source: str) -> None:
     replaced, a test's temporary file)."""
     for entry in saved.parent.iterdir():
         try:
-            other = (entry / "source").read_text() if entry != saved else None
+            other = os.fsdecode((entry / "source").read_bytes()) if entry != saved else None
         except OSError:  # not an entry, or one from before sources were written: left as it is
             continue
         if other is not None and (other == source or not os.path.exists(other)):

@@ -343,7 +343,8 @@ def test_simulator_and_router_share_one_policy_definition():
 
 @contextmanager
 def odd_backend(answer: str) -> Iterator[str]:
-    """A backend that answers completions with a 503 as a draining server does ("draining"), or
+    """A backend that answers completions (and health checks once asked one) with a 503 as a draining
+    server does ("draining"), or
     that stops once it has passed its first health check: nothing it is asked then ever answers
     ("stopped", as a SIGSTOPped process), or that fails its health checks once asked a completion
     but answers it 1.5 s later ("finishing", as a server draining what it has in flight)."""
@@ -356,8 +357,8 @@ def odd_backend(answer: str) -> Iterator[str]:
         checks.append(1)
         if answer == "stopped" and len(checks) > 1:
             await asyncio.sleep(3600)
-        if answer == "finishing" and asked:
-            return JSONResponse({"status": "shutting down"}, status_code=503)
+        if answer in ("draining", "finishing") and asked:  # as a draining server's: else the next check
+            return JSONResponse({"status": "shutting down"}, status_code=503)  # put it back in rotation
         return {"status": "ok"}
 
     @app.post("/v1/completions")

@@ -145,6 +145,8 @@ def test_the_header_shows_scheduling_settings_never_a_connectors_password(make_t
     head = header(engine, "live")
     assert set(head["config"]) == set(SHOWN_SETTINGS) and head["config"]["max_num_seqs"] == engine.config.max_num_seqs
     assert "s3cret" not in encode(head) and "10.0.0" not in encode(head)
+    engine.config.scheduling_policy = "/home/ana/work/mine.py:Mine"
+    assert header(engine, "live")["config"]["scheduling_policy"] == "mine.py:Mine"
 
 
 def test_a_recording_that_cannot_write_is_refused_or_stops_without_harming_the_engine(make_tiny_engine, caplog,
@@ -220,6 +222,14 @@ def test_replay_app_serves_the_page_and_the_trace(make_tiny_engine, tmp_path):
     assert client.get("/scope/trace").text.splitlines() == path.read_text().splitlines()[1:]
     page = client.get("/scope")
     assert page.status_code == 200 and "scope.js" in page.text
+    # a trace recorded before headers held the scheduling settings alone: served without the rest
+    lines = path.read_text().splitlines()
+    head = json.loads(lines[0])
+    head["config"]["kv_transfer_config"] = {"kv_connector_extra_config": {"url": "redis://:s3cret@h"}}
+    old = tmp_path / "old.jsonl"
+    old.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    info = TestClient(build_replay_app(str(old))).get("/scope/info").json()
+    assert "s3cret" not in json.dumps(info) and info["config"]["max_num_seqs"] == head["config"]["max_num_seqs"]
     for asset in ("scope.js", "scope.css", "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css"):
         assert client.get(f"/scope/static/{asset}").status_code == 200, asset
 

@@ -8,6 +8,7 @@ TTFT / inter-token latency histograms. A trace file is a header line, then one f
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -28,9 +29,17 @@ SHOWN_SETTINGS = ("dtype", "block_size", "max_num_seqs", "max_num_batched_tokens
                   "prefix_cache", "kv_allocation", "preemption_mode", "scheduling_policy", "sjf_aging_rate")
 
 
+def shown(config: dict) -> dict:
+    """The SHOWN_SETTINGS of a config (an older trace's header held them all), a policy file by its name."""
+    out = {name: config[name] for name in SHOWN_SETTINGS if name in config}
+    if isinstance(out.get("scheduling_policy"), str):  # path/to/mine.py:Class -> mine.py:Class
+        out["scheduling_policy"] = os.path.basename(out["scheduling_policy"])
+    return out
+
+
 def header(engine: LLMEngine, mode: str) -> dict:
     """What a viewer needs before the first frame: the engine's scheduling settings and the pool size."""
-    config = {name: getattr(engine.config, name) for name in SHOWN_SETTINGS}
+    config = shown(vars(engine.config))
     return {"type": "header", "version": TRACE_VERSION, "mode": mode, "config": config,
             "num_blocks": engine.block_manager.num_blocks, "block_size": engine.config.block_size,
             "latency_buckets": list(LATENCY_BUCKETS)}

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 
+from inferlab.scope.frames import shown
 from inferlab.scope.recorder import read_trace
 from inferlab.scope.web import mount_pages
 from inferlab.server import listen
@@ -31,7 +33,8 @@ def build_replay_app(*paths: str) -> FastAPI:
     @app.get("/scope/info")  # before mount_pages' own /scope/info, which it shadows: it takes ?trace=K
     async def info(trace: int = 0) -> dict:
         path, head, frames = traces[chosen(trace)]
-        return {**head, "mode": "replay", "frames": len(frames), "file": path}
+        return {**head, "config": shown(head.get("config") or {}), "mode": "replay", "frames": len(frames),
+                "file": os.path.basename(path)}
 
     mount_pages(app, lambda: {})
 

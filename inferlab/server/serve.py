@@ -91,7 +91,7 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
     app = build_server_app(engine, name, api_key, allowed_origins, prompt_tokens_details)
     sock = listen.bind(host, port)
     log.info("serving %s on %s (OpenAI API under /v1, metrics at /metrics, dashboard at /scope%s)",
-             name, listen.url(host, sock), "; an API key guards /v1 and the lab" if api_key else "")
+             name, listen.url(host, sock), "; an API key guards the API and the lab" if api_key else "")
 
     def stop() -> None:  # each part may be stopped twice: the second time does nothing
         engine.shutdown()

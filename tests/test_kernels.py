@@ -522,6 +522,34 @@ def test_build_failure_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
         kernels.library.cache_clear()
 
 
+def test_a_kernel_source_error_fails_the_build_and_a_flag_the_compiler_lacks_leaves_its_isa_out(monkeypatch,
+                                                                                                    tmp_path, caplog):
+    """(A contributor's error in an ISA's file was logged as "this compiler cannot build them", and a library
+    missing that ISA's functions, which others call, was linked and cached; it could not even load.)"""
+    import subprocess
+    src = tmp_path / "src"
+    for isa, code in (("generic", "int f_generic(void) { return 0; }"), ("good", "int f_good(void) { return 1; }"),
+                      ("odd", "int f_odd(void) { return 2; }")):
+        (src / isa).mkdir(parents=True)
+        (src / isa / "a.c").write_text(code + "\n")
+    monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(builder, "ROOT", src)
+    monkeypatch.setattr(builder, "compiled_isas", lambda: ["generic", "good", "odd"])
+    monkeypatch.setattr(builder, "ISAS", {"generic": ([], ()), "good": ([], ()), "odd": (["-mno-such-isa-flag"], ())})
+    lib = builder.build()  # a flag this compiler lacks: that ISA alone is left out, with a warning
+    assert "native kernels for odd left out: this compiler cannot build them" in caplog.text
+    assert "f_good" in subprocess.run(["nm", "-D", str(lib)], capture_output=True, text=True).stdout
+    (src / "good" / "a.c").write_text("int f_good(void) { return oops; }\n")  # the source's own error
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        builder.build()
+    assert "oops" in builder.first_error(e.value)
+    (src / "good" / "a.c").write_text("int f_missing(void);\nint f_good(void) { return f_missing(); }\n")
+    with pytest.raises(subprocess.CalledProcessError) as e:  # a name no file defines: no library, none cached
+        builder.build()
+    assert "f_missing" in e.value.stderr
+    assert not list((tmp_path / "cache" / "kernels").glob("inferlab_kernels-*.so"))[1:]  # only the first build's
+
+
 def test_libraries_of_other_versions_unused_for_a_month_are_deleted(monkeypatch, tmp_path):
     current = builder.build()
     monkeypatch.setenv("INFERLAB_CACHE", str(tmp_path))

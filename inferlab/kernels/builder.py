@@ -24,7 +24,8 @@ ROOT = Path(__file__).parent
 # Compile with -ffast-math (vectorized expf and reductions) but link without it: linking with it
 # would pull in crtfastmath, which flushes denormals to zero for the whole process on load.
 CFLAGS = ["-O3", "-fopenmp", "-ffast-math", "-fPIC", "-std=c11", "-Wall", "-Wno-unused-function"]
-LINK = ["-shared", "-fopenmp", "-lm"]
+# A name no file defines is a link error, not a library that fails to load (or is cached) with it dangling
+LINK = ["-shared", "-fopenmp", "-lm", *(["-Wl,--no-undefined"] if platform.system() == "Linux" else [])]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512F = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
 _AVX512 = [*_AVX512F, "-mavx512bf16", "-mavx512vnni"]
@@ -63,9 +64,19 @@ def _compile(cc: list[str], src: Path, obj: Path, isa: str) -> None:
                    capture_output=True, text=True)
 
 
+def _takes_flags(cc: list[str], isa: str, tmp: str) -> bool:
+    """Whether the compiler takes `isa`'s flags at all (an empty file): if it does, a file of that ISA that
+    fails to build has an error of its own, which is the source's to fix, not a compiler too old."""
+    empty = Path(tmp) / "empty.c"
+    empty.write_text("int il_empty;\n")
+    done = subprocess.run([*cc, *CFLAGS, *ISAS[isa][0], "-c", str(empty), "-o", str(empty.with_suffix(".o"))],
+                          capture_output=True, text=True)
+    return done.returncode == 0
+
+
 def build() -> Path:
-    """The library's path, built now if not cached. An ISA whose files this compiler cannot build
-    (too old for AMX, say) is left out with a warning; generic must build."""
+    """The library's path, built now if not cached. An ISA whose flags this compiler does not take
+    (too old for AMX, say) is left out with a warning; any other error fails the build."""
     cc = shlex.split(os.environ.get("CC") or "cc") or ["cc"]  # as make reads it: "ccache gcc", "gcc -g"
     isas = compiled_isas()
     digest = hashlib.sha256(" ".join([*cc, *CFLAGS, *LINK, *isas, repr(ISAS)]).encode())
@@ -97,6 +108,9 @@ def build() -> Path:
                     errors[isa] = errors[isa] or e
         if errors["generic"]:
             raise errors["generic"]
+        for isa in isas:
+            if errors[isa] and _takes_flags(cc, isa, tmp):
+                raise errors[isa]  # the source's error (a definition that does not match api.h, say): no library
         built = [isa for isa in isas if not errors.get(isa)]
         for isa in set(isas) - set(built):
             log.warning("native kernels for %s left out: this compiler cannot build them (%s)", isa,
@@ -127,5 +141,7 @@ def _keep_and_prune(cache: Path, lib: Path) -> None:
 
 
 def first_error(e: BaseException) -> str:
+    """The compiler's first error line (`file:line:col: error: ...`), or the message's last line."""
     lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
-    return next((line for line in lines if "error" in line), lines[-1] if lines else "").strip()
+    return next((line for line in lines if "error:" in line or "error" in line.split("/")[-1]),
+                lines[-1] if lines else "").strip()

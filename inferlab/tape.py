@@ -90,6 +90,7 @@ class Recorder:
         code = C.get(f"IL_OP_{name.upper()}")
         if code is None:
             raise NotRecordable(f"the kernel {name} has no tape op")
+        kernels.check_args(name, args)  # zip below would drop an argument too many
         params = kernels.prototypes()[name][1]
         encoded = [self._encode(ctype, pname, a) for (ctype, pname), a in zip(params, args)]
         self.ops.append((code, self.target.address(name), [*encoded, (C["IL_ARG_THREADS"], 0)]))

@@ -47,12 +47,26 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     """A test taking `isa` runs once per kernel ISA, skipped with the reason where this CPU lacks it."""
     if "isa" in metafunc.fixturenames:
+        import subprocess
+
         from inferlab import kernels
         loaded = kernels.library()
+        failed = kernels.BUILD_FAILURE[-1] if kernels.BUILD_FAILURE else None
+        if isinstance(failed, subprocess.CalledProcessError):  # a compiler, and a source it cannot build: say so,
+            raise pytest.UsageError(  # rather than skip every kernel test as if this CPU lacked them
+                f"the native kernels failed to build: {kernels.first_error(failed)} (INFERLAB_NATIVE=0 runs the "
+                "tests without them)")
         runnable = loaded[1] if loaded else []
-        metafunc.parametrize("isa", [
-            pytest.param(isa, marks=[] if isa in runnable else
-                         [pytest.mark.skip(reason=f"this CPU cannot run the {isa} kernels")]) for isa in kernels.ISAS])
+        flags = kernels.cpu_flags()
+
+        def why(isa: str) -> str:
+            if loaded is None:
+                return f"the native kernels are unavailable: {kernels.first_error(failed) if failed else 'turned off'}"
+            missing = sorted(set(kernels.ISAS[isa][1]) - flags)
+            lacks = f"it lacks {', '.join(missing)}" if missing else "this compiler did not build them"
+            return f"this CPU cannot run the {isa} kernels ({lacks})"
+        metafunc.parametrize("isa", [pytest.param(isa, marks=[] if isa in runnable else
+                                                  [pytest.mark.skip(reason=why(isa))]) for isa in kernels.ISAS])
 
 
 @pytest.fixture(scope="session")

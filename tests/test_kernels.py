@@ -391,11 +391,30 @@ def test_an_installed_package_carries_every_kernel_source():
 
 def test_bindings_follow_the_header():
     """Each binding's argument count is its prototype's, so a C signature change cannot leave a
-    stale ctypes declaration behind."""
+    stale ctypes declaration behind; and every ISA the builder compiles has its prototypes declared
+    in inferlab.h, which is what makes a definition that differs from api.h a compile error."""
     k = kernels.for_isa("generic")
     for name, (_, params) in kernels.prototypes().items():
         assert len(k.functions[name].argtypes) == len(params), name
         assert params[-1][1] == "num_threads", name
+    declared = re.findall(r"#define IL\(name\) IL_CAT\(name, (\w+)\)", (kernels.ROOT / "inferlab.h").read_text())
+    assert declared == [*builder.ISAS, "IL_ISA"]  # then a file's own ISA
+
+
+def test_a_call_that_does_not_match_its_prototype_is_refused_before_c_sees_it():
+    """ctypes passes an argument too many on (it became num_threads), a tensor for an int as its address,
+    and C divides by an unknown weight type's block size of 0: each crashed or misread, now each is named."""
+    k = kernels.for_isa("generic")
+    out, x = torch.empty(2, 4), torch.randn(2, 8)
+    k.silu_and_mul(out, x, 2, 4, kernels.C["IL_F32"])
+    with pytest.raises(TypeError, match=r"kernel silu_and_mul takes 5 arguments \(num_threads is added\), got 6"):
+        k.silu_and_mul(out, x, 2, 4, kernels.C["IL_F32"], 1)
+    with pytest.raises(TypeError, match=r"kernel silu_and_mul: int rows takes a number, got Tensor"):
+        k.silu_and_mul(out, x, torch.tensor(2), 4, kernels.C["IL_F32"])
+    with pytest.raises(TypeError, match=r"kernel silu_and_mul: void\* out takes a tensor or None, got int"):
+        k.silu_and_mul(5, x, 2, 4, kernels.C["IL_F32"])
+    with pytest.raises(ValueError, match=r"kernel dequantize: weight type 9 is none of inferlab.h's IL_W_\*"):
+        k.dequantize(torch.empty(1, 32), torch.empty(34, dtype=torch.uint8), 9, 1, 32)
 
 
 def test_dispatch_picks_the_best_isa_per_entry_point():
@@ -448,14 +467,23 @@ def test_isa_can_be_forced(monkeypatch):
             return kernels.native()
         finally:
             kernels.native.cache_clear()
-    assert forced("generic").isa == "generic"
+    assert forced("generic").isa == "generic" and forced(" Generic ").isa == "generic"
     with pytest.raises(ValueError, match="^INFERLAB_ISA=avx9: unknown ISA 'avx9'"):
         forced("avx9")
     missing = next((isa for isa in kernels.ISAS if isa not in _runnable()), None)
-    if missing is None:
-        pytest.skip("this CPU runs every ISA: none to refuse")
-    with pytest.raises(ValueError, match=f"this CPU cannot run the {missing} kernels"):
-        forced(missing)
+    if missing is None:  # this CPU runs them all: refused as on a CPU without the best one's flags
+        lib, runnable = kernels.library()
+        missing, flags = runnable[-1], kernels.cpu_flags()
+        lacks = set(kernels.ISAS[missing][1]) - set(kernels.ISAS[runnable[-2]][1])
+        monkeypatch.setattr(kernels, "library", lambda: (lib, runnable[:-1]))
+        monkeypatch.setattr(kernels, "cpu_flags", lambda: flags - lacks)
+        kernels.for_isa.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=f"^INFERLAB_ISA={missing}: this CPU cannot run the {missing} kernels "
+                                             r"\(it lacks "):
+            forced(missing)
+    finally:
+        kernels.for_isa.cache_clear()
 
 
 def test_a_bad_forced_isa_is_the_settings_error_not_the_model_files(monkeypatch):

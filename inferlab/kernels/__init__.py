@@ -25,47 +25,21 @@ import ctypes
 import functools
 import logging
 import os
-import re
 import subprocess
 
 import torch
 
-from inferlab.kernels.builder import ISAS, ROOT, build, first_error
+from inferlab.kernels.builder import ISAS, ROOT, build, first_error  # noqa: F401 (ROOT: the package's)
+from inferlab.kernels.header import (  # noqa: F401 (the package's names)
+    DTYPE_CODES,
+    WEIGHT_CODES,
+    C,
+    _ctype,
+    check_args,
+    prototypes,
+)
 
 log = logging.getLogger("inferlab")
-
-
-def _constants() -> dict[str, int]:
-    """`#define IL_NAME value` lines of inferlab.h, values evaluated in order (they may use earlier ones)."""
-    consts: dict[str, int] = {}
-    text = (ROOT / "inferlab.h").read_text()
-    for name, expr in re.findall(r"^#define (IL_\w+) ([^/\n]+?)\s*(?:/\*.*)?$", text, re.M):
-        if re.fullmatch(r"[\w\s()+*-]+", expr) and not name.startswith("IL_CAT") and name != "IL":
-            consts[name] = int(eval(expr, {"__builtins__": {}}, dict(consts)))  # noqa: S307 - our own header
-    return consts
-
-
-C = _constants()
-DTYPE_CODES = {torch.float32: C["IL_F32"], torch.bfloat16: C["IL_BF16"]}
-_CTYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
-
-
-@functools.cache
-def prototypes() -> dict[str, tuple[str, list[tuple[str, str]]]]:
-    """name -> (return type, [(C type, parameter name)]) for every entry point in api.h."""
-    text = re.sub(r"/\*.*?\*/", "", (ROOT / "api.h").read_text(), flags=re.S)
-    protos = {}
-    for ret, name, params in re.findall(r"(int|void) IL\((\w+)\)\(([^)]*)\);", text):
-        parsed = []
-        for p in " ".join(params.split()).split(", "):
-            ctype, pname = re.fullmatch(r"(.+?)\s*(\w+)", p).groups()
-            parsed.append((ctype.replace(" *", "*"), pname))
-        protos[name] = (ret, parsed)
-    return protos
-
-
-def _ctype(ctype: str):
-    return ctypes.c_void_p if ctype.endswith("*") else _CTYPES[ctype]
 
 
 def cpu_flags() -> set[str]:
@@ -136,6 +110,7 @@ class Kernels:
 
     def call(self, name: str, *args):
         """Run entry point `name`; a nonzero status is an error (2: out of memory)."""
+        check_args(name, args)
         status = self.functions[name](*[_arg(a) for a in args], torch.get_num_threads())
         if status:
             if status == 2:
@@ -168,6 +143,9 @@ def native_wanted() -> bool:
     return value not in ("0", "false", "off", "no")
 
 
+BUILD_FAILURE: list[BaseException] = []  # why library() found no library, for tests to say (a log, not a setting)
+
+
 @functools.cache
 def library() -> tuple[ctypes.CDLL, list[str]] | None:
     """The loaded library and the ISAs this CPU runs from it, or None where it cannot be built
@@ -180,6 +158,7 @@ def library() -> tuple[ctypes.CDLL, list[str]] | None:
         lib = ctypes.CDLL(str(build()))
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("native CPU kernels unavailable, using the PyTorch path: %s", first_error(e))
+        BUILD_FAILURE.append(e)
         return None
     built = [isa for isa in ISAS if any(hasattr(lib, f"{name}_{isa}") for name in prototypes())]
     if "generic" not in built:  # a cached file that is not this build's (damaged, or put there)
@@ -216,7 +195,7 @@ def native() -> Kernels | None:
         return None
     forced = os.environ.get("INFERLAB_ISA")
     try:
-        kernels = for_isa(forced or loaded[1][-1])
+        kernels = for_isa((forced or "").strip().lower() or loaded[1][-1])  # " AVX2" as INFERLAB_NATIVE reads its
     except ValueError as e:  # name the setting, or the error reads as the model file's
         raise ValueError(f"INFERLAB_ISA={forced}: {e}") from None
     log.debug("native CPU kernels: %s", kernels.isa)

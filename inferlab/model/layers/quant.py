@@ -105,8 +105,10 @@ GROUP_ROWS = 16
 BY_CODE = {t.code: t for t in (*TYPES, *DEQUANTIZED_AT_LOAD, *REGROUPED.values(), BF16X16, *TILED.values())}
 BY_NAME = {t.name.lower(): t for t in (*TYPES, *DEQUANTIZED_AT_LOAD)}
 BY_DTYPE = {t.dtype: t for t in TYPES if t.dtype is not None}
-assert all(kernels.C[f"IL_W_{t.name.upper()}"] == t.code for t in BY_CODE.values() if t.native), \
-    "inferlab.h and this table disagree"
+_disagree = [f"{t.name} is {t.code} here and {kernels.C.get(f'IL_W_{t.name.upper()}', 'missing')} in inferlab.h"
+             for t in BY_CODE.values() if t.native and kernels.C.get(f"IL_W_{t.name.upper()}") != t.code]
+if _disagree:  # not an assert: python -O would drop it, and the kernels would read other blocks than these
+    raise ImportError(f"the weight types and inferlab.h's IL_W_* disagree: {'; '.join(_disagree)}")
 
 
 def weight_type(data: torch.Tensor, wtype: WeightType | None = None) -> WeightType:

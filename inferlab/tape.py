@@ -125,6 +125,30 @@ class Recorder:
         return "temp", base, offset
 
 
+def _run(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], target: kernels.Kernels, rows: int,
+         persistent: set[int]) -> tuple[Recorder, torch.Tensor]:
+    """The forward pass of a `rows`-row decode step run with a Recorder for the kernels."""
+    half = model.args.head_dim // 2
+    inputs = [torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, half), torch.zeros(rows, half),
+              torch.zeros(rows, dtype=torch.int64), torch.arange(rows), torch.arange(rows, dtype=torch.int32),
+              torch.ones(rows, dtype=torch.int32), torch.zeros(rows, 1, dtype=torch.int32)]
+    ids, cos, sin, slots, row_ids, seqs, lens, tables = inputs
+    meta = AttentionMetadata(slots, [], native=NativeRows(row_ids, seqs, lens, tables))
+    recorder = Recorder(target, rows, inputs, persistent)
+    kernels.set_recorder(recorder)
+    try:
+        with torch.inference_mode(), _ViewsOnly():
+            return recorder, model.hidden_states(ids, cos, sin, kv_caches, meta)
+    finally:
+        kernels.set_recorder(None)
+
+
+def _shape_free(ops: list[tuple[int, int, list[tuple]]]) -> list[tuple]:
+    """The ops as a row count leaves them: calls, constants, fixed and input pointers (not temporaries'
+    places, which scale with the rows)."""
+    return [(code, fn, [a[0] if a[0] == "temp" else a for a in args]) for code, fn, args in ops]
+
+
 def plan_arena(temps: dict[int, list]) -> tuple[dict[int, int], int]:
     """Arena offsets for temporaries by liveness: one is placed in the smallest block whose last
     user came before its first use, else at the end. Returns (offset by storage address, size)."""
@@ -172,24 +196,20 @@ class DecodeTape:
                max_rows: int) -> DecodeTape | None:
         """The tape of `model.hidden_states` for this pool and kernels, or None (logged) where the
         forward pass does something a replay cannot reproduce."""
-        rows, half = max_rows, model.args.head_dim // 2
-        inputs = [torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, half), torch.zeros(rows, half),
-                  torch.zeros(rows, dtype=torch.int64), torch.arange(rows), torch.arange(rows, dtype=torch.int32),
-                  torch.ones(rows, dtype=torch.int32), torch.zeros(rows, 1, dtype=torch.int32)]
-        ids, cos, sin, slots, row_ids, seqs, lens, tables = inputs
-        meta = AttentionMetadata(slots, [], native=NativeRows(row_ids, seqs, lens, tables))
         persistent = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
         persistent |= {t.untyped_storage().data_ptr() for kv in kv_caches for t in kv}
-        recorder = Recorder(target, rows, inputs, persistent)
-        kernels.set_recorder(recorder)
         try:
-            with torch.inference_mode(), _ViewsOnly():
-                hidden = model.hidden_states(ids, cos, sin, kv_caches, meta)
+            # Recorded at one row as well: a forward whose ops or constants change with the step's rows
+            # (a branch on x.shape[0]) would replay the max_rows branch at every row count.
+            one, _ = _run(model, kv_caches, target, 1, persistent)
+            recorder, hidden = _run(model, kv_caches, target, max_rows, persistent)
+            if _shape_free(one.ops) != _shape_free(recorder.ops):
+                raise NotRecordable("the forward pass runs other ops, or other constants, at 1 row than at "
+                                    f"{max_rows}: its ops depend on the step's rows")
         except NotRecordable as e:
             log.info("decode steps run op by op: %s", e)
             return None
-        finally:
-            kernels.set_recorder(None)
+        rows = max_rows
         base = hidden.untyped_storage().data_ptr()
         if base not in recorder.temps or not hidden.is_contiguous():
             log.info("decode steps run op by op: the forward pass returns memory no op wrote")

@@ -138,6 +138,21 @@ def test_a_forward_that_computes_outside_the_kernels_is_not_taped(smol, caplog):
     assert "decode steps run op by op" in caplog.text and "mul" in caplog.text
 
 
+def test_a_forward_whose_ops_depend_on_the_rows_is_not_taped(smol, caplog):
+    """Recorded at 64 rows alone, the tape would replay the 64-row branch at every row count, which the
+    op-by-op model does not run: a silent difference in every decode step of fewer rows."""
+    model, tokenizer = _tiny(smol[1], False, torch.float32)
+    layer = model.model.layers[1]
+    original = layer.mlp.forward
+    layer.mlp.forward = lambda x: original(x) if x.shape[0] > 32 else original(original(x))
+    with caplog.at_level(logging.INFO, logger="inferlab"):
+        llm = LLM(loaded=(model, tokenizer), num_kv_blocks=64)
+    if kernels.native() is None:
+        pytest.skip("the native kernels are unavailable")
+    assert llm.engine.runner.tape is None
+    assert "other ops, or other constants, at 1 row than at 64" in caplog.text
+
+
 @pytest.mark.parametrize("edit", [
     lambda y: torch.clamp(y, -0.05, 0.05, out=y), lambda y: torch.nn.functional.relu(y, inplace=True),
     lambda y: torch.nn.functional.silu(y, True)], ids=["out", "inplace", "inplace-positional"])

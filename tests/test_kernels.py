@@ -401,6 +401,24 @@ def test_bindings_follow_the_header():
     assert declared == [*builder.ISAS, "IL_ISA"]  # then a file's own ISA
 
 
+@pytest.mark.parametrize("declaration, message", [
+    ("void IL(my_scale)(float *out, double factor, int num_threads);",
+     "my_scale's parameter factor is a double; the bindings take int, int64_t, float and pointers"),
+    ("float IL(my_sum)(const float *x, int num_threads);", "my_sum returns float; an entry point returns int"),
+])
+def test_a_prototype_the_bindings_cannot_take_is_named(monkeypatch, tmp_path, declaration, message):
+    """(A double parameter was a KeyError at every start; a float return, an entry point never bound.)"""
+    from inferlab.kernels import header
+    (tmp_path / "api.h").write_text((kernels.ROOT / "api.h").read_text() + declaration + "\n")
+    monkeypatch.setattr(header, "ROOT", tmp_path)
+    header.prototypes.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            header.prototypes()
+    finally:
+        header.prototypes.cache_clear()
+
+
 def test_a_call_that_does_not_match_its_prototype_is_refused_before_c_sees_it():
     """ctypes passes an argument too many on (it became num_threads), a tensor for an int as its address,
     and C divides by an unknown weight type's block size of 0: each crashed or misread, now each is named."""

@@ -32,12 +32,21 @@ def prototypes() -> dict[str, tuple[str, list[tuple[str, str]]]]:
     """name -> (return type, [(C type, parameter name)]) for every entry point in api.h."""
     text = re.sub(r"/\*.*?\*/", "", (ROOT / "api.h").read_text(), flags=re.S)
     protos = {}
-    for ret, name, params in re.findall(r"(int|void) IL\((\w+)\)\(([^)]*)\);", text):
+    for ret, name, params in re.findall(r"(\w+) IL\((\w+)\)\(([^)]*)\);", text):
+        if ret not in ("int", "void"):
+            raise ValueError(f"api.h: {name} returns {ret}; an entry point returns int (a status) or void")
         parsed = []
         for p in " ".join(params.split()).split(", "):
             ctype, pname = re.fullmatch(r"(.+?)\s*(\w+)", p).groups()
-            parsed.append((ctype.replace(" *", "*"), pname))
+            ctype = ctype.replace(" *", "*")
+            if not ctype.endswith("*") and ctype not in _CTYPES:
+                raise ValueError(f"api.h: {name}'s parameter {pname} is a {ctype}; the bindings take "
+                                 f"{', '.join(_CTYPES)} and pointers")
+            parsed.append((ctype, pname))
         protos[name] = (ret, parsed)
+    if len(protos) != text.count(" IL("):  # a declaration the pattern above does not read
+        raise ValueError(f"api.h: {text.count(' IL(')} entry points declared, {len(protos)} read: write each as "
+                         "`int IL(name)(type name, ..., int num_threads);`")
     return protos
 
 

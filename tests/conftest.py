@@ -44,18 +44,24 @@ def pytest_configure(config):
     config.add_cleanup(lambda: shutil.rmtree(run, ignore_errors=True))
 
 
+def pytest_sessionstart(session):
+    """A kernel source that does not compile stops the run with the compiler's error: skipped, every
+    kernel test read as if this CPU lacked the ISA, and the engine tests ran the PyTorch path."""
+    import subprocess
+
+    from inferlab import kernels
+    if kernels.native_wanted() and kernels.library() is None and kernels.BUILD_FAILURE and \
+            isinstance(kernels.BUILD_FAILURE[-1], subprocess.CalledProcessError):  # a compiler, and an error
+        raise pytest.UsageError(f"the native kernels failed to build: {kernels.first_error(kernels.BUILD_FAILURE[-1])}"
+                                " (INFERLAB_NATIVE=0 runs the tests without them)")
+
+
 def pytest_generate_tests(metafunc):
     """A test taking `isa` runs once per kernel ISA, skipped with the reason where this CPU lacks it."""
     if "isa" in metafunc.fixturenames:
-        import subprocess
-
         from inferlab import kernels
         loaded = kernels.library()
         failed = kernels.BUILD_FAILURE[-1] if kernels.BUILD_FAILURE else None
-        if isinstance(failed, subprocess.CalledProcessError):  # a compiler, and a source it cannot build: say so,
-            raise pytest.UsageError(  # rather than skip every kernel test as if this CPU lacked them
-                f"the native kernels failed to build: {kernels.first_error(failed)} (INFERLAB_NATIVE=0 runs the "
-                "tests without them)")
         runnable = loaded[1] if loaded else []
         flags = kernels.cpu_flags()
 

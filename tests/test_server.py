@@ -1192,6 +1192,30 @@ def serve_process(tmp_path, *args: str) -> Iterator[tuple[subprocess.Popen, str]
             proc.wait()
 
 
+def test_a_third_signal_exits_without_waiting_for_what_still_holds_a_connection(tmp_path):
+    """A dashboard stream never ends by itself, so uvicorn waits its graceful time out for it; a third
+    SIGTERM, like a third Ctrl-C, ends that wait (uvicorn forced an exit on SIGINT alone)."""
+    from inferlab.server.serve import GRACEFUL_S
+    with serve_process(tmp_path) as (proc, url):
+        opened = threading.Event()
+
+        def watch() -> None:
+            try:
+                with httpx.stream("GET", f"{url}/scope/events", timeout=30) as r:
+                    for _ in r.iter_lines():
+                        opened.set()
+            except httpx.HTTPError:
+                pass
+        threading.Thread(target=watch, daemon=True).start()
+        assert opened.wait(30), "the dashboard stream did not open"
+        t0 = time.monotonic()
+        for _ in range(3):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+        proc.wait(timeout=GRACEFUL_S + 10)
+        assert time.monotonic() - t0 < GRACEFUL_S / 2, time.monotonic() - t0
+
+
 def _client(url: str, body: dict, outcome: dict, started: threading.Event) -> None:
     """One client of the shutdown test: a stream's events, or a plain answer's status and JSON."""
     try:

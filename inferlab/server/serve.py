@@ -60,6 +60,8 @@ class Server(uvicorn.Server):
             log.info("%s again: aborting the running requests now (a third time: exit at once)", name)
             self.engine.drain(0)
             return
+        else:  # a third: exit without waiting, whatever the signal (uvicorn forces an exit on SIGINT alone)
+            self.force_exit = True
         super().handle_exit(sig, frame)
         self.engine.drain(DRAIN_S)
 

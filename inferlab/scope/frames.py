@@ -31,6 +31,8 @@ SHOWN_SETTINGS = ("dtype", "block_size", "max_num_seqs", "max_num_batched_tokens
 
 def shown(config: dict) -> dict:
     """The SHOWN_SETTINGS of a config (an older trace's header held them all), a policy file by its name."""
+    if not isinstance(config, dict):  # a trace file edited by hand, say
+        return {}
     out = {name: config[name] for name in SHOWN_SETTINGS if name in config}
     if isinstance(out.get("scheduling_policy"), str):  # path/to/mine.py:Class -> mine.py:Class
         out["scheduling_policy"] = os.path.basename(out["scheduling_policy"])

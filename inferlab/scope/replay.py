@@ -48,7 +48,7 @@ def build_replay_app(*paths: str) -> FastAPI:
 
     @app.get("/scope/beside", include_in_schema=False)
     async def beside() -> HTMLResponse:
-        frames = "".join(f'<iframe src="/scope?trace={k}" title="{html.escape(path)}"></iframe>'
+        frames = "".join(f'<iframe src="/scope?trace={k}" title="{html.escape(os.path.basename(path))}"></iframe>'
                          for k, (path, _, _) in enumerate(traces))
         return HTMLResponse('<!doctype html><meta charset="utf-8"><title>InferLab scope: side by side</title>'
                             '<link rel="icon" href="data:,">'

@@ -32,7 +32,7 @@ HEARTBEAT_S = 1.0
 KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment: viewers ignore it, proxies see the stream is alive
 
 
-def offer(q: asyncio.Queue, item: str) -> None:
+def offer(q: asyncio.Queue, item: str | None) -> None:
     if q.full():
         q.get_nowait()
     q.put_nowait(item)
@@ -93,13 +93,16 @@ class ScopeFeed:
             self.engine.engine.step_observers.remove(self.on_step)
 
     # -- on the event loop --------------------------------------------------------------------
-    def _fan_out(self, item: str) -> None:
+    def _fan_out(self, item: str | None) -> None:
         for q in list(self.viewers.values()):
             offer(q, item)
 
     async def _ticking(self) -> None:
         while self.viewers:
             await asyncio.sleep(HEARTBEAT_S)
+            if self.engine.stopping and not self.engine.engine.requests:  # a shutdown with nothing left to show:
+                self._fan_out(None)  # the streams end, or the server waited its whole graceful time for them
+                return
             item = await self.engine.run(self._tick)
             if item is not None:
                 self._fan_out(item)
@@ -111,8 +114,8 @@ class ScopeFeed:
             self.ticker = asyncio.create_task(self._ticking())
         try:
             yield first
-            while True:
-                yield await q.get()
+            while (item := await q.get()) is not None:
+                yield item
         finally:
             self.engine.post(lambda: self._leave(key))
 

@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="P/D mode: an instance that loads them and generates (kv_consumer; repeatable)")
     add_listen_args(r, 8080)
     r.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds a backend may stay silent before its request fails")
-    r.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
+                   help="seconds a backend may stay silent before its request fails (default 300)")
+    r.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks (default 2)")
     add_origins_arg(r)
     r.set_defaults(func=cmd_router)
     o = sub.add_parser("scope", help="the dashboard on a recorded trace (live: `inferlab serve`, then /scope)")

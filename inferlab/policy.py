@@ -48,10 +48,13 @@ class RequestQueue:
         heapq.heappush(heap, (self.key(req), tie, req))
         self._live[id(req)] = tie
 
+    def _alive(self, entry: tuple[tuple, int, Request]) -> bool:
+        return self._live.get(id(entry[2])) == entry[1]
+
     def _surface(self) -> None:
         """Drop the dead entries from the top of the heap."""
-        heap, live = self._heap, self._live
-        while heap and live.get(id(heap[0][2])) != heap[0][1]:
+        heap = self._heap
+        while heap and not self._alive(heap[0]):
             heapq.heappop(heap)
 
     def peek(self) -> Request:
@@ -66,7 +69,7 @@ class RequestQueue:
 
     def remove(self, req: Request) -> None:
         if self._live.pop(id(req), None) is not None and len(self._heap) > 2 * len(self._live) + 64:
-            self._heap = [e for e in self._heap if self._live.get(id(e[2])) == e[1]]  # mostly dead: compact
+            self._heap = [e for e in self._heap if self._alive(e)]  # mostly dead: compact
             heapq.heapify(self._heap)
 
     def victim(self, running: list[Request]) -> Request:
@@ -79,8 +82,7 @@ class RequestQueue:
         return len(self._live)
 
     def __iter__(self) -> Iterator[Request]:
-        live = [e for e in self._heap if self._live.get(id(e[2])) == e[1]]
-        return (e[2] for e in sorted(live, key=lambda e: e[:2]))
+        return (e[2] for e in sorted(filter(self._alive, self._heap), key=lambda e: e[:2]))
 
 
 class FCFSQueue(RequestQueue):

@@ -44,16 +44,23 @@ def test_generate_from_several_threads_takes_turns(llm):
     llm.engine.check_integrity()
 
 
+def interrupt_on(n: int, then=lambda *args, **kwargs: None):
+    """A stand-in that raises KeyboardInterrupt on its n-th call (a Ctrl-C landing there), else calls `then`."""
+    calls = []
+
+    def call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return then(*args, **kwargs)
+    return call
+
+
 def test_an_interrupted_generate_leaves_nothing_behind(llm):
     """Ctrl-C mid-generate left its requests in the engine: the next call failed with a KeyError
     (use_tqdm), or quietly ran them to the end first."""
     want = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
-    steps = []
-
-    def interrupt(outputs) -> None:
-        steps.append(1)
-        if len(steps) == 3:
-            raise KeyboardInterrupt
+    interrupt = interrupt_on(3)
     llm.engine.step_observers.append(interrupt)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(PROMPTS, GREEDY)
@@ -68,36 +75,19 @@ def test_an_interrupt_while_prompts_are_added_leaves_nothing_behind(llm, monkeyp
     so far running inside the next calls; and an interrupted call's progress bar stayed open."""
     import tqdm as tqdm_module
     real, added = llm.engine.add_request, []
-
-    def add_request(*args, **kwargs):
-        if len(added) == 4:
-            raise KeyboardInterrupt
-        added.append(real(*args, **kwargs))
-    monkeypatch.setattr(llm.engine, "add_request", add_request)
+    monkeypatch.setattr(llm.engine, "add_request", interrupt_on(5, lambda *a, **k: added.append(real(*a, **k))))
     with pytest.raises(KeyboardInterrupt):
         llm.generate(PROMPTS, GREEDY)
     assert len(added) == 4 and not llm.engine.requests and llm.engine.block_manager.num_free_blocks == 64
     monkeypatch.undo()
-    processor, calls = llm.engine.output_processor, []
-    real_add = processor.add
-
-    def add(req) -> None:  # inside add_request, after the scheduler took the request
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real_add(req)
-    monkeypatch.setattr(processor, "add", add)
+    processor = llm.engine.output_processor  # inside add_request, after the scheduler took the request
+    monkeypatch.setattr(processor, "add", interrupt_on(3, processor.add))
     with pytest.raises(KeyboardInterrupt):  # not a KeyError from aborting a request half added
         llm.generate(PROMPTS, GREEDY)
     monkeypatch.undo()
     assert not llm.engine.requests and not llm.engine.has_unfinished_requests()
     assert llm.engine.block_manager.num_free_blocks == 64
-    steps = []
-
-    def interrupt(outputs) -> None:
-        steps.append(1)
-        if len(steps) == 2:
-            raise KeyboardInterrupt
+    interrupt = interrupt_on(2)
     llm.engine.step_observers.append(interrupt)
     bars = len(tqdm_module.tqdm._instances)
     with pytest.raises(KeyboardInterrupt):

@@ -361,6 +361,23 @@ def test_argmax_matches_torch(isa, dtype, cols):
     assert torch.equal(out, x.float().argmax(-1))
 
 
+@pytest.mark.skipif(not builder.X86 or not os.path.exists("/proc/cpuinfo"), reason="Linux on x86 says its features")
+def test_the_cpuid_probe_reads_what_linux_reports():
+    """The dispatcher reads the CPU by CPUID (any OS, any container); Linux's own reading is the
+    check: the same vendor, and each feature the probe names present in both or in neither."""
+    vendor, features = kernels._proc_cpuinfo()
+    probe = kernels._probe(kernels.library()[0])
+    named = set(re.findall(r'"(\w+)"\);', (builder.ROOT / "generic" / "cpu.c").read_text()))
+    assert probe[0] == vendor
+    assert probe[1] <= named and probe[1] == features & named
+
+
+def test_the_cpuid_probe_names_every_feature_an_isa_needs():
+    """A feature the probe never reports would leave its ISA unused on every CPU."""
+    named = set(re.findall(r'"(\w+)"\);', (builder.ROOT / "generic" / "cpu.c").read_text()))
+    assert {flag for _, needs in kernels.ISAS.values() for flag in needs} <= named
+
+
 @pytest.mark.skipif(not builder.X86, reason="the ISA variants are x86's")
 def test_every_isa_is_compiled_on_any_x86_machine():
     """The library holds every ISA's own kernels whatever this CPU runs, so a kernel file that stops

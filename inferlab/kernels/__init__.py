@@ -43,19 +43,42 @@ log = logging.getLogger("inferlab")
 
 
 def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
+    """This CPU's features, named as Linux's /proc/cpuinfo names them (`cpu_id`)."""
+    return set(cpu_id()[1])
 
 
 def cpu_vendor() -> str:
+    return cpu_id()[0]
+
+
+@functools.cache
+def cpu_id() -> tuple[str, frozenset[str]]:
+    """This CPU's vendor and features, read from the CPU by the library's CPUID probe (`cpu_features`
+    in api.h): the features whose registers the OS saves, under any OS or container. Where the
+    library is not built (no compiler, or INFERLAB_NATIVE=0) no kernel runs, and /proc/cpuinfo's
+    serve the messages that name them."""
+    loaded = library()
+    return _probe(loaded[0]) if loaded else _proc_cpuinfo()
+
+
+def _probe(lib: ctypes.CDLL) -> tuple[str, frozenset[str]]:
+    out = ctypes.create_string_buffer(1024)
+    probe = lib.cpu_features_generic
+    probe.argtypes, probe.restype = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if probe(ctypes.addressof(out), len(out), 1) < 0:
+        raise RuntimeError("the CPU's features did not fit cpu_features' buffer")
+    vendor, _, features = out.value.decode("ascii").partition("\n")
+    return vendor, frozenset(features.split())
+
+
+def _proc_cpuinfo() -> tuple[str, frozenset[str]]:
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            lines = f.read().splitlines()
     except OSError:
-        return ""
+        return "", frozenset()
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[:40])}
+    return field.get("vendor_id", ""), frozenset(field.get("flags", "").split())
 
 
 # The regrouped blocks' AVX-512 kernel multiplies with bf16 pairs (vdpbf16ps) or fp32 FMAs of the same
@@ -64,14 +87,15 @@ def cpu_vendor() -> str:
 X16_PRODUCTS = {"bf16": 0, "fp32": 1}
 
 
-def x16_products() -> str:
-    """The products this process's regrouped kernel takes: INFERLAB_X16_PRODUCTS, else by the CPU."""
+def x16_products(vendor: str | None = None) -> str:
+    """The products this process's regrouped kernel takes: INFERLAB_X16_PRODUCTS, else by the CPU's
+    vendor (this CPU's where not given)."""
     forced = os.environ.get("INFERLAB_X16_PRODUCTS")
     if forced:
         if forced not in X16_PRODUCTS:
             raise ValueError(f"INFERLAB_X16_PRODUCTS={forced}: one of {', '.join(X16_PRODUCTS)}")
         return forced
-    return "fp32" if cpu_vendor() == "GenuineIntel" else "bf16"
+    return "fp32" if (cpu_vendor() if vendor is None else vendor) == "GenuineIntel" else "bf16"
 
 
 def runnable_isas(built: list[str], flags: set[str] | None = None) -> list[str]:
@@ -161,13 +185,14 @@ def library() -> tuple[ctypes.CDLL, list[str]] | None:
         BUILD_FAILURE.append(e)
         return None
     built = [isa for isa in ISAS if any(hasattr(lib, f"{name}_{isa}") for name in prototypes())]
-    if "generic" not in built:  # a cached file that is not this build's (damaged, or put there)
+    if not hasattr(lib, "cpu_features_generic"):  # a cached file that is not this build's (damaged, or put there)
         log.warning("native CPU kernels unavailable, using the PyTorch path: %s is not an InferLab kernel "
                     "library (delete it to build it again)", lib._name)
         return None
-    runnable = runnable_isas(built)
+    vendor, flags = _probe(lib)  # not cpu_id(), which asks this function for the library
+    runnable = runnable_isas(built, flags)
     if "avx512" in runnable:  # chosen once, before any call
-        lib.x16_products_avx512(X16_PRODUCTS[x16_products()], 1)
+        lib.x16_products_avx512(X16_PRODUCTS[x16_products(vendor)], 1)
     return lib, runnable
 
 

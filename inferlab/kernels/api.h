@@ -26,6 +26,12 @@ int IL(linear)(const void *x, int64_t ldx, const void *w, int wtype, const void 
  * (kernels/__init__.py) and by tests; each mode gives every row count the same sums. */
 int IL(x16_products)(int mode, int num_threads);
 
+/* This CPU's vendor ("GenuineIntel"), a newline, and the features the dispatcher reads, named as
+ * Linux's /proc/cpuinfo names them, each followed by a space ("avx fma f16c avx2 ..."): read by CPUID,
+ * and counted only where the OS saves their registers (XGETBV). Written into out[size] with a
+ * terminating 0; returns the length, or -1 where size is too small. Only `generic` implements it. */
+int IL(cpu_features)(void *out, int size, int num_threads);
+
 /* out[rows, K] (dtype) = the rows ids[rows] of W, dequantized: an embedding lookup. */
 void IL(get_rows)(void *out, const void *w, int wtype, const int64_t *ids, int rows, int K, int dtype,
                   int num_threads);

@@ -30,8 +30,9 @@ _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512F = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
 _AVX512 = [*_AVX512F, "-mavx512bf16", "-mavx512vnni"]
 _AVX512F_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq")
-# name: (compiler flags, /proc/cpuinfo flags the CPU needs), lowest first. An ISA's functions may call
-# any lower ISA's by name: its build links after theirs.
+# name: (compiler flags, the CPU features it needs, as generic/cpu.c reads them by CPUID and names them
+# after /proc/cpuinfo), lowest first. An ISA's functions may call any lower ISA's by name: its build
+# links after theirs.
 ISAS = {
     "generic": ([], ()),
     "avx2": (_AVX2, ("avx2", "fma", "f16c")),

@@ -81,9 +81,10 @@ class Recorder:
         return functools.partial(self.call, name)
 
     def call(self, name: str, *args) -> int:
-        code = C.get(f"IL_OP_{name.upper()}")
+        code = kernels.tape_ops().get(name)
         if code is None:
-            raise NotRecordable(f"the kernel {name} has no tape op")
+            raise NotRecordable(f"the kernel {name} takes more arguments than a tape entry holds "
+                                f"(IL_TAPE_MAX_ARGS, {C['IL_TAPE_MAX_ARGS']})")
         kernels.check_args(name, args)  # zip below would drop an argument too many
         params = kernels.prototypes()[name][1]
         encoded = [self._encode(ctype, pname, a) for (ctype, pname), a in zip(params, args)]

@@ -90,7 +90,7 @@ def test_a_profiled_replay_times_every_op_and_changes_nothing(smol, chat_prompts
     timed = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert timed == plain
     assert (tape.op_seconds > 0).all(), "an op was not timed"
-    linear = tape.ops[:, 0] == kernels.C["IL_OP_LINEAR"]
+    linear = tape.ops[:, 0] == kernels.tape_ops()["linear"]
     assert linear.sum() == 4 * smol[0].args.num_layers  # q/k/v, o, gate/up, down: the lm_head is not taped
     once = tape.op_seconds.copy()
     llm.generate(prompts, params, use_tqdm=False)
@@ -227,3 +227,22 @@ def test_the_embedded_models_arena_holds_about_one_layer(smol):
     per_layer = 64 * 4 * (args.hidden_size * 5 + (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
                           + args.num_heads * args.head_dim + 3 * args.intermediate_size)
     assert tape.arena.numel() < 2 * per_layer, (tape.arena.numel(), per_layer)
+
+
+@pytest.mark.skipif(kernels.native() is None, reason="the native kernels are unavailable")
+def test_every_entry_point_is_a_tape_op_without_code_for_it():
+    """The tape's calls are generated from api.h, so an entry point no model records (argmax) replays
+    with its arguments where its prototype puts them: the step's rows, a constant, a pointer."""
+    k = kernels.native()
+    x = torch.randn(5, 300)
+    out = torch.full((5,), -1, dtype=torch.int64)
+    entry = np.zeros(kernels.C["IL_TAPE_WIDTH"], dtype=np.int64)
+    args = [(kernels.C["IL_ARG_PTR"], out.data_ptr()), (kernels.C["IL_ARG_PTR"], x.data_ptr()),
+            (kernels.C["IL_ARG_ROWS"], 0), (kernels.C["IL_ARG_CONST"], 300),
+            (kernels.C["IL_ARG_CONST"], kernels.DTYPE_CODES[torch.float32]), (kernels.C["IL_ARG_THREADS"], 0)]
+    entry[:2] = kernels.tape_ops()["argmax"], k.address("argmax")
+    entry[2:2 + 2 * len(args)] = np.array(args).ravel()
+    rows = 3  # the replay's rows, not the recording's: the last two rows stay unwritten
+    assert k.tape_run(torch.from_numpy(entry), 1, torch.zeros(1, dtype=torch.int64), None, rows, 0, None) == 0
+    assert out[:rows].tolist() == x[:rows].argmax(-1).tolist() and out[rows:].tolist() == [-1, -1]
+    assert set(kernels.tape_ops()) == set(kernels.prototypes()) - {"tape_run", "x16_products", "cpu_features"}

@@ -37,6 +37,7 @@ from inferlab.kernels.header import (  # noqa: F401 (the package's names)
     _ctype,
     check_args,
     prototypes,
+    tape_ops,
 )
 
 log = logging.getLogger("inferlab")

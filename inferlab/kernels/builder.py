@@ -61,8 +61,8 @@ def compiled_isas() -> list[str]:
 
 
 def _compile(cc: list[str], src: Path, obj: Path, isa: str) -> None:
-    subprocess.run([*cc, *CFLAGS, *ISAS[isa][0], f"-DIL_ISA={isa}", "-c", str(src), "-o", str(obj)], check=True,
-                   capture_output=True, text=True)
+    subprocess.run([*cc, *CFLAGS, *ISAS[isa][0], f"-DIL_ISA={isa}", f"-I{obj.parent}", "-c", str(src), "-o", str(obj)],
+                   check=True, capture_output=True, text=True)  # -I: the headers written into the build
 
 
 def _takes_flags(cc: list[str], isa: str, tmp: str) -> bool:
@@ -97,6 +97,8 @@ def build() -> Path:
             if time.time() - stale.stat().st_mtime > 3600:
                 shutil.rmtree(stale)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
+        from inferlab.kernels.header import tape_calls  # (it reads ROOT from here)
+        (Path(tmp) / "tape_calls.h").write_text(tape_calls())  # the tape's calls, from api.h
         jobs = [(src, Path(tmp) / f"{isa}-{src.parent.name}-{src.stem}.o", isa) for isa in isas for src in sources(isa)]
         log.info("building the native kernels (%d files for %s), once after an install or an update: "
                  "%s", len(jobs), ", ".join(isas), "a minute or two on 2 cores")

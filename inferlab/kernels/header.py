@@ -1,5 +1,6 @@
 """The headers as Python reads them, so that the bindings cannot drift from the C: the constants
-of `inferlab.h`, the prototypes of `api.h`, and each call's arguments checked against its prototype."""
+of `inferlab.h`, the prototypes of `api.h`, each call's arguments checked against its prototype, and
+the decode tape's calls written from those prototypes."""
 from __future__ import annotations
 
 import ctypes
@@ -48,6 +49,30 @@ def prototypes() -> dict[str, tuple[str, list[tuple[str, str]]]]:
         raise ValueError(f"api.h: {text.count(' IL(')} entry points declared, {len(protos)} read: write each as "
                          "`int IL(name)(type name, ..., int num_threads);`")
     return protos
+
+
+@functools.cache
+def tape_ops() -> dict[str, int]:
+    """Entry point -> its tape op code: every entry point in api.h's order whose arguments a tape entry
+    holds, so a new op needs nothing for a tape to replay it. Not the tape itself, nor the two that
+    return a value where a tape reads a status."""
+    names = [n for n, (_, params) in prototypes().items()
+             if n not in ("tape_run", "x16_products", "cpu_features") and len(params) <= C["IL_TAPE_MAX_ARGS"]]
+    return {name: code for code, name in enumerate(names, start=1)}
+
+
+def tape_calls() -> str:
+    """generic/tape.c's calls, one `case` per tape op, each argument read as its prototype's type
+    (P: a pointer, I: an int, L: an int64_t, F: a float): written into the build by builder.py."""
+    read = {"int": "I", "int64_t": "L", "float": "F"}
+    lines = ["/* Written by inferlab/kernels/header.py (tape_calls) from api.h, for generic/tape.c. */",
+             "#define IL_TAPE_CALLS \\"]
+    for name, code in tape_ops().items():
+        ret, params = prototypes()[name]
+        args = ", ".join(f"{'P' if ctype.endswith('*') else read[ctype]}({i})" for i, (ctype, _) in enumerate(params))
+        call = f"((__typeof__({name}_generic) *)fn)({args})"
+        lines.append(f"    case {code}: {'status = ' if ret == 'int' else ''}{call}; break; \\")
+    return "\n".join(lines) + "\n"
 
 
 def _ctype(ctype: str):

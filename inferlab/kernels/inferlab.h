@@ -75,14 +75,7 @@
 #define IL_ACT_FLOAT 0
 #define IL_ACT_INT8 1
 
-/* Tape op codes (see generic/tape.c): which entry point a tape entry calls. */
-#define IL_OP_LINEAR 1
-#define IL_OP_GET_ROWS 2
-#define IL_OP_RMS_NORM 3
-#define IL_OP_SILU_AND_MUL 4
-#define IL_OP_ROPE 5
-#define IL_OP_WRITE_KV 6
-#define IL_OP_PAGED_ATTENTION 7
+/* Tape entries (generic/tape.c): an op code (header.py's tape_ops), its function, and its arguments */
 #define IL_TAPE_MAX_ARGS 20
 #define IL_TAPE_WIDTH (2 + 2 * IL_TAPE_MAX_ARGS)
 /* Kinds of tape arguments */

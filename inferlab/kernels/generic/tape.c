@@ -4,19 +4,13 @@
  * what the model's forward computes op by op; only the Python between the calls is gone.
  *
  * An entry is IL_TAPE_WIDTH int64s: the op code, the function, then a (kind, value) pair per
- * argument in the order of its prototype in api.h.
+ * argument in the order of its prototype in api.h. The calls are generated from api.h (an op's code
+ * is its place there: header.py's tape_ops), so every entry point is an op without code here.
  */
 #include <omp.h>
 
 #include "../common.h"
-
-typedef __typeof__(linear_generic) linear_fn;
-typedef __typeof__(get_rows_generic) get_rows_fn;
-typedef __typeof__(rms_norm_generic) rms_norm_fn;
-typedef __typeof__(silu_and_mul_generic) silu_and_mul_fn;
-typedef __typeof__(rope_generic) rope_fn;
-typedef __typeof__(write_kv_generic) write_kv_fn;
-typedef __typeof__(paged_attention_generic) paged_attention_fn;
+#include "tape_calls.h" /* written into the build from api.h by header.py's tape_calls */
 
 typedef struct {
     const int64_t *inputs;
@@ -56,23 +50,7 @@ int IL(tape_run)(const int64_t *ops, int n_ops, const int64_t *inputs, char *are
         int status = 0;
         const double start = seconds ? omp_get_wtime() : 0;
         switch (e[0]) {
-            case IL_OP_LINEAR:
-                status = ((linear_fn *)fn)(P(0), L(1), P(2), I(3), P(4), P(5), L(6), I(7), I(8), I(9), I(10), I(11),
-                                           I(12), I(13));
-                break;
-            case IL_OP_GET_ROWS: ((get_rows_fn *)fn)(P(0), P(1), I(2), P(3), I(4), I(5), I(6), I(7)); break;
-            case IL_OP_RMS_NORM:
-                ((rms_norm_fn *)fn)(P(0), P(1), L(2), P(3), P(4), I(5), I(6), I(7), F(8), I(9), I(10), I(11), I(12));
-                break;
-            case IL_OP_SILU_AND_MUL: ((silu_and_mul_fn *)fn)(P(0), P(1), I(2), I(3), I(4), I(5)); break;
-            case IL_OP_ROPE: ((rope_fn *)fn)(P(0), L(1), P(2), P(3), I(4), I(5), I(6), I(7), I(8)); break;
-            case IL_OP_WRITE_KV:
-                ((write_kv_fn *)fn)(P(0), P(1), P(2), L(3), P(4), L(5), P(6), I(7), I(8), I(9), I(10));
-                break;
-            case IL_OP_PAGED_ATTENTION:
-                status = ((paged_attention_fn *)fn)(P(0), L(1), P(2), P(3), P(4), P(5), P(6), P(7), I(8), P(9), I(10),
-                                                    I(11), I(12), I(13), I(14), F(15), I(16), I(17));
-                break;
+            IL_TAPE_CALLS /* one case per entry point, from api.h (tape_calls.h) */
             default: return 3; /* an op this library does not know: a tape from another version */
         }
 #undef P

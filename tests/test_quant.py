@@ -768,3 +768,24 @@ def test_a_nan_input_reaches_the_int8_paths_outputs_as_the_reference_says(isa, d
         assert torch.isnan(int8_inputs(x)[1, :32]).all()
         y = linear(x, quant.random_stored(wtype, 16, width, seed=5), wtype, int8=True, out_dtype=torch.float32)
         assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any(), (wtype, y)
+
+
+def test_block_sizes_are_the_same_in_python_c_and_gguf(tmp_path):
+    """Each weight type's block (weights, bytes) is written in quant.py and in blocks.h: a program
+    built from blocks.h prints the C's, and gguf's table is the formats' own."""
+    import shutil
+    import subprocess
+
+    import gguf
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    types = [t for t in quant.BY_CODE.values() if t.native]
+    src = tmp_path / "sizes.c"
+    src.write_text('#include <stdio.h>\n#include "common.h"\nint main(void) {\n' + "".join(
+        f'    printf("%d %d\\n", il_block_elems({t.code}), il_block_bytes({t.code}));\n' for t in types) + "}\n")
+    subprocess.run(["cc", f"-I{kernels.ROOT}", str(src), "-o", str(tmp_path / "sizes"), "-lm"], check=True)
+    printed = subprocess.run([str(tmp_path / "sizes")], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert {t.name: (t.block, t.nbytes) for t in types} == {
+        t.name: tuple(map(int, line.split())) for t, line in zip(types, printed)}
+    for t in quant.TYPES:
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.code)] == (t.block, t.nbytes), t

@@ -111,6 +111,16 @@ def chat_prompt(tok, messages: list[dict], first: int, limit: int, answer: int) 
     return ({"prompt": text, "prompt_token_ids": ids} if len(ids) < limit else None), dropped
 
 
+def check_system(tok, system: str, limit: int) -> None:
+    """Refuse at start a --system message that leaves no room for any message in a context of `limit`
+    tokens (each message was refused as too long instead, for good)."""
+    ids = tok.encode_chat(tok.apply_chat_template([{"role": "system", "content": system},
+                                                   {"role": "user", "content": "?"}]))
+    if len(ids) >= limit:
+        raise ValueError(f"--system leaves no room for a message: with one it takes {len(ids)} tokens of the "
+                         f"context of {limit}; shorten it or raise --max-model-len")
+
+
 HELP = """/reset   forget the conversation (the --system message stays)
 /exit    quit (also /quit, /bye, Ctrl-D, or Ctrl-C twice at the prompt)
 /help    this list
@@ -123,6 +133,8 @@ def cmd_chat(a: argparse.Namespace) -> None:
     tok = engine.tokenizer
     if not tok.chat_template:
         raise ValueError("this model has no chat template; use `inferlab generate --raw`")
+    if a.system:
+        check_system(tok, a.system, engine.max_request_tokens)
     first = 1 if a.system else 0
     history = [{"role": "system", "content": a.system}] if a.system else []
     print("Chat with the model. /help lists the commands.", file=sys.stderr)

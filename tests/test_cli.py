@@ -86,6 +86,18 @@ def test_an_answer_stdout_cannot_encode_is_escaped_not_an_error():
     assert r.returncode == 0 and "\\u" in r.stdout, r.stderr  # it was "'ascii' codec can't encode", exit 2
 
 
+def test_a_system_message_that_leaves_no_room_is_refused_at_start(smol):
+    """(Every message was refused as too long instead, and a piped chat still exited 0.)"""
+    from inferlab.chat import chat_prompt, check_system
+    tok, system = smol[1], "rule " * 300
+    check_system(tok, "Be brief.", 256)
+    with pytest.raises(ValueError, match=r"^--system leaves no room for a message: with one it takes \d+ tokens of "
+                                         r"the context of 256; shorten it or raise --max-model-len$"):
+        check_system(tok, system, 256)
+    fits = chat_prompt(tok, [{"role": "system", "content": system}, {"role": "user", "content": "?"}], 1, 512, 0)[0]
+    check_system(tok, system, len(fits["prompt_token_ids"]) + 1)  # the least context that answers
+
+
 def test_chat_that_outgrows_the_context_forgets_its_oldest_turns():
     turns = "Why is the sky blue?\nAnd why are sunsets red?\n" + "word " * 100 + "\n/exit\n"
     r = inferlab("chat", "--max-model-len", "80", "--max-tokens", "16", "--num-kv-blocks", "64", stdin=turns)

@@ -520,6 +520,13 @@ def test_a_replayed_agent_conversation_reaches_the_template_with_its_tool_calls(
                                     chat_template="{{ 'x' + messages[1].tool_calls[0].function.arguments }}")
 
 
+def test_a_model_without_a_chat_template_says_where_raw_prompts_go():
+    from inferlab.model.chat_template import render
+    with pytest.raises(ValueError, match=r"^this model has no chat template; send raw prompts instead "
+                                         r"\(LLM.generate, /v1/completions\)$"):
+        render(None, [{"role": "user", "content": "hi"}], True, None, None, None)
+
+
 def test_tiny_temperature_acts_as_greedy(client, offline):
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=1e-300)
     assert r.choices[0].text == offline[PROMPTS[0]].outputs[0].text

@@ -21,8 +21,8 @@ def render(chat_template: str | None, messages: list[dict], add_generation_promp
            template_kwargs: dict | None, bos_token: str | None, eos_token: str | None) -> str:
     """The conversation as `chat_template` writes it (None: the model has none)."""
     if not chat_template:
-        raise ChatTemplateError("this model has no chat template; pass raw prompts instead"
-                                if chat_template is None else "the chat_template given is empty")
+        raise ChatTemplateError("this model has no chat template; send raw prompts instead (LLM.generate, "
+                                "/v1/completions)" if chat_template is None else "the chat_template given is empty")
     reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(template_kwargs or {})
     if reserved:
         raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}")

@@ -39,8 +39,8 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
         for i, prompt in enumerate(prompts):
             n_prompt = len(prompt["prompt_token_ids"])
             if max_tokens is not None and n_prompt + max_tokens > max_model_len:
-                raise ValueError(f"this model's maximum context length is {max_model_len} tokens, but "
-                                 f"{n_prompt} prompt tokens + max_tokens {max_tokens} exceed it")
+                raise ValueError(f"this model's maximum context length is {max_model_len} tokens, but {n_prompt} "
+                                 f"prompt token{'s' if n_prompt != 1 else ''} + max_tokens {max_tokens} exceed it")
             choices += [(f"{base}-{i}-{j}", prompt, req.sampling_params(max_tokens, num_logprobs).fork(j), req.priority)
                         for j in range(req.n)]
         streams = await engine.add_many(choices)

@@ -50,9 +50,9 @@ def wrap(module, name: str) -> None:
 
 
 # The tape's op codes, to the same kinds: its replay is one native call, split by its own timers
-TAPE_KINDS = {kernels.C[f"IL_OP_{op}"]: KINDS[fn] for op, fn in [
-    ("LINEAR", "linear"), ("RMS_NORM", "rms_norm"), ("ROPE", "rope"), ("SILU_AND_MUL", "silu_and_mul"),
-    ("WRITE_KV", "paged_attention"), ("PAGED_ATTENTION", "paged_attention")]}
+TAPE_KINDS = {kernels.tape_ops()[op]: KINDS[fn] for op, fn in [
+    ("linear", "linear"), ("rms_norm", "rms_norm"), ("rope", "rope"), ("silu_and_mul", "silu_and_mul"),
+    ("write_kv", "paged_attention"), ("paged_attention", "paged_attention")]}
 TAPE = KINDS["__call__"]
 
 

@@ -85,3 +85,11 @@ def test_mla_cache_is_the_latent_and_moe_counts_match_the_published_ones(tmp_pat
         total, active = float(r[2]), float(r[3])
         published_total, published_active = (float(v) for v in r[4].split(", "))
         assert abs(total / published_total - 1) < 0.03 and abs(active / published_active - 1) < 0.1, r
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parent.parent / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_loads(script):
+    """What a script runs before its main (its tables of kernels' names and codes) holds against the
+    package as it is now: profile_step.py once failed at start on a constant that had moved."""
+    import runpy
+    runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / script), run_name="benchmark")

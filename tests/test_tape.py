@@ -180,8 +180,8 @@ def test_native_attention_asked_for_heads_it_cannot_take_says_which_limit(smol):
                                          r"over the kernels' 256$"):  # not "needs a C compiler"
         LLM(loaded=loaded, num_kv_blocks=16, attention_backend="native", dtype="float32")
     llm = LLM(loaded=loaded, num_kv_blocks=16, dtype="float32")  # auto: PyTorch's attention
-    assert llm.engine.runner.native is None and len(llm.generate([[5, 7]], SamplingParams(max_tokens=3),
-                                                                 use_tqdm=False)[0].outputs[0].token_ids) == 3
+    out = llm.generate([[5, 7]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]  # sampled: EOS too
+    assert llm.engine.runner.native is None and len(out.outputs[0].token_ids) == 3
 
 
 def test_a_replaced_parameter_is_recorded_again(smol):

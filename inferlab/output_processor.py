@@ -20,6 +20,7 @@ class OutputProcessor:
         self.tokenizer, self.eos_token_ids, self.clock = tokenizer, eos_token_ids, clock
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.logprobs: dict[str, list[dict[int, Logprob]]] = {}
+        self.prompt_lps: dict[str, list[dict[int, Logprob] | None]] = {}
 
     def add(self, req: Request) -> None:
         p = req.params
@@ -31,6 +32,7 @@ class OutputProcessor:
     def forget(self, request_id: str) -> None:
         self.detokenizers.pop(request_id, None)
         self.logprobs.pop(request_id, None)
+        self.prompt_lps.pop(request_id, None)
 
     def emit(self, req: Request, results: list[SampleResult]) -> tuple[list[int], RequestStatus | None]:
         """Take this step's new tokens (already appended) through logprobs and the stop rules, one
@@ -38,10 +40,7 @@ class OutputProcessor:
         first = req.num_output_tokens - len(results)  # output tokens before this step
         for j, res in enumerate(results):
             if res.top_logprobs is not None:
-                tok = self.tokenizer
-                step = {t: Logprob(v, k + 1, t, tok) for k, (t, v) in enumerate(res.top_logprobs.items())}
-                self.logprobs[req.request_id].append({**step, res.token_id: Logprob(res.logprob, res.rank,
-                                                                                       res.token_id, tok)})
+                self.logprobs[req.request_id].append(self._entry(res))
             status = self._check_stop(req, res.token_id, first + j + 1)
             if status is not None:
                 if j + 1 < len(results):
@@ -49,6 +48,20 @@ class OutputProcessor:
                     req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens)
                 return [r.token_id for r in results[:j + 1]], status
         return [r.token_id for r in results], None
+
+    def _entry(self, res: SampleResult) -> dict[int, Logprob]:
+        """A position's logprobs as outputs give them: its top-N, then its token (its rank may be past N)."""
+        tok = self.tokenizer
+        top = {t: Logprob(v, k + 1, t, tok) for k, (t, v) in enumerate(res.top_logprobs.items())}
+        return {**top, res.token_id: Logprob(res.logprob, res.rank, res.token_id, tok)}
+
+    def _prompt_logprobs(self, req: Request) -> list[dict[int, Logprob] | None] | None:
+        """The prompt's logprobs, made once every position is scored (the same list for every output after)."""
+        if req.prompt_logprobs is None or req.scoring_prompt:
+            return None
+        if req.request_id not in self.prompt_lps:
+            self.prompt_lps[req.request_id] = [None, *map(self._entry, req.prompt_logprobs)]
+        return self.prompt_lps[req.request_id]
 
     def _check_stop(self, req: Request, token: int, num_output: int) -> RequestStatus | None:
         """Apply the stop rules to a new token, the `num_output`-th of the request; a stopping
@@ -99,4 +112,4 @@ class OutputProcessor:
         metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
                                  self.clock() if finished else None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished,
-                             req.num_cached_tokens, metrics, error)
+                             req.num_cached_tokens, metrics, error, self._prompt_logprobs(req))

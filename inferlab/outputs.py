@@ -65,7 +65,9 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed this request (finish_reason "error")
-    prompt_logprobs: None = None  # vLLM's attribute, None as there when not asked (prompts are not scored)
+    # SamplingParams.prompt_logprobs: per prompt token, its logprob after the ones before it and the top-N
+    # there (None for the first, which nothing predicts), as vLLM's; None when not asked
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class RequestFailed(RuntimeError):

@@ -57,9 +57,19 @@ class Request:
     # name), and the distributions they were drawn from (None: each picked for sure)
     spec_token_ids: list[int] = field(default_factory=list)
     spec_probs: Any = None
+    # params.prompt_logprobs: prompt token i + 1's SampleResult at [i], appended as its position is
+    # computed (None: not asked)
+    prompt_logprobs: list | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = []
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Whether prompt positions are still to be scored (their rows computed, not read from a cache)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -13,6 +13,7 @@ from inferlab.kv_pool import allocate_zeroed, pool_shape
 from inferlab.model.base import CausalLM
 from inferlab.model.layers import AttentionMetadata, NativeRows, PrefillSeq
 from inferlab.model.layers.attention import prefill_kernel_runs
+from inferlab.prompt_logprobs import score, score_rows, score_spans
 from inferlab.request import Request
 from inferlab.sampler import SampleResult, sample
 from inferlab.spec_decode.rejection import sample_rows
@@ -40,6 +41,9 @@ class StepBatch:
     # [S] int64 prompt tokens of each sequence (rows before that position read attention as prompt
     # rows); None: every row is a generated token's
     prompt_lens: np.ndarray | None = None
+    # [S, 2] int64 the positions [lo, hi) whose rows each sequence's prompt logprobs score this step
+    # (prompt_logprobs.py); None when no sequence scores any
+    score: np.ndarray | None = None
 
     @classmethod
     def of(cls, scheduled: list[tuple[Request, int]], block_size: int) -> StepBatch:
@@ -60,7 +64,8 @@ class StepBatch:
             tables[i, :num_blocks[i]] = req.block_table[:num_blocks[i]]
             row += n
         return cls(counts, starts, ends - spec == np.array([r.num_tokens for r, _ in scheduled]), ids, tables,
-                   spec if spec.any() else None, np.array([r.num_prompt_tokens for r, _ in scheduled], dtype=np.int64))
+                   spec if spec.any() else None, np.array([r.num_prompt_tokens for r, _ in scheduled], dtype=np.int64),
+                   score_spans(scheduled))
 
     def logit_widths(self) -> np.ndarray:
         """Rows of logits each sequence with `sample` set gets: 1, or 1 + its drafts."""
@@ -133,6 +138,8 @@ class ModelRunner:
         else:  # a verified sequence: the rows of its last real token and of each draft
             widths = batch.logit_widths()
             sample_rows = np.concatenate([np.arange(e - w + 1, e + 1) for e, w in zip(last, widths)]).tolist()
+        if batch.score is not None:  # and after them, the prompt rows scored (their logits follow the sampled ones)
+            sample_rows += score_rows(batch.score, starts, row_starts)
 
         def seq_table(i: int) -> torch.Tensor:
             return torch.from_numpy(tables[i, :num_blocks[i]]).to(dev)
@@ -198,8 +205,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor | None:
-        """The model on one step: logits of the rows where a token is due (None if there are none,
-        or on a tensor-parallel rank other than 0)."""
+        """The model on one step: logits of the rows where a token is due, then of the prompt rows
+        scored (None if there are none, or on a tensor-parallel rank other than 0)."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         if self.tape is not None and not self.tape.current():  # a parameter's data was replaced
@@ -213,8 +220,15 @@ class ModelRunner:
     @torch.inference_mode()
     def sample(self, scheduled: list[tuple[Request, int]], batch: StepBatch,
                logits: torch.Tensor | None) -> dict[str, list[SampleResult]]:
-        """The tokens each request emits: one, or with drafts those accepted plus one."""
+        """The tokens each request emits: one, or with drafts those accepted plus one; and the prompt
+        positions scored this step, into their requests (prompt_logprobs.py)."""
         if logits is None:
+            return {}
+        sampled = int(batch.logit_widths().sum())
+        if batch.score is not None:
+            score(scheduled, batch.score, logits[sampled:])
+            logits = logits[:sampled]
+        if not sampled:
             return {}
         reqs = [scheduled[i][0] for i in np.flatnonzero(batch.sample)]
         if batch.spec is None:

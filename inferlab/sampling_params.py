@@ -40,6 +40,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token
+    prompt_logprobs: int | None = None  # each prompt token's logprob after the ones before it, and the top-N there
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
     include_stop_str_in_output: bool = False
     n: int = 1  # completions per prompt: LLM.generate and the server submit the prompt n times
@@ -55,7 +56,7 @@ class SamplingParams:
             if not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
             setattr(self, name, float(getattr(self, name)))
-        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "n"):
+        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "n"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -81,8 +82,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 20:
+                raise ValueError(f"{name} must be in [0, 20], got {getattr(self, name)}")
         if self.n is None or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -134,7 +136,6 @@ class SamplingParams:
 # refused with what to do instead (not Python's "unexpected keyword argument")
 VLLM_ONLY = {
     "best_of": ((None, 1), "ask for n completions and choose among them"),
-    "prompt_logprobs": ((None,), "prompt positions are not scored; logprobs covers generated tokens"),
     "skip_special_tokens": ((True,), "special tokens are always left out of the text (token_ids keeps them)"),
     "spaces_between_special_tokens": ((True,), "special tokens are always left out of the text"),
     "detokenize": ((True,), "the text is always made, and token_ids are there too"),

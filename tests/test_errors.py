@@ -217,7 +217,7 @@ def test_sampling_params_name_a_list_field_given_something_else(kwargs, message)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"prompt_logprobs": 1}, r"prompt_logprobs=1 \(vLLM's\) is not taken here: prompt positions are not scored"),
+    ({"prompt_logprobs": -1}, r"^prompt_logprobs must be in \[0, 20\], got -1$"),  # vLLM's -1 (the vocabulary)
     ({"skip_special_tokens": False}, "skip_special_tokens=False .* special tokens are always left out of the text"),
     ({"best_of": 3}, "best_of=3 .* ask for n completions"),
     ({"temprature": 0.5}, "SamplingParams takes no argument 'temprature'"),

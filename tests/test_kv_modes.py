@@ -199,3 +199,21 @@ def test_a_pool_the_kernel_will_not_map_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(mmap, "mmap", refuse)
     with pytest.raises(ValueError, match=r"^the KV pool of 0.0 GiB cannot be mapped \(Cannot allocate memory\)"):
         allocate_zeroed((4, 1 << 20), torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preempted_requests_score_their_prompts_once_and_the_same(make_llm, mode):
+    """A request preempted while or after its prompt is scored (prompt_logprobs) computes those rows
+    again (recompute) or brings them back (swap), and its prompt logprobs are neither lost nor repeated."""
+    roomy = make_llm(num_kv_blocks=256)
+    tok = roomy.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok.encode("Paris is the capital of France. " * (3 + i))} for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
+    want = roomy.generate(prompts, params, use_tqdm=False)
+    tight = make_llm(num_kv_blocks=14, max_num_batched_tokens=32, preemption_mode=mode, swap_space=1)
+    got = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    for a, b in zip(want, got, strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids and len(b.prompt_logprobs) == len(a.prompt_logprobs)
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert list(x) == list(y) and all(abs(float(x[t]) - float(y[t])) < 1e-4 for t in x)

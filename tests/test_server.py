@@ -376,6 +376,39 @@ def test_completion_logprobs_shape(client):
         assert top[token] == pytest.approx(max(top.values()))  # greedy: the sampled token is the best
 
 
+def test_echo_puts_the_prompt_before_the_answer_with_its_logprobs_streamed_or_not(client, server, offline):
+    """lm-evaluation-harness's loglikelihood (echo, logprobs, a prompt of context and continuation):
+    the prompt's tokens come first, the first one's logprob null, the others' as the offline API's
+    prompt_logprobs; text and offsets run on from the prompt's into the answer's."""
+    prompt = PROMPTS[0]
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    text, lp = echoed.choices[0].text, echoed.choices[0].logprobs
+    ids = offline["llm"].get_tokenizer().encode(prompt)
+    want = offline["llm"].generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=1,
+                                                                             prompt_logprobs=1), use_tqdm=False)[0]
+    assert text == prompt + plain.choices[0].text and "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[:len(ids)] == [None, *(float(e[t]) for e, t in zip(want.prompt_logprobs[1:], ids[1:]))]
+    assert lp.token_logprobs[len(ids):] == plain.choices[0].logprobs.token_logprobs
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert echoed.usage.prompt_tokens == len(ids) and echoed.usage.completion_tokens == 4
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=1,
+                                       stream=True)
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.text for c in chunks) == text
+    assert [x for c in chunks for x in c.logprobs.token_logprobs] == lp.token_logprobs
+    assert [x for c in chunks for x in c.logprobs.text_offset] == lp.text_offset
+    bare = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=2, temperature=0, echo=True)
+    assert all(c.text.startswith(prompt) and len(c.text) > len(prompt) for c in bare.choices)  # token ids decoded
+    scored = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2},
+                        timeout=60).json()["choices"][0]["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(ids)
+    for entry, e, t in zip(scored[1:], want.prompt_logprobs[1:], ids[1:]):
+        assert entry[str(t)]["logprob"] == float(e[t]) and entry[str(t)]["rank"] == e[t].rank
+        assert {v["rank"] for v in entry.values()} >= {1, 2}  # the top 2, and the token wherever it ranks
+
+
 def test_completion_top_logprobs_keep_the_likelier_of_tokens_that_decode_alike(client):
     """Pieces of characters all decode to U+FFFD alone: the sampled (greedy, so best) token's entry
     must be its own logprob, not a less likely piece's that came later."""
@@ -733,7 +766,8 @@ BAD = [
     (CMPL, {"prompt": "hi", "seed": 2**64}, 400, "seed: Input should be less than or equal to"),
     (CMPL, {"prompt": "\ud800"}, 400, "not valid Unicode"),
     (CHAT, {"messages": [{"role": "user", "content": "\udfff"}]}, 400, "not valid Unicode"),
-    (CMPL, {"prompt": "hi", "echo": True}, 400, "echo is not supported"),
+    (CMPL, {"prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs must be in [0, 20], got 21"),
+    (CHAT, {"messages": USER, "prompt_logprobs": 1}, 400, "prompt_logprobs is not supported on chat"),
     (CMPL, {"prompt": "hi", "suffix": "the end"}, 400, "suffix is not supported"),
     (CMPL, {"prompt": "hi", "best_of": 3}, 400, "best_of is not supported"),
     (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400,
@@ -763,7 +797,7 @@ BAD = [
     ("/tokenize", {"prompt": "hi", "chat_template": "{{ messages }}"}, 400, "chat_template: Extra inputs"),
     ("/tokenize", {"messages": USER, "continue_final_message": True}, 400, "needs add_generation_prompt false"),
     ("/v1/nothing", {"prompt": "hi"}, 404, "Not Found"),
-    (CHAT, {"messages": USER, "echo": True}, 400, "echo is not supported"),
+    (CHAT, {"messages": USER, "echo": True}, 400, "echo is not supported on chat"),
     (CHAT, {"messages": USER, "chat_template": "{{ messages }}"}, 400, "chat_template is not supported"),
     (CMPL, {"prompt": "hi", "skip_special_tokens": False}, 400, "skip_special_tokens false is not supported"),
     (CMPL, {"prompt": "hi", "grammar": "root ::= \"a\""}, 400, "grammar is not supported"),

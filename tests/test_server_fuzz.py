@@ -50,7 +50,8 @@ VALID = {
     "user": st.text(max_size=5),
     "some_unknown_field": JUNK,  # unknown fields are ignored, as OpenAI clients send some
 }
-VALID_CMPL = {**VALID, "logprobs": st.one_of(st.none(), st.integers(0, 20)), "echo": st.just(False)}
+VALID_CMPL = {**VALID, "logprobs": st.one_of(st.none(), st.integers(0, 20)), "echo": st.booleans(),
+              "prompt_logprobs": st.one_of(st.none(), st.integers(0, 20))}
 PART = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)})
 CONTENT = st.one_of(st.text(max_size=30), st.lists(PART, max_size=2))
 # only an assistant's message (one that called tools) may lack its content, or hold an empty array, as OpenAI's
@@ -94,7 +95,8 @@ FAULTS = {
     CMPL: [*COMMON_FAULTS,
            *({"prompt": v} for v in ("", [], [[]], [-1], [60000], [[1], [-1]], 5, None, "\ud800", ["a", "\udfff"],
                                       [1, "a"], {"text": "hi"})),
-           *({"logprobs": v} for v in (21, -1, "2", True)), {"echo": True}],
+           *({"logprobs": v} for v in (21, -1, "2", True)), *({"prompt_logprobs": v} for v in (21, -1, "2")),
+           {"echo": "yes"}],
     CHAT: [*COMMON_FAULTS,
            *({"messages": v} for v in ([], "hi", None, [{"role": "bot", "content": "x"}], [{"content": "x"}],
                                        [{"role": "user"}], [{"role": "user", "content": 5}],

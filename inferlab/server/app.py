@@ -147,8 +147,6 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
         check_common(req)
-        if req.echo:  # ignoring it would silently return other text than the client asked for
-            raise APIError(400, "echo is not supported")
         try:
             listed = req.prompts()
             if len(listed) * req.n > MAX_CHOICES:  # each is a request: one small body could queue 64,000
@@ -159,6 +157,14 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
             raise APIError(400, str(e)) from None
         base, rids, streams = await start(engine, req, engine_prompts, req.max_tokens, req.logprobs)
         head = {"id": f"cmpl-{base}", "object": "text_completion", "created": int(time.time()), "model": model_name}
+        echo = fmt.Echo(tok, req.logprobs) if req.echo else None
+
+        def first_part(out: RequestOutput, text: str, lps: dict | None, first: bool) -> dict:
+            """A choice's text and logprobs (echoed after the prompt's), and its prompt's logprobs first."""
+            text, lps = echo(out, text, lps, first) if echo else (text, lps)
+            scored = {"prompt_logprobs": fmt.prompt_logprobs(tok, out)} if first and req.prompt_logprobs is not None \
+                else {}
+            return {"text": text, "logprobs": lps, **scored}
 
         def logprobs(out: RequestOutput, count: int, where: fmt.TextOffsets, whole: bool) -> dict | None:
             if req.logprobs is None:
@@ -171,23 +177,23 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
             finals = await collect(engine, raw, rids, streams)
 
             def body() -> dict:
-                choices = [{"index": i, "text": o.outputs[0].text, "finish_reason": fmt.finish_reason(o),
-                            "stop_reason": o.outputs[0].stop_reason,
-                            "logprobs": logprobs(o, len(o.outputs[0].token_ids),
-                                                 fmt.TextOffsets(tok, o.prompt_token_ids), True)}
+                choices = [{"index": i, **first_part(o, o.outputs[0].text, logprobs(
+                                o, len(o.outputs[0].token_ids), fmt.TextOffsets(tok, o.prompt_token_ids), True), True),
+                            "finish_reason": fmt.finish_reason(o), "stop_reason": o.outputs[0].stop_reason}
                            for i, o in enumerate(finals)]
                 return {**head, "choices": choices, "usage": usage(finals, req.n)}
             return await off_loop(body)
 
         offsets = [fmt.TextOffsets(tok, p["prompt_token_ids"]) for p in engine_prompts for _ in range(req.n)]
+        started = [False] * len(offsets)
 
         def choice(i: int, out: RequestOutput) -> dict | None:
             c = out.outputs[0]
             lp = logprobs(out, len(c.new_token_ids), offsets[i], False)
-            if not (c.new_text or out.finished or lp):
+            if not (c.new_text or out.finished or lp or (not started[i] and (echo or req.prompt_logprobs is not None))):
                 return None
-            return {"index": i, "text": c.new_text, "logprobs": lp, "finish_reason": fmt.finish_reason(out),
-                    "stop_reason": c.stop_reason}
+            part, started[i] = first_part(out, c.new_text, lp, not started[i]), True
+            return {"index": i, **part, "finish_reason": fmt.finish_reason(out), "stop_reason": c.stop_reason}
 
         return streaming(engine, sse_events(req, streams, head, choice, usage), rids)
 

@@ -107,3 +107,35 @@ def chat_logprobs(tok: Tokenizer, entries: list[tuple[int, dict[int, float]]], t
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def prompt_logprobs(tok: Tokenizer, out: RequestOutput) -> list | None:
+    """A completion choice's `prompt_logprobs` as vLLM writes them: None for the first prompt token,
+    then per token {token id: {logprob, rank, decoded_token}}, its top-N and itself."""
+    if out.prompt_logprobs is None:
+        return None
+    def entry(t: int, lp) -> dict:
+        return {"logprob": float(lp), "rank": lp.rank, "decoded_token": tok.token_text(t)}
+    return [None if step is None else {str(t): entry(t, lp) for t, lp in step.items()} for step in out.prompt_logprobs]
+
+
+class Echo:
+    """Completions' `echo`: the prompt's text before a choice's first text and, with logprobs, its
+    tokens before the answer's (the first token's logprob null, as nothing predicts it), the
+    answer's text offsets moved past the prompt's text."""
+
+    def __init__(self, tok: Tokenizer, top_n: int | None) -> None:
+        self.tok, self.top_n = tok, top_n
+
+    def __call__(self, out: RequestOutput, text: str, lps: dict | None, first: bool) -> tuple[str, dict | None]:
+        ids = out.prompt_token_ids
+        prompt = out.prompt if out.prompt is not None else self.tok.text(ids)
+        if lps is not None:
+            lps = {**lps, "text_offset": [at + len(prompt) for at in lps["text_offset"]]}
+            if first:
+                at = TextOffsets(self.tok, []).take(ids, len(prompt))
+                head = {"tokens": [self.tok.token_text(ids[0])], "token_logprobs": [None], "top_logprobs": [None],
+                        "text_offset": at[:1]}
+                rest = completion_logprobs(self.tok, list(zip(ids[1:], out.prompt_logprobs[1:])), self.top_n, at[1:])
+                lps = {k: head[k] + rest[k] + lps[k] for k in head}
+        return (prompt + text if first else text), lps

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any, ClassVar
 
 from pydantic import (
@@ -117,9 +118,15 @@ class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
     max_tokens: Int | None = 16  # OpenAI's default for completions
     logprobs: Int | None = None
-    echo: StrictBool = False
+    echo: StrictBool = False  # the prompt before the answer: its text, and with logprobs its tokens' (vLLM's)
+    prompt_logprobs: Int | None = None  # vLLM's: each prompt token's logprob and top-N, in the choice
     # the chat API's name, which clients such as guidellm send on every endpoint beside max_tokens
     max_completion_tokens: Int | None = None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """With echo and logprobs the prompt is scored too, as vLLM does: its tokens are the answer's first."""
+        scored = [n for n in (self.prompt_logprobs, logprobs if self.echo else None) if n is not None]
+        return replace(super().sampling_params(max_tokens, logprobs), prompt_logprobs=max(scored, default=None))
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()

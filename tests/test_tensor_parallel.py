@@ -223,6 +223,11 @@ def test_two_ranks_generate_what_one_does(checkpoints, make_llm, name):
         want = [o.outputs[0].token_ids for o in one.generate(prompts, GREEDY, use_tqdm=False)]
         got = [o.outputs[0].token_ids for o in two.generate(prompts, GREEDY, use_tqdm=False)]
         assert got == want
+    scored = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=1)  # every rank keeps the scored rows
+    for a, b in zip(one.generate(prompts, scored, use_tqdm=False), two.generate(prompts, scored, use_tqdm=False)):
+        assert len(b.prompt_logprobs) == len(a.prompt_logprobs) and b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert all(abs(float(x[t]) - float(y[t])) < 1e-4 for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])
+                   for t in x)
     engine = two.engine
     engine.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -125,6 +125,25 @@ def test_pd_consumer_computes_only_the_last_prompt_token(make_tiny_engine, store
     assert_empty(decode)
 
 
+def test_a_consumer_computes_a_prompt_it_is_asked_to_score(make_tiny_engine, tmp_path):
+    """prompt_logprobs need every prompt row computed: a P/D consumer loads none of that prompt's
+    KV (it used to load it, and the request finished without its prompt logprobs)."""
+    kv = connector(("SharedStorageConnector", {"shared_storage_path": str(tmp_path / "kv")}))
+    batch = prompts(2, 0, (20, 30), seed=2)
+    run(make_tiny_engine(kv_transfer_config={**kv, "kv_role": "kv_producer"}), batch,
+        SamplingParams(max_tokens=1, temperature=0.0))
+    decode = make_tiny_engine(kv_transfer_config={**kv, "kv_role": "kv_consumer"})
+    scored = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=0)
+    decode.add_request("s", {"prompt_token_ids": batch[0]}, scored)
+    outs = []
+    while decode.has_unfinished_requests():
+        outs += [o for o in decode.step() if o.finished]
+    assert len(outs[0].prompt_logprobs) == len(batch[0]) and outs[0].num_cached_tokens == 0
+    run(decode, batch[1:])  # unscored: loaded as before
+    assert run.cached["r0"] == len(batch[1]) - 1
+    assert_empty(decode)
+
+
 def test_a_store_down_at_start_is_a_one_line_error(make_tiny_engine, tmp_path):
     from kv_store import free_port
     pytest.importorskip("redis")

@@ -407,6 +407,22 @@ def test_echo_puts_the_prompt_before_the_answer_with_its_logprobs_streamed_or_no
     for entry, e, t in zip(scored[1:], want.prompt_logprobs[1:], ids[1:]):
         assert entry[str(t)]["logprob"] == float(e[t]) and entry[str(t)]["rank"] == e[t].rank
         assert {v["rank"] for v in entry.values()} >= {1, 2}  # the top 2, and the token wherever it ranks
+    # prompt_logprobs' top-N over logprobs' where both are given, as vLLM: the token alone at 0
+    both = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 1, "echo": True,
+                                                             "logprobs": 2, "prompt_logprobs": 0}, timeout=60).json()
+    assert all(len(entry) == 1 for entry in both["choices"][0]["prompt_logprobs"][1:])
+
+
+def test_echo_of_a_request_that_failed_before_its_prompt_was_scored(smol):
+    """Its prompt's tokens with null logprobs, not a TypeError."""
+    from inferlab.outputs import CompletionOutput, RequestOutput
+    from inferlab.server.openai_format import Echo
+    tok = smol[1]
+    ids = tok.encode("The capital of France is")
+    out = RequestOutput("r", "The capital of France is", ids, [CompletionOutput(0, "", [])], True, error="boom")
+    text, lps = Echo(tok, 1)(out, "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}, True)
+    assert text == "The capital of France is" and lps["token_logprobs"] == [None] * len(ids)
+    assert "".join(lps["tokens"]) == text and len(lps["text_offset"]) == len(ids)
 
 
 def test_completion_top_logprobs_keep_the_likelier_of_tokens_that_decode_alike(client):

@@ -124,9 +124,10 @@ class CompletionRequest(SamplingFields):
     max_completion_tokens: Int | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """With echo and logprobs the prompt is scored too, as vLLM does: its tokens are the answer's first."""
-        scored = [n for n in (self.prompt_logprobs, logprobs if self.echo else None) if n is not None]
-        return replace(super().sampling_params(max_tokens, logprobs), prompt_logprobs=max(scored, default=None))
+        """With echo and logprobs the prompt is scored too, as vLLM does (its tokens are the answer's
+        first), to prompt_logprobs' top-N where given, else logprobs'."""
+        scored = self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else logprobs
+        return replace(super().sampling_params(max_tokens, logprobs), prompt_logprobs=scored)
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()

@@ -75,7 +75,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from inferlab.engine import LLMEngine
     if a.raw and a.system:
         raise ValueError("--system goes into the chat template, which --raw leaves out: use one or the other")
-    if a.prompt == "-":  # llama-cli's -f and Ollama's pipe: the prompt from stdin
+    if a.prompt is None and sys.stdin.isatty():
+        raise ValueError("give a prompt, or - to read it from stdin")
+    if a.prompt in ("-", None):  # llama-cli's -f and Ollama's pipe: the prompt from stdin
         a.prompt = terminal_text(sys.stdin.read().replace("\r\n", "\n").removesuffix("\n"))  # Windows line ends too
     if not a.prompt.strip():  # refused before the model loads (the chat template would wrap nothing)
         raise ValueError("the prompt is empty")

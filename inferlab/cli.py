@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"inferlab {inferlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt (chat template applied for instruct models)")
-    g.add_argument("prompt", type=terminal_text,  # text options only: a path must stay as the OS gave it
-                   help="the prompt; - reads it from stdin (a file or a pipe)")
+    g.add_argument("prompt", type=terminal_text, nargs="?",  # text options only: a path must stay as the OS gave it
+                   help="the prompt; - (or none, with stdin a file or a pipe) reads it from stdin")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     g.add_argument("--system", type=terminal_text, default=None, help="system message")
     add_sampling_args(g)

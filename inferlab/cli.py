@@ -39,7 +39,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from inferlab.server.serve import serve
     check_listen(a.host, a.port)
     serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key, a.allowed_origins,
-          a.enable_prompt_tokens_details)
+          a.enable_prompt_tokens_details, not a.disable_uvicorn_access_log)
 
 
 def cmd_router(a: argparse.Namespace) -> None:
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="usage says how many prompt tokens the prefix cache held (vLLM's flag; off: a client "
                         "could learn from it how much of another's prompt it guessed)")
+    s.add_argument("--disable-uvicorn-access-log", action="store_true",
+                   help="no log line per HTTP request (vLLM's flag; by default each says client, path and status)")
     add_record_arg(s)
     add_engine_args(s)
     s.add_argument("--seed", type=int, default=None, dest="engine_seed",

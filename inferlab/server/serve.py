@@ -77,9 +77,16 @@ class Server(uvicorn.Server):
                 self.on_stop()
 
 
+def unpolled(record: logging.LogRecord) -> bool:
+    """An access line but for the paths a router or Prometheus polls every few seconds."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return len(args) < 3 or str(args[2]).split("?")[0] not in ("/health", "/metrics")
+
+
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           record: str | None = None, api_key: str | None = None, allowed_origins: list[str] | None = None,
-          prompt_tokens_details: bool = False) -> None:
+          prompt_tokens_details: bool = False, access_log: bool = True) -> None:
+    """`access_log`: a line per HTTP request (client, method and path, status), as vLLM's server logs them."""
     recorder: Recorder | None = None
 
     def build() -> LLMEngine:  # on the engine thread (see AsyncEngine), before it steps
@@ -102,6 +109,9 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
             recorder.close()
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                    timeout_graceful_shutdown=GRACEFUL_S), engine, stop)
+    access = logging.getLogger("uvicorn.access")
+    access.setLevel(logging.INFO if access_log else logging.WARNING)
+    access.addFilter(unpolled)
     # a tensor-parallel rank failed, or a failed step's requests could not even be aborted
     engine.on_dead = lambda: setattr(server, "should_exit", True)
     try:

@@ -19,11 +19,14 @@ ROWS_AT_ONCE = 256  # log_softmax over the vocabulary this many rows at a time: 
 def score_spans(scheduled: list[tuple[Request, int]]) -> np.ndarray | None:
     """[S, 2] int64: the positions [lo, hi) whose rows each sequence scores this step (lo = hi where
     none); None where no sequence scores any."""
+    scoring = [i for i, (req, _) in enumerate(scheduled) if req.scoring_prompt]
+    if not scoring:  # nearly every step: nothing built
+        return None
     spans = np.zeros((len(scheduled), 2), dtype=np.int64)
-    for i, (req, n) in enumerate(scheduled):
-        if req.scoring_prompt:
-            lo = max(req.num_computed_tokens, len(req.prompt_logprobs))
-            spans[i] = lo, max(lo, min(req.num_computed_tokens + n, req.num_prompt_tokens - 1))
+    for i in scoring:
+        req, n = scheduled[i]
+        lo = max(req.num_computed_tokens, len(req.prompt_logprobs))
+        spans[i] = lo, max(lo, min(req.num_computed_tokens + n, req.num_prompt_tokens - 1))
     return spans if (spans[:, 1] > spans[:, 0]).any() else None
 
 

@@ -134,11 +134,10 @@ class Echo:
             lps = {**lps, "text_offset": [at + len(prompt) for at in lps["text_offset"]]}
             if first:
                 at = TextOffsets(self.tok, []).take(ids, len(prompt))
-                scored = out.prompt_logprobs is not None  # else a request failed before its prompt was scored
-                head = {"tokens": [self.tok.token_text(t) for t in ids[:1 if scored else None]],
-                        "token_logprobs": [None] * (1 if scored else len(ids)),
-                        "top_logprobs": [None] * (1 if scored else len(ids)), "text_offset": at[:1 if scored else None]}
-                rest = completion_logprobs(self.tok, list(zip(ids[1:], out.prompt_logprobs[1:])), self.top_n, at[1:]) \
-                    if scored else dict.fromkeys(head, [])
-                lps = {k: head[k] + rest[k] + lps[k] for k in head}
+                scored = out.prompt_logprobs[1:] if out.prompt_logprobs is not None else []
+                k = len(ids) - len(scored)  # tokens without a logprob: the first, or a failed request's all
+                head = {"tokens": [self.tok.token_text(t) for t in ids[:k]], "token_logprobs": [None] * k,
+                        "top_logprobs": [None] * k, "text_offset": at[:k]}
+                rest = completion_logprobs(self.tok, list(zip(ids[k:], scored)), self.top_n, at[k:])
+                lps = {key: head[key] + rest[key] + lps[key] for key in head}
         return (prompt + text if first else text), lps

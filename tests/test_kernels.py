@@ -10,6 +10,7 @@ import os
 import pwd
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -394,6 +395,31 @@ def test_every_isa_is_compiled_on_any_x86_machine():
         assert not [name for name in defined if not hasattr(lib, f"{name}_{isa}")], isa
 
 
+def _clang_with_openmp() -> str | None:
+    """Why clang cannot check the kernels here (not installed, or without OpenMP's header), or None."""
+    if shutil.which("clang") is None:
+        return "clang is not installed (.ci/run installs it)"
+    done = subprocess.run(["clang", "-fopenmp", "-fsyntax-only", "-x", "c", "-"], input="#include <omp.h>\n",
+                          capture_output=True, text=True)
+    return None if done.returncode == 0 else "clang has no omp.h (Debian's libomp-dev)"
+
+
+@pytest.mark.skipif(not builder.X86, reason="the ISA variants are x86's")
+@pytest.mark.skipif(_clang_with_openmp() is not None, reason=str(_clang_with_openmp()))
+def test_every_kernel_file_compiles_with_clang(tmp_path):
+    """`cc` is clang on some systems, and CC=clang on any. gcc takes code clang refuses (an
+    intrinsic's lane number given by a loop variable, which gcc unrolls before it checks), and one
+    such header made the whole library fail under clang: every CPU on the PyTorch path."""
+    from inferlab.kernels.header import tape_calls
+    (tmp_path / "tape_calls.h").write_text(tape_calls())
+    for isa in kernels.ISAS:
+        for src in builder.sources(isa):
+            done = subprocess.run(["clang", *builder.CFLAGS, *builder.ISAS[isa][0], f"-DIL_ISA={isa}",
+                                   f"-I{tmp_path}", "-fsyntax-only", str(src)], capture_output=True, text=True)
+            error = next((line for line in done.stderr.splitlines() if "error:" in line), done.stderr)
+            assert done.returncode == 0, f"{isa} {src.name}: {error}"
+
+
 def test_an_installed_package_carries_every_kernel_source():
     """A wheel holds what the package data names, and the kernels compile at first use from there:
     every C file and header (each ISA's folder too) must be named, or a `pip install` without `-e`
@@ -589,7 +615,6 @@ def test_a_kernel_source_error_fails_the_build_and_a_flag_the_compiler_lacks_lea
                                                                                                     tmp_path, caplog):
     """(A contributor's error in an ISA's file was logged as "this compiler cannot build them", and a library
     missing that ISA's functions, which others call, was linked and cached; it could not even load.)"""
-    import subprocess
     src = tmp_path / "src"
     for isa, code in (("generic", "int f_generic(void) { return 0; }"), ("good", "int f_good(void) { return 1; }"),
                       ("odd", "int f_odd(void) { return 2; }")):

@@ -169,8 +169,10 @@ IL_INLINE void tilerx4_quads(const int8_t *xq, const float *x4, int K, const uin
         }
     }
     __m128 accs[4][4];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < 4; j++) accs[i][j] = _mm512_extractf32x4_ps(acc[i], j);
+    for (int i = 0; i < R; i++) { /* the lane's index spelled out: clang wants a constant before unrolling */
+        accs[i][0] = _mm512_extractf32x4_ps(acc[i], 0), accs[i][1] = _mm512_extractf32x4_ps(acc[i], 1);
+        accs[i][2] = _mm512_extractf32x4_ps(acc[i], 2), accs[i][3] = _mm512_extractf32x4_ps(acc[i], 3);
+    }
     _MM_TRANSPOSE4_PS(corrv[0], corrv[1], corrv[2], corrv[3]); /* lane i of corrv[j]: input row i, weight row j */
     finish8(accs, corrv, wtype, R, 4, out);
 }

@@ -37,7 +37,7 @@ from inferlab.sampler import request_generator
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
 from inferlab.spec_decode.speculator import Speculator
-from inferlab.threads import ThreadGovernor, fixed_threads
+from inferlab.threads import ThreadGovernor, default_threads, fixed_threads
 
 
 class LLMEngine:
@@ -51,6 +51,8 @@ class LLMEngine:
         self.draft_loaded = draft_loaded
         if config.num_threads is not None:
             torch.set_num_threads(fixed_threads(config.num_threads))  # process-wide: the model is its main user
+        else:
+            default_threads()  # a container's CPU quota, which PyTorch does not see
         self.model, self.tokenizer, self.device, executor = engine_model(config, loaded)
         try:
             self._start(config, executor, clock)

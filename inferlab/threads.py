@@ -16,6 +16,13 @@ core (`inferlab bench serve` spent 4.2 s of CPU streaming 2,286 tokens: 2 ms a t
 yielding to one cost 14-19% of throughput (86-91 output tok/s where 2 threads kept 106), and a
 threshold of 0.6 of a core, crossed and uncrossed every few seconds, flipped the thread count back
 and forth. The count is logged when it first changes, then at most every LOG_EVERY_S.
+
+A container's CPU quota (`docker run --cpus`, a Kubernetes CPU limit) is a ceiling the affinity
+mask does not show: PyTorch starts a thread per physical core of the host, and threads beyond the
+quota spin at each barrier until the kernel stops the process for the rest of its period. So the
+engine starts with no more threads than the quota's nearest whole CPUs (`usable_cpus`): in a cgroup
+allowed one CPU on the 2-core VM, one request's token took 12.3 ms instead of 16.0-16.5 and the
+`cpu` workload ran 492-511 output tok/s instead of 425.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -45,11 +53,76 @@ def _busy_cpu_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / 100.0  # USER_HZ is 100 on Linux
 
 
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> float | None:
+    """CPUs' worth of time a cgroup CPU quota lets this process use (a container's `--cpus`, a
+    Kubernetes CPU limit): the tightest of its cgroup's and its ancestors', from cgroup v2's `cpu.max`
+    or v1's `cpu.cfs_quota_us`; None where there is no quota or it cannot be read. The affinity mask
+    does not show such a limit: the process sees every core and is only allowed a share of their time."""
+    try:
+        lines = Path(own).read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        v1 = "cpu" in controllers.split(",")
+        if controllers and not v1:
+            continue
+        # v1's controller is mounted under its own name ("cpu,cpuacct", often linked as "cpu"); in a
+        # container the mount is the container's own cgroup, so a path not found there is looked up
+        # from its nearest ancestor that is
+        for base in ([Path(root) / controllers, Path(root) / "cpu"] if v1 else [Path(root)]):
+            folder = base / path.strip("/")
+            for d in [folder, *folder.parents]:
+                limit = _quota(d, v1)
+                if limit is not None:
+                    limits.append(limit)
+                if d == base:
+                    break
+    return min(limits) if limits else None
+
+
+def _quota(folder: Path, v1: bool) -> float | None:
+    try:
+        if v1:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+        else:
+            quota_s, period_s = (folder / "cpu.max").read_text().split()[:2]
+            quota, period = (-1 if quota_s == "max" else int(quota_s)), int(period_s)
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), at most a cgroup CPU quota rounded to
+    the nearest whole CPU, and at least one. OpenMP threads beyond a quota spin at every barrier on
+    time it does not have, and the kernel stops the whole process until the next period; a fraction
+    of a CPU left unused costs less, up to about half of one. On the 2-core VM (one request, ms a
+    token, 1 thread against 2): quota 1.0 CPU, 12.3-12.4 against 16.0-16.5; 1.2, 11.6-12.8 against
+    13.3-13.5; 1.3, level; 1.5, 12.2-12.6 against 9.5-10.2."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cpus, math.floor(limit + 0.5))) if limit is not None else cpus
+
+
+def default_threads() -> int:
+    """PyTorch's own thread count (its physical cores), lowered to `usable_cpus()` process-wide,
+    with a line in the log where that lowers it."""
+    n, cpus = torch.get_num_threads(), usable_cpus()
+    if cpus < n:
+        log.info("using %d thread%s, not %d: this process may use %d CPUs' time (its affinity and cgroup CPU "
+                 "quota; num_threads to choose)", cpus, "" if cpus == 1 else "s", n, cpus)
+        torch.set_num_threads(cpus)
+    return min(n, cpus)
+
+
 def fixed_threads(n: int) -> int:
-    """A `num_threads` asked for, at most the CPUs this process may run on (with a warning): threads
+    """A `num_threads` asked for, at most the CPUs this process may use (with a warning): threads
     beyond those wait for each other at every barrier (999 on the 2-core VM made 2,000 threads, and a
     60-token answer was not done after 2 minutes; 2 threads answered in 4 s)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     if n > cpus:
         log.warning("%d threads asked for, more than the %d CPUs this process may use: using %d", n, cpus, cpus)
     return min(n, cpus)

@@ -30,7 +30,7 @@ from inferlab.logger import setup_logging
 from inferlab.malloc import keep_freed_memory
 from inferlab.model.loader import load_model
 from inferlab.runner import ModelRunner
-from inferlab.threads import fixed_threads
+from inferlab.threads import fixed_threads, usable_cpus
 
 log = logging.getLogger("inferlab")
 
@@ -45,7 +45,7 @@ def rank_threads(num_threads: int | None, device: torch.device, local_size: int)
     """A fixed share of this host's cores: ranks meet at every all-reduce, so none may lag."""
     if device.type == "cpu":
         torch.set_num_threads(fixed_threads(num_threads) if num_threads else
-                              max(1, len(os.sched_getaffinity(0)) // local_size))
+                              max(1, usable_cpus() // local_size))
 
 
 def run_rank(rank: int, size: int, store: dist.TCPStore, local_index: int, local_size: int, remote: bool) -> int:

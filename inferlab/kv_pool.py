@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from inferlab import cgroup
 from inferlab.config import EngineConfig
 from inferlab.model.base import ModelArgs
 
@@ -18,7 +19,11 @@ def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, tp_
 
 
 def physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The machine's memory, or a container's memory limit where lower (`cgroup.py`): a pool sized
+    from the host's in a 1.5 GiB container had the OOM killer end `bench` at start, without a word."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = cgroup.memory_limit()
+    return min(host, limit[0]) if limit else host
 
 
 def default_kv_cache_memory(device: torch.device, ranks_here: int = 1) -> int:
@@ -44,18 +49,21 @@ def kv_pool_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, de
         blocks = budget // per_block
     # a pool past the RAM could never be used, and its bookkeeping alone could take it (1e15 bytes)
     if device.type == "cpu" and blocks * per_block > (ram := physical_memory()):
-        raise ValueError(f"a KV pool of {blocks * per_block / 2**30:,.1f} GiB is more than this machine's "
-                         f"{ram / 2**30:.1f} GiB of memory; lower kv_cache_memory / num_kv_blocks")
+        raise ValueError(f"a KV pool of {blocks * per_block / 2**30:,.1f} GiB is more than the {ram / 2**30:.1f} "
+                         "GiB of memory this process may use; lower kv_cache_memory / num_kv_blocks")
     return blocks, per_block
 
 
 def available_memory() -> int:
-    """Bytes Linux could give without swapping (MemAvailable); elsewhere, the physical memory."""
+    """Bytes Linux could give without swapping (MemAvailable), at most what a container's memory
+    limit leaves free; elsewhere, the physical memory."""
+    limit = cgroup.memory_limit()
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
-        return physical_memory()
+        free = physical_memory()
+    return min(free, limit[1]) if limit else free
 
 
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

@@ -31,9 +31,10 @@ import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+
+from inferlab import cgroup
 
 log = logging.getLogger("inferlab")
 
@@ -53,48 +54,6 @@ def _busy_cpu_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / 100.0  # USER_HZ is 100 on Linux
 
 
-def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> float | None:
-    """CPUs' worth of time a cgroup CPU quota lets this process use (a container's `--cpus`, a
-    Kubernetes CPU limit): the tightest of its cgroup's and its ancestors', from cgroup v2's `cpu.max`
-    or v1's `cpu.cfs_quota_us`; None where there is no quota or it cannot be read. The affinity mask
-    does not show such a limit: the process sees every core and is only allowed a share of their time."""
-    try:
-        lines = Path(own).read_text().splitlines()
-    except OSError:
-        return None
-    limits = []
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        v1 = "cpu" in controllers.split(",")
-        if controllers and not v1:
-            continue
-        # v1's controller is mounted under its own name ("cpu,cpuacct", often linked as "cpu"); in a
-        # container the mount is the container's own cgroup, so a path not found there is looked up
-        # from its nearest ancestor that is
-        for base in ([Path(root) / controllers, Path(root) / "cpu"] if v1 else [Path(root)]):
-            folder = base / path.strip("/")
-            for d in [folder, *folder.parents]:
-                limit = _quota(d, v1)
-                if limit is not None:
-                    limits.append(limit)
-                if d == base:
-                    break
-    return min(limits) if limits else None
-
-
-def _quota(folder: Path, v1: bool) -> float | None:
-    try:
-        if v1:
-            quota = int((folder / "cpu.cfs_quota_us").read_text())
-            period = int((folder / "cpu.cfs_period_us").read_text())
-        else:
-            quota_s, period_s = (folder / "cpu.max").read_text().split()[:2]
-            quota, period = (-1 if quota_s == "max" else int(quota_s)), int(period_s)
-    except (OSError, ValueError):
-        return None
-    return quota / period if quota > 0 and period > 0 else None
-
-
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask), at most a cgroup CPU quota rounded to
     the nearest whole CPU, and at least one. OpenMP threads beyond a quota spin at every barrier on
@@ -103,7 +62,7 @@ def usable_cpus() -> int:
     token, 1 thread against 2): quota 1.0 CPU, 12.3-12.4 against 16.0-16.5; 1.2, 11.6-12.8 against
     13.3-13.5; 1.3, level; 1.5, 12.2-12.6 against 9.5-10.2."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
+    limit = cgroup.cpu_limit()
     return max(1, min(cpus, math.floor(limit + 0.5))) if limit is not None else cpus
 
 

@@ -128,64 +128,26 @@ def test_more_threads_than_cpus_are_capped_with_a_warning(make_tiny_engine, capl
         torch.set_num_threads(before)
 
 
-def _cgroup(tmp_path, own: str, files: dict[str, str]) -> tuple[str, str]:
-    """A /sys/fs/cgroup tree of `files` (path: content) and a /proc/self/cgroup reading `own`."""
-    for path, text in files.items():
-        (tmp_path / "fs" / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "fs" / path).write_text(text)
-    (tmp_path / "cgroup").write_text(own)
-    return str(tmp_path / "fs"), str(tmp_path / "cgroup")
-
-
-def test_cgroup_v2_quota_is_the_tightest_of_the_cgroup_and_its_ancestors(tmp_path):
-    from inferlab.threads import cgroup_cpu_limit
-    root, own = _cgroup(tmp_path, "0::/kubepods/pod1/app\n", {
-        "cpu.max": "max 100000\n", "kubepods/cpu.max": "800000 100000\n",
-        "kubepods/pod1/cpu.max": "250000 100000\n", "kubepods/pod1/app/cpu.max": "max 100000\n"})
-    assert cgroup_cpu_limit(root, own) == 2.5
-    root, own = _cgroup(tmp_path / "none", "0::/\n", {"cpu.max": "max 100000\n"})
-    assert cgroup_cpu_limit(root, own) is None  # "max": no quota
-
-
-def test_cgroup_v1_quota_under_the_controllers_name(tmp_path):
-    from inferlab.threads import cgroup_cpu_limit
-    root, own = _cgroup(tmp_path, "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n", {
-        "cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
-        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000\n",
-        "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
-    assert cgroup_cpu_limit(root, own) == 1.5
-
-
-def test_a_container_sees_its_own_cgroup_at_the_mounts_root(tmp_path):
-    """Without a cgroup namespace /proc/self/cgroup names the host's path, which the container's
-    mount does not have: the quota is read from the nearest folder that exists, its root."""
-    from inferlab.threads import cgroup_cpu_limit
-    root, own = _cgroup(tmp_path, "3:cpu:/docker/0123abcd\n", {
-        "cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"})
-    assert cgroup_cpu_limit(root, own) == 0.5
-    assert cgroup_cpu_limit(root, str(tmp_path / "missing")) is None  # no /proc: no limit
-
-
 def test_threads_follow_a_cpu_quota(monkeypatch, four_threads, caplog):
     """A container allowed 1.2 CPUs' time on a 4-core host: one thread, not four spinning on a share."""
     import os
 
     from inferlab import threads
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 2.5)
+    monkeypatch.setattr(threads.cgroup, "cpu_limit", lambda: 2.5)
     assert threads.usable_cpus() == 3  # the nearest whole CPU: half of one left idle costs more
-    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 9.0)
+    monkeypatch.setattr(threads.cgroup, "cpu_limit", lambda: 9.0)
     assert threads.usable_cpus() == 4  # never more than the affinity mask
-    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 1.2)
+    monkeypatch.setattr(threads.cgroup, "cpu_limit", lambda: 1.2)
     assert threads.usable_cpus() == 1
     with caplog.at_level(logging.INFO, logger="inferlab"):
         assert threads.default_threads() == 1
     assert torch.get_num_threads() == 1
     assert "using 1 thread, not 4" in caplog.text
     assert threads.fixed_threads(3) == 1
-    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 0.2)
+    monkeypatch.setattr(threads.cgroup, "cpu_limit", lambda: 0.2)
     assert threads.usable_cpus() == 1  # never none
-    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(threads.cgroup, "cpu_limit", lambda: None)
     torch.set_num_threads(4)
     assert threads.default_threads() == 4 and torch.get_num_threads() == 4
 
@@ -193,7 +155,7 @@ def test_threads_follow_a_cpu_quota(monkeypatch, four_threads, caplog):
 def test_an_engine_without_num_threads_starts_within_the_quota(monkeypatch, make_tiny_engine):
     from inferlab import threads
     before = torch.get_num_threads()
-    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 1.0)
+    monkeypatch.setattr(threads.cgroup, "cpu_limit", lambda: 1.0)
     try:
         torch.set_num_threads(2)
         engine = make_tiny_engine()

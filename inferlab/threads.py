@@ -22,7 +22,9 @@ mask does not show: PyTorch starts a thread per physical core of the host, and t
 quota spin at each barrier until the kernel stops the process for the rest of its period. So the
 engine starts with no more threads than the quota's nearest whole CPUs (`usable_cpus`): in a cgroup
 allowed one CPU on the 2-core VM, one request's token took 12.3 ms instead of 16.0-16.5 and the
-`cpu` workload ran 492-511 output tok/s instead of 425.
+`cpu` workload ran 492-511 output tok/s instead of 425. The governor then reads only the CPUs the
+process may run on, and counts as taken only what others keep busy beyond the cores its threads
+leave them: 4 threads on a 64-core host still have 4 cores while others keep 60 busy.
 """
 from __future__ import annotations
 
@@ -43,15 +45,19 @@ RECLAIM_AT = 0.5  # of a core left free again: the thread back
 LOG_EVERY_S = 600.0
 
 
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds spent busy by all processes since boot (None where /proc/stat is missing)."""
+def _busy_cpu_seconds(cpus: frozenset[int] | None = None) -> float | None:
+    """CPU seconds spent busy since boot by all processes, on `cpus` only where given (None where
+    /proc/stat is missing)."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            rows = [line.split() for line in f if line.startswith("cpu")]
+        rows = [r for r in rows if r[0][3:].isdigit() and int(r[0][3:]) in cpus] if cpus is not None else rows[:1]
+        fields = [sum(int(r[i]) for r in rows) for i in range(1, 9)] if rows else None
+    except (OSError, ValueError, IndexError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / 100.0  # USER_HZ is 100 on Linux
+    if fields is None:
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / 100.0  # less idle and iowait; USER_HZ is 100 on Linux
 
 
 def usable_cpus() -> int:
@@ -93,10 +99,17 @@ class ThreadGovernor:
     least one and at most the count it started with."""
 
     def __init__(self, interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 busy_cpu_seconds: Callable[[], float | None] | None = None) -> None:
-        """`clock` and `busy_cpu_seconds` are injectable for tests; both are the real machine's by default."""
-        self.busy_cpu_seconds = busy_cpu_seconds or _busy_cpu_seconds
+                 busy_cpu_seconds: Callable[[], float | None] | None = None, spare: int | None = None) -> None:
+        """`clock` and `busy_cpu_seconds` (of the CPUs this process may run on) are injectable for
+        tests; both are the real machine's by default. `spare`: how many of those CPUs others may
+        keep busy without taking a core from the threads (a container allowed 4 CPUs' time on a
+        64-core host must not yield to the 60 others keep busy); by default those CPUs less the
+        threads, 0 with an injected `busy_cpu_seconds`."""
+        cpus = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        self.busy_cpu_seconds = busy_cpu_seconds or (lambda: _busy_cpu_seconds(cpus))
         self.max_threads = torch.get_num_threads()
+        self.spare = spare if spare is not None else \
+            0 if busy_cpu_seconds or cpus is None else max(0, len(cpus) - self.max_threads)
         self.interval, self.clock = interval, clock
         self._last = (clock(), self.busy_cpu_seconds(), time.process_time())
         self._fewer = False  # the last reading already asked for fewer threads
@@ -113,6 +126,7 @@ class ThreadGovernor:
         if busy is None or last_busy is None or self.max_threads == 1:
             return
         others = max(0.0, (busy - last_busy) - (own - last_own)) / (now - last_time)  # cores' worth
+        others = max(0.0, others - self.spare)  # what others keep busy on cores the threads could use
         current, n = torch.get_num_threads(), self.max_threads
         taken = math.floor(others + 1 - YIELD_AT)  # cores others keep (almost) fully busy
         fewer, more = max(1, n - taken), min(n, math.floor(n - others + 1 - RECLAIM_AT))

@@ -29,8 +29,8 @@ class Machine:
         self.now += 2.0
         self.busy += 2.0 * cores + (time.process_time() - own)
 
-    def governor(self) -> ThreadGovernor:
-        return ThreadGovernor(interval=2.0, clock=lambda: self.now, busy_cpu_seconds=lambda: self.busy)
+    def governor(self, spare: int | None = None) -> ThreadGovernor:
+        return ThreadGovernor(interval=2.0, clock=lambda: self.now, busy_cpu_seconds=lambda: self.busy, spare=spare)
 
 
 def test_threads_follow_the_free_cores(four_threads):
@@ -53,6 +53,34 @@ def test_threads_follow_the_free_cores(four_threads):
     m.load(0.1)
     gov.update()
     assert torch.get_num_threads() == 4  # never more than it started with; freed cores are used at once
+
+
+def test_cores_beyond_the_threads_are_others_to_keep_busy(four_threads):
+    """4 threads on a 64-core host (a container's CPU quota): 60 cores kept busy elsewhere still
+    leave 4 free. Counted as on a 4-core machine, they took every thread but one."""
+    m = Machine()
+    gov = m.governor(spare=60)
+    for _ in range(3):
+        m.load(60.0)
+        gov.update()
+        assert torch.get_num_threads() == 4
+    m.load(61.0)
+    gov.update()
+    m.load(61.0)
+    gov.update()
+    assert torch.get_num_threads() == 3  # the 61st busy core is one of ours
+
+
+def test_busy_time_is_read_for_this_process_cpus():
+    import os
+
+    from inferlab.threads import _busy_cpu_seconds
+    cpus = sorted(os.sched_getaffinity(0))
+    whole, ours = _busy_cpu_seconds(), _busy_cpu_seconds(frozenset(cpus))
+    one = _busy_cpu_seconds(frozenset(cpus[:1]))
+    assert whole is not None and ours is not None and one is not None
+    assert 0 < one <= ours <= whole + 1  # (read a moment apart)
+    assert _busy_cpu_seconds(frozenset({10**6})) is None  # no such CPU: no reading
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from inferlab.engine_log import log_start, notify
 from inferlab.engine_model import engine_model
 from inferlab.inputs import PromptType, check_request, check_request_id, parse_prompt
 from inferlab.isolation import execute_isolating
-from inferlab.kv_pool import kv_pool_blocks
+from inferlab.kv_pool import host_swap_blocks, kv_pool_blocks
 from inferlab.kv_swap import HostKVPool
 from inferlab.kv_transfer import make_connector, store_namespace
 from inferlab.malloc import give_back_when_freed, keep_freed_memory
@@ -81,7 +81,7 @@ class LLMEngine:
         self.block_manager = PREFIX_CACHES[config.prefix_cache](
             num_blocks, config.block_size, config.enable_prefix_caching,
             model=f"{model_name(config.model)}:{str(self.dtype).removeprefix('torch.')}")
-        num_host_blocks = int(config.swap_space * 2**30) // per_block
+        num_host_blocks = host_swap_blocks(config, num_blocks, per_block, self.device)
         self.scheduler = Scheduler(config, self.block_manager, make_queue(config.scheduling_policy,
                                    config.sjf_aging_rate), clock, num_host_blocks)
         # max_num_batched_tokens="auto": the budget follows the measured step time

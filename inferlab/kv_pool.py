@@ -54,6 +54,19 @@ def kv_pool_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, de
     return blocks, per_block
 
 
+def host_swap_blocks(config: EngineConfig, num_blocks: int, per_block: int, device: torch.device) -> int:
+    """Blocks of the host pool that swap preemption fills (`swap_space` GiB). With the KV pool it
+    must fit in the memory this process may use: under a 768 MiB container limit the default 4 GiB
+    filled as requests were swapped out, and the OOM killer ended the process without a word."""
+    blocks = int(config.swap_space * 2**30) // per_block
+    if config.preemption_mode == "swap" and device.type == "cpu" and \
+            (num_blocks + blocks) * per_block > 0.9 * (ram := physical_memory()):
+        pool = num_blocks * per_block / 2**30
+        raise ValueError(f"swap_space {config.swap_space:g} GiB with the KV pool's {pool:.2f} GiB is more than the "
+                         f"{ram / 2**30:.1f} GiB of memory this process may use; lower swap_space")
+    return blocks
+
+
 def available_memory() -> int:
     """Bytes Linux could give without swapping (MemAvailable), at most what a container's memory
     limit leaves free; elsewhere, the physical memory."""

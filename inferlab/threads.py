@@ -77,8 +77,10 @@ def default_threads() -> int:
     with a line in the log where that lowers it."""
     n, cpus = torch.get_num_threads(), usable_cpus()
     if cpus < n:
-        log.info("using %d thread%s, not %d: this process may use %d CPUs' time (its affinity and cgroup CPU "
-                 "quota; num_threads to choose)", cpus, "" if cpus == 1 else "s", n, cpus)
+        quota = cgroup.cpu_limit()
+        why = f"a cgroup CPU quota allows {quota:g} CPUs' time" if quota is not None and quota < cpus + 0.5 else \
+            f"this process may run on {cpus} CPUs"
+        log.info("using %d thread%s, not %d: %s (num_threads to choose)", cpus, "" if cpus == 1 else "s", n, why)
         torch.set_num_threads(cpus)
     return min(n, cpus)
 

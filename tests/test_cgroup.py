@@ -66,3 +66,27 @@ def test_a_containers_memory_limit_sizes_the_default_pool(monkeypatch):
     assert kv_pool.available_memory() <= 1 << 30
     with pytest.raises(ValueError, match="cannot be taken at start: 1.0 GiB is available"):
         kv_pool.allocate_zeroed((2 << 30,), torch.uint8, torch.device("cpu"), prefault=True)
+
+
+def test_kernel_compilers_stay_within_the_cpus_and_memory(monkeypatch):
+    """One compiler takes up to 0.9 GB: two under a 768 MiB limit were killed, and the engine after them."""
+    from inferlab import threads
+    from inferlab.kernels import builder
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(cgroup, "memory_limit", lambda: None)
+    assert builder.compilers() == 8
+    monkeypatch.setattr(cgroup, "memory_limit", lambda: (4 << 30, (3 << 30) + (1 << 29)))
+    assert builder.compilers() == 3
+    monkeypatch.setattr(cgroup, "memory_limit", lambda: (768 << 20, 700 << 20))
+    assert builder.compilers() == 1
+
+
+def test_swap_space_must_fit_beside_the_kv_pool(monkeypatch, make_tiny_engine):
+    """Under a 768 MiB limit the default 4 GiB of swap filled as requests were swapped out, and the
+    OOM killer ended the process without a word."""
+    monkeypatch.setattr(cgroup, "memory_limit", lambda: (768 << 20, 700 << 20))
+    with pytest.raises(ValueError, match=r"swap_space 4 GiB with the KV pool's .* GiB is more than the 0.8 GiB of "
+                                         r"memory this process may use; lower swap_space"):
+        make_tiny_engine(preemption_mode="swap")
+    assert make_tiny_engine(preemption_mode="swap", swap_space=0.25).scheduler is not None
+    assert make_tiny_engine(preemption_mode="recompute").scheduler is not None  # no swap pool to fill

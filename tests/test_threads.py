@@ -171,7 +171,7 @@ def test_threads_follow_a_cpu_quota(monkeypatch, four_threads, caplog):
     with caplog.at_level(logging.INFO, logger="inferlab"):
         assert threads.default_threads() == 1
     assert torch.get_num_threads() == 1
-    assert "using 1 thread, not 4" in caplog.text
+    assert "using 1 thread, not 4: a cgroup CPU quota allows 1.2 CPUs' time" in caplog.text
     assert threads.fixed_threads(3) == 1
     monkeypatch.setattr(threads.cgroup, "cpu_limit", lambda: 0.2)
     assert threads.usable_cpus() == 1  # never none

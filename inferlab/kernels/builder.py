@@ -100,9 +100,10 @@ def build() -> Path:
         from inferlab.kernels.header import tape_calls  # (it reads ROOT from here)
         (Path(tmp) / "tape_calls.h").write_text(tape_calls())  # the tape's calls, from api.h
         jobs = [(src, Path(tmp) / f"{isa}-{src.parent.name}-{src.stem}.o", isa) for isa in isas for src in sources(isa)]
-        log.info("building the native kernels (%d files for %s), once after an install or an update: "
-                 "%s", len(jobs), ", ".join(isas), "a minute or two on 2 cores")
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one compiler per core
+        workers = compilers()
+        log.info("building the native kernels (%d files for %s, %d at a time), once after an install or an "
+                 "update: a minute or two on 2 cores", len(jobs), ", ".join(isas), workers)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             errors = dict(zip([j[2] for j in jobs], [None] * len(jobs)))
             for (_, _, isa), fut in zip(jobs, [pool.submit(_compile, cc, *job) for job in jobs]):
                 try:
@@ -126,6 +127,17 @@ def build() -> Path:
     return lib
 
 
+def compilers() -> int:
+    """How many compilers run at once: one per CPU this process may use (its affinity and a
+    container's CPU quota, not the host's cores), and no more than one per GiB a container's memory
+    limit leaves free. One compiler takes up to 0.9 GB: two at once under a 768 MiB limit had the OOM
+    killer end them, then the engine."""
+    from inferlab import cgroup
+    from inferlab.threads import usable_cpus
+    memory = cgroup.memory_limit()
+    return max(1, min(usable_cpus(), memory[1] >> 30 if memory else usable_cpus()))
+
+
 UNUSED_DAYS = 30  # a library no start has loaded for this long is another version's: each update leaves one
 
 
@@ -146,5 +158,8 @@ def _keep_and_prune(cache: Path, lib: Path) -> None:
 def first_error(e: BaseException) -> str:
     """The compiler's first error line (`file:line:col: error: ...`), or the message's last line."""
     lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
-    return next((line for line in lines if "error:" in line or "error" in line.split("/")[-1]),
+    line = next((line for line in lines if "error:" in line or "error" in line.split("/")[-1]),
                 lines[-1] if lines else "").strip()
+    if "Killed signal" in line:  # gcc's words when the kernel ends its cc1
+        line += " (most likely out of memory: a compiler takes up to 0.9 GB, once, to build the kernels)"
+    return line

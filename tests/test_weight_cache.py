@@ -75,3 +75,35 @@ def test_saving_an_entry_drops_those_of_deleted_files_and_older_versions(tmp_pat
     entries = {p.name for p in (tmp_path / "cache" / "models").iterdir()}
     assert entries == {weight_cache._entry(str(kept)).name, weight_cache._entry(str(edited)).name}
     assert old_edit.name not in entries and weight_cache.load(str(kept)) is not None
+
+
+def test_another_users_entry_is_left_alone_and_the_file_parsed(gguf_copy, monkeypatch, caplog):
+    """A cache filled as root while an image was built, then served as a user: the entries could not
+    be read, and every start failed with a PermissionError instead of parsing the file."""
+    import os
+    import stat
+    loader.load_model(gguf_copy, "float32", torch.device("cpu"))
+    entry = weight_cache._entry(gguf_copy)
+    assert stat.S_IMODE(os.stat(entry).st_mode) == 0o755  # readable by whoever may reach the folder
+    assert {stat.S_IMODE(os.stat(f).st_mode) for f in entry.iterdir()} == {0o644}
+    real = weight_cache.Path.read_text
+
+    def denied(self, *a, **k):
+        if self.name == "meta.json":
+            raise PermissionError(13, "Permission denied")
+        return real(self, *a, **k)
+    monkeypatch.setattr(weight_cache.Path, "read_text", denied)
+    model, _ = loader.load_model(gguf_copy, "float32", torch.device("cpu"))
+    assert "cannot read the model cache" in caplog.text and "Permission denied" in caplog.text
+    assert model.lm_head.weight.abs().sum() > 0
+    assert (entry / "weights.safetensors").exists()  # not deleted as if damaged
+
+
+def test_no_folder_for_the_cache_parses_at_every_start(gguf_copy, monkeypatch, caplog):
+    """A read-only container with no home and no writable /tmp: the model would not load at all."""
+    def nowhere(kind):
+        raise FileNotFoundError(2, "No usable temporary directory found")
+    monkeypatch.setattr(weight_cache, "cache_dir", nowhere)
+    model, _ = loader.load_model(gguf_copy, "float32", torch.device("cpu"))
+    assert "no folder to cache the parsed model in" in caplog.text
+    assert model.lm_head.weight.abs().sum() > 0

@@ -40,24 +40,43 @@ def _entry(path: str) -> Path | None:
         return None
     st = os.stat(path)
     key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{FORMAT}"
-    return cache_dir("models") / hashlib.sha256(os.fsencode(key)).hexdigest()[:20]  # a path's bytes, any locale
+    try:
+        root = cache_dir("models")
+    except OSError as e:  # no home folder and no usable temporary one (a read-only container)
+        log.warning("no folder to cache the parsed model in (%s): it is parsed at every start", e)
+        return None
+    return root / hashlib.sha256(os.fsencode(key)).hexdigest()[:20]  # a path's bytes, any locale
 
 
 def load(path: str) -> tuple[ModelArgs, Tensors, dict] | None:
     """(model args, [(name, tensor as stored, its type)], tokenizer fields) if this file was parsed before."""
     entry = _entry(path)
-    if entry is None or not (entry / "meta.json").exists():
+    if entry is None:
         return None
     try:
-        meta = json.loads((entry / "meta.json").read_text())
+        text = (entry / "meta.json").read_text()
+    except (FileNotFoundError, NotADirectoryError):  # not parsed before
+        return None
+    except PermissionError as e:
+        return _unreadable(entry, e)
+    try:
+        meta = json.loads(text)
         state = load_file(entry / "weights.safetensors")
         tensors = [(name, state[name], quant.BY_NAME[wtype]) for name, wtype in meta["types"]]
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()}  # JSON has no tuples
         return ARGS[meta["args_class"]](**fields), tensors, meta["tokenizer"]
+    except PermissionError as e:
+        return _unreadable(entry, e)
     except Exception as e:  # noqa: BLE001 - any damage (truncated file, bad JSON): drop it, parse again
         log.warning("ignoring damaged model cache %s: %s", entry, e)
         shutil.rmtree(entry, ignore_errors=True)
         return None
+
+
+def _unreadable(entry: Path, e: OSError) -> None:
+    """Another user's entry (a cache filled as root while an image was built, served as a user): parse
+    the file, and leave the entry to its owner."""
+    log.warning("cannot read the model cache %s (%s): parsing the file", entry, e.strerror)
 
 
 def save(path: str, args: ModelArgs, tensors: Tensors, tokenizer_fields: dict) -> None:
@@ -73,9 +92,12 @@ def save(path: str, args: ModelArgs, tensors: Tensors, tokenizer_fields: dict) -
             save_file({name: t.contiguous() for name, t, _ in tensors}, os.path.join(tmp, "weights.safetensors"))
             Path(tmp, "meta.json").write_text(json.dumps(meta))
             Path(tmp, "source").write_bytes(os.fsencode(os.path.abspath(path)))  # its bytes: any name, any locale
+            for name in ("weights.safetensors", "meta.json", "source"):  # readable by whoever may reach the
+                os.chmod(os.path.join(tmp, name), 0o644)  # folder: a cache filled as root, served as a user
+            os.chmod(tmp, 0o755)
             os.replace(tmp, entry)
     except OSError as e:
-        if (entry / "meta.json").exists():  # another process parsed the same file meanwhile
+        if os.path.exists(entry / "meta.json"):  # another process parsed the same file meanwhile
             return
         log.warning("could not cache the parsed model in %s: %s", entry, e)
         return

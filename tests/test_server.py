@@ -1287,6 +1287,19 @@ def test_a_third_signal_exits_without_waiting_whatever_the_signal():
     assert server.force_exit and drains[:2] == [5.0, 0]
 
 
+def test_as_a_containers_pid_1_sigterm_still_exits_143(monkeypatch):
+    """A container without an init runs the server as PID 1, whose signals' default actions the
+    kernel ignores: the SIGTERM uvicorn raises again did nothing, and the server exited 0."""
+    from inferlab.server.serve import Server
+    engine = type("Engine", (), {"drain": lambda self, grace: None})()
+    stopped: list[bool] = []
+    server = Server(uvicorn.Config(FastAPI()), engine, lambda: stopped.append(True))
+    monkeypatch.setattr(signal, "raise_signal", lambda sig: None)  # ignored, as for PID 1
+    with pytest.raises(SystemExit) as e, server.capture_signals():
+        server.handle_exit(signal.SIGTERM, None)
+    assert e.value.code == 128 + signal.SIGTERM and stopped == [True]
+
+
 def _client(url: str, body: dict, outcome: dict, started: threading.Event) -> None:
     """One client of the shutdown test: a stream's events, or a plain answer's status and JSON."""
     try:

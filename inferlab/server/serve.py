@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from types import FrameType
 
@@ -75,6 +76,10 @@ class Server(uvicorn.Server):
                 yield
             finally:
                 self.on_stop()
+        # Still here after SIGTERM was raised again: this process is PID 1 (a container without an init),
+        # whose signals' default actions the kernel ignores; exit as that action would have (143, not 0)
+        if signal.SIGTERM in getattr(self, "_captured_signals", ()):
+            sys.exit(128 + signal.SIGTERM)
 
 
 def unpolled(record: logging.LogRecord) -> bool:

@@ -97,9 +97,14 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
     size = max(1, numel * torch.empty(0, dtype=dtype).element_size())
-    if prefault and size > (available := available_memory()):  # a clear error now, not the OOM killer
-        raise ValueError(f"the KV pool of {size / 2**30:.1f} GiB cannot be taken at start: {available / 2**30:.1f} "
-                         "GiB is available; lower kv_cache_memory / num_kv_blocks, or leave kv_cache_prefault off")
+    # a clear error now, not the OOM killer; the rest of the run (activations, the sampler) needs some too:
+    # a 700 MiB pool in a 1 GiB container that left 723 MiB free passed without it, and was killed
+    available = available_memory()
+    headroom = min(512 << 20, available // 4)
+    if prefault and size > available - headroom:
+        raise ValueError(f"the KV pool of {size / 2**30:.2f} GiB cannot be taken at start: {available / 2**30:.2f} "
+                         f"GiB is available and the rest of the run needs {headroom / 2**30:.2f} GiB of it; lower "
+                         "kv_cache_memory / num_kv_blocks, or leave kv_cache_prefault off")
     try:
         buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError as e:  # the kernel's overcommit rules refuse it

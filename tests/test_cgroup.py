@@ -64,7 +64,7 @@ def test_a_containers_memory_limit_sizes_the_default_pool(monkeypatch):
     assert kv_pool.physical_memory() == 1536 << 20
     assert kv_pool.default_kv_cache_memory(torch.device("cpu")) == (1536 << 20) // 5
     assert kv_pool.available_memory() <= 1 << 30
-    with pytest.raises(ValueError, match="cannot be taken at start: 1.0 GiB is available"):
+    with pytest.raises(ValueError, match="cannot be taken at start: 1.00 GiB is available"):
         kv_pool.allocate_zeroed((2 << 30,), torch.uint8, torch.device("cpu"), prefault=True)
 
 

@@ -184,8 +184,13 @@ def test_prefaulted_engine_gives_the_same_tokens(make_tiny_engine):
 
 def test_a_pool_too_large_to_take_at_start_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kv_pool, "available_memory", lambda: 1 << 20)
-    with pytest.raises(ValueError, match=r"^the KV pool of 0.0 GiB cannot be taken at start: 0.0 GiB is available"):
+    with pytest.raises(ValueError, match=r"^the KV pool of 0.02 GiB cannot be taken at start: 0.00 GiB is available"):
         allocate_zeroed((4, 1 << 20), torch.float32, torch.device("cpu"), prefault=True)
+    # and it leaves the rest of the run some: a 700 MiB pool with 723 MiB free in a 1 GiB container was killed
+    monkeypatch.setattr(kv_pool, "available_memory", lambda: 723 << 20)
+    with pytest.raises(ValueError, match=r"0.71 GiB is available and the rest of the run needs 0.18 GiB of it"):
+        allocate_zeroed((700 << 20,), torch.uint8, torch.device("cpu"), prefault=True)
+    assert allocate_zeroed((500 << 20,), torch.uint8, torch.device("cpu"), prefault=True).shape == (500 << 20,)
     assert allocate_zeroed((4, 1 << 20), torch.float32, torch.device("cpu")).shape == (4, 1 << 20)  # lazily: as before
 
 

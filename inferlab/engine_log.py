@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from inferlab import kernels
+from inferlab.kv_pool import container_memory
 from inferlab.model.layers import quant
 from inferlab.model.layers.linear import Linear
 from inferlab.model.layers.quant import describe_weights
@@ -22,9 +23,12 @@ log = logging.getLogger("inferlab")
 def log_start(engine: LLMEngine, num_blocks: int, per_block: int) -> None:
     """Log the engine's pool (`num_blocks` of `per_block` bytes) and what computes each step."""
     config, dtype = engine.config, str(engine.dtype).removeprefix("torch.")
-    log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s%s)", num_blocks,
+    cpu = engine.device.type == "cpu"
+    limit = container_memory() if cpu and config.num_kv_blocks is None and not config.kv_cache_memory else None
+    log.info("KV cache: %d blocks x %d tokens = %d token slots, %.1f MiB (%s on %s%s%s)", num_blocks,
              config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20, dtype, engine.device,
-             ", pages touched at start" if config.kv_cache_prefault and engine.device.type == "cpu" else "")
+             ", pages touched at start" if config.kv_cache_prefault and cpu else "",
+             f"; sized from a container's {limit / 2**30:.1f} GiB memory limit" if limit else "")
     if engine.max_request_tokens < engine.max_model_len:  # vLLM refuses to start; here a request is capped
         log.warning("the KV pool holds %d tokens, fewer than max_model_len %d: a request (prompt and output) "
                     "gets at most that many, and a server reports it as the context (raise "

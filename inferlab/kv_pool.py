@@ -18,12 +18,16 @@ def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, tp_
     return args.num_layers * block_size * args.kv_bytes_per_token(dtype) // tp_size
 
 
-def physical_memory() -> int:
-    """The machine's memory, or a container's memory limit where lower (`cgroup.py`): a pool sized
-    from the host's in a 1.5 GiB container had the OOM killer end `bench` at start, without a word."""
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def container_memory() -> int | None:
+    """A container's memory limit where it is below the machine's memory (`cgroup.py`), else None."""
     limit = cgroup.memory_limit()
-    return min(host, limit[0]) if limit else host
+    return limit[0] if limit and limit[0] < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") else None
+
+
+def physical_memory() -> int:
+    """The machine's memory, or a container's memory limit where lower: a pool sized from the host's
+    in a 1.5 GiB container had the OOM killer end `bench` at start, without a word."""
+    return container_memory() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_kv_cache_memory(device: torch.device, ranks_here: int = 1) -> int:

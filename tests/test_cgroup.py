@@ -90,3 +90,15 @@ def test_swap_space_must_fit_beside_the_kv_pool(monkeypatch, make_tiny_engine):
         make_tiny_engine(preemption_mode="swap")
     assert make_tiny_engine(preemption_mode="swap", swap_space=0.25).scheduler is not None
     assert make_tiny_engine(preemption_mode="recompute").scheduler is not None  # no swap pool to fill
+
+
+def test_the_start_up_line_says_a_containers_limit_sized_the_pool(monkeypatch, make_tiny_engine, caplog):
+    import logging
+    monkeypatch.setattr(cgroup, "memory_limit", lambda: (1 << 30, 900 << 20))
+    with caplog.at_level(logging.INFO, logger="inferlab"):
+        make_tiny_engine(num_kv_blocks=None)
+    assert "sized from a container's 1.0 GiB memory limit" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="inferlab"):
+        make_tiny_engine(num_kv_blocks=None, kv_cache_memory=1 << 20)  # chosen: nothing to explain
+    assert "KV cache:" in caplog.text and "memory limit" not in caplog.text

@@ -2,6 +2,7 @@
 the pool tensor's shape, and the zero-filled memory that holds it."""
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
@@ -11,6 +12,8 @@ import torch
 from inferlab import cgroup
 from inferlab.config import EngineConfig
 from inferlab.model.base import ModelArgs
+
+log = logging.getLogger("inferlab")
 
 
 def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
@@ -109,6 +112,10 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
         raise ValueError(f"the KV pool of {size / 2**30:.2f} GiB cannot be taken at start: {available / 2**30:.2f} "
                          f"GiB is available and the rest of the run needs {headroom / 2**30:.2f} GiB of it; lower "
                          "kv_cache_memory / num_kv_blocks, or leave kv_cache_prefault off")
+    if not prefault and size > available - headroom:  # taken as used: no refusal, but no silent end either
+        log.warning("the KV pool of %.2f GiB is more than the %.2f GiB free (less %.2f GiB for the rest of the run): "
+                    "filled, it would run out of memory (in a container, the OOM killer ends the process without a "
+                    "word); lower kv_cache_memory / num_kv_blocks", size / 2**30, available / 2**30, headroom / 2**30)
     try:
         buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError as e:  # the kernel's overcommit rules refuse it

@@ -21,16 +21,20 @@ def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, tp_
     return args.num_layers * block_size * args.kv_bytes_per_token(dtype) // tp_size
 
 
+def _machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def container_memory() -> int | None:
     """A container's memory limit where it is below the machine's memory (`cgroup.py`), else None."""
     limit = cgroup.memory_limit()
-    return limit[0] if limit and limit[0] < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") else None
+    return limit[0] if limit and limit[0] < _machine_memory() else None
 
 
 def physical_memory() -> int:
     """The machine's memory, or a container's memory limit where lower: a pool sized from the host's
     in a 1.5 GiB container had the OOM killer end `bench` at start, without a word."""
-    return container_memory() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return container_memory() or _machine_memory()
 
 
 def default_kv_cache_memory(device: torch.device, ranks_here: int = 1) -> int:
@@ -108,11 +112,11 @@ def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     # a 700 MiB pool in a 1 GiB container that left 723 MiB free passed without it, and was killed
     available = available_memory()
     headroom = min(512 << 20, available // 4)
-    if prefault and size > available - headroom:
+    if size > available - headroom and prefault:
         raise ValueError(f"the KV pool of {size / 2**30:.2f} GiB cannot be taken at start: {available / 2**30:.2f} "
                          f"GiB is available and the rest of the run needs {headroom / 2**30:.2f} GiB of it; lower "
                          "kv_cache_memory / num_kv_blocks, or leave kv_cache_prefault off")
-    if not prefault and size > available - headroom:  # taken as used: no refusal, but no silent end either
+    if size > available - headroom:  # taken as used: no refusal, but no silent end either
         log.warning("the KV pool of %.2f GiB is more than the %.2f GiB free (less %.2f GiB for the rest of the run): "
                     "filled, it would run out of memory (in a container, the OOM killer ends the process without a "
                     "word); lower kv_cache_memory / num_kv_blocks", size / 2**30, available / 2**30, headroom / 2**30)

@@ -134,8 +134,8 @@ def compilers() -> int:
     killer end them, then the engine."""
     from inferlab import cgroup
     from inferlab.threads import usable_cpus
-    memory = cgroup.memory_limit()
-    return max(1, min(usable_cpus(), memory[1] >> 30 if memory else usable_cpus()))
+    cpus, memory = usable_cpus(), cgroup.memory_limit()
+    return max(1, min(cpus, memory[1] >> 30)) if memory else cpus
 
 
 UNUSED_DAYS = 30  # a library no start has loaded for this long is another version's: each update leaves one

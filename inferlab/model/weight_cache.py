@@ -35,7 +35,7 @@ ARGS = {cls.__name__: cls for cls in (ModelArgs, QwenMoeArgs, DeepseekArgs)}
 Tensors = list[tuple[str, torch.Tensor, quant.WeightType]]
 
 
-def _entry(path: str) -> Path | None:
+def _entry(path: str, say: bool = True) -> Path | None:
     if os.environ.get("INFERLAB_MODEL_CACHE", "1") == "0":
         return None
     st = os.stat(path)
@@ -43,7 +43,8 @@ def _entry(path: str) -> Path | None:
     try:
         root = cache_dir("models")
     except OSError as e:  # no home folder and no usable temporary one (a read-only container)
-        log.warning("no folder to cache the parsed model in (%s): it is parsed at every start", e)
+        if say:  # once: by `load`, not again by the `save` after it
+            log.warning("no folder to cache the parsed model in (%s): it is parsed at every start", e)
         return None
     return root / hashlib.sha256(os.fsencode(key)).hexdigest()[:20]  # a path's bytes, any locale
 
@@ -80,7 +81,7 @@ def _unreadable(entry: Path, e: OSError) -> None:
 
 
 def save(path: str, args: ModelArgs, tensors: Tensors, tokenizer_fields: dict) -> None:
-    entry = _entry(path)
+    entry = _entry(path, say=False)
     if entry is None:
         return
     meta = {"args": dataclasses.asdict(args), "args_class": type(args).__name__, "tokenizer": tokenizer_fields,

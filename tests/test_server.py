@@ -413,6 +413,38 @@ def test_echo_puts_the_prompt_before_the_answer_with_its_logprobs_streamed_or_no
     assert all(len(entry) == 1 for entry in both["choices"][0]["prompt_logprobs"][1:])
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, server):
+    """OpenAI's legacy scoring call (and vLLM's): echo, max_tokens 0. The prompt's text and logprobs,
+    as an echo with answers gives them, and nothing generated: no text, logprobs or count of the
+    token the engine's step samples. Streamed alike; without echo, 0 stays refused."""
+    prompt = PROMPTS[0]
+    answered = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                         logprobs=2, extra_body={"ignore_eos": True})
+    alone = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2, n=2)
+    k = alone.usage.prompt_tokens
+    assert alone.usage.completion_tokens == 0 and alone.usage.total_tokens == k
+    want = answered.choices[0].logprobs
+    for c in alone.choices:
+        assert c.text == prompt and c.finish_reason == "length"
+        lp = c.logprobs
+        assert (lp.tokens, lp.token_logprobs, lp.text_offset) == (want.tokens[:k], want.token_logprobs[:k],
+                                                                  want.text_offset[:k])
+        assert lp.top_logprobs == want.top_logprobs[:k]
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    parts = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(p.text for p in parts) == prompt and parts[-1].finish_reason == "length"
+    assert [x for p in parts for x in p.logprobs.token_logprobs] == want.token_logprobs[:k]
+    assert chunks[-1].usage.completion_tokens == 0
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True)
+    assert plain.choices[0].text == prompt and plain.choices[0].logprobs is None
+    for body, words in [({"max_tokens": 0}, "max_tokens must be"),
+                        ({"max_tokens": 0, "echo": True, "min_tokens": 1}, "min_tokens (1) must not exceed")]:
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, **body}, timeout=60)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
 def test_echo_of_a_request_that_failed_before_its_prompt_was_scored(smol):
     """Its prompt's tokens with null logprobs, not a TypeError."""
     from inferlab.outputs import CompletionOutput, RequestOutput

@@ -155,7 +155,10 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
             engine_prompts = [await prompts.completion(p, req.cache_salt) for p in listed]
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        base, rids, streams = await start(engine, req, engine_prompts, req.max_tokens, req.logprobs)
+        base, rids, streams = await start(engine, req, engine_prompts, 1 if req.prompt_only else req.max_tokens,
+                                          req.logprobs)
+        if req.prompt_only:
+            streams = [fmt.each(fmt.without_answer, s) for s in streams]
         head = {"id": f"cmpl-{base}", "object": "text_completion", "created": int(time.time()), "model": model_name}
         echo = fmt.Echo(tok, req.logprobs) if req.echo else None
 

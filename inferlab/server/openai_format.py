@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 from fastapi.responses import JSONResponse
 
@@ -18,6 +20,23 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 def finish_reason(out: RequestOutput) -> str | None:
     return out.outputs[0].finish_reason if out.finished else None
+
+
+def without_answer(out: RequestOutput) -> RequestOutput:
+    """`out` with its choice's answer left out: an echo with max_tokens 0 (the prompt alone, scored),
+    which the engine runs as one new token, since its step always samples one. The choice ends as
+    max_tokens 0 ends it ("length"), unless it was aborted or failed."""
+    c = out.outputs[0]
+    ended = c.finish_reason if c.finish_reason in (None, "abort", "error") else "length"
+    empty = replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [], cumulative_logprob=None,
+                    new_token_ids=[], new_text="", finish_reason=ended, stop_reason=None)
+    return replace(out, outputs=[empty])
+
+
+async def each(change: Callable[[RequestOutput], RequestOutput],
+               stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    async for out in stream:
+        yield change(out)
 
 
 def usage(finals: list[RequestOutput], n: int, details: bool = False) -> dict:

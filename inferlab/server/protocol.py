@@ -129,8 +129,16 @@ class CompletionRequest(SamplingFields):
         scored = self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else logprobs
         return replace(super().sampling_params(max_tokens, logprobs), prompt_logprobs=scored)
 
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: the prompt alone, scored with logprobs where asked, nothing generated
+        (OpenAI's legacy way to score a text, which vLLM keeps)."""
+        return self.echo and self.max_tokens == 0
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
+        if self.prompt_only and self.min_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens (0)")
         if self.max_completion_tokens is not None and self.max_completion_tokens != self.max_tokens:
             raise ValueError(f"max_completion_tokens ({self.max_completion_tokens}) differs from max_tokens "
                              f"({self.max_tokens}): the completions API reads max_tokens")

@@ -83,6 +83,9 @@ def build() -> Path:
     digest = hashlib.sha256(" ".join([*cc, *CFLAGS, *LINK, *isas, repr(ISAS)]).encode())
     for src in sorted(ROOT.rglob("*.[ch]")):
         digest.update(str(src.relative_to(ROOT)).encode() + src.read_bytes())
+    from inferlab.kernels.header import tape_calls  # (it reads ROOT from here)
+    calls = tape_calls()  # generated, so a change to its generator is a new library too
+    digest.update(calls.encode())
     cache = cache_dir("kernels")
     lib = cache / f"inferlab_kernels-{digest.hexdigest()[:16]}.so"
     if lib.exists():
@@ -97,8 +100,7 @@ def build() -> Path:
             if time.time() - stale.stat().st_mtime > 3600:
                 shutil.rmtree(stale)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
-        from inferlab.kernels.header import tape_calls  # (it reads ROOT from here)
-        (Path(tmp) / "tape_calls.h").write_text(tape_calls())  # the tape's calls, from api.h
+        (Path(tmp) / "tape_calls.h").write_text(calls)  # the tape's calls, from api.h
         jobs = [(src, Path(tmp) / f"{isa}-{src.parent.name}-{src.stem}.o", isa) for isa in isas for src in sources(isa)]
         workers = compilers()
         log.info("building the native kernels (%d files for %s, %d at a time), once after an install or an "

@@ -72,6 +72,7 @@ def tape_calls() -> str:
         args = ", ".join(f"{'P' if ctype.endswith('*') else read[ctype]}({i})" for i, (ctype, _) in enumerate(params))
         call = f"((__typeof__({name}_generic) *)fn)({args})"
         lines.append(f"    case {code}: {'status = ' if ret == 'int' else ''}{call}; break; \\")
+    lines[-1] = lines[-1].removesuffix(" \\")  # the macro's last line: a backslash there joins the file's end
     return "\n".join(lines) + "\n"
 
 

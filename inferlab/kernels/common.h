@@ -96,6 +96,41 @@ static inline int il_prefill_part_row(const int count, const int ctx, const int 
     return r < count ? r : count;
 }
 
+/* e^x in fp32 (within 1.3 ulp of the exact value where e^x is a normal float, measured with gcc and
+ * clang), inline and in plain arithmetic, so that every compiler vectorizes the loops that call it:
+ * clang, which knows no vector expf by default, called libm's scalar one for each element of SiLU
+ * and softmax, and gcc's libmvec calls were no faster. x is held to [-87.3, 88.3] (below, e^x is then
+ * 1.2e-38, not 0; above, libm's inf made SiLU NaN for inputs from -88.7 to about -95 under
+ * -ffast-math, whose division by 1 + inf multiplies by a refined reciprocal: 0 x inf):
+ * x = (n + f) ln 2 with n = round(x / ln 2) as an integer, f's part taken off in two constants
+ * (Cephes' split of ln 2, whose first half times n is exact), e^(f ln 2) by Cephes' degree-6
+ * polynomial, 2^n as the float's exponent bits. The two-constant step must not be reassociated,
+ * which -ffast-math allows: fused multiply-adds keep it (60 ulp off at x = 83 without), so a CPU
+ * without them keeps libm's expf. */
+static inline float il_expf(float x) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.3f ? 88.3f : x;
+    const int k = (int)(x * 1.44269504088896341f + 127.5f); /* 127 + round(x / ln 2), >= 1 */
+    const float n = (float)(k - 127);
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const uint32_t bits = (uint32_t)k << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+#else
+    return expf(x < 88.3f ? x : 88.3f); /* past it, inf: -ffast-math's division by 1 + inf made SiLU NaN */
+#endif
+}
+
 static inline int il_elem_size(int dtype) { return dtype == IL_BF16 ? 2 : 4; }
 
 #include "blocks.h" /* the weight types, which use the conversions above */

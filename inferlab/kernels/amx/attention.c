@@ -101,7 +101,7 @@ static void attend_row(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
     for (int j = 0; j < num_heads; j++) {
         float *s = scores + (int64_t)j * len, sum = 0.f;
         const float m = _mm512_reduce_max_ps(mx[j]);
-        for (int t = 0; t < len; t++) s[t] = expf(s[t] - m);
+        for (int t = 0; t < len; t++) s[t] = il_expf(s[t] - m);
         for (int t = 0; t < len; t++) sum += s[t];
         inv[j] = 1.f / sum;  /* >= 1: the maximum's own weight */
         if (part) part[(int64_t)j * PART + D] = m, part[(int64_t)j * PART + D + 1] = sum;
@@ -166,7 +166,7 @@ static void combine(const float *part, int pieces, int num_heads, int j, uint16_
     for (int p = 0; p < pieces; p++) m = fmaxf(m, part[((int64_t)p * num_heads + j) * PART + D]);
     memset(o, 0, sizeof o);
     for (int p = 0; p < pieces; p++) {
-        const float *at = part + ((int64_t)p * num_heads + j) * PART, f = expf(at[D] - m);
+        const float *at = part + ((int64_t)p * num_heads + j) * PART, f = il_expf(at[D] - m);
         sum += f * at[D + 1];
         for (int d = 0; d < D; d++) o[d] += f * at[d];
     }

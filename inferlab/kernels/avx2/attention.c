@@ -130,10 +130,10 @@ IL_INLINE void attend_heads(const void *q, int64_t q_stride, const void *k_cache
         for (int j = 0; j < nh; j++) { /* running softmax: weights of this block, the sum so far rescaled */
             float *sj = scores + j * bs, m = mx[j], part = 0.f;
             for (int t = 0; t < nt; t++) m = sj[t] > m ? sj[t] : m;
-            for (int t = 0; t < nt; t++) sj[t] = expf(sj[t] - m);
+            for (int t = 0; t < nt; t++) sj[t] = il_expf(sj[t] - m);
             for (int t = 0; t < nt; t++) part += sj[t];
             if (m > mx[j]) {
-                const float shrink = expf(mx[j] - m);
+                const float shrink = il_expf(mx[j] - m);
                 for (int i = 0; i < D; i++) o[j * D + i] *= shrink;
                 sum[j] *= shrink, mx[j] = m;
             }

@@ -122,7 +122,7 @@ static void attend_chunk(const void *q, int64_t q_stride, const void *k_cache, c
                 float *si = s + (int64_t)i * ld, mx = -FLT_MAX, sum = 0.f;
                 const int lim = first + i + 1;
                 for (int t = 0; t < lim; t++) mx = si[t] > mx ? si[t] : mx;
-                for (int t = 0; t < lim; t++) si[t] = expf(si[t] - mx);
+                for (int t = 0; t < lim; t++) si[t] = il_expf(si[t] - mx);
                 for (int t = 0; t < lim; t++) sum += si[t];
                 memset(si + lim, 0, sizeof(float) * (keys - lim));
                 inv[i] = 1.f / sum;

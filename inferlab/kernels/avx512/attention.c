@@ -17,7 +17,7 @@
 /* Softmax numerators in place: s[t] = exp(s[t] - mx); returns their sum (the denominator). */
 static inline float exp_and_sum(float *restrict s, int n, float mx) {
     float sum = 0.f;
-    for (int t = 0; t < n; t++) s[t] = expf(s[t] - mx);
+    for (int t = 0; t < n; t++) s[t] = il_expf(s[t] - mx);
     for (int t = 0; t < n; t++) sum += s[t];
     return sum;
 }

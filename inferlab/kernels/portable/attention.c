@@ -60,7 +60,7 @@ static inline void attend_one(const void *q, int64_t q_stride, const void *k_cac
     float denom[IL_MAX_GROUP];
     for (int g = 0; g < group; g++) { /* pass 2: softmax weights, then the weighted sum of values */
         float sum = 0.f;
-        for (int t = 0; t < n; t++) scores[g * n + t] = expf(scores[g * n + t] - mx[g]);
+        for (int t = 0; t < n; t++) scores[g * n + t] = il_expf(scores[g * n + t] - mx[g]);
         for (int t = 0; t < n; t++) sum += scores[g * n + t];
         denom[g] = sum;
         memset(acc[g], 0, sizeof(float) * D);

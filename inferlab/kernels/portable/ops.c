@@ -10,41 +10,62 @@
 
 #include "../common.h"
 
+/* The loops below are written once, as row functions taking their dtypes as constants, and called
+ * with each dtype the models use spelled out: gcc split a loop that tested a dtype per element into
+ * one loop per dtype by itself, clang did not, and left every such loop scalar (a prefill step's
+ * elementwise ops 4x gcc's). */
+#define BY_DTYPE(dtype, call) ((dtype) == IL_BF16 ? call(IL_BF16) : call(IL_F32))
+
+IL_INLINE void norm_row(void *out, const void *x, int64_t xi, void *residual, const void *weight, int64_t o, int dim,
+                        float eps, const int dtype, const int xdtype, const int rdtype) {
+    const void *src = x;
+    int64_t si = xi;
+    int sdtype = xdtype;
+    if (residual) { /* residual += x, rounded as stored: the next layer adds to what is normalized */
+        for (int i = 0; i < dim; i++)
+            il_st(residual, o + i, il_ld(x, xi + i, xdtype) + il_ld(residual, o + i, rdtype), rdtype);
+        src = residual, si = o, sdtype = rdtype;
+    }
+    float ss = 0.f;
+    for (int i = 0; i < dim; i++) {
+        const float a = il_ld(src, si + i, sdtype);
+        ss += a * a;
+    }
+    /* a sum of squares past fp32's range: 0, as PyTorch's rsqrt(inf) (the fast reciprocal square
+     * root's refinement step made it NaN) */
+    const float ms = ss / dim + eps, inv = il_is_finite(ms) ? 1.f / sqrtf(ms) : 0.f;
+    for (int i = 0; i < dim; i++) il_st(out, o + i, il_ld(src, si + i, sdtype) * inv * il_ld(weight, i, dtype), dtype);
+}
+
 void IL(rms_norm)(void *out, const void *x, int64_t x_stride, void *residual, const void *weight, int rows, int groups,
                   int dim, float eps, int dtype, int xdtype, int rdtype, int num_threads) {
+    const int same = xdtype == dtype && (!residual || rdtype == dtype);
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static) if (rows * groups > 1)
     for (int r = 0; r < rows; r++)
         for (int g = 0; g < groups; g++) {
             const int64_t xi = (int64_t)r * x_stride + (int64_t)g * dim, o = ((int64_t)r * groups + g) * dim;
-            const void *src = x;
-            int64_t si = xi;
-            int sdtype = xdtype;
-            if (residual) { /* residual += x, rounded as stored: the next layer adds to what is normalized */
-                for (int i = 0; i < dim; i++)
-                    il_st(residual, o + i, il_ld(x, xi + i, xdtype) + il_ld(residual, o + i, rdtype), rdtype);
-                src = residual, si = o, sdtype = rdtype;
-            }
-            float ss = 0.f;
-            for (int i = 0; i < dim; i++) {
-                const float a = il_ld(src, si + i, sdtype);
-                ss += a * a;
-            }
-            /* a sum of squares past fp32's range: 0, as PyTorch's rsqrt(inf) (the fast reciprocal square
-             * root's refinement step made it NaN) */
-            const float ms = ss / dim + eps, inv = il_is_finite(ms) ? 1.f / sqrtf(ms) : 0.f;
-            for (int i = 0; i < dim; i++)
-                il_st(out, o + i, il_ld(src, si + i, sdtype) * inv * il_ld(weight, i, dtype), dtype);
+#define NORM(t) norm_row(out, x, xi, residual, weight, o, dim, eps, t, t, t)
+            if (same)
+                BY_DTYPE(dtype, NORM);
+            else
+                norm_row(out, x, xi, residual, weight, o, dim, eps, dtype, xdtype, rdtype);
+#undef NORM
         }
+}
+
+IL_INLINE void silu_row(void *out, const void *gate_up, int64_t g, int64_t o, int dim, const int dtype) {
+    for (int i = 0; i < dim; i++) {
+        const float a = il_ld(gate_up, g + i, dtype), b = il_ld(gate_up, g + dim + i, dtype);
+        il_st(out, o + i, a / (1.f + il_expf(-a)) * b, dtype);
+    }
 }
 
 void IL(silu_and_mul)(void *out, const void *gate_up, int rows, int dim, int dtype, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
     for (int r = 0; r < rows; r++) {
-        const int64_t g = (int64_t)r * 2 * dim, o = (int64_t)r * dim;
-        for (int i = 0; i < dim; i++) {
-            const float a = il_ld(gate_up, g + i, dtype), b = il_ld(gate_up, g + dim + i, dtype);
-            il_st(out, o + i, a / (1.f + expf(-a)) * b, dtype);
-        }
+#define SILU(t) silu_row(out, gate_up, (int64_t)r * 2 * dim, (int64_t)r * dim, dim, t)
+        BY_DTYPE(dtype, SILU);
+#undef SILU
     }
 }
 
@@ -52,20 +73,26 @@ void IL(silu_and_mul)(void *out, const void *gate_up, int rows, int dim, int dty
  * checked at run time whether x overlapped cos and sin, and the vector and the scalar loop it chose
  * between fused the products differently, so a row's result hung on where its buffers lay (a row
  * alone and in a batch differed in the last bit). */
+IL_INLINE void rope_head(void *x, int64_t o, const float *restrict c, const float *restrict s, int half,
+                         const int dtype) {
+    float a[IL_MAX_HEAD_DIM / 2], b[IL_MAX_HEAD_DIM / 2];
+    for (int i = 0; i < half; i++) a[i] = il_ld(x, o + i, dtype), b[i] = il_ld(x, o + half + i, dtype);
+    for (int i = 0; i < half; i++) {
+        il_st(x, o + i, a[i] * c[i] - b[i] * s[i], dtype);
+        il_st(x, o + half + i, b[i] * c[i] + a[i] * s[i], dtype);
+    }
+}
+
 void IL(rope)(void *x, int64_t x_stride, const float *cos, const float *sin, int rows, int heads, int head_dim,
               int dtype, int num_threads) {
     const int half = head_dim / 2;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *restrict c = cos + (int64_t)r * half, *restrict s = sin + (int64_t)r * half;
-        float a[IL_MAX_HEAD_DIM / 2], b[IL_MAX_HEAD_DIM / 2];
         for (int h = 0; h < heads; h++) {
-            const int64_t o = (int64_t)r * x_stride + (int64_t)h * head_dim;
-            for (int i = 0; i < half; i++) a[i] = il_ld(x, o + i, dtype), b[i] = il_ld(x, o + half + i, dtype);
-            for (int i = 0; i < half; i++) {
-                il_st(x, o + i, a[i] * c[i] - b[i] * s[i], dtype);
-                il_st(x, o + half + i, b[i] * c[i] + a[i] * s[i], dtype);
-            }
+#define ROPE(t) rope_head(x, (int64_t)r * x_stride + (int64_t)h * head_dim, c, s, half, t)
+            BY_DTYPE(dtype, ROPE);
+#undef ROPE
         }
     }
 }

@@ -190,3 +190,27 @@ def test_an_engine_without_num_threads_starts_within_the_quota(monkeypatch, make
         assert torch.get_num_threads() == 1 and engine.threads.max_threads == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cc,spin", [("gcc", "3000000"), ("clang -g", "1000"), ("ccache /usr/bin/clang", "1000"),
+                                     ('clang "', "3000000")])
+def test_idle_threads_spin_briefly_where_clang_builds_the_kernels(cc, spin, tmp_path):
+    """PyTorch's threads (GNU OpenMP) spin a few ms after each op; beside kernels on clang's OpenMP
+    runtime that took their cores (the `cpu` workload at 57% of a gcc build's). Set at import, from
+    CC as the kernel build reads it (a malformed one is the build's to refuse); a user's own setting
+    is kept."""
+    import os
+    import subprocess
+    import sys
+    fake = tmp_path / "clang"  # resolves by name where clang is not installed
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(CC=cc, PATH=f"{tmp_path}:{env.get('PATH', '')}")
+    read = "import inferlab, os; print(os.environ['GOMP_SPINCOUNT'], os.environ.get('OMP_WAIT_POLICY'))"
+    done = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [spin, "ACTIVE"]
+    if spin == "1000":
+        done = subprocess.run([sys.executable, "-c", read], env={**env, "GOMP_SPINCOUNT": "5"}, capture_output=True,
+                              text=True, check=True)
+        assert done.stdout.split() == ["5", "None"]

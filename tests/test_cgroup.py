@@ -69,14 +69,16 @@ def test_a_containers_memory_limit_sizes_the_default_pool(monkeypatch):
 
 
 def test_kernel_compilers_stay_within_the_cpus_and_memory(monkeypatch):
-    """One compiler takes up to 0.9 GB: two under a 768 MiB limit were killed, and the engine after them."""
+    """One compiler takes up to 0.45 GB: two under a 768 MiB limit were killed, and the engine after them."""
     from inferlab import threads
     from inferlab.kernels import builder
     monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
     monkeypatch.setattr(cgroup, "memory_limit", lambda: None)
     assert builder.compilers() == 8
     monkeypatch.setattr(cgroup, "memory_limit", lambda: (4 << 30, (3 << 30) + (1 << 29)))
-    assert builder.compilers() == 3
+    assert builder.compilers() == 7
+    monkeypatch.setattr(cgroup, "memory_limit", lambda: (1536 << 20, 1100 << 20))
+    assert builder.compilers() == 2
     monkeypatch.setattr(cgroup, "memory_limit", lambda: (768 << 20, 700 << 20))
     assert builder.compilers() == 1
 

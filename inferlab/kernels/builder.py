@@ -131,13 +131,13 @@ def build() -> Path:
 
 def compilers() -> int:
     """How many compilers run at once: one per CPU this process may use (its affinity and a
-    container's CPU quota, not the host's cores), and no more than one per GiB a container's memory
-    limit leaves free. One compiler takes up to 0.9 GB: two at once under a 768 MiB limit had the OOM
-    killer end them, then the engine."""
+    container's CPU quota, not the host's cores), and no more than one per 512 MiB a container's memory
+    limit leaves free. One compiler takes up to 0.45 GB (avx512*/x16.c): two at once under a 768 MiB
+    limit had the OOM killer end them, then the engine."""
     from inferlab import cgroup
     from inferlab.threads import usable_cpus
     cpus, memory = usable_cpus(), cgroup.memory_limit()
-    return max(1, min(cpus, memory[1] >> 30)) if memory else cpus
+    return max(1, min(cpus, memory[1] >> 29)) if memory else cpus
 
 
 UNUSED_DAYS = 30  # a library no start has loaded for this long is another version's: each update leaves one
@@ -163,5 +163,5 @@ def first_error(e: BaseException) -> str:
     line = next((line for line in lines if "error:" in line or "error" in line.split("/")[-1]),
                 lines[-1] if lines else "").strip()
     if "Killed signal" in line:  # gcc's words when the kernel ends its cc1
-        line += " (most likely out of memory: a compiler takes up to 0.9 GB, once, to build the kernels)"
+        line += " (most likely out of memory: a compiler takes up to 0.45 GB, once, to build the kernels)"
     return line

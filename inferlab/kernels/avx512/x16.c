@@ -167,12 +167,16 @@ IL_INLINE void tile_wide(const uint16_t *x, int64_t ldx, const __m512i *wbuf, co
 /* Rows [m0, m0 + R) (R <= WIDE_CHUNK) against groups 4 s .. 4 s + 3. */
 IL_INLINE void wide_rows(const void *x, int64_t ldx, const uint8_t *w, const void *bias, int xf32, void *y, int64_t ldy,
                       int yf32, const float *sx, int m0, int R, int nb, int s, const int kind, tables t,
-                      float *acc, const int fma) {
+                      float *acc, const int fma) { /* acc: the thread's WIDE_SCRATCH floats */
     const int64_t block_bytes = group_block_bytes(kind), spb = sums_per_block(kind);
     __m512i wbuf[128] __attribute__((aligned(64))); /* 16 pair rows a group, or (fma) 32 fp32 rows */
     memset(acc, 0, sizeof(float) * 64 * R);
     for (int b = 0; b < nb; b++) {
-        factors f[4];
+        /* The 4 blocks' factors in the scratch just past acc, which the tiles' stores may alias: so the
+         * compiler reads them from L1 where each tile scales its sums, instead of holding their 8
+         * registers through the products (beside 16 sums, that spilled an input once each kind's region
+         * was a function of its own: Q4_1's fp32 tiles 10% slower). */
+        factors *f = (factors *)(acc + 64 * WIDE_CHUNK);
         for (int g = 0; g < 4; g++) {
             __m512bh wv[16];
             const uint8_t *w0 = w + (int64_t)(4 * s + g) * nb * block_bytes;
@@ -197,70 +201,105 @@ IL_INLINE void wide_rows(const void *x, int64_t ldx, const uint8_t *w, const voi
                     yf32);
 }
 
+/* One call's arguments and scratch, as linear_x16 works them out before its parallel region. */
+typedef struct {
+    const void *x, *xs, *w, *bias; /* xs: x, or x widened to fp32 (xf) */
+    void *y;
+    float *sx, *sums, *xf;
+    int64_t ldx, ldxs, ldy;
+    int rows, nb, N, chunk, chunks, xf32, yf32, fma, wide, num_threads;
+    tables table;
+} x16_call;
+
+/* The parallel region of one kind (a constant). Each kind's is a function of its own (x16_kind_*
+ * below), not one region switching on the kind: one function holding every kind's inlined tiles took
+ * GCC 1.1 GB to compile, more than a small container has. The fields are copied into locals first,
+ * so the stores to y cannot alias them and the loops keep them in registers. */
+IL_INLINE void x16_region(const x16_call *call, const int kind) {
+    const x16_call c = *call;
+    const int with_min = has_min(kind), spb = sums_per_block(kind);
+    if (with_min || c.xf) {
+#pragma omp for schedule(static)
+        for (int r = 0; r < c.rows; r++)
+            for (int b = 0; b < c.nb; b++) {
+                const int64_t at = (int64_t)r * c.ldx + 32 * b;
+                const __m512 lo = c.xf32 ? _mm512_loadu_ps((const float *)c.x + at) : bf16x16((const uint16_t *)c.x + at);
+                const __m512 hi = c.xf32 ? _mm512_loadu_ps((const float *)c.x + at + 16)
+                                         : bf16x16((const uint16_t *)c.x + at + 16);
+                if (with_min) block_input_sums(lo, hi, c.sx + ((int64_t)r * c.nb + b) * spb, spb);
+                if (c.xf) {
+                    _mm512_storeu_ps(c.xf + (int64_t)r * c.ldxs + 32 * b, lo);
+                    _mm512_storeu_ps(c.xf + (int64_t)r * c.ldxs + 32 * b + 16, hi);
+                }
+            }
+    }
+    if (c.wide) {
+        float *acc = c.sums + (int64_t)WIDE_SCRATCH * omp_get_thread_num();
+#pragma omp for schedule(static) collapse(2)
+        for (int ch = 0; ch < c.chunks; ch++)
+            for (int s = 0; s < c.N / 64; s++) {
+                const int m0 = ch * c.chunk, R = c.rows - m0 < c.chunk ? c.rows - m0 : c.chunk;
+                if (c.fma)
+                    wide_rows(c.xs, c.ldxs, c.w, c.bias, c.xf32, c.y, c.ldy, c.yf32, c.sx, m0, R, c.nb, s, kind, c.table,
+                              acc, 1);
+                else
+                    wide_rows(c.xs, c.ldxs, c.w, c.bias, c.xf32, c.y, c.ldy, c.yf32, c.sx, m0, R, c.nb, s, kind, c.table,
+                              acc, 0);
+            }
+    } else {
+#pragma omp for schedule(static)
+        for (int g = 0; g < c.N / 16; g++) {
+            if (c.fma)
+                group_rows(c.xs, c.ldxs, c.w, c.bias, c.xf32, c.y, c.ldy, c.yf32, c.sx, c.rows, c.nb, g, kind, c.table, 1);
+            else
+                group_rows(c.xs, c.ldxs, c.w, c.bias, c.xf32, c.y, c.ldy, c.yf32, c.sx, c.rows, c.nb, g, kind, c.table, 0);
+        }
+    }
+}
+
+#define KIND_REGION(k)                                                        \
+    static void x16_kind_##k(const x16_call *c) {                             \
+        _Pragma("omp parallel num_threads(c->num_threads)") x16_region(c, k); \
+    }
+KIND_REGION(Q4_0)
+KIND_REGION(Q4_1)
+KIND_REGION(Q8_0)
+KIND_REGION(Q4_K)
+KIND_REGION(Q5_0)
+KIND_REGION(Q5_1)
+KIND_REGION(Q5_K)
+KIND_REGION(Q6_K)
+KIND_REGION(Q3_K)
+KIND_REGION(Q2_K)
+KIND_REGION(IQ4_XS)
+KIND_REGION(BF16)
+#undef KIND_REGION
+
 int IL(linear_x16)(const void *x, int64_t ldx, int dtype, const void *w, int wtype, const void *bias, void *y,
                    int64_t ldy, int rows, int K, int N, int ydtype, int num_threads) {
     /* fp32 inputs always by FMAs: the pairs would round them to bf16 */
-    const int nb = K / 32, yf32 = ydtype == IL_F32, xf32 = dtype == IL_F32, fma = fp32_products || xf32;
+    const int nb = K / 32, xf32 = dtype == IL_F32, fma = fp32_products || xf32;
     const int kind = kind_of(wtype);
-    const int with_min = has_min(kind);
-    const tables table = tables_of(wtype);
     /* many rows: chunks of rows (each thread's share, whole 4s, at most WIDE_CHUNK) x groups of 64 outputs */
     const int wide = rows >= WIDE_ROWS && N % 64 == 0;
     int chunk = ((rows + num_threads - 1) / num_threads + 3) / 4 * 4;
     const int most = fma ? WIDE_CHUNK / 2 : WIDE_CHUNK; /* fp32 x: 64 rows keep x, the sums and the weights in L1 */
     chunk = chunk > most ? most : chunk;
-    const int chunks = (rows + chunk - 1) / chunk;
-    const int spb = sums_per_block(kind);
-    float *sx = with_min ? malloc(sizeof(float) * (size_t)rows * nb * spb) : NULL; /* each row's sums per block */
-    float *sums = wide ? aligned_alloc(64, sizeof(float) * 64 * WIDE_CHUNK * num_threads) : NULL;
+    float *sx = has_min(kind) ? malloc(sizeof(float) * (size_t)rows * nb * sums_per_block(kind)) : NULL; /* each row's sums per block */
+    float *sums = wide ? aligned_alloc(64, sizeof(float) * WIDE_SCRATCH * num_threads) : NULL;
     /* bf16 x widened once for the FMAs: a product's input is a load (fp32 x is read in place) */
     float *xf = fma && !xf32 ? malloc(sizeof(float) * (size_t)rows * K) : NULL;
-    if ((with_min && !sx) || (wide && !sums) || (fma && !xf32 && !xf)) {
+    if ((has_min(kind) && !sx) || (wide && !sums) || (fma && !xf32 && !xf)) {
         free(sx), free(sums), free(xf);
         return 2;
     }
-    const void *xs = xf ? (const void *)xf : x;
-    const int64_t ldxs = xf ? K : ldx;
-#pragma omp parallel num_threads(num_threads)
-    {
-        if (with_min || xf) {
-#pragma omp for schedule(static)
-            for (int r = 0; r < rows; r++)
-                for (int b = 0; b < nb; b++) {
-                    const int64_t at = (int64_t)r * ldx + 32 * b;
-                    const __m512 lo = xf32 ? _mm512_loadu_ps((const float *)x + at) : bf16x16((const uint16_t *)x + at);
-                    const __m512 hi = xf32 ? _mm512_loadu_ps((const float *)x + at + 16)
-                                           : bf16x16((const uint16_t *)x + at + 16);
-                    if (with_min) block_input_sums(lo, hi, sx + ((int64_t)r * nb + b) * spb, spb);
-                    if (xf) {
-                        _mm512_storeu_ps(xf + (int64_t)r * K + 32 * b, lo);
-                        _mm512_storeu_ps(xf + (int64_t)r * K + 32 * b + 16, hi);
-                    }
-                }
-        }
-        if (wide) {
-            float *acc = sums + (int64_t)64 * WIDE_CHUNK * omp_get_thread_num();
-#pragma omp for schedule(static) collapse(2)
-            for (int c = 0; c < chunks; c++)
-                for (int s = 0; s < N / 64; s++) {
-                    const int m0 = c * chunk, R = rows - m0 < chunk ? rows - m0 : chunk;
-#define WIDE(k) wide_rows(xs, ldxs, w, bias, xf32, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc, 0)
-#define WIDE_FMA(k) wide_rows(xs, ldxs, w, bias, xf32, y, ldy, yf32, sx, m0, R, nb, s, k, table, acc, 1)
-                    fma ? BY_KIND(WIDE_FMA) : BY_KIND(WIDE);
-#undef WIDE
-#undef WIDE_FMA
-                }
-        } else {
-#pragma omp for schedule(static)
-            for (int g = 0; g < N / 16; g++) {
-#define GROUP(k) group_rows(xs, ldxs, w, bias, xf32, y, ldy, yf32, sx, rows, nb, g, k, table, 0)
-#define GROUP_FMA(k) group_rows(xs, ldxs, w, bias, xf32, y, ldy, yf32, sx, rows, nb, g, k, table, 1)
-                fma ? BY_KIND(GROUP_FMA) : BY_KIND(GROUP);
-#undef GROUP
-#undef GROUP_FMA
-            }
-        }
-    }
+    const x16_call c = {.x = x, .xs = xf ? (const void *)xf : x, .w = w, .bias = bias, .y = y, .sx = sx, .sums = sums,
+                        .xf = xf, .ldx = ldx, .ldxs = xf ? K : ldx, .ldy = ldy, .rows = rows, .nb = nb, .N = N,
+                        .chunk = chunk, .chunks = (rows + chunk - 1) / chunk, .xf32 = xf32, .yf32 = ydtype == IL_F32,
+                        .fma = fma, .wide = wide, .num_threads = num_threads, .table = tables_of(wtype)};
+#define RUN(k) x16_kind_##k(&c)
+    BY_KIND(RUN);
+#undef RUN
     free(sx), free(sums), free(xf);
     return 0;
 }

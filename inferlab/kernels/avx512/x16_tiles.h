@@ -12,6 +12,7 @@
 #define ROWS_PASS 64   /* input rows whose 16 sums stay in L1 while a group's blocks pass */
 #define WIDE_ROWS 32   /* rows from which the 4 x 4-group tiles run */
 #define WIDE_CHUNK 128 /* rows a wide tile pass keeps in cache (x: 384 KB at K = 1536; sums: 32 KB) */
+#define WIDE_SCRATCH (64 * WIDE_CHUNK + 4 * (int)(sizeof(factors) / sizeof(float))) /* a thread's: sums, factors */
 
 /* Rows 0 .. R as tiles of `most` rows (a constant, <= 6), then one of the rest: CALL(n), n a constant,
  * for the tile at row i. */

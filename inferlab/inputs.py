@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from inferlab.model.tokenizer import Tokenizer
 from inferlab.sampling_params import SamplingParams
+from inferlab.text import is_text
 
 PromptType = str | list[int] | dict
 
@@ -46,6 +47,8 @@ def parse_prompt(prompt: PromptType, tokenizer: Tokenizer, vocab_size: int) -> P
         salt = prompt.get("cache_salt")
         if salt is not None and (not isinstance(salt, str) or not salt):
             raise ValueError("cache_salt must be a non-empty string")
+        if salt is not None and not is_text(salt):  # its block keys are UTF-8: found only in the engine step
+            raise ValueError("cache_salt must be valid Unicode text (a lone surrogate such as \\ud800 is not)")
         if "prompt_token_ids" in prompt:
             ids = _token_ids(prompt["prompt_token_ids"])
             if ids is None:

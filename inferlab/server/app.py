@@ -33,6 +33,12 @@ MAX_N = 64
 MAX_CHOICES = 2048  # prompts x n in one completion request
 
 
+def _union_branch(part: object) -> bool:
+    """Whether a validation error's location part names a union's branch ("str", "list[ContentPart]"),
+    which pydantic puts between the field and the input's own path, not a field or a key."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
 def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool = False) -> FastAPI:
     """`prompt_tokens_details`: usage says how many prompt tokens were cached (see `fmt.usage`)."""
     tok = engine.engine.tokenizer
@@ -61,7 +67,9 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
             return fmt.error_response(400, "the request body must be a JSON object (sent with Content-Type: "
                                       "application/json)" if first.get("type") != "missing" else
                                       "the request body is empty: send a JSON object")
-        return fmt.error_response(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+        best = max(exc.errors(), key=lambda e: len(e.get("loc", ())))  # a union's branch the input went into
+        where = ".".join(str(x) for x in best.get("loc", ()) if x != "body" and not _union_branch(x))
+        return fmt.error_response(400, f"{where}: {best.get('msg')}" if where else str(best.get("msg")))
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:

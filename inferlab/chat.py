@@ -81,6 +81,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         a.prompt = terminal_text(sys.stdin.read().replace("\r\n", "\n").removesuffix("\n"))  # Windows line ends too
     if not a.prompt.strip():  # refused before the model loads (the chat template would wrap nothing)
         raise ValueError("the prompt is empty")
+    params = sampling_params(a)
+    params.validate()  # before the model loads
     engine = LLMEngine(engine_config(a))
     tok = engine.tokenizer
     if a.raw or not tok.chat_template:
@@ -94,7 +96,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         text = tok.apply_chat_template(messages)
         prompt = {"prompt": text, "prompt_token_ids": tok.encode_chat(text)}
     with recording(engine, a.record):
-        stream(engine, "generate-0", prompt, sampling_params(a))
+        stream(engine, "generate-0", prompt, params)
 
 
 def chat_prompt(tok, messages: list[dict], first: int, limit: int, answer: int) -> tuple[dict | None, int]:
@@ -131,6 +133,7 @@ Ctrl-C during an answer stops it; the conversation goes on."""
 
 def cmd_chat(a: argparse.Namespace) -> None:
     from inferlab.engine import LLMEngine
+    sampling_params(a).validate()  # before the model loads, not at the first message
     engine = LLMEngine(engine_config(a))
     tok = engine.tokenizer
     if not tok.chat_template:

@@ -163,8 +163,8 @@ class EngineConfig:
             raise ValueError(f"kv_allocation must be one of {KV_ALLOCATIONS}, got {self.kv_allocation!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
-        if not self.swap_space >= 0:
-            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if not 0 <= self.swap_space < 2**20:  # NaN and inf too
+            raise ValueError(f"swap_space must be a number of GiB, >= 0 and finite, got {self.swap_space}")
         if not 0 <= self.sjf_aging_rate < float("inf"):  # nan and inf made every key nan: an order of no policy
             raise ValueError(f"sjf_aging_rate must be a finite number >= 0, got {self.sjf_aging_rate}")
         tp = self.tensor_parallel_size

@@ -7,6 +7,7 @@ cannot harm others.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -122,7 +123,12 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> Request:
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, not {type(params).__name__}")
         params.validate()
+        if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
+                                         or not math.isfinite(arrival_time)):  # the policies' keys compare it
+            raise ValueError(f"arrival_time must be a finite number of seconds, got {arrival_time!r}")
         check_request_id(request_id, self.requests)
         inputs = parse_prompt(prompt, self.tokenizer, self.model.args.vocab_size)
         check_request(inputs, params, priority, self.model.args.vocab_size, self.max_model_len, self.max_request_tokens)

@@ -86,7 +86,8 @@ class LLM:
         if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt (anything else is refused by name below)
         n = len(prompts)
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
+        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params or SamplingParams()] * n)
         if len(params) != n:
             raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
         if priority is not None and not isinstance(priority, (list, tuple)):
@@ -94,12 +95,13 @@ class LLM:
         if priority is not None and len(priority) != n:
             raise ValueError(f"got {len(priority)} priorities for {n} prompts")
         for i, p in enumerate(params):
-            if isinstance(p, SamplingParams):  # n first: a field set after construction counts
-                try:
-                    p.validate()
-                except ValueError as e:
-                    raise ValueError(f"prompt {i}: {e}") from None
-        ids = [[f"offline-{next(_ids)}" for _ in range(p.n if isinstance(p, SamplingParams) else 1)] for p in params]
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(p).__name__}")
+            try:  # n first: a field set after construction counts
+                p.validate()
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        ids = [[f"offline-{next(_ids)}" for _ in range(p.n)] for p in params]
         try:
             for i in range(n):
                 for j, rid in enumerate(ids[i]):
@@ -125,7 +127,10 @@ class LLM:
         conversation or a list of them and generate. `continue_final_message=True` (with
         `add_generation_prompt=False`) continues a last assistant message instead of answering after
         it; `chat_template_kwargs` are more variables for the template (e.g. Qwen3's `enable_thinking`)."""
-        if isinstance(messages, (list, tuple)) and not messages:  # no conversations (vLLM's reading): no outputs
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(f"messages must be a list of messages (dicts of role and content) or a list of such "
+                             f"lists, not {type(messages).__name__}")
+        if not messages:  # no conversations (vLLM's reading): no outputs
             return []
         conversations = messages if isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer

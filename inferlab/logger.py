@@ -12,6 +12,13 @@ def setup_logging() -> logging.Logger:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
-        log.setLevel(os.environ.get("INFERLAB_LOG_LEVEL", "INFO").upper())
         log.propagate = False  # one line per message even when the application configures the root
+        level = os.environ.get("INFERLAB_LOG_LEVEL", "INFO").upper()
+        level = int(level) if level.isdigit() else level  # logging takes a number too, not as a string
+        try:
+            log.setLevel(level)
+        except ValueError:  # a typo here must not stop `import inferlab`
+            log.setLevel("INFO")
+            log.warning("INFERLAB_LOG_LEVEL=%r is no logging level (DEBUG, INFO, WARNING, ERROR or CRITICAL); "
+                        "using INFO", level)
     return log

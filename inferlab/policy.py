@@ -44,9 +44,15 @@ class RequestQueue:
         raise NotImplementedError
 
     def push(self, req: Request) -> None:
-        heap, tie = self._heap, next(self._tie)
-        heapq.heappush(heap, (self.key(req), tie, req))
-        self._live[id(req)] = tie
+        entry = (self.key(req), next(self._tie), req)
+        try:
+            heapq.heappush(self._heap, entry)
+        except Exception:  # a key that does not compare with the others': the heap as it was, then the error
+            # (a sift cut short leaves the new entry in, or a parent twice with the entry gone)
+            self._heap = list({id(e): e for e in self._heap if e is not entry}.values())
+            heapq.heapify(self._heap)
+            raise
+        self._live[id(req)] = entry[1]
 
     def _alive(self, entry: tuple[tuple, int, Request]) -> bool:
         return self._live.get(id(entry[2])) == entry[1]

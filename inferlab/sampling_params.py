@@ -103,12 +103,15 @@ class SamplingParams:
         if len(self.stop_token_ids or []) > MAX_TOKEN_LIST:
             raise ValueError(f"stop_token_ids takes at most {MAX_TOKEN_LIST} token ids")
         bias = self.logit_bias or {}
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id to bias, got {type(bias).__name__}")
         if len(bias) > MAX_TOKEN_LIST:
             raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} token ids")
         bad = [t for t in bias if not isinstance(t, int) or isinstance(t, bool) or t < 0]
         if bad:
             raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {bad[0]!r}")
-        if any(not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0 for b in bias.values()):
+        if any(isinstance(b, bool) or not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0
+               for b in bias.values()):
             raise ValueError("logit_bias values must be numbers in [-100, 100]")
 
     def fork(self, j: int) -> SamplingParams:

@@ -275,6 +275,13 @@ def test_bad_option_is_one_clear_line():
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --threads must be >= 1, got 0"
 
 
+def test_chat_refuses_bad_sampling_options_before_it_loads_the_model():
+    """They were read at the first message: with no input, chat exited 0 after its banner."""
+    r = inferlab("chat", "--max-tokens", "-1", stdin="")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: --max-tokens must be an integer >= 1, got -1"]
+
+
 def test_fields_named_inside_an_error_become_the_options_the_command_has():
     generate = build_parser().parse_args(["generate", "hi"]).command_parser
     simulate = build_parser().parse_args(["simulate"]).command_parser

@@ -1,6 +1,10 @@
 """Bad input gets a clear one-line error and harms nobody: no leak, no crash, others unaffected."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -94,6 +98,9 @@ def test_llm_generate_rejects_a_bad_batch_whole(make_llm):
 
 def test_chat_rejects_malformed_messages(make_llm):
     llm = make_llm(num_kv_blocks=32)
+    for messages in ({"role": "user", "content": "hi"}, None):  # was KeyError: 0 / not subscriptable
+        with pytest.raises(ValueError, match="messages must be a list of messages"):
+            llm.chat(messages, use_tqdm=False)
     with pytest.raises(ValueError, match=r"messages\[0\] must be a \{'role'"):
         llm.chat([{"content": "no role"}], use_tqdm=False)
     with pytest.raises(ValueError, match="messages must be a non-empty list"):  # one conversation, empty
@@ -134,6 +141,46 @@ def test_sampling_params_changed_after_construction_are_checked_again(make_llm, 
         llm.engine.add_request("r", "hi", sp)
     assert llm.engine.block_manager.num_free_blocks == 32 and not llm.engine.has_unfinished_requests()
     assert SamplingParams(bad_words=[]).max_tokens == 16  # asks for nothing, as the server takes it
+
+
+def test_sampling_params_of_another_type_are_named(make_llm):
+    """A dict or a string was an AttributeError ('dict' object has no attribute 'validate'); a tuple of
+    SamplingParams (vLLM takes any sequence) was refused the same way."""
+    llm = make_llm(num_kv_blocks=32)
+    for prompts, params in (("a", {"max_tokens": 3}), ("a", "greedy"), (["a"], [{"max_tokens": 3}])):
+        with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them, got "):
+            llm.generate(prompts, params, use_tqdm=False)
+    with pytest.raises(TypeError, match="sampling params must be a SamplingParams, not dict"):
+        llm.engine.add_request("x", "hi", {"max_tokens": 3})
+    out = llm.generate(["a", "b"], (SamplingParams(max_tokens=2, ignore_eos=True),) * 2, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [2, 2]
+    assert llm.engine.block_manager.num_free_blocks == 32
+
+
+@pytest.mark.parametrize("bias, message", [([1, 2], "logit_bias must be a dict of token id to bias, got list"),
+                                           ({1: True}, "logit_bias values must be numbers")])
+def test_a_logit_bias_of_the_wrong_shape_is_one_line(bias, message):
+    with pytest.raises(ValueError, match=message):  # a list was AttributeError: no attribute 'values'
+        SamplingParams(logit_bias=bias).validate()
+
+
+@pytest.mark.parametrize("swap_space", [float("inf"), float("nan"), -1.0])
+def test_swap_space_must_be_finite(swap_space):
+    with pytest.raises(ValueError, match="swap_space must be a number of GiB, >= 0 and finite"):  # inf: OverflowError
+        EngineConfig(swap_space=swap_space)
+
+
+def test_a_bad_log_level_warns_and_keeps_info():
+    """INFERLAB_LOG_LEVEL=bogus made `import inferlab` (and so every command) a traceback."""
+    env = {**os.environ, "INFERLAB_LOG_LEVEL": "bogus"}
+    r = subprocess.run([sys.executable, "-c", "import logging, inferlab; print(logging.getLogger('inferlab').level)"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "20", r.stderr
+    assert "INFERLAB_LOG_LEVEL='BOGUS' is no logging level" in r.stderr
+    env["INFERLAB_LOG_LEVEL"] = "15"
+    r = subprocess.run([sys.executable, "-c", "import logging, inferlab; print(logging.getLogger('inferlab').level)"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.strip() == "15", r.stderr
 
 
 def test_llm_generate_takes_priorities_as_a_list(make_llm):
@@ -328,6 +375,35 @@ def test_a_policy_that_refuses_a_request_holds_nothing_for_it(make_tiny_engine, 
     while engine.has_unfinished_requests():
         engine.step()
     engine.check_integrity()
+
+
+@pytest.mark.parametrize("arrival_time", ["now", float("nan"), True])
+def test_a_bad_arrival_time_is_refused_and_the_queue_keeps_working(make_tiny_engine, tmp_path, arrival_time):
+    """Pushed into the waiting heap, "now" failed to compare with the others' times mid-sift and stayed
+    there: every later request was refused, then a step failed (IndexError) and a block leaked. A
+    policy's key that does not compare must leave the heap as it was, too."""
+    plain = make_tiny_engine()
+    for i in range(3):
+        plain.add_request(f"w{i}", {"prompt_token_ids": [1, 2, 3 + i]}, SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="arrival_time must be a finite number of seconds"):
+        plain.add_request("bad", {"prompt_token_ids": [1, 2]}, SamplingParams(max_tokens=2), arrival_time=arrival_time)
+    path = tmp_path / "odd.py"
+    path.write_text("from inferlab.policy import RequestQueue\n"
+                    "class Odd(RequestQueue):\n"
+                    "    def key(self, req):\n"
+                    "        return ('x',) if req.priority == 13 else (req.arrival_time, req.seq)\n")
+    odd = make_tiny_engine(scheduling_policy=f"{path}:Odd")
+    for engine in (plain, odd):
+        for i in range(3, 6):
+            engine.add_request(f"w{i}", {"prompt_token_ids": [1, 2, 3 + i]}, SamplingParams(max_tokens=2))
+        if engine is odd:
+            with pytest.raises(ValueError, match="the scheduling policy refused request 'bad'"):
+                engine.add_request("bad", {"prompt_token_ids": [1, 2]}, SamplingParams(max_tokens=2), priority=13)
+        done = set()
+        while engine.has_unfinished_requests():
+            done |= {o.request_id for o in engine.step() if o.finished}
+        assert done == {f"w{i}" for i in (range(6) if engine is not odd else range(3, 6))}
+        engine.check_integrity()
 
 
 @pytest.mark.parametrize("text", ['{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["zz", "q"]]}}', "{"])

@@ -432,6 +432,7 @@ def test_a_config_without_architectures_loads_by_its_model_type(checkpoints, tmp
 @pytest.mark.parametrize("change, message", [
     ({"num_key_value_heads": 3}, "unsupported config: num_key_value_heads=3 (it must divide num_attention_heads=4)"),
     ({"num_hidden_layers": 0}, "unsupported config: num_hidden_layers=0 (a positive integer)"),
+    ({"rms_norm_eps": float("nan")}, "unsupported config: rms_norm_eps=nan (a number in [0, 1))"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 scaling needs factor, low_freq_factor, "
      "high_freq_factor, original_max_position_embeddings; it lacks low_freq_factor, high_freq_factor, "
      "original_max_position_embeddings"),

@@ -148,7 +148,7 @@ def test_host_pool_copies_blocks_out_and_back(make_tiny_engine):
     ("kv_allocation", "contiguous", "kv_allocation must be one of ('paged', 'reserve'), got 'contiguous'"),
     ("preemption_mode", "drop", "preemption_mode must be one of ('recompute', 'swap'), got 'drop'"),
     ("prefix_cache", "trie", "prefix_cache must be one of ('hash', 'radix'), got 'trie'"),
-    ("swap_space", -1, "swap_space must be >= 0 GiB, got -1"),
+    ("swap_space", -1, "swap_space must be a number of GiB, >= 0 and finite, got -1"),
 ])
 def test_bad_mode_is_one_line_value_error(field, value, message):
     with pytest.raises(ValueError) as e:

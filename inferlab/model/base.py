@@ -51,6 +51,8 @@ class ModelArgs:
                 raise unsupported(name, value, "a positive integer")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise unsupported("rope_theta", self.rope_theta, "a positive number")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and 0 <= self.rms_norm_eps < 1):  # NaN: every logit NaN
+            raise unsupported("rms_norm_eps", self.rms_norm_eps, "a number in [0, 1)")
         if self.num_heads % self.num_kv_heads:
             raise unsupported("num_kv_heads", self.num_kv_heads, f"it must divide num_heads={self.num_heads}")
 

@@ -282,6 +282,19 @@ def test_chat_refuses_bad_sampling_options_before_it_loads_the_model():
     assert r.stderr.strip().splitlines() == ["error: --max-tokens must be an integer >= 1, got -1"]
 
 
+def test_calibrate_refuses_a_folder_for_its_output_before_it_times_anything(tmp_path):
+    """It was an IsADirectoryError traceback, after the minutes of timing."""
+    r = inferlab("calibrate", "--out", str(tmp_path), "--scale", "0.01")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path} is a folder; give the file to write, e.g. {tmp_path / 'cost_model.json'}"]
+
+
+def test_the_kernel_builder_command_refuses_an_unknown_option():
+    r = subprocess.run([sys.executable, "-m", "inferlab.kernels", "--bogus"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr  # it was ignored, exit 0
+
+
 def test_fields_named_inside_an_error_become_the_options_the_command_has():
     generate = build_parser().parse_args(["generate", "hi"]).command_parser
     simulate = build_parser().parse_args(["simulate"]).command_parser

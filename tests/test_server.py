@@ -599,6 +599,8 @@ def test_a_replayed_agent_conversation_reaches_the_template_with_its_tool_calls(
     with pytest.raises(ValueError, match="chat template failed on these messages: TypeError"):
         smol[1].apply_chat_template(req.template_messages(),
                                     chat_template="{{ 'x' + messages[1].tool_calls[0].function.arguments }}")
+    with pytest.raises(ValueError, match="chat template failed on these messages: OverflowError"):  # the sandbox's
+        smol[1].apply_chat_template(req.template_messages(), chat_template="{% for i in range(10**9) %}x{% endfor %}")
 
 
 def test_a_model_without_a_chat_template_says_where_raw_prompts_go():

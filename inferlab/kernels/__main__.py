@@ -1,8 +1,10 @@
 """`python -m inferlab.kernels`: build the native kernels now and say which ISA runs here."""
+import argparse
 import logging
 
 from inferlab import kernels
 
+argparse.ArgumentParser(prog="python -m inferlab.kernels", description=__doc__).parse_args()  # --help; no others
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 try:
     k = kernels.native()

@@ -37,8 +37,9 @@ def render(chat_template: str | None, messages: list[dict], add_generation_promp
                                bos_token=bos_token or "", eos_token=eos_token or "")
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from None
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # Python's, from the template's
-        # own expressions, e.g. a string concatenated with a tool call's arguments, which are an object
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError) as e:  # Python's, from
+        # the template's own expressions, e.g. a string concatenated with a tool call's arguments, which are an
+        # object, or a range past the sandbox's limit (OverflowError)
         raise ChatTemplateError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from dataclasses import replace
 
@@ -112,8 +113,14 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     # at 0 or below every shape is one 2-token request: a fit of collinear features, saved as if sound
     if not 0 < a.scale < float("inf"):
         raise ValueError(f"--scale must be a positive number, got {a.scale}")
+    if os.path.isdir(a.out):  # found after the minutes of timing, it was a traceback
+        raise ValueError(f"--out {a.out} is a folder; give the file to write, e.g. "
+                         f"{os.path.join(a.out, 'cost_model.json')}")
     model, steps, error = calibrate(LLMEngine(engine_config(a)), a.scale)
-    model.save(a.out)
+    try:
+        model.save(a.out)
+    except OSError as e:
+        raise ValueError(f"--out {a.out}: cannot write it ({e.strerror or e})") from None
     print(f"fitted on {steps} timed steps (median error {error:.0%}), saved to {a.out}", file=sys.stderr)
     if not error <= POOR_FIT:
         print(f"warning: the fit explains the steps poorly (median error {error:.0%}, over {POOR_FIT:.0%}); "

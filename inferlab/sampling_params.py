@@ -61,6 +61,9 @@ class SamplingParams:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             setattr(self, name, None if value is None else int(value))
+        for name in ("ignore_eos", "include_stop_str_in_output"):  # "no" would read as true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.min_tokens is None or self.min_tokens < 0:

@@ -164,6 +164,25 @@ def test_a_logit_bias_of_the_wrong_shape_is_one_line(bias, message):
         SamplingParams(logit_bias=bias).validate()
 
 
+def test_the_tokenizer_names_what_it_cannot_take(smol):
+    """decode([-1]) was an OverflowError from the Rust side, decode([1.5]) the text of token 1, and
+    encode(None) an AttributeError."""
+    tok = smol[1]
+    for ids in ([-1], [1.5], [tok.backend.get_vocab_size(with_added_tokens=True)], torch.tensor([0.5])):
+        with pytest.raises(ValueError, match="decode: .* is no token id in"):
+            tok.decode(ids)
+    for call, arg in ((tok.decode, None), (tok.encode, None), (tok.encode, 5), (tok, [1, 2])):
+        with pytest.raises(TypeError):
+            call(arg)
+    assert tok.decode(torch.tensor([[28, 1425]])) == tok.decode([28, 1425]) != ""  # a tensor of ids still decodes
+
+
+@pytest.mark.parametrize("field", ["ignore_eos", "include_stop_str_in_output"])
+def test_a_switch_takes_true_or_false_only(field):
+    with pytest.raises(ValueError, match=f"{field} must be True or False, got 'no'"):  # "no" read as true
+        SamplingParams(**{field: "no"})
+
+
 @pytest.mark.parametrize("swap_space", [float("inf"), float("nan"), -1.0])
 def test_swap_space_must_be_finite(swap_space):
     with pytest.raises(ValueError, match="swap_space must be a number of GiB, >= 0 and finite"):  # inf: OverflowError

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import os
 import re
 
@@ -36,6 +37,8 @@ class Tokenizer:
         self.vocab_size = backend.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, not {type(text).__name__}")
         if not is_text(text):  # named by the character: a position would be the rendered template's
             bad = next(c for c in text if not is_text(c))
             raise ValueError(f"the prompt is not valid Unicode text: it holds {bad!r}, a lone surrogate (bytes "
@@ -56,8 +59,14 @@ class Tokenizer:
     def decode(self, ids: int | list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """The text of token ids: a list, one id, or a tensor of them; special tokens are kept unless
         skipped (transformers' decode and its default). Answers' text leaves them out."""
+        if ids is None or isinstance(ids, str):
+            raise TypeError(f"decode takes token ids (a list, an int or a tensor), not {type(ids).__name__}")
         if not isinstance(ids, list):
             ids = torch.as_tensor(ids).reshape(-1).tolist()
+        vocab = self.backend.get_vocab_size(with_added_tokens=True)
+        for i in ids:  # 1.5 was read as 1, and -1 was an OverflowError from the Rust side
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < vocab:
+                raise ValueError(f"decode: {i!r} is no token id in [0, {vocab})")
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def text(self, ids: list[int]) -> str:

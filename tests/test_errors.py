@@ -177,6 +177,18 @@ def test_the_tokenizer_names_what_it_cannot_take(smol):
     assert tok.decode(torch.tensor([[28, 1425]])) == tok.decode([28, 1425]) != ""  # a tensor of ids still decodes
 
 
+def test_an_on_off_variable_refuses_other_words(monkeypatch):
+    """INFERLAB_MODEL_CACHE=bogus was read as on, where INFERLAB_NATIVE=maybe was refused."""
+    from inferlab.model import weight_cache
+    from inferlab.switches import env_switch
+    for word, on in (("0", False), ("no", False), ("Off", False), ("1", True), ("yes", True), ("", True)):
+        monkeypatch.setenv("INFERLAB_MODEL_CACHE", word)
+        assert env_switch("INFERLAB_MODEL_CACHE") is on
+    monkeypatch.setenv("INFERLAB_MODEL_CACHE", "bogus")
+    with pytest.raises(ValueError, match="INFERLAB_MODEL_CACHE=bogus: 0 \\(off\\) or 1 \\(on\\)"):
+        weight_cache._entry(__file__)
+
+
 @pytest.mark.parametrize("field", ["ignore_eos", "include_stop_str_in_output"])
 def test_a_switch_takes_true_or_false_only(field):
     with pytest.raises(ValueError, match=f"{field} must be True or False, got 'no'"):  # "no" read as true

@@ -39,6 +39,7 @@ from inferlab.kernels.header import (  # noqa: F401 (the package's names)
     prototypes,
     tape_ops,
 )
+from inferlab.switches import env_switch
 
 log = logging.getLogger("inferlab")
 
@@ -162,10 +163,7 @@ def _arg(a):
 
 def native_wanted() -> bool:
     """INFERLAB_NATIVE: 0, false, off or no turn the kernels off (any other word was taken as on)."""
-    value = os.environ.get("INFERLAB_NATIVE", "1").strip().lower()
-    if value not in ("0", "false", "off", "no", "1", "true", "on", "yes", ""):
-        raise ValueError(f"INFERLAB_NATIVE={os.environ['INFERLAB_NATIVE']}: 0 (off) or 1 (on)")
-    return value not in ("0", "false", "off", "no")
+    return env_switch("INFERLAB_NATIVE")
 
 
 BUILD_FAILURE: list[BaseException] = []  # why library() found no library, for tests to say (a log, not a setting)

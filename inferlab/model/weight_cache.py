@@ -28,6 +28,7 @@ from inferlab.model.base import ModelArgs
 from inferlab.model.deepseek import DeepseekArgs
 from inferlab.model.layers import quant
 from inferlab.model.qwen_moe import QwenMoeArgs
+from inferlab.switches import env_switch
 
 log = logging.getLogger("inferlab")
 FORMAT = 3  # bump when the saved layout changes
@@ -36,7 +37,7 @@ Tensors = list[tuple[str, torch.Tensor, quant.WeightType]]
 
 
 def _entry(path: str, say: bool = True) -> Path | None:
-    if os.environ.get("INFERLAB_MODEL_CACHE", "1") == "0":
+    if not env_switch("INFERLAB_MODEL_CACHE"):
         return None
     st = os.stat(path)
     key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{FORMAT}"

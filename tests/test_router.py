@@ -316,8 +316,13 @@ def test_the_router_logs_the_signal_that_stops_it():
 
 @pytest.mark.parametrize("args, message", [
     ([], "give --backend URL"),
-    (["--backend", "127.0.0.1:8001"], "a backend URL is http:// or https:// and a host"),
-    (["--backend", "http://"], "a backend URL is http:// or https:// and a host, e.g. http://127.0.0.1:8000; got 'http://'"),
+    (["--backend", "127.0.0.1:8001"], "a backend URL is http:// or https://, a host and an optional port"),
+    (["--backend", "http://"], "from 1 to 65535, e.g. http://127.0.0.1:8000; got 'http://'"),
+    # a port past 65535 or not a number, and a broken IPv6 host: a traceback at start-up (exit 3)
+    (["--backend", "http://127.0.0.1:99999"], "got 'http://127.0.0.1:99999'"),
+    (["--backend", "http://127.0.0.1:abc"], "got 'http://127.0.0.1:abc'"),
+    (["--backend", "http://[::1"], "got 'http://[::1'"),
+    (["--backend", "http://a:0"], "got 'http://a:0'"),
     (["--backend", "http://a", "--timeout", "0"], "above 0 seconds"),
     (["--backend", "http://a", "--health-interval", "-1"], "above 0 seconds"),
     (["--prefill", "http://127.0.0.1:1"], "give --backend URL (repeatable), or both"),

@@ -96,6 +96,26 @@ def test_lab_requests_are_bounded_and_cancelled_at_once(server):
     server.wait_idle()
 
 
+def test_two_bursts_at_once_stay_within_the_cap(server):
+    """A burst's requests went in one a step, counted as each went in: a second burst sent meanwhile
+    passed the check too, and two of 200 ran 400 at once."""
+    before = server.wait_idle()
+    results: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        lab(server, count=200, prompt_len=4, output_len=200, shared_prefix=False))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status_code for r in results) == [200, 400]
+    r = httpx.delete(f"{server.url}/scope/lab", timeout=30)
+    cancelled = r.json()["cancelled"]
+    assert 0 < cancelled <= 200
+    aborted = 'inferlab:request_success_total{finished_reason="abort"}'
+    server.wait_idle(lambda m: m[aborted] - before[aborted] == cancelled)
+    server.check_engine()
+
+
 def test_viewer_sees_requests_run_and_resumes_after_reconnect(server):
     server.wait_idle()
     core = server.engine.engine

@@ -24,9 +24,14 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
         raise ValueError("give --backend URL (repeatable), or both --prefill URL and --decode URL")
     make_policy(policy)  # an unknown name fails here, before the server starts
     for url in [*backends, *prefill, *decode]:
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-            raise ValueError(f"a backend URL is http:// or https:// and a host, e.g. http://127.0.0.1:8000; "
-                             f"got {url!r}")
+        try:
+            parts = urlsplit(url)
+            port_ok = parts.port is None or 0 < parts.port  # urlsplit refuses a port past 65535 or not a number
+        except ValueError:
+            parts, port_ok = None, False
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            raise ValueError(f"a backend URL is http:// or https://, a host and an optional port from 1 to 65535, "
+                             f"e.g. http://127.0.0.1:8000; got {url!r}")
     if not timeout > 0 or not health_interval > 0:
         raise ValueError(f"--timeout and --health-interval must be above 0 seconds, got {timeout} and "
                          f"{health_interval}")

@@ -133,6 +133,7 @@ def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
                                  headers={"Cache-Control": "no-cache"})
 
     lab_requests: set[str] = set()  # the lab's requests still live: bounded, and cancellable at once
+    cancels = [0]  # DELETEs so far: a burst being added when one comes is aborted once it is in
 
     async def drain(rid: str, stream: AsyncIterator[RequestOutput]) -> None:
         try:
@@ -154,26 +155,30 @@ def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
                                      f"may be at once: cancel them (DELETE /scope/lab) or wait")
         prompts = burst_prompts(burst, core.model.args.vocab_size, set(core.eos_token_ids))
         params = SamplingParams(temperature=0.0, max_tokens=burst.output_len, ignore_eos=True)
-        base, added = uuid.uuid4().hex[:6], []
-        try:
-            for i, ids in enumerate(prompts):
-                rid = f"lab-{base}-{i}"
-                stream = await engine.add(rid, {"prompt_token_ids": ids}, params, burst.priority)
-                added.append(rid)
-                lab_requests.add(rid)
-                task = asyncio.ensure_future(drain(rid, stream))
-                drains.add(task)
-                task.add_done_callback(drains.discard)
+        base = uuid.uuid4().hex[:6]
+        rids = [f"lab-{base}-{i}" for i in range(len(prompts))]
+        lab_requests.update(rids)  # counted before the await: two bursts at once passed the cap together
+        cancels_before = cancels[0]
+        try:  # one pass between steps (one add a step took 12 s for 256, while a cancel missed the rest)
+            streams = await engine.add_many([(rid, {"prompt_token_ids": ids}, params, burst.priority)
+                                             for rid, ids in zip(rids, prompts, strict=True)])
         except (ValueError, EngineStopping) as e:
-            for rid in added:
-                engine.abort(rid)
+            lab_requests.difference_update(rids)
             raise HTTPException(400, str(e)) from None
-        return {"request_ids": added}
+        for rid, stream in zip(rids, streams, strict=True):
+            task = asyncio.ensure_future(drain(rid, stream))
+            drains.add(task)
+            task.add_done_callback(drains.discard)
+        if cancels[0] != cancels_before:  # a DELETE came while they were being added: they go too
+            for rid in rids:
+                engine.cancel(rid)  # (its drain gets the final output, and the id leaves lab_requests)
+        return {"request_ids": rids}
 
     @app.delete("/scope/lab")
     async def cancel_lab() -> dict:
         """Abort every lab request still running; their KV blocks are freed at once. Counts those
         aborted: one that finished just before (its drain not yet done) is not."""
+        cancels[0] += 1
         aborted = [engine.cancel(rid) for rid in sorted(lab_requests)]  # each drain gets the final output
         return {"cancelled": sum([await asyncio.wrap_future(f) for f in aborted])}
 

@@ -44,9 +44,9 @@ class RequestQueue:
         raise NotImplementedError
 
     def push(self, req: Request) -> None:
-        entry = (self.key(req), next(self._tie), req)
+        heap, entry = self._heap, (self.key(req), next(self._tie), req)
         try:
-            heapq.heappush(self._heap, entry)
+            heapq.heappush(heap, entry)
         except Exception:  # a key that does not compare with the others': the heap as it was, then the error
             # (a sift cut short leaves the new entry in, or a parent twice with the entry gone)
             self._heap = list({id(e): e for e in self._heap if e is not entry}.values())

@@ -133,7 +133,7 @@ def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
                                  headers={"Cache-Control": "no-cache"})
 
     lab_requests: set[str] = set()  # the lab's requests still live: bounded, and cancellable at once
-    cancels = [0]  # DELETEs so far: a burst being added when one comes is aborted once it is in
+    cancels = 0  # DELETEs so far: a burst being added when one comes is aborted once it is in
 
     async def drain(rid: str, stream: AsyncIterator[RequestOutput]) -> None:
         try:
@@ -158,7 +158,7 @@ def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
         base = uuid.uuid4().hex[:6]
         rids = [f"lab-{base}-{i}" for i in range(len(prompts))]
         lab_requests.update(rids)  # counted before the await: two bursts at once passed the cap together
-        cancels_before = cancels[0]
+        cancels_before = cancels
         try:  # one pass between steps (one add a step took 12 s for 256, while a cancel missed the rest)
             streams = await engine.add_many([(rid, {"prompt_token_ids": ids}, params, burst.priority)
                                              for rid, ids in zip(rids, prompts, strict=True)])
@@ -169,7 +169,7 @@ def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
             task = asyncio.ensure_future(drain(rid, stream))
             drains.add(task)
             task.add_done_callback(drains.discard)
-        if cancels[0] != cancels_before:  # a DELETE came while they were being added: they go too
+        if cancels != cancels_before:  # a DELETE came while they were being added: they go too
             for rid in rids:
                 engine.cancel(rid)  # (its drain gets the final output, and the id leaves lab_requests)
         return {"request_ids": rids}
@@ -178,7 +178,8 @@ def mount_scope(app: FastAPI, engine: AsyncEngine) -> ScopeFeed:
     async def cancel_lab() -> dict:
         """Abort every lab request still running; their KV blocks are freed at once. Counts those
         aborted: one that finished just before (its drain not yet done) is not."""
-        cancels[0] += 1
+        nonlocal cancels
+        cancels += 1
         aborted = [engine.cancel(rid) for rid in sorted(lab_requests)]  # each drain gets the final output
         return {"cancelled": sum([await asyncio.wrap_future(f) for f in aborted])}
 

@@ -38,11 +38,11 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
     try:
         for i, prompt in enumerate(prompts):
             n_prompt = len(prompt["prompt_token_ids"])
-            if max_tokens is not None and n_prompt + max_tokens > max_model_len and getattr(req, "prompt_only", False):
-                raise ValueError(f"this model's maximum context length is {max_model_len} tokens, and {n_prompt} "
-                                 "prompt tokens leave no room for the one token an echo with max_tokens 0 still "
-                                 "computes (and leaves out)")
             if max_tokens is not None and n_prompt + max_tokens > max_model_len:
+                if getattr(req, "prompt_only", False):
+                    raise ValueError(f"this model's maximum context length is {max_model_len} tokens, and {n_prompt} "
+                                     "prompt tokens leave no room for the one token an echo with max_tokens 0 still "
+                                     "computes (and leaves out)")
                 raise ValueError(f"this model's maximum context length is {max_model_len} tokens, but {n_prompt} "
                                  f"prompt token{'s' if n_prompt != 1 else ''} + max_tokens {max_tokens} exceed it")
             choices += [(f"{base}-{i}-{j}", prompt, req.sampling_params(max_tokens, num_logprobs).fork(j), req.priority)

@@ -285,7 +285,8 @@ int IL(linear_x16)(const void *x, int64_t ldx, int dtype, const void *w, int wty
     int chunk = ((rows + num_threads - 1) / num_threads + 3) / 4 * 4;
     const int most = fma ? WIDE_CHUNK / 2 : WIDE_CHUNK; /* fp32 x: 64 rows keep x, the sums and the weights in L1 */
     chunk = chunk > most ? most : chunk;
-    float *sx = has_min(kind) ? malloc(sizeof(float) * (size_t)rows * nb * sums_per_block(kind)) : NULL; /* each row's sums per block */
+    /* each row's sums per block */
+    float *sx = has_min(kind) ? malloc(sizeof(float) * (size_t)rows * nb * sums_per_block(kind)) : NULL;
     float *sums = wide ? aligned_alloc(64, sizeof(float) * WIDE_SCRATCH * num_threads) : NULL;
     /* bf16 x widened once for the FMAs: a product's input is a load (fp32 x is read in place) */
     float *xf = fma && !xf32 ? malloc(sizeof(float) * (size_t)rows * K) : NULL;

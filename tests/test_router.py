@@ -96,6 +96,11 @@ def test_policies_spread_requests_and_metrics_count_them(tiny):
             assert m[f'inferlab_router_backend_requests_total{{backend="{a}",role="serve"}}'] == 2
             assert m[f'inferlab_router_backend_requests_total{{backend="{b}",role="serve"}}'] == 2
             assert m[f'inferlab_router_backend_in_flight{{backend="{a}",role="serve"}}'] == 0
+            assert m["inferlab_router_requests_total"] == 4
+            text = httpx.get(f"{r}/metrics", timeout=10).text
+            typed = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+            assert {name.split("{")[0] for name in m} <= typed  # every series is declared
+            assert "# TYPE inferlab_router_failed_total counter" in text
         with router([a, b], "prefix") as r:  # one prefix, one home
             for p in PROMPTS[:3]:
                 assert complete(r, "You are a helpful assistant. " * 12 + p)["status"] == 200
@@ -323,6 +328,12 @@ def test_the_router_logs_the_signal_that_stops_it():
     (["--backend", "http://127.0.0.1:abc"], "got 'http://127.0.0.1:abc'"),
     (["--backend", "http://[::1"], "got 'http://[::1'"),
     (["--backend", "http://a:0"], "got 'http://a:0'"),
+    # a path doubles the router's /v1 (every request a 404); one instance twice counted twice
+    (["--backend", "http://127.0.0.1:8000/v1"], "without a path: the router adds /v1/... itself; got"),
+    (["--backend", "http://a:8000/?x=1"], "without a path"),
+    (["--backend", "http://a:8000", "--backend", "http://A:8000/"], "'http://A:8000/' names the same instance as"),
+    (["--backend", "http://a", "--backend", "http://a:80"], "names the same instance"),
+    (["--prefill", "http://a:1", "--decode", "http://a:1"], "--decode 'http://a:1' names the same instance"),
     (["--backend", "http://a", "--timeout", "0"], "above 0 seconds"),
     (["--backend", "http://a", "--health-interval", "-1"], "above 0 seconds"),
     (["--prefill", "http://127.0.0.1:1"], "give --backend URL (repeatable), or both"),

@@ -241,9 +241,9 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        lines = [f"inferlab_router_requests_total {state['requests']}",
-                 f"inferlab_router_failed_total {state['failed']}",
-                 f"inferlab_router_prefill_failed_total {state['prefill_failed']}"]
+        lines = []
+        for name in ("requests", "failed", "prefill_failed"):  # typed, so a scraper's rate() treats them as counters
+            lines += [f"# TYPE inferlab_router_{name}_total counter", f"inferlab_router_{name}_total {state[name]}"]
         for name, value in (("up", lambda b: int(b.healthy)), ("in_flight", lambda b: b.in_flight),
                             ("requests_total", lambda b: b.requests), ("errors_total", lambda b: b.errors)):
             lines.append(f"# TYPE inferlab_router_backend_{name} {'counter' if 'total' in name else 'gauge'}")

@@ -23,15 +23,13 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
     if not backends and not (prefill and decode):
         raise ValueError("give --backend URL (repeatable), or both --prefill URL and --decode URL")
     make_policy(policy)  # an unknown name fails here, before the server starts
-    for url in [*backends, *prefill, *decode]:
-        try:
-            parts = urlsplit(url)
-            port_ok = parts.port is None or 0 < parts.port  # urlsplit refuses a port past 65535 or not a number
-        except ValueError:
-            parts, port_ok = None, False
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-            raise ValueError(f"a backend URL is http:// or https://, a host and an optional port from 1 to 65535, "
-                             f"e.g. http://127.0.0.1:8000; got {url!r}")
+    seen: dict[tuple, str] = {}
+    for role, urls in (("backend", backends), ("prefill", prefill), ("decode", decode)):
+        for url in urls:
+            key = _backend_key(url)
+            if key in seen:  # its requests, health checks and counts would all be counted twice
+                raise ValueError(f"--{role} {url!r} names the same instance as {seen[key]!r}: give each once")
+            seen[key] = url
     if not timeout > 0 or not health_interval > 0:
         raise ValueError(f"--timeout and --health-interval must be above 0 seconds, got {timeout} and "
                          f"{health_interval}")
@@ -42,3 +40,19 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
     log.info("routing on %s to %s (%s)", listen.url(host, sock), ", ".join(backends) if backends else
              f"prefill {', '.join(prefill)} then decode {', '.join(decode)}", policy)
     listen.run(app, sock)
+
+
+def _backend_key(url: str) -> tuple:
+    """Scheme, host and port of a backend URL, or a ValueError saying what a backend URL is."""
+    try:
+        parts = urlsplit(url)
+        port = {"http": 80, "https": 443}.get(parts.scheme) if parts.port is None else parts.port  # past 65535: error
+    except ValueError:
+        parts, port = None, 0
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port:
+        raise ValueError(f"a backend URL is http:// or https://, a host and an optional port from 1 to 65535, "
+                         f"e.g. http://127.0.0.1:8000; got {url!r}")
+    if parts.path.strip("/") or parts.query or parts.fragment:  # the router adds /v1/...: '/v1' here doubles it
+        raise ValueError(f"a backend URL is the instance's root, without a path: the router adds /v1/... "
+                         f"itself; got {url!r}")
+    return parts.scheme, parts.hostname.lower(), port

@@ -222,6 +222,10 @@ def test_replay_app_serves_the_page_and_the_trace(make_tiny_engine, tmp_path):
     assert client.get("/scope/trace").text.splitlines() == path.read_text().splitlines()[1:]
     page = client.get("/scope")
     assert page.status_code == 200 and "scope.js" in page.text
+    for url, status, detail in [("/scope/trace?trace=1", 404, "no trace 1: 1 loaded"),
+                                ("/scope/info?trace=x", 400, "trace: Input should be a valid integer")]:
+        answer = client.get(url)  # one line, in one shape (a bad number was FastAPI's 422 list)
+        assert (answer.status_code, answer.json()["detail"][:len(detail)]) == (status, detail)
     # a trace recorded before headers held the scheduling settings alone: served without the rest
     lines = path.read_text().splitlines()
     head = json.loads(lines[0])

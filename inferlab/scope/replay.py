@@ -8,8 +8,9 @@ import html
 import logging
 import os
 
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 
 from inferlab.scope.frames import shown
 from inferlab.scope.recorder import read_trace
@@ -24,6 +25,12 @@ def build_replay_app(*paths: str) -> FastAPI:
     traces = [(path, *read_trace(path)) for path in paths]
     bodies = ["\n".join(frames) + "\n" for _, _, frames in traces]
     app = FastAPI(title="InferLab scope replay")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]  # one line, in the shape of the 404 below (FastAPI's own is a 422 list)
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "query")
+        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
 
     def chosen(trace: int) -> int:
         if not 0 <= trace < len(traces):

@@ -413,6 +413,24 @@ def test_echo_puts_the_prompt_before_the_answer_with_its_logprobs_streamed_or_no
     assert all(len(entry) == 1 for entry in both["choices"][0]["prompt_logprobs"][1:])
 
 
+def test_chat_prompt_logprobs_score_the_templated_prompt_beside_the_choices(server, offline):
+    """vLLM's chat prompt_logprobs: the prompt the template made, scored once at the response's top level."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, timeout=60).json()["tokens"]
+    want = offline["llm"].generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=1,
+                                                                             prompt_logprobs=2), use_tqdm=False)[0]
+    body = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 2, "n": 2,
+                                                                  "prompt_logprobs": 2}, timeout=60).json()
+    scored = body["prompt_logprobs"]
+    assert len(body["choices"]) == 2 and scored[0] is None and len(scored) == len(ids)
+    for entry, e, t in zip(scored[1:], want.prompt_logprobs[1:], ids[1:]):
+        assert entry[str(t)]["logprob"] == float(e[t]) and entry[str(t)]["rank"] == e[t].rank
+        assert {v["rank"] for v in entry.values()} >= {1, 2}
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 2},
+                       timeout=60).json()
+    assert "prompt_logprobs" not in plain
+
+
 def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, server):
     """OpenAI's legacy scoring call (and vLLM's): echo, max_tokens 0. The prompt's text and logprobs,
     as an echo with answers gives them, and nothing generated: no text, logprobs or count of the
@@ -825,7 +843,9 @@ BAD = [
     (CMPL, {"prompt": "\ud800"}, 400, "not valid Unicode"),
     (CHAT, {"messages": [{"role": "user", "content": "\udfff"}]}, 400, "not valid Unicode"),
     (CMPL, {"prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs must be in [0, 20], got 21"),
-    (CHAT, {"messages": USER, "prompt_logprobs": 1}, 400, "prompt_logprobs is not supported on chat"),
+    (CHAT, {"messages": USER, "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs is not available with "
+                                                                           "stream: true on chat"),
+    (CHAT, {"messages": USER, "prompt_logprobs": 21}, 400, "prompt_logprobs must be in [0, 20], got 21"),
     (CMPL, {"prompt": "hi", "suffix": "the end"}, 400, "suffix is not supported"),
     (CMPL, {"prompt": "hi", "best_of": 3}, 400, "best_of is not supported"),
     (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400,

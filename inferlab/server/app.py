@@ -236,7 +236,10 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
                             "logprobs": logprobs(o, len(o.outputs[0].token_ids)),
                             "finish_reason": fmt.finish_reason(o), "stop_reason": o.outputs[0].stop_reason}
                            for i, o in enumerate(finals)]
-                return {**head, "object": "chat.completion", "choices": choices, "usage": usage(finals, req.n)}
+                scored = {"prompt_logprobs": fmt.prompt_logprobs(tok, finals[0])} if req.prompt_logprobs is not None \
+                    else {}  # one prompt for every choice: vLLM's place for them is the response's top level
+                return {**head, "object": "chat.completion", "choices": choices, "usage": usage(finals, req.n),
+                        **scored}
             return await off_loop(body)
 
         chunk = {**head, "object": "chat.completion.chunk"}

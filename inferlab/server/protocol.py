@@ -172,9 +172,19 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False  # vLLM's: continue the last (assistant) message
     chat_template_kwargs: dict[StrictStr, Any] | None = None  # vLLM's: more variables for the template
+    prompt_logprobs: Int | None = None  # vLLM's: the templated prompt's logprobs, beside the choices
 
     def template_messages(self) -> list[dict]:
         return template_messages(self.messages)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        return replace(super().sampling_params(max_tokens, logprobs), prompt_logprobs=self.prompt_logprobs)
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.stream and self.prompt_logprobs is not None:  # as vLLM: a chat chunk has no place for them
+            raise ValueError("prompt_logprobs is not available with stream: true on chat; send the request "
+                             "without stream (or to /v1/completions, which streams them)")
 
     def num_logprobs(self) -> int | None:
         if not self.logprobs:

@@ -13,7 +13,6 @@ UNSUPPORTED = {
     "functions": "functions are not supported (no tool calling)",
     "function_call": "function_call is not supported (no tool calling)",
     "use_beam_search": "use_beam_search is not supported",
-    "prompt_logprobs": "prompt_logprobs is not supported on chat: /v1/completions takes it",
     "allowed_token_ids": "allowed_token_ids is not supported; logit_bias can ban or favour tokens",
     "bad_words": "bad_words is not supported; logit_bias can ban tokens",
     "echo": "echo is not supported on chat",

@@ -14,7 +14,7 @@ from inferlab.server.openai_format import error_response
 MAX_BODY_BYTES = 8 << 20  # a 128k-token context of text fits several times over
 DRAIN_BYTES = 64 << 20  # an over-long body is read this far and dropped, so its client gets the 413
 # what the key guards; /health, /metrics, /version and the dashboard's view stay open
-PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/scope/lab")
+PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize", "/scope/lab")  # /api/: Ollama's
 # Pages served from this machine, on any port (Ollama's default): a web UI run beside the server
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 

@@ -31,8 +31,8 @@ GRACEFUL_S = DRAIN_S + 3  # uvicorn's wait for the aborted ones to send their la
 
 def build_server_app(engine: AsyncEngine, name: str, api_key: str | None = None,
                      allowed_origins: list[str] | None = None, prompt_tokens_details: bool = False) -> FastAPI:
-    """The OpenAI API under /v1, /health, /metrics, and the dashboard at /scope, behind the guard
-    (the API key for /v1 and the lab, a cap on body size, cross-origin checks)."""
+    """The OpenAI API under /v1, Ollama's under /api, /health, /metrics, and the dashboard at /scope,
+    behind the guard (the API key for /v1, /api and the lab, a cap on body size, cross-origin checks)."""
     app = build_app(engine, name, prompt_tokens_details)
     mount_scope(app, engine)
     app.add_middleware(Guard, api_key=api_key)
@@ -104,7 +104,7 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
     name = served_model_name or model_name(config.model)
     app = build_server_app(engine, name, api_key, allowed_origins, prompt_tokens_details)
     sock = listen.bind(host, port)
-    log.info("serving %s on %s (OpenAI API under /v1, metrics at /metrics, dashboard at /scope%s)",
+    log.info("serving %s on %s (OpenAI API under /v1, Ollama's under /api, metrics at /metrics, dashboard at /scope%s)",
              name, listen.url(host, sock), "; an API key guards the API and the lab" if api_key else "")
 
     def stop() -> None:  # each part may be stopped twice: the second time does nothing

@@ -1,0 +1,133 @@
+"""Ollama's native API (/api/*) on the server: the same answers as the OpenAI endpoints under Ollama's
+defaults, NDJSON streams whose closing line counts the tokens, its model listing, and its
+`{"error": ...}` refusals, with nothing left in the engine."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from test_server import MODEL, running_server
+
+QUESTION = "What is the capital of France?"
+OLLAMA_GREEDY = {"temperature": 0, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1}  # Ollama's defaults
+
+
+@pytest.fixture(scope="module")
+def server(smol):
+    with running_server(smol) as s:
+        yield s
+
+
+def post(server, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=120, **kw)
+
+
+def lines(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        return [json.loads(line) for line in r.iter_lines() if line]
+
+
+def test_generate_and_chat_answer_as_the_openai_endpoints_under_ollamas_defaults(server):
+    messages = [{"role": "user", "content": QUESTION}]
+    want = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 12, **OLLAMA_GREEDY}).json()
+    want = want["choices"][0]["message"]["content"]
+    assert want == "The capital of France is Paris."
+    options = {"temperature": 0, "num_predict": 12, "num_ctx": 2048, "num_thread": 1}  # runtime ones: read, left
+    whole = post(server, "/api/generate", {"model": MODEL, "prompt": QUESTION, "stream": False, "options": options})
+    assert whole.json()["response"] == want and whole.json()["done"] is True
+    assert whole.json()["done_reason"] == "stop"
+    prompt_ids = post(server, "/tokenize", {"messages": messages}).json()["tokens"]
+    streamed = lines(server, "/api/chat", {"model": f"{MODEL}:latest", "messages": messages, "options": options})
+    *parts, last = streamed
+    assert all(p["done"] is False and p["message"]["role"] == "assistant" for p in parts)
+    assert "".join(p["message"]["content"] for p in parts) == want
+    assert last["done"] is True and last["message"]["content"] == "" and last["done_reason"] == "stop"
+    assert last["prompt_eval_count"] == len(prompt_ids)
+    assert last["eval_count"] == len(parts) + 1  # each token a line (a stop token writes no text), then the close
+    assert last["total_duration"] >= last["eval_duration"] > 0 and last["load_duration"] == 0
+    # raw: the text as it is, as /v1/completions takes it; num_predict ends it with "length"
+    raw = post(server, "/api/generate", {"model": MODEL, "prompt": "The capital of France is", "raw": True,
+                                         "stream": False, "options": {"temperature": 0, "num_predict": 4}}).json()
+    plain = post(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 4,
+                                            **OLLAMA_GREEDY}).json()
+    assert raw["response"] == plain["choices"][0]["text"] and raw["done_reason"] == "length" and raw["eval_count"] == 4
+    # a system message, and a last assistant message continued, as Ollama does
+    system = post(server, "/api/generate", {"model": MODEL, "prompt": QUESTION, "system": "Answer in French.",
+                                            "stream": False, "options": {"temperature": 0, "num_predict": 8}}).json()
+    by_chat = post(server, "/v1/chat/completions", {"messages": [{"role": "system", "content": "Answer in French."},
+                                                                 *messages], "max_tokens": 8, **OLLAMA_GREEDY}).json()
+    assert system["response"] == by_chat["choices"][0]["message"]["content"]
+    prefilled = [*messages, {"role": "assistant", "content": "The capital"}]
+    cont = post(server, "/api/chat", {"model": MODEL, "messages": prefilled, "stream": False,
+                                      "options": {"temperature": 0, "num_predict": 4}}).json()
+    assert cont["message"]["content"] == " of France is Paris"
+    server.wait_idle()
+    server.check_engine()
+
+
+def test_sampled_answers_follow_the_seed(server):
+    body = {"model": MODEL, "prompt": "Tell me a story.", "stream": False, "options": {"seed": 7, "num_predict": 12}}
+    first, again = (post(server, "/api/generate", body).json()["response"] for _ in range(2))
+    other = post(server, "/api/generate", {**body, "options": {"seed": 8, "num_predict": 12}}).json()["response"]
+    assert first == again and first != other
+
+
+def test_model_listing(server):
+    tags = httpx.get(f"{server.url}/api/tags", timeout=10).json()["models"]
+    assert [m["name"] for m in tags] == [MODEL] and tags[0]["details"]["family"] == "llama"
+    assert tags[0]["size"] > 50 * 2**20 and tags[0]["details"]["quantization_level"].isupper()
+    show = post(server, "/api/show", {"model": MODEL}).json()
+    assert show["model_info"]["llama.block_count"] == 30 and show["model_info"]["llama.embedding_length"] == 576
+    assert post(server, "/api/show", {"model": "llama3"}).status_code == 404
+    assert httpx.get(f"{server.url}/api/ps", timeout=10).json()["models"][0]["name"] == MODEL
+    assert httpx.get(f"{server.url}/api/version", timeout=10).json()["version"]
+    loaded = post(server, "/api/generate", {"model": MODEL}).json()  # Ollama's way to load a model
+    assert loaded["done"] is True and loaded["done_reason"] == "load" and loaded["response"] == ""
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/api/generate", {"model": "llama3", "prompt": "hi"}, 404, "model 'llama3' not found"),
+    ("/api/generate", {"prompt": "hi"}, 400, "model: Field required"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "format": "json"}, 400, "format is not supported"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "images": ["aGk="]}, 400, "images is not supported"),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, 400,
+     "images are not supported"),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     400, "tools is not supported"),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"mirostat": 2}}, 400, "options.mirostat 2"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"repeat_last_n": 64}}, 400,
+     "the repetition penalty covers the whole context"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"warp": 9}}, 400, "options.warp is not an option"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"num_predict": 0}}, 400,
+     "options.num_predict must be -1, -2 or at least 1, got 0"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"temperature": "hot"}}, 400,
+     "options.temperature: Input should be a valid number"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"top_p": 2}}, 400, "top_p"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi " * 9000}, 400, "max_model_len is 8192"),
+    ("/api/generate", [1], 400, "the request body must be a JSON object"),
+])
+def test_bad_requests_are_one_line_ollama_errors(server, path, body, status, message):
+    r = post(server, path, body)
+    assert r.status_code == status and message in r.json()["error"], r.text
+    server.check_engine()
+
+
+def test_a_stream_left_midway_is_aborted(server):
+    body = {"model": MODEL, "prompt": "Count to one thousand.", "options": {"num_predict": 2000, "temperature": 0}}
+    with httpx.stream("POST", f"{server.url}/api/generate", json=body, timeout=120) as r:
+        first = next(r.iter_lines())
+    assert json.loads(first)["done"] is False
+    server.wait_idle()
+    server.check_engine()
+
+
+def test_the_api_key_guards_ollamas_routes_too(smol):
+    with running_server(smol, api_key="sesame") as s:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False,
+                "options": {"num_predict": 1}}
+        assert post(s, "/api/chat", body).status_code == 401
+        assert httpx.get(f"{s.url}/api/tags", timeout=10).status_code == 401
+        assert post(s, "/api/chat", body, headers={"Authorization": "Bearer sesame"}).json()["done"] is True

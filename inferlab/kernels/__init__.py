@@ -176,6 +176,9 @@ def library() -> tuple[ctypes.CDLL, list[str]] | None:
     if not native_wanted():
         log.info("native CPU kernels turned off (INFERLAB_NATIVE=%s): using the PyTorch path",
                  os.environ["INFERLAB_NATIVE"])
+        if os.environ.get("INFERLAB_ISA", "").strip():
+            log.warning("INFERLAB_ISA=%s does nothing while INFERLAB_NATIVE turns the kernels off",
+                        os.environ["INFERLAB_ISA"])
         return None
     try:
         lib = ctypes.CDLL(str(build()))
@@ -184,9 +187,11 @@ def library() -> tuple[ctypes.CDLL, list[str]] | None:
         BUILD_FAILURE.append(e)
         return None
     built = [isa for isa in ISAS if any(hasattr(lib, f"{name}_{isa}") for name in prototypes())]
-    if not hasattr(lib, "cpu_features_generic"):  # a cached file that is not this build's (damaged, or put there)
+    # a cached file that is not this build's (damaged, or put there): every entry point has a generic one
+    lacks = next((f"{n}_generic" for n in ["cpu_features", *prototypes()] if not hasattr(lib, f"{n}_generic")), None)
+    if lacks is not None:
         log.warning("native CPU kernels unavailable, using the PyTorch path: %s is not an InferLab kernel "
-                    "library (delete it to build it again)", lib._name)
+                    "library of this version, it lacks %s (delete it to build it again)", lib._name, lacks)
         return None
     vendor, flags = _probe(lib)  # not cpu_id(), which asks this function for the library
     runnable = runnable_isas(built, flags)
@@ -207,7 +212,9 @@ def for_isa(isa: str) -> Kernels:
     if isa not in runnable:
         missing = sorted(set(ISAS[isa][1]) - cpu_flags())
         raise ValueError(f"this CPU cannot run the {isa} kernels" + (f" (it lacks {', '.join(missing)})" if missing
-                                                                      else " (they were not built here)"))
+                                                                      else " (the compiler that built the kernels "
+                                                                      "could not build them: a newer gcc or clang "
+                                                                      "can, set as CC)"))
     return Kernels(lib, isa)
 
 

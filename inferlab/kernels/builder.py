@@ -11,6 +11,7 @@ import os
 import platform
 import shlex
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -60,9 +61,18 @@ def compiled_isas() -> list[str]:
     return list(ISAS) if X86 else ["generic"]
 
 
+COMPILE_TIMEOUT = 900  # seconds for one file (the largest takes ~30 s): past it, a compiler is thrashing
+COMPILER_BYTES = 450 << 20  # what one compiler takes at most (avx512*/x16.c)
+
+
 def _compile(cc: list[str], src: Path, obj: Path, isa: str) -> None:
-    subprocess.run([*cc, *CFLAGS, *ISAS[isa][0], f"-DIL_ISA={isa}", f"-I{obj.parent}", "-c", str(src), "-o", str(obj)],
-                   check=True, capture_output=True, text=True)  # -I: the headers written into the build
+    try:
+        subprocess.run([*cc, *CFLAGS, *ISAS[isa][0], f"-DIL_ISA={isa}", f"-I{obj.parent}", "-c", str(src), "-o",
+                        str(obj)], check=True, capture_output=True, text=True,  # -I: the headers written into the build
+                       timeout=COMPILE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise OSError(f"compiling {src.name} for {isa} took over {COMPILE_TIMEOUT} s (short of memory, "
+                      "swapping?)") from None
 
 
 def _takes_flags(cc: list[str], isa: str, tmp: str) -> bool:
@@ -75,10 +85,58 @@ def _takes_flags(cc: list[str], isa: str, tmp: str) -> bool:
     return done.returncode == 0
 
 
+def _compiler() -> list[str]:
+    """CC as make reads it: "ccache gcc", "gcc -g"."""
+    try:
+        return shlex.split(os.environ.get("CC") or "cc") or ["cc"]
+    except ValueError as e:
+        raise OSError(f"CC={os.environ['CC']!r} cannot be read as a command: {e}") from None
+
+
+def _damaged(lib: Path) -> str | None:
+    """Why a cached library cannot be a whole shared object, or None. A file cut short (a crash
+    before its bytes reached the disk) killed every start with SIGBUS when loaded."""
+    with open(lib, "rb") as f:
+        head = f.read(64)
+    if not head.startswith(b"\x7fELF"):
+        return None if platform.system() != "Linux" else "not an ELF file"
+    if len(head) < 64 or head[4] != 2 or head[5] != 1:  # (64-bit little-endian: what it was built as here)
+        return "cut short" if len(head) < 64 else None
+    shoff, shentsize, shnum = int.from_bytes(head[40:48], "little"), *struct.unpack("<HH", head[58:62])
+    return "cut short" if lib.stat().st_size < shoff + shentsize * shnum else None
+
+
+def _cached(cache: Path, lib: Path) -> bool:
+    if not lib.exists():
+        return False
+    why = _damaged(lib)
+    if why is not None:
+        log.warning("the cached kernel library %s is %s: building it again", lib, why)
+        with contextlib.suppress(OSError):
+            lib.unlink()
+        return False
+    _keep_and_prune(cache, lib)
+    return True
+
+
+@contextlib.contextmanager
+def _one_build_at_a_time(cache: Path):
+    """Two processes starting at once (tensor-parallel ranks, say) build once: the second waits, then
+    finds the library. Without the lock both built it, with twice the compilers' memory."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: two builds side by side are still safe, only slower
+        yield
+        return
+    with open(cache / "build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def build() -> Path:
     """The library's path, built now if not cached. An ISA whose flags this compiler does not take
     (too old for AMX, say) is left out with a warning; any other error fails the build."""
-    cc = shlex.split(os.environ.get("CC") or "cc") or ["cc"]  # as make reads it: "ccache gcc", "gcc -g"
+    cc = _compiler()
     isas = compiled_isas()
     digest = hashlib.sha256(" ".join([*cc, *CFLAGS, *LINK, *isas, repr(ISAS)]).encode())
     for src in sorted(ROOT.rglob("*.[ch]")):
@@ -88,18 +146,28 @@ def build() -> Path:
     digest.update(calls.encode())
     cache = cache_dir("kernels")
     lib = cache / f"inferlab_kernels-{digest.hexdigest()[:16]}.so"
-    if lib.exists():
-        _keep_and_prune(cache, lib)
+    if _cached(cache, lib):
         return lib
-    if shutil.which(cc[0]) is None:
+    cache.mkdir(parents=True, exist_ok=True)
+    with _one_build_at_a_time(cache):
+        if not _cached(cache, lib):  # (another process may have built it while this one waited)
+            _build(cc, isas, calls, lib)
+    _keep_and_prune(cache, lib)
+    return lib
+
+
+def _build(cc: list[str], isas: list[str], calls: str, lib: Path) -> None:
+    from inferlab import cgroup
+    if shutil.which(cc[0]) is None:  # (a library built ahead is used without one)
         where = "is not there" if os.sep in cc[0] else "is not on PATH"
         raise OSError(f"no C compiler: {cc[0]!r} {where} (install gcc or clang, or set CC to one)")
-    cache.mkdir(parents=True, exist_ok=True)
-    for stale in cache.glob("tmp*"):  # a build killed midway (no handler ran): aside for an hour, it is no one's
-        with contextlib.suppress(OSError):
-            if time.time() - stale.stat().st_mtime > 3600:
-                shutil.rmtree(stale)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe if two start at once
+    memory = cgroup.memory_limit()
+    if memory and memory[1] < COMPILER_BYTES:  # a compiler then thrashed for minutes, or was killed
+        raise OSError(f"this container's memory limit leaves {memory[1] >> 20} MiB free, and building the "
+                      f"kernels takes up to {COMPILER_BYTES >> 20} MiB beside this process: raise the limit for "
+                      "the first start, or build them ahead where there is room (`python -m inferlab.kernels`, "
+                      "with the same INFERLAB_CACHE)")
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # build aside, then rename: safe if two start at once
         (Path(tmp) / "tape_calls.h").write_text(calls)  # the tape's calls, from api.h
         jobs = [(src, Path(tmp) / f"{isa}-{src.parent.name}-{src.stem}.o", isa) for isa in isas for src in sources(isa)]
         workers = compilers()
@@ -111,7 +179,13 @@ def build() -> Path:
                 try:
                     fut.result()
                 except subprocess.CalledProcessError as e:
+                    if e.returncode < 0 or "Killed signal" in (e.stderr or ""):  # killed: the rest would be too
+                        pool.shutdown(cancel_futures=True)
+                        raise
                     errors[isa] = errors[isa] or e
+                except OSError:
+                    pool.shutdown(cancel_futures=True)
+                    raise
         if errors["generic"]:
             raise errors["generic"]
         for isa in isas:
@@ -124,9 +198,9 @@ def build() -> Path:
         out = Path(tmp) / lib.name
         objs = [str(obj) for _, obj, isa in jobs if isa in built]
         subprocess.run([*cc, *objs, "-o", str(out), *LINK], check=True, capture_output=True, text=True)
+        with open(out, "rb+") as f:  # on the disk before its name is: a crash must not leave a cut-short library
+            os.fsync(f.fileno())
         os.replace(out, lib)
-    _keep_and_prune(cache, lib)
-    return lib
 
 
 def compilers() -> int:
@@ -148,6 +222,10 @@ def _keep_and_prune(cache: Path, lib: Path) -> None:
     Another install sharing the cache keeps its library by loading it; one idle for a month
     rebuilds it. A process that has one loaded keeps it: unlinking a mapped file is safe."""
     now = time.time()
+    for stale in cache.glob("tmp*"):  # a build killed midway (no handler ran): aside for an hour, it is no one's
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale)
     for path in cache.glob("inferlab_kernels-*.so"):
         with contextlib.suppress(OSError):  # a read-only cache keeps everything; another start may prune too
             if path == lib and now - path.stat().st_mtime > 86400:
@@ -159,6 +237,8 @@ def _keep_and_prune(cache: Path, lib: Path) -> None:
 
 def first_error(e: BaseException) -> str:
     """The compiler's first error line (`file:line:col: error: ...`), or the message's last line."""
+    if isinstance(e, subprocess.CalledProcessError) and not (e.stderr or "").strip():  # (CC=false says nothing)
+        return f"{e.cmd[0]} failed with exit status {e.returncode} and printed nothing"
     lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
     line = next((line for line in lines if "error:" in line or "error" in line.split("/")[-1]),
                 lines[-1] if lines else "").strip()

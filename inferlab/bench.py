@@ -144,10 +144,14 @@ def run_latency(llm: LLM, input_len: int = 128, output_len: int = 128, repeats: 
     """One request alone, like llama.cpp's `llama-bench -p 128 -n 128`: time to first token (the
     prefill, all its steps where the prompt is longer than a step's budget) and time per output token
     after it, the best of `repeats` runs."""
+    engine = llm.engine
+    if input_len + output_len > engine.max_request_tokens:  # it was capped, and the figure named the length asked
+        raise ValueError(f"--input-len {input_len} + --output-len {output_len} is more than the "
+                         f"{engine.max_request_tokens} tokens a request may hold here (--max-model-len, or the "
+                         "KV pool)")
     rng = random.Random(0)
     prompt = {"prompt_token_ids": [rng.randint(0, 10000) for _ in range(input_len)]}
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    engine = llm.engine
     llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     best_ttft = best_tpot = float("inf")
     for i in range(repeats):

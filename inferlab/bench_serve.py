@@ -263,8 +263,14 @@ def main(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be at least 1, got {value}")
     if not a.request_rate > 0 or not a.timeout > 0:
         raise ValueError("--request-rate and --timeout must be positive")
-    if urlsplit(a.base_url).scheme not in ("http", "https") or not urlsplit(a.base_url).hostname:
-        raise ValueError(f"--base-url is http:// or https:// and a host, e.g. http://127.0.0.1:8000; "
+    try:
+        parts = urlsplit(a.base_url)
+        port_ok = parts.port is None or parts.port > 0  # .port: a ValueError past 65535 or not a number
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(f"--base-url is http:// or https://, a host and an optional port from 1 to 65535, "
+                         f"e.g. http://127.0.0.1:8000; "
                          f"got {a.base_url!r}")
     a.base_url = a.base_url.rstrip("/").removesuffix("/v1")  # the server root; paths add /v1
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request

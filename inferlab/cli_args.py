@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import re
 from typing import NoReturn
 
@@ -229,7 +230,22 @@ def with_option_names(message: str, parser: argparse.ArgumentParser) -> str:
     return FIELD_WORD.sub(option, message)
 
 
+def output_file(path: str, flag: str, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuse, before any model loads, a file that cannot be written or that is one of the run's own
+    inputs (`bench --workload w.json --record w.json` replaced the workload with a trace)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not path:
+        raise ValueError(f"{flag} {path!r} is not a file to write")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write it ({folder} is not a folder this process may write)")
+    for given in inputs:
+        if given and os.path.exists(path) and os.path.exists(given) and os.path.samefile(path, given):
+            raise ValueError(f"{flag} {path} is the run's input file too: writing it would replace it")
+
+
 def engine_config(a: argparse.Namespace) -> EngineConfig:
+    if getattr(a, "record", None) is not None:
+        output_file(a.record, "--record", (getattr(a, "workload", None),))
     return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization,
                         int8_activations=a.int8_activations, device=a.device,
                         block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,

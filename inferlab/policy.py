@@ -157,7 +157,7 @@ def _resolve(name: str, where: str, attr: str, changed: int | None) -> type[Requ
         else:
             module = importlib.import_module(where)
         cls = getattr(module, attr)
-    except Exception as e:  # noqa: BLE001 - the file is the user's: whatever it raises, one line
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the file is the user's: whatever it raises, one line
         raise ValueError(f"cannot load scheduling policy {name!r}: {type(e).__name__}: {e}") from None
     if not (isinstance(cls, type) and issubclass(cls, RequestQueue)):
         raise ValueError(f"scheduling policy {name!r} is not a subclass of inferlab.policy.RequestQueue")
@@ -211,6 +211,29 @@ def requeue(queue: RequestQueue, req: Request) -> None:
         queue.push(req)
     except Exception as e:
         raise policy_failed("key", e) from None
+
+
+def head_of(queue: RequestQueue) -> Request:
+    """queue.peek(), which a policy may override: its failure, or anything but a request, in one line."""
+    try:
+        head = queue.peek()
+    except Exception as e:
+        raise policy_failed("peek", e) from None
+    if not isinstance(head, Request):
+        raise ValueError(f"the scheduling policy's peek() returned {head!r:.60}, not a waiting request")
+    return head
+
+
+def take(queue: RequestQueue, head: Request) -> None:
+    """queue.pop() of the `head` that peek() gave: another request out would be lost to the scheduler."""
+    try:
+        popped = queue.pop()
+    except Exception as e:
+        raise policy_failed("pop", e) from None
+    if popped is not head:
+        name = f"request {popped.request_id!r}" if isinstance(popped, Request) else f"{popped!r:.60}"
+        raise ValueError(f"the scheduling policy's pop() returned {name}, not {head.request_id!r}, which its "
+                         "peek() gave")
 
 
 def pick_victim(queue: RequestQueue, running: list[Request]) -> Request:

@@ -22,7 +22,7 @@ from inferlab.budget import START
 from inferlab.config import EngineConfig
 from inferlab.kv_transfer import KVConnectorBase
 from inferlab.kv_transfer.loads import RemoteLoads
-from inferlab.policy import RequestQueue, by_key, may_preempt, pick_victim, requeue
+from inferlab.policy import RequestQueue, by_key, head_of, may_preempt, pick_victim, requeue, take
 from inferlab.preemption import make_preemption
 from inferlab.request import Request, RequestStatus, request_view
 from inferlab.scheduler_output import SchedulerOutput
@@ -95,7 +95,7 @@ class Scheduler:
         """Policies that allow it (priority) evict worse running requests for a better waiting one."""
         bm = self.block_manager
         while self._may_evict_for_waiting and len(self.waiting) and self.running:
-            head = self.waiting.peek()
+            head = head_of(self.waiting)
             victim = pick_victim(self.waiting, self.running)
             if not may_preempt(self.waiting, head, victim):
                 return
@@ -146,15 +146,15 @@ class Scheduler:
         if len(out.preempted) > made_room:  # running requests ran out of blocks: admitting would thrash
             return out
         while len(self.waiting) and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs:
-            req = self.waiting.peek()
+            req = head_of(self.waiting)
             computed, num_computed = self.preemption.resume(req)  # prefix-cache hits, or its swapped KV
             if self.loads is not None and self.loads.admit(req, computed, num_computed):
-                self.waiting.pop()
+                take(self.waiting, req)
                 continue
             n = self._chunk(req, num_computed, budget)
             if not self.block_manager.allocate_slots(req, self.allocation.admit_tokens(req, num_computed, n), computed):
                 break  # head-of-line waits for blocks; letting others pass would starve it
-            self.waiting.pop()
+            take(self.waiting, req)
             req.num_computed_tokens = num_computed
             self.preemption.resumed(req, out)
             if req.first_scheduled_time is None:

@@ -130,6 +130,13 @@ def test_no_server_is_one_clear_line():
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach the server at"), r.stderr
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://[::1", "ftp://h"])
+def test_a_bad_base_url_is_one_line(url):
+    r = bench_serve("--base-url", url, "--workload", "chat", "--num-requests", "2")  # :99999 was a traceback
+    assert r.returncode == 2 and r.stderr == f"error: --base-url is http:// or https://, a host and an optional " \
+        f"port from 1 to 65535, e.g. http://127.0.0.1:8000; got {url!r}\n", r.stderr
+
+
 def test_arrivals_are_a_seeded_poisson_process():
     times = arrival_times(4001, 10.0, 0)
     gaps = [b - a for a, b in zip(times, times[1:])]

@@ -460,6 +460,28 @@ def test_latency_refuses_what_it_would_ignore_or_cannot_time(tmp_path, capsys, a
     assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
+def test_an_output_file_that_cannot_be_written_or_is_an_input_is_refused_before_the_model(tmp_path, capsys):
+    """(bench --workload w.json --record w.json replaced the workload with a trace; a missing folder was
+    found after the model loaded, or after calibrate's minutes of timing.)"""
+    wl = tmp_path / "w.json"
+    wl.write_text(json.dumps({"requests": [{"prompt_token_ids": [1, 2, 3], "max_tokens": 2}]}))
+    none = str(tmp_path / "none.gguf")
+    for args, message in [(["bench", "--workload", str(wl), "--record", str(wl)], "is the run's input file too"),
+                          (["bench", "--record", str(tmp_path / "no" / "t.jsonl")], "cannot write it"),
+                          (["generate", "hi", "--record", str(tmp_path)], "is not a file to write"),
+                          (["calibrate", "--out", str(tmp_path / "no" / "cm.json")], "cannot write it")]:
+        assert main([*args, "--model", none]) == 2
+        assert message in capsys.readouterr().err, args
+    assert json.loads(wl.read_text())["requests"]
+
+
+def test_latency_longer_than_a_request_may_be_is_refused(capsys):
+    """(It was capped, and the figure printed the output_len asked for.)"""
+    assert main(["bench", "--latency", "--input-len", "8", "--output-len", "100", "--max-model-len", "32",
+                 "--num-kv-blocks", "64", "--threads", "1"]) == 2
+    assert "--input-len 8 + --output-len 100 is more than the 32 tokens" in capsys.readouterr().err
+
+
 def test_bench_latency_and_compare_hf(tmp_path):
     r = inferlab("bench", "--latency", "--input-len", "16", "--output-len", "4", "--num-kv-blocks", "64",
                  "--record", str(tmp_path / "lat.jsonl"))

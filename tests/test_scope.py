@@ -188,6 +188,9 @@ def frame(step: int) -> str:
     ('{"type":"header","version":1}\n' + frame(1) + '\n{"type":"frame","t":"x"}\n',
      "line 3 is not a frame the dashboard can show: its 't' is 'x'"),
     ('{"type":"header","version":1}\n', "the recording holds no frames"),
+    # NaN is Python's JSON, not the page's JSON.parse: its replay never started
+    ('{"type":"header","version":1}\n' + frame(1).replace('"t": 0.1', '"t": NaN') + "\n" + frame(2) + "\n",
+     "line 2 is not a frame"),
 ])
 def test_read_trace_refuses_what_is_not_a_trace(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"

@@ -111,6 +111,8 @@ def test_trace_file_round_trip(tmp_path):
     ('{"arrival": "nan", "prompt_len": 10, "output_len": 5}', "arrival must be a number of seconds >= 0"),
     ('{"arrival": NaN, "prompt_len": 10, "output_len": 5}', "arrival must be a number of seconds >= 0"),
     ('{"arrival": -5, "prompt_len": 10, "output_len": 5}', "arrival must be a number of seconds >= 0"),
+    ('{"arrival": 1' + "0" * 400 + ', "prompt_len": 10, "output_len": 5}',  # (an OverflowError traceback)
+     "arrival must be a number of seconds >= 0"),
     ('{"arrival": 0, "prompt_len": 0, "output_len": 5}', "prompt_len and output_len must be at least 1"),
     ('{"arrival": 0, "prompt_len": 10, "output_len": 0}', "prompt_len and output_len must be at least 1"),
     ('{"arrival": 0, "prompt_len": 10, "output_len": 5, "prefix_id": 1, "prefix_len": 20}',
@@ -168,6 +170,12 @@ def test_calibrate_refuses_a_scale_that_is_not_positive(tmp_path, capsys, scale)
     ({"base": 1.0}, "cost model {path}: expected an object with base, per_prefill_token, per_decode_seq, "
                     "per_context_token \\(and optionally per_swap_byte, kv_bytes_per_token\\)"),
     ([1], "cost model {path}: expected an object with"),
+    ({"base": 10**400, "per_prefill_token": 0, "per_decode_seq": 0, "per_context_token": 0},
+     "{path}: cost model base must be a number >= 0, got 1000"),  # an OverflowError mid-run before
+    ({"base": 0, "per_prefill_token": 0, "per_decode_seq": 0, "per_context_token": 0, "kv_bytes_per_token": 0},
+     "{path}: cost model kv_bytes_per_token must be a whole number of bytes >= 1, got 0"),  # ZeroDivisionError
+    ({"base": 0, "per_prefill_token": 0, "per_decode_seq": 0, "per_context_token": 0, "kv_bytes_per_token": 1.5},
+     "{path}: cost model kv_bytes_per_token must be a whole number of bytes >= 1, got 1.5"),
     ("{", "cannot read cost model {path}: Expecting"),
 ])
 def test_a_bad_cost_model_file_is_one_line_naming_it(tmp_path, capsys, content, message):
@@ -247,6 +255,37 @@ def test_a_cap_hides_the_answers_length_from_sjf_and_the_answer_still_ends_at_it
     assert order == {None: [1, 0], 200: [0, 1]}  # the short one first only when its length is known
 
 
+@pytest.mark.parametrize("body, message", [
+    ("    def peek(self):\n        return None if len(self) > 3 else super().peek()\n",
+     "the scheduling policy's peek() returned None, not a waiting request"),
+    ("    def pop(self):\n        if len(self) > 3:\n            raise RuntimeError('boom')\n"
+     "        return super().pop()\n", "the scheduling policy's pop() failed: RuntimeError: boom"),
+    ("    def pop(self):\n        return super().pop() if len(self) < 4 else self.waiting_other()\n"
+     "    def waiting_other(self):\n        super().pop()\n        return super().pop()\n",
+     "the scheduling policy's pop() returned request '1', not '0', which its peek() gave"),
+])
+def test_a_policy_whose_peek_or_pop_fails_midrun_is_one_line(tmp_path, capsys, body, message):
+    """peek() and pop() are a policy's to override too (a traceback, or a request lost, before)."""
+    path = tmp_path / "mine.py"
+    path.write_text("from inferlab.policy import FCFSQueue\nclass P(FCFSQueue):\n" + body)
+    assert main(["simulate", "--policy", f"{path}:P", "--num-kv-blocks", "64", "--num-requests", "30",
+                 "--rate", "inf", "--max-num-seqs", "2"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_a_policy_file_that_exits_at_import_is_one_line(tmp_path, capsys):
+    path = tmp_path / "mine.py"
+    path.write_text("import sys\nsys.exit(3)\n")  # it ended the command with status 3 and no word
+    assert main(["simulate", "--policy", f"{path}:P", "--num-requests", "5"]) == 2
+    assert "cannot load scheduling policy" in capsys.readouterr().err
+
+
+def test_calibrating_on_steps_too_alike_is_refused(make_tiny_engine):
+    """(calibrate --scale 1e-9 timed only one-token prefills, and saved a model that predicted 33 s a token.)"""
+    with pytest.raises(ValueError, match="at scale 1e-09 are too alike to fit a cost model"):
+        calibrate(make_tiny_engine(), scale=1e-9)
+
+
 def test_a_policy_whose_should_preempt_fails_is_one_line(tmp_path, capsys):
     path = tmp_path / "mine.py"
     path.write_text("from inferlab.policy import FCFSQueue\nclass P(FCFSQueue):\n"
@@ -290,6 +329,8 @@ def test_latencies_no_request_measured_are_null_not_zero():
     (["--num-requests", "-5"], "--num-requests must be at least 1, got -5"),
     (["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),  # an empty run, exit 0, before
     (["--num-kv-blocks", "0"], "--num-kv-blocks must be >= 1, got 0"),  # every request "rejected", exit 0
+    (["--num-kv-blocks", "1000000000"], "--num-kv-blocks 1000000000 x --replicas 1 is more than the 16,777,216 KV "
+                                        "blocks the simulator holds in memory"),  # a MemoryError, or the machine's
 ])
 def test_a_bad_trace_option_is_one_line_naming_it(capsys, option, message):
     assert main(["simulate", "--num-requests", "20", *option]) == 2

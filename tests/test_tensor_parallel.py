@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -597,3 +598,21 @@ def test_the_default_pool_is_shared_by_a_hosts_ranks(smol):
     assert one > 0 and abs(blocks(tensor_parallel_size=3) - one) <= 3
     assert abs(blocks(tensor_parallel_size=3, nnodes=3) - 3 * one) <= 3
     assert abs(blocks(tensor_parallel_size=3, kv_cache_memory="1GiB") - 3 * blocks(kv_cache_memory="1GiB")) <= 3
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT='70000': an integer from 0 to 65535"),  # a TypeError from the store
+    ({"MASTER_PORT": "bogus"}, "MASTER_PORT='bogus': an integer from 0 to 65535"),  # "invalid literal for int()"
+    ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK='x': an integer from 0 to 1"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK='2': an integer from 0 to 1"),
+    ({"RANK": "1", "WORLD_SIZE": "two", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "WORLD_SIZE='two': an integer"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "-1"}, "MASTER_PORT='-1': an integer from 1"),
+])
+def test_a_launchers_bad_environment_is_named(monkeypatch, env, message):
+    from inferlab.distributed.launch import Rendezvous
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Rendezvous.of(EngineConfig(tensor_parallel_size=2))

@@ -50,6 +50,15 @@ class DriverGone(RuntimeError):
     """The driver stopped (or failed to start): a worker's cue to exit quietly."""
 
 
+def _env_int(name: str, low: int, high: int) -> int:
+    """An integer environment variable in [low, high], or a ValueError that names it (a bare int()
+    said only "invalid literal", and a port past 65535 was a traceback from the store)."""
+    value = os.environ[name]
+    if not value.strip().isdigit() or not low <= int(value) <= high:
+        raise ValueError(f"{name}={value!r}: an integer from {low} to {high}")
+    return int(value)
+
+
 @dataclass
 class Rendezvous:
     addr: str
@@ -61,12 +70,13 @@ class Rendezvous:
     def of(cls, config: EngineConfig) -> Rendezvous:
         env, size, nnodes = os.environ, config.tensor_parallel_size, config.nnodes
         if "RANK" in env and "WORLD_SIZE" in env:  # a launcher started this rank
-            if int(env["WORLD_SIZE"]) != size:
+            if _env_int("WORLD_SIZE", 1, 1 << 20) != size:
                 raise ValueError(f"WORLD_SIZE {env['WORLD_SIZE']} is not tensor_parallel_size {size}")
             if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
                 raise ValueError("a rank started with RANK and WORLD_SIZE needs MASTER_ADDR and MASTER_PORT too")
-            return cls(env["MASTER_ADDR"], int(env["MASTER_PORT"]), size, [int(env["RANK"])])
-        port = config.master_port or env.get("MASTER_PORT")
+            rank = _env_int("RANK", 0, size - 1)
+            return cls(env["MASTER_ADDR"], _env_int("MASTER_PORT", 1, 65535), size, [rank])
+        port = config.master_port or (_env_int("MASTER_PORT", 0, 65535) if "MASTER_PORT" in env else None)
         if port is None and nnodes > 1:
             raise ValueError("ranks on several nodes meet at --master-addr and --master-port "
                              "(or MASTER_ADDR and MASTER_PORT): give the port")

@@ -60,6 +60,10 @@ class Recorder:
         self.close()
 
 
+def _not_json(word: str) -> None:
+    raise json.JSONDecodeError(f"{word} is not JSON", word, 0)
+
+
 def read_trace(path: str) -> tuple[dict, list[str]]:
     """(header, frame lines) of a trace; ValueError naming the file and line if it is not one.
     Only a last line cut mid-write (a recording stopped) is dropped rather than refused."""
@@ -79,10 +83,11 @@ def read_trace(path: str) -> tuple[dict, list[str]]:
     if head.get("version") != TRACE_VERSION:
         raise ValueError(f"{path}: trace version {head.get('version')!r} is not supported (expected {TRACE_VERSION!r})")
     frames = lines[1:]
-    # every frame is parsed: the page parses them all, and one bad line in the middle stops its replay
+    # every frame is parsed as the page's JSON.parse reads it (no NaN or Infinity): it parses them all,
+    # and one bad line in the middle stops its replay
     for i, line in enumerate(frames, start=2):
         try:
-            frame = json.loads(line)
+            frame = json.loads(line, parse_constant=_not_json)
         except json.JSONDecodeError:
             if i == len(lines) and line.startswith('{"type":"frame"'):  # a recording stopped mid-write
                 frames.pop()

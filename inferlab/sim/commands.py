@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import replace
 
-from inferlab.cli_args import add_engine_args, add_kv_mode_args, budget_arg, engine_config, kv_mode_config
+from inferlab.cli_args import add_engine_args, add_kv_mode_args, budget_arg, engine_config, kv_mode_config, output_file
 from inferlab.config import EngineConfig
 
 
@@ -63,6 +63,9 @@ def _count_len(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected COUNT:LEN, got {text!r}")
 
 
+MAX_SIM_BLOCKS = 1 << 24  # ~16 M blocks (a few GB of block objects): 268 M tokens of 16
+
+
 def check_trace_options(a: argparse.Namespace) -> None:
     """One line naming the option, where make_trace would divide by zero, draw from an empty range,
     or generate arrivals at negative times or requests with nothing to compute."""
@@ -96,6 +99,9 @@ def cmd_simulate(a: argparse.Namespace) -> None:
                           max_num_batched_tokens=a.max_num_batched_tokens, step_time_target=a.step_time_target,
                           scheduling_policy=a.policy, enable_prefix_caching=not a.no_prefix_caching,
                           sjf_aging_rate=a.sjf_aging_rate, **kv_mode_config(a))
+    if a.replicas >= 1 and a.num_kv_blocks * a.replicas > MAX_SIM_BLOCKS:  # each block is a Python object
+        raise ValueError(f"--num-kv-blocks {a.num_kv_blocks} x --replicas {a.replicas} is more than the "
+                         f"{MAX_SIM_BLOCKS:,} KV blocks the simulator holds in memory")
     cost = CostModel.load(a.cost_model) if a.cost_model else DEFAULT
     result = {"policy": a.policy, "requests": len(trace), "replicas": a.replicas, "router": a.router,
               **simulate(config, a.num_kv_blocks, trace, cost, a.replicas, a.router)}
@@ -116,6 +122,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     if os.path.isdir(a.out):  # found after the minutes of timing, it was a traceback
         raise ValueError(f"--out {a.out} is a folder; give the file to write, e.g. "
                          f"{os.path.join(a.out, 'cost_model.json')}")
+    output_file(a.out, "--out")  # (a missing folder too: found only after the timing)
     model, steps, error = calibrate(LLMEngine(engine_config(a)), a.scale)
     try:
         model.save(a.out)

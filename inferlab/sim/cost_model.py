@@ -14,7 +14,7 @@ bytes (`kv_bytes_per_token` is the model's K/V size, all layers, in the pool's d
 from __future__ import annotations
 
 import json
-import math
+import sys
 from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy as np
@@ -55,8 +55,12 @@ class CostModel:
     def __post_init__(self) -> None:
         for f in fields(self):  # a step never takes negative time: fit() keeps every coefficient >= 0 too
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            # (an integer past a float's range passed, then was an OverflowError mid-run)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= sys.float_info.max:
                 raise ValueError(f"cost model {f.name} must be a number >= 0, got {value!r}")
+        bytes_ = self.kv_bytes_per_token  # it divides a pool's bytes into tokens
+        if isinstance(bytes_, float) or bytes_ < 1:
+            raise ValueError(f"cost model kv_bytes_per_token must be a whole number of bytes >= 1, got {bytes_!r}")
 
     def swap_seconds(self, num_blocks: int, block_size: int) -> float:
         return self.per_swap_byte * self.kv_bytes_per_token * block_size * num_blocks
@@ -99,7 +103,7 @@ class CostModel:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # (ValueError: JSON's errors, and a file that is not UTF-8)
             raise ValueError(f"cannot read cost model {path}: {e}") from None
         names = [f.name for f in fields(cls)]
         required = [f.name for f in fields(cls) if f.default is MISSING]

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-import math
 import random
+import sys
 from dataclasses import dataclass, replace
 
 
@@ -29,7 +29,7 @@ class TraceRequest:
             # (a negative id's tokens were another request's own: cache hits that no prompt shares)
             raise ValueError(f"prefix_id must be an integer >= 0 or null, got {self.prefix_id!r}")
         number = isinstance(self.arrival, (int, float)) and not isinstance(self.arrival, bool)
-        if not (number and math.isfinite(self.arrival) and self.arrival >= 0):
+        if not (number and 0 <= self.arrival <= sys.float_info.max):  # not NaN, inf, or an integer no float holds
             raise ValueError(f"arrival must be a number of seconds >= 0, got {self.arrival!r}")
         if self.prompt_len < 1 or self.output_len < 1:
             raise ValueError(f"prompt_len and output_len must be at least 1, got {self.prompt_len} and "

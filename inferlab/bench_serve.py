@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -80,7 +81,9 @@ def build_requests(workload: str, n: int, max_tokens: int | None,
         base = [("/v1/chat/completions", {"messages": [{"role": "user", "content": q}],
                                           "max_tokens": max_tokens or cap}) for q in texts]
     else:
-        from inferlab.bench import load_workload
+        from inferlab.bench import SHAPES, load_workload
+        if workload not in SHAPES and not os.path.exists(workload):  # (load_workload's own list lacks chat)
+            raise ValueError(f"unknown workload {workload!r}: use {', '.join(SHAPES)}, chat, edit or a JSON file")
         reqs = load_workload(workload)["requests"]
         if not reqs:
             raise ValueError(f"workload {workload!r} has no requests")

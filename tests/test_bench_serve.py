@@ -137,6 +137,12 @@ def test_a_bad_base_url_is_one_line(url):
         f"port from 1 to 65535, e.g. http://127.0.0.1:8000; got {url!r}\n", r.stderr
 
 
+def test_an_unknown_workload_names_every_one_it_takes():
+    r = bench_serve("--base-url", "http://127.0.0.1:1", "--workload", "nosuch", "--num-requests", "2")
+    assert r.returncode == 2 and r.stderr == "error: unknown workload 'nosuch': use small, cpu, nano, chat, edit or " \
+        "a JSON file\n", r.stderr  # chat was left out
+
+
 def test_arrivals_are_a_seeded_poisson_process():
     times = arrival_times(4001, 10.0, 0)
     gaps = [b - a for a, b in zip(times, times[1:])]

@@ -187,6 +187,10 @@ def test_an_on_off_variable_refuses_other_words(monkeypatch):
     monkeypatch.setenv("INFERLAB_MODEL_CACHE", "bogus")
     with pytest.raises(ValueError, match="INFERLAB_MODEL_CACHE=bogus: 0 \\(off\\) or 1 \\(on\\)"):
         weight_cache._entry(__file__)
+    from inferlab.model.loader import load_model
+    with pytest.raises(ValueError) as e:  # the setting's error, not "cannot load <the model file>"
+        load_model(None, "float32", torch.device("cpu"))
+    assert str(e.value).startswith("INFERLAB_MODEL_CACHE=bogus")
 
 
 @pytest.mark.parametrize("field", ["ignore_eos", "include_stop_str_in_output"])

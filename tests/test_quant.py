@@ -542,6 +542,8 @@ def test_x16_products_are_chosen_by_the_cpu_or_the_environment(monkeypatch):
     assert kernels.x16_products() == "bf16"
     monkeypatch.setenv("INFERLAB_X16_PRODUCTS", "fp32")
     assert kernels.x16_products() == "fp32"
+    monkeypatch.setenv("INFERLAB_X16_PRODUCTS", " FP32")  # read as INFERLAB_ISA is (it was refused)
+    assert kernels.x16_products() == "fp32"
     monkeypatch.setenv("INFERLAB_X16_PRODUCTS", "int4")
     with pytest.raises(ValueError, match="INFERLAB_X16_PRODUCTS=int4: one of bf16, fp32"):
         kernels.x16_products()

@@ -18,7 +18,14 @@ def options(doc: str) -> argparse.Namespace:
     p.add_argument("--record", default=None, metavar="FILE",
                    help="also record the run for the dashboard: `inferlab scope --replay FILE`")
     logging.getLogger("inferlab").setLevel(logging.WARNING)
-    return p.parse_args()
+    a = p.parse_args()
+    if a.record is not None:  # before the model loads, as the CLI's --record is checked
+        from inferlab.cli_args import output_file
+        try:
+            output_file(a.record, "--record")
+        except ValueError as e:
+            p.error(str(e))
+    return a
 
 
 @functools.cache

@@ -92,10 +92,11 @@ X16_PRODUCTS = {"bf16": 0, "fp32": 1}
 def x16_products(vendor: str | None = None) -> str:
     """The products this process's regrouped kernel takes: INFERLAB_X16_PRODUCTS, else by the CPU's
     vendor (this CPU's where not given)."""
-    forced = os.environ.get("INFERLAB_X16_PRODUCTS")
+    raw = os.environ.get("INFERLAB_X16_PRODUCTS", "")
+    forced = raw.strip().lower()  # as INFERLAB_ISA is read: " FP32" is fp32
     if forced:
         if forced not in X16_PRODUCTS:
-            raise ValueError(f"INFERLAB_X16_PRODUCTS={forced}: one of {', '.join(X16_PRODUCTS)}")
+            raise ValueError(f"INFERLAB_X16_PRODUCTS={raw}: one of {', '.join(X16_PRODUCTS)}")
         return forced
     return "fp32" if (cpu_vendor() if vendor is None else vendor) == "GenuineIntel" else "bf16"
 

@@ -27,6 +27,7 @@ from inferlab.model.layers.keep import BF16_MATRIX_ISAS, quantization_mode
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
 from inferlab.model.tokenizer import Tokenizer
+from inferlab.switches import env_switch
 
 log = logging.getLogger("inferlab")
 
@@ -91,6 +92,7 @@ def load_model(path: str | None, dtype: str, device: torch.device, quantization:
     path = path or embedded_model_path()
     quantization = quantization_mode(quantization)
     kernels.native()  # a bad INFERLAB_ISA is the setting's error, not the model file's
+    env_switch("INFERLAB_MODEL_CACHE")  # as a bad INFERLAB_MODEL_CACHE is
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")
     try:

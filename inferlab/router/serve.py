@@ -17,7 +17,7 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
     """`inferlab router`: --backend URLs, or P/D mode's --prefill and --decode URLs."""
 
     from inferlab.server import listen
-    from inferlab.server.guard import add_cors
+    from inferlab.server.guard import add_cors, add_host_check
     if backends and (prefill or decode):
         raise ValueError("give either --backend URLs, or --prefill and --decode URLs (P/D mode), not both")
     if not backends and not (prefill and decode):
@@ -35,6 +35,7 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
                          f"{health_interval}")
     serving = [Backend(u) for u in backends] or [Backend(u, "decode") for u in decode]
     app = build_router_app(serving, policy, [Backend(u, "prefill") for u in prefill], timeout, health_interval)
+    add_host_check(app, host)
     add_cors(app, allowed_origins)  # the instances' own answers are not seen by the browser: the router's are
     sock = listen.bind(host, port)
     log.info("routing on %s to %s (%s)", listen.url(host, sock), ", ".join(backends) if backends else

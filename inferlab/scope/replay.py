@@ -16,6 +16,7 @@ from inferlab.scope.frames import shown
 from inferlab.scope.recorder import read_trace
 from inferlab.scope.web import mount_pages
 from inferlab.server import listen
+from inferlab.server.guard import add_host_check
 
 log = logging.getLogger("inferlab")
 
@@ -67,6 +68,7 @@ def build_replay_app(*paths: str) -> FastAPI:
 
 def serve_replay(paths: list[str], host: str = "127.0.0.1", port: int = 8001) -> None:
     app = build_replay_app(*paths)
+    add_host_check(app, host)
     page = "scope/beside" if len(paths) > 1 else "scope"
     sock = listen.bind(host, port)
     log.info("replaying %s at %s/%s", ", ".join(paths), listen.url(host, sock), page)

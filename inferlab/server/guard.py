@@ -4,7 +4,9 @@ body's size, answered with 413 before the body is read whole (unbounded, a 20 MB
 seconds of parsing and tokenizing before it could be refused), and browsers' cross-origin checks."""
 from __future__ import annotations
 
+import ipaddress
 import secrets
+import socket
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +19,57 @@ DRAIN_BYTES = 64 << 20  # an over-long body is read this far and dropped, so its
 PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize", "/scope/lab")  # /api/: Ollama's
 # Pages served from this machine, on any port (Ollama's default): a web UI run beside the server
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+def loopback(host: str) -> bool:
+    """Whether a listening address reaches this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def local_name(host_header: str) -> bool:
+    """Whether a request's Host names this machine as a loopback server's own clients do: an IP
+    address, localhost (and *.localhost), or this machine's name. A web page that a DNS name resolving
+    to 127.0.0.1 served (DNS rebinding) sends its own name instead, and would otherwise be same-origin."""
+    if host_header.startswith("["):  # [::1]:8000
+        name = host_header[1:].split("]", 1)[0]
+    else:  # host:port, or a bare IPv6 address
+        name = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+    name = name.rstrip(".").lower()
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name in ("localhost", socket.gethostname().lower(), socket.getfqdn().lower()) or \
+        name.endswith(".localhost")
+
+
+class HostCheck:
+    """ASGI middleware for a server on a loopback address: a request whose Host is not a local name
+    gets a 403 (Ollama refuses them the same way). A server on another address is reached by other
+    names on purpose, and is not checked."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host and not local_name(host):
+                return await error_response(403, f"this server listens on a loopback address, and the request "
+                                            f"names host {host!r}: only local names are served (DNS "
+                                            "rebinding); listen on another address to serve others",
+                                            code="host_not_allowed")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def add_host_check(app, host: str) -> None:
+    """HostCheck on `app` where it listens on loopback `host`."""
+    if loopback(host):
+        app.add_middleware(HostCheck)
 
 
 def add_cors(app, allowed_origins: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from inferlab.scope.live import mount_scope
 from inferlab.scope.recorder import Recorder
 from inferlab.server import listen, openapi
 from inferlab.server.app import build_app
-from inferlab.server.guard import Guard, add_cors
+from inferlab.server.guard import Guard, add_cors, add_host_check
 
 log = logging.getLogger("inferlab")
 
@@ -30,12 +30,15 @@ GRACEFUL_S = DRAIN_S + 3  # uvicorn's wait for the aborted ones to send their la
 
 
 def build_server_app(engine: AsyncEngine, name: str, api_key: str | None = None,
-                     allowed_origins: list[str] | None = None, prompt_tokens_details: bool = False) -> FastAPI:
+                     allowed_origins: list[str] | None = None, prompt_tokens_details: bool = False,
+                     host: str = "0.0.0.0") -> FastAPI:
     """The OpenAI API under /v1, Ollama's under /api, /health, /metrics, and the dashboard at /scope,
-    behind the guard (the API key for /v1, /api and the lab, a cap on body size, cross-origin checks)."""
+    behind the guard (the API key for /v1, /api and the lab, a cap on body size, cross-origin checks,
+    and on a loopback `host` the Host header's)."""
     app = build_app(engine, name, prompt_tokens_details)
     mount_scope(app, engine)
     app.add_middleware(Guard, api_key=api_key)
+    add_host_check(app, host)
     add_cors(app, allowed_origins)
     openapi.install(app)
     return app
@@ -102,7 +105,7 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
     engine = AsyncEngine(build)
     core = engine.engine
     name = served_model_name or model_name(config.model)
-    app = build_server_app(engine, name, api_key, allowed_origins, prompt_tokens_details)
+    app = build_server_app(engine, name, api_key, allowed_origins, prompt_tokens_details, host)
     sock = listen.bind(host, port)
     log.info("serving %s on %s (OpenAI API under /v1, Ollama's under /api, metrics at /metrics, dashboard at /scope%s)",
              name, listen.url(host, sock), "; an API key guards the API and the lab" if api_key else "")

@@ -63,6 +63,17 @@ def tensor_parallel_stats(llm) -> dict:
 def cmd_bench(a: argparse.Namespace) -> None:
     from inferlab.bench import load_workload, run_bench
     from inferlab.llm import LLM
+    given = {"--input-len": a.input_len, "--output-len": a.output_len, "--hf-mode": a.hf_mode,
+             "--hf-batch": a.hf_batch}
+    for flag in ("--input-len", "--output-len") if not a.latency else ():  # (they were silently ignored)
+        if given[flag] is not None:
+            raise ValueError(f"{flag} is for --latency: a workload gives each request's lengths")
+    for flag in ("--hf-mode", "--hf-batch") if a.compare != "hf" else ():
+        if given[flag] is not None:
+            raise ValueError(f"{flag} is for --compare hf")
+    defaults = {"input_len": 128, "output_len": 128, "hf_mode": "static", "hf_batch": 16}
+    for name, value in defaults.items():
+        setattr(a, name, value if getattr(a, name) is None else getattr(a, name))
     if a.latency:  # one request alone: a workload's options would be silently ignored
         for flag, value in (("--workload", a.workload), ("--compare", a.compare)):
             if value is not None:
@@ -167,12 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--compare", choices=["hf"], default=None,
                    help="also run the workload through HF transformers generate, same dtype, and print the ratio")
-    b.add_argument("--hf-mode", choices=["static", "sequential"], default="static")
-    b.add_argument("--hf-batch", type=positive_int, default=16, help="requests per static batch for --compare hf")
+    b.add_argument("--hf-mode", choices=["static", "sequential"], default=None,
+                   help="for --compare hf (default static)")
+    b.add_argument("--hf-batch", type=positive_int, default=None, help="requests per static batch for --compare hf "
+                   "(default 16)")
     b.add_argument("--latency", action="store_true",
                    help="one request alone: time to first token and per output token (like llama-bench)")
-    b.add_argument("--input-len", type=int, default=128)
-    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--input-len", type=int, default=None, help="for --latency: prompt tokens (default 128)")
+    b.add_argument("--output-len", type=int, default=None, help="for --latency: tokens generated (default 128)")
     add_record_arg(b)
     add_engine_args(b)
     # an engine as `serve` runs it: its KV memory taken at start, as vLLM and llama.cpp take theirs

@@ -475,6 +475,17 @@ def test_an_output_file_that_cannot_be_written_or_is_an_input_is_refused_before_
     assert json.loads(wl.read_text())["requests"]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--input-len", "64"], "--input-len is for --latency: a workload gives each request's lengths"),
+    (["--output-len", "8"], "--output-len is for --latency"),
+    (["--hf-batch", "4"], "--hf-batch is for --compare hf"),
+    (["--hf-mode", "sequential"], "--hf-mode is for --compare hf"),
+])
+def test_a_workload_run_refuses_the_options_it_would_ignore(tmp_path, capsys, args, message):
+    assert main(["bench", *args, "--model", str(tmp_path / "none.gguf")]) == 2  # before the model
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
 def test_latency_longer_than_a_request_may_be_is_refused(capsys):
     """(It was capped, and the figure printed the output_len asked for.)"""
     assert main(["bench", "--latency", "--input-len", "8", "--output-len", "100", "--max-model-len", "32",

@@ -429,3 +429,13 @@ def test_a_policy_that_cannot_work_is_refused_at_start(tmp_path, body, message):
     path.write_text("from inferlab.policy import RequestQueue\n" + body)
     with pytest.raises(ValueError, match=message):
         EngineConfig(scheduling_policy=f"{path}:P")
+
+
+def test_a_trace_refuses_the_options_of_a_generated_one(tmp_path, capsys):
+    """(simulate --trace t.jsonl --rate -1 --num-requests 0 ran the trace, the options ignored without a word.)"""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"arrival": 0, "prompt_len": 10, "output_len": 5}\n')
+    assert main(["simulate", "--trace", str(path), "--rate", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --rate is for a generated trace: --trace gives each request\n"
+    assert main(["simulate", "--trace", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["requests"] == 1

@@ -14,23 +14,23 @@ from inferlab.config import EngineConfig
 
 def add_sim_commands(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("simulate", help="replay a trace on the real scheduler with a virtual clock")
-    m.add_argument("--num-requests", type=int, default=1000)
-    m.add_argument("--rate", type=float, default=10.0, help="requests/s, Poisson (inf: all at once)")
+    m.add_argument("--num-requests", type=int, default=None, help="of a generated trace (default 1000)")
+    m.add_argument("--rate", type=float, default=None, help="requests/s, Poisson (inf: all at once; default 10)")
     m.add_argument("--policy", default="fcfs", help="fcfs, priority, sjf, or module:Class / file.py:Class")
     m.add_argument("--sjf-aging-rate", type=float, default=20.0, help="sjf: tokens of work forgiven per second waited")
     m.add_argument("--replicas", type=int, default=1, help="engines behind a router")
     m.add_argument("--router", default="round_robin", choices=["round_robin", "least_loaded", "prefix", "prefix_aware"])
     m.add_argument("--trace", default=None, help="JSONL: arrival, prompt_len, output_len[, priority, prefix_id, ...]")
     m.add_argument("--cost-model", default=None, help="file written by `inferlab calibrate` (default: built in)")
-    m.add_argument("--prompt-len", type=_range, default=(64, 512), help="LO:HI tokens")
-    m.add_argument("--output-len", type=_range, default=(16, 256), help="LO:HI tokens")
+    m.add_argument("--prompt-len", type=_range, default=None, help="LO:HI tokens (default 64:512)")
+    m.add_argument("--output-len", type=_range, default=None, help="LO:HI tokens (default 16:256)")
     m.add_argument("--max-tokens", type=int, default=None,
                    help="the cap of every request that gives none, what policies see (default: its output "
                         "length, known exactly)")
-    m.add_argument("--burst", type=int, default=1, help="requests arriving together")
+    m.add_argument("--burst", type=int, default=None, help="requests arriving together (default 1)")
     m.add_argument("--shared-prefix", type=_count_len, default=None, help="COUNT:LEN shared system prompts")
-    m.add_argument("--priorities", type=int, default=1, help="priority levels drawn uniformly")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--priorities", type=int, default=None, help="priority levels drawn uniformly (default 1)")
+    m.add_argument("--seed", type=int, default=None, help="of a generated trace (default 0)")
     m.add_argument("--num-kv-blocks", type=int, default=4096)
     m.add_argument("--block-size", type=int, default=16)
     m.add_argument("--max-model-len", type=int, default=8192)
@@ -63,6 +63,9 @@ def _count_len(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected COUNT:LEN, got {text!r}")
 
 
+# a generated trace's options, and their defaults
+GENERATED = {"num_requests": 1000, "rate": 10.0, "prompt_len": (64, 512), "output_len": (16, 256), "burst": 1,
+             "shared_prefix": None, "priorities": 1, "seed": 0}
 MAX_SIM_BLOCKS = 1 << 24  # ~16 M blocks (a few GB of block objects): 268 M tokens of 16
 
 
@@ -88,9 +91,14 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     from inferlab.sim.simulator import load_trace, make_trace, simulate
     if a.max_tokens is not None and a.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {a.max_tokens}")
-    if not a.trace:
+    given = [name for name in GENERATED if getattr(a, name) is not None]
+    if a.trace is not None and given:  # (they were silently ignored)
+        raise ValueError(f"--{given[0].replace('_', '-')} is for a generated trace: --trace gives each request")
+    for name, value in GENERATED.items():
+        setattr(a, name, value if getattr(a, name) is None else getattr(a, name))
+    if a.trace is None:
         check_trace_options(a)
-    trace = load_trace(a.trace) if a.trace else make_trace(
+    trace = load_trace(a.trace) if a.trace is not None else make_trace(
         a.num_requests, a.rate, a.prompt_len, a.output_len, a.seed, a.burst, a.shared_prefix, a.priorities)
     if a.max_tokens is not None:  # the cap of every request whose trace line gives none
         trace = [replace(t, max_tokens=t.max_tokens or a.max_tokens) for t in trace]

@@ -19,7 +19,10 @@ def server(smol):
         yield s
 
 
-def post(server, path: str, body: dict, **kw) -> httpx.Response:
+def post(server, path: str, body: dict | list, **kw) -> httpx.Response:
+    if isinstance(body, dict) and isinstance(body.get("options"), str):  # a raw JSON text in its place
+        text = json.dumps({**body, "options": None}).replace("null", body["options"])
+        return httpx.post(f"{server.url}{path}", content=text, timeout=120, **kw)
     return httpx.post(f"{server.url}{path}", json=body, timeout=120, **kw)
 
 
@@ -106,12 +109,51 @@ def test_model_listing(server):
     ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"temperature": "hot"}}, 400,
      "options.temperature: Input should be a valid number"),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"top_p": 2}}, 400, "top_p"),
-    ("/api/generate", {"model": MODEL, "prompt": "hi " * 9000}, 400, "max_model_len is 8192"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi " * 9000}, 400, "the prompt fills the model's whole context"),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 9000}]}, 400,
+     "no room for an answer in this model's context of 8192 tokens"),
+    ("/api/generate", {"model": MODEL, "options": "[" * 1000 + "]" * 1000}, 400, "not JSON"),  # (a 500)
+    ("/api/show", {"model": ["x"]}, 404, "model ['x'] not found"),  # (a 500: a list in a set)
+    ("/api/show", [1], 400, "the request body must be a JSON object"),
+    ("/api/embed", {"model": MODEL, "input": "hi"}, 404, "/api/embed is not supported by this server"),
     ("/api/generate", [1], 400, "the request body must be a JSON object"),
 ])
 def test_bad_requests_are_one_line_ollama_errors(server, path, body, status, message):
     r = post(server, path, body)
     assert r.status_code == status and message in r.json()["error"], r.text
+    server.check_engine()
+
+
+def test_what_ollamas_clients_send_is_read_as_ollama_reads_it(server):
+    """null for a default, a whole-number float for an integer, options its typed clients carry, a
+    cap past the context, a name in other case, keep_alive 0: as Ollama's server takes them."""
+    messages = [{"role": "user", "content": QUESTION, "images": None}]
+    body = {"model": MODEL.lower(), "messages": messages, "stream": False, "format": None, "tools": None, "raw": None,
+            "options": {"temperature": 0, "num_predict": 8.0, "seed": None, "embedding_only": False, "num_gqa": None,
+                        "rope_frequency_base": 10000.0}}
+    out = post(server, "/api/chat", body).json()
+    assert out["message"]["content"] == "The capital of France is Paris." and out["done_reason"] == "stop", out
+    capped = post(server, "/api/chat", {**body, "options": {"temperature": 0, "num_predict": 8190}}).json()
+    assert capped["message"]["content"] == out["message"]["content"]  # a cap, not a reservation of 8,190 tokens
+    unloaded = post(server, "/api/generate", {"model": MODEL, "keep_alive": 0}).json()
+    assert unloaded["done_reason"] == "unload"
+    assert httpx.get(f"{server.url}/", timeout=10).status_code == 200  # Ollama's CLI checks this first
+    assert httpx.head(f"{server.url}/", timeout=10).status_code == 200
+
+
+def test_a_conversation_longer_than_the_context_loses_its_oldest_exchanges(server):
+    """As Ollama does (Open WebUI's long chats kept working there): the system message stays, then the
+    newest messages that leave room for the answer."""
+    system = {"role": "system", "content": "You are terse."}
+    turns = [{"role": role, "content": f"Message {i}: " + "words " * 300}
+             for i in range(60) for role in ("user", "assistant")][:-1]
+    body = {"model": MODEL, "messages": [system, *turns], "stream": False, "options": {"temperature": 0,
+                                                                                         "num_predict": 4}}
+    out = post(server, "/api/chat", body).json()
+    assert out["done"] is True and 8192 // 2 < out["prompt_eval_count"] <= 8192 - 4, out
+    kept = post(server, "/tokenize", {"messages": [system, *turns[-7:]]}).json()["count"]  # a few turns' worth
+    assert out["prompt_eval_count"] > kept
+    server.wait_idle()
     server.check_engine()
 
 
@@ -128,6 +170,7 @@ def test_the_api_key_guards_ollamas_routes_too(smol):
     with running_server(smol, api_key="sesame") as s:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False,
                 "options": {"num_predict": 1}}
-        assert post(s, "/api/chat", body).status_code == 401
+        refused = post(s, "/api/chat", body)
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]  # Ollama's shape under /api
         assert httpx.get(f"{s.url}/api/tags", timeout=10).status_code == 401
         assert post(s, "/api/chat", body, headers={"Authorization": "Bearer sesame"}).json()["done"] is True

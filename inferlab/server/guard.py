@@ -9,9 +9,10 @@ import secrets
 import socket
 
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inferlab.server.openai_format import error_response
+from inferlab.server.openai_format import error_response as openai_error
 
 MAX_BODY_BYTES = 8 << 20  # a 128k-token context of text fits several times over
 DRAIN_BYTES = 64 << 20  # an over-long body is read this far and dropped, so its client gets the 413
@@ -62,7 +63,7 @@ class HostCheck:
                 return await error_response(403, f"this server listens on a loopback address, and the request "
                                             f"names host {host!r}: only local names are served (DNS "
                                             "rebinding); listen on another address to serve others",
-                                            code="host_not_allowed")(scope, receive, send)
+                                            "host_not_allowed", scope)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -80,6 +81,13 @@ def add_cors(app, allowed_origins: list[str] | None = None) -> None:
                        allow_methods=["*"], allow_headers=["*"])
 
 
+def error_response(status: int, message: str, code: str, scope: Scope):
+    """OpenAI's error body, or Ollama's `{"error": ...}` under its /api (its clients show the other as a dict)."""
+    if scope["path"].startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=status)
+    return openai_error(status, message, code=code)
+
+
 class Guard:
     """ASGI middleware: `api_key` (None or "": no key needed, as vLLM reads an empty one) and
     `max_body_bytes` as above."""
@@ -94,13 +102,13 @@ class Guard:
             return await self.app(scope, receive, send)
         if self.api_key is not None and scope["path"].startswith(PROTECTED) and not self._authorized(scope):
             return await error_response(401, "invalid or missing API key: send the header "
-                                        "'Authorization: Bearer <key>'", code="invalid_api_key")(scope, receive, send)
+                                        "'Authorization: Bearer <key>'", "invalid_api_key", scope)(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         body = await self._read_body(scope, receive)
         if body is None:
             too_large = error_response(413, f"the request body is larger than {self.max_body_bytes >> 20} MiB",
-                                       code="request_too_large")
+                                       "request_too_large", scope)
             await too_large(scope, receive, send)
             return await self._drain(receive)
         replayed = False

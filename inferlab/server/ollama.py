@@ -3,132 +3,32 @@
 unchanged. A request becomes one engine request through the OpenAI endpoints' path (`streams.start`);
 its answer streams as Ollama's newline-delimited JSON, or comes whole with `"stream": false`.
 
-Sampling follows Ollama's defaults where a request's `options` say nothing (temperature 0.8, top_k
-40, top_p 0.9, repeat_penalty 1.1), except that the repetition penalty covers the whole context (Ollama's
-`repeat_last_n: -1`). Options that only tune Ollama's runtime (num_ctx, num_thread, num_gpu...) are
-read and left alone; one that would change the answer and is not implemented is refused by name.
-Errors are Ollama's `{"error": "..."}`; the routes stay out of the OpenAPI document, which declares
-OpenAI's shapes."""
+As Ollama does, `num_predict` caps the answer at the room the prompt leaves, and a conversation
+longer than the context loses its oldest exchanges (its system messages stay). Errors are Ollama's
+`{"error": "..."}`, also for the routes of Ollama's that are not served (embeddings, pulling models);
+the routes stay out of the OpenAPI document, which declares OpenAI's shapes. What a body may hold is
+`ollama_protocol.py`'s."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from inferlab import __version__
 from inferlab.async_engine import AsyncEngine
 from inferlab.model.layers.quant import describe_weights
 from inferlab.outputs import RequestOutput
-from inferlab.sampling_params import SamplingParams
-from inferlab.server.messages import MAX_MESSAGES
+from inferlab.server.ollama_protocol import Ask, OllamaRequest
 from inferlab.server.prompts import PromptBuilder
-from inferlab.server.protocol import Float, Int
 from inferlab.server.streams import APIError, abort_all, collect, merged, start
-
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
-RUNTIME = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa",
-           "low_vram", "num_keep", "penalize_newline", "vocab_only", "f16_kv", "logits_all",
-           "mirostat_eta", "mirostat_tau"}  # (the last two tune mirostat, which stays off)
-NEUTRAL = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0, "repeat_last_n": -1}  # anything else is refused
-
-
-class Options(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    temperature: Float | None = None
-    top_k: Int | None = None
-    top_p: Float | None = None
-    min_p: Float | None = None
-    seed: Int | None = None
-    num_predict: Int | None = None  # -1: until a stop or the context's end (-2, which fills it, as well)
-    stop: StrictStr | list[StrictStr] | None = None
-    repeat_penalty: Float | None = None
-    presence_penalty: Float | None = None
-    frequency_penalty: Float | None = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "tool"]
-    content: StrictStr = ""
-    images: list[Any] | None = None
-    tool_calls: list[dict[StrictStr, Any]] | None = None
-
-
-class OllamaRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # keep_alive and whatever else tunes the runtime only
-
-    model: StrictStr
-    stream: StrictBool = True
-    options: Options = Options()
-    format: Any = None
-    think: Any = None
-    logprobs: StrictBool = False
-    # /api/generate's
-    prompt: StrictStr = ""
-    system: StrictStr | None = None
-    raw: StrictBool = False
-    suffix: StrictStr | None = None
-    template: StrictStr | None = None
-    images: list[Any] | None = None
-    context: list[Any] | None = None
-    # /api/chat's
-    messages: list[Message] = Field(default=[], max_length=MAX_MESSAGES)
-    tools: list[Any] | None = None
-
-    def refuse_unsupported(self) -> None:
-        asked = {"format": self.format, "suffix": self.suffix, "template": self.template, "images": self.images,
-                 "context": self.context, "tools": self.tools, "think": self.think, "logprobs": self.logprobs}
-        for name, value in asked.items():
-            if value not in (None, "", [], False):
-                raise ValueError(f"{name} is not supported by this server")
-        if any(m.images for m in self.messages):
-            raise ValueError("images are not supported (this model reads text only)")
-        for name, value in (self.options.model_extra or {}).items():
-            if name in NEUTRAL and value not in (None, NEUTRAL[name]):
-                raise ValueError(f"options.{name} {value!r} is not supported here" +
-                                 (": the repetition penalty covers the whole context (-1)" if name == "repeat_last_n"
-                                  else ""))
-            if name not in NEUTRAL and name not in RUNTIME:
-                raise ValueError(f"options.{name} is not an option this server knows")
-
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        o = self.options
-        given = {k: v for k, v in o.model_dump(exclude_unset=True).items() if v is not None}
-        value = {**DEFAULTS, **given}.get
-        stop = [o.stop] if isinstance(o.stop, str) else o.stop
-        return SamplingParams(max_tokens=max_tokens, temperature=value("temperature"), top_k=value("top_k"),
-                              top_p=value("top_p"), min_p=value("min_p"), repetition_penalty=value("repeat_penalty"),
-                              presence_penalty=value("presence_penalty", 0.0),
-                              frequency_penalty=value("frequency_penalty", 0.0), seed=o.seed, stop=stop)
-
-    def max_tokens(self) -> int | None:
-        n = self.options.num_predict
-        if n is None or n in (-1, -2):
-            return None
-        if n < 1:
-            raise ValueError(f"options.num_predict must be -1, -2 or at least 1, got {n}")
-        return n
-
-
-@dataclass
-class _Ask:
-    """What `streams.start` reads of a request: one choice, its sampling, its priority."""
-    request: OllamaRequest
-    n: int = 1
-    priority: int = 0
-
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        return self.request.sampling_params(max_tokens, logprobs)
 
 
 def _now() -> str:
@@ -152,14 +52,49 @@ def _line(obj: dict) -> str:
     return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # (nested 1,000 deep, a RecursionError was a 500)
+        raise APIError(400, f"the request body is not JSON: {str(e)[:120]}") from None
+
+
+def fitted(tok, messages: list[dict], limit: int, answer: int, max_chars: int) -> dict:
+    """The chat prompt of `messages` that leaves `answer` tokens of `limit`: the oldest messages after
+    the leading system ones are left out, as few as will do (a binary search: templating 10,000
+    messages once per message dropped took minutes). Those whose text alone is past `max_chars` (more
+    than the context can hold) go before any tokenizing. Refused if the last message alone does not fit."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    chars = sum(len(m["content"]) for m in messages)
+    low = 0
+    while chars > max_chars and first + low < len(messages) - 1:
+        chars -= len(messages[first + low]["content"])
+        low += 1
+    cont = messages[-1]["role"] == "assistant"  # Ollama continues a last assistant message
+
+    def prompt(dropped: int) -> dict:
+        text = tok.apply_chat_template(messages[:first] + messages[first + dropped:], not cont, cont, None)
+        return {"prompt": text, "prompt_token_ids": tok.encode_chat(text), "cache_salt": None}
+
+    best, most = prompt(low), len(messages) - first - 1  # at most all but the last message go
+    if len(best["prompt_token_ids"]) + answer <= limit:
+        return best
+    if low < most:
+        low, high = low + 1, most
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if len(prompt(mid)["prompt_token_ids"]) + answer <= limit else (mid + 1, high)
+        best = prompt(low)
+    if len(best["prompt_token_ids"]) + answer > limit:
+        raise ValueError(f"the last message with the system ones takes {len(best['prompt_token_ids'])} tokens: no "
+                         f"room for an answer in this model's context of {limit} tokens")
+    return best
 
 
 def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: PromptBuilder) -> None:
-    core = engine.engine
-    args = core.model.args
-    names = {model_name, f"{model_name}:latest"}  # Ollama's clients add the default tag
+    core, tok = engine.engine, engine.engine.tokenizer
+    args, limit = core.model.args, core.max_request_tokens
+    names = {model_name.lower(), f"{model_name}:latest".lower()}  # Ollama's clients add the default tag
     path = core.config.model
     kept = describe_weights(core.model)  # its weight types, most bytes first: 'q4_1t16 63.3 MiB (120), ...'
     details = {"parent_model": "", "format": "gguf" if path is None or path.endswith(".gguf") else "safetensors",
@@ -169,17 +104,19 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
     listed = {"name": model_name, "model": model_name, "modified_at": _now(), "size": size, "digest": "",
               "details": details}
 
+    def check_model(name: Any) -> None:
+        if not isinstance(name, str) or name.lower() not in names:
+            raise APIError(404, f"model {name!r} not found; this server serves {model_name!r}")
+
     async def read(raw: Request) -> OllamaRequest:
         try:
-            req = OllamaRequest.model_validate(json.loads(await raw.body()))
-        except (ValueError, UnicodeDecodeError) as e:
-            errors = e.errors() if isinstance(e, ValidationError) else None
-            if errors and errors[0]["loc"]:
-                where = ".".join(str(x) for x in errors[0]["loc"])
-                raise APIError(400, f"{where}: {errors[0]['msg']}") from None
-            raise APIError(400, "the request body must be a JSON object" + ("" if errors else f": {e}")) from None
-        if req.model not in names:
-            raise APIError(404, f"model {req.model!r} not found; this server serves {model_name!r}")
+            req = OllamaRequest.model_validate(_body(await raw.body()))
+        except ValidationError as e:
+            first = e.errors()[0]
+            if not first["loc"]:
+                raise APIError(400, "the request body must be a JSON object") from None
+            raise APIError(400, f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
+        check_model(req.model)
         try:
             req.refuse_unsupported()
         except ValueError as e:
@@ -189,7 +126,8 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
     async def answer(raw: Request, req: OllamaRequest, prompt: dict, key: str,
                      wrap: Callable[[str], Any]) -> JSONResponse | StreamingResponse:
         try:
-            _, rids, streams = await start(engine, _Ask(req), [prompt], req.max_tokens(), None)
+            max_tokens = req.max_tokens(limit - len(prompt["prompt_token_ids"]))
+            _, rids, streams = await start(engine, Ask(req), [prompt], max_tokens, None)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         head = {"model": req.model}
@@ -213,14 +151,19 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
         try:
             return await work
         except APIError as e:  # Ollama's shape: {"error": "..."}
-            return _error(e.status, e.message)
+            return JSONResponse({"error": e.message}, status_code=e.status)
+
+    def loaded(req: OllamaRequest, key: str, value: Any) -> dict:
+        """Ollama's answer to a request with nothing to answer: it loads (or, keep_alive 0, unloads) the model."""
+        return {"model": req.model, "created_at": _now(), key: value, "done": True,
+                "done_reason": "unload" if req.unloads() else "load"}
 
     @app.post("/api/generate", include_in_schema=False)
     async def generate(raw: Request):
         async def work():
             req = await read(raw)
-            if not req.prompt:  # Ollama's way to load a model: nothing to answer
-                return {"model": req.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+            if not req.prompt:
+                return loaded(req, "response", "")
             try:
                 if req.raw:
                     prompt = {"prompt": req.prompt, "prompt_token_ids": await prompts.encode(req.prompt),
@@ -238,17 +181,20 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
     async def chat(raw: Request):
         async def work():
             req = await read(raw)
-            if not req.messages:  # as Ollama: an empty conversation loads the model
-                return {"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                        "done": True, "done_reason": "load"}
+            if not req.messages:
+                return loaded(req, "message", {"role": "assistant", "content": ""})
             messages = [{"role": m.role, "content": m.content} for m in req.messages]
-            last_is_reply = messages[-1]["role"] == "assistant"  # Ollama continues a last assistant message
             try:
-                prompt = await prompts.chat(messages, not last_is_reply, last_is_reply, None, None)
+                room = min(req.max_tokens(limit), max(1, limit // 4))  # kept for the answer: at most a quarter
+                prompt = await asyncio.to_thread(fitted, tok, messages, limit, room, prompts.max_chars)
             except ValueError as e:
                 raise APIError(400, str(e)) from None
             return await answer(raw, req, prompt, "message", lambda text: {"role": "assistant", "content": text})
         return await guarded(work())
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def root() -> PlainTextResponse:  # Ollama's CLI and some UIs check that a server is up here
+        return PlainTextResponse("InferLab is running (Ollama's API under /api, OpenAI's under /v1)")
 
     @app.get("/api/version", include_in_schema=False)
     async def version() -> dict:
@@ -260,20 +206,16 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
 
     @app.get("/api/ps", include_in_schema=False)
     async def ps() -> dict:
-        return {"models": [{**listed, "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0,
-                            "context_length": core.max_request_tokens}]}
+        return {"models": [{**listed, "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0, "context_length": limit}]}
 
     @app.post("/api/show", include_in_schema=False)
     async def show(raw: Request):
         async def work():
-            try:
-                body = json.loads(await raw.body())
-                name = body.get("model") or body.get("name") if isinstance(body, dict) else None
-            except ValueError:
-                name = None
-            if name not in names:
-                raise APIError(404, f"model {name!r} not found; this server serves {model_name!r}")
-            info = {"general.architecture": args.arch, f"{args.arch}.context_length": core.max_request_tokens,
+            body = _body(await raw.body())
+            if not isinstance(body, dict):
+                raise APIError(400, "the request body must be a JSON object")
+            check_model(body.get("model") or body.get("name"))
+            info = {"general.architecture": args.arch, f"{args.arch}.context_length": limit,
                     f"{args.arch}.embedding_length": args.hidden_size, f"{args.arch}.block_count": args.num_layers,
                     f"{args.arch}.attention.head_count": args.num_heads,
                     f"{args.arch}.attention.head_count_kv": args.num_kv_heads, "general.vocab_size": args.vocab_size}
@@ -281,3 +223,7 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
                     "model_info": info, "capabilities": ["completion"], "modified_at": listed["modified_at"]}
         return await guarded(work())
 
+    @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD"], include_in_schema=False)
+    async def unserved(rest: str) -> JSONResponse:  # after the others: embed, pull, create, copy, delete, push...
+        return JSONResponse({"error": f"/api/{rest} is not supported by this server (it serves one model, to "
+                                      "generate and chat)"}, status_code=404)

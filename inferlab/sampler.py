@@ -95,14 +95,22 @@ class TokenCounts:
 
 def apply_penalties(logits: torch.Tensor, req: Request) -> None:
     """In place on one row. Repetition penalty (HF/CTRL style) covers prompt and output;
-    presence and frequency penalties (OpenAI style) cover the output only."""
+    presence and frequency penalties (OpenAI style) cover the output only. With `penalty_last_n`
+    (llama.cpp's), all three read the last N tokens, prompt's and output's alike."""
     p = req.params
-    if req.penalty_counts is None:
-        req.penalty_counts = TokenCounts()
-    seen = req.penalty_counts
-    n = seen.update(req)
-    ids, counts = seen.ids[:n].to(logits.device), seen.counts[:n].to(device=logits.device, dtype=logits.dtype)
-    if seen.largest >= logits.shape[-1]:  # a token past the logits (an added one): nothing to penalise
+    if p.penalty_last_n > 0:  # a few dozen tokens: counted afresh each step
+        window = torch.tensor(req.token_ids[-p.penalty_last_n:], dtype=torch.long)
+        ids, counts = torch.unique(window, return_counts=True)
+        ids, counts = ids.to(logits.device), counts.to(device=logits.device, dtype=logits.dtype)
+        largest = int(ids[-1])
+    else:
+        if req.penalty_counts is None:
+            req.penalty_counts = TokenCounts()
+        seen = req.penalty_counts
+        n = seen.update(req)
+        ids, counts = seen.ids[:n].to(logits.device), seen.counts[:n].to(device=logits.device, dtype=logits.dtype)
+        largest = seen.largest
+    if largest >= logits.shape[-1]:  # a token past the logits (an added one): nothing to penalise
         inside = ids < logits.shape[-1]
         ids, counts = ids[inside], counts[inside]
     vals = logits[ids]

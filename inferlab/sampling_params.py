@@ -35,6 +35,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # llama.cpp's and Ollama's repeat_last_n: the three penalties read the last N tokens of prompt and
+    # output only (0: no penalty). -1: vLLM's, repetition over all of them, presence and frequency over the output
+    penalty_last_n: int = -1
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -56,7 +59,7 @@ class SamplingParams:
             if not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
             setattr(self, name, float(getattr(self, name)))
-        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "n"):
+        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "n", "penalty_last_n"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -85,6 +88,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.penalty_last_n is None or self.penalty_last_n < -1:
+            raise ValueError(f"penalty_last_n must be -1 (all tokens) or an integer >= 0, got {self.penalty_last_n!r}")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 20:
                 raise ValueError(f"{name} must be in [0, 20], got {getattr(self, name)}")
@@ -134,8 +139,8 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)
+        return self.penalty_last_n != 0 and (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                                             or self.frequency_penalty != 0.0)
 
 
 # vLLM's SamplingParams fields that ported scripts pass: taken at the one value InferLab runs, else

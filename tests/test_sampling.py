@@ -289,6 +289,21 @@ def test_apply_penalties_unit():
     assert torch.equal(got, row)
 
 
+def test_a_penalty_window_reads_the_last_tokens_of_prompt_and_output():
+    """llama.cpp's and Ollama's repeat_last_n: all three penalties count the last N tokens alone."""
+    row = torch.tensor([2.0, -2.0, 3.0, -1.0, 0.5, 4.0])
+    req = Request("r", [1, 2, 5], SamplingParams(repetition_penalty=2.0, frequency_penalty=0.25, presence_penalty=0.5,
+                                                 penalty_last_n=3), 0.0)
+    req.token_ids.extend([3, 5])  # the window: 5 (the prompt's), 3, 5; tokens 1 and 2 fall out
+    got = row.clone()
+    apply_penalties(got, req)
+    assert torch.allclose(got, torch.tensor([2.0, -2.0, 3.0, -2.0 - 0.75, 0.5, 2.0 - 0.5 - 0.5]))
+    off = Request("r", [1, 2], SamplingParams(repetition_penalty=2.0, penalty_last_n=0), 0.0)
+    assert not off.params.has_penalties  # a window of none
+    with pytest.raises(ValueError, match="penalty_last_n must be -1"):
+        SamplingParams(penalty_last_n=-2)
+
+
 def penalised(row: torch.Tensor, req: Request) -> torch.Tensor:
     """The definition: the whole history counted afresh, the penalties applied over the whole row."""
     p, out, vocab = req.params, row.clone(), row.shape[-1]

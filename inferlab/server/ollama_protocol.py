@@ -13,13 +13,13 @@ from inferlab.sampling_params import SamplingParams
 from inferlab.server.messages import MAX_MESSAGES
 from inferlab.server.protocol import Float, Int
 
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1, "repeat_last_n": 64}
 # read and left alone: Ollama's runtime settings, mirostat's tuning (it stays off), and the fields its
 # clients' typed options still carry that Ollama itself no longer reads (rope_*, num_gqa, embedding_only)
 RUNTIME = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa",
            "low_vram", "num_keep", "penalize_newline", "vocab_only", "f16_kv", "logits_all", "embedding_only",
            "mirostat_eta", "mirostat_tau", "num_gqa", "rope_frequency_base", "rope_frequency_scale"}
-NEUTRAL = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0, "repeat_last_n": -1}  # anything else is refused
+NEUTRAL = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0}  # anything else is refused
 
 
 def _whole(value: Any) -> Any:
@@ -49,6 +49,7 @@ class Options(Unset):
     num_predict: Whole | None = None  # -1: until a stop or the context's end (-2, which fills it, as well)
     stop: StrictStr | list[StrictStr] | None = None
     repeat_penalty: Float | None = None
+    repeat_last_n: Whole | None = None  # the penalties' window: -1 the whole context, 0 none
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
 
@@ -92,13 +93,14 @@ class OllamaRequest(Unset):
                 raise ValueError(f"{name} is not supported by this server")
         if any(m.images for m in self.messages):
             raise ValueError("images are not supported (this model reads text only)")
+        if self.options.repeat_last_n is not None and self.options.repeat_last_n < -1:
+            raise ValueError(f"options.repeat_last_n must be -1 (the whole context), 0 (no penalty) or more, got "
+                             f"{self.options.repeat_last_n}")
         for name, value in (self.options.model_extra or {}).items():
             if value is None:  # unset, as Ollama reads it
                 continue
             if name in NEUTRAL and value != NEUTRAL[name]:
-                raise ValueError(f"options.{name} {value!r} is not supported here" +
-                                 (": the repetition penalty covers the whole context (-1)" if name == "repeat_last_n"
-                                  else ""))
+                raise ValueError(f"options.{name} {value!r} is not supported here")
             if name not in NEUTRAL and name not in RUNTIME:
                 raise ValueError(f"options.{name} is not an option this server knows")
 
@@ -110,7 +112,8 @@ class OllamaRequest(Unset):
         return SamplingParams(max_tokens=max_tokens, temperature=value("temperature"), top_k=value("top_k"),
                               top_p=value("top_p"), min_p=value("min_p"), repetition_penalty=value("repeat_penalty"),
                               presence_penalty=value("presence_penalty", 0.0),
-                              frequency_penalty=value("frequency_penalty", 0.0), seed=o.seed, stop=stop)
+                              frequency_penalty=value("frequency_penalty", 0.0), seed=o.seed, stop=stop,
+                              penalty_last_n=value("repeat_last_n"))
 
     def max_tokens(self, room: int) -> int:
         """num_predict as Ollama reads it, a cap: at most the `room` the prompt leaves in the context."""

@@ -41,7 +41,12 @@ def parse_args(doc: str | None, add_options=None) -> argparse.Namespace:
     if a.threads or a.smoke:
         import torch
         torch.set_num_threads(a.threads or 1)  # a smoke run's tiny model gains nothing from more
-    Path(a.out).mkdir(parents=True, exist_ok=True)
+    try:  # before any model loads or run starts: a folder that cannot be made was a traceback
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        if not os.access(a.out, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        p.error(f"--out {a.out}: cannot write there ({e.strerror or e})")
     logging.getLogger("inferlab").setLevel(logging.WARNING)  # the KV-pool line per engine is noise here
     return a
 

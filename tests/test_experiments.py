@@ -50,6 +50,13 @@ def test_policy_experiment_checks_the_policy_before_it_replays_anything(tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_an_out_folder_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    r = subprocess.run([sys.executable, str(EXPERIMENTS / "kv_waste.py"), "--smoke", "--out", str(tmp_path / "file")],
+                       capture_output=True, text=True, timeout=120)  # a FileExistsError traceback before
+    assert r.returncode == 2 and f"error: --out {tmp_path / 'file'}: cannot write there" in r.stderr, r.stderr
+
+
 def test_paged_allocation_wastes_little_where_contiguous_wastes_most(tmp_path):
     # no model involved: the smoke run computes the same figures as the full one, on one workload
     rows = table_rows(run_smoke("kv_waste", tmp_path))

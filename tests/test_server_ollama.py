@@ -141,20 +141,21 @@ def test_what_ollamas_clients_send_is_read_as_ollama_reads_it(server):
     assert httpx.head(f"{server.url}/", timeout=10).status_code == 200
 
 
-def test_a_conversation_longer_than_the_context_loses_its_oldest_exchanges(server):
+def test_a_conversation_longer_than_the_context_loses_its_oldest_exchanges(smol):
     """As Ollama does (Open WebUI's long chats kept working there): the system message stays, then the
-    newest messages that leave room for the answer."""
+    newest messages that leave room for the answer (a context of 1,024 tokens: a short prefill)."""
     system = {"role": "system", "content": "You are terse."}
-    turns = [{"role": role, "content": f"Message {i}: " + "words " * 300}
+    turns = [{"role": role, "content": f"Message {i}: " + "words " * 40}
              for i in range(60) for role in ("user", "assistant")][:-1]
     body = {"model": MODEL, "messages": [system, *turns], "stream": False, "options": {"temperature": 0,
                                                                                          "num_predict": 4}}
-    out = post(server, "/api/chat", body).json()
-    assert out["done"] is True and 8192 // 2 < out["prompt_eval_count"] <= 8192 - 4, out
-    kept = post(server, "/tokenize", {"messages": [system, *turns[-7:]]}).json()["count"]  # a few turns' worth
-    assert out["prompt_eval_count"] > kept
-    server.wait_idle()
-    server.check_engine()
+    with running_server(smol, max_model_len=1024) as small:
+        out = post(small, "/api/chat", body).json()
+        assert out["done"] is True and 1024 // 2 < out["prompt_eval_count"] <= 1024 - 4, out
+        kept = post(small, "/tokenize", {"messages": [system, *turns[-7:]]}).json()["count"]  # a few turns' worth
+        assert out["prompt_eval_count"] > kept
+        small.wait_idle()
+        small.check_engine()
 
 
 def test_a_stream_left_midway_is_aborted(server):

@@ -4,6 +4,7 @@ body's size, answered with 413 before the body is read whole (unbounded, a 20 MB
 seconds of parsing and tokenizing before it could be refused), and browsers' cross-origin checks."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 import secrets
 import socket
@@ -44,8 +45,13 @@ def local_name(host_header: str) -> bool:
         return True
     except ValueError:
         pass
-    return name in ("localhost", socket.gethostname().lower(), socket.getfqdn().lower()) or \
-        name.endswith(".localhost")
+    return name in _own_names() or name.endswith(".localhost")
+
+
+@functools.cache
+def _own_names() -> tuple[str, ...]:
+    """This machine's names, asked once (getfqdn may wait on a DNS server)."""
+    return "localhost", socket.gethostname().lower(), socket.getfqdn().lower()
 
 
 class HostCheck:

@@ -19,9 +19,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from inferlab.outputs import RequestFailed
+from inferlab.server.listen import http_url
 
 CHAT_PROMPTS = [
     "What is the capital of France?", "hi", "Write a haiku about the sea.", "List three prime numbers.",
@@ -266,15 +266,7 @@ def main(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be at least 1, got {value}")
     if not a.request_rate > 0 or not a.timeout > 0:
         raise ValueError("--request-rate and --timeout must be positive")
-    try:
-        parts = urlsplit(a.base_url)
-        port_ok = parts.port is None or parts.port > 0  # .port: a ValueError past 65535 or not a number
-    except ValueError:
-        parts, port_ok = None, False
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-        raise ValueError(f"--base-url is http:// or https://, a host and an optional port from 1 to 65535, "
-                         f"e.g. http://127.0.0.1:8000; "
-                         f"got {a.base_url!r}")
+    http_url(a.base_url, "--base-url")
     a.base_url = a.base_url.rstrip("/").removesuffix("/v1")  # the server root; paths add /v1
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     results, duration, model = asyncio.run(run(a))

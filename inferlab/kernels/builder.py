@@ -106,7 +106,7 @@ def _damaged(lib: Path) -> str | None:
     return "cut short" if lib.stat().st_size < shoff + shentsize * shnum else None
 
 
-def _cached(cache: Path, lib: Path) -> bool:
+def _cached(lib: Path) -> bool:
     if not lib.exists():
         return False
     why = _damaged(lib)
@@ -115,7 +115,6 @@ def _cached(cache: Path, lib: Path) -> bool:
         with contextlib.suppress(OSError):
             lib.unlink()
         return False
-    _keep_and_prune(cache, lib)
     return True
 
 
@@ -146,12 +145,11 @@ def build() -> Path:
     digest.update(calls.encode())
     cache = cache_dir("kernels")
     lib = cache / f"inferlab_kernels-{digest.hexdigest()[:16]}.so"
-    if _cached(cache, lib):
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    with _one_build_at_a_time(cache):
-        if not _cached(cache, lib):  # (another process may have built it while this one waited)
-            _build(cc, isas, calls, lib)
+    if not _cached(lib):
+        cache.mkdir(parents=True, exist_ok=True)
+        with _one_build_at_a_time(cache):
+            if not _cached(lib):  # (another process may have built it while this one waited)
+                _build(cc, isas, calls, lib)
     _keep_and_prune(cache, lib)
     return lib
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlsplit
 
 from inferlab.router.app import build_router_app
 from inferlab.router.backends import Backend
 from inferlab.router.policy import make_policy
+from inferlab.server.listen import http_url
 
 log = logging.getLogger("inferlab")
 
@@ -45,15 +45,8 @@ def serve_router(backends: list[str], prefill: list[str], decode: list[str], pol
 
 def _backend_key(url: str) -> tuple:
     """Scheme, host and port of a backend URL, or a ValueError saying what a backend URL is."""
-    try:
-        parts = urlsplit(url)
-        port = {"http": 80, "https": 443}.get(parts.scheme) if parts.port is None else parts.port  # past 65535: error
-    except ValueError:
-        parts, port = None, 0
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port:
-        raise ValueError(f"a backend URL is http:// or https://, a host and an optional port from 1 to 65535, "
-                         f"e.g. http://127.0.0.1:8000; got {url!r}")
+    parts = http_url(url, "a backend URL")
     if parts.path.strip("/") or parts.query or parts.fragment:  # the router adds /v1/...: '/v1' here doubles it
         raise ValueError(f"a backend URL is the instance's root, without a path: the router adds /v1/... "
                          f"itself; got {url!r}")
-    return parts.scheme, parts.hostname.lower(), port
+    return parts.scheme, parts.hostname.lower(), parts.port or {"http": 80, "https": 443}[parts.scheme]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 from typing import TYPE_CHECKING
+from urllib.parse import SplitResult, urlsplit
 
 if TYPE_CHECKING:  # the CLI checks its port with bind() before it imports the web stack
     from fastapi import FastAPI
@@ -28,6 +29,20 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
+
+
+def http_url(url: str, what: str) -> SplitResult:
+    """`url` split, or a ValueError naming `what` if it is not http(s)://host[:port] with a port from 1 to
+    65535 (urlsplit itself raises on a port past 65535 or not a number, and takes 0)."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(f"{what} is http:// or https://, a host and an optional port from 1 to 65535, "
+                         f"e.g. http://127.0.0.1:8000; got {url!r}")
+    return parts
 
 
 def url(host: str, sock: socket.socket) -> str:

@@ -43,8 +43,8 @@ def calibrate(engine: LLMEngine, scale: float = 1.0, seed: int = 0) -> tuple[Cos
     finally:
         engine.runner.on_execute = None
     warm = samples[2:]  # the first steps pay one-off allocation costs
-    x = np.array([[1.0, f.prefill_tokens, f.decode_seqs, f.context_tokens] for f, _ in warm] or [[0.0] * 4])
-    if np.linalg.matrix_rank(x) < 4:  # at a tiny scale, one-token answers: no decode step to learn from
+    # at a tiny scale, one-token answers: no decode step to learn from
+    if np.linalg.matrix_rank(CostModel.design(warm)) < 4:
         raise ValueError(f"the steps timed at scale {scale} are too alike to fit a cost model (it needs prefills, "
                          "and decodes of several batch sizes and contexts): raise --scale")
     fit = CostModel.fit(warm)

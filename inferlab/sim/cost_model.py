@@ -69,13 +69,18 @@ class CostModel:
         return (self.base + self.per_prefill_token * f.prefill_tokens + self.per_decode_seq * f.decode_seqs
                 + self.per_context_token * f.context_tokens)
 
+    @staticmethod
+    def design(samples: list[tuple[StepFeatures, float]]) -> np.ndarray:
+        """The fit's rows: a constant, then each step's features, in the coefficients' order."""
+        return np.array([[1.0, f.prefill_tokens, f.decode_seqs, f.context_tokens] for f, _ in samples]).reshape(-1, 4)
+
     @classmethod
     def fit(cls, samples: list[tuple[StepFeatures, float]]) -> CostModel:
         """Least squares over (features, seconds); a coefficient that comes out negative (noise)
         is fixed at 0 and the rest refitted, so the model never predicts time going backwards."""
         if len(samples) < 4:
             raise ValueError(f"need at least 4 timed steps to fit a cost model, got {len(samples)}")
-        x = np.array([[1.0, f.prefill_tokens, f.decode_seqs, f.context_tokens] for f, _ in samples])
+        x = cls.design(samples)
         y = np.array([t for _, t in samples])
         active = [0, 1, 2, 3]
         while True:

@@ -31,6 +31,7 @@ from inferlab.model.tokenizer import Tokenizer
 from inferlab.output_processor import OutputProcessor
 from inferlab.outputs import RequestOutput
 from inferlab.policy import make_queue
+from inferlab.pooling import PoolingParams
 from inferlab.radix_cache import PREFIX_CACHES
 from inferlab.request import Request, RequestStatus
 from inferlab.runner import ModelRunner
@@ -120,11 +121,17 @@ class LLMEngine:
         """The most tokens (prompt + output) one request can hold: context and pool both bound it."""
         return min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> Request:
+        """A generation (SamplingParams), or with PoolingParams an embedding of the prompt: its one
+        output carries `embedding` (pooling.py)."""
         params = params or SamplingParams()
+        pooling = None
+        if isinstance(params, PoolingParams):  # scheduled as a one-token greedy generation that pools its row
+            params.validate(self.model.args.hidden_size)
+            pooling, params = params, SamplingParams(max_tokens=1, temperature=0.0)
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, not {type(params).__name__}")
+            raise TypeError(f"params must be a SamplingParams or a PoolingParams, not {type(params).__name__}")
         params.validate()
         if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
                                          or not math.isfinite(arrival_time)):  # the policies' keys compare it
@@ -136,7 +143,8 @@ class LLMEngine:
         room = self.max_request_tokens - len(ids)
         max_tokens = min(params.max_tokens or room, room)
         req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
-                      max_tokens=max_tokens, priority=priority, prompt=inputs.text, cache_salt=inputs.cache_salt)
+                      max_tokens=max_tokens, priority=priority, prompt=inputs.text, cache_salt=inputs.cache_salt,
+                      pooling=pooling)
         seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
         req.generator = request_generator(seed, self.device)
         self.scheduler.add_request(req)  # first: if it refuses the request (out of KV memory), nothing is kept

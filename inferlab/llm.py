@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from inferlab.config import EngineConfig
 from inferlab.engine import LLMEngine, PromptType
 from inferlab.outputs import RequestOutput
+from inferlab.pooling import EmbeddingRequestOutput, PoolingParams
 from inferlab.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -33,6 +34,15 @@ def merge(copies: list[RequestOutput]) -> RequestOutput:
     outputs = [replace(c.outputs[0], index=j) for j, c in enumerate(copies)]
     error = next((c.error for c in copies if c.error), None)
     return replace(first, outputs=outputs, error=error)
+
+
+def prompt_list(prompts: PromptType | list[PromptType]) -> list[PromptType]:
+    """A list of prompts from one prompt, a list, a tuple (vLLM's), a generator, a map's values..."""
+    if isinstance(prompts, (tuple, Iterator, KeysView, ValuesView)):
+        prompts = list(prompts)
+    if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # one prompt (anything else is refused by name when added)
+    return prompts
 
 
 class LLM:
@@ -81,10 +91,7 @@ class LLM:
     def _generate(self, prompts: PromptType | list[PromptType],
                   sampling_params: SamplingParams | list[SamplingParams] | None, priority: list[int] | None,
                   use_tqdm: bool | Callable[..., tqdm]) -> list[RequestOutput]:
-        if isinstance(prompts, (tuple, Iterator, KeysView, ValuesView)):  # a tuple (vLLM's), a generator, map...
-            prompts = list(prompts)
-        if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # one prompt (anything else is refused by name below)
+        prompts = prompt_list(prompts)
         n = len(prompts)
         params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
                   else [sampling_params or SamplingParams()] * n)
@@ -117,6 +124,36 @@ class LLM:
                     self.engine.abort_request(rid)
             raise
         return [merge([final[rid] for rid in group]) for group in ids]
+
+    def embed(self, prompts: PromptType | list[PromptType],
+              pooling_params: PoolingParams | list[PoolingParams] | None = None,
+              use_tqdm: bool | Callable[..., tqdm] = True) -> list[EmbeddingRequestOutput]:
+        """Each prompt's embedding, in prompt order (`out.outputs.embedding`: the final hidden state of
+        its last token, normalised by default; see pooling.py). The prompts are scheduled and batched
+        as generations are, and share the prefix cache with them."""
+        with self._lock:
+            prompts = prompt_list(prompts)
+            params = (list(pooling_params) if isinstance(pooling_params, (list, tuple))
+                      else [pooling_params or PoolingParams()] * len(prompts))
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} pooling_params for {len(prompts)} prompts")
+            ids = [[f"embed-{next(_ids)}"] for _ in prompts]
+            try:
+                for i, ((rid,), p) in enumerate(zip(ids, params)):
+                    if not isinstance(p, PoolingParams):
+                        raise TypeError(f"pooling_params must be a PoolingParams or a list of them, "
+                                        f"got {type(p).__name__}")
+                    try:
+                        self.engine.add_request(rid, prompts[i], p)
+                    except ValueError as e:
+                        raise ValueError(f"prompt {i}: {e}") from None
+                final = self._run(ids, use_tqdm)
+            except BaseException:  # as in generate: nothing of this call stays
+                for (rid,) in ids:
+                    with contextlib.suppress(Exception):
+                        self.engine.abort_request(rid)
+                raise
+            return [EmbeddingRequestOutput.of(final[rid]) for (rid,) in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,

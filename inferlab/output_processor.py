@@ -21,6 +21,7 @@ class OutputProcessor:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.logprobs: dict[str, list[dict[int, Logprob]]] = {}
         self.prompt_lps: dict[str, list[dict[int, Logprob] | None]] = {}
+        self.embeddings: dict[str, list[float] | None] = {}
 
     def add(self, req: Request) -> None:
         p = req.params
@@ -33,10 +34,15 @@ class OutputProcessor:
         self.detokenizers.pop(request_id, None)
         self.logprobs.pop(request_id, None)
         self.prompt_lps.pop(request_id, None)
+        self.embeddings.pop(request_id, None)
 
     def emit(self, req: Request, results: list[SampleResult]) -> tuple[list[int], RequestStatus | None]:
         """Take this step's new tokens (already appended) through logprobs and the stop rules, one
         by one: several arrive at once after verified drafts, and those after a stop are dropped."""
+        if req.pooling is not None:  # an embedding: its vector is the answer, the token sampled beside it is not
+            self.embeddings[req.request_id] = results[0].embedding
+            del req.token_ids[req.num_prompt_tokens:]
+            return [], RequestStatus.FINISHED_STOPPED
         first = req.num_output_tokens - len(results)  # output tokens before this step
         for j, res in enumerate(results):
             if res.top_logprobs is not None:
@@ -112,4 +118,5 @@ class OutputProcessor:
         metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
                                  self.clock() if finished else None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished,
-                             req.num_cached_tokens, metrics, error, self._prompt_logprobs(req))
+                             req.num_cached_tokens, metrics, error, self._prompt_logprobs(req),
+                             self.embeddings.get(req.request_id))

@@ -60,6 +60,9 @@ class Request:
     # params.prompt_logprobs: prompt token i + 1's SampleResult at [i], appended as its position is
     # computed (None: not asked)
     prompt_logprobs: list | None = None
+    # an embedding request (pooling.PoolingParams): it ends at its last prompt token, whose hidden
+    # state it returns instead of a generated token; None for a generation
+    pooling: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -44,6 +44,10 @@ class StepBatch:
     # [S, 2] int64 the positions [lo, hi) whose rows each sequence's prompt logprobs score this step
     # (prompt_logprobs.py); None when no sequence scores any
     score: np.ndarray | None = None
+    # [S] bool: sequences that pool their last prompt row (embedding requests); None when none does
+    pool: np.ndarray | None = None
+    # the final hidden states of the rows that get logits, kept by `run` when a sequence pools
+    hidden: torch.Tensor | None = None
 
     @classmethod
     def of(cls, scheduled: list[tuple[Request, int]], block_size: int) -> StepBatch:
@@ -63,9 +67,10 @@ class StepBatch:
                 ids[row:row + n] = req.token_ids[starts[i]:ends[i]]
             tables[i, :num_blocks[i]] = req.block_table[:num_blocks[i]]
             row += n
+        pool = np.array([r.pooling is not None for r, _ in scheduled])
         return cls(counts, starts, ends - spec == np.array([r.num_tokens for r, _ in scheduled]), ids, tables,
                    spec if spec.any() else None, np.array([r.num_prompt_tokens for r, _ in scheduled], dtype=np.int64),
-                   score_spans(scheduled))
+                   score_spans(scheduled), pool if pool.any() else None)
 
     def logit_widths(self) -> np.ndarray:
         """Rows of logits each sequence with `sample` set gets: 1, or 1 + its drafts."""
@@ -215,6 +220,8 @@ class ModelRunner:
             hidden = self.tape(input_ids, positions, meta)[keep]
         else:  # only the sampled rows go on past the last layer's attention (with none: all, unused)
             hidden = self.model(input_ids, positions, self.kv_caches, meta, keep if sample_rows else None)
+        if batch.pool is not None:
+            batch.hidden = hidden
         return self.model.compute_logits(hidden) if sample_rows else None
 
     @torch.inference_mode()
@@ -232,8 +239,13 @@ class ModelRunner:
             return {}
         reqs = [scheduled[i][0] for i in np.flatnonzero(batch.sample)]
         if batch.spec is None:
-            return {r.request_id: [res] for r, res in zip(reqs, sample(logits, reqs, self.eos_ids))}
-        results = sample_rows(logits, reqs, batch.logit_widths(), self.eos_ids)
+            results = [[res] for res in sample(logits, reqs, self.eos_ids)]
+        else:
+            results = sample_rows(logits, reqs, batch.logit_widths(), self.eos_ids)
+        if batch.hidden is not None:  # an embedding request's vector: the row of its last prompt token
+            for r, res, row in zip(reqs, results, np.cumsum(batch.logit_widths()) - 1):
+                if r.pooling is not None:
+                    res[0].embedding = r.pooling.pool(batch.hidden[row])
         return {r.request_id: res for r, res in zip(reqs, results)}
 
     def check_health(self) -> None:

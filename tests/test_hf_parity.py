@@ -91,3 +91,15 @@ def test_prompt_logprobs_are_hfs_whatever_the_chunks_and_the_cache(make_llm, cha
                 assert [entry[t].rank for t in top] == [1, 2, 3]
                 assert torch.allclose(torch.tensor([float(entry[t]) for t in top]), want.topk(3).values, atol=1e-3)
         assert [dict(e) for e in first.prompt_logprobs[1:]] == [dict(e) for e in again.prompt_logprobs[1:]]
+
+
+def test_embedding_is_hfs_last_hidden_state_of_the_last_token(make_llm, hf, chat_prompts):
+    """vLLM's LAST pooling: the final norm's output at the prompt's last token, scaled to length 1."""
+    llm = make_llm(num_kv_blocks=256)
+    ours = llm.embed([{"prompt_token_ids": p} for p in chat_prompts[:4]], use_tqdm=False)
+    with torch.inference_mode():
+        for ids, out in zip(chat_prompts[:4], ours, strict=True):
+            h = hf.model(torch.tensor([ids])).last_hidden_state[0, -1]  # after the final norm
+            theirs = torch.nn.functional.normalize(h, dim=-1)
+            assert (torch.tensor(out.outputs.embedding) - theirs).abs().max() < 1e-4
+            assert out.prompt_token_ids == ids

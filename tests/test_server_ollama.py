@@ -115,7 +115,7 @@ def test_model_listing(server):
     ("/api/generate", {"model": MODEL, "options": "[" * 1000 + "]" * 1000}, 400, "not JSON"),  # (a 500)
     ("/api/show", {"model": ["x"]}, 404, "model ['x'] not found"),  # (a 500: a list in a set)
     ("/api/show", [1], 400, "the request body must be a JSON object"),
-    ("/api/embed", {"model": MODEL, "input": "hi"}, 404, "/api/embed is not supported by this server"),
+    ("/api/create", {"model": "mine", "from": MODEL}, 404, "/api/create is not supported by this server"),
     ("/api/generate", [1], 400, "the request body must be a JSON object"),
 ])
 def test_bad_requests_are_one_line_ollama_errors(server, path, body, status, message):

@@ -229,6 +229,8 @@ def test_two_ranks_generate_what_one_does(checkpoints, make_llm, name):
         assert len(b.prompt_logprobs) == len(a.prompt_logprobs) and b.outputs[0].token_ids == a.outputs[0].token_ids
         assert all(abs(float(x[t]) - float(y[t])) < 1e-4 for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])
                    for t in x)
+    for a, b in zip(one.embed(prompts, use_tqdm=False), two.embed(prompts, use_tqdm=False)):  # rank 0 pools
+        assert max(abs(x - y) for x, y in zip(a.outputs.embedding, b.outputs.embedding)) < 1e-4
     engine = two.engine
     engine.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

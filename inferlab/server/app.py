@@ -1,5 +1,5 @@
-"""The HTTP routes: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics, vLLM's
-/tokenize, /detokenize and /version, and Ollama's /api/* (`ollama.py`).
+"""The HTTP routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings (`embeddings.py`),
+/health, /metrics, vLLM's /tokenize, /detokenize and /version, and Ollama's /api/* (`ollama.py`).
 
 Every client mistake is a 4xx with an OpenAI-style JSON error; a 500 means the server failed.
 """
@@ -19,6 +19,7 @@ from inferlab import __version__
 from inferlab.async_engine import AsyncEngine
 from inferlab.outputs import RequestOutput
 from inferlab.server import openai_format as fmt
+from inferlab.server.embeddings import mount_embeddings
 from inferlab.server.ollama import mount_ollama
 from inferlab.server.prompts import PromptBuilder
 from inferlab.server.protocol import (
@@ -262,5 +263,6 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
 
         return streaming(engine, sse_events(req, streams, chunk, choice, usage), rids)
 
+    mount_embeddings(app, engine, model_name, prompts)
     mount_ollama(app, engine, model_name, prompts)
     return app

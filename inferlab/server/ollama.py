@@ -1,11 +1,12 @@
-"""Ollama's native API on the same engine: /api/generate, /api/chat, /api/tags, /api/show, /api/ps and
-/api/version, so Ollama's clients (its Python and JavaScript libraries, Open WebUI...) talk to InferLab
-unchanged. A request becomes one engine request through the OpenAI endpoints' path (`streams.start`);
-its answer streams as Ollama's newline-delimited JSON, or comes whole with `"stream": false`.
+"""Ollama's native API on the same engine: /api/generate, /api/chat, /api/embed (and the older
+/api/embeddings), /api/tags, /api/show, /api/ps and /api/version, so Ollama's clients (its Python and
+JavaScript libraries, Open WebUI...) talk to InferLab unchanged. A request becomes one engine request
+through the OpenAI endpoints' path (`streams.start`; an embedding, `embeddings.embed`); its answer
+streams as Ollama's newline-delimited JSON, or comes whole with `"stream": false`.
 
 As Ollama does, `num_predict` caps the answer at the room the prompt leaves, and a conversation
 longer than the context loses its oldest exchanges (its system messages stay). Errors are Ollama's
-`{"error": "..."}`, also for the routes of Ollama's that are not served (embeddings, pulling models);
+`{"error": "..."}`, also for the routes of Ollama's that are not served (pulling or creating models);
 the routes stay out of the OpenAPI document, which declares OpenAI's shapes. What a body may hold is
 `ollama_protocol.py`'s."""
 from __future__ import annotations
@@ -26,6 +27,7 @@ from inferlab import __version__
 from inferlab.async_engine import AsyncEngine
 from inferlab.model.layers.quant import describe_weights
 from inferlab.outputs import RequestOutput
+from inferlab.server.embeddings import mount_ollama_embed
 from inferlab.server.ollama_protocol import Ask, OllamaRequest
 from inferlab.server.prompts import PromptBuilder
 from inferlab.server.streams import APIError, abort_all, collect, merged, start
@@ -192,6 +194,8 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
             return await answer(raw, req, prompt, "message", lambda text: {"role": "assistant", "content": text})
         return await guarded(work())
 
+    mount_ollama_embed(app, engine, prompts, read, guarded)  # /api/embed, /api/embeddings
+
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root() -> PlainTextResponse:  # Ollama's CLI and some UIs check that a server is up here
         return PlainTextResponse("InferLab is running (Ollama's API under /api, OpenAI's under /v1)")
@@ -220,10 +224,11 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
                     f"{args.arch}.attention.head_count": args.num_heads,
                     f"{args.arch}.attention.head_count_kv": args.num_kv_heads, "general.vocab_size": args.vocab_size}
             return {"license": "", "modelfile": "", "parameters": "", "template": "", "details": details,
-                    "model_info": info, "capabilities": ["completion"], "modified_at": listed["modified_at"]}
+                    "model_info": info, "capabilities": ["completion", "embedding"],
+                    "modified_at": listed["modified_at"]}
         return await guarded(work())
 
     @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD"], include_in_schema=False)
-    async def unserved(rest: str) -> JSONResponse:  # after the others: embed, pull, create, copy, delete, push...
+    async def unserved(rest: str) -> JSONResponse:  # after the others: pull, create, copy, delete, push...
         return JSONResponse({"error": f"/api/{rest} is not supported by this server (it serves one model, to "
-                                      "generate and chat)"}, status_code=404)
+                                      "generate, chat and embed)"}, status_code=404)

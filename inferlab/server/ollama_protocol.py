@@ -1,4 +1,4 @@
-"""Ollama's request bodies (/api/generate and /api/chat) as this server reads them: Ollama's sampling
+"""Ollama's request bodies (/api/generate, /api/chat, /api/embed) as this server reads them: Ollama's sampling
 defaults, the options it leaves to Ollama's runtime, and the fields that would change the answer
 and are not implemented, each refused by name. `null` stands for a field's default, as Ollama's Go
 server reads it, and a whole-number float is taken where an integer is due."""
@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
 from inferlab.sampling_params import SamplingParams
+from inferlab.server.embeddings import MAX_INPUTS
 from inferlab.server.messages import MAX_MESSAGES
 from inferlab.server.protocol import Float, Int
 
@@ -84,6 +85,10 @@ class OllamaRequest(Unset):
     # /api/chat's
     messages: list[Message] = Field(default=[], max_length=MAX_MESSAGES)
     tools: list[Any] | None = None
+    # /api/embed's (/api/embeddings takes `prompt`)
+    input: StrictStr | list[StrictStr] = Field(default=[], max_length=MAX_INPUTS)
+    truncate: StrictBool = True  # an input past the context keeps its first tokens (false: refused)
+    dimensions: Whole | None = None
 
     def refuse_unsupported(self) -> None:
         asked = {"format": self.format, "suffix": self.suffix, "template": self.template, "images": self.images,

@@ -149,7 +149,15 @@ def test_pd_through_the_router_equals_a_single_instance(tiny):
                            [g["usage"]["prompt_tokens"] - 1 for g in got]
             decode = check_empty(de)
             assert decode.num_prompt_tokens == 2 * len(PROMPTS)  # only each prompt's last token
-            assert check_empty(pe).num_prompt_tokens > 0
+            decode_before = decode.num_prompt_tokens
+            prefilled = check_empty(pe).num_prompt_tokens
+            assert prefilled > 0
+            body = {"input": ["a new text to embed", [5, 6, 7, 8, 9]]}  # straight to decode: no prefill first
+            want = httpx.post(f"{single}/v1/embeddings", json=body, timeout=60).json()["data"]
+            got = httpx.post(f"{r}/v1/embeddings", json=body, timeout=60).json()["data"]
+            assert len(got) == 2 and all(max(abs(x - y) for x, y in zip(g["embedding"], w["embedding"])) < 1e-5
+                                         for g, w in zip(got, want))
+            assert check_empty(pe).num_prompt_tokens == prefilled and check_empty(de).num_prompt_tokens > decode_before
 
 
 def test_decode_killed_mid_stream_is_an_error_not_a_hang(tiny):
@@ -250,6 +258,7 @@ def test_prefix_keys_of_every_prompt_shape():
     for malformed in ({"messages": None, "prompt": "hi"}, {"messages": 5}, {"prompt": [1.5]}, {"prompt": None}, {}):
         prefix_keys(malformed)  # no error: the backend answers a bad request itself
     assert prefix_keys({"messages": None, "prompt": "x" * 200}) == prefix_keys({"prompt": "x" * 200})
+    assert prefix_keys({"input": ["x" * 200, "y"]}) == prefix_keys({"prompt": "x" * 200})  # an embedding's
 
 
 def test_router_passes_bad_bodies_to_the_backend_and_serves_model_lookups(tiny):

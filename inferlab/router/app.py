@@ -1,5 +1,5 @@
-"""The router's HTTP app: /v1/completions and /v1/chat/completions proxied to a backend (streams
-passed through as they come), /v1/models, /health and /metrics with per-backend counts.
+"""The router's HTTP app: /v1/completions, /v1/chat/completions and /v1/embeddings proxied to a backend
+(streams passed through as they come), /v1/models, /health and /metrics with per-backend counts.
 
 Each request goes to a healthy backend the routing policy chooses; one that cannot be reached is
 taken out of rotation and the request tried on another. In P/D mode (`prefill` and `decode`
@@ -140,7 +140,9 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
             state["prefill_failed"] += 1
         return None
 
-    async def proxy(raw: Request, path: str) -> Response:
+    async def proxy(raw: Request, path: str, disaggregated: bool = True) -> Response:
+        """`disaggregated`: the prompt goes to a prefill instance first, if there are any (an
+        embedding's does not: its prompt is all the work)."""
         state["requests"] += 1
         try:
             body = await raw.json()
@@ -149,7 +151,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
         if not isinstance(body, dict):
             return error(400, "the request body must be a JSON object", "invalid_request_error")
         headers = auth_headers(raw)
-        if prefill:
+        if prefill and disaggregated:
             try:
                 refused = await unless_gone(raw, run_prefill(body, path, headers))
             except ClientGone:
@@ -213,6 +215,10 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request) -> Response:
         return await proxy(raw, "/v1/chat/completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(raw: Request) -> Response:
+        return await proxy(raw, "/v1/embeddings", disaggregated=False)
 
     @app.get("/v1/models")
     async def models(raw: Request) -> Response:

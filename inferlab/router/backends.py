@@ -58,10 +58,10 @@ async def health_loop(backends: Sequence[Backend], client: httpx.AsyncClient, in
 
 
 def prompt_bytes(body: dict) -> bytes:
-    """A request's prompt as bytes: a chat's messages in order, a completion's text, or its token ids
-    (4 bytes each); the first prompt of a batch. Anything malformed gives nothing (the backend
-    answers it with its own error)."""
-    messages, prompt = body.get("messages"), body.get("prompt")
+    """A request's prompt as bytes: a chat's messages in order, a completion's text (an embedding's
+    input), or its token ids (4 bytes each); the first prompt of a batch. Anything malformed gives
+    nothing (the backend answers it with its own error)."""
+    messages, prompt = body.get("messages"), body.get("prompt", body.get("input"))
     if isinstance(messages, list):
         text = "".join(f"{m.get('role')}\n{m.get('content')}\n" for m in messages if isinstance(m, dict))
         return text.encode(errors="surrogatepass")  # a lone surrogate is the backend's to refuse

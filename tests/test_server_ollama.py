@@ -109,7 +109,8 @@ def test_model_listing(server):
     ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"temperature": "hot"}}, 400,
      "options.temperature: Input should be a valid number"),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"top_p": 2}}, 400, "top_p"),
-    ("/api/generate", {"model": MODEL, "prompt": "hi " * 9000}, 400, "the prompt fills the model's whole context"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"num_keep": -1}}, 400,
+     "options.num_keep must be an integer >= 0, got -1"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 9000}]}, 400,
      "no room for an answer in this model's context of 8192 tokens"),
     ("/api/generate", {"model": MODEL, "options": "[" * 1000 + "]" * 1000}, 400, "not JSON"),  # (a 500)
@@ -143,7 +144,8 @@ def test_what_ollamas_clients_send_is_read_as_ollama_reads_it(server):
 
 def test_a_conversation_longer_than_the_context_loses_its_oldest_exchanges(smol):
     """As Ollama does (Open WebUI's long chats kept working there): the system message stays, then the
-    newest messages that leave room for the answer (a context of 1,024 tokens: a short prefill)."""
+    newest messages that leave room for the answer (a context of 1,024 tokens: a short prefill). A
+    prompt to /api/generate loses its middle instead: its first num_keep tokens and its end stay."""
     system = {"role": "system", "content": "You are terse."}
     turns = [{"role": role, "content": f"Message {i}: " + "words " * 40}
              for i in range(60) for role in ("user", "assistant")][:-1]
@@ -154,6 +156,17 @@ def test_a_conversation_longer_than_the_context_loses_its_oldest_exchanges(smol)
         assert out["done"] is True and 1024 // 2 < out["prompt_eval_count"] <= 1024 - 4, out
         kept = post(small, "/tokenize", {"messages": [system, *turns[-7:]]}).json()["count"]  # a few turns' worth
         assert out["prompt_eval_count"] > kept
+        text = "The start. " + "filler words " * 600 + "The end."
+        ids = post(small, "/tokenize", {"prompt": text}).json()["tokens"]
+        assert len(ids) > 1024
+        for keep in (4, 0):
+            cut = {"model": MODEL, "prompt": text, "raw": True, "stream": False,
+                   "options": {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 6, "num_keep": keep}}
+            got = post(small, "/api/generate", cut).json()
+            assert got["prompt_eval_count"] == 1024 - 6 and got["eval_count"] == 6, got
+            kept_ids = ids[:keep] + ids[len(ids) - (1024 - 6 - keep):]  # the same answer as those ids
+            plain = post(small, "/v1/completions", {"prompt": kept_ids, "max_tokens": 6, "temperature": 0}).json()
+            assert got["response"] == plain["choices"][0]["text"]
         small.wait_idle()
         small.check_engine()
 

@@ -4,8 +4,9 @@ JavaScript libraries, Open WebUI...) talk to InferLab unchanged. A request becom
 through the OpenAI endpoints' path (`streams.start`; an embedding, `embeddings.embed`); its answer
 streams as Ollama's newline-delimited JSON, or comes whole with `"stream": false`.
 
-As Ollama does, `num_predict` caps the answer at the room the prompt leaves, and a conversation
-longer than the context loses its oldest exchanges (its system messages stay). Errors are Ollama's
+As Ollama does, `num_predict` caps the answer at the room the prompt leaves, a prompt longer than
+the context loses its middle (its first `num_keep` tokens stay), and a conversation longer than the
+context loses its oldest exchanges (its system messages stay). Errors are Ollama's
 `{"error": "..."}`, also for the routes of Ollama's that are not served (pulling or creating models);
 the routes stay out of the OpenAPI document, which declares OpenAI's shapes. What a body may hold is
 `ollama_protocol.py`'s."""
@@ -93,6 +94,16 @@ def fitted(tok, messages: list[dict], limit: int, answer: int, max_chars: int) -
     return best
 
 
+def shortened(prompt: dict, limit: int, answer: int, keep: int) -> dict:
+    """A prompt too long to leave `answer` of the context's `limit` tokens cut as Ollama's runner cuts
+    it: its first `keep` tokens (`num_keep`) and as many of its last as fit; the middle goes."""
+    ids, room = prompt["prompt_token_ids"], limit - answer
+    if len(ids) <= room:
+        return prompt
+    keep = min(keep, room - 1)
+    return {**prompt, "prompt": None, "prompt_token_ids": ids[:keep] + ids[len(ids) - (room - keep):]}
+
+
 def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: PromptBuilder) -> None:
     core, tok = engine.engine, engine.engine.tokenizer
     args, limit = core.model.args, core.max_request_tokens
@@ -174,6 +185,8 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
                     system = [{"role": "system", "content": req.system}] if req.system else []
                     prompt = await prompts.chat([*system, {"role": "user", "content": req.prompt}], True, False,
                                                 None, None)
+                room = min(req.max_tokens(limit), max(1, limit // 4))  # kept for the answer: at most a quarter
+                prompt = shortened(prompt, limit, room, req.num_keep())
             except ValueError as e:
                 raise APIError(400, str(e)) from None
             return await answer(raw, req, prompt, "response", lambda text: text)

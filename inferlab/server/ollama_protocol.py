@@ -16,7 +16,8 @@ from inferlab.server.protocol import Float, Int
 
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1, "repeat_last_n": 64}
 # read and left alone: Ollama's runtime settings, mirostat's tuning (it stays off), and the fields its
-# clients' typed options still carry that Ollama itself no longer reads (rope_*, num_gqa, embedding_only)
+# clients' typed options still carry that Ollama itself no longer reads (rope_*, num_gqa, embedding_only);
+# num_keep is read where a prompt is cut to fit (`num_keep()`)
 RUNTIME = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa",
            "low_vram", "num_keep", "penalize_newline", "vocab_only", "f16_kv", "logits_all", "embedding_only",
            "mirostat_eta", "mirostat_tau", "num_gqa", "rope_frequency_base", "rope_frequency_scale"}
@@ -128,6 +129,15 @@ class OllamaRequest(Unset):
         if room < 1:
             raise ValueError("the prompt fills the model's whole context: no room is left for an answer")
         return room if n is None or n < 1 else min(n, room)
+
+    def num_keep(self) -> int:
+        """Ollama's num_keep (default 4): the prompt's first tokens kept when its middle is cut to fit."""
+        n = _whole((self.options.model_extra or {}).get("num_keep"))
+        if n is None:
+            return 4
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"options.num_keep must be an integer >= 0, got {n!r}")
+        return n
 
     def unloads(self) -> bool:
         """keep_alive 0: Ollama's way to unload a model (here it stays: only the answer says so)."""

@@ -320,6 +320,8 @@ def test_latencies_no_request_measured_are_null_not_zero():
     (["--rate", "0"], "--rate must be positive (inf: all at once), got 0.0"),
     (["--rate", "-1"], "--rate must be positive (inf: all at once), got -1.0"),
     (["--rate", "nan"], "--rate must be positive (inf: all at once), got nan"),
+    (["--rate", "1e-300"], "--rate 1e-300 spreads 20 requests over ~2e+301 s, past the 1e+09 s within which the "
+                           "simulator's clock resolves a millisecond"),
     (["--burst", "0"], "--burst must be at least 1, got 0"),
     (["--priorities", "0"], "--priorities must be at least 1, got 0"),
     (["--prompt-len", "0"], "--prompt-len must be N or LO:HI with 1 <= LO <= HI, got 0:0"),

@@ -67,6 +67,7 @@ def _count_len(text: str) -> tuple[int, int]:
 GENERATED = {"num_requests": 1000, "rate": 10.0, "prompt_len": (64, 512), "output_len": (16, 256), "burst": 1,
              "shared_prefix": None, "priorities": 1, "seed": 0}
 MAX_SIM_BLOCKS = 1 << 24  # ~16 M blocks (a few GB of block objects): 268 M tokens of 16
+MAX_SPAN_S = 1e9  # a float64 clock past ~1e12 s no longer resolves a millisecond; this leaves it room
 
 
 def check_trace_options(a: argparse.Namespace) -> None:
@@ -77,6 +78,9 @@ def check_trace_options(a: argparse.Namespace) -> None:
     for name in ("num_requests", "burst", "priorities"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.num_requests / a.rate > MAX_SPAN_S:  # (latencies printed as 0.0: lost beside the arrival times)
+        raise ValueError(f"--rate {a.rate} spreads {a.num_requests} requests over ~{a.num_requests / a.rate:.3g} s, "
+                         f"past the {MAX_SPAN_S:.0e} s within which the simulator's clock resolves a millisecond")
     for name in ("prompt_len", "output_len"):
         lo, hi = getattr(a, name)
         if not 1 <= lo <= hi:

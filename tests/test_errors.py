@@ -150,7 +150,7 @@ def test_sampling_params_of_another_type_are_named(make_llm):
     for prompts, params in (("a", {"max_tokens": 3}), ("a", "greedy"), (["a"], [{"max_tokens": 3}])):
         with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them, got "):
             llm.generate(prompts, params, use_tqdm=False)
-    with pytest.raises(TypeError, match="sampling params must be a SamplingParams, not dict"):
+    with pytest.raises(TypeError, match="params must be a SamplingParams or a PoolingParams, not dict"):
         llm.engine.add_request("x", "hi", {"max_tokens": 3})
     out = llm.generate(["a", "b"], (SamplingParams(max_tokens=2, ignore_eos=True),) * 2, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in out] == [2, 2]

@@ -152,9 +152,11 @@ def test_pd_through_the_router_equals_a_single_instance(tiny):
             decode_before = decode.num_prompt_tokens
             prefilled = check_empty(pe).num_prompt_tokens
             assert prefilled > 0
-            body = {"input": ["a new text to embed", [5, 6, 7, 8, 9]]}  # straight to decode: no prefill first
-            want = httpx.post(f"{single}/v1/embeddings", json=body, timeout=60).json()["data"]
-            got = httpx.post(f"{r}/v1/embeddings", json=body, timeout=60).json()["data"]
+            body = {"input": ["a new text to embed", "and a second one"]}  # straight to decode: no prefill first
+            want = httpx.post(f"{single}/v1/embeddings", json=body, timeout=60).json()
+            got = httpx.post(f"{r}/v1/embeddings", json=body, timeout=60).json()
+            assert "data" in want and "data" in got, (want, got)
+            want, got = want["data"], got["data"]
             assert len(got) == 2 and all(max(abs(x - y) for x, y in zip(g["embedding"], w["embedding"])) < 1e-5
                                          for g, w in zip(got, want))
             assert check_empty(pe).num_prompt_tokens == prefilled and check_empty(de).num_prompt_tokens > decode_before

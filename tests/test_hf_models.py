@@ -50,6 +50,9 @@ SPECS = {
     # every bias the configs can ask for: q/k/v and o (attention_bias), gate/up and down (mlp_bias)
     "llama_biased": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
     "qwen3_biased": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32, "attention_bias": True}),
+    # bare decoders, as transformers' AutoModel saves them (no LM head, no "model." in the names)
+    "qwen3_bare": ("Qwen3Config", "Qwen3Model", {"head_dim": 32, "tie_word_embeddings": True}),
+    "llama_bare": ("LlamaConfig", "LlamaModel", {}),
 }
 PARITY = ["llama", "llama_tied", "qwen2", "qwen3", "llama_biased", "qwen3_biased"]
 
@@ -314,6 +317,28 @@ def test_tied_embeddings(checkpoints):
     engine = make_engine(tied.path)
     torch.testing.assert_close(paged_logits(engine, ids, [len(ids)], list(range(8))), hf_logits(tied, ids),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, listed", [("qwen3_bare", None), ("qwen3_bare", "Qwen3ForCausalLM"),
+                                          ("llama_bare", None)])
+def test_a_bare_decoder_embeds_as_transformers_does(checkpoints, tmp_path, caplog, name, listed):
+    """Qwen3-Embedding's checkpoint is a bare Qwen3Model's tensors under a config listing
+    Qwen3ForCausalLM; AutoModel's saves list the bare class. Either loads, its vectors transformers'
+    last_hidden_state at the last token; one with an untied config gets the embedding as its head, said."""
+    ckpt = checkpoints(name)
+    path = ckpt.path
+    if listed is not None:
+        path = copy_checkpoint(ckpt.path, tmp_path / "listed")
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({**cfg, "architectures": [listed]}, f)
+    llm = LLM(model=path, dtype="float32", num_kv_blocks=64, block_size=BLOCK_SIZE)
+    assert ("generations mean nothing" in caplog.text) == (name == "llama_bare")
+    with torch.no_grad():
+        for ids, out in zip(ckpt.prompts, llm.embed([{"prompt_token_ids": p} for p in ckpt.prompts], use_tqdm=False)):
+            want = torch.nn.functional.normalize(ckpt.hf(torch.tensor([ids])).last_hidden_state[0, -1], dim=-1)
+            assert (torch.tensor(out.outputs.embedding) - want).abs().max() < 1e-4
 
 
 def test_loading_a_bf16_model_leaves_other_threads_tensors_in_torchs_default_dtype(checkpoints, monkeypatch):

@@ -55,3 +55,10 @@ def weights(files: list[str]) -> Iterator[tuple[str, torch.Tensor, None]]:
                     yield name, f.get_tensor(name), None
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ModelLoadError(f"cannot read {os.path.basename(file)}: {e}") from None
+
+
+def causal_lm_names(tensors: Iterator[tuple[str, torch.Tensor, None]]) -> Iterator[tuple[str, torch.Tensor, None]]:
+    """A bare decoder's tensors (transformers' AutoModel saves; Qwen3-Embedding's checkpoint, though its
+    config lists Qwen3ForCausalLM) under the names a causal LM's checkpoint gives them: `model.` first."""
+    for name, tensor, wtype in tensors:
+        yield ("model." + name if name.startswith(("embed_tokens.", "layers.", "norm.")) else name), tensor, wtype

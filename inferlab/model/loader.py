@@ -36,6 +36,8 @@ HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
             "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe",
             "DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
+# a bare decoder (transformers' AutoModel saves one): no LM head, tensors named without "model."
+BACKBONES = {"LlamaModel": "llama", "MistralModel": "llama", "Qwen2Model": "qwen2", "Qwen3Model": "qwen3"}
 MODELS: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
     "qwen2_moe": QwenMoeForCausalLM, "qwen3_moe": QwenMoeForCausalLM,
@@ -212,19 +214,27 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
                  int8_activations: bool) -> tuple[CausalLM, Tokenizer]:
     cfg = hf_folder.read_config(path)
     listed = cfg.get("architectures") or []
-    arch = next((HF_ARCHS[a] for a in listed if a in HF_ARCHS), None)
+    known = {**HF_ARCHS, **BACKBONES}
+    named = next((a for a in listed if a in known), None)
+    arch = known.get(named)
     if not listed and cfg.get("model_type") in MODELS:  # as transformers' Auto classes: model_type decides
         arch = cfg["model_type"]
     if arch is None:
         raise ModelLoadError(f"unsupported architecture {listed or cfg.get('model_type')}; "
-                             f"supported: {', '.join(HF_ARCHS)}")
+                             f"supported: {', '.join(known)}")
     files = hf_folder.checkpoint_files(path)
     try:
         args = MODELS[arch].args_from_hf(arch, cfg)
     except ModelLoadError as e:
         raise in_hf_names(e) from None
+    if named in BACKBONES and not args.tie_word_embeddings:  # a token is sampled after any prompt, even to embed it
+        log.warning("%s is a bare decoder without an LM head: the embedding matrix stands in for one, so its "
+                    "generations mean nothing; its embeddings (LLM.embed, /v1/embeddings) are what it is for",
+                    named)
+        args.tie_word_embeddings = True
     torch_dtype = resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device)
-    model = _build(args, hf_folder.weights(files), torch_dtype, device, quantization, int8_activations)
+    model = _build(args, hf_folder.causal_lm_names(hf_folder.weights(files)), torch_dtype, device, quantization,
+                   int8_activations)
     return model, Tokenizer.from_folder(path, cfg)
 
 

@@ -32,5 +32,7 @@ def serving(app, sock: socket.socket | None = None) -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
+        thread.join(timeout=2)
+        server.force_exit = True  # requests still held (a stopped backend's) no longer keep it up for 30 s
         thread.join(timeout=30)
         sock.close()

@@ -6,6 +6,7 @@ they say."""
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 
@@ -56,6 +57,13 @@ def q4_gguf(smol, tmp_path_factory):
     """Q4_1, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K layers (merged q/k/v and gate/up of two types), as in the
     embedded model's and llama.cpp's Q4_K_M and Q5_K_M files."""
     return write_gguf(str(tmp_path_factory.mktemp("gguf") / "q4.gguf"), Q4_TYPES)
+
+
+@functools.lru_cache(maxsize=64)
+def _random_stored(wtype: quant.WeightType, n: int, k: int, seed: int, scale: float) -> torch.Tensor:
+    """`quant.random_stored`, once per module for the same arguments: the vocabulary matrix alone took
+    a second to quantize for each of the ~20 files written here."""
+    return quant.random_stored(wtype, n, k, seed=seed, scale=scale)
 
 
 def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None = None, pre: str | None = None,
@@ -117,7 +125,7 @@ def write_gguf(path: str, types: dict[str, quant.WeightType], rope: dict | None 
             data = torch.from_numpy(quantize((torch.randn(n, k, generator=g) * std).numpy(),
                                              GGMLQuantizationType.Q5_0))
         else:
-            data = quant.random_stored(wtype, n, k, seed=len(name) * 31 + n, scale=std / SPREAD.get(wtype, 20))
+            data = _random_stored(wtype, n, k, seed=len(name) * 31 + n, scale=std / SPREAD.get(wtype, 20))
         w.add_tensor(name, data.numpy(), raw_dtype=GGMLQuantizationType(wtype.code))
 
     add("token_embd.weight", quant.Q8_0, vocab, HIDDEN, std=1.0)  # decisive logits: greedy has no near-ties

@@ -45,6 +45,17 @@ def prompt_list(prompts: PromptType | list[PromptType]) -> list[PromptType]:
     return prompts
 
 
+def per_prompt(given, n: int, cls: type, name: str) -> list:
+    """One params object a prompt: `given` as a list or tuple of them, or one (None: the default) for all."""
+    params = list(given) if isinstance(given, (list, tuple)) else [given or cls()] * n
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} {name} for {n} prompts")
+    for p in params:
+        if not isinstance(p, cls):
+            raise TypeError(f"{name} must be a {cls.__name__} or a list of them, got {type(p).__name__}")
+    return params
+
+
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
@@ -93,37 +104,40 @@ class LLM:
                   use_tqdm: bool | Callable[..., tqdm]) -> list[RequestOutput]:
         prompts = prompt_list(prompts)
         n = len(prompts)
-        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
-                  else [sampling_params or SamplingParams()] * n)
-        if len(params) != n:
-            raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
+        params = per_prompt(sampling_params, n, SamplingParams, "sampling_params")
         if priority is not None and not isinstance(priority, (list, tuple)):
             raise ValueError(f"priority must be a list of integers, one a prompt (vLLM's), got {priority!r}")
         if priority is not None and len(priority) != n:
             raise ValueError(f"got {len(priority)} priorities for {n} prompts")
         for i, p in enumerate(params):
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(p).__name__}")
             try:  # n first: a field set after construction counts
                 p.validate()
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         ids = [[f"offline-{next(_ids)}" for _ in range(p.n)] for p in params]
+        final = self._submit(ids, prompts, lambda i, j: params[i].fork(j) if len(ids[i]) > 1 else params[i],
+                             priority, use_tqdm)
+        return [merge([final[rid] for rid in group]) for group in ids]
+
+    def _submit(self, ids: list[list[str]], prompts: list[PromptType],
+                params: Callable[[int, int], SamplingParams | PoolingParams],
+                priority: list[int] | None, use_tqdm: bool | Callable[..., tqdm]) -> dict[str, RequestOutput]:
+        """Add request ids[i][j] of prompt i with params(i, j) and run them all to their ends. On a bad
+        prompt ("prompt i: ..."), KeyboardInterrupt (adding or stepping) or a step observer's error,
+        nothing of the call stays, and that error is raised."""
         try:
-            for i in range(n):
-                for j, rid in enumerate(ids[i]):
-                    one = params[i].fork(j) if len(ids[i]) > 1 else params[i]
+            for i, group in enumerate(ids):
+                for j, rid in enumerate(group):
                     try:
-                        self.engine.add_request(rid, prompts[i], one, priority=priority[i] if priority else 0)
+                        self.engine.add_request(rid, prompts[i], params(i, j), priority=priority[i] if priority else 0)
                     except ValueError as e:
                         raise ValueError(f"prompt {i}: {e}") from None
-            final = self._run(ids, use_tqdm)
-        except BaseException:  # a bad prompt, KeyboardInterrupt (adding or stepping), a step observer's error:
-            for rid in itertools.chain.from_iterable(ids):  # nothing of this call stays, and that error is raised
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            for rid in itertools.chain.from_iterable(ids):
                 with contextlib.suppress(Exception):
                     self.engine.abort_request(rid)
             raise
-        return [merge([final[rid] for rid in group]) for group in ids]
 
     def embed(self, prompts: PromptType | list[PromptType],
               pooling_params: PoolingParams | list[PoolingParams] | None = None,
@@ -133,26 +147,9 @@ class LLM:
         as generations are, and share the prefix cache with them."""
         with self._lock:
             prompts = prompt_list(prompts)
-            params = (list(pooling_params) if isinstance(pooling_params, (list, tuple))
-                      else [pooling_params or PoolingParams()] * len(prompts))
-            if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} pooling_params for {len(prompts)} prompts")
+            params = per_prompt(pooling_params, len(prompts), PoolingParams, "pooling_params")
             ids = [[f"embed-{next(_ids)}"] for _ in prompts]
-            try:
-                for i, ((rid,), p) in enumerate(zip(ids, params)):
-                    if not isinstance(p, PoolingParams):
-                        raise TypeError(f"pooling_params must be a PoolingParams or a list of them, "
-                                        f"got {type(p).__name__}")
-                    try:
-                        self.engine.add_request(rid, prompts[i], p)
-                    except ValueError as e:
-                        raise ValueError(f"prompt {i}: {e}") from None
-                final = self._run(ids, use_tqdm)
-            except BaseException:  # as in generate: nothing of this call stays
-                for (rid,) in ids:
-                    with contextlib.suppress(Exception):
-                        self.engine.abort_request(rid)
-                raise
+            final = self._submit(ids, prompts, lambda i, j: params[i], None, use_tqdm)
             return [EmbeddingRequestOutput.of(final[rid]) for (rid,) in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],

@@ -44,8 +44,8 @@ class StepBatch:
     # [S, 2] int64 the positions [lo, hi) whose rows each sequence's prompt logprobs score this step
     # (prompt_logprobs.py); None when no sequence scores any
     score: np.ndarray | None = None
-    # [S] bool: sequences that pool their last prompt row (embedding requests); None when none does
-    pool: np.ndarray | None = None
+    # whether a sequence pools its last prompt row (an embedding request): `run` then keeps `hidden`
+    pools: bool = False
     # the final hidden states of the rows that get logits, kept by `run` when a sequence pools
     hidden: torch.Tensor | None = None
 
@@ -67,10 +67,9 @@ class StepBatch:
                 ids[row:row + n] = req.token_ids[starts[i]:ends[i]]
             tables[i, :num_blocks[i]] = req.block_table[:num_blocks[i]]
             row += n
-        pool = np.array([r.pooling is not None for r, _ in scheduled])
         return cls(counts, starts, ends - spec == np.array([r.num_tokens for r, _ in scheduled]), ids, tables,
                    spec if spec.any() else None, np.array([r.num_prompt_tokens for r, _ in scheduled], dtype=np.int64),
-                   score_spans(scheduled), pool if pool.any() else None)
+                   score_spans(scheduled), any(r.pooling is not None for r, _ in scheduled))
 
     def logit_widths(self) -> np.ndarray:
         """Rows of logits each sequence with `sample` set gets: 1, or 1 + its drafts."""
@@ -220,7 +219,7 @@ class ModelRunner:
             hidden = self.tape(input_ids, positions, meta)[keep]
         else:  # only the sampled rows go on past the last layer's attention (with none: all, unused)
             hidden = self.model(input_ids, positions, self.kv_caches, meta, keep if sample_rows else None)
-        if batch.pool is not None:
+        if batch.pools:
             batch.hidden = hidden
         return self.model.compute_logits(hidden) if sample_rows else None
 

@@ -1,9 +1,11 @@
 """The `inferlab` command as a user runs it, and the benchmark's reference workloads."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import runpy
 import socket
 import subprocess
 import sys
@@ -27,6 +29,24 @@ def inferlab(*args: str, stdin: str | None = None, timeout: int = 180,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "inferlab.cli", *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """cli(*args, stdin=None) -> (exit status, stdout, stderr) of `inferlab ARGS` run in this process:
+    for refusals that come before any model loads, where a fresh interpreter would spend most of
+    the test importing torch."""
+    def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+        capsys.readouterr()
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
 
 
 def test_generate_answers_with_the_embedded_model():
@@ -155,7 +175,7 @@ def test_chat_at_a_terminal_prompts_and_takes_two_ctrl_cs_to_quit():
     assert "/reset   forget the conversation" in text and "(Ctrl-C again, Ctrl-D or /exit quits)" in text
 
 
-def test_generate_reads_the_prompt_from_stdin_and_refuses_system_with_raw():
+def test_generate_reads_the_prompt_from_stdin():
     for dash in (["-"], []):  # no prompt at all: a pipe is read too, as Ollama's `run` reads it
         r = inferlab("generate", *dash, "--num-kv-blocks", "64", stdin="What is the capital of France?\r\n")
         assert r.returncode == 0 and r.stdout.strip() == "The capital of France is Paris.", r.stderr
@@ -163,11 +183,15 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_system_with_raw():
     r = inferlab("generate", "--raw", "--max-model-len", "320", "--max-tokens", "50", "-", stdin="word " * 300)
     assert r.returncode == 0 and re.search(r"WARNING inferlab: the answer stopped at the end of the context "
                                            r"\(320 tokens: prompt \d+, answer \d+\), before --max-tokens 50", r.stderr)
+
+
+
+def test_an_empty_prompt_and_system_with_raw_are_refused(cli):
     for stdin in ("", " \n"):  # an empty pipe: refused, not wrapped in the chat template and answered
-        r = inferlab("generate", "-", stdin=stdin)
-        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: the prompt is empty", r.stderr
-    r = inferlab("generate", "--raw", "--system", "Be a pirate.", "hi")
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        code, _, err = cli("generate", "-", stdin=stdin)
+        assert code == 2 and err.strip().splitlines()[-1] == "error: the prompt is empty", err
+    code, _, err = cli("generate", "--raw", "--system", "Be a pirate.", "hi")
+    assert code == 2 and err.strip().splitlines()[-1] == \
         "error: --system goes into the chat template, which --raw leaves out: use one or the other"
 
 
@@ -207,11 +231,11 @@ def test_serve_and_bench_take_their_kv_memory_at_start_and_the_other_commands_on
 
 @pytest.mark.parametrize("args", [("generate", "hi", "--quantization", "bogus"), ("bogus",),
                                   ("serve", "--port", "abc")])
-def test_a_bad_option_is_one_line_naming_the_help(args):
+def test_a_bad_option_is_one_line_naming_the_help(cli, args):
     """argparse printed the whole usage (~33 lines for generate) before its error."""
-    r = inferlab(*args)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "error: " in r.stderr and "--help)" in r.stderr
+    code, _, err = cli(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "error: " in err and "--help)" in err
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads the free memory from Linux's /proc")
@@ -260,32 +284,37 @@ def test_hf_batch_below_one_is_refused_by_the_parser(capsys):
      "--shape: K = 576 does not split into q6_K's blocks of 256"),
     ("attention_speed.py", ["--prefill", "--isa", "generic"], "--prefill: generic has no prefill kernel"),
 ])
-def test_a_benchmarks_bad_option_is_its_usage_line(script, args, message):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert message in r.stderr.strip().splitlines()[-1], r.stderr
+def test_a_benchmarks_bad_option_is_its_usage_line(script, args, message, capsys, monkeypatch):
+    path = os.path.join(ROOT, "benchmarks", script)
+    monkeypatch.setattr(sys, "argv", [path, *args])
+    with pytest.raises(SystemExit) as exit_:  # run in this process (not a traceback)
+        runpy.run_path(path, run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err.strip().splitlines()[-1], err
 
 
 def test_bad_option_is_one_clear_line():
-    r = inferlab("generate", "hi", "--temperature", "-1", "--num-kv-blocks", "8")
+    r = inferlab("generate", "hi", "--temperature", "-1", "--num-kv-blocks", "8")  # (a whole process: logging too)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "error: --temperature must be in [0, 100], got -1.0"
-    r = inferlab("generate", "hi", "--threads", "0")  # the option typed, not the field it sets (num_threads)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --threads must be >= 1, got 0"
 
 
-def test_chat_refuses_bad_sampling_options_before_it_loads_the_model():
+def test_an_option_is_named_as_typed(cli):
+    code, _, err = cli("generate", "hi", "--threads", "0")  # the option typed, not the field it sets (num_threads)
+    assert code == 2 and err.strip().splitlines()[-1] == "error: --threads must be >= 1, got 0"
+
+
+def test_chat_refuses_bad_sampling_options_before_it_loads_the_model(cli):
     """They were read at the first message: with no input, chat exited 0 after its banner."""
-    r = inferlab("chat", "--max-tokens", "-1", stdin="")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: --max-tokens must be an integer >= 1, got -1"]
+    code, _, err = cli("chat", "--max-tokens", "-1", stdin="")
+    assert code == 2
+    assert err.strip().splitlines() == ["error: --max-tokens must be an integer >= 1, got -1"]
 
 
-def test_calibrate_refuses_a_folder_for_its_output_before_it_times_anything(tmp_path):
+def test_calibrate_refuses_a_folder_for_its_output_before_it_times_anything(cli, tmp_path):
     """It was an IsADirectoryError traceback, after the minutes of timing."""
-    r = inferlab("calibrate", "--out", str(tmp_path), "--scale", "0.01")
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    code, _, err = cli("calibrate", "--out", str(tmp_path), "--scale", "0.01")
+    assert code == 2 and err.strip().splitlines() == [
         f"error: --out {tmp_path} is a folder; give the file to write, e.g. {tmp_path / 'cost_model.json'}"]
 
 
@@ -314,17 +343,17 @@ def test_fields_named_inside_an_error_become_the_options_the_command_has():
     assert with_option_names("lower num_kv_blocks.", generate) == "lower --num-kv-blocks."
 
 
-def test_an_unknown_option_is_named_by_its_command_and_v_follows_it_too():
-    r = inferlab("generate", "hi", "--bogus")
+def test_an_unknown_option_is_named_by_its_command_and_v_follows_it_too(cli):
+    r = inferlab("generate", "hi", "--bogus")  # (one whole process: the program's name as a user sees it)
     assert r.returncode == 2 and r.stderr.strip() == \
         "inferlab generate: error: unrecognized arguments: --bogus (see inferlab generate --help)"
     assert build_parser().parse_args(["generate", "hi", "-v"]).verbose
-    r = inferlab("bench", "--num-prompts", "4")  # vLLM's option: its value is not taken for bench's mode
-    assert r.returncode == 2 and r.stderr.strip() == "inferlab bench: error: '4' is not a mode of this command " \
+    code, _, err = cli("bench", "--num-prompts", "4")  # vLLM's option: its value is not taken for bench's mode
+    assert code == 2 and err.strip() == "inferlab bench: error: '4' is not a mode of this command " \
         "(serve is); if it is an option's value, that option is unknown (see inferlab bench --help)"
     assert build_parser().parse_args(["-v", "generate", "hi"]).verbose
-    r = inferlab("--threads", "2", "generate", "hi")  # before the command: not the command's missing prompt
-    assert r.returncode == 2 and r.stderr.strip() == "inferlab: error: unrecognized arguments: --threads " \
+    code, _, err = cli("--threads", "2", "generate", "hi")  # before the command: not the command's missing prompt
+    assert code == 2 and err.strip() == "inferlab: error: unrecognized arguments: --threads " \
         "(options of a command go after it) (see inferlab --help)"
     with pytest.raises(SystemExit) as version_exit:  # argparse's abbreviations stand: --verb is --verbose
         main(["--verb", "--version"])

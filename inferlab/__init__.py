@@ -42,10 +42,15 @@ from inferlab.engine import LLMEngine  # noqa: E402
 from inferlab.llm import LLM  # noqa: E402
 from inferlab.logger import setup_logging  # noqa: E402
 from inferlab.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
-from inferlab.pooling import EmbeddingRequestOutput, PoolingParams  # noqa: E402
+from inferlab.pooling import (  # noqa: E402
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingParams,
+    ScoringRequestOutput,
+)
 from inferlab.sampling_params import SamplingParams  # noqa: E402
 
 setup_logging()
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "PoolingParams", "EmbeddingRequestOutput"]
+           "PoolingParams", "EmbeddingRequestOutput", "ClassificationRequestOutput", "ScoringRequestOutput"]

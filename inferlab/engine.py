@@ -123,12 +123,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> Request:
-        """A generation (SamplingParams), or with PoolingParams an embedding of the prompt: its one
-        output carries `embedding` (pooling.py)."""
+        """A generation (SamplingParams), or with PoolingParams an embedding or the classes of the
+        prompt: its one output carries that vector as `embedding` (pooling.py)."""
         params = params or SamplingParams()
         pooling = None
         if isinstance(params, PoolingParams):  # scheduled as a one-token greedy generation that pools its row
-            params.validate(self.model.args.hidden_size)
+            params.validate(self.model.args.hidden_size, self.model.classifier)
             pooling, params = params, SamplingParams(max_tokens=1, temperature=0.0)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams or a PoolingParams, not {type(params).__name__}")

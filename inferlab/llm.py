@@ -13,7 +13,15 @@ from tqdm.auto import tqdm
 from inferlab.config import EngineConfig
 from inferlab.engine import LLMEngine, PromptType
 from inferlab.outputs import RequestOutput
-from inferlab.pooling import EmbeddingRequestOutput, PoolingParams
+from inferlab.pooling import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingParams,
+    ScorePlan,
+    ScoringOutput,
+    ScoringRequestOutput,
+    score_pairs,
+)
 from inferlab.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -145,12 +153,44 @@ class LLM:
         """Each prompt's embedding, in prompt order (`out.outputs.embedding`: the final hidden state of
         its last token, normalised by default; see pooling.py). The prompts are scheduled and batched
         as generations are, and share the prefix cache with them."""
+        return [EmbeddingRequestOutput.of(o) for o in self._pool(prompts, pooling_params, "embed", use_tqdm)]
+
+    def classify(self, prompts: PromptType | list[PromptType],
+                 pooling_params: PoolingParams | list[PoolingParams] | None = None,
+                 use_tqdm: bool | Callable[..., tqdm] = True) -> list[ClassificationRequestOutput]:
+        """Each prompt's class probabilities, in prompt order (`out.outputs.probs`, in the order of
+        the checkpoint's labels: `LLM.labels`), from a `*ForSequenceClassification` checkpoint's head."""
+        return [ClassificationRequestOutput.of(o) for o in self._pool(prompts, pooling_params, "classify", use_tqdm)]
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The classification head's class names (config.json's id2label); None: the model has none."""
+        head = self.engine.model.classifier
+        return None if head is None else list(head.labels)
+
+    def score(self, data_1: str | list[str], data_2: str | list[str],
+              use_tqdm: bool | Callable[..., tqdm] = True) -> list[ScoringRequestOutput]:
+        """How well each pair of texts matches (`out.outputs.score`), vLLM's pairing: one first text
+        against each second one, or two lists pair by pair. A reranker's score is its probability
+        that the pair is relevant; an embedding model's, the cosine similarity of the two texts."""
+        with self._lock:
+            plan = ScorePlan.of(score_pairs(data_1, data_2), self.engine.model.classifier, self.engine.tokenizer)
+        outs = self._pool([{"prompt_token_ids": ids} for ids in plan.prompts], plan.params, plan.params.task, use_tqdm)
+        scores = plan.scores([o.embedding for o in outs])
+        pair_outs = outs if plan.pairs is None else [outs[j] for _, j in plan.pairs]
+        return [ScoringRequestOutput(o.request_id, plan.tokens(k), ScoringOutput(scores[k]), metrics=o.metrics)
+                for k, o in enumerate(pair_outs)]
+
+    def _pool(self, prompts: PromptType | list[PromptType], pooling_params: PoolingParams | list[PoolingParams] | None,
+              task: str, use_tqdm: bool | Callable[..., tqdm]) -> list[RequestOutput]:
+        """Run each prompt as a pooling request of `task` (the params' own task is replaced by it)."""
         with self._lock:
             prompts = prompt_list(prompts)
-            params = per_prompt(pooling_params, len(prompts), PoolingParams, "pooling_params")
-            ids = [[f"embed-{next(_ids)}"] for _ in prompts]
+            params = [replace(p, task=task)
+                      for p in per_prompt(pooling_params, len(prompts), PoolingParams, "pooling_params")]
+            ids = [[f"{task}-{next(_ids)}"] for _ in prompts]
             final = self._submit(ids, prompts, lambda i, j: params[i], None, use_tqdm)
-            return [EmbeddingRequestOutput.of(final[rid]) for (rid,) in ids]
+            return [final[rid] for (rid,) in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,

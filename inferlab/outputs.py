@@ -68,7 +68,8 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: per prompt token, its logprob after the ones before it and the top-N
     # there (None for the first, which nothing predicts), as vLLM's; None when not asked
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    # an embedding request's vector (pooling.py), set on its one output; None for a generation
+    # a pooling request's vector (pooling.py: an embedding, or classes), set on its one output;
+    # None for a generation
     embedding: list[float] | None = None
 
 

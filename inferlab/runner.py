@@ -241,10 +241,10 @@ class ModelRunner:
             results = [[res] for res in sample(logits, reqs, self.eos_ids)]
         else:
             results = sample_rows(logits, reqs, batch.logit_widths(), self.eos_ids)
-        if batch.hidden is not None:  # an embedding request's vector: the row of its last prompt token
+        if batch.hidden is not None:  # a pooling request's vector: from the row of its last prompt token
             for r, res, row in zip(reqs, results, np.cumsum(batch.logit_widths()) - 1):
                 if r.pooling is not None:
-                    res[0].embedding = r.pooling.pool(batch.hidden[row])
+                    res[0].embedding = r.pooling.pool(batch.hidden[row], self.model.classifier)
         return {r.request_id: res for r, res in zip(reqs, results)}
 
     def check_health(self) -> None:

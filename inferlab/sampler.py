@@ -22,7 +22,7 @@ class SampleResult:
     logprob: float | None = None  # of the sampled token, when logprobs were asked for
     top_logprobs: dict[int, float] | None = None
     rank: int | None = None  # of the sampled token among the step's: 1 + how many were more likely
-    embedding: list[float] | None = None  # an embedding request's vector, pooled from the same row
+    embedding: list[float] | None = None  # a pooling request's vector, pooled from the same row
 
     @classmethod
     def with_logprobs(cls, token_id: int, logprobs: torch.Tensor, n: int) -> SampleResult:

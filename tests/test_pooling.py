@@ -131,7 +131,7 @@ def test_openai_embeddings_route(server, alone):
         assert all(np.abs(np.array(d["embedding"]) - alone[0]).max() < 1e-5 for d in data)
     # a text past the context: refused, or with truncate_prompt_tokens its last tokens embedded
     long = [1] * 200 + ids
-    assert "more than the 127 this model embeds" in post(server, "/v1/embeddings", {"input": long}).json()[
+    assert "more than the 127 this model pools" in post(server, "/v1/embeddings", {"input": long}).json()[
         "error"]["message"]
     cut = post(server, "/v1/embeddings", {"input": long, "truncate_prompt_tokens": len(ids)}).json()
     assert np.abs(np.array(cut["data"][0]["embedding"]) - alone[0]).max() < 1e-5

@@ -160,6 +160,11 @@ def test_pd_through_the_router_equals_a_single_instance(tiny):
             assert len(got) == 2 and all(max(abs(x - y) for x, y in zip(g["embedding"], w["embedding"])) < 1e-5
                                          for g, w in zip(got, want))
             assert check_empty(pe).num_prompt_tokens == prefilled and check_empty(de).num_prompt_tokens > decode_before
+            body = {"query": "a query", "documents": ["one document", "another"]}  # vLLM's rerank, likewise
+            want = httpx.post(f"{single}/rerank", json=body, timeout=60).json()
+            got = httpx.post(f"{r}/v1/rerank", json=body, timeout=60).json()
+            assert [g["index"] for g in got["results"]] == [w["index"] for w in want["results"]], (want, got)
+            assert check_empty(pe).num_prompt_tokens == prefilled
 
 
 def test_decode_killed_mid_stream_is_an_error_not_a_hang(tiny):
@@ -261,6 +266,9 @@ def test_prefix_keys_of_every_prompt_shape():
         prefix_keys(malformed)  # no error: the backend answers a bad request itself
     assert prefix_keys({"messages": None, "prompt": "x" * 200}) == prefix_keys({"prompt": "x" * 200})
     assert prefix_keys({"input": ["x" * 200, "y"]}) == prefix_keys({"prompt": "x" * 200})  # an embedding's
+    # a rerank's documents all follow its query, and a score's second texts its first
+    assert prefix_keys({"query": "x" * 200, "documents": ["y"]}) == prefix_keys({"prompt": "x" * 200})
+    assert prefix_keys({"text_1": ["x" * 200], "text_2": ["y"]}) == prefix_keys({"prompt": "x" * 200})
 
 
 def test_router_passes_bad_bodies_to_the_backend_and_serves_model_lookups(tiny):

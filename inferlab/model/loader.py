@@ -23,6 +23,7 @@ from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError, in_hf_names
 from inferlab.model.deepseek import DeepseekForCausalLM
 from inferlab.model.default_dtype import default_dtype
 from inferlab.model.layers import quant
+from inferlab.model.layers.classifier import Classifier
 from inferlab.model.layers.keep import BF16_MATRIX_ISAS, quantization_mode
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
@@ -38,6 +39,9 @@ HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
             "DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
 # a bare decoder (transformers' AutoModel saves one): no LM head, tensors named without "model."
 BACKBONES = {"LlamaModel": "llama", "MistralModel": "llama", "Qwen2Model": "qwen2", "Qwen3Model": "qwen3"}
+# a decoder with a classification head (`score.weight`, no LM head): rerankers and classifiers
+CLASSIFIERS = {"LlamaForSequenceClassification": "llama", "MistralForSequenceClassification": "llama",
+               "Qwen2ForSequenceClassification": "qwen2", "Qwen3ForSequenceClassification": "qwen3"}
 MODELS: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
     "qwen2_moe": QwenMoeForCausalLM, "qwen3_moe": QwenMoeForCausalLM,
@@ -214,7 +218,7 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
                  int8_activations: bool) -> tuple[CausalLM, Tokenizer]:
     cfg = hf_folder.read_config(path)
     listed = cfg.get("architectures") or []
-    known = {**HF_ARCHS, **BACKBONES}
+    known = {**HF_ARCHS, **BACKBONES, **CLASSIFIERS}
     named = next((a for a in listed if a in known), None)
     arch = known.get(named)
     if not listed and cfg.get("model_type") in MODELS:  # as transformers' Auto classes: model_type decides
@@ -227,15 +231,35 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
         args = MODELS[arch].args_from_hf(arch, cfg)
     except ModelLoadError as e:
         raise in_hf_names(e) from None
-    if named in BACKBONES and not args.tie_word_embeddings:  # a token is sampled after any prompt, even to embed it
-        log.warning("%s is a bare decoder without an LM head: the embedding matrix stands in for one, so its "
-                    "generations mean nothing; its embeddings (LLM.embed, /v1/embeddings) are what it is for",
-                    named)
+    if (named in BACKBONES or named in CLASSIFIERS) and not args.tie_word_embeddings:
+        # a token is sampled after any prompt, even one that is only embedded or classified
+        use = ("classes and scores (LLM.classify, LLM.score, /classify, /rerank)" if named in CLASSIFIERS else
+               "embeddings (LLM.embed, /v1/embeddings)")
+        log.warning("%s has no LM head: the embedding matrix stands in for one, so its generations mean nothing; "
+                    "its %s are what it is for", named, use)
         args.tie_word_embeddings = True
     torch_dtype = resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device)
-    model = _build(args, hf_folder.causal_lm_names(hf_folder.weights(files)), torch_dtype, device, quantization,
-                   int8_activations)
+    heads: list[torch.Tensor] = []
+    tensors = hf_folder.causal_lm_names(hf_folder.weights(files))
+    model = _build(args, _take("score.weight", tensors, heads) if named in CLASSIFIERS else tensors, torch_dtype,
+                   device, quantization, int8_activations)
+    if named in CLASSIFIERS:
+        if not heads:
+            raise ModelLoadError(f"checkpoint is missing score.weight, the classification head {named} has")
+        try:
+            model.classifier = Classifier.from_config(heads[0], cfg).to(model.device)
+        except ValueError as e:
+            raise ModelLoadError(f"cannot load {path}: {e}") from None
     return model, Tokenizer.from_folder(path, cfg)
+
+
+def _take(name: str, tensors: Weights, into: list[torch.Tensor]) -> Weights:
+    """`tensors` without the one called `name`, which goes to `into` (a head the model builds itself)."""
+    for source, tensor, wtype in tensors:
+        if source == name:
+            into.append(tensor)
+        else:
+            yield source, tensor, wtype
 
 
 def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,

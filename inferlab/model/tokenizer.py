@@ -56,6 +56,16 @@ class Tokenizer:
         template on a Llama 2 vocabulary writes none)."""
         return self.encode(text, add_special_tokens=True)
 
+    def encode_pair(self, first: str, second: str) -> list[int]:
+        """Two texts as one prompt, as transformers' `tokenizer(first, second)` makes a cross-encoder's
+        input: by the tokenizer.json's post-processor where its template adds BOS (Llama 3's puts one
+        before each text), else the first text's ids (with BOS where the vocabulary adds one) then
+        the second's."""
+        ids = [*self.encode(first), *self.encode(second, add_special_tokens=False)]  # (their checks too)
+        if _post_processor_adds_bos(self.backend, self.bos_token_id):
+            return self.backend.encode(first, second, add_special_tokens=True).ids
+        return ids
+
     def decode(self, ids: int | list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """The text of token ids: a list, one id, or a tensor of them; special tokens are kept unless
         skipped (transformers' decode and its default). Answers' text leaves them out."""

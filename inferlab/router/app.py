@@ -1,5 +1,6 @@
-"""The router's HTTP app: /v1/completions, /v1/chat/completions and /v1/embeddings proxied to a backend
-(streams passed through as they come), /v1/models, /health and /metrics with per-backend counts.
+"""The router's HTTP app: /v1/completions, /v1/chat/completions, /v1/embeddings and vLLM's /classify,
+/score and /rerank proxied to a backend (streams passed through as they come), /v1/models, /health
+and /metrics with per-backend counts.
 
 Each request goes to a healthy backend the routing policy chooses; one that cannot be reached is
 taken out of rotation and the request tried on another. In P/D mode (`prefill` and `decode`
@@ -217,8 +218,14 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
         return await proxy(raw, "/v1/chat/completions")
 
     @app.post("/v1/embeddings")
-    async def embeddings(raw: Request) -> Response:
-        return await proxy(raw, "/v1/embeddings", disaggregated=False)
+    @app.post("/classify")
+    @app.post("/score")
+    @app.post("/v1/score")
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def pooling(raw: Request) -> Response:  # (a pooling request's prompt is all its work: no P/D split)
+        return await proxy(raw, raw.url.path, disaggregated=False)
 
     @app.get("/v1/models")
     async def models(raw: Request) -> Response:

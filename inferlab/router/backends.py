@@ -59,9 +59,10 @@ async def health_loop(backends: Sequence[Backend], client: httpx.AsyncClient, in
 
 def prompt_bytes(body: dict) -> bytes:
     """A request's prompt as bytes: a chat's messages in order, a completion's text (an embedding's
-    input), or its token ids (4 bytes each); the first prompt of a batch. Anything malformed gives
-    nothing (the backend answers it with its own error)."""
-    messages, prompt = body.get("messages"), body.get("prompt", body.get("input"))
+    input, a rerank's query, a score's first text), or its token ids (4 bytes each); the first
+    prompt of a batch. Anything malformed gives nothing (the backend answers it with its own error)."""
+    messages = body.get("messages")
+    prompt = next((body[k] for k in ("prompt", "input", "query", "text_1") if k in body), None)
     if isinstance(messages, list):
         text = "".join(f"{m.get('role')}\n{m.get('content')}\n" for m in messages if isinstance(m, dict))
         return text.encode(errors="surrogatepass")  # a lone surrogate is the backend's to refuse

@@ -1,5 +1,6 @@
 """The HTTP routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings (`embeddings.py`),
-/health, /metrics, vLLM's /tokenize, /detokenize and /version, and Ollama's /api/* (`ollama.py`).
+/health, /metrics, vLLM's /tokenize, /detokenize, /version, /classify, /score and /rerank
+(`scoring.py`), and Ollama's /api/* (`ollama.py`).
 
 Every client mistake is a 4xx with an OpenAI-style JSON error; a 500 means the server failed.
 """
@@ -29,7 +30,8 @@ from inferlab.server.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
-from inferlab.server.streams import APIError, collect, off_loop, sse_events, start, streaming
+from inferlab.server.scoring import mount_scoring
+from inferlab.server.streams import APIError, check_model, collect, off_loop, sse_events, start, streaming
 
 MAX_N = 64
 MAX_CHOICES = 2048  # prompts x n in one completion request
@@ -95,9 +97,7 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        if model_id != model_name:
-            raise APIError(404, f"model {model_id!r} does not exist; this server serves {model_name!r}",
-                           "not_found_error", "model_not_found")
+        check_model(model_id, model_name)
         return (await models())["data"][0]
 
     @app.get("/metrics")
@@ -105,10 +105,6 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
         return PlainTextResponse(engine.metrics.render(engine.snapshot, model_name),
                                  media_type="text/plain; version=0.0.4")
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
-                           "not_found_error", "model_not_found")
 
     @app.get("/version")
     async def version() -> dict:
@@ -117,7 +113,7 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
         """vLLM's: the token ids a completion's prompt or a chat's messages become."""
-        check_model(req.model)
+        check_model(req.model, model_name)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send either prompt or messages")
         try:
@@ -134,7 +130,7 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
-        check_model(req.model)
+        check_model(req.model, model_name)
 
         def text() -> str:  # on a worker thread: a million ids held the event loop for half a second
             bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
@@ -144,7 +140,7 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
         return {"prompt": await asyncio.to_thread(text)}
 
     def check_common(req: SamplingFields) -> None:
-        check_model(req.model)
+        check_model(req.model, model_name)
         if not 1 <= req.n <= min(MAX_N, engine.engine.config.max_num_seqs):
             raise APIError(400, f"n must be between 1 and {min(MAX_N, engine.engine.config.max_num_seqs)}")
         if req.stream_options is not None and not req.stream:
@@ -264,5 +260,6 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
         return streaming(engine, sse_events(req, streams, chunk, choice, usage), rids)
 
     mount_embeddings(app, engine, model_name, prompts)
+    mount_scoring(app, engine, model_name, prompts)
     mount_ollama(app, engine, model_name, prompts)
     return app

@@ -1,7 +1,8 @@
 """Embeddings over HTTP: OpenAI's /v1/embeddings, Ollama's /api/embed and its older /api/embeddings
-(mounted by `ollama.py`, in its error shape), and the pass they share (`embed`). Each input is one
-engine request with PoolingParams (inferlab/pooling.py), all added between two steps, so a body's
-inputs are batched together and beside whatever else runs; a client that leaves has them aborted."""
+(mounted by `ollama.py`, in its error shape), and what they share with scoring.py: the inputs of a
+body (`PoolingInputs`) and the pass that runs them (`pool`). Each input is one engine request with
+PoolingParams (inferlab/pooling.py), all added between two steps, so a body's inputs are batched
+together and beside whatever else runs; a client that leaves has them aborted."""
 from __future__ import annotations
 
 import base64
@@ -20,26 +21,40 @@ from inferlab.outputs import RequestOutput
 from inferlab.pooling import PoolingParams
 from inferlab.server.prompts import PromptBuilder
 from inferlab.server.protocol import Int, TokenIds
-from inferlab.server.streams import SHUTTING_DOWN, APIError, collect
+from inferlab.server.streams import SHUTTING_DOWN, APIError, check_model, collect
 
 MAX_INPUTS = 2048  # OpenAI's limit on one request's inputs
 
 
-class EmbeddingRequest(BaseModel):
+class PoolingInputs(BaseModel):
+    """A body's `input`: a string, strings, token ids or lists of them (OpenAI's and vLLM's)."""
+
     model_config = ConfigDict(extra="ignore")  # `user` and the like change nothing
 
     model: StrictStr | None = None
     input: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] = Field(union_mode="left_to_right")
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Int | None = None
     # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds)
     truncate_prompt_tokens: Int | None = None
 
-    def inputs(self) -> list[str | list[int]]:
+    async def prompts(self, builder: PromptBuilder, limit: int) -> list[dict]:
+        """Each input's engine prompt, its token ids cut as `truncate_prompt_tokens` asks."""
         given = self.input
-        if isinstance(given, str) or (given and isinstance(given[0], int)):
-            return [given]
-        return list(given)
+        inputs = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else list(given)
+        if not inputs:
+            raise APIError(400, "input is empty: send a string, a list of strings, or token ids")
+        if len(inputs) > MAX_INPUTS:
+            raise APIError(400, f"{len(inputs)} inputs, more than the {MAX_INPUTS} one request may hold")
+        try:
+            ids = [x if isinstance(x, list) else await builder.encode(x) for x in inputs]
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return [{"prompt_token_ids": keep(t, limit, self.truncate_prompt_tokens, True,
+                                          "truncate_prompt_tokens keeps its last ones")} for t in ids]
+
+
+class EmbeddingRequest(PoolingInputs):
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Int | None = None
 
 
 def keep(ids: list[int], limit: int, truncate: int | None, from_end: bool, hint: str) -> list[int]:
@@ -50,7 +65,7 @@ def keep(ids: list[int], limit: int, truncate: int | None, from_end: bool, hint:
     most = limit - 1
     if truncate is None:
         if len(ids) > most:
-            raise APIError(400, f"an input has {len(ids)} tokens, more than the {most} this model embeds (its "
+            raise APIError(400, f"an input has {len(ids)} tokens, more than the {most} this model pools (its "
                                 f"context of {limit} tokens less one); {hint}")
         return ids
     if truncate != -1 and not 1 <= truncate <= most:
@@ -60,12 +75,12 @@ def keep(ids: list[int], limit: int, truncate: int | None, from_end: bool, hint:
     return ids[-k:] if from_end else ids[:k]
 
 
-async def embed(engine: AsyncEngine, raw: Request, prompts: list[dict], params: PoolingParams) -> list[RequestOutput]:
-    """Each prompt's embedding request, added all or none and run to its end."""
+async def pool(engine: AsyncEngine, raw: Request, prompts: list[dict], params: PoolingParams) -> list[RequestOutput]:
+    """Each prompt's pooling request (an embedding, or classes), added all or none and run to its end."""
     try:
-        params.validate(engine.engine.model.args.hidden_size)
+        params.validate(engine.engine.model.args.hidden_size, engine.engine.model.classifier)
         base = uuid.uuid4().hex
-        rids = [f"embd-{base}-{i}" for i in range(len(prompts))]
+        rids = [f"{params.task}-{base}-{i}" for i in range(len(prompts))]
         streams = await engine.add_many([(rid, p, params, 0) for rid, p in zip(rids, prompts)])
     except OutOfKVMemoryError as e:  # kv_allocation="reserve": others' reservations hold the pool, for now
         raise APIError(503, str(e), "server_error", "out_of_kv_memory") from None
@@ -81,21 +96,8 @@ def mount_embeddings(app: FastAPI, engine: AsyncEngine, model_name: str, prompts
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, raw: Request) -> dict:
-        if req.model is not None and req.model != model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
-                           "not_found_error", "model_not_found")
-        inputs = req.inputs()
-        if not inputs:
-            raise APIError(400, "input is empty: send a string, a list of strings, or token ids")
-        if len(inputs) > MAX_INPUTS:
-            raise APIError(400, f"{len(inputs)} inputs, more than the {MAX_INPUTS} one request may hold")
-        try:
-            ids = [x if isinstance(x, list) else await prompts.encode(x) for x in inputs]
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        engine_prompts = [{"prompt_token_ids": keep(t, limit, req.truncate_prompt_tokens, True,
-                                                       "truncate_prompt_tokens keeps its last ones")} for t in ids]
-        finals = await embed(engine, raw, engine_prompts, PoolingParams(dimensions=req.dimensions))
+        check_model(req.model, model_name)
+        finals = await pool(engine, raw, await req.prompts(prompts, limit), PoolingParams(dimensions=req.dimensions))
 
         def vector(out: RequestOutput) -> list[float] | str:
             if req.encoding_format == "base64":  # OpenAI's: little-endian float32s (its Python client asks for it)
@@ -120,7 +122,7 @@ def mount_ollama_embed(app: FastAPI, engine: AsyncEngine, prompts: PromptBuilder
         except ValueError as e:
             raise APIError(400, str(e)) from None
         cut = [keep(t, limit, -1 if req.truncate else None, False, "truncate: true keeps its first ones") for t in ids]
-        finals = await embed(engine, raw, [{"prompt_token_ids": t} for t in cut],
+        finals = await pool(engine, raw, [{"prompt_token_ids": t} for t in cut],
                              PoolingParams(normalize, req.dimensions))
         return [o.embedding for o in finals], sum(map(len, cut))
 

@@ -1,7 +1,7 @@
 """Ollama's native API on the same engine: /api/generate, /api/chat, /api/embed (and the older
 /api/embeddings), /api/tags, /api/show, /api/ps and /api/version, so Ollama's clients (its Python and
 JavaScript libraries, Open WebUI...) talk to InferLab unchanged. A request becomes one engine request
-through the OpenAI endpoints' path (`streams.start`; an embedding, `embeddings.embed`); its answer
+through the OpenAI endpoints' path (`streams.start`; an embedding, `embeddings.pool`); its answer
 streams as Ollama's newline-delimited JSON, or comes whole with `"stream": false`.
 
 As Ollama does, `num_predict` caps the answer at the room the prompt leaves, a prompt longer than

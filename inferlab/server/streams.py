@@ -26,6 +26,13 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
+def check_model(name: str | None, served: str) -> None:
+    """A body's `model` must be the one served (or left out)."""
+    if name is not None and name != served:
+        raise APIError(404, f"model {name!r} does not exist; this server serves {served!r}", "not_found_error",
+                       "model_not_found")
+
+
 SHUTTING_DOWN = (503, "the server is shutting down; the request was not finished", "server_error",
                  "server_shutting_down")
 

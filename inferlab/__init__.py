@@ -49,8 +49,10 @@ from inferlab.pooling import (  # noqa: E402
     ScoringRequestOutput,
 )
 from inferlab.sampling_params import SamplingParams  # noqa: E402
+from inferlab.structured import StructuredOutputsParams  # noqa: E402
 
 setup_logging()
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "PoolingParams", "EmbeddingRequestOutput", "ClassificationRequestOutput", "ScoringRequestOutput"]
+           "PoolingParams", "EmbeddingRequestOutput", "ClassificationRequestOutput", "ScoringRequestOutput",
+           "StructuredOutputsParams"]

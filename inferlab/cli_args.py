@@ -204,6 +204,10 @@ def add_sampling_args(p: argparse.ArgumentParser, repetition_penalty: float = 1.
                    help=f"default {repetition_penalty:g}{whose}; 1: off")
     g.add_argument("--seed", type=int, default=None, help="default: none, so sampled text differs from run to run")
     g.add_argument("--stop", action="append", type=terminal_text, default=None, help="stop string (repeatable)")
+    g.add_argument("--format", default=None, metavar="json|SCHEMA",
+                   help="the answer is a JSON object (json, Ollama's) or follows a JSON schema (its text, or a file)")
+    g.add_argument("--grammar", default=None, metavar="GRAMMAR",
+                   help="the answer follows a grammar: GBNF (llama.cpp's) or Lark, its text or a file")
 
 
 # EngineConfig and SamplingParams fields set by an option of another name (the others: --field-name)
@@ -277,4 +281,25 @@ def recording(engine, path: str | None):
 def sampling_params(a: argparse.Namespace):
     from inferlab.sampling_params import SamplingParams
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop,
+                          structured_outputs=structured_outputs(a.format, a.grammar))
+
+
+def structured_outputs(fmt: str | None, grammar: str | None):
+    """--format and --grammar as StructuredOutputsParams (None: free text); each a text or a file's."""
+    from inferlab.structured import StructuredOutputsParams
+
+    def text(value: str) -> str:
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                return f.read()
+        return value
+    if fmt is not None and grammar is not None:
+        raise ValueError("--format and --grammar both constrain the answer: give one")
+    try:
+        if fmt is not None:
+            return StructuredOutputsParams(json_object=True) if fmt == "json" else \
+                StructuredOutputsParams(json=text(fmt))
+        return None if grammar is None else StructuredOutputsParams(grammar=text(grammar))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{'--format' if fmt is not None else '--grammar'}: {e}") from None

@@ -39,6 +39,7 @@ from inferlab.sampler import request_generator
 from inferlab.sampling_params import SamplingParams
 from inferlab.scheduler import Scheduler
 from inferlab.spec_decode.speculator import Speculator
+from inferlab.structured import Grammars
 from inferlab.threads import ThreadGovernor, default_threads, fixed_threads
 
 
@@ -107,6 +108,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.seeds = random.Random(config.seed)  # the seeds of requests that set none
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, clock)
+        self.grammars = Grammars(self.tokenizer, self.model.args.vocab_size, self.eos_token_ids)
         self.num_prompt_tokens = 0  # prefill tokens computed (cache hits excluded)
         self.num_prompt_tokens_seen = 0  # whole prompts, counted at each request's first token (vLLM's metric)
         self.num_generation_tokens = 0
@@ -145,6 +147,10 @@ class LLMEngine:
         req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
                       max_tokens=max_tokens, priority=priority, prompt=inputs.text, cache_salt=inputs.cache_salt,
                       pooling=pooling)
+        if params.structured_outputs is not None:
+            if self.speculator is not None:  # its drafts are verified unmasked
+                raise ValueError("structured outputs are not supported with speculative decoding")
+            req.guide = self.grammars.guide(params.structured_outputs)
         seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
         req.generator = request_generator(seed, self.device)
         self.scheduler.add_request(req)  # first: if it refuses the request (out of KV memory), nothing is kept

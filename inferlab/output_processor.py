@@ -87,6 +87,8 @@ class OutputProcessor:
         if may_stop and detok.stops and (stop := detok.find_stop(len(detok.text) - before)) is not None:
             req.stop_reason = stop
             return RequestStatus.FINISHED_STOPPED
+        if req.guide is not None and req.guide.done:  # the structured output is complete
+            return self._end(req, detok, RequestStatus.FINISHED_STOPPED)
         if num_output >= req.max_tokens:
             return self._end(req, detok, RequestStatus.FINISHED_LENGTH)
         return None

@@ -63,6 +63,8 @@ class Request:
     # an embedding request (pooling.PoolingParams): it ends at its last prompt token, whose hidden
     # state it returns instead of a generated token; None for a generation
     pooling: Any = None
+    # structured outputs (inferlab/structured/): the grammar that masks its logits; None: free text
+    guide: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -1,8 +1,9 @@
 """Sampler: turn a batch's logits into next tokens, one row per request, each with its own params.
 
-Order per row: logit bias -> penalties -> min_tokens EOS ban -> (greedy argmax | temperature, min-p, top-k,
-top-p, then a draw from the request's own generator). A per-request generator is what makes a
-seeded request produce the same text whatever else shares its batch.
+Order per row: logit bias -> penalties -> min_tokens EOS ban -> a structured output's grammar mask ->
+(greedy argmax | temperature, min-p, top-k, top-p, then a draw from the request's own generator); the
+grammar then takes in the token. A per-request generator is what makes a seeded request produce the
+same text whatever else shares its batch.
 """
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:
 def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list[SampleResult]:
     """logits: [len(reqs), vocab], in the model's dtype. One SampleResult per request, in order."""
     if all(r.params.greedy and r.params.logprobs is None and not r.params.has_penalties and not r.params.logit_bias
-           and r.num_output_tokens >= r.params.min_tokens for r in reqs):  # plain greedy: argmax in any dtype
+           and r.num_output_tokens >= r.params.min_tokens and r.guide is None for r in reqs):  # plain greedy: argmax
         return [SampleResult(t) for t in argmax_rows(logits).tolist()]
     logits = logits.float()
     want_logprobs = [r.params.logprobs is not None for r in reqs]
@@ -144,6 +145,8 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
         if r.num_output_tokens < r.params.min_tokens:
             banned = [t for t in ({*eos_ids, *(r.params.stop_token_ids or [])}) if t < logits.shape[-1]]
             logits[i, banned] = float("-inf")
+        if r.guide is not None:  # last: what the grammar cannot take next is never drawn
+            r.guide.mask(logits[i])
     tokens = argmax_rows(logits)
     sampled_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if sampled_rows:
@@ -155,6 +158,8 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
     token_list = tokens.tolist()
     results = []
     for i, r in enumerate(reqs):
+        if r.guide is not None:
+            r.guide.accept(token_list[i])
         if raw_logprobs is not None and want_logprobs[i]:
             results.append(SampleResult.with_logprobs(token_list[i], raw_logprobs[i], r.params.logprobs))
         else:

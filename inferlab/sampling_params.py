@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, replace
 
+from inferlab.structured.params import StructuredOutputsParams
 from inferlab.text import is_text
 
 # Caps on what a request may ask every step to check: 50,000 stop strings slowed every other
@@ -47,6 +48,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
     include_stop_str_in_output: bool = False
     n: int = 1  # completions per prompt: LLM.generate and the server submit the prompt n times
+    # the text must match a JSON schema, regex, choice or grammar (inferlab/structured/)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +113,11 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         if len(self.stop_token_ids or []) > MAX_TOKEN_LIST:
             raise ValueError(f"stop_token_ids takes at most {MAX_TOKEN_LIST} token ids")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                                 f"{type(self.structured_outputs).__name__}")
+            self.structured_outputs.validate()
         bias = self.logit_bias or {}
         if not isinstance(bias, dict):
             raise ValueError(f"logit_bias must be a dict of token id to bias, got {type(bias).__name__}")

@@ -299,6 +299,21 @@ def test_bad_option_is_one_clear_line():
     assert r.stderr.strip().splitlines()[-1] == "error: --temperature must be in [0, 100], got -1.0"
 
 
+def test_format_and_grammar_hold_the_answer(tmp_path, cli):
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"answer": {"enum": ["Paris", "Rome"]}},
+                                  "required": ["answer"]}))
+    r = inferlab("generate", "--format", str(schema), "--num-kv-blocks", "64", "What is the capital of France?")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"answer": "Paris"}, r.stderr
+    code, _, err = cli("generate", "--format", "{bad", "hi")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --format: the JSON schema is not valid JSON")
+    code, _, err = cli("generate", "--grammar", "start: nothing_defined", "hi")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --grammar: the grammar cannot be compiled")
+    code, _, err = cli("generate", "--format", "json", "--grammar", 'root ::= "a"', "hi")
+    assert code == 2 and err.strip().splitlines()[-1] == \
+        "error: --format and --grammar both constrain the answer: give one"
+
+
 def test_an_option_is_named_as_typed(cli):
     code, _, err = cli("generate", "hi", "--threads", "0")  # the option typed, not the field it sets (num_threads)
     assert code == 2 and err.strip().splitlines()[-1] == "error: --threads must be >= 1, got 0"

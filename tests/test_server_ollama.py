@@ -93,7 +93,10 @@ def test_model_listing(server):
 @pytest.mark.parametrize("path, body, status, message", [
     ("/api/generate", {"model": "llama3", "prompt": "hi"}, 404, "model 'llama3' not found"),
     ("/api/generate", {"prompt": "hi"}, 400, "model: Field required"),
-    ("/api/generate", {"model": MODEL, "prompt": "hi", "format": "json"}, 400, "format is not supported"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "format": "yaml"}, 400,
+     'format must be "json" or a JSON schema'),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "format": {"type": 7}}, 400,
+     "format: the JSON schema cannot be compiled"),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "images": ["aGk="]}, 400, "images is not supported"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, 400,
      "images are not supported"),

@@ -13,6 +13,7 @@ from inferlab.sampling_params import SamplingParams
 from inferlab.server.embeddings import MAX_INPUTS
 from inferlab.server.messages import MAX_MESSAGES
 from inferlab.server.protocol import Float, Int
+from inferlab.structured.params import StructuredOutputsParams
 
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1, "repeat_last_n": 64}
 # read and left alone: Ollama's runtime settings, mirostat's tuning (it stays off), and the fields its
@@ -92,7 +93,8 @@ class OllamaRequest(Unset):
     dimensions: Whole | None = None
 
     def refuse_unsupported(self) -> None:
-        asked = {"format": self.format, "suffix": self.suffix, "template": self.template, "images": self.images,
+        self.structured()  # a format that cannot be: refused here, in Ollama's error shape
+        asked = {"suffix": self.suffix, "template": self.template, "images": self.images,
                  "context": self.context, "tools": self.tools, "think": self.think, "logprobs": self.logprobs}
         for name, value in asked.items():
             if value not in (None, "", [], False):
@@ -110,6 +112,19 @@ class OllamaRequest(Unset):
             if name not in NEUTRAL and name not in RUNTIME:
                 raise ValueError(f"options.{name} is not an option this server knows")
 
+    def structured(self) -> StructuredOutputsParams | None:
+        """Ollama's `format`: "json" (any JSON object) or a JSON schema."""
+        if self.format in (None, ""):
+            return None
+        if self.format == "json":
+            return StructuredOutputsParams(json_object=True)
+        if not isinstance(self.format, dict):
+            raise ValueError(f'format must be "json" or a JSON schema (an object), got {self.format!r}')
+        try:
+            return StructuredOutputsParams(json=self.format)
+        except ValueError as e:
+            raise ValueError(f"format: {e}") from None
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         o = self.options
         given = {k: v for k, v in o.model_dump(exclude_unset=True).items() if v is not None}
@@ -119,7 +134,7 @@ class OllamaRequest(Unset):
                               top_p=value("top_p"), min_p=value("min_p"), repetition_penalty=value("repeat_penalty"),
                               presence_penalty=value("presence_penalty", 0.0),
                               frequency_penalty=value("frequency_penalty", 0.0), seed=o.seed, stop=stop,
-                              penalty_last_n=value("repeat_last_n"))
+                              penalty_last_n=value("repeat_last_n"), structured_outputs=self.structured())
 
     def max_tokens(self, room: int) -> int:
         """num_predict as Ollama reads it, a cap: at most the `room` the prompt leaves in the context."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 UNSUPPORTED = {
     "suffix": "suffix is not supported (no fill-in-the-middle)",
     "best_of": "best_of is not supported; ask for n choices instead",
-    "response_format": "response_format {value} is not supported (no constrained decoding): only {{'type': 'text'}}",
     "tools": "tools are not supported (no tool calling); send tool_choice 'none' to have them ignored",
     "tool_choice": "tool_choice {value!r} is not supported (no tool calling): only 'none'",
     "functions": "functions are not supported (no tool calling)",
@@ -19,9 +18,6 @@ UNSUPPORTED = {
     "chat_template": "chat_template is not supported: the model's own template is applied",
     "truncate_prompt_tokens": "truncate_prompt_tokens is not supported; send the prompt already cut",
     "skip_special_tokens": "skip_special_tokens false is not supported: special tokens are left out of the text",
-    **{name: f"{name} is not supported (no constrained decoding)" for name in
-       ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-        "structured_outputs", "grammar", "json_schema")},
     "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
     "return_token_ids": "return_token_ids is not supported; /tokenize gives a text's token ids",
     "add_special_tokens": "add_special_tokens {value} is not supported here: the prompt is tokenized as this "
@@ -36,7 +32,7 @@ UNSUPPORTED = {
     "mirostat": "mirostat is not supported",
 }
 # the one value of a field above that asks for nothing beyond plain generation, where that is not a falsy one
-NEUTRAL = {"best_of": 1, "response_format": {"type": "text"}, "skip_special_tokens": True, "repeat_penalty": 1.0,
+NEUTRAL = {"best_of": 1, "skip_special_tokens": True, "repeat_penalty": 1.0,
            "typical_p": 1.0, "length_penalty": 1.0, "tool_choice": "none"}
 
 

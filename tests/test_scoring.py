@@ -130,6 +130,12 @@ def test_rerank_orders_documents_by_the_rerankers_score(ckpts, llms, reranker_se
     assert [x["index"] for x in r.json()["results"]] == order and "document" not in r.json()["results"][0]
     tok = hf_pair(ckpts["reranker"])
     assert r.json()["usage"]["total_tokens"] == sum(len(tok(QUERY, d)["input_ids"]) for d in DOCS)
+    # Cohere's max_tokens_per_doc: each document's first tokens are what is scored
+    cut = [tok.decode(tok(d, add_special_tokens=False)["input_ids"][:2]) for d in DOCS]
+    want = [o.outputs.score for o in llms["reranker"].score(QUERY, cut, use_tqdm=False)]
+    r = post(reranker_server, "/v2/rerank", {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": 2})
+    got = sorted(r.json()["results"], key=lambda x: x["index"])
+    assert np.allclose([x["relevance_score"] for x in got], want, atol=1e-5) and got[0]["document"]["text"] == DOCS[0]
 
 
 def test_score_and_classify_routes(llms, reranker_server):
@@ -155,6 +161,9 @@ def test_score_and_classify_routes(llms, reranker_server):
     ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_1 has 2 texts and text_2 3"),
     ("/score", {"text_1": "a", "text_2": "b", "model": "other"}, "does not exist"),
     ("/classify", {"input": []}, "input is empty"),
+    ("/rerank", {"query": "a", "documents": ["b"], "truncate_prompt_tokens": 8}, "truncate_prompt_tokens is not "
+                                                                                  "supported for pairs"),
+    ("/rerank", {"query": "a", "documents": ["b"], "max_tokens_per_doc": 0}, "max_tokens_per_doc must be at least 1"),
     ("/classify", {"input": "word " * 70}, "more than the 63 this model pools"),
 ])
 def test_route_refusals(reranker_server, path, body, words):

@@ -29,6 +29,7 @@ class ScoreRequest(BaseModel):
     model: StrictStr | None = None
     text_1: StrictStr | list[StrictStr]
     text_2: StrictStr | list[StrictStr]
+    truncate_prompt_tokens: Int | None = None  # vLLM's; refused (see `refuse_truncation`)
 
 
 class Document(BaseModel):
@@ -43,6 +44,15 @@ class RerankRequest(BaseModel):
     documents: list[StrictStr | Document]
     top_n: Int | None = None  # the best n only (None or 0: all)
     return_documents: StrictBool = True
+    max_tokens_per_doc: Int | None = None  # Cohere's: each document cut to its first k tokens
+    truncate_prompt_tokens: Int | None = None
+
+
+def refuse_truncation(value: int | None) -> None:
+    """A pair past the context is refused whole rather than cut at a place the client did not choose."""
+    if value is not None:
+        raise APIError(400, "truncate_prompt_tokens is not supported for pairs; send them shorter (a rerank's "
+                            "max_tokens_per_doc cuts each document to its first tokens)")
 
 
 def mount_scoring(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: PromptBuilder) -> None:
@@ -79,6 +89,7 @@ def mount_scoring(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: P
     @app.post("/v1/score")
     async def score(req: ScoreRequest, raw: Request) -> dict:
         check_model(req.model, model_name)
+        refuse_truncation(req.truncate_prompt_tokens)
         values, used = await scores(raw, req.text_1, req.text_2 if isinstance(req.text_2, list) else [req.text_2],
                                     ("text_1", "text_2"))
         return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
@@ -90,10 +101,18 @@ def mount_scoring(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: P
     @app.post("/v2/rerank")
     async def rerank(req: RerankRequest, raw: Request) -> dict:
         check_model(req.model, model_name)
+        refuse_truncation(req.truncate_prompt_tokens)
         if req.top_n is not None and req.top_n < 0:
             raise APIError(400, f"top_n must be 0 (all) or more, got {req.top_n}")
-        texts = [d if isinstance(d, str) else d.text for d in req.documents]
-        values, used = await scores(raw, req.query, texts, ("query", "documents"))
+        k = req.max_tokens_per_doc
+        if k is not None and k < 1:
+            raise APIError(400, f"max_tokens_per_doc must be at least 1, got {k}")
+        texts = scored = [d if isinstance(d, str) else d.text for d in req.documents]
+        if k is not None:  # a document's first k tokens, as text (the pair is tokenized whole after)
+            tok = engine.engine.tokenizer
+            cut = [await prompts.encode(t, add_special_tokens=False) for t in texts]
+            scored = [t if len(ids) <= k else tok.decode(ids[:k]) for t, ids in zip(texts, cut)]
+        values, used = await scores(raw, req.query, scored, ("query", "documents"))
         best = sorted(range(len(texts)), key=lambda i: -values[i])[:req.top_n or None]
         return {"id": f"rerank-{uuid.uuid4().hex}", "model": model_name, "usage": {"total_tokens": used},
                 "results": [{"index": i, "relevance_score": values[i],

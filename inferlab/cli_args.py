@@ -124,6 +124,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--int8-activations", action="store_true",
                    help="quantize linear layers' inputs to int8 for block weights (every block type), as "
                         "llama.cpp does: faster, slightly less exact (may change greedy answers)")
+    g.add_argument("--hf-overrides", default=None, metavar="JSON",
+                   help="fields laid over an HF folder's config.json (vLLM's), e.g. to load Qwen3-Reranker as a "
+                        "reranker (see the README)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
@@ -251,7 +254,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
     if getattr(a, "record", None) is not None:
         output_file(a.record, "--record", (getattr(a, "workload", None),))
     return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization,
-                        int8_activations=a.int8_activations, device=a.device,
+                        int8_activations=a.int8_activations, hf_overrides=a.hf_overrides, device=a.device,
                         block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                         kv_cache_prefault=a.kv_cache_prefault,
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inferlab.json_config import check_types
+from inferlab.json_config import check_types, json_object
 from inferlab.kv_transfer.config import KVTransferConfig
 from inferlab.model.layers.keep import quantization_mode
 from inferlab.policy import resolve_policy
@@ -51,6 +51,10 @@ class EngineConfig:
     # does: faster, but it moves the next-token distributions a little and can flip near-ties
     # (docs/performance.md has the KL figures)
     int8_activations: bool = False
+    # vLLM's: fields laid over an HF folder's config.json (a dict or its JSON text), e.g. to load
+    # Qwen3-Reranker as a classifier: {"architectures": ["Qwen3ForSequenceClassification"],
+    # "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": true}
+    hf_overrides: dict | str | None = None
     device: str | None = None  # None: cuda if available, else cpu
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory
@@ -130,6 +134,8 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         self.quantization = quantization_mode(self.quantization)
+        if self.hf_overrides is not None:
+            self.hf_overrides = json_object(self.hf_overrides, "hf_overrides")
         if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:
             raise ValueError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

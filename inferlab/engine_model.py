@@ -24,5 +24,6 @@ def engine_model(config: EngineConfig, loaded: tuple[CausalLM, Tokenizer] | None
     if tp > 1:  # starts the other ranks, which load their shards while this process loads shard 0
         executor = TensorParallelExecutor(config, device)
         return executor.model, executor.tokenizer, device, executor
-    model, tokenizer = load_model(config.model, config.dtype, device, config.quantization, config.int8_activations)
+    model, tokenizer = load_model(config.model, config.dtype, device, config.quantization, config.int8_activations,
+                                  config.hf_overrides)
     return model, tokenizer, device, None

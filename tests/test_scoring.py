@@ -12,7 +12,8 @@ import transformers
 from test_hf_models import build_checkpoint, train_tokenizer
 from test_server import MODEL, running_server
 
-from inferlab import LLM, PoolingParams
+from inferlab import LLM, EngineConfig, PoolingParams
+from inferlab.model.base import ModelLoadError
 from inferlab.model.loader import load_model
 
 QUERY = "what is a cat"
@@ -78,6 +79,27 @@ def test_a_reranker_scores_pairs_as_transformers_reads_them(ckpts, llms):
     assert len({round(o.outputs.score, 6) for o in outs}) == len(DOCS)  # the documents are told apart
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_causal_lm_read_as_qwen3_reranker_scores_yes_against_no(tmp_path, tied):
+    """vLLM's recipe for Qwen3-Reranker, a Qwen3ForCausalLM checkpoint: hf_overrides make it a
+    one-class head, yes's LM-head row less no's (tied: the embedding's rows)."""
+    tok = train_tokenizer()
+    ckpt = build_checkpoint("causal", str(tmp_path), tok, ("Qwen3Config", "Qwen3ForCausalLM",
+                                                           {"head_dim": 32, "tie_word_embeddings": tied}))
+    no, yes = "Ġa", "Ġthe"  # two tokens of the test vocabulary stand for "no" and "yes"
+    overrides = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": [no, yes],
+                 "is_original_qwen3_reranker": True}
+    llm = LLM(ckpt.path, dtype="float32", num_kv_blocks=32, hf_overrides=overrides)
+    for out in llm.score(QUERY, DOCS[:2], use_tqdm=False):
+        with torch.no_grad():
+            last = ckpt.hf(torch.tensor([out.prompt_token_ids])).logits[0, -1]
+        want = torch.sigmoid(last[tok.token_to_id(yes)] - last[tok.token_to_id(no)]).item()
+        assert abs(out.outputs.score - want) < 1e-5
+    with pytest.raises(ModelLoadError, match="classifier_from_token: 'no' is not a token of this vocabulary"):
+        load_model(ckpt.path, "float32", torch.device("cpu"), hf_overrides={**overrides,
+                                                                             "classifier_from_token": ["no", yes]})
+
+
 def test_an_embedding_model_scores_by_cosine_similarity(make_llm):
     llm = make_llm(num_kv_blocks=64)
     texts = ["The capital of France is Paris.", "Paris is in France.", "Turtles have shells."]
@@ -101,6 +123,10 @@ def test_refusals(ckpts, llms, make_llm):
         llms["reranker"].score("a", [], use_tqdm=False)
     with pytest.raises(ValueError, match="task must be one of embed, classify"):
         PoolingParams(task="score")
+    with pytest.raises(ModelLoadError, match="hf_overrides change an HF folder's config.json; .* is a file"):
+        load_model(None, "float32", torch.device("cpu"), hf_overrides={"architectures": ["LlamaModel"]})
+    with pytest.raises(ValueError, match="hf_overrides is not valid JSON"):
+        EngineConfig(hf_overrides="{")
     assert not llms["sentiment"].engine.requests and not plain.engine.requests
 
 

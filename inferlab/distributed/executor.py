@@ -115,13 +115,14 @@ class TensorParallelExecutor:
             self.store.set("settings", json.dumps({"model": config.model, "dtype": config.dtype,
                                                    "quantization": config.quantization,
                                                    "int8_activations": config.int8_activations,
+                                                   "hf_overrides": config.hf_overrides,
                                                    "device": device.type, "num_threads": config.num_threads}))
             log.info("tensor parallel: %d ranks (%s), driver at %s:%d", rdzv.size,
                      "this host" if len(rdzv.ranks) == rdzv.size else f"{len(rdzv.ranks)} on this host", rdzv.addr,
                      self.store.port)
             with building(self.group):
                 self.model, self.tokenizer = load_model(config.model, config.dtype, self.device, config.quantization,
-                                                        config.int8_activations)
+                                                        config.int8_activations, config.hf_overrides)
             wait_phase(self.store, "loaded", self.others, self.check_workers)
         except BaseException as e:
             self.abort(e)

@@ -68,7 +68,7 @@ def run_rank(rank: int, size: int, store: dist.TCPStore, local_index: int, local
             keep_freed_memory()
         with building(group):
             model, _ = load_model(settings["model"], settings["dtype"], device, settings["quantization"],
-                                  settings["int8_activations"])
+                                  settings["int8_activations"], settings["hf_overrides"])
         report(store, phase, rank)
         phase = "ready"
         pool = json.loads(wait_for(store, ["pool"], check_driver)[0])

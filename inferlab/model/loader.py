@@ -23,7 +23,7 @@ from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError, in_hf_names
 from inferlab.model.deepseek import DeepseekForCausalLM
 from inferlab.model.default_dtype import default_dtype
 from inferlab.model.layers import quant
-from inferlab.model.layers.classifier import Classifier
+from inferlab.model.layers.classifier import Classifier, head_token_ids
 from inferlab.model.layers.keep import BF16_MATRIX_ISAS, quantization_mode
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
@@ -92,7 +92,7 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
 
 
 def load_model(path: str | None, dtype: str, device: torch.device, quantization: str = "auto",
-               int8_activations: bool = False) -> tuple[CausalLM, Tokenizer]:
+               int8_activations: bool = False, hf_overrides: dict | None = None) -> tuple[CausalLM, Tokenizer]:
     if path is not None and not path.strip():  # an unset shell variable, say: not a wish for the default
         raise ModelLoadError("the model path is empty (leave the option out for the embedded model)")
     path = path or embedded_model_path()
@@ -103,7 +103,9 @@ def load_model(path: str | None, dtype: str, device: torch.device, quantization:
         raise ModelLoadError(f"model path does not exist: {path}")
     try:
         if os.path.isdir(path):
-            return _load_folder(path, dtype, device, quantization, int8_activations)
+            return _load_folder(path, dtype, device, quantization, int8_activations, hf_overrides or {})
+        if hf_overrides:
+            raise ModelLoadError(f"hf_overrides change an HF folder's config.json; {path} is a file")
         if path.endswith(".gguf") or is_gguf(path):  # Ollama's blobs, say, have no .gguf name
             return _load_gguf(path, dtype, device, quantization, int8_activations)
     except ModelLoadError:
@@ -215,8 +217,8 @@ def _shards(name: str, packed: dict[str, tuple[str, int]]) -> list[int | None]:
 
 
 def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
-                 int8_activations: bool) -> tuple[CausalLM, Tokenizer]:
-    cfg = hf_folder.read_config(path)
+                 int8_activations: bool, overrides: dict) -> tuple[CausalLM, Tokenizer]:
+    cfg = {**hf_folder.read_config(path), **overrides}
     listed = cfg.get("architectures") or []
     known = {**HF_ARCHS, **BACKBONES, **CLASSIFIERS}
     named = next((a for a in listed if a in known), None)
@@ -231,7 +233,8 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
         args = MODELS[arch].args_from_hf(arch, cfg)
     except ModelLoadError as e:
         raise in_hf_names(e) from None
-    if (named in BACKBONES or named in CLASSIFIERS) and not args.tie_word_embeddings:
+    from_tokens = cfg.get("classifier_from_token") if named in CLASSIFIERS else None
+    if (named in BACKBONES or named in CLASSIFIERS and not from_tokens) and not args.tie_word_embeddings:
         # a token is sampled after any prompt, even one that is only embedded or classified
         use = ("classes and scores (LLM.classify, LLM.score, /classify, /rerank)" if named in CLASSIFIERS else
                "embeddings (LLM.embed, /v1/embeddings)")
@@ -239,25 +242,39 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
                     "its %s are what it is for", named, use)
         args.tie_word_embeddings = True
     torch_dtype = resolve_dtype(dtype, cfg.get("torch_dtype") or cfg.get("dtype"), device)
-    heads: list[torch.Tensor] = []
+    tokenizer = Tokenizer.from_folder(path, cfg)
+    heads: dict[str, torch.Tensor] = {}
     tensors = hf_folder.causal_lm_names(hf_folder.weights(files))
-    model = _build(args, _take("score.weight", tensors, heads) if named in CLASSIFIERS else tensors, torch_dtype,
-                   device, quantization, int8_activations)
-    if named in CLASSIFIERS:
-        if not heads:
-            raise ModelLoadError(f"checkpoint is missing score.weight, the classification head {named} has")
+    if from_tokens:  # a causal LM read as a classifier: its head's rows of those tokens are the classes
         try:
-            model.classifier = Classifier.from_config(heads[0], cfg).to(model.device)
+            ids = head_token_ids(from_tokens, tokenizer.backend.token_to_id)
         except ValueError as e:
             raise ModelLoadError(f"cannot load {path}: {e}") from None
-    return model, Tokenizer.from_folder(path, cfg)
+        tensors = _rows(("lm_head.weight", "model.embed_tokens.weight"), ids, tensors, heads)
+    elif named in CLASSIFIERS:
+        tensors = _take("score.weight", tensors, heads)
+    model = _build(args, tensors, torch_dtype, device, quantization, int8_activations)
+    if named in CLASSIFIERS:
+        try:
+            model.classifier = Classifier.from_checkpoint(cfg, heads, args.tie_word_embeddings, named).to(model.device)
+        except ValueError as e:
+            raise ModelLoadError(f"cannot load {path}: {e}") from None
+    return model, tokenizer
 
 
-def _take(name: str, tensors: Weights, into: list[torch.Tensor]) -> Weights:
+def _rows(names: tuple[str, ...], ids: list[int], tensors: Weights, into: dict[str, torch.Tensor]) -> Weights:
+    """`tensors` as they are, keeping rows `ids` (in fp32) of those called `names` in `into`."""
+    for source, tensor, wtype in tensors:
+        if source in names:
+            into[source] = tensor[ids].float()
+        yield source, tensor, wtype
+
+
+def _take(name: str, tensors: Weights, into: dict[str, torch.Tensor]) -> Weights:
     """`tensors` without the one called `name`, which goes to `into` (a head the model builds itself)."""
     for source, tensor, wtype in tensors:
         if source == name:
-            into.append(tensor)
+            into[name] = tensor
         else:
             yield source, tensor, wtype
 

@@ -1,8 +1,11 @@
 """A sequence-classification head: the `score` matrix of transformers' `*ForSequenceClassification`
-checkpoints (rerankers and classifiers built on a decoder), applied to the final hidden state of a
-prompt's last token, as those models are trained. Kept in fp32 whatever the model's dtype: it is a
+checkpoints (rerankers and classifiers built on a decoder), or rows of a causal LM's head that vLLM's
+`classifier_from_token` names (Qwen3-Reranker), applied to the final hidden state of a prompt's last
+token, as those models are trained. Kept in fp32 whatever the model's dtype: it is a
 few rows of the hidden size, and its outputs are what the user reads."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +35,26 @@ class Classifier(torch.nn.Module):
             labels = [f"LABEL_{i}" for i in range(int(cfg.get("num_labels", weight.shape[0])))]
         return cls(weight, labels, cfg.get("problem_type") == "multi_label_classification")
 
+    @classmethod
+    def from_checkpoint(cls, cfg: dict, heads: dict[str, torch.Tensor], tied: bool, named: str) -> Classifier:
+        """The head a checkpoint holds: its score.weight (`heads`, by tensor name), or with vLLM's
+        `classifier_from_token` rows of its LM head (the embedding's, where `tied`). Qwen3-Reranker's
+        (`is_original_qwen3_reranker`, tokens ["no", "yes"]) is one class, yes's row less no's: the
+        sigmoid of that difference is P(yes) / (P(yes) + P(no)), the score its model card computes."""
+        tokens = cfg.get("classifier_from_token")
+        if not tokens:
+            if "score.weight" not in heads:
+                raise ValueError(f"the checkpoint is missing score.weight, the classification head {named} has")
+            return cls.from_config(heads["score.weight"], cfg)
+        rows = heads.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+        if rows is None:
+            raise ValueError("the checkpoint has no LM head to take classifier_from_token's rows from")
+        if cfg.get("is_original_qwen3_reranker"):
+            if len(tokens) != 2:
+                raise ValueError(f"is_original_qwen3_reranker takes two tokens (no, yes), got {len(tokens)}")
+            return cls(rows[1:] - rows[:1], [tokens[1]])
+        return cls(rows, list(tokens))
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Class logits [..., classes] of hidden rows [..., hidden]."""
         return hidden.float() @ self.weight.T
@@ -39,3 +62,13 @@ class Classifier(torch.nn.Module):
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities from logits: sigmoid or softmax, as the head was trained."""
         return logits.sigmoid() if self.sigmoid else logits.softmax(-1)
+
+
+def head_token_ids(tokens: object, token_to_id: Callable[[str], int | None]) -> list[int]:
+    """classifier_from_token's tokens (a field of vLLM's hf_overrides) as the vocabulary's ids."""
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"classifier_from_token must be a list of tokens, got {tokens!r}")
+    ids = [token_to_id(t) for t in tokens]
+    if None in ids:
+        raise ValueError(f"classifier_from_token: {tokens[ids.index(None)]!r} is not a token of this vocabulary")
+    return ids

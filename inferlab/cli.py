@@ -31,6 +31,7 @@ from inferlab.distributed import EngineDeadError
 from inferlab.distributed.worker import is_worker_node, run_node
 from inferlab.logger import setup_logging
 from inferlab.outputs import RequestFailed
+from inferlab.server.tools import PARSERS
 from inferlab.sim.commands import add_sim_commands
 from inferlab.text import terminal_text
 
@@ -38,8 +39,11 @@ from inferlab.text import terminal_text
 def cmd_serve(a: argparse.Namespace) -> None:
     from inferlab.server.serve import serve
     check_listen(a.host, a.port)
+    if a.enable_auto_tool_choice and a.tool_call_parser is None:  # (vLLM's rule)
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (how the model writes its calls)")
     serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key, a.allowed_origins,
-          a.enable_prompt_tokens_details, not a.disable_uvicorn_access_log)
+          a.enable_prompt_tokens_details, not a.disable_uvicorn_access_log,
+          a.tool_call_parser if a.enable_auto_tool_choice else None)
 
 
 def cmd_router(a: argparse.Namespace) -> None:
@@ -141,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="usage says how many prompt tokens the prefix cache held (vLLM's flag; off: a client "
                         "could learn from it how much of another's prompt it guessed)")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto": the model decides whether to call tools (vLLM\'s flag; needs '
+                        "--tool-call-parser). tool_choice required and named functions need neither")
+    s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="how the model writes tool calls: hermes, <tool_call>{...}</tool_call> (Qwen 2.5 and 3)")
     s.add_argument("--disable-uvicorn-access-log", action="store_true",
                    help="no log line per HTTP request (vLLM's flag; by default each says client, path and status)")
     add_record_arg(s)

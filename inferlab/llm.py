@@ -196,11 +196,14 @@ class LLM:
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool | Callable[..., tqdm] = True, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             chat_template: str | None = None) -> list[RequestOutput]:
+             chat_template: str | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template (or `chat_template`, a Jinja template of one's own) to one
         conversation or a list of them and generate. `continue_final_message=True` (with
         `add_generation_prompt=False`) continues a last assistant message instead of answering after
-        it; `chat_template_kwargs` are more variables for the template (e.g. Qwen3's `enable_thinking`)."""
+        it; `chat_template_kwargs` are more variables for the template (e.g. Qwen3's `enable_thinking`);
+        `tools` (OpenAI's, each {"type": "function", "function": {...}}) go to the template, which writes
+        them into the prompt; the calls in an answer are the caller's to read (server/tools.py's `hermes`
+        reads Qwen's)."""
         if not isinstance(messages, (list, tuple)):
             raise ValueError(f"messages must be a list of messages (dicts of role and content) or a list of such "
                              f"lists, not {type(messages).__name__}")
@@ -208,6 +211,8 @@ class LLM:
             return []
         conversations = messages if isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
+        if tools is not None:
+            chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
         prompts = [{"prompt": text, "prompt_token_ids": tok.encode_chat(text)}
                    for text in (tok.apply_chat_template(c, add_generation_prompt, continue_final_message,
                                                          chat_template_kwargs, chat_template=chat_template)

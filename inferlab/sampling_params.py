@@ -118,6 +118,9 @@ class SamplingParams:
                 raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
                                  f"{type(self.structured_outputs).__name__}")
             self.structured_outputs.validate()
+            if self.min_tokens:  # the grammar ends the answer where it is complete, and may allow nothing else
+                raise ValueError("min_tokens cannot be used with structured_outputs: the grammar says where the "
+                                 "answer ends")
         bias = self.logit_bias or {}
         if not isinstance(bias, dict):
             raise ValueError(f"logit_bias must be a dict of token id to bias, got {type(bias).__name__}")

@@ -107,14 +107,15 @@ class Server:
 
 @contextmanager
 def running_server(smol, api_key: str | None = None, draft=None, allowed_origins: list[str] | None = None,
-                   prompt_tokens_details: bool = True, **config) -> Iterator[Server]:
+                   prompt_tokens_details: bool = True, tool_parser: str | None = None, **config) -> Iterator[Server]:
     config.setdefault("num_kv_blocks", 512)
     engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=smol, draft_loaded=draft))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the server starts: no free-port race
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(build_server_app(engine, MODEL, api_key, allowed_origins,
-                                                            prompt_tokens_details), host="127.0.0.1",
+                                                            prompt_tokens_details, tool_parser=tool_parser),
+                                           host="127.0.0.1",
                                            port=port, log_level="warning"))
     errors = ErrorLog()
     logging.getLogger("uvicorn.error").addHandler(errors)  # after Config, which sets logging up
@@ -858,9 +859,16 @@ BAD = [
                                                                           "compiled"),
     (CMPL, {"prompt": "hi", "structured_outputs": {"choices": ["a"]}}, 400, "structured_outputs: unknown field "
                                                                             "'choices'"),
-    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
-     400, "tools are not supported"),
-    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice 'required' is not supported"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     'tool_choice "auto" needs the server started with --enable-auto-tool-choice and --tool-call-parser'),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice required needs tools"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "names 'g', which is not among"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "any"}, 400,
+     "tool_choice must be none, auto, required or a named function, got 'any'"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+            "response_format": {"type": "json_object"}}, 400, "tool_choice required and a structured output both"),
+    (CHAT, {"messages": USER, "functions": [{"name": "f"}]}, 400, "functions are OpenAI's old name: send tools"),
     (CMPL, {"prompt": "hi", "logit_bias": {"\u0661\u0662": 5}}, 400, "logit_bias keys must be token ids"),
     (CMPL, '{"\\ud800": 1, "prompt": "hi"}', 400, "a key of the body: a lone surrogate"),
     (CMPL, {"prompt": [[1, 2]] * 33, "n": 64}, 400, "ask for 2112 choices, more than the 2048 one request may"),

@@ -32,6 +32,7 @@ from inferlab.server.protocol import (
 )
 from inferlab.server.scoring import mount_scoring
 from inferlab.server.streams import APIError, check_model, collect, off_loop, sse_events, start, streaming
+from inferlab.server.tools import ToolPlan
 
 MAX_N = 64
 MAX_CHOICES = 2048  # prompts x n in one completion request
@@ -43,8 +44,10 @@ def _union_branch(part: object) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
-def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool = False) -> FastAPI:
-    """`prompt_tokens_details`: usage says how many prompt tokens were cached (see `fmt.usage`)."""
+def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool = False,
+              tool_parser: str | None = None) -> FastAPI:
+    """`prompt_tokens_details`: usage says how many prompt tokens were cached (see `fmt.usage`);
+    `tool_parser`: how the model writes tool calls, which tool_choice "auto" needs (tools.py)."""
     tok = engine.engine.tokenizer
     usage = functools.partial(fmt.usage, details=prompt_tokens_details)
     max_model_len = engine.engine.max_request_tokens  # the context, or the whole KV pool where it holds less
@@ -211,8 +214,12 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
         check_common(req)
         try:
             num_logprobs = req.num_logprobs()
+            plan = req.tool_plan(tool_parser)
+            kwargs = req.chat_template_kwargs
+            if plan.template_tools() is not None:  # (vLLM's way: the template writes them into the prompt)
+                kwargs = {**(kwargs or {}), "tools": plan.template_tools()}
             prompt = await prompts.chat(req.template_messages(), req.add_generation_prompt,
-                                        req.continue_final_message, req.chat_template_kwargs, req.cache_salt)
+                                        req.continue_final_message, kwargs, req.cache_salt)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -226,13 +233,16 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
                 return None
             return fmt.chat_logprobs(tok, fmt.new_logprobs(out, count), num_logprobs)
 
+        def answer(out: RequestOutput) -> dict:
+            content, calls = plan.message(out.outputs[0].text)
+            return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+
         if not req.stream:
             finals = await collect(engine, raw, rids, streams)
 
             def body() -> dict:
-                choices = [{"index": i, "message": {"role": "assistant", "content": o.outputs[0].text},
-                            "logprobs": logprobs(o, len(o.outputs[0].token_ids)),
-                            "finish_reason": fmt.finish_reason(o), "stop_reason": o.outputs[0].stop_reason}
+                choices = [{"index": i, "message": answer(o), "logprobs": logprobs(o, len(o.outputs[0].token_ids)),
+                            "finish_reason": ended(o, plan), "stop_reason": o.outputs[0].stop_reason}
                            for i, o in enumerate(finals)]
                 scored = {"prompt_logprobs": fmt.prompt_logprobs(tok, finals[0])} if req.prompt_logprobs is not None \
                     else {}  # one prompt for every choice: vLLM's place for them is the response's top level
@@ -243,6 +253,7 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
         chunk = {**head, "object": "chat.completion.chunk"}
 
         opened: set[int] = set()
+        deltas = [plan.stream() for _ in range(req.n)]
 
         def choice(i: int, out: RequestOutput) -> dict | None:
             # The assistant role opens each choice's first chunk, sent with its first token (as
@@ -250,14 +261,22 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
             c, delta = out.outputs[0], {} if i in opened else {"role": "assistant"}
             opened.add(i)
             lp = logprobs(out, len(c.new_token_ids))
-            if not (c.new_text or out.finished or lp or delta):
+            part = deltas[i].delta(c.new_text, c.text, out.finished)
+            if not (part or out.finished or lp or delta):
                 return None
-            if c.new_text or delta:
-                delta["content"] = c.new_text
-            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fmt.finish_reason(out),
+            if delta and not part:
+                part = {"content": ""}
+            return {"index": i, "delta": {**delta, **part}, "logprobs": lp, "finish_reason": ended(out, plan),
                     "stop_reason": c.stop_reason}
 
         return streaming(engine, sse_events(req, streams, chunk, choice, usage), rids)
+
+    def ended(out: RequestOutput, plan: ToolPlan) -> str | None:
+        """The finish reason; "tool_calls" where tool_choice auto or required ended in calls (OpenAI's)."""
+        reason = fmt.finish_reason(out)
+        if reason == "stop" and plan.mode in ("auto", "required") and plan.message(out.outputs[0].text)[1]:
+            return "tool_calls"
+        return reason
 
     mount_embeddings(app, engine, model_name, prompts)
     mount_scoring(app, engine, model_name, prompts)

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     Strict,
     StrictBool,
     StrictStr,
@@ -28,6 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from inferlab.sampling_params import SamplingParams
 from inferlab.server.messages import MAX_MESSAGES, ChatMessage, template_messages
+from inferlab.server.tools import Tool, ToolPlan
 from inferlab.server.unsupported import UNSUPPORTED, harmless
 from inferlab.structured.params import KINDS, StructuredOutputsParams
 
@@ -217,6 +219,10 @@ class CompletionRequest(SamplingFields):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # none, auto, required or {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: StrictBool | None = None  # false: one call at most
+    _tools: ToolPlan | None = PrivateAttr(default=None)
     max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
     top_logprobs: Int | None = None
@@ -227,6 +233,18 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_messages(self) -> list[dict]:
         return template_messages(self.messages)
+
+    def tool_plan(self, parser: str | None) -> ToolPlan:
+        """What `tools` and `tool_choice` ask (see tools.py); `parser`: the server's tool-call parser."""
+        self._tools = ToolPlan.of(self.tools, self.tool_choice, parser, self.parallel_tool_calls is not False)
+        return self._tools
+
+    def structured(self) -> StructuredOutputsParams | None:
+        own, held = super().structured(), self._tools and self._tools.structured()
+        if own and held:
+            raise ValueError(f"tool_choice {self._tools.mode} and a structured output both constrain the answer: "
+                             "send one")
+        return held or own
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return replace(super().sampling_params(max_tokens, logprobs), prompt_logprobs=self.prompt_logprobs)

@@ -7,10 +7,8 @@ from __future__ import annotations
 UNSUPPORTED = {
     "suffix": "suffix is not supported (no fill-in-the-middle)",
     "best_of": "best_of is not supported; ask for n choices instead",
-    "tools": "tools are not supported (no tool calling); send tool_choice 'none' to have them ignored",
-    "tool_choice": "tool_choice {value!r} is not supported (no tool calling): only 'none'",
-    "functions": "functions are not supported (no tool calling)",
-    "function_call": "function_call is not supported (no tool calling)",
+    "functions": "functions are OpenAI's old name: send tools",
+    "function_call": "function_call is OpenAI's old name: send tool_choice",
     "use_beam_search": "use_beam_search is not supported",
     "allowed_token_ids": "allowed_token_ids is not supported; logit_bias can ban or favour tokens",
     "bad_words": "bad_words is not supported; logit_bias can ban tokens",
@@ -33,7 +31,7 @@ UNSUPPORTED = {
 }
 # the one value of a field above that asks for nothing beyond plain generation, where that is not a falsy one
 NEUTRAL = {"best_of": 1, "skip_special_tokens": True, "repeat_penalty": 1.0,
-           "typical_p": 1.0, "length_penalty": 1.0, "tool_choice": "none"}
+           "typical_p": 1.0, "length_penalty": 1.0}
 
 
 def harmless(name: str, value: object, fields: dict, neutral: dict | None = None) -> bool:
@@ -42,6 +40,4 @@ def harmless(name: str, value: object, fields: dict, neutral: dict | None = None
     neutral = {**NEUTRAL, **(neutral or {})}
     if name in neutral:
         return value is None or value == neutral[name]
-    if value in (None, False, "", [], {}):
-        return True
-    return name in ("tools", "functions") and fields.get("tool_choice") == "none"
+    return value in (None, False, "", [], {})

@@ -1,0 +1,175 @@
+"""Tool calling on /v1/chat/completions, as vLLM does it. The tools go to the chat template, which
+writes them into the prompt (Qwen's and Llama 3's templates do); `tool_choice` says what the answer
+may be:
+- "none": the tools stay out of the prompt, and the answer is text;
+- a named function: the answer is held to that function's parameters (a structured output), and
+  is that call's arguments;
+- "required": the answer is held to a JSON array of calls to the tools, one at least, each
+  {"name", "parameters"} (vLLM's shape);
+- "auto" (OpenAI's default when tools are given): the model writes text, calls or both, in its own
+  format, which a tool-call parser reads; the server needs `--enable-auto-tool-choice` and
+  `--tool-call-parser` for it, as vLLM's does. `hermes`: <tool_call>{"name", "arguments"}</tool_call>
+  (Qwen 2.5 and 3, NousResearch's Hermes).
+A stream sends a call's arguments as they come where the answer is only that (a named function),
+else the calls whole in the last chunk, and text before any call as it comes."""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, StrictStr
+
+from inferlab.structured.params import StructuredOutputsParams
+
+PARSERS = ("hermes",)
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # strict and the like change nothing here
+
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[StrictStr, Any] | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+def call(name: str, arguments: str) -> dict:
+    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+@dataclass
+class ToolPlan:
+    mode: Literal["none", "named", "required", "auto"]
+    tools: list[Tool] = field(default_factory=list)
+    name: str | None = None  # the named function's
+    parallel: bool = True  # false: one call at most (OpenAI's parallel_tool_calls)
+
+    @classmethod
+    def of(cls, tools: list[Tool] | None, choice: Any, parser: str | None, parallel: bool = True) -> ToolPlan:
+        """`choice`: the request's tool_choice (None: "auto" with tools, as OpenAI's); `parser`: the
+        server's --tool-call-parser where it enabled auto tool choice."""
+        tools = tools or []
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if not isinstance(name, str):
+                raise ValueError(f"tool_choice must be none, auto, required or {{'type': 'function', 'function': "
+                                 f"{{'name': ...}}}}, got {choice!r}")
+            if name not in {t.function.name for t in tools}:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+            return cls("named", tools, name, parallel)
+        choice = choice if choice is not None else ("auto" if tools else "none")
+        if choice not in ("none", "auto", "required"):
+            raise ValueError(f"tool_choice must be none, auto, required or a named function, got {choice!r}")
+        if choice == "none" or not tools:
+            if choice == "required":
+                raise ValueError("tool_choice required needs tools")
+            return cls("none")
+        if choice == "auto" and parser is None:
+            raise ValueError('tool_choice "auto" needs the server started with --enable-auto-tool-choice and '
+                             "--tool-call-parser (vLLM's flags); send tool_choice required, a named function, "
+                             "or none")
+        return cls(choice, tools, None, parallel)
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template reads them (vLLM's: each {"type", "function"}); none: left out."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.mode != "none" else None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The constraint the answer is held to: a named function's parameters, or the array of calls."""
+        if self.mode == "named":
+            tool = next(t for t in self.tools if t.function.name == self.name)
+            return StructuredOutputsParams(json=tool.function.parameters or {"type": "object"})
+        if self.mode == "required":
+            one = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
+                                                     "parameters": t.function.parameters or {"type": "object"}},
+                    "required": ["name", "parameters"], "additionalProperties": False} for t in self.tools]
+            calls = {"type": "array", "minItems": 1, "items": {"anyOf": one}}
+            return StructuredOutputsParams(json=calls if self.parallel else {**calls, "maxItems": 1})
+        return None
+
+    def message(self, text: str) -> tuple[str | None, list[dict]]:
+        """A finished answer as (content, tool_calls)."""
+        if self.mode == "named":
+            return None, [call(self.name, text)]
+        if self.mode == "required":
+            try:
+                calls = json.loads(text)
+                return None, [call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
+            except (json.JSONDecodeError, TypeError, KeyError):  # cut short by max_tokens: the text as it is
+                return text, []
+        if self.mode == "auto":
+            content, calls = hermes(text)
+            return content, calls if self.parallel else calls[:1]
+        return text, []
+
+    def stream(self) -> ToolStream:
+        return ToolStream(self)
+
+
+def hermes(text: str) -> tuple[str | None, list[dict]]:
+    """Hermes-format calls in `text` (one <tool_call> block each, the last maybe unclosed) and the text
+    around them; a block that is not a call's JSON stays text."""
+    calls, kept, at = [], [], 0
+    for m in re.finditer(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|$)", text, re.DOTALL):
+        try:
+            body = json.loads(m.group(1))
+            name, args = body["name"], body.get("arguments", body.get("parameters", {}))
+            if not isinstance(name, str):
+                raise TypeError
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+            continue
+        kept.append(text[at:m.start()])
+        at = m.end()
+        calls.append(call(name, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+    content = ("".join(kept) + text[at:]).strip() if calls else text
+    return content or None, calls
+
+
+class ToolStream:
+    """One streamed choice's deltas: `delta(new_text, text, finished)` -> the delta's fields."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan, self.sent, self.held, self.opened = plan, 0, False, False
+
+    def delta(self, new_text: str, text: str, finished: bool) -> dict:
+        mode = self.plan.mode
+        if mode == "none":
+            return {"content": new_text} if new_text else {}
+        if mode == "named":
+            if not new_text and self.opened:
+                return {}
+            part = {"index": 0, "function": {"arguments": new_text}}
+            if not self.opened:
+                self.opened = True
+                first = call(self.plan.name, new_text)
+                part = {"index": 0, "id": first["id"], "type": "function", "function": first["function"]}
+            return {"tool_calls": [part]}
+        out: dict = {}
+        if mode == "auto" and not self.held:  # text until a call may be starting; a "<tool_c" is held back
+            start = text.find(OPEN, self.sent)
+            end = start if start >= 0 else len(text) - partial_open(text)
+            if end > self.sent:
+                out["content"] = text[self.sent:end]
+                self.sent = end
+            self.held = start >= 0
+        if finished:
+            content, calls = self.plan.message(text)
+            if calls:
+                out["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+            elif content and len(content) > self.sent:  # no call after all: the text held back
+                out["content"] = out.get("content", "") + content[self.sent:]
+        return out
+
+
+def partial_open(text: str) -> int:
+    """How many of `text`'s last characters could be the start of <tool_call>."""
+    return next((k for k in range(min(len(OPEN) - 1, len(text)), 0, -1) if OPEN.startswith(text[-k:])), 0)

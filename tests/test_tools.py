@@ -1,0 +1,122 @@
+"""Tool calling (inferlab/server/tools.py): a named function's arguments and "required"'s calls are
+held to the tools' schemas, streamed or whole; "auto" reads Hermes-format calls out of the answer
+where the server was started for it, and text before them streams as it comes; the tools reach the
+chat template as vLLM gives them; and each misuse is a 400 that says what to send."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from test_server import MODEL, running_server
+
+from inferlab.server.protocol import ChatCompletionRequest
+from inferlab.server.tools import ToolPlan, ToolStream, hermes
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
+           "required": ["city"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+        "required": ["zone"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "A city's weather",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# an answer held to Hermes' format, so that "auto" has a call to read from this small model
+HERMES = r'Sure\. <tool_call>\n\{"name": "get_weather", "arguments": \{"city": "Paris"\}\}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def server(smol):
+    with running_server(smol, num_kv_blocks=256, tool_parser="hermes") as s:
+        yield s
+
+
+def chat(server, **body) -> dict:
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": ASK, "tools": TOOLS, "temperature": 0,
+                                                              "max_tokens": 60, **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def streamed(server, **body) -> tuple[str, list[dict], str]:
+    """(content, tool calls with their argument pieces joined, finish reason) of a streamed choice."""
+    from openai import OpenAI
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    content, calls, reason = "", {}, None
+    for chunk in client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=60,
+                                                stream=True, **body):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for c in delta.tool_calls or []:
+            whole = calls.setdefault(c.index, {"name": "", "arguments": ""})
+            whole["name"] += (c.function.name or "") if c.id else ""
+            whole["arguments"] += c.function.arguments or ""
+        reason = chunk.choices[0].finish_reason or reason
+    return content, [calls[i] for i in sorted(calls)], reason
+
+
+def test_a_named_function_answers_its_arguments(server):
+    choice = chat(server, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    (call,) = choice["message"]["tool_calls"]
+    assert choice["message"]["content"] is None and choice["finish_reason"] == "stop"
+    assert call["function"]["name"] == "get_time" and call["id"].startswith("chatcmpl-tool-")
+    assert json.loads(call["function"]["arguments"])["zone"] in ("UTC", "CET")
+    content, calls, reason = streamed(server, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert content == "" and calls == [{"name": "get_time", "arguments": call["function"]["arguments"]}]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_answers_calls_to_the_tools(server, parallel):
+    choice = chat(server, tool_choice="required", parallel_tool_calls=parallel)
+    calls = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "tool_calls" and calls and (parallel or len(calls) == 1)
+    for c in calls:
+        args = json.loads(c["function"]["arguments"])
+        assert (c["function"]["name"], set(args)) in (("get_weather", {"city"}), ("get_time", {"zone"}))
+    _, got, reason = streamed(server, tool_choice="required", parallel_tool_calls=parallel)
+    assert reason == "tool_calls" and got == [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                                              for c in calls]
+
+
+def test_auto_reads_hermes_calls_and_streams_the_text_before_them(server):
+    choice = chat(server, guided_regex=HERMES)
+    assert choice["message"]["content"] == "Sure." and choice["finish_reason"] == "tool_calls"
+    assert [c["function"] for c in choice["message"]["tool_calls"]] == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    content, calls, reason = streamed(server, extra_body={"guided_regex": HERMES})
+    assert content.strip() == "Sure." and calls == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert reason == "tool_calls"
+    plain = chat(server, guided_regex="It is sunny in Paris <tool_c")  # a call's start that never comes: text
+    assert plain["message"] == {"role": "assistant", "content": "It is sunny in Paris <tool_c"}
+    content, calls, _ = streamed(server, extra_body={"guided_regex": "It is sunny in Paris <tool_c"})
+    assert content == "It is sunny in Paris <tool_c" and calls == []
+
+
+def test_none_leaves_the_tools_out_of_the_prompt(server):
+    r = [httpx.post(f"{server.url}/v1/chat/completions", json={"messages": ASK, "max_tokens": 1, **body},
+                    timeout=60).json() for body in ({}, {"tools": TOOLS, "tool_choice": "none"})]
+    assert r[0]["usage"]["prompt_tokens"] == r[1]["usage"]["prompt_tokens"]
+
+
+def test_the_tools_reach_the_template_as_vllm_gives_them(smol):
+    template = "{% for t in tools %}{{ t.type }}:{{ t.function.name }}({{ t.function.parameters | tojson }});" \
+               "{% endfor %}{{ messages[0].content }}"
+    plan = ToolPlan.of(ChatCompletionRequest(messages=ASK, tools=TOOLS).tools, "required", None)
+    text = smol[1].apply_chat_template(ASK, template_kwargs={"tools": plan.template_tools()}, chat_template=template)
+    assert text == f"function:get_weather({json.dumps(WEATHER)});function:get_time({json.dumps(TIME)});" + \
+        ASK[0]["content"]
+
+
+def test_the_hermes_parser_and_a_streams_held_back_text():
+    content, calls = hermes('Let me check. <tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
+                            '<tool_call>{"name": "b", "arguments": {}}')  # the last one cut short of its end tag
+    assert content == "Let me check." and [c["function"] for c in calls] == [
+        {"name": "a", "arguments": '{"x": 1}'}, {"name": "b", "arguments": "{}"}]
+    assert hermes("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    plan = ToolPlan("auto", [], None)
+    stream, text, out = ToolStream(plan), "", []
+    for piece in ["Hi <", "tool_", "call>", '{"name": "a", "arguments": {}}</tool_call>']:
+        text += piece
+        out.append(stream.delta(piece, text, False))
+    out.append(stream.delta("", text, True))
+    assert out[:4] == [{"content": "Hi "}, {}, {}, {}] and out[4]["tool_calls"][0]["function"]["name"] == "a"

@@ -80,6 +80,8 @@ def test_refusals(llm, make_llm):
         Structured(grammar="start: nothing_defined")
     with pytest.raises(ValueError, match="structured_outputs must be a StructuredOutputsParams, got dict"):
         SamplingParams(structured_outputs={"regex": "a"})
+    with pytest.raises(ValueError, match="min_tokens cannot be used with structured_outputs"):
+        SamplingParams(min_tokens=4, structured_outputs=Structured(choice=["a"]))
     spec = make_llm(num_kv_blocks=64, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="prompt 0: structured outputs are not supported with speculative decoding"):
         spec.generate("hi", greedy(Structured(regex="a+")), use_tqdm=False)

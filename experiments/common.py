@@ -61,11 +61,10 @@ def embedded_model():
     from inferlab.model.loader import embedded_model_path, load_model
     if not SMOKE:
         return load_model(None, "float32", torch.device("cpu"))
-    from gguf import GGUFReader
-
+    from inferlab.model.gguf_reader import GGUFFile
     from inferlab.model.llama import LlamaForCausalLM, ModelArgs
     from inferlab.model.tokenizer import Tokenizer
-    fields = {k: f.contents() for k, f in GGUFReader(embedded_model_path()).fields.items()}
+    fields = GGUFFile(embedded_model_path()).fields
     tokenizer = Tokenizer.from_gguf_fields(fields)
     torch.manual_seed(0)
     model = LlamaForCausalLM(ModelArgs(arch="llama", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,

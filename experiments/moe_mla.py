@@ -119,11 +119,9 @@ _TOKENIZER = []
 
 def tokenizer():
     if not _TOKENIZER:
-        from gguf import GGUFReader
-
+        from inferlab.model.gguf_reader import GGUFFile
         from inferlab.model.tokenizer import Tokenizer
-        _TOKENIZER.append(Tokenizer.from_gguf_fields(
-            {k: f.contents() for k, f in GGUFReader(embedded_model_path()).fields.items() if k.startswith("tok")}))
+        _TOKENIZER.append(Tokenizer.from_gguf_fields(GGUFFile(embedded_model_path()).fields))
     return _TOKENIZER[0]
 
 

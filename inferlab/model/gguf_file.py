@@ -16,6 +16,7 @@ import torch
 from inferlab.model import weight_cache
 from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError
 from inferlab.model.deepseek import DeepseekForCausalLM
+from inferlab.model.gguf_reader import CutShort, GGUFFile
 from inferlab.model.layers import quant
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
@@ -44,8 +45,6 @@ GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
 def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
     """The model's shape, its tensors as stored (checkpoint names, llama.cpp's RoPE row order undone)
     and the tokenizer fields."""
-    from gguf import GGUFReader
-
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
@@ -56,11 +55,12 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
     if size < 24:  # magic, version, tensor and field counts
         raise ModelLoadError(cut)
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # numpy's errors on a truncated file: a reshape or view, or an index past its end
-        short = isinstance(e, IndexError) or "reshape" in str(e) or "larger dtype" in str(e)
-        raise ModelLoadError(f"{cut}; numpy: {e}" if short else f"cannot read GGUF file {path}: {e}") from None
-    fields = {k: f.contents() for k, f in reader.fields.items()}
+        reader = GGUFFile(path)
+    except CutShort:
+        raise ModelLoadError(cut) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from None
+    fields = reader.fields
     if fields.get("split.count", 1) > 1:
         raise ModelLoadError(f"{path} is part {fields.get('split.no', 0) + 1} of {fields['split.count']} of a split "
                              "GGUF: merge the parts into one file first (llama.cpp's `llama-gguf-split --merge`)")
@@ -75,10 +75,11 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
     names = {**GGUF_NAMES, **model_class.gguf_names}
     tensors, readable = [], set()  # readable: the types gguf's numpy code was seen to dequantize
     for t in reader.tensors:
-        wtype = quant.BY_CODE.get(int(t.tensor_type))
+        wtype = quant.BY_CODE.get(t.type_code)
         if wtype is None:
-            raise ModelLoadError(f"tensor {t.name!r} has type {t.tensor_type.name}, which InferLab cannot read; "
-                                 f"supported: {', '.join(w.name for w in (*quant.TYPES, *quant.DEQUANTIZED_AT_LOAD))}")
+            known = ", ".join(w.name for w in (*quant.TYPES, *quant.DEQUANTIZED_AT_LOAD))
+            raise ModelLoadError(f"tensor {t.name!r} has type {ggml_type_name(t.type_code)}, which InferLab cannot "
+                                 f"read; supported: {known}")
         if not wtype.native and wtype not in readable:  # fail here, naming the tensor, if gguf cannot read it
             try:  # one block is enough to tell
                 quant.dequantize(torch.from_numpy(np.array(t.data.reshape(-1)[:wtype.nbytes]).reshape(1, -1)), wtype)
@@ -104,6 +105,15 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
             continue
         tensors.append((name, w.view(1, -1) if name.endswith("shared_expert_gate.weight") else w, wtype))
     return args, _join_kv_b(tensors), {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+
+
+def ggml_type_name(code: int) -> str:
+    """ggml's name of a type number (the gguf package's table), or the number where it has none."""
+    from gguf import GGMLQuantizationType
+    try:
+        return GGMLQuantizationType(code).name
+    except ValueError:
+        return f"number {code}"
 
 
 def _check_layers(block_count, tensors) -> None:

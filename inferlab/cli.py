@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='tool_choice "auto": the model decides whether to call tools (vLLM\'s flag; needs '
                         "--tool-call-parser). tool_choice required and named functions need neither")
     s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
-                   help="how the model writes tool calls: hermes, <tool_call>{...}</tool_call> (Qwen 2.5 and 3)")
+                   help="how the model writes tool calls: hermes, <tool_call>{...}</tool_call> (Qwen 2.5 and 3); "
+                        'llama3_json, the answer {"name", "parameters"} (Llama 3.1-3.3)')
     s.add_argument("--disable-uvicorn-access-log", action="store_true",
                    help="no log line per HTTP request (vLLM's flag; by default each says client, path and status)")
     add_record_arg(s)

@@ -11,7 +11,7 @@ import pytest
 from test_server import MODEL, running_server
 
 from inferlab.server.protocol import ChatCompletionRequest
-from inferlab.server.tools import ToolPlan, ToolStream, hermes
+from inferlab.server.tools import Hermes, Llama3Json, ToolPlan, ToolStream
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
            "required": ["city"], "additionalProperties": False}
@@ -108,15 +108,34 @@ def test_the_tools_reach_the_template_as_vllm_gives_them(smol):
 
 
 def test_the_hermes_parser_and_a_streams_held_back_text():
-    content, calls = hermes('Let me check. <tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
+    content, calls = Hermes.parse('Let me check. <tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
                             '<tool_call>{"name": "b", "arguments": {}}')  # the last one cut short of its end tag
     assert content == "Let me check." and [c["function"] for c in calls] == [
         {"name": "a", "arguments": '{"x": 1}'}, {"name": "b", "arguments": "{}"}]
-    assert hermes("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
-    plan = ToolPlan("auto", [], None)
+    assert Hermes.parse("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    plan = ToolPlan("auto", [], None, parser=Hermes())
     stream, text, out = ToolStream(plan), "", []
     for piece in ["Hi <", "tool_", "call>", '{"name": "a", "arguments": {}}</tool_call>']:
         text += piece
         out.append(stream.delta(piece, text, False))
     out.append(stream.delta("", text, True))
     assert out[:4] == [{"content": "Hi "}, {}, {}, {}] and out[4]["tool_calls"][0]["function"]["name"] == "a"
+
+
+def test_the_llama3_json_parser_and_its_stream():
+    content, calls = Llama3Json.parse('<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", '
+                                      '"parameters": {}}')
+    assert content is None and [c["function"] for c in calls] == [{"name": "a", "arguments": '{"x": 1}'},
+                                                                   {"name": "b", "arguments": "{}"}]
+    assert Llama3Json.parse("It is {sunny}.") == ("It is {sunny}.", [])
+    assert Llama3Json.parse('{"no": "name"}') == ('{"no": "name"}', [])
+    plan = ToolPlan("auto", [], None, parser=Llama3Json())
+    for pieces, streamed_before_end in [(["<|py", "thon_tag|>", '{"name": "a", "parameters": {}}'], ""),
+                                        (["It is", " sunny."], "It is sunny."), ([" ", "{", '"name": "a"}'], "")]:
+        stream, text, got = ToolStream(plan), "", ""
+        for piece in pieces:
+            text += piece
+            got += stream.delta(piece, text, False).get("content", "")
+        assert got == streamed_before_end
+        last = stream.delta("", text, True)
+        assert ("tool_calls" in last) == (streamed_before_end == "")

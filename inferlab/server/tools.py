@@ -9,7 +9,8 @@ may be:
 - "auto" (OpenAI's default when tools are given): the model writes text, calls or both, in its own
   format, which a tool-call parser reads; the server needs `--enable-auto-tool-choice` and
   `--tool-call-parser` for it, as vLLM's does. `hermes`: <tool_call>{"name", "arguments"}</tool_call>
-  (Qwen 2.5 and 3, NousResearch's Hermes).
+  (Qwen 2.5 and 3, NousResearch's Hermes); `llama3_json`: the answer is {"name", "parameters"}
+  (Llama 3.1-3.3).
 A stream sends a call's arguments as they come where the answer is only that (a named function),
 else the calls whole in the last chunk, and text before any call as it comes."""
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 
 from inferlab.structured.params import StructuredOutputsParams
 
-PARSERS = ("hermes",)
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
 
 
 class ToolFunction(BaseModel):
@@ -52,6 +53,7 @@ class ToolPlan:
     tools: list[Tool] = field(default_factory=list)
     name: str | None = None  # the named function's
     parallel: bool = True  # false: one call at most (OpenAI's parallel_tool_calls)
+    parser: Hermes | Llama3Json | None = None  # auto's
 
     @classmethod
     def of(cls, tools: list[Tool] | None, choice: Any, parser: str | None, parallel: bool = True) -> ToolPlan:
@@ -77,7 +79,7 @@ class ToolPlan:
             raise ValueError('tool_choice "auto" needs the server started with --enable-auto-tool-choice and '
                              "--tool-call-parser (vLLM's flags); send tool_choice required, a named function, "
                              "or none")
-        return cls(choice, tools, None, parallel)
+        return cls(choice, tools, None, parallel, PARSERS[parser] if choice == "auto" else None)
 
     def template_tools(self) -> list[dict] | None:
         """The tools as the chat template reads them (vLLM's: each {"type", "function"}); none: left out."""
@@ -107,7 +109,7 @@ class ToolPlan:
             except (json.JSONDecodeError, TypeError, KeyError):  # cut short by max_tokens: the text as it is
                 return text, []
         if self.mode == "auto":
-            content, calls = hermes(text)
+            content, calls = self.parser.parse(text)
             return content, calls if self.parallel else calls[:1]
         return text, []
 
@@ -115,23 +117,64 @@ class ToolPlan:
         return ToolStream(self)
 
 
-def hermes(text: str) -> tuple[str | None, list[dict]]:
-    """Hermes-format calls in `text` (one <tool_call> block each, the last maybe unclosed) and the text
-    around them; a block that is not a call's JSON stays text."""
-    calls, kept, at = [], [], 0
-    for m in re.finditer(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|$)", text, re.DOTALL):
-        try:
-            body = json.loads(m.group(1))
-            name, args = body["name"], body.get("arguments", body.get("parameters", {}))
-            if not isinstance(name, str):
-                raise TypeError
-        except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
-            continue
-        kept.append(text[at:m.start()])
-        at = m.end()
-        calls.append(call(name, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
-    content = ("".join(kept) + text[at:]).strip() if calls else text
-    return content or None, calls
+class Hermes:
+    """<tool_call>{"name", "arguments"}</tool_call> blocks (Qwen 2.5 and 3, NousResearch's Hermes)."""
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[dict]]:
+        """The calls in `text` (the last block maybe unclosed) and the text around them; a block that
+        is not a call's JSON stays text."""
+        calls, kept, at = [], [], 0
+        for m in re.finditer(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|$)", text, re.DOTALL):
+            one = as_call(m.group(1))
+            if one is None:
+                continue
+            kept.append(text[at:m.start()])
+            at = m.end()
+            calls.append(one)
+        content = ("".join(kept) + text[at:]).strip() if calls else text
+        return content or None, calls
+
+    @staticmethod
+    def cut(text: str, sent: int) -> tuple[int, bool]:
+        """(how far the text may stream now, whether a call has begun: nothing after streams)."""
+        start = text.find(OPEN, sent)
+        return (start, True) if start >= 0 else (len(text) - partial(text, OPEN), False)
+
+
+class Llama3Json:
+    """Llama 3.1-3.3's: the answer is the call, {"name", "parameters"} (several joined by "; "), after
+    an optional <|python_tag|>; an answer that starts otherwise is text."""
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[dict]]:
+        body = text.strip().removeprefix(PYTHON_TAG).strip()
+        if not body.startswith("{"):
+            return text, []
+        calls = [as_call(part) for part in ([body] if as_call(body) else body.split("; "))]
+        return (text, []) if None in calls else (None, calls)
+
+    @staticmethod
+    def cut(text: str, sent: int) -> tuple[int, bool]:
+        head = text.lstrip()
+        if sent or (head and not head.startswith(("{", PYTHON_TAG)) and not PYTHON_TAG.startswith(head)):
+            return len(text), False  # text from its first characters on
+        return 0, head.startswith(("{", PYTHON_TAG))
+
+
+PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json()}
+
+
+def as_call(body: str) -> dict | None:
+    """A call from its JSON ({"name", "arguments" or "parameters"}), or None if it is not one."""
+    try:
+        value = json.loads(body)
+        name, args = value["name"], value.get("arguments", value.get("parameters", {}))
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+        return None
+    if not isinstance(name, str):
+        return None
+    return call(name, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
 
 
 class ToolStream:
@@ -154,13 +197,11 @@ class ToolStream:
                 part = {"index": 0, "id": first["id"], "type": "function", "function": first["function"]}
             return {"tool_calls": [part]}
         out: dict = {}
-        if mode == "auto" and not self.held:  # text until a call may be starting; a "<tool_c" is held back
-            start = text.find(OPEN, self.sent)
-            end = start if start >= 0 else len(text) - partial_open(text)
+        if mode == "auto" and not self.held:  # text until a call may be starting (a "<tool_c" is held back)
+            end, self.held = self.plan.parser.cut(text, self.sent)
             if end > self.sent:
                 out["content"] = text[self.sent:end]
                 self.sent = end
-            self.held = start >= 0
         if finished:
             content, calls = self.plan.message(text)
             if calls:
@@ -170,6 +211,6 @@ class ToolStream:
         return out
 
 
-def partial_open(text: str) -> int:
-    """How many of `text`'s last characters could be the start of <tool_call>."""
-    return next((k for k in range(min(len(OPEN) - 1, len(text)), 0, -1) if OPEN.startswith(text[-k:])), 0)
+def partial(text: str, tag: str) -> int:
+    """How many of `text`'s last characters could be the start of `tag`."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)

@@ -139,3 +139,18 @@ def test_the_llama3_json_parser_and_its_stream():
         assert got == streamed_before_end
         last = stream.delta("", text, True)
         assert ("tool_calls" in last) == (streamed_before_end == "")
+
+
+def test_ollamas_chat_takes_tools_where_the_server_reads_calls(server, smol):
+    from inferlab.server.ollama import tool_message
+    reply = httpx.post(f"{server.url}/api/chat", json={"model": MODEL, "messages": ASK, "tools": TOOLS, "stream": False,
+                                                       "options": {"temperature": 0, "num_predict": 12}}, timeout=60)
+    message = reply.json()["message"]  # this small model writes no call: its text, as without tools
+    assert reply.status_code == 200 and message["content"] and "tool_calls" not in message
+    plan = ToolPlan("auto", [], None, parser=Hermes())
+    assert tool_message(plan, 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                              '</tool_call>') == {"role": "assistant", "content": "Sure.", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}  # Ollama's: arguments an object
+    with running_server(smol, num_kv_blocks=32) as plain:  # no tool-call parser: said, not ignored
+        r = httpx.post(f"{plain.url}/api/chat", json={"model": MODEL, "messages": ASK, "tools": TOOLS}, timeout=60)
+        assert r.status_code == 400 and "--tool-call-parser" in r.json()["error"]

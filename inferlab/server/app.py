@@ -280,5 +280,5 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
 
     mount_embeddings(app, engine, model_name, prompts)
     mount_scoring(app, engine, model_name, prompts)
-    mount_ollama(app, engine, model_name, prompts)
+    mount_ollama(app, engine, model_name, prompts, tool_parser)
     return app

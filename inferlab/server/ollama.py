@@ -32,6 +32,7 @@ from inferlab.server.embeddings import mount_ollama_embed
 from inferlab.server.ollama_protocol import Ask, OllamaRequest
 from inferlab.server.prompts import PromptBuilder
 from inferlab.server.streams import APIError, abort_all, collect, merged, start
+from inferlab.server.tools import Tool, ToolPlan
 
 
 def _now() -> str:
@@ -62,7 +63,7 @@ def _body(raw: bytes) -> Any:
         raise APIError(400, f"the request body is not JSON: {str(e)[:120]}") from None
 
 
-def fitted(tok, messages: list[dict], limit: int, answer: int, max_chars: int) -> dict:
+def fitted(tok, messages: list[dict], limit: int, answer: int, max_chars: int, tools: list[dict] | None = None) -> dict:
     """The chat prompt of `messages` that leaves `answer` tokens of `limit`: the oldest messages after
     the leading system ones are left out, as few as will do (a binary search: templating 10,000
     messages once per message dropped took minutes). Those whose text alone is past `max_chars` (more
@@ -76,7 +77,8 @@ def fitted(tok, messages: list[dict], limit: int, answer: int, max_chars: int) -
     cont = messages[-1]["role"] == "assistant"  # Ollama continues a last assistant message
 
     def prompt(dropped: int) -> dict:
-        text = tok.apply_chat_template(messages[:first] + messages[first + dropped:], not cont, cont, None)
+        text = tok.apply_chat_template(messages[:first] + messages[first + dropped:], not cont, cont,
+                                       None if tools is None else {"tools": tools})
         return {"prompt": text, "prompt_token_ids": tok.encode_chat(text), "cache_salt": None}
 
     best, most = prompt(low), len(messages) - first - 1  # at most all but the last message go
@@ -104,7 +106,18 @@ def shortened(prompt: dict, limit: int, answer: int, keep: int) -> dict:
     return {**prompt, "prompt": None, "prompt_token_ids": ids[:keep] + ids[len(ids) - (room - keep):]}
 
 
-def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: PromptBuilder) -> None:
+def tool_message(plan: ToolPlan, text: str) -> dict:
+    """An answer as Ollama's message: its text, and the calls the server's tool-call parser read in
+    it, their arguments as objects (Ollama's)."""
+    content, calls = plan.message(text)
+    return {"role": "assistant", "content": content or "", **({"tool_calls": [
+        {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+        for c in calls]} if calls else {})}
+
+
+def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: PromptBuilder,
+                 tool_parser: str | None = None) -> None:
+    """`tool_parser`: how the model writes tool calls (tools.py), which a chat with tools needs."""
     core, tok = engine.engine, engine.engine.tokenizer
     args, limit = core.model.args, core.max_request_tokens
     names = {model_name.lower(), f"{model_name}:latest".lower()}  # Ollama's clients add the default tag
@@ -136,8 +149,8 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
             raise APIError(400, str(e)) from None
         return req
 
-    async def answer(raw: Request, req: OllamaRequest, prompt: dict, key: str,
-                     wrap: Callable[[str], Any]) -> JSONResponse | StreamingResponse:
+    async def answer(raw: Request, req: OllamaRequest, prompt: dict, key: str, wrap: Callable[[str], Any],
+                     plan: ToolPlan | None = None) -> JSONResponse | StreamingResponse:
         try:
             max_tokens = req.max_tokens(limit - len(prompt["prompt_token_ids"]))
             _, rids, streams = await start(engine, Ask(req), [prompt], max_tokens, None)
@@ -146,17 +159,26 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
         head = {"model": req.model}
         if not req.stream:
             out = (await collect(engine, raw, rids, streams))[0]
-            return JSONResponse({**head, "created_at": _now(), key: wrap(out.outputs[0].text), **_final(out)})
+            text = out.outputs[0].text
+            return JSONResponse({**head, "created_at": _now(), key: tool_message(plan, text) if plan else wrap(text),
+                                 **_final(out)})
+        held = plan.stream() if plan else None  # text that may be a call's is held back until told apart
 
         async def lines() -> AsyncIterator[str]:
             async for _, out in merged(streams):
                 if out.error:
                     yield _line({"error": out.error})
                     return
-                if out.outputs[0].new_text:
-                    yield _line({**head, "created_at": _now(), key: wrap(out.outputs[0].new_text), "done": False})
+                c = out.outputs[0]
+                new = c.new_text if held is None else held.delta(c.new_text, c.text, False).get("content", "")
+                if new:
+                    yield _line({**head, "created_at": _now(), key: wrap(new), "done": False})
                 if out.finished:
-                    yield _line({**head, "created_at": _now(), key: wrap(""), **_final(out)})
+                    last = wrap("")
+                    if held is not None:  # the text held back, or the calls it held
+                        part = held.delta("", c.text, True)
+                        last = {**tool_message(plan, c.text), "content": part.get("content", "")}
+                    yield _line({**head, "created_at": _now(), key: last, **_final(out)})
         return StreamingResponse(lines(), media_type="application/x-ndjson",
                                  background=BackgroundTask(abort_all, engine, rids))
 
@@ -198,13 +220,21 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
             req = await read(raw)
             if not req.messages:
                 return loaded(req, "message", {"role": "assistant", "content": ""})
-            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+            messages = [{"role": m.role, "content": m.content, **({"tool_calls": m.tool_calls} if m.tool_calls else {})}
+                        for m in req.messages]
             try:
+                plan = ToolPlan.of([Tool.model_validate(t) for t in req.tools], "auto", tool_parser) \
+                    if req.tools else None  # Ollama's tools: the model decides, as tool_choice auto
                 room = min(req.max_tokens(limit), max(1, limit // 4))  # kept for the answer: at most a quarter
-                prompt = await asyncio.to_thread(fitted, tok, messages, limit, room, prompts.max_chars)
+                prompt = await asyncio.to_thread(fitted, tok, messages, limit, room, prompts.max_chars,
+                                                 plan and plan.template_tools())
+            except ValidationError as e:  # (a ValueError too: first)
+                where = ".".join(str(x) for x in e.errors()[0]["loc"])
+                raise APIError(400, f"tools.{where}: {e.errors()[0]['msg']}") from None
             except ValueError as e:
                 raise APIError(400, str(e)) from None
-            return await answer(raw, req, prompt, "message", lambda text: {"role": "assistant", "content": text})
+            return await answer(raw, req, prompt, "message", lambda text: {"role": "assistant", "content": text},
+                                plan)
         return await guarded(work())
 
     mount_ollama_embed(app, engine, prompts, read, guarded)  # /api/embed, /api/embeddings

@@ -95,7 +95,7 @@ class OllamaRequest(Unset):
     def refuse_unsupported(self) -> None:
         self.structured()  # a format that cannot be: refused here, in Ollama's error shape
         asked = {"suffix": self.suffix, "template": self.template, "images": self.images,
-                 "context": self.context, "tools": self.tools, "think": self.think, "logprobs": self.logprobs}
+                 "context": self.context, "think": self.think, "logprobs": self.logprobs}
         for name, value in asked.items():
             if value not in (None, "", [], False):
                 raise ValueError(f"{name} is not supported by this server")

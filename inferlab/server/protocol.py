@@ -28,10 +28,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from inferlab.sampling_params import SamplingParams
+from inferlab.server.constraints import ConstraintFields
 from inferlab.server.messages import MAX_MESSAGES, ChatMessage, template_messages
 from inferlab.server.tools import Tool, ToolPlan
 from inferlab.server.unsupported import UNSUPPORTED, harmless
-from inferlab.structured.params import KINDS, StructuredOutputsParams
+from inferlab.structured.params import StructuredOutputsParams
 
 Float = Annotated[float, Strict()]
 # JSON integers are unbounded; past int64 torch overflows deep inside a step (top_k, seed)
@@ -44,7 +45,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(ConstraintFields):
     model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSUPPORTED ones; the rest are ignored
     NEUTRAL_HERE: ClassVar[dict] = {}  # this endpoint's own do-nothing values (vLLM's defaults differ by endpoint)
 
@@ -70,16 +71,6 @@ class SamplingFields(BaseModel):
     user: StrictStr | None = None
     cache_salt: StrictStr | None = None  # vLLM's: only requests with the same salt share cached blocks
     logit_bias: dict[StrictStr, Float] | None = None  # token id (as a string, OpenAI's) -> bias
-    # a structured output (inferlab/structured/), by any of its clients' names: OpenAI's, vLLM's
-    # (and its older guided_*), llama.cpp server's
-    response_format: dict[StrictStr, Any] | None = None
-    structured_outputs: dict[StrictStr, Any] | None = None
-    guided_json: dict[StrictStr, Any] | StrictStr | None = None
-    guided_regex: StrictStr | None = None
-    guided_choice: list[StrictStr] | None = None
-    guided_grammar: StrictStr | None = None
-    json_schema: dict[StrictStr, Any] | None = None
-    grammar: StrictStr | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -105,30 +96,6 @@ class SamplingFields(BaseModel):
             raise ValueError("logit_bias keys must be token ids (non-negative integers as strings)")
         return {int(k): v for k, v in self.logit_bias.items()}
 
-    def structured(self) -> StructuredOutputsParams | None:
-        """The one structured output the body asks for, by whichever name (None: free text)."""
-        asked = {name: value for name, value in (
-            ("response_format", response_format_constraint(self.response_format)),
-            ("structured_outputs", self.structured_outputs),
-            ("guided_json", None if self.guided_json is None else {"json": self.guided_json}),
-            ("guided_regex", None if self.guided_regex is None else {"regex": self.guided_regex}),
-            ("guided_choice", None if self.guided_choice is None else {"choice": self.guided_choice}),
-            ("guided_grammar", None if self.guided_grammar is None else {"grammar": self.guided_grammar}),
-            ("json_schema", None if self.json_schema is None else {"json": self.json_schema}),
-            ("grammar", None if self.grammar is None else {"grammar": self.grammar})) if value}
-        if len(asked) > 1:
-            raise ValueError(f"{' and '.join(asked)} both constrain the output: send one")
-        if not asked:
-            return None
-        (name, fields), = asked.items()
-        unknown = set(fields) - set(KINDS)
-        if unknown:
-            raise ValueError(f"{name}: unknown field {sorted(unknown)[0]!r}; it takes one of {', '.join(KINDS)}")
-        try:
-            return StructuredOutputsParams(**fields)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             structured_outputs=self.structured(), max_tokens=max_tokens, min_tokens=self.min_tokens,
@@ -148,22 +115,6 @@ class SamplingFields(BaseModel):
     @property
     def continuous_usage(self) -> bool:
         return self.include_usage and self.stream_options.continuous_usage_stats
-
-
-def response_format_constraint(fmt: dict | None) -> dict | None:
-    """OpenAI's `response_format` as StructuredOutputsParams fields: json_object, or json_schema's
-    `schema` (a json_schema without one: any JSON object); text: none."""
-    if not fmt or fmt.get("type") == "text":
-        return None
-    if fmt.get("type") == "json_object":
-        return {"json_object": True}
-    if fmt.get("type") == "json_schema":
-        spec = fmt.get("json_schema")
-        if not isinstance(spec, dict):
-            raise ValueError("response_format json_schema needs a json_schema object (with its schema)")
-        schema = spec.get("schema")
-        return {"json": schema} if schema is not None else {"json_object": True}
-    raise ValueError(f"response_format type must be text, json_object or json_schema, got {fmt.get('type')!r}")
 
 
 class CompletionRequest(SamplingFields):

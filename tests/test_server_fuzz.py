@@ -63,6 +63,16 @@ MESSAGE = st.one_of(
                           optional={"content": st.one_of(st.none(), CONTENT), "name": st.text(max_size=5)}))
 VALID_CHAT = {**VALID, "max_completion_tokens": st.one_of(st.none(), st.integers(1, 4)),
               "logprobs": st.booleans(), "add_generation_prompt": st.booleans()}
+# structured outputs and tools: at most one constraint a valid body (two are a 400), without min_tokens
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+    "x": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["x"], "additionalProperties": False}}}
+CONSTRAINTS = st.sampled_from([
+    {"guided_choice": ["yes", "no"]}, {"guided_regex": "[a-c]{1,3}"}, {"response_format": {"type": "json_object"}},
+    {"structured_outputs": {"choice": ["left", "right"]}}, {"response_format": {"type": "text"}},
+    {"tools": [TOOL], "tool_choice": "none"}])
+CHAT_CONSTRAINTS = st.one_of(CONSTRAINTS, st.sampled_from([
+    {"tools": [TOOL], "tool_choice": "required"}, {"tools": [TOOL], "tool_choice": {"type": "function",
+                                                                                     "function": {"name": "f"}}}]))
 REQUIRED = {
     CMPL: {"prompt": st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3), TOKEN_IDS,
                                st.lists(TOKEN_IDS, min_size=1, max_size=3)), "max_tokens": st.integers(1, 4)},
@@ -71,9 +81,10 @@ REQUIRED = {
 
 # -- faults: patches that make a valid body definitely invalid
 NO_MCT = {"max_completion_tokens": None}  # in chat it would stand in for max_tokens
+NO_ECHO = {"echo": False}  # with echo, max_tokens 0 is valid: the prompt alone, scored
 COMMON_FAULTS = [
     {"model": "gpt-4"}, {"model": 5},
-    *({"max_tokens": v, **NO_MCT} for v in (0, -1, 10**9, 2**64, "4", 2.5, True, [])),
+    *({"max_tokens": v, **NO_MCT, **NO_ECHO} for v in (0, -1, 10**9, 2**64, "4", 2.5, True, [])),
     *({"temperature": v} for v in (-0.5, 101, "hot", float("nan"), float("inf"), True)),
     *({"top_p": v} for v in (0, -0.1, 1.5, float("nan"), "1")),
     *({"top_k": v} for v in (-2, "5", 1.5, 2**63)),
@@ -90,6 +101,9 @@ COMMON_FAULTS = [
     {"stream": True, "stream_options": "x"}, {"stream": True, "stream_options": {"include_usage": "x"}},
     *({"priority": v} for v in ("high", 1.5, 2**64)),
     {"user": 5},
+    {"guided_regex": "("}, {"guided_choice": []}, {"response_format": {"type": "xml"}}, {"response_format": "json"},
+    {"structured_outputs": {"regex": "a", "choice": ["b"]}}, {"structured_outputs": {"json": {"type": 5}}},
+    {"guided_json": "{", "min_tokens": 0}, {"guided_choice": ["a"], "response_format": {"type": "json_object"}},
 ]
 FAULTS = {
     CMPL: [*COMMON_FAULTS,
@@ -105,7 +119,9 @@ FAULTS = {
                                        [{"role": "user", "content": []}],
                                        ["hi"])),
            {"logprobs": "yes"}, {"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1},
-           {"logprobs": False, "top_logprobs": 2},
+           {"logprobs": False, "top_logprobs": 2}, {"tool_choice": "required"}, {"tools": [TOOL]},
+           {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+           {"tools": [{"type": "function"}], "tool_choice": "none"}, {"functions": [{"name": "f"}]},
            *({"max_completion_tokens": v} for v in (0, 10**9, "a")), {"add_generation_prompt": "yes"}],
 }
 
@@ -114,13 +130,18 @@ def loose(valid: st.SearchStrategy) -> st.SearchStrategy:
     return st.one_of(valid, JUNK)
 
 
+LOOSE_CONSTRAINTS = {k: loose(st.sampled_from(["[ab]+", ["a"], {"type": "json_object"}, {"regex": "a"}, [TOOL],
+                                                "required", {"type": "function"}]))
+                     for k in ("guided_choice", "guided_regex", "guided_json", "response_format", "structured_outputs",
+                               "tools", "tool_choice", "json_schema", "grammar")}
 CHAOS = {
     CMPL: st.fixed_dictionaries(
         {"prompt": loose(REQUIRED[CMPL]["prompt"]), "max_tokens": st.sampled_from([1, 2, 0, -1, 10**9, "4"])},
-        optional={k: loose(v) for k, v in VALID_CMPL.items()}),
+        optional={**{k: loose(v) for k, v in VALID_CMPL.items()}, **LOOSE_CONSTRAINTS}),
     CHAT: st.fixed_dictionaries(
         {"messages": loose(REQUIRED[CHAT]["messages"]), "max_tokens": st.sampled_from([1, 2, 0, -1, 10**9, "4"])},
-        optional={**{k: loose(v) for k, v in VALID_CHAT.items()}, "max_completion_tokens": st.sampled_from([None, 1])}),
+        optional={**{k: loose(v) for k, v in VALID_CHAT.items()}, "max_completion_tokens": st.sampled_from([None, 1]),
+                  **LOOSE_CONSTRAINTS}),
 }
 
 
@@ -137,6 +158,9 @@ def requests(draw) -> tuple[str, object, str]:
         body["stream_options"] = {"include_usage": draw(st.booleans())}
     if body.get("logprobs") is True and draw(st.booleans()):
         body["top_logprobs"] = draw(st.integers(0, 20))
+    if draw(st.booleans()):
+        body.pop("min_tokens", None)
+        body.update(draw(CHAT_CONSTRAINTS if path == CHAT else CONSTRAINTS))
     if kind == "4xx":
         body.update(draw(st.sampled_from(FAULTS[path])))
     return path, body, kind

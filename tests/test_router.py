@@ -290,6 +290,16 @@ def test_router_passes_bad_bodies_to_the_backend_and_serves_model_lookups(tiny):
         assert nested.status_code == 400 and "not valid JSON" in nested.json()["error"]["message"]
         ok = httpx.post(f"{r}/v1/completions", json={"prompt": "hi", "messages": None, "max_tokens": 2}, timeout=30)
         assert ok.status_code == 200
+        for stream in (False, True):  # the Responses API, its typed events passed through as they come
+            body = {"input": "hi", "max_output_tokens": 2, "temperature": 0, "stream": stream}
+            got, want = (httpx.post(f"{u}/v1/responses", json=body, timeout=30) for u in (r, a))
+            assert got.status_code == want.status_code == 200
+            if stream:
+                kinds = [line for line in got.text.splitlines() if line.startswith("event: ")]
+                assert kinds == [line for line in want.text.splitlines() if line.startswith("event: ")]
+            else:
+                (mine,), (theirs,) = got.json()["output"], want.json()["output"]
+                assert mine["content"] == theirs["content"]
         model = httpx.get(f"{r}/v1/models/tiny", timeout=30)
         assert model.status_code == 200 and model.json()["id"] == "tiny"
         assert httpx.get(f"{r}/v1/models/other", timeout=30).status_code == 404

@@ -1,5 +1,5 @@
-"""The router's HTTP app: /v1/completions, /v1/chat/completions, /v1/embeddings and vLLM's /classify,
-/score and /rerank proxied to a backend (streams passed through as they come), /v1/models, /health
+"""The router's HTTP app: /v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings and
+vLLM's /classify, /score and /rerank proxied to a backend (streams passed through as they come), /v1/models, /health
 and /metrics with per-backend counts.
 
 Each request goes to a healthy backend the routing policy chooses; one that cannot be reached is
@@ -217,6 +217,7 @@ def build_router_app(backends: list[Backend], policy: str = "round_robin", prefi
     async def chat_completions(raw: Request) -> Response:
         return await proxy(raw, "/v1/chat/completions")
 
+    @app.post("/v1/responses")  # (its P/D split would need max_tokens: not split)
     @app.post("/v1/embeddings")
     @app.post("/classify")
     @app.post("/score")

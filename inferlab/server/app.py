@@ -1,6 +1,6 @@
 """The HTTP routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings (`embeddings.py`),
-/health, /metrics, vLLM's /tokenize, /detokenize, /version, /classify, /score and /rerank
-(`scoring.py`), and Ollama's /api/* (`ollama.py`).
+/v1/responses (`responses.py`), /health, /metrics, vLLM's /tokenize, /detokenize, /version, /classify,
+/score and /rerank (`scoring.py`), and Ollama's /api/* (`ollama.py`).
 
 Every client mistake is a 4xx with an OpenAI-style JSON error; a 500 means the server failed.
 """
@@ -30,6 +30,7 @@ from inferlab.server.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+from inferlab.server.responses import mount_responses
 from inferlab.server.scoring import mount_scoring
 from inferlab.server.streams import APIError, check_model, collect, off_loop, sse_events, start, streaming
 from inferlab.server.tools import ToolPlan
@@ -280,5 +281,6 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
 
     mount_embeddings(app, engine, model_name, prompts)
     mount_scoring(app, engine, model_name, prompts)
+    mount_responses(app, engine, model_name, prompts)
     mount_ollama(app, engine, model_name, prompts, tool_parser)
     return app

@@ -44,8 +44,11 @@ class Grammars:
     def guide(self, params: StructuredOutputsParams) -> Guide:
         import llguidance
         if self._vocab is None:
-            self._vocab = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
-                                                 eos_token=sorted(self.eos_ids) or None)
+            try:
+                self._vocab = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
+                                                     eos_token=sorted(self.eos_ids) or None)
+            except Exception as e:  # (llguidance raises its own kinds for a vocabulary it cannot take)
+                raise ValueError(f"structured outputs cannot use this model's vocabulary: {e}") from None
         matcher = llguidance.LLMatcher(self._vocab, params.lark(), log_level=0)
         if matcher.is_error():
             raise ValueError(f"the structured output's grammar cannot be used: {matcher.get_error()}")

@@ -119,7 +119,7 @@ FAULTS = {
                                        [{"role": "user", "content": []}],
                                        ["hi"])),
            {"logprobs": "yes"}, {"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1},
-           {"logprobs": False, "top_logprobs": 2}, {"tool_choice": "required"}, {"tools": [TOOL]},
+           {"logprobs": False, "top_logprobs": 2}, {"tool_choice": "required", "tools": None}, {"tools": [TOOL], "tool_choice": "auto"},
            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
            {"tools": [{"type": "function"}], "tool_choice": "none"}, {"functions": [{"name": "f"}]},
            *({"max_completion_tokens": v} for v in (0, 10**9, "a")), {"add_generation_prompt": "yes"}],

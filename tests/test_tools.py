@@ -148,8 +148,8 @@ def test_ollamas_chat_takes_tools_where_the_server_reads_calls(server, smol):
     message = reply.json()["message"]  # this small model writes no call: its text, as without tools
     assert reply.status_code == 200 and message["content"] and "tool_calls" not in message
     plan = ToolPlan("auto", [], None, parser=Hermes())
-    assert tool_message(plan, 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
-                              '</tool_call>') == {"role": "assistant", "content": "Sure.", "tool_calls": [
+    assert tool_message(*plan.message('Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                                      '</tool_call>')) == {"role": "assistant", "content": "Sure.", "tool_calls": [
         {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}  # Ollama's: arguments an object
     with running_server(smol, num_kv_blocks=32) as plain:  # no tool-call parser: said, not ignored
         r = httpx.post(f"{plain.url}/api/chat", json={"model": MODEL, "messages": ASK, "tools": TOOLS}, timeout=60)

@@ -33,7 +33,6 @@ from inferlab.server.protocol import (
 from inferlab.server.responses import mount_responses
 from inferlab.server.scoring import mount_scoring
 from inferlab.server.streams import APIError, check_model, collect, off_loop, sse_events, start, streaming
-from inferlab.server.tools import ToolPlan
 
 MAX_N = 64
 MAX_CHOICES = 2048  # prompts x n in one completion request
@@ -234,17 +233,19 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
                 return None
             return fmt.chat_logprobs(tok, fmt.new_logprobs(out, count), num_logprobs)
 
-        def answer(out: RequestOutput) -> dict:
+        def choice_whole(i: int, out: RequestOutput) -> dict:
             content, calls = plan.message(out.outputs[0].text)
-            return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            return {"index": i, "message": {"role": "assistant", "content": content,
+                                            **({"tool_calls": calls} if calls else {})},
+                    "logprobs": logprobs(out, len(out.outputs[0].token_ids)),
+                    "finish_reason": plan.finish_reason(fmt.finish_reason(out), calls),
+                    "stop_reason": out.outputs[0].stop_reason}
 
         if not req.stream:
             finals = await collect(engine, raw, rids, streams)
 
             def body() -> dict:
-                choices = [{"index": i, "message": answer(o), "logprobs": logprobs(o, len(o.outputs[0].token_ids)),
-                            "finish_reason": ended(o, plan), "stop_reason": o.outputs[0].stop_reason}
-                           for i, o in enumerate(finals)]
+                choices = [choice_whole(i, o) for i, o in enumerate(finals)]
                 scored = {"prompt_logprobs": fmt.prompt_logprobs(tok, finals[0])} if req.prompt_logprobs is not None \
                     else {}  # one prompt for every choice: vLLM's place for them is the response's top level
                 return {**head, "object": "chat.completion", "choices": choices, "usage": usage(finals, req.n),
@@ -267,17 +268,11 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
                 return None
             if delta and not part:
                 part = {"content": ""}
-            return {"index": i, "delta": {**delta, **part}, "logprobs": lp, "finish_reason": ended(out, plan),
+            return {"index": i, "delta": {**delta, **part}, "logprobs": lp,
+                    "finish_reason": plan.finish_reason(fmt.finish_reason(out), part.get("tool_calls")),
                     "stop_reason": c.stop_reason}
 
         return streaming(engine, sse_events(req, streams, chunk, choice, usage), rids)
-
-    def ended(out: RequestOutput, plan: ToolPlan) -> str | None:
-        """The finish reason; "tool_calls" where tool_choice auto or required ended in calls (OpenAI's)."""
-        reason = fmt.finish_reason(out)
-        if reason == "stop" and plan.mode in ("auto", "required") and plan.message(out.outputs[0].text)[1]:
-            return "tool_calls"
-        return reason
 
     mount_embeddings(app, engine, model_name, prompts)
     mount_scoring(app, engine, model_name, prompts)

@@ -106,10 +106,9 @@ def shortened(prompt: dict, limit: int, answer: int, keep: int) -> dict:
     return {**prompt, "prompt": None, "prompt_token_ids": ids[:keep] + ids[len(ids) - (room - keep):]}
 
 
-def tool_message(plan: ToolPlan, text: str) -> dict:
-    """An answer as Ollama's message: its text, and the calls the server's tool-call parser read in
-    it, their arguments as objects (Ollama's)."""
-    content, calls = plan.message(text)
+def tool_message(content: str | None, calls: list[dict]) -> dict:
+    """An answer's text and the calls the server's tool-call parser read in it (`ToolPlan.message`)
+    as Ollama's message: the calls' arguments as objects."""
     return {"role": "assistant", "content": content or "", **({"tool_calls": [
         {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
         for c in calls]} if calls else {})}
@@ -160,8 +159,8 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
         if not req.stream:
             out = (await collect(engine, raw, rids, streams))[0]
             text = out.outputs[0].text
-            return JSONResponse({**head, "created_at": _now(), key: tool_message(plan, text) if plan else wrap(text),
-                                 **_final(out)})
+            said = tool_message(*plan.message(text)) if plan else wrap(text)
+            return JSONResponse({**head, "created_at": _now(), key: said, **_final(out)})
         held = plan.stream() if plan else None  # text that may be a call's is held back until told apart
 
         async def lines() -> AsyncIterator[str]:
@@ -177,7 +176,7 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
                     last = wrap("")
                     if held is not None:  # the text held back, or the calls it held
                         part = held.delta("", c.text, True)
-                        last = {**tool_message(plan, c.text), "content": part.get("content", "")}
+                        last = tool_message(part.get("content"), part.get("tool_calls", []))
                     yield _line({**head, "created_at": _now(), key: last, **_final(out)})
         return StreamingResponse(lines(), media_type="application/x-ndjson",
                                  background=BackgroundTask(abort_all, engine, rids))

@@ -100,9 +100,8 @@ def mount_responses(app: FastAPI, engine: AsyncEngine, model_name: str, prompts:
     async def responses(req: ResponsesRequest, raw: Request):
         check_model(req.model, model_name)
         req.check()
-        try:
+        try:  # (a text.format that cannot be is refused by `start`, before anything is added)
             prompt = await prompts.chat(req.messages(), True, False, None, None)
-            req.sampling_params(None, None)  # a format that cannot be: refused before anything is added
         except ValueError as e:
             raise APIError(400, str(e)) from None
         base, rids, streams = await start(engine, req, [prompt], req.max_output_tokens, None)

@@ -43,6 +43,7 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
     base, max_model_len = uuid.uuid4().hex, engine.engine.max_request_tokens
     choices = []
     try:
+        params = req.sampling_params(max_tokens, num_logprobs)  # once: a structured output's grammar is compiled
         for i, prompt in enumerate(prompts):
             n_prompt = len(prompt["prompt_token_ids"])
             if max_tokens is not None and n_prompt + max_tokens > max_model_len:
@@ -52,8 +53,7 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
                                      "computes (and leaves out)")
                 raise ValueError(f"this model's maximum context length is {max_model_len} tokens, but {n_prompt} "
                                  f"prompt token{'s' if n_prompt != 1 else ''} + max_tokens {max_tokens} exceed it")
-            choices += [(f"{base}-{i}-{j}", prompt, req.sampling_params(max_tokens, num_logprobs).fork(j), req.priority)
-                        for j in range(req.n)]
+            choices += [(f"{base}-{i}-{j}", prompt, params.fork(j), req.priority) for j in range(req.n)]
         streams = await engine.add_many(choices)
     except OutOfKVMemoryError as e:  # kv_allocation="reserve"
         bm = engine.engine.block_manager  # what all its choices reserve together (prompt + max_tokens each)

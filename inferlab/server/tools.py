@@ -113,6 +113,10 @@ class ToolPlan:
             return content, calls if self.parallel else calls[:1]
         return text, []
 
+    def finish_reason(self, reason: str | None, calls: list[dict] | None) -> str | None:
+        """OpenAI's: "tool_calls" where auto or required ended in `calls`, else the engine's `reason`."""
+        return "tool_calls" if reason == "stop" and calls and self.mode in ("auto", "required") else reason
+
     def stream(self) -> ToolStream:
         return ToolStream(self)
 

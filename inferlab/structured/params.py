@@ -3,7 +3,7 @@ in llguidance's form (Lark, its JSON schemas and regular expressions included)."
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
@@ -20,6 +20,10 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+    # (the fields' JSON, their grammar): what `lark` made, for the fields as they were then; and the
+    # fields' JSON when they last passed `validate`
+    _compiled: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
+    _valid: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -46,6 +50,8 @@ class StructuredOutputsParams:
             raise ValueError(f"grammar must be a non-empty string, got {self.grammar!r}")
         if not isinstance(self.json_object, bool):
             raise ValueError(f"json_object must be true or false, got {self.json_object!r}")
+        if self._valid == self._key():
+            return  # checked already (a request's params are validated when made, forked and added)
         from llguidance import LLMatcher
         try:
             failed, messages = LLMatcher.validate_grammar_with_warnings(self.lark())
@@ -54,9 +60,19 @@ class StructuredOutputsParams:
         if failed:
             what = {"json": "JSON schema", "json_object": "JSON grammar"}.get(given[0], given[0])
             raise ValueError(f"the {what} cannot be compiled: {one_line(' '.join(messages))}")
+        self._valid = self._key()
+
+    def _key(self) -> str:
+        return json.dumps([getattr(self, k) for k in KINDS], sort_keys=True, default=repr)
 
     def lark(self) -> str:
-        """The constraint as one llguidance grammar."""
+        """The constraint as one llguidance grammar (made once for the fields as they are)."""
+        key = self._key()
+        if self._compiled is None or self._compiled[0] != key:
+            self._compiled = key, self._grammar()
+        return self._compiled[1]
+
+    def _grammar(self) -> str:
         from llguidance import LLMatcher
         if self.json is not None or self.json_object:
             return LLMatcher.grammar_from_json_schema(self.json if self.json is not None else {"type": "object"})

@@ -23,7 +23,7 @@ from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError, in_hf_names
 from inferlab.model.deepseek import DeepseekForCausalLM
 from inferlab.model.default_dtype import default_dtype
 from inferlab.model.layers import quant
-from inferlab.model.layers.classifier import Classifier, head_token_ids
+from inferlab.model.layers.classifier import Classifier, head_tensors
 from inferlab.model.layers.keep import BF16_MATRIX_ISAS, quantization_mode
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
@@ -245,14 +245,11 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
     tokenizer = Tokenizer.from_folder(path, cfg)
     heads: dict[str, torch.Tensor] = {}
     tensors = hf_folder.causal_lm_names(hf_folder.weights(files))
-    if from_tokens:  # a causal LM read as a classifier: its head's rows of those tokens are the classes
+    if named in CLASSIFIERS:
         try:
-            ids = head_token_ids(from_tokens, tokenizer.backend.token_to_id)
+            tensors = head_tensors(cfg, tensors, tokenizer.backend.token_to_id, heads)
         except ValueError as e:
             raise ModelLoadError(f"cannot load {path}: {e}") from None
-        tensors = _rows(("lm_head.weight", "model.embed_tokens.weight"), ids, tensors, heads)
-    elif named in CLASSIFIERS:
-        tensors = _take("score.weight", tensors, heads)
     model = _build(args, tensors, torch_dtype, device, quantization, int8_activations)
     if named in CLASSIFIERS:
         try:
@@ -260,23 +257,6 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
         except ValueError as e:
             raise ModelLoadError(f"cannot load {path}: {e}") from None
     return model, tokenizer
-
-
-def _rows(names: tuple[str, ...], ids: list[int], tensors: Weights, into: dict[str, torch.Tensor]) -> Weights:
-    """`tensors` as they are, keeping rows `ids` (in fp32) of those called `names` in `into`."""
-    for source, tensor, wtype in tensors:
-        if source in names:
-            into[source] = tensor[ids].float()
-        yield source, tensor, wtype
-
-
-def _take(name: str, tensors: Weights, into: dict[str, torch.Tensor]) -> Weights:
-    """`tensors` without the one called `name`, which goes to `into` (a head the model builds itself)."""
-    for source, tensor, wtype in tensors:
-        if source == name:
-            into[name] = tensor
-        else:
-            yield source, tensor, wtype
 
 
 def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,

@@ -5,7 +5,7 @@ token, as those models are trained. Kept in fp32 whatever the model's dtype: it 
 few rows of the hidden size, and its outputs are what the user reads."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -62,6 +62,26 @@ class Classifier(torch.nn.Module):
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities from logits: sigmoid or softmax, as the head was trained."""
         return logits.sigmoid() if self.sigmoid else logits.softmax(-1)
+
+
+def head_tensors(cfg: dict, tensors: Iterator[tuple], token_to_id: Callable[[str], int | None],
+                 into: dict[str, torch.Tensor]) -> Iterator[tuple]:
+    """A classification checkpoint's (name, tensor, type) stream for the model, while what its head is
+    made of goes to `into` as it passes (see `Classifier.from_checkpoint`): score.weight, taken out;
+    or with `classifier_from_token`, those tokens' rows (fp32) of the LM head and the embedding, which
+    stay in the stream."""
+    tokens = cfg.get("classifier_from_token")
+    ids = head_token_ids(tokens, token_to_id) if tokens else None  # (refused now, before any tensor is read)
+
+    def stream() -> Iterator[tuple]:
+        for name, tensor, wtype in tensors:
+            if ids is None and name == "score.weight":
+                into[name] = tensor
+                continue
+            if ids is not None and name in ("lm_head.weight", "model.embed_tokens.weight"):
+                into[name] = tensor[ids].float()
+            yield name, tensor, wtype
+    return stream()
 
 
 def head_token_ids(tokens: object, token_to_id: Callable[[str], int | None]) -> list[int]:

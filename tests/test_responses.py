@@ -1,20 +1,31 @@
 """OpenAI's Responses API (inferlab/server/responses.py), as its Python client calls it: the answer
 of chat completions as one output message, whole or as the API's typed events in order, JSON held
-to a text.format schema, and what the route does not do refused in one line."""
+to a text.format schema, function tools' calls as function_call items (whole and streamed), an
+agent's replayed calls and their outputs read as chat completions reads them, and what the route
+does not do refused in one line."""
 from __future__ import annotations
 
+import asyncio
 import json
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from test_server import MODEL, running_server
+from test_tools import TOOLS
+
+from inferlab.server.responses import ResponsesRequest
+from inferlab.server.responses_output import Answer, events, output_items
+from inferlab.server.tools import Hermes, ToolPlan
 
 QUESTION = "What is the capital of France?"
+# the Responses API's function tools: chat completions' functions one level up
+FLAT = [{"type": "function", **t["function"]} for t in TOOLS]
 
 
 @pytest.fixture(scope="module")
 def server(smol):
-    with running_server(smol, num_kv_blocks=64) as s:
+    with running_server(smol, num_kv_blocks=64, tool_parser="hermes") as s:
         yield s
 
 
@@ -60,7 +71,14 @@ def test_text_format_holds_the_answer_to_a_schema(client):
 
 @pytest.mark.parametrize("extra, words", [
     ({"previous_response_id": "resp_1"}, "previous_response_id is not supported"),
-    ({"tools": [{"type": "function", "name": "f"}]}, "tools are not supported on /v1/responses yet"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0: 'web_search' tools are not supported"),
+    ({"tools": [{"type": "function"}]}, "tools.0: Field required (name)"),
+    ({"tools": FLAT, "tool_choice": {"type": "function", "name": "f"}}, "tool_choice names 'f', which is not among"),
+    ({"tools": FLAT, "tool_choice": {"type": "file_search"}}, "tool_choice must be none, auto, required or"),
+    ({"tools": FLAT, "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
+     "tool_choice required and text.format both constrain the answer"),
+    ({"input": [{"type": "function_call", "call_id": "c"}]}, "Field required"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
     ({"text": {"format": {"type": "xml"}}}, "text.format: type must be text, json_object or json_schema"),
     ({"text": {"format": {"type": "json_schema", "schema": {"type": 5}}}}, "text.format: the JSON schema cannot"),
     ({"max_output_tokens": 0}, "max_output_tokens must be an integer >= 1"),
@@ -69,5 +87,92 @@ def test_text_format_holds_the_answer_to_a_schema(client):
 ])
 def test_refusals(server, extra, words):
     r = httpx.post(f"{server.url}/v1/responses", json={"input": "hi", **extra}, timeout=30)
-    assert r.status_code in (400, 404) and words in r.json()["error"]["message"], r.text
+    assert r.status_code in (400, 404, 422) and words in r.json()["error"]["message"], r.text
     assert not server.engine.engine.requests
+
+
+def test_a_named_function_is_a_function_call_item_whole_and_streamed(client):
+    ask = dict(model=MODEL, input="What time is it?", tools=FLAT, temperature=0, max_output_tokens=40,
+               tool_choice={"type": "function", "name": "get_time"})
+    r = client.responses.create(**ask)
+    (call,) = r.output
+    assert r.status == "completed" and call.type == "function_call" and call.name == "get_time"
+    assert json.loads(call.arguments)["zone"] in ("UTC", "CET") and r.output_text == ""
+    events = list(client.responses.create(**ask, stream=True))
+    kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     *["response.function_call_arguments.delta"] * len(deltas),
+                     "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    (done,) = events[-1].response.output
+    assert "".join(deltas) == events[-3].arguments == done.arguments == call.arguments
+    assert done.call_id == events[2].item.call_id and done.name == "get_time" and done.status == "completed"
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_answers_calls_to_the_tools(client, parallel):
+    r = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=FLAT, temperature=0,
+                                max_output_tokens=60, tool_choice="required", parallel_tool_calls=parallel)
+    assert r.output and all(c.type == "function_call" for c in r.output) and (parallel or len(r.output) == 1)
+    for c in r.output:
+        assert (c.name, set(json.loads(c.arguments))) in (("get_weather", {"city"}), ("get_time", {"zone"}))
+    assert len({c.call_id for c in r.output}) == len(r.output) and r.parallel_tool_calls == parallel
+
+
+def test_auto_reads_the_parsers_calls_and_streams_the_text_before_them():
+    plan = ToolPlan("auto", [], None, parser=Hermes())
+    text = 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    said, call = output_items(plan, text)
+    assert said["content"][0]["text"] == "Sure." and (call["name"], call["arguments"]) == (
+        "get_weather", '{"city": "Paris"}')
+    assert [i["type"] for i in output_items(plan, "It is sunny.")] == ["message"]
+
+    async def one_stream():  # the engine's outputs, a few characters at a time
+        for end in range(4, len(text) + 4, 4):
+            piece = text[end - 4:end]
+            yield SimpleNamespace(error=None, finished=end >= len(text), prompt_token_ids=[1], num_cached_tokens=0,
+                                  outputs=[SimpleNamespace(new_text=piece, text=text[:end], token_ids=[0],
+                                                           finish_reason="stop")])
+
+    async def sent():
+        return [json.loads(e.split("data: ", 1)[1]) async for e in events(Answer("r", MODEL, {}, plan), [one_stream()])]
+
+    got = asyncio.run(sent())
+    final = got[-1]["response"]["output"]
+    assert "".join(e["delta"] for e in got if e["type"] == "response.output_text.delta").strip() == "Sure."
+    assert [i["type"] for i in final] == ["message", "function_call"] and final[1]["name"] == "get_weather"
+    assert final[0]["content"][0]["text"].strip() == "Sure." and got[-1]["type"] == "response.completed"
+    assert [e["sequence_number"] for e in got] == list(range(len(got)))
+
+
+def test_an_agents_replayed_calls_and_outputs_read_as_chat_completions_reads_them(server, smol):
+    call_args = '{"city": "Paris"}'
+    items = [{"role": "user", "content": "What is the weather in Paris?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": call_args,
+              "id": "fc_1", "status": "completed"},
+             {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"}]
+    chat = [{"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": call_args}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]
+    template = "{% for m in messages %}{{ m.role }}:{{ m.content }}{% for c in m.tool_calls or [] %}[{{ c.id }} " \
+               "{{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}{{ m.tool_call_id or '' }};" \
+               "{% endfor %}"
+    req = ResponsesRequest(input=items)
+    assert smol[1].apply_chat_template(req.messages(), chat_template=template) == \
+        'user:What is the weather in Paris?;assistant:[call_1 get_weather {"city": "Paris"}];tool:Sunny, 21 Ccall_1;'
+    r = httpx.post(f"{server.url}/v1/responses", json={"input": items, "tools": FLAT, "tool_choice": "none",
+                                                       "max_output_tokens": 1}, timeout=60).json()
+    c = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": chat, "max_tokens": 1}, timeout=60).json()
+    assert r["usage"]["input_tokens"] == c["usage"]["prompt_tokens"]
+
+
+def test_tools_reach_the_template_as_chat_completions_gives_them_and_auto_needs_the_servers_parser(client):
+    assert ResponsesRequest(input="hi", tools=FLAT, tool_choice="required").tool_plan(None).template_tools() == TOOLS
+    r = client.responses.create(model=MODEL, input="What is the weather in Paris?", max_output_tokens=8,
+                                temperature=0, tools=FLAT)  # auto: the server reads Hermes' calls
+    assert [i.type for i in r.output] == ["message"] and r.output_text  # this small model writes no call
+    assert r.tool_choice == "auto" and [t.name for t in r.tools] == ["get_weather", "get_time"]
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice"):
+        ResponsesRequest(input="hi", tools=FLAT).tool_plan(None)
+    assert ResponsesRequest(input="hi", tools=FLAT, tool_choice="none").tool_plan(None).mode == "none"

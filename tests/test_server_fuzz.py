@@ -145,11 +145,37 @@ CHAOS = {
                   **LOOSE_CONSTRAINTS}),
 }
 
+# /v1/responses, chaos only: items, function tools and formats, valid or not
+RESP = "/v1/responses"
+FLAT_TOOL = {"type": "function", **TOOL["function"]}
+ITEM = st.one_of(
+    MESSAGE.filter(lambda m: m["role"] != "tool"),
+    st.fixed_dictionaries({"type": st.just("function_call"), "call_id": st.text(max_size=4), "name": st.just("f"),
+                           "arguments": st.sampled_from(['{"x": 1}', "{", ""])}),
+    st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": st.text(max_size=4),
+                           "output": st.one_of(st.text(max_size=8), st.lists(PART, max_size=2))}),
+    st.fixed_dictionaries({"type": st.sampled_from(["reasoning", "web_search_call", "message"])}), JUNK)
+RESP_CHAOS = st.fixed_dictionaries(
+    {"input": loose(st.one_of(TEXT, st.lists(ITEM, max_size=4))),
+     "max_output_tokens": st.sampled_from([1, 2, 0, -1, "4"])},  # (left out: up to the context)
+    optional={"stream": loose(st.booleans()),
+              "instructions": loose(st.text(max_size=8)), "temperature": loose(st.floats(0, 2)),
+              "tools": loose(st.lists(st.one_of(st.just(FLAT_TOOL), st.just(TOOL), st.just({"type": "web_search"}),
+                                                JUNK), max_size=2)),
+              "tool_choice": loose(st.sampled_from(["none", "auto", "required", {"type": "function", "name": "f"},
+                                                    {"type": "function", "name": "g"}, {"type": "function"}])),
+              "parallel_tool_calls": loose(st.booleans()),
+              "text": loose(st.sampled_from([{"format": {"type": "json_object"}}, {"format": {"type": "xml"}},
+                                             {"format": "json"}, {"format": {"type": "json_schema", "schema": 5}}])),
+              "previous_response_id": loose(st.none()), "model": loose(st.just(MODEL))})
+
 
 @st.composite
 def requests(draw) -> tuple[str, object, str]:
     """(path, body, what to expect: "ok", "4xx" or "no 5xx")."""
-    path = draw(st.sampled_from([CMPL, CHAT]))
+    path = draw(st.sampled_from([CMPL, CHAT, RESP]))
+    if path == RESP:
+        return path, draw(RESP_CHAOS), "no 5xx"
     kind = draw(st.sampled_from(["ok", "4xx", "no 5xx"]))
     if kind == "no 5xx":
         body = draw(st.one_of(CHAOS[path], CHAOS[CHAT if path == CMPL else CMPL], JUNK))
@@ -221,6 +247,9 @@ def test_random_bodies_never_break_the_server(http, request):
         assert 400 <= r.status_code < 500, r.text
         err = r.json()["error"]
         assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), err
+    elif path == RESP:  # a response object, or its events to the last
+        final = r.json() if not body.get("stream") else sse_data(r.text.splitlines())[-1]["response"]
+        assert final["status"] in ("completed", "incomplete") and final["output"], final
     elif not body.get("stream"):
         assert r.json()["choices"]
     else:

@@ -1,0 +1,147 @@
+"""What /v1/responses answers (responses.py reads the request): the response object, whose output
+items are the answer's text as one message and each tool call as a function_call item, whole or as
+the API's typed events (response.created ... response.output_text.delta or
+response.function_call_arguments.delta ... response.completed). A stream opens each item as its
+first text or call arrives (tools.ToolStream decides which text is a call's), and the final object
+holds what the stream sent."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from inferlab.outputs import RequestOutput
+from inferlab.server.streams import merged
+from inferlab.server.tools import ToolPlan
+
+
+@dataclass
+class Answer:
+    id: str
+    model: str
+    echoed: dict  # the request's settings, which the response object repeats
+    plan: ToolPlan
+
+
+def message(text: str, item_id: str, status: str = "completed") -> dict:
+    content = [text_part(text)] if status == "completed" else []
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def function_call(call: dict, item_id: str, status: str = "completed") -> dict:
+    """A chat completion's tool call (tools.call) as a function_call item."""
+    fn = call["function"]
+    return {"type": "function_call", "id": item_id, "call_id": call["id"], "name": fn["name"],
+            "arguments": fn["arguments"] if status == "completed" else "", "status": status}
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex}"
+
+
+def output_items(plan: ToolPlan, text: str) -> list[dict]:
+    """A finished answer's items: its text (if any, or if there is nothing else) and its calls."""
+    content, calls = plan.message(text)
+    said = [message(content or "", new_id("msg"))] if content or not calls else []
+    return said + [function_call(c, new_id("fc")) for c in calls]
+
+
+def body(answer: Answer, out: RequestOutput | None, items: list[dict] | None = None) -> dict:
+    """The response object: in progress (out None), or finished with its output items (`items`:
+    those a stream sent; else read from the answer's text)."""
+    done = out is not None and out.finished
+    status = "in_progress" if not done else "incomplete" if out.outputs[0].finish_reason == "length" else "completed"
+    used = {} if out is None else {"usage": {
+        "input_tokens": len(out.prompt_token_ids), "input_tokens_details": {"cached_tokens": out.num_cached_tokens},
+        "output_tokens": len(out.outputs[0].token_ids), "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": len(out.prompt_token_ids) + len(out.outputs[0].token_ids)}}
+    output = [] if not done else items if items is not None else output_items(answer.plan, out.outputs[0].text)
+    return {"id": answer.id, "object": "response", "created_at": int(time.time()), "status": status,
+            "model": answer.model, "output": output, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            **answer.echoed, "truncation": "disabled", "store": False, "previous_response_id": None,
+            "reasoning": None, **used}
+
+
+class Events:
+    """A stream's server-sent events, numbered in order, and the output items they open and close."""
+
+    def __init__(self) -> None:
+        self.seq, self.items, self.text = 0, [], ""
+        self.msg: int | None = None  # the message's output index, once its text began
+        self.calls: dict[int, int] = {}  # a call's index in the answer -> its output index
+
+    def event(self, kind: str, **fields) -> str:
+        self.seq += 1
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': self.seq - 1, **fields})}\n\n"
+
+    def where(self) -> dict:
+        return {"item_id": self.items[self.msg]["id"], "output_index": self.msg, "content_index": 0}
+
+    def text_delta(self, delta: str) -> list[str]:
+        sent = []
+        if self.msg is None:
+            self.msg = len(self.items)
+            self.items.append(message("", new_id("msg"), "in_progress"))
+            sent += [self.event("response.output_item.added", output_index=self.msg, item=self.items[self.msg]),
+                     self.event("response.content_part.added", **self.where(), part=text_part(""))]
+        self.text += delta
+        return sent + [self.event("response.output_text.delta", **self.where(), delta=delta, logprobs=[])] \
+            if delta else sent
+
+    def call_delta(self, part: dict) -> list[str]:
+        sent = []
+        if part["index"] not in self.calls:
+            at = self.calls[part["index"]] = len(self.items)
+            self.items.append(function_call(part, new_id("fc"), "in_progress"))
+            sent.append(self.event("response.output_item.added", output_index=at, item=self.items[at]))
+        at = self.calls[part["index"]]
+        piece = part["function"]["arguments"]
+        self.items[at]["arguments"] += piece
+        return sent + [self.event("response.function_call_arguments.delta", item_id=self.items[at]["id"],
+                                  output_index=at, delta=piece)] if piece else sent
+
+    def close(self) -> list[str]:
+        """Every item's closing events, in output order."""
+        sent = [] if self.items else self.text_delta("")  # an empty answer is still one message
+        for at, item in enumerate(self.items):
+            item["status"] = "completed"
+            if item["type"] == "message":
+                item["content"] = [text_part(self.text)]
+                sent += [self.event("response.output_text.done", **self.where(), text=self.text, logprobs=[]),
+                         self.event("response.content_part.done", **self.where(), part=text_part(self.text))]
+            else:
+                sent.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                                       name=item["name"], arguments=item["arguments"]))
+            sent.append(self.event("response.output_item.done", output_index=at, item=item))
+        return sent
+
+
+async def events(answer: Answer, streams) -> AsyncIterator[str]:
+    """The API's typed events, as server-sent events with their `event:` names."""
+    ev, deltas = Events(), answer.plan.stream()
+    yield ev.event("response.created", response=body(answer, None))
+    yield ev.event("response.in_progress", response=body(answer, None))
+    async for _, out in merged(streams):
+        if out.error:
+            yield ev.event("error", code="server_error", message=out.error, param=None)
+            return
+        c = out.outputs[0]
+        part = deltas.delta(c.new_text, c.text, out.finished)
+        for sent in (ev.text_delta(part["content"]) if part.get("content") else []):
+            yield sent
+        for call in part.get("tool_calls", []):
+            for sent in ev.call_delta(call):
+                yield sent
+        if out.finished:
+            for sent in ev.close():
+                yield sent
+            final = body(answer, out, ev.items)
+            yield ev.event("response.completed" if final["status"] == "completed" else "response.incomplete",
+                           response=final)

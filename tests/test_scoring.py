@@ -4,6 +4,8 @@ on checkpoints its own classes saved; an embedding model scores a pair by cosine
 routes /classify, /score and /rerank answer in vLLM's shape and refuse what cannot be done."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -98,6 +100,66 @@ def test_a_causal_lm_read_as_qwen3_reranker_scores_yes_against_no(tmp_path, tied
     with pytest.raises(ModelLoadError, match="classifier_from_token: 'no' is not a token of this vocabulary"):
         load_model(ckpt.path, "float32", torch.device("cpu"), hf_overrides={**overrides,
                                                                              "classifier_from_token": ["no", yes]})
+
+
+RERANK = "<|im_start|>system\nJudge: yes or no.<|im_end|>\n<|im_start|>user\n<Query>: {query}\n<Document>: {document}" \
+    "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def write_reranker_gguf(ckpt, tok, path: str, rows: list[int], extra: dict | None = None) -> str:
+    """A Qwen3 reranker GGUF as llama.cpp's converter writes one: cls.output the LM head's yes and no
+    rows (`rows`), the LM head itself left out, rank pooling and the pair template."""
+    import gguf
+    from test_moe_models import gguf_tensors
+    cfg, w = ckpt.hf.config, gguf.GGUFWriter(path, "qwen3")
+    for key, value in [("block_count", cfg.num_hidden_layers), ("context_length", cfg.max_position_embeddings),
+                       ("embedding_length", cfg.hidden_size), ("feed_forward_length", cfg.intermediate_size),
+                       ("attention.head_count", cfg.num_attention_heads), ("pooling_type", 4),
+                       ("attention.head_count_kv", cfg.num_key_value_heads), ("attention.key_length", cfg.head_dim),
+                       ("attention.value_length", cfg.head_dim)]:
+        w.add_uint32(f"qwen3.{key}", value)
+    w.add_float32("qwen3.rope.freq_base", cfg.rope_parameters["rope_theta"])
+    w.add_float32("qwen3.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_array("qwen3.classifier.output_labels", ["yes", "no"])
+    vocab = tok.get_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(sorted(vocab, key=vocab.get))
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in sorted(vocab, key=vocab.get)])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_string("tokenizer.chat_template.rerank", RERANK)
+    tensors = gguf_tensors(ckpt)
+    head = tensors.pop("output.weight")
+    for name, data in {**tensors, "cls.output.weight": head[rows], **(extra or {})}.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_reranker_gguf_scores_as_llama_cpp_does(tmp_path, monkeypatch):
+    """llama.cpp's Qwen3-Reranker GGUF: the pair written into its rerank template, and the score the
+    softmax of its two head rows' logits gives yes, P(yes) / (P(yes) + P(no)) of the causal LM."""
+    monkeypatch.setenv("INFERLAB_MODEL_CACHE", "0")
+    tok = train_tokenizer()
+    ckpt = build_checkpoint("causal", str(tmp_path / "hf"), tok, ("Qwen3Config", "Qwen3ForCausalLM",
+                                                                  {"head_dim": 32, "tie_word_embeddings": False}))
+    yes, no = tok.token_to_id("Ġthe"), tok.token_to_id("Ġa")  # two tokens of the test vocabulary stand for them
+    llm = LLM(write_reranker_gguf(ckpt, tok, str(tmp_path / "r.gguf"), [yes, no]), dtype="float32", num_kv_blocks=32)
+    assert llm.labels == ["yes"]
+    for doc, out in zip(DOCS[:2], llm.score(QUERY, DOCS[:2], use_tqdm=False)):
+        prompt = RERANK.replace("{query}", QUERY).replace("{document}", doc)
+        assert out.prompt_token_ids == llm.get_tokenizer().encode(prompt, add_special_tokens=False)
+        assert out.prompt_token_ids[0] == tok.token_to_id("<|im_start|>")  # special tokens read as such
+        with torch.no_grad():
+            last = ckpt.hf(torch.tensor([out.prompt_token_ids])).logits[0, -1]
+        assert abs(out.outputs.score - torch.softmax(last[[yes, no]], -1)[0].item()) < 1e-5
+    dense = np.zeros((ckpt.hf.config.hidden_size, ckpt.hf.config.hidden_size), np.float32)
+    with pytest.raises(ModelLoadError, match="'cls.weight': a classification head with more than one matrix"):
+        load_model(write_reranker_gguf(ckpt, tok, str(tmp_path / "bert.gguf"), [yes, no], {"cls.weight": dense}),
+                   "float32", torch.device("cpu"))
 
 
 def test_an_embedding_model_scores_by_cosine_similarity(make_llm):

@@ -1,5 +1,5 @@
 """Read a GGUF file: the model's shape, its tensors as stored under checkpoint (HF) names, and the
-tokenizer's fields.
+tokenizer's fields (with a reranker's: its head's labels and llama.cpp's pooling type).
 
 A quantized tensor stays its raw blocks (uint8 rows) tagged with its `quant.WeightType`; the
 loader streams them into the model's `weight_loader`s. Two of llama.cpp's layouts are undone here
@@ -42,9 +42,14 @@ GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
               "attn_k_b": "self_attn.k_b_proj", "attn_v_b": "self_attn.v_b_proj"}
 
 
+# a classification head's fields, under `{arch}.` in the file (llama.cpp's; a Qwen3-Reranker's converter
+# writes them), kept without that prefix beside the tokenizer's
+HEAD_FIELDS = ("pooling_type", "classifier.output_labels")
+
+
 def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
-    """The model's shape, its tensors as stored (checkpoint names, llama.cpp's RoPE row order undone)
-    and the tokenizer fields."""
+    """The model's shape, its tensors as stored (checkpoint names, llama.cpp's RoPE row order undone;
+    a reranker's cls.output as score.weight) and the tokenizer's and head's fields."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
@@ -104,7 +109,8 @@ def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:
             tensors += [(f"{layer}.mlp.experts.{e}.{proj}", w[e].clone(), wtype) for e in range(w.shape[0])]
             continue
         tensors.append((name, w.view(1, -1) if name.endswith("shared_expert_gate.weight") else w, wtype))
-    return args, _join_kv_b(tensors), {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+    head = {k: fields[f"{arch}.{k}"] for k in HEAD_FIELDS if f"{arch}.{k}" in fields}
+    return args, _join_kv_b(tensors), {k: v for k, v in fields.items() if k.startswith("tokenizer.")} | head
 
 
 def ggml_type_name(code: int) -> str:
@@ -158,6 +164,11 @@ def _checkpoint_name(name: str, names: dict[str, str]) -> str:
         return "model.norm.weight"
     if name == "output.weight":
         return "lm_head.weight"
+    if name == "cls.output.weight":  # a decoder's classification head (Qwen3-Reranker's yes and no rows)
+        return "score.weight"
+    if name.startswith("cls."):
+        raise ModelLoadError(f"GGUF tensor {name!r}: a classification head with more than one matrix (an "
+                             "encoder's, such as BERT rerankers') is not supported; a decoder's cls.output is")
     parts = name.split(".")  # blk.N.<kind>.<weight|bias>
     if parts[0] != "blk" or parts[2] not in names:
         raise ModelLoadError(f"unexpected GGUF tensor {name!r}")

@@ -264,10 +264,10 @@ def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
     torch_dtype = resolve_dtype(dtype, None, device)
     cached = weight_cache.load(path)
     if cached is None:
-        args, tensors, tokenizer_fields = gguf_file.parse(path)
-        weight_cache.save(path, args, tensors, tokenizer_fields)
+        args, tensors, fields = gguf_file.parse(path)
+        weight_cache.save(path, args, tensors, fields)
     else:
-        args, tensors, tokenizer_fields = cached
+        args, tensors, fields = cached
     unread = Counter(wtype.name for _, _, wtype in tensors if not wtype.native)
     if unread:
         dtype_name = str(torch_dtype).removeprefix("torch.")
@@ -283,5 +283,10 @@ def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
             log.warning("%d tensors stored as blocks (%s) are dequantized and quantized again to %s, which adds "
                         "its rounding to theirs; --quantization auto keeps them as stored", again.total(),
                         ", ".join(f"{n} {t}" for t, n in again.items()), quantization)
-    tokenizer = Tokenizer.from_gguf_fields(tokenizer_fields)  # first: a vocabulary it cannot read fails at once
-    return _build(args, iter(tensors), torch_dtype, device, quantization, int8_activations), tokenizer
+    tokenizer = Tokenizer.from_gguf_fields(fields)  # first: a vocabulary it cannot read fails at once
+    head = [(w, t) for name, w, t in tensors if name == "score.weight"]  # a reranker's (cls.output)
+    model = _build(args, (x for x in tensors if x[0] != "score.weight"), torch_dtype, device, quantization,
+                   int8_activations)
+    if head:
+        model.classifier = Classifier.from_gguf(quant.dequantize(*head[0]), fields).to(model.device)
+    return model, tokenizer

@@ -28,8 +28,10 @@ class Encoding(dict):
 class Tokenizer:
     def __init__(self, backend: HFTokenizer, eos_token_ids: set[int], bos_token: str | None = None,
                  eos_token: str | None = None, chat_template: str | None = None,
-                 add_bos_token: bool = False, bos_token_id: int | None = None) -> None:
+                 add_bos_token: bool = False, bos_token_id: int | None = None,
+                 rerank_template: str | None = None) -> None:
         self.backend = backend
+        self.rerank_template = rerank_template  # a reranker GGUF's pair prompt, "...{query}...{document}..."
         self.eos_token_ids = eos_token_ids
         self.bos_token, self.eos_token, self.bos_token_id = bos_token, eos_token, bos_token_id
         self.chat_template = chat_template
@@ -60,8 +62,12 @@ class Tokenizer:
         """Two texts as one prompt, as transformers' `tokenizer(first, second)` makes a cross-encoder's
         input: by the tokenizer.json's post-processor where its template adds BOS (Llama 3's puts one
         before each text), else the first text's ids (with BOS where the vocabulary adds one) then
-        the second's."""
+        the second's. A reranker GGUF's `rerank_template` is written out instead, the query and the
+        document put in its place, as llama.cpp's server does."""
         ids = [*self.encode(first), *self.encode(second, add_special_tokens=False)]  # (their checks too)
+        if self.rerank_template is not None:
+            text = self.rerank_template.replace("{query}", first).replace("{document}", second)
+            return self.encode(text, add_special_tokens=False)
         if _post_processor_adds_bos(self.backend, self.bos_token_id):
             return self.backend.encode(first, second, add_special_tokens=True).ids
         return ids
@@ -203,7 +209,7 @@ class Tokenizer:
         bos, eos = (tokens[i] if i is not None else None for i in (vocab.bos_id, vocab.eos_id))
         return cls(vocab.tokenizer, vocab.end_ids, bos_token=bos, eos_token=eos,
                    chat_template=fields.get("tokenizer.chat_template"), add_bos_token=vocab.add_bos,
-                   bos_token_id=vocab.bos_id)
+                   bos_token_id=vocab.bos_id, rerank_template=fields.get("tokenizer.chat_template.rerank"))
 
     @classmethod
     def from_folder(cls, path: str, config: dict) -> Tokenizer:

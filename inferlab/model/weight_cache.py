@@ -51,7 +51,8 @@ def _entry(path: str, say: bool = True) -> Path | None:
 
 
 def load(path: str) -> tuple[ModelArgs, Tensors, dict] | None:
-    """(model args, [(name, tensor as stored, its type)], tokenizer fields) if this file was parsed before."""
+    """(model args, [(name, tensor as stored, its type)], tokenizer and head fields) if this file was
+    parsed before."""
     entry = _entry(path)
     if entry is None:
         return None

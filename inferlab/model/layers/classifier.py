@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+RANK_POOLING = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker's head gives the score
+
 
 class Classifier(torch.nn.Module):
     """`labels[i]` names class i (the config's `id2label`); `multi_label`: each class is a yes/no of
@@ -54,6 +56,18 @@ class Classifier(torch.nn.Module):
                 raise ValueError(f"is_original_qwen3_reranker takes two tokens (no, yes), got {len(tokens)}")
             return cls(rows[1:] - rows[:1], [tokens[1]])
         return cls(rows, list(tokens))
+
+    @classmethod
+    def from_gguf(cls, weight: torch.Tensor, fields: dict) -> Classifier:
+        """A GGUF's head (cls.output, dequantized) with its file's `classifier.output_labels` and
+        `pooling_type`. Under llama.cpp's rank pooling, a head of two rows (Qwen3-Reranker's yes and no)
+        is the softmax llama.cpp takes the first value of: one class, row 0 less row 1, whose sigmoid
+        is that value."""
+        labels = [str(x) for x in fields.get("classifier.output_labels") or []] or \
+            [f"LABEL_{i}" for i in range(weight.shape[0])]
+        if fields.get("pooling_type") == RANK_POOLING and weight.shape[0] == 2:
+            return cls(weight[:1] - weight[1:], labels[:1])
+        return cls(weight, labels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Class logits [..., classes] of hidden rows [..., hidden]."""

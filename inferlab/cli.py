@@ -31,7 +31,7 @@ from inferlab.distributed import EngineDeadError
 from inferlab.distributed.worker import is_worker_node, run_node
 from inferlab.logger import setup_logging
 from inferlab.outputs import RequestFailed
-from inferlab.server.tools import PARSERS
+from inferlab.server.tool_parsers import PARSERS
 from inferlab.sim.commands import add_sim_commands
 from inferlab.text import terminal_text
 

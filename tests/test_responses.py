@@ -16,7 +16,8 @@ from test_tools import TOOLS
 
 from inferlab.server.responses import ResponsesRequest
 from inferlab.server.responses_output import Answer, events, output_items
-from inferlab.server.tools import Hermes, ToolPlan
+from inferlab.server.tool_parsers import Hermes
+from inferlab.server.tools import ToolPlan
 
 QUESTION = "What is the capital of France?"
 # the Responses API's function tools: chat completions' functions one level up

@@ -11,7 +11,8 @@ import pytest
 from test_server import MODEL, running_server
 
 from inferlab.server.protocol import ChatCompletionRequest
-from inferlab.server.tools import Hermes, Llama3Json, ToolPlan, ToolStream
+from inferlab.server.tool_parsers import Hermes, Llama3Json, Mistral, Pythonic, Qwen3Coder
+from inferlab.server.tools import Tool, ToolPlan, ToolStream
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
            "required": ["city"], "additionalProperties": False}
@@ -108,11 +109,10 @@ def test_the_tools_reach_the_template_as_vllm_gives_them(smol):
 
 
 def test_the_hermes_parser_and_a_streams_held_back_text():
-    content, calls = Hermes.parse('Let me check. <tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
-                            '<tool_call>{"name": "b", "arguments": {}}')  # the last one cut short of its end tag
-    assert content == "Let me check." and [c["function"] for c in calls] == [
-        {"name": "a", "arguments": '{"x": 1}'}, {"name": "b", "arguments": "{}"}]
-    assert Hermes.parse("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    content, calls = Hermes().parse('Let me check. <tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
+                                    '<tool_call>{"name": "b", "arguments": {}}', [])  # the last cut short of its tag
+    assert content == "Let me check." and calls == [("a", '{"x": 1}'), ("b", "{}")]
+    assert Hermes().parse("<tool_call>not json</tool_call>", []) == ("<tool_call>not json</tool_call>", [])
     plan = ToolPlan("auto", [], None, parser=Hermes())
     stream, text, out = ToolStream(plan), "", []
     for piece in ["Hi <", "tool_", "call>", '{"name": "a", "arguments": {}}</tool_call>']:
@@ -123,12 +123,11 @@ def test_the_hermes_parser_and_a_streams_held_back_text():
 
 
 def test_the_llama3_json_parser_and_its_stream():
-    content, calls = Llama3Json.parse('<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", '
-                                      '"parameters": {}}')
-    assert content is None and [c["function"] for c in calls] == [{"name": "a", "arguments": '{"x": 1}'},
-                                                                   {"name": "b", "arguments": "{}"}]
-    assert Llama3Json.parse("It is {sunny}.") == ("It is {sunny}.", [])
-    assert Llama3Json.parse('{"no": "name"}') == ('{"no": "name"}', [])
+    content, calls = Llama3Json().parse('<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", '
+                                        '"parameters": {}}', [])
+    assert content is None and calls == [("a", '{"x": 1}'), ("b", "{}")]
+    assert Llama3Json().parse("It is {sunny}.", []) == ("It is {sunny}.", [])
+    assert Llama3Json().parse('{"no": "name"}', []) == ('{"no": "name"}', [])
     plan = ToolPlan("auto", [], None, parser=Llama3Json())
     for pieces, streamed_before_end in [(["<|py", "thon_tag|>", '{"name": "a", "parameters": {}}'], ""),
                                         (["It is", " sunny."], "It is sunny."), ([" ", "{", '"name": "a"}'], "")]:
@@ -139,6 +138,66 @@ def test_the_llama3_json_parser_and_its_stream():
         assert got == streamed_before_end
         last = stream.delta("", text, True)
         assert ("tool_calls" in last) == (streamed_before_end == "")
+
+
+def streamed_pieces(plan: ToolPlan, pieces: list[str]) -> tuple[str, dict]:
+    """(the content a stream sent before the end, its last delta) of an answer given in pieces."""
+    stream, text, got = ToolStream(plan), "", ""
+    for piece in pieces:
+        text += piece
+        got += stream.delta(piece, text, False).get("content", "")
+    return got, stream.delta("", text, True)
+
+
+def test_the_mistral_parser_its_stream_and_its_short_ids():
+    mistral = Mistral()
+    assert mistral.parse('[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]',
+                         []) == (None, [("a", '{"x": 1}'), ("b", "{}")])
+    # the tag is a special token, left out of the text: the array alone is the calls
+    assert mistral.parse(' [{"name": "a", "arguments": {"x": 1}}]', []) == (None, [("a", '{"x": 1}')])
+    assert mistral.parse('Sure. [TOOL_CALLS][{"name": "a", "arguments": {}}]', []) == ("Sure.", [("a", "{}")])
+    assert mistral.parse("[1] is a citation.", []) == ("[1] is a citation.", [])
+    assert mistral.parse('[{"x": 1}]', []) == ('[{"x": 1}]', [])
+    plan = ToolPlan.of([Tool.model_validate(t) for t in TOOLS], "auto", "mistral")
+    assert isinstance(plan.parser, Mistral)
+    content, calls = plan.message('[{"name": "get_weather", "arguments": {"city": "Paris"}}]')
+    assert content is None and all(len(c["id"]) == 9 and c["id"].isalnum() for c in calls)  # as its templates ask
+    named = ToolPlan.of([Tool.model_validate(t) for t in TOOLS], {"type": "function", "function": {
+        "name": "get_time"}}, "mistral")
+    assert len(named.message('{"zone": "UTC"}')[1][0]["id"]) == 9
+    assert streamed_pieces(plan, ["Let me see", " [TOOL", "_CALLS]", '[{"name": "a", "arguments": {}}]'])[0] == \
+        "Let me see "
+    got, last = streamed_pieces(plan, ["[", '{"name": "a", ', '"arguments": {}}]'])
+    assert got == "" and last["tool_calls"][0]["function"] == {"name": "a", "arguments": "{}"}
+    assert streamed_pieces(plan, ["It is", " sunny."])[0] == "It is sunny."
+
+
+def test_the_pythonic_parser_and_its_stream():
+    parse = Pythonic().parse
+    assert parse('[get_weather(city="Paris"), get_time(zone="UTC", n=2, ok=True, tags=["a"])]', []) == (None, [
+        ("get_weather", '{"city": "Paris"}'), ("get_time", '{"zone": "UTC", "n": 2, "ok": true, "tags": ["a"]}')])
+    for text in ["[get_weather('Paris')]", "[f(**x)]", "[f(x=g())]", "[]", "[1, 2]", "It is sunny.", "[f(x=1)"]:
+        assert parse(text, []) == (text, []), text  # not calls with literal keyword arguments: text
+    plan = ToolPlan("auto", [], None, parser=Pythonic())
+    got, last = streamed_pieces(plan, ["[get_", 'weather(city=', '"Paris")]'])
+    assert got == "" and last["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert streamed_pieces(plan, ["It is", " sunny."]) == ("It is sunny.", {})
+
+
+def test_the_qwen3_coder_parser_reads_values_as_the_schema_types_them():
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                               "metric": {"type": "boolean"}, "where": {"type": "object"}}}
+    tools = [Tool.model_validate({"type": "function", "function": {"name": "forecast", "parameters": schema}})]
+    text = ("I will look. <tool_call>\n<function=forecast>\n<parameter=city>\n42\n</parameter>\n<parameter=days>"
+            "\n3\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n<parameter=where>\n{\"lat\": 1}\n"
+            "</parameter>\n<parameter=note>\nrain, maybe\n</parameter>\n</function>\n</tool_call>")
+    content, calls = Qwen3Coder().parse(text, tools)
+    assert content == "I will look." and [(n, json.loads(a)) for n, a in calls] == [
+        ("forecast", {"city": "42", "days": 3, "metric": True, "where": {"lat": 1}, "note": "rain, maybe"})]
+    # cut short by max_tokens: what was written
+    assert Qwen3Coder().parse("<tool_call>\n<function=forecast>\n<parameter=days>\nx", tools)[1] == [
+        ("forecast", '{"days": "x"}')]
+    assert Qwen3Coder().parse("<tool_call>{}</tool_call>", tools) == ("<tool_call>{}</tool_call>", [])
 
 
 def test_ollamas_chat_takes_tools_where_the_server_reads_calls(server, smol):

@@ -8,25 +8,20 @@ may be:
   {"name", "parameters"} (vLLM's shape);
 - "auto" (OpenAI's default when tools are given): the model writes text, calls or both, in its own
   format, which a tool-call parser reads; the server needs `--enable-auto-tool-choice` and
-  `--tool-call-parser` for it, as vLLM's does. `hermes`: <tool_call>{"name", "arguments"}</tool_call>
-  (Qwen 2.5 and 3, NousResearch's Hermes); `llama3_json`: the answer is {"name", "parameters"}
-  (Llama 3.1-3.3).
+  `--tool-call-parser` for it, as vLLM's does (tool_parsers.py: hermes, llama3_json, mistral,
+  pythonic, llama4_pythonic, qwen3_coder).
 A stream sends a call's arguments as they come where the answer is only that (a named function),
 else the calls whole in the last chunk, and text before any call as it comes."""
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictStr
 
+from inferlab.server.tool_parsers import PARSERS, Call, Parser
 from inferlab.structured.params import StructuredOutputsParams
-
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
-PYTHON_TAG = "<|python_tag|>"
 
 
 class ToolFunction(BaseModel):
@@ -42,18 +37,14 @@ class Tool(BaseModel):
     function: ToolFunction
 
 
-def call(name: str, arguments: str) -> dict:
-    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
-
-
 @dataclass
 class ToolPlan:
     mode: Literal["none", "named", "required", "auto"]
     tools: list[Tool] = field(default_factory=list)
     name: str | None = None  # the named function's
     parallel: bool = True  # false: one call at most (OpenAI's parallel_tool_calls)
-    parser: Hermes | Llama3Json | None = None  # auto's
+    parser: Parser | None = None  # auto's
+    ids: Parser = field(default_factory=Parser)  # whose call ids: the server's parser's (Mistral's are short)
 
     @classmethod
     def of(cls, tools: list[Tool] | None, choice: Any, parser: str | None, parallel: bool = True) -> ToolPlan:
@@ -67,7 +58,7 @@ class ToolPlan:
                                  f"{{'name': ...}}}}, got {choice!r}")
             if name not in {t.function.name for t in tools}:
                 raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
-            return cls("named", tools, name, parallel)
+            return cls("named", tools, name, parallel, ids=PARSERS.get(parser, Parser()))
         choice = choice if choice is not None else ("auto" if tools else "none")
         if choice not in ("none", "auto", "required"):
             raise ValueError(f"tool_choice must be none, auto, required or a named function, got {choice!r}")
@@ -79,7 +70,8 @@ class ToolPlan:
             raise ValueError('tool_choice "auto" needs the server started with --enable-auto-tool-choice and '
                              "--tool-call-parser (vLLM's flags); send tool_choice required, a named function, "
                              "or none")
-        return cls(choice, tools, None, parallel, PARSERS[parser] if choice == "auto" else None)
+        return cls(choice, tools, None, parallel, PARSERS[parser] if choice == "auto" else None,
+                   PARSERS.get(parser, Parser()))
 
     def template_tools(self) -> list[dict] | None:
         """The tools as the chat template reads them (vLLM's: each {"type", "function"}); none: left out."""
@@ -98,18 +90,24 @@ class ToolPlan:
             return StructuredOutputsParams(json=calls if self.parallel else {**calls, "maxItems": 1})
         return None
 
+    def call(self, name: str, arguments: str) -> dict:
+        return {"id": self.ids.new_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+
     def message(self, text: str) -> tuple[str | None, list[dict]]:
         """A finished answer as (content, tool_calls)."""
+        content, calls = self.read(text)
+        return content, [self.call(*c) for c in calls]
+
+    def read(self, text: str) -> tuple[str | None, list[Call]]:
         if self.mode == "named":
-            return None, [call(self.name, text)]
+            return None, [(self.name, text)]
         if self.mode == "required":
             try:
-                calls = json.loads(text)
-                return None, [call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
+                return None, [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)]
             except (json.JSONDecodeError, TypeError, KeyError):  # cut short by max_tokens: the text as it is
                 return text, []
         if self.mode == "auto":
-            content, calls = self.parser.parse(text)
+            content, calls = self.parser.parse(text, self.tools)
             return content, calls if self.parallel else calls[:1]
         return text, []
 
@@ -119,66 +117,6 @@ class ToolPlan:
 
     def stream(self) -> ToolStream:
         return ToolStream(self)
-
-
-class Hermes:
-    """<tool_call>{"name", "arguments"}</tool_call> blocks (Qwen 2.5 and 3, NousResearch's Hermes)."""
-
-    @staticmethod
-    def parse(text: str) -> tuple[str | None, list[dict]]:
-        """The calls in `text` (the last block maybe unclosed) and the text around them; a block that
-        is not a call's JSON stays text."""
-        calls, kept, at = [], [], 0
-        for m in re.finditer(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|$)", text, re.DOTALL):
-            one = as_call(m.group(1))
-            if one is None:
-                continue
-            kept.append(text[at:m.start()])
-            at = m.end()
-            calls.append(one)
-        content = ("".join(kept) + text[at:]).strip() if calls else text
-        return content or None, calls
-
-    @staticmethod
-    def cut(text: str, sent: int) -> tuple[int, bool]:
-        """(how far the text may stream now, whether a call has begun: nothing after streams)."""
-        start = text.find(OPEN, sent)
-        return (start, True) if start >= 0 else (len(text) - partial(text, OPEN), False)
-
-
-class Llama3Json:
-    """Llama 3.1-3.3's: the answer is the call, {"name", "parameters"} (several joined by "; "), after
-    an optional <|python_tag|>; an answer that starts otherwise is text."""
-
-    @staticmethod
-    def parse(text: str) -> tuple[str | None, list[dict]]:
-        body = text.strip().removeprefix(PYTHON_TAG).strip()
-        if not body.startswith("{"):
-            return text, []
-        calls = [as_call(part) for part in ([body] if as_call(body) else body.split("; "))]
-        return (text, []) if None in calls else (None, calls)
-
-    @staticmethod
-    def cut(text: str, sent: int) -> tuple[int, bool]:
-        head = text.lstrip()
-        if sent or (head and not head.startswith(("{", PYTHON_TAG)) and not PYTHON_TAG.startswith(head)):
-            return len(text), False  # text from its first characters on
-        return 0, head.startswith(("{", PYTHON_TAG))
-
-
-PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json()}
-
-
-def as_call(body: str) -> dict | None:
-    """A call from its JSON ({"name", "arguments" or "parameters"}), or None if it is not one."""
-    try:
-        value = json.loads(body)
-        name, args = value["name"], value.get("arguments", value.get("parameters", {}))
-    except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
-        return None
-    if not isinstance(name, str):
-        return None
-    return call(name, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
 
 
 class ToolStream:
@@ -197,7 +135,7 @@ class ToolStream:
             part = {"index": 0, "function": {"arguments": new_text}}
             if not self.opened:
                 self.opened = True
-                first = call(self.plan.name, new_text)
+                first = self.plan.call(self.plan.name, new_text)
                 part = {"index": 0, "id": first["id"], "type": "function", "function": first["function"]}
             return {"tool_calls": [part]}
         out: dict = {}
@@ -214,7 +152,3 @@ class ToolStream:
                 out["content"] = out.get("content", "") + content[self.sent:]
         return out
 
-
-def partial(text: str, tag: str) -> int:
-    """How many of `text`'s last characters could be the start of `tag`."""
-    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from inferlab import LLM, SamplingParams
-from inferlab.model import loader, weight_cache
+from inferlab.model import gguf_file, loader, weight_cache
 from inferlab.model.base import ModelLoadError
 from inferlab.model.layers import quant, regroup
 from inferlab.model.layers.rotary import RotaryEmbedding
@@ -311,6 +311,15 @@ def test_metadata_no_model_can_have_is_one_line_before_the_model_is_built(meta, 
     path = write_gguf(str(tmp_path / "bad.gguf"), TYPES, meta=meta)
     with pytest.raises(ModelLoadError, match=message):
         loader.load_model(path, "float32", torch.device("cpu"))
+
+
+def test_merges_written_as_pairs_are_one_line(tmp_path):
+    """gguf's writer stores tokenizer.json's newer [a, b] merges as arrays when given them, which was
+    an AttributeError at load."""
+    tok = gguf_file.parse(loader.embedded_model_path())[2]
+    pairs = {**tok, "tokenizer.ggml.merges": [m.split(" ") for m in tok["tokenizer.ggml.merges"][:50]]}
+    with pytest.raises(ModelLoadError, match=r"tokenizer.ggml.merges must list strings \("):
+        loader.load_model(write_gguf(str(tmp_path / "pairs.gguf"), TYPES, vocab=pairs), "float32", torch.device("cpu"))
 
 
 def test_a_gguf_is_known_by_its_magic_and_per_layer_head_counts_of_one_value_are_read(tmp_path):

@@ -72,6 +72,9 @@ def _byte_level(tokens: list[str], fields: dict) -> tuple[HFTokenizer, bool]:
     if "tokenizer.ggml.merges" not in fields:
         raise ValueError("the GGUF file has no tokenizer.ggml.merges: the vocabulary must be in the file")
     vocab = {t: i for i, t in enumerate(tokens)}
+    odd = next((m for m in fields["tokenizer.ggml.merges"] if not isinstance(m, str)), None)
+    if odd is not None:
+        raise ValueError(f"tokenizer.ggml.merges must list strings (\"a b\"), got {odd!r}")
     listed = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
     merges = [m for m in listed if len(m) == 2 and m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
     if len(merges) < len(listed):  # llama.cpp keeps such a merge, which never applies; tokenizers refuses the file

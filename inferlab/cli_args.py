@@ -23,6 +23,7 @@ from inferlab.config import (
     parse_size,
 )
 from inferlab.model.layers.keep import QUANTIZATIONS
+from inferlab.pooling import POOLING_TYPES
 from inferlab.server.listen import bind
 from inferlab.text import terminal_text
 
@@ -127,6 +128,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-overrides", default=None, metavar="JSON",
                    help="fields laid over an HF folder's config.json (vLLM's), e.g. to load Qwen3-Reranker as a "
                         "reranker (see the README)")
+    g.add_argument("--pooling-type", type=str.upper, choices=POOLING_TYPES, default=None,
+                   help="how embeddings pool the prompt: its last token's state or the mean of all (default: as "
+                        "the checkpoint says, else LAST)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
@@ -255,6 +259,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         output_file(a.record, "--record", (getattr(a, "workload", None),))
     return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization,
                         int8_activations=a.int8_activations, hf_overrides=a.hf_overrides, device=a.device,
+                        pooling_type=a.pooling_type,
                         block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                         kv_cache_prefault=a.kv_cache_prefault,
                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,

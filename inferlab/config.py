@@ -9,6 +9,7 @@ from inferlab.json_config import check_types, json_object
 from inferlab.kv_transfer.config import KVTransferConfig
 from inferlab.model.layers.keep import quantization_mode
 from inferlab.policy import resolve_policy
+from inferlab.pooling import POOLING_TYPES
 from inferlab.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -55,6 +56,10 @@ class EngineConfig:
     # Qwen3-Reranker as a classifier: {"architectures": ["Qwen3ForSequenceClassification"],
     # "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": true}
     hf_overrides: dict | str | None = None
+    # how embeddings pool the prompt's final states: "LAST" (its last token's) or "MEAN" (all its
+    # tokens'); None: as the checkpoint says (a sentence-transformers Pooling module, a GGUF's
+    # pooling_type), else LAST. vLLM's pooler_config pooling_type, llama.cpp's --pooling
+    pooling_type: str | None = None
     device: str | None = None  # None: cuda if available, else cpu
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory
@@ -136,6 +141,10 @@ class EngineConfig:
         self.quantization = quantization_mode(self.quantization)
         if self.hf_overrides is not None:
             self.hf_overrides = json_object(self.hf_overrides, "hf_overrides")
+        if self.pooling_type is not None:
+            self.pooling_type = self.pooling_type.upper()
+            if self.pooling_type not in POOLING_TYPES:
+                raise ValueError(f"pooling_type must be one of {', '.join(POOLING_TYPES)}, got {self.pooling_type!r}")
         if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:
             raise ValueError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -79,6 +79,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
                              f"length {args.max_position}")
         self.max_model_len = config.max_model_len or args.max_position
+        self.pooling_type = config.pooling_type or self.model.pooling_type
         num_blocks, per_block = kv_pool_blocks(config, args, self.dtype, self.device)
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.block_manager = PREFIX_CACHES[config.prefix_cache](
@@ -147,6 +148,8 @@ class LLMEngine:
         req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
                       max_tokens=max_tokens, priority=priority, prompt=inputs.text, cache_salt=inputs.cache_salt,
                       pooling=pooling)
+        if pooling is not None and pooling.task == "embed" and self.pooling_type == "MEAN":
+            req.pooled = torch.zeros(self.model.args.hidden_size, device=self.device)
         if params.structured_outputs is not None:
             if self.speculator is not None:  # its drafts are verified unmasked
                 raise ValueError("structured outputs are not supported with speculative decoding")

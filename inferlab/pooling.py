@@ -3,23 +3,51 @@ embedding, or a classification head's classes.
 
 A pooling request runs its prompt through the engine like any other (scheduled, chunked, read from
 the prefix cache, batched beside generations) and ends at its last prompt token, whose final norm
-output is pooled (vLLM's `LAST` pooling, the one decoder embedding and reranking models are trained
-for). `task="embed"`: that row, L2-normalised unless asked not to be (a plain LM's vector is usable
-for similarity but was not trained for it). `task="classify"`: a `*ForSequenceClassification`
-checkpoint's head applied to it (model/layers/classifier.py), as probabilities unless
-`use_activation=False`. `LLM.embed`/`classify`/`score`, `/v1/embeddings`, `/classify`, `/score`,
-`/rerank` and Ollama's `/api/embed` all go through `PoolingParams`.
+output is pooled (vLLM's `LAST` pooling, the one most decoder embedding and reranking models are
+trained for). A model whose checkpoint asks for `MEAN` pooling (a sentence-transformers folder's
+Pooling module, a GGUF's pooling_type) embeds the mean of every prompt row's output instead: such a
+request computes its whole prompt (no prefix-cache hits), and each step adds the rows it computed
+(`mean_spans`, `add_rows`). `task="embed"`: that vector, L2-normalised unless asked not to be (a
+plain LM's vector is usable for similarity but was not trained for it). `task="classify"`: a
+`*ForSequenceClassification` checkpoint's head applied to the last row (model/layers/classifier.py),
+as probabilities unless `use_activation=False`. `LLM.embed`/`classify`/`score`, `/v1/embeddings`,
+`/classify`, `/score`, `/rerank` and Ollama's `/api/embed` all go through `PoolingParams`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inferlab.model.layers.classifier import Classifier
 from inferlab.outputs import RequestMetrics, RequestOutput
 
 TASKS = ("embed", "classify")
+POOLING_TYPES = ("LAST", "MEAN")  # vLLM's names; a classification head always reads the last row
+
+
+def mean_spans(scheduled: list) -> np.ndarray | None:
+    """[S, 2] int64: the prompt positions [lo, hi) whose rows each mean-pooled sequence adds this step
+    (lo = hi where none); None where no sequence adds any."""
+    pooling = [i for i, (req, _) in enumerate(scheduled) if req.pooled is not None]
+    if not pooling:
+        return None
+    spans = np.zeros((len(scheduled), 2), dtype=np.int64)
+    for i in pooling:
+        req, n = scheduled[i]
+        lo = max(req.num_computed_tokens, req.pooled_upto)  # a position computed again is added once
+        spans[i] = lo, max(lo, min(req.num_computed_tokens + n, req.num_prompt_tokens))
+    return spans if (spans[:, 1] > spans[:, 0]).any() else None
+
+
+def add_rows(scheduled: list, spans: np.ndarray, rows: torch.Tensor) -> None:
+    """Add the step's rows of those positions (sequence after sequence) to their requests' sums."""
+    at = 0
+    for (req, _), (lo, hi) in zip(scheduled, spans):
+        if hi > lo:
+            req.pooled += rows[at:at + hi - lo].float().sum(0)
+            req.pooled_upto, at = int(hi), at + int(hi - lo)
 
 
 @dataclass

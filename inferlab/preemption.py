@@ -41,8 +41,9 @@ class Recompute:
 
     def resume(self, req: Request) -> tuple[list[int], int]:
         """(cached blocks to take, tokens already computed) for a waiting request about to be admitted:
-        none for a prompt being scored (prompt_logprobs, as vLLM's), whose every row must be computed."""
-        computed = [] if req.scoring_prompt else self.block_manager.get_computed_blocks(req)
+        none for a prompt being scored (prompt_logprobs, as vLLM's) or mean-pooled, whose every row must
+        be computed."""
+        computed = [] if req.computes_prompt else self.block_manager.get_computed_blocks(req)
         return computed, len(computed) * self.block_manager.block_size
 
     def resumed(self, req: Request, out: SchedulerOutput) -> None:

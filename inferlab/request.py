@@ -63,6 +63,10 @@ class Request:
     # an embedding request (pooling.PoolingParams): it ends at its last prompt token, whose hidden
     # state it returns instead of a generated token; None for a generation
     pooling: Any = None
+    # mean pooling: the sum of its prompt rows' final states added so far, and of how many positions
+    # (None: it pools its last row, or is a generation)
+    pooled: Any = None
+    pooled_upto: int = 0
     # structured outputs (inferlab/structured/): the grammar that masks its logits; None: free text
     guide: Any = None
 
@@ -75,6 +79,12 @@ class Request:
     def scoring_prompt(self) -> bool:
         """Whether prompt positions are still to be scored (their rows computed, not read from a cache)."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    @property
+    def computes_prompt(self) -> bool:
+        """Whether every prompt row must be computed here, none read from a cache or loaded: scored
+        (prompt_logprobs) or mean-pooled positions remain."""
+        return self.scoring_prompt or (self.pooled is not None and self.pooled_upto < self.num_prompt_tokens)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -3,7 +3,7 @@ into model inputs, runs the model and samples. It knows nothing of queues or pol
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from inferlab.kv_pool import allocate_zeroed, pool_shape
 from inferlab.model.base import CausalLM
 from inferlab.model.layers import AttentionMetadata, NativeRows, PrefillSeq
 from inferlab.model.layers.attention import prefill_kernel_runs
+from inferlab.pooling import add_rows, mean_spans
 from inferlab.prompt_logprobs import score, score_rows, score_spans
 from inferlab.request import Request
 from inferlab.sampler import SampleResult, sample
@@ -48,6 +49,11 @@ class StepBatch:
     pools: bool = False
     # the final hidden states of the rows that get logits, kept by `run` when a sequence pools
     hidden: torch.Tensor | None = None
+    # [S, 2] the prompt positions [lo, hi) each mean-pooled sequence adds this step (pooling.py);
+    # their rows (by `prepare`) and final states (by `run`), which get no logits
+    mean: np.ndarray | None = None
+    mean_rows: list[int] = field(default_factory=list)
+    pooled_rows: torch.Tensor | None = None
 
     @classmethod
     def of(cls, scheduled: list[tuple[Request, int]], block_size: int) -> StepBatch:
@@ -69,7 +75,7 @@ class StepBatch:
             row += n
         return cls(counts, starts, ends - spec == np.array([r.num_tokens for r, _ in scheduled]), ids, tables,
                    spec if spec.any() else None, np.array([r.num_prompt_tokens for r, _ in scheduled], dtype=np.int64),
-                   score_spans(scheduled), any(r.pooling is not None for r, _ in scheduled))
+                   score_spans(scheduled), any(r.pooling is not None for r, _ in scheduled), mean=mean_spans(scheduled))
 
     def logit_widths(self) -> np.ndarray:
         """Rows of logits each sequence with `sample` set gets: 1, or 1 + its drafts."""
@@ -144,6 +150,8 @@ class ModelRunner:
             sample_rows = np.concatenate([np.arange(e - w + 1, e + 1) for e, w in zip(last, widths)]).tolist()
         if batch.score is not None:  # and after them, the prompt rows scored (their logits follow the sampled ones)
             sample_rows += score_rows(batch.score, starts, row_starts)
+        if batch.mean is not None:
+            batch.mean_rows = score_rows(batch.mean, starts, row_starts)
 
         def seq_table(i: int) -> torch.Tensor:
             return torch.from_numpy(tables[i, :num_blocks[i]]).to(dev)
@@ -212,13 +220,16 @@ class ModelRunner:
         """The model on one step: logits of the rows where a token is due, then of the prompt rows
         scored (None if there are none, or on a tensor-parallel rank other than 0)."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
-        keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        rows = sample_rows + batch.mean_rows  # mean-pooled rows last: their states, without logits
+        keep = torch.tensor(rows, dtype=torch.long, device=self.device)
         if self.tape is not None and not self.tape.current():  # a parameter's data was replaced
             self.tape = self.record_tape()
         if self.tape is not None and self.tape.covers(meta, input_ids.numel()):
             hidden = self.tape(input_ids, positions, meta)[keep]
         else:  # only the sampled rows go on past the last layer's attention (with none: all, unused)
-            hidden = self.model(input_ids, positions, self.kv_caches, meta, keep if sample_rows else None)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, keep if rows else None)
+        if batch.mean_rows:
+            batch.pooled_rows, hidden = hidden[len(sample_rows):], hidden[:len(sample_rows)]
         if batch.pools:
             batch.hidden = hidden
         return self.model.compute_logits(hidden) if sample_rows else None
@@ -228,6 +239,8 @@ class ModelRunner:
                logits: torch.Tensor | None) -> dict[str, list[SampleResult]]:
         """The tokens each request emits: one, or with drafts those accepted plus one; and the prompt
         positions scored this step, into their requests (prompt_logprobs.py)."""
+        if batch.pooled_rows is not None:
+            add_rows(scheduled, batch.mean, batch.pooled_rows)
         if logits is None:
             return {}
         sampled = int(batch.logit_widths().sum())
@@ -244,7 +257,8 @@ class ModelRunner:
         if batch.hidden is not None:  # a pooling request's vector: from the row of its last prompt token
             for r, res, row in zip(reqs, results, np.cumsum(batch.logit_widths()) - 1):
                 if r.pooling is not None:
-                    res[0].embedding = r.pooling.pool(batch.hidden[row], self.model.classifier)
+                    state = batch.hidden[row] if r.pooled is None else r.pooled / r.num_prompt_tokens
+                    res[0].embedding = r.pooling.pool(state, self.model.classifier)
         return {r.request_id: res for r, res in zip(reqs, results)}
 
     def check_health(self) -> None:

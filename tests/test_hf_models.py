@@ -341,6 +341,49 @@ def test_a_bare_decoder_embeds_as_transformers_does(checkpoints, tmp_path, caplo
             assert (torch.tensor(out.outputs.embedding) - want).abs().max() < 1e-4
 
 
+def with_pooling(src: str, dst, mode: str) -> str:
+    """A copy of a checkpoint as a sentence-transformers folder whose Pooling module is `mode`."""
+    path = copy_checkpoint(src, dst)
+    os.makedirs(os.path.join(path, "1_Pooling"))
+    with open(os.path.join(path, "modules.json"), "w") as f:
+        json.dump([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}], f)
+    with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": 64, "pooling_mode_cls_token": mode == "cls",
+                   "pooling_mode_mean_tokens": mode == "mean", "pooling_mode_lasttoken": False}, f)
+    return path
+
+
+def test_a_mean_pooled_model_embeds_the_mean_of_every_prompt_row(checkpoints, tmp_path, caplog):
+    """A sentence-transformers Pooling module of mean tokens: the mean of transformers'
+    last_hidden_state over the prompt, though the prompt runs in chunks, beside a generation, and
+    again after its blocks were cached (a mean takes no prefix-cache hits: each row is computed)."""
+    ckpt = checkpoints("qwen3_bare")
+    llm = LLM(model=with_pooling(ckpt.path, tmp_path / "mean", "mean"), dtype="float32", num_kv_blocks=64,
+              block_size=BLOCK_SIZE, max_num_batched_tokens=6)
+    long = ckpt.prompts[2] + ckpt.prompts[1]
+    with torch.no_grad():
+        want = [torch.nn.functional.normalize(ckpt.hf(torch.tensor([ids])).last_hidden_state[0].mean(0), dim=-1)
+                for ids in (ckpt.prompts[2], long)]
+    engine = llm.engine
+    engine.add_request("gen", {"prompt_token_ids": ckpt.prompts[2]}, SamplingParams(max_tokens=3, temperature=0))
+    for rounds in range(2):  # the second time, every block of both prompts is in the prefix cache
+        outs = llm.embed([{"prompt_token_ids": ckpt.prompts[2]}, {"prompt_token_ids": long}], use_tqdm=False)
+        for out, w in zip(outs, want):
+            assert (torch.tensor(out.outputs.embedding) - w).abs().max() < 1e-4, rounds
+    assert outs[1].num_cached_tokens == 0 and not engine.requests
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    last = LLM(model=with_pooling(ckpt.path, tmp_path / "forced", "mean"), dtype="float32", num_kv_blocks=64,
+               pooling_type="last").embed({"prompt_token_ids": long}, use_tqdm=False)[0].outputs.embedding
+    with torch.no_grad():
+        at_last = torch.nn.functional.normalize(ckpt.hf(torch.tensor([long])).last_hidden_state[0, -1], dim=-1)
+    assert (torch.tensor(last) - at_last).abs().max() < 1e-4
+    load_model(with_pooling(ckpt.path, tmp_path / "cls", "cls"), "float32", torch.device("cpu"))
+    assert "asks for CLS pooling, which InferLab does not do" in caplog.text
+    with pytest.raises(ValueError, match="pooling_type must be one of LAST, MEAN, got 'MAX'"):
+        EngineConfig(pooling_type="max")
+
+
 def test_loading_a_bf16_model_leaves_other_threads_tensors_in_torchs_default_dtype(checkpoints, monkeypatch):
     """torch's default dtype is the process's: a load that set it would make another thread's new
     tensors bf16 meanwhile. The model's own are bf16 all the same."""

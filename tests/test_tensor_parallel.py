@@ -231,6 +231,12 @@ def test_two_ranks_generate_what_one_does(checkpoints, make_llm, name):
                    for t in x)
     for a, b in zip(one.embed(prompts, use_tqdm=False), two.embed(prompts, use_tqdm=False)):  # rank 0 pools
         assert max(abs(x - y) for x, y in zip(a.outputs.embedding, b.outputs.embedding)) < 1e-4
+    alone = make_llm(model=ckpt.path, pooling_type="MEAN")  # no chunks, no preemption
+    want = [o.outputs.embedding for o in alone.embed(prompts, use_tqdm=False)]
+    for llm in (one, two):  # every rank keeps the mean-pooled rows
+        llm.engine.pooling_type = "MEAN"
+        for w, got in zip(want, llm.embed(prompts, use_tqdm=False)):
+            assert max(abs(x - y) for x, y in zip(w, got.outputs.embedding)) < 1e-4
     engine = two.engine
     engine.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -23,9 +23,10 @@ def send(group: TensorParallelGroup, batch: StepBatch | None) -> None:
     (s, w), t = batch.tables.shape, len(batch.ids)
     group.broadcast(torch.tensor([s, t, w], dtype=torch.int64))
     plen = batch.prompt_lens if batch.prompt_lens is not None else np.zeros_like(batch.starts)
-    spans = batch.score if batch.score is not None else np.zeros((s, 2), dtype=np.int64)  # every rank keeps those rows
-    payload = np.concatenate([batch.counts, batch.starts, batch.sample, plen, spans.ravel(), batch.ids,
-                              batch.tables.ravel()])
+    none = np.zeros((s, 2), dtype=np.int64)  # every rank keeps the rows scored and mean-pooled
+    spans = [x if x is not None else none for x in (batch.score, batch.mean)]
+    payload = np.concatenate([batch.counts, batch.starts, batch.sample, plen, spans[0].ravel(), spans[1].ravel(),
+                              batch.ids, batch.tables.ravel()])
     group.broadcast(torch.from_numpy(payload.astype(np.int64)))
 
 
@@ -34,9 +35,10 @@ def receive(group: TensorParallelGroup) -> StepBatch | None:
     s, t, w = group.broadcast(torch.empty(HEADER, dtype=torch.int64), idle=True).tolist()
     if s == 0:
         return None
-    payload = group.broadcast(torch.empty(6 * s + t + s * w, dtype=torch.int64)).numpy()
-    counts, starts, sample, plen, spans, ids, tables = np.split(payload, np.cumsum([s, s, s, s, 2 * s, t]))
-    spans = spans.reshape(s, 2).copy()
+    payload = group.broadcast(torch.empty(8 * s + t + s * w, dtype=torch.int64)).numpy()
+    counts, starts, sample, plen, spans, mean, ids, tables = np.split(payload, np.cumsum([s, s, s, s, 2 * s, 2 * s, t]))
+    spans, mean = spans.reshape(s, 2).copy(), mean.reshape(s, 2).copy()
     return StepBatch(counts.copy(), starts.copy(), sample.astype(bool), ids.copy(),
                      tables.reshape(s, w).astype(np.int32), prompt_lens=plen.copy(),
-                     score=spans if (spans[:, 1] > spans[:, 0]).any() else None)
+                     score=spans if (spans[:, 1] > spans[:, 0]).any() else None,
+                     mean=mean if (mean[:, 1] > mean[:, 0]).any() else None)

@@ -24,8 +24,8 @@ class RemoteLoads:
         """Admit `req` to wait for the tokens the connector can load past its `num_computed` cached
         ones, its blocks allocated now; False (nothing changed) if there are none, or no room. The
         caller takes an admitted request off its waiting queue."""
-        if req.num_computed_tokens or req.scoring_prompt:  # swapped back in: its own KV returns from the host
-            return False  # pool; a prompt being scored (prompt_logprobs): every row computed here
+        if req.num_computed_tokens or req.computes_prompt:  # swapped back in: its own KV returns from the host
+            return False  # pool; a prompt scored (prompt_logprobs) or mean-pooled: every row computed here
         num_external = self.connector.get_num_new_matched_tokens(req, num_computed)
         if not num_external or not self.block_manager.allocate_slots(
                 req, self.allocation.admit_tokens(req, num_computed, num_external), computed):

@@ -200,6 +200,7 @@ class CausalLM(nn.Module):
         self.lm_head = ParallelLMHead(args.hidden_size, args.vocab_size)
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
         self.classifier: nn.Module | None = None  # a classification checkpoint's head (layers/classifier.py)
+        self.pooling_type = "LAST"  # how its embeddings pool its states, as its checkpoint says (pooling.py)
         self.tie_weights()
 
     @property

@@ -45,6 +45,8 @@ GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
 # a classification head's fields, under `{arch}.` in the file (llama.cpp's; a Qwen3-Reranker's converter
 # writes them), kept without that prefix beside the tokenizer's
 HEAD_FIELDS = ("pooling_type", "classifier.output_labels")
+# llama.cpp's pooling types (LLAMA_POOLING_TYPE_*) by vLLM's names; RANK: a reranker's head reads the last row
+POOLING = {1: "MEAN", 2: "CLS", 3: "LAST", 4: "LAST"}
 
 
 def parse(path: str) -> tuple[ModelArgs, weight_cache.Tensors, dict]:

@@ -23,6 +23,21 @@ def read_config(path: str) -> dict:
             raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
 
 
+def sentence_transformers_pooling(path: str) -> str | None:
+    """The pooling a sentence-transformers folder's modules.json gives its Pooling module: "LAST",
+    "MEAN", "CLS", another mode's name, or None where it has none."""
+    try:
+        with open(os.path.join(path, "modules.json")) as f:
+            modules = json.load(f)
+        where = next(m.get("path", "") for m in modules if str(m.get("type", "")).endswith("models.Pooling"))
+        with open(os.path.join(path, where, "config.json")) as f:
+            modes = [k for k, on in json.load(f).items() if k.startswith("pooling_mode_") and on is True]
+    except (OSError, ValueError, TypeError, AttributeError, StopIteration):
+        return None
+    names = {"pooling_mode_lasttoken": "LAST", "pooling_mode_mean_tokens": "MEAN", "pooling_mode_cls_token": "CLS"}
+    return names.get(modes[0], modes[0].removeprefix("pooling_mode_")) if len(modes) == 1 else None
+
+
 def checkpoint_files(path: str) -> list[str]:
     """A folder's safetensors files as transformers and vLLM choose them: those its index names
     (model.safetensors.index.json), else model*.safetensors, else every *.safetensors. (Mistral's

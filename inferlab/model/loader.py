@@ -28,6 +28,7 @@ from inferlab.model.layers.keep import BF16_MATRIX_ISAS, quantization_mode
 from inferlab.model.llama import LlamaForCausalLM
 from inferlab.model.qwen_moe import QwenMoeForCausalLM
 from inferlab.model.tokenizer import Tokenizer
+from inferlab.pooling import POOLING_TYPES
 from inferlab.switches import env_switch
 
 log = logging.getLogger("inferlab")
@@ -256,7 +257,17 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
             model.classifier = Classifier.from_checkpoint(cfg, heads, args.tie_word_embeddings, named).to(model.device)
         except ValueError as e:
             raise ModelLoadError(f"cannot load {path}: {e}") from None
+    _declared_pooling(model, hf_folder.sentence_transformers_pooling(path), "its sentence-transformers Pooling module")
     return model, tokenizer
+
+
+def _declared_pooling(model: CausalLM, kind: str | None, where: str) -> None:
+    """The pooling its checkpoint asks its embeddings for, where InferLab does it (pooling.py)."""
+    if kind in POOLING_TYPES:
+        model.pooling_type = kind
+    elif kind is not None:
+        log.warning("%s asks for %s pooling, which InferLab does not do: its embeddings pool the last token "
+                    "(--pooling-type MEAN for the mean of them all)", where, kind)
 
 
 def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
@@ -289,4 +300,5 @@ def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
                    int8_activations)
     if head:
         model.classifier = Classifier.from_gguf(quant.dequantize(*head[0]), fields).to(model.device)
+    _declared_pooling(model, gguf_file.POOLING.get(fields.get("pooling_type")), "its GGUF pooling_type")
     return model, tokenizer

@@ -31,7 +31,7 @@ from inferlab.model.qwen_moe import QwenMoeArgs
 from inferlab.switches import env_switch
 
 log = logging.getLogger("inferlab")
-FORMAT = 3  # bump when the saved layout changes
+FORMAT = 4  # bump when the saved layout changes (4: a head's fields and pooling type)
 ARGS = {cls.__name__: cls for cls in (ModelArgs, QwenMoeArgs, DeepseekArgs)}
 Tensors = list[tuple[str, torch.Tensor, quant.WeightType]]
 

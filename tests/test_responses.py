@@ -62,6 +62,26 @@ def test_a_stream_is_the_apis_events_in_order(client):
     assert "".join(deltas) == events[-1].response.output_text == "The capital of France is Paris."
 
 
+def test_logprobs_where_include_asks_for_them_whole_and_streamed(client, server):
+    ask = dict(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=20, top_logprobs=2,
+               include=["message.output_text.logprobs"])
+    r = client.responses.create(**ask)
+    lps = r.output[0].content[0].logprobs
+    chat = httpx.post(f"{server.url}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 20, "logprobs": True,
+        "top_logprobs": 2}, timeout=60).json()["choices"][0]["logprobs"]["content"]
+    assert [(x.token, round(x.logprob, 4), [t.token for t in x.top_logprobs]) for x in lps] == [
+        (x["token"], round(x["logprob"], 4), [t["token"] for t in x["top_logprobs"]]) for x in chat]
+    spelt = "".join(x.token for x in lps).replace("\u0120", " ")  # (byte-level spaces; the end token is scored)
+    assert spelt == r.output_text + "<|im_end|>"
+    events = list(client.responses.create(**ask, stream=True))
+    streamed = [x for e in events if e.type == "response.output_text.delta" for x in e.logprobs]
+    assert [x.token for x in streamed] == [x.token for x in lps] == [x.token for x in events[-1].response.output[
+        0].content[0].logprobs]
+    assert client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=2, top_logprobs=2).output[
+        0].content[0].logprobs is None  # not included: not sent
+
+
 def test_text_format_holds_the_answer_to_a_schema(client):
     schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
               "required": ["city"], "additionalProperties": False}
@@ -83,6 +103,7 @@ def test_text_format_holds_the_answer_to_a_schema(client):
     ({"text": {"format": {"type": "xml"}}}, "text.format: type must be text, json_object or json_schema"),
     ({"text": {"format": {"type": "json_schema", "schema": {"type": 5}}}}, "text.format: the JSON schema cannot"),
     ({"max_output_tokens": 0}, "max_output_tokens must be an integer >= 1"),
+    ({"top_logprobs": 21}, "top_logprobs must be in [0, 20], got 21"),
     ({"input": []}, "input is empty"),
     ({"model": "gpt-5"}, "does not exist"),
 ])

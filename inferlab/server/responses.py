@@ -14,7 +14,9 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, StrictBool, StrictStr, Tag
 
 from inferlab.async_engine import AsyncEngine
+from inferlab.outputs import RequestOutput
 from inferlab.sampling_params import SamplingParams
+from inferlab.server import openai_format as fmt
 from inferlab.server.constraints import response_format_constraint
 from inferlab.server.messages import MAX_MESSAGES, with_parsed_arguments
 from inferlab.server.prompts import PromptBuilder
@@ -106,6 +108,8 @@ class ResponsesRequest(BaseModel):
     tools: list[dict[StrictStr, Any]] | None = None  # checked in `tool_plan`, to name a hosted tool it refuses
     tool_choice: StrictStr | dict[StrictStr, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
+    include: list[StrictStr] | None = None  # "message.output_text.logprobs": each token's logprob
+    top_logprobs: Int | None = None  # with it, the most likely tokens at each position
     text: dict[StrictStr, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
     metadata: dict[StrictStr, StrictStr] | None = None
     # what streams.start reads of a request: one answer, at the default priority
@@ -119,6 +123,13 @@ class ResponsesRequest(BaseModel):
                                 "conversation in input")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise APIError(400, f"max_output_tokens must be an integer >= 1, got {self.max_output_tokens}")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise APIError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+
+    def num_logprobs(self) -> int | None:
+        """How many alternatives each token's logprob comes with; None: no logprobs asked (OpenAI's
+        answer carries them only where `include` names them)."""
+        return self.top_logprobs or 0 if "message.output_text.logprobs" in (self.include or []) else None
 
     def tool_plan(self, parser: str | None) -> ToolPlan:
         tools = []
@@ -175,7 +186,7 @@ class ResponsesRequest(BaseModel):
         if held and structured:
             raise ValueError(f"tool_choice {self._tools.mode} and text.format both constrain the answer: send one")
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                              top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed,
+                              top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, logprobs=logprobs,
                               structured_outputs=held or structured)
 
     def echoed(self) -> dict:
@@ -184,7 +195,7 @@ class ResponsesRequest(BaseModel):
                 "temperature": 1.0 if self.temperature is None else self.temperature,
                 "top_p": 1.0 if self.top_p is None else self.top_p, "tools": self.tools or [],
                 "tool_choice": self.tool_choice or "auto", "parallel_tool_calls": self.parallel_tool_calls is not False,
-                "text": {"format": self.format()}, "metadata": self.metadata or {}}
+                "text": {"format": self.format()}, "metadata": self.metadata or {}, "top_logprobs": self.top_logprobs}
 
 
 def mount_responses(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: PromptBuilder,
@@ -199,8 +210,13 @@ def mount_responses(app: FastAPI, engine: AsyncEngine, model_name: str, prompts:
             prompt = await prompts.chat(req.messages(), True, False, None if tools is None else {"tools": tools}, None)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        base, rids, streams = await start(engine, req, [prompt], req.max_output_tokens, None)
-        answer = Answer(f"resp_{base}", model_name, req.echoed(), plan)
+        n = req.num_logprobs()
+        base, rids, streams = await start(engine, req, [prompt], req.max_output_tokens, n)
+
+        def logprobs(out: RequestOutput, count: int) -> list[dict]:  # the last `count` tokens' (chat's entries)
+            return fmt.chat_logprobs(prompts.tok, fmt.new_logprobs(out, count), n)["content"]
+
+        answer = Answer(f"resp_{base}", model_name, req.echoed(), plan, None if n is None else logprobs)
         if not req.stream:
             return body(answer, (await collect(engine, raw, rids, streams))[0])
         return streaming(engine, events(answer, streams), rids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from inferlab.outputs import RequestOutput
@@ -23,15 +23,17 @@ class Answer:
     model: str
     echoed: dict  # the request's settings, which the response object repeats
     plan: ToolPlan
+    logprobs: Callable[[RequestOutput, int], list[dict]] | None = None  # an output's last n tokens', if asked
 
 
-def message(text: str, item_id: str, status: str = "completed") -> dict:
-    content = [text_part(text)] if status == "completed" else []
+def message(text: str, item_id: str, status: str = "completed", logprobs: list | None = None) -> dict:
+    content = [text_part(text, logprobs)] if status == "completed" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
-def text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": []}
+def text_part(text: str, logprobs: list | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [],
+            **({} if logprobs is None else {"logprobs": logprobs})}
 
 
 def function_call(call: dict, item_id: str, status: str = "completed") -> dict:
@@ -45,10 +47,10 @@ def new_id(kind: str) -> str:
     return f"{kind}_{uuid.uuid4().hex}"
 
 
-def output_items(plan: ToolPlan, text: str) -> list[dict]:
+def output_items(plan: ToolPlan, text: str, logprobs: list | None = None) -> list[dict]:
     """A finished answer's items: its text (if any, or if there is nothing else) and its calls."""
     content, calls = plan.message(text)
-    said = [message(content or "", new_id("msg"))] if content or not calls else []
+    said = [message(content or "", new_id("msg"), logprobs=logprobs)] if content or not calls else []
     return said + [function_call(c, new_id("fc")) for c in calls]
 
 
@@ -61,7 +63,11 @@ def body(answer: Answer, out: RequestOutput | None, items: list[dict] | None = N
         "input_tokens": len(out.prompt_token_ids), "input_tokens_details": {"cached_tokens": out.num_cached_tokens},
         "output_tokens": len(out.outputs[0].token_ids), "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": len(out.prompt_token_ids) + len(out.outputs[0].token_ids)}}
-    output = [] if not done else items if items is not None else output_items(answer.plan, out.outputs[0].text)
+    if not done or items is not None:
+        output = items or []
+    else:
+        c = out.outputs[0]
+        output = output_items(answer.plan, c.text, answer.logprobs and answer.logprobs(out, len(c.token_ids)))
     return {"id": answer.id, "object": "response", "created_at": int(time.time()), "status": status,
             "model": answer.model, "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
@@ -74,6 +80,8 @@ class Events:
 
     def __init__(self) -> None:
         self.seq, self.items, self.text = 0, [], ""
+        self.logprobs: list | None = None  # every token's so far, where asked, and how many a delta sent
+        self.logprobs_sent = 0
         self.msg: int | None = None  # the message's output index, once its text began
         self.calls: dict[int, int] = {}  # a call's index in the answer -> its output index
 
@@ -92,8 +100,11 @@ class Events:
             sent += [self.event("response.output_item.added", output_index=self.msg, item=self.items[self.msg]),
                      self.event("response.content_part.added", **self.where(), part=text_part(""))]
         self.text += delta
-        return sent + [self.event("response.output_text.delta", **self.where(), delta=delta, logprobs=[])] \
-            if delta else sent
+        new = (self.logprobs or [])[self.logprobs_sent:]
+        if not delta and not (new and self.msg is not None):  # (logprobs of tokens without text: at the end)
+            return sent
+        self.logprobs_sent += len(new)
+        return sent + [self.event("response.output_text.delta", **self.where(), delta=delta, logprobs=new)]
 
     def call_delta(self, part: dict) -> list[str]:
         sent = []
@@ -109,13 +120,15 @@ class Events:
 
     def close(self) -> list[str]:
         """Every item's closing events, in output order."""
-        sent = [] if self.items else self.text_delta("")  # an empty answer is still one message
+        # an empty answer is still one message; tokens without text (the end token) send their logprobs
+        sent = self.text_delta("") if not self.items or self.msg is not None else []
         for at, item in enumerate(self.items):
             item["status"] = "completed"
             if item["type"] == "message":
-                item["content"] = [text_part(self.text)]
-                sent += [self.event("response.output_text.done", **self.where(), text=self.text, logprobs=[]),
-                         self.event("response.content_part.done", **self.where(), part=text_part(self.text))]
+                item["content"] = [text_part(self.text, self.logprobs)]
+                sent += [self.event("response.output_text.done", **self.where(), text=self.text,
+                                    logprobs=self.logprobs or []),
+                         self.event("response.content_part.done", **self.where(), part=item["content"][0])]
             else:
                 sent.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
                                        name=item["name"], arguments=item["arguments"]))
@@ -126,6 +139,7 @@ class Events:
 async def events(answer: Answer, streams) -> AsyncIterator[str]:
     """The API's typed events, as server-sent events with their `event:` names."""
     ev, deltas = Events(), answer.plan.stream()
+    ev.logprobs = [] if answer.logprobs else None
     yield ev.event("response.created", response=body(answer, None))
     yield ev.event("response.in_progress", response=body(answer, None))
     async for _, out in merged(streams):
@@ -133,6 +147,8 @@ async def events(answer: Answer, streams) -> AsyncIterator[str]:
             yield ev.event("error", code="server_error", message=out.error, param=None)
             return
         c = out.outputs[0]
+        if answer.logprobs:
+            ev.logprobs += answer.logprobs(out, len(c.new_token_ids))
         part = deltas.delta(c.new_text, c.text, out.finished)
         for sent in (ev.text_delta(part["content"]) if part.get("content") else []):
             yield sent

@@ -167,7 +167,8 @@ RESP_CHAOS = st.fixed_dictionaries(
               "parallel_tool_calls": loose(st.booleans()),
               "text": loose(st.sampled_from([{"format": {"type": "json_object"}}, {"format": {"type": "xml"}},
                                              {"format": "json"}, {"format": {"type": "json_schema", "schema": 5}}])),
-              "previous_response_id": loose(st.none()), "model": loose(st.just(MODEL))})
+              "previous_response_id": loose(st.none()), "model": loose(st.just(MODEL)),
+              "include": loose(st.just(["message.output_text.logprobs"])), "top_logprobs": loose(st.integers(-1, 21))})
 
 
 @st.composite

@@ -847,7 +847,8 @@ BAD = [
     (CHAT, {"messages": USER, "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs is not available with "
                                                                            "stream: true on chat"),
     (CHAT, {"messages": USER, "prompt_logprobs": 21}, 400, "prompt_logprobs must be in [0, 20], got 21"),
-    (CMPL, {"prompt": "hi", "suffix": "the end"}, 400, "suffix is not supported"),
+    (CMPL, {"prompt": "hi", "suffix": "the end"}, 400, "this model has no fill-in-the-middle tokens"),
+    (CMPL, {"prompt": [1, 2], "suffix": "the end"}, 400, "suffix fills the middle after a text prompt"),
     (CMPL, {"prompt": "hi", "best_of": 3}, 400, "best_of is not supported"),
     (CHAT, {"messages": USER, "response_format": {"type": "xml"}}, 400,
      "response_format type must be text, json_object or json_schema, got 'xml'"),

@@ -161,7 +161,8 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
             if len(listed) * req.n > MAX_CHOICES:  # each is a request: one small body could queue 64,000
                 raise ValueError(f"{len(listed)} prompts x n {req.n} ask for {len(listed) * req.n} choices, more "
                                  f"than the {MAX_CHOICES} one request may; send them in several requests")
-            engine_prompts = [await prompts.completion(p, req.cache_salt) for p in listed]
+            engine_prompts = [await (prompts.fill(p, req.suffix, req.cache_salt) if req.suffix else
+                                     prompts.completion(p, req.cache_salt)) for p in listed]
         except ValueError as e:
             raise APIError(400, str(e)) from None
         base, rids, streams = await start(engine, req, engine_prompts, 1 if req.prompt_only else req.max_tokens,

@@ -199,7 +199,9 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
             if not req.prompt:
                 return loaded(req, "response", "")
             try:
-                if req.raw:
+                if req.suffix:  # code completion: the middle between the prompt and the suffix
+                    prompt = await prompts.fill(req.prompt, req.suffix, None)
+                elif req.raw:
                     prompt = {"prompt": req.prompt, "prompt_token_ids": await prompts.encode(req.prompt),
                               "cache_salt": None}
                 else:
@@ -207,7 +209,8 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
                     prompt = await prompts.chat([*system, {"role": "user", "content": req.prompt}], True, False,
                                                 None, None)
                 room = min(req.max_tokens(limit), max(1, limit // 4))  # kept for the answer: at most a quarter
-                prompt = shortened(prompt, limit, room, req.num_keep())
+                # (a filled middle's cut keeps its first tokens: BOS and the prefix's mark)
+                prompt = shortened(prompt, limit, room, max(req.num_keep(), 2) if req.suffix else req.num_keep())
             except ValueError as e:
                 raise APIError(400, str(e)) from None
             return await answer(raw, req, prompt, "response", lambda text: text)

@@ -94,7 +94,7 @@ class OllamaRequest(Unset):
 
     def refuse_unsupported(self) -> None:
         self.structured()  # a format that cannot be: refused here, in Ollama's error shape
-        asked = {"suffix": self.suffix, "template": self.template, "images": self.images,
+        asked = {"template": self.template, "images": self.images,
                  "context": self.context, "think": self.think, "logprobs": self.logprobs}
         for name, value in asked.items():
             if value not in (None, "", [], False):

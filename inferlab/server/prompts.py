@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from inferlab.model.fim import fill_prompt
 from inferlab.model.tokenizer import Tokenizer
 
 
@@ -31,6 +32,12 @@ class PromptBuilder:
         if isinstance(prompt, dict):
             return {"prompt": None, "prompt_token_ids": prompt["prompt_token_ids"], "cache_salt": cache_salt}
         return {"prompt": prompt, "prompt_token_ids": await self.encode(prompt), "cache_salt": cache_salt}
+
+    async def fill(self, prefix: str, suffix: str, cache_salt: str | None) -> dict:
+        """An engine prompt dict asking for the text between `prefix` and `suffix` (model/fim.py)."""
+        self.check_length(len(prefix) + len(suffix))
+        ids = await asyncio.to_thread(fill_prompt, self.tok, prefix, suffix)
+        return {"prompt": prefix, "prompt_token_ids": ids, "cache_salt": cache_salt}
 
     async def chat(self, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
                    template_kwargs: dict | None, cache_salt: str | None) -> dict:

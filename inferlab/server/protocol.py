@@ -126,6 +126,7 @@ class CompletionRequest(SamplingFields):
     prompt_logprobs: Int | None = None  # vLLM's: each prompt token's logprob and top-N, in the choice
     # the chat API's name, which clients such as guidellm send on every endpoint beside max_tokens
     max_completion_tokens: Int | None = None
+    suffix: StrictStr | None = None  # what follows: the answer fills the middle (a code model's, model/fim.py)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """With echo and logprobs the prompt is scored too, as vLLM does (its tokens are the answer's
@@ -143,6 +144,8 @@ class CompletionRequest(SamplingFields):
         super().refuse_unsupported()
         if self.prompt_only and self.min_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens (0)")
+        if self.suffix and (self.echo or not all(isinstance(p, str) for p in self.prompts())):
+            raise ValueError("suffix fills the middle after a text prompt: it takes neither token ids nor echo")
         if self.max_completion_tokens is not None and self.max_completion_tokens != self.max_tokens:
             raise ValueError(f"max_completion_tokens ({self.max_completion_tokens}) differs from max_tokens "
                              f"({self.max_tokens}): the completions API reads max_tokens")

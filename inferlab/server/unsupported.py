@@ -5,7 +5,6 @@ from __future__ import annotations
 # Output-changing fields of OpenAI's and vLLM's APIs that this server does not implement: the reason
 # each is refused. A field is let through only with its do-nothing value (see `harmless`).
 UNSUPPORTED = {
-    "suffix": "suffix is not supported (no fill-in-the-middle)",
     "best_of": "best_of is not supported; ask for n choices instead",
     "functions": "functions are OpenAI's old name: send tools",
     "function_call": "function_call is OpenAI's old name: send tool_choice",

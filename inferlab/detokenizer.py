@@ -14,8 +14,10 @@ CONTEXT_TOKENS = 6  # prompt tokens decoded along with the first output tokens
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stops: list[str],
-                 include_stop: bool = False) -> None:
+                 include_stop: bool = False, skip_special: bool = True) -> None:
         self.tokenizer = tokenizer
+        # the text of token ids: special tokens left out (vLLM's default), or kept
+        self.decode = tokenizer.text if skip_special else lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         if self.ids and not tokenizer.text(self.ids):
             # only special tokens (a BOS): the output would start the decoded text, where a
@@ -28,8 +30,8 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int) -> None:
         self.ids.append(token_id)
-        prefix = self.tokenizer.text(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.text(self.ids[self.prefix_offset:])
+        prefix = self.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.text += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -46,8 +48,8 @@ class IncrementalDetokenizer:
 
     def flush_pending(self) -> None:
         """At the end, decode whatever an unfinished character held back."""
-        tail = self.tokenizer.text(self.ids[self.prefix_offset:])
-        prefix = self.tokenizer.text(self.ids[self.prefix_offset:self.read_offset])
+        tail = self.decode(self.ids[self.prefix_offset:])
+        prefix = self.decode(self.ids[self.prefix_offset:self.read_offset])
         if len(tail) > len(prefix):
             self.text += tail[len(prefix):]
         self.read_offset = self.prefix_offset = len(self.ids)

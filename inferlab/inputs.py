@@ -94,3 +94,24 @@ def check_request(inputs: PromptInputs, params: SamplingParams, priority: object
         raise ValueError(f"logit_bias has a token id outside the vocabulary [0, {vocab_size})")
     if any(t >= vocab_size for t in params.stop_token_ids or []):  # it could never stop the request
         raise ValueError(f"stop_token_ids has a token id outside the vocabulary [0, {vocab_size})")
+    if any(t >= vocab_size for t in params.allowed_token_ids or []):
+        raise ValueError(f"allowed_token_ids has a token id outside the vocabulary [0, {vocab_size})")
+
+
+def truncate(inputs: PromptInputs, keep: int | None, max_request_tokens: int) -> None:
+    """vLLM's truncate_prompt_tokens: only the prompt's last `keep` tokens run (-1: as many as leave
+    room for one generated token)."""
+    if keep is not None:
+        keep = max_request_tokens - 1 if keep == -1 else keep
+        inputs.token_ids = inputs.token_ids[-keep:]
+
+
+def bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
+    """Each bad word's token ids as vLLM bans them: the word at a text's start, and after a space
+    where that spelling is another word of as many tokens (a byte-level BPE's " word" is)."""
+    out = []
+    for word in words:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        out += [alone] + ([spaced] if alone and spaced[0] != alone[0] and len(spaced) == len(alone) else [])
+    return [ids for ids in out if ids]

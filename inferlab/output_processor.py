@@ -26,7 +26,8 @@ class OutputProcessor:
     def add(self, req: Request) -> None:
         p = req.params
         self.detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
-                                                                   p.stop_list, p.include_stop_str_in_output)
+                                                                   p.stop_list, p.include_stop_str_in_output,
+                                                                   p.skip_special_tokens)
         if p.logprobs is not None:
             self.logprobs[req.request_id] = []
 

@@ -69,6 +69,10 @@ class Request:
     pooled_upto: int = 0
     # structured outputs (inferlab/structured/): the grammar that masks its logits; None: free text
     guide: Any = None
+    # params.allowed_token_ids as a mask of the tokens it may not draw (built by the sampler once), and
+    # params.bad_words as token ids (inputs.bad_word_ids)
+    banned: Any = None
+    bad_words: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -1,6 +1,7 @@
 """Sampler: turn a batch's logits into next tokens, one row per request, each with its own params.
 
-Order per row: logit bias -> penalties -> min_tokens EOS ban -> a structured output's grammar mask ->
+Order per row: logit bias, allowed tokens and bad words -> penalties -> min_tokens EOS ban -> a
+structured output's grammar mask ->
 (greedy argmax | temperature, min-p, top-k, top-p, then a draw from the request's own generator); the
 grammar then takes in the token. A per-request generator is what makes a seeded request produce the
 same text whatever else shares its batch.
@@ -129,10 +130,29 @@ def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:
     logits[ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
 
 
+def restrict(logits: torch.Tensor, req: Request) -> None:
+    """In place on one row: what vLLM's allowed_token_ids and bad_words rule out (a bad word's last
+    token, where its tokens before it end the output)."""
+    if req.params.allowed_token_ids is not None:
+        if req.banned is None:
+            req.banned = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            req.banned[req.params.allowed_token_ids] = False
+        logits.masked_fill_(req.banned, float("-inf"))
+    for word in req.bad_words:
+        before = len(word) - 1
+        if before <= req.num_output_tokens and req.token_ids[len(req.token_ids) - before:] == word[:-1]:
+            logits[word[-1]] = float("-inf")
+
+
+def restricted(req: Request) -> bool:
+    return req.params.allowed_token_ids is not None or bool(req.bad_words)
+
+
 def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list[SampleResult]:
     """logits: [len(reqs), vocab], in the model's dtype. One SampleResult per request, in order."""
     if all(r.params.greedy and r.params.logprobs is None and not r.params.has_penalties and not r.params.logit_bias
-           and r.num_output_tokens >= r.params.min_tokens and r.guide is None for r in reqs):  # plain greedy: argmax
+           and r.num_output_tokens >= r.params.min_tokens and r.guide is None and not restricted(r)
+           for r in reqs):  # plain greedy: argmax
         return [SampleResult(t) for t in argmax_rows(logits).tolist()]
     logits = logits.float()
     want_logprobs = [r.params.logprobs is not None for r in reqs]
@@ -140,6 +160,8 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
     for i, r in enumerate(reqs):
         if r.params.logit_bias:
             apply_logit_bias(logits[i], r.params.logit_bias)
+        if restricted(r):
+            restrict(logits[i], r)
         if r.params.has_penalties:
             apply_penalties(logits[i], r)
         if r.num_output_tokens < r.params.min_tokens:

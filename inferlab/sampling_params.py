@@ -50,6 +50,12 @@ class SamplingParams:
     n: int = 1  # completions per prompt: LLM.generate and the server submit the prompt n times
     # the text must match a JSON schema, regex, choice or grammar (inferlab/structured/)
     structured_outputs: StructuredOutputsParams | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be drawn (None: any)
+    # vLLM's: words never written: a word's last token is banned where its tokens before it were just written
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool = True  # False: special tokens stay in the text (token_ids hold them either way)
+    # vLLM's: only the prompt's last k tokens run (-1: as many as the context leaves room for)
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,12 +68,13 @@ class SamplingParams:
             if not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
             setattr(self, name, float(getattr(self, name)))
-        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "n", "penalty_last_n"):
+        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "n", "penalty_last_n",
+                     "truncate_prompt_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             setattr(self, name, None if value is None else int(value))
-        for name in ("ignore_eos", "include_stop_str_in_output"):  # "no" would read as true
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):  # "no" would read as true
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -96,6 +103,11 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 20:
                 raise ValueError(f"{name} must be in [0, 20], got {getattr(self, name)}")
+        if self.truncate_prompt_tokens is not None and not (self.truncate_prompt_tokens == -1
+                                                            or self.truncate_prompt_tokens >= 1):
+            raise ValueError(f"truncate_prompt_tokens must be -1 (as many as fit) or >= 1, got "
+                             f"{self.truncate_prompt_tokens}")
+        self._check_token_lists()
         if self.n is None or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -133,6 +145,18 @@ class SamplingParams:
                for b in bias.values()):
             raise ValueError("logit_bias values must be numbers in [-100, 100]")
 
+    def _check_token_lists(self) -> None:
+        allowed = self.allowed_token_ids
+        if allowed is not None and (not isinstance(allowed, (list, tuple)) or not allowed or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in allowed)):
+            raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}")
+        words = self.bad_words or []
+        if not isinstance(words, (list, tuple)) or any(not isinstance(w, str) or not w.strip() for w in words):
+            raise ValueError(f"bad_words must be a list of words (non-empty strings), got {self.bad_words!r}")
+        if len(words) > MAX_STOP_STRINGS * 16 or any(len(w) > MAX_STOP_CHARS or not is_text(w) for w in words):
+            raise ValueError(f"bad_words takes at most {MAX_STOP_STRINGS * 16} words of at most {MAX_STOP_CHARS} "
+                             "characters of valid text")
+
     def fork(self, j: int) -> SamplingParams:
         """Completion j of n as a request of its own (the engine runs one sequence a request): n = 1,
         and with a seed, seed + j, so the n are distinct yet reproducible (LLM.generate's and the server's)."""
@@ -158,14 +182,11 @@ class SamplingParams:
 # refused with what to do instead (not Python's "unexpected keyword argument")
 VLLM_ONLY = {
     "best_of": ((None, 1), "ask for n completions and choose among them"),
-    "skip_special_tokens": ((True,), "special tokens are always left out of the text (token_ids keeps them)"),
-    "spaces_between_special_tokens": ((True,), "special tokens are always left out of the text"),
+    "spaces_between_special_tokens": ((True,), "special tokens kept in the text (skip_special_tokens=False) are "
+                                                "written as the tokenizer decodes them"),
     "detokenize": ((True,), "the text is always made, and token_ids are there too"),
-    "allowed_token_ids": ((None,), "not supported; logit_bias of -100 bans single tokens"),
-    "bad_words": ((None, []), "not supported; logit_bias of -100 bans single tokens"),
     "output_kind": ((None,), "LLM.generate returns final outputs; LLMEngine.step() gives new_text and "
                              "new_token_ids beside the whole text"),
-    "truncate_prompt_tokens": ((None,), "not supported: a prompt must fit the context"),
 }
 _dataclass_init = SamplingParams.__init__
 

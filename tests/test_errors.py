@@ -300,7 +300,7 @@ def test_sampling_params_name_a_list_field_given_something_else(kwargs, message)
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"prompt_logprobs": -1}, r"^prompt_logprobs must be in \[0, 20\], got -1$"),  # vLLM's -1 (the vocabulary)
-    ({"skip_special_tokens": False}, "skip_special_tokens=False .* special tokens are always left out of the text"),
+    ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens=False .* as the tokenizer decodes"),
     ({"best_of": 3}, "best_of=3 .* ask for n completions"),
     ({"temprature": 0.5}, "SamplingParams takes no argument 'temprature'"),
     ({"logit_bias": {"5": 1.0}}, "logit_bias keys must be token ids .*, got '5'"),

@@ -650,3 +650,51 @@ def test_logit_bias_bans_and_forces_tokens(llm):
     assert forced.token_ids == [42] * 4
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate(ids(llm, STORY), SamplingParams(logit_bias={10**6: 1.0}), use_tqdm=False)
+
+
+# --------------------------------------------------------------------------- vLLM's token restrictions
+
+def test_allowed_token_ids_and_bad_words_rule_tokens_out(llm, fox):
+    """allowed_token_ids: only those drawn, greedy and sampled; bad_words: a word's tokens never end
+    the output, as vLLM bans them (its last token where the ones before it were just written)."""
+    prompt, tok = ids(llm, "The quick brown fox"), llm.get_tokenizer()
+    allowed = sorted(set(fox.token_ids[5:9]))  # the greedy answer's own tokens, but not its first ones
+    greedy, drawn = gen(llm, [prompt] * 2, [SamplingParams(temperature=0, max_tokens=8, allowed_token_ids=allowed),
+                                            SamplingParams(temperature=1, seed=3, max_tokens=8,
+                                                           allowed_token_ids=allowed)])
+    assert set(greedy.token_ids) <= set(allowed) and set(drawn.token_ids) <= set(allowed)
+    word = tok.decode(fox.token_ids[1:3]).strip()  # a word of two tokens from the greedy answer
+    assert len(tok.encode(" " + word, add_special_tokens=False)) == 2
+    banned, plain = gen(llm, [prompt] * 2, [SamplingParams(temperature=0, max_tokens=12, bad_words=[word]),
+                                            SamplingParams(temperature=0, max_tokens=12)])
+    assert word in plain.text and word not in banned.text and banned.token_ids[:1] == fox.token_ids[:1]
+    assert plain.token_ids == fox.token_ids  # a request beside them is untouched
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(llm):
+    """Past its end token (ignore_eos), the answer holds one: in the text where it is kept. (The token
+    that ends an answer is not text either way, as vLLM's.)"""
+    kept, skipped = [o.outputs[0] for o in llm.chat([FRANCE] * 2, [
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, skip_special_tokens=False),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)], use_tqdm=False)]
+    assert kept.token_ids == skipped.token_ids and EOS in kept.token_ids[:-1]
+    assert "Paris.<|im_end|>" in kept.text
+    assert kept.text.replace("<|im_end|>", "").replace("<|im_start|>", "") == skipped.text
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
+    long = ids(llm, "Some words before it all. The quick brown fox")["prompt_token_ids"]
+    greedy = dict(temperature=0, max_tokens=12)
+    cut, whole, last = llm.generate([{"prompt_token_ids": long}] * 2 + [{"prompt_token_ids": long[-4:]}], [
+        SamplingParams(**greedy, truncate_prompt_tokens=4), SamplingParams(**greedy, truncate_prompt_tokens=-1),
+        SamplingParams(**greedy)], use_tqdm=False)
+    assert cut.prompt_token_ids == long[-4:] and cut.outputs[0].token_ids == last.outputs[0].token_ids
+    assert whole.prompt_token_ids == long
+    for bad, words in [({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be -1"),
+                       ({"allowed_token_ids": []}, "allowed_token_ids must be a non-empty list"),
+                       ({"bad_words": [" "]}, "bad_words must be a list of words"),
+                       ({"skip_special_tokens": "no"}, "skip_special_tokens must be True or False")]:
+        with pytest.raises(ValueError, match=words):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match=r"allowed_token_ids has a token id outside the vocabulary \[0, 49152\)"):
+        llm.generate("hi", SamplingParams(allowed_token_ids=[49152]), use_tqdm=False)

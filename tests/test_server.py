@@ -892,7 +892,8 @@ BAD = [
     ("/v1/nothing", {"prompt": "hi"}, 404, "Not Found"),
     (CHAT, {"messages": USER, "echo": True}, 400, "echo is not supported on chat"),
     (CHAT, {"messages": USER, "chat_template": "{{ messages }}"}, 400, "chat_template is not supported"),
-    (CMPL, {"prompt": "hi", "skip_special_tokens": False}, 400, "skip_special_tokens false is not supported"),
+    (CMPL, {"prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens must be -1"),
+    (CMPL, {"prompt": "hi", "allowed_token_ids": [10**6]}, 400, "allowed_token_ids has a token id outside"),
     (CMPL, {"prompt": "hi", "grammar": "root ::= undefined"}, 400, "grammar: the grammar cannot be compiled"),
     (CMPL, {"prompt": "hi", "repeat_penalty": 1.3}, 400, "send repetition_penalty"),
     (CMPL, {"prompt": "hi", "n_predict": 8}, 400, "send max_tokens"),
@@ -940,6 +941,24 @@ def test_do_nothing_values_of_unsupported_fields_are_accepted(client, offline):
                                                            "add_special_tokens": True, "length_penalty": 1.0,
                                                            "max_completion_tokens": MAX_TOKENS})  # guidellm's
     assert r.choices[0].text == offline[PROMPTS[0]].outputs[0].text
+
+
+def test_vllms_token_restrictions_reach_the_engine(client, offline):
+    """allowed_token_ids, bad_words, skip_special_tokens and truncate_prompt_tokens (vLLM's, in
+    extra_body) do what SamplingParams does with them (test_sampling.py)."""
+    question = QUESTIONS[0]
+    plain = offline[question].outputs[0]
+    ask = dict(model=MODEL, max_tokens=MAX_TOKENS, temperature=0, messages=[{"role": "user", "content": question}])
+    kept = client.chat.completions.create(**ask, extra_body={"skip_special_tokens": False, "ignore_eos": True})
+    assert kept.choices[0].message.content.startswith(plain.text + "<|im_end|>")  # past its end token
+    only = client.chat.completions.create(**ask, extra_body={"allowed_token_ids": plain.token_ids[:2]})
+    assert only.usage.completion_tokens == MAX_TOKENS  # (no end token among them)
+    word = plain.text.split()[1]
+    banned = client.chat.completions.create(**ask, extra_body={"bad_words": [word]})
+    assert word not in banned.choices[0].message.content
+    cut = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=1, extra_body={
+        "truncate_prompt_tokens": 2})
+    assert cut.usage.prompt_tokens == 2
 
 
 def test_null_is_the_default_of_a_nullable_field(client, offline):

@@ -71,6 +71,11 @@ class SamplingFields(ConstraintFields):
     user: StrictStr | None = None
     cache_salt: StrictStr | None = None  # vLLM's: only requests with the same salt share cached blocks
     logit_bias: dict[StrictStr, Float] | None = None  # token id (as a string, OpenAI's) -> bias
+    # vLLM's (SamplingParams has their meanings)
+    allowed_token_ids: list[Int] | None = None
+    bad_words: list[StrictStr] | None = None
+    skip_special_tokens: StrictBool = True
+    truncate_prompt_tokens: Int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -106,7 +111,9 @@ class SamplingFields(ConstraintFields):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=self.token_bias())
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=self.token_bias(),
+            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+            skip_special_tokens=self.skip_special_tokens, truncate_prompt_tokens=self.truncate_prompt_tokens)
 
     @property
     def include_usage(self) -> bool:

@@ -45,6 +45,10 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
     try:
         params = req.sampling_params(max_tokens, num_logprobs)  # once: a structured output's grammar is compiled
         for i, prompt in enumerate(prompts):
+            if params.truncate_prompt_tokens is not None:  # (as the engine cuts it, before it is measured)
+                keep = engine.engine.max_request_tokens - 1 if params.truncate_prompt_tokens == -1 else \
+                    params.truncate_prompt_tokens
+                prompt = {**prompt, "prompt_token_ids": prompt["prompt_token_ids"][-keep:]}
             n_prompt = len(prompt["prompt_token_ids"])
             if max_tokens is not None and n_prompt + max_tokens > max_model_len:
                 if getattr(req, "prompt_only", False):

@@ -9,12 +9,8 @@ UNSUPPORTED = {
     "functions": "functions are OpenAI's old name: send tools",
     "function_call": "function_call is OpenAI's old name: send tool_choice",
     "use_beam_search": "use_beam_search is not supported",
-    "allowed_token_ids": "allowed_token_ids is not supported; logit_bias can ban or favour tokens",
-    "bad_words": "bad_words is not supported; logit_bias can ban tokens",
     "echo": "echo is not supported on chat",
     "chat_template": "chat_template is not supported: the model's own template is applied",
-    "truncate_prompt_tokens": "truncate_prompt_tokens is not supported; send the prompt already cut",
-    "skip_special_tokens": "skip_special_tokens false is not supported: special tokens are left out of the text",
     "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
     "return_token_ids": "return_token_ids is not supported; /tokenize gives a text's token ids",
     "add_special_tokens": "add_special_tokens {value} is not supported here: the prompt is tokenized as this "
@@ -29,7 +25,7 @@ UNSUPPORTED = {
     "mirostat": "mirostat is not supported",
 }
 # the one value of a field above that asks for nothing beyond plain generation, where that is not a falsy one
-NEUTRAL = {"best_of": 1, "skip_special_tokens": True, "repeat_penalty": 1.0,
+NEUTRAL = {"best_of": 1, "repeat_penalty": 1.0,
            "typical_p": 1.0, "length_penalty": 1.0}
 
 

@@ -24,7 +24,7 @@ import torch
 
 from inferlab.distributions import distributions, draw, probabilities
 from inferlab.request import Request
-from inferlab.sampler import SampleResult, apply_logit_bias, argmax_rows, sample
+from inferlab.sampler import SampleResult, apply_logit_bias, argmax_rows, restrict, sample
 
 
 def accepted_tokens(logits: torch.Tensor, req: Request) -> list[int]:
@@ -64,9 +64,11 @@ def verify(logits: torch.Tensor, req: Request) -> list[SampleResult]:
     """The results `req` emits this step from its 1 + k rows of logits, with logprobs if asked."""
     logits = logits.float()
     raw = logits.log_softmax(-1) if req.params.logprobs is not None else None
-    if req.params.logit_bias:
-        for row in logits:
+    for row in logits:  # (bad words, which depend on the tokens before, keep a request from speculating)
+        if req.params.logit_bias:
             apply_logit_bias(row, req.params.logit_bias)
+        if req.params.allowed_token_ids is not None:
+            restrict(row, req)
     tokens = accepted_tokens(logits, req)
     if raw is None:
         return [SampleResult(t) for t in tokens]

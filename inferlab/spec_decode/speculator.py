@@ -9,7 +9,8 @@ When not to speculate (a request that does not simply decodes one token, as with
 | (default 64 // (1 + k): 12 at k = 4; a draft model: | rows; its verify rows would leave the one-call   |
 | 10 // (1 + k): 2 at k = 4)                          | decode step (64 rows) and cost more than they win;|
 |                                                     | a draft model's own steps grow with the batch too |
-| the request uses penalties or waits for min_tokens  | they depend on the tokens before each position   |
+| the request uses penalties or bad words, or waits   | they depend on the tokens before each position   |
+| for min_tokens                                      |                                                  |
 | its recent drafts were mostly rejected: acceptance  | a wasted verify costs k rows; it pauses          |
 | (an exponential average) below MIN_ACCEPTANCE       | PAUSE_STEPS steps, then tries again              |
 | it may emit only one more token                     | k shrinks to max_tokens - emitted - 1            |
@@ -75,7 +76,7 @@ class Speculator:
 
     def eligible(self, req: Request) -> bool:
         p = req.params
-        return not p.has_penalties and req.num_output_tokens >= p.min_tokens and \
+        return not p.has_penalties and not req.bad_words and req.num_output_tokens >= p.min_tokens and \
             req.max_tokens - req.num_output_tokens > 1 and not self._paused(req.request_id)
 
     def _paused(self, rid: str) -> bool:

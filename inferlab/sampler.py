@@ -144,6 +144,15 @@ def restrict(logits: torch.Tensor, req: Request) -> None:
             logits[word[-1]] = float("-inf")
 
 
+class NoTokenLeft(ValueError):
+    """A request's own rules (allowed tokens, bad words, min_tokens, a grammar) together rule out
+    every token: its fault, not the engine's, so it fails alone with this."""
+
+    def __init__(self) -> None:
+        super().__init__("no token is left to draw: the request's allowed_token_ids, bad_words, logit_bias, "
+                         "min_tokens and structured output together rule out every token")
+
+
 def restricted(req: Request) -> bool:
     return req.params.allowed_token_ids is not None or bool(req.bad_words)
 
@@ -169,6 +178,8 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
             logits[i, banned] = float("-inf")
         if r.guide is not None:  # last: what the grammar cannot take next is never drawn
             r.guide.mask(logits[i])
+        if (restricted(r) or r.guide is not None) and not bool(logits[i].isfinite().any()):
+            raise NoTokenLeft()  # (before any grammar takes a token: the step is retried without it)
     tokens = argmax_rows(logits)
     sampled_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if sampled_rows:

@@ -698,3 +698,21 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
             SamplingParams(**bad)
     with pytest.raises(ValueError, match=r"allowed_token_ids has a token id outside the vocabulary \[0, 49152\)"):
         llm.generate("hi", SamplingParams(allowed_token_ids=[49152]), use_tqdm=False)
+
+
+def test_rules_that_leave_no_token_fail_that_request_alone(llm, fox):
+    """allowed_token_ids outside what a grammar takes, greedy or sampled: the request fails with why
+    (it drew an arbitrary token before), and one beside it answers as alone."""
+    from inferlab import StructuredOutputsParams
+    yes_no = StructuredOutputsParams(choice=["yes", "no"])
+    prompt = ids(llm, "The quick brown fox")
+    outs = llm.generate([prompt] * 3, [
+        SamplingParams(temperature=0, max_tokens=5, allowed_token_ids=[100, 200], structured_outputs=yes_no),
+        SamplingParams(temperature=1, max_tokens=5, allowed_token_ids=[100, 200], structured_outputs=yes_no),
+        SamplingParams(temperature=0, max_tokens=12)], use_tqdm=False)
+    for out in outs[:2]:
+        assert out.outputs[0].finish_reason == "error" and "no token is left to draw" in out.error
+        assert out.outputs[0].token_ids == []
+    assert outs[2].outputs[0].token_ids == fox.token_ids
+    llm.engine.check_integrity()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

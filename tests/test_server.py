@@ -894,6 +894,7 @@ BAD = [
     (CHAT, {"messages": USER, "chat_template": "{{ messages }}"}, 400, "chat_template is not supported"),
     (CMPL, {"prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens must be -1"),
     (CMPL, {"prompt": "hi", "allowed_token_ids": [10**6]}, 400, "allowed_token_ids has a token id outside"),
+    (CMPL, {"prompt": "hi", "allowed_token_ids": [100], "guided_choice": ["yes"]}, 400, "no token is left to draw"),
     (CMPL, {"prompt": "hi", "grammar": "root ::= undefined"}, 400, "grammar: the grammar cannot be compiled"),
     (CMPL, {"prompt": "hi", "repeat_penalty": 1.3}, 400, "send repetition_penalty"),
     (CMPL, {"prompt": "hi", "n_predict": 8}, 400, "send max_tokens"),

@@ -49,6 +49,11 @@ VALID = {
     "priority": st.integers(*INT64),
     "user": st.text(max_size=5),
     "some_unknown_field": JUNK,  # unknown fields are ignored, as OpenAI clients send some
+    # vLLM's token restrictions: an allowed set or bad words may leave a constraint nothing it takes
+    "allowed_token_ids": st.lists(st.integers(0, 49151), min_size=1, max_size=4),
+    "bad_words": st.lists(st.text(min_size=1, max_size=4).filter(str.strip), max_size=3),
+    "skip_special_tokens": st.booleans(),
+    "truncate_prompt_tokens": st.sampled_from([-1, 1, 2, 5]),
 }
 VALID_CMPL = {**VALID, "logprobs": st.one_of(st.none(), st.integers(0, 20)), "echo": st.booleans(),
               "prompt_logprobs": st.one_of(st.none(), st.integers(0, 20))}
@@ -110,7 +115,9 @@ FAULTS = {
            *({"prompt": v} for v in ("", [], [[]], [-1], [60000], [[1], [-1]], 5, None, "\ud800", ["a", "\udfff"],
                                       [1, "a"], {"text": "hi"})),
            *({"logprobs": v} for v in (21, -1, "2", True)), *({"prompt_logprobs": v} for v in (21, -1, "2")),
-           {"echo": "yes"}],
+           {"echo": "yes"}, {"suffix": "the end"}, *({"truncate_prompt_tokens": v} for v in (0, -2, "3")),
+           *({"allowed_token_ids": v} for v in ([], [-1], [49152], "1")), {"bad_words": [""]},
+           {"skip_special_tokens": "no"}],
     CHAT: [*COMMON_FAULTS,
            *({"messages": v} for v in ([], "hi", None, [{"role": "bot", "content": "x"}], [{"content": "x"}],
                                        [{"role": "user"}], [{"role": "user", "content": 5}],

@@ -14,6 +14,7 @@ from starlette.background import BackgroundTask
 from inferlab.allocation import OutOfKVMemoryError
 from inferlab.async_engine import AsyncEngine, EngineStopping
 from inferlab.outputs import RequestOutput
+from inferlab.sampler import NoTokenLeft
 from inferlab.server import openai_format as fmt
 from inferlab.server.protocol import SamplingFields
 
@@ -35,6 +36,14 @@ def check_model(name: str | None, served: str) -> None:
 
 SHUTTING_DOWN = (503, "the server is shutting down; the request was not finished", "server_error",
                  "server_shutting_down")
+
+
+def failure(err: str) -> tuple[int, str, str]:
+    """(status, message, type) of a request the engine failed: its own rules' fault (a 400), or the
+    engine's (a 500)."""
+    if err.startswith(NoTokenLeft.__name__):
+        return 400, err.split(": ", 1)[1], "invalid_request_error"
+    return 500, f"the engine failed on this request: {err}", "server_error"
 
 
 async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], max_tokens: int | None,
@@ -115,7 +124,7 @@ async def collect(engine: AsyncEngine, raw: Request, rids: list[str], streams: S
         abort_all(engine, rids)
     err = next((o.error for o in finals if o.error), None)
     if err is not None:
-        raise APIError(500, f"the engine failed on this request: {err}", "server_error")
+        raise APIError(*failure(err))
     if engine.stopping and any(fmt.finish_reason(o) == "abort" for o in finals):
         raise APIError(*SHUTTING_DOWN)
     return finals
@@ -152,7 +161,8 @@ async def sse_events(req: SamplingFields, streams: Streams, head: dict,
     finals: dict[int, RequestOutput] = {}
     async for i, out in merged(streams):
         if out.error:
-            yield fmt.sse({"error": {"message": out.error, "type": "server_error"}})
+            status, message, kind = failure(out.error)
+            yield fmt.sse({"error": {"message": message, "type": kind, "code": status}})
             break
         body = choice(i, out)
         if body is not None:

@@ -13,20 +13,16 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
 
 import torch
 
 from inferlab import kernels
 from inferlab.model import gguf_file, hf_folder, weight_cache
-from inferlab.model.base import CausalLM, ModelArgs, ModelLoadError, in_hf_names
-from inferlab.model.deepseek import DeepseekForCausalLM
-from inferlab.model.default_dtype import default_dtype
+from inferlab.model.base import CausalLM, ModelLoadError, in_hf_names
+from inferlab.model.build import MODELS, build
 from inferlab.model.layers import quant
 from inferlab.model.layers.classifier import Classifier, head_tensors
 from inferlab.model.layers.keep import BF16_MATRIX_ISAS, quantization_mode
-from inferlab.model.llama import LlamaForCausalLM
-from inferlab.model.qwen_moe import QwenMoeForCausalLM
 from inferlab.model.tokenizer import Tokenizer
 from inferlab.pooling import POOLING_TYPES
 from inferlab.switches import env_switch
@@ -43,12 +39,7 @@ BACKBONES = {"LlamaModel": "llama", "MistralModel": "llama", "Qwen2Model": "qwen
 # a decoder with a classification head (`score.weight`, no LM head): rerankers and classifiers
 CLASSIFIERS = {"LlamaForSequenceClassification": "llama", "MistralForSequenceClassification": "llama",
                "Qwen2ForSequenceClassification": "qwen2", "Qwen3ForSequenceClassification": "qwen3"}
-MODELS: dict[str, type[CausalLM]] = {
-    "llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
-    "qwen2_moe": QwenMoeForCausalLM, "qwen3_moe": QwenMoeForCausalLM,
-    "deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM}
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-Weights = Iterator[tuple[str, torch.Tensor, quant.WeightType | None]]  # (name, tensor as stored, block type)
 
 
 def model_name(model: str | None) -> str:
@@ -124,99 +115,6 @@ def is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _construct(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    with default_dtype(dtype), torch.device(device):
-        model = MODELS[args.arch](args)
-    model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.float()  # RoPE frequencies stay fp32
-    return model
-
-
-def _build(args: ModelArgs, weights: Weights, dtype: torch.dtype, device: torch.device, quantization: str,
-           int8_activations: bool) -> CausalLM:
-    model = _construct(args, dtype, device)
-    packed = type(model).packed_modules
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded: set[str] = set()
-    head = None
-    for source, tensor, wtype in weights:
-        if args.tie_word_embeddings and source == "lm_head.weight":
-            head = (tensor, wtype)  # compared with the embedding below
-        if model.skip_checkpoint_tensor(source):
-            continue
-        name, shard = source, None
-        for proj, (fused, idx) in packed.items():
-            if f".{proj}." in name:
-                name, shard = name.replace(f".{proj}.", f".{fused}."), idx
-                break
-        param = params.get(name)
-        if param is None:
-            raise ModelLoadError(f"unexpected tensor {source!r} in checkpoint")
-        loader = getattr(param, "weight_loader", None)
-        try:
-            if loader is not None:  # a linear or embedding weight, or a merged layer's bias: as stored
-                _check_row_length(param, tensor, wtype)
-                loader(param, tensor, shard, wtype)
-            else:  # kept in the model's dtype (norms, routers, MLA's up-projection): block types dequantized
-                value = quant.dequantize(tensor, wtype) if wtype is not None and wtype.dtype is None else tensor
-                if param.shape != value.shape:
-                    raise ValueError(f"has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
-                param.data.copy_(value)
-        except (ValueError, RuntimeError) as e:  # the checkpoint's name, not the fused one it loads into
-            raise ModelLoadError(f"tensor {source!r}: {e}") from None
-        loaded.add(f"{name}#{shard}")
-    _warn_if_head_differs(model, head)
-    expected = {f"{n}#{s}" for n, _ in params.items() for s in _shards(n, packed)}
-    if args.tie_word_embeddings:
-        expected.discard("lm_head.weight#None")
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor{'s' * (len(missing) > 1)}, e.g. "
-                             f"{_checkpoint_name(missing[0], packed)}")
-    native = kernels.native() if device.type == "cpu" else None
-    # a dtype no kernel takes (float16) runs PyTorch's ops: weights in its dtype, not blocks that
-    # each op would dequantize anew
-    isa = native.isa if native and model.dtype in kernels.DTYPE_CODES else None
-    model.process_weights_after_loading(quantization, isa, int8_activations)
-    return model.to(device).eval()
-
-
-def _warn_if_head_differs(model: CausalLM, head: tuple[torch.Tensor, object] | None) -> None:
-    """A tied config whose checkpoint also holds an LM head of other values: the head is left out, as
-    vLLM leaves it out (transformers keeps it instead, so their answers differ): said, not silent."""
-    if head is None or head[1] is not None:
-        return
-    embedding = model.model.embed_tokens.weight  # a tensor-parallel rank's rows, or blocks: not compared
-    if head[0].shape == embedding.shape and not torch.equal(head[0].to(embedding.dtype), embedding.data):
-        log.warning("the checkpoint's lm_head.weight differs from its embedding, but config.json ties them "
-                    "(tie_word_embeddings): the embedding is the LM head here; set it false to use lm_head.weight")
-
-
-def _check_row_length(param: torch.nn.Parameter, tensor: torch.Tensor, wtype) -> None:
-    if param.dim() == 1:  # a bias: its loader checks the shard's length
-        if tensor.dim() != 1:
-            raise ValueError(f"has shape {tuple(tensor.shape)}, expected one dimension")
-        return
-    k = getattr(param, "full_in_features", param.shape[-1])  # a row-parallel shard is cut from whole rows
-    want = k if wtype is None or wtype.dtype is not None else wtype.row_bytes(k)
-    if tensor.dim() != 2 or tensor.shape[-1] != want:
-        raise ValueError(f"has shape {tuple(tensor.shape)}, expected rows of {k} weights")
-
-
-def _checkpoint_name(key: str, packed: dict[str, tuple[str, int]]) -> str:
-    """'...qkv_proj.weight#1' -> '...k_proj.weight': name the tensor the checkpoint lacks, not our fused one."""
-    name, shard = key.split("#")
-    for proj, (fused, idx) in packed.items():
-        if f".{fused}." in name and shard == str(idx):
-            return name.replace(f".{fused}.", f".{proj}.")
-    return name
-
-
-def _shards(name: str, packed: dict[str, tuple[str, int]]) -> list[int | None]:
-    """The checkpoint shards a parameter takes: those its merged layer has, else the one whole tensor."""
-    shards = sorted({idx for fused, idx in packed.values() if f".{fused}." in name})
-    return shards or [None]
-
-
 def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
                  int8_activations: bool, overrides: dict) -> tuple[CausalLM, Tokenizer]:
     cfg = {**hf_folder.read_config(path), **overrides}
@@ -251,7 +149,7 @@ def _load_folder(path: str, dtype: str, device: torch.device, quantization: str,
             tensors = head_tensors(cfg, tensors, tokenizer.backend.token_to_id, heads)
         except ValueError as e:
             raise ModelLoadError(f"cannot load {path}: {e}") from None
-    model = _build(args, tensors, torch_dtype, device, quantization, int8_activations)
+    model = build(args, tensors, torch_dtype, device, quantization, int8_activations)
     if named in CLASSIFIERS:
         try:
             model.classifier = Classifier.from_checkpoint(cfg, heads, args.tie_word_embeddings, named).to(model.device)
@@ -296,7 +194,7 @@ def _load_gguf(path: str, dtype: str, device: torch.device, quantization: str,
                         ", ".join(f"{n} {t}" for t, n in again.items()), quantization)
     tokenizer = Tokenizer.from_gguf_fields(fields)  # first: a vocabulary it cannot read fails at once
     head = [(w, t) for name, w, t in tensors if name == "score.weight"]  # a reranker's (cls.output)
-    model = _build(args, (x for x in tensors if x[0] != "score.weight"), torch_dtype, device, quantization,
+    model = build(args, (x for x in tensors if x[0] != "score.weight"), torch_dtype, device, quantization,
                    int8_activations)
     if head:
         model.classifier = Classifier.from_gguf(quant.dequantize(*head[0]), fields).to(model.device)

@@ -906,7 +906,6 @@ BAD = [
     (CMPL, {"prompt": "hi", "max_completion_tokens": 2}, 400,
      "max_completion_tokens (2) differs from max_tokens (16): the completions API reads max_tokens"),
     (CMPL, {"prompt": "hi", "return_tokens_as_token_ids": True}, 400, "return_tokens_as_token_ids is not supported"),
-    (CHAT, {"messages": USER, "return_token_ids": True}, 400, "return_token_ids is not supported"),
     (CMPL, {"prompt": "hi", "add_special_tokens": False}, 400, "add_special_tokens False is not supported"),
     (CHAT, {"messages": USER, "add_special_tokens": True}, 400, "add_special_tokens True is not supported"),
     (CMPL, {"prompt": "hi", "logits_processors": ["x"]}, 400, "logits_processors are not supported"),
@@ -960,6 +959,34 @@ def test_vllms_token_restrictions_reach_the_engine(client, offline):
     cut = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=1, extra_body={
         "truncate_prompt_tokens": 2})
     assert cut.usage.prompt_tokens == 2
+
+
+def test_return_token_ids_gives_the_prompts_and_the_answers_ids(server, offline):
+    """vLLM's return_token_ids: a completion choice holds both; chat holds the prompt's at the top
+    level; streams give each chunk's new ids, the prompt's with a choice's first."""
+    question, prompt = QUESTIONS[0], PROMPTS[0]
+    want = offline[prompt]
+    c = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                                         "return_token_ids": True}, timeout=60).json()["choices"][0]
+    assert (c["prompt_token_ids"], c["token_ids"]) == (want.prompt_token_ids, want.outputs[0].token_ids)
+    events = sse_data(httpx.post(f"{server.url}/v1/completions", json={
+        "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True, "stream": True},
+        timeout=60).text.splitlines())[:-1]
+    assert events[0]["choices"][0]["prompt_token_ids"] == want.prompt_token_ids
+    assert not any("prompt_token_ids" in e["choices"][0] for e in events[1:])
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == want.outputs[0].token_ids
+    chat = offline[question]
+    ask = {"messages": [{"role": "user", "content": question}], "max_tokens": MAX_TOKENS, "temperature": 0,
+           "return_token_ids": True}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=ask, timeout=60).json()
+    assert (r["prompt_token_ids"], r["choices"][0]["token_ids"]) == (chat.prompt_token_ids,
+                                                                     chat.outputs[0].token_ids)
+    events = sse_data(httpx.post(f"{server.url}/v1/chat/completions", json={**ask, "stream": True},
+                                 timeout=60).text.splitlines())[:-1]
+    assert events[0]["prompt_token_ids"] == chat.prompt_token_ids and "prompt_token_ids" not in events[1]
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == chat.outputs[0].token_ids
+    plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=60).json()
+    assert "token_ids" not in plain["choices"][0]
 
 
 def test_null_is_the_default_of_a_nullable_field(client, offline):

@@ -192,8 +192,8 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
             def body() -> dict:
                 choices = [{"index": i, **first_part(o, o.outputs[0].text, logprobs(
                                 o, len(o.outputs[0].token_ids), fmt.TextOffsets(tok, o.prompt_token_ids), True), True),
-                            "finish_reason": fmt.finish_reason(o), "stop_reason": o.outputs[0].stop_reason}
-                           for i, o in enumerate(finals)]
+                            "finish_reason": fmt.finish_reason(o), "stop_reason": o.outputs[0].stop_reason,
+                            **req.token_ids(o)} for i, o in enumerate(finals)]
                 return {**head, "choices": choices, "usage": usage(finals, req.n)}
             return await off_loop(body)
 
@@ -240,7 +240,8 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
                                             **({"tool_calls": calls} if calls else {})},
                     "logprobs": logprobs(out, len(out.outputs[0].token_ids)),
                     "finish_reason": plan.finish_reason(fmt.finish_reason(out), calls),
-                    "stop_reason": out.outputs[0].stop_reason}
+                    "stop_reason": out.outputs[0].stop_reason,
+                    **{k: v for k, v in req.token_ids(out).items() if k == "token_ids"}}
 
         if not req.stream:
             finals = await collect(engine, raw, rids, streams)
@@ -249,8 +250,9 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
                 choices = [choice_whole(i, o) for i, o in enumerate(finals)]
                 scored = {"prompt_logprobs": fmt.prompt_logprobs(tok, finals[0])} if req.prompt_logprobs is not None \
                     else {}  # one prompt for every choice: vLLM's place for them is the response's top level
+                prompt = {"prompt_token_ids": finals[0].prompt_token_ids} if req.return_token_ids else {}
                 return {**head, "object": "chat.completion", "choices": choices, "usage": usage(finals, req.n),
-                        **scored}
+                        **scored, **prompt}
             return await off_loop(body)
 
         chunk = {**head, "object": "chat.completion.chunk"}

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from inferlab.outputs import RequestOutput
 from inferlab.sampling_params import SamplingParams
 from inferlab.server.constraints import ConstraintFields
 from inferlab.server.messages import MAX_MESSAGES, ChatMessage, template_messages
@@ -76,6 +77,15 @@ class SamplingFields(ConstraintFields):
     bad_words: list[StrictStr] | None = None
     skip_special_tokens: StrictBool = True
     truncate_prompt_tokens: Int | None = None
+    return_token_ids: StrictBool = False  # each choice's token ids and its prompt's beside the text
+
+    def token_ids(self, out: RequestOutput, new: bool = False) -> dict:
+        """vLLM's return_token_ids: a choice's token ids (`new`: this chunk's) and its prompt's (which
+        chat answers at the response's top level)."""
+        if not self.return_token_ids:
+            return {}
+        return {"prompt_token_ids": out.prompt_token_ids,
+                "token_ids": out.outputs[0].new_token_ids if new else out.outputs[0].token_ids}
 
     @model_validator(mode="before")
     @classmethod

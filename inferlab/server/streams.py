@@ -159,6 +159,7 @@ async def sse_events(req: SamplingFields, streams: Streams, head: dict,
     to skip), an error event if the engine failed a request, the usage chunk if asked (and each
     chunk's choice's usage so far with vLLM's continuous_usage_stats), [DONE]."""
     finals: dict[int, RequestOutput] = {}
+    started: set[int] = set()
     async for i, out in merged(streams):
         if out.error:
             status, message, kind = failure(out.error)
@@ -166,7 +167,13 @@ async def sse_events(req: SamplingFields, streams: Streams, head: dict,
             break
         body = choice(i, out)
         if body is not None:
-            yield fmt.sse({**head, "choices": [body], "usage": usage([out], 1) if req.continuous_usage else None})
+            ids = req.token_ids(out, new=True)
+            prompt = {"prompt_token_ids": ids.pop("prompt_token_ids")} if ids else {}
+            prompt = prompt if i not in started else {}
+            started.add(i)  # the prompt's ids come with a choice's first chunk: in it, or on chat beside it
+            chat = head.get("object") == "chat.completion.chunk"
+            yield fmt.sse({**head, **(prompt if chat else {}), "choices": [{**body, **ids, **({} if chat else prompt)}],
+                           "usage": usage([out], 1) if req.continuous_usage else None})
         if out.finished:
             finals[i] = out
     if req.include_usage and len(finals) == len(streams):

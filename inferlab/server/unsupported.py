@@ -12,7 +12,6 @@ UNSUPPORTED = {
     "echo": "echo is not supported on chat",
     "chat_template": "chat_template is not supported: the model's own template is applied",
     "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
-    "return_token_ids": "return_token_ids is not supported; /tokenize gives a text's token ids",
     "add_special_tokens": "add_special_tokens {value} is not supported here: the prompt is tokenized as this "
                           "endpoint does by default",
     "logits_processors": "logits_processors are not supported; logit_bias can ban or favour tokens",

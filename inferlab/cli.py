@@ -31,6 +31,7 @@ from inferlab.distributed import EngineDeadError
 from inferlab.distributed.worker import is_worker_node, run_node
 from inferlab.logger import setup_logging
 from inferlab.outputs import RequestFailed
+from inferlab.server.reasoning import PARSERS as REASONING
 from inferlab.server.tool_parsers import PARSERS
 from inferlab.sim.commands import add_sim_commands
 from inferlab.text import terminal_text
@@ -43,7 +44,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (how the model writes its calls)")
     serve(engine_config(a), a.host, a.port, a.served_model_name, a.record, a.api_key, a.allowed_origins,
           a.enable_prompt_tokens_details, not a.disable_uvicorn_access_log,
-          a.tool_call_parser if a.enable_auto_tool_choice else None)
+          a.tool_call_parser if a.enable_auto_tool_choice else None, a.reasoning_parser)
 
 
 def cmd_router(a: argparse.Namespace) -> None:
@@ -149,8 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='tool_choice "auto": the model decides whether to call tools (vLLM\'s flag; needs '
                         "--tool-call-parser). tool_choice required and named functions need neither")
     s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
-                   help="how the model writes tool calls: hermes, <tool_call>{...}</tool_call> (Qwen 2.5 and 3); "
-                        'llama3_json, the answer {"name", "parameters"} (Llama 3.1-3.3)')
+                   help="how the model writes tool calls: hermes (Qwen 2.5 and 3), qwen3_coder, llama3_json "
+                        "(Llama 3.1-3.3), pythonic and llama4_pythonic (Llama 3.2, 4), mistral (see the README)")
+    s.add_argument("--reasoning-parser", choices=REASONING, default=None,
+                   help="how a thinking model writes its reasoning, given apart from the answer (chat's "
+                        "reasoning_content, Ollama's thinking): qwen3 (Qwen3, QwQ), deepseek_r1 (DeepSeek-R1)")
     s.add_argument("--disable-uvicorn-access-log", action="store_true",
                    help="no log line per HTTP request (vLLM's flag; by default each says client, path and status)")
     add_record_arg(s)

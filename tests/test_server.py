@@ -107,14 +107,16 @@ class Server:
 
 @contextmanager
 def running_server(smol, api_key: str | None = None, draft=None, allowed_origins: list[str] | None = None,
-                   prompt_tokens_details: bool = True, tool_parser: str | None = None, **config) -> Iterator[Server]:
+                   prompt_tokens_details: bool = True, tool_parser: str | None = None,
+                   reasoning_parser: str | None = None, **config) -> Iterator[Server]:
     config.setdefault("num_kv_blocks", 512)
     engine = AsyncEngine(LLMEngine(EngineConfig(**config), loaded=smol, draft_loaded=draft))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the server starts: no free-port race
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(build_server_app(engine, MODEL, api_key, allowed_origins,
-                                                            prompt_tokens_details, tool_parser=tool_parser),
+                                                            prompt_tokens_details, tool_parser=tool_parser,
+                                                            reasoning_parser=reasoning_parser),
                                            host="127.0.0.1",
                                            port=port, log_level="warning"))
     errors = ErrorLog()

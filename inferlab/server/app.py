@@ -30,6 +30,8 @@ from inferlab.server.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+from inferlab.server.reasoning import PARSERS as REASONING
+from inferlab.server.reasoning import ReasoningStream
 from inferlab.server.responses import mount_responses
 from inferlab.server.scoring import mount_scoring
 from inferlab.server.streams import APIError, check_model, collect, off_loop, sse_events, start, streaming
@@ -45,9 +47,11 @@ def _union_branch(part: object) -> bool:
 
 
 def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool = False,
-              tool_parser: str | None = None) -> FastAPI:
+              tool_parser: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
     """`prompt_tokens_details`: usage says how many prompt tokens were cached (see `fmt.usage`);
-    `tool_parser`: how the model writes tool calls, which tool_choice "auto" needs (tools.py)."""
+    `tool_parser`: how the model writes tool calls, which tool_choice "auto" needs (tools.py);
+    `reasoning_parser`: how it writes its reasoning, given apart from the content (reasoning.py)."""
+    thinks = REASONING[reasoning_parser] if reasoning_parser else None
     tok = engine.engine.tokenizer
     usage = functools.partial(fmt.usage, details=prompt_tokens_details)
     max_model_len = engine.engine.max_request_tokens  # the context, or the whole KV pool where it holds less
@@ -235,8 +239,10 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
             return fmt.chat_logprobs(tok, fmt.new_logprobs(out, count), num_logprobs)
 
         def choice_whole(i: int, out: RequestOutput) -> dict:
-            content, calls = plan.message(out.outputs[0].text)
+            reasoning, text = thinks.split(out.outputs[0].text) if thinks else (None, out.outputs[0].text)
+            content, calls = plan.message(text)
             return {"index": i, "message": {"role": "assistant", "content": content,
+                                            **({"reasoning_content": reasoning} if thinks else {}),
                                             **({"tool_calls": calls} if calls else {})},
                     "logprobs": logprobs(out, len(out.outputs[0].token_ids)),
                     "finish_reason": plan.finish_reason(fmt.finish_reason(out), calls),
@@ -259,6 +265,7 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
 
         opened: set[int] = set()
         deltas = [plan.stream() for _ in range(req.n)]
+        thinking = [ReasoningStream(thinks) for _ in range(req.n)] if thinks else None
 
         def choice(i: int, out: RequestOutput) -> dict | None:
             # The assistant role opens each choice's first chunk, sent with its first token (as
@@ -266,7 +273,12 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
             c, delta = out.outputs[0], {} if i in opened else {"role": "assistant"}
             opened.add(i)
             lp = logprobs(out, len(c.new_token_ids))
-            part = deltas[i].delta(c.new_text, c.text, out.finished)
+            if thinking:  # the reasoning apart; tool calls are read from the content alone
+                reasoned, text, new = thinking[i].step(c.text, out.finished)
+                part = {**({"reasoning_content": reasoned} if reasoned else {}),
+                        **deltas[i].delta(new, text, out.finished)}
+            else:
+                part = deltas[i].delta(c.new_text, c.text, out.finished)
             if not (part or out.finished or lp or delta):
                 return None
             if delta and not part:
@@ -280,5 +292,5 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
     mount_embeddings(app, engine, model_name, prompts)
     mount_scoring(app, engine, model_name, prompts)
     mount_responses(app, engine, model_name, prompts, tool_parser)
-    mount_ollama(app, engine, model_name, prompts, tool_parser)
+    mount_ollama(app, engine, model_name, prompts, tool_parser, thinks)
     return app

@@ -31,6 +31,7 @@ from inferlab.outputs import RequestOutput
 from inferlab.server.embeddings import mount_ollama_embed
 from inferlab.server.ollama_protocol import Ask, OllamaRequest
 from inferlab.server.prompts import PromptBuilder
+from inferlab.server.reasoning import ReasoningParser, ReasoningStream
 from inferlab.server.streams import APIError, abort_all, collect, merged, start
 from inferlab.server.tools import Tool, ToolPlan
 
@@ -63,7 +64,7 @@ def _body(raw: bytes) -> Any:
         raise APIError(400, f"the request body is not JSON: {str(e)[:120]}") from None
 
 
-def fitted(tok, messages: list[dict], limit: int, answer: int, max_chars: int, tools: list[dict] | None = None) -> dict:
+def fitted(tok, messages: list[dict], limit: int, answer: int, max_chars: int, kwargs: dict | None = None) -> dict:
     """The chat prompt of `messages` that leaves `answer` tokens of `limit`: the oldest messages after
     the leading system ones are left out, as few as will do (a binary search: templating 10,000
     messages once per message dropped took minutes). Those whose text alone is past `max_chars` (more
@@ -77,8 +78,7 @@ def fitted(tok, messages: list[dict], limit: int, answer: int, max_chars: int, t
     cont = messages[-1]["role"] == "assistant"  # Ollama continues a last assistant message
 
     def prompt(dropped: int) -> dict:
-        text = tok.apply_chat_template(messages[:first] + messages[first + dropped:], not cont, cont,
-                                       None if tools is None else {"tools": tools})
+        text = tok.apply_chat_template(messages[:first] + messages[first + dropped:], not cont, cont, kwargs)
         return {"prompt": text, "prompt_token_ids": tok.encode_chat(text), "cache_salt": None}
 
     best, most = prompt(low), len(messages) - first - 1  # at most all but the last message go
@@ -115,8 +115,9 @@ def tool_message(content: str | None, calls: list[dict]) -> dict:
 
 
 def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: PromptBuilder,
-                 tool_parser: str | None = None) -> None:
-    """`tool_parser`: how the model writes tool calls (tools.py), which a chat with tools needs."""
+                 tool_parser: str | None = None, thinks: ReasoningParser | None = None) -> None:
+    """`tool_parser`: how the model writes tool calls (tools.py), which a chat with tools needs;
+    `thinks`: how it writes its reasoning, which a chat answers as `message.thinking` (reasoning.py)."""
     core, tok = engine.engine, engine.engine.tokenizer
     args, limit = core.model.args, core.max_request_tokens
     names = {model_name.lower(), f"{model_name}:latest".lower()}  # Ollama's clients add the default tag
@@ -156,12 +157,15 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
         except ValueError as e:
             raise APIError(400, str(e)) from None
         head = {"model": req.model}
+        reasons = thinks if key == "message" else None  # a chat's reasoning apart from its content
         if not req.stream:
             out = (await collect(engine, raw, rids, streams))[0]
-            text = out.outputs[0].text
+            reasoning, text = reasons.split(out.outputs[0].text) if reasons else ("", out.outputs[0].text)
             said = tool_message(*plan.message(text)) if plan else wrap(text)
+            said = {**said, "thinking": reasoning} if reasoning else said
             return JSONResponse({**head, "created_at": _now(), key: said, **_final(out)})
         held = plan.stream() if plan else None  # text that may be a call's is held back until told apart
+        thinking = ReasoningStream(reasons) if reasons else None
 
         async def lines() -> AsyncIterator[str]:
             async for _, out in merged(streams):
@@ -169,13 +173,15 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
                     yield _line({"error": out.error})
                     return
                 c = out.outputs[0]
-                new = c.new_text if held is None else held.delta(c.new_text, c.text, False).get("content", "")
-                if new:
-                    yield _line({**head, "created_at": _now(), key: wrap(new), "done": False})
+                reasoned, text, new = thinking.step(c.text, out.finished) if thinking else ("", c.text, c.new_text)
+                new = new if held is None else held.delta(new, text, False).get("content", "")
+                if new or reasoned:
+                    said = {**wrap(new), "thinking": reasoned} if reasoned else wrap(new)
+                    yield _line({**head, "created_at": _now(), key: said, "done": False})
                 if out.finished:
                     last = wrap("")
                     if held is not None:  # the text held back, or the calls it held
-                        part = held.delta("", c.text, True)
+                        part = held.delta("", text, True)
                         last = tool_message(part.get("content"), part.get("tool_calls", []))
                     yield _line({**head, "created_at": _now(), key: last, **_final(out)})
         return StreamingResponse(lines(), media_type="application/x-ndjson",
@@ -196,6 +202,8 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
     async def generate(raw: Request):
         async def work():
             req = await read(raw)
+            if req.think is not None:
+                raise APIError(400, "think is read on /api/chat, whose answer gives the thinking apart")
             if not req.prompt:
                 return loaded(req, "response", "")
             try:
@@ -227,9 +235,12 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
             try:
                 plan = ToolPlan.of([Tool.model_validate(t) for t in req.tools], "auto", tool_parser) \
                     if req.tools else None  # Ollama's tools: the model decides, as tool_choice auto
+                if req.think is not None and thinks is None:
+                    raise ValueError("think needs the server started with --reasoning-parser (qwen3, deepseek_r1)")
+                kwargs = {**({"tools": plan.template_tools()} if plan else {}),
+                          **({"enable_thinking": req.think} if req.think is not None else {})}  # (Qwen3's template)
                 room = min(req.max_tokens(limit), max(1, limit // 4))  # kept for the answer: at most a quarter
-                prompt = await asyncio.to_thread(fitted, tok, messages, limit, room, prompts.max_chars,
-                                                 plan and plan.template_tools())
+                prompt = await asyncio.to_thread(fitted, tok, messages, limit, room, prompts.max_chars, kwargs or None)
             except ValidationError as e:  # (a ValueError too: first)
                 where = ".".join(str(x) for x in e.errors()[0]["loc"])
                 raise APIError(400, f"tools.{where}: {e.errors()[0]['msg']}") from None

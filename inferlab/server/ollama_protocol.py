@@ -74,7 +74,7 @@ class OllamaRequest(Unset):
     options: Options = Options()
     keep_alive: Any = None
     format: Any = None
-    think: Any = None
+    think: StrictBool | None = None  # a thinking model's reasoning on or off (the server's reasoning parser)
     logprobs: StrictBool = False
     # /api/generate's
     prompt: StrictStr = ""
@@ -95,7 +95,7 @@ class OllamaRequest(Unset):
     def refuse_unsupported(self) -> None:
         self.structured()  # a format that cannot be: refused here, in Ollama's error shape
         asked = {"template": self.template, "images": self.images,
-                 "context": self.context, "think": self.think, "logprobs": self.logprobs}
+                 "context": self.context, "logprobs": self.logprobs}
         for name, value in asked.items():
             if value not in (None, "", [], False):
                 raise ValueError(f"{name} is not supported by this server")

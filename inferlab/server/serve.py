@@ -31,11 +31,12 @@ GRACEFUL_S = DRAIN_S + 3  # uvicorn's wait for the aborted ones to send their la
 
 def build_server_app(engine: AsyncEngine, name: str, api_key: str | None = None,
                      allowed_origins: list[str] | None = None, prompt_tokens_details: bool = False,
-                     host: str = "0.0.0.0", tool_parser: str | None = None) -> FastAPI:
+                     host: str = "0.0.0.0", tool_parser: str | None = None,
+                     reasoning_parser: str | None = None) -> FastAPI:
     """The OpenAI API under /v1, Ollama's under /api, /health, /metrics, and the dashboard at /scope,
     behind the guard (the API key for /v1, /api and the lab, a cap on body size, cross-origin checks,
     and on a loopback `host` the Host header's)."""
-    app = build_app(engine, name, prompt_tokens_details, tool_parser)
+    app = build_app(engine, name, prompt_tokens_details, tool_parser, reasoning_parser)
     mount_scope(app, engine)
     app.add_middleware(Guard, api_key=api_key)
     add_host_check(app, host)
@@ -93,9 +94,11 @@ def unpolled(record: logging.LogRecord) -> bool:
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           record: str | None = None, api_key: str | None = None, allowed_origins: list[str] | None = None,
-          prompt_tokens_details: bool = False, access_log: bool = True, tool_parser: str | None = None) -> None:
+          prompt_tokens_details: bool = False, access_log: bool = True, tool_parser: str | None = None,
+          reasoning_parser: str | None = None) -> None:
     """`access_log`: a line per HTTP request (client, method and path, status), as vLLM's server logs them;
-    `tool_parser`: how the model writes tool calls (server/tools.py), for tool_choice "auto"."""
+    `tool_parser`: how the model writes tool calls (server/tools.py), for tool_choice "auto";
+    `reasoning_parser`: how it writes its reasoning (server/reasoning.py)."""
     recorder: Recorder | None = None
 
     def build() -> LLMEngine:  # on the engine thread (see AsyncEngine), before it steps
@@ -106,7 +109,8 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, serve
     engine = AsyncEngine(build)
     core = engine.engine
     name = served_model_name or model_name(config.model)
-    app = build_server_app(engine, name, api_key, allowed_origins, prompt_tokens_details, host, tool_parser)
+    app = build_server_app(engine, name, api_key, allowed_origins, prompt_tokens_details, host, tool_parser,
+                           reasoning_parser)
     sock = listen.bind(host, port)
     log.info("serving %s on %s (OpenAI API under /v1, Ollama's under /api, metrics at /metrics, dashboard at /scope%s)",
              name, listen.url(host, sock), "; an API key guards the API and the lab" if api_key else "")

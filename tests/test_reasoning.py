@@ -86,3 +86,44 @@ def test_ollamas_chat_gives_the_thinking_apart(smol):
     with running_server(smol, num_kv_blocks=16) as plain:
         r = httpx.post(f"{plain.url}/api/chat", json={"model": MODEL, "messages": ASK, "think": True}, timeout=60)
         assert r.status_code == 400 and "--reasoning-parser" in r.json()["error"]
+
+
+def test_responses_give_the_reasoning_as_an_item_before_the_answer(server):
+    """The Responses API's reasoning item (reasoning_text), whole and as its typed events. text.format
+    cannot hold the answer to <think>'s shape, so the parser meets it through the events' assembly of
+    a plain answer (no <think>: no reasoning item) and the whole one's split of a forced one."""
+    from openai import OpenAI
+
+    from inferlab.server.responses_output import output_items
+    from inferlab.server.tools import ToolPlan
+    items = output_items(ToolPlan("none"), "<think>\nhmm\n</think>\n\nParis.", thinks=PARSERS["qwen3"])
+    assert [i["type"] for i in items] == ["reasoning", "message"]
+    assert items[0]["content"] == [{"type": "reasoning_text", "text": "\nhmm\n"}]
+    assert items[1]["content"][0]["text"] == "Paris."
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    r = client.responses.create(model=MODEL, input="What is the capital of France?", temperature=0,
+                                max_output_tokens=20)
+    assert [i.type for i in r.output] == ["message"] and r.output_text == "The capital of France is Paris."
+    events = list(client.responses.create(model=MODEL, input="What is the capital of France?", temperature=0,
+                                          max_output_tokens=20, stream=True))
+    assert "response.reasoning_text.delta" not in [e.type for e in events]
+
+
+def test_a_responses_stream_opens_the_reasoning_item_first(smol):
+    """deepseek_r1: an answer cut short before </think> is all reasoning: a reasoning item streamed
+    with its deltas, then the empty message."""
+    from openai import OpenAI
+    with running_server(smol, num_kv_blocks=64, reasoning_parser="deepseek_r1") as r1:
+        client = OpenAI(base_url=f"{r1.url}/v1", api_key="x")
+        ask = dict(model=MODEL, input="What is the capital of France?", temperature=0, max_output_tokens=8)
+        whole = client.responses.create(**ask)
+        assert [i.type for i in whole.output] == ["reasoning", "message"] and whole.output_text == ""
+        thought = whole.output[0].content[0].text
+        events = list(client.responses.create(**ask, stream=True))
+        deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+        assert "".join(deltas) == thought and thought.startswith("The capital of France")
+        assert [e.type for e in events if e.type.startswith("response.output_item")] == [
+            "response.output_item.added", "response.output_item.added", "response.output_item.done",
+            "response.output_item.done"]
+        final = events[-1].response.output
+        assert final[0].content[0].text == thought and final[1].type == "message"

@@ -291,6 +291,6 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
 
     mount_embeddings(app, engine, model_name, prompts)
     mount_scoring(app, engine, model_name, prompts)
-    mount_responses(app, engine, model_name, prompts, tool_parser)
+    mount_responses(app, engine, model_name, prompts, tool_parser, thinks)
     mount_ollama(app, engine, model_name, prompts, tool_parser, thinks)
     return app

@@ -21,6 +21,7 @@ from inferlab.server.constraints import response_format_constraint
 from inferlab.server.messages import MAX_MESSAGES, with_parsed_arguments
 from inferlab.server.prompts import PromptBuilder
 from inferlab.server.protocol import Float, Int
+from inferlab.server.reasoning import ReasoningParser
 from inferlab.server.responses_output import Answer, body, events
 from inferlab.server.streams import APIError, check_model, collect, start, streaming
 from inferlab.server.tools import Tool, ToolFunction, ToolPlan
@@ -199,7 +200,7 @@ class ResponsesRequest(BaseModel):
 
 
 def mount_responses(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: PromptBuilder,
-                    tool_parser: str | None = None) -> None:
+                    tool_parser: str | None = None, thinks: ReasoningParser | None = None) -> None:
     @app.post("/v1/responses")
     async def responses(req: ResponsesRequest, raw: Request):
         check_model(req.model, model_name)
@@ -216,7 +217,7 @@ def mount_responses(app: FastAPI, engine: AsyncEngine, model_name: str, prompts:
         def logprobs(out: RequestOutput, count: int) -> list[dict]:  # the last `count` tokens' (chat's entries)
             return fmt.chat_logprobs(prompts.tok, fmt.new_logprobs(out, count), n)["content"]
 
-        answer = Answer(f"resp_{base}", model_name, req.echoed(), plan, None if n is None else logprobs)
+        answer = Answer(f"resp_{base}", model_name, req.echoed(), plan, None if n is None else logprobs, thinks)
         if not req.stream:
             return body(answer, (await collect(engine, raw, rids, streams))[0])
         return streaming(engine, events(answer, streams), rids)

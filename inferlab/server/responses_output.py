@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from inferlab.outputs import RequestOutput
+from inferlab.server.reasoning import ReasoningParser, ReasoningStream
 from inferlab.server.streams import merged
 from inferlab.server.tools import ToolPlan
 
@@ -24,6 +25,7 @@ class Answer:
     echoed: dict  # the request's settings, which the response object repeats
     plan: ToolPlan
     logprobs: Callable[[RequestOutput, int], list[dict]] | None = None  # an output's last n tokens', if asked
+    thinks: ReasoningParser | None = None  # the server's reasoning parser: a reasoning item before the rest
 
 
 def message(text: str, item_id: str, status: str = "completed", logprobs: list | None = None) -> dict:
@@ -34,6 +36,11 @@ def message(text: str, item_id: str, status: str = "completed", logprobs: list |
 def text_part(text: str, logprobs: list | None = None) -> dict:
     return {"type": "output_text", "text": text, "annotations": [],
             **({} if logprobs is None else {"logprobs": logprobs})}
+
+
+def reasoning_item(text: str, item_id: str, status: str = "completed") -> dict:
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
 
 
 def function_call(call: dict, item_id: str, status: str = "completed") -> dict:
@@ -47,11 +54,15 @@ def new_id(kind: str) -> str:
     return f"{kind}_{uuid.uuid4().hex}"
 
 
-def output_items(plan: ToolPlan, text: str, logprobs: list | None = None) -> list[dict]:
-    """A finished answer's items: its text (if any, or if there is nothing else) and its calls."""
+def output_items(plan: ToolPlan, text: str, logprobs: list | None = None,
+                 thinks: ReasoningParser | None = None) -> list[dict]:
+    """A finished answer's items: its reasoning (where the server reads it), its text (if any, or if
+    there is nothing else) and its calls."""
+    reasoning, text = thinks.split(text) if thinks else ("", text)
     content, calls = plan.message(text)
     said = [message(content or "", new_id("msg"), logprobs=logprobs)] if content or not calls else []
-    return said + [function_call(c, new_id("fc")) for c in calls]
+    return [reasoning_item(reasoning, new_id("rs"))] * bool(reasoning) + said + \
+        [function_call(c, new_id("fc")) for c in calls]
 
 
 def body(answer: Answer, out: RequestOutput | None, items: list[dict] | None = None) -> dict:
@@ -67,7 +78,8 @@ def body(answer: Answer, out: RequestOutput | None, items: list[dict] | None = N
         output = items or []
     else:
         c = out.outputs[0]
-        output = output_items(answer.plan, c.text, answer.logprobs and answer.logprobs(out, len(c.token_ids)))
+        output = output_items(answer.plan, c.text, answer.logprobs and answer.logprobs(out, len(c.token_ids)),
+                              answer.thinks)
     return {"id": answer.id, "object": "response", "created_at": int(time.time()), "status": status,
             "model": answer.model, "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
@@ -83,6 +95,8 @@ class Events:
         self.logprobs: list | None = None  # every token's so far, where asked, and how many a delta sent
         self.logprobs_sent = 0
         self.msg: int | None = None  # the message's output index, once its text began
+        self.reasoning: int | None = None  # the reasoning item's, once it began
+        self.thought = ""
         self.calls: dict[int, int] = {}  # a call's index in the answer -> its output index
 
     def event(self, kind: str, **fields) -> str:
@@ -106,6 +120,17 @@ class Events:
         self.logprobs_sent += len(new)
         return sent + [self.event("response.output_text.delta", **self.where(), delta=delta, logprobs=new)]
 
+    def reasoning_delta(self, delta: str) -> list[str]:
+        sent = []
+        if self.reasoning is None:
+            self.reasoning = len(self.items)
+            self.items.append(reasoning_item("", new_id("rs"), "in_progress"))
+            sent.append(self.event("response.output_item.added", output_index=self.reasoning,
+                                   item=self.items[self.reasoning]))
+        self.thought += delta
+        return sent + [self.event("response.reasoning_text.delta", item_id=self.items[self.reasoning]["id"],
+                                  output_index=self.reasoning, content_index=0, delta=delta)]
+
     def call_delta(self, part: dict) -> list[str]:
         sent = []
         if part["index"] not in self.calls:
@@ -120,11 +145,16 @@ class Events:
 
     def close(self) -> list[str]:
         """Every item's closing events, in output order."""
-        # an empty answer is still one message; tokens without text (the end token) send their logprobs
-        sent = self.text_delta("") if not self.items or self.msg is not None else []
+        # an answer of no text and no call is still one message; tokens without text (the end token) send
+        # their logprobs
+        sent = self.text_delta("") if self.msg is not None or not self.calls else []
         for at, item in enumerate(self.items):
             item["status"] = "completed"
-            if item["type"] == "message":
+            if item["type"] == "reasoning":
+                item["content"] = [{"type": "reasoning_text", "text": self.thought}]
+                sent.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=at,
+                                       content_index=0, text=self.thought))
+            elif item["type"] == "message":
                 item["content"] = [text_part(self.text, self.logprobs)]
                 sent += [self.event("response.output_text.done", **self.where(), text=self.text,
                                     logprobs=self.logprobs or []),
@@ -139,6 +169,7 @@ class Events:
 async def events(answer: Answer, streams) -> AsyncIterator[str]:
     """The API's typed events, as server-sent events with their `event:` names."""
     ev, deltas = Events(), answer.plan.stream()
+    thinking = ReasoningStream(answer.thinks) if answer.thinks else None
     ev.logprobs = [] if answer.logprobs else None
     yield ev.event("response.created", response=body(answer, None))
     yield ev.event("response.in_progress", response=body(answer, None))
@@ -149,7 +180,10 @@ async def events(answer: Answer, streams) -> AsyncIterator[str]:
         c = out.outputs[0]
         if answer.logprobs:
             ev.logprobs += answer.logprobs(out, len(c.new_token_ids))
-        part = deltas.delta(c.new_text, c.text, out.finished)
+        reasoned, text, new = thinking.step(c.text, out.finished) if thinking else ("", c.text, c.new_text)
+        for sent in (ev.reasoning_delta(reasoned) if reasoned else []):
+            yield sent
+        part = deltas.delta(new, text, out.finished)
         for sent in (ev.text_delta(part["content"]) if part.get("content") else []):
             yield sent
         for call in part.get("tool_calls", []):

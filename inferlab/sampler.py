@@ -16,6 +16,7 @@ import torch
 from inferlab import kernels
 from inferlab.distributions import distributions, draw
 from inferlab.request import Request
+from inferlab.structured.guide import mask_rows
 
 
 @dataclass
@@ -176,10 +177,12 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> list
         if r.num_output_tokens < r.params.min_tokens:
             banned = [t for t in ({*eos_ids, *(r.params.stop_token_ids or [])}) if t < logits.shape[-1]]
             logits[i, banned] = float("-inf")
-        if r.guide is not None:  # last: what the grammar cannot take next is never drawn
-            r.guide.mask(logits[i])
-        if (restricted(r) or r.guide is not None) and not bool(logits[i].isfinite().any()):
-            raise NoTokenLeft()  # (before any grammar takes a token: the step is retried without it)
+    guided = [(i, r.guide) for i, r in enumerate(reqs) if r.guide is not None]
+    if guided:  # last: what the grammars cannot take next is never drawn
+        mask_rows(logits, guided)
+    ruled = [i for i, r in enumerate(reqs) if restricted(r) or r.guide is not None]
+    if ruled and not bool(logits[ruled].isfinite().any(-1).all()):
+        raise NoTokenLeft()  # (before any grammar takes a token: the step is retried without that request)
     tokens = argmax_rows(logits)
     sampled_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if sampled_rows:

@@ -117,3 +117,25 @@ def test_every_clients_way_to_ask(server):
     r = httpx.post(f"{server.url}/api/generate", json={"model": MODEL, "prompt": ASK_JSON[0]["content"],
                                                        "stream": False, "format": "json"}, timeout=60)
     assert isinstance(json.loads(r.json()["response"]), dict), r.text
+
+
+def test_a_steps_guided_rows_are_masked_together_as_each_alone(llm):
+    """mask_rows: the rows it is given (not the others) get -inf wherever each grammar's own bitmask
+    says no, a padded row's padding too."""
+    import numpy as np
+    import torch
+
+    from inferlab.structured.guide import mask_rows
+    grammars = llm.engine.grammars
+    guides = [grammars.guide(Structured(choice=["yes", "no"])), grammars.guide(Structured(regex="[0-9]+"))]
+    vocab = guides[0].vocab_size
+    logits = torch.randn(3, vocab + 64)
+    masked = logits.clone()
+    mask_rows(masked, [(0, guides[0]), (2, guides[1])])
+    for row, guide in ((0, guides[0]), (2, guides[1])):
+        bits = np.unpackbits(np.frombuffer(guide.matcher.compute_bitmask(), np.uint8), bitorder="little")[:vocab]
+        want = logits[row].clone()
+        want[:vocab][torch.from_numpy(bits == 0)] = float("-inf")
+        want[vocab:] = float("-inf")
+        assert torch.equal(masked[row], want) and 0 < int(bits.sum()) < vocab
+    assert torch.equal(masked[1], logits[1])

@@ -1,7 +1,8 @@
 """Guides: the grammar side of the sampler. `Grammars` is an engine's: its vocabulary as llguidance
 reads it, built at the first structured request (~0.3 s for 49,152 tokens). A `Guide` is one
-request's: it masks the tokens its grammar cannot take next, takes in each sampled token, and is
-`done` when the grammar is complete (the request then ends with finish reason "stop")."""
+request's: it takes in each sampled token, and is `done` when the grammar is complete (the request
+then ends with finish reason "stop"). `mask_rows` masks a step's guided rows together: llguidance's
+threads fill every row's bits of what its grammar can take next, and one op applies them."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,15 +15,6 @@ class Guide:
     def __init__(self, matcher, vocab_size: int) -> None:
         self.matcher, self.vocab_size = matcher, vocab_size
 
-    def mask(self, logits: torch.Tensor) -> None:
-        """In place on one row of logits: -inf wherever the grammar cannot go next. (A row wider than
-        the vocabulary, padded, has its padding masked too.)"""
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[:logits.shape[-1]].astype(bool)
-        if len(allowed) < logits.shape[-1]:
-            allowed = np.concatenate([allowed, np.zeros(logits.shape[-1] - len(allowed), dtype=bool)])
-        logits[torch.from_numpy(~allowed).to(logits.device)] = float("-inf")
-
     def accept(self, token: int) -> None:
         """Take in the token sampled (a token the mask let through; one it did not ends the guide)."""
         self.matcher.consume_token(token)
@@ -31,6 +23,26 @@ class Guide:
     def done(self) -> bool:
         """The grammar is complete and takes nothing more (or the guide failed, and ends here)."""
         return self.matcher.is_stopped() or self.matcher.is_error()
+
+
+_EXECUTOR = None  # llguidance's thread pool, made at the first batch that needs it
+
+
+def mask_rows(logits: torch.Tensor, rows: list[tuple[int, Guide]]) -> None:
+    """In place: -inf in logits row i wherever guide's grammar cannot go next, for each (i, guide).
+    (A row wider than the vocabulary, padded, has its padding masked too.) Two threads fill 64 rows'
+    bits in ~0.4 ms, where one row at a time with its own unpacking took ~5 ms in all."""
+    global _EXECUTOR
+    import llguidance
+    vocab = rows[0][1].vocab_size
+    bits = np.empty((len(rows), -(-vocab // 32) * 4), dtype=np.uint8)  # the grammars' vocabulary, a bit each
+    _EXECUTOR = _EXECUTOR or llguidance.LLExecutor()  # (llguidance.torch's helpers would import torch.compile)
+    _EXECUTOR.unsafe_compute_mask_ptr([(g.matcher, k) for k, (_, g) in enumerate(rows)], bits.ctypes.data,
+                                      bits.shape[1], len(rows))
+    banned = torch.from_numpy(np.unpackbits(~bits, axis=1, bitorder="little").view(bool)[:, :vocab])
+    for k, (i, _) in enumerate(rows):
+        logits[i, :vocab].masked_fill_(banned[k], float("-inf"))
+    logits[[i for i, _ in rows], vocab:] = float("-inf")  # a padded row's padding is never drawn
 
 
 class Grammars:

@@ -39,7 +39,7 @@ def mask_rows(logits: torch.Tensor, rows: list[tuple[int, Guide]]) -> None:
     _EXECUTOR = _EXECUTOR or llguidance.LLExecutor()  # (llguidance.torch's helpers would import torch.compile)
     _EXECUTOR.unsafe_compute_mask_ptr([(g.matcher, k) for k, (_, g) in enumerate(rows)], bits.ctypes.data,
                                       bits.shape[1], len(rows))
-    banned = torch.from_numpy(np.unpackbits(~bits, axis=1, bitorder="little").view(bool)[:, :vocab])
+    banned = torch.from_numpy(np.unpackbits(~bits, axis=1, bitorder="little").view(bool)[:, :vocab]).to(logits.device)
     for k, (i, _) in enumerate(rows):
         logits[i, :vocab].masked_fill_(banned[k], float("-inf"))
     logits[[i for i, _ in rows], vocab:] = float("-inf")  # a padded row's padding is never drawn

@@ -99,7 +99,8 @@ def test_text_format_holds_the_answer_to_a_schema(client):
     ({"tools": FLAT, "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
      "tool_choice required and text.format both constrain the answer"),
     ({"input": [{"type": "function_call", "call_id": "c"}]}, "Field required"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input is empty"),  # (a replayed one is left out)
+    ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input.0"),
     ({"text": {"format": {"type": "xml"}}}, "text.format: type must be text, json_object or json_schema"),
     ({"text": {"format": {"type": "json_schema", "schema": {"type": 5}}}}, "text.format: the JSON schema cannot"),
     ({"max_output_tokens": 0}, "max_output_tokens must be an integer >= 1"),
@@ -170,6 +171,7 @@ def test_auto_reads_the_parsers_calls_and_streams_the_text_before_them():
 def test_an_agents_replayed_calls_and_outputs_read_as_chat_completions_reads_them(server, smol):
     call_args = '{"city": "Paris"}'
     items = [{"role": "user", "content": "What is the weather in Paris?"},
+             {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Hm."}]},
              {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": call_args,
               "id": "fc_1", "status": "completed"},
              {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"}]

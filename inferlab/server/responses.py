@@ -71,12 +71,21 @@ class FunctionCallOutput(BaseModel):
     output: StrictStr | list[Part]
 
 
+class Reasoning(BaseModel):
+    """A reasoning item the model gave earlier (a reasoning parser's), replayed: left out of the
+    prompt, as chat templates leave out an earlier turn's thinking."""
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["reasoning"]
+
+
 def item_type(item: Any) -> str:  # a message may leave its type out
     return (item.get("type") if isinstance(item, dict) else getattr(item, "type", None)) or "message"
 
 
 Item = Annotated[Annotated[Message, Tag("message")] | Annotated[FunctionCall, Tag("function_call")] |
-                 Annotated[FunctionCallOutput, Tag("function_call_output")], Discriminator(item_type)]
+                 Annotated[FunctionCallOutput, Tag("function_call_output")] | Annotated[Reasoning, Tag("reasoning")],
+                 Discriminator(item_type)]
 
 
 class FunctionTool(BaseModel):
@@ -164,7 +173,7 @@ class ResponsesRequest(BaseModel):
                     given[-1].setdefault("tool_calls", []).append(item.as_chat())
                 elif isinstance(item, FunctionCallOutput):
                     given.append({"role": "tool", "tool_call_id": item.call_id, "content": joined(item.output)})
-                else:
+                elif isinstance(item, Message):
                     given.append(item.as_chat())
         if not given:
             raise APIError(400, "input is empty: send a text or messages")

@@ -83,6 +83,9 @@ def test_ollamas_chat_gives_the_thinking_apart(smol):
         assert off.status_code == 200  # (enable_thinking: false reaches the template)
         gen = httpx.post(f"{r1.url}/api/generate", json={"model": MODEL, "prompt": "hi", "think": True}, timeout=60)
         assert gen.status_code == 400 and "think is read on /api/chat" in gen.json()["error"]
+        gen = httpx.post(f"{r1.url}/api/generate", json={"model": MODEL, "prompt": "hi", "think": False,
+                                                         "stream": False, "options": {"num_predict": 2}}, timeout=60)
+        assert gen.status_code == 200 and gen.json()["response"]
     with running_server(smol, num_kv_blocks=16) as plain:
         r = httpx.post(f"{plain.url}/api/chat", json={"model": MODEL, "messages": ASK, "think": True}, timeout=60)
         assert r.status_code == 400 and "--reasoning-parser" in r.json()["error"]
@@ -122,8 +125,8 @@ def test_a_responses_stream_opens_the_reasoning_item_first(smol):
         events = list(client.responses.create(**ask, stream=True))
         deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
         assert "".join(deltas) == thought and thought.startswith("The capital of France")
-        assert [e.type for e in events if e.type.startswith("response.output_item")] == [
-            "response.output_item.added", "response.output_item.added", "response.output_item.done",
-            "response.output_item.done"]
+        items = [(e.type, e.item.type) for e in events if e.type.startswith("response.output_item")]
+        assert items == [("response.output_item.added", "reasoning"), ("response.output_item.done", "reasoning"),
+                         ("response.output_item.added", "message"), ("response.output_item.done", "message")]
         final = events[-1].response.output
         assert final[0].content[0].text == thought and final[1].type == "message"

@@ -202,7 +202,7 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
     async def generate(raw: Request):
         async def work():
             req = await read(raw)
-            if req.think is not None:
+            if req.think:  # (false asks for none: the template is told, as on /api/chat)
                 raise APIError(400, "think is read on /api/chat, whose answer gives the thinking apart")
             if not req.prompt:
                 return loaded(req, "response", "")
@@ -215,7 +215,7 @@ def mount_ollama(app: FastAPI, engine: AsyncEngine, model_name: str, prompts: Pr
                 else:
                     system = [{"role": "system", "content": req.system}] if req.system else []
                     prompt = await prompts.chat([*system, {"role": "user", "content": req.prompt}], True, False,
-                                                None, None)
+                                                None if req.think is None else {"enable_thinking": False}, None)
                 room = min(req.max_tokens(limit), max(1, limit // 4))  # kept for the answer: at most a quarter
                 # (a filled middle's cut keeps its first tokens: BOS and the prefix's mark)
                 prompt = shortened(prompt, limit, room, max(req.num_keep(), 2) if req.suffix else req.num_keep())

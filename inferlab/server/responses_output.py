@@ -144,25 +144,33 @@ class Events:
                                   output_index=at, delta=piece)] if piece else sent
 
     def close(self) -> list[str]:
-        """Every item's closing events, in output order."""
+        """Every item's closing events, in output order (reasoning that was all the answer closes before
+        the empty message opens)."""
+        sent = self.done(self.reasoning) if self.reasoning is not None and self.msg is None else []
         # an answer of no text and no call is still one message; tokens without text (the end token) send
         # their logprobs
-        sent = self.text_delta("") if self.msg is not None or not self.calls else []
-        for at, item in enumerate(self.items):
-            item["status"] = "completed"
-            if item["type"] == "reasoning":
-                item["content"] = [{"type": "reasoning_text", "text": self.thought}]
-                sent.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=at,
-                                       content_index=0, text=self.thought))
-            elif item["type"] == "message":
-                item["content"] = [text_part(self.text, self.logprobs)]
-                sent += [self.event("response.output_text.done", **self.where(), text=self.text,
-                                    logprobs=self.logprobs or []),
-                         self.event("response.content_part.done", **self.where(), part=item["content"][0])]
-            else:
-                sent.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
-                                       name=item["name"], arguments=item["arguments"]))
-            sent.append(self.event("response.output_item.done", output_index=at, item=item))
+        sent += self.text_delta("") if self.msg is not None or not self.calls else []
+        for at in range(len(self.items)):
+            sent += self.done(at) if self.items[at]["status"] != "completed" else []
+        return sent
+
+    def done(self, at: int) -> list[str]:
+        """Item `at`'s closing events."""
+        item, sent = self.items[at], []
+        item["status"] = "completed"
+        if item["type"] == "reasoning":
+            item["content"] = [{"type": "reasoning_text", "text": self.thought}]
+            sent.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=at,
+                                   content_index=0, text=self.thought))
+        elif item["type"] == "message":
+            item["content"] = [text_part(self.text, self.logprobs)]
+            sent += [self.event("response.output_text.done", **self.where(), text=self.text,
+                                logprobs=self.logprobs or []),
+                     self.event("response.content_part.done", **self.where(), part=item["content"][0])]
+        else:
+            sent.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                                   name=item["name"], arguments=item["arguments"]))
+        sent.append(self.event("response.output_item.done", output_index=at, item=item))
         return sent
 
 

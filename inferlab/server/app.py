@@ -1,34 +1,32 @@
-"""The HTTP routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings (`embeddings.py`),
-/v1/responses (`responses.py`), /health, /metrics, vLLM's /tokenize, /detokenize, /version, /classify,
-/score and /rerank (`scoring.py`), and Ollama's /api/* (`ollama.py`).
+"""The HTTP routes: /v1/completions and /v1/chat/completions here; /v1/models, /health, /metrics,
+/version, vLLM's /tokenize and /detokenize (`info.py`); /v1/embeddings (`embeddings.py`);
+/v1/responses (`responses.py`); /classify, /score and /rerank (`scoring.py`); and Ollama's /api/*
+(`ollama.py`).
 
 Every client mistake is a 4xx with an OpenAI-style JSON error; a 500 means the server failed.
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from inferlab import __version__
 from inferlab.async_engine import AsyncEngine
 from inferlab.outputs import RequestOutput
 from inferlab.server import openai_format as fmt
 from inferlab.server.embeddings import mount_embeddings
+from inferlab.server.info import mount_info
 from inferlab.server.ollama import mount_ollama
 from inferlab.server.prompts import PromptBuilder
 from inferlab.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    DetokenizeRequest,
     SamplingFields,
-    TokenizeRequest,
 )
 from inferlab.server.reasoning import PARSERS as REASONING
 from inferlab.server.reasoning import ReasoningStream
@@ -91,60 +89,7 @@ def build_app(engine: AsyncEngine, model_name: str, prompt_tokens_details: bool 
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return fmt.error_response(exc.status_code, str(exc.detail), kind)
 
-    @app.get("/health", response_model=None)
-    async def health() -> dict | JSONResponse:  # a dead engine answers 503, so a router or probe moves on
-        if engine.dead is not None:
-            return JSONResponse({"status": "dead", "error": str(engine.dead)}, status_code=503)
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "inferlab", "max_model_len": max_model_len}]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict:
-        check_model(model_id, model_name)
-        return (await models())["data"][0]
-
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(engine.metrics.render(engine.snapshot, model_name),
-                                 media_type="text/plain; version=0.0.4")
-
-
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": __version__}
-
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict:
-        """vLLM's: the token ids a completion's prompt or a chat's messages become."""
-        check_model(req.model, model_name)
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(400, "send either prompt or messages")
-        try:
-            if req.messages is not None:  # as a chat request with these options builds its prompt
-                ids = (await prompts.chat(req.template_messages(), req.add_generation_prompt,
-                                          req.continue_final_message, req.chat_template_kwargs,
-                                          None))["prompt_token_ids"]
-            else:
-                ids = await prompts.encode(req.prompt, req.add_special_tokens)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        strs = [tok.id_to_token(t) for t in ids] if req.return_token_strs else None
-        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs}
-
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict:
-        check_model(req.model, model_name)
-
-        def text() -> str:  # on a worker thread: a million ids held the event loop for half a second
-            bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
-            if bad is not None:
-                raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})")
-            return tok.decode(req.tokens, skip_special_tokens=False)  # /tokenize's ids, back whole
-        return {"prompt": await asyncio.to_thread(text)}
+    mount_info(app, engine, model_name, prompts)
 
     def check_common(req: SamplingFields) -> None:
         check_model(req.model, model_name)

@@ -115,7 +115,9 @@ def test_every_clients_way_to_ask(server):
                                                    "format": SCHEMA, "options": {"temperature": 0}}, timeout=60)
     assert follows_schema(r.json()["message"]["content"]), r.text
     r = httpx.post(f"{server.url}/api/generate", json={"model": MODEL, "prompt": ASK_JSON[0]["content"],
-                                                       "stream": False, "format": "json"}, timeout=60)
+                                                       "stream": False, "format": "json", "options": {
+                                                           "temperature": 0, "repeat_penalty": 1, "num_predict": 60}},
+                   timeout=60)  # (unset, a sampled JSON could run on for minutes)
     assert isinstance(json.loads(r.json()["response"]), dict), r.text
 
 

@@ -19,7 +19,7 @@ from inferlab.config import EngineConfig
 from inferlab.distributed.executor import TensorParallelExecutor
 from inferlab.engine_log import log_start, notify
 from inferlab.engine_model import engine_model
-from inferlab.inputs import PromptType, bad_word_ids, check_request, check_request_id, parse_prompt, truncate
+from inferlab.inputs import PromptType, bad_word_ids, check_request, check_request_id, parse_prompt, truncated
 from inferlab.isolation import execute_isolating
 from inferlab.kv_pool import host_swap_blocks, kv_pool_blocks
 from inferlab.kv_swap import HostKVPool
@@ -141,7 +141,7 @@ class LLMEngine:
             raise ValueError(f"arrival_time must be a finite number of seconds, got {arrival_time!r}")
         check_request_id(request_id, self.requests)
         inputs = parse_prompt(prompt, self.tokenizer, self.model.args.vocab_size)
-        truncate(inputs, params.truncate_prompt_tokens, self.max_request_tokens)
+        inputs.token_ids = truncated(inputs.token_ids, params.truncate_prompt_tokens, self.max_request_tokens)
         check_request(inputs, params, priority, self.model.args.vocab_size, self.max_model_len, self.max_request_tokens)
         ids = inputs.token_ids
         room = self.max_request_tokens - len(ids)

@@ -98,12 +98,12 @@ def check_request(inputs: PromptInputs, params: SamplingParams, priority: object
         raise ValueError(f"allowed_token_ids has a token id outside the vocabulary [0, {vocab_size})")
 
 
-def truncate(inputs: PromptInputs, keep: int | None, max_request_tokens: int) -> None:
+def truncated(ids: list[int], keep: int | None, max_request_tokens: int) -> list[int]:
     """vLLM's truncate_prompt_tokens: only the prompt's last `keep` tokens run (-1: as many as leave
-    room for one generated token)."""
-    if keep is not None:
-        keep = max_request_tokens - 1 if keep == -1 else keep
-        inputs.token_ids = inputs.token_ids[-keep:]
+    room for one generated token; None: all)."""
+    if keep is None:
+        return ids
+    return ids[-(max_request_tokens - 1 if keep == -1 else keep):]
 
 
 def bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:

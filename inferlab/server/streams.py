@@ -13,6 +13,7 @@ from starlette.background import BackgroundTask
 
 from inferlab.allocation import OutOfKVMemoryError
 from inferlab.async_engine import AsyncEngine, EngineStopping
+from inferlab.inputs import truncated
 from inferlab.outputs import RequestOutput
 from inferlab.sampler import NoTokenLeft
 from inferlab.server import openai_format as fmt
@@ -55,9 +56,9 @@ async def start(engine: AsyncEngine, req: SamplingFields, prompts: list[dict], m
         params = req.sampling_params(max_tokens, num_logprobs)  # once: a structured output's grammar is compiled
         for i, prompt in enumerate(prompts):
             if params.truncate_prompt_tokens is not None:  # (as the engine cuts it, before it is measured)
-                keep = engine.engine.max_request_tokens - 1 if params.truncate_prompt_tokens == -1 else \
-                    params.truncate_prompt_tokens
-                prompt = {**prompt, "prompt_token_ids": prompt["prompt_token_ids"][-keep:]}
+                prompt = {**prompt, "prompt_token_ids": truncated(prompt["prompt_token_ids"],
+                                                                  params.truncate_prompt_tokens,
+                                                                  engine.engine.max_request_tokens)}
             n_prompt = len(prompt["prompt_token_ids"])
             if max_tokens is not None and n_prompt + max_tokens > max_model_len:
                 if getattr(req, "prompt_only", False):
